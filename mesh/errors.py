@@ -1,0 +1,298 @@
+"""The one table of hivemesh errors: typed exceptions, their gRPC status codes and `google.rpc` details.
+
+Every layer raises a `HivemeshError`; the edge of each server turns it into a status with an `ErrorInfo`
+(reason, domain "hivemesh") via `to_status`, and every client turns a failed RPC back into the same typed
+error via `from_rpc_error`. So a caller in any language sees the same code and reason for the same refusal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+DOMAIN = "hivemesh"
+_DETAILS_KEY = "grpc-status-details-bin"
+
+
+class HivemeshError(Exception):
+    """Base of every hivemesh error; subclasses fix the status code, reason and a default message."""
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+    reason: ClassVar[str] = "INTERNAL"
+    default_message: ClassVar[str] = "internal mesh error"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        field_violations: Mapping[str, str] | None = None,
+        retry_after_s: float | None = None,
+        code: grpc.StatusCode | None = None,
+        reason: str | None = None,
+    ) -> None:
+        self.message = message or self.default_message
+        super().__init__(self.message)
+        self.metadata: dict[str, str] = dict(metadata or {})
+        self.field_violations: dict[str, str] = dict(field_violations or {})
+        self.retry_after_s = retry_after_s
+        # A remote error may carry a code/reason this process has no class for; keep them as received.
+        if code is not None:
+            self.code = code  # type: ignore[misc]
+        if reason is not None:
+            self.reason = reason  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.code.name}, {self.reason}: {self.message!r})"
+
+
+# --- authentication: who are you? (UNAUTHENTICATED) ---------------------------------------------------------
+class UnauthenticatedError(HivemeshError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+    default_message = "the caller could not be authenticated"
+
+
+class PeerUnauthenticatedError(UnauthenticatedError):
+    reason = "PEER_UNAUTHENTICATED"
+    default_message = "no valid mesh client certificate was presented (mutual TLS is required)"
+
+
+class TokenMissingError(UnauthenticatedError):
+    reason = "TOKEN_MISSING"
+    default_message = "no capability token: send 'authorization: Bearer <jwt>' issued by the control plane"
+
+
+class TokenInvalidError(UnauthenticatedError):
+    reason = "TOKEN_INVALID"
+    default_message = "the capability token is invalid"
+
+
+class TokenExpiredError(UnauthenticatedError):
+    reason = "TOKEN_EXPIRED"
+    default_message = "the capability token has expired; fetch a fresh one from the control plane"
+
+
+class AudienceMismatchError(UnauthenticatedError):
+    reason = "AUDIENCE_MISMATCH"
+    default_message = "the capability token was issued for another audience"
+
+
+class JoinTokenInvalidError(UnauthenticatedError):
+    reason = "JOIN_TOKEN_INVALID"
+    default_message = "the join token is unknown, expired or already used"
+
+
+# --- authorization: may you? (PERMISSION_DENIED) ------------------------------------------------------------
+class PermissionDeniedError(HivemeshError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
+    default_message = "the caller is not allowed to do this"
+
+
+class ScopeMissingError(PermissionDeniedError):
+    reason = "SCOPE_MISSING"
+    default_message = "the capability token does not grant this capability"
+
+
+class GrantDeniedError(PermissionDeniedError):
+    reason = "GRANT_DENIED"
+    default_message = "no grant allows this identity the requested capabilities"
+
+
+class IdentityMismatchError(PermissionDeniedError):
+    reason = "IDENTITY_MISMATCH"
+    default_message = "the capability token's subject is not the certificate's identity"
+
+
+# --- the request itself ---------------------------------------------------------------------------------------
+class InvalidInputError(HivemeshError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_INPUT"
+    default_message = "the input is not valid for this capability"
+
+
+class PayloadTooLargeError(HivemeshError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "PAYLOAD_TOO_LARGE"
+    default_message = "the input is larger than this capability accepts"
+
+
+class UnknownCapabilityError(HivemeshError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "UNKNOWN_CAPABILITY"
+    default_message = "no agent in the mesh offers this capability"
+
+
+# --- the mesh and the agents ------------------------------------------------------------------------------------
+class NoLiveInstanceError(HivemeshError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "NO_LIVE_INSTANCE"
+    default_message = "the capability is known but no live instance serves it now"
+
+
+class AgentUnavailableError(HivemeshError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "AGENT_UNAVAILABLE"
+    default_message = "the agent could not be reached"
+
+
+class DeadlineExceededError(HivemeshError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"
+    default_message = "the call's deadline passed before it finished"
+
+
+class CancelledError(HivemeshError):
+    code = grpc.StatusCode.CANCELLED
+    reason = "CANCELLED"
+    default_message = "the call was cancelled"
+
+
+class AgentError(HivemeshError):
+    code = grpc.StatusCode.INTERNAL
+    reason = "AGENT_ERROR"
+    default_message = "the agent failed while handling the call"
+
+
+class RegistryUnavailableError(HivemeshError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "REGISTRY_UNAVAILABLE"
+    default_message = "the registry (etcd) cannot be reached"
+
+
+class ControlPlaneUnavailableError(HivemeshError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "CONTROL_PLANE_UNAVAILABLE"
+    default_message = "the control plane cannot be reached"
+
+
+class FailedPreconditionError(HivemeshError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "FAILED_PRECONDITION"
+    default_message = "the system is not in a state to do this"
+
+
+class NotFoundError(HivemeshError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "NOT_FOUND"
+    default_message = "not found"
+
+
+def _all_subclasses(cls: type[HivemeshError]) -> list[type[HivemeshError]]:
+    out: list[type[HivemeshError]] = []
+    for sub in cls.__subclasses__():
+        out.append(sub)
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+# reason -> class, so a client re-raises the same type the server raised.
+_BY_REASON: dict[str, type[HivemeshError]] = {c.reason: c for c in _all_subclasses(HivemeshError)}
+_BY_REASON[HivemeshError.reason] = HivemeshError
+
+# Status codes with no hivemesh reason (raised by gRPC itself) map to the most fitting class.
+_BY_CODE: dict[grpc.StatusCode, type[HivemeshError]] = {
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInputError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.UNAVAILABLE: AgentUnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.CANCELLED: CancelledError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: PayloadTooLargeError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+}
+
+
+def to_status(err: HivemeshError) -> grpc.Status:
+    """Build the rich gRPC status for err: code, message, ErrorInfo and, where they apply, BadRequest and RetryInfo."""
+    details: list[any_pb2.Any] = []
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata))
+    details.append(info)
+    if err.field_violations:
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
+                for f, d in err.field_violations.items()
+            ]
+        )
+        packed = any_pb2.Any()
+        packed.Pack(bad)
+        details.append(packed)
+    if err.retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(err.retry_after_s * 1e9))
+        packed = any_pb2.Any()
+        packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        details.append(packed)
+    status = status_pb2.Status(code=err.code.value[0], message=err.message, details=details)
+    return rpc_status.to_status(status)
+
+
+async def abort(context: grpc.aio.ServicerContext[Any, Any], err: HivemeshError) -> None:
+    """Abort the current RPC with err's rich status (raises, as grpc.aio's abort does)."""
+    status = to_status(err)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def _status_code(value: int) -> grpc.StatusCode:
+    for code in grpc.StatusCode:
+        if code.value[0] == value:
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+def from_status_parts(
+    code: grpc.StatusCode, message: str, trailing: Any
+) -> HivemeshError:
+    """Rebuild the typed error from a status code, message and trailing metadata (rich details if present)."""
+    reason = ""
+    meta: dict[str, str] = {}
+    violations: dict[str, str] = {}
+    retry: float | None = None
+    for key, value in trailing or ():
+        if key != _DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        status = status_pb2.Status.FromString(value)
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                if info.domain == DOMAIN:
+                    reason = info.reason
+                    meta = dict(info.metadata)
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                violations = {v.field: v.description for v in bad.field_violations}
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                ri = error_details_pb2.RetryInfo()
+                detail.Unpack(ri)
+                retry = ri.retry_delay.ToNanoseconds() / 1e9
+    cls = _BY_REASON.get(reason) or _BY_CODE.get(code) or HivemeshError
+    err = cls(message, metadata=meta, field_violations=violations, retry_after_s=retry)
+    if err.code != code or (reason and err.reason != reason):
+        # Keep exactly what the server said, even when this process maps the reason to another class.
+        err.code = code  # type: ignore[misc]
+        if reason:
+            err.reason = reason  # type: ignore[misc]
+    if not reason and cls is HivemeshError:
+        err.reason = code.name  # type: ignore[misc]
+    return err
+
+
+def from_rpc_error(exc: grpc.aio.AioRpcError | grpc.RpcError) -> HivemeshError:
+    """Turn a failed RPC into the typed hivemesh error the server raised (the client's mirror of `to_status`)."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    err = from_status_parts(code, details or "", trailing)
+    err.__cause__ = exc
+    return err

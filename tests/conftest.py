@@ -1,0 +1,46 @@
+"""Shared fixtures: a real etcd member on free loopback ports, and a throwaway state folder per test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aetcd
+import pytest
+
+from hivemesh.mesh.etcd import EtcdServer, client, wait_connected
+
+
+@pytest.fixture(scope="session")
+def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    """One real etcd member for the whole session (tests isolate themselves by key prefix or cleanup)."""
+    base = tmp_path_factory.mktemp("etcd")
+    server = EtcdServer(data_dir=base / "data", log_path=base / "etcd.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def own_etcd(tmp_path: Path) -> Iterator[EtcdServer]:
+    """A private etcd member for tests that stop, kill or restart etcd."""
+    server = EtcdServer(data_dir=tmp_path / "etcd-data", log_path=tmp_path / "etcd.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def etcd(etcd_server: EtcdServer) -> AsyncIterator[aetcd.Client]:
+    """A connected client to the session etcd; the /hivemesh/ keyspace is wiped before each test."""
+    c = client(etcd_server.endpoint)
+    await wait_connected(c)
+    await c.delete_prefix(b"/hivemesh/")
+    try:
+        yield c
+    finally:
+        await c.close()
