@@ -10,6 +10,8 @@ import pytest
 
 from hivemesh.mesh.etcd import EtcdServer, client, wait_connected
 
+from tests.meshenv import MeshEnv, start_mesh_env, stop_mesh_env
+
 
 @pytest.fixture(scope="session")
 def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
@@ -44,3 +46,13 @@ async def etcd(etcd_server: EtcdServer) -> AsyncIterator[aetcd.Client]:
         yield c
     finally:
         await c.close()
+
+
+@pytest.fixture
+async def mesh_env(etcd: aetcd.Client, etcd_server: EtcdServer, tmp_path: Path) -> AsyncIterator[MeshEnv]:
+    """A control plane with a fresh CA on free ports, over the session etcd (keyspace wiped per test)."""
+    env = await start_mesh_env(tmp_path, etcd_server.endpoint)
+    try:
+        yield env
+    finally:
+        await stop_mesh_env(env)

@@ -1,0 +1,98 @@
+"""Input guard: the capability exists here, the payload is within its size limit, and it is JSON matching
+the capability's input schema. Runs after authentication so strangers learn nothing about an agent's inputs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import fastjsonschema
+
+from hivemesh.mesh.errors import InvalidInputError, PayloadTooLargeError, UnknownCapabilityError
+from hivemesh.mesh.layers.base import Inbound
+from hivemesh.v1 import agent_pb2
+
+JSON = "application/json"
+DEFAULT_MAX_INPUT_BYTES = 4 * 1024 * 1024
+
+
+def compile_schema(schema_text: str, *, where: str) -> Callable[[Any], Any] | None:
+    """Compile a JSON Schema once (fastjsonschema generates Python code); None for an empty schema."""
+    if not schema_text:
+        return None
+    try:
+        return fastjsonschema.compile(json.loads(schema_text))  # type: ignore[no-any-return]
+    except (ValueError, fastjsonschema.JsonSchemaDefinitionException) as exc:
+        raise ValueError(f"{where}: invalid JSON schema: {exc}") from exc
+
+
+def _field_path(exc: fastjsonschema.JsonSchemaValueException) -> str:
+    # fastjsonschema names the path "data.a.b" or "data[0]"; callers know it as the input's field path.
+    name = str(getattr(exc, "name", "") or "data")
+    return "input" + name[len("data"):] if name.startswith("data") else name
+
+
+class InputGuardLayer:
+    """Refuses unknown capabilities, oversized payloads, malformed JSON and schema violations."""
+
+    name = "input-guard"
+
+    def __init__(
+        self,
+        capabilities: Iterable[agent_pb2.Capability],
+        *,
+        max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
+        agent_name: str = "",
+    ) -> None:
+        if max_input_bytes <= 0:
+            raise ValueError("max_input_bytes must be positive")
+        self._max = max_input_bytes
+        self._agent = agent_name
+        self._validators: dict[str, Callable[[Any], Any] | None] = {}
+        self._modes: dict[str, frozenset[str]] = {}
+        for cap in capabilities:
+            self._validators[cap.name] = compile_schema(cap.input_schema, where=f"capability {cap.name}")
+            self._modes[cap.name] = frozenset(cap.input_modes or (JSON,))
+
+    def check(self, call: Inbound) -> None:
+        req = call.request
+        if req is None:
+            return
+        name = req.capability
+        if name not in self._validators:
+            raise UnknownCapabilityError(
+                f"agent {self._agent or '(this agent)'} has no capability {name!r}",
+                metadata={"capability": name[:128]},
+            )
+        size = len(req.input)
+        if size > self._max:
+            raise PayloadTooLargeError(
+                f"input of {size} bytes is over the {self._max}-byte limit of capability {name!r}",
+                metadata={"limit_bytes": str(self._max), "size_bytes": str(size)},
+            )
+        ctype = req.content_type or JSON
+        if ctype not in self._modes[name]:
+            raise InvalidInputError(
+                f"capability {name!r} accepts {sorted(self._modes[name])}, not {ctype!r}",
+                field_violations={"content_type": "unsupported content type"},
+            )
+        if ctype != JSON:
+            return
+        try:
+            value = json.loads(req.input) if req.input else None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidInputError(
+                f"input is not valid JSON: {exc}", field_violations={"input": str(exc)}
+            ) from None
+        validate = self._validators[name]
+        if validate is not None:
+            try:
+                validate(value)
+            except fastjsonschema.JsonSchemaValueException as exc:
+                path = _field_path(exc)
+                raise InvalidInputError(
+                    f"input does not match the schema of {name!r}: {path}: {exc.message}",
+                    field_violations={path: exc.message},
+                ) from None
+        call.parsed_input = value

@@ -1,0 +1,68 @@
+"""Building and stopping gRPC servers the hivemesh way: health and reflection always on, graceful drain."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from hivemesh.mesh.tls import MAX_MESSAGE_BYTES
+
+
+class ManagedServer:
+    """A grpc.aio server plus its health servicer; `stop()` flips health to NOT_SERVING before draining."""
+
+    def __init__(
+        self,
+        *,
+        services: Sequence[str],
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        handlers: Sequence[grpc.GenericRpcHandler] = (),
+    ) -> None:
+        self.server = grpc.aio.server(
+            interceptors=list(interceptors),
+            handlers=list(handlers) or None,
+            options=[
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._services = list(services)
+        reflection.enable_server_reflection([*self._services, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        self.port = 0
+
+    def add_secure_port(self, address: str, creds: grpc.ServerCredentials) -> int:
+        self.port = self.server.add_secure_port(address, creds)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {address}")
+        return self.port
+
+    def add_insecure_port(self, address: str) -> int:
+        """Plaintext, for loopback-only links (a sidecar to its own agent); never for mesh traffic."""
+        host = address.rpartition(":")[0].strip("[]")
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(f"plaintext listeners are loopback-only; refusing {address}")
+        port = self.server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"cannot listen on {address}")
+        return port
+
+    async def start(self) -> None:
+        await self.server.start()
+        for name in ("", *self._services):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """Say NOT_SERVING first (so balancers stop sending), then let in-flight calls finish within grace."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+    def add_generic(self, handler: Any) -> None:
+        self.server.add_generic_rpc_handlers((handler,))

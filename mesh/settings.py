@@ -1,0 +1,104 @@
+"""Where the mesh is: etcd, the control plane, the trust anchor. Typed, immutable, validated once.
+
+Resolved from explicit arguments, then HIVEMESH_* environment variables, then the state file that
+`hivemesh up` writes (`.hivemesh/mesh.json`), so `hivemesh agents` just works next to a running `up`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from hivemesh.mesh.etcd import parse_endpoints
+from hivemesh.mesh.pki import validate_trust_domain
+
+DEFAULT_TRUST_DOMAIN = "hivemesh.local"
+STATE_FILE = "mesh.json"
+
+
+def state_dir() -> Path:
+    """The state folder: $HIVEMESH_HOME, else ./.hivemesh."""
+    return Path(os.environ.get("HIVEMESH_HOME") or ".hivemesh").resolve()
+
+
+@dataclass(frozen=True)
+class MeshSettings:
+    """How a process reaches the mesh."""
+
+    etcd: str
+    """etcd client endpoints, 'host:port[,host:port...]'."""
+    controlplane: str
+    """Control plane mTLS address, host:port."""
+    join: str
+    """Control plane join address (server-TLS only), host:port."""
+    ca_bundle: Path
+    """Trust bundle file (PEM): the CA(s) that sign mesh certificates."""
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    join_token: str | None = None
+    """One-time join token; needed unless cert_file/key_file give an existing identity."""
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        parse_endpoints(self.etcd)
+        for name in ("controlplane", "join"):
+            value = getattr(self, name)
+            host, sep, port = value.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"{name} address {value!r} must be host:port")
+        validate_trust_domain(self.trust_domain)
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("give both cert_file and key_file, or neither")
+
+    @classmethod
+    def resolve(cls, **overrides: Any) -> MeshSettings:
+        """Settings from overrides (None = unset), then HIVEMESH_* variables, then the state file."""
+        values: dict[str, Any] = {}
+        path = state_dir() / STATE_FILE
+        if path.is_file():
+            try:
+                values.update(json.loads(path.read_text()))
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"cannot read mesh state file {path}: {exc}") from exc
+        env = {
+            "etcd": "HIVEMESH_ETCD",
+            "controlplane": "HIVEMESH_CONTROLPLANE",
+            "join": "HIVEMESH_JOIN",
+            "ca_bundle": "HIVEMESH_CA",
+            "trust_domain": "HIVEMESH_TRUST_DOMAIN",
+            "join_token": "HIVEMESH_JOIN_TOKEN",
+            "cert_file": "HIVEMESH_CERT",
+            "key_file": "HIVEMESH_KEY",
+        }
+        for field_name, var in env.items():
+            if os.environ.get(var):
+                values[field_name] = os.environ[var]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in values.items() if k in known}
+        missing = [n for n in ("etcd", "controlplane", "join", "ca_bundle") if not values.get(n)]
+        if missing:
+            hints = ", ".join(f"{env[m]}" for m in missing)
+            raise ValueError(
+                f"mesh location unknown ({', '.join(missing)}): run `hivemesh up`, or set {hints}"
+            )
+        for p in ("ca_bundle", "cert_file", "key_file"):
+            if values.get(p) is not None:
+                values[p] = Path(values[p])
+        return cls(**values)
+
+    def with_identity(self, cert_file: Path, key_file: Path) -> MeshSettings:
+        return replace(self, cert_file=cert_file, key_file=key_file, join_token=None)
+
+    def to_json(self) -> dict[str, str]:
+        """The public part, as `hivemesh up` writes it to the state file (never a token or key)."""
+        return {
+            "etcd": self.etcd,
+            "controlplane": self.controlplane,
+            "join": self.join,
+            "ca_bundle": str(self.ca_bundle),
+            "trust_domain": self.trust_domain,
+        }

@@ -1,0 +1,345 @@
+"""The sidecar: all the mesh work for an agent in any language, which only serves plain gRPC on loopback.
+
+    agent (any language, 127.0.0.1:7001, plaintext)  ⇄  sidecar  ⇄  mesh (mutual TLS + capability tokens)
+
+Inbound, it terminates mutual TLS, runs the same inbound chain as the SDK's in-process server, and forwards
+the caller's bytes unchanged to the agent. Outbound, it serves the `Mesh` service on a loopback port so the
+agent can call capabilities by name, through the same outbound pipeline as the SDK's MeshClient.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from hivemesh.mesh.errors import (
+    AgentUnavailableError,
+    HivemeshError,
+    InvalidInputError,
+    abort,
+)
+from hivemesh.mesh.inbound import AGENT_SERVICE, MeshInboundInterceptor, build_inbound_chain
+from hivemesh.mesh.layers import current_inbound
+from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
+from hivemesh.mesh.node import MeshNode
+from hivemesh.mesh.registry import Registration, default_instance_id
+from hivemesh.mesh.server import ManagedServer
+from hivemesh.mesh.settings import MeshSettings
+from hivemesh.v1 import agent_pb2, agent_pb2_grpc, mesh_pb2
+
+log = logging.getLogger(__name__)
+
+MESH_SERVICE = "hivemesh.v1.Mesh"
+_HOP_FIELD_TAG = bytes([(15 << 3) | 2])  # field 15 (hops), wire type 2 (length-delimited)
+_CALLER_KEY = "x-hivemesh-caller"
+_DROP_METADATA = frozenset({"authorization"})  # the token is the mesh's business; never leak it to the agent
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def hop_suffix(hop: agent_pb2.Hop) -> bytes:
+    """The wire bytes that append hop to a serialized InvokeResponse/InvokeChunk (protobuf merges repeated
+    fields across concatenation), so a forwarder records itself without re-encoding the payload."""
+    body = hop.SerializeToString()
+    return _HOP_FIELD_TAG + _varint(len(body)) + body
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    """What one sidecar fronts and where it listens."""
+
+    agent: str
+    """The agent's plaintext loopback address, host:port."""
+    listen: str = "127.0.0.1:0"
+    """Inbound mutual-TLS listener (what the registry advertises)."""
+    mesh_listen: str = "127.0.0.1:0"
+    """Loopback plaintext `Mesh` service for the agent's own outbound calls."""
+    name: str | None = None
+    """Agent name; default: the name in the agent's card."""
+    instance_id: str | None = None
+    lease_ttl_s: int = 10
+    max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES
+    agent_wait_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("agent", "mesh_listen"):
+            host = getattr(self, name).rpartition(":")[0]
+            if host not in ("127.0.0.1", "localhost", "[::1]"):
+                raise ValueError(f"{name} must be a loopback address (the link is plaintext): {getattr(self, name)}")
+        if self.lease_ttl_s < 2:
+            raise ValueError("lease_ttl_s must be at least 2 seconds")
+
+
+def _forward_metadata(context: grpc.aio.ServicerContext[Any, Any]) -> list[tuple[str, str | bytes]]:
+    md: list[tuple[str, str | bytes]] = [
+        (k, v) for k, v in context.invocation_metadata() or () if k not in _DROP_METADATA and not k.startswith("grpc-")
+    ]
+    inbound = current_inbound.get()
+    if inbound is not None and inbound.peer is not None:
+        md.append((_CALLER_KEY, str(inbound.peer.spiffe_id)))
+    return md
+
+
+async def _relay_error(context: grpc.aio.ServicerContext[Any, Any], exc: grpc.aio.AioRpcError, agent: str) -> None:
+    """Pass the agent's own status through unchanged; only a link failure becomes AGENT_UNAVAILABLE."""
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and not exc.trailing_metadata():
+        await abort(context, AgentUnavailableError(f"the agent at {agent} cannot be reached: {exc.details()}"))
+    await context.abort(exc.code(), exc.details() or "", exc.trailing_metadata() or ())
+
+
+class Sidecar:
+    """One sidecar process's worth of work; `async with Sidecar(config, settings):` or start/stop."""
+
+    def __init__(self, config: SidecarConfig, settings: MeshSettings | None = None) -> None:
+        self.config = config
+        self.settings = settings or MeshSettings.resolve()
+        self.instance_id = config.instance_id or default_instance_id()
+        self.node: MeshNode | None = None
+        self.card: agent_pb2.AgentCard | None = None
+        self._agent_channel: grpc.aio.Channel | None = None
+        self._inbound: ManagedServer | None = None
+        self._mesh: ManagedServer | None = None
+        self._registration: Registration | None = None
+        self._hop_bytes = b""
+        self.port = 0
+        self.mesh_port = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.config.listen.rpartition(':')[0]}:{self.port}"
+
+    @property
+    def mesh_endpoint(self) -> str:
+        return f"{self.config.mesh_listen.rpartition(':')[0]}:{self.mesh_port}"
+
+    async def _describe_agent(self) -> agent_pb2.AgentCard:
+        assert self._agent_channel is not None
+        stub = agent_pb2_grpc.AgentStub(self._agent_channel)
+        deadline = time.monotonic() + self.config.agent_wait_s
+        while True:
+            try:
+                return await stub.Describe(agent_pb2.DescribeRequest(), timeout=2.0, wait_for_ready=True)
+            except grpc.aio.AioRpcError as exc:
+                if time.monotonic() >= deadline:
+                    raise AgentUnavailableError(
+                        f"the agent at {self.config.agent} did not answer Describe within "
+                        f"{self.config.agent_wait_s:.0f} s: {exc.details()}"
+                    ) from None
+                await asyncio.sleep(0.2)
+
+    async def start(self) -> None:
+        cfg = self.config
+        self._agent_channel = grpc.aio.insecure_channel(cfg.agent)
+        try:
+            self.card = await self._describe_agent()
+            name = cfg.name or self.card.name
+            if cfg.name and self.card.name and cfg.name != self.card.name:
+                raise InvalidInputError(f"--name {cfg.name} differs from the agent card's name {self.card.name}")
+            if not self.card.capabilities:
+                raise InvalidInputError(f"the agent at {cfg.agent} declares no capabilities")
+            self.node = MeshNode(self.settings, name=name, kind="agent", verify_inbound=True)
+            await self.node.start()
+            chain = build_inbound_chain(
+                trust_domain=self.settings.trust_domain,
+                verifier=self.node.verifier(),
+                capabilities=self.card.capabilities,
+                agent_name=name,
+                max_input_bytes=cfg.max_input_bytes,
+            )
+            inbound = ManagedServer(services=[AGENT_SERVICE], interceptors=[MeshInboundInterceptor(chain)])
+            inbound.add_generic(self._agent_handler())
+            self.port = inbound.add_secure_port(cfg.listen, self.node.server_credentials())
+            self._hop_bytes = hop_suffix(
+                agent_pb2.Hop(
+                    kind="sidecar", identity=self.node.workload.spiffe_id, instance=self.instance_id,
+                    endpoint=self.endpoint,
+                )
+            )
+            mesh = ManagedServer(services=[MESH_SERVICE])
+            mesh.add_generic(self._mesh_handler())
+            self.mesh_port = mesh.add_insecure_port(cfg.mesh_listen)
+            await inbound.start()
+            self._inbound = inbound
+            await mesh.start()
+            self._mesh = mesh
+            instance = mesh_pb2.AgentInstance(
+                card=self.card,
+                instance_id=self.instance_id,
+                endpoint=self.endpoint,
+                identity=self.node.workload.spiffe_id,
+                packaging="sidecar",
+                labels=dict(self.card.labels),
+            )
+            self._registration = Registration(self.settings.etcd, instance, ttl_s=cfg.lease_ttl_s)
+            await self._registration.start()
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("sidecar for %s: mesh %s (mTLS), agent %s, outbound Mesh on %s",
+                 self.card.name, self.endpoint, cfg.agent, self.mesh_endpoint)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        if self._registration is not None:
+            await self._registration.stop()
+            self._registration = None
+        for server in (self._inbound, self._mesh):
+            if server is not None:
+                await server.stop(grace)
+        self._inbound = self._mesh = None
+        if self.node is not None:
+            await self.node.stop()
+        if self._agent_channel is not None:
+            await self._agent_channel.close()
+            self._agent_channel = None
+
+    async def __aenter__(self) -> Sidecar:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # --- inbound: mesh → agent, bytes unchanged -------------------------------------------------------------
+    def _agent_handler(self) -> grpc.GenericRpcHandler:
+        assert self._agent_channel is not None
+        channel = self._agent_channel
+        agent = self.config.agent
+        invoke = channel.unary_unary("/hivemesh.v1.Agent/Invoke")
+        invoke_stream = channel.unary_stream("/hivemesh.v1.Agent/InvokeStream")
+
+        async def describe(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+            assert self.card is not None
+            return self.card.SerializeToString()
+
+        async def forward(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+            try:
+                raw: bytes = await invoke(
+                    request, timeout=context.time_remaining(), metadata=_forward_metadata(context)
+                )
+            except grpc.aio.AioRpcError as exc:
+                await _relay_error(context, exc, agent)
+            return raw + self._hop_bytes
+
+        async def forward_stream(
+            request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[bytes]:
+            call = invoke_stream(request, timeout=context.time_remaining(), metadata=_forward_metadata(context))
+            try:
+                async for chunk in call:
+                    # Only the final chunk carries hops; appending to it keeps every other chunk untouched.
+                    if agent_pb2.InvokeChunk.FromString(chunk).final:
+                        chunk += self._hop_bytes
+                    yield chunk
+            except grpc.aio.AioRpcError as exc:
+                await _relay_error(context, exc, agent)
+            finally:
+                call.cancel()
+
+        return grpc.method_handlers_generic_handler(
+            AGENT_SERVICE,
+            {
+                "Describe": grpc.unary_unary_rpc_method_handler(describe),
+                "Invoke": grpc.unary_unary_rpc_method_handler(forward),
+                "InvokeStream": grpc.unary_stream_rpc_method_handler(forward_stream),
+            },
+        )
+
+    # --- outbound: the agent's calls by capability name -----------------------------------------------------
+    def _mesh_handler(self) -> grpc.GenericRpcHandler:
+        def capability_of(request: bytes) -> str:
+            try:
+                return agent_pb2.InvokeRequest.FromString(request).capability
+            except Exception:  # noqa: BLE001 - any decode failure is the caller's bad input
+                raise InvalidInputError("the request is not a valid hivemesh.v1.InvokeRequest message") from None
+
+        async def call(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+            assert self.node is not None
+            try:
+                raw, _ = await self.node.outbound.invoke(
+                    request, capability=capability_of(request), timeout=context.time_remaining()
+                )
+            except HivemeshError as err:
+                await abort(context, err)
+            return raw
+
+        async def call_stream(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+            assert self.node is not None
+            try:
+                async for raw, _ in self.node.outbound.invoke_stream(
+                    request, capability=capability_of(request), timeout=context.time_remaining()
+                ):
+                    yield raw
+            except HivemeshError as err:
+                await abort(context, err)
+
+        async def list_capabilities(
+            request: mesh_pb2.ListCapabilitiesRequest, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> mesh_pb2.ListCapabilitiesResponse:
+            assert self.node is not None
+            entries = [
+                mesh_pb2.CapabilityEntry(capability=c.capability, agents=list(c.agents), instances=c.instances)
+                for c in self.node.registry.capabilities()
+                if not request.tag or request.tag in c.capability.tags
+            ]
+            return mesh_pb2.ListCapabilitiesResponse(capabilities=entries)
+
+        async def resolve(
+            request: mesh_pb2.ResolveRequest, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> mesh_pb2.ResolveResponse:
+            assert self.node is not None
+            return mesh_pb2.ResolveResponse(instances=list(self.node.registry.instances(request.capability)))
+
+        return grpc.method_handlers_generic_handler(
+            MESH_SERVICE,
+            {
+                "Call": grpc.unary_unary_rpc_method_handler(call),
+                "CallStream": grpc.unary_stream_rpc_method_handler(call_stream),
+                "ListCapabilities": grpc.unary_unary_rpc_method_handler(
+                    list_capabilities,
+                    request_deserializer=mesh_pb2.ListCapabilitiesRequest.FromString,
+                    response_serializer=mesh_pb2.ListCapabilitiesResponse.SerializeToString,
+                ),
+                "Resolve": grpc.unary_unary_rpc_method_handler(
+                    resolve,
+                    request_deserializer=mesh_pb2.ResolveRequest.FromString,
+                    response_serializer=mesh_pb2.ResolveResponse.SerializeToString,
+                ),
+            },
+        )
+
+
+async def run_sidecar(config: SidecarConfig, settings: MeshSettings | None = None) -> None:
+    """Run a sidecar until SIGINT/SIGTERM (what `hivemesh sidecar` does)."""
+    sidecar = Sidecar(config, settings)
+    await sidecar.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"sidecar ready mesh={sidecar.endpoint} outbound={sidecar.mesh_endpoint}", flush=True)  # noqa: T201
+    try:
+        await stop.wait()
+    finally:
+        with contextlib.suppress(Exception):
+            await sidecar.stop()
+
+
+__all__ = ["Sidecar", "SidecarConfig", "hop_suffix", "run_sidecar"]

@@ -1,0 +1,142 @@
+"""Capability tokens for outbound calls: fetched from the control plane per target agent, cached, and
+refreshed before they expire so a caller never waits for one after the first call."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from hivemesh.mesh.errors import ControlPlaneUnavailableError, GrantDeniedError, HivemeshError
+from hivemesh.v1 import control_pb2
+
+log = logging.getLogger(__name__)
+
+_REFRESH_AT = 0.75  # of a token's lifetime: refresh in the background from then on
+_REGRANT_INTERVAL_S = 5.0  # re-ask at most this often for a capability a cached token lacks
+
+
+class TokenIssuerClient(Protocol):
+    """The one control-plane call a token source needs."""
+
+    async def issue_token(
+        self, audience: str, scopes: Sequence[str] = (), ttl_s: int = 0
+    ) -> control_pb2.IssueTokenResponse: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    token: str
+    scopes: frozenset[str]
+    issued_at: float
+    expires_at: float
+
+    @property
+    def refresh_at(self) -> float:
+        return self.issued_at + (self.expires_at - self.issued_at) * _REFRESH_AT
+
+
+class TokenSource:
+    """One token per audience (target agent), covering every capability the caller is granted there.
+
+    Tokens come from the control plane, which is off the call path: once a token is cached, calls use it
+    while a background task fetches the next one. If the control plane is down, a cached token is used until
+    it expires; then calls fail with CONTROL_PLANE_UNAVAILABLE (fail closed).
+    """
+
+    def __init__(self, issuer: TokenIssuerClient, *, clock: Callable[[], float] = time.time) -> None:
+        self._issuer = issuer
+        self._clock = clock
+        self._cache: dict[str, _Cached] = {}
+        self._inflight: dict[str, asyncio.Future[_Cached]] = {}
+        self._last_regrant: dict[str, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def get(self, audience: str, capability: str) -> str:
+        """A valid token for audience that covers capability (raises GrantDeniedError when none can)."""
+        now = self._clock()
+        cached = self._cache.get(audience)
+        if cached is not None and now < cached.expires_at - 1.0:
+            if capability in cached.scopes:
+                if now >= cached.refresh_at:
+                    self._refresh_in_background(audience)
+                return cached.token
+            # Grants may have widened since: ask again, but not on every call.
+            if now - self._last_regrant.get(audience, 0.0) < _REGRANT_INTERVAL_S:
+                raise self._denied(audience, capability, cached.scopes)
+            self._last_regrant[audience] = now
+        cached = await self._fetch(audience)
+        if capability not in cached.scopes:
+            raise self._denied(audience, capability, cached.scopes)
+        return cached.token
+
+    @staticmethod
+    def _denied(audience: str, capability: str, scopes: frozenset[str]) -> GrantDeniedError:
+        return GrantDeniedError(
+            f"this caller is not granted capability {capability!r} on {audience} "
+            f"(granted there: {', '.join(sorted(scopes)) or 'nothing'})",
+            metadata={"capability": capability[:128], "audience": audience},
+        )
+
+    def _refresh_in_background(self, audience: str) -> None:
+        if audience in self._inflight:
+            return
+
+        async def refresh() -> None:
+            try:
+                await self._fetch(audience)
+            except HivemeshError as exc:
+                log.warning("background token refresh for %s failed: %s", audience, exc)
+
+        task = asyncio.get_running_loop().create_task(refresh())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _fetch(self, audience: str) -> _Cached:
+        """Fetch a token for audience; concurrent callers share one request (single flight)."""
+        pending = self._inflight.get(audience)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[_Cached] = asyncio.get_running_loop().create_future()
+        self._inflight[audience] = fut
+        try:
+            try:
+                resp = await self._issuer.issue_token(audience, (), 0)
+            except HivemeshError as exc:
+                if exc.code.name == "UNAVAILABLE" and not isinstance(exc, ControlPlaneUnavailableError):
+                    raise ControlPlaneUnavailableError(
+                        f"cannot get a token for {audience}: control plane unreachable ({exc.message})"
+                    ) from exc
+                raise
+            entry = _Cached(
+                token=resp.token,
+                scopes=frozenset(resp.scopes),
+                issued_at=self._clock(),
+                expires_at=float(resp.expires_at_unix),
+            )
+            self._cache[audience] = entry
+            fut.set_result(entry)
+            return entry
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            self._inflight.pop(audience, None)
+
+    def clear(self) -> None:
+        """Forget every cached token (after a certificate renewal: tokens are bound to the old one)."""
+        self._cache.clear()
+
+    def invalidate(self, audience: str) -> None:
+        """Forget the cached token (after the target refused it, say)."""
+        self._cache.pop(audience, None)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,241 @@
+"""Writing an agent: a class with `@capability`-decorated async methods.
+
+    class Extractor(Agent):
+        name = "extractor"
+
+        @capability(description="Pull fields out of text", tags=["documents"])
+        async def extract(self, doc: Document) -> Fields: ...
+
+The decorator reads the input and return type hints (and fails at import time when they are missing), derives
+JSON schemas from them unless schemas are declared, and returns the method unchanged. The class collects its
+capabilities into an A2A-style agent card. `hivemesh.sdk.serve(agent)` puts it on the mesh.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import inspect
+import json
+import typing
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, overload
+
+from hivemesh.mesh.layers.guard import compile_schema
+from hivemesh.sdk.schema import from_json, schema_for, to_json
+from hivemesh.v1 import agent_pb2
+
+if TYPE_CHECKING:
+    from hivemesh.sdk.context import Context
+
+F = TypeVar("F", bound=Callable[..., Any])
+_ATTR = "__hivemesh_capability__"
+
+
+@dataclass(frozen=True)
+class CapabilitySpec:
+    """What `@capability` recorded about one method."""
+
+    name: str
+    method_name: str
+    description: str
+    input_type: Any
+    output_type: Any
+    input_schema: Mapping[str, Any]
+    output_schema: Mapping[str, Any]
+    streaming: bool
+    idempotent: bool
+    tags: tuple[str, ...]
+    wants_context: bool
+    max_input_bytes: int | None = None
+
+    def to_proto(self) -> agent_pb2.Capability:
+        return agent_pb2.Capability(
+            name=self.name,
+            description=self.description,
+            input_schema=json.dumps(self.input_schema, sort_keys=True) if self.input_schema else "",
+            output_schema=json.dumps(self.output_schema, sort_keys=True) if self.output_schema else "",
+            streaming=self.streaming,
+            tags=list(self.tags),
+            idempotent=self.idempotent,
+            input_modes=["application/json"],
+            output_modes=["application/json"],
+        )
+
+
+def _stream_item_type(ret: Any) -> Any | None:
+    origin = typing.get_origin(ret)
+    if origin in (collections.abc.AsyncIterator, collections.abc.AsyncGenerator, collections.abc.AsyncIterable):
+        args = typing.get_args(ret)
+        return args[0] if args else Any
+    return None
+
+
+def _build_spec(
+    fn: Callable[..., Any],
+    *,
+    name: str | None,
+    description: str | None,
+    tags: tuple[str, ...],
+    idempotent: bool,
+    input_schema: Mapping[str, Any] | None,
+    output_schema: Mapping[str, Any] | None,
+    max_input_bytes: int | None,
+) -> CapabilitySpec:
+    where = f"capability {fn.__qualname__}"
+    if not (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)):
+        raise TypeError(f"{where} must be 'async def' (or an async generator for streaming)")
+    params = list(inspect.signature(fn).parameters.values())
+    if len(params) not in (2, 3):
+        raise TypeError(f"{where} must take (self, input) or (self, input, ctx)")
+    hints = typing.get_type_hints(fn)
+    in_name = params[1].name
+    if in_name not in hints:
+        raise TypeError(f"{where}: annotate the input parameter {in_name!r} (its type becomes the input schema)")
+    if "return" not in hints:
+        raise TypeError(f"{where}: annotate the return type (it becomes the output schema)")
+    ret = hints["return"]
+    item = _stream_item_type(ret)
+    streaming = item is not None or inspect.isasyncgenfunction(fn)
+    if streaming and not inspect.isasyncgenfunction(fn):
+        raise TypeError(f"{where}: a streaming capability must be an async generator (use 'yield')")
+    out_type = item if item is not None else ret
+    cap_name = name or fn.__name__.replace("_", "-")
+    in_schema = dict(input_schema) if input_schema is not None else schema_for(hints[in_name])
+    out_schema = dict(output_schema) if output_schema is not None else schema_for(out_type)
+    compile_schema(json.dumps(in_schema), where=where)  # fail at import on a schema that cannot compile
+    doc = inspect.getdoc(fn) or ""
+    return CapabilitySpec(
+        name=cap_name,
+        method_name=fn.__name__,
+        description=description if description is not None else doc.split("\n\n")[0],
+        input_type=hints[in_name],
+        output_type=out_type,
+        input_schema=in_schema,
+        output_schema=out_schema,
+        streaming=streaming,
+        idempotent=idempotent,
+        tags=tags,
+        wants_context=len(params) == 3,
+        max_input_bytes=max_input_bytes,
+    )
+
+
+@overload
+def capability(fn: F, /) -> F: ...
+
+
+@overload
+def capability(
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    tags: tuple[str, ...] | list[str] = (),
+    idempotent: bool = False,
+    input_schema: Mapping[str, Any] | None = None,
+    output_schema: Mapping[str, Any] | None = None,
+    max_input_bytes: int | None = None,
+) -> Callable[[F], F]: ...
+
+
+def capability(
+    fn: F | None = None,
+    /,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    tags: tuple[str, ...] | list[str] = (),
+    idempotent: bool = False,
+    input_schema: Mapping[str, Any] | None = None,
+    output_schema: Mapping[str, Any] | None = None,
+    max_input_bytes: int | None = None,
+) -> F | Callable[[F], F]:
+    """Mark an async method as a mesh capability (bare `@capability` or `@capability(...)`).
+
+    Args:
+        name: capability name on the mesh; default the method name with '_' → '-'.
+        description: for people and routers; default the docstring's first paragraph.
+        tags: labels routers match on.
+        idempotent: safe to run twice with the same input (enables failover and workflow re-runs).
+        input_schema / output_schema: JSON Schemas overriding the ones derived from type hints.
+        max_input_bytes: a tighter input size limit than the agent's default.
+    Returns:
+        The method itself, with its spec attached (the class collects it).
+    """
+
+    def mark(f: F) -> F:
+        spec = _build_spec(
+            f,
+            name=name,
+            description=description,
+            tags=tuple(tags),
+            idempotent=idempotent,
+            input_schema=input_schema,
+            output_schema=output_schema,
+            max_input_bytes=max_input_bytes,
+        )
+        setattr(f, _ATTR, spec)
+        return f
+
+    return mark(fn) if fn is not None else mark
+
+
+class Agent:
+    """Base class of SDK agents. Subclasses set `name` (and optionally version, description, owner, labels)."""
+
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = "0.1.0"
+    description: ClassVar[str] = ""
+    owner: ClassVar[str] = ""
+    labels: ClassVar[Mapping[str, str]] = {}
+
+    def __init__(self) -> None:
+        if not self.name:
+            raise TypeError(f"{type(self).__name__} must set a class attribute 'name'")
+        specs: dict[str, CapabilitySpec] = {}
+        for cls in reversed(type(self).__mro__):
+            for attr in vars(cls).values():
+                spec = getattr(attr, _ATTR, None)
+                if isinstance(spec, CapabilitySpec):
+                    specs[spec.name] = spec
+        if not specs:
+            raise TypeError(f"agent {self.name!r} has no @capability methods")
+        self.capabilities: dict[str, CapabilitySpec] = specs
+
+    def card(self) -> agent_pb2.AgentCard:
+        """The agent card published in the registry and returned by Describe."""
+        doc = self.description or (inspect.getdoc(type(self)) or "").split("\n\n")[0]
+        return agent_pb2.AgentCard(
+            name=self.name,
+            version=self.version,
+            description=doc,
+            owner=self.owner,
+            capabilities=[s.to_proto() for s in self.capabilities.values()],
+            labels=dict(self.labels),
+        )
+
+    async def on_start(self) -> None:
+        """Called once the agent is serving and registered; override to warm up."""
+
+    async def on_stop(self) -> None:
+        """Called before the agent stops serving; override to release resources."""
+
+    def handler(self, capability_name: str) -> tuple[CapabilitySpec, Callable[..., Any]] | None:
+        spec = self.capabilities.get(capability_name)
+        if spec is None:
+            return None
+        return spec, getattr(self, spec.method_name)
+
+    async def run_unary(self, spec: CapabilitySpec, value: Any, ctx: Context) -> Any:
+        """Call a unary capability with decoded JSON; returns JSON-ready data."""
+        fn: Callable[..., Awaitable[Any]] = getattr(self, spec.method_name)
+        arg = from_json(spec.input_type, value)
+        result = await (fn(arg, ctx) if spec.wants_context else fn(arg))
+        return to_json(result)
+
+    async def run_stream(self, spec: CapabilitySpec, value: Any, ctx: Context) -> AsyncIterator[Any]:
+        """Call a streaming capability with decoded JSON; yields JSON-ready items."""
+        fn: Callable[..., AsyncIterator[Any]] = getattr(self, spec.method_name)
+        arg = from_json(spec.input_type, value)
+        async for item in fn(arg, ctx) if spec.wants_context else fn(arg):
+            yield to_json(item)

@@ -1,0 +1,141 @@
+"""Putting an SDK agent on the mesh: `await serve(agent)` or, from a script, `run(agent)`.
+
+In-process packaging: the agent's own gRPC server runs the mesh's inbound layers as an interceptor (no
+sidecar hop), registers in etcd under a lease, and hands the agent a MeshClient for onward calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+from hivemesh.mesh.inbound import AGENT_SERVICE, MeshInboundInterceptor, build_inbound_chain
+from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
+from hivemesh.mesh.node import MeshNode
+from hivemesh.mesh.registry import Registration, default_instance_id
+from hivemesh.mesh.server import ManagedServer
+from hivemesh.mesh.settings import MeshSettings
+from hivemesh.sdk.agent import Agent
+from hivemesh.sdk.client import MeshClient
+from hivemesh.sdk.servicer import AgentServicer
+from hivemesh.v1 import agent_pb2, agent_pb2_grpc, mesh_pb2
+
+log = logging.getLogger(__name__)
+
+
+class AgentServer:
+    """One SDK agent serving on the mesh. Use `async with AgentServer(agent, settings) as s:` or start/stop."""
+
+    def __init__(
+        self,
+        agent: Agent,
+        settings: MeshSettings | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        instance_id: str | None = None,
+        lease_ttl_s: int = 10,
+        max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
+        labels: dict[str, str] | None = None,
+    ) -> None:
+        self.agent = agent
+        self.settings = settings or MeshSettings.resolve()
+        self.host = host
+        self.requested_port = port
+        self.instance_id = instance_id or default_instance_id()
+        self.lease_ttl_s = lease_ttl_s
+        self.max_input_bytes = max_input_bytes
+        self.labels = dict(labels or {})
+        self.node = MeshNode(self.settings, name=agent.name, kind="agent", verify_inbound=True)
+        self.mesh = MeshClient(self.node)
+        self._server: ManagedServer | None = None
+        self._registration: Registration | None = None
+        self.port = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        await self.node.start()
+        try:
+            card = self.agent.card()
+            limits = [s.max_input_bytes for s in self.agent.capabilities.values() if s.max_input_bytes]
+            chain = build_inbound_chain(
+                trust_domain=self.settings.trust_domain,
+                verifier=self.node.verifier(),
+                capabilities=card.capabilities,
+                agent_name=self.agent.name,
+                max_input_bytes=min([self.max_input_bytes, *limits]),
+            )
+            server = ManagedServer(services=[AGENT_SERVICE], interceptors=[MeshInboundInterceptor(chain)])
+            self.port = server.add_secure_port(f"{self.host}:{self.requested_port}", self.node.server_credentials())
+            hop = agent_pb2.Hop(
+                kind="agent", identity=self.node.workload.spiffe_id, instance=self.instance_id, endpoint=self.endpoint
+            )
+            agent_pb2_grpc.add_AgentServicer_to_server(AgentServicer(self.agent, hop=hop, mesh=self.mesh), server.server)
+            await server.start()
+            self._server = server
+            instance = mesh_pb2.AgentInstance(
+                card=card,
+                instance_id=self.instance_id,
+                endpoint=self.endpoint,
+                identity=self.node.workload.spiffe_id,
+                packaging="in-process",
+                labels={**dict(card.labels), **self.labels},
+            )
+            self._registration = Registration(self.settings.etcd, instance, ttl_s=self.lease_ttl_s)
+            await self._registration.start()
+            await self.agent.on_start()
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("agent %s serving on %s as %s", self.agent.name, self.endpoint, self.node.workload.spiffe_id)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """Deregister first (callers stop choosing this instance), then drain, then leave the mesh."""
+        if self._registration is not None:
+            await self._registration.stop()
+            self._registration = None
+        with contextlib.suppress(Exception):
+            await self.agent.on_stop()
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        await self.node.stop()
+
+    async def __aenter__(self) -> AgentServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def serve(agent: Agent, settings: MeshSettings | None = None, **kwargs: Any) -> AgentServer:
+    """Start serving agent on the mesh and return the running server (stop it with `await server.stop()`)."""
+    server = AgentServer(agent, settings, **kwargs)
+    await server.start()
+    return server
+
+
+async def serve_until_signal(agent: Agent, settings: MeshSettings | None = None, **kwargs: Any) -> None:
+    """Serve until SIGINT or SIGTERM, then deregister and drain."""
+    server = await serve(agent, settings, **kwargs)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+
+
+def run(agent: Agent, settings: MeshSettings | None = None, **kwargs: Any) -> None:
+    """Blocking entry point for an agent script: `run(MyAgent())`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve_until_signal(agent, settings, **kwargs))
