@@ -1,0 +1,266 @@
+"""Grants: which capabilities an identity may be issued tokens for, on which audiences.
+
+A grant matches subjects (caller SPIFFE ids) and audiences (agent SPIFFE ids) with fnmatch globs and names
+the capabilities it allows (globs too). Without a matching grant nothing is allowed: default deny. Grants
+are validated once (file or etcd document) and compiled to regular expressions.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import fastjsonschema
+import yaml
+from hivemesh.mesh.errors import InvalidInputError
+
+log = logging.getLogger(__name__)
+
+GRANTS_PREFIX: Final = b"/hivemesh/policies/grants/"
+_MAX_TXN_OPS: Final = 128  # etcd's default --max-txn-ops
+_NAME = "^[a-z0-9][a-z0-9._-]{0,62}$"
+_GLOBS = {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1, "maxLength": 512}}
+_GRANT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["name", "subjects", "capabilities"],
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string", "pattern": _NAME},
+        "description": {"type": "string"},
+        "subjects": _GLOBS,
+        "audiences": _GLOBS,
+        "capabilities": _GLOBS,
+    },
+}
+_DOC_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["grants"],
+    "additionalProperties": False,
+    "properties": {"grants": {"type": "array", "items": _GRANT_SCHEMA}},
+}
+_validate_doc = fastjsonschema.compile(_DOC_SCHEMA)
+_validate_grant = fastjsonschema.compile(_GRANT_SCHEMA)
+
+_FIELD_HELP: Final = {
+    "grants": "must be a list of grants",
+    "name": "must be a string matching [a-z0-9][a-z0-9._-]{0,62}",
+    "description": "must be a string",
+    "subjects": "must be a non-empty list of strings (SPIFFE id globs)",
+    "audiences": "must be a non-empty list of strings (agent SPIFFE id globs)",
+    "capabilities": "must be a list of strings (capability globs), at least one",
+}
+
+
+def _node(doc: Any, path: Sequence[str]) -> Any:
+    node = doc
+    for part in path:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
+def _schema_error(exc: fastjsonschema.JsonSchemaValueException, doc: Any, root: str) -> InvalidInputError:
+    """Turn a schema violation into a message that names the field, e.g. `grants[1].capabilities: ...`."""
+    path = [str(p) for p in (exc.path or [])][1:]  # drop fastjsonschema's leading 'data'
+    def fmt(parts: Sequence[str]) -> str:
+        out = root
+        for p in parts:
+            out = f"{out}[{p}]" if p.isdigit() else (f"{out}.{p}" if out else p)
+        return out or "document"
+    if exc.rule == "required":
+        try:
+            present = set(_node(doc, path))
+        except (KeyError, IndexError, TypeError, ValueError):
+            present = set()
+        missing = [f for f in (exc.rule_definition or []) if f not in present]
+        where, msg = fmt(path), f"missing required field(s): {', '.join(missing)}"
+    elif exc.rule == "additionalProperties":
+        try:
+            node = _node(doc, path)
+            allowed = set(_GRANT_SCHEMA["properties"]) if path else {"grants"}
+            unknown = sorted(str(k) for k in node if k not in allowed)
+        except (KeyError, IndexError, TypeError, ValueError):
+            unknown = []
+        where, msg = fmt(path), f"unknown field(s): {', '.join(unknown)}"
+    else:
+        # Report list items at their list ("capabilities: must be a list of strings"), the useful level.
+        field_path = path[:-1] if path and path[-1].isdigit() and len(path) > 1 else path
+        last = next((p for p in reversed(field_path) if not p.isdigit()), "")
+        where = fmt(field_path)
+        msg = _FIELD_HELP.get(last, str(exc.message).removeprefix("data").strip(" ."))
+    text = f"{where}: {msg}"
+    return InvalidInputError(text, field_violations={where: msg})
+
+
+def _compile(globs: Iterable[str]) -> re.Pattern[str]:
+    return re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs))
+
+
+def _is_glob(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+@dataclass(frozen=True)
+class Grant:
+    name: str
+    subjects: tuple[str, ...]
+    audiences: tuple[str, ...] | None
+    capabilities: tuple[str, ...]
+    description: str = ""
+    _subj: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    _aud: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
+    _caps: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Globs are compiled once; `allowed` runs per IssueToken.
+        object.__setattr__(self, "_subj", _compile(self.subjects))
+        object.__setattr__(self, "_aud", _compile(self.audiences) if self.audiences else None)
+        object.__setattr__(self, "_caps", _compile(self.capabilities))
+
+    def matches(self, subject: str, audience: str) -> bool:
+        if not self._subj.match(subject):
+            return False
+        return self._aud is None or self._aud.match(audience) is not None
+
+    def allows(self, capability: str) -> bool:
+        return self._caps.match(capability) is not None
+
+    def to_doc(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"name": self.name, "subjects": list(self.subjects)}
+        if self.audiences is not None:
+            doc["audiences"] = list(self.audiences)
+        doc["capabilities"] = list(self.capabilities)
+        if self.description:
+            doc["description"] = self.description
+        return doc
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any]) -> Grant:
+        """One grant from a validated document."""
+        return cls(
+            name=doc["name"],
+            subjects=tuple(doc["subjects"]),
+            audiences=tuple(doc["audiences"]) if "audiences" in doc else None,
+            capabilities=tuple(doc["capabilities"]),
+            description=doc.get("description", ""),
+        )
+
+
+class GrantSet:
+    """An immutable set of grants; `allowed` answers what a subject may have on an audience."""
+
+    def __init__(self, grants: Iterable[Grant] = ()) -> None:
+        self.grants: tuple[Grant, ...] = tuple(grants)
+
+    def __len__(self) -> int:
+        return len(self.grants)
+
+    @classmethod
+    def from_doc(cls, doc: Any) -> GrantSet:
+        """Validate a `{"grants": [...]}` document; InvalidInputError names the bad field."""
+        try:
+            _validate_doc(doc)
+        except fastjsonschema.JsonSchemaValueException as exc:
+            raise _schema_error(exc, doc, "") from None
+        seen: dict[str, int] = {}
+        for i, g in enumerate(doc["grants"]):
+            if g["name"] in seen:
+                where = f"grants[{i}].name"
+                msg = f"duplicate grant name {g['name']!r} (also grants[{seen[g['name']]}])"
+                raise InvalidInputError(f"{where}: {msg}", field_violations={where: msg})
+            seen[g["name"]] = i
+        return cls(Grant.from_doc(g) for g in doc["grants"])
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"grants": [g.to_doc() for g in self.grants]}
+
+    def allowed(
+        self,
+        subject: str,
+        audience: str,
+        requested: Sequence[str],
+        offered: Sequence[str] | None,
+    ) -> list[str]:
+        """The capabilities subject may be granted on audience, sorted.
+
+        requested empty means "everything": all offered capabilities the grants allow. offered is what the
+        audience agent serves; None means it is unknown (agent not registered), and then the requested
+        capabilities, or with none requested, the literal (non-glob) capabilities of the matching grants,
+        are judged by the grants alone. Default deny: no matching grant, nothing allowed.
+        """
+        matching = [g for g in self.grants if g.matches(subject, audience)]
+        if not matching:
+            return []
+        if offered is None:
+            candidates: Iterable[str] = requested or {
+                c for g in matching for c in g.capabilities if not _is_glob(c)
+            }
+        else:
+            offered_set = set(offered)
+            candidates = [c for c in requested if c in offered_set] if requested else offered_set
+        return sorted({c for c in candidates if any(g.allows(c) for g in matching)})
+
+    @classmethod
+    async def from_etcd(cls, etcd: Any) -> GrantSet:
+        """Every grant stored under /hivemesh/policies/grants/; an invalid document is skipped (and logged),
+        which can only narrow what is allowed (fail closed)."""
+        grants: list[Grant] = []
+        for kv in await etcd.get_prefix(GRANTS_PREFIX):
+            try:
+                doc = json.loads(kv.value)
+                _validate_grant(doc)
+            except (ValueError, fastjsonschema.JsonSchemaValueException) as exc:
+                log.warning("ignoring invalid grant at %s: %s", kv.key.decode(errors="replace"), exc)
+                continue
+            grants.append(Grant.from_doc(doc))
+        return cls(grants)
+
+
+def parse_grants_text(text: str, *, source: str = "<grants>") -> GrantSet:
+    """Parse YAML (JSON is YAML) grant text and validate it."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InvalidInputError(f"{source}: not valid YAML/JSON: {exc}") from None
+    return GrantSet.from_doc(doc)
+
+
+def load_grants(path: Path | str) -> GrantSet:
+    """Load and validate a YAML or JSON grant file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read grant file {p}: {exc.strerror}") from None
+    return parse_grants_text(text, source=str(p))
+
+
+async def put_grants(etcd: Any, grantset_doc: GrantSet | Mapping[str, Any], *, replace: bool = False) -> int:
+    """Write each grant to /hivemesh/policies/grants/<name> in one transaction (all or nothing).
+
+    With replace=True, grants not in the document are deleted in the same transaction, so the document
+    becomes the whole grant set. Returns the number of grants written.
+    """
+    gs = grantset_doc if isinstance(grantset_doc, GrantSet) else GrantSet.from_doc(grantset_doc)
+    ops: list[Any] = []
+    names = {g.name.encode() for g in gs.grants}
+    if replace:
+        existing = await etcd.get_prefix(GRANTS_PREFIX, keys_only=True)
+        for kv in existing:
+            if kv.key[len(GRANTS_PREFIX):] not in names:
+                ops.append(etcd.transactions.delete(kv.key))
+    for g in gs.grants:
+        value = json.dumps(g.to_doc(), sort_keys=True).encode("utf-8")
+        ops.append(etcd.transactions.put(GRANTS_PREFIX + g.name.encode(), value))
+    if len(ops) > _MAX_TXN_OPS:
+        raise InvalidInputError(
+            f"too many grants to apply atomically ({len(ops)} operations; etcd allows {_MAX_TXN_OPS})"
+        )
+    if ops:
+        await etcd.transaction(compare=[], success=ops, failure=[])
+    return len(gs.grants)

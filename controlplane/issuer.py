@@ -1,0 +1,211 @@
+"""The capability-token issuer: ES256 signing keys on disk, their JWKS in etcd, and short-lived JWTs.
+
+Tokens name one audience (an agent), the capabilities granted there (`scope`, RFC 8693 style) and are bound
+to the caller's certificate (`cnf.x5t#S256`, RFC 8705), so a stolen token is useless without the key of the
+certificate it was issued to. Lifetimes are capped at 5 minutes, as SPIRE does for JWT-SVIDs: revocation is
+mostly a matter of not renewing.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError
+from hivemesh.mesh.pki import controlplane_id
+from hivemesh.mesh.tokens import JWKS_KEY
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TTL_S: Final = 300
+MAX_TTL_S: Final = 300
+_KEY_FILE_RE = re.compile(r"es256-(\d+)\.pem")
+_PUBLISHED_KEYS: Final = 3
+_SCOPE_RE = re.compile(r"[A-Za-z0-9._:/*-]{1,128}")
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def public_jwk(key: ec.EllipticCurvePublicKey) -> dict[str, str]:
+    """The RFC 7517 members of an EC P-256 public key (no kid)."""
+    nums = key.public_numbers()
+    return {
+        "kty": "EC",
+        "crv": "P-256",
+        "x": _b64url(nums.x.to_bytes(32, "big")),
+        "y": _b64url(nums.y.to_bytes(32, "big")),
+    }
+
+
+def jwk_thumbprint(key: ec.EllipticCurvePublicKey) -> str:
+    """RFC 7638 thumbprint: SHA-256 over the required members in lexicographic order, no whitespace."""
+    canonical = json.dumps(public_jwk(key), sort_keys=True, separators=(",", ":")).encode("ascii")
+    return _b64url(hashlib.sha256(canonical).digest())
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    kid: str
+    created_at: float
+    private_key: ec.EllipticCurvePrivateKey
+
+    def jwk(self) -> dict[str, str]:
+        pub = self.private_key.public_key()
+        return {**public_jwk(pub), "kid": self.kid, "alg": "ES256", "use": "sig"}
+
+
+class SigningKeys:
+    """The issuer's ES256 keys in `<state_dir>/keys/` (0600): the newest signs, the recent ones verify.
+
+    Keeping the previous keys in the JWKS after `rotate()` lets tokens signed just before a rotation stay
+    valid until they expire.
+    """
+
+    def __init__(self, keys_dir: Path, keys: Sequence[SigningKey]) -> None:
+        if not keys:
+            raise ValueError("SigningKeys needs at least one key")
+        self.keys_dir = keys_dir
+        self._keys = sorted(keys, key=lambda k: k.created_at)
+
+    @classmethod
+    def load_or_create(cls, state_dir: Path) -> SigningKeys:
+        """Load every key in `<state_dir>/keys/`, creating the first one on first start."""
+        keys_dir = Path(state_dir) / "keys"
+        keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        keys: list[SigningKey] = []
+        for path in sorted(keys_dir.iterdir()):
+            m = _KEY_FILE_RE.fullmatch(path.name)
+            if not m:
+                continue
+            try:
+                priv = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            except ValueError as exc:
+                raise FailedPreconditionError(f"unreadable signing key {path}: {exc}") from None
+            if not isinstance(priv, ec.EllipticCurvePrivateKey) or not isinstance(priv.curve, ec.SECP256R1):
+                raise FailedPreconditionError(f"signing key {path} is not an EC P-256 key")
+            keys.append(SigningKey(jwk_thumbprint(priv.public_key())[:16], int(m.group(1)) / 1e9, priv))
+        ks = cls(keys_dir, keys) if keys else cls(keys_dir, [cls._create(keys_dir)])
+        return ks
+
+    @staticmethod
+    def _create(keys_dir: Path) -> SigningKey:
+        priv = ec.generate_private_key(ec.SECP256R1())
+        created_ns = time.time_ns()
+        path = keys_dir / f"es256-{created_ns}.pem"
+        pem = priv.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        tmp = path.with_name(f".{path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, pem)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        key = SigningKey(jwk_thumbprint(priv.public_key())[:16], created_ns / 1e9, priv)
+        log.info("created token signing key kid=%s", key.kid)
+        return key
+
+    def rotate(self) -> SigningKey:
+        """Create a new signing key; it signs from now on, the previous ones stay in the JWKS."""
+        key = self._create(self.keys_dir)
+        self._keys.append(key)
+        return key
+
+    @property
+    def active(self) -> SigningKey:
+        return self._keys[-1]
+
+    def jwks(self) -> dict[str, Any]:
+        """The JWKS of the newest keys (public members only)."""
+        return {"keys": [k.jwk() for k in reversed(self._keys[-_PUBLISHED_KEYS:])]}
+
+    def jwks_json(self) -> str:
+        return json.dumps(self.jwks(), sort_keys=True, separators=(",", ":"))
+
+    async def publish(self, etcd: Any) -> None:
+        """Write the JWKS to etcd (`/hivemesh/trust/jwks`), where every sidecar watches it."""
+        await etcd.put(JWKS_KEY, self.jwks_json().encode("utf-8"))
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    token: str
+    jti: str
+    expires_at: float
+    scopes: tuple[str, ...]
+
+
+class TokenIssuer:
+    """Signs capability tokens: iss spiffe://<td>/controlplane, one audience, sorted space-separated scope."""
+
+    def __init__(
+        self,
+        keys: SigningKeys,
+        trust_domain: str,
+        *,
+        default_ttl_s: int = DEFAULT_TTL_S,
+        max_ttl_s: int = MAX_TTL_S,
+    ) -> None:
+        if not 1 <= default_ttl_s <= max_ttl_s:
+            raise ValueError("need 1 <= default_ttl_s <= max_ttl_s")
+        self.keys = keys
+        self.issuer = controlplane_id(trust_domain)
+        self.default_ttl_s = default_ttl_s
+        self.max_ttl_s = max_ttl_s
+
+    def issue(
+        self,
+        subject: str,
+        audience: str,
+        scopes: Sequence[str],
+        *,
+        ttl_s: int | None = None,
+        cnf_thumbprint: str | None = None,
+    ) -> IssuedToken:
+        """Sign a token; a ttl_s above the maximum is capped (not refused), None or 0 means the default."""
+        if not subject or not audience:
+            raise InvalidInputError("a token needs a subject and an audience")
+        wanted = sorted(set(scopes))
+        if not wanted:
+            raise InvalidInputError("a token must grant at least one capability")
+        bad = [s for s in wanted if not _SCOPE_RE.fullmatch(s)]
+        if bad:
+            raise InvalidInputError(f"invalid scope name(s): {', '.join(map(repr, bad[:5]))}")
+        if ttl_s is not None and ttl_s < 0:
+            raise InvalidInputError(f"token ttl must not be negative, got {ttl_s}")
+        ttl = min(ttl_s or self.default_ttl_s, self.max_ttl_s)
+        now = int(time.time())
+        jti = uuid.uuid4().hex
+        claims: dict[str, Any] = {
+            "iss": self.issuer,
+            "sub": subject,
+            "aud": audience,
+            "scope": " ".join(wanted),
+            "iat": now,
+            "nbf": now,
+            "exp": now + ttl,
+            "jti": jti,
+        }
+        if cnf_thumbprint:
+            claims["cnf"] = {"x5t#S256": cnf_thumbprint}
+        key = self.keys.active
+        token = jwt.encode(claims, key.private_key, algorithm="ES256", headers={"kid": key.kid, "typ": "JWT"})
+        return IssuedToken(token=token, jti=jti, expires_at=float(now + ttl), scopes=tuple(wanted))

@@ -1,0 +1,86 @@
+"""One-time join tokens: how a workload with no certificate yet earns its first one.
+
+Only the SHA-256 of a token is stored (`/hivemesh/join/<hex>`), under an etcd lease of the token's TTL, so
+a leaked etcd snapshot yields no usable token and unused tokens disappear by themselves. Consuming is a
+compare-and-delete transaction on the key's mod_revision: of two concurrent uses, exactly one wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import time
+from typing import Any, Final
+
+from hivemesh.mesh.errors import InvalidInputError, JoinTokenInvalidError
+from hivemesh.mesh.pki import validate_name
+
+JOIN_PREFIX: Final = b"/hivemesh/join/"
+JOIN_KINDS: Final = frozenset({"agent", "client"})
+DEFAULT_TTL_S: Final = 600
+MAX_TTL_S: Final = 7 * 86400
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{32,128}")
+
+
+def _key(token: str) -> bytes:
+    return JOIN_PREFIX + hashlib.sha256(token.encode("ascii")).hexdigest().encode("ascii")
+
+
+def validate_request(name: str, kind: str, ttl_s: int) -> None:
+    """InvalidInputError naming the bad field when a join token could not be created for these values."""
+    try:
+        validate_name(name)
+    except ValueError as exc:
+        raise InvalidInputError(str(exc), field_violations={"name": str(exc)}) from None
+    if kind not in JOIN_KINDS:
+        msg = f"kind must be one of {', '.join(sorted(JOIN_KINDS))}, got {kind!r}"
+        raise InvalidInputError(msg, field_violations={"kind": msg})
+    if not isinstance(ttl_s, int) or not 1 <= ttl_s <= MAX_TTL_S:
+        msg = f"ttl must be 1..{MAX_TTL_S} s, got {ttl_s!r}"
+        raise InvalidInputError(msg, field_violations={"ttl_seconds": msg})
+
+
+async def create(etcd: Any, name: str, kind: str = "agent", ttl_s: int = DEFAULT_TTL_S) -> str:
+    """Mint a one-time token letting `name` join as `kind` within ttl_s; returns it (shown once)."""
+    validate_request(name, kind, ttl_s)
+    token = secrets.token_urlsafe(32)
+    doc = {"name": name, "kind": kind, "expires_at": time.time() + ttl_s}
+    lease = await etcd.lease(ttl_s)
+    await etcd.put(_key(token), json.dumps(doc).encode("utf-8"), lease=lease)
+    return token
+
+
+async def consume(etcd: Any, token: str, name: str) -> tuple[str, str]:
+    """Use a join token for `name`, once; returns (name, kind).
+
+    Raises JoinTokenInvalidError when the token is malformed, unknown, expired, already used (also by a
+    concurrent caller) or was issued for another name. A name mismatch does not burn the token.
+    """
+    invalid = JoinTokenInvalidError()
+    if not isinstance(token, str) or not _TOKEN_RE.fullmatch(token):
+        raise invalid
+    key = _key(token)
+    kv = await etcd.get(key)
+    if kv is None:
+        raise invalid
+    try:
+        doc = json.loads(kv.value)
+        stored_name, kind, expires_at = str(doc["name"]), str(doc["kind"]), float(doc["expires_at"])
+    except (ValueError, KeyError, TypeError):
+        raise invalid from None
+    if stored_name != name:
+        raise invalid
+    if expires_at <= time.time():
+        # The lease may lag by up to a second; the stored expiry is authoritative.
+        await etcd.delete(key)
+        raise invalid
+    succeeded, _ = await etcd.transaction(
+        compare=[etcd.transactions.mod(key) == kv.mod_revision],
+        success=[etcd.transactions.delete(key)],
+        failure=[],
+    )
+    if not succeeded:
+        raise invalid
+    return stored_name, kind

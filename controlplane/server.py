@@ -1,0 +1,418 @@
+"""The control-plane process: CA, token issuer and join service over gRPC.
+
+Two listeners, because their callers differ: the join port is server-authenticated TLS only (a joining
+workload has no certificate yet; its one-time token authenticates it) and serves `Join` alone; the main
+port is mutual TLS and serves `ControlPlane`, where every caller is identified by its certificate. Keeping
+them on separate servers means `ControlPlane` is never reachable without a client certificate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import aetcd
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from hivemesh.controlplane import joins
+from hivemesh.controlplane.ca import CaFiles, CertificateAuthority, ensure_controlplane_cert, load_ca
+from hivemesh.controlplane.grants import GrantSet, load_grants, put_grants
+from hivemesh.controlplane.issuer import MAX_TTL_S, SigningKeys, TokenIssuer
+from hivemesh.mesh.errors import (
+    FailedPreconditionError,
+    GrantDeniedError,
+    HivemeshError,
+    InvalidInputError,
+    PermissionDeniedError,
+    RegistryUnavailableError,
+    abort,
+)
+from hivemesh.mesh.etcd import client as etcd_client
+from hivemesh.mesh.etcd import parse_endpoints, wait_connected
+from hivemesh.mesh.pki import (
+    NAME_RE,
+    Peer,
+    SpiffeId,
+    cert_expiry,
+    parse_spiffe_id,
+    peer_from_auth_context,
+    validate_name,
+)
+from hivemesh.mesh.pki import validate_trust_domain as _validate_td
+from hivemesh.mesh.tls import MAX_MESSAGE_BYTES, server_credentials
+from hivemesh.v1 import control_pb2, control_pb2_grpc, mesh_pb2
+
+log = logging.getLogger(__name__)
+
+CA_KEY: Final = b"/hivemesh/trust/ca"
+AGENTS_PREFIX: Final = b"/hivemesh/agents/"
+_MAX_CERT_TTL_S: Final = 30 * 86400
+_T = TypeVar("_T")
+_HEALTH_SERVICE: Final = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+@dataclass(frozen=True)
+class ControlPlaneConfig:
+    """How one control plane runs."""
+
+    etcd_endpoints: tuple[str, ...] | str
+    """etcd client endpoints, "h:p,h:p" or a tuple of "h:p"."""
+    certs_dir: Path
+    """Where `init_ca` put ca.pem/ca.key and controlplane.pem/.key."""
+    state_dir: Path
+    """Private state: token signing keys (`keys/`)."""
+    trust_domain: str = "hivemesh.local"
+    host: str = "127.0.0.1"
+    port: int = 0
+    """mTLS port serving ControlPlane (0: any free port)."""
+    join_port: int = 0
+    """Server-TLS port serving Join (0: any free port)."""
+    grants_file: Path | None = None
+    """When given, its grants replace those in etcd at start (the file is authoritative)."""
+    cert_ttl_s: int = 3600
+    """Lifetime of workload certificates."""
+    token_ttl_s: int = 300
+    """Default token lifetime (capped at 300 s)."""
+    grace_s: float = 2.0
+    """How long `stop()` lets in-flight calls finish."""
+
+    def __post_init__(self) -> None:
+        eps = self.etcd_endpoints
+        eps_t = tuple(e.strip() for e in eps.split(",") if e.strip()) if isinstance(eps, str) else tuple(eps)
+        parse_endpoints(eps_t)  # raises ValueError naming the bad endpoint
+        object.__setattr__(self, "etcd_endpoints", eps_t)
+        object.__setattr__(self, "certs_dir", Path(self.certs_dir))
+        object.__setattr__(self, "state_dir", Path(self.state_dir))
+        if self.grants_file is not None:
+            object.__setattr__(self, "grants_file", Path(self.grants_file))
+        _validate_td(self.trust_domain)
+        for name in ("port", "join_port"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value <= 65535:
+                raise ValueError(f"{name} must be 0..65535, got {value!r}")
+        if not 1 <= self.cert_ttl_s <= _MAX_CERT_TTL_S:
+            raise ValueError(f"cert_ttl_s must be 1..{_MAX_CERT_TTL_S}, got {self.cert_ttl_s}")
+        if not 1 <= self.token_ttl_s <= MAX_TTL_S:
+            raise ValueError(f"token_ttl_s must be 1..{MAX_TTL_S}, got {self.token_ttl_s}")
+        if self.grace_s < 0:
+            raise ValueError("grace_s must be >= 0")
+
+
+def _rpc(
+    method: Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[_T]],
+) -> Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[_T]]:
+    """The one try/except of every RPC: typed errors go out as rich statuses, etcd trouble as
+    REGISTRY_UNAVAILABLE, anything else as INTERNAL (logged, details withheld)."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> _T:
+        try:
+            return await method(self, request, context)
+        except HivemeshError as err:
+            await abort(context, err)
+        except aetcd.exceptions.ClientError as exc:
+            unavailable = RegistryUnavailableError(f"the registry (etcd) failed: {type(exc).__name__}")
+            await abort(context, unavailable)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("control plane %s failed", method.__name__)
+            await abort(context, HivemeshError())
+        raise AssertionError("unreachable: abort raises")
+
+    return wrapper
+
+
+class _Core:
+    """What both services share: the CA, the issuer, etcd and the config."""
+
+    def __init__(
+        self, config: ControlPlaneConfig, ca: CertificateAuthority, issuer: TokenIssuer, etcd: Any
+    ) -> None:
+        self.config = config
+        self.ca = ca
+        self.issuer = issuer
+        self.etcd = etcd
+        self.trust_domain = ca.trust_domain
+
+    def sign(self, csr_pem: bytes, spiffe_id: str) -> control_pb2.SignCertificateResponse:
+        cert = self.ca.sign_csr(csr_pem, spiffe_id, ttl_s=self.config.cert_ttl_s)
+        return control_pb2.SignCertificateResponse(
+            certificate_pem=cert,
+            ca_bundle_pem=self.ca.bundle_pem(),
+            expires_at_unix=int(cert_expiry(cert)),
+            spiffe_id=spiffe_id,
+        )
+
+    def peer(self, context: grpc.aio.ServicerContext[Any, Any]) -> Peer:
+        return peer_from_auth_context(context.auth_context(), trust_domain=self.trust_domain)
+
+    async def agent_instances(self, name: str | None = None) -> list[mesh_pb2.AgentInstance]:
+        prefix = AGENTS_PREFIX + (name.encode() + b"/" if name else b"")
+        out: list[mesh_pb2.AgentInstance] = []
+        for kv in await self.etcd.get_prefix(prefix):
+            try:
+                out.append(mesh_pb2.AgentInstance.FromString(kv.value))
+            except Exception:
+                log.warning("skipping unparsable agent instance at %s", kv.key.decode(errors="replace"))
+        return out
+
+
+class JoinServicer(control_pb2_grpc.JoinServicer):
+    """Join.SignCertificate: one certificate per one-time join token."""
+
+    def __init__(self, core: _Core) -> None:
+        self._core = core
+
+    @_rpc
+    async def SignCertificate(
+        self, request: control_pb2.SignCertificateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> control_pb2.SignCertificateResponse:
+        # The CSR is checked before the token is consumed, so a client bug does not burn the token.
+        self._core.ca.check_csr(request.csr_pem)
+        try:
+            validate_name(request.name)
+        except ValueError as exc:
+            raise InvalidInputError(str(exc), field_violations={"name": str(exc)}) from None
+        name, kind = await joins.consume(self._core.etcd, request.join_token, request.name)
+        spiffe_id = f"spiffe://{self._core.trust_domain}/{kind}/{name}"
+        resp = self._core.sign(request.csr_pem, spiffe_id)
+        log.info("joined %s (certificate until %d)", spiffe_id, resp.expires_at_unix)
+        return resp
+
+
+class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
+    """ControlPlane over mutual TLS: the caller is whoever its certificate says."""
+
+    def __init__(self, core: _Core) -> None:
+        self._core = core
+
+    @_rpc
+    async def RenewCertificate(
+        self, request: control_pb2.SignCertificateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> control_pb2.SignCertificateResponse:
+        peer = self._core.peer(context)
+        return self._core.sign(request.csr_pem, str(peer.spiffe_id))
+
+    @_rpc
+    async def IssueToken(
+        self, request: control_pb2.IssueTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> control_pb2.IssueTokenResponse:
+        core = self._core
+        peer = core.peer(context)
+        audience = _agent_audience(request.audience, core.trust_domain)
+        requested = _requested_scopes(request.scopes)
+        if request.ttl_seconds < 0:
+            msg = "ttl_seconds must not be negative"
+            raise InvalidInputError(msg, field_violations={"ttl_seconds": msg})
+        # Grants and the registry are read per request: IssueToken is off the call path (tokens are cached).
+        grants = await GrantSet.from_etcd(core.etcd)
+        instances = await core.agent_instances(audience.name)
+        offered = sorted({c.name for i in instances for c in i.card.capabilities}) if instances else None
+        subject = str(peer.spiffe_id)
+        scopes = grants.allowed(subject, str(audience), requested, offered)
+        if not scopes:
+            wanted = ", ".join(requested) if requested else "any capability"
+            raise GrantDeniedError(
+                f"no grant allows {subject} {wanted} on {audience}"
+                + ("" if offered is None else f" (it offers: {', '.join(offered) or 'nothing'})"),
+                metadata={"subject": subject, "audience": str(audience)},
+            )
+        issued = core.issuer.issue(
+            subject, str(audience), scopes, ttl_s=request.ttl_seconds or None, cnf_thumbprint=peer.thumbprint
+        )
+        return control_pb2.IssueTokenResponse(
+            token=issued.token, expires_at_unix=int(issued.expires_at), scopes=issued.scopes, jti=issued.jti
+        )
+
+    @_rpc
+    async def GetJwks(
+        self, request: control_pb2.GetJwksRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> control_pb2.GetJwksResponse:
+        self._core.peer(context)
+        return control_pb2.GetJwksResponse(jwks_json=self._core.issuer.keys.jwks_json())
+
+    @_rpc
+    async def CreateJoinToken(
+        self, request: control_pb2.CreateJoinTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> control_pb2.CreateJoinTokenResponse:
+        peer = self._core.peer(context)
+        if peer.spiffe_id.kind != "operator":
+            raise PermissionDeniedError(f"only operators may create join tokens; {peer.spiffe_id} is not one")
+        kind = request.kind or "agent"
+        ttl = request.ttl_seconds or joins.DEFAULT_TTL_S
+        token = await joins.create(self._core.etcd, request.name, kind, ttl)
+        log.info("%s created a join token for %s %s (ttl %d s)", peer.spiffe_id, kind, request.name, ttl)
+        return control_pb2.CreateJoinTokenResponse(token=token, expires_at_unix=int(time.time()) + ttl)
+
+    @_rpc
+    async def ListAgents(
+        self, request: control_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> control_pb2.ListAgentsResponse:
+        self._core.peer(context)
+        return control_pb2.ListAgentsResponse(instances=await self._core.agent_instances())
+
+
+def _agent_audience(audience: str, trust_domain: str) -> SpiffeId:
+    try:
+        sid = parse_spiffe_id(audience)
+    except ValueError as exc:
+        raise InvalidInputError(str(exc), field_violations={"audience": str(exc)}) from None
+    if sid.kind != "agent" or sid.trust_domain != trust_domain:
+        msg = f"the audience must be an agent in {trust_domain} (spiffe://{trust_domain}/agent/<name>)"
+        raise InvalidInputError(msg, field_violations={"audience": msg})
+    return sid
+
+
+def _requested_scopes(scopes: Sequence[str]) -> list[str]:
+    bad = [s for s in scopes if not NAME_RE.fullmatch(s)]
+    if bad:
+        shown = ", ".join(map(repr, bad[:5]))
+        msg = f"scopes must be capability names ([a-z0-9][a-z0-9._-]{{0,62}}); bad: {shown}"
+        raise InvalidInputError(msg, field_violations={"scopes": msg})
+    return sorted(set(scopes))
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class ControlPlaneServer:
+    """The control plane as an object: `await start()`, `await stop()`, or `async with`."""
+
+    def __init__(self, config: ControlPlaneConfig) -> None:
+        self.config = config
+        self.port = 0
+        self.join_port = 0
+        self.etcd: Any = None
+        self.ca: CertificateAuthority | None = None
+        self.keys: SigningKeys | None = None
+        self._servers: list[grpc.aio.Server] = []
+        self._healths: list[health.aio.HealthServicer] = []
+
+    @property
+    def address(self) -> str:
+        return _address(self.config.host, self.port)
+
+    @property
+    def join_address(self) -> str:
+        return _address(self.config.host, self.join_port)
+
+    async def start(self) -> None:
+        """Load the CA and signing keys, publish trust material to etcd, bind both ports and serve."""
+        cfg = self.config
+        ca = load_ca(cfg.certs_dir)
+        if ca.trust_domain != cfg.trust_domain:
+            raise FailedPreconditionError(
+                f"the CA in {cfg.certs_dir} is for trust domain {ca.trust_domain}, not {cfg.trust_domain}"
+            )
+        ensure_controlplane_cert(ca, cfg.certs_dir)
+        grants = load_grants(cfg.grants_file) if cfg.grants_file is not None else None
+        keys = SigningKeys.load_or_create(cfg.state_dir)
+        issuer = TokenIssuer(keys, ca.trust_domain, default_ttl_s=cfg.token_ttl_s)
+        files = CaFiles.in_dir(cfg.certs_dir)
+        cp_cert, cp_key = files.controlplane_cert.read_bytes(), files.controlplane_key.read_bytes()
+        self.etcd = etcd_client(cfg.etcd_endpoints)
+        try:
+            await wait_connected(self.etcd)
+            await keys.publish(self.etcd)
+            await self.etcd.put(CA_KEY, ca.bundle_pem())
+            if grants is not None:
+                count = await put_grants(self.etcd, grants, replace=True)
+                log.info("loaded %d grant(s) from %s", count, cfg.grants_file)
+            core = _Core(cfg, ca, issuer, self.etcd)
+            main = self._new_server(control_pb2.DESCRIPTOR.services_by_name["ControlPlane"].full_name)
+            control_pb2_grpc.add_ControlPlaneServicer_to_server(ControlPlaneServicer(core), main)
+            self.port = main.add_secure_port(
+                _address(cfg.host, cfg.port),
+                server_credentials(cp_cert, cp_key, ca.bundle_pem(), require_client_auth=True),
+            )
+            join = self._new_server(control_pb2.DESCRIPTOR.services_by_name["Join"].full_name)
+            control_pb2_grpc.add_JoinServicer_to_server(JoinServicer(core), join)
+            self.join_port = join.add_secure_port(
+                _address(cfg.host, cfg.join_port),
+                server_credentials(cp_cert, cp_key, ca.bundle_pem(), require_client_auth=False),
+            )
+            for server in self._servers:
+                await server.start()
+        except BaseException:
+            await self._teardown(0)
+            raise
+        self.ca, self.keys = ca, keys
+        log.info(
+            "control plane for %s serving mTLS on %s and joins on %s", ca.trust_domain, self.address,
+            self.join_address,
+        )
+
+    def _new_server(self, service_name: str) -> grpc.aio.Server:
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ]
+        )
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            [service_name, _HEALTH_SERVICE, reflection.SERVICE_NAME],
+            server,
+        )
+        self._servers.append(server)
+        self._healths.append(health_servicer)
+        return server
+
+    async def _teardown(self, grace: float) -> None:
+        servers, self._servers = self._servers, []
+        self._healths = []
+        await asyncio.gather(*(s.stop(grace) for s in servers), return_exceptions=True)
+        if self.etcd is not None:
+            etcd, self.etcd = self.etcd, None
+            with contextlib.suppress(Exception):
+                await etcd.close()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, let in-flight calls finish within grace seconds, then close."""
+        for h in self._healths:
+            await h.enter_graceful_shutdown()
+        await self._teardown(self.config.grace_s if grace is None else grace)
+
+    async def __aenter__(self) -> ControlPlaneServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def main(
+    config: ControlPlaneConfig, *, on_started: Callable[[ControlPlaneServer], None] | None = None
+) -> None:
+    """Run a control plane until SIGINT or SIGTERM, then shut down gracefully (health NOT_SERVING first).
+
+    on_started, if given, is called once both ports are bound (e.g. for the CLI to print the addresses).
+    """
+    server = ControlPlaneServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    for sig in sigs:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        if on_started is not None:
+            on_started(server)
+        await stop.wait()
+        log.info("control plane shutting down")
+    finally:
+        for sig in sigs:
+            loop.remove_signal_handler(sig)
+        await server.stop()

@@ -1,0 +1,216 @@
+"""gRPC TLS plumbing for workloads: credentials, channels pinned to a peer identity, and joining the mesh.
+
+A client never dials by the certificate's host name; it sets `grpc.ssl_target_name_override` to the peer's
+DNS SAN (`<name>.<kind>.<td>` or `controlplane.<td>`), so gRPC's own hostname check proves it reached the
+identity it meant to reach, whatever address it dialled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+from hivemesh.mesh.errors import HivemeshError, InvalidInputError, from_rpc_error
+from hivemesh.mesh.pki import (
+    SpiffeId,
+    cert_expiry,
+    cert_thumbprint_s256,
+    controlplane_dns_name,
+    load_cert,
+    new_key_and_csr,
+    parse_spiffe_id,
+    spiffe_id_of,
+    trust_domain_of_bundle,
+    validate_name,
+)
+from hivemesh.v1 import control_pb2, control_pb2_grpc
+
+MAX_MESSAGE_BYTES: Final = 8 * 1024 * 1024
+_KEEPALIVE_OPTIONS: Final = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+
+
+def server_credentials(
+    cert_pem: bytes, key_pem: bytes, bundle_pem: bytes, *, require_client_auth: bool = True
+) -> grpc.ServerCredentials:
+    """Server TLS credentials; with require_client_auth, a client certificate chaining to bundle_pem is
+    mandatory (mutual TLS), otherwise the server only proves itself (the join port)."""
+    return grpc.ssl_server_credentials(
+        [(key_pem, cert_pem)],
+        root_certificates=bundle_pem if require_client_auth else None,
+        require_client_auth=require_client_auth,
+    )
+
+
+def channel_credentials(
+    bundle_pem: bytes, cert_pem: bytes | None = None, key_pem: bytes | None = None
+) -> grpc.ChannelCredentials:
+    """Client TLS credentials trusting bundle_pem; with cert and key, the client proves itself too."""
+    if (cert_pem is None) != (key_pem is None):
+        raise ValueError("give both cert_pem and key_pem, or neither")
+    return grpc.ssl_channel_credentials(
+        root_certificates=bundle_pem, private_key=key_pem, certificate_chain=cert_pem
+    )
+
+
+def channel_options(
+    server_name: str | None = None,
+    *,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+    extra: tuple[tuple[str, Any], ...] = (),
+) -> list[tuple[str, Any]]:
+    """The channel options hivemesh uses everywhere (name override, keepalive, message size)."""
+    opts: list[tuple[str, Any]] = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        *_KEEPALIVE_OPTIONS,
+    ]
+    if server_name:
+        opts.append(("grpc.ssl_target_name_override", server_name))
+    opts.extend(extra)
+    return opts
+
+
+def secure_channel(
+    address: str,
+    creds: grpc.ChannelCredentials,
+    *,
+    server_name: str | None,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+    options: tuple[tuple[str, Any], ...] = (),
+    interceptors: Any = None,
+) -> grpc.aio.Channel:
+    """A grpc.aio secure channel to address whose TLS peer must present server_name as a DNS SAN."""
+    return grpc.aio.secure_channel(
+        address,
+        creds,
+        options=channel_options(server_name, max_message_bytes=max_message_bytes, extra=options),
+        interceptors=interceptors,
+    )
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A workload's mesh identity: its key, its certificate and the trust bundle it verifies peers with."""
+
+    spiffe_id: str
+    key_pem: bytes
+    cert_pem: bytes
+    bundle_pem: bytes
+    expires_at: float
+
+    @classmethod
+    def from_pems(cls, cert_pem: bytes, key_pem: bytes, bundle_pem: bytes) -> Workload:
+        """Build and check a Workload: the key must belong to the certificate, which names one SPIFFE id."""
+        cert = load_cert(cert_pem)
+        try:
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"not a valid unencrypted PEM private key: {exc}") from None
+        pub = key.public_key()
+        fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        if pub.public_bytes(*fmt) != cert.public_key().public_bytes(*fmt):
+            raise ValueError("the private key does not belong to the certificate")
+        trust_domain_of_bundle(bundle_pem)  # proves the bundle parses and names a trust domain
+        return cls(
+            spiffe_id=spiffe_id_of(cert),
+            key_pem=key_pem,
+            cert_pem=cert_pem,
+            bundle_pem=bundle_pem,
+            expires_at=cert_expiry(cert),
+        )
+
+    @functools.cached_property
+    def identity(self) -> SpiffeId:
+        return parse_spiffe_id(self.spiffe_id)
+
+    @functools.cached_property
+    def thumbprint(self) -> str:
+        """x5t#S256 of this workload's certificate (what its tokens are bound to)."""
+        return cert_thumbprint_s256(self.cert_pem)
+
+    @functools.cached_property
+    def trust_domain(self) -> str:
+        return trust_domain_of_bundle(self.bundle_pem)
+
+    def server_credentials(self, *, require_client_auth: bool = True) -> grpc.ServerCredentials:
+        return server_credentials(
+            self.cert_pem, self.key_pem, self.bundle_pem, require_client_auth=require_client_auth
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return channel_credentials(self.bundle_pem, self.cert_pem, self.key_pem)
+
+    def save(self, cert_path: Path, key_path: Path, bundle_path: Path) -> None:
+        """Write the three files (key 0600, each via temp file + rename so readers never see half a file)."""
+        for path, data, mode in (
+            (key_path, self.key_pem, 0o600),
+            (cert_path, self.cert_pem, 0o644),
+            (bundle_path, self.bundle_pem, 0o644),
+        ):
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            try:
+                os.fchmod(fd, mode)
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+
+
+def load_workload_files(cert_path: Path | str, key_path: Path | str, bundle_path: Path | str) -> Workload:
+    """Load a Workload from PEM files (ValueError when they do not belong together)."""
+    return Workload.from_pems(
+        Path(cert_path).read_bytes(), Path(key_path).read_bytes(), Path(bundle_path).read_bytes()
+    )
+
+
+async def join(
+    join_address: str,
+    ca_bundle_pem: bytes,
+    join_token: str,
+    name: str,
+    kind: str = "agent",
+    *,
+    trust_domain: str | None = None,
+    timeout_s: float = 10.0,
+) -> Workload:
+    """Join the mesh: a new key and CSR, signed by the control plane's Join service for a one-time token.
+
+    The control plane is verified over server-authenticated TLS as `controlplane.<td>` (td from the
+    bundle unless given). Raises the control plane's typed error (e.g. JoinTokenInvalidError).
+    """
+    try:
+        validate_name(name)
+    except ValueError as exc:
+        raise InvalidInputError(str(exc)) from None
+    td = trust_domain or trust_domain_of_bundle(ca_bundle_pem)
+    key_pem, csr_pem = new_key_and_csr(f"spiffe://{td}/{kind}/{name}")
+    creds = channel_credentials(ca_bundle_pem)
+    async with secure_channel(join_address, creds, server_name=controlplane_dns_name(td)) as channel:
+        stub = control_pb2_grpc.JoinStub(channel)
+        try:
+            resp = await stub.SignCertificate(
+                control_pb2.SignCertificateRequest(csr_pem=csr_pem, join_token=join_token, name=name),
+                timeout=timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+    try:
+        workload = Workload.from_pems(resp.certificate_pem, key_pem, resp.ca_bundle_pem or ca_bundle_pem)
+    except ValueError as exc:
+        raise HivemeshError(f"the control plane returned an unusable certificate: {exc}") from None
+    return workload

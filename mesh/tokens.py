@@ -1,0 +1,426 @@
+"""Capability-token verification for the data plane (runs on every call in every sidecar and SDK agent).
+
+Tokens are compact JWS (JWT) signed by the control plane with ES256 (or EdDSA); the public keys come from the
+JWKS the control plane publishes in etcd, so verification is offline. The rules follow RFC 8725: a fixed
+algorithm allow-list, the header is read and judged before any key is chosen, no key material is taken from
+the token, exact `iss`/`aud`, bounded lifetime, and tokens bound to the caller's certificate (RFC 8705 cnf).
+
+Verifying an ES256 signature costs ~110 µs; a token is reused for many calls, so the signature and the
+claims that do not change with time are checked once per token string and cached (keyed to the KeySet
+generation, dropped at expiry). The per-call work is a dict lookup plus the exp/scope/cnf comparisons.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from hivemesh.mesh.errors import (
+    AudienceMismatchError,
+    ScopeMissingError,
+    TokenExpiredError,
+    TokenInvalidError,
+    TokenMissingError,
+)
+
+JWKS_KEY: Final = b"/hivemesh/trust/jwks"
+"""etcd key of the published JWKS (JSON text)."""
+
+ALLOWED_ALGS: Final = frozenset({"ES256", "EdDSA"})
+_FORBIDDEN_HEADERS: Final = ("jwk", "jku", "x5u", "x5c", "crit")
+_MAX_KID_LEN: Final = 64
+_MAX_TOKEN_LEN: Final = 8192
+_B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+
+PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    alg: str
+    key: PublicKey
+
+
+def _b64url_decode(part: str, what: str) -> bytes:
+    # Strict: only the URL-safe alphabet, no padding, and a length base64 can produce.
+    if not _B64URL_RE.fullmatch(part) or len(part) % 4 == 1:
+        raise TokenInvalidError(f"the token {what} is not valid base64url (no padding allowed)")
+    try:
+        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+    except (binascii.Error, ValueError):
+        raise TokenInvalidError(f"the token {what} is not valid base64url") from None
+
+
+def _b64url_int(value: Any, size: int, what: str) -> int:
+    if not isinstance(value, str):
+        raise ValueError(f"JWK member {what!r} must be a base64url string")
+    if not _B64URL_RE.fullmatch(value) or len(value) % 4 == 1:
+        raise ValueError(f"JWK member {what!r} is not valid base64url")
+    raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    if len(raw) != size:
+        raise ValueError(f"JWK member {what!r} must be {size} bytes, got {len(raw)}")
+    return int.from_bytes(raw, "big")
+
+
+def _jwk_to_key(jwk: Any) -> tuple[str, _Key]:
+    if not isinstance(jwk, dict):
+        raise ValueError("each JWKS key must be a JSON object")
+    kid = jwk.get("kid")
+    if not isinstance(kid, str) or not kid or len(kid) > _MAX_KID_LEN:
+        raise ValueError(f"each JWKS key needs a string 'kid' of at most {_MAX_KID_LEN} characters")
+    if "d" in jwk:
+        raise ValueError(f"JWKS key {kid!r} carries private key material ('d'); publish public keys only")
+    use = jwk.get("use", "sig")
+    if use != "sig":
+        raise ValueError(f"JWKS key {kid!r} has use={use!r}; only 'sig' keys verify tokens")
+    kty, crv, alg = jwk.get("kty"), jwk.get("crv"), jwk.get("alg")
+    if kty == "EC" and crv == "P-256" and alg in (None, "ES256"):
+        x = _b64url_int(jwk.get("x"), 32, "x")
+        y = _b64url_int(jwk.get("y"), 32, "y")
+        try:
+            key: PublicKey = ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key()
+        except ValueError as exc:
+            raise ValueError(f"JWKS key {kid!r} is not a point on P-256: {exc}") from None
+        return kid, _Key("ES256", key)
+    if kty == "OKP" and crv == "Ed25519" and alg in (None, "EdDSA", "Ed25519"):
+        x_raw = jwk.get("x")
+        if not isinstance(x_raw, str) or not _B64URL_RE.fullmatch(x_raw):
+            raise ValueError(f"JWKS key {kid!r}: 'x' must be a base64url string")
+        raw = base64.urlsafe_b64decode(x_raw + "=" * (-len(x_raw) % 4))
+        if len(raw) != 32:
+            raise ValueError(f"JWKS key {kid!r}: an Ed25519 'x' must be 32 bytes")
+        return kid, _Key("EdDSA", ed25519.Ed25519PublicKey.from_public_bytes(raw))
+    raise ValueError(
+        f"JWKS key {kid!r} (kty={kty!r}, crv={crv!r}, alg={alg!r}) is not an EC P-256/ES256 or "
+        "Ed25519/EdDSA public key"
+    )
+
+
+class KeySet:
+    """The token-verification public keys by kid, replaced atomically from a JWKS document.
+
+    `generation` increases on every successful update, so verifier caches know when to drop entries.
+    """
+
+    def __init__(self) -> None:
+        self._keys: dict[str, _Key] = {}
+        self.generation = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_jwks(cls, json_text: str | bytes) -> KeySet:
+        ks = cls()
+        ks.update_from_jwks(json_text)
+        return ks
+
+    def update_from_jwks(self, json_text: str | bytes) -> None:
+        """Replace every key with those of a JWKS document.
+
+        Raises ValueError (keeping the old set) when the text is not JSON, has no keys, or holds any key
+        that is not an EC P-256/ES256 or Ed25519/EdDSA public key.
+        """
+        try:
+            doc = json.loads(json_text)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"the JWKS is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list) or not doc["keys"]:
+            raise ValueError('the JWKS must be an object {"keys": [...]} with at least one key')
+        new: dict[str, _Key] = {}
+        for jwk in doc["keys"]:
+            kid, key = _jwk_to_key(jwk)
+            if kid in new:
+                raise ValueError(f"the JWKS holds kid {kid!r} twice")
+            new[kid] = key
+        with self._lock:
+            self._keys = new
+            self.generation += 1
+
+    def get(self, kid: str) -> _Key | None:
+        return self._keys.get(kid)
+
+    @property
+    def kids(self) -> frozenset[str]:
+        return frozenset(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenClaims:
+    """The verified claims of a capability token."""
+
+    subject: str
+    audience: str
+    scopes: frozenset[str]
+    jti: str
+    expires_at: float
+    issuer: str
+    cnf_thumbprint: str | None
+    raw: Mapping[str, Any] = field(repr=False, compare=False, hash=False)
+
+
+def _number(claims: Mapping[str, Any], name: str, *, required: bool) -> float | None:
+    value = claims.get(name)
+    if value is None:
+        if required:
+            raise TokenInvalidError(f"the token has no {name!r} claim")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TokenInvalidError(f"the token's {name!r} claim must be a number (seconds since the epoch)")
+    return float(value)
+
+
+class TokenVerifier:
+    """Verifies capability tokens for one audience (this agent) against a KeySet.
+
+    `verify` raises TokenInvalidError / TokenExpiredError / AudienceMismatchError (UNAUTHENTICATED) when
+    the token cannot be trusted, and ScopeMissingError (PERMISSION_DENIED) when it is valid but does not
+    grant the capability.
+    """
+
+    def __init__(
+        self,
+        keyset: KeySet,
+        *,
+        issuer: str,
+        audience: str,
+        leeway_s: float = 30,
+        max_lifetime_s: float = 300,
+        cache_size: int = 10_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not issuer or not audience:
+            raise ValueError("a TokenVerifier needs an issuer and an audience")
+        if leeway_s < 0 or max_lifetime_s <= 0 or cache_size < 1:
+            raise ValueError("leeway_s must be >= 0, max_lifetime_s > 0 and cache_size >= 1")
+        self.keyset = keyset
+        self.issuer = issuer
+        self.audience = audience
+        self.leeway_s = float(leeway_s)
+        self.max_lifetime_s = float(max_lifetime_s)
+        self._cache_size = cache_size
+        self._clock = clock
+        self._cache: dict[str, TokenClaims] = {}
+        self._cache_generation = keyset.generation
+
+    # --- the hot path ---------------------------------------------------------------------------------------
+    def verify(self, token: str, *, capability: str, peer_thumbprint: str | None = None) -> TokenClaims:
+        """Verify token for capability, called by the peer whose certificate has peer_thumbprint."""
+        now = self._clock()
+        if self._cache_generation != self.keyset.generation:
+            self._cache = {}
+            self._cache_generation = self.keyset.generation
+        claims = self._cache.get(token)
+        if claims is None:
+            claims = self._verify_uncached(token, now)
+            self._remember(token, claims, now)
+        elif now > claims.expires_at + self.leeway_s:
+            self._cache.pop(token, None)
+            raise TokenExpiredError()
+        if capability not in claims.scopes:
+            raise ScopeMissingError(
+                f"the token does not grant capability {capability!r} "
+                f"(granted: {' '.join(sorted(claims.scopes)) or 'nothing'})"
+            )
+        cnf = claims.cnf_thumbprint
+        if cnf is not None and cnf != peer_thumbprint:
+            if peer_thumbprint is None:
+                raise TokenInvalidError(
+                    "the token is bound to a client certificate, but the call came without one"
+                )
+            raise TokenInvalidError("token bound to another certificate")
+        return claims
+
+    def _remember(self, token: str, claims: TokenClaims, now: float) -> None:
+        cache = self._cache
+        if len(cache) >= self._cache_size:
+            limit = now - self.leeway_s
+            for key in [k for k, c in cache.items() if c.expires_at < limit]:
+                del cache[key]
+            if len(cache) >= self._cache_size:
+                # Oldest insertions first (dict order): drop a tenth, so eviction is amortised.
+                for key in list(cache)[: max(1, self._cache_size // 10)]:
+                    del cache[key]
+        cache[token] = claims
+
+    def clear_cache(self) -> None:
+        self._cache = {}
+
+    @property
+    def cached_count(self) -> int:
+        """How many verified tokens are cached now (for metrics and tests)."""
+        return len(self._cache)
+
+    # --- full verification (cache miss) ---------------------------------------------------------------------
+    def _verify_uncached(self, token: str, now: float) -> TokenClaims:
+        if not isinstance(token, str) or not token:
+            raise TokenMissingError()
+        if len(token) > _MAX_TOKEN_LEN:
+            raise TokenInvalidError("the token is too large")
+        parts = token.split(".")
+        if len(parts) != 3:
+            raise TokenInvalidError("the token is not a compact JWS (header.payload.signature)")
+        h64, p64, s64 = parts
+        header = self._json_object(_b64url_decode(h64, "header"), "header")
+        key = self._check_header(header)
+        signature = _b64url_decode(s64, "signature")
+        self._check_signature(key, f"{h64}.{p64}".encode("ascii"), signature)
+        claims = self._json_object(_b64url_decode(p64, "payload"), "payload")
+        return self._check_claims(claims, now)
+
+    @staticmethod
+    def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+        try:
+            value = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise TokenInvalidError(f"the token {what} is not valid JSON") from None
+        if not isinstance(value, dict):
+            raise TokenInvalidError(f"the token {what} must be a JSON object")
+        return value
+
+    def _check_header(self, header: Mapping[str, Any]) -> _Key:
+        alg = header.get("alg")
+        if alg is None:
+            raise TokenInvalidError("the token header names no algorithm ('alg')")
+        if not isinstance(alg, str) or alg not in ALLOWED_ALGS:
+            shown = alg if isinstance(alg, str) and len(alg) <= 16 else "<invalid>"
+            raise TokenInvalidError(
+                f"token algorithm {shown!r} is not allowed (only {', '.join(sorted(ALLOWED_ALGS))})"
+            )
+        for name in _FORBIDDEN_HEADERS:
+            if name in header:
+                raise TokenInvalidError(
+                    f"the token header carries {name!r}; keys and critical extensions are never taken "
+                    "from a token"
+                )
+        typ = header.get("typ")
+        if typ is not None and typ not in ("JWT", "at+jwt"):
+            raise TokenInvalidError("the token header 'typ' must be JWT")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid or len(kid) > _MAX_KID_LEN:
+            raise TokenInvalidError("the token header needs a short string key id ('kid')")
+        key = self.keyset.get(kid)
+        if key is None:
+            raise TokenInvalidError(
+                "the token was signed with an unknown key (kid not in the JWKS; this verifier's keys may be "
+                "stale, or the token is forged)"
+            )
+        if key.alg != alg:
+            raise TokenInvalidError(f"the token algorithm {alg} does not match its key ({key.alg})")
+        return key
+
+    @staticmethod
+    def _check_signature(key: _Key, signing_input: bytes, signature: bytes) -> None:
+        if len(signature) != 64:
+            raise TokenInvalidError("the token signature has the wrong length (truncated or not ES256/EdDSA)")
+        try:
+            if key.alg == "ES256":
+                r = int.from_bytes(signature[:32], "big")
+                s = int.from_bytes(signature[32:], "big")
+                key.key.verify(encode_dss_signature(r, s), signing_input, _ECDSA_SHA256)  # type: ignore[call-arg]
+            else:
+                key.key.verify(signature, signing_input)  # type: ignore[call-arg]
+        except InvalidSignature:
+            raise TokenInvalidError("the token signature does not verify") from None
+
+    def _check_claims(self, claims: Mapping[str, Any], now: float) -> TokenClaims:
+        leeway = self.leeway_s
+        iss = claims.get("iss")
+        if iss != self.issuer:
+            raise TokenInvalidError(f"the token issuer is not {self.issuer}")
+        aud = claims.get("aud")
+        if aud is None:
+            raise TokenInvalidError("the token has no audience ('aud')")
+        if isinstance(aud, list):
+            if aud != [self.audience]:
+                raise AudienceMismatchError(
+                    f"the token is for {len(aud)} audience(s); only a token for exactly "
+                    f"{self.audience} is accepted"
+                )
+        elif not isinstance(aud, str):
+            raise TokenInvalidError("the token audience ('aud') must be a string")
+        elif aud != self.audience:
+            raise AudienceMismatchError(f"the token was issued for another audience, not {self.audience}")
+        exp = _number(claims, "exp", required=True)
+        iat = _number(claims, "iat", required=True)
+        nbf = _number(claims, "nbf", required=False)
+        assert exp is not None and iat is not None
+        if now > exp + leeway:
+            raise TokenExpiredError()
+        if iat > now + leeway:
+            raise TokenInvalidError("the token was issued in the future ('iat'); check the clocks")
+        if nbf is not None and nbf > now + leeway:
+            raise TokenInvalidError("the token is not valid yet ('nbf' in the future)")
+        if exp - iat > self.max_lifetime_s + leeway:
+            raise TokenInvalidError(
+                f"the token lifetime ({exp - iat:.0f} s) exceeds the maximum of {self.max_lifetime_s:.0f} s"
+            )
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not sub:
+            raise TokenInvalidError("the token has no subject ('sub')")
+        jti = claims.get("jti")
+        if not isinstance(jti, str) or not jti:
+            raise TokenInvalidError("the token has no id ('jti')")
+        scope = claims.get("scope", "")
+        if not isinstance(scope, str):
+            raise TokenInvalidError("the token 'scope' must be a space-separated string")
+        cnf_thumb: str | None = None
+        cnf = claims.get("cnf")
+        if cnf is not None:
+            thumb = cnf.get("x5t#S256") if isinstance(cnf, dict) else None
+            if not isinstance(thumb, str) or not thumb:
+                raise TokenInvalidError("the token 'cnf' claim must hold an 'x5t#S256' thumbprint")
+            cnf_thumb = thumb
+        return TokenClaims(
+            subject=sub,
+            audience=self.audience,
+            scopes=frozenset(scope.split()),
+            jti=jti,
+            expires_at=exp,
+            issuer=iss,
+            cnf_thumbprint=cnf_thumb,
+            raw=dict(claims),
+        )
+
+
+def bearer_from_metadata(metadata: Mapping[str, Any] | Iterable[tuple[str, Any]] | None) -> str:
+    """The JWT from `authorization: Bearer <jwt>` metadata (a mapping or gRPC's (key, value) pairs).
+
+    Raises TokenMissingError when there is none or it is not a Bearer credential, and TokenInvalidError when
+    more than one authorization header was sent (ambiguous).
+    """
+    values: list[Any] = []
+    if metadata is None:
+        pass
+    elif isinstance(metadata, Mapping):
+        value = metadata.get("authorization")
+        if value is not None:
+            values.append(value)
+    else:
+        values = [v for k, v in metadata if k == "authorization"]
+    if not values:
+        raise TokenMissingError()
+    if len(values) > 1:
+        raise TokenInvalidError("more than one 'authorization' header was sent")
+    value = values[0]
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if not isinstance(value, str) or value[:7].lower() != "bearer ":
+        raise TokenMissingError("the 'authorization' metadata must be 'Bearer <jwt>'")
+    token = value[7:].strip()
+    if not token:
+        raise TokenMissingError("the 'authorization' metadata carries an empty Bearer token")
+    return token
