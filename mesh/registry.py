@@ -1,0 +1,496 @@
+"""Agent registration (a leased etcd key per live instance) and the registry view the router reads.
+
+An instance lives at `/hivemesh/agents/<agent>/<instance-id>` as a serialized `AgentInstance`, bound to a
+lease that `Registration` keeps alive. A crashed process stops refreshing, so its entry disappears within the
+TTL; `stop()` revokes the lease so a clean shutdown disappears at once. The entry is created only if the key
+does not exist (one transaction), so a second process with the same instance id is refused, not clobbered.
+
+`RegistryView` mirrors the prefix through a `PrefixCache` and precomputes a capability -> instances index on
+each change, so routing is a dict lookup that never waits on etcd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import re
+import secrets
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
+
+import aetcd
+from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError, RegistryUnavailableError
+from hivemesh.mesh.etcd import PREFIX, parse_endpoints
+from hivemesh.mesh.etcd import client as etcd_client
+from hivemesh.mesh.watch import PrefixCache, WatchOptions, cancel_and_wait
+from hivemesh.v1.agent_pb2 import Capability
+from hivemesh.v1.mesh_pb2 import AgentInstance
+
+log = logging.getLogger(__name__)
+
+AGENTS_PREFIX = PREFIX + "agents/"
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+INSTANCE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+PACKAGINGS = frozenset({"sidecar", "in-process"})
+
+
+# --- keys, ids and validation -------------------------------------------------------------------------------
+def agent_key(agent: str, instance_id: str) -> str:
+    """The etcd key of one instance."""
+    return f"{AGENTS_PREFIX}{agent}/{instance_id}"
+
+
+def default_instance_id() -> str:
+    """`<hostname>-<pid>-<6 hex>`: readable in listings, unique across restarts and hosts."""
+    host = re.sub(r"[^a-z0-9.-]+", "-", socket.gethostname().lower()).strip(".-")[:80] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def _endpoint_problem(endpoint: str) -> str | None:
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host:
+        return "must be host:port"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        return "port must be a number in 1..65535"
+    if host.startswith("["):
+        if not host.endswith("]") or len(host) < 3:
+            return "an IPv6 host must be written [addr]"
+    elif not re.fullmatch(r"[A-Za-z0-9._-]+", host):
+        return "host must be a DNS name or an IP address"
+    return None
+
+
+def instance_violations(instance: AgentInstance) -> dict[str, str]:
+    """Every problem with instance, as field path -> description (empty when it may be registered)."""
+    bad: dict[str, str] = {}
+    name = instance.card.name
+    if not NAME_RE.fullmatch(name):
+        bad["card.name"] = f"agent name {name!r} must match [a-z0-9][a-z0-9._-]{{0,62}}"
+    if not INSTANCE_ID_RE.fullmatch(instance.instance_id):
+        bad["instance_id"] = (
+            f"instance id {instance.instance_id!r} must match [A-Za-z0-9][A-Za-z0-9._-]{{0,127}}"
+        )
+    problem = _endpoint_problem(instance.endpoint)
+    if problem:
+        bad["endpoint"] = f"endpoint {instance.endpoint!r}: {problem}"
+    if not instance.card.capabilities:
+        bad["card.capabilities"] = "an agent must offer at least one capability"
+    seen: set[str] = set()
+    for i, cap in enumerate(instance.card.capabilities):
+        if not NAME_RE.fullmatch(cap.name):
+            bad[f"card.capabilities[{i}].name"] = (
+                f"capability name {cap.name!r} must match [a-z0-9][a-z0-9._-]{{0,62}}"
+            )
+        elif cap.name in seen:
+            bad[f"card.capabilities[{i}].name"] = f"capability {cap.name!r} is listed twice"
+        seen.add(cap.name)
+    if instance.identity and not instance.identity.startswith("spiffe://"):
+        bad["identity"] = f"identity {instance.identity!r} must be a spiffe:// URI"
+    if instance.packaging and instance.packaging not in PACKAGINGS:
+        bad["packaging"] = f"packaging {instance.packaging!r} must be one of {sorted(PACKAGINGS)}"
+    return bad
+
+
+def validate_instance(instance: AgentInstance) -> None:
+    """Raise InvalidInputError naming every bad field (nothing is written for an invalid instance)."""
+    bad = instance_violations(instance)
+    if bad:
+        raise InvalidInputError(
+            "invalid agent instance: " + "; ".join(f"{f}: {d}" for f, d in bad.items()),
+            field_violations=bad,
+        )
+
+
+def decode_instance(key: bytes, value: bytes) -> AgentInstance:
+    """Parse one registry entry; raise ValueError unless it is a valid instance stored under its own key."""
+    rest = key[len(AGENTS_PREFIX) :].decode("utf-8", "replace")
+    agent, sep, instance_id = rest.partition("/")
+    if not sep or "/" in instance_id:
+        raise ValueError(f"not an <agent>/<instance> key: {rest!r}")
+    inst = AgentInstance.FromString(value)
+    if inst.card.name != agent or inst.instance_id != instance_id:
+        raise ValueError(f"entry names {inst.card.name}/{inst.instance_id}, but is stored under {rest}")
+    bad = instance_violations(inst)
+    if bad:
+        raise ValueError(f"invalid instance: {bad}")
+    return inst
+
+
+async def read_instances(etcd_endpoints: str | Sequence[str], timeout: float = 5.0) -> list[AgentInstance]:
+    """One-shot read of every valid instance, sorted by (agent, instance id): for CLIs, not for routing.
+
+    Raises RegistryUnavailableError when etcd cannot be read within timeout.
+    """
+    c = etcd_client(etcd_endpoints, timeout=max(1, round(timeout)))
+    try:
+        async with asyncio.timeout(timeout):
+            result = await c.get_prefix(AGENTS_PREFIX.encode())
+    except Exception as exc:
+        raise RegistryUnavailableError(
+            f"cannot read the registry from etcd at {etcd_endpoints}: {exc!r}"
+        ) from exc
+    finally:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2.0):
+                await c.close()
+    out: list[AgentInstance] = []
+    for kv in result:
+        try:
+            out.append(decode_instance(kv.key, kv.value))
+        except Exception as exc:  # noqa: BLE001 - one bad entry must not hide the others
+            log.warning("skipping undecodable registry entry %r: %r", kv.key, exc)
+    return sorted(out, key=lambda i: (i.card.name, i.instance_id))
+
+
+# --- registration -------------------------------------------------------------------------------------------
+class _ConflictError(Exception):
+    """Another live instance holds the key."""
+
+
+class Registration:
+    """Keep one AgentInstance registered under a lease for as long as this object runs.
+
+    The instance is validated at construction (InvalidInputError names the field). A background task
+    refreshes the lease every ttl/3; if etcd says the lease is gone (a pause or outage past the TTL, or an
+    operator revoked it) it grants a new lease and registers again; while etcd is unreachable it retries with
+    bounded backoff.
+    """
+
+    def __init__(
+        self,
+        etcd_endpoints: str | Sequence[str],
+        instance: AgentInstance,
+        *,
+        ttl_s: int = 10,
+        backoff_initial_s: float = 0.1,
+        backoff_max_s: float = 2.0,
+    ) -> None:
+        if not isinstance(ttl_s, int) or ttl_s < 2:
+            raise InvalidInputError("ttl_s must be an integer >= 2 (etcd's minimum lease TTL)",
+                                    field_violations={"ttl_s": "must be an integer >= 2"})
+        parse_endpoints(etcd_endpoints)
+        inst = AgentInstance()
+        inst.CopyFrom(instance)
+        if not inst.instance_id:
+            inst.instance_id = default_instance_id()
+        if not inst.registered_at_unix_ms:
+            inst.registered_at_unix_ms = int(time.time() * 1000)
+        validate_instance(inst)
+        self._endpoints = etcd_endpoints
+        self._instance = inst
+        self._value = inst.SerializeToString()
+        self._key = agent_key(inst.card.name, inst.instance_id).encode()
+        self._ttl = ttl_s
+        self._interval = ttl_s / 3
+        self._op_timeout = min(2.0, max(0.5, ttl_s / 3))
+        self._backoff_initial = backoff_initial_s
+        self._backoff_max = backoff_max_s
+        self._client: aetcd.Client | None = None
+        self._lease_id: int | None = None
+        self._granted: set[int] = set()  # leases this object granted and may still hold our key
+        self._revision = 0
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+        self._failures = 0
+        self.registrations = 0
+        self.leases_lost = 0
+        self.last_error: BaseException | None = None
+
+    @property
+    def instance(self) -> AgentInstance:
+        """The registered document (instance_id and registered_at filled in). Do not mutate."""
+        return self._instance
+
+    @property
+    def key(self) -> str:
+        return self._key.decode()
+
+    @property
+    def lease_id(self) -> int | None:
+        return self._lease_id
+
+    @property
+    def registered(self) -> bool:
+        """True while this object believes it holds a live lease on its key."""
+        return self._lease_id is not None
+
+    @property
+    def revision(self) -> int:
+        """etcd revision of the current registration; work fenced by an older one belongs to a lost lease."""
+        return self._revision
+
+    async def start(self, timeout: float = 10.0, *, wait: bool = True) -> None:
+        """Register, then keep the lease alive in the background.
+
+        With wait=True: return once registered; raise FailedPreconditionError if another live instance holds
+        the key, RegistryUnavailableError if etcd cannot be reached within timeout (nothing left behind in
+        either case). With wait=False: return at once and register in the background when etcd allows.
+        """
+        if self._stopped:
+            raise RuntimeError("a stopped Registration cannot be restarted; create a new one")
+        if self._task is not None:
+            return
+        if wait:
+            await self._register_until(time.monotonic() + timeout)
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._maintain(), name=f"hivemesh-lease:{self.key}")
+
+    async def _register_until(self, deadline: float) -> None:
+        backoff = self._backoff_initial
+        while True:
+            try:
+                async with asyncio.timeout(max(0.05, deadline - time.monotonic())):
+                    await self._register_once()
+                return
+            except _ConflictError as exc:
+                await self._drop_client()
+                raise FailedPreconditionError(
+                    str(exc), metadata={"key": self.key}, field_violations={"instance_id": str(exc)}
+                ) from None
+            except Exception as exc:  # noqa: BLE001 - etcd down or slow: retry until the deadline
+                self.last_error = exc
+                await self._drop_client()
+            if time.monotonic() + backoff >= deadline:
+                raise RegistryUnavailableError(
+                    f"could not register {self.key} in etcd at {self._endpoints}: {self.last_error!r}",
+                    metadata={"key": self.key},
+                ) from self.last_error
+            await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
+            backoff = min(backoff * 2, self._backoff_max)
+
+    async def stop(self, timeout: float = 3.0) -> None:
+        """Revoke the lease (the entry disappears at once) and stop. Idempotent, bounded by timeout even if
+        etcd is down (the entry then expires within the TTL)."""
+        self._stopped = True
+        task, self._task = self._task, None
+        if task is not None:
+            await cancel_and_wait(task)
+        lease, self._lease_id = self._lease_id, None
+        if lease is not None:
+            try:
+                async with asyncio.timeout(timeout):
+                    c = await self._get_client()
+                    await c.revoke_lease(lease)
+            except Exception as exc:  # noqa: BLE001 - best effort: the lease expires on its own
+                log.warning(
+                    "could not revoke lease of %s (%r); it expires within %d s", self.key, exc, self._ttl
+                )
+        self._granted.clear()
+        await self._drop_client()
+
+    async def __aenter__(self) -> Registration:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # --- internals ------------------------------------------------------------------------------------------
+    async def _get_client(self) -> aetcd.Client:
+        if self._client is None:
+            self._client = etcd_client(self._endpoints, timeout=max(1, round(self._op_timeout)))
+            await self._client.connect()
+        return self._client
+
+    async def _drop_client(self) -> None:
+        """Close the client so the next attempt gets a fresh channel (reliable after an outage)."""
+        c, self._client = self._client, None
+        if c is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2.0):
+                    await c.close()
+
+    async def _register_once(self) -> None:
+        c = await self._get_client()
+        async with asyncio.timeout(self._op_timeout):
+            lease = await c.lease(self._ttl)
+        self._granted.add(lease.id)
+        try:
+            async with asyncio.timeout(self._op_timeout):
+                ok, responses = await c.transaction(
+                    compare=[c.transactions.version(self._key) == 0],
+                    success=[c.transactions.put(self._key, self._value, lease=lease.id)],
+                    failure=[c.transactions.get(self._key)],
+                )
+        except BaseException:
+            # Unknown outcome: revoke so no entry outlives this attempt (the lease would expire anyway).
+            await self._revoke_quietly(c, lease.id)
+            raise
+        if ok:
+            self._adopt(lease.id, int(responses[0].response_put.header.revision))
+            return
+        existing = responses[0][0][1] if responses and responses[0] else None
+        await self._revoke_quietly(c, lease.id)
+        if existing is None:
+            raise RuntimeError(f"{self.key} vanished between compare and read; retrying")
+        if existing.lease in self._granted and existing.value == self._value:
+            # Our own entry from an attempt whose reply was lost: keep it rather than fight it.
+            self._adopt(existing.lease, int(existing.mod_revision))
+            return
+        raise _ConflictError(
+            f"{self.key} is already registered by another live instance (lease {existing.lease:x})"
+        )
+
+    def _adopt(self, lease_id: int, revision: int) -> None:
+        self._lease_id = lease_id
+        self._granted = {lease_id}
+        self._revision = revision
+        self.registrations += 1
+        self._failures = 0
+        self.last_error = None
+        log.info("registered %s (lease %x, revision %d)", self.key, lease_id, revision)
+
+    async def _revoke_quietly(self, c: aetcd.Client, lease_id: int) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                await c.revoke_lease(lease_id)
+            self._granted.discard(lease_id)
+
+    async def _maintain(self) -> None:
+        backoff = self._backoff_initial
+        delay = self._interval if self._lease_id is not None else 0.0
+        while not self._stopped:
+            await asyncio.sleep(delay)
+            try:
+                if self._lease_id is None:
+                    async with asyncio.timeout(self._op_timeout * 3):
+                        await self._register_once()
+                    delay, backoff = self._interval, self._backoff_initial
+                    continue
+                c = await self._get_client()
+                async with asyncio.timeout(self._op_timeout):
+                    reply = await c.refresh_lease(self._lease_id)
+                if reply is None or reply.TTL <= 0:
+                    log.warning("lease of %s is gone (expired or revoked); registering again", self.key)
+                    self.leases_lost += 1
+                    self._lease_id = None
+                    self._granted.clear()
+                    delay = 0.0
+                    continue
+                delay, backoff = self._interval, self._backoff_initial
+                if self._failures:
+                    log.warning("keepalive of %s works again after %d failures", self.key, self._failures)
+                self._failures = 0
+                self.last_error = None
+            except asyncio.CancelledError:
+                raise
+            except _ConflictError as exc:
+                self.last_error = exc
+                log.error("%s; retrying in %.0f s", exc, self._backoff_max)
+                delay = self._backoff_max
+            except Exception as exc:  # noqa: BLE001 - etcd down or slow: keep state, back off, retry
+                self.last_error = exc
+                level = logging.WARNING if self._failures == 0 else logging.DEBUG  # once per outage
+                log.log(level, "keepalive of %s failed (%r); retrying", self.key, exc)
+                self._failures += 1
+                await self._drop_client()
+                delay = backoff * random.uniform(0.8, 1.2)
+                backoff = min(backoff * 2, self._backoff_max)
+
+
+# --- the view -----------------------------------------------------------------------------------------------
+class CapabilityInfo(NamedTuple):
+    """One capability as the mesh offers it now."""
+
+    capability: Capability  # as declared by the first serving instance (sorted by agent, then instance id)
+    agents: tuple[str, ...]  # agent names serving it, sorted
+    instances: int  # live instances serving it
+
+
+class _Index(NamedTuple):
+    by_capability: Mapping[str, tuple[AgentInstance, ...]]
+    all: tuple[AgentInstance, ...]
+    capabilities: tuple[CapabilityInfo, ...]
+
+
+_EMPTY_INDEX = _Index({}, (), ())
+
+
+class RegistryView:
+    """The live registry, indexed by capability; every read is a lookup in a structure swapped atomically.
+
+    Instances returned are shared, immutable by convention: do not mutate them.
+    """
+
+    def __init__(
+        self,
+        etcd_endpoints: str | Sequence[str],
+        *,
+        on_change: Callable[[], None] | None = None,
+        options: WatchOptions | None = None,
+    ) -> None:
+        self._on_change = on_change
+        self._index = _EMPTY_INDEX
+        self._ever_seen: set[str] = set()
+        self._cache: PrefixCache[AgentInstance] = PrefixCache(
+            etcd_endpoints, AGENTS_PREFIX, decode=decode_instance, on_change=self._rebuild, options=options
+        )
+
+    @property
+    def cache(self) -> PrefixCache[AgentInstance]:
+        return self._cache
+
+    async def start(self, timeout: float = 10.0, *, wait: bool = True) -> None:
+        """See PrefixCache.start (RegistryUnavailableError when etcd is unreachable and wait=True)."""
+        await self._cache.start(timeout, wait=wait)
+
+    async def stop(self) -> None:
+        await self._cache.stop()
+
+    async def __aenter__(self) -> RegistryView:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # --- hot path -------------------------------------------------------------------------------------------
+    def instances(self, capability: str) -> tuple[AgentInstance, ...]:
+        """Live instances serving capability, sorted by instance_id (empty tuple when none)."""
+        return self._index.by_capability.get(capability, ())
+
+    def knows_capability(self, name: str) -> bool:
+        """True if any instance offered name at any time in this process's life.
+
+        Tells UNKNOWN_CAPABILITY (never seen) from NO_LIVE_INSTANCE (seen, no instance now).
+        """
+        return name in self._ever_seen
+
+    # --- listings -------------------------------------------------------------------------------------------
+    def capabilities(self) -> list[CapabilityInfo]:
+        """Every capability served now, sorted by name."""
+        return list(self._index.capabilities)
+
+    def all_instances(self) -> tuple[AgentInstance, ...]:
+        """Every live instance, sorted by (agent name, instance id)."""
+        return self._index.all
+
+    async def wait_for_capability(self, name: str, count: int = 1, timeout: float = 10.0) -> bool:
+        """Wait until at least count instances serve name; False on timeout."""
+        def enough(_snap: Mapping[str, AgentInstance]) -> bool:
+            return len(self.instances(name)) >= count
+
+        return await self._cache.wait_for(enough, timeout)
+
+    def _rebuild(self) -> None:
+        insts = sorted(self._cache.snapshot().values(), key=lambda i: (i.card.name, i.instance_id))
+        groups: dict[str, list[AgentInstance]] = {}
+        for inst in insts:
+            for cap in inst.card.capabilities:
+                groups.setdefault(cap.name, []).append(inst)
+        by_cap = {name: tuple(sorted(g, key=lambda i: i.instance_id)) for name, g in groups.items()}
+        infos = []
+        for name in sorted(groups):
+            first = groups[name][0]
+            decl = next(c for c in first.card.capabilities if c.name == name)
+            agents = tuple(sorted({i.card.name for i in groups[name]}))
+            infos.append(CapabilityInfo(decl, agents, len(groups[name])))
+        self._ever_seen.update(by_cap)
+        self._index = _Index(by_cap, tuple(insts), tuple(infos))
+        if self._on_change is not None:
+            self._on_change()
