@@ -1,0 +1,123 @@
+"""Each inbound layer alone, and the chain's order (recording layers, as gRPC's interceptor tests do)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from hivemesh.mesh.errors import (
+    InvalidInputError,
+    PayloadTooLargeError,
+    PeerUnauthenticatedError,
+    TokenMissingError,
+    UnknownCapabilityError,
+)
+from hivemesh.mesh.inbound import InboundChain
+from hivemesh.mesh.layers import Inbound, InputGuardLayer, PeerIdentityLayer
+from hivemesh.v1 import agent_pb2
+
+SCHEMA = json.dumps(
+    {"type": "object", "properties": {"text": {"type": "string"}, "n": {"type": "integer"}}, "required": ["text"]}
+)
+
+
+def _call(capability: str = "echo", payload: bytes = b'{"text": "x"}', **kw: Any) -> Inbound:
+    req = agent_pb2.InvokeRequest(capability=capability, input=payload, content_type=kw.pop("content_type", ""))
+    return Inbound(method="Invoke", request=req, wire_size=req.ByteSize(), metadata={}, auth_context=kw.pop("auth", {}))
+
+
+@pytest.fixture
+def guard() -> InputGuardLayer:
+    return InputGuardLayer([agent_pb2.Capability(name="echo", input_schema=SCHEMA)], max_input_bytes=64, agent_name="a")
+
+
+def test_guard_accepts_valid_input_and_hands_on_decoded_json(guard: InputGuardLayer) -> None:
+    call = _call()
+    guard.check(call)
+    assert call.parsed_input == {"text": "x"}
+
+
+def test_guard_refuses_unknown_capability(guard: InputGuardLayer) -> None:
+    with pytest.raises(UnknownCapabilityError):
+        guard.check(_call("nope"))
+
+
+def test_guard_refuses_oversized_input(guard: InputGuardLayer) -> None:
+    with pytest.raises(PayloadTooLargeError) as exc:
+        guard.check(_call(payload=b'{"text": "' + b"x" * 100 + b'"}'))
+    assert exc.value.metadata["limit_bytes"] == "64"
+
+
+@pytest.mark.parametrize("payload", [b"{", b"\xff\xfe", b'{"text": 1'])
+def test_guard_refuses_malformed_json(guard: InputGuardLayer, payload: bytes) -> None:
+    with pytest.raises(InvalidInputError) as exc:
+        guard.check(_call(payload=payload))
+    assert "input" in exc.value.field_violations
+
+
+def test_guard_names_the_field_that_breaks_the_schema(guard: InputGuardLayer) -> None:
+    with pytest.raises(InvalidInputError) as exc:
+        guard.check(_call(payload=b'{"text": "x", "n": "seven"}'))
+    assert list(exc.value.field_violations) == ["input.n"]
+
+
+def test_guard_refuses_unsupported_content_type(guard: InputGuardLayer) -> None:
+    with pytest.raises(InvalidInputError) as exc:
+        guard.check(_call(content_type="text/plain"))
+    assert "content_type" in exc.value.field_violations
+
+
+def test_guard_rejects_an_uncompilable_schema_at_build_time() -> None:
+    with pytest.raises(ValueError, match="invalid JSON schema"):
+        InputGuardLayer([agent_pb2.Capability(name="x", input_schema='{"type": 12}')])
+
+
+def test_identity_refuses_a_call_without_client_certificate() -> None:
+    with pytest.raises(PeerUnauthenticatedError):
+        PeerIdentityLayer("hivemesh.local").check(_call(auth={}))
+
+
+def test_token_layer_needs_a_bearer_token() -> None:
+    from hivemesh.mesh.layers import TokenLayer
+    from hivemesh.mesh.pki import Peer, parse_spiffe_id
+    from hivemesh.mesh.tokens import KeySet, TokenVerifier
+
+    layer = TokenLayer(TokenVerifier(KeySet(), issuer="spiffe://hivemesh.local/controlplane",
+                                     audience="spiffe://hivemesh.local/agent/a"))
+    call = _call()
+    call.peer = Peer(spiffe_id=parse_spiffe_id("spiffe://hivemesh.local/client/c"), thumbprint="t", cert_pem=b"")
+    with pytest.raises(TokenMissingError):
+        layer.check(call)
+
+
+class _Recorder:
+    def __init__(self, name: str, log: list[str], fail: bool = False) -> None:
+        self.name, self._log, self._fail = name, log, fail
+
+    def check(self, call: Inbound) -> None:
+        self._log.append(self.name)
+        if self._fail:
+            raise InvalidInputError(f"{self.name} refused")
+
+
+def test_chain_runs_layers_in_order_and_stops_at_the_first_refusal() -> None:
+    log: list[str] = []
+    chain = InboundChain([_Recorder("a", log), _Recorder("b", log, fail=True), _Recorder("c", log)])
+    with pytest.raises(InvalidInputError, match="b refused"):
+        chain.admit(_call())
+    assert log == ["a", "b"]
+
+
+def test_build_inbound_chain_order() -> None:
+    from hivemesh.mesh.inbound import build_inbound_chain
+    from hivemesh.mesh.tokens import KeySet, TokenVerifier
+
+    chain = build_inbound_chain(
+        trust_domain="hivemesh.local",
+        verifier=TokenVerifier(KeySet(), issuer="i", audience="a"),
+        capabilities=[agent_pb2.Capability(name="echo")],
+        agent_name="a",
+    )
+    assert [layer.name for layer in chain.layers] == ["identity", "token", "input-guard"]

@@ -1,0 +1,110 @@
+"""Outbound layers alone: round-robin routing with failure suspicion, and the token source's cache."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from hivemesh.mesh.errors import ControlPlaneUnavailableError, GrantDeniedError, NoLiveInstanceError, UnknownCapabilityError
+from hivemesh.mesh.routing import RoundRobinRouter
+from hivemesh.mesh.token_source import TokenSource
+from hivemesh.v1 import control_pb2, mesh_pb2
+
+
+class _Instances:
+    def __init__(self, table: dict[str, list[str]], known: set[str] | None = None) -> None:
+        self.table = table
+        self.known = known or set(table)
+
+    def instances(self, capability: str) -> Sequence[mesh_pb2.AgentInstance]:
+        return [mesh_pb2.AgentInstance(instance_id=i) for i in self.table.get(capability, [])]
+
+    def knows_capability(self, capability: str) -> bool:
+        return capability in self.known
+
+
+def test_round_robin_spreads_calls_evenly() -> None:
+    router = RoundRobinRouter(_Instances({"x": ["a", "b", "c"]}))
+    picks = [router.pick("x").instance_id for _ in range(9)]
+    assert picks == ["a", "b", "c"] * 3
+
+
+def test_unknown_and_unserved_capabilities_are_told_apart() -> None:
+    router = RoundRobinRouter(_Instances({"x": []}, known={"x"}))
+    with pytest.raises(NoLiveInstanceError):
+        router.pick("x")
+    with pytest.raises(UnknownCapabilityError):
+        router.pick("y")
+
+
+def test_a_failed_instance_is_tried_last_until_its_suspicion_ends() -> None:
+    now = [100.0]
+    router = RoundRobinRouter(_Instances({"x": ["a", "b"]}), clock=lambda: now[0])
+    router.mark_failed("a")
+    assert [router.pick("x").instance_id for _ in range(4)] == ["b", "b", "b", "b"]
+    assert [i.instance_id for i in router.candidates("x")][-1] == "a"  # still a fallback
+    now[0] += 5
+    assert {router.pick("x").instance_id for _ in range(4)} == {"a", "b"}
+
+
+class _Issuer:
+    def __init__(self, scopes: list[str], ttl: float = 300, fail: bool = False) -> None:
+        self.calls = 0
+        self.scopes = scopes
+        self.ttl = ttl
+        self.fail = fail
+        self.now = 1000.0
+
+    async def issue_token(self, audience: str, scopes: Sequence[str] = (), ttl_s: int = 0) -> control_pb2.IssueTokenResponse:
+        self.calls += 1
+        await asyncio.sleep(0)
+        if self.fail:
+            raise ControlPlaneUnavailableError()
+        return control_pb2.IssueTokenResponse(
+            token=f"t{self.calls}", expires_at_unix=int(self.now + self.ttl), scopes=self.scopes
+        )
+
+
+async def test_tokens_are_fetched_once_and_shared_by_concurrent_callers() -> None:
+    issuer = _Issuer(["echo"])
+    source = TokenSource(issuer, clock=lambda: issuer.now)
+    tokens = await asyncio.gather(*(source.get("aud", "echo") for _ in range(20)))
+    assert set(tokens) == {"t1"} and issuer.calls == 1
+
+
+async def test_tokens_refresh_in_the_background_before_expiry() -> None:
+    issuer = _Issuer(["echo"], ttl=100)
+    source = TokenSource(issuer, clock=lambda: issuer.now)
+    assert await source.get("aud", "echo") == "t1"
+    issuer.now += 80  # past 75% of the lifetime: still valid, refreshed behind the caller's back
+    assert await source.get("aud", "echo") == "t1"
+    seen = "t1"
+    for _ in range(100):  # bounded: the refresh needs a few loop turns
+        seen = await source.get("aud", "echo")
+        if seen == "t2":
+            break
+        await asyncio.sleep(0)
+    assert seen == "t2" and issuer.calls == 2
+    await source.close()
+
+
+async def test_a_capability_outside_the_grant_is_refused_locally() -> None:
+    issuer = _Issuer(["echo"])
+    source = TokenSource(issuer, clock=lambda: issuer.now)
+    with pytest.raises(GrantDeniedError, match="not granted capability 'admin'"):
+        await source.get("aud", "admin")
+
+
+async def test_cached_token_outlives_a_control_plane_outage_until_it_expires() -> None:
+    issuer = _Issuer(["echo"], ttl=100)
+    source = TokenSource(issuer, clock=lambda: issuer.now)
+    await source.get("aud", "echo")
+    issuer.fail = True
+    issuer.now += 90
+    assert await source.get("aud", "echo") == "t1"
+    issuer.now += 20
+    with pytest.raises(ControlPlaneUnavailableError):
+        await source.get("aud", "echo")
+    await source.close()
