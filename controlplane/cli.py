@@ -115,19 +115,30 @@ def up(obj: CliContext, once: bool, trust_domain: str, as_json: bool) -> None:
     sys.exit(code)
 
 
+def _hop_label(hop: dict[str, Any]) -> str:
+    return f"{hop.get('kind', '?')}:{str(hop.get('identity', '')).rsplit('/', 1)[-1]}"
+
+
 def _print_pipeline_result(result: dict[str, Any]) -> None:
-    sample = result.get("sample", "?")
+    """One document's journey: its verdict, then each step with the agent, packaging and hops that served it."""
+    source = result.get("source") or result.get("sample", "?")
     if "error" in result:
-        out.print(f"[red]✗ {sample}[/red]: {result['error']}", highlight=False)
+        out.print(f"[red]✗ {source}[/red]: {result['error']}", highlight=False)
         return
-    status = result.get("status", "")
-    colour = "green" if status == "stored" else "yellow"
-    out.print(f"\n[bold]{sample}[/bold] → [{colour}]{status}[/{colour}]  {result.get('summary', '')}", highlight=False)
-    table = Table("step", "capability", "agent", "packaging", "hops", "ms", show_edge=False, pad_edge=False)
+    status = str(result.get("status", ""))
+    colour = {"stored": "green", "duplicate": "cyan"}.get(status, "yellow")
+    doc = result.get("document", {}) or {}
+    summary = f"{doc.get('document_type', '?')} {doc.get('invoice_number') or ''} total={doc.get('total')} " \
+              f"{doc.get('currency') or ''}".strip()
+    out.print(f"\n[bold]{source}[/bold] → [{colour}]{status}[/{colour}] (id {result.get('id')})  {summary}",
+              highlight=False)
+    for e in result.get("errors", []) or []:
+        out.print(f"   [yellow]invalid[/yellow] {e.get('field')}: {e.get('message')}", highlight=False)
+    table = Table("step", "agent", "packaging", "hops (caller → … → agent)", "ms", show_edge=False, pad_edge=False)
     for step in result.get("steps", []):
-        hops = " → ".join(step.get("hops", [])) or "-"
-        table.add_row(str(step.get("step", "")), step.get("capability", ""), step.get("agent", ""),
-                      step.get("packaging", ""), hops, f"{step.get('ms', 0):.1f}")
+        hops = " → ".join(["demo", *reversed([_hop_label(h) for h in step.get("hops", [])])])
+        table.add_row(str(step.get("step", "")), step.get("agent", ""), step.get("packaging", ""), hops,
+                      f"{float(step.get('elapsed_ms', 0.0)):.1f}")
     out.print(table)
 
 
@@ -315,6 +326,9 @@ def join_token(obj: CliContext, name: str, kind: str, ttl: int, as_json: bool) -
 
 def main() -> None:
     """Console-script entry point."""
+    from hivemesh.controlplane.procs import die_with_parent_if_asked
+
+    die_with_parent_if_asked()
     cli(prog_name="hivemesh")
 
 

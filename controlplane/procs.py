@@ -1,6 +1,7 @@
 """Child processes for `hivemesh up`: start, tee output to a log, wait for a ready line, stop them all.
 
-Every child gets PR_SET_PDEATHSIG on Linux, so even a SIGKILLed `hivemesh up` leaves nothing behind.
+Every child asks for PR_SET_PDEATHSIG on Linux (see `die_with_parent_if_asked`), so even a SIGKILLed
+`hivemesh up` leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -17,11 +18,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
+PARENT_ENV = "HIVEMESH_PARENT_PID"
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent_if_asked() -> None:
+    """Called first thing by hivemesh processes: if started by `hivemesh up`, die when it dies.
+
+    Done in the child itself, not in a preexec_fn: a preexec_fn forces a plain fork() of a process with gRPC
+    threads, which gRPC does not survive, while without one Python spawns children with vfork + exec.
+    """
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
     with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if str(os.getppid()) != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 @dataclass
@@ -81,14 +93,13 @@ class Supervisor:
     async def spawn(self, name: str, args: Sequence[str], env: Mapping[str, str] | None = None) -> Child:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
-        full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}
         proc = await asyncio.create_subprocess_exec(
             *args,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             env=full_env,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
         )
         child = Child(name=name, proc=proc, log_path=log_path)
         child._pump = asyncio.get_running_loop().create_task(self._pump(child))

@@ -110,9 +110,9 @@ class MeshUp:
         cp = await self.sup.spawn(
             "controlplane",
             _python(
-                "hivemesh.controlplane.cli", "controlplane",
+                "hivemesh.controlplane.cli", "--certs-dir", str(opts.certs_dir), "--home", str(opts.home),
+                "controlplane",
                 "--etcd", self.etcd.endpoint,
-                "--certs-dir", str(opts.certs_dir),
                 "--state-dir", str(opts.home / "controlplane"),
                 "--trust-domain", opts.trust_domain,
                 "--grants", str(opts.grants_file),
@@ -153,7 +153,7 @@ class MeshUp:
         for agent in ("ocr", "extractor", "storage"):
             child = await self.sup.spawn(agent, _python("hivemesh.agents.run", agent), self._env(await self._join_token(agent)))
             self.say(f"agent {agent}: SDK, in-process mesh layers (pid {child.pid})")
-        plain = await self.sup.spawn("validator", _python("hivemesh.agents.validate_plain", "--port", "0"))
+        plain = await self.sup.spawn("validator", _python("hivemesh.agents.run", "validator", "--port", "0"))
         m = await plain.wait_for_line(r"listening (127\.0\.0\.1:\d+)", _READY_S)
         sidecar = await self.sup.spawn(
             "validator-sidecar",

@@ -79,6 +79,22 @@ def _decode(request: Any) -> tuple[agent_pb2.InvokeRequest, int]:
         ) from None
 
 
+def _handler_request(call: Inbound, raw: Any, deserialize: Callable[[bytes], Any] | None) -> Any:
+    """What the handler behind the chain takes: raw bytes for a forwarder (no deserializer), else the message.
+
+    The interceptor owns deserialization, so bytes that are not a valid message become INVALID_ARGUMENT from
+    the chain instead of gRPC's own UNKNOWN; an Invoke request is decoded once, by the chain.
+    """
+    if deserialize is None or not isinstance(raw, bytes):
+        return raw
+    if call.request is not None:
+        return call.request
+    try:
+        return deserialize(raw)
+    except DecodeError:
+        raise InvalidInputError(f"the request is not a valid {call.method} request message") from None
+
+
 def _admit(chain: InboundChain, method: str, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Inbound:
     if method == "Describe":
         req, size = None, 0
@@ -116,20 +132,22 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = path[len(_AGENT_PREFIX):]
         chain = self._chain
+        deserialize = handler.request_deserializer  # applied by the wrappers below, after the chain
         if handler.unary_unary is not None:
             inner_unary = handler.unary_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 try:
                     call = _admit(chain, method, request, context)
+                    inner_request = _handler_request(call, request, deserialize)
                 except HivemeshError as err:
                     await abort(context, err)
                 current_inbound.set(call)
-                return await inner_unary(request, context)
+                return await inner_unary(inner_request, context)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
@@ -138,15 +156,16 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
             async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
                 try:
                     call = _admit(chain, method, request, context)
+                    inner_request = _handler_request(call, request, deserialize)
                 except HivemeshError as err:
                     await abort(context, err)
                 current_inbound.set(call)
-                async for item in inner_stream(request, context):
+                async for item in inner_stream(inner_request, context):
                     yield item
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
         return handler  # the Agent service has no client-streaming methods

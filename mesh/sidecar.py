@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 MESH_SERVICE = "hivemesh.v1.Mesh"
 _HOP_FIELD_TAG = bytes([(15 << 3) | 2])  # field 15 (hops), wire type 2 (length-delimited)
 _CALLER_KEY = "x-hivemesh-caller"
-_DROP_METADATA = frozenset({"authorization"})  # the token is the mesh's business; never leak it to the agent
+# The token is the mesh's business: never leak it to the agent. The caller header is the sidecar's to set: a
+# caller's own copy would let it claim any identity to an agent that reads the first value.
+_DROP_METADATA = frozenset({"authorization", _CALLER_KEY})
 
 
 def _varint(n: int) -> bytes:
@@ -102,7 +104,8 @@ async def _relay_error(context: grpc.aio.ServicerContext[Any, Any], exc: grpc.ai
     """Pass the agent's own status through unchanged; only a link failure becomes AGENT_UNAVAILABLE."""
     if exc.code() == grpc.StatusCode.UNAVAILABLE and not exc.trailing_metadata():
         await abort(context, AgentUnavailableError(f"the agent at {agent} cannot be reached: {exc.details()}"))
-    await context.abort(exc.code(), exc.details() or "", exc.trailing_metadata() or ())
+    # grpc.aio's abort takes a tuple of pairs, not the Metadata object the client side hands out.
+    await context.abort(exc.code(), exc.details() or "", tuple(exc.trailing_metadata() or ()))
 
 
 class Sidecar:

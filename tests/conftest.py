@@ -9,7 +9,6 @@ import aetcd
 import pytest
 
 from hivemesh.mesh.etcd import EtcdServer, client, wait_connected
-
 from tests.meshenv import MeshEnv, start_mesh_env, stop_mesh_env
 
 

@@ -27,11 +27,6 @@ DEFAULT_GRANTS = {
             "subjects": [f"spiffe://{TRUST_DOMAIN}/agent/*"],
             "capabilities": ["echo", "shout", "slow", "count", "upper", "fields"],
         },
-        {
-            "name": "limited-client",
-            "subjects": [f"spiffe://{TRUST_DOMAIN}/client/limited"],
-            "capabilities": ["echo"],
-        },
     ]
 }
 

@@ -7,7 +7,12 @@ from collections.abc import Sequence
 
 import pytest
 
-from hivemesh.mesh.errors import ControlPlaneUnavailableError, GrantDeniedError, NoLiveInstanceError, UnknownCapabilityError
+from hivemesh.mesh.errors import (
+    ControlPlaneUnavailableError,
+    GrantDeniedError,
+    NoLiveInstanceError,
+    UnknownCapabilityError,
+)
 from hivemesh.mesh.routing import RoundRobinRouter
 from hivemesh.mesh.token_source import TokenSource
 from hivemesh.v1 import control_pb2, mesh_pb2

@@ -1,0 +1,119 @@
+"""`hivemesh up` end to end, as a user runs it: real processes, real etcd, the demo over the mesh, clean exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+HIVEMESH = [sys.executable, "-m", "hivemesh.controlplane.cli"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes (its parent just has not reaped it yet).
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def _assert_all_gone(pids: list[int], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    assert not [p for p in pids if _alive(p)], "processes left behind after hivemesh up stopped"
+
+
+def _pids(text: str) -> list[int]:
+    return [int(p) for p in re.findall(r"pid (\d+)", text)]
+
+
+@pytest.mark.slow
+def test_up_once_runs_the_pipeline_over_the_mesh(tmp_path: Path) -> None:
+    base = [*HIVEMESH, "--home", str(tmp_path / "home"), "--certs-dir", str(tmp_path / "certs")]
+    proc = subprocess.run([*base, "up", "--once", "--json"], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    by_source = {r["source"]: r for r in results}
+    assert set(by_source) == {"invoice-001", "receipt-002", "invoice-003", "invoice-004", "receipt-005"}
+    assert by_source["invoice-001"]["status"] == "stored"
+    assert by_source["invoice-001"]["document"]["invoice_number"] == "INV-2024-001"
+    assert by_source["invoice-004"]["status"] == "rejected"
+    assert any(e["field"] == "subtotal" for e in by_source["invoice-004"]["errors"])
+    for result in results:
+        steps = {s["step"]: s for s in result["steps"]}
+        assert list(steps) == ["ocr", "extract", "validate", "store"]
+        # validate is a plain gRPC server behind a sidecar process; the others run the layers in-process.
+        assert steps["validate"]["packaging"] == "sidecar"
+        assert [h["kind"] for h in steps["validate"]["hops"]] == ["sidecar"]
+        assert steps["ocr"]["packaging"] == "in-process"
+        assert [h["kind"] for h in steps["ocr"]["hops"]] == ["agent"]
+    assert "stopped: agents, sidecar, control plane and etcd" in proc.stderr
+    pids = _pids(proc.stderr)
+    assert len(pids) >= 6  # etcd, control plane, 3 SDK agents, plain agent, sidecar
+    _assert_all_gone(pids)
+    assert not (tmp_path / "home" / "mesh.json").exists()
+    # Private keys never land in the repo: they are in the certs folder given, readable by the owner only.
+    assert oct((tmp_path / "certs" / "ca.key").stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.slow
+def test_up_serves_the_cli_until_sigterm(tmp_path: Path) -> None:
+    base = [*HIVEMESH, "--home", str(tmp_path / "home"), "--certs-dir", str(tmp_path / "certs")]
+    up = subprocess.Popen([*base, "up"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []
+    try:
+        assert up.stdout is not None
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = up.stdout.readline()
+            if not line:
+                break
+            output.append(line)
+            if "mesh is up" in line:
+                break
+        assert any("mesh is up" in line for line in output), "".join(output)[-3000:]
+
+        agents = subprocess.run([*base, "agents", "--json"], capture_output=True, text=True, timeout=60)
+        assert agents.returncode == 0, agents.stderr
+        rows = json.loads(agents.stdout)
+        assert {r["agent"] for r in rows} == {"ocr", "extractor", "validator", "storage"}
+        assert {r["packaging"] for r in rows if r["agent"] == "validator"} == {"sidecar"}
+
+        called = subprocess.run(
+            [*base, "call", "extract", "--json", "--data", json.dumps({"text": "INVOICE #A-1\nTOTAL: $5.00"})],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert called.returncode == 0, called.stderr
+        assert json.loads(called.stdout)["total"] == 5.0
+
+        refused = subprocess.run([*base, "call", "extract", "--data", '{"nope": 1}'],
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 1
+        assert "INVALID_ARGUMENT" in refused.stderr and "Traceback" not in refused.stderr
+
+        unknown = subprocess.run([*base, "call", "teleport", "--data", "{}"], capture_output=True, text=True, timeout=60)
+        assert unknown.returncode == 1 and "UNKNOWN_CAPABILITY" in unknown.stderr
+    finally:
+        up.send_signal(signal.SIGTERM)
+        try:
+            rest, _ = up.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            rest, _ = up.communicate()
+        output.append(rest or "")
+    text = "".join(output)
+    assert up.returncode == 0, text[-3000:]
+    assert "stopped: agents, sidecar, control plane and etcd" in text
+    _assert_all_gone(_pids(text))
