@@ -11,7 +11,7 @@ import functools
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -105,7 +105,7 @@ def up(obj: CliContext, once: bool, trust_domain: str, as_json: bool) -> None:
         else:
             out.print(f"[bold cyan]hivemesh[/bold cyan] {line}", highlight=False)
 
-    def show(result: dict[str, Any]) -> None:
+    def show(result: Mapping[str, Any]) -> None:
         if as_json:
             click.echo(json.dumps(result, sort_keys=True))
             return
@@ -119,7 +119,7 @@ def _hop_label(hop: dict[str, Any]) -> str:
     return f"{hop.get('kind', '?')}:{str(hop.get('identity', '')).rsplit('/', 1)[-1]}"
 
 
-def _print_pipeline_result(result: dict[str, Any]) -> None:
+def _print_pipeline_result(result: Mapping[str, Any]) -> None:
     """One document's journey: its verdict, then each step with the agent, packaging and hops that served it."""
     source = result.get("source") or result.get("sample", "?")
     if "error" in result:
@@ -225,7 +225,7 @@ def agents(obj: CliContext, as_json: bool) -> None:
 
     settings = MeshSettings.resolve()
     instances = asyncio.run(read_instances(settings.etcd))
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "agent": i.card.name,
             "version": i.card.version,

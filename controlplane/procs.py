@@ -14,6 +14,7 @@ import re
 import signal
 import sys
 from collections.abc import Mapping, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +46,7 @@ class Child:
     log_path: Path
     lines: list[str] = field(default_factory=list)
     _pump: asyncio.Task[None] | None = None
-    _matched: dict[str, asyncio.Future[re.Match[str]]] = field(default_factory=dict)
+    _matched: dict[str, asyncio.Future[Any]] = field(default_factory=dict)
 
     @property
     def pid(self) -> int:
@@ -58,15 +59,16 @@ class Child:
             m = rx.search(line)
             if m:
                 return m
-        fut: asyncio.Future[re.Match[str]] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._matched[pattern] = fut
-        exited = asyncio.ensure_future(self.proc.wait())
+        exited: asyncio.Future[Any] = asyncio.ensure_future(self.proc.wait())
         try:
             done, _ = await asyncio.wait({fut, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             exited.cancel()
         if fut in done:
-            return fut.result()
+            match: re.Match[str] = fut.result()
+            return match
         tail = "\n    ".join(self.lines[-8:])
         if exited in done or self.proc.returncode is not None:
             raise RuntimeError(f"{self.name} exited with code {self.proc.returncode}; last output:\n    {tail}")

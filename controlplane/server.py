@@ -132,7 +132,7 @@ def _rpc(
     return wrapper
 
 
-class _Core:
+class Core:
     """What both services share: the CA, the issuer, etcd and the config."""
 
     def __init__(
@@ -170,7 +170,7 @@ class _Core:
 class JoinServicer(control_pb2_grpc.JoinServicer):
     """Join.SignCertificate: one certificate per one-time join token."""
 
-    def __init__(self, core: _Core) -> None:
+    def __init__(self, core: Core) -> None:
         self._core = core
 
     @_rpc
@@ -193,7 +193,7 @@ class JoinServicer(control_pb2_grpc.JoinServicer):
 class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
     """ControlPlane over mutual TLS: the caller is whoever its certificate says."""
 
-    def __init__(self, core: _Core) -> None:
+    def __init__(self, core: Core) -> None:
         self._core = core
 
     @_rpc
@@ -329,9 +329,13 @@ class ControlPlaneServer:
             if grants is not None:
                 count = await put_grants(self.etcd, grants, replace=True)
                 log.info("loaded %d grant(s) from %s", count, cfg.grants_file)
-            core = _Core(cfg, ca, issuer, self.etcd)
+            core = Core(cfg, ca, issuer, self.etcd)
             main = self._new_server(control_pb2.DESCRIPTOR.services_by_name["ControlPlane"].full_name)
             control_pb2_grpc.add_ControlPlaneServicer_to_server(ControlPlaneServicer(core), main)
+            from hivemesh.controlplane.services import installers  # feature services; imports them lazily
+
+            for install in installers():
+                install(core, main)
             self.port = main.add_secure_port(
                 _address(cfg.host, cfg.port),
                 server_credentials(cp_cert, cp_key, ca.bundle_pem(), require_client_auth=True),

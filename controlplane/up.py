@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,7 @@ def _python(*module_args: str) -> list[str]:
 class MeshUp:
     """Brings the local mesh up, runs the demo, and takes everything down again."""
 
-    def __init__(self, opts: UpOptions, say: Say, show_result: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(self, opts: UpOptions, say: Say, show_result: Callable[[Mapping[str, Any]], None]) -> None:
         self.opts = opts
         self.say = say
         self.show_result = show_result
@@ -210,7 +210,7 @@ class MeshUp:
         self.say("stopped: agents, sidecar, control plane and etcd")
 
 
-def run_up(opts: UpOptions, say: Say, show_result: Callable[[dict[str, Any]], None]) -> int:
+def run_up(opts: UpOptions, say: Say, show_result: Callable[[Mapping[str, Any]], None]) -> int:
     """Blocking entry point used by the CLI."""
     os.environ.setdefault("HIVEMESH_HOME", str(opts.home))
     return asyncio.run(MeshUp(opts, say, show_result).run())

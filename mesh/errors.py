@@ -233,7 +233,8 @@ def to_status(err: HivemeshError) -> grpc.Status:
         packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
         details.append(packed)
     status = status_pb2.Status(code=err.code.value[0], message=err.message, details=details)
-    return rpc_status.to_status(status)
+    result: grpc.Status = rpc_status.to_status(status)
+    return result
 
 
 async def abort(context: grpc.aio.ServicerContext[Any, Any], err: HivemeshError) -> None:

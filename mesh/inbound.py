@@ -6,6 +6,9 @@ the SDK's in-process server (the agent's own servicer behind it). Only what foll
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
@@ -24,6 +27,8 @@ from hivemesh.mesh.layers import (
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
 from hivemesh.mesh.tokens import TokenVerifier
 from hivemesh.v1 import agent_pb2
+
+log = logging.getLogger(__name__)
 
 AGENT_SERVICE = "hivemesh.v1.Agent"
 _AGENT_PREFIX = f"/{AGENT_SERVICE}/"
@@ -95,20 +100,36 @@ def _handler_request(call: Inbound, raw: Any, deserialize: Callable[[bytes], Any
         raise InvalidInputError(f"the request is not a valid {call.method} request message") from None
 
 
-def _admit(chain: InboundChain, method: str, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Inbound:
-    if method == "Describe":
-        req, size = None, 0
-    else:
-        req, size = _decode(request)
-    call = Inbound(
+DecisionObserver = Callable[[Inbound, "HivemeshError | None", grpc.StatusCode, float], None]
+"""Told about every call the chain decided on: refused (with the error and its code) or let through (with
+the handler's final status), plus the seconds it took. The audit log is one; it must not raise."""
+
+
+def _new_call(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Inbound:
+    return Inbound(
         method=method,
-        request=req,
-        wire_size=size,
+        request=None,
+        wire_size=0,
         metadata=_as_dict(context.invocation_metadata()),
         auth_context=context.auth_context(),
     )
+
+
+def _admit(chain: InboundChain, call: Inbound, request: Any) -> None:
+    if call.method != "Describe":
+        call.request, call.wire_size = _decode(request)
     chain.admit(call)
-    return call
+
+
+def _final_code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException | None) -> grpc.StatusCode:
+    if exc is None:
+        return grpc.StatusCode.OK
+    if isinstance(exc, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return grpc.StatusCode.UNKNOWN
 
 
 class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
@@ -116,34 +137,58 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
 
     It wraps the handler's behaviour (as opentelemetry's gRPC instrumentation does) because the checks need
     the request, which `intercept_service` alone does not see. Health and reflection pass untouched.
+    Observers (the audit log) hear of every decision; with none registered the wrapper costs nothing extra.
     """
 
-    def __init__(self, chain: InboundChain) -> None:
+    def __init__(self, chain: InboundChain, *, observers: Sequence[DecisionObserver] = ()) -> None:
         self._chain = chain
+        self._observers = tuple(observers)
+
+    def _notify(self, call: Inbound, err: HivemeshError | None, code: grpc.StatusCode, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        for observe in self._observers:
+            try:
+                observe(call, err, code, elapsed)
+            except Exception:
+                log.exception("decision observer %r failed", observe)
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         path: str = handler_call_details.method
         if handler is None or not path.startswith(_AGENT_PREFIX):
             return handler
         method = path[len(_AGENT_PREFIX):]
         chain = self._chain
+        observed = bool(self._observers)
         deserialize = handler.request_deserializer  # applied by the wrappers below, after the chain
         if handler.unary_unary is not None:
-            inner_unary = handler.unary_unary
+            inner_unary: Any = handler.unary_unary  # async in grpc.aio; the stubs type it sync
 
             async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                started = time.perf_counter()
+                call = _new_call(method, context)
                 try:
-                    call = _admit(chain, method, request, context)
+                    _admit(chain, call, request)
                     inner_request = _handler_request(call, request, deserialize)
                 except HivemeshError as err:
+                    if observed:
+                        self._notify(call, err, err.code, started)
                     await abort(context, err)
                 current_inbound.set(call)
-                return await inner_unary(inner_request, context)
+                if not observed:
+                    return await inner_unary(inner_request, context)
+                failure: BaseException | None = None
+                try:
+                    return await inner_unary(inner_request, context)
+                except BaseException as exc:
+                    failure = exc
+                    raise
+                finally:
+                    self._notify(call, None, _final_code(context, failure), started)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -151,17 +196,29 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
+            inner_stream: Any = handler.unary_stream
 
             async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+                started = time.perf_counter()
+                call = _new_call(method, context)
                 try:
-                    call = _admit(chain, method, request, context)
+                    _admit(chain, call, request)
                     inner_request = _handler_request(call, request, deserialize)
                 except HivemeshError as err:
+                    if observed:
+                        self._notify(call, err, err.code, started)
                     await abort(context, err)
                 current_inbound.set(call)
-                async for item in inner_stream(inner_request, context):
-                    yield item
+                failure: BaseException | None = None
+                try:
+                    async for item in inner_stream(inner_request, context):
+                        yield item
+                except BaseException as exc:
+                    failure = exc
+                    raise
+                finally:
+                    if observed:
+                        self._notify(call, None, _final_code(context, failure), started)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,7 @@ from hivemesh.mesh.errors import (
     InvalidInputError,
     abort,
 )
-from hivemesh.mesh.inbound import AGENT_SERVICE, MeshInboundInterceptor, build_inbound_chain
+from hivemesh.mesh.inbound import AGENT_SERVICE, DecisionObserver, MeshInboundInterceptor, build_inbound_chain
 from hivemesh.mesh.layers import current_inbound
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
 from hivemesh.mesh.node import MeshNode
@@ -111,8 +111,15 @@ async def _relay_error(context: grpc.aio.ServicerContext[Any, Any], exc: grpc.ai
 class Sidecar:
     """One sidecar process's worth of work; `async with Sidecar(config, settings):` or start/stop."""
 
-    def __init__(self, config: SidecarConfig, settings: MeshSettings | None = None) -> None:
+    def __init__(
+        self,
+        config: SidecarConfig,
+        settings: MeshSettings | None = None,
+        *,
+        observers: Sequence[DecisionObserver] = (),
+    ) -> None:
         self.config = config
+        self.observers = tuple(observers)
         self.settings = settings or MeshSettings.resolve()
         self.instance_id = config.instance_id or default_instance_id()
         self.node: MeshNode | None = None
@@ -167,7 +174,10 @@ class Sidecar:
                 agent_name=name,
                 max_input_bytes=cfg.max_input_bytes,
             )
-            inbound = ManagedServer(services=[AGENT_SERVICE], interceptors=[MeshInboundInterceptor(chain)])
+            inbound = ManagedServer(
+                services=[AGENT_SERVICE],
+                interceptors=[MeshInboundInterceptor(chain, observers=self.observers)],
+            )
             inbound.add_generic(self._agent_handler())
             self.port = inbound.add_secure_port(cfg.listen, self.node.server_credentials())
             self._hop_bytes = hop_suffix(
@@ -225,8 +235,10 @@ class Sidecar:
         assert self._agent_channel is not None
         channel = self._agent_channel
         agent = self.config.agent
-        invoke = channel.unary_unary("/hivemesh.v1.Agent/Invoke")
-        invoke_stream = channel.unary_stream("/hivemesh.v1.Agent/InvokeStream")
+        invoke: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/hivemesh.v1.Agent/Invoke")
+        invoke_stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(
+            "/hivemesh.v1.Agent/InvokeStream"
+        )
 
         async def describe(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
             assert self.card is not None

@@ -10,9 +10,10 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Sequence
 from typing import Any
 
-from hivemesh.mesh.inbound import AGENT_SERVICE, MeshInboundInterceptor, build_inbound_chain
+from hivemesh.mesh.inbound import AGENT_SERVICE, DecisionObserver, MeshInboundInterceptor, build_inbound_chain
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
 from hivemesh.mesh.node import MeshNode
 from hivemesh.mesh.registry import Registration, default_instance_id
@@ -40,6 +41,7 @@ class AgentServer:
         lease_ttl_s: int = 10,
         max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
         labels: dict[str, str] | None = None,
+        observers: Sequence[DecisionObserver] = (),
     ) -> None:
         self.agent = agent
         self.settings = settings or MeshSettings.resolve()
@@ -49,6 +51,7 @@ class AgentServer:
         self.lease_ttl_s = lease_ttl_s
         self.max_input_bytes = max_input_bytes
         self.labels = dict(labels or {})
+        self.observers = tuple(observers)
         self.node = MeshNode(self.settings, name=agent.name, kind="agent", verify_inbound=True)
         self.mesh = MeshClient(self.node)
         self._server: ManagedServer | None = None
@@ -71,7 +74,10 @@ class AgentServer:
                 agent_name=self.agent.name,
                 max_input_bytes=min([self.max_input_bytes, *limits]),
             )
-            server = ManagedServer(services=[AGENT_SERVICE], interceptors=[MeshInboundInterceptor(chain)])
+            server = ManagedServer(
+                services=[AGENT_SERVICE],
+                interceptors=[MeshInboundInterceptor(chain, observers=self.observers)],
+            )
             self.port = server.add_secure_port(f"{self.host}:{self.requested_port}", self.node.server_credentials())
             hop = agent_pb2.Hop(
                 kind="agent", identity=self.node.workload.spiffe_id, instance=self.instance_id, endpoint=self.endpoint

@@ -5,8 +5,10 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from hivemesh.mesh.layers import Inbound
 from hivemesh.sdk import (
     AgentServer,
+    HivemeshError,
     InvalidInputError,
     MeshClient,
     PayloadTooLargeError,
@@ -49,3 +51,29 @@ async def test_bad_inputs_get_clear_statuses(mesh_env: MeshEnv) -> None:
             with pytest.raises(UnknownCapabilityError) as unknown:
                 await mesh.call("no-such-capability", {}, timeout=10)
             assert unknown.value.code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_observers_hear_every_decision(mesh_env: MeshEnv) -> None:
+    heard: list[tuple[str, str, str]] = []
+
+    def record(call: Inbound, err: HivemeshError | None, code: grpc.StatusCode, elapsed: float) -> None:
+        assert elapsed >= 0
+        capability = call.request.capability if call.request else ""
+        heard.append((capability, code.name, err.reason if err else ""))
+
+    settings = await mesh_env.settings_for("echo")
+    async with AgentServer(EchoAgent(), settings, observers=[record]):
+        async with MeshClient.connect(name="tester", settings=await mesh_env.settings_for("tester", "client")) as mesh:
+            assert await mesh.node.registry.wait_for_capability("echo", 1, timeout=10)
+            await mesh.call("echo", {"text": "ok"}, timeout=10)
+            with pytest.raises(InvalidInputError):
+                await mesh.call("echo", {"bad": 1}, timeout=10)
+            with pytest.raises(HivemeshError):
+                await mesh.call("boom", {"text": "x"}, timeout=10)
+            assert [w async for w in mesh.stream("shout", {"text": "a"}, timeout=10)] == ["A"]
+    assert heard == [
+        ("echo", "OK", ""),
+        ("echo", "INVALID_ARGUMENT", "INVALID_INPUT"),
+        ("boom", "INTERNAL", ""),
+        ("shout", "OK", ""),
+    ]

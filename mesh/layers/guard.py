@@ -22,7 +22,7 @@ def compile_schema(schema_text: str, *, where: str) -> Callable[[Any], Any] | No
     if not schema_text:
         return None
     try:
-        return fastjsonschema.compile(json.loads(schema_text))  # type: ignore[no-any-return]
+        return fastjsonschema.compile(json.loads(schema_text))  # type: ignore[no-any-return,unused-ignore]
     except (ValueError, fastjsonschema.JsonSchemaDefinitionException) as exc:
         raise ValueError(f"{where}: invalid JSON schema: {exc}") from exc
 
