@@ -324,6 +324,9 @@ def join_token(obj: CliContext, name: str, kind: str, ttl: int, as_json: bool) -
         click.echo(resp.token)
 
 
+# --- feature command groups (each in its own module, registered here) -------------------------------------------
+
+
 def main() -> None:
     """Console-script entry point."""
     from hivemesh.controlplane.procs import die_with_parent_if_asked
