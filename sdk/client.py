@@ -162,16 +162,17 @@ class MeshClient:
         timeout: float | None = None,
         context: agent_pb2.CallContext | None = None,
     ) -> AsyncIterator[Any]:
-        """Call capability and yield its output items as they arrive (the final marker is not yielded)."""
+        """Call capability and yield its output items as they arrive (including data on the final chunk)."""
         async for raw, _instance in self._node.outbound.invoke_stream(
             self._request(capability, payload, context, None),
             capability=capability,
             timeout=timeout if timeout is not None else self.default_timeout,
         ):
             chunk = agent_pb2.InvokeChunk.FromString(raw)
+            if chunk.data:
+                yield _decode_output(chunk.data, chunk.content_type)
             if chunk.final:
                 return
-            yield _decode_output(chunk.data, chunk.content_type)
 
     def capabilities(self) -> list[tuple[str, str, list[str], int]]:
         """(name, description, agents, live instances) for every capability in the registry now."""
