@@ -61,9 +61,11 @@ async def test_every_sample_goes_through_the_mesh(pipeline: Pipeline) -> None:
         stored = await pipeline.mesh.call("get", {"id": run["id"]}, timeout=10)
         assert stored["document"] == run["document"]
         assert stored["status"] == run["status"]
-        # Streamed through the sidecar: one chunk per check (MeshClient.stream drops the final marker).
-        checks = [c async for c in pipeline.mesh.stream("validate", run["document"], timeout=10)]
+        # Streamed through the sidecar: one chunk per check, then the verdict carried on the final chunk.
+        items = [c async for c in pipeline.mesh.stream("validate", run["document"], timeout=10)]
+        checks, verdict = items[:-1], items[-1]
         assert [c["check"] for c in checks] == list(CHECKS)
+        assert verdict["valid"] == run["valid"]
         assert {e["field"] for c in checks for e in c["errors"]} == {e["field"] for e in run["errors"]}
 
 
