@@ -22,6 +22,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError
 from hivemesh.mesh.pki import (
     SCHEME,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
 from hivemesh.controlplane.ca import CaFiles
 from hivemesh.mesh.errors import from_rpc_error
 from hivemesh.mesh.pki import controlplane_dns_name, new_key_and_csr

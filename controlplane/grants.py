@@ -18,6 +18,7 @@ from typing import Any, Final
 
 import fastjsonschema
 import yaml
+
 from hivemesh.mesh.errors import InvalidInputError
 
 log = logging.getLogger(__name__)

@@ -24,6 +24,7 @@ from typing import Any, Final
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError
 from hivemesh.mesh.pki import controlplane_id
 from hivemesh.mesh.tokens import JWKS_KEY

@@ -14,9 +14,9 @@ import re
 import signal
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 _PR_SET_PDEATHSIG = 1
 PARENT_ENV = "HIVEMESH_PARENT_PID"
@@ -111,7 +111,7 @@ class Supervisor:
     @staticmethod
     async def _pump(child: Child) -> None:
         assert child.proc.stdout is not None
-        with open(child.log_path, "a", encoding="utf-8") as log:
+        with open(child.log_path, "a", encoding="utf-8") as log:  # noqa: ASYNC230 - local log file, line writes
             while True:
                 raw = await child.proc.stdout.readline()
                 if not raw:

@@ -21,8 +21,10 @@ from typing import Any, Final, TypeVar
 
 import aetcd
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from hivemesh.controlplane import joins
 from hivemesh.controlplane.ca import CaFiles, CertificateAuthority, ensure_controlplane_cert, load_ca
 from hivemesh.controlplane.grants import GrantSet, load_grants, put_grants
@@ -162,7 +164,7 @@ class Core:
         for kv in await self.etcd.get_prefix(prefix):
             try:
                 out.append(mesh_pb2.AgentInstance.FromString(kv.value))
-            except Exception:
+            except DecodeError:
                 log.warning("skipping unparsable agent instance at %s", kv.key.decode(errors="replace"))
         return out
 

@@ -151,7 +151,8 @@ class MeshUp:
     async def start_agents(self) -> None:
         assert self.settings is not None
         for agent in ("ocr", "extractor", "storage"):
-            child = await self.sup.spawn(agent, _python("hivemesh.agents.run", agent), self._env(await self._join_token(agent)))
+            token = await self._join_token(agent)
+            child = await self.sup.spawn(agent, _python("hivemesh.agents.run", agent), self._env(token))
             self.say(f"agent {agent}: SDK, in-process mesh layers (pid {child.pid})")
         plain = await self.sup.spawn("validator", _python("hivemesh.agents.run", "validator", "--port", "0"))
         m = await plain.wait_for_line(r"listening (127\.0\.0\.1:\d+)", _READY_S)

@@ -16,6 +16,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
 from hivemesh.mesh.errors import PeerUnauthenticatedError
 
 SCHEME = "spiffe://"

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import aetcd
+
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError, RegistryUnavailableError
 from hivemesh.mesh.etcd import PREFIX, parse_endpoints
 from hivemesh.mesh.etcd import client as etcd_client

@@ -35,7 +35,8 @@ class ManagedServer:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._services = list(services)
-        reflection.enable_server_reflection([*self._services, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        names = [*self._services, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, self.server)
         self.port = 0
 
     def add_secure_port(self, address: str, creds: grpc.ServerCredentials) -> int:

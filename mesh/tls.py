@@ -16,6 +16,7 @@ from typing import Any, Final
 
 import grpc
 from cryptography.hazmat.primitives import serialization
+
 from hivemesh.mesh.errors import HivemeshError, InvalidInputError, from_rpc_error
 from hivemesh.mesh.pki import (
     SpiffeId,

@@ -30,6 +30,7 @@ from typing import Any, Generic, TypeVar, cast
 
 import aetcd
 from aetcd import rpc
+
 from hivemesh.mesh.errors import RegistryUnavailableError
 from hivemesh.mesh.etcd import client as etcd_client
 from hivemesh.mesh.etcd import parse_endpoints

@@ -82,7 +82,8 @@ class AgentServer:
             hop = agent_pb2.Hop(
                 kind="agent", identity=self.node.workload.spiffe_id, instance=self.instance_id, endpoint=self.endpoint
             )
-            agent_pb2_grpc.add_AgentServicer_to_server(AgentServicer(self.agent, hop=hop, mesh=self.mesh), server.server)
+            servicer = AgentServicer(self.agent, hop=hop, mesh=self.mesh)
+            agent_pb2_grpc.add_AgentServicer_to_server(servicer, server.server)
             await server.start()
             self._server = server
             instance = mesh_pb2.AgentInstance(

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+
 from hivemesh.v1 import agent_pb2, agent_pb2_grpc
 
 _JSON = "application/json"

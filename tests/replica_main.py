@@ -15,7 +15,6 @@ import signal
 import sys
 
 from hivemesh.sdk import MeshSettings, serve
-
 from tests.agents_for_tests import EchoAgent
 
 

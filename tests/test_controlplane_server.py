@@ -17,6 +17,7 @@ import grpc
 import pytest
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from hivemesh.controlplane.ca import CaFiles, init_ca
 from hivemesh.controlplane.client import ControlPlaneClient
 from hivemesh.controlplane.server import CA_KEY, ControlPlaneConfig, ControlPlaneServer, main

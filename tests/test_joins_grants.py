@@ -10,6 +10,7 @@ from pathlib import Path
 
 import aetcd
 import pytest
+
 from hivemesh.controlplane import joins
 from hivemesh.controlplane.grants import (
     GRANTS_PREFIX,

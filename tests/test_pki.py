@@ -11,6 +11,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
 from hivemesh.controlplane.ca import CaFiles, CertificateAuthority, init_ca, load_ca
 from hivemesh.mesh.errors import PeerUnauthenticatedError
 from hivemesh.mesh.pki import (

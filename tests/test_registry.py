@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 
 import aetcd
 import pytest
+
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError, RegistryUnavailableError
 from hivemesh.mesh.etcd import EtcdServer, client, free_port, wait_connected
 from hivemesh.mesh.registry import (

@@ -19,11 +19,11 @@ from typing import IO
 
 import aetcd
 import pytest
+
 from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.etcd import EtcdServer
 from hivemesh.mesh.registry import agent_key
 from hivemesh.sdk import Agent, AgentServer, MeshClient, capability
-
 from tests.agents_for_tests import EchoAgent, Text
 from tests.meshenv import MeshEnv, start_mesh_env, stop_mesh_env
 
@@ -179,7 +179,7 @@ async def test_killed_replica_leaves_the_registry_and_calls_fail_over(
         f"(served by {dict(Counter(o.served_by for o in between))}); after {len(after)} "
         f"(served by {dict(Counter(o.served_by for o in after))})"
     )
-    print(report)  # noqa: T201 - the figures the test matrix asks for, in the test output
+    print(report)
     log.info(report)
     assert gone - killed <= LEASE_TTL_S + 2
     assert after and all(o.served_by == survivor.tag for o in after), [o for o in after if o.served_by != "replica-b"]
@@ -224,7 +224,7 @@ async def test_calls_continue_through_an_etcd_outage(own_etcd: EtcdServer, tmp_p
                     except HivemeshError as err:
                         failures.append(f"{err.code.name}/{err.reason}: {err.message}")
                     await asyncio.sleep(0.05)
-                print(f"etcd down {time.monotonic() - down:.1f} s: {ok} calls ok, {len(failures)} failed")  # noqa: T201
+                print(f"etcd down {time.monotonic() - down:.1f} s: {ok} calls ok, {len(failures)} failed")
                 assert saw_disconnected, "the registry never noticed etcd was gone: the outage did not happen"
                 assert failures == []
                 assert ok >= 20

@@ -62,7 +62,9 @@ class _Issuer:
         self.fail = fail
         self.now = 1000.0
 
-    async def issue_token(self, audience: str, scopes: Sequence[str] = (), ttl_s: int = 0) -> control_pb2.IssueTokenResponse:
+    async def issue_token(
+        self, audience: str, scopes: Sequence[str] = (), ttl_s: int = 0
+    ) -> control_pb2.IssueTokenResponse:
         self.calls += 1
         await asyncio.sleep(0)
         if self.fail:

@@ -21,6 +21,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from google.rpc import error_details_pb2, status_pb2
+
 from hivemesh.controlplane.ca import init_ca, load_ca
 from hivemesh.controlplane.client import ControlPlaneClient
 from hivemesh.controlplane.issuer import SigningKeys
@@ -30,7 +31,6 @@ from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
 from hivemesh.mesh.tls import Workload, channel_credentials, join, secure_channel
 from hivemesh.sdk import AgentServer, capability
 from hivemesh.v1 import agent_pb2
-
 from tests.agents_for_tests import EchoAgent, Text
 from tests.meshenv import TRUST_DOMAIN, MeshEnv
 from tests.plain_agent import PlainAgent

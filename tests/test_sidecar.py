@@ -14,13 +14,13 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+
 from hivemesh.mesh.outbound import encode_request
 from hivemesh.mesh.pki import parse_spiffe_id
 from hivemesh.mesh.sidecar import Sidecar, SidecarConfig, hop_suffix
 from hivemesh.mesh.tls import secure_channel
 from hivemesh.sdk import AgentServer, DeadlineExceededError, HivemeshError, InvalidInputError, MeshClient
 from hivemesh.v1 import agent_pb2, agent_pb2_grpc, mesh_pb2, mesh_pb2_grpc
-
 from tests.agents_for_tests import EchoAgent
 from tests.meshenv import TRUST_DOMAIN, MeshEnv
 from tests.plain_agent import FAIL_MESSAGE, FAIL_TRAILER, PlainAgent

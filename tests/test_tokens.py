@@ -17,6 +17,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
 from hivemesh.controlplane.issuer import SigningKeys, TokenIssuer, public_jwk
 from hivemesh.mesh.errors import (
     AudienceMismatchError,

@@ -103,7 +103,9 @@ def test_up_serves_the_cli_until_sigterm(tmp_path: Path) -> None:
         assert refused.returncode == 1
         assert "INVALID_ARGUMENT" in refused.stderr and "Traceback" not in refused.stderr
 
-        unknown = subprocess.run([*base, "call", "teleport", "--data", "{}"], capture_output=True, text=True, timeout=60)
+        unknown = subprocess.run(
+            [*base, "call", "teleport", "--data", "{}"], capture_output=True, text=True, timeout=60
+        )
         assert unknown.returncode == 1 and "UNKNOWN_CAPABILITY" in unknown.stderr
     finally:
         up.send_signal(signal.SIGTERM)

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 
 import aetcd
 import pytest
+
 from hivemesh.mesh.errors import RegistryUnavailableError
 from hivemesh.mesh.etcd import EtcdServer, client, free_port, parse_endpoints, wait_connected
 from hivemesh.mesh.watch import PrefixCache, WatchOptions
