@@ -25,6 +25,9 @@ AGENT_NAMES = (*SDK_AGENTS, *PLAIN_AGENTS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from hivemesh.controlplane.procs import die_with_parent_if_asked  # stdlib only: no runtime for 'validator'
+
+    die_with_parent_if_asked()
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in PLAIN_AGENTS:
         plain = importlib.import_module(PLAIN_AGENTS[args[0]])

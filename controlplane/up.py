@@ -105,7 +105,7 @@ class MeshUp:
             self.say(f"created a development CA in {opts.certs_dir} (private keys stay there, never committed)")
         self.etcd = EtcdServer(data_dir=opts.home / "etcd", log_path=opts.home / "logs" / "etcd.log")
         (opts.home / "logs").mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(self.etcd.start)
+        self.etcd.start()  # from the main thread: etcd's parent-death signal is tied to the spawning thread
         self.say(f"etcd {self.etcd.endpoint} (pid {self.etcd.pid}, data in {opts.home / 'etcd'})")
         cp = await self.sup.spawn(
             "controlplane",
@@ -205,7 +205,7 @@ class MeshUp:
                 await self.operator.close()
         await self.sup.stop_all()
         if self.etcd is not None:
-            await asyncio.to_thread(self.etcd.stop)
+            self.etcd.stop()
         with contextlib.suppress(FileNotFoundError):
             (self.opts.home / STATE_FILE).unlink()
         self.say("stopped: agents, sidecar, control plane and etcd")

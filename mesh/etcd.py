@@ -102,7 +102,12 @@ class EtcdServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         client_url = f"http://{self.host}:{self.client_port}"
         peer_url = f"http://{self.host}:{self.peer_port}"
+        # Die with the process that started us (setpriv sets PR_SET_PDEATHSIG, then execs etcd): a crashed
+        # `hivemesh up` or test run leaves no etcd behind. The signal follows the *thread* that spawned it, so
+        # start members from a long-lived thread (the main one), never from a short-lived worker.
+        wrapper = [setpriv, "--pdeathsig", "TERM"] if (setpriv := shutil.which("setpriv")) else []
         args = [
+            *wrapper,
             binary,
             "--name", self.name,
             "--data-dir", str(self.data_dir),

@@ -119,3 +119,28 @@ def test_up_serves_the_cli_until_sigterm(tmp_path: Path) -> None:
     assert up.returncode == 0, text[-3000:]
     assert "stopped: agents, sidecar, control plane and etcd" in text
     _assert_all_gone(_pids(text))
+
+
+@pytest.mark.slow
+def test_a_killed_up_leaves_nothing_behind(tmp_path: Path) -> None:
+    base = [*HIVEMESH, "--home", str(tmp_path / "home"), "--certs-dir", str(tmp_path / "certs")]
+    up = subprocess.Popen([*base, "up"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []
+    try:
+        assert up.stdout is not None
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = up.stdout.readline()
+            if not line:
+                break
+            output.append(line)
+            if "mesh is up" in line:
+                break
+        text = "".join(output)
+        assert "mesh is up" in text, text[-3000:]
+        pids = _pids(text)
+        assert len(pids) >= 6
+    finally:
+        up.kill()  # SIGKILL: no chance to clean up; the children must notice on their own
+        up.communicate(timeout=60)
+    _assert_all_gone(pids, timeout=30)
