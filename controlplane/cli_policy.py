@@ -1,0 +1,203 @@
+"""`hivemesh policy ...` and `hivemesh status`: traffic policies and how they act, through the control plane's
+`Policies` service as the operator (so the same works from any language's gRPC client)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import yaml
+from google.protobuf.message import Message
+from rich.table import Table
+
+from hivemesh.controlplane.cli import CliContext, _friendly_errors, err, out
+from hivemesh.controlplane.client import ControlPlaneClient
+from hivemesh.controlplane.policies import parse_documents
+from hivemesh.controlplane.policy_client import PolicyClient
+from hivemesh.v1 import policy_pb2
+
+_T = TypeVar("_T")
+# Made here rather than imported: cli.py imports this module at its end, and the cycle would hide its type.
+pass_cli = click.make_pass_decorator(CliContext)
+
+
+def _run(obj: CliContext, action: Callable[[PolicyClient], Awaitable[_T]]) -> _T:
+    settings = obj.operator_settings()
+
+    async def go() -> _T:
+        async with ControlPlaneClient.from_certs_dir(settings.controlplane, obj.certs_dir) as cp:
+            return await action(PolicyClient(cp))
+
+    return asyncio.run(go())
+
+
+def _doc(p: policy_pb2.Policy) -> dict[str, Any]:
+    doc: dict[str, Any] = {"kind": p.kind, "name": p.name}
+    if p.description:
+        doc["description"] = p.description
+    doc["version"] = p.version
+    doc["spec"] = json.loads(p.spec_json) if p.spec_json else {}
+    return doc
+
+
+@click.group()
+def policy() -> None:
+    """Traffic policies (routes, retries, timeouts, breakers, ratelimits, concurrency, ...), stored in etcd."""
+
+
+@policy.command("apply")
+@click.option("-f", "--file", "path", required=True, type=click.Path(dir_okay=False, allow_dash=True),
+              help="YAML or JSON documents ('-' for stdin); several with '---' or as a JSON list.")
+@click.option("--dry-run", is_flag=True, help="Validate (and compile) without writing anything.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_cli
+@_friendly_errors
+def policy_apply(obj: CliContext, path: str, dry_run: bool, as_json: bool) -> None:
+    """Validate every document and store them all in one transaction, or none of them."""
+    if path == "-":
+        text, source = sys.stdin.read(), "<stdin>"
+    else:
+        try:
+            text, source = Path(path).read_text(encoding="utf-8"), path
+        except OSError as exc:
+            raise click.BadParameter(f"cannot read {path}: {exc.strerror}", param_hint="--file") from None
+    documents = parse_documents(text, source=source)
+    resp = _run(obj, lambda c: c.apply(documents, dry_run=dry_run))
+    if as_json:
+        click.echo(json.dumps({
+            "dry_run": resp.dry_run, "revision": resp.revision,
+            "applied": [{"kind": a.kind, "name": a.name, "action": a.action, "version": a.version}
+                        for a in resp.applied],
+        }, indent=2))
+        return
+    verb = "would be" if resp.dry_run else "is"
+    for a in resp.applied:
+        out.print(f"{a.kind}/{a.name} {verb} {a.action} (version {a.version or '-'})", highlight=False)
+    if resp.dry_run:
+        out.print("dry run: nothing was written", highlight=False)
+
+
+@policy.command("get")
+@click.argument("kind")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of YAML.")
+@pass_cli
+@_friendly_errors
+def policy_get(obj: CliContext, kind: str, name: str, as_json: bool) -> None:
+    """Print one stored document (it can be edited and applied again)."""
+    doc = _doc(_run(obj, lambda c: c.get(kind, name)))
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        click.echo(yaml.safe_dump(doc, sort_keys=False).rstrip())
+
+
+@policy.command("list")
+@click.argument("kind", required=False, default="")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (whole documents).")
+@pass_cli
+@_friendly_errors
+def policy_list(obj: CliContext, kind: str, as_json: bool) -> None:
+    """List stored documents, of one KIND or of every kind."""
+    docs = [_doc(p) for p in _run(obj, lambda c: c.list_policies(kind))]
+    if as_json:
+        click.echo(json.dumps(docs, indent=2))
+        return
+    if not docs:
+        out.print("no policies" + (f" of kind {kind}" if kind else ""), highlight=False)
+        return
+    table = Table("kind", "name", "version", "targets", "description")
+    for d in docs:
+        spec = d["spec"]
+        targets = ", ".join(spec.get("capabilities", spec.get("agents", spec.get("subjects", ["*"]))))
+        table.add_row(d["kind"], d["name"], str(d["version"]), targets, d.get("description", ""))
+    out.print(table)
+
+
+@policy.command("delete")
+@click.argument("kind")
+@click.argument("name")
+@click.option("--version", type=int, default=None, help="Delete only if the document is still at this version.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@pass_cli
+@_friendly_errors
+def policy_delete(obj: CliContext, kind: str, name: str, version: int | None, yes: bool) -> None:
+    """Delete one document; every node stops applying it within about a second."""
+    if not yes:
+        click.confirm(f"Delete policy {kind}/{name}?", abort=True)
+    revision = _run(obj, lambda c: c.delete(kind, name, version=version))
+    out.print(f"deleted {kind}/{name} (revision {revision})", highlight=False)
+
+
+@policy.command("kinds")
+@click.option("--json", "as_json", is_flag=True, help="Include each kind's JSON Schema.")
+@pass_cli
+@_friendly_errors
+def policy_kinds(obj: CliContext, as_json: bool) -> None:
+    """The policy kinds the control plane knows."""
+    infos: list[policy_pb2.PolicyKindInfo] = _run(obj, lambda c: c.kinds())
+    if as_json:
+        click.echo(json.dumps([{"name": k.name, "description": k.description,
+                                "spec_schema": json.loads(k.spec_schema_json)} for k in infos], indent=2))
+        return
+    table = Table("kind", "description")
+    for k in infos:
+        table.add_row(k.name, k.description)
+    out.print(table)
+
+
+def _plain(message: Message) -> dict[str, Any]:
+    """A status message as plain JSON data: every field (zeros too), numbers as numbers."""
+    out: dict[str, Any] = {}
+    for fd in message.DESCRIPTOR.fields:
+        value = getattr(message, fd.name)
+        if fd.message_type is not None:
+            if fd.is_repeated:
+                out[fd.name] = [_plain(v) for v in value]
+            elif message.HasField(fd.name):
+                out[fd.name] = _plain(value)
+        else:
+            out[fd.name] = value
+    return out
+
+
+def _short(identity: str) -> str:
+    return "/".join(identity.split("/")[-2:])
+
+
+@click.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_cli
+@_friendly_errors
+def status(obj: CliContext, as_json: bool) -> None:
+    """Per node, capability and instance: breaker state, limiter use, in-flight calls, recent error rate."""
+    nodes: list[policy_pb2.NodeTraffic] = _run(obj, lambda c: c.status())
+    if as_json:
+        click.echo(json.dumps([_plain(n) for n in nodes], indent=2))
+        return
+    if not nodes:
+        out.print("no node has published its status (nodes publish every ~2 s while they run)")
+        return
+    table = Table("node", "dir", "capability", "instance", "breaker", "in flight", "calls/10s", "errors",
+                  "limiter", "retries/limited")
+    for n in nodes:
+        node = f"{_short(n.identity)} ({n.instance})"
+        if n.HasField("concurrency"):
+            c = n.concurrency
+            table.add_row(node, "in", "(all)", "", "", f"{c.in_flight}/{c.max_in_flight} q{c.queued}", "", "",
+                          f"shed {c.shed}", "")
+        for cap in n.capabilities:
+            limiter = f"{cap.limiter_use:.0%} of {cap.limit_rps:g}/s" if cap.limit_rps else ""
+            extra = str(cap.retries) if cap.direction == "outbound" else str(cap.rate_limited)
+            table.add_row(node, cap.direction[:3], cap.capability, "", cap.breaker or "-", str(cap.in_flight),
+                          str(cap.calls), f"{cap.error_rate:.1%}", limiter, extra)
+            for inst in cap.instances:
+                table.add_row("", "", "", inst.instance, inst.breaker or "-", str(inst.in_flight), str(inst.calls),
+                              f"{inst.error_rate:.1%}", "", "")
+    out.print(table)
+    err.print("[dim]counts are over the last ~10 s, published by each node every ~2 s[/dim]", highlight=False)

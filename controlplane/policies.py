@@ -1,0 +1,351 @@
+"""The policy store: validate policy documents and keep them in etcd, all or nothing.
+
+Documents (YAML or JSON; several per file with `---`, or a JSON list) look like
+
+    kind: retries            # a registered kind (see below)
+    name: default            # [a-z0-9][a-z0-9._-]{0,62}
+    description: optional text
+    version: 0               # optional compare-and-swap: the version you expect now (0: must not exist yet)
+    spec: {...}              # checked against the kind's JSON Schema, then by its own checks and compiler
+
+and are stored at `/hivemesh/policies/<kind>/<name>`; a document's version is its etcd mod revision. An apply is
+one etcd transaction: every document is validated first, each affected kind is compiled with the documents it
+would end up with (so conflicts between documents are refused too), and then all are written or none is.
+Errors name the field: `retries/default: spec.attempts: must be <= 10`. A dry run does everything but write.
+
+Kinds are registered in `hivemesh.mesh.policy` (the data plane needs the same schemas and compilers):
+
+    from hivemesh.mesh.policy import PolicyKind, register_kind
+    register_kind(PolicyKind(name="authz", spec_schema={...}, compile=compile_authz))
+
+and listed in `hivemesh.mesh.policy.KIND_MODULES`, so both this store and every node know them. This module
+also registers `grants`, the control plane's older kind, which keeps its flat stored form so `GrantSet`
+reads it unchanged; the data plane ignores it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Final
+
+import yaml
+
+from hivemesh.controlplane.grants import _GRANT_SCHEMA, Grant, GrantSet
+from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError, NotFoundError
+from hivemesh.mesh.policy import (
+    NAME_RE,
+    POLICIES_PREFIX,
+    PolicyDoc,
+    PolicyError,
+    PolicyKind,
+    get_kind,
+    kinds,
+    policy_key,
+    register_kind,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_DOCUMENTS: Final = 100  # etcd's default --max-txn-ops is 128
+_MAX_TEXT_BYTES: Final = 1 << 20
+_ENVELOPE_FIELDS: Final = ("apiVersion", "kind", "name", "description", "version", "spec")
+_API_VERSION: Final = "hivemesh/v1"
+_TXN_ATTEMPTS: Final = 3
+
+
+# --- the grants kind, kept in its flat form -----------------------------------------------------------------------
+def _grant_spec_schema() -> dict[str, Any]:
+    props = {k: v for k, v in _GRANT_SCHEMA["properties"].items() if k not in ("name", "description")}
+    return {"type": "object", "required": ["subjects", "capabilities"], "additionalProperties": False,
+            "properties": props}
+
+
+def _encode_grant(doc: PolicyDoc) -> bytes:
+    grant = Grant.from_doc({"name": doc.name, "description": doc.description, **doc.spec})
+    return json.dumps(grant.to_doc(), sort_keys=True).encode("utf-8")
+
+
+def _decode_grant(name: str, value: bytes) -> PolicyDoc:
+    try:
+        raw = json.loads(value)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PolicyError("", f"stored grant is not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise PolicyError("", "stored grant is not a JSON object")
+    spec = {k: v for k, v in raw.items() if k not in ("name", "description")}
+    return PolicyDoc("grants", name, spec, str(raw.get("description", "")))
+
+
+def _compile_grants(docs: Mapping[str, PolicyDoc]) -> GrantSet:
+    return GrantSet(Grant.from_doc({"name": d.name, "description": d.description, **d.spec}) for d in docs.values())
+
+
+GRANTS_KIND: Final = register_kind(
+    PolicyKind(
+        name="grants",
+        spec_schema=_grant_spec_schema(),
+        compile=_compile_grants,
+        description="which capabilities an identity may be issued tokens for (read by the control plane)",
+        encode=_encode_grant,
+        decode=_decode_grant,
+    )
+)
+
+
+# --- documents ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PolicyInput:
+    """One document to apply: the validated policy plus the version the caller expects (None: any)."""
+
+    doc: PolicyDoc
+    expected_version: int | None = None
+
+
+def _invalid(err: PolicyError, *, label: str = "", where: str = "") -> InvalidInputError:
+    scoped = err.prefixed(where) if where else err
+    text = str(err)
+    return InvalidInputError(f"{label}: {text}" if label else text, field_violations=scoped.violations)
+
+
+def parse_documents(text: str, *, source: str = "<policies>") -> list[Any]:
+    """The raw documents in YAML/JSON text: a multi-document stream, or one list of documents."""
+    if len(text.encode("utf-8", "surrogatepass")) > _MAX_TEXT_BYTES:
+        raise InvalidInputError(f"{source}: larger than {_MAX_TEXT_BYTES} bytes")
+    try:
+        loaded = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        raise InvalidInputError(f"{source}: not valid YAML/JSON: {exc}") from None
+    if len(loaded) == 1 and isinstance(loaded[0], list):
+        loaded = loaded[0]
+    if not loaded:
+        raise InvalidInputError(f"{source}: no policy documents in it")
+    return loaded
+
+
+def validate_document(raw: Any) -> PolicyInput:
+    """One raw document (a mapping) as a validated policy; PolicyError names the bad field."""
+    if not isinstance(raw, dict):
+        raise PolicyError("", "a policy document must be a mapping with kind, name and spec")
+    unknown = sorted(str(k) for k in raw if k not in _ENVELOPE_FIELDS)
+    if unknown:
+        raise PolicyError(unknown[0], f"unknown field (allowed: {', '.join(_ENVELOPE_FIELDS)})")
+    api = raw.get("apiVersion", _API_VERSION)
+    if api != _API_VERSION:
+        raise PolicyError("apiVersion", f"must be {_API_VERSION!r}")
+    for required in ("kind", "name", "spec"):
+        if required not in raw:
+            raise PolicyError(required, "is required")
+    kind_name, name = raw["kind"], raw["name"]
+    if not isinstance(kind_name, str):
+        raise PolicyError("kind", "must be a string")
+    kind = get_kind(kind_name)
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise PolicyError("name", "must be a string matching [a-z0-9][a-z0-9._-]{0,62}")
+    description = raw.get("description", "")
+    if not isinstance(description, str) or len(description) > 1024:
+        raise PolicyError("description", "must be a string of at most 1024 characters")
+    version = raw.get("version")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 0):
+        raise PolicyError("version", "must be an integer >= 0 (the version you expect; 0: must not exist yet)")
+    spec = raw["spec"]
+    if not isinstance(spec, dict):
+        raise PolicyError("spec", "must be a mapping")
+    # A JSON round trip keeps only JSON data (YAML dates and the like become errors here, not in etcd).
+    try:
+        spec = json.loads(json.dumps(spec))
+    except (TypeError, ValueError) as exc:
+        raise PolicyError("spec", f"must be JSON data: {exc}") from None
+    doc = kind.validate(PolicyDoc(kind.name, name, spec, description))
+    return PolicyInput(doc, version)
+
+
+def validate_documents(raws: Sequence[Any]) -> list[PolicyInput]:
+    """Every document validated, or InvalidInputError for the first bad one (paths under documents[i] when
+    there are several); the same kind/name twice is refused."""
+    if len(raws) > MAX_DOCUMENTS:
+        raise InvalidInputError(f"at most {MAX_DOCUMENTS} documents can be applied at once, got {len(raws)}")
+    many = len(raws) > 1
+    out: list[PolicyInput] = []
+    seen: dict[tuple[str, str], int] = {}
+    for i, raw in enumerate(raws):
+        label = _label(raw, i if many else None)
+        try:
+            item = validate_document(raw)
+        except PolicyError as err:
+            raise _invalid(err, label=label, where=f"documents[{i}]" if many else "") from None
+        key = (item.doc.kind, item.doc.name)
+        if key in seen:
+            dup = PolicyError("name", f"{key[0]}/{key[1]} is also document {seen[key] + 1}")
+            raise _invalid(dup, label=label, where=f"documents[{i}]") from None
+        seen[key] = i
+        out.append(item)
+    return out
+
+
+def _label(raw: Any, index: int | None) -> str:
+    prefix = f"document {index + 1}" if index is not None else ""
+    if isinstance(raw, dict) and isinstance(raw.get("kind"), str) and isinstance(raw.get("name"), str):
+        ident = f"{raw['kind']}/{raw['name']}"
+        return f"{prefix} ({ident})" if prefix else ident
+    return prefix
+
+
+# --- the store ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Applied:
+    """What an apply did (or, in a dry run, would do) with one document."""
+
+    kind: str
+    name: str
+    action: str
+    """"created", "updated" or "unchanged"."""
+    version: int
+    """The version now (for a dry run: the current version, 0 if it would be created)."""
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    applied: tuple[Applied, ...]
+    revision: int
+    """The etcd revision of the write (0 when nothing was written)."""
+    dry_run: bool
+
+
+async def _read_kind(etcd: Any, kind: PolicyKind[Any]) -> dict[str, tuple[PolicyDoc | None, int, bytes]]:
+    """name -> (document or None if the stored one is invalid, mod revision, stored bytes)."""
+    prefix = f"{POLICIES_PREFIX}{kind.name}/".encode()
+    out: dict[str, tuple[PolicyDoc | None, int, bytes]] = {}
+    for kv in await etcd.get_prefix(prefix):
+        name = kv.key[len(prefix):].decode("utf-8", "replace")
+        try:
+            doc: PolicyDoc | None = kind.load(name, kv.value, int(kv.mod_revision))
+        except PolicyError as exc:
+            log.warning("stored policy %s/%s is invalid: %s", kind.name, name, exc)
+            doc = None
+        out[name] = (doc, int(kv.mod_revision), kv.value)
+    return out
+
+
+async def apply_policies(etcd: Any, items: Sequence[PolicyInput], *, dry_run: bool = False) -> ApplyResult:
+    """Store every document in one transaction, or none; see the module docstring."""
+    if not items:
+        raise InvalidInputError("no policy documents to apply")
+    many = len(items) > 1
+    for _attempt in range(_TXN_ATTEMPTS):
+        by_kind: dict[str, dict[str, tuple[PolicyDoc | None, int, bytes]]] = {}
+        for item in items:
+            if item.doc.kind not in by_kind:
+                by_kind[item.doc.kind] = await _read_kind(etcd, get_kind(item.doc.kind))
+        # Each affected kind must still compile with the documents it would hold afterwards.
+        for kind_name, stored in by_kind.items():
+            kind = get_kind(kind_name)
+            after = {n: d for n, (d, _r, _v) in stored.items() if d is not None}
+            after.update({i.doc.name: i.doc for i in items if i.doc.kind == kind_name})
+            try:
+                kind.compile(MappingProxyType(after))
+            except PolicyError as err:
+                raise InvalidInputError(f"{kind_name}: {err}", field_violations=err.violations) from None
+        ops: list[Any] = []
+        compares: list[Any] = []
+        plan: list[tuple[PolicyInput, str, int]] = []
+        for i, item in enumerate(items):
+            doc = item.doc
+            kind = get_kind(doc.kind)
+            current = by_kind[doc.kind].get(doc.name)
+            current_rev = current[1] if current else 0
+            if item.expected_version is not None and item.expected_version != current_rev:
+                where = f"documents[{i}].version" if many else "version"
+                msg = (f"{doc.kind}/{doc.name} is at version {current_rev}, not {item.expected_version}"
+                       if current_rev else f"{doc.kind}/{doc.name} does not exist (expected version "
+                       f"{item.expected_version})") if item.expected_version else (
+                       f"{doc.kind}/{doc.name} already exists (version {current_rev})")
+                raise FailedPreconditionError(msg, field_violations={where: msg})
+            value = kind.store(doc)
+            key = doc.key.encode()
+            if current is not None and current[2] == value:
+                plan.append((item, "unchanged", current_rev))
+                continue
+            plan.append((item, "updated" if current else "created", current_rev))
+            if current is None:
+                compares.append(etcd.transactions.version(key) == 0)
+            else:
+                compares.append(etcd.transactions.mod(key) == current_rev)
+            ops.append(etcd.transactions.put(key, value))
+        if dry_run or not ops:
+            return ApplyResult(
+                tuple(Applied(p.doc.kind, p.doc.name, action, rev) for p, action, rev in plan), 0, dry_run
+            )
+        ok, responses = await etcd.transaction(compare=compares, success=ops, failure=[])
+        if not ok:
+            continue  # someone changed one of these documents since we read it: read, check and try again
+        revision = int(responses[0].response_put.header.revision) if responses else 0
+        applied = tuple(
+            Applied(p.doc.kind, p.doc.name, action, rev if action == "unchanged" else revision)
+            for p, action, rev in plan
+        )
+        log.info("applied %s at revision %d", ", ".join(f"{a.kind}/{a.name} ({a.action})" for a in applied),
+                 revision)
+        return ApplyResult(applied, revision, False)
+    raise FailedPreconditionError("the policies changed concurrently several times while applying; try again")
+
+
+async def apply_text(etcd: Any, text: str, *, dry_run: bool = False, source: str = "<policies>") -> ApplyResult:
+    """Parse, validate and apply YAML/JSON text."""
+    return await apply_policies(etcd, validate_documents(parse_documents(text, source=source)), dry_run=dry_run)
+
+
+async def get_policy(etcd: Any, kind_name: str, name: str) -> PolicyDoc:
+    """The stored document kind/name (NotFoundError if there is none)."""
+    kind = _known_kind(kind_name)
+    kv = await etcd.get(policy_key(kind.name, name).encode())
+    if kv is None:
+        raise NotFoundError(f"no {kind.name} policy named {name!r}", metadata={"kind": kind.name, "name": name[:128]})
+    try:
+        return kind.load(name, kv.value, int(kv.mod_revision))
+    except PolicyError as exc:
+        raise FailedPreconditionError(f"stored policy {kind.name}/{name} is invalid: {exc}") from None
+
+
+async def list_policies(etcd: Any, kind_name: str | None = None) -> list[PolicyDoc]:
+    """Every valid stored document (of one kind, or of every registered kind), sorted by kind then name."""
+    selected = [_known_kind(kind_name)] if kind_name else [kinds()[k] for k in sorted(kinds())]
+    out: list[PolicyDoc] = []
+    for kind in selected:
+        stored = await _read_kind(etcd, kind)
+        out.extend(d for _n, (d, _r, _v) in sorted(stored.items()) if d is not None)
+    return out
+
+
+async def delete_policy(etcd: Any, kind_name: str, name: str, *, expected_version: int | None = None) -> int:
+    """Delete kind/name (NotFoundError if absent; FailedPreconditionError if not at expected_version).
+
+    Returns the etcd revision of the deletion.
+    """
+    kind = _known_kind(kind_name)
+    key = policy_key(kind.name, name).encode()
+    compare = [etcd.transactions.version(key) > 0]
+    if expected_version is not None:
+        compare.append(etcd.transactions.mod(key) == expected_version)
+    ok, responses = await etcd.transaction(
+        compare=compare, success=[etcd.transactions.delete(key)], failure=[etcd.transactions.get(key)]
+    )
+    if ok:
+        log.info("deleted policy %s/%s", kind.name, name)
+        return int(responses[0].response_delete_range.header.revision)
+    existing = responses[0][0] if responses and responses[0] else None
+    if existing is None:
+        raise NotFoundError(f"no {kind.name} policy named {name!r}", metadata={"kind": kind.name, "name": name[:128]})
+    raise FailedPreconditionError(
+        f"{kind.name}/{name} is at version {existing[1].mod_revision}, not {expected_version}"
+    )
+
+
+def _known_kind(kind_name: str) -> PolicyKind[Any]:
+    try:
+        return get_kind(kind_name)
+    except PolicyError as err:
+        raise _invalid(err) from None

@@ -1,0 +1,445 @@
+"""Policies in the data plane: the registry of policy kinds, and `PolicyCache`, which keeps every kind compiled.
+
+A policy is a JSON document stored at `/hivemesh/policies/<kind>/<name>`:
+
+    {"kind": "retries", "name": "default", "description": "...", "spec": {...}}
+
+Its version is the key's etcd mod revision. The control plane (`hivemesh.controlplane.policies`) validates and
+writes documents; every node mirrors the prefix with a `PolicyCache` and reads only the compiled, immutable
+structures it swaps in on each watch event, so the call path never touches etcd.
+
+Registering a kind (the stable API; the traffic kinds in `hivemesh.mesh.resilience.kinds` and the zero-trust
+`authz` kind use it):
+
+    from hivemesh.mesh.policy import PolicyDoc, PolicyError, PolicyKind, register_kind
+
+    def compile_authz(docs: Mapping[str, PolicyDoc]) -> AuthzTable:
+        # docs: every valid stored document of the kind, by name. Pure and fast; return something immutable
+        # (frozen dataclasses, tuples, MappingProxyType). compile({}) is the value in force with no document.
+        # Raise PolicyError("spec.rules[0].from", "why") to refuse a combination of documents: the control
+        # plane then refuses the apply, and a node keeps the last good value.
+        ...
+
+    AUTHZ: PolicyKind[AuthzTable] = register_kind(PolicyKind(
+        name="authz",                       # the <kind> in the key; [a-z][a-z0-9-]{0,30}
+        spec_schema={...},                  # JSON Schema of "spec"; errors name the field: spec.rules[0].from
+        compile=compile_authz,
+        check=None,                         # optional: per-document checks beyond the schema; raise PolicyError
+        description="who may call which capability",
+    ))
+
+    # on the call path (any node): the compiled value, an O(1) read
+    table = node.policies.get(AUTHZ)
+
+Put the module that registers a kind in `KIND_MODULES` below, so the control plane and every node load it
+before they read policies (`kinds()` imports them on first use). A name can be registered again only with the
+same spec schema (a module imported twice); a different kind under a taken name is a ValueError.
+
+Unknown kinds under the prefix (for example `grants`, which only the control plane reads) are ignored by nodes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Final, Generic, TypeVar
+
+import fastjsonschema
+
+from hivemesh.mesh.etcd import PREFIX
+from hivemesh.mesh.watch import PrefixCache, WatchOptions
+
+log = logging.getLogger(__name__)
+
+C = TypeVar("C")
+
+POLICIES_PREFIX: Final = PREFIX + "policies/"
+KIND_MODULES: tuple[str, ...] = (
+    "hivemesh.mesh.resilience.kinds",  # routes, retries, timeouts, breakers, ratelimits, concurrency (issue 3)
+    "hivemesh.mesh.authz",  # authz: who may call which capability (issue 4)
+    "hivemesh.sdk.budget",  # budgets: per-caller model token budgets, enforced by the SDK server (issue 5)
+)
+"""Modules that register kinds when imported (append yours)."""
+
+KIND_RE: Final = re.compile(r"[a-z][a-z0-9-]{0,30}")
+NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+
+
+class PolicyError(ValueError):
+    """A policy document is not acceptable; `violations` maps each bad field's path to why.
+
+    Paths are dotted from the document root, with list indexes: `spec.split[1].weight`.
+    """
+
+    def __init__(self, path: str, message: str, *, more: Mapping[str, str] | None = None) -> None:
+        self.violations: dict[str, str] = {path: message, **(more or {})}
+        super().__init__(f"{path}: {message}" if path else message)
+
+    @property
+    def path(self) -> str:
+        return next(iter(self.violations))
+
+    @property
+    def reason(self) -> str:
+        return next(iter(self.violations.values()))
+
+    def prefixed(self, prefix: str) -> PolicyError:
+        """The same error with every path under prefix (e.g. `documents[2]`)."""
+        items = [(f"{prefix}.{p}" if p else prefix, m) for p, m in self.violations.items()]
+        first, rest = items[0], dict(items[1:])
+        return PolicyError(first[0], first[1], more=rest)
+
+
+@dataclass(frozen=True)
+class PolicyDoc:
+    """One validated policy document. `spec` is plain JSON data; treat it as immutable."""
+
+    kind: str
+    name: str
+    spec: Mapping[str, Any]
+    description: str = ""
+    version: int = 0
+    """The etcd mod revision it was stored at (0 for a document not read from etcd)."""
+
+    @property
+    def key(self) -> str:
+        return policy_key(self.kind, self.name)
+
+    def to_json(self) -> dict[str, Any]:
+        """The stored (envelope) form, without the version (etcd holds that)."""
+        out: dict[str, Any] = {"kind": self.kind, "name": self.name}
+        if self.description:
+            out["description"] = self.description
+        out["spec"] = dict(self.spec)
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class PolicyKind(Generic[C]):
+    """A kind of policy: what its `spec` may contain and how a set of documents compiles for the call path."""
+
+    name: str
+    spec_schema: Mapping[str, Any]
+    compile: Callable[[Mapping[str, PolicyDoc]], C]
+    check: Callable[[PolicyDoc], None] | None = None
+    description: str = ""
+    encode: Callable[[PolicyDoc], bytes] | None = None
+    """How a document is stored; default the JSON envelope. (The `grants` kind keeps its older flat form.)"""
+    decode: Callable[[str, bytes], PolicyDoc] | None = None
+    """The inverse of encode, given the document's name; default: parse the JSON envelope."""
+    _validator: Callable[[Any], Any] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not KIND_RE.fullmatch(self.name):
+            raise ValueError(f"policy kind name {self.name!r} must match {KIND_RE.pattern}")
+        try:
+            validator = fastjsonschema.compile(dict(self.spec_schema))
+        except fastjsonschema.JsonSchemaDefinitionException as exc:
+            raise ValueError(f"policy kind {self.name!r}: invalid spec schema: {exc}") from exc
+        object.__setattr__(self, "_validator", validator)
+
+    def validate(self, doc: PolicyDoc) -> PolicyDoc:
+        """Schema then semantic checks of one document; raises PolicyError naming the field."""
+        try:
+            self._validator(doc.spec)
+        except fastjsonschema.JsonSchemaValueException as exc:
+            path, message = schema_violation(exc, root="spec")
+            raise PolicyError(path, message) from None
+        if self.check is not None:
+            self.check(doc)
+        return doc
+
+    def store(self, doc: PolicyDoc) -> bytes:
+        if self.encode is not None:
+            return self.encode(doc)
+        return json.dumps(doc.to_json(), sort_keys=True, separators=(",", ":")).encode()
+
+    def load(self, name: str, value: bytes, version: int = 0) -> PolicyDoc:
+        """A stored document, validated (PolicyError if it is not acceptable)."""
+        if self.decode is not None:
+            doc = self.decode(name, value)
+        else:
+            try:
+                raw = json.loads(value)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise PolicyError("", f"stored value is not JSON: {exc}") from None
+            if not isinstance(raw, dict) or not isinstance(raw.get("spec"), dict):
+                raise PolicyError("spec", "stored document has no 'spec' object")
+            doc = PolicyDoc(self.name, name, raw["spec"], str(raw.get("description", "")))
+        if version:
+            doc = PolicyDoc(doc.kind, doc.name, doc.spec, doc.description, version)
+        return self.validate(doc)
+
+    def empty(self) -> C:
+        """The compiled value in force when no document of this kind exists."""
+        return self.compile(MappingProxyType({}))
+
+
+# --- the registry of kinds --------------------------------------------------------------------------------------
+_KINDS: dict[str, PolicyKind[Any]] = {}
+_lock = threading.Lock()
+_loaded = False
+
+
+def register_kind(kind: PolicyKind[C]) -> PolicyKind[C]:
+    """Make kind known to the control plane and to every PolicyCache created afterwards; returns it."""
+    with _lock:
+        existing = _KINDS.get(kind.name)
+        if existing is not None and existing is not kind and existing.spec_schema != kind.spec_schema:
+            raise ValueError(f"policy kind {kind.name!r} is already registered")
+        _KINDS[kind.name] = kind
+    return kind
+
+
+def _load_kind_modules() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module in KIND_MODULES:
+        importlib.import_module(module)
+
+
+def kinds() -> Mapping[str, PolicyKind[Any]]:
+    """Every registered kind by name (the modules in KIND_MODULES are imported first)."""
+    _load_kind_modules()
+    return MappingProxyType(dict(_KINDS))
+
+
+def get_kind(name: str) -> PolicyKind[Any]:
+    """The kind called name; PolicyError (path `kind`) naming the known kinds if there is none."""
+    known = kinds()
+    kind = known.get(name)
+    if kind is None:
+        raise PolicyError("kind", f"unknown policy kind {name!r} (known: {', '.join(sorted(known)) or 'none'})")
+    return kind
+
+
+def policy_key(kind: str, name: str) -> str:
+    return f"{POLICIES_PREFIX}{kind}/{name}"
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """(kind, name) of a policy key, or None when key is not one."""
+    if not key.startswith(POLICIES_PREFIX):
+        return None
+    kind, sep, name = key[len(POLICIES_PREFIX):].partition("/")
+    if not sep or not kind or not name or "/" in name:
+        return None
+    return kind, name
+
+
+# --- schema errors with field paths ----------------------------------------------------------------------------
+def _fmt_path(root: str, parts: Sequence[Any]) -> str:
+    out = root
+    for p in parts:
+        s = str(p)
+        out = f"{out}[{s}]" if s.isdigit() else (f"{out}.{s}" if out else s)
+    return out
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, dict):
+        return "object"
+    return "null" if value is None else type(value).__name__
+
+
+def schema_violation(exc: fastjsonschema.JsonSchemaValueException, *, root: str = "") -> tuple[str, str]:
+    """(field path, message) for a fastjsonschema failure, e.g. ("spec.attempts", "must be <= 10")."""
+    parts = list(exc.path or [])[1:]  # drop fastjsonschema's leading "data"
+    rule, defn, value = exc.rule, exc.rule_definition, exc.value
+    definition = exc.definition if isinstance(exc.definition, dict) else {}
+    if rule == "required" and isinstance(value, dict):
+        missing = [f for f in (defn or []) if f not in value]
+        if missing:
+            return _fmt_path(root, [*parts, missing[0]]), "is required"
+    if rule == "additionalProperties" and isinstance(value, dict):
+        allowed = sorted(definition.get("properties", {}))
+        unknown = sorted(str(k) for k in value if k not in allowed)
+        if unknown:
+            hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+            return _fmt_path(root, [*parts, unknown[0]]), f"unknown field{hint}"
+    where = _fmt_path(root, parts) or root or "document"
+    messages: dict[str, str] = {
+        "maximum": f"must be <= {defn}",
+        "minimum": f"must be >= {defn}",
+        "exclusiveMaximum": f"must be < {defn}",
+        "exclusiveMinimum": f"must be > {defn}",
+        "minLength": f"must be at least {defn} characters long",
+        "maxLength": f"must be at most {defn} characters long",
+        "minItems": f"must have at least {defn} item(s)",
+        "maxItems": f"must have at most {defn} item(s)",
+        "minProperties": f"must have at least {defn} entr{'y' if defn == 1 else 'ies'}",
+        "maxProperties": f"must have at most {defn} entries",
+        "uniqueItems": "must not repeat items",
+        "pattern": f"must match {defn}",
+        "const": f"must be {json.dumps(defn)}",
+    }
+    if rule == "type":
+        wanted = defn if isinstance(defn, str) else " or ".join(map(str, defn or []))
+        article = "an" if str(wanted)[:1] in "aeio" else "a"
+        return where, f"must be {article} {wanted}, not {_json_type(value)}"
+    if rule == "enum":
+        return where, f"must be one of: {', '.join(map(str, defn or []))} (got {value!r})"
+    if rule in messages:
+        return where, messages[rule]
+    text = str(exc.message)
+    name = str(exc.name or "data")
+    text = text[len(name):].strip() if text.startswith(name) else text
+    return where, text or "is not valid"
+
+
+# --- the data-plane cache -------------------------------------------------------------------------------------------
+class PolicyCache:
+    """Every policy under /hivemesh/policies/, compiled per kind and swapped atomically on each watch event.
+
+    `get(kind)` / `compiled(name)` are O(1) reads of an immutable mapping replaced as a whole, so the call path
+    sees one consistent view and never waits on etcd. A kind whose documents fail to compile keeps its last
+    good value (the problem is logged and listed in `problems`); a document that fails validation is left out.
+    While etcd is unreachable the last view stays in force.
+    """
+
+    def __init__(
+        self,
+        etcd_endpoints: str | Sequence[str],
+        *,
+        kind_names: Iterable[str] | None = None,
+        on_change: Callable[[], None] | None = None,
+        options: WatchOptions | None = None,
+    ) -> None:
+        registered = kinds()
+        wanted = registered.keys() if kind_names is None else list(kind_names)
+        self._kinds: dict[str, PolicyKind[Any]] = {}
+        for name in wanted:
+            if name not in registered:
+                raise ValueError(f"unknown policy kind {name!r}")
+            self._kinds[name] = registered[name]
+        self._on_change = on_change
+        self._docs: dict[str, tuple[PolicyDoc, ...]] = {k: () for k in self._kinds}
+        self._compiled: Mapping[str, Any] = MappingProxyType({k: kd.empty() for k, kd in self._kinds.items()})
+        self._problems: dict[str, str] = {}
+        self.compilations = 0
+        self._cache: PrefixCache[PolicyDoc | None] = PrefixCache(
+            etcd_endpoints, POLICIES_PREFIX, decode=self._decode, on_change=self._rebuild, options=options
+        )
+
+    # --- read side ----------------------------------------------------------------------------------------------
+    def get(self, kind: PolicyKind[C]) -> C:
+        """The compiled value of kind now (its empty value while no document exists)."""
+        value: C = self._compiled[kind.name]
+        return value
+
+    def compiled(self, kind_name: str) -> Any:
+        return self._compiled[kind_name]
+
+    def view(self) -> Mapping[str, Any]:
+        """kind name -> compiled value, one consistent immutable snapshot."""
+        return self._compiled
+
+    def docs(self, kind_name: str) -> tuple[PolicyDoc, ...]:
+        """The valid documents of a kind in force now, sorted by name."""
+        return self._docs.get(kind_name, ())
+
+    @property
+    def problems(self) -> Mapping[str, str]:
+        """key or kind -> why it is not in force (invalid documents, failed compilations)."""
+        return MappingProxyType(dict(self._problems))
+
+    @property
+    def revision(self) -> int:
+        """The etcd revision the compiled view reflects."""
+        return self._cache.revision
+
+    @property
+    def generation(self) -> int:
+        return self._cache.generation
+
+    @property
+    def loaded(self) -> bool:
+        return self._cache.loaded
+
+    @property
+    def watch(self) -> PrefixCache[PolicyDoc | None]:
+        return self._cache
+
+    async def wait_for_revision(self, revision: int, timeout: float) -> bool:
+        """Wait until the view reflects etcd revision `revision` (e.g. the one an apply returned)."""
+        return await self._cache.wait_for(lambda _snap: self._cache.revision >= revision, timeout)
+
+    # --- lifecycle ---------------------------------------------------------------------------------------------
+    async def start(self, timeout: float = 10.0, *, wait: bool = True) -> None:
+        """See PrefixCache.start."""
+        await self._cache.start(timeout, wait=wait)
+
+    async def stop(self) -> None:
+        await self._cache.stop()
+
+    async def __aenter__(self) -> PolicyCache:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # --- background -----------------------------------------------------------------------------------------
+    def _decode(self, key: bytes, value: bytes) -> PolicyDoc | None:
+        parts = split_key(key.decode("utf-8", "surrogateescape"))
+        if parts is None or parts[0] not in self._kinds:
+            return None  # another component's kind (e.g. grants): not ours to judge
+        k = key.decode()
+        try:
+            doc = self._kinds[parts[0]].load(parts[1], value)
+        except PolicyError as exc:
+            self._problems[k] = str(exc)
+            log.error("ignoring invalid policy %s: %s", k, exc)
+            return None
+        self._problems.pop(k, None)
+        return doc
+
+    def _rebuild(self) -> None:
+        grouped: dict[str, list[PolicyDoc]] = {k: [] for k in self._kinds}
+        snap = self._cache.snapshot()
+        for doc in snap.values():
+            if doc is not None:
+                grouped[doc.kind].append(doc)
+        for k in list(self._problems):
+            if k.startswith(POLICIES_PREFIX) and k not in snap:
+                self._problems.pop(k, None)  # the invalid document was deleted or replaced
+        compiled = dict(self._compiled)
+        changed = False
+        for name, kind in self._kinds.items():
+            docs = tuple(sorted(grouped[name], key=lambda d: d.name))
+            if len(docs) == len(self._docs[name]) and all(a is b for a, b in zip(docs, self._docs[name], strict=True)):
+                continue
+            try:
+                value = kind.compile(MappingProxyType({d.name: d for d in docs}))
+            except Exception as exc:  # noqa: BLE001 - keep the last good value whatever the compiler raised
+                self._problems[name] = f"not compiled, last good policy stays in force: {exc}"
+                log.error("policy kind %s did not compile (%s); the last good policy stays in force", name, exc)
+                continue
+            self._problems.pop(name, None)
+            self._docs[name] = docs
+            compiled[name] = value
+            changed = True
+            self.compilations += 1
+        if changed:
+            self._compiled = MappingProxyType(compiled)
+            if self._on_change is not None:
+                try:
+                    self._on_change()
+                except Exception:
+                    log.exception("on_change callback of the policy cache failed")

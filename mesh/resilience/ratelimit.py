@@ -1,0 +1,167 @@
+"""Rate limits: token buckets per caller identity × capability, under a total per capability (Linkerd-style).
+
+A call must find a token both in its identity's bucket (fairness: one noisy caller cannot take everyone's
+share) and in the capability's total bucket. A cluster-wide total is divided by the number of live instances
+serving the capability, so the cluster as a whole admits about that rate as membership changes. A refusal
+says when a token will be there, which travels back as RetryInfo and `grpc-retry-pushback-ms`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from hivemesh.mesh.resilience.window import WindowCounter
+
+_MAX_BUCKETS = 10_000
+
+
+class TokenBucket:
+    """`rate` tokens per second up to `capacity`; starts full."""
+
+    __slots__ = ("capacity", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, capacity: float, now: float) -> None:
+        self.rate = rate
+        self.capacity = capacity
+        self.tokens = capacity
+        self.stamp = now
+
+    def _refill(self, now: float) -> None:
+        if now > self.stamp:
+            self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+
+    def wait_time(self, now: float, n: float = 1.0) -> float:
+        """0.0 if n tokens are there now, else the seconds until they will be (inf if never)."""
+        self._refill(now)
+        if self.tokens >= n:
+            return 0.0
+        if self.rate <= 0:
+            return float("inf")
+        return (n - self.tokens) / self.rate
+
+    def take(self, n: float = 1.0) -> None:
+        self.tokens -= n
+
+    def reshape(self, rate: float, capacity: float, now: float) -> None:
+        """A changed limit applies from now on, keeping what the bucket holds (capped at the new capacity)."""
+        self._refill(now)
+        self.rate, self.capacity = rate, capacity
+        self.tokens = min(self.tokens, capacity)
+
+
+@dataclass(frozen=True)
+class IdentityOverride:
+    pattern: re.Pattern[str]
+    rps: float
+
+
+@dataclass(frozen=True)
+class RateLimitPolicy:
+    """Limits of one capability on the agent that enforces them (rates are calls per second)."""
+
+    total_rps: float | None = None
+    """All callers together, on this instance."""
+    cluster_total_rps: float | None = None
+    """All callers together, across every live instance (each instance enforces its share)."""
+    per_identity_rps: float | None = None
+    """Each caller identity (SPIFFE id), unless an override names it."""
+    overrides: tuple[IdentityOverride, ...] = ()
+    burst_s: float = 0.1
+    """Bucket capacity as seconds of rate (at least one call)."""
+
+    def __post_init__(self) -> None:
+        if self.total_rps is not None and self.cluster_total_rps is not None:
+            raise ValueError("give total_rps or cluster_total_rps, not both")
+        for v in (self.total_rps, self.cluster_total_rps, self.per_identity_rps, *(o.rps for o in self.overrides)):
+            if v is not None and v < 0:
+                raise ValueError("rates must be >= 0")
+        if self.burst_s <= 0:
+            raise ValueError("burst_s must be positive")
+
+    def identity_rate(self, identity: str) -> float | None:
+        for o in self.overrides:
+            if o.pattern.fullmatch(identity):
+                return o.rps
+        return self.per_identity_rps
+
+    def local_total(self, instances: int) -> float | None:
+        if self.cluster_total_rps is not None:
+            return self.cluster_total_rps / max(1, instances)
+        return self.total_rps
+
+    def capacity(self, rate: float) -> float:
+        return max(1.0, rate * self.burst_s)
+
+
+class RateLimiter:
+    """Buckets of one serving node. `check` is O(1); idle full buckets are dropped when there are many."""
+
+    _ADMITTED, _LIMITED = 0, 1
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._total: dict[str, TokenBucket] = {}
+        self._ident: dict[tuple[str, str], TokenBucket] = {}
+        self._windows: dict[str, WindowCounter] = {}
+        self._limits: dict[str, float] = {}
+
+    def _bucket(
+        self, table: dict[Any, TokenBucket], key: Any, rate: float, capacity: float, now: float
+    ) -> TokenBucket:
+        b = table.get(key)
+        if b is None:
+            if len(table) >= _MAX_BUCKETS:
+                self._sweep(table, now)
+            b = table[key] = TokenBucket(rate, capacity, now)
+        elif b.rate != rate or b.capacity != capacity:
+            b.reshape(rate, capacity, now)
+        return b
+
+    @staticmethod
+    def _sweep(table: dict[Any, TokenBucket], now: float) -> None:
+        for key in [k for k, b in table.items() if b.wait_time(now, b.capacity) == 0.0]:
+            del table[key]  # a full bucket is the same as a fresh one
+        if len(table) >= _MAX_BUCKETS:
+            table.clear()
+
+    def check(self, policy: RateLimitPolicy, capability: str, identity: str, *, instances: int = 1) -> float:
+        """0.0 if the call is admitted (tokens taken), else seconds until it could be."""
+        now = self._clock()
+        total_rate = policy.local_total(instances)
+        ident_rate = policy.identity_rate(identity)
+        waits: list[float] = []
+        tb = ib = None
+        if total_rate is not None:
+            tb = self._bucket(self._total, capability, total_rate, policy.capacity(total_rate), now)
+            waits.append(tb.wait_time(now))
+            self._limits[capability] = total_rate
+        if ident_rate is not None:
+            ib = self._bucket(self._ident, (capability, identity), ident_rate, policy.capacity(ident_rate), now)
+            waits.append(ib.wait_time(now))
+        window = self._windows.get(capability)
+        if window is None:
+            window = self._windows[capability] = WindowCounter(10.0, width=2, clock=self._clock)
+        wait = max(waits, default=0.0)
+        if wait > 0.0:
+            window.add(self._LIMITED)
+            return wait
+        if tb is not None:
+            tb.take()
+        if ib is not None:
+            ib.take()
+        window.add(self._ADMITTED)
+        return 0.0
+
+    def usage(self, capability: str) -> tuple[int, int, float]:
+        """(admitted, limited) over the last 10 s and the local total rate in force (0.0 if none)."""
+        window = self._windows.get(capability)
+        admitted, limited = window.totals() if window is not None else (0, 0)
+        return admitted, limited, self._limits.get(capability, 0.0)
+
+    def capabilities(self) -> list[str]:
+        return sorted(self._windows)
