@@ -1,0 +1,160 @@
+"""`hivemesh keys|tokens|ca ...`: signing-key rotation, token revocation and root CA rotation, as the operator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import click
+from rich.table import Table
+
+from hivemesh.controlplane.cli import CliContext, _friendly_errors, out, pass_cli
+from hivemesh.controlplane.client import ControlPlaneClient
+from hivemesh.v1 import trust_pb2
+
+_T = TypeVar("_T")
+
+
+def _run(obj: CliContext, action: Callable[[ControlPlaneClient], Awaitable[_T]]) -> _T:
+    settings = obj.operator_settings()
+
+    async def go() -> _T:
+        async with ControlPlaneClient.from_certs_dir(settings.controlplane, obj.certs_dir) as cp:
+            return await action(cp)
+
+    return asyncio.run(go())
+
+
+def _when(ts: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _print_keys(resp: trust_pb2.SigningKeysResponse, as_json: bool) -> None:
+    rows: list[dict[str, Any]] = [
+        {"kid": k.kid, "state": k.state, "created_at": k.created_at_unix, "activates_at": k.activates_at_unix,
+         "retires_at": k.retires_at_unix} for k in resp.keys
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("kid", "state", "signs from", "leaves the JWKS", show_edge=False, pad_edge=False)
+    for r in rows:
+        table.add_row(r["kid"], r["state"], _when(r["activates_at"]), _when(r["retires_at"]))
+    out.print(table)
+
+
+# --- keys -------------------------------------------------------------------------------------------------------
+@click.group()
+def keys() -> None:
+    """Token signing keys (published in the JWKS before they sign; retired after the longest token lifetime)."""
+
+
+@keys.command("rotate")
+@click.option("--activate-after", default=5, show_default=True,
+              help="Seconds between publishing the new key and signing with it (time for every node to learn it).")
+@click.option("--json", "as_json", is_flag=True)
+@pass_cli
+@_friendly_errors
+def keys_rotate(obj: CliContext, activate_after: int, as_json: bool) -> None:
+    """Add a new signing key now; no call fails during the rotation."""
+    resp = _run(obj, lambda cp: cp.call(cp.trust.RotateSigningKey,
+                                       trust_pb2.RotateSigningKeyRequest(activate_after_seconds=activate_after)))
+    _print_keys(resp, as_json)
+
+
+@keys.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@pass_cli
+@_friendly_errors
+def keys_list(obj: CliContext, as_json: bool) -> None:
+    """The published signing keys and their state."""
+    _print_keys(_run(obj, lambda cp: cp.call(cp.trust.ListSigningKeys, trust_pb2.ListSigningKeysRequest())), as_json)
+
+
+# --- tokens -----------------------------------------------------------------------------------------------------
+@click.group()
+def tokens() -> None:
+    """Capability tokens: revoke one, or every token of an identity."""
+
+
+@tokens.command("revoke")
+@click.option("--jti", default="", help="The id of the token to revoke.")
+@click.option("--subject", default="", help="A SPIFFE id: every token naming it (principal or actor) issued until now.")
+@click.option("--note", default="", help="Why (kept with the revocation and in the audit log).")
+@click.option("--json", "as_json", is_flag=True)
+@pass_cli
+@_friendly_errors
+def tokens_revoke(obj: CliContext, jti: str, subject: str, note: str, as_json: bool) -> None:
+    """Revoke by --jti or --subject; every node refuses the token(s) within a second."""
+    if bool(jti) == bool(subject):
+        raise click.UsageError("give exactly one of --jti or --subject")
+    resp = _run(obj, lambda cp: cp.call(cp.trust.Revoke, trust_pb2.RevokeRequest(jti=jti, subject=subject,
+                                                                                    note=note)))
+    if as_json:
+        click.echo(json.dumps({"key": resp.key, "expires_at_unix": resp.expires_at_unix}))
+        return
+    out.print(f"revoked {'token ' + jti if jti else 'every token of ' + subject} (entry {resp.key} lasts until "
+              f"{_when(resp.expires_at_unix)}, when every token it covers has expired)", highlight=False)
+
+
+@tokens.command("revocations")
+@click.option("--json", "as_json", is_flag=True)
+@pass_cli
+@_friendly_errors
+def tokens_revocations(obj: CliContext, as_json: bool) -> None:
+    """Revocations in force."""
+    resp = _run(obj, lambda cp: cp.call(cp.trust.ListRevocations, trust_pb2.ListRevocationsRequest()))
+    rows: list[dict[str, Any]] = [
+        {"jti": r.jti, "subject": r.subject, "revoked_at": r.revoked_at_unix, "expires_at": r.expires_at_unix,
+         "by": r.by, "note": r.note} for r in resp.revocations
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        out.print("no revocations in force")
+        return
+    table = Table("jti / subject", "revoked", "until", "by", "note", show_edge=False, pad_edge=False)
+    for r in rows:
+        table.add_row(r["jti"] or r["subject"], _when(r["revoked_at"]), _when(r["expires_at"]), r["by"], r["note"])
+    out.print(table)
+
+
+# --- ca -----------------------------------------------------------------------------------------------------------
+def _print_ca(resp: trust_pb2.CaStatusResponse, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"phase": resp.phase, "generation": resp.generation, "roots": list(resp.roots),
+                               "signing_root": resp.signing_root}, indent=2))
+        return
+    out.print(f"phase {resp.phase} (generation {resp.generation}); signing root {resp.signing_root[:16]}…",
+              highlight=False)
+    for r in resp.roots:
+        out.print(f"  trusted root {r[:16]}…{' (signs)' if r == resp.signing_root else ''}", highlight=False)
+
+
+@click.group()
+def ca() -> None:
+    """The root CA: three-step rotation with zero failed calls."""
+
+
+@ca.command("rotate")
+@click.option("--step", type=click.Choice(["prepare", "activate", "finish"]), required=True,
+              help="prepare: trust old+new; activate: new root signs, every node renews; finish: drop the old.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_cli
+@_friendly_errors
+def ca_rotate(obj: CliContext, step: str, as_json: bool) -> None:
+    """Run one step of a root CA rotation (in order: prepare, activate, finish)."""
+    _print_ca(_run(obj, lambda cp: cp.call(cp.trust.RotateCa, trust_pb2.RotateCaRequest(step=step))), as_json)
+
+
+@ca.command("status")
+@click.option("--json", "as_json", is_flag=True)
+@pass_cli
+@_friendly_errors
+def ca_status(obj: CliContext, as_json: bool) -> None:
+    """Which roots are trusted and which one signs."""
+    _print_ca(_run(obj, lambda cp: cp.call(cp.trust.GetCaStatus, trust_pb2.GetCaStatusRequest())), as_json)

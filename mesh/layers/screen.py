@@ -1,0 +1,148 @@
+"""Content screening of inbound payloads: prompt-injection patterns in the text fields of a call's input.
+
+Agents hand text to language models; a payload that says "ignore your previous instructions" is an attack on
+the agent behind the mesh, not data. The screen walks every string in the decoded JSON input and refuses the
+call (INVALID_ARGUMENT, reason CONTENT_REFUSED, with the field path) before the agent sees it.
+
+Pluggable: `ContentScreen` is one method; `PatternScreen` is the default rule set (conservative, so ordinary
+business text passes), `ClassifierScreen` wraps any scoring function (a local model), `Screens` chains them.
+Text is NFKC-normalized and stripped of zero-width characters before matching, so `i\u200bgnore` or
+full-width letters do not slip past; invisible "tag" characters and bidi overrides are refused outright.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Why a field was refused."""
+
+    path: str
+    """The field's path in the input, e.g. `input.messages[2].text`."""
+    rule: str
+    detail: str = ""
+
+
+class ContentScreen(Protocol):
+    """Looks at a call's decoded input; returns a Finding to refuse it, None to let it pass."""
+
+    def screen(self, capability: str, value: Any) -> Finding | None: ...
+
+
+@dataclass(frozen=True)
+class ScreenRule:
+    name: str
+    pattern: re.Pattern[str]
+    raw: bool = False
+    """Match the text as sent (for invisible characters), not the normalized form."""
+
+
+_I = re.IGNORECASE | re.MULTILINE
+DEFAULT_RULES: Final[tuple[ScreenRule, ...]] = (
+    ScreenRule("ignore-instructions", re.compile(
+        r"\b(ignore|disregard|forget|override|bypass)\b[^.\n]{0,40}?\b(all\s+|any\s+|the\s+)?(previous|prior|above|"
+        r"earlier|preceding|system|original)\b[^.\n]{0,20}?\b(instructions?|prompts?|rules|directions|guidelines)\b",
+        _I)),
+    ScreenRule("reveal-system-prompt", re.compile(
+        r"\b(reveal|print|show|repeat|output|leak|disclose)\b[^.\n]{0,30}?\b(system|hidden|initial|secret)\s+"
+        r"(prompt|instructions|message)\b", _I)),
+    ScreenRule("role-override", re.compile(
+        r"\byou\s+are\s+now\s+(in\s+)?(developer|god|dan|jailbreak|unrestricted)\b|\bdeveloper\s+mode\s+"
+        r"(enabled|on)\b|\bjailbreak(ed)?\b|\bdo\s+anything\s+now\b", _I)),
+    ScreenRule("chat-template", re.compile(
+        r"<\|(im_start|im_end|system|endoftext|assistant|user)\|>|\[/?INST\]|<</?SYS>>|^\s*#{2,}\s*"
+        r"(system|new)\s+(prompt|instructions?)\b", _I)),
+    ScreenRule("new-instructions", re.compile(r"\b(new|updated|real)\s+instructions?\s*:", _I)),
+    ScreenRule("hidden-characters", re.compile("[\U000e0000-\U000e007f\u202a-\u202e\u2066-\u2069]"), raw=True),
+)
+_ZERO_WIDTH = re.compile("[\u200b-\u200f\u2060\ufeff\u00ad]")
+
+
+def normalize(text: str) -> str:
+    """What the rules see: NFKC (full-width and look-alike letters folded) without zero-width characters."""
+    return _ZERO_WIDTH.sub("", unicodedata.normalize("NFKC", text))
+
+
+def strings(value: Any, path: str = "input", *, max_depth: int = 64) -> Iterator[tuple[str, str]]:
+    """Every string in a JSON value with its path (object keys included, as `path{key}`)."""
+    stack: list[tuple[Any, str, int]] = [(value, path, 0)]
+    while stack:
+        node, where, depth = stack.pop()
+        if isinstance(node, str):
+            yield where, node
+        elif depth >= max_depth:
+            continue
+        elif isinstance(node, dict):
+            for k, v in reversed(list(node.items())):
+                if isinstance(k, str):
+                    yield f"{where}{{{k[:64]}}}", k
+                stack.append((v, f"{where}.{k}", depth + 1))
+        elif isinstance(node, list):
+            for i in range(len(node) - 1, -1, -1):
+                stack.append((node[i], f"{where}[{i}]", depth + 1))
+
+
+class PatternScreen:
+    """The default screen: regular-expression rules over every string field."""
+
+    def __init__(self, rules: Sequence[ScreenRule] = DEFAULT_RULES) -> None:
+        self.rules = tuple(rules)
+
+    def screen(self, capability: str, value: Any) -> Finding | None:
+        for path, text in strings(value):
+            norm: str | None = None
+            for rule in self.rules:
+                if rule.raw:
+                    m = rule.pattern.search(text)
+                else:
+                    if norm is None:
+                        norm = normalize(text)
+                    m = rule.pattern.search(norm)
+                if m:
+                    return Finding(path, rule.name, m.group(0)[:80])
+        return None
+
+
+class ClassifierScreen:
+    """A hook for a model: score(text) in [0, 1]; a field scoring at or above threshold is refused."""
+
+    def __init__(self, score: Callable[[str], float], *, threshold: float = 0.5, min_length: int = 16,
+                 name: str = "classifier") -> None:
+        if not 0 < threshold <= 1:
+            raise ValueError("threshold must be in (0, 1]")
+        self._score = score
+        self.threshold = threshold
+        self.min_length = min_length
+        self.name = name
+
+    def screen(self, capability: str, value: Any) -> Finding | None:
+        for path, text in strings(value):
+            if len(text) < self.min_length:
+                continue
+            s = self._score(normalize(text))
+            if s >= self.threshold:
+                return Finding(path, self.name, f"score {s:.2f} >= {self.threshold:.2f}")
+        return None
+
+
+class Screens:
+    """Several screens in order; the first finding refuses."""
+
+    def __init__(self, *screens: ContentScreen) -> None:
+        self.screens = screens
+
+    def screen(self, capability: str, value: Any) -> Finding | None:
+        for s in self.screens:
+            found = s.screen(capability, value)
+            if found is not None:
+                return found
+        return None
+
+
+DEFAULT_SCREEN: Final = PatternScreen()

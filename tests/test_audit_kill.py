@@ -1,0 +1,120 @@
+"""SIGKILL a sidecar mid-load: every call that got an answer has its audit record, and the records the dead
+sidecar had not shipped yet reach the control plane when a new sidecar picks its spool up."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from hivemesh.mesh.audit import verify_chain
+from hivemesh.mesh.errors import HivemeshError
+from hivemesh.sdk import MeshClient
+from hivemesh.v1 import agent_pb2, audit_pb2
+from tests.meshenv import MeshEnv
+from tests.plain_agent import PlainAgent
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+async def _start_sidecar(env: MeshEnv, agent: str, home: Path, log: Path) -> asyncio.subprocess.Process:
+    join = await env.operator.create_join_token("plain", "agent", 120)
+    s = env.base_settings()
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEMESH_")}
+    child_env.update(
+        HIVEMESH_HOME=str(home), HIVEMESH_ETCD=s.etcd, HIVEMESH_CONTROLPLANE=s.controlplane, HIVEMESH_JOIN=s.join,
+        HIVEMESH_CA=str(s.ca_bundle), HIVEMESH_TRUST_DOMAIN=s.trust_domain, HIVEMESH_JOIN_TOKEN=join.token,
+    )
+    log_file = log.open("ab")  # the child keeps its own copy of the descriptor
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "hivemesh.controlplane.cli", "sidecar", "--agent", agent, "--lease-ttl", "2",
+            cwd=REPO, env=child_env, stdout=asyncio.subprocess.PIPE, stderr=log_file, start_new_session=True,
+        )
+    finally:
+        log_file.close()
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 30)
+    assert line.startswith(b"sidecar ready"), f"sidecar said {line!r} (log {log})"
+    return proc
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    await asyncio.wait_for(proc.wait(), 10)
+
+
+@pytest.mark.slow
+async def test_sigkilled_sidecar_loses_no_audit_record(mesh_env: MeshEnv, tmp_path: Path) -> None:
+    home = tmp_path / "sidecar-home"
+    plain = PlainAgent("plain")
+    procs: list[asyncio.subprocess.Process] = []
+    async with plain:
+        try:
+            procs.append(await _start_sidecar(mesh_env, plain.endpoint, home, tmp_path / "sidecar1.log"))
+            answered: list[str] = []
+            failed = 0
+            settings = await mesh_env.settings_for("loader", "client")
+            async with MeshClient.connect(name="loader", settings=settings) as mesh:
+                assert await mesh.node.registry.wait_for_capability("echo", 1, timeout=15)
+                stop_at = time.monotonic() + 30
+                killed = asyncio.Event()
+
+                async def load() -> None:
+                    nonlocal failed
+                    while time.monotonic() < stop_at and not (killed.is_set() and failed > 0):
+                        call_id = uuid.uuid4().hex
+                        try:
+                            await mesh.call("echo", {"text": "x"}, timeout=5,
+                                            context=agent_pb2.CallContext(call_id=call_id))
+                        except HivemeshError:
+                            failed += 1
+                            if killed.is_set():
+                                return
+                            continue
+                        answered.append(call_id)
+
+                workers = [asyncio.ensure_future(load()) for _ in range(8)]
+                while len(answered) < 400:  # noqa: ASYNC110 - polling a counter the workers bump
+                    await asyncio.sleep(0.01)
+                os.kill(procs[0].pid, signal.SIGKILL)  # mid-load: 8 calls in flight
+                killed.set()
+                await asyncio.wait_for(asyncio.gather(*workers), 30)
+            await procs[0].wait()
+            spool_dir = home / "audit" / "agent-plain"
+            lines = [raw for seg in sorted(spool_dir.glob("audit-*.log")) for raw in seg.read_bytes().splitlines()]
+            count, problem = verify_chain(lines)
+            assert problem is None, problem
+            recorded_ok = {json.loads(x).get("call_id") for x in lines if json.loads(x)["status"] == "OK"}
+            missing = [c for c in answered if c not in recorded_ok]
+            print(f"\nFIGURE audit SIGKILL: {len(answered)} answered calls, {count} records in the dead sidecar's "
+                  f"spool, {len(missing)} answered calls without a record, {failed} calls failed at the kill")
+            assert not missing, f"{len(missing)} answered calls have no audit record"
+
+            # A new sidecar for the same agent picks the spool up and ships what the dead one had not.
+            procs.append(await _start_sidecar(mesh_env, plain.endpoint, home, tmp_path / "sidecar2.log"))
+            deadline = time.monotonic() + 30
+            while True:
+                state = await mesh_env.operator.call(
+                    mesh_env.operator.audit.SourceState,
+                    audit_pb2.SourceStateRequest(source=(spool_dir / "source").read_text().strip()),
+                )
+                if state.last_seq >= count or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.1)
+            assert state.last_seq >= count
+            verified = await mesh_env.operator.call(mesh_env.operator.audit.Verify, audit_pb2.AuditVerifyRequest())
+            assert verified.ok, verified.problem
+        finally:
+            for p in procs:
+                await _stop(p)
