@@ -1,4 +1,5 @@
-"""hivemesh.agents: reference agents for the document pipeline OCR → extraction → validation → storage.
+"""hivemesh.agents: reference agents for the document pipeline OCR → extraction → validation → storage, and for
+the five orchestration pattern examples (research, helpdesk, customer service, content, contract review).
 
     from hivemesh.agents import OcrAgent, ExtractorAgent, StorageAgent, process_document, list_samples
 
@@ -12,9 +13,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from hivemesh.agents.content import CONTENT_LOOP
+    from hivemesh.agents.contract import CONTRACT_REVIEW
+    from hivemesh.agents.customer_service import CUSTOMER_SERVICE
     from hivemesh.agents.extract import ExtractorAgent, extract_fields
+    from hivemesh.agents.helpdesk import HELPDESK, HELPDESK_CHAT
     from hivemesh.agents.ocr import OcrAgent
     from hivemesh.agents.pipeline import list_samples, process_document
+    from hivemesh.agents.research import RESEARCH
     from hivemesh.agents.store import StorageAgent
     from hivemesh.agents.validate_plain import ValidatorServicer, validate_document
 
@@ -27,9 +33,22 @@ _LAZY = {
     "validate_document": "hivemesh.agents.validate_plain",
     "process_document": "hivemesh.agents.pipeline",
     "list_samples": "hivemesh.agents.pipeline",
+    # the five orchestration pattern examples (see README.md)
+    "RESEARCH": "hivemesh.agents.research",
+    "HELPDESK": "hivemesh.agents.helpdesk",
+    "HELPDESK_CHAT": "hivemesh.agents.helpdesk",
+    "CUSTOMER_SERVICE": "hivemesh.agents.customer_service",
+    "CONTENT_LOOP": "hivemesh.agents.content",
+    "CONTRACT_REVIEW": "hivemesh.agents.contract",
 }
 
 __all__ = [
+    "CONTENT_LOOP",
+    "CONTRACT_REVIEW",
+    "CUSTOMER_SERVICE",
+    "HELPDESK",
+    "HELPDESK_CHAT",
+    "RESEARCH",
     "ExtractorAgent",
     "OcrAgent",
     "StorageAgent",

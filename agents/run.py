@@ -4,6 +4,8 @@
     python -m hivemesh.agents.run extractor      # HIVEMESH_* variables or the `hivemesh up` state file
     python -m hivemesh.agents.run storage        # (see MeshSettings.resolve)
     python -m hivemesh.agents.run validator --listen 127.0.0.1:7001   # plain gRPC; front it with a sidecar
+    python -m hivemesh.agents.run papers news wiki research   # several in one process: join tokens from
+                                                               # HIVEMESH_JOIN_TOKENS='{"papers": "...", ...}'
 
 SDK agents are imported only when chosen, so `validator` runs with no hivemesh runtime loaded at all.
 """
@@ -19,9 +21,69 @@ SDK_AGENTS = {
     "ocr": ("hivemesh.agents.ocr", "OcrAgent"),
     "extractor": ("hivemesh.agents.extract", "ExtractorAgent"),
     "storage": ("hivemesh.agents.store", "StorageAgent"),
+    # research compilation (fan-out)
+    "papers": ("hivemesh.agents.research", "PapersSearchAgent"),
+    "news": ("hivemesh.agents.research", "NewsSearchAgent"),
+    "wiki": ("hivemesh.agents.research", "WikiSearchAgent"),
+    "research": ("hivemesh.agents.research", "ResearchAgent"),
+    # IT helpdesk (router, handoff)
+    "network-desk": ("hivemesh.agents.helpdesk", "NetworkSpecialist"),
+    "security-desk": ("hivemesh.agents.helpdesk", "SecuritySpecialist"),
+    "application-desk": ("hivemesh.agents.helpdesk", "ApplicationSpecialist"),
+    # customer-service escalation (supervisor)
+    "tier1": ("hivemesh.agents.customer_service", "Tier1Agent"),
+    "tier2": ("hivemesh.agents.customer_service", "Tier2Agent"),
+    "cs-supervisor": ("hivemesh.agents.customer_service", "SupervisorDeskAgent"),
+    # content creation loop (peer review)
+    "writer": ("hivemesh.agents.content", "WriterAgent"),
+    "editor": ("hivemesh.agents.content", "EditorAgent"),
+    "fact-checker": ("hivemesh.agents.content", "FactCheckerAgent"),
+    # contract review peers
+    "contract-drafter": ("hivemesh.agents.contract", "ContractDrafter"),
+    "legal": ("hivemesh.agents.contract", "LegalReviewer"),
+    "finance": ("hivemesh.agents.contract", "FinanceReviewer"),
+    "business": ("hivemesh.agents.contract", "BusinessReviewer"),
 }
 PLAIN_AGENTS = {"validator": "hivemesh.agents.validate_plain"}
 AGENT_NAMES = (*SDK_AGENTS, *PLAIN_AGENTS)
+
+
+TOKENS_ENV = "HIVEMESH_JOIN_TOKENS"
+"""JSON {agent: one-time join token}, for several agents served by one process."""
+
+
+async def _serve_many(names: Sequence[str], host: str) -> None:
+    """Several SDK agents in one process (each its own identity, server and registration): how `hivemesh up`
+    keeps the demo's many small agents cheap. Stops them all on SIGINT/SIGTERM."""
+    import asyncio
+    import dataclasses
+    import json
+    import os
+    import signal
+
+    from hivemesh.sdk import AgentServer, MeshSettings
+
+    base = MeshSettings.resolve()
+    tokens = json.loads(os.environ.get(TOKENS_ENV) or "{}")
+    servers = []
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        for name in names:
+            module, cls_name = SDK_AGENTS[name]
+            agent = getattr(importlib.import_module(module), cls_name)()
+            settings = dataclasses.replace(base, join_token=tokens.get(name) or base.join_token)
+            server = AgentServer(agent, settings, host=host)
+            await server.start()
+            servers.append(server)
+            sys.stdout.write(f"serving {name} on {server.endpoint}\n")
+            sys.stdout.flush()
+        await stop.wait()
+    finally:
+        for server in reversed(servers):
+            await server.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,6 +91,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     die_with_parent_if_asked()
     args = list(sys.argv[1:] if argv is None else argv)
+    names = [a for a in args if not a.startswith("-")]
+    if len(names) > 1 and all(n in SDK_AGENTS for n in names):
+        import asyncio
+        import logging
+
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        asyncio.run(_serve_many(names, "127.0.0.1"))
+        return 0
     if args and args[0] in PLAIN_AGENTS:
         plain = importlib.import_module(PLAIN_AGENTS[args[0]])
         return int(plain.main(args[1:]))

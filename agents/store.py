@@ -307,6 +307,7 @@ class StorageAgent(Agent):
             "'rejected' for review; the same idempotency key stores once ('duplicate' with the same id)"
         ),
         tags=["documents", "storage"],
+        dedupe=False,  # the key is stored with the document in one transaction; repeats answer 'duplicate'
     )
     async def store(self, result: StoreInput, ctx: Context) -> StoreOutput:
         valid, document, errors = _check_store_input(result)

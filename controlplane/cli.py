@@ -85,7 +85,8 @@ def cli(ctx: click.Context, home: Path, certs_dir: Path, verbose: bool) -> None:
     ctx.obj = CliContext(home=home.resolve(), certs_dir=certs_dir.resolve(), verbose=verbose)
 
 
-pass_cli = click.make_pass_decorator(CliContext)
+# Annotated: feature modules import it, and mypy cannot infer it across that import cycle.
+pass_cli: Callable[[Callable[..., Any]], Callable[..., Any]] = click.make_pass_decorator(CliContext)
 
 
 # --- up -----------------------------------------------------------------------------------------------------
@@ -93,11 +94,28 @@ pass_cli = click.make_pass_decorator(CliContext)
 @click.option("--once", is_flag=True, help="Run the demo once, then stop everything and exit.")
 @click.option("--trust-domain", default=DEFAULT_TRUST_DOMAIN, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print each document's result as one JSON line.")
+@click.option("--demo", default="default", show_default=True,
+              help="Which demo: default (document pipeline + a tour of the five patterns), tour, pipeline, research, "
+                   "helpdesk, support, content, contract; 'list' shows the menu.")
 @pass_cli
 @_friendly_errors
-def up(obj: CliContext, once: bool, trust_domain: str, as_json: bool) -> None:
+def up(obj: CliContext, once: bool, trust_domain: str, as_json: bool, demo: str) -> None:
     """Start etcd, the control plane and the reference agents, then run the demo pipeline."""
+    from hivemesh.agents.demos import DEMOS, demos_for
     from hivemesh.controlplane.up import UpOptions, run_up
+
+    if demo == "list":
+        menu = [{"demo": d.name, "pattern": d.pattern, "what": d.title} for d in DEMOS.values()]
+        if as_json:
+            click.echo(json.dumps(menu))
+        else:
+            table = Table("demo", "pattern", "what")
+            for row in menu:
+                table.add_row(row["demo"], row["pattern"], row["what"])
+            out.print(table)
+            out.print("default: the pipeline, then a tour of the others; tour: all but the pipeline")
+        return
+    demos_for(demo)  # a ValueError (exit 2) before anything starts
 
     def say(line: str) -> None:
         if as_json:
@@ -109,10 +127,30 @@ def up(obj: CliContext, once: bool, trust_domain: str, as_json: bool) -> None:
         if as_json:
             click.echo(json.dumps(result, sort_keys=True))
             return
-        _print_pipeline_result(result)
+        if "summary" in result:
+            _print_demo_summary(result["summary"])
+        elif "demo" in result:
+            state = result.get("state", "?")
+            colour = "green" if state == "COMPLETED" else "red"
+            out.print(f"[bold]{result['demo']}[/bold] → [{colour}]{state}[/{colour}] "
+                      f"{result.get('highlight') or result.get('error', '')}", highlight=False)
+        else:
+            _print_pipeline_result(result)
 
-    code = run_up(UpOptions(home=obj.home, certs_dir=obj.certs_dir, trust_domain=trust_domain, once=once), say, show)
+    opts = UpOptions(home=obj.home, certs_dir=obj.certs_dir, trust_domain=trust_domain, once=once, demo=demo)
+    code = run_up(opts, say, show)
     sys.exit(code)
+
+
+def _print_demo_summary(rows: list[dict[str, Any]]) -> None:
+    table = Table("demo", "pattern", "state", "workflows", "steps", "tokens", "s", "what happened",
+                  title="patterns demo summary")
+    for r in rows:
+        table.add_row(r.get("demo", "?"), r.get("pattern", ""), r.get("state", "?"), str(len(r.get("workflows", []))),
+                      str(r.get("steps", "")), str(r.get("tokens", "")), str(r.get("seconds", "")),
+                      str(r.get("highlight") or r.get("error", "")))
+    out.print(table)
+    out.print("inspect them: hivemesh workflows list   |   hivemesh workflows show <id>", highlight=False)
 
 
 def _hop_label(hop: dict[str, Any]) -> str:
@@ -201,16 +239,30 @@ def controlplane(obj: CliContext, etcd_endpoints: str, state_dir: Path | None, t
 @click.option("--name", default=None, help="Agent name (default: from the agent card).")
 @click.option("--lease-ttl", default=10, show_default=True, help="Registry lease TTL, seconds.")
 @click.option("--max-input-bytes", default=4 * 1024 * 1024, show_default=True)
+@click.option("--limit", "limits", multiple=True, metavar="CAP=BYTES",
+              help="Input size limit of one capability (repeatable).")
+@click.option("--no-content-screen", is_flag=True, help="Do not screen text fields for prompt-injection patterns.")
+@click.option("--screen-exempt", multiple=True, metavar="CAP", help="A capability the content screen skips.")
+@click.option("--audit-dir", default=None, help="Audit spool directory (default: <home>/audit).")
 @_friendly_errors
-def sidecar(agent: str, listen: str, mesh_listen: str, name: str | None, lease_ttl: int, max_input_bytes: int) -> None:
-    """Front an agent written in any language: mTLS, tokens, registry, routing.
+def sidecar(agent: str, listen: str, mesh_listen: str, name: str | None, lease_ttl: int, max_input_bytes: int,
+            limits: tuple[str, ...], no_content_screen: bool, screen_exempt: tuple[str, ...],
+            audit_dir: str | None) -> None:
+    """Front an agent written in any language: mTLS, tokens, authz, audit, registry, routing.
 
     The mesh location and the one-time join token come from HIVEMESH_* variables (or the `up` state file).
     """
     from hivemesh.mesh.sidecar import SidecarConfig, run_sidecar
 
+    per_cap: list[tuple[str, int]] = []
+    for item in limits:
+        cap, sep, size = item.partition("=")
+        if not sep or not cap or not size.isdigit() or int(size) <= 0:
+            raise click.BadParameter(f"{item!r}: expected CAPABILITY=BYTES", param_hint="--limit")
+        per_cap.append((cap, int(size)))
     config = SidecarConfig(agent=agent, listen=listen, mesh_listen=mesh_listen, name=name,
-                           lease_ttl_s=lease_ttl, max_input_bytes=max_input_bytes)
+                           lease_ttl_s=lease_ttl, max_input_bytes=max_input_bytes, limits=tuple(per_cap),
+                           content_screen=not no_content_screen, screen_exempt=screen_exempt, audit_dir=audit_dir)
     asyncio.run(run_sidecar(config, MeshSettings.resolve()))
 
 
@@ -325,6 +377,33 @@ def join_token(obj: CliContext, name: str, kind: str, ttl: int, as_json: bool) -
 
 
 # --- feature command groups (each in its own module, registered here) -------------------------------------------
+# Only in the module imported as hivemesh.controlplane.cli: under `python -m hivemesh.controlplane.cli` this file
+# also runs as __main__, which hands over to that module (bottom of the file); registering here too would make
+# the feature modules' `from hivemesh.controlplane.cli import ...` a circular import.
+if __name__ != "__main__":
+    from hivemesh.controlplane.cli_policy import policy as _policy_group
+    from hivemesh.controlplane.cli_policy import status as _status_command
+
+    cli.add_command(_policy_group)  # hivemesh policy apply|get|list|delete|kinds (issue 3)
+    cli.add_command(_status_command)  # hivemesh status (issue 3)
+    from hivemesh.controlplane.cli_workflows import escalations as _escalations_group
+    from hivemesh.controlplane.cli_workflows import workflows as _workflows_group
+
+    cli.add_command(_workflows_group)  # hivemesh workflows list|show|cancel|resume (issue 5)
+    cli.add_command(_escalations_group)  # hivemesh escalations list|show|approve|reject (issue 5)
+    from hivemesh.controlplane.cli_audit import audit as _audit_group
+
+    cli.add_command(_audit_group)  # hivemesh audit tail|query|verify|export (issue 4)
+    from hivemesh.controlplane.cli_trust import ca as _ca_group
+    from hivemesh.controlplane.cli_trust import keys as _keys_group
+    from hivemesh.controlplane.cli_trust import tokens as _tokens_group
+
+    cli.add_command(_keys_group)  # hivemesh keys rotate|list (issue 4)
+    cli.add_command(_tokens_group)  # hivemesh tokens revoke|revocations (issue 4)
+    cli.add_command(_ca_group)  # hivemesh ca rotate --step ...|status (issue 4)
+    from hivemesh.controlplane.cli_authz import authz as _authz_group
+
+    cli.add_command(_authz_group)  # hivemesh authz check (issue 4)
 
 
 def main() -> None:
@@ -336,4 +415,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from hivemesh.controlplane.cli import main as _main  # the module with every command group registered
+
+    _main()

@@ -6,6 +6,7 @@ Every failed call raises the typed hivemesh error the server raised (`from_rpc_e
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from hivemesh.controlplane.ca import CaFiles
 from hivemesh.mesh.errors import from_rpc_error
 from hivemesh.mesh.pki import controlplane_dns_name, new_key_and_csr
 from hivemesh.mesh.tls import Workload, load_workload_files, secure_channel
-from hivemesh.v1 import control_pb2, control_pb2_grpc, mesh_pb2
+from hivemesh.v1 import audit_pb2, audit_pb2_grpc, control_pb2, control_pb2_grpc, mesh_pb2, trust_pb2, trust_pb2_grpc
 
 
 class ControlPlaneClient:
@@ -31,6 +32,7 @@ class ControlPlaneClient:
         self.timeout_s = timeout_s
         self._channel = self._open(workload)
         self._stub = control_pb2_grpc.ControlPlaneStub(self._channel)
+        self._retired: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_certs_dir(
@@ -41,6 +43,11 @@ class ControlPlaneClient:
         files = CaFiles.in_dir(d)
         workload = load_workload_files(d / f"{identity}.pem", d / f"{identity}.key", files.ca_cert)
         return cls(address, workload)
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The current mutual-TLS channel (replaced on renewal), for the control plane's feature services."""
+        return self._channel
 
     def _open(self, workload: Workload) -> grpc.aio.Channel:
         return secure_channel(
@@ -98,7 +105,73 @@ class ControlPlaneClient:
         await old.close(grace=1.0)
         return workload
 
+    # --- audit (issue 4): what a node's shipper and the CLI use ---------------------------------------------
+    async def audit_source_state(self, source: str) -> int:
+        """The last seq the control plane holds of an audit spool's chain (where shipping resumes)."""
+        stub = audit_pb2_grpc.AuditStub(self._channel)
+        resp: audit_pb2.SourceStateResponse = await self._call(
+            stub.SourceState, audit_pb2.SourceStateRequest(source=source)
+        )
+        return int(resp.last_seq)
+
+    async def audit_append(self, source: str, records: Sequence[bytes]) -> int:
+        """Ship the next records of a spool's chain; returns the last seq the control plane now holds."""
+        stub = audit_pb2_grpc.AuditStub(self._channel)
+        resp: audit_pb2.AppendBatchResponse = await self._call(
+            stub.AppendBatch, audit_pb2.AppendBatchRequest(source=source, records=list(records))
+        )
+        return int(resp.last_seq)
+
+    @property
+    def audit(self) -> audit_pb2_grpc.AuditStub:
+        """The Audit stub on the current channel (query, export, verify, checkpoints)."""
+        return audit_pb2_grpc.AuditStub(self._channel)
+
+    @property
+    def trust(self) -> trust_pb2_grpc.TrustStub:
+        """The Trust stub on the current channel (token exchange, revocation, key and CA rotation)."""
+        return trust_pb2_grpc.TrustStub(self._channel)
+
+    async def call(self, method: Any, request: Any, *, timeout_s: float | None = None) -> Any:
+        """Call any unary method of a feature stub, raising the typed hivemesh error it failed with."""
+        try:
+            return await method(request, timeout=timeout_s or self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    async def exchange_token(
+        self, subject_token: str, audience: str, scopes: Sequence[str] = (), delegable: Sequence[str] = (),
+        ttl_s: int = 0,
+    ) -> control_pb2.IssueTokenResponse:
+        """A delegated token for audience, acting for the principal of subject_token (RFC 8693 exchange)."""
+        resp: control_pb2.IssueTokenResponse = await self.call(
+            self.trust.ExchangeToken,
+            trust_pb2.ExchangeTokenRequest(
+                subject_token=subject_token, audience=audience, scopes=list(scopes), delegable=list(delegable),
+                ttl_seconds=ttl_s,
+            ),
+        )
+        return resp
+
+    def update_workload(self, workload: Workload) -> None:
+        """Use workload (e.g. a new trust bundle during a CA rotation) for new calls; the old channel closes
+        once its calls had time to finish."""
+        old = self._channel
+        self.workload = workload
+        self._channel = self._open(workload)
+        self._stub = control_pb2_grpc.ControlPlaneStub(self._channel)
+
+        async def close_later() -> None:
+            await asyncio.sleep(10.0)
+            await old.close()
+
+        task = asyncio.get_running_loop().create_task(close_later())
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+
     async def close(self) -> None:
+        for task in list(self._retired):
+            task.cancel()
         await self._channel.close()
 
     async def __aenter__(self) -> ControlPlaneClient:

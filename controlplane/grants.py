@@ -206,6 +206,10 @@ class GrantSet:
             candidates = [c for c in requested if c in offered_set] if requested else offered_set
         return sorted({c for c in candidates if any(g.allows(c) for g in matching)})
 
+    def may_ever(self, subject: str, capability: str) -> bool:
+        """True when some grant, on any audience, allows subject the capability (a delegation ceiling)."""
+        return any(g._subj.match(subject) and g.allows(capability) for g in self.grants)
+
     @classmethod
     async def from_etcd(cls, etcd: Any) -> GrantSet:
         """Every grant stored under /hivemesh/policies/grants/; an invalid document is skipped (and logged),

@@ -16,7 +16,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TTL_S: Final = 300
 MAX_TTL_S: Final = 300
 _KEY_FILE_RE = re.compile(r"es256-(\d+)\.pem")
-_PUBLISHED_KEYS: Final = 3
+DEFAULT_ACTIVATE_AFTER_S: Final = 5.0
 _SCOPE_RE = re.compile(r"[A-Za-z0-9._:/*-]{1,128}")
 
 
@@ -64,6 +64,9 @@ class SigningKey:
     kid: str
     created_at: float
     private_key: ec.EllipticCurvePrivateKey
+    activates_at: float = 0.0
+    """When it starts signing (published in the JWKS from creation, so every verifier knows it first)."""
+    path: Path | None = None
 
     def jwk(self) -> dict[str, str]:
         pub = self.private_key.public_key()
@@ -71,23 +74,36 @@ class SigningKey:
 
 
 class SigningKeys:
-    """The issuer's ES256 keys in `<state_dir>/keys/` (0600): the newest signs, the recent ones verify.
+    """The issuer's ES256 keys in `<state_dir>/keys/` (0600) and their life cycle.
 
-    Keeping the previous keys in the JWKS after `rotate()` lets tokens signed just before a rotation stay
-    valid until they expire.
+    A rotation adds a *pending* key: it is published in the JWKS at once but signs only from `activates_at`
+    (default 5 s later), so every verifier has it before the first token it signs arrives. The key it replaces
+    keeps verifying until every token it signed has expired (`retire_after_s`: the longest token lifetime plus
+    the verifiers' clock leeway), then leaves the JWKS and its file is deleted. No token is ever signed by a
+    key a verifier could not know, and no valid token loses its key: no call fails during a rotation.
     """
 
-    def __init__(self, keys_dir: Path, keys: Sequence[SigningKey]) -> None:
+    def __init__(
+        self,
+        keys_dir: Path,
+        keys: Sequence[SigningKey],
+        *,
+        retire_after_s: float = MAX_TTL_S + 30,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         if not keys:
             raise ValueError("SigningKeys needs at least one key")
         self.keys_dir = keys_dir
-        self._keys = sorted(keys, key=lambda k: k.created_at)
+        self.retire_after_s = retire_after_s
+        self._clock = clock
+        self._keys = sorted(keys, key=lambda k: (k.activates_at, k.created_at))
 
     @classmethod
-    def load_or_create(cls, state_dir: Path) -> SigningKeys:
+    def load_or_create(cls, state_dir: Path, *, retire_after_s: float = MAX_TTL_S + 30) -> SigningKeys:
         """Load every key in `<state_dir>/keys/`, creating the first one on first start."""
         keys_dir = Path(state_dir) / "keys"
         keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        schedule = _load_schedule(keys_dir)
         keys: list[SigningKey] = []
         for path in sorted(keys_dir.iterdir()):
             m = _KEY_FILE_RE.fullmatch(path.name)
@@ -99,12 +115,15 @@ class SigningKeys:
                 raise FailedPreconditionError(f"unreadable signing key {path}: {exc}") from None
             if not isinstance(priv, ec.EllipticCurvePrivateKey) or not isinstance(priv.curve, ec.SECP256R1):
                 raise FailedPreconditionError(f"signing key {path} is not an EC P-256 key")
-            keys.append(SigningKey(jwk_thumbprint(priv.public_key())[:16], int(m.group(1)) / 1e9, priv))
-        ks = cls(keys_dir, keys) if keys else cls(keys_dir, [cls._create(keys_dir)])
-        return ks
+            kid = jwk_thumbprint(priv.public_key())[:16]
+            created = int(m.group(1)) / 1e9
+            keys.append(SigningKey(kid, created, priv, schedule.get(kid, created), path))
+        if not keys:
+            keys = [cls._create(keys_dir, activate_after_s=0.0)]
+        return cls(keys_dir, keys, retire_after_s=retire_after_s)
 
     @staticmethod
-    def _create(keys_dir: Path) -> SigningKey:
+    def _create(keys_dir: Path, *, activate_after_s: float) -> SigningKey:
         priv = ec.generate_private_key(ec.SECP256R1())
         created_ns = time.time_ns()
         path = keys_dir / f"es256-{created_ns}.pem"
@@ -120,23 +139,74 @@ class SigningKeys:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        key = SigningKey(jwk_thumbprint(priv.public_key())[:16], created_ns / 1e9, priv)
-        log.info("created token signing key kid=%s", key.kid)
+        created = created_ns / 1e9
+        key = SigningKey(jwk_thumbprint(priv.public_key())[:16], created, priv, created + activate_after_s, path)
+        log.info("created token signing key kid=%s (signs from %s)", key.kid, time.ctime(key.activates_at))
         return key
 
-    def rotate(self) -> SigningKey:
-        """Create a new signing key; it signs from now on, the previous ones stay in the JWKS."""
-        key = self._create(self.keys_dir)
+    def rotate(self, activate_after_s: float = DEFAULT_ACTIVATE_AFTER_S) -> SigningKey:
+        """Add a new key: published now, signing after activate_after_s; the current one retires later."""
+        if activate_after_s < 0:
+            raise InvalidInputError("activate_after_s must not be negative")
+        key = self._create(self.keys_dir, activate_after_s=activate_after_s)
         self._keys.append(key)
+        self._keys.sort(key=lambda k: (k.activates_at, k.created_at))
+        self._save_schedule()
         return key
+
+    def _save_schedule(self) -> None:
+        doc = {k.kid: k.activates_at for k in self._keys}
+        tmp = self.keys_dir / ".schedule.json.tmp"
+        tmp.write_text(json.dumps(doc, sort_keys=True))
+        os.replace(tmp, self.keys_dir / "schedule.json")
 
     @property
     def active(self) -> SigningKey:
-        return self._keys[-1]
+        """The key that signs now: the newest one whose activation time has come."""
+        now = self._clock()
+        current = self._keys[0]
+        for k in self._keys:
+            if k.activates_at <= now:
+                current = k
+        return current
+
+    def retires_at(self, key: SigningKey) -> float | None:
+        """When key leaves the JWKS: retire_after_s after its successor started signing (None: no successor)."""
+        later = [k for k in self._keys if k.activates_at > key.activates_at]
+        return later[0].activates_at + self.retire_after_s if later else None
+
+    def published(self) -> list[SigningKey]:
+        """Keys in the JWKS now: pending, active and retiring ones (newest first)."""
+        now = self._clock()
+        out = []
+        for k in self._keys:
+            retire = self.retires_at(k)
+            if retire is None or retire > now:
+                out.append(k)
+        return list(reversed(out))
+
+    def state_of(self, key: SigningKey) -> str:
+        now = self._clock()
+        if key.activates_at > now:
+            return "pending"
+        return "active" if key is self.active else "retiring"
+
+    def prune(self) -> list[str]:
+        """Forget retired keys and delete their files; returns their kids."""
+        keep = {k.kid for k in self.published()}
+        gone = [k for k in self._keys if k.kid not in keep]
+        for k in gone:
+            if k.path is not None:
+                k.path.unlink(missing_ok=True)
+        if gone:
+            self._keys = [k for k in self._keys if k.kid in keep]
+            self._save_schedule()
+            log.info("retired token signing key(s) %s", ", ".join(k.kid for k in gone))
+        return [k.kid for k in gone]
 
     def jwks(self) -> dict[str, Any]:
-        """The JWKS of the newest keys (public members only)."""
-        return {"keys": [k.jwk() for k in reversed(self._keys[-_PUBLISHED_KEYS:])]}
+        """The JWKS of the published keys (public members only)."""
+        return {"keys": [k.jwk() for k in self.published()]}
 
     def jwks_json(self) -> str:
         return json.dumps(self.jwks(), sort_keys=True, separators=(",", ":"))
@@ -144,6 +214,14 @@ class SigningKeys:
     async def publish(self, etcd: Any) -> None:
         """Write the JWKS to etcd (`/hivemesh/trust/jwks`), where every sidecar watches it."""
         await etcd.put(JWKS_KEY, self.jwks_json().encode("utf-8"))
+
+
+def _load_schedule(keys_dir: Path) -> dict[str, float]:
+    try:
+        raw = json.loads((keys_dir / "schedule.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): float(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
 
 
 @dataclass(frozen=True)
@@ -180,6 +258,7 @@ class TokenIssuer:
         *,
         ttl_s: int | None = None,
         cnf_thumbprint: str | None = None,
+        extra_claims: Mapping[str, Any] | None = None,
     ) -> IssuedToken:
         """Sign a token; a ttl_s above the maximum is capped (not refused), None or 0 means the default."""
         if not subject or not audience:
@@ -207,6 +286,10 @@ class TokenIssuer:
         }
         if cnf_thumbprint:
             claims["cnf"] = {"x5t#S256": cnf_thumbprint}
+        for name, value in (extra_claims or {}).items():
+            if name in claims:
+                raise ValueError(f"extra claim {name!r} would replace a registered claim")
+            claims[name] = value
         key = self.keys.active
         token = jwt.encode(claims, key.private_key, algorithm="ES256", headers={"kid": key.kid, "typ": "JWT"})
         return IssuedToken(token=token, jti=jti, expires_at=float(now + ttl), scopes=tuple(wanted))

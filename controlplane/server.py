@@ -50,7 +50,7 @@ from hivemesh.mesh.pki import (
     validate_name,
 )
 from hivemesh.mesh.pki import validate_trust_domain as _validate_td
-from hivemesh.mesh.tls import MAX_MESSAGE_BYTES, server_credentials
+from hivemesh.mesh.tls import MAX_MESSAGE_BYTES
 from hivemesh.v1 import control_pb2, control_pb2_grpc, mesh_pb2
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,10 @@ class Core:
         self.issuer = issuer
         self.etcd = etcd
         self.trust_domain = ca.trust_domain
+        self.extensions: dict[str, Any] = {}
+        """State feature services share (e.g. the audit store, used by its servicer and its interceptor)."""
+        self.server_cert: tuple[bytes, bytes] = (b"", b"")
+        """The control plane's own (certificate, key) PEMs; replaced during a CA rotation."""
 
     def sign(self, csr_pem: bytes, spiffe_id: str) -> control_pb2.SignCertificateResponse:
         cert = self.ca.sign_csr(csr_pem, spiffe_id, ttl_s=self.config.cert_ttl_s)
@@ -284,6 +288,19 @@ def _requested_scopes(scopes: Sequence[str]) -> list[str]:
     return sorted(set(scopes))
 
 
+def _dynamic_credentials(core: Core, *, require_client_auth: bool) -> grpc.ServerCredentials:
+    """Server credentials read from core at each handshake, so a CA rotation (new trust bundle, re-issued
+    server certificate) takes effect for new connections without a restart."""
+
+    def fetch() -> Any:
+        cert, key = core.server_cert
+        return grpc.ssl_server_certificate_configuration(
+            [(key, cert)], core.ca.bundle_pem() if require_client_auth else None
+        )
+
+    return grpc.dynamic_ssl_server_credentials(fetch(), fetch, require_client_authentication=require_client_auth)
+
+
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -300,6 +317,8 @@ class ControlPlaneServer:
         self.keys: SigningKeys | None = None
         self._servers: list[grpc.aio.Server] = []
         self._healths: list[health.aio.HealthServicer] = []
+        self._interceptors: list[grpc.aio.ServerInterceptor] = []
+        self._features: list[Any] = []
 
     @property
     def address(self) -> str:
@@ -332,22 +351,29 @@ class ControlPlaneServer:
                 count = await put_grants(self.etcd, grants, replace=True)
                 log.info("loaded %d grant(s) from %s", count, cfg.grants_file)
             core = Core(cfg, ca, issuer, self.etcd)
+            core.server_cert = (cp_cert, cp_key)
+            from hivemesh.controlplane.services import installers, interceptors  # feature services, lazily
+
+            # Interceptors (the audit of every control-plane decision) must exist before the servers do.
+            self._interceptors = [make(core) for make in interceptors()]
             main = self._new_server(control_pb2.DESCRIPTOR.services_by_name["ControlPlane"].full_name)
             control_pb2_grpc.add_ControlPlaneServicer_to_server(ControlPlaneServicer(core), main)
-            from hivemesh.controlplane.services import installers  # feature services; imports them lazily
-
             for install in installers():
-                install(core, main)
+                feature = install(core, main)
+                if feature is not None:
+                    self._features.append(feature)
             self.port = main.add_secure_port(
                 _address(cfg.host, cfg.port),
-                server_credentials(cp_cert, cp_key, ca.bundle_pem(), require_client_auth=True),
+                _dynamic_credentials(core, require_client_auth=True),
             )
             join = self._new_server(control_pb2.DESCRIPTOR.services_by_name["Join"].full_name)
             control_pb2_grpc.add_JoinServicer_to_server(JoinServicer(core), join)
             self.join_port = join.add_secure_port(
                 _address(cfg.host, cfg.join_port),
-                server_credentials(cp_cert, cp_key, ca.bundle_pem(), require_client_auth=False),
+                _dynamic_credentials(core, require_client_auth=False),
             )
+            for feature in self._features:
+                await feature.start()
             for server in self._servers:
                 await server.start()
         except BaseException:
@@ -361,6 +387,7 @@ class ControlPlaneServer:
 
     def _new_server(self, service_name: str) -> grpc.aio.Server:
         server = grpc.aio.server(
+            interceptors=self._interceptors,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -380,6 +407,12 @@ class ControlPlaneServer:
         servers, self._servers = self._servers, []
         self._healths = []
         await asyncio.gather(*(s.stop(grace) for s in servers), return_exceptions=True)
+        features, self._features = self._features, []
+        for feature in reversed(features):
+            try:
+                await feature.stop()
+            except Exception:
+                log.exception("control-plane feature %r did not stop cleanly", feature)
         if self.etcd is not None:
             etcd, self.etcd = self.etcd, None
             with contextlib.suppress(Exception):

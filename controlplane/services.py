@@ -2,22 +2,53 @@
 
 An installer is `install(core, server)`: it adds its servicer to `server` (a grpc.aio.Server) and may use
 `core` (config, CA, token issuer, etcd client, `core.peer(context)` for the caller's identity). Add a feature
-by appending its installer here; the control plane serves them all behind the same mutual TLS.
+by appending its installer here; the control plane serves them all behind the same mutual TLS. An installer may
+return a `Feature` (async start/stop): it is started before the ports serve and stopped after they close.
+
+`interceptors()` lists factories `make(core)` of server interceptors put on both control-plane servers (they
+must exist before the servers are built): the audit of every control-plane decision is one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 
 if TYPE_CHECKING:
     from hivemesh.controlplane.server import Core
 
-ServiceInstaller = Callable[["Core", grpc.aio.Server], None]
+
+class Feature(Protocol):
+    """Background work of a feature service, run for the control plane's lifetime."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+ServiceInstaller = Callable[["Core", grpc.aio.Server], "Feature | None"]
+InterceptorFactory = Callable[["Core"], grpc.aio.ServerInterceptor]
+
+
+def interceptors() -> list[InterceptorFactory]:
+    """Interceptor factories for both control-plane servers, outermost first."""
+    from hivemesh.controlplane import (
+        audit_service,  # the audit of every control-plane decision (issue 4)
+        trust_service,  # revoked subjects get no new token, delegation or certificate (issue 4)
+    )
+
+    return [audit_service.interceptor, trust_service.interceptor]
 
 
 def installers() -> list[ServiceInstaller]:
     """Every feature service's installer, in registration order."""
-    return []
+    from hivemesh.controlplane import (
+        audit_service,  # audit log: shipping, query, verify, checkpoints (issue 4)
+        escalations,  # human escalation queue (issue 5)
+        policy_service,  # traffic policies and status (issue 3)
+        trust_service,  # delegation, revocation, key and CA rotation (issue 4)
+    )
+
+    return [escalations.install, audit_service.install, policy_service.install, trust_service.install]

@@ -28,6 +28,8 @@ from hivemesh.mesh.registry import RegistryView
 from hivemesh.mesh.settings import STATE_FILE, MeshSettings
 
 DEMO_GRANTS = Path(__file__).with_name("demo-grants.yaml")
+DEMO_PATTERNS_AUTHZ = Path(__file__).with_name("demo-patterns-authz.yaml")
+DEMO_AUTHZ = Path(__file__).with_name("demo-authz.yaml")
 PIPELINE = ("ocr", "extract", "validate", "store")
 _READY_S = 60.0
 
@@ -41,6 +43,9 @@ class UpOptions:
     trust_domain: str = "hivemesh.local"
     once: bool = False
     grants_file: Path = DEMO_GRANTS
+    demo: str = "default"
+    """'default' (the document pipeline, then a tour of the other five patterns), 'tour', or one demo's name
+    (see hivemesh.agents.demos.DEMOS)."""
 
 
 Say = Callable[[str], None]
@@ -62,6 +67,9 @@ class MeshUp:
         self.settings: MeshSettings | None = None
         self.operator: ControlPlaneClient | None = None
         self.stop_requested = asyncio.Event()
+        # The demo's client and workflow engine live as long as `up`: a run waiting for a person resumes when
+        # someone approves it from another terminal.
+        self._demo_stack = contextlib.AsyncExitStack()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -89,7 +97,8 @@ class MeshUp:
         if self.opts.once:
             return code
         self.say(
-            "mesh is up. Try, in another terminal:  hivemesh agents   |   "
+            "mesh is up. Try, in another terminal:  hivemesh agents   |   hivemesh workflows list   |   "
+            "hivemesh escalations list   |   "
             "hivemesh call extract --data '{\"text\": \"INVOICE #1 TOTAL: $5.00\"}'   — Ctrl-C stops everything"
         )
         await self.stop_requested.wait()
@@ -130,6 +139,21 @@ class MeshUp:
         state.write_text(json.dumps(self.settings.to_json(), indent=2))
         self.say(f"control plane {m.group(1)} (joins on {m.group(2)}, pid {cp.pid})")
         self.operator = ControlPlaneClient.from_certs_dir(self.settings.controlplane, opts.certs_dir)
+        await self._apply_policies(DEMO_AUTHZ)  # authorization is default deny: the demo's own rules
+
+    async def _apply_policies(self, path: Path) -> None:
+        from hivemesh.controlplane.policies import apply_text
+        from hivemesh.mesh.etcd import client as etcd_client
+        from hivemesh.mesh.etcd import wait_connected
+
+        assert self.settings is not None
+        text = await asyncio.to_thread(path.read_text)
+        etcd = etcd_client(self.settings.etcd)
+        try:
+            await wait_connected(etcd)
+            await apply_text(etcd, text, source=str(path))
+        finally:
+            await etcd.close()
 
     def _env(self, token: str) -> dict[str, str]:
         assert self.settings is not None
@@ -148,7 +172,62 @@ class MeshUp:
         assert self.operator is not None
         return (await self.operator.create_join_token(name, kind, 300)).token
 
+    def _demos(self) -> list[str]:
+        from hivemesh.agents.demos import demos_for
+
+        return demos_for(self.opts.demo)
+
     async def start_agents(self) -> None:
+        demos = self._demos()
+        if "pipeline" in demos:
+            await self.start_pipeline_agents()
+        await self.start_demo_agents([d for d in demos if d != "pipeline"])
+
+    async def start_demo_agents(self, demos: list[str]) -> None:
+        """Each example's agents in one process per example (each agent its own identity and registration)."""
+        from hivemesh.agents.demos import DEMOS
+        from hivemesh.controlplane.policies import apply_text
+        from hivemesh.mesh.etcd import client as etcd_client
+        from hivemesh.mesh.etcd import wait_connected
+
+        if not demos:
+            return
+        assert self.settings is not None
+        # Authorization is default deny: allow the tour's calls (the policy store validates the document).
+        etcd = etcd_client(self.settings.etcd)
+        try:
+            await wait_connected(etcd)
+            await apply_text(etcd, DEMO_PATTERNS_AUTHZ.read_text(), source=str(DEMO_PATTERNS_AUTHZ))
+        finally:
+            await etcd.close()
+        wanted: list[str] = []
+        for name in demos:
+            demo = DEMOS[name]
+            tokens = {agent: await self._join_token(agent) for agent in demo.agents}
+            env = {**self._env(""), "HIVEMESH_JOIN_TOKENS": json.dumps(tokens)}
+            child = await self.sup.spawn(f"demo-{name}", _python("hivemesh.agents.run", *demo.agents), env)
+            # pid first: a long line wraps on a narrow terminal, and tools look for "pid N"
+            self.say(f"{name} demo (pid {child.pid}): SDK agents {', '.join(demo.agents)} in one process")
+            wanted.extend(demo.capabilities)
+        await self._wait_registered(wanted)
+        self.say(f"all {len(wanted)} demo capabilities are registered in etcd")
+
+    async def _wait_registered(self, capabilities: list[str]) -> None:
+        assert self.settings is not None
+        view = RegistryView(self.settings.etcd)
+        await view.start()
+        try:
+            deadline = time.monotonic() + _READY_S
+            for capability in capabilities:
+                remaining = max(deadline - time.monotonic(), 0.1)
+                if not await view.wait_for_capability(capability, 1, timeout=remaining):
+                    failed = [c for c in self.sup.children if c.proc.returncode is not None]
+                    detail = "; ".join(f"{c.name} exited {c.proc.returncode}: {' '.join(c.lines[-3:])}" for c in failed)
+                    raise TimeoutError(f"capability {capability!r} did not register within {_READY_S:.0f} s. {detail}")
+        finally:
+            await view.stop()
+
+    async def start_pipeline_agents(self) -> None:
         assert self.settings is not None
         for agent in ("ocr", "extractor", "storage"):
             token = await self._join_token(agent)
@@ -188,18 +267,53 @@ class MeshUp:
             trust_domain=s.trust_domain, join_token=await self._join_token("demo", "client"),
         )
         failures = 0
-        async with MeshClient.connect(name="demo", settings=settings) as mesh:
-            for sample in list_samples():
-                try:
-                    result = await process_document(mesh, sample)
-                except Exception as exc:  # noqa: BLE001 - the demo reports every failure and goes on
-                    failures += 1
-                    self.show_result({"sample": sample, "error": f"{type(exc).__name__}: {exc}"})
-                    continue
-                self.show_result(result)
+        demos = self._demos()
+        mesh = await self._demo_stack.enter_async_context(MeshClient.connect(name="demo", settings=settings))
+        if "pipeline" in demos:
+            failures += await self._pipeline_demo(mesh, list_samples, process_document)
+        tour = [d for d in demos if d != "pipeline"]
+        if tour:
+            failures += await self._tour(mesh, tour)
         return 1 if failures else 0
 
+    async def _tour(self, mesh: Any, names: list[str]) -> int:
+        """Each pattern demo as durable workflows, with progress as it goes and a summary row per demo."""
+        from hivemesh.agents.demos import DemoContext, run_demo
+        from hivemesh.sdk.escalation import EscalationClient
+        from hivemesh.sdk.workflow import WorkflowEngine
+
+        assert self.operator is not None
+        failures = 0
+        rows: list[dict[str, Any]] = []
+        engine = await self._demo_stack.enter_async_context(WorkflowEngine(mesh))
+        dc = DemoContext(engine, EscalationClient(self.operator), self.say, self.opts.once)
+        for name in names:
+            try:
+                row = await run_demo(name, dc)
+            except Exception as exc:  # noqa: BLE001 - the demo reports every failure and goes on
+                row = {"demo": name, "state": "FAILED", "error": f"{type(exc).__name__}: {exc}"}
+            if row.get("state") not in ("COMPLETED", "INPUT_REQUIRED"):
+                failures += 1
+            rows.append(row)
+            self.show_result(row)
+        self.show_result({"summary": rows})
+        return failures
+
+    async def _pipeline_demo(self, mesh: Any, list_samples: Any, process_document: Any) -> int:
+        failures = 0
+        for sample in list_samples():
+            try:
+                result = await process_document(mesh, sample)
+            except Exception as exc:  # noqa: BLE001 - the demo reports every failure and goes on
+                failures += 1
+                self.show_result({"sample": sample, "error": f"{type(exc).__name__}: {exc}"})
+                continue
+            self.show_result(result)
+        return failures
+
     async def shutdown(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._demo_stack.aclose()
         if self.operator is not None:
             with contextlib.suppress(Exception):
                 await self.operator.close()

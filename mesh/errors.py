@@ -7,6 +7,7 @@ error via `from_rpc_error`. So a caller in any language sees the same code and r
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -17,6 +18,11 @@ from grpc_status import rpc_status
 
 DOMAIN = "hivemesh"
 _DETAILS_KEY = "grpc-status-details-bin"
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+class _RichStatus(collections.namedtuple("_RichStatus", ("code", "details", "trailing_metadata")), grpc.Status):
+    """A grpc.Status with extra trailers (grpc_status builds one without a way to add any)."""
 
 
 class HivemeshError(Exception):
@@ -88,6 +94,11 @@ class JoinTokenInvalidError(UnauthenticatedError):
     default_message = "the join token is unknown, expired or already used"
 
 
+class TokenRevokedError(UnauthenticatedError):
+    reason = "TOKEN_REVOKED"
+    default_message = "the capability token has been revoked"
+
+
 # --- authorization: may you? (PERMISSION_DENIED) ------------------------------------------------------------
 class PermissionDeniedError(HivemeshError):
     code = grpc.StatusCode.PERMISSION_DENIED
@@ -110,11 +121,26 @@ class IdentityMismatchError(PermissionDeniedError):
     default_message = "the capability token's subject is not the certificate's identity"
 
 
+class PolicyDeniedError(PermissionDeniedError):
+    reason = "POLICY_DENIED"
+    default_message = "an authorization policy denies this call"
+
+
+class DelegationDeniedError(PermissionDeniedError):
+    reason = "DELEGATION_DENIED"
+    default_message = "the delegation would widen the scopes of the token it derives from, or is too deep"
+
+
 # --- the request itself ---------------------------------------------------------------------------------------
 class InvalidInputError(HivemeshError):
     code = grpc.StatusCode.INVALID_ARGUMENT
     reason = "INVALID_INPUT"
     default_message = "the input is not valid for this capability"
+
+
+class ContentRefusedError(InvalidInputError):
+    reason = "CONTENT_REFUSED"
+    default_message = "the input was refused by the content screen (e.g. a prompt-injection pattern)"
 
 
 class PayloadTooLargeError(HivemeshError):
@@ -172,6 +198,18 @@ class ControlPlaneUnavailableError(HivemeshError):
     default_message = "the control plane cannot be reached"
 
 
+class AuditUnavailableError(HivemeshError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "AUDIT_UNAVAILABLE"
+    default_message = "the audit record could not be written, so the call was not served (fail closed)"
+
+
+class CertificateExpiredError(HivemeshError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "CERTIFICATE_EXPIRED"
+    default_message = "this workload's certificate has expired and could not be renewed (control plane down?)"
+
+
 class FailedPreconditionError(HivemeshError):
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "FAILED_PRECONDITION"
@@ -182,6 +220,45 @@ class NotFoundError(HivemeshError):
     code = grpc.StatusCode.NOT_FOUND
     reason = "NOT_FOUND"
     default_message = "not found"
+
+
+# --- orchestration (issue 5) -------------------------------------------------------------------------------------
+class TaskRejectedError(FailedPreconditionError):
+    """A validation step, a reviewer or a person turned the task down: a verdict, not a fault (A2A REJECTED)."""
+
+    reason = "TASK_REJECTED"
+    default_message = "the task was rejected"
+
+
+class TokenBudgetExceededError(HivemeshError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "TOKEN_BUDGET_EXCEEDED"
+    default_message = "the caller's token budget for this window is spent"
+
+
+# --- traffic policy and resilience (issue 3) ----------------------------------------------------------------------
+class RateLimitedError(HivemeshError):
+    """A rate limit refused the call; `retry_after_s` says when a token will be there (RetryInfo + pushback)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "RATE_LIMITED"
+    default_message = "rate limit reached: retry after the delay given"
+
+
+class OverloadedError(HivemeshError):
+    """The agent is at its in-flight limit and shed the call instead of queueing it without bound."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "OVERLOADED"
+    default_message = "the agent is overloaded and shed the call"
+
+
+class CircuitOpenError(HivemeshError):
+    """The capability's circuit breaker is open: the call failed fast instead of piling onto a failing target."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "CIRCUIT_OPEN"
+    default_message = "the circuit breaker for this capability is open"
 
 
 def _all_subclasses(cls: type[HivemeshError]) -> list[type[HivemeshError]]:
@@ -234,6 +311,10 @@ def to_status(err: HivemeshError) -> grpc.Status:
         details.append(packed)
     status = status_pb2.Status(code=err.code.value[0], message=err.message, details=details)
     result: grpc.Status = rpc_status.to_status(status)
+    if err.retry_after_s is not None:
+        # gRPC's own retry machinery (any language) honours this trailer, so clients back off as asked.
+        pushback = (PUSHBACK_KEY, str(max(0, round(err.retry_after_s * 1000))))
+        result = _RichStatus(result.code, result.details, (*result.trailing_metadata, pushback))
     return result
 
 

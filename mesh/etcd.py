@@ -75,6 +75,10 @@ class EtcdServer:
     name: str = "hivemesh-etcd"
     host: str = "127.0.0.1"
     log_path: Path | None = None
+    initial_cluster: str | None = None
+    """`name=http://host:peer-port,...` of every member when this one is part of a cluster (see EtcdCluster);
+    None for a single-member cluster."""
+    cluster_token: str = "hivemesh"
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -90,8 +94,11 @@ class EtcdServer:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
-    def start(self, timeout: float = 30.0) -> None:
-        """Start the member and wait until its health endpoint answers (bounded by timeout)."""
+    def start(self, timeout: float = 30.0, *, wait: bool = True) -> None:
+        """Start the member and wait until its health endpoint answers (bounded by timeout).
+
+        wait=False returns at once: a cluster member is healthy only once a quorum runs (EtcdCluster waits).
+        """
         if self.running:
             return
         binary = find_etcd_binary()
@@ -115,7 +122,9 @@ class EtcdServer:
             "--advertise-client-urls", client_url,
             "--listen-peer-urls", peer_url,
             "--initial-advertise-peer-urls", peer_url,
-            "--initial-cluster", f"{self.name}={peer_url}",
+            "--initial-cluster", self.initial_cluster or f"{self.name}={peer_url}",
+            "--initial-cluster-token", self.cluster_token,
+            "--initial-cluster-state", "new",
             "--log-level", "warn",
             # Small, fast commits are all the mesh needs; keep the member light on a 2-core machine.
             "--snapshot-count", "10000",
@@ -129,7 +138,8 @@ class EtcdServer:
         finally:
             if log_file is not subprocess.DEVNULL:
                 log_file.close()  # type: ignore[union-attr]
-        self._wait_ready(timeout)
+        if wait:
+            self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -167,6 +177,67 @@ class EtcdServer:
             proc.wait(10)
 
     def __enter__(self) -> EtcdServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass
+class EtcdCluster:
+    """A cluster of real etcd members on loopback (three by default), each its own process.
+
+    `endpoints` is the comma-separated client list every hivemesh component accepts. Members can be killed and
+    started again one at a time (`members[i].kill()` / `.start()`), which is how tests lose one and keep quorum.
+    """
+
+    base_dir: Path
+    size: int = 3
+    host: str = "127.0.0.1"
+    members: list[EtcdServer] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError("a cluster needs at least one member")
+        if not self.members:
+            self.members = [
+                EtcdServer(
+                    data_dir=self.base_dir / f"member-{i}", name=f"member-{i}", host=self.host,
+                    client_port=free_port(self.host), peer_port=free_port(self.host),
+                    log_path=self.base_dir / f"member-{i}.log", cluster_token=f"hivemesh-{os.getpid()}",
+                )
+                for i in range(self.size)
+            ]
+        initial = ",".join(f"{m.name}=http://{m.host}:{m.peer_port}" for m in self.members)
+        for m in self.members:
+            m.initial_cluster = initial
+
+    @property
+    def endpoints(self) -> str:
+        return ",".join(m.endpoint for m in self.members)
+
+    def member(self, name: str) -> EtcdServer:
+        return next(m for m in self.members if m.name == name)
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start every member, then wait until each is healthy (the cluster elected a leader)."""
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            for m in self.members:
+                m.start(wait=False)
+            deadline = time.monotonic() + timeout
+            for m in self.members:
+                m._wait_ready(max(1.0, deadline - time.monotonic()))
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for m in self.members:
+            m.stop()
+
+    def __enter__(self) -> EtcdCluster:
         self.start()
         return self
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from hivemesh.mesh.errors import HivemeshError, InvalidInputError, abort
+from hivemesh.mesh.authz import AuthzTable
+from hivemesh.mesh.errors import AuditUnavailableError, HivemeshError, InvalidInputError, abort
 from hivemesh.mesh.layers import (
     Inbound,
     InboundLayer,
@@ -24,7 +25,12 @@ from hivemesh.mesh.layers import (
     TokenLayer,
     current_inbound,
 )
+from hivemesh.mesh.layers.admission import Admission, Done
+from hivemesh.mesh.layers.authz import AuthzLayer
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
+from hivemesh.mesh.layers.ratelimit import RateLimitLayer
+from hivemesh.mesh.layers.screen import DEFAULT_SCREEN, ContentScreen
+from hivemesh.mesh.resilience.traffic import Traffic
 from hivemesh.mesh.tokens import TokenVerifier
 from hivemesh.v1 import agent_pb2
 
@@ -35,11 +41,16 @@ _AGENT_PREFIX = f"/{AGENT_SERVICE}/"
 
 
 class InboundChain:
-    """An ordered, immutable list of layers; `admit` runs them and raises the first refusal."""
+    """An ordered, immutable list of layers; `admit` runs them and raises the first refusal.
 
-    def __init__(self, layers: Sequence[InboundLayer]) -> None:
+    `admission`, when set, runs after every layer passed: it may wait for an in-flight slot and holds it
+    while the handler runs (see `hivemesh.mesh.layers.admission`).
+    """
+
+    def __init__(self, layers: Sequence[InboundLayer], *, admission: Admission | None = None) -> None:
         self.layers: tuple[InboundLayer, ...] = tuple(layers)
         self._checks = tuple(layer.check for layer in self.layers)
+        self.admission = admission
 
     def admit(self, call: Inbound) -> None:
         for check in self._checks:
@@ -53,8 +64,25 @@ def build_inbound_chain(
     capabilities: Iterable[agent_pb2.Capability],
     agent_name: str,
     max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
+    traffic: Traffic | None = None,
+    instances: Callable[[str], int] | None = None,
+    authz: Callable[[], AuthzTable] | None = None,
+    limits: Mapping[str, int] | None = None,
+    screen: ContentScreen | None = DEFAULT_SCREEN,
+    screen_exempt: Iterable[str] = (),
 ) -> InboundChain:
-    """The inbound chain, in the order the checks must run."""
+    """The inbound chain, in the order the checks must run.
+
+    traffic (the node's policy view and resilience state) adds the rate limit and admission; instances(cap)
+    counts this agent's live instances of a capability, to divide cluster-wide rate limits among them.
+    authz returns the authz policies in force (the node's policy mirror); without it every call is denied
+    (default deny). limits are per-capability input size limits; screen is the content screen (None: off).
+    """
+    traffic_layers: list[InboundLayer] = []
+    if traffic is not None:
+        # 4. How often: rate limits per caller identity × capability. After the token (it limits a verified
+        #    identity), before the input guard (a refused call should cost as little as possible).
+        traffic_layers.append(RateLimitLayer(traffic, agent_name, instances))
     return InboundChain(
         [
             # 1. Who is calling: every later layer decides about this identity. gRPC already verified the chain.
@@ -62,15 +90,33 @@ def build_inbound_chain(
             # 2. What the caller may do: a token for this agent, covering the capability, bound to the peer's
             #    certificate. Before input checks, so an unauthenticated caller learns nothing about inputs.
             TokenLayer(verifier),
-            # 3. Is the input acceptable: capability exists, size, JSON, schema. Last, as it is the costliest
-            #    (JSON decode); the decoded value is handed to the agent so it is decoded once.
-            InputGuardLayer(capabilities, max_input_bytes=max_input_bytes, agent_name=agent_name),
-        ]
+            # 3. May this identity do this: authz policies over the verified peer, original principal and
+            #    chain (which the token layer established; a policy can only judge what is proven) × capability
+            #    × action. Default deny. Before the rate limit, so a denied caller spends no one's quota, and
+            #    before the input guard, so it learns nothing about inputs and costs no JSON decode.
+            AuthzLayer(authz, f"spiffe://{trust_domain}/agent/{agent_name}"),
+            *traffic_layers,
+            # 5. Is the input acceptable: capability exists, size, JSON, schema, content screen. Last, as it is
+            #    the costliest (JSON decode); the decoded value is handed to the agent so it is decoded once.
+            InputGuardLayer(capabilities, max_input_bytes=max_input_bytes, agent_name=agent_name, limits=limits,
+                            screen=screen, screen_exempt=screen_exempt),
+        ],
+        # 6. How many at once: last, once the call is certainly acceptable, so a refused call never holds or
+        #    waits for an in-flight slot; high priority passes first, the excess is shed (OVERLOADED).
+        admission=Admission(traffic, agent_name) if traffic is not None else None,
     )
 
 
-def _as_dict(metadata: Any) -> dict[str, str | bytes]:
-    return {k: v for k, v in (metadata or ())}
+def _as_dict(metadata: Any) -> dict[str, str | bytes | tuple[str | bytes, ...]]:
+    out: dict[str, str | bytes | tuple[str | bytes, ...]] = {}
+    for k, v in metadata or ():
+        if k == "authorization" and k in out:
+            # Never let a second credential silently replace the first: keep them all, the token layer refuses.
+            prev = out[k]
+            out[k] = (*prev, v) if isinstance(prev, tuple) else (prev, v)
+        else:
+            out[k] = v
+    return out
 
 
 def _decode(request: Any) -> tuple[agent_pb2.InvokeRequest, int]:
@@ -102,7 +148,8 @@ def _handler_request(call: Inbound, raw: Any, deserialize: Callable[[bytes], Any
 
 DecisionObserver = Callable[[Inbound, "HivemeshError | None", grpc.StatusCode, float], None]
 """Told about every call the chain decided on: refused (with the error and its code) or let through (with
-the handler's final status), plus the seconds it took. The audit log is one; it must not raise."""
+the handler's final status), plus the seconds it took. The audit log is one. It must not raise, except
+AuditUnavailableError, which fails the call closed: a call that could not be recorded is not answered."""
 
 
 def _new_call(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Inbound:
@@ -112,6 +159,7 @@ def _new_call(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Inbou
         wire_size=0,
         metadata=_as_dict(context.invocation_metadata()),
         auth_context=context.auth_context(),
+        notes={"remote": context.peer() or ""},  # the audit record's network address of the caller
     )
 
 
@@ -144,13 +192,21 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
         self._chain = chain
         self._observers = tuple(observers)
 
-    def _notify(self, call: Inbound, err: HivemeshError | None, code: grpc.StatusCode, started: float) -> None:
+    def _notify(
+        self, call: Inbound, err: HivemeshError | None, code: grpc.StatusCode, started: float
+    ) -> AuditUnavailableError | None:
+        """Tell every observer; returns the AuditUnavailableError one raised (the call must then fail closed)."""
         elapsed = time.perf_counter() - started
+        unrecorded: AuditUnavailableError | None = None
         for observe in self._observers:
             try:
                 observe(call, err, code, elapsed)
+            except AuditUnavailableError as exc:
+                log.error("failing the call closed: %s", exc.message)
+                unrecorded = exc
             except Exception:
                 log.exception("decision observer %r failed", observe)
+        return unrecorded
 
     async def intercept_service(
         self,
@@ -163,6 +219,7 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = path[len(_AGENT_PREFIX):]
         chain = self._chain
+        admission = chain.admission
         observed = bool(self._observers)
         deserialize = handler.request_deserializer  # applied by the wrappers below, after the chain
         if handler.unary_unary is not None:
@@ -171,15 +228,18 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
             async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 started = time.perf_counter()
                 call = _new_call(method, context)
+                done: Done | None = None
                 try:
                     _admit(chain, call, request)
                     inner_request = _handler_request(call, request, deserialize)
+                    if admission is not None:
+                        done = await admission.enter(call, context.time_remaining())
                 except HivemeshError as err:
                     if observed:
                         self._notify(call, err, err.code, started)
                     await abort(context, err)
                 current_inbound.set(call)
-                if not observed:
+                if not observed and done is None:
                     return await inner_unary(inner_request, context)
                 failure: BaseException | None = None
                 try:
@@ -188,7 +248,12 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
                     failure = exc
                     raise
                 finally:
-                    self._notify(call, None, _final_code(context, failure), started)
+                    if done is not None:
+                        done(failure is not None)
+                    if observed:
+                        unrecorded = self._notify(call, None, _final_code(context, failure), started)
+                        if unrecorded is not None and failure is None:
+                            await abort(context, unrecorded)  # the response is never released unaudited
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -201,9 +266,12 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
             async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
                 started = time.perf_counter()
                 call = _new_call(method, context)
+                done: Done | None = None
                 try:
                     _admit(chain, call, request)
                     inner_request = _handler_request(call, request, deserialize)
+                    if admission is not None:
+                        done = await admission.enter(call, context.time_remaining())
                 except HivemeshError as err:
                     if observed:
                         self._notify(call, err, err.code, started)
@@ -217,8 +285,12 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
                     failure = exc
                     raise
                 finally:
+                    if done is not None:
+                        done(failure is not None)
                     if observed:
-                        self._notify(call, None, _final_code(context, failure), started)
+                        unrecorded = self._notify(call, None, _final_code(context, failure), started)
+                        if unrecorded is not None and failure is None:
+                            await abort(context, unrecorded)  # the final status is never OK unaudited
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,

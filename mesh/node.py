@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -20,19 +21,31 @@ from hivemesh.controlplane.client import ControlPlaneClient
 from hivemesh.mesh.channels import ChannelPool
 from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.outbound import OutboundPipeline
-from hivemesh.mesh.pki import controlplane_id
-from hivemesh.mesh.registry import RegistryView
+from hivemesh.mesh.pki import controlplane_id, load_certs
+from hivemesh.mesh.policy import PolicyCache
+from hivemesh.mesh.registry import RegistryView, default_instance_id
+from hivemesh.mesh.resilience.traffic import Traffic
+from hivemesh.mesh.revocation import RevocationWatch
 from hivemesh.mesh.routing import RoundRobinRouter
 from hivemesh.mesh.settings import MeshSettings
+from hivemesh.mesh.status import StatusPublisher, status_key
 from hivemesh.mesh.tls import Workload, join, load_workload_files
 from hivemesh.mesh.token_source import TokenSource
-from hivemesh.mesh.tokens import KeySet, TokenVerifier
+from hivemesh.mesh.tokens import KeySet, RevocationList, TokenVerifier
+from hivemesh.mesh.trustdoc import TRUST_BUNDLE_KEY, fingerprint, issued_by, verify_trust_doc
 from hivemesh.mesh.watch import PrefixCache
 
 log = logging.getLogger(__name__)
 
 JWKS_KEY = "/hivemesh/trust/jwks"
 _RENEW_AT = 0.5  # of the certificate's lifetime, ±10% jitter so a fleet does not renew at once
+
+
+def renewal_delay(remaining_s: float) -> float:
+    """Seconds until a certificate with remaining_s left is renewed: half of it, ±10% jitter (45–55%), so a
+    fleet issued at once does not renew at once (SPIRE's rotationutil)."""
+    # NOTE: measured from now, not issuance: a restarted process renews at half of what is left.
+    return max(remaining_s, 0.0) * _RENEW_AT * random.uniform(0.9, 1.1)
 
 
 class MeshNode:
@@ -43,14 +56,37 @@ class MeshNode:
         name: workload name (agent name, client name).
         kind: "agent", "client" or "operator" (the SPIFFE id's kind).
         verify_inbound: keep the token key set in sync (needed by anything that serves calls).
+        instance_id: this process's instance id (its registry id when it serves; names its status entry).
+        publish_status: publish traffic status to etcd every ~2 s for `hivemesh status`.
     """
 
-    def __init__(self, settings: MeshSettings, *, name: str, kind: str = "client", verify_inbound: bool = False):
+    def __init__(
+        self,
+        settings: MeshSettings,
+        *,
+        name: str,
+        kind: str = "client",
+        verify_inbound: bool = False,
+        instance_id: str | None = None,
+        publish_status: bool = True,
+    ):
         self.settings = settings
         self.name = name
         self.kind = kind
+        self.instance_id = instance_id or default_instance_id()
+        self._publish_status = publish_status
+        # Policies are mirrored and compiled in the background; `traffic` is what the layers read.
+        self.policies = PolicyCache(settings.etcd)
+        self.traffic = Traffic(self.policies)
+        self._status: StatusPublisher | None = None
         self._verify_inbound = verify_inbound
         self._workload: Workload | None = None
+        self.revocations = RevocationList()
+        self._revocation_watch: RevocationWatch | None = None
+        self._bundle: PrefixCache[bytes] | None = None
+        self._bundle_generation = 0
+        self._renew_now = asyncio.Event()
+        self.renewals = 0
         self.registry = RegistryView(settings.etcd)
         self.keyset = KeySet()
         self._trust: PrefixCache[bytes] | None = None
@@ -82,10 +118,16 @@ class MeshNode:
         self._cp = ControlPlaneClient(s.controlplane, self._workload, s.trust_domain)
         self._tokens = TokenSource(self._cp)
         self._channels = ChannelPool(self._workload)
-        self._outbound = OutboundPipeline(self.router, self._tokens, self._channels)
+        self._outbound = OutboundPipeline(self.router, self._tokens, self._channels, traffic=self.traffic)
         try:
             await self.registry.start(timeout=timeout)
+            await self.policies.start(timeout=timeout)
+            # The signed trust bundle (CA rotation): every node, callers too, must follow it.
+            self._bundle = PrefixCache(s.etcd, TRUST_BUNDLE_KEY, on_change=self._on_bundle_change)
+            await self._bundle.start(timeout=timeout)
             if self._verify_inbound:
+                self._revocation_watch = RevocationWatch(s.etcd, self.revocations)
+                await self._revocation_watch.start(timeout=timeout)
                 self._trust = PrefixCache(s.etcd, JWKS_KEY, on_change=self._on_trust_change)
                 await self._trust.start(timeout=timeout)
                 if not await self._trust.wait_for(lambda snap: JWKS_KEY in snap, timeout):
@@ -94,6 +136,16 @@ class MeshNode:
             await self.stop()
             raise
         self._renew_task = asyncio.get_running_loop().create_task(self._renew_loop())
+        if self._publish_status:
+            self._status = StatusPublisher(
+                s.etcd,
+                status_key(self.kind, self.name, self.instance_id),
+                lambda: self.traffic.snapshot(
+                    identity=self.workload.spiffe_id, instance=self.instance_id,
+                    agent=self.name if self.kind == "agent" else "",
+                ),
+            )
+            self._status.start()
         self._started = True
 
     async def stop(self) -> None:
@@ -103,8 +155,16 @@ class MeshNode:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renew_task
             self._renew_task = None
+        if self._status is not None:
+            await self._status.stop()
+            self._status = None
         if self._trust is not None:
             await self._trust.stop()
+        if self._revocation_watch is not None:
+            await self._revocation_watch.stop()
+        if self._bundle is not None:
+            await self._bundle.stop()
+        await self.policies.stop()
         await self.registry.stop()
         if self._tokens is not None:
             await self._tokens.close()
@@ -140,10 +200,15 @@ class MeshNode:
             raise RuntimeError("MeshNode.start() has not run")
         return self._cp
 
+    def live_instances_of(self, capability: str) -> int:
+        """How many live instances of this agent serve capability (a cluster-wide rate limit's divisor)."""
+        return sum(1 for i in self.registry.instances(capability) if i.card.name == self.name) or 1
+
     def verifier(self) -> TokenVerifier:
         """A verifier for tokens addressed to this workload, using the key set kept in sync from etcd."""
         return TokenVerifier(
-            self.keyset, issuer=controlplane_id(self.settings.trust_domain), audience=self.workload.spiffe_id
+            self.keyset, issuer=controlplane_id(self.settings.trust_domain), audience=self.workload.spiffe_id,
+            revocations=self.revocations,
         )
 
     def server_credentials(self) -> grpc.ServerCredentials:
@@ -166,14 +231,48 @@ class MeshNode:
         except ValueError as exc:
             log.error("ignoring an invalid key set published in etcd: %s", exc)
 
+    def _on_bundle_change(self) -> None:
+        """A new signed trust bundle (CA rotation step): trust it for new handshakes, and renew if asked."""
+        assert self._bundle is not None
+        raw = self._bundle.snapshot().get(TRUST_BUNDLE_KEY)
+        if raw is None or self._workload is None:
+            return
+        try:
+            doc = verify_trust_doc(raw, self._workload.bundle_pem)
+        except ValueError as exc:
+            log.error("ignoring a trust bundle published in etcd: %s", exc)
+            return
+        if doc.generation <= self._bundle_generation:
+            return
+        self._bundle_generation = doc.generation
+        if doc.bundle_pem != self._workload.bundle_pem:
+            self._use_workload(dataclasses.replace(self._workload, bundle_pem=doc.bundle_pem), same_cert=True)
+            log.info("now trusting the CA bundle of generation %d", doc.generation)
+        if doc.renew:
+            signer = next((c for c in load_certs(doc.bundle_pem) if fingerprint(c) == doc.signing_root), None)
+            if signer is not None and not issued_by(self._workload.cert_pem, signer):
+                self._renew_now.set()
+
+    def _use_workload(self, workload: Workload, *, same_cert: bool) -> None:
+        self._workload = workload
+        if self._channels is not None:
+            self._channels.update_workload(workload)
+        if same_cert and self._cp is not None:
+            self._cp.update_workload(workload)
+        if not same_cert and self._tokens is not None:
+            self._tokens.clear()  # tokens are bound to the old certificate's thumbprint
+
     async def _renew_loop(self) -> None:
-        """Renew the certificate at half its lifetime (±10% jitter); retry with backoff while the CA is down."""
+        """Renew the certificate at half its lifetime (±10% jitter), or at once when a CA rotation asks;
+        retry with backoff while the CA is down."""
         while True:
             w = self.workload
-            lifetime = max(w.expires_at - time.time(), 0.0)
-            # NOTE: measured from now, not issuance: a restarted process renews at half of what is left.
-            delay = lifetime * _RENEW_AT * random.uniform(0.9, 1.1)
-            await asyncio.sleep(max(delay, 1.0))
+            delay = renewal_delay(w.expires_at - time.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._renew_now.wait(), timeout=max(delay, 1.0))
+                # A rotation asked every node at once: spread the fleet's renewals over half a second.
+                await asyncio.sleep(random.uniform(0.0, 0.5))
+            self._renew_now.clear()
             for attempt in range(1_000_000):
                 try:
                     renewed = await self.controlplane.renew()
@@ -182,9 +281,6 @@ class MeshNode:
                     if time.time() >= w.expires_at:
                         log.error("certificate expired and renewal failed: %s", exc)
                     await asyncio.sleep(min(2.0 ** min(attempt, 5), 30.0))
-            self._workload = renewed  # the control-plane client switched to it already
-            if self._channels is not None:
-                self._channels.update_workload(renewed)
-            if self._tokens is not None:
-                self._tokens.clear()  # tokens are bound to the old certificate's thumbprint
+            self.renewals += 1
+            self._use_workload(renewed, same_cert=False)  # the control-plane client switched to it already
             log.info("renewed certificate for %s, valid until %s", renewed.spiffe_id, time.ctime(renewed.expires_at))

@@ -394,6 +394,20 @@ class Registration:
                 backoff = min(backoff * 2, self._backoff_max)
 
 
+async def drain_after_deregistration(node: object, key: str, *, timeout_s: float = 0.5, margin_s: float = 0.05) -> None:
+    """Wait, bounded, until callers have heard that the instance at key is gone, before its server stops.
+
+    A caller that still picks the instance once its server began to shut down gets CANCELLED, not a chance to
+    fail over. Callers hear the deletion from etcd's watch when this process does (node's own registry view),
+    plus a small margin for a busy caller.
+    """
+    registry = getattr(node, "registry", None)
+    if not isinstance(registry, RegistryView) or not registry.cache.loaded:
+        return
+    await registry.cache.wait_for(lambda snap: key not in snap, timeout_s)
+    await asyncio.sleep(margin_s)
+
+
 # --- the view -----------------------------------------------------------------------------------------------
 class CapabilityInfo(NamedTuple):
     """One capability as the mesh offers it now."""

@@ -38,6 +38,17 @@ class RoundRobinRouter:
         self._suspect_until: dict[str, float] = {}
         self._clock = clock
 
+    def live(self, capability: str) -> Sequence[mesh_pb2.AgentInstance]:
+        """Live instances for capability (registry order); UnknownCapabilityError / NoLiveInstanceError if none."""
+        instances = self._source.instances(capability)
+        if not instances:
+            self.candidates(capability)  # raises the right error
+        return instances
+
+    def is_suspect(self, instance_id: str) -> bool:
+        """True while instance_id recently could not be reached (see mark_failed)."""
+        return bool(self._suspect_until) and self._suspect_until.get(instance_id, 0.0) > self._clock()
+
     def candidates(self, capability: str) -> list[mesh_pb2.AgentInstance]:
         """Live instances for capability in the order to try them (next in the rotation first)."""
         instances = self._source.instances(capability)

@@ -20,6 +20,8 @@ from typing import Any
 
 import grpc
 
+from hivemesh.mesh.audit import AuditLog, open_node_audit
+from hivemesh.mesh.authz import AUTHZ
 from hivemesh.mesh.errors import (
     AgentUnavailableError,
     HivemeshError,
@@ -29,8 +31,9 @@ from hivemesh.mesh.errors import (
 from hivemesh.mesh.inbound import AGENT_SERVICE, DecisionObserver, MeshInboundInterceptor, build_inbound_chain
 from hivemesh.mesh.layers import current_inbound
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
+from hivemesh.mesh.layers.screen import DEFAULT_SCREEN
 from hivemesh.mesh.node import MeshNode
-from hivemesh.mesh.registry import Registration, default_instance_id
+from hivemesh.mesh.registry import Registration, default_instance_id, drain_after_deregistration
 from hivemesh.mesh.server import ManagedServer
 from hivemesh.mesh.settings import MeshSettings
 from hivemesh.v1 import agent_pb2, agent_pb2_grpc, mesh_pb2
@@ -80,6 +83,16 @@ class SidecarConfig:
     lease_ttl_s: int = 10
     max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES
     agent_wait_s: float = 30.0
+    audit: bool = True
+    """Record every inbound decision in the audit spool (shipped to the control plane)."""
+    audit_dir: str | None = None
+    """Where the audit spool lives; default `<HIVEMESH_HOME>/audit`."""
+    limits: tuple[tuple[str, int], ...] = ()
+    """Per-capability input size limits, (capability, bytes); others get max_input_bytes."""
+    content_screen: bool = True
+    """Screen inbound text fields for prompt-injection patterns (the default rule set)."""
+    screen_exempt: tuple[str, ...] = ()
+    """Capabilities the content screen skips."""
 
     def __post_init__(self) -> None:
         for name in ("agent", "mesh_listen"):
@@ -129,6 +142,7 @@ class Sidecar:
         self._mesh: ManagedServer | None = None
         self._registration: Registration | None = None
         self._hop_bytes = b""
+        self.audit: AuditLog | None = None
         self.port = 0
         self.mesh_port = 0
 
@@ -165,18 +179,35 @@ class Sidecar:
                 raise InvalidInputError(f"--name {cfg.name} differs from the agent card's name {self.card.name}")
             if not self.card.capabilities:
                 raise InvalidInputError(f"the agent at {cfg.agent} declares no capabilities")
-            self.node = MeshNode(self.settings, name=name, kind="agent", verify_inbound=True)
+            self.node = MeshNode(
+                self.settings, name=name, kind="agent", verify_inbound=True, instance_id=self.instance_id
+            )
             await self.node.start()
+            policies = self.node.policies
             chain = build_inbound_chain(
                 trust_domain=self.settings.trust_domain,
                 verifier=self.node.verifier(),
                 capabilities=self.card.capabilities,
                 agent_name=name,
                 max_input_bytes=cfg.max_input_bytes,
+                traffic=self.node.traffic,
+                instances=self.node.live_instances_of,
+                authz=lambda: policies.get(AUTHZ),
+                limits=dict(cfg.limits),
+                screen=DEFAULT_SCREEN if cfg.content_screen else None,
+                screen_exempt=cfg.screen_exempt,
             )
+            if cfg.audit:
+                self.audit = open_node_audit(
+                    self.node, spiffe_id=self.node.workload.spiffe_id, instance=self.instance_id,
+                    directory=cfg.audit_dir,
+                )
+            observers: list[DecisionObserver] = [*self.observers, *([self.audit] if self.audit is not None else [])]
+            if self.audit is not None:
+                self.node.outbound.observer = self.audit.outbound  # refusals decided here, e.g. circuit open
             inbound = ManagedServer(
                 services=[AGENT_SERVICE],
-                interceptors=[MeshInboundInterceptor(chain, observers=self.observers)],
+                interceptors=[MeshInboundInterceptor(chain, observers=observers)],
             )
             inbound.add_generic(self._agent_handler())
             self.port = inbound.add_secure_port(cfg.listen, self.node.server_credentials())
@@ -211,12 +242,18 @@ class Sidecar:
 
     async def stop(self, grace: float = 2.0) -> None:
         if self._registration is not None:
+            key = self._registration.key
             await self._registration.stop()
             self._registration = None
+            if self.node is not None:
+                await drain_after_deregistration(self.node, key)
         for server in (self._inbound, self._mesh):
             if server is not None:
                 await server.stop(grace)
         self._inbound = self._mesh = None
+        if self.audit is not None:
+            await self.audit.close()  # ships what it can (bounded), keeps the rest in the spool
+            self.audit = None
         if self.node is not None:
             await self.node.stop()
         if self._agent_channel is not None:
@@ -279,17 +316,18 @@ class Sidecar:
 
     # --- outbound: the agent's calls by capability name -----------------------------------------------------
     def _mesh_handler(self) -> grpc.GenericRpcHandler:
-        def capability_of(request: bytes) -> str:
+        def decoded(request: bytes) -> agent_pb2.InvokeRequest:
             try:
-                return agent_pb2.InvokeRequest.FromString(request).capability
+                return agent_pb2.InvokeRequest.FromString(request)
             except Exception:  # noqa: BLE001 - any decode failure is the caller's bad input
                 raise InvalidInputError("the request is not a valid hivemesh.v1.InvokeRequest message") from None
 
         async def call(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
             assert self.node is not None
             try:
+                req = decoded(request)  # handed on, so policies needing a field do not decode it again
                 raw, _ = await self.node.outbound.invoke(
-                    request, capability=capability_of(request), timeout=context.time_remaining()
+                    request, capability=req.capability, timeout=context.time_remaining(), request=req
                 )
             except HivemeshError as err:
                 await abort(context, err)
@@ -299,7 +337,7 @@ class Sidecar:
             assert self.node is not None
             try:
                 async for raw, _ in self.node.outbound.invoke_stream(
-                    request, capability=capability_of(request), timeout=context.time_remaining()
+                    request, capability=decoded(request).capability, timeout=context.time_remaining()
                 ):
                     yield raw
             except HivemeshError as err:

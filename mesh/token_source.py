@@ -4,6 +4,8 @@ refreshed before they expire so a caller never waits for one after the first cal
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -14,6 +16,10 @@ from hivemesh.mesh.errors import ControlPlaneUnavailableError, GrantDeniedError,
 from hivemesh.v1 import control_pb2
 
 log = logging.getLogger(__name__)
+
+on_behalf_of: contextvars.ContextVar[str | None] = contextvars.ContextVar("hivemesh_on_behalf_of", default=None)
+"""The token of the call being served, while an onward call is made on behalf of its principal: the outbound
+pipeline then sends a delegated token (exchanged for this one) instead of the node's own."""
 
 _REFRESH_AT = 0.75  # of a token's lifetime: refresh in the background from then on
 _REGRANT_INTERVAL_S = 5.0  # re-ask at most this often for a capability a cached token lacks
@@ -54,6 +60,8 @@ class TokenSource:
         self._inflight: dict[str, asyncio.Future[_Cached]] = {}
         self._last_regrant: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._generation = 0  # bumped by clear(): a token fetched across a certificate renewal is discarded
+        self._delegated: dict[tuple[str, str, str], _Cached] = {}
 
     async def get(self, audience: str, capability: str) -> str:
         """A valid token for audience that covers capability (raises GrantDeniedError when none can)."""
@@ -104,7 +112,11 @@ class TokenSource:
         self._inflight[audience] = fut
         try:
             try:
+                generation = self._generation
                 resp = await self._issuer.issue_token(audience, (), 0)
+                if generation != self._generation:
+                    # The certificate was renewed while we asked: that token is bound to the old one.
+                    resp = await self._issuer.issue_token(audience, (), 0)
             except HivemeshError as exc:
                 if exc.code.name == "UNAVAILABLE" and not isinstance(exc, ControlPlaneUnavailableError):
                     raise ControlPlaneUnavailableError(
@@ -129,7 +141,30 @@ class TokenSource:
 
     def clear(self) -> None:
         """Forget every cached token (after a certificate renewal: tokens are bound to the old one)."""
+        self._generation += 1
         self._cache.clear()
+        self._delegated.clear()
+
+    async def get_delegated(self, subject_token: str, audience: str, capability: str) -> str:
+        """A delegated token for capability on audience, acting for subject_token's principal (RFC 8693 token
+        exchange; least privilege: it asks for that one capability), cached until shortly before it expires."""
+        exchange = getattr(self._issuer, "exchange_token", None)
+        if exchange is None:
+            raise HivemeshError("this token source cannot exchange tokens for delegation")
+        key = (hashlib.sha256(subject_token.encode()).hexdigest(), audience, capability)
+        now = self._clock()
+        cached = self._delegated.get(key)
+        if cached is None or now >= cached.expires_at - 1.0:
+            generation = self._generation
+            resp = await exchange(subject_token, audience, [capability])
+            cached = _Cached(resp.token, frozenset(resp.scopes), now, float(resp.expires_at_unix))
+            if generation == self._generation:
+                if len(self._delegated) > 1024:
+                    self._delegated.clear()
+                self._delegated[key] = cached
+        if capability not in cached.scopes:
+            raise self._denied(audience, capability, cached.scopes)
+        return cached.token
 
     def invalidate(self, audience: str) -> None:
         """Forget the cached token (after the target refused it, say)."""

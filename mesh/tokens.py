@@ -18,7 +18,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -33,6 +33,7 @@ from hivemesh.mesh.errors import (
     TokenExpiredError,
     TokenInvalidError,
     TokenMissingError,
+    TokenRevokedError,
 )
 
 JWKS_KEY: Final = b"/hivemesh/trust/jwks"
@@ -44,6 +45,10 @@ _MAX_KID_LEN: Final = 64
 _MAX_TOKEN_LEN: Final = 8192
 _B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+MAX_DELEGATION_DEPTH: Final = 5
+"""Most actors a delegation chain may name (RFC 8693 `act` nesting): bounds chains of agents calling agents."""
+ACTIONS: Final = frozenset({"invoke", "stream", "describe"})
+"""What a caller does with a capability; a scope entry `cap:action` grants only that action."""
 
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 
@@ -164,6 +169,7 @@ class TokenClaims:
     """The verified claims of a capability token."""
 
     subject: str
+    """`sub`: the principal the call is made for (the original caller when delegated)."""
     audience: str
     scopes: frozenset[str]
     jti: str
@@ -171,6 +177,56 @@ class TokenClaims:
     issuer: str
     cnf_thumbprint: str | None
     raw: Mapping[str, Any] = field(repr=False, compare=False, hash=False)
+    issued_at: float = 0.0
+    actor: str | None = None
+    """`act.sub`: who presents a delegated token (it must be the caller's certificate identity)."""
+    delegation: tuple[str, ...] = ()
+    """The whole chain in call order: principal, first actor, ..., current actor (just the subject if not
+    delegated)."""
+    delegable: frozenset[str] | None = None
+    """`dlg`: capabilities the holder may delegate onward (None: the token carries no delegation ceiling)."""
+
+    @property
+    def presenter(self) -> str:
+        """The identity that must present this token: the current actor, else the subject."""
+        return self.actor or self.subject
+
+    def allows(self, capability: str, action: str | None = None) -> bool:
+        """True when the scope grants capability (wholly, or for this action via a `capability:action` entry)."""
+        if capability in self.scopes:
+            return True
+        return action is not None and f"{capability}:{action}" in self.scopes
+
+
+class RevocationList:
+    """Revoked token ids and subjects, replaced atomically from the etcd watch; read on every call.
+
+    A revoked subject invalidates every token issued before the revocation that names it anywhere in its chain
+    (as principal or as an actor), so revoking a compromised agent also stops tokens delegated through it.
+    """
+
+    def __init__(self) -> None:
+        self._state: tuple[frozenset[str], Mapping[str, float]] = (frozenset(), {})
+        self.generation = 0
+
+    def replace(self, jtis: Iterable[str], subjects: Mapping[str, float]) -> None:
+        self._state = (frozenset(jtis), dict(subjects))
+        self.generation += 1
+
+    def reason(self, claims: TokenClaims) -> str | None:
+        """Why claims are revoked, or None."""
+        jtis, subjects = self._state
+        if claims.jti in jtis:
+            return f"token {claims.jti} has been revoked"
+        if subjects:
+            for ident in claims.delegation or (claims.subject,):
+                before = subjects.get(ident)
+                if before is not None and claims.issued_at <= before:
+                    return f"every token issued to {ident} before {before:.0f} has been revoked"
+        return None
+
+    def __len__(self) -> int:
+        return len(self._state[0]) + len(self._state[1])
 
 
 def _number(claims: Mapping[str, Any], name: str, *, required: bool) -> float | None:
@@ -202,6 +258,8 @@ class TokenVerifier:
         max_lifetime_s: float = 300,
         cache_size: int = 10_000,
         clock: Callable[[], float] = time.time,
+        revocations: RevocationList | None = None,
+        require_binding: bool = True,
     ) -> None:
         if not issuer or not audience:
             raise ValueError("a TokenVerifier needs an issuer and an audience")
@@ -216,10 +274,23 @@ class TokenVerifier:
         self._clock = clock
         self._cache: dict[str, TokenClaims] = {}
         self._cache_generation = keyset.generation
+        self.revocations = revocations
+        self.require_binding = require_binding
 
     # --- the hot path ---------------------------------------------------------------------------------------
-    def verify(self, token: str, *, capability: str, peer_thumbprint: str | None = None) -> TokenClaims:
+    def verify(
+        self, token: str, *, capability: str, peer_thumbprint: str | None = None, action: str | None = None
+    ) -> TokenClaims:
         """Verify token for capability, called by the peer whose certificate has peer_thumbprint."""
+        claims = self.authenticate(token, peer_thumbprint=peer_thumbprint)
+        self.check_scope(claims, capability, action)
+        return claims
+
+    def authenticate(self, token: str, *, peer_thumbprint: str | None = None) -> TokenClaims:
+        """Everything but the scope: signature, claims, expiry, revocation and the certificate binding.
+
+        Split from `check_scope` so the caller can record who a token speaks for even when it lacks the scope.
+        """
         now = self._clock()
         if self._cache_generation != self.keyset.generation:
             self._cache = {}
@@ -231,19 +302,37 @@ class TokenVerifier:
         elif now > claims.expires_at + self.leeway_s:
             self._cache.pop(token, None)
             raise TokenExpiredError()
-        if capability not in claims.scopes:
-            raise ScopeMissingError(
-                f"the token does not grant capability {capability!r} "
-                f"(granted: {' '.join(sorted(claims.scopes)) or 'nothing'})"
-            )
         cnf = claims.cnf_thumbprint
-        if cnf is not None and cnf != peer_thumbprint:
-            if peer_thumbprint is None:
+        if cnf != peer_thumbprint:
+            if cnf is None:
+                if self.require_binding:
+                    raise TokenInvalidError("the token is not bound to a certificate (no 'cnf' claim)")
+            elif peer_thumbprint is None:
                 raise TokenInvalidError(
                     "the token is bound to a client certificate, but the call came without one"
                 )
-            raise TokenInvalidError("token bound to another certificate")
+            else:
+                raise TokenInvalidError("token bound to another certificate")
+        revocations = self.revocations
+        if revocations is not None:
+            why = revocations.reason(claims)
+            if why is not None:
+                raise TokenRevokedError(why)
         return claims
+
+    def verify_signed(self, token: str) -> TokenClaims:
+        """Signature, issuer, audience, lifetime and structure only (no binding, revocation or scope, no cache):
+        for the control plane judging the subject token of a token exchange."""
+        return self._verify_uncached(token, self._clock())
+
+    @staticmethod
+    def check_scope(claims: TokenClaims, capability: str, action: str | None = None) -> None:
+        if not claims.allows(capability, action):
+            raise ScopeMissingError(
+                f"the token does not grant capability {capability!r}"
+                + (f" for {action}" if action else "")
+                + f" (granted: {' '.join(sorted(claims.scopes)) or 'nothing'})"
+            )
 
     def _remember(self, token: str, claims: TokenClaims, now: float) -> None:
         cache = self._cache
@@ -271,6 +360,8 @@ class TokenVerifier:
             raise TokenMissingError()
         if len(token) > _MAX_TOKEN_LEN:
             raise TokenInvalidError("the token is too large")
+        if not token.isascii():
+            raise TokenInvalidError("the token is not a compact JWS (it must be ASCII base64url)")
         parts = token.split(".")
         if len(parts) != 3:
             raise TokenInvalidError("the token is not a compact JWS (header.payload.signature)")
@@ -385,16 +476,69 @@ class TokenVerifier:
             if not isinstance(thumb, str) or not thumb:
                 raise TokenInvalidError("the token 'cnf' claim must hold an 'x5t#S256' thumbprint")
             cnf_thumb = thumb
+        scopes = frozenset(scope.split())
+        delegable = _space_set(claims.get("dlg"), "dlg")
+        actors, ceilings = parse_act(claims.get("act"))
+        if ceilings:
+            _check_narrowing(scopes, delegable, ceilings)
         return TokenClaims(
             subject=sub,
             audience=self.audience,
-            scopes=frozenset(scope.split()),
+            scopes=scopes,
             jti=jti,
             expires_at=exp,
             issuer=iss,
             cnf_thumbprint=cnf_thumb,
             raw=dict(claims),
+            issued_at=iat,
+            actor=actors[0] if actors else None,
+            delegation=(sub, *reversed(actors)),
+            delegable=delegable,
         )
+
+
+def _space_set(value: Any, name: str) -> frozenset[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TokenInvalidError(f"the token {name!r} claim must be a space-separated string")
+    return frozenset(value.split())
+
+
+def parse_act(act: Any) -> tuple[list[str], list[frozenset[str] | None]]:
+    """The actors of an RFC 8693 `act` claim, outermost (current) first, and each level's `dlg` ceiling."""
+    actors: list[str] = []
+    ceilings: list[frozenset[str] | None] = []
+    node = act
+    while node is not None:
+        if not isinstance(node, dict):
+            raise TokenInvalidError("the token 'act' claim must be a JSON object")
+        sub = node.get("sub")
+        if not isinstance(sub, str) or not sub or len(sub) > 2048:
+            raise TokenInvalidError("every level of the token 'act' claim needs a 'sub'")
+        actors.append(sub)
+        ceilings.append(_space_set(node.get("dlg"), "act.dlg"))
+        if len(actors) > MAX_DELEGATION_DEPTH:
+            raise TokenInvalidError(f"the delegation chain is deeper than {MAX_DELEGATION_DEPTH} actors")
+        node = node.get("act")
+    return actors, ceilings
+
+
+def _check_narrowing(
+    scopes: frozenset[str], delegable: frozenset[str] | None, ceilings: Sequence[frozenset[str] | None]
+) -> None:
+    """Scopes only narrow along a chain: the token stays inside the ceiling its exchange was bounded by, and
+    each hop's ceiling inside the one before it (the issuer enforces this; checked again here in depth)."""
+    known = [c for c in ceilings if c is not None]
+    if not known:
+        return
+    outer = known[0]
+    if not scopes <= outer or (delegable is not None and not delegable <= outer):
+        raise TokenInvalidError("the delegated token's scope is wider than the chain it derives from allows")
+    for inner_ceiling in known[1:]:
+        if not outer <= inner_ceiling:
+            raise TokenInvalidError("the delegation chain widens scopes at a later hop")
+        outer = inner_ceiling
 
 
 def bearer_from_metadata(metadata: Mapping[str, Any] | Iterable[tuple[str, Any]] | None) -> str:
@@ -408,7 +552,9 @@ def bearer_from_metadata(metadata: Mapping[str, Any] | Iterable[tuple[str, Any]]
         pass
     elif isinstance(metadata, Mapping):
         value = metadata.get("authorization")
-        if value is not None:
+        if isinstance(value, tuple | list):
+            values.extend(value)  # the header was sent more than once
+        elif value is not None:
             values.append(value)
     else:
         values = [v for k, v in metadata if k == "authorization"]

@@ -1,47 +1,99 @@
 """hivemesh SDK: write an agent in a few lines, call the mesh from any Python program.
 
     from hivemesh.sdk import Agent, capability, serve, MeshClient
+    from hivemesh.sdk import Pipeline, FanOut, Supervisor, PeerReview, Router, Handoff, WorkflowEngine
 """
 
 from hivemesh.mesh.errors import (
     AgentError,
+    CircuitOpenError,
     DeadlineExceededError,
     GrantDeniedError,
     HivemeshError,
     InvalidInputError,
     NoLiveInstanceError,
+    OverloadedError,
     PayloadTooLargeError,
     PermissionDeniedError,
+    RateLimitedError,
     ScopeMissingError,
+    TaskRejectedError,
+    TokenBudgetExceededError,
     UnauthenticatedError,
     UnknownCapabilityError,
 )
 from hivemesh.mesh.settings import MeshSettings
 from hivemesh.sdk.agent import Agent, CapabilitySpec, capability
+from hivemesh.sdk.budget import TokenBudgets
 from hivemesh.sdk.client import CallResult, MeshClient
 from hivemesh.sdk.context import Context
+from hivemesh.sdk.escalation import EscalationClient, InputRequired
+from hivemesh.sdk.llm import LLM, OpenAICompatibleLLM, RuleBasedLLM, llm_from_env
+from hivemesh.sdk.patterns import (
+    Branch,
+    EscalationRules,
+    FanOut,
+    Handoff,
+    PatternResult,
+    PeerReview,
+    Pipeline,
+    Router,
+    Rule,
+    Step,
+    Subtask,
+    Supervisor,
+    handoff,
+)
 from hivemesh.sdk.serve import AgentServer, run, serve, serve_until_signal
+from hivemesh.sdk.workflow import WorkflowEngine, WorkflowState
 
 __all__ = [
+    "LLM",
     "Agent",
     "AgentError",
     "AgentServer",
+    "Branch",
     "CallResult",
     "CapabilitySpec",
+    "CircuitOpenError",
     "Context",
     "DeadlineExceededError",
+    "EscalationClient",
+    "EscalationRules",
+    "FanOut",
     "GrantDeniedError",
+    "Handoff",
     "HivemeshError",
+    "InputRequired",
     "InvalidInputError",
     "MeshClient",
     "MeshSettings",
     "NoLiveInstanceError",
+    "OpenAICompatibleLLM",
+    "OverloadedError",
+    "PatternResult",
     "PayloadTooLargeError",
+    "PeerReview",
     "PermissionDeniedError",
+    "Pipeline",
+    "RateLimitedError",
+    "Router",
+    "Rule",
+    "RuleBasedLLM",
     "ScopeMissingError",
+    "Step",
+    "Subtask",
+    "Supervisor",
+    "TaskRejectedError",
+    "TokenBudgetExceededError",
+    "TokenBudgets",
     "UnauthenticatedError",
     "UnknownCapabilityError",
+    "WorkflowEngine",
+    "WorkflowState",
     "capability",
+    "handoff",
+    "llm_from_env",
     "run",
     "serve",
     "serve_until_signal",

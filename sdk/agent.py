@@ -48,6 +48,9 @@ class CapabilitySpec:
     tags: tuple[str, ...]
     wants_context: bool
     max_input_bytes: int | None = None
+    dedupe: bool = True
+    """Deduplicate keyed calls in the SDK server (non-idempotent capabilities only; see hivemesh.sdk.idempotency).
+    False when the handler keeps `ctx.idempotency_key` with its effect itself and answers repeats its own way."""
 
     def to_proto(self) -> agent_pb2.Capability:
         return agent_pb2.Capability(
@@ -81,6 +84,7 @@ def _build_spec(
     input_schema: Mapping[str, Any] | None,
     output_schema: Mapping[str, Any] | None,
     max_input_bytes: int | None,
+    dedupe: bool = True,
 ) -> CapabilitySpec:
     where = f"capability {fn.__qualname__}"
     if not (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)):
@@ -118,6 +122,7 @@ def _build_spec(
         tags=tags,
         wants_context=len(params) == 3,
         max_input_bytes=max_input_bytes,
+        dedupe=dedupe,
     )
 
 
@@ -135,6 +140,7 @@ def capability(
     input_schema: Mapping[str, Any] | None = None,
     output_schema: Mapping[str, Any] | None = None,
     max_input_bytes: int | None = None,
+    dedupe: bool = True,
 ) -> Callable[[F], F]: ...
 
 
@@ -149,6 +155,7 @@ def capability(
     input_schema: Mapping[str, Any] | None = None,
     output_schema: Mapping[str, Any] | None = None,
     max_input_bytes: int | None = None,
+    dedupe: bool = True,
 ) -> F | Callable[[F], F]:
     """Mark an async method as a mesh capability (bare `@capability` or `@capability(...)`).
 
@@ -159,6 +166,8 @@ def capability(
         idempotent: safe to run twice with the same input (enables failover and workflow re-runs).
         input_schema / output_schema: JSON Schemas overriding the ones derived from type hints.
         max_input_bytes: a tighter input size limit than the agent's default.
+        dedupe: for a non-idempotent capability, let the SDK server deduplicate calls by idempotency key (join a
+            running attempt, replay a finished one); False if the handler handles `ctx.idempotency_key` itself.
     Returns:
         The method itself, with its spec attached (the class collects it).
     """
@@ -173,6 +182,7 @@ def capability(
             input_schema=input_schema,
             output_schema=output_schema,
             max_input_bytes=max_input_bytes,
+            dedupe=dedupe,
         )
         setattr(f, _ATTR, spec)
         return f

@@ -12,16 +12,21 @@ runs, one gRPC hop fewer. Errors arrive as the typed `hivemesh.sdk` exceptions t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from hivemesh.mesh.errors import AgentError, HivemeshError
+import grpc
+
+from hivemesh.mesh.errors import AgentError, HivemeshError, from_rpc_error
 from hivemesh.mesh.node import MeshNode
 from hivemesh.mesh.outbound import encode_request
+from hivemesh.mesh.registry import CapabilityInfo
 from hivemesh.mesh.settings import MeshSettings
+from hivemesh.mesh.token_source import on_behalf_of
 from hivemesh.v1 import agent_pb2, mesh_pb2
 
 JSON = "application/json"
@@ -35,6 +40,8 @@ class CallResult:
     instance: mesh_pb2.AgentInstance
     hops: tuple[agent_pb2.Hop, ...] = field(default_factory=tuple)
     state: int = agent_pb2.TASK_STATE_COMPLETED
+    usage: agent_pb2.Usage | None = None
+    """Model tokens the call consumed, as the agent reported them (None when it reported none)."""
 
 
 def _decode_output(data: bytes, content_type: str) -> Any:
@@ -53,6 +60,17 @@ def _encode_input(payload: Any) -> bytes:
         return json.dumps(payload, separators=(",", ":")).encode()
     except (TypeError, ValueError) as exc:
         raise TypeError(f"the call's input is not JSON-serializable: {exc}") from None
+
+
+def _result(raw: bytes, instance: mesh_pb2.AgentInstance) -> CallResult:
+    resp = agent_pb2.InvokeResponse.FromString(raw)
+    return CallResult(
+        output=_decode_output(resp.output, resp.content_type),
+        instance=instance,
+        hops=tuple(resp.hops),
+        state=resp.state,
+        usage=resp.usage if resp.HasField("usage") else None,
+    )
 
 
 class MeshClient:
@@ -87,6 +105,16 @@ class MeshClient:
     async def start(self) -> None:
         await self._node.start()
 
+    @contextlib.contextmanager
+    def on_behalf_of(self, subject_token: str) -> Iterator[None]:
+        """Calls made inside act for the principal of subject_token (a token this process received): each
+        sends a delegated token from the control plane's token exchange instead of this client's own."""
+        reset = on_behalf_of.set(subject_token)
+        try:
+            yield
+        finally:
+            on_behalf_of.reset(reset)
+
     async def close(self) -> None:
         if self._owns_node:
             await self._node.stop()
@@ -120,18 +148,46 @@ class MeshClient:
         idempotency_key: str | None = None,
     ) -> CallResult:
         """Call capability and return its output with the instance and hops it went through."""
+        # The caller's timeout wins; without one the capability's `timeouts` policy, then default_timeout.
         raw, instance = await self._node.outbound.invoke(
             self._request(capability, payload, context, idempotency_key),
             capability=capability,
-            timeout=timeout if timeout is not None else self.default_timeout,
+            timeout=timeout,
+            default_timeout=self.default_timeout,
         )
-        resp = agent_pb2.InvokeResponse.FromString(raw)
-        return CallResult(
-            output=_decode_output(resp.output, resp.content_type),
-            instance=instance,
-            hops=tuple(resp.hops),
-            state=resp.state,
-        )
+        return _result(raw, instance)
+
+    async def call_on(
+        self,
+        instance: mesh_pb2.AgentInstance,
+        capability: str,
+        payload: Any = None,
+        *,
+        timeout: float | None = None,
+        context: agent_pb2.CallContext | None = None,
+        idempotency_key: str | None = None,
+    ) -> CallResult:
+        """Call capability on one given instance (fan-out to every instance of a capability), no failover."""
+        out = self._node.outbound
+        token = await out.tokens.get(instance.identity, capability)
+        endpoint = out.channels.get(instance.endpoint, instance.identity)
+        try:
+            raw = await endpoint.invoke(
+                self._request(capability, payload, context, idempotency_key),
+                timeout=timeout if timeout is not None else self.default_timeout,
+                metadata=[("authorization", f"Bearer {token}")],
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        return _result(raw, instance)
+
+    def instances(self, capability: str) -> tuple[mesh_pb2.AgentInstance, ...]:
+        """The live instances serving capability now (from the registry cache)."""
+        return self._node.registry.instances(capability)
+
+    def capability_infos(self) -> list[CapabilityInfo]:
+        """Every capability served now, with its declaration (description, tags) and serving agents."""
+        return self._node.registry.capabilities()
 
     async def call(
         self,
@@ -166,7 +222,8 @@ class MeshClient:
         async for raw, _instance in self._node.outbound.invoke_stream(
             self._request(capability, payload, context, None),
             capability=capability,
-            timeout=timeout if timeout is not None else self.default_timeout,
+            timeout=timeout,
+            default_timeout=self.default_timeout,
         ):
             chunk = agent_pb2.InvokeChunk.FromString(raw)
             if chunk.data:

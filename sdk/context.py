@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from hivemesh.sdk.llm import UsageMeter
 from hivemesh.v1 import agent_pb2
 
 if TYPE_CHECKING:
-    from hivemesh.sdk.client import MeshClient
+    from hivemesh.sdk.client import CallResult, MeshClient
 
 
 @dataclass
@@ -30,6 +31,23 @@ class Context:
     scopes: frozenset[str] = frozenset()
     mesh: MeshClient | None = None
     _grpc: grpc.aio.ServicerContext[Any, Any] | None = field(default=None, repr=False)
+    usage: UsageMeter = field(default_factory=UsageMeter)
+    """Model tokens this call has used so far; reported to the caller in InvokeResponse.usage."""
+    principal: str = ""
+    """Whom the call is made for: the caller itself, or the original principal of a delegated call."""
+    chain: tuple[str, ...] = ()
+    """The delegation chain in call order (principal, actor, ...), or just the caller."""
+    subject_token: str = field(default="", repr=False)
+    """The token this call came with: what an onward call `on_behalf=True` exchanges for a delegated one."""
+
+    @property
+    def idempotency_key(self) -> str:
+        """The caller's key for this call's effect ("" when none): store it with the effect to apply it once."""
+        return self.call.idempotency_key
+
+    @property
+    def workflow_id(self) -> str:
+        return self.call.workflow_id
 
     def time_remaining(self) -> float | None:
         """Seconds left before the caller's deadline, or None when the caller set none."""
@@ -37,8 +55,8 @@ class Context:
             return None
         return self._grpc.time_remaining()
 
-    async def call_capability(self, capability: str, payload: Any, *, timeout: float | None = None) -> Any:
-        """Call another capability on the mesh as part of this call (deadline and ids propagate)."""
+    def _onward(self, timeout: float | None, context: agent_pb2.CallContext | None) -> tuple[
+            MeshClient, float | None, agent_pb2.CallContext]:
         if self.mesh is None:
             raise RuntimeError("this agent is not connected to a mesh: serve it with hivemesh.sdk.serve()")
         remaining = self.time_remaining()
@@ -50,4 +68,53 @@ class Context:
             workflow_id=self.call.workflow_id,
             priority=self.call.priority,
         )
-        return await self.mesh.call(capability, payload, timeout=timeout, context=child)
+        if context is not None:
+            child.MergeFrom(context)
+        return self.mesh, timeout, child
+
+    async def call_capability(
+        self, capability: str, payload: Any, *, timeout: float | None = None, on_behalf: bool = False
+    ) -> Any:
+        """Call another capability on the mesh as part of this call (deadline and ids propagate).
+
+        on_behalf: act for this call's principal (RFC 8693 delegation): the callee sees the whole chain, its
+        policies can match the original principal, and it gets only what both the principal and this agent are
+        granted, within what the incoming token allows to be delegated.
+        """
+        mesh, timeout, child = self._onward(timeout, None)
+        if not on_behalf:
+            return await mesh.call(capability, payload, timeout=timeout, context=child)
+        if not self.subject_token:
+            raise RuntimeError("this call came without a token to delegate")
+        with mesh.on_behalf_of(self.subject_token):
+            return await mesh.call(capability, payload, timeout=timeout, context=child)
+
+    async def call_detailed(
+        self,
+        capability: str,
+        payload: Any = None,
+        *,
+        timeout: float | None = None,
+        context: agent_pb2.CallContext | None = None,
+        idempotency_key: str | None = None,
+    ) -> CallResult:
+        """`MeshClient.call_detailed` within this call: deadline, workflow and conversation ids propagate, so an
+        agent can run any orchestration pattern (`hivemesh.sdk.patterns`) with `ctx` as the caller."""
+        mesh, timeout, child = self._onward(timeout, context)
+        return await mesh.call_detailed(capability, payload, timeout=timeout, context=child,
+                                        idempotency_key=idempotency_key)
+
+    async def call_on(
+        self,
+        instance: Any,
+        capability: str,
+        payload: Any = None,
+        *,
+        timeout: float | None = None,
+        context: agent_pb2.CallContext | None = None,
+        idempotency_key: str | None = None,
+    ) -> CallResult:
+        """`MeshClient.call_on` within this call (one given instance)."""
+        mesh, timeout, child = self._onward(timeout, context)
+        return await mesh.call_on(instance, capability, payload, timeout=timeout, context=child,
+                                  idempotency_key=idempotency_key)

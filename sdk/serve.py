@@ -11,16 +11,22 @@ import contextlib
 import logging
 import signal
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from hivemesh.mesh.audit import AuditLog, open_node_audit
+from hivemesh.mesh.authz import AUTHZ
 from hivemesh.mesh.inbound import AGENT_SERVICE, DecisionObserver, MeshInboundInterceptor, build_inbound_chain
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
+from hivemesh.mesh.layers.screen import DEFAULT_SCREEN, ContentScreen
 from hivemesh.mesh.node import MeshNode
-from hivemesh.mesh.registry import Registration, default_instance_id
+from hivemesh.mesh.registry import Registration, default_instance_id, drain_after_deregistration
 from hivemesh.mesh.server import ManagedServer
 from hivemesh.mesh.settings import MeshSettings
 from hivemesh.sdk.agent import Agent
+from hivemesh.sdk.budget import TokenBudgets
 from hivemesh.sdk.client import MeshClient
+from hivemesh.sdk.idempotency import DedupeStore, IdempotencyCache
 from hivemesh.sdk.servicer import AgentServicer
 from hivemesh.v1 import agent_pb2, agent_pb2_grpc, mesh_pb2
 
@@ -42,8 +48,22 @@ class AgentServer:
         max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
         labels: dict[str, str] | None = None,
         observers: Sequence[DecisionObserver] = (),
+        dedupe: DedupeStore | None = None,
+        budgets: TokenBudgets | None = None,
+        audit: bool = True,
+        audit_dir: Path | str | None = None,
+        content_screen: ContentScreen | None = DEFAULT_SCREEN,
+        screen_exempt: Sequence[str] = (),
     ) -> None:
+        """dedupe: how keyed calls to non-idempotent capabilities are deduplicated (default: in memory).
+        budgets: per-caller token budgets (default: the `budgets` policies, when the node mirrors policies).
+        audit: record every inbound decision in the audit spool under audit_dir (default
+        `<HIVEMESH_HOME>/audit`), shipped to the control plane; on by default.
+        content_screen: the prompt-injection screen of inbound text fields (None: off); screen_exempt: the
+        capabilities it skips. Per-capability size limits come from `@capability(max_input_bytes=...)`."""
         self.agent = agent
+        self.dedupe = dedupe if dedupe is not None else IdempotencyCache()
+        self.budgets = budgets
         self.settings = settings or MeshSettings.resolve()
         self.host = host
         self.requested_port = port
@@ -52,7 +72,14 @@ class AgentServer:
         self.max_input_bytes = max_input_bytes
         self.labels = dict(labels or {})
         self.observers = tuple(observers)
-        self.node = MeshNode(self.settings, name=agent.name, kind="agent", verify_inbound=True)
+        self.content_screen = content_screen
+        self.screen_exempt = tuple(screen_exempt)
+        self.audit_enabled = audit
+        self.audit_dir = audit_dir
+        self.audit: AuditLog | None = None
+        self.node = MeshNode(
+            self.settings, name=agent.name, kind="agent", verify_inbound=True, instance_id=self.instance_id
+        )
         self.mesh = MeshClient(self.node)
         self._server: ManagedServer | None = None
         self._registration: Registration | None = None
@@ -66,23 +93,38 @@ class AgentServer:
         await self.node.start()
         try:
             card = self.agent.card()
-            limits = [s.max_input_bytes for s in self.agent.capabilities.values() if s.max_input_bytes]
+            policies = self.node.policies
             chain = build_inbound_chain(
                 trust_domain=self.settings.trust_domain,
                 verifier=self.node.verifier(),
                 capabilities=card.capabilities,
                 agent_name=self.agent.name,
-                max_input_bytes=min([self.max_input_bytes, *limits]),
+                max_input_bytes=self.max_input_bytes,
+                traffic=self.node.traffic,
+                instances=self.node.live_instances_of,
+                authz=lambda: policies.get(AUTHZ),
+                limits={n: s.max_input_bytes for n, s in self.agent.capabilities.items() if s.max_input_bytes},
+                screen=self.content_screen,
+                screen_exempt=self.screen_exempt,
             )
+            if self.audit_enabled:
+                self.audit = open_node_audit(
+                    self.node, spiffe_id=self.node.workload.spiffe_id, instance=self.instance_id,
+                    directory=self.audit_dir,
+                )
+            observers: list[DecisionObserver] = [*self.observers, *([self.audit] if self.audit is not None else [])]
+            if self.audit is not None:
+                self.node.outbound.observer = self.audit.outbound  # refusals decided here, e.g. circuit open
             server = ManagedServer(
                 services=[AGENT_SERVICE],
-                interceptors=[MeshInboundInterceptor(chain, observers=self.observers)],
+                interceptors=[MeshInboundInterceptor(chain, observers=observers)],
             )
             self.port = server.add_secure_port(f"{self.host}:{self.requested_port}", self.node.server_credentials())
             hop = agent_pb2.Hop(
                 kind="agent", identity=self.node.workload.spiffe_id, instance=self.instance_id, endpoint=self.endpoint
             )
-            servicer = AgentServicer(self.agent, hop=hop, mesh=self.mesh)
+            servicer = AgentServicer(self.agent, hop=hop, mesh=self.mesh, dedupe=self.dedupe,
+                                     budgets=self.budgets or _policy_budgets(self.node))
             agent_pb2_grpc.add_AgentServicer_to_server(servicer, server.server)
             await server.start()
             self._server = server
@@ -105,13 +147,19 @@ class AgentServer:
     async def stop(self, grace: float = 2.0) -> None:
         """Deregister first (callers stop choosing this instance), then drain, then leave the mesh."""
         if self._registration is not None:
+            key = self._registration.key
             await self._registration.stop()
             self._registration = None
+            if self.node is not None:
+                await drain_after_deregistration(self.node, key)
         with contextlib.suppress(Exception):
             await self.agent.on_stop()
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        if self.audit is not None:
+            await self.audit.close()  # ships what it can (bounded), keeps the rest in the spool
+            self.audit = None
         await self.node.stop()
 
     async def __aenter__(self) -> AgentServer:
@@ -120,6 +168,16 @@ class AgentServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def _policy_budgets(node: MeshNode) -> TokenBudgets | None:
+    """Token budgets from the node's policy mirror (`budgets` documents), if this node keeps one."""
+    from hivemesh.sdk.budget import BUDGETS
+
+    policies = getattr(node, "policies", None)
+    if BUDGETS is None or policies is None or not hasattr(policies, "get"):
+        return None
+    return TokenBudgets(lambda: policies.get(BUDGETS))
 
 
 async def serve(agent: Agent, settings: MeshSettings | None = None, **kwargs: Any) -> AgentServer:

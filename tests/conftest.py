@@ -12,6 +12,13 @@ from hivemesh.mesh.etcd import EtcdServer, client, wait_connected
 from tests.meshenv import MeshEnv, start_mesh_env, stop_mesh_env
 
 
+@pytest.fixture(autouse=True)
+def _private_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test gets its own HIVEMESH_HOME: state written by default (audit spools, stores, the CLI's
+    mesh.json) lands in the test's tmp dir, never in the working tree or a developer's `hivemesh up` state."""
+    monkeypatch.setenv("HIVEMESH_HOME", str(tmp_path / "hivemesh-home"))
+
+
 @pytest.fixture(scope="session")
 def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
     """One real etcd member for the whole session (tests isolate themselves by key prefix or cleanup)."""
@@ -55,3 +62,7 @@ async def mesh_env(etcd: aetcd.Client, etcd_server: EtcdServer, tmp_path: Path) 
         yield env
     finally:
         await stop_mesh_env(env)
+
+
+# The orchestration tests' mesh (a control plane that lets every workload call, a client, CLI helpers).
+from tests.orch_env import orch  # noqa: E402, F401 - a fixture, used by name

@@ -120,4 +120,4 @@ def test_build_inbound_chain_order() -> None:
         capabilities=[agent_pb2.Capability(name="echo")],
         agent_name="a",
     )
-    assert [layer.name for layer in chain.layers] == ["identity", "token", "input-guard"]
+    assert [layer.name for layer in chain.layers] == ["identity", "token", "authz", "input-guard"]

@@ -43,8 +43,10 @@ def _pids(text: str) -> list[int]:
 def test_up_once_runs_the_pipeline_over_the_mesh(tmp_path: Path) -> None:
     base = [*HIVEMESH, "--home", str(tmp_path / "home"), "--certs-dir", str(tmp_path / "certs")]
     proc = subprocess.run([*base, "up", "--once", "--json"], capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    failed = [line for line in proc.stdout.splitlines() if '"error"' in line or "FAILED" in line]
+    assert proc.returncode == 0, proc.stderr[-3000:] + "\n".join(failed)
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    results = [r for r in lines if "source" in r]
     by_source = {r["source"]: r for r in results}
     assert set(by_source) == {"invoice-001", "receipt-002", "invoice-003", "invoice-004", "receipt-005"}
     assert by_source["invoice-001"]["status"] == "stored"
@@ -59,9 +61,20 @@ def test_up_once_runs_the_pipeline_over_the_mesh(tmp_path: Path) -> None:
         assert [h["kind"] for h in steps["validate"]["hops"]] == ["sidecar"]
         assert steps["ocr"]["packaging"] == "in-process"
         assert [h["kind"] for h in steps["ocr"]["hops"]] == ["agent"]
+    # The tour: each of the five patterns ran as durable workflows, with progress and a summary at the end.
+    demos = {r["demo"]: r for r in lines if "demo" in r}
+    assert list(demos) == ["research", "helpdesk", "support", "content", "contract"]
+    assert all(r["state"] == "COMPLETED" for r in demos.values()), demos
+    assert demos["support"]["highlight"] == "enterprise request decided by a person (COMPLETED)"
+    assert demos["content"]["highlight"] == demos["contract"]["highlight"].replace("signed off", "approved")
+    assert demos["helpdesk"]["highlight"].startswith("routed to network, application, security")
+    (summary,) = [r["summary"] for r in lines if "summary" in r]
+    assert [r["demo"] for r in summary] == list(demos)
+    assert all(r["tokens"] > 0 for r in summary if r["demo"] in ("helpdesk", "support", "content"))
+    assert "escalation esc-" in proc.stderr and "round 2: all three approve" in proc.stderr
     assert "stopped: agents, sidecar, control plane and etcd" in proc.stderr
     pids = _pids(proc.stderr)
-    assert len(pids) >= 6  # etcd, control plane, 3 SDK agents, plain agent, sidecar
+    assert len(pids) >= 11  # etcd, control plane, 3 SDK agents, plain agent, sidecar, one process per tour demo
     _assert_all_gone(pids)
     assert not (tmp_path / "home" / "mesh.json").exists()
     # Private keys never land in the repo: they are in the certs folder given, readable by the owner only.
@@ -88,7 +101,7 @@ def test_up_serves_the_cli_until_sigterm(tmp_path: Path) -> None:
         agents = subprocess.run([*base, "agents", "--json"], capture_output=True, text=True, timeout=60)
         assert agents.returncode == 0, agents.stderr
         rows = json.loads(agents.stdout)
-        assert {r["agent"] for r in rows} == {"ocr", "extractor", "validator", "storage"}
+        assert {r["agent"] for r in rows} >= {"ocr", "extractor", "validator", "storage", "research", "tier1"}
         assert {r["packaging"] for r in rows if r["agent"] == "validator"} == {"sidecar"}
 
         called = subprocess.run(
@@ -144,3 +157,14 @@ def test_a_killed_up_leaves_nothing_behind(tmp_path: Path) -> None:
         up.kill()  # SIGKILL: no chance to clean up; the children must notice on their own
         up.communicate(timeout=60)
     _assert_all_gone(pids, timeout=30)
+
+
+def test_up_demo_menu_and_bad_choice(tmp_path: Path) -> None:
+    base = [*HIVEMESH, "--home", str(tmp_path / "home"), "--certs-dir", str(tmp_path / "certs")]
+    menu = subprocess.run([*base, "up", "--demo", "list", "--json"], capture_output=True, text=True, timeout=60)
+    assert menu.returncode == 0, menu.stderr
+    assert [d["demo"] for d in json.loads(menu.stdout)] == [
+        "pipeline", "research", "helpdesk", "support", "content", "contract"]
+    bad = subprocess.run([*base, "up", "--demo", "nope"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown demo 'nope'" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "home" / "etcd").exists()  # nothing was started

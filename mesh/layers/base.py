@@ -26,7 +26,7 @@ class Inbound:
     """The decoded request (None for Describe)."""
     wire_size: int
     """Serialized request size in bytes, for size limits."""
-    metadata: Mapping[str, str | bytes]
+    metadata: Mapping[str, str | bytes | tuple[str | bytes, ...]]
     auth_context: Mapping[str, Any]
     peer: Peer | None = None
     claims: TokenClaims | None = None

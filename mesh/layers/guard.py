@@ -4,13 +4,19 @@ the capability's input schema. Runs after authentication so strangers learn noth
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import fastjsonschema
 
-from hivemesh.mesh.errors import InvalidInputError, PayloadTooLargeError, UnknownCapabilityError
+from hivemesh.mesh.errors import (
+    ContentRefusedError,
+    InvalidInputError,
+    PayloadTooLargeError,
+    UnknownCapabilityError,
+)
 from hivemesh.mesh.layers.base import Inbound
+from hivemesh.mesh.layers.screen import ContentScreen
 from hivemesh.v1 import agent_pb2
 
 JSON = "application/json"
@@ -34,7 +40,12 @@ def _field_path(exc: fastjsonschema.JsonSchemaValueException) -> str:
 
 
 class InputGuardLayer:
-    """Refuses unknown capabilities, oversized payloads, malformed JSON and schema violations."""
+    """Refuses unknown capabilities, oversized payloads, malformed JSON, schema violations and (with a content
+    screen) text fields carrying prompt-injection patterns. Nothing refused reaches the agent.
+
+    limits: per-capability size limits in bytes (others get max_input_bytes). screen: the content screen
+    (None: none); screen_exempt: capabilities it skips (say, one whose job is to analyse such text).
+    """
 
     name = "input-guard"
 
@@ -44,6 +55,9 @@ class InputGuardLayer:
         *,
         max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
         agent_name: str = "",
+        limits: Mapping[str, int] | None = None,
+        screen: ContentScreen | None = None,
+        screen_exempt: Iterable[str] = (),
     ) -> None:
         if max_input_bytes <= 0:
             raise ValueError("max_input_bytes must be positive")
@@ -51,9 +65,19 @@ class InputGuardLayer:
         self._agent = agent_name
         self._validators: dict[str, Callable[[Any], Any] | None] = {}
         self._modes: dict[str, frozenset[str]] = {}
+        self._limits: dict[str, int] = {}
+        self._screen = screen
+        self._exempt = frozenset(screen_exempt)
         for cap in capabilities:
             self._validators[cap.name] = compile_schema(cap.input_schema, where=f"capability {cap.name}")
             self._modes[cap.name] = frozenset(cap.input_modes or (JSON,))
+        for name, limit in (limits or {}).items():
+            if not isinstance(limit, int) or limit <= 0:
+                raise ValueError(f"the input limit of capability {name!r} must be a positive number of bytes")
+            self._limits[name] = limit
+
+    def limit_of(self, capability: str) -> int:
+        return self._limits.get(capability, self._max)
 
     def check(self, call: Inbound) -> None:
         req = call.request
@@ -66,10 +90,11 @@ class InputGuardLayer:
                 metadata={"capability": name[:128]},
             )
         size = len(req.input)
-        if size > self._max:
+        limit = self._limits.get(name, self._max)
+        if size > limit:
             raise PayloadTooLargeError(
-                f"input of {size} bytes is over the {self._max}-byte limit of capability {name!r}",
-                metadata={"limit_bytes": str(self._max), "size_bytes": str(size)},
+                f"input of {size} bytes is over the {limit}-byte limit of capability {name!r}",
+                metadata={"limit_bytes": str(limit), "size_bytes": str(size)},
             )
         ctype = req.content_type or JSON
         if ctype not in self._modes[name]:
@@ -85,14 +110,28 @@ class InputGuardLayer:
             raise InvalidInputError(
                 f"input is not valid JSON: {exc}", field_violations={"input": str(exc)}
             ) from None
+        except RecursionError:
+            msg = "input JSON is nested too deeply"
+            raise InvalidInputError(msg, field_violations={"input": msg}) from None
         validate = self._validators[name]
         if validate is not None:
             try:
                 validate(value)
+            except RecursionError:
+                msg = "input is nested too deeply to validate"
+                raise InvalidInputError(msg, field_violations={"input": msg}) from None
             except fastjsonschema.JsonSchemaValueException as exc:
                 path = _field_path(exc)
                 raise InvalidInputError(
                     f"input does not match the schema of {name!r}: {path}: {exc.message}",
                     field_violations={path: exc.message},
                 ) from None
+        if self._screen is not None and name not in self._exempt:
+            found = self._screen.screen(name, value)
+            if found is not None:
+                raise ContentRefusedError(
+                    f"input field {found.path} of {name!r} was refused by the content screen ({found.rule})",
+                    field_violations={found.path: f"matches the content rule {found.rule!r}"},
+                    metadata={"rule": found.rule},
+                )
         call.parsed_input = value

@@ -1,0 +1,183 @@
+"""The demos `hivemesh up` runs: one per example, each a pattern run as a durable workflow over the mesh.
+
+    hivemesh up --demo list        # the menu
+    hivemesh up --demo research    # one example
+    hivemesh up                    # the document pipeline, then a short tour of the other five patterns
+
+Every demo reports progress as it goes (`say`) and returns a summary row; the tour ends with a table of them.
+The workflows stay in etcd, so `hivemesh workflows list` / `show ID` work on them afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from hivemesh.sdk.escalation import EscalationClient
+from hivemesh.sdk.workflow import WorkflowEngine, WorkflowState
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Demo:
+    name: str
+    pattern: str
+    title: str
+    agents: tuple[str, ...]
+    """Agents (names in hivemesh.agents.run) served for it, in one process."""
+    capabilities: tuple[str, ...]
+    """What must be registered before it runs."""
+
+
+DEMOS: dict[str, Demo] = {d.name: d for d in (
+    Demo("pipeline", "sequential pipeline", "document pipeline: OCR → extraction → validation → storage",
+         (), ("ocr", "extract", "validate", "store")),
+    Demo("research", "parallel fan-out / fan-in", "research compilation: three corpora searched at once",
+         ("papers", "news", "wiki", "research"), ("search-papers", "search-news", "search-wiki", "research")),
+    Demo("helpdesk", "dynamic routing + handoff", "IT helpdesk: a router picks the specialist",
+         ("network-desk", "security-desk", "application-desk"),
+         ("network-support", "security-support", "application-support")),
+    Demo("support", "hierarchical supervision", "customer service: tier 1 → tier 2 → supervisor → a person",
+         ("tier1", "tier2", "cs-supervisor"), ("tier1-support", "tier2-support", "supervisor-support")),
+    Demo("content", "peer-to-peer collaboration", "content loop: writer → editor → fact-checker rounds",
+         ("writer", "editor", "fact-checker"), ("write-draft", "edit-draft", "fact-check")),
+    Demo("contract", "peer-to-peer collaboration", "contract review: legal, finance and business peers",
+         ("contract-drafter", "legal", "finance", "business"),
+         ("contract-draft", "legal-review", "finance-review", "business-review")),
+)}
+TOUR = ("research", "helpdesk", "support", "content", "contract")
+
+
+def demos_for(choice: str) -> list[str]:
+    """'default' → pipeline + tour; 'tour' → the five patterns; a name → that one."""
+    if choice == "default":
+        return ["pipeline", *TOUR]
+    if choice == "tour":
+        return list(TOUR)
+    if choice not in DEMOS:
+        raise ValueError(f"unknown demo {choice!r}: choose from {', '.join(['default', 'tour', *DEMOS])}")
+    return [choice]
+
+
+@dataclass
+class DemoContext:
+    engine: WorkflowEngine
+    operator: EscalationClient
+    say: Say
+    once: bool
+    """--once: nobody is at the keyboard, so the demo itself plays the person who approves."""
+
+
+def _row(demo: Demo, states: list[WorkflowState], started: float, highlight: str) -> dict[str, Any]:
+    return {
+        "demo": demo.name, "pattern": demo.pattern,
+        "state": "COMPLETED" if all(s.state == "COMPLETED" for s in states) else (
+            "INPUT_REQUIRED" if all(s.state in ("COMPLETED", "INPUT_REQUIRED") for s in states)
+            else ",".join(s.state for s in states)),
+        "workflows": [s.id for s in states], "steps": sum(len(s.steps) for s in states),
+        "tokens": sum(s.tokens for s in states), "seconds": round(time.monotonic() - started, 2),
+        "highlight": highlight,
+    }
+
+
+async def _research(dc: DemoContext) -> tuple[list[WorkflowState], str]:
+    state = await dc.engine.run("hivemesh.agents.research:RESEARCH", {"query": "leases and fencing", "limit": 2})
+    hits = state.output["output"] if state.state == "COMPLETED" else []
+    failed = state.output["details"]["failed"] if state.output else {}
+    top = ", ".join(f"{h['source']}:{h['id']}" for h in hits[:3])
+    dc.say(f"  research: {len(hits)} hits from {len({h['source'] for h in hits})} corpora in parallel "
+           f"(top: {top}){'; missing ' + ', '.join(failed) if failed else ''}")
+    return [state], f"top hit {hits[0]['source']}:{hits[0]['id']}" if hits else "no hits"
+
+
+async def _helpdesk(dc: DemoContext) -> tuple[list[WorkflowState], str]:
+    states = []
+    routes = []
+    for ticket in ("My VPN drops every few minutes", "Excel crashes when I open the budget", "ransomware on my PC"):
+        s = await dc.engine.run("hivemesh.agents.helpdesk:HELPDESK", {"text": ticket})
+        route = s.output["details"]["route"] if s.output else {}
+        team = (s.output or {}).get("output", {}).get("team", "?")
+        dc.say(f"  helpdesk: {ticket!r} → {', '.join(route.get('capabilities', []))} (by {route.get('method')}) "
+               f"→ {team} team")
+        routes.append(team)
+        states.append(s)
+    chat = await dc.engine.run("hivemesh.agents.helpdesk:HELPDESK_CHAT",
+                               {"message": "Outlook shows a strange login page asking for my password",
+                                "context": {"user": "ana"}})
+    path = " → ".join(chat.output["details"]["path"]) if chat.output else "?"
+    dc.say(f"  helpdesk: a conversation handed over: {path}")
+    states.append(chat)
+    return states, f"routed to {', '.join(routes)}; handoff {path}"
+
+
+async def _support(dc: DemoContext) -> tuple[list[WorkflowState], str]:
+    routine = await dc.engine.run("hivemesh.agents.customer_service:CUSTOMER_SERVICE", {
+        "customer": "acme", "tier": "pro",
+        "message": "Please refund $120 for order 42. Also, how do I reset my password?"})
+    replies = (routine.output or {}).get("output", {}).get("replies", {})
+    dc.say("  support: " + "; ".join(f"{k} handled by {v.get('handled_by')}" for k, v in sorted(replies.items())))
+    handle = await dc.engine.submit("hivemesh.agents.customer_service:CUSTOMER_SERVICE", {
+        "customer": "globex", "tier": "enterprise", "message": "We need a refund of $2500 for the annual plan."})
+    pending = []
+    for _ in range(200):
+        pending = await dc.operator.list("PENDING", workflow_id=handle.id)
+        if pending:
+            break
+        if handle.task.done():
+            break
+        await asyncio.sleep(0.05)
+    if pending:
+        esc = pending[0]
+        dc.say(f"  support: enterprise customer → run {handle.id} is INPUT_REQUIRED, escalation {esc.id}: {esc.reason}")
+        if dc.once:
+            dc.say(f"  support: (--once) approving as the operator, as `hivemesh escalations approve {esc.id}` would")
+            await dc.operator.resolve(esc.id, approve=True, note="approved in the demo",
+                                      answer={"answer": "Refund of $2500 approved by a manager.", "action": "refund",
+                                              "confidence": 1.0, "handled_by": "person"})
+        else:
+            dc.say(f"  support: a person decides it:  hivemesh escalations approve {esc.id} --note 'ok'   (or reject "
+                   f"it); the run resumes then — follow it with  hivemesh workflows show {handle.id}")
+            waiting = await dc.engine.get(handle.id)
+            return [routine, waiting], f"waiting for a person: hivemesh escalations approve {esc.id}"
+    escalated = await handle.result()
+    dc.say(f"  support: enterprise run {escalated.state}")
+    return [routine, escalated], f"enterprise request decided by a person ({escalated.state})"
+
+
+async def _content(dc: DemoContext) -> tuple[list[WorkflowState], str]:
+    state = await dc.engine.run("hivemesh.agents.content:CONTENT_LOOP", {"brief": {"topic": "etcd"}})
+    rounds = state.output["details"]["rounds"] if state.output else []
+    for r in rounds:
+        verdicts = ", ".join(f"{v['reviewer']} {'✓' if v['approved'] else '✗'}" for v in r["verdicts"])
+        dc.say(f"  content: round {r['round']}: {verdicts}")
+    return [state], f"approved after {len(rounds)} round(s)"
+
+
+async def _contract(dc: DemoContext) -> tuple[list[WorkflowState], str]:
+    terms = {"payment_days": 60, "liability_cap_multiple": 0.5, "term_months": 48, "termination_notice_days": 10,
+             "auto_renew": True, "governing_law": "", "discount_percent": 10, "annual_fee": 120000}
+    state = await dc.engine.run("hivemesh.agents.contract:CONTRACT_REVIEW", {"brief": {"party": "Initech",
+                                                                                        "terms": terms}})
+    rounds = state.output["details"]["rounds"] if state.output else []
+    for r in rounds:
+        asks = [f"{v['reviewer']}: {'; '.join(v['feedback'])}" for v in r["verdicts"] if not v["approved"]]
+        dc.say(f"  contract: round {r['round']}: " + (" | ".join(asks) if asks else "all three approve"))
+    return [state], f"signed off after {len(rounds)} round(s)"
+
+
+RUNNERS: Mapping[str, Callable[[DemoContext], Awaitable[tuple[list[WorkflowState], str]]]] = {
+    "research": _research, "helpdesk": _helpdesk, "support": _support, "content": _content, "contract": _contract,
+}
+
+
+async def run_demo(name: str, dc: DemoContext) -> dict[str, Any]:
+    """Run one pattern demo as durable workflows; returns its summary row."""
+    demo = DEMOS[name]
+    dc.say(f"demo {name}: {demo.title} [{demo.pattern}]")
+    started = time.monotonic()
+    states, highlight = await RUNNERS[name](dc)
+    return _row(demo, states, started, highlight)

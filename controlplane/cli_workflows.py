@@ -1,0 +1,312 @@
+"""`hivemesh workflows ...` and `hivemesh escalations ...`: durable runs and the human escalation queue.
+
+Workflows are read from etcd (their events); resuming one runs it in this process as the operator.
+Commands take the shared options with `click.pass_obj` (not `pass_cli`): under `python -m
+hivemesh.controlplane.cli` the CLI module is loaded twice, so a type-based lookup of CliContext would miss.
+Escalations go through the control plane's Escalations service over mutual TLS as the operator, so
+resolving one is authenticated and audited like any other control-plane call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import click
+from rich.table import Table
+
+from hivemesh.controlplane.cli import CliContext, _friendly_errors, err, out
+from hivemesh.mesh.settings import MeshSettings
+
+T = TypeVar("T")
+
+
+def _when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return datetime.datetime.fromtimestamp(ts).strftime("%H:%M:%S")
+
+
+def _run(fn: Callable[[], Awaitable[T]]) -> T:
+    return asyncio.run(fn())  # type: ignore[arg-type]
+
+
+async def _with_store(settings: MeshSettings, fn: Callable[[Any], Awaitable[T]]) -> T:
+    from hivemesh.mesh.etcd import client, wait_connected
+    from hivemesh.sdk.workflow import WorkflowStore
+
+    etcd = client(settings.etcd)
+    try:
+        await wait_connected(etcd, timeout=5.0)
+        return await fn(WorkflowStore(etcd))
+    finally:
+        await etcd.close()
+
+
+def _operator_id(obj: CliContext) -> str:
+    from hivemesh.mesh.tls import load_workload_files
+
+    try:
+        return load_workload_files(obj.certs_dir / "operator.pem", obj.certs_dir / "operator.key",
+                                   obj.certs_dir / "ca.pem").spiffe_id
+    except (OSError, ValueError):
+        return "operator"
+
+
+# --- workflows -------------------------------------------------------------------------------------------------
+@click.group()
+def workflows() -> None:
+    """Durable workflow runs: list, show, cancel, resume."""
+
+
+@workflows.command("list")
+@click.option("--state", default=None, help="Only runs in this state (e.g. WORKING, INPUT_REQUIRED).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_friendly_errors
+def workflows_list(state: str | None, as_json: bool) -> None:
+    """List workflow runs, newest first."""
+    settings = MeshSettings.resolve()
+    rows = _run(lambda: _with_store(settings, lambda s: s.list()))
+    if state:
+        rows = [r for r in rows if r.get("state") == state.upper()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        out.print("no workflow runs")
+        return
+    table = Table("id", "state", "definition", "steps", "tokens", "owner", "created", "updated")
+    for r in rows:
+        owner = str(r.get("owner", "")).rsplit("/", 1)[-1]
+        table.add_row(r["id"], r["state"], r.get("definition", ""), str(r.get("steps", 0)), str(r.get("tokens", 0)),
+                      owner, _when(r.get("created_at")), _when(r.get("updated_at")))
+    out.print(table)
+
+
+@workflows.command("show")
+@click.argument("workflow_id")
+@click.option("--events", is_flag=True, help="Also print the raw events.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_friendly_errors
+def workflows_show(workflow_id: str, events: bool, as_json: bool) -> None:
+    """Show a run: each step with its agent, status and timing; notes; escalations; the outcome."""
+    settings = MeshSettings.resolve()
+
+    async def load(store: Any) -> tuple[Any, list[dict[str, Any]], Any]:
+        state = await store.load(workflow_id)
+        evs = await store.events(workflow_id) if events else []
+        return state, evs, await store.owner(workflow_id)
+
+    state, evs, owner = _run(lambda: _with_store(settings, load))
+    data = state.to_json()
+    data["driven_by"] = owner
+    if events:
+        data["event_log"] = evs
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+        return
+    out.print(f"[bold]{state.id}[/bold]  {state.state}  {state.definition}  tokens={state.tokens}", highlight=False)
+    out.print(f"owner {state.owner}; driven by {owner.get('owner') if owner else 'nobody now'}; "
+              f"runs {len(state.runs)}", highlight=False)
+    table = Table("step", "capability", "agent", "status", "attempts", "started", "ms", "tokens")
+    for s in data["step_list"]:
+        usage = s.get("usage") or {}
+        tokens = int(usage.get("input_tokens", 0)) + int(usage.get("output_tokens", 0))
+        status = s["status"] + (f" ({s['error'].get('reason')})" if s.get("error") else "")
+        table.add_row(s["step"], s["capability"], s.get("agent") or "-", status, str(s["attempts"]),
+                      _when(s.get("started_at")), "-" if s.get("elapsed_ms") is None else f"{s['elapsed_ms']:.1f}",
+                      str(tokens or "-"))
+    out.print(table)
+    for note in state.notes:
+        out.print(f"  note {note['key']}: {json.dumps(note['data'], default=str)[:300]}", highlight=False)
+    for step, esc in state.escalations.items():
+        res = esc.get("resolution") or {}
+        out.print(f"  escalation {esc.get('escalation_id')} at {step}: {esc.get('reason')} → "
+                  f"{res.get('status', 'PENDING')} {res.get('note', '')}", highlight=False)
+    if state.terminal:
+        out.print(f"outcome: {state.state} {state.reason}", highlight=False)
+    for e in evs:
+        out.print(f"  #{e['seq']} {_when(e['at'])} {e['type']} {json.dumps(e.get('data'), default=str)[:200]}",
+                  highlight=False)
+
+
+@workflows.command("cancel")
+@click.argument("workflow_id")
+@click.option("--reason", default="", help="Recorded with the cancellation.")
+@click.option("--wait", "wait_s", default=15.0, show_default=True, help="Seconds to wait for the run to stop.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+@_friendly_errors
+def workflows_cancel(obj: CliContext, workflow_id: str, reason: str, wait_s: float, as_json: bool) -> None:
+    """Cancel a run: its owner cancels the in-flight calls and withdraws its escalations."""
+    import time
+
+    settings = MeshSettings.resolve()
+    by = _operator_id(obj)
+
+    async def go(store: Any) -> Any:
+        state = await store.request_cancel(workflow_id, by=by, reason=reason)
+        deadline = time.monotonic() + wait_s
+        while not state.terminal and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            state = await store.load(workflow_id)
+        return state
+
+    state = _run(lambda: _with_store(settings, go))
+    if as_json:
+        click.echo(json.dumps(state.summary()))
+    else:
+        out.print(f"{state.id}: {state.state}" + ("" if state.terminal else " (cancel requested; still stopping)"),
+                  highlight=False)
+    if not state.terminal:
+        raise SystemExit(1)
+
+
+@workflows.command("resume")
+@click.argument("workflow_id")
+@click.option("--wait-lock", default=None, type=float,
+              help="Seconds to wait for a dead owner's lease to expire (default: the lease TTL + 2 s).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+@_friendly_errors
+def workflows_resume(obj: CliContext, workflow_id: str, wait_lock: float | None, as_json: bool) -> None:
+    """Resume an unfinished run in this process (as the operator) from its last completed step."""
+    from hivemesh.sdk.client import MeshClient
+    from hivemesh.sdk.workflow import WorkflowEngine
+
+    settings = obj.operator_settings()
+
+    def progress(_wid: str, kind: str, data: Any) -> None:
+        if not as_json and kind == "step":
+            replay = " (replayed)" if data.get("replayed") else ""
+            err.print(f"[dim]step {data['step']} → {data.get('agent')} {data.get('elapsed_ms')} ms{replay}[/dim]",
+                      highlight=False)
+        elif not as_json and kind == "input_required":
+            err.print(f"waiting for a person: escalation {data['escalation_id']} ({data['reason']})", highlight=False)
+
+    async def go() -> Any:
+        async with MeshClient.connect(name="admin", kind="operator", settings=settings) as mesh:
+            async with WorkflowEngine(mesh, on_event=progress) as engine:
+                handle = await engine.resume(workflow_id, wait_s=wait_lock)
+                return await handle.result()
+
+    state = asyncio.run(go())
+    if as_json:
+        click.echo(json.dumps(state.to_json(), default=str))
+    else:
+        out.print(f"{state.id}: {state.state} {state.reason}", highlight=False)
+    if state.state != "COMPLETED":
+        raise SystemExit(1)
+
+
+# --- escalations -----------------------------------------------------------------------------------------------
+@click.group()
+def escalations() -> None:
+    """The human escalation queue: list, show, approve, reject."""
+
+
+def _esc_client_call(obj: CliContext, fn: Callable[[Any], Awaitable[T]]) -> T:
+    from hivemesh.controlplane.client import ControlPlaneClient
+    from hivemesh.sdk.escalation import EscalationClient
+
+    settings = obj.operator_settings()
+
+    async def go() -> T:
+        async with ControlPlaneClient.from_certs_dir(settings.controlplane, obj.certs_dir) as cp:
+            return await fn(EscalationClient(cp))
+
+    return asyncio.run(go())
+
+
+def _print_escalation(info: Any) -> None:
+    colour = {"PENDING": "yellow", "APPROVED": "green", "REJECTED": "red"}.get(info.status, "white")
+    out.print(f"[bold]{info.id}[/bold] [{colour}]{info.status}[/{colour}]  {info.reason}", highlight=False)
+    out.print(f"  requested by {info.requested_by} at {_when(info.created_at)}; workflow {info.workflow_id or '-'} "
+              f"step {info.step_id or '-'}", highlight=False)
+    if info.deadline:
+        out.print(f"  deadline {_when(info.deadline)}, then: {info.on_deadline}"
+                  + (f" ({json.dumps(info.default_answer)})" if info.on_deadline == "default" else ""), highlight=False)
+    out.print("  context: " + json.dumps(info.context, indent=2, default=str).replace("\n", "\n  "), highlight=False)
+    if not info.pending:
+        out.print(f"  resolved by {info.resolved_by} at {_when(info.resolved_at)}: {info.note}"
+                  + (f" answer={json.dumps(info.answer)}" if info.answer is not None else ""), highlight=False)
+
+
+@escalations.command("list")
+@click.option("--all", "show_all", is_flag=True, help="Include resolved escalations (default: pending only).")
+@click.option("--workflow", default="", help="Only this workflow run's escalations.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+@_friendly_errors
+def escalations_list(obj: CliContext, show_all: bool, workflow: str, as_json: bool) -> None:
+    """List escalations waiting for a person (or all of them)."""
+    items = _esc_client_call(obj, lambda c: c.list(None if show_all else "PENDING", workflow))
+    if as_json:
+        click.echo(json.dumps([i.to_json() for i in items], indent=2, default=str))
+        return
+    if not items:
+        out.print("no pending escalations" if not show_all else "no escalations")
+        return
+    table = Table("id", "status", "reason", "workflow", "requested by", "created", "deadline")
+    for i in items:
+        table.add_row(i.id, i.status, i.reason[:60], i.workflow_id or "-", i.requested_by.rsplit("/", 1)[-1],
+                      _when(i.created_at), _when(i.deadline))
+    out.print(table)
+
+
+@escalations.command("show")
+@click.argument("escalation_id")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+@_friendly_errors
+def escalations_show(obj: CliContext, escalation_id: str, as_json: bool) -> None:
+    """Show one escalation with the context a person needs to decide."""
+    info = _esc_client_call(obj, lambda c: c.get(escalation_id))
+    if as_json:
+        click.echo(json.dumps(info.to_json(), indent=2, default=str))
+    else:
+        _print_escalation(info)
+
+
+def _parse_answer(answer: str | None) -> Any:
+    if answer is None:
+        return None
+    try:
+        return json.loads(answer)
+    except json.JSONDecodeError:
+        return answer  # a bare word or sentence is an answer too
+
+
+def _resolve(obj: CliContext, escalation_id: str, approve: bool, note: str, answer: str | None, as_json: bool) -> None:
+    info = _esc_client_call(obj, lambda c: c.resolve(escalation_id, approve=approve, note=note,
+                                                     answer=_parse_answer(answer)))
+    if as_json:
+        click.echo(json.dumps(info.to_json(), default=str))
+    else:
+        out.print(f"{info.id}: {info.status}" + (f" — {note}" if note else ""), highlight=False)
+
+
+@escalations.command("approve")
+@click.argument("escalation_id")
+@click.option("--note", default="", help="Why (kept with the resolution, audited).")
+@click.option("--answer", default=None, help="An answer for the run to resume with: JSON, or plain text.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+@_friendly_errors
+def escalations_approve(obj: CliContext, escalation_id: str, note: str, answer: str | None, as_json: bool) -> None:
+    """Approve an escalation; the waiting run resumes with the answer."""
+    _resolve(obj, escalation_id, True, note, answer, as_json)
+
+
+@escalations.command("reject")
+@click.argument("escalation_id")
+@click.option("--note", default="", help="Why (kept with the resolution, audited).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+@_friendly_errors
+def escalations_reject(obj: CliContext, escalation_id: str, note: str, as_json: bool) -> None:
+    """Reject an escalation; the waiting run goes on knowing it was rejected."""
+    _resolve(obj, escalation_id, False, note, None, as_json)

@@ -1,0 +1,392 @@
+"""The escalation queue: the control plane's `Escalations` service, stored in etcd at /hivemesh/escalations/<id>.
+
+A run that needs a person creates an escalation and waits; an operator (`hivemesh escalations approve|reject`)
+resolves it. Every change is a compare-and-swap on the key's mod revision, so a person and the deadline
+policy can never both win. Deadlines need no background task: an escalation past its deadline is resolved by
+its policy (reject, or approve with the default answer) the first time anyone reads, lists or waits on it;
+a waiting run wakes at the deadline to do exactly that.
+
+Every creation and resolution (by a person, by the deadline policy, or a withdrawal) is recorded in the
+control plane's tamper-evident audit log (`hivemesh.controlplane.auditlog`, as a `controlplane` record with
+kind `escalation`: the action, id, workflow, actor, decision and note), logged, and reported to any extra
+hooks (`add_audit_hook`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from hivemesh.controlplane.server import Core, _rpc
+from hivemesh.mesh.errors import (
+    FailedPreconditionError,
+    InvalidInputError,
+    NotFoundError,
+    PermissionDeniedError,
+)
+from hivemesh.mesh.pki import NAME_RE, Peer
+from hivemesh.v1 import escalation_pb2, escalation_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+PREFIX: Final = "/hivemesh/escalations/"
+MAX_DEADLINE_S: Final = 30 * 86400
+MAX_REASON: Final = 1000
+MAX_JSON: Final = 256 * 1024
+MAX_WAIT_S: Final = 300
+DEADLINE_ACTOR: Final = "policy:deadline"
+
+E = escalation_pb2
+AuditHook = Callable[[str, escalation_pb2.Escalation, str], None]
+"""(action, escalation after the change, actor SPIFFE id): action is created, approved, rejected, canceled or
+expired. Hooks must not raise (a failing hook is logged and skipped)."""
+_AUDIT_HOOKS: list[AuditHook] = []
+
+
+def add_audit_hook(hook: AuditHook) -> None:
+    """Hear every escalation change (the audit log registers here)."""
+    if hook not in _AUDIT_HOOKS:
+        _AUDIT_HOOKS.append(hook)
+
+
+def remove_audit_hook(hook: AuditHook) -> None:
+    with contextlib.suppress(ValueError):
+        _AUDIT_HOOKS.remove(hook)
+
+
+Recorder = Callable[[Mapping[str, Any]], Awaitable[Any]]
+
+
+def audit_fields(action: str, esc: escalation_pb2.Escalation, actor: str) -> dict[str, Any]:
+    """What the audit log keeps of one escalation change (never the context: it may hold personal data)."""
+    return {
+        "event": "escalation", "action": action, "id": esc.id, "workflow_id": esc.workflow_id,
+        "step_id": esc.step_id, "requested_by": esc.requested_by, "actor": actor, "reason": esc.reason[:300],
+        "status": E.EscalationStatus.Name(esc.status).removeprefix("ESCALATION_STATUS_"),
+        "note": esc.resolution.note[:300], "answered": bool(esc.resolution.answer_json),
+    }
+
+
+async def _audit(action: str, esc: escalation_pb2.Escalation, actor: str, recorder: Recorder | None) -> None:
+    log.info("escalation %s %s by %s (workflow %s): %s", esc.id, action, actor, esc.workflow_id or "-", esc.reason)
+    if recorder is not None:
+        try:
+            await recorder(audit_fields(action, esc, actor))
+        except Exception:
+            log.exception("could not record escalation %s %s in the audit log", esc.id, action)
+    for hook in list(_AUDIT_HOOKS):
+        try:
+            hook(action, esc, actor)
+        except Exception:
+            log.exception("escalation audit hook %r failed", hook)
+
+
+def _key(escalation_id: str) -> bytes:
+    return (PREFIX + escalation_id).encode()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _check_json(text: str, field: str, *, want_object: bool = False) -> None:
+    if len(text) > MAX_JSON:
+        raise InvalidInputError(f"{field} is larger than {MAX_JSON} bytes", field_violations={field: "too large"})
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"{field} is not valid JSON: {exc}", field_violations={field: "not JSON"}) from None
+    if want_object and not isinstance(value, dict):
+        raise InvalidInputError(f"{field} must be a JSON object", field_violations={field: "not an object"})
+
+
+def _validate_id(escalation_id: str) -> None:
+    if not NAME_RE.fullmatch(escalation_id):
+        msg = "must match [a-z0-9][a-z0-9._-]{0,62}"
+        raise InvalidInputError(f"escalation id {escalation_id[:80]!r} {msg}", field_violations={"id": msg})
+
+
+def _is_operator(peer: Peer) -> bool:
+    return peer.spiffe_id.kind == "operator"
+
+
+def _expired(esc: escalation_pb2.Escalation, now_ms: int) -> bool:
+    return esc.status == E.ESCALATION_STATUS_PENDING and 0 < esc.deadline_unix_ms <= now_ms
+
+
+class EscalationStore:
+    """Escalations in etcd, each change a compare-and-swap on the key's mod revision."""
+
+    def __init__(self, etcd: Any, recorder: Recorder | None = None) -> None:
+        self.etcd = etcd
+        self.recorder = recorder
+
+    async def read(self, escalation_id: str) -> tuple[escalation_pb2.Escalation, int] | None:
+        kv = await self.etcd.get(_key(escalation_id))
+        if kv is None:
+            return None
+        return E.Escalation.FromString(kv.value), int(kv.mod_revision)
+
+    async def create(self, esc: escalation_pb2.Escalation) -> tuple[escalation_pb2.Escalation, bool]:
+        """Store esc unless its id exists; returns (stored escalation, created?)."""
+        key = _key(esc.id)
+        tx = self.etcd.transactions
+        ok, _ = await self.etcd.transaction(
+            compare=[tx.version(key) == 0], success=[tx.put(key, esc.SerializeToString())], failure=[]
+        )
+        if ok:
+            return esc, True
+        found = await self.read(esc.id)
+        if found is None:  # deleted in between: try once more
+            return await self.create(esc)
+        return found[0], False
+
+    async def swap(self, esc: escalation_pb2.Escalation, mod_revision: int) -> bool:
+        key = _key(esc.id)
+        tx = self.etcd.transactions
+        ok, _ = await self.etcd.transaction(
+            compare=[tx.mod(key) == mod_revision], success=[tx.put(key, esc.SerializeToString())], failure=[]
+        )
+        return bool(ok)
+
+    async def settle(self, escalation_id: str) -> tuple[escalation_pb2.Escalation, int]:
+        """Read one escalation, applying its deadline policy first if it is due (NotFoundError if absent)."""
+        while True:
+            found = await self.read(escalation_id)
+            if found is None:
+                raise NotFoundError(f"no escalation {escalation_id!r}", metadata={"id": escalation_id})
+            esc, rev = found
+            if not _expired(esc, _now_ms()):
+                return esc, rev
+            done = E.Escalation()
+            done.CopyFrom(esc)
+            default = esc.on_deadline == E.DEADLINE_POLICY_DEFAULT_ANSWER
+            done.status = E.ESCALATION_STATUS_APPROVED if default else E.ESCALATION_STATUS_REJECTED
+            done.resolution.CopyFrom(E.Resolution(
+                decision=done.status,
+                note="no one resolved it before its deadline: " + ("default answer" if default else "rejected"),
+                answer_json=esc.default_answer_json if default else "",
+                resolved_by=DEADLINE_ACTOR,
+                resolved_at_unix_ms=_now_ms(),
+            ))
+            if await self.swap(done, rev):
+                await _audit("expired", done, DEADLINE_ACTOR, self.recorder)
+                # loop: re-read to return the stored revision
+
+    async def all(self) -> list[escalation_pb2.Escalation]:
+        out: list[escalation_pb2.Escalation] = []
+        for kv in await self.etcd.get_prefix(PREFIX.encode()):
+            try:
+                esc = E.Escalation.FromString(kv.value)
+            except DecodeError:
+                log.warning("skipping unparsable escalation at %s", kv.key.decode(errors="replace"))
+                continue
+            if _expired(esc, _now_ms()):
+                esc, _ = await self.settle(esc.id)
+            out.append(esc)
+        out.sort(key=lambda e: (-e.created_at_unix_ms, e.id))
+        return out
+
+
+class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
+    """Escalations over the control plane's mutual TLS: anyone in the trust domain asks, operators decide."""
+
+    def __init__(self, core: Core, recorder: Recorder | None = None) -> None:
+        self._core = core
+        self.store = EscalationStore(core.etcd, recorder)
+
+    def _may_read(self, peer: Peer, esc: escalation_pb2.Escalation) -> None:
+        if not _is_operator(peer) and esc.requested_by != str(peer.spiffe_id):
+            raise PermissionDeniedError(f"{peer.spiffe_id} may read only the escalations it created")
+
+    @_rpc
+    async def CreateEscalation(
+        self, request: escalation_pb2.CreateEscalationRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> escalation_pb2.Escalation:
+        peer = self._core.peer(context)
+        escalation_id = request.id or f"esc-{secrets.token_hex(6)}"
+        _validate_id(escalation_id)
+        reason = request.reason.strip()
+        if not reason or len(reason) > MAX_REASON:
+            msg = f"a reason of 1..{MAX_REASON} characters is required"
+            raise InvalidInputError(msg, field_violations={"reason": msg})
+        if request.context_json:
+            _check_json(request.context_json, "context_json", want_object=True)
+        if not 0 <= request.deadline_seconds <= MAX_DEADLINE_S:
+            msg = f"must be 0..{MAX_DEADLINE_S}"
+            raise InvalidInputError(f"deadline_seconds {msg}", field_violations={"deadline_seconds": msg})
+        on_deadline = request.on_deadline or E.DEADLINE_POLICY_REJECT
+        if on_deadline == E.DEADLINE_POLICY_DEFAULT_ANSWER:
+            if not request.default_answer_json:
+                msg = "required when on_deadline is DEFAULT_ANSWER"
+                raise InvalidInputError(f"default_answer_json is {msg}", field_violations={"default_answer_json": msg})
+            _check_json(request.default_answer_json, "default_answer_json")
+        if len(request.labels) > 32 or any(len(k) > 63 or len(v) > 256 for k, v in request.labels.items()):
+            msg = "at most 32 labels, keys up to 63 and values up to 256 characters"
+            raise InvalidInputError(f"labels: {msg}", field_violations={"labels": msg})
+        for name, value in (("workflow_id", request.workflow_id), ("step_id", request.step_id)):
+            if len(value) > 256:
+                raise InvalidInputError(f"{name} is too long", field_violations={name: "at most 256 characters"})
+        now = _now_ms()
+        esc = E.Escalation(
+            id=escalation_id,
+            reason=reason,
+            context_json=request.context_json or "{}",
+            requested_by=str(peer.spiffe_id),
+            workflow_id=request.workflow_id,
+            step_id=request.step_id,
+            created_at_unix_ms=now,
+            deadline_unix_ms=now + request.deadline_seconds * 1000 if request.deadline_seconds else 0,
+            on_deadline=on_deadline,
+            default_answer_json=request.default_answer_json,
+            status=E.ESCALATION_STATUS_PENDING,
+            labels=dict(request.labels),
+        )
+        stored, created = await self.store.create(esc)
+        if not created:
+            if stored.requested_by != str(peer.spiffe_id) and not _is_operator(peer):
+                raise PermissionDeniedError(f"escalation {escalation_id!r} exists and belongs to another caller")
+            return (await self.store.settle(escalation_id))[0]
+        await _audit("created", stored, str(peer.spiffe_id), self.store.recorder)
+        return stored
+
+    @_rpc
+    async def GetEscalation(
+        self, request: escalation_pb2.GetEscalationRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> escalation_pb2.Escalation:
+        peer = self._core.peer(context)
+        _validate_id(request.id)
+        esc, _ = await self.store.settle(request.id)
+        self._may_read(peer, esc)
+        return esc
+
+    @_rpc
+    async def ListEscalations(
+        self, request: escalation_pb2.ListEscalationsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> escalation_pb2.ListEscalationsResponse:
+        peer = self._core.peer(context)
+        out = []
+        for esc in await self.store.all():
+            if not _is_operator(peer) and esc.requested_by != str(peer.spiffe_id):
+                continue
+            if request.status and esc.status != request.status:
+                continue
+            if request.workflow_id and esc.workflow_id != request.workflow_id:
+                continue
+            out.append(esc)
+        return E.ListEscalationsResponse(escalations=out)
+
+    async def _finish(self, escalation_id: str, peer: Peer, status: int, note: str, answer_json: str,
+                      action: str) -> tuple[escalation_pb2.Escalation, bool]:
+        """Resolve a pending escalation; (the escalation, whether this call changed it)."""
+        while True:
+            esc, rev = await self.store.settle(escalation_id)
+            if esc.status != E.ESCALATION_STATUS_PENDING:
+                return esc, False
+            done = E.Escalation()
+            done.CopyFrom(esc)
+            done.status = status  # type: ignore[assignment]
+            done.resolution.CopyFrom(E.Resolution(
+                decision=status,  # type: ignore[arg-type]
+                note=note,
+                answer_json=answer_json,
+                resolved_by=str(peer.spiffe_id),
+                resolved_at_unix_ms=_now_ms(),
+            ))
+            if await self.store.swap(done, rev):
+                await _audit(action, done, str(peer.spiffe_id), self.store.recorder)
+                return done, True
+
+    @_rpc
+    async def ResolveEscalation(
+        self, request: escalation_pb2.ResolveEscalationRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> escalation_pb2.Escalation:
+        peer = self._core.peer(context)
+        if not _is_operator(peer):
+            raise PermissionDeniedError(f"only operators (people) resolve escalations; {peer.spiffe_id} is not one")
+        _validate_id(request.id)
+        if request.answer_json:
+            _check_json(request.answer_json, "answer_json")
+        if len(request.note) > MAX_REASON:
+            raise InvalidInputError("the note is too long", field_violations={"note": f"at most {MAX_REASON}"})
+        status = E.ESCALATION_STATUS_APPROVED if request.approve else E.ESCALATION_STATUS_REJECTED
+        done, changed = await self._finish(request.id, peer, status, request.note, request.answer_json,
+                                           "approved" if request.approve else "rejected")
+        if not changed:
+            by = done.resolution.resolved_by or "?"
+            now = E.EscalationStatus.Name(done.status).removeprefix("ESCALATION_STATUS_").lower()
+            raise FailedPreconditionError(
+                f"escalation {request.id!r} is already {now} (by {by})",
+                metadata={"id": request.id, "resolved_by": by},
+            )
+        return done
+
+    @_rpc
+    async def CancelEscalation(
+        self, request: escalation_pb2.CancelEscalationRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> escalation_pb2.Escalation:
+        peer = self._core.peer(context)
+        _validate_id(request.id)
+        esc, _ = await self.store.settle(request.id)
+        if not _is_operator(peer) and esc.requested_by != str(peer.spiffe_id):
+            raise PermissionDeniedError(f"{peer.spiffe_id} may cancel only the escalations it created")
+        done, _ = await self._finish(request.id, peer, E.ESCALATION_STATUS_CANCELED, request.note, "", "canceled")
+        return done
+
+    @_rpc
+    async def WaitEscalation(
+        self, request: escalation_pb2.WaitEscalationRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> escalation_pb2.Escalation:
+        peer = self._core.peer(context)
+        _validate_id(request.id)
+        max_wait = min(request.max_wait_seconds or 30, MAX_WAIT_S)
+        until = time.monotonic() + max_wait
+        remaining_rpc = context.time_remaining()
+        if remaining_rpc is not None:
+            until = min(until, time.monotonic() + max(remaining_rpc - 0.5, 0.0))
+        first = True
+        while True:
+            esc, rev = await self.store.settle(request.id)
+            if first:
+                self._may_read(peer, esc)
+                first = False
+            now = time.monotonic()
+            if esc.status != E.ESCALATION_STATUS_PENDING or now >= until:
+                return esc
+            wait = until - now
+            if esc.deadline_unix_ms:
+                wait = min(wait, max((esc.deadline_unix_ms - _now_ms()) / 1000 + 0.05, 0.05))
+            await self._wait_change(request.id, rev, wait)
+
+    async def _wait_change(self, escalation_id: str, revision: int, timeout: float) -> None:
+        """Until the key changes after revision, or timeout (bounded even if the watch misbehaves)."""
+        try:
+            await asyncio.wait_for(
+                self._core.etcd.watch_once(_key(escalation_id), timeout=timeout, start_revision=revision + 1),
+                timeout + 1.0,
+            )
+        except Exception:  # noqa: BLE001 - a timeout or a broken watch both mean: read again
+            await asyncio.sleep(min(0.2, timeout))
+
+
+def _recorder(core: Core) -> Recorder | None:
+    """The control plane's own audit log (issue 4's AuditStore), when this build has one."""
+    try:
+        from hivemesh.controlplane.audit_service import audit_store
+    except ImportError:  # pragma: no cover - the audit log ships with hivemesh
+        return None
+    return audit_store(core).record
+
+
+def install(core: Core, server: grpc.aio.Server) -> None:
+    """Add the Escalations service to the control plane's mutual-TLS server."""
+    escalation_pb2_grpc.add_EscalationsServicer_to_server(EscalationsServicer(core, _recorder(core)), server)

@@ -1,0 +1,367 @@
+"""What every orchestration pattern is built on: a `Runner` that runs steps, and the results patterns return.
+
+A pattern never calls the mesh directly. It asks its runner to run a *step* (one capability call with a
+stable step id), to *memo* a value (a decision that must come out the same on replay), to *escalate* to a
+person, or to *note* visible state. Two runners exist:
+
+- `DirectRunner(caller)`: runs steps straight away over a `MeshClient` or, inside an agent, its `Context`;
+- `hivemesh.sdk.workflow.WorkflowRun`: records every step as an event in etcd, so a run killed mid-way is
+  resumed from its last completed step, non-idempotent steps are never run twice, and the run can be
+  listed, shown and cancelled from the CLI.
+
+So every pattern is durable when it runs under a workflow, and a plain one-liner otherwise:
+
+    result = await FanOut(["search-web", "search-papers"]).run(mesh, {"query": "etcd"})
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+from hivemesh.mesh.errors import HivemeshError, InvalidInputError, TaskRejectedError, from_status_parts
+from hivemesh.sdk.escalation import EscalationClient, EscalationInfo, OnDeadline
+from hivemesh.v1 import agent_pb2, mesh_pb2
+
+if TYPE_CHECKING:
+    from hivemesh.mesh.registry import CapabilityInfo
+    from hivemesh.sdk.client import CallResult
+
+StateName = Literal["SUBMITTED", "WORKING", "INPUT_REQUIRED", "COMPLETED", "FAILED", "CANCELED", "REJECTED"]
+TERMINAL: frozenset[str] = frozenset({"COMPLETED", "FAILED", "CANCELED", "REJECTED"})
+
+
+def state_name(value: int) -> str:
+    """'WORKING' for agent_pb2.TASK_STATE_WORKING (A2A's names without the enum prefix)."""
+    return agent_pb2.TaskState.Name(value).removeprefix("TASK_STATE_")  # type: ignore[arg-type]
+
+
+def error_to_json(err: BaseException) -> dict[str, Any]:
+    if isinstance(err, HivemeshError):
+        out: dict[str, Any] = {"code": err.code.name, "reason": err.reason, "message": err.message}
+        if err.field_violations:
+            out["field_violations"] = dict(err.field_violations)
+        return out
+    return {"code": "INTERNAL", "reason": "AGENT_ERROR", "message": f"{type(err).__name__}: {err}"}
+
+
+def error_from_json(data: Mapping[str, Any]) -> HivemeshError:
+    """The typed error recorded by `error_to_json` (same class, code and reason)."""
+    import grpc
+
+    code = getattr(grpc.StatusCode, str(data.get("code", "INTERNAL")), grpc.StatusCode.INTERNAL)
+    from google.rpc import error_details_pb2, status_pb2
+
+    from hivemesh.mesh.errors import DOMAIN
+
+    info = error_details_pb2.ErrorInfo(reason=str(data.get("reason", "")), domain=DOMAIN)
+    status = status_pb2.Status(code=code.value[0], message=str(data.get("message", "")))
+    status.details.add().Pack(info)
+    if data.get("field_violations"):
+        bad = error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=k, description=v)
+            for k, v in dict(data["field_violations"]).items()
+        ])
+        status.details.add().Pack(bad)
+    trailing = (("grpc-status-details-bin", status.SerializeToString()),)
+    return from_status_parts(code, str(data.get("message", "")), trailing)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One step's outcome: the capability's output plus who served it (recorded in workflow events)."""
+
+    step: str
+    capability: str
+    output: Any
+    state: str = "COMPLETED"
+    agent: str = ""
+    instance: str = ""
+    packaging: str = ""
+    hops: tuple[str, ...] = ()
+    elapsed_ms: float = 0.0
+    usage: dict[str, Any] | None = None
+    replayed: bool = False
+    """True when a workflow replayed this result from its events instead of calling again."""
+
+    @property
+    def tokens(self) -> int:
+        return int((self.usage or {}).get("input_tokens", 0)) + int((self.usage or {}).get("output_tokens", 0))
+
+    @classmethod
+    def from_call(cls, step: str, capability: str, result: CallResult, started: float) -> StepResult:
+        inst = result.instance
+        usage = None
+        if result.usage is not None:
+            usage = {"input_tokens": int(result.usage.input_tokens), "output_tokens": int(result.usage.output_tokens),
+                     "model": result.usage.model}
+        return cls(
+            step=step,
+            capability=capability,
+            output=result.output,
+            state=state_name(result.state) if result.state else "COMPLETED",
+            agent=inst.card.name,
+            instance=inst.instance_id,
+            packaging=inst.packaging,
+            hops=tuple(f"{h.kind}:{h.identity.rsplit('/', 1)[-1]}" for h in result.hops),
+            elapsed_ms=round((time.perf_counter() - started) * 1000, 2),
+            usage=usage,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "capability": self.capability, "output": self.output, "state": self.state,
+            "agent": self.agent, "instance": self.instance, "packaging": self.packaging, "hops": list(self.hops),
+            "elapsed_ms": self.elapsed_ms, "usage": self.usage,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], *, replayed: bool = False) -> StepResult:
+        return cls(
+            step=str(data["step"]), capability=str(data["capability"]), output=data.get("output"),
+            state=str(data.get("state", "COMPLETED")), agent=str(data.get("agent", "")),
+            instance=str(data.get("instance", "")), packaging=str(data.get("packaging", "")),
+            hops=tuple(data.get("hops") or ()), elapsed_ms=float(data.get("elapsed_ms", 0.0)),
+            usage=data.get("usage"), replayed=replayed,
+        )
+
+
+@dataclass
+class PatternResult:
+    """What a pattern returns: the output, the A2A state it ended in, and every step it took."""
+
+    output: Any
+    state: str = "COMPLETED"
+    steps: list[StepResult] = field(default_factory=list)
+    reason: str = ""
+    """Why the run stopped early (a validation step, a reviewer, a person), when it did."""
+    details: dict[str, Any] = field(default_factory=dict)
+    """Pattern-specific facts: failed branches, rounds, the route taken, escalations."""
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.steps)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "output": self.output, "state": self.state, "reason": self.reason, "details": self.details,
+            "steps": [s.to_json() for s in self.steps], "tokens": self.tokens,
+        }
+
+
+@runtime_checkable
+class Caller(Protocol):
+    """Anything that calls capabilities: a started `MeshClient`, or a capability's `Context`."""
+
+    async def call_detailed(
+        self,
+        capability: str,
+        payload: Any = None,
+        *,
+        timeout: float | None = None,
+        context: agent_pb2.CallContext | None = None,
+        idempotency_key: str | None = None,
+    ) -> CallResult: ...
+
+    async def call_on(
+        self,
+        instance: Any,
+        capability: str,
+        payload: Any = None,
+        *,
+        timeout: float | None = None,
+        context: agent_pb2.CallContext | None = None,
+        idempotency_key: str | None = None,
+    ) -> CallResult: ...
+
+
+class Runner(Protocol):
+    """What patterns run on (see the module docstring)."""
+
+    workflow_id: str
+
+    async def step(
+        self,
+        step_id: str,
+        capability: str,
+        payload: Any,
+        *,
+        timeout: float | None = None,
+        instance: mesh_pb2.AgentInstance | None = None,
+    ) -> StepResult: ...
+
+    async def memo(self, key: str, compute: Callable[[], Any]) -> Any: ...
+
+    async def escalate(
+        self,
+        step_id: str,
+        reason: str,
+        context: Mapping[str, Any],
+        *,
+        deadline_s: float | None = None,
+        on_deadline: OnDeadline = "reject",
+        default_answer: Any = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> EscalationInfo: ...
+
+    async def note(self, key: str, data: Mapping[str, Any]) -> None: ...
+
+    def instances(self, capability: str) -> tuple[mesh_pb2.AgentInstance, ...]: ...
+
+    def capability_infos(self) -> list[CapabilityInfo]: ...
+
+
+def _mesh_of(caller: Any) -> Any:
+    """The MeshClient behind a caller (a Context's `.mesh`), for registry reads."""
+    mesh = getattr(caller, "mesh", None)
+    return mesh if mesh is not None else caller
+
+
+async def maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+class DirectRunner:
+    """Runs steps immediately over a caller; nothing is recorded. Escalations go to the control plane.
+
+    Args:
+        caller: a started MeshClient, or a capability's Context (deadline and ids propagate).
+        escalations: the Escalations client; default: over the caller's own control-plane connection.
+        on_event: told (kind, data) about each step, note and escalation, for progress displays.
+        conversation_id: carried on every call (handoffs, customer conversations).
+    """
+
+    def __init__(
+        self,
+        caller: Caller,
+        *,
+        escalations: EscalationClient | None = None,
+        on_event: Callable[[str, Mapping[str, Any]], None] | None = None,
+        conversation_id: str = "",
+    ) -> None:
+        self.caller = caller
+        self.workflow_id = ""
+        self._escalations = escalations
+        self._on_event = on_event
+        self._memos: dict[str, Any] = {}
+        self.conversation_id = conversation_id
+
+    def _emit(self, kind: str, data: Mapping[str, Any]) -> None:
+        if self._on_event is not None:
+            self._on_event(kind, data)
+
+    def _context(self) -> agent_pb2.CallContext | None:
+        if not self.conversation_id and not self.workflow_id:
+            return None
+        return agent_pb2.CallContext(conversation_id=self.conversation_id, workflow_id=self.workflow_id)
+
+    async def step(
+        self,
+        step_id: str,
+        capability: str,
+        payload: Any,
+        *,
+        timeout: float | None = None,
+        instance: mesh_pb2.AgentInstance | None = None,
+    ) -> StepResult:
+        started = time.perf_counter()
+        self._emit("step_started", {"step": step_id, "capability": capability})
+        try:
+            if instance is not None:
+                result = await self.caller.call_on(instance, capability, payload, timeout=timeout,
+                                                   context=self._context())
+            else:
+                result = await self.caller.call_detailed(capability, payload, timeout=timeout, context=self._context())
+        except HivemeshError as err:
+            self._emit("step_failed", {"step": step_id, "capability": capability, "error": error_to_json(err)})
+            raise
+        out = StepResult.from_call(step_id, capability, result, started)
+        self._emit("step_completed", out.to_json())
+        return out
+
+    async def memo(self, key: str, compute: Callable[[], Any]) -> Any:
+        if key not in self._memos:
+            self._memos[key] = await maybe_await(compute())
+        return self._memos[key]
+
+    def escalation_client(self) -> EscalationClient:
+        if self._escalations is None:
+            mesh = _mesh_of(self.caller)
+            self._escalations = EscalationClient(mesh.node.controlplane)
+        return self._escalations
+
+    async def escalate(
+        self,
+        step_id: str,
+        reason: str,
+        context: Mapping[str, Any],
+        *,
+        deadline_s: float | None = None,
+        on_deadline: OnDeadline = "reject",
+        default_answer: Any = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> EscalationInfo:
+        client = self.escalation_client()
+        info = await client.create(reason, context, step_id=step_id, deadline_s=deadline_s, on_deadline=on_deadline,
+                                   default_answer=default_answer, labels=labels)
+        self._emit("input_required", {"step": step_id, "escalation_id": info.id, "reason": reason})
+        info = await client.wait(info.id)
+        self._emit("input_received", {"step": step_id, "escalation": info.to_json()})
+        return info
+
+    async def note(self, key: str, data: Mapping[str, Any]) -> None:
+        self._emit("note", {"key": key, **data})
+
+    def instances(self, capability: str) -> tuple[mesh_pb2.AgentInstance, ...]:
+        return tuple(_mesh_of(self.caller).instances(capability))
+
+    def capability_infos(self) -> list[CapabilityInfo]:
+        return list(_mesh_of(self.caller).capability_infos())
+
+
+def as_runner(target: Runner | Caller) -> Runner:
+    """A Runner as it is, or a DirectRunner over a caller (MeshClient / Context)."""
+    if hasattr(target, "step") and hasattr(target, "memo"):
+        return target  # type: ignore[return-value]
+    if isinstance(target, Caller):
+        return DirectRunner(target)
+    raise TypeError(f"run a pattern on a MeshClient, a capability Context or a Runner, not {type(target).__name__}")
+
+
+async def call_with_escalation(
+    runner: Runner,
+    step_id: str,
+    capability: str,
+    payload: Any,
+    *,
+    timeout: float | None = None,
+    deadline_s: float | None = None,
+    on_deadline: OnDeadline = "reject",
+    default_answer: Any = None,
+) -> tuple[StepResult, EscalationInfo | None]:
+    """Run a step; if the agent answers INPUT_REQUIRED, ask a person and re-call with their answer.
+
+    The capability receives the person's verdict in its input as `"human": {"approved", "answer", "note"}`
+    (so a capability that can ask must accept that optional field). A rejection raises TaskRejectedError.
+    """
+    first = await runner.step(step_id, capability, payload, timeout=timeout)
+    if first.state != "INPUT_REQUIRED":
+        return first, None
+    ask = first.output if isinstance(first.output, dict) else {}
+    info = await runner.escalate(
+        step_id, str(ask.get("reason") or f"{capability} needs a person"),
+        {"capability": capability, "input": payload, **(ask.get("context") or {})},
+        deadline_s=deadline_s, on_deadline=on_deadline, default_answer=default_answer,
+        labels={"capability": capability[:63]},
+    )
+    if not info.approved:
+        raise TaskRejectedError(f"{capability}: a person rejected it ({info.note or info.resolved_by})",
+                                metadata={"escalation": info.id})
+    if not isinstance(payload, dict):
+        raise InvalidInputError(f"{capability} asked for a person, but its input is not an object to answer in")
+    answered = {**payload, "human": {"approved": True, "answer": info.answer, "note": info.note}}
+    second = await runner.step(f"{step_id}/answered", capability, answered, timeout=timeout)
+    return second, info

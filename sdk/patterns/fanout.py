@@ -1,0 +1,166 @@
+"""Parallel fan-out / fan-in: call several capabilities (or every instance of one) at once, aggregate the results.
+
+    research = FanOut(["search-papers", "search-news", "search-wiki"], aggregate=merge, branch_timeout=5)
+    result = await research.run(mesh, {"query": "event sourcing"})
+    result.output              # merge({branch: output}) over the branches that answered
+    result.details["failed"]   # {branch: {"reason": ..., "message": ...}} for the ones that did not
+
+Graceful degradation by default: a failed or late branch is named in the result and the rest is
+aggregated (the run fails only when fewer than `min_success` branches answered). `fail_fast=True` cancels
+the other branches at the first failure and raises it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from hivemesh.mesh.errors import DeadlineExceededError, HivemeshError
+from hivemesh.mesh.pki import NAME_RE
+from hivemesh.sdk.patterns.base import Caller, PatternResult, Runner, StepResult, as_runner, error_to_json
+
+
+class FanOutError(HivemeshError):
+    """Too few branches answered (or, fail-fast, one failed); `failed` names each failed branch and why."""
+
+    def __init__(self, message: str, failed: Mapping[str, Mapping[str, Any]], first: HivemeshError | None = None):
+        super().__init__(message, metadata={"failed": ",".join(sorted(failed))[:500]},
+                         code=first.code if first else None, reason=first.reason if first else None)
+        self.failed = dict(failed)
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One branch: a capability (or one instance of it) and how to build its input from the fan-out's input."""
+
+    capability: str
+    name: str = ""
+    input: Callable[[Any], Any] | None = None
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if not NAME_RE.fullmatch(self.capability):
+            raise ValueError(f"branch capability {self.capability!r} is not a capability name")
+
+    @property
+    def id(self) -> str:
+        return self.name or self.capability
+
+
+Aggregate = Callable[[Mapping[str, Any]], Any]
+
+
+class FanOut:
+    """Run branches concurrently, each with its own deadline, and aggregate what comes back.
+
+    Args:
+        branches: capabilities or Branch objects (mutually exclusive with all_instances_of).
+        all_instances_of: call every live instance of this capability (e.g. shards, replicas to compare).
+        aggregate: {branch: output} → output; default: the mapping itself.
+        branch_timeout: per-branch deadline in seconds (a late branch counts as failed: DEADLINE_EXCEEDED).
+        fail_fast: cancel the others and raise at the first failure.
+        min_success: fewest branches that must answer (default 1), else FanOutError.
+    """
+
+    kind = "fanout"
+
+    def __init__(
+        self,
+        branches: Sequence[Branch | str] = (),
+        *,
+        all_instances_of: str | None = None,
+        aggregate: Aggregate | None = None,
+        branch_timeout: float | None = 10.0,
+        fail_fast: bool = False,
+        min_success: int = 1,
+        name: str = "fanout",
+    ) -> None:
+        self.branches = tuple(Branch(b) if isinstance(b, str) else b for b in branches)
+        if bool(self.branches) == bool(all_instances_of):
+            raise ValueError("give either branches or all_instances_of")
+        ids = [b.id for b in self.branches]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"branch names must be unique: {ids}")
+        if branch_timeout is not None and branch_timeout <= 0:
+            raise ValueError("branch_timeout must be positive")
+        if min_success < 0:
+            raise ValueError("min_success must be >= 0")
+        self.all_instances_of = all_instances_of
+        self.aggregate = aggregate
+        self.branch_timeout = branch_timeout
+        self.fail_fast = fail_fast
+        self.min_success = min_success
+        self.name = name
+
+    async def _plan(self, runner: Runner) -> list[tuple[str, str, str]]:
+        """(branch id, capability, instance id or "") — memoized, so a resumed run fans out to the same set."""
+        if self.all_instances_of is None:
+            return [(b.id, b.capability, "") for b in self.branches]
+        cap = self.all_instances_of
+
+        def listing() -> list[list[str]]:
+            return [[f"{cap}@{i.instance_id}", cap, i.instance_id] for i in runner.instances(cap)]
+
+        plan = await runner.memo(f"{self.name}-instances", listing)
+        return [(str(a), str(b), str(c)) for a, b, c in plan]
+
+    async def run(self, target: Runner | Caller, input: Any) -> PatternResult:
+        runner = as_runner(target)
+        plan = await self._plan(runner)
+        by_id = {b.id: b for b in self.branches}
+        live = {i.instance_id: i for i in runner.instances(self.all_instances_of)} if self.all_instances_of else {}
+        results: dict[str, StepResult] = {}
+        failed: dict[str, dict[str, Any]] = {}
+        first_error: list[HivemeshError] = []
+
+        async def branch(branch_id: str, capability: str, instance_id: str) -> None:
+            spec = by_id.get(branch_id)
+            payload = spec.input(input) if spec is not None and spec.input is not None else input
+            timeout = spec.timeout if spec is not None and spec.timeout is not None else self.branch_timeout
+            instance = None
+            if instance_id:
+                instance = live.get(instance_id)
+                if instance is None:
+                    failed[branch_id] = {"code": "UNAVAILABLE", "reason": "NO_LIVE_INSTANCE",
+                                         "message": f"instance {instance_id} is gone"}
+                    return
+            try:
+                results[branch_id] = await runner.step(f"branch-{branch_id}", capability, payload,
+                                                       timeout=timeout, instance=instance)
+            except HivemeshError as err:
+                if isinstance(err, DeadlineExceededError):
+                    err.message = f"branch {branch_id} missed its {timeout} s deadline: {err.message}"
+                failed[branch_id] = error_to_json(err)
+                first_error.append(err)
+                if self.fail_fast:
+                    raise
+
+        tasks = [asyncio.ensure_future(branch(*p)) for p in plan]
+        try:
+            if self.fail_fast:
+                done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+                for t in pending:
+                    t.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                for t in done:
+                    if t.exception() is not None:
+                        name = next(iter(failed), "?")
+                        raise FanOutError(f"fan-out branch {name} failed: {first_error[0].message}", failed,
+                                          first_error[0])
+            else:
+                await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+        outputs = {b: results[b].output for b, _, _ in plan if b in results}
+        if len(outputs) < self.min_success:
+            names = ", ".join(sorted(failed)) or "none"
+            raise FanOutError(f"only {len(outputs)} of {len(plan)} branches answered (failed: {names})", failed,
+                              first_error[0] if first_error else None)
+        output = self.aggregate(outputs) if self.aggregate is not None else outputs
+        steps = [results[b] for b, _, _ in plan if b in results]
+        details = {"branches": [b for b, _, _ in plan], "succeeded": sorted(outputs), "failed": failed,
+                   "partial": bool(failed)}
+        return PatternResult(output=output, steps=steps, details=details)

@@ -1,0 +1,101 @@
+"""Handoffs: one agent transfers the conversation to another, with its context (the Swarm / Agents SDK idea).
+
+An agent that serves a conversation answers `{"reply": "...", ...}`; to hand the conversation over it answers
+`handoff("security-triage", reason="phishing", context={"ticket": 42})` instead. The `Handoff` pattern
+carries the whole conversation (id, history, accumulated context, who handed it over and why) to the next
+agent, up to `max_handoffs`, and returns the final reply with the path it took:
+
+    chat = Handoff(entry="helpdesk-triage", max_handoffs=3)
+    result = await chat.run(mesh, {"message": "My laptop shows a strange login page", "context": {"user": "ana"}})
+    result.output["reply"], result.details["path"]   # ["helpdesk-triage", "security-triage"]
+
+Each agent receives `{"message", "conversation": {"id", "history", "context", "handoffs"}}`. Calls carry the
+conversation id in `CallContext.conversation_id`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from hivemesh.mesh.errors import AgentError, FailedPreconditionError
+from hivemesh.mesh.pki import NAME_RE
+from hivemesh.sdk.patterns.base import Caller, DirectRunner, PatternResult, Runner, StepResult, as_runner
+
+
+def handoff(to: str, *, reason: str = "", context: Mapping[str, Any] | None = None, reply: str = "") -> dict[str, Any]:
+    """What a capability returns to hand the conversation to capability `to` (context is merged in)."""
+    if not NAME_RE.fullmatch(to):
+        raise ValueError(f"{to!r} is not a capability name")
+    out: dict[str, Any] = {"handoff": {"to": to, "reason": reason, "context": dict(context or {})}}
+    if reply:
+        out["reply"] = reply
+    return out
+
+
+class Handoff:
+    """Drive a conversation across agents that hand it to each other.
+
+    Args:
+        entry: the first capability to talk to.
+        max_handoffs: transfers allowed before the pattern stops (a loop guard).
+        allowed: if given, the capabilities a conversation may be handed to.
+    """
+
+    kind = "handoff"
+
+    def __init__(self, entry: str, *, max_handoffs: int = 3, allowed: set[str] | None = None,
+                 timeout: float | None = 30.0, name: str = "handoff") -> None:
+        if not NAME_RE.fullmatch(entry):
+            raise ValueError(f"{entry!r} is not a capability name")
+        if max_handoffs < 0:
+            raise ValueError("max_handoffs must be >= 0")
+        self.entry = entry
+        self.max_handoffs = max_handoffs
+        self.allowed = frozenset(allowed) if allowed is not None else None
+        self.timeout = timeout
+        self.name = name
+
+    async def run(self, target: Runner | Caller, input: Any) -> PatternResult:
+        runner = as_runner(target)
+        if not isinstance(input, Mapping) or not isinstance(input.get("message"), str):
+            raise ValueError("a handoff conversation starts from {'message': str, 'context': {...}}")
+        conv_id = str(input.get("conversation_id") or await runner.memo(
+            f"{self.name}-conversation", lambda: uuid.uuid4().hex))
+        if isinstance(runner, DirectRunner) and not runner.conversation_id:
+            runner.conversation_id = conv_id
+        context: dict[str, Any] = dict(input.get("context") or {})
+        history: list[dict[str, Any]] = [{"role": "user", "content": input["message"]}]
+        handoffs: list[dict[str, Any]] = []
+        path = [self.entry]
+        steps: list[StepResult] = []
+        current = self.entry
+        for hop in range(self.max_handoffs + 1):
+            conversation = {"id": conv_id, "history": history, "context": context, "handoffs": handoffs}
+            res = await runner.step(f"turn-{hop + 1}-{current}", current,
+                                    {"message": input["message"], "conversation": conversation}, timeout=self.timeout)
+            steps.append(res)
+            out = res.output
+            if not isinstance(out, Mapping):
+                raise AgentError(f"{current} answered {type(out).__name__}, not an object")
+            if out.get("reply"):
+                history.append({"role": "agent", "agent": res.agent or current, "content": str(out["reply"])})
+            transfer = out.get("handoff")
+            if not isinstance(transfer, Mapping):
+                return PatternResult(output={**dict(out), "conversation_id": conv_id, "agent": current},
+                                     steps=steps, details={"path": path, "handoffs": handoffs, "context": context})
+            to = str(transfer.get("to", ""))
+            if self.allowed is not None and to not in self.allowed:
+                raise FailedPreconditionError(
+                    f"{current} tried to hand the conversation to {to!r}, which is not allowed")
+            if hop == self.max_handoffs:
+                break
+            context.update(dict(transfer.get("context") or {}))
+            record = {"from": current, "to": to, "reason": str(transfer.get("reason", ""))}
+            handoffs.append(record)
+            await runner.note(f"handoff-{hop + 1}", record)
+            path.append(to)
+            current = to
+        raise FailedPreconditionError(f"the conversation was handed over more than {self.max_handoffs} times "
+                                      f"({' → '.join(path)})")

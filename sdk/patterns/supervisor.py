@@ -1,0 +1,297 @@
+"""Hierarchical supervision: decompose a task, delegate each subtask by capability, review, retry or reassign,
+and escalate to a person when the rules say so.
+
+    supervisor = Supervisor(
+        decompose=lambda task: [Subtask("answer", "tier1-answer", {"question": task["question"]},
+                                        reassign_to=("tier2-answer", "supervisor-answer"))],
+        rules=EscalationRules(min_confidence=0.7, max_errors=2, tiers=("enterprise",)),
+    )
+    result = await supervisor.run(mesh, {"question": "...", "tier": "enterprise"})
+
+The escalation rules are the source design's (confidence < 0.7, a sensitive task, more than 2 errors, an
+enterprise customer), all configurable, plus any policy function. A person's approval accepts the subtask's
+result (or replaces it with their answer); a rejection marks the subtask rejected and the run REJECTED.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from hivemesh.mesh.errors import HivemeshError
+from hivemesh.mesh.pki import NAME_RE
+from hivemesh.sdk.escalation import OnDeadline
+from hivemesh.sdk.patterns.base import Caller, PatternResult, Runner, StepResult, as_runner, error_to_json
+
+
+@dataclass(frozen=True)
+class Subtask:
+    """One piece of the task, delegated to the capability that serves it.
+
+    Args:
+        id: stable name within the task ([a-z0-9._-]).
+        capability: who does it first.
+        input: its input.
+        reassign_to: capabilities to hand it to, in order, when the current one fails twice or its result is
+            not good enough (low confidence or not approved by the reviewer).
+        sensitive: always needs a person's approval (money, personal data, legal commitments).
+    """
+
+    id: str
+    capability: str
+    input: Any
+    reassign_to: tuple[str, ...] = ()
+    sensitive: bool = False
+
+    def __post_init__(self) -> None:
+        if not NAME_RE.fullmatch(self.id):
+            raise ValueError(f"subtask id {self.id!r} must match [a-z0-9][a-z0-9._-]{{0,62}}")
+        for cap in (self.capability, *self.reassign_to):
+            if not NAME_RE.fullmatch(cap):
+                raise ValueError(f"{cap!r} is not a capability name")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "capability": self.capability, "input": self.input,
+                "reassign_to": list(self.reassign_to), "sensitive": self.sensitive}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Subtask:
+        return cls(str(d["id"]), str(d["capability"]), d.get("input"), tuple(d.get("reassign_to") or ()),
+                   bool(d.get("sensitive", False)))
+
+
+@dataclass(frozen=True)
+class Review:
+    """A reviewer's verdict on one subtask result."""
+
+    approved: bool = True
+    confidence: float | None = None
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class EscalationRules:
+    """When a person must decide (each rule can be switched off).
+
+    Args:
+        min_confidence: escalate when the result's confidence is below this (None: never).
+        max_errors: escalate when a subtask failed more than this many times in total (None: never).
+        escalate_sensitive: escalate every sensitive subtask.
+        tiers: customer tiers that always get a person (read from the task's `tier_field`).
+        tier_field: where the tier is in the task input.
+        policy: any other rule: (task, subtask, result output, errors) → a reason to escalate, or None.
+        deadline_s / on_deadline / default_answer: what an unanswered escalation does.
+    """
+
+    min_confidence: float | None = 0.7
+    max_errors: int | None = 2
+    escalate_sensitive: bool = True
+    tiers: tuple[str, ...] = ("enterprise",)
+    tier_field: str = "tier"
+    policy: Callable[[Any, Subtask, Any, int], str | None] | None = None
+    deadline_s: float | None = 3600.0
+    on_deadline: OnDeadline = "reject"
+    default_answer: Any = None
+
+    def __post_init__(self) -> None:
+        if self.min_confidence is not None and not 0.0 <= self.min_confidence <= 1.0:
+            raise ValueError("min_confidence must be within 0..1")
+        if self.max_errors is not None and self.max_errors < 0:
+            raise ValueError("max_errors must be >= 0")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EscalationRules:
+        """Rules from a JSON document (e.g. a stored policy): the same field names, policy excluded."""
+        known = {"min_confidence", "max_errors", "escalate_sensitive", "tiers", "tier_field", "deadline_s",
+                 "on_deadline", "default_answer"}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown escalation rule fields: {', '.join(sorted(unknown))}")
+        values = dict(d)
+        if "tiers" in values:
+            values["tiers"] = tuple(values["tiers"])
+        return cls(**values)
+
+    def reason(self, task: Any, sub: Subtask, output: Any, confidence: float | None, errors: int) -> str | None:
+        """Why this result needs a person, or None (the first rule that fires, in a fixed order)."""
+        if self.max_errors is not None and errors > self.max_errors:
+            return f"{errors} errors on subtask {sub.id} (more than {self.max_errors})"
+        if self.escalate_sensitive and sub.sensitive:
+            return f"subtask {sub.id} is sensitive"
+        tier = task.get(self.tier_field) if isinstance(task, Mapping) else None
+        if tier is not None and str(tier) in self.tiers:
+            return f"customer tier {tier} always gets a person"
+        if self.min_confidence is not None and confidence is not None and confidence < self.min_confidence:
+            return f"confidence {confidence:.2f} is below {self.min_confidence:.2f}"
+        if self.policy is not None:
+            return self.policy(task, sub, output, errors)
+        return None
+
+
+def _confidence(output: Any) -> float | None:
+    if isinstance(output, Mapping) and isinstance(output.get("confidence"), int | float):
+        return float(output["confidence"])
+    return None
+
+
+@dataclass
+class SubtaskOutcome:
+    subtask: Subtask
+    output: Any = None
+    status: str = "COMPLETED"  # COMPLETED, REJECTED, FAILED
+    served_by: str = ""
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    errors: int = 0
+    confidence: float | None = None
+    escalation: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.subtask.id, "status": self.status, "output": self.output, "served_by": self.served_by,
+                "attempts": self.attempts, "errors": self.errors, "confidence": self.confidence,
+                "escalation": self.escalation}
+
+
+Decompose = Callable[[Any], Sequence[Subtask]]
+Reviewer = Callable[[Subtask, Any], Review]
+
+
+class Supervisor:
+    """Decompose → delegate → review → retry/reassign → escalate → combine.
+
+    Args:
+        decompose: task → subtasks (a local function; its result is memoized so a resumed run delegates the
+            same subtasks), or a capability name whose output is a list of subtask objects.
+        review: a local reviewer function, or a capability answering {"approved", "confidence", "notes"} for
+            {"subtask", "input", "output"}; default: accept, with the output's own `confidence` if it has one.
+        combine: (task, {subtask id: output}) → the run's output; default the mapping.
+        rules: when to escalate to a person.
+        attempts_per_assignee: tries on one capability before reassigning (errors and weak results count).
+    """
+
+    kind = "supervisor"
+
+    def __init__(
+        self,
+        decompose: Decompose | str,
+        *,
+        review: Reviewer | str | None = None,
+        combine: Callable[[Any, Mapping[str, Any]], Any] | None = None,
+        rules: EscalationRules | None = None,
+        attempts_per_assignee: int = 2,
+        timeout: float | None = 30.0,
+        name: str = "supervisor",
+    ) -> None:
+        if attempts_per_assignee < 1:
+            raise ValueError("attempts_per_assignee must be >= 1")
+        self.decompose = decompose
+        self.review = review
+        self.combine = combine
+        self.rules = rules or EscalationRules()
+        self.attempts_per_assignee = attempts_per_assignee
+        self.timeout = timeout
+        self.name = name
+
+    async def _subtasks(self, runner: Runner, task: Any, steps: list[StepResult]) -> list[Subtask]:
+        if isinstance(self.decompose, str):
+            res = await runner.step("decompose", self.decompose, task, timeout=self.timeout)
+            steps.append(res)
+            raw = res.output
+        else:
+            fn = self.decompose
+            raw = await runner.memo("decompose", lambda: [s.to_json() for s in fn(task)])
+        if not isinstance(raw, list) or not raw:
+            raise ValueError("decompose produced no subtasks")
+        subs = [Subtask.from_json(d) for d in raw]
+        if len({s.id for s in subs}) != len(subs):
+            raise ValueError("subtask ids must be unique")
+        return subs
+
+    async def _review(self, runner: Runner, sub: Subtask, output: Any, step_id: str,
+                      steps: list[StepResult]) -> Review:
+        if self.review is None:
+            return Review(True, _confidence(output))
+        if isinstance(self.review, str):
+            res = await runner.step(step_id, self.review, {"subtask": sub.id, "input": sub.input, "output": output},
+                                    timeout=self.timeout)
+            steps.append(res)
+            out = res.output if isinstance(res.output, Mapping) else {}
+            conf = out.get("confidence")
+            return Review(bool(out.get("approved", True)), float(conf) if isinstance(conf, int | float) else None,
+                          str(out.get("notes", "")))
+        return self.review(sub, output)
+
+    async def _delegate(self, runner: Runner, task: Any, sub: Subtask, steps: list[StepResult]) -> SubtaskOutcome:
+        outcome = SubtaskOutcome(sub)
+        assignees = (sub.capability, *sub.reassign_to)
+        best: tuple[Any, float | None, str] | None = None
+        accepted = False
+        for a_index, capability in enumerate(assignees):
+            for attempt in range(1, self.attempts_per_assignee + 1):
+                step_id = f"{sub.id}/{a_index + 1}-{capability}/try-{attempt}"
+                try:
+                    res = await runner.step(step_id, capability, sub.input, timeout=self.timeout)
+                except HivemeshError as err:  # an error: retry this assignee, then reassign
+                    outcome.errors += 1
+                    outcome.attempts.append({"capability": capability, "error": error_to_json(err)})
+                    continue
+                steps.append(res)
+                review = await self._review(runner, sub, res.output, f"{step_id}/review", steps)
+                conf = review.confidence if review.confidence is not None else _confidence(res.output)
+                outcome.attempts.append({"capability": capability, "approved": review.approved, "confidence": conf})
+                accepted = review.approved and (self.rules.min_confidence is None or conf is None
+                                                or conf >= self.rules.min_confidence)
+                if accepted or best is None or (review.approved and (conf or 0.0) > (best[1] or 0.0)):
+                    best = (res.output, conf, res.agent or capability)
+                break  # an answer: good enough, or weak (then the next assignee gets it)
+            if accepted:
+                break
+        if best is None:
+            outcome.status = "FAILED"
+        else:
+            outcome.output, outcome.confidence, outcome.served_by = best
+        reason = self.rules.reason(task, sub, outcome.output, outcome.confidence, outcome.errors)
+        if reason is None and best is not None and not accepted:
+            reason = f"no assignee's result for {sub.id} passed review"
+        if best is None and reason is None:
+            return outcome  # every assignee failed and no rule sends it to a person
+        if reason is not None:
+            info = await runner.escalate(
+                f"{sub.id}/human",
+                reason,
+                {"task": task, "subtask": sub.to_json(), "proposed": outcome.output, "confidence": outcome.confidence,
+                 "attempts": outcome.attempts},
+                deadline_s=self.rules.deadline_s, on_deadline=self.rules.on_deadline,
+                default_answer=self.rules.default_answer, labels={"subtask": sub.id[:63]},
+            )
+            outcome.escalation = {"id": info.id, "reason": reason, "status": info.status, "note": info.note,
+                                  "resolved_by": info.resolved_by}
+            if info.approved:
+                outcome.status = "COMPLETED"
+                if info.answer is not None:
+                    outcome.output = info.answer
+                    outcome.served_by = info.resolved_by
+            else:
+                outcome.status = "REJECTED"
+        return outcome
+
+    async def run(self, target: Runner | Caller, input: Any) -> PatternResult:
+        runner = as_runner(target)
+        steps: list[StepResult] = []
+        subs = await self._subtasks(runner, input, steps)
+        outcomes = [await self._delegate(runner, input, sub, steps) for sub in subs]
+        for o in outcomes:
+            await runner.note(f"subtask-{o.subtask.id}", o.to_json())
+        accepted = {o.subtask.id: o.output for o in outcomes if o.status == "COMPLETED"}
+        rejected = [o.subtask.id for o in outcomes if o.status == "REJECTED"]
+        failed = [o.subtask.id for o in outcomes if o.status == "FAILED"]
+        output = self.combine(input, accepted) if self.combine is not None else accepted
+        details = {"subtasks": [o.to_json() for o in outcomes], "rejected": rejected, "failed": failed,
+                   "escalations": [o.escalation for o in outcomes if o.escalation]}
+        if failed:
+            return PatternResult(output=output, state="FAILED", steps=steps, reason=f"failed: {', '.join(failed)}",
+                                 details=details)
+        if rejected:
+            return PatternResult(output=output, state="REJECTED", steps=steps,
+                                 reason=f"a person rejected: {', '.join(rejected)}", details=details)
+        return PatternResult(output=output, steps=steps, details=details)
