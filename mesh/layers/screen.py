@@ -41,6 +41,12 @@ class ScreenRule:
     pattern: re.Pattern[str]
     raw: bool = False
     """Match the text as sent (for invisible characters), not the normalized form."""
+    requires: tuple[tuple[str, ...], ...] | None = None
+    """A prefilter for ASCII text: lower-case literals, one of each group present in every possible match.
+    When a group has none in the text, the rule cannot match and its (costly) regex is skipped. None: always run.
+    Only sound for ASCII text, where IGNORECASE matching is exactly lower-case comparison."""
+    non_ascii_only: bool = False
+    """The pattern matches only non-ASCII characters, so ASCII text skips it."""
 
 
 _I = re.IGNORECASE | re.MULTILINE
@@ -48,18 +54,25 @@ DEFAULT_RULES: Final[tuple[ScreenRule, ...]] = (
     ScreenRule("ignore-instructions", re.compile(
         r"\b(ignore|disregard|forget|override|bypass)\b[^.\n]{0,40}?\b(all\s+|any\s+|the\s+)?(previous|prior|above|"
         r"earlier|preceding|system|original)\b[^.\n]{0,20}?\b(instructions?|prompts?|rules|directions|guidelines)\b",
-        _I)),
+        _I), requires=(("ignore", "disregard", "forget", "override", "bypass"),
+                        ("previous", "prior", "above", "earlier", "preceding", "system", "original"),
+                        ("instruction", "prompt", "rules", "direction", "guideline"))),
     ScreenRule("reveal-system-prompt", re.compile(
         r"\b(reveal|print|show|repeat|output|leak|disclose)\b[^.\n]{0,30}?\b(system|hidden|initial|secret)\s+"
-        r"(prompt|instructions|message)\b", _I)),
+        r"(prompt|instructions|message)\b", _I),
+        requires=(("reveal", "print", "show", "repeat", "output", "leak", "disclose"),
+                  ("system", "hidden", "initial", "secret"), ("prompt", "instructions", "message"))),
     ScreenRule("role-override", re.compile(
         r"\byou\s+are\s+now\s+(in\s+)?(developer|god|dan|jailbreak|unrestricted)\b|\bdeveloper\s+mode\s+"
-        r"(enabled|on)\b|\bjailbreak(ed)?\b|\bdo\s+anything\s+now\b", _I)),
+        r"(enabled|on)\b|\bjailbreak(ed)?\b|\bdo\s+anything\s+now\b", _I),
+        requires=(("developer", "god", "dan", "jailbreak", "unrestricted", "anything"),)),
     ScreenRule("chat-template", re.compile(
         r"<\|(im_start|im_end|system|endoftext|assistant|user)\|>|\[/?INST\]|<</?SYS>>|^\s*#{2,}\s*"
-        r"(system|new)\s+(prompt|instructions?)\b", _I)),
-    ScreenRule("new-instructions", re.compile(r"\b(new|updated|real)\s+instructions?\s*:", _I)),
-    ScreenRule("hidden-characters", re.compile("[\U000e0000-\U000e007f\u202a-\u202e\u2066-\u2069]"), raw=True),
+        r"(system|new)\s+(prompt|instructions?)\b", _I), requires=(("<|", "inst]", "sys>>", "##"),)),
+    ScreenRule("new-instructions", re.compile(r"\b(new|updated|real)\s+instructions?\s*:", _I),
+               requires=(("instruction",),)),
+    ScreenRule("hidden-characters", re.compile("[\U000e0000-\U000e007f\u202a-\u202e\u2066-\u2069]"), raw=True,
+               non_ascii_only=True),
 )
 _ZERO_WIDTH = re.compile("[\u200b-\u200f\u2060\ufeff\u00ad]")
 
@@ -96,6 +109,11 @@ class PatternScreen:
 
     def screen(self, capability: str, value: Any) -> Finding | None:
         for path, text in strings(value):
+            if text.isascii():
+                found = self._screen_ascii(path, text)
+                if found is not None:
+                    return found
+                continue
             norm: str | None = None
             for rule in self.rules:
                 if rule.raw:
@@ -106,6 +124,24 @@ class PatternScreen:
                     m = rule.pattern.search(norm)
                 if m:
                     return Finding(path, rule.name, m.group(0)[:80])
+        return None
+
+
+    def _screen_ascii(self, path: str, text: str) -> Finding | None:
+        """ASCII fast path: normalization is the identity, and each rule's literal prefilter on the lower-cased
+        text skips regexes that cannot match (a 64 KiB field: ~7 ms of regex scans down to well under 1 ms)."""
+        low: str | None = None
+        for rule in self.rules:
+            if rule.non_ascii_only:
+                continue
+            if rule.requires is not None:
+                if low is None:
+                    low = text.lower()
+                if not all(any(word in low for word in group) for group in rule.requires):
+                    continue
+            m = rule.pattern.search(text)
+            if m:
+                return Finding(path, rule.name, m.group(0)[:80])
         return None
 
 
