@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError
 from hivemesh.mesh.pki import controlplane_id
 from hivemesh.mesh.tokens import JWKS_KEY
+from hivemesh.mesh.trustdoc import Signer, sign_jwks
 
 log = logging.getLogger(__name__)
 
@@ -211,9 +212,10 @@ class SigningKeys:
     def jwks_json(self) -> str:
         return json.dumps(self.jwks(), sort_keys=True, separators=(",", ":"))
 
-    async def publish(self, etcd: Any) -> None:
-        """Write the JWKS to etcd (`/hivemesh/trust/jwks`), where every sidecar watches it."""
-        await etcd.put(JWKS_KEY, self.jwks_json().encode("utf-8"))
+    async def publish(self, etcd: Any, signers: list[Signer]) -> None:
+        """Write the JWKS to etcd (`/hivemesh/trust/jwks`), where every sidecar watches it, signed by the root
+        CA keys given: nodes adopt only a key set a root they trust signed (`hivemesh.mesh.trustdoc`)."""
+        await etcd.put(JWKS_KEY, sign_jwks(self.jwks_json(), time.time_ns(), signers))
 
 
 def _load_schedule(keys_dir: Path) -> dict[str, float]:

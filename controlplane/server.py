@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from hivemesh.controlplane import joins
 from hivemesh.controlplane.ca import CaFiles, CertificateAuthority, ensure_controlplane_cert, load_ca
+from hivemesh.controlplane.ca_rotation import CaRotation
 from hivemesh.controlplane.grants import GrantSet, load_grants, put_grants
 from hivemesh.controlplane.issuer import MAX_TTL_S, SigningKeys, TokenIssuer
 from hivemesh.mesh.errors import (
@@ -345,7 +346,7 @@ class ControlPlaneServer:
         self.etcd = etcd_client(cfg.etcd_endpoints)
         try:
             await wait_connected(self.etcd)
-            await keys.publish(self.etcd)
+            await keys.publish(self.etcd, CaRotation(cfg.certs_dir).signers(ca))  # signed by the roots
             await self.etcd.put(CA_KEY, ca.bundle_pem())
             if grants is not None:
                 count = await put_grants(self.etcd, grants, replace=True)

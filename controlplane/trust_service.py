@@ -267,9 +267,14 @@ class TrustFeature:
 
     async def publish_jwks(self) -> None:
         async with self._lock:
-            text = self.core.issuer.keys.jwks_json()
-            await self.core.etcd.put(b"/hivemesh/trust/jwks", text.encode())
-            self._published = text
+            await self._publish_jwks()
+
+    async def _publish_jwks(self) -> None:
+        """Publish the key set signed by every root key held (caller holds the lock)."""
+        keys = self.core.issuer.keys
+        text = keys.jwks_json()
+        await keys.publish(self.core.etcd, self.rotation.signers(self.core.ca))
+        self._published = text
 
     async def _loop(self) -> None:
         while True:
@@ -289,6 +294,9 @@ class TrustFeature:
             files = self.rotation.files
             self.core.server_cert = (files.controlplane_cert.read_bytes(), files.controlplane_key.read_bytes())
             await self.rotation.publish(self.core.etcd, ca)
+            # Re-sign the key set with this step's roots: once the old root is dropped, nodes (and any that
+            # start later) accept only a key set the new root signed.
+            await self._publish_jwks()
 
 
 class RevocationGuard(grpc.aio.ServerInterceptor):

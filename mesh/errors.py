@@ -131,6 +131,14 @@ class DelegationDeniedError(PermissionDeniedError):
     default_message = "the delegation would widen the scopes of the token it derives from, or is too deep"
 
 
+class CallHandleInvalidError(PermissionDeniedError):
+    reason = "CALL_HANDLE_INVALID"
+    default_message = (
+        "the call handle (x-hivemesh-call-handle) is unknown or expired: it is valid only while the inbound call "
+        "the sidecar gave it with is in flight"
+    )
+
+
 # --- the request itself ---------------------------------------------------------------------------------------
 class InvalidInputError(HivemeshError):
     code = grpc.StatusCode.INVALID_ARGUMENT

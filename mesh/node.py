@@ -32,7 +32,7 @@ from hivemesh.mesh.status import StatusPublisher, status_key
 from hivemesh.mesh.tls import Workload, join, load_workload_files
 from hivemesh.mesh.token_source import TokenSource
 from hivemesh.mesh.tokens import KeySet, RevocationList, TokenVerifier
-from hivemesh.mesh.trustdoc import TRUST_BUNDLE_KEY, fingerprint, issued_by, verify_trust_doc
+from hivemesh.mesh.trustdoc import TRUST_BUNDLE_KEY, fingerprint, issued_by, verify_jwks, verify_trust_doc
 from hivemesh.mesh.watch import PrefixCache
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,10 @@ class MeshNode:
         self.renewals = 0
         self.registry = RegistryView(settings.etcd)
         self.keyset = KeySet()
+        self._jwks_issued_at_ns = 0
+        self._jwks_refused = False
+        self.jwks_rejections = 0
+        """Key sets from etcd refused (unsigned, signed by an untrusted root, or older than the one held)."""
         self._trust: PrefixCache[bytes] | None = None
         self._cp: ControlPlaneClient | None = None
         self._tokens: TokenSource | None = None
@@ -130,8 +134,11 @@ class MeshNode:
                 await self._revocation_watch.start(timeout=timeout)
                 self._trust = PrefixCache(s.etcd, JWKS_KEY, on_change=self._on_trust_change)
                 await self._trust.start(timeout=timeout)
-                if not await self._trust.wait_for(lambda snap: JWKS_KEY in snap, timeout):
-                    raise HivemeshError("no token keys published in etcd: is the control plane running?")
+                if not await self._trust.wait_for(lambda snap: bool(self.keyset.kids), timeout):
+                    raise HivemeshError(
+                        "no signed token keys published in etcd: is the control plane running? (see the log for "
+                        "a key set refused)"
+                    )
         except BaseException:
             await self.stop()
             raise
@@ -222,14 +229,24 @@ class MeshNode:
 
     # --- background ----------------------------------------------------------------------------------------
     def _on_trust_change(self) -> None:
+        """Adopt a new key set only if a root this node trusts signed it, and never an older one than held:
+        etcd write access alone must not let anyone add a token key (or roll back to a stale set)."""
         assert self._trust is not None
-        jwks = self._trust.snapshot().get(JWKS_KEY)
-        if jwks is None:
+        raw = self._trust.snapshot().get(JWKS_KEY)
+        if raw is None or self._workload is None:
             return  # keep the last keys: a deleted key set must not lock the mesh out (keys expire by rotation)
         try:
-            self.keyset.update_from_jwks(jwks.decode())
+            signed = verify_jwks(raw, self._workload.bundle_pem)
+            if signed.issued_at_ns < self._jwks_issued_at_ns:
+                raise ValueError("it is older than the key set in use (a replay?)")
+            self.keyset.update_from_jwks(signed.jwks_json)
         except ValueError as exc:
-            log.error("ignoring an invalid key set published in etcd: %s", exc)
+            self.jwks_rejections += 1
+            self._jwks_refused = True
+            log.error("ignoring the key set published in etcd, keeping the last good one: %s", exc)
+            return
+        self._jwks_issued_at_ns = signed.issued_at_ns
+        self._jwks_refused = False
 
     def _on_bundle_change(self) -> None:
         """A new signed trust bundle (CA rotation step): trust it for new handshakes, and renew if asked."""
@@ -248,6 +265,8 @@ class MeshNode:
         if doc.bundle_pem != self._workload.bundle_pem:
             self._use_workload(dataclasses.replace(self._workload, bundle_pem=doc.bundle_pem), same_cert=True)
             log.info("now trusting the CA bundle of generation %d", doc.generation)
+            if self._jwks_refused and self._trust is not None:
+                self._on_trust_change()  # a key set signed by a root only this bundle trusts (watch order)
         if doc.renew:
             signer = next((c for c in load_certs(doc.bundle_pem) if fingerprint(c) == doc.signing_root), None)
             if signer is not None and not issued_by(self._workload.cert_pem, signer):

@@ -5,6 +5,11 @@
 Inbound, it terminates mutual TLS, runs the same inbound chain as the SDK's in-process server, and forwards
 the caller's bytes unchanged to the agent. Outbound, it serves the `Mesh` service on a loopback port so the
 agent can call capabilities by name, through the same outbound pipeline as the SDK's MeshClient.
+
+Delegation: each inbound call reaches the agent with `x-hivemesh-call-handle`, an unguessable value valid only
+while that call is in flight and mapped here to the caller's verified token. The agent never sees the token;
+when it calls `Mesh.Call` with the handle in its metadata, the sidecar acts for the caller's principal (RFC 8693
+exchange, as `ctx.call_capability(..., on_behalf=True)` does in the SDK).
 """
 
 from __future__ import annotations
@@ -12,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import signal
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +30,7 @@ from hivemesh.mesh.audit import AuditLog, open_node_audit
 from hivemesh.mesh.authz import AUTHZ
 from hivemesh.mesh.errors import (
     AgentUnavailableError,
+    CallHandleInvalidError,
     HivemeshError,
     InvalidInputError,
     abort,
@@ -36,6 +43,8 @@ from hivemesh.mesh.node import MeshNode
 from hivemesh.mesh.registry import Registration, default_instance_id, drain_after_deregistration
 from hivemesh.mesh.server import ManagedServer
 from hivemesh.mesh.settings import MeshSettings
+from hivemesh.mesh.token_source import on_behalf_of
+from hivemesh.mesh.tokens import bearer_from_metadata
 from hivemesh.v1 import agent_pb2, agent_pb2_grpc, mesh_pb2
 
 log = logging.getLogger(__name__)
@@ -43,9 +52,11 @@ log = logging.getLogger(__name__)
 MESH_SERVICE = "hivemesh.v1.Mesh"
 _HOP_FIELD_TAG = bytes([(15 << 3) | 2])  # field 15 (hops), wire type 2 (length-delimited)
 _CALLER_KEY = "x-hivemesh-caller"
-# The token is the mesh's business: never leak it to the agent. The caller header is the sidecar's to set: a
-# caller's own copy would let it claim any identity to an agent that reads the first value.
-_DROP_METADATA = frozenset({"authorization", _CALLER_KEY})
+CALL_HANDLE_KEY = "x-hivemesh-call-handle"
+"""Metadata naming the inbound call an agent's `Mesh.Call` acts for (delegation on behalf of its caller)."""
+# The token is the mesh's business: never leak it to the agent. The caller and handle headers are the sidecar's
+# to set: a caller's own copy would let it claim any identity to an agent that reads the first value.
+_DROP_METADATA = frozenset({"authorization", _CALLER_KEY, CALL_HANDLE_KEY})
 
 
 def _varint(n: int) -> bytes:
@@ -103,13 +114,17 @@ class SidecarConfig:
             raise ValueError("lease_ttl_s must be at least 2 seconds")
 
 
-def _forward_metadata(context: grpc.aio.ServicerContext[Any, Any]) -> list[tuple[str, str | bytes]]:
+def _forward_metadata(
+    context: grpc.aio.ServicerContext[Any, Any], handle: str | None = None
+) -> list[tuple[str, str | bytes]]:
     md: list[tuple[str, str | bytes]] = [
         (k, v) for k, v in context.invocation_metadata() or () if k not in _DROP_METADATA and not k.startswith("grpc-")
     ]
     inbound = current_inbound.get()
     if inbound is not None and inbound.peer is not None:
         md.append((_CALLER_KEY, str(inbound.peer.spiffe_id)))
+    if handle is not None:
+        md.append((CALL_HANDLE_KEY, handle))
     return md
 
 
@@ -142,6 +157,8 @@ class Sidecar:
         self._mesh: ManagedServer | None = None
         self._registration: Registration | None = None
         self._hop_bytes = b""
+        self._handles: dict[str, str] = {}
+        """Call handle → the verified token of the inbound call it names, while that call is in flight."""
         self.audit: AuditLog | None = None
         self.port = 0
         self.mesh_port = 0
@@ -267,6 +284,36 @@ class Sidecar:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    # --- delegation handles ----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _call_handle(self) -> Iterator[str | None]:
+        """A fresh handle for the inbound call being forwarded (None when it carries no token), forgotten as
+        soon as the call ends, so a leaked handle is worthless afterwards."""
+        inbound = current_inbound.get()
+        if inbound is None or inbound.claims is None:
+            yield None
+            return
+        token = bearer_from_metadata(inbound.metadata)  # the token layer verified it for this very call
+        handle = secrets.token_urlsafe(32)
+        self._handles[handle] = token
+        try:
+            yield handle
+        finally:
+            del self._handles[handle]
+
+    def _subject_token(self, context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+        """The token an agent's outbound call acts for (its call handle's), None without a handle."""
+        handles = [v for k, v in context.invocation_metadata() or () if k == CALL_HANDLE_KEY]
+        if not handles:
+            return None
+        if len(handles) > 1:
+            raise CallHandleInvalidError(f"more than one {CALL_HANDLE_KEY} was sent; send the one of the call "
+                                         "to act for")
+        token = self._handles.get(handles[0]) if isinstance(handles[0], str) else None
+        if token is None:
+            raise CallHandleInvalidError()
+        return token
+
     # --- inbound: mesh → agent, bytes unchanged -------------------------------------------------------------
     def _agent_handler(self) -> grpc.GenericRpcHandler:
         assert self._agent_channel is not None
@@ -282,28 +329,32 @@ class Sidecar:
             return self.card.SerializeToString()
 
         async def forward(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-            try:
-                raw: bytes = await invoke(
-                    request, timeout=context.time_remaining(), metadata=_forward_metadata(context)
-                )
-            except grpc.aio.AioRpcError as exc:
-                await _relay_error(context, exc, agent)
+            with self._call_handle() as handle:
+                try:
+                    raw: bytes = await invoke(
+                        request, timeout=context.time_remaining(), metadata=_forward_metadata(context, handle)
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    await _relay_error(context, exc, agent)
             return raw + self._hop_bytes
 
         async def forward_stream(
             request: bytes, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[bytes]:
-            call = invoke_stream(request, timeout=context.time_remaining(), metadata=_forward_metadata(context))
-            try:
-                async for chunk in call:
-                    # Only the final chunk carries hops; appending to it keeps every other chunk untouched.
-                    if agent_pb2.InvokeChunk.FromString(chunk).final:
-                        chunk += self._hop_bytes
-                    yield chunk
-            except grpc.aio.AioRpcError as exc:
-                await _relay_error(context, exc, agent)
-            finally:
-                call.cancel()
+            with self._call_handle() as handle:
+                call = invoke_stream(
+                    request, timeout=context.time_remaining(), metadata=_forward_metadata(context, handle)
+                )
+                try:
+                    async for chunk in call:
+                        # Only the final chunk carries hops; appending to it keeps every other chunk untouched.
+                        if agent_pb2.InvokeChunk.FromString(chunk).final:
+                            chunk += self._hop_bytes
+                        yield chunk
+                except grpc.aio.AioRpcError as exc:
+                    await _relay_error(context, exc, agent)
+                finally:
+                    call.cancel()
 
         return grpc.method_handlers_generic_handler(
             AGENT_SERVICE,
@@ -326,9 +377,13 @@ class Sidecar:
             assert self.node is not None
             try:
                 req = decoded(request)  # handed on, so policies needing a field do not decode it again
-                raw, _ = await self.node.outbound.invoke(
-                    request, capability=req.capability, timeout=context.time_remaining(), request=req
-                )
+                reset = on_behalf_of.set(self._subject_token(context))  # None: the sidecar's own token
+                try:
+                    raw, _ = await self.node.outbound.invoke(
+                        request, capability=req.capability, timeout=context.time_remaining(), request=req
+                    )
+                finally:
+                    on_behalf_of.reset(reset)
             except HivemeshError as err:
                 await abort(context, err)
             return raw
@@ -336,8 +391,10 @@ class Sidecar:
         async def call_stream(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
             assert self.node is not None
             try:
+                capability = decoded(request).capability
+                on_behalf_of.set(self._subject_token(context))  # this RPC's own task context; None: own token
                 async for raw, _ in self.node.outbound.invoke_stream(
-                    request, capability=decoded(request).capability, timeout=context.time_remaining()
+                    request, capability=capability, timeout=context.time_remaining()
                 ):
                     yield raw
             except HivemeshError as err:
@@ -395,4 +452,4 @@ async def run_sidecar(config: SidecarConfig, settings: MeshSettings | None = Non
             await sidecar.stop()
 
 
-__all__ = ["Sidecar", "SidecarConfig", "hop_suffix", "run_sidecar"]
+__all__ = ["CALL_HANDLE_KEY", "Sidecar", "SidecarConfig", "hop_suffix", "run_sidecar"]

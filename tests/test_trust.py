@@ -183,6 +183,99 @@ async def test_on_behalf_call_carries_the_chain_to_the_agent_and_the_audit_log(
     assert rec["principal"] == f"{TD}/client/user" and rec["caller"] == f"{TD}/agent/relay"
 
 
+class PlainRelay(PlainAgent):
+    """A plain gRPC agent (no hivemesh code) that serves `relay` by calling `whoami` through its sidecar's
+    loopback Mesh service with the call handle the sidecar gave it: on behalf of its caller."""
+
+    def __init__(self) -> None:
+        super().__init__("plainrelay")
+        self.mesh_endpoint = ""
+        self.handles: list[str] = []
+
+    def card(self) -> Any:
+        from hivemesh.v1 import agent_pb2
+
+        card = super().card()
+        card.capabilities.append(agent_pb2.Capability(name="relay", description="whoami on behalf of the caller",
+                                                      input_modes=["application/json"],
+                                                      output_modes=["application/json"]))
+        return card
+
+    async def Invoke(self, request: Any, context: Any) -> Any:
+        import grpc
+
+        from hivemesh.mesh.sidecar import CALL_HANDLE_KEY
+        from hivemesh.v1 import agent_pb2
+
+        if request.capability != "relay":
+            return await super().Invoke(request, context)
+        handle = next(str(v) for k, v in self._record(context) if k == CALL_HANDLE_KEY)
+        self.handles.append(handle)
+        async with grpc.aio.insecure_channel(self.mesh_endpoint) as ch:
+            call = ch.unary_unary("/hivemesh.v1.Mesh/Call",
+                                  request_serializer=agent_pb2.InvokeRequest.SerializeToString,
+                                  response_deserializer=agent_pb2.InvokeResponse.FromString)
+            try:
+                out = await call(agent_pb2.InvokeRequest(capability="whoami", input=request.input,
+                                                         content_type="application/json"),
+                                 timeout=context.time_remaining(), metadata=[(CALL_HANDLE_KEY, handle)])
+            except grpc.aio.AioRpcError as exc:
+                await context.abort(exc.code(), exc.details() or "", tuple(exc.trailing_metadata() or ()))
+        return agent_pb2.InvokeResponse(output=out.output, content_type=out.content_type,
+                                        state=agent_pb2.TASK_STATE_COMPLETED)
+
+
+async def test_a_plain_agent_behind_a_sidecar_calls_on_behalf_of_its_caller_with_the_call_handle(
+    env: MeshEnv, tmp_path: Path
+) -> None:
+    import grpc
+
+    from hivemesh.mesh.errors import CallHandleInvalidError, from_rpc_error
+    from hivemesh.mesh.sidecar import CALL_HANDLE_KEY
+    from hivemesh.v1 import agent_pb2
+
+    relay = PlainRelay()
+    async with AgentServer(WhoAmI(), await env.settings_for("whoami"), audit_dir=tmp_path / "a") as who, relay:
+        async with Sidecar(SidecarConfig(agent=relay.endpoint, audit_dir=str(tmp_path / "b")),
+                           await env.settings_for("plainrelay")) as sidecar:
+            relay.mesh_endpoint = sidecar.mesh_endpoint
+            async with MeshClient.connect(name="user", settings=await env.settings_for("user", "client")) as mesh:
+                for cap in ("relay", "whoami"):
+                    assert await mesh.node.registry.wait_for_capability(cap, 1, timeout=10)
+                out = await mesh.call("relay", {"text": "hi"}, timeout=10)
+            assert out == {"caller": f"{TD}/agent/plainrelay", "principal": f"{TD}/client/user",
+                           "chain": [f"{TD}/client/user", f"{TD}/agent/plainrelay"]}
+            assert relay.handles and not sidecar._handles  # the handle died with the inbound call
+            async with grpc.aio.insecure_channel(sidecar.mesh_endpoint) as ch:
+                call = ch.unary_unary("/hivemesh.v1.Mesh/Call",
+                                      request_serializer=agent_pb2.InvokeRequest.SerializeToString,
+                                      response_deserializer=agent_pb2.InvokeResponse.FromString)
+                req = agent_pb2.InvokeRequest(capability="whoami", input=b'{"text":"x"}',
+                                              content_type="application/json")
+                own = json.loads((await call(req, timeout=10)).output)  # no handle: the sidecar's own identity
+                assert own["chain"] == [f"{TD}/agent/plainrelay"]
+                for handle in (relay.handles[0], "not-a-handle"):  # expired, unknown
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        await call(req, timeout=10, metadata=[(CALL_HANDLE_KEY, handle)])
+                    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                    err = from_rpc_error(info.value)
+                    assert isinstance(err, CallHandleInvalidError) and "in flight" in err.message
+                stream = ch.unary_stream("/hivemesh.v1.Mesh/CallStream",
+                                         request_serializer=agent_pb2.InvokeRequest.SerializeToString)
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    async for _ in stream(req, timeout=10, metadata=[(CALL_HANDLE_KEY, "not-a-handle")]):
+                        pass
+                assert isinstance(from_rpc_error(info.value), CallHandleInvalidError)
+        assert who.audit is not None and who.audit.shipper is not None
+        assert await who.audit.shipper.wait_shipped(timeout=10)
+    resp = await env.operator.call(env.operator.audit.Query, audit_pb2.AuditQueryRequest(
+        agent=f"{TD}/agent/whoami", limit=10))
+    records = [json.loads(e)["record"] for e in resp.entries]
+    delegated = [r for r in records if r.get("chain") == [f"{TD}/client/user", f"{TD}/agent/plainrelay"]]
+    assert len(delegated) == 1, records
+    assert delegated[0]["principal"] == f"{TD}/client/user" and delegated[0]["caller"] == f"{TD}/agent/plainrelay"
+
+
 # --- revocation ------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 async def test_revocation_takes_effect_on_every_node_within_a_second(
@@ -343,6 +436,91 @@ async def test_cached_keys_work_while_etcd_is_down_and_an_unknown_kid_fails_clos
     finally:
         own_etcd.start()
         await stop_mesh_env(env)
+
+
+async def _wait_until(cond: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+async def test_a_forged_key_set_written_to_etcd_is_refused_and_the_last_good_one_kept(
+    env: MeshEnv, etcd: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An attacker with etcd write access publishes a key set holding their own key: nodes keep the last key
+    set a trusted root signed, so the attacker's tokens are refused and real ones keep working."""
+    import datetime
+
+    import grpc
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from hivemesh.controlplane.issuer import SigningKeys, TokenIssuer
+    from hivemesh.mesh.errors import from_rpc_error
+    from hivemesh.mesh.tls import secure_channel
+    from hivemesh.mesh.tokens import JWKS_KEY
+    from hivemesh.mesh.trustdoc import sign_jwks
+    from tests.test_security_e2e import INVOKE, invoke_request
+
+    forged_keys = SigningKeys.load_or_create(tmp_path / "attacker")
+    forged_kid = forged_keys.active.kid
+    real = json.loads((await etcd.get(JWKS_KEY)).value)
+    forged_jwks = json.dumps({"keys": real["keys"] + json.loads(forged_keys.jwks_json())["keys"]})
+    # The attacker's own "root", self-signed: its signature must count for nothing.
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "attacker root")])
+    now = datetime.datetime.now(datetime.UTC)
+    root = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(root_key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(root_key, hashes.SHA256()))
+    forgeries = [
+        forged_jwks.encode(),  # unsigned
+        sign_jwks(forged_jwks, time.time_ns() + 10**12, [(root, root_key)]),  # signed by a root nobody trusts
+        # the real signature, with the forged key added after signing
+        json.dumps({**real, "keys": json.loads(forged_jwks)["keys"]}).encode(),
+    ]
+    async with AgentServer(EchoAgent(), await env.settings_for("echo"), audit_dir=tmp_path / "a") as server:
+        node = server.node
+        good_kids = set(node.keyset.kids)
+        resp = await env.operator.create_join_token("loader", "client", 120)
+        w = await join(env.controlplane.join_address, env.certs.ca_cert.read_bytes(), resp.token, "loader",
+                       "client", trust_domain=TRUST_DOMAIN)
+        async with ControlPlaneClient(env.controlplane.address, w, TRUST_DOMAIN) as cp:
+            good = (await cp.issue_token(node.workload.spiffe_id, ["echo"])).token
+            bad = TokenIssuer(forged_keys, TRUST_DOMAIN).issue(
+                w.spiffe_id, node.workload.spiffe_id, ["echo"], cnf_thumbprint=w.thumbprint
+            ).token
+            assert jwt.get_unverified_header(bad)["kid"] == forged_kid
+            async with secure_channel(server.endpoint, w.channel_credentials(),
+                                      server_name=node.workload.identity.dns_name) as ch:
+                call = ch.unary_unary(INVOKE)
+                for i, forged in enumerate(forgeries, start=1):
+                    with caplog.at_level("ERROR", logger="hivemesh.mesh.node"):
+                        await etcd.put(JWKS_KEY, forged)
+                        assert await _wait_until(lambda i=i: node.jwks_rejections >= i, 10), i  # type: ignore[misc]
+                    assert set(node.keyset.kids) == good_kids  # the last good key set is kept
+                    await call(invoke_request("echo", {"text": "x"}), timeout=5,
+                               metadata=[("authorization", f"Bearer {good}")])
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        await call(invoke_request("echo", {"text": "x"}), timeout=5,
+                                   metadata=[("authorization", f"Bearer {bad}")])
+                    err = from_rpc_error(info.value)
+                    assert isinstance(err, TokenInvalidError) and "unknown key" in err.message
+                assert "keeping the last good one" in caplog.text and "not signed" in caplog.text
+                # A rotation by the control plane is signed, so it is adopted again past the forgeries.
+                rotated = await env.operator.call(env.operator.trust.RotateSigningKey,
+                                                  trust_pb2.RotateSigningKeyRequest(activate_after_seconds=1))
+                new_kids = {k.kid for k in rotated.keys}
+                assert await _wait_until(lambda: set(node.keyset.kids) == new_kids, 10)
+                assert forged_kid not in node.keyset.kids and good_kids < new_kids
+                await call(invoke_request("echo", {"text": "x"}), timeout=5,
+                           metadata=[("authorization", f"Bearer {good}")])
 
 
 async def test_trust_cli_commands(env: MeshEnv) -> None:
