@@ -17,7 +17,8 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -28,6 +29,9 @@ from hivemesh.mesh.registry import CapabilityInfo
 from hivemesh.mesh.settings import MeshSettings
 from hivemesh.mesh.token_source import on_behalf_of
 from hivemesh.v1 import agent_pb2, mesh_pb2
+
+if TYPE_CHECKING:
+    from hivemesh.mesh.audit import AuditLog
 
 JSON = "application/json"
 
@@ -80,6 +84,11 @@ class MeshClient:
         self._node = node
         self._owns_node = False
         self.default_timeout = default_timeout
+        self._audit_enabled = False
+        self._audit_dir: Path | str | None = None
+        self.audit: AuditLog | None = None
+        """The client's own audit log (only for a client that owns its node; an agent's client shares the
+        agent's audit)."""
 
     @classmethod
     def connect(
@@ -89,13 +98,20 @@ class MeshClient:
         kind: str = "client",
         settings: MeshSettings | None = None,
         default_timeout: float | None = 30.0,
+        audit: bool = True,
+        audit_dir: Path | str | None = None,
         **overrides: Any,
     ) -> MeshClient:
         """A client that joins the mesh on `start()` (or `async with`), with settings resolved as documented
-        in `MeshSettings.resolve` (arguments, HIVEMESH_* variables, then the `hivemesh up` state file)."""
+        in `MeshSettings.resolve` (arguments, HIVEMESH_* variables, then the `hivemesh up` state file).
+
+        With `audit` (the default), refusals this client decides itself on the way out are recorded in a spool
+        under `audit_dir` (default `<HIVEMESH_HOME>/audit`) and shipped to the control plane."""
         node = MeshNode(settings or MeshSettings.resolve(**overrides), name=name, kind=kind)
         client = cls(node, default_timeout=default_timeout)
         client._owns_node = True
+        client._audit_enabled = audit
+        client._audit_dir = audit_dir
         return client
 
     @property
@@ -104,6 +120,16 @@ class MeshClient:
 
     async def start(self) -> None:
         await self._node.start()
+        if self._owns_node and self._audit_enabled:
+            from hivemesh.mesh.audit import open_node_audit
+
+            # A proxyless caller decides on its own side (circuit open, no grant, rate limited by policy):
+            # those decisions are audited like a sidecar's, in a spool shipped to the control plane.
+            self.audit = open_node_audit(
+                self._node, spiffe_id=self._node.workload.spiffe_id, instance=self._node.instance_id,
+                directory=self._audit_dir,
+            )
+            self._node.outbound.observer = self.audit.outbound
 
     @contextlib.contextmanager
     def on_behalf_of(self, subject_token: str) -> Iterator[None]:
@@ -116,6 +142,10 @@ class MeshClient:
             on_behalf_of.reset(reset)
 
     async def close(self) -> None:
+        if self.audit is not None:
+            audit, self.audit = self.audit, None
+            self._node.outbound.observer = None
+            await audit.close()  # ships what it can (bounded); the rest stays in the spool for next time
         if self._owns_node:
             await self._node.stop()
 

@@ -179,3 +179,32 @@ async def _refused_on_the_way_out(mesh_env: MeshEnv, tmp_path: Path) -> None:
     assert outbound[0]["caller"] == "spiffe://hivemesh.local/agent/caller"
     inbound = [r for r in records if r.get("kind") == "inbound"]
     assert [r["decision"] for r in inbound] == ["error", "error"], inbound  # both relay-boom calls failed
+
+
+async def test_a_proxyless_client_records_the_calls_it_refuses_itself(
+    etcd: Any, etcd_server: Any, tmp_path: Path
+) -> None:
+    """A MeshClient runs the outbound layers in-process, as a sidecar would: its own refusals (here an open
+    circuit) are audited in its own spool, which it ships to the control plane."""
+    grants = {"grants": [{"name": "all", "subjects": ["spiffe://hivemesh.local/*"], "capabilities": ["*"]}]}
+    mesh_env = await start_mesh_env(tmp_path, etcd_server.endpoint, grants)
+    try:
+        await apply_policies_text(mesh_env.etcd, yaml.safe_dump({"kind": "breakers", "name": "boom", "spec": {
+            "capabilities": ["boom"], "capability": {"consecutive_failures": 1, "open_ms": 60_000}}}))
+        async with AgentServer(EchoAgent(), await mesh_env.settings_for("echo"), audit_dir=tmp_path / "a"):
+            client = MeshClient.connect(name="tester", settings=await mesh_env.settings_for("tester", "client"),
+                                        audit_dir=tmp_path / "client")
+            async with client as mesh:
+                assert await mesh.node.registry.wait_for_capability("boom", 1, timeout=10)
+                for _ in range(2):
+                    with pytest.raises(HivemeshError):
+                        await mesh.call("boom", {"text": "x"}, timeout=10)
+                assert mesh.audit is not None
+                records = [json.loads(x) for x in mesh.audit.spool.lines()]
+    finally:
+        await stop_mesh_env(mesh_env)
+    outbound = [r for r in records if r.get("kind") == "outbound"]
+    assert [(r["capability"], r["decision"], r["reason"]) for r in outbound] == [
+        ("boom", "circuit_open", "CIRCUIT_OPEN")
+    ]
+    assert outbound[0]["caller"] == "spiffe://hivemesh.local/client/tester"
