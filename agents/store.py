@@ -24,6 +24,7 @@ import math
 import os
 import sqlite3
 import threading
+import time
 from contextlib import closing
 from pathlib import Path
 from typing import Any, Literal, TypedDict
@@ -219,9 +220,21 @@ class StorageAgent(Agent):
             if self._schema_ready:
                 return
             self.db_path.parent.mkdir(parents=True, exist_ok=True)
-            with closing(self._connect()) as conn:
-                conn.execute("PRAGMA journal_mode = WAL")  # replicas on one file: readers never block the writer
-                conn.executescript(_SCHEMA)
+            # Replicas sharing one file start together. Switching to WAL needs the file to itself and SQLite
+            # answers "database is locked" at once (no busy wait) while another replica does the same, so
+            # retry for a bounded time; a file already in WAL mode skips the switch.
+            deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+            while True:
+                try:
+                    with closing(self._connect()) as conn:
+                        if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                            conn.execute("PRAGMA journal_mode = WAL")  # readers never block the writer
+                        conn.executescript(_SCHEMA)
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.02)
             self._schema_ready = True
 
     def _store(
