@@ -26,8 +26,7 @@ from typing import Any
 
 import grpc
 
-from hivemesh.mesh.audit import AuditLog, open_node_audit
-from hivemesh.mesh.authz import AUTHZ
+from hivemesh.mesh.audit import AuditLog
 from hivemesh.mesh.errors import (
     AgentUnavailableError,
     CallHandleInvalidError,
@@ -35,7 +34,8 @@ from hivemesh.mesh.errors import (
     InvalidInputError,
     abort,
 )
-from hivemesh.mesh.inbound import AGENT_SERVICE, DecisionObserver, MeshInboundInterceptor, build_inbound_chain
+from hivemesh.mesh.front import open_front_door
+from hivemesh.mesh.inbound import AGENT_SERVICE, DecisionObserver
 from hivemesh.mesh.layers import current_inbound
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN
@@ -200,32 +200,20 @@ class Sidecar:
                 self.settings, name=name, kind="agent", verify_inbound=True, instance_id=self.instance_id
             )
             await self.node.start()
-            policies = self.node.policies
-            chain = build_inbound_chain(
-                trust_domain=self.settings.trust_domain,
-                verifier=self.node.verifier(),
+            front = open_front_door(
+                self.node,
                 capabilities=self.card.capabilities,
                 agent_name=name,
+                instance_id=self.instance_id,
                 max_input_bytes=cfg.max_input_bytes,
-                traffic=self.node.traffic,
-                instances=self.node.live_instances_of,
-                authz=lambda: policies.get(AUTHZ),
                 limits=dict(cfg.limits),
                 screen=DEFAULT_SCREEN if cfg.content_screen else None,
                 screen_exempt=cfg.screen_exempt,
+                audit=cfg.audit,
+                audit_dir=cfg.audit_dir,
+                observers=self.observers,
             )
-            if cfg.audit:
-                self.audit = open_node_audit(
-                    self.node, spiffe_id=self.node.workload.spiffe_id, instance=self.instance_id,
-                    directory=cfg.audit_dir,
-                )
-            observers: list[DecisionObserver] = [*self.observers, *([self.audit] if self.audit is not None else [])]
-            if self.audit is not None:
-                self.node.outbound.observer = self.audit.outbound  # refusals decided here, e.g. circuit open
-            inbound = ManagedServer(
-                services=[AGENT_SERVICE],
-                interceptors=[MeshInboundInterceptor(chain, observers=observers)],
-            )
+            self.audit, inbound = front.audit, front.server
             inbound.add_generic(self._agent_handler())
             self.port = inbound.add_secure_port(cfg.listen, self.node.server_credentials())
             self._hop_bytes = hop_suffix(

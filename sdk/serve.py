@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hivemesh.mesh.audit import AuditLog, open_node_audit
-from hivemesh.mesh.authz import AUTHZ
-from hivemesh.mesh.inbound import AGENT_SERVICE, DecisionObserver, MeshInboundInterceptor, build_inbound_chain
+from hivemesh.mesh.audit import AuditLog
+from hivemesh.mesh.front import open_front_door
+from hivemesh.mesh.inbound import DecisionObserver
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN, ContentScreen
 from hivemesh.mesh.node import MeshNode
@@ -93,32 +93,20 @@ class AgentServer:
         await self.node.start()
         try:
             card = self.agent.card()
-            policies = self.node.policies
-            chain = build_inbound_chain(
-                trust_domain=self.settings.trust_domain,
-                verifier=self.node.verifier(),
+            front = open_front_door(
+                self.node,
                 capabilities=card.capabilities,
                 agent_name=self.agent.name,
+                instance_id=self.instance_id,
                 max_input_bytes=self.max_input_bytes,
-                traffic=self.node.traffic,
-                instances=self.node.live_instances_of,
-                authz=lambda: policies.get(AUTHZ),
                 limits={n: s.max_input_bytes for n, s in self.agent.capabilities.items() if s.max_input_bytes},
                 screen=self.content_screen,
                 screen_exempt=self.screen_exempt,
+                audit=self.audit_enabled,
+                audit_dir=self.audit_dir,
+                observers=self.observers,
             )
-            if self.audit_enabled:
-                self.audit = open_node_audit(
-                    self.node, spiffe_id=self.node.workload.spiffe_id, instance=self.instance_id,
-                    directory=self.audit_dir,
-                )
-            observers: list[DecisionObserver] = [*self.observers, *([self.audit] if self.audit is not None else [])]
-            if self.audit is not None:
-                self.node.outbound.observer = self.audit.outbound  # refusals decided here, e.g. circuit open
-            server = ManagedServer(
-                services=[AGENT_SERVICE],
-                interceptors=[MeshInboundInterceptor(chain, observers=observers)],
-            )
+            self.audit, server = front.audit, front.server
             self.port = server.add_secure_port(f"{self.host}:{self.requested_port}", self.node.server_credentials())
             hop = agent_pb2.Hop(
                 kind="agent", identity=self.node.workload.spiffe_id, instance=self.instance_id, endpoint=self.endpoint

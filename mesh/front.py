@@ -1,0 +1,71 @@
+"""The mesh's front door for one agent, built the same way for both packagings.
+
+The sidecar (a raw-bytes forwarder behind it) and the SDK's in-process server (the agent's own servicer
+behind it) differ only in what serves the calls; the inbound chain, the audit log and the server around them
+come from here, so the two packagings cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from hivemesh.mesh.audit import AuditLog, open_node_audit
+from hivemesh.mesh.authz import AUTHZ
+from hivemesh.mesh.inbound import AGENT_SERVICE, DecisionObserver, MeshInboundInterceptor, build_inbound_chain
+from hivemesh.mesh.layers.screen import ContentScreen
+from hivemesh.mesh.node import MeshNode
+from hivemesh.mesh.server import ManagedServer
+from hivemesh.v1 import agent_pb2
+
+
+@dataclass
+class FrontDoor:
+    """A started node's inbound server (not yet listening) and its audit log, if on."""
+
+    server: ManagedServer
+    audit: AuditLog | None
+
+
+def open_front_door(
+    node: MeshNode,
+    *,
+    capabilities: Iterable[agent_pb2.Capability],
+    agent_name: str,
+    instance_id: str,
+    max_input_bytes: int,
+    limits: Mapping[str, int],
+    screen: ContentScreen | None,
+    screen_exempt: Sequence[str],
+    audit: bool,
+    audit_dir: Path | str | None,
+    observers: Sequence[DecisionObserver] = (),
+) -> FrontDoor:
+    """The inbound chain for node's agent, its audit log (on by default), and the server that runs them."""
+    policies = node.policies
+    chain = build_inbound_chain(
+        trust_domain=node.settings.trust_domain,
+        verifier=node.verifier(),
+        capabilities=capabilities,
+        agent_name=agent_name,
+        max_input_bytes=max_input_bytes,
+        traffic=node.traffic,
+        instances=node.live_instances_of,
+        authz=lambda: policies.get(AUTHZ),
+        limits=dict(limits),
+        screen=screen,
+        screen_exempt=screen_exempt,
+    )
+    log = (
+        open_node_audit(node, spiffe_id=node.workload.spiffe_id, instance=instance_id, directory=audit_dir)
+        if audit
+        else None
+    )
+    if log is not None:
+        node.outbound.observer = log.outbound  # refusals decided on the way out, e.g. circuit open
+    server = ManagedServer(
+        services=[AGENT_SERVICE],
+        interceptors=[MeshInboundInterceptor(chain, observers=[*observers, *([log] if log is not None else [])])],
+    )
+    return FrontDoor(server=server, audit=log)
