@@ -208,6 +208,45 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
                 log.exception("decision observer %r failed", observe)
         return unrecorded
 
+    async def _enter(
+        self,
+        method: str,
+        request: Any,
+        context: grpc.aio.ServicerContext[Any, Any],
+        deserialize: Callable[[bytes], Any] | None,
+        started: float,
+    ) -> tuple[Inbound, Any, Done | None]:
+        """Run the chain and admission for one call; a refusal is observed, then aborts the RPC (raises)."""
+        call = _new_call(method, context)
+        done: Done | None = None
+        try:
+            _admit(self._chain, call, request)
+            inner_request = _handler_request(call, request, deserialize)
+            if self._chain.admission is not None:
+                done = await self._chain.admission.enter(call, context.time_remaining())
+        except HivemeshError as err:
+            if self._observers:
+                self._notify(call, err, err.code, started)
+            await abort(context, err)
+        current_inbound.set(call)
+        return call, inner_request, done
+
+    async def _leave(
+        self,
+        call: Inbound,
+        context: grpc.aio.ServicerContext[Any, Any],
+        failure: BaseException | None,
+        done: Done | None,
+        started: float,
+    ) -> None:
+        """Release the admission slot and record the outcome; an unrecordable success is never released."""
+        if done is not None:
+            done(failure is not None)
+        if self._observers:
+            unrecorded = self._notify(call, None, _final_code(context, failure), started)
+            if unrecorded is not None and failure is None:
+                await abort(context, unrecorded)
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
@@ -218,8 +257,6 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not path.startswith(_AGENT_PREFIX):
             return handler
         method = path[len(_AGENT_PREFIX):]
-        chain = self._chain
-        admission = chain.admission
         observed = bool(self._observers)
         deserialize = handler.request_deserializer  # applied by the wrappers below, after the chain
         if handler.unary_unary is not None:
@@ -227,18 +264,7 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 started = time.perf_counter()
-                call = _new_call(method, context)
-                done: Done | None = None
-                try:
-                    _admit(chain, call, request)
-                    inner_request = _handler_request(call, request, deserialize)
-                    if admission is not None:
-                        done = await admission.enter(call, context.time_remaining())
-                except HivemeshError as err:
-                    if observed:
-                        self._notify(call, err, err.code, started)
-                    await abort(context, err)
-                current_inbound.set(call)
+                call, inner_request, done = await self._enter(method, request, context, deserialize, started)
                 if not observed and done is None:
                     return await inner_unary(inner_request, context)
                 failure: BaseException | None = None
@@ -248,12 +274,7 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
                     failure = exc
                     raise
                 finally:
-                    if done is not None:
-                        done(failure is not None)
-                    if observed:
-                        unrecorded = self._notify(call, None, _final_code(context, failure), started)
-                        if unrecorded is not None and failure is None:
-                            await abort(context, unrecorded)  # the response is never released unaudited
+                    await self._leave(call, context, failure, done, started)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -265,18 +286,7 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
                 started = time.perf_counter()
-                call = _new_call(method, context)
-                done: Done | None = None
-                try:
-                    _admit(chain, call, request)
-                    inner_request = _handler_request(call, request, deserialize)
-                    if admission is not None:
-                        done = await admission.enter(call, context.time_remaining())
-                except HivemeshError as err:
-                    if observed:
-                        self._notify(call, err, err.code, started)
-                    await abort(context, err)
-                current_inbound.set(call)
+                call, inner_request, done = await self._enter(method, request, context, deserialize, started)
                 failure: BaseException | None = None
                 try:
                     async for item in inner_stream(inner_request, context):
@@ -285,12 +295,7 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
                     failure = exc
                     raise
                 finally:
-                    if done is not None:
-                        done(failure is not None)
-                    if observed:
-                        unrecorded = self._notify(call, None, _final_code(context, failure), started)
-                        if unrecorded is not None and failure is None:
-                            await abort(context, unrecorded)  # the final status is never OK unaudited
+                    await self._leave(call, context, failure, done, started)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,
