@@ -402,6 +402,36 @@ class OutboundPipeline:
             attempt += 1
             reuse = True
 
+    async def invoke_on(
+        self,
+        raw_request: bytes,
+        instance: mesh_pb2.AgentInstance,
+        *,
+        capability: str,
+        timeout: float | None,
+        metadata: Metadata = (),
+    ) -> bytes:
+        """Send to one given instance (a fan-out to every instance): no routing, retries or failover, but the
+        same certificate check, delegation, token refresh and audit of local refusals as `invoke`."""
+        for resend in (False, True):
+            try:
+                md = await self._prepare(instance, capability, metadata)
+            except HivemeshError as local:
+                if self.observer is not None:
+                    self.observer(capability, local)
+                raise
+            endpoint = self.channels.get(instance.endpoint, instance.identity)
+            try:
+                raw: bytes = await endpoint.invoke(raw_request, timeout=timeout, metadata=md)
+                return raw
+            except grpc.aio.AioRpcError as exc:
+                remote = from_rpc_error(exc)
+                if remote.reason in _TOKEN_REFUSALS and not resend:
+                    self.tokens.invalidate(instance.identity)  # expired or rotated: once more, fresh token
+                    continue
+                raise remote from None
+        raise AssertionError("unreachable")
+
     def _affinity(self, call: _Call) -> str | None:
         """The idempotency key of a call to a non-idempotent capability (None otherwise)."""
         live = self.router.live(call.capability)

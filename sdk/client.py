@@ -20,9 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import grpc
-
-from hivemesh.mesh.errors import AgentError, HivemeshError, from_rpc_error
+from hivemesh.mesh.errors import AgentError, HivemeshError
 from hivemesh.mesh.node import MeshNode
 from hivemesh.mesh.outbound import encode_request
 from hivemesh.mesh.registry import CapabilityInfo
@@ -198,17 +196,12 @@ class MeshClient:
         idempotency_key: str | None = None,
     ) -> CallResult:
         """Call capability on one given instance (fan-out to every instance of a capability), no failover."""
-        out = self._node.outbound
-        token = await out.tokens.get(instance.identity, capability)
-        endpoint = out.channels.get(instance.endpoint, instance.identity)
-        try:
-            raw = await endpoint.invoke(
-                self._request(capability, payload, context, idempotency_key),
-                timeout=timeout if timeout is not None else self.default_timeout,
-                metadata=[("authorization", f"Bearer {token}")],
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
+        raw = await self._node.outbound.invoke_on(
+            self._request(capability, payload, context, idempotency_key),
+            instance,
+            capability=capability,
+            timeout=timeout if timeout is not None else self.default_timeout,
+        )
         return _result(raw, instance)
 
     def instances(self, capability: str) -> tuple[mesh_pb2.AgentInstance, ...]:

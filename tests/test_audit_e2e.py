@@ -208,3 +208,31 @@ async def test_a_proxyless_client_records_the_calls_it_refuses_itself(
         ("boom", "circuit_open", "CIRCUIT_OPEN")
     ]
     assert outbound[0]["caller"] == "spiffe://hivemesh.local/client/tester"
+
+
+async def test_a_call_to_one_given_instance_goes_through_the_same_outbound_checks(
+    etcd: Any, etcd_server: Any, tmp_path: Path
+) -> None:
+    """`call_on` (fan-out to every instance) is no side door: a capability the caller is not granted is
+    refused locally and audited, exactly as through `call`."""
+    grants = {"grants": [{"name": "echo-only", "subjects": ["spiffe://hivemesh.local/client/*"],
+                          "capabilities": ["echo"]}]}
+    mesh_env = await start_mesh_env(tmp_path, etcd_server.endpoint, grants)
+    try:
+        async with AgentServer(EchoAgent(), await mesh_env.settings_for("echo"), audit_dir=tmp_path / "a"):
+            client = MeshClient.connect(name="tester", settings=await mesh_env.settings_for("tester", "client"),
+                                        audit_dir=tmp_path / "client")
+            async with client as mesh:
+                assert await mesh.node.registry.wait_for_capability("echo", 1, timeout=10)
+                (instance,) = mesh.instances("echo")
+                ok = await mesh.call_on(instance, "echo", {"text": "hi"}, timeout=10)
+                assert ok.output["text"] == "hi"
+                with pytest.raises(HivemeshError) as refused:
+                    await mesh.call_on(instance, "boom", {"text": "x"}, timeout=10)
+                assert refused.value.reason == "GRANT_DENIED"
+                assert mesh.audit is not None
+                records = [json.loads(x) for x in mesh.audit.spool.lines()]
+    finally:
+        await stop_mesh_env(mesh_env)
+    outbound = [(r["capability"], r["reason"]) for r in records if r.get("kind") == "outbound"]
+    assert outbound == [("boom", "GRANT_DENIED")]
