@@ -96,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         import asyncio
         import logging
 
+        from hivemesh.mesh.handshake_audit import reexec_with_tracer
+
+        reexec_with_tracer()  # before gRPC starts: audit the TLS handshakes it refuses
+
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         asyncio.run(_serve_many(names, "127.0.0.1"))
         return 0
@@ -113,7 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--instance-id", default=None, help="registry instance id (default: generated)")
     parsed = parser.parse_args(args)
 
+    from hivemesh.mesh.handshake_audit import reexec_with_tracer
     from hivemesh.sdk import MeshSettings, run
+
+    reexec_with_tracer()  # before gRPC starts: audit the TLS handshakes it refuses
 
     try:
         settings = MeshSettings.resolve()

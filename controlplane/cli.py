@@ -252,6 +252,7 @@ def sidecar(agent: str, listen: str, mesh_listen: str, name: str | None, lease_t
 
     The mesh location and the one-time join token come from HIVEMESH_* variables (or the `up` state file).
     """
+    from hivemesh.mesh.handshake_audit import reexec_with_tracer
     from hivemesh.mesh.sidecar import SidecarConfig, run_sidecar
 
     per_cap: list[tuple[str, int]] = []
@@ -260,6 +261,8 @@ def sidecar(agent: str, listen: str, mesh_listen: str, name: str | None, lease_t
         if not sep or not cap or not size.isdigit() or int(size) <= 0:
             raise click.BadParameter(f"{item!r}: expected CAPABILITY=BYTES", param_hint="--limit")
         per_cap.append((cap, int(size)))
+    # Before anything of gRPC's starts: audit the TLS handshakes it refuses (needs its handshaker tracer).
+    reexec_with_tracer()
     config = SidecarConfig(agent=agent, listen=listen, mesh_listen=mesh_listen, name=name,
                            lease_ttl_s=lease_ttl, max_input_bytes=max_input_bytes, limits=tuple(per_cap),
                            content_screen=not no_content_screen, screen_exempt=screen_exempt, audit_dir=audit_dir)

@@ -24,6 +24,7 @@ from hivemesh.controlplane.ca import CaFiles, init_ca
 from hivemesh.controlplane.client import ControlPlaneClient
 from hivemesh.controlplane.procs import Supervisor
 from hivemesh.mesh.etcd import EtcdServer
+from hivemesh.mesh.handshake_audit import child_environment
 from hivemesh.mesh.registry import RegistryView
 from hivemesh.mesh.settings import STATE_FILE, MeshSettings
 
@@ -158,7 +159,8 @@ class MeshUp:
     def _env(self, token: str) -> dict[str, str]:
         assert self.settings is not None
         s = self.settings
-        return {
+        # The handshaker tracer on from the start, so each front door audits the TLS handshakes it refuses.
+        return child_environment({
             "HIVEMESH_HOME": str(self.opts.home),
             "HIVEMESH_ETCD": s.etcd,
             "HIVEMESH_CONTROLPLANE": s.controlplane,
@@ -166,7 +168,7 @@ class MeshUp:
             "HIVEMESH_CA": str(s.ca_bundle),
             "HIVEMESH_TRUST_DOMAIN": s.trust_domain,
             "HIVEMESH_JOIN_TOKEN": token,
-        }
+        }, inherit=os.environ)
 
     async def _join_token(self, name: str, kind: str = "agent") -> str:
         assert self.operator is not None

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from hivemesh.mesh.audit import AuditLog, open_node_audit
 from hivemesh.mesh.authz import AUTHZ
+from hivemesh.mesh.handshake_audit import HandshakeAudit
 from hivemesh.mesh.inbound import AGENT_SERVICE, DecisionObserver, MeshInboundInterceptor, build_inbound_chain
 from hivemesh.mesh.layers.screen import ContentScreen
 from hivemesh.mesh.node import MeshNode
@@ -26,6 +27,21 @@ class FrontDoor:
 
     server: ManagedServer
     audit: AuditLog | None
+    handshakes: HandshakeAudit | None = None
+    """Audits the TLS handshakes the server refuses (set by `start`, when the audit log is on)."""
+
+    async def start(self, host: str, port: int) -> None:
+        """Start serving on the port already added, and auditing the handshakes refused there."""
+        await self.server.start()
+        if self.audit is not None:
+            self.handshakes = HandshakeAudit(self.audit, host, port)
+            await self.handshakes.start()
+
+    async def stop(self, grace: float) -> None:
+        await self.server.stop(grace)
+        if self.handshakes is not None:
+            await self.handshakes.close()
+            self.handshakes = None
 
 
 def open_front_door(

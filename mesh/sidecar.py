@@ -34,7 +34,8 @@ from hivemesh.mesh.errors import (
     InvalidInputError,
     abort,
 )
-from hivemesh.mesh.front import open_front_door
+from hivemesh.mesh.front import FrontDoor, open_front_door
+from hivemesh.mesh.handshake_audit import start_tee
 from hivemesh.mesh.inbound import AGENT_SERVICE, DecisionObserver
 from hivemesh.mesh.layers import current_inbound
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
@@ -153,7 +154,7 @@ class Sidecar:
         self.node: MeshNode | None = None
         self.card: agent_pb2.AgentCard | None = None
         self._agent_channel: grpc.aio.Channel | None = None
-        self._inbound: ManagedServer | None = None
+        self._inbound: FrontDoor | None = None
         self._mesh: ManagedServer | None = None
         self._registration: Registration | None = None
         self._hop_bytes = b""
@@ -199,6 +200,7 @@ class Sidecar:
             self.node = MeshNode(
                 self.settings, name=name, kind="agent", verify_inbound=True, instance_id=self.instance_id
             )
+            await asyncio.to_thread(start_tee)  # before the first handshake: see hivemesh.mesh.handshake_audit
             await self.node.start()
             front = open_front_door(
                 self.node,
@@ -225,8 +227,8 @@ class Sidecar:
             mesh = ManagedServer(services=[MESH_SERVICE])
             mesh.add_generic(self._mesh_handler())
             self.mesh_port = mesh.add_insecure_port(cfg.mesh_listen)
-            await inbound.start()
-            self._inbound = inbound
+            self._inbound = front
+            await front.start(cfg.listen.rpartition(":")[0], self.port)
             await mesh.start()
             self._mesh = mesh
             instance = mesh_pb2.AgentInstance(

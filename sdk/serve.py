@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from hivemesh.mesh.audit import AuditLog
-from hivemesh.mesh.front import open_front_door
+from hivemesh.mesh.front import FrontDoor, open_front_door
+from hivemesh.mesh.handshake_audit import start_tee
 from hivemesh.mesh.inbound import DecisionObserver
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN, ContentScreen
 from hivemesh.mesh.node import MeshNode
 from hivemesh.mesh.registry import Registration, default_instance_id, drain_after_deregistration
-from hivemesh.mesh.server import ManagedServer
 from hivemesh.mesh.settings import MeshSettings
 from hivemesh.sdk.agent import Agent
 from hivemesh.sdk.budget import TokenBudgets
@@ -81,7 +81,7 @@ class AgentServer:
             self.settings, name=agent.name, kind="agent", verify_inbound=True, instance_id=self.instance_id
         )
         self.mesh = MeshClient(self.node)
-        self._server: ManagedServer | None = None
+        self._server: FrontDoor | None = None
         self._registration: Registration | None = None
         self.port = 0
 
@@ -90,6 +90,7 @@ class AgentServer:
         return f"{self.host}:{self.port}"
 
     async def start(self) -> None:
+        await asyncio.to_thread(start_tee)  # before the first handshake: see hivemesh.mesh.handshake_audit
         await self.node.start()
         try:
             card = self.agent.card()
@@ -114,8 +115,8 @@ class AgentServer:
             servicer = AgentServicer(self.agent, hop=hop, mesh=self.mesh, dedupe=self.dedupe,
                                      budgets=self.budgets or _policy_budgets(self.node))
             agent_pb2_grpc.add_AgentServicer_to_server(servicer, server.server)
-            await server.start()
-            self._server = server
+            self._server = front
+            await front.start(self.host, self.port)
             instance = mesh_pb2.AgentInstance(
                 card=card,
                 instance_id=self.instance_id,

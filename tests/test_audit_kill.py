@@ -4,11 +4,9 @@ sidecar had not shipped yet reach the control plane when a new sidecar picks its
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -21,37 +19,7 @@ from hivemesh.sdk import MeshClient
 from hivemesh.v1 import agent_pb2, audit_pb2
 from tests.meshenv import MeshEnv
 from tests.plain_agent import PlainAgent
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-async def _start_sidecar(env: MeshEnv, agent: str, home: Path, log: Path) -> asyncio.subprocess.Process:
-    join = await env.operator.create_join_token("plain", "agent", 120)
-    s = env.base_settings()
-    child_env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEMESH_")}
-    child_env.update(
-        HIVEMESH_HOME=str(home), HIVEMESH_ETCD=s.etcd, HIVEMESH_CONTROLPLANE=s.controlplane, HIVEMESH_JOIN=s.join,
-        HIVEMESH_CA=str(s.ca_bundle), HIVEMESH_TRUST_DOMAIN=s.trust_domain, HIVEMESH_JOIN_TOKEN=join.token,
-    )
-    log_file = log.open("ab")  # the child keeps its own copy of the descriptor
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "hivemesh.controlplane.cli", "sidecar", "--agent", agent, "--lease-ttl", "2",
-            cwd=REPO, env=child_env, stdout=asyncio.subprocess.PIPE, stderr=log_file, start_new_session=True,
-        )
-    finally:
-        log_file.close()
-    assert proc.stdout is not None
-    line = await asyncio.wait_for(proc.stdout.readline(), 30)
-    assert line.startswith(b"sidecar ready"), f"sidecar said {line!r} (log {log})"
-    return proc
-
-
-async def _stop(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-    await asyncio.wait_for(proc.wait(), 10)
+from tests.spawn import start_sidecar, stop
 
 
 @pytest.mark.slow
@@ -61,7 +29,8 @@ async def test_sigkilled_sidecar_loses_no_audit_record(mesh_env: MeshEnv, tmp_pa
     procs: list[asyncio.subprocess.Process] = []
     async with plain:
         try:
-            procs.append(await _start_sidecar(mesh_env, plain.endpoint, home, tmp_path / "sidecar1.log"))
+            proc, _ = await start_sidecar(mesh_env, plain.endpoint, home, tmp_path / "sidecar1.log", "--lease-ttl", "2")
+            procs.append(proc)
             answered: list[str] = []
             failed = 0
             settings = await mesh_env.settings_for("loader", "client")
@@ -102,7 +71,8 @@ async def test_sigkilled_sidecar_loses_no_audit_record(mesh_env: MeshEnv, tmp_pa
             assert not missing, f"{len(missing)} answered calls have no audit record"
 
             # A new sidecar for the same agent picks the spool up and ships what the dead one had not.
-            procs.append(await _start_sidecar(mesh_env, plain.endpoint, home, tmp_path / "sidecar2.log"))
+            proc, _ = await start_sidecar(mesh_env, plain.endpoint, home, tmp_path / "sidecar2.log", "--lease-ttl", "2")
+            procs.append(proc)
             deadline = time.monotonic() + 30
             while True:
                 state = await mesh_env.operator.call(
@@ -117,4 +87,4 @@ async def test_sigkilled_sidecar_loses_no_audit_record(mesh_env: MeshEnv, tmp_pa
             assert verified.ok, verified.problem
         finally:
             for p in procs:
-                await _stop(p)
+                await stop(p, kill=True)

@@ -1,0 +1,240 @@
+"""An audit record for every TLS handshake a front door refuses, like every other decision it makes.
+
+gRPC refuses these connections in its C core, before any mesh code runs (`hivemesh.mesh.handshake_log`
+explains where they are seen). For one listening port, `HandshakeAudit`:
+- takes the failures the stderr tee reports for that port (`hivemesh.mesh.stderr_tee`);
+- writes one record each to the node's audit spool: kind `handshake`, status UNAVAILABLE (what the client
+  sees), a reason such as TLS_CERT_UNTRUSTED or TLS_CERT_EXPIRED, the client's address, and the TLS library's
+  words in `message`;
+- coalesces a flood: per client host and reason, the first refusal in a window is written at once and the
+  rest of that window as one record with `count` = how many. Every refusal is counted, none is dropped, and a
+  handshake flood cannot turn into one disk write per connection;
+- proves it is live: it connects to its own port once and waits to see that probe's failure come back. If it
+  does not (the tracer is off, the log format changed, fd 2 was taken over), it says so loudly instead of
+  auditing nothing in silence.
+
+gRPC reads GRPC_TRACE once, when it starts, so the tracer must be on in the environment a process starts
+with: `hivemesh up` sets it for its children, and `hivemesh sidecar` and `python -m hivemesh.agents.run`
+restart themselves with it (`reexec_with_tracer`). A program embedding an SDK agent sets it itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+from hivemesh.mesh.errors import AuditUnavailableError
+from hivemesh.mesh.handshake_log import HandshakeFailure, classify, describe, tracer_requested, with_tracer
+from hivemesh.mesh.stderr_tee import StderrTee
+
+log = logging.getLogger(__name__)
+
+OPT_OUT_ENV: Final = "HIVEMESH_AUDIT_HANDSHAKES"
+"""Set to 0 to run without the handshaker tracer and the stderr tee (handshake refusals then go unaudited)."""
+_REEXEC_ENV: Final = "HIVEMESH_TRACER_REEXEC"
+STATUS: Final = "UNAVAILABLE"
+"""What a client refused in the handshake sees."""
+_MAX_KEYS: Final = 4096
+
+
+class _Recorder(Protocol):
+    def record(self, fields: dict[str, Any]) -> int: ...
+
+
+def opted_out(environ: Mapping[str, str] | None = None) -> bool:
+    env = os.environ if environ is None else environ
+    return env.get(OPT_OUT_ENV, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def tracing() -> bool:
+    """Whether this process asked gRPC for its handshaker tracer (and did not opt out)."""
+    return not opted_out() and tracer_requested(os.environ.get("GRPC_TRACE"))
+
+
+def start_tee() -> None:
+    """Route stderr through the tee now, if the tracer is on, so the tracer's lines never reach the log.
+
+    Call before this process makes its first gRPC connection (joining the mesh is one)."""
+    if tracing():
+        StderrTee.shared()
+
+
+def reexec_with_tracer() -> None:
+    """Restart this process with the same command line and the handshaker tracer on, unless it is on already;
+    then start the stderr tee.
+
+    Call it first thing in a main, before any gRPC channel or server exists: gRPC reads GRPC_TRACE once at
+    start-up. It only starts the tee when the tracer is on, and does nothing when the operator opted out or
+    when this process is already the restarted one."""
+    if opted_out():
+        return
+    if not tracer_requested(os.environ.get("GRPC_TRACE")) and not os.environ.get(_REEXEC_ENV):
+        env = {**os.environ, "GRPC_TRACE": with_tracer(os.environ.get("GRPC_TRACE")), _REEXEC_ENV: "1"}
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    start_tee()
+
+
+def child_environment(env: Mapping[str, str], *, inherit: Mapping[str, str]) -> dict[str, str]:
+    """env, plus the handshaker tracer, for a mesh process about to start with inherit + env as its
+    environment (unless that opts out)."""
+    merged = {**inherit, **env}
+    if opted_out(merged):
+        return dict(env)
+    return {**env, "GRPC_TRACE": with_tracer(merged.get("GRPC_TRACE"))}
+
+
+@dataclass
+class _Window:
+    start: float
+    peer: str
+    error: str
+    count: int = 0
+    """Refusals after the first one in this window, not yet written."""
+
+
+class HandshakeAudit:
+    """Audits the handshakes refused on one listening port (see the module docstring)."""
+
+    def __init__(
+        self,
+        audit: _Recorder,
+        host: str,
+        port: int,
+        *,
+        window_s: float = 1.0,
+        probe_timeout_s: float = 15.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.audit = audit
+        self.host = host
+        self.port = port
+        self.window_s = window_s
+        self.probe_timeout_s = probe_timeout_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._windows: dict[tuple[str, str], _Window] = {}
+        self._probe_port = -1
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stop_listening: Callable[[], None] | None = None
+        self.active = asyncio.Event()
+        """Set once the probe came back: refusals on this port are being audited."""
+        self.problem = ""
+        """Why refusals are not being audited, when they are not."""
+        self.recorded = 0
+        """Refusals accounted for in records so far (the sum of their counts)."""
+
+    async def start(self) -> None:
+        """Begin listening for this port's failures and probe once; returns without waiting for the probe."""
+        self._loop = asyncio.get_running_loop()
+        if opted_out():
+            self.problem = f"turned off ({OPT_OUT_ENV}=0)"
+            log.warning("TLS handshake refusals on port %d are not audited: %s", self.port, self.problem)
+            return
+        if not tracer_requested(os.environ.get("GRPC_TRACE")):
+            self.problem = ("gRPC's handshaker tracer is off: start this process with GRPC_TRACE=handshaker "
+                            "(hivemesh up, hivemesh sidecar and python -m hivemesh.agents.run do)")
+            log.warning("TLS handshake refusals on port %d are not audited: %s", self.port, self.problem)
+            return
+        tee = await asyncio.to_thread(StderrTee.shared)
+        if not tee.running:
+            self.problem = tee.error
+            log.warning("TLS handshake refusals on port %d are not audited: %s", self.port, self.problem)
+            return
+        self._stop_listening = tee.listen(self.on_failure)
+        self._tasks = [asyncio.create_task(self._probe()), asyncio.create_task(self._flush_loop())]
+
+    async def close(self) -> None:
+        if self._stop_listening is not None:
+            self._stop_listening()
+            self._stop_listening = None
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        self.flush(force=True)
+
+    async def _probe(self) -> None:
+        """Connect and hang up without a handshake: the tee must report exactly that connection."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1", "": "127.0.0.1"}.get(self.host, self.host)
+        try:
+            _, writer = await asyncio.open_connection(host.strip("[]"), self.port)
+        except OSError as exc:
+            self.problem = f"cannot connect to port {self.port} to probe it: {exc}"
+            log.warning("TLS handshake audit on port %d: %s", self.port, self.problem)
+            return
+        self._probe_port = int(writer.get_extra_info("sockname")[1])
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        try:
+            await asyncio.wait_for(self.active.wait(), self.probe_timeout_s)
+        except TimeoutError:
+            self.problem = (f"the probe connection's refusal was not seen within {self.probe_timeout_s:.0f} s "
+                            "(is GRPC_TRACE=handshaker set from the start, and fd 2 left alone?)")
+            log.warning("TLS handshake refusals on port %d are not audited: %s", self.port, self.problem)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.window_s / 2)
+            self.flush()
+
+    def on_failure(self, failure: HandshakeFailure) -> None:
+        """One failure from the tee (any port; runs on the tee's thread)."""
+        if failure.local_port != self.port:
+            return
+        if failure.peer_port == self._probe_port and not self.active.is_set():
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self.active.set)
+            return
+        reason, _ = classify(failure.error)
+        now = self._clock()
+        with self._lock:
+            key = (failure.peer_host, reason) if len(self._windows) < _MAX_KEYS else ("*", reason)
+            window = self._windows.get(key)
+            if window is not None and now - window.start < self.window_s:
+                window.count += 1
+                window.peer, window.error = failure.peer, failure.error
+                return
+            self._windows[key] = _Window(start=now, peer=failure.peer, error=failure.error)
+            if window is not None and window.count:
+                self._write(window.peer, window.error, window.count)
+            self._write(failure.peer, failure.error, 1)
+
+    def flush(self, *, force: bool = False) -> None:
+        """Write the coalesced records of windows that have ended (all of them, with force)."""
+        now = self._clock()
+        with self._lock:
+            for key, window in list(self._windows.items()):
+                if force or now - window.start >= self.window_s:
+                    del self._windows[key]
+                    if window.count:
+                        self._write(window.peer, window.error, window.count)
+
+    def _write(self, peer: str, error: str, count: int) -> None:
+        reason, decision = classify(error)
+        fields = {
+            "kind": "handshake", "method": "", "capability": "", "decision": decision, "status": STATUS,
+            "reason": reason, "message": describe(error), "caller": "",
+            "remote": peer, "listener": f"{self.host}:{self.port}", "latency_us": 0, "trace_id": "",
+            "count": count,
+        }
+        try:
+            self.audit.record(fields)
+        except AuditUnavailableError as exc:
+            log.error("cannot record a TLS handshake refusal from %s: %s", peer, exc.message)
+            return
+        self.recorded += count

@@ -1,0 +1,213 @@
+"""Read TLS handshake refusals out of gRPC's own log, because that is the only place gRPC reports them.
+
+A client that fails mutual TLS (a certificate from another CA, an expired one, none at all, plaintext) is
+turned away inside gRPC's C core before any server code runs, and gRPC Python offers no hook there: no
+handshake callback, no "request a certificate but let me verify it" mode. The one observable trace is the
+core's `handshaker` tracer. With `GRPC_TRACE=handshaker` in the environment at start-up, every server-side
+handshake failure is logged as one entry naming the error and both endpoint addresses, e.g.
+
+    I1125 18:00:48.081073   27042 handshaker.cc:155] CallNextHandshakerLocked: error=UNKNOWN: Ssl handshake
+    failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: ...:CERTIFICATE_VERIFY_FAILED: certificate has expired: OK
+    === Source Location Trace: ===
+    src/core/util/status_helper.cc:68
+     shutdown=false index=2, args={..., grpc.internal.endpoint_local_address=ipv4:127.0.0.1:34423,
+    grpc.internal.endpoint_peer_address=ipv4:127.0.0.1:41366, ..., grpc.internal.server_credentials=0x...}
+
+This module turns such text into `HandshakeFailure`s, and tells which lines belong to the tracer (so the
+process that enabled it can keep them out of the operator's log). It is pure text processing with no gRPC
+import, so the stderr tee (`hivemesh.mesh.stderr_tee`) can run it in a small process of its own.
+
+The format is gRPC's debug output, not an API: grpcio is pinned, and `tests/test_handshake_log.py` parses what
+the pinned grpcio really prints, so an upgrade that changes it fails the tests instead of going quiet. A
+process also proves the trace is live with a probe connection of its own (`hivemesh.mesh.handshake_audit`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+TRACER: Final = "handshaker"
+"""The gRPC tracer whose output carries handshake failures."""
+
+_HEADER = re.compile(rb"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ (?P<file>[\w./-]+):\d+\] ")
+# Lines that can follow a tracer entry's header: the status's source-location block, the rest of the
+# CallNextHandshakerLocked message after a multi-line status, and the blank line ending a status.
+_CONTINUATION = re.compile(rb"^(=== Source Location Trace: === ?|\S+\.(?:cc|h):\d+| shutdown=.*|)$")
+_LOCAL = re.compile(r"grpc\.internal\.endpoint_local_address=([^,}\s]+)")
+_PEER = re.compile(r"grpc\.internal\.endpoint_peer_address=([^,}\s]+)")
+_ERROR = re.compile(r"CallNextHandshakerLocked: error=(.*?)(?:\n=== Source Location Trace| shutdown=)", re.S)
+_SSL_DETAIL = re.compile(r"OPENSSL_internal:(.*)$", re.S)
+_MAX_ENTRY_LINES: Final = 16
+_MAX_LINE: Final = 16384
+
+
+@dataclass(frozen=True)
+class HandshakeFailure:
+    """One failed server-side TLS handshake, as gRPC logged it."""
+
+    local: str
+    """The listening address that was connected to, in gRPC's form (`ipv4:127.0.0.1:34423`)."""
+    peer: str
+    """The client's address (`ipv4:127.0.0.1:41366`)."""
+    error: str
+    """gRPC's error text, e.g. `UNAVAILABLE: Handshake read failed (Socket closed)`."""
+
+    @property
+    def local_port(self) -> int:
+        return port_of(self.local)
+
+    @property
+    def peer_port(self) -> int:
+        return port_of(self.peer)
+
+    @property
+    def peer_host(self) -> str:
+        return self.peer.rpartition(":")[0]
+
+
+def port_of(address: str) -> int:
+    """The port of a gRPC address such as `ipv4:127.0.0.1:5000` or `ipv6:[::1]:5000`; 0 if it has none."""
+    tail = address.rpartition(":")[2]
+    return int(tail) if tail.isdigit() else 0
+
+
+# Why a handshake failed, most specific first: reason, audit decision, what it means, and the words in
+# gRPC's error that identify it. A client hanging up mid-handshake is an error, not a refusal.
+_REASONS: Final = (
+    ("TLS_CERT_EXPIRED", "deny", "the client certificate has expired",
+     ("certificate has expired", "CERTIFICATE_EXPIRED")),
+    ("TLS_CERT_NOT_YET_VALID", "deny", "the client certificate is not valid yet", ("certificate is not yet valid",)),
+    ("TLS_CERT_MISSING", "deny", "the client sent no certificate", ("PEER_DID_NOT_RETURN_A_CERTIFICATE",)),
+    ("TLS_CERT_UNTRUSTED", "deny", "the client certificate does not chain to the mesh's trust bundle",
+     ("CERTIFICATE_VERIFY_FAILED", "UNKNOWN_CA", "BAD_CERTIFICATE")),
+    ("TLS_PLAINTEXT", "deny", "the client did not speak TLS (plaintext)",
+     ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "HTTPS_PROXY_REQUEST")),
+    ("TLS_HANDSHAKE_TIMEOUT", "deny", "the TLS handshake did not finish in time",
+     ("Handshake timed out", "Deadline Exceeded", "DEADLINE_EXCEEDED")),
+    ("TLS_CONNECTION_CLOSED", "error", "the client hung up during the TLS handshake",
+     ("Socket closed", "Connection reset", "Broken pipe", "End of TCP stream")),
+)
+DEFAULT_REASON: Final = "TLS_HANDSHAKE_FAILED"
+_NOISE: Final = (": Invalid certificate verification context", ": OK")
+
+
+def classify(error: str) -> tuple[str, str]:
+    """(reason, audit decision) for gRPC's error text."""
+    for reason, decision, _, needles in _REASONS:
+        if any(n in error for n in needles):
+            return reason, decision
+    return DEFAULT_REASON, "deny"
+
+
+def detail(error: str) -> str:
+    """The TLS library's own words in gRPC's error text (or the text itself), without gRPC's filler."""
+    text = error.strip()
+    for _ in range(2):
+        for noise in _NOISE:
+            text = text.removesuffix(noise)
+    m = _SSL_DETAIL.search(text)
+    return (m.group(1) if m else text).strip()[:240]
+
+
+def describe(error: str) -> str:
+    """One sentence for an operator: what the refusal means, then the TLS library's words."""
+    reason, _ = classify(error)
+    meaning = next((m for r, _, m, _ in _REASONS if r == reason), "the TLS handshake failed")
+    return f"{meaning} ({detail(error)})"
+
+
+def is_header(line: bytes) -> bool:
+    return _HEADER.match(line) is not None
+
+
+def _is_tracer_header(line: bytes) -> bool:
+    m = _HEADER.match(line)
+    if m is None:
+        return False
+    source = m.group("file").rsplit(b"/", 1)[-1]
+    if source == b"handshaker.cc":
+        return True
+    return source == b"channel_trace.h" and b"] handshake manager " in line
+
+
+class HandshakeLogParser:
+    """Reads gRPC log output line by line: says which lines belong to the handshaker tracer and collects the
+    server-side failures it reports.
+
+    Lines that are not the tracer's (any other log line, a Python traceback, a print) are always kept: a line
+    only counts as part of a tracer entry if it has one of the few shapes such an entry continues with.
+    """
+
+    def __init__(self) -> None:
+        self._entry: list[bytes] = []
+        self.failures: list[HandshakeFailure] = []
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._entry)
+
+    def feed(self, line: bytes) -> bool:
+        """Take one line (without its newline); returns True to keep it, False if it is the tracer's."""
+        line = line[:_MAX_LINE]
+        if _is_tracer_header(line):
+            self.flush()
+            self._entry.append(line)
+            return False
+        if self._entry and len(self._entry) < _MAX_ENTRY_LINES and _CONTINUATION.match(line):
+            self._entry.append(line)
+            return False
+        self.flush()
+        return True
+
+    def flush(self) -> None:
+        """End the entry being read (the next line is not part of it, or no more is coming soon)."""
+        if not self._entry:
+            return
+        text = b"\n".join(self._entry).decode("utf-8", "replace")
+        self._entry = []
+        failure = parse_entry(text)
+        if failure is not None:
+            self.failures.append(failure)
+
+    def take(self) -> list[HandshakeFailure]:
+        out, self.failures = self.failures, []
+        return out
+
+
+def parse_entry(text: str) -> HandshakeFailure | None:
+    """The server-side handshake failure one tracer entry reports, if it reports one."""
+    m = _ERROR.search(text)
+    if m is None:
+        return None
+    error = m.group(1).strip()
+    if error == "OK" or "grpc.internal.server_credentials=" not in text:
+        return None  # a step that succeeded, or a handshake this process made as a client
+    local, peer = _LOCAL.search(text), _PEER.search(text)
+    if local is None or peer is None:
+        return None
+    return HandshakeFailure(local=local.group(1), peer=peer.group(1), error=error)
+
+
+def parse_text(text: bytes) -> list[HandshakeFailure]:
+    """Every server-side handshake failure in a block of gRPC log output."""
+    parser = HandshakeLogParser()
+    for line in text.split(b"\n"):
+        parser.feed(line.rstrip(b"\r"))
+    parser.flush()
+    return parser.take()
+
+
+def with_tracer(value: str | None) -> str:
+    """A GRPC_TRACE value that also enables the handshaker tracer (other tracers asked for are kept)."""
+    names = [n.strip() for n in (value or "").split(",") if n.strip()]
+    if TRACER in names or "all" in names:
+        return ",".join(names)
+    return ",".join([*names, TRACER])
+
+
+def tracer_requested(value: str | None) -> bool:
+    """Whether a GRPC_TRACE value enables the handshaker tracer."""
+    names = {n.strip() for n in (value or "").split(",")}
+    return bool(names & {TRACER, "all"}) and f"-{TRACER}" not in names

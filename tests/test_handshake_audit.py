@@ -1,0 +1,209 @@
+"""TLS handshake refusals are audited like every other decision, in both packagings, end to end.
+
+Each packaging runs as a real process, because gRPC reads its tracer setting once at start-up: a sidecar
+through the `hivemesh sidecar` CLI (which restarts itself with the tracer on) and an SDK agent started with
+GRPC_TRACE in its environment, as `hivemesh up` does. Each attack makes exactly one TCP connection (Python's
+own TLS client, or a raw socket), so its record can be matched by the attacker's source port; the records are
+read back from the control plane, so they were also chained, shipped and stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from hivemesh.controlplane.ca import init_ca, load_ca
+from hivemesh.mesh.handshake_audit import child_environment
+from hivemesh.mesh.pki import parse_spiffe_id
+from hivemesh.mesh.tls import channel_credentials, secure_channel
+from hivemesh.v1 import audit_pb2
+from tests.meshenv import TRUST_DOMAIN, MeshEnv
+from tests.plain_agent import PlainAgent
+from tests.spawn import start_replica, start_sidecar, stop
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+GARBAGE = b"\x16\x03\x01\x00\x05hello" + bytes(range(64))  # a TLS record header, then nonsense
+
+
+@dataclass
+class Target:
+    packaging: str
+    endpoint: str
+    env: MeshEnv
+    tmp: Path
+
+    @property
+    def server_name(self) -> str:
+        name = "plain" if self.packaging == "sidecar" else "echo"
+        return parse_spiffe_id(f"spiffe://{TRUST_DOMAIN}/agent/{name}").dns_name
+
+    @property
+    def port(self) -> int:
+        return int(self.endpoint.rpartition(":")[2])
+
+
+@pytest.fixture(params=["sidecar", "in-process"])
+async def target(request: pytest.FixtureRequest, mesh_env: MeshEnv, tmp_path: Path) -> AsyncIterator[Target]:
+    log = tmp_path / f"{request.param}.log"
+    if request.param == "sidecar":
+        async with PlainAgent("plain") as plain:
+            proc, endpoint = await start_sidecar(mesh_env, plain.endpoint, tmp_path / "home", log)
+            try:
+                yield Target("sidecar", endpoint, mesh_env, tmp_path)
+            finally:
+                await stop(proc)
+    else:
+        proc, endpoint = await start_replica(mesh_env, "echo-1", tmp_path / "home", log,
+                                             **child_environment({}, inherit={}))
+        try:
+            yield Target("in-process", endpoint, mesh_env, tmp_path)
+        finally:
+            await stop(proc)
+
+
+def _client_context(t: Target, cert: bytes | None = None, key: bytes | None = None) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the attacker does not care who the server is
+    ctx.set_alpn_protocols(["h2"])
+    if cert is not None and key is not None:
+        (t.tmp / "c.pem").write_bytes(cert)
+        (t.tmp / "k.pem").write_bytes(key)
+        ctx.load_cert_chain(t.tmp / "c.pem", t.tmp / "k.pem")
+    return ctx
+
+
+def _tls_attempt(t: Target, ctx: ssl.SSLContext) -> int:
+    """One TLS connection that the server should refuse; returns its source port."""
+    with _connect(t) as raw:
+        port = int(raw.getsockname()[1])
+        got = b""
+        try:
+            with ctx.wrap_socket(raw) as tls:
+                got = tls.recv(1)  # TLS 1.3: the server's verdict on our certificate comes after our Finished
+        except (ssl.SSLError, OSError):
+            pass
+        assert not got, "the server accepted the connection (it sent HTTP/2 data)"
+    return port
+
+
+def _connect(t: Target) -> socket.socket:
+    """A TCP connection to the target. A SYN answered with a reset (a burst can overflow a busy server's
+    accept queue) made no connection, so no handshake either: try again, a bounded number of times."""
+    for attempt in range(20):
+        try:
+            return socket.create_connection(("127.0.0.1", t.port), timeout=10)
+        except (ConnectionResetError, ConnectionRefusedError):
+            if attempt == 19:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _raw_attempt(t: Target, data: bytes) -> int:
+    with _connect(t) as raw:
+        port = int(raw.getsockname()[1])
+        if data:
+            raw.sendall(data)
+            with contextlib.suppress(OSError):
+                raw.recv(64)
+    return port
+
+
+def _cert(t: Target, ca_dir: Path, ttl_s: int) -> tuple[bytes, bytes]:
+    sid = parse_spiffe_id(f"spiffe://{TRUST_DOMAIN}/client/attacker")
+    return load_ca(ca_dir).issue_with_new_key(str(sid), common_name=sid.name, dns_names=[sid.dns_name], ttl_s=ttl_s)
+
+
+def _other_ca(t: Target) -> int:
+    rogue = t.tmp / "rogue-ca"
+    if not (rogue / "ca.pem").exists():
+        init_ca(rogue, TRUST_DOMAIN)
+    return _tls_attempt(t, _client_context(t, *_cert(t, rogue, 600)))
+
+
+def _expired(t: Target) -> int:
+    cert, key = _cert(t, t.env.certs.certs_dir, 1)
+    time.sleep(1.6)
+    return _tls_attempt(t, _client_context(t, cert, key))
+
+
+ATTACKS: list[tuple[str, Callable[[Target], int], str, str]] = [
+    ("certificate from another CA", _other_ca, "TLS_CERT_UNTRUSTED", "deny"),
+    ("expired certificate", _expired, "TLS_CERT_EXPIRED", "deny"),
+    ("no client certificate", lambda t: _tls_attempt(t, _client_context(t)), "TLS_CERT_MISSING", "deny"),
+    ("plaintext HTTP/2", lambda t: _raw_attempt(t, H2_PREFACE), "TLS_PLAINTEXT", "deny"),
+    ("garbage bytes", lambda t: _raw_attempt(t, GARBAGE), "TLS_HANDSHAKE_FAILED", "deny"),
+    ("connect and hang up", lambda t: _raw_attempt(t, b""), "TLS_CONNECTION_CLOSED", "error"),
+]
+
+
+async def _handshake_records(env: MeshEnv) -> list[dict[str, Any]]:
+    resp = await env.operator.call(env.operator.audit.Query, audit_pb2.AuditQueryRequest(limit=10000))
+    records = [json.loads(e)["record"] for e in resp.entries]
+    return [r for r in records if r.get("kind") == "handshake"]
+
+
+async def _wait_for(env: MeshEnv, done: Callable[[list[dict[str, Any]]], bool],
+                    timeout: float = 30.0) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        records = await _handshake_records(env)
+        if done(records) or time.monotonic() > deadline:
+            return records
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.slow
+async def test_every_refused_handshake_gets_one_audit_record(target: Target) -> None:
+    table: list[str] = []
+    for name, attack, reason, decision in ATTACKS:
+        port = await asyncio.to_thread(attack, target)
+        records = await _wait_for(target.env, lambda rs, p=port: any(r["remote"].endswith(f":{p}") for r in rs))
+        mine = [r for r in records if r["remote"].endswith(f":{port}")]
+        assert len(mine) == 1, f"{name}: expected one record from port {port}, got {mine} (all: {records})"
+        rec = mine[0]
+        assert (rec["reason"], rec["decision"], rec["status"], rec["count"]) == (reason, decision, "UNAVAILABLE", 1), \
+            f"{name}: {rec}"
+        assert rec["listener"].endswith(f":{target.port}") and rec["caller"] == "" and rec["node"], rec
+        table.append(f"| {name} | {rec['reason']} | {rec['decision']} | {rec['message']} |")
+
+    # A real gRPC client with a certificate from another CA sees UNAVAILABLE, and the refusal is on record.
+    rogue = target.tmp / "rogue-ca"
+    cert, key = _cert(target, rogue, 600)
+    before = sum(r["count"] for r in await _handshake_records(target.env) if r["reason"] == "TLS_CERT_UNTRUSTED")
+    async with secure_channel(target.endpoint, channel_credentials(target.env.certs.ca_cert.read_bytes(), cert, key),
+                              server_name=target.server_name) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await channel.unary_unary("/hivemesh.v1.Agent/Describe")(b"", timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    records = await _wait_for(target.env, lambda rs: sum(
+        r["count"] for r in rs if r["reason"] == "TLS_CERT_UNTRUSTED") > before)
+    assert sum(r["count"] for r in records if r["reason"] == "TLS_CERT_UNTRUSTED") > before
+    print(f"\nFIGURE handshake refusals ({target.packaging}): {len(ATTACKS)} attacks, one record each\n"
+          + "\n".join(table))
+
+
+@pytest.mark.slow
+async def test_a_handshake_flood_is_coalesced_and_every_refusal_counted(target: Target) -> None:
+    n = 60
+    ports = [await asyncio.to_thread(_raw_attempt, target, b"") for _ in range(n)]
+    records = await _wait_for(target.env, lambda rs: sum(r["count"] for r in rs) >= n)
+    closed = [r for r in records if r["reason"] == "TLS_CONNECTION_CLOSED"]
+    assert sum(r["count"] for r in closed) == n, closed
+    assert len(closed) < n, "a flood should be coalesced into fewer records"
+    assert {r["remote"].rpartition(":")[0] for r in closed} == {"ipv4:127.0.0.1"}
+    assert len(set(ports)) == n
+    print(f"\nFIGURE handshake flood ({target.packaging}): {n} refused connections -> {len(closed)} records, "
+          f"counts summing to {sum(r['count'] for r in closed)}")
