@@ -153,7 +153,7 @@ class HandshakeAudit:
             log.warning("TLS handshake refusals on port %d are not audited: %s", self.port, self.problem)
             return
         self._stop_listening = tee.listen(self.on_failure)
-        self._tasks = [asyncio.create_task(self._probe()), asyncio.create_task(self._flush_loop())]
+        self._tasks = [asyncio.create_task(self._run_probe()), asyncio.create_task(self._flush_loop())]
 
     async def close(self) -> None:
         if self._stop_listening is not None:
@@ -167,15 +167,20 @@ class HandshakeAudit:
         self._tasks = []
         self.flush(force=True)
 
-    async def _probe(self) -> None:
-        """Connect and hang up without a handshake: the tee must report exactly that connection."""
+    async def _run_probe(self) -> None:
+        if not await self.probe():
+            log.warning("TLS handshake refusals on port %d are not audited: %s", self.port, self.problem)
+
+    async def probe(self) -> bool:
+        """Connect and hang up without a handshake, then wait for that very connection's failure to be
+        reported: True once it is (and `active` is set); False, with `problem` set, if it is not in time."""
+        self._loop = asyncio.get_running_loop()
         host = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1", "": "127.0.0.1"}.get(self.host, self.host)
         try:
             _, writer = await asyncio.open_connection(host.strip("[]"), self.port)
         except OSError as exc:
             self.problem = f"cannot connect to port {self.port} to probe it: {exc}"
-            log.warning("TLS handshake audit on port %d: %s", self.port, self.problem)
-            return
+            return False
         self._probe_port = int(writer.get_extra_info("sockname")[1])
         writer.close()
         with contextlib.suppress(OSError):
@@ -185,7 +190,8 @@ class HandshakeAudit:
         except TimeoutError:
             self.problem = (f"the probe connection's refusal was not seen within {self.probe_timeout_s:.0f} s "
                             "(is GRPC_TRACE=handshaker set from the start, and fd 2 left alone?)")
-            log.warning("TLS handshake refusals on port %d are not audited: %s", self.port, self.problem)
+            return False
+        return True
 
     async def _flush_loop(self) -> None:
         while True:

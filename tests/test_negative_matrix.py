@@ -4,7 +4,10 @@ packagings (SDK in-process and a plain gRPC agent behind a Sidecar).
 Each case asserts the exact gRPC status and ErrorInfo reason, that the agent's handler never ran, and that
 exactly one audit record was written for it, before the refusal was released, with the same status and
 reason. Refusals in the TLS handshake (no client certificate, plaintext, another CA, an expired certificate)
-happen below gRPC, where no server code runs: they get UNAVAILABLE and no record, and are listed apart.
+happen inside gRPC, where no server code runs: they get UNAVAILABLE, and are listed apart. Their audit records
+come from gRPC's handshaker tracer, which a process reads once at start-up and this test process runs without,
+so `tests/test_handshake_audit.py` checks those records on real sidecar and SDK agent processes; here no record
+may appear for them (nothing may be misattributed).
 The cases and their outcomes are printed as a table (run with -s) and recorded in docs/security.md.
 """
 
@@ -173,7 +176,7 @@ def _cert(rig: Rig, uris: list[str], *, ca: bool = False) -> tuple[bytes, bytes]
 class Case:
     name: str
     code: grpc.StatusCode
-    reason: str | None  # None: refused in the TLS handshake (no gRPC status from the server, no record)
+    reason: str | None  # None: refused in the TLS handshake (no gRPC status; audited by test_handshake_audit.py)
     make: Callable[[Rig], Awaitable[Attack]]
 
 
