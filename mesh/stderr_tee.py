@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -93,6 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args) != 2 or args[0] != "--events-fd" or not args[1].isdigit():
         sys.stderr.write("usage: python -m hivemesh.mesh.stderr_tee --events-fd N  (started by the mesh)\n")
         return 2
+    # Outlive whatever stops the process it serves (Ctrl-C, SIGTERM to the group, a hang-up), so its last
+    # words still get through; end-of-file on stdin is the only way this ends.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     run_tee(0, 1, int(args[1]))
     return 0
 
@@ -117,6 +122,7 @@ class StderrTee:
         self._events = -1
         self._saved = -1
         self._thread: threading.Thread | None = None
+        self.started = False
         self.error = ""
         """Why the tee is not running, when it is not."""
 
@@ -124,7 +130,8 @@ class StderrTee:
     def shared(cls, *, start_timeout_s: float = 15.0) -> StderrTee:
         """The process's tee, started on first use."""
         with cls._shared_lock:
-            if cls._shared is None or not cls._shared.running:
+            # A tee that died is replaced; one that never started is not retried on every call.
+            if cls._shared is None or (cls._shared.started and not cls._shared.running):
                 tee = cls()
                 tee.start(timeout_s=start_timeout_s)
                 cls._shared = tee
@@ -153,6 +160,7 @@ class StderrTee:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "hivemesh.mesh.stderr_tee", "--events-fd", str(events_w)],
                 stdin=to_tee_r, stdout=2, stderr=2, pass_fds=(events_w,), close_fds=True,
+                start_new_session=True,  # no Ctrl-C from the terminal: see main()
             )
         except OSError as exc:
             for fd in (to_tee_r, to_tee_w, events_r, events_w):
@@ -178,6 +186,7 @@ class StderrTee:
         os.close(to_tee_w)
         self._thread = threading.Thread(target=self._read, name="hivemesh-stderr-tee", daemon=True)
         self._thread.start()
+        self.started = True
         return True
 
     def _await_ready(self, timeout_s: float) -> bool:

@@ -123,3 +123,19 @@ def test_stderr_comes_back_when_the_tee_dies(tmp_path: Path) -> None:
     """, tmp_path)
     assert code == 0, err
     assert b"straight to stderr END\n" in err
+
+
+def test_the_tee_outlives_signals_meant_for_its_process(tmp_path: Path) -> None:
+    """Ctrl-C or SIGTERM to the group must not silence the process's last words: the tee ends at EOF only."""
+    code, err = _child("""
+        import os, signal, time
+        from hivemesh.mesh.stderr_tee import StderrTee
+        tee = StderrTee.shared()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            os.kill(tee._proc.pid, sig)
+        time.sleep(0.3)  # give a (wrongly) dying tee the time to die
+        assert tee.running and tee._proc.poll() is None
+        os.write(2, b"shutting down END\\n")
+    """, tmp_path)
+    assert code == 0, err
+    assert b"shutting down END\n" in err
