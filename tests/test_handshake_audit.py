@@ -179,20 +179,39 @@ async def test_every_refused_handshake_gets_one_audit_record(target: Target) -> 
         assert rec["listener"].endswith(f":{target.port}") and rec["caller"] == "" and rec["node"], rec
         table.append(f"| {name} | {rec['reason']} | {rec['decision']} | {rec['message']} |")
 
-    # A real gRPC client with a certificate from another CA sees UNAVAILABLE, and the refusal is on record.
-    rogue = target.tmp / "rogue-ca"
-    cert, key = _cert(target, rogue, 600)
-    before = sum(r["count"] for r in await _handshake_records(target.env) if r["reason"] == "TLS_CERT_UNTRUSTED")
-    async with secure_channel(target.endpoint, channel_credentials(target.env.certs.ca_cert.read_bytes(), cert, key),
-                              server_name=target.server_name) as channel:
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await channel.unary_unary("/hivemesh.v1.Agent/Describe")(b"", timeout=10)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    records = await _wait_for(target.env, lambda rs: sum(
-        r["count"] for r in rs if r["reason"] == "TLS_CERT_UNTRUSTED") > before)
-    assert sum(r["count"] for r in records if r["reason"] == "TLS_CERT_UNTRUSTED") > before
     print(f"\nFIGURE handshake refusals ({target.packaging}): {len(ATTACKS)} attacks, one record each\n"
           + "\n".join(table))
+
+
+def _total(records: list[dict[str, Any]], reason: str) -> int:
+    return sum(r["count"] for r in records if r["reason"] == reason)
+
+
+@pytest.mark.slow
+async def test_grpc_clients_refused_in_the_handshake_see_unavailable_and_are_on_record(target: Target) -> None:
+    """The negative matrix's four handshake cases with real gRPC clients: the exact status the client sees,
+    and the record. A gRPC client may try more than one connection, so the reason's count must grow."""
+    ca = target.env.certs.ca_cert.read_bytes()
+    expired = _cert(target, target.env.certs.certs_dir, 1)
+    rogue = target.tmp / "rogue-ca"
+    init_ca(rogue, TRUST_DOMAIN)
+    await asyncio.sleep(1.6)  # the short-lived certificate must be past its notAfter
+    cases: list[tuple[str, grpc.ChannelCredentials | None, str]] = [
+        ("certificate from another CA", channel_credentials(ca, *_cert(target, rogue, 600)), "TLS_CERT_UNTRUSTED"),
+        ("expired certificate", channel_credentials(ca, *expired), "TLS_CERT_EXPIRED"),
+        ("no client certificate", channel_credentials(ca), "TLS_CERT_MISSING"),
+        ("plaintext", None, "TLS_PLAINTEXT"),
+    ]
+    for name, creds, reason in cases:
+        before = _total(await _handshake_records(target.env), reason)
+        channel = (grpc.aio.insecure_channel(target.endpoint) if creds is None
+                   else secure_channel(target.endpoint, creds, server_name=target.server_name))
+        async with channel:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await channel.unary_unary("/hivemesh.v1.Agent/Describe")(b"", timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, f"{name}: {err.value}"
+        records = await _wait_for(target.env, lambda rs, r=reason, b=before: _total(rs, r) > b)
+        assert _total(records, reason) > before, f"{name}: no {reason} record (all: {records})"
 
 
 @pytest.mark.slow
