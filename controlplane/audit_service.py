@@ -8,10 +8,12 @@ and a whitelist of request fields (never a token, join token or CSR).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import grpc
@@ -20,6 +22,7 @@ from google.rpc import error_details_pb2, status_pb2
 from hivemesh.controlplane.auditlog import AuditFilter, AuditStore, public_key_pem
 from hivemesh.mesh.audit import classify
 from hivemesh.mesh.errors import HivemeshError, PermissionDeniedError, abort
+from hivemesh.mesh.handshake_audit import HandshakeAudit
 from hivemesh.mesh.pki import Peer, controlplane_id, load_cert, peer_from_auth_context, uri_sans
 from hivemesh.v1 import audit_pb2, audit_pb2_grpc
 
@@ -312,12 +315,49 @@ class ControlPlaneAuditInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+class _FromAnyThread:
+    """The store's async `record`, callable from the stderr tee's thread (what HandshakeAudit needs)."""
+
+    def __init__(self, store: AuditStore, loop: asyncio.AbstractEventLoop) -> None:
+        self._store = store
+        self._loop = loop
+        self._pending: set[concurrent.futures.Future[int]] = set()
+
+    def record(self, fields: dict[str, Any]) -> int:
+        future = asyncio.run_coroutine_threadsafe(self._store.record(fields), self._loop)
+        self._pending.add(future)
+        future.add_done_callback(self._done)
+        return 0
+
+    def _done(self, future: concurrent.futures.Future[int]) -> None:
+        self._pending.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.error("cannot record a TLS handshake refusal: %s", future.exception())
+
+    async def drain(self, timeout_s: float = 5.0) -> None:
+        """Wait (bounded) for the records already handed over, before the store closes."""
+        pending = [asyncio.wrap_future(f) for f in list(self._pending)]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
+
+
 class AuditFeature:
-    """Starts and stops the store with the control plane; hears escalation changes (issue 5's audit hook)."""
+    """Starts and stops the store with the control plane; hears escalation changes (issue 5's audit hook);
+    audits the TLS handshakes the control plane's ports refuse."""
 
     def __init__(self, store: AuditStore) -> None:
         self.store = store
         self._hook: Any = None
+        self.handshakes: list[HandshakeAudit] = []
+        self._recorder: _FromAnyThread | None = None
+
+    async def serving(self, host: str, ports: Sequence[int]) -> None:
+        """The control plane listens on ports: record the handshakes refused there, like its RPC decisions."""
+        recorder = self._recorder = _FromAnyThread(self.store, asyncio.get_running_loop())
+        for port in ports:
+            audit = HandshakeAudit(recorder, host, port)
+            await audit.start()
+            self.handshakes.append(audit)
 
     async def start(self) -> None:
         await self.store.start()
@@ -342,6 +382,11 @@ class AuditFeature:
         escalations.add_audit_hook(hook)
 
     async def stop(self) -> None:
+        for audit in self.handshakes:
+            await audit.close()
+        self.handshakes = []
+        if self._recorder is not None:
+            await self._recorder.drain()
         if self._hook is not None:
             from hivemesh.controlplane import escalations
 

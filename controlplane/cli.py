@@ -218,6 +218,9 @@ def controlplane(obj: CliContext, etcd_endpoints: str, state_dir: Path | None, t
     """Run the control plane: CA, token issuer, join service."""
     from hivemesh.controlplane.server import ControlPlaneConfig, ControlPlaneServer
     from hivemesh.controlplane.server import main as serve_controlplane
+    from hivemesh.mesh.handshake_audit import reexec_with_tracer
+
+    reexec_with_tracer()  # before gRPC starts: audit the TLS handshakes it refuses
 
     config = ControlPlaneConfig(
         etcd_endpoints=etcd_endpoints, certs_dir=obj.certs_dir, state_dir=state_dir or obj.home / "controlplane",

@@ -377,6 +377,10 @@ class ControlPlaneServer:
                 await feature.start()
             for server in self._servers:
                 await server.start()
+            for feature in self._features:  # e.g. the audit of TLS handshakes refused on these ports
+                serving = getattr(feature, "serving", None)
+                if serving is not None:
+                    await serving(cfg.host, [self.port, self.join_port])
         except BaseException:
             await self._teardown(0)
             raise

@@ -127,6 +127,7 @@ class MeshUp:
                 "--trust-domain", opts.trust_domain,
                 "--grants", str(opts.grants_file),
             ),
+            child_environment({}, inherit=os.environ),  # the handshaker tracer from the start
         )
         m = await cp.wait_for_line(r"ready controlplane=(\S+) join=(\S+)", _READY_S)
         self.settings = MeshSettings(

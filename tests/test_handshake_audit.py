@@ -12,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import re
 import socket
 import ssl
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -24,13 +27,16 @@ import grpc
 import pytest
 
 from hivemesh.controlplane.ca import init_ca, load_ca
+from hivemesh.controlplane.client import ControlPlaneClient
+from hivemesh.mesh.etcd import EtcdServer
 from hivemesh.mesh.handshake_audit import child_environment
+from hivemesh.mesh.handshake_log import port_of
 from hivemesh.mesh.pki import parse_spiffe_id
 from hivemesh.mesh.tls import channel_credentials, secure_channel
 from hivemesh.v1 import audit_pb2
 from tests.meshenv import TRUST_DOMAIN, MeshEnv
 from tests.plain_agent import PlainAgent
-from tests.spawn import start_replica, start_sidecar, stop
+from tests.spawn import REPO, start_replica, start_sidecar, stop
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 GARBAGE = b"\x16\x03\x01\x00\x05hello" + bytes(range(64))  # a TLS record header, then nonsense
@@ -72,21 +78,21 @@ async def target(request: pytest.FixtureRequest, mesh_env: MeshEnv, tmp_path: Pa
             await stop(proc)
 
 
-def _client_context(t: Target, cert: bytes | None = None, key: bytes | None = None) -> ssl.SSLContext:
+def _client_context(tmp: Path, cert: bytes | None = None, key: bytes | None = None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE  # the attacker does not care who the server is
     ctx.set_alpn_protocols(["h2"])
     if cert is not None and key is not None:
-        (t.tmp / "c.pem").write_bytes(cert)
-        (t.tmp / "k.pem").write_bytes(key)
-        ctx.load_cert_chain(t.tmp / "c.pem", t.tmp / "k.pem")
+        (tmp / "c.pem").write_bytes(cert)
+        (tmp / "k.pem").write_bytes(key)
+        ctx.load_cert_chain(tmp / "c.pem", tmp / "k.pem")
     return ctx
 
 
-def _tls_attempt(t: Target, ctx: ssl.SSLContext) -> int:
+def _tls_attempt(target_port: int, ctx: ssl.SSLContext) -> int:
     """One TLS connection that the server should refuse; returns its source port."""
-    with _connect(t) as raw:
+    with _connect(target_port) as raw:
         port = int(raw.getsockname()[1])
         got = b""
         try:
@@ -98,12 +104,12 @@ def _tls_attempt(t: Target, ctx: ssl.SSLContext) -> int:
     return port
 
 
-def _connect(t: Target) -> socket.socket:
+def _connect(port: int) -> socket.socket:
     """A TCP connection to the target. A SYN answered with a reset (a burst can overflow a busy server's
     accept queue) made no connection, so no handshake either: try again, a bounded number of times."""
     for attempt in range(20):
         try:
-            return socket.create_connection(("127.0.0.1", t.port), timeout=10)
+            return socket.create_connection(("127.0.0.1", port), timeout=10)
         except (ConnectionResetError, ConnectionRefusedError):
             if attempt == 19:
                 raise
@@ -111,8 +117,8 @@ def _connect(t: Target) -> socket.socket:
     raise AssertionError("unreachable")
 
 
-def _raw_attempt(t: Target, data: bytes) -> int:
-    with _connect(t) as raw:
+def _raw_attempt(target_port: int, data: bytes) -> int:
+    with _connect(target_port) as raw:
         port = int(raw.getsockname()[1])
         if data:
             raw.sendall(data)
@@ -130,22 +136,22 @@ def _other_ca(t: Target) -> int:
     rogue = t.tmp / "rogue-ca"
     if not (rogue / "ca.pem").exists():
         init_ca(rogue, TRUST_DOMAIN)
-    return _tls_attempt(t, _client_context(t, *_cert(t, rogue, 600)))
+    return _tls_attempt(t.port, _client_context(t.tmp, *_cert(t, rogue, 600)))
 
 
 def _expired(t: Target) -> int:
     cert, key = _cert(t, t.env.certs.certs_dir, 1)
     time.sleep(1.6)
-    return _tls_attempt(t, _client_context(t, cert, key))
+    return _tls_attempt(t.port, _client_context(t.tmp, cert, key))
 
 
 ATTACKS: list[tuple[str, Callable[[Target], int], str, str]] = [
     ("certificate from another CA", _other_ca, "TLS_CERT_UNTRUSTED", "deny"),
     ("expired certificate", _expired, "TLS_CERT_EXPIRED", "deny"),
-    ("no client certificate", lambda t: _tls_attempt(t, _client_context(t)), "TLS_CERT_MISSING", "deny"),
-    ("plaintext HTTP/2", lambda t: _raw_attempt(t, H2_PREFACE), "TLS_PLAINTEXT", "deny"),
-    ("garbage bytes", lambda t: _raw_attempt(t, GARBAGE), "TLS_HANDSHAKE_FAILED", "deny"),
-    ("connect and hang up", lambda t: _raw_attempt(t, b""), "TLS_CONNECTION_CLOSED", "error"),
+    ("no client certificate", lambda t: _tls_attempt(t.port, _client_context(t.tmp)), "TLS_CERT_MISSING", "deny"),
+    ("plaintext HTTP/2", lambda t: _raw_attempt(t.port, H2_PREFACE), "TLS_PLAINTEXT", "deny"),
+    ("garbage bytes", lambda t: _raw_attempt(t.port, GARBAGE), "TLS_HANDSHAKE_FAILED", "deny"),
+    ("connect and hang up", lambda t: _raw_attempt(t.port, b""), "TLS_CONNECTION_CLOSED", "error"),
 ]
 
 
@@ -217,7 +223,7 @@ async def test_grpc_clients_refused_in_the_handshake_see_unavailable_and_are_on_
 @pytest.mark.slow
 async def test_a_handshake_flood_is_coalesced_and_every_refusal_counted(target: Target) -> None:
     n = 60
-    ports = [await asyncio.to_thread(_raw_attempt, target, b"") for _ in range(n)]
+    ports = [await asyncio.to_thread(_raw_attempt, target.port, b"") for _ in range(n)]
     records = await _wait_for(target.env, lambda rs: sum(r["count"] for r in rs) >= n)
     closed = [r for r in records if r["reason"] == "TLS_CONNECTION_CLOSED"]
     assert sum(r["count"] for r in closed) == n, closed
@@ -226,3 +232,52 @@ async def test_a_handshake_flood_is_coalesced_and_every_refusal_counted(target: 
     assert len(set(ports)) == n
     print(f"\nFIGURE handshake flood ({target.packaging}): {n} refused connections -> {len(closed)} records, "
           f"counts summing to {sum(r['count'] for r in closed)}")
+
+
+@pytest.mark.slow
+async def test_the_control_planes_ports_audit_refused_handshakes(
+    etcd: Any, etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    """`hivemesh controlplane` as a real process (it restarts itself with the tracer): handshakes refused on
+    its mutual-TLS port and on its join port are in its own audit log."""
+    certs = tmp_path / "certs"
+    init_ca(certs, TRUST_DOMAIN)
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEMESH_") and k != "GRPC_TRACE"}
+    log = tmp_path / "controlplane.log"
+    with log.open("wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "hivemesh.controlplane.cli", "--certs-dir", str(certs), "--home",
+            str(tmp_path / "home"), "controlplane", "--etcd", etcd_server.endpoint, "--state-dir",
+            str(tmp_path / "state"), "--trust-domain", TRUST_DOMAIN,
+            cwd=REPO, env=child_env, stdout=asyncio.subprocess.PIPE, stderr=err, start_new_session=True,
+        )
+    operator: ControlPlaneClient | None = None
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        m = re.match(r"ready controlplane=(\S+) join=(\S+)", line)
+        assert m, f"control plane said {line!r}: {log.read_text()[-3000:]}"
+        control, join = m.group(1), m.group(2)
+        ports = {
+            await asyncio.to_thread(_tls_attempt, port_of(control), _client_context(tmp_path)):
+                ("TLS_CERT_MISSING", control),
+            await asyncio.to_thread(_raw_attempt, port_of(join), H2_PREFACE): ("TLS_PLAINTEXT", join),
+        }
+        operator = ControlPlaneClient.from_certs_dir(control, certs)
+        deadline = time.monotonic() + 30
+        while True:
+            resp = await operator.call(operator.audit.Query, audit_pb2.AuditQueryRequest(limit=10000))
+            records = [json.loads(e)["record"] for e in resp.entries]
+            mine = {int(r["remote"].rpartition(":")[2]): r for r in records if r.get("kind") == "handshake"}
+            if set(ports) <= set(mine) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        for port, (reason, listener) in ports.items():
+            assert port in mine, f"no record for the connection from port {port} ({reason}): {records}"
+            rec = mine[port]
+            assert (rec["reason"], rec["status"], rec["listener"]) == (reason, "UNAVAILABLE", listener), rec
+            assert rec["node"] == f"spiffe://{TRUST_DOMAIN}/controlplane", rec
+    finally:
+        if operator is not None:
+            await operator.close()
+        await stop(proc)
