@@ -41,6 +41,9 @@ _REQUEST_FIELDS: Final = (
     "caller", "capability",
 )
 _RESPONSE_FIELDS: Final = ("jti", "scopes", "spiffe_id", "kid", "phase")
+_OWN_FIELDS: Final = frozenset({"kind", "decision", "caller", "status", "reason", "method", "node", "time"})
+"""The record's own fields: a request field of the same name (an audit query's `--decision` filter, a join
+token's workload `kind`) is kept as `request_<name>`, never in their place."""
 _DETAILS_KEY = "grpc-status-details-bin"
 
 
@@ -100,7 +103,7 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
             flt = AuditFilter.from_strings(
                 caller=request.caller, capability=request.capability, decision=request.decision,
                 principal=request.principal, agent=request.agent, jti=request.jti, trace_id=request.trace_id,
-                since=request.since, until=request.until, after_seq=request.after_seq,
+                kind=request.kind, since=request.since, until=request.until, after_seq=request.after_seq,
             )
             entries, scanned = self._store.query(flt, limit=request.limit or 100, tail=request.tail)
             return audit_pb2.AuditQueryResponse(entries=entries, head_seq=self._store.seq, scanned=scanned)
@@ -247,8 +250,9 @@ class ControlPlaneAuditInterceptor(grpc.aio.ServerInterceptor):
             "caller": caller,
             "latency_us": int((time.perf_counter() - started) * 1e6),
             "remote": context.peer() or "",
-            **_summary(request, _REQUEST_FIELDS),
         }
+        for name, value in _summary(request, _REQUEST_FIELDS).items():
+            fields[f"request_{name}" if name in _OWN_FIELDS else name] = value
         if unverified:
             fields["caller_unverified"] = unverified
         if code != grpc.StatusCode.OK:

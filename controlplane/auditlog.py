@@ -258,6 +258,11 @@ def verify_log(
 
 
 # --- queries --------------------------------------------------------------------------------------------------------
+KINDS: Final = frozenset({"inbound", "outbound", "handshake", "controlplane"})
+"""What a record is about: a call a node decided on, a call it refused on the way out, a TLS handshake refused
+below gRPC, or the control plane's own decision."""
+
+
 @dataclass(frozen=True)
 class AuditFilter:
     """Which entries a query wants; every given field must match (globs for identities and capabilities)."""
@@ -269,6 +274,7 @@ class AuditFilter:
     agent: str = ""
     jti: str = ""
     trace_id: str = ""
+    kind: str = ""
     since: float | None = None
     until: float | None = None
     after_seq: int = 0
@@ -278,6 +284,9 @@ class AuditFilter:
         if self.decision and self.decision not in DECISIONS:
             msg = f"decision must be one of {', '.join(sorted(DECISIONS))}"
             raise InvalidInputError(msg, field_violations={"decision": msg})
+        if self.kind and self.kind not in KINDS:
+            msg = f"kind must be one of {', '.join(sorted(KINDS))}"
+            raise InvalidInputError(msg, field_violations={"kind": msg})
         for name in ("caller", "capability", "principal", "agent"):
             value = getattr(self, name)
             if value:
@@ -308,6 +317,8 @@ class AuditFilter:
         if self.jti and rec.get("jti") != self.jti:
             return False
         if self.trace_id and rec.get("trace_id") != self.trace_id:
+            return False
+        if self.kind and rec.get("kind") != self.kind:
             return False
         if self.since is not None or self.until is not None:
             try:

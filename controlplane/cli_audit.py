@@ -20,7 +20,7 @@ import click
 import grpc
 from rich.table import Table
 
-from hivemesh.controlplane.auditlog import LogReport, load_public_key, verify_log
+from hivemesh.controlplane.auditlog import KINDS, LogReport, load_public_key, verify_log
 from hivemesh.controlplane.cli import CliContext, _friendly_errors, err, out, pass_cli
 from hivemesh.controlplane.client import ControlPlaneClient
 from hivemesh.mesh.audit import DECISIONS, verify_chain
@@ -52,9 +52,12 @@ def _row(entry: dict[str, Any]) -> dict[str, Any]:
         "decision": rec.get("decision", ""),
         "status": rec.get("status", "") + (f"/{rec['reason']}" if rec.get("reason") and rec.get("reason") != rec.get(
             "status") else ""),
-        "caller": rec.get("caller") or rec.get("caller_unverified", "?"),
+        "caller": rec.get("caller") or rec.get("caller_unverified") or (
+            f"{rec['remote']} (no identity)" if rec.get("kind") == "handshake" and rec.get("remote") else "?"),
         "chain": " → ".join(rec.get("chain", [])),
-        "what": rec.get("capability") or rec.get("method", ""),
+        "what": rec.get("capability") or rec.get("method") or (
+            "TLS handshake" + (f" ×{rec['count']}" if int(rec.get("count", 1)) > 1 else "")
+            if rec.get("kind") == "handshake" else ""),
         "node": str(rec.get("node", "")).rsplit("/", 1)[-1],
         "rule": rec.get("rule", ""),
         "ms": f"{int(rec.get('latency_us', 0)) / 1000:.1f}",
@@ -86,6 +89,8 @@ def _query_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--caller", default="", help="Caller SPIFFE id (glob)."),
         click.option("--capability", default="", help="Capability (glob)."),
         click.option("--decision", type=click.Choice(sorted(DECISIONS)), default=None),
+        click.option("--kind", type=click.Choice(sorted(KINDS)), default=None,
+                     help="inbound calls, outbound refusals, TLS handshake refusals, or the control plane's own."),
         click.option("--principal", default="", help="Original principal of a delegated call (glob)."),
         click.option("--agent", default="", help="SPIFFE id of the node that recorded it (glob)."),
         click.option("--since", default="", help="RFC 3339, unix seconds, or relative (-15m, -2h, -1d)."),
@@ -101,7 +106,8 @@ def _request(limit: int, tail: bool, after_seq: int = 0, **filters: Any) -> audi
     return audit_pb2.AuditQueryRequest(
         caller=filters["caller"], capability=filters["capability"], decision=filters["decision"] or "",
         principal=filters["principal"], agent=filters["agent"], since=filters["since"], until=filters["until"],
-        jti=filters["jti"], trace_id=filters["trace_id"], limit=limit, tail=tail, after_seq=after_seq,
+        jti=filters["jti"], trace_id=filters["trace_id"], kind=filters["kind"] or "", limit=limit, tail=tail,
+        after_seq=after_seq,
     )
 
 

@@ -54,6 +54,17 @@ async def test_every_decision_is_recorded_shipped_queried_and_verified(mesh_env:
     assert code == 0, err
     lines = [json.loads(x) for x in out.splitlines()]
     assert [x["record"]["reason"] for x in lines] == ["INVALID_INPUT"]
+    # That query is on record as what it was (an operator's allowed read), its filters kept apart: a filter
+    # named like a record field (decision, caller, kind) must not pose as the record's own.
+    code, out, err = await run_cli(mesh_env, "audit", "query", "--decision", "deny", "--caller", "*/client/x",
+                                   "--kind", "handshake", "--json")
+    assert code == 0 and out == "", err
+    reads = [e["record"] for e in await _query(mesh_env, kind="controlplane")
+             if e["record"].get("method") == "Audit/Query" and e["record"].get("request_decision") == "deny"]
+    assert len(reads) == 1, reads
+    assert (reads[0]["decision"], reads[0]["kind"], reads[0]["request_caller"], reads[0]["request_kind"]) == (
+        "allow", "controlplane", "*/client/x", "handshake")
+    assert reads[0]["caller"].startswith("spiffe://hivemesh.local/operator/"), reads[0]
     code, out, err = await run_cli(mesh_env, "audit", "tail", "-n", "3")
     assert code == 0 and "allow" in out, err
     code, out, err = await run_cli(mesh_env, "audit", "verify", "--json")

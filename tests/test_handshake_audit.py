@@ -34,7 +34,7 @@ from hivemesh.mesh.handshake_log import port_of
 from hivemesh.mesh.pki import parse_spiffe_id
 from hivemesh.mesh.tls import channel_credentials, secure_channel
 from hivemesh.v1 import audit_pb2
-from tests.meshenv import TRUST_DOMAIN, MeshEnv
+from tests.meshenv import TRUST_DOMAIN, MeshEnv, run_cli
 from tests.plain_agent import PlainAgent
 from tests.spawn import REPO, start_replica, start_sidecar, stop
 
@@ -156,9 +156,11 @@ ATTACKS: list[tuple[str, Callable[[Target], int], str, str]] = [
 
 
 async def _handshake_records(env: MeshEnv) -> list[dict[str, Any]]:
-    resp = await env.operator.call(env.operator.audit.Query, audit_pb2.AuditQueryRequest(limit=10000))
+    resp = await env.operator.call(env.operator.audit.Query, audit_pb2.AuditQueryRequest(limit=10000,
+                                                                                        kind="handshake"))
     records = [json.loads(e)["record"] for e in resp.entries]
-    return [r for r in records if r.get("kind") == "handshake"]
+    assert all(r["kind"] == "handshake" for r in records), records  # the control plane filters by kind
+    return records
 
 
 async def _wait_for(env: MeshEnv, done: Callable[[list[dict[str, Any]]], bool],
@@ -221,7 +223,9 @@ async def test_grpc_clients_refused_in_the_handshake_see_unavailable_and_are_on_
 
 
 @pytest.mark.slow
-async def test_a_handshake_flood_is_coalesced_and_every_refusal_counted(target: Target) -> None:
+async def test_a_handshake_flood_is_coalesced_and_every_refusal_counted(
+    target: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
     n = 60
     ports = [await asyncio.to_thread(_raw_attempt, target.port, b"") for _ in range(n)]
     records = await _wait_for(target.env, lambda rs: sum(r["count"] for r in rs) >= n)
@@ -230,6 +234,15 @@ async def test_a_handshake_flood_is_coalesced_and_every_refusal_counted(target: 
     assert len(closed) < n, "a flood should be coalesced into fewer records"
     assert {r["remote"].rpartition(":")[0] for r in closed} == {"ipv4:127.0.0.1"}
     assert len(set(ports)) == n
+    # What an operator sees: the same records through the CLI, as JSON and as a table.
+    code, out, err = await run_cli(target.env, "audit", "query", "--kind", "handshake", "--json")
+    assert code == 0, err
+    assert sum(json.loads(x)["record"]["count"] for x in out.splitlines() if x) == n
+    monkeypatch.setenv("COLUMNS", "250")  # the CLI's table, wide enough not to elide
+    code, out, err = await run_cli(target.env, "audit", "query", "--kind", "handshake")
+    assert code == 0 and "TLS handshake ×" in out and "(no identity)" in out, out + err
+    code, out, err = await run_cli(target.env, "audit", "query", "--kind", "nonsense")
+    assert code == 2 and "nonsense" in err, err
     print(f"\nFIGURE handshake flood ({target.packaging}): {n} refused connections -> {len(closed)} records, "
           f"counts summing to {sum(r['count'] for r in closed)}")
 

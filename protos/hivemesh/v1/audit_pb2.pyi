@@ -134,6 +134,7 @@ class AuditQueryRequest(_message.Message):
     AFTER_SEQ_FIELD_NUMBER: _builtins.int
     JTI_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     caller: _builtins.str
     """glob over the caller's SPIFFE id"""
     capability: _builtins.str
@@ -155,6 +156,8 @@ class AuditQueryRequest(_message.Message):
     """only entries after this log seq (follow mode)"""
     jti: _builtins.str
     trace_id: _builtins.str
+    kind: _builtins.str
+    """inbound | outbound | handshake | controlplane"""
     def __init__(
         self,
         *,
@@ -170,10 +173,11 @@ class AuditQueryRequest(_message.Message):
         after_seq: _builtins.int = ...,
         jti: _builtins.str = ...,
         trace_id: _builtins.str = ...,
+        kind: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "agent", b"agent", "caller", b"caller", "capability", b"capability", "decision", b"decision", "jti", b"jti", "limit", b"limit", "principal", b"principal", "since", b"since", "tail", b"tail", "trace_id", b"trace_id", "until", b"until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "agent", b"agent", "caller", b"caller", "capability", b"capability", "decision", b"decision", "jti", b"jti", "kind", b"kind", "limit", b"limit", "principal", b"principal", "since", b"since", "tail", b"tail", "trace_id", b"trace_id", "until", b"until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
