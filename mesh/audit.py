@@ -72,9 +72,13 @@ _RATE_REASONS = frozenset({"RATE_LIMITED", "OVERLOADED"})
 
 
 # --- canonical form and the chain -------------------------------------------------------------------------------
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+"""Built once: `json.dumps` with non-default options builds a new encoder on every call (on the hot path)."""
+
+
 def canonical(obj: Any) -> bytes:
     """The canonical JSON bytes of obj: sorted keys, no whitespace, ASCII only (non-ASCII as \\u escapes)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+    return _CANONICAL.encode(obj).encode()
 
 
 def record_hash(record: Mapping[str, Any]) -> str:
@@ -201,7 +205,8 @@ def classify(err: HivemeshError | None, code: grpc.StatusCode) -> str:
 
 def utc_iso(ts: float) -> str:
     """RFC 3339 UTC with microseconds: sortable as text, exact as an audit timestamp."""
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat is strftime("%Y-%m-%dT%H:%M:%S.%fZ") with "+00:00" for the "Z", at about half the cost.
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def parse_time(text: str) -> float:

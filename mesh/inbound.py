@@ -191,6 +191,9 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, chain: InboundChain, *, observers: Sequence[DecisionObserver] = ()) -> None:
         self._chain = chain
         self._observers = tuple(observers)
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
+        """method path -> (the servicer's handler, its wrapper): the wrapper depends on nothing else, so it is
+        built once per handler instead of once per call."""
 
     def _notify(
         self, call: Inbound, err: HivemeshError | None, code: grpc.StatusCode, started: float
@@ -231,21 +234,24 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
         current_inbound.set(call)
         return call, inner_request, done
 
-    async def _leave(
+    def _leave(
         self,
         call: Inbound,
         context: grpc.aio.ServicerContext[Any, Any],
         failure: BaseException | None,
         done: Done | None,
         started: float,
-    ) -> None:
-        """Release the admission slot and record the outcome; an unrecordable success is never released."""
+    ) -> AuditUnavailableError | None:
+        """Release the admission slot and record the outcome. Returns the error to abort a successful call with
+        when its record could not be written (an unrecordable success is never released); the caller aborts.
+        Not a coroutine: it never waits, and this runs on every call."""
         if done is not None:
             done(failure is not None)
         if self._observers:
             unrecorded = self._notify(call, None, _final_code(context, failure), started)
             if unrecorded is not None and failure is None:
-                await abort(context, unrecorded)
+                return unrecorded
+        return None
 
     async def intercept_service(
         self,
@@ -256,7 +262,17 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
         path: str = handler_call_details.method
         if handler is None or not path.startswith(_AGENT_PREFIX):
             return handler
-        method = path[len(_AGENT_PREFIX):]
+        cached = self._wrapped.get(path)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(path[len(_AGENT_PREFIX):], handler)
+        if len(self._wrapped) >= 64:  # the Agent service has three methods; bound it anyway
+            self._wrapped.clear()
+        self._wrapped[path] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+        """The handler with the chain in front of it (see the class docstring)."""
         observed = bool(self._observers)
         deserialize = handler.request_deserializer  # applied by the wrappers below, after the chain
         if handler.unary_unary is not None:
@@ -274,7 +290,9 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
                     failure = exc
                     raise
                 finally:
-                    await self._leave(call, context, failure, done, started)
+                    unrecorded = self._leave(call, context, failure, done, started)
+                    if unrecorded is not None:
+                        await abort(context, unrecorded)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -295,7 +313,9 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
                     failure = exc
                     raise
                 finally:
-                    await self._leave(call, context, failure, done, started)
+                    unrecorded = self._leave(call, context, failure, done, started)
+                    if unrecorded is not None:
+                        await abort(context, unrecorded)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,

@@ -35,7 +35,7 @@ from hivemesh.mesh.resilience.breaker import DEFAULT_FAILURE_CODES, CircuitBreak
 from hivemesh.mesh.resilience.kinds import BreakerSettings
 from hivemesh.mesh.resilience.retry import RetryBudget, RetryPolicy, may_resend
 from hivemesh.mesh.resilience.routes import RoutePolicy, select
-from hivemesh.mesh.resilience.traffic import ResponseCache, Traffic
+from hivemesh.mesh.resilience.traffic import OutboundPolicies, ResponseCache, Traffic
 from hivemesh.mesh.routing import RoundRobinRouter
 from hivemesh.mesh.token_source import TokenSource, on_behalf_of
 from hivemesh.v1 import agent_pb2, mesh_pb2
@@ -59,7 +59,10 @@ def _never_sent(exc: grpc.aio.AioRpcError) -> bool:
 
 
 def _idempotent(instance: mesh_pb2.AgentInstance, capability: str) -> bool:
-    return any(c.name == capability and c.idempotent for c in instance.card.capabilities)
+    for c in instance.card.capabilities:  # noqa: SIM110 - a loop, not any(<generator>): this runs on every call
+        if c.name == capability and c.idempotent:
+            return True
+    return False
 
 
 def _rendezvous(key: str, instance_id: str) -> int:
@@ -156,10 +159,13 @@ class OutboundPipeline:
             token = await self.tokens.get(instance.identity, capability)
         return [*metadata, ("authorization", f"Bearer {token}")]
 
-    def _deadline(self, capability: str, timeout: float | None, default_timeout: float | None) -> float | None:
+    @staticmethod
+    def _deadline(
+        policies: OutboundPolicies, timeout: float | None, default_timeout: float | None
+    ) -> float | None:
         """The caller's deadline always wins; without one, the capability's policy default, then the client's."""
         if timeout is None:
-            timeout = self.traffic.timeout(capability)
+            timeout = policies.timeout
         if timeout is None:
             timeout = default_timeout
         return None if timeout is None else time.monotonic() + timeout
@@ -181,14 +187,15 @@ class OutboundPipeline:
         message at hand, saves decoding it when a policy needs one of its fields.
         """
         t = self.traffic
-        call = _Call(capability, raw_request, metadata, self._deadline(capability, timeout, default_timeout), request)
-        routes = t.routes(capability)
+        policies = t.outbound(capability)  # one lookup per call for every policy kind below
+        call = _Call(capability, raw_request, metadata, self._deadline(policies, timeout, default_timeout), request)
+        routes = policies.routes
         retries = [0]
         failed, degraded = True, False
         t.out_started(capability)
         try:
             try:
-                raw, instance = await self._invoke_capability(call, routes, retries)
+                raw, instance = await self._invoke_capability(call, policies, retries)
             except HivemeshError as err:
                 if routes is None or err.code not in _DEGRADE_CODES:
                     raise
@@ -216,11 +223,11 @@ class OutboundPipeline:
             t.out_finished(capability, failed=failed, retries=retries[0], degraded=degraded)
 
     async def _invoke_capability(
-        self, call: _Call, routes: RoutePolicy | None, retries: list[int]
+        self, call: _Call, policies: OutboundPolicies, retries: list[int]
     ) -> tuple[bytes, mesh_pb2.AgentInstance]:
         """One capability, guarded by its capability breaker (if a breakers policy gives it one)."""
         t = self.traffic
-        settings = t.breakers(call.capability)
+        settings = policies.breakers
         breaker: CircuitBreaker | None = None
         if settings is not None and settings.capability is not None:
             breaker = t.capability_breaker(call.capability, settings.capability)
@@ -231,7 +238,7 @@ class OutboundPipeline:
                 )
         outcome = "neutral"
         try:
-            result = await self._attempts(call, routes, settings, retries)
+            result = await self._attempts(call, policies.routes, settings, policies.retries, retries)
             outcome = "success"
             return result
         except HivemeshError as err:
@@ -311,11 +318,15 @@ class OutboundPipeline:
         return t.balancer.order(key, pool, mode)[0]
 
     async def _attempts(
-        self, call: _Call, routes: RoutePolicy | None, settings: BreakerSettings | None, retries: list[int]
+        self,
+        call: _Call,
+        routes: RoutePolicy | None,
+        settings: BreakerSettings | None,
+        policy: RetryPolicy | None,
+        retries: list[int],
     ) -> tuple[bytes, mesh_pb2.AgentInstance]:
         t = self.traffic
         cap = call.capability
-        policy = t.retries(cap)
         budget = t.budget(cap, policy) if policy is not None else None
         if budget is not None:
             budget.record_call()
@@ -513,7 +524,7 @@ class OutboundPipeline:
                 req.capability = routes.fallback
                 fallback = _Call(routes.fallback, req.SerializeToString(), call.metadata, call.deadline, req)
                 try:
-                    raw, instance = await self._invoke_capability(fallback, t.routes(routes.fallback), [0])
+                    raw, instance = await self._invoke_capability(fallback, t.outbound(routes.fallback), [0])
                     log.info("%s failed (%s): answered by fallback %s", call.capability, err.reason, routes.fallback)
                     return raw + _metadata_entry(DEGRADED_KEY, f"fallback:{routes.fallback}"), instance
                 except HivemeshError as fb_err:
@@ -540,9 +551,10 @@ class OutboundPipeline:
         """Forward a streaming call; yields serialized InvokeChunks. Routes, breakers and balancing apply; it
         fails over only before the first chunk, and only when the request was never sent."""
         t = self.traffic
-        call = _Call(capability, raw_request, metadata, self._deadline(capability, timeout, default_timeout), None)
-        routes = t.routes(capability)
-        settings = t.breakers(capability)
+        policies = t.outbound(capability)
+        call = _Call(capability, raw_request, metadata, self._deadline(policies, timeout, default_timeout), None)
+        routes = policies.routes
+        settings = policies.breakers
         failure_codes = settings.failure_codes if settings is not None else DEFAULT_FAILURE_CODES
         cap_breaker: CircuitBreaker | None = None
         if settings is not None and settings.capability is not None:

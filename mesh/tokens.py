@@ -550,7 +550,7 @@ def bearer_from_metadata(metadata: Mapping[str, Any] | Iterable[tuple[str, Any]]
     values: list[Any] = []
     if metadata is None:
         pass
-    elif isinstance(metadata, Mapping):
+    elif isinstance(metadata, dict | Mapping):  # dict first: the inbound chain's case, and the cheap check
         value = metadata.get("authorization")
         if isinstance(value, tuple | list):
             values.extend(value)  # the header was sent more than once

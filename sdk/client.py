@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import uuid
+import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 from hivemesh.mesh.errors import AgentError, HivemeshError
 from hivemesh.mesh.node import MeshNode
-from hivemesh.mesh.outbound import encode_request
 from hivemesh.mesh.registry import CapabilityInfo
 from hivemesh.mesh.settings import MeshSettings
 from hivemesh.mesh.token_source import on_behalf_of
@@ -32,6 +31,16 @@ if TYPE_CHECKING:
     from hivemesh.mesh.audit import AuditLog
 
 JSON = "application/json"
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+"""`json.dumps(x, separators=(",", ":"))` without building a new encoder on every call."""
+
+
+def _call_id() -> str:
+    """A new call id: exactly `uuid.uuid4().hex` (version 4, RFC 4122 variant), without building a UUID."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    return b.hex()
 
 
 @dataclass(frozen=True)
@@ -59,7 +68,7 @@ def _encode_input(payload: Any) -> bytes:
     if isinstance(payload, bytes | bytearray):
         return bytes(payload)
     try:
-        return json.dumps(payload, separators=(",", ":")).encode()
+        return _ENCODER.encode(payload).encode()
     except (TypeError, ValueError) as exc:
         raise TypeError(f"the call's input is not JSON-serializable: {exc}") from None
 
@@ -157,14 +166,16 @@ class MeshClient:
     def _request(
         self, capability: str, payload: Any, context: agent_pb2.CallContext | None, idempotency_key: str | None
     ) -> bytes:
-        ctx = agent_pb2.CallContext()
+        # The bytes `encode_request(capability, data, context=ctx)` makes, built in place: no CallContext copy.
+        req = agent_pb2.InvokeRequest(capability=capability, input=_encode_input(payload), content_type=JSON)
+        ctx = req.context
         if context is not None:
             ctx.CopyFrom(context)
         if not ctx.call_id:
-            ctx.call_id = uuid.uuid4().hex
+            ctx.call_id = _call_id()
         if idempotency_key:
             ctx.idempotency_key = idempotency_key
-        return encode_request(capability, _encode_input(payload), context=ctx)
+        return req.SerializeToString()
 
     async def call_detailed(
         self,

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _JSON = "application/json"
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+"""`json.dumps(x, separators=(",", ":"))` without building a new encoder on every call."""
 
 
 def _bearer(metadata: Any) -> str:
@@ -56,6 +58,8 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         self._mesh = mesh
         self._dedupe = dedupe
         self._budgets = budgets
+        # What every unary answer shares, copied per call (cheaper than building the hop into each response).
+        self._response = agent_pb2.InvokeResponse(content_type=_JSON, hops=[hop])
 
     async def _execute(self, spec: CapabilitySpec, value: Any, ctx: Context) -> tuple[int, Any, agent_pb2.Usage]:
         """Run a capability once: (task state, JSON output, usage). Token usage is metered and charged here, so
@@ -147,10 +151,13 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             log.exception("capability %s failed", request.capability)
             await abort(context, AgentError(f"capability {request.capability!r} failed: {type(exc).__name__}: {exc}"))
         try:
-            output = json.dumps(result, separators=(",", ":")).encode()
+            output = _ENCODER.encode(result).encode()
         except (TypeError, ValueError) as exc:
             await abort(context, AgentError(f"capability {request.capability!r} returned non-JSON output: {exc}"))
-        response = agent_pb2.InvokeResponse(output=output, content_type=_JSON, state=state, hops=[self._hop])  # type: ignore[arg-type]
+        response = agent_pb2.InvokeResponse()
+        response.CopyFrom(self._response)
+        response.output = output
+        response.state = state  # type: ignore[assignment]
         if usage.input_tokens or usage.output_tokens:
             response.usage.CopyFrom(usage)
         return response

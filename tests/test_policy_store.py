@@ -240,3 +240,29 @@ async def test_policy_cache_compiles_and_swaps_on_every_change(etcd: aetcd.Clien
         assert await cache.watch.wait_for(lambda _s: cache.get(RETRIES).lookup("x") is None, 5)
         assert "retries" not in cache.problems
         assert isinstance(cache.view(), MappingProxyType)
+
+
+async def test_outbound_policy_lookup_follows_every_policy_change(etcd: aetcd.Client, etcd_server: EtcdServer) -> None:
+    """Traffic.outbound caches a capability's outbound policies per compiled view: a change applies at once."""
+    from hivemesh.mesh.resilience.kinds import TIMEOUTS
+    from hivemesh.mesh.resilience.traffic import NO_OUTBOUND_POLICIES, Traffic
+
+    async with PolicyCache(etcd_server.endpoint) as cache:
+        traffic = Traffic(cache)
+        assert not cache.get(TIMEOUTS) and len(cache.get(TIMEOUTS)) == 0  # __bool__ agrees with len on empty
+        assert traffic.outbound("work") == NO_OUTBOUND_POLICIES
+        assert traffic.outbound("work") is traffic.outbound("work")  # looked up once per view
+        r1 = await store.apply_policies(etcd, _apply("kind: timeouts\nname: t\nspec: {default_ms: 100}"))
+        assert await cache.wait_for_revision(r1.revision, 5)
+        assert cache.get(TIMEOUTS) and len(cache.get(TIMEOUTS)) == 1
+        assert traffic.outbound("work").timeout == 0.1 and traffic.outbound("work").retries is None
+        r2 = await store.apply_policies(etcd, _apply(RETRY_DOC))
+        assert await cache.wait_for_revision(r2.revision, 5)
+        after = traffic.outbound("work")
+        assert after.timeout == 0.1 and after.retries is not None and after.retries.attempts == 3
+        assert (after.timeout, after.routes, after.breakers, after.retries) == (
+            traffic.timeout("work"), traffic.routes("work"), traffic.breakers("work"), traffic.retries("work"))
+        r3 = await store.delete_policy(etcd, "timeouts", "t")
+        assert await cache.wait_for_revision(r3, 5)
+        assert traffic.outbound("work").timeout is None and traffic.outbound("work").retries is not None
+    assert Traffic().outbound("work") is NO_OUTBOUND_POLICIES  # no policy cache at all

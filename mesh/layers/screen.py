@@ -134,10 +134,21 @@ class PatternScreen:
         for rule in self.rules:
             if rule.non_ascii_only:
                 continue
-            if rule.requires is not None:
+            requires = rule.requires
+            if requires is not None:
                 if low is None:
                     low = text.lower()
-                if not all(any(word in low for word in group) for group in rule.requires):
+                # all(any(word in low for word in group) for group in requires), as plain loops: on a short
+                # field the generators cost more than the substring searches they run.
+                possible = True
+                for group in requires:
+                    for word in group:
+                        if word in low:
+                            break
+                    else:
+                        possible = False
+                        break
+                if not possible:
                     continue
             m = rule.pattern.search(text)
             if m:

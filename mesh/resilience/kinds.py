@@ -112,6 +112,11 @@ class Table(Generic[T]):
     def __len__(self) -> int:
         return len({t.doc for t in self.targets})
 
+    def __bool__(self) -> bool:
+        # Same truth as len() > 0 (every target comes from a document), without building a set: every policy
+        # lookup on the call path tests a table's truth first.
+        return bool(self.targets)
+
 
 def _compile_table(
     kind: str, docs: Mapping[str, PolicyDoc], build: Callable[[PolicyDoc], T], *, with_agents: bool = False

@@ -13,7 +13,7 @@ import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from hivemesh.mesh.policy import PolicyCache
 from hivemesh.mesh.resilience.balancer import Balancer
@@ -78,6 +78,18 @@ class ResponseCache:
         return entry[1]
 
 
+class OutboundPolicies(NamedTuple):
+    """The policies an outbound call of one capability follows (None: no policy of that kind names it)."""
+
+    timeout: float | None
+    routes: RoutePolicy | None
+    breakers: BreakerSettings | None
+    retries: RetryPolicy | None
+
+
+NO_OUTBOUND_POLICIES: OutboundPolicies = OutboundPolicies(None, None, None, None)
+
+
 class Traffic:
     """The resilience state of one node; see the module docstring."""
 
@@ -95,6 +107,8 @@ class Traffic:
         self._out_inst: dict[tuple[str, str], _Counts] = {}
         self._in: dict[str, _Counts] = {}
         self._gates: dict[str, ConcurrencyGate] = {}
+        self._outbound_view: Mapping[str, Any] | None = None
+        self._outbound: dict[str, OutboundPolicies] = {}
 
     # --- policies in force (O(1) reads of the compiled view) ---------------------------------------------------
     def _table(self, kind_name: str) -> Table[Any] | None:
@@ -102,6 +116,27 @@ class Traffic:
             return None
         table: Table[Any] | None = self.policies.view().get(kind_name)
         return table
+
+    def outbound(self, capability: str) -> OutboundPolicies:
+        """The outbound policies of capability: four lookups done once per capability and policy snapshot.
+
+        Keyed on the compiled view's identity (the policy cache swaps in a new view on every change), so a
+        changed policy applies to the very next call. All four None: no policy names the capability.
+        """
+        if self.policies is None:
+            return NO_OUTBOUND_POLICIES
+        view = self.policies.view()
+        if view is not self._outbound_view:
+            self._outbound_view, self._outbound = view, {}
+        found = self._outbound.get(capability)
+        if found is None:
+            found = OutboundPolicies(
+                self.timeout(capability), self.routes(capability), self.breakers(capability), self.retries(capability)
+            )
+            if len(self._outbound) > 4096:
+                self._outbound.clear()
+            self._outbound[capability] = found
+        return found
 
     def routes(self, capability: str) -> RoutePolicy | None:
         t = self._table(ROUTES.name)
