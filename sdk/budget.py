@@ -10,8 +10,9 @@ matching `subjects` may spend on the capabilities matching `capabilities` per wi
 The documents are a policy kind (`budgets`) of the policy framework (`hivemesh.mesh.policy`): stored under
 `/hivemesh/policies/budgets/<name>`, applied with the policy CLI, mirrored and compiled by every node. An
 agent checks the caller's spend before running a capability (RESOURCE_EXHAUSTED / TOKEN_BUDGET_EXCEEDED when
-spent) and charges the call's usage after. Spend is counted per agent process in fixed windows, so with N
-replicas a caller can spend up to N times the budget in the worst case; give each replica its share.
+spent) and charges the call's usage after, in fixed windows. With a `SpendLedger` (what an AgentServer uses for
+the `budgets` policies) the spend of every replica counts (`hivemesh.sdk.budget_ledger`); without one, spend
+is counted per process.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from hivemesh.mesh.errors import TokenBudgetExceededError
+
+if TYPE_CHECKING:
+    from hivemesh.sdk.budget_ledger import SpendLedger
 
 KIND_NAME: Final = "budgets"
 
@@ -129,11 +133,21 @@ class TokenBudgets:
     """
 
     def __init__(
-        self, table: BudgetTable | Callable[[], BudgetTable], *, clock: Callable[[], float] = time.time
+        self,
+        table: BudgetTable | Callable[[], BudgetTable],
+        *,
+        clock: Callable[[], float] = time.time,
+        ledger: SpendLedger | None = None,
     ) -> None:
         self._table: Callable[[], BudgetTable] = table if callable(table) else (lambda: table)
         self._clock = clock
         self._spent: dict[tuple[str, str, int], int] = {}
+        self.ledger = ledger
+        """Shares spend with the other replicas (None: this process's spend only)."""
+
+    def _total(self, key: tuple[str, str, int]) -> int:
+        own = self._spent.get(key, 0)
+        return own + self.ledger.others(key) if self.ledger is not None else own
 
     def _windows(self, subject: str, capability: str) -> list[tuple[BudgetRule, tuple[str, str, int]]]:
         now = self._clock()
@@ -142,12 +156,12 @@ class TokenBudgets:
 
     def spent(self, subject: str, capability: str) -> dict[str, int]:
         """Tokens spent in the current window of every rule that applies (rule name → tokens)."""
-        return {rule.name: self._spent.get(key, 0) for rule, key in self._windows(subject, capability)}
+        return {rule.name: self._total(key) for rule, key in self._windows(subject, capability)}
 
     def check(self, subject: str, capability: str) -> None:
         """Raise TokenBudgetExceededError if any applicable rule's budget for this window is spent."""
         for rule, key in self._windows(subject, capability):
-            spent = self._spent.get(key, 0)
+            spent = self._total(key)
             if spent >= rule.max_tokens:
                 retry = rule.window_s - (self._clock() % rule.window_s)
                 raise TokenBudgetExceededError(
@@ -161,8 +175,10 @@ class TokenBudgets:
         if tokens <= 0:
             return
         windows = self._windows(subject, capability)
-        for _rule, key in windows:
-            self._spent[key] = self._spent.get(key, 0) + tokens
+        for rule, key in windows:
+            total = self._spent[key] = self._spent.get(key, 0) + tokens
+            if self.ledger is not None:
+                self.ledger.publish(key, total, (key[2] + 1) * rule.window_s)
         if len(self._spent) > 10_000:  # drop past windows
             current = {key for _r, key in windows}
             now = self._clock()

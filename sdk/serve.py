@@ -25,6 +25,7 @@ from hivemesh.mesh.registry import Registration, default_instance_id, drain_afte
 from hivemesh.mesh.settings import MeshSettings
 from hivemesh.sdk.agent import Agent
 from hivemesh.sdk.budget import TokenBudgets
+from hivemesh.sdk.budget_ledger import SpendLedger
 from hivemesh.sdk.client import MeshClient
 from hivemesh.sdk.idempotency import DedupeStore, IdempotencyCache
 from hivemesh.sdk.servicer import AgentServicer
@@ -83,6 +84,9 @@ class AgentServer:
         self.mesh = MeshClient(self.node)
         self._server: FrontDoor | None = None
         self._registration: Registration | None = None
+        self._ledger: SpendLedger | None = None
+        self.token_budgets: TokenBudgets | None = None
+        """The token budgets in force once started (given, or from the `budgets` policies; None: none)."""
         self.port = 0
 
     @property
@@ -112,8 +116,15 @@ class AgentServer:
             hop = agent_pb2.Hop(
                 kind="agent", identity=self.node.workload.spiffe_id, instance=self.instance_id, endpoint=self.endpoint
             )
-            servicer = AgentServicer(self.agent, hop=hop, mesh=self.mesh, dedupe=self.dedupe,
-                                     budgets=self.budgets or _policy_budgets(self.node))
+            budgets = self.budgets
+            if budgets is None:  # the `budgets` policies, counting what every replica spent
+                ledger = SpendLedger(self.settings.etcd, self.instance_id)
+                budgets = _policy_budgets(self.node, ledger)
+                if budgets is not None:
+                    self._ledger = ledger
+                    await ledger.start()
+            self.token_budgets = budgets
+            servicer = AgentServicer(self.agent, hop=hop, mesh=self.mesh, dedupe=self.dedupe, budgets=budgets)
             agent_pb2_grpc.add_AgentServicer_to_server(servicer, server.server)
             self._server = front
             await front.start(self.host, self.port)
@@ -146,6 +157,9 @@ class AgentServer:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        if self._ledger is not None:
+            await self._ledger.stop()  # publishes what this replica spent last
+            self._ledger = None
         if self.audit is not None:
             await self.audit.close()  # ships what it can (bounded), keeps the rest in the spool
             self.audit = None
@@ -159,14 +173,15 @@ class AgentServer:
         await self.stop()
 
 
-def _policy_budgets(node: MeshNode) -> TokenBudgets | None:
-    """Token budgets from the node's policy mirror (`budgets` documents), if this node keeps one."""
+def _policy_budgets(node: MeshNode, ledger: SpendLedger) -> TokenBudgets | None:
+    """Token budgets from the node's policy mirror (`budgets` documents), if this node keeps one, counting the
+    spend of every replica through ledger."""
     from hivemesh.sdk.budget import BUDGETS
 
     policies = getattr(node, "policies", None)
     if BUDGETS is None or policies is None or not hasattr(policies, "get"):
         return None
-    return TokenBudgets(lambda: policies.get(BUDGETS))
+    return TokenBudgets(lambda: policies.get(BUDGETS), ledger=ledger)
 
 
 async def serve(agent: Agent, settings: MeshSettings | None = None, **kwargs: Any) -> AgentServer:
