@@ -91,6 +91,9 @@ class SpendLedger:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self.published = 0
+        """Totals put into etcd so far."""
+        self.failures = 0
+        """Flushes that failed (etcd unreachable): the totals stayed pending and were tried again."""
 
     async def start(self, timeout: float = 10.0) -> None:
         """Mirror everyone's totals (waits for the first listing, bounded), then publish ours in the background."""
@@ -148,6 +151,7 @@ class SpendLedger:
                 raise
             except Exception as exc:  # noqa: BLE001 - publishing is best effort: calls never wait on it
                 failures += 1
+                self.failures += 1
                 log.log(logging.DEBUG if failures > 1 else logging.WARNING,
                         "cannot publish token budget spend: %r", exc)
                 await self._reset_client()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 import pytest
 
 from hivemesh.mesh.errors import TokenBudgetExceededError
+from hivemesh.mesh.etcd import EtcdServer
 from hivemesh.sdk.budget_ledger import SPEND_PREFIX, SpendLedger, parse_spend_key, spend_key
 from tests.meshenv import apply_policies_text
 from tests.orch_agents import WorkerAgent
@@ -79,3 +81,23 @@ async def test_a_stopped_replicas_spend_still_counts(orch: Orch) -> None:
         await wait_until(lambda: ledger.others(key) == 13, 10, "the stopped replica's 13 tokens")
     finally:
         await ledger.stop()
+
+
+async def test_spend_published_during_an_etcd_outage_arrives_after_it(own_etcd: EtcdServer) -> None:
+    key = ("shared[0]", CALLER, 7)
+    window_end = time.time() + 3600
+    writer, reader = SpendLedger(own_etcd.endpoint, "writer"), SpendLedger(own_etcd.endpoint, "reader")
+    await writer.start()
+    await reader.start()
+    try:
+        writer.publish(key, 10, window_end)
+        await wait_until(lambda: reader.others(key) == 10, 10, "the first total")
+        await asyncio.to_thread(own_etcd.stop)
+        writer.publish(key, 25, window_end)  # spend goes on while etcd is down
+        await wait_until(lambda: writer.failures > 0, 10, "a failed flush while etcd is down")
+        assert reader.others(key) == 10  # the reader keeps its last view
+        await asyncio.to_thread(own_etcd.start)
+        await wait_until(lambda: reader.others(key) == 25, 30, "the total published after the outage")
+    finally:
+        await writer.stop()
+        await reader.stop()
