@@ -144,7 +144,8 @@ class HandshakeAudit:
             return
         if not tracer_requested(os.environ.get("GRPC_TRACE")):
             self.problem = ("gRPC's handshaker tracer is off: start this process with GRPC_TRACE=handshaker "
-                            "(hivemesh up, hivemesh sidecar and python -m hivemesh.agents.run do)")
+                            "(hivemesh up, hivemesh sidecar, hivemesh controlplane and python -m "
+                            "hivemesh.agents.run do)")
             log.warning("TLS handshake refusals on port %d are not audited: %s", self.port, self.problem)
             return
         tee = await asyncio.to_thread(StderrTee.shared)
@@ -193,6 +194,11 @@ class HandshakeAudit:
             return False
         return True
 
+    def _proven(self) -> None:
+        """The probe's report arrived (late ones too: a slow start is not a broken audit)."""
+        self.active.set()
+        self.problem = ""
+
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(self.window_s / 2)
@@ -204,7 +210,7 @@ class HandshakeAudit:
             return
         if failure.peer_port == self._probe_port and not self.active.is_set():
             if self._loop is not None:
-                self._loop.call_soon_threadsafe(self.active.set)
+                self._loop.call_soon_threadsafe(self._proven)
             return
         reason, _ = classify(failure.error)
         now = self._clock()
