@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import secrets
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +38,7 @@ from hivemesh.mesh.errors import (
 from hivemesh.mesh.front import FrontDoor, open_front_door
 from hivemesh.mesh.handshake_audit import start_tee
 from hivemesh.mesh.inbound import AGENT_SERVICE, DecisionObserver
-from hivemesh.mesh.layers import current_inbound
+from hivemesh.mesh.layers import Inbound, current_inbound
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN
 from hivemesh.mesh.node import MeshNode
@@ -116,16 +117,18 @@ class SidecarConfig:
 
 
 def _forward_metadata(
-    context: grpc.aio.ServicerContext[Any, Any], handle: str | None = None
-) -> list[tuple[str, str | bytes]]:
-    md: list[tuple[str, str | bytes]] = [
-        (k, v) for k, v in context.invocation_metadata() or () if k not in _DROP_METADATA and not k.startswith("grpc-")
-    ]
-    inbound = current_inbound.get()
-    if inbound is not None and inbound.peer is not None:
-        md.append((_CALLER_KEY, str(inbound.peer.spiffe_id)))
+    context: grpc.aio.ServicerContext[Any, Any], caller: str | None, handle: str | None = None
+) -> grpc.aio.Metadata:
+    """The caller's metadata for the agent, minus the token and the headers only the sidecar sets, plus the
+    verified caller and the call handle. A grpc.aio.Metadata, which gRPC takes as is (a list it copies)."""
+    md = grpc.aio.Metadata(
+        *[(k, v) for k, v in context.invocation_metadata() or () if k not in _DROP_METADATA
+          and not k.startswith("grpc-")]
+    )
+    if caller is not None:
+        md.add(_CALLER_KEY, caller)
     if handle is not None:
-        md.append((CALL_HANDLE_KEY, handle))
+        md.add(CALL_HANDLE_KEY, handle)
     return md
 
 
@@ -275,21 +278,16 @@ class Sidecar:
         await self.stop()
 
     # --- delegation handles ----------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _call_handle(self) -> Iterator[str | None]:
-        """A fresh handle for the inbound call being forwarded (None when it carries no token), forgotten as
-        soon as the call ends, so a leaked handle is worthless afterwards."""
-        inbound = current_inbound.get()
+    def _open_handle(self, inbound: Inbound | None) -> str | None:
+        """A fresh handle for the inbound call being forwarded (None when it carries no token); the forwarder
+        forgets it (in its `finally`) as soon as the call ends, so a leaked handle is worthless afterwards.
+        A plain try/finally at the call site, not a context manager: this runs on every forwarded call."""
         if inbound is None or inbound.claims is None:
-            yield None
-            return
+            return None
         token = bearer_from_metadata(inbound.metadata)  # the token layer verified it for this very call
         handle = secrets.token_urlsafe(32)
         self._handles[handle] = token
-        try:
-            yield handle
-        finally:
-            del self._handles[handle]
+        return handle
 
     def _subject_token(self, context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
         """The token an agent's outbound call acts for (its call handle's), None without a handle."""
@@ -309,31 +307,43 @@ class Sidecar:
         assert self._agent_channel is not None
         channel = self._agent_channel
         agent = self.config.agent
+        handles = self._handles
         invoke: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/hivemesh.v1.Agent/Invoke")
         invoke_stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(
             "/hivemesh.v1.Agent/InvokeStream"
         )
+
+        def caller_of(inbound: Inbound | None) -> str | None:
+            return None if inbound is None or inbound.peer is None else str(inbound.peer.spiffe_id)
 
         async def describe(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
             assert self.card is not None
             return self.card.SerializeToString()
 
         async def forward(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-            with self._call_handle() as handle:
-                try:
-                    raw: bytes = await invoke(
-                        request, timeout=context.time_remaining(), metadata=_forward_metadata(context, handle)
-                    )
-                except grpc.aio.AioRpcError as exc:
-                    await _relay_error(context, exc, agent)
+            inbound = current_inbound.get()
+            handle = self._open_handle(inbound)
+            try:
+                raw: bytes = await invoke(
+                    request, timeout=context.time_remaining(),
+                    metadata=_forward_metadata(context, caller_of(inbound), handle),
+                )
+            except grpc.aio.AioRpcError as exc:
+                await _relay_error(context, exc, agent)
+            finally:
+                if handle is not None:
+                    del handles[handle]
             return raw + self._hop_bytes
 
         async def forward_stream(
             request: bytes, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[bytes]:
-            with self._call_handle() as handle:
+            inbound = current_inbound.get()
+            handle = self._open_handle(inbound)
+            try:
                 call = invoke_stream(
-                    request, timeout=context.time_remaining(), metadata=_forward_metadata(context, handle)
+                    request, timeout=context.time_remaining(),
+                    metadata=_forward_metadata(context, caller_of(inbound), handle),
                 )
                 try:
                     async for chunk in call:
@@ -345,6 +355,9 @@ class Sidecar:
                     await _relay_error(context, exc, agent)
                 finally:
                     call.cancel()
+            finally:
+                if handle is not None:
+                    del handles[handle]
 
         return grpc.method_handlers_generic_handler(
             AGENT_SERVICE,
@@ -430,6 +443,10 @@ async def run_sidecar(config: SidecarConfig, settings: MeshSettings | None = Non
     """Run a sidecar until SIGINT/SIGTERM (what `hivemesh sidecar` does)."""
     sidecar = Sidecar(config, settings)
     await sidecar.start()
+    # Everything built so far (modules, the node, channels, compiled policies) lives as long as the process:
+    # move it out of the collector's generations, so the full collections that call garbage triggers do not
+    # walk the whole start-up heap again and again. Only the collector's bookkeeping changes.
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
