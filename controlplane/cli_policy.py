@@ -200,4 +200,12 @@ def status(obj: CliContext, as_json: bool) -> None:
                 table.add_row("", "", "", inst.instance, inst.breaker or "-", str(inst.in_flight), str(inst.calls),
                               f"{inst.error_rate:.1%}", "", "")
     out.print(table)
+    audited = [n for n in nodes if n.handshake_audit]
+    if audited:
+        tls = Table("node", "TLS handshake audit", "refusals on record")
+        for n in audited:
+            colour = "green" if n.handshake_audit == "live" else "yellow" if n.handshake_audit == "starting" else "red"
+            tls.add_row(f"{_short(n.identity)} ({n.instance})", f"[{colour}]{n.handshake_audit}[/{colour}]",
+                        str(n.handshakes_refused))
+        out.print(tls)
     err.print("[dim]counts are over the last ~10 s, published by each node every ~2 s[/dim]", highlight=False)

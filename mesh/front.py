@@ -27,6 +27,7 @@ class FrontDoor:
 
     server: ManagedServer
     audit: AuditLog | None
+    node: MeshNode | None = None
     handshakes: HandshakeAudit | None = None
     """Audits the TLS handshakes the server refuses (set by `start`, when the audit log is on)."""
 
@@ -36,10 +37,14 @@ class FrontDoor:
         if self.audit is not None:
             self.handshakes = HandshakeAudit(self.audit, host, port)
             await self.handshakes.start()
+            if self.node is not None:  # `hivemesh status` shows whether that audit is live
+                self.node.status_extras.append(self.handshakes.fill_status)
 
     async def stop(self, grace: float) -> None:
         await self.server.stop(grace)
         if self.handshakes is not None:
+            if self.node is not None and self.handshakes.fill_status in self.node.status_extras:
+                self.node.status_extras.remove(self.handshakes.fill_status)
             await self.handshakes.close()
             self.handshakes = None
 
@@ -84,4 +89,4 @@ def open_front_door(
         services=[AGENT_SERVICE],
         interceptors=[MeshInboundInterceptor(chain, observers=[*observers, *([log] if log is not None else [])])],
     )
-    return FrontDoor(server=server, audit=log)
+    return FrontDoor(server=server, audit=log, node=node)

@@ -194,6 +194,18 @@ class HandshakeAudit:
             return False
         return True
 
+    @property
+    def state(self) -> str:
+        """For `hivemesh status`: live, starting (the probe has not come back yet) or off with the reason."""
+        if self.active.is_set():
+            return "live"
+        return f"off: {self.problem}" if self.problem else "starting"
+
+    def fill_status(self, status: Any) -> None:
+        """Add this audit's state to a node's published status (a NodeTraffic)."""
+        status.handshake_audit = self.state
+        status.handshakes_refused = self.recorded
+
     def _proven(self) -> None:
         """The probe's report arrived (late ones too: a slow start is not a broken audit)."""
         self.active.set()

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -34,6 +35,7 @@ from hivemesh.mesh.token_source import TokenSource
 from hivemesh.mesh.tokens import KeySet, RevocationList, TokenVerifier
 from hivemesh.mesh.trustdoc import TRUST_BUNDLE_KEY, fingerprint, issued_by, verify_jwks, verify_trust_doc
 from hivemesh.mesh.watch import PrefixCache
+from hivemesh.v1 import policy_pb2
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,8 @@ class MeshNode:
         self.policies = PolicyCache(settings.etcd)
         self.traffic = Traffic(self.policies)
         self._status: StatusPublisher | None = None
+        self.status_extras: list[Callable[[policy_pb2.NodeTraffic], None]] = []
+        """What other parts of this node add to its published status (e.g. the TLS handshake audit's state)."""
         self._verify_inbound = verify_inbound
         self._workload: Workload | None = None
         self.revocations = RevocationList()
@@ -147,13 +151,19 @@ class MeshNode:
             self._status = StatusPublisher(
                 s.etcd,
                 status_key(self.kind, self.name, self.instance_id),
-                lambda: self.traffic.snapshot(
-                    identity=self.workload.spiffe_id, instance=self.instance_id,
-                    agent=self.name if self.kind == "agent" else "",
-                ),
+                self._status_snapshot,
             )
             self._status.start()
         self._started = True
+
+    def _status_snapshot(self) -> policy_pb2.NodeTraffic:
+        snap = self.traffic.snapshot(
+            identity=self.workload.spiffe_id, instance=self.instance_id,
+            agent=self.name if self.kind == "agent" else "",
+        )
+        for fill in list(self.status_extras):
+            fill(snap)
+        return snap
 
     async def stop(self) -> None:
         """Release everything; idempotent."""

@@ -187,6 +187,23 @@ async def test_every_refused_handshake_gets_one_audit_record(target: Target) -> 
         assert rec["listener"].endswith(f":{target.port}") and rec["caller"] == "" and rec["node"], rec
         table.append(f"| {name} | {rec['reason']} | {rec['decision']} | {rec['message']} |")
 
+    # `hivemesh status` shows the audit live on that node, with its refusals counted.
+    name = "plain" if target.packaging == "sidecar" else "echo"
+
+    async def audit_status() -> dict[str, Any] | None:
+        code, out, err = await run_cli(target.env, "status", "--json")
+        assert code == 0, err
+        mine = [n for n in json.loads(out) if n["identity"].endswith(f"/agent/{name}")]
+        return mine[0] if mine and mine[0]["handshakes_refused"] >= len(ATTACKS) else None
+
+    deadline = time.monotonic() + 30
+    node = await audit_status()
+    while node is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        node = await audit_status()
+    assert node is not None and node["handshake_audit"] == "live", node
+    code, out, err = await run_cli(target.env, "status")
+    assert code == 0 and "TLS handshake audit" in out and "live" in out, out + err
     print(f"\nFIGURE handshake refusals ({target.packaging}): {len(ATTACKS)} attacks, one record each\n"
           + "\n".join(table))
 

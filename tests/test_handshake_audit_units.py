@@ -17,6 +17,7 @@ import pytest
 from hivemesh.mesh.audit import AuditLog, verify_chain
 from hivemesh.mesh.handshake_audit import OPT_OUT_ENV, HandshakeAudit, child_environment
 from hivemesh.mesh.handshake_log import HandshakeFailure
+from hivemesh.v1 import policy_pb2
 
 REPO = Path(__file__).resolve().parent.parent
 NODE = "spiffe://hivemesh.local/agent/echo"
@@ -184,3 +185,20 @@ def test_the_restart_turns_the_tracer_on_and_keeps_the_command_line() -> None:
     assert _run(code, {**base, OPT_OUT_ENV: "0"}) == ["None", "a1,a2", "False"]
     assert child_environment({"X": "1"}, inherit={"GRPC_TRACE": "tcp"}) == {"X": "1", "GRPC_TRACE": "tcp,handshaker"}
     assert child_environment({"X": "1"}, inherit={OPT_OUT_ENV: "off"}) == {"X": "1"}
+
+
+async def test_its_state_for_hivemesh_status(log: AuditLog, monkeypatch: pytest.MonkeyPatch) -> None:
+    audit = HandshakeAudit(log, "127.0.0.1", 7000, clock=Clock())
+    status = policy_pb2.NodeTraffic()
+    audit.fill_status(status)
+    assert (status.handshake_audit, status.handshakes_refused) == ("starting", 0)
+    audit.on_failure(_fail("ipv4:10.0.0.1:1"))
+    audit._loop = asyncio.get_running_loop()
+    audit._proven()
+    audit.fill_status(status)
+    assert (status.handshake_audit, status.handshakes_refused) == ("live", 1)
+    monkeypatch.delenv("GRPC_TRACE", raising=False)
+    off = HandshakeAudit(log, "127.0.0.1", 7001)
+    await off.start()
+    off.fill_status(status)
+    assert status.handshake_audit.startswith("off: gRPC's handshaker tracer is off")

@@ -358,12 +358,18 @@ class NodeTraffic(_message.Message):
     POLICY_REVISION_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     CONCURRENCY_FIELD_NUMBER: _builtins.int
+    HANDSHAKE_AUDIT_FIELD_NUMBER: _builtins.int
+    HANDSHAKES_REFUSED_FIELD_NUMBER: _builtins.int
     identity: _builtins.str
     """SPIFFE id"""
     instance: _builtins.str
     updated_unix_ms: _builtins.int
     policy_revision: _builtins.int
     """the etcd revision of the policies in force on this node"""
+    handshake_audit: _builtins.str
+    """refused-TLS-handshake audit: "live", "starting", "off: <why>"; "": none"""
+    handshakes_refused: _builtins.int
+    """refused TLS handshakes on record since the node started"""
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedCompositeFieldContainer[Global___CapabilityTraffic]: ...
     @_builtins.property
@@ -379,10 +385,12 @@ class NodeTraffic(_message.Message):
         policy_revision: _builtins.int = ...,
         capabilities: _abc.Iterable[Global___CapabilityTraffic] | None = ...,
         concurrency: Global___ConcurrencyStatus | None = ...,
+        handshake_audit: _builtins.str = ...,
+        handshakes_refused: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["concurrency", b"concurrency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "concurrency", b"concurrency", "identity", b"identity", "instance", b"instance", "policy_revision", b"policy_revision", "updated_unix_ms", b"updated_unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "concurrency", b"concurrency", "handshake_audit", b"handshake_audit", "handshakes_refused", b"handshakes_refused", "identity", b"identity", "instance", b"instance", "policy_revision", b"policy_revision", "updated_unix_ms", b"updated_unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
