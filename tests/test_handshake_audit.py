@@ -10,12 +10,9 @@ read back from the control plane, so they were also chained, shipped and stored.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
-import socket
-import ssl
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -37,8 +34,8 @@ from hivemesh.v1 import audit_pb2
 from tests.meshenv import TRUST_DOMAIN, MeshEnv, run_cli
 from tests.plain_agent import PlainAgent
 from tests.spawn import REPO, start_replica, start_sidecar, stop
+from tests.tls_attacks import H2_PREFACE, attacker_context, raw_attempt, tls_attempt
 
-H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 GARBAGE = b"\x16\x03\x01\x00\x05hello" + bytes(range(64))  # a TLS record header, then nonsense
 
 
@@ -78,55 +75,6 @@ async def target(request: pytest.FixtureRequest, mesh_env: MeshEnv, tmp_path: Pa
             await stop(proc)
 
 
-def _client_context(tmp: Path, cert: bytes | None = None, key: bytes | None = None) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE  # the attacker does not care who the server is
-    ctx.set_alpn_protocols(["h2"])
-    if cert is not None and key is not None:
-        (tmp / "c.pem").write_bytes(cert)
-        (tmp / "k.pem").write_bytes(key)
-        ctx.load_cert_chain(tmp / "c.pem", tmp / "k.pem")
-    return ctx
-
-
-def _tls_attempt(target_port: int, ctx: ssl.SSLContext) -> int:
-    """One TLS connection that the server should refuse; returns its source port."""
-    with _connect(target_port) as raw:
-        port = int(raw.getsockname()[1])
-        got = b""
-        try:
-            with ctx.wrap_socket(raw) as tls:
-                got = tls.recv(1)  # TLS 1.3: the server's verdict on our certificate comes after our Finished
-        except (ssl.SSLError, OSError):
-            pass
-        assert not got, "the server accepted the connection (it sent HTTP/2 data)"
-    return port
-
-
-def _connect(port: int) -> socket.socket:
-    """A TCP connection to the target. A SYN answered with a reset (a burst can overflow a busy server's
-    accept queue) made no connection, so no handshake either: try again, a bounded number of times."""
-    for attempt in range(20):
-        try:
-            return socket.create_connection(("127.0.0.1", port), timeout=10)
-        except (ConnectionResetError, ConnectionRefusedError):
-            if attempt == 19:
-                raise
-            time.sleep(0.05 * (attempt + 1))
-    raise AssertionError("unreachable")
-
-
-def _raw_attempt(target_port: int, data: bytes) -> int:
-    with _connect(target_port) as raw:
-        port = int(raw.getsockname()[1])
-        if data:
-            raw.sendall(data)
-            with contextlib.suppress(OSError):
-                raw.recv(64)
-    return port
-
-
 def _cert(t: Target, ca_dir: Path, ttl_s: int) -> tuple[bytes, bytes]:
     sid = parse_spiffe_id(f"spiffe://{TRUST_DOMAIN}/client/attacker")
     return load_ca(ca_dir).issue_with_new_key(str(sid), common_name=sid.name, dns_names=[sid.dns_name], ttl_s=ttl_s)
@@ -136,22 +84,22 @@ def _other_ca(t: Target) -> int:
     rogue = t.tmp / "rogue-ca"
     if not (rogue / "ca.pem").exists():
         init_ca(rogue, TRUST_DOMAIN)
-    return _tls_attempt(t.port, _client_context(t.tmp, *_cert(t, rogue, 600)))
+    return tls_attempt(t.port, attacker_context(t.tmp, *_cert(t, rogue, 600)))
 
 
 def _expired(t: Target) -> int:
     cert, key = _cert(t, t.env.certs.certs_dir, 1)
     time.sleep(1.6)
-    return _tls_attempt(t.port, _client_context(t.tmp, cert, key))
+    return tls_attempt(t.port, attacker_context(t.tmp, cert, key))
 
 
 ATTACKS: list[tuple[str, Callable[[Target], int], str, str]] = [
     ("certificate from another CA", _other_ca, "TLS_CERT_UNTRUSTED", "deny"),
     ("expired certificate", _expired, "TLS_CERT_EXPIRED", "deny"),
-    ("no client certificate", lambda t: _tls_attempt(t.port, _client_context(t.tmp)), "TLS_CERT_MISSING", "deny"),
-    ("plaintext HTTP/2", lambda t: _raw_attempt(t.port, H2_PREFACE), "TLS_PLAINTEXT", "deny"),
-    ("garbage bytes", lambda t: _raw_attempt(t.port, GARBAGE), "TLS_HANDSHAKE_FAILED", "deny"),
-    ("connect and hang up", lambda t: _raw_attempt(t.port, b""), "TLS_CONNECTION_CLOSED", "error"),
+    ("no client certificate", lambda t: tls_attempt(t.port, attacker_context(t.tmp)), "TLS_CERT_MISSING", "deny"),
+    ("plaintext HTTP/2", lambda t: raw_attempt(t.port, H2_PREFACE), "TLS_PLAINTEXT", "deny"),
+    ("garbage bytes", lambda t: raw_attempt(t.port, GARBAGE), "TLS_HANDSHAKE_FAILED", "deny"),
+    ("connect and hang up", lambda t: raw_attempt(t.port, b""), "TLS_CONNECTION_CLOSED", "error"),
 ]
 
 
@@ -244,7 +192,7 @@ async def test_a_handshake_flood_is_coalesced_and_every_refusal_counted(
     target: Target, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     n = 60
-    ports = [await asyncio.to_thread(_raw_attempt, target.port, b"") for _ in range(n)]
+    ports = [await asyncio.to_thread(raw_attempt, target.port, b"") for _ in range(n)]
     records = await _wait_for(target.env, lambda rs: sum(r["count"] for r in rs) >= n)
     closed = [r for r in records if r["reason"] == "TLS_CONNECTION_CLOSED"]
     assert sum(r["count"] for r in closed) == n, closed
@@ -289,9 +237,9 @@ async def test_the_control_planes_ports_audit_refused_handshakes(
         assert m, f"control plane said {line!r}: {log.read_text()[-3000:]}"
         control, join = m.group(1), m.group(2)
         ports = {
-            await asyncio.to_thread(_tls_attempt, port_of(control), _client_context(tmp_path)):
+            await asyncio.to_thread(tls_attempt, port_of(control), attacker_context(tmp_path)):
                 ("TLS_CERT_MISSING", control),
-            await asyncio.to_thread(_raw_attempt, port_of(join), H2_PREFACE): ("TLS_PLAINTEXT", join),
+            await asyncio.to_thread(raw_attempt, port_of(join), H2_PREFACE): ("TLS_PLAINTEXT", join),
         }
         operator = ControlPlaneClient.from_certs_dir(control, certs)
         deadline = time.monotonic() + 30

@@ -3,7 +3,6 @@ that changes the format fails here), and line by line, where no line that is not
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import ssl
@@ -26,44 +25,17 @@ from hivemesh.mesh.handshake_log import (
     tracer_requested,
     with_tracer,
 )
+from tests.tls_attacks import H2_PREFACE, attacker_context, raw_attempt, tls_attempt
 
 REPO = Path(__file__).resolve().parent.parent
 TD = "hivemesh.local"
 
 
-def _ssl_attempt(port: int, ctx: ssl.SSLContext) -> int:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        source = int(raw.getsockname()[1])
-        try:
-            with ctx.wrap_socket(raw) as tls:
-                assert not tls.recv(1), "the server accepted the connection"
-        except (ssl.SSLError, OSError):
-            pass
-    return source
-
-
-def _raw_attempt(port: int, data: bytes) -> int:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        source = int(raw.getsockname()[1])
-        if data:
-            raw.sendall(data)
-            with contextlib.suppress(OSError):
-                raw.recv(64)
-    return source
-
-
 def _context(tmp: Path, ca_dir: Path | None) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.set_alpn_protocols(["h2"])
-    if ca_dir is not None:
-        cert, key = load_ca(ca_dir).issue_with_new_key(f"spiffe://{TD}/client/x", common_name="x",
-                                                       dns_names=["x.client.hivemesh.local"], ttl_s=600)
-        (tmp / "x.pem").write_bytes(cert)
-        (tmp / "x.key").write_bytes(key)
-        ctx.load_cert_chain(tmp / "x.pem", tmp / "x.key")
-    return ctx
+    if ca_dir is None:
+        return attacker_context(tmp)
+    return attacker_context(tmp, *load_ca(ca_dir).issue_with_new_key(
+        f"spiffe://{TD}/client/x", common_name="x", dns_names=["x.client.hivemesh.local"], ttl_s=600))
 
 
 @pytest.mark.slow
@@ -84,10 +56,10 @@ def test_what_the_pinned_grpcio_logs_is_parsed(tmp_path: Path) -> None:
         assert line.startswith("port "), f"server said {line!r}: {err_path.read_text()[-2000:]}"
         port = int(line.split()[1])
         expected = {
-            _ssl_attempt(port, _context(tmp_path, rogue_ca)): "TLS_CERT_UNTRUSTED",
-            _ssl_attempt(port, _context(tmp_path, None)): "TLS_CERT_MISSING",
-            _raw_attempt(port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"): "TLS_PLAINTEXT",
-            _raw_attempt(port, b""): "TLS_CONNECTION_CLOSED",
+            tls_attempt(port, _context(tmp_path, rogue_ca)): "TLS_CERT_UNTRUSTED",
+            tls_attempt(port, _context(tmp_path, None)): "TLS_CERT_MISSING",
+            raw_attempt(port, H2_PREFACE): "TLS_PLAINTEXT",
+            raw_attempt(port, b""): "TLS_CONNECTION_CLOSED",
         }
         good = _ssl_attempt_ok(port, _context(tmp_path, mesh_ca))
         deadline = time.monotonic() + 20
@@ -120,7 +92,7 @@ def _ssl_attempt_ok(port: int, ctx: ssl.SSLContext) -> int:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
         source = int(raw.getsockname()[1])
         with ctx.wrap_socket(raw) as tls:
-            tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            tls.sendall(H2_PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # and an empty SETTINGS
             assert tls.recv(9), "the server refused a good certificate"
     return source
 
@@ -210,3 +182,4 @@ def test_tracer_setting() -> None:
     assert tracer_requested("handshaker") and tracer_requested("api,all")
     assert not tracer_requested(None) and not tracer_requested("api") and not tracer_requested("all,-handshaker")
     assert port_of("ipv6:[::1]:5000") == 5000 and port_of("unix:/tmp/x") == 0
+
