@@ -183,3 +183,11 @@ def test_tracer_setting() -> None:
     assert not tracer_requested(None) and not tracer_requested("api") and not tracer_requested("all,-handshaker")
     assert port_of("ipv6:[::1]:5000") == 5000 and port_of("unix:/tmp/x") == 0
 
+
+def test_warnings_and_fatal_checks_from_the_tracers_files_always_pass() -> None:
+    """Only the tracer's INFO entries are hidden: a failed check in handshaker.cc is a crash's last words."""
+    parser = HandshakeLogParser()
+    fatal = b"F1125 19:45:18.889441   13723 handshaker.cc:99] Check failed: index_ <= handshakers_.size()"
+    warning = b"W1125 19:45:18.889441   13723 channel_trace.h:1] handshake manager 0x1: something odd"
+    assert parser.feed(fatal) and parser.feed(warning)
+    assert not parser.feed(FAILED.split(b"\n")[0])
