@@ -9,7 +9,7 @@ import aetcd
 import pytest
 
 from hivemesh.mesh.etcd import EtcdServer, client, wait_connected
-from tests.meshenv import MeshEnv, start_mesh_env, stop_mesh_env
+from tests.support.meshenv import MeshEnv, start_mesh_env, stop_mesh_env
 
 
 @pytest.fixture(autouse=True)
@@ -65,4 +65,4 @@ async def mesh_env(etcd: aetcd.Client, etcd_server: EtcdServer, tmp_path: Path) 
 
 
 # The orchestration tests' mesh (a control plane that lets every workload call, a client, CLI helpers).
-from tests.orch_env import orch  # noqa: E402, F401 - a fixture, used by name
+from tests.support.orch_env import orch  # noqa: E402, F401 - a fixture, used by name

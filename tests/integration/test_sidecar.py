@@ -1,0 +1,256 @@
+"""A plain gRPC agent (generated stubs only, plaintext on loopback) behind a real `Sidecar`, called over the
+real mesh: mutual TLS, control-plane tokens, the etcd registry. Covers what the sidecar adds (its hop, the
+caller's identity), what it must not leak (the token), what it must not touch (payload bytes, the agent's own
+errors, the deadline), and its outbound `Mesh` service for agents in other languages."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+
+from hivemesh.mesh.outbound import encode_request
+from hivemesh.mesh.pki import parse_spiffe_id
+from hivemesh.mesh.sidecar import Sidecar, SidecarConfig, hop_suffix
+from hivemesh.mesh.tls import secure_channel
+from hivemesh.sdk import AgentServer, DeadlineExceededError, HivemeshError, InvalidInputError, MeshClient
+from hivemesh.v1 import agent_pb2, agent_pb2_grpc, mesh_pb2, mesh_pb2_grpc
+from tests.support.agents_for_tests import EchoAgent
+from tests.support.meshenv import TRUST_DOMAIN, MeshEnv
+from tests.support.plain_agent import FAIL_MESSAGE, FAIL_TRAILER, PlainAgent
+
+TESTER = f"spiffe://{TRUST_DOMAIN}/client/tester"
+PLAIN = f"spiffe://{TRUST_DOMAIN}/agent/plain"
+
+
+@dataclass
+class Rig:
+    plain: PlainAgent
+    sidecar: Sidecar
+    sdk: AgentServer
+    sdk_agent: EchoAgent
+    mesh: MeshClient
+
+    def sidecar_hop(self) -> agent_pb2.Hop:
+        return agent_pb2.Hop(
+            kind="sidecar", identity=PLAIN, instance=self.sidecar.instance_id, endpoint=self.sidecar.endpoint
+        )
+
+
+@pytest.fixture
+async def rig(mesh_env: MeshEnv) -> AsyncIterator[Rig]:
+    plain = PlainAgent("plain", prefix="plain-")
+    sdk_agent = EchoAgent("sdk")
+    async with plain:
+        sidecar = Sidecar(SidecarConfig(agent=plain.endpoint), await mesh_env.settings_for("plain"))
+        async with sidecar, AgentServer(sdk_agent, await mesh_env.settings_for("echo")) as sdk:
+            tester = await mesh_env.settings_for("tester", "client")
+            async with MeshClient.connect(name="tester", settings=tester) as mesh:
+                for name in ("plain-echo", "echo"):
+                    assert await mesh.node.registry.wait_for_capability(name, 1, timeout=10)
+                    assert sidecar.node is not None
+                    assert await sidecar.node.registry.wait_for_capability(name, 1, timeout=10)
+                yield Rig(plain, sidecar, sdk, sdk_agent, mesh)
+
+
+def _reason(exc: grpc.aio.AioRpcError) -> str | None:
+    for key, value in exc.trailing_metadata() or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            for detail in status_pb2.Status.FromString(value).details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    return str(info.reason)
+    return None
+
+
+async def test_describe_through_the_mesh_returns_the_agents_card(rig: Rig) -> None:
+    workload = rig.mesh.node.workload
+    channel = secure_channel(
+        rig.sidecar.endpoint, workload.channel_credentials(), server_name=parse_spiffe_id(PLAIN).dns_name
+    )
+    async with channel:
+        card = await agent_pb2_grpc.AgentStub(channel).Describe(agent_pb2.DescribeRequest(), timeout=10)
+    assert card == rig.plain.card()
+    [instance] = rig.mesh.node.registry.instances("plain-echo")
+    assert instance.card == rig.plain.card()
+    assert (instance.packaging, instance.identity, instance.endpoint) == ("sidecar", PLAIN, rig.sidecar.endpoint)
+
+
+async def test_invoke_appends_the_sidecar_hop_without_re_encoding(rig: Rig) -> None:
+    result = await rig.mesh.call_detailed("plain-echo", {"text": "hi"}, timeout=10)
+    assert result.output == {"text": "hi", "caller": TESTER}
+    assert [h.kind for h in result.hops] == ["sidecar"]
+    assert result.hops[0] == rig.sidecar_hop()
+    assert result.instance.instance_id == rig.sidecar.instance_id
+
+    # Byte for byte: what the caller received is exactly what the agent sent, plus the hop's wire suffix.
+    raw, _ = await rig.mesh.node.outbound.invoke(
+        encode_request("plain-echo", b'{ "text" :  "spacing kept" }'), capability="plain-echo", timeout=10
+    )
+    sent = rig.plain.sent[-1]
+    assert raw == sent + hop_suffix(rig.sidecar_hop())
+    assert agent_pb2.InvokeResponse.FromString(raw).output == agent_pb2.InvokeResponse.FromString(sent).output
+
+
+async def test_streaming_final_chunk_carries_the_hop(rig: Rig) -> None:
+    words = [w async for w in rig.mesh.stream("plain-shout", {"text": "a b c"}, timeout=10)]
+    assert words == ["A", "B", "C"]
+
+    before = len(rig.plain.sent)
+    chunks = [
+        raw
+        async for raw, _ in rig.mesh.node.outbound.invoke_stream(
+            encode_request("plain-shout", b'{"text": "x y"}'), capability="plain-shout", timeout=10
+        )
+    ]
+    sent = rig.plain.sent[before:]
+    assert len(chunks) == len(sent) == 3
+    assert chunks[:-1] == sent[:-1]  # data chunks forwarded untouched
+    assert chunks[-1] == sent[-1] + hop_suffix(rig.sidecar_hop())
+    final = agent_pb2.InvokeChunk.FromString(chunks[-1])
+    assert final.final and [h.kind for h in final.hops] == ["sidecar"]
+    assert all(not agent_pb2.InvokeChunk.FromString(c).hops for c in chunks[:-1])
+
+
+async def test_agent_sees_the_caller_never_the_token(rig: Rig) -> None:
+    await rig.mesh.call("plain-echo", {"text": "hi"}, timeout=10)
+    md = rig.plain.metadata[-1]
+    keys = [k for k, _ in md]
+    assert "authorization" not in keys
+    assert [v for k, v in md if k == "x-hivemesh-caller"] == [TESTER]
+
+
+async def test_caller_cannot_spoof_the_caller_header(rig: Rig) -> None:
+    forged = [("x-hivemesh-caller", f"spiffe://{TRUST_DOMAIN}/operator/admin")]
+    raw, _ = await rig.mesh.node.outbound.invoke(
+        encode_request("plain-echo", b'{"text": "hi"}'), capability="plain-echo", timeout=10, metadata=forged
+    )
+    out = json.loads(agent_pb2.InvokeResponse.FromString(raw).output)
+    assert out["caller"] == TESTER
+    assert [v for k, v in rig.plain.metadata[-1] if k == "x-hivemesh-caller"] == [TESTER]
+
+
+async def test_agent_error_status_reaches_the_caller_unchanged(rig: Rig) -> None:
+    with pytest.raises(InvalidInputError) as typed:
+        await rig.mesh.call("plain-fail", {"text": "bad"}, timeout=10)
+    assert typed.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert typed.value.message == FAIL_MESSAGE
+    assert rig.plain.calls == 1  # it was the agent's refusal, not the mesh's
+
+    # On the wire: the agent's own code, message and trailing metadata, passed through as they were.
+    workload = rig.mesh.node.workload
+    token = await rig.mesh.node.outbound.tokens.get(PLAIN, "plain-fail")
+    channel = secure_channel(
+        rig.sidecar.endpoint, workload.channel_credentials(), server_name=parse_spiffe_id(PLAIN).dns_name
+    )
+    async with channel:
+        invoke = channel.unary_unary("/hivemesh.v1.Agent/Invoke")
+        with pytest.raises(grpc.aio.AioRpcError) as raw:
+            await invoke(
+                encode_request("plain-fail", b'{"text": "bad"}'),
+                metadata=[("authorization", f"Bearer {token}")],
+                timeout=10,
+            )
+    assert raw.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raw.value.details() == FAIL_MESSAGE
+    assert FAIL_TRAILER in tuple(raw.value.trailing_metadata() or ())
+    assert _reason(raw.value) is None  # the sidecar added no ErrorInfo of its own
+
+    # A streaming call the agent refuses: its status, again unchanged.
+    with pytest.raises(HivemeshError) as streamed:
+        async for _ in rig.mesh.stream("plain-echo", {"text": "not a stream"}, timeout=10):
+            pass
+    assert streamed.value.code == grpc.StatusCode.NOT_FOUND
+    assert streamed.value.message == "no streaming capability 'plain-echo'"
+
+
+async def test_outbound_mesh_service_calls_a_capability_by_name(rig: Rig) -> None:
+    async with grpc.aio.insecure_channel(rig.sidecar.mesh_endpoint) as channel:
+        stub = mesh_pb2_grpc.MeshStub(channel)
+        resp = await stub.Call(
+            agent_pb2.InvokeRequest(capability="echo", input=b'{"text": "from plain"}'), timeout=10
+        )
+        assert json.loads(resp.output) == {"text": "from plain", "caller": PLAIN, "served_by": "sdk"}
+        assert [h.kind for h in resp.hops] == ["agent"]
+        assert resp.hops[0].instance == rig.sdk.instance_id
+        assert rig.sdk_agent.calls == 1
+
+        chunks = [c async for c in stub.CallStream(
+            agent_pb2.InvokeRequest(capability="shout", input=b'{"text": "one two"}'), timeout=10
+        )]
+        assert [json.loads(c.data) for c in chunks if not c.final] == ["ONE", "TWO"]
+        assert chunks[-1].final and [h.kind for h in chunks[-1].hops] == ["agent"]
+
+        refusals = [
+            (agent_pb2.InvokeRequest(capability="no-such-capability"), grpc.StatusCode.NOT_FOUND,
+             "UNKNOWN_CAPABILITY"),
+            # The sidecar acts as agent/plain, and no grant gives agents 'restricted'.
+            (agent_pb2.InvokeRequest(capability="restricted", input=b'{"text": "x"}'),
+             grpc.StatusCode.PERMISSION_DENIED, "GRANT_DENIED"),
+        ]
+        for request, code, reason in refusals:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Call(request, timeout=10)
+            assert (info.value.code(), _reason(info.value)) == (code, reason), info.value.details()
+        garbage: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/hivemesh.v1.Mesh/Call")
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await garbage(b"\xff\xff\xff", timeout=10)
+        assert (bad.value.code(), _reason(bad.value)) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT")
+    assert rig.sdk_agent.calls == 1
+
+
+async def test_list_capabilities_and_resolve_answer_from_the_registry(rig: Rig) -> None:
+    async with grpc.aio.insecure_channel(rig.sidecar.mesh_endpoint) as channel:
+        stub = mesh_pb2_grpc.MeshStub(channel)
+        listing = await stub.ListCapabilities(mesh_pb2.ListCapabilitiesRequest(), timeout=10)
+        by_name = {e.capability.name: e for e in listing.capabilities}
+        plain_caps = {c.name for c in rig.plain.card().capabilities}
+        sdk_caps = {c.name for c in rig.sdk_agent.card().capabilities}
+        assert set(by_name) == plain_caps | sdk_caps
+        assert (list(by_name["plain-echo"].agents), by_name["plain-echo"].instances) == (["plain"], 1)
+        assert (list(by_name["echo"].agents), by_name["echo"].instances) == (["echo"], 1)
+        tagged = await stub.ListCapabilities(mesh_pb2.ListCapabilitiesRequest(tag="plain"), timeout=10)
+        assert {e.capability.name for e in tagged.capabilities} == {"plain-echo", "plain-shout"}
+
+        sdk = await stub.Resolve(mesh_pb2.ResolveRequest(capability="echo"), timeout=10)
+        assert [(i.instance_id, i.packaging, i.endpoint) for i in sdk.instances] == [
+            (rig.sdk.instance_id, "in-process", rig.sdk.endpoint)
+        ]
+        own = await stub.Resolve(mesh_pb2.ResolveRequest(capability="plain-echo"), timeout=10)
+        assert [(i.instance_id, i.packaging, i.endpoint) for i in own.instances] == [
+            (rig.sidecar.instance_id, "sidecar", rig.sidecar.endpoint)
+        ]
+        none = await stub.Resolve(mesh_pb2.ResolveRequest(capability="no-such-capability"), timeout=10)
+        assert list(none.instances) == []
+
+
+async def test_deadline_propagates_through_the_sidecar(rig: Rig) -> None:
+    timeout = 0.5
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceededError) as info:
+        await rig.mesh.call("plain-slow", {"seconds": 3.0}, timeout=timeout)
+    elapsed = time.monotonic() - started
+    assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert elapsed < 1.5, f"the caller waited {elapsed:.2f} s for a {timeout} s deadline"
+    assert rig.plain.calls == 1
+    seen = rig.plain.deadlines[-1]
+    assert seen is not None and 0 < seen <= timeout, f"the agent saw deadline {seen}"
+    # The agent's handler is cancelled too, long before its 3 s sleep would have ended.
+    await asyncio.wait_for(rig.plain.slow_cancelled.wait(), 2.0)
+    assert rig.plain.slow_cancelled_at is not None
+    assert rig.plain.slow_cancelled_at - started < 1.5
+
+    # The same through the sidecar's outbound Mesh service, towards the SDK agent.
+    async with grpc.aio.insecure_channel(rig.sidecar.mesh_endpoint) as channel:
+        stub = mesh_pb2_grpc.MeshStub(channel)
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as mesh_info:
+            await stub.Call(agent_pb2.InvokeRequest(capability="slow", input=b'{"seconds": 3}'), timeout=timeout)
+        assert mesh_info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 1.5

@@ -1,0 +1,90 @@
+"""Mesh workloads as real child processes (a sidecar through the `hivemesh` CLI, an SDK agent), for tests
+that need a process of their own: SIGKILL, or gRPC's tracer, which is read once at a process's start."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+from tests.support.meshenv import MeshEnv
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+async def child_env(env: MeshEnv, name: str, home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a workload joining env's mesh as agent `name` (a fresh one-time join token)."""
+    join = await env.operator.create_join_token(name, "agent", 120)
+    s = env.base_settings()
+    out = {k: v for k, v in os.environ.items() if not k.startswith("HIVEMESH_")}
+    out.update(
+        HIVEMESH_HOME=str(home), HIVEMESH_ETCD=s.etcd, HIVEMESH_CONTROLPLANE=s.controlplane, HIVEMESH_JOIN=s.join,
+        HIVEMESH_CA=str(s.ca_bundle), HIVEMESH_TRUST_DOMAIN=s.trust_domain, HIVEMESH_JOIN_TOKEN=join.token,
+    )
+    out.update(extra)
+    return out
+
+
+async def _spawn(args: list[str], env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
+    log_file = log.open("ab")  # the child keeps its own copy of the descriptor
+    try:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, *args, cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE, stderr=log_file,
+            start_new_session=True,
+        )
+    finally:
+        log_file.close()
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-3000:]
+
+
+async def _first_line(proc: asyncio.subprocess.Process, log: Path, timeout: float) -> str:
+    assert proc.stdout is not None
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout)
+    except TimeoutError:
+        raise AssertionError(f"no ready line within {timeout:.0f} s; log {log}:\n{_tail(log)}") from None
+    return line.decode()
+
+
+async def start_sidecar(
+    env: MeshEnv, agent: str, home: Path, log: Path, *args: str, timeout: float = 30.0, **extra: str
+) -> tuple[asyncio.subprocess.Process, str]:
+    """`hivemesh sidecar --agent AGENT` as agent 'plain'; (process, its mTLS endpoint) once it is ready."""
+    proc = await _spawn(["-m", "hivemesh.controlplane.cli", "sidecar", "--agent", agent, *args],
+                        await child_env(env, "plain", home, **extra), log)
+    line = await _first_line(proc, log, timeout)
+    if not line.startswith("sidecar ready mesh="):
+        await stop(proc)
+        raise AssertionError(f"sidecar said {line!r}; log {log}:\n{_tail(log)}")
+    return proc, line.split()[2].removeprefix("mesh=")
+
+
+async def start_replica(
+    env: MeshEnv, tag: str, home: Path, log: Path, *, timeout: float = 30.0, **extra: str
+) -> tuple[asyncio.subprocess.Process, str]:
+    """`python -m tests.support.replica_main` (an SDK EchoAgent) as agent 'echo'; (process, endpoint) once ready."""
+    proc = await _spawn(["-m", "tests.support.replica_main"],
+                        await child_env(env, "echo", home, HIVEMESH_REPLICA_TAG=tag, **extra), log)
+    line = await _first_line(proc, log, timeout)
+    if not line.startswith("ready "):
+        await stop(proc)
+        raise AssertionError(f"replica said {line!r}; log {log}:\n{_tail(log)}")
+    return proc, line.split()[1]
+
+
+async def stop(proc: asyncio.subprocess.Process, *, kill: bool = False, timeout: float = 10.0) -> None:
+    """Stop proc (SIGTERM, or SIGKILL with kill=True; SIGKILL anyway after timeout) and reap it."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill() if kill else proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await asyncio.wait_for(proc.wait(), timeout)
