@@ -283,7 +283,7 @@ async def test_revocation_takes_effect_on_every_node_within_a_second(
 ) -> None:
     import grpc
 
-    from tests.test_security_e2e import INVOKE, invoke_request
+    from tests.integration.test_security_e2e import INVOKE, invoke_request
 
     plain = PlainAgent("plain")
     async with AgentServer(EchoAgent(), await env.settings_for("echo"), audit_dir=tmp_path / "a") as inproc, plain:
@@ -401,7 +401,7 @@ async def test_cached_keys_work_while_etcd_is_down_and_an_unknown_kid_fails_clos
 
     from hivemesh.mesh.errors import from_rpc_error
     from hivemesh.mesh.tls import secure_channel
-    from tests.test_security_e2e import INVOKE, invoke_request
+    from tests.integration.test_security_e2e import INVOKE, invoke_request
 
     env = await start_mesh_env(tmp_path, own_etcd.endpoint, GRANTS)
     try:
@@ -465,7 +465,7 @@ async def test_a_forged_key_set_written_to_etcd_is_refused_and_the_last_good_one
     from hivemesh.mesh.tls import secure_channel
     from hivemesh.mesh.tokens import JWKS_KEY
     from hivemesh.mesh.trustdoc import sign_jwks
-    from tests.test_security_e2e import INVOKE, invoke_request
+    from tests.integration.test_security_e2e import INVOKE, invoke_request
 
     forged_keys = SigningKeys.load_or_create(tmp_path / "attacker")
     forged_kid = forged_keys.active.kid
