@@ -6,7 +6,7 @@ exactly one audit record was written for it, before the refusal was released, wi
 reason. Refusals in the TLS handshake (no client certificate, plaintext, another CA, an expired certificate)
 happen inside gRPC, where no server code runs: they get UNAVAILABLE, and are listed apart. Their audit records
 come from gRPC's handshaker tracer, which a process reads once at start-up and this test process runs without,
-so `tests/test_handshake_audit.py` checks those records on real sidecar and SDK agent processes; here no record
+so `tests/e2e/test_handshake_audit.py` checks those records on real sidecar and SDK agent processes; here no record
 may appear for them (nothing may be misattributed).
 The cases and their outcomes are printed as a table (run with -s) and recorded in docs/security.md.
 """
