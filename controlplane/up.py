@@ -217,7 +217,7 @@ class MeshUp:
 
     async def _wait_registered(self, capabilities: list[str]) -> None:
         assert self.settings is not None
-        view = RegistryView(self.settings.etcd)
+        view = RegistryView(self.settings.etcd, trust_domain=self.settings.trust_domain)
         await view.start()
         try:
             deadline = time.monotonic() + _READY_S
@@ -244,7 +244,7 @@ class MeshUp:
             self._env(await self._join_token("validator")),
         )
         self.say(f"agent validator: plain gRPC on {m.group(1)} (pid {plain.pid}), behind a sidecar (pid {sidecar.pid})")
-        view = RegistryView(self.settings.etcd)
+        view = RegistryView(self.settings.etcd, trust_domain=self.settings.trust_domain)
         await view.start()
         try:
             deadline = time.monotonic() + _READY_S

@@ -90,7 +90,7 @@ class MeshNode:
         self._bundle_generation = 0
         self._renew_now = asyncio.Event()
         self.renewals = 0
-        self.registry = RegistryView(settings.etcd)
+        self.registry = RegistryView(settings.etcd, trust_domain=settings.trust_domain)
         self.keyset = KeySet()
         self._jwks_issued_at_ns = 0
         self._jwks_refused = False

@@ -107,8 +107,23 @@ def validate_instance(instance: AgentInstance) -> None:
         )
 
 
-def decode_instance(key: bytes, value: bytes) -> AgentInstance:
-    """Parse one registry entry; raise ValueError unless it is a valid instance stored under its own key."""
+class ImpostorEntryError(ValueError):
+    """A registry entry whose identity is not the identity of the agent it is filed under."""
+
+
+def expected_identity(trust_domain: str, agent: str) -> str:
+    """The only identity an instance of agent may present: derived from the name, never read from an entry."""
+    return f"spiffe://{trust_domain}/agent/{agent}"
+
+
+def decode_instance(key: bytes, value: bytes, trust_domain: str | None = None) -> AgentInstance:
+    """Parse one registry entry; raise ValueError unless it is a valid instance stored under its own key.
+
+    With trust_domain, the entry must also be bound to its key's identity (`spiffe://<td>/agent/<agent>`);
+    otherwise ImpostorEntryError. A caller then dials and pins exactly the identity of the agent it asked for:
+    a workload holding any other certificate cannot attract that agent's calls (or its tokens) by writing an
+    entry under its name.
+    """
     rest = key[len(AGENTS_PREFIX) :].decode("utf-8", "replace")
     agent, sep, instance_id = rest.partition("/")
     if not sep or "/" in instance_id:
@@ -119,6 +134,11 @@ def decode_instance(key: bytes, value: bytes) -> AgentInstance:
     bad = instance_violations(inst)
     if bad:
         raise ValueError(f"invalid instance: {bad}")
+    if trust_domain is not None and inst.identity != expected_identity(trust_domain, agent):
+        raise ImpostorEntryError(
+            f"entry {rest} claims identity {inst.identity!r}, but only {expected_identity(trust_domain, agent)!r} "
+            "may serve that agent"
+        )
     return inst
 
 
@@ -436,15 +456,28 @@ class RegistryView:
         self,
         etcd_endpoints: str | Sequence[str],
         *,
+        trust_domain: str | None = None,
         on_change: Callable[[], None] | None = None,
         options: WatchOptions | None = None,
     ) -> None:
+        """trust_domain binds every entry to its key's identity (see decode_instance); a node that routes
+        calls always gives it. Without it (listings only) an entry's identity is shown as written."""
         self._on_change = on_change
         self._index = _EMPTY_INDEX
         self._ever_seen: set[str] = set()
+        self._trust_domain = trust_domain
+        self.impostors_refused = 0
+        """Entries ignored because their identity is not their agent's (each PUT counted once)."""
         self._cache: PrefixCache[AgentInstance] = PrefixCache(
-            etcd_endpoints, AGENTS_PREFIX, decode=decode_instance, on_change=self._rebuild, options=options
+            etcd_endpoints, AGENTS_PREFIX, decode=self._decode, on_change=self._rebuild, options=options
         )
+
+    def _decode(self, key: bytes, value: bytes) -> AgentInstance:
+        try:
+            return decode_instance(key, value, self._trust_domain)
+        except ImpostorEntryError:
+            self.impostors_refused += 1
+            raise
 
     @property
     def cache(self) -> PrefixCache[AgentInstance]:
