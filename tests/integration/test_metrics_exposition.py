@@ -1,0 +1,73 @@
+"""The metrics catalog as Prometheus sees it: scraped over a real socket, and checked by Prometheus's own
+`promtool check metrics` (names, units, help text, label hygiene)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import urllib.request
+
+import pytest
+
+from hivemesh.mesh.metrics import LATENCY_BUCKETS, MeshMetrics, MetricsServer
+
+
+def _populated() -> MeshMetrics:
+    m = MeshMetrics(packaging="in-process", node="echo/i-1")
+    m.red.observe("inbound", "echo", "spiffe://hivemesh.local/client/cli", "OK", "", 0.004)
+    m.red.observe("inbound", "echo", "spiffe://hivemesh.local/client/cli", "RESOURCE_EXHAUSTED", "RATE_LIMITED", 0.0002)
+    m.red.observe("outbound", "extract", "spiffe://hivemesh.local/agent/ocr", "UNAVAILABLE", "NO_LIVE_INSTANCE", 0.001)
+    m.red.in_flight.labels("inbound", "echo").inc()
+    m.events.retries.labels("extract").inc(3)
+    m.events.llm_tokens.labels("rule-based", "spiffe://hivemesh.local/client/cli", "input").inc(120)
+    m.events.llm_cost.labels("rule-based", "spiffe://hivemesh.local/client/cli", "USD").inc(0.0012)
+    m.events.workflow_step_duration.labels("doc-pipeline").observe(0.2)
+    m.state.add("hivemesh_registry_live_instances", "Live instances per capability.", ["capability"],
+                lambda: [({"capability": "echo"}, 2.0)])
+    m.state.add("hivemesh_certificate_expiry_seconds", "Seconds until the node's certificate expires.", [],
+                lambda: [({}, 3500.0)])
+    return m
+
+
+def test_a_scrape_over_http_returns_every_family() -> None:
+    m = _populated()
+    server = MetricsServer(m, "127.0.0.1", 0)
+    server.start()
+    try:
+        with urllib.request.urlopen(f"http://{server.address}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+    finally:
+        server.stop()
+    assert ('hivemesh_requests_total{caller="spiffe://hivemesh.local/client/cli",capability="echo",code="OK",'
+            'direction="inbound",reason=""} 1.0') in text
+    assert 'reason="RATE_LIMITED"' in text
+    assert 'hivemesh_registry_live_instances{capability="echo"} 2.0' in text
+    assert "hivemesh_certificate_expiry_seconds 3500.0" in text
+    # Every bucket bound the catalog promises, 1 ms to 60 s.
+    for bound in LATENCY_BUCKETS:
+        assert f'le="{bound}"' in text
+    assert 'hivemesh_node_info{node="echo/i-1",packaging="in-process"} 1.0' in text
+
+
+def test_a_broken_state_reading_skips_only_that_family() -> None:
+    m = _populated()
+
+    def broken() -> list[tuple[dict[str, str], float]]:
+        raise RuntimeError("spool unreadable")
+
+    m.state.add("hivemesh_audit_spool_lag_records", "Records not yet shipped.", [], broken)
+    text = m.exposition().decode()
+    assert not any(line.startswith("hivemesh_audit_spool_lag_records") for line in text.splitlines())
+    assert "hivemesh_metrics_read_errors 1.0" in text
+    assert 'hivemesh_registry_live_instances{capability="echo"} 2.0' in text
+    with pytest.raises(ValueError, match="already registered"):
+        m.state.add("hivemesh_audit_spool_lag_records", "again", [], broken)
+
+
+def test_promtool_finds_nothing_to_fix() -> None:
+    promtool = shutil.which("promtool")
+    assert promtool is not None, "promtool (Debian's prometheus package) is installed by ./run"
+    text = _populated().exposition()
+    out = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stdout.decode() + out.stderr.decode()
+    assert out.stdout.decode().strip() == "" and out.stderr.decode().strip() == "", out
