@@ -1,0 +1,78 @@
+"""The shipped alert rules and the SLO rules `hivemesh slo rules` renders, checked and unit-tested by Prometheus's
+own promtool (TEST_MATRIX O3): every alert fires on its synthetic series and stays silent on a healthy one."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from hivemesh.controlplane.slo import SLOS, objectives, render_rules
+from hivemesh.mesh.policy import PolicyDoc
+
+REPO = Path(__file__).resolve().parents[2]
+PROM = REPO / "deploy" / "prometheus"
+
+
+def _promtool(*args: str, cwd: Path) -> str:
+    promtool = shutil.which("promtool")
+    assert promtool is not None, "promtool (Debian's prometheus package) is installed by ./run"
+    out = subprocess.run([promtool, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout + out.stderr
+
+
+def test_shipped_alert_rules_check_and_pass_their_unit_tests() -> None:
+    assert "SUCCESS: 10 rules found" in _promtool("check", "rules", "alerts.yml", cwd=PROM)
+    assert "SUCCESS" in _promtool("test", "rules", "alerts.test.yml", cwd=PROM)
+    # Every alert in the file has at least one test that expects it to fire.
+    names = {r["alert"] for g in yaml.safe_load((PROM / "alerts.yml").read_text())["groups"] for r in g["rules"]}
+    tests = yaml.safe_load((PROM / "alerts.test.yml").read_text())["tests"]
+    fired = {t["alertname"] for case in tests for t in case["alert_rule_test"] if t.get("exp_alerts")}
+    assert names == fired, f"alerts without a firing test: {sorted(names - fired)}"
+
+
+def test_rendered_slo_rules_burn_fast_on_an_outage_and_stay_silent_when_healthy(tmp_path: Path) -> None:
+    doc = SLOS.validate(PolicyDoc("slos", "extract", {"objectives": [
+        {"capability": "extract", "availability": 0.999, "latency": {"threshold_ms": 500, "target": 0.99},
+         "window_days": 30},
+        {"capability": "ocr", "availability": 0.99},
+    ]}))
+    (tmp_path / "slo.yml").write_text(yaml.safe_dump(render_rules(objectives({"extract": doc}))))
+    assert "SUCCESS" in _promtool("check", "rules", "slo.yml", cwd=tmp_path)
+    ok = 'hivemesh_requests_total{direction="inbound",capability="%s",code="%s"}'
+    bucket = 'hivemesh_request_duration_seconds_bucket{direction="inbound",capability="extract",le="%s"}'
+    count = 'hivemesh_request_duration_seconds_count{direction="inbound",capability="extract"}'
+    test = {
+        "rule_files": ["slo.yml"],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [
+                # extract: 20% of calls fail and 10% are slower than 500 ms, from minute 0 on: both budgets burn fast.
+                {"series": ok % ("extract", "OK"), "values": "0+80x90"},
+                {"series": ok % ("extract", "UNAVAILABLE"), "values": "0+20x90"},
+                {"series": bucket % "0.5", "values": "0+90x90"},
+                {"series": bucket % "+Inf", "values": "0+100x90"},
+                {"series": count, "values": "0+100x90"},
+                # ocr: healthy (0.5% failures against a 1% budget: burn rate 0.5, below every threshold).
+                {"series": ok % ("ocr", "OK"), "values": "0+995x90"},
+                {"series": ok % ("ocr", "INTERNAL"), "values": "0+5x90"},
+                {"series": ok % ("ocr", "INVALID_ARGUMENT"), "values": "0+500x90"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "70m", "alertname": "HivemeshSLOBurnFast", "exp_alerts": [
+                    {"exp_labels": {"severity": "critical", "capability": "extract", "slo": s},
+                     "exp_annotations": {
+                         "summary": f"extract: {s} error budget burning fast",
+                         "description": (f"The {s} objective of extract ({o} over 30 d) is spending its error "
+                                         "budget at a rate that exhausts it early (page threshold)."),
+                     }} for s, o in (("availability", "0.999"), ("latency", "0.99"))
+                ]},
+            ],
+        }],
+    }
+    (tmp_path / "slo.test.yml").write_text(yaml.safe_dump(test))
+    assert "SUCCESS" in _promtool("test", "rules", "slo.test.yml", cwd=tmp_path)
