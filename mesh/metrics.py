@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest, start_http_server
 from prometheus_client.registry import Collector
 
@@ -127,15 +127,48 @@ class EventMetrics:
 
 
 StateReading = Callable[[], Iterable[tuple[Mapping[str, str], float]]]
-"""Returns the current value of one gauge family as (labels, value) pairs; called at scrape time only."""
+"""Returns the current value of one family as (labels, value) pairs; called at scrape time only."""
 
 
 @dataclass(frozen=True, slots=True)
-class StateGauge:
-    name: str
+class StateSpec:
+    """One family read from state: its help text, labels, and whether it only ever grows (a counter)."""
+
     doc: str
-    labels: tuple[str, ...]
-    read: StateReading
+    labels: tuple[str, ...] = ()
+    counter: bool = False
+
+
+STATE: Final[Mapping[str, StateSpec]] = {
+    # resilience
+    "hivemesh_breaker_state": StateSpec(
+        "Circuit breaker state: 0 closed, 1 half-open, 2 open (instance empty: the capability's own breaker).",
+        ("capability", "instance")),
+    "hivemesh_admission_queue_depth": StateSpec("Calls waiting for an in-flight slot.", ("capability",)),
+    # registry and store
+    "hivemesh_registry_live_instances": StateSpec("Live instances serving a capability.", ("capability",)),
+    "hivemesh_registry_watch_lag_revisions": StateSpec("etcd revisions the registry watch is behind."),
+    "hivemesh_registry_impostors_refused": StateSpec(
+        "Registry entries ignored because their identity is not their agent's.", counter=True),
+    "hivemesh_etcd_connected": StateSpec("1 while the node's etcd watches are connected, else 0."),
+    "hivemesh_etcd_errors": StateSpec("etcd operations that failed.", counter=True),
+    "hivemesh_controlplane_reachable": StateSpec("1 while the node's last control-plane call succeeded, else 0."),
+    # trust
+    "hivemesh_certificate_expiry_seconds": StateSpec("Seconds until the node's workload certificate expires."),
+    "hivemesh_jwks_age_seconds": StateSpec("Seconds since the token key set the node verifies with was issued."),
+    "hivemesh_revocations_in_force": StateSpec("Revoked token ids and identities the node enforces."),
+    # audit
+    "hivemesh_audit_spool_lag_records": StateSpec("Audit records written to the spool and not yet shipped."),
+    "hivemesh_audit_checkpoint_age_seconds": StateSpec("Seconds since the last signed checkpoint (control plane)."),
+    "hivemesh_audit_verify_failures": StateSpec("Audit verifications that found a break (control plane).",
+                                                counter=True),
+    # people and spend
+    "hivemesh_escalations_open": StateSpec("Human escalations waiting for an answer."),
+    "hivemesh_escalation_oldest_age_seconds": StateSpec("Age of the oldest open escalation."),
+    "hivemesh_llm_cost_limit_per_hour": StateSpec("The configured hourly model spend limit.", ("currency",)),
+}
+"""Every family a node may read from its state. A family not listed here cannot be added: the dashboards,
+alerts and docs are checked against this catalog, so a name cannot appear in one place only."""
 
 
 class StateCollector(Collector):
@@ -146,25 +179,32 @@ class StateCollector(Collector):
     """
 
     def __init__(self) -> None:
-        self._gauges: dict[str, StateGauge] = {}
+        self._readings: dict[str, StateReading] = {}
         self._errors = 0
 
-    def add(self, name: str, doc: str, labels: Iterable[str], read: StateReading) -> None:
-        if name in self._gauges:
-            raise ValueError(f"gauge {name} is already registered")
-        self._gauges[name] = StateGauge(name, doc, tuple(labels), read)
+    def add(self, name: str, read: StateReading) -> None:
+        """Read the catalog family `name` (see STATE) from `read` at every scrape."""
+        if name not in STATE:
+            raise ValueError(f"{name} is not in the metrics catalog (hivemesh.mesh.metrics.STATE)")
+        if name in self._readings:
+            raise ValueError(f"{name} is already registered")
+        self._readings[name] = read
 
     def collect(self) -> Iterator[Metric]:
-        for g in list(self._gauges.values()):
-            family = GaugeMetricFamily(g.name, g.doc, labels=list(g.labels))
+        for name, read in list(self._readings.items()):
+            spec = STATE[name]
+            family: GaugeMetricFamily | CounterMetricFamily = (
+                CounterMetricFamily(name, spec.doc, labels=list(spec.labels)) if spec.counter
+                else GaugeMetricFamily(name, spec.doc, labels=list(spec.labels))
+            )
             try:
-                for labels, value in g.read():
-                    family.add_metric([labels.get(k, "") for k in g.labels], float(value))
+                for labels, value in read():
+                    family.add_metric([labels.get(k, "") for k in spec.labels], float(value))
             except Exception:  # noqa: BLE001 - a scrape must survive one part's failure
                 self._errors += 1
                 continue
             yield family
-        errors = GaugeMetricFamily("hivemesh_metrics_read_errors", "State readings that failed during scrapes.")
+        errors = CounterMetricFamily("hivemesh_metrics_read_errors", "State readings that failed during scrapes.")
         errors.add_metric([], float(self._errors))
         yield errors
 
@@ -222,3 +262,12 @@ class MetricsServer:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+
+
+def exported_names() -> frozenset[str]:
+    """Every metric family name a node can export (as written in PromQL, without sample suffixes)."""
+    m = MeshMetrics(packaging="catalog", node="catalog")
+    names = {metric.name for metric in m.registry.collect()}
+    names.update(STATE)
+    names.add("hivemesh_metrics_read_errors")
+    return frozenset(names)

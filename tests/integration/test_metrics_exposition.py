@@ -22,10 +22,9 @@ def _populated() -> MeshMetrics:
     m.events.llm_tokens.labels("rule-based", "spiffe://hivemesh.local/client/cli", "input").inc(120)
     m.events.llm_cost.labels("rule-based", "spiffe://hivemesh.local/client/cli", "USD").inc(0.0012)
     m.events.workflow_step_duration.labels("doc-pipeline").observe(0.2)
-    m.state.add("hivemesh_registry_live_instances", "Live instances per capability.", ["capability"],
-                lambda: [({"capability": "echo"}, 2.0)])
-    m.state.add("hivemesh_certificate_expiry_seconds", "Seconds until the node's certificate expires.", [],
-                lambda: [({}, 3500.0)])
+    m.state.add("hivemesh_registry_live_instances", lambda: [({"capability": "echo"}, 2.0)])
+    m.state.add("hivemesh_certificate_expiry_seconds", lambda: [({}, 3500.0)])
+    m.state.add("hivemesh_registry_impostors_refused", lambda: [({}, 4.0)])
     return m
 
 
@@ -43,6 +42,7 @@ def test_a_scrape_over_http_returns_every_family() -> None:
     assert 'reason="RATE_LIMITED"' in text
     assert 'hivemesh_registry_live_instances{capability="echo"} 2.0' in text
     assert "hivemesh_certificate_expiry_seconds 3500.0" in text
+    assert "hivemesh_registry_impostors_refused_total 4.0" in text
     # Every bucket bound the catalog promises, 1 ms to 60 s.
     for bound in LATENCY_BUCKETS:
         assert f'le="{bound}"' in text
@@ -55,13 +55,15 @@ def test_a_broken_state_reading_skips_only_that_family() -> None:
     def broken() -> list[tuple[dict[str, str], float]]:
         raise RuntimeError("spool unreadable")
 
-    m.state.add("hivemesh_audit_spool_lag_records", "Records not yet shipped.", [], broken)
+    m.state.add("hivemesh_audit_spool_lag_records", broken)
     text = m.exposition().decode()
     assert not any(line.startswith("hivemesh_audit_spool_lag_records") for line in text.splitlines())
-    assert "hivemesh_metrics_read_errors 1.0" in text
+    assert "hivemesh_metrics_read_errors_total 1.0" in text
     assert 'hivemesh_registry_live_instances{capability="echo"} 2.0' in text
     with pytest.raises(ValueError, match="already registered"):
-        m.state.add("hivemesh_audit_spool_lag_records", "again", [], broken)
+        m.state.add("hivemesh_audit_spool_lag_records", broken)
+    with pytest.raises(ValueError, match="not in the metrics catalog"):
+        m.state.add("hivemesh_made_up", broken)
 
 
 def test_promtool_finds_nothing_to_fix() -> None:

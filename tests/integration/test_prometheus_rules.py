@@ -3,6 +3,8 @@ own promtool (TEST_MATRIX O3): every alert fires on its synthetic series and sta
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from hivemesh.controlplane.slo import SLOS, objectives, render_rules
+from hivemesh.mesh.metrics import exported_names
 from hivemesh.mesh.policy import PolicyDoc
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,3 +79,42 @@ def test_rendered_slo_rules_burn_fast_on_an_outage_and_stay_silent_when_healthy(
     }
     (tmp_path / "slo.test.yml").write_text(yaml.safe_dump(test))
     assert "SUCCESS" in _promtool("test", "rules", "slo.test.yml", cwd=tmp_path)
+
+
+_NAME = re.compile(r"\b(hivemesh[_:][A-Za-z0-9_:]*)")
+_SUFFIXES = ("_total", "_bucket", "_count", "_sum")
+
+
+def _unknown_names(expr: str, recorded: set[str]) -> set[str]:
+    exported = exported_names()
+    bad = set()
+    for name in _NAME.findall(expr):
+        if ":" in name:
+            if name not in recorded:
+                bad.add(name)
+            continue
+        base = next((name[: -len(s)] for s in _SUFFIXES if name.endswith(s) and name[: -len(s)] in exported), name)
+        if base not in exported:
+            bad.add(name)
+    return bad
+
+
+def test_dashboards_and_alerts_name_only_metrics_the_mesh_exports() -> None:
+    doc = SLOS.validate(PolicyDoc("slos", "any", {"objectives": [
+        {"capability": "x", "availability": 0.99, "latency": {"threshold_ms": 500, "target": 0.9}}]}))
+    recorded = {r["record"] for r in render_rules(objectives({"any": doc}))["groups"][0]["rules"]}
+    exprs: list[tuple[str, str]] = []
+    for path in sorted((REPO / "deploy" / "grafana").glob("*.json")):
+        dash = json.loads(path.read_text())
+        exprs += [(f"{path.name}: {p['title']}", t["expr"]) for p in dash["panels"] for t in p.get("targets", [])]
+    for g in yaml.safe_load((PROM / "alerts.yml").read_text())["groups"]:
+        exprs += [(f"alerts.yml: {r['alert']}", r["expr"]) for r in g["rules"]]
+    assert len(exprs) > 20
+    problems = {where: sorted(bad) for where, expr in exprs if (bad := _unknown_names(expr, recorded))}
+    assert not problems, f"queries name metrics the mesh does not export: {problems}"
+    # The check itself bites on a made-up name.
+    assert _unknown_names("rate(hivemesh_made_up_total[5m])", recorded) == {"hivemesh_made_up_total"}
+
+
+def test_the_scrape_config_is_valid() -> None:
+    assert "SUCCESS" in _promtool("check", "config", "prometheus.yml", cwd=PROM)
