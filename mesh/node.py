@@ -18,15 +18,16 @@ from collections.abc import Callable
 import grpc
 
 from hivemesh.controlplane.client import ControlPlaneClient
-from hivemesh.mesh.channels import ChannelPool
 from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.outbound import OutboundPipeline
+from hivemesh.mesh.outbound.channels import ChannelPool
+from hivemesh.mesh.outbound.selection import Liveness
 from hivemesh.mesh.pki import controlplane_id, load_certs
 from hivemesh.mesh.policy import PolicyCache
 from hivemesh.mesh.registry import RegistryView, default_instance_id
-from hivemesh.mesh.resilience.traffic import Traffic
+from hivemesh.mesh.resilience.traffic import Traffic, TrafficState
+from hivemesh.mesh.resilience.view import PolicyView
 from hivemesh.mesh.revocation import RevocationWatch
-from hivemesh.mesh.routing import RoundRobinRouter
 from hivemesh.mesh.settings import MeshSettings
 from hivemesh.mesh.status import StatusPublisher, status_key
 from hivemesh.mesh.tls import KeyMaterial, Workload, join, load_workload_files, renewing_server_credentials
@@ -78,7 +79,7 @@ class MeshNode:
         self._publish_status = publish_status
         # Policies are mirrored and compiled in the background; `traffic` is what the layers read.
         self.policies = PolicyCache(settings.etcd)
-        self.traffic = Traffic(self.policies)
+        self.traffic = Traffic(PolicyView(self.policies), TrafficState())
         self._status: StatusPublisher | None = None
         self.status_extras: list[Callable[[policy_pb2.NodeTraffic], None]] = []
         """What other parts of this node add to its published status (e.g. the TLS handshake audit's state)."""
@@ -100,7 +101,7 @@ class MeshNode:
         self._cp: ControlPlaneClient | None = None
         self._tokens: TokenSource | None = None
         self._channels: ChannelPool | None = None
-        self.router = RoundRobinRouter(self.registry)
+        self.liveness = Liveness(self.registry)
         self._outbound: OutboundPipeline | None = None
         self._renew_task: asyncio.Task[None] | None = None
         self._started = False
@@ -125,7 +126,7 @@ class MeshNode:
         self._cp = ControlPlaneClient(s.controlplane, self._workload, s.trust_domain)
         self._tokens = TokenSource(self._cp)
         self._channels = ChannelPool(self._workload)
-        self._outbound = OutboundPipeline(self.router, self._tokens, self._channels, traffic=self.traffic)
+        self._outbound = OutboundPipeline(self.liveness, self._tokens, self._channels, traffic=self.traffic)
         try:
             await self.registry.start(timeout=timeout)
             await self.policies.start(timeout=timeout)
@@ -156,9 +157,9 @@ class MeshNode:
         self._started = True
 
     def _status_snapshot(self) -> policy_pb2.NodeTraffic:
-        snap = self.traffic.snapshot(
+        snap = self.traffic.state.snapshot(
             identity=self.workload.spiffe_id, instance=self.instance_id,
-            agent=self.name if self.kind == "agent" else "",
+            agent=self.name if self.kind == "agent" else "", policy_revision=self.traffic.policy.revision,
         )
         for fill in list(self.status_extras):
             fill(snap)

@@ -47,37 +47,18 @@ from hivemesh.mesh.server import ManagedServer
 from hivemesh.mesh.settings import MeshSettings
 from hivemesh.mesh.token_source import on_behalf_of
 from hivemesh.mesh.tokens import bearer_from_metadata
+from hivemesh.mesh.wire import hop_suffix
 from hivemesh.v1 import agent_pb2, agent_pb2_grpc, mesh_pb2
 
 log = logging.getLogger(__name__)
 
 MESH_SERVICE = "hivemesh.v1.Mesh"
-_HOP_FIELD_TAG = bytes([(15 << 3) | 2])  # field 15 (hops), wire type 2 (length-delimited)
 _CALLER_KEY = "x-hivemesh-caller"
 CALL_HANDLE_KEY = "x-hivemesh-call-handle"
 """Metadata naming the inbound call an agent's `Mesh.Call` acts for (delegation on behalf of its caller)."""
 # The token is the mesh's business: never leak it to the agent. The caller and handle headers are the sidecar's
 # to set: a caller's own copy would let it claim any identity to an agent that reads the first value.
 _DROP_METADATA = frozenset({"authorization", _CALLER_KEY, CALL_HANDLE_KEY})
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def hop_suffix(hop: agent_pb2.Hop) -> bytes:
-    """The wire bytes that append hop to a serialized InvokeResponse/InvokeChunk (protobuf merges repeated
-    fields across concatenation), so a forwarder records itself without re-encoding the payload."""
-    body = hop.SerializeToString()
-    return _HOP_FIELD_TAG + _varint(len(body)) + body
 
 
 @dataclass(frozen=True)
@@ -383,7 +364,8 @@ class Sidecar:
                 reset = on_behalf_of.set(self._subject_token(context))  # None: the sidecar's own token
                 try:
                     raw, _ = await self.node.outbound.invoke(
-                        request, capability=req.capability, timeout=context.time_remaining(), request=req
+                        request, capability=req.capability, idempotency_key=req.context.idempotency_key,
+                        timeout=context.time_remaining(), request=req,
                     )
                 finally:
                     on_behalf_of.reset(reset)
@@ -459,4 +441,4 @@ async def run_sidecar(config: SidecarConfig, settings: MeshSettings | None = Non
             await sidecar.stop()
 
 
-__all__ = ["CALL_HANDLE_KEY", "Sidecar", "SidecarConfig", "hop_suffix", "run_sidecar"]
+__all__ = ["CALL_HANDLE_KEY", "Sidecar", "SidecarConfig", "run_sidecar"]

@@ -191,6 +191,7 @@ class MeshClient:
         raw, instance = await self._node.outbound.invoke(
             self._request(capability, payload, context, idempotency_key),
             capability=capability,
+            idempotency_key=idempotency_key or (context.idempotency_key if context is not None else ""),
             timeout=timeout,
             default_timeout=self.default_timeout,
         )

@@ -30,9 +30,9 @@ class Admission:
         req = call.request
         if req is None:
             return None
-        t = self._traffic
+        t = self._traffic.state
         capability = req.capability
-        policy = t.concurrency(self._agent)
+        policy = self._traffic.policy.concurrency(self._agent)
         gate = t.gate(self._agent, policy) if policy is not None else None
         if gate is not None:
             await gate.acquire(req.context.priority, timeout=time_remaining)

@@ -30,12 +30,12 @@ class RateLimitLayer:
         req = call.request
         if req is None:
             return
-        policy = self._traffic.ratelimit(self._agent, req.capability)
+        policy = self._traffic.policy.ratelimit(self._agent, req.capability)
         if policy is None:
             return
         identity = str(call.peer.spiffe_id) if call.peer is not None else ""
         n = self._instances(req.capability) if self._instances is not None and policy.cluster_total_rps else 1
-        wait = self._traffic.limiter.check(policy, req.capability, identity, instances=n)
+        wait = self._traffic.state.limiter.check(policy, req.capability, identity, instances=n)
         if wait > 0.0:
             raise RateLimitedError(
                 f"rate limit of {req.capability!r} reached for {identity or 'this caller'}; retry in {wait:.3f} s",

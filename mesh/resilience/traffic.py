@@ -1,37 +1,28 @@
-"""A node's traffic state: the policies in force (read from the PolicyCache) and everything they act on.
+"""A node's traffic state: everything the policies act on, and what `hivemesh status` shows of it.
 
-One `Traffic` per MeshNode holds the mutable runtime state the policies drive (breakers, retry budgets, the
-balancer, split positions, the response cache, rate-limit buckets, the in-flight gate) plus the recent
-counts `hivemesh status` shows. Policy lookups are O(1) reads of the compiled view; state objects are keyed by
-target and adopt a changed policy in place, so a policy change never resets what was learnt about health.
+One `TrafficState` per MeshNode holds the mutable runtime state the policies drive (breakers, retry budgets,
+the balancer, split positions, the response cache, rate-limit buckets, the in-flight gate) plus the recent
+counts `hivemesh status` shows. Which policy applies is read from the read-only `PolicyView`
+(`hivemesh.mesh.resilience.view`); `Traffic` pairs the two for the node. State objects are keyed by target and
+adopt a changed policy in place, so a policy change never resets what was learnt about health.
 Everything here runs on the event loop thread: no locks.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from dataclasses import dataclass, field
+from typing import Any
 
-from hivemesh.mesh.policy import PolicyCache
 from hivemesh.mesh.resilience.balancer import Balancer
 from hivemesh.mesh.resilience.breaker import BreakerPolicy, CircuitBreaker, State
+from hivemesh.mesh.resilience.cache import ResponseCache
 from hivemesh.mesh.resilience.concurrency import ConcurrencyGate, ConcurrencyPolicy
-from hivemesh.mesh.resilience.kinds import (
-    BREAKERS,
-    CONCURRENCY,
-    RATELIMITS,
-    RETRIES,
-    ROUTES,
-    TIMEOUTS,
-    BreakerSettings,
-    Table,
-)
-from hivemesh.mesh.resilience.ratelimit import RateLimiter, RateLimitPolicy
+from hivemesh.mesh.resilience.ratelimit import RateLimiter
 from hivemesh.mesh.resilience.retry import RetryBudget, RetryPolicy
 from hivemesh.mesh.resilience.routes import RoutePolicy, SplitState
+from hivemesh.mesh.resilience.view import PolicyView
 from hivemesh.mesh.resilience.window import WindowCounter
 from hivemesh.v1 import policy_pb2
 
@@ -49,52 +40,10 @@ class _Counts:
         self.in_flight = 0
 
 
-class ResponseCache:
-    """Last good responses of cacheable capabilities, by input: bounded (LRU) and expiring (TTL)."""
+class TrafficState:
+    """The mutable resilience state of one node; see the module docstring."""
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._entries: dict[str, OrderedDict[bytes, tuple[float, Any]]] = {}
-        self.hits = 0
-
-    @staticmethod
-    def key(content_type: str, payload: bytes) -> bytes:
-        return hashlib.sha256(content_type.encode() + b"\0" + payload).digest()
-
-    def put(self, capability: str, key: bytes, response: Any, max_entries: int) -> None:
-        entries = self._entries.setdefault(capability, OrderedDict())
-        entries[key] = (self._clock(), response)
-        entries.move_to_end(key)
-        while len(entries) > max_entries:
-            entries.popitem(last=False)
-
-    def get(self, capability: str, key: bytes, ttl_s: float) -> Any:
-        """The response stored for key if it is younger than ttl_s, else None."""
-        entries = self._entries.get(capability)
-        entry = entries.get(key) if entries is not None else None
-        if entry is None or self._clock() - entry[0] > ttl_s:
-            return None
-        self.hits += 1
-        return entry[1]
-
-
-class OutboundPolicies(NamedTuple):
-    """The policies an outbound call of one capability follows (None: no policy of that kind names it)."""
-
-    timeout: float | None
-    routes: RoutePolicy | None
-    breakers: BreakerSettings | None
-    retries: RetryPolicy | None
-
-
-NO_OUTBOUND_POLICIES: OutboundPolicies = OutboundPolicies(None, None, None, None)
-
-
-class Traffic:
-    """The resilience state of one node; see the module docstring."""
-
-    def __init__(self, policies: PolicyCache | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self.policies = policies
         self.clock = clock
         self.balancer = Balancer()
         self.cache = ResponseCache(clock=clock)
@@ -107,60 +56,6 @@ class Traffic:
         self._out_inst: dict[tuple[str, str], _Counts] = {}
         self._in: dict[str, _Counts] = {}
         self._gates: dict[str, ConcurrencyGate] = {}
-        self._outbound_view: Mapping[str, Any] | None = None
-        self._outbound: dict[str, OutboundPolicies] = {}
-
-    # --- policies in force (O(1) reads of the compiled view) ---------------------------------------------------
-    def _table(self, kind_name: str) -> Table[Any] | None:
-        if self.policies is None:
-            return None
-        table: Table[Any] | None = self.policies.view().get(kind_name)
-        return table
-
-    def outbound(self, capability: str) -> OutboundPolicies:
-        """The outbound policies of capability: four lookups done once per capability and policy snapshot.
-
-        Keyed on the compiled view's identity (the policy cache swaps in a new view on every change), so a
-        changed policy applies to the very next call. All four None: no policy names the capability.
-        """
-        if self.policies is None:
-            return NO_OUTBOUND_POLICIES
-        view = self.policies.view()
-        if view is not self._outbound_view:
-            self._outbound_view, self._outbound = view, {}
-        found = self._outbound.get(capability)
-        if found is None:
-            found = OutboundPolicies(
-                self.timeout(capability), self.routes(capability), self.breakers(capability), self.retries(capability)
-            )
-            if len(self._outbound) > 4096:
-                self._outbound.clear()
-            self._outbound[capability] = found
-        return found
-
-    def routes(self, capability: str) -> RoutePolicy | None:
-        t = self._table(ROUTES.name)
-        return t.lookup(capability) if t else None
-
-    def retries(self, capability: str) -> RetryPolicy | None:
-        t = self._table(RETRIES.name)
-        return t.lookup(capability) if t else None
-
-    def timeout(self, capability: str) -> float | None:
-        t = self._table(TIMEOUTS.name)
-        return t.lookup(capability) if t else None
-
-    def breakers(self, capability: str) -> BreakerSettings | None:
-        t = self._table(BREAKERS.name)
-        return t.lookup(capability) if t else None
-
-    def ratelimit(self, agent: str, capability: str) -> RateLimitPolicy | None:
-        t = self._table(RATELIMITS.name)
-        return t.lookup(capability, agent) if t else None
-
-    def concurrency(self, agent: str) -> ConcurrencyPolicy | None:
-        t = self._table(CONCURRENCY.name)
-        return t.lookup("*", agent) if t else None
 
     # --- state --------------------------------------------------------------------------------------------------
     def capability_breaker(self, capability: str, policy: BreakerPolicy) -> CircuitBreaker:
@@ -272,13 +167,15 @@ class Traffic:
             c.window.add(_Counts.FAILURES)
 
     # --- the status report ------------------------------------------------------------------------------------
-    def snapshot(self, *, identity: str, instance: str, agent: str = "") -> policy_pb2.NodeTraffic:
+    def snapshot(
+        self, *, identity: str, instance: str, agent: str = "", policy_revision: int = 0
+    ) -> policy_pb2.NodeTraffic:
         """What `hivemesh status` shows for this node, built off the call path every couple of seconds."""
         node = policy_pb2.NodeTraffic(
             identity=identity,
             instance=instance,
             updated_unix_ms=int(time.time() * 1000),
-            policy_revision=self.policies.revision if self.policies is not None else 0,
+            policy_revision=policy_revision,
         )
         by_cap_instances: dict[str, list[str]] = {}
         for cap, inst in list(self._out_inst) + list(self._inst_breakers):
@@ -320,6 +217,14 @@ class Traffic:
         return node
 
 
-def breaker_states(traffic: Traffic, capability: str) -> Mapping[str, str]:
+@dataclass(frozen=True, slots=True)
+class Traffic:
+    """A node's traffic: the policies in force (read-only) and the state they drive (mutable), side by side."""
+
+    policy: PolicyView = field(default_factory=PolicyView)
+    state: TrafficState = field(default_factory=TrafficState)
+
+
+def breaker_states(state: TrafficState, capability: str) -> Mapping[str, str]:
     """instance id -> breaker state of capability's instances this node has a breaker for (for tests)."""
-    return {i: b.state.value for (c, i), b in traffic._inst_breakers.items() if c == capability}
+    return {i: b.state.value for (c, i), b in state._inst_breakers.items() if c == capability}

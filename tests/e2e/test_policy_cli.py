@@ -119,7 +119,8 @@ spec: {agents: [flaky], capabilities: [work], total_rps: 1000}
 """)
         assert (await hivemesh(mesh_env, tmp_path, "policy", "apply", "-f", str(path))).returncode == 0
         for node in f.nodes():
-            assert await node.policies.watch.wait_for(lambda _s, n=node: n.traffic.breakers("work") is not None, 5)
+            assert await node.policies.watch.wait_for(
+                lambda _s, n=node: n.traffic.policy.breakers("work") is not None, 5)
         f.agents[0].mode = "INTERNAL"
         for _ in range(30):
             with contextlib.suppress(HivemeshError):  # some fail on purpose

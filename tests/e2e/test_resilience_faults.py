@@ -153,11 +153,11 @@ spec: {capabilities: [echo], instance: {consecutive_failures: 3, open_ms: 1000}}
                 assert victim.proc.pid is not None
                 os.kill(victim.proc.pid, signal.SIGKILL)
                 killed_at = time.monotonic()
-                traffic, router = mesh.node.traffic, mesh.node.router
+                traffic, liveness = mesh.node.traffic.state, mesh.node.liveness
 
                 def excluded() -> bool:
                     b = traffic.peek_instance_breaker("echo", "r1")
-                    return router.is_suspect("r1") or (b is not None and b.ejected)
+                    return liveness.is_suspect("r1") or (b is not None and b.ejected)
 
                 excluded_at = await wait_until(excluded, 10, "the dead replica to be avoided", step=0.001)
 
@@ -298,7 +298,7 @@ spec:
 
         await asyncio.gather(*(worker() for _ in range(8)))
         attempts = sum(a.calls["work"] for a in f.agents)
-        budget = f.client.node.traffic.budget("work", f.client.node.traffic.retries("work"))  # type: ignore[arg-type]
+        budget = f.client.node.traffic.state.budget("work", f.client.node.traffic.policy.retries("work"))  # type: ignore[arg-type]
         print(f"\nretry storm, target failing 100% for {STORM_SECONDS:g} s: {calls} calls, {attempts} attempts, "
               f"attempts/calls {attempts / calls:.3f} (3.0 without a budget); retries refused by the budget "
               f"{budget.denied}")

@@ -243,12 +243,12 @@ async def test_policy_cache_compiles_and_swaps_on_every_change(etcd: aetcd.Clien
 
 
 async def test_outbound_policy_lookup_follows_every_policy_change(etcd: aetcd.Client, etcd_server: EtcdServer) -> None:
-    """Traffic.outbound caches a capability's outbound policies per compiled view: a change applies at once."""
+    """PolicyView.outbound caches a capability's outbound policies per compiled view: a change applies at once."""
     from hivemesh.mesh.resilience.kinds import TIMEOUTS
-    from hivemesh.mesh.resilience.traffic import NO_OUTBOUND_POLICIES, Traffic
+    from hivemesh.mesh.resilience.view import NO_OUTBOUND_POLICIES, PolicyView
 
     async with PolicyCache(etcd_server.endpoint) as cache:
-        traffic = Traffic(cache)
+        traffic = PolicyView(cache)
         assert not cache.get(TIMEOUTS) and len(cache.get(TIMEOUTS)) == 0  # __bool__ agrees with len on empty
         assert traffic.outbound("work") == NO_OUTBOUND_POLICIES
         assert traffic.outbound("work") is traffic.outbound("work")  # looked up once per view
@@ -265,4 +265,4 @@ async def test_outbound_policy_lookup_follows_every_policy_change(etcd: aetcd.Cl
         r3 = await store.delete_policy(etcd, "timeouts", "t")
         assert await cache.wait_for_revision(r3, 5)
         assert traffic.outbound("work").timeout is None and traffic.outbound("work").retries is not None
-    assert Traffic().outbound("work") is NO_OUTBOUND_POLICIES  # no policy cache at all
+    assert PolicyView().outbound("work") is NO_OUTBOUND_POLICIES  # no policy cache at all

@@ -56,7 +56,7 @@ async def test_breaker_ejects_a_failing_replica_and_readmits_it_after_it_heals(
                 await f.client.call("work", {}, timeout=5)
             except AgentError:
                 failed_before_open += 1
-            if breaker_states(f.client.node.traffic, "work").get(bad_id) == "open":
+            if breaker_states(f.client.node.traffic.state, "work").get(bad_id) == "open":
                 break
             assert calls < 100, "the breaker never opened"
         reached_before_open = bad.calls["work"]
@@ -69,14 +69,14 @@ async def test_breaker_ejects_a_failing_replica_and_readmits_it_after_it_heals(
         # It heals; after open_ms a half-open probe closes the breaker and it gets its share back.
         bad.mode = "ok"
         healed_at = time.monotonic()
-        while breaker_states(f.client.node.traffic, "work").get(bad_id) != "closed":
+        while breaker_states(f.client.node.traffic.state, "work").get(bad_id) != "closed":
             await f.client.call("work", {}, timeout=5)
             assert time.monotonic() - healed_at < 5, "the breaker did not close after the replica healed"
         closed_after = time.monotonic() - healed_at
         after: Counter[str] = Counter()
         for _ in range(300):
             after[(await f.client.call("work", {}, timeout=5))["served_by"]] += 1
-        breaker = f.client.node.traffic.peek_instance_breaker("work", bad_id)
+        breaker = f.client.node.traffic.state.peek_instance_breaker("work", bad_id)
         assert breaker is not None
         print(
             f"\nbreaker figures: threshold {THRESHOLD}; calls failed before it opened {failed_before_open} "
@@ -90,7 +90,7 @@ async def test_breaker_ejects_a_failing_replica_and_readmits_it_after_it_heals(
     assert abs(after["a"] - 100) <= 2 and abs(after["b"] - 100) <= 2
     # The healthy replicas were never ejected.
     for gid in (s.instance_id for s in f.servers[1:]):
-        b = f.client.node.traffic.peek_instance_breaker("work", gid)
+        b = f.client.node.traffic.state.peek_instance_breaker("work", gid)
         assert b is None or b.opened_count == 0
     assert all(g.calls["work"] > 0 for g in good)
 
@@ -125,7 +125,7 @@ spec:
                     failures += 1
 
         await asyncio.gather(*(worker() for _ in range(8)))
-        states = breaker_states(f.client.node.traffic, "work")
+        states = breaker_states(f.client.node.traffic.state, "work")
         print(f"\n2 of 3 failing, max_ejected_share 0.5: breakers {states}, served {dict(results)}, failed {failures}")
     assert list(states.values()).count("open") == 1  # one of the two failing replicas, never both
     failing_ids = {f.servers[0].instance_id, f.servers[1].instance_id}
@@ -162,7 +162,7 @@ spec:
         assert reached == 1 + 3  # after three failures the capability breaker stops sending to it at all
         raw, _ = await f.client.node.outbound.invoke(
             agent_pb2.InvokeRequest(capability="work", input=b'{"text":"x"}').SerializeToString(),
-            capability="work", timeout=5,
+            capability="work", idempotency_key="", timeout=5,
         )
         assert agent_pb2.InvokeResponse.FromString(raw).metadata[DEGRADED_KEY] == "fallback:work-lite"
         # Without a fallback, an open capability breaker is CIRCUIT_OPEN, at once.
@@ -260,7 +260,8 @@ spec:
         assert abs(served["v1a"] - served["v1b"]) <= 1
         req = agent_pb2.InvokeRequest(capability="work", input=b"{}", metadata={"x-tenant": "beta-9"})
         for _ in range(10):
-            _raw, inst = await f.client.node.outbound.invoke(req.SerializeToString(), capability="work", timeout=5)
+            _raw, inst = await f.client.node.outbound.invoke(
+                req.SerializeToString(), capability="work", idempotency_key="", timeout=5)
             assert inst.card.version == "2.0.0"
 
 
@@ -304,7 +305,7 @@ spec:
             return "ok"
 
         low = [asyncio.create_task(call(f"low{i}", 0)) for i in range(6)]
-        traffic = f.servers[0].node.traffic
+        traffic = f.servers[0].node.traffic.state
         await wait_until(lambda: (g := traffic.gate_of("flaky")) is not None and g.queued >= 3, 5, "a full queue")
         urgent = asyncio.create_task(call("urgent", 10))
         results = await asyncio.gather(*low, urgent)
@@ -340,7 +341,7 @@ async def test_breaker_state_shows_in_the_published_status(mesh_env: MeshEnv, et
         for _ in range(20):
             with contextlib.suppress(AgentError):
                 await f.client.call("work", {}, timeout=5)
-        assert f.client.node.traffic.peek_instance_breaker("work", "flaky-a").state is State.OPEN
+        assert f.client.node.traffic.state.peek_instance_breaker("work", "flaky-a").state is State.OPEN
 
         async def client_status() -> dict[str, str]:
             for node in await read_status(etcd):
@@ -412,12 +413,12 @@ spec: {agents: [flaky], capabilities: [work], cluster_total_rps: 40}
 """, f.nodes())
         for _ in range(4):
             await f.client.call("work", {}, timeout=5)
-        limits = [s.node.traffic.limiter.usage("work")[2] for s in f.servers]
+        limits = [s.node.traffic.state.limiter.usage("work")[2] for s in f.servers]
         assert limits == [20.0, 20.0]
         await f.servers[1].stop()  # membership changes: the survivor's share becomes the whole limit
         await wait_until(lambda: len(f.servers[0].node.registry.instances("work")) == 1, 5, "the survivor alone")
         await f.client.call("work", {}, timeout=5)
-        assert f.servers[0].node.traffic.limiter.usage("work")[2] == 40.0
+        assert f.servers[0].node.traffic.state.limiter.usage("work")[2] == 40.0
 
 
 async def test_a_rate_limited_call_through_a_sidecar_says_so_to_any_grpc_client(

@@ -17,8 +17,9 @@ from google.rpc import error_details_pb2, status_pb2
 
 from hivemesh.mesh.outbound import encode_request
 from hivemesh.mesh.pki import parse_spiffe_id
-from hivemesh.mesh.sidecar import Sidecar, SidecarConfig, hop_suffix
+from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
 from hivemesh.mesh.tls import secure_channel
+from hivemesh.mesh.wire import hop_suffix
 from hivemesh.sdk import AgentServer, DeadlineExceededError, HivemeshError, InvalidInputError, MeshClient
 from hivemesh.v1 import agent_pb2, agent_pb2_grpc, mesh_pb2, mesh_pb2_grpc
 from tests.support.agents_for_tests import EchoAgent
@@ -91,7 +92,8 @@ async def test_invoke_appends_the_sidecar_hop_without_re_encoding(rig: Rig) -> N
 
     # Byte for byte: what the caller received is exactly what the agent sent, plus the hop's wire suffix.
     raw, _ = await rig.mesh.node.outbound.invoke(
-        encode_request("plain-echo", b'{ "text" :  "spacing kept" }'), capability="plain-echo", timeout=10
+        encode_request("plain-echo", b'{ "text" :  "spacing kept" }'), capability="plain-echo", idempotency_key="",
+        timeout=10,
     )
     sent = rig.plain.sent[-1]
     assert raw == sent + hop_suffix(rig.sidecar_hop())
@@ -129,7 +131,8 @@ async def test_agent_sees_the_caller_never_the_token(rig: Rig) -> None:
 async def test_caller_cannot_spoof_the_caller_header(rig: Rig) -> None:
     forged = [("x-hivemesh-caller", f"spiffe://{TRUST_DOMAIN}/operator/admin")]
     raw, _ = await rig.mesh.node.outbound.invoke(
-        encode_request("plain-echo", b'{"text": "hi"}'), capability="plain-echo", timeout=10, metadata=forged
+        encode_request("plain-echo", b'{"text": "hi"}'), capability="plain-echo", idempotency_key="",
+        timeout=10, metadata=forged,
     )
     out = json.loads(agent_pb2.InvokeResponse.FromString(raw).output)
     assert out["caller"] == TESTER

@@ -1,9 +1,9 @@
-"""Outbound layers alone: round-robin routing with failure suspicion, and the token source's cache."""
+"""Outbound parts alone: instance selection (round robin, failure suspicion), and the token source's cache."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -13,7 +13,9 @@ from hivemesh.mesh.errors import (
     NoLiveInstanceError,
     UnknownCapabilityError,
 )
-from hivemesh.mesh.routing import RoundRobinRouter
+from hivemesh.mesh.outbound.call import OutboundCall
+from hivemesh.mesh.outbound.selection import InstanceSelector, Liveness
+from hivemesh.mesh.resilience.traffic import TrafficState
 from hivemesh.mesh.token_source import TokenSource
 from hivemesh.v1 import control_pb2, mesh_pb2
 
@@ -30,28 +32,42 @@ class _Instances:
         return capability in self.known
 
 
+def _selector(source: _Instances, clock: Callable[[], float] | None = None) -> InstanceSelector:
+    liveness = Liveness(source, clock=clock) if clock is not None else Liveness(source)
+    return InstanceSelector(liveness, TrafficState())
+
+
+def _pick(selector: InstanceSelector, capability: str, tried: set[str] | None = None) -> str | None:
+    chosen = selector.choose(OutboundCall(capability, b"", (), None, None), None, tried or set(), reuse=False)
+    return None if chosen is None else chosen.instance_id
+
+
 def test_round_robin_spreads_calls_evenly() -> None:
-    router = RoundRobinRouter(_Instances({"x": ["a", "b", "c"]}))
-    picks = [router.pick("x").instance_id for _ in range(9)]
-    assert picks == ["a", "b", "c"] * 3
+    selector = _selector(_Instances({"x": ["a", "b", "c"]}))
+    assert [_pick(selector, "x") for _ in range(9)] == ["a", "b", "c"] * 3
 
 
 def test_unknown_and_unserved_capabilities_are_told_apart() -> None:
-    router = RoundRobinRouter(_Instances({"x": []}, known={"x"}))
+    selector = _selector(_Instances({"x": []}, known={"x"}))
     with pytest.raises(NoLiveInstanceError):
-        router.pick("x")
+        _pick(selector, "x")
     with pytest.raises(UnknownCapabilityError):
-        router.pick("y")
+        _pick(selector, "y")
 
 
 def test_a_failed_instance_is_tried_last_until_its_suspicion_ends() -> None:
     now = [100.0]
-    router = RoundRobinRouter(_Instances({"x": ["a", "b"]}), clock=lambda: now[0])
-    router.mark_failed("a")
-    assert [router.pick("x").instance_id for _ in range(4)] == ["b", "b", "b", "b"]
-    assert [i.instance_id for i in router.candidates("x")][-1] == "a"  # still a fallback
+    selector = _selector(_Instances({"x": ["a", "b"]}), clock=lambda: now[0])
+    selector.liveness.mark_failed("a")
+    assert selector.liveness.is_suspect("a") and not selector.liveness.is_suspect("b")
+    assert [_pick(selector, "x") for _ in range(4)] == ["b", "b", "b", "b"]
+    assert _pick(selector, "x", tried={"b"}) == "a"  # still a fallback
+    assert _pick(selector, "x", tried={"a", "b"}) is None  # every instance tried: none left
     now[0] += 5
-    assert {router.pick("x").instance_id for _ in range(4)} == {"a", "b"}
+    assert {_pick(selector, "x") for _ in range(4)} == {"a", "b"}
+    selector.liveness.mark_failed("b")
+    selector.liveness.mark_ok("b")  # reached again: no longer avoided
+    assert not selector.liveness.is_suspect("b")
 
 
 class _Issuer:

@@ -1,0 +1,266 @@
+"""The attempt loop of one unary call: breakers, failover, retries with backoff and budget, the deadline.
+
+    capability breaker → (pick an instance → instance breaker → send) until an answer or a final error:
+    never sent: fail over (free of any budget); sent and failed: retry if retryable, resendable, within the
+    budget and the deadline, after the backoff (or the server's pushback, whichever is longer)
+
+It knows nothing of gRPC channels: an attempt is two async callables (`Prepare`: credentials for an
+instance; `Send`: send with a timeout, raising `AttemptError`), so the loop is tested without a network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+
+from hivemesh.mesh.errors import CircuitOpenError, DeadlineExceededError, HivemeshError, TokenExpiredError
+from hivemesh.mesh.outbound.call import Metadata, OutboundCall, idempotent
+from hivemesh.mesh.outbound.selection import InstanceSelector
+from hivemesh.mesh.resilience.breaker import DEFAULT_FAILURE_CODES, CircuitBreaker
+from hivemesh.mesh.resilience.kinds import BreakerSettings
+from hivemesh.mesh.resilience.retry import RetryBudget, may_resend
+from hivemesh.mesh.resilience.view import OutboundPolicies
+from hivemesh.v1 import mesh_pb2
+
+log = logging.getLogger(__name__)
+
+Instance = mesh_pb2.AgentInstance
+Result = tuple[bytes, Instance]
+TOKEN_REFUSALS = frozenset({"TOKEN_EXPIRED", "TOKEN_INVALID"})
+
+
+class AttemptError(Exception):
+    """What a `Send` raises when one attempt failed: the mesh error, and whether the request certainly never
+    reached the agent (it could not even connect), which makes failing over free."""
+
+    def __init__(self, error: HivemeshError, *, never_sent: bool) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.never_sent = never_sent
+
+
+Prepare = Callable[[OutboundCall, Instance], Awaitable[Metadata]]
+"""The outgoing metadata (token) of an attempt on an instance; a HivemeshError refuses the call locally."""
+Send = Callable[[OutboundCall, Instance, Metadata, "float | None"], Awaitable[bytes]]
+"""Send the call to an instance with that metadata and per-try timeout: the response bytes, or AttemptError."""
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptParts:
+    """What every call's attempts share: selection (liveness + traffic state) and how to send one attempt."""
+
+    selector: InstanceSelector
+    prepare: Prepare
+    send: Send
+    forget_token: Callable[[Instance], None]
+    """Drop the cached token for an instance's identity (the target refused it: expired or rotated)."""
+
+
+def report_attempt(
+    selector: InstanceSelector,
+    breaker: CircuitBreaker,
+    health: str,
+    capability: str,
+    instance: Instance,
+    settings: BreakerSettings | None,
+) -> None:
+    """Tell an instance breaker how an attempt went ("ok", "neutral", "failed"); it opens only while
+    `max_ejected_share` of the capability's live instances allows one more ejection."""
+    if health == "ok":
+        breaker.on_success()
+    elif health == "neutral":
+        breaker.on_neutral()
+    else:
+        share = settings.max_ejected_share if settings is not None else 0.5
+
+        def may_open() -> bool:
+            live = [i.instance_id for i in selector.liveness.live(capability)]
+            return selector.state.ejected_share_allows(capability, live, share)
+
+        if breaker.on_failure(may_open):
+            log.warning("ejected instance %s of %s (circuit breaker open)", instance.instance_id, capability)
+
+
+class Attempts:
+    """The attempts of one unary call to one capability; `run` once. `retries` counts the retries spent."""
+
+    __slots__ = ("_budget", "_last", "_last_instance", "_policies", "_refused", "_reuse", "_token_resent",
+                 "_tried", "attempt", "call", "parts", "retries")
+
+    def __init__(self, parts: AttemptParts, call: OutboundCall, policies: OutboundPolicies) -> None:
+        self.parts = parts
+        self.call = call
+        self._policies = policies
+        self.attempt = 1
+        """Attempts that may have reached an agent (a failover of a never-sent request is not one)."""
+        self.retries = 0
+        self._budget: RetryBudget | None = None
+        self._tried: set[str] = set()
+        self._refused: set[str] = set()
+        self._reuse = False
+        self._token_resent = False
+        self._last: HivemeshError | None = None
+        self._last_instance: Instance | None = None
+
+    async def run(self) -> Result:
+        """The answer and the instance that gave it, guarded by the capability breaker (if a breakers policy
+        gives the capability one); the final error otherwise."""
+        cap = self.call.capability
+        settings = self._policies.breakers
+        breaker: CircuitBreaker | None = None
+        if settings is not None and settings.capability is not None:
+            breaker = self.parts.selector.state.capability_breaker(cap, settings.capability)
+            if not breaker.allow():
+                raise CircuitOpenError(
+                    f"the circuit breaker of {cap!r} is open after repeated failures",
+                    metadata={"capability": cap[:128]},
+                )
+        outcome = "neutral"
+        try:
+            result = await self._loop()
+            outcome = "success"
+            return result
+        except HivemeshError as err:
+            codes = settings.failure_codes if settings is not None else DEFAULT_FAILURE_CODES
+            if err.code in codes:
+                outcome = "failure"
+            raise
+        finally:
+            if breaker is not None:
+                if outcome == "success":
+                    breaker.on_success()
+                elif outcome == "failure":
+                    if breaker.on_failure():
+                        log.warning("circuit breaker of capability %s opened", cap)
+                else:
+                    breaker.on_neutral()
+
+    def _affinity(self) -> str | None:
+        """The idempotency key of a call to a non-idempotent capability (None otherwise)."""
+        call = self.call
+        if idempotent(self.parts.selector.liveness.live(call.capability)[0], call.capability):
+            return None
+        return call.idempotency_key or None
+
+    async def _loop(self) -> Result:
+        parts, call = self.parts, self.call
+        selector = parts.selector
+        state, liveness = selector.state, selector.liveness
+        cap = call.capability
+        routes, settings, policy = self._policies.routes, self._policies.breakers, self._policies.retries
+        if policy is not None:
+            self._budget = state.budget(cap, policy)
+            self._budget.record_call()
+        failure_codes = settings.failure_codes if settings is not None else DEFAULT_FAILURE_CODES
+        tried, refused = self._tried, self._refused
+        affinity = self._affinity()
+        while True:
+            remaining = call.remaining()
+            if remaining is not None and remaining <= 0:
+                last = self._last
+                raise DeadlineExceededError(
+                    f"deadline passed before {cap!r} could be sent"
+                    + (f" (after {self.attempt - 1 + len(tried)} failed attempt(s): {last.message})" if last else "")
+                )
+            instance = selector.choose(call, routes, tried, reuse=self._reuse, affinity=affinity, refused=refused)
+            if instance is None:
+                # Every allowed instance was unreachable: a retry with backoff, if the policy has one to spend.
+                last, last_instance = self._last, self._last_instance
+                assert last is not None and last_instance is not None
+                if not self._may_retry(last, last_instance, never_sent=True):
+                    raise last
+                await self._back_off(last)
+                tried.clear()
+                continue
+            per_try, per_try_bound = remaining, False
+            try_limit = policy.per_try_timeout_s if policy is not None else None
+            if try_limit is not None and (per_try is None or try_limit < per_try):
+                per_try, per_try_bound = try_limit, True
+            md = await parts.prepare(call, instance)
+            breaker: CircuitBreaker | None = None
+            if settings is not None and settings.instance is not None:
+                breaker = state.instance_breaker(cap, instance.instance_id, settings.instance)
+                if not breaker.allow():
+                    refused.add(instance.instance_id)  # open, or its half-open probe slots are taken
+                    continue
+            health = "neutral"
+            state.attempt_started(cap, instance.instance_id)
+            try:
+                raw = await parts.send(call, instance, md, per_try)
+                health = "ok"
+            except AttemptError as failed:
+                err, never_sent = failed.error, failed.never_sent
+                if never_sent or err.code in failure_codes:
+                    health = "failed"
+            finally:
+                state.attempt_finished(cap, instance.instance_id, failed=health == "failed")
+                if breaker is not None:
+                    report_attempt(selector, breaker, health, cap, instance, settings)
+            if health == "ok":
+                liveness.mark_ok(instance.instance_id)
+                return raw, instance
+            if isinstance(err, TokenExpiredError):
+                parts.forget_token(instance)
+            if err.reason in TOKEN_REFUSALS and not self._token_resent:
+                # The target refused the token before its agent saw the call: it expired, or this node's
+                # certificate (or the signing key) was just rotated. Send once more with a fresh token.
+                parts.forget_token(instance)
+                self._token_resent = True
+                self._last, self._last_instance = err, instance
+                continue
+            tried.add(instance.instance_id)
+            self._last, self._last_instance = err, instance
+            if never_sent:
+                liveness.mark_failed(instance.instance_id)
+                continue  # the request never left: another instance may take it, free of any budget
+            if policy is None:
+                # No retry policy: an idempotent capability still fails over when a connection broke mid-call.
+                if err.code == grpc.StatusCode.UNAVAILABLE and idempotent(instance, cap):
+                    liveness.mark_failed(instance.instance_id)
+                    continue
+                raise err
+            timed_out_try = per_try_bound and err.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            if not self._may_retry(err, instance, per_try_timed_out=timed_out_try):
+                raise err
+            await self._back_off(err)
+            self._reuse = True
+
+    def _may_retry(
+        self,
+        err: HivemeshError,
+        instance: Instance,
+        *,
+        never_sent: bool = False,
+        per_try_timed_out: bool = False,
+    ) -> bool:
+        policy, budget, call = self._policies.retries, self._budget, self.call
+        if policy is None or budget is None:
+            return False
+        if self.attempt >= policy.attempts or not policy.is_retryable(err.code, per_try_timed_out=per_try_timed_out):
+            return False
+        if not never_sent and not may_resend(
+            idempotent=idempotent(instance, call.capability), idempotency_key=bool(call.idempotency_key)
+        ):
+            return False
+        delay = max(policy.backoff.delay(self.attempt), err.retry_after_s or 0.0)
+        remaining = call.remaining()
+        if remaining is not None and delay >= remaining:
+            return False  # no time left for another attempt: fail now with the real error
+        if not budget.try_spend():
+            log.debug("retry budget of %s exhausted; not retrying %s", call.capability, err.reason)
+            return False
+        return True
+
+    async def _back_off(self, err: HivemeshError) -> None:
+        """Wait the backoff of this attempt (or the server's pushback, if longer), then count the retry."""
+        policy = self._policies.retries
+        assert policy is not None
+        self.retries += 1
+        delay = max(policy.backoff.delay(self.attempt), err.retry_after_s or 0.0)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        self.attempt += 1

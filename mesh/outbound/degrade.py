@@ -1,0 +1,68 @@
+"""Graceful degradation: when a capability with a routes policy fails as unavailable or overloaded, answer
+from its fallback capability, else from the cached last good answer to the same input.
+
+A degraded answer says so: `x-hivemesh-degraded` in InvokeResponse.metadata (`fallback:<capability>` or
+`cache`), appended to the response bytes without re-encoding them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from hivemesh.mesh.errors import HivemeshError
+from hivemesh.mesh.outbound.call import OutboundCall
+from hivemesh.mesh.resilience.cache import ResponseCache
+from hivemesh.mesh.resilience.routes import RoutePolicy
+from hivemesh.mesh.wire import metadata_entry
+from hivemesh.v1 import agent_pb2, mesh_pb2
+
+log = logging.getLogger(__name__)
+
+DEGRADED_KEY = "x-hivemesh-degraded"
+"""Set in InvokeResponse.metadata when the answer came from a fallback capability or the response cache."""
+DEGRADE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+"""The failures degradation answers; any other error stands."""
+
+Result = tuple[bytes, mesh_pb2.AgentInstance]
+
+
+class Degradation:
+    """Fallback and cached answers of one node; `run` sends a call (the fallback) through the attempt loop."""
+
+    def __init__(self, cache: ResponseCache, run: Callable[[OutboundCall], Awaitable[Result]]) -> None:
+        self.cache = cache
+        self._run = run
+
+    def remember(self, call: OutboundCall, routes: RoutePolicy, result: Result) -> None:
+        """Keep a good answer of a cacheable capability (routes with cache_ttl_s) for when it fails."""
+        req = call.request()
+        self.cache.put(call.capability, ResponseCache.key(req.content_type, req.input), result,
+                       routes.cache_max_entries)
+
+    async def answer(self, call: OutboundCall, routes: RoutePolicy, err: HivemeshError) -> Result | None:
+        """A fallback capability's answer, else the cached last good answer, else None (the error stands)."""
+        if routes.fallback:
+            remaining = call.remaining()
+            if remaining is None or remaining > 0:
+                req = agent_pb2.InvokeRequest()
+                req.CopyFrom(call.request())
+                req.capability = routes.fallback
+                fallback = OutboundCall(routes.fallback, req.SerializeToString(), call.metadata, call.deadline, req,
+                                        call.idempotency_key)
+                try:
+                    raw, instance = await self._run(fallback)
+                    log.info("%s failed (%s): answered by fallback %s", call.capability, err.reason, routes.fallback)
+                    return raw + metadata_entry(DEGRADED_KEY, f"fallback:{routes.fallback}"), instance
+                except HivemeshError as fb_err:
+                    log.info("fallback %s of %s failed too: %s", routes.fallback, call.capability, fb_err.reason)
+        if routes.cache_ttl_s is not None:
+            req = call.request()
+            hit = self.cache.get(call.capability, ResponseCache.key(req.content_type, req.input), routes.cache_ttl_s)
+            if hit is not None:
+                raw, instance = hit
+                log.info("%s failed (%s): answered from the response cache", call.capability, err.reason)
+                return raw + metadata_entry(DEGRADED_KEY, "cache"), instance
+        return None

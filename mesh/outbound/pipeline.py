@@ -1,0 +1,294 @@
+"""The outbound side of the mesh, assembled in exactly one place.
+
+    deadline (caller's, else the capability's default) → capability breaker → route (split / pin / match)
+    → skip ejected and suspect instances → balance (round robin / least outstanding) → token → send
+    → on failure: fail over (never sent) or retry (retryable, resendable, within budget, with backoff)
+    → on final failure: degrade (fallback capability, then the cached last good response)
+
+Used by the SDK's MeshClient (proxyless: the caller's own process dials the callee) and by the sidecar's
+Mesh service (for callers in other languages). Same code, so both behave the same. Every policy is read from
+the node's compiled, in-memory view (`Traffic.policy`); nothing here waits on etcd. The parts: `call` (one
+call), `selection` (which instance), `attempts` (the retry loop), `degrade` (fallback, cache), `channels`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from hivemesh.mesh.errors import (
+    CertificateExpiredError,
+    CircuitOpenError,
+    DeadlineExceededError,
+    HivemeshError,
+    from_rpc_error,
+)
+from hivemesh.mesh.outbound.attempts import (
+    TOKEN_REFUSALS,
+    AttemptError,
+    AttemptParts,
+    Attempts,
+    Result,
+    report_attempt,
+)
+from hivemesh.mesh.outbound.call import Metadata, OutboundCall, deadline_for
+from hivemesh.mesh.outbound.channels import ChannelPool
+from hivemesh.mesh.outbound.degrade import DEGRADE_CODES, Degradation
+from hivemesh.mesh.outbound.selection import InstanceSelector, Liveness
+from hivemesh.mesh.resilience.breaker import DEFAULT_FAILURE_CODES, CircuitBreaker
+from hivemesh.mesh.resilience.traffic import Traffic
+from hivemesh.mesh.token_source import TokenSource, on_behalf_of
+from hivemesh.v1 import agent_pb2, mesh_pb2
+
+_CONNECT_FAILURE_MARKERS = ("failed to connect", "Connection refused", "connections to all backends failing")
+
+
+def _never_sent(exc: grpc.aio.AioRpcError) -> bool:
+    """True when gRPC could not even connect, so the request certainly never reached the agent."""
+    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    text = f"{exc.details()} {exc.debug_error_string()}"
+    return any(m in text for m in _CONNECT_FAILURE_MARKERS)
+
+
+class OutboundPipeline:
+    """Routes one call to a live instance of its capability and returns the agent's raw response bytes.
+
+    Without any policy it behaves as the plain mesh always did: round robin over live instances, failing over
+    when an instance cannot be reached at all (and, for an idempotent capability, when a connection broke
+    mid-call). Policies add routes, breakers, retries, default deadlines and degradation (module docstring).
+    """
+
+    def __init__(
+        self,
+        liveness: Liveness,
+        tokens: TokenSource,
+        channels: ChannelPool,
+        *,
+        traffic: Traffic | None = None,
+    ) -> None:
+        self.liveness = liveness
+        self.tokens = tokens
+        self.channels = channels
+        self.traffic = traffic if traffic is not None else Traffic()
+        self.selector = InstanceSelector(liveness, self.traffic.state)
+        self._parts = AttemptParts(self.selector, self._prepare_attempt, self._send, self._forget_token)
+        self._degradation = Degradation(self.traffic.state.cache, self._run)
+        self.observer: Callable[[str, HivemeshError], None] | None = None
+        """Told of every call this node refuses itself (circuit open, no instance, no grant, certificate
+        expired...): the audit log of a serving node records them. It must not raise."""
+
+    async def _prepare(
+        self, instance: mesh_pb2.AgentInstance, capability: str, metadata: Metadata
+    ) -> list[tuple[str, str]]:
+        expires_at = self.channels.workload.expires_at
+        if expires_at <= time.time():
+            # Fail closed, and say why: every peer would refuse the handshake anyway.
+            raise CertificateExpiredError(
+                f"this workload's certificate expired at {time.ctime(expires_at)} and could not be renewed "
+                "(is the control plane reachable?)"
+            )
+        subject = on_behalf_of.get()
+        if subject:
+            token = await self.tokens.get_delegated(subject, instance.identity, capability)
+        else:
+            token = await self.tokens.get(instance.identity, capability)
+        return [*metadata, ("authorization", f"Bearer {token}")]
+
+    # --- the attempt loop's parts over gRPC --------------------------------------------------------------------
+    async def _prepare_attempt(self, call: OutboundCall, instance: mesh_pb2.AgentInstance) -> Metadata:
+        return await self._prepare(instance, call.capability, call.metadata)
+
+    async def _send(
+        self, call: OutboundCall, instance: mesh_pb2.AgentInstance, metadata: Metadata, timeout: float | None
+    ) -> bytes:
+        endpoint = self.channels.get(instance.endpoint, instance.identity)
+        try:
+            raw: bytes = await endpoint.invoke(call.raw, timeout=timeout, metadata=metadata)
+            return raw
+        except grpc.aio.AioRpcError as exc:
+            raise AttemptError(from_rpc_error(exc), never_sent=_never_sent(exc)) from None
+
+    def _forget_token(self, instance: mesh_pb2.AgentInstance) -> None:
+        self.tokens.invalidate(instance.identity)
+
+    async def _run(self, call: OutboundCall) -> Result:
+        """One capability through the attempt loop, without degradation (a fallback's own call)."""
+        return await Attempts(self._parts, call, self.traffic.policy.outbound(call.capability)).run()
+
+    # --- unary ----------------------------------------------------------------------------------------------
+    async def invoke(
+        self,
+        raw_request: bytes,
+        *,
+        capability: str,
+        idempotency_key: str,
+        timeout: float | None,
+        metadata: Metadata = (),
+        default_timeout: float | None = None,
+        request: agent_pb2.InvokeRequest | None = None,
+    ) -> Result:
+        """Forward a serialized InvokeRequest; returns the serialized InvokeResponse and the instance used.
+
+        idempotency_key is the request's `CallContext.idempotency_key` ("" for none), which the caller set when
+        it encoded the request. timeout is the caller's deadline (seconds; None: none given). request, if the
+        caller has the decoded message at hand, saves decoding it when a policy needs one of its fields.
+        """
+        t = self.traffic
+        state = t.state
+        policies = t.policy.outbound(capability)  # one lookup per call for every policy kind below
+        call = OutboundCall(capability, raw_request, metadata, deadline_for(policies, timeout, default_timeout),
+                            request, idempotency_key)
+        routes = policies.routes
+        attempts = Attempts(self._parts, call, policies)
+        failed, degraded = True, False
+        state.out_started(capability)
+        try:
+            try:
+                raw, instance = await attempts.run()
+            except HivemeshError as err:
+                if routes is None or err.code not in DEGRADE_CODES:
+                    raise
+                result = await self._degradation.answer(call, routes, err)
+                if result is None:
+                    raise
+                degraded = True
+                raw, instance = result
+            else:
+                if routes is not None and routes.cache_ttl_s is not None:
+                    self._degradation.remember(call, routes, (raw, instance))
+            failed = False
+            return raw, instance
+        except asyncio.CancelledError:
+            failed = False  # the caller went away: not the capability's failure
+            raise
+        except HivemeshError as err:
+            observer = self.observer
+            if observer is not None and err.__cause__ is None:  # decided here (no remote status): audit it
+                observer(capability, err)
+            raise
+        finally:
+            state.out_finished(capability, failed=failed, retries=attempts.retries, degraded=degraded)
+
+    async def invoke_on(
+        self,
+        raw_request: bytes,
+        instance: mesh_pb2.AgentInstance,
+        *,
+        capability: str,
+        timeout: float | None,
+        metadata: Metadata = (),
+    ) -> bytes:
+        """Send to one given instance (a fan-out to every instance): no routing, retries or failover, but the
+        same certificate check, delegation, token refresh and audit of local refusals as `invoke`."""
+        for resend in (False, True):
+            try:
+                md = await self._prepare(instance, capability, metadata)
+            except HivemeshError as local:
+                if self.observer is not None:
+                    self.observer(capability, local)
+                raise
+            endpoint = self.channels.get(instance.endpoint, instance.identity)
+            try:
+                raw: bytes = await endpoint.invoke(raw_request, timeout=timeout, metadata=md)
+                return raw
+            except grpc.aio.AioRpcError as exc:
+                remote = from_rpc_error(exc)
+                if remote.reason in TOKEN_REFUSALS and not resend:
+                    self.tokens.invalidate(instance.identity)  # expired or rotated: once more, fresh token
+                    continue
+                raise remote from None
+        raise AssertionError("unreachable")
+
+    # --- streaming ------------------------------------------------------------------------------------------
+    async def invoke_stream(
+        self,
+        raw_request: bytes,
+        *,
+        capability: str,
+        timeout: float | None,
+        metadata: Metadata = (),
+        default_timeout: float | None = None,
+    ) -> AsyncIterator[Result]:
+        """Forward a streaming call; yields serialized InvokeChunks. Routes, breakers and balancing apply; it
+        fails over only before the first chunk, and only when the request was never sent."""
+        t = self.traffic.state
+        selector = self.selector
+        policies = self.traffic.policy.outbound(capability)
+        call = OutboundCall(capability, raw_request, metadata, deadline_for(policies, timeout, default_timeout), None)
+        routes = policies.routes
+        settings = policies.breakers
+        failure_codes = settings.failure_codes if settings is not None else DEFAULT_FAILURE_CODES
+        cap_breaker: CircuitBreaker | None = None
+        if settings is not None and settings.capability is not None:
+            cap_breaker = t.capability_breaker(capability, settings.capability)
+            if not cap_breaker.allow():
+                raise CircuitOpenError(f"the circuit breaker of {capability!r} is open",
+                                       metadata={"capability": capability[:128]})
+        tried: set[str] = set()
+        refused: set[str] = set()
+        last: HivemeshError | None = None
+        outcome = "neutral"
+        t.out_started(capability)
+        try:
+            while True:
+                remaining = call.remaining()
+                if remaining is not None and remaining <= 0:
+                    raise DeadlineExceededError(f"deadline passed before {capability!r} could be sent")
+                instance = selector.choose(call, routes, tried, reuse=False, refused=refused)
+                if instance is None:
+                    assert last is not None
+                    raise last
+                md = await self._prepare(instance, capability, metadata)
+                breaker = None
+                if settings is not None and settings.instance is not None:
+                    breaker = t.instance_breaker(capability, instance.instance_id, settings.instance)
+                    if not breaker.allow():
+                        refused.add(instance.instance_id)
+                        continue
+                ep = self.channels.get(instance.endpoint, instance.identity)
+                stream = ep.invoke_stream(raw_request, timeout=remaining, metadata=md)
+                started = False
+                health = "neutral"
+                t.attempt_started(capability, instance.instance_id)
+                try:
+                    async for chunk in stream:
+                        started = True
+                        yield chunk, instance
+                    health = "ok"
+                except grpc.aio.AioRpcError as exc:
+                    err = from_rpc_error(exc)
+                    never_sent = not started and _never_sent(exc)
+                    if never_sent or exc.code() in failure_codes:
+                        health = "failed"
+                    if never_sent:
+                        self.liveness.mark_failed(instance.instance_id)
+                        tried.add(instance.instance_id)
+                        last = err
+                    else:
+                        raise err from None
+                finally:
+                    stream.cancel()
+                    t.attempt_finished(capability, instance.instance_id, failed=health == "failed")
+                    if breaker is not None:
+                        report_attempt(selector, breaker, health, capability, instance, settings)
+                if health == "ok":
+                    self.liveness.mark_ok(instance.instance_id)
+                    outcome = "success"
+                    return
+        except HivemeshError as err:
+            if err.code in failure_codes:
+                outcome = "failure"
+            raise
+        finally:
+            t.out_finished(capability, failed=outcome == "failure", retries=0, degraded=False)
+            if cap_breaker is not None:
+                if outcome == "success":
+                    cap_breaker.on_success()
+                elif outcome == "failure":
+                    cap_breaker.on_failure()
+                else:
+                    cap_breaker.on_neutral()

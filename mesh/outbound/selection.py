@@ -1,0 +1,150 @@
+"""Instance selection: which live instance of a capability the next attempt goes to.
+
+`Liveness` reads only the registry's in-memory index (swapped atomically on each watch event), so selection
+never waits on etcd and keeps working on the last-known state while etcd is down, and remembers for a
+moment which instances could not be reached. `InstanceSelector` applies the route, skips ejected and suspect
+instances, and lets the balancer pick.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from hivemesh.mesh.errors import CircuitOpenError, NoLiveInstanceError, UnknownCapabilityError
+from hivemesh.mesh.outbound.call import OutboundCall
+from hivemesh.mesh.resilience.balancer import ROUND_ROBIN
+from hivemesh.mesh.resilience.routes import RoutePolicy, select
+from hivemesh.mesh.resilience.traffic import TrafficState
+from hivemesh.v1 import mesh_pb2
+
+_SUSPECT_S = 2.0
+
+
+class InstanceSource(Protocol):
+    """What selection needs from the registry view."""
+
+    def instances(self, capability: str) -> Sequence[mesh_pb2.AgentInstance]: ...
+
+    def knows_capability(self, capability: str) -> bool: ...
+
+
+class Liveness:
+    """The live instances of each capability, and which of them recently could not be reached.
+
+    An instance whose connection just failed is 'suspect' for a couple of seconds and is skipped while any
+    other instance is available: a killed instance stops receiving calls at once, not only when its lease
+    expires. Suspicion is local and short-lived; the registry stays the source of truth.
+    """
+
+    def __init__(self, source: InstanceSource, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._source = source
+        self._suspect_until: dict[str, float] = {}
+        self._clock = clock
+
+    def live(self, capability: str) -> Sequence[mesh_pb2.AgentInstance]:
+        """Live instances for capability (registry order); UnknownCapabilityError / NoLiveInstanceError if none."""
+        instances = self._source.instances(capability)
+        if not instances:
+            if self._source.knows_capability(capability):
+                raise NoLiveInstanceError(
+                    f"capability {capability!r} has no live instance right now",
+                    metadata={"capability": capability[:128]},
+                )
+            raise UnknownCapabilityError(
+                f"no agent in the mesh offers capability {capability!r}",
+                metadata={"capability": capability[:128]},
+            )
+        return instances
+
+    def is_suspect(self, instance_id: str) -> bool:
+        """True while instance_id recently could not be reached (see mark_failed)."""
+        return bool(self._suspect_until) and self._suspect_until.get(instance_id, 0.0) > self._clock()
+
+    def mark_failed(self, instance_id: str) -> None:
+        """Note that instance_id could not be reached, so selection prefers the others for a while."""
+        self._suspect_until[instance_id] = self._clock() + _SUSPECT_S
+        if len(self._suspect_until) > 1024:
+            now = self._clock()
+            self._suspect_until = {k: v for k, v in self._suspect_until.items() if v > now}
+
+    def mark_ok(self, instance_id: str) -> None:
+        if self._suspect_until:
+            self._suspect_until.pop(instance_id, None)
+
+
+def rendezvous(key: str, instance_id: str) -> int:
+    """The weight of instance_id for key in rendezvous (highest random weight) hashing."""
+    return int.from_bytes(hashlib.blake2b(f"{key}\0{instance_id}".encode(), digest_size=8).digest(), "big")
+
+
+class InstanceSelector:
+    """Route → untried → not ejected or suspect → balancer, over a node's liveness and traffic state."""
+
+    def __init__(self, liveness: Liveness, state: TrafficState) -> None:
+        self.liveness = liveness
+        self.state = state
+
+    def choose(
+        self,
+        call: OutboundCall,
+        routes: RoutePolicy | None,
+        tried: set[str],
+        *,
+        reuse: bool,
+        affinity: str | None = None,
+        refused: set[str] | frozenset[str] = frozenset(),
+    ) -> mesh_pb2.AgentInstance | None:
+        """The instance for the next attempt: allowed by the route, untried if possible (any if reuse), not
+        ejected or suspect if possible, then the balancer's pick. None when every allowed one was tried.
+
+        With an affinity key (the idempotency key of a non-idempotent call) the healthy instance that key hashes
+        to is chosen (rendezvous hashing), tried or not: every attempt and every re-send of the key reaches the
+        instance that remembers it, so its effect happens once while membership holds. Instances whose breaker
+        refused this call (`refused`) are out; CircuitOpenError when that leaves none.
+        """
+        t = self.state
+        liveness = self.liveness
+        cap = call.capability
+        live = liveness.live(cap)
+        key = cap
+        if routes is not None and routes.rules:
+            subset, why = select(routes, live, call.route_metadata,
+                                 lambda rule, n: t.split_state(cap, routes, rule, n))
+            if not subset:
+                raise NoLiveInstanceError(
+                    f"routes/{routes.name} ({why}) allows no live instance of {cap!r}",
+                    metadata={"capability": cap[:128], "route": routes.name},
+                )
+            key = f"{cap}\0{why}"
+            candidates: Sequence[mesh_pb2.AgentInstance] = subset  # type: ignore[assignment]
+        else:
+            candidates = live
+        if refused:
+            candidates = [i for i in candidates if i.instance_id not in refused]
+            if not candidates:
+                raise CircuitOpenError(
+                    f"every instance of {cap!r} the call may use is ejected by its circuit breaker",
+                    metadata={"capability": cap[:128]},
+                )
+
+        def ejected(i: mesh_pb2.AgentInstance) -> bool:
+            b = t.peek_instance_breaker(cap, i.instance_id)
+            return b is not None and b.ejected
+
+        pool = [i for i in candidates if i.instance_id not in tried]
+        if not pool:
+            if not reuse:
+                return None
+            pool = list(candidates)
+
+        if affinity is not None:
+            usable = [i for i in candidates if not ejected(i) and not liveness.is_suspect(i.instance_id)]
+            if usable:
+                return max(usable, key=lambda i: rendezvous(affinity, i.instance_id))
+        healthy = [i for i in pool if not ejected(i) and not liveness.is_suspect(i.instance_id)]
+        pool = healthy or [i for i in pool if not ejected(i)] or pool
+        mode = routes.load_balancer if routes is not None else ROUND_ROBIN
+        return t.balancer.order(key, pool, mode)[0]
