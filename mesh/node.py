@@ -18,6 +18,7 @@ from collections.abc import Callable
 import grpc
 
 from hivemesh.controlplane.client import ControlPlaneClient
+from hivemesh.mesh.authz import AUTHZ
 from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.outbound import OutboundPipeline
 from hivemesh.mesh.outbound.channels import ChannelPool
@@ -126,7 +127,8 @@ class MeshNode:
         self._cp = ControlPlaneClient(s.controlplane, self._workload, s.trust_domain)
         self._tokens = TokenSource(self._cp)
         self._channels = ChannelPool(self._workload)
-        self._outbound = OutboundPipeline(self.liveness, self._tokens, self._channels, traffic=self.traffic)
+        self._outbound = OutboundPipeline(self.liveness, self._tokens, self._channels, traffic=self.traffic,
+                                          authz=lambda: self.policies.get(AUTHZ))
         try:
             await self.registry.start(timeout=timeout)
             await self.policies.start(timeout=timeout)

@@ -51,6 +51,8 @@ class CapabilitySpec:
     dedupe: bool = True
     """Deduplicate keyed calls in the SDK server (non-idempotent capabilities only; see hivemesh.sdk.idempotency).
     False when the handler keeps `ctx.idempotency_key` with its effect itself and answers repeats its own way."""
+    cache_shareable: bool = False
+    """The answer does not depend on who asks: a caller's degraded-mode cache may serve it to other callers."""
 
     def to_proto(self) -> agent_pb2.Capability:
         return agent_pb2.Capability(
@@ -61,6 +63,7 @@ class CapabilitySpec:
             streaming=self.streaming,
             tags=list(self.tags),
             idempotent=self.idempotent,
+            cache_shareable=self.cache_shareable,
             input_modes=["application/json"],
             output_modes=["application/json"],
         )
@@ -85,6 +88,7 @@ def _build_spec(
     output_schema: Mapping[str, Any] | None,
     max_input_bytes: int | None,
     dedupe: bool = True,
+    cache_shareable: bool = False,
 ) -> CapabilitySpec:
     where = f"capability {fn.__qualname__}"
     if not (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)):
@@ -123,6 +127,7 @@ def _build_spec(
         wants_context=len(params) == 3,
         max_input_bytes=max_input_bytes,
         dedupe=dedupe,
+        cache_shareable=cache_shareable,
     )
 
 
@@ -141,6 +146,7 @@ def capability(
     output_schema: Mapping[str, Any] | None = None,
     max_input_bytes: int | None = None,
     dedupe: bool = True,
+    cache_shareable: bool = False,
 ) -> Callable[[F], F]: ...
 
 
@@ -156,6 +162,7 @@ def capability(
     output_schema: Mapping[str, Any] | None = None,
     max_input_bytes: int | None = None,
     dedupe: bool = True,
+    cache_shareable: bool = False,
 ) -> F | Callable[[F], F]:
     """Mark an async method as a mesh capability (bare `@capability` or `@capability(...)`).
 
@@ -168,6 +175,9 @@ def capability(
         max_input_bytes: a tighter input size limit than the agent's default.
         dedupe: for a non-idempotent capability, let the SDK server deduplicate calls by idempotency key (join a
             running attempt, replay a finished one); False if the handler handles `ctx.idempotency_key` itself.
+        cache_shareable: the answer does not depend on the caller, so a caller's degraded-mode answer cache may
+            give one caller's cached answer to another (who must still be allowed to make the call). Default: a
+            cached answer is only ever served to the caller it was given to.
     Returns:
         The method itself, with its spec attached (the class collects it).
     """
@@ -183,6 +193,7 @@ def capability(
             output_schema=output_schema,
             max_input_bytes=max_input_bytes,
             dedupe=dedupe,
+            cache_shareable=cache_shareable,
         )
         setattr(f, _ATTR, spec)
         return f

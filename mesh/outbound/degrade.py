@@ -1,6 +1,12 @@
 """Graceful degradation: when a capability with a routes policy fails as unavailable or overloaded, answer
 from its fallback capability, else from the cached last good answer to the same input.
 
+A cached answer is never a way around authorization or another caller's data:
+- it is kept per caller (this node's identity and the principal it calls on behalf of), unless the capability's
+  owner declared it `cache_shareable` in its card;
+- before it is served, the caller must be allowed to make that call now: a token for the target is issued (the
+  grants and revocations of this moment), and the authz policies this node mirrors allow it.
+
 A degraded answer says so: `x-hivemesh-degraded` in InvokeResponse.metadata (`fallback:<capability>` or
 `cache`), appended to the response bytes without re-encoding them.
 """
@@ -29,18 +35,52 @@ DEGRADE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE
 Result = tuple[bytes, mesh_pb2.AgentInstance]
 
 
-class Degradation:
-    """Fallback and cached answers of one node; `run` sends a call (the fallback) through the attempt loop."""
+Authorize = Callable[[OutboundCall, mesh_pb2.AgentInstance], Awaitable[None]]
+"""Raises a HivemeshError unless the caller may make this call to that instance's agent now."""
 
-    def __init__(self, cache: ResponseCache, run: Callable[[OutboundCall], Awaitable[Result]]) -> None:
+
+def shareable(instance: mesh_pb2.AgentInstance, capability: str) -> bool:
+    """Whether the agent's card marks capability's answers as the same for every caller."""
+    return any(c.name == capability and c.cache_shareable for c in instance.card.capabilities)
+
+
+class Degradation:
+    """Fallback and cached answers of one node; `run` sends a call (the fallback) through the attempt loop.
+
+    principal() names who is calling right now (scopes the cache); authorize proves a cached answer may be
+    given to them (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        cache: ResponseCache,
+        run: Callable[[OutboundCall], Awaitable[Result]],
+        *,
+        principal: Callable[[], str],
+        authorize: Authorize,
+    ) -> None:
         self.cache = cache
         self._run = run
+        self._principal = principal
+        self._authorize = authorize
+        self.refused = 0
+        """Cached answers withheld because the caller was not allowed to make the call at that moment."""
 
     def remember(self, call: OutboundCall, routes: RoutePolicy, result: Result) -> None:
         """Keep a good answer of a cacheable capability (routes with cache_ttl_s) for when it fails."""
         req = call.request()
-        self.cache.put(call.capability, ResponseCache.key(req.content_type, req.input), result,
+        scope = ResponseCache.SHARED if shareable(result[1], call.capability) else self._principal().encode()
+        self.cache.put(call.capability, ResponseCache.key(req.content_type, req.input, scope), result,
                        routes.cache_max_entries)
+
+    def _cached(self, call: OutboundCall, ttl_s: float) -> Result | None:
+        req = call.request()
+        for scope in (self._principal().encode(), ResponseCache.SHARED):
+            hit: Result | None = self.cache.get(
+                call.capability, ResponseCache.key(req.content_type, req.input, scope), ttl_s)
+            if hit is not None:
+                return hit
+        return None
 
     async def answer(self, call: OutboundCall, routes: RoutePolicy, err: HivemeshError) -> Result | None:
         """A fallback capability's answer, else the cached last good answer, else None (the error stands)."""
@@ -59,10 +99,16 @@ class Degradation:
                 except HivemeshError as fb_err:
                     log.info("fallback %s of %s failed too: %s", routes.fallback, call.capability, fb_err.reason)
         if routes.cache_ttl_s is not None:
-            req = call.request()
-            hit = self.cache.get(call.capability, ResponseCache.key(req.content_type, req.input), routes.cache_ttl_s)
+            hit = self._cached(call, routes.cache_ttl_s)
             if hit is not None:
                 raw, instance = hit
+                try:
+                    await self._authorize(call, instance)
+                except HivemeshError as refused:
+                    self.refused += 1
+                    log.info("%s failed (%s): a cached answer exists, but this caller may not have it now (%s)",
+                             call.capability, err.reason, refused.reason)
+                    return None
                 log.info("%s failed (%s): answered from the response cache", call.capability, err.reason)
                 return raw + metadata_entry(DEGRADED_KEY, "cache"), instance
         return None

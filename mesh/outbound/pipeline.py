@@ -18,12 +18,15 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
+import jwt
 
+from hivemesh.mesh.authz import AuthzRequest, AuthzTable
 from hivemesh.mesh.errors import (
     CertificateExpiredError,
     CircuitOpenError,
     DeadlineExceededError,
     HivemeshError,
+    PolicyDeniedError,
     from_rpc_error,
 )
 from hivemesh.mesh.outbound.attempts import (
@@ -69,14 +72,20 @@ class OutboundPipeline:
         channels: ChannelPool,
         *,
         traffic: Traffic | None = None,
+        authz: Callable[[], AuthzTable] | None = None,
     ) -> None:
+        """authz returns the authz policies in force (the node's mirror): a cached answer is served only to a
+        caller they allow; without it no cached answer is served at all (fail closed)."""
         self.liveness = liveness
         self.tokens = tokens
         self.channels = channels
         self.traffic = traffic if traffic is not None else Traffic()
         self.selector = InstanceSelector(liveness, self.traffic.state)
         self._parts = AttemptParts(self.selector, self._prepare_attempt, self._send, self._forget_token)
-        self._degradation = Degradation(self.traffic.state.cache, self._run)
+        self._authz = authz
+        self._subjects: dict[str, str] = {}
+        self._degradation = Degradation(self.traffic.state.cache, self._run, principal=self._principal,
+                                        authorize=self._authorize_cached)
         self.observer: Callable[[str, HivemeshError], None] | None = None
         """Told of every call this node refuses itself (circuit open, no instance, no grant, certificate
         expired...): the audit log of a serving node records them. It must not raise."""
@@ -97,6 +106,42 @@ class OutboundPipeline:
         else:
             token = await self.tokens.get(instance.identity, capability)
         return [*metadata, ("authorization", f"Bearer {token}")]
+
+    # --- who is calling, for the answer cache ------------------------------------------------------------------
+    def _subject(self) -> str | None:
+        """The principal this node calls on behalf of now (the verified subject token's `sub`), if any."""
+        token = on_behalf_of.get()
+        if not token:
+            return None
+        sub = self._subjects.get(token)
+        if sub is None:
+            # Verified on the way in (the inbound token layer); here only its subject is read.
+            sub = str(jwt.decode(token, options={"verify_signature": False}).get("sub", ""))
+            if len(self._subjects) > 1024:
+                self._subjects.clear()
+            self._subjects[token] = sub
+        return sub
+
+    def _principal(self) -> str:
+        return f"{self.channels.workload.spiffe_id}|{self._subject() or ''}"
+
+    async def _authorize_cached(self, call: OutboundCall, instance: mesh_pb2.AgentInstance) -> None:
+        """Raise unless this caller may make this call now: a token is issued for it (grants and revocations
+        of this moment) and the mirrored authz policies allow it."""
+        if self._authz is None:
+            raise PolicyDeniedError("no authz policies are mirrored here, so a cached answer cannot be authorized")
+        await self._prepare(instance, call.capability, ())
+        me, subject = self.channels.workload.spiffe_id, self._subject()
+        decision = self._authz().decide(AuthzRequest(
+            caller=me, capability=call.capability, action="invoke", agent=instance.identity,
+            principal=subject or me, chain=(subject, me) if subject else ()))
+        if not decision.allowed:
+            raise PolicyDeniedError(decision.reason, metadata={"rule": decision.rule or "default-deny"})
+
+    @property
+    def cached_answers_refused(self) -> int:
+        """Cached answers withheld because the caller was not allowed to make the call at that moment."""
+        return self._degradation.refused
 
     # --- the attempt loop's parts over gRPC --------------------------------------------------------------------
     async def _prepare_attempt(self, call: OutboundCall, instance: mesh_pb2.AgentInstance) -> Metadata:

@@ -17,9 +17,13 @@ class ResponseCache:
         self._entries: dict[str, OrderedDict[bytes, tuple[float, Any]]] = {}
         self.hits = 0
 
+    SHARED: bytes = b"*"
+    """The scope of answers whose capability's owner marked them cache_shareable (any allowed caller)."""
+
     @staticmethod
-    def key(content_type: str, payload: bytes) -> bytes:
-        return hashlib.sha256(content_type.encode() + b"\0" + payload).digest()
+    def key(content_type: str, payload: bytes, scope: bytes) -> bytes:
+        """The entry's key: the input, and who may be given the answer (a caller's principal, or SHARED)."""
+        return hashlib.sha256(scope + b"\0" + content_type.encode() + b"\0" + payload).digest()
 
     def put(self, capability: str, key: bytes, response: Any, max_entries: int) -> None:
         entries = self._entries.setdefault(capability, OrderedDict())

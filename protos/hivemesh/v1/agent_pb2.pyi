@@ -144,6 +144,7 @@ class Capability(_message.Message):
     IDEMPOTENT_FIELD_NUMBER: _builtins.int
     INPUT_MODES_FIELD_NUMBER: _builtins.int
     OUTPUT_MODES_FIELD_NUMBER: _builtins.int
+    CACHE_SHAREABLE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """e.g. "extract"; [a-z0-9][a-z0-9._-]{0,62}"""
     description: _builtins.str
@@ -155,6 +156,10 @@ class Capability(_message.Message):
     """true when InvokeStream is the natural way to call it"""
     idempotent: _builtins.bool
     """safe to run twice with the same input (retries, workflow resume)"""
+    cache_shareable: _builtins.bool
+    """The owner's word that one caller may be given the answer another caller got for the same input (a public,
+    caller-independent result). Without it a degraded-mode cached answer is kept per caller.
+    """
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -175,10 +180,11 @@ class Capability(_message.Message):
         idempotent: _builtins.bool = ...,
         input_modes: _abc.Iterable[_builtins.str] | None = ...,
         output_modes: _abc.Iterable[_builtins.str] | None = ...,
+        cache_shareable: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "idempotent", b"idempotent", "input_modes", b"input_modes", "input_schema", b"input_schema", "name", b"name", "output_modes", b"output_modes", "output_schema", b"output_schema", "streaming", b"streaming", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_shareable", b"cache_shareable", "description", b"description", "idempotent", b"idempotent", "input_modes", b"input_modes", "input_schema", b"input_schema", "name", b"name", "output_modes", b"output_modes", "output_schema", b"output_schema", "streaming", b"streaming", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
