@@ -96,9 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         import asyncio
         import logging
 
-        from hivemesh.mesh.handshake_audit import reexec_with_tracer
+        from hivemesh.mesh.audit.handshake.switch import enable
 
-        reexec_with_tracer()  # before gRPC starts: audit the TLS handshakes it refuses
+        enable()  # before gRPC is imported (it reads GRPC_TRACE then): audit the TLS handshakes it refuses
 
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         asyncio.run(_serve_many(names, "127.0.0.1"))
@@ -117,10 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--instance-id", default=None, help="registry instance id (default: generated)")
     parsed = parser.parse_args(args)
 
-    from hivemesh.mesh.handshake_audit import reexec_with_tracer
-    from hivemesh.sdk import MeshSettings, run
+    from hivemesh.mesh.audit.handshake.switch import enable
 
-    reexec_with_tracer()  # before gRPC starts: audit the TLS handshakes it refuses
+    enable()  # before gRPC is imported (it reads GRPC_TRACE then): audit the TLS handshakes it refuses
+    from hivemesh.sdk import MeshSettings, run
 
     try:
         settings = MeshSettings.resolve()

@@ -218,9 +218,9 @@ def controlplane(obj: CliContext, etcd_endpoints: str, state_dir: Path | None, t
     """Run the control plane: CA, token issuer, join service."""
     from hivemesh.controlplane.server import ControlPlaneConfig, ControlPlaneServer
     from hivemesh.controlplane.server import main as serve_controlplane
-    from hivemesh.mesh.handshake_audit import reexec_with_tracer
+    from hivemesh.mesh.audit.handshake.switch import enable
 
-    reexec_with_tracer()  # before gRPC starts: audit the TLS handshakes it refuses
+    enable()  # audit refused TLS handshakes; GRPC_TRACE must come from the launcher: gRPC is loaded already
 
     config = ControlPlaneConfig(
         etcd_endpoints=etcd_endpoints, certs_dir=obj.certs_dir, state_dir=state_dir or obj.home / "controlplane",
@@ -255,7 +255,7 @@ def sidecar(agent: str, listen: str, mesh_listen: str, name: str | None, lease_t
 
     The mesh location and the one-time join token come from HIVEMESH_* variables (or the `up` state file).
     """
-    from hivemesh.mesh.handshake_audit import reexec_with_tracer
+    from hivemesh.mesh.audit.handshake.switch import enable
     from hivemesh.mesh.sidecar import SidecarConfig, run_sidecar
 
     per_cap: list[tuple[str, int]] = []
@@ -264,8 +264,7 @@ def sidecar(agent: str, listen: str, mesh_listen: str, name: str | None, lease_t
         if not sep or not cap or not size.isdigit() or int(size) <= 0:
             raise click.BadParameter(f"{item!r}: expected CAPABILITY=BYTES", param_hint="--limit")
         per_cap.append((cap, int(size)))
-    # Before anything of gRPC's starts: audit the TLS handshakes it refuses (needs its handshaker tracer).
-    reexec_with_tracer()
+    enable()  # audit refused TLS handshakes; GRPC_TRACE must come from the launcher: gRPC is loaded already
     config = SidecarConfig(agent=agent, listen=listen, mesh_listen=mesh_listen, name=name,
                            lease_ttl_s=lease_ttl, max_input_bytes=max_input_bytes, limits=tuple(per_cap),
                            content_screen=not no_content_screen, screen_exempt=screen_exempt, audit_dir=audit_dir)

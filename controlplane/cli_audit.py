@@ -20,7 +20,7 @@ import click
 import grpc
 from rich.table import Table
 
-from hivemesh.controlplane.auditlog import KINDS, LogReport, load_public_key, verify_log
+from hivemesh.controlplane.audit import KINDS, LogReport, load_public_key, verify_log
 from hivemesh.controlplane.cli import CliContext, _friendly_errors, err, out, pass_cli
 from hivemesh.controlplane.client import ControlPlaneClient
 from hivemesh.mesh.audit import DECISIONS, verify_chain

@@ -7,7 +7,7 @@ its policy (reject, or approve with the default answer) the first time anyone re
 a waiting run wakes at the deadline to do exactly that.
 
 Every creation and resolution (by a person, by the deadline policy, or a withdrawal) is recorded in the
-control plane's tamper-evident audit log (`hivemesh.controlplane.auditlog`, as a `controlplane` record with
+control plane's tamper-evident audit log (`hivemesh.controlplane.audit`, as a `controlplane` record with
 kind `escalation`: the action, id, workflow, actor, decision and note), logged, and reported to any extra
 hooks (`add_audit_hook`).
 """
@@ -381,7 +381,7 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
 def _recorder(core: Core) -> Recorder | None:
     """The control plane's own audit log (issue 4's AuditStore), when this build has one."""
     try:
-        from hivemesh.controlplane.audit_service import audit_store
+        from hivemesh.controlplane.audit import audit_store
     except ImportError:  # pragma: no cover - the audit log ships with hivemesh
         return None
     return audit_store(core).record

@@ -35,20 +35,20 @@ InterceptorFactory = Callable[["Core"], grpc.aio.ServerInterceptor]
 def interceptors() -> list[InterceptorFactory]:
     """Interceptor factories for both control-plane servers, outermost first."""
     from hivemesh.controlplane import (
-        audit_service,  # the audit of every control-plane decision (issue 4)
+        audit,  # the audit of every control-plane decision (issue 4)
         trust_service,  # revoked subjects get no new token, delegation or certificate (issue 4)
     )
 
-    return [audit_service.interceptor, trust_service.interceptor]
+    return [audit.interceptor, trust_service.interceptor]
 
 
 def installers() -> list[ServiceInstaller]:
     """Every feature service's installer, in registration order."""
     from hivemesh.controlplane import (
-        audit_service,  # audit log: shipping, query, verify, checkpoints (issue 4)
+        audit,  # audit log: shipping, query, verify, checkpoints (issue 4)
         escalations,  # human escalation queue (issue 5)
         policy_service,  # traffic policies and status (issue 3)
         trust_service,  # delegation, revocation, key and CA rotation (issue 4)
     )
 
-    return [escalations.install, audit_service.install, policy_service.install, trust_service.install]
+    return [escalations.install, audit.install, policy_service.install, trust_service.install]

@@ -47,6 +47,7 @@ from hivemesh.mesh.errors import (
 )
 from hivemesh.mesh.pki import Peer, parse_spiffe_id
 from hivemesh.mesh.revocation import Revocation, any_revoked, list_revocations, revoke, subject_revoked
+from hivemesh.mesh.rpcwrap import UnaryBehaviour, wrap_handler
 from hivemesh.mesh.tokens import MAX_DELEGATION_DEPTH, KeySet, TokenVerifier
 from hivemesh.v1 import control_pb2, trust_pb2, trust_pb2_grpc
 
@@ -318,25 +319,24 @@ class RevocationGuard(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method not in self.GUARDED or handler.unary_unary is None:
             return handler
-        inner: Any = handler.unary_unary
         core = self._core
 
-        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            try:
-                peer = core.peer(context)
-                rev = await subject_revoked(core.etcd, str(peer.spiffe_id))
-            except Exception:  # noqa: BLE001 - the servicer itself reports identity and etcd trouble
-                rev = None
-            if rev is not None:
-                await abort(context, TokenRevokedError(
-                    f"{rev.subject} is revoked until {time.ctime(rev.expires_at)} (by {rev.by})"
-                ))
-            return await inner(request, context)
+        def guard(inner: UnaryBehaviour) -> UnaryBehaviour:
+            async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                try:
+                    peer = core.peer(context)
+                    rev = await subject_revoked(core.etcd, str(peer.spiffe_id))
+                except Exception:  # noqa: BLE001 - the servicer itself reports identity and etcd trouble
+                    rev = None
+                if rev is not None:
+                    await abort(context, TokenRevokedError(
+                        f"{rev.subject} is revoked until {time.ctime(rev.expires_at)} (by {rev.by})"
+                    ))
+                return await inner(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            guarded, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+            return guarded
+
+        return wrap_handler(handler, unary_unary=guard)
 
 
 def interceptor(core: Core) -> grpc.aio.ServerInterceptor:

@@ -23,8 +23,8 @@ from typing import Any
 from hivemesh.controlplane.ca import CaFiles, init_ca
 from hivemesh.controlplane.client import ControlPlaneClient
 from hivemesh.controlplane.procs import Supervisor
+from hivemesh.mesh.audit.handshake.switch import child_environment
 from hivemesh.mesh.etcd import EtcdServer
-from hivemesh.mesh.handshake_audit import child_environment
 from hivemesh.mesh.registry import RegistryView
 from hivemesh.mesh.settings import STATE_FILE, MeshSettings
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hivemesh.mesh.audit import AuditLog, open_node_audit
+from hivemesh.mesh.audit.handshake import HandshakeAudit, tracer_events
 from hivemesh.mesh.authz import AUTHZ
-from hivemesh.mesh.handshake_audit import HandshakeAudit
 from hivemesh.mesh.inbound import AGENT_SERVICE, DecisionObserver, MeshInboundInterceptor, build_inbound_chain
 from hivemesh.mesh.layers.screen import ContentScreen
 from hivemesh.mesh.node import MeshNode
@@ -35,7 +35,7 @@ class FrontDoor:
         """Start serving on the port already added, and auditing the handshakes refused there."""
         await self.server.start()
         if self.audit is not None:
-            self.handshakes = HandshakeAudit(self.audit, host, port)
+            self.handshakes = HandshakeAudit(self.audit, host, port, events=tracer_events())
             await self.handshakes.start()
             if self.node is not None:  # `hivemesh status` shows whether that audit is live
                 self.node.status_extras.append(self.handshakes.fill_status)

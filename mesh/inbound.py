@@ -31,6 +31,7 @@ from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
 from hivemesh.mesh.layers.ratelimit import RateLimitLayer
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN, ContentScreen
 from hivemesh.mesh.resilience.traffic import Traffic
+from hivemesh.mesh.rpcwrap import StreamBehaviour, UnaryBehaviour, wrap_handler
 from hivemesh.mesh.tokens import TokenVerifier
 from hivemesh.v1 import agent_pb2
 
@@ -275,9 +276,8 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
         """The handler with the chain in front of it (see the class docstring)."""
         observed = bool(self._observers)
         deserialize = handler.request_deserializer  # applied by the wrappers below, after the chain
-        if handler.unary_unary is not None:
-            inner_unary: Any = handler.unary_unary  # async in grpc.aio; the stubs type it sync
 
+        def unary_unary(inner_unary: UnaryBehaviour) -> UnaryBehaviour:
             async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 started = time.perf_counter()
                 call, inner_request, done = await self._enter(method, request, context, deserialize, started)
@@ -294,14 +294,9 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
                     if unrecorded is not None:
                         await abort(context, unrecorded)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary,
-                request_deserializer=None,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            inner_stream: Any = handler.unary_stream
+            return unary
 
+        def unary_stream(inner_stream: StreamBehaviour) -> StreamBehaviour:
             async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
                 started = time.perf_counter()
                 call, inner_request, done = await self._enter(method, request, context, deserialize, started)
@@ -317,9 +312,7 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
                     if unrecorded is not None:
                         await abort(context, unrecorded)
 
-            return grpc.unary_stream_rpc_method_handler(
-                stream,
-                request_deserializer=None,
-                response_serializer=handler.response_serializer,
-            )
-        return handler  # the Agent service has no client-streaming methods
+            return stream
+
+        # The Agent service has no client-streaming methods.
+        return wrap_handler(handler, unary_unary=unary_unary, unary_stream=unary_stream, raw_requests=True)

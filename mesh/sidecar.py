@@ -28,6 +28,7 @@ from typing import Any
 import grpc
 
 from hivemesh.mesh.audit import AuditLog
+from hivemesh.mesh.audit.handshake import tracer_events
 from hivemesh.mesh.errors import (
     AgentUnavailableError,
     CallHandleInvalidError,
@@ -36,7 +37,6 @@ from hivemesh.mesh.errors import (
     abort,
 )
 from hivemesh.mesh.front import FrontDoor, open_front_door
-from hivemesh.mesh.handshake_audit import start_tee
 from hivemesh.mesh.inbound import AGENT_SERVICE, DecisionObserver
 from hivemesh.mesh.layers import Inbound, current_inbound
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
@@ -184,7 +184,7 @@ class Sidecar:
             self.node = MeshNode(
                 self.settings, name=name, kind="agent", verify_inbound=True, instance_id=self.instance_id
             )
-            await asyncio.to_thread(start_tee)  # before the first handshake: see hivemesh.mesh.handshake_audit
+            await asyncio.to_thread(tracer_events().start)  # before the first handshake: see its docstring
             await self.node.start()
             front = open_front_door(
                 self.node,

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from hivemesh.mesh.audit import AuditLog
+from hivemesh.mesh.audit.handshake import tracer_events
 from hivemesh.mesh.front import FrontDoor, open_front_door
-from hivemesh.mesh.handshake_audit import start_tee
 from hivemesh.mesh.inbound import DecisionObserver
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN, ContentScreen
@@ -94,7 +94,7 @@ class AgentServer:
         return f"{self.host}:{self.port}"
 
     async def start(self) -> None:
-        await asyncio.to_thread(start_tee)  # before the first handshake: see hivemesh.mesh.handshake_audit
+        await asyncio.to_thread(tracer_events().start)  # before the first handshake: see its docstring
         await self.node.start()
         try:
             card = self.agent.card()

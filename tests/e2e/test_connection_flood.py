@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hivemesh.mesh.handshake_audit import child_environment
+from hivemesh.mesh.audit.handshake.switch import child_environment
 from hivemesh.sdk import MeshClient
 from tests.support.meshenv import MeshEnv
 from tests.support.spawn import start_replica, stop

@@ -1,8 +1,8 @@
 """TLS handshake refusals are audited like every other decision, in both packagings, end to end.
 
-Each packaging runs as a real process, because gRPC reads its tracer setting once at start-up: a sidecar
-through the `hivemesh sidecar` CLI (which restarts itself with the tracer on) and an SDK agent started with
-GRPC_TRACE in its environment, as `hivemesh up` does. Each attack makes exactly one TCP connection (Python's
+Each packaging runs as a real process, because gRPC reads its tracer setting once, at import: a sidecar
+through the `hivemesh sidecar` CLI and an SDK agent, both started with GRPC_TRACE (and the consent) in their
+environment, as `hivemesh up` does. Each attack makes exactly one TCP connection (Python's
 own TLS client, or a raw socket), so its record can be matched by the attacker's source port; the records are
 read back from the control plane, so they were also chained, shipped and stored.
 """
@@ -25,9 +25,9 @@ import pytest
 
 from hivemesh.controlplane.ca import init_ca, load_ca
 from hivemesh.controlplane.client import ControlPlaneClient
+from hivemesh.mesh.audit.handshake.events import port_of
+from hivemesh.mesh.audit.handshake.switch import child_environment
 from hivemesh.mesh.etcd import EtcdServer
-from hivemesh.mesh.handshake_audit import child_environment
-from hivemesh.mesh.handshake_log import port_of
 from hivemesh.mesh.pki import parse_spiffe_id
 from hivemesh.mesh.tls import channel_credentials, secure_channel
 from hivemesh.v1 import audit_pb2
@@ -61,7 +61,8 @@ async def target(request: pytest.FixtureRequest, mesh_env: MeshEnv, tmp_path: Pa
     log = tmp_path / f"{request.param}.log"
     if request.param == "sidecar":
         async with PlainAgent("plain") as plain:
-            proc, endpoint = await start_sidecar(mesh_env, plain.endpoint, tmp_path / "home", log)
+            proc, endpoint = await start_sidecar(mesh_env, plain.endpoint, tmp_path / "home", log,
+                                                 **child_environment({}, inherit={}))
             try:
                 yield Target("sidecar", endpoint, mesh_env, tmp_path)
             finally:
@@ -216,11 +217,12 @@ async def test_a_handshake_flood_is_coalesced_and_every_refusal_counted(
 async def test_the_control_planes_ports_audit_refused_handshakes(
     etcd: Any, etcd_server: EtcdServer, tmp_path: Path
 ) -> None:
-    """`hivemesh controlplane` as a real process (it restarts itself with the tracer): handshakes refused on
-    its mutual-TLS port and on its join port are in its own audit log."""
+    """`hivemesh controlplane` as a real process, started with the tracer as a launcher does: handshakes
+    refused on its mutual-TLS port and on its join port are in its own audit log."""
     certs = tmp_path / "certs"
     init_ca(certs, TRUST_DOMAIN)
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEMESH_") and k != "GRPC_TRACE"}
+    child_env.update(child_environment({}, inherit=child_env))
     log = tmp_path / "controlplane.log"
     with log.open("wb") as err:
         proc = await asyncio.create_subprocess_exec(

@@ -14,17 +14,10 @@ from pathlib import Path
 import pytest
 
 from hivemesh.controlplane.ca import init_ca, load_ca
-from hivemesh.mesh.handshake_log import (
-    DEFAULT_REASON,
-    HandshakeLogParser,
-    classify,
-    describe,
-    parse_entry,
-    parse_text,
-    port_of,
-    tracer_requested,
-    with_tracer,
-)
+from hivemesh.mesh.audit.handshake.events import port_of
+from hivemesh.mesh.audit.handshake.reasons import DEFAULT_REASON, classify, describe
+from hivemesh.mesh.audit.handshake.switch import tracer_requested, with_tracer
+from hivemesh.mesh.audit.handshake.tracelog import HandshakeLogParser, parse_entry, parse_text
 from tests.support.tls_attacks import H2_PREFACE, attacker_context, raw_attempt, tls_attempt
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from hivemesh.mesh.stderr_tee import run_tee
+from hivemesh.mesh.audit.handshake.tee import run_tee
 from tests.integration.test_handshake_log import FAILED
 
 REPO = Path(__file__).resolve().parents[2]
@@ -98,7 +98,7 @@ def _child(code: str, tmp: Path) -> tuple[int, bytes]:
 def test_a_crashing_process_keeps_its_last_words(tmp_path: Path) -> None:
     code, err = _child(f"""
         import os
-        from hivemesh.mesh.stderr_tee import StderrTee
+        from hivemesh.mesh.audit.handshake.tee import StderrTee
         assert StderrTee.shared().running
         os.write(2, {FAILED!r})
         os.write(2, b"fatal: the last words END\\n")
@@ -112,7 +112,7 @@ def test_a_crashing_process_keeps_its_last_words(tmp_path: Path) -> None:
 def test_stderr_comes_back_when_the_tee_dies(tmp_path: Path) -> None:
     code, err = _child("""
         import os, signal, time
-        from hivemesh.mesh.stderr_tee import StderrTee
+        from hivemesh.mesh.audit.handshake.tee import StderrTee
         tee = StderrTee.shared()
         os.kill(tee._proc.pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
@@ -129,7 +129,7 @@ def test_the_tee_outlives_signals_meant_for_its_process(tmp_path: Path) -> None:
     """Ctrl-C or SIGTERM to the group must not silence the process's last words: the tee ends at EOF only."""
     code, err = _child("""
         import os, signal, time
-        from hivemesh.mesh.stderr_tee import StderrTee
+        from hivemesh.mesh.audit.handshake.tee import StderrTee
         tee = StderrTee.shared()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             os.kill(tee._proc.pid, sig)

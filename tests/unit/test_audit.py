@@ -19,7 +19,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from hivemesh.controlplane.auditlog import (
+from hivemesh.controlplane.audit import (
     AuditFilter,
     AuditStore,
     sign_checkpoint,

@@ -1,21 +1,16 @@
 """An audit record for every TLS handshake a front door refuses, like every other decision it makes.
 
-gRPC refuses these connections in its C core, before any mesh code runs (`hivemesh.mesh.handshake_log`
-explains where they are seen). For one listening port, `HandshakeAudit`:
-- takes the failures the stderr tee reports for that port (`hivemesh.mesh.stderr_tee`);
-- writes one record each to the node's audit spool: kind `handshake`, status UNAVAILABLE (what the client
-  sees), a reason such as TLS_CERT_UNTRUSTED or TLS_CERT_EXPIRED, the client's address, and the TLS library's
-  words in `message`;
-- coalesces a flood: per client host and reason, the first refusal in a window is written at once and the
+For one listening port, `HandshakeAudit` turns the failures a `HandshakeEvents` source reports (today gRPC's
+handshaker tracer, `hivemesh.mesh.audit.handshake.tracer`) into audit records:
+- one record each in the node's audit log: kind `handshake`, status UNAVAILABLE (what the client sees), a
+  reason such as TLS_CERT_UNTRUSTED or TLS_CERT_EXPIRED, the client's address, and the TLS library's words in
+  `message`;
+- coalescing a flood: per client host and reason, the first refusal in a window is written at once and the
   rest of that window as one record with `count` = how many. Every refusal is counted, none is dropped, and a
   handshake flood cannot turn into one disk write per connection;
-- proves it is live: it connects to its own port once and waits to see that probe's failure come back. If it
-  does not (the tracer is off, the log format changed, fd 2 was taken over), it says so loudly instead of
+- proving it is live: it connects to its own port once and waits to see that probe's failure come back. If it
+  does not (the source is off, the log format changed, fd 2 was taken over), it says so loudly instead of
   auditing nothing in silence.
-
-gRPC reads GRPC_TRACE once, when it starts, so the tracer must be on in the environment a process starts
-with: `hivemesh up` sets it for its children, and `hivemesh sidecar` and `python -m hivemesh.agents.run`
-restart themselves with it (`reexec_with_tracer`). A program embedding an SDK agent sets it itself.
 """
 
 from __future__ import annotations
@@ -23,23 +18,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
+from hivemesh.mesh.audit.handshake.events import HandshakeEvents, HandshakeFailure
+from hivemesh.mesh.audit.handshake.reasons import classify, describe
 from hivemesh.mesh.errors import AuditUnavailableError
-from hivemesh.mesh.handshake_log import HandshakeFailure, classify, describe, tracer_requested, with_tracer
-from hivemesh.mesh.stderr_tee import StderrTee
 
 log = logging.getLogger(__name__)
 
-OPT_OUT_ENV: Final = "HIVEMESH_AUDIT_HANDSHAKES"
-"""Set to 0 to run without the handshaker tracer and the stderr tee (handshake refusals then go unaudited)."""
-_REEXEC_ENV: Final = "HIVEMESH_TRACER_REEXEC"
 STATUS: Final = "UNAVAILABLE"
 """What a client refused in the handshake sees."""
 _MAX_KEYS: Final = 4096
@@ -47,51 +37,6 @@ _MAX_KEYS: Final = 4096
 
 class _Recorder(Protocol):
     def record(self, fields: dict[str, Any]) -> int: ...
-
-
-def opted_out(environ: Mapping[str, str] | None = None) -> bool:
-    env = os.environ if environ is None else environ
-    return env.get(OPT_OUT_ENV, "1").strip().lower() in ("0", "false", "no", "off")
-
-
-def tracing() -> bool:
-    """Whether this process asked gRPC for its handshaker tracer (and did not opt out)."""
-    return not opted_out() and tracer_requested(os.environ.get("GRPC_TRACE"))
-
-
-def start_tee() -> None:
-    """Route stderr through the tee now, if the tracer is on, so the tracer's lines never reach the log.
-
-    Call before this process makes its first gRPC connection (joining the mesh is one)."""
-    if tracing():
-        StderrTee.shared()
-
-
-def reexec_with_tracer() -> None:
-    """Restart this process with the same command line and the handshaker tracer on, unless it is on already;
-    then start the stderr tee.
-
-    Call it first thing in a main, before any gRPC channel or server exists: gRPC reads GRPC_TRACE once at
-    start-up. It only starts the tee when the tracer is on, and does nothing when the operator opted out or
-    when this process is already the restarted one."""
-    if opted_out():
-        return
-    if not tracer_requested(os.environ.get("GRPC_TRACE")) and not os.environ.get(_REEXEC_ENV):
-        env = {**os.environ, "GRPC_TRACE": with_tracer(os.environ.get("GRPC_TRACE")), _REEXEC_ENV: "1"}
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
-    start_tee()
-
-
-def child_environment(env: Mapping[str, str], *, inherit: Mapping[str, str]) -> dict[str, str]:
-    """env, plus the handshaker tracer, for a mesh process about to start with inherit + env as its
-    environment (unless that opts out)."""
-    merged = {**inherit, **env}
-    if opted_out(merged):
-        return dict(env)
-    return {**env, "GRPC_TRACE": with_tracer(merged.get("GRPC_TRACE"))}
 
 
 @dataclass
@@ -112,11 +57,13 @@ class HandshakeAudit:
         host: str,
         port: int,
         *,
+        events: HandshakeEvents,
         window_s: float = 1.0,
         probe_timeout_s: float = 15.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.audit = audit
+        self.events = events
         self.host = host
         self.port = port
         self.window_s = window_s
@@ -138,22 +85,12 @@ class HandshakeAudit:
     async def start(self) -> None:
         """Begin listening for this port's failures and probe once; returns without waiting for the probe."""
         self._loop = asyncio.get_running_loop()
-        if opted_out():
-            self.problem = f"turned off ({OPT_OUT_ENV}=0)"
+        problem = await asyncio.to_thread(self.events.start)
+        if problem:
+            self.problem = problem
             log.warning("TLS handshake refusals on port %d are not audited: %s", self.port, self.problem)
             return
-        if not tracer_requested(os.environ.get("GRPC_TRACE")):
-            self.problem = ("gRPC's handshaker tracer is off: start this process with GRPC_TRACE=handshaker "
-                            "(hivemesh up, hivemesh sidecar, hivemesh controlplane and python -m "
-                            "hivemesh.agents.run do)")
-            log.warning("TLS handshake refusals on port %d are not audited: %s", self.port, self.problem)
-            return
-        tee = await asyncio.to_thread(StderrTee.shared)
-        if not tee.running:
-            self.problem = tee.error
-            log.warning("TLS handshake refusals on port %d are not audited: %s", self.port, self.problem)
-            return
-        self._stop_listening = tee.listen(self.on_failure)
+        self._stop_listening = self.events.listen(self.on_failure)
         self._tasks = [asyncio.create_task(self._run_probe()), asyncio.create_task(self._flush_loop())]
 
     async def close(self) -> None:

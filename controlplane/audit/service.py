@@ -1,10 +1,5 @@
-"""The control plane's Audit service, and the audit of the control plane's own decisions.
-
-Nodes ship their spools here (`AppendBatch`, `SourceState`); operators query, export and verify the log. Every
-RPC the control plane answers on its other services (joins, renewals, token issue and exchange, revocations,
-rotations, escalations, audit reads) is itself recorded, by a server interceptor, with the caller, the outcome
-and a whitelist of request fields (never a token, join token or CSR).
-"""
+"""The control plane's Audit service: nodes ship their spools here (`AppendBatch`, `SourceState`); operators
+query, export and verify the log. It also audits the TLS handshakes the control plane's own ports refuse."""
 
 from __future__ import annotations
 
@@ -12,49 +7,24 @@ import asyncio
 import concurrent.futures
 import json
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
 
-from hivemesh.controlplane.auditlog import AuditFilter, AuditStore, public_key_pem
-from hivemesh.mesh.audit import classify
+from hivemesh.controlplane.audit.checkpoints import public_key_pem
+from hivemesh.controlplane.audit.query import AuditFilter
+from hivemesh.controlplane.audit.store import AuditStore, audit_store
+from hivemesh.mesh.audit.handshake.audit import HandshakeAudit
+from hivemesh.mesh.audit.handshake.tracer import tracer_events
 from hivemesh.mesh.errors import HivemeshError, PermissionDeniedError, abort
-from hivemesh.mesh.handshake_audit import HandshakeAudit
-from hivemesh.mesh.pki import Peer, controlplane_id, load_cert, peer_from_auth_context, uri_sans
+from hivemesh.mesh.pki import Peer
 from hivemesh.v1 import audit_pb2, audit_pb2_grpc
 
 if TYPE_CHECKING:
     from hivemesh.controlplane.server import Core
 
 log = logging.getLogger(__name__)
-
-EXTENSION: Final = "audit"
-_UNAUDITED: Final = frozenset({
-    "/hivemesh.v1.Audit/AppendBatch", "/hivemesh.v1.Audit/SourceState",  # the shipping itself: machine traffic
-})
-_AUDITED_PREFIXES: Final = ("/hivemesh.v1.",)
-_REQUEST_FIELDS: Final = (
-    "audience", "scopes", "delegable", "name", "kind", "jti", "subject", "step", "ttl_seconds", "id", "decision",
-    "caller", "capability",
-)
-_RESPONSE_FIELDS: Final = ("jti", "scopes", "spiffe_id", "kid", "phase")
-_OWN_FIELDS: Final = frozenset({"kind", "decision", "caller", "status", "reason", "method", "node", "time"})
-"""The record's own fields: a request field of the same name (an audit query's `--decision` filter, a join
-token's workload `kind`) is kept as `request_<name>`, never in their place."""
-_DETAILS_KEY = "grpc-status-details-bin"
-
-
-def audit_store(core: Core) -> AuditStore:
-    """The control plane's AuditStore (created and opened on first use)."""
-    store = core.extensions.get(EXTENSION)
-    if store is None:
-        store = AuditStore(core.config.state_dir / "audit", identity=controlplane_id(core.trust_domain)).open()
-        core.extensions[EXTENSION] = store
-    assert isinstance(store, AuditStore)
-    return store
 
 
 def _require_operator(peer: Peer) -> None:
@@ -172,152 +142,6 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
         return result
 
 
-# --- the audit of the control plane's own decisions ---------------------------------------------------------------
-def _caller(context: grpc.aio.ServicerContext[Any, Any], trust_domain: str) -> tuple[str, str]:
-    """(verified caller id or "", unverified URI SAN for forensics or "")."""
-    auth = context.auth_context()
-    try:
-        return str(peer_from_auth_context(auth, trust_domain=trust_domain).spiffe_id), ""
-    except HivemeshError:
-        pass
-    pems = list(auth.get("x509_pem_cert") or ()) if auth else []
-    if not pems:
-        return "", ""
-    try:
-        return "", ",".join(uri_sans(load_cert(pems[0])))[:256]
-    except ValueError:
-        return "", ""
-
-
-def _summary(message: Any, names: tuple[str, ...]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if message is None or not hasattr(message, "DESCRIPTOR"):
-        return out
-    fields = message.DESCRIPTOR.fields_by_name
-    for name in names:
-        if name not in fields:
-            continue
-        value = getattr(message, name)
-        if isinstance(value, str | int) and not isinstance(value, bool) and value not in ("", 0):
-            out[name] = value if isinstance(value, int) else value[:256]
-        elif hasattr(value, "__iter__") and not isinstance(value, str | bytes):
-            items = [str(v)[:128] for v in list(value)[:64]]
-            if items:
-                out[name] = items
-    return out
-
-
-def _reason(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    try:
-        trailing = context.trailing_metadata()
-    except Exception:  # noqa: BLE001 - older grpc: no getter
-        return ""
-    for key, value in trailing or ():
-        if key == _DETAILS_KEY and isinstance(value, bytes):
-            for detail in status_pb2.Status.FromString(value).details:
-                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                    info = error_details_pb2.ErrorInfo()
-                    detail.Unpack(info)
-                    return str(info.reason)
-    return ""
-
-
-class ControlPlaneAuditInterceptor(grpc.aio.ServerInterceptor):
-    """Records one entry per control-plane RPC outcome (written before the response is released)."""
-
-    def __init__(self, core: Core) -> None:
-        self._core = core
-        self._store = audit_store(core)
-
-    async def _write(
-        self, method: str, context: grpc.aio.ServicerContext[Any, Any], request: Any, response: Any,
-        failure: BaseException | None, started: float,
-    ) -> None:
-        if failure is None:
-            code = grpc.StatusCode.OK
-        else:
-            got = context.code()
-            code = got if isinstance(got, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
-        caller, unverified = _caller(context, self._core.trust_domain)
-        reason = _reason(context) if code != grpc.StatusCode.OK else ""
-        fields: dict[str, Any] = {
-            "method": method,
-            "decision": classify(None, code) if code == grpc.StatusCode.OK else classify(
-                HivemeshError(reason=reason or code.name, code=code), code
-            ),
-            "status": code.name,
-            "reason": reason,
-            "caller": caller,
-            "latency_us": int((time.perf_counter() - started) * 1e6),
-            "remote": context.peer() or "",
-        }
-        for name, value in _summary(request, _REQUEST_FIELDS).items():
-            fields[f"request_{name}" if name in _OWN_FIELDS else name] = value
-        if unverified:
-            fields["caller_unverified"] = unverified
-        if code != grpc.StatusCode.OK:
-            details = context.details() if hasattr(context, "details") else ""
-            if details:
-                fields["message"] = str(details)[:256]
-        else:
-            for k, v in _summary(response, _RESPONSE_FIELDS).items():
-                fields[f"granted_{k}" if k == "scopes" else k] = v
-        try:
-            await self._store.record(fields)
-        except Exception:
-            log.exception("cannot write the control plane's audit record for %s", method)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or method in _UNAUDITED or not method.startswith(_AUDITED_PREFIXES):
-            return handler
-        short = method.rsplit(".", 1)[-1]
-        if handler.unary_unary is not None:
-            inner: Any = handler.unary_unary
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                started = time.perf_counter()
-                failure: BaseException | None = None
-                response: Any = None
-                try:
-                    response = await inner(request, context)
-                    return response
-                except BaseException as exc:
-                    failure = exc
-                    raise
-                finally:
-                    await self._write(short, context, request, response, failure, started)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            inner_stream: Any = handler.unary_stream
-
-            async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-                started = time.perf_counter()
-                failure: BaseException | None = None
-                try:
-                    async for item in inner_stream(request, context):
-                        yield item
-                except BaseException as exc:
-                    failure = exc
-                    raise
-                finally:
-                    await self._write(short, context, request, None, failure, started)
-
-            return grpc.unary_stream_rpc_method_handler(
-                stream, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
-
 
 class _FromAnyThread:
     """The store's async `record`, callable from the stderr tee's thread (what HandshakeAudit needs)."""
@@ -359,7 +183,7 @@ class AuditFeature:
         """The control plane listens on ports: record the handshakes refused there, like its RPC decisions."""
         recorder = self._recorder = _FromAnyThread(self.store, asyncio.get_running_loop())
         for port in ports:
-            audit = HandshakeAudit(recorder, host, port)
+            audit = HandshakeAudit(recorder, host, port, events=tracer_events())
             await audit.start()
             self.handshakes.append(audit)
 
@@ -397,10 +221,6 @@ class AuditFeature:
             escalations.remove_audit_hook(self._hook)
             self._hook = None
         await self.store.close()
-
-
-def interceptor(core: Core) -> grpc.aio.ServerInterceptor:
-    return ControlPlaneAuditInterceptor(core)
 
 
 def install(core: Core, server: grpc.aio.Server) -> AuditFeature:

@@ -1,9 +1,9 @@
 """A tee on this process's standard error that reports the TLS handshake failures gRPC logs there.
 
 gRPC's C core writes its log to file descriptor 2 and nowhere else. To read it without losing any of it, the
-process's fd 2 becomes a pipe into a small helper process (`python -m hivemesh.mesh.stderr_tee`), which:
+process's fd 2 becomes a pipe into a small helper process (`python -m hivemesh.mesh.audit.handshake.tee`), which:
 - copies every line on to the real standard error at once, except the handshaker tracer's own entries, which
-  are there only because the mesh turned that tracer on (`hivemesh.mesh.handshake_log`);
+  are there only because the mesh turned that tracer on (`hivemesh.mesh.audit.handshake.tracelog`);
 - sends each server-side handshake failure back to this process as one JSON line on a second pipe.
 
 Why a process and not a thread: if this process dies (a fatal gRPC abort, a segfault), whatever it wrote last,
@@ -26,7 +26,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from hivemesh.mesh.handshake_log import HandshakeFailure, HandshakeLogParser
+from hivemesh.mesh.audit.handshake.events import HandshakeFailure, Listener
+from hivemesh.mesh.audit.handshake.tracelog import HandshakeLogParser
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def _event(f: HandshakeFailure) -> bytes:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 2 or args[0] != "--events-fd" or not args[1].isdigit():
-        sys.stderr.write("usage: python -m hivemesh.mesh.stderr_tee --events-fd N  (started by the mesh)\n")
+        sys.stderr.write("usage: python -m hivemesh.mesh.audit.handshake.tee --events-fd N  (started by the mesh)\n")
         return 2
     # Outlive whatever stops the process it serves (Ctrl-C, SIGTERM to the group, a hang-up), so its last
     # words still get through; end-of-file on stdin is the only way this ends.
@@ -103,9 +104,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # --- this process's side ------------------------------------------------------------------------------------------
-Listener = Callable[[HandshakeFailure], None]
-
-
 class StderrTee:
     """This process's fd 2, routed through the helper; `listen` receives each handshake failure it reports.
 
@@ -158,7 +156,7 @@ class StderrTee:
         events_r, events_w = os.pipe()
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "hivemesh.mesh.stderr_tee", "--events-fd", str(events_w)],
+                [sys.executable, "-m", "hivemesh.mesh.audit.handshake.tee", "--events-fd", str(events_w)],
                 stdin=to_tee_r, stdout=2, stderr=2, pass_fds=(events_w,), close_fds=True,
                 start_new_session=True,  # no Ctrl-C from the terminal: see main()
             )

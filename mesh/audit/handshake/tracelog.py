@@ -15,21 +15,19 @@ handshake failure is logged as one entry naming the error and both endpoint addr
 
 This module turns such text into `HandshakeFailure`s, and tells which lines belong to the tracer (so the
 process that enabled it can keep them out of the operator's log). It is pure text processing with no gRPC
-import, so the stderr tee (`hivemesh.mesh.stderr_tee`) can run it in a small process of its own.
+import, so the stderr tee (`hivemesh.mesh.audit.handshake.tee`) can run it in a small process of its own.
 
 The format is gRPC's debug output, not an API: grpcio is pinned, and `tests/test_handshake_log.py` parses what
 the pinned grpcio really prints, so an upgrade that changes it fails the tests instead of going quiet. A
-process also proves the trace is live with a probe connection of its own (`hivemesh.mesh.handshake_audit`).
+process also proves the trace is live with a probe connection of its own (`hivemesh.mesh.audit.handshake.audit`).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Final
 
-TRACER: Final = "handshaker"
-"""The gRPC tracer whose output carries handshake failures."""
+from hivemesh.mesh.audit.handshake.events import HandshakeFailure
 
 _HEADER = re.compile(rb"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ (?P<file>[\w./-]+):\d+\] ")
 # Lines that can follow a tracer entry's header: the status's source-location block, the rest of the
@@ -38,84 +36,8 @@ _CONTINUATION = re.compile(rb"^(=== Source Location Trace: === ?|\S+\.(?:cc|h):\
 _LOCAL = re.compile(r"grpc\.internal\.endpoint_local_address=([^,}\s]+)")
 _PEER = re.compile(r"grpc\.internal\.endpoint_peer_address=([^,}\s]+)")
 _ERROR = re.compile(r"CallNextHandshakerLocked: error=(.*?)(?:\n=== Source Location Trace| shutdown=)", re.S)
-_SSL_DETAIL = re.compile(r"OPENSSL_internal:(.*)$", re.S)
 _MAX_ENTRY_LINES: Final = 16
 _MAX_LINE: Final = 16384
-
-
-@dataclass(frozen=True)
-class HandshakeFailure:
-    """One failed server-side TLS handshake, as gRPC logged it."""
-
-    local: str
-    """The listening address that was connected to, in gRPC's form (`ipv4:127.0.0.1:34423`)."""
-    peer: str
-    """The client's address (`ipv4:127.0.0.1:41366`)."""
-    error: str
-    """gRPC's error text, e.g. `UNAVAILABLE: Handshake read failed (Socket closed)`."""
-
-    @property
-    def local_port(self) -> int:
-        return port_of(self.local)
-
-    @property
-    def peer_port(self) -> int:
-        return port_of(self.peer)
-
-    @property
-    def peer_host(self) -> str:
-        return self.peer.rpartition(":")[0]
-
-
-def port_of(address: str) -> int:
-    """The port of a gRPC address such as `ipv4:127.0.0.1:5000` or `ipv6:[::1]:5000`; 0 if it has none."""
-    tail = address.rpartition(":")[2]
-    return int(tail) if tail.isdigit() else 0
-
-
-# Why a handshake failed, most specific first: reason, audit decision, what it means, and the words in
-# gRPC's error that identify it. A client hanging up mid-handshake is an error, not a refusal.
-_REASONS: Final = (
-    ("TLS_CERT_EXPIRED", "deny", "the client certificate has expired",
-     ("certificate has expired", "CERTIFICATE_EXPIRED")),
-    ("TLS_CERT_NOT_YET_VALID", "deny", "the client certificate is not valid yet", ("certificate is not yet valid",)),
-    ("TLS_CERT_MISSING", "deny", "the client sent no certificate", ("PEER_DID_NOT_RETURN_A_CERTIFICATE",)),
-    ("TLS_CERT_UNTRUSTED", "deny", "the client certificate does not chain to the mesh's trust bundle",
-     ("CERTIFICATE_VERIFY_FAILED", "UNKNOWN_CA", "BAD_CERTIFICATE")),
-    ("TLS_PLAINTEXT", "deny", "the client did not speak TLS (plaintext)",
-     ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "HTTPS_PROXY_REQUEST")),
-    ("TLS_HANDSHAKE_TIMEOUT", "deny", "the TLS handshake did not finish in time",
-     ("Handshake timed out", "Deadline Exceeded", "DEADLINE_EXCEEDED")),
-    ("TLS_CONNECTION_CLOSED", "error", "the client hung up during the TLS handshake",
-     ("Socket closed", "Connection reset", "Broken pipe", "End of TCP stream")),
-)
-DEFAULT_REASON: Final = "TLS_HANDSHAKE_FAILED"
-_NOISE: Final = (": Invalid certificate verification context", ": OK")
-
-
-def classify(error: str) -> tuple[str, str]:
-    """(reason, audit decision) for gRPC's error text."""
-    for reason, decision, _, needles in _REASONS:
-        if any(n in error for n in needles):
-            return reason, decision
-    return DEFAULT_REASON, "deny"
-
-
-def detail(error: str) -> str:
-    """The TLS library's own words in gRPC's error text (or the text itself), without gRPC's filler."""
-    text = error.strip()
-    for _ in range(2):
-        for noise in _NOISE:
-            text = text.removesuffix(noise)
-    m = _SSL_DETAIL.search(text)
-    return (m.group(1) if m else text).strip()[:240]
-
-
-def describe(error: str) -> str:
-    """One sentence for an operator: what the refusal means, then the TLS library's words."""
-    reason, _ = classify(error)
-    meaning = next((m for r, _, m, _ in _REASONS if r == reason), "the TLS handshake failed")
-    return f"{meaning} ({detail(error)})"
 
 
 def is_header(line: bytes) -> bool:
@@ -199,17 +121,3 @@ def parse_text(text: bytes) -> list[HandshakeFailure]:
         parser.feed(line.rstrip(b"\r"))
     parser.flush()
     return parser.take()
-
-
-def with_tracer(value: str | None) -> str:
-    """A GRPC_TRACE value that also enables the handshaker tracer (other tracers asked for are kept)."""
-    names = [n.strip() for n in (value or "").split(",") if n.strip()]
-    if TRACER in names or "all" in names:
-        return ",".join(names)
-    return ",".join([*names, TRACER])
-
-
-def tracer_requested(value: str | None) -> bool:
-    """Whether a GRPC_TRACE value enables the handshaker tracer."""
-    names = {n.strip() for n in (value or "").split(",")}
-    return bool(names & {TRACER, "all"}) and f"-{TRACER}" not in names

@@ -1,62 +1,49 @@
-"""The control plane's audit log: one append-only, hash-chained file of every node's records, plus signed
-checkpoints of its head.
+"""The control plane's audit log: one append-only, hash-chained file of every node's records.
 
 Layout of `<state_dir>/audit/`:
 
 - `log.jsonl`: one entry per line, `{"seq", "prev", "source", "record", "hash"}`. `record` is a node's record
-  exactly as it chained it (its own seq/prev/hash, see `hivemesh.mesh.audit`), so both the log's chain and
+  exactly as it chained it (its own seq/prev/hash, see `hivemesh.mesh.audit.chain`), so both the log's chain and
   every source's chain can be re-verified end to end. Entries are fsynced before a batch is acknowledged, and
   only then may a node forget its spool.
-- `checkpoints.jsonl`: `{"checkpoint", "log_seq", "head", "time", "prev_sig", "kid", "sig"}`, each an Ed25519
-  signature over the canonical JSON of the rest, linking the previous checkpoint's signature (the CloudTrail
-  digest chain): deleting or altering a checkpoint breaks the link, and a log rewritten after a checkpoint was
-  signed (a re-hashed fork) no longer matches that checkpoint's head.
-- `checkpoint.key`: the Ed25519 signing key (0600). It is separate from the token signing keys: a leaked token
-  key cannot forge checkpoints, and whoever can write the log cannot sign for it.
-
-`verify_log` is a pure function over the lines, so the CLI verifies an export offline with a pinned public key
-and does not have to trust the control plane's own word.
+- `checkpoints.jsonl` and `checkpoint.key`: signed checkpoints of the head (`hivemesh.controlplane.audit.checkpoints`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import contextlib
-import fnmatch
-import hashlib
 import json
 import logging
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from hivemesh.mesh.audit import (
-    DECISIONS,
-    FORMAT,
-    GENESIS,
-    ChainProblem,
-    ChainState,
-    canonical,
-    check_link,
-    parse_time,
-    record_hash,
-    seal,
-    utc_iso,
+from hivemesh.controlplane.audit.checkpoints import (
+    LogReport,
+    load_or_create_checkpoint_key,
+    sign_checkpoint,
+    verify_log,
 )
+from hivemesh.controlplane.audit.query import AuditFilter
+from hivemesh.mesh.audit.chain import GENESIS, canonical, record_hash, seal
+from hivemesh.mesh.audit.record import FORMAT, utc_iso
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError, PermissionDeniedError
+from hivemesh.mesh.pki import controlplane_id
+
+if TYPE_CHECKING:
+    from hivemesh.controlplane.server import Core
 
 log = logging.getLogger(__name__)
 
+EXTENSION: Final = "audit"
 CONTROLPLANE_SOURCE: Final = "controlplane"
 """The source id of the control plane's own records (joins, tokens, revocations, rotations)."""
 MAX_BATCH: Final = 1000
@@ -64,275 +51,6 @@ MAX_RECORD_BYTES: Final = 64 * 1024
 _SOURCE_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def key_id(public_key: ed25519.Ed25519PublicKey) -> str:
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
-
-
-def public_key_pem(public_key: ed25519.Ed25519PublicKey) -> str:
-    return public_key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode("ascii")
-
-
-def load_public_key(pem: str | bytes) -> ed25519.Ed25519PublicKey:
-    key = serialization.load_pem_public_key(pem.encode() if isinstance(pem, str) else pem)
-    if not isinstance(key, ed25519.Ed25519PublicKey):
-        raise ValueError("the checkpoint key must be an Ed25519 public key")
-    return key
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def load_or_create_checkpoint_key(path: Path) -> ed25519.Ed25519PrivateKey:
-    if path.exists():
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        if not isinstance(key, ed25519.Ed25519PrivateKey):
-            raise FailedPreconditionError(f"{path} is not an Ed25519 private key")
-        return key
-    key = ed25519.Ed25519PrivateKey.generate()
-    _write_private(
-        path,
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-    )
-    log.info("created the audit checkpoint signing key %s", path)
-    return key
-
-
-def sign_checkpoint(key: ed25519.Ed25519PrivateKey, body: Mapping[str, Any]) -> dict[str, Any]:
-    doc = {k: v for k, v in body.items() if k != "sig"}
-    doc["kid"] = key_id(key.public_key())
-    doc["sig"] = _b64(key.sign(canonical(doc)))
-    return doc
-
-
-# --- verification ---------------------------------------------------------------------------------------------------
-@dataclass
-class LogReport:
-    """What `verify_log` found."""
-
-    entries: int = 0
-    sources: int = 0
-    checkpoints: int = 0
-    head_seq: int = 0
-    head_hash: str = GENESIS
-    problem: ChainProblem | None = None
-    checkpoint_problem: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.problem is None
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "ok": self.ok, "entries": self.entries, "sources": self.sources, "checkpoints": self.checkpoints,
-            "head_seq": self.head_seq, "head_hash": self.head_hash,
-        }
-        if self.problem is not None:
-            out.update(first_bad_seq=self.problem.seq, first_bad_line=self.problem.line, problem=self.problem.reason)
-        return out
-
-
-def _parse_checkpoints(
-    raw: Sequence[bytes | str], public_key: ed25519.Ed25519PublicKey | None
-) -> tuple[list[dict[str, Any]], str]:
-    """The checkpoints in order, verified (signature, numbering, previous-signature link); (good ones, problem)."""
-    out: list[dict[str, Any]] = []
-    prev_sig = ""
-    for i, line in enumerate(raw, 1):
-        try:
-            cp = json.loads(line)
-        except ValueError:
-            return out, f"checkpoint {i} is not valid JSON"
-        if not isinstance(cp, dict) or not isinstance(cp.get("sig"), str):
-            return out, f"checkpoint {i} is malformed"
-        if cp.get("checkpoint") != i:
-            return out, f"checkpoint {i} is numbered {cp.get('checkpoint')!r}: a checkpoint was deleted or inserted"
-        if cp.get("prev_sig") != prev_sig:
-            return out, f"checkpoint {i} does not link to checkpoint {i - 1}'s signature (deleted or altered)"
-        if public_key is not None:
-            body = {k: v for k, v in cp.items() if k != "sig"}
-            try:
-                public_key.verify(base64.b64decode(cp["sig"], validate=True), canonical(body))
-            except (InvalidSignature, ValueError):
-                return out, f"checkpoint {i}'s signature does not verify (altered, or signed by another key)"
-        if out and int(cp.get("log_seq", 0)) < int(out[-1].get("log_seq", 0)):
-            return out, f"checkpoint {i} covers fewer entries than checkpoint {i - 1}"
-        prev_sig = cp["sig"]
-        out.append(cp)
-    return out, ""
-
-
-def verify_log(
-    lines: Iterable[bytes | str],
-    checkpoints: Sequence[bytes | str] = (),
-    public_key: ed25519.Ed25519PublicKey | None = None,
-) -> LogReport:
-    """Verify the log's chain, each source's chain inside it, and the checkpoints against both.
-
-    Names the first bad entry: changed (hash mismatch), deleted (seq gap), inserted or reordered (broken link),
-    a broken source chain, a log shorter than a signed checkpoint (truncated), or a log whose hash at a
-    checkpointed seq differs from the signed head (rewritten: a re-hashed fork).
-    """
-    report = LogReport()
-    cps, cp_problem = _parse_checkpoints(checkpoints, public_key)
-    report.checkpoints = len(cps)
-    wanted = {int(cp.get("log_seq", 0)): cp for cp in cps}
-    seen_heads: dict[int, str] = {}
-    state = ChainState()
-    sources: dict[str, ChainState] = {}
-    for n, raw in enumerate(lines, 1):
-        try:
-            entry = json.loads(raw)
-        except ValueError:
-            report.problem = ChainProblem(n, state.next_seq, "not valid JSON (changed or torn)")
-            break
-        problem = check_link(entry, state, n)
-        if problem is not None:
-            report.problem = problem
-            break
-        seq = entry["seq"]
-        source, record = entry.get("source"), entry.get("record")
-        if not isinstance(source, str) or not isinstance(record, dict):
-            report.problem = ChainProblem(n, seq, "entry has no source or record")
-            break
-        src_state = sources.get(source)
-        if src_state is None:
-            # A source's chain may begin past 1 when the control plane first heard of it mid-chain.
-            first = record.get("seq")
-            src_state = ChainState(
-                next_seq=first if isinstance(first, int) else 1,
-                prev=record.get("prev") if isinstance(record.get("prev"), str) else GENESIS,  # type: ignore[arg-type]
-            )
-            sources[source] = src_state
-        inner = check_link(record, src_state, n)
-        if inner is not None:
-            report.problem = ChainProblem(n, seq, f"source {source} record {record.get('seq')}: {inner.reason}")
-            break
-        if seq in wanted:
-            seen_heads[seq] = entry["hash"]
-    report.entries = state.count
-    report.sources = len(sources)
-    report.head_seq = state.next_seq - 1
-    report.head_hash = state.prev
-    if report.problem is not None:
-        return report
-    if cp_problem:
-        report.checkpoint_problem = cp_problem
-        report.problem = ChainProblem(0, report.head_seq + 1, cp_problem)
-        return report
-    last_good = 0
-    for cp in cps:
-        log_seq = int(cp.get("log_seq", 0))
-        if log_seq > report.head_seq:
-            report.problem = ChainProblem(
-                report.entries + 1, report.head_seq + 1,
-                f"truncated: the log ends at seq {report.head_seq} but checkpoint {cp['checkpoint']} covers "
-                f"seq {log_seq}",
-            )
-            return report
-        if log_seq and seen_heads.get(log_seq) != cp.get("head"):
-            report.problem = ChainProblem(
-                0, last_good + 1,
-                f"rewritten: the log's hash at seq {log_seq} differs from signed checkpoint {cp['checkpoint']} "
-                f"(entries {last_good + 1}..{log_seq} were re-hashed)",
-            )
-            return report
-        last_good = log_seq
-    return report
-
-
-# --- queries --------------------------------------------------------------------------------------------------------
-KINDS: Final = frozenset({"inbound", "outbound", "handshake", "controlplane"})
-"""What a record is about: a call a node decided on, a call it refused on the way out, a TLS handshake refused
-below gRPC, or the control plane's own decision."""
-
-
-@dataclass(frozen=True)
-class AuditFilter:
-    """Which entries a query wants; every given field must match (globs for identities and capabilities)."""
-
-    caller: str = ""
-    capability: str = ""
-    decision: str = ""
-    principal: str = ""
-    agent: str = ""
-    jti: str = ""
-    trace_id: str = ""
-    kind: str = ""
-    since: float | None = None
-    until: float | None = None
-    after_seq: int = 0
-    _globs: dict[str, re.Pattern[str]] = field(default_factory=dict, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.decision and self.decision not in DECISIONS:
-            msg = f"decision must be one of {', '.join(sorted(DECISIONS))}"
-            raise InvalidInputError(msg, field_violations={"decision": msg})
-        if self.kind and self.kind not in KINDS:
-            msg = f"kind must be one of {', '.join(sorted(KINDS))}"
-            raise InvalidInputError(msg, field_violations={"kind": msg})
-        for name in ("caller", "capability", "principal", "agent"):
-            value = getattr(self, name)
-            if value:
-                self._globs[name] = re.compile(fnmatch.translate(value))
-
-    @classmethod
-    def from_strings(cls, *, since: str = "", until: str = "", **kwargs: Any) -> AuditFilter:
-        try:
-            s = parse_time(since) if since else None
-            u = parse_time(until) if until else None
-        except ValueError as exc:
-            raise InvalidInputError(str(exc), field_violations={"since/until": str(exc)}) from None
-        return cls(since=s, until=u, **kwargs)
-
-    def matches(self, entry: Mapping[str, Any]) -> bool:
-        if entry.get("seq", 0) <= self.after_seq:
-            return False
-        rec = entry.get("record")
-        if not isinstance(rec, dict):
-            return False
-        fields = {"caller": rec.get("caller", ""), "capability": rec.get("capability", ""),
-                  "principal": rec.get("principal", ""), "agent": rec.get("node", "")}
-        for name, pattern in self._globs.items():
-            if not pattern.fullmatch(str(fields[name] or "")):
-                return False
-        if self.decision and rec.get("decision") != self.decision:
-            return False
-        if self.jti and rec.get("jti") != self.jti:
-            return False
-        if self.trace_id and rec.get("trace_id") != self.trace_id:
-            return False
-        if self.kind and rec.get("kind") != self.kind:
-            return False
-        if self.since is not None or self.until is not None:
-            try:
-                t = parse_time(str(rec.get("time", "")))
-            except ValueError:
-                return False
-            if self.since is not None and t < self.since:
-                return False
-            if self.until is not None and t > self.until:
-                return False
-        return True
-
-
-# --- the store ------------------------------------------------------------------------------------------------------
 @dataclass
 class _Source:
     identity: str
@@ -605,3 +323,13 @@ class AuditStore:
 
     def verify(self) -> LogReport:
         return verify_log(self.lines(), self.checkpoints(), self.public_key)
+
+
+def audit_store(core: Core) -> AuditStore:
+    """The control plane's AuditStore (created and opened on first use), shared by its service and interceptor."""
+    store = core.extensions.get(EXTENSION)
+    if store is None:
+        store = AuditStore(core.config.state_dir / "audit", identity=controlplane_id(core.trust_domain)).open()
+        core.extensions[EXTENSION] = store
+    assert isinstance(store, AuditStore)
+    return store

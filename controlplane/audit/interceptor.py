@@ -1,0 +1,182 @@
+"""The audit of the control plane's own decisions: one record per RPC it answers on its other services (joins,
+renewals, token issue and exchange, revocations, rotations, escalations, audit reads), with the caller, the
+outcome and a whitelist of request fields (never a token, join token or CSR), written before the response is
+released."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Final
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+from hivemesh.controlplane.audit.store import audit_store
+from hivemesh.mesh.audit.record import classify
+from hivemesh.mesh.errors import HivemeshError
+from hivemesh.mesh.pki import load_cert, peer_from_auth_context, uri_sans
+from hivemesh.mesh.rpcwrap import StreamBehaviour, UnaryBehaviour, wrap_handler
+
+if TYPE_CHECKING:
+    from hivemesh.controlplane.server import Core
+
+log = logging.getLogger(__name__)
+
+_UNAUDITED: Final = frozenset({
+    "/hivemesh.v1.Audit/AppendBatch", "/hivemesh.v1.Audit/SourceState",  # the shipping itself: machine traffic
+})
+_AUDITED_PREFIXES: Final = ("/hivemesh.v1.",)
+_REQUEST_FIELDS: Final = (
+    "audience", "scopes", "delegable", "name", "kind", "jti", "subject", "step", "ttl_seconds", "id", "decision",
+    "caller", "capability",
+)
+_RESPONSE_FIELDS: Final = ("jti", "scopes", "spiffe_id", "kid", "phase")
+_OWN_FIELDS: Final = frozenset({"kind", "decision", "caller", "status", "reason", "method", "node", "time"})
+"""The record's own fields: a request field of the same name (an audit query's `--decision` filter, a join
+token's workload `kind`) is kept as `request_<name>`, never in their place."""
+_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def _caller(context: grpc.aio.ServicerContext[Any, Any], trust_domain: str) -> tuple[str, str]:
+    """(verified caller id or "", unverified URI SAN for forensics or "")."""
+    auth = context.auth_context()
+    try:
+        return str(peer_from_auth_context(auth, trust_domain=trust_domain).spiffe_id), ""
+    except HivemeshError:
+        pass
+    pems = list(auth.get("x509_pem_cert") or ()) if auth else []
+    if not pems:
+        return "", ""
+    try:
+        return "", ",".join(uri_sans(load_cert(pems[0])))[:256]
+    except ValueError:
+        return "", ""
+
+
+def _summary(message: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if message is None or not hasattr(message, "DESCRIPTOR"):
+        return out
+    fields = message.DESCRIPTOR.fields_by_name
+    for name in names:
+        if name not in fields:
+            continue
+        value = getattr(message, name)
+        if isinstance(value, str | int) and not isinstance(value, bool) and value not in ("", 0):
+            out[name] = value if isinstance(value, int) else value[:256]
+        elif hasattr(value, "__iter__") and not isinstance(value, str | bytes):
+            items = [str(v)[:128] for v in list(value)[:64]]
+            if items:
+                out[name] = items
+    return out
+
+
+def _reason(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    try:
+        trailing = context.trailing_metadata()
+    except Exception:  # noqa: BLE001 - older grpc: no getter
+        return ""
+    for key, value in trailing or ():
+        if key == _DETAILS_KEY and isinstance(value, bytes):
+            for detail in status_pb2.Status.FromString(value).details:
+                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    info = error_details_pb2.ErrorInfo()
+                    detail.Unpack(info)
+                    return str(info.reason)
+    return ""
+
+
+class ControlPlaneAuditInterceptor(grpc.aio.ServerInterceptor):
+    """Records one entry per control-plane RPC outcome (written before the response is released)."""
+
+    def __init__(self, core: Core) -> None:
+        self._core = core
+        self._store = audit_store(core)
+
+    async def _write(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any], request: Any, response: Any,
+        failure: BaseException | None, started: float,
+    ) -> None:
+        if failure is None:
+            code = grpc.StatusCode.OK
+        else:
+            got = context.code()
+            code = got if isinstance(got, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+        caller, unverified = _caller(context, self._core.trust_domain)
+        reason = _reason(context) if code != grpc.StatusCode.OK else ""
+        fields: dict[str, Any] = {
+            "method": method,
+            "decision": classify(None, code) if code == grpc.StatusCode.OK else classify(
+                HivemeshError(reason=reason or code.name, code=code), code
+            ),
+            "status": code.name,
+            "reason": reason,
+            "caller": caller,
+            "latency_us": int((time.perf_counter() - started) * 1e6),
+            "remote": context.peer() or "",
+        }
+        for name, value in _summary(request, _REQUEST_FIELDS).items():
+            fields[f"request_{name}" if name in _OWN_FIELDS else name] = value
+        if unverified:
+            fields["caller_unverified"] = unverified
+        if code != grpc.StatusCode.OK:
+            details = context.details() if hasattr(context, "details") else ""
+            if details:
+                fields["message"] = str(details)[:256]
+        else:
+            for k, v in _summary(response, _RESPONSE_FIELDS).items():
+                fields[f"granted_{k}" if k == "scopes" else k] = v
+        try:
+            await self._store.record(fields)
+        except Exception:
+            log.exception("cannot write the control plane's audit record for %s", method)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or method in _UNAUDITED or not method.startswith(_AUDITED_PREFIXES):
+            return handler
+        short = method.rsplit(".", 1)[-1]
+
+        def unary_unary(inner: UnaryBehaviour) -> UnaryBehaviour:
+            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                started = time.perf_counter()
+                failure: BaseException | None = None
+                response: Any = None
+                try:
+                    response = await inner(request, context)
+                    return response
+                except BaseException as exc:
+                    failure = exc
+                    raise
+                finally:
+                    await self._write(short, context, request, response, failure, started)
+
+            return unary
+
+        def unary_stream(inner: StreamBehaviour) -> StreamBehaviour:
+            async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+                started = time.perf_counter()
+                failure: BaseException | None = None
+                try:
+                    async for item in inner(request, context):
+                        yield item
+                except BaseException as exc:
+                    failure = exc
+                    raise
+                finally:
+                    await self._write(short, context, request, None, failure, started)
+
+            return stream
+
+        return wrap_handler(handler, unary_unary=unary_unary, unary_stream=unary_stream)
+
+
+def interceptor(core: Core) -> grpc.aio.ServerInterceptor:
+    return ControlPlaneAuditInterceptor(core)

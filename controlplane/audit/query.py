@@ -1,0 +1,85 @@
+"""Which entries of the control plane's audit log a query wants."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from hivemesh.mesh.audit.record import DECISIONS, parse_time
+from hivemesh.mesh.errors import InvalidInputError
+
+KINDS: Final = frozenset({"inbound", "outbound", "handshake", "controlplane"})
+"""What a record is about: a call a node decided on, a call it refused on the way out, a TLS handshake refused
+below gRPC, or the control plane's own decision."""
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    """Which entries a query wants; every given field must match (globs for identities and capabilities)."""
+
+    caller: str = ""
+    capability: str = ""
+    decision: str = ""
+    principal: str = ""
+    agent: str = ""
+    jti: str = ""
+    trace_id: str = ""
+    kind: str = ""
+    since: float | None = None
+    until: float | None = None
+    after_seq: int = 0
+    _globs: dict[str, re.Pattern[str]] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.decision and self.decision not in DECISIONS:
+            msg = f"decision must be one of {', '.join(sorted(DECISIONS))}"
+            raise InvalidInputError(msg, field_violations={"decision": msg})
+        if self.kind and self.kind not in KINDS:
+            msg = f"kind must be one of {', '.join(sorted(KINDS))}"
+            raise InvalidInputError(msg, field_violations={"kind": msg})
+        for name in ("caller", "capability", "principal", "agent"):
+            value = getattr(self, name)
+            if value:
+                self._globs[name] = re.compile(fnmatch.translate(value))
+
+    @classmethod
+    def from_strings(cls, *, since: str = "", until: str = "", **kwargs: Any) -> AuditFilter:
+        try:
+            s = parse_time(since) if since else None
+            u = parse_time(until) if until else None
+        except ValueError as exc:
+            raise InvalidInputError(str(exc), field_violations={"since/until": str(exc)}) from None
+        return cls(since=s, until=u, **kwargs)
+
+    def matches(self, entry: Mapping[str, Any]) -> bool:
+        if entry.get("seq", 0) <= self.after_seq:
+            return False
+        rec = entry.get("record")
+        if not isinstance(rec, dict):
+            return False
+        fields = {"caller": rec.get("caller", ""), "capability": rec.get("capability", ""),
+                  "principal": rec.get("principal", ""), "agent": rec.get("node", "")}
+        for name, pattern in self._globs.items():
+            if not pattern.fullmatch(str(fields[name] or "")):
+                return False
+        if self.decision and rec.get("decision") != self.decision:
+            return False
+        if self.jti and rec.get("jti") != self.jti:
+            return False
+        if self.trace_id and rec.get("trace_id") != self.trace_id:
+            return False
+        if self.kind and rec.get("kind") != self.kind:
+            return False
+        if self.since is not None or self.until is not None:
+            try:
+                t = parse_time(str(rec.get("time", "")))
+            except ValueError:
+                return False
+            if self.since is not None and t < self.since:
+                return False
+            if self.until is not None and t > self.until:
+                return False
+        return True

@@ -1,0 +1,133 @@
+"""The audit hash chain, the one implementation both sides use (nodes' spools and the control plane's log).
+
+Records are canonical JSON (sorted keys, no whitespace, ASCII with \\u escapes, integers and strings only, so
+any language reproduces the bytes) and chained: each carries `seq` (1, 2, ...), `prev` (the previous record's
+hash; 64 zeros for the first) and `hash` = SHA-256 hex of the canonical JSON of the record without `hash`.
+Changing, deleting, inserting or reordering a record breaks the chain at that record (`verify_chain`).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+GENESIS: Final = "0" * 64
+"""`prev` of a chain's first record."""
+
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+"""Built once: `json.dumps` with non-default options builds a new encoder on every call (on the hot path)."""
+
+
+def canonical(obj: Any) -> bytes:
+    """The canonical JSON bytes of obj: sorted keys, no whitespace, ASCII only (non-ASCII as \\u escapes)."""
+    return _CANONICAL.encode(obj).encode()
+
+
+def record_hash(record: Mapping[str, Any]) -> str:
+    """SHA-256 hex of the canonical JSON of record without its `hash` member."""
+    return hashlib.sha256(canonical({k: v for k, v in record.items() if k != "hash"})).hexdigest()
+
+
+def seal(fields: dict[str, Any], seq: int, prev: str) -> tuple[bytes, str]:
+    """Chain fields as record seq after prev; returns (the line to append, its hash).
+
+    The line is the canonical body with `hash` appended last (one serialization on the hot path); a reader
+    re-canonicalizes, so member order in the stored line does not matter.
+    """
+    fields["seq"] = seq
+    fields["prev"] = prev
+    fields.pop("hash", None)
+    body = canonical(fields)
+    digest = hashlib.sha256(body).hexdigest()
+    line = body[:-1] + b',"hash":"' + digest.encode() + b'"}\n'
+    return line, digest
+
+
+@dataclass(frozen=True)
+class ChainProblem:
+    """Where a chain first goes wrong."""
+
+    line: int
+    """1-based line number of the first bad record in the file or stream."""
+    seq: int
+    """The sequence number at which the chain breaks (the record that is missing, changed or misplaced)."""
+    reason: str
+
+    def __str__(self) -> str:
+        return f"record seq {self.seq} (line {self.line}): {self.reason}"
+
+
+@dataclass
+class ChainState:
+    """A verifier's position in one chain: the next expected seq and the hash it must link to."""
+
+    next_seq: int = 1
+    prev: str = GENESIS
+    count: int = 0
+    recent: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=2), repr=False)
+    """The last two good hashes, to recognise a record forged to fit (inserted with a recomputed hash)."""
+
+
+def check_link(entry: Any, state: ChainState, line: int) -> ChainProblem | None:
+    """Check one parsed record against state (advancing it when good); the problem, or None when it links.
+
+    Order matters for naming the right record: content first (a changed record fails its own hash), then the
+    link (a deleted, moved or inserted record breaks it), then the numbering.
+    """
+    if not isinstance(entry, dict):
+        return ChainProblem(line, state.next_seq, "not a JSON object")
+    seq, prev, stored = entry.get("seq"), entry.get("prev"), entry.get("hash")
+    if not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(prev, str) or not isinstance(stored, str):
+        return ChainProblem(line, state.next_seq, "missing or malformed seq/prev/hash")
+    try:
+        computed = record_hash(entry)
+    except (TypeError, ValueError):
+        return ChainProblem(line, state.next_seq, "not canonical JSON (floats or invalid values)")
+    if computed != stored:
+        return ChainProblem(line, state.next_seq, "changed: its hash does not match its content")
+    if prev != state.prev:
+        if len(state.recent) == 2 and prev == state.recent[0] and seq == state.next_seq - 1:
+            # The previous record had the right seq and a recomputed hash, but this one links past it.
+            return ChainProblem(line - 1, seq, "inserted: the next record links past it to its predecessor")
+        if seq > state.next_seq:
+            why = f"record(s) {state.next_seq}..{seq - 1} deleted or moved (found seq {seq} here)"
+        elif seq < state.next_seq:
+            why = f"reordered or duplicated: found seq {seq} here"
+        else:
+            why = "does not link to the previous record (inserted, reordered or re-hashed)"
+        return ChainProblem(line, state.next_seq, why)
+    if seq != state.next_seq:
+        return ChainProblem(line, state.next_seq, f"has seq {seq}, expected {state.next_seq} (renumbered)")
+    state.prev = stored
+    state.next_seq += 1
+    state.count += 1
+    state.recent.append(stored)
+    return None
+
+
+def parse_line(raw: bytes | str) -> Any:
+    """A stored line as JSON (ValueError when it is not)."""
+    return json.loads(raw)
+
+
+def verify_chain(
+    lines: Iterable[bytes | str], *, first_seq: int = 1, prev: str = GENESIS
+) -> tuple[int, ChainProblem | None]:
+    """Verify a chain of record lines; returns (records verified, the first problem or None)."""
+    state = ChainState(next_seq=first_seq, prev=prev)
+    for n, raw in enumerate(lines, 1):
+        if not (raw.strip() if isinstance(raw, str | bytes) else raw):
+            return state.count, ChainProblem(n, state.next_seq, "empty line")
+        try:
+            entry = parse_line(raw)
+        except ValueError:
+            return state.count, ChainProblem(n, state.next_seq, "not valid JSON (changed or torn)")
+        problem = check_link(entry, state, n)
+        if problem is not None:
+            return state.count, problem
+    return state.count, None
+

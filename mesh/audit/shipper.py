@@ -1,0 +1,149 @@
+"""Shipping a spool to the control plane: in order, in batches, resuming by sequence number.
+
+The shipper resumes from the last sequence number the control plane holds for this spool's source (asked on
+every (re)connect), so nothing is lost and nothing is sent twice; the control plane also drops any record at or
+below what it holds. While the control plane is down the spool simply grows, and is replayed when it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from hivemesh.mesh.audit.spool import Spool
+from hivemesh.mesh.errors import HivemeshError
+
+log = logging.getLogger(__name__)
+
+
+class AuditSink(Protocol):
+    """The control plane's side of shipping (implemented by ControlPlaneClient)."""
+
+    async def audit_source_state(self, source: str) -> int: ...
+
+    async def audit_append(self, source: str, records: Sequence[bytes]) -> int: ...
+
+
+class Shipper:
+    """Ships a spool to the control plane in order; resumes by sequence number; retries with backoff."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        sink: Callable[[], AuditSink],
+        *,
+        batch: int = 500,
+        linger_s: float = 0.05,
+        backoff_max_s: float = 5.0,
+    ) -> None:
+        self.spool = spool
+        self._sink = sink
+        self._batch = batch
+        self._linger = linger_s
+        self._backoff_max = backoff_max_s
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.shipped = 0
+        self.failures = 0
+        self.last_error: str = ""
+        spool.add_listener(self._notify)
+
+    def _notify(self) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._wake.set()
+        else:
+            loop.call_soon_threadsafe(self._wake.set)
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run())
+
+    async def stop(self, *, drain_s: float = 2.0) -> None:
+        """Try to ship what is pending (bounded by drain_s), then stop."""
+        if self._task is None:
+            return
+        if drain_s > 0 and self.spool.pending > 0:
+            deadline = time.monotonic() + drain_s
+            while self.spool.pending > 0 and time.monotonic() < deadline and not self._task.done():
+                self._wake.set()
+                await asyncio.sleep(0.02)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    async def wait_shipped(self, seq: int | None = None, timeout: float = 10.0) -> bool:
+        """Wait until the control plane holds every record up to seq (default: the current head)."""
+        target = self.spool.seq if seq is None else seq
+        deadline = time.monotonic() + timeout
+        while self.spool.acked < target:
+            if time.monotonic() >= deadline:
+                return False
+            self._wake.set()
+            await asyncio.sleep(0.02)
+        return True
+
+    async def _run(self) -> None:
+        acked: int | None = None
+        delay = 0.1
+        while True:
+            try:
+                sink = self._sink()
+                if acked is None:
+                    acked = await sink.audit_source_state(self.spool.source)
+                    if acked > self.spool.seq:
+                        log.error(
+                            "the control plane holds %d records of audit source %s but the spool only %d",
+                            acked, self.spool.source, self.spool.seq,
+                        )
+                    self.spool.ack(min(acked, self.spool.seq))
+                if acked >= self.spool.seq:
+                    self._wake.clear()
+                    if acked >= self.spool.seq:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                        await asyncio.sleep(self._linger)
+                    continue
+                lines = self.spool.read(acked + 1, max_records=self._batch)
+                if not lines:
+                    # The records after `acked` were deleted: the control plane lost what it had acknowledged.
+                    log.error("audit records after %d are no longer in the spool; cannot resend them", acked)
+                    await asyncio.sleep(1.0)
+                    acked = None
+                    continue
+                acked = await sink.audit_append(self.spool.source, lines)
+                self.spool.ack(acked)
+                self.shipped += len(lines)
+                delay = 0.1
+                if len(lines) < self._batch:
+                    # Caught up, or nearly: let the next batch gather for linger_s, not one record per round
+                    # trip (under steady load that was a tight loop of tiny batches, each a gRPC call + an ack).
+                    await asyncio.sleep(self._linger)
+            except asyncio.CancelledError:
+                raise
+            except HivemeshError as exc:
+                self.failures += 1
+                self.last_error = f"{exc.reason}: {exc.message}"
+                log.debug("audit shipping failed (%s); retrying in %.1f s", self.last_error, delay)
+                acked = None  # re-ask where to resume: the control plane may have stored the batch anyway
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._backoff_max)
+            except Exception as exc:  # noqa: BLE001 - the shipper must outlive any one failure
+                self.failures += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("audit shipping failed: %s", self.last_error)
+                acked = None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._backoff_max)
