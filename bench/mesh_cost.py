@@ -592,7 +592,7 @@ class Bench:
 
     async def start(self) -> None:
         from hivemesh.controlplane.ca import init_ca
-        from hivemesh.controlplane.client import ControlPlaneClient
+        from hivemesh.mesh.controlplane_client import ControlPlaneClient
         from hivemesh.mesh.etcd import EtcdServer
 
         self.etcd = EtcdServer(data_dir=self.tmp / "etcd", log_path=self.tmp / "etcd.log")

@@ -366,7 +366,7 @@ def call(obj: CliContext, capability: str, data: str | None, timeout: float, str
 @_friendly_errors
 def join_token(obj: CliContext, name: str, kind: str, ttl: int, as_json: bool) -> None:
     """Mint a one-time join token for a workload NAME (give it to the agent/sidecar as HIVEMESH_JOIN_TOKEN)."""
-    from hivemesh.controlplane.client import ControlPlaneClient
+    from hivemesh.mesh.controlplane_client import ControlPlaneClient
 
     settings = obj.operator_settings()
 

@@ -22,8 +22,8 @@ from rich.table import Table
 
 from hivemesh.controlplane.auditlog import KINDS, LogReport, load_public_key, verify_log
 from hivemesh.controlplane.cli import CliContext, _friendly_errors, err, out, pass_cli
-from hivemesh.controlplane.client import ControlPlaneClient
 from hivemesh.mesh.audit import DECISIONS, verify_chain
+from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.errors import from_rpc_error
 from hivemesh.v1 import audit_pb2
 

@@ -16,9 +16,9 @@ from google.protobuf.message import Message
 from rich.table import Table
 
 from hivemesh.controlplane.cli import CliContext, _friendly_errors, err, out
-from hivemesh.controlplane.client import ControlPlaneClient
 from hivemesh.controlplane.policies import parse_documents
 from hivemesh.controlplane.policy_client import PolicyClient
+from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.v1 import policy_pb2
 
 _T = TypeVar("_T")

@@ -12,7 +12,7 @@ import click
 from rich.table import Table
 
 from hivemesh.controlplane.cli import CliContext, _friendly_errors, out, pass_cli
-from hivemesh.controlplane.client import ControlPlaneClient
+from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.v1 import trust_pb2
 
 _T = TypeVar("_T")

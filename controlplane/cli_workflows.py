@@ -209,7 +209,7 @@ def escalations() -> None:
 
 
 def _esc_client_call(obj: CliContext, fn: Callable[[Any], Awaitable[T]]) -> T:
-    from hivemesh.controlplane.client import ControlPlaneClient
+    from hivemesh.mesh.controlplane_client import ControlPlaneClient
     from hivemesh.sdk.escalation import EscalationClient
 
     settings = obj.operator_settings()

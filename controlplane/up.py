@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from hivemesh.controlplane.ca import CaFiles, init_ca
-from hivemesh.controlplane.client import ControlPlaneClient
 from hivemesh.controlplane.procs import Supervisor
+from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.etcd import EtcdServer
 from hivemesh.mesh.handshake_audit import child_environment
 from hivemesh.mesh.registry import RegistryView

@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 import grpc
 
-from hivemesh.controlplane.client import ControlPlaneClient
 from hivemesh.mesh.channels import ChannelPool
+from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.outbound import OutboundPipeline
 from hivemesh.mesh.pki import controlplane_id, load_certs

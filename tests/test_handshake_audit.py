@@ -24,7 +24,7 @@ import grpc
 import pytest
 
 from hivemesh.controlplane.ca import init_ca, load_ca
-from hivemesh.controlplane.client import ControlPlaneClient
+from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.etcd import EtcdServer
 from hivemesh.mesh.handshake_audit import child_environment
 from hivemesh.mesh.handshake_log import port_of
