@@ -40,7 +40,7 @@ from typing import Any, TypedDict
 
 import grpc
 
-from hivemesh.controlplane.procs import PARENT_ENV, die_with_parent_if_asked
+from hivemesh.mesh.lifeline import PARENT_ENV, die_with_parent_if_asked
 from hivemesh.v1 import agent_pb2, agent_pb2_grpc, mesh_pb2_grpc
 
 log = logging.getLogger("bench.mesh_cost")
