@@ -87,7 +87,7 @@ async def _serve_many(names: Sequence[str], host: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from hivemesh.controlplane.procs import die_with_parent_if_asked  # stdlib only: no runtime for 'validator'
+    from hivemesh.mesh.lifeline import die_with_parent_if_asked  # stdlib only: no runtime for 'validator'
 
     die_with_parent_if_asked()
     args = list(sys.argv[1:] if argv is None else argv)

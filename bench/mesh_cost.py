@@ -40,7 +40,7 @@ from typing import Any, TypedDict
 
 import grpc
 
-from hivemesh.controlplane.procs import PARENT_ENV, die_with_parent_if_asked
+from hivemesh.mesh.lifeline import PARENT_ENV, die_with_parent_if_asked
 from hivemesh.v1 import agent_pb2, agent_pb2_grpc, mesh_pb2_grpc
 
 log = logging.getLogger("bench.mesh_cost")
@@ -592,7 +592,7 @@ class Bench:
 
     async def start(self) -> None:
         from hivemesh.controlplane.ca import init_ca
-        from hivemesh.controlplane.client import ControlPlaneClient
+        from hivemesh.mesh.controlplane_client import ControlPlaneClient
         from hivemesh.mesh.etcd import EtcdServer
 
         self.etcd = EtcdServer(data_dir=self.tmp / "etcd", log_path=self.tmp / "etcd.log")

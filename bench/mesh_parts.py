@@ -62,12 +62,12 @@ def _authz_kwargs() -> dict[str, Any]:
     """An authz table allowing the bench caller, for trees whose chain has the (default-deny) authz layer."""
     if "authz" not in inspect.signature(build_inbound_chain).parameters:
         return {}
-    from hivemesh.mesh.authz import compile_authz
-    from hivemesh.mesh.policy import PolicyDoc, get_kind
+    from hivemesh.mesh.authz import AUTHZ, compile_authz
+    from hivemesh.mesh.policy import PolicyDoc
 
     doc = PolicyDoc("authz", "bench", {"rules": [{"name": "bench", "action": "ALLOW", "from": {"callers": [CALLER]},
                                                   "to": {"capabilities": ["echo"]}}]})
-    get_kind("authz").validate(doc)
+    AUTHZ.validate(doc)
     table = compile_authz({"bench": doc})
     return {"authz": lambda: table}
 

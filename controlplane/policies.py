@@ -13,14 +13,10 @@ one etcd transaction: every document is validated first, each affected kind is c
 would end up with (so conflicts between documents are refused too), and then all are written or none is.
 Errors name the field: `retries/default: spec.attempts: must be <= 10`. A dry run does everything but write.
 
-Kinds are registered in `hivemesh.mesh.policy` (the data plane needs the same schemas and compilers):
-
-    from hivemesh.mesh.policy import PolicyKind, register_kind
-    register_kind(PolicyKind(name="authz", spec_schema={...}, compile=compile_authz))
-
-and listed in `hivemesh.mesh.policy.KIND_MODULES`, so both this store and every node know them. This module
-also registers `grants`, the control plane's older kind, which keeps its flat stored form so `GrantSet`
-reads it unchanged; the data plane ignores it.
+Kinds are declared next to what enforces them (`hivemesh.mesh.policy.PolicyKind`: the data plane needs the
+same schemas and compilers) and this store accepts exactly the kinds listed in `KINDS` below; a node's cache
+is given its own list. This module also declares `grants`, the control plane's older kind, which keeps its
+flat stored form so `GrantSet` reads it unchanged; the data plane ignores it.
 """
 
 from __future__ import annotations
@@ -35,6 +31,8 @@ from typing import Any, Final
 import yaml
 
 from hivemesh.controlplane.grants import _GRANT_SCHEMA, Grant, GrantSet
+from hivemesh.mesh.authz import AUTHZ
+from hivemesh.mesh.budget_kind import BUDGETS
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError, NotFoundError
 from hivemesh.mesh.policy import (
     NAME_RE,
@@ -42,11 +40,10 @@ from hivemesh.mesh.policy import (
     PolicyDoc,
     PolicyError,
     PolicyKind,
-    get_kind,
-    kinds,
+    PolicyKinds,
     policy_key,
-    register_kind,
 )
+from hivemesh.mesh.resilience.kinds import TRAFFIC_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +81,17 @@ def _compile_grants(docs: Mapping[str, PolicyDoc]) -> GrantSet:
     return GrantSet(Grant.from_doc({"name": d.name, "description": d.description, **d.spec}) for d in docs.values())
 
 
-GRANTS_KIND: Final = register_kind(
-    PolicyKind(
-        name="grants",
-        spec_schema=_grant_spec_schema(),
-        compile=_compile_grants,
-        description="which capabilities an identity may be issued tokens for (read by the control plane)",
-        encode=_encode_grant,
-        decode=_decode_grant,
-    )
+GRANTS_KIND: Final = PolicyKind(
+    name="grants",
+    spec_schema=_grant_spec_schema(),
+    compile=_compile_grants,
+    description="which capabilities an identity may be issued tokens for (read by the control plane)",
+    encode=_encode_grant,
+    decode=_decode_grant,
 )
+
+KINDS: Final = PolicyKinds((*TRAFFIC_KINDS, AUTHZ, BUDGETS, GRANTS_KIND))
+"""Every kind this store validates and keeps (add a new kind here and to the nodes that enforce it)."""
 
 
 # --- documents ------------------------------------------------------------------------------------------------------
@@ -102,6 +100,8 @@ class PolicyInput:
     """One document to apply: the validated policy plus the version the caller expects (None: any)."""
 
     doc: PolicyDoc
+    kind: PolicyKind[Any]
+    """The kind doc was validated as (it stores and compiles it)."""
     expected_version: int | None = None
 
 
@@ -126,8 +126,8 @@ def parse_documents(text: str, *, source: str = "<policies>") -> list[Any]:
     return loaded
 
 
-def validate_document(raw: Any) -> PolicyInput:
-    """One raw document (a mapping) as a validated policy; PolicyError names the bad field."""
+def validate_document(raw: Any, *, kinds: PolicyKinds = KINDS) -> PolicyInput:
+    """One raw document (a mapping) as a validated policy of one of kinds; PolicyError names the bad field."""
     if not isinstance(raw, dict):
         raise PolicyError("", "a policy document must be a mapping with kind, name and spec")
     unknown = sorted(str(k) for k in raw if k not in _ENVELOPE_FIELDS)
@@ -142,7 +142,7 @@ def validate_document(raw: Any) -> PolicyInput:
     kind_name, name = raw["kind"], raw["name"]
     if not isinstance(kind_name, str):
         raise PolicyError("kind", "must be a string")
-    kind = get_kind(kind_name)
+    kind = kinds.get_kind(kind_name)
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise PolicyError("name", "must be a string matching [a-z0-9][a-z0-9._-]{0,62}")
     description = raw.get("description", "")
@@ -160,10 +160,10 @@ def validate_document(raw: Any) -> PolicyInput:
     except (TypeError, ValueError) as exc:
         raise PolicyError("spec", f"must be JSON data: {exc}") from None
     doc = kind.validate(PolicyDoc(kind.name, name, spec, description))
-    return PolicyInput(doc, version)
+    return PolicyInput(doc, kind, version)
 
 
-def validate_documents(raws: Sequence[Any]) -> list[PolicyInput]:
+def validate_documents(raws: Sequence[Any], *, kinds: PolicyKinds = KINDS) -> list[PolicyInput]:
     """Every document validated, or InvalidInputError for the first bad one (paths under documents[i] when
     there are several); the same kind/name twice is refused."""
     if len(raws) > MAX_DOCUMENTS:
@@ -174,7 +174,7 @@ def validate_documents(raws: Sequence[Any]) -> list[PolicyInput]:
     for i, raw in enumerate(raws):
         label = _label(raw, i if many else None)
         try:
-            item = validate_document(raw)
+            item = validate_document(raw, kinds=kinds)
         except PolicyError as err:
             raise _invalid(err, label=label, where=f"documents[{i}]" if many else "") from None
         key = (item.doc.kind, item.doc.name)
@@ -237,12 +237,12 @@ async def apply_policies(etcd: Any, items: Sequence[PolicyInput], *, dry_run: bo
     many = len(items) > 1
     for _attempt in range(_TXN_ATTEMPTS):
         by_kind: dict[str, dict[str, tuple[PolicyDoc | None, int, bytes]]] = {}
-        for item in items:
-            if item.doc.kind not in by_kind:
-                by_kind[item.doc.kind] = await _read_kind(etcd, get_kind(item.doc.kind))
+        kind_of = {item.doc.kind: item.kind for item in items}
+        for kind_name, kind in kind_of.items():
+            by_kind[kind_name] = await _read_kind(etcd, kind)
         # Each affected kind must still compile with the documents it would hold afterwards.
         for kind_name, stored in by_kind.items():
-            kind = get_kind(kind_name)
+            kind = kind_of[kind_name]
             after = {n: d for n, (d, _r, _v) in stored.items() if d is not None}
             after.update({i.doc.name: i.doc for i in items if i.doc.kind == kind_name})
             try:
@@ -253,8 +253,7 @@ async def apply_policies(etcd: Any, items: Sequence[PolicyInput], *, dry_run: bo
         compares: list[Any] = []
         plan: list[tuple[PolicyInput, str, int]] = []
         for i, item in enumerate(items):
-            doc = item.doc
-            kind = get_kind(doc.kind)
+            doc, kind = item.doc, item.kind
             current = by_kind[doc.kind].get(doc.name)
             current_rev = current[1] if current else 0
             if item.expected_version is not None and item.expected_version != current_rev:
@@ -312,7 +311,7 @@ async def get_policy(etcd: Any, kind_name: str, name: str) -> PolicyDoc:
 
 async def list_policies(etcd: Any, kind_name: str | None = None) -> list[PolicyDoc]:
     """Every valid stored document (of one kind, or of every registered kind), sorted by kind then name."""
-    selected = [_known_kind(kind_name)] if kind_name else [kinds()[k] for k in sorted(kinds())]
+    selected = [_known_kind(kind_name)] if kind_name else [KINDS[k] for k in sorted(KINDS)]
     out: list[PolicyDoc] = []
     for kind in selected:
         stored = await _read_kind(etcd, kind)
@@ -346,6 +345,6 @@ async def delete_policy(etcd: Any, kind_name: str, name: str, *, expected_versio
 
 def _known_kind(kind_name: str) -> PolicyKind[Any]:
     try:
-        return get_kind(kind_name)
+        return KINDS.get_kind(kind_name)
     except PolicyError as err:
         raise _invalid(err) from None

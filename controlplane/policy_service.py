@@ -11,7 +11,7 @@ import grpc
 from hivemesh.controlplane import policies as store
 from hivemesh.controlplane.server import _rpc
 from hivemesh.mesh.errors import InvalidInputError, PermissionDeniedError
-from hivemesh.mesh.policy import PolicyDoc, kinds
+from hivemesh.mesh.policy import PolicyDoc
 from hivemesh.mesh.status import read_status
 from hivemesh.v1 import policy_pb2, policy_pb2_grpc
 
@@ -99,7 +99,7 @@ class PoliciesServicer(policy_pb2_grpc.PoliciesServicer):
         return policy_pb2.ListPolicyKindsResponse(kinds=[
             policy_pb2.PolicyKindInfo(name=k.name, description=k.description,
                                       spec_schema_json=json.dumps(k.spec_schema, sort_keys=True))
-            for _n, k in sorted(kinds().items())
+            for _n, k in sorted(store.KINDS.items())
         ])
 
     @_rpc

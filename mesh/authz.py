@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from hivemesh.mesh.layers.authn import ACTION_OF_METHOD
-from hivemesh.mesh.policy import PolicyDoc, PolicyError, PolicyKind, register_kind
+from hivemesh.mesh.policy import PolicyDoc, PolicyError, PolicyKind
 
 ALLOW: Final = "ALLOW"
 DENY: Final = "DENY"
@@ -342,13 +342,13 @@ def compile_authz(docs: Mapping[str, PolicyDoc]) -> AuthzTable:
     )
 
 
-AUTHZ: Final[PolicyKind[AuthzTable]] = register_kind(PolicyKind(
+AUTHZ: Final[PolicyKind[AuthzTable]] = PolicyKind(
     name="authz",
     spec_schema=SPEC_SCHEMA,
     compile=compile_authz,
     check=check_document,
     description="who may call which capability (default deny; DENY before ALLOW; dry-run mode)",
-))
+)
 
 
 EMPTY: Final = AuthzTable()

@@ -13,19 +13,21 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any, Final
 
 import grpc
 
-from hivemesh.controlplane.client import ControlPlaneClient
 from hivemesh.mesh.authz import AUTHZ
+from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.outbound import OutboundPipeline
 from hivemesh.mesh.outbound.channels import ChannelPool
 from hivemesh.mesh.outbound.selection import Liveness
 from hivemesh.mesh.pki import controlplane_id, load_certs
-from hivemesh.mesh.policy import PolicyCache
+from hivemesh.mesh.policy import PolicyCache, PolicyKind
 from hivemesh.mesh.registry import RegistryView, default_instance_id
+from hivemesh.mesh.resilience.kinds import TRAFFIC_KINDS
 from hivemesh.mesh.resilience.traffic import Traffic, TrafficState
 from hivemesh.mesh.resilience.view import PolicyView
 from hivemesh.mesh.revocation import RevocationWatch
@@ -41,6 +43,8 @@ from hivemesh.v1 import policy_pb2
 log = logging.getLogger(__name__)
 
 JWKS_KEY = "/hivemesh/trust/jwks"
+NODE_POLICY_KINDS: Final = (*TRAFFIC_KINDS, AUTHZ)
+"""The policy kinds every node's layers read: traffic (resilience) and authorization."""
 _RENEW_AT = 0.5  # of the certificate's lifetime, ±10% jitter so a fleet does not renew at once
 
 
@@ -61,6 +65,8 @@ class MeshNode:
         verify_inbound: keep the token key set in sync (needed by anything that serves calls).
         instance_id: this process's instance id (its registry id when it serves; names its status entry).
         publish_status: publish traffic status to etcd every ~2 s for `hivemesh status`.
+        policy_kinds: policy kinds to mirror besides the node's own (`NODE_POLICY_KINDS`), for what else this
+            process enforces (an SDK server adds `budgets`).
     """
 
     def __init__(
@@ -72,6 +78,7 @@ class MeshNode:
         verify_inbound: bool = False,
         instance_id: str | None = None,
         publish_status: bool = True,
+        policy_kinds: Iterable[PolicyKind[Any]] = (),
     ):
         self.settings = settings
         self.name = name
@@ -79,7 +86,7 @@ class MeshNode:
         self.instance_id = instance_id or default_instance_id()
         self._publish_status = publish_status
         # Policies are mirrored and compiled in the background; `traffic` is what the layers read.
-        self.policies = PolicyCache(settings.etcd)
+        self.policies = PolicyCache(settings.etcd, kinds=(*NODE_POLICY_KINDS, *policy_kinds))
         self.traffic = Traffic(PolicyView(self.policies), TrafficState())
         self._status: StatusPublisher | None = None
         self.status_extras: list[Callable[[policy_pb2.NodeTraffic], None]] = []

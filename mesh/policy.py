@@ -8,10 +8,10 @@ Its version is the key's etcd mod revision. The control plane (`hivemesh.control
 writes documents; every node mirrors the prefix with a `PolicyCache` and reads only the compiled, immutable
 structures it swaps in on each watch event, so the call path never touches etcd.
 
-Registering a kind (the stable API; the traffic kinds in `hivemesh.mesh.resilience.kinds` and the zero-trust
+Declaring a kind (the stable API; the traffic kinds in `hivemesh.mesh.resilience.kinds` and the zero-trust
 `authz` kind use it):
 
-    from hivemesh.mesh.policy import PolicyDoc, PolicyError, PolicyKind, register_kind
+    from hivemesh.mesh.policy import PolicyDoc, PolicyError, PolicyKind
 
     def compile_authz(docs: Mapping[str, PolicyDoc]) -> AuthzTable:
         # docs: every valid stored document of the kind, by name. Pure and fast; return something immutable
@@ -20,32 +20,31 @@ Registering a kind (the stable API; the traffic kinds in `hivemesh.mesh.resilien
         # plane then refuses the apply, and a node keeps the last good value.
         ...
 
-    AUTHZ: PolicyKind[AuthzTable] = register_kind(PolicyKind(
+    AUTHZ: PolicyKind[AuthzTable] = PolicyKind(
         name="authz",                       # the <kind> in the key; [a-z][a-z0-9-]{0,30}
         spec_schema={...},                  # JSON Schema of "spec"; errors name the field: spec.rules[0].from
         compile=compile_authz,
         check=None,                         # optional: per-document checks beyond the schema; raise PolicyError
         description="who may call which capability",
-    ))
+    )
 
     # on the call path (any node): the compiled value, an O(1) read
     table = node.policies.get(AUTHZ)
 
-Put the module that registers a kind in `KIND_MODULES` below, so the control plane and every node load it
-before they read policies (`kinds()` imports them on first use). A name can be registered again only with the
-same spec schema (a module imported twice); a different kind under a taken name is a ValueError.
+Nothing is found by importing modules by name: whoever consumes a kind lists it. A node gives its cache the
+kinds its layers read (`PolicyCache(endpoints, kinds=[*TRAFFIC_KINDS, AUTHZ])`); the control plane's store
+validates the kinds it lists in `hivemesh.controlplane.policies.KINDS`, so a new kind is added there too.
+Two different kinds under one name in one `PolicyKinds` are a ValueError.
 
 Unknown kinds under the prefix (for example `grants`, which only the control plane reads) are ignored by nodes.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import re
-import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, Generic, TypeVar
@@ -60,13 +59,6 @@ log = logging.getLogger(__name__)
 C = TypeVar("C")
 
 POLICIES_PREFIX: Final = PREFIX + "policies/"
-KIND_MODULES: tuple[str, ...] = (
-    "hivemesh.mesh.resilience.kinds",  # routes, retries, timeouts, breakers, ratelimits, concurrency (issue 3)
-    "hivemesh.mesh.authz",  # authz: who may call which capability (issue 4)
-    "hivemesh.sdk.budget",  # budgets: per-caller model token budgets, enforced by the SDK server (issue 5)
-)
-"""Modules that register kinds when imported (append yours)."""
-
 KIND_RE: Final = re.compile(r"[a-z][a-z0-9-]{0,30}")
 NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 
@@ -181,44 +173,40 @@ class PolicyKind(Generic[C]):
         return self.compile(MappingProxyType({}))
 
 
-# --- the registry of kinds --------------------------------------------------------------------------------------
-_KINDS: dict[str, PolicyKind[Any]] = {}
-_lock = threading.Lock()
-_loaded = False
+# --- a consumer's set of kinds ---------------------------------------------------------------------------------
+class PolicyKinds(Mapping[str, PolicyKind[Any]]):
+    """The kinds one consumer knows, by name (immutable): what a node's cache compiles, what the store accepts."""
 
+    def __init__(self, kinds: Iterable[PolicyKind[Any]] = ()) -> None:
+        by_name: dict[str, PolicyKind[Any]] = {}
+        for kind in kinds:
+            if by_name.setdefault(kind.name, kind) is not kind:
+                raise ValueError(f"two different policy kinds are called {kind.name!r}")
+        self._by_name: Mapping[str, PolicyKind[Any]] = MappingProxyType(by_name)
 
-def register_kind(kind: PolicyKind[C]) -> PolicyKind[C]:
-    """Make kind known to the control plane and to every PolicyCache created afterwards; returns it."""
-    with _lock:
-        existing = _KINDS.get(kind.name)
-        if existing is not None and existing is not kind and existing.spec_schema != kind.spec_schema:
-            raise ValueError(f"policy kind {kind.name!r} is already registered")
-        _KINDS[kind.name] = kind
-    return kind
+    def __getitem__(self, name: str) -> PolicyKind[Any]:
+        return self._by_name[name]
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_name)
 
-def _load_kind_modules() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for module in KIND_MODULES:
-        importlib.import_module(module)
+    def __len__(self) -> int:
+        return len(self._by_name)
 
+    def __repr__(self) -> str:
+        return f"PolicyKinds({', '.join(self._by_name)})"
 
-def kinds() -> Mapping[str, PolicyKind[Any]]:
-    """Every registered kind by name (the modules in KIND_MODULES are imported first)."""
-    _load_kind_modules()
-    return MappingProxyType(dict(_KINDS))
+    def get_kind(self, name: str) -> PolicyKind[Any]:
+        """The kind called name; PolicyError (path `kind`) naming the known kinds if there is none."""
+        kind = self._by_name.get(name)
+        if kind is None:
+            known = ", ".join(sorted(self._by_name)) or "none"
+            raise PolicyError("kind", f"unknown policy kind {name!r} (known: {known})")
+        return kind
 
-
-def get_kind(name: str) -> PolicyKind[Any]:
-    """The kind called name; PolicyError (path `kind`) naming the known kinds if there is none."""
-    known = kinds()
-    kind = known.get(name)
-    if kind is None:
-        raise PolicyError("kind", f"unknown policy kind {name!r} (known: {', '.join(sorted(known)) or 'none'})")
-    return kind
+    def including(self, *kinds: PolicyKind[Any]) -> PolicyKinds:
+        """These kinds and more."""
+        return PolicyKinds((*self._by_name.values(), *kinds))
 
 
 def policy_key(kind: str, name: str) -> str:
@@ -305,7 +293,8 @@ def schema_violation(exc: fastjsonschema.JsonSchemaValueException, *, root: str 
 
 # --- the data-plane cache -------------------------------------------------------------------------------------------
 class PolicyCache:
-    """Every policy under /hivemesh/policies/, compiled per kind and swapped atomically on each watch event.
+    """The policies of the given kinds under /hivemesh/policies/, compiled per kind and swapped atomically on
+    each watch event (documents of other kinds are not this cache's to judge and are ignored).
 
     `get(kind)` / `compiled(name)` are O(1) reads of an immutable mapping replaced as a whole, so the call path
     sees one consistent view and never waits on etcd. A kind whose documents fail to compile keeps its last
@@ -317,17 +306,11 @@ class PolicyCache:
         self,
         etcd_endpoints: str | Sequence[str],
         *,
-        kind_names: Iterable[str] | None = None,
+        kinds: Iterable[PolicyKind[Any]],
         on_change: Callable[[], None] | None = None,
         options: WatchOptions | None = None,
     ) -> None:
-        registered = kinds()
-        wanted = registered.keys() if kind_names is None else list(kind_names)
-        self._kinds: dict[str, PolicyKind[Any]] = {}
-        for name in wanted:
-            if name not in registered:
-                raise ValueError(f"unknown policy kind {name!r}")
-            self._kinds[name] = registered[name]
+        self._kinds = PolicyKinds(kinds)
         self._on_change = on_change
         self._docs: dict[str, tuple[PolicyDoc, ...]] = {k: () for k in self._kinds}
         self._compiled: Mapping[str, Any] = MappingProxyType({k: kd.empty() for k, kd in self._kinds.items()})

@@ -16,6 +16,7 @@ from typing import Any
 
 from hivemesh.mesh.audit import AuditLog
 from hivemesh.mesh.audit.handshake import tracer_events
+from hivemesh.mesh.budget_kind import BUDGETS
 from hivemesh.mesh.front import FrontDoor, open_front_door
 from hivemesh.mesh.inbound import DecisionObserver
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
@@ -79,7 +80,8 @@ class AgentServer:
         self.audit_dir = audit_dir
         self.audit: AuditLog | None = None
         self.node = MeshNode(
-            self.settings, name=agent.name, kind="agent", verify_inbound=True, instance_id=self.instance_id
+            self.settings, name=agent.name, kind="agent", verify_inbound=True, instance_id=self.instance_id,
+            policy_kinds=(BUDGETS,),  # the budgets this server enforces
         )
         self.mesh = MeshClient(self.node)
         self._server: FrontDoor | None = None
@@ -176,10 +178,8 @@ class AgentServer:
 def _policy_budgets(node: MeshNode, ledger: SpendLedger) -> TokenBudgets | None:
     """Token budgets from the node's policy mirror (`budgets` documents), if this node keeps one, counting the
     spend of every replica through ledger."""
-    from hivemesh.sdk.budget import BUDGETS
-
     policies = getattr(node, "policies", None)
-    if BUDGETS is None or policies is None or not hasattr(policies, "get"):
+    if policies is None or not hasattr(policies, "get"):
         return None
     return TokenBudgets(lambda: policies.get(BUDGETS), ledger=ledger)
 

@@ -1,6 +1,6 @@
 """The traffic policy kinds: routes, retries, timeouts, breakers, ratelimits, concurrency.
 
-Each is registered with `hivemesh.mesh.policy.register_kind`: a JSON Schema for `spec`, per-document checks,
+Each is a `hivemesh.mesh.policy.PolicyKind` (listed in `TRAFFIC_KINDS`): a JSON Schema for `spec`, per-document checks,
 and a compiler into an immutable `Table` the call path reads. Every document targets capabilities by glob
 (`capabilities`, default every capability); the inbound kinds (ratelimits, concurrency) also pick the agents
 that enforce them (`agents`). When several documents of a kind match a call, the most specific one wins: an
@@ -33,7 +33,7 @@ from typing import Any, Final, Generic, TypeVar
 
 import grpc
 
-from hivemesh.mesh.policy import PolicyDoc, PolicyError, PolicyKind, register_kind
+from hivemesh.mesh.policy import PolicyDoc, PolicyError, PolicyKind
 from hivemesh.mesh.resilience.balancer import MODES, ROUND_ROBIN
 from hivemesh.mesh.resilience.breaker import DEFAULT_FAILURE_CODES, BreakerPolicy
 from hivemesh.mesh.resilience.concurrency import ConcurrencyPolicy, PriorityClass
@@ -219,14 +219,14 @@ def _route(doc: PolicyDoc) -> RoutePolicy:
     )
 
 
-ROUTES: Final[PolicyKind[Table[RoutePolicy]]] = register_kind(PolicyKind(
+ROUTES: Final[PolicyKind[Table[RoutePolicy]]] = PolicyKind(
     name="routes",
     spec_schema=ROUTES_SCHEMA,
     compile=lambda docs: _compile_table("routes", docs, _route),
     check=_check_routes,
     description="per capability: weighted splits by version or label, pins, metadata matches, load balancer, "
                 "fallback capability, cached last good response",
-))
+)
 
 
 # --- retries -------------------------------------------------------------------------------------------------------
@@ -273,24 +273,24 @@ def _retry(doc: PolicyDoc) -> RetryPolicy:
     )
 
 
-RETRIES: Final[PolicyKind[Table[RetryPolicy]]] = register_kind(PolicyKind(
+RETRIES: Final[PolicyKind[Table[RetryPolicy]]] = PolicyKind(
     name="retries",
     spec_schema=RETRIES_SCHEMA,
     compile=lambda docs: _compile_table("retries", docs, _retry),
     check=_check_retries,
     description="attempts, per-try timeout, exponential backoff with jitter, retryable codes, retry budget",
-))
+)
 
 
 # --- timeouts ------------------------------------------------------------------------------------------------------
 TIMEOUTS_SCHEMA: Final = _obj({"capabilities": _TARGETS, "default_ms": _MS}, required=["default_ms"])
 
-TIMEOUTS: Final[PolicyKind[Table[float]]] = register_kind(PolicyKind(
+TIMEOUTS: Final[PolicyKind[Table[float]]] = PolicyKind(
     name="timeouts",
     spec_schema=TIMEOUTS_SCHEMA,
     compile=lambda docs: _compile_table("timeouts", docs, lambda d: d.spec["default_ms"] / 1000),
     description="the deadline of calls whose caller gave none (a caller's deadline always wins)",
-))
+)
 
 
 # --- breakers ---------------------------------------------------------------------------------------------------------
@@ -361,13 +361,13 @@ def _breakers(doc: PolicyDoc) -> BreakerSettings:
     )
 
 
-BREAKERS: Final[PolicyKind[Table[BreakerSettings]]] = register_kind(PolicyKind(
+BREAKERS: Final[PolicyKind[Table[BreakerSettings]]] = PolicyKind(
     name="breakers",
     spec_schema=BREAKERS_SCHEMA,
     compile=lambda docs: _compile_table("breakers", docs, _breakers),
     check=_check_breakers,
     description="circuit breakers per target instance (with a maximum ejected share) and per capability",
-))
+)
 
 
 # --- rate limits -----------------------------------------------------------------------------------------------------
@@ -408,13 +408,13 @@ def _ratelimit(doc: PolicyDoc) -> RateLimitPolicy:
     )
 
 
-RATELIMITS: Final[PolicyKind[Table[RateLimitPolicy]]] = register_kind(PolicyKind(
+RATELIMITS: Final[PolicyKind[Table[RateLimitPolicy]]] = PolicyKind(
     name="ratelimits",
     spec_schema=RATELIMITS_SCHEMA,
     compile=lambda docs: _compile_table("ratelimits", docs, _ratelimit, with_agents=True),
     check=_check_ratelimits,
     description="token buckets per caller identity × capability with a total (per instance or cluster-wide)",
-))
+)
 
 
 # --- concurrency ------------------------------------------------------------------------------------------------------
@@ -461,12 +461,13 @@ def _compile_concurrency(docs: Mapping[str, PolicyDoc]) -> Table[ConcurrencyPoli
         raise PolicyError("spec.agents", err.reason) from None
 
 
-CONCURRENCY: Final[PolicyKind[Table[ConcurrencyPolicy]]] = register_kind(PolicyKind(
+CONCURRENCY: Final[PolicyKind[Table[ConcurrencyPolicy]]] = PolicyKind(
     name="concurrency",
     spec_schema=CONCURRENCY_SCHEMA,
     compile=_compile_concurrency,
     check=_check_concurrency,
     description="a bounded number of calls in flight per agent, with priority classes; the excess is shed",
-))
+)
 
 TRAFFIC_KINDS: Final = (ROUTES, RETRIES, TIMEOUTS, BREAKERS, RATELIMITS, CONCURRENCY)
+"""Every traffic kind: what a node's policy cache and the control plane's store are given."""

@@ -24,9 +24,9 @@ import grpc
 import pytest
 
 from hivemesh.controlplane.ca import init_ca, load_ca
-from hivemesh.controlplane.client import ControlPlaneClient
 from hivemesh.mesh.audit.handshake.events import port_of
 from hivemesh.mesh.audit.handshake.switch import child_environment
+from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.etcd import EtcdServer
 from hivemesh.mesh.pki import parse_spiffe_id
 from hivemesh.mesh.tls import channel_credentials, secure_channel

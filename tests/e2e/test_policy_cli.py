@@ -14,8 +14,8 @@ from pathlib import Path
 import aetcd
 import pytest
 
-from hivemesh.controlplane.client import ControlPlaneClient
-from hivemesh.controlplane.policy_client import PolicyClient
+from hivemesh.controlplane.cli.policy_client import PolicyClient
+from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.errors import HivemeshError, InvalidInputError, NotFoundError, PermissionDeniedError
 from hivemesh.mesh.policy import policy_key
 from hivemesh.mesh.tls import Workload

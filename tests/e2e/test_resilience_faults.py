@@ -21,7 +21,7 @@ import aetcd
 import grpc
 import pytest
 
-from hivemesh.controlplane.policy_client import PolicyClient
+from hivemesh.controlplane.cli.policy_client import PolicyClient
 from hivemesh.mesh.errors import (
     PUSHBACK_KEY,
     DeadlineExceededError,

@@ -14,6 +14,7 @@ import yaml
 
 from hivemesh.controlplane.policies import apply_text
 from hivemesh.mesh.authz import (
+    AUTHZ,
     AuthzRequest,
     compile_authz,
     register_custom_provider,
@@ -21,7 +22,7 @@ from hivemesh.mesh.authz import (
 )
 from hivemesh.mesh.errors import InvalidInputError, PolicyDeniedError
 from hivemesh.mesh.etcd import EtcdServer
-from hivemesh.mesh.policy import PolicyDoc, PolicyError, get_kind
+from hivemesh.mesh.policy import PolicyDoc, PolicyError
 from hivemesh.sdk import AgentServer, MeshClient
 from hivemesh.v1 import audit_pb2
 from tests.support.agents_for_tests import EchoAgent
@@ -34,7 +35,7 @@ BOB = f"{TD}/client/bob"
 
 
 def table(*docs: dict[str, Any]) -> Any:
-    kind = get_kind("authz")
+    kind = AUTHZ
     compiled = {}
     for d in docs:
         doc = PolicyDoc("authz", d["name"], d["spec"])
@@ -139,7 +140,7 @@ def test_explain_names_the_failing_condition() -> None:
 )
 def test_bad_documents_name_the_field(spec: dict[str, Any], path: str) -> None:
     with pytest.raises(PolicyError) as info:
-        get_kind("authz").validate(PolicyDoc("authz", "bad", spec))
+        AUTHZ.validate(PolicyDoc("authz", "bad", spec))
     assert info.value.path == path, info.value
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from hivemesh.controlplane.client import ControlPlaneClient
+from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.errors import CertificateExpiredError, HivemeshError
 from hivemesh.mesh.etcd import EtcdServer
 from hivemesh.mesh.node import renewal_delay

@@ -19,8 +19,8 @@ from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hivemesh.controlplane.ca import CaFiles, init_ca
-from hivemesh.controlplane.client import ControlPlaneClient
 from hivemesh.controlplane.server import CA_KEY, ControlPlaneConfig, ControlPlaneServer, main
+from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.errors import (
     FailedPreconditionError,
     GrantDeniedError,

@@ -186,7 +186,7 @@ async def test_fuzz_over_grpc_always_a_status(tmp_path: Path, mesh_env: Any) -> 
         resp = await mesh_env.operator.create_join_token("fuzzer", "client", 60)
         w = await join(mesh_env.controlplane.join_address, mesh_env.certs.ca_cert.read_bytes(), resp.token,
                        "fuzzer", "client", trust_domain=TRUST_DOMAIN)
-        from hivemesh.controlplane.client import ControlPlaneClient
+        from hivemesh.mesh.controlplane_client import ControlPlaneClient
 
         async with ControlPlaneClient(mesh_env.controlplane.address, w, TRUST_DOMAIN) as cp:
             token = (await cp.issue_token(server.node.workload.spiffe_id, ["echo"])).token

@@ -141,7 +141,7 @@ async def test_per_capability_limit_and_screen_over_the_mesh(mesh_env: MeshEnv) 
 def test_sidecar_limit_option_is_validated() -> None:
     from click.testing import CliRunner
 
-    from hivemesh.controlplane.cli import cli
+    from hivemesh.controlplane.cli.app import cli
 
     res = CliRunner().invoke(cli, ["sidecar", "--agent", "127.0.0.1:1", "--limit", "echo"])
     assert res.exit_code == 2 and "expected CAPABILITY=BYTES" in res.output

@@ -34,9 +34,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hivemesh.controlplane.ca import init_ca, load_ca
-from hivemesh.controlplane.client import ControlPlaneClient
 from hivemesh.controlplane.issuer import SigningKeys
 from hivemesh.mesh.audit import Spool
+from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.errors import JoinTokenInvalidError, from_rpc_error
 from hivemesh.mesh.etcd import EtcdServer
 from hivemesh.mesh.pki import controlplane_id, parse_spiffe_id

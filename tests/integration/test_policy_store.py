@@ -20,12 +20,10 @@ from hivemesh.mesh.policy import (
     PolicyDoc,
     PolicyError,
     PolicyKind,
-    get_kind,
-    kinds,
+    PolicyKinds,
     policy_key,
-    register_kind,
 )
-from hivemesh.mesh.resilience.kinds import RETRIES, ROUTES
+from hivemesh.mesh.resilience.kinds import RETRIES, ROUTES, TRAFFIC_KINDS
 
 
 def _apply(text: str) -> list[store.PolicyInput]:
@@ -89,25 +87,36 @@ def test_errors_in_a_multi_document_file_point_at_the_document() -> None:
     assert len(store.parse_documents(json.dumps([{"a": 1}, {"b": 2}]))) == 2
 
 
-def test_registry_of_kinds() -> None:
-    assert {"routes", "retries", "timeouts", "breakers", "ratelimits", "concurrency", "grants"} <= set(kinds())
-    with pytest.raises(PolicyError, match="unknown policy kind"):
-        get_kind("nope")
+def test_the_kinds_a_consumer_lists() -> None:
+    assert {"routes", "retries", "timeouts", "breakers", "ratelimits", "concurrency", "authz", "budgets",
+            "grants"} == set(store.KINDS)
+    with pytest.raises(PolicyError, match="unknown policy kind 'nope'"):
+        store.KINDS.get_kind("nope")
+    with pytest.raises(ValueError, match="two different policy kinds"):
+        PolicyKinds([RETRIES, PolicyKind(name="retries", spec_schema={}, compile=lambda docs: None)])
     with pytest.raises(ValueError, match="must match"):
         PolicyKind(name="Bad Kind", spec_schema={}, compile=lambda docs: None)
 
-    # A kind registered by another component (as issue 4 does with `authz`) is validated and compiled the same way.
+    # A kind declared by another component (as issue 4 does with `authz`) is validated and compiled the same way
+    # once the store is given it, and only then.
     def compile_demo(docs: Mapping[str, PolicyDoc]) -> frozenset[str]:
         return frozenset(d.spec["word"] for d in docs.values())
 
-    demo = register_kind(PolicyKind(name="demo-words", spec_schema={
+    demo = PolicyKind(name="demo-words", spec_schema={
         "type": "object", "required": ["word"], "additionalProperties": False,
-        "properties": {"word": {"type": "string", "maxLength": 5}}}, compile=compile_demo))
-    assert get_kind("demo-words") is demo
-    assert register_kind(demo) is demo
+        "properties": {"word": {"type": "string", "maxLength": 5}}}, compile=compile_demo)
+    known = store.KINDS.including(demo)
+    assert known.get_kind("demo-words") is demo and "demo-words" not in store.KINDS
+    assert known.including(demo) == known  # the same kind listed twice is one kind
+    raws = store.parse_documents("kind: demo-words\nname: w\nspec: {word: toolong}")
     with pytest.raises(InvalidInputError) as info:
-        _apply("kind: demo-words\nname: w\nspec: {word: toolong}")
+        store.validate_documents(raws, kinds=known)
     assert info.value.field_violations == {"spec.word": "must be at most 5 characters long"}
+    with pytest.raises(InvalidInputError, match="unknown policy kind 'demo-words'"):
+        _apply("kind: demo-words\nname: w\nspec: {word: hi}")
+    [ok] = store.validate_documents(store.parse_documents("kind: demo-words\nname: w\nspec: {word: hi}"),
+                                    kinds=known)
+    assert ok.kind is demo
     assert demo.compile({"w": PolicyDoc("demo-words", "w", {"word": "hi"})}) == frozenset({"hi"})
 
 
@@ -207,7 +216,7 @@ spec: {attempts: 2}
 
 # --- the node-side cache -------------------------------------------------------------------------------------------
 async def test_policy_cache_compiles_and_swaps_on_every_change(etcd: aetcd.Client, etcd_server: EtcdServer) -> None:
-    async with PolicyCache(etcd_server.endpoint) as cache:
+    async with PolicyCache(etcd_server.endpoint, kinds=TRAFFIC_KINDS) as cache:
         empty = cache.get(RETRIES)
         assert empty.lookup("x") is None and cache.get(ROUTES).lookup("x") is None
         result = await store.apply_policies(etcd, _apply(RETRY_DOC))
@@ -247,7 +256,7 @@ async def test_outbound_policy_lookup_follows_every_policy_change(etcd: aetcd.Cl
     from hivemesh.mesh.resilience.kinds import TIMEOUTS
     from hivemesh.mesh.resilience.view import NO_OUTBOUND_POLICIES, PolicyView
 
-    async with PolicyCache(etcd_server.endpoint) as cache:
+    async with PolicyCache(etcd_server.endpoint, kinds=TRAFFIC_KINDS) as cache:
         traffic = PolicyView(cache)
         assert not cache.get(TIMEOUTS) and len(cache.get(TIMEOUTS)) == 0  # __bool__ agrees with len on empty
         assert traffic.outbound("work") == NO_OUTBOUND_POLICIES

@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from google.rpc import error_details_pb2, status_pb2
 
 from hivemesh.controlplane.ca import init_ca, load_ca
-from hivemesh.controlplane.client import ControlPlaneClient
 from hivemesh.controlplane.issuer import SigningKeys
+from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.errors import from_rpc_error
 from hivemesh.mesh.pki import cert_expiry, controlplane_id, parse_spiffe_id
 from hivemesh.mesh.sidecar import Sidecar, SidecarConfig

@@ -13,7 +13,7 @@ from typing import Any, TypedDict
 import jwt
 import pytest
 
-from hivemesh.controlplane.client import ControlPlaneClient
+from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.errors import (
     AudienceMismatchError,
     DelegationDeniedError,

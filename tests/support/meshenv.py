@@ -9,8 +9,8 @@ from typing import Any
 import yaml
 
 from hivemesh.controlplane.ca import CaFiles, init_ca
-from hivemesh.controlplane.client import ControlPlaneClient
 from hivemesh.controlplane.server import ControlPlaneConfig, ControlPlaneServer
+from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.settings import MeshSettings
 
 TRUST_DOMAIN = "hivemesh.local"

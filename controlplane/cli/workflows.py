@@ -1,8 +1,6 @@
 """`hivemesh workflows ...` and `hivemesh escalations ...`: durable runs and the human escalation queue.
 
 Workflows are read from etcd (their events); resuming one runs it in this process as the operator.
-Commands take the shared options with `click.pass_obj` (not `pass_cli`): under `python -m
-hivemesh.controlplane.cli` the CLI module is loaded twice, so a type-based lookup of CliContext would miss.
 Escalations go through the control plane's Escalations service over mutual TLS as the operator, so
 resolving one is authenticated and audited like any other control-plane call.
 """
@@ -18,7 +16,7 @@ from typing import Any, TypeVar
 import click
 from rich.table import Table
 
-from hivemesh.controlplane.cli import CliContext, _friendly_errors, err, out
+from hivemesh.controlplane.cli.context import CliContext, as_operator, err, friendly_errors, out, pass_cli
 from hivemesh.mesh.settings import MeshSettings
 
 T = TypeVar("T")
@@ -28,10 +26,6 @@ def _when(ts: float | None) -> str:
     if not ts:
         return "-"
     return datetime.datetime.fromtimestamp(ts).strftime("%H:%M:%S")
-
-
-def _run(fn: Callable[[], Awaitable[T]]) -> T:
-    return asyncio.run(fn())  # type: ignore[arg-type]
 
 
 async def _with_store(settings: MeshSettings, fn: Callable[[Any], Awaitable[T]]) -> T:
@@ -65,11 +59,11 @@ def workflows() -> None:
 @workflows.command("list")
 @click.option("--state", default=None, help="Only runs in this state (e.g. WORKING, INPUT_REQUIRED).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_friendly_errors
+@friendly_errors
 def workflows_list(state: str | None, as_json: bool) -> None:
     """List workflow runs, newest first."""
     settings = MeshSettings.resolve()
-    rows = _run(lambda: _with_store(settings, lambda s: s.list()))
+    rows = asyncio.run(_with_store(settings, lambda s: s.list()))
     if state:
         rows = [r for r in rows if r.get("state") == state.upper()]
     if as_json:
@@ -90,7 +84,7 @@ def workflows_list(state: str | None, as_json: bool) -> None:
 @click.argument("workflow_id")
 @click.option("--events", is_flag=True, help="Also print the raw events.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_friendly_errors
+@friendly_errors
 def workflows_show(workflow_id: str, events: bool, as_json: bool) -> None:
     """Show a run: each step with its agent, status and timing; notes; escalations; the outcome."""
     settings = MeshSettings.resolve()
@@ -100,7 +94,7 @@ def workflows_show(workflow_id: str, events: bool, as_json: bool) -> None:
         evs = await store.events(workflow_id) if events else []
         return state, evs, await store.owner(workflow_id)
 
-    state, evs, owner = _run(lambda: _with_store(settings, load))
+    state, evs, owner = asyncio.run(_with_store(settings, load))
     data = state.to_json()
     data["driven_by"] = owner
     if events:
@@ -138,8 +132,8 @@ def workflows_show(workflow_id: str, events: bool, as_json: bool) -> None:
 @click.option("--reason", default="", help="Recorded with the cancellation.")
 @click.option("--wait", "wait_s", default=15.0, show_default=True, help="Seconds to wait for the run to stop.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.pass_obj
-@_friendly_errors
+@pass_cli
+@friendly_errors
 def workflows_cancel(obj: CliContext, workflow_id: str, reason: str, wait_s: float, as_json: bool) -> None:
     """Cancel a run: its owner cancels the in-flight calls and withdraws its escalations."""
     import time
@@ -155,7 +149,7 @@ def workflows_cancel(obj: CliContext, workflow_id: str, reason: str, wait_s: flo
             state = await store.load(workflow_id)
         return state
 
-    state = _run(lambda: _with_store(settings, go))
+    state = asyncio.run(_with_store(settings, go))
     if as_json:
         click.echo(json.dumps(state.summary()))
     else:
@@ -170,8 +164,8 @@ def workflows_cancel(obj: CliContext, workflow_id: str, reason: str, wait_s: flo
 @click.option("--wait-lock", default=None, type=float,
               help="Seconds to wait for a dead owner's lease to expire (default: the lease TTL + 2 s).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.pass_obj
-@_friendly_errors
+@pass_cli
+@friendly_errors
 def workflows_resume(obj: CliContext, workflow_id: str, wait_lock: float | None, as_json: bool) -> None:
     """Resume an unfinished run in this process (as the operator) from its last completed step."""
     from hivemesh.sdk.client import MeshClient
@@ -209,16 +203,9 @@ def escalations() -> None:
 
 
 def _esc_client_call(obj: CliContext, fn: Callable[[Any], Awaitable[T]]) -> T:
-    from hivemesh.controlplane.client import ControlPlaneClient
     from hivemesh.sdk.escalation import EscalationClient
 
-    settings = obj.operator_settings()
-
-    async def go() -> T:
-        async with ControlPlaneClient.from_certs_dir(settings.controlplane, obj.certs_dir) as cp:
-            return await fn(EscalationClient(cp))
-
-    return asyncio.run(go())
+    return as_operator(obj, lambda cp: fn(EscalationClient(cp)))
 
 
 def _print_escalation(info: Any) -> None:
@@ -239,8 +226,8 @@ def _print_escalation(info: Any) -> None:
 @click.option("--all", "show_all", is_flag=True, help="Include resolved escalations (default: pending only).")
 @click.option("--workflow", default="", help="Only this workflow run's escalations.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.pass_obj
-@_friendly_errors
+@pass_cli
+@friendly_errors
 def escalations_list(obj: CliContext, show_all: bool, workflow: str, as_json: bool) -> None:
     """List escalations waiting for a person (or all of them)."""
     items = _esc_client_call(obj, lambda c: c.list(None if show_all else "PENDING", workflow))
@@ -260,8 +247,8 @@ def escalations_list(obj: CliContext, show_all: bool, workflow: str, as_json: bo
 @escalations.command("show")
 @click.argument("escalation_id")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.pass_obj
-@_friendly_errors
+@pass_cli
+@friendly_errors
 def escalations_show(obj: CliContext, escalation_id: str, as_json: bool) -> None:
     """Show one escalation with the context a person needs to decide."""
     info = _esc_client_call(obj, lambda c: c.get(escalation_id))
@@ -294,8 +281,8 @@ def _resolve(obj: CliContext, escalation_id: str, approve: bool, note: str, answ
 @click.option("--note", default="", help="Why (kept with the resolution, audited).")
 @click.option("--answer", default=None, help="An answer for the run to resume with: JSON, or plain text.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.pass_obj
-@_friendly_errors
+@pass_cli
+@friendly_errors
 def escalations_approve(obj: CliContext, escalation_id: str, note: str, answer: str | None, as_json: bool) -> None:
     """Approve an escalation; the waiting run resumes with the answer."""
     _resolve(obj, escalation_id, True, note, answer, as_json)
@@ -305,8 +292,8 @@ def escalations_approve(obj: CliContext, escalation_id: str, note: str, answer: 
 @click.argument("escalation_id")
 @click.option("--note", default="", help="Why (kept with the resolution, audited).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.pass_obj
-@_friendly_errors
+@pass_cli
+@friendly_errors
 def escalations_reject(obj: CliContext, escalation_id: str, note: str, as_json: bool) -> None:
     """Reject an escalation; the waiting run goes on knowing it was rejected."""
     _resolve(obj, escalation_id, False, note, None, as_json)

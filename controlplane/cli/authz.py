@@ -11,7 +11,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from hivemesh.controlplane.cli import CliContext, _friendly_errors, out, pass_cli
+from hivemesh.controlplane.cli.context import CliContext, friendly_errors, out, pass_cli
 from hivemesh.mesh.authz import AuthzRequest, AuthzTable, compile_authz
 from hivemesh.mesh.layers.authn import ACTION_OF_METHOD
 from hivemesh.mesh.settings import MeshSettings
@@ -50,7 +50,7 @@ def authz() -> None:
 @click.option("--agent", default=None, help="Target agent SPIFFE id (default: every agent serving the capability).")
 @click.option("--json", "as_json", is_flag=True)
 @pass_cli
-@_friendly_errors
+@friendly_errors
 def authz_check(obj: CliContext, caller: str, capability: str, principal: str | None, action: str,
                 agent: str | None, as_json: bool) -> None:
     """Explain whether CALLER may call CAPABILITY, and which rule decides."""

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable
@@ -15,25 +14,16 @@ import yaml
 from google.protobuf.message import Message
 from rich.table import Table
 
-from hivemesh.controlplane.cli import CliContext, _friendly_errors, err, out
-from hivemesh.controlplane.client import ControlPlaneClient
+from hivemesh.controlplane.cli.context import CliContext, as_operator, err, friendly_errors, out, pass_cli
+from hivemesh.controlplane.cli.policy_client import PolicyClient
 from hivemesh.controlplane.policies import parse_documents
-from hivemesh.controlplane.policy_client import PolicyClient
 from hivemesh.v1 import policy_pb2
 
 _T = TypeVar("_T")
-# Made here rather than imported: cli.py imports this module at its end, and the cycle would hide its type.
-pass_cli = click.make_pass_decorator(CliContext)
 
 
 def _run(obj: CliContext, action: Callable[[PolicyClient], Awaitable[_T]]) -> _T:
-    settings = obj.operator_settings()
-
-    async def go() -> _T:
-        async with ControlPlaneClient.from_certs_dir(settings.controlplane, obj.certs_dir) as cp:
-            return await action(PolicyClient(cp))
-
-    return asyncio.run(go())
+    return as_operator(obj, lambda cp: action(PolicyClient(cp)))
 
 
 def _doc(p: policy_pb2.Policy) -> dict[str, Any]:
@@ -56,7 +46,7 @@ def policy() -> None:
 @click.option("--dry-run", is_flag=True, help="Validate (and compile) without writing anything.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_cli
-@_friendly_errors
+@friendly_errors
 def policy_apply(obj: CliContext, path: str, dry_run: bool, as_json: bool) -> None:
     """Validate every document and store them all in one transaction, or none of them."""
     if path == "-":
@@ -87,7 +77,7 @@ def policy_apply(obj: CliContext, path: str, dry_run: bool, as_json: bool) -> No
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of YAML.")
 @pass_cli
-@_friendly_errors
+@friendly_errors
 def policy_get(obj: CliContext, kind: str, name: str, as_json: bool) -> None:
     """Print one stored document (it can be edited and applied again)."""
     doc = _doc(_run(obj, lambda c: c.get(kind, name)))
@@ -101,7 +91,7 @@ def policy_get(obj: CliContext, kind: str, name: str, as_json: bool) -> None:
 @click.argument("kind", required=False, default="")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (whole documents).")
 @pass_cli
-@_friendly_errors
+@friendly_errors
 def policy_list(obj: CliContext, kind: str, as_json: bool) -> None:
     """List stored documents, of one KIND or of every kind."""
     docs = [_doc(p) for p in _run(obj, lambda c: c.list_policies(kind))]
@@ -125,7 +115,7 @@ def policy_list(obj: CliContext, kind: str, as_json: bool) -> None:
 @click.option("--version", type=int, default=None, help="Delete only if the document is still at this version.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @pass_cli
-@_friendly_errors
+@friendly_errors
 def policy_delete(obj: CliContext, kind: str, name: str, version: int | None, yes: bool) -> None:
     """Delete one document; every node stops applying it within about a second."""
     if not yes:
@@ -137,7 +127,7 @@ def policy_delete(obj: CliContext, kind: str, name: str, version: int | None, ye
 @policy.command("kinds")
 @click.option("--json", "as_json", is_flag=True, help="Include each kind's JSON Schema.")
 @pass_cli
-@_friendly_errors
+@friendly_errors
 def policy_kinds(obj: CliContext, as_json: bool) -> None:
     """The policy kinds the control plane knows."""
     infos: list[policy_pb2.PolicyKindInfo] = _run(obj, lambda c: c.kinds())
@@ -173,7 +163,7 @@ def _short(identity: str) -> str:
 @click.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_cli
-@_friendly_errors
+@friendly_errors
 def status(obj: CliContext, as_json: bool) -> None:
     """Per node, capability and instance: breaker state, limiter use, in-flight calls, recent error rate."""
     nodes: list[policy_pb2.NodeTraffic] = _run(obj, lambda c: c.status())

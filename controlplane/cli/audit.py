@@ -12,32 +12,20 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 import grpc
 from rich.table import Table
 
 from hivemesh.controlplane.audit import KINDS, LogReport, load_public_key, verify_log
-from hivemesh.controlplane.cli import CliContext, _friendly_errors, err, out, pass_cli
-from hivemesh.controlplane.client import ControlPlaneClient
+from hivemesh.controlplane.cli.context import CliContext, as_operator, err, friendly_errors, out, pass_cli
 from hivemesh.mesh.audit import DECISIONS, verify_chain
+from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.errors import from_rpc_error
 from hivemesh.v1 import audit_pb2
-
-_T = TypeVar("_T")
-
-
-def _run(obj: CliContext, action: Callable[[ControlPlaneClient], Awaitable[_T]]) -> _T:
-    settings = obj.operator_settings()
-
-    async def go() -> _T:
-        async with ControlPlaneClient.from_certs_dir(settings.controlplane, obj.certs_dir) as cp:
-            return await action(cp)
-
-    return asyncio.run(go())
 
 
 def _entries(raw: list[bytes]) -> list[dict[str, Any]]:
@@ -122,8 +110,8 @@ def audit() -> None:
 @_query_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON entry per line.")
 @pass_cli
-@_friendly_errors
-def audit_tail(obj: CliContext, limit: int, follow: bool, as_json: bool, **filters: Any) -> None:
+@friendly_errors
+def audit_tail(obj: CliContext, /, limit: int, follow: bool, as_json: bool, **filters: Any) -> None:
     """The newest audit records (optionally filtered), oldest of them first."""
 
     async def go(cp: ControlPlaneClient) -> None:
@@ -141,7 +129,7 @@ def audit_tail(obj: CliContext, limit: int, follow: bool, as_json: bool, **filte
             after = max([after, *[int(e["seq"]) for e in entries]]) if entries else max(after, more.head_seq)
 
     with contextlib.suppress(KeyboardInterrupt):
-        _run(obj, go)
+        as_operator(obj, go)
 
 
 @audit.command("query")
@@ -149,11 +137,11 @@ def audit_tail(obj: CliContext, limit: int, follow: bool, as_json: bool, **filte
 @click.option("--limit", default=100, show_default=True, help="At most this many records (max 10000).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON entry per line.")
 @pass_cli
-@_friendly_errors
-def audit_query(obj: CliContext, limit: int, as_json: bool, **filters: Any) -> None:
+@friendly_errors
+def audit_query(obj: CliContext, /, limit: int, as_json: bool, **filters: Any) -> None:
     """Records matching every given filter, oldest first."""
-    resp: audit_pb2.AuditQueryResponse = _run(obj, lambda cp: cp.call(cp.audit.Query, _request(limit, False,
-                                                                                              **filters)))
+    resp: audit_pb2.AuditQueryResponse = as_operator(obj, lambda cp: cp.call(cp.audit.Query, _request(limit, False,
+                                                                                                     **filters)))
     _print(_entries(list(resp.entries)), as_json)
 
 
@@ -200,7 +188,7 @@ def _report(report: LogReport, as_json: bool, what: str) -> None:
               default=None, help="With --file: the exported checkpoints.jsonl.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_cli
-@_friendly_errors
+@friendly_errors
 def audit_verify(obj: CliContext, key_file: Path | None, log_file: Path | None, cp_file: Path | None,
                  as_json: bool) -> None:
     """Prove the log is intact: every chain links, nothing changed, deleted, inserted or reordered, and it
@@ -224,7 +212,7 @@ def audit_verify(obj: CliContext, key_file: Path | None, log_file: Path | None, 
         report = verify_log(_file_lines(log_file), [c for c in cps if c], pinned)
         _report(report, as_json, str(log_file))
         return
-    lines, cps, pem = _run(obj, _download)
+    lines, cps, pem = as_operator(obj, _download)
     key = pinned or load_public_key(pem)
     report = verify_log(lines, cps, key)
     if not as_json and pinned is None:
@@ -244,10 +232,10 @@ def _first_prev(segments: list[Path]) -> str:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory for log.jsonl, checkpoints.jsonl and checkpoint-key.pem.")
 @pass_cli
-@_friendly_errors
+@friendly_errors
 def audit_export(obj: CliContext, out_dir: Path) -> None:
     """Download the whole log with its checkpoints and key, to archive or verify offline."""
-    lines, cps, pem = _run(obj, _download)
+    lines, cps, pem = as_operator(obj, _download)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "log.jsonl").write_bytes(b"".join(line + b"\n" for line in lines))
     (out_dir / "checkpoints.jsonl").write_bytes(b"".join(c + b"\n" for c in cps))

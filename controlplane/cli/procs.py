@@ -1,40 +1,22 @@
 """Child processes for `hivemesh up`: start, tee output to a log, wait for a ready line, stop them all.
 
-Every child asks for PR_SET_PDEATHSIG on Linux (see `die_with_parent_if_asked`), so even a SIGKILLed
-`hivemesh up` leaves nothing behind.
+Every child asks for PR_SET_PDEATHSIG on Linux (`hivemesh.mesh.lifeline.die_with_parent_if_asked`), so even
+a SIGKILLed `hivemesh up` leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import re
 import signal
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-_PR_SET_PDEATHSIG = 1
-PARENT_ENV = "HIVEMESH_PARENT_PID"
-
-
-def die_with_parent_if_asked() -> None:
-    """Called first thing by hivemesh processes: if started by `hivemesh up`, die when it dies.
-
-    Done in the child itself, not in a preexec_fn: a preexec_fn forces a plain fork() of a process with gRPC
-    threads, which gRPC does not survive, while without one Python spawns children with vfork + exec.
-    """
-    parent = os.environ.get(PARENT_ENV)
-    if not parent or not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if str(os.getppid()) != parent:  # the parent died before prctl took effect
-        os._exit(1)
+from hivemesh.mesh.lifeline import PARENT_ENV
 
 
 @dataclass

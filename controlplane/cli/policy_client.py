@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from hivemesh.controlplane.client import ControlPlaneClient
+from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.errors import InvalidInputError, from_rpc_error
 from hivemesh.v1 import policy_pb2, policy_pb2_grpc
 

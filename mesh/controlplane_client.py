@@ -1,4 +1,7 @@
-"""A typed asyncio client for the control plane's mTLS API (used by the CLI, sidecars and the SDK).
+"""A typed asyncio client for the control plane's mTLS API (used by every node, the SDK and the CLI).
+
+It lives in the data plane because nodes call the control plane (join, renewal, tokens, audit shipping); the
+control plane only serves this API and never imports its client.
 
 Every failed call raises the typed hivemesh error the server raised (`from_rpc_error`), so callers catch
 `GrantDeniedError`, `PermissionDeniedError` and so on rather than inspecting status codes.
@@ -13,7 +16,6 @@ from typing import Any
 
 import grpc
 
-from hivemesh.controlplane.ca import CaFiles
 from hivemesh.mesh.errors import from_rpc_error
 from hivemesh.mesh.pki import controlplane_dns_name, new_key_and_csr
 from hivemesh.mesh.tls import Workload, load_workload_files, secure_channel
@@ -38,10 +40,10 @@ class ControlPlaneClient:
     def from_certs_dir(
         cls, address: str, certs_dir: Path | str, *, identity: str = "operator"
     ) -> ControlPlaneClient:
-        """A client using `<identity>.pem/.key` and `ca.pem` from certs_dir (the operator's CLI setup)."""
+        """A client using `<identity>.pem/.key` and `ca.pem` from certs_dir (the layout `hivemesh certs init`
+        writes: the operator's CLI setup)."""
         d = Path(certs_dir)
-        files = CaFiles.in_dir(d)
-        workload = load_workload_files(d / f"{identity}.pem", d / f"{identity}.key", files.ca_cert)
+        workload = load_workload_files(d / f"{identity}.pem", d / f"{identity}.key", d / "ca.pem")
         return cls(address, workload)
 
     @property

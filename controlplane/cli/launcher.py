@@ -1,4 +1,4 @@
-"""`hivemesh up`: a whole mesh on this machine, then a demo workflow over it.
+"""The dev launcher behind `hivemesh up`: a whole mesh on this machine, then a demo workflow over it.
 
 Starts an embedded etcd, the control plane, and the reference document pipeline (OCR → extraction →
 validation → storage): three SDK agents with in-process mesh layers and one plain gRPC agent behind a
@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from hivemesh.controlplane.ca import CaFiles, init_ca
-from hivemesh.controlplane.client import ControlPlaneClient
-from hivemesh.controlplane.procs import Supervisor
+from hivemesh.controlplane.cli.procs import Supervisor
 from hivemesh.mesh.audit.handshake.switch import child_environment
+from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.etcd import EtcdServer
 from hivemesh.mesh.registry import RegistryView
 from hivemesh.mesh.settings import STATE_FILE, MeshSettings

@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 from rich.table import Table
 
-from hivemesh.controlplane.cli import CliContext, _friendly_errors, out, pass_cli
-from hivemesh.controlplane.client import ControlPlaneClient
+from hivemesh.controlplane.cli.context import CliContext, as_operator, friendly_errors, out, pass_cli
 from hivemesh.v1 import trust_pb2
-
-_T = TypeVar("_T")
-
-
-def _run(obj: CliContext, action: Callable[[ControlPlaneClient], Awaitable[_T]]) -> _T:
-    settings = obj.operator_settings()
-
-    async def go() -> _T:
-        async with ControlPlaneClient.from_certs_dir(settings.controlplane, obj.certs_dir) as cp:
-            return await action(cp)
-
-    return asyncio.run(go())
 
 
 def _when(ts: int) -> str:
@@ -57,10 +42,10 @@ def keys() -> None:
               help="Seconds between publishing the new key and signing with it (time for every node to learn it).")
 @click.option("--json", "as_json", is_flag=True)
 @pass_cli
-@_friendly_errors
+@friendly_errors
 def keys_rotate(obj: CliContext, activate_after: int, as_json: bool) -> None:
     """Add a new signing key now; no call fails during the rotation."""
-    resp = _run(obj, lambda cp: cp.call(cp.trust.RotateSigningKey,
+    resp = as_operator(obj, lambda cp: cp.call(cp.trust.RotateSigningKey,
                                        trust_pb2.RotateSigningKeyRequest(activate_after_seconds=activate_after)))
     _print_keys(resp, as_json)
 
@@ -68,10 +53,11 @@ def keys_rotate(obj: CliContext, activate_after: int, as_json: bool) -> None:
 @keys.command("list")
 @click.option("--json", "as_json", is_flag=True)
 @pass_cli
-@_friendly_errors
+@friendly_errors
 def keys_list(obj: CliContext, as_json: bool) -> None:
     """The published signing keys and their state."""
-    _print_keys(_run(obj, lambda cp: cp.call(cp.trust.ListSigningKeys, trust_pb2.ListSigningKeysRequest())), as_json)
+    resp = as_operator(obj, lambda cp: cp.call(cp.trust.ListSigningKeys, trust_pb2.ListSigningKeysRequest()))
+    _print_keys(resp, as_json)
 
 
 # --- tokens -----------------------------------------------------------------------------------------------------
@@ -86,13 +72,13 @@ def tokens() -> None:
 @click.option("--note", default="", help="Why (kept with the revocation and in the audit log).")
 @click.option("--json", "as_json", is_flag=True)
 @pass_cli
-@_friendly_errors
+@friendly_errors
 def tokens_revoke(obj: CliContext, jti: str, subject: str, note: str, as_json: bool) -> None:
     """Revoke by --jti or --subject; every node refuses the token(s) within a second."""
     if bool(jti) == bool(subject):
         raise click.UsageError("give exactly one of --jti or --subject")
-    resp = _run(obj, lambda cp: cp.call(cp.trust.Revoke, trust_pb2.RevokeRequest(jti=jti, subject=subject,
-                                                                                    note=note)))
+    resp = as_operator(obj, lambda cp: cp.call(cp.trust.Revoke, trust_pb2.RevokeRequest(jti=jti, subject=subject,
+                                                                                           note=note)))
     if as_json:
         click.echo(json.dumps({"key": resp.key, "expires_at_unix": resp.expires_at_unix}))
         return
@@ -103,10 +89,10 @@ def tokens_revoke(obj: CliContext, jti: str, subject: str, note: str, as_json: b
 @tokens.command("revocations")
 @click.option("--json", "as_json", is_flag=True)
 @pass_cli
-@_friendly_errors
+@friendly_errors
 def tokens_revocations(obj: CliContext, as_json: bool) -> None:
     """Revocations in force."""
-    resp = _run(obj, lambda cp: cp.call(cp.trust.ListRevocations, trust_pb2.ListRevocationsRequest()))
+    resp = as_operator(obj, lambda cp: cp.call(cp.trust.ListRevocations, trust_pb2.ListRevocationsRequest()))
     rows: list[dict[str, Any]] = [
         {"jti": r.jti, "subject": r.subject, "revoked_at": r.revoked_at_unix, "expires_at": r.expires_at_unix,
          "by": r.by, "note": r.note} for r in resp.revocations
@@ -145,16 +131,16 @@ def ca() -> None:
               help="prepare: trust old+new; activate: new root signs, every node renews; finish: drop the old.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_cli
-@_friendly_errors
+@friendly_errors
 def ca_rotate(obj: CliContext, step: str, as_json: bool) -> None:
     """Run one step of a root CA rotation (in order: prepare, activate, finish)."""
-    _print_ca(_run(obj, lambda cp: cp.call(cp.trust.RotateCa, trust_pb2.RotateCaRequest(step=step))), as_json)
+    _print_ca(as_operator(obj, lambda cp: cp.call(cp.trust.RotateCa, trust_pb2.RotateCaRequest(step=step))), as_json)
 
 
 @ca.command("status")
 @click.option("--json", "as_json", is_flag=True)
 @pass_cli
-@_friendly_errors
+@friendly_errors
 def ca_status(obj: CliContext, as_json: bool) -> None:
     """Which roots are trusted and which one signs."""
-    _print_ca(_run(obj, lambda cp: cp.call(cp.trust.GetCaStatus, trust_pb2.GetCaStatusRequest())), as_json)
+    _print_ca(as_operator(obj, lambda cp: cp.call(cp.trust.GetCaStatus, trust_pb2.GetCaStatusRequest())), as_json)

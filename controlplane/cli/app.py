@@ -1,0 +1,61 @@
+"""The `hivemesh` command line: the operator's one place to steer the mesh from.
+
+This module is the root group (the shared options become the `CliContext` every command gets) and the list of
+command groups, one module each. Every command that reports data takes `--json` for scripts; people get
+tables. Errors are one clear line on stderr and a non-zero exit code (`context.friendly_errors`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import click
+
+from hivemesh.controlplane.cli import audit, authz, certs, operate, policy, serve, trust, up, workflows
+from hivemesh.controlplane.cli.context import CliContext
+from hivemesh.mesh.lifeline import die_with_parent_if_asked
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", envvar="HIVEMESH_HOME", default=".hivemesh", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="State folder (etcd data, logs, mesh.json).")
+@click.option("--certs-dir", envvar="HIVEMESH_CERTS", default="certs", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="CA and operator certificates.")
+@click.option("-v", "--verbose", is_flag=True, help="Log what the mesh does.")
+@click.version_option(package_name="hivemesh")
+@click.pass_context
+def cli(ctx: click.Context, home: Path, certs_dir: Path, verbose: bool) -> None:
+    """hivemesh: a gRPC agent mesh with a sidecar control plane."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ["HIVEMESH_HOME"] = str(home.resolve())
+    ctx.obj = CliContext(home=home.resolve(), certs_dir=certs_dir.resolve(), verbose=verbose)
+
+
+for command in (
+    up.up,  # hivemesh up: a local mesh and a demo
+    certs.certs,  # hivemesh certs init
+    serve.controlplane,  # hivemesh controlplane
+    serve.sidecar,  # hivemesh sidecar
+    operate.agents,  # hivemesh agents
+    operate.call,  # hivemesh call CAPABILITY
+    operate.join_token,  # hivemesh join-token NAME
+    policy.policy,  # hivemesh policy apply|get|list|delete|kinds (issue 3)
+    policy.status,  # hivemesh status (issue 3)
+    workflows.workflows,  # hivemesh workflows list|show|cancel|resume (issue 5)
+    workflows.escalations,  # hivemesh escalations list|show|approve|reject (issue 5)
+    audit.audit,  # hivemesh audit tail|query|verify|export (issue 4)
+    trust.keys,  # hivemesh keys rotate|list (issue 4)
+    trust.tokens,  # hivemesh tokens revoke|revocations (issue 4)
+    trust.ca,  # hivemesh ca rotate --step ...|status (issue 4)
+    authz.authz,  # hivemesh authz check (issue 4)
+):
+    cli.add_command(command)
+
+
+def main() -> None:
+    """Console-script entry point (also `python -m hivemesh.controlplane.cli`)."""
+    die_with_parent_if_asked()
+    cli(prog_name="hivemesh")

@@ -1,0 +1,86 @@
+"""What every `hivemesh` command shares: the context object, the consoles, the one error formatter, and the one
+way to run async work against the control plane.
+
+Errors are one clear line on stderr (with the gRPC status and reason where there is one) and a non-zero exit
+code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+from rich.console import Console
+
+from hivemesh.mesh.errors import HivemeshError
+from hivemesh.mesh.etcd import EtcdNotFoundError
+from hivemesh.mesh.settings import MeshSettings
+
+if TYPE_CHECKING:
+    from hivemesh.mesh.controlplane_client import ControlPlaneClient
+
+F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+out = Console()
+err = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class CliContext:
+    """Shared options of every command."""
+
+    home: Path
+    certs_dir: Path
+    verbose: bool
+
+    def operator_settings(self) -> MeshSettings:
+        """Where the mesh is (env or the `hivemesh up` state file), acting as the operator identity."""
+        cert, key = self.certs_dir / "operator.pem", self.certs_dir / "operator.key"
+        if not cert.exists() or not key.exists():
+            raise click.ClickException(
+                f"no operator identity in {self.certs_dir} (operator.pem/.key): run `hivemesh certs init` "
+                "or point --certs-dir / HIVEMESH_CERTS at your certificates"
+            )
+        return MeshSettings.resolve(cert_file=cert, key_file=key)
+
+
+pass_cli = click.make_pass_decorator(CliContext)
+"""Hands a command the CliContext the root group made."""
+
+
+def friendly_errors(fn: F) -> F:
+    """Turn the errors a user can cause into one readable line and exit code 1 (2 for usage problems)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except HivemeshError as exc:
+            err.print(f"[red]error:[/red] {exc.message} [dim]({exc.code.name}, {exc.reason})[/dim]", highlight=False)
+            for field, why in exc.field_violations.items():
+                err.print(f"  {field}: {why}", highlight=False)
+            sys.exit(1)
+        except (ValueError, EtcdNotFoundError, TimeoutError, RuntimeError, OSError) as exc:
+            err.print(f"[red]error:[/red] {exc}", highlight=False)
+            sys.exit(2 if isinstance(exc, ValueError) else 1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def as_operator(obj: CliContext, action: Callable[[ControlPlaneClient], Awaitable[T]]) -> T:
+    """Run action to completion with a client of the control plane, as the operator (mutual TLS)."""
+    from hivemesh.mesh.controlplane_client import ControlPlaneClient
+
+    settings = obj.operator_settings()
+
+    async def go() -> T:
+        async with ControlPlaneClient.from_certs_dir(settings.controlplane, obj.certs_dir) as cp:
+            return await action(cp)
+
+    return asyncio.run(go())

@@ -1,0 +1,122 @@
+"""`hivemesh agents`, `hivemesh call` and `hivemesh join-token`: looking at and using the running mesh."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+from hivemesh.controlplane.cli.context import (
+    CliContext,
+    as_operator,
+    err,
+    friendly_errors,
+    out,
+    pass_cli,
+)
+from hivemesh.mesh.settings import MeshSettings
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_cli
+@friendly_errors
+def agents(obj: CliContext, as_json: bool) -> None:
+    """List registered agents and their capabilities (read from etcd)."""
+    from hivemesh.mesh.registry import read_instances
+
+    settings = MeshSettings.resolve()
+    instances = asyncio.run(read_instances(settings.etcd))
+    rows: list[dict[str, Any]] = [
+        {
+            "agent": i.card.name,
+            "version": i.card.version,
+            "instance": i.instance_id,
+            "endpoint": i.endpoint,
+            "packaging": i.packaging,
+            "identity": i.identity,
+            "capabilities": [c.name for c in i.card.capabilities],
+        }
+        for i in instances
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        out.print("no agents registered")
+        return
+    table = Table("agent", "version", "capabilities", "packaging", "endpoint", "instance")
+    for r in rows:
+        table.add_row(r["agent"], r["version"], ", ".join(r["capabilities"]), r["packaging"], r["endpoint"],
+                      r["instance"])
+    out.print(table)
+
+
+def _read_data(data: str | None) -> Any:
+    if data is None:
+        return None
+    if data.startswith("@"):
+        path = Path(data[1:])
+        try:
+            data = path.read_text()
+        except OSError as exc:
+            raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="--data") from None
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--data") from None
+
+
+@click.command()
+@click.argument("capability")
+@click.option("--data", "-d", default=None, help="JSON input, or @file.json.")
+@click.option("--timeout", default=30.0, show_default=True, help="Deadline in seconds.")
+@click.option("--stream", is_flag=True, help="Use the streaming call and print items as they arrive.")
+@click.option("--json", "as_json", is_flag=True, help="Print only the JSON output.")
+@pass_cli
+@friendly_errors
+def call(obj: CliContext, capability: str, data: str | None, timeout: float, stream: bool, as_json: bool) -> None:
+    """Call CAPABILITY through the mesh (as the operator) and print its result."""
+    from hivemesh.sdk.client import MeshClient
+
+    payload = _read_data(data)
+    settings = obj.operator_settings()
+
+    async def go() -> None:
+        async with MeshClient.connect(name="admin", kind="operator", settings=settings) as mesh:
+            await mesh.node.registry.wait_for_capability(capability, 1, timeout=min(timeout, 3.0))
+            if stream:
+                async for item in mesh.stream(capability, payload, timeout=timeout):
+                    click.echo(json.dumps(item))
+                return
+            result = await mesh.call_detailed(capability, payload, timeout=timeout)
+            if as_json:
+                click.echo(json.dumps(result.output, indent=2))
+                return
+            out.print_json(json.dumps(result.output))
+            hops = " → ".join(f"{h.kind}:{h.identity.rsplit('/', 1)[-1]}" for h in result.hops)
+            err.print(f"[dim]served by {result.instance.card.name} ({result.instance.instance_id}, "
+                      f"{result.instance.packaging}) via {hops}[/dim]", highlight=False)
+
+    asyncio.run(go())
+
+
+@click.command("join-token")
+@click.argument("name")
+@click.option("--kind", type=click.Choice(["agent", "client"]), default="agent", show_default=True)
+@click.option("--ttl", default=600, show_default=True, help="Seconds the token stays usable if unused.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_cli
+@friendly_errors
+def join_token(obj: CliContext, name: str, kind: str, ttl: int, as_json: bool) -> None:
+    """Mint a one-time join token for a workload NAME (give it to the agent/sidecar as HIVEMESH_JOIN_TOKEN)."""
+    resp = as_operator(obj, lambda cp: cp.create_join_token(name, kind, ttl))
+    if as_json:
+        click.echo(json.dumps({"token": resp.token, "expires_at_unix": resp.expires_at_unix, "name": name,
+                               "kind": kind}))
+    else:
+        click.echo(resp.token)

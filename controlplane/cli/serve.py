@@ -1,0 +1,82 @@
+"""`hivemesh controlplane` and `hivemesh sidecar`: the long-running processes, in the foreground."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import click
+
+from hivemesh.controlplane.cli.context import CliContext, friendly_errors, pass_cli
+from hivemesh.mesh.settings import DEFAULT_TRUST_DOMAIN, MeshSettings
+
+
+@click.command()
+@click.option("--etcd", "etcd_endpoints", envvar="HIVEMESH_ETCD", required=True, help="etcd endpoints host:port[,...]")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Private state (token signing keys). Default: <home>/controlplane.")
+@click.option("--trust-domain", default=DEFAULT_TRUST_DOMAIN, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=0, show_default=True, help="mTLS port (0: any free port).")
+@click.option("--join-port", default=0, show_default=True, help="Join port, server-TLS only (0: any free port).")
+@click.option("--grants", "grants_file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Grant file (YAML) loaded into etcd at start.")
+@click.option("--cert-ttl", default=3600, show_default=True, help="Workload certificate lifetime, seconds.")
+@pass_cli
+@friendly_errors
+def controlplane(obj: CliContext, etcd_endpoints: str, state_dir: Path | None, trust_domain: str, host: str,
+                 port: int, join_port: int, grants_file: Path | None, cert_ttl: int) -> None:
+    """Run the control plane: CA, token issuer, join service."""
+    from hivemesh.controlplane.server import ControlPlaneConfig, ControlPlaneServer
+    from hivemesh.controlplane.server import main as serve_controlplane
+    from hivemesh.mesh.audit.handshake.switch import enable
+
+    enable()  # consent to the handshake audit (the package's main turned the tracer on before gRPC loaded)
+
+    config = ControlPlaneConfig(
+        etcd_endpoints=etcd_endpoints, certs_dir=obj.certs_dir, state_dir=state_dir or obj.home / "controlplane",
+        trust_domain=trust_domain, host=host, port=port, join_port=join_port, grants_file=grants_file,
+        cert_ttl_s=cert_ttl,
+    )
+
+    def ready(server: ControlPlaneServer) -> None:
+        click.echo(f"ready controlplane={server.address} join={server.join_address}")
+
+    asyncio.run(serve_controlplane(config, on_started=ready))
+
+
+@click.command()
+@click.option("--agent", required=True, help="The agent's plaintext loopback address, e.g. 127.0.0.1:7001.")
+@click.option("--listen", default="127.0.0.1:0", show_default=True, help="Inbound mutual-TLS listener.")
+@click.option("--mesh-listen", default="127.0.0.1:0", show_default=True,
+              help="Loopback plaintext Mesh service for the agent's own outbound calls.")
+@click.option("--name", default=None, help="Agent name (default: from the agent card).")
+@click.option("--lease-ttl", default=10, show_default=True, help="Registry lease TTL, seconds.")
+@click.option("--max-input-bytes", default=4 * 1024 * 1024, show_default=True)
+@click.option("--limit", "limits", multiple=True, metavar="CAP=BYTES",
+              help="Input size limit of one capability (repeatable).")
+@click.option("--no-content-screen", is_flag=True, help="Do not screen text fields for prompt-injection patterns.")
+@click.option("--screen-exempt", multiple=True, metavar="CAP", help="A capability the content screen skips.")
+@click.option("--audit-dir", default=None, help="Audit spool directory (default: <home>/audit).")
+@friendly_errors
+def sidecar(agent: str, listen: str, mesh_listen: str, name: str | None, lease_ttl: int, max_input_bytes: int,
+            limits: tuple[str, ...], no_content_screen: bool, screen_exempt: tuple[str, ...],
+            audit_dir: str | None) -> None:
+    """Front an agent written in any language: mTLS, tokens, authz, audit, registry, routing.
+
+    The mesh location and the one-time join token come from HIVEMESH_* variables (or the `up` state file).
+    """
+    from hivemesh.mesh.audit.handshake.switch import enable
+    from hivemesh.mesh.sidecar import SidecarConfig, run_sidecar
+
+    per_cap: list[tuple[str, int]] = []
+    for item in limits:
+        cap, sep, size = item.partition("=")
+        if not sep or not cap or not size.isdigit() or int(size) <= 0:
+            raise click.BadParameter(f"{item!r}: expected CAPABILITY=BYTES", param_hint="--limit")
+        per_cap.append((cap, int(size)))
+    enable()  # consent to the handshake audit (the package's main turned the tracer on before gRPC loaded)
+    config = SidecarConfig(agent=agent, listen=listen, mesh_listen=mesh_listen, name=name,
+                           lease_ttl_s=lease_ttl, max_input_bytes=max_input_bytes, limits=tuple(per_cap),
+                           content_screen=not no_content_screen, screen_exempt=screen_exempt, audit_dir=audit_dir)
+    asyncio.run(run_sidecar(config, MeshSettings.resolve()))

@@ -1,0 +1,105 @@
+"""`hivemesh up`: a whole mesh on this machine and a demo over it (the launcher is `launcher.py`); this module
+parses the options and prints what the demo reports."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import click
+from rich.table import Table
+
+from hivemesh.controlplane.cli.context import CliContext, err, friendly_errors, out, pass_cli
+from hivemesh.mesh.settings import DEFAULT_TRUST_DOMAIN
+
+
+@click.command()
+@click.option("--once", is_flag=True, help="Run the demo once, then stop everything and exit.")
+@click.option("--trust-domain", default=DEFAULT_TRUST_DOMAIN, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print each document's result as one JSON line.")
+@click.option("--demo", default="default", show_default=True,
+              help="Which demo: default (document pipeline + a tour of the five patterns), tour, pipeline, research, "
+                   "helpdesk, support, content, contract; 'list' shows the menu.")
+@pass_cli
+@friendly_errors
+def up(obj: CliContext, once: bool, trust_domain: str, as_json: bool, demo: str) -> None:
+    """Start etcd, the control plane and the reference agents, then run the demo pipeline."""
+    from hivemesh.agents.demos import DEMOS, demos_for
+    from hivemesh.controlplane.cli.launcher import UpOptions, run_up
+
+    if demo == "list":
+        menu = [{"demo": d.name, "pattern": d.pattern, "what": d.title} for d in DEMOS.values()]
+        if as_json:
+            click.echo(json.dumps(menu))
+        else:
+            table = Table("demo", "pattern", "what")
+            for row in menu:
+                table.add_row(row["demo"], row["pattern"], row["what"])
+            out.print(table)
+            out.print("default: the pipeline, then a tour of the others; tour: all but the pipeline")
+        return
+    demos_for(demo)  # a ValueError (exit 2) before anything starts
+
+    def say(line: str) -> None:
+        if as_json:
+            err.print(f"[dim]{line}[/dim]", highlight=False)
+        else:
+            out.print(f"[bold cyan]hivemesh[/bold cyan] {line}", highlight=False)
+
+    def show(result: Mapping[str, Any]) -> None:
+        if as_json:
+            click.echo(json.dumps(result, sort_keys=True))
+            return
+        if "summary" in result:
+            _print_demo_summary(result["summary"])
+        elif "demo" in result:
+            state = result.get("state", "?")
+            colour = "green" if state == "COMPLETED" else "red"
+            out.print(f"[bold]{result['demo']}[/bold] → [{colour}]{state}[/{colour}] "
+                      f"{result.get('highlight') or result.get('error', '')}", highlight=False)
+        else:
+            _print_pipeline_result(result)
+
+    opts = UpOptions(home=obj.home, certs_dir=obj.certs_dir, trust_domain=trust_domain, once=once, demo=demo)
+    code = run_up(opts, say, show)
+    sys.exit(code)
+
+
+def _print_demo_summary(rows: list[dict[str, Any]]) -> None:
+    table = Table("demo", "pattern", "state", "workflows", "steps", "tokens", "s", "what happened",
+                  title="patterns demo summary")
+    for r in rows:
+        table.add_row(r.get("demo", "?"), r.get("pattern", ""), r.get("state", "?"), str(len(r.get("workflows", []))),
+                      str(r.get("steps", "")), str(r.get("tokens", "")), str(r.get("seconds", "")),
+                      str(r.get("highlight") or r.get("error", "")))
+    out.print(table)
+    out.print("inspect them: hivemesh workflows list   |   hivemesh workflows show <id>", highlight=False)
+
+
+def _hop_label(hop: dict[str, Any]) -> str:
+    return f"{hop.get('kind', '?')}:{str(hop.get('identity', '')).rsplit('/', 1)[-1]}"
+
+
+def _print_pipeline_result(result: Mapping[str, Any]) -> None:
+    """One document's journey: its verdict, then each step with the agent, packaging and hops that served it."""
+    source = result.get("source") or result.get("sample", "?")
+    if "error" in result:
+        out.print(f"[red]✗ {source}[/red]: {result['error']}", highlight=False)
+        return
+    status = str(result.get("status", ""))
+    colour = {"stored": "green", "duplicate": "cyan"}.get(status, "yellow")
+    doc = result.get("document", {}) or {}
+    summary = f"{doc.get('document_type', '?')} {doc.get('invoice_number') or ''} total={doc.get('total')} " \
+              f"{doc.get('currency') or ''}".strip()
+    out.print(f"\n[bold]{source}[/bold] → [{colour}]{status}[/{colour}] (id {result.get('id')})  {summary}",
+              highlight=False)
+    for e in result.get("errors", []) or []:
+        out.print(f"   [yellow]invalid[/yellow] {e.get('field')}: {e.get('message')}", highlight=False)
+    table = Table("step", "agent", "packaging", "hops (caller → … → agent)", "ms", show_edge=False, pad_edge=False)
+    for step in result.get("steps", []):
+        hops = " → ".join(["demo", *reversed([_hop_label(h) for h in step.get("hops", [])])])
+        table.add_row(str(step.get("step", "")), step.get("agent", ""), step.get("packaging", ""), hops,
+                      f"{float(step.get('elapsed_ms', 0.0)):.1f}")
+    out.print(table)

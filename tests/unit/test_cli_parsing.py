@@ -1,0 +1,190 @@
+"""The `hivemesh` command line in-process (click's CliRunner): every group lists its commands, usage mistakes
+exit 2 with a message that says what to fix, errors a user causes are one line (exit 1) and never a traceback.
+
+None of these needs a running mesh: commands that would reach one are stopped at the missing operator identity,
+which shows their options parsed (exit 1, not 2). The process-level tests (test_policy_cli, test_up,
+test_workflows, test_trust) run the same commands against a real mesh.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from hivemesh.controlplane.cli.app import cli
+
+GROUPS: dict[str, set[str]] = {
+    "": {"up", "certs", "controlplane", "sidecar", "agents", "call", "join-token", "policy", "status", "workflows",
+         "escalations", "audit", "keys", "tokens", "ca", "authz"},
+    "certs": {"init"},
+    "policy": {"apply", "get", "list", "delete", "kinds"},
+    "workflows": {"list", "show", "cancel", "resume"},
+    "escalations": {"list", "show", "approve", "reject"},
+    "audit": {"tail", "query", "verify", "export"},
+    "keys": {"rotate", "list"},
+    "tokens": {"revoke", "revocations"},
+    "ca": {"rotate", "status"},
+    "authz": {"check"},
+}
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A state folder and an empty certs folder; HIVEMESH_HOME (which the root group sets) is restored after."""
+    monkeypatch.setenv("HIVEMESH_HOME", str(tmp_path / "home"))
+    for name in ("HIVEMESH_CERTS", "HIVEMESH_ETCD", "HIVEMESH_CONTROLPLANE", "HIVEMESH_JOIN", "HIVEMESH_CA"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "certs").mkdir()
+    yield tmp_path
+
+
+def hivemesh(home: Path, *args: str, stdin: str | None = None) -> Result:
+    base = ["--home", str(home / "home"), "--certs-dir", str(home / "certs")]
+    return CliRunner().invoke(cli, [*base, *args], input=stdin, prog_name="hivemesh")
+
+
+def _commands_listed(help_text: str) -> set[str]:
+    section = help_text.split("Commands:", 1)[1]
+    return {line.split()[0] for line in section.splitlines() if line.startswith("  ") and line.split()}
+
+
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_help_of_every_group_lists_its_commands(home: Path, group: str) -> None:
+    result = hivemesh(home, *group.split(), "--help")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"Usage: hivemesh {group}".rstrip() + " [OPTIONS] COMMAND")
+    assert _commands_listed(result.output) == GROUPS[group]
+    assert hivemesh(home, *group.split(), "-h").output == result.output  # -h is --help everywhere
+
+
+def test_every_command_has_help_that_names_its_json_flag_where_it_reports_data(home: Path) -> None:
+    without_json = {"certs init", "controlplane", "sidecar", "policy delete", "audit export"}
+    for group, commands in GROUPS.items():
+        for command in commands:
+            name = f"{group} {command}".strip()
+            if name in GROUPS:
+                continue
+            result = hivemesh(home, *name.split(), "--help")
+            assert result.exit_code == 0, (name, result.output)
+            assert result.output.startswith(f"Usage: hivemesh {name}")
+            assert ("--json" in result.output) == (name not in without_json), name
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["nope"], "No such command 'nope'"),
+        (["policy", "get", "retries"], "Missing argument 'NAME'"),
+        (["policy", "apply"], "Missing option '-f' / '--file'"),
+        (["join-token", "w", "--kind", "robot"], "'robot' is not one of 'agent', 'client'"),
+        (["join-token", "w", "--ttl", "soon"], "'soon' is not a valid integer"),
+        (["audit", "tail", "-n", "many"], "'many' is not a valid integer"),
+        (["audit", "query", "--decision", "maybe"], "'maybe' is not one of"),
+        (["audit", "query", "--kind", "weird"], "'weird' is not one of"),
+        (["call", "cap", "--timeout", "later"], "'later' is not a valid float"),
+        (["call", "cap", "--data", "{not json"], "not valid JSON"),
+        (["call", "cap", "--data", "@/nonexistent/input.json"], "cannot read /nonexistent/input.json"),
+        (["sidecar", "--agent", "127.0.0.1:1", "--limit", "echo=0"], "expected CAPABILITY=BYTES"),
+        (["sidecar"], "Missing option '--agent'"),
+        (["controlplane", "--port", "x"], "'x' is not a valid integer"),
+        (["tokens", "revoke"], "give exactly one of --jti or --subject"),
+        (["tokens", "revoke", "--jti", "j", "--subject", "spiffe://hivemesh.local/agent/a"],
+         "give exactly one of --jti or --subject"),
+        (["ca", "rotate", "--step", "sideways"], "'sideways' is not one of"),
+        (["policy", "apply", "-f", "/nonexistent/policies.yaml"], "cannot read /nonexistent/policies.yaml"),
+    ],
+)
+def test_usage_mistakes_exit_2_and_say_what_to_fix(home: Path, args: list[str], words: str) -> None:
+    result = hivemesh(home, *args)
+    assert result.exit_code == 2, result.output
+    assert words in " ".join(result.output.split()), result.output
+    assert "Usage: hivemesh" in result.output and "Traceback" not in result.output
+
+
+def test_an_unknown_demo_is_refused_before_anything_starts(home: Path) -> None:
+    result = hivemesh(home, "up", "--demo", "nope")
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and "nope" in result.output
+    assert not (home / "home").exists()  # nothing was started or written
+
+
+def test_up_demo_list_prints_the_menu_as_json(home: Path) -> None:
+    result = hivemesh(home, "up", "--demo", "list", "--json")
+    assert result.exit_code == 0, result.output
+    menu = json.loads(result.stdout)
+    assert {"demo", "pattern", "what"} == set(menu[0]) and any(d["demo"] == "pipeline" for d in menu)
+    table = hivemesh(home, "up", "--demo", "list")
+    assert table.exit_code == 0 and "pipeline" in table.output and "default: the pipeline" in table.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["policy", "list", "--json"],
+        ["policy", "kinds", "--json"],
+        ["policy", "get", "retries", "default", "--json"],
+        ["status", "--json"],
+        ["keys", "list", "--json"],
+        ["tokens", "revocations", "--json"],
+        ["ca", "status", "--json"],
+        ["audit", "query", "--json", "--decision", "deny", "--since", "-15m", "--limit", "5"],
+        ["audit", "export", "--out", "exported"],
+        ["escalations", "list", "--json", "--all"],
+        ["join-token", "worker", "--kind", "client", "--ttl", "60", "--json"],
+        ["call", "echo", "--data", '{"text": "hi"}', "--json"],
+    ],
+)
+def test_json_flags_parse_and_a_missing_identity_is_one_helpful_line(home: Path, args: list[str]) -> None:
+    result = hivemesh(home, *args)
+    assert result.exit_code == 1, result.output  # parsed (2 would be a usage error), stopped before any network
+    assert f"no operator identity in {home / 'certs'}" in " ".join(result.output.split())
+    assert "hivemesh certs init" in result.output and "Traceback" not in result.output
+
+
+def test_one_error_formatter_for_a_users_mistake_in_a_file(home: Path) -> None:
+    bad = home / "bad.yaml"
+    bad.write_text("kind: [unclosed")
+    result = hivemesh(home, "policy", "apply", "-f", str(bad))
+    assert result.exit_code == 1, result.output
+    line = " ".join(result.output.split())
+    assert line.startswith(f"error: {bad}: not valid YAML/JSON") and "(INVALID_ARGUMENT, INVALID_INPUT)" in line
+    stdin = hivemesh(home, "policy", "apply", "-f", "-", stdin="")
+    assert stdin.exit_code == 1 and "<stdin>: no policy documents in it" in " ".join(stdin.output.split())
+
+
+def test_certs_init_makes_a_ca_and_refuses_to_replace_it(home: Path) -> None:
+    result = hivemesh(home, "certs", "init", "--trust-domain", "example.test")
+    assert result.exit_code == 0, result.output
+    assert f"CA for spiffe://example.test in {home / 'certs'}" in " ".join(result.output.split())
+    assert {"ca.pem", "operator.pem", "controlplane.pem"} <= {p.name for p in (home / "certs").iterdir()}
+    again = hivemesh(home, "certs", "init")
+    assert again.exit_code == 1 and again.output.startswith("error: ") and "--force" in again.output
+    # With an operator identity, a command gets past the identity check to finding the mesh, and says how.
+    nowhere = hivemesh(home, "policy", "kinds")
+    assert nowhere.exit_code == 2, nowhere.output
+    assert " ".join(nowhere.output.split()).startswith("error: mesh location unknown") and "hivemesh up" in (
+        nowhere.output)
+
+
+def test_version_option(home: Path) -> None:
+    result = hivemesh(home, "--version")
+    assert result.exit_code == 0 and result.output.startswith("hivemesh, version ")
+
+
+@pytest.mark.parametrize(("argv", "owned"), [
+    (["sidecar", "--agent", "127.0.0.1:1"], True),
+    (["controlplane"], True),
+    (["--home", "sidecar", "agents"], False),  # "sidecar" is the --home value here, the command is `agents`
+    (["--certs-dir", "x", "-v", "controlplane", "--etcd", "e"], True),
+    (["call", "sidecar"], False),
+    (["--help"], False),
+    ([], False),
+])
+def test_owned_servers_are_told_apart_before_grpc_loads(argv: list[str], owned: bool) -> None:
+    from hivemesh.controlplane.cli import owned_server_command
+
+    assert owned_server_command(argv) is owned
