@@ -63,7 +63,7 @@ POLICIES_PREFIX: Final = PREFIX + "policies/"
 KIND_MODULES: tuple[str, ...] = (
     "hivemesh.mesh.resilience.kinds",  # routes, retries, timeouts, breakers, ratelimits, concurrency (issue 3)
     "hivemesh.mesh.authz",  # authz: who may call which capability (issue 4)
-    "hivemesh.sdk.budget",  # budgets: per-caller model token budgets, enforced by the SDK server (issue 5)
+    "hivemesh.mesh.budget",  # budgets: per-caller model token budgets, enforced by the inbound chain (issue 5)
 )
 """Modules that register kinds when imported (append yours)."""
 

@@ -1,4 +1,4 @@
-"""Per-caller token budgets, enforced where tokens are spent: in the SDK server of the agent that runs the model.
+"""Per-caller token budgets, enforced where tokens are spent: at the inbound side of the agent that runs the model.
 
 A budget rule says how many model tokens (input + output, as counted in `InvokeResponse.usage`) the callers
 matching `subjects` may spend on the capabilities matching `capabilities` per window:
@@ -8,11 +8,12 @@ matching `subjects` may spend on the capabilities matching `capabilities` per wi
          "max_tokens": 20000, "window_seconds": 3600}]}}
 
 The documents are a policy kind (`budgets`) of the policy framework (`hivemesh.mesh.policy`): stored under
-`/hivemesh/policies/budgets/<name>`, applied with the policy CLI, mirrored and compiled by every node. An
-agent checks the caller's spend before running a capability (RESOURCE_EXHAUSTED / TOKEN_BUDGET_EXCEEDED when
-spent) and charges the call's usage after, in fixed windows. With a `SpendLedger` (what an AgentServer uses for
-the `budgets` policies) the spend of every replica counts (`hivemesh.sdk.budget_ledger`); without one, spend
-is counted per process.
+`/hivemesh/policies/budgets/<name>`, applied with the policy CLI, mirrored and compiled by every node. The
+inbound chain's budget layer (`hivemesh.mesh.layers.budget`), in both packagings (SDK server and sidecar),
+checks the caller's spend before the call (RESOURCE_EXHAUSTED / TOKEN_BUDGET_EXCEEDED when spent) and charges
+the `usage` of the response after it, in fixed windows. With a `SpendLedger` (what the front door uses for the
+`budgets` policies) the spend of every replica counts (`hivemesh.mesh.budget_ledger`); without one, spend is
+counted per process.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from hivemesh.mesh.errors import TokenBudgetExceededError
+from hivemesh.mesh.policy import PolicyKind, register_kind
 
 if TYPE_CHECKING:
-    from hivemesh.sdk.budget_ledger import SpendLedger
+    from hivemesh.mesh.budget_ledger import SpendLedger
 
 KIND_NAME: Final = "budgets"
 
@@ -107,21 +109,12 @@ def _compile(docs: Mapping[str, Any]) -> BudgetTable:
     return BudgetTable.from_specs({name: doc.spec for name, doc in docs.items()})
 
 
-def _register_kind() -> Any:
-    """Register `budgets` with the policy framework when it is present (it is optional for the SDK)."""
-    try:
-        from hivemesh.mesh.policy import PolicyKind, register_kind
-    except ImportError:  # pragma: no cover - the framework ships with hivemesh; kept for partial installs
-        return None
-    return register_kind(PolicyKind(
-        name=KIND_NAME,
-        spec_schema=SPEC_SCHEMA,
-        compile=_compile,
-        description="per-caller model token budgets, enforced by the agents that spend the tokens",
-    ))
-
-
-BUDGETS: Final = _register_kind()
+BUDGETS: Final[PolicyKind[BudgetTable]] = register_kind(PolicyKind(
+    name=KIND_NAME,
+    spec_schema=SPEC_SCHEMA,
+    compile=_compile,
+    description="per-caller model token budgets, enforced by the agents that spend the tokens",
+))
 
 
 class TokenBudgets:
@@ -150,17 +143,21 @@ class TokenBudgets:
         return own + self.ledger.others(key) if self.ledger is not None else own
 
     def _windows(self, subject: str, capability: str) -> list[tuple[BudgetRule, tuple[str, str, int]]]:
+        rules = self._table().rules
+        if not rules:  # the common case, on every call: no budgets at all
+            return []
         now = self._clock()
-        return [(r, (r.name, subject, int(now // r.window_s))) for r in self._table().rules
-                if r.applies(subject, capability)]
+        return [(r, (r.name, subject, int(now // r.window_s))) for r in rules if r.applies(subject, capability)]
 
     def spent(self, subject: str, capability: str) -> dict[str, int]:
         """Tokens spent in the current window of every rule that applies (rule name → tokens)."""
         return {rule.name: self._total(key) for rule, key in self._windows(subject, capability)}
 
-    def check(self, subject: str, capability: str) -> None:
-        """Raise TokenBudgetExceededError if any applicable rule's budget for this window is spent."""
-        for rule, key in self._windows(subject, capability):
+    def check(self, subject: str, capability: str) -> bool:
+        """Raise TokenBudgetExceededError if any applicable rule's budget for this window is spent; else return
+        whether any rule applies (so the call's usage must be charged after it)."""
+        windows = self._windows(subject, capability)
+        for rule, key in windows:
             spent = self._total(key)
             if spent >= rule.max_tokens:
                 retry = rule.window_s - (self._clock() % rule.window_s)
@@ -170,6 +167,7 @@ class TokenBudgets:
                     metadata={"budget": rule.name, "spent": str(spent), "max_tokens": str(rule.max_tokens)},
                     retry_after_s=round(retry, 3),
                 )
+        return bool(windows)
 
     def charge(self, subject: str, capability: str, tokens: int) -> None:
         if tokens <= 0:
