@@ -48,8 +48,8 @@ class InboundChain:
     """An ordered, immutable list of layers; `admit` runs them and raises the first refusal.
 
     `admission`, when set, runs after every layer passed: it may wait for an in-flight slot and holds it
-    while the handler runs (see `hivemesh.mesh.layers.admission`). After a successful call, `settle` hands
-    the response to the layers that have work then (`SettlingLayer`, e.g. charging a token budget).
+    while the handler runs (see `hivemesh.mesh.layers.admission`). `settle` hands the handler's answer, before
+    it is sent, to the layers with work then (`SettlingLayer`, e.g. charging a token budget).
     """
 
     def __init__(self, layers: Sequence[InboundLayer], *, admission: Admission | None = None) -> None:
@@ -329,13 +329,11 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
                 started = time.perf_counter()
                 call, inner_request, done = await self._enter(method, request, context, deserialize, started)
                 failure: BaseException | None = None
-                last: Any = None
                 try:
                     async for item in inner_stream(inner_request, InboundContext(context, call)):
+                        if settles:  # before it is sent: a caller that stops reading cannot skip a charge
+                            chain.settle(call, item)
                         yield item
-                        last = item
-                    if settles:
-                        chain.settle(call, last)  # a stream's outcome (usage) is in its last item
                 except BaseException as exc:
                     failure = exc
                     raise

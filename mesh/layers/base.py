@@ -62,7 +62,8 @@ class InboundLayer(Protocol):
 
 @runtime_checkable
 class SettlingLayer(InboundLayer, Protocol):
-    """A layer with work after a successful call too: `settle` gets the handler's response (the message, or
-    the bytes a forwarder relays; for a stream, its last item, None if it sent none). It must not raise."""
+    """A layer with work once the handler answered, too: `settle` gets the answer before it is sent (the
+    message, or the bytes a forwarder relays): a unary call's response, each item of a stream. It must not
+    raise."""
 
     def settle(self, call: Inbound, response: Any) -> None: ...

@@ -1,7 +1,7 @@
 """Token budgets: a caller whose budget for a capability is spent is refused (RESOURCE_EXHAUSTED /
 TOKEN_BUDGET_EXCEEDED, with RetryInfo to the window's end); after a call, the tokens its response reports in
 `usage` are charged (`hivemesh.mesh.budget`). A layer, so an agent behind a sidecar is held to its budgets
-exactly as an SDK agent is: only the response's `usage` field is read, whoever wrote it."""
+exactly as an SDK agent is: only the answer's `usage` field is read, whoever wrote it."""
 
 from __future__ import annotations
 
@@ -19,10 +19,9 @@ log = logging.getLogger(__name__)
 
 
 def usage_tokens(method: str, response: Any) -> int:
-    """Input + output tokens a response reports: an InvokeResponse, an InvokeChunk (a stream's last), or the
-    serialized bytes of one (what a forwarder relays); 0 when it reports none or cannot be read."""
-    if response is None:
-        return 0
+    """Input + output tokens a response reports: an InvokeResponse, an InvokeChunk (a stream's final chunk
+    reports them), or the serialized bytes of one (what a forwarder relays); 0 when it reports none or cannot
+    be read."""
     if isinstance(response, bytes):
         kind = agent_pb2.InvokeChunk if method == "InvokeStream" else agent_pb2.InvokeResponse
         try:
@@ -57,6 +56,8 @@ class BudgetLayer:
             call.charge_usage = True
 
     def settle(self, call: Inbound, response: Any) -> None:
+        """Charge the tokens the answer reports (a stream: each chunk's, before it is sent; only the final
+        chunk reports usage), so a caller that stops reading early has still paid."""
         if not call.charge_usage or call.request is None or call.claims is None:
             return
         tokens = usage_tokens(call.method, response)
