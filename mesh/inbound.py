@@ -98,8 +98,9 @@ def build_inbound_chain(
         #    identity), before the input guard (a refused call should cost as little as possible).
         traffic_layers.append(RateLimitLayer(traffic, agent_name, instances))
     if budgets is not None:
-        # 5. How much: the verified caller's token budget for the capability; the response's usage is charged
-        #    after the call. After the rate limit and before the input guard, for the same reasons.
+        # 5. How much: the verified caller's token budget for the capability; the usage the answer reports is
+        #    charged as the handler hands it over. After the rate limit, before the input guard, for the same
+        #    reasons.
         traffic_layers.append(BudgetLayer(budgets))
     return InboundChain(
         [
