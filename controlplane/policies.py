@@ -32,7 +32,7 @@ import yaml
 
 from hivemesh.controlplane.grants import _GRANT_SCHEMA, Grant, GrantSet
 from hivemesh.mesh.authz import AUTHZ
-from hivemesh.mesh.budget_kind import BUDGETS
+from hivemesh.mesh.budget import BUDGETS
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError, NotFoundError
 from hivemesh.mesh.policy import (
     NAME_RE,

@@ -1,8 +1,8 @@
 """The mesh's front door for one agent, built the same way for both packagings.
 
 The sidecar (a raw-bytes forwarder behind it) and the SDK's in-process server (the agent's own servicer
-behind it) differ only in what serves the calls; the inbound chain, the audit log and the server around them
-come from here, so the two packagings cannot drift apart.
+behind it) differ only in what serves the calls; the inbound chain, the token budgets and their spend ledger,
+the audit log and the server around them come from here, so the two packagings cannot drift apart.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from pathlib import Path
 from hivemesh.mesh.audit import AuditLog, open_node_audit
 from hivemesh.mesh.audit.handshake import HandshakeAudit, tracer_events
 from hivemesh.mesh.authz import AUTHZ
+from hivemesh.mesh.budget import BUDGETS, TokenBudgets
+from hivemesh.mesh.budget_ledger import SpendLedger
 from hivemesh.mesh.inbound import AGENT_SERVICE, DecisionObserver, MeshInboundInterceptor, build_inbound_chain
 from hivemesh.mesh.layers.screen import ContentScreen
 from hivemesh.mesh.node import MeshNode
@@ -30,9 +32,15 @@ class FrontDoor:
     node: MeshNode | None = None
     handshakes: HandshakeAudit | None = None
     """Audits the TLS handshakes the server refuses (set by `start`, when the audit log is on)."""
+    budgets: TokenBudgets | None = None
+    """The token budgets the chain enforces (None: none)."""
+    ledger: SpendLedger | None = None
+    """Shares the budgets' spend with the other replicas; started before serving, stopped after."""
 
     async def start(self, host: str, port: int) -> None:
         """Start serving on the port already added, and auditing the handshakes refused there."""
+        if self.ledger is not None:
+            await self.ledger.start()  # everyone's spend is known before the first call is checked
         await self.server.start()
         if self.audit is not None:
             self.handshakes = HandshakeAudit(self.audit, host, port, events=tracer_events())
@@ -47,6 +55,8 @@ class FrontDoor:
                 self.node.status_extras.remove(self.handshakes.fill_status)
             await self.handshakes.close()
             self.handshakes = None
+        if self.ledger is not None:
+            await self.ledger.stop()  # publishes what this replica spent last
 
 
 def open_front_door(
@@ -62,9 +72,17 @@ def open_front_door(
     audit: bool,
     audit_dir: Path | str | None,
     observers: Sequence[DecisionObserver] = (),
+    budgets: TokenBudgets | None = None,
 ) -> FrontDoor:
-    """The inbound chain for node's agent, its audit log (on by default), and the server that runs them."""
+    """The inbound chain for node's agent, its audit log (on by default), and the server that runs them.
+
+    budgets: the token budgets to enforce; default: the `budgets` policies in force, counting the spend of
+    every replica of the agent through a `SpendLedger`."""
     policies = node.policies
+    ledger: SpendLedger | None = None
+    if budgets is None:
+        ledger = SpendLedger(node.settings.etcd, instance_id)
+        budgets = TokenBudgets(lambda: policies.get(BUDGETS), ledger=ledger)
     chain = build_inbound_chain(
         trust_domain=node.settings.trust_domain,
         verifier=node.verifier(),
@@ -77,6 +95,7 @@ def open_front_door(
         limits=dict(limits),
         screen=screen,
         screen_exempt=screen_exempt,
+        budgets=budgets,
     )
     log = (
         open_node_audit(node, spiffe_id=node.workload.spiffe_id, instance=instance_id, directory=audit_dir)
@@ -89,4 +108,4 @@ def open_front_door(
         services=[AGENT_SERVICE],
         interceptors=[MeshInboundInterceptor(chain, observers=[*observers, *([log] if log is not None else [])])],
     )
-    return FrontDoor(server=server, audit=log, node=node)
+    return FrontDoor(server=server, audit=log, node=node, budgets=budgets, ledger=ledger)

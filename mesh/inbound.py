@@ -1,7 +1,8 @@
 """The inbound side of the mesh, assembled in exactly one place.
 
 The same chain fronts an agent in both packagings: the sidecar process (a raw-bytes forwarder behind it) and
-the SDK's in-process server (the agent's own servicer behind it). Only what follows the chain differs.
+the SDK's in-process server (the agent's own servicer behind it). Only what follows the chain differs. Either
+gets the call's `Inbound` record on its servicer context (`hivemesh.mesh.callcontext`), not from ambient state.
 """
 
 from __future__ import annotations
@@ -16,14 +17,17 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from hivemesh.mesh.authz import AuthzTable
+from hivemesh.mesh.budget import TokenBudgets
+from hivemesh.mesh.callcontext import InboundContext
 from hivemesh.mesh.errors import AuditUnavailableError, HivemeshError, InvalidInputError, abort
 from hivemesh.mesh.layers import (
+    BudgetLayer,
     Inbound,
     InboundLayer,
     InputGuardLayer,
     PeerIdentityLayer,
+    SettlingLayer,
     TokenLayer,
-    current_inbound,
 )
 from hivemesh.mesh.layers.admission import Admission, Done
 from hivemesh.mesh.layers.authz import AuthzLayer
@@ -45,17 +49,25 @@ class InboundChain:
     """An ordered, immutable list of layers; `admit` runs them and raises the first refusal.
 
     `admission`, when set, runs after every layer passed: it may wait for an in-flight slot and holds it
-    while the handler runs (see `hivemesh.mesh.layers.admission`).
+    while the handler runs (see `hivemesh.mesh.layers.admission`). `settle` hands the handler's answer, before
+    it is sent, to the layers with work then (`SettlingLayer`, e.g. charging a token budget).
     """
 
     def __init__(self, layers: Sequence[InboundLayer], *, admission: Admission | None = None) -> None:
         self.layers: tuple[InboundLayer, ...] = tuple(layers)
         self._checks = tuple(layer.check for layer in self.layers)
+        self._settles = tuple(layer.settle for layer in self.layers if isinstance(layer, SettlingLayer))
+        self.settles = bool(self._settles)
+        """Some layer settles calls (else the interceptor need not keep the response)."""
         self.admission = admission
 
     def admit(self, call: Inbound) -> None:
         for check in self._checks:
             check(call)
+
+    def settle(self, call: Inbound, response: Any) -> None:
+        for settle in self._settles:
+            settle(call, response)
 
 
 def build_inbound_chain(
@@ -71,6 +83,7 @@ def build_inbound_chain(
     limits: Mapping[str, int] | None = None,
     screen: ContentScreen | None = DEFAULT_SCREEN,
     screen_exempt: Iterable[str] = (),
+    budgets: TokenBudgets | None = None,
 ) -> InboundChain:
     """The inbound chain, in the order the checks must run.
 
@@ -78,12 +91,18 @@ def build_inbound_chain(
     counts this agent's live instances of a capability, to divide cluster-wide rate limits among them.
     authz returns the authz policies in force (the node's policy mirror); without it every call is denied
     (default deny). limits are per-capability input size limits; screen is the content screen (None: off).
+    budgets are the per-caller token budgets (None: none).
     """
     traffic_layers: list[InboundLayer] = []
     if traffic is not None:
         # 4. How often: rate limits per caller identity × capability. After the token (it limits a verified
         #    identity), before the input guard (a refused call should cost as little as possible).
         traffic_layers.append(RateLimitLayer(traffic, agent_name, instances))
+    if budgets is not None:
+        # 5. How much: the verified caller's token budget for the capability; the usage the answer reports is
+        #    charged as the handler hands it over. After the rate limit, before the input guard, for the same
+        #    reasons.
+        traffic_layers.append(BudgetLayer(budgets))
     return InboundChain(
         [
             # 1. Who is calling: every later layer decides about this identity. gRPC already verified the chain.
@@ -97,12 +116,12 @@ def build_inbound_chain(
             #    before the input guard, so it learns nothing about inputs and costs no JSON decode.
             AuthzLayer(authz, f"spiffe://{trust_domain}/agent/{agent_name}"),
             *traffic_layers,
-            # 5. Is the input acceptable: capability exists, size, JSON, schema, content screen. Last, as it is
+            # 6. Is the input acceptable: capability exists, size, JSON, schema, content screen. Last, as it is
             #    the costliest (JSON decode); the decoded value is handed to the agent so it is decoded once.
             InputGuardLayer(capabilities, max_input_bytes=max_input_bytes, agent_name=agent_name, limits=limits,
                             screen=screen, screen_exempt=screen_exempt),
         ],
-        # 6. How many at once: last, once the call is certainly acceptable, so a refused call never holds or
+        # 7. How many at once: last, once the call is certainly acceptable, so a refused call never holds or
         #    waits for an in-flight slot; high priority passes first, the excess is shed (OVERLOADED).
         admission=Admission(traffic, agent_name) if traffic is not None else None,
     )
@@ -232,7 +251,6 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
             if self._observers:
                 self._notify(call, err, err.code, started)
             await abort(context, err)
-        current_inbound.set(call)
         return call, inner_request, done
 
     def _leave(
@@ -275,17 +293,23 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
         """The handler with the chain in front of it (see the class docstring)."""
         observed = bool(self._observers)
+        chain = self._chain
+        settles = chain.settles
         deserialize = handler.request_deserializer  # applied by the wrappers below, after the chain
 
         def unary_unary(inner_unary: UnaryBehaviour) -> UnaryBehaviour:
             async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 started = time.perf_counter()
                 call, inner_request, done = await self._enter(method, request, context, deserialize, started)
-                if not observed and done is None:
-                    return await inner_unary(inner_request, context)
+                handed = InboundContext(context, call)  # the handler reads the call's record from its context
+                if not observed and done is None and not settles:
+                    return await inner_unary(inner_request, handed)
                 failure: BaseException | None = None
                 try:
-                    return await inner_unary(inner_request, context)
+                    response = await inner_unary(inner_request, handed)
+                    if settles:
+                        chain.settle(call, response)
+                    return response
                 except BaseException as exc:
                     failure = exc
                     raise
@@ -302,7 +326,9 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
                 call, inner_request, done = await self._enter(method, request, context, deserialize, started)
                 failure: BaseException | None = None
                 try:
-                    async for item in inner_stream(inner_request, context):
+                    async for item in inner_stream(inner_request, InboundContext(context, call)):
+                        if settles:  # before it is sent: a caller that stops reading cannot skip a charge
+                            chain.settle(call, item)
                         yield item
                 except BaseException as exc:
                     failure = exc

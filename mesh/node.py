@@ -19,6 +19,7 @@ from typing import Any, Final
 import grpc
 
 from hivemesh.mesh.authz import AUTHZ
+from hivemesh.mesh.budget import BUDGETS
 from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.outbound import OutboundPipeline
@@ -43,8 +44,9 @@ from hivemesh.v1 import policy_pb2
 log = logging.getLogger(__name__)
 
 JWKS_KEY = "/hivemesh/trust/jwks"
-NODE_POLICY_KINDS: Final = (*TRAFFIC_KINDS, AUTHZ)
-"""The policy kinds every node's layers read: traffic (resilience) and authorization."""
+NODE_POLICY_KINDS: Final = (*TRAFFIC_KINDS, AUTHZ, BUDGETS)
+"""The policy kinds every node's layers read: traffic (resilience), authorization, and token budgets (the
+inbound chain's budget layer, in both packagings)."""
 _RENEW_AT = 0.5  # of the certificate's lifetime, ±10% jitter so a fleet does not renew at once
 
 

@@ -29,6 +29,8 @@ import grpc
 
 from hivemesh.mesh.audit import AuditLog
 from hivemesh.mesh.audit.handshake import tracer_events
+from hivemesh.mesh.budget import TokenBudgets
+from hivemesh.mesh.callcontext import inbound_call
 from hivemesh.mesh.errors import (
     AgentUnavailableError,
     CallHandleInvalidError,
@@ -38,7 +40,7 @@ from hivemesh.mesh.errors import (
 )
 from hivemesh.mesh.front import FrontDoor, open_front_door
 from hivemesh.mesh.inbound import AGENT_SERVICE, DecisionObserver
-from hivemesh.mesh.layers import Inbound, current_inbound
+from hivemesh.mesh.layers import Inbound
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN
 from hivemesh.mesh.node import MeshNode
@@ -46,7 +48,6 @@ from hivemesh.mesh.registry import Registration, default_instance_id, drain_afte
 from hivemesh.mesh.server import ManagedServer
 from hivemesh.mesh.settings import MeshSettings
 from hivemesh.mesh.token_source import on_behalf_of
-from hivemesh.mesh.tokens import bearer_from_metadata
 from hivemesh.mesh.wire import hop_suffix
 from hivemesh.v1 import agent_pb2, agent_pb2_grpc, mesh_pb2
 
@@ -145,6 +146,8 @@ class Sidecar:
         self._handles: dict[str, str] = {}
         """Call handle → the verified token of the inbound call it names, while that call is in flight."""
         self.audit: AuditLog | None = None
+        self.token_budgets: TokenBudgets | None = None
+        """The token budgets the inbound chain enforces once started (the `budgets` policies)."""
         self.port = 0
         self.mesh_port = 0
 
@@ -200,6 +203,7 @@ class Sidecar:
                 observers=self.observers,
             )
             self.audit, inbound = front.audit, front.server
+            self.token_budgets = front.budgets
             inbound.add_generic(self._agent_handler())
             self.port = inbound.add_secure_port(cfg.listen, self.node.server_credentials())
             self._hop_bytes = hop_suffix(
@@ -259,13 +263,13 @@ class Sidecar:
         await self.stop()
 
     # --- delegation handles ----------------------------------------------------------------------------------
-    def _open_handle(self, inbound: Inbound | None) -> str | None:
+    def _open_handle(self, inbound: Inbound) -> str | None:
         """A fresh handle for the inbound call being forwarded (None when it carries no token); the forwarder
         forgets it (in its `finally`) as soon as the call ends, so a leaked handle is worthless afterwards.
         A plain try/finally at the call site, not a context manager: this runs on every forwarded call."""
-        if inbound is None or inbound.claims is None:
+        if inbound.claims is None:
             return None
-        token = bearer_from_metadata(inbound.metadata)  # the token layer verified it for this very call
+        token = inbound.bearer()  # the token layer verified it for this very call
         handle = secrets.token_urlsafe(32)
         self._handles[handle] = token
         return handle
@@ -294,15 +298,15 @@ class Sidecar:
             "/hivemesh.v1.Agent/InvokeStream"
         )
 
-        def caller_of(inbound: Inbound | None) -> str | None:
-            return None if inbound is None or inbound.peer is None else str(inbound.peer.spiffe_id)
+        def caller_of(inbound: Inbound) -> str | None:
+            return None if inbound.peer is None else str(inbound.peer.spiffe_id)
 
         async def describe(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
             assert self.card is not None
             return self.card.SerializeToString()
 
         async def forward(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-            inbound = current_inbound.get()
+            inbound = inbound_call(context)  # what the inbound chain established about this call
             handle = self._open_handle(inbound)
             try:
                 raw: bytes = await invoke(
@@ -319,7 +323,7 @@ class Sidecar:
         async def forward_stream(
             request: bytes, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[bytes]:
-            inbound = current_inbound.get()
+            inbound = inbound_call(context)  # what the inbound chain established about this call
             handle = self._open_handle(inbound)
             try:
                 call = invoke_stream(

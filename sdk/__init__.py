@@ -4,6 +4,7 @@
     from hivemesh.sdk import Pipeline, FanOut, Supervisor, PeerReview, Router, Handoff, WorkflowEngine
 """
 
+from hivemesh.mesh.budget import TokenBudgets
 from hivemesh.mesh.errors import (
     AgentError,
     CircuitOpenError,
@@ -24,7 +25,6 @@ from hivemesh.mesh.errors import (
 )
 from hivemesh.mesh.settings import MeshSettings
 from hivemesh.sdk.agent import Agent, CapabilitySpec, capability
-from hivemesh.sdk.budget import TokenBudgets
 from hivemesh.sdk.client import CallResult, MeshClient
 from hivemesh.sdk.context import Context
 from hivemesh.sdk.escalation import EscalationClient, InputRequired

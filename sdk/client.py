@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hivemesh.mesh.callcontext import new_call_id
 from hivemesh.mesh.errors import AgentError, HivemeshError
 from hivemesh.mesh.node import MeshNode
 from hivemesh.mesh.registry import CapabilityInfo
@@ -33,14 +33,6 @@ if TYPE_CHECKING:
 JSON = "application/json"
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 """`json.dumps(x, separators=(",", ":"))` without building a new encoder on every call."""
-
-
-def _call_id() -> str:
-    """A new call id: exactly `uuid.uuid4().hex` (version 4, RFC 4122 variant), without building a UUID."""
-    b = bytearray(os.urandom(16))
-    b[6] = (b[6] & 0x0F) | 0x40
-    b[8] = (b[8] & 0x3F) | 0x80
-    return b.hex()
 
 
 @dataclass(frozen=True)
@@ -172,7 +164,7 @@ class MeshClient:
         if context is not None:
             ctx.CopyFrom(context)
         if not ctx.call_id:
-            ctx.call_id = _call_id()
+            ctx.call_id = new_call_id()
         if idempotency_key:
             ctx.idempotency_key = idempotency_key
         return req.SerializeToString()

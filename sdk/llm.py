@@ -12,7 +12,7 @@ API that OpenAI, vLLM, llama.cpp's server, Ollama and others serve; it is chosen
 
 Every completion is counted: when a capability runs, the SDK opens a `UsageMeter` for the call and every
 completion made while it runs adds to it; the total goes back to the caller in `InvokeResponse.usage`, and a
-per-caller token budget (`hivemesh.sdk.budget`) is charged with it.
+per-caller token budget (`hivemesh.mesh.budget`) is charged with it.
 """
 
 from __future__ import annotations

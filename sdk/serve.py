@@ -16,7 +16,7 @@ from typing import Any
 
 from hivemesh.mesh.audit import AuditLog
 from hivemesh.mesh.audit.handshake import tracer_events
-from hivemesh.mesh.budget_kind import BUDGETS
+from hivemesh.mesh.budget import TokenBudgets
 from hivemesh.mesh.front import FrontDoor, open_front_door
 from hivemesh.mesh.inbound import DecisionObserver
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
@@ -25,8 +25,6 @@ from hivemesh.mesh.node import MeshNode
 from hivemesh.mesh.registry import Registration, default_instance_id, drain_after_deregistration
 from hivemesh.mesh.settings import MeshSettings
 from hivemesh.sdk.agent import Agent
-from hivemesh.sdk.budget import TokenBudgets
-from hivemesh.sdk.budget_ledger import SpendLedger
 from hivemesh.sdk.client import MeshClient
 from hivemesh.sdk.idempotency import DedupeStore, IdempotencyCache
 from hivemesh.sdk.servicer import AgentServicer
@@ -81,12 +79,10 @@ class AgentServer:
         self.audit: AuditLog | None = None
         self.node = MeshNode(
             self.settings, name=agent.name, kind="agent", verify_inbound=True, instance_id=self.instance_id,
-            policy_kinds=(BUDGETS,),  # the budgets this server enforces
         )
         self.mesh = MeshClient(self.node)
         self._server: FrontDoor | None = None
         self._registration: Registration | None = None
-        self._ledger: SpendLedger | None = None
         self.token_budgets: TokenBudgets | None = None
         """The token budgets in force once started (given, or from the `budgets` policies; None: none)."""
         self.port = 0
@@ -112,21 +108,15 @@ class AgentServer:
                 audit=self.audit_enabled,
                 audit_dir=self.audit_dir,
                 observers=self.observers,
+                budgets=self.budgets,
             )
             self.audit, server = front.audit, front.server
             self.port = server.add_secure_port(f"{self.host}:{self.requested_port}", self.node.server_credentials())
             hop = agent_pb2.Hop(
                 kind="agent", identity=self.node.workload.spiffe_id, instance=self.instance_id, endpoint=self.endpoint
             )
-            budgets = self.budgets
-            if budgets is None:  # the `budgets` policies, counting what every replica spent
-                ledger = SpendLedger(self.settings.etcd, self.instance_id)
-                budgets = _policy_budgets(self.node, ledger)
-                if budgets is not None:
-                    self._ledger = ledger
-                    await ledger.start()
-            self.token_budgets = budgets
-            servicer = AgentServicer(self.agent, hop=hop, mesh=self.mesh, dedupe=self.dedupe, budgets=budgets)
+            self.token_budgets = front.budgets
+            servicer = AgentServicer(self.agent, hop=hop, mesh=self.mesh, dedupe=self.dedupe)
             agent_pb2_grpc.add_AgentServicer_to_server(servicer, server.server)
             self._server = front
             await front.start(self.host, self.port)
@@ -159,9 +149,6 @@ class AgentServer:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
-        if self._ledger is not None:
-            await self._ledger.stop()  # publishes what this replica spent last
-            self._ledger = None
         if self.audit is not None:
             await self.audit.close()  # ships what it can (bounded), keeps the rest in the spool
             self.audit = None
@@ -173,15 +160,6 @@ class AgentServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-
-def _policy_budgets(node: MeshNode, ledger: SpendLedger) -> TokenBudgets | None:
-    """Token budgets from the node's policy mirror (`budgets` documents), if this node keeps one, counting the
-    spend of every replica through ledger."""
-    policies = getattr(node, "policies", None)
-    if policies is None or not hasattr(policies, "get"):
-        return None
-    return TokenBudgets(lambda: policies.get(BUDGETS), ledger=ledger)
 
 
 async def serve(agent: Agent, settings: MeshSettings | None = None, **kwargs: Any) -> AgentServer:

@@ -1,21 +1,26 @@
 """The gRPC `Agent` servicer for SDK agents: turns protobuf calls into capability method calls.
 
 Thin on purpose: the mesh's inbound chain (run by the interceptor before this) has already authenticated the
-caller, checked the token and validated and decoded the input; this servicer only dispatches and encodes.
+caller, checked the token and the caller's token budget, and validated and decoded the input; it hands the
+call's record over on the servicer context (`hivemesh.mesh.callcontext`). This servicer only dispatches and
+encodes, and decides nothing the chain decided.
+
+Errors: an `InvalidInputError` (or any `HivemeshError`) raised by a capability keeps its code; anything else
+it raises (a `TypeError` or `ValueError` included) is a bug in the agent, AGENT_ERROR, not the caller's fault.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from hivemesh.mesh.errors import AgentError, HivemeshError, InvalidInputError, UnknownCapabilityError, abort
-from hivemesh.mesh.layers import current_inbound
+from hivemesh.mesh.callcontext import inbound_call, new_call_id
+from hivemesh.mesh.errors import AgentError, HivemeshError, InvalidInputError, abort
+from hivemesh.mesh.layers import Inbound
 from hivemesh.sdk.agent import Agent, CapabilitySpec
 from hivemesh.sdk.context import Context
 from hivemesh.sdk.escalation import InputRequired
@@ -24,20 +29,12 @@ from hivemesh.sdk.llm import metering
 from hivemesh.v1 import agent_pb2, agent_pb2_grpc
 
 if TYPE_CHECKING:
-    from hivemesh.sdk.budget import TokenBudgets
     from hivemesh.sdk.client import MeshClient
 
 log = logging.getLogger(__name__)
 _JSON = "application/json"
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 """`json.dumps(x, separators=(",", ":"))` without building a new encoder on every call."""
-
-
-def _bearer(metadata: Any) -> str:
-    value = metadata.get("authorization", "") if metadata else ""
-    if isinstance(value, bytes):
-        value = value.decode("latin-1")
-    return value[7:].strip() if isinstance(value, str) and value[:7].lower() == "bearer " else ""
 
 
 class AgentServicer(agent_pb2_grpc.AgentServicer):
@@ -50,22 +47,18 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         hop: agent_pb2.Hop,
         mesh: MeshClient | None = None,
         dedupe: DedupeStore | None = None,
-        budgets: TokenBudgets | None = None,
     ) -> None:
         self._agent = agent
         self._card = agent.card()
         self._hop = hop
         self._mesh = mesh
         self._dedupe = dedupe
-        self._budgets = budgets
         # What every unary answer shares, copied per call (cheaper than building the hop into each response).
         self._response = agent_pb2.InvokeResponse(content_type=_JSON, hops=[hop])
 
     async def _execute(self, spec: CapabilitySpec, value: Any, ctx: Context) -> tuple[int, Any, agent_pb2.Usage]:
-        """Run a capability once: (task state, JSON output, usage). Token usage is metered and charged here, so
-        a deduplicated replay is neither run nor charged again."""
-        if self._budgets is not None:
-            self._budgets.check(ctx.caller, spec.name)
+        """Run a capability once: (task state, JSON output, usage). Token usage is metered here and reported in
+        the response, whose usage the mesh's budget layer charges."""
         state = agent_pb2.TASK_STATE_COMPLETED
         try:
             with metering(ctx.usage):
@@ -76,14 +69,12 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         except InputRequired as ask:
             state, result = agent_pb2.TASK_STATE_INPUT_REQUIRED, ask.to_json()
         used = ctx.usage.usage
-        if self._budgets is not None:
-            self._budgets.charge(ctx.caller, spec.name, used.total)
         return state, result, agent_pb2.Usage(
             input_tokens=used.input_tokens, output_tokens=used.output_tokens, model=used.model
         )
 
     async def _run(
-        self, request: agent_pb2.InvokeRequest, spec: CapabilitySpec, value: Any, ctx: Context
+        self, call: Inbound, request: agent_pb2.InvokeRequest, spec: CapabilitySpec, value: Any, ctx: Context
     ) -> tuple[int, Any, agent_pb2.Usage]:
         key = ctx.call.idempotency_key
         if key and not spec.idempotent and spec.dedupe and self._dedupe is not None:
@@ -91,9 +82,18 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             # Keys of a workflow's steps are shared by whoever drives the run (a resumer may be another
             # identity, e.g. the operator); other keys are the caller's own.
             scope = (f"workflow:{ctx.call.workflow_id}" if ctx.call.workflow_id else ctx.caller, spec.name, key)
+            ran = False
+
+            def execute() -> Any:
+                nonlocal ran
+                ran = True
+                return self._execute(spec, value, ctx)
+
             outcome: tuple[int, Any, agent_pb2.Usage] = await self._dedupe.run(
-                scope, fingerprint(request.input), lambda: self._execute(spec, value, ctx)
+                scope, fingerprint(request.input), execute
             )
+            if not ran:  # replayed or joined: this call spent no tokens, though its answer reports them
+                call.charge_usage = False
             return outcome
         return await self._execute(spec, value, ctx)
 
@@ -104,15 +104,14 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
 
     def _prepare(
         self, request: agent_pb2.InvokeRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> tuple[CapabilitySpec, Any, Context]:
-        found = self._agent.handler(request.capability)
-        if found is None:
-            raise UnknownCapabilityError(f"agent {self._agent.name!r} has no capability {request.capability!r}")
-        spec, _ = found
-        inbound = current_inbound.get()
-        if inbound is not None and inbound.request is not None and inbound.parsed_input is not None:
-            value = inbound.parsed_input
-        else:
+    ) -> tuple[Inbound, CapabilitySpec, Any, Context]:
+        """What the chain established, as the capability's arguments: the chain admitted only capabilities of
+        this agent's card, so the spec is looked up, not checked again; the input was decoded by the chain."""
+        call = inbound_call(context)
+        spec = self._agent.capabilities[request.capability]
+        if call.input_parsed:
+            value = call.parsed_input
+        else:  # a content type the chain does not decode (not JSON): the SDK's handlers still take JSON
             try:
                 value = json.loads(request.input) if request.input else None
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -120,8 +119,8 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         call_ctx = agent_pb2.CallContext()
         call_ctx.CopyFrom(request.context)
         if not call_ctx.call_id:
-            call_ctx.call_id = uuid.uuid4().hex
-        claims = inbound.claims if inbound is not None else None
+            call_ctx.call_id = new_call_id()
+        claims = call.claims
         ctx = Context(
             capability=spec.name,
             caller=claims.presenter if claims is not None else "",
@@ -132,22 +131,19 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             _grpc=context,
             principal=claims.subject if claims is not None else "",
             chain=claims.delegation if claims is not None else (),
-            subject_token=_bearer(inbound.metadata) if inbound is not None else "",
+            subject_token=call.bearer() if claims is not None else "",  # the token the chain verified
         )
-        return spec, value, ctx
+        return call, spec, value, ctx
 
     async def Invoke(
         self, request: agent_pb2.InvokeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> agent_pb2.InvokeResponse:
         try:
-            spec, value, ctx = self._prepare(request, context)
-            state, result, usage = await self._run(request, spec, value, ctx)
+            call, spec, value, ctx = self._prepare(request, context)
+            state, result, usage = await self._run(call, request, spec, value, ctx)
         except HivemeshError as err:
             await abort(context, err)
-        except (TypeError, ValueError) as exc:
-            # Raised by the agent's own code on input it cannot use: the caller's problem, said plainly.
-            await abort(context, InvalidInputError(f"capability {request.capability!r} refused the input: {exc}"))
-        except Exception as exc:
+        except Exception as exc:  # any other error, TypeError and ValueError included, is the agent's own bug
             log.exception("capability %s failed", request.capability)
             await abort(context, AgentError(f"capability {request.capability!r} failed: {type(exc).__name__}: {exc}"))
         try:
@@ -167,9 +163,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
     ) -> AsyncIterator[agent_pb2.InvokeChunk]:
         final = agent_pb2.InvokeChunk(final=True, state=agent_pb2.TASK_STATE_COMPLETED, hops=[self._hop])
         try:
-            spec, value, ctx = self._prepare(request, context)
-            if self._budgets is not None:
-                self._budgets.check(ctx.caller, spec.name)
+            call, spec, value, ctx = self._prepare(request, context)
             try:
                 if spec.streaming:
                     # The generator's body runs in this task's context, so the meter is current while it runs.
@@ -181,7 +175,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                                 state=agent_pb2.TASK_STATE_WORKING,
                             )
                 else:
-                    state, result, _usage = await self._run(request, spec, value, ctx)
+                    state, result, _usage = await self._run(call, request, spec, value, ctx)
                     if state == agent_pb2.TASK_STATE_INPUT_REQUIRED:
                         final.state = agent_pb2.TASK_STATE_INPUT_REQUIRED
                     yield agent_pb2.InvokeChunk(
@@ -197,13 +191,9 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             if used.total:
                 final.usage.CopyFrom(agent_pb2.Usage(input_tokens=used.input_tokens,
                                                      output_tokens=used.output_tokens, model=used.model))
-            if spec.streaming and self._budgets is not None:
-                self._budgets.charge(ctx.caller, spec.name, used.total)
         except HivemeshError as err:
             await abort(context, err)
-        except (TypeError, ValueError) as exc:
-            await abort(context, InvalidInputError(f"capability {request.capability!r} refused the input: {exc}"))
-        except Exception as exc:
+        except Exception as exc:  # any other error, TypeError and ValueError included, is the agent's own bug
             log.exception("capability %s failed", request.capability)
             await abort(context, AgentError(f"capability {request.capability!r} failed: {type(exc).__name__}: {exc}"))
         yield final

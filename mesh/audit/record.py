@@ -94,10 +94,11 @@ def _meta(call: Inbound, key: str) -> str:
 
 def _unverified_token_ids(call: Inbound) -> dict[str, str]:
     """jti/sub a refused token *claims* (unverified, for forensics only; bounded and marked as such)."""
-    raw = _meta(call, "authorization")
-    if raw[:7].lower() != "bearer ":
+    try:
+        token = call.bearer()
+    except HivemeshError:  # none, not a Bearer credential, or more than one: nothing to read
         return {}
-    parts = raw[7:].strip().split(".")
+    parts = token.split(".")
     if len(parts) != 3 or len(parts[1]) > 8192:
         return {}
     try:

@@ -8,7 +8,7 @@ from typing import Final
 
 from hivemesh.mesh.errors import IdentityMismatchError, PeerUnauthenticatedError
 from hivemesh.mesh.layers.base import Inbound
-from hivemesh.mesh.tokens import TokenVerifier, bearer_from_metadata
+from hivemesh.mesh.tokens import TokenVerifier
 
 ACTION_OF_METHOD: Final = {"Invoke": "invoke", "InvokeStream": "stream", "Describe": "describe"}
 """The action a call performs, for scopes like `cap:invoke` and for authorization rules."""
@@ -33,8 +33,7 @@ class TokenLayer:
         peer = call.peer
         if peer is None:  # ordering guard: identity must run first
             raise PeerUnauthenticatedError()
-        token = bearer_from_metadata(call.metadata)
-        claims = self._verifier.authenticate(token, peer_thumbprint=peer.thumbprint)
+        claims = self._verifier.authenticate(call.bearer(), peer_thumbprint=peer.thumbprint)
         call.claims = claims
         presenter = claims.presenter
         if presenter != str(peer.spiffe_id):

@@ -2,17 +2,20 @@
 
 Layers are synchronous on purpose: every check is CPU-only over in-memory state (token cache, compiled
 schemas, the peer's certificate), so a plain function call is the cheapest possible step on the hot path.
+
+The same record is what the handler behind the chain gets (on its servicer context, see
+`hivemesh.mesh.callcontext`): whatever a layer decided (the peer, the verified claims, the decoded input, the
+bearer token) is decided once per call and read from here, never worked out again.
 """
 
 from __future__ import annotations
 
-import contextvars
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from hivemesh.mesh.pki import Peer
-from hivemesh.mesh.tokens import TokenClaims
+from hivemesh.mesh.tokens import TokenClaims, bearer_from_metadata
 from hivemesh.v1 import agent_pb2
 
 
@@ -31,8 +34,22 @@ class Inbound:
     peer: Peer | None = None
     claims: TokenClaims | None = None
     parsed_input: Any = None
-    """The JSON-decoded input, when a layer has decoded it (so the agent does not decode it again)."""
+    """The JSON-decoded input, when `input_parsed` (so the agent does not decode it again)."""
+    input_parsed: bool = False
+    """A layer decoded the input into `parsed_input` (which may be None: the JSON `null`)."""
+    charge_usage: bool = False
+    """A token budget applies to this call: the `usage` of its response is charged after it (set by the budget
+    layer; a handler that answers from a replay, spending nothing, clears it)."""
     notes: dict[str, Any] = field(default_factory=dict)
+    _bearer: str | None = field(default=None, init=False, repr=False)
+
+    def bearer(self) -> str:
+        """The caller's bearer token, parsed from the metadata on first use only. Raises TokenMissingError or
+        TokenInvalidError (more than one `authorization` header) as `bearer_from_metadata` does."""
+        token = self._bearer
+        if token is None:
+            token = self._bearer = bearer_from_metadata(self.metadata)
+        return token
 
 
 class InboundLayer(Protocol):
@@ -43,7 +60,10 @@ class InboundLayer(Protocol):
     def check(self, call: Inbound) -> None: ...
 
 
-current_inbound: contextvars.ContextVar[Inbound | None] = contextvars.ContextVar(
-    "hivemesh_current_inbound", default=None
-)
-"""The call being served, for the handler (the SDK reads the caller and parsed input from it)."""
+@runtime_checkable
+class SettlingLayer(InboundLayer, Protocol):
+    """A layer with work once the handler answered, too: `settle` gets the answer before it is sent (the
+    message, or the bytes a forwarder relays): a unary call's response, each item of a stream. It must not
+    raise."""
+
+    def settle(self, call: Inbound, response: Any) -> None: ...

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import fastjsonschema
@@ -39,6 +40,16 @@ def _field_path(exc: fastjsonschema.JsonSchemaValueException) -> str:
     return "input" + name[len("data"):] if name.startswith("data") else name
 
 
+@dataclass(frozen=True, slots=True)
+class _Capability:
+    validate: Callable[[Any], Any] | None
+    """The compiled input schema (None: any JSON)."""
+    modes: frozenset[str]
+    """Accepted input content types."""
+    limit: int
+    """Input size limit in bytes."""
+
+
 class InputGuardLayer:
     """Refuses unknown capabilities, oversized payloads, malformed JSON, schema violations and (with a content
     screen) text fields carrying prompt-injection patterns. Nothing refused reaches the agent.
@@ -63,18 +74,22 @@ class InputGuardLayer:
             raise ValueError("max_input_bytes must be positive")
         self._max = max_input_bytes
         self._agent = agent_name
-        self._validators: dict[str, Callable[[Any], Any] | None] = {}
-        self._modes: dict[str, frozenset[str]] = {}
         self._limits: dict[str, int] = {}
         self._screen = screen
         self._exempt = frozenset(screen_exempt)
-        for cap in capabilities:
-            self._validators[cap.name] = compile_schema(cap.input_schema, where=f"capability {cap.name}")
-            self._modes[cap.name] = frozenset(cap.input_modes or (JSON,))
         for name, limit in (limits or {}).items():
             if not isinstance(limit, int) or limit <= 0:
                 raise ValueError(f"the input limit of capability {name!r} must be a positive number of bytes")
             self._limits[name] = limit
+        self._capabilities: dict[str, _Capability] = {
+            cap.name: _Capability(
+                validate=compile_schema(cap.input_schema, where=f"capability {cap.name}"),
+                modes=frozenset(cap.input_modes or (JSON,)),
+                limit=self._limits.get(cap.name, max_input_bytes),
+            )
+            for cap in capabilities
+        }
+        """What is checked per capability, found with one lookup per call (the only "does it exist" check)."""
 
     def limit_of(self, capability: str) -> int:
         return self._limits.get(capability, self._max)
@@ -84,22 +99,23 @@ class InputGuardLayer:
         if req is None:
             return
         name = req.capability
-        if name not in self._validators:
+        cap = self._capabilities.get(name)
+        if cap is None:
             raise UnknownCapabilityError(
                 f"agent {self._agent or '(this agent)'} has no capability {name!r}",
                 metadata={"capability": name[:128]},
             )
         size = len(req.input)
-        limit = self._limits.get(name, self._max)
+        limit = cap.limit
         if size > limit:
             raise PayloadTooLargeError(
                 f"input of {size} bytes is over the {limit}-byte limit of capability {name!r}",
                 metadata={"limit_bytes": str(limit), "size_bytes": str(size)},
             )
         ctype = req.content_type or JSON
-        if ctype not in self._modes[name]:
+        if ctype not in cap.modes:
             raise InvalidInputError(
-                f"capability {name!r} accepts {sorted(self._modes[name])}, not {ctype!r}",
+                f"capability {name!r} accepts {sorted(cap.modes)}, not {ctype!r}",
                 field_violations={"content_type": "unsupported content type"},
             )
         if ctype != JSON:
@@ -113,7 +129,7 @@ class InputGuardLayer:
         except RecursionError:
             msg = "input JSON is nested too deeply"
             raise InvalidInputError(msg, field_violations={"input": msg}) from None
-        validate = self._validators[name]
+        validate = cap.validate
         if validate is not None:
             try:
                 validate(value)
@@ -135,3 +151,4 @@ class InputGuardLayer:
                     metadata={"rule": found.rule},
                 )
         call.parsed_input = value
+        call.input_parsed = True

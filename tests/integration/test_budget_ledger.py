@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
+from hivemesh.mesh.budget_ledger import SPEND_PREFIX, SpendLedger, parse_spend_key, spend_key
 from hivemesh.mesh.errors import TokenBudgetExceededError
 from hivemesh.mesh.etcd import EtcdServer
-from hivemesh.sdk.budget_ledger import SPEND_PREFIX, SpendLedger, parse_spend_key, spend_key
 from tests.support.meshenv import apply_policies_text
 from tests.support.orch_agents import WorkerAgent
 from tests.support.orch_env import Orch, wait_until

@@ -12,14 +12,13 @@ from typing import Any
 import grpc
 import pytest
 
-from hivemesh.mesh.budget_kind import BudgetTable
+from hivemesh.mesh.budget import BudgetTable, TokenBudgets
 from hivemesh.mesh.errors import (
     AgentError,
     AgentUnavailableError,
     InvalidInputError,
     TokenBudgetExceededError,
 )
-from hivemesh.sdk.budget import TokenBudgets
 from hivemesh.sdk.llm import (
     OpenAICompatibleLLM,
     OpenAIConfig,
@@ -161,7 +160,7 @@ async def test_usage_is_reported_and_a_caller_budget_is_enforced_over_the_mesh(o
 
 
 async def test_a_budgets_policy_applied_like_any_policy_is_enforced(orch: Orch) -> None:
-    from hivemesh.mesh.budget_kind import BUDGETS
+    from hivemesh.mesh.budget import BUDGETS
     from tests.support.meshenv import apply_policies_text
 
     server = await orch.serve(WorkerAgent())

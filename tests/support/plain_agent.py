@@ -26,9 +26,13 @@ class PlainAgent(agent_pb2_grpc.AgentServicer):
     """Capabilities `<prefix>echo`, `<prefix>shout` (streaming), `<prefix>slow`, `<prefix>fail`,
     `<prefix>restricted`. Every Invoke/InvokeStream counts as a call, whatever the capability."""
 
-    def __init__(self, name: str = "plain", *, prefix: str = "") -> None:
+    def __init__(self, name: str = "plain", *, prefix: str = "", usage: tuple[int, int] | None = None) -> None:
+        """usage: the (input, output) model tokens every answer reports (an echo's response, a stream's final
+        chunk), as an agent that runs a model would; None: none."""
         self.name = name
         self.prefix = prefix
+        self.usage = agent_pb2.Usage(input_tokens=usage[0], output_tokens=usage[1], model="plain-model") \
+            if usage is not None else None
         self.calls = 0
         self.metadata: list[list[tuple[str, str | bytes]]] = []
         self.deadlines: list[float | None] = []
@@ -108,6 +112,7 @@ class PlainAgent(agent_pb2_grpc.AgentServicer):
             output=json.dumps(output, separators=(",", ":")).encode(),
             content_type=_JSON,
             state=agent_pb2.TASK_STATE_COMPLETED,
+            usage=self.usage,
         )
         self.sent.append(resp.SerializeToString())
         return resp
@@ -124,7 +129,7 @@ class PlainAgent(agent_pb2_grpc.AgentServicer):
             )
             self.sent.append(chunk.SerializeToString())
             yield chunk
-        final = agent_pb2.InvokeChunk(final=True, state=agent_pb2.TASK_STATE_COMPLETED)
+        final = agent_pb2.InvokeChunk(final=True, state=agent_pb2.TASK_STATE_COMPLETED, usage=self.usage)
         self.sent.append(final.SerializeToString())
         yield final
 

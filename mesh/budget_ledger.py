@@ -1,11 +1,12 @@
-"""Token budgets across replicas: every SDK server publishes what each caller spent, and counts all of it.
+"""Token budgets across replicas: every agent instance (SDK server or sidecar) publishes what each caller spent,
+and counts all of it.
 
 Without this, each replica of an agent counts spend on its own, and N replicas let a caller spend up to N times
 a budget. With it:
-- each server puts its own running total per (rule, caller, window) at
+- each instance puts its own running total per (rule, caller, window) at
   `/hivemesh/budgets/spend/<rule>/<window>/<caller>/<instance>` (names base64url-encoded), off the call path,
   at most every `flush_interval_s`;
-- every server mirrors that prefix with a watch and checks a caller against the sum over all instances;
+- every instance mirrors that prefix with a watch and checks a caller against the sum over all instances;
 - each total lives under a lease that ends with its window (plus a minute), so spend by a replica that died
   still counts until the window is over, and nothing has to be cleaned up.
 
