@@ -44,7 +44,7 @@ from hivemesh.sdk.patterns import (
     Supervisor,
     handoff,
 )
-from hivemesh.sdk.serve import AgentServer, run, serve, serve_until_signal
+from hivemesh.sdk.serve import AgentServer, AgentServerConfig, run, serve, serve_until_signal
 from hivemesh.sdk.workflow import WorkflowEngine, WorkflowState
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "Agent",
     "AgentError",
     "AgentServer",
+    "AgentServerConfig",
     "Branch",
     "CallResult",
     "CapabilitySpec",
