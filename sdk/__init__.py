@@ -25,6 +25,7 @@ from hivemesh.mesh.errors import (
 from hivemesh.mesh.settings import MeshSettings
 from hivemesh.sdk.agent import Agent, CapabilitySpec, capability
 from hivemesh.sdk.budget import TokenBudgets
+from hivemesh.sdk.call_options import CallOptions
 from hivemesh.sdk.client import CallResult, MeshClient
 from hivemesh.sdk.context import Context
 from hivemesh.sdk.escalation import EscalationClient, InputRequired
@@ -54,6 +55,7 @@ __all__ = [
     "AgentServer",
     "AgentServerConfig",
     "Branch",
+    "CallOptions",
     "CallResult",
     "CapabilitySpec",
     "CircuitOpenError",

@@ -18,13 +18,14 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 from hivemesh.mesh.errors import AgentError, HivemeshError
 from hivemesh.mesh.node import MeshNode
 from hivemesh.mesh.registry import CapabilityInfo
 from hivemesh.mesh.settings import MeshSettings
 from hivemesh.mesh.token_source import on_behalf_of
+from hivemesh.sdk.call_options import CallOptionArgs, CallOptions
 from hivemesh.v1 import agent_pb2, mesh_pb2
 
 if TYPE_CHECKING:
@@ -182,16 +183,16 @@ class MeshClient:
         capability: str,
         payload: Any = None,
         *,
-        timeout: float | None = None,
-        context: agent_pb2.CallContext | None = None,
-        idempotency_key: str | None = None,
+        options: CallOptions | None = None,
+        **overrides: Unpack[CallOptionArgs],
     ) -> CallResult:
         """Call capability and return its output with the instance and hops it went through."""
+        opts = CallOptions.of(options, overrides)
         # The caller's timeout wins; without one the capability's `timeouts` policy, then default_timeout.
         raw, instance = await self._node.outbound.invoke(
-            self._request(capability, payload, context, idempotency_key),
+            self._request(capability, payload, opts.context, opts.idempotency_key),
             capability=capability,
-            timeout=timeout,
+            timeout=opts.timeout,
             default_timeout=self.default_timeout,
         )
         return _result(raw, instance)
@@ -202,16 +203,16 @@ class MeshClient:
         capability: str,
         payload: Any = None,
         *,
-        timeout: float | None = None,
-        context: agent_pb2.CallContext | None = None,
-        idempotency_key: str | None = None,
+        options: CallOptions | None = None,
+        **overrides: Unpack[CallOptionArgs],
     ) -> CallResult:
         """Call capability on one given instance (fan-out to every instance of a capability), no failover."""
+        opts = CallOptions.of(options, overrides)
         raw = await self._node.outbound.invoke_on(
-            self._request(capability, payload, context, idempotency_key),
+            self._request(capability, payload, opts.context, opts.idempotency_key),
             instance,
             capability=capability,
-            timeout=timeout if timeout is not None else self.default_timeout,
+            timeout=opts.timeout if opts.timeout is not None else self.default_timeout,
         )
         return _result(raw, instance)
 
@@ -228,20 +229,18 @@ class MeshClient:
         capability: str,
         payload: Any = None,
         *,
-        timeout: float | None = None,
-        context: agent_pb2.CallContext | None = None,
-        idempotency_key: str | None = None,
+        options: CallOptions | None = None,
+        **overrides: Unpack[CallOptionArgs],
     ) -> Any:
-        """Call capability with a JSON-serializable payload and return its decoded output.
+        """Call capability with a JSON-serializable payload and return its decoded output. The call's options
+        are `CallOptions` fields, as keywords (`timeout=5`) or a set (`options=`) that keywords override.
 
         Raises:
             HivemeshError subclasses: UnknownCapabilityError, NoLiveInstanceError, InvalidInputError,
             PermissionDeniedError (incl. ScopeMissingError, GrantDeniedError), UnauthenticatedError,
             DeadlineExceededError, AgentError, ... — the same types the agent side raised.
         """
-        result = await self.call_detailed(
-            capability, payload, timeout=timeout, context=context, idempotency_key=idempotency_key
-        )
+        result = await self.call_detailed(capability, payload, options=CallOptions.of(options, overrides))
         return result.output
 
     async def stream(
@@ -249,14 +248,18 @@ class MeshClient:
         capability: str,
         payload: Any = None,
         *,
-        timeout: float | None = None,
-        context: agent_pb2.CallContext | None = None,
+        options: CallOptions | None = None,
+        **overrides: Unpack[CallOptionArgs],
     ) -> AsyncIterator[Any]:
-        """Call capability and yield its output items as they arrive (including data on the final chunk)."""
+        """Call capability and yield its output items as they arrive (including data on the final chunk).
+        A stream has no idempotency key: it is never deduplicated."""
+        opts = CallOptions.of(options, overrides)
+        if opts.idempotency_key:
+            raise ValueError("a stream is never deduplicated: idempotency_key is for call/call_detailed/call_on")
         async for raw, _instance in self._node.outbound.invoke_stream(
-            self._request(capability, payload, context, None),
+            self._request(capability, payload, opts.context, None),
             capability=capability,
-            timeout=timeout,
+            timeout=opts.timeout,
             default_timeout=self.default_timeout,
         ):
             chunk = agent_pb2.InvokeChunk.FromString(raw)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from hivemesh.mesh.errors import HivemeshError
+from hivemesh.sdk.call_options import CallOptions
 from hivemesh.sdk.escalation import EscalationInfo, OnDeadline
 from hivemesh.sdk.patterns.base import StepResult, error_from_json, error_to_json, maybe_await
 from hivemesh.sdk.workflow.state import WorkflowState
@@ -61,15 +62,14 @@ class WorkflowRun:
             "attempt": (rec.attempts if rec else 0) + 1, "resent": rec is not None,
         })
         context = agent_pb2.CallContext(workflow_id=self.workflow_id, conversation_id=self.engine.conversation_id)
+        options = CallOptions(timeout=timeout, context=context, idempotency_key=key)
         started = time.perf_counter()
         mesh = self.engine.mesh
         try:
             if instance is not None:
-                res = await mesh.call_on(instance, capability, payload, timeout=timeout, context=context,
-                                         idempotency_key=key)
+                res = await mesh.call_on(instance, capability, payload, options=options)
             else:
-                res = await mesh.call_detailed(capability, payload, timeout=timeout, context=context,
-                                               idempotency_key=key)
+                res = await mesh.call_detailed(capability, payload, options=options)
         except HivemeshError as err:
             await self.append("step_failed", {"step": step_id, "error": error_to_json(err)})
             raise
