@@ -41,8 +41,11 @@ class CallOptions:
     @classmethod
     def of(cls, options: CallOptions | None, overrides: CallOptionArgs) -> CallOptions:
         """options (default: none set) with the fields given as keywords replaced."""
-        base = options if options is not None else _NONE
-        return dataclasses.replace(base, **overrides) if overrides else base
+        if not overrides:
+            return options if options is not None else _NONE
+        if options is None:
+            return cls(**overrides)  # the common case, `timeout=5`: cheaper than replace() on the hot path
+        return dataclasses.replace(options, **overrides)
 
 
 _NONE = CallOptions()
