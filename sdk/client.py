@@ -13,6 +13,7 @@ runs, one gRPC hop fewer. Errors arrive as the typed `hivemesh.sdk` exceptions t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import AsyncIterator, Iterator
@@ -54,6 +55,23 @@ class CallResult:
     state: int = agent_pb2.TASK_STATE_COMPLETED
     usage: agent_pb2.Usage | None = None
     """Model tokens the call consumed, as the agent reported them (None when it reported none)."""
+
+
+_OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(CallOptions))
+
+
+def _options(
+    options: CallOptions | None, overrides: CallOptionArgs
+) -> tuple[float | None, agent_pb2.CallContext | None, str | None]:
+    """(timeout, context, idempotency key) of options with overrides; with keywords alone (nearly every call)
+    read straight from them, building no CallOptions on the hot path."""
+    if options is None:
+        if not overrides.keys() <= _OPTION_NAMES:  # a misspelt option must not pass silently
+            raise TypeError(f"unknown call option(s) {sorted(overrides.keys() - _OPTION_NAMES)}; "
+                            f"the options are {sorted(_OPTION_NAMES)}")
+        return overrides.get("timeout"), overrides.get("context"), overrides.get("idempotency_key")
+    opts = CallOptions.of(options, overrides)
+    return opts.timeout, opts.context, opts.idempotency_key
 
 
 def _decode_output(data: bytes, content_type: str) -> Any:
@@ -187,12 +205,12 @@ class MeshClient:
         **overrides: Unpack[CallOptionArgs],
     ) -> CallResult:
         """Call capability and return its output with the instance and hops it went through."""
-        opts = CallOptions.of(options, overrides)
+        timeout, context, idempotency_key = _options(options, overrides)
         # The caller's timeout wins; without one the capability's `timeouts` policy, then default_timeout.
         raw, instance = await self._node.outbound.invoke(
-            self._request(capability, payload, opts.context, opts.idempotency_key),
+            self._request(capability, payload, context, idempotency_key),
             capability=capability,
-            timeout=opts.timeout,
+            timeout=timeout,
             default_timeout=self.default_timeout,
         )
         return _result(raw, instance)
@@ -207,12 +225,12 @@ class MeshClient:
         **overrides: Unpack[CallOptionArgs],
     ) -> CallResult:
         """Call capability on one given instance (fan-out to every instance of a capability), no failover."""
-        opts = CallOptions.of(options, overrides)
+        timeout, context, idempotency_key = _options(options, overrides)
         raw = await self._node.outbound.invoke_on(
-            self._request(capability, payload, opts.context, opts.idempotency_key),
+            self._request(capability, payload, context, idempotency_key),
             instance,
             capability=capability,
-            timeout=opts.timeout if opts.timeout is not None else self.default_timeout,
+            timeout=timeout if timeout is not None else self.default_timeout,
         )
         return _result(raw, instance)
 
@@ -240,7 +258,7 @@ class MeshClient:
             PermissionDeniedError (incl. ScopeMissingError, GrantDeniedError), UnauthenticatedError,
             DeadlineExceededError, AgentError, ... — the same types the agent side raised.
         """
-        result = await self.call_detailed(capability, payload, options=CallOptions.of(options, overrides))
+        result = await self.call_detailed(capability, payload, options=options, **overrides)
         return result.output
 
     async def stream(
@@ -253,13 +271,13 @@ class MeshClient:
     ) -> AsyncIterator[Any]:
         """Call capability and yield its output items as they arrive (including data on the final chunk).
         A stream has no idempotency key: it is never deduplicated."""
-        opts = CallOptions.of(options, overrides)
-        if opts.idempotency_key:
+        timeout, context, idempotency_key = _options(options, overrides)
+        if idempotency_key:
             raise ValueError("a stream is never deduplicated: idempotency_key is for call/call_detailed/call_on")
         async for raw, _instance in self._node.outbound.invoke_stream(
-            self._request(capability, payload, opts.context, None),
+            self._request(capability, payload, context, None),
             capability=capability,
-            timeout=opts.timeout,
+            timeout=timeout,
             default_timeout=self.default_timeout,
         ):
             chunk = agent_pb2.InvokeChunk.FromString(raw)

@@ -113,6 +113,10 @@ async def test_the_agent_receives_the_options_from_a_client_a_context_and_a_runn
             step = await DirectRunner(mesh, conversation_id="conv-9").step("s1", "fields", {}, timeout=10)
             assert step.output["conversation_id"] == "conv-9" and 0 < step.output["time_remaining"] < 10.5
 
+            with pytest.raises(TypeError, match=r"unknown call option\(s\) \['timout'\]"):
+                await mesh.call("fields", {}, timout=3)  # type: ignore[call-arg]
+            with pytest.raises(TypeError):
+                await mesh.call("fields", {}, options=opts, timout=3)  # type: ignore[call-arg]
             with pytest.raises(ValueError, match="a stream is never deduplicated"):
                 async for _ in mesh.stream("fields", {}, idempotency_key="k"):
                     pass
