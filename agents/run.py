@@ -61,7 +61,7 @@ async def _serve_many(names: Sequence[str], host: str) -> None:
     import os
     import signal
 
-    from hivemesh.sdk import AgentServer, MeshSettings
+    from hivemesh.sdk import AgentServer, AgentServerConfig, MeshSettings
 
     base = MeshSettings.resolve()
     tokens = json.loads(os.environ.get(TOKENS_ENV) or "{}")
@@ -75,7 +75,7 @@ async def _serve_many(names: Sequence[str], host: str) -> None:
             module, cls_name = SDK_AGENTS[name]
             agent = getattr(importlib.import_module(module), cls_name)()
             settings = dataclasses.replace(base, join_token=tokens.get(name) or base.join_token)
-            server = AgentServer(agent, settings, host=host)
+            server = AgentServer(agent, settings, AgentServerConfig(host=host))
             await server.start()
             servers.append(server)
             sys.stdout.write(f"serving {name} on {server.endpoint}\n")
@@ -120,15 +120,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hivemesh.mesh.audit.handshake.switch import enable
 
     enable()  # before gRPC is imported (it reads GRPC_TRACE then): audit the TLS handshakes it refuses
-    from hivemesh.sdk import MeshSettings, run
+    from hivemesh.sdk import AgentServerConfig, MeshSettings, run
 
     try:
         settings = MeshSettings.resolve()
+        config = AgentServerConfig(host=parsed.host, port=parsed.port, instance_id=parsed.instance_id)
     except ValueError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     module, cls_name = SDK_AGENTS[parsed.agent]
     agent = getattr(importlib.import_module(module), cls_name)()
-    run(agent, settings, host=parsed.host, port=parsed.port, instance_id=parsed.instance_id)
+    run(agent, settings, config)
     return 0
 
 

@@ -236,10 +236,10 @@ def _sdk_agent(name: str, capability_name: str) -> Any:
 
 async def child_sdk_agent(args: argparse.Namespace) -> None:
     from hivemesh.mesh.settings import MeshSettings
-    from hivemesh.sdk import AgentServer
+    from hivemesh.sdk import AgentServer, AgentServerConfig
 
-    extra: dict[str, Any] = {"content_screen": None} if args.no_content_screen else {}
-    async with AgentServer(_sdk_agent(args.name, args.capability), MeshSettings.resolve(), **extra) as server:
+    config = AgentServerConfig(content_screen=None) if args.no_content_screen else AgentServerConfig()
+    async with AgentServer(_sdk_agent(args.name, args.capability), MeshSettings.resolve(), config) as server:
         _emit({"ready": True, "port": server.port})
         await _until_signal()
 

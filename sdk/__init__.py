@@ -25,6 +25,7 @@ from hivemesh.mesh.errors import (
 )
 from hivemesh.mesh.settings import MeshSettings
 from hivemesh.sdk.agent import Agent, CapabilitySpec, capability
+from hivemesh.sdk.call_options import CallOptions
 from hivemesh.sdk.client import CallResult, MeshClient
 from hivemesh.sdk.context import Context
 from hivemesh.sdk.escalation import EscalationClient, InputRequired
@@ -44,7 +45,7 @@ from hivemesh.sdk.patterns import (
     Supervisor,
     handoff,
 )
-from hivemesh.sdk.serve import AgentServer, run, serve, serve_until_signal
+from hivemesh.sdk.serve import AgentServer, AgentServerConfig, run, serve, serve_until_signal
 from hivemesh.sdk.workflow import WorkflowEngine, WorkflowState
 
 __all__ = [
@@ -52,7 +53,9 @@ __all__ = [
     "Agent",
     "AgentError",
     "AgentServer",
+    "AgentServerConfig",
     "Branch",
+    "CallOptions",
     "CallResult",
     "CapabilitySpec",
     "CircuitOpenError",

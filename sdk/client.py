@@ -13,11 +13,12 @@ runs, one gRPC hop fewer. Errors arrive as the typed `hivemesh.sdk` exceptions t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 from hivemesh.mesh.callcontext import new_call_id
 from hivemesh.mesh.errors import AgentError, HivemeshError
@@ -25,6 +26,7 @@ from hivemesh.mesh.node import MeshNode
 from hivemesh.mesh.registry import CapabilityInfo
 from hivemesh.mesh.settings import MeshSettings
 from hivemesh.mesh.token_source import on_behalf_of
+from hivemesh.sdk.call_options import CallOptionArgs, CallOptions
 from hivemesh.v1 import agent_pb2, mesh_pb2
 
 if TYPE_CHECKING:
@@ -45,6 +47,23 @@ class CallResult:
     state: int = agent_pb2.TASK_STATE_COMPLETED
     usage: agent_pb2.Usage | None = None
     """Model tokens the call consumed, as the agent reported them (None when it reported none)."""
+
+
+_OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(CallOptions))
+
+
+def _options(
+    options: CallOptions | None, overrides: CallOptionArgs
+) -> tuple[float | None, agent_pb2.CallContext | None, str | None]:
+    """(timeout, context, idempotency key) of options with overrides; with keywords alone (nearly every call)
+    read straight from them, building no CallOptions on the hot path."""
+    if options is None:
+        if not overrides.keys() <= _OPTION_NAMES:  # a misspelt option must not pass silently
+            raise TypeError(f"unknown call option(s) {sorted(overrides.keys() - _OPTION_NAMES)}; "
+                            f"the options are {sorted(_OPTION_NAMES)}")
+        return overrides.get("timeout"), overrides.get("context"), overrides.get("idempotency_key")
+    opts = CallOptions.of(options, overrides)
+    return opts.timeout, opts.context, opts.idempotency_key
 
 
 def _decode_output(data: bytes, content_type: str) -> Any:
@@ -174,11 +193,11 @@ class MeshClient:
         capability: str,
         payload: Any = None,
         *,
-        timeout: float | None = None,
-        context: agent_pb2.CallContext | None = None,
-        idempotency_key: str | None = None,
+        options: CallOptions | None = None,
+        **overrides: Unpack[CallOptionArgs],
     ) -> CallResult:
         """Call capability and return its output with the instance and hops it went through."""
+        timeout, context, idempotency_key = _options(options, overrides)
         # The caller's timeout wins; without one the capability's `timeouts` policy, then default_timeout.
         raw, instance = await self._node.outbound.invoke(
             self._request(capability, payload, context, idempotency_key),
@@ -195,11 +214,11 @@ class MeshClient:
         capability: str,
         payload: Any = None,
         *,
-        timeout: float | None = None,
-        context: agent_pb2.CallContext | None = None,
-        idempotency_key: str | None = None,
+        options: CallOptions | None = None,
+        **overrides: Unpack[CallOptionArgs],
     ) -> CallResult:
         """Call capability on one given instance (fan-out to every instance of a capability), no failover."""
+        timeout, context, idempotency_key = _options(options, overrides)
         raw = await self._node.outbound.invoke_on(
             self._request(capability, payload, context, idempotency_key),
             instance,
@@ -221,20 +240,18 @@ class MeshClient:
         capability: str,
         payload: Any = None,
         *,
-        timeout: float | None = None,
-        context: agent_pb2.CallContext | None = None,
-        idempotency_key: str | None = None,
+        options: CallOptions | None = None,
+        **overrides: Unpack[CallOptionArgs],
     ) -> Any:
-        """Call capability with a JSON-serializable payload and return its decoded output.
+        """Call capability with a JSON-serializable payload and return its decoded output. The call's options
+        are `CallOptions` fields, as keywords (`timeout=5`) or a set (`options=`) that keywords override.
 
         Raises:
             HivemeshError subclasses: UnknownCapabilityError, NoLiveInstanceError, InvalidInputError,
             PermissionDeniedError (incl. ScopeMissingError, GrantDeniedError), UnauthenticatedError,
             DeadlineExceededError, AgentError, ... — the same types the agent side raised.
         """
-        result = await self.call_detailed(
-            capability, payload, timeout=timeout, context=context, idempotency_key=idempotency_key
-        )
+        result = await self.call_detailed(capability, payload, options=options, **overrides)
         return result.output
 
     async def stream(
@@ -242,10 +259,14 @@ class MeshClient:
         capability: str,
         payload: Any = None,
         *,
-        timeout: float | None = None,
-        context: agent_pb2.CallContext | None = None,
+        options: CallOptions | None = None,
+        **overrides: Unpack[CallOptionArgs],
     ) -> AsyncIterator[Any]:
-        """Call capability and yield its output items as they arrive (including data on the final chunk)."""
+        """Call capability and yield its output items as they arrive (including data on the final chunk).
+        A stream has no idempotency key: it is never deduplicated."""
+        timeout, context, idempotency_key = _options(options, overrides)
+        if idempotency_key:
+            raise ValueError("a stream is never deduplicated: idempotency_key is for call/call_detailed/call_on")
         async for raw, _instance in self._node.outbound.invoke_stream(
             self._request(capability, payload, context, None),
             capability=capability,

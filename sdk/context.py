@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 import grpc
 
+from hivemesh.sdk.call_options import CallOptionArgs, CallOptions
 from hivemesh.sdk.llm import UsageMeter
 from hivemesh.v1 import agent_pb2
 
@@ -55,11 +57,13 @@ class Context:
             return None
         return self._grpc.time_remaining()
 
-    def _onward(self, timeout: float | None, context: agent_pb2.CallContext | None) -> tuple[
-            MeshClient, float | None, agent_pb2.CallContext]:
+    def _onward(self, options: CallOptions | None, overrides: CallOptionArgs) -> tuple[MeshClient, CallOptions]:
+        """The mesh and the options of an onward call: this call's remaining deadline caps the timeout, and its
+        ids (and this call as parent) come first in the context, under what the options' context sets."""
         if self.mesh is None:
             raise RuntimeError("this agent is not connected to a mesh: serve it with hivemesh.sdk.serve()")
-        remaining = self.time_remaining()
+        opts = CallOptions.of(options, overrides)
+        timeout, remaining = opts.timeout, self.time_remaining()
         if remaining is not None:
             timeout = remaining if timeout is None else min(timeout, remaining)
         child = agent_pb2.CallContext(
@@ -68,12 +72,18 @@ class Context:
             workflow_id=self.call.workflow_id,
             priority=self.call.priority,
         )
-        if context is not None:
-            child.MergeFrom(context)
-        return self.mesh, timeout, child
+        if opts.context is not None:
+            child.MergeFrom(opts.context)
+        return self.mesh, dataclasses.replace(opts, timeout=timeout, context=child)
 
     async def call_capability(
-        self, capability: str, payload: Any, *, timeout: float | None = None, on_behalf: bool = False
+        self,
+        capability: str,
+        payload: Any,
+        *,
+        on_behalf: bool = False,
+        options: CallOptions | None = None,
+        **overrides: Unpack[CallOptionArgs],
     ) -> Any:
         """Call another capability on the mesh as part of this call (deadline and ids propagate).
 
@@ -81,28 +91,26 @@ class Context:
         policies can match the original principal, and it gets only what both the principal and this agent are
         granted, within what the incoming token allows to be delegated.
         """
-        mesh, timeout, child = self._onward(timeout, None)
+        mesh, opts = self._onward(options, overrides)
         if not on_behalf:
-            return await mesh.call(capability, payload, timeout=timeout, context=child)
+            return await mesh.call(capability, payload, options=opts)
         if not self.subject_token:
             raise RuntimeError("this call came without a token to delegate")
         with mesh.on_behalf_of(self.subject_token):
-            return await mesh.call(capability, payload, timeout=timeout, context=child)
+            return await mesh.call(capability, payload, options=opts)
 
     async def call_detailed(
         self,
         capability: str,
         payload: Any = None,
         *,
-        timeout: float | None = None,
-        context: agent_pb2.CallContext | None = None,
-        idempotency_key: str | None = None,
+        options: CallOptions | None = None,
+        **overrides: Unpack[CallOptionArgs],
     ) -> CallResult:
         """`MeshClient.call_detailed` within this call: deadline, workflow and conversation ids propagate, so an
         agent can run any orchestration pattern (`hivemesh.sdk.patterns`) with `ctx` as the caller."""
-        mesh, timeout, child = self._onward(timeout, context)
-        return await mesh.call_detailed(capability, payload, timeout=timeout, context=child,
-                                        idempotency_key=idempotency_key)
+        mesh, opts = self._onward(options, overrides)
+        return await mesh.call_detailed(capability, payload, options=opts)
 
     async def call_on(
         self,
@@ -110,11 +118,9 @@ class Context:
         capability: str,
         payload: Any = None,
         *,
-        timeout: float | None = None,
-        context: agent_pb2.CallContext | None = None,
-        idempotency_key: str | None = None,
+        options: CallOptions | None = None,
+        **overrides: Unpack[CallOptionArgs],
     ) -> CallResult:
         """`MeshClient.call_on` within this call (one given instance)."""
-        mesh, timeout, child = self._onward(timeout, context)
-        return await mesh.call_on(instance, capability, payload, timeout=timeout, context=child,
-                                  idempotency_key=idempotency_key)
+        mesh, opts = self._onward(options, overrides)
+        return await mesh.call_on(instance, capability, payload, options=opts)

@@ -10,9 +10,10 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
 
 from hivemesh.mesh.audit import AuditLog
 from hivemesh.mesh.audit.handshake import tracer_events
@@ -22,7 +23,7 @@ from hivemesh.mesh.inbound import DecisionObserver
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN, ContentScreen
 from hivemesh.mesh.node import MeshNode
-from hivemesh.mesh.registry import Registration, default_instance_id, drain_after_deregistration
+from hivemesh.mesh.registry import INSTANCE_ID_RE, Registration, default_instance_id, drain_after_deregistration
 from hivemesh.mesh.settings import MeshSettings
 from hivemesh.sdk.agent import Agent
 from hivemesh.sdk.client import MeshClient
@@ -33,49 +34,85 @@ from hivemesh.v1 import agent_pb2, agent_pb2_grpc, mesh_pb2
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class AgentServerConfig:
+    """How one SDK agent serves: where it listens, what it registers, and the inbound checks it runs.
+
+    Validated on construction, so a mistake fails where it is written rather than at start or registration."""
+
+    host: str = "127.0.0.1"
+    """The address the agent's mutual-TLS server listens on (and advertises): a name or an IP, no port."""
+    port: int = 0
+    """0: a free port, chosen at start (`AgentServer.port` tells which)."""
+    instance_id: str | None = None
+    """The registry instance id; default `<hostname>-<pid>-<6 hex>`."""
+    lease_ttl_s: int = 10
+    """TTL of the registration lease: how long a killed agent stays listed."""
+    max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES
+    """Input size limit for capabilities without their own `@capability(max_input_bytes=...)`."""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    """Registered with the instance, over the card's own labels."""
+    observers: tuple[DecisionObserver, ...] = ()
+    """Told about every inbound decision (besides the audit log)."""
+    dedupe: DedupeStore | None = None
+    """How keyed calls to non-idempotent capabilities are deduplicated; default: in memory."""
+    budgets: TokenBudgets | None = None
+    """Per-caller token budgets; default: the `budgets` policies, when the node mirrors policies."""
+    audit: bool = True
+    """Record every inbound decision in the audit spool, shipped to the control plane."""
+    audit_dir: Path | str | None = None
+    """Where the audit spool lives; default `<HIVEMESH_HOME>/audit`."""
+    content_screen: ContentScreen | None = DEFAULT_SCREEN
+    """The prompt-injection screen of inbound text fields; None: off."""
+    screen_exempt: tuple[str, ...] = ()
+    """Capabilities the content screen skips."""
+
+    def __post_init__(self) -> None:
+        # Sequences are accepted (a list is natural to write) and kept as tuples, so the config stays frozen.
+        for name in ("observers", "screen_exempt"):
+            value = getattr(self, name)
+            if isinstance(value, str | bytes):
+                raise ValueError(f"{name} must be a sequence, not the single string {value!r}: write ({value!r},)")
+            object.__setattr__(self, name, tuple(value))
+        object.__setattr__(self, "labels", MappingProxyType(dict(self.labels)))
+        bracketed = self.host.startswith("[") and self.host.endswith("]") and len(self.host) > 2
+        if not bracketed and (not self.host or ":" in self.host):
+            raise ValueError(f"host must be a host name or an IP address, without a port (give it as port=; "
+                             f"IPv6 as [addr]): {self.host!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535 (0: a free port): {self.port}")
+        if self.instance_id is not None and not INSTANCE_ID_RE.fullmatch(self.instance_id):
+            raise ValueError(f"instance_id must match [A-Za-z0-9][A-Za-z0-9._-]{{0,127}}: {self.instance_id!r}")
+        if self.lease_ttl_s < 2:
+            raise ValueError(f"lease_ttl_s must be at least 2 seconds: {self.lease_ttl_s}")
+        if self.max_input_bytes <= 0:
+            raise ValueError(f"max_input_bytes must be positive: {self.max_input_bytes}")
+        for key, value in self.labels.items():
+            if not isinstance(key, str) or not key or not isinstance(value, str):
+                raise ValueError(f"labels must map non-empty strings to strings: {key!r}: {value!r}")
+        for observer in self.observers:
+            if not callable(observer):
+                raise ValueError(f"observers must be callables (inbound decision observers): {observer!r}")
+        for cap in self.screen_exempt:
+            if not isinstance(cap, str) or not cap:
+                raise ValueError(f"screen_exempt must name capabilities: {cap!r}")
+
+
 class AgentServer:
-    """One SDK agent serving on the mesh. Use `async with AgentServer(agent, settings) as s:` or start/stop."""
+    """One SDK agent serving on the mesh. Use `async with AgentServer(agent, settings, config) as s:` or
+    start/stop."""
 
     def __init__(
         self,
         agent: Agent,
         settings: MeshSettings | None = None,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        instance_id: str | None = None,
-        lease_ttl_s: int = 10,
-        max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
-        labels: dict[str, str] | None = None,
-        observers: Sequence[DecisionObserver] = (),
-        dedupe: DedupeStore | None = None,
-        budgets: TokenBudgets | None = None,
-        audit: bool = True,
-        audit_dir: Path | str | None = None,
-        content_screen: ContentScreen | None = DEFAULT_SCREEN,
-        screen_exempt: Sequence[str] = (),
+        config: AgentServerConfig | None = None,
     ) -> None:
-        """dedupe: how keyed calls to non-idempotent capabilities are deduplicated (default: in memory).
-        budgets: per-caller token budgets (default: the `budgets` policies, when the node mirrors policies).
-        audit: record every inbound decision in the audit spool under audit_dir (default
-        `<HIVEMESH_HOME>/audit`), shipped to the control plane; on by default.
-        content_screen: the prompt-injection screen of inbound text fields (None: off); screen_exempt: the
-        capabilities it skips. Per-capability size limits come from `@capability(max_input_bytes=...)`."""
         self.agent = agent
-        self.dedupe = dedupe if dedupe is not None else IdempotencyCache()
-        self.budgets = budgets
+        self.config = config if config is not None else AgentServerConfig()
         self.settings = settings or MeshSettings.resolve()
-        self.host = host
-        self.requested_port = port
-        self.instance_id = instance_id or default_instance_id()
-        self.lease_ttl_s = lease_ttl_s
-        self.max_input_bytes = max_input_bytes
-        self.labels = dict(labels or {})
-        self.observers = tuple(observers)
-        self.content_screen = content_screen
-        self.screen_exempt = tuple(screen_exempt)
-        self.audit_enabled = audit
-        self.audit_dir = audit_dir
+        self.dedupe = self.config.dedupe if self.config.dedupe is not None else IdempotencyCache()
+        self.instance_id = self.config.instance_id or default_instance_id()
         self.audit: AuditLog | None = None
         self.node = MeshNode(
             self.settings, name=agent.name, kind="agent", verify_inbound=True, instance_id=self.instance_id,
@@ -86,6 +123,10 @@ class AgentServer:
         self.token_budgets: TokenBudgets | None = None
         """The token budgets in force once started (given, or from the `budgets` policies; None: none)."""
         self.port = 0
+
+    @property
+    def host(self) -> str:
+        return self.config.host
 
     @property
     def endpoint(self) -> str:
@@ -101,17 +142,17 @@ class AgentServer:
                 capabilities=card.capabilities,
                 agent_name=self.agent.name,
                 instance_id=self.instance_id,
-                max_input_bytes=self.max_input_bytes,
+                max_input_bytes=self.config.max_input_bytes,
                 limits={n: s.max_input_bytes for n, s in self.agent.capabilities.items() if s.max_input_bytes},
-                screen=self.content_screen,
-                screen_exempt=self.screen_exempt,
-                audit=self.audit_enabled,
-                audit_dir=self.audit_dir,
-                observers=self.observers,
-                budgets=self.budgets,
+                screen=self.config.content_screen,
+                screen_exempt=self.config.screen_exempt,
+                audit=self.config.audit,
+                audit_dir=self.config.audit_dir,
+                observers=self.config.observers,
+                budgets=self.config.budgets,
             )
             self.audit, server = front.audit, front.server
-            self.port = server.add_secure_port(f"{self.host}:{self.requested_port}", self.node.server_credentials())
+            self.port = server.add_secure_port(f"{self.host}:{self.config.port}", self.node.server_credentials())
             hop = agent_pb2.Hop(
                 kind="agent", identity=self.node.workload.spiffe_id, instance=self.instance_id, endpoint=self.endpoint
             )
@@ -126,9 +167,9 @@ class AgentServer:
                 endpoint=self.endpoint,
                 identity=self.node.workload.spiffe_id,
                 packaging="in-process",
-                labels={**dict(card.labels), **self.labels},
+                labels={**dict(card.labels), **self.config.labels},
             )
-            self._registration = Registration(self.settings.etcd, instance, ttl_s=self.lease_ttl_s)
+            self._registration = Registration(self.settings.etcd, instance, ttl_s=self.config.lease_ttl_s)
             await self._registration.start()
             await self.agent.on_start()
         except BaseException:
@@ -162,16 +203,20 @@ class AgentServer:
         await self.stop()
 
 
-async def serve(agent: Agent, settings: MeshSettings | None = None, **kwargs: Any) -> AgentServer:
+async def serve(
+    agent: Agent, settings: MeshSettings | None = None, config: AgentServerConfig | None = None
+) -> AgentServer:
     """Start serving agent on the mesh and return the running server (stop it with `await server.stop()`)."""
-    server = AgentServer(agent, settings, **kwargs)
+    server = AgentServer(agent, settings, config)
     await server.start()
     return server
 
 
-async def serve_until_signal(agent: Agent, settings: MeshSettings | None = None, **kwargs: Any) -> None:
+async def serve_until_signal(
+    agent: Agent, settings: MeshSettings | None = None, config: AgentServerConfig | None = None
+) -> None:
     """Serve until SIGINT or SIGTERM, then deregister and drain."""
-    server = await serve(agent, settings, **kwargs)
+    server = await serve(agent, settings, config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -182,7 +227,7 @@ async def serve_until_signal(agent: Agent, settings: MeshSettings | None = None,
         await server.stop()
 
 
-def run(agent: Agent, settings: MeshSettings | None = None, **kwargs: Any) -> None:
+def run(agent: Agent, settings: MeshSettings | None = None, config: AgentServerConfig | None = None) -> None:
     """Blocking entry point for an agent script: `run(MyAgent())`."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve_until_signal(agent, settings, **kwargs))
+    asyncio.run(serve_until_signal(agent, settings, config))

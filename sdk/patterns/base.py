@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from hivemesh.mesh.errors import HivemeshError, InvalidInputError, TaskRejectedError, from_status_parts
+from hivemesh.sdk.call_options import CallOptions
 from hivemesh.sdk.escalation import EscalationClient, EscalationInfo, OnDeadline
 from hivemesh.v1 import agent_pb2, mesh_pb2
 
@@ -157,24 +158,11 @@ class Caller(Protocol):
     """Anything that calls capabilities: a started `MeshClient`, or a capability's `Context`."""
 
     async def call_detailed(
-        self,
-        capability: str,
-        payload: Any = None,
-        *,
-        timeout: float | None = None,
-        context: agent_pb2.CallContext | None = None,
-        idempotency_key: str | None = None,
+        self, capability: str, payload: Any = None, *, options: CallOptions | None = None
     ) -> CallResult: ...
 
     async def call_on(
-        self,
-        instance: Any,
-        capability: str,
-        payload: Any = None,
-        *,
-        timeout: float | None = None,
-        context: agent_pb2.CallContext | None = None,
-        idempotency_key: str | None = None,
+        self, instance: Any, capability: str, payload: Any = None, *, options: CallOptions | None = None
     ) -> CallResult: ...
 
 
@@ -269,12 +257,12 @@ class DirectRunner:
     ) -> StepResult:
         started = time.perf_counter()
         self._emit("step_started", {"step": step_id, "capability": capability})
+        options = CallOptions(timeout=timeout, context=self._context())
         try:
             if instance is not None:
-                result = await self.caller.call_on(instance, capability, payload, timeout=timeout,
-                                                   context=self._context())
+                result = await self.caller.call_on(instance, capability, payload, options=options)
             else:
-                result = await self.caller.call_detailed(capability, payload, timeout=timeout, context=self._context())
+                result = await self.caller.call_detailed(capability, payload, options=options)
         except HivemeshError as err:
             self._emit("step_failed", {"step": step_id, "capability": capability, "error": error_to_json(err)})
             raise

@@ -16,7 +16,7 @@ import yaml
 
 from hivemesh.controlplane.server import ControlPlaneServer
 from hivemesh.mesh.errors import HivemeshError, InvalidInputError
-from hivemesh.sdk import Agent, AgentServer, Context, MeshClient, capability
+from hivemesh.sdk import Agent, AgentServer, AgentServerConfig, Context, MeshClient, capability
 from hivemesh.v1 import audit_pb2
 from tests.support.agents_for_tests import EchoAgent, Text
 from tests.support.meshenv import MeshEnv, apply_policies_text, run_cli, start_mesh_env, stop_mesh_env
@@ -28,7 +28,8 @@ async def _query(env: MeshEnv, **kw: Any) -> list[dict[str, Any]]:
 
 
 async def test_every_decision_is_recorded_shipped_queried_and_verified(mesh_env: MeshEnv, tmp_path: Path) -> None:
-    async with AgentServer(EchoAgent(), await mesh_env.settings_for("echo"), audit_dir=tmp_path / "spools") as server:
+    async with AgentServer(EchoAgent(), await mesh_env.settings_for("echo"),
+                           AgentServerConfig(audit_dir=tmp_path / "spools")) as server:
         async with MeshClient.connect(name="tester", settings=await mesh_env.settings_for("tester", "client")) as mesh:
             assert await mesh.node.registry.wait_for_capability("echo", 1, timeout=10)
             for i in range(5):
@@ -95,7 +96,8 @@ async def test_spool_grows_while_control_plane_is_down_then_replays_exactly_once
 ) -> None:
     cp = mesh_env.controlplane
     config = dataclasses.replace(cp.config, port=cp.port, join_port=cp.join_port)
-    async with AgentServer(EchoAgent(), await mesh_env.settings_for("echo"), audit_dir=tmp_path / "spools") as server:
+    async with AgentServer(EchoAgent(), await mesh_env.settings_for("echo"),
+                           AgentServerConfig(audit_dir=tmp_path / "spools")) as server:
         async with MeshClient.connect(name="tester", settings=await mesh_env.settings_for("tester", "client")) as mesh:
             assert await mesh.node.registry.wait_for_capability("echo", 1, timeout=10)
             for i in range(20):
@@ -128,7 +130,8 @@ async def test_spool_grows_while_control_plane_is_down_then_replays_exactly_once
 async def test_unrecordable_call_fails_closed(mesh_env: MeshEnv, tmp_path: Path) -> None:
     """A node that cannot write its audit record does not answer: the caller gets AUDIT_UNAVAILABLE."""
     agent = EchoAgent()
-    async with AgentServer(agent, await mesh_env.settings_for("echo"), audit_dir=tmp_path / "spools") as server:
+    async with AgentServer(agent, await mesh_env.settings_for("echo"),
+                           AgentServerConfig(audit_dir=tmp_path / "spools")) as server:
         async with MeshClient.connect(name="tester", settings=await mesh_env.settings_for("tester", "client")) as mesh:
             assert await mesh.node.registry.wait_for_capability("echo", 1, timeout=10)
             await mesh.call("echo", {"text": "ok"}, timeout=10)
@@ -174,8 +177,10 @@ async def test_a_node_records_the_calls_it_refuses_itself(etcd: Any, etcd_server
 async def _refused_on_the_way_out(mesh_env: MeshEnv, tmp_path: Path) -> None:
     await apply_policies_text(mesh_env.etcd, yaml.safe_dump({"kind": "breakers", "name": "boom", "spec": {
         "capabilities": ["boom"], "capability": {"consecutive_failures": 1, "open_ms": 60_000}}}))
-    async with AgentServer(EchoAgent(), await mesh_env.settings_for("echo"), audit_dir=tmp_path / "a"), \
-            AgentServer(Caller(), await mesh_env.settings_for("caller"), audit_dir=tmp_path / "b") as caller:
+    async with AgentServer(EchoAgent(), await mesh_env.settings_for("echo"),
+                           AgentServerConfig(audit_dir=tmp_path / "a")), \
+            AgentServer(Caller(), await mesh_env.settings_for("caller"),
+                        AgentServerConfig(audit_dir=tmp_path / "b")) as caller:
         async with MeshClient.connect(name="tester", settings=await mesh_env.settings_for("tester", "client")) as mesh:
             assert await mesh.node.registry.wait_for_capability("relay-boom", 1, timeout=10)
             for _ in range(2):
@@ -202,7 +207,8 @@ async def test_a_proxyless_client_records_the_calls_it_refuses_itself(
     try:
         await apply_policies_text(mesh_env.etcd, yaml.safe_dump({"kind": "breakers", "name": "boom", "spec": {
             "capabilities": ["boom"], "capability": {"consecutive_failures": 1, "open_ms": 60_000}}}))
-        async with AgentServer(EchoAgent(), await mesh_env.settings_for("echo"), audit_dir=tmp_path / "a"):
+        async with AgentServer(EchoAgent(), await mesh_env.settings_for("echo"),
+                               AgentServerConfig(audit_dir=tmp_path / "a")):
             client = MeshClient.connect(name="tester", settings=await mesh_env.settings_for("tester", "client"),
                                         audit_dir=tmp_path / "client")
             async with client as mesh:
@@ -230,7 +236,8 @@ async def test_a_call_to_one_given_instance_goes_through_the_same_outbound_check
                           "capabilities": ["echo"]}]}
     mesh_env = await start_mesh_env(tmp_path, etcd_server.endpoint, grants)
     try:
-        async with AgentServer(EchoAgent(), await mesh_env.settings_for("echo"), audit_dir=tmp_path / "a"):
+        async with AgentServer(EchoAgent(), await mesh_env.settings_for("echo"),
+                               AgentServerConfig(audit_dir=tmp_path / "a")):
             client = MeshClient.connect(name="tester", settings=await mesh_env.settings_for("tester", "client"),
                                         audit_dir=tmp_path / "client")
             async with client as mesh:

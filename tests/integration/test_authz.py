@@ -23,7 +23,7 @@ from hivemesh.mesh.authz import (
 from hivemesh.mesh.errors import InvalidInputError, PolicyDeniedError
 from hivemesh.mesh.etcd import EtcdServer
 from hivemesh.mesh.policy import PolicyDoc, PolicyError
-from hivemesh.sdk import AgentServer, MeshClient
+from hivemesh.sdk import AgentServer, AgentServerConfig, MeshClient
 from hivemesh.v1 import audit_pb2
 from tests.support.agents_for_tests import EchoAgent
 from tests.support.meshenv import TRUST_DOMAIN, apply_policies_text, run_cli, start_mesh_env, stop_mesh_env
@@ -159,7 +159,8 @@ async def _audit(env: Any, **kw: Any) -> list[dict[str, Any]]:
 async def test_default_deny_then_policies_take_effect_live(etcd: Any, etcd_server: EtcdServer, tmp_path: Path) -> None:
     env = await start_mesh_env(tmp_path, etcd_server.endpoint, authz=None)  # no authz policy at all
     try:
-        async with AgentServer(EchoAgent(), await env.settings_for("echo"), audit_dir=tmp_path / "a") as server:
+        async with AgentServer(EchoAgent(), await env.settings_for("echo"),
+                               AgentServerConfig(audit_dir=tmp_path / "a")) as server:
             async with MeshClient.connect(name="alice", settings=await env.settings_for("alice", "client")) as mesh:
                 assert await mesh.node.registry.wait_for_capability("echo", 1, timeout=10)
                 with pytest.raises(PolicyDeniedError) as denied:

@@ -19,7 +19,7 @@ from hivemesh.mesh.etcd import EtcdServer
 from hivemesh.mesh.node import renewal_delay
 from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
 from hivemesh.mesh.trustdoc import fingerprint, issued_by
-from hivemesh.sdk import AgentServer, MeshClient
+from hivemesh.sdk import AgentServer, AgentServerConfig, MeshClient
 from hivemesh.v1 import trust_pb2
 from tests.support.agents_for_tests import EchoAgent
 from tests.support.meshenv import MeshEnv, start_mesh_env, stop_mesh_env
@@ -79,7 +79,7 @@ async def short_lived(etcd: Any, etcd_server: EtcdServer, tmp_path: Path) -> Asy
 async def _mesh(env: MeshEnv, tmp: Path) -> Any:
     plain = PlainAgent("plain", prefix="p-")
     await plain.__aenter__()
-    server = AgentServer(EchoAgent(), await env.settings_for("echo"), audit_dir=tmp / "a")
+    server = AgentServer(EchoAgent(), await env.settings_for("echo"), AgentServerConfig(audit_dir=tmp / "a"))
     await server.start()
     sidecar = Sidecar(SidecarConfig(agent=plain.endpoint, audit_dir=str(tmp / "b")), await env.settings_for("plain"))
     await sidecar.start()
@@ -183,7 +183,7 @@ async def test_control_plane_outage_traffic_flows_until_certificates_expire_then
     """M6: with the control plane down, calls flow on valid certificates; at expiry they fail with a clear
     status (CERTIFICATE_EXPIRED), never in plaintext."""
     env = await start_mesh_env(tmp_path, etcd_server.endpoint, cert_ttl_s=6)
-    async with AgentServer(EchoAgent(), await env.settings_for("echo"), audit_dir=tmp_path / "a"):
+    async with AgentServer(EchoAgent(), await env.settings_for("echo"), AgentServerConfig(audit_dir=tmp_path / "a")):
         async with MeshClient.connect(name="tester", settings=await env.settings_for("tester", "client")) as mesh:
             assert await mesh.node.registry.wait_for_capability("echo", 1, timeout=10)
             await mesh.call("echo", {"text": "up"}, timeout=5)

@@ -8,6 +8,7 @@ import pytest
 from hivemesh.mesh.layers import Inbound
 from hivemesh.sdk import (
     AgentServer,
+    AgentServerConfig,
     HivemeshError,
     InvalidInputError,
     MeshClient,
@@ -36,7 +37,7 @@ async def test_call_through_in_process_mesh(mesh_env: MeshEnv) -> None:
 
 
 async def test_bad_inputs_get_clear_statuses(mesh_env: MeshEnv) -> None:
-    async with AgentServer(EchoAgent(), await mesh_env.settings_for("echo"), max_input_bytes=1024):
+    async with AgentServer(EchoAgent(), await mesh_env.settings_for("echo"), AgentServerConfig(max_input_bytes=1024)):
         async with MeshClient.connect(name="tester", settings=await mesh_env.settings_for("tester", "client")) as mesh:
             assert await mesh.node.registry.wait_for_capability("echo", 1, timeout=10)
             with pytest.raises(InvalidInputError) as bad_schema:
@@ -62,7 +63,7 @@ async def test_observers_hear_every_decision(mesh_env: MeshEnv) -> None:
         heard.append((capability, code.name, err.reason if err else ""))
 
     settings = await mesh_env.settings_for("echo")
-    async with AgentServer(EchoAgent(), settings, observers=[record]):
+    async with AgentServer(EchoAgent(), settings, AgentServerConfig(observers=(record,))):
         async with MeshClient.connect(name="tester", settings=await mesh_env.settings_for("tester", "client")) as mesh:
             assert await mesh.node.registry.wait_for_capability("echo", 1, timeout=10)
             await mesh.call("echo", {"text": "ok"}, timeout=10)

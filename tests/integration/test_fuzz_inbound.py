@@ -177,12 +177,13 @@ async def test_fuzz_over_grpc_always_a_status(tmp_path: Path, mesh_env: Any) -> 
     """Hundreds of random requests over real mTLS: each gets a status, never UNKNOWN/INTERNAL, and the agent
     only ever runs for input that passed every check."""
     from hivemesh.mesh.tls import join, secure_channel
-    from hivemesh.sdk import AgentServer
+    from hivemesh.sdk import AgentServer, AgentServerConfig
     from tests.support.agents_for_tests import EchoAgent
     from tests.support.meshenv import TRUST_DOMAIN
 
     agent = EchoAgent()
-    async with AgentServer(agent, await mesh_env.settings_for("echo"), audit_dir=tmp_path / "a") as server:
+    async with AgentServer(agent, await mesh_env.settings_for("echo"),
+                           AgentServerConfig(audit_dir=tmp_path / "a")) as server:
         resp = await mesh_env.operator.create_join_token("fuzzer", "client", 60)
         w = await join(mesh_env.controlplane.join_address, mesh_env.certs.ca_cert.read_bytes(), resp.token,
                        "fuzzer", "client", trust_domain=TRUST_DOMAIN)

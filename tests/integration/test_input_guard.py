@@ -11,7 +11,7 @@ from hivemesh.mesh.errors import ContentRefusedError, InvalidInputError, Payload
 from hivemesh.mesh.layers.base import Inbound
 from hivemesh.mesh.layers.guard import InputGuardLayer
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN, ClassifierScreen, PatternScreen, Screens, strings
-from hivemesh.sdk import AgentServer, MeshClient, capability
+from hivemesh.sdk import AgentServer, AgentServerConfig, MeshClient, capability
 from hivemesh.v1 import agent_pb2
 from tests.support.agents_for_tests import EchoAgent, Text
 from tests.support.meshenv import MeshEnv
@@ -123,7 +123,7 @@ class LimitedAgent(EchoAgent):
 
 async def test_per_capability_limit_and_screen_over_the_mesh(mesh_env: MeshEnv) -> None:
     agent = LimitedAgent()
-    async with AgentServer(agent, await mesh_env.settings_for("limited"), screen_exempt=["shout"]):
+    async with AgentServer(agent, await mesh_env.settings_for("limited"), AgentServerConfig(screen_exempt=("shout",))):
         async with MeshClient.connect(name="tester", settings=await mesh_env.settings_for("tester", "client")) as mesh:
             assert await mesh.node.registry.wait_for_capability("tiny", 1, timeout=10)
             assert await mesh.call("tiny", {"text": "ok"}, timeout=5) == {"text": "ok"}

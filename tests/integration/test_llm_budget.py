@@ -19,6 +19,7 @@ from hivemesh.mesh.errors import (
     InvalidInputError,
     TokenBudgetExceededError,
 )
+from hivemesh.sdk import AgentServerConfig
 from hivemesh.sdk.llm import (
     OpenAICompatibleLLM,
     OpenAIConfig,
@@ -144,7 +145,7 @@ async def test_usage_is_reported_and_a_caller_budget_is_enforced_over_the_mesh(o
     table = BudgetTable.from_specs({"clients": {"rules": [
         {"subjects": ["spiffe://hivemesh.local/client/orchestrator"], "capabilities": ["summarize"],
          "max_tokens": 25, "window_seconds": 3600}]}})
-    await orch.serve(WorkerAgent(), budgets=TokenBudgets(table))
+    await orch.serve(WorkerAgent(), AgentServerConfig(budgets=TokenBudgets(table)))
     text = {"text": "one two three four five six seven eight"}
     first = await orch.mesh.call_detailed("summarize", text, timeout=10)
     assert first.output == {"text": "one two three four five"}

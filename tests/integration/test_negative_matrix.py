@@ -43,7 +43,7 @@ from hivemesh.mesh.pki import controlplane_id, parse_spiffe_id
 from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
 from hivemesh.mesh.tls import Workload, channel_credentials, join, secure_channel
 from hivemesh.mesh.tokens import RevocationList
-from hivemesh.sdk import AgentServer
+from hivemesh.sdk import AgentServer, AgentServerConfig
 from hivemesh.v1 import agent_pb2, audit_pb2, trust_pb2
 from tests.support.agents_for_tests import EchoAgent
 from tests.support.meshenv import ALLOW_ALL_AUTHZ, TRUST_DOMAIN, MeshEnv, start_mesh_env, stop_mesh_env
@@ -486,8 +486,8 @@ async def rig(request: pytest.FixtureRequest, etcd: Any, etcd_server: EtcdServer
         tester = await who("tester")
         if request.param == "in-process":
             agent = EchoAgent()
-            async with AgentServer(agent, await env.settings_for("echo"), max_input_bytes=LIMIT,
-                                   audit_dir=tmp_path / "spool") as server:
+            async with AgentServer(agent, await env.settings_for("echo"),
+                                   AgentServerConfig(max_input_bytes=LIMIT, audit_dir=tmp_path / "spool")) as server:
                 assert server.audit is not None
                 yield Rig(env, "in-process", server.endpoint, server.node.workload.spiffe_id, lambda: agent.calls,
                           server.audit.spool, key.kid, key.private_key, tester, others, server.node.revocations)

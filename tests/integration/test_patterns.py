@@ -16,6 +16,7 @@ from hivemesh.agents.helpdesk import (
 )
 from hivemesh.agents.research import RESEARCH, NewsSearchAgent, PapersSearchAgent, WikiSearchAgent
 from hivemesh.mesh.errors import DeadlineExceededError
+from hivemesh.sdk import AgentServerConfig
 from hivemesh.sdk.escalation import EscalationClient
 from hivemesh.sdk.patterns import (
     Branch,
@@ -92,8 +93,8 @@ async def test_fanout_degrades_gracefully_naming_the_failed_branches(orch: Orch)
 
 
 async def test_fanout_to_every_instance_of_a_capability(orch: Orch) -> None:
-    await orch.serve(WorkerAgent(), instance_id="w-1")
-    await orch.serve(WorkerAgent(), instance_id="w-2")
+    await orch.serve(WorkerAgent(), AgentServerConfig(instance_id="w-1"))
+    await orch.serve(WorkerAgent(), AgentServerConfig(instance_id="w-2"))
     assert await orch.mesh.node.registry.wait_for_capability("upper", 2, timeout=10)
     result = await FanOut(all_instances_of="upper").run(orch.mesh, {"text": "x"})
     assert sorted(result.output) == ["upper@w-1", "upper@w-2"]

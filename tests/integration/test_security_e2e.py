@@ -29,7 +29,7 @@ from hivemesh.mesh.errors import from_rpc_error
 from hivemesh.mesh.pki import cert_expiry, controlplane_id, parse_spiffe_id
 from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
 from hivemesh.mesh.tls import Workload, channel_credentials, join, secure_channel
-from hivemesh.sdk import AgentServer, capability
+from hivemesh.sdk import AgentServer, AgentServerConfig, capability
 from hivemesh.v1 import agent_pb2
 from tests.support.agents_for_tests import EchoAgent, Text
 from tests.support.meshenv import TRUST_DOMAIN, MeshEnv
@@ -83,7 +83,8 @@ class Caller:
 async def target(request: pytest.FixtureRequest, mesh_env: MeshEnv) -> AsyncIterator[Target]:
     if request.param == "in-process":
         agent = CountingEchoAgent()
-        async with AgentServer(agent, await mesh_env.settings_for("echo"), max_input_bytes=LIMIT) as server:
+        async with AgentServer(agent, await mesh_env.settings_for("echo"),
+                               AgentServerConfig(max_input_bytes=LIMIT)) as server:
             yield Target("in-process", server.endpoint, server.node.workload.spiffe_id, lambda: agent.calls)
         return
     plain = PlainAgent("plain")

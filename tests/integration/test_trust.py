@@ -25,7 +25,7 @@ from hivemesh.mesh.errors import (
 from hivemesh.mesh.etcd import EtcdServer
 from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
 from hivemesh.mesh.tls import Workload, join
-from hivemesh.sdk import Agent, AgentServer, Context, MeshClient, capability
+from hivemesh.sdk import Agent, AgentServer, AgentServerConfig, Context, MeshClient, capability
 from hivemesh.v1 import audit_pb2, trust_pb2
 from tests.support.agents_for_tests import EchoAgent, Text
 from tests.support.meshenv import TRUST_DOMAIN, MeshEnv, start_mesh_env, stop_mesh_env
@@ -160,8 +160,9 @@ async def test_delegation_depth_is_bounded(env: MeshEnv, joiner: Any) -> None:
 async def test_on_behalf_call_carries_the_chain_to_the_agent_and_the_audit_log(
     env: MeshEnv, tmp_path: Path
 ) -> None:
-    async with AgentServer(WhoAmI(), await env.settings_for("whoami"), audit_dir=tmp_path / "a") as who, \
-            AgentServer(Relay(), await env.settings_for("relay"), audit_dir=tmp_path / "b"):
+    async with AgentServer(WhoAmI(), await env.settings_for("whoami"),
+                           AgentServerConfig(audit_dir=tmp_path / "a")) as who, \
+            AgentServer(Relay(), await env.settings_for("relay"), AgentServerConfig(audit_dir=tmp_path / "b")):
         async with MeshClient.connect(name="user", settings=await env.settings_for("user", "client")) as mesh:
             for cap in ("relay", "whoami"):
                 assert await mesh.node.registry.wait_for_capability(cap, 1, timeout=10)
@@ -235,7 +236,8 @@ async def test_a_plain_agent_behind_a_sidecar_calls_on_behalf_of_its_caller_with
     from hivemesh.v1 import agent_pb2
 
     relay = PlainRelay()
-    async with AgentServer(WhoAmI(), await env.settings_for("whoami"), audit_dir=tmp_path / "a") as who, relay:
+    async with AgentServer(WhoAmI(), await env.settings_for("whoami"),
+                           AgentServerConfig(audit_dir=tmp_path / "a")) as who, relay:
         async with Sidecar(SidecarConfig(agent=relay.endpoint, audit_dir=str(tmp_path / "b")),
                            await env.settings_for("plainrelay")) as sidecar:
             relay.mesh_endpoint = sidecar.mesh_endpoint
@@ -286,7 +288,8 @@ async def test_revocation_takes_effect_on_every_node_within_a_second(
     from tests.integration.test_security_e2e import INVOKE, invoke_request
 
     plain = PlainAgent("plain")
-    async with AgentServer(EchoAgent(), await env.settings_for("echo"), audit_dir=tmp_path / "a") as inproc, plain:
+    async with AgentServer(EchoAgent(), await env.settings_for("echo"),
+                           AgentServerConfig(audit_dir=tmp_path / "a")) as inproc, plain:
         async with Sidecar(SidecarConfig(agent=plain.endpoint, audit_dir=str(tmp_path / "b")),
                            await env.settings_for("plain")) as sidecar:
             assert sidecar.node is not None
@@ -354,7 +357,8 @@ async def test_signing_key_rotation_under_load_fails_no_call(
         assert cp.keys is not None
         cp.keys.retire_after_s = 4 + 3  # the token lifetime here (4 s) plus margin: a compressed timeline
         first_kid = cp.keys.active.kid
-        async with AgentServer(EchoAgent(), await env.settings_for("echo"), audit_dir=tmp_path / "a") as server:
+        async with AgentServer(EchoAgent(), await env.settings_for("echo"),
+                               AgentServerConfig(audit_dir=tmp_path / "a")) as server:
             async with MeshClient.connect(name="loader", settings=await env.settings_for("loader", "client")) as mesh:
                 assert await mesh.node.registry.wait_for_capability("echo", 1, timeout=10)
                 ok = failed = 0
@@ -405,7 +409,8 @@ async def test_cached_keys_work_while_etcd_is_down_and_an_unknown_kid_fails_clos
 
     env = await start_mesh_env(tmp_path, own_etcd.endpoint, GRANTS)
     try:
-        async with AgentServer(EchoAgent(), await env.settings_for("echo"), audit_dir=tmp_path / "a") as server:
+        async with AgentServer(EchoAgent(), await env.settings_for("echo"),
+                               AgentServerConfig(audit_dir=tmp_path / "a")) as server:
             resp = await env.operator.create_join_token("loader", "client", 120)
             w = await join(env.controlplane.join_address, env.certs.ca_cert.read_bytes(), resp.token, "loader",
                            "client", trust_domain=TRUST_DOMAIN)
@@ -485,7 +490,8 @@ async def test_a_forged_key_set_written_to_etcd_is_refused_and_the_last_good_one
         # the real signature, with the forged key added after signing
         json.dumps({**real, "keys": json.loads(forged_jwks)["keys"]}).encode(),
     ]
-    async with AgentServer(EchoAgent(), await env.settings_for("echo"), audit_dir=tmp_path / "a") as server:
+    async with AgentServer(EchoAgent(), await env.settings_for("echo"),
+                           AgentServerConfig(audit_dir=tmp_path / "a")) as server:
         node = server.node
         good_kids = set(node.keyset.kids)
         resp = await env.operator.create_join_token("loader", "client", 120)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from hivemesh.mesh.etcd import EtcdServer
-from hivemesh.sdk import Agent, AgentServer, MeshClient
+from hivemesh.sdk import Agent, AgentServer, AgentServerConfig, MeshClient
 from tests.support.meshenv import TRUST_DOMAIN, MeshEnv, start_mesh_env, stop_mesh_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,8 +35,8 @@ class Orch:
     stack: contextlib.AsyncExitStack
     tmp: Path
 
-    async def serve(self, agent: Agent, **kwargs: Any) -> AgentServer:
-        server = AgentServer(agent, await self.env.settings_for(agent.name), **kwargs)
+    async def serve(self, agent: Agent, config: AgentServerConfig | None = None) -> AgentServer:
+        server = AgentServer(agent, await self.env.settings_for(agent.name), config)
         await self.stack.enter_async_context(server)
         for cap in agent.capabilities:
             assert await self.mesh.node.registry.wait_for_capability(cap, 1, timeout=10), cap

@@ -14,14 +14,14 @@ import os
 import signal
 import sys
 
-from hivemesh.sdk import MeshSettings, serve
+from hivemesh.sdk import AgentServerConfig, MeshSettings, serve
 from tests.support.agents_for_tests import EchoAgent
 
 
 async def _main() -> None:
     tag = os.environ.get("HIVEMESH_REPLICA_TAG", "replica")
     ttl = int(os.environ.get("HIVEMESH_LEASE_TTL_S", "3"))
-    server = await serve(EchoAgent(tag), MeshSettings.resolve(), lease_ttl_s=ttl, instance_id=tag)
+    server = await serve(EchoAgent(tag), MeshSettings.resolve(), AgentServerConfig(lease_ttl_s=ttl, instance_id=tag))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -26,7 +26,7 @@ from hivemesh.mesh.errors import (
     UnauthenticatedError,
 )
 from hivemesh.mesh.node import MeshNode
-from hivemesh.sdk import Agent, AgentServer, Context, MeshClient, capability
+from hivemesh.sdk import Agent, AgentServer, AgentServerConfig, Context, MeshClient, capability
 from tests.support.meshenv import MeshEnv
 
 FAILURES: dict[str, Callable[[str], HivemeshError]] = {
@@ -137,7 +137,8 @@ async def fleet(
 ) -> AsyncIterator[Fleet]:
     types = list(agent_types or [FlakyAgent] * len(tags))
     agents = [t(tag) for t, tag in zip(types, tags, strict=True)]
-    servers = [AgentServer(a, await env.settings_for("flaky"), instance_id=f"flaky-{a.tag}") for a in agents]
+    servers = [AgentServer(a, await env.settings_for("flaky"),
+                           AgentServerConfig(instance_id=f"flaky-{a.tag}")) for a in agents]
     async with contextlib.AsyncExitStack() as stack:
         await asyncio.gather(*(stack.enter_async_context(s) for s in servers))
         client = await stack.enter_async_context(

@@ -1,0 +1,51 @@
+"""How one capability call is made, as one value: `CallOptions`.
+
+`MeshClient`, a capability's `Context` and the patterns' `Caller` all call capabilities; they hand this one
+value on instead of each re-declaring and forwarding every option. Call sites keep their keywords:
+
+    await mesh.call("charge", order, timeout=5, idempotency_key=order["id"])
+    urgent = CallOptions(timeout=2, context=agent_pb2.CallContext(priority=10))
+    await mesh.call("triage", ticket, options=urgent)                 # a reusable set of options
+    await mesh.call("triage", ticket, options=urgent, timeout=5)      # keywords override the set's fields
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TypedDict
+
+from hivemesh.v1 import agent_pb2
+
+
+class CallOptionArgs(TypedDict, total=False):
+    """`CallOptions`' fields as keyword arguments (what `**overrides` of a call method accepts)."""
+
+    timeout: float | None
+    context: agent_pb2.CallContext | None
+    idempotency_key: str | None
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """The options of one call, besides the capability and its input."""
+
+    timeout: float | None = None
+    """Seconds until the call's deadline; None: the capability's `timeouts` policy, then the client default.
+    Inside a capability, an onward call never outlives the call it serves."""
+    context: agent_pb2.CallContext | None = None
+    """Ids the call carries (conversation, workflow, priority, ...); read, never modified."""
+    idempotency_key: str | None = None
+    """The caller's key for the call's effect: a non-idempotent capability applies each key's effect once."""
+
+    @classmethod
+    def of(cls, options: CallOptions | None, overrides: CallOptionArgs) -> CallOptions:
+        """options (default: none set) with the fields given as keywords replaced."""
+        if not overrides:
+            return options if options is not None else _NONE
+        if options is None:
+            return cls(**overrides)  # the common case, `timeout=5`: cheaper than replace() on the hot path
+        return dataclasses.replace(options, **overrides)
+
+
+_NONE = CallOptions()

@@ -1,0 +1,289 @@
+"""The orchestrator side of durable runs: submit, drive, resume and cancel them for one MeshClient identity."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from hivemesh.mesh.errors import CancelledError, FailedPreconditionError, HivemeshError, TaskRejectedError
+from hivemesh.mesh.etcd import client as etcd_client
+from hivemesh.mesh.watch import PrefixCache
+from hivemesh.sdk.escalation import EscalationClient
+from hivemesh.sdk.patterns.base import TERMINAL, PatternResult, error_to_json
+from hivemesh.sdk.workflow.definition import body_of, definition_ref, resolve_definition
+from hivemesh.sdk.workflow.run import WorkflowRun
+from hivemesh.sdk.workflow.state import WorkflowState
+from hivemesh.sdk.workflow.store import (
+    LockLostError,
+    OwnerLock,
+    WorkflowStore,
+    event_key,
+    events_prefix,
+    validate_workflow_id,
+)
+
+if TYPE_CHECKING:
+    from hivemesh.sdk.client import MeshClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkflowHandle:
+    """A run this process drives: `await handle.result()` for its final state."""
+
+    id: str
+    task: asyncio.Task[WorkflowState]
+    engine: WorkflowEngine
+
+    async def result(self, timeout: float | None = None) -> WorkflowState:
+        return await asyncio.wait_for(asyncio.shield(self.task), timeout)
+
+    async def cancel(self, reason: str = "") -> WorkflowState:
+        return await self.engine.cancel(self.id, reason=reason)
+
+
+class WorkflowEngine:
+    """Starts, drives, resumes and cancels durable runs for one orchestrator (a MeshClient identity).
+
+    Args:
+        mesh: a started MeshClient; steps are called with its identity.
+        owner: recorded as the run's owner (default: the mesh identity's SPIFFE id); `resume_all` resumes the
+            unfinished runs whose owner is this.
+        lock_ttl_s: lease TTL of run ownership (a killed owner's runs are resumable this long after it died).
+        escalations: the Escalations client (default: over the mesh identity's control-plane connection).
+        on_event: (workflow id, kind, data) for progress displays.
+    """
+
+    def __init__(
+        self,
+        mesh: MeshClient,
+        *,
+        owner: str | None = None,
+        lock_ttl_s: int = 5,
+        escalations: EscalationClient | None = None,
+        on_event: Callable[[str, str, Mapping[str, Any]], None] | None = None,
+        conversation_id: str = "",
+    ) -> None:
+        if lock_ttl_s < 2:
+            raise ValueError("lock_ttl_s must be >= 2 (etcd leases shorter than that are not reliable)")
+        self.mesh = mesh
+        self._owner = owner
+        self.lock_ttl_s = lock_ttl_s
+        self._escalations = escalations
+        self._on_event = on_event
+        self.conversation_id = conversation_id
+        self._etcd: Any = None
+        self._store: WorkflowStore | None = None
+        self._handles: dict[str, WorkflowHandle] = {}
+
+    @property
+    def owner(self) -> str:
+        return self._owner or self.mesh.node.workload.spiffe_id
+
+    @property
+    def store(self) -> WorkflowStore:
+        if self._store is None:
+            raise RuntimeError("WorkflowEngine.start() has not run")
+        return self._store
+
+    @property
+    def escalations(self) -> EscalationClient:
+        if self._escalations is None:
+            self._escalations = EscalationClient(self.mesh.node.controlplane)
+        return self._escalations
+
+    def emit(self, workflow_id: str, kind: str, data: Mapping[str, Any]) -> None:
+        """Tell the progress callback (a failing callback never fails the run)."""
+        if self._on_event is not None:
+            try:
+                self._on_event(workflow_id, kind, data)
+            except Exception:
+                log.exception("workflow progress callback failed")
+
+    async def start(self) -> None:
+        if self._store is None:
+            self._etcd = etcd_client(self.mesh.node.settings.etcd)
+            self._store = WorkflowStore(self._etcd)
+
+    async def close(self) -> None:
+        for handle in list(self._handles.values()):
+            handle.task.cancel()
+        await asyncio.gather(*(h.task for h in self._handles.values()), return_exceptions=True)
+        self._handles.clear()
+        if self._etcd is not None:
+            with contextlib.suppress(Exception):
+                await self._etcd.close()
+            self._etcd, self._store = None, None
+
+    async def __aenter__(self) -> WorkflowEngine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- starting and resuming ------------------------------------------------------------------------------------
+    async def submit(self, definition: Any, input: Any = None, *, workflow_id: str | None = None,
+                     labels: Mapping[str, str] | None = None) -> WorkflowHandle:
+        """Record a new run (SUBMITTED) and drive it in the background."""
+        wid = validate_workflow_id(workflow_id or f"wf-{uuid.uuid4().hex[:16]}")
+        body_source = resolve_definition(definition) if isinstance(definition, str) else definition
+        body_of(body_source)  # fail now on something that cannot run
+        state = WorkflowState(wid)
+        ok, _ = await self.store.etcd.transaction(
+            compare=[self.store.etcd.transactions.version(event_key(wid, 1)) == 0], success=[], failure=[])
+        if not ok:
+            raise FailedPreconditionError(f"workflow {wid} exists already", metadata={"workflow_id": wid})
+        await self.store.append(state, "created", {
+            "definition": definition_ref(definition), "input": input, "owner": self.owner,
+            "labels": dict(labels or {}),
+        })
+        return self._drive(state, body_source)
+
+    async def run(self, definition: Any, input: Any = None, **kwargs: Any) -> WorkflowState:
+        """submit() and wait for the final state."""
+        return await (await self.submit(definition, input, **kwargs)).result()
+
+    async def resume(self, workflow_id: str, *, definition: Any = None, wait_s: float | None = None) -> WorkflowHandle:
+        """Drive an unfinished run again from its events (waiting up to wait_s for its previous owner's lease)."""
+        state = await self.store.load(workflow_id)
+        if state.terminal:
+            raise FailedPreconditionError(f"workflow {workflow_id} is {state.state}; there is nothing to resume")
+        source = definition if definition is not None else state.definition
+        if not source:
+            raise FailedPreconditionError(
+                f"workflow {workflow_id} was started from an object with no import reference; resume it in a "
+                "process that passes definition=")
+        body_source = resolve_definition(source) if isinstance(source, str) else source
+        wait = self.lock_ttl_s + 2.0 if wait_s is None else wait_s
+        lock = await self.store.acquire(workflow_id, self.owner, ttl_s=self.lock_ttl_s, wait_s=wait)
+        return self._drive(state, body_source, lock=lock)
+
+    async def resume_all(self, *, wait_s: float = 0.0) -> list[WorkflowHandle]:
+        """Resume every unfinished run this owner started and nobody drives now (automatic resume on restart)."""
+        handles = []
+        for summary in await self.store.list():
+            if summary.get("owner") != self.owner or summary.get("state") in TERMINAL:
+                continue
+            if summary["id"] in self._handles:
+                continue
+            try:
+                handles.append(await self.resume(summary["id"], wait_s=wait_s))
+            except FailedPreconditionError as exc:
+                log.info("not resuming %s: %s", summary["id"], exc.message)
+        return handles
+
+    async def cancel(self, workflow_id: str, *, reason: str = "", wait_s: float = 10.0) -> WorkflowState:
+        """Request cancellation and wait (bounded) for the run to reach CANCELED (or another final state)."""
+        state = await self.store.request_cancel(workflow_id, by=self.owner, reason=reason)
+        deadline = time.monotonic() + wait_s
+        while not state.terminal and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            state = await self.store.load(workflow_id)
+        return state
+
+    async def get(self, workflow_id: str) -> WorkflowState:
+        return await self.store.load(workflow_id)
+
+    async def list(self) -> list[dict[str, Any]]:
+        return await self.store.list()
+
+    # --- driving ------------------------------------------------------------------------------------------------------
+    def _drive(self, state: WorkflowState, definition: Any, *, lock: OwnerLock | None = None) -> WorkflowHandle:
+        task = asyncio.get_running_loop().create_task(self._drive_run(state, definition, lock))
+        handle = WorkflowHandle(state.id, task, self)
+        self._handles[state.id] = handle
+        task.add_done_callback(lambda _t: self._handles.pop(state.id, None))
+        return handle
+
+    async def _drive_run(self, state: WorkflowState, definition: Any, lock: OwnerLock | None) -> WorkflowState:
+        store = self.store
+        if lock is None:
+            lock = await store.acquire(state.id, self.owner, ttl_s=self.lock_ttl_s, wait_s=0.0)
+        cancel = asyncio.Event()
+        watch: PrefixCache[str] = PrefixCache(
+            self.mesh.node.settings.etcd, events_prefix(state.id),
+            decode=lambda _k, v: str(json.loads(v).get("type", "")),
+            on_change=lambda: cancel.set() if "cancel_requested" in watch.snapshot().values() else None,
+        )
+        try:
+            # Catch up with events written after the caller's copy (a resume reads them all again).
+            state = await store.load(state.id)
+            if state.terminal:
+                return state
+            run = WorkflowRun(self, state, lock)
+            await watch.start(timeout=10.0)
+            if state.cancel_requested is not None:
+                cancel.set()
+            await run.append("started", {"owner": self.owner, "pid": os.getpid(), "host": socket.gethostname(),
+                                          "resume": bool(state.runs)})
+            self.emit(state.id, "started", {"resume": len(state.runs) > 1})
+            body = asyncio.ensure_future(body_of(definition)(run, state.input))
+            waiters = {body, asyncio.ensure_future(cancel.wait()), asyncio.ensure_future(lock.lost.wait())}
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    if w is not body:
+                        w.cancel()
+            if not body.done():
+                body.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await body
+                if lock.lost.is_set():
+                    raise LockLostError(f"workflow {state.id}: lost ownership; another process may resume it")
+                await self._withdraw_escalations(run)
+                for missed in await store.events(state.id, after=run.state.seq):  # the cancel request itself
+                    run.state.apply(missed)
+                req = run.state.cancel_requested or {}
+                await run.append("canceled", {"by": req.get("by", ""), "reason": req.get("reason") or "cancelled"})
+            else:
+                await self._finish(run, body)
+            self.emit(state.id, run.state.state.lower(), {"state": run.state.state})
+            return run.state
+        finally:
+            await watch.stop()
+            await store.release(lock)
+
+    async def _finish(self, run: WorkflowRun, body: asyncio.Future[Any]) -> None:
+        exc = body.exception()
+        if exc is None:
+            result = body.result()
+            if isinstance(result, PatternResult):
+                data = result.to_json()
+                if result.state == "REJECTED":
+                    await run.append("rejected", {"output": data, "reason": result.reason})
+                elif result.state == "FAILED":
+                    await run.append("failed", {"error": {"code": "FAILED_PRECONDITION", "reason": "PATTERN_FAILED",
+                                                           "message": result.reason}, "output": data})
+                else:
+                    await run.append("completed", {"output": data})
+            else:
+                await run.append("completed", {"output": result})
+        elif isinstance(exc, TaskRejectedError):
+            await run.append("rejected", {"reason": exc.message, "output": None})
+        elif isinstance(exc, LockLostError):
+            raise exc
+        elif isinstance(exc, CancelledError | asyncio.CancelledError):
+            await run.append("canceled", {"reason": str(exc) or "cancelled"})
+        else:
+            if not isinstance(exc, HivemeshError):
+                log.error("workflow %s failed", run.workflow_id, exc_info=exc)
+            await run.append("failed", {"error": error_to_json(exc)})
+
+    async def _withdraw_escalations(self, run: WorkflowRun) -> None:
+        for rec in run.state.escalations.values():
+            if rec.get("resolution") or not rec.get("escalation_id"):
+                continue
+            with contextlib.suppress(HivemeshError):
+                await self.escalations.cancel(str(rec["escalation_id"]), note="the workflow run was cancelled")

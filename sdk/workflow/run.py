@@ -1,0 +1,132 @@
+"""The durable Runner a workflow's body runs on: steps, memos, notes and escalations recorded as events, and
+answered from them on replay."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from hivemesh.mesh.errors import HivemeshError
+from hivemesh.sdk.call_options import CallOptions
+from hivemesh.sdk.escalation import EscalationInfo, OnDeadline
+from hivemesh.sdk.patterns.base import StepResult, error_from_json, error_to_json, maybe_await
+from hivemesh.sdk.workflow.state import WorkflowState
+from hivemesh.sdk.workflow.store import OwnerLock
+from hivemesh.v1 import agent_pb2, mesh_pb2
+
+if TYPE_CHECKING:
+    from hivemesh.mesh.registry import CapabilityInfo
+    from hivemesh.sdk.workflow.engine import WorkflowEngine
+
+
+def escalation_id_for(workflow_id: str, step_id: str) -> str:
+    """Deterministic, so a resumed run finds the escalation it created instead of asking twice."""
+    return "esc-" + hashlib.sha256(f"{workflow_id}/{step_id}".encode()).hexdigest()[:24]
+
+
+class WorkflowRun:
+    """The Runner a workflow's body runs on: every step, memo, note and escalation is an event."""
+
+    def __init__(self, engine: WorkflowEngine, state: WorkflowState, lock: OwnerLock) -> None:
+        self.engine = engine
+        self.state = state
+        self.workflow_id = state.id
+        self._lock = lock
+        self._append_lock = asyncio.Lock()
+
+    async def append(self, kind: str, data: Mapping[str, Any]) -> None:
+        """Record one event of this run, fenced on its owner value (one append at a time: steps run concurrently)."""
+        async with self._append_lock:
+            await self.engine.store.append(self.state, kind, data, fence=self._lock.value)
+
+    def _idempotent(self, capability: str) -> bool:
+        for info in self.engine.mesh.capability_infos():
+            if info.capability.name == capability:
+                return bool(info.capability.idempotent)
+        return False
+
+    async def step(self, step_id: str, capability: str, payload: Any, *, timeout: float | None = None,
+                   instance: mesh_pb2.AgentInstance | None = None) -> StepResult:
+        rec = self.state.steps.get(step_id)
+        if rec is not None and rec.status in ("COMPLETED", "INPUT_REQUIRED") and rec.result is not None:
+            return StepResult.from_json(rec.result, replayed=True)
+        if rec is not None and rec.status == "FAILED" and rec.error is not None:
+            raise error_from_json(rec.error)
+        key = rec.key if rec is not None and rec.key else f"{self.workflow_id}/{step_id}"
+        idempotent = self._idempotent(capability)
+        await self.append("step_started", {
+            "step": step_id, "capability": capability, "key": key, "idempotent": idempotent,
+            "attempt": (rec.attempts if rec else 0) + 1, "resent": rec is not None,
+        })
+        context = agent_pb2.CallContext(workflow_id=self.workflow_id, conversation_id=self.engine.conversation_id)
+        options = CallOptions(timeout=timeout, context=context, idempotency_key=key)
+        started = time.perf_counter()
+        mesh = self.engine.mesh
+        try:
+            if instance is not None:
+                res = await mesh.call_on(instance, capability, payload, options=options)
+            else:
+                res = await mesh.call_detailed(capability, payload, options=options)
+        except HivemeshError as err:
+            await self.append("step_failed", {"step": step_id, "error": error_to_json(err)})
+            raise
+        result = StepResult.from_call(step_id, capability, res, started)
+        await self.append("step_completed", {"step": step_id, "result": result.to_json()})
+        self.engine.emit(self.workflow_id, "step", result.to_json())
+        return result
+
+    async def memo(self, key: str, compute: Callable[[], Any]) -> Any:
+        if key in self.state.memos:
+            return self.state.memos[key]
+        value = await maybe_await(compute())
+        await self.append("memo", {"key": key, "value": value})
+        return value
+
+    async def note(self, key: str, data: Mapping[str, Any]) -> None:
+        if any(n.get("key") == key for n in self.state.notes):
+            return
+        await self.append("note", {"key": key, "data": dict(data)})
+        self.engine.emit(self.workflow_id, "note", {"key": key, **dict(data)})
+
+    async def escalate(self, step_id: str, reason: str, context: Mapping[str, Any], *,
+                       deadline_s: float | None = None, on_deadline: OnDeadline = "reject",
+                       default_answer: Any = None, labels: Mapping[str, str] | None = None) -> EscalationInfo:
+        rec = self.state.escalations.get(step_id)
+        if rec is not None and rec.get("resolution"):
+            return info_from_json(rec["resolution"])
+        client = self.engine.escalations
+        escalation_id = str(rec["escalation_id"]) if rec else escalation_id_for(self.workflow_id, step_id)
+        if rec is None:
+            info = await client.create(reason, context, escalation_id=escalation_id, workflow_id=self.workflow_id,
+                                       step_id=step_id, deadline_s=deadline_s, on_deadline=on_deadline,
+                                       default_answer=default_answer, labels=labels)
+            await self.append("input_required", {"step": step_id, "escalation_id": info.id, "reason": reason})
+            self.engine.emit(self.workflow_id, "input_required", {"step": step_id, "escalation_id": info.id,
+                                                                   "reason": reason})
+        info = await client.wait(escalation_id)
+        while info.pending:
+            info = await client.wait(escalation_id)
+        await self.append("input_received", {"step": step_id, "escalation": info.to_json()})
+        self.engine.emit(self.workflow_id, "input_received", {"step": step_id, "status": info.status})
+        return info
+
+    def instances(self, capability: str) -> tuple[mesh_pb2.AgentInstance, ...]:
+        return tuple(self.engine.mesh.instances(capability))
+
+    def capability_infos(self) -> list[CapabilityInfo]:
+        return list(self.engine.mesh.capability_infos())
+
+
+def info_from_json(d: Mapping[str, Any]) -> EscalationInfo:
+    return EscalationInfo(
+        id=str(d.get("id", "")), reason=str(d.get("reason", "")), context=dict(d.get("context") or {}),
+        requested_by=str(d.get("requested_by", "")), workflow_id=str(d.get("workflow_id", "")),
+        step_id=str(d.get("step_id", "")), created_at=float(d.get("created_at") or 0.0), deadline=d.get("deadline"),
+        on_deadline="default" if d.get("on_deadline") == "default" else "reject",
+        default_answer=d.get("default_answer"), status=str(d.get("status", "")), note=str(d.get("note", "")),
+        answer=d.get("answer"), resolved_by=str(d.get("resolved_by", "")), resolved_at=d.get("resolved_at"),
+        labels=dict(d.get("labels") or {}),
+    )

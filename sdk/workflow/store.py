@@ -1,0 +1,227 @@
+"""Where runs live in etcd: the event log (appends fenced on the owner), the `list` read model, run ownership."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError, NotFoundError
+from hivemesh.mesh.etcd import PREFIX
+from hivemesh.mesh.pki import NAME_RE
+from hivemesh.sdk.workflow.state import WorkflowState
+
+log = logging.getLogger(__name__)
+
+WORKFLOWS: Final = PREFIX + "workflows/"
+INDEX: Final = PREFIX + "workflow-index/"
+MAX_EVENT_BYTES: Final = 512 * 1024
+
+
+def events_prefix(workflow_id: str) -> str:
+    return f"{WORKFLOWS}{workflow_id}/events/"
+
+
+def owner_key(workflow_id: str) -> bytes:
+    return f"{WORKFLOWS}{workflow_id}/owner".encode()
+
+
+def event_key(workflow_id: str, seq: int) -> bytes:
+    return f"{events_prefix(workflow_id)}{seq:010d}".encode()
+
+
+def validate_workflow_id(workflow_id: str) -> str:
+    if not NAME_RE.fullmatch(workflow_id):
+        msg = "must match [a-z0-9][a-z0-9._-]{0,62}"
+        raise InvalidInputError(f"workflow id {workflow_id[:80]!r} {msg}", field_violations={"workflow_id": msg})
+    return workflow_id
+
+
+class LockLostError(FailedPreconditionError):
+    reason = "WORKFLOW_OWNER_LOST"
+    default_message = "this process no longer owns the workflow run (its lease expired)"
+
+
+@dataclass
+class OwnerLock:
+    workflow_id: str
+    value: bytes
+    lease: Any
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
+    _keepalive: asyncio.Task[None] | None = None
+
+
+def _encode(event: Mapping[str, Any]) -> bytes:
+    data = json.dumps(event, separators=(",", ":"), sort_keys=True, default=str).encode()
+    if len(data) > MAX_EVENT_BYTES:
+        raise InvalidInputError(f"a workflow event is {len(data)} bytes; the limit is {MAX_EVENT_BYTES} "
+                                "(keep large payloads out of step inputs and outputs: store them and pass ids)")
+    return data
+
+
+class WorkflowStore:
+    """Events in etcd: append (compare-and-create on the sequence key, fenced on the owner value), read, list."""
+
+    def __init__(self, etcd: Any) -> None:
+        self.etcd = etcd
+
+    async def events(self, workflow_id: str, after: int = 0) -> list[dict[str, Any]]:
+        kvs = await self.etcd.get_prefix(events_prefix(workflow_id).encode(), sort_order="ascend")
+        out = []
+        for kv in kvs:
+            try:
+                event = json.loads(kv.value)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                log.warning("skipping unparsable workflow event %s", kv.key.decode(errors="replace"))
+                continue
+            if int(event.get("seq", 0)) > after:
+                out.append(event)
+        out.sort(key=lambda e: int(e.get("seq", 0)))
+        return out
+
+    async def load(self, workflow_id: str) -> WorkflowState:
+        validate_workflow_id(workflow_id)
+        events = await self.events(workflow_id)
+        if not events:
+            raise NotFoundError(f"no workflow {workflow_id!r}", metadata={"workflow_id": workflow_id})
+        return WorkflowState.replay(workflow_id, events)
+
+    async def append(self, state: WorkflowState, kind: str, data: Mapping[str, Any], *,
+                     fence: bytes | None = None) -> dict[str, Any]:
+        """Append one event after state.seq and fold it into state; on a sequence conflict, catch up and retry."""
+        for _ in range(50):
+            seq = state.seq + 1
+            event = {"seq": seq, "type": kind, "at": time.time(), "data": dict(data)}
+            raw = _encode(event)
+            # The read model is written in the same transaction, so `list` never shows what the events do not.
+            projected = copy.deepcopy(state)
+            projected.apply(event)
+            index = json.dumps(projected.summary(), separators=(",", ":"), default=str).encode()
+            tx = self.etcd.transactions
+            key = event_key(state.id, seq)
+            compare = [tx.version(key) == 0]
+            if fence is not None:
+                compare.append(tx.value(owner_key(state.id)) == fence)
+            ok, _ = await self.etcd.transaction(
+                compare=compare, success=[tx.put(key, raw), tx.put(f"{INDEX}{state.id}".encode(), index)], failure=[]
+            )
+            if ok:
+                state.apply(event)
+                return event
+            if fence is not None:
+                owner = await self.etcd.get(owner_key(state.id))
+                if owner is None or owner.value != fence:
+                    raise LockLostError(f"workflow {state.id}: another process owns it now")
+            for missed in await self.events(state.id, after=state.seq):
+                state.apply(missed)
+        raise FailedPreconditionError(f"workflow {state.id}: could not append an event (too much contention)")
+
+    async def list(self) -> list[dict[str, Any]]:
+        out = []
+        for kv in await self.etcd.get_prefix(INDEX.encode()):
+            wid = kv.key.decode()[len(INDEX):]
+            try:
+                summary = json.loads(kv.value) if kv.value else None
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                summary = None
+            if not summary:
+                with contextlib.suppress(NotFoundError):
+                    summary = (await self.load(wid)).summary()
+            if summary:
+                out.append(summary)
+        out.sort(key=lambda s: (-float(s.get("created_at", 0.0)), s.get("id", "")))
+        return out
+
+    async def owner(self, workflow_id: str) -> dict[str, Any] | None:
+        kv = await self.etcd.get(owner_key(workflow_id))
+        if kv is None:
+            return None
+        try:
+            value = json.loads(kv.value)
+            return value if isinstance(value, dict) else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return {"owner": "?"}
+
+    async def acquire(self, workflow_id: str, owner: str, *, ttl_s: int, wait_s: float) -> OwnerLock:
+        """Own the run: create the owner key under a fresh lease, waiting up to wait_s for a previous owner's
+        lease to expire. FailedPreconditionError names the current owner when it does not."""
+        value = json.dumps({"owner": owner, "pid": os.getpid(), "host": socket.gethostname(),
+                            "token": uuid.uuid4().hex, "since": time.time()}).encode()
+        key = owner_key(workflow_id)
+        deadline = time.monotonic() + wait_s
+        while True:
+            lease = await self.etcd.lease(ttl_s)
+            tx = self.etcd.transactions
+            ok, _ = await self.etcd.transaction(compare=[tx.version(key) == 0],
+                                                success=[tx.put(key, value, lease=lease)], failure=[])
+            if ok:
+                lock = OwnerLock(workflow_id, value, lease)
+                lock._keepalive = asyncio.get_running_loop().create_task(self._keep(lock, ttl_s))
+                return lock
+            with contextlib.suppress(Exception):
+                await lease.revoke()
+            if time.monotonic() >= deadline:
+                current = await self.owner(workflow_id) or {}
+                who = f"{current.get('owner', '?')} (pid {current.get('pid', '?')} on {current.get('host', '?')})"
+                raise FailedPreconditionError(
+                    f"workflow {workflow_id} is being run by {who}; it can be resumed once that process stops and "
+                    "its lease expires",
+                    metadata={"workflow_id": workflow_id, "owner": str(current.get("owner", ""))},
+                )
+            await asyncio.sleep(min(0.25, max(deadline - time.monotonic(), 0.01)))
+
+    async def _keep(self, lock: OwnerLock, ttl_s: int) -> None:
+        interval = max(ttl_s / 3, 0.3)
+        failures = 0
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                reply = await asyncio.wait_for(lock.lease.refresh(), interval)
+                if reply is None or int(getattr(reply, "TTL", 0)) <= 0:
+                    lock.lost.set()
+                    return
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - etcd trouble: the lease may still be alive; retry until TTL
+                failures += 1
+                if failures * interval >= ttl_s:
+                    log.error("workflow %s: lost the owner lease (%s)", lock.workflow_id, exc)
+                    lock.lost.set()
+                    return
+
+    async def release(self, lock: OwnerLock) -> None:
+        if lock._keepalive is not None:
+            lock._keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await lock._keepalive
+        with contextlib.suppress(Exception):
+            await lock.lease.revoke()
+
+    async def request_cancel(self, workflow_id: str, *, by: str, reason: str = "") -> WorkflowState:
+        """Append cancel_requested; if no live owner drives the run, record canceled as well."""
+        state = await self.load(workflow_id)
+        if state.terminal:
+            return state
+        if state.cancel_requested is None:
+            await self.append(state, "cancel_requested", {"by": by, "reason": reason})
+        if await self.owner(workflow_id) is None:
+            # Nobody drives it: take the owner key briefly so no resumer starts while we finish it.
+            lock = await self.acquire(workflow_id, by, ttl_s=5, wait_s=0.0)
+            try:
+                state = await self.load(workflow_id)
+                if not state.terminal:
+                    await self.append(state, "canceled", {"by": by, "reason": reason or "cancelled"},
+                                      fence=lock.value)
+            finally:
+                await self.release(lock)
+        return await self.load(workflow_id)
