@@ -38,7 +38,7 @@ from hivemesh.controlplane.grants import _GRANT_SCHEMA, Grant, GrantSet
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError, NotFoundError
 from hivemesh.mesh.policy import (
     NAME_RE,
-    POLICIES_PREFIX,
+    kind_prefix,
     PolicyDoc,
     PolicyError,
     PolicyKind,
@@ -217,7 +217,7 @@ class ApplyResult:
 
 async def _read_kind(etcd: Any, kind: PolicyKind[Any]) -> dict[str, tuple[PolicyDoc | None, int, bytes]]:
     """name -> (document or None if the stored one is invalid, mod revision, stored bytes)."""
-    prefix = f"{POLICIES_PREFIX}{kind.name}/".encode()
+    prefix = kind_prefix(kind.name).encode()
     out: dict[str, tuple[PolicyDoc | None, int, bytes]] = {}
     for kv in await etcd.get_prefix(prefix):
         name = kv.key[len(prefix):].decode("utf-8", "replace")

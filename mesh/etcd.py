@@ -142,6 +142,12 @@ class EtcdServer:
         return f"{self.host}:{self.client_port}"
 
     @property
+    def access(self) -> EtcdAccess:
+        """This member as its bootstrap identity (etcd's root role): for whoever started it (`hivemesh up`
+        applying its first policies, a test harness), never handed to a workload."""
+        return EtcdAccess(self.endpoint, self.tls.admin() if self.tls else None)
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
@@ -307,6 +313,11 @@ class EtcdCluster:
     @property
     def endpoints(self) -> str:
         return ",".join(m.endpoint for m in self.members)
+
+    @property
+    def access(self) -> EtcdAccess:
+        """Every member as the bootstrap identity (see EtcdServer.access)."""
+        return EtcdAccess(self.endpoints, self.tls.admin() if self.tls else None)
 
     def member(self, name: str) -> EtcdServer:
         return next(m for m in self.members if m.name == name)

@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 C = TypeVar("C")
 
 POLICIES_PREFIX: Final = PREFIX + "policies/"
+GRANTS_PREFIX: Final = PREFIX + "grants/"
+"""The `grants` kind lives outside POLICIES_PREFIX: every node reads the policies, only the control plane reads
+grants, and etcd roles are key ranges (mesh/etcd_roles.py)."""
 KIND_MODULES: tuple[str, ...] = (
     "hivemesh.mesh.resilience.kinds",  # routes, retries, timeouts, breakers, ratelimits, concurrency (issue 3)
     "hivemesh.mesh.authz",  # authz: who may call which capability (issue 4)
@@ -221,12 +224,20 @@ def get_kind(name: str) -> PolicyKind[Any]:
     return kind
 
 
+def kind_prefix(kind: str) -> str:
+    """The key prefix of every document of kind."""
+    return GRANTS_PREFIX if kind == "grants" else f"{POLICIES_PREFIX}{kind}/"
+
+
 def policy_key(kind: str, name: str) -> str:
-    return f"{POLICIES_PREFIX}{kind}/{name}"
+    return f"{kind_prefix(kind)}{name}"
 
 
 def split_key(key: str) -> tuple[str, str] | None:
     """(kind, name) of a policy key, or None when key is not one."""
+    if key.startswith(GRANTS_PREFIX):
+        name = key[len(GRANTS_PREFIX):]
+        return ("grants", name) if name and "/" not in name else None
     if not key.startswith(POLICIES_PREFIX):
         return None
     kind, sep, name = key[len(POLICIES_PREFIX):].partition("/")

@@ -94,8 +94,8 @@ async def test_start_publishes_trust_material(rig: Rig) -> None:
     assert ca.value == rig.files.ca_cert.read_bytes()
     assert KeySet.from_jwks(jwks.value).kids == KeySet.from_jwks(await rig.operator.get_jwks()).kids  # + sigs
     assert KeySet.from_jwks(jwks.value).kids
-    grants = list(await rig.etcd.get_prefix(b"/hivemesh/policies/grants/"))
-    assert [kv.key for kv in grants] == [b"/hivemesh/policies/grants/clients-to-agents"]
+    grants = list(await rig.etcd.get_prefix(b"/hivemesh/grants/"))
+    assert [kv.key for kv in grants] == [b"/hivemesh/grants/clients-to-agents"]
 
 
 async def test_join_yields_the_right_identity_and_a_token_works_once(rig: Rig) -> None:
