@@ -38,11 +38,11 @@ from hivemesh.controlplane.grants import _GRANT_SCHEMA, Grant, GrantSet
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError, NotFoundError
 from hivemesh.mesh.policy import (
     NAME_RE,
-    kind_prefix,
     PolicyDoc,
     PolicyError,
     PolicyKind,
     get_kind,
+    kind_prefix,
     kinds,
     policy_key,
     register_kind,

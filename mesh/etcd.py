@@ -31,7 +31,7 @@ from typing import Any
 import aetcd
 import grpc
 from aetcd import rpc
-from aetcd.client import _handle_errors  # type: ignore[attr-defined]
+from aetcd.client import _handle_errors
 from aetcd.watcher import Watcher
 
 log = logging.getLogger(__name__)
@@ -403,11 +403,11 @@ class _TlsClient(aetcd.Client):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         self._tls = tls
 
-    @_handle_errors  # type: ignore[misc]
+    @_handle_errors  # type: ignore[untyped-decorator]
     async def connect(self) -> None:
         if self._connected.is_set():
             return
-        if self._is_connecting:
+        if getattr(self, "_is_connecting", False):
             await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
             return
         try:

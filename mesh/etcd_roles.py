@@ -103,10 +103,8 @@ def etcd_user(kind: str, name: str) -> str:
 
 def workload_grants(kind: str, name: str) -> tuple[Grant, ...]:
     """The permissions only this workload holds: its own registration (agents) and its own status."""
-    own = (Grant(READWRITE, f"{STATUS}{kind}/{name}/"),)
-    if kind == "agent":
-        own = (Grant(READWRITE, f"{AGENTS}{name}/"), *own)
-    return own
+    own = Grant(READWRITE, f"{STATUS}{kind}/{name}/")
+    return (Grant(READWRITE, f"{AGENTS}{name}/"), own) if kind == "agent" else (own,)
 
 
 def workload_roles(kind: str) -> tuple[str, ...]:
@@ -145,7 +143,7 @@ def workload_requests(kind: str, name: str) -> Iterator[tuple[str, Any]]:
 def _already(exc: grpc.RpcError) -> bool:
     """etcd's answer to creating what exists (idempotent re-runs: a restarted member, a renewed workload)."""
     details = (exc.details() or "") if hasattr(exc, "details") else str(exc)
-    return exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "already exist" in details  # type: ignore[attr-defined]
+    return bool(exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "already exist" in details)
 
 
 def bootstrap_auth(endpoint: str, admin: EtcdTls, timeout: float = 5.0) -> None:

@@ -52,7 +52,7 @@ from typing import Any, Final, Generic, TypeVar
 
 import fastjsonschema
 
-from hivemesh.mesh.etcd import PREFIX
+from hivemesh.mesh.etcd import PREFIX, Endpoints
 from hivemesh.mesh.watch import PrefixCache, WatchOptions
 
 log = logging.getLogger(__name__)
@@ -326,7 +326,7 @@ class PolicyCache:
 
     def __init__(
         self,
-        etcd_endpoints: str | Sequence[str],
+        etcd_endpoints: Endpoints,
         *,
         kind_names: Iterable[str] | None = None,
         on_change: Callable[[], None] | None = None,

@@ -118,7 +118,7 @@ class AgentServer:
             )
             budgets = self.budgets
             if budgets is None:  # the `budgets` policies, counting what every replica spent
-                ledger = SpendLedger(self.settings.etcd, self.instance_id)
+                ledger = SpendLedger(self.node.etcd, self.instance_id)
                 budgets = _policy_budgets(self.node, ledger)
                 if budgets is not None:
                     self._ledger = ledger
@@ -136,7 +136,7 @@ class AgentServer:
                 packaging="in-process",
                 labels={**dict(card.labels), **self.labels},
             )
-            self._registration = Registration(self.settings.etcd, instance, ttl_s=self.lease_ttl_s)
+            self._registration = Registration(self.node.etcd, instance, ttl_s=self.lease_ttl_s)
             await self._registration.start()
             await self.agent.on_start()
         except BaseException:

@@ -86,7 +86,7 @@ async def test_a_stopped_replicas_spend_still_counts(orch: Orch) -> None:
 async def test_spend_published_during_an_etcd_outage_arrives_after_it(own_etcd: EtcdServer) -> None:
     key = ("shared[0]", CALLER, 7)
     window_end = time.time() + 3600
-    writer, reader = SpendLedger(own_etcd.endpoint, "writer"), SpendLedger(own_etcd.endpoint, "reader")
+    writer, reader = SpendLedger(own_etcd.access, "writer"), SpendLedger(own_etcd.access, "reader")
     await writer.start()
     await reader.start()
     try:

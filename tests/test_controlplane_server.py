@@ -34,6 +34,7 @@ from hivemesh.mesh.pki import cert_thumbprint_s256, new_key_and_csr, spiffe_id_o
 from hivemesh.mesh.tls import Workload, channel_credentials, join, load_workload_files, secure_channel
 from hivemesh.mesh.tokens import JWKS_KEY, KeySet, TokenVerifier
 from hivemesh.v1 import agent_pb2, control_pb2, control_pb2_grpc, mesh_pb2
+from tests.meshenv import copy_session_ca
 
 TD = "hivemesh.local"
 CP_NAME = "controlplane.hivemesh.local"
@@ -62,7 +63,7 @@ class Rig:
 
 @pytest.fixture
 async def rig(tmp_path: Path, etcd: aetcd.Client, etcd_server: EtcdServer) -> AsyncIterator[Rig]:
-    files = init_ca(tmp_path / "certs", TD)
+    files = copy_session_ca(tmp_path / "certs")  # the CA etcd trusts
     grants = tmp_path / "grants.yaml"
     grants.write_text(GRANTS)
     config = ControlPlaneConfig(
@@ -309,7 +310,7 @@ async def test_renew_refuses_a_bad_csr(rig: Rig) -> None:
 async def test_main_runs_until_sigterm_and_drains(
     tmp_path: Path, etcd: aetcd.Client, etcd_server: EtcdServer
 ) -> None:
-    files = init_ca(tmp_path / "certs", TD)
+    files = copy_session_ca(tmp_path / "certs")  # the CA etcd trusts
     config = ControlPlaneConfig(
         etcd_endpoints=etcd_server.endpoint, certs_dir=files.certs_dir, state_dir=tmp_path / "state",
         grace_s=0,
