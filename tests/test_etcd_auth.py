@@ -177,3 +177,36 @@ async def test_controlplane_credentials_may_do_everything(root: aetcd.Client) ->
         assert (await root.get(key)).value == b"v"
         await root.delete(key)
     assert await _outcome(root.get_prefix(b"/"))
+
+
+async def test_writes_keep_working_while_the_control_plane_adds_users(
+    tls_etcd: EtcdServer, root: aetcd.Client, session_ca: SessionCa
+) -> None:
+    """etcd refuses a request whose auth revision went stale while users were added (every join adds one);
+    the client retries it, so a node's registration writes never fail because another workload joined."""
+    await ensure_workload_user(root, "agent", "a")
+    agent = client(tls_etcd.endpoint, tls=workload_tls(load_ca(session_ca.files.certs_dir), session_ca.files,
+                                                        "agent", "a"))
+    await wait_connected(agent)
+    failures: list[str] = []
+    writes = 0
+    stop = asyncio.Event()
+
+    async def writer() -> None:
+        nonlocal writes
+        while not stop.is_set():
+            try:
+                await agent.put(f"/hivemesh/agents/a/{writes}".encode(), b"v")
+            except Exception as exc:  # noqa: BLE001 - every failure is the finding
+                failures.append(repr(exc))
+            writes += 1
+
+    task = asyncio.create_task(writer())
+    try:
+        for i in range(30):
+            await ensure_workload_user(root, "agent", f"joiner-{i}")
+    finally:
+        stop.set()
+        await task
+        await agent.close()
+    assert writes > 30 and failures == []
