@@ -402,7 +402,7 @@ def _auth_revision_old(exc: grpc.aio.AioRpcError) -> bool:
     return "revision in header is old" in (exc.details() or "") or "auth store is old" in (exc.details() or "")
 
 
-class _AuthRevisionRetry(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class _AuthRevisionRetry(grpc.aio.UnaryUnaryClientInterceptor):
     """Retry a request etcd refused because its auth store changed while the request was in flight.
 
     With auth on, etcd stamps a request with the auth store's revision when it authenticates it and refuses it
