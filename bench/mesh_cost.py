@@ -591,13 +591,15 @@ class Bench:
         return {"HIVEMESH_JOIN_TOKEN": resp.token}
 
     async def start(self) -> None:
-        from hivemesh.controlplane.ca import init_ca
+        from hivemesh.controlplane.ca import init_ca, load_ca
+        from hivemesh.controlplane.etcd_certs import issue_etcd_certs
         from hivemesh.mesh.controlplane_client import ControlPlaneClient
         from hivemesh.mesh.etcd import EtcdServer
 
-        self.etcd = EtcdServer(data_dir=self.tmp / "etcd", log_path=self.tmp / "etcd.log")
-        self.etcd.start()
         certs = init_ca(self.tmp / "certs", TRUST_DOMAIN)
+        tls = issue_etcd_certs(load_ca(certs.certs_dir), certs.certs_dir)  # etcd as `hivemesh up` runs it
+        self.etcd = EtcdServer(data_dir=self.tmp / "etcd", log_path=self.tmp / "etcd.log", tls=tls)
+        self.etcd.start()
         grants = self.tmp / "grants.yaml"
         grants.write_text(json.dumps(_GRANTS))  # JSON is YAML
         cp = await self.spawn(
@@ -632,7 +634,7 @@ class Bench:
             return
         from hivemesh.mesh.etcd import client, wait_connected
 
-        c = client(self.etcd.endpoint)
+        c = client(self.etcd.access)
         try:
             await wait_connected(c)
             await apply_text(c, json.dumps(_AUTHZ))

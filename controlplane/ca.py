@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError
+from hivemesh.mesh.etcd_roles import CONTROLPLANE_USER, etcd_user
 from hivemesh.mesh.pki import (
     SCHEME,
     controlplane_dns_name,
@@ -186,7 +187,7 @@ class CertificateAuthority:
         cert = self._issue(
             csr.public_key(),  # type: ignore[arg-type]
             str(sid),
-            common_name=sid.name,
+            common_name=etcd_user(sid.kind, sid.name),  # the etcd user of this workload (mesh/etcd_roles.py)
             dns_names=names,
             ttl_s=ttl_s,
         )
@@ -264,7 +265,7 @@ class CertificateAuthority:
         controlplane.<td> and localhost, IP 127.0.0.1."""
         return self.issue_with_new_key(
             controlplane_id(self.trust_domain),
-            common_name="controlplane",
+            common_name=CONTROLPLANE_USER,  # an etcd user holding the root role
             dns_names=[controlplane_dns_name(self.trust_domain), "localhost"],
             ips=["127.0.0.1"],
             ttl_s=ttl_s,
@@ -274,7 +275,7 @@ class CertificateAuthority:
         """An operator (CLI) client identity spiffe://<td>/operator/<name>."""
         sid = parse_spiffe_id(f"{SCHEME}{self.trust_domain}/operator/{name}")
         return self.issue_with_new_key(
-            str(sid), common_name=name, dns_names=[sid.dns_name, "localhost"], ttl_s=ttl_s
+            str(sid), common_name=etcd_user("operator", name), dns_names=[sid.dns_name, "localhost"], ttl_s=ttl_s
         )
 
 

@@ -20,10 +20,12 @@ import fastjsonschema
 import yaml
 
 from hivemesh.mesh.errors import InvalidInputError
+from hivemesh.mesh.policy import GRANTS_PREFIX as POLICY_GRANTS_PREFIX
 
 log = logging.getLogger(__name__)
 
-GRANTS_PREFIX: Final = b"/hivemesh/policies/grants/"
+GRANTS_PREFIX: Final = POLICY_GRANTS_PREFIX.encode()
+"""Outside /hivemesh/policies/, which every node reads: only the control plane reads grants."""
 _MAX_TXN_OPS: Final = 128  # etcd's default --max-txn-ops
 _NAME = "^[a-z0-9][a-z0-9._-]{0,62}$"
 _GLOBS = {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1, "maxLength": 512}}
@@ -212,7 +214,7 @@ class GrantSet:
 
     @classmethod
     async def from_etcd(cls, etcd: Any) -> GrantSet:
-        """Every grant stored under /hivemesh/policies/grants/; an invalid document is skipped (and logged),
+        """Every grant stored under /hivemesh/grants/; an invalid document is skipped (and logged),
         which can only narrow what is allowed (fail closed)."""
         grants: list[Grant] = []
         for kv in await etcd.get_prefix(GRANTS_PREFIX):
@@ -246,7 +248,7 @@ def load_grants(path: Path | str) -> GrantSet:
 
 
 async def put_grants(etcd: Any, grantset_doc: GrantSet | Mapping[str, Any], *, replace: bool = False) -> int:
-    """Write each grant to /hivemesh/policies/grants/<name> in one transaction (all or nothing).
+    """Write each grant to /hivemesh/grants/<name> in one transaction (all or nothing).
 
     With replace=True, grants not in the document are deleted in the same transaction, so the document
     becomes the whole grant set. Returns the number of grants written.

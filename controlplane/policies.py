@@ -36,11 +36,11 @@ from hivemesh.mesh.budget import BUDGETS
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError, NotFoundError
 from hivemesh.mesh.policy import (
     NAME_RE,
-    POLICIES_PREFIX,
     PolicyDoc,
     PolicyError,
     PolicyKind,
     PolicyKinds,
+    kind_prefix,
     policy_key,
 )
 from hivemesh.mesh.resilience.kinds import TRAFFIC_KINDS
@@ -217,7 +217,7 @@ class ApplyResult:
 
 async def _read_kind(etcd: Any, kind: PolicyKind[Any]) -> dict[str, tuple[PolicyDoc | None, int, bytes]]:
     """name -> (document or None if the stored one is invalid, mod revision, stored bytes)."""
-    prefix = f"{POLICIES_PREFIX}{kind.name}/".encode()
+    prefix = kind_prefix(kind.name).encode()
     out: dict[str, tuple[PolicyDoc | None, int, bytes]] = {}
     for kv in await etcd.get_prefix(prefix):
         name = kv.key[len(prefix):].decode("utf-8", "replace")

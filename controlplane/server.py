@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from hivemesh.controlplane import joins
 from hivemesh.controlplane.ca import CaFiles, CertificateAuthority, ensure_controlplane_cert, load_ca
 from hivemesh.controlplane.ca_rotation import CaRotation
+from hivemesh.controlplane.etcd_certs import controlplane_etcd_tls
 from hivemesh.controlplane.grants import GrantSet, load_grants, put_grants
 from hivemesh.controlplane.issuer import MAX_TTL_S, SigningKeys, TokenIssuer
 from hivemesh.mesh.errors import (
@@ -41,6 +42,7 @@ from hivemesh.mesh.errors import (
 )
 from hivemesh.mesh.etcd import client as etcd_client
 from hivemesh.mesh.etcd import parse_endpoints, wait_connected
+from hivemesh.mesh.etcd_roles import ensure_workload_user
 from hivemesh.mesh.pki import (
     NAME_RE,
     Peer,
@@ -48,6 +50,7 @@ from hivemesh.mesh.pki import (
     cert_expiry,
     parse_spiffe_id,
     peer_from_auth_context,
+    spiffe_id_of,
     validate_name,
 )
 from hivemesh.mesh.pki import validate_trust_domain as _validate_td
@@ -87,6 +90,9 @@ class ControlPlaneConfig:
     """Default token lifetime (capped at 300 s)."""
     grace_s: float = 2.0
     """How long `stop()` lets in-flight calls finish."""
+    etcd_ca: Path | None = None
+    """The CA of etcd's server certificate (default: the mesh bundle, certs_dir/ca.pem, which signs the
+    embedded etcd's). The control plane connects with its own certificate, whose etcd user holds root."""
 
     def __post_init__(self) -> None:
         eps = self.etcd_endpoints
@@ -150,6 +156,15 @@ class Core:
         """State feature services share (e.g. the audit store, used by its servicer and its interceptor)."""
         self.server_cert: tuple[bytes, bytes] = (b"", b"")
         """The control plane's own (certificate, key) PEMs; replaced during a CA rotation."""
+        self._etcd_users: set[str] = set()
+
+    async def ensure_etcd_user(self, spiffe_id: str) -> None:
+        """Create the workload's etcd user and roles (once per process) before it gets a certificate, so the
+        certificate it receives already opens exactly its part of etcd."""
+        if spiffe_id not in self._etcd_users:
+            sid = parse_spiffe_id(spiffe_id)
+            await ensure_workload_user(self.etcd, sid.kind, sid.name)
+            self._etcd_users.add(spiffe_id)
 
     def sign(self, csr_pem: bytes, spiffe_id: str) -> control_pb2.SignCertificateResponse:
         cert = self.ca.sign_csr(csr_pem, spiffe_id, ttl_s=self.config.cert_ttl_s)
@@ -192,6 +207,7 @@ class JoinServicer(control_pb2_grpc.JoinServicer):
             raise InvalidInputError(str(exc), field_violations={"name": str(exc)}) from None
         name, kind = await joins.consume(self._core.etcd, request.join_token, request.name)
         spiffe_id = f"spiffe://{self._core.trust_domain}/{kind}/{name}"
+        await self._core.ensure_etcd_user(spiffe_id)
         resp = self._core.sign(request.csr_pem, spiffe_id)
         log.info("joined %s (certificate until %d)", spiffe_id, resp.expires_at_unix)
         return resp
@@ -208,6 +224,7 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
         self, request: control_pb2.SignCertificateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> control_pb2.SignCertificateResponse:
         peer = self._core.peer(context)
+        await self._core.ensure_etcd_user(str(peer.spiffe_id))
         return self._core.sign(request.csr_pem, str(peer.spiffe_id))
 
     @_rpc
@@ -341,9 +358,11 @@ class ControlPlaneServer:
         issuer = TokenIssuer(keys, ca.trust_domain, default_ttl_s=cfg.token_ttl_s)
         files = CaFiles.in_dir(cfg.certs_dir)
         cp_cert, cp_key = files.controlplane_cert.read_bytes(), files.controlplane_key.read_bytes()
-        self.etcd = etcd_client(cfg.etcd_endpoints)
+        self.etcd = etcd_client(cfg.etcd_endpoints, tls=controlplane_etcd_tls(cfg.certs_dir, cfg.etcd_ca))
         try:
             await wait_connected(self.etcd)
+            op = parse_spiffe_id(spiffe_id_of(files.operator_cert.read_bytes()))
+            await ensure_workload_user(self.etcd, op.kind, op.name)  # the CLI's identity, issued offline
             await keys.publish(self.etcd, CaRotation(cfg.certs_dir).signers(ca))  # signed by the roots
             await self.etcd.put(CA_KEY, ca.bundle_pem())
             if grants is not None:

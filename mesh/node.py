@@ -22,6 +22,7 @@ from hivemesh.mesh.authz import AUTHZ
 from hivemesh.mesh.budget import BUDGETS
 from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.errors import HivemeshError
+from hivemesh.mesh.etcd import EtcdAccess, EtcdTls
 from hivemesh.mesh.outbound import OutboundPipeline
 from hivemesh.mesh.outbound.channels import ChannelPool
 from hivemesh.mesh.outbound.selection import Liveness
@@ -87,8 +88,11 @@ class MeshNode:
         self.kind = kind
         self.instance_id = instance_id or default_instance_id()
         self._publish_status = publish_status
+        self.etcd = EtcdAccess(settings.etcd, self._etcd_tls)
+        """etcd as this workload: mutual TLS with its own (current) certificate, whose etcd user's roles allow
+        exactly what its data plane reads and its own registration and status (mesh/etcd_roles.py)."""
         # Policies are mirrored and compiled in the background; `traffic` is what the layers read.
-        self.policies = PolicyCache(settings.etcd, kinds=(*NODE_POLICY_KINDS, *policy_kinds))
+        self.policies = PolicyCache(self.etcd, kinds=(*NODE_POLICY_KINDS, *policy_kinds))
         self.traffic = Traffic(PolicyView(self.policies), TrafficState())
         self._status: StatusPublisher | None = None
         self.status_extras: list[Callable[[policy_pb2.NodeTraffic], None]] = []
@@ -101,7 +105,7 @@ class MeshNode:
         self._bundle_generation = 0
         self._renew_now = asyncio.Event()
         self.renewals = 0
-        self.registry = RegistryView(settings.etcd, trust_domain=settings.trust_domain)
+        self.registry = RegistryView(self.etcd, trust_domain=settings.trust_domain)
         self.keyset = KeySet()
         self._jwks_issued_at_ns = 0
         self._jwks_refused = False
@@ -115,6 +119,13 @@ class MeshNode:
         self._outbound: OutboundPipeline | None = None
         self._renew_task: asyncio.Task[None] | None = None
         self._started = False
+
+    def _etcd_tls(self) -> EtcdTls:
+        """The identity etcd sees, read at each (re)connect so a renewed certificate is used from then on."""
+        w = self._workload
+        if w is None:
+            raise HivemeshError(f"{self.kind} {self.name!r} has no identity yet: start() obtains it")
+        return EtcdTls(w.bundle_pem, w.cert_pem, w.key_pem)
 
     # --- lifecycle ----------------------------------------------------------------------------------------
     async def start(self, *, timeout: float = 15.0) -> None:
@@ -142,12 +153,12 @@ class MeshNode:
             await self.registry.start(timeout=timeout)
             await self.policies.start(timeout=timeout)
             # The signed trust bundle (CA rotation): every node, callers too, must follow it.
-            self._bundle = PrefixCache(s.etcd, TRUST_BUNDLE_KEY, on_change=self._on_bundle_change)
+            self._bundle = PrefixCache(self.etcd, TRUST_BUNDLE_KEY, on_change=self._on_bundle_change)
             await self._bundle.start(timeout=timeout)
             if self._verify_inbound:
-                self._revocation_watch = RevocationWatch(s.etcd, self.revocations)
+                self._revocation_watch = RevocationWatch(self.etcd, self.revocations)
                 await self._revocation_watch.start(timeout=timeout)
-                self._trust = PrefixCache(s.etcd, JWKS_KEY, on_change=self._on_trust_change)
+                self._trust = PrefixCache(self.etcd, JWKS_KEY, on_change=self._on_trust_change)
                 await self._trust.start(timeout=timeout)
                 if not await self._trust.wait_for(lambda snap: bool(self.keyset.kids), timeout):
                     raise HivemeshError(
@@ -160,7 +171,7 @@ class MeshNode:
         self._renew_task = asyncio.get_running_loop().create_task(self._renew_loop())
         if self._publish_status:
             self._status = StatusPublisher(
-                s.etcd,
+                self.etcd,
                 status_key(self.kind, self.name, self.instance_id),
                 self._status_snapshot,
             )

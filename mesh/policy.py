@@ -51,7 +51,7 @@ from typing import Any, Final, Generic, TypeVar
 
 import fastjsonschema
 
-from hivemesh.mesh.etcd import PREFIX
+from hivemesh.mesh.etcd import PREFIX, Endpoints
 from hivemesh.mesh.watch import PrefixCache, WatchOptions
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 C = TypeVar("C")
 
 POLICIES_PREFIX: Final = PREFIX + "policies/"
+GRANTS_PREFIX: Final = PREFIX + "grants/"
+"""The `grants` kind lives outside POLICIES_PREFIX: every node reads the policies, only the control plane reads
+grants, and etcd roles are key ranges (mesh/etcd_roles.py)."""
 KIND_RE: Final = re.compile(r"[a-z][a-z0-9-]{0,30}")
 NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 
@@ -209,12 +212,20 @@ class PolicyKinds(Mapping[str, PolicyKind[Any]]):
         return PolicyKinds((*self._by_name.values(), *kinds))
 
 
+def kind_prefix(kind: str) -> str:
+    """The key prefix of every document of kind."""
+    return GRANTS_PREFIX if kind == "grants" else f"{POLICIES_PREFIX}{kind}/"
+
+
 def policy_key(kind: str, name: str) -> str:
-    return f"{POLICIES_PREFIX}{kind}/{name}"
+    return f"{kind_prefix(kind)}{name}"
 
 
 def split_key(key: str) -> tuple[str, str] | None:
     """(kind, name) of a policy key, or None when key is not one."""
+    if key.startswith(GRANTS_PREFIX):
+        name = key[len(GRANTS_PREFIX):]
+        return ("grants", name) if name and "/" not in name else None
     if not key.startswith(POLICIES_PREFIX):
         return None
     kind, sep, name = key[len(POLICIES_PREFIX):].partition("/")
@@ -304,7 +315,7 @@ class PolicyCache:
 
     def __init__(
         self,
-        etcd_endpoints: str | Sequence[str],
+        etcd_endpoints: Endpoints,
         *,
         kinds: Iterable[PolicyKind[Any]],
         on_change: Callable[[], None] | None = None,

@@ -20,13 +20,13 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import aetcd
 
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError, RegistryUnavailableError
-from hivemesh.mesh.etcd import PREFIX, parse_endpoints
+from hivemesh.mesh.etcd import PREFIX, Endpoints, parse_endpoints
 from hivemesh.mesh.etcd import client as etcd_client
 from hivemesh.mesh.watch import PrefixCache, WatchOptions, cancel_and_wait
 from hivemesh.v1.agent_pb2 import Capability
@@ -142,7 +142,7 @@ def decode_instance(key: bytes, value: bytes, trust_domain: str | None = None) -
     return inst
 
 
-async def read_instances(etcd_endpoints: str | Sequence[str], timeout: float = 5.0) -> list[AgentInstance]:
+async def read_instances(etcd_endpoints: Endpoints, timeout: float = 5.0) -> list[AgentInstance]:
     """One-shot read of every valid instance, sorted by (agent, instance id): for CLIs, not for routing.
 
     Raises RegistryUnavailableError when etcd cannot be read within timeout.
@@ -184,7 +184,7 @@ class Registration:
 
     def __init__(
         self,
-        etcd_endpoints: str | Sequence[str],
+        etcd_endpoints: Endpoints,
         instance: AgentInstance,
         *,
         ttl_s: int = 10,
@@ -454,7 +454,7 @@ class RegistryView:
 
     def __init__(
         self,
-        etcd_endpoints: str | Sequence[str],
+        etcd_endpoints: Endpoints,
         *,
         trust_domain: str | None = None,
         on_change: Callable[[], None] | None = None,

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from hivemesh.mesh.etcd import PREFIX
+from hivemesh.mesh.etcd import PREFIX, Endpoints
 from hivemesh.mesh.tokens import RevocationList
 from hivemesh.mesh.watch import PrefixCache, WatchOptions
 
@@ -115,7 +115,7 @@ class RevocationWatch:
     """Keeps a RevocationList in sync with etcd (the verifier reads the list; this task writes it)."""
 
     def __init__(
-        self, etcd_endpoints: str | Sequence[str], revocations: RevocationList, *, options: WatchOptions | None = None
+        self, etcd_endpoints: Endpoints, revocations: RevocationList, *, options: WatchOptions | None = None
     ) -> None:
         self.revocations = revocations
         self._cache: PrefixCache[Revocation] = PrefixCache(

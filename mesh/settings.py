@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from hivemesh.mesh.etcd import parse_endpoints
+from hivemesh.mesh.etcd import EtcdAccess, EtcdTls, parse_endpoints
 from hivemesh.mesh.pki import validate_trust_domain
 
 DEFAULT_TRUST_DOMAIN = "hivemesh.local"
@@ -89,6 +89,14 @@ class MeshSettings:
             if values.get(p) is not None:
                 values[p] = Path(values[p])
         return cls(**values)
+
+    def etcd_access(self) -> EtcdAccess:
+        """etcd as this identity (cert_file/key_file; their Common Name is the etcd user), verifying etcd with
+        the trust bundle. Without an identity the handshake carries no certificate and etcd refuses it."""
+        def material() -> EtcdTls:
+            return EtcdTls.from_files(self.ca_bundle, self.cert_file, self.key_file)
+
+        return EtcdAccess(self.etcd, material)
 
     def with_identity(self, cert_file: Path, key_file: Path) -> MeshSettings:
         return replace(self, cert_file=cert_file, key_file=key_file, join_token=None)

@@ -227,7 +227,7 @@ class Sidecar:
                 packaging="sidecar",
                 labels=dict(self.card.labels),
             )
-            self._registration = Registration(self.settings.etcd, instance, ttl_s=cfg.lease_ttl_s)
+            self._registration = Registration(self.node.etcd, instance, ttl_s=cfg.lease_ttl_s)
             await self._registration.start()
         except BaseException:
             await self.stop()

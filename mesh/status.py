@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Final
 
 import aetcd
 
-from hivemesh.mesh.etcd import PREFIX
+from hivemesh.mesh.etcd import PREFIX, Endpoints
 from hivemesh.mesh.etcd import client as etcd_client
 from hivemesh.mesh.watch import cancel_and_wait
 from hivemesh.v1 import policy_pb2
@@ -46,7 +46,7 @@ class StatusPublisher:
 
     def __init__(
         self,
-        etcd_endpoints: str | Sequence[str],
+        etcd_endpoints: Endpoints,
         key: str,
         snapshot: Callable[[], policy_pb2.NodeTraffic],
         *,

@@ -32,8 +32,8 @@ import aetcd
 from aetcd import rpc
 
 from hivemesh.mesh.errors import RegistryUnavailableError
+from hivemesh.mesh.etcd import Endpoints, parse_endpoints
 from hivemesh.mesh.etcd import client as etcd_client
-from hivemesh.mesh.etcd import parse_endpoints
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class PrefixCache(Generic[T]):
 
     def __init__(
         self,
-        etcd_endpoints: str | Sequence[str],
+        etcd_endpoints: Endpoints,
         prefix: str,
         *,
         decode: Callable[[bytes, bytes], T] | None = None,

@@ -169,7 +169,7 @@ class AgentServer:
                 packaging="in-process",
                 labels={**dict(card.labels), **self.config.labels},
             )
-            self._registration = Registration(self.settings.etcd, instance, ttl_s=self.config.lease_ttl_s)
+            self._registration = Registration(self.node.etcd, instance, ttl_s=self.config.lease_ttl_s)
             await self._registration.start()
             await self.agent.on_start()
         except BaseException:

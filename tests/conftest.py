@@ -3,13 +3,37 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aetcd
 import pytest
 
-from hivemesh.mesh.etcd import EtcdServer, client, wait_connected
-from tests.support.meshenv import MeshEnv, start_mesh_env, stop_mesh_env
+from hivemesh.controlplane.ca import CaFiles, init_ca, load_ca
+from hivemesh.controlplane.etcd_certs import issue_etcd_certs
+from hivemesh.mesh.etcd import EtcdServer, EtcdServerTls, client, wait_connected
+from tests.support import meshenv
+from tests.support.meshenv import TRUST_DOMAIN, MeshEnv, start_mesh_env, stop_mesh_env
+
+
+@dataclass(frozen=True)
+class SessionCa:
+    """The session's mesh CA, which also signs etcd's certificate: etcd 3.5 reads `--trusted-ca-file` once, so
+    the session etcd can only trust a CA that exists before it starts; every test mesh copies this one."""
+
+    files: CaFiles
+    tls: EtcdServerTls
+
+    def etcd_server(self, base: Path) -> EtcdServer:
+        """A member (not started) serving mutual TLS with auth on, trusting this CA."""
+        return EtcdServer(data_dir=base / "data", log_path=base / "etcd.log", tls=self.tls)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_ca(tmp_path_factory: pytest.TempPathFactory) -> SessionCa:
+    files = init_ca(tmp_path_factory.mktemp("session-ca") / "certs", TRUST_DOMAIN)
+    meshenv.SESSION_CA_DIR = files.certs_dir
+    return SessionCa(files, issue_etcd_certs(load_ca(files.certs_dir), files.certs_dir))
 
 
 @pytest.fixture(autouse=True)
@@ -20,10 +44,10 @@ def _private_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="session")
-def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
-    """One real etcd member for the whole session (tests isolate themselves by key prefix or cleanup)."""
-    base = tmp_path_factory.mktemp("etcd")
-    server = EtcdServer(data_dir=base / "data", log_path=base / "etcd.log")
+def etcd_server(tmp_path_factory: pytest.TempPathFactory, session_ca: SessionCa) -> Iterator[EtcdServer]:
+    """One real etcd member for the whole session (tests isolate themselves by key prefix or cleanup), mutual
+    TLS and auth on; `etcd_server.access` is the harness's root identity."""
+    server = session_ca.etcd_server(tmp_path_factory.mktemp("etcd"))
     server.start()
     try:
         yield server
@@ -32,9 +56,9 @@ def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer
 
 
 @pytest.fixture
-def own_etcd(tmp_path: Path) -> Iterator[EtcdServer]:
-    """A private etcd member for tests that stop, kill or restart etcd."""
-    server = EtcdServer(data_dir=tmp_path / "etcd-data", log_path=tmp_path / "etcd.log")
+def own_etcd(tmp_path: Path, session_ca: SessionCa) -> Iterator[EtcdServer]:
+    """A private etcd member for tests that stop, kill or restart etcd (mutual TLS and auth on)."""
+    server = session_ca.etcd_server(tmp_path / "own-etcd")
     server.start()
     try:
         yield server
@@ -44,8 +68,8 @@ def own_etcd(tmp_path: Path) -> Iterator[EtcdServer]:
 
 @pytest.fixture
 async def etcd(etcd_server: EtcdServer) -> AsyncIterator[aetcd.Client]:
-    """A connected client to the session etcd; the /hivemesh/ keyspace is wiped before each test."""
-    c = client(etcd_server.endpoint)
+    """A connected root client to the session etcd; the /hivemesh/ keyspace is wiped before each test."""
+    c = client(etcd_server.access)
     await wait_connected(c)
     await c.delete_prefix(b"/hivemesh/")
     try:

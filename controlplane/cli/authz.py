@@ -23,13 +23,13 @@ async def _load(settings: MeshSettings) -> tuple[AuthzTable, list[mesh_pb2.Agent
     from hivemesh.mesh.etcd import client, wait_connected
     from hivemesh.mesh.registry import read_instances
 
-    c = client(settings.etcd)
+    c = client(settings.etcd_access())
     try:
         await wait_connected(c)
         docs = await list_policies(c, "authz")
     finally:
         await c.close()
-    return compile_authz({d.name: d for d in docs}), await read_instances(settings.etcd)
+    return compile_authz({d.name: d for d in docs}), await read_instances(settings.etcd_access())
 
 
 def _agents_serving(capability: str, instances: list[mesh_pb2.AgentInstance]) -> list[str]:
@@ -54,7 +54,7 @@ def authz() -> None:
 def authz_check(obj: CliContext, caller: str, capability: str, principal: str | None, action: str,
                 agent: str | None, as_json: bool) -> None:
     """Explain whether CALLER may call CAPABILITY, and which rule decides."""
-    settings = MeshSettings.resolve()
+    settings = obj.operator_settings()
     table, instances = asyncio.run(_load(settings))
     agents = [agent] if agent else _agents_serving(capability, instances) or [
         f"spiffe://{settings.trust_domain}/agent/*"

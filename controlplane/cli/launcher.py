@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hivemesh.controlplane.ca import CaFiles, init_ca
+from hivemesh.controlplane.ca import CaFiles, init_ca, load_ca
 from hivemesh.controlplane.cli.procs import Supervisor
+from hivemesh.controlplane.etcd_certs import issue_etcd_certs
 from hivemesh.mesh.audit.handshake.switch import child_environment
 from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.etcd import EtcdServer
@@ -113,7 +114,9 @@ class MeshUp:
         if not files.ca_cert.exists():
             init_ca(opts.certs_dir, opts.trust_domain)
             self.say(f"created a development CA in {opts.certs_dir} (private keys stay there, never committed)")
-        self.etcd = EtcdServer(data_dir=opts.home / "etcd", log_path=opts.home / "logs" / "etcd.log")
+        # Mutual TLS with auth on: certificates from the mesh CA (renewed at every `up`), roles bootstrapped.
+        etcd_tls = issue_etcd_certs(load_ca(opts.certs_dir), opts.certs_dir)
+        self.etcd = EtcdServer(data_dir=opts.home / "etcd", log_path=opts.home / "logs" / "etcd.log", tls=etcd_tls)
         (opts.home / "logs").mkdir(parents=True, exist_ok=True)
         self.etcd.start()  # from the main thread: etcd's parent-death signal is tied to the spawning thread
         self.say(f"etcd {self.etcd.endpoint} (pid {self.etcd.pid}, data in {opts.home / 'etcd'})")
@@ -150,7 +153,8 @@ class MeshUp:
 
         assert self.settings is not None
         text = await asyncio.to_thread(path.read_text)
-        etcd = etcd_client(self.settings.etcd)
+        assert self.etcd is not None
+        etcd = etcd_client(self.etcd.access)  # as root: `up` started this etcd with the mesh CA it holds
         try:
             await wait_connected(etcd)
             await apply_text(etcd, text, source=str(path))
@@ -197,7 +201,8 @@ class MeshUp:
             return
         assert self.settings is not None
         # Authorization is default deny: allow the tour's calls (the policy store validates the document).
-        etcd = etcd_client(self.settings.etcd)
+        assert self.etcd is not None
+        etcd = etcd_client(self.etcd.access)
         try:
             await wait_connected(etcd)
             await apply_text(etcd, DEMO_PATTERNS_AUTHZ.read_text(), source=str(DEMO_PATTERNS_AUTHZ))
@@ -216,8 +221,8 @@ class MeshUp:
         self.say(f"all {len(wanted)} demo capabilities are registered in etcd")
 
     async def _wait_registered(self, capabilities: list[str]) -> None:
-        assert self.settings is not None
-        view = RegistryView(self.settings.etcd, trust_domain=self.settings.trust_domain)
+        assert self.settings is not None and self.etcd is not None
+        view = RegistryView(self.etcd.access, trust_domain=self.settings.trust_domain)
         await view.start()
         try:
             deadline = time.monotonic() + _READY_S
@@ -244,7 +249,8 @@ class MeshUp:
             self._env(await self._join_token("validator")),
         )
         self.say(f"agent validator: plain gRPC on {m.group(1)} (pid {plain.pid}), behind a sidecar (pid {sidecar.pid})")
-        view = RegistryView(self.settings.etcd, trust_domain=self.settings.trust_domain)
+        assert self.etcd is not None
+        view = RegistryView(self.etcd.access, trust_domain=self.settings.trust_domain)
         await view.start()
         try:
             deadline = time.monotonic() + _READY_S

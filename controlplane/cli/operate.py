@@ -18,7 +18,6 @@ from hivemesh.controlplane.cli.context import (
     out,
     pass_cli,
 )
-from hivemesh.mesh.settings import MeshSettings
 
 
 @click.command()
@@ -29,8 +28,7 @@ def agents(obj: CliContext, as_json: bool) -> None:
     """List registered agents and their capabilities (read from etcd)."""
     from hivemesh.mesh.registry import read_instances
 
-    settings = MeshSettings.resolve()
-    instances = asyncio.run(read_instances(settings.etcd))
+    instances = asyncio.run(read_instances(obj.operator_settings().etcd_access()))
     rows: list[dict[str, Any]] = [
         {
             "agent": i.card.name,

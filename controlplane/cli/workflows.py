@@ -32,7 +32,7 @@ async def _with_store(settings: MeshSettings, fn: Callable[[Any], Awaitable[T]])
     from hivemesh.mesh.etcd import client, wait_connected
     from hivemesh.sdk.workflow import WorkflowStore
 
-    etcd = client(settings.etcd)
+    etcd = client(settings.etcd_access())
     try:
         await wait_connected(etcd, timeout=5.0)
         return await fn(WorkflowStore(etcd))
@@ -59,10 +59,11 @@ def workflows() -> None:
 @workflows.command("list")
 @click.option("--state", default=None, help="Only runs in this state (e.g. WORKING, INPUT_REQUIRED).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_cli
 @friendly_errors
-def workflows_list(state: str | None, as_json: bool) -> None:
+def workflows_list(obj: CliContext, state: str | None, as_json: bool) -> None:
     """List workflow runs, newest first."""
-    settings = MeshSettings.resolve()
+    settings = obj.operator_settings()
     rows = asyncio.run(_with_store(settings, lambda s: s.list()))
     if state:
         rows = [r for r in rows if r.get("state") == state.upper()]
@@ -84,10 +85,11 @@ def workflows_list(state: str | None, as_json: bool) -> None:
 @click.argument("workflow_id")
 @click.option("--events", is_flag=True, help="Also print the raw events.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_cli
 @friendly_errors
-def workflows_show(workflow_id: str, events: bool, as_json: bool) -> None:
+def workflows_show(obj: CliContext, workflow_id: str, events: bool, as_json: bool) -> None:
     """Show a run: each step with its agent, status and timing; notes; escalations; the outcome."""
-    settings = MeshSettings.resolve()
+    settings = obj.operator_settings()
 
     async def load(store: Any) -> tuple[Any, list[dict[str, Any]], Any]:
         state = await store.load(workflow_id)
@@ -138,7 +140,7 @@ def workflows_cancel(obj: CliContext, workflow_id: str, reason: str, wait_s: flo
     """Cancel a run: its owner cancels the in-flight calls and withdraws its escalations."""
     import time
 
-    settings = MeshSettings.resolve()
+    settings = obj.operator_settings()
     by = _operator_id(obj)
 
     async def go(store: Any) -> Any:

@@ -112,7 +112,7 @@ class WorkflowEngine:
 
     async def start(self) -> None:
         if self._store is None:
-            self._etcd = etcd_client(self.mesh.node.settings.etcd)
+            self._etcd = etcd_client(self.mesh.node.etcd)
             self._store = WorkflowStore(self._etcd)
 
     async def close(self) -> None:
@@ -212,7 +212,7 @@ class WorkflowEngine:
             lock = await store.acquire(state.id, self.owner, ttl_s=self.lock_ttl_s, wait_s=0.0)
         cancel = asyncio.Event()
         watch: PrefixCache[str] = PrefixCache(
-            self.mesh.node.settings.etcd, events_prefix(state.id),
+            self.mesh.node.etcd, events_prefix(state.id),
             decode=lambda _k, v: str(json.loads(v).get("type", "")),
             on_change=lambda: cancel.set() if "cancel_requested" in watch.snapshot().values() else None,
         )

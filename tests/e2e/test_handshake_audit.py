@@ -31,7 +31,7 @@ from hivemesh.mesh.etcd import EtcdServer
 from hivemesh.mesh.pki import parse_spiffe_id
 from hivemesh.mesh.tls import channel_credentials, secure_channel
 from hivemesh.v1 import audit_pb2
-from tests.support.meshenv import TRUST_DOMAIN, MeshEnv, run_cli
+from tests.support.meshenv import TRUST_DOMAIN, MeshEnv, copy_session_ca, run_cli
 from tests.support.plain_agent import PlainAgent
 from tests.support.spawn import REPO, start_replica, start_sidecar, stop
 from tests.support.tls_attacks import H2_PREFACE, attacker_context, raw_attempt, tls_attempt
@@ -219,8 +219,7 @@ async def test_the_control_planes_ports_audit_refused_handshakes(
 ) -> None:
     """`hivemesh controlplane` as a real process, started with the tracer as a launcher does: handshakes
     refused on its mutual-TLS port and on its join port are in its own audit log."""
-    certs = tmp_path / "certs"
-    init_ca(certs, TRUST_DOMAIN)
+    certs = copy_session_ca(tmp_path / "certs").certs_dir  # the CA etcd trusts
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEMESH_") and k != "GRPC_TRACE"}
     child_env.update(child_environment({}, inherit=child_env))
     log = tmp_path / "controlplane.log"

@@ -60,7 +60,7 @@ def _ids(view: RegistryView, capability: str) -> list[str]:
 
 @pytest.fixture
 async def view(etcd: aetcd.Client, etcd_server: EtcdServer) -> AsyncIterator[RegistryView]:
-    v = RegistryView(etcd_server.endpoint, options=FAST)
+    v = RegistryView(etcd_server.access, options=FAST)
     await v.start(timeout=10)
     try:
         yield v
@@ -71,7 +71,7 @@ async def view(etcd: aetcd.Client, etcd_server: EtcdServer) -> AsyncIterator[Reg
 async def test_register_visible_then_stop_removes_at_once(
     etcd: aetcd.Client, etcd_server: EtcdServer, view: RegistryView
 ) -> None:
-    reg = Registration(etcd_server.endpoint, make_instance("alpha", "a-1", ["extract"]), ttl_s=10)
+    reg = Registration(etcd_server.access, make_instance("alpha", "a-1", ["extract"]), ttl_s=10)
     await reg.start(timeout=5)
     try:
         assert await view.wait_for_capability("extract", timeout=5)
@@ -102,6 +102,8 @@ async def test_default_instance_id_is_valid_and_unique() -> None:
 
 _CHILD = """
 import asyncio, sys
+from pathlib import Path
+from hivemesh.mesh.etcd import EtcdAccess, EtcdTls
 from hivemesh.mesh.registry import Registration
 from hivemesh.mesh.watch import WatchOptions
 from hivemesh.v1.agent_pb2 import AgentCard, Capability
@@ -110,7 +112,8 @@ from hivemesh.v1.mesh_pb2 import AgentInstance
 async def main():
     inst = AgentInstance(card=AgentCard(name="crashy", capabilities=[Capability(name="crash")]),
                          instance_id="c-1", endpoint="127.0.0.1:7009")
-    reg = Registration(sys.argv[1], inst, ttl_s=2)
+    tls = EtcdTls.from_files(*(Path(p) for p in sys.argv[2:5]))
+    reg = Registration(EtcdAccess(sys.argv[1], tls), inst, ttl_s=2)
     await reg.start(timeout=10)
     print("READY", flush=True)
     await asyncio.Event().wait()
@@ -120,8 +123,11 @@ asyncio.run(main())
 
 
 async def test_killed_process_disappears_within_ttl(etcd_server: EtcdServer, view: RegistryView) -> None:
+    tls = etcd_server.tls
+    assert tls is not None
     proc = subprocess.Popen(  # noqa: ASYNC220 - a real child process is the point of the test
-        [sys.executable, "-c", _CHILD, etcd_server.endpoint], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+        [sys.executable, "-c", _CHILD, etcd_server.endpoint, str(tls.trusted_ca_file), str(tls.admin_cert_file),
+         str(tls.admin_key_file)], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
     )
     try:
         assert proc.stdout is not None
@@ -142,8 +148,8 @@ async def test_killed_process_disappears_within_ttl(etcd_server: EtcdServer, vie
 async def test_duplicate_instance_id_refused_without_clobbering(
     etcd: aetcd.Client, etcd_server: EtcdServer
 ) -> None:
-    first = Registration(etcd_server.endpoint, make_instance("alpha", "dup", ["extract"], port=7001))
-    second = Registration(etcd_server.endpoint, make_instance("alpha", "dup", ["extract"], port=7002))
+    first = Registration(etcd_server.access, make_instance("alpha", "dup", ["extract"], port=7001))
+    second = Registration(etcd_server.access, make_instance("alpha", "dup", ["extract"], port=7002))
     await first.start(timeout=5)
     try:
         leases_before = await _leases(etcd)
@@ -183,7 +189,7 @@ async def test_invalid_instance_refused_with_field_and_nothing_written(
     inst = make_instance("alpha", "a-1", ["extract"])
     mutate(inst)
     with pytest.raises(InvalidInputError) as info:
-        Registration(etcd_server.endpoint, inst)
+        Registration(etcd_server.access, inst)
     assert field in info.value.field_violations
     assert field in info.value.message
     assert len(await etcd.get_prefix(AGENTS_PREFIX.encode())) == 0
@@ -192,7 +198,7 @@ async def test_invalid_instance_refused_with_field_and_nothing_written(
 async def test_lease_lost_reregisters(
     etcd: aetcd.Client, etcd_server: EtcdServer, view: RegistryView
 ) -> None:
-    reg = Registration(etcd_server.endpoint, make_instance("alpha", "a-1", ["extract"]), ttl_s=3)
+    reg = Registration(etcd_server.access, make_instance("alpha", "a-1", ["extract"]), ttl_s=3)
     await reg.start(timeout=5)
     try:
         assert await view.wait_for_capability("extract", timeout=5)
@@ -213,11 +219,11 @@ async def test_lease_lost_reregisters(
 async def test_registration_survives_etcd_restart(own_etcd: EtcdServer) -> None:
     ttl = 2
     reg = Registration(
-        own_etcd.endpoint, make_instance("alpha", "a-1", ["extract"]), ttl_s=ttl,
+        own_etcd.access, make_instance("alpha", "a-1", ["extract"]), ttl_s=ttl,
         backoff_initial_s=0.05, backoff_max_s=0.3,
     )
     await reg.start(timeout=5)
-    view = RegistryView(own_etcd.endpoint, options=FAST)
+    view = RegistryView(own_etcd.access, options=FAST)
     await view.start(timeout=5)
     try:
         assert await view.wait_for_capability("extract", timeout=5)
@@ -227,7 +233,7 @@ async def test_registration_survives_etcd_restart(own_etcd: EtcdServer) -> None:
         own_etcd.start()
         assert await _until(lambda: reg.last_error is None and reg.registered, 2 * ttl + 3)
         # Registered again (or the lease survived the restart) and kept alive: still there well past a TTL.
-        probe = client(own_etcd.endpoint)
+        probe = client(own_etcd.access)
         await wait_connected(probe)
         try:
             deadline = time.monotonic() + ttl + 1  # past a full TTL: only keepalives keep it
@@ -252,10 +258,10 @@ async def test_index_two_agents_two_instances_each(
     etcd: aetcd.Client, etcd_server: EtcdServer, view: RegistryView
 ) -> None:
     regs = [
-        Registration(etcd_server.endpoint, make_instance("alpha", "a-2", ["extract", "summarize"], 7002)),
-        Registration(etcd_server.endpoint, make_instance("alpha", "a-1", ["extract", "summarize"], 7001)),
-        Registration(etcd_server.endpoint, make_instance("beta", "b-1", ["extract", "translate"], 7003)),
-        Registration(etcd_server.endpoint, make_instance("beta", "b-2", ["extract", "translate"], 7004)),
+        Registration(etcd_server.access, make_instance("alpha", "a-2", ["extract", "summarize"], 7002)),
+        Registration(etcd_server.access, make_instance("alpha", "a-1", ["extract", "summarize"], 7001)),
+        Registration(etcd_server.access, make_instance("beta", "b-1", ["extract", "translate"], 7003)),
+        Registration(etcd_server.access, make_instance("beta", "b-2", ["extract", "translate"], 7004)),
     ]
     await asyncio.gather(*(r.start(timeout=5) for r in regs))
     try:
@@ -273,7 +279,7 @@ async def test_index_two_agents_two_instances_each(
         assert [(i.card.name, i.instance_id) for i in view.all_instances()] == [
             ("alpha", "a-1"), ("alpha", "a-2"), ("beta", "b-1"), ("beta", "b-2"),
         ]
-        assert await read_instances(etcd_server.endpoint) == list(view.all_instances())
+        assert await read_instances(etcd_server.access) == list(view.all_instances())
         await regs[2].stop()
         await regs[3].stop()
         assert await view.cache.wait_for(lambda s: len(s) == 2, timeout=3)
@@ -309,7 +315,7 @@ async def test_start_when_etcd_down(own_etcd: EtcdServer) -> None:
 
     own_etcd.stop()
     reg = Registration(
-        own_etcd.endpoint, make_instance("alpha", "a-1", ["extract"]), ttl_s=2,
+        own_etcd.access, make_instance("alpha", "a-1", ["extract"]), ttl_s=2,
         backoff_initial_s=0.05, backoff_max_s=0.3,
     )
     await asyncio.wait_for(reg.start(wait=False), 1)  # returns at once; registers when etcd is back
@@ -317,10 +323,10 @@ async def test_start_when_etcd_down(own_etcd: EtcdServer) -> None:
         assert not reg.registered
         own_etcd.start()
         assert await _until(lambda: reg.registered, 5)
-        (inst,) = await read_instances(own_etcd.endpoint)
+        (inst,) = await read_instances(own_etcd.access)
         assert inst.instance_id == "a-1" and inst.card.name == "alpha"
     finally:
         t0 = time.monotonic()
         await reg.stop()
         assert time.monotonic() - t0 < 3.5
-    assert await read_instances(own_etcd.endpoint) == []
+    assert await read_instances(own_etcd.access) == []

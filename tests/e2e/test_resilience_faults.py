@@ -35,6 +35,7 @@ from hivemesh.mesh.resilience.kinds import ROUTES
 from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
 from hivemesh.sdk import AgentServer, MeshClient
 from hivemesh.v1 import agent_pb2, mesh_pb2, mesh_pb2_grpc
+from tests.conftest import SessionCa
 from tests.support.agents_for_tests import EchoAgent
 from tests.support.meshenv import MeshEnv, start_mesh_env, stop_mesh_env
 from tests.support.plain_agent import PlainAgent
@@ -450,8 +451,10 @@ spec: {subjects: ["spiffe://hivemesh.local/agent/plain"], capabilities: [work]}
 
 # --- a 3-member etcd cluster losing a member -----------------------------------------------------------------------
 @pytest.mark.slow
-async def test_losing_one_of_three_etcd_members_under_traffic_fails_no_call(tmp_path: Path) -> None:
-    cluster = EtcdCluster(tmp_path / "etcd", size=3)
+async def test_losing_one_of_three_etcd_members_under_traffic_fails_no_call(
+    tmp_path: Path, session_ca: SessionCa
+) -> None:
+    cluster = EtcdCluster(tmp_path / "etcd", size=3, tls=session_ca.tls)
     await asyncio.to_thread(cluster.start)
     env = None
     try:
@@ -460,7 +463,7 @@ async def test_losing_one_of_three_etcd_members_under_traffic_fails_no_call(tmp_
             EchoAgent("two"), await env.settings_for("echo")
         ), MeshClient.connect(name="tester", settings=await env.settings_for("tester", "client")) as mesh:
             assert await mesh.node.registry.wait_for_capability("echo", 2, timeout=10)
-            probe = client(cluster.endpoints)
+            probe = client(cluster.access)
             await wait_connected(probe)
             status = await probe.status()
             leader = status.leader.name
@@ -491,7 +494,7 @@ async def test_losing_one_of_three_etcd_members_under_traffic_fails_no_call(tmp_
                     instance_id="late-1", endpoint="127.0.0.1:9", identity="spiffe://hivemesh.local/agent/late",
                     packaging="in-process",
                 )
-                async with Registration(cluster.endpoints, instance, ttl_s=5):
+                async with Registration(cluster.access, instance, ttl_s=5):
                     lease_registered = time.monotonic() - killed_at
                     assert await mesh.node.registry.wait_for_capability("late-cap", 1, timeout=10)
                 # Registration continues: a new agent joins (one-time join token, certificate) and registers.

@@ -14,7 +14,7 @@ import pytest
 from hivemesh.mesh.budget import BUDGETS, BudgetTable, TokenBudgets
 from hivemesh.mesh.errors import TokenBudgetExceededError
 from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
-from hivemesh.sdk import Agent, Context, capability
+from hivemesh.sdk import Agent, AgentServerConfig, Context, capability
 from hivemesh.sdk.llm import RuleBasedLLM
 from tests.support.meshenv import TRUST_DOMAIN, apply_policies_text
 from tests.support.orch_env import Orch, wait_until
@@ -113,7 +113,7 @@ class Spender(Agent):
 async def test_an_sdk_agents_replay_reports_usage_but_is_not_charged_again(orch: Orch) -> None:
     table = BudgetTable.from_specs({"all": {"rules": [{"subjects": [CALLER], "max_tokens": 1000}]}})
     agent = Spender()
-    server = await orch.serve(agent, budgets=TokenBudgets(table))
+    server = await orch.serve(agent, AgentServerConfig(budgets=TokenBudgets(table)))
     assert server.token_budgets is not None
     first = await orch.mesh.call_detailed("spend", {"text": "one two three"}, idempotency_key="k1", timeout=10)
     assert first.usage is not None

@@ -11,7 +11,7 @@ import pytest
 from hivemesh.mesh.budget_ledger import SPEND_PREFIX, SpendLedger, parse_spend_key, spend_key
 from hivemesh.mesh.errors import TokenBudgetExceededError
 from hivemesh.mesh.etcd import EtcdServer
-from tests.support.meshenv import apply_policies_text
+from tests.support.meshenv import apply_policies_text, controlplane_access
 from tests.support.orch_agents import WorkerAgent
 from tests.support.orch_env import Orch, wait_until
 
@@ -74,7 +74,7 @@ async def test_a_stopped_replicas_spend_still_counts(orch: Orch) -> None:
                      "the budgets policy to reach the agent")
     await orch.mesh.call("summarize", TEXT, timeout=10)  # 13
     await first.stop()  # publishes its last totals
-    ledger = SpendLedger(orch.env.etcd, "an-observer")
+    ledger = SpendLedger(controlplane_access(orch.env.etcd), "an-observer")
     await ledger.start()
     try:
         key = ("shared[0]", CALLER, int(time.time() // 2678400))
@@ -86,7 +86,7 @@ async def test_a_stopped_replicas_spend_still_counts(orch: Orch) -> None:
 async def test_spend_published_during_an_etcd_outage_arrives_after_it(own_etcd: EtcdServer) -> None:
     key = ("shared[0]", CALLER, 7)
     window_end = time.time() + 3600
-    writer, reader = SpendLedger(own_etcd.endpoint, "writer"), SpendLedger(own_etcd.endpoint, "reader")
+    writer, reader = SpendLedger(own_etcd.access, "writer"), SpendLedger(own_etcd.access, "reader")
     await writer.start()
     await reader.start()
     try:

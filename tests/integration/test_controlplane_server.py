@@ -34,6 +34,7 @@ from hivemesh.mesh.pki import cert_thumbprint_s256, new_key_and_csr, spiffe_id_o
 from hivemesh.mesh.tls import Workload, channel_credentials, join, load_workload_files, secure_channel
 from hivemesh.mesh.tokens import JWKS_KEY, KeySet, TokenVerifier
 from hivemesh.v1 import agent_pb2, control_pb2, control_pb2_grpc, mesh_pb2
+from tests.support.meshenv import copy_session_ca
 
 TD = "hivemesh.local"
 CP_NAME = "controlplane.hivemesh.local"
@@ -62,7 +63,7 @@ class Rig:
 
 @pytest.fixture
 async def rig(tmp_path: Path, etcd: aetcd.Client, etcd_server: EtcdServer) -> AsyncIterator[Rig]:
-    files = init_ca(tmp_path / "certs", TD)
+    files = copy_session_ca(tmp_path / "certs")  # the CA etcd trusts
     grants = tmp_path / "grants.yaml"
     grants.write_text(GRANTS)
     config = ControlPlaneConfig(
@@ -94,8 +95,8 @@ async def test_start_publishes_trust_material(rig: Rig) -> None:
     assert ca.value == rig.files.ca_cert.read_bytes()
     assert KeySet.from_jwks(jwks.value).kids == KeySet.from_jwks(await rig.operator.get_jwks()).kids  # + sigs
     assert KeySet.from_jwks(jwks.value).kids
-    grants = list(await rig.etcd.get_prefix(b"/hivemesh/policies/grants/"))
-    assert [kv.key for kv in grants] == [b"/hivemesh/policies/grants/clients-to-agents"]
+    grants = list(await rig.etcd.get_prefix(b"/hivemesh/grants/"))
+    assert [kv.key for kv in grants] == [b"/hivemesh/grants/clients-to-agents"]
 
 
 async def test_join_yields_the_right_identity_and_a_token_works_once(rig: Rig) -> None:
@@ -309,7 +310,7 @@ async def test_renew_refuses_a_bad_csr(rig: Rig) -> None:
 async def test_main_runs_until_sigterm_and_drains(
     tmp_path: Path, etcd: aetcd.Client, etcd_server: EtcdServer
 ) -> None:
-    files = init_ca(tmp_path / "certs", TD)
+    files = copy_session_ca(tmp_path / "certs")  # the CA etcd trusts
     config = ControlPlaneConfig(
         etcd_endpoints=etcd_server.endpoint, certs_dir=files.certs_dir, state_dir=tmp_path / "state",
         grace_s=0,

@@ -15,14 +15,14 @@ async def test_put_get_round_trip(etcd: aetcd.Client) -> None:
 
 
 async def test_restart_keeps_data(own_etcd: EtcdServer) -> None:
-    c = client(own_etcd.endpoint)
+    c = client(own_etcd.access)
     await wait_connected(c)
     await c.put(b"/hivemesh/test/keep", b"yes")
     await c.close()
     own_etcd.stop()
     assert not own_etcd.running
     own_etcd.start()
-    c = client(own_etcd.endpoint)
+    c = client(own_etcd.access)
     await wait_connected(c)
     got = await c.get(b"/hivemesh/test/keep")
     await c.close()

@@ -216,7 +216,7 @@ spec: {attempts: 2}
 
 # --- the node-side cache -------------------------------------------------------------------------------------------
 async def test_policy_cache_compiles_and_swaps_on_every_change(etcd: aetcd.Client, etcd_server: EtcdServer) -> None:
-    async with PolicyCache(etcd_server.endpoint, kinds=TRAFFIC_KINDS) as cache:
+    async with PolicyCache(etcd_server.access, kinds=TRAFFIC_KINDS) as cache:
         empty = cache.get(RETRIES)
         assert empty.lookup("x") is None and cache.get(ROUTES).lookup("x") is None
         result = await store.apply_policies(etcd, _apply(RETRY_DOC))
@@ -256,7 +256,7 @@ async def test_outbound_policy_lookup_follows_every_policy_change(etcd: aetcd.Cl
     from hivemesh.mesh.resilience.kinds import TIMEOUTS
     from hivemesh.mesh.resilience.view import NO_OUTBOUND_POLICIES, PolicyView
 
-    async with PolicyCache(etcd_server.endpoint, kinds=TRAFFIC_KINDS) as cache:
+    async with PolicyCache(etcd_server.access, kinds=TRAFFIC_KINDS) as cache:
         traffic = PolicyView(cache)
         assert not cache.get(TIMEOUTS) and len(cache.get(TIMEOUTS)) == 0  # __bool__ agrees with len on empty
         assert traffic.outbound("work") == NO_OUTBOUND_POLICIES

@@ -16,7 +16,7 @@ import aetcd
 import pytest
 
 from hivemesh.mesh.errors import RegistryUnavailableError
-from hivemesh.mesh.etcd import EtcdServer, client, free_port, parse_endpoints, wait_connected
+from hivemesh.mesh.etcd import EtcdAccess, EtcdServer, client, free_port, parse_endpoints, wait_connected
 from hivemesh.mesh.watch import PrefixCache, WatchOptions
 
 P = "/hivemesh/test-watch/"
@@ -144,7 +144,7 @@ async def test_initial_list_then_puts_and_deletes(etcd: aetcd.Client, etcd_serve
     await etcd.put(P.encode() + b"a", b"1")
     await etcd.put(P.encode() + b"b", b"2")
     await etcd.put(b"/hivemesh/other/x", b"outside the prefix")
-    cache: PrefixCache[bytes] = PrefixCache(etcd_server.endpoint, P, options=FAST)
+    cache: PrefixCache[bytes] = PrefixCache(etcd_server.access, P, options=FAST)
     await cache.start(timeout=10)
     try:
         assert _bytes_snapshot(cache) == {P + "a": b"1", P + "b": b"2"}
@@ -172,10 +172,10 @@ async def test_many_rapid_mutations_in_order_exactly_once(
     etcd: aetcd.Client, etcd_server: EtcdServer
 ) -> None:
     rec = _Recorder()
-    cache = PrefixCache(etcd_server.endpoint, P, decode=rec.decode, on_change=rec.on_change, options=FAST)
+    cache = PrefixCache(etcd_server.access, P, decode=rec.decode, on_change=rec.on_change, options=FAST)
     await cache.start(timeout=10)
     keys, per_key = 10, 50
-    writers = [client(etcd_server.endpoint) for _ in range(keys)]
+    writers = [client(etcd_server.access) for _ in range(keys)]
 
     async def write(i: int) -> None:
         w = writers[i]
@@ -203,12 +203,12 @@ async def test_many_rapid_mutations_in_order_exactly_once(
 
 async def test_etcd_outage_keeps_snapshot_and_resumes_without_loss(own_etcd: EtcdServer) -> None:
     rec = _Recorder()
-    writer = client(own_etcd.endpoint)
+    writer = client(own_etcd.access)
     await wait_connected(writer)
     await writer.put(P.encode() + b"a", b"1")
     await writer.put(P.encode() + b"b", b"1")
     await writer.close()
-    cache = PrefixCache(own_etcd.endpoint, P, decode=rec.decode, on_change=rec.on_change, options=FAST)
+    cache = PrefixCache(own_etcd.access, P, decode=rec.decode, on_change=rec.on_change, options=FAST)
     await cache.start(timeout=10)
     try:
         before = dict(cache.snapshot())
@@ -221,7 +221,7 @@ async def test_etcd_outage_keeps_snapshot_and_resumes_without_loss(own_etcd: Etc
         assert cache.last_error is not None
 
         own_etcd.start()
-        writer = client(own_etcd.endpoint)
+        writer = client(own_etcd.access)
         await wait_connected(writer)
         await writer.put(P.encode() + b"a", b"2")
         await writer.delete(P.encode() + b"b")
@@ -242,7 +242,8 @@ async def test_compacted_revision_relists_and_converges(
     for i in range(5):
         await etcd.put(f"{P}k{i}".encode(), b"1")
     rec = _Recorder()
-    cache = PrefixCache(proxy.endpoint, P, decode=rec.decode, on_change=rec.on_change, options=FAST)
+    via_proxy = EtcdAccess(proxy.endpoint, etcd_server.access.tls)
+    cache = PrefixCache(via_proxy, P, decode=rec.decode, on_change=rec.on_change, options=FAST)
     await cache.start(timeout=10)
     try:
         assert len(cache.snapshot()) == 5
@@ -281,7 +282,7 @@ async def test_silent_hang_is_detected_and_recovered(
     etcd: aetcd.Client, etcd_server: EtcdServer, proxy: _Proxy
 ) -> None:
     await etcd.put(P.encode() + b"a", b"1")
-    cache: PrefixCache[bytes] = PrefixCache(proxy.endpoint, P, options=FAST)
+    cache: PrefixCache[bytes] = PrefixCache(EtcdAccess(proxy.endpoint, etcd_server.access.tls), P, options=FAST)
     await cache.start(timeout=10)
     try:
         assert await _until(lambda: cache.connected, 5)
@@ -304,12 +305,12 @@ async def test_start_raises_when_etcd_unreachable_and_wait_false_keeps_trying(ow
     await cache.stop()
 
     own_etcd.stop()
-    late: PrefixCache[bytes] = PrefixCache(own_etcd.endpoint, P, options=FAST)
+    late: PrefixCache[bytes] = PrefixCache(own_etcd.access, P, options=FAST)
     await asyncio.wait_for(late.start(wait=False), 1)  # returns at once although etcd is down
     try:
         assert not late.loaded and dict(late.snapshot()) == {}
         own_etcd.start()
-        writer = client(own_etcd.endpoint)
+        writer = client(own_etcd.access)
         await wait_connected(writer)
         await writer.put(P.encode() + b"x", b"1")
         await writer.close()
@@ -324,7 +325,7 @@ async def test_undecodable_value_is_skipped_not_fatal(
 ) -> None:
     await etcd.put(P.encode() + b"bad0", b"not a number")
     await etcd.put(P.encode() + b"good", b"1")
-    cache = PrefixCache(etcd_server.endpoint, P, decode=lambda _k, v: int(v), options=FAST)
+    cache = PrefixCache(etcd_server.access, P, decode=lambda _k, v: int(v), options=FAST)
     await cache.start(timeout=10)
     try:
         assert dict(cache.snapshot()) == {P + "good": 1}

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from hivemesh.controlplane.ca import CaFiles, init_ca
+from hivemesh.controlplane.ca import CaFiles
+from hivemesh.controlplane.etcd_certs import controlplane_etcd_tls
 from hivemesh.controlplane.server import ControlPlaneConfig, ControlPlaneServer
 from hivemesh.mesh.controlplane_client import ControlPlaneClient
+from hivemesh.mesh.etcd import EtcdAccess
 from hivemesh.mesh.settings import MeshSettings
 
 TRUST_DOMAIN = "hivemesh.local"
+SESSION_CA_DIR: Path | None = None
+"""The session CA (tests/conftest.py), which etcd trusts: each test mesh starts from a copy of it."""
 
 DEFAULT_GRANTS = {
     "grants": [
@@ -74,12 +79,29 @@ spec:
 """Authorization is default deny (no policy: nothing is allowed); most tests are not about it."""
 
 
+def _session_ca_dir() -> Path:
+    if SESSION_CA_DIR is None:  # outside pytest (a script importing this module): a CA of its own
+        raise RuntimeError("tests.support.meshenv.SESSION_CA_DIR is unset: the session_ca fixture sets it")
+    return SESSION_CA_DIR
+
+
+def copy_session_ca(certs_dir: Path) -> CaFiles:
+    """A test's own CA folder holding the session CA (so a rotation in it stays in it)."""
+    shutil.copytree(_session_ca_dir(), certs_dir)
+    return CaFiles.in_dir(certs_dir)
+
+
+def controlplane_access(etcd_endpoint: str) -> EtcdAccess:
+    """etcd as the control plane reaches it (its own etcd user, root): for tests that inspect the store."""
+    return EtcdAccess(etcd_endpoint, controlplane_etcd_tls(_session_ca_dir()))
+
+
 async def apply_policies_text(etcd_endpoint: str, text: str) -> None:
     """Apply policy documents (any registered kind) straight to etcd, as `hivemesh policy apply` would."""
     from hivemesh.controlplane.policies import apply_text
     from hivemesh.mesh.etcd import client, wait_connected
 
-    c = client(etcd_endpoint)
+    c = client(etcd_endpoint, tls=controlplane_etcd_tls(_session_ca_dir()))  # as the control plane would
     try:
         await wait_connected(c)
         await apply_text(c, text)
@@ -93,7 +115,7 @@ async def start_mesh_env(
 ) -> MeshEnv:
     """config: ControlPlaneConfig overrides (cert_ttl_s, token_ttl_s, ...); authz: the authz policies to apply
     (None: none at all, so every call is denied)."""
-    certs = init_ca(tmp / "certs", TRUST_DOMAIN)
+    certs = copy_session_ca(tmp / "certs")
     grants_file = tmp / "grants.yaml"
     grants_file.write_text(yaml.safe_dump(grants or DEFAULT_GRANTS))
     cp = ControlPlaneServer(

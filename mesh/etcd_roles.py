@@ -1,0 +1,183 @@
+"""Least privilege in etcd: which identity may read and write which key prefix, as etcd users and roles.
+
+etcd runs with `--client-cert-auth` and auth enabled, so the Common Name of the verified client certificate is
+the etcd user (no password, no token). The CA writes `<kind>:<name>` there (`etcd_user`); the control plane
+connects as `controlplane`, a user holding etcd's `root` role, and creates a workload's user and role when it
+signs the workload's certificate (`ensure_workload_user`). Roles are unions of prefix ranges (etcd has no
+deny), so the key layout keeps what a workload may not read (grants, join tokens) outside what it may:
+
+=====================  ==================================  =========================================
+prefix                 read                                write
+=====================  ==================================  =========================================
+agents/                every workload (the registry)       agent X: only agents/X/ (its instances)
+policies/              every workload                      control plane
+grants/                control plane                       control plane
+trust/                 every workload                      control plane
+revoked/               every workload                      control plane
+join/                  control plane                       control plane
+status/                operators                           K:X only status/K/X/ (its own status)
+escalations/           operators                           control plane
+workflows/, -index/    clients, operators                  clients, operators (not yet per owner)
+budgets/spend/         agents, operators                   agents (shared counters, not yet per agent)
+=====================  ==================================  =========================================
+
+The last two rows are what is not yet least privilege; docs/security.md says what key change closes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+import grpc
+from aetcd import rpc
+
+from hivemesh.mesh.etcd import PREFIX, EtcdTls, is_permission_denied
+
+READ: Final = rpc.Permission.READ
+WRITE: Final = rpc.Permission.WRITE
+READWRITE: Final = rpc.Permission.READWRITE
+
+ROOT_USER: Final = "root"
+CONTROLPLANE_USER: Final = "controlplane"
+"""The control plane's certificate's Common Name; this user holds etcd's `root` role."""
+NODE_ROLE: Final = "hivemesh-node"
+OPERATOR_ROLE: Final = "hivemesh-operator"
+CLIENT_ROLE: Final = "hivemesh-client"
+AGENT_ROLE: Final = "hivemesh-agent"
+
+AGENTS: Final = PREFIX + "agents/"
+POLICIES: Final = PREFIX + "policies/"
+GRANTS: Final = PREFIX + "grants/"
+TRUST: Final = PREFIX + "trust/"
+REVOKED: Final = PREFIX + "revoked/"
+JOIN: Final = PREFIX + "join/"
+STATUS: Final = PREFIX + "status/"
+ESCALATIONS: Final = PREFIX + "escalations/"
+WORKFLOWS: Final = PREFIX + "workflows/"
+WORKFLOW_INDEX: Final = PREFIX + "workflow-index/"
+SPEND: Final = PREFIX + "budgets/spend/"
+
+
+@dataclass(frozen=True)
+class Grant:
+    """One permission of a role: perm on every key starting with prefix."""
+
+    perm: int
+    prefix: str
+
+    def message(self) -> Any:
+        key = self.prefix.encode()
+        return rpc.Permission(permType=self.perm, key=key, range_end=prefix_end(key))
+
+
+def prefix_end(key: bytes) -> bytes:
+    """etcd's range end for "every key starting with key" (the key with its last byte incremented)."""
+    k = bytearray(key)
+    while k:
+        if k[-1] < 0xFF:
+            k[-1] += 1
+            return bytes(k)
+        k.pop()
+    return b"\0"
+
+
+STATIC_ROLES: Final[dict[str, tuple[Grant, ...]]] = {
+    # What every node's data plane mirrors: the registry, the policies, the trust documents, the revocations.
+    NODE_ROLE: (Grant(READ, AGENTS), Grant(READ, POLICIES), Grant(READ, TRUST), Grant(READ, REVOKED)),
+    AGENT_ROLE: (Grant(READWRITE, SPEND),),
+    CLIENT_ROLE: (Grant(READWRITE, WORKFLOWS), Grant(READWRITE, WORKFLOW_INDEX)),
+    OPERATOR_ROLE: (
+        Grant(READ, STATUS), Grant(READ, ESCALATIONS), Grant(READ, SPEND),
+        Grant(READWRITE, WORKFLOWS), Grant(READWRITE, WORKFLOW_INDEX),
+    ),
+}
+_KIND_ROLE: Final = {"agent": AGENT_ROLE, "client": CLIENT_ROLE, "operator": OPERATOR_ROLE}
+
+
+def etcd_user(kind: str, name: str) -> str:
+    """The etcd user (and the Common Name of the certificate) of workload kind/name: `<kind>:<name>`."""
+    return f"{kind}:{name}"
+
+
+def workload_grants(kind: str, name: str) -> tuple[Grant, ...]:
+    """The permissions only this workload holds: its own registration (agents) and its own status."""
+    own = Grant(READWRITE, f"{STATUS}{kind}/{name}/")
+    return (Grant(READWRITE, f"{AGENTS}{name}/"), own) if kind == "agent" else (own,)
+
+
+def workload_roles(kind: str) -> tuple[str, ...]:
+    """The static roles a workload of this kind holds besides its own."""
+    return (NODE_ROLE, _KIND_ROLE[kind]) if kind in _KIND_ROLE else (NODE_ROLE,)
+
+
+# --- the requests, shared by the synchronous bootstrap and the control plane's asynchronous calls -------------
+def _role(name: str, grants: tuple[Grant, ...]) -> Iterator[tuple[str, Any]]:
+    yield "RoleAdd", rpc.AuthRoleAddRequest(name=name)
+    for g in grants:
+        yield "RoleGrantPermission", rpc.AuthRoleGrantPermissionRequest(name=name, perm=g.message())
+
+
+def _user(name: str, roles: tuple[str, ...]) -> Iterator[tuple[str, Any]]:
+    yield "UserAdd", rpc.AuthUserAddRequest(name=name, options=rpc.UserAddOptions(no_password=True))
+    for r in roles:
+        yield "UserGrantRole", rpc.AuthUserGrantRoleRequest(user=name, role=r)
+
+
+def bootstrap_requests() -> Iterator[tuple[str, Any]]:
+    """root and controlplane users (etcd's root role), the static roles, then auth on."""
+    for name, grants in STATIC_ROLES.items():
+        yield from _role(name, grants)
+    yield from _user(ROOT_USER, ("root",))
+    yield from _user(CONTROLPLANE_USER, ("root",))
+    yield "AuthEnable", rpc.AuthEnableRequest()
+
+
+def workload_requests(kind: str, name: str) -> Iterator[tuple[str, Any]]:
+    user = etcd_user(kind, name)
+    yield from _role(user, workload_grants(kind, name))
+    yield from _user(user, (user, *workload_roles(kind)))
+
+
+def _already(exc: grpc.RpcError) -> bool:
+    """etcd's answer to creating what exists (idempotent re-runs: a restarted member, a renewed workload)."""
+    details = (exc.details() or "") if hasattr(exc, "details") else str(exc)
+    return bool(exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "already exist" in details)
+
+
+def bootstrap_auth(endpoint: str, admin: EtcdTls, timeout: float = 5.0) -> None:
+    """Create the static roles and the root users and enable auth, as the bootstrap identity (CN `root`).
+
+    Synchronous gRPC on its own channel: it runs from `EtcdServer.start()`, which may be inside or outside an
+    event loop. Idempotent: a member restarted on the same data finds everything in place.
+    """
+    with grpc.secure_channel(endpoint, admin.credentials()) as ch:
+        stub = rpc.AuthStub(ch)
+        status = stub.AuthStatus(rpc.AuthStatusRequest(), timeout=timeout)
+        if status.enabled:
+            return
+        for method, request in bootstrap_requests():
+            try:
+                getattr(stub, method)(request, timeout=timeout)
+            except grpc.RpcError as exc:
+                if not _already(exc):
+                    raise
+
+
+async def ensure_workload_user(etcd: Any, kind: str, name: str, timeout: float = 5.0) -> None:
+    """Create (idempotently) etcd user `<kind>:<name>` with its own role and its kind's static roles.
+
+    etcd is a connected aetcd client holding the root role (the control plane's); called when the control plane
+    signs a workload's certificate, before the workload can use it against etcd.
+    """
+    stub = rpc.AuthStub(etcd.channel)
+    for method, request in workload_requests(kind, name):
+        try:
+            await getattr(stub, method)(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            if not _already(exc):
+                if is_permission_denied(exc):
+                    raise PermissionError(f"etcd refused to create user {etcd_user(kind, name)}: "
+                                          "the control plane's etcd identity lacks the root role") from exc
+                raise
