@@ -51,6 +51,7 @@ from hivemesh.mesh.pki import (
     validate_name,
 )
 from hivemesh.mesh.pki import validate_trust_domain as _validate_td
+from hivemesh.mesh.server import METADATA_OPTIONS
 from hivemesh.mesh.tls import MAX_MESSAGE_BYTES, KeyMaterial, renewing_server_credentials
 from hivemesh.v1 import control_pb2, control_pb2_grpc, mesh_pb2
 
@@ -394,6 +395,7 @@ class ControlPlaneServer:
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                *METADATA_OPTIONS,
             ]
         )
         health_servicer = health.aio.HealthServicer()
