@@ -15,7 +15,7 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -30,6 +30,7 @@ from hivemesh.controlplane.ca import CaFiles, CertificateAuthority, ensure_contr
 from hivemesh.controlplane.ca_rotation import CaRotation
 from hivemesh.controlplane.grants import GrantSet, load_grants, put_grants
 from hivemesh.controlplane.issuer import MAX_TTL_S, SigningKeys, TokenIssuer
+from hivemesh.controlplane.retention_config import RetentionConfig
 from hivemesh.mesh.errors import (
     FailedPreconditionError,
     GrantDeniedError,
@@ -88,6 +89,8 @@ class ControlPlaneConfig:
     """Default token lifetime (capped at 300 s)."""
     grace_s: float = 2.0
     """How long `stop()` lets in-flight calls finish."""
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    """Compaction of etcd history and deletion of finished runs, resolved escalations, stale revocations."""
 
     def __post_init__(self) -> None:
         eps = self.etcd_endpoints

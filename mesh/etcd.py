@@ -79,6 +79,8 @@ class EtcdServer:
     """`name=http://host:peer-port,...` of every member when this one is part of a cluster (see EtcdCluster);
     None for a single-member cluster."""
     cluster_token: str = "hivemesh"
+    quota_backend_bytes: int = 1 << 30
+    """etcd's space quota: past it, etcd refuses writes (NOSPACE) until space is reclaimed (retention, defrag)."""
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -128,7 +130,7 @@ class EtcdServer:
             "--log-level", "warn",
             # Small, fast commits are all the mesh needs; keep the member light on a 2-core machine.
             "--snapshot-count", "10000",
-            "--quota-backend-bytes", str(1 << 30),
+            "--quota-backend-bytes", str(self.quota_backend_bytes),
         ]
         log_file = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         try:
