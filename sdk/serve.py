@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hivemesh.mesh.audit import AuditLog
+from hivemesh.mesh.cert_presence import cert_labels, follow_certificate
 from hivemesh.mesh.front import FrontDoor, open_front_door
 from hivemesh.mesh.handshake_audit import start_tee
 from hivemesh.mesh.inbound import DecisionObserver
@@ -134,10 +135,11 @@ class AgentServer:
                 endpoint=self.endpoint,
                 identity=self.node.workload.spiffe_id,
                 packaging="in-process",
-                labels={**dict(card.labels), **self.labels},
+                labels={**dict(card.labels), **self.labels, **cert_labels(self.node.workload)},
             )
             self._registration = Registration(self.settings.etcd, instance, ttl_s=self.lease_ttl_s)
             await self._registration.start()
+            follow_certificate(self.node, self._registration, [front.server])
             await self.agent.on_start()
         except BaseException:
             await self.stop()
