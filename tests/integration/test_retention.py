@@ -75,7 +75,8 @@ async def _churn(env: MeshEnv, total_bytes: int) -> tuple[int, int]:
                 await stub.ResolveEscalation(escalation_pb2.ResolveEscalationRequest(id=eid, approve=True),
                                              timeout=10)
             except grpc.aio.AioRpcError as exc:
-                if _nospace(exc) or "REGISTRY_UNAVAILABLE" in str(exc):
+                # The control plane reports etcd's refusal as REGISTRY_UNAVAILABLE: etcd's alarm says why.
+                if _nospace(exc) or [a async for a in etcd.list_alarms()]:
                     raise NoSpaceError(exc.details() or "") from exc
                 raise
             escalations += 1
