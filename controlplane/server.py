@@ -15,7 +15,7 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -31,6 +31,7 @@ from hivemesh.controlplane.ca_rotation import CaRotation
 from hivemesh.controlplane.etcd_certs import controlplane_etcd_tls
 from hivemesh.controlplane.grants import GrantSet, load_grants, put_grants
 from hivemesh.controlplane.issuer import MAX_TTL_S, SigningKeys, TokenIssuer
+from hivemesh.controlplane.retention_config import RetentionConfig
 from hivemesh.mesh.errors import (
     FailedPreconditionError,
     GrantDeniedError,
@@ -54,6 +55,7 @@ from hivemesh.mesh.pki import (
     validate_name,
 )
 from hivemesh.mesh.pki import validate_trust_domain as _validate_td
+from hivemesh.mesh.server import METADATA_OPTIONS
 from hivemesh.mesh.tls import MAX_MESSAGE_BYTES, KeyMaterial, renewing_server_credentials
 from hivemesh.v1 import control_pb2, control_pb2_grpc, mesh_pb2
 
@@ -93,6 +95,8 @@ class ControlPlaneConfig:
     etcd_ca: Path | None = None
     """The CA of etcd's server certificate (default: the mesh bundle, certs_dir/ca.pem, which signs the
     embedded etcd's). The control plane connects with its own certificate, whose etcd user holds root."""
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    """Compaction of etcd history and deletion of finished runs, resolved escalations, stale revocations."""
 
     def __post_init__(self) -> None:
         eps = self.etcd_endpoints
@@ -413,6 +417,7 @@ class ControlPlaneServer:
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                *METADATA_OPTIONS,
             ]
         )
         health_servicer = health.aio.HealthServicer()

@@ -48,7 +48,8 @@ def installers() -> list[ServiceInstaller]:
         audit,  # audit log: shipping, query, verify, checkpoints (issue 4)
         escalations,  # human escalation queue (issue 5)
         policy_service,  # traffic policies and status (issue 3)
+        retention,  # etcd compaction, deletion of finished runs and resolved escalations (issue 10)
         trust_service,  # delegation, revocation, key and CA rotation (issue 4)
     )
 
-    return [escalations.install, audit.install, policy_service.install, trust_service.install]
+    return [escalations.install, audit.install, policy_service.install, trust_service.install, retention.install]

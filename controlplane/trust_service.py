@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Final
 import grpc
 
 from hivemesh.controlplane.ca_rotation import CaRotation
+from hivemesh.controlplane.ca_stragglers import refuse_if_stranding
 from hivemesh.controlplane.grants import GrantSet
 from hivemesh.controlplane.issuer import DEFAULT_ACTIVATE_AFTER_S, MAX_TTL_S
 from hivemesh.controlplane.server import _agent_audience, _requested_scopes, _rpc
@@ -49,6 +50,7 @@ from hivemesh.mesh.pki import Peer, parse_spiffe_id
 from hivemesh.mesh.revocation import Revocation, any_revoked, list_revocations, revoke, subject_revoked
 from hivemesh.mesh.rpcwrap import UnaryBehaviour, wrap_handler
 from hivemesh.mesh.tokens import MAX_DELEGATION_DEPTH, KeySet, TokenVerifier
+from hivemesh.mesh.trustdoc import fingerprint
 from hivemesh.v1 import control_pb2, trust_pb2, trust_pb2_grpc
 
 if TYPE_CHECKING:
@@ -290,6 +292,8 @@ class TrustFeature:
 
     async def rotate_ca(self, step: str) -> None:
         async with self._lock:
+            if step == "finish" and self.rotation.state.phase == "activated":
+                refuse_if_stranding(await self.core.agent_instances(), fingerprint(self.core.ca.certificate))
             ca = await asyncio.to_thread(self.rotation.step, step)
             self.core.ca = ca
             files = self.rotation.files

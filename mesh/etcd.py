@@ -134,6 +134,8 @@ class EtcdServer:
     cluster_token: str = "hivemesh"
     tls: EtcdServerTls | None = None
     """Serve https with client-certificate auth and etcd auth enabled (None: plaintext, for benchmarks only)."""
+    quota_backend_bytes: int = 1 << 30
+    """etcd's space quota: past it, etcd refuses writes (NOSPACE) until space is reclaimed (retention, defrag)."""
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -190,7 +192,7 @@ class EtcdServer:
             "--log-level", "warn",
             # Small, fast commits are all the mesh needs; keep the member light on a 2-core machine.
             "--snapshot-count", "10000",
-            "--quota-backend-bytes", str(1 << 30),
+            "--quota-backend-bytes", str(self.quota_backend_bytes),
         ]
         if self.tls is not None:
             t = self.tls

@@ -33,7 +33,18 @@ from typing import Any, Final
 import grpc
 from aetcd import rpc
 
-from hivemesh.mesh.etcd import PREFIX, EtcdTls, is_permission_denied
+from hivemesh.mesh.etcd import EtcdTls, is_permission_denied
+from hivemesh.mesh.keyspace import (
+    AGENTS,
+    ESCALATIONS,
+    POLICIES,
+    REVOKED,
+    SPEND,
+    STATUS,
+    TRUST,
+    WORKFLOW_INDEX,
+    WORKFLOWS,
+)
 
 READ: Final = rpc.Permission.READ
 WRITE: Final = rpc.Permission.WRITE
@@ -47,17 +58,6 @@ OPERATOR_ROLE: Final = "hivemesh-operator"
 CLIENT_ROLE: Final = "hivemesh-client"
 AGENT_ROLE: Final = "hivemesh-agent"
 
-AGENTS: Final = PREFIX + "agents/"
-POLICIES: Final = PREFIX + "policies/"
-GRANTS: Final = PREFIX + "grants/"
-TRUST: Final = PREFIX + "trust/"
-REVOKED: Final = PREFIX + "revoked/"
-JOIN: Final = PREFIX + "join/"
-STATUS: Final = PREFIX + "status/"
-ESCALATIONS: Final = PREFIX + "escalations/"
-WORKFLOWS: Final = PREFIX + "workflows/"
-WORKFLOW_INDEX: Final = PREFIX + "workflow-index/"
-SPEND: Final = PREFIX + "budgets/spend/"
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final
 
 import grpc
@@ -119,6 +119,9 @@ class MeshNode:
         self._outbound: OutboundPipeline | None = None
         self._renew_task: asyncio.Task[None] | None = None
         self._started = False
+        self.certificate_hooks: list[Callable[[str, Workload], Awaitable[None]]] = []
+        """Told ("renewed", new workload) after each renewal, and once ("expired", workload) when the certificate
+        expired and renewal still fails (see `hivemesh.mesh.cert_presence`)."""
 
     def _etcd_tls(self) -> EtcdTls:
         """The identity etcd sees, read at each (re)connect so a renewed certificate is used from then on."""
@@ -324,6 +327,7 @@ class MeshNode:
                 # A rotation asked every node at once: spread the fleet's renewals over half a second.
                 await asyncio.sleep(random.uniform(0.0, 0.5))
             self._renew_now.clear()
+            told_expired = False
             for attempt in range(1_000_000):
                 try:
                     renewed = await self.controlplane.renew()
@@ -331,7 +335,18 @@ class MeshNode:
                 except HivemeshError as exc:
                     if time.time() >= w.expires_at:
                         log.error("certificate expired and renewal failed: %s", exc)
+                        if not told_expired:
+                            told_expired = True
+                            await self._certificate_event("expired", w)
                     await asyncio.sleep(min(2.0 ** min(attempt, 5), 30.0))
             self.renewals += 1
             self._use_workload(renewed, same_cert=False)  # the control-plane client switched to it already
             log.info("renewed certificate for %s, valid until %s", renewed.spiffe_id, time.ctime(renewed.expires_at))
+            await self._certificate_event("renewed", renewed)
+
+    async def _certificate_event(self, event: str, workload: Workload) -> None:
+        for hook in list(self.certificate_hooks):
+            try:
+                await hook(event, workload)
+            except Exception:
+                log.exception("certificate hook %r failed on %s", hook, event)

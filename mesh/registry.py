@@ -245,6 +245,23 @@ class Registration:
         """etcd revision of the current registration; work fenced by an older one belongs to a lost lease."""
         return self._revision
 
+    async def update(self, instance: AgentInstance) -> None:
+        """Replace the registered document under the same key and lease (e.g. after a certificate renewal);
+        a later re-registration uses it too. Raises if etcd refuses (the next renewal tries again)."""
+        inst = AgentInstance()
+        inst.CopyFrom(instance)
+        inst.instance_id, inst.registered_at_unix_ms = self._instance.instance_id, self._instance.registered_at_unix_ms
+        if agent_key(inst.card.name, inst.instance_id).encode() != self._key:
+            raise InvalidInputError("an update must keep the agent name and instance id")
+        validate_instance(inst)
+        self._instance, self._value = inst, inst.SerializeToString()
+        lease = self._lease_id
+        if lease is None or self._stopped:
+            return
+        c = await self._get_client()
+        async with asyncio.timeout(self._op_timeout):
+            await c.put(self._key, self._value, lease=lease)
+
     async def start(self, timeout: float = 10.0, *, wait: bool = True) -> None:
         """Register, then keep the lease alive in the background.
 

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from hivemesh.mesh.tls import MAX_MESSAGE_BYTES
+
+MAX_METADATA_BYTES: Final = 128 * 1024
+"""Request metadata every mesh server accepts (all headers together). gRPC's default is a soft limit of 8 KiB
+and a hard one of 16 KiB, and between them it refuses requests at random before any mesh code runs, so an
+oversized token left no audit record. With the soft and hard limits equal and well above the token layer's own
+bound (8 KiB, `hivemesh.mesh.tokens`), every token up to here reaches the token layer and is refused on record."""
+METADATA_OPTIONS: Final[tuple[tuple[str, int], ...]] = (
+    ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+    ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
+)
 
 
 class ManagedServer:
@@ -30,6 +40,7 @@ class ManagedServer:
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.so_reuseport", 0),
+                *METADATA_OPTIONS,
             ],
         )
         self.health = health.aio.HealthServicer()

@@ -31,6 +31,7 @@ from hivemesh.mesh.audit import AuditLog
 from hivemesh.mesh.audit.handshake import tracer_events
 from hivemesh.mesh.budget import TokenBudgets
 from hivemesh.mesh.callcontext import inbound_call
+from hivemesh.mesh.cert_presence import cert_labels, follow_certificate
 from hivemesh.mesh.errors import (
     AgentUnavailableError,
     CallHandleInvalidError,
@@ -225,10 +226,11 @@ class Sidecar:
                 endpoint=self.endpoint,
                 identity=self.node.workload.spiffe_id,
                 packaging="sidecar",
-                labels=dict(self.card.labels),
+                labels={**dict(self.card.labels), **cert_labels(self.node.workload)},
             )
             self._registration = Registration(self.node.etcd, instance, ttl_s=cfg.lease_ttl_s)
             await self._registration.start()
+            follow_certificate(self.node, self._registration, [front.server, mesh])
         except BaseException:
             await self.stop()
             raise

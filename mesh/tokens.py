@@ -359,7 +359,7 @@ class TokenVerifier:
         if not isinstance(token, str) or not token:
             raise TokenMissingError()
         if len(token) > _MAX_TOKEN_LEN:
-            raise TokenInvalidError("the token is too large")
+            raise TokenInvalidError(f"the token is {len(token)} bytes; tokens longer than {_MAX_TOKEN_LEN} are refused")
         if not token.isascii():
             raise TokenInvalidError("the token is not a compact JWS (it must be ASCII base64url)")
         parts = token.split(".")

@@ -18,6 +18,7 @@ from types import MappingProxyType
 from hivemesh.mesh.audit import AuditLog
 from hivemesh.mesh.audit.handshake import tracer_events
 from hivemesh.mesh.budget import TokenBudgets
+from hivemesh.mesh.cert_presence import cert_labels, follow_certificate
 from hivemesh.mesh.front import FrontDoor, open_front_door
 from hivemesh.mesh.inbound import DecisionObserver
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
@@ -167,10 +168,11 @@ class AgentServer:
                 endpoint=self.endpoint,
                 identity=self.node.workload.spiffe_id,
                 packaging="in-process",
-                labels={**dict(card.labels), **self.config.labels},
+                labels={**dict(card.labels), **self.config.labels, **cert_labels(self.node.workload)},
             )
             self._registration = Registration(self.node.etcd, instance, ttl_s=self.config.lease_ttl_s)
             await self._registration.start()
+            follow_certificate(self.node, self._registration, [front.server])
             await self.agent.on_start()
         except BaseException:
             await self.stop()

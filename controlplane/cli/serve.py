@@ -22,21 +22,29 @@ from hivemesh.mesh.settings import DEFAULT_TRUST_DOMAIN, MeshSettings
 @click.option("--grants", "grants_file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="Grant file (YAML) loaded into etcd at start.")
 @click.option("--cert-ttl", default=3600, show_default=True, help="Workload certificate lifetime, seconds.")
+@click.option("--retention", envvar="HIVEMESH_RETENTION", default="", metavar="NAME=DURATION,...",
+              help="What etcd keeps how long, e.g. 'workflows=1d,escalations=30d,history=10m'; 'off' disables "
+                   "(defaults: docs/resilience.md).")
 @pass_cli
 @friendly_errors
 def controlplane(obj: CliContext, etcd_endpoints: str, state_dir: Path | None, trust_domain: str, host: str,
-                 port: int, join_port: int, grants_file: Path | None, cert_ttl: int) -> None:
+                 port: int, join_port: int, grants_file: Path | None, cert_ttl: int, retention: str) -> None:
     """Run the control plane: CA, token issuer, join service."""
+    from hivemesh.controlplane.retention_config import RetentionConfig
     from hivemesh.controlplane.server import ControlPlaneConfig, ControlPlaneServer
     from hivemesh.controlplane.server import main as serve_controlplane
     from hivemesh.mesh.audit.handshake.switch import enable
 
     enable()  # consent to the handshake audit (the package's main turned the tracer on before gRPC loaded)
+    try:
+        kept = RetentionConfig.parse(retention)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--retention") from None
 
     config = ControlPlaneConfig(
         etcd_endpoints=etcd_endpoints, certs_dir=obj.certs_dir, state_dir=state_dir or obj.home / "controlplane",
         trust_domain=trust_domain, host=host, port=port, join_port=join_port, grants_file=grants_file,
-        cert_ttl_s=cert_ttl,
+        cert_ttl_s=cert_ttl, retention=kept,
     )
 
     def ready(server: ControlPlaneServer) -> None:

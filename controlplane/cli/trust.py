@@ -10,6 +10,7 @@ import click
 from rich.table import Table
 
 from hivemesh.controlplane.cli.context import CliContext, as_operator, friendly_errors, out, pass_cli
+from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.v1 import trust_pb2
 
 
@@ -142,5 +143,22 @@ def ca_rotate(obj: CliContext, step: str, as_json: bool) -> None:
 @pass_cli
 @friendly_errors
 def ca_status(obj: CliContext, as_json: bool) -> None:
-    """Which roots are trusted and which one signs."""
-    _print_ca(as_operator(obj, lambda cp: cp.call(cp.trust.GetCaStatus, trust_pb2.GetCaStatusRequest())), as_json)
+    """Which roots are trusted and which one signs, and the registered nodes not yet on the signing root."""
+    from hivemesh.controlplane.ca_stragglers import stragglers
+
+    async def both(cp: ControlPlaneClient) -> tuple[trust_pb2.CaStatusResponse, list[Any]]:
+        resp = await cp.call(cp.trust.GetCaStatus, trust_pb2.GetCaStatusRequest())
+        return resp, stragglers(await cp.list_agents(), resp.signing_root)
+
+    resp, behind = as_operator(obj, both)
+    if as_json:
+        click.echo(json.dumps({"phase": resp.phase, "generation": resp.generation, "roots": list(resp.roots),
+                               "signing_root": resp.signing_root,
+                               "not_on_signing_root": [vars(s) for s in behind]}, indent=2))
+        return
+    _print_ca(resp, as_json)
+    if behind:
+        out.print(f"{len(behind)} registered node(s) not on the signing root (`finish` waits for them):",
+                  highlight=False)
+    for s in behind:
+        out.print(f"  {s.describe()}", highlight=False)

@@ -16,14 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError, NotFoundError
-from hivemesh.mesh.etcd import PREFIX
+from hivemesh.mesh.keyspace import WORKFLOW_INDEX as INDEX
+from hivemesh.mesh.keyspace import WORKFLOWS
 from hivemesh.mesh.pki import NAME_RE
 from hivemesh.sdk.workflow.state import WorkflowState
 
 log = logging.getLogger(__name__)
 
-WORKFLOWS: Final = PREFIX + "workflows/"
-INDEX: Final = PREFIX + "workflow-index/"
 MAX_EVENT_BYTES: Final = 512 * 1024
 
 

@@ -17,9 +17,10 @@ This module turns such text into `HandshakeFailure`s, and tells which lines belo
 process that enabled it can keep them out of the operator's log). It is pure text processing with no gRPC
 import, so the stderr tee (`hivemesh.mesh.audit.handshake.tee`) can run it in a small process of its own.
 
-The format is gRPC's debug output, not an API: grpcio is pinned, and `tests/test_handshake_log.py` parses what
-the pinned grpcio really prints, so an upgrade that changes it fails the tests instead of going quiet. A
-process also proves the trace is live with a probe connection of its own (`hivemesh.mesh.audit.handshake.audit`).
+The format is gRPC's debug output, not an API: grpcio is pinned, and
+`tests/integration/test_handshake_log.py` parses what the pinned grpcio really prints, so an upgrade that changes
+it fails the tests instead of going quiet. A process also proves the trace is live with a probe connection of
+its own (`hivemesh.mesh.audit.handshake.audit`).
 """
 
 from __future__ import annotations

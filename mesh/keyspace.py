@@ -1,0 +1,34 @@
+"""The map of the store: every etcd prefix hivemesh writes, in one place.
+
+Whoever reads or writes a part of the keyspace (the data plane, the SDK's workflow store, the control plane's
+retention, the etcd roles that fence each workload in) names it from here, so the roles and the code that the
+roles govern cannot disagree about where something lives.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+PREFIX: Final = "/hivemesh/"
+AGENTS: Final = PREFIX + "agents/"
+"""<agent>/<instance>: leased registrations (AgentInstance)."""
+POLICIES: Final = PREFIX + "policies/"
+"""<kind>/<name>: policy documents every node mirrors."""
+GRANTS: Final = PREFIX + "grants/"
+"""<name>: who may get which capabilities (only the control plane reads them)."""
+TRUST: Final = PREFIX + "trust/"
+"""Signed token key set and CA bundle."""
+REVOKED: Final = PREFIX + "revoked/"
+"""jti/<id>, sub/<id>: revocations, leased until they expire."""
+JOIN: Final = PREFIX + "join/"
+"""<sha256(token)>: one-time join tokens."""
+STATUS: Final = PREFIX + "status/"
+"""<kind>/<name>/<instance>: what `hivemesh status` shows, leased."""
+ESCALATIONS: Final = PREFIX + "escalations/"
+"""<id>: human escalations."""
+WORKFLOWS: Final = PREFIX + "workflows/"
+"""<id>/...: a durable run's events and owner key."""
+WORKFLOW_INDEX: Final = PREFIX + "workflow-index/"
+"""<id>: the list read model of runs."""
+SPEND: Final = PREFIX + "budgets/spend/"
+"""Token budget spend per (rule, caller, window, instance), leased to the window."""
