@@ -19,7 +19,12 @@ import grpc
 
 from hivemesh.controlplane.client import ControlPlaneClient
 from hivemesh.mesh.channels import ChannelPool
-from hivemesh.mesh.errors import HivemeshError, JoinTokenRequiredError, StoredIdentityMismatchError
+from hivemesh.mesh.errors import (
+    HivemeshError,
+    JoinTokenInvalidError,
+    JoinTokenRequiredError,
+    StoredIdentityMismatchError,
+)
 from hivemesh.mesh.identity_store import IdentityStore, join_hint
 from hivemesh.mesh.outbound import OutboundPipeline
 from hivemesh.mesh.pki import controlplane_id, load_certs
@@ -195,9 +200,18 @@ class MeshNode:
             )
         if unusable is not None:
             log.info("joining with the join token given: %s", unusable.message)
-        workload = await join(
-            s.join, s.ca_bundle.read_bytes(), s.join_token, self.name, self.kind, trust_domain=s.trust_domain
-        )
+        try:
+            workload = await join(
+                s.join, s.ca_bundle.read_bytes(), s.join_token, self.name, self.kind, trust_domain=s.trust_domain
+            )
+        except JoinTokenInvalidError as exc:
+            if unusable is None:
+                raise
+            # Typically the token of the first start, long consumed: the stored identity's trouble is the news.
+            raise JoinTokenRequiredError(
+                f"{unusable.message} (the join token given was refused too: {exc.message})",
+                metadata=unusable.metadata,
+            ) from exc
         if store is not None:
             self._save(store, workload)
         return workload, ControlPlaneClient(s.controlplane, workload, s.trust_domain)
