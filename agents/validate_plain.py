@@ -5,7 +5,11 @@ Nothing from the hivemesh runtime is on its serving path: it imports only `grpc`
 leaves mutual TLS, tokens, policy and registration to a sidecar in front of it:
 
     python -m hivemesh.agents.validate_plain --listen 127.0.0.1:7001     # prints "listening 127.0.0.1:7001"
-    hivemesh sidecar --agent 127.0.0.1:7001 ...
+    hivemesh sidecar --agent 127.0.0.1:7001 --mesh-socket /run/validator/mesh.sock ...
+
+It calls no other capability; an agent that does dials the sidecar's `Mesh` service on that Unix socket
+(`grpc.aio.insecure_channel("unix:/run/validator/mesh.sock")`, the same address string in grpc-js or grpc-go),
+which only the sidecar's user can open.
 
 A Go or Rust agent would do exactly this with its own generated stubs, which is the point of the sample.
 `validate` checks an extracted invoice/receipt: required fields present, each line item's amount equals

@@ -52,11 +52,12 @@ async def create(etcd: Any, name: str, kind: str = "agent", ttl_s: int = DEFAULT
     return token
 
 
-async def consume(etcd: Any, token: str, name: str) -> tuple[str, str]:
-    """Use a join token for `name`, once; returns (name, kind).
+async def consume(etcd: Any, token: str, name: str, kind: str) -> tuple[str, str]:
+    """Use a join token for `kind` `name`, once; returns (name, kind).
 
-    Raises JoinTokenInvalidError when the token is malformed, unknown, expired, already used (also by a
-    concurrent caller) or was issued for another name. A name mismatch does not burn the token.
+    Raises JoinTokenInvalidError when the token is malformed, unknown, expired or already used (also by a
+    concurrent caller), and says so when it was minted for another name or another kind: an agent token never
+    makes a client, nor the reverse. A name or kind mismatch does not burn the token.
     """
     invalid = JoinTokenInvalidError()
     if not isinstance(token, str) or not _TOKEN_RE.fullmatch(token):
@@ -67,11 +68,16 @@ async def consume(etcd: Any, token: str, name: str) -> tuple[str, str]:
         raise invalid
     try:
         doc = json.loads(kv.value)
-        stored_name, kind, expires_at = str(doc["name"]), str(doc["kind"]), float(doc["expires_at"])
+        stored_name, stored_kind, expires_at = str(doc["name"]), str(doc["kind"]), float(doc["expires_at"])
     except (ValueError, KeyError, TypeError):
         raise invalid from None
-    if stored_name != name:
-        raise invalid
+    if (stored_name, stored_kind) != (name, kind):
+        # Naming what the token is for tells its holder nothing it could not do with it anyway.
+        raise JoinTokenInvalidError(
+            f"this join token was minted for {stored_kind} {stored_name!r}, not {kind} {name!r}: "
+            f"ask for a join token for {kind} {name!r} (hivemesh join-token {name} --kind {kind})",
+            metadata={"token_name": stored_name, "token_kind": stored_kind},
+        )
     if expires_at <= time.time():
         # The lease may lag by up to a second; the stored expiry is authoritative.
         await etcd.delete(key)
@@ -83,4 +89,4 @@ async def consume(etcd: Any, token: str, name: str) -> tuple[str, str]:
     )
     if not succeeded:
         raise invalid
-    return stored_name, kind
+    return stored_name, stored_kind

@@ -40,10 +40,10 @@ from hivemesh.controlplane.escalations import PREFIX as ESCALATIONS_PREFIX
 from hivemesh.controlplane.escalations import EscalationStore
 from hivemesh.controlplane.retention_config import RetentionConfig
 from hivemesh.mesh.etcd import PREFIX
+from hivemesh.mesh.keyspace import TERMINAL_RUN_STATES as TERMINAL
 from hivemesh.mesh.keyspace import WORKFLOW_INDEX as INDEX
 from hivemesh.mesh.keyspace import WORKFLOWS
 from hivemesh.mesh.revocation import REVOKED_PREFIX, Revocation
-from hivemesh.sdk.patterns.base import TERMINAL
 from hivemesh.v1 import escalation_pb2
 
 if TYPE_CHECKING:

@@ -21,6 +21,7 @@ from typing import Any, Final, TypeVar
 
 import aetcd
 import grpc
+from cryptography import x509
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -193,6 +194,28 @@ class Core:
         return out
 
 
+def _requested_identity(csr: x509.CertificateSigningRequest, name: str, trust_domain: str) -> SpiffeId:
+    """The identity a joining CSR asks for (its URI SAN spiffe://<td>/<kind>/<name>): the join token must have
+    been minted for exactly that kind and name, so an agent token never makes a client, nor the reverse."""
+    try:
+        sans = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    ids = [u for u in uris if u.startswith("spiffe://")]
+    msg = (f"the CSR must name the identity it asks for as one URI SAN spiffe://{trust_domain}/<kind>/{name} "
+           f"(kind agent or client)")
+    if len(ids) != 1:
+        raise InvalidInputError(msg, field_violations={"csr_pem": msg})
+    try:
+        wanted = parse_spiffe_id(ids[0])
+    except ValueError:
+        raise InvalidInputError(msg, field_violations={"csr_pem": msg}) from None
+    if wanted.trust_domain != trust_domain or wanted.name != name or wanted.kind not in joins.JOIN_KINDS:
+        raise InvalidInputError(f"{msg}; it asks for {ids[0]}", field_violations={"csr_pem": msg})
+    return wanted
+
+
 class JoinServicer(control_pb2_grpc.JoinServicer):
     """Join.SignCertificate: one certificate per one-time join token."""
 
@@ -204,12 +227,13 @@ class JoinServicer(control_pb2_grpc.JoinServicer):
         self, request: control_pb2.SignCertificateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> control_pb2.SignCertificateResponse:
         # The CSR is checked before the token is consumed, so a client bug does not burn the token.
-        self._core.ca.check_csr(request.csr_pem)
+        csr = self._core.ca.check_csr(request.csr_pem)
         try:
             validate_name(request.name)
         except ValueError as exc:
             raise InvalidInputError(str(exc), field_violations={"name": str(exc)}) from None
-        name, kind = await joins.consume(self._core.etcd, request.join_token, request.name)
+        requested = _requested_identity(csr, request.name, self._core.trust_domain)
+        name, kind = await joins.consume(self._core.etcd, request.join_token, request.name, requested.kind)
         spiffe_id = f"spiffe://{self._core.trust_domain}/{kind}/{name}"
         await self._core.ensure_etcd_user(spiffe_id)
         resp = self._core.sign(request.csr_pem, spiffe_id)

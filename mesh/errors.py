@@ -224,6 +224,16 @@ class FailedPreconditionError(HivemeshError):
     default_message = "the system is not in a state to do this"
 
 
+class JoinTokenRequiredError(FailedPreconditionError):
+    reason = "JOIN_TOKEN_REQUIRED"
+    default_message = "this workload has no usable identity: a new join token is needed (HIVEMESH_JOIN_TOKEN)"
+
+
+class StoredIdentityMismatchError(FailedPreconditionError):
+    reason = "STORED_IDENTITY_MISMATCH"
+    default_message = "the identity stored in the state folder is not the one this workload asks for"
+
+
 class NotFoundError(HivemeshError):
     code = grpc.StatusCode.NOT_FOUND
     reason = "NOT_FOUND"

@@ -32,3 +32,7 @@ WORKFLOW_INDEX: Final = PREFIX + "workflow-index/"
 """<id>: the list read model of runs."""
 SPEND: Final = PREFIX + "budgets/spend/"
 """Token budget spend per (rule, caller, window, instance), leased to the window."""
+
+TERMINAL_RUN_STATES: Final = frozenset({"COMPLETED", "FAILED", "CANCELED", "REJECTED"})
+"""The A2A task states (`hivemesh.v1.TaskState` names) a run's WORKFLOW_INDEX summary never leaves: what
+retention may delete once it is old enough."""

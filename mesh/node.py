@@ -21,8 +21,14 @@ import grpc
 from hivemesh.mesh.authz import AUTHZ
 from hivemesh.mesh.budget import BUDGETS
 from hivemesh.mesh.controlplane_client import ControlPlaneClient
-from hivemesh.mesh.errors import HivemeshError
+from hivemesh.mesh.errors import (
+    HivemeshError,
+    JoinTokenInvalidError,
+    JoinTokenRequiredError,
+    StoredIdentityMismatchError,
+)
 from hivemesh.mesh.etcd import EtcdAccess, EtcdTls
+from hivemesh.mesh.identity_store import IdentityStore, join_hint
 from hivemesh.mesh.outbound import OutboundPipeline
 from hivemesh.mesh.outbound.channels import ChannelPool
 from hivemesh.mesh.outbound.selection import Liveness
@@ -138,16 +144,9 @@ class MeshNode:
         s = self.settings
         if s.cert_file is not None and s.key_file is not None:
             self._workload = load_workload_files(s.cert_file, s.key_file, s.ca_bundle)
+            self._cp = ControlPlaneClient(s.controlplane, self._workload, s.trust_domain)
         else:
-            if not s.join_token:
-                raise HivemeshError(
-                    f"{self.kind} {self.name!r} has no identity: give a join token (HIVEMESH_JOIN_TOKEN) "
-                    "or a certificate and key (HIVEMESH_CERT, HIVEMESH_KEY)"
-                )
-            self._workload = await join(
-                s.join, s.ca_bundle.read_bytes(), s.join_token, self.name, self.kind, trust_domain=s.trust_domain
-            )
-        self._cp = ControlPlaneClient(s.controlplane, self._workload, s.trust_domain)
+            self._workload, self._cp = await self._stored_or_joined()
         self._tokens = TokenSource(self._cp)
         self._channels = ChannelPool(self._workload)
         self._outbound = OutboundPipeline(self.liveness, self._tokens, self._channels, traffic=self.traffic,
@@ -180,6 +179,76 @@ class MeshNode:
             )
             self._status.start()
         self._started = True
+
+    async def _stored_or_joined(self) -> tuple[Workload, ControlPlaneClient]:
+        """The identity kept in the state folder, renewed at once; else a join with the one-time token.
+
+        A stored identity wins over a join token (a restart must not need, nor burn, a new one). A new join token
+        is needed only when the stored certificate expired, was issued by a CA the mesh no longer trusts, or the
+        control plane refuses to renew it (revoked): with no token, the error says which.
+        """
+        s = self.settings
+        store = None if s.identity_dir is None else IdentityStore(s.identity_dir, self.name, self.kind, s.trust_domain)
+        unusable: HivemeshError | None = None
+        if store is not None:
+            try:
+                stored = store.load(s.ca_bundle.read_bytes())
+            except StoredIdentityMismatchError:
+                raise
+            except JoinTokenRequiredError as exc:
+                stored, unusable = None, exc
+            if stored is not None:
+                cp = ControlPlaneClient(s.controlplane, stored, s.trust_domain)
+                try:
+                    renewed = await cp.renew()
+                except HivemeshError as exc:
+                    if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                        # The control plane is away: serve on the stored certificate; the renew loop retries.
+                        log.warning("could not renew the stored identity %s at start (%s); using it as it is",
+                                    stored.spiffe_id, exc.message)
+                        return stored, cp
+                    await cp.close()
+                    unusable = JoinTokenRequiredError(
+                        f"the control plane refused to renew the identity stored in {store.folder} "
+                        f"({exc.reason}: {exc.message}): {join_hint(self.kind, self.name)}",
+                        metadata={"spiffe_id": stored.spiffe_id, "cause": exc.reason},
+                    )
+                else:
+                    self._save(store, renewed)
+                    log.info("%s %s: reusing its stored identity %s", self.kind, self.name, renewed.spiffe_id)
+                    return renewed, cp
+        if not s.join_token:
+            if unusable is not None:
+                raise unusable
+            raise JoinTokenRequiredError(
+                f"{self.kind} {self.name!r} has no identity: give a join token (HIVEMESH_JOIN_TOKEN) "
+                "or a certificate and key (HIVEMESH_CERT, HIVEMESH_KEY)"
+            )
+        if unusable is not None:
+            log.info("joining with the join token given: %s", unusable.message)
+        try:
+            workload = await join(
+                s.join, s.ca_bundle.read_bytes(), s.join_token, self.name, self.kind, trust_domain=s.trust_domain
+            )
+        except JoinTokenInvalidError as exc:
+            if unusable is None:
+                raise
+            # Typically the token of the first start, long consumed: the stored identity's trouble is the news.
+            raise JoinTokenRequiredError(
+                f"{unusable.message} (the join token given was refused too: {exc.message})",
+                metadata=unusable.metadata,
+            ) from exc
+        if store is not None:
+            self._save(store, workload)
+        return workload, ControlPlaneClient(s.controlplane, workload, s.trust_domain)
+
+    def _save(self, store: IdentityStore, workload: Workload) -> None:
+        """Keep workload for the next start; a failed write is logged, never fatal (the node still runs)."""
+        try:
+            store.save(workload)
+        except OSError as exc:
+            log.error("could not keep the identity in %s (the next start will need a join token): %s",
+                      store.folder, exc)
 
     def _status_snapshot(self) -> policy_pb2.NodeTraffic:
         snap = self.traffic.state.snapshot(
@@ -309,6 +378,9 @@ class MeshNode:
 
     def _use_workload(self, workload: Workload, *, same_cert: bool) -> None:
         self._workload = workload
+        s = self.settings
+        if s.identity_dir is not None and s.cert_file is None:
+            self._save(IdentityStore(s.identity_dir, self.name, self.kind, s.trust_domain), workload)
         if self._channels is not None:
             self._channels.update_workload(workload)
         if same_cert and self._cp is not None:

@@ -119,7 +119,8 @@ def controlplane_dns_name(trust_domain: str) -> str:
 def new_key_and_csr(spiffe_id: str) -> tuple[bytes, bytes]:
     """A fresh EC P-256 key (PKCS#8 PEM) and a CSR for spiffe_id; the key never leaves the workload.
 
-    The CA ignores what the CSR asks for and decides the identity itself; the SAN here is informative.
+    The CA decides the identity itself (a renewal keeps the caller's, a join the token's); a join refuses a
+    CSR whose SAN asks for another kind or name than its token was minted for.
     """
     key = ec.generate_private_key(ec.SECP256R1())
     csr = (

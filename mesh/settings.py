@@ -17,6 +17,8 @@ from hivemesh.mesh.pki import validate_trust_domain
 
 DEFAULT_TRUST_DOMAIN = "hivemesh.local"
 STATE_FILE = "mesh.json"
+IDENTITY_DIR = "identity"
+"""Where resolved settings keep joined identities, inside the state folder (see hivemesh.mesh.identity_store)."""
 
 
 def state_dir() -> Path:
@@ -41,6 +43,9 @@ class MeshSettings:
     """One-time join token; needed unless cert_file/key_file give an existing identity."""
     cert_file: Path | None = None
     key_file: Path | None = None
+    identity_dir: Path | None = None
+    """Where a joined workload keeps its key and certificate across restarts (`<state folder>/identity` when
+    resolved); None: nowhere, every start needs a join token or cert_file/key_file."""
 
     def __post_init__(self) -> None:
         parse_endpoints(self.etcd)
@@ -85,9 +90,10 @@ class MeshSettings:
             raise ValueError(
                 f"mesh location unknown ({', '.join(missing)}): run `hivemesh up`, or set {hints}"
             )
-        for p in ("ca_bundle", "cert_file", "key_file"):
+        for p in ("ca_bundle", "cert_file", "key_file", "identity_dir"):
             if values.get(p) is not None:
                 values[p] = Path(values[p])
+        values.setdefault("identity_dir", state_dir() / IDENTITY_DIR)
         return cls(**values)
 
     def etcd_access(self) -> EtcdAccess:

@@ -3,8 +3,9 @@
     agent (any language, 127.0.0.1:7001, plaintext)  ⇄  sidecar  ⇄  mesh (mutual TLS + capability tokens)
 
 Inbound, it terminates mutual TLS, runs the same inbound chain as the SDK's in-process server, and forwards
-the caller's bytes unchanged to the agent. Outbound, it serves the `Mesh` service on a loopback port so the
-agent can call capabilities by name, through the same outbound pipeline as the SDK's MeshClient.
+the caller's bytes unchanged to the agent. Outbound, it serves the `Mesh` service on a Unix socket only its own
+user can open (`hivemesh.mesh.local_socket`; loopback TCP only when asked) so the agent can call capabilities by
+name, through the same outbound pipeline as the SDK's MeshClient.
 
 Delegation: each inbound call reaches the agent with `x-hivemesh-call-handle`, an unguessable value valid only
 while that call is in flight and mapped here to the caller's verified token. The agent never sees the token;
@@ -23,6 +24,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -44,10 +46,11 @@ from hivemesh.mesh.inbound import AGENT_SERVICE, DecisionObserver
 from hivemesh.mesh.layers import Inbound
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN
+from hivemesh.mesh.local_socket import bind_private_socket, default_socket_path, remove_socket
 from hivemesh.mesh.node import MeshNode
 from hivemesh.mesh.registry import Registration, default_instance_id, drain_after_deregistration
 from hivemesh.mesh.server import ManagedServer
-from hivemesh.mesh.settings import MeshSettings
+from hivemesh.mesh.settings import MeshSettings, state_dir
 from hivemesh.mesh.token_source import on_behalf_of
 from hivemesh.mesh.wire import hop_suffix
 from hivemesh.v1 import agent_pb2, agent_pb2_grpc, mesh_pb2
@@ -68,11 +71,15 @@ class SidecarConfig:
     """What one sidecar fronts and where it listens."""
 
     agent: str
-    """The agent's plaintext loopback address, host:port."""
+    """The agent's plaintext address: loopback host:port, or unix:PATH."""
     listen: str = "127.0.0.1:0"
     """Inbound mutual-TLS listener (what the registry advertises)."""
-    mesh_listen: str = "127.0.0.1:0"
-    """Loopback plaintext `Mesh` service for the agent's own outbound calls."""
+    mesh_socket: str | None = None
+    """Unix socket serving `Mesh` (plaintext) for the agent's own outbound calls, 0600 in a 0700 folder; default
+    `<state folder>/run/sidecar-<pid>.sock`. Only the sidecar's user can connect."""
+    mesh_listen: str | None = None
+    """Serve `Mesh` on this loopback TCP host:port instead of the socket, only when asked: then ANY local process
+    can call the mesh as this sidecar's identity (a shared host's other users included)."""
     name: str | None = None
     """Agent name; default: the name in the agent's card."""
     instance_id: str | None = None
@@ -92,9 +99,13 @@ class SidecarConfig:
 
     def __post_init__(self) -> None:
         for name in ("agent", "mesh_listen"):
-            host = getattr(self, name).rpartition(":")[0]
-            if host not in ("127.0.0.1", "localhost", "[::1]"):
-                raise ValueError(f"{name} must be a loopback address (the link is plaintext): {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is None or (name == "agent" and value.startswith("unix:")):
+                continue
+            if value.rpartition(":")[0] not in ("127.0.0.1", "localhost", "[::1]"):
+                raise ValueError(f"{name} must be a loopback address (the link is plaintext): {value}")
+        if self.mesh_socket is not None and self.mesh_listen is not None:
+            raise ValueError("give mesh_socket or mesh_listen, not both: the Mesh service has one listener")
         if self.lease_ttl_s < 2:
             raise ValueError("lease_ttl_s must be at least 2 seconds")
 
@@ -151,6 +162,9 @@ class Sidecar:
         """The token budgets the inbound chain enforces once started (the `budgets` policies)."""
         self.port = 0
         self.mesh_port = 0
+        """The `Mesh` service's TCP port, only with mesh_listen (0 on the default Unix socket)."""
+        self.mesh_socket: Path | None = None
+        """The `Mesh` service's Unix socket (None with mesh_listen)."""
 
     @property
     def endpoint(self) -> str:
@@ -158,7 +172,10 @@ class Sidecar:
 
     @property
     def mesh_endpoint(self) -> str:
-        return f"{self.config.mesh_listen.rpartition(':')[0]}:{self.mesh_port}"
+        """Where the agent dials the `Mesh` service: `unix:PATH` (default) or loopback host:port."""
+        if self.mesh_socket is not None:
+            return f"unix:{self.mesh_socket}"
+        return f"{(self.config.mesh_listen or '').rpartition(':')[0]}:{self.mesh_port}"
 
     async def _describe_agent(self) -> agent_pb2.AgentCard:
         assert self._agent_channel is not None
@@ -215,8 +232,16 @@ class Sidecar:
             )
             mesh = ManagedServer(services=[MESH_SERVICE])
             mesh.add_generic(self._mesh_handler())
-            self.mesh_port = mesh.add_insecure_port(cfg.mesh_listen)
             self._inbound = front
+            if cfg.mesh_listen is not None:
+                self.mesh_port = mesh.add_insecure_port(cfg.mesh_listen)
+                log.warning("the Mesh service listens on TCP %s: any local process can call the mesh as %s through "
+                            "it; the default Unix socket admits only this user", self.mesh_endpoint,
+                            self.node.workload.spiffe_id)
+            else:
+                path = Path(cfg.mesh_socket) if cfg.mesh_socket else default_socket_path(state_dir())
+                bind_private_socket(mesh.server, path)
+                self.mesh_socket = path.absolute()
             await front.start(cfg.listen.rpartition(":")[0], self.port)
             await mesh.start()
             self._mesh = mesh
@@ -248,6 +273,8 @@ class Sidecar:
             if server is not None:
                 await server.stop(grace)
         self._inbound = self._mesh = None
+        if self.mesh_socket is not None:
+            remove_socket(self.mesh_socket)
         if self.audit is not None:
             await self.audit.close()  # ships what it can (bounded), keeps the rest in the spool
             self.audit = None

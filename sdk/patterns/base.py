@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from hivemesh.mesh.errors import HivemeshError, InvalidInputError, TaskRejectedError, from_status_parts
+from hivemesh.mesh.keyspace import TERMINAL_RUN_STATES
 from hivemesh.sdk.call_options import CallOptions
 from hivemesh.sdk.escalation import EscalationClient, EscalationInfo, OnDeadline
 from hivemesh.v1 import agent_pb2, mesh_pb2
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from hivemesh.sdk.client import CallResult
 
 StateName = Literal["SUBMITTED", "WORKING", "INPUT_REQUIRED", "COMPLETED", "FAILED", "CANCELED", "REJECTED"]
-TERMINAL: frozenset[str] = frozenset({"COMPLETED", "FAILED", "CANCELED", "REJECTED"})
+TERMINAL: frozenset[str] = TERMINAL_RUN_STATES
 
 
 def state_name(value: int) -> str:

@@ -34,17 +34,32 @@ async def test_join_token_is_one_time_and_stored_hashed(etcd: aetcd.Client) -> N
     assert stored[0].key == joins.JOIN_PREFIX + hashlib.sha256(token.encode()).hexdigest().encode()
     assert token.encode() not in stored[0].value and token.encode() not in stored[0].key
     assert json.loads(stored[0].value)["name"] == "extractor"
-    assert await joins.consume(etcd, token, "extractor") == ("extractor", "agent")
+    assert await joins.consume(etcd, token, "extractor", "agent") == ("extractor", "agent")
     with pytest.raises(JoinTokenInvalidError):
-        await joins.consume(etcd, token, "extractor")
+        await joins.consume(etcd, token, "extractor", "agent")
     assert not list(await etcd.get_prefix(joins.JOIN_PREFIX))
 
 
 async def test_join_token_name_mismatch_is_refused_without_burning(etcd: aetcd.Client) -> None:
     token = await joins.create(etcd, "extractor", "client", 60)
-    with pytest.raises(JoinTokenInvalidError):
-        await joins.consume(etcd, token, "someone-else")
-    assert await joins.consume(etcd, token, "extractor") == ("extractor", "client")
+    with pytest.raises(JoinTokenInvalidError) as info:
+        await joins.consume(etcd, token, "someone-else", "client")
+    assert info.value.message.startswith(
+        "this join token was minted for client 'extractor', not client 'someone-else'"
+    )
+    assert await joins.consume(etcd, token, "extractor", "client") == ("extractor", "client")
+
+
+@pytest.mark.parametrize(("minted", "used"), [("agent", "client"), ("client", "agent")])
+async def test_join_token_of_another_kind_is_refused_without_burning(
+    etcd: aetcd.Client, minted: str, used: str
+) -> None:
+    token = await joins.create(etcd, "worker", minted, 60)
+    with pytest.raises(JoinTokenInvalidError) as info:
+        await joins.consume(etcd, token, "worker", used)
+    assert info.value.message.startswith(f"this join token was minted for {minted} 'worker', not {used} 'worker'")
+    assert info.value.metadata == {"token_name": "worker", "token_kind": minted}
+    assert await joins.consume(etcd, token, "worker", minted) == ("worker", minted)
 
 
 async def test_join_token_expires(etcd: aetcd.Client) -> None:
@@ -55,7 +70,7 @@ async def test_join_token_expires(etcd: aetcd.Client) -> None:
         assert time.monotonic() < deadline, "join token lease did not expire"
         await asyncio.sleep(0.2)
     with pytest.raises(JoinTokenInvalidError):
-        await joins.consume(etcd, token, "short")
+        await joins.consume(etcd, token, "short", "agent")
 
 
 async def test_join_token_past_its_stored_expiry_is_refused_before_the_lease_fires(
@@ -69,14 +84,14 @@ async def test_join_token_past_its_stored_expiry_is_refused_before_the_lease_fir
     doc["expires_at"] = time.time() - 1
     await etcd.put(key, json.dumps(doc).encode(), lease=kv.lease)
     with pytest.raises(JoinTokenInvalidError):
-        await joins.consume(etcd, token, "late")
+        await joins.consume(etcd, token, "late", "agent")
     assert await etcd.get(key) is None
 
 
 async def test_join_token_concurrent_use_has_one_winner(etcd: aetcd.Client) -> None:
     token = await joins.create(etcd, "racer", "agent", 60)
     results = await asyncio.gather(
-        *(joins.consume(etcd, token, "racer") for _ in range(5)), return_exceptions=True
+        *(joins.consume(etcd, token, "racer", "agent") for _ in range(5)), return_exceptions=True
     )
     assert sum(1 for r in results if r == ("racer", "agent")) == 1
     assert all(isinstance(r, JoinTokenInvalidError) for r in results if r != ("racer", "agent"))
@@ -87,7 +102,7 @@ async def test_join_token_concurrent_use_has_one_winner(etcd: aetcd.Client) -> N
 )
 async def test_join_token_unknown_or_malformed(etcd: aetcd.Client, token: str) -> None:
     with pytest.raises(JoinTokenInvalidError):
-        await joins.consume(etcd, token, "extractor")
+        await joins.consume(etcd, token, "extractor", "agent")
 
 
 @pytest.mark.parametrize(

@@ -55,13 +55,21 @@ async def start_sidecar(
     env: MeshEnv, agent: str, home: Path, log: Path, *args: str, timeout: float = 30.0, **extra: str
 ) -> tuple[asyncio.subprocess.Process, str]:
     """`hivemesh sidecar --agent AGENT` as agent 'plain'; (process, its mTLS endpoint) once it is ready."""
+    proc, ready = await start_sidecar_ready(env, agent, home, log, *args, timeout=timeout, **extra)
+    return proc, ready["mesh"]
+
+
+async def start_sidecar_ready(
+    env: MeshEnv, agent: str, home: Path, log: Path, *args: str, timeout: float = 30.0, **extra: str
+) -> tuple[asyncio.subprocess.Process, dict[str, str]]:
+    """Like start_sidecar; (process, its ready line's fields: mesh=<mTLS endpoint>, outbound=<Mesh address>)."""
     proc = await _spawn(["-m", "hivemesh.controlplane.cli", "sidecar", "--agent", agent, *args],
                         await child_env(env, "plain", home, **extra), log)
     line = await _first_line(proc, log, timeout)
     if not line.startswith("sidecar ready mesh="):
         await stop(proc)
         raise AssertionError(f"sidecar said {line!r}; log {log}:\n{_tail(log)}")
-    return proc, line.split()[2].removeprefix("mesh=")
+    return proc, dict(field.split("=", 1) for field in line.split()[2:])
 
 
 async def start_replica(

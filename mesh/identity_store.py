@@ -1,0 +1,152 @@
+"""A workload's identity kept in its state folder, so a restart needs no new join token.
+
+    <HIVEMESH_HOME>/identity/<kind>-<name>/    0700, owned by the workload's user
+        key.pem      0600  the private key (it never leaves this folder)
+        cert.pem           the current certificate (rewritten at every renewal)
+        bundle.pem         the trust bundle the workload verifies peers with (follows CA rotations)
+
+A join writes the folder; every renewal and trust-bundle change rewrites it. On restart the node reuses it and
+renews at once while the certificate is still valid; only an expired certificate, a revoked identity or one
+from a CA the mesh no longer trusts needs a new join token, and the error says which. Like ssh with its keys,
+a folder or key that other users could read, or that another user owns, is refused rather than used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from hivemesh.mesh.errors import JoinTokenRequiredError, StoredIdentityMismatchError
+from hivemesh.mesh.pki import load_certs
+from hivemesh.mesh.tls import Workload
+from hivemesh.mesh.trustdoc import fingerprint, issued_by
+
+_LOCK = ".lock"
+
+
+def join_hint(kind: str, name: str) -> str:
+    """What to do when a workload needs a new join token."""
+    return (f"ask an operator for a new join token (hivemesh join-token {name} --kind {kind}) "
+            "and set HIVEMESH_JOIN_TOKEN")
+
+
+@dataclass(frozen=True)
+class IdentityStore:
+    """The identity folder of one workload (kind, name) under root (`<state folder>/identity`)."""
+
+    root: Path
+    name: str
+    kind: str
+    trust_domain: str
+
+    @property
+    def folder(self) -> Path:
+        return self.root / f"{self.kind}-{self.name}"
+
+    @property
+    def key_path(self) -> Path:
+        return self.folder / "key.pem"
+
+    @property
+    def cert_path(self) -> Path:
+        return self.folder / "cert.pem"
+
+    @property
+    def bundle_path(self) -> Path:
+        return self.folder / "bundle.pem"
+
+    @property
+    def spiffe_id(self) -> str:
+        return f"spiffe://{self.trust_domain}/{self.kind}/{self.name}"
+
+    @contextlib.contextmanager
+    def _locked(self, exclusive: bool) -> Iterator[None]:
+        """Processes sharing a state folder (replicas of one agent) never read half of a renewal."""
+        fd = os.open(self.folder / _LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _check_private(self) -> None:
+        """Refuse a folder or key that another user owns or could read: someone else's key is not ours."""
+        for path, what in ((self.folder, "folder"), (self.key_path, "private key")):
+            st = path.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                raise JoinTokenRequiredError(f"the identity {what} {path} is a symbolic link; refusing to use it")
+            if st.st_uid != os.geteuid():
+                raise JoinTokenRequiredError(
+                    f"the identity {what} {path} belongs to uid {st.st_uid}, not to this process (uid "
+                    f"{os.geteuid()}); refusing to use it"
+                )
+            if st.st_mode & 0o077:
+                want = "0700" if what == "folder" else "0600"
+                raise JoinTokenRequiredError(
+                    f"the identity {what} {path} is open to other users (mode {stat.S_IMODE(st.st_mode):04o}); "
+                    f"refusing to use it: chmod {want} it, or remove {self.folder} and join again"
+                )
+
+    def load(self, trusted_bundle_pem: bytes, *, now: float | None = None) -> Workload | None:
+        """The stored identity, or None when nothing is stored.
+
+        Raises StoredIdentityMismatchError when it names another workload, and JoinTokenRequiredError (saying
+        why) when it cannot be used: unreadable, open to other users, expired, or issued by a CA that
+        trusted_bundle_pem (the mesh's current trust anchor) shares no root with.
+        """
+        if not self.key_path.exists() and not self.cert_path.exists():
+            return None
+        self._check_private()
+        with self._locked(exclusive=False):
+            try:
+                workload = Workload.from_pems(
+                    self.cert_path.read_bytes(), self.key_path.read_bytes(), self.bundle_path.read_bytes()
+                )
+            except (OSError, ValueError) as exc:
+                raise JoinTokenRequiredError(
+                    f"the identity stored in {self.folder} is unusable ({exc}): {join_hint(self.kind, self.name)}"
+                ) from None
+        if workload.spiffe_id != self.spiffe_id:
+            raise StoredIdentityMismatchError(
+                f"the identity stored in {self.folder} is {workload.spiffe_id}, not {self.spiffe_id} that this "
+                "workload asks for: give each workload its own state folder (HIVEMESH_HOME), or remove that "
+                "folder and join with a join token",
+                metadata={"stored": workload.spiffe_id, "requested": self.spiffe_id},
+            )
+        at = time.time() if now is None else now
+        if workload.expires_at <= at:
+            raise JoinTokenRequiredError(
+                f"the stored certificate of {self.spiffe_id} ({self.cert_path}) expired at "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(workload.expires_at))}, so it cannot be "
+                f"renewed: {join_hint(self.kind, self.name)}",
+                metadata={"spiffe_id": self.spiffe_id, "expired_at_unix": str(int(workload.expires_at))},
+            )
+        stored_roots = load_certs(workload.bundle_pem)
+        trusted = {fingerprint(c) for c in load_certs(trusted_bundle_pem)}
+        if not any(fingerprint(c) in trusted for c in stored_roots) or not any(
+            issued_by(workload.cert_pem, c) for c in stored_roots
+        ):
+            raise JoinTokenRequiredError(
+                f"the identity stored in {self.folder} was issued by a CA this mesh does not trust (none of its "
+                f"roots is in the trust bundle HIVEMESH_CA): {join_hint(self.kind, self.name)}"
+            )
+        return workload
+
+    def save(self, workload: Workload) -> None:
+        """Write the identity (folder 0700, key 0600), each file replaced atomically, under the folder lock."""
+        if workload.spiffe_id != self.spiffe_id:
+            raise ValueError(f"refusing to store {workload.spiffe_id} as {self.spiffe_id}")
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.folder.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.folder, 0o700)  # mkdir's mode is masked by the umask, and an older folder may be wider
+        with self._locked(exclusive=True):
+            workload.save(self.cert_path, self.key_path, self.bundle_path)
+
+
+__all__ = ["IdentityStore", "join_hint"]
