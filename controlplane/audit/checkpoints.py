@@ -218,7 +218,8 @@ def verify_log(
     if report.problem is not None:
         return report
     if head is not None and not cp_problem:
-        missing = compare_to_head(head, report.head_seq, seen_heads.get(int(head["log_seq"])), cps)
+        at = int(head["log_seq"])
+        missing = compare_to_head(head, report.head_seq, seen_heads.get(at, GENESIS if at == 0 else None), cps)
         if missing is not None:
             report.missing = missing
             report.problem = ChainProblem(report.entries + 1 if missing.last_seq else 0,
