@@ -16,6 +16,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from hivemesh.controlplane.audit import public_key_pem
 from hivemesh.controlplane.audit.heads import sign_head
 from hivemesh.sdk import AgentServer, AgentServerConfig, MeshClient
 from hivemesh.v1 import audit_pb2
@@ -120,6 +121,12 @@ async def test_a_cut_tail_or_cut_trailing_checkpoints_are_reported(mesh_env: Mes
     code, out, err = await run_cli(mesh_env, "audit", "verify", "--file", str(tmp_path / "cutcp"),
                                    "--head", str(tmp_path / "forged.json"))
     assert code == 1 and "refusing" in err and "does not verify with the trusted key" in err, out + err
+    # Whoever rewrote the folder could also re-sign its checkpoints with their own key and pass that key: the
+    # control plane's heads do not verify with it, so nothing is said OK.
+    (tmp_path / "cutcp" / "checkpoint-key.pem").write_text(public_key_pem(other.public_key()))
+    code, out, err = await run_cli(mesh_env, "audit", "verify", "--file", str(tmp_path / "cutcp"),
+                                   "--key", str(tmp_path / "cutcp" / "checkpoint-key.pem"))
+    assert code == 1 and "refusing" in err and "OK" not in out, out + err
 
     # (e) No trusted key (no --key, and no operator identity to get the CA-certified key with): not OK, and
     # it says that no signature was checked, even though the untouched chain links.
