@@ -17,11 +17,14 @@ revoked/               every workload                      control plane
 join/                  control plane                       control plane
 status/                operators                           K:X only status/K/X/ (its own status)
 escalations/           operators                           control plane
-workflows/, -index/    clients, operators                  clients, operators (not yet per owner)
+workflows/K-X/         K:X (its own runs), operators       K:X (its own runs), operators
+workflow-index/K-X/    K:X (its own runs), operators       K:X (its own runs), operators
 budgets/spend/         agents, operators                   agents (shared counters, not yet per agent)
 =====================  ==================================  =========================================
 
-The last two rows are what is not yet least privilege; docs/security.md says what key change closes them.
+A run's id starts with its owner (`hivemesh.mesh.run_ids`: `<kind>-<name>/<local>`), so its keys fall in its
+owner's two prefixes and no other workload's. The last row is not yet least privilege; docs/security.md says
+what key change closes it.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from hivemesh.mesh.keyspace import (
     WORKFLOW_INDEX,
     WORKFLOWS,
 )
+from hivemesh.mesh.run_ids import owner_prefixes
 
 READ: Final = rpc.Permission.READ
 WRITE: Final = rpc.Permission.WRITE
@@ -87,7 +91,7 @@ STATIC_ROLES: Final[dict[str, tuple[Grant, ...]]] = {
     # What every node's data plane mirrors: the registry, the policies, the trust documents, the revocations.
     NODE_ROLE: (Grant(READ, AGENTS), Grant(READ, POLICIES), Grant(READ, TRUST), Grant(READ, REVOKED)),
     AGENT_ROLE: (Grant(READWRITE, SPEND),),
-    CLIENT_ROLE: (Grant(READWRITE, WORKFLOWS), Grant(READWRITE, WORKFLOW_INDEX)),
+    CLIENT_ROLE: (),  # a client's runs are its own role's (workload_grants), never a shared one
     OPERATOR_ROLE: (
         Grant(READ, STATUS), Grant(READ, ESCALATIONS), Grant(READ, SPEND),
         Grant(READWRITE, WORKFLOWS), Grant(READWRITE, WORKFLOW_INDEX),
@@ -102,9 +106,10 @@ def etcd_user(kind: str, name: str) -> str:
 
 
 def workload_grants(kind: str, name: str) -> tuple[Grant, ...]:
-    """The permissions only this workload holds: its own registration (agents) and its own status."""
-    own = Grant(READWRITE, f"{STATUS}{kind}/{name}/")
-    return (Grant(READWRITE, f"{AGENTS}{name}/"), own) if kind == "agent" else (own,)
+    """The permissions only this workload holds: its own registration (agents), its own status and its own
+    workflow runs (every kind may orchestrate)."""
+    own = (Grant(READWRITE, f"{STATUS}{kind}/{name}/"), *(Grant(READWRITE, p) for p in owner_prefixes(kind, name)))
+    return (Grant(READWRITE, f"{AGENTS}{name}/"), *own) if kind == "agent" else own
 
 
 def workload_roles(kind: str) -> tuple[str, ...]:
