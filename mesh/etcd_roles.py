@@ -186,3 +186,34 @@ async def ensure_workload_user(etcd: Any, kind: str, name: str, timeout: float =
                     raise PermissionError(f"etcd refused to create user {etcd_user(kind, name)}: "
                                           "the control plane's etcd identity lacks the root role") from exc
                 raise
+
+
+async def reconcile_static_roles(etcd: Any, timeout: float = 5.0) -> list[str]:
+    """Make the shared roles hold exactly STATIC_ROLES' permissions; what changed, for the log.
+
+    `bootstrap_auth` creates them once, when auth is first enabled, so a store bootstrapped by an earlier version
+    keeps its roles' old grants (CLIENT_ROLE's read-write on every workflow run, before runs were owned) until
+    something revokes them: the control plane does, here, at every start, as etcd root.
+    """
+    stub = rpc.AuthStub(etcd.channel)
+    changed: list[str] = []
+    for name, grants in STATIC_ROLES.items():
+        try:
+            have = list((await stub.RoleGet(rpc.AuthRoleGetRequest(role=name), timeout=timeout)).perm)
+        except grpc.aio.AioRpcError as exc:
+            if "not found" not in (exc.details() or ""):
+                raise
+            await stub.RoleAdd(rpc.AuthRoleAddRequest(name=name), timeout=timeout)
+            have = []
+        current = {(int(p.permType), bytes(p.key), bytes(p.range_end)) for p in have}
+        wanted = {(int(g.perm), g.prefix.encode(), prefix_end(g.prefix.encode())): g for g in grants}
+        for perm, key, end in sorted(current - wanted.keys()):
+            await stub.RoleRevokePermission(rpc.AuthRoleRevokePermissionRequest(role=name, key=key, range_end=end),
+                                            timeout=timeout)
+            changed.append(f"{name}: revoked {rpc.Permission.Type.Name(perm)} on {key.decode(errors='replace')}")
+        for spec, g in wanted.items():
+            if spec not in current:
+                await stub.RoleGrantPermission(rpc.AuthRoleGrantPermissionRequest(name=name, perm=g.message()),
+                                               timeout=timeout)
+                changed.append(f"{name}: granted {rpc.Permission.Type.Name(g.perm)} on {g.prefix}")
+    return changed

@@ -14,17 +14,24 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 import aetcd
 import pytest
+from aetcd import rpc
 
+from hivemesh.controlplane.ca import load_ca
+from hivemesh.controlplane.etcd_certs import controlplane_etcd_tls
 from hivemesh.mesh.errors import PermissionDeniedError
+from hivemesh.mesh.etcd import EtcdTls, is_permission_denied, wait_connected
 from hivemesh.mesh.etcd import client as etcd_client
-from hivemesh.mesh.etcd import is_permission_denied, wait_connected
+from hivemesh.mesh.etcd_roles import CLIENT_ROLE, READWRITE, Grant, ensure_workload_user, reconcile_static_roles
 from hivemesh.mesh.keyspace import WORKFLOW_INDEX, WORKFLOWS
+from hivemesh.mesh.pki import new_key_and_csr
 from hivemesh.sdk import MeshClient
 from hivemesh.sdk.workflow import WorkflowEngine, WorkflowRun
+from tests.conftest import SessionCa
 from tests.support.meshenv import MeshEnv, run_cli
 
 pytestmark = pytest.mark.timeout(120)
@@ -158,3 +165,36 @@ async def test_only_the_owning_identity_resumes_its_run(clients: dict[str, MeshC
         RELEASE.setdefault(wid, asyncio.Event()).set()
         state = await resumed[0].result(timeout=30)
     assert state.state == "COMPLETED" and state.output == {"done": "alpha"} and len(state.runs) == 2
+
+
+async def test_the_control_plane_revokes_the_shared_run_grant_of_an_older_store(session_ca: SessionCa,
+                                                                                 tmp_path: Path) -> None:
+    """A store bootstrapped before runs were owned gave every client read-write on every run (CLIENT_ROLE);
+    bootstrap never runs again on it, so the control plane's start-up reconciliation must take that back."""
+    server = session_ca.etcd_server(tmp_path / "etcd")
+    server.start()
+    root = etcd_client(server.endpoint, tls=controlplane_etcd_tls(session_ca.files.certs_dir))
+    sid = "spiffe://hivemesh.local/client/alpha"
+    key, csr = new_key_and_csr(sid)
+    cert = load_ca(session_ca.files.certs_dir).sign_csr(csr, sid)
+    alpha = etcd_client(server.endpoint, tls=EtcdTls(session_ca.files.ca_cert.read_bytes(), cert, key))
+    try:
+        await wait_connected(root)
+        stub = rpc.AuthStub(root.channel)
+        for old in (Grant(READWRITE, WORKFLOWS), Grant(READWRITE, WORKFLOW_INDEX)):  # the earlier layout's grants
+            await stub.RoleGrantPermission(rpc.AuthRoleGrantPermissionRequest(name=CLIENT_ROLE, perm=old.message()))
+        await ensure_workload_user(root, "client", "alpha")
+        await root.put(f"{WORKFLOW_INDEX}client-beta/wf-1".encode(), b"{}")
+        await wait_connected(alpha)
+        others = f"{WORKFLOW_INDEX}client-beta/".encode()
+        assert await _outcome(alpha.get_prefix(others))  # the hole this closes
+        changed = await reconcile_static_roles(root)
+        assert sorted(changed) == [f"{CLIENT_ROLE}: revoked READWRITE on {WORKFLOW_INDEX}",
+                                   f"{CLIENT_ROLE}: revoked READWRITE on {WORKFLOWS}"]
+        assert not await _outcome(alpha.get_prefix(others))
+        assert await _outcome(alpha.get_prefix(f"{WORKFLOW_INDEX}client-alpha/".encode()))  # its own: still
+        assert await reconcile_static_roles(root) == []  # idempotent
+    finally:
+        await alpha.close()
+        await root.close()
+        server.stop()
