@@ -23,6 +23,8 @@ from aetcd import rpc
 
 from hivemesh.controlplane.ca import load_ca
 from hivemesh.controlplane.etcd_certs import controlplane_etcd_tls
+from hivemesh.controlplane.retention import Retention
+from hivemesh.controlplane.retention_config import RetentionConfig
 from hivemesh.mesh.errors import PermissionDeniedError
 from hivemesh.mesh.etcd import EtcdTls, is_permission_denied, wait_connected
 from hivemesh.mesh.etcd import client as etcd_client
@@ -30,7 +32,7 @@ from hivemesh.mesh.etcd_roles import CLIENT_ROLE, READWRITE, Grant, ensure_workl
 from hivemesh.mesh.keyspace import WORKFLOW_INDEX, WORKFLOWS
 from hivemesh.mesh.pki import new_key_and_csr
 from hivemesh.sdk import MeshClient
-from hivemesh.sdk.workflow import WorkflowEngine, WorkflowRun
+from hivemesh.sdk.workflow import WorkflowEngine, WorkflowRun, WorkflowState, WorkflowStore
 from tests.conftest import SessionCa
 from tests.support.meshenv import MeshEnv, run_cli
 
@@ -198,3 +200,23 @@ async def test_the_control_plane_revokes_the_shared_run_grant_of_an_older_store(
         await alpha.close()
         await root.close()
         server.stop()
+
+
+async def test_retention_deletes_finished_owned_runs_and_never_an_owners_subtree(etcd: aetcd.Client) -> None:
+    """A finished run is deleted by its full id; an index key that is not a run id (here one that names an owner,
+    as an id from before runs were owned could) is left alone, since its prefix would be that owner's every run."""
+    store = WorkflowStore(etcd)
+    for wid, last in (("client-bob/wf-done", "completed"), ("client-bob/wf-open", None)):
+        state = WorkflowState(wid)
+        await store.append(state, "created", {"definition": "tests:x", "input": None, "owner": "bob"})
+        if last:
+            await store.append(state, last, {"output": 1})
+    old = json.dumps({"id": "client-bob", "state": "COMPLETED", "updated_at": 1.0}).encode()
+    await etcd.put(f"{WORKFLOW_INDEX}client-bob".encode(), old)
+    report = await Retention(etcd, RetentionConfig(history_s=None, workflows_s=0, escalations_s=None,
+                                                   revocations_s=None)).run_once()
+    assert report.workflows == ["client-bob/wf-done"]
+    assert await store.events("client-bob/wf-done") == []
+    assert [s["id"] for s in await store.list("client-bob")] == ["client-bob/wf-open"]
+    assert (await store.load("client-bob/wf-open")).state == "SUBMITTED"
+    assert await etcd.get(f"{WORKFLOW_INDEX}client-bob".encode()) is not None
