@@ -38,6 +38,12 @@ EXPECTED: dict[str, tuple[bool, bool]] = {
     "/hivemesh/escalations/": (False, False),
     "/hivemesh/workflows/": (False, False),
     "/hivemesh/workflow-index/": (False, False),
+    # Its own workflow runs only (mesh/run_ids.py), not a name-prefix neighbour's ('a.eu').
+    "/hivemesh/workflows/agent-a/": (True, True),
+    "/hivemesh/workflow-index/agent-a/": (True, True),
+    "/hivemesh/workflows/agent-b/": (False, False),
+    "/hivemesh/workflow-index/agent-b/": (False, False),
+    "/hivemesh/workflows/agent-a.eu/": (False, False),
     # Not yet least privilege (docs/security.md): spend counters are shared by every agent.
     "/hivemesh/budgets/spend/": (True, True),
 }
