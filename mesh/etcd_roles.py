@@ -90,7 +90,7 @@ def prefix_end(key: bytes) -> bytes:
 STATIC_ROLES: Final[dict[str, tuple[Grant, ...]]] = {
     # What every node's data plane mirrors: the registry, the policies, the trust documents, the revocations.
     NODE_ROLE: (Grant(READ, AGENTS), Grant(READ, POLICIES), Grant(READ, TRUST), Grant(READ, REVOKED)),
-    AGENT_ROLE: (Grant(READWRITE, SPEND),),
+    AGENT_ROLE: (Grant(READ, SPEND),),  # every agent adds up all spend; it writes only its own (workload_grants)
     CLIENT_ROLE: (),  # a client's runs are its own role's (workload_grants), never a shared one
     OPERATOR_ROLE: (
         Grant(READ, STATUS), Grant(READ, ESCALATIONS), Grant(READ, SPEND),
@@ -106,10 +106,12 @@ def etcd_user(kind: str, name: str) -> str:
 
 
 def workload_grants(kind: str, name: str) -> tuple[Grant, ...]:
-    """The permissions only this workload holds: its own registration (agents), its own status and its own
-    workflow runs (every kind may orchestrate)."""
+    """The permissions only this workload holds: its own registration and token-budget spend (agents), its own
+    status and its own workflow runs (every kind may orchestrate)."""
     own = (Grant(READWRITE, f"{STATUS}{kind}/{name}/"), *(Grant(READWRITE, p) for p in owner_prefixes(kind, name)))
-    return (Grant(READWRITE, f"{AGENTS}{name}/"), *own) if kind == "agent" else own
+    if kind != "agent":
+        return own
+    return (Grant(READWRITE, f"{AGENTS}{name}/"), Grant(READWRITE, f"{SPEND}{name}/"), *own)
 
 
 def workload_roles(kind: str) -> tuple[str, ...]:

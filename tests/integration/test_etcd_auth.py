@@ -44,8 +44,11 @@ EXPECTED: dict[str, tuple[bool, bool]] = {
     "/hivemesh/workflows/agent-b/": (False, False),
     "/hivemesh/workflow-index/agent-b/": (False, False),
     "/hivemesh/workflows/agent-a.eu/": (False, False),
-    # Not yet least privilege (docs/security.md): spend counters are shared by every agent.
-    "/hivemesh/budgets/spend/": (True, True),
+    # Token-budget spend: every agent reads all of it (it adds up every replica's), writes only its own.
+    "/hivemesh/budgets/spend/": (True, False),
+    "/hivemesh/budgets/spend/a/": (True, True),
+    "/hivemesh/budgets/spend/b/": (True, False),
+    "/hivemesh/budgets/spend/a.eu/": (True, False),
 }
 
 
