@@ -14,6 +14,7 @@ capability label, so an instance row shows its node's, and a capability row the 
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import time
@@ -22,7 +23,7 @@ import urllib.request
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -122,8 +123,8 @@ def scrape(target: Target, *, timeout: float = 2.0) -> Scrape:
         if len(body) > _MAX_BODY:
             return Scrape(target, at, None, f"exposition larger than {_MAX_BODY} bytes")
         return Scrape(target, at, parse_exposition(body.decode("utf-8")))
-    except (OSError, urllib.error.URLError) as exc:
-        return Scrape(target, at, None, str(getattr(exc, "reason", exc)))
+    except (OSError, urllib.error.URLError, http.client.HTTPException) as exc:
+        return Scrape(target, at, None, str(getattr(exc, "reason", exc)) or type(exc).__name__)
     except ValueError as exc:  # not the text format
         return Scrape(target, at, None, f"not a Prometheus exposition: {exc}")
 
@@ -229,9 +230,8 @@ class View:
 
     def sorted(self, key: str) -> View:
         """Rows (and each capability's instances) by key, largest first; ties by name."""
-        rows = sorted(self.rows, key=lambda r: (-r.sort_value(key), r.capability))
-        for r in rows:
-            r.instances.sort(key=lambda i: (-i.sort_value(key), i.instance))
+        rows = [replace(r, instances=sorted(r.instances, key=lambda i: (-i.sort_value(key), i.instance)))
+                for r in sorted(self.rows, key=lambda r: (-r.sort_value(key), r.capability))]
         return View(self.direction, rows, self.total, self.targets)
 
     def to_json(self) -> dict[str, Any]:

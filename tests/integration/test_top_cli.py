@@ -7,7 +7,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,19 @@ from tests.support.metrics_nodes import serve
 
 REPO = Path(__file__).resolve().parents[2]
 INTERVAL = 0.5
+
+
+class _NotMetrics(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"<html><body>a web page</body></html>\n"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
 
 
 def hivemesh(*args: str) -> subprocess.CompletedProcess[str]:
@@ -87,9 +102,19 @@ def test_top_once_prints_a_table_and_fails_when_nothing_answers(
     assert {"echo", "summarize", "└"} <= set(rows) and "half-open" in rows["echo"]
     assert any("echo/i-a" in line and "open" in line.split() for line in lines)
 
-    run = hivemesh("top", "--once", "--json", "--interval", str(INTERVAL), "--endpoint", dead)
+    # Nothing listening, and a web server that is not a metrics port: both down, each with its reason.
+    web = ThreadingHTTPServer(("127.0.0.1", 0), _NotMetrics)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        run = hivemesh("top", "--once", "--json", "--interval", str(INTERVAL), "--endpoint", dead,
+                       "--endpoint", f"127.0.0.1:{web.server_address[1]}")
+    finally:
+        web.shutdown()
+        web.server_close()
     assert run.returncode == 1 and "no target answered" in run.stderr
-    assert json.loads(run.stdout)["targets"][0]["up"] is False
+    down = json.loads(run.stdout)["targets"]
+    assert [t["up"] for t in down] == [False, False]
+    assert "refused" in down[0]["error"] and "not a Prometheus exposition" in down[1]["error"]
 
 
 def test_top_usage_mistakes_say_what_to_fix(tmp_path: Path) -> None:
