@@ -362,9 +362,10 @@ def compute(before: Sequence[Scrape], after: Sequence[Scrape], *, direction: str
             acc(labels).buckets[float(labels["le"])] += w.increase(key) * per_s
         for key, labels in _select(w.now, "hivemesh_requests_in_flight", direction=direction):
             acc(labels).in_flight += w.now[key]
-        if direction == "inbound":
+        if direction == "inbound":  # the admission queue is in front of what a node serves
             for key, labels in _select(w.now, "hivemesh_admission_queue_depth"):
-                acc(labels).queue += w.now[key]
+                if node in caps.get(labels.get("capability", ""), {}):  # only onto rows the node already has
+                    acc(labels).queue += w.now[key]
     rows: list[Row] = []
     for capability in sorted(set(caps) | {c for c, _i in breakers}):
         per_node = caps.get(capability, {})

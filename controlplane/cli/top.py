@@ -30,6 +30,8 @@ from hivemesh.controlplane import livestats
 from hivemesh.controlplane.cli.context import CliContext, err, friendly_errors, out, pass_cli
 from hivemesh.controlplane.livestats import SORT_KEYS, Row, Target, View
 
+_SD_DIR: Final = "prometheus"
+"""Where `hivemesh up` writes its Prometheus file-SD files, under the state folder."""
 _SORT_BY_KEY: Final = {"c": "calls", "e": "errors", "p": "p99", "$": "cost"}
 _BREAKER_STYLE: Final = {"closed": "green", "half-open": "yellow", "open": "bold red"}
 
@@ -37,17 +39,17 @@ _BREAKER_STYLE: Final = {"closed": "green", "half-open": "yellow", "open": "bold
 class _Targets:
     """The targets now: the file's (re-read each time; a file being rewritten keeps the last good list)."""
 
-    def __init__(self, path: Path | None, endpoints: Sequence[str]) -> None:
-        self._path = path
+    def __init__(self, paths: Sequence[Path], endpoints: Sequence[str]) -> None:
+        self._paths = list(paths)
         self._fixed = [livestats.parse_endpoint(e) for e in endpoints]
-        self._last: list[Target] = livestats.load_targets(path) if path is not None else []
+        self._last: dict[Path, list[Target]] = {p: livestats.load_targets(p) for p in self._paths}
 
     def now(self) -> list[Target]:
-        if self._path is not None:
+        for path in self._paths:
             with contextlib.suppress(ValueError):  # caught mid-write, or removed: keep scraping what we had
-                self._last = livestats.load_targets(self._path)
+                self._last[path] = livestats.load_targets(path)
         unique: dict[str, Target] = {}
-        for t in (*self._last, *self._fixed):
+        for t in (*(t for p in self._paths for t in self._last[p]), *self._fixed):
             unique.setdefault(t.address, t)
         return list(unique.values())
 
@@ -121,8 +123,9 @@ def render(view: View | None, *, sort: str, interval: float, live: bool) -> Grou
 
 
 @click.command("top")
-@click.option("--targets", "targets_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Prometheus file-SD JSON listing the nodes' metrics ports (what `hivemesh up` writes).")
+@click.option("--targets", "targets_files", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Prometheus file-SD JSON listing the nodes' metrics ports (repeatable). Default, without "
+                   "--endpoint: the files `hivemesh up` writes, <home>/prometheus/*.json.")
 @click.option("--endpoint", "endpoints", multiple=True, metavar="HOST:PORT",
               help="A node's metrics port (repeatable; added to --targets).")
 @click.option("--sort", type=click.Choice(SORT_KEYS), default="calls", show_default=True,
@@ -135,17 +138,18 @@ def render(view: View | None, *, sort: str, interval: float, live: bool) -> Grou
 @click.option("--json", "as_json", is_flag=True, help="With --once: machine-readable output.")
 @pass_cli
 @friendly_errors
-def top(obj: CliContext, targets_file: Path | None, endpoints: tuple[str, ...], sort: str, direction: str,
+def top(obj: CliContext, targets_files: tuple[Path, ...], endpoints: tuple[str, ...], sort: str, direction: str,
         interval: float, once: bool, as_json: bool) -> None:
     """Live calls/s, p50/p99, error %, breaker state, in-flight, queue, tokens/s and cost/min per capability and
-    instance, refreshed from every node's /metrics."""
-    del obj  # reads only the nodes' plaintext metrics ports: no identity needed
+    instance, refreshed from every node's /metrics (their plaintext ports: no identity needed)."""
     if as_json and not once:
         raise click.UsageError("--json needs --once (one view for a script)")
-    if targets_file is None and not endpoints:
-        raise click.UsageError("say what to scrape: --targets FILE (the file-SD JSON `hivemesh up` writes) "
-                               "and/or --endpoint HOST:PORT")
-    targets = _Targets(targets_file, endpoints)
+    if not targets_files and not endpoints:
+        targets_files = tuple(sorted((obj.home / _SD_DIR).glob("*.json")))
+        if not targets_files:
+            raise click.UsageError(f"say what to scrape: --targets FILE (file-SD JSON; none in {obj.home / _SD_DIR},"
+                                   " where `hivemesh up` writes them) and/or --endpoint HOST:PORT")
+    targets = _Targets(targets_files, endpoints)
     if once:
         _once(targets, sort=sort, direction=direction, interval=interval, as_json=as_json)
         return

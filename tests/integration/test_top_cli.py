@@ -117,9 +117,24 @@ def test_top_once_prints_a_table_and_fails_when_nothing_answers(
     assert "refused" in down[0]["error"] and "not a Prometheus exposition" in down[1]["error"]
 
 
+def test_top_reads_the_files_hivemesh_up_writes_by_default(
+    nodes: tuple[dict[str, MetricsServer], str], tmp_path: Path
+) -> None:
+    servers, _dead = nodes
+    sd = tmp_path / "home" / "prometheus"
+    sd.mkdir(parents=True)
+    for job, file, server in (("hivemesh", "nodes.json", "a"), ("hivemesh-controlplane", "controlplane.json", "b")):
+        (sd / file).write_text(json.dumps([{"targets": [servers[server].address], "labels": {"job": job}}]))
+    run = hivemesh("--home", str(tmp_path / "home"), "top", "--once", "--json", "--interval", str(INTERVAL))
+    assert run.returncode == 0, run.stderr
+    assert {(t["node"], t["up"]) for t in json.loads(run.stdout)["targets"]} == {("echo/i-a", True),
+                                                                                  ("echo/i-b", True)}
+
+
 def test_top_usage_mistakes_say_what_to_fix(tmp_path: Path) -> None:
-    run = hivemesh("top", "--once")
+    run = hivemesh("--home", str(tmp_path / "home"), "top", "--once")
     assert run.returncode == 2 and "--targets FILE" in run.stderr and "--endpoint HOST:PORT" in run.stderr
+    assert str(tmp_path / "home" / "prometheus") in run.stderr
     run = hivemesh("top", "--json", "--endpoint", "127.0.0.1:9")
     assert run.returncode == 2 and "--json needs --once" in run.stderr
     bad = tmp_path / "targets.json"

@@ -40,6 +40,11 @@ class _TrafficOnScrape(Collector):
         return iter(())
 
 
+def set_in_flight(m: MeshMetrics, direction: str, capability: str, n: int) -> None:
+    """Calls in flight on a node, the one place tests set them (the metrics catalog says how a node exports them)."""
+    m.red.in_flight.labels(direction, capability).set(n)
+
+
 def _calls(m: MeshMetrics, capability: str, n: int, seconds: float, code: str = "OK", reason: str = "") -> None:
     for _ in range(n):
         m.red.observe("inbound", capability, CALLER, code, reason, seconds)
@@ -48,7 +53,7 @@ def _calls(m: MeshMetrics, capability: str, n: int, seconds: float, code: str = 
 def node_a() -> MeshMetrics:
     """echo/i-a: per batch 30 OK echo calls at 4 ms and 10 UNAVAILABLE at 200 ms, 100 tokens, 0.01 USD."""
     m = MeshMetrics(packaging="sidecar", node="echo/i-a")
-    m.red.in_flight.labels("inbound", "echo").inc(2)
+    set_in_flight(m, "inbound", "echo", 2)
     m.state.add("hivemesh_admission_queue_depth", lambda: [({"capability": "echo"}, 1.0)])
 
     def batch() -> None:

@@ -19,6 +19,7 @@ from hivemesh.controlplane.livestats import (
     quantile,
 )
 from hivemesh.mesh.metrics import MeshMetrics
+from tests.support.metrics_nodes import set_in_flight
 
 CLI = "spiffe://hivemesh.local/client/cli"
 
@@ -53,8 +54,8 @@ def test_rates_errors_and_latency_from_two_scrapes_of_two_nodes() -> None:
     _calls(b, "echo", 40, 0.02)  # a series b never had at the first scrape counts from zero
     _calls(b, "ocr", 8, 3.0, "INVALID_ARGUMENT", "BAD_INPUT")
     _calls(b, "echo", 99, 0.001, direction="outbound")  # calls b made: not in the inbound view
-    a.red.in_flight.labels("inbound", "echo").inc(2)
-    b.red.in_flight.labels("inbound", "echo").inc(1)
+    set_in_flight(a, "inbound", "echo", 2)
+    set_in_flight(b, "inbound", "echo", 1)
     after = [_scrape(a, "10.0.0.1:9100", 102.0), _scrape(b, "10.0.0.2:9100", 104.0)]
 
     view = compute(before, after)
@@ -89,7 +90,7 @@ def test_a_restarted_node_counts_from_zero_and_a_node_scraped_once_has_no_rates(
     _calls(new, "echo", 6, 0.004)
     late = MeshMetrics(packaging="sidecar", node="ocr/i-c")
     _calls(late, "ocr", 3, 0.004)
-    late.red.in_flight.labels("inbound", "ocr").inc(4)
+    set_in_flight(late, "inbound", "ocr", 4)
     after = [_scrape(new, "10.0.0.1:9100", 12.0), _scrape(late, "10.0.0.3:9100", 12.0)]
     echo, ocr = compute(before, after).rows
     assert echo.calls_per_s == 3.0  # 6 since the restart over 2 s, not (6 - 2) / 2
@@ -104,7 +105,8 @@ def test_breakers_callers_report_land_on_the_capability_and_on_its_instances() -
     states = [({"capability": "extract", "instance": ""}, 1.0), ({"capability": "extract", "instance": "i-1"}, 2.0),
               ({"capability": "extract", "instance": "i-gone"}, 2.0)]
     caller.state.add("hivemesh_breaker_state", lambda: states)
-    served.state.add("hivemesh_admission_queue_depth", lambda: [({"capability": "extract"}, 7.0)])
+    served.state.add("hivemesh_admission_queue_depth", lambda: [({"capability": "extract"}, 7.0),
+                                                                ({"capability": "not-served-here"}, 3.0)])
     before = [_scrape(served, "h:1", 0.0), _scrape(caller, "h:2", 0.0)]
     after = [_scrape(served, "h:1", 1.0), _scrape(caller, "h:2", 1.0)]
     (row,) = compute(before, after).rows
