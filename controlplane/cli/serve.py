@@ -102,6 +102,7 @@ def sidecar(agent: str | None, client: str | None, listen: str, mesh_socket: str
         raise click.UsageError("give --mesh-socket or --mesh-listen, not both")
     enable()  # consent to the handshake audit (the package's main turned the tracer on before gRPC loaded)
     config = SidecarConfig(agent=agent, client=client, listen=listen, mesh_socket=mesh_socket,
-                           mesh_listen=mesh_listen, name=name, lease_ttl_s=lease_ttl, max_input_bytes=max_input_bytes, limits=tuple(per_cap),
+                           mesh_listen=mesh_listen, name=name, lease_ttl_s=lease_ttl, max_input_bytes=max_input_bytes,
+                           limits=tuple(per_cap),
                            content_screen=not no_content_screen, screen_exempt=screen_exempt, audit_dir=audit_dir)
     asyncio.run(run_sidecar(config, MeshSettings.resolve()))
