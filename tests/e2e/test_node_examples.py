@@ -204,7 +204,8 @@ async def test_refusals_arrive_in_node_with_their_reason(rig: Rig) -> None:
     # No grant gives `restricted` to callers: refused before anything is sent.
     denied = await node_call(rig.caller_mesh, "restricted", {"text": "x"})
     err = denied["error"]
-    assert err["code"] == "PERMISSION_DENIED" and err["reason"] in ("GRANT_DENIED", "SCOPE_MISSING"), err
+    assert (err["code"], err["reason"]) == ("PERMISSION_DENIED", "GRANT_DENIED"), err
+    assert err["metadata"]["capability"] == "restricted"  # ErrorInfo's metadata arrives too
     not_json = await node_call(rig.caller_mesh, "pricing.quote", "{not json")
     assert not_json["error"]["reason"] == "INVALID_INPUT", not_json
 
