@@ -88,7 +88,8 @@ class SidecarConfig:
     listen: str = "127.0.0.1:0"
     """Inbound mutual-TLS listener (what the registry advertises)."""
     mesh_socket: str | None = None
-    """Unix socket serving `Mesh` (plaintext) for the agent's own outbound calls, 0600 in a 0700 folder; default
+    """Unix socket serving `Mesh` (plaintext) for local callers (the agent's own outbound calls), 0600 in a 0700
+    folder; default
     `<state folder>/run/sidecar-<pid>.sock`. Only the sidecar's user can connect."""
     mesh_listen: str | None = None
     """Serve `Mesh` on this loopback TCP host:port instead of the socket, only when asked: then ANY local process

@@ -66,7 +66,7 @@ def controlplane(obj: CliContext, etcd_endpoints: str, state_dir: Path | None, t
                    "calls (ready line: mesh=) [default: <home>/run/sidecar-<pid>.sock].")
 @click.option("--mesh-listen", default=None, metavar="HOST:PORT",
               help="Serve Mesh on loopback TCP instead of the socket. Unsafe on a shared host: any local "
-                   "process can then call the mesh as this agent.")
+                   "process can then call the mesh as this sidecar's identity.")
 @click.option("--name", default=None, help="Agent name (default: from the agent card).")
 @click.option("--lease-ttl", default=10, show_default=True, help="Registry lease TTL, seconds.")
 @click.option("--max-input-bytes", default=4 * 1024 * 1024, show_default=True)
@@ -98,6 +98,13 @@ def sidecar(agent: str | None, client: str | None, listen: str, mesh_socket: str
         per_cap.append((cap, int(size)))
     if (agent is None) == (client is None):
         raise click.UsageError("give --agent ADDRESS (front an agent) or --client NAME (caller only), exactly one")
+    if client is not None:
+        inbound_only = [flag for flag, given in (("--listen", listen != "127.0.0.1:0"), ("--name", name is not None),
+                                                 ("--limit", bool(limits)), ("--screen-exempt", bool(screen_exempt)))
+                        if given]
+        if inbound_only:
+            raise click.UsageError(f"{', '.join(inbound_only)}: only with --agent (a caller-only sidecar serves "
+                                   "nothing inbound)")
     if mesh_socket is not None and mesh_listen is not None:
         raise click.UsageError("give --mesh-socket or --mesh-listen, not both")
     enable()  # consent to the handshake audit (the package's main turned the tracer on before gRPC loaded)

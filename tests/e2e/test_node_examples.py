@@ -234,10 +234,15 @@ spec: {agents: [pricing], capabilities: [pricing.quote], per_identity_rps: 0.2, 
 
 
 def test_caller_only_sidecar_needs_an_agent_or_a_client(tmp_path: Path) -> None:
-    """The CLI refuses a sidecar with neither --agent nor --client (or both), saying which to give."""
-    for args in ([], ["--agent", "127.0.0.1:1", "--client", "x"]):
+    """The CLI refuses a sidecar with neither --agent nor --client (or both), or a caller-only one given inbound
+    options, saying what to give."""
+    env = {**os.environ, "HIVEMESH_HOME": str(tmp_path)}
+    for args, said in (
+        ([], "give --agent ADDRESS (front an agent) or --client NAME (caller only), exactly one"),
+        (["--agent", "127.0.0.1:1", "--client", "x"], "exactly one"),
+        (["--client", "x", "--name", "y", "--limit", "a=1"], "--name, --limit: only with --agent"),
+    ):
         done = subprocess.run([sys.executable, "-m", "hivemesh.controlplane.cli", "sidecar", *args], cwd=REPO,
-                              capture_output=True, text=True, timeout=60, env={**os.environ,
-                                                                                "HIVEMESH_HOME": str(tmp_path)})
+                              capture_output=True, text=True, timeout=60, env=env)
         assert done.returncode == 2, done
-        assert "give --agent ADDRESS (front an agent) or --client NAME (caller only), exactly one" in done.stderr
+        assert said in " ".join(done.stderr.split()), done.stderr
