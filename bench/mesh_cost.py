@@ -704,7 +704,7 @@ class Bench:
         )
         caller_agent_port = (await self._ready(client))["port"]
         caller, addrs = await self._sidecar("c.sidecar-caller", "bench-caller", f"127.0.0.1:{caller_agent_port}")
-        await client.send({"target": addrs["outbound"]})
+        await client.send({"target": addrs["mesh"]})
         await self._ready(client)
         self.paths.append(CallPath("c", "sidecar path", client, [caller, callee, agent]))
 

@@ -11,6 +11,10 @@ Delegation: each inbound call reaches the agent with `x-hivemesh-call-handle`, a
 while that call is in flight and mapped here to the caller's verified token. The agent never sees the token;
 when it calls `Mesh.Call` with the handle in its metadata, the sidecar acts for the caller's principal (RFC 8693
 exchange, as `ctx.call_capability(..., on_behalf=True)` does in the SDK).
+
+Caller only (`SidecarConfig(client=NAME)`, `hivemesh sidecar --client NAME`): a program that only calls the mesh
+needs no agent behind it. The sidecar joins as the client identity NAME and serves `Mesh` alone: no Agent
+service, no inbound mutual-TLS port, no registration.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Any
 
 import grpc
 
-from hivemesh.mesh.audit import AuditLog
+from hivemesh.mesh.audit import AuditLog, open_node_audit
 from hivemesh.mesh.audit.handshake import tracer_events
 from hivemesh.mesh.budget import TokenBudgets
 from hivemesh.mesh.callcontext import inbound_call
@@ -64,18 +68,28 @@ CALL_HANDLE_KEY = "x-hivemesh-call-handle"
 # The token is the mesh's business: never leak it to the agent. The caller and handle headers are the sidecar's
 # to set: a caller's own copy would let it claim any identity to an agent that reads the first value.
 _DROP_METADATA = frozenset({"authorization", _CALLER_KEY, CALL_HANDLE_KEY})
+_TRACE_KEYS = frozenset({"traceparent", "tracestate"})
+"""W3C trace context: a local caller's `Mesh.Call` carries it on to the agent it reaches, so one trace spans the
+languages (the only headers of a local caller the sidecar passes on; the rest are the mesh's to set)."""
+
+
+def _trace_metadata(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[tuple[str, str], ...]:
+    return tuple((k, v) for k, v in context.invocation_metadata() or () if k in _TRACE_KEYS and isinstance(v, str))
 
 
 @dataclass(frozen=True)
 class SidecarConfig:
     """What one sidecar fronts and where it listens."""
 
-    agent: str
-    """The agent's plaintext address: loopback host:port, or unix:PATH."""
+    agent: str | None = None
+    """The agent's plaintext address: loopback host:port, or unix:PATH. None with `client`."""
+    client: str | None = None
+    """Caller only: join as this client identity and serve only `Mesh` (give this or agent, not both)."""
     listen: str = "127.0.0.1:0"
     """Inbound mutual-TLS listener (what the registry advertises)."""
     mesh_socket: str | None = None
-    """Unix socket serving `Mesh` (plaintext) for the agent's own outbound calls, 0600 in a 0700 folder; default
+    """Unix socket serving `Mesh` (plaintext) for local callers (the agent's own outbound calls), 0600 in a 0700
+    folder; default
     `<state folder>/run/sidecar-<pid>.sock`. Only the sidecar's user can connect."""
     mesh_listen: str | None = None
     """Serve `Mesh` on this loopback TCP host:port instead of the socket, only when asked: then ANY local process
@@ -98,6 +112,8 @@ class SidecarConfig:
     """Capabilities the content screen skips."""
 
     def __post_init__(self) -> None:
+        if (self.agent is None) == (self.client is None):
+            raise ValueError("give agent (an agent to front) or client (a caller-only sidecar), exactly one")
         for name in ("agent", "mesh_listen"):
             value = getattr(self, name)
             if value is None or (name == "agent" and value.startswith("unix:")):
@@ -193,7 +209,11 @@ class Sidecar:
                 await asyncio.sleep(0.2)
 
     async def start(self) -> None:
+        if self.config.client is not None:
+            await self._start_client(self.config.client)
+            return
         cfg = self.config
+        assert cfg.agent is not None
         self._agent_channel = grpc.aio.insecure_channel(cfg.agent)
         try:
             self.card = await self._describe_agent()
@@ -230,18 +250,8 @@ class Sidecar:
                     endpoint=self.endpoint,
                 )
             )
-            mesh = ManagedServer(services=[MESH_SERVICE])
-            mesh.add_generic(self._mesh_handler())
             self._inbound = front
-            if cfg.mesh_listen is not None:
-                self.mesh_port = mesh.add_insecure_port(cfg.mesh_listen)
-                log.warning("the Mesh service listens on TCP %s: any local process can call the mesh as %s through "
-                            "it; the default Unix socket admits only this user", self.mesh_endpoint,
-                            self.node.workload.spiffe_id)
-            else:
-                path = Path(cfg.mesh_socket) if cfg.mesh_socket else default_socket_path(state_dir())
-                bind_private_socket(mesh.server, path)
-                self.mesh_socket = path.absolute()
+            mesh = self._bind_mesh()
             await front.start(cfg.listen.rpartition(":")[0], self.port)
             await mesh.start()
             self._mesh = mesh
@@ -259,8 +269,50 @@ class Sidecar:
         except BaseException:
             await self.stop()
             raise
-        log.info("sidecar for %s: mesh %s (mTLS), agent %s, outbound Mesh on %s",
+        log.info("sidecar for %s: inbound %s (mTLS), agent %s, Mesh for local callers on %s",
                  self.card.name, self.endpoint, cfg.agent, self.mesh_endpoint)
+
+    def _bind_mesh(self) -> ManagedServer:
+        """The `Mesh` service for local callers, bound (not started) to the private socket or loopback TCP."""
+        assert self.node is not None
+        cfg = self.config
+        mesh = ManagedServer(services=[MESH_SERVICE])
+        mesh.add_generic(self._mesh_handler())
+        if cfg.mesh_listen is not None:
+            self.mesh_port = mesh.add_insecure_port(cfg.mesh_listen)
+            log.warning("the Mesh service listens on TCP %s: any local process can call the mesh as %s through "
+                        "it; the default Unix socket admits only this user", self.mesh_endpoint,
+                        self.node.workload.spiffe_id)
+        else:
+            path = Path(cfg.mesh_socket) if cfg.mesh_socket else default_socket_path(state_dir())
+            bind_private_socket(mesh.server, path)
+            self.mesh_socket = path.absolute()
+        return mesh
+
+    async def _start_client(self, name: str) -> None:
+        """Caller only: join as client `name` and serve `Mesh`; nothing inbound, nothing registered."""
+        try:
+            self.node = MeshNode(self.settings, name=name, kind="client", instance_id=self.instance_id)
+            await self.node.start()
+            if self.config.audit:
+                # Refusals decided on the way out (no grant, circuit open) are audited as a MeshClient's are.
+                self.audit = open_node_audit(self.node, spiffe_id=self.node.workload.spiffe_id,
+                                             instance=self.instance_id, directory=self.config.audit_dir)
+                self.node.outbound.observer = self.audit.outbound
+            mesh = self._bind_mesh()
+            await mesh.start()
+            self._mesh = mesh
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("caller-only sidecar for client %s: Mesh for local callers on %s", name, self.mesh_endpoint)
+
+    @property
+    def ready_line(self) -> str:
+        """What `hivemesh sidecar` prints once serving: each port named for what it is (`inbound=` the mutual-TLS
+        port the mesh calls the agent on, absent for a caller-only sidecar; `mesh=` the local Mesh service)."""
+        inbound = "" if self.config.client is not None else f" inbound={self.endpoint}"
+        return f"sidecar ready{inbound} mesh={self.mesh_endpoint}"
 
     async def stop(self, grace: float = 2.0) -> None:
         if self._registration is not None:
@@ -320,7 +372,7 @@ class Sidecar:
     def _agent_handler(self) -> grpc.GenericRpcHandler:
         assert self._agent_channel is not None
         channel = self._agent_channel
-        agent = self.config.agent
+        agent = self.config.agent or ""
         handles = self._handles
         invoke: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/hivemesh.v1.Agent/Invoke")
         invoke_stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(
@@ -398,7 +450,7 @@ class Sidecar:
                 try:
                     raw, _ = await self.node.outbound.invoke(
                         request, capability=req.capability, idempotency_key=req.context.idempotency_key,
-                        timeout=context.time_remaining(), request=req,
+                        timeout=context.time_remaining(), metadata=_trace_metadata(context), request=req,
                     )
                 finally:
                     on_behalf_of.reset(reset)
@@ -412,7 +464,8 @@ class Sidecar:
                 capability = decoded(request).capability
                 on_behalf_of.set(self._subject_token(context))  # this RPC's own task context; None: own token
                 async for raw, _ in self.node.outbound.invoke_stream(
-                    request, capability=capability, timeout=context.time_remaining()
+                    request, capability=capability, timeout=context.time_remaining(),
+                    metadata=_trace_metadata(context),
                 ):
                     yield raw
             except HivemeshError as err:
@@ -466,7 +519,7 @@ async def run_sidecar(config: SidecarConfig, settings: MeshSettings | None = Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"sidecar ready mesh={sidecar.endpoint} outbound={sidecar.mesh_endpoint}", flush=True)  # noqa: T201
+    print(sidecar.ready_line, flush=True)  # noqa: T201
     try:
         await stop.wait()
     finally:

@@ -249,7 +249,7 @@ class MeshUp:
             self._env(await self._join_token("validator")),
         )
         self.say(f"agent validator: plain gRPC on {m.group(1)} (pid {plain.pid}), behind a sidecar (pid {sidecar.pid})")
-        ready = await sidecar.wait_for_line(r"sidecar ready mesh=\S+ outbound=(\S+)", _READY_S)
+        ready = await sidecar.wait_for_line(r"sidecar ready inbound=\S+ mesh=(\S+)", _READY_S)
         # A Unix socket only this user can open: no other local process can call the mesh as the validator.
         self.say(f"  its Mesh service (for the agent's own calls): {ready.group(1)}")
         await self._wait_registered(list(PIPELINE))

@@ -54,15 +54,19 @@ def controlplane(obj: CliContext, etcd_endpoints: str, state_dir: Path | None, t
 
 
 @click.command()
-@click.option("--agent", required=True,
+@click.option("--agent", default=None, metavar="ADDRESS",
               help="The agent's plaintext address: loopback, e.g. 127.0.0.1:7001, or unix:PATH.")
-@click.option("--listen", default="127.0.0.1:0", show_default=True, help="Inbound mutual-TLS listener.")
+@click.option("--client", default=None, metavar="NAME",
+              help="Caller only, instead of --agent: join as client NAME and serve only Mesh for local callers "
+                   "(no inbound port, no registration).")
+@click.option("--listen", default="127.0.0.1:0", show_default=True,
+              help="Inbound mutual-TLS listener, where the mesh calls the agent (ready line: inbound=).")
 @click.option("--mesh-socket", default=None, metavar="PATH",
-              help="Unix socket (0600, folder 0700) serving Mesh for the agent's own outbound calls "
-                   "[default: <home>/run/sidecar-<pid>.sock].")
+              help="Unix socket (0600, folder 0700) serving Mesh for local callers, the agent's own outbound "
+                   "calls (ready line: mesh=) [default: <home>/run/sidecar-<pid>.sock].")
 @click.option("--mesh-listen", default=None, metavar="HOST:PORT",
               help="Serve Mesh on loopback TCP instead of the socket. Unsafe on a shared host: any local "
-                   "process can then call the mesh as this agent.")
+                   "process can then call the mesh as this sidecar's identity.")
 @click.option("--name", default=None, help="Agent name (default: from the agent card).")
 @click.option("--lease-ttl", default=10, show_default=True, help="Registry lease TTL, seconds.")
 @click.option("--max-input-bytes", default=4 * 1024 * 1024, show_default=True)
@@ -72,10 +76,13 @@ def controlplane(obj: CliContext, etcd_endpoints: str, state_dir: Path | None, t
 @click.option("--screen-exempt", multiple=True, metavar="CAP", help="A capability the content screen skips.")
 @click.option("--audit-dir", default=None, help="Audit spool directory (default: <home>/audit).")
 @friendly_errors
-def sidecar(agent: str, listen: str, mesh_socket: str | None, mesh_listen: str | None, name: str | None,
-            lease_ttl: int, max_input_bytes: int, limits: tuple[str, ...], no_content_screen: bool,
+def sidecar(agent: str | None, client: str | None, listen: str, mesh_socket: str | None, mesh_listen: str | None,
+            name: str | None, lease_ttl: int, max_input_bytes: int, limits: tuple[str, ...], no_content_screen: bool,
             screen_exempt: tuple[str, ...], audit_dir: str | None) -> None:
-    """Front an agent written in any language: mTLS, tokens, authz, audit, registry, routing.
+    """Front an agent written in any language (--agent), or serve a caller in any language (--client):
+    mTLS, tokens, authz, audit, registry, routing.
+
+    Prints `sidecar ready inbound=HOST:PORT mesh=unix:PATH` once serving (a caller-only sidecar has no inbound=).
 
     The mesh location and the one-time join token come from HIVEMESH_* variables (or the `up` state file). The
     identity it joins with is kept in <home>/identity/, so a restart needs no new join token.
@@ -89,10 +96,20 @@ def sidecar(agent: str, listen: str, mesh_socket: str | None, mesh_listen: str |
         if not sep or not cap or not size.isdigit() or int(size) <= 0:
             raise click.BadParameter(f"{item!r}: expected CAPABILITY=BYTES", param_hint="--limit")
         per_cap.append((cap, int(size)))
+    if (agent is None) == (client is None):
+        raise click.UsageError("give --agent ADDRESS (front an agent) or --client NAME (caller only), exactly one")
+    if client is not None:
+        inbound_only = [flag for flag, given in (("--listen", listen != "127.0.0.1:0"), ("--name", name is not None),
+                                                 ("--limit", bool(limits)), ("--screen-exempt", bool(screen_exempt)))
+                        if given]
+        if inbound_only:
+            raise click.UsageError(f"{', '.join(inbound_only)}: only with --agent (a caller-only sidecar serves "
+                                   "nothing inbound)")
     if mesh_socket is not None and mesh_listen is not None:
         raise click.UsageError("give --mesh-socket or --mesh-listen, not both")
     enable()  # consent to the handshake audit (the package's main turned the tracer on before gRPC loaded)
-    config = SidecarConfig(agent=agent, listen=listen, mesh_socket=mesh_socket, mesh_listen=mesh_listen, name=name,
-                           lease_ttl_s=lease_ttl, max_input_bytes=max_input_bytes, limits=tuple(per_cap),
+    config = SidecarConfig(agent=agent, client=client, listen=listen, mesh_socket=mesh_socket,
+                           mesh_listen=mesh_listen, name=name, lease_ttl_s=lease_ttl, max_input_bytes=max_input_bytes,
+                           limits=tuple(per_cap),
                            content_screen=not no_content_screen, screen_exempt=screen_exempt, audit_dir=audit_dir)
     asyncio.run(run_sidecar(config, MeshSettings.resolve()))

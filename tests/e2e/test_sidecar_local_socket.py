@@ -102,16 +102,16 @@ async def test_mesh_is_served_on_a_private_unix_socket_and_no_tcp_port(
     proc, ready = await start_sidecar_ready(mesh_env, plain_and_echo.endpoint, tmp_path / "home",
                                             tmp_path / "sidecar.log", "--mesh-socket", str(sock))
     try:
-        assert ready["outbound"] == f"unix:{sock}"
+        assert ready["mesh"] == f"unix:{sock}"
         for path, mode in ((sock, 0o600), (sock.parent, 0o700)):
             st = path.stat()
             assert (stat.S_IMODE(st.st_mode), st.st_uid) == (mode, os.geteuid()), path
         assert stat.S_ISSOCK(sock.stat().st_mode)
         # The only TCP port the sidecar listens on is its mutual-TLS one.
-        mtls_port = int(ready["mesh"].rsplit(":", 1)[1])
+        mtls_port = int(ready["inbound"].rsplit(":", 1)[1])
         assert _listening_tcp_ports(proc.pid) == {mtls_port}
 
-        out = await _call_echo(ready["outbound"])
+        out = await _call_echo(ready["mesh"])
         assert (out["text"], out["caller"]) == ("via the sidecar", PLAIN)
 
         # Another user: refused by the folder (0700), and by the socket itself (0600) once the folder is open.
@@ -138,7 +138,7 @@ async def test_a_live_sidecars_socket_is_not_taken_over(
             await stop(second)
         said = " ".join((tmp_path / "second.log").read_text().split())  # the CLI wraps its error line
         assert f"error: another process serves {sock}; give this sidecar its own --mesh-socket" in said
-        out = await _call_echo(ready["outbound"])  # the first one still answers on it
+        out = await _call_echo(ready["mesh"])  # the first one still answers on it
         assert out["caller"] == PLAIN
     finally:
         await stop(proc)
@@ -149,13 +149,13 @@ async def test_loopback_tcp_only_when_asked(mesh_env: MeshEnv, plain_and_echo: P
     proc, ready = await start_sidecar_ready(mesh_env, plain_and_echo.endpoint, home, tmp_path / "sidecar.log",
                                             "--mesh-listen", "127.0.0.1:0")
     try:
-        host, port = ready["outbound"].rsplit(":", 1)
+        host, port = ready["mesh"].rsplit(":", 1)
         assert host == "127.0.0.1"
-        assert _listening_tcp_ports(proc.pid) == {int(ready["mesh"].rsplit(":", 1)[1]), int(port)}
-        out = await _call_echo(ready["outbound"])
+        assert _listening_tcp_ports(proc.pid) == {int(ready["inbound"].rsplit(":", 1)[1]), int(port)}
+        out = await _call_echo(ready["mesh"])
         assert out["caller"] == PLAIN
         # Why it is opt-in: any local process, of any user, reaches it.
-        assert _connect_as_nobody(ready["outbound"]) == "connected"
+        assert _connect_as_nobody(ready["mesh"]) == "connected"
         assert not (home / "run").exists()  # and no socket was made
     finally:
         await stop(proc)

@@ -14,9 +14,9 @@ from tests.support.meshenv import MeshEnv
 REPO = Path(__file__).resolve().parents[2]
 
 
-async def child_env(env: MeshEnv, name: str, home: Path, **extra: str) -> dict[str, str]:
-    """The environment of a workload joining env's mesh as agent `name` (a fresh one-time join token)."""
-    join = await env.operator.create_join_token(name, "agent", 120)
+async def child_env(env: MeshEnv, name: str, home: Path, kind: str = "agent", **extra: str) -> dict[str, str]:
+    """The environment of a workload joining env's mesh as `kind` `name` (a fresh one-time join token)."""
+    join = await env.operator.create_join_token(name, kind, 120)
     s = env.base_settings()
     out = {k: v for k, v in os.environ.items() if not k.startswith("HIVEMESH_")}
     out.update(
@@ -56,20 +56,35 @@ async def start_sidecar(
 ) -> tuple[asyncio.subprocess.Process, str]:
     """`hivemesh sidecar --agent AGENT` as agent 'plain'; (process, its mTLS endpoint) once it is ready."""
     proc, ready = await start_sidecar_ready(env, agent, home, log, *args, timeout=timeout, **extra)
-    return proc, ready["mesh"]
+    return proc, ready["inbound"]
 
 
 async def start_sidecar_ready(
-    env: MeshEnv, agent: str, home: Path, log: Path, *args: str, timeout: float = 30.0, **extra: str
+    env: MeshEnv, agent: str, home: Path, log: Path, *args: str, timeout: float = 30.0, name: str = "plain",
+    **extra: str,
 ) -> tuple[asyncio.subprocess.Process, dict[str, str]]:
-    """Like start_sidecar; (process, its ready line's fields: mesh=<mTLS endpoint>, outbound=<Mesh address>)."""
+    """Like start_sidecar, joined as agent `name`; (process, its ready line's fields: inbound=<mTLS endpoint>,
+    mesh=<Mesh address>)."""
     proc = await _spawn(["-m", "hivemesh.controlplane.cli", "sidecar", "--agent", agent, *args],
-                        await child_env(env, "plain", home, **extra), log)
+                        await child_env(env, name, home, **extra), log)
+    return proc, await _sidecar_ready(proc, log, timeout)
+
+
+async def start_client_sidecar(
+    env: MeshEnv, name: str, home: Path, log: Path, *args: str, timeout: float = 30.0, **extra: str
+) -> tuple[asyncio.subprocess.Process, dict[str, str]]:
+    """`hivemesh sidecar --client NAME` (caller only, joined as client NAME); (process, ready fields: mesh=)."""
+    proc = await _spawn(["-m", "hivemesh.controlplane.cli", "sidecar", "--client", name, *args],
+                        await child_env(env, name, home, "client", **extra), log)
+    return proc, await _sidecar_ready(proc, log, timeout)
+
+
+async def _sidecar_ready(proc: asyncio.subprocess.Process, log: Path, timeout: float) -> dict[str, str]:
     line = await _first_line(proc, log, timeout)
-    if not line.startswith("sidecar ready mesh="):
+    if not line.startswith("sidecar ready "):
         await stop(proc)
         raise AssertionError(f"sidecar said {line!r}; log {log}:\n{_tail(log)}")
-    return proc, dict(field.split("=", 1) for field in line.split()[2:])
+    return dict(field.split("=", 1) for field in line.split()[2:])
 
 
 async def start_replica(

@@ -3,7 +3,8 @@
 isort:skip_file
 The mesh as its callers see it: call a capability by name, wherever and however many times it is served.
 A Python program uses the SDK's MeshClient (the same layers in-process); a program in any other language
-calls this service on its sidecar's loopback port.
+calls this service on its sidecar's `mesh=` address (a private Unix socket by default): the sidecar of the agent
+it is, or a caller-only one (`hivemesh sidecar --client NAME`). See docs/any-language.md.
 """
 
 from collections import abc as _abc

@@ -1,0 +1,131 @@
+#!/usr/bin/env node
+// The pricing specialist as a hivemesh agent in Node.js: it serves `hivemesh.v1.Agent` in plaintext on loopback
+// and nothing else. `hivemesh sidecar --agent 127.0.0.1:PORT` in front of it does the mesh's work (mutual TLS,
+// tokens, authorization, input validation against the card's schema, audit, registration).
+//
+//   node agent.js [--port 0] [--catalogue catalogue.json] [--name pricing]
+//   prints "listening 127.0.0.1:PORT" once serving; SIGTERM/SIGINT stop it.
+'use strict';
+
+const fs = require('node:fs');
+const path = require('node:path');
+const { parseArgs } = require('node:util');
+const { grpc, loadHivemesh } = require('./lib/contracts');
+const { richError } = require('./lib/richstatus');
+const { INPUT_SCHEMA, OUTPUT_SCHEMA, QuoteError, quote, quoteAll } = require('./lib/pricing');
+
+const CAPABILITY = 'pricing.quote';
+const JSON_TYPE = 'application/json';
+
+const { values: args } = parseArgs({
+  options: {
+    port: { type: 'string', default: '0' },
+    catalogue: { type: 'string', default: path.join(__dirname, 'catalogue.json') },
+    name: { type: 'string', default: 'pricing' },
+  },
+});
+
+const hivemesh = loadHivemesh();
+const catalogue = JSON.parse(fs.readFileSync(args.catalogue, 'utf8'));
+
+const card = {
+  name: args.name,
+  version: '1.0.0',
+  description: 'Pricing specialist of the sales-support team: quotes from the catalogue, with tier discounts.',
+  owner: 'sales-support',
+  labels: { language: 'node' },
+  capabilities: [{
+    name: CAPABILITY,
+    description: 'Quote a price for catalogue items: each line (volume discount from '
+      + `${catalogue.volume_discount.min_quantity} units) then the total with the customer tier's discount. `
+      + 'InvokeStream sends {"line": …} per item, then {"total": …}.',
+    input_schema: JSON.stringify(INPUT_SCHEMA),
+    output_schema: JSON.stringify(OUTPUT_SCHEMA),
+    streaming: true,
+    idempotent: true, // a quote has no side effect: safe to retry
+    tags: ['sales', 'pricing'],
+    input_modes: [JSON_TYPE],
+    output_modes: [JSON_TYPE],
+  }],
+};
+
+/** What every answer says about the call: the W3C trace it belongs to and who called (set by the sidecar). */
+function callNotes(call) {
+  const notes = {};
+  const [traceparent] = call.metadata.get('traceparent');
+  if (traceparent) notes.traceparent = String(traceparent);
+  const [caller] = call.metadata.get('x-hivemesh-caller');
+  if (caller) notes.caller = String(caller);
+  return notes;
+}
+
+/** The request's input as JSON; every refusal is INVALID_ARGUMENT with reason INVALID_INPUT and the fields. */
+function parseInput(request) {
+  if (request.capability !== CAPABILITY) {
+    throw richError(grpc.status.NOT_FOUND, `this agent serves ${CAPABILITY}, not ${request.capability}`,
+      'UNKNOWN_CAPABILITY');
+  }
+  try {
+    return JSON.parse(request.input.toString('utf8'));
+  } catch (e) {
+    throw richError(grpc.status.INVALID_ARGUMENT, `the input is not JSON: ${e.message}`, 'INVALID_INPUT',
+      { input: 'not valid JSON' });
+  }
+}
+
+function refusal(e) {
+  if (e instanceof QuoteError) return richError(grpc.status.INVALID_ARGUMENT, e.message, 'INVALID_INPUT', e.violations);
+  if (e && e.metadata instanceof grpc.Metadata) return e; // already a rich status
+  console.error('pricing: bug:', e);
+  return richError(grpc.status.INTERNAL, `pricing failed: ${e && e.message}`, 'AGENT_ERROR');
+}
+
+const server = new grpc.Server();
+server.addService(hivemesh.Agent.service, {
+  Describe(_call, callback) {
+    callback(null, card);
+  },
+  Invoke(call, callback) {
+    try {
+      const output = quoteAll(parseInput(call.request), catalogue);
+      callback(null, {
+        output: Buffer.from(JSON.stringify(output)), content_type: JSON_TYPE, state: 'TASK_STATE_COMPLETED',
+        metadata: callNotes(call),
+      });
+    } catch (e) {
+      callback(refusal(e));
+    }
+  },
+  InvokeStream(call) {
+    let parts;
+    try {
+      parts = [...quote(parseInput(call.request), catalogue)]; // checks everything before the first chunk
+    } catch (e) {
+      call.destroy(refusal(e));
+      return;
+    }
+    parts.forEach((part, i) => {
+      const final = i === parts.length - 1;
+      call.write({
+        data: Buffer.from(JSON.stringify(part)), content_type: JSON_TYPE, final,
+        state: final ? 'TASK_STATE_COMPLETED' : 'TASK_STATE_WORKING',
+      });
+    });
+    call.end();
+  },
+});
+
+server.bindAsync(`127.0.0.1:${args.port}`, grpc.ServerCredentials.createInsecure(), (err, port) => {
+  if (err) {
+    console.error(`pricing: cannot listen on 127.0.0.1:${args.port}: ${err.message}`);
+    process.exit(1);
+  }
+  process.stdout.write(`listening 127.0.0.1:${port}\n`);
+});
+
+for (const signal of ['SIGINT', 'SIGTERM']) {
+  process.on(signal, () => {
+    setTimeout(() => process.exit(0), 5000).unref(); // calls still open after 5 s are cut
+    server.tryShutdown(() => process.exit(0));
+  });
+}

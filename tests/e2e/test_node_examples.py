@@ -1,0 +1,248 @@
+"""Any language, proven with Node.js: examples/node installed with `npm ci` and run against a real mesh (TLS etcd,
+control plane, real `hivemesh sidecar` processes). The Node pricing agent behind a sidecar is called from Python
+(MeshClient) and from the Node caller through a caller-only sidecar (`--client`, no agent, no inbound port); a
+Python SDK agent is called from Node; refusals (bad input caught by the sidecar's schema check or by the agent
+itself, a capability without a grant, a rate limit) reach Node typed: ErrorInfo reason, BadRequest violations,
+RetryInfo and pushback, which the caller honours; the caller's traceparent reaches the agent across both sidecars."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aetcd
+import pytest
+
+from hivemesh.mesh.etcd import EtcdServer
+from hivemesh.sdk import AgentServer, AgentServerConfig, MeshClient
+from tests.support.agents_for_tests import EchoAgent
+from tests.support.meshenv import TRUST_DOMAIN, MeshEnv, apply_policies_text, start_mesh_env, stop_mesh_env
+from tests.support.spawn import REPO, start_client_sidecar, start_sidecar_ready, stop
+
+NODE_DIR = REPO / "examples" / "node"
+NODE_CALLER = f"spiffe://{TRUST_DOMAIN}/client/node-caller"
+GRANTS = {
+    "grants": [
+        # Callers may quote and echo; nothing grants `restricted` to anyone (the refusal below).
+        {"name": "callers", "subjects": [f"spiffe://{TRUST_DOMAIN}/client/*"],
+         "capabilities": ["pricing.quote", "echo", "shout"]},
+    ]
+}
+ORDER = {"customer_tier": "gold", "items": [{"sku": "CRM-SEAT", "quantity": 60}, {"sku": "ONBOARDING", "quantity": 1}]}
+# 60 seats: 60 x 360.00 = 21600.00, less 5% volume = 20520.00; onboarding 1500.00; subtotal 22020.00;
+# gold 10% = 2202.00 off; total 19818.00.
+TOTAL_CENTS = 1981800
+
+
+@pytest.fixture(scope="module")
+def node_modules() -> Path:
+    """examples/node/node_modules from the committed package-lock.json (`npm ci`), reinstalled only when the
+    lock file changed (its hash is stamped inside node_modules)."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    assert node and npm, "node and npm are needed (./run installs Debian's nodejs and npm when they are missing)"
+    stamp = NODE_DIR / "node_modules" / ".hivemesh-lock-sha256"
+    want = hashlib.sha256((NODE_DIR / "package-lock.json").read_bytes()).hexdigest()
+    if not stamp.exists() or stamp.read_text() != want:
+        subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE_DIR, check=True,
+                       timeout=600)
+        stamp.write_text(want)
+    return NODE_DIR / "node_modules"
+
+
+@pytest.fixture
+async def mesh(etcd: aetcd.Client, etcd_server: EtcdServer, tmp_path: Path) -> AsyncIterator[MeshEnv]:
+    env = await start_mesh_env(tmp_path, etcd_server.endpoint, GRANTS)
+    try:
+        yield env
+    finally:
+        await stop_mesh_env(env)
+
+
+@contextlib.asynccontextmanager
+async def node_agent(log: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """`node agent.js --port 0`; (process, its loopback address) once it listens."""
+    with log.open("ab") as err:
+        proc = await asyncio.create_subprocess_exec(
+            "node", "agent.js", "--port", "0", cwd=NODE_DIR, stdout=asyncio.subprocess.PIPE, stderr=err,
+            start_new_session=True,
+        )
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        assert line.startswith("listening 127.0.0.1:"), f"agent.js said {line!r} (log: {log})"
+        yield proc, line.split()[1]
+    finally:
+        await stop(proc)
+
+
+async def node_call(mesh_address: str, capability: str, payload: Any, *args: str) -> dict[str, Any]:
+    """`node caller.js` once; its one JSON line (exit 0: ok, 1: a refusal it read)."""
+    proc = await asyncio.create_subprocess_exec(
+        "node", "caller.js", "--mesh", mesh_address, "--capability", capability,
+        "--input", payload if isinstance(payload, str) else json.dumps(payload), *args,
+        cwd=NODE_DIR, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        await stop(proc)
+    assert proc.returncode in (0, 1), f"caller.js exited {proc.returncode}: {err.decode()}"
+    result: dict[str, Any] = json.loads(out)
+    assert result["ok"] is (proc.returncode == 0), result
+    return result
+
+
+@dataclass
+class Rig:
+    mesh: MeshEnv
+    caller_mesh: str
+    """The caller-only sidecar's Mesh address (unix:PATH)."""
+    caller_pid: int
+    python: MeshClient
+
+
+@pytest.fixture
+async def rig(mesh: MeshEnv, node_modules: Path, tmp_path: Path) -> AsyncIterator[Rig]:
+    procs: list[asyncio.subprocess.Process] = []
+    try:
+        async with node_agent(tmp_path / "agent.log") as (_, agent_address), AgentServer(
+            EchoAgent("sdk"), await mesh.settings_for("echo"), AgentServerConfig(audit_dir=tmp_path / "echo-audit")
+        ):
+            pricing, ready = await start_sidecar_ready(mesh, agent_address, tmp_path / "pricing-home",
+                                                       tmp_path / "pricing-sidecar.log", name="pricing")
+            procs.append(pricing)
+            caller, caller_ready = await start_client_sidecar(mesh, "node-caller", tmp_path / "caller-home",
+                                                              tmp_path / "caller-sidecar.log")
+            procs.append(caller)
+            async with MeshClient.connect(name="py-caller", settings=await mesh.settings_for("py-caller", "client"),
+                                          audit=False) as python:
+                for capability in ("pricing.quote", "echo"):
+                    assert await python.node.registry.wait_for_capability(capability, 1, timeout=30)
+                assert set(ready) == {"inbound", "mesh"} and set(caller_ready) == {"mesh"}
+                yield Rig(mesh, caller_ready["mesh"], caller.pid, python)
+    finally:
+        for proc in procs:
+            await stop(proc)
+
+
+def _listening_tcp_ports(pid: int) -> set[int]:
+    inodes = {os.readlink(fd)[len("socket:["):-1] for fd in Path(f"/proc/{pid}/fd").iterdir()
+              if fd.is_symlink() and os.readlink(fd).startswith("socket:[")}
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            cols = row.split()
+            if cols[3] == "0A" and cols[9] in inodes:
+                ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+async def test_the_node_agent_is_called_from_python_and_from_node(rig: Rig) -> None:
+    # Python, in-process mesh layers, to the Node agent behind its sidecar.
+    result = await rig.python.call_detailed("pricing.quote", ORDER, timeout=15)
+    assert result.output["total_cents"] == TOTAL_CENTS
+    assert [line["line_total_cents"] for line in result.output["lines"]] == [2052000, 150000]
+    assert [h.kind for h in result.hops] == ["sidecar"]
+    parts = [part async for part in rig.python.stream("pricing.quote", ORDER, timeout=15)]
+    assert [next(iter(p)) for p in parts] == ["line", "line", "total"]
+    assert parts[-1]["total"]["total_cents"] == TOTAL_CENTS
+
+    # Node, through the caller-only sidecar's Mesh socket.
+    assert rig.caller_mesh.startswith("unix:")
+    out = await node_call(rig.caller_mesh, "pricing.quote", ORDER)
+    assert out["output"]["total_cents"] == TOTAL_CENTS and out["attempts"] == 1
+    # The traceparent the Node caller made crossed its sidecar, the mesh and the agent's sidecar.
+    seen = out["metadata"]
+    assert seen["traceparent"].split("-")[1] == out["trace_id"], seen
+    assert seen["caller"] == NODE_CALLER  # the verified identity, set by the agent's sidecar
+    streamed = await node_call(rig.caller_mesh, "pricing.quote", {"customer_tier": "silver", "items": [
+        {"sku": "CRM-SEAT", "quantity": 2}]}, "--stream")
+    assert streamed["chunks"] == [
+        {"line": {"sku": "CRM-SEAT", "name": "CRM seat, one user for one year", "quantity": 2,
+                  "unit_price_cents": 36000, "volume_discount_percent": 0, "line_total_cents": 72000}},
+        {"total": {"currency": "EUR", "customer_tier": "silver", "subtotal_cents": 72000,
+                   "tier_discount_percent": 5, "discount_cents": 3600, "total_cents": 68400}},
+    ]
+    assert [h["kind"] for h in streamed["hops"]] == ["sidecar"]
+
+
+async def test_a_python_agent_is_called_from_node_through_a_caller_only_sidecar(rig: Rig) -> None:
+    out = await node_call(rig.caller_mesh, "echo", {"text": "from node"})
+    assert out["output"] == {"text": "from node", "caller": NODE_CALLER, "served_by": "sdk"}
+    shouted = await node_call(rig.caller_mesh, "shout", {"text": "two words"}, "--stream")
+    assert [c for c in shouted["chunks"] if c] == ["TWO", "WORDS"]
+    # A caller-only sidecar registers nothing and listens on no TCP port: the mesh cannot call into it.
+    assert _listening_tcp_ports(rig.caller_pid) == set()
+    assert {i.identity for i in rig.python.instances("pricing.quote")} == {f"spiffe://{TRUST_DOMAIN}/agent/pricing"}
+    assert not any(NODE_CALLER in i.identity for c in ("echo", "shout", "pricing.quote")
+                   for i in rig.python.instances(c))
+
+
+async def test_refusals_arrive_in_node_with_their_reason(rig: Rig) -> None:
+    # Refused by the agent's sidecar: the input breaks the card's JSON Schema.
+    bad_tier = await node_call(rig.caller_mesh, "pricing.quote", {"customer_tier": "diamond", "items": []})
+    err = bad_tier["error"]
+    assert (err["code"], err["reason"], err["domain"]) == ("INVALID_ARGUMENT", "INVALID_INPUT", "hivemesh"), err
+    assert err["violations"] and bad_tier["attempts"] == 1  # never retried: a refusal on the merits
+    # Refused by the Node agent itself (the schema cannot know the catalogue): its BadRequest arrives intact.
+    unknown = await node_call(rig.caller_mesh, "pricing.quote", {"customer_tier": "gold", "items": [
+        {"sku": "CRM-SEAT", "quantity": 1}, {"sku": "YACHT", "quantity": 1}]})
+    err = unknown["error"]
+    assert (err["code"], err["reason"]) == ("INVALID_ARGUMENT", "INVALID_INPUT"), err
+    assert [v["field"] for v in err["violations"]] == ["input.items[1].sku"]
+    assert 'unknown SKU "YACHT"' in err["violations"][0]["description"]
+    # No grant gives `restricted` to callers: refused before anything is sent.
+    denied = await node_call(rig.caller_mesh, "restricted", {"text": "x"})
+    err = denied["error"]
+    assert (err["code"], err["reason"]) == ("PERMISSION_DENIED", "GRANT_DENIED"), err
+    assert err["metadata"]["capability"] == "restricted"  # ErrorInfo's metadata arrives too
+    not_json = await node_call(rig.caller_mesh, "pricing.quote", "{not json")
+    assert not_json["error"]["reason"] == "INVALID_INPUT", not_json
+
+
+async def test_the_node_caller_honours_the_pushback_of_a_rate_limit(rig: Rig) -> None:
+    await apply_policies_text(rig.mesh.etcd, """
+kind: ratelimits
+name: quotes
+spec: {agents: [pricing], capabilities: [pricing.quote], per_identity_rps: 0.2, burst_s: 5}
+""")
+    # One call in 5 s. The policy reaches the nodes through their etcd watch: call until the limit bites.
+    refused: dict[str, Any] | None = None
+    for _ in range(20):
+        out = await node_call(rig.caller_mesh, "pricing.quote", ORDER, "--retries", "0")
+        if not out["ok"]:
+            refused = out
+            break
+    assert refused is not None, "the rate limit never refused a call"
+    err = refused["error"]
+    assert (err["code"], err["reason"]) == ("RESOURCE_EXHAUSTED", "RATE_LIMITED"), err
+    assert 0 < err["pushback_ms"] <= 5000 and 0 < err["retry_delay_ms"] <= 5000, err
+    # With retries, the caller waits as long as the mesh asked, then gets its quote (same idempotency key).
+    out = await node_call(rig.caller_mesh, "pricing.quote", ORDER, "--retries", "3", "--timeout-ms", "20000")
+    assert out["ok"] and out["output"]["total_cents"] == TOTAL_CENTS, out
+    assert out["attempts"] >= 2 and all(0 < w <= 5000 for w in out["waits_ms"]), out
+
+
+def test_caller_only_sidecar_needs_an_agent_or_a_client(tmp_path: Path) -> None:
+    """The CLI refuses a sidecar with neither --agent nor --client (or both), or a caller-only one given inbound
+    options, saying what to give."""
+    env = {**os.environ, "HIVEMESH_HOME": str(tmp_path)}
+    for args, said in (
+        ([], "give --agent ADDRESS (front an agent) or --client NAME (caller only), exactly one"),
+        (["--agent", "127.0.0.1:1", "--client", "x"], "exactly one"),
+        (["--client", "x", "--name", "y", "--limit", "a=1"], "--name, --limit: only with --agent"),
+    ):
+        done = subprocess.run([sys.executable, "-m", "hivemesh.controlplane.cli", "sidecar", *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=60, env=env)
+        assert done.returncode == 2, done
+        assert said in " ".join(done.stderr.split()), done.stderr

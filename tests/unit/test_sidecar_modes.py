@@ -1,0 +1,30 @@
+"""A sidecar fronts an agent or serves a caller, exactly one; its ready line names each port for what it is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hivemesh.mesh.settings import MeshSettings
+from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"agent": "127.0.0.1:7001", "client": "billing"}])
+def test_an_agent_or_a_client_exactly_one(kwargs: dict[str, str]) -> None:
+    with pytest.raises(ValueError, match=r"give agent .* or client .*, exactly one"):
+        SidecarConfig(**kwargs)
+
+
+def _sidecar(config: SidecarConfig) -> Sidecar:
+    return Sidecar(config, MeshSettings(etcd="127.0.0.1:2379", controlplane="127.0.0.1:1", join="127.0.0.1:2",
+                                        ca_bundle=Path("ca.pem"), trust_domain="hivemesh.local"))
+
+
+def test_ready_lines() -> None:
+    agent = _sidecar(SidecarConfig(agent="127.0.0.1:7001"))
+    agent.port, agent.mesh_socket = 40001, Path("/run/a/mesh.sock")
+    assert agent.ready_line == "sidecar ready inbound=127.0.0.1:40001 mesh=unix:/run/a/mesh.sock"
+    caller = _sidecar(SidecarConfig(client="billing", mesh_listen="127.0.0.1:0"))
+    caller.mesh_port = 40002
+    assert caller.ready_line == "sidecar ready mesh=127.0.0.1:40002"  # no inbound port at all
