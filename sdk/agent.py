@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, overload
 
-from hivemesh.mesh.layers.guard import compile_schema
+from hivemesh.mesh.schema import compile_schema
 from hivemesh.sdk.schema import from_json, schema_for, to_json
 from hivemesh.v1 import agent_pb2
 
@@ -111,7 +111,9 @@ def _build_spec(
     cap_name = name or fn.__name__.replace("_", "-")
     in_schema = dict(input_schema) if input_schema is not None else schema_for(hints[in_name])
     out_schema = dict(output_schema) if output_schema is not None else schema_for(out_type)
-    compile_schema(json.dumps(in_schema), where=where)  # fail at import on a schema that cannot compile
+    # Fail at import on a schema that cannot compile, an unknown $schema included.
+    compile_schema(json.dumps(in_schema), where=f"{where} input")
+    compile_schema(json.dumps(out_schema), where=f"{where} output")
     doc = inspect.getdoc(fn) or ""
     return CapabilitySpec(
         name=cap_name,
