@@ -194,6 +194,13 @@ class AgentError(HivemeshError):
     default_message = "the agent failed while handling the call"
 
 
+class InvalidOutputError(AgentError):
+    """The agent's answer does not match its declared output schema: never passed on (the caller gets this)."""
+
+    reason = "INVALID_OUTPUT"
+    default_message = "the agent's answer does not match its declared output schema"
+
+
 class RegistryUnavailableError(HivemeshError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "REGISTRY_UNAVAILABLE"

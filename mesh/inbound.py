@@ -34,6 +34,7 @@ from hivemesh.mesh.layers.authz import AuthzLayer
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
 from hivemesh.mesh.layers.ratelimit import RateLimitLayer
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN, ContentScreen
+from hivemesh.mesh.output_check import REFUSAL_NOTE
 from hivemesh.mesh.resilience.traffic import Traffic
 from hivemesh.mesh.rpcwrap import StreamBehaviour, UnaryBehaviour, wrap_handler
 from hivemesh.mesh.tokens import TokenVerifier
@@ -267,7 +268,9 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
         if done is not None:
             done(failure is not None)
         if self._observers:
-            unrecorded = self._notify(call, None, _final_code(context, failure), started)
+            # A refusal made behind the chain (an answer breaking its output schema) is recorded with its reason.
+            refused = call.notes.get(REFUSAL_NOTE) if failure is not None else None
+            unrecorded = self._notify(call, refused, _final_code(context, failure), started)
             if unrecorded is not None and failure is None:
                 return unrecorded
         return None

@@ -48,7 +48,9 @@ from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN
 from hivemesh.mesh.local_socket import bind_private_socket, default_socket_path, remove_socket
 from hivemesh.mesh.node import MeshNode
+from hivemesh.mesh.output_check import OutputCheck, note_refusal
 from hivemesh.mesh.registry import Registration, default_instance_id, drain_after_deregistration
+from hivemesh.mesh.schema import compile_schema
 from hivemesh.mesh.server import ManagedServer
 from hivemesh.mesh.settings import MeshSettings, state_dir
 from hivemesh.mesh.token_source import on_behalf_of
@@ -155,6 +157,8 @@ class Sidecar:
         self._mesh: ManagedServer | None = None
         self._registration: Registration | None = None
         self._hop_bytes = b""
+        self._outputs = OutputCheck(())
+        """The card's output schemas, checked on the agent's relayed answers."""
         self._handles: dict[str, str] = {}
         """Call handle → the verified token of the inbound call it names, while that call is in flight."""
         self.audit: AuditLog | None = None
@@ -202,6 +206,10 @@ class Sidecar:
                 raise InvalidInputError(f"--name {cfg.name} differs from the agent card's name {self.card.name}")
             if not self.card.capabilities:
                 raise InvalidInputError(f"the agent at {cfg.agent} declares no capabilities")
+            # Before joining: a schema in an unknown dialect refuses the card (SchemaError names the capability).
+            for cap in self.card.capabilities:
+                compile_schema(cap.input_schema, where=f"the agent's capability {cap.name} input")
+            self._outputs = OutputCheck(self.card.capabilities)
             self.node = MeshNode(
                 self.settings, name=name, kind="agent", verify_inbound=True, instance_id=self.instance_id
             )
@@ -322,6 +330,7 @@ class Sidecar:
         channel = self._agent_channel
         agent = self.config.agent
         handles = self._handles
+        outputs = self._outputs
         invoke: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/hivemesh.v1.Agent/Invoke")
         invoke_stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(
             "/hivemesh.v1.Agent/InvokeStream"
@@ -347,6 +356,13 @@ class Sidecar:
             finally:
                 if handle is not None:
                     del handles[handle]
+            capability = inbound.request.capability if inbound.request is not None else ""
+            if outputs.declared(capability):  # decoded only when there is a schema to check
+                try:
+                    outputs.check_response(capability, raw)
+                except HivemeshError as err:
+                    note_refusal(inbound, err)
+                    await abort(context, err)
             return raw + self._hop_bytes
 
         async def forward_stream(
@@ -359,14 +375,22 @@ class Sidecar:
                     request, timeout=context.time_remaining(),
                     metadata=_forward_metadata(context, caller_of(inbound), handle),
                 )
+                capability = inbound.request.capability if inbound.request is not None else ""
+                checked = outputs.declared(capability)
                 try:
                     async for chunk in call:
+                        decoded = agent_pb2.InvokeChunk.FromString(chunk)
+                        if checked:
+                            outputs.check_chunk(capability, decoded)  # each item, before it is relayed
                         # Only the final chunk carries hops; appending to it keeps every other chunk untouched.
-                        if agent_pb2.InvokeChunk.FromString(chunk).final:
+                        if decoded.final:
                             chunk += self._hop_bytes
                         yield chunk
                 except grpc.aio.AioRpcError as exc:
                     await _relay_error(context, exc, agent)
+                except HivemeshError as err:
+                    note_refusal(inbound, err)
+                    await abort(context, err)
                 finally:
                     call.cancel()
             finally:
