@@ -241,6 +241,16 @@ class StoredIdentityMismatchError(FailedPreconditionError):
     default_message = "the identity stored in the state folder is not the one this workload asks for"
 
 
+class LoopDetectedError(FailedPreconditionError):
+    reason = "LOOP_DETECTED"
+    default_message = "the call would re-enter an agent already in its call chain (A -> B -> A)"
+
+
+class DepthExceededError(FailedPreconditionError):
+    reason = "DEPTH_EXCEEDED"
+    default_message = "the call chain is deeper than the mesh allows"
+
+
 class NotFoundError(HivemeshError):
     code = grpc.StatusCode.NOT_FOUND
     reason = "NOT_FOUND"

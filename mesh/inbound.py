@@ -32,6 +32,7 @@ from hivemesh.mesh.layers import (
 from hivemesh.mesh.layers.admission import Admission, Done
 from hivemesh.mesh.layers.authz import AuthzLayer
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
+from hivemesh.mesh.layers.loopguard import DEFAULT_MAX_CALL_DEPTH, LoopGuardLayer
 from hivemesh.mesh.layers.ratelimit import RateLimitLayer
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN, ContentScreen
 from hivemesh.mesh.output_check import REFUSAL_NOTE
@@ -85,6 +86,7 @@ def build_inbound_chain(
     screen: ContentScreen | None = DEFAULT_SCREEN,
     screen_exempt: Iterable[str] = (),
     budgets: TokenBudgets | None = None,
+    max_call_depth: int = DEFAULT_MAX_CALL_DEPTH,
 ) -> InboundChain:
     """The inbound chain, in the order the checks must run.
 
@@ -92,8 +94,10 @@ def build_inbound_chain(
     counts this agent's live instances of a capability, to divide cluster-wide rate limits among them.
     authz returns the authz policies in force (the node's policy mirror); without it every call is denied
     (default deny). limits are per-capability input size limits; screen is the content screen (None: off).
-    budgets are the per-caller token budgets (None: none).
+    budgets are the per-caller token budgets (None: none). max_call_depth bounds the agents one call chain
+    passes through.
     """
+    capabilities = tuple(capabilities)
     traffic_layers: list[InboundLayer] = []
     if traffic is not None:
         # 4. How often: rate limits per caller identity × capability. After the token (it limits a verified
@@ -116,6 +120,11 @@ def build_inbound_chain(
             #    × action. Default deny. Before the rate limit, so a denied caller spends no one's quota, and
             #    before the input guard, so it learns nothing about inputs and costs no JSON decode.
             AuthzLayer(authz, f"spiffe://{trust_domain}/agent/{agent_name}"),
+            # 3b. Would this call re-enter this agent (A -> B -> A) or go too deep: refused at once instead of
+            #     looping until the deadline. After authz (a stranger learns nothing), before the rate limit and
+            #     budget (a looping call spends no one's quota) and the input guard (no JSON decode).
+            LoopGuardLayer(capabilities, me=f"spiffe://{trust_domain}/agent/{agent_name}",
+                           max_depth=max_call_depth),
             *traffic_layers,
             # 6. Is the input acceptable: capability exists, size, JSON, schema, content screen. Last, as it is
             #    the costliest (JSON decode); the decoded value is handed to the agent so it is decoded once.

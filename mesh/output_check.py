@@ -4,7 +4,8 @@ bytes). A mismatch is the agent's fault (AGENT_ERROR family, reason INVALID_OUTP
 never passed to the caller; it is noted on the call's record so the inbound chain's decision observers (audit,
 metrics) record it as a refusal with that reason.
 
-For a streaming capability the declared output schema is the schema of one item: each JSON chunk is checked.
+For a streaming capability the declared output schema is the schema of one item: each JSON chunk is checked
+(and its unary answer, the list of its items, item by item).
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ class OutputCheck:
     def declared(self, capability: str) -> bool:
         """An output schema is declared (else nothing needs decoding)."""
         return capability in self._schemas
+
+    def declares_items(self, capability: str) -> bool:
+        """A streaming capability with an output schema: each streamed item must match it. (A non-streaming
+        capability called with InvokeStream sends chunks of the agent's own making, progress say: unchecked.)"""
+        return capability in self._streaming
 
     def check(self, capability: str, value: Any, *, whole: bool = False) -> None:
         """Raises InvalidOutputError when value (a decoded answer, or one stream item) breaks the schema.

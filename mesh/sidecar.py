@@ -159,8 +159,8 @@ class Sidecar:
         self._hop_bytes = b""
         self._outputs = OutputCheck(())
         """The card's output schemas, checked on the agent's relayed answers."""
-        self._handles: dict[str, str] = {}
-        """Call handle → the verified token of the inbound call it names, while that call is in flight."""
+        self._handles: dict[str, tuple[str, tuple[str, ...]]] = {}
+        """Call handle → the verified token and the call chain of the inbound call it names, while in flight."""
         self.audit: AuditLog | None = None
         self.token_budgets: TokenBudgets | None = None
         """The token budgets the inbound chain enforces once started (the `budgets` policies)."""
@@ -308,7 +308,8 @@ class Sidecar:
             return None
         token = inbound.bearer()  # the token layer verified it for this very call
         handle = secrets.token_urlsafe(32)
-        self._handles[handle] = token
+        chain = tuple(inbound.request.context.chain) if inbound.request is not None else ()
+        self._handles[handle] = (token, chain)
         return handle
 
     def _subject_token(self, context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
@@ -319,10 +320,27 @@ class Sidecar:
         if len(handles) > 1:
             raise CallHandleInvalidError(f"more than one {CALL_HANDLE_KEY} was sent; send the one of the call "
                                          "to act for")
-        token = self._handles.get(handles[0]) if isinstance(handles[0], str) else None
-        if token is None:
+        entry = self._handles.get(handles[0]) if isinstance(handles[0], str) else None
+        if entry is None:
             raise CallHandleInvalidError()
-        return token
+        return entry[0]
+
+    def _chained(
+        self, request: bytes, req: agent_pb2.InvokeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bytes:
+        """The agent's onward request carrying the call chain (the one it sent, else the one of the inbound call
+        its handle names) with this agent added, so the callee's loop guard sees A -> B -> A. Appended as an
+        encoded message, which protobuf merges: the agent's payload is not re-encoded."""
+        assert self.node is not None
+        extra: list[str] = []
+        if not req.context.chain:
+            for key, value in context.invocation_metadata() or ():
+                entry = self._handles.get(value) if key == CALL_HANDLE_KEY and isinstance(value, str) else None
+                if entry is not None:
+                    extra.extend(entry[1])
+        extra.append(str(self.node.workload.spiffe_id))
+        req.context.chain.extend(extra)
+        return request + agent_pb2.InvokeRequest(context=agent_pb2.CallContext(chain=extra)).SerializeToString()
 
     # --- inbound: mesh → agent, bytes unchanged -------------------------------------------------------------
     def _agent_handler(self) -> grpc.GenericRpcHandler:
@@ -376,7 +394,7 @@ class Sidecar:
                     metadata=_forward_metadata(context, caller_of(inbound), handle),
                 )
                 capability = inbound.request.capability if inbound.request is not None else ""
-                checked = outputs.declared(capability)
+                checked = outputs.declares_items(capability)
                 try:
                     async for chunk in call:
                         decoded = agent_pb2.InvokeChunk.FromString(chunk)
@@ -419,6 +437,7 @@ class Sidecar:
             try:
                 req = decoded(request)  # handed on, so policies needing a field do not decode it again
                 reset = on_behalf_of.set(self._subject_token(context))  # None: the sidecar's own token
+                request = self._chained(request, req, context)
                 try:
                     raw, _ = await self.node.outbound.invoke(
                         request, capability=req.capability, idempotency_key=req.context.idempotency_key,
@@ -433,8 +452,10 @@ class Sidecar:
         async def call_stream(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
             assert self.node is not None
             try:
-                capability = decoded(request).capability
+                req = decoded(request)
+                capability = req.capability
                 on_behalf_of.set(self._subject_token(context))  # this RPC's own task context; None: own token
+                request = self._chained(request, req, context)
                 async for raw, _ in self.node.outbound.invoke_stream(
                     request, capability=capability, timeout=context.time_remaining()
                 ):
