@@ -45,6 +45,7 @@ from hivemesh.mesh.front import FrontDoor, open_front_door
 from hivemesh.mesh.inbound import AGENT_SERVICE, DecisionObserver
 from hivemesh.mesh.layers import Inbound
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
+from hivemesh.mesh.layers.loopguard import DEFAULT_MAX_CALL_DEPTH
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN
 from hivemesh.mesh.local_socket import bind_private_socket, default_socket_path, remove_socket
 from hivemesh.mesh.node import MeshNode
@@ -98,6 +99,8 @@ class SidecarConfig:
     """Screen inbound text fields for prompt-injection patterns (the default rule set)."""
     screen_exempt: tuple[str, ...] = ()
     """Capabilities the content screen skips."""
+    max_call_depth: int = DEFAULT_MAX_CALL_DEPTH
+    """Most agents one call chain may pass through (this one included) before a call is DEPTH_EXCEEDED."""
 
     def __post_init__(self) -> None:
         for name in ("agent", "mesh_listen"):
@@ -224,6 +227,7 @@ class Sidecar:
                 limits=dict(cfg.limits),
                 screen=DEFAULT_SCREEN if cfg.content_screen else None,
                 screen_exempt=cfg.screen_exempt,
+                max_call_depth=cfg.max_call_depth,
                 audit=cfg.audit,
                 audit_dir=cfg.audit_dir,
                 observers=self.observers,
