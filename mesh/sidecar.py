@@ -211,7 +211,7 @@ class Sidecar:
                 raise InvalidInputError(f"the agent at {cfg.agent} declares no capabilities")
             # Before joining: a schema in an unknown dialect refuses the card (SchemaError names the capability).
             for cap in self.card.capabilities:
-                compile_schema(cap.input_schema, where=f"the agent's capability {cap.name} input")
+                compile_schema(cap.input_schema, where=f"capability {cap.name} input")
             self._outputs = OutputCheck(self.card.capabilities)
             self.node = MeshNode(
                 self.settings, name=name, kind="agent", verify_inbound=True, instance_id=self.instance_id

@@ -65,7 +65,7 @@ class InputGuardLayer:
             self._limits[name] = limit
         self._capabilities: dict[str, _Capability] = {
             cap.name: _Capability(
-                schema=compile_schema(cap.input_schema, where=f"capability {cap.name}"),
+                schema=compile_schema(cap.input_schema, where=f"capability {cap.name} input"),
                 modes=frozenset(cap.input_modes or (JSON,)),
                 limit=self._limits.get(cap.name, max_input_bytes),
             )
