@@ -194,6 +194,13 @@ class AgentError(HivemeshError):
     default_message = "the agent failed while handling the call"
 
 
+class InvalidOutputError(AgentError):
+    """The agent's answer does not match its declared output schema: never passed on (the caller gets this)."""
+
+    reason = "INVALID_OUTPUT"
+    default_message = "the agent's answer does not match its declared output schema"
+
+
 class RegistryUnavailableError(HivemeshError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "REGISTRY_UNAVAILABLE"
@@ -232,6 +239,16 @@ class JoinTokenRequiredError(FailedPreconditionError):
 class StoredIdentityMismatchError(FailedPreconditionError):
     reason = "STORED_IDENTITY_MISMATCH"
     default_message = "the identity stored in the state folder is not the one this workload asks for"
+
+
+class LoopDetectedError(FailedPreconditionError):
+    reason = "LOOP_DETECTED"
+    default_message = "the call would re-enter an agent already in its call chain (A -> B -> A)"
+
+
+class DepthExceededError(FailedPreconditionError):
+    reason = "DEPTH_EXCEEDED"
+    default_message = "the call chain is deeper than the mesh allows"
 
 
 class NotFoundError(HivemeshError):

@@ -17,6 +17,7 @@ from hivemesh.mesh.authz import AUTHZ
 from hivemesh.mesh.budget import BUDGETS, TokenBudgets
 from hivemesh.mesh.budget_ledger import SpendLedger
 from hivemesh.mesh.inbound import AGENT_SERVICE, DecisionObserver, MeshInboundInterceptor, build_inbound_chain
+from hivemesh.mesh.layers.loopguard import DEFAULT_MAX_CALL_DEPTH
 from hivemesh.mesh.layers.screen import ContentScreen
 from hivemesh.mesh.node import MeshNode
 from hivemesh.mesh.server import ManagedServer
@@ -73,6 +74,7 @@ def open_front_door(
     audit_dir: Path | str | None,
     observers: Sequence[DecisionObserver] = (),
     budgets: TokenBudgets | None = None,
+    max_call_depth: int = DEFAULT_MAX_CALL_DEPTH,
 ) -> FrontDoor:
     """The inbound chain for node's agent, its audit log (on by default), and the server that runs them.
 
@@ -96,6 +98,7 @@ def open_front_door(
         screen=screen,
         screen_exempt=screen_exempt,
         budgets=budgets,
+        max_call_depth=max_call_depth,
     )
     log = (
         open_node_audit(node, spiffe_id=node.workload.spiffe_id, instance=instance_id, directory=audit_dir)

@@ -32,8 +32,10 @@ from hivemesh.mesh.layers import (
 from hivemesh.mesh.layers.admission import Admission, Done
 from hivemesh.mesh.layers.authz import AuthzLayer
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
+from hivemesh.mesh.layers.loopguard import DEFAULT_MAX_CALL_DEPTH, LoopGuardLayer
 from hivemesh.mesh.layers.ratelimit import RateLimitLayer
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN, ContentScreen
+from hivemesh.mesh.output_check import REFUSAL_NOTE
 from hivemesh.mesh.resilience.traffic import Traffic
 from hivemesh.mesh.rpcwrap import StreamBehaviour, UnaryBehaviour, wrap_handler
 from hivemesh.mesh.tokens import TokenVerifier
@@ -84,6 +86,7 @@ def build_inbound_chain(
     screen: ContentScreen | None = DEFAULT_SCREEN,
     screen_exempt: Iterable[str] = (),
     budgets: TokenBudgets | None = None,
+    max_call_depth: int = DEFAULT_MAX_CALL_DEPTH,
 ) -> InboundChain:
     """The inbound chain, in the order the checks must run.
 
@@ -91,8 +94,10 @@ def build_inbound_chain(
     counts this agent's live instances of a capability, to divide cluster-wide rate limits among them.
     authz returns the authz policies in force (the node's policy mirror); without it every call is denied
     (default deny). limits are per-capability input size limits; screen is the content screen (None: off).
-    budgets are the per-caller token budgets (None: none).
+    budgets are the per-caller token budgets (None: none). max_call_depth bounds the agents one call chain
+    passes through.
     """
+    capabilities = tuple(capabilities)
     traffic_layers: list[InboundLayer] = []
     if traffic is not None:
         # 4. How often: rate limits per caller identity × capability. After the token (it limits a verified
@@ -115,6 +120,11 @@ def build_inbound_chain(
             #    × action. Default deny. Before the rate limit, so a denied caller spends no one's quota, and
             #    before the input guard, so it learns nothing about inputs and costs no JSON decode.
             AuthzLayer(authz, f"spiffe://{trust_domain}/agent/{agent_name}"),
+            # 3b. Would this call re-enter this agent (A -> B -> A) or go too deep: refused at once instead of
+            #     looping until the deadline. After authz (a stranger learns nothing), before the rate limit and
+            #     budget (a looping call spends no one's quota) and the input guard (no JSON decode).
+            LoopGuardLayer(capabilities, me=f"spiffe://{trust_domain}/agent/{agent_name}",
+                           max_depth=max_call_depth),
             *traffic_layers,
             # 6. Is the input acceptable: capability exists, size, JSON, schema, content screen. Last, as it is
             #    the costliest (JSON decode); the decoded value is handed to the agent so it is decoded once.
@@ -267,7 +277,9 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
         if done is not None:
             done(failure is not None)
         if self._observers:
-            unrecorded = self._notify(call, None, _final_code(context, failure), started)
+            # A refusal made behind the chain (an answer breaking its output schema) is recorded with its reason.
+            refused = call.notes.get(REFUSAL_NOTE) if failure is not None else None
+            unrecorded = self._notify(call, refused, _final_code(context, failure), started)
             if unrecorded is not None and failure is None:
                 return unrecorded
         return None

@@ -49,10 +49,13 @@ from hivemesh.mesh.front import FrontDoor, open_front_door
 from hivemesh.mesh.inbound import AGENT_SERVICE, DecisionObserver
 from hivemesh.mesh.layers import Inbound
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
+from hivemesh.mesh.layers.loopguard import DEFAULT_MAX_CALL_DEPTH
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN
 from hivemesh.mesh.local_socket import bind_private_socket, default_socket_path, remove_socket
 from hivemesh.mesh.node import MeshNode
+from hivemesh.mesh.output_check import OutputCheck, note_refusal
 from hivemesh.mesh.registry import Registration, default_instance_id, drain_after_deregistration
+from hivemesh.mesh.schema import compile_schema
 from hivemesh.mesh.server import ManagedServer
 from hivemesh.mesh.settings import MeshSettings, state_dir
 from hivemesh.mesh.token_source import on_behalf_of
@@ -110,6 +113,8 @@ class SidecarConfig:
     """Screen inbound text fields for prompt-injection patterns (the default rule set)."""
     screen_exempt: tuple[str, ...] = ()
     """Capabilities the content screen skips."""
+    max_call_depth: int = DEFAULT_MAX_CALL_DEPTH
+    """Most agents one call chain may pass through (this one included) before a call is DEPTH_EXCEEDED."""
 
     def __post_init__(self) -> None:
         if (self.agent is None) == (self.client is None):
@@ -171,8 +176,10 @@ class Sidecar:
         self._mesh: ManagedServer | None = None
         self._registration: Registration | None = None
         self._hop_bytes = b""
-        self._handles: dict[str, str] = {}
-        """Call handle → the verified token of the inbound call it names, while that call is in flight."""
+        self._outputs = OutputCheck(())
+        """The card's output schemas, checked on the agent's relayed answers."""
+        self._handles: dict[str, tuple[str, tuple[str, ...]]] = {}
+        """Call handle → the verified token and the call chain of the inbound call it names, while in flight."""
         self.audit: AuditLog | None = None
         self.token_budgets: TokenBudgets | None = None
         """The token budgets the inbound chain enforces once started (the `budgets` policies)."""
@@ -222,6 +229,10 @@ class Sidecar:
                 raise InvalidInputError(f"--name {cfg.name} differs from the agent card's name {self.card.name}")
             if not self.card.capabilities:
                 raise InvalidInputError(f"the agent at {cfg.agent} declares no capabilities")
+            # Before joining: a schema in an unknown dialect refuses the card (SchemaError names the capability).
+            for cap in self.card.capabilities:
+                compile_schema(cap.input_schema, where=f"capability {cap.name} input")
+            self._outputs = OutputCheck(self.card.capabilities)
             self.node = MeshNode(
                 self.settings, name=name, kind="agent", verify_inbound=True, instance_id=self.instance_id
             )
@@ -236,6 +247,7 @@ class Sidecar:
                 limits=dict(cfg.limits),
                 screen=DEFAULT_SCREEN if cfg.content_screen else None,
                 screen_exempt=cfg.screen_exempt,
+                max_call_depth=cfg.max_call_depth,
                 audit=cfg.audit,
                 audit_dir=cfg.audit_dir,
                 observers=self.observers,
@@ -352,7 +364,8 @@ class Sidecar:
             return None
         token = inbound.bearer()  # the token layer verified it for this very call
         handle = secrets.token_urlsafe(32)
-        self._handles[handle] = token
+        chain = tuple(inbound.request.context.chain) if inbound.request is not None else ()
+        self._handles[handle] = (token, chain)
         return handle
 
     def _subject_token(self, context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
@@ -363,10 +376,27 @@ class Sidecar:
         if len(handles) > 1:
             raise CallHandleInvalidError(f"more than one {CALL_HANDLE_KEY} was sent; send the one of the call "
                                          "to act for")
-        token = self._handles.get(handles[0]) if isinstance(handles[0], str) else None
-        if token is None:
+        entry = self._handles.get(handles[0]) if isinstance(handles[0], str) else None
+        if entry is None:
             raise CallHandleInvalidError()
-        return token
+        return entry[0]
+
+    def _chained(
+        self, request: bytes, req: agent_pb2.InvokeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bytes:
+        """The agent's onward request carrying the call chain (the one it sent, else the one of the inbound call
+        its handle names) with this agent added, so the callee's loop guard sees A -> B -> A. Appended as an
+        encoded message, which protobuf merges: the agent's payload is not re-encoded."""
+        assert self.node is not None
+        extra: list[str] = []
+        if not req.context.chain:
+            for key, value in context.invocation_metadata() or ():
+                entry = self._handles.get(value) if key == CALL_HANDLE_KEY and isinstance(value, str) else None
+                if entry is not None:
+                    extra.extend(entry[1])
+        extra.append(str(self.node.workload.spiffe_id))
+        req.context.chain.extend(extra)
+        return request + agent_pb2.InvokeRequest(context=agent_pb2.CallContext(chain=extra)).SerializeToString()
 
     # --- inbound: mesh → agent, bytes unchanged -------------------------------------------------------------
     def _agent_handler(self) -> grpc.GenericRpcHandler:
@@ -374,6 +404,7 @@ class Sidecar:
         channel = self._agent_channel
         agent = self.config.agent or ""
         handles = self._handles
+        outputs = self._outputs
         invoke: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/hivemesh.v1.Agent/Invoke")
         invoke_stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(
             "/hivemesh.v1.Agent/InvokeStream"
@@ -399,6 +430,13 @@ class Sidecar:
             finally:
                 if handle is not None:
                     del handles[handle]
+            capability = inbound.request.capability if inbound.request is not None else ""
+            if outputs.declared(capability):  # decoded only when there is a schema to check
+                try:
+                    outputs.check_response(capability, raw)
+                except HivemeshError as err:
+                    note_refusal(inbound, err)
+                    await abort(context, err)
             return raw + self._hop_bytes
 
         async def forward_stream(
@@ -411,14 +449,22 @@ class Sidecar:
                     request, timeout=context.time_remaining(),
                     metadata=_forward_metadata(context, caller_of(inbound), handle),
                 )
+                capability = inbound.request.capability if inbound.request is not None else ""
+                checked = outputs.declares_items(capability)
                 try:
                     async for chunk in call:
+                        decoded = agent_pb2.InvokeChunk.FromString(chunk)
+                        if checked:
+                            outputs.check_chunk(capability, decoded)  # each item, before it is relayed
                         # Only the final chunk carries hops; appending to it keeps every other chunk untouched.
-                        if agent_pb2.InvokeChunk.FromString(chunk).final:
+                        if decoded.final:
                             chunk += self._hop_bytes
                         yield chunk
                 except grpc.aio.AioRpcError as exc:
                     await _relay_error(context, exc, agent)
+                except HivemeshError as err:
+                    note_refusal(inbound, err)
+                    await abort(context, err)
                 finally:
                     call.cancel()
             finally:
@@ -447,6 +493,7 @@ class Sidecar:
             try:
                 req = decoded(request)  # handed on, so policies needing a field do not decode it again
                 reset = on_behalf_of.set(self._subject_token(context))  # None: the sidecar's own token
+                request = self._chained(request, req, context)
                 try:
                     raw, _ = await self.node.outbound.invoke(
                         request, capability=req.capability, idempotency_key=req.context.idempotency_key,
@@ -461,8 +508,10 @@ class Sidecar:
         async def call_stream(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
             assert self.node is not None
             try:
-                capability = decoded(request).capability
+                req = decoded(request)
+                capability = req.capability
                 on_behalf_of.set(self._subject_token(context))  # this RPC's own task context; None: own token
+                request = self._chained(request, req, context)
                 async for raw, _ in self.node.outbound.invoke_stream(
                     request, capability=capability, timeout=context.time_remaining(),
                     metadata=_trace_metadata(context),

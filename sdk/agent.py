@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, overload
 
-from hivemesh.mesh.layers.guard import compile_schema
+from hivemesh.mesh.schema import compile_schema
 from hivemesh.sdk.schema import from_json, schema_for, to_json
 from hivemesh.v1 import agent_pb2
 
@@ -53,6 +53,8 @@ class CapabilitySpec:
     False when the handler keeps `ctx.idempotency_key` with its effect itself and answers repeats its own way."""
     cache_shareable: bool = False
     """The answer does not depend on who asks: a caller's degraded-mode cache may serve it to other callers."""
+    recursion: int = 0
+    """How many times one call chain may re-enter this agent through this capability (0: a revisit is a loop)."""
 
     def to_proto(self) -> agent_pb2.Capability:
         return agent_pb2.Capability(
@@ -64,6 +66,7 @@ class CapabilitySpec:
             tags=list(self.tags),
             idempotent=self.idempotent,
             cache_shareable=self.cache_shareable,
+            recursion=self.recursion,
             input_modes=["application/json"],
             output_modes=["application/json"],
         )
@@ -89,8 +92,11 @@ def _build_spec(
     max_input_bytes: int | None,
     dedupe: bool = True,
     cache_shareable: bool = False,
+    recursion: int = 0,
 ) -> CapabilitySpec:
     where = f"capability {fn.__qualname__}"
+    if not isinstance(recursion, int) or isinstance(recursion, bool) or not 0 <= recursion <= 64:
+        raise ValueError(f"{where}: recursion must be a whole number of re-entries from 0 to 64, not {recursion!r}")
     if not (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)):
         raise TypeError(f"{where} must be 'async def' (or an async generator for streaming)")
     params = list(inspect.signature(fn).parameters.values())
@@ -111,7 +117,9 @@ def _build_spec(
     cap_name = name or fn.__name__.replace("_", "-")
     in_schema = dict(input_schema) if input_schema is not None else schema_for(hints[in_name])
     out_schema = dict(output_schema) if output_schema is not None else schema_for(out_type)
-    compile_schema(json.dumps(in_schema), where=where)  # fail at import on a schema that cannot compile
+    # Fail at import on a schema that cannot compile, an unknown $schema included.
+    compile_schema(json.dumps(in_schema), where=f"{where} input")
+    compile_schema(json.dumps(out_schema), where=f"{where} output")
     doc = inspect.getdoc(fn) or ""
     return CapabilitySpec(
         name=cap_name,
@@ -128,6 +136,7 @@ def _build_spec(
         max_input_bytes=max_input_bytes,
         dedupe=dedupe,
         cache_shareable=cache_shareable,
+        recursion=recursion,
     )
 
 
@@ -147,6 +156,7 @@ def capability(
     max_input_bytes: int | None = None,
     dedupe: bool = True,
     cache_shareable: bool = False,
+    recursion: int = 0,
 ) -> Callable[[F], F]: ...
 
 
@@ -163,6 +173,7 @@ def capability(
     max_input_bytes: int | None = None,
     dedupe: bool = True,
     cache_shareable: bool = False,
+    recursion: int = 0,
 ) -> F | Callable[[F], F]:
     """Mark an async method as a mesh capability (bare `@capability` or `@capability(...)`).
 
@@ -178,6 +189,9 @@ def capability(
         cache_shareable: the answer does not depend on the caller, so a caller's degraded-mode answer cache may
             give one caller's cached answer to another (who must still be allowed to make the call). Default: a
             cached answer is only ever served to the caller it was given to.
+        recursion: how many times one call chain may re-enter this agent through this capability (a capability
+            that calls itself, directly or through others); 0 (default): a call back into the agent is refused
+            with LOOP_DETECTED. The mesh's maximum call depth still applies.
     Returns:
         The method itself, with its spec attached (the class collects it).
     """
@@ -194,6 +208,7 @@ def capability(
             max_input_bytes=max_input_bytes,
             dedupe=dedupe,
             cache_shareable=cache_shareable,
+            recursion=recursion,
         )
         setattr(f, _ATTR, spec)
         return f

@@ -59,7 +59,8 @@ class Context:
 
     def _onward(self, options: CallOptions | None, overrides: CallOptionArgs) -> tuple[MeshClient, CallOptions]:
         """The mesh and the options of an onward call: this call's remaining deadline caps the timeout, and its
-        ids (and this call as parent) come first in the context, under what the options' context sets."""
+        ids (and this call as parent, and its chain with this agent added) come first in the context, under what
+        the options' context sets."""
         if self.mesh is None:
             raise RuntimeError("this agent is not connected to a mesh: serve it with hivemesh.sdk.serve()")
         opts = CallOptions.of(options, overrides)
@@ -71,6 +72,8 @@ class Context:
             conversation_id=self.call.conversation_id,
             workflow_id=self.call.workflow_id,
             priority=self.call.priority,
+            # This agent joins the call chain: the callee's loop guard refuses a call back into it (A -> B -> A).
+            chain=[*self.call.chain, str(self.mesh.node.workload.spiffe_id)],
         )
         if opts.context is not None:
             child.MergeFrom(opts.context)

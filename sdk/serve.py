@@ -22,6 +22,7 @@ from hivemesh.mesh.cert_presence import cert_labels, follow_certificate
 from hivemesh.mesh.front import FrontDoor, open_front_door
 from hivemesh.mesh.inbound import DecisionObserver
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
+from hivemesh.mesh.layers.loopguard import DEFAULT_MAX_CALL_DEPTH
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN, ContentScreen
 from hivemesh.mesh.node import MeshNode
 from hivemesh.mesh.registry import INSTANCE_ID_RE, Registration, default_instance_id, drain_after_deregistration
@@ -67,6 +68,8 @@ class AgentServerConfig:
     """The prompt-injection screen of inbound text fields; None: off."""
     screen_exempt: tuple[str, ...] = ()
     """Capabilities the content screen skips."""
+    max_call_depth: int = DEFAULT_MAX_CALL_DEPTH
+    """Most agents one call chain may pass through (this one included) before a call is DEPTH_EXCEEDED."""
 
     def __post_init__(self) -> None:
         # Sequences are accepted (a list is natural to write) and kept as tuples, so the config stays frozen.
@@ -88,6 +91,8 @@ class AgentServerConfig:
             raise ValueError(f"lease_ttl_s must be at least 2 seconds: {self.lease_ttl_s}")
         if self.max_input_bytes <= 0:
             raise ValueError(f"max_input_bytes must be positive: {self.max_input_bytes}")
+        if self.max_call_depth < 1:
+            raise ValueError(f"max_call_depth must be at least 1: {self.max_call_depth}")
         for key, value in self.labels.items():
             if not isinstance(key, str) or not key or not isinstance(value, str):
                 raise ValueError(f"labels must map non-empty strings to strings: {key!r}: {value!r}")
@@ -151,6 +156,7 @@ class AgentServer:
                 audit_dir=self.config.audit_dir,
                 observers=self.config.observers,
                 budgets=self.config.budgets,
+                max_call_depth=self.config.max_call_depth,
             )
             self.audit, server = front.audit, front.server
             self.port = server.add_secure_port(f"{self.host}:{self.config.port}", self.node.server_credentials())

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from hivemesh.mesh.callcontext import inbound_call, new_call_id
-from hivemesh.mesh.errors import AgentError, HivemeshError, InvalidInputError, abort
+from hivemesh.mesh.errors import AgentError, HivemeshError, InvalidInputError, InvalidOutputError, abort
 from hivemesh.mesh.layers import Inbound
+from hivemesh.mesh.output_check import OutputCheck, note_refusal
 from hivemesh.sdk.agent import Agent, CapabilitySpec
 from hivemesh.sdk.context import Context
 from hivemesh.sdk.escalation import InputRequired
@@ -50,6 +51,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
     ) -> None:
         self._agent = agent
         self._card = agent.card()
+        self._outputs = OutputCheck(self._card.capabilities)
         self._hop = hop
         self._mesh = mesh
         self._dedupe = dedupe
@@ -96,6 +98,21 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                 call.charge_usage = False
             return outcome
         return await self._execute(spec, value, ctx)
+
+    def _check_output(self, call: Inbound, capability: str, value: Any, *, whole: bool = False) -> None:
+        """Raise InvalidOutputError (noted for the observers) when an answer or item breaks its output schema.
+        The value is checked as is; a mismatch is confirmed on the encoded bytes, which is what the caller would
+        get (json turns int keys into strings, tuples into arrays)."""
+        if not self._outputs.declared(capability):
+            return
+        try:
+            self._outputs.check(capability, value, whole=whole)
+        except InvalidOutputError:
+            try:
+                self._outputs.check_bytes(capability, _ENCODER.encode(value).encode(), _JSON, whole=whole)
+            except InvalidOutputError as err:
+                note_refusal(call, err)
+                raise
 
     async def Describe(
         self, request: agent_pb2.DescribeRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -150,6 +167,11 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             output = _ENCODER.encode(result).encode()
         except (TypeError, ValueError) as exc:
             await abort(context, AgentError(f"capability {request.capability!r} returned non-JSON output: {exc}"))
+        if state == agent_pb2.TASK_STATE_COMPLETED:
+            try:
+                self._check_output(call, spec.name, result, whole=True)
+            except InvalidOutputError as err:
+                await abort(context, err)
         response = agent_pb2.InvokeResponse()
         response.CopyFrom(self._response)
         response.output = output
@@ -169,20 +191,18 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                     # The generator's body runs in this task's context, so the meter is current while it runs.
                     with metering(ctx.usage):
                         async for item in self._agent.run_stream(spec, value, ctx):
-                            yield agent_pb2.InvokeChunk(
-                                data=json.dumps(item, separators=(",", ":")).encode(),
-                                content_type=_JSON,
-                                state=agent_pb2.TASK_STATE_WORKING,
-                            )
+                            data = json.dumps(item, separators=(",", ":")).encode()
+                            self._check_output(call, spec.name, item)  # each item, before it is sent
+                            yield agent_pb2.InvokeChunk(data=data, content_type=_JSON,
+                                                        state=agent_pb2.TASK_STATE_WORKING)
                 else:
                     state, result, _usage = await self._run(call, request, spec, value, ctx)
+                    data = json.dumps(result, separators=(",", ":")).encode()
                     if state == agent_pb2.TASK_STATE_INPUT_REQUIRED:
                         final.state = agent_pb2.TASK_STATE_INPUT_REQUIRED
-                    yield agent_pb2.InvokeChunk(
-                        data=json.dumps(result, separators=(",", ":")).encode(),
-                        content_type=_JSON,
-                        state=agent_pb2.TASK_STATE_WORKING,
-                    )
+                    else:
+                        self._check_output(call, spec.name, result, whole=True)
+                    yield agent_pb2.InvokeChunk(data=data, content_type=_JSON, state=agent_pb2.TASK_STATE_WORKING)
             except InputRequired as ask:
                 final.state = agent_pb2.TASK_STATE_INPUT_REQUIRED
                 final.data = json.dumps(ask.to_json(), separators=(",", ":")).encode()

@@ -4,11 +4,8 @@ the capability's input schema. Runs after authentication so strangers learn noth
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import fastjsonschema
 
 from hivemesh.mesh.errors import (
     ContentRefusedError,
@@ -18,31 +15,16 @@ from hivemesh.mesh.errors import (
 )
 from hivemesh.mesh.layers.base import Inbound
 from hivemesh.mesh.layers.screen import ContentScreen
+from hivemesh.mesh.schema import CompiledSchema, SchemaMismatchError, compile_schema
 from hivemesh.v1 import agent_pb2
 
 JSON = "application/json"
 DEFAULT_MAX_INPUT_BYTES = 4 * 1024 * 1024
 
 
-def compile_schema(schema_text: str, *, where: str) -> Callable[[Any], Any] | None:
-    """Compile a JSON Schema once (fastjsonschema generates Python code); None for an empty schema."""
-    if not schema_text:
-        return None
-    try:
-        return fastjsonschema.compile(json.loads(schema_text))  # type: ignore[no-any-return,unused-ignore]
-    except (ValueError, fastjsonschema.JsonSchemaDefinitionException) as exc:
-        raise ValueError(f"{where}: invalid JSON schema: {exc}") from exc
-
-
-def _field_path(exc: fastjsonschema.JsonSchemaValueException) -> str:
-    # fastjsonschema names the path "data.a.b" or "data[0]"; callers know it as the input's field path.
-    name = str(getattr(exc, "name", "") or "data")
-    return "input" + name[len("data"):] if name.startswith("data") else name
-
-
 @dataclass(frozen=True, slots=True)
 class _Capability:
-    validate: Callable[[Any], Any] | None
+    schema: CompiledSchema | None
     """The compiled input schema (None: any JSON)."""
     modes: frozenset[str]
     """Accepted input content types."""
@@ -83,7 +65,7 @@ class InputGuardLayer:
             self._limits[name] = limit
         self._capabilities: dict[str, _Capability] = {
             cap.name: _Capability(
-                validate=compile_schema(cap.input_schema, where=f"capability {cap.name}"),
+                schema=compile_schema(cap.input_schema, where=f"capability {cap.name} input"),
                 modes=frozenset(cap.input_modes or (JSON,)),
                 limit=self._limits.get(cap.name, max_input_bytes),
             )
@@ -129,18 +111,13 @@ class InputGuardLayer:
         except RecursionError:
             msg = "input JSON is nested too deeply"
             raise InvalidInputError(msg, field_violations={"input": msg}) from None
-        validate = cap.validate
-        if validate is not None:
+        if cap.schema is not None:
             try:
-                validate(value)
-            except RecursionError:
-                msg = "input is nested too deeply to validate"
-                raise InvalidInputError(msg, field_violations={"input": msg}) from None
-            except fastjsonschema.JsonSchemaValueException as exc:
-                path = _field_path(exc)
+                cap.schema.check(value)
+            except SchemaMismatchError as bad:
                 raise InvalidInputError(
-                    f"input does not match the schema of {name!r}: {path}: {exc.message}",
-                    field_violations={path: exc.message},
+                    f"input does not match the schema of {name!r}: {bad.path}: {bad.message}",
+                    field_violations={bad.path: bad.message},
                 ) from None
         if self._screen is not None and name not in self._exempt:
             found = self._screen.screen(name, value)

@@ -90,7 +90,7 @@ def test_every_command_has_help_that_names_its_json_flag_where_it_reports_data(h
         (["call", "cap", "--data", "{not json"], "not valid JSON"),
         (["call", "cap", "--data", "@/nonexistent/input.json"], "cannot read /nonexistent/input.json"),
         (["sidecar", "--agent", "127.0.0.1:1", "--limit", "echo=0"], "expected CAPABILITY=BYTES"),
-        (["sidecar"], "Missing option '--agent'"),
+        (["sidecar"], "give --agent ADDRESS (front an agent) or --client NAME (caller only), exactly one"),
         (["controlplane", "--port", "x"], "'x' is not a valid integer"),
         (["tokens", "revoke"], "give exactly one of --jti or --subject"),
         (["tokens", "revoke", "--jti", "j", "--subject", "spiffe://hivemesh.local/agent/a"],

@@ -70,7 +70,7 @@ def test_guard_refuses_unsupported_content_type(guard: InputGuardLayer) -> None:
 
 
 def test_guard_rejects_an_uncompilable_schema_at_build_time() -> None:
-    with pytest.raises(ValueError, match="invalid JSON schema"):
+    with pytest.raises(ValueError, match="capability x input: invalid 2020-12 JSON schema"):
         InputGuardLayer([agent_pb2.Capability(name="x", input_schema='{"type": 12}')])
 
 
@@ -120,7 +120,7 @@ def test_build_inbound_chain_order() -> None:
         capabilities=[agent_pb2.Capability(name="echo")],
         agent_name="a",
     )
-    assert [layer.name for layer in chain.layers] == ["identity", "token", "authz", "input-guard"]
+    assert [layer.name for layer in chain.layers] == ["identity", "token", "authz", "loop-guard", "input-guard"]
 
 
 def test_build_inbound_chain_puts_the_budget_before_the_input_guard_and_settles_only_with_it() -> None:
@@ -132,7 +132,8 @@ def test_build_inbound_chain_puts_the_budget_before_the_input_guard_and_settles_
                           "verifier": TokenVerifier(KeySet(), issuer="i", audience="a"),
                           "capabilities": [agent_pb2.Capability(name="echo")]}
     chain = build_inbound_chain(**kw, budgets=TokenBudgets(BudgetTable()))
-    assert [layer.name for layer in chain.layers] == ["identity", "token", "authz", "budget", "input-guard"]
+    assert [layer.name for layer in chain.layers] == [
+        "identity", "token", "authz", "loop-guard", "budget", "input-guard"]
     assert chain.settles
     assert not build_inbound_chain(**kw).settles  # no layer settles: the interceptor keeps no response
 

@@ -145,6 +145,7 @@ class Capability(_message.Message):
     INPUT_MODES_FIELD_NUMBER: _builtins.int
     OUTPUT_MODES_FIELD_NUMBER: _builtins.int
     CACHE_SHAREABLE_FIELD_NUMBER: _builtins.int
+    RECURSION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """e.g. "extract"; [a-z0-9][a-z0-9._-]{0,62}"""
     description: _builtins.str
@@ -159,6 +160,10 @@ class Capability(_message.Message):
     cache_shareable: _builtins.bool
     """The owner's word that one caller may be given the answer another caller got for the same input (a public,
     caller-independent result). Without it a degraded-mode cached answer is kept per caller.
+    """
+    recursion: _builtins.int
+    """How many times one call chain may re-enter this capability's agent (a recursive capability, e.g. one that
+    splits its input and calls itself on the halves). 0: never; a revisit is refused with LOOP_DETECTED.
     """
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
@@ -181,10 +186,11 @@ class Capability(_message.Message):
         input_modes: _abc.Iterable[_builtins.str] | None = ...,
         output_modes: _abc.Iterable[_builtins.str] | None = ...,
         cache_shareable: _builtins.bool = ...,
+        recursion: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_shareable", b"cache_shareable", "description", b"description", "idempotent", b"idempotent", "input_modes", b"input_modes", "input_schema", b"input_schema", "name", b"name", "output_modes", b"output_modes", "output_schema", b"output_schema", "streaming", b"streaming", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_shareable", b"cache_shareable", "description", b"description", "idempotent", b"idempotent", "input_modes", b"input_modes", "input_schema", b"input_schema", "name", b"name", "output_modes", b"output_modes", "output_schema", b"output_schema", "recursion", b"recursion", "streaming", b"streaming", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -202,6 +208,7 @@ class CallContext(_message.Message):
     WORKFLOW_ID_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    CHAIN_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
     """unique per call attempt chain, set by the first caller"""
     parent_call_id: _builtins.str
@@ -212,6 +219,13 @@ class CallContext(_message.Message):
     """the agent sees each key's effect once"""
     priority: _builtins.int
     """higher passes first under load"""
+    @_builtins.property
+    def chain(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The agents (SPIFFE ids) the call chain passed through before this call, first caller's side first: each
+        agent calling onward within a call appends itself. Its length is the call's depth; an agent finding itself
+        in it is being re-entered (A -> B -> A), refused unless its capability declares recursion.
+        """
+
     def __init__(
         self,
         *,
@@ -221,10 +235,11 @@ class CallContext(_message.Message):
         workflow_id: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
         priority: _builtins.int = ...,
+        chain: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "conversation_id", b"conversation_id", "idempotency_key", b"idempotency_key", "parent_call_id", b"parent_call_id", "priority", b"priority", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "chain", b"chain", "conversation_id", b"conversation_id", "idempotency_key", b"idempotency_key", "parent_call_id", b"parent_call_id", "priority", b"priority", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
