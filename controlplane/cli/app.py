@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from hivemesh.controlplane.cli import audit, authz, certs, operate, policy, serve, trust, up, workflows
+from hivemesh.controlplane.cli import a2a, audit, authz, certs, operate, policy, serve, trust, up, workflows
 from hivemesh.controlplane.cli.context import CliContext
 from hivemesh.mesh.lifeline import die_with_parent_if_asked
 
@@ -51,6 +51,7 @@ for command in (
     trust.tokens,  # hivemesh tokens revoke|revocations (issue 4)
     trust.ca,  # hivemesh ca rotate --step ...|status (issue 4)
     authz.authz,  # hivemesh authz check (issue 4)
+    a2a.a2a,  # hivemesh a2a serve|register URL (issue 13)
 ):
     cli.add_command(command)
 
