@@ -136,7 +136,16 @@ async def test_the_callers_grants_apply_and_unauthenticated_calls_are_refused(ri
     async with await rig.http_for(None) as anon:
         r = await anon.post(f"{rig.gateway.url}/", json=body)
         assert r.status_code == 401 and r.json()["id"] == 7 and r.json()["error"]["code"] == -32600
-        assert "client certificate" in r.json()["error"]["message"]
+        assert "present a client certificate" in r.json()["error"]["message"]
+    # alice's token without alice's certificate (a stolen token) is refused: it is bound to her certificate.
+    stolen = (await rig.alice.node.controlplane.issue_token(rig.gateway.spiffe_id, ["echo"])).token
+    async with https_client(None, rig.gateway.mesh.node.workload.bundle_pem, rig.tmp / "thief", stolen) as thief:
+        r = await thief.post(f"{rig.gateway.url}/", json=body)
+        assert r.status_code == 401 and r.json()["error"]["data"]["reason"] == "UNAUTHENTICATED"
+    async with https_client(rig.bob.node.workload, rig.gateway.mesh.node.workload.bundle_pem, rig.tmp / "bob2",
+                            stolen) as bob_with_alices_token:
+        r = await bob_with_alices_token.post(f"{rig.gateway.url}/", json=body)
+        assert r.status_code == 401 and "another certificate" in r.json()["error"]["message"]
     async with await rig.http_for(rig.alice, token=False) as no_token:
         r = await no_token.post(f"{rig.gateway.url}/", json=body)
         assert r.status_code == 401 and "Bearer" in r.json()["error"]["message"]
