@@ -8,3 +8,8 @@
 
 Names and states are A2A's (DESIGN.md "Names shared with A2A"); see docs/a2a.md.
 """
+
+from hivemesh.sdk.a2a.bridge import A2ABridgeAgent, fetch_card
+from hivemesh.sdk.a2a.gateway import A2AGateway, GatewayConfig
+
+__all__ = ["A2ABridgeAgent", "A2AGateway", "GatewayConfig", "fetch_card"]

@@ -12,7 +12,7 @@ import pytest
 from a2a.client import Client, ClientConfig, create_client
 from a2a.client.card_resolver import parse_agent_card
 from a2a.helpers import get_data_parts, get_text_parts
-from a2a.types import GetTaskRequest, SendMessageRequest, TaskState
+from a2a.types import CancelTaskRequest, GetTaskRequest, SendMessageRequest, TaskState
 
 from hivemesh.sdk import AgentServer, MeshClient
 from hivemesh.sdk.a2a.gateway import A2AGateway
@@ -127,6 +127,19 @@ async def test_input_required_is_answered_on_the_same_task(rig: Rig) -> None:
         assert done.status.state == TaskState.TASK_STATE_COMPLETED
         assert get_data_parts(done.artifacts[-1].parts)[0] == {"refunded": True, "answer": {"text": "approve"},
                                                                 "note": ""}
+
+
+async def test_a_running_task_is_canceled_with_its_mesh_call(rig: Rig) -> None:
+    async with await rig.http_for(rig.alice, scopes=("slow",)) as http:
+        client = await client_for(http, f"{rig.gateway.url}/agents/echo/.well-known/agent-card.json")
+        request = send_request({"seconds": 30}, skill="slow")
+        request.configuration.return_immediately = True  # answer with the task while it works
+        task = [e async for e in client.send_message(request)][-1].task
+        assert task.status.state in (TaskState.TASK_STATE_SUBMITTED, TaskState.TASK_STATE_WORKING)
+        canceled = await client.cancel_task(CancelTaskRequest(id=task.id))
+        assert canceled.status.state == TaskState.TASK_STATE_CANCELED
+        got = await client.get_task(GetTaskRequest(id=task.id))
+        assert got.status.state == TaskState.TASK_STATE_CANCELED
 
 
 async def test_the_callers_grants_apply_and_unauthenticated_calls_are_refused(rig: Rig) -> None:
