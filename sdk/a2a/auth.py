@@ -9,6 +9,7 @@ uvicorn does not hand the peer certificate to the application (there is no ASGI 
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -34,9 +35,15 @@ ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitab
 
 
 class PeerCertH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol, plus the client certificate (DER, verified by the TLS handshake) in each scope."""
+    """uvicorn's h11 protocol, plus the client certificate (DER, verified by the TLS handshake) in each scope,
+    and TCP_NODELAY on each connection."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        # A connection accepted on a socket handed to uvicorn comes without TCP_NODELAY: the response's header
+        # and body writes then meet the peer's delayed ACK, ~44 ms per request (measured; 0.6 ms with it).
+        raw: socket.socket | None = transport.get_extra_info("socket")
+        if raw is not None and raw.family in (socket.AF_INET, socket.AF_INET6):
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().connection_made(transport)
         sslobj: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
         der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
