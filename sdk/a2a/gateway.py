@@ -78,6 +78,7 @@ class A2AGateway:
         self._serving: asyncio.Task[None] | None = None
         self._sock: socket.socket | None = None
         self.port = 0
+        self._cards: dict[str | None, tuple[tuple[Any, ...], dict[str, Any] | None]] = {}
 
     @property
     def url(self) -> str:
@@ -107,10 +108,20 @@ class A2AGateway:
         return {c.name: c.streaming for c, _ in offered_by(self.mesh.node.registry.all_instances(), agent)}
 
     async def _card_route(self, request: Request) -> Response:
-        card = self.card(request.path_params.get("agent"))
-        if card is None:
-            return JSONResponse({"error": f"no live agent {request.path_params['agent']!r} in the mesh"}, 404)
-        return JSONResponse(agent_card_to_dict(card))
+        agent = request.path_params.get("agent")
+        # Rendering a card costs ~10 ms (a2a-sdk adds its 0.3 fields): render again only when the registry's
+        # index (an immutable tuple, swapped on each change) is another one.
+        instances = self.mesh.node.registry.all_instances()
+        cached = self._cards.get(agent)
+        if cached is None or cached[0] is not instances:
+            card = self.card(agent)
+            cached = (instances, None if card is None else agent_card_to_dict(card))
+            if len(self._cards) > 1024:
+                self._cards.clear()
+            self._cards[agent] = cached
+        if cached[1] is None:
+            return JSONResponse({"error": f"no live agent {agent!r} in the mesh"}, 404)
+        return JSONResponse(cached[1])
 
     # --- JSON-RPC -----------------------------------------------------------------------------------------------
     def _app(self) -> Starlette:
