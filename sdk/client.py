@@ -118,14 +118,17 @@ class MeshClient:
         default_timeout: float | None = 30.0,
         audit: bool = True,
         audit_dir: Path | str | None = None,
+        verify_inbound: bool = False,
         **overrides: Any,
     ) -> MeshClient:
         """A client that joins the mesh on `start()` (or `async with`), with settings resolved as documented
         in `MeshSettings.resolve` (arguments, HIVEMESH_* variables, then the `hivemesh up` state file).
 
         With `audit` (the default), refusals this client decides itself on the way out are recorded in a spool
-        under `audit_dir` (default `<HIVEMESH_HOME>/audit`) and shipped to the control plane."""
-        node = MeshNode(settings or MeshSettings.resolve(**overrides), name=name, kind=kind)
+        under `audit_dir` (default `<HIVEMESH_HOME>/audit`) and shipped to the control plane. `verify_inbound`
+        keeps the token key set in sync, for a client that also verifies tokens addressed to it (A2A gateway)."""
+        node = MeshNode(settings or MeshSettings.resolve(**overrides), name=name, kind=kind,
+                        verify_inbound=verify_inbound)
         client = cls(node, default_timeout=default_timeout)
         client._owns_node = True
         client._audit_enabled = audit

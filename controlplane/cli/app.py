@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from hivemesh.controlplane.cli import audit, authz, certs, operate, policy, serve, slo, top, trust, up, workflows
+from hivemesh.controlplane.cli import a2a, audit, authz, certs, operate, policy, serve, slo, top, trust, up, workflows
 from hivemesh.controlplane.cli.context import CliContext
 from hivemesh.mesh.lifeline import die_with_parent_if_asked
 
@@ -53,6 +53,7 @@ for command in (
     authz.authz,  # hivemesh authz check (issue 4)
     slo.slo,  # hivemesh slo rules|list (issue 12)
     top.top,  # hivemesh top (issue 12)
+    a2a.a2a,  # hivemesh a2a serve|register URL (issue 13)
 ):
     cli.add_command(command)
 

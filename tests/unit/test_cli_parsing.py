@@ -19,7 +19,7 @@ from hivemesh.controlplane.cli.app import cli
 
 GROUPS: dict[str, set[str]] = {
     "": {"up", "certs", "controlplane", "sidecar", "agents", "call", "join-token", "policy", "status", "workflows",
-         "escalations", "audit", "keys", "tokens", "ca", "authz", "slo", "top"},
+         "escalations", "audit", "keys", "tokens", "ca", "authz", "slo", "top", "a2a"},
     "certs": {"init"},
     "policy": {"apply", "get", "list", "delete", "kinds"},
     "workflows": {"list", "show", "cancel", "resume"},
@@ -30,6 +30,7 @@ GROUPS: dict[str, set[str]] = {
     "ca": {"rotate", "status"},
     "authz": {"check"},
     "slo": {"rules", "list"},
+    "a2a": {"serve", "register"},
 }
 
 

@@ -1,0 +1,132 @@
+"""The other way: an external A2A agent, known by its card URL, served on the mesh as an SDK agent.
+
+`A2ABridgeAgent.from_card(card, http)` makes an `Agent` whose capabilities are the card's skills; served by
+`AgentServer` it registers in the registry and receives calls through the mesh's whole inbound chain (mutual
+TLS, token, authz, rate limits, budgets, audit) like any agent, then forwards each call to the A2A agent with
+a2a-sdk's client (`SendMessage`, the skill named in the message metadata as `skill`).
+
+Input: a string, or an object holding only `text`, goes as a text part; anything else as a data part. Output:
+the completed task's (or the direct message's) first data part, else its text. An A2A task that ends FAILED or
+REJECTED is an AgentError with the agent's words; INPUT_REQUIRED is an `InputRequired` escalation (the
+conversation is not continued by the bridge: a person answers by calling again).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any, ClassVar
+
+import httpx
+from a2a.client import Client, ClientConfig, create_client
+from a2a.client.card_resolver import parse_agent_card
+from a2a.helpers import get_data_parts, get_text_parts, new_data_part, new_text_part
+from a2a.types import AgentCard, Message, Part, Role, SendMessageRequest, TaskState
+from a2a.utils.constants import AGENT_CARD_WELL_KNOWN_PATH
+from google.protobuf import struct_pb2
+from google.protobuf.json_format import ParseDict
+
+from hivemesh.mesh.errors import AgentError, InvalidInputError
+from hivemesh.sdk.a2a.executor import _ints
+from hivemesh.sdk.agent import Agent, CapabilitySpec
+from hivemesh.sdk.context import Context
+from hivemesh.sdk.escalation import InputRequired
+
+_NAME = re.compile(r"[^a-z0-9._-]+")
+
+
+def mesh_name(text: str) -> str:
+    """text as a mesh agent or capability name ([a-z0-9][a-z0-9._-]{0,62})."""
+    name = _NAME.sub("-", text.lower()).strip("-._")[:63]
+    if not name:
+        raise InvalidInputError(f"{text!r} gives no usable mesh name: name it explicitly")
+    return name
+
+
+def card_url(url: str) -> str:
+    """The card's URL: url itself when it names a .json document, else its well-known card path."""
+    return url if url.endswith(".json") else url.rstrip("/") + AGENT_CARD_WELL_KNOWN_PATH
+
+
+async def fetch_card(url: str, http: httpx.AsyncClient) -> AgentCard:
+    """The A2A agent card at url (a card URL or the agent's base URL)."""
+    try:
+        resp = await http.get(card_url(url))
+        resp.raise_for_status()
+        return parse_agent_card(resp.json())
+    except (httpx.HTTPError, ValueError) as exc:
+        raise InvalidInputError(f"could not read an A2A agent card at {card_url(url)}: {exc}") from None
+
+
+def _message(value: Any, skill: str) -> Message:
+    if isinstance(value, dict) and set(value) == {"text"} and isinstance(value["text"], str):
+        value = value["text"]
+    part: Part = new_text_part(value) if isinstance(value, str) else new_data_part(value)
+    msg = Message(role=Role.ROLE_USER, message_id=str(uuid.uuid4()), parts=[part])
+    msg.metadata.CopyFrom(ParseDict({"skill": skill}, struct_pb2.Struct()))
+    return msg
+
+
+def _value(parts: Any) -> Any:
+    data = get_data_parts(parts)
+    if data:
+        return _ints(data[0])
+    return "\n".join(get_text_parts(parts))
+
+
+class A2ABridgeAgent(Agent):
+    """An external A2A agent on the mesh; build one with `from_card`."""
+
+    name: ClassVar[str] = "a2a-bridge"
+
+    def __init__(self, card: AgentCard, client: Client, skills: dict[str, str]) -> None:
+        # Agent.__init__ collects @capability methods; this agent's capabilities come from the card instead.
+        self.a2a_card = card
+        self._client = client
+        self._skills = skills
+        """mesh capability name -> A2A skill id."""
+        by_id = {s.id: s for s in card.skills}
+        self.capabilities = {
+            cap: CapabilitySpec(
+                name=cap, method_name="run_unary", description=by_id[sid].description or by_id[sid].name,
+                input_type=Any, output_type=Any, input_schema={}, output_schema={}, streaming=False,
+                idempotent=False, tags=("a2a", *by_id[sid].tags), wants_context=True,
+            )
+            for cap, sid in skills.items()
+        }
+
+    @classmethod
+    async def from_card(cls, card: AgentCard, http: httpx.AsyncClient, *, name: str | None = None) -> A2ABridgeAgent:
+        """A bridge to card's agent, named name (default: from the card), calling it over http."""
+        if not card.skills:
+            raise InvalidInputError(f"the A2A agent {card.name!r} declares no skills: nothing to serve")
+        agent_name = mesh_name(name or card.name)
+        kind = type(f"A2ABridge_{agent_name}", (cls,), {
+            "name": agent_name, "description": card.description, "version": card.version or "0.0.0",
+            "labels": {"a2a.url": card.supported_interfaces[0].url[:63] if card.supported_interfaces else ""},
+        })
+        client = await create_client(card, ClientConfig(httpx_client=http, streaming=False))
+        skills = {mesh_name(s.id): s.id for s in card.skills}
+        return kind(card, client, skills)  # type: ignore[no-any-return]
+
+    async def run_unary(self, spec: CapabilitySpec, value: Any, ctx: Context) -> Any:
+        request = SendMessageRequest(message=_message(value, self._skills[spec.name]))
+        last = None
+        async for event in self._client.send_message(request):
+            last = event
+        if last is None:
+            raise AgentError(f"the A2A agent {self.a2a_card.name!r} answered nothing")
+        if last.HasField("message"):
+            return _value(last.message.parts)
+        task = last.task
+        state = task.status.state
+        if state == TaskState.TASK_STATE_COMPLETED:
+            parts = [p for a in task.artifacts for p in a.parts] or list(task.status.message.parts)
+            return _value(parts)
+        words = _value(task.status.message.parts) if task.status.HasField("message") else ""
+        if state == TaskState.TASK_STATE_INPUT_REQUIRED:
+            raise InputRequired(str(words) or f"{self.a2a_card.name} needs input", {"a2a_task": task.id})
+        raise AgentError(f"the A2A agent {self.a2a_card.name!r} ended the task {TaskState.Name(state)}: {words}")
+
+    async def close(self) -> None:
+        await self._client.close()

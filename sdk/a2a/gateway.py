@@ -1,0 +1,211 @@
+"""`A2AGateway`: every mesh agent served as an A2A agent over HTTPS, on a2a-sdk's JSON-RPC dispatcher.
+
+Routes (bind 127.0.0.1 by default; the advertised URL is separate, "bind is not advertise"):
+- `GET /.well-known/agent-card.json`: the gateway's card, every capability of the mesh as a skill;
+- `GET /agents/<agent>/.well-known/agent-card.json`: one agent's card (its capabilities);
+- `POST /` and `POST /agents/<agent>/`: JSON-RPC, A2A 1.0 method names (`SendMessage`, `SendStreamingMessage`,
+  `GetTask`, `CancelTask`) and 0.3's (`message/send`, `message/stream`, `tasks/get`, `tasks/cancel`).
+
+Cards are built from the registry on each request, so they follow agents coming and going. JSON-RPC calls
+are authenticated first (client certificate + bearer token, see `auth`); unauthenticated ones get HTTP 401 with
+a JSON-RPC error (-32600, `data.reason` UNAUTHENTICATED) and never reach a task. Tasks live in the gateway
+(a2a-sdk's `InMemoryTaskStore`): A2A task ids are the gateway's, one per message exchange, with A2A's states.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from a2a.server.request_handlers import DefaultRequestHandler
+from a2a.server.request_handlers.response_helpers import agent_card_to_dict
+from a2a.server.routes.jsonrpc_dispatcher import JsonRpcDispatcher
+from a2a.server.tasks import InMemoryTaskStore
+from a2a.types import AgentCard
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from hivemesh.mesh.errors import HivemeshError
+from hivemesh.mesh.settings import MeshSettings
+from hivemesh.mesh.tls import Workload
+from hivemesh.sdk.a2a.auth import (
+    CALLER_STATE_KEY,
+    PEER_CERT_SCOPE_KEY,
+    MeshCallContextBuilder,
+    PeerCertH11Protocol,
+    authenticate,
+    refusal,
+)
+from hivemesh.sdk.a2a.cards import build_card, offered_by
+from hivemesh.sdk.a2a.executor import MeshAgentExecutor
+from hivemesh.sdk.a2a.tlsfiles import GatewayTls
+from hivemesh.sdk.client import MeshClient
+
+log = logging.getLogger(__name__)
+CARD_PATH = "/.well-known/agent-card.json"
+INVALID_REQUEST = -32600
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    name: str = "a2a-gateway"
+    """The gateway's workload name: it joins as agent `<name>` (the audience A2A callers get tokens for)."""
+    host: str = "127.0.0.1"
+    port: int = 0
+    """0: a free port (`A2AGateway.port` tells which)."""
+    public_url: str | None = None
+    """The base URL cards advertise; default https://<host>:<port>."""
+    call_timeout_s: float = 60.0
+    version: str = "1.0.0"
+
+
+class A2AGateway:
+    """The A2A front of the mesh: its own workload identity, its own MeshClient, an HTTPS server."""
+
+    def __init__(self, settings: MeshSettings, config: GatewayConfig | None = None) -> None:
+        self.config = config or GatewayConfig()
+        self.mesh = MeshClient.connect(name=self.config.name, kind="agent", settings=settings, verify_inbound=True)
+        self._tls: GatewayTls | None = None
+        self._server: uvicorn.Server | None = None
+        self._serving: asyncio.Task[None] | None = None
+        self._sock: socket.socket | None = None
+        self.port = 0
+        self._cards: dict[str | None, tuple[tuple[Any, ...], dict[str, Any] | None]] = {}
+
+    @property
+    def url(self) -> str:
+        return (self.config.public_url or f"https://{self.config.host}:{self.port}").rstrip("/")
+
+    @property
+    def spiffe_id(self) -> str:
+        return self.mesh.node.workload.spiffe_id
+
+    # --- cards ------------------------------------------------------------------------------------------------
+    def card(self, agent: str | None) -> AgentCard | None:
+        """The card of agent (None: the gateway's), or None when no such agent is live."""
+        offered = offered_by(self.mesh.node.registry.all_instances(), agent)
+        if agent is not None and not offered:
+            return None
+        return build_card(
+            name=agent or self.config.name,
+            description=(f"The mesh agent {agent}, through the hivemesh A2A gateway" if agent else
+                         "Every capability of the hivemesh mesh, as A2A skills"),
+            url=f"{self.url}/agents/{agent}/" if agent else f"{self.url}/",
+            version=self.config.version,
+            offered=offered,
+            gateway_audience=self.spiffe_id,
+        )
+
+    def _offered(self, agent: str | None) -> dict[str, bool]:
+        return {c.name: c.streaming for c, _ in offered_by(self.mesh.node.registry.all_instances(), agent)}
+
+    async def _card_route(self, request: Request) -> Response:
+        agent = request.path_params.get("agent")
+        # Rendering a card costs ~10 ms (a2a-sdk adds its 0.3 fields): render again only when the registry's
+        # index (an immutable tuple, swapped on each change) is another one.
+        instances = self.mesh.node.registry.all_instances()
+        cached = self._cards.get(agent)
+        if cached is None or cached[0] is not instances:
+            card = self.card(agent)
+            cached = (instances, None if card is None else agent_card_to_dict(card))
+            if len(self._cards) > 1024:
+                self._cards.clear()
+            self._cards[agent] = cached
+        if cached[1] is None:
+            return JSONResponse({"error": f"no live agent {agent!r} in the mesh"}, 404)
+        return JSONResponse(cached[1])
+
+    # --- JSON-RPC -----------------------------------------------------------------------------------------------
+    def _app(self) -> Starlette:
+        executor = MeshAgentExecutor(self.mesh, timeout_s=self.config.call_timeout_s, offered=self._offered)
+        handler = DefaultRequestHandler(agent_executor=executor, task_store=InMemoryTaskStore(),
+                                        agent_card=self.card(None) or AgentCard())
+        dispatcher = JsonRpcDispatcher(handler, context_builder=MeshCallContextBuilder(), enable_v0_3_compat=True)
+        verifier = self.mesh.node.verifier()
+
+        async def rpc(request: Request) -> Response:
+            try:
+                caller = authenticate(verifier, request.scope.get(PEER_CERT_SCOPE_KEY),
+                                      request.headers.get("authorization"))
+            except HivemeshError as exc:
+                return JSONResponse(
+                    {"jsonrpc": "2.0", "id": await _request_id(request),
+                     "error": {"code": INVALID_REQUEST, "message": f"unauthenticated: {exc.message}",
+                               "data": refusal(exc)}},
+                    status_code=401, headers={"WWW-Authenticate": 'Bearer realm="hivemesh"'},
+                )
+            request.scope[CALLER_STATE_KEY] = caller
+            return await dispatcher.handle_requests(request)
+
+        return Starlette(routes=[
+            Route(CARD_PATH, self._card_route, methods=["GET"]),
+            Route("/agents/{agent}" + CARD_PATH, self._card_route, methods=["GET"]),
+            Route("/", rpc, methods=["POST"]),
+            Route("/agents/{agent}/", rpc, methods=["POST"]),
+        ])
+
+    # --- lifecycle ------------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.mesh.start()
+        try:
+            self._tls = GatewayTls(self.mesh.node.workload)
+            self.mesh.node.certificate_hooks.append(self._on_certificate)
+            self._sock = socket.create_server((self.config.host, self.config.port))
+            self.port = self._sock.getsockname()[1]
+            tls = self._tls
+            config = uvicorn.Config(
+                self._app(), http=PeerCertH11Protocol, lifespan="off", log_level="warning", access_log=False,
+                ssl_context_factory=lambda _config, _default: tls.context,
+            )
+            self._server = uvicorn.Server(config)
+            self._serving = asyncio.get_running_loop().create_task(self._server.serve(sockets=[self._sock]))
+            while not self._server.started:
+                if self._serving.done():
+                    await self._serving  # raises what stopped it
+                    raise RuntimeError("the A2A gateway's HTTPS server stopped at start")
+                await asyncio.sleep(0.01)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _on_certificate(self, event: str, workload: Workload) -> None:
+        if event == "renewed" and self._tls is not None:
+            self._tls.load(workload)
+
+    async def stop(self) -> None:
+        if self._server is not None and self._serving is not None:
+            self._server.should_exit = True
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(self._serving, 10)
+        self._server = self._serving = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._tls is not None:
+            self._tls.close()
+            self._tls = None
+        await self.mesh.close()
+
+    async def __aenter__(self) -> A2AGateway:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def _request_id(request: Request) -> Any:
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    rid = body.get("id") if isinstance(body, dict) else None
+    return rid if isinstance(rid, str | int) and not isinstance(rid, bool) else None
