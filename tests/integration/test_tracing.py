@@ -1,0 +1,291 @@
+"""Traces across the real mesh (mutual TLS, tokens, etcd), collected by the SDK's in-memory exporter.
+
+One call from a Python MeshClient through an SDK agent, which calls onward through a sidecar to a plain agent
+(generated stubs only), which calls back through its sidecar's `Mesh.Call` (forwarding the W3C headers it got,
+as any instrumented agent would) to the SDK agent again: one trace id, the right parent of every span, no
+orphans. Also: a refusal's spans carry the ErrorInfo reason; a workflow run is one trace with a span per step,
+and a resumed run links to the original.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import grpc
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from hivemesh.mesh import tracing
+from hivemesh.mesh.errors import HivemeshError
+from hivemesh.mesh.sidecar import CALL_HANDLE_KEY, Sidecar, SidecarConfig
+from hivemesh.sdk import Agent, Context, capability
+from hivemesh.sdk.patterns import Pipeline, Step
+from hivemesh.sdk.workflow import WorkflowEngine
+from hivemesh.v1 import agent_pb2, mesh_pb2_grpc
+from tests.support.orch_agents import WorkerAgent
+from tests.support.orch_env import Orch, wait_until
+from tests.support.plain_agent import PlainAgent
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """Tracing on for this test (every span sampled), into memory; off again afterwards."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.enable(provider)
+    try:
+        yield exporter
+    finally:
+        tracing.disable()
+        provider.shutdown()
+
+
+class Relay(Agent):
+    """An SDK agent: `relay` calls the plain agent onward; `leaf` answers (the plain agent calls it back)."""
+
+    name = "relay"
+
+    @capability(description="Call the plain agent's onward capability")
+    async def relay(self, req: dict[str, Any], ctx: Context) -> dict[str, Any]:
+        out: dict[str, Any] = await ctx.call_capability("plain-onward", {"text": req["text"]}, timeout=20)
+        return {"via": "relay", **out}
+
+    @capability(description="Upper-case text")
+    async def leaf(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"text": str(req["text"]).upper()}
+
+
+class OnwardPlain(PlainAgent):
+    """The plain agent plus `plain-onward`: it calls `leaf` through its sidecar's `Mesh.Call`, handing on the
+    traceparent/tracestate/baggage it received (and its call handle), as an agent in any language would."""
+
+    mesh_endpoint = ""
+
+    async def Invoke(
+        self, request: agent_pb2.InvokeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> agent_pb2.InvokeResponse:
+        if request.capability != "plain-onward":
+            return await super().Invoke(request, context)
+        self.calls += 1
+        keep = {"traceparent", "tracestate", "baggage", CALL_HANDLE_KEY}
+        md = tuple((k, v) for k, v in context.invocation_metadata() or () if k in keep)
+        onward = agent_pb2.InvokeRequest(capability="leaf", input=request.input, content_type="application/json")
+        async with grpc.aio.insecure_channel(self.mesh_endpoint) as channel:
+            raw = await mesh_pb2_grpc.MeshStub(channel).Call(onward, metadata=md, timeout=20)
+        return agent_pb2.InvokeResponse(output=raw.output, content_type="application/json",
+                                        state=agent_pb2.TASK_STATE_COMPLETED)
+
+    def card(self) -> agent_pb2.AgentCard:
+        card = super().card()
+        card.capabilities.add(name="plain-onward", description="Call leaf through the sidecar",
+                              input_schema=card.capabilities[0].input_schema)
+        return card
+
+
+@contextlib.asynccontextmanager
+async def plain_behind_sidecar(orch: Orch) -> AsyncIterator[tuple[OnwardPlain, Sidecar]]:
+    async with OnwardPlain("plain", prefix="plain-") as plain:
+        sidecar = Sidecar(SidecarConfig(agent=plain.endpoint), await orch.env.settings_for("plain"))
+        async with sidecar:
+            plain.mesh_endpoint = sidecar.mesh_endpoint
+            assert sidecar.node is not None
+            for cap, node in (("plain-onward", orch.mesh.node), ("leaf", sidecar.node)):
+                assert await node.registry.wait_for_capability(cap, 1, timeout=10), cap
+            yield plain, sidecar
+
+
+def _name(span: ReadableSpan) -> str:
+    return f"{span.kind.name} {span.name}"
+
+
+def _chain(span: ReadableSpan, by_id: dict[int, ReadableSpan]) -> list[str]:
+    """The names from span up to its root, following parent links."""
+    out = [_name(span)]
+    while span.parent is not None:
+        span = by_id[span.parent.span_id]
+        out.append(_name(span))
+    return out
+
+
+def _one_trace(finished: Sequence[ReadableSpan]) -> dict[int, ReadableSpan]:
+    """Assert one trace, every parent present (0 orphans), exactly one root; the spans by id."""
+    assert finished
+    assert {s.context.trace_id for s in finished} == {finished[0].context.trace_id}, [_name(s) for s in finished]
+    by_id = {s.context.span_id: s for s in finished}
+    orphans = [_name(s) for s in finished if s.parent is not None and s.parent.span_id not in by_id]
+    assert orphans == []
+    assert len([s for s in finished if s.parent is None]) == 1
+    return by_id
+
+
+async def test_one_trace_from_a_client_through_an_sdk_agent_a_sidecar_and_a_plain_agent_and_back(
+    spans: InMemorySpanExporter, orch: Orch
+) -> None:
+    await orch.serve(Relay())
+    async with plain_behind_sidecar(orch):
+        spans.clear()  # registration traffic is not this call's
+        out = await orch.mesh.call("relay", {"text": "hi"}, timeout=30)
+        assert out == {"via": "relay", "text": "HI"}
+
+    finished = spans.get_finished_spans()
+    by_id = _one_trace(finished)
+    [leaf] = [s for s in finished if s.name == "handler leaf"]
+    assert _chain(leaf, by_id) == [
+        "INTERNAL handler leaf",
+        "SERVER hivemesh.v1.Agent/Invoke",          # the SDK agent's inbound chain (leaf)
+        "INTERNAL attempt leaf",
+        "CLIENT hivemesh.v1.Agent/Invoke",          # the sidecar's outbound pipeline
+        "SERVER hivemesh.v1.Mesh/Call",             # the plain agent's Mesh.Call, its traceparent honoured
+        "CLIENT forward plain-onward",              # the sidecar's forward to the plain agent
+        "SERVER hivemesh.v1.Agent/Invoke",          # the sidecar's inbound chain
+        "INTERNAL attempt plain-onward",
+        "CLIENT hivemesh.v1.Agent/Invoke",          # the relay's onward call (ctx.call_capability)
+        "INTERNAL handler relay",
+        "SERVER hivemesh.v1.Agent/Invoke",          # the relay's inbound chain
+        "INTERNAL attempt relay",
+        "CLIENT hivemesh.v1.Agent/Invoke",          # the MeshClient's call: the root
+    ]
+    servers = [s for s in finished if s.kind == SpanKind.SERVER and s.name.startswith("hivemesh.v1.Agent/")]
+    assert sorted((s.attributes or {})["hivemesh.packaging"] for s in servers) == ["sdk", "sdk", "sidecar"]
+    for s in servers:
+        attrs = s.attributes or {}
+        assert attrs["rpc.system"] == "grpc" and attrs["rpc.service"] == "hivemesh.v1.Agent"
+        assert attrs["rpc.method"] == "Invoke" and attrs["rpc.grpc.status_code"] == 0
+        assert attrs["hivemesh.decision"] == "allow"
+        assert str(attrs["hivemesh.caller"]).startswith("spiffe://")
+    root = next(s for s in finished if s.parent is None)
+    assert (root.attributes or {})["hivemesh.capability"] == "relay"
+    assert str((root.attributes or {})["hivemesh.agent"]).endswith("/agent/relay")
+    attempts = [s for s in finished if s.name.startswith("attempt ")]
+    assert all((s.attributes or {})["hivemesh.retry.attempt"] == 1 for s in attempts) and len(attempts) == 3
+
+
+async def test_a_refusal_span_carries_the_reason(spans: InMemorySpanExporter, orch: Orch) -> None:
+    await orch.serve(Relay())
+    spans.clear()
+    with pytest.raises(HivemeshError) as refused:
+        await orch.mesh.call("leaf", "not an object", timeout=10)  # the input guard refuses a non-object
+    reason = refused.value.reason
+    assert reason
+    finished = spans.get_finished_spans()
+    _one_trace(finished)
+    [server] = [s for s in finished if s.kind == SpanKind.SERVER]
+    attrs = server.attributes or {}
+    assert attrs["hivemesh.reason"] == reason and attrs["hivemesh.decision"] == "invalid"
+    assert attrs["rpc.grpc.status_code"] == refused.value.code.value[0]
+    assert server.status.status_code == StatusCode.ERROR
+    assert not [s for s in finished if s.name.startswith("handler")]  # refused before the handler
+    client = next(s for s in finished if s.parent is None)
+    assert (client.attributes or {})["hivemesh.reason"] == reason and client.status.status_code == StatusCode.ERROR
+
+
+async def test_a_workflow_run_is_one_trace_with_a_span_per_step_and_a_resume_links_to_it(
+    spans: InMemorySpanExporter, orch: Orch
+) -> None:
+    await orch.serve(WorkerAgent())
+    spans.clear()
+    async with WorkflowEngine(orch.mesh) as engine:
+        state = await engine.run(Pipeline([Step("upper"), Step("summarize")]), {"text": "a b c"},
+                                 workflow_id="wf-traced")
+        assert state.state == "COMPLETED"
+        started = [e for e in await engine.store.events("wf-traced") if e["type"] == "started"]
+    finished = spans.get_finished_spans()
+    by_id = _one_trace(finished)
+    [run] = [s for s in finished if s.parent is None]
+    assert run.name == "workflow wf-traced" and not run.links
+    steps = [s for s in finished if s.name.startswith("step ")]
+    assert len(steps) == 2 and all(s.parent is not None and s.parent.span_id == run.context.span_id for s in steps)
+    for step in steps:  # each step's call (client, attempt, server, handler) hangs under its step
+        handlers = [s for s in finished if s.name.startswith("handler ") and step.context.span_id in
+                    [by_id[p].context.span_id for p in _ancestors(s, by_id)]]
+        assert len(handlers) == 1
+    assert started[0]["data"]["trace_id"] == f"{run.context.trace_id:032x}"
+
+
+async def test_a_resumed_workflow_run_is_a_new_trace_linked_to_the_original(
+    spans: InMemorySpanExporter, orch: Orch
+) -> None:
+    await orch.serve(WorkerAgent())
+    gate = asyncio.Event()
+
+    async def body(run: Any, value: Any) -> Any:
+        first = await run.step("one", "upper", value)
+        await gate.wait()  # the first run stops here (its task is cancelled, as a dying process would be)
+        return (await run.step("two", "upper", first.output)).output
+
+    spans.clear()
+    async with WorkflowEngine(orch.mesh) as engine:
+        handle = await engine.submit(body, {"text": "x"}, workflow_id="wf-resumed")
+        await wait_until(lambda: any(s.name == "step one" for s in spans.get_finished_spans()), 20, "step one")
+        handle.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await handle.task
+        gate.set()
+        resumed = await engine.resume("wf-resumed", definition=body)
+        assert (await resumed.result(timeout=30)).state == "COMPLETED"
+    runs = [s for s in spans.get_finished_spans() if s.name == "workflow wf-resumed"]
+    assert len(runs) == 2
+    first, second = runs
+    assert first.context.trace_id != second.context.trace_id  # one trace per run
+    assert [link.context.span_id for link in second.links] == [first.context.span_id]
+    assert (second.attributes or {})["hivemesh.workflow.resumed"] is True
+    [two] = [s for s in spans.get_finished_spans() if s.name == "step two"]
+    assert two.context.trace_id == second.context.trace_id
+
+
+def _ancestors(span: ReadableSpan, by_id: dict[int, ReadableSpan]) -> list[int]:
+    out = []
+    while span.parent is not None:
+        out.append(span.parent.span_id)
+        span = by_id[span.parent.span_id]
+    return out
+
+
+def test_the_sampler_is_parent_based_ratio_from_the_standard_environment() -> None:
+    assert "ParentBased" in type(tracing.sampler_from({})).__name__
+    sampler = tracing.sampler_from({"OTEL_TRACES_SAMPLER_ARG": "0.25"})
+    assert "0.25" in sampler.get_description()
+    assert tracing.sampler_from({"OTEL_TRACES_SAMPLER": "always_off"}).get_description() == "AlwaysOffSampler"
+    with pytest.raises(ValueError, match="OTEL_TRACES_SAMPLER_ARG"):
+        tracing.sampler_from({"OTEL_TRACES_SAMPLER_ARG": "2"})
+    with pytest.raises(ValueError, match="OTEL_TRACES_SAMPLER="):
+        tracing.sampler_from({"OTEL_TRACES_SAMPLER": "sometimes"})
+    assert not tracing.configure({})  # off by default
+    assert not tracing.configure({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1", "OTEL_SDK_DISABLED": "true"})
+    assert tracing.TRACER is None
+
+
+def test_json_log_lines_carry_the_trace_and_span_ids(spans: InMemorySpanExporter) -> None:
+    import io
+    import logging
+
+    from hivemesh.mesh.logjson import JsonFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("hivemesh.test.tracing")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        with tracing.span("work") as span:
+            assert span is not None
+            logger.warning("inside %s", "a span")
+        logger.warning("outside")
+    finally:
+        logger.removeHandler(handler)
+    inside, outside = (json.loads(line) for line in stream.getvalue().splitlines())
+    ctx = span.get_span_context()
+    assert inside["message"] == "inside a span" and inside["level"] == "WARNING"
+    assert (inside["trace_id"], inside["span_id"]) == (f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}")
+    assert "trace_id" not in outside and outside["logger"] == "hivemesh.test.tracing"
