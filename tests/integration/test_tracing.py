@@ -289,3 +289,26 @@ def test_json_log_lines_carry_the_trace_and_span_ids(spans: InMemorySpanExporter
     assert inside["message"] == "inside a span" and inside["level"] == "WARNING"
     assert (inside["trace_id"], inside["span_id"]) == (f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}")
     assert "trace_id" not in outside and outside["logger"] == "hivemesh.test.tracing"
+
+
+def test_the_audit_records_trace_id_is_the_server_spans(spans: InMemorySpanExporter) -> None:
+    import grpc as _grpc
+
+    from hivemesh.mesh.audit.record import decision_fields
+    from hivemesh.mesh.layers import Inbound
+
+    def record(metadata: dict[str, Any]) -> Any:
+        call = Inbound(method="Invoke", request=agent_pb2.InvokeRequest(capability="leaf"), wire_size=0,
+                       metadata=metadata, auth_context={})
+        return decision_fields(call, None, _grpc.StatusCode.OK, 0.0, now=0.0)["trace_id"]
+
+    remote = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    parent = tracing.extract([("traceparent", remote)])
+    with tracing.span("server", SpanKind.SERVER, parent=parent) as child:  # the caller's trace, continued
+        assert child is not None
+        assert record({"traceparent": remote}) == "0af7651916cd43dd8448eb211c80319c"
+    with tracing.span("server", SpanKind.SERVER) as root:  # no traceparent: the span's own new trace
+        assert root is not None
+        assert record({}) == f"{root.get_span_context().trace_id:032x}"
+    tracing.disable()
+    assert record({"traceparent": remote}) == "0af7651916cd43dd8448eb211c80319c"  # off: the header, as before
