@@ -30,13 +30,13 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support: the tests' mesh rig
 
-from hivemesh.controlplane.ca import init_ca, load_ca  # noqa: E402
-from hivemesh.controlplane.etcd_certs import issue_etcd_certs  # noqa: E402
-from hivemesh.mesh import tracing  # noqa: E402
-from hivemesh.mesh.etcd import EtcdServer  # noqa: E402
-from hivemesh.sdk import Agent, AgentServer, MeshClient, capability  # noqa: E402
-from tests.support import meshenv  # noqa: E402
-from tests.support.meshenv import TRUST_DOMAIN, start_mesh_env, stop_mesh_env  # noqa: E402
+from hivemesh.controlplane.ca import init_ca, load_ca
+from hivemesh.controlplane.etcd_certs import issue_etcd_certs
+from hivemesh.mesh import tracing
+from hivemesh.mesh.etcd import EtcdServer
+from hivemesh.sdk import Agent, AgentServer, MeshClient, capability
+from tests.support import meshenv
+from tests.support.meshenv import TRUST_DOMAIN, start_mesh_env, stop_mesh_env
 
 GRANTS = {"grants": [{"name": "all", "subjects": [f"spiffe://{TRUST_DOMAIN}/client/*"], "capabilities": ["*"]}]}
 
@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = ap.parse_args(argv)
     rounds, seconds = (1, 2.0) if opts.quick else (3, 4.0)
     out = asyncio.run(run(rounds, seconds, opts.concurrency))
-    print(json.dumps(out, indent=2))
+    sys.stdout.write(json.dumps(out, indent=2) + "\n")
     return 0
 
 
