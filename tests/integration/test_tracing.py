@@ -312,3 +312,36 @@ def test_the_audit_records_trace_id_is_the_server_spans(spans: InMemorySpanExpor
         assert record({}) == f"{root.get_span_context().trace_id:032x}"
     tracing.disable()
     assert record({"traceparent": remote}) == "0af7651916cd43dd8448eb211c80319c"  # off: the header, as before
+
+
+class Fanner(Agent):
+    """Fans out from inside a capability, on behalf of its caller (delegation), to two capabilities at once."""
+
+    name = "fanner"
+
+    @capability(description="Fan out to upper and summarize")
+    async def fan(self, req: dict[str, Any], ctx: Context) -> dict[str, Any]:
+        from hivemesh.sdk.patterns import FanOut
+
+        result = await FanOut(["upper", "summarize"]).run(ctx, req)
+        delegated: dict[str, Any] = await ctx.call_capability("upper", req, on_behalf=True, timeout=20)
+        return {"fan": result.output, "delegated": delegated}
+
+
+async def test_fan_out_and_delegation_inside_a_handler_stay_in_the_callers_trace(
+    spans: InMemorySpanExporter, orch: Orch
+) -> None:
+    await orch.serve(WorkerAgent())
+    await orch.serve(Fanner())
+    spans.clear()
+    out = await orch.mesh.call("fan", {"text": "a b"}, timeout=30)
+    assert out["delegated"] == {"text": "A B"}
+    finished = spans.get_finished_spans()
+    by_id = _one_trace(finished)
+    [fan] = [s for s in finished if s.name == "handler fan"]
+    onward = [s for s in finished if s.kind == SpanKind.CLIENT and s.parent is not None
+              and s.parent.span_id == fan.context.span_id]
+    assert sorted((s.attributes or {})["hivemesh.capability"] for s in onward) == ["summarize", "upper", "upper"]
+    for name in ("handler upper", "handler summarize"):  # every branch's handler hangs under the fan handler
+        assert all(fan.context.span_id in _ancestors(s, by_id) for s in finished if s.name == name)
+    assert len([s for s in finished if s.name == "handler upper"]) == 2
