@@ -33,6 +33,8 @@ from hivemesh.mesh.layers.base import Inbound
 
 TRACER: Tracer | None = None
 """The mesh's tracer while tracing is on; None (the default) means off, and every hook does nothing."""
+_FOLLOW_PARENT = False
+"""The sampler is parent-based: under an unsampled parent no span would record, so none is made (`start`)."""
 
 PROPAGATION_KEYS = frozenset({"traceparent", "tracestate", "baggage"})
 """The metadata keys the mesh owns when tracing is on: replaced with the current span's, never passed through."""
@@ -121,9 +123,12 @@ def configure(env: Mapping[str, str] | None = None, *, service: str = "hivemesh"
 
 def enable(provider: Any) -> None:
     """Trace through this TracerProvider (configure() builds one; tests pass one with an in-memory exporter)."""
-    global TRACER
+    global TRACER, _FOLLOW_PARENT
+    from opentelemetry.sdk.trace.sampling import ParentBased
+
     if not isinstance(get_global_textmap(), CompositePropagator) or TRACER is None:
         set_global_textmap(_propagator())
+    _FOLLOW_PARENT = isinstance(getattr(provider, "sampler", None), ParentBased)
     TRACER = provider.get_tracer(_SCOPE)
 
 
@@ -175,8 +180,16 @@ def start(
     parent: context.Context | None = None,
     links: Iterable[Link] = (),
 ) -> tuple[Span, object]:
-    """Start a span and make it current; `finish` ends it (same task). Only called while TRACER is set."""
+    """Start a span and make it current; `finish` ends it (same task). Only called while TRACER is set.
+
+    Under an unsampled parent with a parent-based sampler, no span is made: the parent stays current (and is
+    what propagates, flags 00), which is all a child would have done, at a fraction of the SDK's cost."""
     assert TRACER is not None
+    if _FOLLOW_PARENT:
+        current = trace.get_current_span(parent)
+        sc = current.get_span_context()
+        if sc.is_valid and not sc.trace_flags.sampled and not current.is_recording():
+            return current, (context.attach(parent) if parent is not None else None)
     span = TRACER.start_span(name, context=parent, kind=kind, attributes=dict(attributes), links=list(links))
     return span, context.attach(trace.set_span_in_context(span, parent))
 
@@ -196,7 +209,8 @@ def finish(
         elif code is not None and code != grpc.StatusCode.OK:
             span.set_status(Status(StatusCode.ERROR, code.name))
     finally:
-        context.detach(token)  # type: ignore[arg-type]
+        if token is not None:
+            context.detach(token)  # type: ignore[arg-type]
         span.end()
 
 

@@ -93,13 +93,15 @@ class OnwardPlain(PlainAgent):
 
 
 @contextlib.asynccontextmanager
-async def plain_behind_sidecar(orch: Orch) -> AsyncIterator[tuple[OnwardPlain, Sidecar]]:
+async def plain_behind_sidecar(orch: Orch, *, leaf: bool = True) -> AsyncIterator[tuple[OnwardPlain, Sidecar]]:
+    """The plain agent behind a started sidecar, both seen by the registry (and the relay's `leaf` if asked)."""
     async with OnwardPlain("plain", prefix="plain-") as plain:
         sidecar = Sidecar(SidecarConfig(agent=plain.endpoint), await orch.env.settings_for("plain"))
         async with sidecar:
             plain.mesh_endpoint = sidecar.mesh_endpoint
             assert sidecar.node is not None
-            for cap, node in (("plain-onward", orch.mesh.node), ("leaf", sidecar.node)):
+            waits = [("plain-onward", orch.mesh.node)] + ([("leaf", sidecar.node)] if leaf else [])
+            for cap, node in waits:
                 assert await node.registry.wait_for_capability(cap, 1, timeout=10), cap
             yield plain, sidecar
 
@@ -345,3 +347,25 @@ async def test_fan_out_and_delegation_inside_a_handler_stay_in_the_callers_trace
     for name in ("handler upper", "handler summarize"):  # every branch's handler hangs under the fan handler
         assert all(fan.context.span_id in _ancestors(s, by_id) for s in finished if s.name == name)
     assert len([s for s in finished if s.name == "handler upper"]) == 2
+
+
+async def test_an_unsampled_trace_records_nothing_yet_still_propagates_its_decision(orch: Orch) -> None:
+    from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBasedTraceIdRatio(0.0))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.enable(provider)
+    try:
+        async with plain_behind_sidecar(orch, leaf=False) as (plain, _sidecar):
+            before = len(plain.metadata)
+            out = await orch.mesh.call("plain-echo", {"text": "quiet"}, timeout=20)
+            assert out["text"] == "quiet"
+            [md] = plain.metadata[before:]
+    finally:
+        tracing.disable()
+        provider.shutdown()
+    assert exporter.get_finished_spans() == ()
+    [traceparent] = [v for k, v in md if k == "traceparent"]
+    assert isinstance(traceparent, str) and traceparent.startswith("00-")
+    assert int(traceparent[-2:], 16) & 1 == 0  # the sampled flag is clear: downstream records nothing either
