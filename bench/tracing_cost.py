@@ -4,8 +4,8 @@ One process, the real mesh: a real etcd (mutual TLS, auth), the control plane, a
 MeshClient calling it over mutual TLS with tokens, so every hook runs (client span, attempt span, server span,
 handler span, propagation headers). "on" uses the SDK's TracerProvider with the parent-based ratio sampler the
 mesh configures from OTEL_TRACES_SAMPLER_ARG and a BatchSpanProcessor into an exporter that drops the batch (the
-export itself happens off the call path, on the processor's thread). Modes interleave over rounds; the figures
-are medians; ratios are to "off" in the same run.
+export itself happens off the call path, on the processor's thread). Modes interleave, each first in one
+round; the figures are medians; ratios are to "off" in the same run.
 
     .venv/bin/python bench/tracing_cost.py             # 3 rounds x 3 modes x 4 s (~1 min)
     .venv/bin/python bench/tracing_cost.py --quick     # 1 round x 3 modes x 2 s
@@ -105,8 +105,9 @@ async def run(rounds: int, seconds: float, concurrency: int) -> dict[str, Any]:
                     MeshClient.connect(name="bench", settings=await env.settings_for("bench", "client")))
                 assert await mesh.node.registry.wait_for_capability("echo", 1, timeout=20)
                 await throughput(mesh, concurrency, 1.0)  # warm up: channels, tokens
-                for _ in range(rounds):
-                    for mode, prov in providers.items():
+                order = list(providers.items())
+                for r in range(rounds):
+                    for mode, prov in order[r % 3:] + order[:r % 3]:  # each mode goes first once
                         if prov is None:
                             tracing.disable()
                         else:
