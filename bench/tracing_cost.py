@@ -126,6 +126,7 @@ async def run(rounds: int, seconds: float, concurrency: int) -> dict[str, Any]:
         "concurrency": concurrency, "seconds": seconds, "rounds": rounds,
         "calls_per_s": {m: round(statistics.median(v), 1) for m, v in results.items()},
         "ratio_to_off": {m: round(statistics.median(v) / off, 3) for m, v in results.items()},
+        "per_round": {m: [round(x, 1) for x in v] for m, v in results.items()},
         "spans_exported": {m: e.spans for m, e in exporters.items()},
     }
 
