@@ -291,6 +291,10 @@ def test_json_log_lines_carry_the_trace_and_span_ids(spans: InMemorySpanExporter
     assert inside["message"] == "inside a span" and inside["level"] == "WARNING"
     assert (inside["trace_id"], inside["span_id"]) == (f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}")
     assert "trace_id" not in outside and outside["logger"] == "hivemesh.test.tracing"
+    from hivemesh.mesh.logjson import basic_config
+
+    with pytest.raises(ValueError, match="HIVEMESH_LOG_FORMAT='xml'"):
+        basic_config(logging.INFO, {"HIVEMESH_LOG_FORMAT": "xml"})
 
 
 def test_the_audit_records_trace_id_is_the_server_spans(spans: InMemorySpanExporter) -> None:
