@@ -117,6 +117,9 @@ def configure(env: Mapping[str, str] | None = None, *, service: str = "hivemesh"
     resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME") or service})
     provider = TracerProvider(sampler=sampler_from(env), resource=resource)
     provider.add_span_processor(BatchSpanProcessor(_exporter(env)))
+    # Also the process's global provider (unless the program set one), so an agent's own spans
+    # (`opentelemetry.trace.get_tracer(...)`) are exported with the mesh's, in the same traces.
+    trace.set_tracer_provider(provider)
     enable(provider)
     return True
 

@@ -1,6 +1,7 @@
 """Spans exported by the real OTLP/gRPC exporter, configured only by the standard OTEL_* environment, from a
 caller process (a MeshClient in a child process) to a real OTLP receiver built on opentelemetry-proto's
-collector TraceService here; the callee (an SDK agent in this process) continues the caller's trace."""
+collector TraceService here; the caller program's own span (through the global provider the mesh sets) parents
+the mesh's client span, and the callee (an SDK agent in this process) continues the caller's trace."""
 
 from __future__ import annotations
 
@@ -25,12 +26,14 @@ pytestmark = pytest.mark.timeout(120)
 
 CALLER = """
 import asyncio, json
+from opentelemetry import trace
 from hivemesh.sdk import MeshClient
 
 async def main() -> None:
     async with MeshClient.connect(name="traced-caller") as mesh:
         assert await mesh.node.registry.wait_for_capability("upper", 1, timeout=20)
-        print(json.dumps(await mesh.call("upper", {"text": "over otlp"}, timeout=20)))
+        with trace.get_tracer("caller-app").start_as_current_span("app work"):  # the program's own span
+            print(json.dumps(await mesh.call("upper", {"text": "over otlp"}, timeout=20)))
 
 asyncio.run(main())
 """
@@ -108,7 +111,10 @@ async def test_a_callers_spans_reach_a_real_otlp_receiver_and_the_callee_continu
     exported = rcv.spans()
     names = {span.name for _, span in exported}
     assert {"hivemesh.v1.Agent/Invoke", "attempt upper"} <= names
-    [client] = [span for _, span in exported if span.name == "hivemesh.v1.Agent/Invoke" and not span.parent_span_id]
+    [app] = [span for _, span in exported if span.name == "app work"]  # the global provider is the mesh's
+    assert not app.parent_span_id
+    [client] = [span for _, span in exported if span.name == "hivemesh.v1.Agent/Invoke"]
+    assert client.parent_span_id == app.span_id and client.trace_id == app.trace_id
     services = {a.value.string_value for res, _ in exported for a in res.attributes if a.key == "service.name"}
     assert services == {"traced-caller"}
     attrs = {a.key: a.value for a in client.attributes}
