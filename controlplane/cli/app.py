@@ -29,7 +29,10 @@ from hivemesh.mesh.logjson import basic_config
 @click.pass_context
 def cli(ctx: click.Context, home: Path, certs_dir: Path, verbose: bool) -> None:
     """hivemesh: a gRPC agent mesh with a sidecar control plane."""
-    basic_config(logging.INFO if verbose else logging.WARNING)  # HIVEMESH_LOG_FORMAT=json: JSON lines
+    try:
+        basic_config(logging.INFO if verbose else logging.WARNING)  # HIVEMESH_LOG_FORMAT=json: JSON lines
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     os.environ["HIVEMESH_HOME"] = str(home.resolve())
     ctx.obj = CliContext(home=home.resolve(), certs_dir=certs_dir.resolve(), verbose=verbose)
 

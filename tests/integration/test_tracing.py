@@ -373,3 +373,15 @@ async def test_an_unsampled_trace_records_nothing_yet_still_propagates_its_decis
     [traceparent] = [v for k, v in md if k == "traceparent"]
     assert isinstance(traceparent, str) and traceparent.startswith("00-")
     assert int(traceparent[-2:], 16) & 1 == 0  # the sampled flag is clear: downstream records nothing either
+
+
+def test_the_cli_refuses_an_unknown_log_format_with_a_usage_error(tmp_path: Any) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HIVEMESH_LOG_FORMAT": "xml", "HIVEMESH_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "hivemesh.controlplane.cli", "status", "--json"], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2
+    assert "HIVEMESH_LOG_FORMAT='xml': use text or json" in proc.stderr and "Traceback" not in proc.stderr
