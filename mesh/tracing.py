@@ -162,16 +162,16 @@ def extract(metadata: Iterable[tuple[str, Any]] | None) -> context.Context:
     return get_global_textmap().extract(carrier, getter=_GETTER) if carrier else context.get_current()
 
 
-def headers() -> list[tuple[str, str]]:
-    """The current span's traceparent/tracestate and the current baggage, as gRPC metadata pairs."""
+def headers(span: Span | None = None) -> list[tuple[str, str]]:
+    """The traceparent/tracestate of span (default: the current one) and the current baggage, as gRPC metadata."""
     carrier: dict[str, str] = {}
-    get_global_textmap().inject(carrier)
+    get_global_textmap().inject(carrier, context=None if span is None else trace.set_span_in_context(span))
     return list(carrier.items())
 
 
-def with_headers(metadata: Iterable[tuple[str, Any]]) -> list[tuple[str, Any]]:
-    """metadata with the propagation headers replaced by the current context's."""
-    return [*((k, v) for k, v in metadata if k not in PROPAGATION_KEYS), *headers()]
+def with_headers(metadata: Iterable[tuple[str, Any]], span: Span | None = None) -> list[tuple[str, Any]]:
+    """metadata with the propagation headers replaced by those of span (default: the current context's)."""
+    return [*((k, v) for k, v in metadata if k not in PROPAGATION_KEYS), *headers(span)]
 
 
 # --- spans --------------------------------------------------------------------------------------------------------
@@ -182,8 +182,11 @@ def start(
     *,
     parent: context.Context | None = None,
     links: Iterable[Link] = (),
+    attach: bool = True,
 ) -> tuple[Span, object]:
     """Start a span and make it current; `finish` ends it (same task). Only called while TRACER is set.
+    attach=False leaves the current context alone (a stream's span, whose generator runs in its consumer's
+    context between chunks): pass the span to `with_headers` to propagate it.
 
     Under an unsampled parent with a parent-based sampler, no span is made: the parent stays current (and is
     what propagates, flags 00), which is all a child would have done, at a fraction of the SDK's cost."""
@@ -192,8 +195,10 @@ def start(
         current = trace.get_current_span(parent)
         sc = current.get_span_context()
         if sc.is_valid and not sc.trace_flags.sampled and not current.is_recording():
-            return current, (context.attach(parent) if parent is not None else None)
+            return current, (context.attach(parent) if parent is not None and attach else None)
     span = TRACER.start_span(name, context=parent, kind=kind, attributes=dict(attributes), links=list(links))
+    if not attach:
+        return span, None
     return span, context.attach(trace.set_span_in_context(span, parent))
 
 

@@ -293,6 +293,10 @@ class OutboundPipeline:
         refused: set[str] = set()
         last: HivemeshError | None = None
         outcome = "neutral"
+        span = None if tracing.TRACER is None else tracing.start(
+            f"{tracing.AGENT_SERVICE}/InvokeStream", tracing.SpanKind.CLIENT,
+            tracing.rpc_attributes(tracing.AGENT_SERVICE, "InvokeStream", capability=capability), attach=False)
+        failure: HivemeshError | None = None
         t.out_started(capability)
         try:
             while True:
@@ -304,8 +308,8 @@ class OutboundPipeline:
                     assert last is not None
                     raise last
                 md = await self._prepare(instance, capability, metadata)
-                if tracing.TRACER is not None:
-                    md = tracing.with_headers(md)
+                if span is not None:
+                    md = tracing.with_headers(md, span[0])
                 breaker = None
                 if settings is not None and settings.instance is not None:
                     breaker = t.instance_breaker(capability, instance.instance_id, settings.instance)
@@ -343,11 +347,14 @@ class OutboundPipeline:
                     outcome = "success"
                     return
         except HivemeshError as err:
+            failure = err
             if err.code in failure_codes:
                 outcome = "failure"
             raise
         finally:
             t.out_finished(capability, failed=outcome == "failure", retries=0, degraded=False)
+            if span is not None:
+                tracing.finish(span, failure, None if failure is not None else grpc.StatusCode.OK)
             if cap_breaker is not None:
                 if outcome == "success":
                     cap_breaker.on_success()

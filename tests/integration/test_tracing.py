@@ -385,3 +385,30 @@ def test_the_cli_refuses_an_unknown_log_format_with_a_usage_error(tmp_path: Any)
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2
     assert "HIVEMESH_LOG_FORMAT='xml': use text or json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+async def test_a_stream_through_a_sidecar_is_one_trace_and_leaves_the_consumers_context_alone(
+    spans: InMemorySpanExporter, orch: Orch
+) -> None:
+    from opentelemetry import trace
+
+    async with plain_behind_sidecar(orch, leaf=False) as (plain, _sidecar):
+        assert await orch.mesh.node.registry.wait_for_capability("plain-shout", 1, timeout=10)
+        spans.clear()
+        before = len(plain.metadata)
+        words = []
+        async for word in orch.mesh.stream("plain-shout", {"text": "a b"}, timeout=20):
+            assert not trace.get_current_span().get_span_context().is_valid  # the stream's span is not current
+            words.append(word)
+        assert words == ["A", "B"]
+        [md] = plain.metadata[before:]
+    finished = spans.get_finished_spans()
+    _one_trace(finished)
+    [client] = [s for s in finished if s.parent is None]
+    assert (client.kind, client.name) == (SpanKind.CLIENT, "hivemesh.v1.Agent/InvokeStream")
+    [server] = [s for s in finished if s.kind == SpanKind.SERVER]
+    assert server.parent is not None and server.parent.span_id == client.context.span_id
+    assert (server.attributes or {})["hivemesh.packaging"] == "sidecar"
+    [traceparent] = [v for k, v in md if k == "traceparent"]
+    sc = server.context
+    assert traceparent == f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}"  # the agent's parent
