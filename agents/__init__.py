@@ -9,8 +9,9 @@ Names load lazily (PEP 562): importing this package loads nothing else, so the p
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from hivemesh.mesh.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from hivemesh.agents.content import CONTENT_LOOP
@@ -59,15 +60,4 @@ __all__ = [
     "validate_document",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals(), __all__)

@@ -260,6 +260,14 @@ class CertificateAuthority:
         )
         return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
 
+    def issue_key_cert(
+        self, public_key: ed25519.Ed25519PublicKey, uri: str, *, common_name: str, ttl_s: int = CONTROLPLANE_TTL_S
+    ) -> bytes:
+        """A certificate binding a signing key the control plane holds (the audit checkpoint key) to uri, so
+        operators trust it through the bundle they already have: PEM."""
+        cert = self._issue(public_key, uri, common_name=common_name, dns_names=[], ttl_s=ttl_s)
+        return cert.public_bytes(serialization.Encoding.PEM)
+
     def issue_controlplane_cert(self, ttl_s: int = CONTROLPLANE_TTL_S) -> tuple[bytes, bytes]:
         """The control plane's server certificate: URI SAN spiffe://<td>/controlplane, DNS
         controlplane.<td> and localhost, IP 127.0.0.1."""

@@ -31,6 +31,7 @@ from typing import Any, Final
 import yaml
 
 from hivemesh.controlplane.grants import _GRANT_SCHEMA, Grant, GrantSet
+from hivemesh.controlplane.slo import SLOS
 from hivemesh.mesh.authz import AUTHZ
 from hivemesh.mesh.budget import BUDGETS
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError, NotFoundError
@@ -90,8 +91,9 @@ GRANTS_KIND: Final = PolicyKind(
     decode=_decode_grant,
 )
 
-KINDS: Final = PolicyKinds((*TRAFFIC_KINDS, AUTHZ, BUDGETS, GRANTS_KIND))
-"""Every kind this store validates and keeps (add a new kind here and to the nodes that enforce it)."""
+KINDS: Final = PolicyKinds((*TRAFFIC_KINDS, AUTHZ, BUDGETS, GRANTS_KIND, SLOS))
+"""Every kind this store validates and keeps (add a new kind here and to the nodes that enforce it; `slos` is
+read by `hivemesh slo rules` only, so no node mirrors it)."""
 
 
 # --- documents ------------------------------------------------------------------------------------------------------

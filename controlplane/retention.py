@@ -10,7 +10,8 @@ it in one control plane only) does, every `interval`:
   (`hivemesh.mesh.watch`), so compaction never loses an update;
 - **workflows**: a run in a terminal state (COMPLETED, FAILED, CANCELED, REJECTED) whose last event is older
   than `workflows` loses its events, owner key and index entry, in one transaction that fails if the run
-  changed since it was read;
+  changed since it was read. Run ids are `<kind>-<name>/<local>` (`hivemesh.mesh.run_ids`); an index key that
+  does not parse as one is left alone and logged, since the prefix it would delete could be an owner's;
 - **escalations**: a resolved escalation (approved, rejected, canceled or expired; a pending one past its
   deadline is settled first, as any read would) whose resolution is older than `escalations` is deleted, unless
   the run waiting on it still exists and is not finished (it may need the answer on resume);
@@ -42,8 +43,8 @@ from hivemesh.controlplane.retention_config import RetentionConfig
 from hivemesh.mesh.etcd import PREFIX
 from hivemesh.mesh.keyspace import TERMINAL_RUN_STATES as TERMINAL
 from hivemesh.mesh.keyspace import WORKFLOW_INDEX as INDEX
-from hivemesh.mesh.keyspace import WORKFLOWS
 from hivemesh.mesh.revocation import REVOKED_PREFIX, Revocation
+from hivemesh.mesh.run_ids import parse_run_id, run_prefix
 from hivemesh.v1 import escalation_pb2
 
 if TYPE_CHECKING:
@@ -193,11 +194,16 @@ class Retention:
                 break
             wid = kv.key.decode(errors="replace")[len(INDEX):]
             try:
+                run = parse_run_id(wid)
+            except ValueError:
+                log.warning("retention: skipping workflow index key %r (not a run id)", wid[:200])
+                continue
+            try:
                 summary = json.loads(kv.value)
             except (UnicodeDecodeError, json.JSONDecodeError):
                 continue
             if isinstance(summary, dict) and workflow_due(summary, now, keep) and await self._delete_if_unchanged(
-                kv.key, int(kv.mod_revision), prefix=f"{WORKFLOWS}{wid}/".encode()
+                kv.key, int(kv.mod_revision), prefix=run_prefix(run).encode()
             ):
                 deleted.append(wid)
         return deleted

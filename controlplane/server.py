@@ -44,7 +44,7 @@ from hivemesh.mesh.errors import (
 )
 from hivemesh.mesh.etcd import client as etcd_client
 from hivemesh.mesh.etcd import parse_endpoints, wait_connected
-from hivemesh.mesh.etcd_roles import ensure_workload_user
+from hivemesh.mesh.etcd_roles import ensure_workload_user, reconcile_static_roles
 from hivemesh.mesh.pki import (
     NAME_RE,
     Peer,
@@ -391,6 +391,8 @@ class ControlPlaneServer:
             await wait_connected(self.etcd)
             op = parse_spiffe_id(spiffe_id_of(files.operator_cert.read_bytes()))
             await ensure_workload_user(self.etcd, op.kind, op.name)  # the CLI's identity, issued offline
+            for change in await reconcile_static_roles(self.etcd):  # a store bootstrapped by an older version
+                log.warning("etcd role %s", change)
             await keys.publish(self.etcd, CaRotation(cfg.certs_dir).signers(ca))  # signed by the roots
             await self.etcd.put(CA_KEY, ca.bundle_pem())
             if grants is not None:

@@ -49,17 +49,23 @@ def _dec(text: str) -> str:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
 
 
-def spend_key(key: SpendKey, instance: str) -> str:
+def writer_prefix(agent: str) -> str:
+    """Where agent's instances publish their spend: only that agent's etcd user may write there
+    (`mesh/etcd_roles.py`), every agent may read all of SPEND_PREFIX (the totals it must add up)."""
+    return f"{SPEND_PREFIX}{agent}/"
+
+
+def spend_key(key: SpendKey, instance: str, agent: str) -> str:
     rule, caller, window = key
-    return f"{SPEND_PREFIX}{_enc(rule)}/{window}/{_enc(caller)}/{_enc(instance)}"
+    return f"{writer_prefix(agent)}{_enc(rule)}/{window}/{_enc(caller)}/{_enc(instance)}"
 
 
 def parse_spend_key(etcd_key: str) -> tuple[SpendKey, str]:
     """(spend key, instance) of an etcd key under SPEND_PREFIX; ValueError if it is not one."""
     parts = etcd_key.removeprefix(SPEND_PREFIX).split("/")
-    if not etcd_key.startswith(SPEND_PREFIX) or len(parts) != 4 or not parts[1].isdigit():
+    if not etcd_key.startswith(SPEND_PREFIX) or len(parts) != 5 or not parts[2].isdigit():
         raise ValueError(f"not a budget spend key: {etcd_key!r}")
-    return (_dec(parts[0]), _dec(parts[2]), int(parts[1])), _dec(parts[3])
+    return (_dec(parts[1]), _dec(parts[3]), int(parts[2])), _dec(parts[4])
 
 
 def _decode_total(_key: bytes, value: bytes) -> int:
@@ -77,11 +83,14 @@ class SpendLedger:
         etcd_endpoints: Endpoints,
         instance: str,
         *,
+        agent: str,
         flush_interval_s: float = 0.25,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """agent: whose instance this is; its totals go under that agent's own prefix (writer_prefix)."""
         self._endpoints = etcd_endpoints
         self.instance = instance
+        self.agent = agent
         self._flush_interval = flush_interval_s
         self._clock = clock
         self._others: dict[SpendKey, int] = {}
@@ -171,7 +180,7 @@ class SpendLedger:
             for key, (total, window_end) in pending.items():
                 async with asyncio.timeout(3.0):
                     lease = await self._lease_for(c, window_end)
-                    await c.put(spend_key(key, self.instance).encode(), str(total).encode(), lease=lease)
+                    await c.put(spend_key(key, self.instance, self.agent).encode(), str(total).encode(), lease=lease)
                 self.published += 1
         except BaseException:
             for key, value in pending.items():  # keep what was not sent; a newer total wins

@@ -17,11 +17,14 @@ revoked/               every workload                      control plane
 join/                  control plane                       control plane
 status/                operators                           K:X only status/K/X/ (its own status)
 escalations/           operators                           control plane
-workflows/, -index/    clients, operators                  clients, operators (not yet per owner)
+workflows/K-X/         K:X (its own runs), operators       K:X (its own runs), operators
+workflow-index/K-X/    K:X (its own runs), operators       K:X (its own runs), operators
 budgets/spend/         agents, operators                   agents (shared counters, not yet per agent)
 =====================  ==================================  =========================================
 
-The last two rows are what is not yet least privilege; docs/security.md says what key change closes them.
+A run's id starts with its owner (`hivemesh.mesh.run_ids`: `<kind>-<name>/<local>`), so its keys fall in its
+owner's two prefixes and no other workload's. The last row is not yet least privilege; docs/security.md says
+what key change closes it.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from hivemesh.mesh.keyspace import (
     WORKFLOW_INDEX,
     WORKFLOWS,
 )
+from hivemesh.mesh.run_ids import owner_prefixes
 
 READ: Final = rpc.Permission.READ
 WRITE: Final = rpc.Permission.WRITE
@@ -86,8 +90,8 @@ def prefix_end(key: bytes) -> bytes:
 STATIC_ROLES: Final[dict[str, tuple[Grant, ...]]] = {
     # What every node's data plane mirrors: the registry, the policies, the trust documents, the revocations.
     NODE_ROLE: (Grant(READ, AGENTS), Grant(READ, POLICIES), Grant(READ, TRUST), Grant(READ, REVOKED)),
-    AGENT_ROLE: (Grant(READWRITE, SPEND),),
-    CLIENT_ROLE: (Grant(READWRITE, WORKFLOWS), Grant(READWRITE, WORKFLOW_INDEX)),
+    AGENT_ROLE: (Grant(READ, SPEND),),  # every agent adds up all spend; it writes only its own (workload_grants)
+    CLIENT_ROLE: (),  # a client's runs are its own role's (workload_grants), never a shared one
     OPERATOR_ROLE: (
         Grant(READ, STATUS), Grant(READ, ESCALATIONS), Grant(READ, SPEND),
         Grant(READWRITE, WORKFLOWS), Grant(READWRITE, WORKFLOW_INDEX),
@@ -102,9 +106,12 @@ def etcd_user(kind: str, name: str) -> str:
 
 
 def workload_grants(kind: str, name: str) -> tuple[Grant, ...]:
-    """The permissions only this workload holds: its own registration (agents) and its own status."""
-    own = Grant(READWRITE, f"{STATUS}{kind}/{name}/")
-    return (Grant(READWRITE, f"{AGENTS}{name}/"), own) if kind == "agent" else (own,)
+    """The permissions only this workload holds: its own registration and token-budget spend (agents), its own
+    status and its own workflow runs (every kind may orchestrate)."""
+    own = (Grant(READWRITE, f"{STATUS}{kind}/{name}/"), *(Grant(READWRITE, p) for p in owner_prefixes(kind, name)))
+    if kind != "agent":
+        return own
+    return (Grant(READWRITE, f"{AGENTS}{name}/"), Grant(READWRITE, f"{SPEND}{name}/"), *own)
 
 
 def workload_roles(kind: str) -> tuple[str, ...]:
@@ -181,3 +188,34 @@ async def ensure_workload_user(etcd: Any, kind: str, name: str, timeout: float =
                     raise PermissionError(f"etcd refused to create user {etcd_user(kind, name)}: "
                                           "the control plane's etcd identity lacks the root role") from exc
                 raise
+
+
+async def reconcile_static_roles(etcd: Any, timeout: float = 5.0) -> list[str]:
+    """Make the shared roles hold exactly STATIC_ROLES' permissions; what changed, for the log.
+
+    `bootstrap_auth` creates them once, when auth is first enabled, so a store bootstrapped by an earlier version
+    keeps its roles' old grants (CLIENT_ROLE's read-write on every workflow run, before runs were owned) until
+    something revokes them: the control plane does, here, at every start, as etcd root.
+    """
+    stub = rpc.AuthStub(etcd.channel)
+    changed: list[str] = []
+    for name, grants in STATIC_ROLES.items():
+        try:
+            have = list((await stub.RoleGet(rpc.AuthRoleGetRequest(role=name), timeout=timeout)).perm)
+        except grpc.aio.AioRpcError as exc:
+            if "not found" not in (exc.details() or ""):
+                raise
+            await stub.RoleAdd(rpc.AuthRoleAddRequest(name=name), timeout=timeout)
+            have = []
+        current = {(int(p.permType), bytes(p.key), bytes(p.range_end)) for p in have}
+        wanted = {(int(g.perm), g.prefix.encode(), prefix_end(g.prefix.encode())): g for g in grants}
+        for perm, key, end in sorted(current - wanted.keys()):
+            await stub.RoleRevokePermission(rpc.AuthRoleRevokePermissionRequest(role=name, key=key, range_end=end),
+                                            timeout=timeout)
+            changed.append(f"{name}: revoked {rpc.Permission.Type.Name(perm)} on {key.decode(errors='replace')}")
+        for spec, g in wanted.items():
+            if spec not in current:
+                await stub.RoleGrantPermission(rpc.AuthRoleGrantPermissionRequest(name=name, perm=g.message()),
+                                               timeout=timeout)
+                changed.append(f"{name}: granted {rpc.Permission.Type.Name(g.perm)} on {g.prefix}")
+    return changed

@@ -81,7 +81,7 @@ def open_front_door(
     policies = node.policies
     ledger: SpendLedger | None = None
     if budgets is None:
-        ledger = SpendLedger(node.etcd, instance_id)
+        ledger = SpendLedger(node.etcd, instance_id, agent=agent_name)
         budgets = TokenBudgets(lambda: policies.get(BUDGETS), ledger=ledger)
     chain = build_inbound_chain(
         trust_domain=node.settings.trust_domain,

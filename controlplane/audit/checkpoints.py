@@ -28,6 +28,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from hivemesh.controlplane.audit.heads import Missing, compare_to_head
 from hivemesh.mesh.audit.chain import GENESIS, ChainProblem, ChainState, canonical, check_link
 from hivemesh.mesh.errors import FailedPreconditionError
 
@@ -103,6 +104,11 @@ class LogReport:
     head_hash: str = GENESIS
     problem: ChainProblem | None = None
     checkpoint_problem: str = ""
+    signatures_checked: bool = False
+    """False when no trusted key was given: then no checkpoint or head signature was checked."""
+    head_no: int = 0
+    """The signed head the log was compared with (0: none)."""
+    missing: Missing | None = None
 
     @property
     def ok(self) -> bool:
@@ -111,8 +117,11 @@ class LogReport:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "ok": self.ok, "entries": self.entries, "sources": self.sources, "checkpoints": self.checkpoints,
-            "head_seq": self.head_seq, "head_hash": self.head_hash,
+            "head_seq": self.head_seq, "head_hash": self.head_hash, "signatures_checked": self.signatures_checked,
+            "signed_head": self.head_no,
         }
+        if self.missing is not None:
+            out.update(self.missing.to_json())
         if self.problem is not None:
             out.update(first_bad_seq=self.problem.seq, first_bad_line=self.problem.line, problem=self.problem.reason)
         return out
@@ -152,17 +161,23 @@ def verify_log(
     lines: Iterable[bytes | str],
     checkpoints: Sequence[bytes | str] = (),
     public_key: ed25519.Ed25519PublicKey | None = None,
+    head: Mapping[str, Any] | None = None,
 ) -> LogReport:
-    """Verify the log's chain, each source's chain inside it, and the checkpoints against both.
+    """Verify the log's chain, each source's chain inside it, the checkpoints against both, and (given a
+    signed head, already verified) that nothing the head covers is missing: a cut tail, or trailing checkpoints
+    removed with their entries, is named by the seqs and checkpoint numbers that are gone.
 
     Names the first bad entry: changed (hash mismatch), deleted (seq gap), inserted or reordered (broken link),
     a broken source chain, a log shorter than a signed checkpoint (truncated), or a log whose hash at a
     checkpointed seq differs from the signed head (rewritten: a re-hashed fork).
     """
-    report = LogReport()
+    report = LogReport(signatures_checked=public_key is not None)
     cps, cp_problem = _parse_checkpoints(checkpoints, public_key)
     report.checkpoints = len(cps)
-    wanted = {int(cp.get("log_seq", 0)): cp for cp in cps}
+    wanted: dict[int, Any] = {int(cp.get("log_seq", 0)): cp for cp in cps}
+    if head is not None:
+        report.head_no = int(head["head_no"])
+        wanted.setdefault(int(head["log_seq"]), head)
     seen_heads: dict[int, str] = {}
     state = ChainState()
     sources: dict[str, ChainState] = {}
@@ -202,6 +217,14 @@ def verify_log(
     report.head_hash = state.prev
     if report.problem is not None:
         return report
+    if head is not None and not cp_problem:
+        at = int(head["log_seq"])
+        missing = compare_to_head(head, report.head_seq, seen_heads.get(at, GENESIS if at == 0 else None), cps)
+        if missing is not None:
+            report.missing = missing
+            report.problem = ChainProblem(report.entries + 1 if missing.last_seq else 0,
+                                          missing.first_seq or report.head_seq + 1, missing.problem)
+            return report
     if cp_problem:
         report.checkpoint_problem = cp_problem
         report.problem = ChainProblem(0, report.head_seq + 1, cp_problem)

@@ -15,6 +15,7 @@ import grpc
 from hivemesh.controlplane.audit.checkpoints import public_key_pem
 from hivemesh.controlplane.audit.query import AuditFilter
 from hivemesh.controlplane.audit.store import AuditStore, audit_store
+from hivemesh.mesh.audit.chain import canonical
 from hivemesh.mesh.audit.handshake.audit import HandshakeAudit
 from hivemesh.mesh.audit.handshake.tracer import tracer_events
 from hivemesh.mesh.errors import HivemeshError, PermissionDeniedError, abort
@@ -88,16 +89,35 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
             _require_operator(self._core.peer(context))
         except HivemeshError as err:
             await abort(context, err)
+        try:
+            head = await self._store.sign_head(export=True)
+        except HivemeshError as err:
+            await abort(context, err)
+        end = int(head["log_seq"])
+        first = audit_pb2.ExportChunk(head=canonical(head))
         batch: list[bytes] = []
         size = 0
-        for line in self._store.lines(request.after_seq):
+        for n, line in enumerate(self._store.lines(request.after_seq), request.after_seq + 1):
+            if n > end:
+                break  # entries after the head: the next export's
             batch.append(line)
             size += len(line)
             if len(batch) >= 2000 or size >= 2 * 1024 * 1024:
-                yield audit_pb2.ExportChunk(entries=batch)
+                yield audit_pb2.ExportChunk(entries=batch, head=first.head)
+                first.head = b""
                 batch, size = [], 0
-        if batch:
-            yield audit_pb2.ExportChunk(entries=batch)
+        yield audit_pb2.ExportChunk(entries=batch, head=first.head)
+
+    async def Head(
+        self, request: audit_pb2.HeadRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> audit_pb2.HeadResponse:
+        async def go() -> audit_pb2.HeadResponse:
+            _require_operator(self._core.peer(context))
+            return audit_pb2.HeadResponse(latest=self._store.latest_head(), exports=self._store.export_heads(),
+                                          key_cert_pem=self._store.key_cert_pem)
+
+        result: audit_pb2.HeadResponse = await self._guard(context, go)
+        return result
 
     async def Verify(
         self, request: audit_pb2.AuditVerifyRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -117,7 +137,8 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
 
     def _checkpoints(self) -> audit_pb2.CheckpointsResponse:
         return audit_pb2.CheckpointsResponse(
-            checkpoints=self._store.checkpoints(), public_key_pem=public_key_pem(self._store.public_key)
+            checkpoints=self._store.checkpoints(), public_key_pem=public_key_pem(self._store.public_key),
+            key_cert_pem=self._store.key_cert_pem,
         )
 
     async def Checkpoints(

@@ -7,6 +7,8 @@ Layout of `<state_dir>/audit/`:
   every source's chain can be re-verified end to end. Entries are fsynced before a batch is acknowledged, and
   only then may a node forget its spool.
 - `checkpoints.jsonl` and `checkpoint.key`: signed checkpoints of the head (`hivemesh.controlplane.audit.checkpoints`).
+- `heads.jsonl`: signed heads covering the last entry, at every export and at most once a second while records
+  arrive (`hivemesh.controlplane.audit.heads`).
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from hivemesh.controlplane.audit.checkpoints import (
     LogReport,
+    key_id,
     load_or_create_checkpoint_key,
     sign_checkpoint,
     verify_log,
 )
+from hivemesh.controlplane.audit.heads import KEY_CERT_PATH, HeadCadence, sign_head
 from hivemesh.controlplane.audit.query import AuditFilter
 from hivemesh.mesh.audit.chain import GENESIS, canonical, record_hash, seal
 from hivemesh.mesh.audit.record import FORMAT, utc_iso
@@ -68,6 +72,7 @@ class AuditStore:
         identity: str = "",
         checkpoint_every: int = 1000,
         checkpoint_interval_s: float = 30.0,
+        head_interval_s: float = 1.0,
     ) -> None:
         self.dir = Path(directory)
         self.identity = identity
@@ -75,6 +80,13 @@ class AuditStore:
         self.checkpoint_interval_s = checkpoint_interval_s
         self.log_path = self.dir / "log.jsonl"
         self.checkpoints_path = self.dir / "checkpoints.jsonl"
+        self.heads_path = self.dir / "heads.jsonl"
+        self.key_cert_pem = b""
+        """The CA-issued certificate of the checkpoint key (set by `audit_store`): how operators trust it."""
+        self._cadence = HeadCadence(head_interval_s)
+        self._head: dict[str, Any] | None = None
+        self._export_heads: collections.deque[bytes] = collections.deque(maxlen=1000)
+        self._head_task: asyncio.Task[None] | None = None
         self._fd: int | None = None
         self._cp_fd: int | None = None
         self._key: ed25519.Ed25519PrivateKey | None = None
@@ -127,23 +139,37 @@ class AuditStore:
                     self._checkpoint_no = int(cp["checkpoint"])
                     self._checkpoint_sig = str(cp["sig"])
                     self._checkpoint_seq = int(cp["log_seq"])
+        if self.heads_path.exists():
+            for raw in self.heads_path.read_bytes().splitlines():
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    head = json.loads(raw)
+                    if isinstance(head, dict) and isinstance(head["sig"], str):
+                        self._head = head
+                        self._cadence.signed_seq = int(head["log_seq"])
+                        if head.get("export"):
+                            self._export_heads.append(raw)
 
     async def start(self) -> None:
         """Open (if needed) and run the periodic checkpoint task."""
         if self._fd is None:
             self.open()
         self._task = asyncio.get_running_loop().create_task(self._checkpoint_loop())
+        self._head_task = asyncio.get_running_loop().create_task(self._head_loop())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._task, self._head_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._head_task = None
         if self._fd is not None:
             async with self._lock:
                 with contextlib.suppress(Exception):
                     self._checkpoint_locked()
+                with contextlib.suppress(Exception):
+                    if self._head is None or int(self._head["log_seq"]) != self.seq:
+                        self._head_locked(export=False)
                 for fd in (self._fd, self._cp_fd):
                     if fd is not None:
                         os.fsync(fd)
@@ -286,6 +312,63 @@ class AuditStore:
             except OSError as exc:
                 log.error("audit checkpoint failed: %s", exc)
 
+    # --- heads ---
+    def _head_locked(self, *, export: bool) -> dict[str, Any]:
+        """Sign a head covering the last entry now, chained to the previous head, and keep it (fsynced)."""
+        if self._key is None or self._fd is None:
+            raise FailedPreconditionError("the audit store is closed")
+        prev = self._head
+        head = sign_head(self._key, {
+            "head_no": (int(prev["head_no"]) if prev else 0) + 1,
+            "log_seq": self.seq,
+            "head": self.head,
+            "count": self.seq,
+            "checkpoints": self._checkpoint_no,
+            "checkpoint_sig": self._checkpoint_sig,
+            "export": export,
+            "time": utc_iso(time.time()),
+            "prev_sig": str(prev["sig"]) if prev else "",
+        }, key_id(self._key.public_key()))
+        os.fsync(self._fd)  # a head never covers entries that are not on disk
+        line = canonical(head)
+        fd = os.open(self.heads_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._head = head
+        self._cadence.signed(self.seq, time.monotonic())
+        if export:
+            self._export_heads.append(line)
+        return head
+
+    async def sign_head(self, *, export: bool = False) -> dict[str, Any]:
+        """A signed head covering the last entry, signed now (at every export)."""
+        async with self._lock:
+            return self._head_locked(export=export)
+
+    def latest_head(self) -> bytes:
+        """The latest signed head (canonical JSON), or b"" before the first."""
+        return canonical(self._head) if self._head is not None else b""
+
+    def export_heads(self) -> list[bytes]:
+        """The heads signed at the most recent exports (up to 1,000), oldest first."""
+        return list(self._export_heads)
+
+    async def _head_loop(self) -> None:
+        """The cadence: a cheap timer that signs a head only when the log grew, at most once an interval."""
+        while True:
+            await asyncio.sleep(self._cadence.interval_s)
+            if not self._cadence.due(self.seq, time.monotonic()):
+                continue
+            try:
+                async with self._lock:
+                    if self._cadence.due(self.seq, time.monotonic()):
+                        self._head_locked(export=False)
+            except (OSError, FailedPreconditionError) as exc:
+                log.error("audit head signing failed: %s", exc)
+
     def checkpoints(self) -> list[bytes]:
         if not self.checkpoints_path.exists():
             return []
@@ -322,7 +405,8 @@ class AuditStore:
         return list(out), scanned
 
     def verify(self) -> LogReport:
-        return verify_log(self.lines(), self.checkpoints(), self.public_key)
+        """The stored log against its checkpoints and the latest signed head (a cut tail is named)."""
+        return verify_log(self.lines(), self.checkpoints(), self.public_key, self._head)
 
 
 def audit_store(core: Core) -> AuditStore:
@@ -330,6 +414,9 @@ def audit_store(core: Core) -> AuditStore:
     store = core.extensions.get(EXTENSION)
     if store is None:
         store = AuditStore(core.config.state_dir / "audit", identity=controlplane_id(core.trust_domain)).open()
+        store.key_cert_pem = core.ca.issue_key_cert(
+            store.public_key, f"spiffe://{core.trust_domain}{KEY_CERT_PATH}", common_name="hivemesh-audit-checkpoints"
+        )
         core.extensions[EXTENSION] = store
     assert isinstance(store, AuditStore)
     return store

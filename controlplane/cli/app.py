@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from hivemesh.controlplane.cli import audit, authz, certs, operate, policy, serve, trust, up, workflows
+from hivemesh.controlplane.cli import audit, authz, certs, operate, policy, serve, slo, top, trust, up, workflows
 from hivemesh.controlplane.cli.context import CliContext
 from hivemesh.mesh.lifeline import die_with_parent_if_asked
 from hivemesh.mesh.logjson import basic_config
@@ -54,6 +54,8 @@ for command in (
     trust.tokens,  # hivemesh tokens revoke|revocations (issue 4)
     trust.ca,  # hivemesh ca rotate --step ...|status (issue 4)
     authz.authz,  # hivemesh authz check (issue 4)
+    slo.slo,  # hivemesh slo rules|list (issue 12)
+    top.top,  # hivemesh top (issue 12)
 ):
     cli.add_command(command)
 

@@ -1,8 +1,10 @@
 """`hivemesh audit tail|query|verify|export`: read and prove the audit log, as the operator.
 
-`verify` does not take the control plane's word for it: it downloads the log and the signed checkpoints and
-checks them here, against a checkpoint key you can pin (`--key`). It also verifies files offline (`--file`,
-an export or a node's spool directory).
+`verify` does not take the control plane's word for it: it downloads the log, the signed checkpoints and a
+signed head, and checks them here with a key it trusts: pinned (`--key`), or the control plane's checkpoint-key
+certificate checked against the operator's own trust bundle; never a key from an exported folder. It also
+verifies an export folder (`--file`, compared with the control plane's signed heads or `--head`) and a node's
+spool directory.
 """
 
 from __future__ import annotations
@@ -13,18 +15,22 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import click
 import grpc
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from rich.table import Table
 
 from hivemesh.controlplane.audit import KINDS, LogReport, load_public_key, verify_log
+from hivemesh.controlplane.audit.heads import trusted_key_from_cert, verify_head
 from hivemesh.controlplane.cli.context import CliContext, as_operator, err, friendly_errors, out, pass_cli
 from hivemesh.mesh.audit import DECISIONS, verify_chain
 from hivemesh.mesh.controlplane_client import ControlPlaneClient
-from hivemesh.mesh.errors import from_rpc_error
+from hivemesh.mesh.errors import HivemeshError, from_rpc_error
+from hivemesh.mesh.pki import trust_domain_of_bundle
 from hivemesh.v1 import audit_pb2
 
 
@@ -145,16 +151,37 @@ def audit_query(obj: CliContext, /, limit: int, as_json: bool, **filters: Any) -
     _print(_entries(list(resp.entries)), as_json)
 
 
-async def _download(cp: ControlPlaneClient) -> tuple[list[bytes], list[bytes], str]:
-    lines: list[bytes] = []
+@dataclass
+class _Fetched:
+    """What the CLI got from the control plane for one verify or export."""
+
+    lines: list[bytes] = field(default_factory=list)
+    checkpoints: list[bytes] = field(default_factory=list)
+    pem: str = ""
+    head: bytes = b""
+    latest: bytes = b""
+    exports: list[bytes] = field(default_factory=list)
+    key_cert_pem: bytes = b""
+
+
+async def _download(cp: ControlPlaneClient) -> _Fetched:
+    """The log up to a head signed for this export (its first chunk), the checkpoints and the key certificate."""
+    got = _Fetched()
     try:
         stream: Any = cp.audit.Export(audit_pb2.ExportRequest(), timeout=300)  # async in grpc.aio
         async for chunk in stream:
-            lines.extend(chunk.entries)
+            got.lines.extend(chunk.entries)
+            got.head = got.head or chunk.head
     except grpc.aio.AioRpcError as exc:
         raise from_rpc_error(exc) from exc
     cps: audit_pb2.CheckpointsResponse = await cp.call(cp.audit.Checkpoints, audit_pb2.CheckpointsRequest())
-    return lines, list(cps.checkpoints), cps.public_key_pem
+    got.checkpoints, got.pem, got.key_cert_pem = list(cps.checkpoints), cps.public_key_pem, cps.key_cert_pem
+    return got
+
+
+async def _heads(cp: ControlPlaneClient) -> _Fetched:
+    resp: audit_pb2.HeadResponse = await cp.call(cp.audit.Head, audit_pb2.HeadRequest())
+    return _Fetched(latest=resp.latest, exports=list(resp.exports), key_cert_pem=resp.key_cert_pem)
 
 
 def _file_lines(path: Path) -> Iterator[bytes]:
@@ -163,39 +190,102 @@ def _file_lines(path: Path) -> Iterator[bytes]:
             yield raw.rstrip(b"\n")
 
 
-def _report(report: LogReport, as_json: bool, what: str) -> None:
+NO_SIGNATURE: Final = "no signature was checked"
+
+
+def _report(report: LogReport, as_json: bool, what: str, *, untrusted: str = "") -> None:
+    """Print the verdict; exit 1 when the log is not intact or when no trusted key checked any signature."""
+    ok = report.ok and not untrusted
     if as_json:
-        click.echo(json.dumps(report.to_json(), sort_keys=True))
-    elif report.ok:
-        out.print(f"[green]OK[/green] {what}: {report.entries} entries, {report.sources} source chain(s), "
-                  f"{report.checkpoints} signed checkpoint(s); head seq {report.head_seq} {report.head_hash[:16]}…",
-                  highlight=False)
-    else:
+        doc = report.to_json()
+        doc["ok"] = ok
+        if untrusted:
+            doc["untrusted"] = f"{NO_SIGNATURE}: {untrusted}"
+        click.echo(json.dumps(doc, sort_keys=True))
+    elif not report.ok:
         p = report.problem
         assert p is not None
         err.print(f"[red]TAMPERED[/red] {what}: first bad record seq {p.seq} (line {p.line}): {p.reason}",
                   highlight=False)
-    if not report.ok:
+    elif untrusted:
+        err.print(f"[yellow]UNVERIFIED[/yellow] {what}: the chain of {report.entries} entries links, but "
+                  f"{NO_SIGNATURE} ({untrusted}): a cut tail or forged checkpoints cannot be told apart",
+                  highlight=False)
+    else:
+        head = f"; signed head {report.head_no} covers it" if report.head_no else ""
+        out.print(f"[green]OK[/green] {what}: {report.entries} entries, {report.sources} source chain(s), "
+                  f"{report.checkpoints} signed checkpoint(s) checked; head seq {report.head_seq} "
+                  f"{report.head_hash[:16]}…{head}", highlight=False)
+    if not ok:
         sys.exit(1)
+
+
+def _trusted_key(obj: CliContext, key_file: Path | None, key_cert_pem: bytes) -> ed25519.Ed25519PublicKey:
+    """The pinned key (--key), or the control plane's checkpoint-key certificate checked against the operator's
+    own trust bundle (never a key from the control plane's word alone, or from an exported folder)."""
+    if key_file is not None:
+        try:
+            return load_public_key(key_file.read_bytes())
+        except ValueError as exc:
+            raise click.ClickException(f"--key {key_file}: {exc}") from None
+    if not key_cert_pem:
+        raise click.ClickException("the control plane sent no checkpoint-key certificate")
+    bundle = (obj.certs_dir / "ca.pem").read_bytes()
+    try:
+        return trusted_key_from_cert(key_cert_pem, bundle, trust_domain_of_bundle(bundle))
+    except ValueError as exc:
+        raise click.ClickException(f"refusing the control plane's checkpoint key: {exc}") from None
+
+
+def _checked_head(raw: bytes, key: ed25519.Ed25519PublicKey, what: str) -> dict[str, Any]:
+    try:
+        return verify_head(raw, key)
+    except ValueError as exc:
+        raise click.ClickException(f"refusing {what}: {exc}") from None
+
+
+def _pick_head(
+    lines: list[bytes], heads: list[dict[str, Any]], latest: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The head an export folder is compared with: the export head it ends at, else the first signed head past
+    its end (so what is missing is named), else the latest."""
+    end_seq, end_hash = 0, ""
+    with contextlib.suppress(ValueError, IndexError, KeyError, TypeError):
+        last = json.loads(lines[-1])
+        end_seq, end_hash = int(last["seq"]), str(last["hash"])
+    for head in heads:
+        if head["log_seq"] == end_seq and head["head"] == end_hash:
+            return head
+    later = [h for h in heads if h["log_seq"] > end_seq]
+    if later:
+        return min(later, key=lambda h: int(h["log_seq"]))
+    if latest is not None and int(latest["log_seq"]) > end_seq:
+        return latest
+    candidates = [h for h in [*heads, latest] if h is not None]
+    return max(candidates, key=lambda h: int(h["log_seq"])) if candidates else None
 
 
 @audit.command("verify")
 @click.option("--key", "key_file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-              help="Pinned checkpoint public key (PEM); default: the one the control plane serves.")
+              help="Pinned checkpoint public key (PEM); default: the control plane's key certificate, checked "
+                   "against your trust bundle (ca.pem).")
 @click.option("--file", "log_file", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Verify an exported log file (log.jsonl) offline, or a node's spool directory.")
+              help="Verify an export folder (or its log.jsonl), or a node's spool directory.")
 @click.option("--checkpoints", "cp_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              default=None, help="With --file: the exported checkpoints.jsonl.")
+              default=None, help="With --file LOG: the exported checkpoints.jsonl.")
+@click.option("--head", "head_file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Compare with this signed head (an export's head.json kept apart) instead of asking the "
+                   "control plane for its signed heads.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_cli
 @friendly_errors
 def audit_verify(obj: CliContext, key_file: Path | None, log_file: Path | None, cp_file: Path | None,
-                 as_json: bool) -> None:
-    """Prove the log is intact: every chain links, nothing changed, deleted, inserted or reordered, and it
-    matches every signed checkpoint. Names the first bad record and exits 1 when it is not."""
+                 head_file: Path | None, as_json: bool) -> None:
+    """Prove the log is intact: every chain links, nothing changed, deleted, inserted or reordered, it matches
+    every signed checkpoint, and nothing a signed head covers is missing (a cut tail or cut trailing
+    checkpoints are named). Exits 1 when it is not, and when no trusted key checked a signature."""
     started = time.perf_counter()
-    pinned = load_public_key(key_file.read_bytes()) if key_file is not None else None
-    if log_file is not None and log_file.is_dir():
+    if log_file is not None and log_file.is_dir() and not (log_file / "log.jsonl").exists():
         segments = sorted(log_file.glob("audit-*.log"))
 
         def spool_lines() -> Iterator[bytes]:
@@ -207,17 +297,41 @@ def audit_verify(obj: CliContext, key_file: Path | None, log_file: Path | None, 
         rep = LogReport(entries=count, sources=1, problem=problem, head_seq=first + count - 1)
         _report(rep, as_json, f"spool {log_file}")
         return
-    if log_file is not None:
-        cps = list(_file_lines(cp_file)) if cp_file is not None else []
-        report = verify_log(_file_lines(log_file), [c for c in cps if c], pinned)
-        _report(report, as_json, str(log_file))
+    if log_file is None:
+        got = as_operator(obj, _download)
+        key = _trusted_key(obj, key_file, got.key_cert_pem)
+        head_raw = head_file.read_bytes() if head_file is not None else got.head
+        signed = _checked_head(head_raw, key, "the control plane's export head" if head_file is None else
+                               str(head_file))
+        report = verify_log(got.lines, got.checkpoints, key, signed)
+        _report(report, as_json, f"control-plane log ({time.perf_counter() - started:.1f} s)")
         return
-    lines, cps, pem = as_operator(obj, _download)
-    key = pinned or load_public_key(pem)
-    report = verify_log(lines, cps, key)
-    if not as_json and pinned is None:
-        err.print("[dim]checkpoint key not pinned (--key): trusting the one the control plane serves[/dim]")
-    _report(report, as_json, f"control-plane log ({time.perf_counter() - started:.1f} s)")
+    log_path = log_file / "log.jsonl" if log_file.is_dir() else log_file
+    cp_path: Path | None = cp_file or (log_file / "checkpoints.jsonl" if log_file.is_dir() else None)
+    lines = list(_file_lines(log_path))
+    cps = [c for c in _file_lines(cp_path) if c] if cp_path is not None and cp_path.exists() else []
+    fetched: _Fetched | None = None
+    if key_file is None or head_file is None:
+        try:
+            fetched = as_operator(obj, _heads)
+        except (HivemeshError, OSError, click.ClickException) as exc:
+            if key_file is None:
+                _report(verify_log(lines, cps), as_json, str(log_file),
+                        untrusted=f"no --key given and the control plane's certified key cannot be had: {exc}")
+                return
+            raise click.ClickException(f"no --head given and the control plane's signed heads cannot be had: "
+                                       f"{exc}") from None
+    key = _trusted_key(obj, key_file, fetched.key_cert_pem if fetched is not None else b"")
+    head: dict[str, Any] | None
+    if head_file is not None:
+        head = _checked_head(head_file.read_bytes(), key, str(head_file))
+    else:
+        assert fetched is not None
+        heads = [_checked_head(h, key, "an export head from the control plane") for h in fetched.exports]
+        latest = _checked_head(fetched.latest, key, "the control plane's latest head") if fetched.latest else None
+        head = _pick_head(lines, heads, latest)
+    report = verify_log(lines, cps, key, head)
+    _report(report, as_json, str(log_file))
 
 
 def _first_prev(segments: list[Path]) -> str:
@@ -230,14 +344,19 @@ def _first_prev(segments: list[Path]) -> str:
 
 @audit.command("export")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Directory for log.jsonl, checkpoints.jsonl and checkpoint-key.pem.")
+              help="Directory for log.jsonl, checkpoints.jsonl, head.json and the checkpoint key.")
 @pass_cli
 @friendly_errors
 def audit_export(obj: CliContext, out_dir: Path) -> None:
-    """Download the whole log with its checkpoints and key, to archive or verify offline."""
-    lines, cps, pem = as_operator(obj, _download)
+    """Download the whole log with its checkpoints and the head signed for this export, to archive or verify
+    offline. Keep head.json somewhere else too: `verify --file DIR --head IT` then needs no control plane."""
+    got = as_operator(obj, _download)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "log.jsonl").write_bytes(b"".join(line + b"\n" for line in lines))
-    (out_dir / "checkpoints.jsonl").write_bytes(b"".join(c + b"\n" for c in cps))
-    (out_dir / "checkpoint-key.pem").write_text(pem)
-    out.print(f"exported {len(lines)} entries and {len(cps)} checkpoints to {out_dir}", highlight=False)
+    (out_dir / "log.jsonl").write_bytes(b"".join(line + b"\n" for line in got.lines))
+    (out_dir / "checkpoints.jsonl").write_bytes(b"".join(c + b"\n" for c in got.checkpoints))
+    (out_dir / "head.json").write_bytes(got.head + b"\n")
+    (out_dir / "checkpoint-key.pem").write_text(got.pem)
+    (out_dir / "checkpoint-key.crt").write_bytes(got.key_cert_pem)
+    head = json.loads(got.head) if got.head else {}
+    out.print(f"exported {len(got.lines)} entries and {len(got.checkpoints)} checkpoints to {out_dir}; signed "
+              f"head {head.get('head_no', '?')} covers seq {head.get('log_seq', '?')}", highlight=False)

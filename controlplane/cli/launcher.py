@@ -252,19 +252,7 @@ class MeshUp:
         ready = await sidecar.wait_for_line(r"sidecar ready mesh=\S+ outbound=(\S+)", _READY_S)
         # A Unix socket only this user can open: no other local process can call the mesh as the validator.
         self.say(f"  its Mesh service (for the agent's own calls): {ready.group(1)}")
-        assert self.etcd is not None
-        view = RegistryView(self.etcd.access, trust_domain=self.settings.trust_domain)
-        await view.start()
-        try:
-            deadline = time.monotonic() + _READY_S
-            for capability in PIPELINE:
-                remaining = max(deadline - time.monotonic(), 0.1)
-                if not await view.wait_for_capability(capability, 1, timeout=remaining):
-                    failed = [c for c in self.sup.children if c.proc.returncode is not None]
-                    detail = "; ".join(f"{c.name} exited {c.proc.returncode}: {' '.join(c.lines[-3:])}" for c in failed)
-                    raise TimeoutError(f"capability {capability!r} did not register within {_READY_S:.0f} s. {detail}")
-        finally:
-            await view.stop()
+        await self._wait_registered(list(PIPELINE))
         self.say("all four pipeline capabilities are registered in etcd")
 
     # --- the demo --------------------------------------------------------------------------------------------

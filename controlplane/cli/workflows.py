@@ -1,6 +1,8 @@
 """`hivemesh workflows ...` and `hivemesh escalations ...`: durable runs and the human escalation queue.
 
-Workflows are read from etcd (their events); resuming one runs it in this process as the operator.
+Workflows are read from etcd (their events) as the operator, whose etcd role reads every owner's runs; a run id
+is `<kind>-<name>/<local>` (its owner first), and a bare local id is accepted when one owner uses it. Resuming a
+run drives it in this process as the operator.
 Escalations go through the control plane's Escalations service over mutual TLS as the operator, so
 resolving one is authenticated and audited like any other control-plane call.
 """
@@ -58,13 +60,22 @@ def workflows() -> None:
 
 @workflows.command("list")
 @click.option("--state", default=None, help="Only runs in this state (e.g. WORKING, INPUT_REQUIRED).")
+@click.option("--owner", default=None, help="Only the runs of this workload, as <kind>-<name> (e.g. client-orders).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_cli
 @friendly_errors
-def workflows_list(obj: CliContext, state: str | None, as_json: bool) -> None:
-    """List workflow runs, newest first."""
+def workflows_list(obj: CliContext, state: str | None, owner: str | None, as_json: bool) -> None:
+    """List workflow runs (every owner's), newest first."""
     settings = obj.operator_settings()
-    rows = asyncio.run(_with_store(settings, lambda s: s.list()))
+    if owner is not None:
+        from hivemesh.mesh.run_ids import parse_run_id
+
+        try:
+            owner = parse_run_id(f"{owner}/x").owner
+        except ValueError:
+            raise click.BadParameter(f"{owner!r} is not <kind>-<name> (kind agent, client or operator)",
+                                     param_hint="--owner") from None
+    rows = asyncio.run(_with_store(settings, lambda s: s.list(owner)))
     if state:
         rows = [r for r in rows if r.get("state") == state.upper()]
     if as_json:
@@ -92,9 +103,10 @@ def workflows_show(obj: CliContext, workflow_id: str, events: bool, as_json: boo
     settings = obj.operator_settings()
 
     async def load(store: Any) -> tuple[Any, list[dict[str, Any]], Any]:
-        state = await store.load(workflow_id)
-        evs = await store.events(workflow_id) if events else []
-        return state, evs, await store.owner(workflow_id)
+        wid = await store.resolve(workflow_id)
+        state = await store.load(wid)
+        evs = await store.events(wid) if events else []
+        return state, evs, await store.owner(wid)
 
     state, evs, owner = asyncio.run(_with_store(settings, load))
     data = state.to_json()
@@ -144,11 +156,12 @@ def workflows_cancel(obj: CliContext, workflow_id: str, reason: str, wait_s: flo
     by = _operator_id(obj)
 
     async def go(store: Any) -> Any:
-        state = await store.request_cancel(workflow_id, by=by, reason=reason)
+        wid = await store.resolve(workflow_id)
+        state = await store.request_cancel(wid, by=by, reason=reason)
         deadline = time.monotonic() + wait_s
         while not state.terminal and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-            state = await store.load(workflow_id)
+            state = await store.load(wid)
         return state
 
     state = asyncio.run(_with_store(settings, go))
@@ -186,7 +199,7 @@ def workflows_resume(obj: CliContext, workflow_id: str, wait_lock: float | None,
     async def go() -> Any:
         async with MeshClient.connect(name="admin", kind="operator", settings=settings) as mesh:
             async with WorkflowEngine(mesh, on_event=progress) as engine:
-                handle = await engine.resume(workflow_id, wait_s=wait_lock)
+                handle = await engine.resume(await engine.store.resolve(workflow_id), wait_s=wait_lock)
                 return await handle.result()
 
     state = asyncio.run(go())

@@ -12,8 +12,9 @@ Public names load lazily (PEP 562), so a main can import `hivemesh.mesh.audit.ha
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from hivemesh.mesh.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from hivemesh.mesh.audit.chain import (
@@ -105,15 +106,4 @@ __all__ = [
     "verify_chain",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals(), __all__)

@@ -5,6 +5,10 @@
         state = await handle.result()        # WorkflowState: state, steps, output, tokens
         # elsewhere, after the orchestrator died:  hivemesh workflows resume <id>
 
+**Ownership.** A run's id is `<kind>-<name>/<local>`: the workload identity that created it, then its own id
+(`hivemesh.mesh.run_ids`). Its keys live under that owner's prefixes, which only that identity's etcd user
+(and operators and the control plane) may read or write, so only it (or an operator) can resume a run.
+
 **Event sourcing.** A run is the events under `/hivemesh/workflows/<id>/events/<seq>`; its state is rebuilt
 by replaying them (`WorkflowState.replay`). `/hivemesh/workflow-index/<id>` is a read model (summary for
 `list`), written in the same transaction as each event.

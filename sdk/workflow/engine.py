@@ -15,8 +15,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hivemesh.mesh import tracing
-from hivemesh.mesh.errors import CancelledError, FailedPreconditionError, HivemeshError, TaskRejectedError
+from hivemesh.mesh.errors import (
+    CancelledError,
+    FailedPreconditionError,
+    HivemeshError,
+    InvalidInputError,
+    PermissionDeniedError,
+    TaskRejectedError,
+)
 from hivemesh.mesh.etcd import client as etcd_client
+from hivemesh.mesh.pki import NAME_RE
+from hivemesh.mesh.run_ids import LOCAL_RULE, owner_segment, parse_run_id
 from hivemesh.mesh.watch import PrefixCache
 from hivemesh.sdk.escalation import EscalationClient
 from hivemesh.sdk.patterns.base import TERMINAL, PatternResult, error_to_json
@@ -29,7 +38,7 @@ from hivemesh.sdk.workflow.store import (
     WorkflowStore,
     event_key,
     events_prefix,
-    validate_workflow_id,
+    owned,
 )
 
 if TYPE_CHECKING:
@@ -56,10 +65,14 @@ class WorkflowHandle:
 class WorkflowEngine:
     """Starts, drives, resumes and cancels durable runs for one orchestrator (a MeshClient identity).
 
+    Runs belong to the mesh identity: their ids are `<kind>-<name>/<local>` (`run_id_for`), and etcd lets only
+    that identity (and operators) read or write them, so a restarted orchestrator of the same identity resumes
+    its runs and another identity cannot. Methods taking a run id accept the local part for this identity's own.
+
     Args:
         mesh: a started MeshClient; steps are called with its identity.
-        owner: recorded as the run's owner (default: the mesh identity's SPIFFE id); `resume_all` resumes the
-            unfinished runs whose owner is this.
+        owner: recorded as the run's owner (default: the mesh identity's SPIFFE id); `resume_all` resumes this
+            identity's unfinished runs whose recorded owner is this.
         lock_ttl_s: lease TTL of run ownership (a killed owner's runs are resumable this long after it died).
         escalations: the Escalations client (default: over the mesh identity's control-plane connection).
         on_event: (workflow id, kind, data) for progress displays.
@@ -90,6 +103,24 @@ class WorkflowEngine:
     @property
     def owner(self) -> str:
         return self._owner or self.mesh.node.workload.spiffe_id
+
+    @property
+    def owner_segment(self) -> str:
+        """`<kind>-<name>` of the mesh identity: the prefix of every run id (and key) this engine creates."""
+        me = self.mesh.node.workload.identity
+        return owner_segment(me.kind, me.name)
+
+    def run_id_for(self, workflow_id: str) -> str:
+        """The full id of a run: a local id (no '/') is this identity's run; a full id is taken as it is."""
+        if "/" in workflow_id:
+            try:
+                return str(parse_run_id(workflow_id))
+            except ValueError as exc:
+                raise InvalidInputError(str(exc), field_violations={"workflow_id": "not a run id"}) from None
+        if not NAME_RE.fullmatch(workflow_id):
+            msg = f"must match {LOCAL_RULE} (or be a full run id <kind>-<name>/<local id>)"
+            raise InvalidInputError(f"workflow id {workflow_id[:80]!r} {msg}", field_violations={"workflow_id": msg})
+        return f"{self.owner_segment}/{workflow_id}"
 
     @property
     def store(self) -> WorkflowStore:
@@ -136,13 +167,18 @@ class WorkflowEngine:
     # --- starting and resuming ------------------------------------------------------------------------------------
     async def submit(self, definition: Any, input: Any = None, *, workflow_id: str | None = None,
                      labels: Mapping[str, str] | None = None) -> WorkflowHandle:
-        """Record a new run (SUBMITTED) and drive it in the background."""
-        wid = validate_workflow_id(workflow_id or f"wf-{uuid.uuid4().hex[:16]}")
+        """Record a new run (SUBMITTED) and drive it in the background; its id is `<kind>-<name>/<local>` of this
+        identity (workflow_id is the local part, or the full id; another owner's id is PERMISSION_DENIED)."""
+        wid = self.run_id_for(workflow_id or f"wf-{uuid.uuid4().hex[:16]}")
+        if parse_run_id(wid).owner != self.owner_segment:
+            raise PermissionDeniedError(f"workflow {wid}: {self.mesh.node.workload.spiffe_id} creates runs only under "
+                                        f"its own prefix {self.owner_segment}/", metadata={"workflow_id": wid})
         body_source = resolve_definition(definition) if isinstance(definition, str) else definition
         body_of(body_source)  # fail now on something that cannot run
         state = WorkflowState(wid)
-        ok, _ = await self.store.etcd.transaction(
-            compare=[self.store.etcd.transactions.version(event_key(wid, 1)) == 0], success=[], failure=[])
+        async with owned(f"workflow {wid}"):
+            ok, _ = await self.store.etcd.transaction(
+                compare=[self.store.etcd.transactions.version(event_key(wid, 1)) == 0], success=[], failure=[])
         if not ok:
             raise FailedPreconditionError(f"workflow {wid} exists already", metadata={"workflow_id": wid})
         await self.store.append(state, "created", {
@@ -156,7 +192,9 @@ class WorkflowEngine:
         return await (await self.submit(definition, input, **kwargs)).result()
 
     async def resume(self, workflow_id: str, *, definition: Any = None, wait_s: float | None = None) -> WorkflowHandle:
-        """Drive an unfinished run again from its events (waiting up to wait_s for its previous owner's lease)."""
+        """Drive an unfinished run again from its events (waiting up to wait_s for its previous owner's lease).
+        Another identity's run is PERMISSION_DENIED (by etcd) unless this identity is an operator."""
+        workflow_id = self.run_id_for(workflow_id)
         state = await self.store.load(workflow_id)
         if state.terminal:
             raise FailedPreconditionError(f"workflow {workflow_id} is {state.state}; there is nothing to resume")
@@ -173,7 +211,7 @@ class WorkflowEngine:
     async def resume_all(self, *, wait_s: float = 0.0) -> list[WorkflowHandle]:
         """Resume every unfinished run this owner started and nobody drives now (automatic resume on restart)."""
         handles = []
-        for summary in await self.store.list():
+        for summary in await self.store.list(self.owner_segment):
             if summary.get("owner") != self.owner or summary.get("state") in TERMINAL:
                 continue
             if summary["id"] in self._handles:
@@ -186,6 +224,7 @@ class WorkflowEngine:
 
     async def cancel(self, workflow_id: str, *, reason: str = "", wait_s: float = 10.0) -> WorkflowState:
         """Request cancellation and wait (bounded) for the run to reach CANCELED (or another final state)."""
+        workflow_id = self.run_id_for(workflow_id)
         state = await self.store.request_cancel(workflow_id, by=self.owner, reason=reason)
         deadline = time.monotonic() + wait_s
         while not state.terminal and time.monotonic() < deadline:
@@ -194,10 +233,11 @@ class WorkflowEngine:
         return state
 
     async def get(self, workflow_id: str) -> WorkflowState:
-        return await self.store.load(workflow_id)
+        return await self.store.load(self.run_id_for(workflow_id))
 
     async def list(self) -> list[dict[str, Any]]:
-        return await self.store.list()
+        """This identity's runs (an operator lists every run with `WorkflowStore.list()`)."""
+        return await self.store.list(self.owner_segment)
 
     # --- driving ------------------------------------------------------------------------------------------------------
     def _drive(self, state: WorkflowState, definition: Any, *, lock: OwnerLock | None = None) -> WorkflowHandle:

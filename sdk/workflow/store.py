@@ -1,4 +1,9 @@
-"""Where runs live in etcd: the event log (appends fenced on the owner), the `list` read model, run ownership."""
+"""Where runs live in etcd: the event log (appends fenced on the owner), the `list` read model, run ownership.
+
+A run's id starts with the workload that owns it (`<kind>-<name>/<local>`, `hivemesh.mesh.run_ids`), and so do
+its keys: etcd lets only that workload (and operators, and the control plane) read or write them. A refusal
+from etcd is reported as PERMISSION_DENIED naming the run, never as an etcd error.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +16,15 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError, NotFoundError
+from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError, NotFoundError, PermissionDeniedError
+from hivemesh.mesh.etcd import is_permission_denied
 from hivemesh.mesh.keyspace import WORKFLOW_INDEX as INDEX
 from hivemesh.mesh.keyspace import WORKFLOWS
-from hivemesh.mesh.pki import NAME_RE
+from hivemesh.mesh.run_ids import FORMAT, parse_run_id
 from hivemesh.sdk.workflow.state import WorkflowState
 
 log = logging.getLogger(__name__)
@@ -39,10 +45,25 @@ def event_key(workflow_id: str, seq: int) -> bytes:
 
 
 def validate_workflow_id(workflow_id: str) -> str:
-    if not NAME_RE.fullmatch(workflow_id):
-        msg = "must match [a-z0-9][a-z0-9._-]{0,62}"
-        raise InvalidInputError(f"workflow id {workflow_id[:80]!r} {msg}", field_violations={"workflow_id": msg})
+    """A full run id, `<kind>-<name>/<local>` (its owner first); InvalidInputError otherwise."""
+    try:
+        parse_run_id(workflow_id)
+    except ValueError as exc:
+        raise InvalidInputError(str(exc), field_violations={"workflow_id": f"must be {FORMAT}"}) from None
     return workflow_id
+
+
+@contextlib.asynccontextmanager
+async def owned(what: str) -> AsyncIterator[None]:
+    """etcd's "permission denied" on a run's keys as PERMISSION_DENIED: the run belongs to another identity."""
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc, PermissionDeniedError) or not is_permission_denied(exc):
+            raise
+        raise PermissionDeniedError(
+            f"{what}: this identity may not read or write it (a run is readable and writable only by the workload "
+            "its id starts with, operators and the control plane)") from exc
 
 
 class LockLostError(FailedPreconditionError):
@@ -74,7 +95,8 @@ class WorkflowStore:
         self.etcd = etcd
 
     async def events(self, workflow_id: str, after: int = 0) -> list[dict[str, Any]]:
-        kvs = await self.etcd.get_prefix(events_prefix(workflow_id).encode(), sort_order="ascend")
+        async with owned(f"workflow {workflow_id}"):
+            kvs = await self.etcd.get_prefix(events_prefix(workflow_id).encode(), sort_order="ascend")
         out = []
         for kv in kvs:
             try:
@@ -110,9 +132,10 @@ class WorkflowStore:
             compare = [tx.version(key) == 0]
             if fence is not None:
                 compare.append(tx.value(owner_key(state.id)) == fence)
-            ok, _ = await self.etcd.transaction(
-                compare=compare, success=[tx.put(key, raw), tx.put(f"{INDEX}{state.id}".encode(), index)], failure=[]
-            )
+            async with owned(f"workflow {state.id}"):
+                ok, _ = await self.etcd.transaction(
+                    compare=compare, success=[tx.put(key, raw), tx.put(f"{INDEX}{state.id}".encode(), index)],
+                    failure=[])
             if ok:
                 state.apply(event)
                 return event
@@ -124,24 +147,45 @@ class WorkflowStore:
                 state.apply(missed)
         raise FailedPreconditionError(f"workflow {state.id}: could not append an event (too much contention)")
 
-    async def list(self) -> list[dict[str, Any]]:
+    async def list(self, owner: str | None = None) -> list[dict[str, Any]]:
+        """Summaries of the runs of owner (`<kind>-<name>`), or of every run (operators and the control plane)."""
+        prefix = f"{INDEX}{owner}/" if owner else INDEX
+        async with owned(f"the runs under {prefix}"):
+            kvs = await self.etcd.get_prefix(prefix.encode())
         out = []
-        for kv in await self.etcd.get_prefix(INDEX.encode()):
+        for kv in kvs:
             wid = kv.key.decode()[len(INDEX):]
             try:
                 summary = json.loads(kv.value) if kv.value else None
             except (UnicodeDecodeError, json.JSONDecodeError):
                 summary = None
             if not summary:
-                with contextlib.suppress(NotFoundError):
+                with contextlib.suppress(NotFoundError, InvalidInputError):
                     summary = (await self.load(wid)).summary()
             if summary:
                 out.append(summary)
         out.sort(key=lambda s: (-float(s.get("created_at", 0.0)), s.get("id", "")))
         return out
 
+    async def resolve(self, given: str) -> str:
+        """A full run id for what an operator typed: the id itself, or a bare local id that exactly one owner
+        uses (NotFoundError if none; InvalidInputError naming the candidates if several)."""
+        if "/" in given:
+            return validate_workflow_id(given)
+        async with owned("the run index"):
+            kvs = await self.etcd.get_prefix(INDEX.encode(), keys_only=True)
+        ids = (kv.key.decode(errors="replace")[len(INDEX):] for kv in kvs)
+        found: list[str] = sorted(wid for wid in ids if wid.endswith(f"/{given}"))
+        if not found:
+            raise NotFoundError(f"no workflow {given!r}", metadata={"workflow_id": given})
+        if len(found) > 1:
+            raise InvalidInputError(f"workflow id {given!r} is used by several owners: {', '.join(found[:10])}; "
+                                    "give the full id", field_violations={"workflow_id": "ambiguous"})
+        return found[0]
+
     async def owner(self, workflow_id: str) -> dict[str, Any] | None:
-        kv = await self.etcd.get(owner_key(workflow_id))
+        async with owned(f"workflow {workflow_id}"):
+            kv = await self.etcd.get(owner_key(workflow_id))
         if kv is None:
             return None
         try:
@@ -160,8 +204,14 @@ class WorkflowStore:
         while True:
             lease = await self.etcd.lease(ttl_s)
             tx = self.etcd.transactions
-            ok, _ = await self.etcd.transaction(compare=[tx.version(key) == 0],
-                                                success=[tx.put(key, value, lease=lease)], failure=[])
+            try:
+                async with owned(f"workflow {workflow_id}"):
+                    ok, _ = await self.etcd.transaction(compare=[tx.version(key) == 0],
+                                                        success=[tx.put(key, value, lease=lease)], failure=[])
+            except PermissionDeniedError:
+                with contextlib.suppress(Exception):
+                    await lease.revoke()
+                raise
             if ok:
                 lock = OwnerLock(workflow_id, value, lease)
                 lock._keepalive = asyncio.get_running_loop().create_task(self._keep(lock, ttl_s))

@@ -28,7 +28,8 @@ from hivemesh.controlplane.ca import init_ca
 from hivemesh.mesh.audit.handshake.switch import ENV
 from tests.e2e.test_handshake_audit import _handshake_records
 from tests.support.meshenv import MeshEnv, run_cli
-from tests.support.spawn import REPO, child_env, start_replica, stop
+from tests.support.plain_agent import PlainAgent
+from tests.support.spawn import REPO, child_env, start_replica, start_sidecar, stop
 from tests.support.tls_attacks import H2_PREFACE, raw_attempt
 
 _BARE_SERVER = """
@@ -135,6 +136,35 @@ async def test_an_owned_agent_process_audits_refused_handshakes_without_a_restar
         assert "GRPC_TRACE" not in started_with and "HIVEMESH_TRACER_REEXEC" not in started_with
     finally:
         await stop(proc)
+
+
+@pytest.mark.slow
+async def test_an_owned_sidecar_audits_refused_handshakes_with_nothing_set_by_its_launcher(
+    mesh_env: MeshEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`hivemesh sidecar` started by hand (no GRPC_TRACE, no opt-in): the CLI's entry point turns the tracer on
+    before gRPC loads, so the audit is live, with no restart of the process."""
+    monkeypatch.delenv("GRPC_TRACE", raising=False)
+    monkeypatch.delenv(ENV, raising=False)
+    async with PlainAgent("plain") as plain:
+        proc, endpoint = await start_sidecar(mesh_env, plain.endpoint, tmp_path / "home", tmp_path / "sidecar.log")
+        try:
+            started_with = _proc_environ(proc.pid)
+            assert "GRPC_TRACE" not in started_with and ENV not in started_with
+            node = await _wait_status(mesh_env, "plain", "live")
+            log = (tmp_path / "sidecar.log").read_text()
+            assert node is not None and node["handshake_audit"] == "live", (node, log)
+            port = int(endpoint.rsplit(":", 1)[1])
+            attacker = await asyncio.to_thread(raw_attempt, port, H2_PREFACE)
+            deadline = time.monotonic() + 30
+            mine: list[dict[str, Any]] = []
+            while not mine and time.monotonic() < deadline:
+                mine = [r for r in await _handshake_records(mesh_env) if r["remote"].endswith(f":{attacker}")]
+                await asyncio.sleep(0.2)
+            assert [r["reason"] for r in mine] == ["TLS_PLAINTEXT"], mine
+            assert proc.returncode is None
+        finally:
+            await stop(proc)
 
 
 def _fd2(pid: int) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from hivemesh.sdk import AgentServer
+from hivemesh.sdk import AgentServer, AgentServerConfig
 from hivemesh.v1 import agent_pb2, mesh_pb2_grpc
 from tests.support.agents_for_tests import EchoAgent
 from tests.support.meshenv import TRUST_DOMAIN, MeshEnv
@@ -90,7 +90,7 @@ def shared() -> Iterator[Path]:
 async def plain_and_echo(mesh_env: MeshEnv, tmp_path: Path) -> AsyncIterator[PlainAgent]:
     """The plain agent the sidecar fronts, and an SDK agent serving `echo` for its outbound calls."""
     async with PlainAgent("plain", prefix="plain-") as plain, AgentServer(
-        EchoAgent("sdk"), await mesh_env.settings_for("echo"), audit_dir=tmp_path / "echo-audit"
+        EchoAgent("sdk"), await mesh_env.settings_for("echo"), AgentServerConfig(audit_dir=tmp_path / "echo-audit")
     ):
         yield plain
 

@@ -32,6 +32,8 @@ from tests.support.orch_agents import DeskAgent, RelayAgent, WorkerAgent
 from tests.support.orch_env import REPO, Orch, wait_until
 
 pytestmark = pytest.mark.timeout(120)
+OWNER = "client-orchestrator"
+"""The orchestrator's runs' id prefix: every run id starts with its owner's `<kind>-<name>`."""
 
 
 def _cli_json(proc: subprocess.CompletedProcess[str]) -> Any:
@@ -45,11 +47,12 @@ async def test_a_run_is_its_events_and_the_cli_shows_each_step(orch: Orch) -> No
         pipeline = Pipeline([Step("upper"), Step("summarize")])
         state = await engine.run(pipeline, {"text": "one two three four five six"}, workflow_id="wf-basic")
         assert state.state == "COMPLETED" and state.output["output"] == {"text": "ONE TWO THREE FOUR FIVE"}
-        events = await engine.store.events("wf-basic")
+        assert state.id == f"{OWNER}/wf-basic"  # the run belongs to the orchestrator's identity
+        events = await engine.store.events(state.id)
         assert [e["type"] for e in events] == [
             "created", "started", "step_started", "step_completed", "step_started", "step_completed", "completed"]
         assert [e["seq"] for e in events] == list(range(1, 8))
-        replayed = WorkflowState.replay("wf-basic", events)
+        replayed = WorkflowState.replay(state.id, events)
         assert replayed.to_json() == state.to_json()
         assert replayed.tokens > 0 and state.definition == ""  # an in-process object: no import reference
         with pytest.raises(FailedPreconditionError):
@@ -60,14 +63,14 @@ async def test_a_run_is_its_events_and_the_cli_shows_each_step(orch: Orch) -> No
             await engine.get("wf-nope")
 
     listed = _cli_json(await orch.hivemesh("workflows", "list", "--json"))
-    assert [(r["id"], r["state"], r["steps"]) for r in listed] == [("wf-basic", "COMPLETED", 2)]
+    assert [(r["id"], r["state"], r["steps"]) for r in listed] == [(f"{OWNER}/wf-basic", "COMPLETED", 2)]
     shown = _cli_json(await orch.hivemesh("workflows", "show", "wf-basic", "--json"))
     steps = shown["step_list"]
     assert [(s["step"], s["capability"], s["agent"], s["status"]) for s in steps] == [
         ("01-upper", "upper", "worker", "COMPLETED"), ("02-summarize", "summarize", "worker", "COMPLETED")]
     assert all(s["elapsed_ms"] is not None and s["started_at"] > 0 for s in steps)
     assert steps[1]["usage"]["output_tokens"] == 5
-    human = await orch.hivemesh("workflows", "show", "wf-basic")
+    human = await orch.hivemesh("workflows", "show", f"{OWNER}/wf-basic")
     assert human.returncode == 0 and "01-upper" in human.stdout and "COMPLETED" in human.stdout
     missing = await orch.hivemesh("workflows", "show", "wf-missing")
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr and "Traceback" not in missing.stderr
@@ -117,8 +120,9 @@ async def test_killed_orchestrator_resumes_and_no_non_idempotent_step_runs_twice
     assert state["output"] == {"account": "ACME", "receipts": [1, 2]}
     # Exactly once: one effect per non-idempotent step, though charge-1 was sent twice with the same key.
     keys = [e["key"] for e in worker.effects]
-    assert keys == ["wf-kill/charge-1", "wf-kill/charge-2"]
-    assert worker.started == ["wf-kill/charge-1", "wf-kill/charge-2"]  # the resend was replayed, not re-run
+    assert keys == [f"{OWNER}/wf-kill/charge-1", f"{OWNER}/wf-kill/charge-2"]
+    # the resend was replayed, not re-run
+    assert worker.started == [f"{OWNER}/wf-kill/charge-1", f"{OWNER}/wf-kill/charge-2"]
     assert server.dedupe.replays == 1  # type: ignore[attr-defined]
     steps = {s["step"]: s for s in state["step_list"]}
     assert steps["normalize"]["attempts"] == 1  # completed steps are not called again on resume
@@ -134,7 +138,7 @@ async def test_restarted_orchestrator_resumes_its_runs_automatically(orch: Orch)
     # charge-1 sleeps 3 s before its effect: the kill lands while the agent is still working on it.
     child = _spawn_orchestrator(orch, token, "start", "wf-restart", "globex", "3")
     try:
-        await wait_until(lambda: "wf-restart/charge-1" in worker.started, 60, "charge-1 to start")
+        await wait_until(lambda: f"{OWNER}/wf-restart/charge-1" in worker.started, 60, "charge-1 to start")
         child.kill()
         child.wait(timeout=30)
     finally:
@@ -147,8 +151,8 @@ async def test_restarted_orchestrator_resumes_its_runs_automatically(orch: Orch)
         await wait_until(lambda: restarted.poll() is not None, 90, "the restarted orchestrator to finish")
     finally:
         out = _stop(restarted)
-    assert "driving wf-restart" in out and "done wf-restart COMPLETED" in out, out
-    assert [e["key"] for e in worker.effects] == ["wf-restart/charge-1", "wf-restart/charge-2"]
+    assert f"driving {OWNER}/wf-restart" in out and f"done {OWNER}/wf-restart COMPLETED" in out, out
+    assert [e["key"] for e in worker.effects] == [f"{OWNER}/wf-restart/charge-1", f"{OWNER}/wf-restart/charge-2"]
 
 
 async def test_cancelling_a_run_cancels_its_in_flight_calls_down_the_chain(orch: Orch) -> None:
@@ -186,7 +190,7 @@ async def test_supervisor_escalation_resolved_through_the_cli_resumes_the_run(or
         pending = _cli_json(await orch.hivemesh("escalations", "list", "--json"))
         assert len(pending) == 1
         esc = pending[0]
-        assert esc["workflow_id"] == "wf-refund" and esc["status"] == "PENDING"
+        assert esc["workflow_id"] == f"{OWNER}/wf-refund" and esc["status"] == "PENDING"
         assert esc["reason"] == "confidence 0.55 is below 0.70"
         assert esc["context"]["proposed"]["handled_by"] == "supervisor"
         shown = await orch.hivemesh("escalations", "show", esc["id"])
@@ -269,7 +273,7 @@ async def test_an_agent_asks_a_person_mid_pipeline_a2a_style(orch: Orch) -> None
         pipeline = Pipeline([Step("approve-refund")])
         handle = await engine.submit(pipeline, {"question": "refund order 7"}, workflow_id="wf-ask")
         pending = await wait_until(lambda: operator.list("PENDING"), 20, "the agent's escalation")
-        assert pending[0].reason == "a refund needs a person's approval" and pending[0].workflow_id == "wf-ask"
+        assert pending[0].reason == "a refund needs a person's approval" and pending[0].workflow_id == f"{OWNER}/wf-ask"
         await operator.resolve(pending[0].id, approve=True, note="fine", answer="yes")
         state = await handle.result(timeout=20)
     assert state.state == "COMPLETED"

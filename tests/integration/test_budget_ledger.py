@@ -31,11 +31,11 @@ spec:
 
 def test_spend_keys_round_trip_any_name() -> None:
     key = ("shared[0]", "spiffe://td/client/a b/ü", 2941)
-    etcd_key = spend_key(key, "vm-1/replica")
-    assert etcd_key.startswith(SPEND_PREFIX) and etcd_key.count("/") == SPEND_PREFIX.count("/") + 3
+    etcd_key = spend_key(key, "vm-1/replica", "summarizer")
+    assert etcd_key.startswith(SPEND_PREFIX + "summarizer/") and etcd_key.count("/") == SPEND_PREFIX.count("/") + 4
     assert parse_spend_key(etcd_key) == (key, "vm-1/replica")
     with pytest.raises(ValueError):
-        parse_spend_key(SPEND_PREFIX + "x/notanumber/y/z")
+        parse_spend_key(SPEND_PREFIX + "agent/x/notanumber/y/z")
 
 
 async def test_replicas_share_a_callers_budget(orch: Orch) -> None:
@@ -74,7 +74,7 @@ async def test_a_stopped_replicas_spend_still_counts(orch: Orch) -> None:
                      "the budgets policy to reach the agent")
     await orch.mesh.call("summarize", TEXT, timeout=10)  # 13
     await first.stop()  # publishes its last totals
-    ledger = SpendLedger(controlplane_access(orch.env.etcd), "an-observer")
+    ledger = SpendLedger(controlplane_access(orch.env.etcd), "an-observer", agent="observer")
     await ledger.start()
     try:
         key = ("shared[0]", CALLER, int(time.time() // 2678400))
@@ -86,7 +86,8 @@ async def test_a_stopped_replicas_spend_still_counts(orch: Orch) -> None:
 async def test_spend_published_during_an_etcd_outage_arrives_after_it(own_etcd: EtcdServer) -> None:
     key = ("shared[0]", CALLER, 7)
     window_end = time.time() + 3600
-    writer, reader = SpendLedger(own_etcd.access, "writer"), SpendLedger(own_etcd.access, "reader")
+    writer = SpendLedger(own_etcd.access, "writer", agent="worker")
+    reader = SpendLedger(own_etcd.access, "reader", agent="worker")
     await writer.start()
     await reader.start()
     try:

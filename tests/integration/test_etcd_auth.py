@@ -38,8 +38,17 @@ EXPECTED: dict[str, tuple[bool, bool]] = {
     "/hivemesh/escalations/": (False, False),
     "/hivemesh/workflows/": (False, False),
     "/hivemesh/workflow-index/": (False, False),
-    # Not yet least privilege (docs/security.md): spend counters are shared by every agent.
-    "/hivemesh/budgets/spend/": (True, True),
+    # Its own workflow runs only (mesh/run_ids.py), not a name-prefix neighbour's ('a.eu').
+    "/hivemesh/workflows/agent-a/": (True, True),
+    "/hivemesh/workflow-index/agent-a/": (True, True),
+    "/hivemesh/workflows/agent-b/": (False, False),
+    "/hivemesh/workflow-index/agent-b/": (False, False),
+    "/hivemesh/workflows/agent-a.eu/": (False, False),
+    # Token-budget spend: every agent reads all of it (it adds up every replica's), writes only its own.
+    "/hivemesh/budgets/spend/": (True, False),
+    "/hivemesh/budgets/spend/a/": (True, True),
+    "/hivemesh/budgets/spend/b/": (True, False),
+    "/hivemesh/budgets/spend/a.eu/": (True, False),
 }
 
 

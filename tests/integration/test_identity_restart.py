@@ -21,7 +21,7 @@ from hivemesh.mesh.errors import JoinTokenInvalidError, JoinTokenRequiredError, 
 from hivemesh.mesh.etcd import EtcdServer
 from hivemesh.mesh.pki import cert_expiry, spiffe_id_of
 from hivemesh.mesh.settings import MeshSettings
-from hivemesh.sdk import AgentServer, MeshClient
+from hivemesh.sdk import AgentServer, AgentServerConfig, MeshClient
 from hivemesh.v1 import trust_pb2
 from tests.support.agents_for_tests import EchoAgent
 from tests.support.meshenv import TRUST_DOMAIN, MeshEnv, start_mesh_env, stop_mesh_env
@@ -65,11 +65,11 @@ async def test_an_sdk_agent_restarts_with_its_stored_identity_and_serves(
     mesh_env: MeshEnv, tmp_path: Path
 ) -> None:
     settings = await _settings(mesh_env, "echo", "agent", tmp_path)
-    async with AgentServer(EchoAgent("first"), settings, audit_dir=tmp_path / "audit") as server:
+    async with AgentServer(EchoAgent("first"), settings, AgentServerConfig(audit_dir=tmp_path / "audit")) as server:
         identity = server.node.workload.spiffe_id
     caller = await _settings(mesh_env, "tester", "client", tmp_path)
     # The same settings (the join token consumed): the agent comes back as itself and callers reach it.
-    async with AgentServer(EchoAgent("second"), settings, audit_dir=tmp_path / "audit") as server:
+    async with AgentServer(EchoAgent("second"), settings, AgentServerConfig(audit_dir=tmp_path / "audit")) as server:
         assert server.node.workload.spiffe_id == identity == f"spiffe://{TRUST_DOMAIN}/agent/echo"
         async with MeshClient.connect(name="tester", settings=caller) as mesh:
             assert await mesh.node.registry.wait_for_capability("echo", 1, timeout=10)

@@ -61,7 +61,7 @@ async def _churn(env: MeshEnv, total_bytes: int) -> tuple[int, int]:
     written = runs = escalations = 0
     try:
         while written < total_bytes:
-            wid = f"run-{runs}"
+            wid = f"client-churn/run-{runs}"  # a run id starts with its owner (mesh/run_ids.py)
             state = WorkflowState(wid)
             try:
                 await store.append(state, "created", {"definition": "tests:churn", "input": None, "owner": "t"})

@@ -200,11 +200,11 @@ async def test_a_workflow_run_is_one_trace_with_a_span_per_step_and_a_resume_lin
         state = await engine.run(Pipeline([Step("upper"), Step("summarize")]), {"text": "a b c"},
                                  workflow_id="wf-traced")
         assert state.state == "COMPLETED"
-        started = [e for e in await engine.store.events("wf-traced") if e["type"] == "started"]
+        started = [e for e in await engine.store.events(state.id) if e["type"] == "started"]
     finished = spans.get_finished_spans()
     by_id = _one_trace(finished)
     [run] = [s for s in finished if s.parent is None]
-    assert run.name == "workflow wf-traced" and not run.links
+    assert run.name == f"workflow {state.id}" and not run.links
     steps = [s for s in finished if s.name.startswith("step ")]
     assert len(steps) == 2 and all(s.parent is not None and s.parent.span_id == run.context.span_id for s in steps)
     for step in steps:  # each step's call (client, attempt, server, handler) hangs under its step
@@ -235,7 +235,7 @@ async def test_a_resumed_workflow_run_is_a_new_trace_linked_to_the_original(
         gate.set()
         resumed = await engine.resume("wf-resumed", definition=body)
         assert (await resumed.result(timeout=30)).state == "COMPLETED"
-    runs = [s for s in spans.get_finished_spans() if s.name == "workflow wf-resumed"]
+    runs = [s for s in spans.get_finished_spans() if s.name == f"workflow {handle.id}"]
     assert len(runs) == 2
     first, second = runs
     assert first.context.trace_id != second.context.trace_id  # one trace per run

@@ -19,7 +19,7 @@ from hivemesh.controlplane.cli.app import cli
 
 GROUPS: dict[str, set[str]] = {
     "": {"up", "certs", "controlplane", "sidecar", "agents", "call", "join-token", "policy", "status", "workflows",
-         "escalations", "audit", "keys", "tokens", "ca", "authz"},
+         "escalations", "audit", "keys", "tokens", "ca", "authz", "slo", "top"},
     "certs": {"init"},
     "policy": {"apply", "get", "list", "delete", "kinds"},
     "workflows": {"list", "show", "cancel", "resume"},
@@ -29,6 +29,7 @@ GROUPS: dict[str, set[str]] = {
     "tokens": {"revoke", "revocations"},
     "ca": {"rotate", "status"},
     "authz": {"check"},
+    "slo": {"rules", "list"},
 }
 
 

@@ -12,8 +12,9 @@ Public names load lazily (PEP 562): `switch` imports nothing of gRPC and must st
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from hivemesh.mesh.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from hivemesh.mesh.audit.handshake.audit import HandshakeAudit
@@ -49,15 +50,4 @@ __all__ = [
     "tracer_events",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals(), __all__)

@@ -7,10 +7,9 @@ Two settings decide it:
   Without it nothing touches that program's stderr. `HIVEMESH_AUDIT_HANDSHAKES=0` always wins: off.
 - gRPC's `handshaker` tracer (`GRPC_TRACE=handshaker`). grpcio reads GRPC_TRACE exactly once, when its core
   loads at `import grpc` (pinned grpcio 1.85.1: setting it after the import has no effect, see
-  tests/test_handshake_switch.py). So `enable()` can only turn it on in a process that has not imported grpc
-  yet; where grpc loads earlier (the `hivemesh` CLI imports it before a command runs), the launcher sets the
-  variable: `hivemesh up` for its children (`child_environment`), container entrypoints and service units
-  (docs/security.md).
+  tests/e2e/test_handshake_switch.py). So `enable()` can only turn it on in a process that has not imported
+  grpc yet: the `hivemesh` entry point calls it for `sidecar` and `controlplane` before their modules load, and
+  a launcher whose program loads gRPC first sets the variable itself (`child_environment`, as `hivemesh up` does).
 
 No process is ever restarted for it. This module imports nothing of gRPC, so a main can call `enable()` first.
 """

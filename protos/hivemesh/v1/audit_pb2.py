@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17hivemesh/v1/audit.proto\x12\x0bhivemesh.v1\"5\n\x12\x41ppendBatchRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0f\n\x07records\x18\x02 \x03(\x0c\"J\n\x13\x41ppendBatchResponse\x12\x10\n\x08last_seq\x18\x01 \x01(\x04\x12\x11\n\tlast_hash\x18\x02 \x01(\t\x12\x0e\n\x06stored\x18\x03 \x01(\r\"$\n\x12SourceStateRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\":\n\x13SourceStateResponse\x12\x10\n\x08last_seq\x18\x01 \x01(\x04\x12\x11\n\tlast_hash\x18\x02 \x01(\t\"\xe6\x01\n\x11\x41uditQueryRequest\x12\x0e\n\x06\x63\x61ller\x18\x01 \x01(\t\x12\x12\n\ncapability\x18\x02 \x01(\t\x12\x10\n\x08\x64\x65\x63ision\x18\x03 \x01(\t\x12\r\n\x05since\x18\x04 \x01(\t\x12\r\n\x05until\x18\x05 \x01(\t\x12\x11\n\tprincipal\x18\x06 \x01(\t\x12\r\n\x05\x61gent\x18\x07 \x01(\t\x12\r\n\x05limit\x18\x08 \x01(\r\x12\x0c\n\x04tail\x18\t \x01(\x08\x12\x11\n\tafter_seq\x18\n \x01(\x04\x12\x0b\n\x03jti\x18\x0b \x01(\t\x12\x10\n\x08trace_id\x18\x0c \x01(\t\x12\x0c\n\x04kind\x18\r \x01(\t\"H\n\x12\x41uditQueryResponse\x12\x0f\n\x07\x65ntries\x18\x01 \x03(\x0c\x12\x10\n\x08head_seq\x18\x02 \x01(\x04\x12\x0f\n\x07scanned\x18\x03 \x01(\x04\"\"\n\rExportRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x04\"\x1e\n\x0b\x45xportChunk\x12\x0f\n\x07\x65ntries\x18\x01 \x03(\x0c\"\x14\n\x12\x41uditVerifyRequest\"\xab\x01\n\x13\x41uditVerifyResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\x04\x12\x0f\n\x07sources\x18\x03 \x01(\x04\x12\x13\n\x0b\x63heckpoints\x18\x04 \x01(\x04\x12\x15\n\rfirst_bad_seq\x18\x05 \x01(\x04\x12\x16\n\x0e\x66irst_bad_line\x18\x06 \x01(\x04\x12\x0f\n\x07problem\x18\x07 \x01(\t\x12\x11\n\thead_hash\x18\x08 \x01(\t\"\x14\n\x12\x43heckpointsRequest\"B\n\x13\x43heckpointsResponse\x12\x13\n\x0b\x63heckpoints\x18\x01 \x03(\x0c\x12\x16\n\x0epublic_key_pem\x18\x02 \x01(\t\"\x19\n\x17\x43reateCheckpointRequest2\xb2\x04\n\x05\x41udit\x12P\n\x0b\x41ppendBatch\x12\x1f.hivemesh.v1.AppendBatchRequest\x1a .hivemesh.v1.AppendBatchResponse\x12P\n\x0bSourceState\x12\x1f.hivemesh.v1.SourceStateRequest\x1a .hivemesh.v1.SourceStateResponse\x12H\n\x05Query\x12\x1e.hivemesh.v1.AuditQueryRequest\x1a\x1f.hivemesh.v1.AuditQueryResponse\x12@\n\x06\x45xport\x12\x1a.hivemesh.v1.ExportRequest\x1a\x18.hivemesh.v1.ExportChunk0\x01\x12K\n\x06Verify\x12\x1f.hivemesh.v1.AuditVerifyRequest\x1a .hivemesh.v1.AuditVerifyResponse\x12P\n\x0b\x43heckpoints\x12\x1f.hivemesh.v1.CheckpointsRequest\x1a .hivemesh.v1.CheckpointsResponse\x12Z\n\x10\x43reateCheckpoint\x12$.hivemesh.v1.CreateCheckpointRequest\x1a .hivemesh.v1.CheckpointsResponseBO\n\x0f\x64\x65v.hivemesh.v1P\x01Z:github.com/hivemesh/hivemesh/gen/go/hivemesh/v1;hivemeshv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17hivemesh/v1/audit.proto\x12\x0bhivemesh.v1\"5\n\x12\x41ppendBatchRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0f\n\x07records\x18\x02 \x03(\x0c\"J\n\x13\x41ppendBatchResponse\x12\x10\n\x08last_seq\x18\x01 \x01(\x04\x12\x11\n\tlast_hash\x18\x02 \x01(\t\x12\x0e\n\x06stored\x18\x03 \x01(\r\"$\n\x12SourceStateRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\":\n\x13SourceStateResponse\x12\x10\n\x08last_seq\x18\x01 \x01(\x04\x12\x11\n\tlast_hash\x18\x02 \x01(\t\"\xe6\x01\n\x11\x41uditQueryRequest\x12\x0e\n\x06\x63\x61ller\x18\x01 \x01(\t\x12\x12\n\ncapability\x18\x02 \x01(\t\x12\x10\n\x08\x64\x65\x63ision\x18\x03 \x01(\t\x12\r\n\x05since\x18\x04 \x01(\t\x12\r\n\x05until\x18\x05 \x01(\t\x12\x11\n\tprincipal\x18\x06 \x01(\t\x12\r\n\x05\x61gent\x18\x07 \x01(\t\x12\r\n\x05limit\x18\x08 \x01(\r\x12\x0c\n\x04tail\x18\t \x01(\x08\x12\x11\n\tafter_seq\x18\n \x01(\x04\x12\x0b\n\x03jti\x18\x0b \x01(\t\x12\x10\n\x08trace_id\x18\x0c \x01(\t\x12\x0c\n\x04kind\x18\r \x01(\t\"H\n\x12\x41uditQueryResponse\x12\x0f\n\x07\x65ntries\x18\x01 \x03(\x0c\x12\x10\n\x08head_seq\x18\x02 \x01(\x04\x12\x0f\n\x07scanned\x18\x03 \x01(\x04\"\"\n\rExportRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x04\",\n\x0b\x45xportChunk\x12\x0f\n\x07\x65ntries\x18\x01 \x03(\x0c\x12\x0c\n\x04head\x18\x02 \x01(\x0c\"\r\n\x0bHeadRequest\"E\n\x0cHeadResponse\x12\x0e\n\x06latest\x18\x01 \x01(\x0c\x12\x0f\n\x07\x65xports\x18\x02 \x03(\x0c\x12\x14\n\x0ckey_cert_pem\x18\x03 \x01(\x0c\"\x14\n\x12\x41uditVerifyRequest\"\xab\x01\n\x13\x41uditVerifyResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\x04\x12\x0f\n\x07sources\x18\x03 \x01(\x04\x12\x13\n\x0b\x63heckpoints\x18\x04 \x01(\x04\x12\x15\n\rfirst_bad_seq\x18\x05 \x01(\x04\x12\x16\n\x0e\x66irst_bad_line\x18\x06 \x01(\x04\x12\x0f\n\x07problem\x18\x07 \x01(\t\x12\x11\n\thead_hash\x18\x08 \x01(\t\"\x14\n\x12\x43heckpointsRequest\"X\n\x13\x43heckpointsResponse\x12\x13\n\x0b\x63heckpoints\x18\x01 \x03(\x0c\x12\x16\n\x0epublic_key_pem\x18\x02 \x01(\t\x12\x14\n\x0ckey_cert_pem\x18\x03 \x01(\x0c\"\x19\n\x17\x43reateCheckpointRequest2\xef\x04\n\x05\x41udit\x12P\n\x0b\x41ppendBatch\x12\x1f.hivemesh.v1.AppendBatchRequest\x1a .hivemesh.v1.AppendBatchResponse\x12P\n\x0bSourceState\x12\x1f.hivemesh.v1.SourceStateRequest\x1a .hivemesh.v1.SourceStateResponse\x12H\n\x05Query\x12\x1e.hivemesh.v1.AuditQueryRequest\x1a\x1f.hivemesh.v1.AuditQueryResponse\x12@\n\x06\x45xport\x12\x1a.hivemesh.v1.ExportRequest\x1a\x18.hivemesh.v1.ExportChunk0\x01\x12;\n\x04Head\x12\x18.hivemesh.v1.HeadRequest\x1a\x19.hivemesh.v1.HeadResponse\x12K\n\x06Verify\x12\x1f.hivemesh.v1.AuditVerifyRequest\x1a .hivemesh.v1.AuditVerifyResponse\x12P\n\x0b\x43heckpoints\x12\x1f.hivemesh.v1.CheckpointsRequest\x1a .hivemesh.v1.CheckpointsResponse\x12Z\n\x10\x43reateCheckpoint\x12$.hivemesh.v1.CreateCheckpointRequest\x1a .hivemesh.v1.CheckpointsResponseBO\n\x0f\x64\x65v.hivemesh.v1P\x01Z:github.com/hivemesh/hivemesh/gen/go/hivemesh/v1;hivemeshv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,17 +47,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXPORTREQUEST']._serialized_start=576
   _globals['_EXPORTREQUEST']._serialized_end=610
   _globals['_EXPORTCHUNK']._serialized_start=612
-  _globals['_EXPORTCHUNK']._serialized_end=642
-  _globals['_AUDITVERIFYREQUEST']._serialized_start=644
-  _globals['_AUDITVERIFYREQUEST']._serialized_end=664
-  _globals['_AUDITVERIFYRESPONSE']._serialized_start=667
-  _globals['_AUDITVERIFYRESPONSE']._serialized_end=838
-  _globals['_CHECKPOINTSREQUEST']._serialized_start=840
-  _globals['_CHECKPOINTSREQUEST']._serialized_end=860
-  _globals['_CHECKPOINTSRESPONSE']._serialized_start=862
-  _globals['_CHECKPOINTSRESPONSE']._serialized_end=928
-  _globals['_CREATECHECKPOINTREQUEST']._serialized_start=930
-  _globals['_CREATECHECKPOINTREQUEST']._serialized_end=955
-  _globals['_AUDIT']._serialized_start=958
-  _globals['_AUDIT']._serialized_end=1520
+  _globals['_EXPORTCHUNK']._serialized_end=656
+  _globals['_HEADREQUEST']._serialized_start=658
+  _globals['_HEADREQUEST']._serialized_end=671
+  _globals['_HEADRESPONSE']._serialized_start=673
+  _globals['_HEADRESPONSE']._serialized_end=742
+  _globals['_AUDITVERIFYREQUEST']._serialized_start=744
+  _globals['_AUDITVERIFYREQUEST']._serialized_end=764
+  _globals['_AUDITVERIFYRESPONSE']._serialized_start=767
+  _globals['_AUDITVERIFYRESPONSE']._serialized_end=938
+  _globals['_CHECKPOINTSREQUEST']._serialized_start=940
+  _globals['_CHECKPOINTSREQUEST']._serialized_end=960
+  _globals['_CHECKPOINTSRESPONSE']._serialized_start=962
+  _globals['_CHECKPOINTSRESPONSE']._serialized_end=1050
+  _globals['_CREATECHECKPOINTREQUEST']._serialized_start=1052
+  _globals['_CREATECHECKPOINTREQUEST']._serialized_end=1077
+  _globals['_AUDIT']._serialized_start=1080
+  _globals['_AUDIT']._serialized_end=1703
 # @@protoc_insertion_point(module_scope)

@@ -235,20 +235,69 @@ class ExportChunk(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ENTRIES_FIELD_NUMBER: _builtins.int
+    HEAD_FIELD_NUMBER: _builtins.int
+    head: _builtins.bytes
+    """first chunk only: the signed head covering the export's last entry"""
     @_builtins.property
     def entries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
     def __init__(
         self,
         *,
         entries: _abc.Iterable[_builtins.bytes] | None = ...,
+        head: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "head", b"head"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExportChunk: _TypeAlias = ExportChunk  # noqa: Y015
+
+@_typing.final
+class HeadRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeadRequest: _TypeAlias = HeadRequest  # noqa: Y015
+
+@_typing.final
+class HeadResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LATEST_FIELD_NUMBER: _builtins.int
+    EXPORTS_FIELD_NUMBER: _builtins.int
+    KEY_CERT_PEM_FIELD_NUMBER: _builtins.int
+    latest: _builtins.bytes
+    """canonical JSON signed head (empty before the first)"""
+    key_cert_pem: _builtins.bytes
+    """the checkpoint key's certificate, issued by the mesh CA"""
+    @_builtins.property
+    def exports(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """heads signed at the most recent exports, oldest first"""
+
+    def __init__(
+        self,
+        *,
+        latest: _builtins.bytes = ...,
+        exports: _abc.Iterable[_builtins.bytes] | None = ...,
+        key_cert_pem: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exports", b"exports", "key_cert_pem", b"key_cert_pem", "latest", b"latest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeadResponse: _TypeAlias = HeadResponse  # noqa: Y015
 
 @_typing.final
 class AuditVerifyRequest(_message.Message):
@@ -327,8 +376,11 @@ class CheckpointsResponse(_message.Message):
 
     CHECKPOINTS_FIELD_NUMBER: _builtins.int
     PUBLIC_KEY_PEM_FIELD_NUMBER: _builtins.int
+    KEY_CERT_PEM_FIELD_NUMBER: _builtins.int
     public_key_pem: _builtins.str
     """Ed25519 key that signs them (separate from the token signing keys)"""
+    key_cert_pem: _builtins.bytes
+    """that key's certificate, issued by the mesh CA (verify it with your bundle)"""
     @_builtins.property
     def checkpoints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """canonical JSON, each signed and linking the previous signature"""
@@ -338,10 +390,11 @@ class CheckpointsResponse(_message.Message):
         *,
         checkpoints: _abc.Iterable[_builtins.bytes] | None = ...,
         public_key_pem: _builtins.str = ...,
+        key_cert_pem: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints", b"checkpoints", "public_key_pem", b"public_key_pem"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints", b"checkpoints", "key_cert_pem", b"key_cert_pem", "public_key_pem", b"public_key_pem"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

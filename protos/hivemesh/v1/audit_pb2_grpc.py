@@ -55,6 +55,11 @@ class AuditStub:
                 request_serializer=hivemesh_dot_v1_dot_audit__pb2.ExportRequest.SerializeToString,
                 response_deserializer=hivemesh_dot_v1_dot_audit__pb2.ExportChunk.FromString,
                 _registered_method=True)
+        self.Head = channel.unary_unary(
+                '/hivemesh.v1.Audit/Head',
+                request_serializer=hivemesh_dot_v1_dot_audit__pb2.HeadRequest.SerializeToString,
+                response_deserializer=hivemesh_dot_v1_dot_audit__pb2.HeadResponse.FromString,
+                _registered_method=True)
         self.Verify = channel.unary_unary(
                 '/hivemesh.v1.Audit/Verify',
                 request_serializer=hivemesh_dot_v1_dot_audit__pb2.AuditVerifyRequest.SerializeToString,
@@ -99,7 +104,16 @@ class AuditServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Export(self, request, context):
-        """Export streams the whole log (or from a sequence number on), for offline verification and archiving.
+        """Export streams the whole log (or from a sequence number on), for offline verification and archiving. It
+        signs a head covering the last entry first; the first chunk carries it and the stream ends at its seq.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Head(self, request, context):
+        """Head returns the latest signed head and the heads signed at recent exports (operators only): what a log
+        or an export is compared with, so a cut tail or cut trailing checkpoints are reported.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -148,6 +162,11 @@ def add_AuditServicer_to_server(servicer, server):
                     servicer.Export,
                     request_deserializer=hivemesh_dot_v1_dot_audit__pb2.ExportRequest.FromString,
                     response_serializer=hivemesh_dot_v1_dot_audit__pb2.ExportChunk.SerializeToString,
+            ),
+            'Head': grpc.unary_unary_rpc_method_handler(
+                    servicer.Head,
+                    request_deserializer=hivemesh_dot_v1_dot_audit__pb2.HeadRequest.FromString,
+                    response_serializer=hivemesh_dot_v1_dot_audit__pb2.HeadResponse.SerializeToString,
             ),
             'Verify': grpc.unary_unary_rpc_method_handler(
                     servicer.Verify,
@@ -274,6 +293,33 @@ class Audit:
             '/hivemesh.v1.Audit/Export',
             hivemesh_dot_v1_dot_audit__pb2.ExportRequest.SerializeToString,
             hivemesh_dot_v1_dot_audit__pb2.ExportChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Head(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hivemesh.v1.Audit/Head',
+            hivemesh_dot_v1_dot_audit__pb2.HeadRequest.SerializeToString,
+            hivemesh_dot_v1_dot_audit__pb2.HeadResponse.FromString,
             options,
             channel_credentials,
             insecure,

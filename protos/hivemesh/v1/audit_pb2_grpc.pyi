@@ -47,7 +47,13 @@ class AuditStub:
     Query: _grpc.UnaryUnaryMultiCallable[_audit_pb2.AuditQueryRequest, _audit_pb2.AuditQueryResponse]
     """Query returns log entries matching every given filter, oldest first (newest first with tail)."""
     Export: _grpc.UnaryStreamMultiCallable[_audit_pb2.ExportRequest, _audit_pb2.ExportChunk]
-    """Export streams the whole log (or from a sequence number on), for offline verification and archiving."""
+    """Export streams the whole log (or from a sequence number on), for offline verification and archiving. It
+    signs a head covering the last entry first; the first chunk carries it and the stream ends at its seq.
+    """
+    Head: _grpc.UnaryUnaryMultiCallable[_audit_pb2.HeadRequest, _audit_pb2.HeadResponse]
+    """Head returns the latest signed head and the heads signed at recent exports (operators only): what a log
+    or an export is compared with, so a cut tail or cut trailing checkpoints are reported.
+    """
     Verify: _grpc.UnaryUnaryMultiCallable[_audit_pb2.AuditVerifyRequest, _audit_pb2.AuditVerifyResponse]
     """Verify checks the log's chain, every source chain in it and the signed checkpoints, on the control plane."""
     Checkpoints: _grpc.UnaryUnaryMultiCallable[_audit_pb2.CheckpointsRequest, _audit_pb2.CheckpointsResponse]
@@ -69,7 +75,13 @@ class AuditAsyncStub(AuditStub):
     Query: _aio.UnaryUnaryMultiCallable[_audit_pb2.AuditQueryRequest, _audit_pb2.AuditQueryResponse]  # type: ignore[assignment]
     """Query returns log entries matching every given filter, oldest first (newest first with tail)."""
     Export: _aio.UnaryStreamMultiCallable[_audit_pb2.ExportRequest, _audit_pb2.ExportChunk]  # type: ignore[assignment]
-    """Export streams the whole log (or from a sequence number on), for offline verification and archiving."""
+    """Export streams the whole log (or from a sequence number on), for offline verification and archiving. It
+    signs a head covering the last entry first; the first chunk carries it and the stream ends at its seq.
+    """
+    Head: _aio.UnaryUnaryMultiCallable[_audit_pb2.HeadRequest, _audit_pb2.HeadResponse]  # type: ignore[assignment]
+    """Head returns the latest signed head and the heads signed at recent exports (operators only): what a log
+    or an export is compared with, so a cut tail or cut trailing checkpoints are reported.
+    """
     Verify: _aio.UnaryUnaryMultiCallable[_audit_pb2.AuditVerifyRequest, _audit_pb2.AuditVerifyResponse]  # type: ignore[assignment]
     """Verify checks the log's chain, every source chain in it and the signed checkpoints, on the control plane."""
     Checkpoints: _aio.UnaryUnaryMultiCallable[_audit_pb2.CheckpointsRequest, _audit_pb2.CheckpointsResponse]  # type: ignore[assignment]
@@ -112,7 +124,19 @@ class AuditServicer(metaclass=_abc_1.ABCMeta):
         request: _audit_pb2.ExportRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_audit_pb2.ExportChunk], _abc.AsyncIterator[_audit_pb2.ExportChunk]]:
-        """Export streams the whole log (or from a sequence number on), for offline verification and archiving."""
+        """Export streams the whole log (or from a sequence number on), for offline verification and archiving. It
+        signs a head covering the last entry first; the first chunk carries it and the stream ends at its seq.
+        """
+
+    @_abc_1.abstractmethod
+    def Head(
+        self,
+        request: _audit_pb2.HeadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.HeadResponse, _abc.Awaitable[_audit_pb2.HeadResponse]]:
+        """Head returns the latest signed head and the heads signed at recent exports (operators only): what a log
+        or an export is compared with, so a cut tail or cut trailing checkpoints are reported.
+        """
 
     @_abc_1.abstractmethod
     def Verify(
