@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from hivemesh.mesh import tracing
 from hivemesh.mesh.authz import AuthzTable
 from hivemesh.mesh.budget import TokenBudgets
 from hivemesh.mesh.callcontext import InboundContext
@@ -221,9 +222,9 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, chain: InboundChain, *, observers: Sequence[DecisionObserver] = ()) -> None:
         self._chain = chain
         self._observers = tuple(observers)
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
-        """method path -> (the servicer's handler, its wrapper): the wrapper depends on nothing else, so it is
-        built once per handler instead of once per call."""
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any], object]] = {}
+        """method path -> (the servicer's handler, its wrapper, the tracer it was built for): the wrapper depends
+        on nothing else, so it is built once per handler (and tracing state) instead of once per call."""
 
     def _notify(
         self, call: Inbound, err: HivemeshError | None, code: grpc.StatusCode, started: float
@@ -257,7 +258,11 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
             inner_request = _handler_request(call, request, deserialize)
             if self._chain.admission is not None:
                 done = await self._chain.admission.enter(call, context.time_remaining())
+            if tracing.TRACER is not None:
+                tracing.note_call(call, None)
         except HivemeshError as err:
+            if tracing.TRACER is not None:
+                tracing.note_call(call, err)
             if self._observers:
                 self._notify(call, err, err.code, started)
             await abort(context, err)
@@ -294,20 +299,24 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not path.startswith(_AGENT_PREFIX):
             return handler
         cached = self._wrapped.get(path)
-        if cached is not None and cached[0] is handler:
+        tracer = tracing.TRACER
+        if cached is not None and cached[0] is handler and cached[2] is tracer:
             return cached[1]
-        wrapped = self._wrap(path[len(_AGENT_PREFIX):], handler)
+        wrapped = self._wrap(path[len(_AGENT_PREFIX):], handler, traced=tracer is not None)
         if len(self._wrapped) >= 64:  # the Agent service has three methods; bound it anyway
             self._wrapped.clear()
-        self._wrapped[path] = (handler, wrapped)
+        self._wrapped[path] = (handler, wrapped, tracer)
         return wrapped
 
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-        """The handler with the chain in front of it (see the class docstring)."""
+    def _wrap(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any], *, traced: bool = False
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """The handler with the chain in front of it (see the class docstring); traced: inside a server span."""
         observed = bool(self._observers)
         chain = self._chain
         settles = chain.settles
         deserialize = handler.request_deserializer  # applied by the wrappers below, after the chain
+        packaging = "sidecar" if deserialize is None else "sdk"  # a raw-bytes forwarder is the sidecar's
 
         def unary_unary(inner_unary: UnaryBehaviour) -> UnaryBehaviour:
             async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -330,7 +339,7 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
                     if unrecorded is not None:
                         await abort(context, unrecorded)
 
-            return unary
+            return tracing.server_unary(unary, AGENT_SERVICE, method, packaging) if traced else unary
 
         def unary_stream(inner_stream: StreamBehaviour) -> StreamBehaviour:
             async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
@@ -350,7 +359,7 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
                     if unrecorded is not None:
                         await abort(context, unrecorded)
 
-            return stream
+            return tracing.server_stream(stream, AGENT_SERVICE, method, packaging) if traced else stream
 
         # The Agent service has no client-streaming methods.
         return wrap_handler(handler, unary_unary=unary_unary, unary_stream=unary_stream, raw_requests=True)

@@ -18,6 +18,7 @@ from typing import Any, Final
 
 import grpc
 
+from hivemesh.mesh import tracing
 from hivemesh.mesh.authz import AUTHZ
 from hivemesh.mesh.budget import BUDGETS
 from hivemesh.mesh.controlplane_client import ControlPlaneClient
@@ -141,6 +142,7 @@ class MeshNode:
         """Obtain an identity (existing files or a one-time join), then load the registry and trust state."""
         if self._started:
             return
+        tracing.configure(service=self.name)  # off unless the OTEL_* environment asks (hivemesh.mesh.tracing)
         s = self.settings
         if s.cert_file is not None and s.key_file is not None:
             self._workload = load_workload_files(s.cert_file, s.key_file, s.ca_bundle)

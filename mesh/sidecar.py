@@ -33,6 +33,7 @@ from typing import Any
 
 import grpc
 
+from hivemesh.mesh import tracing
 from hivemesh.mesh.audit import AuditLog, open_node_audit
 from hivemesh.mesh.audit.handshake import tracer_events
 from hivemesh.mesh.budget import TokenBudgets
@@ -399,6 +400,16 @@ class Sidecar:
         return request + agent_pb2.InvokeRequest(context=agent_pb2.CallContext(chain=extra)).SerializeToString()
 
     # --- inbound: mesh → agent, bytes unchanged -------------------------------------------------------------
+    def _forward_span(self, inbound: Inbound, method: str) -> tuple[tracing.Span, object]:
+        """The span of one forward to the agent (a client call over loopback), current until finished."""
+        req = inbound.request
+        return tracing.start(f"forward {req.capability if req is not None else method}", tracing.SpanKind.CLIENT,
+                             tracing.rpc_attributes(
+                                 tracing.AGENT_SERVICE, method, packaging="sidecar",
+                                 capability=req.capability if req is not None else None,
+                                 agent=self.card.name if self.card is not None else None, instance=self.instance_id,
+                                 caller=None if inbound.peer is None else str(inbound.peer.spiffe_id)))
+
     def _agent_handler(self) -> grpc.GenericRpcHandler:
         assert self._agent_channel is not None
         channel = self._agent_channel
@@ -420,16 +431,21 @@ class Sidecar:
         async def forward(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
             inbound = inbound_call(context)  # what the inbound chain established about this call
             handle = self._open_handle(inbound)
+            metadata: Any = _forward_metadata(context, caller_of(inbound), handle)
+            span = None if tracing.TRACER is None else self._forward_span(inbound, "Invoke")
+            if span is not None:
+                metadata = tracing.with_headers(metadata)  # the agent's parent is this forward
+            code = grpc.StatusCode.OK
             try:
-                raw: bytes = await invoke(
-                    request, timeout=context.time_remaining(),
-                    metadata=_forward_metadata(context, caller_of(inbound), handle),
-                )
+                raw: bytes = await invoke(request, timeout=context.time_remaining(), metadata=metadata)
             except grpc.aio.AioRpcError as exc:
+                code = exc.code()
                 await _relay_error(context, exc, agent)
             finally:
                 if handle is not None:
                     del handles[handle]
+                if span is not None:
+                    tracing.finish(span, None, code)
             capability = inbound.request.capability if inbound.request is not None else ""
             if outputs.declared(capability):  # decoded only when there is a schema to check
                 try:
@@ -445,10 +461,10 @@ class Sidecar:
             inbound = inbound_call(context)  # what the inbound chain established about this call
             handle = self._open_handle(inbound)
             try:
-                call = invoke_stream(
-                    request, timeout=context.time_remaining(),
-                    metadata=_forward_metadata(context, caller_of(inbound), handle),
-                )
+                metadata: Any = _forward_metadata(context, caller_of(inbound), handle)
+                if tracing.TRACER is not None:  # the server span is current: the agent's parent
+                    metadata = tracing.with_headers(metadata)
+                call = invoke_stream(request, timeout=context.time_remaining(), metadata=metadata)
                 capability = inbound.request.capability if inbound.request is not None else ""
                 checked = outputs.declares_items(capability)
                 try:
@@ -492,6 +508,8 @@ class Sidecar:
             assert self.node is not None
             try:
                 req = decoded(request)  # handed on, so policies needing a field do not decode it again
+                if tracing.TRACER is not None:
+                    tracing.set_attributes({"hivemesh.capability": req.capability})
                 reset = on_behalf_of.set(self._subject_token(context))  # None: the sidecar's own token
                 request = self._chained(request, req, context)
                 try:
@@ -502,6 +520,8 @@ class Sidecar:
                 finally:
                     on_behalf_of.reset(reset)
             except HivemeshError as err:
+                if tracing.TRACER is not None:
+                    tracing.mark_error(tracing.current(), err)
                 await abort(context, err)
             return raw
 
@@ -537,6 +557,10 @@ class Sidecar:
             assert self.node is not None
             return mesh_pb2.ResolveResponse(instances=list(self.node.registry.instances(request.capability)))
 
+        if tracing.TRACER is not None:  # the node started (and configured tracing) before this is built
+            # The agent's traceparent parents the server span, so its outbound call continues its trace.
+            call = tracing.server_unary(call, MESH_SERVICE, "Call", "sidecar")
+            call_stream = tracing.server_stream(call_stream, MESH_SERVICE, "CallStream", "sidecar")
         return grpc.method_handlers_generic_handler(
             MESH_SERVICE,
             {

@@ -24,6 +24,7 @@ from hivemesh.mesh.inbound import DecisionObserver
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
 from hivemesh.mesh.layers.loopguard import DEFAULT_MAX_CALL_DEPTH
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN, ContentScreen
+from hivemesh.mesh.logjson import basic_config
 from hivemesh.mesh.node import MeshNode
 from hivemesh.mesh.registry import INSTANCE_ID_RE, Registration, default_instance_id, drain_after_deregistration
 from hivemesh.mesh.settings import MeshSettings
@@ -237,5 +238,5 @@ async def serve_until_signal(
 
 def run(agent: Agent, settings: MeshSettings | None = None, config: AgentServerConfig | None = None) -> None:
     """Blocking entry point for an agent script: `run(MyAgent())`."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    basic_config(logging.INFO)  # HIVEMESH_LOG_FORMAT=json: JSON lines with trace ids (hivemesh.mesh.logjson)
     asyncio.run(serve_until_signal(agent, settings, config))

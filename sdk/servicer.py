@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from hivemesh.mesh import tracing
 from hivemesh.mesh.callcontext import inbound_call, new_call_id
 from hivemesh.mesh.errors import AgentError, HivemeshError, InvalidInputError, InvalidOutputError, abort
 from hivemesh.mesh.layers import Inbound
@@ -114,6 +115,19 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                 note_refusal(call, err)
                 raise
 
+    async def _traced_run(
+        self, call: Inbound, request: agent_pb2.InvokeRequest, spec: CapabilitySpec, value: Any, ctx: Context
+    ) -> tuple[int, Any, agent_pb2.Usage]:
+        """`_run` inside the handler's span (current, so the capability's onward calls are its children)."""
+        attrs = {"hivemesh.capability": spec.name, "hivemesh.agent": self._hop.identity,
+                 "hivemesh.instance": self._hop.instance, "hivemesh.caller": ctx.caller, "hivemesh.packaging": "sdk"}
+        with tracing.span(f"handler {spec.name}", tracing.SpanKind.INTERNAL, attrs) as span:
+            outcome = await self._run(call, request, spec, value, ctx)
+            if span is not None:
+                usage = outcome[2]
+                span.set_attributes(tracing.usage_attributes(usage.input_tokens, usage.output_tokens, usage.model))
+            return outcome
+
     async def Describe(
         self, request: agent_pb2.DescribeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> agent_pb2.AgentCard:
@@ -157,7 +171,8 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
     ) -> agent_pb2.InvokeResponse:
         try:
             call, spec, value, ctx = self._prepare(request, context)
-            state, result, usage = await self._run(call, request, spec, value, ctx)
+            run = self._run if tracing.TRACER is None else self._traced_run
+            state, result, usage = await run(call, request, spec, value, ctx)
         except HivemeshError as err:
             await abort(context, err)
         except Exception as exc:  # any other error, TypeError and ValueError included, is the agent's own bug
@@ -196,7 +211,8 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                             yield agent_pb2.InvokeChunk(data=data, content_type=_JSON,
                                                         state=agent_pb2.TASK_STATE_WORKING)
                 else:
-                    state, result, _usage = await self._run(call, request, spec, value, ctx)
+                    run = self._run if tracing.TRACER is None else self._traced_run
+                    state, result, _usage = await run(call, request, spec, value, ctx)
                     data = json.dumps(result, separators=(",", ":")).encode()
                     if state == agent_pb2.TASK_STATE_INPUT_REQUIRED:
                         final.state = agent_pb2.TASK_STATE_INPUT_REQUIRED

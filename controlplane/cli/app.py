@@ -16,6 +16,7 @@ import click
 from hivemesh.controlplane.cli import a2a, audit, authz, certs, operate, policy, serve, slo, top, trust, up, workflows
 from hivemesh.controlplane.cli.context import CliContext
 from hivemesh.mesh.lifeline import die_with_parent_if_asked
+from hivemesh.mesh.logjson import basic_config
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -28,8 +29,10 @@ from hivemesh.mesh.lifeline import die_with_parent_if_asked
 @click.pass_context
 def cli(ctx: click.Context, home: Path, certs_dir: Path, verbose: bool) -> None:
     """hivemesh: a gRPC agent mesh with a sidecar control plane."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        basic_config(logging.INFO if verbose else logging.WARNING)  # HIVEMESH_LOG_FORMAT=json: JSON lines
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     os.environ["HIVEMESH_HOME"] = str(home.resolve())
     ctx.obj = CliContext(home=home.resolve(), certs_dir=certs_dir.resolve(), verbose=verbose)
 

@@ -13,6 +13,7 @@ from typing import Any, Final
 
 import grpc
 
+from hivemesh.mesh import tracing
 from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.layers.base import Inbound
 from hivemesh.mesh.pki import load_cert, uri_sans
@@ -160,10 +161,14 @@ def decision_fields(
     elif err is not None:
         rec.update(_unverified_token_ids(call))
     ctx = req.context if req is not None else None
-    traceparent = _meta(call, "traceparent")
-    m = _TRACEPARENT_RE.fullmatch(traceparent) if traceparent else None
     call_id = short(ctx.call_id, 128) if ctx is not None else ""
-    rec["trace_id"] = m.group(1) if m else call_id
+    ids = tracing.current_ids()  # the server span's trace (a child of the caller's traceparent, or a new root)
+    if ids is not None:
+        rec["trace_id"] = ids[0]
+    else:
+        traceparent = _meta(call, "traceparent")
+        m = _TRACEPARENT_RE.fullmatch(traceparent) if traceparent else None
+        rec["trace_id"] = m.group(1) if m else call_id
     if call_id:
         rec["call_id"] = call_id
     for note in ("rule", "dry_run"):

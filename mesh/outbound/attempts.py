@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from hivemesh.mesh import tracing
 from hivemesh.mesh.errors import CircuitOpenError, DeadlineExceededError, HivemeshError, TokenExpiredError
 from hivemesh.mesh.outbound.call import Metadata, OutboundCall, idempotent
 from hivemesh.mesh.outbound.selection import InstanceSelector
@@ -188,15 +189,24 @@ class Attempts:
                     refused.add(instance.instance_id)  # open, or its half-open probe slots are taken
                     continue
             health = "neutral"
+            span = None if tracing.TRACER is None else tracing.start(
+                f"attempt {cap}", tracing.SpanKind.INTERNAL, tracing.rpc_attributes(
+                    tracing.AGENT_SERVICE, "Invoke", capability=cap, agent=instance.identity,
+                    instance=instance.instance_id, retry_attempt=self.attempt,
+                    breaker_state=breaker.state.value if breaker is not None else None))
+            failure: HivemeshError | None = None
             state.attempt_started(cap, instance.instance_id)
             try:
                 raw = await parts.send(call, instance, md, per_try)
                 health = "ok"
             except AttemptError as failed:
                 err, never_sent = failed.error, failed.never_sent
+                failure = err
                 if never_sent or err.code in failure_codes:
                     health = "failed"
             finally:
+                if span is not None:
+                    tracing.finish(span, failure, None if failure is not None else grpc.StatusCode.OK)
                 state.attempt_finished(cap, instance.instance_id, failed=health == "failed")
                 if breaker is not None:
                     report_attempt(selector, breaker, health, cap, instance, settings)

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 import jwt
 
+from hivemesh.mesh import tracing
 from hivemesh.mesh.authz import AuthzRequest, AuthzTable
 from hivemesh.mesh.errors import (
     CertificateExpiredError,
@@ -151,6 +152,8 @@ class OutboundPipeline:
         self, call: OutboundCall, instance: mesh_pb2.AgentInstance, metadata: Metadata, timeout: float | None
     ) -> bytes:
         endpoint = self.channels.get(instance.endpoint, instance.identity)
+        if tracing.TRACER is not None:  # the attempt's span is current: the callee's parent
+            metadata = tracing.with_headers(metadata)
         try:
             raw: bytes = await endpoint.invoke(call.raw, timeout=timeout, metadata=metadata)
             return raw
@@ -190,6 +193,10 @@ class OutboundPipeline:
         routes = policies.routes
         attempts = Attempts(self._parts, call, policies)
         failed, degraded = True, False
+        span = None if tracing.TRACER is None else tracing.start(
+            f"{tracing.AGENT_SERVICE}/Invoke", tracing.SpanKind.CLIENT,
+            tracing.rpc_attributes(tracing.AGENT_SERVICE, "Invoke", capability=capability))
+        failure: BaseException | None = None
         state.out_started(capability)
         try:
             try:
@@ -206,17 +213,24 @@ class OutboundPipeline:
                 if routes is not None and routes.cache_ttl_s is not None:
                     self._degradation.remember(call, routes, (raw, instance))
             failed = False
+            if span is not None:
+                tracing.set_attributes({"hivemesh.agent": instance.identity, "hivemesh.instance": instance.instance_id,
+                                        "hivemesh.degraded": degraded, "hivemesh.retries": attempts.retries})
             return raw, instance
-        except asyncio.CancelledError:
-            failed = False  # the caller went away: not the capability's failure
+        except asyncio.CancelledError as exc:
+            failed, failure = False, exc  # the caller went away: not the capability's failure
             raise
         except HivemeshError as err:
+            failure = err
             observer = self.observer
             if observer is not None and err.__cause__ is None:  # decided here (no remote status): audit it
                 observer(capability, err)
             raise
         finally:
             state.out_finished(capability, failed=failed, retries=attempts.retries, degraded=degraded)
+            if span is not None:
+                tracing.finish(span, failure, grpc.StatusCode.CANCELLED if failure is not None and not failed
+                               else None if failure is not None else grpc.StatusCode.OK)
 
     async def invoke_on(
         self,
@@ -232,6 +246,8 @@ class OutboundPipeline:
         for resend in (False, True):
             try:
                 md = await self._prepare(instance, capability, metadata)
+                if tracing.TRACER is not None:
+                    md = tracing.with_headers(md)
             except HivemeshError as local:
                 if self.observer is not None:
                     self.observer(capability, local)
@@ -277,6 +293,10 @@ class OutboundPipeline:
         refused: set[str] = set()
         last: HivemeshError | None = None
         outcome = "neutral"
+        span = None if tracing.TRACER is None else tracing.start(
+            f"{tracing.AGENT_SERVICE}/InvokeStream", tracing.SpanKind.CLIENT,
+            tracing.rpc_attributes(tracing.AGENT_SERVICE, "InvokeStream", capability=capability), attach=False)
+        failure: HivemeshError | None = None
         t.out_started(capability)
         try:
             while True:
@@ -288,6 +308,8 @@ class OutboundPipeline:
                     assert last is not None
                     raise last
                 md = await self._prepare(instance, capability, metadata)
+                if span is not None:
+                    md = tracing.with_headers(md, span[0])
                 breaker = None
                 if settings is not None and settings.instance is not None:
                     breaker = t.instance_breaker(capability, instance.instance_id, settings.instance)
@@ -325,11 +347,14 @@ class OutboundPipeline:
                     outcome = "success"
                     return
         except HivemeshError as err:
+            failure = err
             if err.code in failure_codes:
                 outcome = "failure"
             raise
         finally:
             t.out_finished(capability, failed=outcome == "failure", retries=0, degraded=False)
+            if span is not None:
+                tracing.finish(span, failure, None if failure is not None else grpc.StatusCode.OK)
             if cap_breaker is not None:
                 if outcome == "success":
                     cap_breaker.on_success()

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from hivemesh.mesh import tracing
 from hivemesh.mesh.errors import (
     CancelledError,
     FailedPreconditionError,
@@ -251,6 +252,7 @@ class WorkflowEngine:
         if lock is None:
             lock = await store.acquire(state.id, self.owner, ttl_s=self.lock_ttl_s, wait_s=0.0)
         cancel = asyncio.Event()
+        span: tuple[tracing.Span, object] | None = None
         watch: PrefixCache[str] = PrefixCache(
             self.mesh.node.etcd, events_prefix(state.id),
             decode=lambda _k, v: str(json.loads(v).get("type", "")),
@@ -265,8 +267,17 @@ class WorkflowEngine:
             await watch.start(timeout=10.0)
             if state.cancel_requested is not None:
                 cancel.set()
+            if tracing.TRACER is not None:  # one trace per run; a resumed run links to the run it continues
+                first = state.runs[0] if state.runs else {}
+                span = tracing.start(f"workflow {state.id}", tracing.SpanKind.INTERNAL,
+                                     {"hivemesh.workflow.id": state.id, "hivemesh.workflow.resumed": bool(state.runs)},
+                                     parent=tracing.root(),
+                                     links=tracing.link_to(str(first.get("trace_id", "")),
+                                                           str(first.get("span_id", ""))))
+            ids = tracing.current_ids()
             await run.append("started", {"owner": self.owner, "pid": os.getpid(), "host": socket.gethostname(),
-                                          "resume": bool(state.runs)})
+                                          "resume": bool(state.runs),
+                                          **({"trace_id": ids[0], "span_id": ids[1]} if ids else {})})
             self.emit(state.id, "started", {"resume": len(state.runs) > 1})
             body = asyncio.ensure_future(body_of(definition)(run, state.input))
             waiters = {body, asyncio.ensure_future(cancel.wait()), asyncio.ensure_future(lock.lost.wait())}
@@ -292,6 +303,8 @@ class WorkflowEngine:
             self.emit(state.id, run.state.state.lower(), {"state": run.state.state})
             return run.state
         finally:
+            if span is not None:
+                tracing.finish(span)
             await watch.stop()
             await store.release(lock)
 

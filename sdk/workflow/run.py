@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from hivemesh.mesh import tracing
 from hivemesh.mesh.errors import HivemeshError
 from hivemesh.sdk.call_options import CallOptions
 from hivemesh.sdk.escalation import EscalationInfo, OnDeadline
@@ -66,10 +67,12 @@ class WorkflowRun:
         started = time.perf_counter()
         mesh = self.engine.mesh
         try:
-            if instance is not None:
-                res = await mesh.call_on(instance, capability, payload, options=options)
-            else:
-                res = await mesh.call_detailed(capability, payload, options=options)
+            with tracing.span(f"step {step_id}", attributes={"hivemesh.workflow.step": step_id,
+                                                             "hivemesh.capability": capability}):
+                if instance is not None:
+                    res = await mesh.call_on(instance, capability, payload, options=options)
+                else:
+                    res = await mesh.call_detailed(capability, payload, options=options)
         except HivemeshError as err:
             await self.append("step_failed", {"step": step_id, "error": error_to_json(err)})
             raise
