@@ -84,6 +84,7 @@ def build_inbound_chain(
     screen: ContentScreen | None = DEFAULT_SCREEN,
     screen_exempt: Iterable[str] = (),
     budgets: TokenBudgets | None = None,
+    meters: Sequence[InboundLayer] = (),
 ) -> InboundChain:
     """The inbound chain, in the order the checks must run.
 
@@ -91,7 +92,8 @@ def build_inbound_chain(
     counts this agent's live instances of a capability, to divide cluster-wide rate limits among them.
     authz returns the authz policies in force (the node's policy mirror); without it every call is denied
     (default deny). limits are per-capability input size limits; screen is the content screen (None: off).
-    budgets are the per-caller token budgets (None: none).
+    budgets are the per-caller token budgets (None: none). meters are layers that only watch (the node's usage
+    meter): they come last and never refuse.
     """
     traffic_layers: list[InboundLayer] = []
     if traffic is not None:
@@ -120,6 +122,7 @@ def build_inbound_chain(
             #    the costliest (JSON decode); the decoded value is handed to the agent so it is decoded once.
             InputGuardLayer(capabilities, max_input_bytes=max_input_bytes, agent_name=agent_name, limits=limits,
                             screen=screen, screen_exempt=screen_exempt),
+            *meters,
         ],
         # 7. How many at once: last, once the call is certainly acceptable, so a refused call never holds or
         #    waits for an in-flight slot; high priority passes first, the excess is shed (OVERLOADED).

@@ -103,13 +103,6 @@ class EventMetrics:
             "hivemesh_cached_answers", "Calls answered from the degraded-mode answer cache.", ["capability"])
         # security
         self.refusals = counter("hivemesh_refusals", "Calls refused by a security layer, by reason.", ["reason"])
-        self.tls_handshake_refusals = counter(
-            "hivemesh_tls_handshake_refusals", "TLS handshakes refused on a mesh port, by reason.", ["reason"])
-        self.token_cache = counter(
-            "hivemesh_token_cache_lookups", "Token verifications by cache result (hit, miss).", ["result"])
-        # audit
-        self.audit_records_shipped = counter(
-            "hivemesh_audit_records_shipped", "Audit records shipped to the control plane.")
         # agents
         self.llm_tokens = counter(
             "hivemesh_llm_tokens", "Model tokens used by capabilities, by model, caller and direction (input, output).",
@@ -154,11 +147,17 @@ STATE: Final[Mapping[str, StateSpec]] = {
     "hivemesh_etcd_errors": StateSpec("etcd operations that failed.", counter=True),
     "hivemesh_controlplane_reachable": StateSpec("1 while the node's last control-plane call succeeded, else 0."),
     # trust
+    "hivemesh_tls_handshake_refusals": StateSpec(
+        "TLS handshakes refused on a mesh port, by reason (counted beside the audit record).", ("reason",),
+        counter=True),
+    "hivemesh_token_cache_lookups": StateSpec(
+        "Token verifications by cache result (hit, miss).", ("result",), counter=True),
     "hivemesh_certificate_expiry_seconds": StateSpec("Seconds until the node's workload certificate expires."),
     "hivemesh_jwks_age_seconds": StateSpec("Seconds since the token key set the node verifies with was issued."),
     "hivemesh_revocations_in_force": StateSpec("Revoked token ids and identities the node enforces."),
     # audit
     "hivemesh_audit_spool_lag_records": StateSpec("Audit records written to the spool and not yet shipped."),
+    "hivemesh_audit_records_shipped": StateSpec("Audit records shipped to the control plane.", counter=True),
     "hivemesh_audit_checkpoint_age_seconds": StateSpec("Seconds since the last signed checkpoint (control plane)."),
     "hivemesh_audit_verify_failures": StateSpec("Audit verifications that found a break (control plane).",
                                                 counter=True),

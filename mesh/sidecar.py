@@ -48,6 +48,7 @@ from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN
 from hivemesh.mesh.local_socket import bind_private_socket, default_socket_path, remove_socket
 from hivemesh.mesh.node import MeshNode
+from hivemesh.mesh.node_metrics import OWNED_DEFAULT, NodeMetrics, metrics_listen, parse_listen
 from hivemesh.mesh.registry import Registration, default_instance_id, drain_after_deregistration
 from hivemesh.mesh.server import ManagedServer
 from hivemesh.mesh.settings import MeshSettings, state_dir
@@ -96,6 +97,9 @@ class SidecarConfig:
     """Screen inbound text fields for prompt-injection patterns (the default rule set)."""
     screen_exempt: tuple[str, ...] = ()
     """Capabilities the content screen skips."""
+    metrics_listen: str | None = None
+    """HOST:PORT of the plaintext Prometheus `/metrics` port ("off": none); default $HIVEMESH_METRICS_LISTEN,
+    else 127.0.0.1:0."""
 
     def __post_init__(self) -> None:
         for name in ("agent", "mesh_listen"):
@@ -108,6 +112,8 @@ class SidecarConfig:
             raise ValueError("give mesh_socket or mesh_listen, not both: the Mesh service has one listener")
         if self.lease_ttl_s < 2:
             raise ValueError("lease_ttl_s must be at least 2 seconds")
+        if self.metrics_listen is not None:
+            parse_listen(self.metrics_listen)  # raises, saying what is wrong
 
 
 def _forward_metadata(
@@ -202,8 +208,11 @@ class Sidecar:
                 raise InvalidInputError(f"--name {cfg.name} differs from the agent card's name {self.card.name}")
             if not self.card.capabilities:
                 raise InvalidInputError(f"the agent at {cfg.agent} declares no capabilities")
+            listen = metrics_listen(cfg.metrics_listen, OWNED_DEFAULT)
             self.node = MeshNode(
-                self.settings, name=name, kind="agent", verify_inbound=True, instance_id=self.instance_id
+                self.settings, name=name, kind="agent", verify_inbound=True, instance_id=self.instance_id,
+                metrics=None if listen is None else NodeMetrics(
+                    packaging="sidecar", node=f"{name}/{self.instance_id}", listen=listen),
             )
             await asyncio.to_thread(tracer_events().start)  # before the first handshake: see its docstring
             await self.node.start()
@@ -466,7 +475,9 @@ async def run_sidecar(config: SidecarConfig, settings: MeshSettings | None = Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"sidecar ready mesh={sidecar.endpoint} outbound={sidecar.mesh_endpoint}", flush=True)  # noqa: T201
+    metrics = sidecar.node.metrics if sidecar.node is not None else None
+    print(f"sidecar ready mesh={sidecar.endpoint} outbound={sidecar.mesh_endpoint} "  # noqa: T201
+          f"metrics={metrics.address if metrics is not None else 'off'}", flush=True)
     try:
         await stop.wait()
     finally:

@@ -75,6 +75,10 @@ class AuditStore:
         self.checkpoint_interval_s = checkpoint_interval_s
         self.log_path = self.dir / "log.jsonl"
         self.checkpoints_path = self.dir / "checkpoints.jsonl"
+        self.checkpoint_at = 0.0
+        """Unix time of the last signed checkpoint (0: none yet), for the metrics' checkpoint age."""
+        self.verify_failures = 0
+        """Verifications that found a break in the log (`verify`), for the metrics."""
         self._fd: int | None = None
         self._cp_fd: int | None = None
         self._key: ed25519.Ed25519PrivateKey | None = None
@@ -127,6 +131,7 @@ class AuditStore:
                     self._checkpoint_no = int(cp["checkpoint"])
                     self._checkpoint_sig = str(cp["sig"])
                     self._checkpoint_seq = int(cp["log_seq"])
+                    self.checkpoint_at = self.checkpoints_path.stat().st_mtime
 
     async def start(self) -> None:
         """Open (if needed) and run the periodic checkpoint task."""
@@ -269,6 +274,7 @@ class AuditStore:
         self._checkpoint_no = cp["checkpoint"]
         self._checkpoint_sig = cp["sig"]
         self._checkpoint_seq = self.seq
+        self.checkpoint_at = time.time()
         return cp
 
     async def checkpoint(self) -> dict[str, Any] | None:
@@ -322,7 +328,10 @@ class AuditStore:
         return list(out), scanned
 
     def verify(self) -> LogReport:
-        return verify_log(self.lines(), self.checkpoints(), self.public_key)
+        report = verify_log(self.lines(), self.checkpoints(), self.public_key)
+        if not report.ok:
+            self.verify_failures += 1
+        return report
 
 
 def audit_store(core: Core) -> AuditStore:
