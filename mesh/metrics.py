@@ -40,7 +40,8 @@ class _RedChild:
 
 
 class RedMetrics:
-    """Rate, errors, duration per direction × capability × caller × code × reason, and calls in flight."""
+    """Rate, errors, duration per direction × capability × caller × code × reason (calls in flight are state:
+    `hivemesh_requests_in_flight`, read from the node's traffic counts at scrape)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
@@ -50,10 +51,6 @@ class RedMetrics:
         self.duration = Histogram(
             "hivemesh_request_duration_seconds", "Time from the call's arrival (or start) to its final status.",
             ["direction", "capability", "code"], buckets=LATENCY_BUCKETS, registry=registry,
-        )
-        self.in_flight = Gauge(
-            "hivemesh_requests_in_flight", "Calls started and not yet finished.", ["direction", "capability"],
-            registry=registry,
         )
         self._children: dict[tuple[str, str, str, str, str], _RedChild] = {}
         self._lock = threading.Lock()
@@ -133,6 +130,7 @@ class StateSpec:
 
 
 STATE: Final[Mapping[str, StateSpec]] = {
+    "hivemesh_requests_in_flight": StateSpec("Calls started and not yet finished.", ("direction", "capability")),
     # resilience
     "hivemesh_breaker_state": StateSpec(
         "Circuit breaker state: 0 closed, 1 half-open, 2 open (instance empty: the capability's own breaker).",

@@ -146,6 +146,7 @@ class NodeMetrics:
         """This node's SPIFFE id: the caller label of its outbound calls (set at start)."""
         self._out_caps = _Bounded()
         self._callers = _Bounded()
+        self._in_caps: frozenset[str] = frozenset()
         self._verifiers: list[TokenVerifier] = []
         self._audits: list[AuditLog] = []
         self._handshakes: list[HandshakeAudit] = []
@@ -171,6 +172,7 @@ class NodeMetrics:
     ) -> Callable[[Inbound, HivemeshError | None, grpc.StatusCode, float], None]:
         """The DecisionObserver of this node's inbound chain (RED, and refusals by kind)."""
         known = frozenset(c.name for c in capabilities)
+        self._in_caps |= known
         red = self.metrics.red
         ev = self.metrics.events
         callers = self._callers
@@ -288,7 +290,19 @@ class NodeMetrics:
             for info in node.registry.capabilities():
                 yield {"capability": info.capability.name}, float(info.instances)
 
+        def in_flight() -> Iterator[tuple[Mapping[str, str], float]]:
+            totals: dict[tuple[str, str], int] = {}
+            for direction, cap, n in state.in_flight():
+                key = (direction, bound(direction, cap))
+                totals[key] = totals.get(key, 0) + n
+            for (direction, cap), n in totals.items():
+                yield {"direction": direction, "capability": cap}, float(n)
+
+        def bound(direction: str, cap: str) -> str:
+            return cap if cap in self._out_caps.seen or cap in self._in_caps else OTHER
+
         cache = node.registry.cache
+        add("hivemesh_requests_in_flight", in_flight)
         add("hivemesh_breaker_state", breakers)
         add("hivemesh_admission_queue_depth", queues)
         add("hivemesh_registry_live_instances", live)

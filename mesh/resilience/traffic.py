@@ -120,6 +120,12 @@ class TrafficState:
         out.extend((cap, inst, b) for (cap, inst), b in self._inst_breakers.items())
         return out
 
+    def in_flight(self) -> list[tuple[str, str, int]]:
+        """(direction, capability, calls in flight) of every capability seen, for metrics."""
+        out = [("inbound", cap, c.in_flight) for cap, c in self._in.items()]
+        out.extend(("outbound", cap, c.in_flight) for cap, c in self._out.items())
+        return out
+
     def queue_depths(self) -> list[tuple[str, int]]:
         """Calls waiting for an in-flight slot, per agent with a concurrency policy, for metrics."""
         return [(agent, g.queued) for agent, g in self._gates.items()]

@@ -1,0 +1,100 @@
+"""The node's metrics hooks on their own: bounded labels, refusals by kind, the price table, listen addresses
+and the file-based discovery file `hivemesh up` writes for Prometheus."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+
+from hivemesh.controlplane.metrics_sd import ScrapeTarget, write_file_sd
+from hivemesh.mesh.errors import InvalidInputError, OverloadedError, PolicyDeniedError, RateLimitedError
+from hivemesh.mesh.layers.base import Inbound
+from hivemesh.mesh.node_metrics import NodeMetrics, PriceTable, metrics_listen, parse_listen
+from hivemesh.v1 import agent_pb2
+
+
+def _call(capability: str) -> Inbound:
+    return Inbound(method="Invoke", request=agent_pb2.InvokeRequest(capability=capability), wire_size=0,
+                   metadata={}, auth_context={})
+
+
+def _metrics() -> NodeMetrics:
+    return NodeMetrics(packaging="in-process", node="t/1", listen="127.0.0.1:0", prices=PriceTable({}))
+
+
+def test_a_made_up_capability_is_counted_as_other() -> None:
+    m = _metrics()
+    observe = m.inbound_observer([agent_pb2.Capability(name="echo")])
+    for made_up in ("x-1", "x-2", "echo"):
+        observe(_call(made_up), InvalidInputError("no such capability"), grpc.StatusCode.INVALID_ARGUMENT, 0.001)
+    text = m.metrics.exposition().decode()
+    assert 'capability="x-1"' not in text and 'capability="x-2"' not in text
+    assert ('hivemesh_requests_total{caller="",capability="_other",code="INVALID_ARGUMENT",direction="inbound",'
+            'reason="INVALID_INPUT"} 2.0') in text
+    assert 'capability="echo",code="INVALID_ARGUMENT"' in text
+
+
+def test_refusals_are_counted_by_kind() -> None:
+    m = _metrics()
+    observe = m.inbound_observer([agent_pb2.Capability(name="echo")])
+    observe(_call("echo"), RateLimitedError("slow down"), grpc.StatusCode.RESOURCE_EXHAUSTED, 0.0)
+    observe(_call("echo"), OverloadedError("full"), grpc.StatusCode.RESOURCE_EXHAUSTED, 0.0)
+    observe(_call("echo"), PolicyDeniedError("no"), grpc.StatusCode.PERMISSION_DENIED, 0.0)
+    text = m.metrics.exposition().decode()
+    assert 'hivemesh_ratelimit_refusals_total{capability="echo"} 1.0' in text
+    assert 'hivemesh_admission_shed_total{capability="echo"} 1.0' in text
+    assert 'hivemesh_refusals_total{reason="POLICY_DENIED"} 1.0' in text
+
+
+def test_outbound_capability_names_are_capped() -> None:
+    m = _metrics()
+    for i in range(300):
+        m.finished(f"cap-{i}", None, 0.001, 0)
+    text = m.metrics.exposition().decode()
+    assert 'capability="cap-255"' in text and 'capability="cap-256"' not in text
+    assert ('hivemesh_requests_total{caller="",capability="_other",code="OK",direction="outbound",'
+            'reason=""} 44.0') in text
+
+
+def test_usage_is_priced_from_the_table() -> None:
+    prices = PriceTable.parse(json.dumps({"m": {"input_per_1k": 1.0, "output_per_1k": 3.0, "currency": "USD"}}))
+    m = NodeMetrics(packaging="sidecar", node="t/1", listen="127.0.0.1:0", prices=prices)
+    resp = agent_pb2.InvokeResponse(usage=agent_pb2.Usage(input_tokens=500, output_tokens=1000, model="m"))
+    m.usage("spiffe://td/client/c", resp.SerializeToString(), "Invoke")
+    text = m.metrics.exposition().decode()
+    assert 'hivemesh_llm_cost_total{caller="spiffe://td/client/c",currency="USD",model="m"} 3.5' in text
+    assert 'hivemesh_llm_tokens_total{caller="spiffe://td/client/c",direction="output",model="m"} 1000.0' in text
+
+
+@pytest.mark.parametrize("text", ["{", "[]", '{"m": {"input_per_1k": 1}}', '{"m": {"input_per_1k": "x", '
+                                  '"output_per_1k": 1, "currency": "USD"}}'])
+def test_a_bad_price_table_says_why(text: str) -> None:
+    with pytest.raises(ValueError, match="price"):
+        PriceTable.parse(text)
+
+
+def test_listen_addresses() -> None:
+    assert parse_listen("127.0.0.1:0") == ("127.0.0.1", 0)
+    assert parse_listen("[::1]:9100") == ("::1", 9100)
+    assert parse_listen("off") is None
+    for bad in ("9100", "host:", "host:99999", ":80"):
+        with pytest.raises(ValueError, match="HOST:PORT"):
+            parse_listen(bad)
+
+
+def test_the_environment_chooses_when_the_config_does_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HIVEMESH_METRICS_LISTEN", raising=False)
+    assert metrics_listen(None, None) is None
+    assert metrics_listen(None, "127.0.0.1:0") == "127.0.0.1:0"
+    monkeypatch.setenv("HIVEMESH_METRICS_LISTEN", "off")
+    assert metrics_listen(None, "127.0.0.1:0") is None
+    assert metrics_listen("127.0.0.1:9", "127.0.0.1:0") == "127.0.0.1:9"
+
+
+def test_the_discovery_file_is_prometheus_file_sd(tmp_path: Path) -> None:
+    path = write_file_sd(tmp_path / "p" / "targets.json", [ScrapeTarget("127.0.0.1:9100", "agent", "ocr")])
+    assert json.loads(path.read_text()) == [{"targets": ["127.0.0.1:9100"], "labels": {"job": "agent", "node": "ocr"}}]
+    assert [p.name for p in path.parent.iterdir()] == ["targets.json"]
