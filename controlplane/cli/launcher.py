@@ -23,7 +23,7 @@ from typing import Any
 from hivemesh.controlplane.ca import CaFiles, init_ca, load_ca
 from hivemesh.controlplane.cli.procs import Child, Supervisor
 from hivemesh.controlplane.etcd_certs import issue_etcd_certs
-from hivemesh.controlplane.metrics_sd import SD_FILE, ScrapeTarget, write_file_sd
+from hivemesh.controlplane.metrics_sd import JOB_CONTROLPLANE, JOB_NODES, SD_DIR, ScrapeTarget, write_file_sd
 from hivemesh.mesh.audit.handshake.switch import child_environment
 from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.etcd import EtcdServer
@@ -139,7 +139,7 @@ class MeshUp:
             child_environment({}, inherit=os.environ),  # the handshaker tracer from the start
         )
         m = await cp.wait_for_line(r"ready controlplane=(\S+) join=(\S+) metrics=(\S+)", _READY_S)
-        self._target(m.group(3), "controlplane", "controlplane")
+        self._target(m.group(3), JOB_CONTROLPLANE, "controlplane")
         self.settings = MeshSettings(
             etcd=self.etcd.endpoint,
             controlplane=m.group(1),
@@ -224,7 +224,7 @@ class MeshUp:
             # pid first: a long line wraps on a narrow terminal, and tools look for "pid N"
             self.say(f"{name} demo (pid {child.pid}): SDK agents {', '.join(demo.agents)} in one process")
             for agent in demo.agents:
-                self._announced.append((child, rf"serving {agent} on \S+ metrics=(\S+)", "agent", agent))
+                self._announced.append((child, rf"serving {agent} on \S+ metrics=(\S+)", JOB_NODES, agent))
             wanted.extend(demo.capabilities)
         await self._wait_registered(wanted)
         self.say(f"all {len(wanted)} demo capabilities are registered in etcd")
@@ -250,7 +250,7 @@ class MeshUp:
             token = await self._join_token(agent)
             child = await self.sup.spawn(agent, _python("hivemesh.agents.run", agent), self._env(token))
             self.say(f"agent {agent}: SDK, in-process mesh layers (pid {child.pid})")
-            self._announced.append((child, rf"agent {agent} serving on \S+ as \S+ \(metrics (\S+)\)", "agent", agent))
+            self._announced.append((child, rf"agent {agent} serving on \S+ as \S+ \(metrics (\S+)\)", JOB_NODES, agent))
         plain = await self.sup.spawn("validator", _python("hivemesh.agents.run", "validator", "--port", "0"))
         m = await plain.wait_for_line(r"listening (127\.0\.0\.1:\d+)", _READY_S)
         sidecar = await self.sup.spawn(
@@ -260,7 +260,7 @@ class MeshUp:
         )
         self.say(f"agent validator: plain gRPC on {m.group(1)} (pid {plain.pid}), behind a sidecar (pid {sidecar.pid})")
         ready = await sidecar.wait_for_line(r"sidecar ready mesh=\S+ outbound=(\S+) metrics=(\S+)", _READY_S)
-        self._target(ready.group(2), "sidecar", "validator")
+        self._target(ready.group(2), JOB_NODES, "validator")
         # A Unix socket only this user can open: no other local process can call the mesh as the validator.
         self.say(f"  its Mesh service (for the agent's own calls): {ready.group(1)}")
         assert self.etcd is not None
@@ -287,8 +287,8 @@ class MeshUp:
         for child, pattern, job, node in self._announced:
             self._target((await child.wait_for_line(pattern, _READY_S)).group(1), job, node)
         self._announced.clear()
-        path = write_file_sd(self.opts.home / SD_FILE, self.scrape_targets)
-        self.say(f"Prometheus targets ({len(self.scrape_targets)} nodes, file_sd): {path}")
+        paths = write_file_sd(self.opts.home / SD_DIR, self.scrape_targets)
+        self.say(f"Prometheus targets ({len(self.scrape_targets)} nodes, file_sd): {', '.join(map(str, paths))}")
 
     # --- the demo --------------------------------------------------------------------------------------------
     async def demo(self) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from hivemesh.controlplane.metrics_sd import ScrapeTarget, write_file_sd
+from hivemesh.controlplane.metrics_sd import JOB_CONTROLPLANE, JOB_NODES, ScrapeTarget, write_file_sd
 from hivemesh.mesh.errors import InvalidInputError, OverloadedError, PolicyDeniedError, RateLimitedError
 from hivemesh.mesh.layers.base import Inbound
 from hivemesh.mesh.node_metrics import NodeMetrics, PriceTable, metrics_listen, parse_listen
@@ -95,6 +95,12 @@ def test_the_environment_chooses_when_the_config_does_not(monkeypatch: pytest.Mo
 
 
 def test_the_discovery_file_is_prometheus_file_sd(tmp_path: Path) -> None:
-    path = write_file_sd(tmp_path / "p" / "targets.json", [ScrapeTarget("127.0.0.1:9100", "agent", "ocr")])
-    assert json.loads(path.read_text()) == [{"targets": ["127.0.0.1:9100"], "labels": {"job": "agent", "node": "ocr"}}]
-    assert [p.name for p in path.parent.iterdir()] == ["targets.json"]
+    nodes, cp = write_file_sd(tmp_path / "p", [ScrapeTarget("127.0.0.1:9100", JOB_NODES, "ocr"),
+                                               ScrapeTarget("127.0.0.1:9101", JOB_CONTROLPLANE, "controlplane")])
+    assert json.loads(nodes.read_text()) == [
+        {"targets": ["127.0.0.1:9100"], "labels": {"job": "hivemesh", "node": "ocr"}}]
+    assert json.loads(cp.read_text()) == [
+        {"targets": ["127.0.0.1:9101"], "labels": {"job": "hivemesh-controlplane", "node": "controlplane"}}]
+    assert sorted(p.name for p in nodes.parent.iterdir()) == ["controlplane.json", "nodes.json"]
+    with pytest.raises(ValueError, match="job"):
+        ScrapeTarget("127.0.0.1:1", "agent", "x")
