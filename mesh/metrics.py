@@ -108,7 +108,8 @@ class EventMetrics:
             "hivemesh_llm_cost", "Model spend from the configured price table, in the table's currency.",
             ["model", "caller", "currency"])
         self.workflows = counter(
-            "hivemesh_workflows", "Workflow runs by definition and event (started, completed, failed, escalated).",
+            "hivemesh_workflows",
+            "Workflow runs by definition and event (started or resumed, completed, failed, escalated, canceled).",
             ["definition", "event"])
         self.workflow_step_duration = Histogram(
             "hivemesh_workflow_step_duration_seconds", "Duration of one workflow step.", ["definition"],

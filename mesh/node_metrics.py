@@ -43,6 +43,9 @@ _MAX_LABEL_VALUES = 256
 _BREAKER_VALUE: Final = {State.CLOSED: 0.0, State.HALF_OPEN: 1.0, State.OPEN: 2.0}
 _RATE_LIMITED = "RATE_LIMITED"
 _SHED = frozenset({"OVERLOADED"})
+_WORKFLOW_EVENTS: Final = {"started": "started", "completed": "completed", "failed": "failed",
+                           "rejected": "failed", "canceled": "canceled", "input_required": "escalated"}
+"""Run events (as the workflow store records them) -> the `event` label of hivemesh_workflows_total."""
 _SECURITY_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 
 
@@ -146,6 +149,7 @@ class NodeMetrics:
         """This node's SPIFFE id: the caller label of its outbound calls (set at start)."""
         self._out_caps = _Bounded()
         self._callers = _Bounded()
+        self._definitions = _Bounded()
         self._in_caps: frozenset[str] = frozenset()
         self._verifiers: list[TokenVerifier] = []
         self._audits: list[AuditLog] = []
@@ -228,6 +232,23 @@ class NodeMetrics:
 
     def usage_layer(self) -> UsageMeter:
         return UsageMeter(self)
+
+    # --- workflows (hivemesh.sdk.workflow reports each event it records) --------------------------------------
+    def workflow_event(self, definition: str, kind: str, data: Mapping[str, Any]) -> None:
+        """Count a workflow run's event: run outcomes, step latency, and hand-offs (a `handoff-N` note)."""
+        ev = self.metrics.events
+        name = self._definitions(definition or "_unnamed")
+        event = _WORKFLOW_EVENTS.get(kind)
+        if event is not None:
+            ev.workflows.labels(name, event).inc()
+        elif kind == "step_completed":
+            result = data.get("result")
+            if isinstance(result, Mapping):
+                ev.workflow_step_duration.labels(name).observe(float(result.get("elapsed_ms") or 0.0) / 1000)
+        elif kind == "note" and str(data.get("key", "")).startswith("handoff-"):
+            note = data.get("data")
+            source = str(note.get("from", "")) if isinstance(note, Mapping) else ""
+            ev.handoffs.labels(self._out_caps(source)).inc()
 
     # --- outbound (hivemesh.mesh.outbound.events.OutboundEvents) ---------------------------------------------
     def finished(self, capability: str, error: HivemeshError | None, seconds: float, retries: int) -> None:

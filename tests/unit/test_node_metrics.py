@@ -104,3 +104,17 @@ def test_the_discovery_file_is_prometheus_file_sd(tmp_path: Path) -> None:
     assert sorted(p.name for p in nodes.parent.iterdir()) == ["controlplane.json", "nodes.json"]
     with pytest.raises(ValueError, match="job"):
         ScrapeTarget("127.0.0.1:1", "agent", "x")
+
+
+def test_workflow_events_are_counted_per_definition() -> None:
+    m = _metrics()
+    m.workflow_event("doc-pipeline", "started", {})
+    m.workflow_event("doc-pipeline", "step_completed", {"step": "ocr", "result": {"elapsed_ms": 250.0}})
+    m.workflow_event("doc-pipeline", "note", {"key": "handoff-1", "data": {"from": "triage", "to": "billing"}})
+    m.workflow_event("doc-pipeline", "input_required", {"step": "approve"})
+    m.workflow_event("doc-pipeline", "completed", {"output": {}})
+    text = m.metrics.exposition().decode()
+    for event in ("started", "escalated", "completed"):
+        assert f'hivemesh_workflows_total{{definition="doc-pipeline",event="{event}"}} 1.0' in text
+    assert 'hivemesh_workflow_step_duration_seconds_sum{definition="doc-pipeline"} 0.25' in text
+    assert 'hivemesh_handoffs_total{capability="triage"} 1.0' in text
