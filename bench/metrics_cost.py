@@ -73,6 +73,30 @@ async def _throughput(client: Any, cap: str, concurrency: int, seconds: float) -
     return done / (time.perf_counter() - t0), done / (time.process_time() - c0)
 
 
+def hook_cost_us(n: int = 200_000) -> float:
+    """Microseconds the metrics hooks add to one call (the inbound observer, the usage meter's settle on a
+    response with no usage, the outbound `finished`), timed alone: the deterministic part of the cost."""
+    import grpc
+
+    from hivemesh.mesh.layers.base import Inbound
+    from hivemesh.mesh.node_metrics import NodeMetrics, PriceTable
+    from hivemesh.v1 import agent_pb2
+
+    m = NodeMetrics(packaging="in-process", node="bench", listen="127.0.0.1:0", prices=PriceTable({}))
+    observe = m.inbound_observer([agent_pb2.Capability(name="echo")])
+    meter = m.usage_layer()
+    call = Inbound(method="Invoke", request=agent_pb2.InvokeRequest(capability="echo"), wire_size=0, metadata={},
+                   auth_context={})
+    resp = agent_pb2.InvokeResponse(output=b"{}")
+    ok = grpc.StatusCode.OK
+    t0 = time.perf_counter()
+    for _ in range(n):
+        observe(call, None, ok, 0.001)
+        meter.settle(call, resp)
+        m.finished("echo", None, 0.001, 0)
+    return (time.perf_counter() - t0) / n * 1e6
+
+
 def _scraper(address: str, stop: threading.Event) -> None:
     while not stop.wait(1.0):
         with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as resp:
@@ -147,7 +171,11 @@ async def run(opts: argparse.Namespace) -> dict[str, Any]:
         await operator.close()
         wall = statistics.median(on / off for on, off in zip(rates["on"], rates["off"], strict=True))
         cpu = statistics.median(on / off for on, off in zip(per_cpu["on"], per_cpu["off"], strict=True))
-        return {"concurrency": opts.concurrency, "seconds": opts.seconds, "rounds": opts.rounds,
+        hook_us = hook_cost_us()
+        cpu_us_per_call = 1e6 / statistics.median(per_cpu["off"])
+        return {"hook_us_per_call": round(hook_us, 2), "cpu_us_per_call_off": round(cpu_us_per_call, 1),
+                "hook_share_percent": round(hook_us / cpu_us_per_call * 100, 2),
+                "concurrency": opts.concurrency, "seconds": opts.seconds, "rounds": opts.rounds,
                 "calls_per_s": {m: round(statistics.median(v)) for m, v in rates.items()},
                 "calls_per_cpu_s": {m: round(statistics.median(v)) for m, v in per_cpu.items()},
                 "ratio_on_to_off": {"wall": round(wall, 4), "cpu": round(cpu, 4)},
@@ -177,7 +205,9 @@ def main(argv: list[str]) -> int:
         c, k, r = result["calls_per_s"], result["calls_per_cpu_s"], result["ratio_on_to_off"]
         print(f"in-process call path, {opts.concurrency} in flight, metrics off vs on:\n"  # noqa: T201
               f"  calls/s      {c['off']:>7} {c['on']:>7}  on/off {r['wall']}\n"
-              f"  calls/CPU-s  {k['off']:>7} {k['on']:>7}  on/off {r['cpu']}  (cost {result['cost_percent']['cpu']}%)")
+              f"  calls/CPU-s  {k['off']:>7} {k['on']:>7}  on/off {r['cpu']}  (cost {result['cost_percent']['cpu']}%)\n"
+              f"  the hooks alone: {result['hook_us_per_call']} µs per call = {result['hook_share_percent']}% of "
+              f"the {result['cpu_us_per_call_off']} µs of CPU a call takes with metrics off")
     return 0
 
 

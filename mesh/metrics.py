@@ -143,7 +143,7 @@ STATE: Final[Mapping[str, StateSpec]] = {
     "hivemesh_registry_impostors_refused": StateSpec(
         "Registry entries ignored because their identity is not their agent's.", counter=True),
     "hivemesh_etcd_connected": StateSpec("1 while the node's etcd watches are connected, else 0."),
-    "hivemesh_etcd_errors": StateSpec("etcd operations that failed.", counter=True),
+    "hivemesh_etcd_errors": StateSpec("etcd watch streams that broke and were re-established.", counter=True),
     "hivemesh_controlplane_reachable": StateSpec("1 while the node's last control-plane call succeeded, else 0."),
     # trust
     "hivemesh_tls_handshake_refusals": StateSpec(

@@ -329,6 +329,7 @@ class NodeMetrics:
         add("hivemesh_registry_live_instances", live)
         add("hivemesh_registry_impostors_refused", lambda: [({}, float(node.registry.impostors_refused))])
         add("hivemesh_etcd_connected", lambda: [({}, 1.0 if cache.connected else 0.0)])
+        add("hivemesh_etcd_errors", lambda: [({}, float(cache.reconnects))])  # each a watch that broke
         add("hivemesh_certificate_expiry_seconds", lambda: [({}, node.workload.expires_at - time.time())])
         add("hivemesh_revocations_in_force", lambda: [({}, float(len(node.revocations)))])
         add("hivemesh_jwks_age_seconds",
