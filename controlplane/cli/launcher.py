@@ -357,6 +357,9 @@ class MeshUp:
             self.etcd.stop()
         with contextlib.suppress(FileNotFoundError):
             (self.opts.home / STATE_FILE).unlink()
+        if self.scrape_targets:
+            with contextlib.suppress(OSError):
+                write_file_sd(self.opts.home / SD_DIR, [])  # Prometheus drops the targets that are gone
         self.say("stopped: agents, sidecar, control plane and etcd")
 
 

@@ -118,3 +118,13 @@ def test_workflow_events_are_counted_per_definition() -> None:
         assert f'hivemesh_workflows_total{{definition="doc-pipeline",event="{event}"}} 1.0' in text
     assert 'hivemesh_workflow_step_duration_seconds_sum{definition="doc-pipeline"} 0.25' in text
     assert 'hivemesh_handoffs_total{capability="triage"} 1.0' in text
+
+
+def test_every_exported_family_is_documented() -> None:
+    from hivemesh.mesh.metrics import exported_names
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+    counters = {"hivemesh_requests", "hivemesh_retries"}  # documented with their _total suffix, like every counter
+    missing = [n for n in exported_names() if f"`{n}`" not in doc and f"`{n}_total`" not in doc]
+    assert not missing, missing
+    assert counters <= exported_names()
