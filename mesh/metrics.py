@@ -13,15 +13,17 @@ scrape time by `StateCollector`, so it costs nothing between scrapes.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final
+from wsgiref.simple_server import make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import generate_latest, start_http_server
+from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler, generate_latest, make_wsgi_app
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS: Final = (
@@ -238,12 +240,21 @@ class MetricsServer:
         self._metrics = metrics
         self._host = host
         self._port = port
-        self._server: object | None = None
+        self._server: ThreadingWSGIServer | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
 
     def start(self) -> None:
-        server, thread = start_http_server(self._port, addr=self._host, registry=self._metrics.registry)
+        # prometheus-client's start_http_server, with a short poll interval: stopping a node waits for the
+        # serving loop to notice, and a test fleet stops many nodes.
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        server_class = type("_MetricsHTTPServer", (ThreadingWSGIServer,), {"address_family": family})
+        app = make_wsgi_app(self._metrics.registry)
+        server: ThreadingWSGIServer = make_server(self._host, self._port, app, server_class,
+                                                  handler_class=_SilentHandler)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                  name=f"metrics-{self._host}:{self._port}", daemon=True)
+        thread.start()
         self._server, self._thread = server, thread
         self.port = int(server.server_port)
 
@@ -255,8 +266,8 @@ class MetricsServer:
     def stop(self) -> None:
         server, self._server = self._server, None
         if server is not None:
-            server.shutdown()  # type: ignore[attr-defined]
-            server.server_close()  # type: ignore[attr-defined]
+            server.shutdown()
+            server.server_close()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
