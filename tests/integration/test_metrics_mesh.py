@@ -143,3 +143,24 @@ async def test_every_node_exports_the_documented_series(orch: Orch, monkeypatch:
         for name in re.findall(r'(\w+)="', text):
             assert name in {"direction", "capability", "caller", "code", "reason", "instance", "result", "model",
                             "currency", "definition", "event", "packaging", "node", "le"}, name
+
+
+async def test_a_workflow_run_is_counted_by_its_engines_node(orch: Orch) -> None:
+    from hivemesh.sdk.patterns import Pipeline, Step
+    from hivemesh.sdk.workflow import WorkflowEngine
+    from tests.support.orch_agents import WorkerAgent
+
+    await orch.serve(WorkerAgent())
+    watcher = MeshClient.connect(name="watcher", settings=await orch.env.settings_for("watcher", "client"),
+                                 metrics_listen="127.0.0.1:0")
+    async with watcher, WorkflowEngine(watcher) as engine:
+        state = await engine.run(Pipeline([Step("upper"), Step("summarize")]), {"text": "one two"},
+                                 workflow_id="wf-metrics")
+        assert state.state == "COMPLETED"
+        assert watcher.node.metrics is not None
+        text = await asyncio.to_thread(scrape, watcher.node.metrics.address)
+    # An in-process definition object has no import reference: counted under `_unnamed`.
+    assert sample(text, "hivemesh_workflows_total", definition="_unnamed", event="started") == 1
+    assert sample(text, "hivemesh_workflows_total", definition="_unnamed", event="completed") == 1
+    assert sample(text, "hivemesh_workflow_step_duration_seconds_count", definition="_unnamed") == 2
+    promtool_clean(text)
