@@ -128,3 +128,40 @@ def test_every_exported_family_is_documented() -> None:
     missing = [n for n in exported_names() if f"`{n}`" not in doc and f"`{n}_total`" not in doc]
     assert not missing, missing
     assert counters <= exported_names()
+
+
+async def test_the_attempt_loop_reports_budget_refusals_and_ejections() -> None:
+    """The real attempt loop (the rig of test_outbound_attempts) with a NodeMetrics as its events listener."""
+    import time
+
+    from hivemesh.mesh.errors import AgentError, AgentUnavailableError
+    from hivemesh.mesh.outbound.attempts import AttemptParts, Attempts
+    from hivemesh.mesh.outbound.call import OutboundCall
+    from hivemesh.mesh.resilience.breaker import BreakerPolicy
+    from hivemesh.mesh.resilience.kinds import BreakerSettings
+    from hivemesh.mesh.resilience.retry import RetryPolicy
+    from hivemesh.mesh.resilience.view import OutboundPolicies
+    from tests.unit.test_outbound_attempts import NO_WAIT, _Agents, _Rig, sent_failure
+
+    m = _metrics()
+
+    def attempts(rig: _Rig, agents: _Agents, policies: OutboundPolicies) -> Attempts:
+        parts = AttemptParts(rig.selector, agents.prepare, agents.send, agents.forget, m)
+        return Attempts(parts, OutboundCall("work", b"req", (), time.monotonic() + 5, None, ""), policies)
+
+    rig = _Rig()
+    budget = RetryPolicy(attempts=3, backoff=NO_WAIT, budget_ratio=0.0, budget_min_per_s=0.1, budget_window_s=10)
+    agents = _Agents([sent_failure(), b"ok", sent_failure()])
+    await attempts(rig, agents, OutboundPolicies(None, None, None, budget)).run()
+    with pytest.raises(AgentUnavailableError):
+        await attempts(rig, agents, OutboundPolicies(None, None, None, budget)).run()
+
+    rig = _Rig(("a", "b", "c", "d"))
+    eject = BreakerSettings("b", instance=BreakerPolicy(consecutive_failures=1, open_s=60, max_open_s=60),
+                            capability=None, max_ejected_share=0.5)
+    with pytest.raises(AgentError):
+        await attempts(rig, _Agents([sent_failure(AgentError("bug"))]),
+                       OutboundPolicies(None, None, eject, RetryPolicy(backoff=NO_WAIT))).run()
+    text = m.metrics.exposition().decode()
+    assert 'hivemesh_retry_budget_refusals_total{capability="work"} 1.0' in text
+    assert 'hivemesh_ejections_total{capability="work"} 1.0' in text
