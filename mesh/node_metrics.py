@@ -330,6 +330,9 @@ class NodeMetrics:
         add("hivemesh_registry_impostors_refused", lambda: [({}, float(node.registry.impostors_refused))])
         add("hivemesh_etcd_connected", lambda: [({}, 1.0 if cache.connected else 0.0)])
         add("hivemesh_etcd_errors", lambda: [({}, float(cache.reconnects))])  # each a watch that broke
+        cp = node.controlplane
+        add("hivemesh_controlplane_reachable",
+            lambda: [] if cp.reachable is None else [({}, 1.0 if cp.reachable else 0.0)])
         add("hivemesh_certificate_expiry_seconds", lambda: [({}, node.workload.expires_at - time.time())])
         add("hivemesh_revocations_in_force", lambda: [({}, float(len(node.revocations)))])
         add("hivemesh_jwks_age_seconds",

@@ -132,6 +132,7 @@ async def test_every_node_exports_the_documented_series(orch: Orch, monkeypatch:
                   code="INVALID_ARGUMENT", reason="INVALID_INPUT") == 1
     assert sample(client_t, "hivemesh_request_duration_seconds_count", direction="outbound", capability="greet",
                   code="OK") == 1
+    assert sample(client_t, "hivemesh_controlplane_reachable") == 1  # it was issued tokens
 
     # The control plane.
     assert sample(cp_t, "hivemesh_node_info", packaging="controlplane") == 1
