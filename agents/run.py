@@ -78,7 +78,7 @@ async def _serve_many(names: Sequence[str], host: str) -> None:
             server = AgentServer(agent, settings, AgentServerConfig(host=host))
             await server.start()
             servers.append(server)
-            sys.stdout.write(f"serving {name} on {server.endpoint}\n")
+            sys.stdout.write(f"serving {name} on {server.endpoint} metrics={server.metrics_address or 'off'}\n")
             sys.stdout.flush()
         await stop.wait()
     finally:

@@ -32,6 +32,7 @@ from hivemesh.controlplane.ca_rotation import CaRotation
 from hivemesh.controlplane.etcd_certs import controlplane_etcd_tls
 from hivemesh.controlplane.grants import GrantSet, load_grants, put_grants
 from hivemesh.controlplane.issuer import MAX_TTL_S, SigningKeys, TokenIssuer
+from hivemesh.controlplane.metrics import ControlPlaneMetrics
 from hivemesh.controlplane.retention_config import RetentionConfig
 from hivemesh.mesh.errors import (
     FailedPreconditionError,
@@ -45,6 +46,7 @@ from hivemesh.mesh.errors import (
 from hivemesh.mesh.etcd import client as etcd_client
 from hivemesh.mesh.etcd import parse_endpoints, wait_connected
 from hivemesh.mesh.etcd_roles import ensure_workload_user, reconcile_static_roles
+from hivemesh.mesh.node_metrics import OWNED_DEFAULT, metrics_listen, parse_listen
 from hivemesh.mesh.pki import (
     NAME_RE,
     Peer,
@@ -98,6 +100,9 @@ class ControlPlaneConfig:
     embedded etcd's). The control plane connects with its own certificate, whose etcd user holds root."""
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     """Compaction of etcd history and deletion of finished runs, resolved escalations, stale revocations."""
+    metrics_listen: str | None = None
+    """HOST:PORT of the plaintext Prometheus `/metrics` port ("off": none); default $HIVEMESH_METRICS_LISTEN,
+    else 127.0.0.1:0."""
 
     def __post_init__(self) -> None:
         eps = self.etcd_endpoints
@@ -109,6 +114,8 @@ class ControlPlaneConfig:
         if self.grants_file is not None:
             object.__setattr__(self, "grants_file", Path(self.grants_file))
         _validate_td(self.trust_domain)
+        if self.metrics_listen is not None:
+            parse_listen(self.metrics_listen)  # raises, saying what is wrong
         for name in ("port", "join_port"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value <= 65535:
@@ -363,6 +370,8 @@ class ControlPlaneServer:
         self._healths: list[health.aio.HealthServicer] = []
         self._interceptors: list[grpc.aio.ServerInterceptor] = []
         self._features: list[Any] = []
+        self.metrics: ControlPlaneMetrics | None = None
+        """Serving `/metrics` once started (None: off)."""
 
     @property
     def address(self) -> str:
@@ -428,6 +437,7 @@ class ControlPlaneServer:
                 serving = getattr(feature, "serving", None)
                 if serving is not None:
                     await serving(cfg.host, [self.port, self.join_port])
+            self._start_metrics(core)
         except BaseException:
             await self._teardown(0)
             raise
@@ -436,6 +446,22 @@ class ControlPlaneServer:
             "control plane for %s serving mTLS on %s and joins on %s", ca.trust_domain, self.address,
             self.join_address,
         )
+
+    def _start_metrics(self, core: Core) -> None:
+        listen = metrics_listen(self.config.metrics_listen, OWNED_DEFAULT)
+        if listen is None:
+            return
+        m = ControlPlaneMetrics(listen)
+        from hivemesh.controlplane.audit.store import EXTENSION  # the audit feature imports this module
+
+        store = core.extensions.get(EXTENSION)
+        if store is not None:
+            m.watch_audit(store)
+        for feature in self._features:
+            m.watch_handshakes(list(getattr(feature, "handshakes", ())))
+        m.watch_escalations(core.etcd)
+        m.start()
+        self.metrics = m
 
     def _new_server(self, service_name: str) -> grpc.aio.Server:
         server = grpc.aio.server(
@@ -457,6 +483,9 @@ class ControlPlaneServer:
         return server
 
     async def _teardown(self, grace: float) -> None:
+        if self.metrics is not None:
+            metrics, self.metrics = self.metrics, None
+            await metrics.stop()
         servers, self._servers = self._servers, []
         self._healths = []
         await asyncio.gather(*(s.stop(grace) for s in servers), return_exceptions=True)

@@ -21,6 +21,8 @@ from hivemesh.mesh.pki import controlplane_dns_name, new_key_and_csr
 from hivemesh.mesh.tls import Workload, load_workload_files, secure_channel
 from hivemesh.v1 import audit_pb2, audit_pb2_grpc, control_pb2, control_pb2_grpc, mesh_pb2, trust_pb2, trust_pb2_grpc
 
+_UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
 
 class ControlPlaneClient:
     """Calls ControlPlane at address as `workload`, verifying the server as `controlplane.<trust_domain>`."""
@@ -35,6 +37,9 @@ class ControlPlaneClient:
         self._channel = self._open(workload)
         self._stub = control_pb2_grpc.ControlPlaneStub(self._channel)
         self._retired: set[asyncio.Task[None]] = set()
+        self.reachable: bool | None = None
+        """Whether the last call got an answer (any status but UNAVAILABLE or DEADLINE_EXCEEDED); None: no call
+        yet. The node's metrics export it."""
 
     @classmethod
     def from_certs_dir(
@@ -57,10 +62,7 @@ class ControlPlaneClient:
         )
 
     async def _call(self, method: Any, request: Any) -> Any:
-        try:
-            return await method(request, timeout=self.timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from exc
+        return await self.call(method, request)
 
     async def issue_token(
         self, audience: str, scopes: Sequence[str] = (), ttl_s: int = 0
@@ -137,9 +139,12 @@ class ControlPlaneClient:
     async def call(self, method: Any, request: Any, *, timeout_s: float | None = None) -> Any:
         """Call any unary method of a feature stub, raising the typed hivemesh error it failed with."""
         try:
-            return await method(request, timeout=timeout_s or self.timeout_s)
+            answer = await method(request, timeout=timeout_s or self.timeout_s)
         except grpc.aio.AioRpcError as exc:
+            self.reachable = exc.code() not in _UNREACHABLE
             raise from_rpc_error(exc) from exc
+        self.reachable = True
+        return answer
 
     async def exchange_token(
         self, subject_token: str, audience: str, scopes: Sequence[str] = (), delegable: Sequence[str] = (),

@@ -46,6 +46,8 @@ class FrontDoor:
         if self.audit is not None:
             self.handshakes = HandshakeAudit(self.audit, host, port, events=tracer_events())
             await self.handshakes.start()
+            if self.node is not None and self.node.metrics is not None:
+                self.node.metrics.watch_handshakes(self.handshakes)
             if self.node is not None:  # `hivemesh status` shows whether that audit is live
                 self.node.status_extras.append(self.handshakes.fill_status)
 
@@ -85,9 +87,13 @@ def open_front_door(
     if budgets is None:
         ledger = SpendLedger(node.etcd, instance_id, agent=agent_name)
         budgets = TokenBudgets(lambda: policies.get(BUDGETS), ledger=ledger)
+    metrics = node.metrics
+    verifier = node.verifier()
+    if metrics is not None:
+        metrics.watch_verifier(verifier)
     chain = build_inbound_chain(
         trust_domain=node.settings.trust_domain,
-        verifier=node.verifier(),
+        verifier=verifier,
         capabilities=capabilities,
         agent_name=agent_name,
         max_input_bytes=max_input_bytes,
@@ -99,6 +105,7 @@ def open_front_door(
         screen_exempt=screen_exempt,
         budgets=budgets,
         max_call_depth=max_call_depth,
+        meters=[metrics.usage_layer()] if metrics is not None else (),
     )
     log = (
         open_node_audit(node, spiffe_id=node.workload.spiffe_id, instance=instance_id, directory=audit_dir)
@@ -107,6 +114,10 @@ def open_front_door(
     )
     if log is not None:
         node.outbound.observer = log.outbound  # refusals decided on the way out, e.g. circuit open
+        if metrics is not None:
+            metrics.watch_audit(log)
+    if metrics is not None:
+        observers = [metrics.inbound_observer(capabilities), *observers]
     server = ManagedServer(
         services=[AGENT_SERVICE],
         interceptors=[MeshInboundInterceptor(chain, observers=[*observers, *([log] if log is not None else [])])],

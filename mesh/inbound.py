@@ -88,6 +88,7 @@ def build_inbound_chain(
     screen_exempt: Iterable[str] = (),
     budgets: TokenBudgets | None = None,
     max_call_depth: int = DEFAULT_MAX_CALL_DEPTH,
+    meters: Sequence[InboundLayer] = (),
 ) -> InboundChain:
     """The inbound chain, in the order the checks must run.
 
@@ -96,7 +97,7 @@ def build_inbound_chain(
     authz returns the authz policies in force (the node's policy mirror); without it every call is denied
     (default deny). limits are per-capability input size limits; screen is the content screen (None: off).
     budgets are the per-caller token budgets (None: none). max_call_depth bounds the agents one call chain
-    passes through.
+    passes through. meters are layers that only watch (the node's usage meter): they come last and never refuse.
     """
     capabilities = tuple(capabilities)
     traffic_layers: list[InboundLayer] = []
@@ -131,6 +132,7 @@ def build_inbound_chain(
             #    the costliest (JSON decode); the decoded value is handed to the agent so it is decoded once.
             InputGuardLayer(capabilities, max_input_bytes=max_input_bytes, agent_name=agent_name, limits=limits,
                             screen=screen, screen_exempt=screen_exempt),
+            *meters,
         ],
         # 7. How many at once: last, once the call is certainly acceptable, so a refused call never holds or
         #    waits for an in-flight slot; high priority passes first, the excess is shed (OVERLOADED).

@@ -13,15 +13,17 @@ scrape time by `StateCollector`, so it costs nothing between scrapes.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final
+from wsgiref.simple_server import make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import generate_latest, start_http_server
+from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler, generate_latest, make_wsgi_app
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS: Final = (
@@ -40,7 +42,8 @@ class _RedChild:
 
 
 class RedMetrics:
-    """Rate, errors, duration per direction × capability × caller × code × reason, and calls in flight."""
+    """Rate, errors, duration per direction × capability × caller × code × reason (calls in flight are state:
+    `hivemesh_requests_in_flight`, read from the node's traffic counts at scrape)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
@@ -50,10 +53,6 @@ class RedMetrics:
         self.duration = Histogram(
             "hivemesh_request_duration_seconds", "Time from the call's arrival (or start) to its final status.",
             ["direction", "capability", "code"], buckets=LATENCY_BUCKETS, registry=registry,
-        )
-        self.in_flight = Gauge(
-            "hivemesh_requests_in_flight", "Calls started and not yet finished.", ["direction", "capability"],
-            registry=registry,
         )
         self._children: dict[tuple[str, str, str, str, str], _RedChild] = {}
         self._lock = threading.Lock()
@@ -103,13 +102,6 @@ class EventMetrics:
             "hivemesh_cached_answers", "Calls answered from the degraded-mode answer cache.", ["capability"])
         # security
         self.refusals = counter("hivemesh_refusals", "Calls refused by a security layer, by reason.", ["reason"])
-        self.tls_handshake_refusals = counter(
-            "hivemesh_tls_handshake_refusals", "TLS handshakes refused on a mesh port, by reason.", ["reason"])
-        self.token_cache = counter(
-            "hivemesh_token_cache_lookups", "Token verifications by cache result (hit, miss).", ["result"])
-        # audit
-        self.audit_records_shipped = counter(
-            "hivemesh_audit_records_shipped", "Audit records shipped to the control plane.")
         # agents
         self.llm_tokens = counter(
             "hivemesh_llm_tokens", "Model tokens used by capabilities, by model, caller and direction (input, output).",
@@ -118,7 +110,8 @@ class EventMetrics:
             "hivemesh_llm_cost", "Model spend from the configured price table, in the table's currency.",
             ["model", "caller", "currency"])
         self.workflows = counter(
-            "hivemesh_workflows", "Workflow runs by definition and event (started, completed, failed, escalated).",
+            "hivemesh_workflows",
+            "Workflow runs by definition and event (started or resumed, completed, failed, escalated, canceled).",
             ["definition", "event"])
         self.workflow_step_duration = Histogram(
             "hivemesh_workflow_step_duration_seconds", "Duration of one workflow step.", ["definition"],
@@ -140,6 +133,7 @@ class StateSpec:
 
 
 STATE: Final[Mapping[str, StateSpec]] = {
+    "hivemesh_requests_in_flight": StateSpec("Calls started and not yet finished.", ("direction", "capability")),
     # resilience
     "hivemesh_breaker_state": StateSpec(
         "Circuit breaker state: 0 closed, 1 half-open, 2 open (instance empty: the capability's own breaker).",
@@ -151,14 +145,20 @@ STATE: Final[Mapping[str, StateSpec]] = {
     "hivemesh_registry_impostors_refused": StateSpec(
         "Registry entries ignored because their identity is not their agent's.", counter=True),
     "hivemesh_etcd_connected": StateSpec("1 while the node's etcd watches are connected, else 0."),
-    "hivemesh_etcd_errors": StateSpec("etcd operations that failed.", counter=True),
+    "hivemesh_etcd_errors": StateSpec("etcd watch streams that broke and were re-established.", counter=True),
     "hivemesh_controlplane_reachable": StateSpec("1 while the node's last control-plane call succeeded, else 0."),
     # trust
+    "hivemesh_tls_handshake_refusals": StateSpec(
+        "TLS handshakes refused on a mesh port, by reason (counted beside the audit record).", ("reason",),
+        counter=True),
+    "hivemesh_token_cache_lookups": StateSpec(
+        "Token verifications by cache result (hit, miss).", ("result",), counter=True),
     "hivemesh_certificate_expiry_seconds": StateSpec("Seconds until the node's workload certificate expires."),
     "hivemesh_jwks_age_seconds": StateSpec("Seconds since the token key set the node verifies with was issued."),
     "hivemesh_revocations_in_force": StateSpec("Revoked token ids and identities the node enforces."),
     # audit
     "hivemesh_audit_spool_lag_records": StateSpec("Audit records written to the spool and not yet shipped."),
+    "hivemesh_audit_records_shipped": StateSpec("Audit records shipped to the control plane.", counter=True),
     "hivemesh_audit_checkpoint_age_seconds": StateSpec("Seconds since the last signed checkpoint (control plane)."),
     "hivemesh_audit_verify_failures": StateSpec("Audit verifications that found a break (control plane).",
                                                 counter=True),
@@ -240,12 +240,21 @@ class MetricsServer:
         self._metrics = metrics
         self._host = host
         self._port = port
-        self._server: object | None = None
+        self._server: ThreadingWSGIServer | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
 
     def start(self) -> None:
-        server, thread = start_http_server(self._port, addr=self._host, registry=self._metrics.registry)
+        # prometheus-client's start_http_server, with a short poll interval: stopping a node waits for the
+        # serving loop to notice, and a test fleet stops many nodes.
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        server_class = type("_MetricsHTTPServer", (ThreadingWSGIServer,), {"address_family": family})
+        app = make_wsgi_app(self._metrics.registry)
+        server: ThreadingWSGIServer = make_server(self._host, self._port, app, server_class,
+                                                  handler_class=_SilentHandler)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                  name=f"metrics-{self._host}:{self._port}", daemon=True)
+        thread.start()
         self._server, self._thread = server, thread
         self.port = int(server.server_port)
 
@@ -257,8 +266,8 @@ class MetricsServer:
     def stop(self) -> None:
         server, self._server = self._server, None
         if server is not None:
-            server.shutdown()  # type: ignore[attr-defined]
-            server.server_close()  # type: ignore[attr-defined]
+            server.shutdown()
+            server.server_close()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None

@@ -30,6 +30,7 @@ from hivemesh.mesh.errors import (
 )
 from hivemesh.mesh.etcd import EtcdAccess, EtcdTls
 from hivemesh.mesh.identity_store import IdentityStore, join_hint
+from hivemesh.mesh.node_metrics import NodeMetrics
 from hivemesh.mesh.outbound import OutboundPipeline
 from hivemesh.mesh.outbound.channels import ChannelPool
 from hivemesh.mesh.outbound.selection import Liveness
@@ -89,12 +90,15 @@ class MeshNode:
         instance_id: str | None = None,
         publish_status: bool = True,
         policy_kinds: Iterable[PolicyKind[Any]] = (),
+        metrics: NodeMetrics | None = None,
     ):
         self.settings = settings
         self.name = name
         self.kind = kind
         self.instance_id = instance_id or default_instance_id()
         self._publish_status = publish_status
+        self.metrics = metrics
+        """This node's Prometheus metrics and their port (None: off); started and stopped with the node."""
         self.etcd = EtcdAccess(settings.etcd, self._etcd_tls)
         """etcd as this workload: mutual TLS with its own (current) certificate, whose etcd user's roles allow
         exactly what its data plane reads and its own registration and status (mesh/etcd_roles.py)."""
@@ -152,7 +156,7 @@ class MeshNode:
         self._tokens = TokenSource(self._cp)
         self._channels = ChannelPool(self._workload)
         self._outbound = OutboundPipeline(self.liveness, self._tokens, self._channels, traffic=self.traffic,
-                                          authz=lambda: self.policies.get(AUTHZ))
+                                          authz=lambda: self.policies.get(AUTHZ), events=self.metrics)
         try:
             await self.registry.start(timeout=timeout)
             await self.policies.start(timeout=timeout)
@@ -172,6 +176,13 @@ class MeshNode:
         except BaseException:
             await self.stop()
             raise
+        if self.metrics is not None:
+            self.metrics.watch_node(self)
+            try:
+                self.metrics.start()
+            except BaseException:
+                await self.stop()
+                raise
         self._renew_task = asyncio.get_running_loop().create_task(self._renew_loop())
         if self._publish_status:
             self._status = StatusPublisher(
@@ -285,6 +296,8 @@ class MeshNode:
             await self._channels.close()
         if self._cp is not None:
             await self._cp.close()
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)
         self._started = False
 
     async def __aenter__(self) -> MeshNode:
@@ -316,6 +329,11 @@ class MeshNode:
     def live_instances_of(self, capability: str) -> int:
         """How many live instances of this agent serve capability (a cluster-wide rate limit's divisor)."""
         return sum(1 for i in self.registry.instances(capability) if i.card.name == self.name) or 1
+
+    @property
+    def jwks_issued_at(self) -> float:
+        """Unix time the key set in force was issued (0: none yet)."""
+        return self._jwks_issued_at_ns / 1e9
 
     def verifier(self) -> TokenVerifier:
         """A verifier for tokens addressed to this workload, using the key set kept in sync from etcd."""

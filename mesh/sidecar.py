@@ -54,6 +54,7 @@ from hivemesh.mesh.layers.loopguard import DEFAULT_MAX_CALL_DEPTH
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN
 from hivemesh.mesh.local_socket import bind_private_socket, default_socket_path, remove_socket
 from hivemesh.mesh.node import MeshNode
+from hivemesh.mesh.node_metrics import OWNED_DEFAULT, NodeMetrics, metrics_listen, parse_listen
 from hivemesh.mesh.output_check import OutputCheck, note_refusal
 from hivemesh.mesh.registry import Registration, default_instance_id, drain_after_deregistration
 from hivemesh.mesh.schema import compile_schema
@@ -116,6 +117,9 @@ class SidecarConfig:
     """Capabilities the content screen skips."""
     max_call_depth: int = DEFAULT_MAX_CALL_DEPTH
     """Most agents one call chain may pass through (this one included) before a call is DEPTH_EXCEEDED."""
+    metrics_listen: str | None = None
+    """HOST:PORT of the plaintext Prometheus `/metrics` port ("off": none); default $HIVEMESH_METRICS_LISTEN,
+    else 127.0.0.1:0."""
 
     def __post_init__(self) -> None:
         if (self.agent is None) == (self.client is None):
@@ -130,6 +134,8 @@ class SidecarConfig:
             raise ValueError("give mesh_socket or mesh_listen, not both: the Mesh service has one listener")
         if self.lease_ttl_s < 2:
             raise ValueError("lease_ttl_s must be at least 2 seconds")
+        if self.metrics_listen is not None:
+            parse_listen(self.metrics_listen)  # raises, saying what is wrong
 
 
 def _forward_metadata(
@@ -234,8 +240,11 @@ class Sidecar:
             for cap in self.card.capabilities:
                 compile_schema(cap.input_schema, where=f"capability {cap.name} input")
             self._outputs = OutputCheck(self.card.capabilities)
+            listen = metrics_listen(cfg.metrics_listen, OWNED_DEFAULT)
             self.node = MeshNode(
-                self.settings, name=name, kind="agent", verify_inbound=True, instance_id=self.instance_id
+                self.settings, name=name, kind="agent", verify_inbound=True, instance_id=self.instance_id,
+                metrics=None if listen is None else NodeMetrics(
+                    packaging="sidecar", node=f"{name}/{self.instance_id}", listen=listen),
             )
             await asyncio.to_thread(tracer_events().start)  # before the first handshake: see its docstring
             await self.node.start()
@@ -323,9 +332,12 @@ class Sidecar:
     @property
     def ready_line(self) -> str:
         """What `hivemesh sidecar` prints once serving: each port named for what it is (`inbound=` the mutual-TLS
-        port the mesh calls the agent on, absent for a caller-only sidecar; `mesh=` the local Mesh service)."""
+        port the mesh calls the agent on, absent for a caller-only sidecar; `mesh=` the local Mesh service;
+        `metrics=` the plaintext Prometheus port, or off)."""
         inbound = "" if self.config.client is not None else f" inbound={self.endpoint}"
-        return f"sidecar ready{inbound} mesh={self.mesh_endpoint}"
+        metrics = self.node.metrics if self.node is not None else None
+        return (f"sidecar ready{inbound} mesh={self.mesh_endpoint} "
+                f"metrics={metrics.address if metrics is not None else 'off'}")
 
     async def stop(self, grace: float = 2.0) -> None:
         if self._registration is not None:

@@ -273,6 +273,9 @@ class TokenVerifier:
         self._cache_size = cache_size
         self._clock = clock
         self._cache: dict[str, TokenClaims] = {}
+        self.cache_hits = 0
+        self.cache_misses = 0
+        """Verifications answered from the cache, and not (read by the node's metrics at scrape)."""
         self._cache_generation = keyset.generation
         self.revocations = revocations
         self.require_binding = require_binding
@@ -297,11 +300,14 @@ class TokenVerifier:
             self._cache_generation = self.keyset.generation
         claims = self._cache.get(token)
         if claims is None:
+            self.cache_misses += 1
             claims = self._verify_uncached(token, now)
             self._remember(token, claims, now)
         elif now > claims.expires_at + self.leeway_s:
             self._cache.pop(token, None)
             raise TokenExpiredError()
+        else:
+            self.cache_hits += 1
         cnf = claims.cnf_thumbprint
         if cnf != peer_thumbprint:
             if cnf is None:

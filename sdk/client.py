@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Unpack
 from hivemesh.mesh.callcontext import new_call_id
 from hivemesh.mesh.errors import AgentError, HivemeshError
 from hivemesh.mesh.node import MeshNode
+from hivemesh.mesh.node_metrics import NodeMetrics
+from hivemesh.mesh.node_metrics import metrics_listen as metrics_listen_for
 from hivemesh.mesh.registry import CapabilityInfo
 from hivemesh.mesh.settings import MeshSettings
 from hivemesh.mesh.token_source import on_behalf_of
@@ -119,6 +121,7 @@ class MeshClient:
         audit: bool = True,
         audit_dir: Path | str | None = None,
         verify_inbound: bool = False,
+        metrics_listen: str | None = None,
         **overrides: Any,
     ) -> MeshClient:
         """A client that joins the mesh on `start()` (or `async with`), with settings resolved as documented
@@ -126,9 +129,13 @@ class MeshClient:
 
         With `audit` (the default), refusals this client decides itself on the way out are recorded in a spool
         under `audit_dir` (default `<HIVEMESH_HOME>/audit`) and shipped to the control plane. `verify_inbound`
-        keeps the token key set in sync, for a client that also verifies tokens addressed to it (A2A gateway)."""
+        keeps the token key set in sync, for a client that also verifies tokens addressed to it (A2A gateway).
+        metrics_listen (HOST:PORT, or $HIVEMESH_METRICS_LISTEN) serves the client's Prometheus `/metrics`;
+        off unless asked: an embedded client does not open ports on its own."""
+        listen = metrics_listen_for(metrics_listen, None)  # embedded: off unless asked (or the env says so)
         node = MeshNode(settings or MeshSettings.resolve(**overrides), name=name, kind=kind,
-                        verify_inbound=verify_inbound)
+                        verify_inbound=verify_inbound,
+                        metrics=None if listen is None else NodeMetrics(packaging="client", node=name, listen=listen))
         client = cls(node, default_timeout=default_timeout)
         client._owns_node = True
         client._audit_enabled = audit

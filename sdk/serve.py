@@ -26,6 +26,7 @@ from hivemesh.mesh.layers.loopguard import DEFAULT_MAX_CALL_DEPTH
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN, ContentScreen
 from hivemesh.mesh.logjson import basic_config
 from hivemesh.mesh.node import MeshNode
+from hivemesh.mesh.node_metrics import OWNED_DEFAULT, NodeMetrics, metrics_listen, parse_listen
 from hivemesh.mesh.registry import INSTANCE_ID_RE, Registration, default_instance_id, drain_after_deregistration
 from hivemesh.mesh.settings import MeshSettings
 from hivemesh.sdk.agent import Agent
@@ -71,6 +72,9 @@ class AgentServerConfig:
     """Capabilities the content screen skips."""
     max_call_depth: int = DEFAULT_MAX_CALL_DEPTH
     """Most agents one call chain may pass through (this one included) before a call is DEPTH_EXCEEDED."""
+    metrics_listen: str | None = None
+    """HOST:PORT of the plaintext Prometheus `/metrics` port ("off": none); default $HIVEMESH_METRICS_LISTEN,
+    else 127.0.0.1:0 (a free loopback port; `AgentServer.metrics_address` tells which)."""
 
     def __post_init__(self) -> None:
         # Sequences are accepted (a list is natural to write) and kept as tuples, so the config stays frozen.
@@ -103,6 +107,8 @@ class AgentServerConfig:
         for cap in self.screen_exempt:
             if not isinstance(cap, str) or not cap:
                 raise ValueError(f"screen_exempt must name capabilities: {cap!r}")
+        if self.metrics_listen is not None:
+            parse_listen(self.metrics_listen)  # raises, saying what is wrong
 
 
 class AgentServer:
@@ -121,8 +127,11 @@ class AgentServer:
         self.dedupe = self.config.dedupe if self.config.dedupe is not None else IdempotencyCache()
         self.instance_id = self.config.instance_id or default_instance_id()
         self.audit: AuditLog | None = None
+        listen = metrics_listen(self.config.metrics_listen, OWNED_DEFAULT)
         self.node = MeshNode(
             self.settings, name=agent.name, kind="agent", verify_inbound=True, instance_id=self.instance_id,
+            metrics=None if listen is None else NodeMetrics(
+                packaging="in-process", node=f"{agent.name}/{self.instance_id}", listen=listen),
         )
         self.mesh = MeshClient(self.node)
         self._server: FrontDoor | None = None
@@ -138,6 +147,12 @@ class AgentServer:
     @property
     def endpoint(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def metrics_address(self) -> str | None:
+        """HOST:PORT serving `/metrics` once started (None: metrics off)."""
+        m = self.node.metrics
+        return m.address if m is not None and m.server.port else None
 
     async def start(self) -> None:
         await asyncio.to_thread(tracer_events().start)  # before the first handshake: see its docstring
@@ -184,7 +199,8 @@ class AgentServer:
         except BaseException:
             await self.stop()
             raise
-        log.info("agent %s serving on %s as %s", self.agent.name, self.endpoint, self.node.workload.spiffe_id)
+        log.info("agent %s serving on %s as %s (metrics %s)", self.agent.name, self.endpoint,
+                 self.node.workload.spiffe_id, self.metrics_address or "off")
 
     async def stop(self, grace: float = 2.0) -> None:
         """Deregister first (callers stop choosing this instance), then drain, then leave the mesh."""

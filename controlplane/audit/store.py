@@ -87,6 +87,10 @@ class AuditStore:
         self._head: dict[str, Any] | None = None
         self._export_heads: collections.deque[bytes] = collections.deque(maxlen=1000)
         self._head_task: asyncio.Task[None] | None = None
+        self.checkpoint_at = 0.0
+        """Unix time of the last signed checkpoint (0: none yet), for the metrics' checkpoint age."""
+        self.verify_failures = 0
+        """Verifications that found a break in the log (`verify`), for the metrics."""
         self._fd: int | None = None
         self._cp_fd: int | None = None
         self._key: ed25519.Ed25519PrivateKey | None = None
@@ -139,6 +143,7 @@ class AuditStore:
                     self._checkpoint_no = int(cp["checkpoint"])
                     self._checkpoint_sig = str(cp["sig"])
                     self._checkpoint_seq = int(cp["log_seq"])
+                    self.checkpoint_at = self.checkpoints_path.stat().st_mtime
         if self.heads_path.exists():
             for raw in self.heads_path.read_bytes().splitlines():
                 with contextlib.suppress(ValueError, KeyError, TypeError):
@@ -295,6 +300,7 @@ class AuditStore:
         self._checkpoint_no = cp["checkpoint"]
         self._checkpoint_sig = cp["sig"]
         self._checkpoint_seq = self.seq
+        self.checkpoint_at = time.time()
         return cp
 
     async def checkpoint(self) -> dict[str, Any] | None:
@@ -406,7 +412,10 @@ class AuditStore:
 
     def verify(self) -> LogReport:
         """The stored log against its checkpoints and the latest signed head (a cut tail is named)."""
-        return verify_log(self.lines(), self.checkpoints(), self.public_key, self._head)
+        report = verify_log(self.lines(), self.checkpoints(), self.public_key, self._head)
+        if not report.ok:
+            self.verify_failures += 1
+        return report
 
 
 def audit_store(core: Core) -> AuditStore:

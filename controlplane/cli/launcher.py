@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from hivemesh.controlplane.ca import CaFiles, init_ca, load_ca
-from hivemesh.controlplane.cli.procs import Supervisor
+from hivemesh.controlplane.cli.procs import Child, Supervisor
 from hivemesh.controlplane.etcd_certs import issue_etcd_certs
+from hivemesh.controlplane.metrics_sd import JOB_CONTROLPLANE, JOB_NODES, SD_DIR, ScrapeTarget, write_file_sd
 from hivemesh.mesh.audit.handshake.switch import child_environment
 from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.etcd import EtcdServer
@@ -72,6 +73,10 @@ class MeshUp:
         # The demo's client and workflow engine live as long as `up`: a run waiting for a person resumes when
         # someone approves it from another terminal.
         self._demo_stack = contextlib.AsyncExitStack()
+        self.scrape_targets: list[ScrapeTarget] = []
+        """The /metrics port of every node started, written for Prometheus's file-based discovery."""
+        self._announced: list[tuple[Child, str, str, str]] = []
+        """(child, the line announcing its metrics address, job, node), read once every child is up."""
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -95,6 +100,7 @@ class MeshUp:
     async def _run(self) -> int:
         await self.start_infrastructure()
         await self.start_agents()
+        await self.write_scrape_targets()
         code = await self.demo()
         if self.opts.once:
             return code
@@ -132,7 +138,8 @@ class MeshUp:
             ),
             child_environment({}, inherit=os.environ),  # the handshaker tracer from the start
         )
-        m = await cp.wait_for_line(r"ready controlplane=(\S+) join=(\S+)", _READY_S)
+        m = await cp.wait_for_line(r"ready controlplane=(\S+) join=(\S+) metrics=(\S+)", _READY_S)
+        self._target(m.group(3), JOB_CONTROLPLANE, "controlplane")
         self.settings = MeshSettings(
             etcd=self.etcd.endpoint,
             controlplane=m.group(1),
@@ -216,6 +223,8 @@ class MeshUp:
             child = await self.sup.spawn(f"demo-{name}", _python("hivemesh.agents.run", *demo.agents), env)
             # pid first: a long line wraps on a narrow terminal, and tools look for "pid N"
             self.say(f"{name} demo (pid {child.pid}): SDK agents {', '.join(demo.agents)} in one process")
+            for agent in demo.agents:
+                self._announced.append((child, rf"serving {agent} on \S+ metrics=(\S+)", JOB_NODES, agent))
             wanted.extend(demo.capabilities)
         await self._wait_registered(wanted)
         self.say(f"all {len(wanted)} demo capabilities are registered in etcd")
@@ -241,6 +250,7 @@ class MeshUp:
             token = await self._join_token(agent)
             child = await self.sup.spawn(agent, _python("hivemesh.agents.run", agent), self._env(token))
             self.say(f"agent {agent}: SDK, in-process mesh layers (pid {child.pid})")
+            self._announced.append((child, rf"agent {agent} serving on \S+ as \S+ \(metrics (\S+)\)", JOB_NODES, agent))
         plain = await self.sup.spawn("validator", _python("hivemesh.agents.run", "validator", "--port", "0"))
         m = await plain.wait_for_line(r"listening (127\.0\.0\.1:\d+)", _READY_S)
         sidecar = await self.sup.spawn(
@@ -249,11 +259,24 @@ class MeshUp:
             self._env(await self._join_token("validator")),
         )
         self.say(f"agent validator: plain gRPC on {m.group(1)} (pid {plain.pid}), behind a sidecar (pid {sidecar.pid})")
-        ready = await sidecar.wait_for_line(r"sidecar ready inbound=\S+ mesh=(\S+)", _READY_S)
+        ready = await sidecar.wait_for_line(r"sidecar ready inbound=\S+ mesh=(\S+) metrics=(\S+)", _READY_S)
+        self._target(ready.group(2), JOB_NODES, "validator")
         # A Unix socket only this user can open: no other local process can call the mesh as the validator.
         self.say(f"  its Mesh service (for the agent's own calls): {ready.group(1)}")
         await self._wait_registered(list(PIPELINE))
         self.say("all four pipeline capabilities are registered in etcd")
+
+    # --- Prometheus discovery ---------------------------------------------------------------------------------
+    def _target(self, address: str, job: str, node: str) -> None:
+        if address != "off":
+            self.scrape_targets.append(ScrapeTarget(address, job, node))
+
+    async def write_scrape_targets(self) -> None:
+        for child, pattern, job, node in self._announced:
+            self._target((await child.wait_for_line(pattern, _READY_S)).group(1), job, node)
+        self._announced.clear()
+        paths = write_file_sd(self.opts.home / SD_DIR, self.scrape_targets)
+        self.say(f"Prometheus targets ({len(self.scrape_targets)} nodes, file_sd): {', '.join(map(str, paths))}")
 
     # --- the demo --------------------------------------------------------------------------------------------
     async def demo(self) -> int:
@@ -322,6 +345,9 @@ class MeshUp:
             self.etcd.stop()
         with contextlib.suppress(FileNotFoundError):
             (self.opts.home / STATE_FILE).unlink()
+        if self.scrape_targets:
+            with contextlib.suppress(OSError):
+                write_file_sd(self.opts.home / SD_DIR, [])  # Prometheus drops the targets that are gone
         self.say("stopped: agents, sidecar, control plane and etcd")
 
 

@@ -25,10 +25,14 @@ from hivemesh.mesh.settings import DEFAULT_TRUST_DOMAIN, MeshSettings
 @click.option("--retention", envvar="HIVEMESH_RETENTION", default="", metavar="NAME=DURATION,...",
               help="What etcd keeps how long, e.g. 'workflows=1d,escalations=30d,history=10m'; 'off' disables "
                    "(defaults: docs/resilience.md).")
+@click.option("--metrics-listen", default=None, metavar="HOST:PORT",
+              help="Plaintext Prometheus /metrics port, or 'off' [default: $HIVEMESH_METRICS_LISTEN, else "
+                   "127.0.0.1:0].")
 @pass_cli
 @friendly_errors
 def controlplane(obj: CliContext, etcd_endpoints: str, state_dir: Path | None, trust_domain: str, host: str,
-                 port: int, join_port: int, grants_file: Path | None, cert_ttl: int, retention: str) -> None:
+                 port: int, join_port: int, grants_file: Path | None, cert_ttl: int, retention: str,
+                 metrics_listen: str | None) -> None:
     """Run the control plane: CA, token issuer, join service."""
     from hivemesh.controlplane.retention_config import RetentionConfig
     from hivemesh.controlplane.server import ControlPlaneConfig, ControlPlaneServer
@@ -41,14 +45,18 @@ def controlplane(obj: CliContext, etcd_endpoints: str, state_dir: Path | None, t
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--retention") from None
 
-    config = ControlPlaneConfig(
-        etcd_endpoints=etcd_endpoints, certs_dir=obj.certs_dir, state_dir=state_dir or obj.home / "controlplane",
-        trust_domain=trust_domain, host=host, port=port, join_port=join_port, grants_file=grants_file,
-        cert_ttl_s=cert_ttl, retention=kept,
-    )
+    try:
+        config = ControlPlaneConfig(
+            etcd_endpoints=etcd_endpoints, certs_dir=obj.certs_dir, state_dir=state_dir or obj.home / "controlplane",
+            trust_domain=trust_domain, host=host, port=port, join_port=join_port, grants_file=grants_file,
+            cert_ttl_s=cert_ttl, retention=kept, metrics_listen=metrics_listen,
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
     def ready(server: ControlPlaneServer) -> None:
-        click.echo(f"ready controlplane={server.address} join={server.join_address}")
+        metrics = server.metrics.address if server.metrics is not None else "off"
+        click.echo(f"ready controlplane={server.address} join={server.join_address} metrics={metrics}")
 
     asyncio.run(serve_controlplane(config, on_started=ready))
 
@@ -75,14 +83,18 @@ def controlplane(obj: CliContext, etcd_endpoints: str, state_dir: Path | None, t
 @click.option("--no-content-screen", is_flag=True, help="Do not screen text fields for prompt-injection patterns.")
 @click.option("--screen-exempt", multiple=True, metavar="CAP", help="A capability the content screen skips.")
 @click.option("--audit-dir", default=None, help="Audit spool directory (default: <home>/audit).")
+@click.option("--metrics-listen", default=None, metavar="HOST:PORT",
+              help="Plaintext Prometheus /metrics port, or 'off' [default: $HIVEMESH_METRICS_LISTEN, else "
+                   "127.0.0.1:0].")
 @friendly_errors
 def sidecar(agent: str | None, client: str | None, listen: str, mesh_socket: str | None, mesh_listen: str | None,
             name: str | None, lease_ttl: int, max_input_bytes: int, limits: tuple[str, ...], no_content_screen: bool,
-            screen_exempt: tuple[str, ...], audit_dir: str | None) -> None:
+            screen_exempt: tuple[str, ...], audit_dir: str | None, metrics_listen: str | None) -> None:
     """Front an agent written in any language (--agent), or serve a caller in any language (--client):
     mTLS, tokens, authz, audit, registry, routing.
 
-    Prints `sidecar ready inbound=HOST:PORT mesh=unix:PATH` once serving (a caller-only sidecar has no inbound=).
+    Prints `sidecar ready inbound=HOST:PORT mesh=unix:PATH metrics=HOST:PORT` once serving (a caller-only sidecar
+    has no inbound=).
 
     The mesh location and the one-time join token come from HIVEMESH_* variables (or the `up` state file). The
     identity it joins with is kept in <home>/identity/, so a restart needs no new join token.
@@ -108,8 +120,12 @@ def sidecar(agent: str | None, client: str | None, listen: str, mesh_socket: str
     if mesh_socket is not None and mesh_listen is not None:
         raise click.UsageError("give --mesh-socket or --mesh-listen, not both")
     enable()  # consent to the handshake audit (the package's main turned the tracer on before gRPC loaded)
-    config = SidecarConfig(agent=agent, client=client, listen=listen, mesh_socket=mesh_socket,
-                           mesh_listen=mesh_listen, name=name, lease_ttl_s=lease_ttl, max_input_bytes=max_input_bytes,
-                           limits=tuple(per_cap),
-                           content_screen=not no_content_screen, screen_exempt=screen_exempt, audit_dir=audit_dir)
+    try:
+        config = SidecarConfig(agent=agent, client=client, listen=listen, mesh_socket=mesh_socket,
+                               mesh_listen=mesh_listen, name=name, lease_ttl_s=lease_ttl,
+                               max_input_bytes=max_input_bytes, limits=tuple(per_cap),
+                               content_screen=not no_content_screen, screen_exempt=screen_exempt,
+                               audit_dir=audit_dir, metrics_listen=metrics_listen)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
     asyncio.run(run_sidecar(config, MeshSettings.resolve()))

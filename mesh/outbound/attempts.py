@@ -20,6 +20,7 @@ import grpc
 from hivemesh.mesh import tracing
 from hivemesh.mesh.errors import CircuitOpenError, DeadlineExceededError, HivemeshError, TokenExpiredError
 from hivemesh.mesh.outbound.call import Metadata, OutboundCall, idempotent
+from hivemesh.mesh.outbound.events import OutboundEvents
 from hivemesh.mesh.outbound.selection import InstanceSelector
 from hivemesh.mesh.resilience.breaker import DEFAULT_FAILURE_CODES, CircuitBreaker
 from hivemesh.mesh.resilience.kinds import BreakerSettings
@@ -59,6 +60,8 @@ class AttemptParts:
     send: Send
     forget_token: Callable[[Instance], None]
     """Drop the cached token for an instance's identity (the target refused it: expired or rotated)."""
+    events: OutboundEvents | None = None
+    """Told of retries the budget refused and instances ejected (the node's metrics)."""
 
 
 def report_attempt(
@@ -68,6 +71,7 @@ def report_attempt(
     capability: str,
     instance: Instance,
     settings: BreakerSettings | None,
+    events: OutboundEvents | None = None,
 ) -> None:
     """Tell an instance breaker how an attempt went ("ok", "neutral", "failed"); it opens only while
     `max_ejected_share` of the capability's live instances allows one more ejection."""
@@ -84,6 +88,8 @@ def report_attempt(
 
         if breaker.on_failure(may_open):
             log.warning("ejected instance %s of %s (circuit breaker open)", instance.instance_id, capability)
+            if events is not None:
+                events.ejected(capability)
 
 
 class Attempts:
@@ -209,7 +215,7 @@ class Attempts:
                     tracing.finish(span, failure, None if failure is not None else grpc.StatusCode.OK)
                 state.attempt_finished(cap, instance.instance_id, failed=health == "failed")
                 if breaker is not None:
-                    report_attempt(selector, breaker, health, cap, instance, settings)
+                    report_attempt(selector, breaker, health, cap, instance, settings, self.parts.events)
             if health == "ok":
                 liveness.mark_ok(instance.instance_id)
                 return raw, instance
@@ -262,6 +268,8 @@ class Attempts:
             return False  # no time left for another attempt: fail now with the real error
         if not budget.try_spend():
             log.debug("retry budget of %s exhausted; not retrying %s", call.capability, err.reason)
+            if self.parts.events is not None:
+                self.parts.events.budget_refused(call.capability)
             return False
         return True
 

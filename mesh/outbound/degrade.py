@@ -20,6 +20,7 @@ import grpc
 
 from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.outbound.call import OutboundCall
+from hivemesh.mesh.outbound.events import OutboundEvents
 from hivemesh.mesh.resilience.cache import ResponseCache
 from hivemesh.mesh.resilience.routes import RoutePolicy
 from hivemesh.mesh.wire import metadata_entry
@@ -58,11 +59,13 @@ class Degradation:
         *,
         principal: Callable[[], str],
         authorize: Authorize,
+        events: OutboundEvents | None = None,
     ) -> None:
         self.cache = cache
         self._run = run
         self._principal = principal
         self._authorize = authorize
+        self._events = events
         self.refused = 0
         """Cached answers withheld because the caller was not allowed to make the call at that moment."""
 
@@ -95,6 +98,8 @@ class Degradation:
                 try:
                     raw, instance = await self._run(fallback)
                     log.info("%s failed (%s): answered by fallback %s", call.capability, err.reason, routes.fallback)
+                    if self._events is not None:
+                        self._events.fallback(call.capability)
                     return raw + metadata_entry(DEGRADED_KEY, f"fallback:{routes.fallback}"), instance
                 except HivemeshError as fb_err:
                     log.info("fallback %s of %s failed too: %s", routes.fallback, call.capability, fb_err.reason)
@@ -110,5 +115,7 @@ class Degradation:
                              call.capability, err.reason, refused.reason)
                     return None
                 log.info("%s failed (%s): answered from the response cache", call.capability, err.reason)
+                if self._events is not None:
+                    self._events.cached(call.capability)
                 return raw + metadata_entry(DEGRADED_KEY, "cache"), instance
         return None

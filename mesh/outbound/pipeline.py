@@ -41,6 +41,7 @@ from hivemesh.mesh.outbound.attempts import (
 from hivemesh.mesh.outbound.call import Metadata, OutboundCall, deadline_for
 from hivemesh.mesh.outbound.channels import ChannelPool
 from hivemesh.mesh.outbound.degrade import DEGRADE_CODES, Degradation
+from hivemesh.mesh.outbound.events import OutboundEvents
 from hivemesh.mesh.outbound.selection import InstanceSelector, Liveness
 from hivemesh.mesh.resilience.breaker import DEFAULT_FAILURE_CODES, CircuitBreaker
 from hivemesh.mesh.resilience.traffic import Traffic
@@ -74,19 +75,22 @@ class OutboundPipeline:
         *,
         traffic: Traffic | None = None,
         authz: Callable[[], AuthzTable] | None = None,
+        events: OutboundEvents | None = None,
     ) -> None:
         """authz returns the authz policies in force (the node's mirror): a cached answer is served only to a
-        caller they allow; without it no cached answer is served at all (fail closed)."""
+        caller they allow; without it no cached answer is served at all (fail closed). events hears of every
+        call's end, retries, ejections and degraded answers (the node's metrics)."""
         self.liveness = liveness
         self.tokens = tokens
         self.channels = channels
         self.traffic = traffic if traffic is not None else Traffic()
         self.selector = InstanceSelector(liveness, self.traffic.state)
-        self._parts = AttemptParts(self.selector, self._prepare_attempt, self._send, self._forget_token)
+        self.events = events
+        self._parts = AttemptParts(self.selector, self._prepare_attempt, self._send, self._forget_token, events)
         self._authz = authz
         self._subjects: dict[str, str] = {}
         self._degradation = Degradation(self.traffic.state.cache, self._run, principal=self._principal,
-                                        authorize=self._authorize_cached)
+                                        authorize=self._authorize_cached, events=events)
         self.observer: Callable[[str, HivemeshError], None] | None = None
         """Told of every call this node refuses itself (circuit open, no instance, no grant, certificate
         expired...): the audit log of a serving node records them. It must not raise."""
@@ -197,6 +201,9 @@ class OutboundPipeline:
             f"{tracing.AGENT_SERVICE}/Invoke", tracing.SpanKind.CLIENT,
             tracing.rpc_attributes(tracing.AGENT_SERVICE, "Invoke", capability=capability))
         failure: BaseException | None = None
+        events = self.events
+        started = time.perf_counter() if events is not None else 0.0
+        error: HivemeshError | None = None
         state.out_started(capability)
         try:
             try:
@@ -221,7 +228,7 @@ class OutboundPipeline:
             failed, failure = False, exc  # the caller went away: not the capability's failure
             raise
         except HivemeshError as err:
-            failure = err
+            failure = error = err
             observer = self.observer
             if observer is not None and err.__cause__ is None:  # decided here (no remote status): audit it
                 observer(capability, err)
@@ -231,6 +238,8 @@ class OutboundPipeline:
             if span is not None:
                 tracing.finish(span, failure, grpc.StatusCode.CANCELLED if failure is not None and not failed
                                else None if failure is not None else grpc.StatusCode.OK)
+            if events is not None:
+                events.finished(capability, error, time.perf_counter() - started, attempts.retries)
 
     async def invoke_on(
         self,
@@ -341,7 +350,7 @@ class OutboundPipeline:
                     stream.cancel()
                     t.attempt_finished(capability, instance.instance_id, failed=health == "failed")
                     if breaker is not None:
-                        report_attempt(selector, breaker, health, capability, instance, settings)
+                        report_attempt(selector, breaker, health, capability, instance, settings, self.events)
                 if health == "ok":
                     self.liveness.mark_ok(instance.instance_id)
                     outcome = "success"

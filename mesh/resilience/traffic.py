@@ -114,6 +114,22 @@ class TrafficState:
             g.configure(policy)
         return g
 
+    def breakers(self) -> list[tuple[str, str, CircuitBreaker]]:
+        """Every breaker as (capability, instance id or "" for the capability's own, breaker), for metrics."""
+        out = [(cap, "", b) for cap, b in self._cap_breakers.items()]
+        out.extend((cap, inst, b) for (cap, inst), b in self._inst_breakers.items())
+        return out
+
+    def in_flight(self) -> list[tuple[str, str, int]]:
+        """(direction, capability, calls in flight) of every capability seen, for metrics."""
+        out = [("inbound", cap, c.in_flight) for cap, c in self._in.items()]
+        out.extend(("outbound", cap, c.in_flight) for cap, c in self._out.items())
+        return out
+
+    def queue_depths(self) -> list[tuple[str, int]]:
+        """Calls waiting for an in-flight slot, per agent with a concurrency policy, for metrics."""
+        return [(agent, g.queued) for agent, g in self._gates.items()]
+
     def gate_of(self, agent: str) -> ConcurrencyGate | None:
         """The in-flight gate of agent, if a concurrency policy has applied to it yet."""
         return self._gates.get(agent)

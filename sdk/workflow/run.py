@@ -42,6 +42,9 @@ class WorkflowRun:
         """Record one event of this run, fenced on its owner value (one append at a time: steps run concurrently)."""
         async with self._append_lock:
             await self.engine.store.append(self.state, kind, data, fence=self._lock.value)
+        metrics = self.engine.mesh.node.metrics
+        if metrics is not None:
+            metrics.workflow_event(self.state.definition, kind, data)
 
     def _idempotent(self, capability: str) -> bool:
         for info in self.engine.mesh.capability_infos():

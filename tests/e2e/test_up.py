@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,22 @@ def test_up_serves_the_cli_until_sigterm(tmp_path: Path) -> None:
             [*base, "call", "teleport", "--data", "{}"], capture_output=True, text=True, timeout=60
         )
         assert unknown.returncode == 1 and "UNKNOWN_CAPABILITY" in unknown.stderr
+
+        # Every node it started is in the Prometheus discovery files it wrote, and serves its metrics.
+        sd = tmp_path / "home" / "prometheus"
+        said = "".join("".join(output).split())  # the console wraps long lines
+        assert f"file_sd):{sd / 'nodes.json'}" in said, "".join(output)[:6000]
+        nodes = {g["labels"]["node"]: g for g in json.loads((sd / "nodes.json").read_text())}
+        assert {"ocr", "extractor", "storage", "validator", "research", "tier1"} <= set(nodes)
+        assert all(g["labels"]["job"] == "hivemesh" for g in nodes.values())
+        (cp,) = json.loads((sd / "controlplane.json").read_text())
+        assert cp["labels"] == {"job": "hivemesh-controlplane", "node": "controlplane"}
+        with urllib.request.urlopen(f"http://{nodes['extractor']['targets'][0]}/metrics", timeout=10) as resp:
+            exposition = resp.read().decode()
+        assert ('capability="extract",code="INVALID_ARGUMENT",direction="inbound",reason="INVALID_INPUT"} 1.0'
+                in exposition)
+        with urllib.request.urlopen(f"http://{cp['targets'][0]}/metrics", timeout=10) as resp:
+            assert 'packaging="controlplane"' in resp.read().decode()
     finally:
         up.send_signal(signal.SIGTERM)
         try:
@@ -132,6 +149,7 @@ def test_up_serves_the_cli_until_sigterm(tmp_path: Path) -> None:
     assert up.returncode == 0, text[-3000:]
     assert "stopped: agents, sidecar, control plane and etcd" in text
     _assert_all_gone(_pids(text))
+    assert json.loads((tmp_path / "home" / "prometheus" / "nodes.json").read_text()) == []  # targets gone
 
 
 @pytest.mark.slow

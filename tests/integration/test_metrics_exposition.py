@@ -17,7 +17,7 @@ def _populated() -> MeshMetrics:
     m.red.observe("inbound", "echo", "spiffe://hivemesh.local/client/cli", "OK", "", 0.004)
     m.red.observe("inbound", "echo", "spiffe://hivemesh.local/client/cli", "RESOURCE_EXHAUSTED", "RATE_LIMITED", 0.0002)
     m.red.observe("outbound", "extract", "spiffe://hivemesh.local/agent/ocr", "UNAVAILABLE", "NO_LIVE_INSTANCE", 0.001)
-    m.red.in_flight.labels("inbound", "echo").inc()
+    m.state.add("hivemesh_requests_in_flight", lambda: [({"direction": "inbound", "capability": "echo"}, 1.0)])
     m.events.retries.labels("extract").inc(3)
     m.events.llm_tokens.labels("rule-based", "spiffe://hivemesh.local/client/cli", "input").inc(120)
     m.events.llm_cost.labels("rule-based", "spiffe://hivemesh.local/client/cli", "USD").inc(0.0012)

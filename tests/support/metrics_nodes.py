@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -40,9 +41,17 @@ class _TrafficOnScrape(Collector):
         return iter(())
 
 
+_IN_FLIGHT: weakref.WeakKeyDictionary[MeshMetrics, dict[tuple[str, str], float]] = weakref.WeakKeyDictionary()
+
+
 def set_in_flight(m: MeshMetrics, direction: str, capability: str, n: int) -> None:
-    """Calls in flight on a node, the one place tests set them (the metrics catalog says how a node exports them)."""
-    m.red.in_flight.labels(direction, capability).set(n)
+    """Calls in flight on a node, the one place tests set them: a scrape-time reading, as a node exports them."""
+    values = _IN_FLIGHT.get(m)
+    if values is None:
+        values = _IN_FLIGHT[m] = {}
+        m.state.add("hivemesh_requests_in_flight", lambda: [
+            ({"direction": d, "capability": c}, v) for (d, c), v in values.items()])
+    values[(direction, capability)] = float(n)
 
 
 def _calls(m: MeshMetrics, capability: str, n: int, seconds: float, code: str = "OK", reason: str = "") -> None:

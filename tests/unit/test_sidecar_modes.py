@@ -24,7 +24,8 @@ def _sidecar(config: SidecarConfig) -> Sidecar:
 def test_ready_lines() -> None:
     agent = _sidecar(SidecarConfig(agent="127.0.0.1:7001"))
     agent.port, agent.mesh_socket = 40001, Path("/run/a/mesh.sock")
-    assert agent.ready_line == "sidecar ready inbound=127.0.0.1:40001 mesh=unix:/run/a/mesh.sock"
+    # Not started: no node, so no metrics port yet.
+    assert agent.ready_line == "sidecar ready inbound=127.0.0.1:40001 mesh=unix:/run/a/mesh.sock metrics=off"
     caller = _sidecar(SidecarConfig(client="billing", mesh_listen="127.0.0.1:0"))
     caller.mesh_port = 40002
-    assert caller.ready_line == "sidecar ready mesh=127.0.0.1:40002"  # no inbound port at all
+    assert caller.ready_line == "sidecar ready mesh=127.0.0.1:40002 metrics=off"  # no inbound port at all

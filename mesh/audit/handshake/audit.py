@@ -81,6 +81,8 @@ class HandshakeAudit:
         """Why refusals are not being audited, when they are not."""
         self.recorded = 0
         """Refusals accounted for in records so far (the sum of their counts)."""
+        self.refused_by_reason: dict[str, int] = {}
+        """Every refusal seen, by reason, as it arrives (the node's metrics read it; records may coalesce)."""
 
     async def start(self) -> None:
         """Begin listening for this port's failures and probe once; returns without waiting for the probe."""
@@ -164,6 +166,7 @@ class HandshakeAudit:
         reason, _ = classify(failure.error)
         now = self._clock()
         with self._lock:
+            self.refused_by_reason[reason] = self.refused_by_reason.get(reason, 0) + 1
             key = (failure.peer_host, reason) if len(self._windows) < _MAX_KEYS else ("*", reason)
             window = self._windows.get(key)
             if window is not None and now - window.start < self.window_s:
