@@ -25,6 +25,7 @@ from hivemesh.mesh.resilience.breaker import State
 from hivemesh.mesh.resilience.traffic import breaker_states
 from hivemesh.sdk import AgentServer, MeshClient
 from hivemesh.v1 import agent_pb2
+from tests.support.agents_for_tests import EchoAgent
 from tests.support.meshenv import MeshEnv
 from tests.support.resilience_rig import BackupAgent, FlakyAgent, FlakyV2, apply, fleet, wait_until
 
@@ -431,22 +432,20 @@ async def test_a_rate_limited_call_through_a_sidecar_says_so_to_any_grpc_client(
     from tests.support.plain_agent import PlainAgent
 
     await apply(etcd, """
-kind: grants
-name: plain-self
-spec: {subjects: ["spiffe://hivemesh.local/agent/plain"], capabilities: [plain-echo]}
----
 kind: ratelimits
-name: plain
-spec: {agents: [plain], capabilities: [plain-echo], per_identity_rps: 1, burst_s: 1}
+name: echo
+spec: {agents: [echo], capabilities: [echo], per_identity_rps: 1, burst_s: 1}
 """)
     plain = PlainAgent("plain", prefix="plain-")
-    async with plain, Sidecar(SidecarConfig(agent=plain.endpoint), await mesh_env.settings_for("plain")) as sidecar:
+    async with plain, AgentServer(EchoAgent("e"), await mesh_env.settings_for("echo")), \
+            Sidecar(SidecarConfig(agent=plain.endpoint), await mesh_env.settings_for("plain")) as sidecar:
         assert sidecar.node is not None
-        assert await sidecar.node.registry.wait_for_capability("plain-echo", 1, timeout=10)
-        # A plain gRPC client (as any language would be) calling the sidecar's Mesh service on loopback.
+        assert await sidecar.node.registry.wait_for_capability("echo", 1, timeout=10)
+        # A plain gRPC client (as any language would be) calling the sidecar's Mesh service: the plain agent
+        # calls another agent's capability, whose rate limit refuses the second call.
         async with grpc.aio.insecure_channel(sidecar.mesh_endpoint) as channel:
             call = channel.unary_unary("/hivemesh.v1.Mesh/Call")
-            req = agent_pb2.InvokeRequest(capability="plain-echo", input=b'{"text": "hi"}').SerializeToString()
+            req = agent_pb2.InvokeRequest(capability="echo", input=b'{"text": "hi"}').SerializeToString()
             await call(req, timeout=5)
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await call(req, timeout=5)
