@@ -41,7 +41,9 @@ const card = {
       + 'InvokeStream sends {"line": …} per item, then {"total": …}.',
     input_schema: JSON.stringify(INPUT_SCHEMA),
     output_schema: JSON.stringify(OUTPUT_SCHEMA),
-    streaming: true,
+    // Unary is the natural call (the whole quote, checked against output_schema by the sidecar); InvokeStream
+    // is offered too, with line and total items. A capability marked streaming declares its item schema instead.
+    streaming: false,
     idempotent: true, // a quote has no side effect: safe to retry
     tags: ['sales', 'pricing'],
     input_modes: [JSON_TYPE],

@@ -128,7 +128,7 @@ async def rig(mesh: MeshEnv, node_modules: Path, tmp_path: Path) -> AsyncIterato
                                           audit=False) as python:
                 for capability in ("pricing.quote", "echo"):
                     assert await python.node.registry.wait_for_capability(capability, 1, timeout=30)
-                assert set(ready) == {"inbound", "mesh"} and set(caller_ready) == {"mesh"}
+                assert set(ready) == {"inbound", "mesh", "metrics"} and set(caller_ready) == {"mesh", "metrics"}
                 yield Rig(mesh, caller_ready["mesh"], caller.pid, python)
     finally:
         for proc in procs:
