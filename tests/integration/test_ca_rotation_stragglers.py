@@ -27,7 +27,9 @@ from tests.support.agents_for_tests import EchoAgent
 from tests.support.meshenv import TRUST_DOMAIN, run_cli, start_mesh_env, stop_mesh_env
 from tests.support.plain_agent import PlainAgent
 
-CERT_TTL_S = 10
+CERT_TTL_S = 40
+"""Long enough that the stranded sidecar still holds a valid old-root certificate through `finish`'s refusal on a
+loaded machine, short enough that it then expires within the test."""
 
 
 async def _until(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
@@ -72,7 +74,7 @@ async def test_finish_refuses_while_a_node_cannot_renew_and_names_it(
                 entries = {i.card.name: i for i in await env.operator.list_agents()}
                 return entries["echo"].labels.get(CERT_ROOT_LABEL) == new_root
 
-            await _until(agent_renewed, 15, "the agent's registry entry to name the new root")
+            await _until(agent_renewed, CERT_TTL_S, "the agent's registry entry to name the new root")
             code, out, err = await run_cli(env, "ca", "status", "--json")
             assert code == 0, err
             behind = json.loads(out)["not_on_signing_root"]
