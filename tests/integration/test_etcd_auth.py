@@ -8,8 +8,7 @@ compared with the intended one; the control plane's certificate may do everythin
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aetcd
@@ -60,18 +59,8 @@ def workload_tls(ca: CertificateAuthority, files: CaFiles, kind: str, name: str)
 
 
 @pytest.fixture
-def tls_etcd(session_ca: SessionCa, tmp_path: Path) -> Iterator[EtcdServer]:
-    server = session_ca.etcd_server(tmp_path / "etcd")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def root(tls_etcd: EtcdServer, session_ca: SessionCa) -> AsyncIterator[aetcd.Client]:
-    c = client(tls_etcd.endpoint, tls=controlplane_etcd_tls(session_ca.files.certs_dir))
+async def root(own_etcd: EtcdServer, session_ca: SessionCa) -> AsyncIterator[aetcd.Client]:
+    c = client(own_etcd.endpoint, tls=controlplane_etcd_tls(session_ca.files.certs_dir))
     await wait_connected(c)
     try:
         yield c
@@ -106,16 +95,16 @@ async def _watch_allowed(c: aetcd.Client, prefix: bytes) -> bool:
     raise AssertionError("the watch stream ended without an answer")
 
 
-async def test_without_credentials_nothing_is_readable(tls_etcd: EtcdServer, root: aetcd.Client,
+async def test_without_credentials_nothing_is_readable(own_etcd: EtcdServer, root: aetcd.Client,
                                                        session_ca: SessionCa) -> None:
     await root.put(b"/hivemesh/agents/a/1", b"secret")
-    plaintext = client(tls_etcd.endpoint, timeout=2)
-    no_cert = client(tls_etcd.endpoint, timeout=2, tls=EtcdTls(session_ca.files.ca_cert.read_bytes()))
+    plaintext = client(own_etcd.endpoint, timeout=2)
+    no_cert = client(own_etcd.endpoint, timeout=2, tls=EtcdTls(session_ca.files.ca_cert.read_bytes()))
     rogue_dir = session_ca.files.certs_dir.parent / "rogue"
     from hivemesh.controlplane.ca import init_ca
 
     init_ca(rogue_dir, TD)  # same trust domain name, another root: its certificates are not trusted
-    rogue = client(tls_etcd.endpoint, timeout=2,
+    rogue = client(own_etcd.endpoint, timeout=2,
                    tls=EtcdTls(session_ca.files.ca_cert.read_bytes(), *_rogue_pair(load_ca(rogue_dir))))
     for who, c in (("plaintext", plaintext), ("TLS without a client certificate", no_cert),
                    ("a certificate from an untrusted root", rogue)):
@@ -135,14 +124,14 @@ def _rogue_pair(ca: CertificateAuthority) -> tuple[bytes, bytes]:
     return ca.sign_csr(csr, sid), key
 
 
-async def test_agent_credentials_allow_deny_table(tls_etcd: EtcdServer, root: aetcd.Client,
+async def test_agent_credentials_allow_deny_table(own_etcd: EtcdServer, root: aetcd.Client,
                                                   session_ca: SessionCa) -> None:
     ca = load_ca(session_ca.files.certs_dir)
     await ensure_workload_user(root, "agent", "a")
     await ensure_workload_user(root, "agent", "b")
     for prefix in EXPECTED:
         await root.put(prefix.encode() + b"existing", b"v")
-    agent = client(tls_etcd.endpoint, tls=workload_tls(ca, session_ca.files, "agent", "a"))
+    agent = client(own_etcd.endpoint, tls=workload_tls(ca, session_ca.files, "agent", "a"))
     await wait_connected(agent)
     table: dict[str, tuple[bool, bool]] = {}
     try:
@@ -155,7 +144,7 @@ async def test_agent_credentials_allow_deny_table(tls_etcd: EtcdServer, root: ae
                 assert await _outcome(agent.delete(p + b"new"))
             table[prefix] = (read, write)
         # Leases: its own may carry its own keys; it may not revoke another's or attach keys to it.
-        b = client(tls_etcd.endpoint, tls=workload_tls(ca, session_ca.files, "agent", "b"))
+        b = client(own_etcd.endpoint, tls=workload_tls(ca, session_ca.files, "agent", "b"))
         await wait_connected(b)
         try:
             own = await agent.lease(30)
@@ -189,12 +178,12 @@ async def test_controlplane_credentials_may_do_everything(root: aetcd.Client) ->
 
 
 async def test_writes_keep_working_while_the_control_plane_adds_users(
-    tls_etcd: EtcdServer, root: aetcd.Client, session_ca: SessionCa
+    own_etcd: EtcdServer, root: aetcd.Client, session_ca: SessionCa
 ) -> None:
     """etcd refuses a request whose auth revision went stale while users were added (every join adds one);
     the client retries it, so a node's registration writes never fail because another workload joined."""
     await ensure_workload_user(root, "agent", "a")
-    agent = client(tls_etcd.endpoint, tls=workload_tls(load_ca(session_ca.files.certs_dir), session_ca.files,
+    agent = client(own_etcd.endpoint, tls=workload_tls(load_ca(session_ca.files.certs_dir), session_ca.files,
                                                         "agent", "a"))
     await wait_connected(agent)
     failures: list[str] = []
