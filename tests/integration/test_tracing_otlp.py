@@ -9,11 +9,8 @@ import asyncio
 import os
 import sys
 from collections.abc import AsyncIterator
-from typing import Any
 
-import grpc
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -21,6 +18,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from hivemesh.mesh import tracing
 from tests.support.orch_agents import WorkerAgent
 from tests.support.orch_env import REPO, Orch
+from tests.support.otlp_receiver import Receiver, otlp_receiver
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,36 +37,10 @@ asyncio.run(main())
 """
 
 
-class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """An OTLP trace receiver: keeps every ExportTraceServiceRequest."""
-
-    def __init__(self) -> None:
-        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
-        self.got = asyncio.Event()
-
-    async def Export(
-        self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> trace_service_pb2.ExportTraceServiceResponse:
-        self.requests.append(request)
-        self.got.set()
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-    def spans(self) -> list[tuple[str, Any]]:
-        return [(rs.resource, span) for req in self.requests for rs in req.resource_spans
-                for ss in rs.scope_spans for span in ss.spans]
-
-
 @pytest.fixture
 async def receiver() -> AsyncIterator[tuple[Receiver, int]]:
-    server = grpc.aio.server()
-    rcv = Receiver()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(rcv, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield rcv, port
-    finally:
-        await server.stop(0)
+    async with otlp_receiver() as got:
+        yield got
 
 
 async def test_a_callers_spans_reach_a_real_otlp_receiver_and_the_callee_continues_its_trace(
