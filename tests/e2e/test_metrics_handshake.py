@@ -28,12 +28,15 @@ async def _metrics_address(log: Path, err: Path, timeout: float = 60) -> str:
     serves several agents, `agent ocr serving on ... (metrics HOST:PORT)` in its log when it serves one."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        said = log.read_text(errors="replace") + err.read_text(errors="replace")
-        m = re.search(r"serving .*metrics[= ]([0-9.]+:[0-9]+)", said)
+        m = re.search(r"serving .*metrics[= ]([0-9.]+:[0-9]+)", _said(log) + _said(err))
         if m is not None:
             return m.group(1)
         await asyncio.sleep(0.1)
-    raise AssertionError(f"no metrics port announced within {timeout} s:\n{err.read_text()[-2000:]}")
+    raise AssertionError(f"no metrics port announced within {timeout} s:\n{_said(err)[-2000:]}")
+
+
+def _said(path: Path) -> str:
+    return path.read_text(errors="replace")
 
 
 @pytest.mark.slow
