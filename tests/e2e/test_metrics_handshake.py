@@ -44,7 +44,7 @@ async def test_a_plaintext_attempt_is_one_refusal_on_the_nodes_metrics(mesh_env:
     env = await child_env(mesh_env, "ocr", tmp_path / "home")
     env = {k: v for k, v in env.items() if k not in ("GRPC_TRACE", ENV)}  # the process turns the tracer on itself
     port = _free_port()
-    log, err = tmp_path / "ocr.out", tmp_path / "ocr.err"  # apart: the audit's tee rewrites fd 2 on its own
+    log, err = tmp_path / "ocr.out", tmp_path / "ocr.err"  # stdout and the log apart
     with log.open("wb") as out, err.open("wb") as errs:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "hivemesh.agents.run", "ocr", "--port", str(port), cwd=REPO, env=env,
