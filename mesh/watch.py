@@ -12,8 +12,8 @@ revision + 1 and applies every event exactly once, in revision order:
 - a stream that hangs silently (a paused or black-holed member keeps the TCP connection open) is caught by a
   periodic linearizable `get` with a timeout on the same channel, after which the client is recreated;
 - how far the snapshot is behind the store (`lag_revisions`, see watch_lag.py) is kept from every response's
-  header; after the watch is created and after each probe the cache asks etcd for a progress notification, so a
-  quiet prefix in a busy store still learns that it is complete up to the store's revision.
+  header; after each probe the cache asks etcd for a progress notification, so a quiet prefix in a busy store
+  still learns that it is complete up to the store's revision (not at creation: see watch_lag.py on etcd#15220).
 
 The watch talks to etcd's Watch RPC directly (aetcd's channel and stubs, not its `Watcher`): aetcd's watcher
 hides response headers and compaction on create, and can wait forever for a watch that was never created.
@@ -379,7 +379,6 @@ class PrefixCache(Generic[T]):
             raise _StreamError(f"watch cancelled by etcd: {resp.cancel_reason or 'no reason given'}")
         self._lag.hear(int(resp.header.revision))
         if resp.created:
-            self._request_progress()
             self._created = self._connected = True
             self._last_error = None
             if self._failures:
@@ -391,7 +390,8 @@ class PrefixCache(Generic[T]):
             self._apply(resp.events)
             self._lag.complete_to(self._revision)
         elif not resp.created:
-            # A progress notification: etcd sends one only to a watcher that has delivered everything up to it.
+            # A progress notification: etcd >= 3.5.8 sends one only to a watcher that has delivered everything up
+            # to it; older etcd may let it overtake a backlog (etcd#15220), so the lag can read low, never high.
             self._lag.complete_to(int(resp.header.revision))
 
     def _request_progress(self) -> None:

@@ -6,6 +6,11 @@ a progress notification, which etcd sends only to a watcher that has caught up).
 caught up, positive while etcd has told us of revisions we have not yet been shown (a watch catching up after a
 reconnect, or etcd delivering a backlog in batches). It cannot see revisions etcd never told us about (an outage:
 read `hivemesh_etcd_connected` alongside).
+
+Known limit: etcd before 3.5.8 answers a requested progress notification at once, even while the watcher is still
+being sent a backlog (etcd#15220, fixed by etcd#15237), so on such an etcd the lag can read 0 during a catch-up that
+outlasts a probe interval. It errs low, never high; PrefixCache does not request one right at watch creation, where
+that race is easiest to hit.
 """
 
 from __future__ import annotations
