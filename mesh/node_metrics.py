@@ -327,6 +327,7 @@ class NodeMetrics:
         add("hivemesh_breaker_state", breakers)
         add("hivemesh_admission_queue_depth", queues)
         add("hivemesh_registry_live_instances", live)
+        add("hivemesh_registry_watch_lag_revisions", lambda: [({}, float(cache.lag_revisions))])
         add("hivemesh_registry_impostors_refused", lambda: [({}, float(node.registry.impostors_refused))])
         add("hivemesh_etcd_connected", lambda: [({}, 1.0 if cache.connected else 0.0)])
         add("hivemesh_etcd_errors", lambda: [({}, float(cache.reconnects))])  # each a watch that broke

@@ -10,7 +10,10 @@ revision + 1 and applies every event exactly once, in revision order:
 - a resume revision that etcd has compacted away is answered with a full re-list whose result replaces the
   snapshot in one swap (diffed, so `on_change` fires at most once), then a watch from the new revision + 1;
 - a stream that hangs silently (a paused or black-holed member keeps the TCP connection open) is caught by a
-  periodic linearizable `get` with a timeout on the same channel, after which the client is recreated.
+  periodic linearizable `get` with a timeout on the same channel, after which the client is recreated;
+- how far the snapshot is behind the store (`lag_revisions`, see watch_lag.py) is kept from every response's
+  header; after each probe the cache asks etcd for a progress notification, so a quiet prefix in a busy store
+  still learns that it is complete up to the store's revision (not at creation: see watch_lag.py on etcd#15220).
 
 The watch talks to etcd's Watch RPC directly (aetcd's channel and stubs, not its `Watcher`): aetcd's watcher
 hides response headers and compaction on create, and can wait forever for a watch that was never created.
@@ -34,6 +37,7 @@ from aetcd import rpc
 from hivemesh.mesh.errors import RegistryUnavailableError
 from hivemesh.mesh.etcd import Endpoints, parse_endpoints
 from hivemesh.mesh.etcd import client as etcd_client
+from hivemesh.mesh.watch_lag import RevisionLag
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +126,8 @@ class PrefixCache(Generic[T]):
         self._view: Mapping[str, T] = MappingProxyType(self._data)
         self._mod_revs: dict[str, int] = {}  # every key seen, decoded or not -> its mod_revision
         self._revision = 0
+        self._lag = RevisionLag()
+        self._requests: asyncio.Queue[Any] | None = None  # the open watch stream's requests, while one is open
         self._generation = 0
         self._connected = False
         self._created = False
@@ -151,6 +157,21 @@ class PrefixCache(Generic[T]):
     def revision(self) -> int:
         """The etcd revision the snapshot reflects (last applied event, or the last full list)."""
         return self._revision
+
+    @property
+    def heard_revision(self) -> int:
+        """The highest store revision any etcd response to this cache reported."""
+        return self._lag.heard
+
+    @property
+    def complete_revision(self) -> int:
+        """The revision up to which the snapshot is known to hold every event under the prefix."""
+        return self._lag.complete
+
+    @property
+    def lag_revisions(self) -> int:
+        """heard_revision - complete_revision: 0 when caught up (see watch_lag.py for what it cannot see)."""
+        return self._lag.lag
 
     @property
     def generation(self) -> int:
@@ -296,6 +317,7 @@ class PrefixCache(Generic[T]):
             changed = True
         self.lists += 1
         self._revision = int(result.header.revision)
+        self._lag.complete_to(self._revision)  # a list is a consistent read of the whole prefix at its revision
         self._mod_revs = new_revs
         if changed:
             self._publish(new_data)
@@ -319,6 +341,7 @@ class PrefixCache(Generic[T]):
                 )
             )
         )
+        self._requests = requests
         metadata = tuple(c.metadata or ()) + _REQUIRE_LEADER
         call = rpc.WatchStub(c.channel).Watch(request_stream(), metadata=metadata)
         reader = asyncio.create_task(self._read(call))
@@ -332,6 +355,7 @@ class PrefixCache(Generic[T]):
             for t in (reader, prober):
                 t.cancel()
             call.cancel()
+            self._requests = None
             requests.put_nowait(None)
             await asyncio.gather(reader, prober, return_exceptions=True)
 
@@ -353,6 +377,7 @@ class PrefixCache(Generic[T]):
             raise _CompactedError(int(resp.compact_revision))
         if resp.canceled:
             raise _StreamError(f"watch cancelled by etcd: {resp.cancel_reason or 'no reason given'}")
+        self._lag.hear(int(resp.header.revision))
         if resp.created:
             self._created = self._connected = True
             self._last_error = None
@@ -361,8 +386,18 @@ class PrefixCache(Generic[T]):
                             self.prefix, self._revision + 1, self._failures)
             self._failures = 0
         if resp.events:
+            # Only up to the last event: a batch of a backlog carries the store's current revision in its header.
             self._apply(resp.events)
-        # A progress notification (no events) carries no information we rely on: see module docstring.
+            self._lag.complete_to(self._revision)
+        elif not resp.created:
+            # A progress notification: etcd >= 3.5.8 sends one only to a watcher that has delivered everything up
+            # to it; older etcd may let it overtake a backlog (etcd#15220), so the lag can read low, never high.
+            self._lag.complete_to(int(resp.header.revision))
+
+    def _request_progress(self) -> None:
+        """Ask etcd for a progress notification on the open stream (ignored by etcd while we are catching up)."""
+        if self._requests is not None:
+            self._requests.put_nowait(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
 
     def _apply(self, events: Sequence[Any]) -> None:
         """Apply one watch response's events (one or more whole revisions) and publish them in one swap."""
@@ -420,6 +455,7 @@ class PrefixCache(Generic[T]):
                     await c.get(self._prefix)
             except Exception as exc:
                 raise _StreamError(f"liveness probe failed: {exc!r}") from exc
+            self._request_progress()
 
 
 _SKIP = object()
