@@ -89,6 +89,12 @@ class Workload:
     pod: dict[str, Any]
     replicas: int
     service_name: str | None
+    claims: tuple[str, ...] = ()
+    """A StatefulSet's volumeClaimTemplates, volumes of its pods too."""
+
+    def volumes(self) -> dict[str, dict[str, Any]]:
+        found = {v["name"]: v for v in self.pod.get("volumes", [])}
+        return found | {name: {"name": name, "persistentVolumeClaim": {"claimName": name}} for name in self.claims}
 
     def pod_name(self) -> str:
         return f"{self.name}-0"
@@ -137,7 +143,8 @@ class Manifests:
     def _workload(o: dict[str, Any]) -> Workload:
         template = o["spec"]["template"]
         return Workload(o["kind"], o["metadata"]["name"], template["metadata"].get("labels", {}), template["spec"],
-                        o["spec"].get("replicas", 1), o["spec"].get("serviceName"))
+                        o["spec"].get("replicas", 1), o["spec"].get("serviceName"),
+                        tuple(c["metadata"]["name"] for c in o["spec"].get("volumeClaimTemplates", [])))
 
     def config_map(self, name: str) -> dict[str, str]:
         return dict(self.one("ConfigMap", name)["data"])
@@ -229,7 +236,7 @@ def etcd_flags() -> frozenset[str]:
 def _materialise_config_maps(m: Manifests, p: Process, root: Path) -> dict[str, str]:
     """Write the ConfigMaps a container mounts under root, so path arguments that must exist can be checked;
     mount path -> where its files now are."""
-    volumes = {v["name"]: v for v in p.workload.pod.get("volumes", [])}
+    volumes = p.workload.volumes()
     moved: dict[str, str] = {}
     for mount in p.container.get("volumeMounts", []):
         volume = volumes[mount["name"]]
@@ -527,7 +534,7 @@ def test_secrets_made_by_make_secrets_hold_what_the_manifests_mount_and_names_cl
     assert all(path.is_file() for path in ca_files.all()), "the control plane's certs dir is complete"
     processes = parsed(manifests, tmp_path / "parsed", monkeypatch)
     for p in processes:
-        volumes = {v["name"]: v for v in p.workload.pod.get("volumes", [])}
+        volumes = p.workload.volumes()
         mounts = {m["mountPath"]: volumes[m["name"]] for m in p.container.get("volumeMounts", [])}
         paths = [a.split("=", 1)[-1] for a in p.argv if "/" in a] + list(p.env.values())
         for path in (Path(x) for x in paths if x.startswith("/etc/")):
