@@ -36,10 +36,12 @@ from aetcd import rpc
 from cryptography import x509
 
 from hivemesh.agents import run as agents_run
+from hivemesh.agents.validate_plain import CAPABILITY as VALIDATOR_CAPABILITY
 from hivemesh.agents.validate_plain import parse_listen as validator_listen
 from hivemesh.controlplane.ca import CaFiles
 from hivemesh.controlplane.cli.app import cli
 from hivemesh.controlplane.grants import load_grants
+from hivemesh.controlplane.policies import parse_documents, validate_documents
 from hivemesh.mesh.etcd import EtcdTls, find_etcd_binary, parse_endpoints
 from hivemesh.mesh.etcd_roles import CONTROLPLANE_USER, ROOT_USER
 from hivemesh.mesh.node_metrics import parse_listen
@@ -578,6 +580,18 @@ def _load_make_secrets() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_the_sample_authz_policy_validates_and_admits_the_caller_the_grants_admit() -> None:
+    """deploy/k8s/policies/authz.yaml passes the control plane's own validation, and the caller's grant and its
+    authz rule name the same capability (both gates must open for a call)."""
+    path = K8S / "policies" / "authz.yaml"
+    (policy,) = validate_documents(parse_documents(path.read_text(), source=str(path)))
+    assert policy.doc.kind == "authz"
+    caller = "spiffe://hivemesh.local/client/caller"
+    (rule,) = [r for r in yaml.safe_load(path.read_text())["spec"]["rules"] if caller in r["from"]["callers"]]
+    (grant,) = [g for g in load_grants(K8S / "base" / "grants.yaml").grants if caller in g.subjects]
+    assert set(rule["to"]["capabilities"]) == set(grant.capabilities) == {VALIDATOR_CAPABILITY}
 
 
 def test_the_etcd_auth_job_bootstraps_a_real_etcd_once(session_ca: Any, tmp_path: Path,
