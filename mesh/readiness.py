@@ -60,11 +60,10 @@ class Readiness:
         """Let servicer answer for "" and services from now on (it says the current state at once)."""
         names = ("", *services)
         self._targets.append((servicer, names))
-        if self._draining:
-            await servicer.enter_graceful_shutdown()
-            return
         for name in names:
             await servicer.set(name, self.status)
+        if self._draining:
+            await servicer.enter_graceful_shutdown()
 
     async def ready(self) -> None:
         """Start-up is complete: serve unless another cause says otherwise."""
