@@ -132,11 +132,13 @@ async def test_sidecar_health_follows_its_agent_its_registry_entry_and_its_drain
         await _becomes(both, SERVING, "SERVING once the entry is back")
         assert (await etcd.get(key)) is not None
 
-        # Draining: a watcher of the health port hears NOT_SERVING before the ports close.
+        # Draining: a watcher of the health port hears NOT_SERVING first, while the mutual-TLS port still
+        # answers (it says NOT_SERVING too) before the entry goes and the ports close.
         watch = await _open_watch(probe)
         assert (await anext(watch)).status == SERVING
         stopping = asyncio.create_task(sidecar.stop())
         assert (await asyncio.wait_for(anext(watch), 10)).status == NOT_SERVING
+        assert await _status(mtls) == NOT_SERVING
         await stopping
         await probe.close()
         await mtls.close()
