@@ -42,7 +42,8 @@ def registration_held(registration: Registration, registry: RegistryView, wait_s
             return f"the registry lease of {key} is lost; registering again (last error: {registration.last_error!r})"
         if await registry.cache.wait_for(lambda snap: key in snap, wait_s):
             return None
-        await registration.update(registration.instance)  # the same document, under the live lease
+        async with asyncio.timeout(max(2.0, 2 * wait_s)):  # etcd may be what is failing: stay bounded
+            await registration.update(registration.instance)  # the same document, under the live lease
         return f"the registry entry {key} is gone; written again under its lease"
 
     return check
