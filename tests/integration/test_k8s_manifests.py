@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 import grpc
 import kubernetes_validate
+import kubernetes_validate.utils
 import pytest
 import yaml
 from aetcd import rpc
@@ -360,6 +361,17 @@ def _is_loopback(host: str) -> bool:
 
 # --- the tests -------------------------------------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def _schemas_read_once() -> Iterator[None]:
+    """kubernetes-validate re-reads and re-parses its JSON schemas (several MB of definitions) for every object;
+    the files do not change, so read each once: two thirds of the validation time."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kubernetes_validate.utils, "schema_contents",
+                   functools.cache(kubernetes_validate.utils.schema_contents))
+        yield
+
+
+@pytest.mark.usefixtures("_schemas_read_once")
 def test_every_rendered_object_validates_against_the_kubernetes_schemas(manifests: Manifests) -> None:
     kinds = sorted({o["kind"] for o in manifests.objects})
     assert kinds == ["ConfigMap", "Deployment", "Job", "Namespace", "NetworkPolicy", "PodDisruptionBudget",
@@ -422,6 +434,8 @@ def test_commands_parse_and_ports_probes_services_and_policies_name_what_they_bi
                 continue
             if "grpc" in probe:
                 assert probe["grpc"]["port"] == p.health_port == HEALTH_PORT, f"{where}: {kind} not on health"
+                # NOT_SERVING (etcd away, agent down, draining) takes a pod out of rotation; it must not restart it.
+                assert kind == "readinessProbe", f"{where}: a gRPC health {kind} would restart a healthy process"
             else:
                 action = probe.get("httpGet") or probe["tcpSocket"]
                 port = action["port"]
