@@ -39,7 +39,7 @@ from cryptography import x509
 from hivemesh.agents import run as agents_run
 from hivemesh.agents.validate_plain import CAPABILITY as VALIDATOR_CAPABILITY
 from hivemesh.agents.validate_plain import parse_listen as validator_listen
-from hivemesh.controlplane.ca import CaFiles
+from hivemesh.controlplane.ca import CaFiles, ensure_controlplane_cert, load_ca
 from hivemesh.controlplane.cli.app import cli
 from hivemesh.controlplane.grants import load_grants
 from hivemesh.controlplane.policies import parse_documents, validate_documents
@@ -102,6 +102,10 @@ class Workload:
     def pod_name(self) -> str:
         return f"{self.name}-0"
 
+    def containers(self) -> list[dict[str, Any]]:
+        """Init containers first, as they run."""
+        return [*self.pod.get("initContainers", []), *self.pod["containers"]]
+
     def container_ports(self) -> dict[str, int]:
         return {p["name"]: p["containerPort"] for c in self.pod["containers"] for p in c.get("ports", [])
                 if "name" in p}
@@ -154,7 +158,7 @@ class Manifests:
 
     def processes(self) -> Iterator[Process]:
         for w in self.workloads:
-            for c in w.pod["containers"]:
+            for c in w.containers():
                 env = self._env(w, c)
                 argv = [_expand(word, env) for word in [*c.get("command", []), *c.get("args", [])]]
                 yield Process(w, c, env, argv)
@@ -405,7 +409,7 @@ def test_every_pod_runs_non_root_read_only_without_capabilities_within_limits(ma
         assert pod["securityContext"]["runAsNonRoot"] is True, w.name
         assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (uid, gid), w.name
         assert pod["automountServiceAccountToken"] is False, w.name
-        for c in pod["containers"]:
+        for c in w.containers():
             where = f"{w.name}/{c['name']}"
             assert c["image"] == manifests.image, where
             sc = c["securityContext"]
@@ -568,11 +572,44 @@ def test_secrets_made_by_make_secrets_hold_what_the_manifests_mount_and_names_cl
         for host, _ in p.dials:
             if host.startswith("hivemesh-etcd"):
                 assert host in etcd_dns, f"{p.workload.name} dials {host}, which etcd's certificate does not name"
+    _copy_certs_as_the_init_container_does(processes, folders["hivemesh-ca"], tmp_path / "volumes")
     for p in processes:  # etcd's certificate also names each member as it advertises itself
         if p.argv[0] == "etcd":
             for arg in p.argv:
                 if arg.startswith(("--advertise-client-urls=", "--initial-advertise-peer-urls=")):
                     assert urlsplit(arg.split("=", 1)[1]).hostname in etcd_dns, arg
+
+
+def _copy_certs_as_the_init_container_does(processes: list[Process], secret: Path, volumes: Path) -> None:
+    """The control plane's init container, run as written on a Secret volume laid out as the kubelet does
+    (`..data` links), leaves a certs dir the control plane loads and can re-issue its own certificate in."""
+    (init,) = [p for p in processes if p.workload.name == "hivemesh-controlplane" and p.container["name"] == "certs"]
+    (main,) = [p for p in processes if p.workload.name == "hivemesh-controlplane" and p is not init]
+    src, dst = init.argv[3:5]
+    init_mounts = {m["mountPath"]: m["name"] for m in init.container["volumeMounts"]}
+    main_mounts = {m["mountPath"]: m["name"] for m in main.container["volumeMounts"]}
+    volumes_of = init.workload.volumes()
+    assert volumes_of[init_mounts[src]]["secret"]["secretName"] == "hivemesh-ca"
+    assert init_mounts[dst] == main_mounts[main.env["HIVEMESH_CERTS"]], "the copy is what the control plane reads"
+    assert "emptyDir" in volumes_of[init_mounts[dst]]
+    kubelet = volumes / "secret" / "..2026_12_03_00_00_00.0"
+    kubelet.mkdir(parents=True)
+    for f in secret.iterdir():
+        shutil.copyfile(f, kubelet / f.name)
+        (kubelet / f.name).chmod(0o440)
+    (volumes / "secret" / "..data").symlink_to(kubelet.name)
+    for f in secret.iterdir():
+        (volumes / "secret" / f.name).symlink_to(Path("..data") / f.name)
+    (volumes / "copy").mkdir()
+    out = subprocess.run([sys.executable, *init.argv[1:3], str(volumes / "secret"), str(volumes / "copy")],
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert out.returncode == 0, out.stderr
+    copied = {f.name: f.stat().st_mode & 0o777 for f in (volumes / "copy").iterdir()}
+    assert copied == {f.name: 0o600 if f.suffix == ".key" else 0o644 for f in secret.iterdir()}
+    ca = load_ca(volumes / "copy")
+    before = (volumes / "copy" / "controlplane.pem").read_bytes()
+    ensure_controlplane_cert(ca, volumes / "copy", min_remaining_s=365 * 86400)  # due: re-issued in place
+    assert (volumes / "copy" / "controlplane.pem").read_bytes() != before
 
 
 def _workload_identity(p: Process) -> str:
