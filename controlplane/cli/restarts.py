@@ -80,6 +80,10 @@ class Restartable(Protocol):
         ...
 
 
+def _clip(line: str, width: int = 160) -> str:
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
 def describe_exit(code: int | None) -> str:
     if code is None:
         return "exited"
@@ -99,14 +103,14 @@ async def keep_alive(unit: Restartable, policy: RestartPolicy, say: Say, stoppin
         code = await unit.wait_exit()
         if stopping.is_set():
             return
-        tail = " | ".join(line.strip() for line in unit.tail(3) if line.strip()) or "(no output)"
+        tail = " | ".join(_clip(line.strip()) for line in unit.tail(3) if line.strip()) or "(no output)"
         delay = backoff.exited(time.monotonic())
         what = f"{unit.name} (pid {pid}) {describe_exit(code)}; last lines: {tail}"
         if delay is None:
             say(f"{what}. It was restarted {policy.max_quick_failures} times and died each time within "
                 f"{policy.stable_s:g} s, so it stays down: see {unit.log_path}")
             return
-        say(f"{what}. Restarting it in {delay:.1f} s (log: {unit.log_path})")
+        say(f"{what}. Restarting it in {delay:g} s (log: {unit.log_path})")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), delay)
         if stopping.is_set():
