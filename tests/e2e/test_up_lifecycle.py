@@ -14,6 +14,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 HIVEMESH = [sys.executable, "-m", "hivemesh.controlplane.cli"]
 
 
@@ -53,6 +55,7 @@ def _wait_for_file_line(path: Path, pattern: str, count: int, timeout: float) ->
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_second_up_refused_mesh_found_from_anywhere_and_dead_children_restarted(tmp_path: Path) -> None:
     project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
     project.mkdir()
