@@ -166,9 +166,13 @@ class MeshUp:
         state = opts.home / STATE_FILE
         up = {"pid": os.getpid(), "started_at": self.started_at, "certs_dir": str(opts.certs_dir)}
         state.write_text(json.dumps({**self.settings.to_json(), **up}, indent=2))
-        localmesh.register(localmesh.LocalMesh(
-            home=opts.home, certs_dir=opts.certs_dir, pid=os.getpid(), started_at=self.started_at,
-            controlplane=self.settings.controlplane, etcd=self.settings.etcd))
+        try:
+            localmesh.register(localmesh.LocalMesh(
+                home=opts.home, certs_dir=opts.certs_dir, pid=os.getpid(), started_at=self.started_at,
+                controlplane=self.settings.controlplane, etcd=self.settings.etcd))
+        except OSError as exc:  # e.g. a read-only home folder: the mesh runs, only other folders cannot see it
+            self.say(f"could not note this mesh for the CLI in other folders ({exc}): there, set HIVEMESH_HOME="
+                     f"{opts.home} HIVEMESH_CERTS={opts.certs_dir}")
         self.say(f"control plane {m.group(1)} (joins on {m.group(2)}, pid {cp.pid})")
         self.operator = ControlPlaneClient.from_certs_dir(self.settings.controlplane, opts.certs_dir)
         await self._apply_policies(DEMO_AUTHZ)  # authorization is default deny: the demo's own rules
