@@ -270,7 +270,7 @@ class WorkflowEngine:
                 why = exc.message if isinstance(exc, LockLostError) else f"etcd unreachable ({exc})"
                 log.warning("workflow %s: %s; owning it again", state.id, why)
                 self.emit(state.id, "owner_lost", {"reason": why})
-                lock = await reown(self.store, state.id, self.owner, self.lock_ttl_s)
+                lock = await reown(self.store, state.id, self.owner, self.lock_ttl_s, lock.value)
 
     async def _drive_once(self, state: WorkflowState, definition: Any, lock: OwnerLock) -> WorkflowState:
         store = self.store

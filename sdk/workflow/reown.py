@@ -12,7 +12,7 @@ import logging
 from aetcd.exceptions import ConnectionFailedError, ConnectionTimeoutError
 
 from hivemesh.mesh.errors import FailedPreconditionError, PermissionDeniedError
-from hivemesh.sdk.workflow.store import LockLostError, OwnerLock, WorkflowStore
+from hivemesh.sdk.workflow.store import LockLostError, OwnerLock, WorkflowStore, owner_key
 
 log = logging.getLogger(__name__)
 
@@ -25,18 +25,18 @@ def etcd_unreachable(exc: BaseException) -> bool:
     return isinstance(exc, ConnectionFailedError | ConnectionTimeoutError)
 
 
-async def reown(store: WorkflowStore, workflow_id: str, owner: str, ttl_s: int) -> OwnerLock:
+async def reown(store: WorkflowStore, workflow_id: str, owner: str, ttl_s: int, previous: bytes) -> OwnerLock:
     """A fresh owner lock on the run, retried with backoff for as long as etcd cannot be reached.
 
-    Waits up to TTL + 2 s for a lease still on the owner key (this process's own old lease, if revoking it
-    failed) to expire. Raises LockLostError naming the holder if another process owns the run by then.
+    previous is the owner value this process held: while the owner key still holds it (revoking the old lease
+    failed), wait up to TTL + 2 s for that lease to expire. Raises LockLostError naming the holder at once if
+    another process owns the run.
     """
     delay = _FIRST_RETRY_S
     while True:
         try:
             # acquire's own etcd calls time out; the outer bound covers a lease grant that never answers.
-            return await asyncio.wait_for(store.acquire(workflow_id, owner, ttl_s=ttl_s, wait_s=ttl_s + 2.0),
-                                          ttl_s + 12.0)
+            return await asyncio.wait_for(_acquire(store, workflow_id, owner, ttl_s, previous), ttl_s + 12.0)
         except PermissionDeniedError:
             raise
         except FailedPreconditionError as exc:
@@ -47,3 +47,13 @@ async def reown(store: WorkflowStore, workflow_id: str, owner: str, ttl_s: int) 
                         workflow_id, type(exc).__name__, exc, delay)
         await asyncio.sleep(delay)
         delay = min(delay * 2, _MAX_RETRY_S)
+
+
+async def _acquire(store: WorkflowStore, workflow_id: str, owner: str, ttl_s: int, previous: bytes) -> OwnerLock:
+    try:
+        return await store.acquire(workflow_id, owner, ttl_s=ttl_s, wait_s=0.0)
+    except FailedPreconditionError:
+        current = await store.etcd.get(owner_key(workflow_id))
+        if current is not None and current.value != previous:
+            raise  # another process owns it: a hand-over
+    return await store.acquire(workflow_id, owner, ttl_s=ttl_s, wait_s=ttl_s + 2.0)
