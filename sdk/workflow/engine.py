@@ -261,6 +261,7 @@ class WorkflowEngine:
         LockLostError naming the new owner, only when another process took the run over."""
         if lock is None:
             lock = await self.store.acquire(state.id, self.owner, ttl_s=self.lock_ttl_s, wait_s=0.0)
+        losses = 0
         while True:
             try:
                 return await self._drive_once(state, definition, lock)
@@ -270,6 +271,9 @@ class WorkflowEngine:
                 why = exc.message if isinstance(exc, LockLostError) else f"etcd unreachable ({exc})"
                 log.warning("workflow %s: %s; owning it again", state.id, why)
                 self.emit(state.id, "owner_lost", {"reason": why})
+                losses += 1
+                if losses > 1:  # a flapping etcd: do not replay the run in a tight loop
+                    await asyncio.sleep(min(0.25 * 2 ** min(losses - 2, 5), 5.0))
                 lock = await reown(self.store, state.id, self.owner, self.lock_ttl_s, lock.value)
 
     async def _drive_once(self, state: WorkflowState, definition: Any, lock: OwnerLock) -> WorkflowState:
