@@ -157,6 +157,11 @@ class EtcdServer:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
+    @property
+    def returncode(self) -> int | None:
+        """The exit code once it has exited (negative: the signal that killed it), else None."""
+        return self._proc.poll() if self._proc else None
+
     def start(self, timeout: float = 30.0, *, wait: bool = True) -> None:
         """Start the member and wait until its health endpoint answers (bounded by timeout).
 

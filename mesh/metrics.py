@@ -94,6 +94,9 @@ class EventMetrics:
             "hivemesh_retry_budget_refusals", "Retries the retry budget refused.", ["capability"])
         self.ejections = counter(
             "hivemesh_ejections", "Instances ejected by their circuit breaker (outlier detection).", ["capability"])
+        self.peer_unreachable = counter(
+            "hivemesh_peer_unreachable", "Attempts that could not connect to an instance of peer (a SPIFFE id).",
+            ["capability", "peer"])
         self.ratelimit_refusals = counter(
             "hivemesh_ratelimit_refusals", "Calls refused by a rate limit.", ["capability"])
         self.shed = counter("hivemesh_admission_shed", "Calls shed by admission control.", ["capability"])

@@ -266,6 +266,9 @@ class NodeMetrics:
     def ejected(self, capability: str) -> None:
         self.metrics.events.ejections.labels(self._out_caps(capability)).inc()
 
+    def unreachable(self, capability: str, peer: str) -> None:
+        self.metrics.events.peer_unreachable.labels(self._out_caps(capability), peer).inc()
+
     def fallback(self, capability: str) -> None:
         self.metrics.events.fallbacks.labels(self._out_caps(capability)).inc()
 

@@ -26,6 +26,15 @@ def state_dir() -> Path:
     return Path(os.environ.get("HIVEMESH_HOME") or ".hivemesh").resolve()
 
 
+def user_state_dir() -> Path:
+    """This user's hivemesh state, whatever the folder: $XDG_STATE_HOME/hivemesh, else ~/.local/state/hivemesh
+    (the XDG base directory rule). `hivemesh up` records there which local meshes run, so the CLI finds one
+    from any folder."""
+    base = os.environ.get("XDG_STATE_HOME")
+    root = Path(base) if base and Path(base).is_absolute() else Path.home() / ".local" / "state"
+    return root / "hivemesh"
+
+
 @dataclass(frozen=True)
 class MeshSettings:
     """How a process reaches the mesh."""

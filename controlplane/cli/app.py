@@ -12,9 +12,11 @@ import os
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from hivemesh.controlplane.cli import a2a, audit, authz, certs, operate, policy, serve, slo, top, trust, up, workflows
 from hivemesh.controlplane.cli.context import CliContext
+from hivemesh.controlplane.cli.localmesh import locate
 from hivemesh.mesh.lifeline import die_with_parent_if_asked
 from hivemesh.mesh.logjson import basic_config
 
@@ -33,8 +35,11 @@ def cli(ctx: click.Context, home: Path, certs_dir: Path, verbose: bool) -> None:
         basic_config(logging.INFO if verbose else logging.WARNING)  # HIVEMESH_LOG_FORMAT=json: JSON lines
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    os.environ["HIVEMESH_HOME"] = str(home.resolve())
-    ctx.obj = CliContext(home=home.resolve(), certs_dir=certs_dir.resolve(), verbose=verbose)
+    given = {name: ctx.get_parameter_source(name) is not ParameterSource.DEFAULT for name in ("home", "certs_dir")}
+    home, certs_dir = locate(ctx.invoked_subcommand, home.resolve(), certs_dir.resolve(),  # a mesh run elsewhere
+                             home_given=given["home"], certs_given=given["certs_dir"])
+    os.environ["HIVEMESH_HOME"] = str(home)
+    ctx.obj = CliContext(home=home, certs_dir=certs_dir, verbose=verbose)
 
 
 for command in (

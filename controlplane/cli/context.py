@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 from rich.console import Console
 
+from hivemesh.controlplane.cli.localmesh import where_hint
 from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.etcd import EtcdNotFoundError
 from hivemesh.mesh.settings import MeshSettings
@@ -40,14 +41,18 @@ class CliContext:
     verbose: bool
 
     def operator_settings(self) -> MeshSettings:
-        """Where the mesh is (env or the `hivemesh up` state file), acting as the operator identity."""
+        """Where the mesh is (env or the `hivemesh up` state file), acting as the operator identity. When that
+        fails, a mesh running elsewhere is named rather than advising a second CA (`localmesh.where_hint`)."""
         cert, key = self.certs_dir / "operator.pem", self.certs_dir / "operator.key"
         if not cert.exists() or not key.exists():
-            raise click.ClickException(
-                f"no operator identity in {self.certs_dir} (operator.pem/.key): run `hivemesh certs init` "
-                "or point --certs-dir / HIVEMESH_CERTS at your certificates"
-            )
-        return MeshSettings.resolve(cert_file=cert, key_file=key)
+            advice = where_hint() or ("run `hivemesh certs init` or point --certs-dir / HIVEMESH_CERTS at your "
+                                      "certificates")
+            raise click.ClickException(f"no operator identity in {self.certs_dir} (operator.pem/.key): {advice}")
+        try:
+            return MeshSettings.resolve(cert_file=cert, key_file=key)
+        except ValueError as exc:
+            found = where_hint()
+            raise ValueError(f"{exc}; {found}" if found else str(exc)) from None
 
 
 pass_cli = click.make_pass_decorator(CliContext)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -21,7 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from hivemesh.controlplane.ca import CaFiles, init_ca, load_ca
+from hivemesh.controlplane.cli import localmesh
 from hivemesh.controlplane.cli.procs import Child, Supervisor
+from hivemesh.controlplane.cli.restarts import Say
+from hivemesh.controlplane.cli.uplock import UpLock
 from hivemesh.controlplane.etcd_certs import issue_etcd_certs
 from hivemesh.controlplane.metrics_sd import JOB_CONTROLPLANE, JOB_NODES, SD_DIR, ScrapeTarget, write_file_sd
 from hivemesh.mesh.audit.handshake.switch import child_environment
@@ -47,11 +51,8 @@ class UpOptions:
     once: bool = False
     grants_file: Path = DEMO_GRANTS
     demo: str = "default"
-    """'default' (the document pipeline, then a tour of the other five patterns), 'tour', or one demo's name
-    (see hivemesh.agents.demos.DEMOS)."""
-
-
-Say = Callable[[str], None]
+    """'default' (the document pipeline, then a tour of the other five patterns), 'tour', 'none' (only etcd and
+    the control plane), or one demo's name (see hivemesh.agents.demos.DEMOS)."""
 
 
 def _python(*module_args: str) -> list[str]:
@@ -61,8 +62,10 @@ def _python(*module_args: str) -> list[str]:
 class MeshUp:
     """Brings the local mesh up, runs the demo, and takes everything down again."""
 
-    def __init__(self, opts: UpOptions, say: Say, show_result: Callable[[Mapping[str, Any]], None]) -> None:
+    def __init__(self, opts: UpOptions, say: Say, show_result: Callable[[Mapping[str, Any]], None],
+                 started_at: float | None = None) -> None:
         self.opts = opts
+        self.started_at = time.time() if started_at is None else started_at
         self.say = say
         self.show_result = show_result
         self.etcd: EtcdServer | None = None
@@ -101,16 +104,25 @@ class MeshUp:
         await self.start_infrastructure()
         await self.start_agents()
         await self.write_scrape_targets()
+        self.supervise()
         code = await self.demo()
         if self.opts.once:
             return code
         self.say(
-            "mesh is up. Try, in another terminal:  hivemesh agents   |   hivemesh workflows list   |   "
+            "mesh is up. Try, in another terminal (any folder):  hivemesh agents   |   hivemesh workflows list   |   "
             "hivemesh escalations list   |   "
             "hivemesh call extract --data '{\"text\": \"INVOICE #1 TOTAL: $5.00\"}'   — Ctrl-C stops everything"
         )
+        if hint := path_hint():
+            self.say(hint)
         await self.stop_requested.wait()
         return code
+
+    def supervise(self) -> None:
+        """From here on a child that dies is reported and restarted (etcd too); see restarts.py."""
+        self.sup.supervise(self.say)
+        if self.etcd is not None:
+            self.sup.watch(EtcdUnit(self.etcd, self.opts.home / "logs" / "etcd.log"))
 
     # --- infrastructure ------------------------------------------------------------------------------------
     async def start_infrastructure(self) -> None:
@@ -139,6 +151,10 @@ class MeshUp:
             child_environment({}, inherit=os.environ),  # the handshaker tracer from the start
         )
         m = await cp.wait_for_line(r"ready controlplane=(\S+) join=(\S+) metrics=(\S+)", _READY_S)
+        # A restart keeps the ports the first start chose: mesh.json and every node's settings stay right.
+        cp.args += ["--port", _port(m.group(1)), "--join-port", _port(m.group(2))]
+        if m.group(3) != "off":
+            cp.args += ["--metrics-listen", m.group(3)]
         self._target(m.group(3), JOB_CONTROLPLANE, "controlplane")
         self.settings = MeshSettings(
             etcd=self.etcd.endpoint,
@@ -148,7 +164,15 @@ class MeshUp:
             trust_domain=opts.trust_domain,
         )
         state = opts.home / STATE_FILE
-        state.write_text(json.dumps(self.settings.to_json(), indent=2))
+        up = {"pid": os.getpid(), "started_at": self.started_at, "certs_dir": str(opts.certs_dir)}
+        state.write_text(json.dumps({**self.settings.to_json(), **up}, indent=2))
+        try:
+            localmesh.register(localmesh.LocalMesh(
+                home=opts.home, certs_dir=opts.certs_dir, pid=os.getpid(), started_at=self.started_at,
+                controlplane=self.settings.controlplane, etcd=self.settings.etcd))
+        except OSError as exc:  # e.g. a read-only home folder: the mesh runs, only other folders cannot see it
+            self.say(f"could not note this mesh for the CLI in other folders ({exc}): there, set HIVEMESH_HOME="
+                     f"{opts.home} HIVEMESH_CERTS={opts.certs_dir}")
         self.say(f"control plane {m.group(1)} (joins on {m.group(2)}, pid {cp.pid})")
         self.operator = ControlPlaneClient.from_certs_dir(self.settings.controlplane, opts.certs_dir)
         await self._apply_policies(DEMO_AUTHZ)  # authorization is default deny: the demo's own rules
@@ -189,7 +213,7 @@ class MeshUp:
     def _demos(self) -> list[str]:
         from hivemesh.agents.demos import demos_for
 
-        return demos_for(self.opts.demo)
+        return [] if self.opts.demo == NO_DEMO else demos_for(self.opts.demo)
 
     async def start_agents(self) -> None:
         demos = self._demos()
@@ -253,6 +277,7 @@ class MeshUp:
             self._announced.append((child, rf"agent {agent} serving on \S+ as \S+ \(metrics (\S+)\)", JOB_NODES, agent))
         plain = await self.sup.spawn("validator", _python("hivemesh.agents.run", "validator", "--port", "0"))
         m = await plain.wait_for_line(r"listening (127\.0\.0\.1:\d+)", _READY_S)
+        plain.args[-1] = _port(m.group(1))  # restarted on the same port: its sidecar keeps calling it there
         sidecar = await self.sup.spawn(
             "validator-sidecar",
             _python("hivemesh.controlplane.cli", "sidecar", "--agent", m.group(1)),
@@ -291,6 +316,8 @@ class MeshUp:
         )
         failures = 0
         demos = self._demos()
+        if not demos:
+            return 0
         mesh = await self._demo_stack.enter_async_context(MeshClient.connect(name="demo", settings=settings))
         if "pipeline" in demos:
             failures += await self._pipeline_demo(mesh, list_samples, process_document)
@@ -343,6 +370,7 @@ class MeshUp:
         await self.sup.stop_all()
         if self.etcd is not None:
             self.etcd.stop()
+        localmesh.unregister(self.opts.home, os.getpid())
         with contextlib.suppress(FileNotFoundError):
             (self.opts.home / STATE_FILE).unlink()
         if self.scrape_targets:
@@ -351,7 +379,69 @@ class MeshUp:
         self.say("stopped: agents, sidecar, control plane and etcd")
 
 
+class EtcdUnit:
+    """The embedded etcd as something `Supervisor.watch` keeps alive: restarted on its ports and data."""
+
+    def __init__(self, etcd: EtcdServer, log_path: Path) -> None:
+        self.etcd = etcd
+        self.name = "etcd"
+        self.log_path = log_path
+
+    @property
+    def pid(self) -> int | None:
+        return self.etcd.pid
+
+    async def wait_exit(self) -> int | None:
+        pid = self.etcd.pid
+        if pid is not None and self.etcd.running:
+            # A pidfd turns readable when the process exits (it stays our unreaped child until then).
+            fd = os.pidfd_open(pid)
+            exited = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            loop.add_reader(fd, exited.set)
+            try:
+                await exited.wait()
+            finally:
+                loop.remove_reader(fd)
+                os.close(fd)
+        return self.etcd.returncode
+
+    def tail(self, n: int) -> list[str]:
+        try:
+            return self.log_path.read_text(errors="replace").splitlines()[-n:]
+        except OSError:
+            return []
+
+    async def restart(self) -> None:
+        # From the loop's (main) thread, as at the first start: etcd's parent-death signal follows the thread
+        # that spawned it, so not from a worker thread. It blocks the loop for the second or two etcd takes.
+        self.etcd.start(_READY_S)
+
+
+NO_DEMO = "none"
+
+
+def _port(address: str) -> str:
+    return address.rpartition(":")[2]
+
+
+def path_hint() -> str | None:
+    """How to get `hivemesh` on PATH when it is not (`./run up` runs it from the venv without activating it)."""
+    here = Path(sys.executable).parent
+    if not (here / "hivemesh").exists() or shutil.which("hivemesh") == str(here / "hivemesh"):
+        return None
+    return (f"`hivemesh` is not on your PATH: run `source {here / 'activate'}` in your shell (or call "
+            f"{here / 'hivemesh'}); it finds this mesh from any folder")
+
+
 def run_up(opts: UpOptions, say: Say, show_result: Callable[[Mapping[str, Any]], None]) -> int:
-    """Blocking entry point used by the CLI."""
+    """Blocking entry point used by the CLI: claims the state folder first (one `up` per folder)."""
     os.environ.setdefault("HIVEMESH_HOME", str(opts.home))
-    return asyncio.run(MeshUp(opts, say, show_result).run())
+    lock = UpLock(opts.home)
+    note = lock.acquire()  # MeshAlreadyRunningError: another `up` runs here; nothing was touched
+    try:
+        if note:
+            say(note)
+        return asyncio.run(MeshUp(opts, say, show_result, started_at=lock.started_at).run())
+    finally:
+        lock.release()

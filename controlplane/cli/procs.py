@@ -1,4 +1,5 @@
-"""Child processes for `hivemesh up`: start, tee output to a log, wait for a ready line, stop them all.
+"""Child processes for `hivemesh up`: start, tee output to a log, wait for a ready line, restart one that dies
+(once `supervise` is on; `restarts.py` holds the policy), stop them all.
 
 Every child asks for PR_SET_PDEATHSIG on Linux (`hivemesh.mesh.lifeline.die_with_parent_if_asked`), so even
 a SIGKILLed `hivemesh up` leaves nothing behind.
@@ -11,11 +12,12 @@ import contextlib
 import os
 import re
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hivemesh.controlplane.cli.restarts import Restartable, RestartPolicy, Say, keep_alive
 from hivemesh.mesh.lifeline import PARENT_ENV
 
 
@@ -26,13 +28,32 @@ class Child:
     name: str
     proc: asyncio.subprocess.Process
     log_path: Path
+    args: list[str] = field(default_factory=list)
+    """How it is started again after it died: the launcher may pin what the first start chose (its ports)."""
+    env: dict[str, str] = field(default_factory=dict)
     lines: list[str] = field(default_factory=list)
     _pump: asyncio.Task[None] | None = None
     _matched: dict[str, asyncio.Future[Any]] = field(default_factory=dict)
+    _start: Callable[[Child], Awaitable[None]] | None = None
 
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    async def wait_exit(self) -> int | None:
+        code = await self.proc.wait()
+        if self._pump is not None:  # its last lines, for the report
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._pump), 2.0)
+        return code
+
+    def tail(self, n: int) -> list[str]:
+        return self.lines[-n:]
+
+    async def restart(self) -> None:
+        assert self._start is not None
+        self.lines.clear()  # a ready line of the old process must not answer wait_for_line for the new one
+        await self._start(self)
 
     async def wait_for_line(self, pattern: str, timeout: float) -> re.Match[str]:
         """Wait (bounded) until the child prints a line matching pattern; fail fast if it exits."""
@@ -68,27 +89,52 @@ class Child:
 
 
 class Supervisor:
-    """Starts children and stops them in reverse order: SIGTERM, a bounded wait, then SIGKILL."""
+    """Starts children, restarts those that die once `supervise` is called, and stops them in reverse order:
+    SIGTERM, a bounded wait, then SIGKILL."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, policy: RestartPolicy | None = None) -> None:
         self.log_dir = log_dir
+        self.policy = policy or RestartPolicy()
         self.children: list[Child] = []
+        self.stopping = asyncio.Event()
+        self._say: Say | None = None
+        self._watchers: list[asyncio.Task[None]] = []
 
     async def spawn(self, name: str, args: Sequence[str], env: Mapping[str, str] | None = None) -> Child:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.log_dir / f"{name}.log"
-        full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}
-        proc = await asyncio.create_subprocess_exec(
+        child = Child(name=name, proc=await self._exec(args, env or {}), log_path=self.log_dir / f"{name}.log",
+                      args=list(args), env=dict(env or {}), _start=self._restart)
+        child._pump = asyncio.get_running_loop().create_task(self._pump(child))
+        self.children.append(child)
+        if self._say is not None:
+            self.watch(child)
+        return child
+
+    @staticmethod
+    async def _exec(args: Sequence[str], env: Mapping[str, str]) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
             *args,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            env=full_env,
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())},
         )
-        child = Child(name=name, proc=proc, log_path=log_path)
+
+    async def _restart(self, child: Child) -> None:
+        child.proc = await self._exec(child.args, child.env)
         child._pump = asyncio.get_running_loop().create_task(self._pump(child))
-        self.children.append(child)
-        return child
+
+    def supervise(self, say: Say) -> None:
+        """From now on, report every child that dies (with say) and restart it under the policy."""
+        self._say = say
+        for child in self.children:
+            self.watch(child)
+
+    def watch(self, unit: Restartable) -> None:
+        """Keep unit alive too (a process this supervisor did not spawn, e.g. etcd); after `supervise`."""
+        assert self._say is not None, "call supervise first"
+        task = asyncio.get_running_loop().create_task(keep_alive(unit, self.policy, self._say, self.stopping))
+        self._watchers.append(task)
 
     @staticmethod
     async def _pump(child: Child) -> None:
@@ -105,6 +151,13 @@ class Supervisor:
 
     async def stop_all(self, timeout: float = 10.0) -> None:
         """Stop every child, newest first; nothing is left running when this returns."""
+        self.stopping.set()  # no restarts from here on
+        for task in self._watchers:
+            task.cancel()
+        for task in self._watchers:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._watchers.clear()
         for child in reversed(self.children):
             await self._stop(child, timeout)
         self.children.clear()

@@ -21,13 +21,14 @@ from hivemesh.mesh.settings import DEFAULT_TRUST_DOMAIN
 @click.option("--json", "as_json", is_flag=True, help="Print each document's result as one JSON line.")
 @click.option("--demo", default="default", show_default=True,
               help="Which demo: default (document pipeline + a tour of the five patterns), tour, pipeline, research, "
-                   "helpdesk, support, content, contract; 'list' shows the menu.")
+                   "helpdesk, support, content, contract; none (only etcd and the control plane); 'list' shows "
+                   "the menu.")
 @pass_cli
 @friendly_errors
 def up(obj: CliContext, once: bool, trust_domain: str, as_json: bool, demo: str) -> None:
     """Start etcd, the control plane and the reference agents, then run the demo pipeline."""
     from hivemesh.agents.demos import DEMOS, demos_for
-    from hivemesh.controlplane.cli.launcher import UpOptions, run_up
+    from hivemesh.controlplane.cli.launcher import NO_DEMO, UpOptions, run_up
 
     if demo == "list":
         menu = [{"demo": d.name, "pattern": d.pattern, "what": d.title} for d in DEMOS.values()]
@@ -40,7 +41,8 @@ def up(obj: CliContext, once: bool, trust_domain: str, as_json: bool, demo: str)
             out.print(table)
             out.print("default: the pipeline, then a tour of the others; tour: all but the pipeline")
         return
-    demos_for(demo)  # a ValueError (exit 2) before anything starts
+    if demo != NO_DEMO:
+        demos_for(demo)  # a ValueError (exit 2) before anything starts
 
     def say(line: str) -> None:
         if as_json:

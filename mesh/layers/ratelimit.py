@@ -16,7 +16,8 @@ class RateLimitLayer:
     should cost as little as possible). Reads only the compiled policy view and in-memory buckets.
 
     instances(capability) is how many live instances share a cluster-wide limit (this agent's instances
-    serving the capability, from the registry view); each enforces its share.
+    serving the capability, from the registry view); each enforces its share of the cluster total and of
+    the per-identity limits (unless their scope is "instance").
     """
 
     name = "rate-limit"
@@ -34,7 +35,7 @@ class RateLimitLayer:
         if policy is None:
             return
         identity = str(call.peer.spiffe_id) if call.peer is not None else ""
-        n = self._instances(req.capability) if self._instances is not None and policy.cluster_total_rps else 1
+        n = self._instances(req.capability) if self._instances is not None and policy.shared else 1
         wait = self._traffic.state.limiter.check(policy, req.capability, identity, instances=n)
         if wait > 0.0:
             raise RateLimitedError(

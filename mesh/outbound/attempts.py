@@ -21,7 +21,7 @@ from hivemesh.mesh import tracing
 from hivemesh.mesh.errors import CircuitOpenError, DeadlineExceededError, HivemeshError, TokenExpiredError
 from hivemesh.mesh.outbound.call import Metadata, OutboundCall, idempotent
 from hivemesh.mesh.outbound.events import OutboundEvents
-from hivemesh.mesh.outbound.selection import InstanceSelector
+from hivemesh.mesh.outbound.selection import InstanceSelector, Liveness
 from hivemesh.mesh.resilience.breaker import DEFAULT_FAILURE_CODES, CircuitBreaker
 from hivemesh.mesh.resilience.kinds import BreakerSettings
 from hivemesh.mesh.resilience.retry import RetryBudget, may_resend
@@ -90,6 +90,19 @@ def report_attempt(
             log.warning("ejected instance %s of %s (circuit breaker open)", instance.instance_id, capability)
             if events is not None:
                 events.ejected(capability)
+
+
+def report_unreachable(
+    liveness: Liveness, capability: str, instance: Instance, events: OutboundEvents | None
+) -> None:
+    """An instance could not be reached: skip it for a growing while, count it, and say so once per
+    suspicion (not once per call)."""
+    seconds = liveness.mark_failed(instance.instance_id)
+    if events is not None:
+        events.unreachable(capability, instance.identity)
+    if seconds:
+        log.warning("instance %s (%s) of %s is unreachable; skipping it for %.0f s", instance.instance_id,
+                    instance.identity, capability, seconds)
 
 
 class Attempts:
@@ -231,7 +244,7 @@ class Attempts:
             tried.add(instance.instance_id)
             self._last, self._last_instance = err, instance
             if never_sent:
-                liveness.mark_failed(instance.instance_id)
+                report_unreachable(liveness, cap, instance, parts.events)
                 continue  # the request never left: another instance may take it, free of any budget
             if policy is None:
                 # No retry policy: an idempotent capability still fails over when a connection broke mid-call.

@@ -21,6 +21,9 @@ class OutboundEvents(Protocol):
     def ejected(self, capability: str) -> None:
         """An instance's breaker opened (outlier ejection)."""
 
+    def unreachable(self, capability: str, peer: str) -> None:
+        """A call could not even connect to an instance of peer (its SPIFFE id): it is skipped for a while."""
+
     def fallback(self, capability: str) -> None:
         """A failed call answered by its fallback capability."""
 

@@ -37,6 +37,7 @@ from hivemesh.mesh.outbound.attempts import (
     Attempts,
     Result,
     report_attempt,
+    report_unreachable,
 )
 from hivemesh.mesh.outbound.call import Metadata, OutboundCall, deadline_for
 from hivemesh.mesh.outbound.channels import ChannelPool
@@ -341,7 +342,7 @@ class OutboundPipeline:
                     if never_sent or exc.code() in failure_codes:
                         health = "failed"
                     if never_sent:
-                        self.liveness.mark_failed(instance.instance_id)
+                        report_unreachable(self.liveness, capability, instance, self.events)
                         tried.add(instance.instance_id)
                         last = err
                     else:

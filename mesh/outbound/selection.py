@@ -21,6 +21,10 @@ from hivemesh.mesh.resilience.traffic import TrafficState
 from hivemesh.v1 import mesh_pb2
 
 _SUSPECT_S = 2.0
+"""How long an instance that could not be reached is skipped at first ..."""
+_SUSPECT_MAX_S = 30.0
+"""... doubling with each further failure after its suspicion ran out, up to this (a SIGKILLed instance stays
+registered until its lease expires: each probe of it costs a failed connection)."""
 
 
 class InstanceSource(Protocol):
@@ -36,12 +40,15 @@ class Liveness:
 
     An instance whose connection just failed is 'suspect' for a couple of seconds and is skipped while any
     other instance is available: a killed instance stops receiving calls at once, not only when its lease
-    expires. Suspicion is local and short-lived; the registry stays the source of truth.
+    expires. Each time it fails again when its suspicion ran out, the suspicion doubles (2 s, 4 s, ... 30 s);
+    a success clears it. Failures while it is suspect (calls already in flight) do not count, so a burst of
+    concurrent calls is one failure, not many. Suspicion is local; the registry stays the source of truth.
     """
 
     def __init__(self, source: InstanceSource, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._source = source
         self._suspect_until: dict[str, float] = {}
+        self._strikes: dict[str, int] = {}
         self._clock = clock
 
     def live(self, capability: str) -> Sequence[mesh_pb2.AgentInstance]:
@@ -63,16 +70,26 @@ class Liveness:
         """True while instance_id recently could not be reached (see mark_failed)."""
         return bool(self._suspect_until) and self._suspect_until.get(instance_id, 0.0) > self._clock()
 
-    def mark_failed(self, instance_id: str) -> None:
-        """Note that instance_id could not be reached, so selection prefers the others for a while."""
-        self._suspect_until[instance_id] = self._clock() + _SUSPECT_S
+    def mark_failed(self, instance_id: str) -> float:
+        """Note that instance_id could not be reached, so selection prefers the others for a while: the
+        seconds it is now suspect for (0.0 if it already was: the failure of a call sent before)."""
+        now = self._clock()
+        if self._suspect_until.get(instance_id, 0.0) > now:
+            return 0.0
+        strikes = self._strikes.get(instance_id, 0) + 1
+        self._strikes[instance_id] = strikes
+        seconds = min(_SUSPECT_S * float(1 << min(strikes - 1, 16)), _SUSPECT_MAX_S)
+        self._suspect_until[instance_id] = now + seconds
         if len(self._suspect_until) > 1024:
-            now = self._clock()
-            self._suspect_until = {k: v for k, v in self._suspect_until.items() if v > now}
+            # Forget instances whose suspicion ran out long ago (gone from the registry, most likely).
+            self._suspect_until = {k: v for k, v in self._suspect_until.items() if v > now - _SUSPECT_MAX_S}
+            self._strikes = {k: v for k, v in self._strikes.items() if k in self._suspect_until}
+        return seconds
 
     def mark_ok(self, instance_id: str) -> None:
         if self._suspect_until:
             self._suspect_until.pop(instance_id, None)
+            self._strikes.pop(instance_id, None)
 
 
 def rendezvous(key: str, instance_id: str) -> int:

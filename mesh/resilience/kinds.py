@@ -15,7 +15,7 @@ Examples (YAML):
       capabilities: [extract]            attempts: 3                       agents: [extractor]
       load_balancer: least_outstanding   per_try_timeout_ms: 500           capabilities: [extract]
       rules:                             retryable_codes: [UNAVAILABLE]    cluster_total_rps: 300
-        - name: canary                   backoff: {base_ms: 25, max_ms: 500} per_identity_rps: 50
+        - name: canary                   backoff: {base_ms: 25, max_ms: 500} per_identity_rps: 50  # cluster-wide
           split:                         budget: {ratio: 0.2}
             - {weight: 90, version: "1.*"}
             - {weight: 10, version: "2.*"}
@@ -382,6 +382,7 @@ RATELIMITS_SCHEMA: Final = _obj({
         "identities": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1, "maxLength": 512}},
         "rps": _RPS,
     }, required=["identities", "rps"])},
+    "scope": {"enum": ["cluster", "instance"]},
     "burst_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 60},
 })
 
@@ -392,6 +393,9 @@ def _check_ratelimits(doc: PolicyDoc) -> None:
         raise PolicyError("spec.cluster_total_rps", "give total_rps (per instance) or cluster_total_rps, not both")
     if not any(k in s for k in ("total_rps", "cluster_total_rps", "per_identity_rps", "overrides")):
         raise PolicyError("spec", "needs a limit: total_rps, cluster_total_rps, per_identity_rps or overrides")
+    if "scope" in s and not any(k in s for k in ("per_identity_rps", "overrides")):
+        raise PolicyError("spec.scope", "scope applies to per_identity_rps and overrides, and there is neither (the "
+                                        "total is per instance as total_rps, or cluster-wide as cluster_total_rps)")
 
 
 def _ratelimit(doc: PolicyDoc) -> RateLimitPolicy:
@@ -404,6 +408,7 @@ def _ratelimit(doc: PolicyDoc) -> RateLimitPolicy:
             IdentityOverride(re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in o["identities"])), o["rps"])
             for o in s.get("overrides", [])
         ),
+        identity_scope=s.get("scope", "cluster"),
         burst_s=s.get("burst_s", 0.1),
     )
 

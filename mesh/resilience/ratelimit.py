@@ -2,7 +2,9 @@
 
 A call must find a token both in its identity's bucket (fairness: one noisy caller cannot take everyone's
 share) and in the capability's total bucket. A cluster-wide total is divided by the number of live instances
-serving the capability, so the cluster as a whole admits about that rate as membership changes. A refusal
+serving the capability, so the cluster as a whole admits about that rate as membership changes; so are the
+per-identity limits unless their scope is "instance" (a caller spreading its calls over 3 replicas must not
+get 3 times its limit). A refusal
 says when a token will be there, which travels back as RetryInfo and `grpc-retry-pushback-ms`.
 """
 
@@ -71,6 +73,8 @@ class RateLimitPolicy:
     per_identity_rps: float | None = None
     """Each caller identity (SPIFFE id), unless an override names it."""
     overrides: tuple[IdentityOverride, ...] = ()
+    identity_scope: str = "cluster"
+    """Of per_identity_rps and overrides: "cluster" (divided among live instances) or "instance"."""
     burst_s: float = 0.1
     """Bucket capacity as seconds of rate (at least one call)."""
 
@@ -82,12 +86,26 @@ class RateLimitPolicy:
                 raise ValueError("rates must be >= 0")
         if self.burst_s <= 0:
             raise ValueError("burst_s must be positive")
+        if self.identity_scope not in ("cluster", "instance"):
+            raise ValueError("identity_scope must be 'cluster' or 'instance'")
 
-    def identity_rate(self, identity: str) -> float | None:
+    @property
+    def shared(self) -> bool:
+        """True when a limit is divided among the live instances (the enforcer must count them)."""
+        per_identity = self.per_identity_rps is not None or bool(self.overrides)
+        return self.cluster_total_rps is not None or (per_identity and self.identity_scope == "cluster")
+
+    def identity_rate(self, identity: str, instances: int = 1) -> float | None:
+        """This instance's rate for identity: its override or per_identity_rps, divided by the live instances
+        when the scope is the cluster."""
+        rate = self.per_identity_rps
         for o in self.overrides:
             if o.pattern.fullmatch(identity):
-                return o.rps
-        return self.per_identity_rps
+                rate = o.rps
+                break
+        if rate is not None and self.identity_scope == "cluster":
+            return rate / max(1, instances)
+        return rate
 
     def local_total(self, instances: int) -> float | None:
         if self.cluster_total_rps is not None:
@@ -133,7 +151,7 @@ class RateLimiter:
         """0.0 if the call is admitted (tokens taken), else seconds until it could be."""
         now = self._clock()
         total_rate = policy.local_total(instances)
-        ident_rate = policy.identity_rate(identity)
+        ident_rate = policy.identity_rate(identity, instances)
         waits: list[float] = []
         tb = ib = None
         if total_rate is not None:

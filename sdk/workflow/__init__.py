@@ -24,7 +24,8 @@ effect happens once (`hivemesh.sdk.idempotency`).
 **One owner.** A run is driven by whoever holds `/hivemesh/workflows/<id>/owner`, a key bound to a lease
 (default TTL 5 s) that the owner keeps alive. A killed orchestrator's lease expires and another process may
 resume; every event the owner writes is fenced on its owner value, so an owner that lost its lease cannot
-write again.
+write again. An owner that lost its lease (etcd paused or cut off) owns the run again once etcd answers and
+replays it (`reown`), unless another process took it over meanwhile.
 
 **Cancel.** `cancel_requested` is an event anyone may append; the owner watches its run's events, cancels
 the body (which cancels its in-flight gRPC calls, and so the calls those agents made), withdraws its open
@@ -33,7 +34,7 @@ escalations, and records `canceled`. A run with no live owner is cancelled direc
 Task states are A2A's: SUBMITTED → WORKING ⇄ INPUT_REQUIRED → COMPLETED | FAILED | CANCELED | REJECTED.
 
 Modules: `state` (the fold of events), `store` (etcd: events, read model, ownership), `definition` (import
-references), `run` (the durable Runner), `engine` (submit, drive, resume, cancel).
+references), `run` (the durable Runner), `engine` (submit, drive, resume, cancel), `reown` (owning a run again).
 """
 
 from hivemesh.sdk.workflow.definition import definition_ref, resolve_definition

@@ -30,6 +30,7 @@ from hivemesh.mesh.watch import PrefixCache
 from hivemesh.sdk.escalation import EscalationClient
 from hivemesh.sdk.patterns.base import TERMINAL, PatternResult, error_to_json
 from hivemesh.sdk.workflow.definition import body_of, definition_ref, resolve_definition
+from hivemesh.sdk.workflow.reown import etcd_unreachable, reown
 from hivemesh.sdk.workflow.run import WorkflowRun
 from hivemesh.sdk.workflow.state import WorkflowState
 from hivemesh.sdk.workflow.store import (
@@ -244,13 +245,39 @@ class WorkflowEngine:
         task = asyncio.get_running_loop().create_task(self._drive_run(state, definition, lock))
         handle = WorkflowHandle(state.id, task, self)
         self._handles[state.id] = handle
-        task.add_done_callback(lambda _t: self._handles.pop(state.id, None))
+        task.add_done_callback(lambda t: self._driven(state.id, t))
         return handle
 
+    def _driven(self, workflow_id: str, task: asyncio.Task[WorkflowState]) -> None:
+        """A run stopped being driven here. A hand-over to another process is an outcome, not a crash: it is
+        logged and marked retrieved, so nobody awaiting the handle does not make it an unretrieved exception."""
+        self._handles.pop(workflow_id, None)
+        if not task.cancelled() and isinstance(exc := task.exception(), LockLostError):
+            log.info("workflow %s: %s", workflow_id, exc.message)
+
     async def _drive_run(self, state: WorkflowState, definition: Any, lock: OwnerLock | None) -> WorkflowState:
-        store = self.store
+        """Drive the run to a final state; an owner that loses its lease (etcd paused or cut off for longer than
+        the TTL) owns the run again and replays it, so an answer that came meanwhile is applied. It stops, with
+        LockLostError naming the new owner, only when another process took the run over."""
         if lock is None:
-            lock = await store.acquire(state.id, self.owner, ttl_s=self.lock_ttl_s, wait_s=0.0)
+            lock = await self.store.acquire(state.id, self.owner, ttl_s=self.lock_ttl_s, wait_s=0.0)
+        losses = 0
+        while True:
+            try:
+                return await self._drive_once(state, definition, lock)
+            except Exception as exc:
+                if not isinstance(exc, LockLostError) and not etcd_unreachable(exc):
+                    raise
+                why = exc.message if isinstance(exc, LockLostError) else f"etcd unreachable ({exc})"
+                log.warning("workflow %s: %s; owning it again", state.id, why)
+                self.emit(state.id, "owner_lost", {"reason": why})
+                losses += 1
+                if losses > 1:  # a flapping etcd: do not replay the run in a tight loop
+                    await asyncio.sleep(min(0.25 * 2 ** min(losses - 2, 5), 5.0))
+                lock = await reown(self.store, state.id, self.owner, self.lock_ttl_s, lock.value)
+
+    async def _drive_once(self, state: WorkflowState, definition: Any, lock: OwnerLock) -> WorkflowState:
+        store = self.store
         cancel = asyncio.Event()
         span: tuple[tracing.Span, object] | None = None
         watch: PrefixCache[str] = PrefixCache(
@@ -325,8 +352,8 @@ class WorkflowEngine:
                 await run.append("completed", {"output": result})
         elif isinstance(exc, TaskRejectedError):
             await run.append("rejected", {"reason": exc.message, "output": None})
-        elif isinstance(exc, LockLostError):
-            raise exc
+        elif isinstance(exc, LockLostError) or etcd_unreachable(exc):
+            raise exc  # not the run's failure: it is owned again and replayed (_drive_run)
         elif isinstance(exc, CancelledError | asyncio.CancelledError):
             await run.append("canceled", {"reason": str(exc) or "cancelled"})
         else:

@@ -230,21 +230,23 @@ class WorkflowStore:
 
     async def _keep(self, lock: OwnerLock, ttl_s: int) -> None:
         interval = max(ttl_s / 3, 0.3)
-        failures = 0
+        last_ok = time.monotonic()
         while True:
             await asyncio.sleep(interval)
             try:
                 reply = await asyncio.wait_for(lock.lease.refresh(), interval)
                 if reply is None or int(getattr(reply, "TTL", 0)) <= 0:
+                    log.warning("workflow %s: the owner lease expired", lock.workflow_id)
                     lock.lost.set()
                     return
-                failures = 0
+                last_ok = time.monotonic()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - etcd trouble: the lease may still be alive; retry until TTL
-                failures += 1
-                if failures * interval >= ttl_s:
-                    log.error("workflow %s: lost the owner lease (%s)", lock.workflow_id, exc)
+                # Counted in time, not tries: a refresh that hangs costs more than one interval.
+                if time.monotonic() - last_ok >= ttl_s:
+                    log.warning("workflow %s: lost the owner lease (%s: %s)", lock.workflow_id,
+                                type(exc).__name__, exc)
                     lock.lost.set()
                     return
 

@@ -17,6 +17,12 @@ import pytest
 HIVEMESH = [sys.executable, "-m", "hivemesh.controlplane.cli"]
 
 
+@pytest.fixture(autouse=True)
+def _own_user_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each `up` notes itself in the user's state folder: a private one per test (the children inherit it)."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -38,6 +38,7 @@ GROUPS: dict[str, set[str]] = {
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A state folder and an empty certs folder; HIVEMESH_HOME (which the root group sets) is restored after."""
     monkeypatch.setenv("HIVEMESH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))  # no mesh this user runs changes the advice
     for name in ("HIVEMESH_CERTS", "HIVEMESH_ETCD", "HIVEMESH_CONTROLPLANE", "HIVEMESH_JOIN", "HIVEMESH_CA"):
         monkeypatch.delenv(name, raising=False)
     (tmp_path / "certs").mkdir()

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from hivemesh.mesh.errors import DeadlineExceededError, OverloadedError
-from hivemesh.mesh.policy import PolicyDoc
+from hivemesh.mesh.policy import PolicyDoc, PolicyError
 from hivemesh.mesh.resilience.balancer import LEAST_OUTSTANDING, ROUND_ROBIN, Balancer
 from hivemesh.mesh.resilience.breaker import BreakerPolicy, CircuitBreaker, State
 from hivemesh.mesh.resilience.concurrency import ConcurrencyGate, ConcurrencyPolicy, PriorityClass
@@ -200,6 +200,36 @@ def test_rate_limiter_cluster_total_divides_by_live_instances_and_reports_delay(
     assert lim.usage("c")[2] == 100
     with pytest.raises(ValueError):
         RateLimitPolicy(total_rps=1, cluster_total_rps=1)
+
+
+
+def test_per_identity_limits_are_divided_among_live_instances_unless_their_scope_is_instance() -> None:
+    clock = Clock()
+    lim = RateLimiter(clock=clock)
+    shared = RateLimitPolicy(per_identity_rps=30, burst_s=1.0)
+    assert shared.shared and shared.identity_rate("x", 3) == 10  # cluster is the default scope
+    admitted = 0
+    for _ in range(1000):  # 10 s in 10 ms ticks; one caller floods this one of 3 instances
+        clock.advance(0.01)
+        admitted += lim.check(shared, "cap", "x", instances=3) == 0.0
+    assert 100 <= admitted <= 10 + 100 + 1  # its 10/s share plus the bucket it started with
+    local = RateLimitPolicy(per_identity_rps=30, identity_scope="instance")
+    assert not local.shared and local.identity_rate("x", 3) == 30
+    with pytest.raises(ValueError):
+        RateLimitPolicy(per_identity_rps=1, identity_scope="galaxy")
+
+    def compiled(spec: dict[str, object]) -> RateLimitPolicy:
+        doc = RATELIMITS.validate(PolicyDoc("ratelimits", "r", {"agents": ["a"], "capabilities": ["c"], **spec}))
+        policy = RATELIMITS.compile({"r": doc}).lookup("c", "a")
+        assert isinstance(policy, RateLimitPolicy)
+        return policy
+
+    assert compiled({"per_identity_rps": 5}).identity_scope == "cluster"
+    assert compiled({"per_identity_rps": 5, "scope": "instance"}).identity_scope == "instance"
+    with pytest.raises(PolicyError, match="scope applies to per_identity_rps and overrides"):
+        compiled({"total_rps": 5, "scope": "instance"})
+    with pytest.raises(PolicyError):
+        compiled({"per_identity_rps": 5, "scope": "everywhere"})
 
 
 # --- concurrency --------------------------------------------------------------------------------------------------

@@ -131,3 +131,19 @@ async def test_cached_token_outlives_a_control_plane_outage_until_it_expires() -
     with pytest.raises(ControlPlaneUnavailableError):
         await source.get("aud", "echo")
     await source.close()
+
+
+def test_suspicion_doubles_on_each_refusal_after_it_ran_out_up_to_a_cap_and_a_success_resets_it() -> None:
+    now = [100.0]
+    liveness = Liveness(_Instances({"x": ["a"]}), clock=lambda: now[0])
+    spans = []
+    for _ in range(7):
+        spans.append(liveness.mark_failed("a"))
+        assert liveness.mark_failed("a") == 0.0  # a call sent before the refusal: no extra strike
+        now[0] += spans[-1] - 0.01
+        assert liveness.is_suspect("a")
+        now[0] += 0.02
+        assert not liveness.is_suspect("a")
+    assert spans == [2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    liveness.mark_ok("a")
+    assert liveness.mark_failed("a") == 2.0
