@@ -78,7 +78,8 @@ async def _serve_many(names: Sequence[str], host: str) -> None:
             server = AgentServer(agent, settings, AgentServerConfig(host=host))
             await server.start()
             servers.append(server)
-            sys.stdout.write(f"serving {name} on {server.endpoint} metrics={server.metrics_address or 'off'}\n")
+            health = f" health={server.health_address}" if server.health_address is not None else ""
+            sys.stdout.write(f"serving {name} on {server.endpoint} metrics={server.metrics_address or 'off'}{health}\n")
             sys.stdout.flush()
         await stop.wait()
     finally:
@@ -115,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to serve and advertise (default %(default)s)")
     parser.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     parser.add_argument("--instance-id", default=None, help="registry instance id (default: generated)")
+    parser.add_argument("--health-listen", default=None, metavar="HOST:PORT",
+                        help="plaintext grpc.health.v1 port for probes, or 'off' (default: $HIVEMESH_HEALTH_LISTEN, "
+                             "else off)")
     parsed = parser.parse_args(args)
 
     from hivemesh.mesh.audit.handshake.switch import enable
@@ -124,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         settings = MeshSettings.resolve()
-        config = AgentServerConfig(host=parsed.host, port=parsed.port, instance_id=parsed.instance_id)
+        config = AgentServerConfig(host=parsed.host, port=parsed.port, instance_id=parsed.instance_id,
+                                   health_listen=parsed.health_listen)
     except ValueError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     module, cls_name = SDK_AGENTS[parsed.agent]

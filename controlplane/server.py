@@ -23,8 +23,7 @@ import aetcd
 import grpc
 from cryptography import x509
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2_grpc
 
 from hivemesh.controlplane import joins
 from hivemesh.controlplane.ca import CaFiles, CertificateAuthority, ensure_controlplane_cert, load_ca
@@ -46,6 +45,7 @@ from hivemesh.mesh.errors import (
 from hivemesh.mesh.etcd import client as etcd_client
 from hivemesh.mesh.etcd import parse_endpoints, wait_connected
 from hivemesh.mesh.etcd_roles import ensure_workload_user, reconcile_static_roles
+from hivemesh.mesh.health_port import HealthPort, health_listen, parse_health_listen
 from hivemesh.mesh.node_metrics import OWNED_DEFAULT, metrics_listen, parse_listen
 from hivemesh.mesh.pki import (
     NAME_RE,
@@ -58,6 +58,9 @@ from hivemesh.mesh.pki import (
     validate_name,
 )
 from hivemesh.mesh.pki import validate_trust_domain as _validate_td
+from hivemesh.mesh.readiness import DEFAULT_INTERVAL_S, Readiness
+from hivemesh.mesh.readiness_checks import etcd_answers
+from hivemesh.mesh.reflection import ServiceRecorder, enable_reflection
 from hivemesh.mesh.server import METADATA_OPTIONS
 from hivemesh.mesh.tls import MAX_MESSAGE_BYTES, KeyMaterial, renewing_server_credentials
 from hivemesh.v1 import control_pb2, control_pb2_grpc, mesh_pb2
@@ -68,7 +71,6 @@ CA_KEY: Final = b"/hivemesh/trust/ca"
 AGENTS_PREFIX: Final = b"/hivemesh/agents/"
 _MAX_CERT_TTL_S: Final = 30 * 86400
 _T = TypeVar("_T")
-_HEALTH_SERVICE: Final = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,11 @@ class ControlPlaneConfig:
     metrics_listen: str | None = None
     """HOST:PORT of the plaintext Prometheus `/metrics` port ("off": none); default $HIVEMESH_METRICS_LISTEN,
     else 127.0.0.1:0."""
+    health_listen: str | None = None
+    """HOST:PORT of the plaintext grpc.health.v1 port for probes ("off": none); default $HIVEMESH_HEALTH_LISTEN,
+    else off."""
+    health_interval_s: float = DEFAULT_INTERVAL_S
+    """How often health checks that etcd answers (NOT_SERVING while it does not)."""
 
     def __post_init__(self) -> None:
         eps = self.etcd_endpoints
@@ -116,6 +123,10 @@ class ControlPlaneConfig:
         _validate_td(self.trust_domain)
         if self.metrics_listen is not None:
             parse_listen(self.metrics_listen)  # raises, saying what is wrong
+        if self.health_listen is not None:
+            parse_health_listen(self.health_listen)
+        if not self.health_interval_s > 0:
+            raise ValueError(f"health_interval_s must be positive: {self.health_interval_s}")
         for name in ("port", "join_port"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value <= 65535:
@@ -356,6 +367,16 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class _ControlServer(ServiceRecorder):
+    """A control-plane server as installers see it: it notes the services they add, and holds its health."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        super().__init__(server)
+        self.health = health.aio.HealthServicer()
+        self.served: tuple[str, ...] = ()
+        """The services installed on it (health and reflection aside), once `_serve_reflection` ran."""
+
+
 class ControlPlaneServer:
     """The control plane as an object: `await start()`, `await stop()`, or `async with`."""
 
@@ -367,7 +388,11 @@ class ControlPlaneServer:
         self.ca: CertificateAuthority | None = None
         self.keys: SigningKeys | None = None
         self._servers: list[grpc.aio.Server] = []
-        self._healths: list[health.aio.HealthServicer] = []
+        self.readiness = Readiness()
+        """Whether the control plane can do its job (NOT_SERVING while etcd does not answer, and when stopping)."""
+        self._controls: list[_ControlServer] = []
+        self.health_port: HealthPort | None = None
+        """The plaintext health port (None: off)."""
         self._interceptors: list[grpc.aio.ServerInterceptor] = []
         self._features: list[Any] = []
         self.metrics: ControlPlaneMetrics | None = None
@@ -380,6 +405,11 @@ class ControlPlaneServer:
     @property
     def join_address(self) -> str:
         return _address(self.config.host, self.join_port)
+
+    @property
+    def health_address(self) -> str | None:
+        """The plaintext health port's HOST:PORT once started (None: off)."""
+        return self.health_port.address if self.health_port is not None and self.health_port.port else None
 
     async def start(self) -> None:
         """Load the CA and signing keys, publish trust material to etcd, bind both ports and serve."""
@@ -413,24 +443,28 @@ class ControlPlaneServer:
 
             # Interceptors (the audit of every control-plane decision) must exist before the servers do.
             self._interceptors = [make(core) for make in interceptors()]
-            main = self._new_server(control_pb2.DESCRIPTOR.services_by_name["ControlPlane"].full_name)
+            main = self._new_server()
             control_pb2_grpc.add_ControlPlaneServicer_to_server(ControlPlaneServicer(core), main)
             for install in installers():
                 feature = install(core, main)
                 if feature is not None:
                     self._features.append(feature)
+            self._serve_reflection(main)
             self.port = main.add_secure_port(
                 _address(cfg.host, cfg.port),
                 _dynamic_credentials(core, require_client_auth=True),
             )
-            join = self._new_server(control_pb2.DESCRIPTOR.services_by_name["Join"].full_name)
+            join = self._new_server()
             control_pb2_grpc.add_JoinServicer_to_server(JoinServicer(core), join)
+            self._serve_reflection(join)
             self.join_port = join.add_secure_port(
                 _address(cfg.host, cfg.join_port),
                 _dynamic_credentials(core, require_client_auth=False),
             )
             for feature in self._features:
                 await feature.start()
+            for control in self._controls:
+                await self.readiness.attach(control.health, control.served)
             for server in self._servers:
                 await server.start()
             for feature in self._features:  # e.g. the audit of TLS handshakes refused on these ports
@@ -438,6 +472,7 @@ class ControlPlaneServer:
                 if serving is not None:
                     await serving(cfg.host, [self.port, self.join_port])
             self._start_metrics(core)
+            await self._start_health(cfg)
         except BaseException:
             await self._teardown(0)
             raise
@@ -463,7 +498,23 @@ class ControlPlaneServer:
         m.start()
         self.metrics = m
 
-    def _new_server(self, service_name: str) -> grpc.aio.Server:
+    async def _start_health(self, cfg: ControlPlaneConfig) -> None:
+        """Serve once etcd answers (checked now and every health_interval_s), on the plaintext port too."""
+        probe = etcd_answers(self.etcd, ",".join(cfg.etcd_endpoints), CA_KEY, min(1.0, cfg.health_interval_s))
+        listen = health_listen(cfg.health_listen)
+        if listen is not None:
+            self.health_port = HealthPort(listen)
+            await self.health_port.start(self.readiness, sorted({n for c in self._controls for n in c.served}))
+        self.readiness.watch("etcd", probe, cfg.health_interval_s)
+        await self.readiness.ready()
+
+    @staticmethod
+    def _serve_reflection(control: _ControlServer) -> None:
+        """Reflection and health name every service installed on the server (so grpcurl lists them all)."""
+        control.served = tuple(control.names)
+        enable_reflection(control, control.served)
+
+    def _new_server(self) -> _ControlServer:
         server = grpc.aio.server(
             interceptors=self._interceptors,
             options=[
@@ -472,22 +523,22 @@ class ControlPlaneServer:
                 *METADATA_OPTIONS,
             ]
         )
-        health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            [service_name, _HEALTH_SERVICE, reflection.SERVICE_NAME],
-            server,
-        )
         self._servers.append(server)
-        self._healths.append(health_servicer)
-        return server
+        control = _ControlServer(server)
+        health_pb2_grpc.add_HealthServicer_to_server(control.health, server)
+        self._controls.append(control)
+        return control
 
     async def _teardown(self, grace: float) -> None:
         if self.metrics is not None:
             metrics, self.metrics = self.metrics, None
             await metrics.stop()
+        await self.readiness.close()
+        if self.health_port is not None:
+            port, self.health_port = self.health_port, None
+            await port.stop()
         servers, self._servers = self._servers, []
-        self._healths = []
+        self._controls = []
         await asyncio.gather(*(s.stop(grace) for s in servers), return_exceptions=True)
         features, self._features = self._features, []
         for feature in reversed(features):
@@ -502,8 +553,7 @@ class ControlPlaneServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, let in-flight calls finish within grace seconds, then close."""
-        for h in self._healths:
-            await h.enter_graceful_shutdown()
+        await self.readiness.drain()
         await self._teardown(self.config.grace_s if grace is None else grace)
 
     async def __aenter__(self) -> ControlPlaneServer:

@@ -7,15 +7,14 @@ registration and again after every renewal, and the control plane refuses `finis
 instance names another root than the one signing now (`hivemesh.controlplane.ca_stragglers`).
 
 A node whose certificate expired while renewal keeps failing (revoked, cut off from the control plane) can no
-longer complete a handshake with anyone: it reports NOT_SERVING on its health service and leaves the registry,
-instead of staying listed as live and failing every call sent to it. Callers that only call (clients, not in
-the registry) carry no labels: a rotation does not wait for them.
+longer complete a handshake with anyone: it reports NOT_SERVING on its health service (the "certificate" cause
+of its `Readiness`) and leaves the registry, instead of staying listed as live and failing every call sent to
+it. Callers that only call (clients, not in the registry) carry no labels: a rotation does not wait for them.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 from hivemesh.mesh.pki import load_certs
@@ -24,8 +23,8 @@ from hivemesh.v1 import mesh_pb2
 
 if TYPE_CHECKING:
     from hivemesh.mesh.node import MeshNode
+    from hivemesh.mesh.readiness import Readiness
     from hivemesh.mesh.registry import Registration
-    from hivemesh.mesh.server import ManagedServer
     from hivemesh.mesh.tls import Workload
 
 log = logging.getLogger(__name__)
@@ -49,21 +48,22 @@ def cert_labels(workload: Workload) -> dict[str, str]:
     return {CERT_ROOT_LABEL: issuing_root(workload), CERT_NOT_AFTER_LABEL: str(int(workload.expires_at))}
 
 
-def follow_certificate(node: MeshNode, registration: Registration, servers: Sequence[ManagedServer]) -> None:
+def follow_certificate(node: MeshNode, registration: Registration, readiness: Readiness) -> None:
     """Keep registration's certificate labels current as node renews; when its certificate expired and cannot
-    be renewed, mark servers NOT_SERVING and leave the registry."""
+    be renewed, say NOT_SERVING through readiness and leave the registry."""
 
     async def on_event(event: str, workload: Workload) -> None:
         if event == "renewed":
             instance = mesh_pb2.AgentInstance()
             instance.CopyFrom(registration.instance)
             instance.labels.update(cert_labels(workload))
+            await readiness.report("certificate", None)
             await registration.update(instance)
         elif event == "expired":
             log.error("%s: the certificate expired and cannot be renewed; not serving, leaving the registry",
                       workload.spiffe_id)
-            for server in servers:
-                await server.health.enter_graceful_shutdown()
+            await readiness.report("certificate", f"the certificate of {workload.spiffe_id} expired and cannot be "
+                                                  "renewed")
             await registration.stop()
 
     node.certificate_hooks.append(on_event)

@@ -20,6 +20,7 @@ from hivemesh.mesh.inbound import AGENT_SERVICE, DecisionObserver, MeshInboundIn
 from hivemesh.mesh.layers.loopguard import DEFAULT_MAX_CALL_DEPTH
 from hivemesh.mesh.layers.screen import ContentScreen
 from hivemesh.mesh.node import MeshNode
+from hivemesh.mesh.readiness import Readiness
 from hivemesh.mesh.server import ManagedServer
 from hivemesh.v1 import agent_pb2
 
@@ -77,11 +78,12 @@ def open_front_door(
     observers: Sequence[DecisionObserver] = (),
     budgets: TokenBudgets | None = None,
     max_call_depth: int = DEFAULT_MAX_CALL_DEPTH,
+    readiness: Readiness | None = None,
 ) -> FrontDoor:
     """The inbound chain for node's agent, its audit log (on by default), and the server that runs them.
 
     budgets: the token budgets to enforce; default: the `budgets` policies in force, counting the spend of
-    every replica of the agent through a `SpendLedger`."""
+    every replica of the agent through a `SpendLedger`. readiness: the node's (its health says what it decides)."""
     policies = node.policies
     ledger: SpendLedger | None = None
     if budgets is None:
@@ -121,5 +123,6 @@ def open_front_door(
     server = ManagedServer(
         services=[AGENT_SERVICE],
         interceptors=[MeshInboundInterceptor(chain, observers=[*observers, *([log] if log is not None else [])])],
+        readiness=readiness,
     )
     return FrontDoor(server=server, audit=log, node=node, budgets=budgets, ledger=ledger)

@@ -6,9 +6,10 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2_grpc
 
+from hivemesh.mesh.readiness import Readiness
+from hivemesh.mesh.reflection import enable_reflection
 from hivemesh.mesh.tls import MAX_MESSAGE_BYTES
 
 MAX_METADATA_BYTES: Final = 128 * 1024
@@ -23,7 +24,10 @@ METADATA_OPTIONS: Final[tuple[tuple[str, int], ...]] = (
 
 
 class ManagedServer:
-    """A grpc.aio server plus its health servicer; `stop()` flips health to NOT_SERVING before draining."""
+    """A grpc.aio server plus its health servicer; `stop()` flips health to NOT_SERVING before draining.
+
+    Its health says what readiness decides: a node's own (shared by all its servers and its plaintext health
+    port) or, when none is given, one that serves from `start()` to `stop()`."""
 
     def __init__(
         self,
@@ -32,6 +36,7 @@ class ManagedServer:
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         handlers: Sequence[grpc.GenericRpcHandler] = (),
+        readiness: Readiness | None = None,
     ) -> None:
         self.server = grpc.aio.server(
             interceptors=list(interceptors),
@@ -44,10 +49,11 @@ class ManagedServer:
             ],
         )
         self.health = health.aio.HealthServicer()
+        self._owns_readiness = readiness is None
+        self.readiness = Readiness() if readiness is None else readiness
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._services = list(services)
-        names = [*self._services, health.SERVICE_NAME, reflection.SERVICE_NAME]
-        reflection.enable_server_reflection(names, self.server)
+        enable_reflection(self.server, self._services)
         self.port = 0
 
     def add_secure_port(self, address: str, creds: grpc.ServerCredentials) -> int:
@@ -66,14 +72,21 @@ class ManagedServer:
             raise OSError(f"cannot listen on {address}")
         return port
 
+    @property
+    def services(self) -> tuple[str, ...]:
+        """The services this server names to health and reflection (besides those two)."""
+        return tuple(self._services)
+
     async def start(self) -> None:
+        await self.readiness.attach(self.health, self._services)
         await self.server.start()
-        for name in ("", *self._services):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self._owns_readiness:
+            await self.readiness.ready()
 
     async def stop(self, grace: float = 2.0) -> None:
         """Say NOT_SERVING first (so balancers stop sending), then let in-flight calls finish within grace."""
-        await self.health.enter_graceful_shutdown()
+        await self.readiness.drain()
+        await self.health.enter_graceful_shutdown()  # also when it never started (and so was never attached)
         await self.server.stop(grace)
 
     def add_generic(self, handler: Any) -> None:

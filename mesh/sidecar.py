@@ -38,7 +38,7 @@ from hivemesh.mesh.audit import AuditLog, open_node_audit
 from hivemesh.mesh.audit.handshake import tracer_events
 from hivemesh.mesh.budget import TokenBudgets
 from hivemesh.mesh.callcontext import inbound_call
-from hivemesh.mesh.cert_presence import cert_labels, follow_certificate
+from hivemesh.mesh.cert_presence import cert_labels
 from hivemesh.mesh.errors import (
     AgentUnavailableError,
     CallHandleInvalidError,
@@ -47,6 +47,7 @@ from hivemesh.mesh.errors import (
     abort,
 )
 from hivemesh.mesh.front import FrontDoor, open_front_door
+from hivemesh.mesh.health_port import parse_health_listen
 from hivemesh.mesh.inbound import AGENT_SERVICE, DecisionObserver
 from hivemesh.mesh.layers import Inbound
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
@@ -54,8 +55,10 @@ from hivemesh.mesh.layers.loopguard import DEFAULT_MAX_CALL_DEPTH
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN
 from hivemesh.mesh.local_socket import bind_private_socket, default_socket_path, remove_socket
 from hivemesh.mesh.node import MeshNode
+from hivemesh.mesh.node_health import NodeHealth
 from hivemesh.mesh.node_metrics import OWNED_DEFAULT, NodeMetrics, metrics_listen, parse_listen
 from hivemesh.mesh.output_check import OutputCheck, note_refusal
+from hivemesh.mesh.readiness import DEFAULT_INTERVAL_S
 from hivemesh.mesh.registry import Registration, default_instance_id, drain_after_deregistration
 from hivemesh.mesh.schema import compile_schema
 from hivemesh.mesh.server import ManagedServer
@@ -120,6 +123,11 @@ class SidecarConfig:
     metrics_listen: str | None = None
     """HOST:PORT of the plaintext Prometheus `/metrics` port ("off": none); default $HIVEMESH_METRICS_LISTEN,
     else 127.0.0.1:0."""
+    health_listen: str | None = None
+    """HOST:PORT of the plaintext grpc.health.v1 port for probes ("off": none); default $HIVEMESH_HEALTH_LISTEN,
+    else off."""
+    health_interval_s: float = DEFAULT_INTERVAL_S
+    """How often health checks that the agent answers and that the registry entry is there."""
 
     def __post_init__(self) -> None:
         if (self.agent is None) == (self.client is None):
@@ -136,6 +144,10 @@ class SidecarConfig:
             raise ValueError("lease_ttl_s must be at least 2 seconds")
         if self.metrics_listen is not None:
             parse_listen(self.metrics_listen)  # raises, saying what is wrong
+        if self.health_listen is not None:
+            parse_health_listen(self.health_listen)
+        if not self.health_interval_s > 0:
+            raise ValueError(f"health_interval_s must be positive: {self.health_interval_s}")
 
 
 def _forward_metadata(
@@ -182,6 +194,8 @@ class Sidecar:
         self._inbound: FrontDoor | None = None
         self._mesh: ManagedServer | None = None
         self._registration: Registration | None = None
+        self.health = NodeHealth(config.health_listen, config.health_interval_s)
+        """Whether this sidecar can do its job, as its health services say (and its plaintext health port)."""
         self._hop_bytes = b""
         self._outputs = OutputCheck(())
         """The card's output schemas, checked on the agent's relayed answers."""
@@ -261,6 +275,7 @@ class Sidecar:
                 audit=cfg.audit,
                 audit_dir=cfg.audit_dir,
                 observers=self.observers,
+                readiness=self.health.readiness,
             )
             self.audit, inbound = front.audit, front.server
             self.token_budgets = front.budgets
@@ -287,7 +302,9 @@ class Sidecar:
             )
             self._registration = Registration(self.node.etcd, instance, ttl_s=cfg.lease_ttl_s)
             await self._registration.start()
-            follow_certificate(self.node, self._registration, [front.server, mesh])
+            self.health.follow(self.node, self._registration)
+            self.health.watch_agent(self._agent_channel, cfg.agent)
+            await self.health.open([AGENT_SERVICE])
         except BaseException:
             await self.stop()
             raise
@@ -298,7 +315,7 @@ class Sidecar:
         """The `Mesh` service for local callers, bound (not started) to the private socket or loopback TCP."""
         assert self.node is not None
         cfg = self.config
-        mesh = ManagedServer(services=[MESH_SERVICE])
+        mesh = ManagedServer(services=[MESH_SERVICE], readiness=self.health.readiness)
         mesh.add_generic(self._mesh_handler())
         if cfg.mesh_listen is not None:
             self.mesh_port = mesh.add_insecure_port(cfg.mesh_listen)
@@ -324,6 +341,7 @@ class Sidecar:
             mesh = self._bind_mesh()
             await mesh.start()
             self._mesh = mesh
+            await self.health.open([MESH_SERVICE])
         except BaseException:
             await self.stop()
             raise
@@ -333,13 +351,15 @@ class Sidecar:
     def ready_line(self) -> str:
         """What `hivemesh sidecar` prints once serving: each port named for what it is (`inbound=` the mutual-TLS
         port the mesh calls the agent on, absent for a caller-only sidecar; `mesh=` the local Mesh service;
-        `metrics=` the plaintext Prometheus port, or off)."""
+        `metrics=` the plaintext Prometheus port, or off; `health=` the plaintext health port, when on)."""
         inbound = "" if self.config.client is not None else f" inbound={self.endpoint}"
         metrics = self.node.metrics if self.node is not None else None
+        health = f" health={self.health.address}" if self.health.address is not None else ""
         return (f"sidecar ready{inbound} mesh={self.mesh_endpoint} "
-                f"metrics={metrics.address if metrics is not None else 'off'}")
+                f"metrics={metrics.address if metrics is not None else 'off'}{health}")
 
     async def stop(self, grace: float = 2.0) -> None:
+        await self.health.drain()  # probes see NOT_SERVING before the entry goes and the ports drain
         if self._registration is not None:
             key = self._registration.key
             await self._registration.stop()
@@ -357,6 +377,7 @@ class Sidecar:
             self.audit = None
         if self.node is not None:
             await self.node.stop()
+        await self.health.close()
         if self._agent_channel is not None:
             await self._agent_channel.close()
             self._agent_channel = None

@@ -18,15 +18,18 @@ from types import MappingProxyType
 from hivemesh.mesh.audit import AuditLog
 from hivemesh.mesh.audit.handshake import tracer_events
 from hivemesh.mesh.budget import TokenBudgets
-from hivemesh.mesh.cert_presence import cert_labels, follow_certificate
+from hivemesh.mesh.cert_presence import cert_labels
 from hivemesh.mesh.front import FrontDoor, open_front_door
-from hivemesh.mesh.inbound import DecisionObserver
+from hivemesh.mesh.health_port import parse_health_listen
+from hivemesh.mesh.inbound import AGENT_SERVICE, DecisionObserver
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
 from hivemesh.mesh.layers.loopguard import DEFAULT_MAX_CALL_DEPTH
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN, ContentScreen
 from hivemesh.mesh.logjson import basic_config
 from hivemesh.mesh.node import MeshNode
+from hivemesh.mesh.node_health import NodeHealth
 from hivemesh.mesh.node_metrics import OWNED_DEFAULT, NodeMetrics, metrics_listen, parse_listen
+from hivemesh.mesh.readiness import DEFAULT_INTERVAL_S
 from hivemesh.mesh.registry import INSTANCE_ID_RE, Registration, default_instance_id, drain_after_deregistration
 from hivemesh.mesh.settings import MeshSettings
 from hivemesh.sdk.agent import Agent
@@ -75,6 +78,11 @@ class AgentServerConfig:
     metrics_listen: str | None = None
     """HOST:PORT of the plaintext Prometheus `/metrics` port ("off": none); default $HIVEMESH_METRICS_LISTEN,
     else 127.0.0.1:0 (a free loopback port; `AgentServer.metrics_address` tells which)."""
+    health_listen: str | None = None
+    """HOST:PORT of the plaintext grpc.health.v1 port for probes ("off": none); default $HIVEMESH_HEALTH_LISTEN,
+    else off (`AgentServer.health_address` tells which)."""
+    health_interval_s: float = DEFAULT_INTERVAL_S
+    """How often health checks that the registry entry is there."""
 
     def __post_init__(self) -> None:
         # Sequences are accepted (a list is natural to write) and kept as tuples, so the config stays frozen.
@@ -109,6 +117,10 @@ class AgentServerConfig:
                 raise ValueError(f"screen_exempt must name capabilities: {cap!r}")
         if self.metrics_listen is not None:
             parse_listen(self.metrics_listen)  # raises, saying what is wrong
+        if self.health_listen is not None:
+            parse_health_listen(self.health_listen)
+        if not self.health_interval_s > 0:
+            raise ValueError(f"health_interval_s must be positive: {self.health_interval_s}")
 
 
 class AgentServer:
@@ -136,6 +148,8 @@ class AgentServer:
         self.mesh = MeshClient(self.node)
         self._server: FrontDoor | None = None
         self._registration: Registration | None = None
+        self.health = NodeHealth(self.config.health_listen, self.config.health_interval_s)
+        """Whether this agent can do its job, as its health services say (and its plaintext health port)."""
         self.token_budgets: TokenBudgets | None = None
         """The token budgets in force once started (given, or from the `budgets` policies; None: none)."""
         self.port = 0
@@ -153,6 +167,11 @@ class AgentServer:
         """HOST:PORT serving `/metrics` once started (None: metrics off)."""
         m = self.node.metrics
         return m.address if m is not None and m.server.port else None
+
+    @property
+    def health_address(self) -> str | None:
+        """HOST:PORT of the plaintext health port once started (None: off)."""
+        return self.health.address
 
     async def start(self) -> None:
         await asyncio.to_thread(tracer_events().start)  # before the first handshake: see its docstring
@@ -173,6 +192,7 @@ class AgentServer:
                 observers=self.config.observers,
                 budgets=self.config.budgets,
                 max_call_depth=self.config.max_call_depth,
+                readiness=self.health.readiness,
             )
             self.audit, server = front.audit, front.server
             self.port = server.add_secure_port(f"{self.host}:{self.config.port}", self.node.server_credentials())
@@ -194,16 +214,19 @@ class AgentServer:
             )
             self._registration = Registration(self.node.etcd, instance, ttl_s=self.config.lease_ttl_s)
             await self._registration.start()
-            follow_certificate(self.node, self._registration, [front.server])
+            self.health.follow(self.node, self._registration)
             await self.agent.on_start()
+            await self.health.open([AGENT_SERVICE])
         except BaseException:
             await self.stop()
             raise
-        log.info("agent %s serving on %s as %s (metrics %s)", self.agent.name, self.endpoint,
-                 self.node.workload.spiffe_id, self.metrics_address or "off")
+        log.info("agent %s serving on %s as %s (metrics %s, health %s)", self.agent.name, self.endpoint,
+                 self.node.workload.spiffe_id, self.metrics_address or "off", self.health_address or "off")
 
     async def stop(self, grace: float = 2.0) -> None:
-        """Deregister first (callers stop choosing this instance), then drain, then leave the mesh."""
+        """Say NOT_SERVING and deregister first (callers stop choosing this instance), then drain, then leave the
+        mesh."""
+        await self.health.drain()
         if self._registration is not None:
             key = self._registration.key
             await self._registration.stop()
@@ -218,6 +241,7 @@ class AgentServer:
         if self.audit is not None:
             await self.audit.close()  # ships what it can (bounded), keeps the rest in the spool
             self.audit = None
+        await self.health.close()
         await self.node.stop()
 
     async def __aenter__(self) -> AgentServer:

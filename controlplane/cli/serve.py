@@ -28,11 +28,14 @@ from hivemesh.mesh.settings import DEFAULT_TRUST_DOMAIN, MeshSettings
 @click.option("--metrics-listen", default=None, metavar="HOST:PORT",
               help="Plaintext Prometheus /metrics port, or 'off' [default: $HIVEMESH_METRICS_LISTEN, else "
                    "127.0.0.1:0].")
+@click.option("--health-listen", default=None, metavar="HOST:PORT",
+              help="Plaintext grpc.health.v1 port for probes (health only: no TLS, no audit), or 'off' "
+                   "[default: $HIVEMESH_HEALTH_LISTEN, else off].")
 @pass_cli
 @friendly_errors
 def controlplane(obj: CliContext, etcd_endpoints: str, state_dir: Path | None, trust_domain: str, host: str,
                  port: int, join_port: int, grants_file: Path | None, cert_ttl: int, retention: str,
-                 metrics_listen: str | None) -> None:
+                 metrics_listen: str | None, health_listen: str | None) -> None:
     """Run the control plane: CA, token issuer, join service."""
     from hivemesh.controlplane.retention_config import RetentionConfig
     from hivemesh.controlplane.server import ControlPlaneConfig, ControlPlaneServer
@@ -49,14 +52,15 @@ def controlplane(obj: CliContext, etcd_endpoints: str, state_dir: Path | None, t
         config = ControlPlaneConfig(
             etcd_endpoints=etcd_endpoints, certs_dir=obj.certs_dir, state_dir=state_dir or obj.home / "controlplane",
             trust_domain=trust_domain, host=host, port=port, join_port=join_port, grants_file=grants_file,
-            cert_ttl_s=cert_ttl, retention=kept, metrics_listen=metrics_listen,
+            cert_ttl_s=cert_ttl, retention=kept, metrics_listen=metrics_listen, health_listen=health_listen,
         )
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
 
     def ready(server: ControlPlaneServer) -> None:
         metrics = server.metrics.address if server.metrics is not None else "off"
-        click.echo(f"ready controlplane={server.address} join={server.join_address} metrics={metrics}")
+        health = f" health={server.health_address}" if server.health_address is not None else ""
+        click.echo(f"ready controlplane={server.address} join={server.join_address} metrics={metrics}{health}")
 
     asyncio.run(serve_controlplane(config, on_started=ready))
 
@@ -86,15 +90,19 @@ def controlplane(obj: CliContext, etcd_endpoints: str, state_dir: Path | None, t
 @click.option("--metrics-listen", default=None, metavar="HOST:PORT",
               help="Plaintext Prometheus /metrics port, or 'off' [default: $HIVEMESH_METRICS_LISTEN, else "
                    "127.0.0.1:0].")
+@click.option("--health-listen", default=None, metavar="HOST:PORT",
+              help="Plaintext grpc.health.v1 port for probes (health only: no TLS, no audit), or 'off' "
+                   "[default: $HIVEMESH_HEALTH_LISTEN, else off].")
 @friendly_errors
 def sidecar(agent: str | None, client: str | None, listen: str, mesh_socket: str | None, mesh_listen: str | None,
             name: str | None, lease_ttl: int, max_input_bytes: int, limits: tuple[str, ...], no_content_screen: bool,
-            screen_exempt: tuple[str, ...], audit_dir: str | None, metrics_listen: str | None) -> None:
+            screen_exempt: tuple[str, ...], audit_dir: str | None, metrics_listen: str | None,
+            health_listen: str | None) -> None:
     """Front an agent written in any language (--agent), or serve a caller in any language (--client):
     mTLS, tokens, authz, audit, registry, routing.
 
     Prints `sidecar ready inbound=HOST:PORT mesh=unix:PATH metrics=HOST:PORT` once serving (a caller-only sidecar
-    has no inbound=).
+    has no inbound=; with --health-listen, health=HOST:PORT follows).
 
     The mesh location and the one-time join token come from HIVEMESH_* variables (or the `up` state file). The
     identity it joins with is kept in <home>/identity/, so a restart needs no new join token.
@@ -125,7 +133,7 @@ def sidecar(agent: str | None, client: str | None, listen: str, mesh_socket: str
                                mesh_listen=mesh_listen, name=name, lease_ttl_s=lease_ttl,
                                max_input_bytes=max_input_bytes, limits=tuple(per_cap),
                                content_screen=not no_content_screen, screen_exempt=screen_exempt,
-                               audit_dir=audit_dir, metrics_listen=metrics_listen)
+                               audit_dir=audit_dir, metrics_listen=metrics_listen, health_listen=health_listen)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     asyncio.run(run_sidecar(config, MeshSettings.resolve()))
