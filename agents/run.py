@@ -119,7 +119,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--health-listen", default=None, metavar="HOST:PORT",
                         help="plaintext grpc.health.v1 port for probes, or 'off' (default: $HIVEMESH_HEALTH_LISTEN, "
                              "else off)")
+    parser.add_argument("--max-call-depth", type=int, default=8, metavar="N",
+                        help="most agents one call chain may pass through before this agent refuses it "
+                             "(DEPTH_EXCEEDED; default %(default)s)")
     parsed = parser.parse_args(args)
+    if parsed.max_call_depth < 1:
+        parser.error("--max-call-depth must be at least 1")
 
     from hivemesh.mesh.audit.handshake.switch import enable
 
@@ -129,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = MeshSettings.resolve()
         config = AgentServerConfig(host=parsed.host, port=parsed.port, instance_id=parsed.instance_id,
-                                   health_listen=parsed.health_listen)
+                                   health_listen=parsed.health_listen, max_call_depth=parsed.max_call_depth)
     except ValueError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     module, cls_name = SDK_AGENTS[parsed.agent]

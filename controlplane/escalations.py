@@ -1,8 +1,11 @@
 """The escalation queue: the control plane's `Escalations` service, stored in etcd at /hivemesh/escalations/<id>.
 
 A run that needs a person creates an escalation and waits; an operator (`hivemesh escalations approve|reject`)
-resolves it. Every change is a compare-and-swap on the key's mod revision, so a person and the deadline
-policy can never both win. Deadlines need no background task: an escalation past its deadline is resolved by
+resolves it. An escalation may also name an `answerer`, the principal a gateway relays for (the A2A caller
+whose request asked): the requester relays that principal's reply with the principal's token, which this
+service verifies, so the answer is attributed to the principal and nobody else's reply counts. Every change
+is a compare-and-swap on the key's mod revision, so a person and the deadline policy can never both win.
+Deadlines need no background task: an escalation past its deadline is resolved by
 its policy (reject, or approve with the default answer) the first time anyone reads, lists or waits on it;
 a waiting run wakes at the deadline to do exactly that.
 
@@ -33,7 +36,9 @@ from hivemesh.mesh.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
-from hivemesh.mesh.pki import NAME_RE, Peer
+from hivemesh.mesh.pki import NAME_RE, Peer, parse_spiffe_id
+from hivemesh.mesh.revocation import any_revoked
+from hivemesh.mesh.tokens import KeySet, TokenVerifier
 from hivemesh.v1 import escalation_pb2, escalation_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -233,6 +238,14 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
         if len(request.labels) > 32 or any(len(k) > 63 or len(v) > 256 for k, v in request.labels.items()):
             msg = "at most 32 labels, keys up to 63 and values up to 256 characters"
             raise InvalidInputError(f"labels: {msg}", field_violations={"labels": msg})
+        if request.answerer:
+            try:
+                answerer = parse_spiffe_id(request.answerer)
+            except ValueError as exc:
+                raise InvalidInputError(f"answerer: {exc}", field_violations={"answerer": "not a SPIFFE id"}) from None
+            if answerer.trust_domain != self._core.trust_domain:
+                msg = f"must be in trust domain {self._core.trust_domain}"
+                raise InvalidInputError(f"answerer {msg}", field_violations={"answerer": msg})
         for name, value in (("workflow_id", request.workflow_id), ("step_id", request.step_id)):
             if len(value) > 256:
                 raise InvalidInputError(f"{name} is too long", field_violations={name: "at most 256 characters"})
@@ -250,6 +263,7 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
             default_answer_json=request.default_answer_json,
             status=E.ESCALATION_STATUS_PENDING,
             labels=dict(request.labels),
+            answerer=request.answerer,
         )
         stored, created = await self.store.create(esc)
         if not created:
@@ -285,7 +299,7 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
             out.append(esc)
         return E.ListEscalationsResponse(escalations=out)
 
-    async def _finish(self, escalation_id: str, peer: Peer, status: int, note: str, answer_json: str,
+    async def _finish(self, escalation_id: str, peer: Peer | str, status: int, note: str, answer_json: str,
                       action: str) -> tuple[escalation_pb2.Escalation, bool]:
         """Resolve a pending escalation; (the escalation, whether this call changed it)."""
         while True:
@@ -299,11 +313,12 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
                 decision=status,  # type: ignore[arg-type]
                 note=note,
                 answer_json=answer_json,
-                resolved_by=str(peer.spiffe_id),
+                resolved_by=peer if isinstance(peer, str) else str(peer.spiffe_id),
                 resolved_at_unix_ms=_now_ms(),
             ))
             if await self.store.swap(done, rev):
-                await _audit(action, done, str(peer.spiffe_id), self.store.recorder)
+                actor = peer if isinstance(peer, str) else str(peer.spiffe_id)
+                await _audit(action, done, actor, self.store.recorder)
                 return done, True
 
     @_rpc
@@ -311,15 +326,19 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
         self, request: escalation_pb2.ResolveEscalationRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> escalation_pb2.Escalation:
         peer = self._core.peer(context)
-        if not _is_operator(peer):
-            raise PermissionDeniedError(f"only operators (people) resolve escalations; {peer.spiffe_id} is not one")
         _validate_id(request.id)
+        by: Peer | str = peer
+        if not _is_operator(peer):
+            if not request.subject_token:
+                raise PermissionDeniedError(
+                    f"only operators (people) resolve escalations; {peer.spiffe_id} is not one")
+            by = await self._relayed_answerer(request, peer)
         if request.answer_json:
             _check_json(request.answer_json, "answer_json")
         if len(request.note) > MAX_REASON:
             raise InvalidInputError("the note is too long", field_violations={"note": f"at most {MAX_REASON}"})
         status = E.ESCALATION_STATUS_APPROVED if request.approve else E.ESCALATION_STATUS_REJECTED
-        done, changed = await self._finish(request.id, peer, status, request.note, request.answer_json,
+        done, changed = await self._finish(request.id, by, status, request.note, request.answer_json,
                                            "approved" if request.approve else "rejected")
         if not changed:
             by = done.resolution.resolved_by or "?"
@@ -329,6 +348,27 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
                 metadata={"id": request.id, "resolved_by": by},
             )
         return done
+
+    async def _relayed_answerer(self, request: escalation_pb2.ResolveEscalationRequest, peer: Peer) -> str:
+        """The answerer whose reply the requester relays, checked: the escalation is the relayer's own, names an
+        answerer, and the subject token is a genuine, unrevoked token of that answerer addressed to the relayer."""
+        esc, _ = await self.store.settle(request.id)
+        relayer = str(peer.spiffe_id)
+        if esc.requested_by != relayer or not esc.answerer:
+            raise PermissionDeniedError(
+                f"{relayer} may relay an answer only to an escalation it created that names an answerer")
+        core = self._core
+        verifier = TokenVerifier(KeySet.from_jwks(core.issuer.keys.jwks_json()), issuer=core.issuer.issuer,
+                                 audience=relayer, max_lifetime_s=core.issuer.max_ttl_s)
+        claims = verifier.verify_signed(request.subject_token)
+        if claims.subject != esc.answerer or claims.actor is not None:
+            raise PermissionDeniedError(
+                f"the relayed token is {claims.subject}'s; only {esc.answerer} (or an operator) answers "
+                f"escalation {request.id!r}")
+        revoked = await any_revoked(core.etcd, claims.jti, [claims.subject])
+        if revoked is not None:
+            raise PermissionDeniedError(f"the answerer's token is revoked ({revoked.jti or revoked.subject})")
+        return claims.subject
 
     @_rpc
     async def CancelEscalation(

@@ -83,6 +83,8 @@ class EscalationInfo:
     resolved_by: str = ""
     resolved_at: float | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    answerer: str = ""
+    """A principal who may answer besides operators (its reply relayed by the requester), or empty."""
 
     @property
     def pending(self) -> bool:
@@ -113,6 +115,7 @@ class EscalationInfo:
             resolved_by=r.resolved_by,
             resolved_at=r.resolved_at_unix_ms / 1000 if r.resolved_at_unix_ms else None,
             labels=dict(e.labels),
+            answerer=e.answerer,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -121,7 +124,7 @@ class EscalationInfo:
             "workflow_id": self.workflow_id, "step_id": self.step_id, "created_at": self.created_at,
             "deadline": self.deadline, "on_deadline": self.on_deadline, "default_answer": self.default_answer,
             "status": self.status, "note": self.note, "answer": self.answer, "resolved_by": self.resolved_by,
-            "resolved_at": self.resolved_at, "labels": self.labels,
+            "resolved_at": self.resolved_at, "labels": self.labels, "answerer": self.answerer,
         }
 
 
@@ -162,8 +165,10 @@ class EscalationClient:
         on_deadline: OnDeadline = "reject",
         default_answer: Any = None,
         labels: Mapping[str, str] | None = None,
+        answerer: str = "",
     ) -> EscalationInfo:
-        """Queue an escalation (idempotent by escalation_id) and return it as stored."""
+        """Queue an escalation (idempotent by escalation_id) and return it as stored. answerer: a principal
+        (SPIFFE id) whose reply this caller may relay with `resolve(subject_token=...)`, besides operators."""
         if on_deadline not in _POLICY:
             raise InvalidInputError("on_deadline must be 'reject' or 'default'")
         req = escalation_pb2.CreateEscalationRequest(
@@ -176,6 +181,7 @@ class EscalationClient:
             on_deadline=_POLICY[on_deadline],
             default_answer_json=_dumps(default_answer, "the default answer") if on_deadline == "default" else "",
             labels=dict(labels or {}),
+            answerer=answerer,
         )
         return EscalationInfo.from_proto(await self._call("CreateEscalation", req))
 
@@ -189,10 +195,14 @@ class EscalationClient:
             status=value, workflow_id=workflow_id))  # type: ignore[arg-type]
         return [EscalationInfo.from_proto(e) for e in resp.escalations]
 
-    async def resolve(self, escalation_id: str, *, approve: bool, note: str = "", answer: Any = None) -> EscalationInfo:
+    async def resolve(self, escalation_id: str, *, approve: bool, note: str = "", answer: Any = None,
+                      subject_token: str = "") -> EscalationInfo:
+        """Resolve as an operator; or, with subject_token (the escalation's answerer's token addressed to this
+        caller), relay the answerer's reply to an escalation this caller created."""
         req = escalation_pb2.ResolveEscalationRequest(
             id=escalation_id, approve=approve, note=note,
             answer_json=_dumps(answer, "the answer") if answer is not None else "",
+            subject_token=subject_token,
         )
         return EscalationInfo.from_proto(await self._call("ResolveEscalation", req))
 

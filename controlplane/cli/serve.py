@@ -82,6 +82,9 @@ def controlplane(obj: CliContext, etcd_endpoints: str, state_dir: Path | None, t
 @click.option("--name", default=None, help="Agent name (default: from the agent card).")
 @click.option("--lease-ttl", default=10, show_default=True, help="Registry lease TTL, seconds.")
 @click.option("--max-input-bytes", default=4 * 1024 * 1024, show_default=True)
+@click.option("--max-call-depth", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Most agents one call chain may pass through before this agent refuses it (DEPTH_EXCEEDED); "
+                   "a capability declaring recursion keeps its own bound.")
 @click.option("--limit", "limits", multiple=True, metavar="CAP=BYTES",
               help="Input size limit of one capability (repeatable).")
 @click.option("--no-content-screen", is_flag=True, help="Do not screen text fields for prompt-injection patterns.")
@@ -95,7 +98,8 @@ def controlplane(obj: CliContext, etcd_endpoints: str, state_dir: Path | None, t
                    "[default: $HIVEMESH_HEALTH_LISTEN, else off].")
 @friendly_errors
 def sidecar(agent: str | None, client: str | None, listen: str, mesh_socket: str | None, mesh_listen: str | None,
-            name: str | None, lease_ttl: int, max_input_bytes: int, limits: tuple[str, ...], no_content_screen: bool,
+            name: str | None, lease_ttl: int, max_input_bytes: int, max_call_depth: int, limits: tuple[str, ...],
+            no_content_screen: bool,
             screen_exempt: tuple[str, ...], audit_dir: str | None, metrics_listen: str | None,
             health_listen: str | None) -> None:
     """Front an agent written in any language (--agent), or serve a caller in any language (--client):
@@ -120,7 +124,8 @@ def sidecar(agent: str | None, client: str | None, listen: str, mesh_socket: str
         raise click.UsageError("give --agent ADDRESS (front an agent) or --client NAME (caller only), exactly one")
     if client is not None:
         inbound_only = [flag for flag, given in (("--listen", listen != "127.0.0.1:0"), ("--name", name is not None),
-                                                 ("--limit", bool(limits)), ("--screen-exempt", bool(screen_exempt)))
+                                                 ("--limit", bool(limits)), ("--screen-exempt", bool(screen_exempt)),
+                                                 ("--max-call-depth", max_call_depth != 8))
                         if given]
         if inbound_only:
             raise click.UsageError(f"{', '.join(inbound_only)}: only with --agent (a caller-only sidecar serves "
@@ -131,7 +136,8 @@ def sidecar(agent: str | None, client: str | None, listen: str, mesh_socket: str
     try:
         config = SidecarConfig(agent=agent, client=client, listen=listen, mesh_socket=mesh_socket,
                                mesh_listen=mesh_listen, name=name, lease_ttl_s=lease_ttl,
-                               max_input_bytes=max_input_bytes, limits=tuple(per_cap),
+                               max_input_bytes=max_input_bytes, max_call_depth=max_call_depth,
+                               limits=tuple(per_cap),
                                content_screen=not no_content_screen, screen_exempt=screen_exempt,
                                audit_dir=audit_dir, metrics_listen=metrics_listen, health_listen=health_listen)
     except ValueError as exc:

@@ -1,4 +1,4 @@
-"""A2A task execution on the mesh: one A2A message is one Invoke (or InvokeStream) of a mesh capability.
+"""A2A task execution on the mesh: each A2A task is a durable workflow run (`hivemesh.sdk.a2a.tasks`).
 
 The capability is the `skill` named in the message's (or the request's) metadata, or the only skill of the
 card the caller addressed. Input is the first data part, else the text (JSON if it parses, otherwise
@@ -6,38 +6,45 @@ card the caller addressed. Input is the first data part, else the text (JSON if 
 delegated token, so the callee's authz, rate limits and audit see the A2A caller as the principal and the
 gateway as the actor. A streaming capability is called with InvokeStream: each item becomes an artifact chunk.
 
-An agent that answers INPUT_REQUIRED (an `InputRequired` escalation) puts the task in A2A's input-required;
-the caller's next message on that task is the person's answer, and the capability is re-called with it as
-`"human": {"approved", "answer", "note"}` (the convention of `hivemesh.sdk.patterns.call_with_escalation`).
+An agent that answers INPUT_REQUIRED makes the run open a control-plane escalation naming the A2A caller as
+its answerer, and puts the task in A2A's input-required. The caller's next message on the task is the answer
+(the gateway relays it to the escalation with the caller's token); an operator may answer the same escalation
+with `hivemesh escalations approve|reject`. `tasks/cancel` cancels the run (and so its mesh call); `tasks/get`
+reads the task as its run now stands, and resumes a run nobody drives (after a gateway restart).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import Callable
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from a2a.helpers import new_data_part, new_task_from_user_message, new_text_part
 from a2a.server.agent_execution import AgentExecutor, RequestContext
+from a2a.server.context import ServerCallContext
 from a2a.server.events import EventQueue
 from a2a.server.tasks import TaskUpdater
-from a2a.types import Message, Part, TaskState
+from a2a.types import Artifact, Message, Part, Role, Task, TaskState
 from a2a.utils.errors import InvalidParamsError
-from google.protobuf.json_format import MessageToDict
+from google.protobuf.json_format import MessageToDict, ParseDict
+from google.protobuf.struct_pb2 import Struct
 
-from hivemesh.mesh.errors import HivemeshError, PermissionDeniedError, ScopeMissingError, UnauthenticatedError
+from hivemesh.mesh.errors import FailedPreconditionError, HivemeshError, NotFoundError, ScopeMissingError
 from hivemesh.sdk.a2a.auth import AGENT_STATE_KEY, CALLER_STATE_KEY, A2ACaller, refusal
+from hivemesh.sdk.a2a.tasks import A2A_CALL, A2A_STREAM, CHUNK, LABEL, TOKENS, open_ask
 from hivemesh.sdk.client import MeshClient
-from hivemesh.v1 import agent_pb2
+from hivemesh.sdk.workflow import WorkflowEngine, WorkflowHandle, WorkflowState
 
+log = logging.getLogger(__name__)
 
-@dataclass(frozen=True)
-class _Pending:
-    """A task waiting for a person's answer: what to re-call with it."""
-
-    capability: str
-    payload: Any
+REFUSED: Final = frozenset({"PERMISSION_DENIED", "UNAUTHENTICATED"})
+"""gRPC codes that end a task REJECTED (the mesh refused) rather than FAILED."""
 
 
 def _ints(value: Any) -> Any:
@@ -73,15 +80,77 @@ def payload_of(message: Message) -> Any:
         return {"text": text}
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What a run's state means to A2A: the task state, its status message and an artifact to add."""
+
+    state: int
+    parts: list[Part] | None = None
+    metadata: dict[str, Any] | None = None
+    artifact: list[Part] | None = None
+    escalation_id: str = ""
+
+
+def outcome_of(run: WorkflowState) -> Outcome:
+    """The A2A view of a run as it stands now."""
+    spec = run.input if isinstance(run.input, Mapping) else {}
+    streaming = run.definition == A2A_STREAM
+    if run.state == "COMPLETED":
+        return Outcome(TaskState.TASK_STATE_COMPLETED,
+                       artifact=None if streaming else parts_of(run.output))
+    if run.state == "REJECTED":
+        return Outcome(TaskState.TASK_STATE_REJECTED, [new_text_part(run.reason or "rejected")])
+    if run.state == "CANCELED":
+        return Outcome(TaskState.TASK_STATE_CANCELED, [new_text_part(run.reason or "canceled")])
+    if run.state == "FAILED":
+        err = run.error or {}
+        code, reason = str(err.get("code", "INTERNAL")), str(err.get("reason", "AGENT_ERROR"))
+        return Outcome(TaskState.TASK_STATE_REJECTED if code in REFUSED else TaskState.TASK_STATE_FAILED,
+                       [new_text_part(f"{reason}: {err.get('message', '')}")],
+                       {"hivemesh": {"reason": reason, "grpc_code": code}})
+    ask = open_ask(run)  # a resumed run waiting on a person says WORKING, yet waits all the same
+    if ask is not None:
+        return Outcome(TaskState.TASK_STATE_INPUT_REQUIRED, parts_of(ask[1]),
+                       {"hivemesh": {"escalation_id": ask[0], "capability": str(spec.get("capability", ""))}},
+                       escalation_id=ask[0])
+    return Outcome(TaskState.TASK_STATE_WORKING)
+
+
 class MeshAgentExecutor(AgentExecutor):
-    """Runs A2A tasks as mesh calls through the gateway's MeshClient."""
+    """Runs A2A tasks as durable workflow runs of the gateway's identity, on its MeshClient."""
 
     def __init__(self, mesh: MeshClient, *, timeout_s: float, offered: Callable[[str | None], dict[str, bool]]):
         """offered(agent) -> {capability: streaming} of what the addressed card (None: the gateway's) offers."""
         self._mesh = mesh
         self._timeout_s = timeout_s
         self._offered = offered
-        self._pending: dict[str, _Pending] = {}
+        self.engine = WorkflowEngine(mesh, on_event=self._notify)
+        self._waiters: dict[str, asyncio.Queue[tuple[str, dict[str, Any]]]] = {}
+        self._driving: dict[str, WorkflowHandle] = {}
+
+    # --- runs ---------------------------------------------------------------------------------------------------
+    def _notify(self, run_id: str, kind: str, data: Mapping[str, Any]) -> None:
+        queue = self._waiters.get(run_id)
+        if queue is not None:
+            queue.put_nowait((kind, dict(data)))
+
+    def _track(self, handle: WorkflowHandle) -> None:
+        self._driving[handle.id] = handle
+
+        def done(_task: object) -> None:
+            self._driving.pop(handle.id, None)
+            TOKENS.drop(handle.id)
+
+        handle.task.add_done_callback(done)
+
+    async def _resume(self, run_id: str, *, wait_s: float) -> None:
+        """Drive a run nobody drives here (a gateway restart left it); another live driver keeps it."""
+        if run_id in self._driving:
+            return
+        try:
+            self._track(await self.engine.resume(run_id, wait_s=wait_s))
+        except FailedPreconditionError as exc:
+            log.info("not resuming A2A task %s: %s", run_id, exc.message)
 
     @staticmethod
     def _skill(context: RequestContext, offered: dict[str, bool]) -> str:
@@ -101,6 +170,7 @@ class MeshAgentExecutor(AgentExecutor):
             raise InvalidParamsError(message=f"no skill {wanted!r} here; offered: {choices}")
         return str(wanted)
 
+    # --- A2A ----------------------------------------------------------------------------------------------------
     async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
         state = context.call_context.state
         caller: A2ACaller | None = state.get(CALLER_STATE_KEY)
@@ -108,54 +178,163 @@ class MeshAgentExecutor(AgentExecutor):
             raise InvalidParamsError(message="no authenticated caller or no message")
         task = context.current_task
         answer = payload_of(context.message)
-        pending = self._pending.pop(task.id, None) if task is not None else None
-        if pending is not None:
-            capability, streaming = pending.capability, False
-            human = answer if isinstance(answer, dict) and "approved" in answer else {
-                "approved": True, "answer": answer, "note": ""}
-            base = pending.payload if isinstance(pending.payload, dict) else {"input": pending.payload}
-            payload = {**base, "human": human}
-        else:
+        answered = ""
+        if task is None:
             offered = self._offered(state.get(AGENT_STATE_KEY))
             capability = self._skill(context, offered)
-            payload, streaming = answer, offered[capability]
-        if task is None:
             task = new_task_from_user_message(context.message)
             await event_queue.enqueue_event(task)
-        updater = TaskUpdater(event_queue, task.id, task.context_id)
+            updater = TaskUpdater(event_queue, task.id, task.context_id)
+            if capability not in caller.scopes:
+                exc = ScopeMissingError(f"the caller's token does not allow {capability!r} (it allows: "
+                                        f"{', '.join(sorted(caller.scopes)) or 'nothing'})")
+                await updater.update_status(TaskState.TASK_STATE_REJECTED, updater.new_agent_message(
+                    [new_text_part(f"{exc.reason}: {exc.message}")], metadata={"hivemesh": refusal(exc)}))
+                return
+            run_id = self.engine.run_id_for(task.id)
+            TOKENS.set(run_id, caller.token)
+            queue = self._waiters.setdefault(run_id, asyncio.Queue())
+            try:
+                self._track(await self.engine.submit(
+                    A2A_STREAM if offered[capability] else A2A_CALL,
+                    {"capability": capability, "payload": answer, "principal": caller.principal,
+                     "timeout_s": self._timeout_s},
+                    workflow_id=task.id, labels={LABEL: caller.user_name}))
+            except BaseException:
+                self._waiters.pop(run_id, None)
+                TOKENS.drop(run_id)
+                raise
+        else:
+            run_id = self.engine.run_id_for(task.id)
+            updater = TaskUpdater(event_queue, task.id, task.context_id)
+            queue = self._waiters.setdefault(run_id, asyncio.Queue())
+            TOKENS.set(run_id, caller.token)
+            answered = await self._answer(run_id, answer, caller)
         await updater.start_work()
         try:
-            if capability not in caller.scopes:
-                raise ScopeMissingError(f"the caller's token does not allow {capability!r} (it allows: "
-                                        f"{', '.join(sorted(caller.scopes)) or 'nothing'})")
-            with self._mesh.on_behalf_of(caller.token):
-                if streaming:
-                    n = 0
-                    async for item in self._mesh.stream(capability, payload, timeout=self._timeout_s):
-                        await updater.add_artifact(parts_of(item), artifact_id=f"{task.id}-{capability}",
-                                                   name=capability, append=n > 0)
-                        n += 1
-                    await updater.complete()
-                    return
-                result = await self._mesh.call_detailed(capability, payload, timeout=self._timeout_s)
-        except HivemeshError as exc:
-            refused = isinstance(exc, PermissionDeniedError | UnauthenticatedError)
-            message = updater.new_agent_message([new_text_part(f"{exc.reason}: {exc.message}")],
-                                                metadata={"hivemesh": refusal(exc)})
-            await updater.update_status(
-                TaskState.TASK_STATE_REJECTED if refused else TaskState.TASK_STATE_FAILED, message)
-            return
-        if result.state == agent_pb2.TASK_STATE_INPUT_REQUIRED:
-            self._pending[task.id] = _Pending(capability, payload)
-            await updater.requires_input(updater.new_agent_message(parts_of(result.output)))
-            return
-        await updater.add_artifact(parts_of(result.output), name=capability)
-        await updater.complete()
+            await self._follow(run_id, queue, updater, task, answered)
+        finally:
+            self._waiters.pop(run_id, None)
+
+    async def _answer(self, run_id: str, answer: Any, caller: A2ACaller) -> str:
+        """Relay the caller's message as the answer to the run's open escalation; resume the run if nobody
+        drives it. Returns the escalation answered ("" when the run was not waiting for one)."""
+        try:
+            run = await self.engine.get(run_id)
+        except NotFoundError:
+            raise InvalidParamsError(message=f"task {run_id} has no run on this mesh") from None
+        ask = None if run.terminal else open_ask(run)
+        if ask is not None:
+            verdict = answer if isinstance(answer, dict) and isinstance(answer.get("approved"), bool) else None
+            with contextlib.suppress(FailedPreconditionError):  # answered already (an operator, a retry)
+                await self.engine.escalations.resolve(
+                    ask[0], approve=verdict["approved"] if verdict else True,
+                    answer=verdict.get("answer") if verdict else answer,
+                    note=str(verdict.get("note", "")) if verdict else "", subject_token=caller.token)
+        if not run.terminal:
+            await self._resume(run_id, wait_s=self.engine.lock_ttl_s + 2.0)
+        return ask[0] if ask is not None else ""
+
+    async def _follow(self, run_id: str, queue: asyncio.Queue[tuple[str, dict[str, Any]]], updater: TaskUpdater,
+                      task: Task, answered: str) -> None:
+        """Mirror the run into the task until it ends or waits for a person; bounded by the call timeout (after
+        which the task stays WORKING and the caller polls tasks/get)."""
+        run = await self.engine.get(run_id)
+        capability = str((run.input or {}).get("capability", "")) if isinstance(run.input, Mapping) else ""
+        chunks = 0
+
+        async def handle(kind: str, data: dict[str, Any]) -> None:
+            nonlocal chunks
+            if kind == CHUNK:
+                await updater.add_artifact(parts_of(data.get("item")), artifact_id=f"{task.id}-{capability}",
+                                           name=capability, append=chunks > 0)
+                chunks += 1
+
+        async def drain() -> None:
+            while not queue.empty():
+                await handle(*queue.get_nowait())
+
+        until = time.monotonic() + self._timeout_s + 30.0
+        while True:
+            await drain()
+            run = await self.engine.get(run_id)
+            out = outcome_of(run)
+            stale_ask = out.state == TaskState.TASK_STATE_INPUT_REQUIRED and out.escalation_id == answered
+            if out.state != TaskState.TASK_STATE_WORKING and not stale_ask:  # the ask just answered is not news
+                break
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                await handle(*await asyncio.wait_for(queue.get(), min(remaining, 1.0)))
+            except TimeoutError:
+                continue
+        await drain()  # a stream's last items, emitted before the run recorded its end
+        if out.artifact is not None:
+            await updater.add_artifact(out.artifact, name=capability)
+        message = updater.new_agent_message(out.parts, metadata=out.metadata) if out.parts else None
+        await updater.update_status(out.state, message)  # type: ignore[arg-type]
 
     async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
-        """Cancel the task; the handler also cancels its running call, and with it the mesh call."""
+        """Cancel the task's run (its running mesh call with it, and its open escalation)."""
         task = context.current_task
         if task is None:
             return
-        self._pending.pop(task.id, None)
+        run_id = self.engine.run_id_for(task.id)
+        with contextlib.suppress(NotFoundError):
+            await self.engine.cancel(run_id, reason="canceled by the A2A caller")
         await TaskUpdater(event_queue, task.id, task.context_id).cancel()
+
+    # --- tasks/get ------------------------------------------------------------------------------------------------
+    async def revive(self, task_id: str, context: ServerCallContext) -> None:
+        """Before tasks/get: resume the caller's run if nobody drives it (a gateway restart), with the token
+        this request presents; a stream cannot be picked up again, so it is canceled instead."""
+        caller: A2ACaller | None = context.state.get(CALLER_STATE_KEY)
+        try:
+            run_id = self.engine.run_id_for(task_id)
+            run = await self.engine.get(run_id)
+        except HivemeshError:
+            return
+        if caller is None or run.terminal or run_id in self._driving or run.labels.get(LABEL) != caller.user_name:
+            return
+        if run.definition == A2A_STREAM:
+            with contextlib.suppress(HivemeshError):
+                await self.engine.cancel(run_id, reason="the gateway restarted during the stream", wait_s=5.0)
+            return
+        TOKENS.set(run_id, caller.token)
+        await self._resume(run_id, wait_s=0.0)
+
+    async def sync(self, task: Task) -> Task:
+        """The stored task brought up to date with its run (the same object when nothing changed)."""
+        try:
+            run = await self.engine.get(self.engine.run_id_for(task.id))
+        except HivemeshError:
+            return task
+        out = outcome_of(run)
+        if out.state == task.status.state and (out.state != TaskState.TASK_STATE_INPUT_REQUIRED or _asked(
+                task) == out.escalation_id):
+            return task
+        updated = Task()
+        updated.CopyFrom(task)
+        updated.status.state = out.state  # type: ignore[assignment]
+        updated.status.timestamp.GetCurrentTime()
+        updated.status.ClearField("message")
+        if out.parts:
+            meta = Struct()
+            if out.metadata:
+                ParseDict(out.metadata, meta)
+            updated.status.message.CopyFrom(Message(
+                role=Role.ROLE_AGENT, parts=out.parts, message_id=uuid.uuid4().hex, task_id=task.id,
+                context_id=task.context_id, metadata=meta))
+        if out.artifact is not None and not task.artifacts:
+            capability = str((run.input or {}).get("capability", "")) if isinstance(run.input, Mapping) else ""
+            updated.artifacts.append(Artifact(artifact_id=uuid.uuid4().hex, name=capability, parts=out.artifact))
+        return updated
+
+
+def _asked(task: Task) -> str:
+    """The escalation id a stored input-required task shows ("" if none)."""
+    if not task.status.HasField("message"):
+        return ""
+    meta = MessageToDict(task.status.message.metadata)
+    return str((meta.get("hivemesh") or {}).get("escalation_id", ""))

@@ -8,8 +8,9 @@ Routes (bind 127.0.0.1 by default; the advertised URL is separate, "bind is not 
 
 Cards are built from the registry on each request, so they follow agents coming and going. JSON-RPC calls
 are authenticated first (client certificate + bearer token, see `auth`); unauthenticated ones get HTTP 401 with
-a JSON-RPC error (-32600, `data.reason` UNAUTHENTICATED) and never reach a task. Tasks live in the gateway
-(a2a-sdk's `InMemoryTaskStore`): A2A task ids are the gateway's, one per message exchange, with A2A's states.
+a JSON-RPC error (-32600, `data.reason` UNAUTHENTICATED) and never reach a task. Each task is a durable workflow
+run of the gateway's identity (`executor`, `tasks`) and its A2A document is kept in etcd beside the run
+(`taskstore`), so tasks, their escalations and their answers outlive a gateway restart.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
+from a2a.server.context import ServerCallContext
 from a2a.server.request_handlers import DefaultRequestHandler
 from a2a.server.request_handlers.response_helpers import agent_card_to_dict
 from a2a.server.routes.jsonrpc_dispatcher import JsonRpcDispatcher
-from a2a.server.tasks import InMemoryTaskStore
-from a2a.types import AgentCard
+from a2a.types import AgentCard, GetTaskRequest, Task
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -46,6 +47,7 @@ from hivemesh.sdk.a2a.auth import (
 )
 from hivemesh.sdk.a2a.cards import build_card, offered_by
 from hivemesh.sdk.a2a.executor import MeshAgentExecutor
+from hivemesh.sdk.a2a.taskstore import EtcdTaskStore
 from hivemesh.sdk.a2a.tlsfiles import GatewayTls
 from hivemesh.sdk.client import MeshClient
 
@@ -79,6 +81,7 @@ class A2AGateway:
         self._sock: socket.socket | None = None
         self.port = 0
         self._cards: dict[str | None, tuple[tuple[Any, ...], dict[str, Any] | None]] = {}
+        self.executor = MeshAgentExecutor(self.mesh, timeout_s=self.config.call_timeout_s, offered=self._offered)
 
     @property
     def url(self) -> str:
@@ -125,9 +128,9 @@ class A2AGateway:
 
     # --- JSON-RPC -----------------------------------------------------------------------------------------------
     def _app(self) -> Starlette:
-        executor = MeshAgentExecutor(self.mesh, timeout_s=self.config.call_timeout_s, offered=self._offered)
-        handler = DefaultRequestHandler(agent_executor=executor, task_store=InMemoryTaskStore(),
-                                        agent_card=self.card(None) or AgentCard())
+        executor, engine = self.executor, self.executor.engine
+        store = EtcdTaskStore(engine.store.etcd, engine.owner_segment, list_runs=engine.list, sync=executor.sync)
+        handler = _Handler(agent_executor=executor, task_store=store, agent_card=self.card(None) or AgentCard())
         dispatcher = JsonRpcDispatcher(handler, context_builder=MeshCallContextBuilder(), enable_v0_3_compat=True)
         verifier = self.mesh.node.verifier()
 
@@ -156,6 +159,7 @@ class A2AGateway:
     async def start(self) -> None:
         await self.mesh.start()
         try:
+            await self.executor.engine.start()
             self._tls = GatewayTls(self.mesh.node.workload)
             self.mesh.node.certificate_hooks.append(self._on_certificate)
             self._sock = socket.create_server((self.config.host, self.config.port))
@@ -192,6 +196,7 @@ class A2AGateway:
         if self._tls is not None:
             self._tls.close()
             self._tls = None
+        await self.executor.engine.close()
         await self.mesh.close()
 
     async def __aenter__(self) -> A2AGateway:
@@ -200,6 +205,17 @@ class A2AGateway:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+class _Handler(DefaultRequestHandler):
+    """a2a-sdk's handler, with tasks/get first resuming the caller's run if nobody drives it."""
+
+    async def on_get_task(self, params: GetTaskRequest, context: ServerCallContext) -> Task | None:
+        executor = self.agent_executor
+        if isinstance(executor, MeshAgentExecutor):
+            await executor.revive(params.id, context)
+        task: Task | None = await super().on_get_task(params, context)
+        return task
 
 
 async def _request_id(request: Request) -> Any:

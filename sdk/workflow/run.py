@@ -99,7 +99,8 @@ class WorkflowRun:
 
     async def escalate(self, step_id: str, reason: str, context: Mapping[str, Any], *,
                        deadline_s: float | None = None, on_deadline: OnDeadline = "reject",
-                       default_answer: Any = None, labels: Mapping[str, str] | None = None) -> EscalationInfo:
+                       default_answer: Any = None, labels: Mapping[str, str] | None = None,
+                       answerer: str = "") -> EscalationInfo:
         rec = self.state.escalations.get(step_id)
         if rec is not None and rec.get("resolution"):
             return info_from_json(rec["resolution"])
@@ -108,7 +109,7 @@ class WorkflowRun:
         if rec is None:
             info = await client.create(reason, context, escalation_id=escalation_id, workflow_id=self.workflow_id,
                                        step_id=step_id, deadline_s=deadline_s, on_deadline=on_deadline,
-                                       default_answer=default_answer, labels=labels)
+                                       default_answer=default_answer, labels=labels, answerer=answerer)
             await self.append("input_required", {"step": step_id, "escalation_id": info.id, "reason": reason})
             self.engine.emit(self.workflow_id, "input_required", {"step": step_id, "escalation_id": info.id,
                                                                    "reason": reason})
@@ -134,5 +135,5 @@ def info_from_json(d: Mapping[str, Any]) -> EscalationInfo:
         on_deadline="default" if d.get("on_deadline") == "default" else "reject",
         default_answer=d.get("default_answer"), status=str(d.get("status", "")), note=str(d.get("note", "")),
         answer=d.get("answer"), resolved_by=str(d.get("resolved_by", "")), resolved_at=d.get("resolved_at"),
-        labels=dict(d.get("labels") or {}),
+        labels=dict(d.get("labels") or {}), answerer=str(d.get("answerer", "")),
     )

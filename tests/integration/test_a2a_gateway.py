@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +14,13 @@ from a2a.client import Client, ClientConfig, create_client
 from a2a.client.card_resolver import parse_agent_card
 from a2a.helpers import get_data_parts, get_text_parts
 from a2a.types import CancelTaskRequest, GetTaskRequest, SendMessageRequest, TaskState
+from a2a.utils.errors import TaskNotFoundError
+from google.protobuf.json_format import MessageToDict
 
+from hivemesh.mesh.errors import PermissionDeniedError
 from hivemesh.sdk import AgentServer, MeshClient
 from hivemesh.sdk.a2a.gateway import A2AGateway
+from hivemesh.sdk.escalation import EscalationClient
 from tests.support.a2a_rig import WhoAgent, https_client, message, send_request
 from tests.support.agents_for_tests import EchoAgent
 from tests.support.meshenv import TRUST_DOMAIN, MeshEnv, start_mesh_env, stop_mesh_env
@@ -38,6 +43,7 @@ class Rig:
     alice: MeshClient
     bob: MeshClient
     tmp: Path
+    env: MeshEnv
 
     async def http_for(self, who: MeshClient | None, *, token: bool = True,
                        scopes: tuple[str, ...] = ("echo", "shout", "approve-refund", "whoami")) -> httpx.AsyncClient:
@@ -69,7 +75,7 @@ async def rig(etcd: Any, etcd_server: Any, tmp_path: Path) -> AsyncIterator[Rig]
                 MeshClient.connect(name="bob", settings=await env.settings_for("bob", "client")) as bob:
             for cap in ("echo", "shout", "approve-refund", "whoami"):
                 assert await gateway.mesh.node.registry.wait_for_capability(cap, 1, timeout=10)
-            yield Rig(gateway, alice, bob, tmp_path)
+            yield Rig(gateway, alice, bob, tmp_path, env)
     finally:
         await stop_mesh_env(env)
 
@@ -127,6 +133,75 @@ async def test_input_required_is_answered_on_the_same_task(rig: Rig) -> None:
         assert done.status.state == TaskState.TASK_STATE_COMPLETED
         assert get_data_parts(done.artifacts[-1].parts)[0] == {"refunded": True, "answer": {"text": "approve"},
                                                                 "note": ""}
+
+
+async def test_an_ask_is_a_control_plane_escalation_that_an_operator_or_only_its_caller_answers(rig: Rig) -> None:
+    operator = EscalationClient(rig.env.operator)
+    async with await rig.http_for(rig.alice) as http:
+        client = await client_for(http, f"{rig.gateway.url}/agents/desk/.well-known/agent-card.json")
+        asked = [e async for e in client.send_message(
+            send_request({"question": "refund order 8?"}, skill="approve-refund"))][-1].task
+        assert asked.status.state == TaskState.TASK_STATE_INPUT_REQUIRED
+        escalation_id = MessageToDict(asked.status.message.metadata)["hivemesh"]["escalation_id"]
+        # The ask is queued where operators look (`hivemesh escalations list`), naming alice as its answerer.
+        esc = await operator.get(escalation_id)
+        assert esc.pending and esc.answerer == ALICE and esc.requested_by == GATEWAY
+        assert esc.workflow_id == f"agent-a2a-gateway/{asked.id}"
+        assert esc.reason == "a refund needs a person's approval"
+        # Only alice's own token, relayed by the gateway that asked, answers it: bob's is refused, and so is
+        # anyone relaying who did not ask.
+        bobs = (await rig.bob.node.controlplane.issue_token(rig.gateway.spiffe_id, ["echo"])).token
+        with pytest.raises(PermissionDeniedError, match=re.escape(f"only {ALICE}")):
+            await rig.gateway.executor.engine.escalations.resolve(escalation_id, approve=True, subject_token=bobs)
+        alices = (await rig.alice.node.controlplane.issue_token(rig.gateway.spiffe_id, ["echo"])).token
+        with pytest.raises(PermissionDeniedError, match="only to an escalation it created"):
+            await EscalationClient(rig.bob.node.controlplane).resolve(escalation_id, approve=True,
+                                                                      subject_token=alices)
+        assert (await operator.get(escalation_id)).pending
+        # An operator answers instead; the run goes on at once, and tasks/get shows where it ended.
+        await operator.resolve(escalation_id, approve=True, answer="ok by ops", note="checked")
+        for _ in range(100):  # bounded: 100 polls of at most 30 s each, normally one or two
+            got = await client.get_task(GetTaskRequest(id=asked.id))
+            if got.status.state == TaskState.TASK_STATE_COMPLETED:
+                break
+        assert got.status.state == TaskState.TASK_STATE_COMPLETED
+        assert get_data_parts(got.artifacts[-1].parts)[0] == {"refunded": True, "answer": "ok by ops",
+                                                               "note": "checked"}
+    # Another caller cannot see alice's task at all.
+    async with await rig.http_for(rig.bob) as http:
+        bob_client = await client_for(http, f"{rig.gateway.url}/agents/desk/.well-known/agent-card.json")
+        with pytest.raises(TaskNotFoundError):
+            await bob_client.get_task(GetTaskRequest(id=asked.id))
+
+
+async def test_tasks_and_their_asks_outlive_a_gateway_restart(rig: Rig) -> None:
+    async with await rig.http_for(rig.alice) as http:
+        client = await client_for(http, f"{rig.gateway.url}/agents/desk/.well-known/agent-card.json")
+        asked = [e async for e in client.send_message(
+            send_request({"question": "refund order 9?"}, skill="approve-refund"))][-1].task
+        echo = await client_for(http, f"{rig.gateway.url}/agents/echo/.well-known/agent-card.json")
+        done = [e async for e in echo.send_message(send_request({"text": "x"}, skill="echo"))][-1].task
+    assert asked.status.state == TaskState.TASK_STATE_INPUT_REQUIRED
+    await rig.gateway.stop()
+    async with A2AGateway(await rig.env.settings_for("a2a-gateway")) as second:
+        rig.gateway = second
+        async with await rig.http_for(rig.alice) as http:
+            client = await client_for(http, f"{second.url}/agents/desk/.well-known/agent-card.json")
+            # Both tasks are still there, as they were: the one done, the one waiting for alice.
+            assert (await client.get_task(GetTaskRequest(id=done.id))).status.state == TaskState.TASK_STATE_COMPLETED
+            waiting = await client.get_task(GetTaskRequest(id=asked.id))
+            assert waiting.status.state == TaskState.TASK_STATE_INPUT_REQUIRED
+            # alice answers on the same task, through the new gateway: it picks the run up and finishes it.
+            answer = SendMessageRequest(message=message({"approved": False, "note": "not this one"},
+                                                        task_id=asked.id, context_id=asked.context_id))
+            final = [e async for e in client.send_message(answer)][-1].task
+            assert final.status.state == TaskState.TASK_STATE_COMPLETED
+            assert get_data_parts(final.artifacts[-1].parts)[0] == {"refunded": True, "answer": None,
+                                                                     "note": "not this one"}
+            run = await second.executor.engine.get(asked.id)
+            assert run.state == "COMPLETED" and len(run.runs) == 2  # driven by the first gateway, then the second
+            esc = run.escalations["ask-0"]["resolution"]
+            assert esc["status"] == "REJECTED" and esc["resolved_by"] == ALICE
 
 
 async def test_a_running_task_is_canceled_with_its_mesh_call(rig: Rig) -> None:

@@ -141,6 +141,7 @@ class Escalation(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     RESOLUTION_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    ANSWERER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     reason: _builtins.str
     """why a person is needed, one line"""
@@ -157,6 +158,10 @@ class Escalation(_message.Message):
     on_deadline: Global___DeadlinePolicy.ValueType
     default_answer_json: _builtins.str
     status: Global___EscalationStatus.ValueType
+    answerer: _builtins.str
+    """A principal (SPIFFE id) who may answer besides operators: the caller an A2A gateway relays for. Its
+    answer arrives through the requester, with the principal's token (ResolveEscalationRequest.subject_token).
+    """
     @_builtins.property
     def resolution(self) -> Global___Resolution: ...
     @_builtins.property
@@ -179,10 +184,11 @@ class Escalation(_message.Message):
         status: Global___EscalationStatus.ValueType = ...,
         resolution: Global___Resolution | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        answerer: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["resolution", b"resolution"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_json", b"context_json", "created_at_unix_ms", b"created_at_unix_ms", "deadline_unix_ms", b"deadline_unix_ms", "default_answer_json", b"default_answer_json", "id", b"id", "labels", b"labels", "on_deadline", b"on_deadline", "reason", b"reason", "requested_by", b"requested_by", "resolution", b"resolution", "status", b"status", "step_id", b"step_id", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answerer", b"answerer", "context_json", b"context_json", "created_at_unix_ms", b"created_at_unix_ms", "deadline_unix_ms", b"deadline_unix_ms", "default_answer_json", b"default_answer_json", "id", b"id", "labels", b"labels", "on_deadline", b"on_deadline", "reason", b"reason", "requested_by", b"requested_by", "resolution", b"resolution", "status", b"status", "step_id", b"step_id", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -221,6 +227,7 @@ class CreateEscalationRequest(_message.Message):
     ON_DEADLINE_FIELD_NUMBER: _builtins.int
     DEFAULT_ANSWER_JSON_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    ANSWERER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """optional; [a-z0-9][a-z0-9._-]{0,62}; generated when empty"""
     reason: _builtins.str
@@ -234,6 +241,8 @@ class CreateEscalationRequest(_message.Message):
     on_deadline: Global___DeadlinePolicy.ValueType
     default_answer_json: _builtins.str
     """required (valid JSON) when on_deadline is DEFAULT_ANSWER"""
+    answerer: _builtins.str
+    """see Escalation.answerer; a SPIFFE id of this trust domain, or empty"""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -248,10 +257,11 @@ class CreateEscalationRequest(_message.Message):
         on_deadline: Global___DeadlinePolicy.ValueType = ...,
         default_answer_json: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        answerer: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_json", b"context_json", "deadline_seconds", b"deadline_seconds", "default_answer_json", b"default_answer_json", "id", b"id", "labels", b"labels", "on_deadline", b"on_deadline", "reason", b"reason", "step_id", b"step_id", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answerer", b"answerer", "context_json", b"context_json", "deadline_seconds", b"deadline_seconds", "default_answer_json", b"default_answer_json", "id", b"id", "labels", b"labels", "on_deadline", b"on_deadline", "reason", b"reason", "step_id", b"step_id", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -328,12 +338,17 @@ class ResolveEscalationRequest(_message.Message):
     APPROVE_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
     ANSWER_JSON_FIELD_NUMBER: _builtins.int
+    SUBJECT_TOKEN_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     approve: _builtins.bool
     """true: APPROVED, false: REJECTED"""
     note: _builtins.str
     answer_json: _builtins.str
     """optional answer for the run to resume with (valid JSON when set)"""
+    subject_token: _builtins.str
+    """Set by the requester relaying the answerer's reply: a token the control plane issued to the answerer for
+    the requester (audience = the requester). Without it only operators resolve.
+    """
     def __init__(
         self,
         *,
@@ -341,10 +356,11 @@ class ResolveEscalationRequest(_message.Message):
         approve: _builtins.bool = ...,
         note: _builtins.str = ...,
         answer_json: _builtins.str = ...,
+        subject_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_json", b"answer_json", "approve", b"approve", "id", b"id", "note", b"note"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_json", b"answer_json", "approve", b"approve", "id", b"id", "note", b"note", "subject_token", b"subject_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
