@@ -19,6 +19,7 @@ from typing import Any, Final
 import fastjsonschema
 import yaml
 
+from hivemesh.controlplane.yaml_errors import yaml_error_text
 from hivemesh.mesh.errors import InvalidInputError
 from hivemesh.mesh.policy import GRANTS_PREFIX as POLICY_GRANTS_PREFIX
 
@@ -233,7 +234,7 @@ def parse_grants_text(text: str, *, source: str = "<grants>") -> GrantSet:
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise InvalidInputError(f"{source}: not valid YAML/JSON: {exc}") from None
+        raise InvalidInputError(yaml_error_text(exc, source)) from None
     return GrantSet.from_doc(doc)
 
 

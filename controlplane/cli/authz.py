@@ -9,9 +9,9 @@ import json
 from typing import Any
 
 import click
-from rich.table import Table
 
 from hivemesh.controlplane.cli.context import CliContext, friendly_errors, out, pass_cli
+from hivemesh.controlplane.cli.output import new_table
 from hivemesh.mesh.authz import AuthzRequest, AuthzTable, compile_authz
 from hivemesh.mesh.layers.authn import ACTION_OF_METHOD
 from hivemesh.mesh.settings import MeshSettings
@@ -76,7 +76,7 @@ def authz_check(obj: CliContext, caller: str, capability: str, principal: str | 
             if r["would_deny"]:
                 out.print(f"  [yellow]dry run: would be denied by {r['would_deny']}[/yellow]", highlight=False)
             if r["rules"]:
-                t = Table("rule", "action", "mode", "matches", "first condition that failed", show_edge=False,
+                t = new_table("rule", "action", "mode", "matches", "first condition that failed", show_edge=False,
                           pad_edge=False)
                 for row in r["rules"]:
                     t.add_row(row["rule"], row["action"], row["mode"], row["matched"], row["failed"])
