@@ -131,6 +131,10 @@ class Grant:
             return False
         return self._aud is None or self._aud.match(audience) is not None
 
+    def names_subject(self, subject: str) -> bool:
+        """Whether subject is one of this grant's subjects (on whichever audiences it names)."""
+        return self._subj.match(subject) is not None
+
     def allows(self, capability: str) -> bool:
         return self._caps.match(capability) is not None
 
