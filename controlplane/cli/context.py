@@ -69,6 +69,8 @@ def friendly_errors(fn: F) -> F:
             details = {"reason": exc.reason, "field_violations": exc.field_violations, "metadata": exc.metadata}
             emit_error(exc.code.name, exc.message, details, as_json=as_json, hint=f"{exc.code.name}, {exc.reason}")
             sys.exit(1)
+        except click.Abort:
+            raise  # a RuntimeError, but not a failure to word here: click says "Aborted!" (it was an empty error)
         except (ValueError, EtcdNotFoundError, TimeoutError, RuntimeError, OSError) as exc:
             code = _LOCAL_CODES.get(type(exc), "INVALID_ARGUMENT" if isinstance(exc, ValueError) else "UNAVAILABLE")
             emit_error(code, str(exc), as_json=as_json)
