@@ -54,7 +54,7 @@ def test_one_statement_makes_both_gates_pass_and_the_explanation_names_each() ->
     from hivemesh.mesh.authz import compile_authz
 
     def explain(grants: GrantSet, docs: dict[str, object]) -> dict[str, object]:
-        return explain_access(grants, compile_authz(docs), caller=ALICE, capability="echo", action="invoke",  # type: ignore[arg-type]
+        return explain_access(grants, compile_authz(docs), caller=ALICE, capability="echo", action="invoke",
                               agent=ECHO, principal=ALICE)
 
     before = explain(GrantSet(), {})
@@ -62,7 +62,7 @@ def test_one_statement_makes_both_gates_pass_and_the_explanation_names_each() ->
     assert before["grant"] == {"granted": False, "grants": [], "reason": (
         f"no grant lets {ALICE} get a token for echo on {ECHO}: the control plane refuses the token before any "
         "node sees the call")}
-    assert before["authz"]["allowed"] is False and "default deny" in before["authz"]["reason"]  # type: ignore[index]
+    assert before["authz"]["allowed"] is False and "default deny" in before["authz"]["reason"]
 
     name = access_name(ALICE, ["echo"])
     assert name == "allow-client-alice-echo" and access_name(ALICE, ["echo"]) == name  # stable: re-apply is a no-op
@@ -74,8 +74,8 @@ def test_one_statement_makes_both_gates_pass_and_the_explanation_names_each() ->
     grants = GrantSet([Grant.from_doc({"name": name, **grants_doc.doc.spec})])
     after = explain(grants, {name: authz_doc.doc})
     assert after["allowed"] is True
-    assert after["grant"]["grants"] == [name]  # type: ignore[index]
-    assert after["authz"]["rule"] == f"{name}/allow"  # type: ignore[index]
+    assert after["grant"]["grants"] == [name]
+    assert after["authz"]["rule"] == f"{name}/allow"
     # Narrowed to one agent: another agent passes neither gate.
     narrow = access_documents(ALICE, ["echo"], name=name, agents=[ECHO])
     g2, a2 = validate_documents(narrow)
