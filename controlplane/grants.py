@@ -19,6 +19,7 @@ from typing import Any, Final
 import fastjsonschema
 import yaml
 
+from hivemesh.controlplane.yaml_errors import yaml_error_text
 from hivemesh.mesh.errors import InvalidInputError
 from hivemesh.mesh.policy import GRANTS_PREFIX as POLICY_GRANTS_PREFIX
 
@@ -130,6 +131,10 @@ class Grant:
             return False
         return self._aud is None or self._aud.match(audience) is not None
 
+    def names_subject(self, subject: str) -> bool:
+        """Whether subject is one of this grant's subjects (on whichever audiences it names)."""
+        return self._subj.match(subject) is not None
+
     def allows(self, capability: str) -> bool:
         return self._caps.match(capability) is not None
 
@@ -233,7 +238,7 @@ def parse_grants_text(text: str, *, source: str = "<grants>") -> GrantSet:
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise InvalidInputError(f"{source}: not valid YAML/JSON: {exc}") from None
+        raise InvalidInputError(yaml_error_text(exc, source)) from None
     return GrantSet.from_doc(doc)
 
 

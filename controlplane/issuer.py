@@ -97,7 +97,7 @@ class SigningKeys:
         self.keys_dir = keys_dir
         self.retire_after_s = retire_after_s
         self._clock = clock
-        self._keys = sorted(keys, key=lambda k: (k.activates_at, k.created_at))
+        self._keys = sorted(keys, key=lambda k: k.created_at)
 
     @classmethod
     def load_or_create(cls, state_dir: Path, *, retire_after_s: float = MAX_TTL_S + 30) -> SigningKeys:
@@ -150,8 +150,7 @@ class SigningKeys:
         if activate_after_s < 0:
             raise InvalidInputError("activate_after_s must not be negative")
         key = self._create(self.keys_dir, activate_after_s=activate_after_s)
-        self._keys.append(key)
-        self._keys.sort(key=lambda k: (k.activates_at, k.created_at))
+        self._keys.append(key)  # created last, so the list stays in creation order
         self._save_schedule()
         return key
 
@@ -163,18 +162,23 @@ class SigningKeys:
 
     @property
     def active(self) -> SigningKey:
-        """The key that signs now: the newest one whose activation time has come."""
+        """The key that signs now: the most recently *created* one whose activation time has come.
+
+        Creation order, not activation order: after `rotate(60)` then `rotate(5)` the second rotation is the
+        operator's latest word, so the first key, activating later, must not take over from it then.
+        """
         now = self._clock()
         current = self._keys[0]
-        for k in self._keys:
+        for k in self._keys:  # in creation order
             if k.activates_at <= now:
                 current = k
         return current
 
     def retires_at(self, key: SigningKey) -> float | None:
-        """When key leaves the JWKS: retire_after_s after its successor started signing (None: no successor)."""
-        later = [k for k in self._keys if k.activates_at > key.activates_at]
-        return later[0].activates_at + self.retire_after_s if later else None
+        """When key leaves the JWKS: retire_after_s after the first newer key started signing, which ends its
+        own signing (None: no newer key)."""
+        later = [k.activates_at for k in self._keys if k.created_at > key.created_at]
+        return min(later) + self.retire_after_s if later else None
 
     def published(self) -> list[SigningKey]:
         """Keys in the JWKS now: pending, active and retiring ones (newest first)."""
@@ -188,9 +192,10 @@ class SigningKeys:
 
     def state_of(self, key: SigningKey) -> str:
         now = self._clock()
-        if key.activates_at > now:
+        superseded = any(k.created_at > key.created_at and k.activates_at <= now for k in self._keys)
+        if key.activates_at > now and not superseded:
             return "pending"
-        return "active" if key is self.active else "retiring"
+        return "active" if key is self.active else "retiring"  # a superseded pending key never signs
 
     def prune(self) -> list[str]:
         """Forget retired keys and delete their files; returns their kids."""

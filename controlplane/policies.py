@@ -32,6 +32,7 @@ import yaml
 
 from hivemesh.controlplane.grants import _GRANT_SCHEMA, Grant, GrantSet
 from hivemesh.controlplane.slo import SLOS
+from hivemesh.controlplane.yaml_errors import yaml_error_text
 from hivemesh.mesh.authz import AUTHZ
 from hivemesh.mesh.budget import BUDGETS
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError, NotFoundError
@@ -107,10 +108,8 @@ class PolicyInput:
     expected_version: int | None = None
 
 
-def _invalid(err: PolicyError, *, label: str = "", where: str = "") -> InvalidInputError:
-    scoped = err.prefixed(where) if where else err
-    text = str(err)
-    return InvalidInputError(f"{label}: {text}" if label else text, field_violations=scoped.violations)
+def _invalid(err: PolicyError) -> InvalidInputError:
+    return InvalidInputError(str(err), field_violations=err.violations)
 
 
 def parse_documents(text: str, *, source: str = "<policies>") -> list[Any]:
@@ -120,7 +119,7 @@ def parse_documents(text: str, *, source: str = "<policies>") -> list[Any]:
     try:
         loaded = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
-        raise InvalidInputError(f"{source}: not valid YAML/JSON: {exc}") from None
+        raise InvalidInputError(yaml_error_text(exc, source)) from None
     if len(loaded) == 1 and isinstance(loaded[0], list):
         loaded = loaded[0]
     if not loaded:
@@ -129,62 +128,79 @@ def parse_documents(text: str, *, source: str = "<policies>") -> list[Any]:
 
 
 def validate_document(raw: Any, *, kinds: PolicyKinds = KINDS) -> PolicyInput:
-    """One raw document (a mapping) as a validated policy of one of kinds; PolicyError names the bad field."""
+    """One raw document (a mapping) as a validated policy of one of kinds; PolicyError names every bad envelope
+    field (kind, name, version, ...) at once, or else the first bad field of the spec."""
     if not isinstance(raw, dict):
         raise PolicyError("", "a policy document must be a mapping with kind, name and spec")
-    unknown = sorted(str(k) for k in raw if k not in _ENVELOPE_FIELDS)
-    if unknown:
-        raise PolicyError(unknown[0], f"unknown field (allowed: {', '.join(_ENVELOPE_FIELDS)})")
-    api = raw.get("apiVersion", _API_VERSION)
-    if api != _API_VERSION:
-        raise PolicyError("apiVersion", f"must be {_API_VERSION!r}")
+    bad: dict[str, str] = {}
+    for unknown in sorted(str(k) for k in raw if k not in _ENVELOPE_FIELDS):
+        bad[unknown] = f"unknown field (allowed: {', '.join(_ENVELOPE_FIELDS)})"
+    if raw.get("apiVersion", _API_VERSION) != _API_VERSION:
+        bad["apiVersion"] = f"must be {_API_VERSION!r}"
     for required in ("kind", "name", "spec"):
         if required not in raw:
-            raise PolicyError(required, "is required")
-    kind_name, name = raw["kind"], raw["name"]
-    if not isinstance(kind_name, str):
-        raise PolicyError("kind", "must be a string")
-    kind = kinds.get_kind(kind_name)
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise PolicyError("name", "must be a string matching [a-z0-9][a-z0-9._-]{0,62}")
+            bad[required] = "is required"
+    kind: PolicyKind[Any] | None = None
+    kind_name, name = raw.get("kind"), raw.get("name")
+    if "kind" in raw:
+        if not isinstance(kind_name, str):
+            bad["kind"] = "must be a string"
+        else:
+            try:
+                kind = kinds.get_kind(kind_name)
+            except PolicyError as err:
+                bad.update(err.violations)
+    if "name" in raw and (not isinstance(name, str) or not NAME_RE.fullmatch(name)):
+        bad["name"] = "must be a string matching [a-z0-9][a-z0-9._-]{0,62}"
     description = raw.get("description", "")
     if not isinstance(description, str) or len(description) > 1024:
-        raise PolicyError("description", "must be a string of at most 1024 characters")
+        bad["description"] = "must be a string of at most 1024 characters"
     version = raw.get("version")
     if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 0):
-        raise PolicyError("version", "must be an integer >= 0 (the version you expect; 0: must not exist yet)")
-    spec = raw["spec"]
-    if not isinstance(spec, dict):
-        raise PolicyError("spec", "must be a mapping")
-    # A JSON round trip keeps only JSON data (YAML dates and the like become errors here, not in etcd).
-    try:
-        spec = json.loads(json.dumps(spec))
-    except (TypeError, ValueError) as exc:
-        raise PolicyError("spec", f"must be JSON data: {exc}") from None
+        bad["version"] = "must be an integer >= 0 (the version you expect; 0: must not exist yet)"
+    spec = raw.get("spec")
+    if "spec" in raw and not isinstance(spec, dict):
+        bad["spec"] = "must be a mapping"
+    elif isinstance(spec, dict):
+        # A JSON round trip keeps only JSON data (YAML dates and the like become errors here, not in etcd).
+        try:
+            spec = json.loads(json.dumps(spec))
+        except (TypeError, ValueError) as exc:
+            bad["spec"] = f"must be JSON data: {exc}"
+    if bad or kind is None or not isinstance(name, str) or not isinstance(spec, dict):
+        (path, message), *rest = bad.items()
+        raise PolicyError(path, message, more=dict(rest))
     doc = kind.validate(PolicyDoc(kind.name, name, spec, description))
     return PolicyInput(doc, kind, version)
 
 
 def validate_documents(raws: Sequence[Any], *, kinds: PolicyKinds = KINDS) -> list[PolicyInput]:
-    """Every document validated, or InvalidInputError for the first bad one (paths under documents[i] when
-    there are several); the same kind/name twice is refused."""
+    """Every document validated, or one InvalidInputError that lists the mistakes of every bad document (paths
+    under documents[i] when there are several); the same kind/name twice is refused."""
     if len(raws) > MAX_DOCUMENTS:
         raise InvalidInputError(f"at most {MAX_DOCUMENTS} documents can be applied at once, got {len(raws)}")
     many = len(raws) > 1
     out: list[PolicyInput] = []
     seen: dict[tuple[str, str], int] = {}
+    violations: dict[str, str] = {}
+    first = ""
     for i, raw in enumerate(raws):
         label = _label(raw, i if many else None)
         try:
             item = validate_document(raw, kinds=kinds)
+            key = (item.doc.kind, item.doc.name)
+            if key in seen:
+                raise PolicyError("name", f"{key[0]}/{key[1]} is also document {seen[key] + 1}")
         except PolicyError as err:
-            raise _invalid(err, label=label, where=f"documents[{i}]" if many else "") from None
-        key = (item.doc.kind, item.doc.name)
-        if key in seen:
-            dup = PolicyError("name", f"{key[0]}/{key[1]} is also document {seen[key] + 1}")
-            raise _invalid(dup, label=label, where=f"documents[{i}]") from None
+            violations.update((err.prefixed(f"documents[{i}]") if many else err).violations)
+            first = first or (f"{label}: {err}" if label else str(err))
+            continue
         seen[key] = i
         out.append(item)
+    if violations:
+        more = len(violations) - 1
+        message = f"{first}; and {more} more mistake{'s' if more > 1 else ''}" if more else first
+        raise InvalidInputError(message, field_violations=violations)
     return out
 
 

@@ -14,7 +14,21 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from hivemesh.controlplane.cli import a2a, audit, authz, certs, operate, policy, serve, slo, top, trust, up, workflows
+from hivemesh.controlplane.cli import (
+    a2a,
+    access,
+    audit,
+    authz,
+    certs,
+    operate,
+    policy,
+    serve,
+    slo,
+    top,
+    trust,
+    up,
+    workflows,
+)
 from hivemesh.controlplane.cli.context import CliContext
 from hivemesh.controlplane.cli.localmesh import locate
 from hivemesh.mesh.lifeline import die_with_parent_if_asked
@@ -59,6 +73,7 @@ for command in (
     trust.tokens,  # hivemesh tokens revoke|revocations (issue 4)
     trust.ca,  # hivemesh ca rotate --step ...|status (issue 4)
     authz.authz,  # hivemesh authz check (issue 4)
+    access.allow,  # hivemesh allow CALLER CAPABILITY... (issue 11)
     slo.slo,  # hivemesh slo rules|list (issue 12)
     top.top,  # hivemesh top (issue 12)
     a2a.a2a,  # hivemesh a2a serve|register URL (issue 13)

@@ -22,11 +22,12 @@ from typing import Any, Final
 import click
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from rich.table import Table
+from rich.text import Text
 
 from hivemesh.controlplane.audit import KINDS, LogReport, load_public_key, verify_log
 from hivemesh.controlplane.audit.heads import trusted_key_from_cert, verify_head
 from hivemesh.controlplane.cli.context import CliContext, as_operator, err, friendly_errors, out, pass_cli
+from hivemesh.controlplane.cli.output import escape, new_table
 from hivemesh.mesh.audit import DECISIONS, verify_chain
 from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.errors import HivemeshError, from_rpc_error
@@ -66,14 +67,14 @@ def _print(entries: list[dict[str, Any]], as_json: bool) -> None:
     if not entries:
         out.print("no matching audit records")
         return
-    table = Table("seq", "time", "decision", "status", "caller", "capability/method", "node", "rule", "ms",
+    table = new_table("seq", "time", "decision", "status", "caller", "capability/method", "node", "rule", "ms",
                   show_edge=False, pad_edge=False)
     colours = {"allow": "green", "deny": "red", "invalid": "yellow", "error": "magenta"}
     for e in entries:
         r = _row(e)
         c = colours.get(r["decision"], "cyan")
         caller = r["caller"] + (f" (chain {r['chain']})" if r["chain"] else "")
-        table.add_row(str(r["seq"]), r["time"], f"[{c}]{r['decision']}[/{c}]", r["status"], caller, r["what"],
+        table.add_row(str(r["seq"]), r["time"], Text(r["decision"], style=c), r["status"], caller, r["what"],
                       r["node"], r["rule"], r["ms"])
     out.print(table)
 
@@ -205,17 +206,17 @@ def _report(report: LogReport, as_json: bool, what: str, *, untrusted: str = "")
     elif not report.ok:
         p = report.problem
         assert p is not None
-        err.print(f"[red]TAMPERED[/red] {what}: first bad record seq {p.seq} (line {p.line}): {p.reason}",
-                  highlight=False)
+        err.print(f"[red]TAMPERED[/red] {escape(what)}: first bad record seq {p.seq} (line {p.line}): "
+                  f"{escape(p.reason)}", markup=True, highlight=False)
     elif untrusted:
-        err.print(f"[yellow]UNVERIFIED[/yellow] {what}: the chain of {report.entries} entries links, but "
-                  f"{NO_SIGNATURE} ({untrusted}): a cut tail or forged checkpoints cannot be told apart",
-                  highlight=False)
+        err.print(f"[yellow]UNVERIFIED[/yellow] {escape(what)}: the chain of {report.entries} entries links, but "
+                  f"{escape(NO_SIGNATURE)} ({escape(str(untrusted))}): a cut tail or forged checkpoints cannot be "
+                  "told apart", markup=True, highlight=False)
     else:
         head = f"; signed head {report.head_no} covers it" if report.head_no else ""
-        out.print(f"[green]OK[/green] {what}: {report.entries} entries, {report.sources} source chain(s), "
+        out.print(f"[green]OK[/green] {escape(what)}: {report.entries} entries, {report.sources} source chain(s), "
                   f"{report.checkpoints} signed checkpoint(s) checked; head seq {report.head_seq} "
-                  f"{report.head_hash[:16]}…{head}", highlight=False)
+                  f"{report.head_hash[:16]}…{escape(head)}", markup=True, highlight=False)
     if not ok:
         sys.exit(1)
 

@@ -1,6 +1,8 @@
-"""`hivemesh authz check`: explain the authorization decision for a caller and a capability, rule by rule,
-from the authz policies in etcd (the same compiled table every node evaluates). Policies themselves are
-managed with `hivemesh policy apply|get|list|delete` (kind `authz`)."""
+"""`hivemesh authz check`: explain whether a caller may call a capability, gate by gate: the grant that lets the
+control plane issue the caller a token (kind `grants`, read through the control plane) and the authz rule that
+lets the call into the agent (kind `authz`, the same compiled table every node evaluates), rule by rule.
+Policies themselves are managed with `hivemesh policy apply|get|list|delete`, or both at once with `hivemesh
+allow`."""
 
 from __future__ import annotations
 
@@ -9,17 +11,32 @@ import json
 from typing import Any
 
 import click
-from rich.table import Table
+from rich.text import Text
 
-from hivemesh.controlplane.cli.context import CliContext, friendly_errors, out, pass_cli
-from hivemesh.mesh.authz import AuthzRequest, AuthzTable, compile_authz
+from hivemesh.controlplane.access import explain_access, spiffe_id
+from hivemesh.controlplane.cli.context import CliContext, err, friendly_errors, out, pass_cli
+from hivemesh.controlplane.cli.output import new_table
+from hivemesh.controlplane.grants import Grant, GrantSet
+from hivemesh.mesh.authz import AuthzTable, compile_authz
 from hivemesh.mesh.layers.authn import ACTION_OF_METHOD
+from hivemesh.mesh.pki import parse_spiffe_id, spiffe_id_of
 from hivemesh.mesh.settings import MeshSettings
 from hivemesh.v1 import mesh_pb2
 
 
-async def _load(settings: MeshSettings) -> tuple[AuthzTable, list[mesh_pb2.AgentInstance]]:
+def operator_trust_domain(obj: CliContext) -> str:
+    """The trust domain of the operator certificate (no mesh needed), else of the mesh settings."""
+    try:
+        return parse_spiffe_id(spiffe_id_of((obj.certs_dir / "operator.pem").read_bytes())).trust_domain
+    except (OSError, ValueError):
+        return obj.operator_settings().trust_domain
+
+
+async def _load(obj: CliContext, settings: MeshSettings
+                ) -> tuple[AuthzTable, GrantSet, list[mesh_pb2.AgentInstance]]:
+    from hivemesh.controlplane.cli.policy_client import PolicyClient
     from hivemesh.controlplane.policies import list_policies
+    from hivemesh.mesh.controlplane_client import ControlPlaneClient
     from hivemesh.mesh.etcd import client, wait_connected
     from hivemesh.mesh.registry import read_instances
 
@@ -29,7 +46,10 @@ async def _load(settings: MeshSettings) -> tuple[AuthzTable, list[mesh_pb2.Agent
         docs = await list_policies(c, "authz")
     finally:
         await c.close()
-    return compile_authz({d.name: d for d in docs}), await read_instances(settings.etcd_access())
+    async with ControlPlaneClient.from_certs_dir(settings.controlplane, obj.certs_dir) as cp:  # grants: its own
+        stored = await PolicyClient(cp).list_policies("grants")
+    grants = GrantSet(Grant.from_doc({"name": p.name, **json.loads(p.spec_json)}) for p in stored)
+    return compile_authz({d.name: d for d in docs}), grants, await read_instances(settings.etcd_access())
 
 
 def _agents_serving(capability: str, instances: list[mesh_pb2.AgentInstance]) -> list[str]:
@@ -38,11 +58,13 @@ def _agents_serving(capability: str, instances: list[mesh_pb2.AgentInstance]) ->
 
 @click.group()
 def authz() -> None:
-    """Authorization policies (kind `authz`; manage them with `hivemesh policy`)."""
+    """Authorization policies (kind `authz`; manage them with `hivemesh policy`, or `hivemesh allow`)."""
 
 
 @authz.command("check")
-@click.option("--caller", required=True, help="The caller's SPIFFE id (the peer presenting the token).")
+@click.option("--caller", required=True,
+              help="The caller's SPIFFE id (the peer presenting the token); KIND/NAME is completed with the trust "
+                   "domain.")
 @click.option("--capability", required=True)
 @click.option("--principal", default=None, help="The original principal of a delegated call (default: the caller).")
 @click.option("--action", type=click.Choice(sorted(set(ACTION_OF_METHOD.values()))), default="invoke",
@@ -53,35 +75,54 @@ def authz() -> None:
 @friendly_errors
 def authz_check(obj: CliContext, caller: str, capability: str, principal: str | None, action: str,
                 agent: str | None, as_json: bool) -> None:
-    """Explain whether CALLER may call CAPABILITY, and which rule decides."""
+    """Explain whether CALLER may call CAPABILITY: the grant (token) gate, then the authz rule that decides."""
+    td = operator_trust_domain(obj)
+    caller_id = spiffe_id(caller, td)
+    principal_id = spiffe_id(principal, td, what="principal") if principal else caller_id
+    agent_id = spiffe_id(agent, td, what="agent") if agent else None
+    if caller_id != caller and not as_json:
+        err.print(f"caller {caller} is {caller_id}", style="dim", highlight=False)
     settings = obj.operator_settings()
-    table, instances = asyncio.run(_load(settings))
-    agents = [agent] if agent else _agents_serving(capability, instances) or [
+    table, grants, instances = asyncio.run(_load(obj, settings))
+    agents = [agent_id] if agent_id else _agents_serving(capability, instances) or [
         f"spiffe://{settings.trust_domain}/agent/*"
     ]
-    results: list[dict[str, Any]] = []
-    for target in agents:
-        req = AuthzRequest(caller=caller, capability=capability, action=action, agent=target,
-                           principal=principal or caller)
-        mine = table.for_agent(target) if "*" not in target else table
-        d = mine.decide(req)
-        results.append({"agent": target, "allowed": d.allowed, "rule": d.rule, "reason": d.reason,
-                        "would_deny": d.would_deny, "rules": mine.explain(req)})
+    results: list[dict[str, Any]] = [
+        {"caller": caller_id, "capability": capability,
+         **explain_access(grants, table, caller=caller_id, capability=capability, action=action, agent=target,
+                          principal=principal_id)}
+        for target in agents
+    ]
     if as_json:
         click.echo(json.dumps(results, indent=2))
     else:
         for r in results:
-            verdict = "[green]ALLOW[/green]" if r["allowed"] else "[red]DENY[/red]"
-            out.print(f"{verdict} on {r['agent']}: {r['reason']}", highlight=False)
-            if r["would_deny"]:
-                out.print(f"  [yellow]dry run: would be denied by {r['would_deny']}[/yellow]", highlight=False)
-            if r["rules"]:
-                t = Table("rule", "action", "mode", "matches", "first condition that failed", show_edge=False,
-                          pad_edge=False)
-                for row in r["rules"]:
-                    t.add_row(row["rule"], row["action"], row["mode"], row["matched"], row["failed"])
-                out.print(t)
-            elif table.empty:
-                out.print("  (no authz policy exists: everything is denied until one allows it)")
+            _print_result(r, empty=table.empty)
     if not all(r["allowed"] for r in results):
         raise SystemExit(1)
+
+
+def _verdict(allowed: bool) -> Text:
+    return Text("ALLOW", style="green") if allowed else Text("DENY", style="red")
+
+
+def _print_result(r: dict[str, Any], *, empty: bool) -> None:
+    grant, rule = r["grant"], r["authz"]
+    out.print(Text.assemble(_verdict(r["allowed"]), f" on {r['agent']}"), highlight=False)
+    out.print(Text.assemble("  1. token (grants): ", _verdict(grant["granted"]), f"  {grant['reason']}"),
+              highlight=False)
+    out.print(Text.assemble("  2. call (authz):   ", _verdict(rule["allowed"]), f"  {rule['reason']}"),
+              highlight=False)
+    if r["would_deny"]:
+        out.print(f"  dry run: would be denied by {r['would_deny']}", style="yellow", highlight=False)
+    if r["rules"]:
+        t = new_table("rule", "action", "mode", "matches", "first condition that failed", show_edge=False,
+                      pad_edge=False)
+        for row in r["rules"]:
+            t.add_row(row["rule"], row["action"], row["mode"], row["matched"], row["failed"])
+        out.print(t)
+    elif empty:
+        out.print("  (no authz policy exists: everything is denied until one allows it)")
+    if not r["allowed"]:
+        out.print(f"  to allow it: hivemesh allow {r['caller']} {r['capability']}",
+                  style="dim", highlight=False)

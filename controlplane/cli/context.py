@@ -1,8 +1,8 @@
 """What every `hivemesh` command shares: the context object, the consoles, the one error formatter, and the one
 way to run async work against the control plane.
 
-Errors are one clear line on stderr (with the gRPC status and reason where there is one) and a non-zero exit
-code, never a traceback.
+Errors are one clear line on stderr (with the gRPC status and reason where there is one), or with `--json` one
+JSON object (`output.emit_error`), and a non-zero exit code, never a traceback.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich.console import Console
 
 from hivemesh.controlplane.cli.localmesh import where_hint
+from hivemesh.controlplane.cli.output import emit_error, err, out
 from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.etcd import EtcdNotFoundError
 from hivemesh.mesh.settings import MeshSettings
@@ -28,8 +28,7 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
-out = Console()
-err = Console(stderr=True, soft_wrap=True)  # a message is one line: no wrapping inside paths or ids
+__all__ = ["CliContext", "as_operator", "err", "friendly_errors", "out", "pass_cli"]
 
 
 @dataclass(frozen=True)
@@ -55,25 +54,38 @@ class CliContext:
             raise ValueError(f"{exc}; {found}" if found else str(exc)) from None
 
 
+_LOCAL_CODES: dict[type[BaseException], str] = {EtcdNotFoundError: "NOT_FOUND", TimeoutError: "DEADLINE_EXCEEDED"}
+"""The gRPC code name a --json error carries for a local failure (no server said which)."""
+
 pass_cli = click.make_pass_decorator(CliContext)
 """Hands a command the CliContext the root group made."""
 
 
 def friendly_errors(fn: F) -> F:
-    """Turn the errors a user can cause into one readable line and exit code 1 (2 for usage problems)."""
+    """Turn the errors a user can cause into one readable line and exit code 1 (2 for usage problems); with the
+    command's `--json` (its `as_json` parameter), into one JSON error object with the same exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        as_json = bool(kwargs.get("as_json"))
         try:
             return fn(*args, **kwargs)
         except HivemeshError as exc:
-            err.print(f"[red]error:[/red] {exc.message} [dim]({exc.code.name}, {exc.reason})[/dim]", highlight=False)
-            for field, why in exc.field_violations.items():
-                err.print(f"  {field}: {why}", highlight=False)
+            details = {"reason": exc.reason, "field_violations": exc.field_violations, "metadata": exc.metadata}
+            emit_error(exc.code.name, exc.message, details, as_json=as_json, hint=f"{exc.code.name}, {exc.reason}")
             sys.exit(1)
+        except click.Abort:
+            raise  # a RuntimeError, but not a failure to word here: click says "Aborted!" (it was an empty error)
         except (ValueError, EtcdNotFoundError, TimeoutError, RuntimeError, OSError) as exc:
-            err.print(f"[red]error:[/red] {exc}", highlight=False)
+            code = _LOCAL_CODES.get(type(exc), "INVALID_ARGUMENT" if isinstance(exc, ValueError) else "UNAVAILABLE")
+            emit_error(code, str(exc), as_json=as_json)
             sys.exit(2 if isinstance(exc, ValueError) else 1)
+        except click.ClickException as exc:
+            if not as_json:
+                raise  # click prints it as usual
+            code = "INVALID_ARGUMENT" if isinstance(exc, click.UsageError) else "FAILED_PRECONDITION"
+            emit_error(code, exc.format_message(), as_json=True)
+            sys.exit(exc.exit_code)
 
     return wrapper  # type: ignore[return-value]
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.table import Table
 
 from hivemesh.controlplane.cli.context import (
     CliContext,
@@ -18,6 +17,7 @@ from hivemesh.controlplane.cli.context import (
     out,
     pass_cli,
 )
+from hivemesh.controlplane.cli.output import new_table
 
 
 @click.command()
@@ -47,7 +47,7 @@ def agents(obj: CliContext, as_json: bool) -> None:
     if not rows:
         out.print("no agents registered")
         return
-    table = Table("agent", "version", "capabilities", "packaging", "endpoint", "instance")
+    table = new_table("agent", "version", "capabilities", "packaging", "endpoint", "instance")
     for r in rows:
         table.add_row(r["agent"], r["version"], ", ".join(r["capabilities"]), r["packaging"], r["endpoint"],
                       r["instance"])
@@ -97,8 +97,8 @@ def call(obj: CliContext, capability: str, data: str | None, timeout: float, str
                 return
             out.print_json(json.dumps(result.output))
             hops = " → ".join(f"{h.kind}:{h.identity.rsplit('/', 1)[-1]}" for h in result.hops)
-            err.print(f"[dim]served by {result.instance.card.name} ({result.instance.instance_id}, "
-                      f"{result.instance.packaging}) via {hops}[/dim]", highlight=False)
+            err.print(f"served by {result.instance.card.name} ({result.instance.instance_id}, "
+                      f"{result.instance.packaging}) via {hops}", style="dim", highlight=False)
 
     asyncio.run(go())
 

@@ -12,11 +12,12 @@ from typing import Any, TypeVar
 import click
 import yaml
 from google.protobuf.message import Message
-from rich.table import Table
+from rich.text import Text
 
 from hivemesh.controlplane.cli.context import CliContext, as_operator, err, friendly_errors, out, pass_cli
+from hivemesh.controlplane.cli.output import new_table
 from hivemesh.controlplane.cli.policy_client import PolicyClient
-from hivemesh.controlplane.policies import parse_documents
+from hivemesh.controlplane.policies import parse_documents, validate_documents
 from hivemesh.v1 import policy_pb2
 
 _T = TypeVar("_T")
@@ -57,6 +58,7 @@ def policy_apply(obj: CliContext, path: str, dry_run: bool, as_json: bool) -> No
         except OSError as exc:
             raise click.BadParameter(f"cannot read {path}: {exc.strerror}", param_hint="--file") from None
     documents = parse_documents(text, source=source)
+    validate_documents(documents)  # every mistake of every document now, even with no mesh running
     resp = _run(obj, lambda c: c.apply(documents, dry_run=dry_run))
     if as_json:
         click.echo(json.dumps({
@@ -101,7 +103,7 @@ def policy_list(obj: CliContext, kind: str, as_json: bool) -> None:
     if not docs:
         out.print("no policies" + (f" of kind {kind}" if kind else ""), highlight=False)
         return
-    table = Table("kind", "name", "version", "targets", "description")
+    table = new_table("kind", "name", "version", "targets", "description")
     for d in docs:
         spec = d["spec"]
         targets = ", ".join(spec.get("capabilities", spec.get("agents", spec.get("subjects", ["*"]))))
@@ -119,7 +121,15 @@ def policy_list(obj: CliContext, kind: str, as_json: bool) -> None:
 def policy_delete(obj: CliContext, kind: str, name: str, version: int | None, yes: bool) -> None:
     """Delete one document; every node stops applying it within about a second."""
     if not yes:
-        click.confirm(f"Delete policy {kind}/{name}?", abort=True)
+        try:
+            confirmed = click.confirm(f"Delete policy {kind}/{name}?")
+        except click.Abort:  # Ctrl-C, or stdin ended before an answer
+            if sys.stdin.isatty():
+                raise
+            raise click.UsageError(f"refusing to delete {kind}/{name} without --yes when stdin is not a terminal "
+                                   "(no answer to confirm it)") from None
+        if not confirmed:
+            raise click.ClickException(f"not deleted: {kind}/{name} was not confirmed")
     revision = _run(obj, lambda c: c.delete(kind, name, version=version))
     out.print(f"deleted {kind}/{name} (revision {revision})", highlight=False)
 
@@ -135,7 +145,7 @@ def policy_kinds(obj: CliContext, as_json: bool) -> None:
         click.echo(json.dumps([{"name": k.name, "description": k.description,
                                 "spec_schema": json.loads(k.spec_schema_json)} for k in infos], indent=2))
         return
-    table = Table("kind", "description")
+    table = new_table("kind", "description")
     for k in infos:
         table.add_row(k.name, k.description)
     out.print(table)
@@ -173,7 +183,7 @@ def status(obj: CliContext, as_json: bool) -> None:
     if not nodes:
         out.print("no node has published its status (nodes publish every ~2 s while they run)")
         return
-    table = Table("node", "dir", "capability", "instance", "breaker", "in flight", "calls/10s", "errors",
+    table = new_table("node", "dir", "capability", "instance", "breaker", "in flight", "calls/10s", "errors",
                   "limiter", "retries/limited")
     for n in nodes:
         node = f"{_short(n.identity)} ({n.instance})"
@@ -192,10 +202,10 @@ def status(obj: CliContext, as_json: bool) -> None:
     out.print(table)
     audited = [n for n in nodes if n.handshake_audit]
     if audited:
-        tls = Table("node", "TLS handshake audit", "refusals on record")
+        tls = new_table("node", "TLS handshake audit", "refusals on record")
         for n in audited:
             colour = "green" if n.handshake_audit == "live" else "yellow" if n.handshake_audit == "starting" else "red"
-            tls.add_row(f"{_short(n.identity)} ({n.instance})", f"[{colour}]{n.handshake_audit}[/{colour}]",
+            tls.add_row(f"{_short(n.identity)} ({n.instance})", Text(n.handshake_audit, style=colour),
                         str(n.handshakes_refused))
         out.print(tls)
-    err.print("[dim]counts are over the last ~10 s, published by each node every ~2 s[/dim]", highlight=False)
+    err.print("counts are over the last ~10 s, published by each node every ~2 s", style="dim", highlight=False)

@@ -13,9 +13,9 @@ from typing import Any
 
 import click
 import yaml
-from rich.table import Table
 
 from hivemesh.controlplane.cli.context import CliContext, err, friendly_errors, out, pass_cli
+from hivemesh.controlplane.cli.output import new_table
 from hivemesh.controlplane.slo import KIND_NAME, Objective, objectives, render_rules
 from hivemesh.mesh.policy import PolicyDoc
 from hivemesh.mesh.settings import MeshSettings
@@ -38,7 +38,7 @@ def _stored(obj: CliContext) -> dict[str, PolicyDoc]:
     docs = asyncio.run(_load(obj.operator_settings()))
     if not docs:
         err.print(f"[yellow]no {KIND_NAME} policies are stored[/yellow] (write one and `hivemesh policy apply -f` "
-                  "it; see docs/observability.md)", highlight=False)
+                  "it; see docs/observability.md)", markup=True, highlight=False)
     return docs
 
 
@@ -96,7 +96,7 @@ def slo_list(obj: CliContext, as_json: bool) -> None:
         return
     if not objs:
         return
-    table = Table("capability", "availability", "latency", "window", "availability budget", "policy")
+    table = new_table("capability", "availability", "latency", "window", "availability budget", "policy")
     for o in objs:
         minutes = o.window_days * 24 * 60
         availability = "-" if o.availability is None else f"{o.availability:.3%}"

@@ -167,7 +167,7 @@ def _once(targets: _Targets, *, sort: str, direction: str, interval: float, as_j
     else:
         out.print(render(view, sort=sort, interval=interval, live=False))
     if not any(t.up for t in view.targets):
-        err.print("[red]error:[/red] no target answered", highlight=False)
+        err.print("[red]error:[/red] no target answered", markup=True, highlight=False)
         sys.exit(1)
 
 

@@ -7,9 +7,9 @@ import time
 from typing import Any
 
 import click
-from rich.table import Table
 
 from hivemesh.controlplane.cli.context import CliContext, as_operator, friendly_errors, out, pass_cli
+from hivemesh.controlplane.cli.output import new_table
 from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.v1 import trust_pb2
 
@@ -26,7 +26,7 @@ def _print_keys(resp: trust_pb2.SigningKeysResponse, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    table = Table("kid", "state", "signs from", "leaves the JWKS", show_edge=False, pad_edge=False)
+    table = new_table("kid", "state", "signs from", "leaves the JWKS", show_edge=False, pad_edge=False)
     for r in rows:
         table.add_row(r["kid"], r["state"], _when(r["activates_at"]), _when(r["retires_at"]))
     out.print(table)
@@ -104,7 +104,7 @@ def tokens_revocations(obj: CliContext, as_json: bool) -> None:
     if not rows:
         out.print("no revocations in force")
         return
-    table = Table("jti / subject", "revoked", "until", "by", "note", show_edge=False, pad_edge=False)
+    table = new_table("jti / subject", "revoked", "until", "by", "note", show_edge=False, pad_edge=False)
     for r in rows:
         table.add_row(r["jti"] or r["subject"], _when(r["revoked_at"]), _when(r["expires_at"]), r["by"], r["note"])
     out.print(table)

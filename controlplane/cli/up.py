@@ -9,9 +9,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import click
-from rich.table import Table
 
 from hivemesh.controlplane.cli.context import CliContext, err, friendly_errors, out, pass_cli
+from hivemesh.controlplane.cli.output import escape, new_table
 from hivemesh.mesh.settings import DEFAULT_TRUST_DOMAIN
 
 
@@ -35,7 +35,7 @@ def up(obj: CliContext, once: bool, trust_domain: str, as_json: bool, demo: str)
         if as_json:
             click.echo(json.dumps(menu))
         else:
-            table = Table("demo", "pattern", "what")
+            table = new_table("demo", "pattern", "what")
             for row in menu:
                 table.add_row(row["demo"], row["pattern"], row["what"])
             out.print(table)
@@ -46,9 +46,9 @@ def up(obj: CliContext, once: bool, trust_domain: str, as_json: bool, demo: str)
 
     def say(line: str) -> None:
         if as_json:
-            err.print(f"[dim]{line}[/dim]", highlight=False)
+            err.print(line, style="dim", highlight=False)
         else:
-            out.print(f"[bold cyan]hivemesh[/bold cyan] {line}", highlight=False)
+            out.print(f"[bold cyan]hivemesh[/bold cyan] {escape(line)}", markup=True, highlight=False)
 
     def show(result: Mapping[str, Any]) -> None:
         if as_json:
@@ -59,8 +59,9 @@ def up(obj: CliContext, once: bool, trust_domain: str, as_json: bool, demo: str)
         elif "demo" in result:
             state = result.get("state", "?")
             colour = "green" if state == "COMPLETED" else "red"
-            out.print(f"[bold]{result['demo']}[/bold] → [{colour}]{state}[/{colour}] "
-                      f"{result.get('highlight') or result.get('error', '')}", highlight=False)
+            note = escape(str(result.get("highlight") or result.get("error", "")))
+            out.print(f"[bold]{escape(str(result['demo']))}[/bold] → [{colour}]{escape(str(state))}[/{colour}] {note}",
+                      markup=True, highlight=False)
         else:
             _print_pipeline_result(result)
 
@@ -70,7 +71,7 @@ def up(obj: CliContext, once: bool, trust_domain: str, as_json: bool, demo: str)
 
 
 def _print_demo_summary(rows: list[dict[str, Any]]) -> None:
-    table = Table("demo", "pattern", "state", "workflows", "steps", "tokens", "s", "what happened",
+    table = new_table("demo", "pattern", "state", "workflows", "steps", "tokens", "s", "what happened",
                   title="patterns demo summary")
     for r in rows:
         table.add_row(r.get("demo", "?"), r.get("pattern", ""), r.get("state", "?"), str(len(r.get("workflows", []))),
@@ -88,18 +89,19 @@ def _print_pipeline_result(result: Mapping[str, Any]) -> None:
     """One document's journey: its verdict, then each step with the agent, packaging and hops that served it."""
     source = result.get("source") or result.get("sample", "?")
     if "error" in result:
-        out.print(f"[red]✗ {source}[/red]: {result['error']}", highlight=False)
+        out.print(f"[red]✗ {escape(str(source))}[/red]: {escape(str(result['error']))}", markup=True, highlight=False)
         return
     status = str(result.get("status", ""))
     colour = {"stored": "green", "duplicate": "cyan"}.get(status, "yellow")
     doc = result.get("document", {}) or {}
     summary = f"{doc.get('document_type', '?')} {doc.get('invoice_number') or ''} total={doc.get('total')} " \
               f"{doc.get('currency') or ''}".strip()
-    out.print(f"\n[bold]{source}[/bold] → [{colour}]{status}[/{colour}] (id {result.get('id')})  {summary}",
-              highlight=False)
+    out.print(f"\n[bold]{escape(str(source))}[/bold] → [{colour}]{escape(status)}[/{colour}] "
+              f"(id {escape(str(result.get('id')))})  {escape(summary)}", markup=True, highlight=False)
     for e in result.get("errors", []) or []:
-        out.print(f"   [yellow]invalid[/yellow] {e.get('field')}: {e.get('message')}", highlight=False)
-    table = Table("step", "agent", "packaging", "hops (caller → … → agent)", "ms", show_edge=False, pad_edge=False)
+        out.print(f"   [yellow]invalid[/yellow] {escape(str(e.get('field')))}: {escape(str(e.get('message')))}",
+                  markup=True, highlight=False)
+    table = new_table("step", "agent", "packaging", "hops (caller → … → agent)", "ms", show_edge=False, pad_edge=False)
     for step in result.get("steps", []):
         hops = " → ".join(["demo", *reversed([_hop_label(h) for h in step.get("hops", [])])])
         table.add_row(str(step.get("step", "")), step.get("agent", ""), step.get("packaging", ""), hops,

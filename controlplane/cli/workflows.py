@@ -16,9 +16,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import click
-from rich.table import Table
 
 from hivemesh.controlplane.cli.context import CliContext, as_operator, err, friendly_errors, out, pass_cli
+from hivemesh.controlplane.cli.output import escape, new_table
+from hivemesh.mesh.errors import FailedPreconditionError
 from hivemesh.mesh.settings import MeshSettings
 
 T = TypeVar("T")
@@ -84,7 +85,7 @@ def workflows_list(obj: CliContext, state: str | None, owner: str | None, as_jso
     if not rows:
         out.print("no workflow runs")
         return
-    table = Table("id", "state", "definition", "steps", "tokens", "owner", "created", "updated")
+    table = new_table("id", "state", "definition", "steps", "tokens", "owner", "created", "updated")
     for r in rows:
         owner = str(r.get("owner", "")).rsplit("/", 1)[-1]
         table.add_row(r["id"], r["state"], r.get("definition", ""), str(r.get("steps", 0)), str(r.get("tokens", 0)),
@@ -116,10 +117,11 @@ def workflows_show(obj: CliContext, workflow_id: str, events: bool, as_json: boo
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
         return
-    out.print(f"[bold]{state.id}[/bold]  {state.state}  {state.definition}  tokens={state.tokens}", highlight=False)
+    out.print(f"[bold]{escape(state.id)}[/bold]  {escape(f'{state.state}  {state.definition}')}  tokens={state.tokens}",
+              markup=True, highlight=False)
     out.print(f"owner {state.owner}; driven by {owner.get('owner') if owner else 'nobody now'}; "
               f"runs {len(state.runs)}", highlight=False)
-    table = Table("step", "capability", "agent", "status", "attempts", "started", "ms", "tokens")
+    table = new_table("step", "capability", "agent", "status", "attempts", "started", "ms", "tokens")
     for s in data["step_list"]:
         usage = s.get("usage") or {}
         tokens = int(usage.get("input_tokens", 0)) + int(usage.get("output_tokens", 0))
@@ -157,6 +159,10 @@ def workflows_cancel(obj: CliContext, workflow_id: str, reason: str, wait_s: flo
 
     async def go(store: Any) -> Any:
         wid = await store.resolve(workflow_id)
+        before = await store.load(wid)
+        if before.terminal:  # nothing to stop: say so, and fail, so a script does not take it for a cancellation
+            raise FailedPreconditionError(f"{before.id} already finished ({before.state}); there is nothing to cancel",
+                                          metadata={"workflow_id": before.id, "state": before.state})
         state = await store.request_cancel(wid, by=by, reason=reason)
         deadline = time.monotonic() + wait_s
         while not state.terminal and time.monotonic() < deadline:
@@ -191,7 +197,7 @@ def workflows_resume(obj: CliContext, workflow_id: str, wait_lock: float | None,
     def progress(_wid: str, kind: str, data: Any) -> None:
         if not as_json and kind == "step":
             replay = " (replayed)" if data.get("replayed") else ""
-            err.print(f"[dim]step {data['step']} → {data.get('agent')} {data.get('elapsed_ms')} ms{replay}[/dim]",
+            err.print(f"step {data['step']} → {data.get('agent')} {data.get('elapsed_ms')} ms{replay}", style="dim",
                       highlight=False)
         elif not as_json and kind == "input_required":
             err.print(f"waiting for a person: escalation {data['escalation_id']} ({data['reason']})", highlight=False)
@@ -225,7 +231,8 @@ def _esc_client_call(obj: CliContext, fn: Callable[[Any], Awaitable[T]]) -> T:
 
 def _print_escalation(info: Any) -> None:
     colour = {"PENDING": "yellow", "APPROVED": "green", "REJECTED": "red"}.get(info.status, "white")
-    out.print(f"[bold]{info.id}[/bold] [{colour}]{info.status}[/{colour}]  {info.reason}", highlight=False)
+    out.print(f"[bold]{escape(info.id)}[/bold] [{colour}]{escape(info.status)}[/{colour}]  {escape(info.reason)}",
+              markup=True, highlight=False)
     out.print(f"  requested by {info.requested_by} at {_when(info.created_at)}; workflow {info.workflow_id or '-'} "
               f"step {info.step_id or '-'}", highlight=False)
     if info.deadline:
@@ -252,7 +259,7 @@ def escalations_list(obj: CliContext, show_all: bool, workflow: str, as_json: bo
     if not items:
         out.print("no pending escalations" if not show_all else "no escalations")
         return
-    table = Table("id", "status", "reason", "workflow", "requested by", "created", "deadline")
+    table = new_table("id", "status", "reason", "workflow", "requested by", "created", "deadline")
     for i in items:
         table.add_row(i.id, i.status, i.reason[:60], i.workflow_id or "-", i.requested_by.rsplit("/", 1)[-1],
                       _when(i.created_at), _when(i.deadline))

@@ -175,6 +175,11 @@ async def test_cancelling_a_run_cancels_its_in_flight_calls_down_the_chain(orch:
     assert state.steps["relay"].status == "WORKING"  # never completed
     again = await orch.hivemesh("workflows", "resume", "wf-cancel")
     assert again.returncode == 1 and "CANCELED" in again.stderr
+    # Cancelling a finished run is a mistake a script must see: non-zero, FAILED_PRECONDITION, as JSON with --json.
+    twice = await orch.hivemesh("workflows", "cancel", "wf-cancel", "--json")
+    assert twice.returncode == 1 and twice.stdout == "", twice
+    error = json.loads(twice.stderr)["error"]
+    assert error["code"] == "FAILED_PRECONDITION" and "already finished (CANCELED)" in error["message"], error
 
 
 async def test_supervisor_escalation_resolved_through_the_cli_resumes_the_run(orch: Orch) -> None:
