@@ -34,6 +34,7 @@ from hivemesh.controlplane.grants import GrantSet, load_grants, put_grants
 from hivemesh.controlplane.issuer import MAX_TTL_S, SigningKeys, TokenIssuer
 from hivemesh.controlplane.metrics import ControlPlaneMetrics
 from hivemesh.controlplane.retention_config import RetentionConfig
+from hivemesh.mesh.advertise import advertised_host
 from hivemesh.mesh.errors import (
     FailedPreconditionError,
     GrantDeniedError,
@@ -83,6 +84,9 @@ class ControlPlaneConfig:
     """Private state: token signing keys (`keys/`)."""
     trust_domain: str = "hivemesh.local"
     host: str = "127.0.0.1"
+    """The address both ports bind (0.0.0.0: every interface, then advertise is required)."""
+    advertise: str | None = None
+    """The host others dial (`address`, `join_address`, and a SAN of the server certificate); default: host."""
     port: int = 0
     """mTLS port serving ControlPlane (0: any free port)."""
     join_port: int = 0
@@ -114,6 +118,7 @@ class ControlPlaneConfig:
         if self.grants_file is not None:
             object.__setattr__(self, "grants_file", Path(self.grants_file))
         _validate_td(self.trust_domain)
+        advertised_host(self.host, self.advertise)  # raises on a wildcard, saying to give --advertise
         if self.metrics_listen is not None:
             parse_listen(self.metrics_listen)  # raises, saying what is wrong
         for name in ("port", "join_port"):
@@ -374,12 +379,16 @@ class ControlPlaneServer:
         """Serving `/metrics` once started (None: off)."""
 
     @property
+    def advertised_host(self) -> str:
+        return advertised_host(self.config.host, self.config.advertise)
+
+    @property
     def address(self) -> str:
-        return _address(self.config.host, self.port)
+        return _address(self.advertised_host, self.port)
 
     @property
     def join_address(self) -> str:
-        return _address(self.config.host, self.join_port)
+        return _address(self.advertised_host, self.join_port)
 
     async def start(self) -> None:
         """Load the CA and signing keys, publish trust material to etcd, bind both ports and serve."""
@@ -389,7 +398,7 @@ class ControlPlaneServer:
             raise FailedPreconditionError(
                 f"the CA in {cfg.certs_dir} is for trust domain {ca.trust_domain}, not {cfg.trust_domain}"
             )
-        ensure_controlplane_cert(ca, cfg.certs_dir)
+        ensure_controlplane_cert(ca, cfg.certs_dir, hosts=[self.advertised_host])
         grants = load_grants(cfg.grants_file) if cfg.grants_file is not None else None
         keys = SigningKeys.load_or_create(cfg.state_dir)
         issuer = TokenIssuer(keys, ca.trust_domain, default_ttl_s=cfg.token_ttl_s)
