@@ -7,6 +7,8 @@ Commands, one per line; every answer is one JSON line on stdout:
   answers which replicas served, the registered endpoints, and what the plain agent saw as its caller.
 - `load MAX_CALLS MAX_S WORKERS MARK_AFTER`: start a bounded load of `echo` calls (paced, at most MAX_CALLS and
   MAX_S seconds); answers `started`, later `mark` once MARK_AFTER calls completed (the test cuts a link then).
+- `until-on-host HOST COUNT MAX_S`: wait until exactly COUNT instances of `echo` and `pecho` are registered on
+  HOST (as this caller's registry cache sees etcd); answers how many and when.
 - `stop-when-served TAG MAX_S`: end the load as soon as a call served by TAG completes after this command (or
   after MAX_S); answers `done` with every call: start and end (time.monotonic, the machine's clock, which the
   test shares), ok, served_by, error.
@@ -20,6 +22,7 @@ import json
 import sys
 import time
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 from hivemesh.mesh.errors import HivemeshError
@@ -87,6 +90,20 @@ async def _probe(client: MeshClient) -> dict[str, Any]:
             "pecho": sorted(i.endpoint for i in client.instances("pecho"))}
 
 
+async def _until_on_host(client: MeshClient, host: str, count: int, max_s: float) -> dict[str, Any]:
+    """Wait until exactly count instances are registered on host, as this caller's registry cache sees etcd: a
+    lease expiring or a new registration is a write the etcd majority agreed on."""
+    t0 = time.monotonic()
+
+    def on_host(snapshot: Mapping[str, Any]) -> int:
+        return sum(i.endpoint.startswith(host + ":") for i in snapshot.values())
+
+    cache = client.node.registry.cache
+    await cache.wait_for(lambda snap: on_host(snap) == count, max_s)
+    now = time.monotonic()
+    return {"event": "instances", "on_host": on_host(cache.snapshot()), "after_s": now - t0, "at": now}
+
+
 async def _main() -> None:
     loop = asyncio.get_running_loop()
     async with MeshClient.connect(name="caller") as client:
@@ -102,6 +119,8 @@ async def _main() -> None:
                 load = Load(client, max_calls, max_s, workers, mark_after)
                 load.task = asyncio.create_task(load.run())
                 _say({"event": "started"})
+            elif cmd == "until-on-host":
+                _say(await _until_on_host(client, args[0], int(args[1]), float(args[2])))
             elif cmd == "stop-when-served" and load is not None and load.task is not None:
                 load.stop_when, load.stop_after = args[0], time.monotonic()
                 try:

@@ -30,7 +30,7 @@ CONTROLPLANE_PORT: Final = 7443
 JOIN_PORT: Final = 7444
 SIDECAR_PORT: Final = 7002
 PLAIN_AGENT: Final = "127.0.0.1:7101"
-LEASE_TTL_S: Final = 3
+LEASE_TTL_S: Final = 5
 TRUST_DOMAIN: Final = "hivemesh.local"
 REPO: Final = Path(__file__).resolve().parents[2]
 
