@@ -24,7 +24,7 @@ import yaml
 
 from hivemesh.controlplane.ca import init_ca, load_ca
 from hivemesh.controlplane.etcd_certs import issue_etcd_certs
-from tests.support.netns import Network, unavailable_reason
+from tests.support.netns import Network, namespaces, unavailable_reason
 from tests.support.netns_hosts import REPO, TRUST_DOMAIN, MultiHostMesh, with_pdeathsig
 
 pytestmark = pytest.mark.slow
@@ -103,8 +103,15 @@ def network() -> Any:
     reason = unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
+    # A crashed run's leftovers (its pid is gone) are removed by the next run; this run leaves nothing behind.
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = f"hmnet{gone.pid}-h1"
+    subprocess.run(["ip", "netns", "add", stale], check=True, timeout=30)
     with Network(3) as net:
+        assert stale not in namespaces(), "a dead run's namespace is cleaned up"
         yield net
+    assert not [ns for ns in namespaces() if ns.startswith(net.prefix)], "teardown removes every namespace"
 
 
 def test_three_hosts_fail_over_and_rejoin(network: Network, tmp_path: Path) -> None:

@@ -34,7 +34,8 @@ def _ip(*args: str) -> None:
         raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip() or done.returncode}")
 
 
-def _namespaces() -> list[str]:
+def namespaces() -> list[str]:
+    """Every named network namespace on the machine."""
     done = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30, check=False)
     return [line.split()[0] for line in done.stdout.splitlines() if line.strip()]
 
@@ -52,7 +53,7 @@ def _alive(pid: int) -> bool:
 def remove_leftovers() -> list[str]:
     """Delete the namespaces of runs whose process is gone (a crashed or killed test run); their names."""
     removed = []
-    for ns in _namespaces():
+    for ns in namespaces():
         m = _NAME.match(ns)
         if m and not _alive(int(m.group(1))):
             with contextlib.suppress(RuntimeError):
@@ -185,6 +186,10 @@ class Network:
 
     def teardown(self) -> None:
         """Stop every process started here (newest first), then delete every namespace created here."""
+        for proc in self._procs:  # all at once, so the waits overlap
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
         for proc in reversed(self._procs):
             with contextlib.suppress(Exception):
                 self.stop(proc, timeout=5.0)
