@@ -157,12 +157,10 @@ def test_three_hosts_fail_over_and_rejoin(network: Network, tmp_path: Path) -> N
 
     # Workloads join with one-time tokens minted by the operator's CLI on host 1 (minted in parallel).
     phase("control plane up, policies applied")
-    jobs = [("echo", "agent"), ("echo", "agent"), ("plain", "agent"), ("caller", "client")]
-    op_env = mesh.operator()[1]
-    minting = [subprocess.Popen(h1.exec_argv(mesh.operator("join-token", name, "--kind", kind, "--json")[0]),
-                                env=op_env, cwd=REPO, stdout=subprocess.PIPE, text=True) for name, kind in jobs]
-    echo1, echo2, plain_token, caller_token = (json.loads(p.communicate(timeout=60)[0])["token"] for p in minting)
-
+    argv, env = mesh.join_tokens(("echo", "agent"), ("echo", "agent"), ("plain", "agent"), ("caller", "client"))
+    done = net.run(h1, argv, env=env, cwd=REPO, timeout=60)
+    assert done.returncode == 0, f"join tokens: {done.stderr[-2000:]}"
+    echo1, echo2, plain_token, caller_token = json.loads(done.stdout)
     phase("join tokens minted")
     agents = {2: spawn(h2, "agent-h2", mesh.sdk_agent(2, echo1)),
               3: spawn(h3, "agent-h3", mesh.sdk_agent(3, echo2))}
@@ -244,6 +242,7 @@ def test_three_hosts_fail_over_and_rejoin(network: Network, tmp_path: Path) -> N
         return {("echo", "echo", "h2"), ("echo", "echo", "h3")} <= seen and any(c == "pecho" for c, _, _ in seen), seen
 
     _until("allowed calls audited on hosts 2 and 3", audited, 30)
+    phase("audited")
     operator("audit", "verify")
-    phase("audited and verified")
+    phase("audit log verified")
     send("quit")

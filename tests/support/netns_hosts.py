@@ -115,6 +115,14 @@ class MultiHostMesh:
         """The operator's `hivemesh ARGS` (any host that reaches the control plane and etcd)."""
         return self._hivemesh("operator", *args), self.base_env("operator")
 
+    def join_tokens(self, *workloads: tuple[str, str]) -> Command:
+        """Mint one-time join tokens for (name, kind) workloads as the operator, in one process: the call each
+        `hivemesh join-token NAME --kind KIND` makes (see `operator`)."""
+        argv = [sys.executable, "-m", "tests.support.netns_main", "join-tokens",
+                f"{self.addresses[0]}:{CONTROLPLANE_PORT}", str(self.certs.certs_dir),
+                *(f"{name}:{kind}" for name, kind in workloads)]
+        return argv, self.base_env("operator")
+
     def sdk_agent(self, host: int, join_token: str) -> Command:
         """An SDK `echo` replica on host: binds 0.0.0.0 (a free port), advertises the host's address."""
         env = self.base_env(f"agent-h{host}")

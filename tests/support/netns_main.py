@@ -2,6 +2,9 @@
 
 - `plain-agent HOST:PORT`: serve the plain-gRPC `PlainAgent` (capabilities prefixed `p`: `pecho`, ...) on
   loopback, as an agent in any language would behind a sidecar; prints `ready HOST:PORT`, serves until SIGTERM.
+- `join-tokens CONTROLPLANE CERTS_DIR NAME:KIND ...`: mint one-time join tokens as the operator, the call
+  `hivemesh join-token NAME --kind KIND` makes, all from one process (one interpreter start instead of one per
+  token on a busy machine); prints them as one JSON list.
 - `etcd-bootstrap ENDPOINTS CA CERT KEY`: wait until every member answers with a leader (quorum), then create
   etcd's users and roles and turn auth on, as `EtcdCluster.start()` does for members on loopback.
 """
@@ -9,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sys
 import time
@@ -60,10 +64,23 @@ def _etcd_bootstrap(endpoints: str, ca: str, cert: str, key: str, timeout: float
     print("ready", flush=True)
 
 
+async def _join_tokens(controlplane: str, certs_dir: str, wanted: list[str]) -> None:
+    from hivemesh.mesh.controlplane_client import ControlPlaneClient
+
+    async with ControlPlaneClient.from_certs_dir(controlplane, certs_dir) as cp:
+        tokens = []
+        for item in wanted:
+            name, _, kind = item.partition(":")
+            tokens.append((await cp.create_join_token(name, kind, 120)).token)
+    print(json.dumps(tokens), flush=True)
+
+
 def main(argv: list[str]) -> None:
     job, *args = argv
     if job == "plain-agent":
         asyncio.run(_plain_agent(args[0]))
+    elif job == "join-tokens":
+        asyncio.run(_join_tokens(args[0], args[1], args[2:]))
     elif job == "etcd-bootstrap":
         _etcd_bootstrap(*args)
     else:
