@@ -19,7 +19,6 @@ ADVERTISE_ENV: Final = "HIVEMESH_ADVERTISE"
 """The host a node advertises (registry, certificates); default: the listen host."""
 
 _WILDCARDS: Final = frozenset({"0.0.0.0", "::", "[::]", "*", ""})
-_LOOPBACK_NAMES: Final = frozenset({"localhost"})
 
 
 def is_wildcard(host: str) -> bool:
@@ -84,13 +83,3 @@ def san_entries(hosts: Iterable[str]) -> tuple[list[str], list[str]]:
                 ips.append(ip)
     return dns, ips
 
-
-def is_loopback(host: str) -> bool:
-    """True for localhost and loopback IPs (the addresses every certificate here already names)."""
-    bare = host.strip().strip("[]")
-    if bare in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(bare).is_loopback
-    except ValueError:
-        return False
