@@ -168,12 +168,15 @@ class CertificateAuthority:
         *,
         ttl_s: int = 3600,
         dns_names: Sequence[str] | None = None,
+        ips: Sequence[str] = (),
     ) -> bytes:
         """Issue a workload leaf for spiffe_id with the CSR's public key; return it as PEM.
 
         Whatever names the CSR asks for are ignored. The leaf carries exactly one URI SAN (spiffe_id), DNS
-        SANs `<name>.<kind>.<td>` and `localhost` (or exactly dns_names when given), serverAuth+clientAuth,
-        CA:FALSE, notBefore = now-30 s (clock skew), notAfter = now+ttl_s (never past the CA's own expiry).
+        SANs `<name>.<kind>.<td>` and `localhost` (or exactly dns_names when given), IP SANs ips (the address
+        the control plane saw the request come from, so a client that checks the IP it dialled accepts a
+        workload on another host), serverAuth+clientAuth, CA:FALSE, notBefore = now-30 s (clock skew),
+        notAfter = now+ttl_s (never past the CA's own expiry).
         """
         try:
             sid = parse_spiffe_id(spiffe_id)
@@ -191,6 +194,7 @@ class CertificateAuthority:
             common_name=etcd_user(sid.kind, sid.name),  # the etcd user of this workload (mesh/etcd_roles.py)
             dns_names=names,
             ttl_s=ttl_s,
+            ips=ips,
         )
         return cert.public_bytes(serialization.Encoding.PEM)
 

@@ -34,7 +34,7 @@ from hivemesh.controlplane.grants import GrantSet, load_grants, put_grants
 from hivemesh.controlplane.issuer import MAX_TTL_S, SigningKeys, TokenIssuer
 from hivemesh.controlplane.metrics import ControlPlaneMetrics
 from hivemesh.controlplane.retention_config import RetentionConfig
-from hivemesh.mesh.advertise import advertised_host
+from hivemesh.mesh.advertise import advertised_host, peer_ip
 from hivemesh.mesh.errors import (
     FailedPreconditionError,
     GrantDeniedError,
@@ -183,8 +183,10 @@ class Core:
             await ensure_workload_user(self.etcd, sid.kind, sid.name)
             self._etcd_users.add(spiffe_id)
 
-    def sign(self, csr_pem: bytes, spiffe_id: str) -> control_pb2.SignCertificateResponse:
-        cert = self.ca.sign_csr(csr_pem, spiffe_id, ttl_s=self.config.cert_ttl_s)
+    def sign(self, csr_pem: bytes, spiffe_id: str, peer: str = "") -> control_pb2.SignCertificateResponse:
+        """Sign for spiffe_id; a remote peer's IP (gRPC peer string) becomes an IP SAN of the certificate."""
+        ip = peer_ip(peer)
+        cert = self.ca.sign_csr(csr_pem, spiffe_id, ttl_s=self.config.cert_ttl_s, ips=[ip] if ip else [])
         return control_pb2.SignCertificateResponse(
             certificate_pem=cert,
             ca_bundle_pem=self.ca.bundle_pem(),
@@ -248,7 +250,7 @@ class JoinServicer(control_pb2_grpc.JoinServicer):
         name, kind = await joins.consume(self._core.etcd, request.join_token, request.name, requested.kind)
         spiffe_id = f"spiffe://{self._core.trust_domain}/{kind}/{name}"
         await self._core.ensure_etcd_user(spiffe_id)
-        resp = self._core.sign(request.csr_pem, spiffe_id)
+        resp = self._core.sign(request.csr_pem, spiffe_id, context.peer())
         log.info("joined %s (certificate until %d)", spiffe_id, resp.expires_at_unix)
         return resp
 
@@ -265,7 +267,7 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
     ) -> control_pb2.SignCertificateResponse:
         peer = self._core.peer(context)
         await self._core.ensure_etcd_user(str(peer.spiffe_id))
-        return self._core.sign(request.csr_pem, str(peer.spiffe_id))
+        return self._core.sign(request.csr_pem, str(peer.spiffe_id), context.peer())
 
     @_rpc
     async def IssueToken(

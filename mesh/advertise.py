@@ -83,3 +83,19 @@ def san_entries(hosts: Iterable[str]) -> tuple[list[str], list[str]]:
                 ips.append(ip)
     return dns, ips
 
+
+
+def peer_ip(peer: str) -> str | None:
+    """The remote IP of a gRPC peer string (`ipv4:198.18.0.2:5555`, `ipv6:[fd00::2]:5555`), or None for a
+    loopback or Unix-socket peer, whose address names no host a remote caller could dial."""
+    kind, _, rest = peer.partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return None
+    host = rest.rpartition(":")[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return None if ip.is_loopback or ip.is_unspecified else str(ip)

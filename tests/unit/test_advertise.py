@@ -13,8 +13,9 @@ from hivemesh.controlplane.ca import CaFiles, ensure_controlplane_cert, init_ca,
 from hivemesh.controlplane.cli.app import cli
 from hivemesh.controlplane.etcd_certs import issue_etcd_certs
 from hivemesh.controlplane.server import ControlPlaneConfig, ControlPlaneServer
-from hivemesh.mesh.advertise import advertised_host, san_entries
+from hivemesh.mesh.advertise import advertised_host, peer_ip, san_entries
 from hivemesh.mesh.etcd import EtcdServer, initial_cluster
+from hivemesh.mesh.pki import new_key_and_csr
 from hivemesh.mesh.settings import MeshSettings
 from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
 from hivemesh.sdk.serve import AgentServerConfig
@@ -102,6 +103,18 @@ def test_certificates_name_the_advertised_hosts(tmp_path: Path) -> None:
     assert "cp.example" in dns and ipaddress.ip_address("198.18.0.1") in {ipaddress.ip_address(i) for i in ips}
     ensure_controlplane_cert(ca, files.certs_dir, hosts=["198.18.0.1"])
     assert files.controlplane_cert.read_bytes() == first
+
+
+def test_a_workload_certificate_names_the_ip_its_request_came_from(tmp_path: Path) -> None:
+    assert peer_ip("ipv4:198.18.0.2:50412") == "198.18.0.2"
+    assert peer_ip("ipv6:[fd00::2]:50412") == "fd00::2"
+    assert peer_ip("ipv6:[::ffff:198.18.0.3]:1") == "198.18.0.3"
+    for local in ("ipv4:127.0.0.1:1", "ipv6:[::1]:1", "unix:/run/x.sock", "ipv4:0.0.0.0:1", ""):
+        assert peer_ip(local) is None, local
+    ca = load_ca(init_ca(tmp_path / "certs", TD).certs_dir)
+    _, csr = new_key_and_csr(f"spiffe://{TD}/agent/echo")
+    dns, ips = _sans(ca.sign_csr(csr, f"spiffe://{TD}/agent/echo", ips=["198.18.0.2"]))
+    assert dns == {f"echo.agent.{TD}", "localhost"} and ips == {"198.18.0.2"}
 
 
 def test_cli_refuses_a_wildcard_advertise_with_the_fix(tmp_path: Path) -> None:
