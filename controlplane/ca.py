@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from hivemesh.mesh.advertise import san_entries
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError
 from hivemesh.mesh.etcd_roles import CONTROLPLANE_USER, etcd_user
 from hivemesh.mesh.pki import (
@@ -167,12 +168,15 @@ class CertificateAuthority:
         *,
         ttl_s: int = 3600,
         dns_names: Sequence[str] | None = None,
+        ips: Sequence[str] = (),
     ) -> bytes:
         """Issue a workload leaf for spiffe_id with the CSR's public key; return it as PEM.
 
         Whatever names the CSR asks for are ignored. The leaf carries exactly one URI SAN (spiffe_id), DNS
-        SANs `<name>.<kind>.<td>` and `localhost` (or exactly dns_names when given), serverAuth+clientAuth,
-        CA:FALSE, notBefore = now-30 s (clock skew), notAfter = now+ttl_s (never past the CA's own expiry).
+        SANs `<name>.<kind>.<td>` and `localhost` (or exactly dns_names when given), IP SANs ips (the address
+        the control plane saw the request come from, so a client that checks the IP it dialled accepts a
+        workload on another host), serverAuth+clientAuth, CA:FALSE, notBefore = now-30 s (clock skew),
+        notAfter = now+ttl_s (never past the CA's own expiry).
         """
         try:
             sid = parse_spiffe_id(spiffe_id)
@@ -190,6 +194,7 @@ class CertificateAuthority:
             common_name=etcd_user(sid.kind, sid.name),  # the etcd user of this workload (mesh/etcd_roles.py)
             dns_names=names,
             ttl_s=ttl_s,
+            ips=ips,
         )
         return cert.public_bytes(serialization.Encoding.PEM)
 
@@ -268,14 +273,18 @@ class CertificateAuthority:
         cert = self._issue(public_key, uri, common_name=common_name, dns_names=[], ttl_s=ttl_s)
         return cert.public_bytes(serialization.Encoding.PEM)
 
-    def issue_controlplane_cert(self, ttl_s: int = CONTROLPLANE_TTL_S) -> tuple[bytes, bytes]:
+    def issue_controlplane_cert(
+        self, ttl_s: int = CONTROLPLANE_TTL_S, *, hosts: Sequence[str] = ()
+    ) -> tuple[bytes, bytes]:
         """The control plane's server certificate: URI SAN spiffe://<td>/controlplane, DNS
-        controlplane.<td> and localhost, IP 127.0.0.1."""
+        controlplane.<td> and localhost, IP 127.0.0.1, plus the advertised hosts (names or IPs), so a client
+        that checks the host it dialled (grpcurl, a load balancer's health check) accepts it too."""
+        dns, ips = san_entries(hosts)
         return self.issue_with_new_key(
             controlplane_id(self.trust_domain),
             common_name=CONTROLPLANE_USER,  # an etcd user holding the root role
-            dns_names=[controlplane_dns_name(self.trust_domain), "localhost"],
-            ips=["127.0.0.1"],
+            dns_names=[controlplane_dns_name(self.trust_domain), "localhost", *dns],
+            ips=["127.0.0.1", *(ip for ip in ips if ip != "127.0.0.1")],
             ttl_s=ttl_s,
         )
 
@@ -376,11 +385,26 @@ def load_ca(certs_dir: Path) -> CertificateAuthority:
         raise FailedPreconditionError(f"bad CA in {files.certs_dir}: {exc}") from None
 
 
+def _names_all(cert: x509.Certificate, hosts: Sequence[str]) -> bool:
+    """True when cert carries a DNS or IP SAN for every one of hosts (wildcards ignored)."""
+    dns, ips = san_entries(hosts)
+    if not dns and not ips:
+        return True
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    have_dns = set(sans.get_values_for_type(x509.DNSName))
+    have_ips = {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
+    return set(dns) <= have_dns and set(ips) <= have_ips
+
+
 def ensure_controlplane_cert(
-    ca: CertificateAuthority, certs_dir: Path, *, min_remaining_s: int = 86400
+    ca: CertificateAuthority, certs_dir: Path, *, min_remaining_s: int = 86400, hosts: Sequence[str] = ()
 ) -> None:
-    """Re-issue controlplane.pem/.key when missing, expiring within min_remaining_s, or from another CA,
-    so a long-lived control plane never serves an expired certificate after a restart."""
+    """Re-issue controlplane.pem/.key when missing, expiring within min_remaining_s, from another CA, or
+    lacking a SAN for one of the advertised hosts, so a long-lived control plane never serves an expired
+    certificate after a restart, nor one a remote caller's host-name check refuses."""
     files = CaFiles.in_dir(Path(certs_dir))
     fresh = False
     if files.controlplane_cert.is_file() and files.controlplane_key.is_file():
@@ -391,6 +415,7 @@ def ensure_controlplane_cert(
                 cert.issuer == ca.certificate.subject
                 and remaining.total_seconds() > min_remaining_s
                 and spiffe_id_of(cert) == controlplane_id(ca.trust_domain)
+                and _names_all(cert, hosts)
             )
             if fresh:
                 pub = ca.certificate.public_key()
@@ -400,7 +425,7 @@ def ensure_controlplane_cert(
             fresh = False
     if fresh:
         return
-    cp_cert, cp_key = ca.issue_controlplane_cert()
+    cp_cert, cp_key = ca.issue_controlplane_cert(hosts=hosts)
     _write_atomic(files.controlplane_key, cp_key, 0o600)
     _write_atomic(files.controlplane_cert, cp_cert, 0o644)
     log.info("issued a fresh control-plane certificate in %s", files.certs_dir)

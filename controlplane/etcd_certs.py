@@ -10,11 +10,13 @@ neither can be used to call the mesh.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from hivemesh.controlplane.ca import CaFiles, CertificateAuthority, _write_atomic
+from hivemesh.mesh.advertise import san_entries
 from hivemesh.mesh.etcd import EtcdServerTls, EtcdTls
 from hivemesh.mesh.etcd_roles import ROOT_USER
 from hivemesh.mesh.pki import SCHEME
@@ -37,17 +39,22 @@ class EtcdCertFiles:
 
 
 def issue_etcd_certs(
-    ca: CertificateAuthority, certs_dir: Path, *, host: str = "127.0.0.1", out_dir: Path | None = None
+    ca: CertificateAuthority, certs_dir: Path, *, host: str = "127.0.0.1", out_dir: Path | None = None,
+    hosts: Sequence[str] = (),
 ) -> EtcdServerTls:
     """Issue (or re-issue) the member's certificate for host and the root identity, next to the CA.
 
+    hosts adds the advertised address of every member that shares this certificate: clients given several
+    endpoints check each member against one name, and a member checks its peers' certificates against the
+    address they connect from, so a cluster's certificate names all of them (DNS names and IPs).
     Returns the member's TLS configuration: its certificate, the mesh bundle as the CAs it trusts (a client
     certificate from any mesh root is accepted; etcd's roles decide what it may do), and the root identity.
     """
     files = EtcdCertFiles.in_dir(out_dir or certs_dir)
     td = ca.trust_domain
-    ips = ["127.0.0.1"] + ([host] if host not in ("127.0.0.1", "localhost") and host[:1].isdigit() else [])
-    dns = ["localhost", f"etcd.{td}"] + ([host] if not host[:1].isdigit() and host != "localhost" else [])
+    extra_dns, extra_ips = san_entries([host, *hosts])
+    ips = ["127.0.0.1", *(ip for ip in extra_ips if ip != "127.0.0.1")]
+    dns = ["localhost", f"etcd.{td}", *(name for name in extra_dns if name != "localhost")]
     cert, key = ca.issue_with_new_key(f"{SCHEME}{td}/etcd", common_name="etcd", dns_names=dns, ips=ips,
                                       ttl_s=ETCD_TTL_S)
     root_cert, root_key = ca.issue_with_new_key(f"{SCHEME}{td}/etcd-root", common_name=ROOT_USER,

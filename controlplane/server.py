@@ -33,6 +33,7 @@ from hivemesh.controlplane.grants import GrantSet, load_grants, put_grants
 from hivemesh.controlplane.issuer import MAX_TTL_S, SigningKeys, TokenIssuer
 from hivemesh.controlplane.metrics import ControlPlaneMetrics
 from hivemesh.controlplane.retention_config import RetentionConfig
+from hivemesh.mesh.advertise import advertised_host, peer_ip
 from hivemesh.mesh.errors import (
     FailedPreconditionError,
     GrantDeniedError,
@@ -85,6 +86,9 @@ class ControlPlaneConfig:
     """Private state: token signing keys (`keys/`)."""
     trust_domain: str = "hivemesh.local"
     host: str = "127.0.0.1"
+    """The address both ports bind (0.0.0.0: every interface, then advertise is required)."""
+    advertise: str | None = None
+    """The host others dial (`address`, `join_address`, and a SAN of the server certificate); default: host."""
     port: int = 0
     """mTLS port serving ControlPlane (0: any free port)."""
     join_port: int = 0
@@ -121,6 +125,7 @@ class ControlPlaneConfig:
         if self.grants_file is not None:
             object.__setattr__(self, "grants_file", Path(self.grants_file))
         _validate_td(self.trust_domain)
+        advertised_host(self.host, self.advertise)  # raises on a wildcard, saying to give --advertise
         if self.metrics_listen is not None:
             parse_listen(self.metrics_listen)  # raises, saying what is wrong
         if self.health_listen is not None:
@@ -189,8 +194,10 @@ class Core:
             await ensure_workload_user(self.etcd, sid.kind, sid.name)
             self._etcd_users.add(spiffe_id)
 
-    def sign(self, csr_pem: bytes, spiffe_id: str) -> control_pb2.SignCertificateResponse:
-        cert = self.ca.sign_csr(csr_pem, spiffe_id, ttl_s=self.config.cert_ttl_s)
+    def sign(self, csr_pem: bytes, spiffe_id: str, peer: str = "") -> control_pb2.SignCertificateResponse:
+        """Sign for spiffe_id; a remote peer's IP (gRPC peer string) becomes an IP SAN of the certificate."""
+        ip = peer_ip(peer)
+        cert = self.ca.sign_csr(csr_pem, spiffe_id, ttl_s=self.config.cert_ttl_s, ips=[ip] if ip else [])
         return control_pb2.SignCertificateResponse(
             certificate_pem=cert,
             ca_bundle_pem=self.ca.bundle_pem(),
@@ -254,7 +261,7 @@ class JoinServicer(control_pb2_grpc.JoinServicer):
         name, kind = await joins.consume(self._core.etcd, request.join_token, request.name, requested.kind)
         spiffe_id = f"spiffe://{self._core.trust_domain}/{kind}/{name}"
         await self._core.ensure_etcd_user(spiffe_id)
-        resp = self._core.sign(request.csr_pem, spiffe_id)
+        resp = self._core.sign(request.csr_pem, spiffe_id, context.peer())
         log.info("joined %s (certificate until %d)", spiffe_id, resp.expires_at_unix)
         return resp
 
@@ -271,7 +278,7 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
     ) -> control_pb2.SignCertificateResponse:
         peer = self._core.peer(context)
         await self._core.ensure_etcd_user(str(peer.spiffe_id))
-        return self._core.sign(request.csr_pem, str(peer.spiffe_id))
+        return self._core.sign(request.csr_pem, str(peer.spiffe_id), context.peer())
 
     @_rpc
     async def IssueToken(
@@ -399,12 +406,16 @@ class ControlPlaneServer:
         """Serving `/metrics` once started (None: off)."""
 
     @property
+    def advertised_host(self) -> str:
+        return advertised_host(self.config.host, self.config.advertise)
+
+    @property
     def address(self) -> str:
-        return _address(self.config.host, self.port)
+        return _address(self.advertised_host, self.port)
 
     @property
     def join_address(self) -> str:
-        return _address(self.config.host, self.join_port)
+        return _address(self.advertised_host, self.join_port)
 
     @property
     def health_address(self) -> str | None:
@@ -419,7 +430,7 @@ class ControlPlaneServer:
             raise FailedPreconditionError(
                 f"the CA in {cfg.certs_dir} is for trust domain {ca.trust_domain}, not {cfg.trust_domain}"
             )
-        ensure_controlplane_cert(ca, cfg.certs_dir)
+        ensure_controlplane_cert(ca, cfg.certs_dir, hosts=[self.advertised_host])
         grants = load_grants(cfg.grants_file) if cfg.grants_file is not None else None
         keys = SigningKeys.load_or_create(cfg.state_dir)
         issuer = TokenIssuer(keys, ca.trust_domain, default_ttl_s=cfg.token_ttl_s)

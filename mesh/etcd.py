@@ -34,6 +34,8 @@ from aetcd import rpc
 from aetcd.client import _handle_errors
 from aetcd.watcher import Watcher
 
+from hivemesh.mesh.advertise import advertised_host, join_host_port
+
 log = logging.getLogger(__name__)
 
 PREFIX = "/hivemesh/"
@@ -127,6 +129,9 @@ class EtcdServer:
     peer_port: int = 0
     name: str = "hivemesh-etcd"
     host: str = "127.0.0.1"
+    """The address other members and clients dial (advertised client and peer URLs, `endpoint`)."""
+    listen_host: str | None = None
+    """The address the member binds (e.g. 0.0.0.0 on a real host); default: host."""
     log_path: Path | None = None
     initial_cluster: str | None = None
     """`name=http://host:peer-port,...` of every member when this one is part of a cluster (see EtcdCluster);
@@ -175,21 +180,38 @@ class EtcdServer:
         if not self.peer_port:
             self.peer_port = free_port(self.host)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        scheme = "https" if self.tls else "http"
-        client_url = f"{scheme}://{self.host}:{self.client_port}"
-        peer_url = f"{scheme}://{self.host}:{self.peer_port}"
         # Die with the process that started us (setpriv sets PR_SET_PDEATHSIG, then execs etcd): a crashed
         # `hivemesh up` or test run leaves no etcd behind. The signal follows the *thread* that spawned it, so
         # start members from a long-lived thread (the main one), never from a short-lived worker.
         wrapper = [setpriv, "--pdeathsig", "TERM"] if (setpriv := shutil.which("setpriv")) else []
+        args = [*wrapper, *self.command(binary)]
+        log_file = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            self._proc = subprocess.Popen(
+                args, stdout=log_file, stderr=log_file, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        finally:
+            if log_file is not subprocess.DEVNULL:
+                log_file.close()  # type: ignore[union-attr]
+        if wait:
+            self._wait_ready(timeout)
+            self.bootstrap_auth()
+
+    def command(self, binary: str) -> list[str]:
+        """The member's argv (binary first): bound on listen_host, advertised as host, so a runner of its own
+        (a network namespace, a container) starts the very member `start()` would. Ports must be set."""
+        advertised = advertised_host(self.host, None, what=f"etcd member {self.name} host")
+        bind = self.listen_host or advertised
+        scheme = "https" if self.tls else "http"
+        client_url = f"{scheme}://{join_host_port(advertised, self.client_port)}"
+        peer_url = f"{scheme}://{join_host_port(advertised, self.peer_port)}"
         args = [
-            *wrapper,
             binary,
             "--name", self.name,
             "--data-dir", str(self.data_dir),
-            "--listen-client-urls", client_url,
+            "--listen-client-urls", f"{scheme}://{join_host_port(bind, self.client_port)}",
             "--advertise-client-urls", client_url,
-            "--listen-peer-urls", peer_url,
+            "--listen-peer-urls", f"{scheme}://{join_host_port(bind, self.peer_port)}",
             "--initial-advertise-peer-urls", peer_url,
             "--initial-cluster", self.initial_cluster or f"{self.name}={peer_url}",
             "--initial-cluster-token", self.cluster_token,
@@ -207,17 +229,7 @@ class EtcdServer:
                 "--peer-cert-file", str(t.cert_file), "--peer-key-file", str(t.key_file),
                 "--peer-trusted-ca-file", str(t.server_ca_file or t.trusted_ca_file), "--peer-client-cert-auth",
             ]
-        log_file = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        try:
-            self._proc = subprocess.Popen(
-                args, stdout=log_file, stderr=log_file, stdin=subprocess.DEVNULL, start_new_session=True
-            )
-        finally:
-            if log_file is not subprocess.DEVNULL:
-                log_file.close()  # type: ignore[union-attr]
-        if wait:
-            self._wait_ready(timeout)
-            self.bootstrap_auth()
+        return args
 
     def bootstrap_auth(self) -> None:
         """Create the root user and the static roles and enable auth (idempotent; a no-op without TLS).
@@ -285,6 +297,13 @@ class EtcdServer:
         self.stop()
 
 
+def initial_cluster(members: Sequence[EtcdServer]) -> str:
+    """etcd's `--initial-cluster` for these members: each name with its advertised peer URL."""
+    return ",".join(
+        f"{m.name}={'https' if m.tls else 'http'}://{join_host_port(m.host, m.peer_port)}" for m in members
+    )
+
+
 @dataclass
 class EtcdCluster:
     """A cluster of real etcd members on loopback (three by default), each its own process.
@@ -312,8 +331,7 @@ class EtcdCluster:
                 )
                 for i in range(self.size)
             ]
-        scheme = "https" if self.tls else "http"
-        initial = ",".join(f"{m.name}={scheme}://{m.host}:{m.peer_port}" for m in self.members)
+        initial = initial_cluster(self.members)
         for m in self.members:
             m.initial_cluster = initial
 

@@ -34,6 +34,7 @@ from typing import Any
 import grpc
 
 from hivemesh.mesh import tracing
+from hivemesh.mesh.advertise import advertised_host, join_host_port
 from hivemesh.mesh.audit import AuditLog, open_node_audit
 from hivemesh.mesh.audit.handshake import tracer_events
 from hivemesh.mesh.budget import TokenBudgets
@@ -94,7 +95,9 @@ class SidecarConfig:
     client: str | None = None
     """Caller only: join as this client identity and serve only `Mesh` (give this or agent, not both)."""
     listen: str = "127.0.0.1:0"
-    """Inbound mutual-TLS listener (what the registry advertises)."""
+    """Inbound mutual-TLS listener, host:port (0.0.0.0: every interface; then give advertise)."""
+    advertise: str | None = None
+    """The host the registry tells callers to dial, with the bound port; default: listen's host."""
     mesh_socket: str | None = None
     """Unix socket serving `Mesh` (plaintext) for local callers (the agent's own outbound calls), 0600 in a 0700
     folder; default
@@ -140,6 +143,8 @@ class SidecarConfig:
                 raise ValueError(f"{name} must be a loopback address (the link is plaintext): {value}")
         if self.mesh_socket is not None and self.mesh_listen is not None:
             raise ValueError("give mesh_socket or mesh_listen, not both: the Mesh service has one listener")
+        if self.agent is not None:
+            advertised_host(self.listen.rpartition(":")[0], self.advertise)  # no wildcard reaches the registry
         if self.lease_ttl_s < 2:
             raise ValueError("lease_ttl_s must be at least 2 seconds")
         if self.metrics_listen is not None:
@@ -212,7 +217,9 @@ class Sidecar:
 
     @property
     def endpoint(self) -> str:
-        return f"{self.config.listen.rpartition(':')[0]}:{self.port}"
+        """The advertised host:port (registry, hops); the bound port."""
+        return join_host_port(advertised_host(self.config.listen.rpartition(":")[0], self.config.advertise),
+                              self.port)
 
     @property
     def mesh_endpoint(self) -> str:

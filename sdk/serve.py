@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from hivemesh.mesh.advertise import advertised_host, env_advertise_host, env_listen_host, join_host_port
 from hivemesh.mesh.audit import AuditLog
 from hivemesh.mesh.audit.handshake import tracer_events
 from hivemesh.mesh.budget import TokenBudgets
@@ -47,8 +48,12 @@ class AgentServerConfig:
 
     Validated on construction, so a mistake fails where it is written rather than at start or registration."""
 
-    host: str = "127.0.0.1"
-    """The address the agent's mutual-TLS server listens on (and advertises): a name or an IP, no port."""
+    host: str = field(default_factory=env_listen_host)
+    """The address the agent's mutual-TLS server binds: a name or an IP, no port (0.0.0.0: every interface,
+    then give advertise); default $HIVEMESH_LISTEN, else 127.0.0.1."""
+    advertise: str | None = field(default_factory=env_advertise_host)
+    """The host the registry tells callers to dial (with the bound port); default $HIVEMESH_ADVERTISE, else
+    host."""
     port: int = 0
     """0: a free port, chosen at start (`AgentServer.port` tells which)."""
     instance_id: str | None = None
@@ -96,6 +101,7 @@ class AgentServerConfig:
         if not bracketed and (not self.host or ":" in self.host):
             raise ValueError(f"host must be a host name or an IP address, without a port (give it as port=; "
                              f"IPv6 as [addr]): {self.host!r}")
+        advertised_host(self.host, self.advertise)  # raises on a wildcard or a port, saying what to give
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535 (0: a free port): {self.port}")
         if self.instance_id is not None and not INSTANCE_ID_RE.fullmatch(self.instance_id):
@@ -160,7 +166,8 @@ class AgentServer:
 
     @property
     def endpoint(self) -> str:
-        return f"{self.host}:{self.port}"
+        """The advertised host:port (registry, hops); the port is the bound one."""
+        return join_host_port(advertised_host(self.host, self.config.advertise), self.port)
 
     @property
     def metrics_address(self) -> str | None:

@@ -16,7 +16,10 @@ from hivemesh.mesh.settings import DEFAULT_TRUST_DOMAIN, MeshSettings
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Private state (token signing keys). Default: <home>/controlplane.")
 @click.option("--trust-domain", default=DEFAULT_TRUST_DOMAIN, show_default=True)
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address both ports bind (0.0.0.0: every interface; then give --advertise).")
+@click.option("--advertise", envvar="HIVEMESH_ADVERTISE", default=None, metavar="HOST",
+              help="Host name or IP others dial (printed addresses, certificate SAN) [default: --host].")
 @click.option("--port", default=0, show_default=True, help="mTLS port (0: any free port).")
 @click.option("--join-port", default=0, show_default=True, help="Join port, server-TLS only (0: any free port).")
 @click.option("--grants", "grants_file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
@@ -34,8 +37,8 @@ from hivemesh.mesh.settings import DEFAULT_TRUST_DOMAIN, MeshSettings
 @pass_cli
 @friendly_errors
 def controlplane(obj: CliContext, etcd_endpoints: str, state_dir: Path | None, trust_domain: str, host: str,
-                 port: int, join_port: int, grants_file: Path | None, cert_ttl: int, retention: str,
-                 metrics_listen: str | None, health_listen: str | None) -> None:
+                 advertise: str | None, port: int, join_port: int, grants_file: Path | None, cert_ttl: int,
+                 retention: str, metrics_listen: str | None, health_listen: str | None) -> None:
     """Run the control plane: CA, token issuer, join service."""
     from hivemesh.controlplane.retention_config import RetentionConfig
     from hivemesh.controlplane.server import ControlPlaneConfig, ControlPlaneServer
@@ -51,8 +54,9 @@ def controlplane(obj: CliContext, etcd_endpoints: str, state_dir: Path | None, t
     try:
         config = ControlPlaneConfig(
             etcd_endpoints=etcd_endpoints, certs_dir=obj.certs_dir, state_dir=state_dir or obj.home / "controlplane",
-            trust_domain=trust_domain, host=host, port=port, join_port=join_port, grants_file=grants_file,
-            cert_ttl_s=cert_ttl, retention=kept, metrics_listen=metrics_listen, health_listen=health_listen,
+            trust_domain=trust_domain, host=host, advertise=advertise, port=port, join_port=join_port,
+            grants_file=grants_file, cert_ttl_s=cert_ttl, retention=kept, metrics_listen=metrics_listen,
+            health_listen=health_listen,
         )
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
@@ -73,6 +77,9 @@ def controlplane(obj: CliContext, etcd_endpoints: str, state_dir: Path | None, t
                    "(no inbound port, no registration).")
 @click.option("--listen", default="127.0.0.1:0", show_default=True,
               help="Inbound mutual-TLS listener, where the mesh calls the agent (ready line: inbound=).")
+@click.option("--advertise", envvar="HIVEMESH_ADVERTISE", default=None, metavar="HOST",
+              help="Host name or IP the registry tells callers to dial [default: the --listen host; required "
+                   "when that is a wildcard such as 0.0.0.0].")
 @click.option("--mesh-socket", default=None, metavar="PATH",
               help="Unix socket (0600, folder 0700) serving Mesh for local callers, the agent's own outbound "
                    "calls (ready line: mesh=) [default: <home>/run/sidecar-<pid>.sock].")
@@ -97,11 +104,10 @@ def controlplane(obj: CliContext, etcd_endpoints: str, state_dir: Path | None, t
               help="Plaintext grpc.health.v1 port for probes (health only: no TLS, no audit), or 'off' "
                    "[default: $HIVEMESH_HEALTH_LISTEN, else off].")
 @friendly_errors
-def sidecar(agent: str | None, client: str | None, listen: str, mesh_socket: str | None, mesh_listen: str | None,
-            name: str | None, lease_ttl: int, max_input_bytes: int, max_call_depth: int, limits: tuple[str, ...],
-            no_content_screen: bool,
-            screen_exempt: tuple[str, ...], audit_dir: str | None, metrics_listen: str | None,
-            health_listen: str | None) -> None:
+def sidecar(agent: str | None, client: str | None, listen: str, advertise: str | None, mesh_socket: str | None,
+            mesh_listen: str | None, name: str | None, lease_ttl: int, max_input_bytes: int, max_call_depth: int,
+            limits: tuple[str, ...], no_content_screen: bool, screen_exempt: tuple[str, ...], audit_dir: str | None,
+            metrics_listen: str | None, health_listen: str | None) -> None:
     """Front an agent written in any language (--agent), or serve a caller in any language (--client):
     mTLS, tokens, authz, audit, registry, routing.
 
@@ -134,7 +140,7 @@ def sidecar(agent: str | None, client: str | None, listen: str, mesh_socket: str
         raise click.UsageError("give --mesh-socket or --mesh-listen, not both")
     enable()  # consent to the handshake audit (the package's main turned the tracer on before gRPC loaded)
     try:
-        config = SidecarConfig(agent=agent, client=client, listen=listen, mesh_socket=mesh_socket,
+        config = SidecarConfig(agent=agent, client=client, listen=listen, advertise=advertise, mesh_socket=mesh_socket,
                                mesh_listen=mesh_listen, name=name, lease_ttl_s=lease_ttl,
                                max_input_bytes=max_input_bytes, max_call_depth=max_call_depth,
                                limits=tuple(per_cap),

@@ -1,0 +1,91 @@
+"""Small jobs run inside a network-namespace host (`python -m tests.support.netns_main JOB ...`).
+
+- `plain-agent HOST:PORT`: serve the plain-gRPC `PlainAgent` (capabilities prefixed `p`: `pecho`, ...) on
+  loopback, as an agent in any language would behind a sidecar; prints `ready HOST:PORT`, serves until SIGTERM.
+- `join-tokens CONTROLPLANE CERTS_DIR NAME:KIND ...`: mint one-time join tokens as the operator, the call
+  `hivemesh join-token NAME --kind KIND` makes, all from one process (one interpreter start instead of one per
+  token on a busy machine); prints them as one JSON list.
+- `etcd-bootstrap ENDPOINTS CA CERT KEY`: wait until every member answers with a leader (quorum), then create
+  etcd's users and roles and turn auth on, as `EtcdCluster.start()` does for members on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import time
+
+import grpc
+from aetcd import rpc
+
+from hivemesh.mesh.etcd import EtcdTls, parse_endpoints
+from hivemesh.mesh.etcd_roles import bootstrap_auth
+from tests.support.plain_agent import PlainAgent
+
+
+async def _plain_agent(address: str) -> None:
+    from hivemesh.v1 import agent_pb2_grpc
+
+    agent = PlainAgent("plain", prefix="p")
+    server = grpc.aio.server()
+    agent_pb2_grpc.add_AgentServicer_to_server(agent, server)
+    server.add_insecure_port(address)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"ready {address}", flush=True)
+    await stop.wait()
+    await server.stop(0.5)
+
+
+def _has_leader(endpoint: str, tls: EtcdTls) -> bool:
+    with grpc.secure_channel(endpoint, tls.credentials()) as ch:
+        try:
+            return bool(rpc.MaintenanceStub(ch).Status(rpc.StatusRequest(), timeout=1.0).leader)
+        except grpc.RpcError:
+            return False
+
+
+def _etcd_bootstrap(endpoints: str, ca: str, cert: str, key: str, timeout: float = 60.0) -> None:
+    with open(ca, "rb") as c, open(cert, "rb") as k, open(key, "rb") as s:
+        tls = EtcdTls(c.read(), k.read(), s.read())
+    deadline = time.monotonic() + timeout
+    for host, port in parse_endpoints(endpoints):
+        while not _has_leader(f"{host}:{port}", tls):
+            if time.monotonic() > deadline:
+                sys.exit(f"etcd member {host}:{port} has no leader after {timeout:.0f} s")
+            time.sleep(0.1)
+    first = parse_endpoints(endpoints)[0]
+    bootstrap_auth(f"{first[0]}:{first[1]}", tls)
+    print("ready", flush=True)
+
+
+async def _join_tokens(controlplane: str, certs_dir: str, wanted: list[str]) -> None:
+    from hivemesh.mesh.controlplane_client import ControlPlaneClient
+
+    async with ControlPlaneClient.from_certs_dir(controlplane, certs_dir) as cp:
+        tokens = []
+        for item in wanted:
+            name, _, kind = item.partition(":")
+            tokens.append((await cp.create_join_token(name, kind, 120)).token)
+    print(json.dumps(tokens), flush=True)
+
+
+def main(argv: list[str]) -> None:
+    job, *args = argv
+    if job == "plain-agent":
+        asyncio.run(_plain_agent(args[0]))
+    elif job == "join-tokens":
+        asyncio.run(_join_tokens(args[0], args[1], args[2:]))
+    elif job == "etcd-bootstrap":
+        _etcd_bootstrap(*args)
+    else:
+        sys.exit(f"unknown job {job!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
