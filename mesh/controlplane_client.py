@@ -79,8 +79,10 @@ class ControlPlaneClient:
             if channel is not None:
                 self._retire(channel)
 
-    def _next(self) -> None:
-        self._current = (self._current + 1) % len(self.addresses)
+    def _away_from(self, address: str) -> None:
+        """Make the replica after address current, unless a concurrent call already moved on from it."""
+        if self.address == address:
+            self._current = (self._current + 1) % len(self.addresses)
 
     @classmethod
     def from_certs_dir(
@@ -108,23 +110,26 @@ class ControlPlaneClient:
 
     async def _call(self, name: str, request: Any) -> Any:
         """ControlPlane.<name>, failing over to the next replica while one is unreachable (idempotent calls)."""
-        for attempt in range(len(self.addresses)):
-            stub = control_pb2_grpc.ControlPlaneStub(self._channel_to(self.address))
+        start = self._current
+        order = [*self.addresses[start:], *self.addresses[:start]]  # this call's own order: others may move on
+        for attempt, address in enumerate(order):
+            stub = control_pb2_grpc.ControlPlaneStub(self._channel_to(address))
             try:
                 answer = await getattr(stub, name)(request, timeout=self.attempt_timeout_s)
             except grpc.aio.AioRpcError as exc:
                 unreachable = exc.code() in _UNREACHABLE
-                if unreachable and attempt + 1 < len(self.addresses):
-                    log.warning("control plane %s unreachable for %s (%s); trying the next replica", self.address,
-                                name, exc.code().name)
-                    self._next()
+                if unreachable:
+                    self._away_from(address)
+                if unreachable and attempt + 1 < len(order):
+                    log.warning("control plane %s unreachable for %s (%s); trying the next replica", address, name,
+                                exc.code().name)
                     self.failovers += 1
                     continue
                 self.reachable = not unreachable
-                if unreachable:
-                    self._next()
                 raise from_rpc_error(exc) from exc
             self.reachable = True
+            if self.address != address and address in self.addresses:
+                self._current = self.addresses.index(address)  # the replica that answered stays current
             return answer
         raise AssertionError("unreachable: the last attempt returns or raises")
 
@@ -198,12 +203,13 @@ class ControlPlaneClient:
 
     async def call(self, method: Any, request: Any, *, timeout_s: float | None = None) -> Any:
         """Call any unary method of a feature stub, raising the typed hivemesh error it failed with."""
+        address = self.address
         try:
             answer = await method(request, timeout=timeout_s or self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             self.reachable = exc.code() not in _UNREACHABLE
             if not self.reachable:
-                self._next()  # this call fails (it may not be safe to repeat); the next one asks another replica
+                self._away_from(address)  # this call fails (a repeat may not be safe); the next asks another
             raise from_rpc_error(exc) from exc
         self.reachable = True
         return answer
