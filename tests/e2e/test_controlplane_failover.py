@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import re
 import signal
@@ -32,13 +33,17 @@ TTL_S = 2
 AUDIENCE = f"spiffe://{TRUST_DOMAIN}/agent/echo"
 
 
-async def _spawn_controlplane(tmp: Path, certs: Path, etcd: str, n: int) -> tuple[asyncio.subprocess.Process, dict[str, str]]:
+async def _spawn_controlplane(
+    tmp: Path, certs: Path, etcd: str, n: int
+) -> tuple[asyncio.subprocess.Process, dict[str, str]]:
+    """`hivemesh controlplane` number n with a short leader TTL; (process, its ready line's fields)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEMESH_")}
     log = tmp / f"cp{n}.log"
     with log.open("wb") as err:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "hivemesh.controlplane.cli", "--certs-dir", str(certs), "--home", str(tmp / f"home{n}"),
-            "controlplane", "--etcd", etcd, "--state-dir", str(tmp / f"state{n}"), "--trust-domain", TRUST_DOMAIN,
+            sys.executable, "-m", "hivemesh.controlplane.cli", "--certs-dir", str(certs), "--home",
+            str(tmp / f"home{n}"), "controlplane", "--etcd", etcd, "--state-dir", str(tmp / f"state{n}"),
+            "--trust-domain", TRUST_DOMAIN,
             "--grants", str(tmp / "grants.yaml"), "--leader-ttl", str(TTL_S),
             cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE, stderr=err, start_new_session=True,
         )
@@ -172,7 +177,7 @@ async def test_leader_frozen_then_killed_tokens_and_certificates_keep_coming(
         assert failures == [], failures[:5]
         assert both_led == []
         assert len({kid for _, kid in issued}) == 1  # both replicas sign with the one shared key
-        gaps = [b - a for (a, _), (b, _) in zip(issued, issued[1:], strict=False)]
+        gaps = [b - a for (a, _), (b, _) in itertools.pairwise(issued)]
         print(f"\nFIGURE control-plane failover (TTL {TTL_S} s): frozen leader replaced in {took_over:.2f} s, "
               f"killed leader in {took_back:.2f} s; {len(issued)} tokens and {len(renewed)} certificates issued, "
               f"0 failed; longest gap between tokens {max(gaps):.2f} s")

@@ -56,5 +56,5 @@ def test_address_lists_and_adverts() -> None:
     assert s.controlplane == "h1:1,h2:2"
     with pytest.raises(ValueError, match="join address 'h2' must be host:port"):
         MeshSettings(etcd="127.0.0.1:2379", controlplane="h1:1", join="h1:3,h2", ca_bundle="ca.pem")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="leader_ttl_s must be 2..300"):
+    with pytest.raises(ValueError, match=r"leader_ttl_s must be 2\.\.300"):
         ControlPlaneConfig(etcd_endpoints="127.0.0.1:2379", certs_dir="c", state_dir="s", leader_ttl_s=1)  # type: ignore[arg-type]
