@@ -24,6 +24,7 @@ from hivemesh.mesh.etcd import EtcdServer, EtcdTls, client, is_permission_denied
 from hivemesh.mesh.keyspace import CONTROLPLANE_KEYS
 from hivemesh.mesh.tokens import JWKS_KEY, KeySet, TokenVerifier
 from hivemesh.mesh.trustdoc import verify_jwks
+from hivemesh.sdk import MeshClient
 from hivemesh.v1 import trust_pb2
 from tests.support.meshenv import TRUST_DOMAIN, MeshEnv
 
@@ -55,6 +56,8 @@ async def test_two_replicas_share_keys_lead_once_and_hand_over(
     certs = mesh_env.certs
     operator_etcd = client(etcd_server.endpoint, tls=EtcdTls.from_files(certs.ca_cert, certs.operator_cert,
                                                                         certs.operator_key))
+    mesh = MeshClient.connect(name="runner", settings=await mesh_env.settings_for("runner", "client"), audit=False)
+    await mesh.start()
     try:
         assert a.replica is not None and b.replica is not None
         # One leader: the replica that started first; the other waits, and runs no retention pass.
@@ -96,6 +99,14 @@ async def test_two_replicas_share_keys_lead_once_and_hand_over(
         assert learner.address == b.address and set(learner.addresses) == {a.address, b.address}
         await learner.close()
 
+        # A node configured with a alone finds b in etcd (its client can fail over to it).
+        node_cp = mesh.node.controlplane
+
+        async def node_knows_b() -> bool:
+            return node_cp.addresses == [a.address, b.address]
+
+        await _eventually(node_knows_b, 5, "the node discovering b")
+
         # A clean stop revokes the leader's lease: b leads at once (not after the TTL), its retention runs,
         # and a's advert is gone.
         stopped = time.monotonic()
@@ -108,8 +119,11 @@ async def test_two_replicas_share_keys_lead_once_and_hand_over(
         assert [x.controlplane for x in await discover(etcd)] == [b.address]
         passes = _retention(b).passes
         await _eventually(lambda: _async(_retention(b).passes > passes), 2.0, "b's retention pass")
+        # The node's next token comes from b: a is gone, and the node was only ever told about a.
+        assert (await node_cp.issue_token(AUDIENCE, ["echo"])).token and node_cp.address == b.address
         print(f"\nFIGURE clean control-plane handover: {handover:.2f} s (stop took {time.monotonic() - stopped:.2f} s)")
     finally:
+        await mesh.close()
         await operator_etcd.close()
         await op_b.close()
         await b.stop(0.2)
