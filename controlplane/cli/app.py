@@ -15,6 +15,7 @@ import click
 
 from hivemesh.controlplane.cli import a2a, audit, authz, certs, operate, policy, serve, slo, top, trust, up, workflows
 from hivemesh.controlplane.cli.context import CliContext
+from hivemesh.controlplane.cli.replicas import controlplanes
 from hivemesh.mesh.lifeline import die_with_parent_if_asked
 from hivemesh.mesh.logjson import basic_config
 
@@ -41,6 +42,7 @@ for command in (
     up.up,  # hivemesh up: a local mesh and a demo
     certs.certs,  # hivemesh certs init
     serve.controlplane,  # hivemesh controlplane
+    controlplanes,  # hivemesh controlplanes: the replicas and the leader (issue 11)
     serve.sidecar,  # hivemesh sidecar
     operate.agents,  # hivemesh agents
     operate.call,  # hivemesh call CAPABILITY

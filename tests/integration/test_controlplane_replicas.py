@@ -8,6 +8,7 @@ advertise themselves, and a clean stop hands leadership over at once.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -26,7 +27,7 @@ from hivemesh.mesh.tokens import JWKS_KEY, KeySet, TokenVerifier
 from hivemesh.mesh.trustdoc import verify_jwks
 from hivemesh.sdk import MeshClient
 from hivemesh.v1 import trust_pb2
-from tests.support.meshenv import TRUST_DOMAIN, MeshEnv
+from tests.support.meshenv import TRUST_DOMAIN, MeshEnv, run_cli
 
 AUDIENCE = f"spiffe://{TRUST_DOMAIN}/agent/echo"
 
@@ -94,6 +95,11 @@ async def test_two_replicas_share_keys_lead_once_and_hand_over(
         adverts = await discover(operator_etcd)
         assert {x.controlplane for x in adverts} == {a.address, b.address}
         assert {x.join for x in adverts} == {a.join_address, b.join_address}
+        code, stdout, stderr = await run_cli(mesh_env, "controlplanes", "--json")  # what an operator sees
+        assert code == 0, stderr
+        listed = json.loads(stdout)
+        assert listed["leader"] == a.replica.replica_id
+        assert {(r["controlplane"], r["leader"]) for r in listed["replicas"]} == {(a.address, True), (b.address, False)}
         learner = ControlPlaneClient(b.address, mesh_env.operator.workload, TRUST_DOMAIN)
         learner.learn([x.controlplane for x in adverts])
         assert learner.address == b.address and set(learner.addresses) == {a.address, b.address}
