@@ -137,3 +137,66 @@ async def test_two_replicas_share_keys_lead_once_and_hand_over(
 
 async def _async(value: bool) -> bool:
     return value
+
+
+async def test_a_leader_cut_off_from_etcd_steps_down_on_its_own_clock(own_etcd: EtcdServer) -> None:
+    """etcd frozen (SIGSTOP): no keepalive comes back and etcd never says the lease is gone; the leader stops
+    leading before its TTL could have run out at etcd, and after etcd returns exactly one replica leads, under a
+    new term that fences off the old one's writes."""
+    import os
+    import signal
+
+    from hivemesh.controlplane.leader import LeaderElection
+    from hivemesh.mesh.keyspace import CONTROLPLANE_LEADER
+
+    c1, c2 = client(own_etcd.access), client(own_etcd.access)
+    a = LeaderElection(c1, "a", ttl_s=2)
+    b = LeaderElection(c2, "b", ttl_s=2)
+    pid = own_etcd.pid
+    assert pid is not None
+    try:
+        await wait_connected(c1)
+        await wait_connected(c2)
+        await a.start()
+        await b.start()
+        assert a.is_leader and not b.is_leader and b.leader == "a"
+        old_term = a.term
+        key = CONTROLPLANE_LEADER.encode()
+        assert (await c1.transaction(compare=a.fence(), success=[], failure=[]))[0]  # the fence holds while a leads
+
+        paused = time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+
+        async def a_stepped_down() -> bool:
+            return not a.is_leader
+
+        stepped = await _eventually(a_stepped_down, 3.0, "a stepping down")
+        assert stepped < 2.0 and not b.is_leader  # before etcd could expire the lease; b cannot lead either
+        os.kill(pid, signal.SIGCONT)
+
+        async def one_leads() -> bool:
+            return a.is_leader or b.is_leader
+
+        back = await _eventually(one_leads, 8.0, "a leader after etcd came back")
+        assert a.is_leader != b.is_leader  # (a again, if etcd took its keepalive before expiring its lease)
+        leader, follower = (a, b) if a.is_leader else (b, a)
+        term = leader.term
+        await leader.stop()  # hands over at once; the new term fences off every write of the old ones
+
+        async def follower_leads() -> bool:
+            return follower.is_leader
+
+        await _eventually(follower_leads, 2.0, "the other replica leading")
+        assert follower.term > term >= old_term
+        t = c1.transactions
+        for stale in {old_term, term}:
+            assert not (await c1.transaction(compare=[t.create(key) == stale], success=[], failure=[]))[0]
+        assert (await c1.transaction(compare=follower.fence(), success=[], failure=[]))[0]
+        print(f"\nFIGURE leader cut off from etcd: stepped down {stepped:.2f} s after the pause (TTL 2 s); a leader "
+              f"again {back:.2f} s after etcd resumed ({time.monotonic() - paused:.2f} s in all)")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        await a.stop()
+        await b.stop()
+        await c1.close()
+        await c2.close()
