@@ -47,8 +47,10 @@ def document(keys: SigningKeys) -> dict[str, dict[str, Any]]:
 def _parse(raw: bytes) -> dict[str, dict[str, Any]]:
     try:
         doc = json.loads(raw)
-        entries = doc["keys"]
-        return {str(e["kid"]): e for e in entries}
+        parsed = {str(e["kid"]): e for e in doc["keys"]}
+        if not parsed:
+            raise ValueError("no keys")  # a replica must never sign with a key only it holds
+        return parsed
     except (ValueError, KeyError, TypeError) as exc:
         raise FailedPreconditionError(f"the shared signing keys in etcd ({CONTROLPLANE_KEYS}) are unreadable: "
                                       f"{exc!r}") from None

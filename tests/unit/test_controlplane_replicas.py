@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from hivemesh.controlplane.leader import LeaseClock
@@ -58,3 +60,26 @@ def test_address_lists_and_adverts() -> None:
         MeshSettings(etcd="127.0.0.1:2379", controlplane="h1:1", join="h1:3,h2", ca_bundle="ca.pem")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"leader_ttl_s must be 2\.\.300"):
         ControlPlaneConfig(etcd_endpoints="127.0.0.1:2379", certs_dir="c", state_dir="s", leader_ttl_s=1)  # type: ignore[arg-type]
+
+
+def test_shared_keys_mirror_into_a_replicas_state_folder(tmp_path: Path) -> None:
+    from hivemesh.controlplane import shared_keys
+    from hivemesh.controlplane.issuer import SigningKeys
+    from hivemesh.mesh.errors import FailedPreconditionError
+
+    first = SigningKeys.load_or_create(tmp_path / "a")
+    pending = first.rotate(60)
+    doc = shared_keys.document(first)
+    assert set(doc) == {k.kid for k in first.every} and all("PRIVATE KEY" in e["pem"] for e in doc.values())
+    other = shared_keys.mirror(doc, tmp_path / "b")  # what another replica holds: the same keys and schedule
+    assert [(k.kid, k.activates_at) for k in other.every] == [(k.kid, k.activates_at) for k in first.every]
+    assert other.active.kid == first.active.kid != pending.kid
+    files = sorted((tmp_path / "b" / "keys").glob("es256-*.pem"))
+    assert len(files) == 2 and all(f.stat().st_mode & 0o777 == 0o600 for f in files)
+    # A key retired from the document leaves the folder too.
+    fewer = shared_keys.mirror({pending.kid: doc[pending.kid]}, tmp_path / "b")
+    assert [k.kid for k in fewer.every] == [pending.kid]
+    assert len(list((tmp_path / "b" / "keys").glob("es256-*.pem"))) == 1
+    for junk in (b"", b"{}", b'{"keys": []}', b'{"keys": [{"pem": "x"}]}'):
+        with pytest.raises(FailedPreconditionError, match="unreadable"):
+            shared_keys._parse(junk)
