@@ -511,12 +511,12 @@ class ControlPlaneServer:
         if self.metrics is not None:
             metrics, self.metrics = self.metrics, None
             await metrics.stop()
+        if self.replica is not None:  # hand leadership over and withdraw the advert at once, not after the grace
+            replica, self.replica = self.replica, None
+            await replica.stop()
         servers, self._servers = self._servers, []
         self._healths = []
         await asyncio.gather(*(s.stop(grace) for s in servers), return_exceptions=True)
-        if self.replica is not None:  # hand leadership over at once (lease revoked), before etcd closes
-            replica, self.replica = self.replica, None
-            await replica.stop()
         features, self._features = self._features, []
         for feature in reversed(features):
             try:
