@@ -161,6 +161,11 @@ class SigningKeys:
         os.replace(tmp, self.keys_dir / "schedule.json")
 
     @property
+    def every(self) -> list[SigningKey]:
+        """Every key held, retired ones not yet pruned included (what the replicas share)."""
+        return list(self._keys)
+
+    @property
     def active(self) -> SigningKey:
         """The key that signs now: the most recently *created* one whose activation time has come.
 

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from google.protobuf.message import DecodeError
@@ -54,6 +54,10 @@ class ControlPlaneMetrics:
         self.metrics.state.add("hivemesh_audit_checkpoint_age_seconds",
                                lambda: [({}, time.time() - store.checkpoint_at)] if store.checkpoint_at else [])
         self.metrics.state.add("hivemesh_audit_verify_failures", lambda: [({}, float(store.verify_failures))])
+
+    def watch_leader(self, leading: Callable[[], bool]) -> None:
+        """Whether this replica leads, read at every scrape from its lease clock (no etcd call)."""
+        self.metrics.state.add("hivemesh_controlplane_leader", lambda: [({}, 1.0 if leading() else 0.0)])
 
     def watch_handshakes(self, audits: list[HandshakeAudit]) -> None:
         self._handshakes.extend(audits)

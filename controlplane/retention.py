@@ -115,8 +115,10 @@ class Retention:
     """The retention loop as a control-plane feature (start/stop); `run_once()` is one pass."""
 
     def __init__(self, etcd: Any, config: RetentionConfig, recorder: Recorder | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, leading: Callable[[], bool] = lambda: True) -> None:
         self.etcd = etcd
+        self.leading = leading
+        """Whether this replica runs the passes now (one writer among control-plane replicas)."""
         self.config = config
         self.recorder = recorder
         self._clock = clock
@@ -140,7 +142,8 @@ class Retention:
     async def _loop(self) -> None:
         while True:
             try:
-                await self.run_once()
+                if self.leading():
+                    await self.run_once()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - etcd trouble: try again next interval
@@ -291,4 +294,6 @@ def install(core: Core, server: Any) -> Retention | None:
     if not config.enabled:
         log.warning("retention is off: etcd history and finished runs grow until the quota refuses writes")
         return None
-    return Retention(core.etcd, config, _recorder(core))
+    from hivemesh.controlplane.replicas import is_leader
+
+    return Retention(core.etcd, config, _recorder(core), leading=lambda: is_leader(core))

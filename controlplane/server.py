@@ -25,13 +25,15 @@ from cryptography import x509
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2_grpc
 
-from hivemesh.controlplane import joins
+from hivemesh.controlplane import joins, shared_keys
 from hivemesh.controlplane.ca import CaFiles, CertificateAuthority, ensure_controlplane_cert, load_ca
 from hivemesh.controlplane.ca_rotation import CaRotation
 from hivemesh.controlplane.etcd_certs import controlplane_etcd_tls
 from hivemesh.controlplane.grants import GrantSet, load_grants, put_grants
 from hivemesh.controlplane.issuer import MAX_TTL_S, SigningKeys, TokenIssuer
 from hivemesh.controlplane.metrics import ControlPlaneMetrics
+from hivemesh.controlplane.replicas import EXTENSION as REPLICAS
+from hivemesh.controlplane.replicas import Replica, default_replica_id, is_leader
 from hivemesh.controlplane.retention_config import RetentionConfig
 from hivemesh.mesh.advertise import advertised_host, peer_ip
 from hivemesh.mesh.errors import (
@@ -114,6 +116,11 @@ class ControlPlaneConfig:
     else off."""
     health_interval_s: float = DEFAULT_INTERVAL_S
     """How often health checks that etcd answers (NOT_SERVING while it does not)."""
+    replica_id: str = ""
+    """This replica's name among several against one etcd (advert key, leader key); "" picks host-pid-random."""
+    leader_ttl_s: int = 10
+    """Lease TTL of the leader key and of the replica's advert: a dead or cut-off leader is replaced, and a dead
+    replica leaves the advertised list, within it."""
 
     def __post_init__(self) -> None:
         eps = self.etcd_endpoints
@@ -142,6 +149,8 @@ class ControlPlaneConfig:
             raise ValueError(f"token_ttl_s must be 1..{MAX_TTL_S}, got {self.token_ttl_s}")
         if self.grace_s < 0:
             raise ValueError("grace_s must be >= 0")
+        if not isinstance(self.leader_ttl_s, int) or not 2 <= self.leader_ttl_s <= 300:
+            raise ValueError(f"leader_ttl_s must be 2..300 whole seconds, got {self.leader_ttl_s!r}")
 
 
 def _rpc(
@@ -393,7 +402,9 @@ class ControlPlaneServer:
         self.join_port = 0
         self.etcd: Any = None
         self.ca: CertificateAuthority | None = None
-        self.keys: SigningKeys | None = None
+        self._core: Core | None = None
+        self.replica: Replica | None = None
+        """This process among the control-plane replicas (leadership, advert) once started."""
         self._servers: list[grpc.aio.Server] = []
         self.readiness = Readiness()
         """Whether the control plane can do its job (NOT_SERVING while etcd does not answer, and when stopping)."""
@@ -408,6 +419,11 @@ class ControlPlaneServer:
     @property
     def advertised_host(self) -> str:
         return advertised_host(self.config.host, self.config.advertise)
+
+    @property
+    def keys(self) -> SigningKeys | None:
+        """The token signing keys in use (replaced when another replica adds or retires one)."""
+        return self._core.issuer.keys if self._core is not None else None
 
     @property
     def address(self) -> str:
@@ -432,8 +448,6 @@ class ControlPlaneServer:
             )
         ensure_controlplane_cert(ca, cfg.certs_dir, hosts=[self.advertised_host])
         grants = load_grants(cfg.grants_file) if cfg.grants_file is not None else None
-        keys = SigningKeys.load_or_create(cfg.state_dir)
-        issuer = TokenIssuer(keys, ca.trust_domain, default_ttl_s=cfg.token_ttl_s)
         files = CaFiles.in_dir(cfg.certs_dir)
         cp_cert, cp_key = files.controlplane_cert.read_bytes(), files.controlplane_key.read_bytes()
         self.etcd = etcd_client(cfg.etcd_endpoints, tls=controlplane_etcd_tls(cfg.certs_dir, cfg.etcd_ca))
@@ -443,6 +457,8 @@ class ControlPlaneServer:
             await ensure_workload_user(self.etcd, op.kind, op.name)  # the CLI's identity, issued offline
             for change in await reconcile_static_roles(self.etcd):  # a store bootstrapped by an older version
                 log.warning("etcd role %s", change)
+            keys, keys_revision = await shared_keys.load(self.etcd, cfg.state_dir)  # one set for every replica
+            issuer = TokenIssuer(keys, ca.trust_domain, default_ttl_s=cfg.token_ttl_s)
             await keys.publish(self.etcd, CaRotation(cfg.certs_dir).signers(ca))  # signed by the roots
             await self.etcd.put(CA_KEY, ca.bundle_pem())
             if grants is not None:
@@ -450,6 +466,13 @@ class ControlPlaneServer:
                 log.info("loaded %d grant(s) from %s", count, cfg.grants_file)
             core = Core(cfg, ca, issuer, self.etcd)
             core.server_cert = (cp_cert, cp_key)
+            self._core = core
+            # Leadership first: a lone replica leads before its once-per-mesh duties (retention) first ask.
+            replica = Replica(core, cfg.replica_id or default_replica_id(), ttl_s=cfg.leader_ttl_s,
+                              keys_revision=keys_revision)
+            core.extensions[REPLICAS] = replica
+            self.replica = replica
+            await replica.start()
             from hivemesh.controlplane.services import installers, interceptors  # feature services, lazily
 
             # Interceptors (the audit of every control-plane decision) must exist before the servers do.
@@ -482,12 +505,13 @@ class ControlPlaneServer:
                 serving = getattr(feature, "serving", None)
                 if serving is not None:
                     await serving(cfg.host, [self.port, self.join_port])
+            await replica.advertise(self.address, self.join_address)
             self._start_metrics(core)
             await self._start_health(cfg)
         except BaseException:
             await self._teardown(0)
             raise
-        self.ca, self.keys = ca, keys
+        self.ca = ca
         log.info(
             "control plane for %s serving mTLS on %s and joins on %s", ca.trust_domain, self.address,
             self.join_address,
@@ -506,6 +530,7 @@ class ControlPlaneServer:
         for feature in self._features:
             m.watch_handshakes(list(getattr(feature, "handshakes", ())))
         m.watch_escalations(core.etcd)
+        m.watch_leader(functools.partial(is_leader, core))
         m.start()
         self.metrics = m
 
@@ -548,6 +573,9 @@ class ControlPlaneServer:
         if self.health_port is not None:
             port, self.health_port = self.health_port, None
             await port.stop()
+        if self.replica is not None:  # hand leadership over and withdraw the advert at once, not after the grace
+            replica, self.replica = self.replica, None
+            await replica.stop()
         servers, self._servers = self._servers, []
         self._controls = []
         await asyncio.gather(*(s.stop(grace) for s in servers), return_exceptions=True)

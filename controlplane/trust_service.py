@@ -32,10 +32,12 @@ from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
+from hivemesh.controlplane import shared_keys
 from hivemesh.controlplane.ca_rotation import CaRotation
 from hivemesh.controlplane.ca_stragglers import refuse_if_stranding
 from hivemesh.controlplane.grants import GrantSet
 from hivemesh.controlplane.issuer import DEFAULT_ACTIVATE_AFTER_S, MAX_TTL_S
+from hivemesh.controlplane.replicas import is_leader, leader_fence
 from hivemesh.controlplane.server import _agent_audience, _requested_scopes, _rpc
 from hivemesh.mesh.errors import (
     DelegationDeniedError,
@@ -210,6 +212,7 @@ class TrustServicer(trust_pb2_grpc.TrustServicer):
         if not 0 <= delay <= 3600:
             raise InvalidInputError("activate_after_seconds must be 0..3600")
         key = self._core.issuer.keys.rotate(float(delay))
+        await shared_keys.update(self._core.etcd, add=key)  # every replica signs with it once it activates
         await self._feature.publish_jwks()
         log.warning("new token signing key %s published; it signs from %s", key.kid, time.ctime(key.activates_at))
         return self._keys()
@@ -284,9 +287,11 @@ class TrustFeature:
             await asyncio.sleep(self._tick_s)
             try:
                 keys = self.core.issuer.keys
-                if keys.jwks_json() != self._published:
+                if keys.jwks_json() != self._published and is_leader(self.core):  # one publisher of many
                     await self.publish_jwks()  # a key retired: it leaves the JWKS
-                    keys.prune()
+                    gone = keys.prune()
+                    if gone:  # and every replica's set (fenced: a replaced leader retires nothing)
+                        await shared_keys.update(self.core.etcd, drop=tuple(gone), fence=leader_fence(self.core))
             except Exception as exc:  # noqa: BLE001 - keep ticking through etcd trouble
                 log.warning("could not republish the JWKS: %s", exc)
 

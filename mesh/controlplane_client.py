@@ -10,36 +10,79 @@ Every failed call raises the typed hivemesh error the server raised (`from_rpc_e
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from hivemesh.mesh.controlplane_endpoints import parse_addresses
 from hivemesh.mesh.errors import from_rpc_error
 from hivemesh.mesh.pki import controlplane_dns_name, new_key_and_csr
 from hivemesh.mesh.tls import Workload, load_workload_files, secure_channel
 from hivemesh.v1 import audit_pb2, audit_pb2_grpc, control_pb2, control_pb2_grpc, mesh_pb2, trust_pb2, trust_pb2_grpc
 
+log = logging.getLogger(__name__)
+
 _UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
 class ControlPlaneClient:
-    """Calls ControlPlane at address as `workload`, verifying the server as `controlplane.<trust_domain>`."""
+    """Calls ControlPlane at address as `workload`, verifying the server as `controlplane.<trust_domain>`.
+
+    address may list several replicas ("h:p,h:p"). Calls go to the current one; the idempotent control calls
+    (token issue, certificate renewal, JWKS, agent list) move on to the next replica when one answers
+    UNAVAILABLE or DEADLINE_EXCEEDED, and the replica that answered stays current. Any other call that finds
+    its replica unreachable fails as before, and the next call goes to the next replica.
+    """
 
     def __init__(
         self, address: str, workload: Workload, trust_domain: str | None = None, *, timeout_s: float = 10.0
     ) -> None:
-        self.address = address
+        self.configured = parse_addresses(address)
+        self.addresses: list[str] = list(self.configured)
+        self._current = 0
         self.workload = workload
         self.trust_domain = trust_domain or workload.trust_domain
         self.timeout_s = timeout_s
-        self._channel = self._open(workload)
-        self._stub = control_pb2_grpc.ControlPlaneStub(self._channel)
+        self._channels: dict[str, grpc.aio.Channel] = {}
         self._retired: set[asyncio.Task[None]] = set()
+        self.failovers = 0
+        """How many times a call moved on to another replica."""
         self.reachable: bool | None = None
         """Whether the last call got an answer (any status but UNAVAILABLE or DEADLINE_EXCEEDED); None: no call
         yet. The node's metrics export it."""
+
+    @property
+    def address(self) -> str:
+        """The replica calls go to now."""
+        return self.addresses[self._current]
+
+    @property
+    def attempt_timeout_s(self) -> float:
+        """One replica's share of a call's time: a frozen replica must leave time to ask another."""
+        n = len(self.addresses)
+        return self.timeout_s if n == 1 else max(1.0, self.timeout_s / n)
+
+    def learn(self, addresses: Sequence[str]) -> None:
+        """Replicas found elsewhere (their adverts in etcd): the configured ones and these, current first kept."""
+        current = self.address
+        merged = list(dict.fromkeys([*self.configured, *addresses]))
+        gone = [a for a in self.addresses if a not in merged and a != current]
+        if current not in merged:
+            merged.insert(0, current)
+        self.addresses = merged
+        self._current = merged.index(current)
+        for addr in gone:
+            channel = self._channels.pop(addr, None)
+            if channel is not None:
+                self._retire(channel)
+
+    def _away_from(self, address: str) -> None:
+        """Make the replica after address current, unless a concurrent call already moved on from it."""
+        if self.address == address:
+            self._current = (self._current + 1) % len(self.addresses)
 
     @classmethod
     def from_certs_dir(
@@ -53,23 +96,49 @@ class ControlPlaneClient:
 
     @property
     def channel(self) -> grpc.aio.Channel:
-        """The current mutual-TLS channel (replaced on renewal), for the control plane's feature services."""
-        return self._channel
+        """The mutual-TLS channel to the current replica (replaced on renewal), for the feature services."""
+        return self._channel_to(self.address)
 
-    def _open(self, workload: Workload) -> grpc.aio.Channel:
-        return secure_channel(
-            self.address, workload.channel_credentials(), server_name=controlplane_dns_name(self.trust_domain)
-        )
+    def _channel_to(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = secure_channel(
+                address, self.workload.channel_credentials(), server_name=controlplane_dns_name(self.trust_domain)
+            )
+            self._channels[address] = channel
+        return channel
 
-    async def _call(self, method: Any, request: Any) -> Any:
-        return await self.call(method, request)
+    async def _call(self, name: str, request: Any) -> Any:
+        """ControlPlane.<name>, failing over to the next replica while one is unreachable (idempotent calls)."""
+        start = self._current
+        order = [*self.addresses[start:], *self.addresses[:start]]  # this call's own order: others may move on
+        for attempt, address in enumerate(order):
+            stub = control_pb2_grpc.ControlPlaneStub(self._channel_to(address))
+            try:
+                answer = await getattr(stub, name)(request, timeout=self.attempt_timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                unreachable = exc.code() in _UNREACHABLE
+                if unreachable:
+                    self._away_from(address)
+                if unreachable and attempt + 1 < len(order):
+                    log.warning("control plane %s unreachable for %s (%s); trying the next replica", address, name,
+                                exc.code().name)
+                    self.failovers += 1
+                    continue
+                self.reachable = not unreachable
+                raise from_rpc_error(exc) from exc
+            self.reachable = True
+            if self.address != address and address in self.addresses:
+                self._current = self.addresses.index(address)  # the replica that answered stays current
+            return answer
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def issue_token(
         self, audience: str, scopes: Sequence[str] = (), ttl_s: int = 0
     ) -> control_pb2.IssueTokenResponse:
         """A capability token for audience (an agent SPIFFE id), bound to this client's certificate."""
         resp: control_pb2.IssueTokenResponse = await self._call(
-            self._stub.IssueToken,
+            "IssueToken",
             control_pb2.IssueTokenRequest(audience=audience, scopes=list(scopes), ttl_seconds=ttl_s),
         )
         return resp
@@ -78,50 +147,46 @@ class ControlPlaneClient:
         self, name: str, kind: str = "agent", ttl_s: int = 0
     ) -> control_pb2.CreateJoinTokenResponse:
         """A one-time join token for a workload (operators only)."""
-        resp: control_pb2.CreateJoinTokenResponse = await self._call(
-            self._stub.CreateJoinToken,
+        resp: control_pb2.CreateJoinTokenResponse = await self.call(
+            control_pb2_grpc.ControlPlaneStub(self.channel).CreateJoinToken,
             control_pb2.CreateJoinTokenRequest(name=name, kind=kind, ttl_seconds=ttl_s),
         )
         return resp
 
     async def list_agents(self) -> list[mesh_pb2.AgentInstance]:
-        resp: control_pb2.ListAgentsResponse = await self._call(
-            self._stub.ListAgents, control_pb2.ListAgentsRequest()
-        )
+        resp: control_pb2.ListAgentsResponse = await self._call("ListAgents", control_pb2.ListAgentsRequest())
         return list(resp.instances)
 
     async def get_jwks(self) -> str:
-        resp: control_pb2.GetJwksResponse = await self._call(self._stub.GetJwks, control_pb2.GetJwksRequest())
+        resp: control_pb2.GetJwksResponse = await self._call("GetJwks", control_pb2.GetJwksRequest())
         return resp.jwks_json
 
     async def renew(self) -> Workload:
         """A fresh key and certificate for this client's own identity; the client switches to it."""
         key_pem, csr_pem = new_key_and_csr(self.workload.spiffe_id)
         resp: control_pb2.SignCertificateResponse = await self._call(
-            self._stub.RenewCertificate, control_pb2.SignCertificateRequest(csr_pem=csr_pem)
+            "RenewCertificate", control_pb2.SignCertificateRequest(csr_pem=csr_pem)
         )
         bundle = resp.ca_bundle_pem or self.workload.bundle_pem
         workload = Workload.from_pems(resp.certificate_pem, key_pem, bundle)
-        old = self._channel
+        old, self._channels = list(self._channels.values()), {}
         self.workload = workload
-        self._channel = self._open(workload)
-        self._stub = control_pb2_grpc.ControlPlaneStub(self._channel)
-        await old.close(grace=1.0)
+        await asyncio.gather(*(ch.close(grace=1.0) for ch in old))
         return workload
 
     # --- audit (issue 4): what a node's shipper and the CLI use ---------------------------------------------
     async def audit_source_state(self, source: str) -> int:
         """The last seq the control plane holds of an audit spool's chain (where shipping resumes)."""
-        stub = audit_pb2_grpc.AuditStub(self._channel)
-        resp: audit_pb2.SourceStateResponse = await self._call(
+        stub = audit_pb2_grpc.AuditStub(self.channel)
+        resp: audit_pb2.SourceStateResponse = await self.call(
             stub.SourceState, audit_pb2.SourceStateRequest(source=source)
         )
         return int(resp.last_seq)
 
     async def audit_append(self, source: str, records: Sequence[bytes]) -> int:
         """Ship the next records of a spool's chain; returns the last seq the control plane now holds."""
-        stub = audit_pb2_grpc.AuditStub(self._channel)
-        resp: audit_pb2.AppendBatchResponse = await self._call(
+        stub = audit_pb2_grpc.AuditStub(self.channel)
+        resp: audit_pb2.AppendBatchResponse = await self.call(
             stub.AppendBatch, audit_pb2.AppendBatchRequest(source=source, records=list(records))
         )
         return int(resp.last_seq)
@@ -129,19 +194,22 @@ class ControlPlaneClient:
     @property
     def audit(self) -> audit_pb2_grpc.AuditStub:
         """The Audit stub on the current channel (query, export, verify, checkpoints)."""
-        return audit_pb2_grpc.AuditStub(self._channel)
+        return audit_pb2_grpc.AuditStub(self.channel)
 
     @property
     def trust(self) -> trust_pb2_grpc.TrustStub:
         """The Trust stub on the current channel (token exchange, revocation, key and CA rotation)."""
-        return trust_pb2_grpc.TrustStub(self._channel)
+        return trust_pb2_grpc.TrustStub(self.channel)
 
     async def call(self, method: Any, request: Any, *, timeout_s: float | None = None) -> Any:
         """Call any unary method of a feature stub, raising the typed hivemesh error it failed with."""
+        address = self.address
         try:
             answer = await method(request, timeout=timeout_s or self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             self.reachable = exc.code() not in _UNREACHABLE
+            if not self.reachable:
+                self._away_from(address)  # this call fails (a repeat may not be safe); the next asks another
             raise from_rpc_error(exc) from exc
         self.reachable = True
         return answer
@@ -161,16 +229,17 @@ class ControlPlaneClient:
         return resp
 
     def update_workload(self, workload: Workload) -> None:
-        """Use workload (e.g. a new trust bundle during a CA rotation) for new calls; the old channel closes
-        once its calls had time to finish."""
-        old = self._channel
+        """Use workload (e.g. a new trust bundle during a CA rotation) for new calls; the old channels close
+        once their calls had time to finish."""
+        old, self._channels = list(self._channels.values()), {}
         self.workload = workload
-        self._channel = self._open(workload)
-        self._stub = control_pb2_grpc.ControlPlaneStub(self._channel)
+        for channel in old:
+            self._retire(channel)
 
+    def _retire(self, channel: grpc.aio.Channel) -> None:
         async def close_later() -> None:
             await asyncio.sleep(10.0)
-            await old.close()
+            await channel.close()
 
         task = asyncio.get_running_loop().create_task(close_later())
         self._retired.add(task)
@@ -179,7 +248,8 @@ class ControlPlaneClient:
     async def close(self) -> None:
         for task in list(self._retired):
             task.cancel()
-        await self._channel.close()
+        channels, self._channels = list(self._channels.values()), {}
+        await asyncio.gather(*(ch.close() for ch in channels))
 
     async def __aenter__(self) -> ControlPlaneClient:
         return self

@@ -20,6 +20,9 @@ escalations/           operators                           control plane
 workflows/K-X/         K:X (its own runs), operators       K:X (its own runs), operators
 workflow-index/K-X/    K:X (its own runs), operators       K:X (its own runs), operators
 budgets/spend/         agents, operators                   agents (shared counters, not yet per agent)
+controlplanes/         every workload (failover targets)   control plane
+controlplane-leader    every workload (who leads)          control plane
+controlplane-keys      control plane (signing keys)        control plane
 =====================  ==================================  =========================================
 
 A run's id starts with its owner (`hivemesh.mesh.run_ids`: `<kind>-<name>/<local>`), so its keys fall in its
@@ -39,6 +42,8 @@ from aetcd import rpc
 from hivemesh.mesh.etcd import EtcdTls, is_permission_denied
 from hivemesh.mesh.keyspace import (
     AGENTS,
+    CONTROLPLANE_LEADER,
+    CONTROLPLANES,
     ESCALATIONS,
     POLICIES,
     REVOKED,
@@ -89,7 +94,8 @@ def prefix_end(key: bytes) -> bytes:
 
 STATIC_ROLES: Final[dict[str, tuple[Grant, ...]]] = {
     # What every node's data plane mirrors: the registry, the policies, the trust documents, the revocations.
-    NODE_ROLE: (Grant(READ, AGENTS), Grant(READ, POLICIES), Grant(READ, TRUST), Grant(READ, REVOKED)),
+    NODE_ROLE: (Grant(READ, AGENTS), Grant(READ, POLICIES), Grant(READ, TRUST), Grant(READ, REVOKED),
+                Grant(READ, CONTROLPLANES), Grant(READ, CONTROLPLANE_LEADER)),
     AGENT_ROLE: (Grant(READ, SPEND),),  # every agent adds up all spend; it writes only its own (workload_grants)
     CLIENT_ROLE: (),  # a client's runs are its own role's (workload_grants), never a shared one
     OPERATOR_ROLE: (

@@ -32,6 +32,12 @@ WORKFLOW_INDEX: Final = PREFIX + "workflow-index/"
 """<kind>-<name>/<local>: the list read model of runs."""
 SPEND: Final = PREFIX + "budgets/spend/"
 """Token budget spend per (rule, caller, window, instance), leased to the window."""
+CONTROLPLANES: Final = PREFIX + "controlplanes/"
+"""<replica id>: each live control-plane replica's addresses (JSON), leased: where nodes fail over to."""
+CONTROLPLANE_LEADER: Final = PREFIX + "controlplane-leader"
+"""The replica id of the control-plane leader, under its lease (`hivemesh.controlplane.leader`)."""
+CONTROLPLANE_KEYS: Final = PREFIX + "controlplane-keys"
+"""The token signing keys every replica signs with (private: no role but etcd root reads it)."""
 
 TERMINAL_RUN_STATES: Final = frozenset({"COMPLETED", "FAILED", "CANCELED", "REJECTED"})
 """The A2A task states (`hivemesh.v1.TaskState` names) a run's WORKFLOW_INDEX summary never leaves: what

@@ -169,6 +169,9 @@ STATE: Final[Mapping[str, StateSpec]] = {
     "hivemesh_escalations_open": StateSpec("Human escalations waiting for an answer."),
     "hivemesh_escalation_oldest_age_seconds": StateSpec("Age of the oldest open escalation."),
     "hivemesh_llm_cost_limit_per_hour": StateSpec("The configured hourly model spend limit.", ("currency",)),
+    # control-plane replicas
+    "hivemesh_controlplane_leader": StateSpec(
+        "1 while this control-plane replica leads (runs the once-per-mesh duties), else 0."),
 }
 """Every family a node may read from its state. A family not listed here cannot be added: the dashboards,
 alerts and docs are checked against this catalog, so a name cannot appear in one place only."""

@@ -22,6 +22,7 @@ from hivemesh.mesh import tracing
 from hivemesh.mesh.authz import AUTHZ
 from hivemesh.mesh.budget import BUDGETS
 from hivemesh.mesh.controlplane_client import ControlPlaneClient
+from hivemesh.mesh.controlplane_discovery import ReplicaDiscovery
 from hivemesh.mesh.errors import (
     HivemeshError,
     JoinTokenInvalidError,
@@ -112,6 +113,7 @@ class MeshNode:
         self._workload: Workload | None = None
         self.revocations = RevocationList()
         self._revocation_watch: RevocationWatch | None = None
+        self._replicas: ReplicaDiscovery | None = None
         self._bundle: PrefixCache[bytes] | None = None
         self._bundle_generation = 0
         self._renew_now = asyncio.Event()
@@ -163,6 +165,8 @@ class MeshNode:
             # The signed trust bundle (CA rotation): every node, callers too, must follow it.
             self._bundle = PrefixCache(self.etcd, TRUST_BUNDLE_KEY, on_change=self._on_bundle_change)
             await self._bundle.start(timeout=timeout)
+            self._replicas = ReplicaDiscovery(self.etcd, lambda: self._cp)  # control-plane replicas to fail over to
+            await self._replicas.start()
             if self._verify_inbound:
                 self._revocation_watch = RevocationWatch(self.etcd, self.revocations)
                 await self._revocation_watch.start(timeout=timeout)
@@ -286,6 +290,8 @@ class MeshNode:
             await self._trust.stop()
         if self._revocation_watch is not None:
             await self._revocation_watch.stop()
+        if self._replicas is not None:
+            await self._replicas.stop()
         if self._bundle is not None:
             await self._bundle.stop()
         await self.policies.stop()

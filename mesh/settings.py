@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from hivemesh.mesh.controlplane_endpoints import parse_addresses
 from hivemesh.mesh.etcd import EtcdAccess, EtcdTls, parse_endpoints
 from hivemesh.mesh.pki import validate_trust_domain
 
@@ -42,9 +43,9 @@ class MeshSettings:
     etcd: str
     """etcd client endpoints, 'host:port[,host:port...]'."""
     controlplane: str
-    """Control plane mTLS address, host:port."""
+    """Control plane mTLS address, host:port, or several replicas' as host:port,host:port (failover order)."""
     join: str
-    """Control plane join address (server-TLS only), host:port."""
+    """Control plane join address (server-TLS only), host:port[,host:port...]."""
     ca_bundle: Path
     """Trust bundle file (PEM): the CA(s) that sign mesh certificates."""
     trust_domain: str = DEFAULT_TRUST_DOMAIN
@@ -59,10 +60,7 @@ class MeshSettings:
     def __post_init__(self) -> None:
         parse_endpoints(self.etcd)
         for name in ("controlplane", "join"):
-            value = getattr(self, name)
-            host, sep, port = value.rpartition(":")
-            if not sep or not host or not port.isdigit():
-                raise ValueError(f"{name} address {value!r} must be host:port")
+            parse_addresses(getattr(self, name), name)  # one replica or several: "host:port[,host:port...]"
         validate_trust_domain(self.trust_domain)
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("give both cert_file and key_file, or neither")

@@ -19,6 +19,7 @@ from typing import Any, Final
 import grpc
 from cryptography.hazmat.primitives import serialization
 
+from hivemesh.mesh.controlplane_endpoints import parse_addresses
 from hivemesh.mesh.errors import HivemeshError, InvalidInputError, from_rpc_error
 from hivemesh.mesh.pki import (
     SpiffeId,
@@ -238,15 +239,20 @@ async def join(
     td = trust_domain or trust_domain_of_bundle(ca_bundle_pem)
     key_pem, csr_pem = new_key_and_csr(f"spiffe://{td}/{kind}/{name}")
     creds = channel_credentials(ca_bundle_pem)
-    async with secure_channel(join_address, creds, server_name=controlplane_dns_name(td)) as channel:
-        stub = control_pb2_grpc.JoinStub(channel)
-        try:
-            resp = await stub.SignCertificate(
-                control_pb2.SignCertificateRequest(csr_pem=csr_pem, join_token=join_token, name=name),
-                timeout=timeout_s,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from exc
+    addresses = parse_addresses(join_address, "join")  # several replicas: the next one while one is unreachable
+    for i, address in enumerate(addresses):
+        async with secure_channel(address, creds, server_name=controlplane_dns_name(td)) as channel:
+            stub = control_pb2_grpc.JoinStub(channel)
+            try:
+                resp = await stub.SignCertificate(
+                    control_pb2.SignCertificateRequest(csr_pem=csr_pem, join_token=join_token, name=name),
+                    timeout=timeout_s if len(addresses) == 1 else max(1.0, timeout_s / len(addresses)),
+                )
+                break
+            except grpc.aio.AioRpcError as exc:
+                unreachable = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                if not unreachable or i + 1 == len(addresses):
+                    raise from_rpc_error(exc) from exc
     try:
         workload = Workload.from_pems(resp.certificate_pem, key_pem, resp.ca_bundle_pem or ca_bundle_pem)
     except ValueError as exc:

@@ -31,6 +31,7 @@ from hivemesh.controlplane.cli import (
 )
 from hivemesh.controlplane.cli.context import CliContext
 from hivemesh.controlplane.cli.localmesh import locate
+from hivemesh.controlplane.cli.replicas import controlplanes
 from hivemesh.mesh.lifeline import die_with_parent_if_asked
 from hivemesh.mesh.logjson import basic_config
 
@@ -60,6 +61,7 @@ for command in (
     up.up,  # hivemesh up: a local mesh and a demo
     certs.certs,  # hivemesh certs init
     serve.controlplane,  # hivemesh controlplane
+    controlplanes,  # hivemesh controlplanes: the replicas and the leader (issue 11)
     serve.sidecar,  # hivemesh sidecar
     operate.agents,  # hivemesh agents
     operate.call,  # hivemesh call CAPABILITY

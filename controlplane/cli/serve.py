@@ -34,12 +34,16 @@ from hivemesh.mesh.settings import DEFAULT_TRUST_DOMAIN, MeshSettings
 @click.option("--health-listen", default=None, metavar="HOST:PORT",
               help="Plaintext grpc.health.v1 port for probes (health only: no TLS, no audit), or 'off' "
                    "[default: $HIVEMESH_HEALTH_LISTEN, else off].")
+@click.option("--leader-ttl", default=10, show_default=True, envvar="HIVEMESH_LEADER_TTL",
+              help="Lease TTL (s) of the leader key and this replica's advert: with several replicas against one "
+                   "etcd, a lost leader is replaced within it (docs/controlplane.md).")
 @pass_cli
 @friendly_errors
 def controlplane(obj: CliContext, etcd_endpoints: str, state_dir: Path | None, trust_domain: str, host: str,
                  advertise: str | None, port: int, join_port: int, grants_file: Path | None, cert_ttl: int,
-                 retention: str, metrics_listen: str | None, health_listen: str | None) -> None:
-    """Run the control plane: CA, token issuer, join service."""
+                 retention: str, metrics_listen: str | None, health_listen: str | None, leader_ttl: int) -> None:
+    """Run the control plane: CA, token issuer, join service. Several may run against one etcd (replicas
+    sharing certs dir and etcd; one leads the once-per-mesh duties)."""
     from hivemesh.controlplane.retention_config import RetentionConfig
     from hivemesh.controlplane.server import ControlPlaneConfig, ControlPlaneServer
     from hivemesh.controlplane.server import main as serve_controlplane
@@ -56,7 +60,7 @@ def controlplane(obj: CliContext, etcd_endpoints: str, state_dir: Path | None, t
             etcd_endpoints=etcd_endpoints, certs_dir=obj.certs_dir, state_dir=state_dir or obj.home / "controlplane",
             trust_domain=trust_domain, host=host, advertise=advertise, port=port, join_port=join_port,
             grants_file=grants_file, cert_ttl_s=cert_ttl, retention=kept, metrics_listen=metrics_listen,
-            health_listen=health_listen,
+            health_listen=health_listen, leader_ttl_s=leader_ttl,
         )
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
