@@ -19,7 +19,7 @@ from hivemesh.controlplane.cli.app import cli
 
 GROUPS: dict[str, set[str]] = {
     "": {"up", "certs", "controlplane", "sidecar", "agents", "call", "join-token", "policy", "status", "workflows",
-         "escalations", "audit", "keys", "tokens", "ca", "authz", "allow", "slo", "top", "a2a"},
+         "escalations", "audit", "keys", "tokens", "ca", "authz", "allow", "slo", "top", "a2a", "controlplanes"},
     "certs": {"init"},
     "policy": {"apply", "get", "list", "delete", "kinds"},
     "workflows": {"list", "show", "cancel", "resume"},
