@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 from hivemesh.controlplane import shared_keys
 from hivemesh.controlplane.leader import LeaderElection
 from hivemesh.mesh.controlplane_endpoints import Advert, advert_key
+from hivemesh.mesh.watch import cancel_and_wait
 
 if TYPE_CHECKING:
     from hivemesh.controlplane.server import Core
@@ -76,10 +77,7 @@ class Replica:
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
         for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         await self.election.stop()
         lease, self._advert_lease = self._advert_lease, None
         if lease is not None:

@@ -14,12 +14,13 @@ node as a whole) and each service it names.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Final
 
 from grpc_health.v1 import health, health_pb2
+
+from hivemesh.mesh.watch import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +113,7 @@ class Readiness:
         """Stop the pulled checks (the state stays as it is)."""
         tasks, self._tasks = self._tasks, []
         for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     async def _publish(self) -> None:
         # The status is read afresh at each set: a report landing between two sets is not overwritten by a

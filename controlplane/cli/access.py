@@ -7,13 +7,12 @@ call, so one etcd transaction stores both or neither. `hivemesh authz check` exp
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from hivemesh.controlplane.access import access_documents, access_name, spiffe_id
 from hivemesh.controlplane.cli.authz import operator_trust_domain
 from hivemesh.controlplane.cli.context import CliContext, as_operator, friendly_errors, out, pass_cli
+from hivemesh.controlplane.cli.policy import show_applied
 from hivemesh.controlplane.cli.policy_client import PolicyClient
 from hivemesh.controlplane.policies import validate_documents
 
@@ -43,20 +42,9 @@ def allow(obj: CliContext, caller: str, capabilities: tuple[str, ...], agents: t
     documents = access_documents(caller_id, capabilities, name=doc_name, agents=agent_ids, description=description)
     validate_documents(documents)  # a bad --name or capability is reported before any network
     resp = as_operator(obj, lambda cp: PolicyClient(cp).apply(documents, dry_run=dry_run))
-    if as_json:
-        click.echo(json.dumps({
-            "caller": caller_id, "capabilities": list(capabilities), "agents": agent_ids, "name": doc_name,
-            "dry_run": resp.dry_run, "revision": resp.revision,
-            "applied": [{"kind": a.kind, "name": a.name, "action": a.action, "version": a.version}
-                        for a in resp.applied],
-        }, indent=2))
-        return
-    verb = "would be" if resp.dry_run else "is"
-    for a in resp.applied:
-        out.print(f"{a.kind}/{a.name} {verb} {a.action} (version {a.version or '-'})", highlight=False)
-    where = f" on {', '.join(agent_ids)}" if agent_ids else ""
-    if resp.dry_run:
-        out.print("dry run: nothing was written", highlight=False)
-    else:
+    written = show_applied(resp, as_json, caller=caller_id, capabilities=list(capabilities), agents=agent_ids,
+                           name=doc_name)
+    if written:
+        where = f" on {', '.join(agent_ids)}" if agent_ids else ""
         out.print(f"{caller_id} may call {', '.join(capabilities)}{where} (every node within about a second)",
                   highlight=False)

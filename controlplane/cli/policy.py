@@ -60,18 +60,26 @@ def policy_apply(obj: CliContext, path: str, dry_run: bool, as_json: bool) -> No
     documents = parse_documents(text, source=source)
     validate_documents(documents)  # every mistake of every document now, even with no mesh running
     resp = _run(obj, lambda c: c.apply(documents, dry_run=dry_run))
+    show_applied(resp, as_json)
+
+
+def show_applied(resp: Any, as_json: bool, **extra: Any) -> bool:
+    """Report an ApplyPolicies answer (as JSON with extra fields, or a line per document); True when it was
+    written, False for a dry run or JSON (nothing more for a person to read)."""
     if as_json:
         click.echo(json.dumps({
-            "dry_run": resp.dry_run, "revision": resp.revision,
+            **extra, "dry_run": resp.dry_run, "revision": resp.revision,
             "applied": [{"kind": a.kind, "name": a.name, "action": a.action, "version": a.version}
                         for a in resp.applied],
         }, indent=2))
-        return
+        return False
     verb = "would be" if resp.dry_run else "is"
     for a in resp.applied:
         out.print(f"{a.kind}/{a.name} {verb} {a.action} (version {a.version or '-'})", highlight=False)
     if resp.dry_run:
         out.print("dry run: nothing was written", highlight=False)
+        return False
+    return True
 
 
 @policy.command("get")
