@@ -10,7 +10,8 @@
 Client and server run in one process (CPU is read with getrusage, so the figure is client + server per call);
 16 calls in flight, 200-byte payloads; rounds interleave the shapes; medians over rounds. Loopback only.
 
-    .venv/bin/python bench/grpc_shapes.py              # 5 rounds x 4,000 calls per shape (~1 min)
+    .venv/bin/python bench/grpc_shapes.py                                   # 5 rounds x 4,000 calls per shape
+    bench/.venv-autogen/bin/python bench/grpc_shapes.py --plaintext-only    # the same on AutoGen's grpcio
 """
 
 from __future__ import annotations
@@ -28,15 +29,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 Pems = tuple[bytes, bytes]  # (certificate, key)
 
 
-def _cert(cn: str, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None) -> tuple[Any, Any]:
+def _cert(cn: str, issuer: tuple[Any, Any] | None) -> tuple[Any, Any]:
+    """A certificate for cn signed by issuer (None: a self-signed CA). cryptography is imported here, so the
+    plaintext shapes also run in an environment without it (AutoGen's, to compare its grpcio)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
@@ -52,6 +56,8 @@ def _cert(cn: str, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] |
 
 
 def _pem(cert: Any, key: Any) -> Pems:
+    from cryptography.hazmat.primitives import serialization
+
     return (cert.public_bytes(serialization.Encoding.PEM),
             key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                               serialization.NoEncryption()))
@@ -174,16 +180,19 @@ SHAPES: dict[str, tuple[bool, str, int]] = {  # name -> (tls, unary|stream, toke
     "unary, mTLS + 700-byte token": (True, "unary", 700),
     "unary, mTLS + 64-byte token": (True, "unary", 64),
     "stream, mTLS (multiplexed)": (True, "stream", 0),
+    "stream, plaintext (multiplexed)": (False, "stream", 0),
 }
 
 
 async def main_async(opts: argparse.Namespace) -> None:
-    ca_cert, ca_key = _cert("bench-ca", None)
-    ca = _pem(ca_cert, ca_key)
-    server, client = (_pem(*_cert(n, (ca_cert, ca_key))) for n in ("server", "client"))
+    names = [n for n in SHAPES if not opts.plaintext_only or not SHAPES[n][0]]
+    ca = server = client = (b"", b"")
+    if any(SHAPES[n][0] for n in names):
+        ca_cert, ca_key = _cert("bench-ca", None)
+        ca = _pem(ca_cert, ca_key)
+        server, client = (_pem(*_cert(n, (ca_cert, ca_key))) for n in ("server", "client"))
     payload = b"x" * opts.size
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in SHAPES}
-    names = list(SHAPES)
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     for rnd in range(opts.rounds):
         for name in names[rnd % len(names):] + names[: rnd % len(names)]:
             tls, kind, token = SHAPES[name]
@@ -213,6 +222,8 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=4000)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--size", type=int, default=200)
+    p.add_argument("--plaintext-only", action="store_true",
+                   help="only the shapes without TLS (runs without cryptography, e.g. in bench/.venv-autogen)")
     asyncio.run(main_async(p.parse_args()))
 
 
