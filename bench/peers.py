@@ -342,8 +342,8 @@ def main(argv: Sequence[str]) -> int:
                    help="bench/mesh_cost.py paths measured in the same run (none: skip them)")
     p.add_argument("--json", default="", help="also write every sample to this file")
     p.add_argument("--report", default="", metavar="JSON", help="only print the report of a saved --json file")
-    p.add_argument("--profile", default="", help="cProfile every hivemesh process (client, agent, control plane, internal paths) into "
-                   "<dir>/<process>.prof; slows them: for finding hot spots, not for figures")
+    p.add_argument("--profile", default="", help="cProfile every hivemesh process (client, agent, control plane, "
+                   "internal paths) into <dir>/<process>.prof; slows them: for hot spots, not for figures")
     p.add_argument("--keep-tmp", action="store_true")
     opts = p.parse_args(argv)
     if opts.report:
