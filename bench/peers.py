@@ -1,0 +1,380 @@
+"""hivemesh against its peers, in one run: the same echo call between two agents, set up as each system's user would.
+
+    hivemesh  etcd (mutual TLS + auth) and the control plane as `hivemesh up` starts them, an SDK echo agent and a
+              MeshClient each joined with a join token; every security default on (mTLS, token, authz, input
+              guard with schema and content screen, audit)
+    AutoGen   autogen-core + autogen-ext[grpc] (pinned, in bench/.venv-autogen, installed by this script): the
+              GrpcWorkerAgentRuntimeHost, an echo worker and a calling worker, three processes; no TLS, no authz
+    A2A       an a2a-sdk agent (DefaultRequestHandler, JSON-RPC over HTTP on 127.0.0.1, uvicorn) called by a2a-sdk's
+              own client; no TLS, no authz
+
+Every system is driven by the same load loop (bench/peer_load.py) at 200 B and 64 KiB, 1 and 16 calls in flight,
+each window bounded by time and by a call count. Rounds interleave the systems (and bench/mesh_cost.py's internal
+paths, measured in the same run with its own code), starting from a different one each round; figures are medians
+over rounds; ratios compare systems within this run only.
+
+    .venv/bin/python bench/peers.py                 # full run (3 rounds, ~6 min on 2 cores)
+    .venv/bin/python bench/peers.py --quick         # smoke run (1 round, short windows, ~2 min)
+    .venv/bin/python bench/peers.py --internal none # the three systems only
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import mesh_cost
+import peer_load
+
+log = logging.getLogger("bench.peers")
+
+HERE = Path(__file__).resolve().parent
+AUTOGEN_VENV = HERE / ".venv-autogen"
+AUTOGEN_PINS = ["autogen-core==0.7.5", "autogen-ext[grpc]==0.7.5"]
+TITLES = {"hivemesh": "hivemesh", "autogen": "AutoGen gRPC runtime", "a2a": "A2A (a2a-sdk)"}
+_RULE = {"name": "peers-client-calls-echo", "action": "ALLOW",
+         "from": {"callers": [f"spiffe://{mesh_cost.TRUST_DOMAIN}/client/peers-client"]},
+         "to": {"agents": [f"spiffe://{mesh_cost.TRUST_DOMAIN}/agent/peers-echo"], "capabilities": ["echo"]}}
+
+
+def autogen_python() -> str:
+    """AutoGen's own virtual environment (created and filled on first use; versions pinned)."""
+    py = AUTOGEN_VENV / "bin" / "python"
+    if not py.exists():
+        log.info("creating %s with %s", AUTOGEN_VENV, " ".join(AUTOGEN_PINS))
+        subprocess.run([sys.executable, "-m", "venv", str(AUTOGEN_VENV)], check=True)
+    probe = subprocess.run([str(py), "-c", "import autogen_core, autogen_ext.runtimes.grpc"], capture_output=True)
+    if probe.returncode != 0:
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", *AUTOGEN_PINS],
+                       check=True)
+    return str(py)
+
+
+# ==== the hivemesh caller (a child of this file) ================================================================
+async def child_hivemesh_caller(capability: str) -> None:
+    """A user's MeshClient calling the echo capability, driven by the shared load loop."""
+    from hivemesh.mesh.settings import MeshSettings
+    from hivemesh.sdk import MeshClient
+
+    async with MeshClient.connect(name="peers-client", kind="client", settings=MeshSettings.resolve()) as mesh:
+        if not await mesh.node.registry.wait_for_capability(capability, 1, timeout=mesh_cost.READY_TIMEOUT_S):
+            raise RuntimeError(f"capability {capability} never appeared in the registry")
+
+        async def call(payload: dict[str, str]) -> dict[str, Any]:
+            out: dict[str, Any] = await mesh.call(capability, payload, timeout=mesh_cost.CALL_TIMEOUT_S)
+            return out
+
+        await peer_load.serve_commands(call)
+
+
+def child_main(argv: Sequence[str]) -> None:
+    from hivemesh.mesh.lifeline import die_with_parent_if_asked
+
+    die_with_parent_if_asked()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    profile_to = os.environ.get("BENCH_PROFILE_TO")
+    coro = child_hivemesh_caller(argv[1])
+    if not profile_to:
+        asyncio.run(coro)
+        return
+    import cProfile
+
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        asyncio.run(coro)
+    finally:
+        prof.disable()
+        prof.dump_stats(profile_to)
+
+
+# ==== driver ====================================================================================================
+@dataclass
+class Peer:
+    """One system under test: its calling process and the processes its calls pass through."""
+
+    key: str
+    client: mesh_cost.Child
+    servers: list[mesh_cost.Child] = field(default_factory=list)
+
+    @property
+    def processes(self) -> list[mesh_cost.Child]:
+        return [self.client, *self.servers]
+
+
+class PeersBench(mesh_cost.Bench):
+    """mesh_cost's mesh (etcd, control plane, internal paths) plus the three systems, measured interleaved."""
+
+    def __init__(self, opts: argparse.Namespace, internal: argparse.Namespace) -> None:
+        super().__init__(internal)
+        self.peer_opts = opts
+        self.peers: list[Peer] = []
+        self.peer_samples: list[dict[str, Any]] = []
+
+    async def _apply_authz(self) -> None:
+        from hivemesh.controlplane.policies import apply_text
+        from hivemesh.mesh.etcd import client, wait_connected
+
+        policy = json.loads(json.dumps(mesh_cost._AUTHZ))
+        policy["spec"]["rules"].append(_RULE)
+        c = client(self.etcd.access)
+        try:
+            await wait_connected(c)
+            await apply_text(c, json.dumps(policy))
+        finally:
+            await c.close()
+
+    async def start(self) -> None:
+        await super().start()
+        starters = {"hivemesh": self._start_hivemesh, "autogen": self._start_autogen, "a2a": self._start_a2a}
+        for key in self.peer_opts.systems:  # one after the other: parallel start-ups time out on a busy machine
+            await starters[key]()
+
+    async def _start_hivemesh(self) -> None:
+        agent = await self.spawn_role("hm.agent", "sdk-agent", "--name", "peers-echo", "--capability", "echo",
+                                      env=await self.join_env("peers-echo", "agent"))
+        await self._ready(agent)
+        client = await self.spawn("hm.client", [sys.executable, __file__, "_child", "echo"],
+                                  env=await self.join_env("peers-client", "client"))
+        await self._ready(client)
+        self.peers.append(Peer("hivemesh", client, [agent]))
+
+    async def _start_autogen(self) -> None:
+        py, script = self.peer_opts.autogen_python, str(HERE / "peer_autogen.py")
+        host = await self.spawn("ag.host", [py, script, "host"])
+        address = f"127.0.0.1:{(await self._ready(host))['port']}"
+        echo = await self.spawn("ag.echo", [py, script, "echo", "--host", address])
+        await self._ready(echo)
+        client = await self.spawn("ag.caller", [py, script, "caller", "--host", address])
+        await self._ready(client)
+        self.peers.append(Peer("autogen", client, [host, echo]))
+
+    async def _start_a2a(self) -> None:
+        script = str(HERE / "peer_a2a.py")
+        agent = await self.spawn("a2a.agent", [sys.executable, script, "agent"])
+        url = (await self._ready(agent))["url"]
+        client = await self.spawn("a2a.caller", [sys.executable, script, "caller", "--url", url])
+        await self._ready(client)
+        self.peers.append(Peer("a2a", client, [agent]))
+
+    async def stop(self) -> None:
+        for peer in self.peers:  # a clean exit lets a profiled caller write its profile
+            with contextlib.suppress(Exception):
+                await peer.client.command({"op": "quit"}, 5.0)
+                await asyncio.wait_for(peer.client.proc.wait(), 5.0)
+        await super().stop()
+
+    async def run_peer_cell(self, rnd: int, peer: Peer, size: int) -> None:
+        o = self.peer_opts
+        await peer.client.command({"op": "warmup", "size": size, "n": o.warmup, "max_s": 60.0}, 90.0)
+        for conc in o.concurrency:
+            cmd = {"op": "run", "size": size, "concurrency": conc, "seconds": o.seconds, "max_calls": o.max_calls}
+            before = {c.label: mesh_cost.cpu_seconds(c.pid) for c in peer.processes}
+            busy0, wall0 = mesh_cost.system_cpu_seconds()[0], time.monotonic()
+            result = await peer.client.command(cmd, o.seconds + 60)
+            after = {c.label: mesh_cost.cpu_seconds(c.pid) for c in peer.processes}
+            busy1, wall1 = mesh_cost.system_cpu_seconds()[0], time.monotonic()
+            if result["failed"]:
+                raise RuntimeError(f"{TITLES[peer.key]} at {conc} in flight, {size} B: errors {result['errors']}")
+            calls = max(1, result["calls"])
+            self.peer_samples.append({
+                "round": rnd, "system": peer.key, "size": size, "concurrency": conc, "calls": result["calls"],
+                "calls_per_s": result["calls_per_s"], "p50_us": result["p50_us"], "p99_us": result["p99_us"],
+                "cpu_us_per_call": {k: (after[k] - before[k]) * 1e6 / calls for k in before},
+                "machine_busy_cores": (busy1 - busy0) / (wall1 - wall0),
+            })
+            log.info("round %d %-22s %6d B @%-2d %8.0f calls/s  p50 %8.0f µs  p99 %8.0f µs", rnd + 1,
+                     TITLES[peer.key], size, conc, result["calls_per_s"], result["p50_us"], result["p99_us"])
+
+    async def run(self) -> None:
+        cells: list[tuple[str, Any]] = [("peer", p) for p in self.peers] + [("internal", p) for p in self.paths]
+        for rnd in range(self.peer_opts.rounds):
+            shift = rnd % len(cells)
+            for kind, item in cells[shift:] + cells[:shift]:
+                for size in self.peer_opts.sizes:
+                    if kind == "peer":
+                        await self.run_peer_cell(rnd, item, size)
+                    else:
+                        await self.run_cell(rnd, item, size)
+
+
+# ==== report ====================================================================================================
+def summarize(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over rounds per (system, size, concurrency)."""
+    out: dict[str, Any] = {}
+    for key in sorted({(s["system"], s["size"], s["concurrency"]) for s in samples}):
+        rows = [s for s in samples if (s["system"], s["size"], s["concurrency"]) == key]
+        out["/".join(map(str, key))] = {
+            "rounds": len(rows),
+            "calls_per_s": statistics.median(r["calls_per_s"] for r in rows),
+            "p50_us": statistics.median(r["p50_us"] for r in rows),
+            "p99_us": statistics.median(r["p99_us"] for r in rows),
+            "cpu_us": statistics.median(sum(r["cpu_us_per_call"].values()) for r in rows),
+        }
+    return out
+
+
+def render(summary: dict[str, Any], systems: Sequence[str], sizes: Sequence[int], concs: Sequence[int]) -> str:
+    f = mesh_cost._fmt
+    lines: list[str] = []
+    for size in sizes:
+        lines.append(f"#### Payload {mesh_cost._size_name(size)}\n")
+        head = ["system"]
+        for c in concs:
+            head += [f"calls/s @{c}", f"p50 µs @{c}", f"p99 µs @{c}", f"CPU µs/call @{c}"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for key in systems:
+            row = [TITLES[key]]
+            for c in concs:
+                s = summary[f"{key}/{size}/{c}"]
+                row += [f(s["calls_per_s"]), f(s["p50_us"]), f(s["p99_us"]), f(s["cpu_us"])]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    if "hivemesh" in systems and len(systems) > 1:
+        lines.append("#### hivemesh ÷ peer (same run; calls/s: higher is better for hivemesh, p50: lower is)\n")
+        head = ["peer", "payload"]
+        for c in concs:
+            head += [f"calls/s @{c}", f"p50 @{c}"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for key in [k for k in systems if k != "hivemesh"]:
+            for size in sizes:
+                row = [TITLES[key], mesh_cost._size_name(size)]
+                for c in concs:
+                    h, p = summary[f"hivemesh/{size}/{c}"], summary[f"{key}/{size}/{c}"]
+                    row += [f"{h['calls_per_s'] / p['calls_per_s']:.2f}×", f"{h['p50_us'] / p['p50_us']:.2f}×"]
+                lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+        lines += _goals(summary, systems, sizes, concs)
+    return "\n".join(lines) + "\n"
+
+
+def _goals(summary: dict[str, Any], systems: Sequence[str], sizes: Sequence[int], concs: Sequence[int]) -> list[str]:
+    """Issue 14's goals against the peers: 2x AutoGen's calls/s at 200 B, 4x at 64 KiB; p50 below both peers."""
+    out = ["#### Goals (issue 14)\n"]
+    want = {200: 2.0, 64 * 1024: 4.0}
+    conc = max(concs)
+    for size in sizes:
+        if "autogen" in systems and size in want:
+            r = summary[f"hivemesh/{size}/{conc}"]["calls_per_s"] / summary[f"autogen/{size}/{conc}"]["calls_per_s"]
+            out.append(f"- {mesh_cost._size_name(size)} @{conc}: {r:.2f}× AutoGen's calls/s (goal ≥ {want[size]:g}×): "
+                       f"{'**met**' if r >= want[size] else '**not met**'}")
+        peers = [k for k in systems if k != "hivemesh"]
+        for c in concs:
+            mine = summary[f"hivemesh/{size}/{c}"]["p50_us"]
+            below = all(mine < summary[f"{k}/{size}/{c}"]["p50_us"] for k in peers)
+            out.append(f"- {mesh_cost._size_name(size)} @{c}: p50 {mine:,.0f} µs, below "
+                       f"{' and '.join(TITLES[k] for k in peers)}: {'**met**' if below else '**not met**'}")
+    return [*out, ""]
+
+
+def report_text(data: dict[str, Any]) -> str:
+    info, o = data["machine"], data["options"]
+    busy = [s["machine_busy_cores"] for s in data["peer_samples"]]
+    text = (
+        f"{'quick smoke run' if o['quick'] else 'full run'}: {o['rounds']} round(s), {o['seconds']:g} s windows "
+        f"(at most {o['max_calls']} calls) @{', @'.join(map(str, o['concurrency']))}\n"
+        f"machine: {info['nproc']} cores, {info['cpu']}, Python {info['python']}, grpcio {info['grpcio']} "
+        f"(AutoGen's venv: {data.get('autogen_grpcio', '?')}), {info['date']}, load {info['loadavg_at_start']:.2f} "
+        f"at start, wall {info['wall_s']} s; the whole machine was busy {statistics.median(busy or [0]):.2f} cores "
+        f"(median over windows, ours included)\n"
+        f"code: commit {info.get('commit') or '?'} + {info.get('uncommitted_files', '?')} uncommitted file(s)\n\n"
+        "### The user's path: the three systems\n\n"
+    )
+    text += render(summarize(data["peer_samples"]), o["systems"], o["sizes"], o["concurrency"])
+    if data.get("internal_samples"):
+        paths = mesh_cost._path_infos({"paths": data["internal_paths"], "samples": data["internal_samples"]})
+        io = data["internal_options"]
+        text += (f"\n### bench/mesh_cost.py's internal paths, same run ({io['calls']} calls @1, {io['seconds']:g} s "
+                 "windows)\n\n")
+        text += mesh_cost.render(mesh_cost.summarize(data["internal_samples"], paths), paths,
+                                 data["internal_options"])
+    return text
+
+
+async def driver(opts: argparse.Namespace, internal: argparse.Namespace) -> dict[str, Any]:
+    bench = PeersBench(opts, internal)
+    started = time.monotonic()
+    info = mesh_cost.machine()
+    try:
+        await bench.start()
+        log.info("everything up in %.1f s", time.monotonic() - started)
+        await bench.run()
+    finally:
+        await bench.stop()
+    info["wall_s"] = round(time.monotonic() - started, 1)
+    return {
+        "machine": info,
+        "options": {k: v for k, v in vars(opts).items() if k not in ("json", "autogen_python")},
+        "peer_samples": bench.peer_samples,
+        "internal_options": {k: v for k, v in vars(internal).items()},
+        "internal_paths": [{"key": p.key, "title": p.title, "labels": [c.label for c in p.processes]}
+                           for p in bench.paths],
+        "internal_samples": bench.samples,
+    }
+
+
+def main(argv: Sequence[str]) -> int:
+    if argv[:1] == ["_child"]:
+        child_main(argv)
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 round, 1 s windows")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3; quick 1)")
+    p.add_argument("--seconds", type=float, default=None, help="window per cell (default 3; quick 1)")
+    p.add_argument("--max-calls", type=int, default=20_000, help="calls per window at most")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--sizes", type=int, nargs="+", default=[200, 64 * 1024])
+    p.add_argument("--systems", nargs="+", choices=list(TITLES), default=list(TITLES))
+    p.add_argument("--internal", nargs="+", default=["a", "f", "b", "c"], choices=["a", "f", "b", "c", "none"],
+                   help="bench/mesh_cost.py paths measured in the same run (none: skip them)")
+    p.add_argument("--json", default="", help="also write every sample to this file")
+    p.add_argument("--report", default="", metavar="JSON", help="only print the report of a saved --json file")
+    p.add_argument("--profile", default="", help="cProfile every hivemesh process (client, agent, control plane, "
+                   "internal paths) into <dir>/<process>.prof; slows them: for hot spots, not for figures")
+    p.add_argument("--keep-tmp", action="store_true")
+    opts = p.parse_args(argv)
+    if opts.report:
+        sys.stdout.write(report_text(json.loads(Path(opts.report).read_text())))
+        return 0
+    opts.rounds = opts.rounds or (1 if opts.quick else 3)
+    opts.seconds = opts.seconds or (1.0 if opts.quick else 3.0)
+    opts.warmup = 30 if opts.quick else 100
+    if opts.rounds < 1 or opts.seconds <= 0 or min(opts.sizes) < 16 or min(opts.concurrency) < 1:
+        p.error("rounds >= 1, seconds > 0, sizes >= 16 bytes, concurrency >= 1")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    opts.autogen_python = autogen_python() if "autogen" in opts.systems else ""
+    paths = [] if "none" in opts.internal else sorted(set(opts.internal) | {"a"}, key="afbc".index)
+    internal = argparse.Namespace(  # mesh_cost's options for its internal paths (no re-measuring: one run's noise)
+        quick=opts.quick, rounds=opts.rounds, paths=paths, sizes=opts.sizes, concurrency=[16],
+        calls=200 if opts.quick else 500, seconds=opts.seconds, no_content_screen=False,
+        profile=str(Path(opts.profile).resolve()) if opts.profile else "", keep_tmp=opts.keep_tmp,
+        max_foreign=1e9, retries=0, quiet_wait_s=0.0, retry_budget=0, warmup=30 if opts.quick else 100,
+        ramp_s=0.2 if opts.quick else 0.5, latency_max_s=10.0,
+    )
+    if internal.profile:
+        os.makedirs(internal.profile, exist_ok=True)
+    data = asyncio.run(driver(opts, internal))
+    if opts.autogen_python:
+        data["autogen_grpcio"] = subprocess.run([opts.autogen_python, "-c", "import grpc; print(grpc.__version__)"],
+                                                capture_output=True, text=True).stdout.strip()
+    sys.stdout.write(report_text(data))
+    if opts.json:
+        Path(opts.json).write_text(json.dumps(data, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
