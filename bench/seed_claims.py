@@ -227,7 +227,14 @@ class Fleet:
         self.servers: dict[str, AgentServer] = {}
 
     async def serve(self, agents: Sequence[tuple[SimAgent, str]]) -> None:
+        """Start the agents, a few at a time (dozens of joins at once overrun a loaded machine's etcd)."""
+        gate = asyncio.Semaphore(4)
+
         async def one(agent: SimAgent, instance: str) -> None:
+            async with gate:
+                await start(agent, instance)
+
+        async def start(agent: SimAgent, instance: str) -> None:
             server = AgentServer(agent, await self.mesh.settings(agent.name), AgentServerConfig(
                 instance_id=instance, metrics_listen="off", lease_ttl_s=30))
             await self.stack.enter_async_context(server)
