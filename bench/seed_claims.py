@@ -293,7 +293,7 @@ async def claim_throughput(mesh: Mesh, client: MeshClient, opts: argparse.Namesp
         for i in range(opts.baseline_docs):
             await client.call("process-document", {"doc": f"doc-{i}"}, timeout=120)
         single_s = time.perf_counter() - t0
-        parallel = opts.parallel_docs or 4 * r
+        parallel = opts.parallel_docs or 8 * r
         t0 = time.perf_counter()
         results = await bounded(opts.docs, parallel, lambda i: pipeline.run(client, {"doc": f"doc-{i}"}))
         mesh_s = time.perf_counter() - t0
@@ -517,7 +517,8 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--median-ms", type=float, default=200.0, help="median simulated step/analysis time")
     p.add_argument("--sigma", type=float, default=0.5, help="lognormal sigma of the simulated times")
     p.add_argument("--replicas", type=int, default=8, help="replicas per pipeline step")
-    p.add_argument("--parallel-docs", type=int, default=0, help="documents in flight (default 4 x replicas)")
+    p.add_argument("--parallel-docs", type=int, default=0,
+                   help="documents in flight (default 8 x replicas: 2 per worker, so none idles for want of work)")
     p.add_argument("--docs", type=int, default=240)
     p.add_argument("--baseline-docs", type=int, default=10)
     p.add_argument("--decisions", type=int, default=16)
