@@ -5,6 +5,7 @@
               routable (etcd put -> visible in a running MeshClient's registry, p50/p99 over 200 registrations;
               goal p99 <= 100 ms), and the re-list after a compaction (a fresh node's full list, and a running
               node's re-list of the unchanged prefix);
+    index     the same registry's index in process (no etcd): one change applied incrementally vs rebuilt;
     fanout    a FanOut of 100 branches over 4 replicas (simulated 50 ms work), vs one call;
     streams   1,000 concurrent InvokeStream calls held open: memory per stream; and mutual-TLS connections
               opened one by one with a node's certificate: memory per connection;
@@ -175,6 +176,40 @@ async def bench_registry(mesh: Mesh, opts: argparse.Namespace) -> dict[str, Any]
         "fresh_list_after_compaction_s": statistics.median(cold_after),
         "relist_unchanged_ms": statistics.median(relist),
     }
+
+
+# ==== the registry's index, in process (no etcd) ===================================================================
+async def bench_index(mesh: Mesh | None, opts: argparse.Namespace) -> dict[str, Any]:
+    """One registration's cost to a node's registry view at 10,000 instances, both ways in one run: the index
+    built from scratch (what every watch event cost before the incremental index) vs updated for the change."""
+    from types import MappingProxyType
+
+    from hivemesh.mesh.registry import _IndexBuilder
+
+    n_caps, per_cap = opts.capabilities, opts.instances // opts.capabilities
+    data: dict[str, mesh_pb2.AgentInstance] = {}
+    for i in range(n_caps * per_cap):
+        cap = f"cap-{i % n_caps:04d}"
+        inst = fake_instance(f"scale-{cap}", f"i-{i // n_caps:03d}", [cap])
+        data[agent_key(f"scale-{cap}", inst.instance_id)] = inst
+    builder = _IndexBuilder()
+    builder.update(MappingProxyType(data))
+    full_ms: list[float] = []
+    incr_ms: list[float] = []
+    for r in range(opts.index_rounds):
+        cap = f"cap-{r % n_caps:04d}"
+        data = dict(data)  # a new snapshot per event, as the watch cache publishes them
+        data[agent_key(f"scale-{cap}", f"new-{r}")] = fake_instance(f"scale-{cap}", f"new-{r}", [cap])
+        snap = MappingProxyType(data)
+        t0 = time.perf_counter()
+        _IndexBuilder().update(snap)
+        full_ms.append((time.perf_counter() - t0) * 1000)
+        t0 = time.perf_counter()
+        builder.update(snap)
+        incr_ms.append((time.perf_counter() - t0) * 1000)
+    return {"instances": len(data), "rounds": opts.index_rounds, "full_p50_ms": statistics.median(full_ms),
+            "incremental_p50_ms": statistics.median(incr_ms),
+            "ratio": statistics.median(full_ms) / statistics.median(incr_ms)}
 
 
 # ==== fan-out =====================================================================================================
@@ -371,8 +406,9 @@ def _matching(log_path: Path, flt: Any) -> Any:
                 yield raw
 
 
-BENCHES: dict[str, Callable[[Mesh, argparse.Namespace], Any]] = {
-    "registry": bench_registry, "fanout": bench_fanout, "streams": bench_streams, "soak": bench_soak,
+BENCHES: dict[str, Callable[[Any, argparse.Namespace], Any]] = {
+    "registry": bench_registry, "index": bench_index, "fanout": bench_fanout, "streams": bench_streams,
+    "soak": bench_soak,
 }
 
 
@@ -394,6 +430,12 @@ def render(data: dict[str, Any]) -> str:
             f"{g['fresh_list_after_compaction_s']:.2f} s; running node's re-list of the unchanged prefix "
             f"{g['relist_unchanged_ms']:.0f} ms |",
         ]
+    if "index" in r:
+        x = r["index"]
+        lines.append(
+            f"| a registration's cost to one node's view | {x['instances']:,} instances, {x['rounds']} changes, "
+            f"in process | index updated **{x['incremental_p50_ms']:.1f} ms** vs rebuilt {x['full_p50_ms']:.0f} ms "
+            f"(p50; {x['ratio']:.0f}x) |")
     if "fanout" in r:
         f = r["fanout"]
         lines.append(
@@ -426,6 +468,10 @@ def render(data: dict[str, Any]) -> str:
 async def driver(opts: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     out: dict[str, Any] = {"options": vars(opts), "machine": machine(), "results": {}}
+    if opts.benches == ["index"]:  # no mesh needed
+        out["results"]["index"] = await bench_index(None, opts)
+        out["elapsed_s"] = time.perf_counter() - started
+        return out
     async with running_mesh() as mesh:
         for name in opts.benches:
             if name == "soak" and opts.soak_minutes <= 0:
@@ -440,11 +486,12 @@ async def driver(opts: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("benches", nargs="*", choices=list(BENCHES), default=["registry", "fanout", "streams"])
+    p.add_argument("benches", nargs="*", choices=list(BENCHES), default=["registry", "index", "fanout", "streams"])
     p.add_argument("--instances", type=int, default=10_000)
     p.add_argument("--capabilities", type=int, default=1_000)
     p.add_argument("--registrations", type=int, default=200)
     p.add_argument("--views", type=int, default=3, help="fresh registry views loaded to measure cache memory")
+    p.add_argument("--index-rounds", type=int, default=20)
     p.add_argument("--branches", type=int, default=100)
     p.add_argument("--fanout-rounds", type=int, default=10)
     p.add_argument("--streams", type=int, default=1_000)
