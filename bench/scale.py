@@ -486,7 +486,8 @@ async def driver(opts: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("benches", nargs="*", choices=list(BENCHES), default=["registry", "index", "fanout", "streams"])
+    p.add_argument("benches", nargs="*", choices=list(BENCHES),
+                   help="what to run (default: registry index fanout streams)")
     p.add_argument("--instances", type=int, default=10_000)
     p.add_argument("--capabilities", type=int, default=1_000)
     p.add_argument("--registrations", type=int, default=200)
@@ -500,6 +501,7 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--soak-rate", type=float, default=50.0, help="calls per second during the soak")
     p.add_argument("--json", help="also write every figure to this file")
     opts = p.parse_args(argv)
+    opts.benches = opts.benches or ["registry", "index", "fanout", "streams"]
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     data = asyncio.run(driver(opts))
     if opts.json:
