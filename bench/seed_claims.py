@@ -18,7 +18,7 @@ sigma), seeded and keyed by the work item, so both arms of a claim see the same 
 works on one request at a time (one model worker), unless stated. Everything runs in this process on
 127.0.0.1; the agents' sleeps dominate, the mesh's own work is measured by `bench/mesh_cost.py`.
 
-    .venv/bin/python bench/seed_claims.py                 # all four claims (~1.5 min)
+    .venv/bin/python bench/seed_claims.py                 # all four claims (~2-3 min on 2 shared cores)
     .venv/bin/python bench/seed_claims.py --quick         # a smoke run (~30 s)
     .venv/bin/python bench/seed_claims.py --only errors --json /tmp/claims.json
 """
