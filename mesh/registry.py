@@ -12,6 +12,7 @@ each change, so routing is a dict lookup that never waits on etcd.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import os
@@ -463,6 +464,68 @@ class _Index(NamedTuple):
 _EMPTY_INDEX = _Index({}, (), ())
 
 
+def _order(inst: AgentInstance) -> tuple[str, str]:
+    return inst.card.name, inst.instance_id
+
+
+class _IndexBuilder:
+    """Keeps the index up to date from successive snapshots, redoing only the capabilities whose instances
+    changed: with 10,000 instances a full rebuild took ~200 ms per watch event on a loaded 2-core machine,
+    which every node paid for every registration (bench/scale.py registry)."""
+
+    def __init__(self) -> None:
+        self._seen: Mapping[str, AgentInstance] = {}
+        self._groups: dict[str, dict[str, AgentInstance]] = {}  # capability -> {key: instance}
+        self._by_cap: dict[str, tuple[AgentInstance, ...]] = {}
+        self._infos: dict[str, CapabilityInfo] = {}
+        self._keys: list[tuple[str, str]] = []  # (agent, instance id) of every instance, sorted
+        self._all: list[AgentInstance] = []  # the instances, in the order of _keys
+
+    def update(self, snapshot: Mapping[str, AgentInstance]) -> _Index:
+        old, new = self._seen, snapshot  # a published snapshot is never mutated: keeping it is safe
+        self._seen = new
+        changed = list(old.keys() - new.keys())
+        changed += [k for k, inst in new.items() if old.get(k) is not inst]
+        if len(changed) * 8 > len(new):  # a first list or a large change: build from scratch
+            self._groups, self._keys, self._all = {}, [], []
+            self._by_cap, self._infos = {}, {}
+            old, changed = {}, list(new)
+            for inst in sorted(new.values(), key=_order):
+                self._keys.append(_order(inst))
+                self._all.append(inst)
+        affected: set[str] = set()
+        for key in changed:
+            before, after = old.get(key), new.get(key)
+            if before is not None:
+                for cap in before.card.capabilities:
+                    self._groups.get(cap.name, {}).pop(key, None)
+                    affected.add(cap.name)
+                if old:  # incremental: take it out of the ordered listing
+                    at = bisect.bisect_left(self._keys, _order(before))
+                    del self._keys[at], self._all[at]
+            if after is not None:
+                for cap in after.card.capabilities:
+                    self._groups.setdefault(cap.name, {})[key] = after
+                    affected.add(cap.name)
+                if old:
+                    at = bisect.bisect_left(self._keys, _order(after))
+                    self._keys.insert(at, _order(after))
+                    self._all.insert(at, after)
+        for name in affected:
+            group = self._groups.get(name)
+            if not group:
+                self._groups.pop(name, None)
+                self._by_cap.pop(name, None)
+                self._infos.pop(name, None)
+                continue
+            self._by_cap[name] = tuple(sorted(group.values(), key=lambda i: (i.instance_id, i.card.name)))
+            first = min(group.values(), key=_order)
+            decl = next(c for c in first.card.capabilities if c.name == name)
+            self._infos[name] = CapabilityInfo(decl, tuple(sorted({i.card.name for i in group.values()})), len(group))
+        infos = tuple(self._infos[name] for name in sorted(self._infos))
+        return _Index(dict(self._by_cap), tuple(self._all), infos)
+
+
 class RegistryView:
     """The live registry, indexed by capability; every read is a lookup in a structure swapped atomically.
 
@@ -481,6 +544,7 @@ class RegistryView:
         calls always gives it. Without it (listings only) an entry's identity is shown as written."""
         self._on_change = on_change
         self._index = _EMPTY_INDEX
+        self._builder = _IndexBuilder()
         self._ever_seen: set[str] = set()
         self._trust_domain = trust_domain
         self.impostors_refused = 0
@@ -543,19 +607,7 @@ class RegistryView:
         return await self._cache.wait_for(enough, timeout)
 
     def _rebuild(self) -> None:
-        insts = sorted(self._cache.snapshot().values(), key=lambda i: (i.card.name, i.instance_id))
-        groups: dict[str, list[AgentInstance]] = {}
-        for inst in insts:
-            for cap in inst.card.capabilities:
-                groups.setdefault(cap.name, []).append(inst)
-        by_cap = {name: tuple(sorted(g, key=lambda i: i.instance_id)) for name, g in groups.items()}
-        infos = []
-        for name in sorted(groups):
-            first = groups[name][0]
-            decl = next(c for c in first.card.capabilities if c.name == name)
-            agents = tuple(sorted({i.card.name for i in groups[name]}))
-            infos.append(CapabilityInfo(decl, agents, len(groups[name])))
-        self._ever_seen.update(by_cap)
-        self._index = _Index(by_cap, tuple(insts), tuple(infos))
+        self._index = self._builder.update(self._cache.snapshot())
+        self._ever_seen.update(self._index.by_capability)
         if self._on_change is not None:
             self._on_change()

@@ -1,0 +1,58 @@
+"""The registry's index, kept up to date change by change, is always the index built from scratch."""
+
+from __future__ import annotations
+
+import random
+from types import MappingProxyType
+
+from hivemesh.mesh.registry import CapabilityInfo, _Index, _IndexBuilder, agent_key
+from hivemesh.v1 import agent_pb2, mesh_pb2
+
+
+def instance(agent: str, instance_id: str, caps: list[str], version: str = "1.0.0") -> mesh_pb2.AgentInstance:
+    card = agent_pb2.AgentCard(name=agent, version=version,
+                               capabilities=[agent_pb2.Capability(name=c, description=f"{c} by {agent}") for c in caps])
+    return mesh_pb2.AgentInstance(card=card, instance_id=instance_id, endpoint="127.0.0.1:9")
+
+
+def reference(snapshot: dict[str, mesh_pb2.AgentInstance]) -> _Index:
+    """The index as RegistryView built it on every change before it was incremental."""
+    insts = sorted(snapshot.values(), key=lambda i: (i.card.name, i.instance_id))
+    groups: dict[str, list[mesh_pb2.AgentInstance]] = {}
+    for inst in insts:
+        for cap in inst.card.capabilities:
+            groups.setdefault(cap.name, []).append(inst)
+    by_cap = {name: tuple(sorted(g, key=lambda i: i.instance_id)) for name, g in groups.items()}
+    infos = []
+    for name in sorted(groups):
+        first = groups[name][0]
+        decl = next(c for c in first.card.capabilities if c.name == name)
+        infos.append(CapabilityInfo(decl, tuple(sorted({i.card.name for i in groups[name]})), len(groups[name])))
+    return _Index(by_cap, tuple(insts), tuple(infos))
+
+
+def test_incremental_updates_match_a_full_rebuild() -> None:
+    rng = random.Random(14)
+    agents = [f"agent-{c}" for c in "abcdefgh"] + ["agent", "agent-a.b", "agent.a"]  # '-', '.' sort before '/'
+    caps = [f"cap-{i}" for i in range(12)]
+    builder = _IndexBuilder()
+    snapshot: dict[str, mesh_pb2.AgentInstance] = {}
+    incremental = 0
+    for step in range(150):
+        snapshot = dict(snapshot)  # a published snapshot is never mutated: each step makes a new one
+        for _ in range(rng.choice([1, 1, 1, 2, 3, 40])):
+            agent = rng.choice(agents)
+            key_id = f"i{rng.randrange(30)}"
+            key = agent_key(agent, key_id)
+            if key in snapshot and rng.random() < 0.4:
+                del snapshot[key]
+            else:  # a new instance, or a re-registration with other capabilities or another card
+                snapshot[key] = instance(agent, key_id, rng.sample(caps, rng.randint(1, 3)), f"1.{step}.0")
+        kept = dict(builder._by_cap)  # to tell which path the update took
+        got = builder.update(MappingProxyType(snapshot))
+        incremental += any(got.by_capability.get(c) is t for c, t in kept.items())  # untouched entries were kept
+        want = reference(snapshot)
+        assert got.by_capability == want.by_capability, f"step {step}"
+        assert got.all == want.all, f"step {step}"
+        assert got.capabilities == want.capabilities, f"step {step}"
+    assert incremental > 75  # most updates took the incremental path
