@@ -154,6 +154,8 @@ def test_up_serves_the_cli_until_sigterm(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_killed_up_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Killed as soon as every child serves (their metrics ports announced), while the demo starts: the demo
+    itself adds no process, and a kill in the middle of its calls is no easier for the children."""
     base = [*HIVEMESH, "--home", str(tmp_path / "home"), "--certs-dir", str(tmp_path / "certs")]
     up = subprocess.Popen([*base, "up"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output: list[str] = []
@@ -165,12 +167,12 @@ def test_a_killed_up_leaves_nothing_behind(tmp_path: Path) -> None:
             if not line:
                 break
             output.append(line)
-            if "mesh is up" in line:
+            if "Prometheus targets" in line:
                 break
         text = "".join(output)
-        assert "mesh is up" in text, text[-3000:]
+        assert "Prometheus targets" in text, text[-3000:]
         pids = _pids(text)
-        assert len(pids) >= 6
+        assert len(pids) >= 11  # etcd, control plane, 3 SDK agents, plain agent, sidecar, one per tour demo
     finally:
         up.kill()  # SIGKILL: no chance to clean up; the children must notice on their own
         up.communicate(timeout=60)
