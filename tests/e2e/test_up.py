@@ -180,11 +180,17 @@ def test_a_killed_up_leaves_nothing_behind(tmp_path: Path) -> None:
 
 
 def test_up_demo_menu_and_bad_choice(tmp_path: Path) -> None:
-    base = [*HIVEMESH, "--home", str(tmp_path / "home"), "--certs-dir", str(tmp_path / "certs")]
-    menu = subprocess.run([*base, "up", "--demo", "list", "--json"], capture_output=True, text=True, timeout=60)
-    assert menu.returncode == 0, menu.stderr
+    """In-process (click's CliRunner): listing the demos and refusing an unknown one start nothing."""
+    from click.testing import CliRunner
+
+    from hivemesh.controlplane.cli.app import cli
+
+    base = ["--home", str(tmp_path / "home"), "--certs-dir", str(tmp_path / "certs")]
+    menu = CliRunner().invoke(cli, [*base, "up", "--demo", "list", "--json"], prog_name="hivemesh")
+    assert menu.exit_code == 0, menu.output
     assert [d["demo"] for d in json.loads(menu.stdout)] == [
         "pipeline", "research", "helpdesk", "support", "content", "contract"]
-    bad = subprocess.run([*base, "up", "--demo", "nope"], capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "unknown demo 'nope'" in bad.stderr and "Traceback" not in bad.stderr
+    bad = CliRunner().invoke(cli, [*base, "up", "--demo", "nope"], prog_name="hivemesh")
+    assert bad.exit_code == 2 and "unknown demo 'nope'" in bad.stderr, bad.output
+    assert bad.exception is None or isinstance(bad.exception, SystemExit), bad.exc_info  # no traceback
     assert not (tmp_path / "home" / "etcd").exists()  # nothing was started
