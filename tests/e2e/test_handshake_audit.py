@@ -35,6 +35,7 @@ from tests.support.meshenv import TRUST_DOMAIN, MeshEnv, copy_session_ca, run_cl
 from tests.support.plain_agent import PlainAgent
 from tests.support.spawn import REPO, start_replica, start_sidecar, stop
 from tests.support.tls_attacks import H2_PREFACE, attacker_context, raw_attempt, tls_attempt
+from tests.support.traffic_status import wait_traffic_status
 
 GARBAGE = b"\x16\x03\x01\x00\x05hello" + bytes(range(64))  # a TLS record header, then nonsense
 
@@ -156,11 +157,9 @@ async def _every_refused_handshake_gets_one_audit_record(target: Target) -> None
         mine = [n for n in json.loads(out) if n["identity"].endswith(f"/agent/{name}")]
         return mine[0] if mine and mine[0]["handshakes_refused"] >= len(ATTACKS) else None
 
-    deadline = time.monotonic() + 30
-    node = await audit_status()
-    while node is None and time.monotonic() < deadline:
-        await asyncio.sleep(0.5)
-        node = await audit_status()
+    await wait_traffic_status(target.env, lambda nodes: any(
+        n.identity.endswith(f"/agent/{name}") and n.handshakes_refused >= len(ATTACKS) for n in nodes), 30)
+    node = await audit_status()  # what the CLI shows, once the status says it (polled in-process)
     assert node is not None and node["handshake_audit"] == "live", node
     code, out, err = await run_cli(target.env, "status")
     assert code == 0 and "TLS handshake audit" in out and "live" in out, out + err
