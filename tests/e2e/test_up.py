@@ -41,6 +41,7 @@ def _pids(text: str) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # its own waits allow `up` 240 s (the suite's default is 120 s)
 def test_up_once_runs_the_pipeline_over_the_mesh(tmp_path: Path) -> None:
     base = [*HIVEMESH, "--home", str(tmp_path / "home"), "--certs-dir", str(tmp_path / "certs")]
     proc = subprocess.run([*base, "up", "--once", "--json"], capture_output=True, text=True, timeout=240)
@@ -83,6 +84,7 @@ def test_up_once_runs_the_pipeline_over_the_mesh(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # its own waits allow `up` 240 s (the suite's default is 120 s)
 def test_up_serves_the_cli_until_sigterm(tmp_path: Path) -> None:
     base = [*HIVEMESH, "--home", str(tmp_path / "home"), "--certs-dir", str(tmp_path / "certs")]
     up = subprocess.Popen([*base, "up"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -153,6 +155,7 @@ def test_up_serves_the_cli_until_sigterm(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # its own waits allow `up` 240 s (the suite's default is 120 s)
 def test_a_killed_up_leaves_nothing_behind(tmp_path: Path) -> None:
     """Killed as soon as every child serves (their metrics ports announced), while the demo starts: the demo
     itself adds no process, and a kill in the middle of its calls is no easier for the children."""
