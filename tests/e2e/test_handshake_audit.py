@@ -35,6 +35,7 @@ from tests.support.meshenv import TRUST_DOMAIN, MeshEnv, copy_session_ca, run_cl
 from tests.support.plain_agent import PlainAgent
 from tests.support.spawn import REPO, start_replica, start_sidecar, stop
 from tests.support.tls_attacks import H2_PREFACE, attacker_context, raw_attempt, tls_attempt
+from tests.support.traffic_status import wait_traffic_status
 
 GARBAGE = b"\x16\x03\x01\x00\x05hello" + bytes(range(64))  # a TLS record header, then nonsense
 
@@ -123,7 +124,18 @@ async def _wait_for(env: MeshEnv, done: Callable[[list[dict[str, Any]]], bool],
 
 
 @pytest.mark.slow
-async def test_every_refused_handshake_gets_one_audit_record(target: Target) -> None:
+async def test_every_refused_handshake_is_on_record_and_grpc_clients_see_unavailable(target: Target) -> None:
+    """Two checks on one node process (it costs seconds to start): each raw attack's one record, then real
+    gRPC clients refused in the handshake (their records are counted per reason, so the first part's records
+    do not count for them)."""
+    expired = _cert(target, target.env.certs.certs_dir, 1)  # past its notAfter by the time the gRPC part runs
+    expired_at = time.monotonic() + 1.6
+    await _every_refused_handshake_gets_one_audit_record(target)
+    await asyncio.sleep(max(0.0, expired_at - time.monotonic()))
+    await _grpc_clients_refused_in_the_handshake_see_unavailable_and_are_on_record(target, expired)
+
+
+async def _every_refused_handshake_gets_one_audit_record(target: Target) -> None:
     table: list[str] = []
     for name, attack, reason, decision in ATTACKS:
         port = await asyncio.to_thread(attack, target)
@@ -145,11 +157,9 @@ async def test_every_refused_handshake_gets_one_audit_record(target: Target) -> 
         mine = [n for n in json.loads(out) if n["identity"].endswith(f"/agent/{name}")]
         return mine[0] if mine and mine[0]["handshakes_refused"] >= len(ATTACKS) else None
 
-    deadline = time.monotonic() + 30
-    node = await audit_status()
-    while node is None and time.monotonic() < deadline:
-        await asyncio.sleep(0.5)
-        node = await audit_status()
+    await wait_traffic_status(target.env, lambda nodes: any(
+        n.identity.endswith(f"/agent/{name}") and n.handshakes_refused >= len(ATTACKS) for n in nodes), 30)
+    node = await audit_status()  # what the CLI shows, once the status says it (polled in-process)
     assert node is not None and node["handshake_audit"] == "live", node
     code, out, err = await run_cli(target.env, "status")
     assert code == 0 and "TLS handshake audit" in out and "live" in out, out + err
@@ -161,15 +171,15 @@ def _total(records: list[dict[str, Any]], reason: str) -> int:
     return sum(r["count"] for r in records if r["reason"] == reason)
 
 
-@pytest.mark.slow
-async def test_grpc_clients_refused_in_the_handshake_see_unavailable_and_are_on_record(target: Target) -> None:
+async def _grpc_clients_refused_in_the_handshake_see_unavailable_and_are_on_record(
+    target: Target, expired: tuple[bytes, bytes]
+) -> None:
     """The negative matrix's four handshake cases with real gRPC clients: the exact status the client sees,
     and the record. A gRPC client may try more than one connection, so the reason's count must grow."""
     ca = target.env.certs.ca_cert.read_bytes()
-    expired = _cert(target, target.env.certs.certs_dir, 1)
     rogue = target.tmp / "rogue-ca"
-    init_ca(rogue, TRUST_DOMAIN)
-    await asyncio.sleep(1.6)  # the short-lived certificate must be past its notAfter
+    if not (rogue / "ca.pem").exists():
+        init_ca(rogue, TRUST_DOMAIN)
     cases: list[tuple[str, grpc.ChannelCredentials | None, str]] = [
         ("certificate from another CA", channel_credentials(ca, *_cert(target, rogue, 600)), "TLS_CERT_UNTRUSTED"),
         ("expired certificate", channel_credentials(ca, *expired), "TLS_CERT_EXPIRED"),

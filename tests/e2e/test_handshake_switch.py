@@ -31,6 +31,7 @@ from tests.support.meshenv import MeshEnv, run_cli
 from tests.support.plain_agent import PlainAgent
 from tests.support.spawn import REPO, child_env, start_replica, start_sidecar, stop
 from tests.support.tls_attacks import H2_PREFACE, raw_attempt
+from tests.support.traffic_status import wait_traffic_status
 
 _BARE_SERVER = """
 import os, sys
@@ -185,13 +186,11 @@ def _children(pid: int) -> list[str]:
 
 
 async def _wait_status(env: MeshEnv, name: str, state: str) -> dict[str, Any] | None:
-    """The node's `hivemesh status` entry once its handshake audit state starts with state (or the last seen)."""
-    deadline = time.monotonic() + 60
-    node = await _node_status(env, name)
-    while (node is None or not node["handshake_audit"].startswith(state)) and time.monotonic() < deadline:
-        await asyncio.sleep(0.5)
-        node = await _node_status(env, name)
-    return node
+    """The node's `hivemesh status` entry once its handshake audit state starts with state (or the last seen):
+    waited for in-process, then read through the CLI once."""
+    await wait_traffic_status(env, lambda nodes: any(
+        n.identity.endswith(f"/agent/{name}") and n.handshake_audit.startswith(state) for n in nodes))
+    return await _node_status(env, name)
 
 
 @pytest.mark.slow

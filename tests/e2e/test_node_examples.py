@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 import aetcd
 import pytest
+from click.testing import CliRunner
 
 from hivemesh.mesh.etcd import EtcdServer
 from hivemesh.sdk import AgentServer, AgentServerConfig, MeshClient
@@ -147,7 +147,15 @@ def _listening_tcp_ports(pid: int) -> set[int]:
     return ports
 
 
-async def test_the_node_agent_is_called_from_python_and_from_node(rig: Rig) -> None:
+async def test_python_and_node_call_each_other_and_refusals_arrive(rig: Rig) -> None:
+    """Three read-only checks on one rig (two sidecar processes, a Node agent and an SDK agent cost seconds to
+    start): each would fail on its own."""
+    await _the_node_agent_is_called_from_python_and_from_node(rig)
+    await _a_python_agent_is_called_from_node_through_a_caller_only_sidecar(rig)
+    await _refusals_arrive_in_node_with_their_reason(rig)
+
+
+async def _the_node_agent_is_called_from_python_and_from_node(rig: Rig) -> None:
     # Python, in-process mesh layers, to the Node agent behind its sidecar.
     result = await rig.python.call_detailed("pricing.quote", ORDER, timeout=15)
     assert result.output["total_cents"] == TOTAL_CENTS
@@ -176,7 +184,7 @@ async def test_the_node_agent_is_called_from_python_and_from_node(rig: Rig) -> N
     assert [h["kind"] for h in streamed["hops"]] == ["sidecar"]
 
 
-async def test_a_python_agent_is_called_from_node_through_a_caller_only_sidecar(rig: Rig) -> None:
+async def _a_python_agent_is_called_from_node_through_a_caller_only_sidecar(rig: Rig) -> None:
     out = await node_call(rig.caller_mesh, "echo", {"text": "from node"})
     assert out["output"] == {"text": "from node", "caller": NODE_CALLER, "served_by": "sdk"}
     shouted = await node_call(rig.caller_mesh, "shout", {"text": "two words"}, "--stream")
@@ -188,7 +196,7 @@ async def test_a_python_agent_is_called_from_node_through_a_caller_only_sidecar(
                    for i in rig.python.instances(c))
 
 
-async def test_refusals_arrive_in_node_with_their_reason(rig: Rig) -> None:
+async def _refusals_arrive_in_node_with_their_reason(rig: Rig) -> None:
     # Refused by the agent's sidecar: the input breaks the card's JSON Schema.
     bad_tier = await node_call(rig.caller_mesh, "pricing.quote", {"customer_tier": "diamond", "items": []})
     err = bad_tier["error"]
@@ -233,16 +241,16 @@ spec: {agents: [pricing], capabilities: [pricing.quote], per_identity_rps: 0.2, 
     assert out["attempts"] >= 2 and all(0 < w <= 5000 for w in out["waits_ms"]), out
 
 
-def test_caller_only_sidecar_needs_an_agent_or_a_client(tmp_path: Path) -> None:
+def test_caller_only_sidecar_needs_an_agent_or_a_client() -> None:
     """The CLI refuses a sidecar with neither --agent nor --client (or both), or a caller-only one given inbound
-    options, saying what to give."""
-    env = {**os.environ, "HIVEMESH_HOME": str(tmp_path)}
+    options, saying what to give. In-process (click's CliRunner): the refusal comes before anything starts."""
+    from hivemesh.controlplane.cli.app import cli
+
     for args, said in (
         ([], "give --agent ADDRESS (front an agent) or --client NAME (caller only), exactly one"),
         (["--agent", "127.0.0.1:1", "--client", "x"], "exactly one"),
         (["--client", "x", "--name", "y", "--limit", "a=1"], "--name, --limit: only with --agent"),
     ):
-        done = subprocess.run([sys.executable, "-m", "hivemesh.controlplane.cli", "sidecar", *args], cwd=REPO,
-                              capture_output=True, text=True, timeout=60, env=env)
-        assert done.returncode == 2, done
+        done = CliRunner().invoke(cli, ["sidecar", *args], prog_name="hivemesh")
+        assert done.exit_code == 2, done.output
         assert said in " ".join(done.stderr.split()), done.stderr

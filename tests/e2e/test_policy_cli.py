@@ -19,8 +19,10 @@ from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.errors import HivemeshError, InvalidInputError, NotFoundError, PermissionDeniedError
 from hivemesh.mesh.policy import policy_key
 from hivemesh.mesh.tls import Workload
+from hivemesh.v1 import policy_pb2
 from tests.support.meshenv import MeshEnv
 from tests.support.resilience_rig import fleet
+from tests.support.traffic_status import wait_traffic_status
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -125,6 +127,13 @@ spec: {agents: [flaky], capabilities: [work], total_rps: 1000}
         for _ in range(30):
             with contextlib.suppress(HivemeshError):  # some fail on purpose
                 await f.client.call("work", {}, timeout=5)
+        def open_after_30(nodes: list[policy_pb2.NodeTraffic]) -> bool:
+            return any(n.identity.endswith("/client/tester") and c.capability == "work" and c.calls >= 30
+                       and any(i.instance == "flaky-a" and i.breaker == "open" for i in c.instances)
+                       for n in nodes for c in n.capabilities)
+
+        # Polled in-process first (a CLI process per poll is slow): then the CLI's view, usually at once.
+        await wait_traffic_status(mesh_env, open_after_30, 20)
         deadline = asyncio.get_running_loop().time() + 20
         while True:
             res = await hivemesh(mesh_env, tmp_path, "status", "--json")

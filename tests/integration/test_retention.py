@@ -24,7 +24,7 @@ from tests.conftest import SessionCa
 from tests.support.agents_for_tests import EchoAgent
 from tests.support.meshenv import MeshEnv, controlplane_access, start_mesh_env, stop_mesh_env
 
-QUOTA = 4 * 1024 * 1024
+QUOTA = 2 * 1024 * 1024
 BLOB = 16 * 1024
 WRITTEN = 10 * QUOTA
 """What the writer puts through etcd: ten times the quota."""

@@ -4,6 +4,7 @@ TLS) into a rule file Prometheus's promtool accepts; a bad document is refused w
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -53,7 +54,11 @@ async def test_slo_rules_render_the_stored_objectives(mesh_env: MeshEnv, tmp_pat
     code, out, err = await run_cli(mesh_env, "policy", "apply", "-f", str(path))  # through the Policies service
     assert code == 0 and "slos/llm is created" in out, out + err
 
-    code, out, err = await run_cli(mesh_env, "slo", "rules")
+    # Four read-only commands: their processes run at once.
+    rendered, as_json, listed, table = await asyncio.gather(
+        run_cli(mesh_env, "slo", "rules"), run_cli(mesh_env, "slo", "rules", "--json"),
+        run_cli(mesh_env, "slo", "list", "--json"), run_cli(mesh_env, "slo", "list"))
+    code, out, err = rendered
     assert code == 0, err
     assert out.startswith("# Rendered by `hivemesh slo rules` from the slos policies: documents, llm.")
     rules = yaml.safe_load(out)
@@ -69,10 +74,10 @@ async def test_slo_rules_render_the_stored_objectives(mesh_env: MeshEnv, tmp_pat
     assert 'le="10.0"' in next(r["expr"] for r in rules["groups"][0]["rules"]
                                 if r["labels"] == {"capability": "summarize", "slo": "latency"})
 
-    code, out, err = await run_cli(mesh_env, "slo", "rules", "--json")
+    code, out, err = as_json
     assert code == 0 and json.loads(out) == expected, err
 
-    code, out, err = await run_cli(mesh_env, "slo", "list", "--json")
+    code, out, err = listed
     assert code == 0, err
     assert json.loads(out) == [
         {"capability": "extract", "policy": "documents", "availability": 0.999, "latency_threshold_ms": 500.0,
@@ -82,7 +87,7 @@ async def test_slo_rules_render_the_stored_objectives(mesh_env: MeshEnv, tmp_pat
         {"capability": "summarize", "policy": "llm", "availability": None, "latency_threshold_ms": 10000.0,
          "latency_target": 0.95, "window_days": 7},
     ]
-    code, out, err = await run_cli(mesh_env, "slo", "list")
+    code, out, err = table
     assert code == 0, err
     row = next(line for line in out.splitlines() if "extract" in line)
     assert "99.900%" in row and "99.00% within 500 ms" in row and "43.2 min" in row and "documents" in row

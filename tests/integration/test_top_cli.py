@@ -132,15 +132,24 @@ def test_top_reads_the_files_hivemesh_up_writes_by_default(
 
 
 def test_top_usage_mistakes_say_what_to_fix(tmp_path: Path) -> None:
-    run = hivemesh("--home", str(tmp_path / "home"), "top", "--once")
-    assert run.returncode == 2 and "--targets FILE" in run.stderr and "--endpoint HOST:PORT" in run.stderr
-    assert str(tmp_path / "home" / "prometheus") in run.stderr
-    run = hivemesh("top", "--json", "--endpoint", "127.0.0.1:9")
-    assert run.returncode == 2 and "--json needs --once" in run.stderr
+    """In-process (click's CliRunner): each mistake is refused before top reads a target."""
+    from click.testing import CliRunner
+
+    from hivemesh.controlplane.cli.app import cli
+
+    def top(*args: str) -> tuple[int, str]:
+        run = CliRunner().invoke(cli, list(args), prog_name="hivemesh", env={"COLUMNS": "200"})
+        assert run.exception is None or isinstance(run.exception, SystemExit), run.exc_info
+        return run.exit_code, run.stderr
+
+    code, err = top("--home", str(tmp_path / "home"), "top", "--once")
+    assert code == 2 and "--targets FILE" in err and "--endpoint HOST:PORT" in err
+    assert str(tmp_path / "home" / "prometheus") in err
+    code, err = top("top", "--json", "--endpoint", "127.0.0.1:9")
+    assert code == 2 and "--json needs --once" in err
     bad = tmp_path / "targets.json"
     bad.write_text(json.dumps([{"targets": ["no-port"]}]))
-    run = hivemesh("top", "--once", "--targets", str(bad))
-    assert run.returncode == 2 and "[0].targets[0]: 'no-port' is not HOST:PORT" in run.stderr, run.stderr
-    assert "Traceback" not in run.stderr
-    run = hivemesh("top", "--endpoint", "127.0.0.1:9")  # live view, but stdout is a pipe
-    assert run.returncode == 2 and "not a terminal" in run.stderr
+    code, err = top("top", "--once", "--targets", str(bad))
+    assert code == 2 and "[0].targets[0]: 'no-port' is not HOST:PORT" in err, err
+    code, err = top("top", "--endpoint", "127.0.0.1:9")  # live view, but stdout is not a terminal
+    assert code == 2 and "not a terminal" in err

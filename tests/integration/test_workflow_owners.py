@@ -128,18 +128,27 @@ async def test_each_workload_reads_and_writes_only_its_own_runs(mesh_env: MeshEn
         assert table["the whole run keyspace"] == (False, False)
 
     # The operator (the real CLI, its own certificate) sees every owner's runs, by full id or unambiguous bare id.
-    code, out, err = await run_cli(mesh_env, "workflows", "list", "--json")
+    # Six read-only commands: their processes run at once.
+    every, beta, alpha, bare, ambiguous, nobody = await asyncio.gather(
+        run_cli(mesh_env, "workflows", "list", "--json"),
+        run_cli(mesh_env, "workflows", "list", "--owner", "client-beta", "--json"),
+        run_cli(mesh_env, "workflows", "show", runs["alpha"], "--json"),
+        run_cli(mesh_env, "workflows", "show", "wf-beta-only", "--json"),
+        run_cli(mesh_env, "workflows", "show", "wf-same"),
+        run_cli(mesh_env, "workflows", "list", "--owner", "nobody"),
+    )
+    code, out, err = every
     assert code == 0, err
     assert sorted(r["id"] for r in json.loads(out)) == sorted([*runs.values(), beta_only.id])
-    code, out, err = await run_cli(mesh_env, "workflows", "list", "--owner", "client-beta", "--json")
+    code, out, err = beta
     assert code == 0 and sorted(r["id"] for r in json.loads(out)) == sorted([runs["beta"], beta_only.id]), err
-    code, out, err = await run_cli(mesh_env, "workflows", "show", runs["alpha"], "--json")
+    code, out, err = alpha
     assert code == 0 and json.loads(out)["output"] == {"done": "alpha"}, err
-    code, out, err = await run_cli(mesh_env, "workflows", "show", "wf-beta-only", "--json")
+    code, out, err = bare
     assert code == 0 and json.loads(out)["id"] == beta_only.id, err
-    code, out, err = await run_cli(mesh_env, "workflows", "show", "wf-same")
+    code, out, err = ambiguous
     assert code == 1 and "several owners" in err and runs["alpha"] in err and "Traceback" not in err
-    code, out, err = await run_cli(mesh_env, "workflows", "list", "--owner", "nobody")
+    code, out, err = nobody
     assert code != 0 and "<kind>-<name>" in err
 
 
