@@ -13,9 +13,9 @@ from __future__ import annotations
 import re
 from typing import Any, TypedDict
 
+from hivemesh.agents._text import mentioned
 from hivemesh.sdk import Agent, InvalidInputError, capability
 from hivemesh.sdk.patterns import Pipeline, Step
-from hivemesh.sdk.patterns.router import words
 
 MAX_TEXT = 2000
 EMAIL_RE = re.compile(r"[^@\s]+@((?:[a-z0-9-]+\.)+[a-z]{2,})")
@@ -130,7 +130,7 @@ def score_lead(lead: Lead) -> Score:
     if lead.get("industry", "").lower() in TARGET_INDUSTRIES:
         points += 15
         signals.append(f"target industry {lead.get('industry', '').lower()} (+15)")
-    intent = [w for w in INTENT if w in set(words(lead.get("message", "")))]
+    intent = mentioned(INTENT, lead.get("message", ""))
     if intent:
         points += min(5 * len(intent), 25)
         signals.append(f"intent: {', '.join(intent)} (+{min(5 * len(intent), 25)})")
@@ -182,9 +182,9 @@ class LeadEnricher(Agent):
         employees = lead.get("employees", 0)
         segment = "enterprise" if employees >= 1000 else "mid-market" if employees >= 200 else "smb"
         region = REGIONS.get(req["research"]["domain"].rsplit(".", 1)[-1], "amer")
-        said = set(words(lead.get("message", "")))
         interests = sorted({*(t for t in req["research"]["tech"] if t in ("kubernetes", "grpc", "kafka")),
-                            *(w for w in ("security", "compliance", "analytics", "integration") if w in said)})
+                            *mentioned(("security", "compliance", "analytics", "integration"),
+                                       lead.get("message", ""))})
         return {**req, "enrichment": {"segment": segment, "region": region, "interests": interests}}
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Literal, TypedDict
 
+from hivemesh.agents._text import mentioned
 from hivemesh.sdk import Agent, InvalidInputError, capability
 from hivemesh.sdk.patterns import Router, Rule
 from hivemesh.sdk.patterns.router import words
@@ -34,7 +35,7 @@ VOLUME_DISCOUNTS = ((500, 20), (100, 10))
 TECH_ANSWERS: list[tuple[frozenset[str], str, Plan]] = [
     (frozenset({"sso", "saml", "oidc", "scim"}), "SSO with SAML 2.0 or OIDC; SCIM provisioning on enterprise", "team"),
     (frozenset({"api", "grpc", "rest", "sdk"}), "gRPC and REST APIs with Python and Node.js SDKs", "starter"),
-    (frozenset({"onprem", "premises", "self", "hosted", "kubernetes", "helm"}),
+    (frozenset({"on-prem", "on-premises", "self-hosted", "kubernetes", "helm"}),
      "self-hosted on Kubernetes with the Helm chart", "enterprise"),
     (frozenset({"soc", "iso", "gdpr", "encryption"}),
      "SOC 2 Type II report under NDA; TLS 1.3 everywhere, data encrypted at rest", "team"),
@@ -69,8 +70,8 @@ class Quote(TypedDict):
     answer: str
 
 
-def check_question(req: Question) -> set[str]:
-    """The question's words; an empty or oversized question or a bad seat count is refused by name."""
+def check_question(req: Question) -> str:
+    """The question's text; an empty or oversized question or a bad seat count is refused by name."""
     text = req["text"]
     if not text.strip() or not words(text):
         raise InvalidInputError("the question needs some words", field_violations={"input.text": "empty"})
@@ -79,7 +80,7 @@ def check_question(req: Question) -> set[str]:
                                 field_violations={"input.text": "too long"})
     if "seats" in req and not 1 <= req["seats"] <= MAX_SEATS:
         raise InvalidInputError(f"seats must be 1..{MAX_SEATS}", field_violations={"input.seats": "out of range"})
-    return set(words(text.replace("-", "")))
+    return text
 
 
 def plan_for(req: Question) -> Plan:
@@ -100,7 +101,7 @@ class ProductSpecialist(Agent):
     async def product_advice(self, req: Question) -> Advice:
         said = check_question(req)
         plan = plan_for(req)
-        if plan != "enterprise" and said & {"audit", "compliance", "scim", "selfhosted"}:
+        if plan != "enterprise" and mentioned(("audit", "compliance", "scim", "self-hosted"), said):
             plan = "enterprise"
         features = list(FEATURES[plan])
         seats = req.get("seats")
@@ -141,9 +142,10 @@ class TechnicalSpecialist(Agent):
     async def technical_advice(self, req: Question) -> Advice:
         said = check_question(req)
         for keys, answer, plan in TECH_ANSWERS:
-            if keys & said:
+            topics = sorted(mentioned(keys, said))
+            if topics:
                 return {"specialist": "technical", "answer": answer, "plan": plan, "confidence": 0.9,
-                        "features": sorted(keys & said)}
+                        "features": topics}
         return {"specialist": "technical", "answer": "A solutions engineer will follow up on this.",
                 "plan": plan_for(req), "features": [], "confidence": 0.4}
 
