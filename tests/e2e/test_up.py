@@ -188,7 +188,7 @@ def test_up_demo_menu_and_bad_choice(tmp_path: Path) -> None:
     menu = subprocess.run([*base, "up", "--demo", "list", "--json"], capture_output=True, text=True, timeout=60)
     assert menu.returncode == 0, menu.stderr
     assert [d["demo"] for d in json.loads(menu.stdout)] == [
-        "pipeline", "research", "helpdesk", "support", "content", "contract"]
+        "pipeline", "research", "helpdesk", "support", "content", "contract", "leads", "risk", "sales"]
     bad = subprocess.run([*base, "up", "--demo", "nope"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown demo 'nope'" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "home" / "etcd").exists()  # nothing was started
