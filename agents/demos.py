@@ -48,8 +48,17 @@ DEMOS: dict[str, Demo] = {d.name: d for d in (
     Demo("contract", "peer-to-peer collaboration", "contract review: legal, finance and business peers",
          ("contract-drafter", "legal", "finance", "business"),
          ("contract-draft", "legal-review", "finance-review", "business-review")),
+    Demo("leads", "sequential pipeline", "lead qualification: scoring → research → enrichment → routing",
+         ("lead-scorer", "lead-researcher", "lead-enricher", "lead-router"),
+         ("score-lead", "research-lead", "enrich-lead", "route-lead")),
+    Demo("risk", "parallel fan-out / fan-in", "risk assessment: credit, market and compliance views combined",
+         ("credit-analyst", "market-analyst", "compliance-analyst"), ("credit-risk", "market-risk", "compliance-risk")),
+    Demo("sales", "dynamic routing", "sales support: a router picks the product, pricing or technical specialist",
+         ("product-specialist", "pricing-specialist", "technical-specialist"),
+         ("product-advice", "pricing-quote", "technical-advice")),
 )}
 TOUR = ("research", "helpdesk", "support", "content", "contract")
+"""The default run's tour; `leads`, `risk` and `sales` run by name only, to keep `hivemesh up` short."""
 
 
 def demos_for(choice: str) -> list[str]:
@@ -169,8 +178,78 @@ async def _contract(dc: DemoContext) -> tuple[list[WorkflowState], str]:
     return [state], f"signed off after {len(rounds)} round(s)"
 
 
+LEADS = (
+    {"company": "Initech", "email": "bill@initech.example", "employees": 4200, "industry": "logistics",
+     "budget_usd": 150000, "message": "We want a demo and pricing for a rollout this quarter."},
+    {"company": "Globex", "email": "hank@globex.example", "employees": 300, "industry": "retail",
+     "budget_usd": 20000, "message": "Could you send pricing?"},
+    {"company": "Bob's Bikes", "email": "bob@bobsbikes.example", "employees": 25, "industry": "retail",
+     "budget_usd": 6000, "message": "Looking at pricing for next year."},
+)
+
+
+async def _leads(dc: DemoContext) -> tuple[list[WorkflowState], str]:
+    states, queues = [], []
+    for lead in LEADS:
+        s = await dc.engine.run("hivemesh.agents.leads:LEAD_QUALIFICATION", {"lead": lead})
+        out = s.output or {}
+        if s.state == "COMPLETED":
+            score, route = out["output"]["score"], out["output"]["route"]
+            dc.say(f"  leads: {lead['company']}: {score['points']} points (grade {score['grade']}) → {route['queue']} "
+                   f"within {route['sla_hours']} h")
+            queues.append(route["queue"])
+        else:
+            dc.say(f"  leads: {lead['company']}: {s.state} ({s.reason or s.error})")
+            queues.append(s.state.lower())
+        states.append(s)
+    return states, f"queued to {', '.join(queues)}"
+
+
+APPLICATIONS = (
+    {"company": "Initech", "country": "US", "industry": "software", "amount_usd": 250000, "term_months": 36,
+     "annual_revenue_usd": 4000000, "debt_usd": 600000, "years_in_business": 12},
+    {"company": "Fly-by-night Hotels", "country": "VE", "industry": "hospitality", "amount_usd": 900000,
+     "term_months": 84, "annual_revenue_usd": 1000000, "debt_usd": 1200000, "years_in_business": 2,
+     "kyc_complete": False},
+)
+
+
+async def _risk(dc: DemoContext) -> tuple[list[WorkflowState], str]:
+    states, decisions = [], []
+    for app in APPLICATIONS:
+        s = await dc.engine.run("hivemesh.agents.risk:RISK_ASSESSMENT", app)
+        out = (s.output or {}).get("output") or {}
+        views = ", ".join(f"{p.removesuffix('-risk')} {v['score']}" for p, v in out.get("perspectives", {}).items())
+        dc.say(f"  risk: {app['company']}: {views} in parallel → {out.get('decision', s.state)} "
+               f"({out.get('reason', s.reason or s.error)})")
+        decisions.append(str(out.get("decision", s.state.lower())))
+        states.append(s)
+    return states, f"decisions: {', '.join(decisions)}"
+
+
+QUESTIONS = (
+    {"text": "Which plan fits a team of 40 engineers?", "seats": 40},
+    {"text": "How much would 120 seats cost?", "seats": 120},
+    {"text": "Do you support SSO with SAML?"},
+)
+
+
+async def _sales(dc: DemoContext) -> tuple[list[WorkflowState], str]:
+    states, specialists = [], []
+    for question in QUESTIONS:
+        s = await dc.engine.run("hivemesh.agents.sales:SALES_SUPPORT", question)
+        route = (s.output or {}).get("details", {}).get("route", {})
+        out = (s.output or {}).get("output") or {}
+        dc.say(f"  sales: {question['text']!r} → {', '.join(route.get('capabilities', []))} "
+               f"(by {route.get('method')}): {out.get('answer', s.state)}")
+        specialists.append(str(out.get("specialist", "?")))
+        states.append(s)
+    return states, f"answered by {', '.join(specialists)}"
+
+
 RUNNERS: Mapping[str, Callable[[DemoContext], Awaitable[tuple[list[WorkflowState], str]]]] = {
     "research": _research, "helpdesk": _helpdesk, "support": _support, "content": _content, "contract": _contract,
+    "leads": _leads, "risk": _risk, "sales": _sales,
 }
 
 

@@ -43,6 +43,19 @@ SDK_AGENTS = {
     "legal": ("hivemesh.agents.contract", "LegalReviewer"),
     "finance": ("hivemesh.agents.contract", "FinanceReviewer"),
     "business": ("hivemesh.agents.contract", "BusinessReviewer"),
+    # lead qualification (pipeline)
+    "lead-scorer": ("hivemesh.agents.leads", "LeadScorer"),
+    "lead-researcher": ("hivemesh.agents.leads", "LeadResearcher"),
+    "lead-enricher": ("hivemesh.agents.leads", "LeadEnricher"),
+    "lead-router": ("hivemesh.agents.leads", "LeadRouter"),
+    # risk assessment (fan-out + combine)
+    "credit-analyst": ("hivemesh.agents.risk", "CreditAnalyst"),
+    "market-analyst": ("hivemesh.agents.risk", "MarketAnalyst"),
+    "compliance-analyst": ("hivemesh.agents.risk", "ComplianceAnalyst"),
+    # sales support (router)
+    "product-specialist": ("hivemesh.agents.sales", "ProductSpecialist"),
+    "pricing-specialist": ("hivemesh.agents.sales", "PricingSpecialist"),
+    "technical-specialist": ("hivemesh.agents.sales", "TechnicalSpecialist"),
 }
 PLAIN_AGENTS = {"validator": "hivemesh.agents.validate_plain"}
 AGENT_NAMES = (*SDK_AGENTS, *PLAIN_AGENTS)
