@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Final
 from hivemesh.mesh.errors import AgentError, HivemeshError
 from hivemesh.mesh.schema import DEFAULT_DIALECT, CompiledSchema, SchemaMismatchError, compile_schema
 from hivemesh.sdk.llm import ChatModel, Message, ToolCall, Usage
-from hivemesh.sdk.schema import schema_for, to_json
+from hivemesh.sdk.schema import from_json, schema_for, to_json
 
 if TYPE_CHECKING:
     from hivemesh.sdk.context import Context
@@ -99,8 +99,9 @@ def _is_context(hint: Any) -> bool:
     return getattr(hint, "__name__", "") == "Context" or hint == "Context"
 
 
-def function_parameters(fn: Callable[..., Any]) -> tuple[dict[str, Any], str | None]:
-    """The parameters schema of a function from its signature, and the name of its ctx parameter if any.
+def function_parameters(fn: Callable[..., Any]) -> tuple[dict[str, Any], str | None, dict[str, Any]]:
+    """The parameters schema of a function from its signature, the name of its ctx parameter if any, and the
+    type hint of each parameter (arguments are built from JSON by them: a dataclass hint gets a dataclass).
 
     Raises:
         TypeError: for a parameter without a type hint or with no JSON form, or *args/**kwargs.
@@ -108,6 +109,7 @@ def function_parameters(fn: Callable[..., Any]) -> tuple[dict[str, Any], str | N
     where = f"tool {getattr(fn, '__qualname__', fn)!r}"
     hints = typing.get_type_hints(fn)
     properties: dict[str, Any] = {}
+    types: dict[str, Any] = {}
     required: list[str] = []
     ctx_name: str | None = None
     for p in inspect.signature(fn).parameters.values():
@@ -120,17 +122,19 @@ def function_parameters(fn: Callable[..., Any]) -> tuple[dict[str, Any], str | N
         if hint is None:
             raise TypeError(f"{where}: annotate parameter {p.name!r} (its type becomes its JSON schema)")
         properties[p.name] = schema_for(hint)
+        types[p.name] = hint
         if p.default is inspect.Parameter.empty:
             required.append(p.name)
-    return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}, ctx_name
+    schema = {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
+    return schema, ctx_name, types
 
 
 def _function_tool(fn: Callable[..., Any], name: str | None, description: str | None) -> Tool:
-    parameters, ctx_name = function_parameters(fn)
+    parameters, ctx_name, types = function_parameters(fn)
     is_async = inspect.iscoroutinefunction(fn)
 
     async def run(arguments: dict[str, Any], ctx: Context | None) -> Any:
-        kwargs = dict(arguments)
+        kwargs = {k: from_json(types[k], v) for k, v in arguments.items()}
         if ctx_name is not None:
             kwargs[ctx_name] = ctx
         result = await fn(**kwargs) if is_async else await asyncio.to_thread(fn, **kwargs)
