@@ -103,6 +103,8 @@ class OpenAICompatibleLLM:
             answer = await self._client.chat.completions.create(**request)
         except self._errors as exc:
             raise _hivemesh_error(exc, self.config) from None
+        except ValueError:  # the body said JSON but was not (the package lets json's error through)
+            raise AgentError("the model endpoint answered with something that is not JSON") from None
         if not getattr(answer, "choices", None):
             raise AgentError("the model endpoint's answer has no choices")
         message = answer.choices[0].message
