@@ -31,6 +31,9 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
+from opentelemetry.trace import Status, StatusCode
+
+from hivemesh.mesh import tracing
 from hivemesh.mesh.errors import AgentError, HivemeshError
 from hivemesh.mesh.schema import DEFAULT_DIALECT, CompiledSchema, SchemaMismatchError, compile_schema
 from hivemesh.sdk.llm import ChatModel, Message, ToolCall, Usage
@@ -291,8 +294,20 @@ def _encode(value: Any) -> str:
 
 
 async def _run_call(call: ToolCall, tools: Mapping[str, Tool], ctx: Context | None) -> tuple[bool, str]:
-    """Run one call; any failure becomes an error result for the model (cancellation still propagates)."""
+    """Run one call in a span of its own (a mesh tool's call is its child); a failure is an error span."""
     found = tools.get(call.name)
+    attrs = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": call.name,
+             "gen_ai.tool.call.id": call.id, "hivemesh.capability": found.capability if found else ""}
+    with tracing.span(f"execute_tool {call.name}", attributes=attrs) as span:
+        ok, content = await _run_call_inner(call, found, tools, ctx)
+        if span is not None and not ok:
+            span.set_status(Status(StatusCode.ERROR, content[:256]))
+        return ok, content
+
+
+async def _run_call_inner(call: ToolCall, found: Tool | None, tools: Mapping[str, Tool],
+                          ctx: Context | None) -> tuple[bool, str]:
+    """Run one call; any failure becomes an error result for the model (cancellation still propagates)."""
     if found is None:
         return False, _encode(_error("UnknownTool", f"there is no tool {call.name!r}", tools=", ".join(tools)))
     try:
@@ -353,7 +368,11 @@ async def run_with_tools(
     usage = Usage()
     rounds = 0
     while True:
-        turn = await model.chat(messages, tools=specs, task=task, max_tokens=max_tokens)
+        with tracing.span(f"chat {model.model}", attributes={"gen_ai.operation.name": "chat"}) as span:
+            turn = await model.chat(messages, tools=specs, task=task, max_tokens=max_tokens)
+            if span is not None:
+                span.set_attributes(tracing.usage_attributes(turn.usage.input_tokens, turn.usage.output_tokens,
+                                                             turn.usage.model))
         usage = usage + turn.usage
         if not turn.tool_calls:
             return ToolRun(turn.text, rounds, records, usage, messages)

@@ -11,7 +11,12 @@ from typing import Any, TypedDict
 
 import grpc
 import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
+from hivemesh.mesh import tracing
 from hivemesh.mesh.errors import AgentError, AgentUnavailableError, DeadlineExceededError, HivemeshError
 from hivemesh.sdk import Agent, AgentServer, Context, MeshClient, capability
 from hivemesh.sdk.llm import OpenAICompatibleLLM, OpenAIConfig, UsageMeter, metering
@@ -74,7 +79,14 @@ async def test_a_model_calls_mesh_capabilities_as_tools_through_the_agents_ctx(m
                     MeshClient.connect(name="asker", settings=await mesh_env.settings_for("asker", "client")) as mesh):
             for cap in ("upper", "restricted", "assist"):
                 assert await mesh.node.registry.wait_for_capability(cap, 1, timeout=10), cap
-            answer = await mesh.call_detailed("assist", {"question": "shout it", "model": "tooler"}, timeout=20)
+            exporter, provider = InMemorySpanExporter(), TracerProvider()
+            provider.add_span_processor(SimpleSpanProcessor(exporter))
+            tracing.enable(provider)
+            try:
+                answer = await mesh.call_detailed("assist", {"question": "shout it", "model": "tooler"}, timeout=20)
+            finally:
+                tracing.disable()
+                provider.shutdown()
             assert answer.output["rounds"] == 1 and answer.output["ok"] == [True, False, False]
             upper, restricted, exploded = answer.output["text"].removeprefix("done: ").split(" | ")
             assert json.loads(upper) == {"text": "MESH"}  # a real mesh call to the worker
@@ -82,6 +94,25 @@ async def test_a_model_calls_mesh_capabilities_as_tools_through_the_agents_ctx(m
             assert refused["code"] == "PERMISSION_DENIED" and refused["reason"] == "GRANT_DENIED"
             assert json.loads(exploded) == {"error": {"type": "ValueError", "message": "cannot handle mesh"}}
             assert answer.usage is not None and (answer.usage.input_tokens, answer.usage.output_tokens) == (20, 10)
+
+            # Tracing applies per tool: each call has a span under the handler, the mesh call's spans under it.
+            finished = {s.context.span_id: s for s in exporter.get_finished_spans()}
+
+            def ancestors(span: ReadableSpan) -> list[str]:
+                names = []
+                while span.parent is not None and span.parent.span_id in finished:
+                    span = finished[span.parent.span_id]
+                    names.append(span.name)
+                return names
+
+            by_name = {s.name: s for s in finished.values()}
+            path = [n for n in ancestors(by_name["handler upper"]) if n in ("execute_tool upper", "handler assist")]
+            assert path == ["execute_tool upper", "handler assist"]
+            assert "handler assist" in ancestors(by_name["chat tooler"])
+            assert by_name["execute_tool upper"].status.status_code == StatusCode.UNSET
+            for failed in ("execute_tool restricted", "execute_tool explode"):
+                assert by_name[failed].status.status_code == StatusCode.ERROR
+            assert (by_name["execute_tool upper"].attributes or {})["hivemesh.capability"] == "upper"
 
             first, second = (s["body"] for s in script.seen)
             offered = {t["function"]["name"]: t["function"] for t in first["tools"]}
