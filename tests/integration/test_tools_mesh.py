@@ -17,9 +17,15 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from hivemesh.mesh import tracing
-from hivemesh.mesh.errors import AgentError, AgentUnavailableError, DeadlineExceededError, HivemeshError
+from hivemesh.mesh.errors import (
+    AgentError,
+    AgentUnavailableError,
+    DeadlineExceededError,
+    HivemeshError,
+    InvalidInputError,
+)
 from hivemesh.sdk import Agent, AgentServer, Context, MeshClient, capability
-from hivemesh.sdk.llm import OpenAICompatibleLLM, OpenAIConfig, UsageMeter, metering
+from hivemesh.sdk.llm import OpenAICompatibleLLM, OpenAIConfig, UsageMeter, llm_from_env, metering
 from hivemesh.sdk.tools import mesh_tools, run_with_tools, tool
 from tests.support.chat_server import chat_server
 from tests.support.meshenv import MeshEnv
@@ -164,3 +170,15 @@ async def test_the_openai_client_retries_streams_times_out_and_cancels() -> None
             await OpenAICompatibleLLM(OpenAIConfig("http://127.0.0.1:1/v1", "m", max_retries=0)).complete("x")
         for client in (llm, no_retries, streamer, slow):
             await client.close()
+
+
+def test_the_openai_provider_is_configured_from_the_environment() -> None:
+    env = {"HIVEMESH_LLM": "openai", "HIVEMESH_LLM_MODEL": "m", "HIVEMESH_LLM_BASE_URL": "http://127.0.0.1:9/v1",
+           "HIVEMESH_LLM_TIMEOUT_S": "2.5", "HIVEMESH_LLM_MAX_RETRIES": "5"}
+    llm = llm_from_env(env=env)
+    assert isinstance(llm, OpenAICompatibleLLM)
+    assert (llm.config.timeout_s, llm.config.max_retries) == (2.5, 5)
+    for bad in ({"HIVEMESH_LLM_MAX_RETRIES": "many"}, {"HIVEMESH_LLM_MAX_RETRIES": "11"},
+                {"HIVEMESH_LLM_TIMEOUT_S": "0"}, {"HIVEMESH_LLM_BASE_URL": "ftp://x"}):
+        with pytest.raises(InvalidInputError, match="HIVEMESH_LLM=openai"):
+            llm_from_env(env={**env, **bad})
