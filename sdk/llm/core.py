@@ -167,3 +167,13 @@ class TieredLLM:
 
     async def complete(self, prompt: str, *, system: str = "", task: str = "", max_tokens: int = 512) -> Completion:
         return await self.pick(prompt, task).complete(prompt, system=system, task=task, max_tokens=max_tokens)
+
+    async def chat(self, messages: Sequence[Message], *, tools: Sequence[Mapping[str, Any]] = (), task: str = "",
+                   max_tokens: int = 512) -> ChatTurn:
+        """Pick by the last user message (a whole tool loop stays on the model its question picked)."""
+        last = next((m for m in reversed(messages) if m.get("role") == "user"), {})
+        content = last.get("content")
+        model = self.pick(content if isinstance(content, str) else "", task)
+        if not isinstance(model, ChatModel):
+            raise TypeError(f"model {model.model!r} has no chat(): it cannot call tools")
+        return await model.chat(messages, tools=tools, task=task, max_tokens=max_tokens)

@@ -12,7 +12,7 @@ import pytest
 
 from hivemesh.mesh.errors import PermissionDeniedError
 from hivemesh.mesh.schema import compile_schema
-from hivemesh.sdk.llm import ChatTurn, Message, RuleBasedLLM, ToolCall, Usage, UsageMeter, metering
+from hivemesh.sdk.llm import ChatTurn, Message, RuleBasedLLM, TieredLLM, ToolCall, Usage, UsageMeter, metering
 from hivemesh.sdk.tools import (
     Tool,
     ToolRoundsExceededError,
@@ -37,6 +37,12 @@ async def ship(order_id: str, address: Address, speed: Literal["slow", "fast"] =
     More detail the model does not need."""
     assert isinstance(address, Address)  # built from the JSON arguments, as a capability's input is
     return {"order": order_id, "city": address.city, "speed": speed}
+
+
+@tool
+def explode_never(reason: str) -> str:
+    """Offered, never named in a prompt."""
+    raise AssertionError(reason)
 
 
 def test_a_function_signature_becomes_openai_tool_parameters() -> None:
@@ -108,6 +114,10 @@ async def test_the_offline_model_calls_the_tools_the_prompt_names_then_answers_w
     assert done.tool_calls == () and done.text == 'upper: {"text": "HI"}\nship: shipped'
     plain = await llm.chat([{"role": "user", "content": "No tools here. Really."}], tools=specs)
     assert plain.tool_calls == () and plain.text == "No tools here."
+    tiered = TieredLLM(RuleBasedLLM(model="small"), RuleBasedLLM(model="large"), max_simple_tokens=3)
+    assert (await tiered.chat([{"role": "user", "content": "ship it"}], tools=specs)).usage.model == "small"
+    run = await run_with_tools(tiered, "ship it now, please, quickly", [ship, explode_never])
+    assert run.usage.model == "large" and run.calls[0].name == "ship"  # every turn stays on the picked model
 
 
 async def test_the_loop_runs_tools_and_returns_every_failure_to_the_model_as_a_result() -> None:
