@@ -2,6 +2,7 @@
 
     from hivemesh.sdk import Agent, capability, serve, MeshClient
     from hivemesh.sdk import Pipeline, FanOut, Supervisor, PeerReview, Router, Handoff, WorkflowEngine
+    from hivemesh.sdk import tool, mesh_tools, run_with_tools   # models calling tools (hivemesh.sdk.tools)
 """
 
 from hivemesh.mesh.budget import TokenBudgets
@@ -49,6 +50,7 @@ from hivemesh.sdk.patterns import (
     handoff,
 )
 from hivemesh.sdk.serve import AgentServer, AgentServerConfig, run, serve, serve_until_signal
+from hivemesh.sdk.tools import Tool, mesh_tools, run_with_tools, tool
 from hivemesh.sdk.workflow import WorkflowEngine, WorkflowState
 
 __all__ = [
@@ -96,6 +98,7 @@ __all__ = [
     "TaskRejectedError",
     "TokenBudgetExceededError",
     "TokenBudgets",
+    "Tool",
     "UnauthenticatedError",
     "UnknownCapabilityError",
     "WorkflowEngine",
@@ -103,7 +106,10 @@ __all__ = [
     "capability",
     "handoff",
     "llm_from_env",
+    "mesh_tools",
     "run",
+    "run_with_tools",
     "serve",
     "serve_until_signal",
+    "tool",
 ]

@@ -107,11 +107,11 @@ async def test_openai_compatible_provider_against_a_local_server(chat_server: st
     assert req["body"]["messages"] == [{"role": "system", "content": "sys"}, {"role": "user", "content": "abc def"}]
     assert req["body"]["max_tokens"] == 32
     with pytest.raises(AgentError, match="HTTP 500"):
-        await OpenAICompatibleLLM(OpenAIConfig(chat_server, "broken")).complete("x")
+        await OpenAICompatibleLLM(OpenAIConfig(chat_server, "broken", max_retries=0)).complete("x")
     with pytest.raises(AgentError, match="not JSON"):
-        await OpenAICompatibleLLM(OpenAIConfig(chat_server, "garbled")).complete("x")
+        await OpenAICompatibleLLM(OpenAIConfig(chat_server, "garbled", max_retries=0)).complete("x")
     with pytest.raises(AgentUnavailableError):
-        await OpenAICompatibleLLM(OpenAIConfig("http://127.0.0.1:1/v1", "m", timeout_s=2)).complete("x")
+        await OpenAICompatibleLLM(OpenAIConfig("http://127.0.0.1:1/v1", "m", timeout_s=2, max_retries=0)).complete("x")
     with pytest.raises(InvalidInputError):
         llm_from_env(env={"HIVEMESH_LLM": "openai"})  # no model
     with pytest.raises(InvalidInputError):
