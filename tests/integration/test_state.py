@@ -169,4 +169,4 @@ async def test_conversation_memory_persists_across_calls_and_is_bounded(mesh_env
         # Without a conversation id there is no conversation memory: the call says so.
         with pytest.raises(HivemeshError) as none:
             await mesh.call("chat", {"text": "x"}, timeout=10)
-        assert "conversation_id" in none.value.message
+        assert none.value.code == grpc.StatusCode.INVALID_ARGUMENT and "conversation_id" in none.value.message
