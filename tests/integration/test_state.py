@@ -101,6 +101,16 @@ async def test_cas_watch_bounds_retention_and_authz(mesh_env: MeshEnv, etcd: aet
         assert [e.key for e in listing.entries] == ["fill-1", "fill-2"]
         assert (listing.namespace_bytes, listing.max_namespace_bytes) == (102 + 152 + 12, 500)
 
+        # Concurrent writers: the namespace bound holds for all of them together, and no increment is lost.
+        ns2 = "workflow/team/r-2"
+        raced = await asyncio.gather(*(planner.put(ns2, f"k{i}", "w" * 148) for i in range(5)),
+                                     return_exceptions=True)
+        assert sum(not isinstance(r, BaseException) for r in raced) == 3, raced  # 3 x 150 bytes fit in 500
+        assert all(getattr(r, "reason", None) in (None, "STATE_NAMESPACE_FULL") for r in raced), raced
+        await asyncio.gather(*(planner.update(NS, "counter", lambda v: (v or 0) + 1) for _ in range(6)))
+        counted = await planner.get(NS, "counter")
+        assert counted is not None and counted.value == 6
+
         # Authz per namespace: a reader may not write, a stranger may not read, nobody writes an unnamed one.
         with pytest.raises(PermissionDeniedError) as reader_writes:
             await observer.put(NS, "plan", {"step": 4})
