@@ -4,6 +4,7 @@ watches, size bounds, retention, per-namespace authz from a `state` policy, and 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -19,7 +20,7 @@ from hivemesh.sdk import Agent, AgentServer, Context, MeshClient, capability
 from hivemesh.sdk.memory import Memory
 from hivemesh.sdk.state import StateClient, StateConflictError
 from hivemesh.v1 import agent_pb2, state_pb2, state_pb2_grpc
-from tests.support.meshenv import TRUST_DOMAIN, MeshEnv, apply_policies_text
+from tests.support.meshenv import TRUST_DOMAIN, MeshEnv, apply_policies_text, run_cli
 
 NS = "workflow/team/r-1"
 POLICY = f"""
@@ -176,6 +177,13 @@ async def test_conversation_memory_persists_across_calls_and_is_bounded(mesh_env
         peek = StateClient(mesh.node.controlplane)
         with pytest.raises(PermissionDeniedError):
             await peek.get(second["namespace"], "history")
+        # The operator reads any namespace, from the CLI too.
+        code, stdout, stderr = await run_cli(mesh_env, "state", "list", second["namespace"], "--json")
+        assert code == 0, stderr
+        shown = json.loads(stdout)
+        assert [e["key"] for e in shown["entries"]] == ["history", "preferences"]
+        assert shown["entries"][0]["value"][0]["content"] == "again"
+        assert shown["max_namespace_bytes"] == 256 * 1024
         # Without a conversation id there is no conversation memory: the call says so.
         with pytest.raises(HivemeshError) as none:
             await mesh.call("chat", {"text": "x"}, timeout=10)
