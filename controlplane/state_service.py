@@ -14,8 +14,8 @@ policy on every request (a policy change applies at once), and enforces the boun
   watchers see a DELETE) that long after its last write, with no sweeper.
 
 Compare-and-swap names the entry's etcd mod revision; a mismatch is FAILED_PRECONDITION, reason STATE_CONFLICT,
-with the current revision ("0": absent) in the error's metadata. Every call is audited by the control plane's
-audit interceptor like any other control-plane decision.
+with the current revision ("0": absent) in the error's metadata. The control plane's audit interceptor records every
+call (method, caller, outcome) like any other control-plane decision.
 """
 
 from __future__ import annotations
