@@ -10,8 +10,9 @@ policy on every request (a policy change applies at once), and enforces the boun
 - a namespace's values together at most `max_namespace_bytes` (RESOURCE_EXHAUSTED, STATE_NAMESPACE_FULL). The
   write is a transaction that also requires nothing in the namespace to have changed since the usage was read,
   so concurrent writers cannot together exceed the bound (the loser re-reads and re-checks);
-- retention: with `ttl_seconds`, every write attaches an etcd lease of that TTL, so an entry is deleted (and
-  watchers see a DELETE) that long after its last write, with no sweeper.
+- retention: with `ttl_seconds`, every write attaches a new etcd lease of that TTL, so an entry is deleted (and
+  watchers see a DELETE) that long after its last write, with no sweeper. The lease the entry held before is
+  revoked once the write (or delete) is done, so etcd never keeps more leases than entries.
 
 Compare-and-swap names the entry's etcd mod revision; a mismatch is FAILED_PRECONDITION, reason STATE_CONFLICT,
 with the current revision ("0": absent) in the error's metadata. The control plane's audit interceptor records every
@@ -109,6 +110,14 @@ def _conflict(namespace: str, key: str, expected: int, current: int) -> FailedPr
     )
 
 
+async def _release(etcd: Any, lease_id: int) -> None:
+    """Revoke the lease an entry held before (it holds no key now); best effort: it expires by itself anyway."""
+    try:
+        await etcd.revoke_lease(lease_id)
+    except Exception as exc:  # noqa: BLE001 - a lease already gone, or etcd busy: its TTL ends it
+        log.debug("could not revoke state lease %x: %s", lease_id, exc)
+
+
 class StateServicer(state_pb2_grpc.StateServicer):
     def __init__(self, core: Core) -> None:
         self._core = core
@@ -181,6 +190,8 @@ class StateServicer(state_pb2_grpc.StateServicer):
             ok, responses = await etcd.transaction(
                 compare=compare, success=[t.put(k, value, lease=lease.id if lease else None)], failure=[])
             if ok:
+                if current is not None and current.lease:
+                    await _release(etcd, int(current.lease))
                 return _entry(ns, key, value, int(responses[0].response_put.header.revision))
             if lease is not None:
                 await lease.revoke()
@@ -198,12 +209,16 @@ class StateServicer(state_pb2_grpc.StateServicer):
         if request.HasField("expected_revision"):
             expected = request.expected_revision
             compare.append(t.version(k) == 0 if expected == 0 else t.mod(k) == expected)
-        ok, responses = await etcd.transaction(compare=compare, success=[t.delete(k)], failure=[t.get(k)])
+        ok, responses = await etcd.transaction(compare=compare, success=[t.delete(k, prev_kv=True)],
+                                               failure=[t.get(k)])
         if not ok:
             existing = responses[0][0] if responses and responses[0] else None
             raise _conflict(ns, key, request.expected_revision,
                             int(existing[1].mod_revision) if existing is not None else 0)
         deleted = responses[0].response_delete_range
+        for prev in deleted.prev_kvs:
+            if prev.lease:
+                await _release(etcd, int(prev.lease))
         return state_pb2.DeleteStateResponse(deleted=deleted.deleted > 0, revision=int(deleted.header.revision))
 
     @_rpc

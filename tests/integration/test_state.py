@@ -76,7 +76,10 @@ async def test_cas_watch_bounds_retention_and_authz(mesh_env: MeshEnv, etcd: aet
         seen = [await _next(changes) for _ in range(2)]
         assert [(c.type, c.entry.value, c.revision) for c in seen] == [
             ("put", {"step": 1}, first.revision), ("put", {"step": 2}, second.revision)]
+        plan_kv = await etcd.get(f"{STATE}{NS}#plan".encode())
+        assert plan_kv is not None and plan_kv.lease
         assert await planner.delete(NS, "plan", expected_revision=second.revision)
+        assert await aetcd.leases.Lease(plan_kv.lease, 0, etcd).remaining_ttl() == -1  # its lease went with it
         gone = await _next(changes)
         assert (gone.type, gone.key, gone.entry) == ("delete", "plan", None)
         watch.close()
@@ -86,7 +89,12 @@ async def test_cas_watch_bounds_retention_and_authz(mesh_env: MeshEnv, etcd: aet
         assert kept.expires_at is not None and 590 < kept.expires_at - time.time() <= 600
         kv = await etcd.get(f"{STATE}{NS}#note".encode())
         assert kv is not None and kv.lease
-        assert 0 < await aetcd.leases.Lease(kv.lease, 0, etcd).granted_ttl() <= 600
+        old_lease = aetcd.leases.Lease(kv.lease, 0, etcd)
+        assert 0 < await old_lease.granted_ttl() <= 600
+        await planner.put(NS, "note", "x" * 100)  # a rewrite moves the entry to a new lease, the old one goes
+        kv = await etcd.get(f"{STATE}{NS}#note".encode())
+        assert kv is not None and kv.lease and kv.lease != old_lease.id
+        assert await old_lease.remaining_ttl() == -1
 
         # Size bounds: one value over max_value_bytes, then the namespace over max_namespace_bytes.
         with pytest.raises(InvalidInputError) as big:
