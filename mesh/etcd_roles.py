@@ -23,7 +23,11 @@ budgets/spend/         agents, operators                   agents (shared counte
 controlplanes/         every workload (failover targets)   control plane
 controlplane-leader    every workload (who leads)          control plane
 controlplane-keys      control plane (signing keys)        control plane
+state/                 control plane (State service)       control plane (State service)
 =====================  ==================================  =========================================
+
+Shared state (`state/`) has no workload role: its readers and writers are per namespace, named by `state`
+policies, and etcd roles are per key range per user, so the control plane serves it and checks the policies.
 
 A run's id starts with its owner (`hivemesh.mesh.run_ids`: `<kind>-<name>/<local>`), so its keys fall in its
 owner's two prefixes and no other workload's. The last row is not yet least privilege; docs/security.md says

@@ -38,6 +38,9 @@ CONTROLPLANE_LEADER: Final = PREFIX + "controlplane-leader"
 """The replica id of the control-plane leader, under its lease (`hivemesh.controlplane.leader`)."""
 CONTROLPLANE_KEYS: Final = PREFIX + "controlplane-keys"
 """The token signing keys every replica signs with (private: no role but etcd root reads it)."""
+STATE: Final = PREFIX + "state/"
+"""<namespace>#<key>: shared-state documents (`hivemesh.controlplane.state_service`); only the control plane reads
+or writes them, checking the `state` policies per namespace."""
 
 TERMINAL_RUN_STATES: Final = frozenset({"COMPLETED", "FAILED", "CANCELED", "REJECTED"})
 """The A2A task states (`hivemesh.v1.TaskState` names) a run's WORKFLOW_INDEX summary never leaves: what

@@ -15,6 +15,7 @@ from hivemesh.v1 import agent_pb2
 
 if TYPE_CHECKING:
     from hivemesh.sdk.client import CallResult, MeshClient
+    from hivemesh.sdk.memory import Memory
 
 
 @dataclass
@@ -50,6 +51,21 @@ class Context:
     @property
     def workflow_id(self) -> str:
         return self.call.workflow_id
+
+    @property
+    def memory(self) -> Memory:
+        """This conversation's memory across calls (history, preferences), kept by the control plane:
+        `hivemesh.sdk.memory`."""
+        from hivemesh.sdk.memory import conversation_memory  # memory imports this module's type
+
+        return conversation_memory(self)
+
+    @property
+    def user_memory(self) -> Memory:
+        """The memory of this call's principal, across its conversations."""
+        from hivemesh.sdk.memory import user_memory
+
+        return user_memory(self)
 
     def time_remaining(self) -> float | None:
         """Seconds left before the caller's deadline, or None when the caller set none."""

@@ -24,6 +24,7 @@ from hivemesh.controlplane.cli import (
     policy,
     serve,
     slo,
+    state,
     top,
     trust,
     up,
@@ -79,6 +80,7 @@ for command in (
     slo.slo,  # hivemesh slo rules|list (issue 12)
     top.top,  # hivemesh top (issue 12)
     a2a.a2a,  # hivemesh a2a serve|register URL (issue 13)
+    state.state,  # hivemesh state list|get (issue 15)
 ):
     cli.add_command(command)
 

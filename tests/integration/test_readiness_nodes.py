@@ -184,7 +184,8 @@ async def test_controlplane_health_follows_etcd_and_reflection_lists_every_servi
         assert cp.health_address is not None
         probe = grpc.aio.insecure_channel(cp.health_address)
         mtls = _mtls(env, cp.address, controlplane_dns_name(TRUST_DOMAIN))
-        features = {f"hivemesh.v1.{s}" for s in ("ControlPlane", "Policies", "Audit", "Trust", "Escalations")}
+        features = {f"hivemesh.v1.{s}"
+                    for s in ("ControlPlane", "Policies", "Audit", "Trust", "Escalations", "State")}
         expected = {*features, "grpc.health.v1.Health", *REFLECTION}
         assert await _listed(mtls, "v1") == await _listed(mtls, "v1alpha") == expected
         for name in features:  # each answers health on both ports

@@ -19,8 +19,10 @@ from hivemesh.controlplane.cli.app import cli
 
 GROUPS: dict[str, set[str]] = {
     "": {"up", "certs", "controlplane", "sidecar", "agents", "call", "join-token", "policy", "status", "workflows",
-         "escalations", "audit", "keys", "tokens", "ca", "authz", "allow", "slo", "top", "a2a", "controlplanes"},
+         "escalations", "audit", "keys", "tokens", "ca", "authz", "allow", "slo", "top", "a2a", "controlplanes",
+         "state"},
     "certs": {"init"},
+    "state": {"list", "get"},
     "policy": {"apply", "get", "list", "delete", "kinds"},
     "workflows": {"list", "show", "cancel", "resume"},
     "escalations": {"list", "show", "approve", "reject"},
