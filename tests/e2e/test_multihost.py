@@ -1,11 +1,13 @@
 """The mesh on three real network hosts (Linux network namespaces on one bridge, 198.18.0.0/24).
 
-Each host runs one member of a 3-member etcd cluster with TLS and auth; host 1 runs the control plane and the
-caller, hosts 2 and 3 an SDK `echo` replica each, host 3 a plain-gRPC agent behind `hivemesh sidecar`. Every
-listener binds 0.0.0.0 and advertises its host's address. The test proves calls cross hosts over mutual TLS
-with tokens and are audited, then cuts host 3's cable under a bounded load: idempotent calls fail over to host
-2 with no failed call, etcd keeps quorum (host 3's registrations expire), and once the cable is back host 3
-registers again and serves calls. It prints the failover time and the failed calls (docs/multihost.md).
+Each host runs one member of a 3-member etcd cluster with TLS and auth; hosts 1 and 2 run a control-plane replica
+each, host 1 the caller, hosts 2 and 3 an SDK `echo` replica each, host 3 a plain-gRPC agent behind `hivemesh
+sidecar`. Every listener binds 0.0.0.0 and advertises its host's address. The test proves calls cross hosts over
+mutual TLS with tokens and are audited, then cuts host 3's cable under a bounded load: idempotent calls fail over
+to host 2 with no failed call, etcd keeps quorum (host 3's registrations expire), and once the cable is back host
+3 registers again and serves calls. Last it cuts host 1, where the leading control-plane replica runs: host 2's
+replica takes over and a client on host 3 keeps getting tokens and certificates. It prints the failover times and
+the failed calls (docs/multihost.md).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from cryptography import x509
 from hivemesh.controlplane.ca import init_ca, load_ca
 from hivemesh.controlplane.etcd_certs import issue_etcd_certs
 from tests.support.netns import Network, namespaces, unavailable_reason
-from tests.support.netns_hosts import REPO, TRUST_DOMAIN, MultiHostMesh, with_pdeathsig
+from tests.support.netns_hosts import LEADER_TTL_S, REPO, TRUST_DOMAIN, MultiHostMesh, with_pdeathsig
 
 pytestmark = pytest.mark.slow
 
@@ -151,34 +153,39 @@ def test_three_hosts_fail_over_and_rejoin(network: Network, tmp_path: Path) -> N
     phase("etcd cluster up, auth on")
     grants = tmp_path / "grants.yaml"
     grants.write_text(yaml.safe_dump(_GRANTS))
-    cp = spawn(h1, "controlplane", mesh.controlplane(grants))
+    cp = spawn(h1, "controlplane-h1", mesh.controlplane(grants, 1))
     assert cp.next(60).startswith(f"ready controlplane={addrs[0]}:"), "the control plane prints its advertised address"
+    cp2 = spawn(h2, "controlplane-h2", mesh.controlplane(grants, 2))  # after host 1's is up: host 1's leads
     policies = tmp_path / "policies.yaml"
     policies.write_text(_POLICIES)
     operator("policy", "apply", "-f", str(policies))
 
     # Workloads join with one-time tokens minted by the operator's CLI on host 1 (minted in parallel).
     phase("control plane up, policies applied")
-    argv, env = mesh.join_tokens(("echo", "agent"), ("echo", "agent"), ("plain", "agent"), ("caller", "client"))
+    argv, env = mesh.join_tokens(("echo", "agent"), ("echo", "agent"), ("plain", "agent"), ("caller", "client"),
+                                 ("issuer", "client"))
     done = net.run(h1, argv, env=env, cwd=REPO, timeout=60)
     assert done.returncode == 0, f"join tokens: {done.stderr[-2000:]}"
-    echo1, echo2, plain_token, caller_token = json.loads(done.stdout)
-    phase("join tokens minted")
+    echo1, echo2, plain_token, caller_token, issuer_token = json.loads(done.stdout)
+    assert cp2.next(60).startswith(f"ready controlplane={addrs[1]}:"), "a second replica on host 2"
+    phase("join tokens minted, second control-plane replica up")
     agents = {2: spawn(h2, "agent-h2", mesh.sdk_agent(2, echo1)),
               3: spawn(h3, "agent-h3", mesh.sdk_agent(3, echo2))}
     plain = spawn(h3, "plain-agent", mesh.plain_agent())
     assert plain.next(30).startswith("ready")
     sidecar = spawn(h3, "sidecar-h3", mesh.sidecar(3, plain_token))
     caller = spawn(h1, "caller", mesh.caller(caller_token), stdin=True)
+    issuer = spawn(h3, "issuer", mesh.issuer(issuer_token), stdin=True)
     for i, agent in agents.items():
         assert agent.next(60).split()[1].startswith(f"{addrs[i - 1]}:"), "each replica registers its host address"
     assert sidecar.next(60).startswith(f"sidecar ready inbound={addrs[2]}:7002 ")
     assert caller.json(60)["event"] == "ready"
+    assert issuer.next(60) == "ready"
 
     phase("workloads joined")
 
-    def send(line: str) -> None:
-        stdin = caller.proc.stdin
+    def send(line: str, to: Lines = caller) -> None:
+        stdin = to.proc.stdin
         assert stdin is not None
         stdin.write(line.encode() + b"\n")
         stdin.flush()
@@ -253,3 +260,32 @@ def test_three_hosts_fail_over_and_rejoin(network: Network, tmp_path: Path) -> N
     operator("audit", "verify")
     phase("audit log verified")
     send("quit")
+
+    # Partition the host of the control-plane leader (host 1): host 2's replica takes over, and the client on
+    # host 3 keeps getting tokens and certificates (it was given both replicas; host 1's was its current one).
+    cp_log = {h: logs / f"controlplane-h{h}.log" for h in (1, 2)}
+    assert "leads (term" in cp_log[1].read_text() and "leads (term" not in cp_log[2].read_text()
+    send("go", to=issuer)
+    assert issuer.next(30) == "going"
+    cp_cut_at = time.monotonic()
+    net.cut(h1)
+    while "leads (term" not in cp_log[2].read_text():
+        assert time.monotonic() - cp_cut_at < LEADER_TTL_S + 10, f"host 2's replica does not lead:\n{cp2.tail()}"
+        time.sleep(0.1)
+    took_over_s = time.monotonic() - cp_cut_at
+    send(f"report-after {cp_cut_at + took_over_s} 5", to=issuer)
+    ops = json.loads(issuer.next(40))
+    stepped_down = "steps down" in cp_log[1].read_text()
+    net.restore(h1)
+    phase("host 1 (the control-plane leader) cut, host 2 took over, restored")
+    during = [o for o in ops if o["start"] > cp_cut_at]
+    tokens = sorted(o["end"] for o in during if o["kind"] == "token" and o["ok"])
+    longest = max((o["end"] - o["start"] for o in during if o["kind"] == "token"), default=0.0)
+    print(f"controlplane cut: host 2's replica leads {took_over_s:.1f} s after host 1 was cut; "
+          f"{len(tokens)} tokens and {sum(o['kind'] == 'renew' and o['ok'] for o in during)} certificates issued "
+          f"during the cut, {sum(not o['ok'] for o in ops)} failed; longest token wait {longest:.2f} s")
+    assert not [o for o in ops if not o["ok"]], [o for o in ops if not o["ok"]][:5]
+    assert stepped_down, "host 1's replica stepped down on its own clock (never two leaders)"
+    after = [o for o in during if o["start"] > cp_cut_at + took_over_s]
+    assert sum(o["kind"] == "token" for o in after) >= 5 and any(o["kind"] == "renew" for o in after), after
+    assert {o["replica"] for o in after} == {f"{addrs[1]}:7443"}, "host 2's replica answers during the cut"
