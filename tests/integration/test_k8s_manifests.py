@@ -385,14 +385,20 @@ def test_every_rendered_object_validates_against_the_kubernetes_schemas(manifest
         if o["kind"] != "Namespace":
             assert o["metadata"]["namespace"] == manifests.namespace, o["metadata"]["name"]
     # The validator is live: a misspelt field in a container is refused.
-    broken = yaml.safe_load(yaml.safe_dump(manifests.one("Deployment", "hivemesh-controlplane")))
+    broken = yaml.safe_load(yaml.safe_dump(manifests.one("StatefulSet", "hivemesh-controlplane")))
     broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grcp"] = {"port": HEALTH_PORT}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
 
     etcd = manifests.workload("hivemesh-etcd")
     assert etcd.kind == "StatefulSet" and etcd.replicas == 3
-    assert manifests.workload("hivemesh-controlplane").replicas == 2
+    cp = manifests.workload("hivemesh-controlplane")
+    assert cp.replicas == 2
+    # Each replica keeps its own audit log in its state folder: a volume claim per replica, never an emptyDir.
+    assert cp.kind == "StatefulSet" and "state" in cp.claims and "state" not in {v["name"] for v in cp.pod["volumes"]}
+    (main,) = cp.pod["containers"]
+    (state,) = [v["mountPath"] for v in main["volumeMounts"] if v["name"] == "state"]
+    assert any(a.startswith(f"--state-dir={state}/") for a in main["args"]), main["args"]
     budgets = {b["metadata"]["name"]: b["spec"] for b in manifests.of_kind("PodDisruptionBudget")}
     assert budgets["hivemesh-etcd"]["minAvailable"] == 2  # quorum of 3
     assert budgets["hivemesh-controlplane"]["minAvailable"] == 1
