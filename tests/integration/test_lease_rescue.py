@@ -48,9 +48,7 @@ async def test_a_keepalive_to_a_frozen_member_is_rescued_within_the_ttl(tmp_path
         await reg.start()
         try:
             # Let the round-robin channel reach every member (the keepalives rotate over them), then freeze one.
-            t0 = time.monotonic()
-            while reg.registrations < 1 or time.monotonic() - t0 < 1.0:
-                await asyncio.sleep(0.05)
+            await asyncio.sleep(1.0)  # the channel's subchannels connect: without it the rescue check below fails
             os.kill(frozen.pid, signal.SIGSTOP)
             frozen_at = time.monotonic()
             while reg.keepalive_rescues < 1:
@@ -58,8 +56,7 @@ async def test_a_keepalive_to_a_frozen_member_is_rescued_within_the_ttl(tmp_path
                 await asyncio.sleep(0.05)
             rescued_s = time.monotonic() - frozen_at
             # Two more TTLs with the member still frozen: the lease holds throughout.
-            while time.monotonic() - frozen_at < rescued_s + 4:
-                await asyncio.sleep(0.1)
+            await asyncio.sleep(4.0)  # the observation window, not a wait for something to happen
             assert reg.leases_lost == 0 and reg.registrations == 1, (reg.leases_lost, reg.registrations)
             lease = reg.lease_id
             assert lease is not None

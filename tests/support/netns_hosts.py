@@ -2,13 +2,14 @@
 
 One place for every process command of tests/e2e/test_multihost.py, built from the real entry points (the
 `hivemesh` CLI, `etcd` as `EtcdServer.command` builds it, the SDK through `replica_main`), so that deployment
-manifests (deploy/k8s) can be compared with what the test proves works across hosts:
+manifests (deploy/k8s) can be compared with what the test proves works across hosts (tests/integration/
+test_k8s_manifests.py does: same subcommands, options, ports and HIVEMESH_* variables, differences listed):
 
     host 1  198.18.0.1   etcd member h1, control-plane replica (bind 0.0.0.0, advertise its IP), the caller
     host 2  198.18.0.2   etcd member h2, control-plane replica, SDK agent `echo` replica h2
                          (HIVEMESH_LISTEN/HIVEMESH_ADVERTISE)
     host 3  198.18.0.3   etcd member h3, SDK agent `echo` replica h3, plain-gRPC agent `plain` on loopback
-                         behind `hivemesh sidecar --listen 0.0.0.0:7002 --advertise 198.18.0.3`, a client that
+                         behind `hivemesh sidecar --listen 0.0.0.0:7443 --advertise 198.18.0.3`, a client that
                          keeps asking the control plane for tokens and certificates (`issuer`)
 
 Every host runs in a network namespace of its own, so all use the same fixed ports.
@@ -30,8 +31,9 @@ ETCD_CLIENT_PORT: Final = 2379
 ETCD_PEER_PORT: Final = 2380
 CONTROLPLANE_PORT: Final = 7443
 JOIN_PORT: Final = 7444
-SIDECAR_PORT: Final = 7002
-PLAIN_AGENT: Final = "127.0.0.1:7101"
+SIDECAR_PORT: Final = 7443
+"""The port the Kubernetes manifests give the sidecar (host 3 runs no control plane, so it is free there)."""
+PLAIN_AGENT: Final = "127.0.0.1:7001"
 LEASE_TTL_S: Final = 5
 CONTROLPLANE_HOSTS: Final = (1, 2)
 """The hosts that run a control-plane replica; every workload is given all of them (clients fail over)."""
@@ -144,7 +146,7 @@ class MultiHostMesh:
         return [sys.executable, "-m", "tests.support.netns_main", "plain-agent", PLAIN_AGENT], self.base_env("plain")
 
     def sidecar(self, host: int, join_token: str) -> Command:
-        """`hivemesh sidecar` fronting the plain agent: binds 0.0.0.0:7002, advertises the host's address."""
+        """`hivemesh sidecar` fronting the plain agent: binds 0.0.0.0:7443, advertises the host's address."""
         argv = self._hivemesh(
             f"sidecar-h{host}", "sidecar", "--agent", PLAIN_AGENT, "--listen", f"0.0.0.0:{SIDECAR_PORT}",
             "--advertise", self.addresses[host - 1], "--lease-ttl", str(LEASE_TTL_S), "--metrics-listen", "off",
