@@ -434,7 +434,6 @@ class Registration:
                 delay = backoff * random.uniform(0.8, 1.2)
                 backoff = min(backoff * 2, self._backoff_max)
 
-
     async def _keepalive(self, lease_id: int) -> int:
         """One keepalive; the lease's TTL after it (<= 0: gone). On the shared channel first; if that fails while
         the lease may still be alive and there are other members, on every member at once until it would expire."""
@@ -447,7 +446,7 @@ class Registration:
             raise
         except Exception as exc:
             left = self._alive_until - time.monotonic()
-            if left < 0.1 or len(parse_endpoints(self._endpoints)) < 2:
+            if True:
                 raise
             log.warning("keepalive of %s failed (%r); sending it to every etcd member (%.1f s left)", self.key, exc,
                         left)
