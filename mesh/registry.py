@@ -446,7 +446,7 @@ class Registration:
             raise
         except Exception as exc:
             left = self._alive_until - time.monotonic()
-            if True:
+            if left < 0.1 or len(parse_endpoints(self._endpoints)) < 2:
                 raise
             log.warning("keepalive of %s failed (%r); sending it to every etcd member (%.1f s left)", self.key, exc,
                         left)
