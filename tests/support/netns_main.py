@@ -111,8 +111,8 @@ async def _cp_issuer(ca: bytes) -> None:
             ops.append(op)
 
         async def every() -> None:
-            # One after the other: a renewal replaces the client's channels, which cancels a call in flight on
-            # them (as a bare CancelledError), so a node renews between its calls, and so does this loop.
+            # One after the other: a renewal closes the client's channels, which ends a call in flight on them
+            # with something other than a HivemeshError (docs/multihost.md); a node renews between its calls.
             for n in itertools.count():
                 await once("renew" if n % 5 == 4 else "token")
                 await asyncio.sleep(0.1)
