@@ -490,7 +490,12 @@ def client(endpoints: Endpoints, *, timeout: int | None = 5, tls: EtcdTls | None
     if isinstance(endpoints, EtcdAccess):
         tls = tls or endpoints.material()
     pairs = parse_endpoints(endpoints)
-    options: dict[str, Any] = {}
+    # A member cut off by a partition keeps its connection "ready" until TCP gives up (minutes), so round robin
+    # keeps sending it requests that hang. Ping while calls are in flight: no answer within 2 s closes the
+    # connection and round robin skips the member. Every 10 s: twice etcd's --grpc-keepalive-min-time (5 s), so
+    # pings over an idle watch never count as abuse (etcd answers those with GOAWAY too_many_pings).
+    options: dict[str, Any] = {"grpc.keepalive_time_ms": 10000, "grpc.keepalive_timeout_ms": 2000,
+                               "grpc.http2.max_pings_without_data": 0}
     if tls is not None and (tls.server_name or len(pairs) > 1):
         # A static list has no single host to check the certificate against: use the first one's.
         options["grpc.ssl_target_name_override"] = tls.server_name or pairs[0][0]

@@ -29,6 +29,7 @@ import aetcd
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError, RegistryUnavailableError
 from hivemesh.mesh.etcd import PREFIX, Endpoints, parse_endpoints
 from hivemesh.mesh.etcd import client as etcd_client
+from hivemesh.mesh.lease_rescue import refresh_on_members
 from hivemesh.mesh.watch import PrefixCache, WatchOptions, cancel_and_wait
 from hivemesh.v1.agent_pb2 import Capability
 from hivemesh.v1.mesh_pb2 import AgentInstance
@@ -178,9 +179,10 @@ class Registration:
     """Keep one AgentInstance registered under a lease for as long as this object runs.
 
     The instance is validated at construction (InvalidInputError names the field). A background task
-    refreshes the lease every ttl/3; if etcd says the lease is gone (a pause or outage past the TTL, or an
-    operator revoked it) it grants a new lease and registers again; while etcd is unreachable it retries with
-    bounded backoff.
+    refreshes the lease every ttl/3; a keepalive that fails while the lease may still be alive is sent again to
+    every member at once within the time the lease has left (`lease_rescue`); if etcd says the lease is gone (a
+    pause or outage past the TTL, or an operator revoked it) it grants a new lease and registers again; while
+    etcd is unreachable it retries with bounded backoff.
     """
 
     def __init__(
@@ -219,8 +221,11 @@ class Registration:
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
         self._failures = 0
+        self._alive_until = 0.0  # monotonic: the lease expires no earlier than this (TTL from the last send)
         self.registrations = 0
         self.leases_lost = 0
+        self.keepalive_rescues = 0
+        """Keepalives that failed on the shared channel and went through on another member in time."""
         self.last_error: BaseException | None = None
 
     @property
@@ -376,6 +381,7 @@ class Registration:
         )
 
     def _adopt(self, lease_id: int, revision: int) -> None:
+        self._alive_until = time.monotonic() + self._ttl - self._op_timeout  # granted at most op_timeout ago
         self._lease_id = lease_id
         self._granted = {lease_id}
         self._revision = revision
@@ -401,10 +407,8 @@ class Registration:
                         await self._register_once()
                     delay, backoff = self._interval, self._backoff_initial
                     continue
-                c = await self._get_client()
-                async with asyncio.timeout(self._op_timeout):
-                    reply = await c.refresh_lease(self._lease_id)
-                if reply is None or reply.TTL <= 0:
+                ttl = await self._keepalive(self._lease_id)
+                if ttl <= 0:
                     log.warning("lease of %s is gone (expired or revoked); registering again", self.key)
                     self.leases_lost += 1
                     self._lease_id = None
@@ -430,6 +434,34 @@ class Registration:
                 await self._drop_client()
                 delay = backoff * random.uniform(0.8, 1.2)
                 backoff = min(backoff * 2, self._backoff_max)
+
+    async def _keepalive(self, lease_id: int) -> int:
+        """One keepalive; the lease's TTL after it (<= 0: gone). On the shared channel first; if that fails while
+        the lease may still be alive and there are other members, on every member at once until it would expire."""
+        sent = time.monotonic()
+        try:
+            c = await self._get_client()
+            async with asyncio.timeout(self._op_timeout):
+                reply = await c.refresh_lease(lease_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            left = self._alive_until - time.monotonic()
+            if left < 0.1 or len(parse_endpoints(self._endpoints)) < 2:
+                raise
+            log.warning("keepalive of %s failed (%r); sending it to every etcd member (%.1f s left)", self.key, exc,
+                        left)
+            await self._drop_client()
+            sent = time.monotonic()
+            ttl = await refresh_on_members(self._endpoints, lease_id, left)
+            if ttl > 0:
+                self.keepalive_rescues += 1
+                self._alive_until = sent + ttl
+            return ttl
+        ttl = int(reply.TTL) if reply is not None else 0
+        if ttl > 0:
+            self._alive_until = sent + ttl
+        return ttl
 
 
 async def drain_after_deregistration(node: object, key: str, *, timeout_s: float = 0.5, margin_s: float = 0.05) -> None:

@@ -28,6 +28,7 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
+import click
 import grpc
 import kubernetes_validate
 import kubernetes_validate.utils
@@ -43,7 +44,7 @@ from hivemesh.controlplane.ca import CaFiles, ensure_controlplane_cert, load_ca
 from hivemesh.controlplane.cli.app import cli
 from hivemesh.controlplane.grants import load_grants
 from hivemesh.controlplane.policies import parse_documents, validate_documents
-from hivemesh.mesh.etcd import EtcdTls, find_etcd_binary, parse_endpoints
+from hivemesh.mesh.etcd import EtcdServerTls, EtcdTls, find_etcd_binary, parse_endpoints
 from hivemesh.mesh.etcd_roles import CONTROLPLANE_USER, ROOT_USER
 from hivemesh.mesh.node_metrics import parse_listen
 from hivemesh.mesh.settings import MeshSettings
@@ -385,14 +386,20 @@ def test_every_rendered_object_validates_against_the_kubernetes_schemas(manifest
         if o["kind"] != "Namespace":
             assert o["metadata"]["namespace"] == manifests.namespace, o["metadata"]["name"]
     # The validator is live: a misspelt field in a container is refused.
-    broken = yaml.safe_load(yaml.safe_dump(manifests.one("Deployment", "hivemesh-controlplane")))
+    broken = yaml.safe_load(yaml.safe_dump(manifests.one("StatefulSet", "hivemesh-controlplane")))
     broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grcp"] = {"port": HEALTH_PORT}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
 
     etcd = manifests.workload("hivemesh-etcd")
     assert etcd.kind == "StatefulSet" and etcd.replicas == 3
-    assert manifests.workload("hivemesh-controlplane").replicas == 2
+    cp = manifests.workload("hivemesh-controlplane")
+    assert cp.replicas == 2
+    # Each replica keeps its own audit log in its state folder: a volume claim per replica, never an emptyDir.
+    assert cp.kind == "StatefulSet" and "state" in cp.claims and "state" not in {v["name"] for v in cp.pod["volumes"]}
+    (main,) = cp.pod["containers"]
+    (state,) = [v["mountPath"] for v in main["volumeMounts"] if v["name"] == "state"]
+    assert any(a.startswith(f"--state-dir={state}/") for a in main["args"]), main["args"]
     budgets = {b["metadata"]["name"]: b["spec"] for b in manifests.of_kind("PodDisruptionBudget")}
     assert budgets["hivemesh-etcd"]["minAvailable"] == 2  # quorum of 3
     assert budgets["hivemesh-controlplane"]["minAvailable"] == 1
@@ -721,3 +728,128 @@ def _dockerfile_user() -> tuple[int, int]:
     (user,) = [line.split()[1] for line in runtime if line.startswith("USER ")]
     uid, _, gid = user.partition(":")
     return int(uid), int(gid)
+
+
+# --- the manifests run what the multi-host test runs (tests/support/netns_hosts.py) --------------------------
+
+_ETCD_BOOLEANS = frozenset({"--client-cert-auth", "--peer-client-cert-auth"})
+
+
+def _options(argv: list[str], booleans: frozenset[str]) -> tuple[list[str], dict[str, str | None]]:
+    """(positional words, {--option: value}) of argv, `--x=v` and `--x v` alike; booleans take no value."""
+    words: list[str] = []
+    opts: dict[str, str | None] = {}
+    rest = iter(argv)
+    for word in rest:
+        if not word.startswith("--"):
+            words.append(word)
+        elif "=" in word:
+            name, _, value = word.partition("=")
+            opts[name] = value
+        else:
+            opts[word] = None if word in booleans else next(rest)
+    return words, opts
+
+
+def _hivemesh_shape(argv: list[str]) -> tuple[str, dict[str, str | None], dict[str, str | None]]:
+    """(subcommand, global options, its options) of a `hivemesh ...` argv (`python -m ...cli` alike)."""
+    start = argv.index("hivemesh.controlplane.cli") + 1 if "hivemesh.controlplane.cli" in argv else 1
+    args = argv[start:]
+    globals_, i = {}, 0
+    while args[i].startswith("--"):
+        globals_[args[i].split("=", 1)[0]] = args[i].split("=", 1)[1] if "=" in args[i] else args[i + 1]
+        i += 1 if "=" in args[i] else 2
+    command = cli.get_command(click.Context(cli), args[i])
+    assert command is not None, args[i]
+    booleans = frozenset(o for p in command.params if getattr(p, "is_flag", False) for o in p.opts)
+    _, opts = _options(args[i + 1:], booleans)
+    return args[i], globals_, opts
+
+
+def _port(value: str | None) -> int | None:
+    """The port of host:port or scheme://host:port ('off' and None: none)."""
+    if value is None or value == "off":
+        return None
+    return int(value.rpartition(":")[2])
+
+
+def _hivemesh_vars(env: dict[str, str]) -> set[str]:
+    return {k for k in env if k.startswith("HIVEMESH_")}
+
+
+def test_manifests_run_the_commands_ports_and_environment_the_multihost_test_proves(
+    manifests: Manifests, tmp_path: Path
+) -> None:
+    from tests.support import netns_hosts as nh
+    from tests.support.netns_hosts import MultiHostMesh
+
+    certs = tmp_path / "certs"
+    tls = EtcdServerTls(certs / "etcd.pem", certs / "etcd.key", certs / "ca.pem", certs / "root.pem",
+                        certs / "root.key")
+    mesh = MultiHostMesh(tmp_path, ("198.18.0.1", "198.18.0.2", "198.18.0.3"), tls)
+    k8s = {(p.workload.name, p.container["name"]): p for p in manifests.processes()}
+
+    # The control plane: the same subcommand and ports; options and variables differ only where listed.
+    k8s_cp = k8s[("hivemesh-controlplane", "controlplane")]
+    cmd, k_globals, k_opts = _hivemesh_shape(k8s_cp.argv)
+    net_cmd, n_globals, n_opts = _hivemesh_shape(mesh.controlplane(tmp_path / "grants.yaml", 2)[0])
+    assert cmd == net_cmd == "controlplane"
+    for port_option in ("--port", "--join-port"):
+        assert _port(k_opts[port_option]) == _port(n_opts[port_option]), port_option
+    assert _port(n_opts["--port"]) == nh.CONTROLPLANE_PORT and _port(n_opts["--join-port"]) == nh.JOIN_PORT
+    only_k8s = {
+        "--trust-domain": "the default, given explicitly from the ConfigMap",
+        "--state-dir": "a path on the replica's volume claim (netns: <home>/controlplane, the default)",
+        "--metrics-listen": "netns: off (no Prometheus), k8s: 9090 for the Prometheus Service",
+        "--health-listen": "k8s only: the kubelet's plaintext gRPC probe port",
+    }
+    only_netns = {
+        "--etcd": "k8s reads HIVEMESH_ETCD from the ConfigMap (the same endpoint list, by member DNS name)",
+        "--advertise": "netns binds 0.0.0.0 and advertises the host's IP; k8s binds the pod IP, which is the advert",
+        "--metrics-listen": "off: see above",
+    }
+    assert set(k_opts) - set(n_opts) == set(only_k8s) - set(only_netns), set(k_opts) ^ set(n_opts)
+    assert set(n_opts) - set(k_opts) == set(only_netns) - set(only_k8s), set(k_opts) ^ set(n_opts)
+    assert k_opts["--leader-ttl"] and n_opts["--leader-ttl"], "both set the leader lease"
+    assert k_globals == {} and set(n_globals) == {"--home", "--certs-dir"}  # k8s: HIVEMESH_HOME, HIVEMESH_CERTS
+    net_env = mesh.controlplane(tmp_path / "grants.yaml", 2)[1]
+    _same_vars(k8s_cp.env, net_env, only_k8s={"HIVEMESH_CERTS", "HIVEMESH_LOG_FORMAT"},
+               only_netns={"HIVEMESH_METRICS_LISTEN"})
+
+    # The sidecar in front of a plain-gRPC agent on loopback: same subcommand, agent port and listen port.
+    k8s_sc = k8s[("hivemesh-validator", "sidecar")]
+    cmd, k_globals, k_opts = _hivemesh_shape(k8s_sc.argv)
+    net_cmd, n_globals, n_opts = _hivemesh_shape(mesh.sidecar(3, PLACEHOLDER_TOKEN)[0])
+    assert cmd == net_cmd == "sidecar"
+    for option in ("--agent", "--listen"):
+        assert _port(k_opts[option]) == _port(n_opts[option]), option
+    assert _is_loopback(str(k_opts["--agent"]).rpartition(":")[0]) and _is_loopback(nh.PLAIN_AGENT.rpartition(":")[0])
+    only_k8s = {"--name": "the registered agent's name (netns: the joined identity's, the default)",
+                "--mesh-socket": "the Mesh socket an application in the pod may use",
+                "--metrics-listen": "see the control plane", "--health-listen": "see the control plane"}
+    only_netns = {"--advertise": "see the control plane", "--lease-ttl": "netns: 5 s, so a cut expires fast",
+                  "--metrics-listen": "off"}
+    assert set(k_opts) - set(n_opts) == set(only_k8s) - set(only_netns), set(k_opts) ^ set(n_opts)
+    assert set(n_opts) - set(k_opts) == set(only_netns) - set(only_k8s), set(k_opts) ^ set(n_opts)
+    _same_vars(k8s_sc.env, mesh.sidecar(3, PLACEHOLDER_TOKEN)[1], only_k8s={"HIVEMESH_LOG_FORMAT"},
+               only_netns={"HIVEMESH_METRICS_LISTEN"})
+
+    # etcd: the same flags (TLS on client and peer URLs, auth by certificate), the same client and peer ports.
+    k8s_etcd = k8s[("hivemesh-etcd", "etcd")]
+    _, k_opts = _options(k8s_etcd.argv[1:], _ETCD_BOOLEANS)
+    argv = nh.MultiHostMesh.etcd_members(mesh)[0].command("etcd")
+    _, n_opts = _options(argv[1:], _ETCD_BOOLEANS)
+    assert set(k_opts) ^ set(n_opts) == {"--listen-metrics-urls"}, "k8s only: plaintext /health for the probes"
+    for option in ("--listen-client-urls", "--advertise-client-urls", "--listen-peer-urls",
+                   "--initial-advertise-peer-urls"):
+        assert _port(k_opts[option]) == _port(n_opts[option]), option
+    assert {_port(k_opts["--listen-client-urls"]), _port(k_opts["--listen-peer-urls"])} == {
+        nh.ETCD_CLIENT_PORT, nh.ETCD_PEER_PORT}
+    for option in ("--listen-client-urls", "--listen-peer-urls"):  # both bind every interface, advertise a name
+        assert str(k_opts[option]).startswith("https://0.0.0.0:") and str(n_opts[option]).startswith("https://0.0.0.0:")
+
+
+def _same_vars(k8s_env: dict[str, str], net_env: dict[str, str], *, only_k8s: set[str], only_netns: set[str]) -> None:
+    """The HIVEMESH_* variables both set are the same, except the listed environment-specific ones."""
+    k, n = _hivemesh_vars(k8s_env), _hivemesh_vars(net_env)
+    assert k - n == only_k8s and n - k == only_netns, (sorted(k - n), sorted(n - k))

@@ -2,12 +2,15 @@
 
 One place for every process command of tests/e2e/test_multihost.py, built from the real entry points (the
 `hivemesh` CLI, `etcd` as `EtcdServer.command` builds it, the SDK through `replica_main`), so that deployment
-manifests (deploy/k8s) can be compared with what the test proves works across hosts:
+manifests (deploy/k8s) can be compared with what the test proves works across hosts (tests/integration/
+test_k8s_manifests.py does: same subcommands, options, ports and HIVEMESH_* variables, differences listed):
 
-    host 1  198.18.0.1   etcd member h1, control plane (bind 0.0.0.0, advertise its IP), the caller
-    host 2  198.18.0.2   etcd member h2, SDK agent `echo` replica h2 (HIVEMESH_LISTEN/HIVEMESH_ADVERTISE)
+    host 1  198.18.0.1   etcd member h1, control-plane replica (bind 0.0.0.0, advertise its IP), the caller
+    host 2  198.18.0.2   etcd member h2, control-plane replica, SDK agent `echo` replica h2
+                         (HIVEMESH_LISTEN/HIVEMESH_ADVERTISE)
     host 3  198.18.0.3   etcd member h3, SDK agent `echo` replica h3, plain-gRPC agent `plain` on loopback
-                         behind `hivemesh sidecar --listen 0.0.0.0:7002 --advertise 198.18.0.3`
+                         behind `hivemesh sidecar --listen 0.0.0.0:7443 --advertise 198.18.0.3`, a client that
+                         keeps asking the control plane for tokens and certificates (`issuer`)
 
 Every host runs in a network namespace of its own, so all use the same fixed ports.
 """
@@ -28,9 +31,14 @@ ETCD_CLIENT_PORT: Final = 2379
 ETCD_PEER_PORT: Final = 2380
 CONTROLPLANE_PORT: Final = 7443
 JOIN_PORT: Final = 7444
-SIDECAR_PORT: Final = 7002
-PLAIN_AGENT: Final = "127.0.0.1:7101"
+SIDECAR_PORT: Final = 7443
+"""The port the Kubernetes manifests give the sidecar (host 3 runs no control plane, so it is free there)."""
+PLAIN_AGENT: Final = "127.0.0.1:7001"
 LEASE_TTL_S: Final = 5
+CONTROLPLANE_HOSTS: Final = (1, 2)
+"""The hosts that run a control-plane replica; every workload is given all of them (clients fail over)."""
+LEADER_TTL_S: Final = 3
+"""The replicas' leader lease (--leader-ttl): a partitioned leader is replaced within about TTL + 1 s."""
 TRUST_DOMAIN: Final = "hivemesh.local"
 REPO: Final = Path(__file__).resolve().parents[2]
 
@@ -72,11 +80,12 @@ class MultiHostMesh:
     def base_env(self, home: str) -> dict[str, str]:
         """Where the mesh is, as every workload and the CLI read it (HIVEMESH_*), with a state folder."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEMESH_")}
+        replicas = [self.addresses[h - 1] for h in CONTROLPLANE_HOSTS]
         env.update(
             HIVEMESH_HOME=str(self.root / home),
             HIVEMESH_ETCD=self.etcd_endpoints,
-            HIVEMESH_CONTROLPLANE=f"{self.addresses[0]}:{CONTROLPLANE_PORT}",
-            HIVEMESH_JOIN=f"{self.addresses[0]}:{JOIN_PORT}",
+            HIVEMESH_CONTROLPLANE=",".join(f"{a}:{CONTROLPLANE_PORT}" for a in replicas),
+            HIVEMESH_JOIN=",".join(f"{a}:{JOIN_PORT}" for a in replicas),
             HIVEMESH_CA=str(self.certs.ca_cert),
             HIVEMESH_TRUST_DOMAIN=TRUST_DOMAIN,
             HIVEMESH_METRICS_LISTEN="off",
@@ -102,14 +111,15 @@ class MultiHostMesh:
                 str(t.trusted_ca_file), str(t.admin_cert_file), str(t.admin_key_file)]
         return argv, self.base_env("bootstrap")
 
-    def controlplane(self, grants: Path) -> Command:
-        """The control plane on host 1: `hivemesh controlplane --host 0.0.0.0 --advertise <host 1>`."""
+    def controlplane(self, grants: Path, host: int = 1) -> Command:
+        """A control-plane replica on host: `hivemesh controlplane --host 0.0.0.0 --advertise <host>`, its own
+        state folder (audit log, key mirror), the shared CA folder and etcd, a short leader lease."""
         argv = self._hivemesh(
-            "cp", "controlplane", "--etcd", self.etcd_endpoints, "--host", "0.0.0.0",
-            "--advertise", self.addresses[0], "--port", str(CONTROLPLANE_PORT), "--join-port", str(JOIN_PORT),
-            "--grants", str(grants), "--metrics-listen", "off",
+            f"cp-h{host}", "controlplane", "--etcd", self.etcd_endpoints, "--host", "0.0.0.0",
+            "--advertise", self.addresses[host - 1], "--port", str(CONTROLPLANE_PORT), "--join-port", str(JOIN_PORT),
+            "--grants", str(grants), "--metrics-listen", "off", "--leader-ttl", str(LEADER_TTL_S),
         )
-        return argv, self.base_env("cp")
+        return argv, self.base_env(f"cp-h{host}")
 
     def operator(self, *args: str) -> Command:
         """The operator's `hivemesh ARGS` (any host that reaches the control plane and etcd)."""
@@ -136,7 +146,7 @@ class MultiHostMesh:
         return [sys.executable, "-m", "tests.support.netns_main", "plain-agent", PLAIN_AGENT], self.base_env("plain")
 
     def sidecar(self, host: int, join_token: str) -> Command:
-        """`hivemesh sidecar` fronting the plain agent: binds 0.0.0.0:7002, advertises the host's address."""
+        """`hivemesh sidecar` fronting the plain agent: binds 0.0.0.0:7443, advertises the host's address."""
         argv = self._hivemesh(
             f"sidecar-h{host}", "sidecar", "--agent", PLAIN_AGENT, "--listen", f"0.0.0.0:{SIDECAR_PORT}",
             "--advertise", self.addresses[host - 1], "--lease-ttl", str(LEASE_TTL_S), "--metrics-listen", "off",
@@ -144,6 +154,12 @@ class MultiHostMesh:
         env = self.base_env(f"sidecar-h{host}")
         env["HIVEMESH_JOIN_TOKEN"] = join_token
         return argv, env
+
+    def issuer(self, join_token: str) -> Command:
+        """A client (`issuer`) that asks the control-plane replicas for tokens and certificates on demand."""
+        env = self.base_env("issuer")
+        env["HIVEMESH_JOIN_TOKEN"] = join_token
+        return [sys.executable, "-m", "tests.support.netns_main", "cp-issuer"], env
 
     def caller(self, join_token: str) -> Command:
         """The load driver on host 1, a mesh client `caller` (commands on stdin, JSON lines on stdout)."""

@@ -7,12 +7,20 @@
   token on a busy machine); prints them as one JSON list.
 - `etcd-bootstrap ENDPOINTS CA CERT KEY`: wait until every member answers with a leader (quorum), then create
   etcd's users and roles and turn auth on, as `EtcdCluster.start()` does for members on loopback.
+- `cp-issuer`: join as client `issuer` (HIVEMESH_JOIN_TOKEN) through the join addresses in HIVEMESH_JOIN, print
+  `ready`; on `go` (stdin) issue one token and renew once, print `going`, then issue a token every 0.1 s and
+  renew the certificate after every fourth token through a `ControlPlaneClient` given every replica in
+  HIVEMESH_CONTROLPLANE; on `report-after T N` wait (at most 20 s) until N tokens and one certificate started
+  after T (time.monotonic) were issued, stop, and print every operation as one JSON list (kind, start, end, ok,
+  replica, error).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import os
 import signal
 import sys
 import time
@@ -75,12 +83,75 @@ async def _join_tokens(controlplane: str, certs_dir: str, wanted: list[str]) -> 
     print(json.dumps(tokens), flush=True)
 
 
+async def _cp_issuer(ca: bytes) -> None:
+    from hivemesh.mesh.controlplane_client import ControlPlaneClient
+    from hivemesh.mesh.errors import HivemeshError
+    from hivemesh.mesh.tls import join
+
+    td = os.environ["HIVEMESH_TRUST_DOMAIN"]
+    workload = await join(os.environ["HIVEMESH_JOIN"], ca, os.environ["HIVEMESH_JOIN_TOKEN"], "issuer", "client",
+                          trust_domain=td, timeout_s=30.0)
+    ops: list[dict[str, object]] = []
+    async with ControlPlaneClient(os.environ["HIVEMESH_CONTROLPLANE"], workload, td, timeout_s=4.0) as cp:
+
+        async def once(kind: str) -> None:
+            t0 = time.monotonic()
+            op: dict[str, object] = {"kind": kind, "start": t0}
+            try:
+                if kind == "token":
+                    await cp.issue_token(f"spiffe://{td}/agent/echo", ["echo"])
+                else:
+                    await cp.renew()
+                op.update(ok=True, replica=cp.address)
+            except HivemeshError as exc:
+                op.update(ok=False, error=f"{exc.reason}: {exc.message}")
+            except Exception as exc:  # noqa: BLE001 - any failure is a failed operation, reported
+                op.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+            op["end"] = time.monotonic()
+            ops.append(op)
+
+        async def every() -> None:
+            # One after the other: a renewal closes the client's channels, which ends a call in flight on them
+            # with something other than a HivemeshError (docs/multihost.md); a node renews between its calls.
+            for n in itertools.count():
+                await once("renew" if n % 5 == 4 else "token")
+                await asyncio.sleep(0.1)
+
+        def served_after(t: float, n: int) -> bool:
+            ok = [o for o in ops if o["ok"] and float(str(o["start"])) > t]
+            return sum(o["kind"] == "token" for o in ok) >= n and any(o["kind"] == "renew" for o in ok)
+
+        loop = asyncio.get_running_loop()
+        print("ready", flush=True)
+        tasks: list[asyncio.Task[None]] = []
+        while line := (await loop.run_in_executor(None, sys.stdin.readline)).strip():
+            if line == "go":
+                await once("token")
+                await once("renew")
+                print("going", flush=True)
+                tasks = [asyncio.create_task(every())]
+            elif line.startswith("report-after "):
+                _, after, count = line.split()
+                for _ in range(400):  # at most 20 s
+                    if served_after(float(after), int(count)):
+                        break
+                    await asyncio.sleep(0.05)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                print(json.dumps(ops), flush=True)
+                return
+
+
 def main(argv: list[str]) -> None:
     job, *args = argv
     if job == "plain-agent":
         asyncio.run(_plain_agent(args[0]))
     elif job == "join-tokens":
         asyncio.run(_join_tokens(args[0], args[1], args[2:]))
+    elif job == "cp-issuer":
+        with open(os.environ["HIVEMESH_CA"], "rb") as f:
+            asyncio.run(_cp_issuer(f.read()))
     elif job == "etcd-bootstrap":
         _etcd_bootstrap(*args)
     else:

@@ -1,0 +1,84 @@
+"""A registration keeps its lease when a keepalive goes to an etcd member that cannot answer.
+
+One real 3-member etcd cluster (mutual TLS, auth). A follower is frozen (SIGSTOP) after the registration's
+round-robin channel reached it, so some keepalives go to a member that accepts them and never answers: the one
+that does is sent again to every member within the lease's remaining time, and the lease never lapses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from hivemesh.mesh.etcd import EtcdAccess, EtcdCluster, client, wait_connected
+from hivemesh.mesh.lease_rescue import refresh_on_members
+from hivemesh.mesh.registry import Registration
+from hivemesh.v1.agent_pb2 import AgentCard, Capability
+from hivemesh.v1.mesh_pb2 import AgentInstance
+from tests.conftest import SessionCa
+
+pytestmark = pytest.mark.slow
+
+
+def _instance() -> AgentInstance:
+    return AgentInstance(
+        card=AgentCard(name="alpha", version="1.0.0", capabilities=[Capability(name="extract")]),
+        instance_id="a-1", endpoint="127.0.0.1:7001", identity="spiffe://hivemesh.local/agent/alpha",
+        packaging="sidecar",
+    )
+
+
+async def test_a_keepalive_to_a_frozen_member_is_rescued_within_the_ttl(tmp_path: Path, session_ca: SessionCa) -> None:
+    cluster = EtcdCluster(tmp_path / "etcd", size=3, tls=session_ca.tls)
+    await asyncio.to_thread(cluster.start)
+    frozen = None
+    try:
+        root = client(cluster.access)
+        await wait_connected(root)
+        leader = (await root.status()).leader.name
+        frozen = next(m for m in cluster.members if m.name != leader)  # a follower: no election to wait out
+        assert frozen.pid is not None
+
+        reg = Registration(cluster.access, _instance(), ttl_s=2)
+        await reg.start()
+        try:
+            # Let the round-robin channel reach every member (the keepalives rotate over them), then freeze one.
+            await asyncio.sleep(1.0)  # the channel's subchannels connect: without it the rescue check below fails
+            os.kill(frozen.pid, signal.SIGSTOP)
+            frozen_at = time.monotonic()
+            while reg.keepalive_rescues < 1:
+                assert time.monotonic() - frozen_at < 15, f"no keepalive was rescued: {reg.last_error!r}"
+                await asyncio.sleep(0.05)
+            rescued_s = time.monotonic() - frozen_at
+            # One more TTL with the member still frozen: the lease holds throughout.
+            await asyncio.sleep(2.0)  # the observation window, not a wait for something to happen
+            assert reg.leases_lost == 0 and reg.registrations == 1, (reg.leases_lost, reg.registrations)
+            lease = reg.lease_id
+            assert lease is not None
+            assert (await root.get_lease_info(lease)).TTL > 0
+
+            # Directly: the first member to answer wins, the frozen one does not hold the call up...
+            began = time.monotonic()
+            assert await refresh_on_members(cluster.access, lease, 3.0) > 0
+            assert time.monotonic() - began < 2.0
+            # ...a member alone that never answers is a timeout within the bound...
+            alone = EtcdAccess(frozen.endpoint, cluster.access.tls)
+            began = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await refresh_on_members(alone, lease, 0.5)
+            assert time.monotonic() - began < 2.0
+        finally:
+            await reg.stop()
+        # ...and a lease that is gone says so (TTL <= 0), so the registration registers again.
+        assert await refresh_on_members(cluster.access, lease, 3.0) <= 0
+        await root.close()
+        print(f"\nFIGURE lease rescue: keepalive rescued {rescued_s:.2f} s after a follower froze; 0 leases lost")
+    finally:
+        if frozen is not None and frozen.pid is not None:
+            os.kill(frozen.pid, signal.SIGCONT)
+        await asyncio.to_thread(cluster.stop)
