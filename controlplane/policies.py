@@ -45,7 +45,7 @@ from hivemesh.mesh.policy import (
     kind_prefix,
     policy_key,
 )
-from hivemesh.mesh.resilience.kinds import TRAFFIC_KINDS
+from hivemesh.mesh.resilience.kinds import ROLLOUTS, TRAFFIC_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ GRANTS_KIND: Final = PolicyKind(
     decode=_decode_grant,
 )
 
-KINDS: Final = PolicyKinds((*TRAFFIC_KINDS, AUTHZ, BUDGETS, GRANTS_KIND, SLOS))
+KINDS: Final = PolicyKinds((*TRAFFIC_KINDS, AUTHZ, BUDGETS, GRANTS_KIND, SLOS, ROLLOUTS))
 """Every kind this store validates and keeps (add a new kind here and to the nodes that enforce it; `slos` is
 read by `hivemesh slo rules` only, so no node mirrors it)."""
 
