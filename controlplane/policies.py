@@ -31,6 +31,7 @@ from typing import Any, Final
 import yaml
 
 from hivemesh.controlplane.grants import _GRANT_SCHEMA, Grant, GrantSet
+from hivemesh.controlplane.shadow_check import refuse_unsafe_shadows
 from hivemesh.controlplane.slo import SLOS
 from hivemesh.controlplane.yaml_errors import yaml_error_text
 from hivemesh.mesh.authz import AUTHZ
@@ -252,6 +253,7 @@ async def apply_policies(etcd: Any, items: Sequence[PolicyInput], *, dry_run: bo
     """Store every document in one transaction, or none; see the module docstring."""
     if not items:
         raise InvalidInputError("no policy documents to apply")
+    await refuse_unsafe_shadows(etcd, [i.doc for i in items])
     many = len(items) > 1
     for _attempt in range(_TXN_ATTEMPTS):
         by_kind: dict[str, dict[str, tuple[PolicyDoc | None, int, bytes]]] = {}
