@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final, Protocol
 
 from hivemesh.mesh.errors import HivemeshError
@@ -87,15 +87,21 @@ class ShadowTraffic:
         self,
         call: OutboundCall,
         rule: ShadowRule,
-        live: list[mesh_pb2.AgentInstance],
+        live: Callable[[], Sequence[mesh_pb2.AgentInstance]],
         primary: bytes,
         primary_instance: mesh_pb2.AgentInstance,
     ) -> bool:
-        """Start mirroring call (answered with primary) if it is sampled; never blocks. True if a task started."""
+        """Start mirroring call (answered with primary) if it is sampled; never blocks or raises. live() lists
+        the capability's live instances (read only for a sampled call). True if a task started."""
         cap = call.capability
         if not self._sampled(cap, rule.percent):
             return False
-        candidates = [i for i in live if rule.subset.matches(i) and i.instance_id != primary_instance.instance_id]
+        try:
+            instances = live()
+        except HivemeshError:  # every instance just went away: nothing to mirror to
+            return False
+        candidates = [i for i in instances
+                      if rule.subset.matches(i) and i.instance_id != primary_instance.instance_id]
         if not candidates:
             return False
         candidate = candidates[sum(self.counts.values()) % len(candidates)]

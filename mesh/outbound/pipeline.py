@@ -235,7 +235,7 @@ class OutboundPipeline:
                 if routes is not None and routes.cache_ttl_s is not None:
                     self._degradation.remember(call, routes, (raw, instance))
                 if routes is not None and routes.shadow is not None:  # fire and forget: never awaited here
-                    self.shadow.mirror(call, routes.shadow, list(self.liveness.live(capability)), raw, instance)
+                    self.shadow.mirror(call, routes.shadow, lambda: self.liveness.live(capability), raw, instance)
             failed = False
             if span is not None:
                 tracing.set_attributes({"hivemesh.agent": instance.identity, "hivemesh.instance": instance.instance_id,
