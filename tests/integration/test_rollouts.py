@@ -5,6 +5,7 @@ each step lands in a real control-plane audit log. Steps are driven by pass, on 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from hivemesh.controlplane.rollouts import RolloutController
 from hivemesh.mesh.keyspace import AGENTS, ROLLOUTS
 from hivemesh.mesh.status import status_key
 from hivemesh.v1 import agent_pb2, mesh_pb2, policy_pb2
+from tests.support.meshenv import MeshEnv
 
 ROLLOUT = """
 kind: rollouts
@@ -119,3 +121,13 @@ async def test_rollout_steps_a_healthy_canary_and_rolls_back_a_failing_one(etcd:
         assert await _canary_weight(etcd, "score") == 5
     finally:
         await audit.close()
+
+
+async def test_the_control_plane_leader_runs_rollouts(mesh_env: MeshEnv, etcd: aetcd.Client) -> None:
+    """Wiring: the control plane of the mesh (leading, alone) starts a rollout applied through the store."""
+    await store.apply_text(etcd, ROLLOUT.format(cap="work"))
+    deadline = asyncio.get_running_loop().time() + 10
+    while (await etcd.get(f"{ROLLOUTS}work-v2".encode())) is None:
+        assert asyncio.get_running_loop().time() < deadline, "the control plane did not start the rollout"
+        await asyncio.sleep(0.05)
+    assert await _canary_weight(etcd, "work") == 5
