@@ -19,9 +19,8 @@ stopped. A changed rollouts document (a new version) starts over.
 Who runs it: the control-plane leader only. One writer steps the weights (callers would race each other
 writing the same routes document), it sees every node's published status (a caller node sees only its own
 calls), and the audit log it writes to is the control plane's. Health comes from the traffic status every
-serving node publishes (`hivemesh.mesh.status`: calls and failures over the last ~10 s, inbound, per
-instance), with each instance's version read from the registry. Node status carries no latency yet, so the
-latency bound applies only where a stats source provides latencies (see docs/rollouts.md).
+serving node publishes (`hivemesh.mesh.status`: calls, failures and latency over the last ~10 s, inbound, per
+instance, with the mean latency of the calls that ended), with each instance's version read from the registry.
 """
 
 from __future__ import annotations
@@ -142,7 +141,7 @@ async def status_stats(etcd: Any, spec: RolloutSpec) -> tuple[VersionStats, Vers
         with contextlib.suppress(Exception):
             inst = mesh_pb2.AgentInstance.FromString(kv.value)
             cards[inst.instance_id] = inst.card
-    totals = {"stable": [0, 0], "canary": [0, 0]}
+    totals: dict[str, list[float]] = {"stable": [0, 0, 0.0, 0], "canary": [0, 0, 0.0, 0]}  # calls, failures, ms
     for kv in await etcd.get_prefix(STATUS.encode()):
         try:
             node = policy_pb2.NodeTraffic.FromString(kv.value)
@@ -156,9 +155,17 @@ async def status_stats(etcd: Any, spec: RolloutSpec) -> tuple[VersionStats, Vers
             continue
         for cap in node.capabilities:
             if cap.direction == "inbound" and cap.capability == spec.capability:
-                totals[which][0] += cap.calls
-                totals[which][1] += cap.failures
-    return VersionStats(*totals["stable"]), VersionStats(*totals["canary"])
+                t = totals[which]
+                t[0] += cap.calls
+                t[1] += cap.failures
+                if cap.latency_ms > 0:  # mean latency, weighted by each instance's calls
+                    t[2] += cap.latency_ms * cap.calls
+                    t[3] += cap.calls
+
+    def stats(t: list[float]) -> VersionStats:
+        return VersionStats(int(t[0]), int(t[1]), t[2] / t[3] if t[3] else None)
+
+    return stats(totals["stable"]), stats(totals["canary"])
 
 
 StatsSource = Callable[[Any, RolloutSpec], Awaitable[tuple[VersionStats, VersionStats]]]

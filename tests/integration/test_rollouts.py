@@ -42,10 +42,10 @@ async def _serve(etcd: aetcd.Client, instance: str, version: str) -> None:
     await etcd.put(f"{AGENTS}flaky/{instance}".encode(), entry.SerializeToString())
 
 
-async def _status(etcd: aetcd.Client, instance: str, **caps: tuple[int, int]) -> None:
+async def _status(etcd: aetcd.Client, instance: str, latency_ms: float = 20.0, **caps: tuple[int, int]) -> None:
     """The status a serving node publishes: inbound (calls, failures) per capability over the last ~10 s."""
     node = policy_pb2.NodeTraffic(identity="spiffe://hivemesh.test/agent/flaky", instance=instance, capabilities=[
-        policy_pb2.CapabilityTraffic(capability=c, direction="inbound", calls=n, failures=f,
+        policy_pb2.CapabilityTraffic(capability=c, direction="inbound", calls=n, failures=f, latency_ms=latency_ms,
                                      error_rate=f / n if n else 0.0) for c, (n, f) in caps.items()])
     await etcd.put(status_key("agent", "flaky", instance).encode(), node.SerializeToString())
 
@@ -119,6 +119,12 @@ async def test_rollout_steps_a_healthy_canary_and_rolls_back_a_failing_one(etcd:
         routes = (await store.get_policy(etcd, "routes", "rollout-score-v2")).spec
         assert routes["fallback"] == "work" and [r["name"] for r in routes["rules"]] == ["rollout", "other"]
         assert await _canary_weight(etcd, "score") == 5
+        # Now healthy by errors, but four times slower than the stable version (> 1.5x): rolled back.
+        await _status(etcd, "flaky-v2", latency_ms=80.0, work=(40, 0), score=(20, 0))
+        assert (await tick(30))["score"] == "rollback"
+        assert await _canary_weight(etcd, "score") == 0
+        state = json.loads((await etcd.get(f"{ROLLOUTS}score-v2".encode())).value)
+        assert "canary latency 80 ms > 1.5 x the stable version's 20 ms" in state["reason"]
     finally:
         await audit.close()
 

@@ -120,6 +120,10 @@ async def test_shadow_mirrors_compares_and_never_delays_the_caller(
         assert [r["decision"] for r in shadows] == ["different", "different", "error"]
         assert all(r["version"] == "2.0.0" and r["capability"] == "work" for r in shadows)
         assert "fails on purpose" in shadows[-1]["message"]
+        # The candidate's status reports the latency of the calls it answered (what rollouts compare).
+        served = servers[1].node.traffic.state.snapshot(identity="x", instance="y")
+        work = next(c for c in served.capabilities if c.direction == "inbound" and c.capability == "work")
+        assert work.calls == 6 and work.latency_ms > 0
 
         # A non-idempotent capability may not be mirrored: refused at apply, naming the field; as a sandbox, it may.
         unsafe = SHADOW.replace("name: work", "name: charge").replace("[work]", "[charge]")
