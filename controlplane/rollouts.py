@@ -81,7 +81,7 @@ class RolloutState:
 
 @dataclass(frozen=True)
 class Decision:
-    action: str  # "hold", "step", "done" or "rollback"
+    action: str  # "hold", "step", "done", "rollback", or "error" (it could not write; tried again next pass)
     reason: str
 
 
@@ -216,7 +216,11 @@ class RolloutController:
         out: dict[str, Decision] = {}
         for doc in docs:
             spec = ROLLOUTS_KIND.compile({doc.name: doc})[doc.name]
-            out[doc.name] = await self._advance(doc, spec)
+            try:
+                out[doc.name] = await self._advance(doc, spec)
+            except HivemeshError as err:  # e.g. its routes document conflicts with another: the others go on
+                log.warning("rollout %s cannot proceed: %s", doc.name, err.message)
+                out[doc.name] = Decision("error", err.message)
         return out
 
     async def _advance(self, doc: PolicyDoc, spec: RolloutSpec) -> Decision:

@@ -125,6 +125,13 @@ async def test_rollout_steps_a_healthy_canary_and_rolls_back_a_failing_one(etcd:
         assert await _canary_weight(etcd, "score") == 0
         state = json.loads((await etcd.get(f"{ROLLOUTS}score-v2".encode())).value)
         assert "canary latency 80 ms > 1.5 x the stable version's 20 ms" in state["reason"]
+        # A rollout whose routes document would clash with another one of its capability cannot write it: it
+        # says why, writes nothing, and the other rollouts go on.
+        await store.apply_text(etcd, "kind: routes\nname: plain\nspec: {capabilities: [extra]}\n---"
+                               + ROLLOUT.format(cap="extra"))
+        decided = await controller.tick()
+        assert decided["extra-v2"].action == "error" and "both target 'extra'" in decided["extra-v2"].reason
+        assert decided["work-v2"].action == "hold" and await etcd.get(f"{ROLLOUTS}extra-v2".encode()) is None
     finally:
         await audit.close()
 
