@@ -31,6 +31,7 @@ from typing import Any, Final
 import yaml
 
 from hivemesh.controlplane.grants import _GRANT_SCHEMA, Grant, GrantSet
+from hivemesh.controlplane.shadow_check import refuse_unsafe_shadows
 from hivemesh.controlplane.slo import SLOS
 from hivemesh.controlplane.state_policy import STATE
 from hivemesh.controlplane.yaml_errors import yaml_error_text
@@ -46,7 +47,7 @@ from hivemesh.mesh.policy import (
     kind_prefix,
     policy_key,
 )
-from hivemesh.mesh.resilience.kinds import TRAFFIC_KINDS
+from hivemesh.mesh.resilience.kinds import ROLLOUTS, TRAFFIC_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ GRANTS_KIND: Final = PolicyKind(
     decode=_decode_grant,
 )
 
-KINDS: Final = PolicyKinds((*TRAFFIC_KINDS, AUTHZ, BUDGETS, GRANTS_KIND, SLOS, STATE))
+KINDS: Final = PolicyKinds((*TRAFFIC_KINDS, AUTHZ, BUDGETS, GRANTS_KIND, SLOS, STATE, ROLLOUTS))
 """Every kind this store validates and keeps (add a new kind here and to the nodes that enforce it; `slos` is
 read by `hivemesh slo rules` only, so no node mirrors it)."""
 
@@ -253,6 +254,7 @@ async def apply_policies(etcd: Any, items: Sequence[PolicyInput], *, dry_run: bo
     """Store every document in one transaction, or none; see the module docstring."""
     if not items:
         raise InvalidInputError("no policy documents to apply")
+    await refuse_unsafe_shadows(etcd, [i.doc for i in items])
     many = len(items) > 1
     for _attempt in range(_TXN_ATTEMPTS):
         by_kind: dict[str, dict[str, tuple[PolicyDoc | None, int, bytes]]] = {}

@@ -49,9 +49,10 @@ def installers() -> list[ServiceInstaller]:
         escalations,  # human escalation queue (issue 5)
         policy_service,  # traffic policies and status (issue 3)
         retention,  # etcd compaction, deletion of finished runs and resolved escalations (issue 10)
+        rollouts,  # automatic canary rollouts, run by the leader (issue 15)
         state_service,  # shared state and conversation memory per namespace (issue 15)
         trust_service,  # delegation, revocation, key and CA rotation (issue 4)
     )
 
     return [escalations.install, audit.install, policy_service.install, trust_service.install, retention.install,
-            state_service.install]
+            state_service.install, rollouts.install]

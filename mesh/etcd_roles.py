@@ -20,6 +20,7 @@ escalations/           operators                           control plane
 workflows/K-X/         K:X (its own runs), operators       K:X (its own runs), operators
 workflow-index/K-X/    K:X (its own runs), operators       K:X (its own runs), operators
 budgets/spend/         agents, operators                   agents (shared counters, not yet per agent)
+rollouts/              control plane                       control plane (the leader's rollout progress)
 controlplanes/         every workload (failover targets)   control plane
 controlplane-leader    every workload (who leads)          control plane
 controlplane-keys      control plane (signing keys)        control plane

@@ -103,6 +103,9 @@ class EventMetrics:
         self.fallbacks = counter("hivemesh_fallbacks", "Calls answered by a fallback capability.", ["capability"])
         self.cached_answers = counter(
             "hivemesh_cached_answers", "Calls answered from the degraded-mode answer cache.", ["capability"])
+        self.shadow_calls = counter(
+            "hivemesh_shadow_calls", "Mirrored (shadow) calls by result: same, different, error, dropped.",
+            ["capability", "result"])
         # security
         self.refusals = counter("hivemesh_refusals", "Calls refused by a security layer, by reason.", ["reason"])
         # agents

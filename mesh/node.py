@@ -296,6 +296,8 @@ class MeshNode:
             await self._bundle.stop()
         await self.policies.stop()
         await self.registry.stop()
+        if self._outbound is not None:
+            await self._outbound.shadow.close()  # mirrored calls in flight: nobody waits for them
         if self._tokens is not None:
             await self._tokens.close()
         if self._channels is not None:

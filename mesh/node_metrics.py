@@ -275,6 +275,9 @@ class NodeMetrics:
     def cached(self, capability: str) -> None:
         self.metrics.events.cached_answers.labels(self._out_caps(capability)).inc()
 
+    def shadowed(self, capability: str, result: str) -> None:
+        self.metrics.events.shadow_calls.labels(self._out_caps(capability), result).inc()
+
     # --- state, read at scrape --------------------------------------------------------------------------------
     def watch_verifier(self, verifier: TokenVerifier) -> None:
         self._verifiers.append(verifier)

@@ -158,6 +158,7 @@ class MeshClient:
                 directory=self._audit_dir,
             )
             self._node.outbound.observer = self.audit.outbound
+            self._node.outbound.shadow.recorder = self.audit.record  # differing shadow answers
 
     @contextlib.contextmanager
     def on_behalf_of(self, subject_token: str) -> Iterator[None]:
@@ -173,6 +174,7 @@ class MeshClient:
         if self.audit is not None:
             audit, self.audit = self.audit, None
             self._node.outbound.observer = None
+            self._node.outbound.shadow.recorder = None
             await audit.close()  # ships what it can (bounded); the rest stays in the spool for next time
         if self._owns_node:
             await self._node.stop()

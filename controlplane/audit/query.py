@@ -11,7 +11,7 @@ from typing import Any, Final
 from hivemesh.mesh.audit.record import DECISIONS, parse_time
 from hivemesh.mesh.errors import InvalidInputError
 
-KINDS: Final = frozenset({"inbound", "outbound", "handshake", "controlplane"})
+KINDS: Final = frozenset({"inbound", "outbound", "handshake", "controlplane", "shadow"})
 """What a record is about: a call a node decided on, a call it refused on the way out, a TLS handshake refused
 below gRPC, or the control plane's own decision."""
 

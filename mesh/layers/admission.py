@@ -8,6 +8,7 @@ returned `done(failed)` when the call ends.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from hivemesh.mesh.layers.base import Inbound
@@ -37,9 +38,10 @@ class Admission:
         if gate is not None:
             await gate.acquire(req.context.priority, timeout=time_remaining)
         t.in_started(capability)
+        started = time.monotonic()
 
         def done(failed: bool) -> None:
-            t.in_finished(capability, failed=failed)
+            t.in_finished(capability, failed=failed, seconds=time.monotonic() - started)
             if gate is not None:
                 gate.release()
 

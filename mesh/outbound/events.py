@@ -29,3 +29,6 @@ class OutboundEvents(Protocol):
 
     def cached(self, capability: str) -> None:
         """A failed call answered from the response cache."""
+
+    def shadowed(self, capability: str, result: str) -> None:
+        """A mirrored (shadow) call ended: same, different, error, or dropped (hivemesh.mesh.shadow)."""

@@ -46,6 +46,7 @@ from hivemesh.mesh.outbound.events import OutboundEvents
 from hivemesh.mesh.outbound.selection import InstanceSelector, Liveness
 from hivemesh.mesh.resilience.breaker import DEFAULT_FAILURE_CODES, CircuitBreaker
 from hivemesh.mesh.resilience.traffic import Traffic
+from hivemesh.mesh.shadow import ShadowTraffic
 from hivemesh.mesh.token_source import TokenSource, on_behalf_of
 from hivemesh.v1 import agent_pb2, mesh_pb2
 
@@ -92,6 +93,8 @@ class OutboundPipeline:
         self._subjects: dict[str, str] = {}
         self._degradation = Degradation(self.traffic.state.cache, self._run, principal=self._principal,
                                         authorize=self._authorize_cached, events=events)
+        self.shadow = ShadowTraffic(self._send_shadow, listener=events)
+        """Mirrors answered calls of capabilities whose route has a shadow (hivemesh.mesh.shadow)."""
         self.observer: Callable[[str, HivemeshError], None] | None = None
         """Told of every call this node refuses itself (circuit open, no instance, no grant, certificate
         expired...): the audit log of a serving node records them. It must not raise."""
@@ -165,6 +168,17 @@ class OutboundPipeline:
         except grpc.aio.AioRpcError as exc:
             raise AttemptError(from_rpc_error(exc), never_sent=_never_sent(exc)) from None
 
+    async def _send_shadow(
+        self, instance: mesh_pb2.AgentInstance, capability: str, raw: bytes, metadata: Metadata, timeout: float
+    ) -> bytes:
+        md = await self._prepare(instance, capability, metadata)
+        endpoint = self.channels.get(instance.endpoint, instance.identity)
+        try:
+            answer: bytes = await endpoint.invoke(raw, timeout=timeout, metadata=md)
+            return answer
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+
     def _forget_token(self, instance: mesh_pb2.AgentInstance) -> None:
         self.tokens.invalidate(instance.identity)
 
@@ -220,6 +234,8 @@ class OutboundPipeline:
             else:
                 if routes is not None and routes.cache_ttl_s is not None:
                     self._degradation.remember(call, routes, (raw, instance))
+                if routes is not None and routes.shadow is not None:  # fire and forget: never awaited here
+                    self.shadow.mirror(call, routes.shadow, lambda: self.liveness.live(capability), raw, instance)
             failed = False
             if span is not None:
                 tracing.set_attributes({"hivemesh.agent": instance.identity, "hivemesh.instance": instance.instance_id,

@@ -127,7 +127,7 @@ class InstanceSelector:
         cap = call.capability
         live = liveness.live(cap)
         key = cap
-        if routes is not None and routes.rules:
+        if routes is not None and (routes.rules or routes.shadow is not None):
             subset, why = select(routes, live, call.route_metadata,
                                  lambda rule, n: t.split_state(cap, routes, rule, n))
             if not subset:

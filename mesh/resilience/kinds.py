@@ -21,6 +21,10 @@ Examples (YAML):
             - {weight: 10, version: "2.*"}
       fallback: extract-lite
       cache: {ttl_s: 300}
+      shadow: {version: "3.*", percent: 10}   # mirror 10% to 3.*, compare (idempotent capabilities only)
+
+`rollouts` (read by the control-plane leader, not by nodes) steps a canary's weight in a routes document:
+see `hivemesh.controlplane.rollouts` and docs/rollouts.md.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from hivemesh.mesh.resilience.breaker import DEFAULT_FAILURE_CODES, BreakerPolic
 from hivemesh.mesh.resilience.concurrency import ConcurrencyPolicy, PriorityClass
 from hivemesh.mesh.resilience.ratelimit import IdentityOverride, RateLimitPolicy
 from hivemesh.mesh.resilience.retry import NEVER_RETRIED, Backoff, RetryPolicy
-from hivemesh.mesh.resilience.routes import RoutePolicy, RouteRule, Subset
+from hivemesh.mesh.resilience.routes import RoutePolicy, RouteRule, ShadowRule, Subset
 
 T = TypeVar("T")
 
@@ -173,6 +177,14 @@ ROUTES_SCHEMA: Final = _obj({
     "fallback": {"type": "string", "pattern": _NAME},
     "cache": _obj({"ttl_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 86_400},
                    "max_entries": {"type": "integer", "minimum": 1, "maximum": 100_000}}),
+    "shadow": _obj({
+        "version": _VERSION, "labels": _LABELS,
+        "percent": {"type": "number", "exclusiveMinimum": 0, "maximum": 100},
+        "sandbox": {"type": "boolean"},
+        "timeout_ms": _MS,
+        "max_in_flight": {"type": "integer", "minimum": 1, "maximum": 1000},
+        "compare": {"enum": ["json", "exact"]},
+    }, required=["percent"]),
 })
 
 
@@ -186,6 +198,9 @@ def _check_routes(doc: PolicyDoc) -> None:
         for j, s in enumerate(rule.get("split", [])):
             if "version" not in s and "labels" not in s:
                 raise PolicyError(f"spec.rules[{i}].split[{j}]", "needs a version or labels to select instances")
+    shadow = spec.get("shadow")
+    if shadow is not None and "version" not in shadow and "labels" not in shadow:
+        raise PolicyError("spec.shadow", "needs a version or labels to select the candidate instances")
     fallback = spec.get("fallback")
     if fallback is not None and fallback in spec.get("capabilities", []):
         raise PolicyError("spec.fallback", "a capability cannot fall back to itself")
@@ -209,6 +224,7 @@ def _route(doc: PolicyDoc) -> RoutePolicy:
             split=tuple((s["weight"], _subset(s)) for s in r.get("split", [])),
         ))
     cache = spec.get("cache")
+    shadow = spec.get("shadow")
     return RoutePolicy(
         name=doc.name,
         load_balancer=spec.get("load_balancer", ROUND_ROBIN),
@@ -216,6 +232,10 @@ def _route(doc: PolicyDoc) -> RoutePolicy:
         fallback=spec.get("fallback"),
         cache_ttl_s=float(cache.get("ttl_s", 300)) if cache is not None else None,
         cache_max_entries=int(cache.get("max_entries", 1000)) if cache is not None else 1000,
+        shadow=ShadowRule(
+            _subset(shadow), float(shadow["percent"]), bool(shadow.get("sandbox", False)),
+            shadow.get("timeout_ms", 2000) / 1000, int(shadow.get("max_in_flight", 8)), shadow.get("compare", "json"),
+        ) if shadow is not None else None,
     )
 
 
@@ -225,7 +245,7 @@ ROUTES: Final[PolicyKind[Table[RoutePolicy]]] = PolicyKind(
     compile=lambda docs: _compile_table("routes", docs, _route),
     check=_check_routes,
     description="per capability: weighted splits by version or label, pins, metadata matches, load balancer, "
-                "fallback capability, cached last good response",
+                "fallback capability, cached last good response, shadow traffic to a candidate",
 )
 
 
@@ -472,6 +492,84 @@ CONCURRENCY: Final[PolicyKind[Table[ConcurrencyPolicy]]] = PolicyKind(
     compile=_compile_concurrency,
     check=_check_concurrency,
     description="a bounded number of calls in flight per agent, with priority classes; the excess is shed",
+)
+
+# --- rollouts -------------------------------------------------------------------------------------------------------
+_PERCENT: Final = {"type": "integer", "minimum": 1, "maximum": 100}
+ROLLOUTS_SCHEMA: Final = _obj({
+    "capability": {"type": "string", "pattern": _NAME},
+    "routes": {"type": "string", "pattern": _NAME},
+    "stable": _SUBSET,
+    "canary": _SUBSET,
+    "steps": {"type": "array", "minItems": 1, "maxItems": 20, "items": _PERCENT},
+    "interval_s": {"type": "number", "minimum": 0.05, "maximum": 86_400},
+    "min_calls": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+    "max_error_rate": {"type": "number", "minimum": 0, "maximum": 1},
+    "max_error_rate_increase": {"type": "number", "minimum": 0, "maximum": 1},
+    "max_latency_ratio": {"type": "number", "minimum": 1, "maximum": 100},
+}, required=["capability", "stable", "canary", "steps"])
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    """One compiled rollouts document: step `canary`'s weight in routes document `routes` through `steps` (%)."""
+
+    name: str
+    capability: str
+    routes: str
+    stable: Mapping[str, Any]
+    canary: Mapping[str, Any]
+    steps: tuple[int, ...]
+    interval_s: float = 60.0
+    min_calls: int = 20
+    max_error_rate: float = 0.05
+    max_error_rate_increase: float = 0.02
+    max_latency_ratio: float = 1.5
+
+
+def _check_rollouts(doc: PolicyDoc) -> None:
+    steps = doc.spec["steps"]
+    for i in range(1, len(steps)):
+        if steps[i] <= steps[i - 1]:
+            raise PolicyError(f"spec.steps[{i}]", "steps must grow (e.g. 5, 25, 50, 100)")
+    if steps[-1] != 100:
+        raise PolicyError(f"spec.steps[{len(steps) - 1}]", "the last step must be 100 (the canary takes all traffic)")
+    if doc.spec["stable"] == doc.spec["canary"]:
+        raise PolicyError("spec.canary", "the canary must select other instances than the stable version")
+
+
+def _rollout(doc: PolicyDoc) -> RolloutSpec:
+    s = doc.spec
+    return RolloutSpec(
+        name=doc.name, capability=s["capability"], routes=s.get("routes", f"rollout-{doc.name}"),
+        stable=dict(s["stable"]), canary=dict(s["canary"]), steps=tuple(s["steps"]),
+        interval_s=float(s.get("interval_s", 60.0)), min_calls=int(s.get("min_calls", 20)),
+        max_error_rate=float(s.get("max_error_rate", 0.05)),
+        max_error_rate_increase=float(s.get("max_error_rate_increase", 0.02)),
+        max_latency_ratio=float(s.get("max_latency_ratio", 1.5)),
+    )
+
+
+def _compile_rollouts(docs: Mapping[str, PolicyDoc]) -> Mapping[str, RolloutSpec]:
+    out: dict[str, RolloutSpec] = {}
+    owner: dict[str, str] = {}
+    for doc in sorted(docs.values(), key=lambda d: d.name):
+        spec = _rollout(doc)
+        for what in (f"capability {spec.capability!r}", f"routes document {spec.routes!r}"):
+            other = owner.setdefault(what, doc.name)
+            if other != doc.name:
+                raise PolicyError("spec", f"rollouts/{doc.name} and rollouts/{other} both drive {what}")
+        out[doc.name] = spec
+    return out
+
+
+ROLLOUTS: Final[PolicyKind[Mapping[str, RolloutSpec]]] = PolicyKind(
+    name="rollouts",
+    spec_schema=ROLLOUTS_SCHEMA,
+    compile=_compile_rollouts,
+    check=_check_rollouts,
+    description="automatic canary rollout: the control-plane leader steps a canary's routes weight while its error "
+                "rate and latency stay within bounds of the stable version's, and rolls back when they do not",
 )
 
 TRAFFIC_KINDS: Final = (ROUTES, RETRIES, TIMEOUTS, BREAKERS, RATELIMITS, CONCURRENCY)

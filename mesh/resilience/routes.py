@@ -65,6 +65,22 @@ class RouteRule:
 
 
 @dataclass(frozen=True)
+class ShadowRule:
+    """Mirror `percent` of a capability's answered calls to the `subset` (the candidate), compare the answers.
+
+    compare is "json" (equal parsed JSON, key order ignored) or "exact" (equal bytes). sandbox: the candidate
+    has no real effects, so even a non-idempotent capability may be mirrored to it.
+    """
+
+    subset: Subset
+    percent: float
+    sandbox: bool = False
+    timeout_s: float = 2.0
+    max_in_flight: int = 8
+    compare: str = "json"
+
+
+@dataclass(frozen=True)
 class RoutePolicy:
     """The compiled routes document in force for one capability."""
 
@@ -74,6 +90,7 @@ class RoutePolicy:
     fallback: str | None = None
     cache_ttl_s: float | None = None
     cache_max_entries: int = 1000
+    shadow: ShadowRule | None = None
 
     @property
     def needs_metadata(self) -> bool:
@@ -111,7 +128,11 @@ def select(
 
     `state(rule_index, n)` returns the SplitState kept for that rule. An empty list means the route allows
     no live instance (a pin whose version is not running): the caller degrades or fails NO_LIVE_INSTANCE.
+    A shadow's candidate instances never serve real calls: they are left out before any rule applies.
     """
+    if policy.shadow is not None:
+        candidate = policy.shadow.subset
+        instances = [i for i in instances if not candidate.matches(i)]
     for index, rule in enumerate(policy.rules):
         if not rule.holds(metadata):
             continue

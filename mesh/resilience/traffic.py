@@ -33,10 +33,10 @@ class _Counts:
     """Recent calls/failures/retries/degraded of one capability or instance, plus calls in flight."""
 
     __slots__ = ("in_flight", "window")
-    CALLS, FAILURES, RETRIES, DEGRADED = 0, 1, 2, 3
+    CALLS, FAILURES, RETRIES, DEGRADED, ENDED, MICROS = 0, 1, 2, 3, 4, 5  # ENDED, MICROS: inbound latency
 
     def __init__(self, clock: Callable[[], float]) -> None:
-        self.window = WindowCounter(_STATUS_WINDOW_S, width=4, clock=clock)
+        self.window = WindowCounter(_STATUS_WINDOW_S, width=6, clock=clock)
         self.in_flight = 0
 
 
@@ -176,11 +176,14 @@ class TrafficState:
         c.in_flight += 1
         c.window.add(_Counts.CALLS)
 
-    def in_finished(self, capability: str, *, failed: bool) -> None:
+    def in_finished(self, capability: str, *, failed: bool, seconds: float | None = None) -> None:
         c = self._counts(self._in, capability)
         c.in_flight = max(0, c.in_flight - 1)
         if failed:
             c.window.add(_Counts.FAILURES)
+        if seconds is not None:  # for the mean latency in status (automatic rollouts compare it)
+            c.window.add(_Counts.ENDED)
+            c.window.add(_Counts.MICROS, int(seconds * 1_000_000))
 
     # --- the status report ------------------------------------------------------------------------------------
     def snapshot(
@@ -200,7 +203,7 @@ class TrafficState:
                 ids.append(inst)
         for cap in sorted(set(self._out) | set(self._cap_breakers)):
             c = self._out.get(cap)
-            calls, failures, retries, degraded = c.window.totals() if c else (0, 0, 0, 0)
+            calls, failures, retries, degraded, _e, _m = c.window.totals() if c else (0, 0, 0, 0, 0, 0)
             b = self._cap_breakers.get(cap)
             entry = node.capabilities.add(
                 capability=cap, direction="outbound", breaker=b.state.value if b else "",
@@ -209,7 +212,7 @@ class TrafficState:
             )
             for inst in sorted(by_cap_instances.get(cap, [])):
                 ic = self._out_inst.get((cap, inst))
-                icalls, ifail, _r, _d = ic.window.totals() if ic else (0, 0, 0, 0)
+                icalls, ifail, _r, _d, _e, _m = ic.window.totals() if ic else (0, 0, 0, 0, 0, 0)
                 ib = self._inst_breakers.get((cap, inst))
                 entry.instances.add(
                     instance=inst, breaker=ib.state.value if ib else "", in_flight=ic.in_flight if ic else 0,
@@ -217,12 +220,13 @@ class TrafficState:
                 )
         for cap in sorted(set(self._in) | set(self.limiter.capabilities())):
             c = self._in.get(cap)
-            calls, failures, _r, _d = c.window.totals() if c else (0, 0, 0, 0)
+            calls, failures, _r, _d, ended, micros = c.window.totals() if c else (0, 0, 0, 0, 0, 0)
             admitted, limited, limit = self.limiter.usage(cap)
             node.capabilities.add(
                 capability=cap, direction="inbound", in_flight=c.in_flight if c else 0, calls=calls,
                 failures=failures, error_rate=failures / calls if calls else 0.0, rate_limited=limited,
                 limit_rps=limit, limiter_use=(admitted / _STATUS_WINDOW_S) / limit if limit else 0.0,
+                latency_ms=micros / ended / 1000 if ended else 0.0,
             )
         gate = self._gates.get(agent) if agent else None
         if gate is not None:

@@ -413,6 +413,7 @@ class CapabilityTraffic(_message.Message):
     LIMIT_RPS_FIELD_NUMBER: _builtins.int
     INSTANCES_FIELD_NUMBER: _builtins.int
     DEGRADED_FIELD_NUMBER: _builtins.int
+    LATENCY_MS_FIELD_NUMBER: _builtins.int
     capability: _builtins.str
     direction: _builtins.str
     """"outbound" (this node calls it) or "inbound" (this node serves it)"""
@@ -435,6 +436,8 @@ class CapabilityTraffic(_message.Message):
     """inbound: the local total limit in force (cluster share included)"""
     degraded: _builtins.int
     """outbound: calls answered by a fallback or the cache in the last ~10 s"""
+    latency_ms: _builtins.float
+    """inbound: mean time to answer calls that ended in the last ~10 s (0: none)"""
     @_builtins.property
     def instances(self) -> _containers.RepeatedCompositeFieldContainer[Global___InstanceTraffic]: ...
     def __init__(
@@ -453,10 +456,11 @@ class CapabilityTraffic(_message.Message):
         limit_rps: _builtins.float = ...,
         instances: _abc.Iterable[Global___InstanceTraffic] | None = ...,
         degraded: _builtins.int = ...,
+        latency_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker", b"breaker", "calls", b"calls", "capability", b"capability", "degraded", b"degraded", "direction", b"direction", "error_rate", b"error_rate", "failures", b"failures", "in_flight", b"in_flight", "instances", b"instances", "limit_rps", b"limit_rps", "limiter_use", b"limiter_use", "rate_limited", b"rate_limited", "retries", b"retries"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker", b"breaker", "calls", b"calls", "capability", b"capability", "degraded", b"degraded", "direction", b"direction", "error_rate", b"error_rate", "failures", b"failures", "in_flight", b"in_flight", "instances", b"instances", "latency_ms", b"latency_ms", "limit_rps", b"limit_rps", "limiter_use", b"limiter_use", "rate_limited", b"rate_limited", "retries", b"retries"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

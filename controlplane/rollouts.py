@@ -1,0 +1,274 @@
+"""Automatic rollouts: step a canary's weight in a routes document while it stays healthy, roll back when not.
+
+A `rollouts` document (`hivemesh.mesh.resilience.kinds.ROLLOUTS`) names a capability, the stable and canary
+versions, and the canary's weights in percent (e.g. 5, 25, 50, 100). The rollout owns one rule, `rollout`, of
+the routes document `spec.routes` (first rule; the document's other fields and rules are kept): a split of
+100-w to the stable version and w to the canary. Every pass it judges the canary against the stable version:
+
+- the canary has had fewer than `min_calls` calls in the status window: wait;
+- its error rate is above `max_error_rate`, or above the stable version's by more than
+  `max_error_rate_increase`, or (when both latencies are known) its latency is above `max_latency_ratio` times
+  the stable version's: roll back (canary weight 0) and stop;
+- otherwise, once `interval_s` passed since the last step: the next weight; after the last (100) held healthy
+  for an interval: done.
+
+Each start, step, rollback and completion is written to the control plane's audit log (event `rollout`) and
+to the rollout's state in etcd (`keyspace.ROLLOUTS` + name, JSON), so a new leader continues where the last
+stopped. A changed rollouts document (a new version) starts over.
+
+Who runs it: the control-plane leader only. One writer steps the weights (callers would race each other
+writing the same routes document), it sees every node's published status (a caller node sees only its own
+calls), and the audit log it writes to is the control plane's. Health comes from the traffic status every
+serving node publishes (`hivemesh.mesh.status`: calls, failures and latency over the last ~10 s, inbound, per
+instance, with the mean latency of the calls that ended), with each instance's version read from the registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from hivemesh.controlplane import policies as store
+from hivemesh.mesh.errors import HivemeshError
+from hivemesh.mesh.keyspace import AGENTS, ROLLOUTS, STATUS
+from hivemesh.mesh.policy import PolicyDoc
+from hivemesh.mesh.resilience.kinds import ROLLOUTS as ROLLOUTS_KIND
+from hivemesh.mesh.resilience.kinds import RolloutSpec
+from hivemesh.v1 import agent_pb2, mesh_pb2, policy_pb2
+
+if TYPE_CHECKING:
+    from hivemesh.controlplane.server import Core
+
+log = logging.getLogger(__name__)
+
+RULE: Final = "rollout"
+"""The name of the routes rule a rollout owns."""
+
+Recorder = Callable[[Mapping[str, Any]], Awaitable[object]]
+
+
+@dataclass(frozen=True)
+class VersionStats:
+    """Recent calls of one version of a capability (the status window, ~10 s)."""
+
+    calls: int = 0
+    failures: int = 0
+    latency_ms: float | None = None
+
+    @property
+    def error_rate(self) -> float:
+        return self.failures / self.calls if self.calls else 0.0
+
+
+@dataclass
+class RolloutState:
+    """Where a rollout is: the index of the weight in force, since when, and its phase."""
+
+    version: int
+    """The rollouts document's version (etcd mod revision) this state belongs to."""
+    step: int = 0
+    since: float = 0.0
+    phase: str = "stepping"  # "stepping", "done" or "rolled-back"
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # "hold", "step", "done", "rollback", or "error" (it could not write; tried again next pass)
+    reason: str
+
+
+def judge(spec: RolloutSpec, stable: VersionStats, canary: VersionStats) -> str | None:
+    """Why the canary is unhealthy against the stable version, or None when it is within every bound."""
+    if canary.error_rate > spec.max_error_rate:
+        return f"canary error rate {canary.error_rate:.1%} > max_error_rate {spec.max_error_rate:.1%}"
+    if stable.calls >= spec.min_calls and canary.error_rate - stable.error_rate > spec.max_error_rate_increase:
+        return (f"canary error rate {canary.error_rate:.1%} exceeds the stable version's {stable.error_rate:.1%} "
+                f"by more than {spec.max_error_rate_increase:.1%}")
+    if (canary.latency_ms is not None and stable.latency_ms is not None and stable.calls >= spec.min_calls
+            and canary.latency_ms > spec.max_latency_ratio * stable.latency_ms):
+        return (f"canary latency {canary.latency_ms:.0f} ms > {spec.max_latency_ratio:g} x the stable version's "
+                f"{stable.latency_ms:.0f} ms")
+    return None
+
+
+def decide(spec: RolloutSpec, state: RolloutState, stable: VersionStats, canary: VersionStats,
+           now: float) -> Decision:
+    """The next move of a rollout in progress (pure: no I/O)."""
+    if state.phase != "stepping":
+        return Decision("hold", state.phase)
+    if canary.calls < spec.min_calls:
+        return Decision("hold", f"waiting for {spec.min_calls} canary calls (has {canary.calls})")
+    bad = judge(spec, stable, canary)
+    if bad is not None:
+        return Decision("rollback", bad)
+    if now - state.since < spec.interval_s:
+        return Decision("hold", "healthy; the step's interval has not passed")
+    if state.step >= len(spec.steps) - 1:
+        return Decision("done", f"healthy at {spec.steps[-1]}% for {spec.interval_s:g} s")
+    return Decision("step", f"healthy at {spec.steps[state.step]}% for {spec.interval_s:g} s")
+
+
+def routes_spec(spec: RolloutSpec, current: Mapping[str, Any] | None, canary_weight: int) -> dict[str, Any]:
+    """The routes document's spec with the rollout's rule first, at canary_weight percent."""
+    split: list[dict[str, Any]] = [{"weight": 100 - canary_weight, **spec.stable},
+                                   {"weight": canary_weight, **spec.canary}]
+    rule: dict[str, Any] = {"name": RULE, "split": split}
+    out: dict[str, Any] = dict(current) if current is not None else {"capabilities": [spec.capability]}
+    others: list[dict[str, Any]] = [r for r in out.get("rules", []) if r.get("name") != RULE]
+    out["rules"] = [rule, *others]
+    return out
+
+
+def _matches(subset: Mapping[str, Any], card: agent_pb2.AgentCard) -> bool:
+    version = subset.get("version")
+    if version is not None and not fnmatch.fnmatchcase(card.version, version):
+        return False
+    return all(card.labels.get(k) == v for k, v in subset.get("labels", {}).items())
+
+
+async def status_stats(etcd: Any, spec: RolloutSpec) -> tuple[VersionStats, VersionStats]:
+    """The stable and canary versions' recent inbound calls, from every serving node's published status."""
+    cards: dict[str, agent_pb2.AgentCard] = {}
+    for kv in await etcd.get_prefix(AGENTS.encode()):
+        with contextlib.suppress(Exception):
+            inst = mesh_pb2.AgentInstance.FromString(kv.value)
+            cards[inst.instance_id] = inst.card
+    totals: dict[str, list[float]] = {"stable": [0, 0, 0.0, 0], "canary": [0, 0, 0.0, 0]}  # calls, failures, ms
+    for kv in await etcd.get_prefix(STATUS.encode()):
+        try:
+            node = policy_pb2.NodeTraffic.FromString(kv.value)
+        except Exception:  # noqa: BLE001 - a bad entry must not stop the rollout's judgment of the others
+            continue
+        card = cards.get(node.instance)
+        if card is None:
+            continue
+        which = "canary" if _matches(spec.canary, card) else "stable" if _matches(spec.stable, card) else None
+        if which is None:
+            continue
+        for cap in node.capabilities:
+            if cap.direction == "inbound" and cap.capability == spec.capability:
+                t = totals[which]
+                t[0] += cap.calls
+                t[1] += cap.failures
+                if cap.latency_ms > 0:  # mean latency, weighted by each instance's calls
+                    t[2] += cap.latency_ms * cap.calls
+                    t[3] += cap.calls
+
+    def stats(t: list[float]) -> VersionStats:
+        return VersionStats(int(t[0]), int(t[1]), t[2] / t[3] if t[3] else None)
+
+    return stats(totals["stable"]), stats(totals["canary"])
+
+
+StatsSource = Callable[[Any, RolloutSpec], Awaitable[tuple[VersionStats, VersionStats]]]
+
+
+class RolloutController:
+    """Runs every rollouts document; `tick()` is one pass, the loop runs passes while this replica leads."""
+
+    def __init__(self, etcd: Any, recorder: Recorder | None = None, *, stats: StatsSource = status_stats,
+                 leading: Callable[[], bool] = lambda: True, clock: Callable[[], float] = time.time,
+                 poll_s: float = 1.0) -> None:
+        self.etcd = etcd
+        self.recorder = recorder
+        self.stats = stats
+        self.leading = leading
+        self.clock = clock
+        self.poll_s = poll_s
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="hivemesh-rollouts")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _loop(self) -> None:
+        while True:
+            if self.leading():
+                try:
+                    await self.tick()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - etcd trouble: try again next pass
+                    log.warning("rollout pass failed: %r", exc)
+            await asyncio.sleep(self.poll_s)
+
+    async def _state(self, name: str) -> RolloutState | None:
+        kv = await self.etcd.get(f"{ROLLOUTS}{name}".encode())
+        return RolloutState(**json.loads(kv.value)) if kv is not None else None
+
+    async def tick(self) -> dict[str, Decision]:
+        """One pass over every rollout; returns what was decided for each (by name)."""
+        docs = await store.list_policies(self.etcd, ROLLOUTS_KIND.name)
+        out: dict[str, Decision] = {}
+        for doc in docs:
+            spec = ROLLOUTS_KIND.compile({doc.name: doc})[doc.name]
+            try:
+                out[doc.name] = await self._advance(doc, spec)
+            except HivemeshError as err:  # e.g. its routes document conflicts with another: the others go on
+                log.warning("rollout %s cannot proceed: %s", doc.name, err.message)
+                out[doc.name] = Decision("error", err.message)
+        return out
+
+    async def _advance(self, doc: PolicyDoc, spec: RolloutSpec) -> Decision:
+        now = self.clock()
+        state = await self._state(spec.name)
+        if state is None or state.version != doc.version:
+            state = RolloutState(version=doc.version, step=0, since=now)
+            await self._write(spec, state, spec.steps[0], "started", f"canary at {spec.steps[0]}%")
+            return Decision("step", "started")
+        stable, canary = await self.stats(self.etcd, spec)
+        decision = decide(spec, state, stable, canary, now)
+        figures = {"stable_calls": stable.calls, "stable_error_rate": round(stable.error_rate, 4),
+                   "canary_calls": canary.calls, "canary_error_rate": round(canary.error_rate, 4)}
+        if decision.action == "rollback":
+            state.phase, state.reason, state.since = "rolled-back", decision.reason, now
+            await self._write(spec, state, 0, "rolled-back", decision.reason, figures)
+        elif decision.action == "step":
+            state.step, state.since = state.step + 1, now
+            await self._write(spec, state, spec.steps[state.step], "stepped", decision.reason, figures)
+        elif decision.action == "done":
+            state.phase, state.reason, state.since = "done", decision.reason, now
+            await self._write(spec, state, None, "done", decision.reason, figures)
+        return decision
+
+    async def _write(self, spec: RolloutSpec, state: RolloutState, canary_weight: int | None, event: str,
+                     reason: str, figures: Mapping[str, Any] | None = None) -> None:
+        if canary_weight is not None:
+            try:
+                current: Mapping[str, Any] | None = (await store.get_policy(self.etcd, "routes", spec.routes)).spec
+            except HivemeshError:
+                current = None
+            doc = store.validate_document({"kind": "routes", "name": spec.routes,
+                                           "spec": routes_spec(spec, current, canary_weight)})
+            await store.apply_policies(self.etcd, [doc])
+        await self.etcd.put(f"{ROLLOUTS}{spec.name}".encode(), json.dumps(asdict(state)).encode())
+        log.warning("rollout %s: %s (%s)", spec.name, event, reason)
+        if self.recorder is not None:
+            try:
+                await self.recorder({"event": "rollout", "rollout": spec.name, "capability": spec.capability,
+                                     "action": event, "canary_weight": canary_weight, "reason": reason,
+                                     **(figures or {})})
+            except Exception:  # the step happened; a failed audit write is logged, not undone
+                log.exception("could not record rollout %s in the audit log", spec.name)
+
+
+def install(core: Core, server: Any) -> RolloutController:
+    """The rollout loop, run by the control-plane leader for the control plane's lifetime (no service)."""
+    from hivemesh.controlplane.audit.store import audit_store
+    from hivemesh.controlplane.replicas import is_leader
+
+    return RolloutController(core.etcd, audit_store(core).record, leading=lambda: is_leader(core))

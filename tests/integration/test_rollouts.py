@@ -1,0 +1,146 @@
+"""Automatic rollouts over real etcd: the controller reads the serving nodes' published status and the
+registry (written here as serving nodes write them), steps the canary's weight in the routes document through
+5 → 25 → 50 → 100 while the canary is healthy, and rolls back by itself when it starts failing mid-rollout;
+each step lands in a real control-plane audit log. Steps are driven by pass, on a test clock."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import aetcd
+
+from hivemesh.controlplane import policies as store
+from hivemesh.controlplane.audit.store import AuditStore
+from hivemesh.controlplane.rollouts import RolloutController
+from hivemesh.mesh.keyspace import AGENTS, ROLLOUTS
+from hivemesh.mesh.status import status_key
+from hivemesh.v1 import agent_pb2, mesh_pb2, policy_pb2
+from tests.support.meshenv import MeshEnv
+
+ROLLOUT = """
+kind: rollouts
+name: {cap}-v2
+spec:
+  capability: {cap}
+  stable: {{version: "1.*"}}
+  canary: {{version: "2.*"}}
+  steps: [5, 25, 50, 100]
+  interval_s: 30
+  min_calls: 10
+  max_error_rate: 0.1
+"""
+
+
+async def _serve(etcd: aetcd.Client, instance: str, version: str) -> None:
+    """A registry entry, as a serving node registers itself."""
+    card = agent_pb2.AgentCard(name="flaky", version=version,
+                               capabilities=[agent_pb2.Capability(name=c, idempotent=True) for c in ("work", "score")])
+    entry = mesh_pb2.AgentInstance(instance_id=instance, identity="spiffe://hivemesh.test/agent/flaky",
+                                   endpoint="127.0.0.1:1", card=card)
+    await etcd.put(f"{AGENTS}flaky/{instance}".encode(), entry.SerializeToString())
+
+
+async def _status(etcd: aetcd.Client, instance: str, latency_ms: float = 20.0, **caps: tuple[int, int]) -> None:
+    """The status a serving node publishes: inbound (calls, failures) per capability over the last ~10 s."""
+    node = policy_pb2.NodeTraffic(identity="spiffe://hivemesh.test/agent/flaky", instance=instance, capabilities=[
+        policy_pb2.CapabilityTraffic(capability=c, direction="inbound", calls=n, failures=f, latency_ms=latency_ms,
+                                     error_rate=f / n if n else 0.0) for c, (n, f) in caps.items()])
+    await etcd.put(status_key("agent", "flaky", instance).encode(), node.SerializeToString())
+
+
+async def _canary_weight(etcd: aetcd.Client, cap: str) -> int:
+    rule = (await store.get_policy(etcd, "routes", f"rollout-{cap}-v2")).spec["rules"][0]
+    assert rule["name"] == "rollout" and [s["version"] for s in rule["split"]] == ["1.*", "2.*"]
+    stable, canary = (s["weight"] for s in rule["split"])
+    assert stable + canary == 100
+    return int(canary)
+
+
+async def test_rollout_steps_a_healthy_canary_and_rolls_back_a_failing_one(etcd: aetcd.Client,
+                                                                           tmp_path: Path) -> None:
+    await _serve(etcd, "flaky-v1", "1.0.0")
+    await _serve(etcd, "flaky-v2", "2.0.0")
+    await _status(etcd, "flaky-v1", work=(100, 1), score=(100, 1))
+    await _status(etcd, "flaky-v2", work=(3, 0), score=(3, 0))  # too few canary calls to judge yet
+    await store.apply_text(etcd, ROLLOUT.format(cap="work") + "---" + ROLLOUT.format(cap="score"))
+    audit = AuditStore(tmp_path / "audit", identity="spiffe://hivemesh.test/controlplane").open()
+    now = [1000.0]
+    controller = RolloutController(etcd, audit.record, clock=lambda: now[0])
+
+    weights: dict[str, list[int]] = {"work": [], "score": []}
+
+    async def tick(advance: float = 0.0) -> dict[str, str]:
+        now[0] += advance
+        decided = await controller.tick()
+        for cap in weights:
+            w = await _canary_weight(etcd, cap)
+            if not weights[cap] or weights[cap][-1] != w:
+                weights[cap].append(w)
+        return {name.removesuffix("-v2"): d.action for name, d in decided.items()}
+
+    try:
+        assert await tick() == {"work": "step", "score": "step"}  # started at 5%
+        assert await tick(60) == {"work": "hold", "score": "hold"}  # min_calls not reached: no step on time alone
+        await _status(etcd, "flaky-v2", work=(20, 0), score=(20, 0))
+        assert await tick() == {"work": "step", "score": "step"}  # 25%: enough calls, healthy, interval passed
+        assert await tick(10) == {"work": "hold", "score": "hold"}  # healthy, but the interval has not passed
+        assert await tick(20) == {"work": "step", "score": "step"}  # 50%
+        # score's canary starts failing mid-rollout (5 of 20 > 10%): it is rolled back at once, not at the
+        # end of the interval; work's stays healthy and goes on to 100% and done.
+        await _status(etcd, "flaky-v2", work=(40, 1), score=(20, 5))
+        assert await tick(1) == {"work": "hold", "score": "rollback"}
+        assert await tick(30) == {"work": "step", "score": "hold"}  # 100%
+        assert await tick(30) == {"work": "done", "score": "hold"}
+        assert await tick(30) == {"work": "hold", "score": "hold"}
+        assert weights == {"work": [5, 25, 50, 100], "score": [5, 25, 50, 0]}
+
+        state = json.loads((await etcd.get(f"{ROLLOUTS}score-v2".encode())).value)
+        assert state["phase"] == "rolled-back" and "25.0% > max_error_rate 10.0%" in state["reason"]
+        records = [json.loads(line)["record"] for line in audit.lines()]
+        steps = [(r["rollout"], r["action"], r["canary_weight"]) for r in records if r.get("event") == "rollout"]
+        assert steps == [
+            ("score-v2", "started", 5), ("work-v2", "started", 5),
+            ("score-v2", "stepped", 25), ("work-v2", "stepped", 25),
+            ("score-v2", "stepped", 50), ("work-v2", "stepped", 50),
+            ("score-v2", "rolled-back", 0),
+            ("work-v2", "stepped", 100), ("work-v2", "done", None),
+        ]
+        rollback = next(r for r in records if r.get("action") == "rolled-back")
+        assert (rollback["canary_calls"], rollback["canary_error_rate"]) == (20, 0.25)
+
+        # A changed rollouts document starts over; the routes document keeps its other rules and fields.
+        await store.apply_text(etcd, "kind: routes\nname: rollout-score-v2\nspec:\n  capabilities: [score]\n"
+                               "  fallback: work\n  rules:\n    - {name: rollout, pin: {version: '1.*'}}\n"
+                               "    - {name: other, pin: {version: '1.*'}}\n")
+        await store.apply_text(etcd, ROLLOUT.format(cap="score").replace("max_error_rate: 0.1", "max_error_rate: 0.3"))
+        assert (await tick())["score"] == "step"
+        routes = (await store.get_policy(etcd, "routes", "rollout-score-v2")).spec
+        assert routes["fallback"] == "work" and [r["name"] for r in routes["rules"]] == ["rollout", "other"]
+        assert await _canary_weight(etcd, "score") == 5
+        # Now healthy by errors, but four times slower than the stable version (> 1.5x): rolled back.
+        await _status(etcd, "flaky-v2", latency_ms=80.0, work=(40, 0), score=(20, 0))
+        assert (await tick(30))["score"] == "rollback"
+        assert await _canary_weight(etcd, "score") == 0
+        state = json.loads((await etcd.get(f"{ROLLOUTS}score-v2".encode())).value)
+        assert "canary latency 80 ms > 1.5 x the stable version's 20 ms" in state["reason"]
+        # A rollout whose routes document would clash with another one of its capability cannot write it: it
+        # says why, writes nothing, and the other rollouts go on.
+        await store.apply_text(etcd, "kind: routes\nname: plain\nspec: {capabilities: [extra]}\n---"
+                               + ROLLOUT.format(cap="extra"))
+        decided = await controller.tick()
+        assert decided["extra-v2"].action == "error" and "both target 'extra'" in decided["extra-v2"].reason
+        assert decided["work-v2"].action == "hold" and await etcd.get(f"{ROLLOUTS}extra-v2".encode()) is None
+    finally:
+        await audit.close()
+
+
+async def test_the_control_plane_leader_runs_rollouts(mesh_env: MeshEnv, etcd: aetcd.Client) -> None:
+    """Wiring: the control plane of the mesh (leading, alone) starts a rollout applied through the store."""
+    await store.apply_text(etcd, ROLLOUT.format(cap="work"))
+    deadline = asyncio.get_running_loop().time() + 10
+    while (await etcd.get(f"{ROLLOUTS}work-v2".encode())) is None:
+        assert asyncio.get_running_loop().time() < deadline, "the control plane did not start the rollout"
+        await asyncio.sleep(0.05)
+    assert await _canary_weight(etcd, "work") == 5
