@@ -30,6 +30,7 @@ from typing import Any, Final
 
 import yaml
 
+from hivemesh.controlplane.escalation_webhooks import ESCALATION_WEBHOOKS
 from hivemesh.controlplane.grants import _GRANT_SCHEMA, Grant, GrantSet
 from hivemesh.controlplane.slo import SLOS
 from hivemesh.controlplane.yaml_errors import yaml_error_text
@@ -92,7 +93,7 @@ GRANTS_KIND: Final = PolicyKind(
     decode=_decode_grant,
 )
 
-KINDS: Final = PolicyKinds((*TRAFFIC_KINDS, AUTHZ, BUDGETS, GRANTS_KIND, SLOS))
+KINDS: Final = PolicyKinds((*TRAFFIC_KINDS, AUTHZ, BUDGETS, GRANTS_KIND, SLOS, ESCALATION_WEBHOOKS))
 """Every kind this store validates and keeps (add a new kind here and to the nodes that enforce it; `slos` is
 read by `hivemesh slo rules` only, so no node mirrors it)."""
 
