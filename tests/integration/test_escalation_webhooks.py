@@ -16,7 +16,7 @@ from typing import Any
 
 from hivemesh.controlplane.audit.store import audit_store
 from hivemesh.controlplane.escalation_webhooks import sign, verify
-from hivemesh.v1 import escalation_pb2 as E
+from hivemesh.v1 import escalation_pb2 as pb
 from hivemesh.v1 import escalation_pb2_grpc
 from tests.support.meshenv import MeshEnv, apply_policies_text
 
@@ -34,7 +34,7 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - the http.server API
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 if not verify(SECRET, self.headers["X-Hivemesh-Timestamp"], self.headers["X-Hivemesh-Signature"],
                               body):
@@ -113,11 +113,11 @@ spec:
         stub = escalation_pb2_grpc.EscalationsStub(env.operator.channel)
 
         async def create(eid: str, team: str, deadline: int = 0, reason: str = "urgent: approve the refund") -> None:
-            await stub.CreateEscalation(E.CreateEscalationRequest(
+            await stub.CreateEscalation(pb.CreateEscalationRequest(
                 id=eid, reason=reason, deadline_seconds=deadline, labels={"team": team}), timeout=5)
 
-        async def get(eid: str) -> E.Escalation:
-            esc: E.Escalation = await stub.GetEscalation(E.GetEscalationRequest(id=eid), timeout=5)
+        async def get(eid: str) -> pb.Escalation:
+            esc: pb.Escalation = await stub.GetEscalation(pb.GetEscalationRequest(id=eid), timeout=5)
             return esc
 
         await create("esc-open", "ops", deadline=2)
@@ -143,7 +143,7 @@ spec:
 
         # Nobody reachable: given up after max_attempts, and held at the deadline instead of rejected.
         held = await _until("esc-held held", _held(get, "esc-held"))
-        assert held.status == E.ESCALATION_STATUS_PENDING and held.notification.gave_up
+        assert held.status == pb.ESCALATION_STATUS_PENDING and held.notification.gave_up
         assert "no webhook reached anyone" in held.notification.held
         assert "HTTP 500" in held.notification.last_error
         assert receiver.events("esc-held") == [("escalation.opened", "/down")] * 2
@@ -154,11 +154,11 @@ spec:
 
         # A notified escalation still meets its deadline policy.
         expired = await _until("esc-open expired",
-                               _status(get, "esc-open", E.ESCALATION_STATUS_REJECTED))
+                               _status(get, "esc-open", pb.ESCALATION_STATUS_REJECTED))
         assert expired.resolution.resolved_by == "policy:deadline"
         assert receiver.bad_signatures == 0
 
-        store = audit_store(env.controlplane._core)  # type: ignore[arg-type] # noqa: SLF001 - the CP's own log
+        store = audit_store(env.controlplane._core)  # type: ignore[arg-type] # the control plane's own log
         actions = {(r["record"].get("id"), r["record"].get("action"))
                    for r in (json.loads(line) for line in store.lines())
                    if r["record"].get("event") == "escalation"}
@@ -171,21 +171,21 @@ spec:
 
 
 def _delivered(get: Callable[[str], Any], eid: str) -> Callable[[], Any]:
-    async def check() -> E.Escalation | None:
-        esc: E.Escalation = await get(eid)
+    async def check() -> pb.Escalation | None:
+        esc: pb.Escalation = await get(eid)
         return esc if esc.notification.delivered_at_unix_ms else None
     return check
 
 
 def _held(get: Callable[[str], Any], eid: str) -> Callable[[], Any]:
-    async def check() -> E.Escalation | None:
-        esc: E.Escalation = await get(eid)
+    async def check() -> pb.Escalation | None:
+        esc: pb.Escalation = await get(eid)
         return esc if esc.notification.held else None
     return check
 
 
 def _status(get: Callable[[str], Any], eid: str, status: int) -> Callable[[], Any]:
-    async def check() -> E.Escalation | None:
-        esc: E.Escalation = await get(eid)
+    async def check() -> pb.Escalation | None:
+        esc: pb.Escalation = await get(eid)
         return esc if esc.status == status else None
     return check
