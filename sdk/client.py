@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Unpack
@@ -28,6 +28,7 @@ from hivemesh.mesh.node_metrics import metrics_listen as metrics_listen_for
 from hivemesh.mesh.registry import CapabilityInfo
 from hivemesh.mesh.settings import MeshSettings
 from hivemesh.mesh.token_source import on_behalf_of
+from hivemesh.sdk.batch import BatchItem, call_batch
 from hivemesh.sdk.call_options import CallOptionArgs, CallOptions
 from hivemesh.v1 import agent_pb2, mesh_pb2
 
@@ -288,6 +289,21 @@ class MeshClient:
                 yield _decode_output(chunk.data, chunk.content_type)
             if chunk.final:
                 return
+
+    async def call_batch(
+        self,
+        capability: str,
+        inputs: Sequence[Any],
+        *,
+        concurrency: int = 8,
+        idempotency_keys: Sequence[str] | None = None,
+        options: CallOptions | None = None,
+        **overrides: Unpack[CallOptionArgs],
+    ) -> list[BatchItem]:
+        """Call capability once per input (at most concurrency at a time): a result or an error per item,
+        never one item's failure for the whole batch. See `hivemesh.sdk.batch`."""
+        return await call_batch(self, capability, inputs, concurrency=concurrency,
+                                idempotency_keys=idempotency_keys, options=options, **overrides)
 
     def capabilities(self) -> list[tuple[str, str, list[str], int]]:
         """(name, description, agents, live instances) for every capability in the registry now."""
