@@ -274,14 +274,16 @@ class Notifier:
             await asyncio.sleep(self.poll_s)
 
     async def run_once(self) -> None:
-        """One pass over the pending escalations that need telling (settling due deadlines on the way)."""
+        """One pass over the pending escalations that need telling (settling due deadlines on the way). Without
+        any rule it reads no escalation: a mesh that notifies nobody pays one small read per pass."""
+        rules = await self.rules()
+        if not rules:
+            self._tries.clear()
+            return
         pending = [e for e in await self.store.all()
                    if e.status == E.ESCALATION_STATUS_PENDING and e.notification.required]
         live = {e.id for e in pending}
         self._tries = {k: v for k, v in self._tries.items() if k[0] in live}
-        if not pending:
-            return
-        rules = await self.rules()
         await asyncio.gather(*(self._one(esc, rules) for esc in pending))
 
     @staticmethod

@@ -14,8 +14,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from hivemesh.controlplane.audit.store import audit_store
-from hivemesh.controlplane.escalation_webhooks import sign, verify
+from hivemesh.controlplane.escalation_webhooks import ESCALATION_WEBHOOKS, sign, verify
+from hivemesh.mesh.policy import PolicyDoc, PolicyError
 from hivemesh.v1 import escalation_pb2 as pb
 from hivemesh.v1 import escalation_pb2_grpc
 from tests.support.meshenv import MeshEnv, apply_policies_text
@@ -189,3 +192,16 @@ def _status(get: Callable[[str], Any], eid: str, status: int) -> Callable[[], An
         esc: pb.Escalation = await get(eid)
         return esc if esc.status == status else None
     return check
+
+
+def test_rules_are_validated() -> None:
+    good = {"url": "https://hooks.example/x", "secret": {"env": "HOOK_SECRET"}}
+    ESCALATION_WEBHOOKS.validate(PolicyDoc("escalations", "ok", good))
+    for spec, path in (({**good, "match": {"reason": "("}}, "spec.match.reason"),
+                       ({"url": "ftp://x", "secret": {"env": "S"}}, "spec.url"),
+                       ({"url": "https://x"}, "spec"),
+                       ({**good, "secret": {"env": "S", "file": "/x"}}, "spec.secret"),
+                       ({**good, "max_attempts": 100}, "spec.max_attempts")):
+        with pytest.raises(PolicyError) as err:
+            ESCALATION_WEBHOOKS.validate(PolicyDoc("escalations", "bad", spec))
+        assert any(p.startswith(path) for p in err.value.violations), (spec, err.value.violations)
