@@ -590,13 +590,13 @@ class Sidecar:
             except HivemeshError as err:
                 await abort(context, err)
             on_behalf_of.set(self._subject_token(context))  # this RPC's own task context; None: own token
-            remaining, metadata = context.time_remaining(), _trace_metadata(context)
+            metadata = _trace_metadata(context)
 
             async def one(i: int) -> bytes:
                 item = request.items[i]
                 raw, _ = await node.outbound.invoke(
                     self._chained(item.SerializeToString(), item, context), capability=item.capability,
-                    idempotency_key=item.context.idempotency_key, timeout=remaining, metadata=metadata,
+                    idempotency_key=item.context.idempotency_key, timeout=context.time_remaining(), metadata=metadata,
                     request=item,
                 )
                 return raw
