@@ -34,6 +34,7 @@ class Receiver:
         self.got: list[dict[str, Any]] = []
         self.bad_signatures = 0
         self.fail_first = set(fail_first)
+        self.flaky_down = True
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -49,7 +50,8 @@ class Receiver:
                 doc["_path"] = self.path
                 receiver.got.append(doc)
                 eid = doc["escalation"]["id"]
-                failing = self.path == "/down" or eid in receiver.fail_first
+                failing = (self.path == "/down" or eid in receiver.fail_first
+                           or (self.path == "/flaky" and receiver.flaky_down))
                 receiver.fail_first.discard(eid)
                 self.send_response(500 if failing else 204)
                 self.end_headers()
@@ -112,6 +114,15 @@ spec:
   secret: {{file: {secret_file}}}
   max_attempts: 2
   backoff_s: 0.1
+---
+kind: escalations
+name: flaky
+spec:
+  match: {{labels: {{team: flaky}}}}
+  url: {receiver.url}/flaky
+  secret: {{file: {secret_file}}}
+  max_attempts: 10
+  backoff_s: 0.1
 """)
         stub = escalation_pb2_grpc.EscalationsStub(env.operator.channel)
 
@@ -127,6 +138,7 @@ spec:
         await create("esc-retry", "ops")
         await create("esc-held", "down", deadline=1)
         await create("esc-quiet", "nobody")
+        await create("esc-late", "flaky", deadline=1)
 
         # Opened: delivered once with a valid signature; the reminder at half the deadline.
         await _until("esc-open's reminder", lambda: len(receiver.events("esc-open")) >= 2)
@@ -151,6 +163,13 @@ spec:
         assert "HTTP 500" in held.notification.last_error
         assert receiver.events("esc-held") == [("escalation.opened", "/down")] * 2
 
+        # Held while its receiver is down; delivered on a later retry, its deadline restarts from then.
+        await _until("esc-late held", _held(get, "esc-late"))
+        receiver.flaky_down = False
+        late = await _until("esc-late delivered", _delivered(get, "esc-late"))
+        assert late.status == pb.ESCALATION_STATUS_PENDING and late.notification.held == ""
+        assert late.deadline_unix_ms >= late.notification.delivered_at_unix_ms + 1000
+
         # No rule matched: not required, never posted, and its (absent) deadline policy is untouched.
         quiet = await get("esc-quiet")
         assert not quiet.notification.required and receiver.events("esc-quiet") == []
@@ -166,7 +185,8 @@ spec:
                    for r in (json.loads(line) for line in store.lines())
                    if r["record"].get("event") == "escalation"}
         assert {("esc-open", "notified"), ("esc-open", "reminded"), ("esc-retry", "notified"),
-                ("esc-held", "notify-gave-up"), ("esc-held", "held")} <= actions
+                ("esc-held", "notify-gave-up"), ("esc-held", "held"), ("esc-late", "held"),
+                ("esc-late", "notified-deadline-restarted")} <= actions
     finally:
         receiver.server.shutdown()
         receiver.server.server_close()
