@@ -7,7 +7,8 @@ service verifies, so the answer is attributed to the principal and nobody else's
 is a compare-and-swap on the key's mod revision, so a person and the deadline policy can never both win.
 Deadlines need no background task: an escalation past its deadline is resolved by
 its policy (reject, or approve with the default answer) the first time anyone reads, lists or waits on it;
-a waiting run wakes at the deadline to do exactly that.
+a waiting run wakes at the deadline to do exactly that. An escalation a webhook rule matched is held instead
+while nobody has been notified (`hivemesh.controlplane.escalation_webhooks`).
 
 Every creation and resolution (by a person, by the deadline policy, or a withdrawal) is recorded in the
 control plane's tamper-evident audit log (`hivemesh.controlplane.audit`, as a `controlplane` record with
