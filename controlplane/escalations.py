@@ -7,7 +7,8 @@ service verifies, so the answer is attributed to the principal and nobody else's
 is a compare-and-swap on the key's mod revision, so a person and the deadline policy can never both win.
 Deadlines need no background task: an escalation past its deadline is resolved by
 its policy (reject, or approve with the default answer) the first time anyone reads, lists or waits on it;
-a waiting run wakes at the deadline to do exactly that.
+a waiting run wakes at the deadline to do exactly that. An escalation a webhook rule matched is held instead
+while nobody has been notified (`hivemesh.controlplane.escalation_webhooks`).
 
 Every creation and resolution (by a person, by the deadline policy, or a withdrawal) is recorded in the
 control plane's tamper-evident audit log (`hivemesh.controlplane.audit`, as a `controlplane` record with
@@ -125,7 +126,15 @@ def _is_operator(peer: Peer) -> bool:
 
 
 def _expired(esc: escalation_pb2.Escalation, now_ms: int) -> bool:
-    return esc.status == E.ESCALATION_STATUS_PENDING and 0 < esc.deadline_unix_ms <= now_ms
+    """Due for its deadline policy (not when held: nobody was notified, see escalation_webhooks)."""
+    return (esc.status == E.ESCALATION_STATUS_PENDING and 0 < esc.deadline_unix_ms <= now_ms
+            and not esc.notification.held)
+
+
+NoticeCheck = Callable[[escalation_pb2.Escalation], Awaitable[bool]]
+"""Does a webhook rule match this new escalation? (installed by `escalation_webhooks`)"""
+HELD_NOTE: Final = "held: its deadline passed but no webhook reached anyone, so the deadline policy waits"
+EXTENSION: Final = "escalations"
 
 
 class EscalationStore:
@@ -134,6 +143,7 @@ class EscalationStore:
     def __init__(self, etcd: Any, recorder: Recorder | None = None) -> None:
         self.etcd = etcd
         self.recorder = recorder
+        self.notice_check: NoticeCheck | None = None
 
     async def read(self, escalation_id: str) -> tuple[escalation_pb2.Escalation, int] | None:
         kv = await self.etcd.get(_key(escalation_id))
@@ -172,6 +182,13 @@ class EscalationStore:
             esc, rev = found
             if not _expired(esc, _now_ms()):
                 return esc, rev
+            if esc.notification.required and not esc.notification.delivered_at_unix_ms:
+                held = E.Escalation()
+                held.CopyFrom(esc)
+                held.notification.held = HELD_NOTE
+                if await self.swap(held, rev):
+                    await _audit("held", held, DEADLINE_ACTOR, self.recorder)
+                continue
             done = E.Escalation()
             done.CopyFrom(esc)
             default = esc.on_deadline == E.DEADLINE_POLICY_DEFAULT_ANSWER
@@ -265,6 +282,8 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
             labels=dict(request.labels),
             answerer=request.answerer,
         )
+        if self.store.notice_check is not None and await self.store.notice_check(esc):
+            esc.notification.required = True
         stored, created = await self.store.create(esc)
         if not created:
             if stored.requested_by != str(peer.spiffe_id) and not _is_operator(peer):
@@ -403,7 +422,7 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
             if esc.status != E.ESCALATION_STATUS_PENDING or now >= until:
                 return esc
             wait = until - now
-            if esc.deadline_unix_ms:
+            if esc.deadline_unix_ms and not esc.notification.held:
                 wait = min(wait, max((esc.deadline_unix_ms - _now_ms()) / 1000 + 0.05, 0.05))
             await self._wait_change(request.id, rev, wait)
 
@@ -429,4 +448,6 @@ def _recorder(core: Core) -> Recorder | None:
 
 def install(core: Core, server: grpc.aio.Server) -> None:
     """Add the Escalations service to the control plane's mutual-TLS server."""
-    escalation_pb2_grpc.add_EscalationsServicer_to_server(EscalationsServicer(core, _recorder(core)), server)
+    servicer = EscalationsServicer(core, _recorder(core))
+    core.extensions[EXTENSION] = servicer.store  # the webhook feature hooks in here
+    escalation_pb2_grpc.add_EscalationsServicer_to_server(servicer, server)

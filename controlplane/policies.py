@@ -30,6 +30,7 @@ from typing import Any, Final
 
 import yaml
 
+from hivemesh.controlplane.escalation_webhooks import ESCALATION_WEBHOOKS
 from hivemesh.controlplane.grants import _GRANT_SCHEMA, Grant, GrantSet
 from hivemesh.controlplane.shadow_check import refuse_unsafe_shadows
 from hivemesh.controlplane.slo import SLOS
@@ -94,7 +95,8 @@ GRANTS_KIND: Final = PolicyKind(
     decode=_decode_grant,
 )
 
-KINDS: Final = PolicyKinds((*TRAFFIC_KINDS, AUTHZ, BUDGETS, GRANTS_KIND, SLOS, STATE, ROLLOUTS))
+KINDS: Final = PolicyKinds((*TRAFFIC_KINDS, AUTHZ, BUDGETS, GRANTS_KIND, SLOS, STATE, ROLLOUTS,
+                           ESCALATION_WEBHOOKS))
 """Every kind this store validates and keeps (add a new kind here and to the nodes that enforce it; `slos` is
 read by `hivemesh slo rules` only, so no node mirrors it)."""
 

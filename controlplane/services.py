@@ -46,6 +46,7 @@ def installers() -> list[ServiceInstaller]:
     """Every feature service's installer, in registration order."""
     from hivemesh.controlplane import (
         audit,  # audit log: shipping, query, verify, checkpoints (issue 4)
+        escalation_webhooks,  # webhooks that tell people about escalations (issue 15)
         escalations,  # human escalation queue (issue 5)
         policy_service,  # traffic policies and status (issue 3)
         retention,  # etcd compaction, deletion of finished runs and resolved escalations (issue 10)
@@ -54,5 +55,5 @@ def installers() -> list[ServiceInstaller]:
         trust_service,  # delegation, revocation, key and CA rotation (issue 4)
     )
 
-    return [escalations.install, audit.install, policy_service.install, trust_service.install, retention.install,
-            state_service.install, rollouts.install]
+    return [escalations.install, escalation_webhooks.install, audit.install, policy_service.install,
+            trust_service.install, retention.install, state_service.install, rollouts.install]

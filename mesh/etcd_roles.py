@@ -19,6 +19,7 @@ status/                operators                           K:X only status/K/X/ 
 escalations/           operators                           control plane
 workflows/K-X/         K:X (its own runs), operators       K:X (its own runs), operators
 workflow-index/K-X/    K:X (its own runs), operators       K:X (its own runs), operators
+queue/K-X/             K:X (its own held calls)            K:X (its own held calls)
 budgets/spend/         agents, operators                   agents (shared counters, not yet per agent)
 rollouts/              control plane                       control plane (the leader's rollout progress)
 controlplanes/         every workload (failover targets)   control plane
@@ -51,6 +52,7 @@ from hivemesh.mesh.keyspace import (
     CONTROLPLANES,
     ESCALATIONS,
     POLICIES,
+    QUEUE,
     REVOKED,
     SPEND,
     STATUS,
@@ -58,7 +60,7 @@ from hivemesh.mesh.keyspace import (
     WORKFLOW_INDEX,
     WORKFLOWS,
 )
-from hivemesh.mesh.run_ids import owner_prefixes
+from hivemesh.mesh.run_ids import owner_prefixes, owner_segment
 
 READ: Final = rpc.Permission.READ
 WRITE: Final = rpc.Permission.WRITE
@@ -119,7 +121,8 @@ def etcd_user(kind: str, name: str) -> str:
 def workload_grants(kind: str, name: str) -> tuple[Grant, ...]:
     """The permissions only this workload holds: its own registration and token-budget spend (agents), its own
     status and its own workflow runs (every kind may orchestrate)."""
-    own = (Grant(READWRITE, f"{STATUS}{kind}/{name}/"), *(Grant(READWRITE, p) for p in owner_prefixes(kind, name)))
+    own = (Grant(READWRITE, f"{STATUS}{kind}/{name}/"), *(Grant(READWRITE, p) for p in owner_prefixes(kind, name)),
+           Grant(READWRITE, f"{QUEUE}{owner_segment(kind, name)}/"))
     if kind != "agent":
         return own
     return (Grant(READWRITE, f"{AGENTS}{name}/"), Grant(READWRITE, f"{SPEND}{name}/"), *own)

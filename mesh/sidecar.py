@@ -33,7 +33,7 @@ from typing import Any
 
 import grpc
 
-from hivemesh.mesh import tracing
+from hivemesh.mesh import batch, tracing
 from hivemesh.mesh.advertise import advertised_host, join_host_port
 from hivemesh.mesh.audit import AuditLog, open_node_audit
 from hivemesh.mesh.audit.handshake import tracer_events
@@ -581,6 +581,29 @@ class Sidecar:
             except HivemeshError as err:
                 await abort(context, err)
 
+        async def call_batch(
+            request: mesh_pb2.CallBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> mesh_pb2.CallBatchResponse:
+            assert self.node is not None
+            node = self.node
+            try:
+                concurrency = batch.check_bounds(len(request.items), request.concurrency)
+            except HivemeshError as err:
+                await abort(context, err)
+            on_behalf_of.set(self._subject_token(context))  # this RPC's own task context; None: own token
+            metadata = _trace_metadata(context)
+
+            async def one(i: int) -> bytes:
+                item = request.items[i]
+                raw, _ = await node.outbound.invoke(
+                    self._chained(item.SerializeToString(), item, context), capability=item.capability,
+                    idempotency_key=item.context.idempotency_key, timeout=context.time_remaining(), metadata=metadata,
+                    request=item,
+                )
+                return raw
+
+            return batch.response(await batch.run_items(len(request.items), concurrency, one))
+
         async def list_capabilities(
             request: mesh_pb2.ListCapabilitiesRequest, context: grpc.aio.ServicerContext[Any, Any]
         ) -> mesh_pb2.ListCapabilitiesResponse:
@@ -607,6 +630,11 @@ class Sidecar:
             {
                 "Call": grpc.unary_unary_rpc_method_handler(call),
                 "CallStream": grpc.unary_stream_rpc_method_handler(call_stream),
+                "CallBatch": grpc.unary_unary_rpc_method_handler(
+                    call_batch,
+                    request_deserializer=mesh_pb2.CallBatchRequest.FromString,
+                    response_serializer=mesh_pb2.CallBatchResponse.SerializeToString,
+                ),
                 "ListCapabilities": grpc.unary_unary_rpc_method_handler(
                     list_capabilities,
                     request_deserializer=mesh_pb2.ListCapabilitiesRequest.FromString,

@@ -24,6 +24,7 @@ class CallOptionArgs(TypedDict, total=False):
     timeout: float | None
     context: agent_pb2.CallContext | None
     idempotency_key: str | None
+    queue_for: float | None
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class CallOptions:
     """Ids the call carries (conversation, workflow, priority, ...); read, never modified."""
     idempotency_key: str | None = None
     """The caller's key for the call's effect: a non-idempotent capability applies each key's effect once."""
+    queue_for: float | None = None
+    """Seconds to hold the call durably (`hivemesh.mesh.queue`) when no instance serves the capability, instead
+    of failing NO_LIVE_INSTANCE: delivered once one registers. `call`/`call_detailed` only."""
 
     @classmethod
     def of(cls, options: CallOptions | None, overrides: CallOptionArgs) -> CallOptions:

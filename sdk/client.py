@@ -15,19 +15,24 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Unpack
 
 from hivemesh.mesh.callcontext import new_call_id
-from hivemesh.mesh.errors import AgentError, HivemeshError
+from hivemesh.mesh.errors import AgentError, HivemeshError, NoLiveInstanceError, UnknownCapabilityError
+from hivemesh.mesh.etcd import client as etcd_client
 from hivemesh.mesh.node import MeshNode
 from hivemesh.mesh.node_metrics import NodeMetrics
 from hivemesh.mesh.node_metrics import metrics_listen as metrics_listen_for
+from hivemesh.mesh.pki import parse_spiffe_id
+from hivemesh.mesh.queue import DONE, FAILED, CallQueue, HeldCall
 from hivemesh.mesh.registry import CapabilityInfo
+from hivemesh.mesh.run_ids import owner_segment
 from hivemesh.mesh.settings import MeshSettings
 from hivemesh.mesh.token_source import on_behalf_of
+from hivemesh.sdk.batch import BatchItem, call_batch
 from hivemesh.sdk.call_options import CallOptionArgs, CallOptions
 from hivemesh.v1 import agent_pb2, mesh_pb2
 
@@ -107,6 +112,10 @@ class MeshClient:
         self._audit_enabled = False
         self._audit_dir: Path | str | None = None
         self.audit: AuditLog | None = None
+        self.max_held_calls = 100
+        """How many calls this client may hold in its queue at once (`queue_for`, `enqueue`)."""
+        self._queue: CallQueue | None = None
+        self._queue_etcd: Any = None
         """The client's own audit log (only for a client that owns its node; an agent's client shares the
         agent's audit)."""
 
@@ -171,6 +180,11 @@ class MeshClient:
             on_behalf_of.reset(reset)
 
     async def close(self) -> None:
+        if self._queue is not None:
+            await self._queue.stop()
+            with contextlib.suppress(Exception):
+                await self._queue_etcd.close()
+            self._queue = self._queue_etcd = None
         if self.audit is not None:
             audit, self.audit = self.audit, None
             self._node.outbound.observer = None
@@ -210,15 +224,75 @@ class MeshClient:
     ) -> CallResult:
         """Call capability and return its output with the instance and hops it went through."""
         timeout, context, idempotency_key = _options(options, overrides)
-        # The caller's timeout wins; without one the capability's `timeouts` policy, then default_timeout.
-        raw, instance = await self._node.outbound.invoke(
-            self._request(capability, payload, context, idempotency_key),
-            capability=capability,
-            idempotency_key=idempotency_key or (context.idempotency_key if context is not None else ""),
-            timeout=timeout,
-            default_timeout=self.default_timeout,
-        )
+        request = self._request(capability, payload, context, idempotency_key)
+        key = idempotency_key or (context.idempotency_key if context is not None else "")
+        try:
+            # The caller's timeout wins; without one the capability's `timeouts` policy, then default_timeout.
+            raw, instance = await self._node.outbound.invoke(
+                request, capability=capability, idempotency_key=key, timeout=timeout,
+                default_timeout=self.default_timeout,
+            )
+        except (NoLiveInstanceError, UnknownCapabilityError):
+            queue_for = overrides.get("queue_for", options.queue_for if options is not None else None)
+            if not queue_for:
+                raise
+            return await self._held_call(capability, request, key, queue_for)
         return _result(raw, instance)
+
+    def _call_queue(self) -> CallQueue:
+        if self._queue is None:
+            me = parse_spiffe_id(str(self._node.workload.spiffe_id))
+            self._queue_etcd = etcd_client(self._node.etcd)
+
+            async def invoke(raw: bytes, capability: str, key: str) -> bytes:
+                out, _ = await self._node.outbound.invoke(raw, capability=capability, idempotency_key=key,
+                                                          timeout=None, default_timeout=self.default_timeout)
+                return out
+
+            self._queue = CallQueue(self._queue_etcd, owner_segment(me.kind, me.name), invoke,
+                                    lambda cap: bool(self._node.registry.instances(cap)),
+                                    max_held=self.max_held_calls)
+        return self._queue
+
+    async def _held_call(self, capability: str, request: bytes, key: str, queue_for: float) -> CallResult:
+        queue = self._call_queue()
+        call_id = await queue.enqueue(capability, request, key, queue_for)
+        held = await queue.wait(call_id, queue_for)
+        result = self._held_result(held.state, held.response, held.error)
+        if result is None:
+            raise NoLiveInstanceError(f"no instance of {capability!r} went live within {queue_for} s; the call "
+                                      f"was held as {call_id}", metadata={"queued_id": call_id})
+        return result
+
+    @staticmethod
+    def _held_result(state: str, response: bytes, error: HivemeshError | None) -> CallResult | None:
+        if state == FAILED and error is not None:
+            raise error
+        return _result(response, mesh_pb2.AgentInstance()) if state == DONE else None
+
+    async def enqueue(self, capability: str, payload: Any = None, *, max_wait: float = 300.0,
+                      options: CallOptions | None = None, **overrides: Unpack[CallOptionArgs]) -> str:
+        """Hold a call for capability until an instance serves it (at most max_wait s), without waiting; its id
+        for `queued`. Delivered by this client's node while it runs (`resume_queued` after a restart)."""
+        _timeout, context, idempotency_key = _options(options, overrides)
+        request = self._request(capability, payload, context, idempotency_key)
+        key = idempotency_key or (context.idempotency_key if context is not None else "")
+        return await self._call_queue().enqueue(capability, request, key, max_wait)
+
+    async def queued(self, call_id: str, *, wait: float = 0.0) -> CallResult | None:
+        """A held call's result once delivered (None while still held, after waiting up to wait s); raises the
+        call's error if its delivery failed, NotFoundError for an unknown or long-gone id."""
+        queue = self._call_queue()
+        held = await (queue.wait(call_id, wait) if wait > 0 else queue.get(call_id))
+        return self._held_result(held.state, held.response, held.error)
+
+    async def held_calls(self) -> list[HeldCall]:
+        """This identity's held calls (waiting, being delivered, or answered within the last minute)."""
+        return await self._call_queue().held()
+
+    async def resume_queued(self) -> int:
+        """After a restart, deliver the calls this identity still holds; how many are waiting."""
+        return await self._call_queue().resume()
 
     async def call_on(
         self,
@@ -290,6 +364,21 @@ class MeshClient:
                 yield _decode_output(chunk.data, chunk.content_type)
             if chunk.final:
                 return
+
+    async def call_batch(
+        self,
+        capability: str,
+        inputs: Sequence[Any],
+        *,
+        concurrency: int = 8,
+        idempotency_keys: Sequence[str] | None = None,
+        options: CallOptions | None = None,
+        **overrides: Unpack[CallOptionArgs],
+    ) -> list[BatchItem]:
+        """Call capability once per input (at most concurrency at a time): a result or an error per item,
+        never one item's failure for the whole batch. See `hivemesh.sdk.batch`."""
+        return await call_batch(self, capability, inputs, concurrency=concurrency,
+                                idempotency_keys=idempotency_keys, options=options, **overrides)
 
     def capabilities(self) -> list[tuple[str, str, list[str], int]]:
         """(name, description, agents, live instances) for every capability in the registry now."""

@@ -142,6 +142,7 @@ class Escalation(_message.Message):
     RESOLUTION_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     ANSWERER_FIELD_NUMBER: _builtins.int
+    NOTIFICATION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     reason: _builtins.str
     """why a person is needed, one line"""
@@ -168,6 +169,10 @@ class Escalation(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """e.g. rule=confidence, tier=enterprise"""
 
+    @_builtins.property
+    def notification(self) -> Global___Notification:
+        """Webhook notification of people (controlplane/escalation_webhooks.py; set by the control plane)."""
+
     def __init__(
         self,
         *,
@@ -185,14 +190,63 @@ class Escalation(_message.Message):
         resolution: Global___Resolution | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         answerer: _builtins.str = ...,
+        notification: Global___Notification | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["resolution", b"resolution"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["notification", b"notification", "resolution", b"resolution"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answerer", b"answerer", "context_json", b"context_json", "created_at_unix_ms", b"created_at_unix_ms", "deadline_unix_ms", b"deadline_unix_ms", "default_answer_json", b"default_answer_json", "id", b"id", "labels", b"labels", "on_deadline", b"on_deadline", "reason", b"reason", "requested_by", b"requested_by", "resolution", b"resolution", "status", b"status", "step_id", b"step_id", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answerer", b"answerer", "context_json", b"context_json", "created_at_unix_ms", b"created_at_unix_ms", "deadline_unix_ms", b"deadline_unix_ms", "default_answer_json", b"default_answer_json", "id", b"id", "labels", b"labels", "notification", b"notification", "on_deadline", b"on_deadline", "reason", b"reason", "requested_by", b"requested_by", "resolution", b"resolution", "status", b"status", "step_id", b"step_id", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Escalation: _TypeAlias = Escalation  # noqa: Y015
+
+@_typing.final
+class Notification(_message.Message):
+    """Whether a person was told: an escalation a webhook rule matched is never resolved by its deadline policy
+    before someone was notified (its deadline is held, `held` says why, until a delivery succeeds).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUIRED_FIELD_NUMBER: _builtins.int
+    DELIVERED_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    REMINDED_FIELD_NUMBER: _builtins.int
+    GAVE_UP_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
+    required: _builtins.bool
+    """an `escalations` webhook rule matched it when it was created"""
+    delivered_at_unix_ms: _builtins.int
+    """first successful "opened" delivery (0: none yet)"""
+    attempts: _builtins.int
+    """delivery attempts so far (all events)"""
+    last_error: _builtins.str
+    """the last failed attempt's error ("" after a success)"""
+    reminded: _builtins.bool
+    """the before-deadline reminder was delivered"""
+    gave_up: _builtins.bool
+    """the "opened" retries ran out with no delivery"""
+    held: _builtins.str
+    """why the deadline policy did not apply ("" when it was not held)"""
+    def __init__(
+        self,
+        *,
+        required: _builtins.bool = ...,
+        delivered_at_unix_ms: _builtins.int = ...,
+        attempts: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        reminded: _builtins.bool = ...,
+        gave_up: _builtins.bool = ...,
+        held: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "delivered_at_unix_ms", b"delivered_at_unix_ms", "gave_up", b"gave_up", "held", b"held", "last_error", b"last_error", "reminded", b"reminded", "required", b"required"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Notification: _TypeAlias = Notification  # noqa: Y015
 
 @_typing.final
 class CreateEscalationRequest(_message.Message):

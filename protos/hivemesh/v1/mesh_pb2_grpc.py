@@ -45,6 +45,11 @@ class MeshStub:
                 request_serializer=hivemesh_dot_v1_dot_agent__pb2.InvokeRequest.SerializeToString,
                 response_deserializer=hivemesh_dot_v1_dot_agent__pb2.InvokeChunk.FromString,
                 _registered_method=True)
+        self.CallBatch = channel.unary_unary(
+                '/hivemesh.v1.Mesh/CallBatch',
+                request_serializer=hivemesh_dot_v1_dot_mesh__pb2.CallBatchRequest.SerializeToString,
+                response_deserializer=hivemesh_dot_v1_dot_mesh__pb2.CallBatchResponse.FromString,
+                _registered_method=True)
         self.ListCapabilities = channel.unary_unary(
                 '/hivemesh.v1.Mesh/ListCapabilities',
                 request_serializer=hivemesh_dot_v1_dot_mesh__pb2.ListCapabilitiesRequest.SerializeToString,
@@ -69,6 +74,14 @@ class MeshServicer:
 
     def CallStream(self, request, context):
         """CallStream is Call for streamed output.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CallBatch(self, request, context):
+        """CallBatch makes one call per item (each a full InvokeRequest naming its capability), at most `concurrency`
+        at a time, and answers every item with its response or its error: one item's failure never fails the batch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -100,6 +113,11 @@ def add_MeshServicer_to_server(servicer, server):
                     servicer.CallStream,
                     request_deserializer=hivemesh_dot_v1_dot_agent__pb2.InvokeRequest.FromString,
                     response_serializer=hivemesh_dot_v1_dot_agent__pb2.InvokeChunk.SerializeToString,
+            ),
+            'CallBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.CallBatch,
+                    request_deserializer=hivemesh_dot_v1_dot_mesh__pb2.CallBatchRequest.FromString,
+                    response_serializer=hivemesh_dot_v1_dot_mesh__pb2.CallBatchResponse.SerializeToString,
             ),
             'ListCapabilities': grpc.unary_unary_rpc_method_handler(
                     servicer.ListCapabilities,
@@ -166,6 +184,33 @@ class Mesh:
             '/hivemesh.v1.Mesh/CallStream',
             hivemesh_dot_v1_dot_agent__pb2.InvokeRequest.SerializeToString,
             hivemesh_dot_v1_dot_agent__pb2.InvokeChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CallBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hivemesh.v1.Mesh/CallBatch',
+            hivemesh_dot_v1_dot_mesh__pb2.CallBatchRequest.SerializeToString,
+            hivemesh_dot_v1_dot_mesh__pb2.CallBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,10 @@ class MeshStub:
     """Call routes one InvokeRequest to a live instance serving its capability."""
     CallStream: _grpc.UnaryStreamMultiCallable[_agent_pb2.InvokeRequest, _agent_pb2.InvokeChunk]
     """CallStream is Call for streamed output."""
+    CallBatch: _grpc.UnaryUnaryMultiCallable[_mesh_pb2.CallBatchRequest, _mesh_pb2.CallBatchResponse]
+    """CallBatch makes one call per item (each a full InvokeRequest naming its capability), at most `concurrency`
+    at a time, and answers every item with its response or its error: one item's failure never fails the batch.
+    """
     ListCapabilities: _grpc.UnaryUnaryMultiCallable[_mesh_pb2.ListCapabilitiesRequest, _mesh_pb2.ListCapabilitiesResponse]
     """ListCapabilities lists what the mesh can do now, from the registry."""
     Resolve: _grpc.UnaryUnaryMultiCallable[_mesh_pb2.ResolveRequest, _mesh_pb2.ResolveResponse]
@@ -52,6 +56,10 @@ class MeshAsyncStub(MeshStub):
     """Call routes one InvokeRequest to a live instance serving its capability."""
     CallStream: _aio.UnaryStreamMultiCallable[_agent_pb2.InvokeRequest, _agent_pb2.InvokeChunk]  # type: ignore[assignment]
     """CallStream is Call for streamed output."""
+    CallBatch: _aio.UnaryUnaryMultiCallable[_mesh_pb2.CallBatchRequest, _mesh_pb2.CallBatchResponse]  # type: ignore[assignment]
+    """CallBatch makes one call per item (each a full InvokeRequest naming its capability), at most `concurrency`
+    at a time, and answers every item with its response or its error: one item's failure never fails the batch.
+    """
     ListCapabilities: _aio.UnaryUnaryMultiCallable[_mesh_pb2.ListCapabilitiesRequest, _mesh_pb2.ListCapabilitiesResponse]  # type: ignore[assignment]
     """ListCapabilities lists what the mesh can do now, from the registry."""
     Resolve: _aio.UnaryUnaryMultiCallable[_mesh_pb2.ResolveRequest, _mesh_pb2.ResolveResponse]  # type: ignore[assignment]
@@ -73,6 +81,16 @@ class MeshServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agent_pb2.InvokeChunk], _abc.AsyncIterator[_agent_pb2.InvokeChunk]]:
         """CallStream is Call for streamed output."""
+
+    @_abc_1.abstractmethod
+    def CallBatch(
+        self,
+        request: _mesh_pb2.CallBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mesh_pb2.CallBatchResponse, _abc.Awaitable[_mesh_pb2.CallBatchResponse]]:
+        """CallBatch makes one call per item (each a full InvokeRequest naming its capability), at most `concurrency`
+        at a time, and answers every item with its response or its error: one item's failure never fails the batch.
+        """
 
     @_abc_1.abstractmethod
     def ListCapabilities(

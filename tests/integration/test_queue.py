@@ -1,0 +1,49 @@
+"""Queued delivery on a real mesh (etcd with TLS and per-workload roles): a call made with `queue_for` while no
+instance serves its capability is held in etcd and delivered once an agent registers; a call enqueued
+without waiting is polled by id; the count bound refuses one call too many; without opting in, the call fails
+at once as before."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from hivemesh.mesh.errors import InvalidInputError, NotFoundError, UnknownCapabilityError
+from hivemesh.mesh.queue import QueueFullError
+from tests.support.agents_for_tests import EchoAgent
+from tests.support.orch_env import Orch, wait_until
+
+
+async def test_held_until_an_instance_registers(orch: Orch) -> None:
+    mesh = orch.mesh
+    mesh.max_held_calls = 3
+    with pytest.raises(UnknownCapabilityError):  # not opted in: no waiting
+        await mesh.call("echo", {"text": "now"}, timeout=5)
+
+    waiting = asyncio.ensure_future(mesh.call("echo", {"text": "held"}, queue_for=20, timeout=5))
+    polled = await mesh.enqueue("echo", {"text": "polled"}, max_wait=20)
+    assert await mesh.queued(polled) is None  # still held
+    third = await mesh.enqueue("echo", {"text": "third"}, max_wait=20)
+
+    async def three_held() -> bool:
+        return [c.state for c in await mesh.held_calls()] == ["queued"] * 3
+
+    await wait_until(three_held, 5, "three held calls")
+    with pytest.raises(QueueFullError, match="at most 3"):
+        await mesh.enqueue("echo", {"text": "one too many"}, max_wait=20)
+    with pytest.raises(InvalidInputError, match="queue wait"):
+        await mesh.enqueue("echo", {"text": "forever"}, max_wait=86400)
+    with pytest.raises(NotFoundError):
+        await mesh.queued("q-nope")
+    assert not waiting.done()
+
+    agent = EchoAgent()
+    await orch.serve(agent)
+    answer = await asyncio.wait_for(waiting, 15)
+    assert answer["text"] == "held"
+    result = await mesh.queued(polled, wait=10)
+    assert result is not None and result.output["text"] == "polled"
+    third_result = await mesh.queued(third, wait=10)
+    assert third_result is not None and third_result.output["text"] == "third"
+    assert agent.calls == 3  # each held call delivered exactly once
