@@ -44,6 +44,7 @@ from hivemesh.mesh.outbound.channels import ChannelPool
 from hivemesh.mesh.outbound.degrade import DEGRADE_CODES, Degradation
 from hivemesh.mesh.outbound.events import OutboundEvents
 from hivemesh.mesh.outbound.selection import InstanceSelector, Liveness
+from hivemesh.mesh.outbound.signed import sign_request, signs, verify_answer
 from hivemesh.mesh.resilience.breaker import DEFAULT_FAILURE_CODES, CircuitBreaker
 from hivemesh.mesh.resilience.traffic import Traffic
 from hivemesh.mesh.token_source import TokenSource, on_behalf_of
@@ -159,8 +160,13 @@ class OutboundPipeline:
         endpoint = self.channels.get(instance.endpoint, instance.identity)
         if tracing.TRACER is not None:  # the attempt's span is current: the callee's parent
             metadata = tracing.with_headers(metadata)
+        signed = signs(instance, call.capability)
+        if signed:
+            metadata = sign_request(self.channels.workload, call, instance, metadata)
         try:
             raw: bytes = await endpoint.invoke(call.raw, timeout=timeout, metadata=metadata)
+            if signed:
+                verify_answer(self.channels.workload, call, instance, raw)
             return raw
         except grpc.aio.AioRpcError as exc:
             raise AttemptError(from_rpc_error(exc), never_sent=_never_sent(exc)) from None
@@ -320,6 +326,8 @@ class OutboundPipeline:
                 md = await self._prepare(instance, capability, metadata)
                 if span is not None:
                     md = tracing.with_headers(md, span[0])
+                if signs(instance, capability):  # the request only: a stream's chunks are not signed
+                    md = list(sign_request(self.channels.workload, call, instance, md))
                 breaker = None
                 if settings is not None and settings.instance is not None:
                     breaker = t.instance_breaker(capability, instance.instance_id, settings.instance)
