@@ -65,8 +65,8 @@ _PATTERNS: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
         r"AIza[0-9A-Za-z_-]{35}|glpat-[A-Za-z0-9_-]{20,})")),
     ("email", re.compile(r"\b[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})*\.[A-Za-z]{2,24}\b")),
     ("card-number", re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")),
-    ("phone", re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}"
-                         r"(?![\w])")),
+    ("phone", re.compile(r"(?<![\w+])(?<!\d[ .-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])"
+                         r"\d{3,4}[ .-]\d{3,4}(?!\w|[ .-]\d)")),
 )
 
 
@@ -92,8 +92,10 @@ class PatternClassifier:
 
 DEFAULT_CLASSIFIER: Final = PatternClassifier()
 _TEXT_TYPES: Final = frozenset({"", "application/json"})
-_ACTION_NAMES: Final[dict[int, str]] = {agent_pb2.OUTPUT_SCREEN_REFUSE: "refuse", agent_pb2.OUTPUT_SCREEN_REDACT: "redact",
-                                        agent_pb2.OUTPUT_SCREEN_RECORD: "record"}
+_ACTION_NAMES: Final[dict[int, str]] = {
+    agent_pb2.OUTPUT_SCREEN_REFUSE: "refuse", agent_pb2.OUTPUT_SCREEN_REDACT: "redact",
+    agent_pb2.OUTPUT_SCREEN_RECORD: "record",
+}
 
 
 def redact(text: str, spans: Iterable[Span]) -> str:
@@ -184,8 +186,9 @@ class OutputScreenLayer:
             )
         if action != agent_pb2.OUTPUT_SCREEN_REDACT or screened is None:
             return response
-        if raw:
-            msg = kind.FromString(response)
+        msg = kind.FromString(response) if raw else type(msg)()  # never change the handler's own message
+        if not raw:
+            msg.CopyFrom(response)
         if isinstance(msg, agent_pb2.InvokeResponse):
             msg.output = screened
         else:
