@@ -1,0 +1,100 @@
+"""Integrity over the real mesh (in-process SDK agent, real etcd, TLS and control plane): a signed capability
+called through the SDK (request signed by the caller, answer signed by the agent and verified, both digests in
+the audit record); an unsigned, a tampered and a replayed request refused; an answer carrying a fake API key
+refused or redacted as its capability's output screen says."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hivemesh.mesh.errors import OutputScreenedError, ReplayedError, SignatureInvalidError
+from hivemesh.mesh.outbound.call import encode_request
+from hivemesh.mesh.signing import REQUEST, SIGNATURE_HEADER, Signer, request_digest
+from hivemesh.sdk import Agent, AgentServer, AgentServerConfig, MeshClient, capability
+from hivemesh.v1 import agent_pb2, audit_pb2
+from tests.support.meshenv import TRUST_DOMAIN, MeshEnv
+
+FAKE_KEY = "sk-proj-" + "Zq81Lm0pXv93Rt5Yw2Kd7Hn4"
+AGENT_ID = f"spiffe://{TRUST_DOMAIN}/agent/notary"
+
+
+class Notary(Agent):
+    name = "notary"
+
+    @capability(name="notarize", signed_payloads=True)
+    async def notarize(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"notarized": req["text"]}
+
+    @capability(name="leak-refused", output_screen="refuse")
+    async def leak_refused(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"config": f"OPENAI_API_KEY={FAKE_KEY}"}
+
+    @capability(name="leak-redacted", output_screen="redact")
+    async def leak_redacted(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"config": f"key {FAKE_KEY}", "contact": "ops@example.com"}
+
+
+async def _audit(env: MeshEnv) -> list[dict[str, Any]]:
+    resp = await env.operator.call(env.operator.audit.Query,
+                                   audit_pb2.AuditQueryRequest(limit=1000, agent=AGENT_ID))
+    return [json.loads(e)["record"] for e in resp.entries]
+
+
+async def test_signed_payloads_and_output_screen(mesh_env: MeshEnv, tmp_path: Path) -> None:
+    env = mesh_env
+    async with AgentServer(Notary(), await env.settings_for("notary"),
+                           AgentServerConfig(audit_dir=tmp_path / "audit")) as server:
+        async with MeshClient.connect(name="alice", settings=await env.settings_for("alice", "client")) as mesh:
+            assert await mesh.node.registry.wait_for_capability("notarize", 1, timeout=10)
+            # 1. Signed through the SDK: the caller signs, the agent verifies and signs, the caller verifies.
+            assert await mesh.call("notarize", {"text": "I owe Bob 10"}, timeout=5) == {"notarized": "I owe Bob 10"}
+
+            # 2. Unsigned, tampered and replayed requests, sent straight to the instance.
+            node = mesh.node
+            (instance,) = node.registry.instances("notarize")
+            signer = Signer(node.workload.key_pem, node.workload.cert_pem)
+            body = b'{"text": "I owe Bob 10"}'
+            jws = signer.sign(REQUEST, request_digest("notarize", "application/json", body, AGENT_ID))
+
+            async def send(payload: bytes, md: list[tuple[str, str]]) -> bytes:
+                return await node.outbound.invoke_on(encode_request("notarize", payload), instance,
+                                                     capability="notarize", timeout=5, metadata=md)
+
+            with pytest.raises(SignatureInvalidError, match="signed requests only"):
+                await send(body, [])
+            with pytest.raises(SignatureInvalidError, match="altered or forged"):
+                await send(b'{"text": "I owe Bob 1000"}', [(SIGNATURE_HEADER, jws)])
+            answer = agent_pb2.InvokeResponse.FromString(await send(body, [(SIGNATURE_HEADER, jws)]))
+            assert answer.signature.count(".") == 2  # the agent signed its answer
+            with pytest.raises(ReplayedError):
+                await send(body, [(SIGNATURE_HEADER, jws)])
+
+            # 3. The output screen: refused, then redacted.
+            with pytest.raises(OutputScreenedError, match="api-key") as refused:
+                await mesh.call("leak-refused", {}, timeout=5)
+            assert FAKE_KEY not in refused.value.message
+            redacted = await mesh.call("leak-redacted", {}, timeout=5)
+            assert redacted == {"config": "key [REDACTED:api-key]", "contact": "[REDACTED:email]"}
+        assert server.audit is not None and server.audit.shipper is not None
+        assert await server.audit.shipper.wait_shipped(timeout=10)
+
+    recs = await _audit(env)
+    by_reason: dict[str, list[dict[str, Any]]] = {}
+    for r in recs:
+        by_reason.setdefault(r["reason"] or r["decision"], []).append(r)
+    signed_ok = [r for r in by_reason["allow"] if r["capability"] == "notarize"]
+    assert len(signed_ok) == 2
+    for r in signed_ok:
+        assert r["signed"]["signer"] == f"spiffe://{TRUST_DOMAIN}/client/alice"
+        assert len(r["signed"]["request"]) == 64 and len(r["signed"]["answer"]) == 64
+    assert signed_ok[1]["signed"]["request"] == request_digest(
+        "notarize", "application/json", body, AGENT_ID).hex()
+    assert len(by_reason["SIGNATURE_INVALID"]) == 2 and len(by_reason["REPLAYED"]) == 1
+    (screened,) = by_reason["OUTPUT_SCREENED"]
+    assert screened["output_screen"] == {"action": "refuse", "rules": ["api-key"], "count": 1}
+    (redact,) = [r for r in by_reason["allow"] if r["capability"] == "leak-redacted"]
+    assert redact["output_screen"]["rules"] == ["api-key", "email"]
