@@ -1,7 +1,7 @@
 """Integrity over the real mesh (in-process SDK agent, real etcd, TLS and control plane): a signed capability
 called through the SDK (request signed by the caller, answer signed by the agent and verified, both digests in
 the audit record); an unsigned, a tampered and a replayed request refused; an answer carrying a fake API key
-refused or redacted as its capability's output screen says."""
+refused or redacted as its capability's output screen says; and the same behind a sidecar."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from hivemesh.mesh.errors import OutputScreenedError, ReplayedError, SignatureInvalidError
 from hivemesh.mesh.outbound.call import encode_request
+from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
 from hivemesh.mesh.signing import REQUEST, SIGNATURE_HEADER, Signer, request_digest
 from hivemesh.sdk import Agent, AgentServer, AgentServerConfig, MeshClient, capability
-from hivemesh.v1 import agent_pb2, audit_pb2
+from hivemesh.v1 import agent_pb2, agent_pb2_grpc, audit_pb2
 from tests.support.meshenv import TRUST_DOMAIN, MeshEnv
 
 FAKE_KEY = "sk-proj-" + "Zq81Lm0pXv93Rt5Yw2Kd7Hn4"
@@ -98,3 +100,39 @@ async def test_signed_payloads_and_output_screen(mesh_env: MeshEnv, tmp_path: Pa
     assert screened["output_screen"] == {"action": "refuse", "rules": ["api-key"], "count": 1}
     (redact,) = [r for r in by_reason["allow"] if r["capability"] == "leak-redacted"]
     assert redact["output_screen"]["rules"] == ["api-key", "email"]
+
+
+class PlainLeaker(agent_pb2_grpc.AgentServicer):
+    """An agent behind a sidecar (plain gRPC): its card asks for signed payloads and a redacting output screen."""
+
+    def card(self) -> agent_pb2.AgentCard:
+        return agent_pb2.AgentCard(name="plain", capabilities=[agent_pb2.Capability(
+            name="plain-leak", signed_payloads=True, output_screen=agent_pb2.OUTPUT_SCREEN_REDACT)])
+
+    async def Describe(self, request: Any, context: Any) -> agent_pb2.AgentCard:
+        return self.card()
+
+    async def Invoke(self, request: agent_pb2.InvokeRequest, context: Any) -> agent_pb2.InvokeResponse:
+        return agent_pb2.InvokeResponse(output=json.dumps({"card": "4111 1111 1111 1111"}).encode(),
+                                        content_type="application/json")
+
+
+async def test_sidecar_packaging_signs_and_redacts(mesh_env: MeshEnv) -> None:
+    """The same layers behind a sidecar, on the relayed bytes: the answer is redacted, then signed (the caller's
+    verification passes only if the signature covers the redacted bytes it received)."""
+    server = grpc.aio.server()
+    agent_pb2_grpc.add_AgentServicer_to_server(PlainLeaker(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        sidecar = Sidecar(SidecarConfig(agent=f"127.0.0.1:{port}", audit=False), await mesh_env.settings_for("plain"))
+        async with sidecar, MeshClient.connect(name="carol",
+                                               settings=await mesh_env.settings_for("carol", "client")) as mesh:
+            assert await mesh.node.registry.wait_for_capability("plain-leak", 1, timeout=10)
+            assert await mesh.call("plain-leak", {}, timeout=5) == {"card": "[REDACTED:card-number]"}
+            (instance,) = mesh.node.registry.instances("plain-leak")
+            with pytest.raises(SignatureInvalidError, match="signed requests only"):
+                await mesh.node.outbound.invoke_on(encode_request("plain-leak", b"{}"), instance,
+                                                   capability="plain-leak", timeout=5)
+    finally:
+        await server.stop(0.5)
