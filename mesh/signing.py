@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -80,15 +80,12 @@ class Signer:
 
     def sign(self, typ: str, content_digest: bytes, *, now: float | None = None) -> str:
         """The detached compact JWS (`header..signature`) over content_digest."""
-        key = serialization.load_pem_private_key(self.key_pem, password=None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
-            raise ValueError("signed payloads need a P-256 workload key (ES256)")
-        cert = load_cert(self.cert_pem)
+        key, kid, x5c = _signing_parts(self.key_pem, self.cert_pem)
         header = {
             "alg": "ES256",
             "typ": typ,
-            "kid": cert_thumbprint_s256(cert),
-            "x5c": [base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode("ascii")],
+            "kid": kid,
+            "x5c": [x5c],
             "iat": int(now if now is not None else time.time()),
             "nonce": secrets.token_urlsafe(16),
         }
@@ -96,6 +93,18 @@ class Signer:
         der = key.sign(f"{protected}.{_b64(content_digest)}".encode("ascii"), ec.ECDSA(hashes.SHA256()))
         r, s = decode_dss_signature(der)
         return f"{protected}..{_b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+
+
+@functools.lru_cache(maxsize=8)
+def _signing_parts(key_pem: bytes, cert_pem: bytes) -> tuple[ec.EllipticCurvePrivateKey, str, str]:
+    """The parsed key, kid and x5c entry of a workload (parsed once per certificate: parsing costs more than
+    signing). A few entries: renewals replace the workload now and then."""
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise ValueError("signed payloads need a P-256 workload key (ES256)")
+    cert = load_cert(cert_pem)
+    x5c = base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode("ascii")
+    return key, cert_thumbprint_s256(cert), x5c
 
 
 @dataclass(frozen=True)
@@ -204,7 +213,7 @@ def _signer_cert(
     header: dict[str, Any], peer_cert: bytes | None, expect_id: str | None, bundle_pem: bytes | None, now: float
 ) -> x509.Certificate:
     if peer_cert is not None:
-        return load_cert(peer_cert)
+        return _peer_cert(peer_cert)
     x5c = header.get("x5c")
     if not isinstance(x5c, list) or not x5c or not isinstance(x5c[0], str) or bundle_pem is None:
         raise SignatureInvalidError("the payload signature carries no certificate")
@@ -222,8 +231,15 @@ def _signer_cert(
     return cert
 
 
-def _cas(bundle_pem: bytes) -> Iterable[x509.Certificate]:
-    return load_certs(bundle_pem)
+@functools.lru_cache(maxsize=256)
+def _peer_cert(pem: bytes) -> x509.Certificate:
+    """A peer's certificate, parsed once (the same few peers call again and again)."""
+    return load_cert(pem)
+
+
+@functools.lru_cache(maxsize=4)
+def _cas(bundle_pem: bytes) -> tuple[x509.Certificate, ...]:
+    return tuple(load_certs(bundle_pem))
 
 
 def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
