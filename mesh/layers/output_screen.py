@@ -5,8 +5,8 @@ capability's card declares what the mesh does then (`Capability.output_screen`):
 OUTPUT_SCREENED: the agent's fault, and the caller learns only the rules that matched), redact (each match
 replaced by `[REDACTED:<rule>]`), or record (passed unchanged). The findings are noted on the call for the
 audit record in every case. Declared on the card rather than as a policy kind: what an answer may carry is a
-property of the capability its owner knows, it travels with the card to both packagings and needs no policy
-mirror; operators still see it in `hivemesh agents` output.
+property of the capability its owner knows, it travels with the card (registered, so readable from the
+registry) to both packagings and needs no policy mirror.
 
 Detection is pluggable: a classifier takes a text and returns the spans it flags (`Span`); the default is
 `PatternClassifier` (API keys of common providers, PEM private keys, emails, phone numbers, card numbers that
