@@ -268,9 +268,14 @@ class OutboundPipeline:
                 if self.observer is not None:
                     self.observer(capability, local)
                 raise
+            signed = OutboundCall(capability, raw_request, (), None, None) if signs(instance, capability) else None
+            if signed is not None:
+                md = list(sign_request(self.channels.workload, signed, instance, md))
             endpoint = self.channels.get(instance.endpoint, instance.identity)
             try:
                 raw: bytes = await endpoint.invoke(raw_request, timeout=timeout, metadata=md)
+                if signed is not None:
+                    verify_answer(self.channels.workload, signed, instance, raw)
                 return raw
             except grpc.aio.AioRpcError as exc:
                 remote = from_rpc_error(exc)

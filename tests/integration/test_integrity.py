@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
-from hivemesh.mesh.errors import OutputScreenedError, ReplayedError, SignatureInvalidError
+from hivemesh.mesh.errors import OutputScreenedError, ReplayedError, SignatureInvalidError, from_rpc_error
 from hivemesh.mesh.outbound.call import encode_request
 from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
 from hivemesh.mesh.signing import REQUEST, SIGNATURE_HEADER, Signer, request_digest
@@ -63,8 +63,15 @@ async def test_signed_payloads_and_output_screen(mesh_env: MeshEnv, tmp_path: Pa
             jws = signer.sign(REQUEST, request_digest("notarize", "application/json", body, AGENT_ID))
 
             async def send(payload: bytes, md: list[tuple[str, str]]) -> bytes:
-                return await node.outbound.invoke_on(encode_request("notarize", payload), instance,
-                                                     capability="notarize", timeout=5, metadata=md)
+                """Straight to the instance with a valid token, bypassing the caller's own signing."""
+                token = await node.outbound.tokens.get(instance.identity, "notarize")
+                endpoint = node.outbound.channels.get(instance.endpoint, instance.identity)
+                try:
+                    raw: bytes = await endpoint.invoke(encode_request("notarize", payload), timeout=5,
+                                                       metadata=[*md, ("authorization", f"Bearer {token}")])
+                except grpc.aio.AioRpcError as exc:
+                    raise from_rpc_error(exc) from None
+                return raw
 
             with pytest.raises(SignatureInvalidError, match="signed requests only"):
                 await send(body, [])
@@ -74,6 +81,10 @@ async def test_signed_payloads_and_output_screen(mesh_env: MeshEnv, tmp_path: Pa
             assert answer.signature.count(".") == 2  # the agent signed its answer
             with pytest.raises(ReplayedError):
                 await send(body, [(SIGNATURE_HEADER, jws)])
+            # A fan-out (invoke_on) signs and verifies as a routed call does.
+            fanned = await node.outbound.invoke_on(encode_request("notarize", body), instance,
+                                                   capability="notarize", timeout=5)
+            assert json.loads(agent_pb2.InvokeResponse.FromString(fanned).output) == {"notarized": "I owe Bob 10"}
 
             # 3. The output screen: refused, then redacted.
             with pytest.raises(OutputScreenedError, match="api-key") as refused:
@@ -89,7 +100,7 @@ async def test_signed_payloads_and_output_screen(mesh_env: MeshEnv, tmp_path: Pa
     for r in recs:
         by_reason.setdefault(r["reason"] or r["decision"], []).append(r)
     signed_ok = [r for r in by_reason["allow"] if r["capability"] == "notarize"]
-    assert len(signed_ok) == 2
+    assert len(signed_ok) == 3
     for r in signed_ok:
         assert r["signed"]["signer"] == f"spiffe://{TRUST_DOMAIN}/client/alice"
         assert len(r["signed"]["request"]) == 64 and len(r["signed"]["answer"]) == 64
@@ -131,8 +142,11 @@ async def test_sidecar_packaging_signs_and_redacts(mesh_env: MeshEnv) -> None:
             assert await mesh.node.registry.wait_for_capability("plain-leak", 1, timeout=10)
             assert await mesh.call("plain-leak", {}, timeout=5) == {"card": "[REDACTED:card-number]"}
             (instance,) = mesh.node.registry.instances("plain-leak")
-            with pytest.raises(SignatureInvalidError, match="signed requests only"):
-                await mesh.node.outbound.invoke_on(encode_request("plain-leak", b"{}"), instance,
-                                                   capability="plain-leak", timeout=5)
+            token = await mesh.node.outbound.tokens.get(instance.identity, "plain-leak")
+            endpoint = mesh.node.outbound.channels.get(instance.endpoint, instance.identity)
+            with pytest.raises(grpc.aio.AioRpcError) as unsigned:
+                await endpoint.invoke(encode_request("plain-leak", b"{}"), timeout=5,
+                                      metadata=[("authorization", f"Bearer {token}")])
+            assert from_rpc_error(unsigned.value).reason == "SIGNATURE_INVALID"
     finally:
         await server.stop(0.5)
