@@ -110,6 +110,7 @@ def open_front_door(
         max_call_depth=max_call_depth,
         meters=[metrics.usage_layer()] if metrics is not None else (),
         signer=lambda: Signer(node.workload.key_pem, node.workload.cert_pem),
+        instance_id=instance_id,
     )
     log = (
         open_node_audit(node, spiffe_id=node.workload.spiffe_id, instance=instance_id, directory=audit_dir)

@@ -103,6 +103,7 @@ def build_inbound_chain(
     max_call_depth: int = DEFAULT_MAX_CALL_DEPTH,
     meters: Sequence[InboundLayer] = (),
     signer: Callable[[], Signer] | None = None,
+    instance_id: str = "",
     output_classifier: Classifier = DEFAULT_CLASSIFIER,
 ) -> InboundChain:
     """The inbound chain, in the order the checks must run.
@@ -113,12 +114,13 @@ def build_inbound_chain(
     (default deny). limits are per-capability input size limits; screen is the content screen (None: off).
     budgets are the per-caller token budgets (None: none). max_call_depth bounds the agents one call chain
     passes through. meters are layers that only watch (the node's usage meter): they come last and never refuse.
-    signer gives this workload's key and certificate, for capabilities with signed_payloads (required then);
+    signer gives this workload's key and certificate, for capabilities with signed_payloads (required then), and
+    instance_id this instance's registry id (what a caller signs a request for);
     output_classifier finds what the output screen of a capability that declares one acts on.
     """
     capabilities = tuple(capabilities)
     me = f"spiffe://{trust_domain}/agent/{agent_name}"
-    signing = payload_signing_layer(capabilities, me, signer)
+    signing = payload_signing_layer(capabilities, me, signer, instance_id)
     screening = output_screen_layer(capabilities, output_classifier)
     traffic_layers: list[InboundLayer] = []
     if traffic is not None:

@@ -60,9 +60,15 @@ def digest(*fields: bytes | str) -> bytes:
     return h.digest()
 
 
+def audience(agent_id: str, instance_id: str) -> str:
+    """Whom a request is signed for: one instance of an agent, so a signed request cannot be replayed to another
+    agent, nor to another replica of the same agent (each keeps its own nonce cache)."""
+    return f"{agent_id}#{instance_id}" if instance_id else agent_id
+
+
 def request_digest(capability: str, content_type: str, payload: bytes, audience: str) -> bytes:
-    """What a caller signs: the capability, the input and its type, and the agent it is meant for (so a signed
-    request cannot be replayed to another agent)."""
+    """What a caller signs: the capability, the input and its type, and the instance it is meant for
+    (`audience`)."""
     return digest(REQUEST, capability, content_type or "application/json", payload, audience)
 
 
@@ -251,6 +257,6 @@ def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
 
 
 __all__ = [
-    "ANSWER", "REQUEST", "SIGNATURE_HEADER", "NonceCache", "Signer", "Verified", "answer_digest", "digest",
+    "ANSWER", "REQUEST", "SIGNATURE_HEADER", "NonceCache", "Signer", "Verified", "answer_digest", "audience", "digest",
     "request_digest", "verify",
 ]

@@ -28,6 +28,7 @@ from hivemesh.mesh.signing import (
     NonceCache,
     Signer,
     answer_digest,
+    audience,
     request_digest,
     verify,
 )
@@ -44,8 +45,9 @@ class PayloadSigningLayer:
 
     def __init__(self, signed: frozenset[str], me: str, signer: Callable[[], Signer],
                  nonces: NonceCache | None = None) -> None:
-        """signed: the capabilities that declare signed_payloads; me: this agent's SPIFFE id (the audience a
-        request is signed for); signer: this workload's current key and certificate (renewals included)."""
+        """signed: the capabilities that declare signed_payloads; me: the audience a request is signed for (this
+        instance, `hivemesh.mesh.signing.audience`); signer: this workload's current key and certificate
+        (renewals included)."""
         self.signed = signed
         self.me = me
         self.signer = signer
@@ -87,7 +89,8 @@ class PayloadSigningLayer:
 
 
 def payload_signing_layer(
-    capabilities: Iterable[agent_pb2.Capability], me: str, signer: Callable[[], Signer] | None
+    capabilities: Iterable[agent_pb2.Capability], me: str, signer: Callable[[], Signer] | None,
+    instance_id: str = "",
 ) -> PayloadSigningLayer | None:
     """The layer for the capabilities that declare signed_payloads; None when none does. ValueError when one
     does but there is no workload key to sign answers with (never serve a signed capability unsigned)."""
@@ -96,7 +99,7 @@ def payload_signing_layer(
         return None
     if signer is None:
         raise ValueError(f"capabilities {sorted(signed)} declare signed_payloads, but no workload key is given")
-    return PayloadSigningLayer(signed, me, signer)
+    return PayloadSigningLayer(signed, audience(me, instance_id), signer)
 
 
 __all__ = ["NOTE", "PayloadSigningLayer", "payload_signing_layer"]

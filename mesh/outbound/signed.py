@@ -6,7 +6,16 @@ from __future__ import annotations
 
 from hivemesh.mesh.errors import SignatureInvalidError
 from hivemesh.mesh.outbound.call import Metadata, OutboundCall
-from hivemesh.mesh.signing import ANSWER, REQUEST, SIGNATURE_HEADER, Signer, answer_digest, request_digest, verify
+from hivemesh.mesh.signing import (
+    ANSWER,
+    REQUEST,
+    SIGNATURE_HEADER,
+    Signer,
+    answer_digest,
+    audience,
+    request_digest,
+    verify,
+)
 from hivemesh.mesh.tls import Workload
 from hivemesh.v1 import agent_pb2, mesh_pb2
 
@@ -21,7 +30,8 @@ def signs(instance: mesh_pb2.AgentInstance, capability: str) -> bool:
 
 def _request_digest(call: OutboundCall, instance: mesh_pb2.AgentInstance) -> bytes:
     req = call.request()
-    return request_digest(req.capability, req.content_type, req.input, instance.identity)
+    return request_digest(req.capability, req.content_type, req.input,
+                          audience(instance.identity, instance.instance_id))
 
 
 def sign_request(workload: Workload, call: OutboundCall, instance: mesh_pb2.AgentInstance,

@@ -15,7 +15,7 @@ import pytest
 from hivemesh.mesh.errors import OutputScreenedError, ReplayedError, SignatureInvalidError, from_rpc_error
 from hivemesh.mesh.outbound.call import encode_request
 from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
-from hivemesh.mesh.signing import REQUEST, SIGNATURE_HEADER, Signer, request_digest
+from hivemesh.mesh.signing import REQUEST, SIGNATURE_HEADER, Signer, audience, request_digest
 from hivemesh.sdk import Agent, AgentServer, AgentServerConfig, MeshClient, capability
 from hivemesh.v1 import agent_pb2, agent_pb2_grpc, audit_pb2
 from tests.support.meshenv import TRUST_DOMAIN, MeshEnv
@@ -60,7 +60,10 @@ async def test_signed_payloads_and_output_screen(mesh_env: MeshEnv, tmp_path: Pa
             (instance,) = node.registry.instances("notarize")
             signer = Signer(node.workload.key_pem, node.workload.cert_pem)
             body = b'{"text": "I owe Bob 10"}'
-            jws = signer.sign(REQUEST, request_digest("notarize", "application/json", body, AGENT_ID))
+            to = audience(AGENT_ID, instance.instance_id)
+            other = audience(AGENT_ID, "another-replica")
+            jws = signer.sign(REQUEST, request_digest("notarize", "application/json", body, to))
+            elsewhere = signer.sign(REQUEST, request_digest("notarize", "application/json", body, other))
 
             async def send(payload: bytes, md: list[tuple[str, str]]) -> bytes:
                 """Straight to the instance with a valid token, bypassing the caller's own signing."""
@@ -75,8 +78,9 @@ async def test_signed_payloads_and_output_screen(mesh_env: MeshEnv, tmp_path: Pa
 
             with pytest.raises(SignatureInvalidError, match="signed requests only"):
                 await send(body, [])
-            with pytest.raises(SignatureInvalidError, match="altered or forged"):
-                await send(b'{"text": "I owe Bob 1000"}', [(SIGNATURE_HEADER, jws)])
+            for md in ([(SIGNATURE_HEADER, jws)], [(SIGNATURE_HEADER, elsewhere)]):  # altered; for another replica
+                with pytest.raises(SignatureInvalidError, match="altered or forged"):
+                    await send(b'{"text": "I owe Bob 1000"}' if md[0][1] == jws else body, md)
             answer = agent_pb2.InvokeResponse.FromString(await send(body, [(SIGNATURE_HEADER, jws)]))
             assert answer.signature.count(".") == 2  # the agent signed its answer
             with pytest.raises(ReplayedError):
@@ -104,9 +108,8 @@ async def test_signed_payloads_and_output_screen(mesh_env: MeshEnv, tmp_path: Pa
     for r in signed_ok:
         assert r["signed"]["signer"] == f"spiffe://{TRUST_DOMAIN}/client/alice"
         assert len(r["signed"]["request"]) == 64 and len(r["signed"]["answer"]) == 64
-    assert signed_ok[1]["signed"]["request"] == request_digest(
-        "notarize", "application/json", body, AGENT_ID).hex()
-    assert len(by_reason["SIGNATURE_INVALID"]) == 2 and len(by_reason["REPLAYED"]) == 1
+    assert signed_ok[1]["signed"]["request"] == request_digest("notarize", "application/json", body, to).hex()
+    assert len(by_reason["SIGNATURE_INVALID"]) == 3 and len(by_reason["REPLAYED"]) == 1
     (screened,) = by_reason["OUTPUT_SCREENED"]
     assert screened["output_screen"] == {"action": "refuse", "rules": ["api-key"], "count": 1}
     (redact,) = [r for r in by_reason["allow"] if r["capability"] == "leak-redacted"]
