@@ -99,6 +99,12 @@ class TokenRevokedError(UnauthenticatedError):
     default_message = "the capability token has been revoked"
 
 
+class SignatureInvalidError(UnauthenticatedError):
+    """A signed payload's JWS is missing, malformed, outside its time window or not made by the peer's key."""
+
+    reason = "SIGNATURE_INVALID"
+
+
 # --- authorization: may you? (PERMISSION_DENIED) ------------------------------------------------------------
 class PermissionDeniedError(HivemeshError):
     code = grpc.StatusCode.PERMISSION_DENIED
@@ -151,6 +157,12 @@ class ContentRefusedError(InvalidInputError):
     default_message = "the input was refused by the content screen (e.g. a prompt-injection pattern)"
 
 
+class ReplayedError(InvalidInputError):
+    """A signed request whose nonce was already seen within its time window."""
+
+    reason = "REPLAYED"
+
+
 class PayloadTooLargeError(HivemeshError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "PAYLOAD_TOO_LARGE"
@@ -199,6 +211,12 @@ class InvalidOutputError(AgentError):
 
     reason = "INVALID_OUTPUT"
     default_message = "the agent's answer does not match its declared output schema"
+
+
+class OutputScreenedError(AgentError):
+    """The agent's answer carried a secret or personal data its capability's output screen refuses."""
+
+    reason = "OUTPUT_SCREENED"
 
 
 class RegistryUnavailableError(HivemeshError):

@@ -22,6 +22,7 @@ from hivemesh.mesh.layers.screen import ContentScreen
 from hivemesh.mesh.node import MeshNode
 from hivemesh.mesh.readiness import Readiness
 from hivemesh.mesh.server import ManagedServer
+from hivemesh.mesh.signing import Signer
 from hivemesh.v1 import agent_pb2
 
 
@@ -108,6 +109,8 @@ def open_front_door(
         budgets=budgets,
         max_call_depth=max_call_depth,
         meters=[metrics.usage_layer()] if metrics is not None else (),
+        signer=lambda: Signer(node.workload.key_pem, node.workload.cert_pem),
+        instance_id=instance_id,
     )
     log = (
         open_node_audit(node, spiffe_id=node.workload.spiffe_id, instance=instance_id, directory=audit_dir)

@@ -32,13 +32,17 @@ from hivemesh.mesh.layers import (
 )
 from hivemesh.mesh.layers.admission import Admission, Done
 from hivemesh.mesh.layers.authz import AuthzLayer
+from hivemesh.mesh.layers.base import AnsweringLayer
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
 from hivemesh.mesh.layers.loopguard import DEFAULT_MAX_CALL_DEPTH, LoopGuardLayer
+from hivemesh.mesh.layers.output_screen import DEFAULT_CLASSIFIER, Classifier, output_screen_layer
+from hivemesh.mesh.layers.payload_signing import payload_signing_layer
 from hivemesh.mesh.layers.ratelimit import RateLimitLayer
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN, ContentScreen
-from hivemesh.mesh.output_check import REFUSAL_NOTE
+from hivemesh.mesh.output_check import REFUSAL_NOTE, note_refusal
 from hivemesh.mesh.resilience.traffic import Traffic
 from hivemesh.mesh.rpcwrap import StreamBehaviour, UnaryBehaviour, wrap_handler
+from hivemesh.mesh.signing import Signer
 from hivemesh.mesh.tokens import TokenVerifier
 from hivemesh.v1 import agent_pb2
 
@@ -62,6 +66,9 @@ class InboundChain:
         self._settles = tuple(layer.settle for layer in self.layers if isinstance(layer, SettlingLayer))
         self.settles = bool(self._settles)
         """Some layer settles calls (else the interceptor need not keep the response)."""
+        self._answers = tuple(layer.answer for layer in reversed(self.layers) if isinstance(layer, AnsweringLayer))
+        self.answers = bool(self._answers)
+        """Some layer changes or withholds answers (the output screen, the answer signer)."""
         self.admission = admission
 
     def admit(self, call: Inbound) -> None:
@@ -71,6 +78,12 @@ class InboundChain:
     def settle(self, call: Inbound, response: Any) -> None:
         for settle in self._settles:
             settle(call, response)
+
+    def answer(self, call: Inbound, response: Any) -> Any:
+        """What is sent in place of response (a HivemeshError withholds it)."""
+        for answer in self._answers:
+            response = answer(call, response)
+        return response
 
 
 def build_inbound_chain(
@@ -89,6 +102,9 @@ def build_inbound_chain(
     budgets: TokenBudgets | None = None,
     max_call_depth: int = DEFAULT_MAX_CALL_DEPTH,
     meters: Sequence[InboundLayer] = (),
+    signer: Callable[[], Signer] | None = None,
+    instance_id: str = "",
+    output_classifier: Classifier = DEFAULT_CLASSIFIER,
 ) -> InboundChain:
     """The inbound chain, in the order the checks must run.
 
@@ -98,8 +114,14 @@ def build_inbound_chain(
     (default deny). limits are per-capability input size limits; screen is the content screen (None: off).
     budgets are the per-caller token budgets (None: none). max_call_depth bounds the agents one call chain
     passes through. meters are layers that only watch (the node's usage meter): they come last and never refuse.
+    signer gives this workload's key and certificate, for capabilities with signed_payloads (required then), and
+    instance_id this instance's registry id (what a caller signs a request for);
+    output_classifier finds what the output screen of a capability that declares one acts on.
     """
     capabilities = tuple(capabilities)
+    me = f"spiffe://{trust_domain}/agent/{agent_name}"
+    signing = payload_signing_layer(capabilities, me, signer, instance_id)
+    screening = output_screen_layer(capabilities, output_classifier)
     traffic_layers: list[InboundLayer] = []
     if traffic is not None:
         # 4. How often: rate limits per caller identity × capability. After the token (it limits a verified
@@ -127,11 +149,18 @@ def build_inbound_chain(
             #     budget (a looping call spends no one's quota) and the input guard (no JSON decode).
             LoopGuardLayer(capabilities, me=f"spiffe://{trust_domain}/agent/{agent_name}",
                            max_depth=max_call_depth),
+            # 3c. Signed payloads: the request's signature is the peer's, fresh and not replayed (its answer is
+            #     signed on the way out). After authz, so a stranger costs no signature check; before the rate
+            #     limit, so a replay spends no one's quota.
+            *([signing] if signing is not None else []),
             *traffic_layers,
             # 6. Is the input acceptable: capability exists, size, JSON, schema, content screen. Last, as it is
             #    the costliest (JSON decode); the decoded value is handed to the agent so it is decoded once.
             InputGuardLayer(capabilities, max_input_bytes=max_input_bytes, agent_name=agent_name, limits=limits,
                             screen=screen, screen_exempt=screen_exempt),
+            # 6b. The output screen admits every call; it answers first on the way out (answering layers run in
+            #     reverse), so a redacted answer is what gets signed.
+            *([screening] if screening is not None else []),
             *meters,
         ],
         # 7. How many at once: last, once the call is certainly acceptable, so a refused call never holds or
@@ -211,6 +240,18 @@ def _final_code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException 
     if isinstance(code, grpc.StatusCode):
         return code
     return grpc.StatusCode.UNKNOWN
+
+
+async def _answered(
+    chain: InboundChain, call: Inbound, response: Any, context: grpc.aio.ServicerContext[Any, Any]
+) -> Any:
+    """The answer the answering layers let out; a refusal is noted for the observers and aborts the call."""
+    try:
+        return chain.answer(call, response)
+    except HivemeshError as err:
+        note_refusal(call, err)
+        await abort(context, err)
+        raise
 
 
 class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
@@ -317,6 +358,7 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
         observed = bool(self._observers)
         chain = self._chain
         settles = chain.settles
+        answers = chain.answers
         deserialize = handler.request_deserializer  # applied by the wrappers below, after the chain
         packaging = "sidecar" if deserialize is None else "sdk"  # a raw-bytes forwarder is the sidecar's
 
@@ -325,11 +367,13 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
                 started = time.perf_counter()
                 call, inner_request, done = await self._enter(method, request, context, deserialize, started)
                 handed = InboundContext(context, call)  # the handler reads the call's record from its context
-                if not observed and done is None and not settles:
+                if not observed and done is None and not settles and not answers:
                     return await inner_unary(inner_request, handed)
                 failure: BaseException | None = None
                 try:
                     response = await inner_unary(inner_request, handed)
+                    if answers:
+                        response = await _answered(chain, call, response, context)
                     if settles:
                         chain.settle(call, response)
                     return response
@@ -350,6 +394,8 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
                 failure: BaseException | None = None
                 try:
                     async for item in inner_stream(inner_request, InboundContext(context, call)):
+                        if answers:
+                            item = await _answered(chain, call, item, context)
                         if settles:  # before it is sent: a caller that stops reading cannot skip a charge
                             chain.settle(call, item)
                         yield item

@@ -55,6 +55,10 @@ class CapabilitySpec:
     """The answer does not depend on who asks: a caller's degraded-mode cache may serve it to other callers."""
     recursion: int = 0
     """How many times one call chain may re-enter this agent through this capability (0: a revisit is a loop)."""
+    signed_payloads: bool = False
+    """Requests and answers are signed and verified (`hivemesh.mesh.signing`)."""
+    output_screen: str = "off"
+    """What the mesh does with secrets or personal data in an answer: off, refuse, redact or record."""
 
     def to_proto(self) -> agent_pb2.Capability:
         return agent_pb2.Capability(
@@ -67,9 +71,14 @@ class CapabilitySpec:
             idempotent=self.idempotent,
             cache_shareable=self.cache_shareable,
             recursion=self.recursion,
+            signed_payloads=self.signed_payloads,
+            output_screen=agent_pb2.OutputScreen.Value(f"OUTPUT_SCREEN_{self.output_screen.upper()}"),
             input_modes=["application/json"],
             output_modes=["application/json"],
         )
+
+
+_OUTPUT_SCREENS = ("off", "refuse", "redact", "record")
 
 
 def _stream_item_type(ret: Any) -> Any | None:
@@ -93,8 +102,12 @@ def _build_spec(
     dedupe: bool = True,
     cache_shareable: bool = False,
     recursion: int = 0,
+    signed_payloads: bool = False,
+    output_screen: str = "off",
 ) -> CapabilitySpec:
     where = f"capability {fn.__qualname__}"
+    if output_screen not in _OUTPUT_SCREENS:
+        raise ValueError(f"{where}: output_screen must be one of {', '.join(_OUTPUT_SCREENS)}, not {output_screen!r}")
     if not isinstance(recursion, int) or isinstance(recursion, bool) or not 0 <= recursion <= 64:
         raise ValueError(f"{where}: recursion must be a whole number of re-entries from 0 to 64, not {recursion!r}")
     if not (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)):
@@ -137,6 +150,8 @@ def _build_spec(
         dedupe=dedupe,
         cache_shareable=cache_shareable,
         recursion=recursion,
+        signed_payloads=signed_payloads,
+        output_screen=output_screen,
     )
 
 
@@ -157,6 +172,8 @@ def capability(
     dedupe: bool = True,
     cache_shareable: bool = False,
     recursion: int = 0,
+    signed_payloads: bool = False,
+    output_screen: str = "off",
 ) -> Callable[[F], F]: ...
 
 
@@ -174,6 +191,8 @@ def capability(
     dedupe: bool = True,
     cache_shareable: bool = False,
     recursion: int = 0,
+    signed_payloads: bool = False,
+    output_screen: str = "off",
 ) -> F | Callable[[F], F]:
     """Mark an async method as a mesh capability (bare `@capability` or `@capability(...)`).
 
@@ -192,6 +211,9 @@ def capability(
         recursion: how many times one call chain may re-enter this agent through this capability (a capability
             that calls itself, directly or through others); 0 (default): a call back into the agent is refused
             with LOOP_DETECTED. The mesh's maximum call depth still applies.
+        signed_payloads: callers sign each request and this agent signs each answer (detached JWS with the
+            workload keys), each verified by the other side; the audit record keeps both digests.
+        output_screen: secrets or personal data in an answer are refused, redacted or recorded ("off": none).
     Returns:
         The method itself, with its spec attached (the class collects it).
     """
@@ -209,6 +231,8 @@ def capability(
             dedupe=dedupe,
             cache_shareable=cache_shareable,
             recursion=recursion,
+            signed_payloads=signed_payloads,
+            output_screen=output_screen,
         )
         setattr(f, _ATTR, spec)
         return f

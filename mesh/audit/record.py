@@ -171,7 +171,7 @@ def decision_fields(
         rec["trace_id"] = m.group(1) if m else call_id
     if call_id:
         rec["call_id"] = call_id
-    for note in ("rule", "dry_run"):
+    for note in ("rule", "dry_run", "signed", "output_screen"):
         if note in call.notes:
             rec[note] = call.notes[note]
     return rec

@@ -67,3 +67,13 @@ class SettlingLayer(InboundLayer, Protocol):
     raise."""
 
     def settle(self, call: Inbound, response: Any) -> None: ...
+
+
+@runtime_checkable
+class AnsweringLayer(InboundLayer, Protocol):
+    """A layer that may change or refuse the answer before it is sent: `answer` gets each answer (a unary
+    response, or each item of a stream; the message, or the bytes a forwarder relays) and returns what is sent
+    in its place, or raises a `HivemeshError` to withhold it. Answering layers run innermost first (in reverse
+    chain order), so what a later layer changed is what an earlier one (the signer) sees."""
+
+    def answer(self, call: Inbound, response: Any) -> Any: ...

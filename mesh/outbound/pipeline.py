@@ -44,6 +44,7 @@ from hivemesh.mesh.outbound.channels import ChannelPool
 from hivemesh.mesh.outbound.degrade import DEGRADE_CODES, Degradation
 from hivemesh.mesh.outbound.events import OutboundEvents
 from hivemesh.mesh.outbound.selection import InstanceSelector, Liveness
+from hivemesh.mesh.outbound.signed import sign_request, signs, verify_answer
 from hivemesh.mesh.resilience.breaker import DEFAULT_FAILURE_CODES, CircuitBreaker
 from hivemesh.mesh.resilience.traffic import Traffic
 from hivemesh.mesh.shadow import ShadowTraffic
@@ -162,8 +163,13 @@ class OutboundPipeline:
         endpoint = self.channels.get(instance.endpoint, instance.identity)
         if tracing.TRACER is not None:  # the attempt's span is current: the callee's parent
             metadata = tracing.with_headers(metadata)
+        signed = signs(instance, call.capability)
+        if signed:
+            metadata = sign_request(self.channels.workload, call, instance, metadata)
         try:
             raw: bytes = await endpoint.invoke(call.raw, timeout=timeout, metadata=metadata)
+            if signed:
+                verify_answer(self.channels.workload, call, instance, raw)
             return raw
         except grpc.aio.AioRpcError as exc:
             raise AttemptError(from_rpc_error(exc), never_sent=_never_sent(exc)) from None
@@ -278,9 +284,14 @@ class OutboundPipeline:
                 if self.observer is not None:
                     self.observer(capability, local)
                 raise
+            signed = OutboundCall(capability, raw_request, (), None, None) if signs(instance, capability) else None
+            if signed is not None:
+                md = list(sign_request(self.channels.workload, signed, instance, md))
             endpoint = self.channels.get(instance.endpoint, instance.identity)
             try:
                 raw: bytes = await endpoint.invoke(raw_request, timeout=timeout, metadata=md)
+                if signed is not None:
+                    verify_answer(self.channels.workload, signed, instance, raw)
                 return raw
             except grpc.aio.AioRpcError as exc:
                 remote = from_rpc_error(exc)
@@ -336,6 +347,8 @@ class OutboundPipeline:
                 md = await self._prepare(instance, capability, metadata)
                 if span is not None:
                     md = tracing.with_headers(md, span[0])
+                if signs(instance, capability):  # the request only: a stream's chunks are not signed
+                    md = list(sign_request(self.channels.workload, call, instance, md))
                 breaker = None
                 if settings is not None and settings.instance is not None:
                     breaker = t.instance_breaker(capability, instance.instance_id, settings.instance)

@@ -51,6 +51,33 @@ TASK_STATE_REJECTED: TaskState.ValueType  # 7
 TASK_STATE_AUTH_REQUIRED: TaskState.ValueType  # 8
 Global___TaskState: _TypeAlias = TaskState  # noqa: Y015
 
+class _OutputScreen:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OutputScreenEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OutputScreen.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OUTPUT_SCREEN_OFF: _OutputScreen.ValueType  # 0
+    """not screened"""
+    OUTPUT_SCREEN_REFUSE: _OutputScreen.ValueType  # 1
+    """the answer is withheld: AGENT_ERROR, reason OUTPUT_SCREENED"""
+    OUTPUT_SCREEN_REDACT: _OutputScreen.ValueType  # 2
+    """each match is replaced by [REDACTED:<rule>]"""
+    OUTPUT_SCREEN_RECORD: _OutputScreen.ValueType  # 3
+    """passed unchanged; the findings are recorded in the audit log"""
+
+class OutputScreen(_OutputScreen, metaclass=_OutputScreenEnumTypeWrapper): ...
+
+OUTPUT_SCREEN_OFF: OutputScreen.ValueType  # 0
+"""not screened"""
+OUTPUT_SCREEN_REFUSE: OutputScreen.ValueType  # 1
+"""the answer is withheld: AGENT_ERROR, reason OUTPUT_SCREENED"""
+OUTPUT_SCREEN_REDACT: OutputScreen.ValueType  # 2
+"""each match is replaced by [REDACTED:<rule>]"""
+OUTPUT_SCREEN_RECORD: OutputScreen.ValueType  # 3
+"""passed unchanged; the findings are recorded in the audit log"""
+Global___OutputScreen: _TypeAlias = OutputScreen  # noqa: Y015
+
 @_typing.final
 class DescribeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -146,6 +173,8 @@ class Capability(_message.Message):
     OUTPUT_MODES_FIELD_NUMBER: _builtins.int
     CACHE_SHAREABLE_FIELD_NUMBER: _builtins.int
     RECURSION_FIELD_NUMBER: _builtins.int
+    SIGNED_PAYLOADS_FIELD_NUMBER: _builtins.int
+    OUTPUT_SCREEN_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """e.g. "extract"; [a-z0-9][a-z0-9._-]{0,62}"""
     description: _builtins.str
@@ -164,6 +193,14 @@ class Capability(_message.Message):
     recursion: _builtins.int
     """How many times one call chain may re-enter this capability's agent (a recursive capability, e.g. one that
     splits its input and calls itself on the halves). 0: never; a revisit is refused with LOOP_DETECTED.
+    """
+    signed_payloads: _builtins.bool
+    """Calls and answers are signed (detached JWS, ES256, with each side's mesh workload key) and verified by the
+    other side, with a nonce and time window against replays; the audit record keeps both signed digests.
+    """
+    output_screen: Global___OutputScreen.ValueType
+    """What the mesh does when an answer carries a secret or personal data (API keys, private keys, emails, phone
+    and card numbers): the owner's declaration, so it travels with the card in both packagings.
     """
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
@@ -187,10 +224,12 @@ class Capability(_message.Message):
         output_modes: _abc.Iterable[_builtins.str] | None = ...,
         cache_shareable: _builtins.bool = ...,
         recursion: _builtins.int = ...,
+        signed_payloads: _builtins.bool = ...,
+        output_screen: Global___OutputScreen.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_shareable", b"cache_shareable", "description", b"description", "idempotent", b"idempotent", "input_modes", b"input_modes", "input_schema", b"input_schema", "name", b"name", "output_modes", b"output_modes", "output_schema", b"output_schema", "recursion", b"recursion", "streaming", b"streaming", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_shareable", b"cache_shareable", "description", b"description", "idempotent", b"idempotent", "input_modes", b"input_modes", "input_schema", b"input_schema", "name", b"name", "output_modes", b"output_modes", "output_schema", b"output_schema", "output_screen", b"output_screen", "recursion", b"recursion", "signed_payloads", b"signed_payloads", "streaming", b"streaming", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -388,10 +427,13 @@ class InvokeResponse(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     HOPS_FIELD_NUMBER: _builtins.int
     output: _builtins.bytes
     content_type: _builtins.str
     state: Global___TaskState.ValueType
+    signature: _builtins.str
+    """The agent's detached JWS over the answer (and the request it answers), for a signed_payloads capability."""
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -410,11 +452,12 @@ class InvokeResponse(_message.Message):
         state: Global___TaskState.ValueType = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         usage: Global___Usage | None = ...,
+        signature: _builtins.str = ...,
         hops: _abc.Iterable[Global___Hop] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "hops", b"hops", "metadata", b"metadata", "output", b"output", "state", b"state", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "hops", b"hops", "metadata", b"metadata", "output", b"output", "signature", b"signature", "state", b"state", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

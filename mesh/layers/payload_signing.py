@@ -1,0 +1,105 @@
+"""Signed payloads on the agent's side: verify the caller's request signature, sign the answer.
+
+For a capability whose card declares `signed_payloads`, a request must carry the caller's detached JWS
+(`hivemesh-signature` metadata, `hivemesh.mesh.signing`) made with the key of the very certificate it
+presented in the mTLS handshake, within the time window and with a nonce not seen before; otherwise it is
+refused (UNAUTHENTICATED / SIGNATURE_INVALID, or INVALID_ARGUMENT / REPLAYED). The answer is signed with this
+workload's key into `InvokeResponse.signature`, bound to the request's digest; both digests are noted on
+the call (`signed`) so the audit record keeps them: neither side can later deny what it sent.
+
+Runs after authz and the loop guard (a stranger learns nothing and costs no signature check), before the rate
+limit (a replay spends no one's quota). Streamed answers are not signed (InvokeChunk has no signature field);
+the request of an InvokeStream call is verified all the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+from google.protobuf.message import DecodeError
+
+from hivemesh.mesh.errors import PeerUnauthenticatedError, SignatureInvalidError
+from hivemesh.mesh.layers.base import Inbound
+from hivemesh.mesh.signing import (
+    ANSWER,
+    REQUEST,
+    SIGNATURE_HEADER,
+    NonceCache,
+    Signer,
+    answer_digest,
+    audience,
+    request_digest,
+    verify,
+)
+from hivemesh.v1 import agent_pb2
+
+NOTE: Final = "signed"
+"""`Inbound.notes` key: {"signer", "request", "answer"} (hex SHA-256 digests), kept in the audit record."""
+
+
+class PayloadSigningLayer:
+    """Checks request signatures (`check`) and signs answers (`answer`) of the signed capabilities."""
+
+    name = "payload-signing"
+
+    def __init__(self, signed: frozenset[str], me: str, signer: Callable[[], Signer],
+                 nonces: NonceCache | None = None) -> None:
+        """signed: the capabilities that declare signed_payloads; me: the audience a request is signed for (this
+        instance, `hivemesh.mesh.signing.audience`); signer: this workload's current key and certificate
+        (renewals included)."""
+        self.signed = signed
+        self.me = me
+        self.signer = signer
+        self.nonces = nonces if nonces is not None else NonceCache()
+
+    def check(self, call: Inbound) -> None:
+        req = call.request
+        if req is None or req.capability not in self.signed:
+            return
+        peer = call.peer
+        if peer is None:  # ordering guard: the identity layer runs first
+            raise PeerUnauthenticatedError()
+        jws = call.metadata.get(SIGNATURE_HEADER)
+        if not isinstance(jws, str):
+            raise SignatureInvalidError(
+                f"capability {req.capability!r} takes signed requests only: sign it (hivemesh-signature metadata)",
+                metadata={"capability": req.capability[:128]})
+        d = request_digest(req.capability, req.content_type, req.input, self.me)
+        ok = verify(jws, REQUEST, d, peer_cert=peer.cert_pem, nonces=self.nonces)
+        call.notes[NOTE] = {"signer": ok.signer, "request": ok.digest_hex, "nonce": ok.nonce}
+
+    def answer(self, call: Inbound, response: Any) -> Any:
+        note = call.notes.get(NOTE)
+        if note is None or call.method != "Invoke":
+            return response
+        raw = isinstance(response, bytes)
+        msg = response
+        if raw:
+            try:
+                msg = agent_pb2.InvokeResponse.FromString(response)
+            except DecodeError:
+                return response
+        if not isinstance(msg, agent_pb2.InvokeResponse):
+            return response
+        d = answer_digest(bytes.fromhex(note["request"]), msg.output, msg.content_type, int(msg.state))
+        msg.signature = self.signer().sign(ANSWER, d)
+        note["answer"] = d.hex()
+        return msg.SerializeToString() if raw else msg
+
+
+def payload_signing_layer(
+    capabilities: Iterable[agent_pb2.Capability], me: str, signer: Callable[[], Signer] | None,
+    instance_id: str = "",
+) -> PayloadSigningLayer | None:
+    """The layer for the capabilities that declare signed_payloads; None when none does. ValueError when one
+    does but there is no workload key to sign answers with (never serve a signed capability unsigned)."""
+    signed = frozenset(c.name for c in capabilities if c.signed_payloads)
+    if not signed:
+        return None
+    if signer is None:
+        raise ValueError(f"capabilities {sorted(signed)} declare signed_payloads, but no workload key is given")
+    return PayloadSigningLayer(signed, audience(me, instance_id), signer)
+
+
+__all__ = ["NOTE", "PayloadSigningLayer", "payload_signing_layer"]
