@@ -232,8 +232,12 @@ def test_three_hosts_fail_over_and_rejoin(network: Network, tmp_path: Path) -> N
     assert gone["on_host"] == 0, "host 3's registrations expire: the etcd majority on hosts 1 and 2 revoked them"
     rows = json.loads(operator("agents", "--json"))
     assert sorted(r["endpoint"].rpartition(":")[0] for r in rows) == [addrs[1]], "etcd answers with quorum"
+    approving = time.monotonic()
     approved = json.loads(operator("escalations", "approve", waiting["escalation"], "--answer", '{"window": "now"}',
                                    "--json"))  # on host 1, while the run's owner on host 3 is cut off
+    approve_s = time.monotonic() - approving
+    lost = owner.json(30)  # the cut lasts until the run's owner has lost its 5 s lease (else no test)
+    assert lost["event"] == "owner_lost", lost
     net.restore(h3)
     restored_at = time.monotonic()
     send(f"until-on-host {addrs[2]} 2 30")
@@ -268,8 +272,9 @@ def test_three_hosts_fail_over_and_rejoin(network: Network, tmp_path: Path) -> N
 
     # The run host 3 owns lost its owner lease in the cut and completes by itself with the approval given then.
     run = owner.json(60)
-    print(f"workflow: host 3 cut {restored_at - cut_at:.1f} s (owner lease 5 s), approved during the cut, the run "
-          f"completed {run['at'] - restored_at:.1f} s after the restore without `workflows resume`")
+    print(f"workflow: host 3 cut {restored_at - cut_at:.1f} s (owner lease 5 s, lost {lost['at'] - cut_at:.1f} s "
+          f"after the cut), approved during the cut ({approve_s:.1f} s for the CLI), the run completed "
+          f"{run['at'] - restored_at:.1f} s after the restore without `workflows resume`")
     assert approved["status"] == "APPROVED", approved
     assert run["owner_lost"], "the cut must have cost the owner its lease (else no test)"
     assert run["state"] == "COMPLETED", run

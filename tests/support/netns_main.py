@@ -14,9 +14,10 @@
   after T (time.monotonic) were issued, stop, and print every operation as one JSON list (kind, start, end, ok,
   replica, error).
 - `wf-owner`: join as client `orch` (HIVEMESH_JOIN_TOKEN) and own one durable run (5 s owner lease) that asks a
-  person; print `{"event": "waiting", "escalation": ID}` once it is INPUT_REQUIRED, then, with nobody running
-  `workflows resume`, `{"event": "done", "state", "output", "runs", "owner_lost", "at"}` once it ends (at most
-  120 s): the test cuts this host meanwhile and approves from host 1 (issue 11).
+  person; print `{"event": "waiting", "escalation": ID}` once it is INPUT_REQUIRED, `{"event": "owner_lost"}` the
+  first time it loses its owner lease, then, with nobody running `workflows resume`, `{"event": "done", "state",
+  "output", "runs", "owner_lost", "at"}` once it ends (at most 120 s): the test cuts this host meanwhile and
+  approves from host 1 (issue 11).
 """
 
 from __future__ import annotations
@@ -163,6 +164,8 @@ async def _wf_owner() -> None:
 
     def on_event(_wid: str, kind: str, data: Any) -> None:
         if kind == "owner_lost":
+            if not lost:  # the test keeps the cable cut until the owner has lost its lease
+                print(json.dumps({"event": "owner_lost", "at": time.monotonic()}), flush=True)
             lost.append(str(data.get("reason", "")))
         elif kind == "input_required" and not asked.done():  # emitted once the run recorded the escalation
             asked.set_result(str(data["escalation_id"]))
