@@ -5,9 +5,11 @@ each, host 1 the caller, hosts 2 and 3 an SDK `echo` replica each, host 3 a plai
 sidecar`. Every listener binds 0.0.0.0 and advertises its host's address. The test proves calls cross hosts over
 mutual TLS with tokens and are audited, then cuts host 3's cable under a bounded load: idempotent calls fail over
 to host 2 with no failed call, etcd keeps quorum (host 3's registrations expire), and once the cable is back host
-3 registers again and serves calls. Last it cuts host 1, where the leading control-plane replica runs: host 2's
-replica takes over and a client on host 3 keeps getting tokens and certificates. It prints the failover times and
-the failed calls (docs/multihost.md).
+3 registers again and serves calls. A durable workflow run owned on host 3 waits for a person through that cut,
+longer than its 5 s owner lease; the operator approves on host 1 during the cut, and once the cable is back the
+owner owns the run again and completes it by itself, without `workflows resume` (issue 11). Last it cuts
+host 1, where the leading control-plane replica runs: host 2's replica takes over and a client on host 3 keeps
+getting tokens and certificates. It prints the failover times and the failed calls (docs/multihost.md).
 """
 
 from __future__ import annotations
@@ -176,10 +178,10 @@ def test_three_hosts_fail_over_and_rejoin(network: Network, tmp_path: Path) -> N
     # Workloads join with one-time tokens minted by the operator's CLI on host 1 (minted in parallel).
     phase("control plane up, policies applied")
     argv, env = mesh.join_tokens(("echo", "agent"), ("echo", "agent"), ("plain", "agent"), ("caller", "client"),
-                                 ("issuer", "client"))
+                                 ("issuer", "client"), ("orch", "client"))
     done = net.run(h1, argv, env=env, cwd=REPO, timeout=60)
     assert done.returncode == 0, f"join tokens: {done.stderr[-2000:]}"
-    echo1, echo2, plain_token, caller_token, issuer_token = json.loads(done.stdout)
+    echo1, echo2, plain_token, caller_token, issuer_token, orch_token = json.loads(done.stdout)
     assert cp2.next(60).startswith(f"ready controlplane={addrs[1]}:"), "a second replica on host 2"
     phase("join tokens minted, second control-plane replica up")
     agents = {2: spawn(h2, "agent-h2", mesh.sdk_agent(2, echo1)),
@@ -189,11 +191,14 @@ def test_three_hosts_fail_over_and_rejoin(network: Network, tmp_path: Path) -> N
     sidecar = spawn(h3, "sidecar-h3", mesh.sidecar(3, plain_token))
     caller = spawn(h1, "caller", mesh.caller(caller_token), stdin=True)
     issuer = spawn(h3, "issuer", mesh.issuer(issuer_token), stdin=True)
+    owner = spawn(h3, "wf-owner", mesh.workflow_owner(orch_token))
     for i, agent in agents.items():
         assert agent.next(60).split()[1].startswith(f"{addrs[i - 1]}:"), "each replica registers its host address"
     assert sidecar.next(60).startswith(f"sidecar ready inbound={addrs[2]}:{SIDECAR_PORT} ")
     assert caller.json(60)["event"] == "ready"
     assert issuer.next(60) == "ready"
+    waiting = owner.json(60)
+    assert waiting["event"] == "waiting", "the run on host 3 waits for a person"
 
     phase("workloads joined")
 
@@ -227,13 +232,19 @@ def test_three_hosts_fail_over_and_rejoin(network: Network, tmp_path: Path) -> N
     assert gone["on_host"] == 0, "host 3's registrations expire: the etcd majority on hosts 1 and 2 revoked them"
     rows = json.loads(operator("agents", "--json"))
     assert sorted(r["endpoint"].rpartition(":")[0] for r in rows) == [addrs[1]], "etcd answers with quorum"
+    approving = time.monotonic()
+    approved = json.loads(operator("escalations", "approve", waiting["escalation"], "--answer", '{"window": "now"}',
+                                   "--json"))  # on host 1, while the run's owner on host 3 is cut off
+    approve_s = time.monotonic() - approving
+    lost = owner.json(30)  # the cut lasts until the run's owner has lost its 5 s lease (else no test)
+    assert lost["event"] == "owner_lost", lost
     net.restore(h3)
     restored_at = time.monotonic()
     send(f"until-on-host {addrs[2]} 2 30")
     back = caller.json(40)
     assert back["on_host"] == 2, "host 3's replica and sidecar register again"
     expired_s, rejoined_s = gone["at"] - cut_at, back["at"] - restored_at
-    phase("host 3 cut, expired, restored, registered again")
+    phase("host 3 cut, expired, escalation approved, restored, registered again")
     send("stop-when-served h3 30")
     done_msg = caller.json(60)
     calls = done_msg["calls"]
@@ -258,6 +269,19 @@ def test_three_hosts_fail_over_and_rejoin(network: Network, tmp_path: Path) -> N
     assert not failed, failed[:5]
     assert during_cut and all(c["served_by"] == "h2" for c in during_cut), "only host 2 serves while 3 is cut"
     assert served_h3_after, "host 3 gets traffic again after the restore"
+
+    # The run host 3 owns lost its owner lease in the cut and completes by itself with the approval given then.
+    run = owner.json(60)
+    print(f"workflow: host 3 cut {restored_at - cut_at:.1f} s (owner lease 5 s, lost {lost['at'] - cut_at:.1f} s "
+          f"after the cut), approved during the cut ({approve_s:.1f} s for the CLI), the run completed "
+          f"{run['at'] - restored_at:.1f} s after the restore without `workflows resume`")
+    assert approved["status"] == "APPROVED", approved
+    assert run["owner_lost"], "the cut must have cost the owner its lease (else no test)"
+    assert run["state"] == "COMPLETED", run
+    assert run["output"] == {"approved": True, "answer": {"window": "now"}}, run
+    assert run["runs"][-1]["resume"] is True, "the owner owned the run again and replayed it"
+    assert run["at"] - restored_at < 30
+    phase("the workflow run owned on host 3 completed")
 
     # Audit: the decisions of both hosts' agents reached the control plane, and the chain verifies.
     def audited() -> tuple[bool, object]:

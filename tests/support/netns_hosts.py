@@ -10,7 +10,8 @@ test_k8s_manifests.py does: same subcommands, options, ports and HIVEMESH_* vari
                          (HIVEMESH_LISTEN/HIVEMESH_ADVERTISE)
     host 3  198.18.0.3   etcd member h3, SDK agent `echo` replica h3, plain-gRPC agent `plain` on loopback
                          behind `hivemesh sidecar --listen 0.0.0.0:7443 --advertise 198.18.0.3`, a client that
-                         keeps asking the control plane for tokens and certificates (`issuer`)
+                         keeps asking the control plane for tokens and certificates (`issuer`), a client
+                         (`orch`) owning a durable workflow run that waits for a person
 
 Every host runs in a network namespace of its own, so all use the same fixed ports.
 """
@@ -160,6 +161,12 @@ class MultiHostMesh:
         env = self.base_env("issuer")
         env["HIVEMESH_JOIN_TOKEN"] = join_token
         return [sys.executable, "-m", "tests.support.netns_main", "cp-issuer"], env
+
+    def workflow_owner(self, join_token: str) -> Command:
+        """A client (`orch`) that owns one durable run waiting for a person (`netns_main wf-owner`)."""
+        env = self.base_env("orch")
+        env["HIVEMESH_JOIN_TOKEN"] = join_token
+        return [sys.executable, "-m", "tests.support.netns_main", "wf-owner"], env
 
     def caller(self, join_token: str) -> Command:
         """The load driver on host 1, a mesh client `caller` (commands on stdin, JSON lines on stdout)."""

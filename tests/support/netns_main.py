@@ -13,6 +13,11 @@
   HIVEMESH_CONTROLPLANE; on `report-after T N` wait (at most 20 s) until N tokens and one certificate started
   after T (time.monotonic) were issued, stop, and print every operation as one JSON list (kind, start, end, ok,
   replica, error).
+- `wf-owner`: join as client `orch` (HIVEMESH_JOIN_TOKEN) and own one durable run (5 s owner lease) that asks a
+  person; print `{"event": "waiting", "escalation": ID}` once it is INPUT_REQUIRED, `{"event": "owner_lost"}` the
+  first time it loses its owner lease, then, with nobody running `workflows resume`, `{"event": "done", "state",
+  "output", "runs", "owner_lost", "at"}` once it ends (at most 120 s): the test cuts this host meanwhile and
+  approves from host 1 (issue 11).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import os
 import signal
 import sys
 import time
+from typing import Any
 
 import grpc
 from aetcd import rpc
@@ -143,6 +149,38 @@ async def _cp_issuer(ca: bytes) -> None:
                 return
 
 
+async def _approval_flow(run: Any, input: Any) -> dict[str, Any]:
+    """Asks a person, then finishes with their answer."""
+    info = await run.escalate("approve", "may the change go out?", {"change": input["change"]})
+    return {"approved": info.approved, "answer": info.answer}
+
+
+async def _wf_owner() -> None:
+    from hivemesh.sdk import MeshClient
+    from hivemesh.sdk.workflow import WorkflowEngine
+
+    lost: list[str] = []
+    asked: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def on_event(_wid: str, kind: str, data: Any) -> None:
+        if kind == "owner_lost":
+            if not lost:  # the test keeps the cable cut until the owner has lost its lease
+                print(json.dumps({"event": "owner_lost", "at": time.monotonic()}), flush=True)
+            lost.append(str(data.get("reason", "")))
+        elif kind == "input_required" and not asked.done():  # emitted once the run recorded the escalation
+            asked.set_result(str(data["escalation_id"]))
+
+    async with MeshClient.connect(name="orch") as mesh, WorkflowEngine(
+        mesh, lock_ttl_s=5, on_event=on_event
+    ) as engine:
+        handle = await engine.submit(_approval_flow, {"change": "c-1"}, workflow_id="cut")
+        escalation = await asyncio.wait_for(asked, 60)
+        print(json.dumps({"event": "waiting", "escalation": escalation}), flush=True)
+        state = await handle.result(timeout=120)
+        print(json.dumps({"event": "done", "state": state.state, "output": state.output, "runs": state.runs,
+                          "owner_lost": lost, "at": time.monotonic()}), flush=True)
+
+
 def main(argv: list[str]) -> None:
     job, *args = argv
     if job == "plain-agent":
@@ -152,6 +190,8 @@ def main(argv: list[str]) -> None:
     elif job == "cp-issuer":
         with open(os.environ["HIVEMESH_CA"], "rb") as f:
             asyncio.run(_cp_issuer(f.read()))
+    elif job == "wf-owner":
+        asyncio.run(_wf_owner())
     elif job == "etcd-bootstrap":
         _etcd_bootstrap(*args)
     else:
