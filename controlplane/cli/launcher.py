@@ -274,7 +274,8 @@ class MeshUp:
             token = await self._join_token(agent)
             child = await self.sup.spawn(agent, _python("hivemesh.agents.run", agent), self._env(token))
             self.say(f"agent {agent}: SDK, in-process mesh layers (pid {child.pid})")
-            self._announced.append((child, rf"agent {agent} serving on \S+ as \S+ \(metrics (\S+)\)", JOB_NODES, agent))
+            announced = rf"agent {agent} serving on \S+ as \S+ \(metrics ([^,)\s]+)"  # then ", health ...)"
+            self._announced.append((child, announced, JOB_NODES, agent))
         plain = await self.sup.spawn("validator", _python("hivemesh.agents.run", "validator", "--port", "0"))
         m = await plain.wait_for_line(r"listening (127\.0\.0\.1:\d+)", _READY_S)
         plain.args[-1] = _port(m.group(1))  # restarted on the same port: its sidecar keeps calling it there
