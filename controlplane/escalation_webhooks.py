@@ -36,7 +36,6 @@ are the leader's own memory, so a new leader may retry an event up to max_attemp
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
@@ -59,7 +58,9 @@ from hivemesh.controlplane.escalations import (
     _audit,
     audit_fields,
 )
+from hivemesh.controlplane.leader import leader_duty
 from hivemesh.mesh.policy import PolicyDoc, PolicyError, PolicyKind, kind_prefix
+from hivemesh.mesh.watch import cancel_and_wait
 from hivemesh.v1 import escalation_pb2
 
 if TYPE_CHECKING:
@@ -258,20 +259,10 @@ class Notifier:
             self.store.notice_check = None
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     async def _loop(self) -> None:
-        while True:
-            try:
-                if self.leading():
-                    await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - etcd trouble: try again next pass
-                log.warning("escalation webhook pass failed: %s", exc)
-            await asyncio.sleep(self.poll_s)
+        await leader_duty("escalation webhook", self.leading, self.run_once, self.poll_s)
 
     async def run_once(self) -> None:
         """One pass over the pending escalations that need telling (settling due deadlines on the way). Without

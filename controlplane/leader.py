@@ -219,3 +219,17 @@ class LeaderElection:
             self._was_leading = leading
             if self._on_change is not None:
                 self._on_change(leading)
+
+
+async def leader_duty(what: str, leading: Callable[[], bool], run_once: Callable[[], Any], every_s: float) -> None:
+    """Run a once-per-mesh duty every every_s while this replica leads, forever (cancel to stop). A failed pass
+    (etcd trouble, mostly) is logged and tried again next time: one bad pass never ends the duty."""
+    while True:
+        try:
+            if leading():
+                await run_once()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - try again next pass
+            log.warning("%s pass failed: %r", what, exc)
+        await asyncio.sleep(every_s)

@@ -26,7 +26,6 @@ record, event `retention`). Settings come from `hivemesh controlplane --retentio
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -39,12 +38,14 @@ import aetcd.utils
 
 from hivemesh.controlplane.escalations import PREFIX as ESCALATIONS_PREFIX
 from hivemesh.controlplane.escalations import EscalationStore
+from hivemesh.controlplane.leader import leader_duty
 from hivemesh.controlplane.retention_config import RetentionConfig
 from hivemesh.mesh.etcd import PREFIX
 from hivemesh.mesh.keyspace import TERMINAL_RUN_STATES as TERMINAL
 from hivemesh.mesh.keyspace import WORKFLOW_INDEX as INDEX
 from hivemesh.mesh.revocation import REVOKED_PREFIX, Revocation
 from hivemesh.mesh.run_ids import parse_run_id, run_prefix
+from hivemesh.mesh.watch import cancel_and_wait
 from hivemesh.v1 import escalation_pb2
 
 if TYPE_CHECKING:
@@ -135,20 +136,10 @@ class Retention:
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     async def _loop(self) -> None:
-        while True:
-            try:
-                if self.leading():
-                    await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - etcd trouble: try again next interval
-                log.warning("retention pass failed: %s", exc)
-            await asyncio.sleep(self.config.interval_s)
+        await leader_duty("retention", self.leading, self.run_once, self.config.interval_s)
 
     async def run_once(self) -> PassReport:
         """One pass: delete what is due, then compact (so the deletions' history goes too, a pass later)."""

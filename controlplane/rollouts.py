@@ -36,11 +36,13 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from hivemesh.controlplane import policies as store
+from hivemesh.controlplane.leader import leader_duty
 from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.keyspace import AGENTS, ROLLOUTS, STATUS
 from hivemesh.mesh.policy import PolicyDoc
 from hivemesh.mesh.resilience.kinds import ROLLOUTS as ROLLOUTS_KIND
 from hivemesh.mesh.resilience.kinds import RolloutSpec
+from hivemesh.mesh.watch import cancel_and_wait
 from hivemesh.v1 import agent_pb2, mesh_pb2, policy_pb2
 
 if TYPE_CHECKING:
@@ -191,20 +193,10 @@ class RolloutController:
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     async def _loop(self) -> None:
-        while True:
-            if self.leading():
-                try:
-                    await self.tick()
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - etcd trouble: try again next pass
-                    log.warning("rollout pass failed: %r", exc)
-            await asyncio.sleep(self.poll_s)
+        await leader_duty("rollout", self.leading, self.tick, self.poll_s)
 
     async def _state(self, name: str) -> RolloutState | None:
         kv = await self.etcd.get(f"{ROLLOUTS}{name}".encode())

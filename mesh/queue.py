@@ -28,6 +28,7 @@ import grpc
 
 from hivemesh.mesh.errors import HivemeshError, InvalidInputError, NoLiveInstanceError, NotFoundError
 from hivemesh.mesh.keyspace import QUEUE
+from hivemesh.mesh.watch import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +157,7 @@ class CallQueue:
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     async def _loop(self) -> None:
         while True:
