@@ -67,7 +67,7 @@ class Receiver:
         return [(d["event"], d["_path"]) for d in self.got if d["escalation"]["id"] == eid]
 
 
-async def _until(what: str, check: Callable[[], Any], timeout: float = 8.0) -> Any:
+async def _until(what: str, check: Callable[[], Any], timeout: float = 20.0) -> Any:
     end = time.monotonic() + timeout
     while True:
         value = await check() if asyncio.iscoroutinefunction(check) else check()
@@ -134,7 +134,7 @@ spec:
             esc: pb.Escalation = await stub.GetEscalation(pb.GetEscalationRequest(id=eid), timeout=5)
             return esc
 
-        await create("esc-open", "ops", deadline=2)
+        await create("esc-open", "ops", deadline=4)  # room for the reminder at 2 s on a loaded machine
         await create("esc-retry", "ops")
         await create("esc-held", "down", deadline=1)
         await create("esc-quiet", "nobody")
