@@ -62,7 +62,12 @@ async def test_a_run_waiting_for_a_person_survives_an_etcd_pause_and_applies_the
     loop = asyncio.get_running_loop()
     unhandled: list[Mapping[str, Any]] = []
     previous_handler = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    def heard(_loop: Any, context: Mapping[str, Any]) -> None:
+        # grpc's poller of an earlier test's (closed) loop may report here too: that is not this run's doing.
+        if "PollerCompletionQueue" not in str(context.get("message", "")):
+            unhandled.append(context)
+
+    loop.set_exception_handler(heard)
     events: list[tuple[str, str]] = []
     env = await start_mesh_env(tmp_path, own_etcd.endpoint)
     pid = own_etcd.pid
