@@ -56,6 +56,8 @@ SDK_AGENTS = {
     "product-specialist": ("hivemesh.agents.sales", "ProductSpecialist"),
     "pricing-specialist": ("hivemesh.agents.sales", "PricingSpecialist"),
     "technical-specialist": ("hivemesh.agents.sales", "TechnicalSpecialist"),
+    # the tool-calling loop: a model calls a local tool and the pricing specialist
+    "sales-assistant": ("hivemesh.agents.sales_assistant", "SalesAssistant"),
 }
 PLAIN_AGENTS = {"validator": "hivemesh.agents.validate_plain"}
 AGENT_NAMES = (*SDK_AGENTS, *PLAIN_AGENTS)
