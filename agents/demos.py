@@ -244,7 +244,8 @@ async def _sales(dc: DemoContext) -> tuple[list[WorkflowState], str]:
         out = (s.output or {}).get("output") or {}
         dc.say(f"  sales: {question['text']!r} → {', '.join(route.get('capabilities', []))} "
                f"(by {route.get('method')}): {out.get('answer', s.state)}")
-        specialists.append(str(out.get("specialist", "?")))
+        node = " (Node.js)" if out.get("served_by") == "node" else ""  # the Node pricing agent, when it is live
+        specialists.append(f"{out.get('specialist', '?')}{node}")
         states.append(s)
     return states, f"answered by {', '.join(specialists)}"
 
