@@ -22,7 +22,7 @@ from hivemesh.mesh.errors import HivemeshError, InvalidInputError
 from hivemesh.sdk import AgentServer, AgentServerConfig, MeshClient
 from hivemesh.sdk.escalation import EscalationClient
 from hivemesh.sdk.workflow import WorkflowEngine
-from tests.support.orch_env import Orch
+from tests.support.orch_env import Orch, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -168,6 +168,13 @@ async def test_lead_risk_and_sales_examples(orch: Orch) -> None:
     for name in rows:  # what `hivemesh up` spawns for the demo serves exactly what it waits for
         served = {c for a in DEMOS[name].agents for c in _agent(a).capabilities}
         assert served == set(DEMOS[name].capabilities), name
+    # With no pricing specialist left, the mesh tool's call fails: the model hears why and the agent answers.
+    await pricing.stop()
+    await wait_until(lambda: not mesh.instances("pricing-quote"), 10, "the pricing specialist to deregister")
+    alone = await mesh.call("sales-assist", {"customer": "acme", "text": "Price 5 seats?", "seats": 5}, timeout=20)
+    assert [(t["name"], t["ok"]) for t in alone["tools"]] == [("account_lookup", True), ("pricing-quote", False)]
+    assert alone["answer"].startswith("acme is on team with 40 seats, renewing 2027-03-01. I could not get a quote "
+                                      "just now ("), alone["answer"]
 
 
 def _agent(name: str) -> Any:
