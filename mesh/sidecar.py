@@ -53,6 +53,7 @@ from hivemesh.mesh.inbound import AGENT_SERVICE, DecisionObserver
 from hivemesh.mesh.layers import Inbound
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
 from hivemesh.mesh.layers.loopguard import DEFAULT_MAX_CALL_DEPTH
+from hivemesh.mesh.layers.output_classifier import load_classifier, resolve_classifier
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN
 from hivemesh.mesh.local_socket import bind_private_socket, default_socket_path, remove_socket
 from hivemesh.mesh.node import MeshNode
@@ -131,6 +132,8 @@ class SidecarConfig:
     else off."""
     health_interval_s: float = DEFAULT_INTERVAL_S
     """How often health checks that the agent answers and that the registry entry is there."""
+    output_classifier: str | None = None
+    """`module:callable` naming what the output screens act on (checked here); default: the pattern classifier."""
 
     def __post_init__(self) -> None:
         if (self.agent is None) == (self.client is None):
@@ -153,6 +156,8 @@ class SidecarConfig:
             parse_health_listen(self.health_listen)
         if not self.health_interval_s > 0:
             raise ValueError(f"health_interval_s must be positive: {self.health_interval_s}")
+        if self.output_classifier is not None:
+            load_classifier(self.output_classifier)  # raises, saying what is wrong
 
 
 def _forward_metadata(
@@ -283,6 +288,7 @@ class Sidecar:
                 audit_dir=cfg.audit_dir,
                 observers=self.observers,
                 readiness=self.health.readiness,
+                output_classifier=resolve_classifier(cfg.output_classifier),
             )
             self.audit, inbound = front.audit, front.server
             self.token_budgets = front.budgets

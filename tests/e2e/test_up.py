@@ -230,7 +230,7 @@ def test_up_demo_menu_and_bad_choice(tmp_path: Path) -> None:
     menu = CliRunner().invoke(cli, [*base, "up", "--demo", "list", "--json"], prog_name="hivemesh")
     assert menu.exit_code == 0, menu.output
     assert [d["demo"] for d in json.loads(menu.stdout)] == [
-        "pipeline", "research", "helpdesk", "support", "content", "contract", "leads", "risk", "sales"]
+        "pipeline", "research", "helpdesk", "support", "content", "contract", "leads", "risk", "sales", "tools"]
     bad = CliRunner().invoke(cli, [*base, "up", "--demo", "nope"], prog_name="hivemesh")
     assert bad.exit_code == 2 and "unknown demo 'nope'" in bad.stderr, bad.output
     assert bad.exception is None or isinstance(bad.exception, SystemExit), bad.exc_info  # no traceback

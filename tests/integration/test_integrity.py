@@ -1,7 +1,8 @@
 """Integrity over the real mesh (in-process SDK agent, real etcd, TLS and control plane): a signed capability
 called through the SDK (request signed by the caller, answer signed by the agent and verified, both digests in
 the audit record); an unsigned, a tampered and a replayed request refused; an answer carrying a fake API key
-refused or redacted as its capability's output screen says; and the same behind a sidecar."""
+refused or redacted as its capability's output screen says, by a classifier named in the configuration (the
+default patterns plus a deployment's own rule); and the same behind a sidecar."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from tests.support.meshenv import TRUST_DOMAIN, MeshEnv
 
 FAKE_KEY = "sk-proj-" + "Zq81Lm0pXv93Rt5Yw2Kd7Hn4"
 AGENT_ID = f"spiffe://{TRUST_DOMAIN}/agent/notary"
+CLASSIFIER = "tests.support.classifiers:with_project_codes"
 
 
 class Notary(Agent):
@@ -37,7 +39,7 @@ class Notary(Agent):
 
     @capability(name="leak-redacted", output_screen="redact")
     async def leak_redacted(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"config": f"key {FAKE_KEY}", "contact": "ops@example.com"}
+        return {"config": f"key {FAKE_KEY}", "contact": "ops@example.com", "ticket": "see PRJ-1234"}
 
 
 async def _audit(env: MeshEnv) -> list[dict[str, Any]]:
@@ -49,7 +51,7 @@ async def _audit(env: MeshEnv) -> list[dict[str, Any]]:
 async def test_signed_payloads_and_output_screen(mesh_env: MeshEnv, tmp_path: Path) -> None:
     env = mesh_env
     async with AgentServer(Notary(), await env.settings_for("notary"),
-                           AgentServerConfig(audit_dir=tmp_path / "audit")) as server:
+                           AgentServerConfig(audit_dir=tmp_path / "audit", output_classifier=CLASSIFIER)) as server:
         async with MeshClient.connect(name="alice", settings=await env.settings_for("alice", "client")) as mesh:
             assert await mesh.node.registry.wait_for_capability("notarize", 1, timeout=10)
             # 1. Signed through the SDK: the caller signs, the agent verifies and signs, the caller verifies.
@@ -95,7 +97,8 @@ async def test_signed_payloads_and_output_screen(mesh_env: MeshEnv, tmp_path: Pa
                 await mesh.call("leak-refused", {}, timeout=5)
             assert FAKE_KEY not in refused.value.message
             redacted = await mesh.call("leak-redacted", {}, timeout=5)
-            assert redacted == {"config": "key [REDACTED:api-key]", "contact": "[REDACTED:email]"}
+            assert redacted == {"config": "key [REDACTED:api-key]", "contact": "[REDACTED:email]",
+                                "ticket": "see [REDACTED:project-code]"}
         assert server.audit is not None and server.audit.shipper is not None
         assert await server.audit.shipper.wait_shipped(timeout=10)
 
@@ -113,7 +116,7 @@ async def test_signed_payloads_and_output_screen(mesh_env: MeshEnv, tmp_path: Pa
     (screened,) = by_reason["OUTPUT_SCREENED"]
     assert screened["output_screen"] == {"action": "refuse", "rules": ["api-key"], "count": 1}
     (redact,) = [r for r in by_reason["allow"] if r["capability"] == "leak-redacted"]
-    assert redact["output_screen"]["rules"] == ["api-key", "email"]
+    assert redact["output_screen"]["rules"] == ["api-key", "email", "project-code"]
 
 
 class PlainLeaker(agent_pb2_grpc.AgentServicer):
@@ -127,7 +130,7 @@ class PlainLeaker(agent_pb2_grpc.AgentServicer):
         return self.card()
 
     async def Invoke(self, request: agent_pb2.InvokeRequest, context: Any) -> agent_pb2.InvokeResponse:
-        return agent_pb2.InvokeResponse(output=json.dumps({"card": "4111 1111 1111 1111"}).encode(),
+        return agent_pb2.InvokeResponse(output=json.dumps({"card": "4111 1111 1111 1111", "p": "PRJ-0042"}).encode(),
                                         content_type="application/json")
 
 
@@ -139,11 +142,13 @@ async def test_sidecar_packaging_signs_and_redacts(mesh_env: MeshEnv) -> None:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        sidecar = Sidecar(SidecarConfig(agent=f"127.0.0.1:{port}", audit=False), await mesh_env.settings_for("plain"))
+        config = SidecarConfig(agent=f"127.0.0.1:{port}", audit=False, output_classifier=CLASSIFIER)
+        sidecar = Sidecar(config, await mesh_env.settings_for("plain"))
         async with sidecar, MeshClient.connect(name="carol",
                                                settings=await mesh_env.settings_for("carol", "client")) as mesh:
             assert await mesh.node.registry.wait_for_capability("plain-leak", 1, timeout=10)
-            assert await mesh.call("plain-leak", {}, timeout=5) == {"card": "[REDACTED:card-number]"}
+            assert await mesh.call("plain-leak", {}, timeout=5) == {"card": "[REDACTED:card-number]",
+                                                                    "p": "[REDACTED:project-code]"}
             (instance,) = mesh.node.registry.instances("plain-leak")
             token = await mesh.node.outbound.tokens.get(instance.identity, "plain-leak")
             endpoint = mesh.node.outbound.channels.get(instance.endpoint, instance.identity)
