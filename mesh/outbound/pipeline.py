@@ -374,10 +374,12 @@ class OutboundPipeline:
                     async for chunk in stream:
                         started = True
                         if check is not None:
-                            check.chunk(chunk)
+                            check.chunk(chunk)  # the final one is verified before it is handed on
+                            if check.proof is not None:
+                                self._keep(check.proof)  # now: a consumer may stop reading at the final chunk
                         yield chunk, instance
                     if check is not None:
-                        self._keep(check.end())
+                        check.end()
                     health = "ok"
                 except grpc.aio.AioRpcError as exc:
                     err = from_rpc_error(exc)
