@@ -27,7 +27,8 @@ told has time to answer.
 Signature (verify with `verify`): headers `X-Hivemesh-Timestamp: <unix seconds>` and
 `X-Hivemesh-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>." + body)>`. A receiver recomputes the HMAC
 over the raw body, compares in constant time, and refuses timestamps more than 5 minutes from its clock (a
-replayed delivery); `X-Hivemesh-Delivery` is a unique id per attempt's event, for deduplication.
+replayed delivery). `X-Hivemesh-Delivery` names the event (the same on every attempt, whichever leader makes it),
+for deduplication; `X-Hivemesh-Attempt` counts the attempts at it from 1.
 
 Only the control-plane leader delivers (`replicas.is_leader`), so several replicas notify once. The retry state
 (the event being retried, its attempts, the time of the next) lives on the escalation in etcd
@@ -49,7 +50,6 @@ import re
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,6 +208,12 @@ def _post(url: str, body: bytes, headers: Mapping[str, str], timeout: float) -> 
         return f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
 
 
+def delivery_id(esc: escalation_pb2.Escalation, event: str) -> str:
+    """The same id on every attempt at one event of one escalation (its creation time tells apart an escalation
+    created again under the same id), so a receiver can drop a repeated delivery."""
+    return hashlib.sha256(f"{esc.id}|{esc.created_at_unix_ms}|{event}".encode()).hexdigest()[:32]
+
+
 def payload(event: str, rule: str, esc: escalation_pb2.Escalation) -> dict[str, Any]:
     """What a receiver gets (never the context: it may hold personal data; `hivemesh escalations show ID`)."""
     return {
@@ -310,7 +316,7 @@ class Notifier:
         attempts = (n.retry_attempts if retrying else 0) + 1
         errors = []
         for rule in matching:
-            err = await self._deliver(rule, event, esc)
+            err = await self._deliver(rule, event, esc, attempts)
             if not err:
                 break
             errors.append(f"{rule.name}: {err}")
@@ -325,7 +331,7 @@ class Notifier:
             next_ms = int((time.time() + min(r.backoff(attempts) for r in matching)) * 1000)
         await self._record(esc.id, event, delivered, gave_up, "; ".join(errors), attempts, next_ms)
 
-    async def _deliver(self, rule: Rule, event: str, esc: escalation_pb2.Escalation) -> str:
+    async def _deliver(self, rule: Rule, event: str, esc: escalation_pb2.Escalation, attempt: int) -> str:
         try:
             secret = rule.secret()
         except ValueError as exc:
@@ -333,7 +339,8 @@ class Notifier:
         body = json.dumps(payload(event, rule.name, esc), separators=(",", ":")).encode()
         ts = int(time.time())
         headers = {"Content-Type": "application/json", "User-Agent": "hivemesh-escalations/1",
-                   "X-Hivemesh-Event": event, "X-Hivemesh-Delivery": uuid.uuid4().hex,
+                   "X-Hivemesh-Event": event, "X-Hivemesh-Delivery": delivery_id(esc, event),
+                   "X-Hivemesh-Attempt": str(attempt),
                    "X-Hivemesh-Timestamp": str(ts), "X-Hivemesh-Signature": sign(secret, ts, body)}
         return await asyncio.to_thread(_post, rule.url, body, headers, rule.timeout_s)
 

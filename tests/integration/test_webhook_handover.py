@@ -26,16 +26,18 @@ from tests.support.meshenv import TRUST_DOMAIN, MeshEnv, apply_policies_text
 
 
 class DownReceiver:
-    """Answers every POST with 500 and notes when each came."""
+    """Answers every POST with 500 and notes when each came, and its delivery id and attempt number."""
 
     def __init__(self) -> None:
         self.posts: list[float] = []
-        posts = self.posts
+        self.headers: list[tuple[str, str]] = []
+        posts, headers = self.posts, self.headers
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers["Content-Length"]))
                 posts.append(time.monotonic())
+                headers.append((self.headers["X-Hivemesh-Delivery"], self.headers["X-Hivemesh-Attempt"]))
                 self.send_response(500)
                 self.end_headers()
 
@@ -115,6 +117,8 @@ spec:
         # b made attempt 3 (not 1 again), after the stored backoff (not at once), and then stopped.
         assert len(receiver.posts) == 3, receiver.posts
         gap = receiver.posts[2] - receiver.posts[1]
+        assert [h[1] for h in receiver.headers] == ["1", "2", "3"]  # what the receiver is told
+        assert len({h[0] for h in receiver.headers}) == 1  # one event: one delivery id, whoever sends it
         assert gap >= 1.45, receiver.posts
         n = done.notification
         assert n.attempts == 3 and n.retry_event == "" and n.retry_attempts == 0 and "HTTP 500" in n.last_error
