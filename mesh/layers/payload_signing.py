@@ -36,8 +36,8 @@ from hivemesh.mesh.stream_signing import STREAM, StreamDigest
 from hivemesh.v1 import agent_pb2
 
 NOTE: Final = "signed"
-"""`Inbound.notes` key: {"signer", "request", "answer"} (hex SHA-256 digests; "chunks" for a stream), kept in the
-audit record."""
+"""`Inbound.notes` key: {"signer", "request", "answer"} (hex SHA-256 digests; "chunks" for a stream), "nonce" and
+"signature" (the caller's JWS), kept in the audit record."""
 _RUNNING: Final = "signed_stream"
 """`Inbound.notes` key of a stream's running digest (not recorded: the audit keeps the final digest)."""
 
@@ -71,7 +71,8 @@ class PayloadSigningLayer:
                 metadata={"capability": req.capability[:128]})
         d = request_digest(req.capability, req.content_type, req.input, self.me)
         ok = verify(jws, REQUEST, d, peer_cert=peer.cert_pem, nonces=self.nonces)
-        call.notes[NOTE] = {"signer": ok.signer, "request": ok.digest_hex, "nonce": ok.nonce}
+        # The caller's JWS too: with it the record proves what the caller sent, not only what this agent says.
+        call.notes[NOTE] = {"signer": ok.signer, "request": ok.digest_hex, "nonce": ok.nonce, "signature": jws}
 
     def answer(self, call: Inbound, response: Any) -> Any:
         note = call.notes.get(NOTE)

@@ -17,7 +17,8 @@ import pytest
 from hivemesh.mesh.errors import OutputScreenedError, ReplayedError, SignatureInvalidError, from_rpc_error
 from hivemesh.mesh.outbound.call import encode_request
 from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
-from hivemesh.mesh.signing import REQUEST, SIGNATURE_HEADER, Signer, audience, request_digest
+from hivemesh.mesh.signing import ANSWER, REQUEST, SIGNATURE_HEADER, Signer, audience, request_digest, verify
+from hivemesh.mesh.stream_signing import STREAM
 from hivemesh.sdk import Agent, AgentServer, AgentServerConfig, MeshClient, capability
 from hivemesh.v1 import agent_pb2, agent_pb2_grpc, audit_pb2
 from tests.support.meshenv import TRUST_DOMAIN, MeshEnv
@@ -111,6 +112,7 @@ async def test_signed_payloads_and_output_screen(mesh_env: MeshEnv, tmp_path: Pa
             assert FAKE_KEY not in refused.value.message
             redacted = await mesh.call("leak-redacted", {}, timeout=5)
             assert redacted == {"config": "key [REDACTED:api-key]", "contact": "[REDACTED:email]"}
+            bundle = mesh.node.workload.bundle_pem
             assert mesh.audit is not None and mesh.audit.shipper is not None
             assert await mesh.audit.shipper.wait_shipped(timeout=10)
         assert server.audit is not None and server.audit.shipper is not None
@@ -124,6 +126,13 @@ async def test_signed_payloads_and_output_screen(mesh_env: MeshEnv, tmp_path: Pa
         mine = _proofs(caller_recs, cap, method)[0]
         assert (mine["request"], mine["answer"]) == (theirs["request"], theirs["answer"]), method
         assert mine["signer"] == AGENT_ID and mine["signature"].count(".") == 2
+        # Later, an auditor with the trust bundle alone checks each side's proof of what the other sent.
+        alice = f"spiffe://{TRUST_DOMAIN}/client/alice"
+        typ = ANSWER if method == "Invoke" else STREAM
+        assert verify(mine["signature"], typ, bytes.fromhex(mine["answer"]), expect_id=AGENT_ID, bundle_pem=bundle,
+                      window_s=3600).signer == AGENT_ID
+        assert verify(theirs["signature"], REQUEST, bytes.fromhex(theirs["request"]), expect_id=alice,
+                      bundle_pem=bundle, window_s=3600).signer == alice
     assert _proofs(recs, "recite", "InvokeStream")[0]["chunks"] == 4  # three words and the final chunk
     assert len(_proofs(caller_recs, "notarize", "Invoke")) == 2  # the routed call and the fan-out
     by_reason: dict[str, list[dict[str, Any]]] = {}
