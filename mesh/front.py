@@ -123,6 +123,7 @@ def open_front_door(
     )
     if log is not None:
         node.outbound.observer = log.outbound  # refusals decided on the way out, e.g. circuit open
+        node.outbound.signed_recorder = log.signed  # signed answers it verified as a caller
         if metrics is not None:
             metrics.watch_audit(log)
     if metrics is not None:

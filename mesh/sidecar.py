@@ -351,6 +351,7 @@ class Sidecar:
                 self.audit = open_node_audit(self.node, spiffe_id=self.node.workload.spiffe_id,
                                              instance=self.instance_id, directory=self.config.audit_dir)
                 self.node.outbound.observer = self.audit.outbound
+                self.node.outbound.signed_recorder = self.audit.signed
                 self.node.outbound.shadow.recorder = self.audit.record  # differing shadow answers
             mesh = self._bind_mesh()
             await mesh.start()
