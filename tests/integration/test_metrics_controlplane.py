@@ -36,7 +36,7 @@ async def _scrape_until(address: str, ready: Callable[[str], bool], timeout_s: f
 def _escalation(esc_id: str, status: int, age_s: float) -> bytes:
     created = int((time.time() - age_s) * 1000)
     return escalation_pb2.Escalation(id=esc_id, reason="r", created_at_unix_ms=created,
-                                     status=status).SerializeToString()  # type: ignore[arg-type]
+                                     status=status).SerializeToString()
 
 
 async def test_escalations_open_and_the_oldest_age_come_from_etcd(etcd: aetcd.Client) -> None:
