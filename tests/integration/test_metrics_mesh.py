@@ -132,7 +132,7 @@ async def test_every_node_exports_the_documented_series(orch: Orch, monkeypatch:
     assert sample(side_t, "hivemesh_llm_cost_total", model="plain-model", caller=CLIENT,
                   currency="EUR") == pytest.approx(2 * (0.7 * 2.0 + 0.3 * 4.0))
     assert sample(side_t, "hivemesh_llm_cost_limit_per_hour", currency="EUR") == 5.0
-    # One token for its three calls: verified once, then found in the verifier's cache.
+    # One token for its three calls: verified, then found in the verifier's cache.
     assert sample(side_t, "hivemesh_token_cache_lookups_total", result="miss") >= 1
     assert sample(side_t, "hivemesh_token_cache_lookups_total", result="hit") >= 2
 
