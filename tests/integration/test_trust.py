@@ -443,6 +443,14 @@ async def test_cached_keys_work_while_etcd_is_down_and_an_unknown_kid_fails_clos
                                    metadata=[("authorization", f"Bearer {new_token}")])
                     err = from_rpc_error(info.value)
                     assert isinstance(err, TokenInvalidError) and "unknown key" in err.message
+                # The node's metrics count the registry watch that broke, and say etcd is not connected.
+                cache = server.node.registry.cache
+                assert await _wait_until(lambda: cache.reconnects >= 1 and not cache.connected, 15)
+                metrics = server.node.metrics
+                assert metrics is not None  # on by default for an agent
+                text = metrics.metrics.exposition().decode()
+                assert "hivemesh_etcd_connected 0.0" in text
+                assert f"hivemesh_etcd_errors_total {float(cache.reconnects)}" in text
     finally:
         own_etcd.start()
         await stop_mesh_env(env)
