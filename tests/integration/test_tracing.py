@@ -434,9 +434,9 @@ async def test_baggage_and_model_usage_reach_every_hop_in_both_packagings(
     spans: InMemorySpanExporter, orch: Orch
 ) -> None:
     """The caller's baggage reaches an in-process agent's handler and, through both sides of a sidecar, the plain
-    agent; the handler's span and the sidecar's forward carry `gen_ai.usage.*` (a stream's final chunk too);
-    the client's span names the instance that answered."""
-    from opentelemetry import baggage, context
+    agent, as does a remote parent's tracestate; the handler's span and the sidecar's forward carry
+    `gen_ai.usage.*` (a stream's final chunk too); the client's span names the instance that answered."""
+    from opentelemetry import baggage, context, trace
 
     await orch.serve(Tenant())
     async with plain_behind_sidecar(orch, leaf=False) as (plain, _sidecar):
@@ -454,6 +454,19 @@ async def test_baggage_and_model_usage_reach_every_hop_in_both_packagings(
         [md] = plain.metadata[before:]
         assert [v for k, v in md if k == "baggage"] == ["tenant=acme"]
         finished = spans.get_finished_spans()
+        # A caller inside a remote trace with vendor state: the plain agent gets that trace and its tracestate.
+        remote = trace.SpanContext(0x1234, 0x5678, is_remote=True, trace_flags=trace.TraceFlags(1),
+                                   trace_state=trace.TraceState([("vendor", "v1")]))
+        before = len(plain.metadata)
+        token = context.attach(trace.set_span_in_context(trace.NonRecordingSpan(remote)))
+        try:
+            await orch.mesh.call("plain-echo", {"text": "in a remote trace"}, timeout=20)
+        finally:
+            context.detach(token)
+        [md] = plain.metadata[before:]
+        assert [v for k, v in md if k == "tracestate"] == ["vendor=v1"]
+        [traceparent] = [v for k, v in md if k == "traceparent"]
+        assert str(traceparent).startswith(f"00-{0x1234:032x}-")
         spans.clear()
         assert [w async for w in orch.mesh.stream("plain-shout", {"text": "a b"}, timeout=20)] == ["A", "B"]
     streamed = spans.get_finished_spans()  # the sidecar has stopped: its stream's server span has ended
