@@ -486,6 +486,8 @@ class Sidecar:
             code = grpc.StatusCode.OK
             try:
                 raw: bytes = await invoke(request, timeout=context.time_remaining(), metadata=metadata)
+                if span is not None:
+                    tracing.note_response_usage(span[0], raw)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 await _relay_error(context, exc, agent)
@@ -523,6 +525,8 @@ class Sidecar:
                         # Only the final chunk carries hops; appending to it keeps every other chunk untouched.
                         if decoded.final:
                             chunk += self._hop_bytes
+                            if tracing.TRACER is not None:  # the stream's server span is current
+                                tracing.note_usage(tracing.current(), decoded.usage)
                         yield chunk
                 except grpc.aio.AioRpcError as exc:
                     await _relay_error(context, exc, agent)
