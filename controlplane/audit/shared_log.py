@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -144,7 +145,7 @@ class SharedLog:
             await cancel_and_wait(task)
         with contextlib.suppress(Exception):
             async with asyncio.timeout(5.0), self.store._lock:
-                await self._commit_pending_locked()
+                await self.commit_pending_locked()
         lease, self._applied_lease = self._applied_lease, None
         if lease is not None:
             with contextlib.suppress(Exception):
@@ -219,13 +220,17 @@ class SharedLog:
             if conflicts >= ATTEMPTS:
                 raise AuditUnavailableError(f"the mesh-wide audit log is busy: {conflicts} concurrent appends "
                                             "won the race for its tail; try again")
+            # A replica that just won goes again at once while this one still has to read what it missed: a
+            # random pause keeps one replica from starving the other.
+            await asyncio.sleep(random.uniform(0, 0.005 * conflicts))
 
     async def _after_commit_locked(self) -> None:
         store = self.store
         if store.seq - store._checkpoint_seq >= store.checkpoint_every:
             await self.checkpoint_locked()
 
-    async def _commit_pending_locked(self) -> None:
+    async def commit_pending_locked(self) -> None:
+        """Commit the control plane's own records waiting in the store (in batches of at most MAX_BATCH)."""
         store = self.store
         taken = list(store.pending)[:MAX_BATCH]
         done = 0
@@ -251,7 +256,7 @@ class SharedLog:
             self._wake.clear()
             try:
                 async with self.store._lock:
-                    await self._commit_pending_locked()
+                    await self.commit_pending_locked()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - etcd trouble: the records wait (bounded) for the next try

@@ -9,6 +9,7 @@ window refuses to serve; and no workload's etcd identity can read or write the l
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -211,3 +212,50 @@ async def test_a_replica_behind_the_trimmed_window_refuses_and_workloads_cannot_
             await operator.close()
     finally:
         await a.stop()
+
+
+async def test_two_control_planes_export_one_log(mesh_env: Any, etcd_server: EtcdServer, tmp_path: Path) -> None:
+    """Over gRPC, as a node and an operator reach them: ship to a, b, a; each replica's export verifies with the
+    checkpoint key its CA certified (one key for both) and ends at the same head."""
+    from hivemesh.controlplane.audit.heads import trusted_key_from_cert, verify_head
+    from hivemesh.controlplane.server import ControlPlaneConfig, ControlPlaneServer
+    from hivemesh.mesh.controlplane_client import ControlPlaneClient
+    from hivemesh.v1 import audit_pb2
+    from tests.support.meshenv import TRUST_DOMAIN
+
+    a = mesh_env.controlplane
+    b = ControlPlaneServer(ControlPlaneConfig(
+        etcd_endpoints=etcd_server.endpoint, certs_dir=mesh_env.certs.certs_dir, state_dir=tmp_path / "b-state",
+        trust_domain=TRUST_DOMAIN, leader_ttl_s=2,
+    ))
+    await b.start()
+    op_a, op_b = mesh_env.operator, ControlPlaneClient.from_certs_dir(b.address, mesh_env.certs.certs_dir)
+    try:
+        chain = NodeChain(op_a.workload.spiffe_id)  # the operator ships records about itself, as a node would
+        for op in (op_a, op_b, op_a):
+            resp = await op.call(op.audit.AppendBatch,
+                                 audit_pb2.AppendBatchRequest(source="op-spool", records=chain.next(3)))
+            assert (resp.last_seq, resp.stored) == (chain.seq, 3)
+        bundle = mesh_env.certs.ca_cert.read_bytes()
+        exports = []
+        for op in (op_a, op_b):
+            lines, head = [], b""
+            async for chunk in op.audit.Export(audit_pb2.ExportRequest(), timeout=30):
+                lines.extend(chunk.entries)
+                head = head or chunk.head
+            cps = await op.call(op.audit.Checkpoints, audit_pb2.CheckpointsRequest())
+            key = trusted_key_from_cert(cps.key_cert_pem, bundle, TRUST_DOMAIN)
+            report = verify_log(lines, list(cps.checkpoints), key, verify_head(head, key))
+            assert report.ok and report.signatures_checked, report.problem
+            ships = [json_line for json_line in lines if b'"source":"op-spool"' in json_line]
+            assert len(ships) == 9  # every record once, at both replicas
+            exports.append((key.public_bytes_raw(), report, lines))
+        # One key, one log: b's export holds a's entry for entry (so it passes a's head), then the records
+        # of the RPCs made since (the operator's Checkpoints call at a, audited like every control-plane RPC).
+        (key_a, report_a, lines_a), (key_b, report_b, lines_b) = exports
+        assert key_a == key_b and lines_b[:len(lines_a)] == lines_a and report_b.head_seq >= report_a.head_seq
+        assert json.loads(lines_b[report_a.head_seq - 1])["hash"] == report_a.head_hash
+        assert a.replica is not None and a.replica.election.is_leader  # b copies a's checkpoints, signs none
+    finally:
+        await op_b.close()
+        await b.stop(0.2)
