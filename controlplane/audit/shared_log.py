@@ -13,7 +13,8 @@ Every replica keeps a full copy (`AuditStore`'s directory); etcd holds the order
 - One checkpoint key for the mesh (`AUDIT_CHECKPOINT_KEY`, root only, like the token keys): the leader alone
   signs checkpoints, commits each as `AUDIT_CHECKPOINTS/<no>` fenced by its term, and every replica copies them.
 - Trimming: the leader deletes batches every live replica has applied (each publishes how far it got under a
-  leased `AUDIT_APPLIED/<replica>`) once they are `min_age_s` old, and beyond `max_batches` in any case. A replica
+  leased `AUDIT_APPLIED/<replica>`) once they are `min_age_s` old (None: never for age), and beyond `max_bytes`
+  of entries in any case (each batch carries its byte offset in the log, the same in every copy). A replica
   whose copy ends before the window (or differs from it) refuses to serve audit with FAILED_PRECONDITION and says
   to restore its folder from a live replica: it never serves a log with a hole.
 """
@@ -52,6 +53,8 @@ ATTEMPTS: Final = 8
 """Conflicting appends (another replica moved the tail first) tried again this many times, then UNAVAILABLE."""
 READ_LIMIT: Final = 256
 """Batches read per range request while catching up."""
+TRIM_LIMIT: Final = 64
+"""Batches a trimming pass looks at (the oldest); the next pass goes on."""
 _TAIL: Final = AUDIT_LOG_TAIL.encode()
 
 
@@ -86,8 +89,8 @@ class SharedLog:
         certify: Callable[[ed25519.Ed25519PublicKey], bytes] | None = None,
         poll_s: float = 0.5,
         linger_s: float = 0.05,
-        min_age_s: float = 3600.0,
-        max_batches: int = 100_000,
+        min_age_s: float | None = 600.0,
+        max_bytes: int = 256 * 1024 * 1024,
         applied_ttl_s: int = 10,
         trim_every_s: float = 10.0,
     ) -> None:
@@ -100,7 +103,7 @@ class SharedLog:
         self.poll_s = poll_s
         self.linger_s = linger_s
         self.min_age_s = min_age_s
-        self.max_batches = max_batches
+        self.max_bytes = max_bytes
         self.applied_ttl_s = applied_ttl_s
         self.trim_every_s = trim_every_s
         self.conflicts = 0
@@ -196,7 +199,7 @@ class SharedLog:
                 n += 1
             chunk, first = lines[:n], store.seq + 1
             last_entry = json.loads(chunk[-1])
-            value = json.dumps({"first": first, "last": first + n - 1, "time": int(time.time()),
+            value = json.dumps({"first": first, "last": first + n - 1, "time": int(time.time()), "offset": store.size,
                                 "replica": self.replica_id,
                                 "lines": [line.rstrip(b"\n").decode("ascii") for line in chunk]}).encode()
             t = self.etcd.transactions
@@ -372,8 +375,9 @@ class SharedLog:
             self._published, self._published_at = mine, now
 
     async def trim(self) -> int:
-        """Leader: delete the oldest batches every live replica applied and that are min_age_s old (and beyond
-        max_batches in any case), and the checkpoints every replica copied but the newest; returns batches gone."""
+        """Leader: delete the oldest batches every live replica applied and that are min_age_s old (and those
+        past max_bytes in any case), and the checkpoints every replica copied but the newest; returns batches
+        gone."""
         self._trimmed_at = time.monotonic()
         await self._publish_applied(force=True)
         applied = [json.loads(kv.value) for kv in await self.etcd.get_prefix(AUDIT_APPLIED.encode())]
@@ -381,16 +385,21 @@ class SharedLog:
             return 0
         upto = min(int(a["seq"]) for a in applied)
         cp_upto = min(int(a["checkpoint"]) for a in applied)
-        counted = await self.etcd.kvstub.Range(
-            rpc.RangeRequest(key=AUDIT_LOG.encode(), range_end=_prefix_end(AUDIT_LOG), count_only=True),
+        newest = await self.etcd.kvstub.Range(
+            rpc.RangeRequest(key=AUDIT_LOG.encode(), range_end=_prefix_end(AUDIT_LOG), limit=1,
+                             sort_order=rpc.RangeRequest.DESCEND, sort_target=rpc.RangeRequest.KEY),
             timeout=10.0, metadata=self.etcd.metadata)
-        over = max(0, int(counted.count) - self.max_batches)
-        cutoff = time.time() - self.min_age_s
-        reply = await self._range(AUDIT_LOG.encode(), _prefix_end(AUDIT_LOG), limit=max(READ_LIMIT, over + 1))
+        if not newest.kvs:
+            return 0
+        last = json.loads(newest.kvs[0].value)
+        end_offset = int(last["offset"]) + sum(len(line) + 1 for line in last["lines"])
+        cutoff = None if self.min_age_s is None else time.time() - self.min_age_s
+        reply = await self._range(AUDIT_LOG.encode(), _prefix_end(AUDIT_LOG), limit=TRIM_LIMIT)
         gone, end = 0, b""
         for kv in reply.kvs:
             batch = json.loads(kv.value)
-            if gone < over or (int(batch["last"]) <= upto and int(batch["time"]) <= cutoff):
+            aged = cutoff is not None and int(batch["last"]) <= upto and int(batch["time"]) <= cutoff
+            if aged or end_offset - int(batch["offset"]) > self.max_bytes:
                 gone += 1
                 end = bytes(kv.key) + b"\0"
                 continue

@@ -120,6 +120,8 @@ class AuditStore:
         self._key: ed25519.Ed25519PrivateKey | None = None
         self.seq = 0
         self.head = GENESIS
+        self.size = 0
+        """Bytes of log.jsonl: where the next entry starts (the same in every replica's copy)."""
         self._sources: dict[str, _Source] = {}
         self._checkpoint_no = 0
         self._checkpoint_sig = ""
@@ -160,6 +162,7 @@ class AuditStore:
                     except (ValueError, KeyError, TypeError):
                         break
                     good += len(raw)
+            self.size = good
             if good < self.log_path.stat().st_size:
                 log.warning("audit log %s: cutting a torn tail of %d byte(s)", self.log_path,
                             self.log_path.stat().st_size - good)
@@ -317,6 +320,7 @@ class AuditStore:
         if self._fd is None:
             raise FailedPreconditionError("the audit store is closed")
         written = os.write(self._fd, data)
+        self.size += written
         if written != len(data):
             raise OSError(f"short write to the audit log ({written} of {len(data)} bytes)")
         self.seq, self.head = seq, head
@@ -571,9 +575,11 @@ def audit_store(core: Core) -> AuditStore:
             from hivemesh.controlplane.replicas import is_leader, leader_fence
 
             replica = core.extensions.get(REPLICAS)
+            kept = core.config.retention
             store.shared = SharedLog(
                 core.etcd, store, replica.replica_id if replica is not None else "controlplane",
                 leading=lambda: is_leader(core), fence=lambda: leader_fence(core), certify=certify,
+                min_age_s=kept.audit_window_s, max_bytes=kept.audit_window_mb * 1024 * 1024,
             )
         core.extensions[EXTENSION] = store
     assert isinstance(store, AuditStore)

@@ -190,6 +190,12 @@ async def test_a_replica_behind_the_trimmed_window_refuses_and_workloads_cannot_
         # a still appends after the trim (the tail, not the window, orders the log).
         assert (await a.store.append("spool-1", NODE, node.next(1)))[0] == 7
         assert a.report().ok
+        # The window never holds more than max_bytes of entries, whatever their age or who lacks them.
+        before = a.store.size
+        await a.store.append("spool-1", NODE, node.next(3))
+        a.shared.min_age_s, a.shared.max_bytes = None, a.store.size - before
+        assert await a.shared.trim() == 1
+        assert [kv.key for kv in await etcd.get_prefix(AUDIT_LOG.encode())] == [f"{AUDIT_LOG}{8:020d}".encode()]
 
         # A workload's etcd identity (the operator's: the widest role a workload holds) can neither read nor
         # write the log, its tail, or the checkpoint key.
