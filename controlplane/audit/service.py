@@ -60,7 +60,7 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
     ) -> audit_pb2.SourceStateResponse:
         async def go() -> audit_pb2.SourceStateResponse:
             self._core.peer(context)
-            await self._store.sync()  # what the node shipped to another replica counts too
+            await self._store.sync(node=True)  # what the node shipped to another replica counts too
             seq, digest = self._store.source_state(request.source)
             return audit_pb2.SourceStateResponse(last_seq=seq, last_hash=digest)
 

@@ -44,7 +44,12 @@ from hivemesh.controlplane.audit.heads import KEY_CERT_PATH, HeadCadence, sign_h
 from hivemesh.controlplane.audit.query import AuditFilter
 from hivemesh.mesh.audit.chain import GENESIS, canonical, parse_line, record_hash, seal
 from hivemesh.mesh.audit.record import FORMAT, utc_iso
-from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError, PermissionDeniedError
+from hivemesh.mesh.errors import (
+    AuditUnavailableError,
+    FailedPreconditionError,
+    InvalidInputError,
+    PermissionDeniedError,
+)
 from hivemesh.mesh.pki import controlplane_id
 
 if TYPE_CHECKING:
@@ -243,7 +248,12 @@ class AuditStore:
                 def build() -> Sealable:  # re-run against the caught-up copy before every attempt
                     return [(source, rec) for rec in self._validate_locked(source, identity, raw_records)]
 
-                stored = await self.shared.commit_locked(build)
+                try:
+                    stored = await self.shared.commit_locked(build)
+                except FailedPreconditionError:
+                    if self.unavailable:  # this copy cannot serve: UNAVAILABLE sends the node to another replica
+                        raise AuditUnavailableError(self.unavailable) from None
+                    raise
                 last = self._sources.get(source)
                 return (last.seq, last.hash, stored) if last is not None else (0, GENESIS, 0)
             records = self._validate_locked(source, identity, raw_records)
@@ -354,16 +364,22 @@ class AuditStore:
             out.append((CONTROLPLANE_SOURCE, json.loads(line)))
         return out
 
-    async def sync(self) -> None:
+    async def sync(self, *, node: bool = False) -> None:
         """Before serving a read: commit this replica's pending records and apply what others committed, so a
-        query, export or verify covers the whole mesh-wide log; refuses when this copy cannot serve."""
+        query, export or verify covers the whole mesh-wide log. When this copy cannot serve it refuses: with
+        FAILED_PRECONDITION (an operator reads why), or for a node with UNAVAILABLE (it moves to another replica)."""
         if self.shared is None:
             return
         async with self._lock:
-            if self.unavailable:
-                raise FailedPreconditionError(self.unavailable)
-            await self.shared.commit_pending_locked()
-            await self.shared.sync_locked()
+            try:
+                if self.unavailable:
+                    raise FailedPreconditionError(self.unavailable)
+                await self.shared.commit_pending_locked()
+                await self.shared.sync_locked()
+            except FailedPreconditionError:
+                if node and self.unavailable:
+                    raise AuditUnavailableError(self.unavailable) from None
+                raise
 
     async def record(self, fields: Mapping[str, Any]) -> int:
         """Append one of the control plane's own decisions (its own source chain); returns the log seq."""
