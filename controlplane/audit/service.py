@@ -18,7 +18,7 @@ from hivemesh.controlplane.audit.store import AuditStore, audit_store
 from hivemesh.mesh.audit.chain import canonical
 from hivemesh.mesh.audit.handshake.audit import HandshakeAudit
 from hivemesh.mesh.audit.handshake.tracer import tracer_events
-from hivemesh.mesh.errors import HivemeshError, PermissionDeniedError, abort
+from hivemesh.mesh.errors import FailedPreconditionError, HivemeshError, PermissionDeniedError, abort
 from hivemesh.mesh.pki import Peer
 from hivemesh.v1 import audit_pb2, audit_pb2_grpc
 
@@ -162,7 +162,12 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
     ) -> audit_pb2.CheckpointsResponse:
         async def go() -> audit_pb2.CheckpointsResponse:
             _require_operator(self._core.peer(context))
+            shared = self._store.shared
+            if shared is not None and not shared.leading():
+                raise FailedPreconditionError("only the control-plane leader signs audit checkpoints; this replica "
+                                              "copies them (`hivemesh controlplanes` names the leader)")
             await self._store.checkpoint()
+            await self._store.sync()
             return self._checkpoints()
 
         result: audit_pb2.CheckpointsResponse = await self._guard(context, go)
