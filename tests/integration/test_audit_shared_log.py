@@ -242,6 +242,11 @@ async def test_two_control_planes_export_one_log(mesh_env: Any, etcd_server: Etc
             resp = await op.call(op.audit.AppendBatch,
                                  audit_pb2.AppendBatchRequest(source="op-spool", records=chain.next(3)))
             assert (resp.last_seq, resp.stored) == (chain.seq, 3)
+        # Checkpoints: the leader (a) signs; b refuses to, and copies a's.
+        with pytest.raises(FailedPreconditionError, match="leader"):
+            await op_b.call(op_b.audit.CreateCheckpoint, audit_pb2.CreateCheckpointRequest())
+        signed = await op_a.call(op_a.audit.CreateCheckpoint, audit_pb2.CreateCheckpointRequest())
+        assert len(signed.checkpoints) == 1
         bundle = mesh_env.certs.ca_cert.read_bytes()
         exports = []
         for op in (op_a, op_b):
@@ -255,6 +260,7 @@ async def test_two_control_planes_export_one_log(mesh_env: Any, etcd_server: Etc
             assert report.ok and report.signatures_checked, report.problem
             ships = [json_line for json_line in lines if b'"source":"op-spool"' in json_line]
             assert len(ships) == 9  # every record once, at both replicas
+            assert list(cps.checkpoints) == list(signed.checkpoints) and report.checkpoints == 1
             exports.append((key.public_bytes_raw(), report, lines))
         # One key, one log: b's export holds a's entry for entry (so it passes a's head), then the records
         # of the RPCs made since (the operator's Checkpoints call at a, audited like every control-plane RPC).
