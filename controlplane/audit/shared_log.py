@@ -251,6 +251,10 @@ class SharedLog:
             await self.commit_locked(build, on_commit)
             taken, done = list(store.pending)[:MAX_BATCH], 0
 
+    async def _flush_once(self) -> None:
+        async with self.store._lock:
+            await self.commit_pending_locked()
+
     async def _flush(self) -> None:
         """Commit the replica's own decisions: one etcd write for all that arrived within linger_s."""
         while True:
@@ -258,8 +262,9 @@ class SharedLog:
             await asyncio.sleep(self.linger_s)
             self._wake.clear()
             try:
-                async with self.store._lock:
-                    await self.commit_pending_locked()
+                # Shielded: stopping must not cut a commit between etcd's answer and dropping what it took
+                # from the queue (the records would be committed twice); stop() waits for the lock instead.
+                await asyncio.shield(self._flush_once())
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - etcd trouble: the records wait (bounded) for the next try

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,13 @@ from hivemesh.mesh.keyspace import AUDIT_LOG, AUDIT_LOG_TAIL
 
 NODE = "spiffe://hivemesh.test/agent/echo"
 CP = "spiffe://hivemesh.test/controlplane"
+
+
+@pytest.fixture(autouse=True)
+async def _no_log_left(etcd: Any) -> AsyncIterator[None]:
+    """A later test's control plane on the session etcd must not find this test's (trimmed) log."""
+    yield
+    await etcd.delete_prefix(b"/hivemesh/audit")
 
 
 class NodeChain:
