@@ -204,6 +204,10 @@ async def test_a_replica_behind_the_trimmed_window_refuses_and_workloads_cannot_
         a.shared.min_age_s, a.shared.max_bytes = None, a.store.size - before
         assert await a.shared.trim() == 1
         assert [kv.key for kv in await etcd.get_prefix(AUDIT_LOG.encode())] == [f"{AUDIT_LOG}{8:020d}".encode()]
+        # A tail lost under a running mesh is set again from the newest batch etcd holds; appends go on.
+        await etcd.delete(AUDIT_LOG_TAIL.encode())
+        assert (await a.store.append("spool-1", NODE, node.next(1)))[0] == 11
+        assert (await etcd.get(AUDIT_LOG_TAIL.encode())).value.decode().startswith("11 ")
 
         # A workload's etcd identity (the operator's: the widest role a workload holds) can neither read nor
         # write the log, its tail, or the checkpoint key.
