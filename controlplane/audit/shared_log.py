@@ -128,13 +128,8 @@ class SharedLog:
     async def start(self) -> None:
         """Adopt (or publish) the mesh's checkpoint key, seed the tail, catch up, then follow in the background."""
         await self._share_key()
-        t = self.etcd.transactions
         store = self.store
         async with store._lock:
-            # The first replica ever seeds the tail with its own log's end (a single control plane upgraded in
-            # place keeps its log); any later one must extend or copy it.
-            await self.etcd.transaction(compare=[t.version(_TAIL) == 0],
-                                        success=[t.put(_TAIL, _tail_value(store.seq, store.head))], failure=[])
             with contextlib.suppress(FailedPreconditionError):
                 await self.sync_locked()
         loop = asyncio.get_running_loop()
@@ -280,7 +275,8 @@ class SharedLog:
             raise FailedPreconditionError(store.unavailable)
         tail = await self._range(_TAIL, b"", limit=1)  # the batches are read at this revision: one snapshot
         if not tail.kvs:
-            return  # not seeded yet (start() seeds it)
+            await self._seed_tail_locked()
+            return
         revision = int(tail.header.revision)
         seq, head = bytes(tail.kvs[0].value).decode().split(" ", 1)
         while int(seq) > store.seq:
@@ -300,12 +296,32 @@ class SharedLog:
             raise FailedPreconditionError(store.unavailable)
         await self._copy_checkpoints_locked()
 
+    async def _seed_tail_locked(self) -> None:
+        """No tail yet: the first replica ever seeds it with its own log's end (a single control plane upgraded
+        in place keeps its log), and every later one extends or copies that. A tail lost under a running mesh is
+        set again from the newest batch etcd holds, so no replica's copy is left ahead of it."""
+        store = self.store
+        seed = _tail_value(store.seq, store.head)
+        newest = await self._newest_batch()
+        if newest is not None:
+            last = json.loads(newest["lines"][-1])
+            seed = _tail_value(int(last["seq"]), str(last["hash"]))
+        t = self.etcd.transactions
+        await self.etcd.transaction(compare=[t.version(_TAIL) == 0], success=[t.put(_TAIL, seed)], failure=[])
+
     def _behind(self, why: str) -> None:
         store = self.store
         store.unavailable = (f"this replica's audit copy ends at seq {store.seq} but {why}: it cannot serve the "
                              f"audit log until {store.dir} is restored from a live replica's copy")
         log.error("%s", store.unavailable)
         raise FailedPreconditionError(store.unavailable)
+
+    async def _newest_batch(self) -> dict[str, Any] | None:
+        reply = await self.etcd.kvstub.Range(
+            rpc.RangeRequest(key=AUDIT_LOG.encode(), range_end=_prefix_end(AUDIT_LOG), limit=1,
+                             sort_order=rpc.RangeRequest.DESCEND, sort_target=rpc.RangeRequest.KEY),
+            timeout=10.0, metadata=self.etcd.metadata)
+        return json.loads(reply.kvs[0].value) if reply.kvs else None
 
     async def _range(self, start: bytes, end: bytes, *, limit: int = READ_LIMIT, revision: int = 0) -> Any:
         request = rpc.RangeRequest(key=start, range_end=end, limit=limit, revision=revision)
@@ -390,13 +406,9 @@ class SharedLog:
             return 0
         upto = min(int(a["seq"]) for a in applied)
         cp_upto = min(int(a["checkpoint"]) for a in applied)
-        newest = await self.etcd.kvstub.Range(
-            rpc.RangeRequest(key=AUDIT_LOG.encode(), range_end=_prefix_end(AUDIT_LOG), limit=1,
-                             sort_order=rpc.RangeRequest.DESCEND, sort_target=rpc.RangeRequest.KEY),
-            timeout=10.0, metadata=self.etcd.metadata)
-        if not newest.kvs:
+        last = await self._newest_batch()
+        if last is None:
             return 0
-        last = json.loads(newest.kvs[0].value)
         end_offset = int(last["offset"]) + sum(len(line) + 1 for line in last["lines"])
         cutoff = None if self.min_age_s is None else time.time() - self.min_age_s
         reply = await self._range(AUDIT_LOG.encode(), _prefix_end(AUDIT_LOG), limit=TRIM_LIMIT)
