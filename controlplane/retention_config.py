@@ -17,7 +17,7 @@ _DURATION: Final = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
 _KEEP_FOREVER: Final = ("never", "forever", "off")
 _NAMES: Final = {"interval": "interval_s", "history": "history_s", "history-revisions": "history_revisions",
                  "workflows": "workflows_s", "escalations": "escalations_s", "revocations": "revocations_s",
-                 "batch": "batch"}
+                 "batch": "batch", "audit-window": "audit_window_s", "audit-window-mb": "audit_window_mb"}
 
 
 def parse_duration(text: str) -> float | None:
@@ -50,12 +50,19 @@ class RetentionConfig:
     """A revocation entry is deleted this long after it stopped mattering (`expires_at`)."""
     batch: int = 1000
     """At most this many deletions of each kind per pass (bounds one pass's load on etcd)."""
+    audit_window_s: float | None = 600.0
+    """etcd keeps the mesh-wide audit log's batches this long once every live replica holds them: how long a
+    replica may be down and still catch up by itself (`hivemesh.controlplane.audit.shared_log`)."""
+    audit_window_mb: int = 256
+    """...and never more than this many MiB of them, whatever the age (etcd's space is the mesh's)."""
 
     def __post_init__(self) -> None:
         if self.interval_s <= 0:
             raise ValueError("the retention interval must be > 0 s")
         if self.history_revisions < 0 or self.batch < 1:
             raise ValueError("history-revisions must be >= 0 and batch >= 1")
+        if self.audit_window_mb < 1:
+            raise ValueError("audit-window-mb must be >= 1")
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name.endswith("_s") and value is not None and value < 0:
@@ -76,7 +83,7 @@ class RetentionConfig:
             if not sep or attr is None:
                 raise ValueError(f"bad retention setting {item.strip()!r}: expected NAME=VALUE with NAME one of "
                                  f"{', '.join(_NAMES)}")
-            if attr in ("history_revisions", "batch"):
+            if attr in ("history_revisions", "batch", "audit_window_mb"):
                 changes[attr] = int(value)
             elif attr == "interval_s":
                 seconds = parse_duration(value)

@@ -26,6 +26,10 @@ controlplanes/         every workload (failover targets)   control plane
 controlplane-leader    every workload (who leads)          control plane
 controlplane-keys      control plane (signing keys)        control plane
 state/                 control plane (State service)       control plane (State service)
+audit-log/, -tail      control plane (the mesh-wide log)   control plane
+audit-checkpoints/     control plane                       control plane (the leader, fenced)
+audit-applied/         control plane                       control plane (each replica's progress)
+audit-checkpoint-key   control plane (signing key)         control plane
 =====================  ==================================  =========================================
 
 Shared state (`state/`) has no workload role: its readers and writers are per namespace, named by `state`

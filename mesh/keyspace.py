@@ -47,6 +47,18 @@ STATE: Final = PREFIX + "state/"
 """<namespace>#<key>: shared-state documents (`hivemesh.controlplane.state_service`); only the control plane reads
 or writes them, checking the `state` policies per namespace."""
 
+AUDIT_LOG: Final = PREFIX + "audit-log/"
+"""<20-digit first seq>: one committed batch of the mesh-wide audit log's entries (JSON), in log order
+(`hivemesh.controlplane.audit.shared_log`); a bounded window, trimmed by the leader. Control plane only."""
+AUDIT_LOG_TAIL: Final = PREFIX + "audit-log-tail"
+""""<seq> <hash>" of the audit log's last entry: every append compares and moves it in one transaction."""
+AUDIT_CHECKPOINTS: Final = PREFIX + "audit-checkpoints/"
+"""<20-digit number>: the audit log's signed checkpoints, written by the leader only (fenced by its term)."""
+AUDIT_APPLIED: Final = PREFIX + "audit-applied/"
+"""<replica id>: how far each live replica has applied the audit log (JSON), leased: what trimming waits for."""
+AUDIT_CHECKPOINT_KEY: Final = PREFIX + "audit-checkpoint-key"
+"""The audit checkpoint signing key every replica signs with (private: no role but etcd root reads it)."""
+
 TERMINAL_RUN_STATES: Final = frozenset({"COMPLETED", "FAILED", "CANCELED", "REJECTED"})
 """The A2A task states (`hivemesh.v1.TaskState` names) a run's WORKFLOW_INDEX summary never leaves: what
 retention may delete once it is old enough."""

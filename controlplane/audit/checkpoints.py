@@ -57,7 +57,7 @@ def load_public_key(pem: str | bytes) -> ed25519.Ed25519PublicKey:
     return key
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
@@ -77,7 +77,7 @@ def load_or_create_checkpoint_key(path: Path) -> ed25519.Ed25519PrivateKey:
             raise FailedPreconditionError(f"{path} is not an Ed25519 private key")
         return key
     key = ed25519.Ed25519PrivateKey.generate()
-    _write_private(
+    write_private(
         path,
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
     )

@@ -1,7 +1,8 @@
 """The audit of the control plane's own decisions: one record per RPC it answers on its other services (joins,
 renewals, token issue and exchange, revocations, rotations, escalations, audit reads), with the caller, the
-outcome and a whitelist of request fields (never a token, join token or CSR), written before the response is
-released."""
+outcome and a whitelist of request fields (never a token, join token or CSR), handed to the store before the
+response is released (with several replicas the store commits them to the mesh-wide log within 50 ms, many in
+one etcd write: `hivemesh.controlplane.audit.shared_log`)."""
 
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ def _reason(context: grpc.aio.ServicerContext[Any, Any]) -> str:
 
 
 class ControlPlaneAuditInterceptor(grpc.aio.ServerInterceptor):
-    """Records one entry per control-plane RPC outcome (written before the response is released)."""
+    """Records one entry per control-plane RPC outcome (handed to the store before the response is released)."""
 
     def __init__(self, core: Core) -> None:
         self._core = core

@@ -18,7 +18,7 @@ from hivemesh.controlplane.audit.store import AuditStore, audit_store
 from hivemesh.mesh.audit.chain import canonical
 from hivemesh.mesh.audit.handshake.audit import HandshakeAudit
 from hivemesh.mesh.audit.handshake.tracer import tracer_events
-from hivemesh.mesh.errors import HivemeshError, PermissionDeniedError, abort
+from hivemesh.mesh.errors import FailedPreconditionError, HivemeshError, PermissionDeniedError, abort
 from hivemesh.mesh.pki import Peer
 from hivemesh.v1 import audit_pb2, audit_pb2_grpc
 
@@ -60,6 +60,7 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
     ) -> audit_pb2.SourceStateResponse:
         async def go() -> audit_pb2.SourceStateResponse:
             self._core.peer(context)
+            await self._store.sync(node=True)  # what the node shipped to another replica counts too
             seq, digest = self._store.source_state(request.source)
             return audit_pb2.SourceStateResponse(last_seq=seq, last_hash=digest)
 
@@ -76,6 +77,7 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
                 principal=request.principal, agent=request.agent, jti=request.jti, trace_id=request.trace_id,
                 kind=request.kind, since=request.since, until=request.until, after_seq=request.after_seq,
             )
+            await self._store.sync()
             entries, scanned = self._store.query(flt, limit=request.limit or 100, tail=request.tail)
             return audit_pb2.AuditQueryResponse(entries=entries, head_seq=self._store.seq, scanned=scanned)
 
@@ -90,6 +92,7 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
         except HivemeshError as err:
             await abort(context, err)
         try:
+            await self._store.sync()
             head = await self._store.sign_head(export=True)
         except HivemeshError as err:
             await abort(context, err)
@@ -113,6 +116,7 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
     ) -> audit_pb2.HeadResponse:
         async def go() -> audit_pb2.HeadResponse:
             _require_operator(self._core.peer(context))
+            await self._store.sync()
             return audit_pb2.HeadResponse(latest=self._store.latest_head(), exports=self._store.export_heads(),
                                           key_cert_pem=self._store.key_cert_pem)
 
@@ -124,6 +128,7 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
     ) -> audit_pb2.AuditVerifyResponse:
         async def go() -> audit_pb2.AuditVerifyResponse:
             _require_operator(self._core.peer(context))
+            await self._store.sync()
             report = self._store.verify()
             p = report.problem
             return audit_pb2.AuditVerifyResponse(
@@ -146,6 +151,7 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
     ) -> audit_pb2.CheckpointsResponse:
         async def go() -> audit_pb2.CheckpointsResponse:
             self._core.peer(context)
+            await self._store.sync()
             return self._checkpoints()
 
         result: audit_pb2.CheckpointsResponse = await self._guard(context, go)
@@ -156,7 +162,12 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
     ) -> audit_pb2.CheckpointsResponse:
         async def go() -> audit_pb2.CheckpointsResponse:
             _require_operator(self._core.peer(context))
+            shared = self._store.shared
+            if shared is not None and not shared.leading():
+                raise FailedPreconditionError("only the control-plane leader signs audit checkpoints; this replica "
+                                              "copies them (`hivemesh controlplanes` names the leader)")
             await self._store.checkpoint()
+            await self._store.sync()
             return self._checkpoints()
 
         result: audit_pb2.CheckpointsResponse = await self._guard(context, go)

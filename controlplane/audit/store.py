@@ -9,6 +9,10 @@ Layout of `<state_dir>/audit/`:
 - `checkpoints.jsonl` and `checkpoint.key`: signed checkpoints of the head (`hivemesh.controlplane.audit.checkpoints`).
 - `heads.jsonl`: signed heads covering the last entry, at every export and at most once a second while records
   arrive (`hivemesh.controlplane.audit.heads`).
+
+With several control-plane replicas (`shared`, a `SharedLog`) this directory is the replica's full copy of the
+one mesh-wide log whose order and durability live in etcd: appends commit there first, every replica applies
+the committed batches in order, and only the leader signs checkpoints (`hivemesh.controlplane.audit.shared_log`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -34,12 +38,18 @@ from hivemesh.controlplane.audit.checkpoints import (
     load_or_create_checkpoint_key,
     sign_checkpoint,
     verify_log,
+    write_private,
 )
 from hivemesh.controlplane.audit.heads import KEY_CERT_PATH, HeadCadence, sign_head
 from hivemesh.controlplane.audit.query import AuditFilter
-from hivemesh.mesh.audit.chain import GENESIS, canonical, record_hash, seal
+from hivemesh.mesh.audit.chain import GENESIS, canonical, parse_line, record_hash, seal
 from hivemesh.mesh.audit.record import FORMAT, utc_iso
-from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError, PermissionDeniedError
+from hivemesh.mesh.errors import (
+    AuditUnavailableError,
+    FailedPreconditionError,
+    InvalidInputError,
+    PermissionDeniedError,
+)
 from hivemesh.mesh.pki import controlplane_id
 
 if TYPE_CHECKING:
@@ -52,6 +62,8 @@ CONTROLPLANE_SOURCE: Final = "controlplane"
 """The source id of the control plane's own records (joins, tokens, revocations, rotations)."""
 MAX_BATCH: Final = 1000
 MAX_RECORD_BYTES: Final = 64 * 1024
+MAX_PENDING: Final = 10_000
+"""The control plane's own records a replica holds while the shared log cannot take them (then it refuses)."""
 _SOURCE_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -60,6 +72,23 @@ class _Source:
     identity: str
     seq: int
     hash: str
+
+
+Sealable = list[tuple[str, dict[str, Any]]]
+"""(source, record) pairs, records already chained in their source's chain, to seal as the log's next entries."""
+
+
+class SharedSink(Protocol):
+    """Where a replica's appends commit before they reach its local copy (`shared_log.SharedLog`)."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def commit_locked(self, build: Any, on_commit: Any = None) -> int: ...
+    async def sync_locked(self) -> None: ...
+    async def commit_pending_locked(self) -> None: ...
+    async def checkpoint_locked(self) -> dict[str, Any] | None: ...
+    def leading(self) -> bool: ...
+    def wake(self) -> None: ...
 
 
 class AuditStore:
@@ -96,12 +125,20 @@ class AuditStore:
         self._key: ed25519.Ed25519PrivateKey | None = None
         self.seq = 0
         self.head = GENESIS
+        self.size = 0
+        """Bytes of log.jsonl: where the next entry starts (the same in every replica's copy)."""
         self._sources: dict[str, _Source] = {}
         self._checkpoint_no = 0
         self._checkpoint_sig = ""
         self._checkpoint_seq = 0
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self.shared: SharedSink | None = None
+        """The mesh-wide log this directory copies (several replicas), or None: this process owns the log."""
+        self.unavailable = ""
+        """Why this replica cannot serve the audit log (its copy is behind etcd's window or diverged), or ""."""
+        self.pending: collections.deque[dict[str, Any]] = collections.deque()
+        """The control plane's own records not yet committed to the shared log (shared mode only)."""
 
     # --- lifecycle ---
     def open(self) -> AuditStore:
@@ -130,6 +167,7 @@ class AuditStore:
                     except (ValueError, KeyError, TypeError):
                         break
                     good += len(raw)
+            self.size = good
             if good < self.log_path.stat().st_size:
                 log.warning("audit log %s: cutting a torn tail of %d byte(s)", self.log_path,
                             self.log_path.stat().st_size - good)
@@ -158,6 +196,8 @@ class AuditStore:
         """Open (if needed) and run the periodic checkpoint task."""
         if self._fd is None:
             self.open()
+        if self.shared is not None:
+            await self.shared.start()
         self._task = asyncio.get_running_loop().create_task(self._checkpoint_loop())
         self._head_task = asyncio.get_running_loop().create_task(self._head_loop())
 
@@ -168,12 +208,14 @@ class AuditStore:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._task = self._head_task = None
+        if self.shared is not None:
+            await self.shared.stop()  # commits what is pending first
         if self._fd is not None:
             async with self._lock:
                 with contextlib.suppress(Exception):
-                    self._checkpoint_locked()
+                    await self._checkpoint_now_locked()
                 with contextlib.suppress(Exception):
-                    if self._head is None or int(self._head["log_seq"]) != self.seq:
+                    if self._signs_heads() and (self._head is None or int(self._head["log_seq"]) != self.seq):
                         self._head_locked(export=False)
                 for fd in (self._fd, self._cp_fd):
                     if fd is not None:
@@ -202,75 +244,156 @@ class AuditStore:
         if len(raw_records) > MAX_BATCH:
             raise InvalidInputError(f"at most {MAX_BATCH} records per batch")
         async with self._lock:
-            known = self._sources.get(source)
-            if known is not None and known.identity != identity:
-                raise PermissionDeniedError(f"audit source {source} belongs to {known.identity}, not {identity}")
-            last_seq, last_hash = (known.seq, known.hash) if known is not None else (0, GENESIS)
-            fresh = known is None
-            records: list[dict[str, Any]] = []
-            for i, raw in enumerate(raw_records):
-                where = f"records[{i}]"
-                if len(raw) > MAX_RECORD_BYTES:
-                    raise InvalidInputError(f"{where} is larger than {MAX_RECORD_BYTES} bytes")
+            if self.shared is not None:
+                def build() -> Sealable:  # re-run against the caught-up copy before every attempt
+                    return [(source, rec) for rec in self._validate_locked(source, identity, raw_records)]
+
                 try:
-                    rec = json.loads(raw)
-                except ValueError:
-                    raise InvalidInputError(f"{where} is not JSON", field_violations={where: "not JSON"}) from None
-                if not isinstance(rec, dict) or not isinstance(rec.get("seq"), int):
-                    raise InvalidInputError(f"{where} has no seq", field_violations={where: "no seq"})
-                try:
-                    ok = record_hash(rec) == rec.get("hash")
-                except (TypeError, ValueError):
-                    ok = False
-                if not ok:
-                    raise InvalidInputError(f"{where}: hash does not match content", field_violations={where: "hash"})
-                if rec.get("node") != identity:
-                    raise PermissionDeniedError(f"{where} is about {rec.get('node')!r}; {identity} may only ship "
-                                                "its own records")
-                seq = rec["seq"]
-                if seq <= last_seq and not fresh:
-                    if seq == last_seq and rec["hash"] != last_hash:
-                        raise FailedPreconditionError(f"{where}: seq {seq} differs from the stored record")
-                    continue
-                if fresh:
-                    fresh = False  # the first record ever heard from this source starts its chain here
-                elif seq != last_seq + 1:
-                    raise FailedPreconditionError(
-                        f"{where}: seq {seq} leaves a gap after {last_seq}",
-                        metadata={"expected_seq": str(last_seq + 1)},
-                    )
-                elif rec.get("prev") != last_hash:
-                    raise FailedPreconditionError(f"{where}: seq {seq} does not link to seq {last_seq}")
-                records.append(rec)
-                last_seq, last_hash = seq, rec["hash"]
+                    stored = await self.shared.commit_locked(build)
+                except FailedPreconditionError:
+                    if self.unavailable:  # this copy cannot serve: UNAVAILABLE sends the node to another replica
+                        raise AuditUnavailableError(self.unavailable) from None
+                    raise
+                last = self._sources.get(source)
+                return (last.seq, last.hash, stored) if last is not None else (0, GENESIS, 0)
+            records = self._validate_locked(source, identity, raw_records)
             if records:
                 self._write_locked(source, records)
                 assert self._fd is not None
                 await asyncio.to_thread(os.fsync, self._fd)
-                self._sources[source] = _Source(identity, last_seq, last_hash)
+                self._sources[source] = _Source(identity, records[-1]["seq"], records[-1]["hash"])
                 await self._maybe_checkpoint_locked()
-            return last_seq, last_hash, len(records)
+            last = self._sources.get(source)
+            return (last.seq, last.hash, len(records)) if last is not None else (0, GENESIS, 0)
+
+    def _validate_locked(self, source: str, identity: str, raw_records: Sequence[bytes]) -> list[dict[str, Any]]:
+        """The records of the batch that extend source's stored chain (resent ones skipped); raises, storing
+        nothing, on a gap, a broken link, a changed record or a record about another node than identity."""
+        known = self._sources.get(source)
+        if known is not None and known.identity != identity:
+            raise PermissionDeniedError(f"audit source {source} belongs to {known.identity}, not {identity}")
+        last_seq, last_hash = (known.seq, known.hash) if known is not None else (0, GENESIS)
+        fresh = known is None
+        records: list[dict[str, Any]] = []
+        for i, raw in enumerate(raw_records):
+            where = f"records[{i}]"
+            if len(raw) > MAX_RECORD_BYTES:
+                raise InvalidInputError(f"{where} is larger than {MAX_RECORD_BYTES} bytes")
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                raise InvalidInputError(f"{where} is not JSON", field_violations={where: "not JSON"}) from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("seq"), int):
+                raise InvalidInputError(f"{where} has no seq", field_violations={where: "no seq"})
+            try:
+                ok = record_hash(rec) == rec.get("hash")
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise InvalidInputError(f"{where}: hash does not match content", field_violations={where: "hash"})
+            if rec.get("node") != identity:
+                raise PermissionDeniedError(f"{where} is about {rec.get('node')!r}; {identity} may only ship "
+                                            "its own records")
+            seq = rec["seq"]
+            if seq <= last_seq and not fresh:
+                if seq == last_seq and rec["hash"] != last_hash:
+                    raise FailedPreconditionError(f"{where}: seq {seq} differs from the stored record")
+                continue
+            if fresh:
+                fresh = False  # the first record ever heard from this source starts its chain here
+            elif seq != last_seq + 1:
+                raise FailedPreconditionError(
+                    f"{where}: seq {seq} leaves a gap after {last_seq}",
+                    metadata={"expected_seq": str(last_seq + 1)},
+                )
+            elif rec.get("prev") != last_hash:
+                raise FailedPreconditionError(f"{where}: seq {seq} does not link to seq {last_seq}")
+            records.append(rec)
+            last_seq, last_hash = seq, rec["hash"]
+        return records
 
     def _write_locked(self, source: str, records: Sequence[dict[str, Any]]) -> None:
-        if self._fd is None:
-            raise FailedPreconditionError("the audit store is closed")
-        chunks = []
+        lines, seq, head = self.seal_entries([(source, rec) for rec in records])
+        self._write_raw_locked(b"".join(lines), seq, head)
+
+    def seal_entries(self, items: Sealable) -> tuple[list[bytes], int, str]:
+        """items chained as the log's next entries after its head: (their lines, the last seq, its hash)."""
+        lines = []
         seq, head = self.seq, self.head
-        for rec in records:
+        for source, rec in items:
             seq += 1
             line, head = seal({"source": source, "record": rec}, seq, head)
-            chunks.append(line)
-        data = b"".join(chunks)
+            lines.append(line)
+        return lines, seq, head
+
+    def _write_raw_locked(self, data: bytes, seq: int, head: str) -> None:
+        if self._fd is None:
+            raise FailedPreconditionError("the audit store is closed")
         written = os.write(self._fd, data)
+        self.size += written
         if written != len(data):
             raise OSError(f"short write to the audit log ({written} of {len(data)} bytes)")
         self.seq, self.head = seq, head
 
+    async def apply_locked(self, lines: Sequence[bytes]) -> None:
+        """Append entries committed to the shared log (by any replica) to this copy, fsynced: each must be the
+        next seq, link to the head and match its hash, or this copy has diverged and serves no more."""
+        seq, head = self.seq, self.head
+        sources: dict[str, _Source] = {}
+        for raw in lines:
+            entry = parse_line(raw)
+            rec = entry["record"]
+            if entry["seq"] != seq + 1 or entry["prev"] != head or record_hash(entry) != entry["hash"]:
+                self.unavailable = (f"this replica's audit copy diverged from the mesh-wide log at seq {seq + 1}: "
+                                    f"restore {self.dir} from a live replica")
+                raise FailedPreconditionError(self.unavailable)
+            seq, head = entry["seq"], entry["hash"]
+            sources[str(entry["source"])] = _Source(str(rec.get("node", "")), int(rec["seq"]), str(rec["hash"]))
+        self._write_raw_locked(b"".join(line.rstrip(b"\n") + b"\n" for line in lines), seq, head)
+        assert self._fd is not None
+        await asyncio.to_thread(os.fsync, self._fd)
+        self._sources.update(sources)
+
+    def own_records(self, pending: Sequence[dict[str, Any]]) -> Sealable:
+        """The control plane's pending records chained after its source's stored head (shared mode)."""
+        src = self._sources.get(CONTROLPLANE_SOURCE) or _Source(self.identity, 0, GENESIS)
+        seq, prev, out = src.seq, src.hash, []
+        for fields in pending:
+            seq += 1
+            line, prev = seal(dict(fields), seq, prev)
+            out.append((CONTROLPLANE_SOURCE, json.loads(line)))
+        return out
+
+    async def sync(self, *, node: bool = False) -> None:
+        """Before serving a read: commit this replica's pending records and apply what others committed, so a
+        query, export or verify covers the whole mesh-wide log. When this copy cannot serve it refuses: with
+        FAILED_PRECONDITION (an operator reads why), or for a node with UNAVAILABLE (it moves to another replica)."""
+        if self.shared is None:
+            return
+        async with self._lock:
+            try:
+                if self.unavailable:
+                    raise FailedPreconditionError(self.unavailable)
+                await self.shared.commit_pending_locked()
+                await self.shared.sync_locked()
+            except FailedPreconditionError:
+                if node and self.unavailable:
+                    raise AuditUnavailableError(self.unavailable) from None
+                raise
+
     async def record(self, fields: Mapping[str, Any]) -> int:
         """Append one of the control plane's own decisions (its own source chain); returns the log seq."""
+        rec = {"v": FORMAT, "time": utc_iso(time.time()), "kind": "controlplane", **fields, "node": self.identity}
+        if self.shared is not None:
+            # Committed with others in one etcd write within a moment (never one write per RPC).
+            if len(self.pending) >= MAX_PENDING:
+                raise FailedPreconditionError(f"{len(self.pending)} control-plane audit records are waiting for "
+                                              f"the shared log: {self.unavailable or 'etcd is slow or away'}")
+            self.pending.append(rec)
+            self.shared.wake()
+            return 0
         async with self._lock:
             src = self._sources.get(CONTROLPLANE_SOURCE) or _Source(self.identity, 0, GENESIS)
-            rec = {"v": FORMAT, "time": utc_iso(time.time()), "kind": "controlplane", **fields, "node": self.identity}
             line, digest = seal(rec, src.seq + 1, src.hash)
             stored = json.loads(line)
             self._write_locked(CONTROLPLANE_SOURCE, [stored])
@@ -281,32 +404,65 @@ class AuditStore:
     # --- checkpoints ---
     async def _maybe_checkpoint_locked(self) -> None:
         if self.seq - self._checkpoint_seq >= self.checkpoint_every:
-            self._checkpoint_locked()
+            await self._checkpoint_now_locked()
 
-    def _checkpoint_locked(self) -> dict[str, Any] | None:
-        if self._key is None or self._cp_fd is None or (self.seq == self._checkpoint_seq and self._checkpoint_no):
+    async def _checkpoint_now_locked(self) -> dict[str, Any] | None:
+        """Local mode: sign here. Shared mode: the leader alone signs, and commits the checkpoint to etcd first."""
+        if self.shared is not None:
+            return await self.shared.checkpoint_locked()
+        return self._checkpoint_locked()
+
+    def next_checkpoint(self) -> dict[str, Any] | None:
+        """The next checkpoint of the head, signed (None when nothing changed since the last one)."""
+        if self._key is None or (self.seq == self._checkpoint_seq and self._checkpoint_no):
             return None
-        cp = sign_checkpoint(self._key, {
+        return sign_checkpoint(self._key, {
             "checkpoint": self._checkpoint_no + 1,
             "log_seq": self.seq,
             "head": self.head,
             "time": utc_iso(time.time()),
             "prev_sig": self._checkpoint_sig,
         })
+
+    @property
+    def checkpoint_no(self) -> int:
+        return self._checkpoint_no
+
+    def keep_checkpoint(self, cp: dict[str, Any]) -> None:
+        """Append a signed checkpoint (the next one, linking the last) to checkpoints.jsonl, fsynced."""
+        if self._cp_fd is None:
+            raise FailedPreconditionError("the audit store is closed")
+        if cp.get("checkpoint") != self._checkpoint_no + 1 or cp.get("prev_sig") != self._checkpoint_sig:
+            raise FailedPreconditionError(f"checkpoint {cp.get('checkpoint')} does not follow checkpoint "
+                                          f"{self._checkpoint_no}")
         if self._fd is not None:
             os.fsync(self._fd)  # a checkpoint never covers entries that are not on disk
         os.write(self._cp_fd, canonical(cp) + b"\n")
         os.fsync(self._cp_fd)
         self._checkpoint_no = cp["checkpoint"]
         self._checkpoint_sig = cp["sig"]
-        self._checkpoint_seq = self.seq
+        self._checkpoint_seq = int(cp["log_seq"])
         self.checkpoint_at = time.time()
+
+    def _checkpoint_locked(self) -> dict[str, Any] | None:
+        cp = self.next_checkpoint()
+        if cp is not None:
+            self.keep_checkpoint(cp)
         return cp
 
     async def checkpoint(self) -> dict[str, Any] | None:
-        """Sign a checkpoint of the head now (None when nothing changed since the last one)."""
+        """Sign a checkpoint of the head now (None when nothing changed since the last one, or, with several
+        replicas, on a replica that does not lead)."""
         async with self._lock:
-            return self._checkpoint_locked()
+            return await self._checkpoint_now_locked()
+
+    def adopt_key(self, key: ed25519.Ed25519PrivateKey, pem: bytes) -> None:
+        """Sign with the mesh-wide checkpoint key from now on (kept in checkpoint.key, 0600)."""
+        write_private(self.dir / "checkpoint.key", pem)
+        self._key = key
+
+    def _signs_heads(self) -> bool:
+        return self.shared is None or self.shared.leading()
 
     async def _checkpoint_loop(self) -> None:
         while True:
@@ -314,8 +470,8 @@ class AuditStore:
             try:
                 async with self._lock:
                     if self.seq != self._checkpoint_seq:
-                        self._checkpoint_locked()
-            except OSError as exc:
+                        await self._checkpoint_now_locked()
+            except (OSError, FailedPreconditionError) as exc:
                 log.error("audit checkpoint failed: %s", exc)
 
     # --- heads ---
@@ -366,7 +522,7 @@ class AuditStore:
         """The cadence: a cheap timer that signs a head only when the log grew, at most once an interval."""
         while True:
             await asyncio.sleep(self._cadence.interval_s)
-            if not self._cadence.due(self.seq, time.monotonic()):
+            if not self._cadence.due(self.seq, time.monotonic()) or not self._signs_heads():
                 continue
             try:
                 async with self._lock:
@@ -423,9 +579,24 @@ def audit_store(core: Core) -> AuditStore:
     store = core.extensions.get(EXTENSION)
     if store is None:
         store = AuditStore(core.config.state_dir / "audit", identity=controlplane_id(core.trust_domain)).open()
-        store.key_cert_pem = core.ca.issue_key_cert(
-            store.public_key, f"spiffe://{core.trust_domain}{KEY_CERT_PATH}", common_name="hivemesh-audit-checkpoints"
-        )
+
+        def certify(public_key: ed25519.Ed25519PublicKey) -> bytes:
+            return core.ca.issue_key_cert(public_key, f"spiffe://{core.trust_domain}{KEY_CERT_PATH}",
+                                          common_name="hivemesh-audit-checkpoints")
+
+        store.key_cert_pem = certify(store.public_key)
+        if core.etcd is not None:  # the mesh-wide log: this directory becomes this replica's copy of it
+            from hivemesh.controlplane.audit.shared_log import SharedLog
+            from hivemesh.controlplane.replicas import EXTENSION as REPLICAS
+            from hivemesh.controlplane.replicas import is_leader, leader_fence
+
+            replica = core.extensions.get(REPLICAS)
+            kept = core.config.retention
+            store.shared = SharedLog(
+                core.etcd, store, replica.replica_id if replica is not None else "controlplane",
+                leading=lambda: is_leader(core), fence=lambda: leader_fence(core), certify=certify,
+                min_age_s=kept.audit_window_s, max_bytes=kept.audit_window_mb * 1024 * 1024,
+            )
         core.extensions[EXTENSION] = store
     assert isinstance(store, AuditStore)
     return store

@@ -1,0 +1,430 @@
+"""One audit log for the whole mesh, whatever replica a node ships to: its order and durability live in etcd.
+
+Every replica keeps a full copy (`AuditStore`'s directory); etcd holds the order and a bounded window:
+
+- `keyspace.AUDIT_LOG_TAIL` is `"<seq> <hash>"` of the log's last entry. An append (a node's shipped batch, or a
+  replica's own decisions, batched) first applies what others committed, checks the node's chain against that
+  copy, seals the entries after the tail, and commits them as `AUDIT_LOG/<20-digit first seq>` in one
+  transaction that holds only if the tail is unchanged; on a conflict it catches up and tries again (bounded).
+  A batch is acknowledged only after etcd committed it (a quorum), so an acknowledged record survives the loss
+  of any replica. Cost: one etcd transaction (two puts, one revision) per shipped batch, ~the batch's size.
+- Every replica applies committed batches in order into its copy (polling a range from its last seq), so any
+  replica serves queries, exports and verification of the whole log, and a new leader continues its chain.
+- One checkpoint key for the mesh (`AUDIT_CHECKPOINT_KEY`, root only, like the token keys): the leader alone
+  signs checkpoints, commits each as `AUDIT_CHECKPOINTS/<no>` fenced by its term, and every replica copies them.
+- Trimming: the leader deletes batches every live replica has applied (each publishes how far it got under a
+  leased `AUDIT_APPLIED/<replica>`) once they are `min_age_s` old (None: never for age), and beyond `max_bytes`
+  of entries in any case (each batch carries its byte offset in the log, the same in every copy). A replica
+  whose copy ends before the window (or differs from it) refuses to serve audit with FAILED_PRECONDITION and says
+  to restore its folder from a live replica: it never serves a log with a hole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from aetcd import rpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from hivemesh.controlplane.audit.store import MAX_BATCH, AuditStore, Sealable
+from hivemesh.mesh.errors import AuditUnavailableError, FailedPreconditionError
+from hivemesh.mesh.keyspace import (
+    AUDIT_APPLIED,
+    AUDIT_CHECKPOINT_KEY,
+    AUDIT_CHECKPOINTS,
+    AUDIT_LOG,
+    AUDIT_LOG_TAIL,
+)
+from hivemesh.mesh.watch import cancel_and_wait
+
+log = logging.getLogger(__name__)
+
+TXN_BYTES: Final = 1024 * 1024
+"""At most this many bytes of entries per etcd transaction (etcd refuses requests over 1.5 MiB by default)."""
+ATTEMPTS: Final = 8
+"""Conflicting appends (another replica moved the tail first) tried again this many times, then UNAVAILABLE."""
+READ_LIMIT: Final = 256
+"""Batches read per range request while catching up."""
+TRIM_LIMIT: Final = 64
+"""Batches a trimming pass looks at (the oldest); the next pass goes on."""
+_TAIL: Final = AUDIT_LOG_TAIL.encode()
+
+
+def seq_key(prefix: str, n: int) -> bytes:
+    """The etcd key of batch/checkpoint n: zero-padded, so key order is log order."""
+    return f"{prefix}{n:020d}".encode()
+
+
+def _prefix_end(prefix: str) -> bytes:
+    end = bytearray(prefix.encode())
+    end[-1] += 1
+    return bytes(end)
+
+
+def _tail_value(seq: int, head: str) -> bytes:
+    return f"{seq} {head}".encode()
+
+
+class SharedLog:
+    """A replica's side of the mesh-wide log: commit, apply, checkpoint (leader), publish progress, trim (leader).
+
+    Every method named `*_locked` runs under the store's lock (the store calls them so)."""
+
+    def __init__(
+        self,
+        etcd: Any,
+        store: AuditStore,
+        replica_id: str,
+        *,
+        leading: Callable[[], bool],
+        fence: Callable[[], list[Any]],
+        certify: Callable[[ed25519.Ed25519PublicKey], bytes] | None = None,
+        poll_s: float = 0.5,
+        linger_s: float = 0.05,
+        min_age_s: float | None = 600.0,
+        max_bytes: int = 256 * 1024 * 1024,
+        applied_ttl_s: int = 10,
+        trim_every_s: float = 10.0,
+    ) -> None:
+        self.etcd = etcd
+        self.store = store
+        self.replica_id = replica_id
+        self._leading = leading
+        self._fence = fence
+        self._certify = certify
+        self.poll_s = poll_s
+        self.linger_s = linger_s
+        self.min_age_s = min_age_s
+        self.max_bytes = max_bytes
+        self.applied_ttl_s = applied_ttl_s
+        self.trim_every_s = trim_every_s
+        self.conflicts = 0
+        """Appends that lost the race for the tail and were tried again (for tests and the curious)."""
+        self.commits = 0
+        """etcd transactions that committed entries."""
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._applied_lease: int | None = None
+        self._published: tuple[int, int] = (-1, -1)
+        self._published_at = 0.0
+        self._renewed_at = 0.0
+        self._trimmed_at = 0.0
+
+    def leading(self) -> bool:
+        return self._leading()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # --- lifecycle ---
+    async def start(self) -> None:
+        """Adopt (or publish) the mesh's checkpoint key, seed the tail, catch up, then follow in the background."""
+        await self._share_key()
+        store = self.store
+        async with store._lock:
+            with contextlib.suppress(FailedPreconditionError):
+                await self.sync_locked()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._follow(), name="hivemesh-audit-follow"),
+                       loop.create_task(self._flush(), name="hivemesh-audit-flush")]
+
+    async def stop(self) -> None:
+        """Commit what is pending (bounded), stop following, withdraw the applied-progress key."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            await cancel_and_wait(task)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5.0), self.store._lock:
+                await self.commit_pending_locked()
+        lease, self._applied_lease = self._applied_lease, None
+        if lease is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2.0):
+                    await self.etcd.revoke_lease(lease)
+
+    async def _share_key(self) -> None:
+        store = self.store
+        assert store._key is not None
+        mine = store._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption())
+        t = self.etcd.transactions
+        key = AUDIT_CHECKPOINT_KEY.encode()
+        ok, responses = await self.etcd.transaction(compare=[t.version(key) == 0], success=[t.put(key, mine)],
+                                                    failure=[t.get(key)])
+        if ok:
+            return
+        shared = bytes(responses[0][0][0])
+        if shared == mine:
+            return
+        loaded = serialization.load_pem_private_key(shared, password=None)
+        if not isinstance(loaded, ed25519.Ed25519PrivateKey):
+            raise FailedPreconditionError(f"{AUDIT_CHECKPOINT_KEY} is not an Ed25519 private key")
+        store.adopt_key(loaded, shared)
+        if self._certify is not None:
+            store.key_cert_pem = self._certify(loaded.public_key())
+        log.info("audit checkpoints: adopted the mesh-wide checkpoint key")
+
+    # --- committing ---
+    async def commit_locked(self, build: Callable[[], Sealable],
+                            on_commit: Callable[[int], None] | None = None) -> int:
+        """Commit what build() returns (built against the caught-up copy, again after every conflict or chunk)
+        to etcd, then apply it here (and tell on_commit how many entries went); returns how many were committed."""
+        committed = 0
+        conflicts = 0
+        while True:
+            await self.sync_locked()
+            items = build()
+            if not items:
+                return committed
+            store = self.store
+            lines, _, _ = store.seal_entries(items)
+            size, n = 0, 0
+            for line in lines:  # one transaction's worth (at least one entry)
+                if n and size + len(line) > TXN_BYTES:
+                    break
+                size += len(line)
+                n += 1
+            chunk, first = lines[:n], store.seq + 1
+            last_entry = json.loads(chunk[-1])
+            value = json.dumps({"first": first, "last": first + n - 1, "time": int(time.time()), "offset": store.size,
+                                "replica": self.replica_id,
+                                "lines": [line.rstrip(b"\n").decode("ascii") for line in chunk]}).encode()
+            t = self.etcd.transactions
+            ok, _ = await self.etcd.transaction(
+                compare=[t.value(_TAIL) == _tail_value(store.seq, store.head),
+                         t.version(seq_key(AUDIT_LOG, first)) == 0],
+                success=[t.put(seq_key(AUDIT_LOG, first), value),
+                         t.put(_TAIL, _tail_value(first + n - 1, str(last_entry["hash"])))],
+                failure=[],
+            )
+            if ok:
+                self.commits += 1
+                await store.apply_locked(chunk)
+                committed += n
+                if on_commit is not None:
+                    on_commit(n)
+                await self._after_commit_locked()
+                continue
+            conflicts += 1
+            self.conflicts += 1
+            if conflicts >= ATTEMPTS:
+                raise AuditUnavailableError(f"the mesh-wide audit log is busy: {conflicts} concurrent appends "
+                                            "won the race for its tail; try again")
+            # A replica that just won goes again at once while this one still has to read what it missed: a
+            # random pause keeps one replica from starving the other.
+            await asyncio.sleep(random.uniform(0, 0.005 * conflicts))
+
+    async def _after_commit_locked(self) -> None:
+        store = self.store
+        if store.seq - store._checkpoint_seq >= store.checkpoint_every:
+            await self.checkpoint_locked()
+
+    async def commit_pending_locked(self) -> None:
+        """Commit the control plane's own records waiting in the store (in batches of at most MAX_BATCH)."""
+        store = self.store
+        taken = list(store.pending)[:MAX_BATCH]
+        done = 0
+
+        def build() -> Sealable:
+            return store.own_records(taken[done:])
+
+        def on_commit(n: int) -> None:
+            nonlocal done
+            done += n
+            for _ in range(n):
+                store.pending.popleft()
+
+        while taken:
+            await self.commit_locked(build, on_commit)
+            taken, done = list(store.pending)[:MAX_BATCH], 0
+
+    async def _flush_once(self) -> None:
+        async with self.store._lock:
+            await self.commit_pending_locked()
+
+    async def _flush(self) -> None:
+        """Commit the replica's own decisions: one etcd write for all that arrived within linger_s."""
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(self.linger_s)
+            self._wake.clear()
+            try:
+                # Shielded: stopping must not cut a commit between etcd's answer and dropping what it took
+                # from the queue (the records would be committed twice); stop() waits for the lock instead.
+                await asyncio.shield(self._flush_once())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - etcd trouble: the records wait (bounded) for the next try
+                log.warning("cannot commit the control plane's audit records yet: %r", exc)
+                await asyncio.sleep(self.poll_s)
+                self._wake.set()
+
+    # --- applying ---
+    async def sync_locked(self) -> None:
+        """Apply every batch committed after this copy's end, then copy the checkpoints it lacks."""
+        store = self.store
+        if store.unavailable:
+            raise FailedPreconditionError(store.unavailable)
+        tail = await self._range(_TAIL, b"", limit=1)  # the batches are read at this revision: one snapshot
+        if not tail.kvs:
+            await self._seed_tail_locked()
+            return
+        revision = int(tail.header.revision)
+        seq, head = bytes(tail.kvs[0].value).decode().split(" ", 1)
+        while int(seq) > store.seq:
+            reply = await self._range(seq_key(AUDIT_LOG, store.seq + 1), _prefix_end(AUDIT_LOG), revision=revision)
+            if not reply.kvs:
+                self._behind(f"the mesh-wide log ends at seq {seq} and etcd's window no longer holds seq "
+                             f"{store.seq + 1}")
+            for kv in reply.kvs:
+                batch = json.loads(kv.value)
+                if int(batch["first"]) != store.seq + 1:
+                    self._behind(f"etcd's window of the mesh-wide log starts at seq {batch['first']}")
+                await store.apply_locked([line.encode() for line in batch["lines"]])
+        if int(seq) != store.seq or head != store.head:
+            store.unavailable = (f"this replica's audit copy (seq {store.seq}) differs from the mesh-wide log "
+                                 f"(seq {seq}): restore {store.dir} from a live replica")
+            log.error("%s", store.unavailable)
+            raise FailedPreconditionError(store.unavailable)
+        await self._copy_checkpoints_locked()
+
+    async def _seed_tail_locked(self) -> None:
+        """No tail yet: the first replica ever seeds it with its own log's end (a single control plane upgraded
+        in place keeps its log), and every later one extends or copies that. A tail lost under a running mesh is
+        set again from the newest batch etcd holds, so no replica's copy is left ahead of it."""
+        store = self.store
+        seed = _tail_value(store.seq, store.head)
+        newest = await self._newest_batch()
+        if newest is not None:
+            last = json.loads(newest["lines"][-1])
+            seed = _tail_value(int(last["seq"]), str(last["hash"]))
+        t = self.etcd.transactions
+        await self.etcd.transaction(compare=[t.version(_TAIL) == 0], success=[t.put(_TAIL, seed)], failure=[])
+
+    def _behind(self, why: str) -> None:
+        store = self.store
+        store.unavailable = (f"this replica's audit copy ends at seq {store.seq} but {why}: it cannot serve the "
+                             f"audit log until {store.dir} is restored from a live replica's copy")
+        log.error("%s", store.unavailable)
+        raise FailedPreconditionError(store.unavailable)
+
+    async def _newest_batch(self) -> dict[str, Any] | None:
+        reply = await self.etcd.kvstub.Range(
+            rpc.RangeRequest(key=AUDIT_LOG.encode(), range_end=_prefix_end(AUDIT_LOG), limit=1,
+                             sort_order=rpc.RangeRequest.DESCEND, sort_target=rpc.RangeRequest.KEY),
+            timeout=10.0, metadata=self.etcd.metadata)
+        return json.loads(reply.kvs[0].value) if reply.kvs else None
+
+    async def _range(self, start: bytes, end: bytes, *, limit: int = READ_LIMIT, revision: int = 0) -> Any:
+        request = rpc.RangeRequest(key=start, range_end=end, limit=limit, revision=revision)
+        return await self.etcd.kvstub.Range(request, timeout=10.0, metadata=self.etcd.metadata)
+
+    async def _copy_checkpoints_locked(self) -> None:
+        store = self.store
+        reply = await self._range(seq_key(AUDIT_CHECKPOINTS, store.checkpoint_no + 1), _prefix_end(AUDIT_CHECKPOINTS))
+        for kv in reply.kvs:
+            cp = json.loads(kv.value)
+            if int(cp["log_seq"]) > store.seq:
+                break  # its entries are not here yet
+            store.keep_checkpoint(cp)
+
+    async def checkpoint_locked(self) -> dict[str, Any] | None:
+        """The leader signs the next checkpoint of its caught-up copy and commits it fenced by its term; other
+        replicas sign nothing (they copy the leader's). None when not leading or nothing changed."""
+        if not self._leading():
+            return None
+        await self.sync_locked()
+        store = self.store
+        cp = store.next_checkpoint()
+        if cp is None:
+            return None
+        fence = self._fence()  # compares that fail once another replica leads
+        if not self._leading():
+            return None
+        t = self.etcd.transactions
+        key = seq_key(AUDIT_CHECKPOINTS, int(cp["checkpoint"]))
+        ok, _ = await self.etcd.transaction(compare=[*fence, t.version(key) == 0],
+                                            success=[t.put(key, json.dumps(cp).encode())], failure=[])
+        if not ok:
+            return None  # another leader took over (or already signed this number): copy theirs next sync
+        store.keep_checkpoint(cp)
+        return cp
+
+    async def _follow(self) -> None:
+        """Apply what others commit, publish how far this copy got, and (leader) trim the window."""
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                async with self.store._lock:
+                    if self.store.unavailable:
+                        continue
+                    await self.sync_locked()
+                await self._publish_applied()
+                if self._leading() and time.monotonic() - self._trimmed_at >= self.trim_every_s:
+                    await self.trim()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - etcd trouble: next round
+                log.debug("audit log follow round failed: %r", exc)
+
+    # --- progress and trimming ---
+    async def _publish_applied(self, *, force: bool = False) -> None:
+        """Keep {"seq", "checkpoint"} under this replica's leased key: renewed every TTL/3, rewritten when it
+        changed but at most once a second (a follower's progress costs etcd <= 1 write/s, not one per batch)."""
+        now = time.monotonic()
+        if self._applied_lease is not None and now - self._renewed_at >= self.applied_ttl_s / 3:
+            reply = await self.etcd.refresh_lease(self._applied_lease)
+            self._renewed_at = now
+            if reply is None or reply.TTL <= 0:
+                self._applied_lease = None
+        if self._applied_lease is None:
+            self._applied_lease = (await self.etcd.lease(self.applied_ttl_s)).id
+            self._renewed_at = now
+            self._published = (-1, -1)
+        mine = (self.store.seq, self.store.checkpoint_no)
+        if mine != self._published and (force or now - self._published_at >= 1.0):
+            value = json.dumps({"seq": mine[0], "checkpoint": mine[1]}).encode()
+            await self.etcd.put(f"{AUDIT_APPLIED}{self.replica_id}".encode(), value, lease=self._applied_lease)
+            self._published, self._published_at = mine, now
+
+    async def trim(self) -> int:
+        """Leader: delete the oldest batches every live replica applied and that are min_age_s old (and those
+        past max_bytes in any case), and the checkpoints every replica copied but the newest; returns batches
+        gone."""
+        self._trimmed_at = time.monotonic()
+        await self._publish_applied(force=True)
+        applied = [json.loads(kv.value) for kv in await self.etcd.get_prefix(AUDIT_APPLIED.encode())]
+        if not applied:
+            return 0
+        upto = min(int(a["seq"]) for a in applied)
+        cp_upto = min(int(a["checkpoint"]) for a in applied)
+        last = await self._newest_batch()
+        if last is None:
+            return 0
+        end_offset = int(last["offset"]) + sum(len(line) + 1 for line in last["lines"])
+        cutoff = None if self.min_age_s is None else time.time() - self.min_age_s
+        reply = await self._range(AUDIT_LOG.encode(), _prefix_end(AUDIT_LOG), limit=TRIM_LIMIT)
+        gone, end = 0, b""
+        for kv in reply.kvs:
+            batch = json.loads(kv.value)
+            aged = cutoff is not None and int(batch["last"]) <= upto and int(batch["time"]) <= cutoff
+            if aged or end_offset - int(batch["offset"]) > self.max_bytes:
+                gone += 1
+                end = bytes(kv.key) + b"\0"
+                continue
+            break
+        if gone:
+            await self.etcd.delete_range(AUDIT_LOG.encode(), end)
+        if cp_upto > 1:  # the newest checkpoint stays: the next leader links to it
+            await self.etcd.delete_range(AUDIT_CHECKPOINTS.encode(), seq_key(AUDIT_CHECKPOINTS, cp_upto))
+        if gone:
+            log.info("audit log: trimmed %d batch(es) from etcd (every live replica holds them)", gone)
+        return gone

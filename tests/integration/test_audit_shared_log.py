@@ -1,0 +1,285 @@
+"""One audit log for the whole mesh across control-plane replicas, over the session etcd (in process).
+
+A node that ships to replica A, fails over to B and comes back to A neither stalls nor leaves a gap; every replica
+holds the same chain (one head); what the old leader acknowledged is in the new leader's log and checkpoints
+continue its chain; concurrent appends get one total order; a replica whose copy ends before etcd's trimmed
+window refuses to serve; and no workload's etcd identity can read or write the log's keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hivemesh.controlplane.audit.checkpoints import verify_log
+from hivemesh.controlplane.audit.shared_log import SharedLog
+from hivemesh.controlplane.audit.store import AuditStore
+from hivemesh.controlplane.leader import LeaderElection
+from hivemesh.mesh.audit.chain import GENESIS, seal
+from hivemesh.mesh.errors import AuditUnavailableError, FailedPreconditionError
+from hivemesh.mesh.etcd import EtcdServer, client, wait_connected
+from hivemesh.mesh.keyspace import AUDIT_LOG, AUDIT_LOG_TAIL
+
+NODE = "spiffe://hivemesh.test/agent/echo"
+CP = "spiffe://hivemesh.test/controlplane"
+
+
+@pytest.fixture(autouse=True)
+async def _no_log_left(etcd: Any) -> AsyncIterator[None]:
+    """A later test's control plane on the session etcd must not find this test's (trimmed) log."""
+    yield
+    await etcd.delete_prefix(b"/hivemesh/audit")
+
+
+class NodeChain:
+    """A node's own hash chain of records, as its spool builds it."""
+
+    def __init__(self, node: str = NODE) -> None:
+        self.node, self.seq, self.prev = node, 0, GENESIS
+
+    def next(self, n: int) -> list[bytes]:
+        out = []
+        for _ in range(n):
+            self.seq += 1
+            line, self.prev = seal({"v": 1, "kind": "inbound", "node": self.node, "trace_id": f"t{self.seq}"},
+                                   self.seq, self.prev)
+            out.append(line.rstrip(b"\n"))
+        return out
+
+
+class Replica:
+    """One replica's audit copy and its side of the shared log, each with its own etcd client and election."""
+
+    def __init__(self, name: str, tmp: Path, etcd_server: EtcdServer, **shared: Any) -> None:
+        self.name = name
+        self.etcd = client(etcd_server.access)
+        self.election = LeaderElection(self.etcd, name, ttl_s=2)
+        self.store = AuditStore(tmp / name, identity=CP, checkpoint_every=10**9, checkpoint_interval_s=3600)
+        self.shared = SharedLog(self.etcd, self.store, name, leading=lambda: self.election.is_leader,
+                                fence=self.election.fence, poll_s=0.05, **shared)
+        self.store.shared = self.shared
+
+    async def start(self) -> Replica:
+        await wait_connected(self.etcd)
+        await self.election.start()
+        await self.store.start()
+        return self
+
+    async def stop(self) -> None:
+        await self.election.stop()
+        await self.store.close()
+        await self.etcd.close()
+
+    def report(self) -> Any:
+        return verify_log(self.store.lines(), self.store.checkpoints(), self.store.public_key)
+
+
+async def test_ship_across_replicas_leader_change_and_concurrent_appends(
+    etcd: Any, etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    a = await Replica("a", tmp_path, etcd_server).start()
+    b = await Replica("b", tmp_path, etcd_server).start()
+    try:
+        assert a.election.is_leader and not b.election.is_leader
+        assert a.store.public_key.public_bytes_raw() == b.store.public_key.public_bytes_raw()  # one mesh key
+
+        # A node ships to a, fails over to b, and comes back to a: no gap anywhere, nothing refused.
+        node = NodeChain()
+        assert (await a.store.append("spool-1", NODE, node.next(3)))[2] == 3
+        assert (await b.store.append("spool-1", NODE, node.next(3)))[2] == 3
+        last_seq, last_hash, stored = await a.store.append("spool-1", NODE, node.next(3))
+        assert (last_seq, last_hash, stored) == (9, node.prev, 3)
+        # A resend after a lost acknowledgement is recognised at the other replica too: stored once.
+        assert (await b.store.append("spool-1", NODE, _resend(node, 2)))[2] == 0
+        await b.store.sync()
+        assert b.store.source_state("spool-1") == (9, node.prev)
+        # A gap is still refused, whichever replica sees it.
+        gap = NodeChain()
+        gap.seq, gap.prev = node.seq + 1, "f" * 64
+        with pytest.raises(FailedPreconditionError, match="gap"):
+            await b.store.append("spool-1", NODE, gap.next(1))
+
+        # The replicas' own decisions join the same log (committed in one etcd write, not one per record).
+        commits = a.shared.commits
+        for i in range(20):
+            await a.store.record({"method": f"m{i}", "decision": "allow"})
+        await b.store.record({"method": "from-b", "decision": "allow"})
+        await a.store.sync()
+        assert a.shared.commits - commits <= 3
+        cp = await a.store.checkpoint()
+        assert cp is not None and cp["checkpoint"] == 1
+        assert await b.store.checkpoint() is None  # only the leader signs
+
+        # Concurrent appends from both replicas (two nodes each): one total order, no duplicate, no gap.
+        nodes = {f"n{i}": NodeChain(f"spiffe://hivemesh.test/agent/n{i}") for i in range(4)}
+
+        async def ship(replica: Replica, name: str) -> None:
+            for _ in range(5):
+                await replica.store.append(name, nodes[name].node, nodes[name].next(4))
+
+        await asyncio.gather(ship(a, "n0"), ship(b, "n1"), ship(a, "n2"), ship(b, "n3"))
+        await a.store.sync()
+        await b.store.sync()
+        assert a.shared.conflicts + b.shared.conflicts > 0 or a.store.seq == b.store.seq
+        for name, chain in nodes.items():
+            assert a.store.source_state(name) == b.store.source_state(name) == (20, chain.prev)
+        assert list(a.store.lines()) == list(b.store.lines())  # byte for byte the same log, in the same order
+        ra, rb = a.report(), b.report()
+        assert ra.ok and rb.ok, (ra.problem, rb.problem)
+        assert ra.entries == rb.entries == 9 + 21 + 80 and ra.head_hash == rb.head_hash
+        assert ra.sources == 6 and rb.checkpoints == 1
+
+        # Leader change: a stops cleanly; b leads, holds everything a acknowledged, and continues the
+        # checkpoint chain a started (numbering and signature link), with the same key.
+        acked = a.store.seq
+        await a.stop()
+        async with asyncio.timeout(5):
+            while not await _leads(b):
+                pass
+        await b.store.sync()
+        assert b.store.seq == acked
+        await b.store.append("spool-1", NODE, node.next(2))
+        cp2 = await b.store.checkpoint()
+        assert cp2 is not None and cp2["checkpoint"] == 2 and cp2["prev_sig"] == cp["sig"]
+        rb = b.report()
+        assert rb.ok and rb.checkpoints == 2 and rb.entries == acked + 2, rb.problem
+        print(f"\nFIGURE shared audit log: {b.shared.commits + a.shared.commits} etcd commits for "
+              f"{b.store.seq} entries; {a.shared.conflicts + b.shared.conflicts} tail conflicts retried")
+    finally:
+        if a.store._fd is not None:
+            await a.stop()
+        await b.stop()
+
+
+async def _leads(replica: Replica) -> bool:
+    if not replica.election.is_leader:
+        await asyncio.sleep(0.05)
+    return replica.election.is_leader
+
+
+def _resend(node: NodeChain, n: int) -> list[bytes]:
+    """The node's last n records again, exactly as it sent them."""
+    again = NodeChain(node.node)
+    return again.next(node.seq)[-n:]
+
+
+async def test_a_replica_behind_the_trimmed_window_refuses_and_workloads_cannot_touch_the_log(
+    etcd: Any, etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    from hivemesh.mesh.etcd import EtcdTls, is_permission_denied
+    from hivemesh.mesh.etcd_roles import ensure_workload_user
+    from hivemesh.mesh.pki import parse_spiffe_id, spiffe_id_of
+    from tests.support.meshenv import copy_session_ca
+
+    a = await Replica("a", tmp_path, etcd_server, min_age_s=0).start()
+    node = NodeChain()
+    try:
+        for _ in range(3):
+            await a.store.append("spool-1", NODE, node.next(2))
+        # a is the only live replica and holds everything: the leader trims etcd's window to nothing old.
+        assert await a.shared.trim() == 3
+        assert list(await etcd.get_prefix(AUDIT_LOG.encode())) == []
+        assert await etcd.get(AUDIT_LOG_TAIL.encode()) is not None
+        # A new replica with an empty copy cannot rebuild the log from etcd: it refuses, and says why.
+        late = Replica("late", tmp_path, etcd_server)
+        await late.start()
+        try:
+            with pytest.raises(FailedPreconditionError, match="restored from a live replica"):
+                await late.store.sync()
+            with pytest.raises(AuditUnavailableError, match="restored from a live replica"):  # a node moves on
+                await late.store.append("spool-2", NODE, NodeChain().next(1))
+        finally:
+            await late.stop()
+        # a still appends after the trim (the tail, not the window, orders the log).
+        assert (await a.store.append("spool-1", NODE, node.next(1)))[0] == 7
+        assert a.report().ok
+        # The window never holds more than max_bytes of entries, whatever their age or who lacks them.
+        before = a.store.size
+        await a.store.append("spool-1", NODE, node.next(3))
+        a.shared.min_age_s, a.shared.max_bytes = None, a.store.size - before
+        assert await a.shared.trim() == 1
+        assert [kv.key for kv in await etcd.get_prefix(AUDIT_LOG.encode())] == [f"{AUDIT_LOG}{8:020d}".encode()]
+        # A tail lost under a running mesh is set again from the newest batch etcd holds; appends go on.
+        await etcd.delete(AUDIT_LOG_TAIL.encode())
+        assert (await a.store.append("spool-1", NODE, node.next(1)))[0] == 11
+        assert (await etcd.get(AUDIT_LOG_TAIL.encode())).value.decode().startswith("11 ")
+
+        # A workload's etcd identity (the operator's: the widest role a workload holds) can neither read nor
+        # write the log, its tail, or the checkpoint key.
+        certs = copy_session_ca(tmp_path / "certs")
+        op = parse_spiffe_id(spiffe_id_of(certs.operator_cert.read_bytes()))
+        await ensure_workload_user(etcd, op.kind, op.name)
+        operator = client(etcd_server.endpoint, tls=EtcdTls.from_files(certs.ca_cert, certs.operator_cert,
+                                                                       certs.operator_key))
+        try:
+            await wait_connected(operator)
+            for key in (f"{AUDIT_LOG}{1:020d}", AUDIT_LOG_TAIL, "/hivemesh/audit-checkpoint-key",
+                        "/hivemesh/audit-checkpoints/00000000000000000001"):
+                with pytest.raises(Exception) as denied:
+                    await operator.get(key.encode())
+                assert is_permission_denied(denied.value), key
+                with pytest.raises(Exception) as denied:
+                    await operator.put(key.encode(), b"forged")
+                assert is_permission_denied(denied.value), key
+        finally:
+            await operator.close()
+    finally:
+        await a.stop()
+
+
+async def test_two_control_planes_export_one_log(mesh_env: Any, etcd_server: EtcdServer, tmp_path: Path) -> None:
+    """Over gRPC, as a node and an operator reach them: ship to a, b, a; each replica's export verifies with the
+    checkpoint key its CA certified (one key for both) and ends at the same head."""
+    from hivemesh.controlplane.audit.heads import trusted_key_from_cert, verify_head
+    from hivemesh.controlplane.server import ControlPlaneConfig, ControlPlaneServer
+    from hivemesh.mesh.controlplane_client import ControlPlaneClient
+    from hivemesh.v1 import audit_pb2
+    from tests.support.meshenv import TRUST_DOMAIN
+
+    a = mesh_env.controlplane
+    b = ControlPlaneServer(ControlPlaneConfig(
+        etcd_endpoints=etcd_server.endpoint, certs_dir=mesh_env.certs.certs_dir, state_dir=tmp_path / "b-state",
+        trust_domain=TRUST_DOMAIN, leader_ttl_s=2,
+    ))
+    await b.start()
+    op_a, op_b = mesh_env.operator, ControlPlaneClient.from_certs_dir(b.address, mesh_env.certs.certs_dir)
+    try:
+        chain = NodeChain(op_a.workload.spiffe_id)  # the operator ships records about itself, as a node would
+        for op in (op_a, op_b, op_a):
+            resp = await op.call(op.audit.AppendBatch,
+                                 audit_pb2.AppendBatchRequest(source="op-spool", records=chain.next(3)))
+            assert (resp.last_seq, resp.stored) == (chain.seq, 3)
+        # Checkpoints: the leader (a) signs; b refuses to, and copies a's.
+        with pytest.raises(FailedPreconditionError, match="leader"):
+            await op_b.call(op_b.audit.CreateCheckpoint, audit_pb2.CreateCheckpointRequest())
+        signed = await op_a.call(op_a.audit.CreateCheckpoint, audit_pb2.CreateCheckpointRequest())
+        assert len(signed.checkpoints) == 1
+        bundle = mesh_env.certs.ca_cert.read_bytes()
+        exports = []
+        for op in (op_a, op_b):
+            lines, head = [], b""
+            async for chunk in op.audit.Export(audit_pb2.ExportRequest(), timeout=30):
+                lines.extend(chunk.entries)
+                head = head or chunk.head
+            cps = await op.call(op.audit.Checkpoints, audit_pb2.CheckpointsRequest())
+            key = trusted_key_from_cert(cps.key_cert_pem, bundle, TRUST_DOMAIN)
+            report = verify_log(lines, list(cps.checkpoints), key, verify_head(head, key))
+            assert report.ok and report.signatures_checked, report.problem
+            ships = [json_line for json_line in lines if b'"source":"op-spool"' in json_line]
+            assert len(ships) == 9  # every record once, at both replicas
+            assert list(cps.checkpoints) == list(signed.checkpoints) and report.checkpoints == 1
+            exports.append((key.public_bytes_raw(), report, lines))
+        # One key, one log: b's export holds a's entry for entry (so it passes a's head), then the records
+        # of the RPCs made since (the operator's Checkpoints call at a, audited like every control-plane RPC).
+        (key_a, report_a, lines_a), (key_b, report_b, lines_b) = exports
+        assert key_a == key_b and lines_b[:len(lines_a)] == lines_a and report_b.head_seq >= report_a.head_seq
+        assert json.loads(lines_b[report_a.head_seq - 1])["hash"] == report_a.head_hash
+        assert a.replica is not None and a.replica.election.is_leader  # b copies a's checkpoints, signs none
+    finally:
+        await op_b.close()
+        await b.stop(0.2)
