@@ -9,8 +9,7 @@ import asyncio
 
 import pytest
 
-from hivemesh.mesh.errors import InvalidInputError, NotFoundError, UnknownCapabilityError
-from hivemesh.mesh.queue import QueueFullError
+from hivemesh.mesh.errors import InvalidInputError, NotFoundError, QueueFullError, UnknownCapabilityError
 from tests.support.agents_for_tests import EchoAgent
 from tests.support.orch_env import Orch, wait_until
 
