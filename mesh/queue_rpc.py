@@ -31,7 +31,6 @@ from hivemesh.mesh.queue import DONE, FAILED, MAX_WAIT_S, CallQueue, HeldCall
 from hivemesh.mesh.run_ids import owner_segment
 from hivemesh.v1 import agent_pb2, mesh_pb2
 
-QUEUED_ID_HEADER: Final = "hivemesh-queued-id"
 DELIVERY_TIMEOUT_S: Final = 30.0
 """A delivered call's deadline when its capability's `timeouts` policy gives none (as a MeshClient's default)."""
 _MARGIN_S: Final = 0.25
@@ -126,13 +125,12 @@ class SidecarQueue:
                                            wait, call_id=req.context.call_id)
 
     async def hold_and_wait(self, chained: bytes, queue_for: float, context: Context) -> bytes:
-        """Call's fallback when nothing serves the capability: hold the call, name it in the response header,
-        and wait for its answer (within queue_for and the RPC's deadline). Still held after that: NO_LIVE_INSTANCE
-        naming the id, so the caller polls GetQueued; the held call stays until its own bound."""
+        """Call's fallback when nothing serves the capability: hold the call and wait for its answer (within
+        queue_for and the RPC's deadline). Still held after that: NO_LIVE_INSTANCE naming the id (ErrorInfo
+        metadata `queued_id`), so the caller polls GetQueued; the held call stays until its own bound. A caller
+        gone before that finds it with ListQueued by the call_id or idempotency key it set."""
         queue = self._ready()
         held_id = await self._hold(chained, context, queue_for)
-        with contextlib.suppress(Exception):  # a caller already gone still has its call held
-            await context.send_initial_metadata(((QUEUED_ID_HEADER, held_id),))
         held = await queue.wait(held_id, _wait_s(queue_for, context))
         if held.state == DONE:
             return held.response

@@ -104,8 +104,8 @@ class MeshServicer:
 
     def Enqueue(self, request, context):
         """Enqueue holds one call (its queue_for_ms, 1..3600000, bounds how long) for delivery by this sidecar once an
-        instance serves its capability, and answers at once with its id. Call with queue_for_ms does the same, waits,
-        and names the held call in its `hivemesh-queued-id` response header.
+        instance serves its capability, and answers at once with its id. Call with queue_for_ms does the same and
+        waits; still held when it stops waiting, it fails NO_LIVE_INSTANCE with the id in ErrorInfo `queued_id`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -46,8 +46,8 @@ class MeshStub:
     """
     Enqueue: _grpc.UnaryUnaryMultiCallable[_agent_pb2.InvokeRequest, _mesh_pb2.QueuedCall]
     """Enqueue holds one call (its queue_for_ms, 1..3600000, bounds how long) for delivery by this sidecar once an
-    instance serves its capability, and answers at once with its id. Call with queue_for_ms does the same, waits,
-    and names the held call in its `hivemesh-queued-id` response header.
+    instance serves its capability, and answers at once with its id. Call with queue_for_ms does the same and
+    waits; still held when it stops waiting, it fails NO_LIVE_INSTANCE with the id in ErrorInfo `queued_id`.
     """
     GetQueued: _grpc.UnaryUnaryMultiCallable[_mesh_pb2.GetQueuedRequest, _mesh_pb2.QueuedCall]
     """GetQueued is one held call of this caller's identity as it stands, after waiting up to wait_ms for it to be
@@ -75,8 +75,8 @@ class MeshAsyncStub(MeshStub):
     """
     Enqueue: _aio.UnaryUnaryMultiCallable[_agent_pb2.InvokeRequest, _mesh_pb2.QueuedCall]  # type: ignore[assignment]
     """Enqueue holds one call (its queue_for_ms, 1..3600000, bounds how long) for delivery by this sidecar once an
-    instance serves its capability, and answers at once with its id. Call with queue_for_ms does the same, waits,
-    and names the held call in its `hivemesh-queued-id` response header.
+    instance serves its capability, and answers at once with its id. Call with queue_for_ms does the same and
+    waits; still held when it stops waiting, it fails NO_LIVE_INSTANCE with the id in ErrorInfo `queued_id`.
     """
     GetQueued: _aio.UnaryUnaryMultiCallable[_mesh_pb2.GetQueuedRequest, _mesh_pb2.QueuedCall]  # type: ignore[assignment]
     """GetQueued is one held call of this caller's identity as it stands, after waiting up to wait_ms for it to be
@@ -125,8 +125,8 @@ class MeshServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_mesh_pb2.QueuedCall, _abc.Awaitable[_mesh_pb2.QueuedCall]]:
         """Enqueue holds one call (its queue_for_ms, 1..3600000, bounds how long) for delivery by this sidecar once an
-        instance serves its capability, and answers at once with its id. Call with queue_for_ms does the same, waits,
-        and names the held call in its `hivemesh-queued-id` response header.
+        instance serves its capability, and answers at once with its id. Call with queue_for_ms does the same and
+        waits; still held when it stops waiting, it fails NO_LIVE_INSTANCE with the id in ErrorInfo `queued_id`.
         """
 
     @_abc_1.abstractmethod
