@@ -5,9 +5,10 @@ sidecar's `Mesh` service, on a real mesh (etcd with TLS and per-workload roles):
   gives up mid-wait (its RPC cancelled, its channel closed: a restarted process) and the call stays held;
 - the bounds refuse with clear statuses and write nothing: a wait out of range (INVALID_ARGUMENT), one call too
   many (RESOURCE_EXHAUSTED / QUEUE_FULL), a call nobody serves in time (DEADLINE_EXCEEDED / QUEUE_EXPIRED);
-- the sidecar itself restarts while calls are held: the new one (same identity) resumes them, delivers each
-  exactly once when the agent registers, and the restarted caller finds its calls (ListQueued, by the call_id it
-  set) and polls them by id (GetQueued); a Call waiting at that moment returns the answer itself.
+- the sidecar itself restarts while calls are held: the new one (same identity) resumes them at start and
+  delivers each exactly once when the agent registers; the restarted caller finds its calls (ListQueued, by the
+  call_id it set) and polls them by id (GetQueued); a Call that opts in while nothing serves `echo` waits and
+  returns the answer itself once an instance registers.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from hivemesh.mesh.errors import (
     from_rpc_error,
 )
 from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
+from hivemesh.sdk import AgentServer
 from hivemesh.sdk.client import JSON
 from hivemesh.v1 import agent_pb2, mesh_pb2, mesh_pb2_grpc
 from tests.support.agents_for_tests import EchoAgent
@@ -81,24 +83,26 @@ async def test_plain_caller_queues_through_its_sidecar(orch: Orch) -> None:
             assert isinstance(full, QueueFullError) and full.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             listed = await stub.ListQueued(mesh_pb2.ListQueuedRequest(), timeout=5)
             assert [c.id for c in listed.calls] == [held_id, polled.id, third.id]  # nothing half-written
-    # The sidecar is gone (its caller too); the calls are in etcd. A new sidecar of the same identity resumes.
+    # The sidecar is gone (its caller too); the calls are in etcd. A new sidecar of the same identity resumes
+    # them at start (nothing else here starts its delivery loop) and delivers each once the agent registers.
     async with await sidecar(4) as second, grpc.aio.insecure_channel(second.mesh_endpoint) as channel:
         stub = mesh_pb2_grpc.MeshStub(channel)
+        first_agent = EchoAgent()
+        async with AgentServer(first_agent, await orch.env.settings_for("echo")):
+            mine = {c.call_id: c.id for c in (await stub.ListQueued(mesh_pb2.ListQueuedRequest(), timeout=5)).calls}
+            assert mine["mine-1"] == held_id  # the restarted caller finds the call it gave up on
+            for held, text in ((held_id, "waited-then-gave-up"), (mine["mine-2"], "polled"), (third.id, "third")):
+                done = await stub.GetQueued(mesh_pb2.GetQueuedRequest(id=held, wait_ms=10_000), timeout=15)
+                assert done.state == "done" and _text(done.response) == text
+            assert first_agent.calls == 3  # each held call delivered exactly once
+            live = await stub.Call(_req("live", queue_for_ms=5_000), timeout=10)
+            assert _text(live) == "live" and first_agent.calls == 4  # a live instance: no queueing at all
+        # The agent is gone again: a Call that opts in waits, and is answered when an instance registers.
+        await wait_until(lambda: not second.node or not second.node.registry.instances("echo"), 10, "echo gone")
         call = stub.Call(_req("waited", queue_for_ms=20_000, call_id="mine-3"), timeout=30)
         await _held_id(stub, "mine-3")
-        agent = EchoAgent()
-        await orch.serve(agent)
+        await orch.serve(EchoAgent())
         assert _text(await asyncio.wait_for(call, 15)) == "waited"
-        mine = {c.call_id: c.id for c in (await stub.ListQueued(mesh_pb2.ListQueuedRequest(), timeout=5)).calls}
-        assert mine["mine-1"] == held_id
-        for call_id, text in (("mine-1", "waited-then-gave-up"), ("mine-2", "polled")):
-            done = await stub.GetQueued(mesh_pb2.GetQueuedRequest(id=mine[call_id], wait_ms=10_000), timeout=15)
-            assert done.state == "done" and _text(done.response) == text
-        done = await stub.GetQueued(mesh_pb2.GetQueuedRequest(id=third.id, wait_ms=10_000), timeout=15)
-        assert done.state == "done" and _text(done.response) == "third"
-        assert agent.calls == 4  # each held call delivered exactly once
-        live = await stub.Call(_req("live", queue_for_ms=5_000), timeout=10)
-        assert _text(live) == "live" and agent.calls == 5  # a live instance: no queueing at all
 
         expiring = await stub.Enqueue(_req("x", queue_for_ms=300, capability="nobody-serves-this"), timeout=5)
         failed = await stub.GetQueued(mesh_pb2.GetQueuedRequest(id=expiring.id, wait_ms=10_000), timeout=15)
