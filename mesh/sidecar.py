@@ -150,6 +150,8 @@ class SidecarConfig:
             advertised_host(self.listen.rpartition(":")[0], self.advertise)  # no wildcard reaches the registry
         if self.lease_ttl_s < 2:
             raise ValueError("lease_ttl_s must be at least 2 seconds")
+        if self.max_held_calls < 1:
+            raise ValueError(f"max_held_calls must be at least 1: {self.max_held_calls}")
         if self.metrics_listen is not None:
             parse_listen(self.metrics_listen)  # raises, saying what is wrong
         if self.health_listen is not None:
