@@ -8,13 +8,15 @@ sidecar's `Mesh` service, on a real mesh (etcd with TLS and per-workload roles):
 - the sidecar itself restarts while calls are held: the new one (same identity) resumes them at start and
   delivers each exactly once when the agent registers; the restarted caller finds its calls (ListQueued, by the
   call_id it set) and polls them by id (GetQueued); a Call that opts in while nothing serves `echo` waits and
-  returns the answer itself once an instance registers.
+  returns the answer itself once an instance registers;
+- an agent calling for its caller (with its call handle) is refused FAILED_PRECONDITION and nothing is held.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import grpc
 import pytest
@@ -26,12 +28,45 @@ from hivemesh.mesh.errors import (
     UnknownCapabilityError,
     from_rpc_error,
 )
-from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
+from hivemesh.mesh.sidecar import CALL_HANDLE_KEY, Sidecar, SidecarConfig
 from hivemesh.sdk import AgentServer
 from hivemesh.sdk.client import JSON
 from hivemesh.v1 import agent_pb2, mesh_pb2, mesh_pb2_grpc
 from tests.support.agents_for_tests import EchoAgent
 from tests.support.orch_env import Orch, wait_until
+from tests.support.plain_agent import PlainAgent
+
+
+class QueueRelay(PlainAgent):
+    """A plain agent whose `qrelay` calls onward for its caller (with the call handle) asking to queue a call
+    nobody serves, and answers with the status its sidecar gave."""
+
+    def __init__(self) -> None:
+        super().__init__("qrelay", prefix="relay-")
+        self.mesh_endpoint = ""
+
+    def card(self) -> agent_pb2.AgentCard:
+        card = super().card()
+        card.capabilities.append(agent_pb2.Capability(name="qrelay", description="queue a call for the caller",
+                                                      input_modes=[JSON], output_modes=[JSON]))
+        return card
+
+    async def Invoke(self, request: agent_pb2.InvokeRequest, context: grpc.aio.ServicerContext[Any, Any]
+                     ) -> agent_pb2.InvokeResponse:
+        if request.capability != "qrelay":
+            return await super().Invoke(request, context)
+        handle = next(str(v) for k, v in self._record(context) if k == CALL_HANDLE_KEY)
+        outcome = {"code": "OK", "reason": ""}
+        async with grpc.aio.insecure_channel(self.mesh_endpoint) as channel:
+            try:
+                await mesh_pb2_grpc.MeshStub(channel).Call(
+                    _req("for my caller", queue_for_ms=5_000, capability="nobody-serves-this"),
+                    timeout=context.time_remaining(), metadata=((CALL_HANDLE_KEY, handle),))
+            except grpc.aio.AioRpcError as exc:
+                err = from_rpc_error(exc)
+                outcome = {"code": err.code.name, "reason": err.reason}
+        return agent_pb2.InvokeResponse(output=json.dumps(outcome).encode(), content_type=JSON,
+                                        state=agent_pb2.TASK_STATE_COMPLETED)
 
 
 def _req(text: str, *, queue_for_ms: int = 0, call_id: str = "", capability: str = "echo") -> agent_pb2.InvokeRequest:
@@ -110,3 +145,14 @@ async def test_plain_caller_queues_through_its_sidecar(orch: Orch) -> None:
         assert (failed.error.code, failed.error.reason) == ("DEADLINE_EXCEEDED", QueueExpiredError.reason)
         gone = await _refused(stub.GetQueued(mesh_pb2.GetQueuedRequest(id="q-nope"), timeout=5))
         assert gone.code == grpc.StatusCode.NOT_FOUND
+
+    # An agent calling for its caller (with its call handle) cannot queue: the delegation ends with that call.
+    relay = QueueRelay()
+    async with relay, Sidecar(SidecarConfig(agent=relay.endpoint, mesh_listen="127.0.0.1:0", audit=False),
+                              await orch.env.settings_for("qrelay")) as relay_sidecar:
+        relay.mesh_endpoint = relay_sidecar.mesh_endpoint
+        assert await orch.mesh.node.registry.wait_for_capability("qrelay", 1, timeout=10)
+        assert await orch.mesh.call("qrelay", {}, timeout=10) == {"code": "FAILED_PRECONDITION",
+                                                                  "reason": "FAILED_PRECONDITION"}
+        assert relay_sidecar.queue is not None and relay_sidecar.queue.queue is not None
+        assert await relay_sidecar.queue.queue.held() == []  # nothing was written
