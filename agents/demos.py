@@ -56,9 +56,11 @@ DEMOS: dict[str, Demo] = {d.name: d for d in (
     Demo("sales", "dynamic routing", "sales support: a router picks the product, pricing or technical specialist",
          ("product-specialist", "pricing-specialist", "technical-specialist"),
          ("product-advice", "pricing-quote", "technical-advice")),
+    Demo("tools", "tool-calling loop", "sales assistant: a model calls an account lookup and the pricing "
+         "specialist as tools", ("pricing-specialist", "sales-assistant"), ("pricing-quote", "sales-assist")),
 )}
 TOUR = ("research", "helpdesk", "support", "content", "contract")
-"""The default run's tour; `leads`, `risk` and `sales` run by name only, to keep `hivemesh up` short."""
+"""The default run's tour; `leads`, `risk`, `sales` and `tools` run by name only, to keep `hivemesh up` short."""
 
 
 def demos_for(choice: str) -> list[str]:
@@ -242,14 +244,40 @@ async def _sales(dc: DemoContext) -> tuple[list[WorkflowState], str]:
         out = (s.output or {}).get("output") or {}
         dc.say(f"  sales: {question['text']!r} → {', '.join(route.get('capabilities', []))} "
                f"(by {route.get('method')}): {out.get('answer', s.state)}")
-        specialists.append(str(out.get("specialist", "?")))
+        node = " (Node.js)" if out.get("served_by") == "node" else ""  # the Node pricing agent, when it is live
+        specialists.append(f"{out.get('specialist', '?')}{node}")
         states.append(s)
     return states, f"answered by {', '.join(specialists)}"
 
 
+ASSISTED = (
+    {"customer": "acme", "text": "How much would 120 seats cost?", "seats": 120},
+    {"customer": "umbrella", "text": "What would 30 seats on team cost?", "seats": 30, "plan": "team"},
+)
+"""The second customer has no account: the lookup tool fails, the model hears why and answers anyway."""
+
+
+def tool_calls(assist: Mapping[str, Any]) -> str:
+    """`account_lookup ✓, pricing-quote ✓`: the tool calls an assisted answer made, in order."""
+    return ", ".join(f"{t['name']} {'✓' if t['ok'] else '✗'}" for t in assist.get("tools", []))
+
+
+async def _tools(dc: DemoContext) -> tuple[list[WorkflowState], str]:
+    states, made = [], []
+    for question in ASSISTED:
+        s = await dc.engine.run("hivemesh.agents.sales_assistant:SALES_ASSIST", question)
+        out = (s.output or {}).get("output") or {}
+        calls = tool_calls(out)
+        dc.say(f"  tools: {question['customer']}: {question['text']!r} → the model called {calls or 'no tool'} "
+               f"in {out.get('rounds', '?')} round(s): {out.get('answer', s.state)}")
+        made.append(f"{question['customer']}: {calls or s.state}")
+        states.append(s)
+    return states, f"tool calls: {'; '.join(made)}"
+
+
 RUNNERS: Mapping[str, Callable[[DemoContext], Awaitable[tuple[list[WorkflowState], str]]]] = {
     "research": _research, "helpdesk": _helpdesk, "support": _support, "content": _content, "contract": _contract,
-    "leads": _leads, "risk": _risk, "sales": _sales,
+    "leads": _leads, "risk": _risk, "sales": _sales, "tools": _tools,
 }
 
 

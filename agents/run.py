@@ -56,6 +56,8 @@ SDK_AGENTS = {
     "product-specialist": ("hivemesh.agents.sales", "ProductSpecialist"),
     "pricing-specialist": ("hivemesh.agents.sales", "PricingSpecialist"),
     "technical-specialist": ("hivemesh.agents.sales", "TechnicalSpecialist"),
+    # the tool-calling loop: a model calls a local tool and the pricing specialist
+    "sales-assistant": ("hivemesh.agents.sales_assistant", "SalesAssistant"),
 }
 PLAIN_AGENTS = {"validator": "hivemesh.agents.validate_plain"}
 AGENT_NAMES = (*SDK_AGENTS, *PLAIN_AGENTS)
@@ -135,6 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-call-depth", type=int, default=8, metavar="N",
                         help="most agents one call chain may pass through before this agent refuses it "
                              "(DEPTH_EXCEEDED; default %(default)s)")
+    parser.add_argument("--output-classifier", default=None, metavar="MODULE:CALLABLE",
+                        help="what the output screens of the agent's capabilities act on, by name (default: the "
+                             "pattern classifier)")
     parsed = parser.parse_args(args)
     if parsed.max_call_depth < 1:
         parser.error("--max-call-depth must be at least 1")
@@ -145,9 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hivemesh.sdk import AgentServerConfig, MeshSettings, run
 
     try:
-        settings = MeshSettings.resolve()
         config = AgentServerConfig(host=parsed.host, port=parsed.port, instance_id=parsed.instance_id,
-                                   health_listen=parsed.health_listen, max_call_depth=parsed.max_call_depth)
+                                   health_listen=parsed.health_listen, max_call_depth=parsed.max_call_depth,
+                                   output_classifier=parsed.output_classifier)
+        settings = MeshSettings.resolve()
     except ValueError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     module, cls_name = SDK_AGENTS[parsed.agent]

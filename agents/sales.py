@@ -7,15 +7,21 @@
 then keywords over the cards' descriptions and tags; a question nothing fits goes to a person.
 
 Each takes `{"text": ..., "seats": N, "plan": ...}`; the pricing specialist needs `seats`.
+
+The pricing specialist may be another language's agent: when the Node.js pricing agent of `examples/node`
+(`pricing.quote`, behind a sidecar) is live, `SALES_SUPPORT` sends it the pricing questions that give a seat
+count, as a catalogue order of that many CRM seats, and answers from its quote (`served_by: node`).
 """
 
 from __future__ import annotations
 
-from typing import Literal, TypedDict
+from collections.abc import Mapping
+from typing import Any, Literal, TypedDict
 
 from hivemesh.agents._text import mentioned
 from hivemesh.sdk import Agent, InvalidInputError, capability
 from hivemesh.sdk.patterns import Router, Rule
+from hivemesh.sdk.patterns.base import Caller, PatternResult, Runner, as_runner
 from hivemesh.sdk.patterns.router import words
 
 MAX_TEXT = 2000
@@ -150,11 +156,65 @@ class TechnicalSpecialist(Agent):
                 "plan": plan_for(req), "features": [], "confidence": 0.4}
 
 
-SALES_SUPPORT = Router(
+PRICING = "pricing-quote"
+NODE_PRICING = "pricing.quote"
+"""The Node.js pricing agent's capability (examples/node/agent.js): a catalogue order in, a quote in cents out."""
+NODE_SEAT_SKU = "CRM-SEAT"
+
+
+def node_order(req: Mapping[str, Any]) -> dict[str, Any]:
+    """A sales question with a seat count as the Node pricing agent's input: that many CRM seats, list tier."""
+    return {"customer_tier": "standard", "items": [{"sku": NODE_SEAT_SKU, "quantity": req["seats"]}]}
+
+
+def from_node(req: Mapping[str, Any], quote: Mapping[str, Any]) -> dict[str, Any]:
+    """The Node agent's quote as the sales answer."""
+    line = quote["lines"][0]
+    volume = int(line["volume_discount_percent"])
+    off = f" after a {volume}% volume discount" if volume else ""
+    total = quote["total_cents"] / 100
+    return {"specialist": "pricing", "served_by": "node", "seats": req["seats"], "currency": quote["currency"],
+            "discount_percent": volume, "annual_total": total,
+            "answer": f"{req['seats']} seats: {quote['currency']} {total:,.2f} a year{off}."}
+
+
+class SalesSupport:
+    """The sales router, with pricing served by the Node.js pricing agent when one is live.
+
+    A question the router sends to `pricing-quote` that gives a seat count goes to `pricing.quote` instead
+    while an instance of it is live. The choice is memoized, so a resumed run keeps it. Everything else is
+    the Router's.
+    """
+
+    kind = "router"
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.name = router.name
+
+    async def run(self, target: Runner | Caller, input: Any) -> PatternResult:
+        runner = as_runner(target)
+        if isinstance(input, Mapping) and "seats" in input:
+            def to_node() -> bool:
+                decision = self.router.decide(self.router.text_of(input), self.router.candidates(runner))
+                return decision["capabilities"] == [PRICING] and bool(runner.instances(NODE_PRICING))
+
+            if await runner.memo(f"{self.name}-node-pricing", to_node):
+                route = {"capabilities": [NODE_PRICING], "method": "rule", "score": 1.0, "served_by": "node"}
+                await runner.note(f"{self.name}-route", route)
+                step = await runner.step(f"route-{NODE_PRICING}", NODE_PRICING, node_order(input),
+                                         timeout=self.router.timeout)
+                return PatternResult(output=from_node(input, step.output), steps=[step], details={"route": route})
+        return await self.router.run(runner, input)
+
+
+SALES_SUPPORT = SalesSupport(Router(
     candidates_tag="sales",
-    rules=[Rule("pricing-quote", keywords=("price", "pricing", "quote", "cost", "discount", "how much")),
+    exclude=(NODE_PRICING,),  # its input is a catalogue order, not a question: reached only as above
+    rules=[Rule(PRICING, keywords=("price", "pricing", "quote", "cost", "discount", "how much")),
            Rule("technical-advice", keywords=("sso", "saml", "api", "self-hosted", "kubernetes", "soc"))],
     ask_human=True,
     name="sales-support",
-)
-"""Route a customer question {"text": ..., "seats": N} to one specialist; unknown → a person picks."""
+))
+"""Route a customer question {"text": ..., "seats": N} to one specialist; unknown → a person picks; pricing to
+the Node.js agent when it is live."""

@@ -27,10 +27,15 @@ told has time to answer.
 Signature (verify with `verify`): headers `X-Hivemesh-Timestamp: <unix seconds>` and
 `X-Hivemesh-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>." + body)>`. A receiver recomputes the HMAC
 over the raw body, compares in constant time, and refuses timestamps more than 5 minutes from its clock (a
-replayed delivery); `X-Hivemesh-Delivery` is a unique id per attempt's event, for deduplication.
+replayed delivery). `X-Hivemesh-Delivery` names the event (the same on every attempt, whichever leader makes it),
+for deduplication; `X-Hivemesh-Attempt` counts the attempts at it from 1.
 
-Only the control-plane leader delivers (`replicas.is_leader`), so several replicas notify once; attempt counts
-are the leader's own memory, so a new leader may retry an event up to max_attempts again (bounded per term).
+Only the control-plane leader delivers (`replicas.is_leader`), so several replicas notify once. The retry state
+(the event being retried, its attempts, the time of the next) lives on the escalation in etcd
+(`Notification.retry_*`), written with each attempt's outcome in one transaction fenced by the leader's term: a
+new leader continues the count and waits out the backoff instead of starting over, and a deposed leader's late
+write is refused. Delivery is at least once: an attempt whose POST went out but whose outcome was not yet stored
+when its leader stopped is made again by the next one.
 """
 
 from __future__ import annotations
@@ -45,8 +50,7 @@ import re
 import time
 import urllib.error
 import urllib.request
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -204,6 +208,12 @@ def _post(url: str, body: bytes, headers: Mapping[str, str], timeout: float) -> 
         return f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
 
 
+def delivery_id(esc: escalation_pb2.Escalation, event: str) -> str:
+    """The same id on every attempt at one event of one escalation (its creation time tells apart an escalation
+    created again under the same id), so a receiver can drop a repeated delivery."""
+    return hashlib.sha256(f"{esc.id}|{esc.created_at_unix_ms}|{event}".encode()).hexdigest()[:32]
+
+
 def payload(event: str, rule: str, esc: escalation_pb2.Escalation) -> dict[str, Any]:
     """What a receiver gets (never the context: it may hold personal data; `hivemesh escalations show ID`)."""
     return {
@@ -218,22 +228,30 @@ def payload(event: str, rule: str, esc: escalation_pb2.Escalation) -> dict[str, 
 
 
 # --- the notifier -------------------------------------------------------------------------------------------------
-@dataclass
-class _Tries:
-    attempts: int = 0
-    next_at: float = 0.0
+Fence = Callable[[], "Sequence[Any] | None"]
+"""etcd compares that hold only while this replica's term lasts ([] without replicas; None: not leading now)."""
+
+
+def term_fence(core: Core) -> Sequence[Any] | None:
+    """The leader's term as etcd compares; None once this replica does not lead (it must write nothing then)."""
+    from hivemesh.controlplane.replicas import EXTENSION as REPLICAS
+
+    replicas = core.extensions.get(REPLICAS)
+    if replicas is None:
+        return []
+    return replicas.election.fence() or None
 
 
 class Notifier:
     """The delivery loop (a control-plane feature): each pass, every pending escalation a rule matched gets
-    its due events, retried with backoff; only while `leading()`."""
+    its due events, retried with backoff; only while `leading()`, each outcome written under `fence()`."""
 
     def __init__(self, store: EscalationStore, *, leading: Callable[[], bool] = lambda: True,
-                 poll_s: float = POLL_S) -> None:
+                 fence: Fence = lambda: [], poll_s: float = POLL_S) -> None:
         self.store = store
         self.leading = leading
+        self.fence = fence
         self.poll_s = poll_s
-        self._tries: dict[tuple[str, str], _Tries] = {}
         self._task: asyncio.Task[None] | None = None
 
     async def rules(self) -> tuple[Rule, ...]:
@@ -269,12 +287,9 @@ class Notifier:
         any rule it reads no escalation: a mesh that notifies nobody pays one small read per pass."""
         rules = await self.rules()
         if not rules:
-            self._tries.clear()
             return
         pending = [e for e in await self.store.all()
                    if e.status == E.ESCALATION_STATUS_PENDING and e.notification.required]
-        live = {e.id for e in pending}
-        self._tries = {k: v for k, v in self._tries.items() if k[0] in live}
         await asyncio.gather(*(self._one(esc, rules) for esc in pending))
 
     @staticmethod
@@ -294,13 +309,14 @@ class Notifier:
         event = self._due(esc, matching, int(time.time() * 1000))
         if not event:
             return
-        tries = self._tries.setdefault((esc.id, event), _Tries())
-        if time.monotonic() < tries.next_at:
+        n = esc.notification
+        retrying = n.retry_event == event  # as stored by whichever leader made the earlier attempts
+        if retrying and time.time() * 1000 < n.next_attempt_unix_ms:
             return
-        tries.attempts += 1
+        attempts = (n.retry_attempts if retrying else 0) + 1
         errors = []
         for rule in matching:
-            err = await self._deliver(rule, event, esc)
+            err = await self._deliver(rule, event, esc, attempts)
             if not err:
                 break
             errors.append(f"{rule.name}: {err}")
@@ -309,12 +325,13 @@ class Notifier:
                 errors.append("no escalations rule matches it any more")
         delivered = not errors or len(errors) < len(matching)
         limit = max((r.max_attempts for r in matching), default=1)
-        gave_up = not delivered and tries.attempts >= limit
+        gave_up = not delivered and attempts >= limit
+        next_ms = 0
         if not delivered and not gave_up:
-            tries.next_at = time.monotonic() + min(r.backoff(tries.attempts) for r in matching)
-        await self._record(esc.id, event, delivered, gave_up, "; ".join(errors), tries.attempts)
+            next_ms = int((time.time() + min(r.backoff(attempts) for r in matching)) * 1000)
+        await self._record(esc.id, event, delivered, gave_up, "; ".join(errors), attempts, next_ms)
 
-    async def _deliver(self, rule: Rule, event: str, esc: escalation_pb2.Escalation) -> str:
+    async def _deliver(self, rule: Rule, event: str, esc: escalation_pb2.Escalation, attempt: int) -> str:
         try:
             secret = rule.secret()
         except ValueError as exc:
@@ -322,13 +339,16 @@ class Notifier:
         body = json.dumps(payload(event, rule.name, esc), separators=(",", ":")).encode()
         ts = int(time.time())
         headers = {"Content-Type": "application/json", "User-Agent": "hivemesh-escalations/1",
-                   "X-Hivemesh-Event": event, "X-Hivemesh-Delivery": uuid.uuid4().hex,
+                   "X-Hivemesh-Event": event, "X-Hivemesh-Delivery": delivery_id(esc, event),
+                   "X-Hivemesh-Attempt": str(attempt),
                    "X-Hivemesh-Timestamp": str(ts), "X-Hivemesh-Signature": sign(secret, ts, body)}
         return await asyncio.to_thread(_post, rule.url, body, headers, rule.timeout_s)
 
     async def _record(self, escalation_id: str, event: str, delivered: bool, gave_up: bool, error: str,
-                      attempts: int) -> None:
-        """Store the attempt's outcome on the escalation (compare-and-swap) and audit delivered / given up."""
+                      attempts: int, next_ms: int) -> None:
+        """Store the attempt's outcome and the retry state on the escalation (compare-and-swap, fenced by this
+        leader's term) and audit delivered / given up. A deposed leader stores nothing: its successor carries on
+        from the last stored attempt."""
         while True:
             found = await self.store.read(escalation_id)
             if found is None or found[0].status != E.ESCALATION_STATUS_PENDING:
@@ -337,6 +357,10 @@ class Notifier:
             n = esc.notification
             n.attempts += 1
             n.last_error = "" if delivered else error[:500]
+            done = delivered or gave_up
+            n.retry_event = "" if done else event
+            n.retry_attempts = 0 if done else attempts
+            n.next_attempt_unix_ms = 0 if done else next_ms
             action = ""
             if event == OPENED:
                 if delivered:
@@ -354,9 +378,19 @@ class Notifier:
             elif delivered or gave_up:
                 n.reminded = True
                 action = "reminded" if delivered else "remind-gave-up"
-            if await self.store.swap(esc, rev):
+            fence = self.fence()
+            if fence is None:
+                log.info("not recording webhook attempt %d of %s for %s: this replica no longer leads", attempts,
+                         event, escalation_id)
+                return
+            if await self.store.swap(esc, rev, fence=fence):
                 if action:
                     await self._audit(action, esc, event, attempts, error)
+                return
+            after = await self.store.read(escalation_id)
+            if after is not None and after[1] == rev:  # unchanged, so the fence failed: another replica leads
+                log.info("webhook attempt %d of %s for %s fenced off: another replica leads", attempts, event,
+                         escalation_id)
                 return
 
     async def _audit(self, action: str, esc: escalation_pb2.Escalation, event: str, attempts: int,
@@ -380,4 +414,4 @@ def install(core: Core, server: Any) -> Notifier | None:
         return None
     from hivemesh.controlplane.replicas import is_leader
 
-    return Notifier(store, leading=lambda: is_leader(core))
+    return Notifier(store, leading=lambda: is_leader(core), fence=lambda: term_fence(core))

@@ -24,7 +24,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final
 
 import grpc
@@ -165,11 +165,13 @@ class EscalationStore:
             return await self.create(esc)
         return found[0], False
 
-    async def swap(self, esc: escalation_pb2.Escalation, mod_revision: int) -> bool:
+    async def swap(self, esc: escalation_pb2.Escalation, mod_revision: int, *, fence: Sequence[Any] = ()) -> bool:
+        """Store esc if its key is still at mod_revision (and every fence compare holds: a leader's term)."""
         key = _key(esc.id)
         tx = self.etcd.transactions
         ok, _ = await self.etcd.transaction(
-            compare=[tx.mod(key) == mod_revision], success=[tx.put(key, esc.SerializeToString())], failure=[]
+            compare=[tx.mod(key) == mod_revision, *fence], success=[tx.put(key, esc.SerializeToString())],
+            failure=[],
         )
         return bool(ok)
 

@@ -219,6 +219,14 @@ class OutputScreenedError(AgentError):
     reason = "OUTPUT_SCREENED"
 
 
+class ToolRoundsExceededError(AgentError):
+    """The agent's model still asked for tools after its tool loop's bound on rounds (`hivemesh.sdk.tools`):
+    the agent's fault, not the caller's; metadata `max_rounds` says the bound."""
+
+    reason = "TOOL_ROUNDS_EXCEEDED"
+    default_message = "the model kept asking for tools past the bound on rounds"
+
+
 class RegistryUnavailableError(HivemeshError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "REGISTRY_UNAVAILABLE"

@@ -20,7 +20,7 @@ escalations/           operators                           control plane
 workflows/K-X/         K:X (its own runs), operators       K:X (its own runs), operators
 workflow-index/K-X/    K:X (its own runs), operators       K:X (its own runs), operators
 queue/K-X/             K:X (its own held calls)            K:X (its own held calls)
-budgets/spend/         agents, operators                   agents (shared counters, not yet per agent)
+budgets/spend/         agents, operators                   agent X: only budgets/spend/X/ (its own spend)
 rollouts/              control plane                       control plane (the leader's rollout progress)
 controlplanes/         every workload (failover targets)   control plane
 controlplane-leader    every workload (who leads)          control plane
@@ -32,8 +32,8 @@ Shared state (`state/`) has no workload role: its readers and writers are per na
 policies, and etcd roles are per key range per user, so the control plane serves it and checks the policies.
 
 A run's id starts with its owner (`hivemesh.mesh.run_ids`: `<kind>-<name>/<local>`), so its keys fall in its
-owner's two prefixes and no other workload's. The last row is not yet least privilege; docs/security.md says
-what key change closes it.
+owner's two prefixes and no other workload's. tests/integration/test_etcd_auth.py tries every row with each
+kind's own certificate.
 """
 
 from __future__ import annotations

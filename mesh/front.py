@@ -18,6 +18,7 @@ from hivemesh.mesh.budget import BUDGETS, TokenBudgets
 from hivemesh.mesh.budget_ledger import SpendLedger
 from hivemesh.mesh.inbound import AGENT_SERVICE, DecisionObserver, MeshInboundInterceptor, build_inbound_chain
 from hivemesh.mesh.layers.loopguard import DEFAULT_MAX_CALL_DEPTH
+from hivemesh.mesh.layers.output_screen import DEFAULT_CLASSIFIER, Classifier
 from hivemesh.mesh.layers.screen import ContentScreen
 from hivemesh.mesh.node import MeshNode
 from hivemesh.mesh.readiness import Readiness
@@ -80,11 +81,13 @@ def open_front_door(
     budgets: TokenBudgets | None = None,
     max_call_depth: int = DEFAULT_MAX_CALL_DEPTH,
     readiness: Readiness | None = None,
+    output_classifier: Classifier | None = None,
 ) -> FrontDoor:
     """The inbound chain for node's agent, its audit log (on by default), and the server that runs them.
 
     budgets: the token budgets to enforce; default: the `budgets` policies in force, counting the spend of
-    every replica of the agent through a `SpendLedger`. readiness: the node's (its health says what it decides)."""
+    every replica of the agent through a `SpendLedger`. readiness: the node's (its health says what it decides).
+    output_classifier: what the output screens of the capabilities that declare one act on; default patterns."""
     policies = node.policies
     ledger: SpendLedger | None = None
     if budgets is None:
@@ -111,6 +114,7 @@ def open_front_door(
         meters=[metrics.usage_layer()] if metrics is not None else (),
         signer=lambda: Signer(node.workload.key_pem, node.workload.cert_pem),
         instance_id=instance_id,
+        output_classifier=output_classifier or DEFAULT_CLASSIFIER,
     )
     log = (
         open_node_audit(node, spiffe_id=node.workload.spiffe_id, instance=instance_id, directory=audit_dir)
@@ -119,6 +123,7 @@ def open_front_door(
     )
     if log is not None:
         node.outbound.observer = log.outbound  # refusals decided on the way out, e.g. circuit open
+        node.outbound.signed_recorder = log.signed  # signed answers it verified as a caller
         if metrics is not None:
             metrics.watch_audit(log)
     if metrics is not None:

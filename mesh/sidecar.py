@@ -53,6 +53,7 @@ from hivemesh.mesh.inbound import AGENT_SERVICE, DecisionObserver
 from hivemesh.mesh.layers import Inbound
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
 from hivemesh.mesh.layers.loopguard import DEFAULT_MAX_CALL_DEPTH
+from hivemesh.mesh.layers.output_classifier import load_classifier, resolve_classifier
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN
 from hivemesh.mesh.local_socket import bind_private_socket, default_socket_path, remove_socket
 from hivemesh.mesh.node import MeshNode
@@ -132,6 +133,8 @@ class SidecarConfig:
     else off."""
     health_interval_s: float = DEFAULT_INTERVAL_S
     """How often health checks that the agent answers and that the registry entry is there."""
+    output_classifier: str | None = None
+    """`module:callable` naming what the output screens act on (checked here); default: the pattern classifier."""
     max_held_calls: int = 100
     """Most calls this identity may hold queued at once (`queue_for_ms`); one more is QUEUE_FULL."""
 
@@ -158,6 +161,8 @@ class SidecarConfig:
             parse_health_listen(self.health_listen)
         if not self.health_interval_s > 0:
             raise ValueError(f"health_interval_s must be positive: {self.health_interval_s}")
+        if self.output_classifier is not None:
+            load_classifier(self.output_classifier)  # raises, saying what is wrong
 
 
 def _forward_metadata(
@@ -290,6 +295,7 @@ class Sidecar:
                 audit_dir=cfg.audit_dir,
                 observers=self.observers,
                 readiness=self.health.readiness,
+                output_classifier=resolve_classifier(cfg.output_classifier),
             )
             self.audit, inbound = front.audit, front.server
             self.token_budgets = front.budgets
@@ -361,6 +367,7 @@ class Sidecar:
                 self.audit = open_node_audit(self.node, spiffe_id=self.node.workload.spiffe_id,
                                              instance=self.instance_id, directory=self.config.audit_dir)
                 self.node.outbound.observer = self.audit.outbound
+                self.node.outbound.signed_recorder = self.audit.signed
                 self.node.outbound.shadow.recorder = self.audit.record  # differing shadow answers
             mesh = self._bind_mesh()
             await self._open_queue()
@@ -499,6 +506,8 @@ class Sidecar:
             code = grpc.StatusCode.OK
             try:
                 raw: bytes = await invoke(request, timeout=context.time_remaining(), metadata=metadata)
+                if span is not None:
+                    tracing.note_response_usage(span[0], raw)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 await _relay_error(context, exc, agent)
@@ -536,6 +545,8 @@ class Sidecar:
                         # Only the final chunk carries hops; appending to it keeps every other chunk untouched.
                         if decoded.final:
                             chunk += self._hop_bytes
+                            if tracing.TRACER is not None:  # the stream's server span is current
+                                tracing.note_usage(tracing.current(), decoded.usage)
                         yield chunk
                 except grpc.aio.AioRpcError as exc:
                     await _relay_error(context, exc, agent)

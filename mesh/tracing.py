@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from opentelemetry import baggage, context, trace
 from opentelemetry.propagate import get_global_textmap, set_global_textmap
 from opentelemetry.propagators.composite import CompositePropagator
@@ -30,6 +31,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.layers.base import Inbound
+from hivemesh.v1 import agent_pb2
 
 TRACER: Tracer | None = None
 """The mesh's tracer while tracing is on; None (the default) means off, and every hook does nothing."""
@@ -271,6 +273,24 @@ def usage_attributes(input_tokens: int, output_tokens: int, model: str) -> dict[
     if model:
         attrs["gen_ai.request.model"] = model
     return attrs
+
+
+def note_usage(span: Span, usage: agent_pb2.Usage) -> None:
+    """The model usage an agent's answer reports, on span: how a sidecar, which relays the agent's bytes,
+    gives its spans the `gen_ai.usage.*` attributes the SDK's handler span has."""
+    if span.is_recording():
+        span.set_attributes(usage_attributes(usage.input_tokens, usage.output_tokens, usage.model))
+
+
+def note_response_usage(span: Span, raw: bytes) -> None:
+    """`note_usage` from an encoded InvokeResponse (decoded only while span records; unreadable: nothing)."""
+    if not span.is_recording():
+        return
+    try:
+        usage = agent_pb2.InvokeResponse.FromString(raw).usage
+    except DecodeError:
+        return
+    note_usage(span, usage)
 
 
 @contextlib.contextmanager

@@ -167,6 +167,7 @@ class MeshClient:
                 directory=self._audit_dir,
             )
             self._node.outbound.observer = self.audit.outbound
+            self._node.outbound.signed_recorder = self.audit.signed
             self._node.outbound.shadow.recorder = self.audit.record  # differing shadow answers
 
     @contextlib.contextmanager
@@ -188,6 +189,7 @@ class MeshClient:
         if self.audit is not None:
             audit, self.audit = self.audit, None
             self._node.outbound.observer = None
+            self._node.outbound.signed_recorder = None
             self._node.outbound.shadow.recorder = None
             await audit.close()  # ships what it can (bounded); the rest stays in the spool for next time
         if self._owns_node:

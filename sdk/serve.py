@@ -25,6 +25,8 @@ from hivemesh.mesh.health_port import parse_health_listen
 from hivemesh.mesh.inbound import AGENT_SERVICE, DecisionObserver
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
 from hivemesh.mesh.layers.loopguard import DEFAULT_MAX_CALL_DEPTH
+from hivemesh.mesh.layers.output_classifier import resolve_classifier
+from hivemesh.mesh.layers.output_screen import Classifier
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN, ContentScreen
 from hivemesh.mesh.logjson import basic_config
 from hivemesh.mesh.node import MeshNode
@@ -88,6 +90,9 @@ class AgentServerConfig:
     else off (`AgentServer.health_address` tells which)."""
     health_interval_s: float = DEFAULT_INTERVAL_S
     """How often health checks that the registry entry is there."""
+    output_classifier: Classifier | str | None = None
+    """What the output screens of capabilities that declare one act on: a callable or its `module:callable` name
+    (loaded here, so a bad name fails now); default: the pattern classifier."""
 
     def __post_init__(self) -> None:
         # Sequences are accepted (a list is natural to write) and kept as tuples, so the config stays frozen.
@@ -127,6 +132,12 @@ class AgentServerConfig:
             parse_health_listen(self.health_listen)
         if not self.health_interval_s > 0:
             raise ValueError(f"health_interval_s must be positive: {self.health_interval_s}")
+        object.__setattr__(self, "output_classifier", resolve_classifier(self.output_classifier))
+
+    @property
+    def classifier(self) -> Classifier | None:
+        """output_classifier as loaded (a name was resolved on construction)."""
+        return None if isinstance(self.output_classifier, str) else self.output_classifier
 
 
 class AgentServer:
@@ -200,6 +211,7 @@ class AgentServer:
                 budgets=self.config.budgets,
                 max_call_depth=self.config.max_call_depth,
                 readiness=self.health.readiness,
+                output_classifier=self.config.classifier,
             )
             self.audit, server = front.audit, front.server
             self.port = server.add_secure_port(f"{self.host}:{self.config.port}", self.node.server_credentials())

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Final
 from opentelemetry.trace import Status, StatusCode
 
 from hivemesh.mesh import tracing
-from hivemesh.mesh.errors import AgentError, HivemeshError
+from hivemesh.mesh.errors import HivemeshError, ToolRoundsExceededError
 from hivemesh.mesh.schema import DEFAULT_DIALECT, CompiledSchema, SchemaMismatchError, compile_schema
 from hivemesh.sdk.llm import ChatModel, Message, ToolCall, Usage
 from hivemesh.sdk.schema import from_json, schema_for, to_json
@@ -53,13 +53,6 @@ WRAPPED_INPUT: Final = "input"
 """The one property a non-object capability input is wrapped in, since tool parameters must be an object."""
 
 Runner = Callable[[dict[str, Any], "Context | None"], Awaitable[Any]]
-
-
-class ToolRoundsExceededError(AgentError):
-    """The model still asked for tools after the loop's bound on rounds."""
-
-    reason = "TOOL_ROUNDS_EXCEEDED"
-    default_message = "the model kept asking for tools past the bound on rounds"
 
 
 @dataclass(frozen=True)

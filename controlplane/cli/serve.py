@@ -103,6 +103,9 @@ def controlplane(obj: CliContext, etcd_endpoints: str, state_dir: Path | None, t
               help="Input size limit of one capability (repeatable).")
 @click.option("--no-content-screen", is_flag=True, help="Do not screen text fields for prompt-injection patterns.")
 @click.option("--screen-exempt", multiple=True, metavar="CAP", help="A capability the content screen skips.")
+@click.option("--output-classifier", default=None, metavar="MODULE:CALLABLE",
+              help="What the output screens of the agent's capabilities act on, by name, e.g. "
+                   "mypkg.dlp:classify [default: the pattern classifier].")
 @click.option("--audit-dir", default=None, help="Audit spool directory (default: <home>/audit).")
 @click.option("--metrics-listen", default=None, metavar="HOST:PORT",
               help="Plaintext Prometheus /metrics port, or 'off' [default: $HIVEMESH_METRICS_LISTEN, else "
@@ -114,7 +117,8 @@ def controlplane(obj: CliContext, etcd_endpoints: str, state_dir: Path | None, t
 def sidecar(agent: str | None, client: str | None, listen: str, advertise: str | None, mesh_socket: str | None,
             mesh_listen: str | None, name: str | None, lease_ttl: int, max_input_bytes: int, max_call_depth: int,
             max_held_calls: int, limits: tuple[str, ...], no_content_screen: bool, screen_exempt: tuple[str, ...],
-            audit_dir: str | None, metrics_listen: str | None, health_listen: str | None) -> None:
+            audit_dir: str | None, metrics_listen: str | None, health_listen: str | None,
+            output_classifier: str | None) -> None:
     """Front an agent written in any language (--agent), or serve a caller in any language (--client):
     mTLS, tokens, authz, audit, registry, routing.
 
@@ -138,7 +142,8 @@ def sidecar(agent: str | None, client: str | None, listen: str, advertise: str |
     if client is not None:
         inbound_only = [flag for flag, given in (("--listen", listen != "127.0.0.1:0"), ("--name", name is not None),
                                                  ("--limit", bool(limits)), ("--screen-exempt", bool(screen_exempt)),
-                                                 ("--max-call-depth", max_call_depth != 8))
+                                                 ("--max-call-depth", max_call_depth != 8),
+                                                 ("--output-classifier", output_classifier is not None))
                         if given]
         if inbound_only:
             raise click.UsageError(f"{', '.join(inbound_only)}: only with --agent (a caller-only sidecar serves "
@@ -152,7 +157,8 @@ def sidecar(agent: str | None, client: str | None, listen: str, advertise: str |
                                max_input_bytes=max_input_bytes, max_call_depth=max_call_depth,
                                max_held_calls=max_held_calls, limits=tuple(per_cap),
                                content_screen=not no_content_screen, screen_exempt=screen_exempt,
-                               audit_dir=audit_dir, metrics_listen=metrics_listen, health_listen=health_listen)
+                               audit_dir=audit_dir, metrics_listen=metrics_listen, health_listen=health_listen,
+                               output_classifier=output_classifier)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     asyncio.run(run_sidecar(config, MeshSettings.resolve()))

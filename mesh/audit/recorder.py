@@ -73,6 +73,14 @@ class AuditLog:
         except AuditUnavailableError as exc:
             log.error("cannot record an outbound refusal: %s", exc.message)
 
+    def signed(self, fields: Mapping[str, Any]) -> None:
+        """An OutboundPipeline signed_recorder: a signed answer this node verified as the caller, with the
+        request digest it signed, the answer digest and the agent's signature (the caller's half of the proof)."""
+        try:
+            self.record({**fields, "caller": self.node, "latency_us": 0})
+        except AuditUnavailableError as exc:
+            log.error("cannot record a verified signed answer: %s", exc.message)
+
     def start(self, sink: Callable[[], AuditSink], **kwargs: Any) -> Shipper:
         self.shipper = Shipper(self.spool, sink, **kwargs)
         self.shipper.start()

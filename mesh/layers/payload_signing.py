@@ -8,8 +8,8 @@ workload's key into `InvokeResponse.signature`, bound to the request's digest; b
 the call (`signed`) so the audit record keeps them: neither side can later deny what it sent.
 
 Runs after authz and the loop guard (a stranger learns nothing and costs no signature check), before the rate
-limit (a replay spends no one's quota). Streamed answers are not signed (InvokeChunk has no signature field);
-the request of an InvokeStream call is verified all the same.
+limit (a replay spends no one's quota). A streamed answer is signed once, on its final chunk, over the running
+digest of all its chunks (`hivemesh.mesh.stream_signing`, which says why).
 """
 
 from __future__ import annotations
@@ -32,10 +32,14 @@ from hivemesh.mesh.signing import (
     request_digest,
     verify,
 )
+from hivemesh.mesh.stream_signing import STREAM, StreamDigest
 from hivemesh.v1 import agent_pb2
 
 NOTE: Final = "signed"
-"""`Inbound.notes` key: {"signer", "request", "answer"} (hex SHA-256 digests), kept in the audit record."""
+"""`Inbound.notes` key: {"signer", "request", "answer"} (hex SHA-256 digests; "chunks" for a stream), "nonce" and
+"signature" (the caller's JWS), kept in the audit record."""
+_RUNNING: Final = "signed_stream"
+"""`Inbound.notes` key of a stream's running digest (not recorded: the audit keeps the final digest)."""
 
 
 class PayloadSigningLayer:
@@ -67,11 +71,16 @@ class PayloadSigningLayer:
                 metadata={"capability": req.capability[:128]})
         d = request_digest(req.capability, req.content_type, req.input, self.me)
         ok = verify(jws, REQUEST, d, peer_cert=peer.cert_pem, nonces=self.nonces)
-        call.notes[NOTE] = {"signer": ok.signer, "request": ok.digest_hex, "nonce": ok.nonce}
+        # The caller's JWS too: with it the record proves what the caller sent, not only what this agent says.
+        call.notes[NOTE] = {"signer": ok.signer, "request": ok.digest_hex, "nonce": ok.nonce, "signature": jws}
 
     def answer(self, call: Inbound, response: Any) -> Any:
         note = call.notes.get(NOTE)
-        if note is None or call.method != "Invoke":
+        if note is None:
+            return response
+        if call.method == "InvokeStream":
+            return self._chunk(call, note, response)
+        if call.method != "Invoke":
             return response
         raw = isinstance(response, bytes)
         msg = response
@@ -85,6 +94,27 @@ class PayloadSigningLayer:
         d = answer_digest(bytes.fromhex(note["request"]), msg.output, msg.content_type, int(msg.state))
         msg.signature = self.signer().sign(ANSWER, d)
         note["answer"] = d.hex()
+        return msg.SerializeToString() if raw else msg
+
+    def _chunk(self, call: Inbound, note: dict[str, Any], chunk: Any) -> Any:
+        """Feed a streamed chunk into the running digest; sign the final one (raw bytes stay bytes)."""
+        raw = isinstance(chunk, bytes)
+        try:
+            msg = agent_pb2.InvokeChunk.FromString(chunk) if raw else chunk
+        except DecodeError:
+            raise SignatureInvalidError("the agent's streamed chunk cannot be read, so it cannot be signed") from None
+        if not isinstance(msg, agent_pb2.InvokeChunk):
+            return chunk
+        running = call.notes.get(_RUNNING)
+        if running is None:
+            running = call.notes[_RUNNING] = StreamDigest(bytes.fromhex(note["request"]))
+        running.add(msg)
+        if not msg.final:
+            return chunk
+        d = running.value()
+        msg.signature = self.signer().sign(STREAM, d)
+        note["answer"], note["chunks"] = d.hex(), running.count
+        del call.notes[_RUNNING]
         return msg.SerializeToString() if raw else msg
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
 
 import grpc
 import jwt
@@ -44,7 +45,7 @@ from hivemesh.mesh.outbound.channels import ChannelPool
 from hivemesh.mesh.outbound.degrade import DEGRADE_CODES, Degradation
 from hivemesh.mesh.outbound.events import OutboundEvents
 from hivemesh.mesh.outbound.selection import InstanceSelector, Liveness
-from hivemesh.mesh.outbound.signed import sign_request, signs, verify_answer
+from hivemesh.mesh.outbound.signed import Proof, StreamCheck, sign_request, signs, verify_answer
 from hivemesh.mesh.resilience.breaker import DEFAULT_FAILURE_CODES, CircuitBreaker
 from hivemesh.mesh.resilience.traffic import Traffic
 from hivemesh.mesh.shadow import ShadowTraffic
@@ -99,6 +100,9 @@ class OutboundPipeline:
         self.observer: Callable[[str, HivemeshError], None] | None = None
         """Told of every call this node refuses itself (circuit open, no instance, no grant, certificate
         expired...): the audit log of a serving node records them. It must not raise."""
+        self.signed_recorder: Callable[[Mapping[str, Any]], object] | None = None
+        """Told of every signed answer this node verified (`Proof.record`): the node's audit log keeps the caller's
+        side of the proof. It must not raise."""
 
     async def _prepare(
         self, instance: mesh_pb2.AgentInstance, capability: str, metadata: Metadata
@@ -169,7 +173,7 @@ class OutboundPipeline:
         try:
             raw: bytes = await endpoint.invoke(call.raw, timeout=timeout, metadata=metadata)
             if signed:
-                verify_answer(self.channels.workload, call, instance, raw)
+                self._keep(verify_answer(self.channels.workload, call, instance, raw))
             return raw
         except grpc.aio.AioRpcError as exc:
             raise AttemptError(from_rpc_error(exc), never_sent=_never_sent(exc)) from None
@@ -184,6 +188,10 @@ class OutboundPipeline:
             return answer
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
+
+    def _keep(self, proof: Proof) -> None:
+        if self.signed_recorder is not None:
+            self.signed_recorder(proof.record())
 
     def _forget_token(self, instance: mesh_pb2.AgentInstance) -> None:
         self.tokens.invalidate(instance.identity)
@@ -291,7 +299,7 @@ class OutboundPipeline:
             try:
                 raw: bytes = await endpoint.invoke(raw_request, timeout=timeout, metadata=md)
                 if signed is not None:
-                    verify_answer(self.channels.workload, signed, instance, raw)
+                    self._keep(verify_answer(self.channels.workload, signed, instance, raw))
                 return raw
             except grpc.aio.AioRpcError as exc:
                 remote = from_rpc_error(exc)
@@ -347,8 +355,10 @@ class OutboundPipeline:
                 md = await self._prepare(instance, capability, metadata)
                 if span is not None:
                     md = tracing.with_headers(md, span[0])
-                if signs(instance, capability):  # the request only: a stream's chunks are not signed
+                check = None
+                if signs(instance, capability):  # the request now; the chunks as they come (StreamCheck)
                     md = list(sign_request(self.channels.workload, call, instance, md))
+                    check = StreamCheck(self.channels.workload, call, instance)
                 breaker = None
                 if settings is not None and settings.instance is not None:
                     breaker = t.instance_breaker(capability, instance.instance_id, settings.instance)
@@ -363,7 +373,13 @@ class OutboundPipeline:
                 try:
                     async for chunk in stream:
                         started = True
+                        if check is not None:
+                            check.chunk(chunk)  # the final one is verified before it is handed on
+                            if check.proof is not None:
+                                self._keep(check.proof)  # now: a consumer may stop reading at the final chunk
                         yield chunk, instance
+                    if check is not None:
+                        check.end()
                     health = "ok"
                 except grpc.aio.AioRpcError as exc:
                     err = from_rpc_error(exc)

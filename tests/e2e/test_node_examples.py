@@ -3,7 +3,8 @@ control plane, real `hivemesh sidecar` processes). The Node pricing agent behind
 (MeshClient) and from the Node caller through a caller-only sidecar (`--client`, no agent, no inbound port); a
 Python SDK agent is called from Node; refusals (bad input caught by the sidecar's schema check or by the agent
 itself, a capability without a grant, a rate limit) reach Node typed: ErrorInfo reason, BadRequest violations,
-RetryInfo and pushback, which the caller honours; the caller's traceparent reaches the agent across both sidecars."""
+RetryInfo and pushback, which the caller honours; the caller's traceparent reaches the agent across both sidecars;
+the sales-support demo sends its pricing question to the Node agent while it is live."""
 
 from __future__ import annotations
 
@@ -23,8 +24,12 @@ import aetcd
 import pytest
 from click.testing import CliRunner
 
+from hivemesh.agents.demos import DemoContext, run_demo
+from hivemesh.agents.sales import SALES_SUPPORT, ProductSpecialist, TechnicalSpecialist
 from hivemesh.mesh.etcd import EtcdServer
 from hivemesh.sdk import AgentServer, AgentServerConfig, MeshClient
+from hivemesh.sdk.escalation import EscalationClient
+from hivemesh.sdk.workflow import WorkflowEngine
 from tests.support.agents_for_tests import EchoAgent
 from tests.support.meshenv import TRUST_DOMAIN, MeshEnv, apply_policies_text, start_mesh_env, stop_mesh_env
 from tests.support.spawn import REPO, start_client_sidecar, start_sidecar_ready, stop
@@ -35,7 +40,7 @@ GRANTS = {
     "grants": [
         # Callers may quote and echo; nothing grants `restricted` to anyone (the refusal below).
         {"name": "callers", "subjects": [f"spiffe://{TRUST_DOMAIN}/client/*"],
-         "capabilities": ["pricing.quote", "echo", "shout"]},
+         "capabilities": ["pricing.quote", "echo", "shout", "product-advice", "technical-advice"]},
     ]
 }
 ORDER = {"customer_tier": "gold", "items": [{"sku": "CRM-SEAT", "quantity": 60}, {"sku": "ONBOARDING", "quantity": 1}]}
@@ -153,6 +158,7 @@ async def test_python_and_node_call_each_other_and_refusals_arrive(rig: Rig) -> 
     await _the_node_agent_is_called_from_python_and_from_node(rig)
     await _a_python_agent_is_called_from_node_through_a_caller_only_sidecar(rig)
     await _refusals_arrive_in_node_with_their_reason(rig)
+    await _the_sales_demo_sends_pricing_to_the_node_agent(rig)
 
 
 async def _the_node_agent_is_called_from_python_and_from_node(rig: Rig) -> None:
@@ -216,6 +222,32 @@ async def _refusals_arrive_in_node_with_their_reason(rig: Rig) -> None:
     assert err["metadata"]["capability"] == "restricted"  # ErrorInfo's metadata arrives too
     not_json = await node_call(rig.caller_mesh, "pricing.quote", "{not json")
     assert not_json["error"]["reason"] == "INVALID_INPUT", not_json
+
+
+async def _the_sales_demo_sends_pricing_to_the_node_agent(rig: Rig) -> None:
+    """The pricing specialist of the sales example is the Node agent here (no Python one is served): a pricing
+    question with a seat count becomes a catalogue order for it, in the pattern and in the demo's workflows."""
+    question = {"text": "How much would 120 seats cost?", "seats": 120}
+    result = await SALES_SUPPORT.run(rig.python, question)
+    route = result.details["route"]
+    assert route["capabilities"] == ["pricing.quote"] and route["served_by"] == "node"
+    # 120 x 360.00 = 43200.00, less 5% volume = 41040.00; the standard tier has no discount.
+    assert result.output == {"specialist": "pricing", "served_by": "node", "seats": 120, "currency": "EUR",
+                             "discount_percent": 5, "annual_total": 41040.0,
+                             "answer": "120 seats: EUR 41,040.00 a year after a 5% volume discount."}
+    async with (AgentServer(ProductSpecialist(), await rig.mesh.settings_for("product-specialist"),
+                            AgentServerConfig(audit=False)),
+                AgentServer(TechnicalSpecialist(), await rig.mesh.settings_for("technical-specialist"),
+                            AgentServerConfig(audit=False)),
+                WorkflowEngine(rig.python) as engine):
+        for capability in ("product-advice", "technical-advice"):
+            assert await rig.python.node.registry.wait_for_capability(capability, 1, timeout=10)
+        said: list[str] = []
+        row = await run_demo("sales", DemoContext(engine, EscalationClient(rig.mesh.operator.channel), said.append,
+                                                  once=True))
+    assert row["state"] == "COMPLETED", said
+    assert row["highlight"] == "answered by product, pricing (Node.js), technical", said
+    assert any("→ pricing.quote (by rule): 120 seats: EUR 41,040.00 a year" in line for line in said), said
 
 
 async def test_the_node_caller_honours_the_pushback_of_a_rate_limit(rig: Rig) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -12,7 +13,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+import aetcd
+import grpc
 import pytest
+from aetcd import rpc
+
+from hivemesh.controlplane.etcd_certs import controlplane_etcd_tls
+from hivemesh.mesh.etcd import EtcdTls, client
 
 HIVEMESH = [sys.executable, "-m", "hivemesh.controlplane.cli"]
 
@@ -40,6 +47,27 @@ def _assert_all_gone(pids: list[int], timeout: float = 15.0) -> None:
     while time.monotonic() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.1)
     assert not [p for p in pids if _alive(p)], "processes left behind after hivemesh up stopped"
+
+
+def _etcd_lockdown(endpoint: str, certs_dir: Path) -> dict[str, str]:
+    """Try `up`'s etcd as an outsider would (no credentials), then ask it, as the control plane, whether auth is
+    on."""
+    async def outsider(tls: EtcdTls | None) -> str:
+        c = client(endpoint, timeout=2, tls=tls)
+        try:
+            await c.get_prefix(b"/")
+            return "read"
+        except aetcd.exceptions.ConnectionFailedError:
+            return "refused"
+        finally:
+            await c.close()
+
+    out = {"plaintext": asyncio.run(outsider(None)),
+           "TLS without a client certificate": asyncio.run(outsider(EtcdTls((certs_dir / "ca.pem").read_bytes())))}
+    with grpc.secure_channel(endpoint, controlplane_etcd_tls(certs_dir).credentials()) as channel:
+        status = rpc.AuthStub(channel).AuthStatus(rpc.AuthStatusRequest(), timeout=10)
+    out["auth"] = "enabled" if status.enabled else "off"
+    return out
 
 
 def _pids(text: str) -> list[int]:
@@ -106,6 +134,10 @@ def test_up_serves_the_cli_until_sigterm(tmp_path: Path) -> None:
             if "mesh is up" in line:
                 break
         assert any("mesh is up" in line for line in output), "".join(output)[-3000:]
+        # The embedded etcd is locked down like any other (issue 10): https with client certificates, auth on.
+        etcd_endpoint = json.loads((tmp_path / "home" / "mesh.json").read_text())["etcd"]
+        assert _etcd_lockdown(etcd_endpoint, tmp_path / "certs") == {
+            "plaintext": "refused", "TLS without a client certificate": "refused", "auth": "enabled"}
 
         agents = subprocess.run([*base, "agents", "--json"], capture_output=True, text=True, timeout=60)
         assert agents.returncode == 0, agents.stderr
@@ -198,7 +230,7 @@ def test_up_demo_menu_and_bad_choice(tmp_path: Path) -> None:
     menu = CliRunner().invoke(cli, [*base, "up", "--demo", "list", "--json"], prog_name="hivemesh")
     assert menu.exit_code == 0, menu.output
     assert [d["demo"] for d in json.loads(menu.stdout)] == [
-        "pipeline", "research", "helpdesk", "support", "content", "contract", "leads", "risk", "sales"]
+        "pipeline", "research", "helpdesk", "support", "content", "contract", "leads", "risk", "sales", "tools"]
     bad = CliRunner().invoke(cli, [*base, "up", "--demo", "nope"], prog_name="hivemesh")
     assert bad.exit_code == 2 and "unknown demo 'nope'" in bad.stderr, bad.output
     assert bad.exception is None or isinstance(bad.exception, SystemExit), bad.exc_info  # no traceback

@@ -1,8 +1,8 @@
 """etcd behind mutual TLS and least-privilege roles (issue 10, TEST_MATRIX H1), against a real etcd 3.5 member.
 
 Without credentials nothing is readable (plaintext and certificate-less TLS are refused in the handshake); with an
-agent's own certificate, every prefix is tried for read and write and the allow/deny table is printed and
-compared with the intended one; the control plane's certificate may do everything.
+agent's, a client's and an operator's own certificate, every prefix is tried for read and write and each allow/deny
+table is printed and compared with the intended one; the control plane's certificate may do everything.
 """
 
 from __future__ import annotations
@@ -48,6 +48,50 @@ EXPECTED: dict[str, tuple[bool, bool]] = {
     "/hivemesh/budgets/spend/a/": (True, True),
     "/hivemesh/budgets/spend/b/": (True, False),
     "/hivemesh/budgets/spend/a.eu/": (True, False),
+    # Held calls: its own only.
+    "/hivemesh/queue/agent-a/": (True, True),
+    "/hivemesh/queue/agent-b/": (False, False),
+    # Control-plane material: replica adverts and the leader are read for failover; signing keys, rollout
+    # progress and shared state are the control plane's alone.
+    "/hivemesh/controlplanes/": (True, False),
+    "/hivemesh/controlplane-leader": (True, False),
+    "/hivemesh/controlplane-keys": (False, False),
+    "/hivemesh/rollouts/": (False, False),
+    "/hivemesh/state/": (False, False),
+}
+# The same attempts with a client's and an operator's own credentials (TEST_MATRIX H1: "each workload").
+EXPECTED_CLIENT: dict[str, tuple[bool, bool]] = {
+    "/hivemesh/agents/": (True, False),
+    "/hivemesh/agents/c/": (True, False),  # a client registers nothing, not even under its own name
+    "/hivemesh/policies/": (True, False),
+    "/hivemesh/grants/": (False, False),
+    "/hivemesh/trust/": (True, False),
+    "/hivemesh/revoked/": (True, False),
+    "/hivemesh/join/": (False, False),
+    "/hivemesh/controlplane-keys": (False, False),
+    "/hivemesh/escalations/": (False, False),
+    "/hivemesh/budgets/spend/": (False, False),
+    "/hivemesh/status/client/c/": (True, True),
+    "/hivemesh/workflows/client-c/": (True, True),
+    "/hivemesh/workflow-index/client-c/": (True, True),
+    "/hivemesh/workflows/client-d/": (False, False),
+    "/hivemesh/workflows/agent-a/": (False, False),
+}
+EXPECTED_OPERATOR: dict[str, tuple[bool, bool]] = {
+    # Operators change policies, grants, trust and revocations through the control plane's API (audited),
+    # never in etcd directly.
+    "/hivemesh/agents/": (True, False),
+    "/hivemesh/policies/": (True, False),
+    "/hivemesh/grants/": (False, False),
+    "/hivemesh/trust/": (True, False),
+    "/hivemesh/revoked/": (True, False),
+    "/hivemesh/join/": (False, False),
+    "/hivemesh/controlplane-keys": (False, False),
+    "/hivemesh/state/": (False, False),
+    "/hivemesh/status/": (True, False),
+    "/hivemesh/escalations/": (True, False),
+    "/hivemesh/workflows/": (True, True),
+    "/hivemesh/workflow-index/": (True, True),
 }
 
 
@@ -133,16 +177,8 @@ async def test_agent_credentials_allow_deny_table(own_etcd: EtcdServer, root: ae
         await root.put(prefix.encode() + b"existing", b"v")
     agent = client(own_etcd.endpoint, tls=workload_tls(ca, session_ca.files, "agent", "a"))
     await wait_connected(agent)
-    table: dict[str, tuple[bool, bool]] = {}
     try:
-        for prefix in EXPECTED:
-            p = prefix.encode()
-            read = await _outcome(agent.get_prefix(p))
-            assert await _watch_allowed(agent, p) == read, f"watch and range disagree on {prefix}"
-            write = await _outcome(agent.put(p + b"new", b"x"))
-            if write:
-                assert await _outcome(agent.delete(p + b"new"))
-            table[prefix] = (read, write)
+        table = await _try_every_prefix(agent, EXPECTED)
         # Leases: its own may carry its own keys; it may not revoke another's or attach keys to it.
         b = client(own_etcd.endpoint, tls=workload_tls(ca, session_ca.files, "agent", "b"))
         await wait_connected(b)
@@ -160,16 +196,48 @@ async def test_agent_credentials_allow_deny_table(own_etcd: EtcdServer, root: ae
             await b.close()
     finally:
         await agent.close()
-    print("\nagent 'a' against etcd (read, write):")
-    for prefix, (r, w) in table.items():
-        print(f"  {prefix:<36} read={'ALLOW' if r else 'deny ':5}  write={'ALLOW' if w else 'deny'}")
+    _print_table("agent 'a'", table)
     assert {k: v for k, v in table.items() if k in EXPECTED} == EXPECTED
     assert table["lease: attach a key to b's lease"] == (False, False)
     assert table["lease: revoke b's lease"] == (False, False)
 
+    # A client's and an operator's own certificates, against the same member.
+    for kind, name, expected in (("client", "c", EXPECTED_CLIENT), ("operator", "admin", EXPECTED_OPERATOR)):
+        await ensure_workload_user(root, kind, name)
+        for prefix in expected:
+            await root.put(prefix.encode() + b"existing", b"v")
+        workload = client(own_etcd.endpoint, tls=workload_tls(ca, session_ca.files, kind, name))
+        await wait_connected(workload)
+        try:
+            table = await _try_every_prefix(workload, expected)
+        finally:
+            await workload.close()
+        _print_table(f"{kind} '{name}'", table)
+        assert table == expected, kind
+
+
+async def _try_every_prefix(c: aetcd.Client, expected: dict[str, tuple[bool, bool]]) -> dict[str, tuple[bool, bool]]:
+    """(may read, may write) per prefix, tried for real: a range read, a watch (it must agree) and a put."""
+    table: dict[str, tuple[bool, bool]] = {}
+    for prefix in expected:
+        p = prefix.encode()
+        read = await _outcome(c.get_prefix(p))
+        assert await _watch_allowed(c, p) == read, f"watch and range disagree on {prefix}"
+        write = await _outcome(c.put(p + b"new", b"x"))
+        if write:
+            assert await _outcome(c.delete(p + b"new"))
+        table[prefix] = (read, write)
+    return table
+
+
+def _print_table(who: str, table: dict[str, tuple[bool, bool]]) -> None:
+    print(f"\n{who} against etcd (read, write):")
+    for prefix, (r, w) in table.items():
+        print(f"  {prefix:<36} read={'ALLOW' if r else 'deny ':5}  write={'ALLOW' if w else 'deny'}")
+
 
 async def test_controlplane_credentials_may_do_everything(root: aetcd.Client) -> None:
-    for prefix in EXPECTED:
+    for prefix in {**EXPECTED, **EXPECTED_CLIENT, **EXPECTED_OPERATOR}:
         key = prefix.encode() + b"cp"
         await root.put(key, b"v")
         assert (await root.get(key)).value == b"v"

@@ -1,11 +1,14 @@
 """Integrity over the real mesh (in-process SDK agent, real etcd, TLS and control plane): a signed capability
 called through the SDK (request signed by the caller, answer signed by the agent and verified, both digests in
-the audit record); an unsigned, a tampered and a replayed request refused; an answer carrying a fake API key
-refused or redacted as its capability's output screen says; and the same behind a sidecar."""
+the agent's audit record and in the caller's), its streamed answer signed on the final chunk and verified; an
+unsigned, a tampered and a replayed request refused; an answer carrying a fake API key refused or redacted as its
+capability's output screen says, by a classifier named in the configuration (the default patterns plus a
+deployment's own rule); and the same behind a sidecar (a relayed stream signed too)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +18,15 @@ import pytest
 from hivemesh.mesh.errors import OutputScreenedError, ReplayedError, SignatureInvalidError, from_rpc_error
 from hivemesh.mesh.outbound.call import encode_request
 from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
-from hivemesh.mesh.signing import REQUEST, SIGNATURE_HEADER, Signer, audience, request_digest
+from hivemesh.mesh.signing import ANSWER, REQUEST, SIGNATURE_HEADER, Signer, audience, request_digest, verify
+from hivemesh.mesh.stream_signing import STREAM
 from hivemesh.sdk import Agent, AgentServer, AgentServerConfig, MeshClient, capability
 from hivemesh.v1 import agent_pb2, agent_pb2_grpc, audit_pb2
 from tests.support.meshenv import TRUST_DOMAIN, MeshEnv
 
 FAKE_KEY = "sk-proj-" + "Zq81Lm0pXv93Rt5Yw2Kd7Hn4"
 AGENT_ID = f"spiffe://{TRUST_DOMAIN}/agent/notary"
+CLASSIFIER = "tests.support.classifiers:with_project_codes"
 
 
 class Notary(Agent):
@@ -31,29 +36,42 @@ class Notary(Agent):
     async def notarize(self, req: dict[str, Any]) -> dict[str, Any]:
         return {"notarized": req["text"]}
 
+    @capability(name="recite", signed_payloads=True)
+    async def recite(self, req: dict[str, Any]) -> AsyncIterator[str]:
+        for word in req["text"].split():
+            yield word
+
     @capability(name="leak-refused", output_screen="refuse")
     async def leak_refused(self, req: dict[str, Any]) -> dict[str, Any]:
         return {"config": f"OPENAI_API_KEY={FAKE_KEY}"}
 
     @capability(name="leak-redacted", output_screen="redact")
     async def leak_redacted(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"config": f"key {FAKE_KEY}", "contact": "ops@example.com"}
+        return {"config": f"key {FAKE_KEY}", "contact": "ops@example.com", "ticket": "see PRJ-1234"}
 
 
-async def _audit(env: MeshEnv) -> list[dict[str, Any]]:
+async def _audit(env: MeshEnv, agent: str = AGENT_ID, kind: str = "") -> list[dict[str, Any]]:
     resp = await env.operator.call(env.operator.audit.Query,
-                                   audit_pb2.AuditQueryRequest(limit=1000, agent=AGENT_ID))
+                                   audit_pb2.AuditQueryRequest(limit=1000, agent=agent, kind=kind))
     return [json.loads(e)["record"] for e in resp.entries]
+
+
+def _proofs(recs: list[dict[str, Any]], capability: str, method: str) -> list[dict[str, Any]]:
+    """The signed digests of capability's method calls in recs."""
+    return [r["signed"] for r in recs if r["capability"] == capability and r.get("method") == method
+            and "signed" in r]
 
 
 async def test_signed_payloads_and_output_screen(mesh_env: MeshEnv, tmp_path: Path) -> None:
     env = mesh_env
     async with AgentServer(Notary(), await env.settings_for("notary"),
-                           AgentServerConfig(audit_dir=tmp_path / "audit")) as server:
+                           AgentServerConfig(audit_dir=tmp_path / "audit", output_classifier=CLASSIFIER)) as server:
         async with MeshClient.connect(name="alice", settings=await env.settings_for("alice", "client")) as mesh:
             assert await mesh.node.registry.wait_for_capability("notarize", 1, timeout=10)
             # 1. Signed through the SDK: the caller signs, the agent verifies and signs, the caller verifies.
             assert await mesh.call("notarize", {"text": "I owe Bob 10"}, timeout=5) == {"notarized": "I owe Bob 10"}
+            # ... and streamed: the final chunk's signature covers every chunk, verified by the caller.
+            assert [w async for w in mesh.stream("recite", {"text": "I owe Bob"}, timeout=5)] == ["I", "owe", "Bob"]
 
             # 2. Unsigned, tampered and replayed requests, sent straight to the instance.
             node = mesh.node
@@ -95,11 +113,31 @@ async def test_signed_payloads_and_output_screen(mesh_env: MeshEnv, tmp_path: Pa
                 await mesh.call("leak-refused", {}, timeout=5)
             assert FAKE_KEY not in refused.value.message
             redacted = await mesh.call("leak-redacted", {}, timeout=5)
-            assert redacted == {"config": "key [REDACTED:api-key]", "contact": "[REDACTED:email]"}
+            assert redacted == {"config": "key [REDACTED:api-key]", "contact": "[REDACTED:email]",
+                                "ticket": "see [REDACTED:project-code]"}
+            bundle = mesh.node.workload.bundle_pem
+            assert mesh.audit is not None and mesh.audit.shipper is not None
+            assert await mesh.audit.shipper.wait_shipped(timeout=10)
         assert server.audit is not None and server.audit.shipper is not None
         assert await server.audit.shipper.wait_shipped(timeout=10)
 
     recs = await _audit(env)
+    # Both sides keep the same digests: the caller the agent's signature over its answer, the agent the caller's.
+    caller_recs = await _audit(env, f"spiffe://{TRUST_DOMAIN}/client/alice", "outbound")
+    for method, cap in (("Invoke", "notarize"), ("InvokeStream", "recite")):
+        (theirs,) = _proofs(recs, cap, method)[:1]
+        mine = _proofs(caller_recs, cap, method)[0]
+        assert (mine["request"], mine["answer"]) == (theirs["request"], theirs["answer"]), method
+        assert mine["signer"] == AGENT_ID and mine["signature"].count(".") == 2
+        # Later, an auditor with the trust bundle alone checks each side's proof of what the other sent.
+        alice = f"spiffe://{TRUST_DOMAIN}/client/alice"
+        typ = ANSWER if method == "Invoke" else STREAM
+        assert verify(mine["signature"], typ, bytes.fromhex(mine["answer"]), expect_id=AGENT_ID, bundle_pem=bundle,
+                      window_s=3600).signer == AGENT_ID
+        assert verify(theirs["signature"], REQUEST, bytes.fromhex(theirs["request"]), expect_id=alice,
+                      bundle_pem=bundle, window_s=3600).signer == alice
+    assert _proofs(recs, "recite", "InvokeStream")[0]["chunks"] == 4  # three words and the final chunk
+    assert len(_proofs(caller_recs, "notarize", "Invoke")) == 2  # the routed call and the fan-out
     by_reason: dict[str, list[dict[str, Any]]] = {}
     for r in recs:
         by_reason.setdefault(r["reason"] or r["decision"], []).append(r)
@@ -113,22 +151,30 @@ async def test_signed_payloads_and_output_screen(mesh_env: MeshEnv, tmp_path: Pa
     (screened,) = by_reason["OUTPUT_SCREENED"]
     assert screened["output_screen"] == {"action": "refuse", "rules": ["api-key"], "count": 1}
     (redact,) = [r for r in by_reason["allow"] if r["capability"] == "leak-redacted"]
-    assert redact["output_screen"]["rules"] == ["api-key", "email"]
+    assert redact["output_screen"]["rules"] == ["api-key", "email", "project-code"]
 
 
 class PlainLeaker(agent_pb2_grpc.AgentServicer):
     """An agent behind a sidecar (plain gRPC): its card asks for signed payloads and a redacting output screen."""
 
     def card(self) -> agent_pb2.AgentCard:
-        return agent_pb2.AgentCard(name="plain", capabilities=[agent_pb2.Capability(
-            name="plain-leak", signed_payloads=True, output_screen=agent_pb2.OUTPUT_SCREEN_REDACT)])
+        return agent_pb2.AgentCard(name="plain", capabilities=[
+            agent_pb2.Capability(name="plain-leak", signed_payloads=True, output_screen=agent_pb2.OUTPUT_SCREEN_REDACT),
+            agent_pb2.Capability(name="plain-recite", signed_payloads=True, streaming=True)])
 
     async def Describe(self, request: Any, context: Any) -> agent_pb2.AgentCard:
         return self.card()
 
     async def Invoke(self, request: agent_pb2.InvokeRequest, context: Any) -> agent_pb2.InvokeResponse:
-        return agent_pb2.InvokeResponse(output=json.dumps({"card": "4111 1111 1111 1111"}).encode(),
+        return agent_pb2.InvokeResponse(output=json.dumps({"card": "4111 1111 1111 1111", "p": "PRJ-0042"}).encode(),
                                         content_type="application/json")
+
+    async def InvokeStream(self, request: agent_pb2.InvokeRequest,
+                           context: Any) -> AsyncIterator[agent_pb2.InvokeChunk]:
+        for word in json.loads(request.input)["text"].split():
+            yield agent_pb2.InvokeChunk(data=json.dumps(word).encode(), content_type="application/json",
+                                        state=agent_pb2.TASK_STATE_WORKING)
+        yield agent_pb2.InvokeChunk(final=True, state=agent_pb2.TASK_STATE_COMPLETED)
 
 
 async def test_sidecar_packaging_signs_and_redacts(mesh_env: MeshEnv) -> None:
@@ -139,11 +185,16 @@ async def test_sidecar_packaging_signs_and_redacts(mesh_env: MeshEnv) -> None:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        sidecar = Sidecar(SidecarConfig(agent=f"127.0.0.1:{port}", audit=False), await mesh_env.settings_for("plain"))
+        config = SidecarConfig(agent=f"127.0.0.1:{port}", audit=False, output_classifier=CLASSIFIER)
+        sidecar = Sidecar(config, await mesh_env.settings_for("plain"))
         async with sidecar, MeshClient.connect(name="carol",
                                                settings=await mesh_env.settings_for("carol", "client")) as mesh:
             assert await mesh.node.registry.wait_for_capability("plain-leak", 1, timeout=10)
-            assert await mesh.call("plain-leak", {}, timeout=5) == {"card": "[REDACTED:card-number]"}
+            assert await mesh.call("plain-leak", {}, timeout=5) == {"card": "[REDACTED:card-number]",
+                                                                    "p": "[REDACTED:project-code]"}
+            # The sidecar signs the relayed stream's final chunk (after appending its hop); the caller verifies.
+            got = [w async for w in mesh.stream("plain-recite", {"text": "a b c"}, timeout=5)]
+            assert got == ["a", "b", "c"]
             (instance,) = mesh.node.registry.instances("plain-leak")
             token = await mesh.node.outbound.tokens.get(instance.identity, "plain-leak")
             endpoint = mesh.node.outbound.channels.get(instance.endpoint, instance.identity)

@@ -1,7 +1,8 @@
 """Degraded answers show on the caller's `/metrics`: a capability whose replica fails is answered by its
 fallback, then (with a cache route) by its last good answer, and the caller node's Prometheus port, scraped
-over HTTP, counts each kind exactly, under the capability that was called. Real etcd, control plane, mutual
-TLS and tokens; the failing agent fails on purpose."""
+over HTTP, counts each kind exactly, under the capability that was called; then a breakers policy comes in,
+and the state of the capability's breaker and of its instance's show too. Real etcd, control plane, mutual TLS
+and tokens; the failing agent fails on purpose."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.outbound import DEGRADED_KEY
+from hivemesh.mesh.resilience.traffic import breaker_states
 from hivemesh.sdk import AgentServer, MeshClient
 from hivemesh.v1 import agent_pb2
 from tests.integration.test_metrics_mesh import promtool_clean, sample, scrape
@@ -43,6 +45,7 @@ async def test_the_caller_counts_each_fallback_and_each_cached_answer(
                                     metrics_listen="127.0.0.1:0")
         async with client:
             nodes = [client.node, server.node, lite.node]
+            solo_id = server.instance_id
             assert await client.node.registry.wait_for_capability("work", 1, timeout=10)
             assert await client.node.registry.wait_for_capability("work-lite", 1, timeout=10)
 
@@ -66,6 +69,15 @@ async def test_the_caller_counts_each_fallback_and_each_cached_answer(
                 await client.call("work", {"text": "never seen"}, timeout=5)
             assert miss.value.code == grpc.StatusCode.UNAVAILABLE
 
+            # Breakers on the instance and on the capability: one more failure opens the capability's (2 = open,
+            # under instance=""); the instance's stays closed (0), as the last live instance is never ejected.
+            await apply(etcd, "kind: breakers\nname: work\nspec: {capabilities: [work], instance: "
+                        "{consecutive_failures: 1, open_ms: 600000, max_ejected_share: 1.0}, "
+                        "capability: {consecutive_failures: 1, open_ms: 600000}}", nodes)
+            with pytest.raises(HivemeshError):
+                await client.call("work", {"text": "breaks"}, timeout=5)
+
+            assert breaker_states(client.node.traffic.state, "work") == {server.instance_id: "closed"}
             assert client.node.metrics is not None
             text = await asyncio.to_thread(scrape, client.node.metrics.address)
 
@@ -74,4 +86,6 @@ async def test_the_caller_counts_each_fallback_and_each_cached_answer(
     # Counted under the capability called, not under the one that answered.
     assert "hivemesh_fallbacks_total{capability=\"work-lite\"}" not in text
     assert "hivemesh_cached_answers_total{capability=\"work-lite\"}" not in text
+    assert sample(text, "hivemesh_breaker_state", capability="work", instance="") == 2
+    assert sample(text, "hivemesh_breaker_state", capability="work", instance=solo_id) == 0
     promtool_clean(text)

@@ -44,6 +44,7 @@ def test_a_scrape_over_http_returns_every_family() -> None:
     assert "hivemesh_certificate_expiry_seconds 3500.0" in text
     assert "hivemesh_registry_impostors_refused_total 4.0" in text
     # Every bucket bound the catalog promises, 1 ms to 60 s.
+    assert LATENCY_BUCKETS[0] <= 0.001 and LATENCY_BUCKETS[-1] >= 60.0
     for bound in LATENCY_BUCKETS:
         assert f'le="{bound}"' in text
     assert 'hivemesh_node_info{node="echo/i-1",packaging="in-process"} 1.0' in text

@@ -93,6 +93,12 @@ async def test_every_node_exports_the_documented_series(orch: Orch, monkeypatch:
                 texts = await asyncio.gather(*(asyncio.to_thread(scrape, a) for a in (
                     greeter.metrics_address, sidecar.node.metrics.address, watcher.node.metrics.address,
                     cp.address)))
+                # The agent's audit records reach the control plane in the background: shipped, then counted.
+                deadline = asyncio.get_running_loop().time() + 15
+                while sample(texts[0], "hivemesh_audit_records_shipped_total") < 2:  # its two decisions
+                    assert asyncio.get_running_loop().time() < deadline, "no audit record was shipped"
+                    await asyncio.sleep(0.05)
+                    texts[0] = await asyncio.to_thread(scrape, greeter.metrics_address)
     agent_t, side_t, client_t, cp_t = texts
 
     # The SDK agent (in-process packaging): RED inbound per capability × caller × code × reason.
@@ -109,9 +115,11 @@ async def test_every_node_exports_the_documented_series(orch: Orch, monkeypatch:
     assert sample(agent_t, "hivemesh_token_cache_lookups_total", result="miss") >= 1
     assert sample(agent_t, "hivemesh_etcd_connected") == 1
     assert sample(agent_t, "hivemesh_registry_watch_lag_revisions") >= 0  # exported; its meaning: test_watch_lag
-    assert sample(agent_t, "hivemesh_jwks_age_seconds") >= 0
+    assert 0 <= sample(agent_t, "hivemesh_jwks_age_seconds") < 600  # an age (not a time stamp) of this run
     assert sample(agent_t, "hivemesh_revocations_in_force") == 0
     assert sample(agent_t, "hivemesh_audit_spool_lag_records") >= 0
+    assert sample(agent_t, "hivemesh_audit_records_shipped_total") >= 2
+    assert sample(agent_t, "hivemesh_etcd_errors_total") == 0  # no watch broke; its meaning: test_watch's outage
 
     # The sidecar: the same inbound series, and the plain agent's model usage priced from HIVEMESH_PRICES.
     assert sample(side_t, "hivemesh_node_info", packaging="sidecar") == 1
@@ -124,6 +132,9 @@ async def test_every_node_exports_the_documented_series(orch: Orch, monkeypatch:
     assert sample(side_t, "hivemesh_llm_cost_total", model="plain-model", caller=CLIENT,
                   currency="EUR") == pytest.approx(2 * (0.7 * 2.0 + 0.3 * 4.0))
     assert sample(side_t, "hivemesh_llm_cost_limit_per_hour", currency="EUR") == 5.0
+    # One token for its three calls: verified, then found in the verifier's cache.
+    assert sample(side_t, "hivemesh_token_cache_lookups_total", result="miss") >= 1
+    assert sample(side_t, "hivemesh_token_cache_lookups_total", result="hit") >= 2
 
     # The client: outbound RED, the refusal with its code and reason as the callee gave them.
     assert sample(client_t, "hivemesh_node_info", packaging="client") == 1

@@ -1,10 +1,12 @@
-"""The lead qualification, risk assessment and sales support examples over the real mesh (one mesh_env serves
-all ten agents): each pattern end to end with its expected output, each demo as `hivemesh up --demo NAME`
-runs it (durable workflows), and invalid input refused with INVALID_ARGUMENT naming the field."""
+"""The lead qualification, risk assessment and sales support examples and the sales assistant's tool loop over
+the real mesh (one mesh_env serves all eleven agents): each pattern end to end with its expected output, each
+demo as `hivemesh up --demo NAME` runs it (durable workflows), and invalid input refused with INVALID_ARGUMENT
+naming the field."""
 
 from __future__ import annotations
 
 import importlib
+import json
 from typing import Any
 
 import grpc
@@ -15,11 +17,12 @@ from hivemesh.agents.leads import LEAD_QUALIFICATION, LeadEnricher, LeadResearch
 from hivemesh.agents.risk import RISK_ASSESSMENT, ComplianceAnalyst, CreditAnalyst, MarketAnalyst
 from hivemesh.agents.run import SDK_AGENTS
 from hivemesh.agents.sales import SALES_SUPPORT, PricingSpecialist, ProductSpecialist, TechnicalSpecialist
+from hivemesh.agents.sales_assistant import SalesAssistant
 from hivemesh.mesh.errors import HivemeshError, InvalidInputError
-from hivemesh.sdk import MeshClient
+from hivemesh.sdk import AgentServer, AgentServerConfig, MeshClient
 from hivemesh.sdk.escalation import EscalationClient
 from hivemesh.sdk.workflow import WorkflowEngine
-from tests.support.orch_env import Orch
+from tests.support.orch_env import Orch, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -108,28 +111,70 @@ async def _check_sales(mesh: MeshClient) -> None:
         await _refused(mesh, cap, {"text": "hi there", "seats": 3, "plan": "gold"}, "input.plan")  # schema: enum
 
 
+async def _check_assistant(mesh: MeshClient, pricing: AgentServer) -> None:
+    """The tool loop in a reference agent, offline model: a local tool and a mesh capability as tools."""
+    question = {"customer": "acme", "text": "How much would 120 seats cost?", "seats": 120}
+    out = await mesh.call("sales-assist", question, timeout=20)
+    assert out["tools"] == [{"name": "account_lookup", "ok": True, "round": 1},
+                            {"name": "pricing-quote", "ok": True, "round": 1}] and out["rounds"] == 1
+    assert out["answer"] == ("acme is on team with 40 seats, renewing 2027-03-01. "
+                             "120 seats on team: $2,700.00 a month after a 10% volume discount.")
+    # The tool's call was a mesh call under the assistant's identity, on record at the pricing specialist.
+    assert pricing.audit is not None
+    records = [json.loads(x) for x in pricing.audit.spool.lines()]
+    by_assistant = [r for r in records if r.get("caller") == "spiffe://hivemesh.local/agent/sales-assistant"]
+    assert [(r["kind"], r["capability"], r["decision"]) for r in by_assistant] == [
+        ("inbound", "pricing-quote", "allow")], by_assistant
+    # A failing tool goes back to the model as its result; the agent still answers (with list pricing).
+    unknown = await mesh.call("sales-assist", {"customer": "umbrella", "text": "30 seats on team?", "seats": 30,
+                                               "plan": "team"}, timeout=20)
+    assert [(t["name"], t["ok"]) for t in unknown["tools"]] == [("account_lookup", False), ("pricing-quote", True)]
+    assert unknown["answer"] == ("I found no account for umbrella, so this is list pricing. "
+                                 "30 seats on team: $750.00 a month.")
+    # No seats: the model is not asked to price, only to look the account up.
+    plain = await mesh.call("sales-assist", {"customer": "globex", "text": "What plan are we on?"}, timeout=20)
+    assert plain["tools"] == [{"name": "account_lookup", "ok": True, "round": 1}]
+    assert plain["answer"] == "globex is on starter with 8 seats, renewing 2027-01-31."
+    await _refused(mesh, "sales-assist", {"customer": "Acme Inc!", "text": "hi there"}, "input.customer")
+    await _refused(mesh, "sales-assist", {"customer": "acme", "text": " ? "}, "input.text")
+    await _refused(mesh, "sales-assist", {"customer": "acme", "text": "a quote", "seats": 0}, "input.seats")
+    await _refused(mesh, "sales-assist", {"text": "a quote"}, "customer")  # schema: required
+
+
 async def test_lead_risk_and_sales_examples(orch: Orch) -> None:
     for agent in (LeadScorer(), LeadResearcher(), LeadEnricher(), LeadRouter(), CreditAnalyst(), MarketAnalyst(),
-                  ComplianceAnalyst(), ProductSpecialist(), PricingSpecialist(), TechnicalSpecialist()):
+                  ComplianceAnalyst(), ProductSpecialist(), TechnicalSpecialist(), SalesAssistant()):
         await orch.serve(agent)
+    pricing = await orch.serve(PricingSpecialist(), AgentServerConfig(audit_dir=orch.tmp / "pricing-audit"))
     mesh = orch.mesh
     await _check_leads(mesh)
     await _check_risk(mesh)
     await _check_sales(mesh)
+    await _check_assistant(mesh, pricing)
     # The demos, as `hivemesh up --demo leads|risk|sales` runs them: durable workflows over the same agents.
     said: list[str] = []
     async with WorkflowEngine(mesh) as engine:
         dc = DemoContext(engine, EscalationClient(orch.env.operator.channel), said.append, once=True)
-        rows = {name: await run_demo(name, dc) for name in ("leads", "risk", "sales")}
+        rows = {name: await run_demo(name, dc) for name in ("leads", "risk", "sales", "tools")}
     assert {n: r["state"] for n, r in rows.items()} == {n: "COMPLETED" for n in rows}, said
     assert rows["leads"]["highlight"] == "queued to enterprise-ae-amer, account-exec-amer, sdr-amer"
     assert rows["risk"]["highlight"] == "decisions: approve, decline"
     assert rows["sales"]["highlight"] == "answered by product, pricing, technical"
-    assert [r["steps"] for r in rows.values()] == [12, 6, 3]
+    assert rows["tools"]["highlight"] == (
+        "tool calls: acme: account_lookup ✓, pricing-quote ✓; umbrella: account_lookup ✗, pricing-quote ✓")
+    assert [r["steps"] for r in rows.values()] == [12, 6, 3, 2]
+    assert rows["tools"]["tokens"] > 0  # the model's turns are metered like any completion
     assert any("→ pricing-quote (by rule)" in line for line in said), said
     for name in rows:  # what `hivemesh up` spawns for the demo serves exactly what it waits for
         served = {c for a in DEMOS[name].agents for c in _agent(a).capabilities}
         assert served == set(DEMOS[name].capabilities), name
+    # With no pricing specialist left, the mesh tool's call fails: the model hears why and the agent answers.
+    await pricing.stop()
+    await wait_until(lambda: not mesh.instances("pricing-quote"), 10, "the pricing specialist to deregister")
+    alone = await mesh.call("sales-assist", {"customer": "acme", "text": "Price 5 seats?", "seats": 5}, timeout=20)
+    assert [(t["name"], t["ok"]) for t in alone["tools"]] == [("account_lookup", True), ("pricing-quote", False)]
+    assert alone["answer"].startswith("acme is on team with 40 seats, renewing 2027-03-01. I could not get a quote "
+                                      "just now ("), alone["answer"]
 
 
 def _agent(name: str) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 
 import aetcd
@@ -17,7 +18,7 @@ from hivemesh.mesh.registry import AGENTS_PREFIX, ImpostorEntryError, decode_ins
 from hivemesh.sdk import Agent, AgentServer, Context, MeshClient, capability
 from hivemesh.v1.mesh_pb2 import AgentInstance
 from tests.support.agents_for_tests import Echo, EchoAgent, Text
-from tests.support.meshenv import ALLOW_ALL_AUTHZ, TRUST_DOMAIN, MeshEnv, apply_policies_text
+from tests.support.meshenv import ALLOW_ALL_AUTHZ, TRUST_DOMAIN, MeshEnv, apply_policies_text, run_cli
 from tests.support.orch_env import wait_until
 
 
@@ -108,9 +109,14 @@ async def test_an_impostor_entry_gets_no_calls_and_no_tokens(mesh_env: MeshEnv, 
             answers = [await client.call("echo", {"text": f"t{i}"}, timeout=10) for i in range(6)]
             assert all(a["served_by"] == "real" for a in answers), answers
             assert "fake-1" not in {i.instance_id for i in client.node.registry.instances("echo")}
+        # The operator's `hivemesh call` (a fresh node that reads the impostor entry at start): before, the entry
+        # made every such call fail (GRANT_DENIED); now it reaches the real instance.
+        code, out, err = await run_cli(mesh_env, "call", "echo", "--json", "--data", '{"text": "operator"}')
+        assert code == 0, err
+        assert json.loads(out)["served_by"] == "real"
     print(f"\nimpostor: connections {wire.connections}, calls {mallory.calls}, real calls {real.calls}")
     assert wire.connections == 0 and mallory.calls == 0
-    assert real.calls == 6
+    assert real.calls == 7
 
 
 def test_decode_binds_the_entry_to_its_key() -> None:

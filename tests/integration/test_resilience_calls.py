@@ -308,16 +308,24 @@ spec:
         low = [asyncio.create_task(call(f"low{i}", 0)) for i in range(6)]
         traffic = f.servers[0].node.traffic.state
         await wait_until(lambda: (g := traffic.gate_of("flaky")) is not None and g.queued >= 3, 5, "a full queue")
+        metrics = f.servers[0].node.metrics
+        assert metrics is not None  # an agent's metrics are on by default
+        full = metrics.metrics.exposition().decode()  # read in the same step as the queue: nothing moved since
         urgent = asyncio.create_task(call("urgent", 10))
         results = await asyncio.gather(*low, urgent)
         gate = traffic.gate_of("flaky")
         assert gate is not None
+        drained = metrics.metrics.exposition().decode()
         print(f"\npriority: completion order {done}; shed {gate.shed}")
     # One slot of two is reserved for urgent calls: one low call runs, three queue, two are shed at once;
     # the urgent call runs in its reserved slot at once and finishes before any queued low call.
     assert results.count("shed") == 2 and results[-1] == "ok"
     assert done.index("urgent") <= 1
     assert gate.in_flight == 0
+    # The node's /metrics said the same: the queue depth while it was full, then empty, and the two shed.
+    assert 'hivemesh_admission_queue_depth{capability="flaky"} 3.0' in full
+    assert 'hivemesh_admission_queue_depth{capability="flaky"} 0.0' in drained
+    assert 'hivemesh_admission_shed_total{capability="work"} 2.0' in drained
 
 
 async def test_default_deadline_applies_only_when_the_caller_gives_none(mesh_env: MeshEnv, etcd: aetcd.Client) -> None:

@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -17,6 +18,7 @@ from hivemesh.controlplane.retention import Retention
 from hivemesh.controlplane.retention_config import RetentionConfig
 from hivemesh.mesh.etcd import EtcdServer, client, wait_connected
 from hivemesh.mesh.keyspace import WORKFLOW_INDEX as INDEX
+from hivemesh.mesh.revocation import Revocation
 from hivemesh.sdk import AgentServer, MeshClient
 from hivemesh.sdk.workflow import WorkflowState, WorkflowStore
 from hivemesh.v1 import escalation_pb2, escalation_pb2_grpc
@@ -139,3 +141,36 @@ async def test_without_retention_the_same_load_fills_the_quota(small_etcd: EtcdS
             await _churn(env, WRITTEN)
     finally:
         await stop_mesh_env(env)
+
+
+async def test_revocations_past_their_expiry_are_deleted_after_the_configured_period(etcd: Any) -> None:
+    """Revocations are leased until they expire, but one whose lease outlived it (written without one, or by an
+    older version) is deleted once no token it covers can be valid and `revocations` has passed; the rest stay.
+    A real etcd, the real pass; only the clock is fixed."""
+    now = 1_000_000.0
+    revs = {
+        "old-jti": Revocation(jti="old-jti", revoked_at=now - 9000, expires_at=now - 7200),
+        "recent-jti": Revocation(jti="recent-jti", revoked_at=now - 900, expires_at=now - 600),
+        "live-jti": Revocation(jti="live-jti", revoked_at=now - 60, expires_at=now + 600),
+        "old-subject": Revocation(subject="spiffe://hivemesh.local/agent/gone", revoked_at=now - 9000,
+                                  expires_at=now - 3601),
+    }
+    for rev in revs.values():
+        await etcd.put(rev.key().encode(), rev.to_json())
+    records: list[Any] = []
+
+    async def record(fields: Any) -> None:
+        records.append(dict(fields))
+
+    def config(revocations: str) -> RetentionConfig:
+        return RetentionConfig.parse(f"history=never,workflows=never,escalations=never,revocations={revocations}")
+
+    kept_forever = await Retention(etcd, config("never"), record, clock=lambda: now).run_once()
+    assert kept_forever.revocations == [] and records == []
+    report = await Retention(etcd, config("1h"), record, clock=lambda: now).run_once()
+    assert sorted(report.revocations) == sorted(["old-jti", revs["old-subject"].subject])
+    for name, rev in revs.items():
+        assert (await etcd.get(rev.key().encode()) is None) == name.startswith("old-"), name
+    [audited] = records
+    assert (audited["event"], audited["what"], audited["count"], audited["older_than_s"]) == (
+        "retention", "revocations", 2, 3600.0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import stat
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -174,6 +175,10 @@ async def test_agent_error_status_reaches_the_caller_unchanged(rig: Rig) -> None
 
 
 async def test_outbound_mesh_service_calls_a_capability_by_name(rig: Rig) -> None:
+    # By default (no mesh_listen) Mesh is served on a Unix socket only this user may open, and on no TCP port.
+    assert rig.sidecar.mesh_socket is not None and rig.sidecar.mesh_port == 0
+    assert rig.sidecar.mesh_endpoint == f"unix:{rig.sidecar.mesh_socket}"
+    assert stat.S_IMODE(rig.sidecar.mesh_socket.stat().st_mode) == 0o600
     async with grpc.aio.insecure_channel(rig.sidecar.mesh_endpoint) as channel:
         stub = mesh_pb2_grpc.MeshStub(channel)
         resp = await stub.Call(

@@ -23,6 +23,7 @@ from hivemesh.mesh.errors import (
     DeadlineExceededError,
     HivemeshError,
     InvalidInputError,
+    ToolRoundsExceededError,
 )
 from hivemesh.sdk import Agent, AgentServer, Context, MeshClient, capability
 from hivemesh.sdk.llm import OpenAICompatibleLLM, OpenAIConfig, UsageMeter, llm_from_env, metering
@@ -131,6 +132,7 @@ async def test_a_model_calls_mesh_capabilities_as_tools_through_the_agents_ctx(m
             with pytest.raises(HivemeshError) as bounded:  # a model that never stops asking meets the round bound
                 await mesh.call("assist", {"question": "again", "model": "insistent"}, timeout=20)
             assert bounded.value.code == grpc.StatusCode.INTERNAL and bounded.value.reason == "TOOL_ROUNDS_EXCEEDED"
+            assert type(bounded.value) is ToolRoundsExceededError and bounded.value.metadata == {"max_rounds": "2"}
             assert "after 2 rounds" in bounded.value.message
             assert sum(1 for s in script.seen if s["body"]["model"] == "insistent") == 3
 

@@ -412,3 +412,78 @@ async def test_a_stream_through_a_sidecar_is_one_trace_and_leaves_the_consumers_
     [traceparent] = [v for k, v in md if k == "traceparent"]
     sc = server.context
     assert traceparent == f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}"  # the agent's parent
+
+
+class Tenant(Agent):
+    """An SDK agent that reports model usage, answers with the baggage it sees, and calls the plain agent onward."""
+
+    name = "tenant"
+
+    @capability(description="Echo through the plain agent, with the caller's baggage as seen here")
+    async def tenant(self, req: dict[str, Any], ctx: Context) -> dict[str, Any]:
+        from opentelemetry import baggage
+
+        from hivemesh.sdk.llm import Usage, record_usage
+
+        record_usage(Usage(120, 30, "sdk-model"))
+        out: dict[str, Any] = await ctx.call_capability("plain-echo", {"text": req["text"]}, timeout=20)
+        return {"seen": baggage.get_baggage("tenant"), "text": out["text"]}
+
+
+async def test_baggage_and_model_usage_reach_every_hop_in_both_packagings(
+    spans: InMemorySpanExporter, orch: Orch
+) -> None:
+    """The caller's baggage reaches an in-process agent's handler and, through both sides of a sidecar, the plain
+    agent, as does a remote parent's tracestate; the handler's span and the sidecar's forward carry
+    `gen_ai.usage.*` (a stream's final chunk too); the client's span names the instance that answered."""
+    from opentelemetry import baggage, context, trace
+
+    await orch.serve(Tenant())
+    async with plain_behind_sidecar(orch, leaf=False) as (plain, _sidecar):
+        plain.usage = agent_pb2.Usage(input_tokens=700, output_tokens=300, model="plain-model")
+        for cap in ("plain-echo", "plain-shout"):
+            assert await orch.mesh.node.registry.wait_for_capability(cap, 1, timeout=10)
+        spans.clear()
+        before = len(plain.metadata)
+        token = context.attach(baggage.set_baggage("tenant", "acme"))
+        try:
+            out = await orch.mesh.call("tenant", {"text": "hi"}, timeout=30)
+        finally:
+            context.detach(token)
+        assert out == {"seen": "acme", "text": "hi"}
+        [md] = plain.metadata[before:]
+        assert [v for k, v in md if k == "baggage"] == ["tenant=acme"]
+        finished = spans.get_finished_spans()
+        # A caller inside a remote trace with vendor state: the plain agent gets that trace and its tracestate.
+        remote = trace.SpanContext(0x1234, 0x5678, is_remote=True, trace_flags=trace.TraceFlags(1),
+                                   trace_state=trace.TraceState([("vendor", "v1")]))
+        before = len(plain.metadata)
+        token = context.attach(trace.set_span_in_context(trace.NonRecordingSpan(remote)))
+        try:
+            await orch.mesh.call("plain-echo", {"text": "in a remote trace"}, timeout=20)
+        finally:
+            context.detach(token)
+        [md] = plain.metadata[before:]
+        assert [v for k, v in md if k == "tracestate"] == ["vendor=v1"]
+        [traceparent] = [v for k, v in md if k == "traceparent"]
+        assert str(traceparent).startswith(f"00-{0x1234:032x}-")
+        spans.clear()
+        assert [w async for w in orch.mesh.stream("plain-shout", {"text": "a b"}, timeout=20)] == ["A", "B"]
+    streamed = spans.get_finished_spans()  # the sidecar has stopped: its stream's server span has ended
+
+    by_id = _one_trace(finished)
+    [handler] = [s for s in finished if s.name == "handler tenant"]
+    attrs = handler.attributes or {}
+    assert (attrs["gen_ai.usage.input_tokens"], attrs["gen_ai.usage.output_tokens"]) == (120, 30)
+    assert attrs["gen_ai.request.model"] == "sdk-model" and attrs["hivemesh.packaging"] == "sdk"
+    [forward] = [s for s in finished if s.name == "forward plain-echo"]
+    attrs = forward.attributes or {}
+    assert (attrs["gen_ai.usage.input_tokens"], attrs["gen_ai.usage.output_tokens"]) == (700, 300)
+    assert attrs["gen_ai.request.model"] == "plain-model" and attrs["hivemesh.packaging"] == "sidecar"
+    assert handler.context.span_id in _ancestors(forward, by_id)
+    root = next(s for s in finished if s.parent is None)
+    assert str((root.attributes or {})["hivemesh.instance"])  # the instance that answered
+    assert str((root.attributes or {})["hivemesh.agent"]).endswith("/agent/tenant")
+    [server] = [s for s in streamed if s.kind == SpanKind.SERVER]
+    attrs = server.attributes or {}
+    assert (attrs["gen_ai.usage.input_tokens"], attrs["gen_ai.usage.output_tokens"]) == (700, 300)

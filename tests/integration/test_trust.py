@@ -289,7 +289,7 @@ async def test_revocation_takes_effect_on_every_node_within_a_second(
 
     plain = PlainAgent("plain")
     async with AgentServer(EchoAgent(), await env.settings_for("echo"),
-                           AgentServerConfig(audit_dir=tmp_path / "a")) as inproc, plain:
+                           AgentServerConfig(audit_dir=tmp_path / "a", metrics_listen="127.0.0.1:0")) as inproc, plain:
         async with Sidecar(SidecarConfig(agent=plain.endpoint, audit_dir=str(tmp_path / "b")),
                            await env.settings_for("plain")) as sidecar:
             assert sidecar.node is not None
@@ -343,6 +343,11 @@ async def test_revocation_takes_effect_on_every_node_within_a_second(
                 await ch.close()
             listed = await env.operator.call(env.operator.trust.ListRevocations, trust_pb2.ListRevocationsRequest())
             assert len(listed.revocations) == 3
+            # The node's metrics say how many revocations it holds in force (what it refuses tokens by).
+            from tests.integration.test_metrics_mesh import sample, scrape
+
+            assert inproc.metrics_address is not None
+            assert sample(await asyncio.to_thread(scrape, inproc.metrics_address), "hivemesh_revocations_in_force") == 3
             print(f"\nFIGURE revocation in force on both nodes (in-process + sidecar) after: {', '.join(figures)}")
 
 
@@ -438,6 +443,14 @@ async def test_cached_keys_work_while_etcd_is_down_and_an_unknown_kid_fails_clos
                                    metadata=[("authorization", f"Bearer {new_token}")])
                     err = from_rpc_error(info.value)
                     assert isinstance(err, TokenInvalidError) and "unknown key" in err.message
+                # The node's metrics count the registry watch that broke, and say etcd is not connected.
+                cache = server.node.registry.cache
+                assert await _wait_until(lambda: cache.reconnects >= 1 and not cache.connected, 15)
+                metrics = server.node.metrics
+                assert metrics is not None  # on by default for an agent
+                text = metrics.metrics.exposition().decode()
+                assert "hivemesh_etcd_connected 0.0" in text
+                assert f"hivemesh_etcd_errors_total {float(cache.reconnects)}" in text
     finally:
         own_etcd.start()
         await stop_mesh_env(env)

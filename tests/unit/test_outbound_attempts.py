@@ -240,3 +240,36 @@ async def test_an_open_capability_breaker_refuses_the_call_without_sending() -> 
     with pytest.raises(CircuitOpenError):
         await rig.attempts(agents, _retries(RetryPolicy(backoff=NO_WAIT), settings)).run()
     assert len(agents.sent) == 2
+
+
+async def test_each_attempts_span_names_its_instance_try_number_and_the_breaker_state_it_was_sent_in() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from hivemesh.mesh import tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.enable(provider)
+    try:
+        rig = _Rig()
+        settings = BreakerSettings("b", instance=BreakerPolicy(consecutive_failures=5, open_s=60, max_open_s=60),
+                                   capability=None)
+        agents = _Agents([sent_failure()])
+        await rig.attempts(agents, _retries(RetryPolicy(backoff=NO_WAIT), settings)).run()
+        with_breakers = exporter.get_finished_spans()
+        exporter.clear()
+        await _Rig().attempts(_Agents()).run()  # no breakers policy: no breaker state to name
+        [without] = exporter.get_finished_spans()
+    finally:
+        tracing.disable()
+        provider.shutdown()
+    assert [s.name for s in with_breakers] == ["attempt work", "attempt work"]
+    first, second = (s.attributes or {} for s in with_breakers)
+    assert [first["hivemesh.instance"], second["hivemesh.instance"]] == [i for i, _ in agents.sent]
+    assert (first["hivemesh.retry.attempt"], second["hivemesh.retry.attempt"]) == (1, 2)
+    assert first["hivemesh.breaker.state"] == second["hivemesh.breaker.state"] == "closed"
+    assert first["hivemesh.reason"] and "hivemesh.reason" not in second  # the failed try carries its reason
+    assert "hivemesh.breaker.state" not in (without.attributes or {})

@@ -299,12 +299,12 @@ def test_cache_hit_is_cheap(signer: Signer, verifier: TokenVerifier) -> None:
     verifier.verify(token, capability="extract", peer_thumbprint=THUMB)
     n = 20_000
     best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
+    for _ in range(3):  # this thread's CPU time, not the wall clock: other processes on the machine do not count
+        t0 = time.thread_time()
         for _ in range(n):
             verifier.verify(token, capability="extract", peer_thumbprint=THUMB)
-        best = min(best, (time.perf_counter() - t0) / n)
-    # ~0.5 µs on a quiet machine; the bound leaves room for a busy 2-core CI box.
+        best = min(best, (time.thread_time() - t0) / n)
+    # ~0.5 µs on a quiet machine; the bound leaves room for a slower CPU.
     assert best < 5e-6, f"cache hit took {best * 1e6:.2f} µs"
 
 

@@ -8,9 +8,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import grpc
 import pytest
 
-from hivemesh.mesh.errors import PermissionDeniedError
+from hivemesh.mesh.errors import AgentError, PermissionDeniedError, from_status_parts, to_status
 from hivemesh.mesh.schema import compile_schema
 from hivemesh.sdk.llm import ChatTurn, Message, RuleBasedLLM, TieredLLM, ToolCall, Usage, UsageMeter, metering
 from hivemesh.sdk.tools import (
@@ -178,6 +179,11 @@ async def test_the_round_bound_ends_a_model_that_never_stops_asking() -> None:
     with pytest.raises(ToolRoundsExceededError, match="after 3 rounds") as exc:
         await run_with_tools(model, "go", [counter], max_rounds=3)
     assert exc.value.reason == "TOOL_ROUNDS_EXCEEDED" and model.turns == 4 and len(calls) == 2  # turn 2: bad JSON
+    # It is in the mesh's error table: the status a caller decodes is the same type, code and metadata.
+    status = to_status(exc.value)
+    back = from_status_parts(status.code, status.details, status.trailing_metadata)
+    assert type(back) is ToolRoundsExceededError and back.code == grpc.StatusCode.INTERNAL
+    assert back.metadata == {"max_rounds": "3"} and isinstance(back, AgentError)
     unknown = await run_with_tools(_Insistent("nope"), "go", [counter])
     assert unknown.text == "gave up" and "UnknownTool" in unknown.calls[0].result
     with pytest.raises(ValueError, match="two tools"):

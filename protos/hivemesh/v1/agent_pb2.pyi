@@ -479,11 +479,16 @@ class InvokeChunk(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     FINAL_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     HOPS_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     content_type: _builtins.str
     state: Global___TaskState.ValueType
     final: _builtins.bool
+    signature: _builtins.str
+    """On the final chunk of a signed_payloads capability: the agent's detached JWS over the running digest of every
+    chunk in order (and the request it answers), so a tampered, reordered, dropped or truncated stream fails.
+    """
     @_builtins.property
     def usage(self) -> Global___Usage: ...
     @_builtins.property
@@ -498,11 +503,12 @@ class InvokeChunk(_message.Message):
         state: Global___TaskState.ValueType = ...,
         final: _builtins.bool = ...,
         usage: Global___Usage | None = ...,
+        signature: _builtins.str = ...,
         hops: _abc.Iterable[Global___Hop] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "data", b"data", "final", b"final", "hops", b"hops", "state", b"state", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "data", b"data", "final", b"final", "hops", b"hops", "signature", b"signature", "state", b"state", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -215,6 +215,9 @@ class Notification(_message.Message):
     REMINDED_FIELD_NUMBER: _builtins.int
     GAVE_UP_FIELD_NUMBER: _builtins.int
     HELD_FIELD_NUMBER: _builtins.int
+    RETRY_EVENT_FIELD_NUMBER: _builtins.int
+    RETRY_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    NEXT_ATTEMPT_UNIX_MS_FIELD_NUMBER: _builtins.int
     required: _builtins.bool
     """an `escalations` webhook rule matched it when it was created"""
     delivered_at_unix_ms: _builtins.int
@@ -229,6 +232,15 @@ class Notification(_message.Message):
     """the "opened" retries ran out with no delivery"""
     held: _builtins.str
     """why the deadline policy did not apply ("" when it was not held)"""
+    retry_event: _builtins.str
+    """The retry state of the event being delivered, kept here (not in the leader's memory) so a new leader
+    continues the backoff; written only by the leader, fenced by its term.
+    the event being retried ("" when none)
+    """
+    retry_attempts: _builtins.int
+    """its attempts so far"""
+    next_attempt_unix_ms: _builtins.int
+    """no attempt before then"""
     def __init__(
         self,
         *,
@@ -239,10 +251,13 @@ class Notification(_message.Message):
         reminded: _builtins.bool = ...,
         gave_up: _builtins.bool = ...,
         held: _builtins.str = ...,
+        retry_event: _builtins.str = ...,
+        retry_attempts: _builtins.int = ...,
+        next_attempt_unix_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "delivered_at_unix_ms", b"delivered_at_unix_ms", "gave_up", b"gave_up", "held", b"held", "last_error", b"last_error", "reminded", b"reminded", "required", b"required"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "delivered_at_unix_ms", b"delivered_at_unix_ms", "gave_up", b"gave_up", "held", b"held", "last_error", b"last_error", "next_attempt_unix_ms", b"next_attempt_unix_ms", "reminded", b"reminded", "required", b"required", "retry_attempts", b"retry_attempts", "retry_event", b"retry_event"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
