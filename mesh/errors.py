@@ -322,6 +322,31 @@ class CircuitOpenError(HivemeshError):
     default_message = "the circuit breaker for this capability is open"
 
 
+# --- queued delivery (mesh/queue.py) ----------------------------------------------------------------------------
+class QueueFullError(HivemeshError):
+    """The caller already holds as many queued calls as it may; nothing was written for this one."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "QUEUE_FULL"
+    default_message = "too many calls are held for this caller already"
+
+
+class QueueExpiredError(DeadlineExceededError):
+    """A held call's queue_for passed before any instance of its capability went live; it was never sent."""
+
+    reason = "QUEUE_EXPIRED"
+    default_message = "no instance went live while the call was held; it was never sent"
+
+
+class DeliveryOutcomeUnknownError(HivemeshError):
+    """The node delivering a held call stopped in the middle: the agent may or may not have run it. Not resent,
+    since resending blind could run it twice; the caller decides (an idempotency key makes a resend safe)."""
+
+    code = grpc.StatusCode.UNKNOWN
+    reason = "OUTCOME_UNKNOWN"
+    default_message = "the node delivering the held call stopped mid-call: outcome unknown, not resent"
+
+
 def _all_subclasses(cls: type[HivemeshError]) -> list[type[HivemeshError]]:
     out: list[type[HivemeshError]] = []
     for sub in cls.__subclasses__():
@@ -429,6 +454,12 @@ def from_status_parts(
     if not reason and cls is HivemeshError:
         err.reason = code.name  # type: ignore[misc]
     return err
+
+
+def typed_error(code: grpc.StatusCode, reason: str, message: str) -> HivemeshError:
+    """The typed error for a code, reason and message kept as data (e.g. a held call's stored outcome)."""
+    cls = _BY_REASON.get(reason) or _BY_CODE.get(code) or HivemeshError
+    return cls(message, code=code, reason=reason or code.name)
 
 
 def from_rpc_error(exc: grpc.aio.AioRpcError | grpc.RpcError) -> HivemeshError:

@@ -36,7 +36,8 @@ ROLLOUTS: Final = PREFIX + "rollouts/"
 """<name>: an automatic rollout's progress (JSON), written by the control-plane leader only."""
 QUEUE: Final = PREFIX + "queue/"
 """<kind>-<name>/<id>: a caller's calls held until an instance is live (`hivemesh.mesh.queue`), leased to their
-max wait; only that caller reads and writes its own."""
+max wait, and `<id>.claim` while a node of that identity delivers one (on a short lease); only that caller
+reads and writes its own."""
 CONTROLPLANES: Final = PREFIX + "controlplanes/"
 """<replica id>: each live control-plane replica's addresses (JSON), leased: where nodes fail over to."""
 CONTROLPLANE_LEADER: Final = PREFIX + "controlplane-leader"

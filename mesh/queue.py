@@ -1,13 +1,19 @@
 """Queued delivery: a call held durably in etcd while no instance serves its capability, delivered when one does.
 
-Opt-in per call (`CallOptions(queue_for=60)`, or `MeshClient.enqueue` + `queued(id)` to poll by id). An entry
-lives at `keyspace.QUEUE<kind>-<name>/<id>` (only its caller's etcd role reads or writes there), leased to its
-max wait plus a minute to collect the answer, so etcd itself enforces the age bound; the count bound
-(`max_held`) is checked when a call is enqueued. The caller's node delivers: each pass, it claims every held call
-whose capability has a live instance (a compare-and-swap from `queued` to `delivering`), runs it through the
-ordinary outbound pipeline with a fresh token (authz, grants, budgets apply at delivery, as the caller is then),
-and stores the answer or the error on the entry. A caller that restarts resumes its held calls
-(`resume()`); one it crashed in the middle of delivering is marked failed, outcome unknown, never resent blind.
+Opt-in per call (`CallOptions(queue_for=60)`, `MeshClient.enqueue` + `queued(id)`; through a sidecar,
+`InvokeRequest.queue_for_ms` on `Mesh.Call`/`Mesh.Enqueue` and `Mesh.GetQueued`). An entry lives at
+`keyspace.QUEUE<kind>-<name>/<id>` (only its caller's etcd role reads or writes there) and holds everything
+needed to send it: the serialized request, capability, idempotency key and wait. It is leased to its wait plus a
+minute to collect the answer, so etcd itself enforces the age bound; the count bound (`max_held`) is checked
+when a call is enqueued, before anything is written.
+
+Who delivers: any running node of the caller's identity (the caller's own process, or the sidecar of a plain
+agent, which outlives the agent's process). Each pass it claims every held call whose capability has a live
+instance: a compare-and-swap from `queued` to `delivering` that also writes a claim key on a short lease the
+claimer keeps alive while it sends. It runs the call through the ordinary outbound pipeline with a fresh token
+(authz, grants and budgets judged at delivery, as the caller is then) and stores the answer or the error on the
+entry. A claim whose lease lapsed (its node died mid-call) is failed OUTCOME_UNKNOWN by the next pass of any
+node of that identity, never resent blind. No other party (the control plane included) ever sends as the caller.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import contextvars
 import json
 import logging
 import math
@@ -26,7 +33,15 @@ from typing import Any, Final
 
 import grpc
 
-from hivemesh.mesh.errors import HivemeshError, InvalidInputError, NoLiveInstanceError, NotFoundError
+from hivemesh.mesh.errors import (
+    DeliveryOutcomeUnknownError,
+    HivemeshError,
+    InvalidInputError,
+    NotFoundError,
+    QueueExpiredError,
+    QueueFullError,
+    typed_error,
+)
 from hivemesh.mesh.keyspace import QUEUE
 from hivemesh.mesh.watch import cancel_and_wait
 
@@ -35,14 +50,10 @@ log = logging.getLogger(__name__)
 MAX_WAIT_S: Final = 3600
 KEEP_ANSWER_S: Final = 60
 POLL_S: Final = 0.2
+CLAIM_TTL_S: Final = 6
+"""A delivering node's claim lapses this long after it stops refreshing it (it refreshes every third of it)."""
+CLAIM_SUFFIX: Final = ".claim"
 QUEUED, DELIVERING, DONE, FAILED = "queued", "delivering", "done", "failed"
-
-
-class QueueFullError(HivemeshError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    reason = "QUEUE_FULL"
-    default_message = "too many calls are held for this caller already"
-
 
 @dataclass(frozen=True)
 class HeldCall:
@@ -55,6 +66,8 @@ class HeldCall:
     expires_at_unix_ms: int
     response: bytes = b""
     error: HivemeshError | None = None
+    call_id: str = ""
+    idempotency_key: str = ""
 
 
 def _encode(doc: dict[str, Any]) -> bytes:
@@ -67,14 +80,14 @@ def _held(doc: dict[str, Any]) -> HeldCall:
         id=doc["id"], capability=doc["capability"], state=doc["state"],
         enqueued_at_unix_ms=doc["enqueued_at_unix_ms"], expires_at_unix_ms=doc["expires_at_unix_ms"],
         response=base64.b64decode(doc.get("response", "")),
-        error=None if err is None else HivemeshError(
-            err["message"], code=grpc.StatusCode[err["code"]], reason=err["reason"]),
+        call_id=doc.get("call_id", ""), idempotency_key=doc.get("idempotency_key", ""),
+        error=None if err is None else typed_error(grpc.StatusCode[err["code"]], err["reason"], err["message"]),
     )
 
 
 class CallQueue:
-    """One caller's held calls. invoke(raw, capability, idempotency_key) sends one call (the node's pipeline);
-    live(capability) says whether an instance serves it now."""
+    """One caller identity's held calls. invoke(raw, capability, idempotency_key) sends one call (the node's
+    pipeline); live(capability) says whether an instance serves it now."""
 
     def __init__(self, etcd: Any, owner: str, invoke: Callable[[bytes, str, str], Any],
                  live: Callable[[str], bool], *, max_held: int = 100, poll_s: float = POLL_S) -> None:
@@ -85,43 +98,59 @@ class CallQueue:
         self.max_held = max_held
         self.poll_s = poll_s
         self._task: asyncio.Task[None] | None = None
+        self._enqueueing = asyncio.Lock()  # count check and write as one step, within this node
 
     def _key(self, call_id: str) -> bytes:
         return (self.prefix + call_id).encode()
 
-    async def _docs(self) -> list[tuple[dict[str, Any], int, int]]:
-        """(document, mod revision, lease) of every held call of this caller."""
-        out = []
+    async def _docs(self) -> tuple[list[tuple[dict[str, Any], int, int]], set[str]]:
+        """(document, mod revision, lease) of every held call of this identity, and the ids with a live claim."""
+        out, claimed = [], set()
         for kv in await self.etcd.get_prefix(self.prefix.encode()):
+            key = kv.key.decode()
+            if key.endswith(CLAIM_SUFFIX):
+                claimed.add(key[len(self.prefix):-len(CLAIM_SUFFIX)])
+                continue
             with contextlib.suppress(ValueError, KeyError):
                 out.append((json.loads(kv.value), int(kv.mod_revision), int(kv.lease)))
-        return out
+        return out, claimed
 
     async def held(self) -> list[HeldCall]:
-        """Every call of this caller still held or its answer still kept, oldest first."""
-        calls = [_held(doc) for doc, _, _ in await self._docs()]
+        """Every call of this identity still held or its answer still kept, oldest first."""
+        docs, _ = await self._docs()
+        calls = [_held(doc) for doc, _, _ in docs]
         return sorted(calls, key=lambda c: c.enqueued_at_unix_ms)
 
-    async def enqueue(self, capability: str, raw: bytes, idempotency_key: str, max_wait: float) -> str:
-        """Hold one call (raw: its serialized InvokeRequest) for at most max_wait seconds; its id."""
+    async def enqueue(self, capability: str, raw: bytes, idempotency_key: str, max_wait: float, *,
+                      call_id: str = "") -> str:
+        """Hold one call (raw: its serialized InvokeRequest) for at most max_wait seconds; its id. Refused
+        (InvalidInputError, QueueFullError) before anything is written; a failed write leaves nothing behind."""
         if not 0 < max_wait <= MAX_WAIT_S:
             msg = f"must be in (0, {MAX_WAIT_S}] seconds"
             raise InvalidInputError(f"the queue wait {msg}, got {max_wait}", field_violations={"max_wait": msg})
-        held = sum(1 for c in await self.held() if c.state in (QUEUED, DELIVERING))
-        if held >= self.max_held:
-            raise QueueFullError(f"{held} calls are held already (at most {self.max_held}); try again later",
-                                 metadata={"max_held": str(self.max_held)})
-        now = int(time.time() * 1000)
-        call_id = f"q-{secrets.token_hex(8)}"
-        lease = await self.etcd.lease(math.ceil(max_wait) + KEEP_ANSWER_S)
-        doc = {"id": call_id, "capability": capability, "state": QUEUED, "idempotency_key": idempotency_key,
-               "enqueued_at_unix_ms": now, "expires_at_unix_ms": now + int(max_wait * 1000),
-               "request": base64.b64encode(raw).decode()}
-        await self.etcd.put(self._key(call_id), _encode(doc), lease=lease.id)
+        async with self._enqueueing:
+            held = sum(1 for c in await self.held() if c.state in (QUEUED, DELIVERING))
+            if held >= self.max_held:
+                raise QueueFullError(f"{held} calls are held already (at most {self.max_held}); try again later",
+                                     metadata={"max_held": str(self.max_held)})
+            now = int(time.time() * 1000)
+            held_id = f"q-{secrets.token_hex(8)}"
+            lease = await self.etcd.lease(math.ceil(max_wait) + KEEP_ANSWER_S)
+            doc = {"id": held_id, "capability": capability, "state": QUEUED, "idempotency_key": idempotency_key,
+                   "call_id": call_id, "enqueued_at_unix_ms": now, "expires_at_unix_ms": now + int(max_wait * 1000),
+                   "request": base64.b64encode(raw).decode()}
+            try:
+                await self.etcd.put(self._key(held_id), _encode(doc), lease=lease.id)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await self.etcd.revoke_lease(lease.id)  # the put may have landed: take it back with its lease
+                raise
         self.start()
-        return call_id
+        return held_id
 
     async def get(self, call_id: str) -> HeldCall:
+        if not call_id or "/" in call_id or call_id.endswith(CLAIM_SUFFIX):
+            raise InvalidInputError(f"{call_id!r} is not a held call id", field_violations={"id": "q-<hex>"})
         kv = await self.etcd.get(self._key(call_id))
         if kv is None:
             raise NotFoundError(f"no held call {call_id!r} (never held by this caller, or older than its wait "
@@ -138,21 +167,18 @@ class CallQueue:
             await asyncio.sleep(min(self.poll_s, max(0.0, end - time.monotonic())))
 
     def start(self) -> None:
-        """Deliver held calls from now on (idempotent)."""
+        """Deliver held calls from now on (idempotent). The loop runs in a fresh context: a delivery never
+        inherits the enqueuing call's delegation (`on_behalf_of`) or trace."""
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name="hivemesh-call-queue")
+            self._task = asyncio.get_running_loop().create_task(
+                self._loop(), name="hivemesh-call-queue", context=contextvars.Context())
 
     async def resume(self) -> int:
-        """After a restart: mark calls caught mid-delivery failed, deliver the rest; how many are held."""
-        count = 0
-        for doc, rev, lease in await self._docs():
-            if doc.get("state") == DELIVERING:
-                err = NoLiveInstanceError("the caller restarted while delivering it: outcome unknown, not resent")
-                await self._finish(doc, rev, lease, b"", err)
-            elif doc.get("state") == QUEUED:
-                count += 1
+        """After a (re)start: deliver what this identity still holds; how many calls are waiting. A call some
+        node of this identity was delivering when it died is failed OUTCOME_UNKNOWN once its claim lapses."""
+        docs, _ = await self._docs()
         self.start()
-        return count
+        return sum(1 for doc, _, _ in docs if doc.get("state") in (QUEUED, DELIVERING))
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -171,39 +197,69 @@ class CallQueue:
             await asyncio.sleep(self.poll_s)
 
     async def run_once(self) -> int:
-        """Deliver what can be delivered now; how many calls are still held."""
-        waiting = 0
+        """Deliver what can be delivered now; how many calls are still held (waiting or being delivered)."""
+        pending = 0
         now = int(time.time() * 1000)
-        for doc, rev, lease in await self._docs():
-            if doc.get("state") != QUEUED:
+        docs, claimed = await self._docs()
+        for doc, rev, lease in docs:
+            state = doc.get("state")
+            if state == DELIVERING:
+                if doc["id"] in claimed:
+                    pending += 1  # some node of this identity is sending it now
+                else:
+                    await self._finish(doc, rev, lease, b"", DeliveryOutcomeUnknownError())
+                continue
+            if state != QUEUED:
                 continue
             if doc["expires_at_unix_ms"] <= now:
-                err = NoLiveInstanceError(f"no instance of {doc['capability']!r} went live while it was held")
+                err = QueueExpiredError(f"no instance of {doc['capability']!r} went live while it was held")
                 await self._finish(doc, rev, lease, b"", err)
-                continue
-            if not self._live(doc["capability"]):
-                waiting += 1
-                continue
-            claimed = {**doc, "state": DELIVERING}
-            tx = self.etcd.transactions
-            key = self._key(doc["id"])
-            ok, _ = await self.etcd.transaction(compare=[tx.mod(key) == rev],
-                                                success=[tx.put(key, _encode(claimed), lease=lease)], failure=[])
+            elif not self._live(doc["capability"]):
+                pending += 1
+            else:
+                await self._deliver(doc, rev, lease)
+        return pending
+
+    async def _deliver(self, doc: dict[str, Any], rev: int, lease: int) -> None:
+        """Claim one held call (so it is sent once, and a crash mid-call shows), send it, store the outcome."""
+        claim = await self.etcd.lease(CLAIM_TTL_S)
+        claimed = {**doc, "state": DELIVERING}
+        tx = self.etcd.transactions
+        key = self._key(doc["id"])
+        claim_key = key + CLAIM_SUFFIX.encode()
+        try:
+            ok, _ = await self.etcd.transaction(
+                compare=[tx.mod(key) == rev],
+                success=[tx.put(key, _encode(claimed), lease=lease), tx.put(claim_key, b"", lease=claim.id)],
+                failure=[])
             if not ok:
-                continue
-            kv = await self.etcd.get(key)
-            response, error = b"", None
+                return  # another node of this identity claimed it, or it changed: the next pass sees
+            keepalive = asyncio.get_running_loop().create_task(self._keep(claim), name="hivemesh-queue-claim")
             try:
-                response = await self._invoke(base64.b64decode(doc["request"]), doc["capability"],
-                                              doc.get("idempotency_key", ""))
-            except HivemeshError as err:
-                error = err
-            if kv is not None:
-                await self._finish(claimed, int(kv.mod_revision), lease, response, error)
-        return waiting
+                kv = await self.etcd.get(key)
+                response, error = b"", None
+                try:
+                    response = await self._invoke(base64.b64decode(doc["request"]), doc["capability"],
+                                                  doc.get("idempotency_key", ""))
+                except HivemeshError as err:
+                    error = err
+                if kv is not None:
+                    await self._finish(claimed, int(kv.mod_revision), lease, response, error)
+            finally:
+                await cancel_and_wait(keepalive)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.etcd.revoke_lease(claim.id)  # the claim key goes with it
+
+    async def _keep(self, claim: Any) -> None:
+        while True:
+            await asyncio.sleep(CLAIM_TTL_S / 3)
+            with contextlib.suppress(Exception):  # a missed refresh: the next one may land in time
+                await claim.refresh()
 
     async def _finish(self, doc: dict[str, Any], rev: int, lease: int, response: bytes,
                       error: HivemeshError | None) -> None:
+        """Store the outcome, unless the entry changed since rev (then whoever changed it decided)."""
         done = {**doc, "state": FAILED if error else DONE, "request": ""}
         if error is not None:
             done["error"] = {"code": error.code.name, "reason": error.reason, "message": error.message}

@@ -60,6 +60,7 @@ from hivemesh.mesh.node import MeshNode
 from hivemesh.mesh.node_health import NodeHealth
 from hivemesh.mesh.node_metrics import OWNED_DEFAULT, NodeMetrics, metrics_listen, parse_listen
 from hivemesh.mesh.output_check import OutputCheck, note_refusal
+from hivemesh.mesh.queue_rpc import NOT_QUEUEABLE, SidecarQueue, queue_for_s
 from hivemesh.mesh.readiness import DEFAULT_INTERVAL_S
 from hivemesh.mesh.registry import Registration, default_instance_id, drain_after_deregistration
 from hivemesh.mesh.schema import compile_schema
@@ -134,6 +135,8 @@ class SidecarConfig:
     """How often health checks that the agent answers and that the registry entry is there."""
     output_classifier: str | None = None
     """`module:callable` naming what the output screens act on (checked here); default: the pattern classifier."""
+    max_held_calls: int = 100
+    """Most calls this identity may hold queued at once (`queue_for_ms`); one more is QUEUE_FULL."""
 
     def __post_init__(self) -> None:
         if (self.agent is None) == (self.client is None):
@@ -150,6 +153,8 @@ class SidecarConfig:
             advertised_host(self.listen.rpartition(":")[0], self.advertise)  # no wildcard reaches the registry
         if self.lease_ttl_s < 2:
             raise ValueError("lease_ttl_s must be at least 2 seconds")
+        if self.max_held_calls < 1:
+            raise ValueError(f"max_held_calls must be at least 1: {self.max_held_calls}")
         if self.metrics_listen is not None:
             parse_listen(self.metrics_listen)  # raises, saying what is wrong
         if self.health_listen is not None:
@@ -219,6 +224,8 @@ class Sidecar:
         """The `Mesh` service's TCP port, only with mesh_listen (0 on the default Unix socket)."""
         self.mesh_socket: Path | None = None
         """The `Mesh` service's Unix socket (None with mesh_listen)."""
+        self.queue: SidecarQueue | None = None
+        """Local callers' held calls (`queue_for_ms`), delivered by this sidecar."""
 
     @property
     def endpoint(self) -> str:
@@ -303,6 +310,7 @@ class Sidecar:
             self._inbound = front
             mesh = self._bind_mesh()
             await front.start(cfg.listen.rpartition(":")[0], self.port)
+            await self._open_queue()
             await mesh.start()
             self._mesh = mesh
             instance = mesh_pb2.AgentInstance(
@@ -329,6 +337,7 @@ class Sidecar:
         assert self.node is not None
         cfg = self.config
         mesh = ManagedServer(services=[MESH_SERVICE], readiness=self.health.readiness)
+        self.queue = SidecarQueue(self.node, self._subject_token, self._chained, max_held=cfg.max_held_calls)
         mesh.add_generic(self._mesh_handler())
         if cfg.mesh_listen is not None:
             self.mesh_port = mesh.add_insecure_port(cfg.mesh_listen)
@@ -340,6 +349,13 @@ class Sidecar:
             bind_private_socket(mesh.server, path)
             self.mesh_socket = path.absolute()
         return mesh
+
+    async def _open_queue(self) -> None:
+        """Resume the held calls of this identity (a restarted sidecar delivers what its predecessor held)."""
+        assert self.node is not None and self.queue is not None
+        waiting = await self.queue.start()
+        if waiting:
+            log.info("resumed %d held call(s) of %s", waiting, self.node.workload.spiffe_id)
 
     async def _start_client(self, name: str) -> None:
         """Caller only: join as client `name` and serve `Mesh`; nothing inbound, nothing registered."""
@@ -354,6 +370,7 @@ class Sidecar:
                 self.node.outbound.signed_recorder = self.audit.signed
                 self.node.outbound.shadow.recorder = self.audit.record  # differing shadow answers
             mesh = self._bind_mesh()
+            await self._open_queue()
             await mesh.start()
             self._mesh = mesh
             await self.health.open([MESH_SERVICE])
@@ -385,6 +402,9 @@ class Sidecar:
             if server is not None:
                 await server.stop(grace)
         self._inbound = self._mesh = None
+        if self.queue is not None:
+            await self.queue.stop()  # what is still held stays in etcd for the next sidecar of this identity
+            self.queue = None
         if self.mesh_socket is not None:
             remove_socket(self.mesh_socket)
         if self.audit is not None:
@@ -562,6 +582,7 @@ class Sidecar:
                 req = decoded(request)  # handed on, so policies needing a field do not decode it again
                 if tracing.TRACER is not None:
                     tracing.set_attributes({"hivemesh.capability": req.capability})
+                queue_for = queue_for_s(req)
                 reset = on_behalf_of.set(self._subject_token(context))  # None: the sidecar's own token
                 request = self._chained(request, req, context)
                 try:
@@ -569,6 +590,10 @@ class Sidecar:
                         request, capability=req.capability, idempotency_key=req.context.idempotency_key,
                         timeout=context.time_remaining(), metadata=_trace_metadata(context), request=req,
                     )
+                except NOT_QUEUEABLE:
+                    if not queue_for or self.queue is None:
+                        raise
+                    raw = await self.queue.hold_and_wait(request, queue_for, context)
                 finally:
                     on_behalf_of.reset(reset)
             except HivemeshError as err:
@@ -646,6 +671,7 @@ class Sidecar:
                     request_deserializer=mesh_pb2.CallBatchRequest.FromString,
                     response_serializer=mesh_pb2.CallBatchResponse.SerializeToString,
                 ),
+                **(self.queue.handlers() if self.queue is not None else {}),
                 "ListCapabilities": grpc.unary_unary_rpc_method_handler(
                     list_capabilities,
                     request_deserializer=mesh_pb2.ListCapabilitiesRequest.FromString,

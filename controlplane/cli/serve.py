@@ -96,6 +96,9 @@ def controlplane(obj: CliContext, etcd_endpoints: str, state_dir: Path | None, t
 @click.option("--max-call-depth", default=8, show_default=True, type=click.IntRange(min=1),
               help="Most agents one call chain may pass through before this agent refuses it (DEPTH_EXCEEDED); "
                    "a capability declaring recursion keeps its own bound.")
+@click.option("--max-held-calls", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Most calls this identity may hold queued at once (Mesh.Call with queue_for_ms, Enqueue); "
+                   "one more is refused QUEUE_FULL.")
 @click.option("--limit", "limits", multiple=True, metavar="CAP=BYTES",
               help="Input size limit of one capability (repeatable).")
 @click.option("--no-content-screen", is_flag=True, help="Do not screen text fields for prompt-injection patterns.")
@@ -113,8 +116,9 @@ def controlplane(obj: CliContext, etcd_endpoints: str, state_dir: Path | None, t
 @friendly_errors
 def sidecar(agent: str | None, client: str | None, listen: str, advertise: str | None, mesh_socket: str | None,
             mesh_listen: str | None, name: str | None, lease_ttl: int, max_input_bytes: int, max_call_depth: int,
-            limits: tuple[str, ...], no_content_screen: bool, screen_exempt: tuple[str, ...], audit_dir: str | None,
-            metrics_listen: str | None, health_listen: str | None, output_classifier: str | None) -> None:
+            max_held_calls: int, limits: tuple[str, ...], no_content_screen: bool, screen_exempt: tuple[str, ...],
+            audit_dir: str | None, metrics_listen: str | None, health_listen: str | None,
+            output_classifier: str | None) -> None:
     """Front an agent written in any language (--agent), or serve a caller in any language (--client):
     mTLS, tokens, authz, audit, registry, routing.
 
@@ -151,7 +155,7 @@ def sidecar(agent: str | None, client: str | None, listen: str, advertise: str |
         config = SidecarConfig(agent=agent, client=client, listen=listen, advertise=advertise, mesh_socket=mesh_socket,
                                mesh_listen=mesh_listen, name=name, lease_ttl_s=lease_ttl,
                                max_input_bytes=max_input_bytes, max_call_depth=max_call_depth,
-                               limits=tuple(per_cap),
+                               max_held_calls=max_held_calls, limits=tuple(per_cap),
                                content_screen=not no_content_screen, screen_exempt=screen_exempt,
                                audit_dir=audit_dir, metrics_listen=metrics_listen, health_listen=health_listen,
                                output_classifier=output_classifier)

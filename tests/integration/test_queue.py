@@ -1,7 +1,8 @@
 """Queued delivery on a real mesh (etcd with TLS and per-workload roles): a call made with `queue_for` while no
 instance serves its capability is held in etcd and delivered once an agent registers; a call enqueued
 without waiting is polled by id; the count bound refuses one call too many; without opting in, the call fails
-at once as before."""
+at once as before; a client that holds a call and closes leaves it to the next client of its identity
+(`resume_queued`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import asyncio
 
 import pytest
 
-from hivemesh.mesh.errors import InvalidInputError, NotFoundError, UnknownCapabilityError
-from hivemesh.mesh.queue import QueueFullError
+from hivemesh.mesh.errors import InvalidInputError, NotFoundError, QueueFullError, UnknownCapabilityError
+from hivemesh.sdk import MeshClient
 from tests.support.agents_for_tests import EchoAgent
 from tests.support.orch_env import Orch, wait_until
 
@@ -38,6 +39,13 @@ async def test_held_until_an_instance_registers(orch: Orch) -> None:
         await mesh.queued("q-nope")
     assert not waiting.done()
 
+    # A caller that holds a call and goes away: the next client of its identity resumes and delivers it.
+    settings = await orch.env.settings_for("restarter", "client")
+    async with MeshClient.connect(name="restarter", settings=settings) as gone:
+        kept = await gone.enqueue("echo", {"text": "kept"}, max_wait=20)
+    back = await orch.client("restarter")
+    assert await back.resume_queued() == 1
+
     agent = EchoAgent()
     await orch.serve(agent)
     answer = await asyncio.wait_for(waiting, 15)
@@ -46,4 +54,6 @@ async def test_held_until_an_instance_registers(orch: Orch) -> None:
     assert result is not None and result.output["text"] == "polled"
     third_result = await mesh.queued(third, wait=10)
     assert third_result is not None and third_result.output["text"] == "third"
-    assert agent.calls == 3  # each held call delivered exactly once
+    kept_result = await back.queued(kept, wait=10)
+    assert kept_result is not None and kept_result.output["text"] == "kept"
+    assert agent.calls == 4  # each held call delivered exactly once

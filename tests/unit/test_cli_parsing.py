@@ -97,6 +97,7 @@ def test_every_command_has_help_that_names_its_json_flag_where_it_reports_data(h
         (["sidecar"], "give --agent ADDRESS (front an agent) or --client NAME (caller only), exactly one"),
         (["sidecar", "--agent", "127.0.0.1:1", "--max-call-depth", "0"], "0 is not in the range x>=1"),
         (["sidecar", "--client", "c", "--max-call-depth", "3"], "--max-call-depth: only with --agent"),
+        (["sidecar", "--client", "c", "--max-held-calls", "0"], "0 is not in the range x>=1"),
         (["sidecar", "--agent", "127.0.0.1:1", "--output-classifier", "dlp"], "give it as package.module:callable"),
         (["sidecar", "--client", "c", "--output-classifier", "m:f"], "--output-classifier: only with --agent"),
         (["controlplane", "--port", "x"], "'x' is not a valid integer"),

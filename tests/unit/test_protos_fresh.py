@@ -37,7 +37,8 @@ def test_wire_contract() -> None:
         for s in f.DESCRIPTOR.services_by_name.values()
     }
     assert services["hivemesh.v1.Agent"] == ["Describe", "Invoke", "InvokeStream"]
-    assert services["hivemesh.v1.Mesh"] == ["Call", "CallBatch", "CallStream", "ListCapabilities", "Resolve"]
+    assert services["hivemesh.v1.Mesh"] == ["Call", "CallBatch", "CallStream", "Enqueue", "GetQueued",
+                                            "ListCapabilities", "ListQueued", "Resolve"]
     assert "SignCertificate" in services["hivemesh.v1.Join"]
     assert {"IssueToken", "CreateJoinToken", "ListAgents", "GetJwks"} <= set(services["hivemesh.v1.ControlPlane"])
     req = agent_pb2.InvokeRequest.DESCRIPTOR.fields_by_name

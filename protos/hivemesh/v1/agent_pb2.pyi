@@ -313,11 +313,17 @@ class InvokeRequest(_message.Message):
     CONTENT_TYPE_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    QUEUE_FOR_MS_FIELD_NUMBER: _builtins.int
     capability: _builtins.str
     input: _builtins.bytes
     """the payload; JSON unless content_type says otherwise"""
     content_type: _builtins.str
     """default "application/json" """
+    queue_for_ms: _builtins.int
+    """Mesh.Call and Mesh.Enqueue only (the caller's sidecar reads it; agents ignore it): when no instance serves the
+    capability, hold the call durably for up to this long (1..3600000 ms) and deliver it once one registers,
+    instead of failing NO_LIVE_INSTANCE (docs/orchestration.md, "Queued delivery"). 0: do not queue.
+    """
     @_builtins.property
     def context(self) -> Global___CallContext: ...
     @_builtins.property
@@ -330,10 +336,11 @@ class InvokeRequest(_message.Message):
         content_type: _builtins.str = ...,
         context: Global___CallContext | None = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        queue_for_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "content_type", b"content_type", "context", b"context", "input", b"input", "metadata", b"metadata"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "content_type", b"content_type", "context", b"context", "input", b"input", "metadata", b"metadata", "queue_for_ms", b"queue_for_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -306,3 +306,117 @@ class CallBatchResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CallBatchResponse: _TypeAlias = CallBatchResponse  # noqa: Y015
+
+@_typing.final
+class GetQueuedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    WAIT_MS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """from Enqueue, the hivemesh-queued-id header, or ListQueued"""
+    wait_ms: _builtins.int
+    """wait up to this long for delivery (bounded by the RPC's deadline); 0: now"""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        wait_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "wait_ms", b"wait_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetQueuedRequest: _TypeAlias = GetQueuedRequest  # noqa: Y015
+
+@_typing.final
+class QueuedCall(_message.Message):
+    """QueuedCall is one held call: waiting, being delivered, or delivered with its answer or error."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    CAPABILITY_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ENQUEUED_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    capability: _builtins.str
+    state: _builtins.str
+    """"queued", "delivering", "done" (response set) or "failed" (error set)"""
+    enqueued_at_unix_ms: _builtins.int
+    expires_at_unix_ms: _builtins.int
+    """held no longer than this; then failed DEADLINE_EXCEEDED / QUEUE_EXPIRED"""
+    call_id: _builtins.str
+    """the held InvokeRequest's context.call_id"""
+    idempotency_key: _builtins.str
+    """and its context.idempotency_key"""
+    @_builtins.property
+    def response(self) -> _agent_pb2.InvokeResponse: ...
+    @_builtins.property
+    def error(self) -> Global___BatchItemError:
+        """the status the call ended with (code, reason, message)"""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        capability: _builtins.str = ...,
+        state: _builtins.str = ...,
+        enqueued_at_unix_ms: _builtins.int = ...,
+        expires_at_unix_ms: _builtins.int = ...,
+        call_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+        response: _agent_pb2.InvokeResponse | None = ...,
+        error: Global___BatchItemError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "capability", b"capability", "enqueued_at_unix_ms", b"enqueued_at_unix_ms", "error", b"error", "expires_at_unix_ms", b"expires_at_unix_ms", "id", b"id", "idempotency_key", b"idempotency_key", "outcome", b"outcome", "response", b"response", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["response", "error"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___QueuedCall: _TypeAlias = QueuedCall  # noqa: Y015
+
+@_typing.final
+class ListQueuedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListQueuedRequest: _TypeAlias = ListQueuedRequest  # noqa: Y015
+
+@_typing.final
+class ListQueuedResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALLS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueuedCall]: ...
+    def __init__(
+        self,
+        *,
+        calls: _abc.Iterable[Global___QueuedCall] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListQueuedResponse: _TypeAlias = ListQueuedResponse  # noqa: Y015

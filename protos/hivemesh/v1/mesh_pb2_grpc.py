@@ -50,6 +50,21 @@ class MeshStub:
                 request_serializer=hivemesh_dot_v1_dot_mesh__pb2.CallBatchRequest.SerializeToString,
                 response_deserializer=hivemesh_dot_v1_dot_mesh__pb2.CallBatchResponse.FromString,
                 _registered_method=True)
+        self.Enqueue = channel.unary_unary(
+                '/hivemesh.v1.Mesh/Enqueue',
+                request_serializer=hivemesh_dot_v1_dot_agent__pb2.InvokeRequest.SerializeToString,
+                response_deserializer=hivemesh_dot_v1_dot_mesh__pb2.QueuedCall.FromString,
+                _registered_method=True)
+        self.GetQueued = channel.unary_unary(
+                '/hivemesh.v1.Mesh/GetQueued',
+                request_serializer=hivemesh_dot_v1_dot_mesh__pb2.GetQueuedRequest.SerializeToString,
+                response_deserializer=hivemesh_dot_v1_dot_mesh__pb2.QueuedCall.FromString,
+                _registered_method=True)
+        self.ListQueued = channel.unary_unary(
+                '/hivemesh.v1.Mesh/ListQueued',
+                request_serializer=hivemesh_dot_v1_dot_mesh__pb2.ListQueuedRequest.SerializeToString,
+                response_deserializer=hivemesh_dot_v1_dot_mesh__pb2.ListQueuedResponse.FromString,
+                _registered_method=True)
         self.ListCapabilities = channel.unary_unary(
                 '/hivemesh.v1.Mesh/ListCapabilities',
                 request_serializer=hivemesh_dot_v1_dot_mesh__pb2.ListCapabilitiesRequest.SerializeToString,
@@ -87,6 +102,31 @@ class MeshServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Enqueue(self, request, context):
+        """Enqueue holds one call (its queue_for_ms, 1..3600000, bounds how long) for delivery by this sidecar once an
+        instance serves its capability, and answers at once with its id. Call with queue_for_ms does the same and
+        waits; still held when it stops waiting, it fails NO_LIVE_INSTANCE with the id in ErrorInfo `queued_id`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetQueued(self, request, context):
+        """GetQueued is one held call of this caller's identity as it stands, after waiting up to wait_ms for it to be
+        delivered; its answer or error is kept for 60 s after its queue_for_ms ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListQueued(self, request, context):
+        """ListQueued lists this caller's identity's held calls, oldest first (a restarted caller finds its calls by
+        the call_id or idempotency key it set).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListCapabilities(self, request, context):
         """ListCapabilities lists what the mesh can do now, from the registry.
         """
@@ -118,6 +158,21 @@ def add_MeshServicer_to_server(servicer, server):
                     servicer.CallBatch,
                     request_deserializer=hivemesh_dot_v1_dot_mesh__pb2.CallBatchRequest.FromString,
                     response_serializer=hivemesh_dot_v1_dot_mesh__pb2.CallBatchResponse.SerializeToString,
+            ),
+            'Enqueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.Enqueue,
+                    request_deserializer=hivemesh_dot_v1_dot_agent__pb2.InvokeRequest.FromString,
+                    response_serializer=hivemesh_dot_v1_dot_mesh__pb2.QueuedCall.SerializeToString,
+            ),
+            'GetQueued': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQueued,
+                    request_deserializer=hivemesh_dot_v1_dot_mesh__pb2.GetQueuedRequest.FromString,
+                    response_serializer=hivemesh_dot_v1_dot_mesh__pb2.QueuedCall.SerializeToString,
+            ),
+            'ListQueued': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQueued,
+                    request_deserializer=hivemesh_dot_v1_dot_mesh__pb2.ListQueuedRequest.FromString,
+                    response_serializer=hivemesh_dot_v1_dot_mesh__pb2.ListQueuedResponse.SerializeToString,
             ),
             'ListCapabilities': grpc.unary_unary_rpc_method_handler(
                     servicer.ListCapabilities,
@@ -211,6 +266,87 @@ class Mesh:
             '/hivemesh.v1.Mesh/CallBatch',
             hivemesh_dot_v1_dot_mesh__pb2.CallBatchRequest.SerializeToString,
             hivemesh_dot_v1_dot_mesh__pb2.CallBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Enqueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hivemesh.v1.Mesh/Enqueue',
+            hivemesh_dot_v1_dot_agent__pb2.InvokeRequest.SerializeToString,
+            hivemesh_dot_v1_dot_mesh__pb2.QueuedCall.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQueued(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hivemesh.v1.Mesh/GetQueued',
+            hivemesh_dot_v1_dot_mesh__pb2.GetQueuedRequest.SerializeToString,
+            hivemesh_dot_v1_dot_mesh__pb2.QueuedCall.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListQueued(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hivemesh.v1.Mesh/ListQueued',
+            hivemesh_dot_v1_dot_mesh__pb2.ListQueuedRequest.SerializeToString,
+            hivemesh_dot_v1_dot_mesh__pb2.ListQueuedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,19 @@ class MeshStub:
     """CallBatch makes one call per item (each a full InvokeRequest naming its capability), at most `concurrency`
     at a time, and answers every item with its response or its error: one item's failure never fails the batch.
     """
+    Enqueue: _grpc.UnaryUnaryMultiCallable[_agent_pb2.InvokeRequest, _mesh_pb2.QueuedCall]
+    """Enqueue holds one call (its queue_for_ms, 1..3600000, bounds how long) for delivery by this sidecar once an
+    instance serves its capability, and answers at once with its id. Call with queue_for_ms does the same and
+    waits; still held when it stops waiting, it fails NO_LIVE_INSTANCE with the id in ErrorInfo `queued_id`.
+    """
+    GetQueued: _grpc.UnaryUnaryMultiCallable[_mesh_pb2.GetQueuedRequest, _mesh_pb2.QueuedCall]
+    """GetQueued is one held call of this caller's identity as it stands, after waiting up to wait_ms for it to be
+    delivered; its answer or error is kept for 60 s after its queue_for_ms ends.
+    """
+    ListQueued: _grpc.UnaryUnaryMultiCallable[_mesh_pb2.ListQueuedRequest, _mesh_pb2.ListQueuedResponse]
+    """ListQueued lists this caller's identity's held calls, oldest first (a restarted caller finds its calls by
+    the call_id or idempotency key it set).
+    """
     ListCapabilities: _grpc.UnaryUnaryMultiCallable[_mesh_pb2.ListCapabilitiesRequest, _mesh_pb2.ListCapabilitiesResponse]
     """ListCapabilities lists what the mesh can do now, from the registry."""
     Resolve: _grpc.UnaryUnaryMultiCallable[_mesh_pb2.ResolveRequest, _mesh_pb2.ResolveResponse]
@@ -59,6 +72,19 @@ class MeshAsyncStub(MeshStub):
     CallBatch: _aio.UnaryUnaryMultiCallable[_mesh_pb2.CallBatchRequest, _mesh_pb2.CallBatchResponse]  # type: ignore[assignment]
     """CallBatch makes one call per item (each a full InvokeRequest naming its capability), at most `concurrency`
     at a time, and answers every item with its response or its error: one item's failure never fails the batch.
+    """
+    Enqueue: _aio.UnaryUnaryMultiCallable[_agent_pb2.InvokeRequest, _mesh_pb2.QueuedCall]  # type: ignore[assignment]
+    """Enqueue holds one call (its queue_for_ms, 1..3600000, bounds how long) for delivery by this sidecar once an
+    instance serves its capability, and answers at once with its id. Call with queue_for_ms does the same and
+    waits; still held when it stops waiting, it fails NO_LIVE_INSTANCE with the id in ErrorInfo `queued_id`.
+    """
+    GetQueued: _aio.UnaryUnaryMultiCallable[_mesh_pb2.GetQueuedRequest, _mesh_pb2.QueuedCall]  # type: ignore[assignment]
+    """GetQueued is one held call of this caller's identity as it stands, after waiting up to wait_ms for it to be
+    delivered; its answer or error is kept for 60 s after its queue_for_ms ends.
+    """
+    ListQueued: _aio.UnaryUnaryMultiCallable[_mesh_pb2.ListQueuedRequest, _mesh_pb2.ListQueuedResponse]  # type: ignore[assignment]
+    """ListQueued lists this caller's identity's held calls, oldest first (a restarted caller finds its calls by
+    the call_id or idempotency key it set).
     """
     ListCapabilities: _aio.UnaryUnaryMultiCallable[_mesh_pb2.ListCapabilitiesRequest, _mesh_pb2.ListCapabilitiesResponse]  # type: ignore[assignment]
     """ListCapabilities lists what the mesh can do now, from the registry."""
@@ -90,6 +116,37 @@ class MeshServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_mesh_pb2.CallBatchResponse, _abc.Awaitable[_mesh_pb2.CallBatchResponse]]:
         """CallBatch makes one call per item (each a full InvokeRequest naming its capability), at most `concurrency`
         at a time, and answers every item with its response or its error: one item's failure never fails the batch.
+        """
+
+    @_abc_1.abstractmethod
+    def Enqueue(
+        self,
+        request: _agent_pb2.InvokeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mesh_pb2.QueuedCall, _abc.Awaitable[_mesh_pb2.QueuedCall]]:
+        """Enqueue holds one call (its queue_for_ms, 1..3600000, bounds how long) for delivery by this sidecar once an
+        instance serves its capability, and answers at once with its id. Call with queue_for_ms does the same and
+        waits; still held when it stops waiting, it fails NO_LIVE_INSTANCE with the id in ErrorInfo `queued_id`.
+        """
+
+    @_abc_1.abstractmethod
+    def GetQueued(
+        self,
+        request: _mesh_pb2.GetQueuedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mesh_pb2.QueuedCall, _abc.Awaitable[_mesh_pb2.QueuedCall]]:
+        """GetQueued is one held call of this caller's identity as it stands, after waiting up to wait_ms for it to be
+        delivered; its answer or error is kept for 60 s after its queue_for_ms ends.
+        """
+
+    @_abc_1.abstractmethod
+    def ListQueued(
+        self,
+        request: _mesh_pb2.ListQueuedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_mesh_pb2.ListQueuedResponse, _abc.Awaitable[_mesh_pb2.ListQueuedResponse]]:
+        """ListQueued lists this caller's identity's held calls, oldest first (a restarted caller finds its calls by
+        the call_id or idempotency key it set).
         """
 
     @_abc_1.abstractmethod
