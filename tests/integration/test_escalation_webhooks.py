@@ -181,6 +181,7 @@ spec:
         assert receiver.bad_signatures == 0
 
         store = audit_store(env.controlplane._core)  # type: ignore[arg-type] # the control plane's own log
+        await store.sync()  # its own records commit to the mesh-wide log in groups: read after they land
         actions = {(r["record"].get("id"), r["record"].get("action"))
                    for r in (json.loads(line) for line in store.lines())
                    if r["record"].get("event") == "escalation"}
