@@ -4,7 +4,7 @@ active → old authority):
 1. `prepare`: a new root is created; every node is told to trust old + new (the old root still signs).
 2. `activate`: the new root signs from now on; every node is told to renew at once, so all certificates in
    use move to the new root while both roots are still trusted. The control plane's own server certificate
-   and the operator certificate are re-issued too.
+   (with the advertised hosts it named) and the operator certificate are re-issued too.
 3. `finish`: the old root is dropped from the bundle and its key is deleted.
 
 State lives in the certs directory, so a restarted control plane resumes mid-rotation: `ca.pem` is the bundle
@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -36,6 +37,7 @@ from hivemesh.controlplane.ca import (
     load_ca,
 )
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError
+from hivemesh.mesh.pki import controlplane_dns_name
 from hivemesh.mesh.trustdoc import TRUST_BUNDLE_KEY, TrustDoc, fingerprint, sign_trust_doc
 
 log = logging.getLogger(__name__)
@@ -63,11 +65,26 @@ def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
     return key
 
 
+def _advertised_sans(cert_path: Path, trust_domain: str) -> list[str]:
+    """The DNS names and IPs cert_path names beyond those every control-plane certificate carries."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return []
+    standard = {controlplane_dns_name(trust_domain), "localhost", "127.0.0.1"}
+    names = [*sans.get_values_for_type(x509.DNSName), *(str(ip) for ip in sans.get_values_for_type(x509.IPAddress))]
+    return [n for n in names if n not in standard]
+
+
 class CaRotation:
     """Runs the steps on the CA files and says which CA is in force."""
 
-    def __init__(self, certs_dir: Path) -> None:
+    def __init__(self, certs_dir: Path, *, hosts: Sequence[str] = ()) -> None:
         self.dir = Path(certs_dir)
+        self.hosts = tuple(hosts)
+        """The control plane's advertised hosts: its re-issued certificate names them (and every host the one it
+        replaces named), so a remote client that checks the host it dialled still accepts it after `activate`."""
         self.files = CaFiles.in_dir(self.dir)
         self._state_path = self.dir / "rotation.json"
         self.state = self._load_state()
@@ -146,7 +163,8 @@ class CaRotation:
         for p in (self.next_key, self.next_cert):
             p.unlink(missing_ok=True)
         ca = load_ca(self.dir)
-        cp_cert, cp_key = ca.issue_controlplane_cert()
+        hosts = dict.fromkeys([*_advertised_sans(self.files.controlplane_cert, ca.trust_domain), *self.hosts])
+        cp_cert, cp_key = ca.issue_controlplane_cert(hosts=list(hosts))
         _write_atomic(self.files.controlplane_key, cp_key, 0o600)
         _write_atomic(self.files.controlplane_cert, cp_cert, 0o644)
         if self.files.operator_cert.exists():

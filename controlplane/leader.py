@@ -23,7 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
+import aetcd
+
+from hivemesh.mesh.etcd import Endpoints, parse_endpoints
 from hivemesh.mesh.keyspace import CONTROLPLANE_LEADER
+from hivemesh.mesh.lease_rescue import refresh_on_members
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +92,7 @@ class LeaderElection:
         poll_s: float | None = None,
         on_change: Callable[[bool], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        members: Endpoints | None = None,
     ) -> None:
         if not isinstance(ttl_s, int):
             raise ValueError(f"the leader lease TTL must be whole seconds, got {ttl_s!r}")
@@ -100,6 +105,9 @@ class LeaderElection:
         self._op_timeout = max(0.5, self.lease_clock.margin_s)
         self._on_change = on_change
         self._clock = clock
+        self._members = members if members is not None and len(parse_endpoints(members)) > 1 else None
+        """Every etcd member, for a keepalive that went to one that cannot answer (`lease_rescue`)."""
+        self.rescues = 0
         self._lease: int | None = None
         self._was_leading = False
         self.term = 0
@@ -164,9 +172,19 @@ class LeaderElection:
                 await self._give_up("its lease ran out before a keepalive came back")
                 return 0.0
             sent = self._clock()
-            async with asyncio.timeout(self._op_timeout):
-                reply = await self.etcd.refresh_lease(self._lease)
-            ttl = float(reply.TTL) if reply is not None else 0.0
+            try:
+                async with asyncio.timeout(self._op_timeout):
+                    reply = await self.etcd.refresh_lease(self._lease)
+                ttl = float(reply.TTL) if reply is not None else 0.0
+            except (TimeoutError, aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError):
+                # Round robin may have handed the keepalive to a member cut off or frozen: ask every member at
+                # once within the leadership left, as the registry does, so a healthy leader keeps its term.
+                left = self.lease_clock.left(self._clock())
+                if self._members is None or left <= 0:
+                    raise
+                sent = self._clock()
+                ttl = float(await refresh_on_members(self._members, self._lease, left))
+                self.rescues += 1
             self.lease_clock.renewed(sent, ttl)
             if ttl <= 0:
                 await self._give_up("etcd says its lease is gone")

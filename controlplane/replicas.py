@@ -55,7 +55,7 @@ class Replica:
         self.core = core
         self.replica_id = replica_id
         self.ttl_s = ttl_s
-        self.election = LeaderElection(core.etcd, replica_id, ttl_s=ttl_s)
+        self.election = LeaderElection(core.etcd, replica_id, ttl_s=ttl_s, members=core.hedged.endpoints)
         self._keys_revision = keys_revision
         self._sync_s = sync_s
         self._advert: Advert | None = None

@@ -29,6 +29,7 @@ from hivemesh.controlplane import joins, shared_keys
 from hivemesh.controlplane.ca import CaFiles, CertificateAuthority, ensure_controlplane_cert, load_ca
 from hivemesh.controlplane.ca_rotation import CaRotation
 from hivemesh.controlplane.etcd_certs import controlplane_etcd_tls
+from hivemesh.controlplane.etcd_hedge import HedgedEtcd
 from hivemesh.controlplane.grants import GrantSet, load_grants, put_grants
 from hivemesh.controlplane.issuer import MAX_TTL_S, SigningKeys, TokenIssuer
 from hivemesh.controlplane.metrics import ControlPlaneMetrics
@@ -45,8 +46,8 @@ from hivemesh.mesh.errors import (
     RegistryUnavailableError,
     abort,
 )
+from hivemesh.mesh.etcd import EtcdAccess, EtcdTls, parse_endpoints, wait_connected
 from hivemesh.mesh.etcd import client as etcd_client
-from hivemesh.mesh.etcd import parse_endpoints, wait_connected
 from hivemesh.mesh.etcd_roles import ensure_workload_user, reconcile_static_roles
 from hivemesh.mesh.health_port import HealthPort, health_listen, parse_health_listen
 from hivemesh.mesh.node_metrics import OWNED_DEFAULT, metrics_listen, parse_listen
@@ -182,7 +183,8 @@ class Core:
     """What both services share: the CA, the issuer, etcd and the config."""
 
     def __init__(
-        self, config: ControlPlaneConfig, ca: CertificateAuthority, issuer: TokenIssuer, etcd: Any
+        self, config: ControlPlaneConfig, ca: CertificateAuthority, issuer: TokenIssuer, etcd: Any,
+        etcd_tls: EtcdTls | None = None,
     ) -> None:
         self.config = config
         self.ca = ca
@@ -194,13 +196,16 @@ class Core:
         self.server_cert: tuple[bytes, bytes] = (b"", b"")
         """The control plane's own (certificate, key) PEMs; replaced during a CA rotation."""
         self._etcd_users: set[str] = set()
+        self.hedged = HedgedEtcd(etcd, EtcdAccess(config.etcd_endpoints, etcd_tls) if etcd_tls else
+                                 config.etcd_endpoints)
+        """The issuing path's etcd requests (grants, agents, workload users), which a cut member must not fail."""
 
     async def ensure_etcd_user(self, spiffe_id: str) -> None:
         """Create the workload's etcd user and roles (once per process) before it gets a certificate, so the
         certificate it receives already opens exactly its part of etcd."""
         if spiffe_id not in self._etcd_users:
             sid = parse_spiffe_id(spiffe_id)
-            await ensure_workload_user(self.etcd, sid.kind, sid.name)
+            await self.hedged.run(lambda etcd: ensure_workload_user(etcd, sid.kind, sid.name))
             self._etcd_users.add(spiffe_id)
 
     def sign(self, csr_pem: bytes, spiffe_id: str, peer: str = "") -> control_pb2.SignCertificateResponse:
@@ -220,7 +225,7 @@ class Core:
     async def agent_instances(self, name: str | None = None) -> list[mesh_pb2.AgentInstance]:
         prefix = AGENTS_PREFIX + (name.encode() + b"/" if name else b"")
         out: list[mesh_pb2.AgentInstance] = []
-        for kv in await self.etcd.get_prefix(prefix):
+        for kv in await self.hedged.run(lambda etcd: etcd.get_prefix(prefix)):
             try:
                 out.append(mesh_pb2.AgentInstance.FromString(kv.value))
             except DecodeError:
@@ -301,7 +306,7 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
             msg = "ttl_seconds must not be negative"
             raise InvalidInputError(msg, field_violations={"ttl_seconds": msg})
         # Grants and the registry are read per request: IssueToken is off the call path (tokens are cached).
-        grants = await GrantSet.from_etcd(core.etcd)
+        grants = await core.hedged.run(GrantSet.from_etcd)
         instances = await core.agent_instances(audience.name)
         offered = sorted({c.name for i in instances for c in i.card.capabilities}) if instances else None
         subject = str(peer.spiffe_id)
@@ -450,7 +455,8 @@ class ControlPlaneServer:
         grants = load_grants(cfg.grants_file) if cfg.grants_file is not None else None
         files = CaFiles.in_dir(cfg.certs_dir)
         cp_cert, cp_key = files.controlplane_cert.read_bytes(), files.controlplane_key.read_bytes()
-        self.etcd = etcd_client(cfg.etcd_endpoints, tls=controlplane_etcd_tls(cfg.certs_dir, cfg.etcd_ca))
+        etcd_tls = controlplane_etcd_tls(cfg.certs_dir, cfg.etcd_ca)
+        self.etcd = etcd_client(cfg.etcd_endpoints, tls=etcd_tls)
         try:
             await wait_connected(self.etcd)
             op = parse_spiffe_id(spiffe_id_of(files.operator_cert.read_bytes()))
@@ -464,7 +470,7 @@ class ControlPlaneServer:
             if grants is not None:
                 count = await put_grants(self.etcd, grants, replace=True)
                 log.info("loaded %d grant(s) from %s", count, cfg.grants_file)
-            core = Core(cfg, ca, issuer, self.etcd)
+            core = Core(cfg, ca, issuer, self.etcd, etcd_tls)
             core.server_cert = (cp_cert, cp_key)
             self._core = core
             # Leadership first: a lone replica leads before its once-per-mesh duties (retention) first ask.
@@ -585,6 +591,8 @@ class ControlPlaneServer:
                 await feature.stop()
             except Exception:
                 log.exception("control-plane feature %r did not stop cleanly", feature)
+        if self._core is not None:
+            await self._core.hedged.close()
         if self.etcd is not None:
             etcd, self.etcd = self.etcd, None
             with contextlib.suppress(Exception):

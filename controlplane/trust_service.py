@@ -39,6 +39,7 @@ from hivemesh.controlplane.grants import GrantSet
 from hivemesh.controlplane.issuer import DEFAULT_ACTIVATE_AFTER_S, MAX_TTL_S
 from hivemesh.controlplane.replicas import is_leader, leader_fence
 from hivemesh.controlplane.server import _agent_audience, _requested_scopes, _rpc
+from hivemesh.mesh.advertise import advertised_host
 from hivemesh.mesh.errors import (
     DelegationDeniedError,
     GrantDeniedError,
@@ -253,7 +254,8 @@ class TrustFeature:
 
     def __init__(self, core: Core, *, tick_s: float = 1.0) -> None:
         self.core = core
-        self.rotation = CaRotation(core.config.certs_dir)
+        self.rotation = CaRotation(core.config.certs_dir,
+                                   hosts=[advertised_host(core.config.host, core.config.advertise)])
         self._tick_s = tick_s
         self._published = ""
         self._task: asyncio.Task[None] | None = None

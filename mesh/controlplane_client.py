@@ -26,6 +26,9 @@ from hivemesh.v1 import audit_pb2, audit_pb2_grpc, control_pb2, control_pb2_grpc
 log = logging.getLogger(__name__)
 
 _UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+_AGAIN_MIN_S = 0.5
+"""The least time left of a call worth asking a replica again whose etcd request failed."""
+_AGAIN_PAUSE_S = 0.05
 
 
 class ControlPlaneClient:
@@ -109,20 +112,35 @@ class ControlPlaneClient:
         return channel
 
     async def _call(self, name: str, request: Any) -> Any:
-        """ControlPlane.<name>, failing over to the next replica while one is unreachable (idempotent calls)."""
+        """ControlPlane.<name>, failing over to the next replica while one is unreachable (idempotent calls).
+
+        A replica that answered REGISTRY_UNAVAILABLE is up but its etcd request failed (a member it asked was
+        cut off: docs/multihost.md); once every replica was tried, those are asked once more within what is left
+        of timeout_s, since the control plane's next etcd request goes elsewhere."""
         start = self._current
-        order = [*self.addresses[start:], *self.addresses[:start]]  # this call's own order: others may move on
-        for attempt, address in enumerate(order):
+        queue = [*self.addresses[start:], *self.addresses[:start]]  # this call's own order: others may move on
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        answered: list[str] = []
+        again = False
+        while queue:
+            address = queue.pop(0)
             stub = control_pb2_grpc.ControlPlaneStub(self._channel_to(address))
+            timeout = min(self.attempt_timeout_s, deadline - loop.time()) if again else self.attempt_timeout_s
             try:
-                answer = await getattr(stub, name)(request, timeout=self.attempt_timeout_s)
+                answer = await getattr(stub, name)(request, timeout=timeout)
             except grpc.aio.AioRpcError as exc:
                 unreachable = exc.code() in _UNREACHABLE
                 if unreachable:
                     self._away_from(address)
-                if unreachable and attempt + 1 < len(order):
-                    log.warning("control plane %s unreachable for %s (%s); trying the next replica", address, name,
-                                exc.code().name)
+                if from_rpc_error(exc).reason == "REGISTRY_UNAVAILABLE" and not again:
+                    answered.append(address)
+                if not queue and answered and not again and deadline - loop.time() > _AGAIN_MIN_S:
+                    again, queue = True, answered
+                    await asyncio.sleep(_AGAIN_PAUSE_S)
+                if unreachable and queue:
+                    log.warning("control plane %s unreachable for %s (%s); trying %s", address, name,
+                                exc.code().name, "it again" if queue[0] == address else "the next replica")
                     self.failovers += 1
                     continue
                 self.reachable = not unreachable

@@ -18,7 +18,7 @@ import aetcd
 from hivemesh.mesh.etcd import Endpoints, EtcdAccess, client, parse_endpoints
 
 
-def _member_clients(endpoints: Endpoints, timeout_s: float) -> list[aetcd.Client]:
+def member_clients(endpoints: Endpoints, timeout_s: float) -> list[aetcd.Client]:
     """One client per member; over TLS each checks the name a multi-endpoint client checks (the first host)."""
     pairs = parse_endpoints(endpoints)
     tls = endpoints.material() if isinstance(endpoints, EtcdAccess) else None
@@ -40,7 +40,7 @@ async def refresh_on_members(endpoints: Endpoints, lease_id: int, timeout_s: flo
     Raises TimeoutError when no member answers within timeout_s, or the last member's error when all failed.
     Every channel is closed before returning; the unanswered keepalives are cancelled.
     """
-    clients = _member_clients(endpoints, timeout_s)
+    clients = member_clients(endpoints, timeout_s)
     tasks = [asyncio.create_task(_refresh(c, lease_id)) for c in clients]
     error: BaseException | None = None
     try:

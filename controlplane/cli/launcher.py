@@ -28,6 +28,7 @@ from hivemesh.controlplane.cli.restarts import Say
 from hivemesh.controlplane.cli.uplock import UpLock
 from hivemesh.controlplane.etcd_certs import issue_etcd_certs
 from hivemesh.controlplane.metrics_sd import JOB_CONTROLPLANE, JOB_NODES, SD_DIR, ScrapeTarget, write_file_sd
+from hivemesh.mesh.advertise import ADVERTISE_ENV, LISTEN_ENV, advertised_host, check_host, join_host_port
 from hivemesh.mesh.audit.handshake.switch import child_environment
 from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.etcd import EtcdServer
@@ -53,6 +54,15 @@ class UpOptions:
     demo: str = "default"
     """'default' (the document pipeline, then a tour of the other five patterns), 'tour', 'none' (only etcd and
     the control plane), or one demo's name (see hivemesh.agents.demos.DEMOS)."""
+    listen: str = "127.0.0.1"
+    """The host etcd, the control plane, the sidecar and the SDK agents bind (a wildcard needs advertise)."""
+    advertise: str | None = None
+    """The host they tell others (mesh.json, the registry, certificates); default: listen."""
+
+    @property
+    def advertised(self) -> str:
+        """advertise, else listen; ValueError for a wildcard (no remote caller can dial it)."""
+        return advertised_host(check_host(self.listen, what="--listen"), self.advertise)
 
 
 def _python(*module_args: str) -> list[str]:
@@ -133,8 +143,9 @@ class MeshUp:
             init_ca(opts.certs_dir, opts.trust_domain)
             self.say(f"created a development CA in {opts.certs_dir} (private keys stay there, never committed)")
         # Mutual TLS with auth on: certificates from the mesh CA (renewed at every `up`), roles bootstrapped.
-        etcd_tls = issue_etcd_certs(load_ca(opts.certs_dir), opts.certs_dir)
-        self.etcd = EtcdServer(data_dir=opts.home / "etcd", log_path=opts.home / "logs" / "etcd.log", tls=etcd_tls)
+        etcd_tls = issue_etcd_certs(load_ca(opts.certs_dir), opts.certs_dir, host=opts.advertised)
+        self.etcd = EtcdServer(data_dir=opts.home / "etcd", log_path=opts.home / "logs" / "etcd.log", tls=etcd_tls,
+                               host=opts.advertised, listen_host=opts.listen)
         (opts.home / "logs").mkdir(parents=True, exist_ok=True)
         self.etcd.start()  # from the main thread: etcd's parent-death signal is tied to the spawning thread
         self.say(f"etcd {self.etcd.endpoint} (pid {self.etcd.pid}, data in {opts.home / 'etcd'})")
@@ -147,6 +158,7 @@ class MeshUp:
                 "--state-dir", str(opts.home / "controlplane"),
                 "--trust-domain", opts.trust_domain,
                 "--grants", str(opts.grants_file),
+                "--host", opts.listen, "--advertise", opts.advertised,
             ),
             child_environment({}, inherit=os.environ),  # the handshaker tracer from the start
         )
@@ -204,6 +216,8 @@ class MeshUp:
             "HIVEMESH_CA": str(s.ca_bundle),
             "HIVEMESH_TRUST_DOMAIN": s.trust_domain,
             "HIVEMESH_JOIN_TOKEN": token,
+            LISTEN_ENV: self.opts.listen,
+            ADVERTISE_ENV: self.opts.advertised,
         }, inherit=os.environ)
 
     async def _join_token(self, name: str, kind: str = "agent") -> str:
@@ -281,7 +295,8 @@ class MeshUp:
         plain.args[-1] = _port(m.group(1))  # restarted on the same port: its sidecar keeps calling it there
         sidecar = await self.sup.spawn(
             "validator-sidecar",
-            _python("hivemesh.controlplane.cli", "sidecar", "--agent", m.group(1)),
+            _python("hivemesh.controlplane.cli", "sidecar", "--agent", m.group(1),
+                    "--listen", join_host_port(self.opts.listen, 0), "--advertise", self.opts.advertised),
             self._env(await self._join_token("validator")),
         )
         self.say(f"agent validator: plain gRPC on {m.group(1)} (pid {plain.pid}), behind a sidecar (pid {sidecar.pid})")

@@ -23,9 +23,16 @@ from hivemesh.mesh.settings import DEFAULT_TRUST_DOMAIN
               help="Which demo: default (document pipeline + a tour of the five patterns), tour, pipeline, research, "
                    "helpdesk, support, content, contract; none (only etcd and the control plane); 'list' shows "
                    "the menu.")
+@click.option("--listen", default="127.0.0.1", show_default=True, metavar="HOST",
+              help="The host etcd, the control plane, the sidecar and the agents bind (0.0.0.0: every interface; "
+                   "then give --advertise).")
+@click.option("--advertise", envvar="HIVEMESH_ADVERTISE", default=None, metavar="HOST",
+              help="The host name or IP they are reached at, written into mesh.json, the registry and the "
+                   "certificates [default: the --listen host; never a wildcard].")
 @pass_cli
 @friendly_errors
-def up(obj: CliContext, once: bool, trust_domain: str, as_json: bool, demo: str) -> None:
+def up(obj: CliContext, once: bool, trust_domain: str, as_json: bool, demo: str, listen: str,
+       advertise: str | None) -> None:
     """Start etcd, the control plane and the reference agents, then run the demo pipeline."""
     from hivemesh.agents.demos import DEMOS, demos_for
     from hivemesh.controlplane.cli.launcher import NO_DEMO, UpOptions, run_up
@@ -41,6 +48,9 @@ def up(obj: CliContext, once: bool, trust_domain: str, as_json: bool, demo: str)
             out.print(table)
             out.print("default: the pipeline, then a tour of the others; tour: all but the pipeline")
         return
+    opts = UpOptions(home=obj.home, certs_dir=obj.certs_dir, trust_domain=trust_domain, once=once, demo=demo,
+                     listen=listen, advertise=advertise)
+    _ = opts.advertised  # a wildcard or a host:port: a ValueError (exit 2) before anything starts
     if demo != NO_DEMO:
         demos_for(demo)  # a ValueError (exit 2) before anything starts
 
@@ -65,7 +75,6 @@ def up(obj: CliContext, once: bool, trust_domain: str, as_json: bool, demo: str)
         else:
             _print_pipeline_result(result)
 
-    opts = UpOptions(home=obj.home, certs_dir=obj.certs_dir, trust_domain=trust_domain, once=once, demo=demo)
     code = run_up(opts, say, show)
     sys.exit(code)
 

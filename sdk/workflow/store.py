@@ -229,12 +229,20 @@ class WorkflowStore:
             await asyncio.sleep(min(0.25, max(deadline - time.monotonic(), 0.01)))
 
     async def _keep(self, lock: OwnerLock, ttl_s: int) -> None:
+        """Refresh the owner lease every TTL/3; declare it lost once ttl_s passed since the last answered refresh.
+
+        Every wait is bounded by the time the lease has left, so the loss is noticed at the TTL, not up to two
+        more intervals later (a cut host's owner noticed ~10 s after the cut with a 5 s lease: docs/multihost.md).
+        """
         interval = max(ttl_s / 3, 0.3)
         last_ok = time.monotonic()
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(min(interval, max(0.0, last_ok + ttl_s - time.monotonic())))
             try:
-                reply = await asyncio.wait_for(lock.lease.refresh(), interval)
+                left = last_ok + ttl_s - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no refresh was answered within the lease's {ttl_s} s")
+                reply = await asyncio.wait_for(lock.lease.refresh(), min(interval, left))
                 if reply is None or int(getattr(reply, "TTL", 0)) <= 0:
                     log.warning("workflow %s: the owner lease expired", lock.workflow_id)
                     lock.lost.set()
@@ -255,6 +263,8 @@ class WorkflowStore:
             lock._keepalive.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await lock._keepalive
+        if lock.lost.is_set():
+            return  # gone or out of reach: a revoke would only hang (the owner would report the loss seconds later)
         with contextlib.suppress(Exception):
             await lock.lease.revoke()
 

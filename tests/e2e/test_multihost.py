@@ -326,10 +326,13 @@ def test_three_hosts_fail_over_and_rejoin(network: Network, tmp_path: Path) -> N
     print(f"controlplane cut: host {other}'s replica leads {took_over_s:.1f} s after host {cp_host} was cut; "
           f"{len(tokens)} tokens and {sum(o['kind'] == 'renew' and o['ok'] for o in during)} certificates issued "
           f"during the cut, {sum(not o['ok'] for o in ops)} failed; longest token wait {longest:.2f} s")
-    # Not asserted (docs/multihost.md): calls that started in the first seconds of the cut can fail, while the
-    # other replica's etcd reads still go to the cut member; what must hold is that issuing goes on after it.
-    last = [o["ok"] for o in ops if o["kind"] == "token"][-5:]
-    assert last == [True] * 5, [o for o in ops if not o["ok"]][-5:]
+    for o in ops:
+        if not o["ok"] or o["end"] - o["start"] > 1.0:
+            print(f"  {o['kind']} +{o['start'] - cp_cut_at:.2f}s took {o['end'] - o['start']:.2f}s "
+                  f"{o.get('replica') or o.get('error')}")
+    # No request fails: the replica's etcd requests that reach the cut member are asked of every member
+    # (controlplane/etcd_hedge.py), and the client asks a replica whose etcd failed once more (docs/multihost.md).
+    assert [o for o in ops if not o["ok"]] == []
     assert stepped_down, "the cut replica stepped down on its own clock (never two leaders)"
     after = [o for o in during if o["start"] > cp_cut_at + took_over_s]
     assert sum(o["kind"] == "token" for o in after) >= 5 and any(o["kind"] == "renew" for o in after), after

@@ -1,6 +1,7 @@
 """`hivemesh up`'s life cycle as an operator meets it, with real processes: a second `up` in the same folder is
 refused at once and leaves the first mesh alone, the CLI finds the mesh from another folder, and a control
-plane or etcd that dies is reported and restarted so the next CLI call works."""
+plane or etcd that dies is reported and restarted so the next CLI call works. It runs with `--advertise`, so
+the addresses `up` hands out are the advertised ones."""
 
 from __future__ import annotations
 
@@ -66,8 +67,9 @@ def test_second_up_refused_mesh_found_from_anywhere_and_dead_children_restarted(
     def cli(*args: str, cwd: Path = elsewhere) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*HIVEMESH, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
 
-    up = subprocess.Popen([*HIVEMESH, "up", "--demo", "none"], cwd=project, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # Bound on 127.0.0.1, advertised by name: mesh.json, etcd and the control plane must say `localhost`.
+    up = subprocess.Popen([*HIVEMESH, "up", "--demo", "none", "--advertise", "localhost"], cwd=project, env=env,
+                          text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out = Output(up)
     try:
         out.wait_for("mesh is up", 60)
@@ -75,6 +77,9 @@ def test_second_up_refused_mesh_found_from_anywhere_and_dead_children_restarted(
         cp_pid = int(out.wait_for(r"control plane \S+ \(joins on \S+, pid (\d+)\)", 1).group(1))
         state = project / ".hivemesh" / "mesh.json"
         before = state.read_bytes()
+        noted = json.loads(before)
+        assert noted["etcd"].startswith("localhost:") and noted["controlplane"].startswith("localhost:"), noted
+        assert noted["join"].startswith("localhost:"), noted
 
         # A second up in the same folder, while the first one's children die and come back (in parallel, to
         # save time): refused at once, naming the running one; nothing of the running mesh is touched.

@@ -2,7 +2,9 @@
 
 One real 3-member etcd cluster (mutual TLS, auth). A follower is frozen (SIGSTOP) after the registration's
 round-robin channel reached it, so some keepalives go to a member that accepts them and never answers: the one
-that does is sent again to every member within the lease's remaining time, and the lease never lapses.
+that does is sent again to every member within the lease's remaining time, and the lease never lapses. The
+control plane's hedged etcd requests (`controlplane/etcd_hedge.py`) get through the same frozen member too, and
+its leader keeps its term (leader keepalives are rescued the same way).
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from hivemesh.controlplane.etcd_hedge import HedgedEtcd
+from hivemesh.controlplane.leader import LeaderElection
 from hivemesh.mesh.etcd import EtcdAccess, EtcdCluster, client, wait_connected
+from hivemesh.mesh.etcd_roles import ensure_workload_user
 from hivemesh.mesh.lease_rescue import refresh_on_members
 from hivemesh.mesh.registry import Registration
 from hivemesh.v1.agent_pb2 import AgentCard, Capability
@@ -46,6 +51,12 @@ async def test_a_keepalive_to_a_frozen_member_is_rescued_within_the_ttl(tmp_path
 
         reg = Registration(cluster.access, _instance(), ttl_s=2)
         await reg.start()
+        # A control-plane replica's leader election over its own round-robin client, through the same freeze.
+        elector = client(cluster.access)
+        await wait_connected(elector)
+        changes: list[bool] = []
+        election = LeaderElection(elector, "a", ttl_s=2, on_change=changes.append, members=cluster.access)
+        await election.start()
         try:
             # Let the round-robin channel reach every member (the keepalives rotate over them), then freeze one.
             await asyncio.sleep(1.0)  # the channel's subchannels connect: without it the rescue check below fails
@@ -78,12 +89,35 @@ async def test_a_keepalive_to_a_frozen_member_is_rescued_within_the_ttl(tmp_path
             with pytest.raises(TimeoutError):
                 await refresh_on_members(alone, lease, 0.5)
             assert time.monotonic() - began < 2.0
+
+            # The control plane's issuing path (grants, agents, workload users) through the same round robin:
+            # a request handed to the frozen member is asked of every member after 0.3 s, so none waits it out.
+            hedged = HedgedEtcd(root, cluster.access)
+            try:
+                slowest = 0.0
+                for i in range(6):  # round robin hands the frozen member two of them
+                    began = time.monotonic()
+                    await hedged.run(lambda etcd: etcd.get_prefix(b"/hivemesh/grants/"))
+                    await hedged.run(lambda etcd, i=i: ensure_workload_user(etcd, "client", f"hedged-{i % 2}"))
+                    slowest = max(slowest, time.monotonic() - began)
+                assert hedged.hedges >= 1, "no request reached the frozen member (else no test)"
+                assert slowest < 2.0, slowest
+            finally:
+                await hedged.close()
+            # The leader kept its term through the freeze: its keepalives that went to the frozen member were
+            # rescued by the others, so it never stepped down.
+            assert election.rescues >= 1, "no leader keepalive went to the frozen member (else no test)"
+            assert changes == [True] and election.terms_won == 1, changes
         finally:
+            await election.stop()
+            await elector.close()
             await reg.stop()
         # ...and a lease that is gone says so (TTL <= 0), so the registration registers again.
         assert await refresh_on_members(cluster.access, lease, 3.0) <= 0
         await root.close()
-        print(f"\nFIGURE lease rescue: keepalive rescued {rescued_s:.2f} s after a follower froze; 0 leases lost")
+        print(f"\nFIGURE lease rescue: keepalive rescued {rescued_s:.2f} s after a follower froze; 0 leases lost; "
+              f"{hedged.hedges} of 12 control-plane requests hedged, the slowest pair {slowest:.2f} s; "
+              f"{election.rescues} leader keepalives rescued, no step-down")
     finally:
         if frozen is not None and frozen.pid is not None:
             os.kill(frozen.pid, signal.SIGCONT)

@@ -122,6 +122,22 @@ def test_an_unknown_demo_is_refused_before_anything_starts(home: Path) -> None:
     assert not (home / "home").exists()  # nothing was started or written
 
 
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--listen", "0.0.0.0"], "advertise address '0.0.0.0' is a wildcard"),
+        (["--listen", "0.0.0.0", "--advertise", "::"], "advertise address '::' is a wildcard"),
+        (["--advertise", "10.0.0.5:7443"], "advertise must be a host name or an IP address without a port"),
+        (["--listen", "127.0.0.1:7443"], "--listen must be a host name or an IP address without a port"),
+    ],
+)
+def test_up_refuses_an_address_no_remote_caller_can_dial(home: Path, args: list[str], words: str) -> None:
+    result = hivemesh(home, "up", *args, "--demo", "none")
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and words in " ".join(result.output.split()), result.output
+    assert not (home / "home").exists()  # nothing was started or written
+
+
 def test_up_demo_list_prints_the_menu_as_json(home: Path) -> None:
     result = hivemesh(home, "up", "--demo", "list", "--json")
     assert result.exit_code == 0, result.output
