@@ -596,6 +596,7 @@ def audit_store(core: Core) -> AuditStore:
                 core.etcd, store, replica.replica_id if replica is not None else "controlplane",
                 leading=lambda: is_leader(core), fence=lambda: leader_fence(core), certify=certify,
                 min_age_s=kept.audit_window_s, max_bytes=kept.audit_window_mb * 1024 * 1024,
+                trim_every_s=min(10.0, kept.interval_s),  # as often as retention runs, at least every 10 s
             )
         core.extensions[EXTENSION] = store
     assert isinstance(store, AuditStore)
