@@ -1,6 +1,7 @@
 """A CA rotation with two control-plane replicas, each with its own certs folder: only etcd links them.
 
-Two operators racing `prepare` on both replicas: one wins, the other gets FAILED_PRECONDITION. The step run on
+Two operators racing `prepare` on both replicas: one wins, the other gets FAILED_PRECONDITION (and a step
+computed from an older state is refused by the compare-and-swap). The step run on
 replica A reaches B within a bounded wait (B trusts both roots, then issues from the new one); `finish` on B
 refuses while a node registered anywhere still presents the old root, then succeeds once the nodes renewed, and A
 drops the old root. A replica restarted with the stale pre-rotation folder adopts the mesh's CA. A workload's etcd
@@ -20,8 +21,9 @@ import grpc
 import pytest
 from cryptography import x509
 
-from hivemesh.controlplane import ca_rotation
+from hivemesh.controlplane import ca_rotation, shared_ca
 from hivemesh.controlplane.server import ControlPlaneConfig, ControlPlaneServer
+from hivemesh.controlplane.shared_ca import CaRotationRaceError
 from hivemesh.mesh.cert_presence import CERT_ROOT_LABEL
 from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.errors import HivemeshError
@@ -83,6 +85,7 @@ async def test_a_rotation_on_one_replica_takes_effect_on_the_other(
     await agent.start()
     try:
         await wait_connected(workload_etcd)
+        before_prepare = int((await etcd.get(CONTROLPLANE_CA.encode())).mod_revision)
         assert b._core is not None and a._core is not None
         a_core, b_core = a._core, b._core
 
@@ -96,6 +99,14 @@ async def test_a_rotation_on_one_replica_takes_effect_on_the_other(
         assert "another control-plane replica" in str(lost[0]) or "the rotation is prepared" in str(lost[0])
         both = list(won[0].roots)
         assert len(both) == 2 and both[0] == old_root
+
+        # A step computed from the state before that (the loser's, had it read first) is refused by the
+        # compare-and-swap, and changes nothing in its folder.
+        late = tmp_path / "late-certs"
+        shutil.copytree(pristine, late)
+        with pytest.raises(CaRotationRaceError, match="another control-plane replica"):
+            await shared_ca.step(etcd, late, "prepare", revision=before_prepare)
+        assert late.joinpath("ca.pem").read_bytes() == pristine.joinpath("ca.pem").read_bytes()
 
         # Whichever replica won, both trust old + new now, and both folders hold the same bundle.
         await _until(lambda: _roots(a_core.ca.bundle_pem()) == both == _roots(b_core.ca.bundle_pem()), 5,
