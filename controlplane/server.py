@@ -455,12 +455,12 @@ class ControlPlaneServer:
             await wait_connected(self.etcd)
             # The mesh's CA, which may have rotated since this folder was written; the folder is its cache.
             await shared_ca.load(self.etcd, cfg.certs_dir)
-            ca = await asyncio.to_thread(shared_ca.follow_local, cfg.certs_dir, [self.advertised_host])
+            ca, (cp_cert, cp_key) = await asyncio.to_thread(shared_ca.follow_local, cfg.certs_dir,
+                                                            [self.advertised_host])
             if ca.trust_domain != cfg.trust_domain:
                 raise FailedPreconditionError(
                     f"the mesh's CA (etcd) is for trust domain {ca.trust_domain}, not {cfg.trust_domain}"
                 )
-            cp_cert, cp_key = files.controlplane_cert.read_bytes(), files.controlplane_key.read_bytes()
             op = parse_spiffe_id(spiffe_id_of(files.operator_cert.read_bytes()))
             await ensure_workload_user(self.etcd, op.kind, op.name)  # the CLI's identity, issued offline
             for change in await reconcile_static_roles(self.etcd):  # a store bootstrapped by an older version

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
+import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -218,15 +220,29 @@ def _issued_by(cert_path: Path, root: x509.Certificate) -> bool:
         return False
 
 
-def follow_local(certs_dir: Path, hosts: Sequence[str]) -> CertificateAuthority:
-    """The CA now in certs_dir, with this folder's own certificates (the control plane's, for hosts, and the
-    operator's, when present) issued by its signing root, so they stay valid once the old root is dropped."""
-    ca = load_ca(certs_dir)
-    ensure_controlplane_cert(ca, certs_dir, hosts=hosts)
-    files = CaFiles.in_dir(Path(certs_dir))
-    if files.operator_cert.exists() and not _issued_by(files.operator_cert, ca.certificate):
-        op_cert, op_key = ca.issue_operator_cert()
-        _write_atomic(files.operator_key, op_key, 0o600)
-        _write_atomic(files.operator_cert, op_cert, 0o644)
-        log.info("re-issued the operator certificate in %s from the signing root", certs_dir)
-    return ca
+@contextlib.contextmanager
+def _reissue_lock(certs_dir: Path) -> Iterator[None]:
+    """Serialise re-issues among processes sharing one folder (replicas on one host), so two replicas writing a
+    key and a certificate at once cannot leave one's key beside the other's certificate."""
+    fd = os.open(Path(certs_dir) / ".reissue.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def follow_local(certs_dir: Path, hosts: Sequence[str]) -> tuple[CertificateAuthority, tuple[bytes, bytes]]:
+    """The CA now in certs_dir and the control plane's (certificate, key) PEMs, with this folder's own
+    certificates (the control plane's, for hosts, and the operator's, when present) issued by its signing root,
+    so they stay valid once the old root is dropped."""
+    with _reissue_lock(certs_dir):
+        ca = load_ca(certs_dir)
+        ensure_controlplane_cert(ca, certs_dir, hosts=hosts)
+        files = CaFiles.in_dir(Path(certs_dir))
+        if files.operator_cert.exists() and not _issued_by(files.operator_cert, ca.certificate):
+            op_cert, op_key = ca.issue_operator_cert()
+            _write_atomic(files.operator_key, op_key, 0o600)
+            _write_atomic(files.operator_cert, op_cert, 0o644)
+            log.info("re-issued the operator certificate in %s from the signing root", certs_dir)
+        return ca, (files.controlplane_cert.read_bytes(), files.controlplane_key.read_bytes())

@@ -300,11 +300,10 @@ class TrustFeature:
         from the signing root (for new handshakes: the credentials read core at each one)."""
         cfg = self.core.config
         hosts = [advertised_host(cfg.host, cfg.advertise)]
-        ca = await asyncio.to_thread(shared_ca.follow_local, cfg.certs_dir, hosts)
+        ca, server_cert = await asyncio.to_thread(shared_ca.follow_local, cfg.certs_dir, hosts)
         self.rotation = CaRotation(cfg.certs_dir)
-        files = self.rotation.files
         self.core.ca = ca
-        self.core.server_cert = (files.controlplane_cert.read_bytes(), files.controlplane_key.read_bytes())
+        self.core.server_cert = server_cert
 
     async def _loop(self) -> None:
         while True:
