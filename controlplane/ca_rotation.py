@@ -10,7 +10,9 @@ active → old authority):
 State lives in the certs directory, so a restarted control plane resumes mid-rotation: `ca.pem` is the bundle
 (signing root first), `ca.key` the signing key, `ca-next.*` the prepared root, `ca-prev.*` the retiring one,
 `rotation.json` the phase and generation. Each step publishes the bundle document (`hivemesh.mesh.trustdoc`)
-signed by every root key held, so a node that missed a step still accepts the next one.
+signed by every root key held, so a node that missed a step still accepts the next one. A running control plane
+runs the steps on the state every replica shares through etcd (`hivemesh.controlplane.shared_ca`); the certs
+directory is each replica's cache of it.
 """
 
 from __future__ import annotations

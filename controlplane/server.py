@@ -25,7 +25,7 @@ from cryptography import x509
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2_grpc
 
-from hivemesh.controlplane import joins, shared_keys
+from hivemesh.controlplane import joins, shared_ca, shared_keys
 from hivemesh.controlplane.ca import CaFiles, CertificateAuthority, ensure_controlplane_cert, load_ca
 from hivemesh.controlplane.ca_rotation import CaRotation
 from hivemesh.controlplane.etcd_certs import controlplane_etcd_tls
@@ -459,6 +459,14 @@ class ControlPlaneServer:
         self.etcd = etcd_client(cfg.etcd_endpoints, tls=etcd_tls)
         try:
             await wait_connected(self.etcd)
+            # The mesh's CA, which may have rotated since this folder was written; the folder is its cache.
+            await shared_ca.load(self.etcd, cfg.certs_dir)
+            ca, (cp_cert, cp_key) = await asyncio.to_thread(shared_ca.follow_local, cfg.certs_dir,
+                                                            [self.advertised_host])
+            if ca.trust_domain != cfg.trust_domain:
+                raise FailedPreconditionError(
+                    f"the mesh's CA (etcd) is for trust domain {ca.trust_domain}, not {cfg.trust_domain}"
+                )
             op = parse_spiffe_id(spiffe_id_of(files.operator_cert.read_bytes()))
             await ensure_workload_user(self.etcd, op.kind, op.name)  # the CLI's identity, issued offline
             for change in await reconcile_static_roles(self.etcd):  # a store bootstrapped by an older version

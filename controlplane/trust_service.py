@@ -18,7 +18,8 @@ earlier actors), is bound to A's certificate, never outlives the subject token, 
 token, delegation or certificate renewal from here while its entry lasts (`RevocationGuard`).
 
 **Signing keys** follow `SigningKeys`' life cycle; this feature republishes the JWKS whenever it changes
-(a key added, a key retired). **CA rotation** runs `CaRotation` steps and publishes the signed trust bundle.
+(a key added, a key retired). **CA rotation** runs `CaRotation` steps on the CA every replica shares through etcd
+(`hivemesh.controlplane.shared_ca`), publishes the signed trust bundle, and adopts steps other replicas ran.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
-from hivemesh.controlplane import shared_keys
+from hivemesh.controlplane import shared_ca, shared_keys
 from hivemesh.controlplane.ca_rotation import CaRotation
 from hivemesh.controlplane.ca_stragglers import refuse_if_stranding
 from hivemesh.controlplane.grants import GrantSet
@@ -256,12 +257,16 @@ class TrustFeature:
         self.core = core
         self.rotation = CaRotation(core.config.certs_dir,
                                    hosts=[advertised_host(core.config.host, core.config.advertise)])
+        self._ca_revision = 0
+        """The mod revision of the shared CA document this replica's folder and core reflect."""
         self._tick_s = tick_s
         self._published = ""
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
+        async with self._lock:
+            await self._follow_ca()
         await self.rotation.publish(self.core.etcd, self.core.ca)
         self._published = self.core.issuer.keys.jwks_json()
         self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -284,9 +289,35 @@ class TrustFeature:
         await keys.publish(self.core.etcd, self.rotation.signers(self.core.ca))
         self._published = text
 
+    async def _follow_ca(self) -> None:
+        """Adopt the shared CA when another replica ran a rotation step (caller holds the lock)."""
+        fresh = await shared_ca.refresh(self.core.etcd, self.core.config.certs_dir, self._ca_revision)
+        if fresh is not None:
+            self._ca_revision = fresh
+            await self._adopt_ca()
+
+    async def _adopt_ca(self) -> None:
+        """Issue from and trust what the certs folder now holds, with this replica's own certificates re-issued
+        from the signing root (for new handshakes: the credentials read core at each one)."""
+        cfg = self.core.config
+        hosts = [advertised_host(cfg.host, cfg.advertise)]
+        ca, server_cert = await asyncio.to_thread(shared_ca.follow_local, cfg.certs_dir, hosts)
+        self.rotation = CaRotation(cfg.certs_dir)
+        self.core.ca = ca
+        self.core.server_cert = server_cert
+
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self._tick_s)
+            try:
+                async with self._lock:
+                    before = self._ca_revision
+                    await self._follow_ca()
+                if self._ca_revision != before:
+                    log.info("CA rotation now %s (generation %d), as another replica left it",
+                             self.rotation.state.phase, self.rotation.state.generation)
+            except Exception as exc:  # noqa: BLE001 - keep the CA held; etcd may come back
+                log.warning("could not follow the shared CA: %s", exc)
             try:
                 keys = self.core.issuer.keys
                 if keys.jwks_json() != self._published and is_leader(self.core):  # one publisher of many
@@ -299,13 +330,13 @@ class TrustFeature:
 
     async def rotate_ca(self, step: str) -> None:
         async with self._lock:
-            if step == "finish" and self.rotation.state.phase == "activated":
+            await self._follow_ca()  # the step starts from the shared state, whichever replica ran the last one
+            if step == "finish" and self.rotation.state.phase == "activated":  # registered nodes of every replica
                 refuse_if_stranding(await self.core.agent_instances(), fingerprint(self.core.ca.certificate))
-            ca = await asyncio.to_thread(self.rotation.step, step)
-            self.core.ca = ca
-            files = self.rotation.files
-            self.core.server_cert = (files.controlplane_cert.read_bytes(), files.controlplane_key.read_bytes())
-            await self.rotation.publish(self.core.etcd, ca)
+            self._ca_revision = await shared_ca.step(
+                self.core.etcd, self.core.config.certs_dir, step, revision=self._ca_revision)
+            await self._adopt_ca()
+            await self.rotation.publish(self.core.etcd, self.core.ca)
             # Re-sign the key set with this step's roots: once the old root is dropped, nodes (and any that
             # start later) accept only a key set the new root signed.
             await self._publish_jwks()

@@ -44,6 +44,8 @@ CONTROLPLANE_LEADER: Final = PREFIX + "controlplane-leader"
 """The replica id of the control-plane leader, under its lease (`hivemesh.controlplane.leader`)."""
 CONTROLPLANE_KEYS: Final = PREFIX + "controlplane-keys"
 """The token signing keys every replica signs with (private: no role but etcd root reads it)."""
+CONTROLPLANE_CA: Final = PREFIX + "controlplane-ca"
+"""The root CA and its rotation state, keys included (`hivemesh.controlplane.shared_ca`; private like the keys)."""
 STATE: Final = PREFIX + "state/"
 """<namespace>#<key>: shared-state documents (`hivemesh.controlplane.state_service`); only the control plane reads
 or writes them, checking the `state` policies per namespace."""
