@@ -127,6 +127,9 @@ def test_up_serves_the_cli_until_sigterm(tmp_path: Path) -> None:
     output: list[str] = []
     stack = contextlib.ExitStack()
     try:
+        # A real Prometheus on the discovery files `up` writes, started with it (so it is ready when the mesh is).
+        sd = tmp_path / "home" / "prometheus"
+        scraper = stack.enter_context(prometheus(tmp_path / "prometheus-server", sd))
         assert up.stdout is not None
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
@@ -141,10 +144,6 @@ def test_up_serves_the_cli_until_sigterm(tmp_path: Path) -> None:
         etcd_endpoint = json.loads((tmp_path / "home" / "mesh.json").read_text())["etcd"]
         assert _etcd_lockdown(etcd_endpoint, tmp_path / "certs") == {
             "plaintext": "refused", "TLS without a client certificate": "refused", "auth": "enabled"}
-
-        # A real Prometheus on the discovery files `up` wrote, started now so it finds the nodes while we call.
-        sd = tmp_path / "home" / "prometheus"
-        scraper = stack.enter_context(prometheus(tmp_path / "prometheus-server", sd))
 
         agents = subprocess.run([*base, "agents", "--json"], capture_output=True, text=True, timeout=60)
         assert agents.returncode == 0, agents.stderr
