@@ -1,4 +1,5 @@
-"""`hivemesh up` end to end, as a user runs it: real processes, real etcd, the demo over the mesh, clean exit."""
+"""`hivemesh up` end to end, as a user runs it: real processes, real etcd, the demo over the mesh, a real Prometheus
+scraping the nodes through the discovery files `up` writes, clean exit."""
 
 from __future__ import annotations
 
