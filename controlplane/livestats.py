@@ -362,10 +362,11 @@ def compute(before: Sequence[Scrape], after: Sequence[Scrape], *, direction: str
             acc(labels).buckets[float(labels["le"])] += w.increase(key) * per_s
         for key, labels in _select(w.now, "hivemesh_requests_in_flight", direction=direction):
             acc(labels).in_flight += w.now[key]
-        if direction == "inbound":  # the admission queue is in front of what a node serves
-            for key, labels in _select(w.now, "hivemesh_admission_queue_depth"):
-                if node in caps.get(labels.get("capability", ""), {}):  # only onto rows the node already has
-                    acc(labels).queue += w.now[key]
+        if direction == "inbound":  # the admission queue is per agent, in front of every capability it serves
+            queued = sum(w.now[key] for key, _labels in _select(w.now, "hivemesh_admission_queue_depth"))
+            for per_node in caps.values():
+                if node in per_node:  # only onto rows the node already has
+                    per_node[node].queue += queued
     rows: list[Row] = []
     for capability in sorted(set(caps) | {c for c, _i in breakers}):
         per_node = caps.get(capability, {})

@@ -144,7 +144,7 @@ STATE: Final[Mapping[str, StateSpec]] = {
     "hivemesh_breaker_state": StateSpec(
         "Circuit breaker state: 0 closed, 1 half-open, 2 open (instance empty: the capability's own breaker).",
         ("capability", "instance")),
-    "hivemesh_admission_queue_depth": StateSpec("Calls waiting for an in-flight slot.", ("capability",)),
+    "hivemesh_admission_queue_depth": StateSpec("Calls waiting for an in-flight slot of the agent.", ("agent",)),
     # registry and store
     "hivemesh_registry_live_instances": StateSpec("Live instances serving a capability.", ("capability",)),
     "hivemesh_registry_watch_lag_revisions": StateSpec("etcd revisions the registry watch is behind."),

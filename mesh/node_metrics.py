@@ -311,7 +311,7 @@ class NodeMetrics:
 
         def queues() -> Iterator[tuple[Mapping[str, str], float]]:
             for agent, waiting in state.queue_depths():
-                yield {"capability": agent}, float(waiting)
+                yield {"agent": agent}, float(waiting)
 
         def live() -> Iterator[tuple[Mapping[str, str], float]]:
             for info in node.registry.capabilities():

@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from hivemesh.controlplane.cli.context import friendly_errors
+from hivemesh.controlplane.cli.context import friendly_errors, run_async
 from hivemesh.mesh.settings import MeshSettings
 
 
@@ -70,7 +70,7 @@ def serve(name: str, listen: str, public_url: str | None, timeout: float, as_jso
                                             "audience": gateway.spiffe_id})
             await _until_signal()
 
-    asyncio.run(go())
+    run_async(go())
 
 
 @a2a.command("register")
@@ -104,4 +104,4 @@ def register(url: str, name: str | None, listen: str, ca_file: str | None, timeo
             finally:
                 await bridge.close()
 
-    asyncio.run(go())
+    run_async(go())

@@ -6,7 +6,6 @@ allow`."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -14,7 +13,7 @@ import click
 from rich.text import Text
 
 from hivemesh.controlplane.access import explain_access, spiffe_id
-from hivemesh.controlplane.cli.context import CliContext, err, friendly_errors, out, pass_cli
+from hivemesh.controlplane.cli.context import CliContext, err, friendly_errors, out, pass_cli, run_async
 from hivemesh.controlplane.cli.output import new_table
 from hivemesh.controlplane.grants import Grant, GrantSet
 from hivemesh.mesh.authz import AuthzTable, compile_authz
@@ -83,7 +82,7 @@ def authz_check(obj: CliContext, caller: str, capability: str, principal: str | 
     if caller_id != caller and not as_json:
         err.print(f"caller {caller} is {caller_id}", style="dim", highlight=False)
     settings = obj.operator_settings()
-    table, grants, instances = asyncio.run(_load(obj, settings))
+    table, grants, instances = run_async(_load(obj, settings))
     agents = [agent_id] if agent_id else _agents_serving(capability, instances) or [
         f"spiffe://{settings.trust_domain}/agent/*"
     ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
-__all__ = ["CliContext", "as_operator", "err", "friendly_errors", "out", "pass_cli"]
+__all__ = ["CliContext", "as_operator", "err", "friendly_errors", "out", "pass_cli", "run_async"]
 
 
 @dataclass(frozen=True)
@@ -100,4 +100,10 @@ def as_operator(obj: CliContext, action: Callable[[ControlPlaneClient], Awaitabl
         async with ControlPlaneClient.from_certs_dir(settings.controlplane, obj.certs_dir) as cp:
             return await action(cp)
 
-    return asyncio.run(go())
+    return run_async(go())
+
+
+def run_async(work: Coroutine[Any, Any, T]) -> T:
+    """The CLI's one way to run async work (control-plane calls, etcd reads, servers), so no command grows its
+    own runner and every failure leaves through `friendly_errors` alike (tests/unit/test_cli_runner.py pins it)."""
+    return asyncio.run(work)

@@ -23,6 +23,7 @@ from typing import Any
 
 from hivemesh.controlplane.ca import CaFiles, init_ca, load_ca
 from hivemesh.controlplane.cli import localmesh
+from hivemesh.controlplane.cli.context import run_async
 from hivemesh.controlplane.cli.procs import Child, Supervisor
 from hivemesh.controlplane.cli.restarts import Say
 from hivemesh.controlplane.cli.uplock import UpLock
@@ -458,6 +459,6 @@ def run_up(opts: UpOptions, say: Say, show_result: Callable[[Mapping[str, Any]],
     try:
         if note:
             say(note)
-        return asyncio.run(MeshUp(opts, say, show_result, started_at=lock.started_at).run())
+        return run_async(MeshUp(opts, say, show_result, started_at=lock.started_at).run())
     finally:
         lock.release()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from hivemesh.controlplane.cli.context import (
     friendly_errors,
     out,
     pass_cli,
+    run_async,
 )
 from hivemesh.controlplane.cli.output import new_table
 
@@ -28,7 +28,7 @@ def agents(obj: CliContext, as_json: bool) -> None:
     """List registered agents and their capabilities (read from etcd)."""
     from hivemesh.mesh.registry import read_instances
 
-    instances = asyncio.run(read_instances(obj.operator_settings().etcd_access()))
+    instances = run_async(read_instances(obj.operator_settings().etcd_access()))
     rows: list[dict[str, Any]] = [
         {
             "agent": i.card.name,
@@ -100,7 +100,7 @@ def call(obj: CliContext, capability: str, data: str | None, timeout: float, str
             err.print(f"served by {result.instance.card.name} ({result.instance.instance_id}, "
                       f"{result.instance.packaging}) via {hops}", style="dim", highlight=False)
 
-    asyncio.run(go())
+    run_async(go())
 
 
 @click.command("join-token")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
 import click
 from rich.table import Table
 
-from hivemesh.controlplane.cli.context import CliContext, friendly_errors, out, pass_cli
+from hivemesh.controlplane.cli.context import CliContext, friendly_errors, out, pass_cli, run_async
 
 
 async def _read(access: Any) -> tuple[list[Any], str]:
@@ -33,7 +32,7 @@ async def _read(access: Any) -> tuple[list[Any], str]:
 @friendly_errors
 def controlplanes(obj: CliContext, as_json: bool) -> None:
     """List the control-plane replicas that are up (their leased adverts) and which one leads."""
-    adverts, leader = asyncio.run(_read(obj.operator_settings().etcd_access()))
+    adverts, leader = run_async(_read(obj.operator_settings().etcd_access()))
     rows = [{"replica": a.replica, "controlplane": a.controlplane, "join": a.join, "leader": a.replica == leader}
             for a in adverts]
     if as_json:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import click
 
-from hivemesh.controlplane.cli.context import CliContext, friendly_errors, pass_cli
+from hivemesh.controlplane.cli.context import CliContext, friendly_errors, pass_cli, run_async
 from hivemesh.mesh.settings import DEFAULT_TRUST_DOMAIN, MeshSettings
 
 
@@ -70,7 +69,7 @@ def controlplane(obj: CliContext, etcd_endpoints: str, state_dir: Path | None, t
         health = f" health={server.health_address}" if server.health_address is not None else ""
         click.echo(f"ready controlplane={server.address} join={server.join_address} metrics={metrics}{health}")
 
-    asyncio.run(serve_controlplane(config, on_started=ready))
+    run_async(serve_controlplane(config, on_started=ready))
 
 
 @click.command()
@@ -161,4 +160,4 @@ def sidecar(agent: str | None, client: str | None, listen: str, advertise: str |
                                output_classifier=output_classifier)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-    asyncio.run(run_sidecar(config, MeshSettings.resolve()))
+    run_async(run_sidecar(config, MeshSettings.resolve()))

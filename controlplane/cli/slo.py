@@ -7,14 +7,13 @@ etcd as the operator (policies are readable by every workload).
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
 import click
 import yaml
 
-from hivemesh.controlplane.cli.context import CliContext, err, friendly_errors, out, pass_cli
+from hivemesh.controlplane.cli.context import CliContext, err, friendly_errors, out, pass_cli, run_async
 from hivemesh.controlplane.cli.output import new_table
 from hivemesh.controlplane.slo import KIND_NAME, Objective, objectives, render_rules
 from hivemesh.mesh.policy import PolicyDoc
@@ -35,7 +34,7 @@ async def _load(settings: MeshSettings) -> dict[str, PolicyDoc]:
 
 
 def _stored(obj: CliContext) -> dict[str, PolicyDoc]:
-    docs = asyncio.run(_load(obj.operator_settings()))
+    docs = run_async(_load(obj.operator_settings()))
     if not docs:
         err.print(f"[yellow]no {KIND_NAME} policies are stored[/yellow] (write one and `hivemesh policy apply -f` "
                   "it; see docs/observability.md)", markup=True, highlight=False)

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import click
 
-from hivemesh.controlplane.cli.context import CliContext, as_operator, err, friendly_errors, out, pass_cli
+from hivemesh.controlplane.cli.context import CliContext, as_operator, err, friendly_errors, out, pass_cli, run_async
 from hivemesh.controlplane.cli.output import escape, new_table
 from hivemesh.mesh.errors import FailedPreconditionError
 from hivemesh.mesh.settings import MeshSettings
@@ -76,7 +76,7 @@ def workflows_list(obj: CliContext, state: str | None, owner: str | None, as_jso
         except ValueError:
             raise click.BadParameter(f"{owner!r} is not <kind>-<name> (kind agent, client or operator)",
                                      param_hint="--owner") from None
-    rows = asyncio.run(_with_store(settings, lambda s: s.list(owner)))
+    rows = run_async(_with_store(settings, lambda s: s.list(owner)))
     if state:
         rows = [r for r in rows if r.get("state") == state.upper()]
     if as_json:
@@ -109,7 +109,7 @@ def workflows_show(obj: CliContext, workflow_id: str, events: bool, as_json: boo
         evs = await store.events(wid) if events else []
         return state, evs, await store.owner(wid)
 
-    state, evs, owner = asyncio.run(_with_store(settings, load))
+    state, evs, owner = run_async(_with_store(settings, load))
     data = state.to_json()
     data["driven_by"] = owner
     if events:
@@ -170,7 +170,7 @@ def workflows_cancel(obj: CliContext, workflow_id: str, reason: str, wait_s: flo
             state = await store.load(wid)
         return state
 
-    state = asyncio.run(_with_store(settings, go))
+    state = run_async(_with_store(settings, go))
     if as_json:
         click.echo(json.dumps(state.summary()))
     else:
@@ -208,7 +208,7 @@ def workflows_resume(obj: CliContext, workflow_id: str, wait_lock: float | None,
                 handle = await engine.resume(await engine.store.resolve(workflow_id), wait_s=wait_lock)
                 return await handle.result()
 
-    state = asyncio.run(go())
+    state = run_async(go())
     if as_json:
         click.echo(json.dumps(state.to_json(), default=str))
     else:

@@ -7,14 +7,7 @@ and is always stopped."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import shutil
-import socket
-import subprocess
-import urllib.parse
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -27,22 +20,9 @@ from hivemesh.sdk import Agent, AgentServerConfig, Context, MeshClient, capabili
 from tests.support.meshenv import TRUST_DOMAIN
 from tests.support.orch_env import Orch, wait_until
 from tests.support.plain_agent import PlainAgent
+from tests.support.prometheus_server import prometheus, query
 
 CLIENT = f"spiffe://{TRUST_DOMAIN}/client/watcher"
-CONFIG = """
-global:
-  scrape_interval: 1s
-  scrape_timeout: 1s
-scrape_configs:
-  - job_name: hivemesh
-    file_sd_configs:
-      - files: ["{sd}/nodes*.json"]
-        refresh_interval: 1s
-  - job_name: hivemesh-controlplane
-    file_sd_configs:
-      - files: ["{sd}/controlplane*.json"]
-        refresh_interval: 1s
-"""
 
 
 class Text(TypedDict):
@@ -57,53 +37,9 @@ class Greeter(Agent):
         return {"text": f"hello {req['text']}"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def prometheus(tmp: Path, sd: Path) -> Iterator[str]:
-    """A Prometheus server scraping the file_sd folder sd; yields its base URL. Always stopped."""
-    binary = shutil.which("prometheus")
-    assert binary is not None, "Debian's prometheus package is required (./run installs it)"
-    config = tmp / "prometheus.yml"
-    config.write_text(CONFIG.replace("{sd}", str(sd)))
-    port = _free_port()
-    log = (tmp / "prometheus.log").open("w")
-    proc = subprocess.Popen(
-        [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
-
-
-def _query(base: str, promql: str) -> list[dict[str, Any]]:
-    url = f"{base}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            body = json.loads(resp.read())
-    except OSError:
-        return []  # not listening yet
-    assert body["status"] == "success", body
-    result: list[dict[str, Any]] = body["data"]["result"]
-    return result
-
-
 async def _value(base: str, promql: str, timeout: float = 90.0) -> dict[str, Any]:
     """The one series promql returns once Prometheus has scraped it (bounded wait)."""
-    found = await wait_until(lambda: asyncio.to_thread(_query, base, promql), timeout, f"Prometheus to return {promql}",
+    found = await wait_until(lambda: asyncio.to_thread(query, base, promql), timeout, f"Prometheus to return {promql}",
                              interval=0.5)
     assert len(found) == 1, found
     series: dict[str, Any] = found[0]

@@ -1,8 +1,10 @@
-"""`hivemesh up` end to end, as a user runs it: real processes, real etcd, the demo over the mesh, clean exit."""
+"""`hivemesh up` end to end, as a user runs it: real processes, real etcd, the demo over the mesh, a real Prometheus
+scraping the nodes through the discovery files `up` writes, clean exit."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -20,6 +22,7 @@ from aetcd import rpc
 
 from hivemesh.controlplane.etcd_certs import controlplane_etcd_tls
 from hivemesh.mesh.etcd import EtcdTls, client
+from tests.support.prometheus_server import prometheus, query
 
 HIVEMESH = [sys.executable, "-m", "hivemesh.controlplane.cli"]
 
@@ -123,7 +126,11 @@ def test_up_serves_the_cli_until_sigterm(tmp_path: Path) -> None:
     base = [*HIVEMESH, "--home", str(tmp_path / "home"), "--certs-dir", str(tmp_path / "certs")]
     up = subprocess.Popen([*base, "up"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output: list[str] = []
+    stack = contextlib.ExitStack()
     try:
+        # A real Prometheus on the discovery files `up` writes, started with it (so it is ready when the mesh is).
+        sd = tmp_path / "home" / "prometheus"
+        scraper = stack.enter_context(prometheus(tmp_path / "prometheus-server", sd))
         assert up.stdout is not None
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
@@ -163,7 +170,6 @@ def test_up_serves_the_cli_until_sigterm(tmp_path: Path) -> None:
         assert unknown.returncode == 1 and "UNKNOWN_CAPABILITY" in unknown.stderr
 
         # Every node it started is in the Prometheus discovery files it wrote, and serves its metrics.
-        sd = tmp_path / "home" / "prometheus"
         said = "".join("".join(output).split())  # the console wraps long lines
         assert f"file_sd):{sd / 'nodes.json'}" in said, "".join(output)[:6000]
         nodes = {g["labels"]["node"]: g for g in json.loads((sd / "nodes.json").read_text())}
@@ -177,7 +183,15 @@ def test_up_serves_the_cli_until_sigterm(tmp_path: Path) -> None:
                 in exposition)
         with urllib.request.urlopen(f"http://{cp['targets'][0]}/metrics", timeout=10) as resp:
             assert 'packaging="controlplane"' in resp.read().decode()
+        # ...and Prometheus, knowing nothing but those files, has the extractor's call counter for our calls.
+        promql = ('hivemesh_requests_total{job="hivemesh",node="extractor",direction="inbound",capability="extract",'
+                  'code="OK"}')
+        deadline = time.monotonic() + 60
+        while not (found := query(scraper, promql)) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert found and float(found[0]["value"][1]) >= 1, f"Prometheus never returned {promql}"
     finally:
+        stack.close()  # Prometheus stops first
         up.send_signal(signal.SIGTERM)
         try:
             rest, _ = up.communicate(timeout=60)

@@ -323,8 +323,8 @@ spec:
     assert done.index("urgent") <= 1
     assert gate.in_flight == 0
     # The node's /metrics said the same: the queue depth while it was full, then empty, and the two shed.
-    assert 'hivemesh_admission_queue_depth{capability="flaky"} 3.0' in full
-    assert 'hivemesh_admission_queue_depth{capability="flaky"} 0.0' in drained
+    assert 'hivemesh_admission_queue_depth{agent="flaky"} 3.0' in full
+    assert 'hivemesh_admission_queue_depth{agent="flaky"} 0.0' in drained
     assert 'hivemesh_admission_shed_total{capability="work"} 2.0' in drained
 
 

@@ -507,6 +507,16 @@ async def test_a_forged_key_set_written_to_etcd_is_refused_and_the_last_good_one
                            AgentServerConfig(audit_dir=tmp_path / "a")) as server:
         node = server.node
         good_kids = set(node.keyset.kids)
+        assert node.metrics is not None  # an agent's metrics are on by default
+
+        def jwks_age() -> float:
+            """What the node's /metrics says: seconds since the key set it verifies with was issued."""
+            assert node.metrics is not None
+            age = node.metrics.metrics.registry.get_sample_value("hivemesh_jwks_age_seconds")
+            assert age is not None, "no hivemesh_jwks_age_seconds"
+            return age
+
+        first_age = jwks_age()
         resp = await env.operator.create_join_token("loader", "client", 120)
         w = await join(env.controlplane.join_address, env.certs.ca_cert.read_bytes(), resp.token, "loader",
                        "client", trust_domain=TRUST_DOMAIN)
@@ -532,12 +542,16 @@ async def test_a_forged_key_set_written_to_etcd_is_refused_and_the_last_good_one
                     err = from_rpc_error(info.value)
                     assert isinstance(err, TokenInvalidError) and "unknown key" in err.message
                 assert "keeping the last good one" in caplog.text and "not signed" in caplog.text
-                # A rotation by the control plane is signed, so it is adopted again past the forgeries.
+                assert jwks_age() >= first_age  # a refused key set (one claims a later issue time) is not "fresh"
+                # A rotation by the control plane is signed, so it is adopted again past the forgeries, and the
+                # node's JWKS age restarts from it: the set in force was issued after `asked`.
+                asked = time.time()
                 rotated = await env.operator.call(env.operator.trust.RotateSigningKey,
                                                   trust_pb2.RotateSigningKeyRequest(activate_after_seconds=1))
                 new_kids = {k.kid for k in rotated.keys}
                 assert await _wait_until(lambda: set(node.keyset.kids) == new_kids, 10)
                 assert forged_kid not in node.keyset.kids and good_kids < new_kids
+                assert 0 <= jwks_age() < time.time() - asked
                 await call(invoke_request("echo", {"text": "x"}), timeout=5,
                            metadata=[("authorization", f"Bearer {good}")])
 

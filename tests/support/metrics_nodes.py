@@ -63,7 +63,7 @@ def node_a() -> MeshMetrics:
     """echo/i-a: per batch 30 OK echo calls at 4 ms and 10 UNAVAILABLE at 200 ms, 100 tokens, 0.01 USD."""
     m = MeshMetrics(packaging="sidecar", node="echo/i-a")
     set_in_flight(m, "inbound", "echo", 2)
-    m.state.add("hivemesh_admission_queue_depth", lambda: [({"capability": "echo"}, 1.0)])
+    m.state.add("hivemesh_admission_queue_depth", lambda: [({"agent": "echo"}, 1.0)])
 
     def batch() -> None:
         _calls(m, "echo", 30, 0.004)

@@ -105,12 +105,15 @@ def test_breakers_callers_report_land_on_the_capability_and_on_its_instances() -
     states = [({"capability": "extract", "instance": ""}, 1.0), ({"capability": "extract", "instance": "i-1"}, 2.0),
               ({"capability": "extract", "instance": "i-gone"}, 2.0)]
     caller.state.add("hivemesh_breaker_state", lambda: states)
-    served.state.add("hivemesh_admission_queue_depth", lambda: [({"capability": "extract"}, 7.0),
-                                                                ({"capability": "not-served-here"}, 3.0)])
+    # The queue is the agent's (label `agent`, not a capability): it lands on the rows of the node that serves,
+    # whatever the agent is called, and a queue on a node that serves nothing lands nowhere.
+    served.state.add("hivemesh_admission_queue_depth", lambda: [({"agent": "docs"}, 7.0)])
+    caller.state.add("hivemesh_admission_queue_depth", lambda: [({"agent": "cli"}, 3.0)])
     before = [_scrape(served, "h:1", 0.0), _scrape(caller, "h:2", 0.0)]
     after = [_scrape(served, "h:1", 1.0), _scrape(caller, "h:2", 1.0)]
     (row,) = compute(before, after).rows
     assert row.breaker == "half-open" and row.queue == 7
+    assert [i.queue for i in row.instances] == [7, 0]
     assert [(i.instance, i.breaker, i.scraped) for i in row.instances] == [
         ("extract/i-1", "open", True), ("i-gone", "open", False)]
 
