@@ -82,10 +82,7 @@ class LinkServer:
 
     async def _behaviour(self) -> tuple[Callable[[Any, Any], Awaitable[Any]], Callable[[Any], bytes] | None]:
         """The wrapped Invoke behaviour and its response serializer, as the interceptor builds them for a unary
-        Invoke; asked again only when tracing is switched (what the interceptor's own wrapper depends on)."""
-        wrapped = self._wrapped
-        if wrapped is not None and self._tracer is tracing.TRACER:
-            return wrapped
+        Invoke; asked again only when tracing is switched (what the interceptor's wrapper depends on)."""
         invoke = self._invoke
 
         async def continuation(details: Any) -> grpc.RpcMethodHandler[Any, Any]:
@@ -104,7 +101,10 @@ class LinkServer:
         call_id, call = frame.id, frame.call
         context = FrameContext(stream, metadata, call.timeout_s)
         try:
-            behaviour, serialize = await self._behaviour()
+            wrapped = self._wrapped
+            if wrapped is None or self._tracer is not tracing.TRACER:
+                wrapped = await self._behaviour()
+            behaviour, serialize = wrapped
             if call.timeout_s > 0:
                 async with asyncio.timeout(call.timeout_s):
                     response = await behaviour(call.request, context)

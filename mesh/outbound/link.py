@@ -40,6 +40,11 @@ def _rpc_error(code: grpc.StatusCode, message: str, trailing: Sequence[tuple[str
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailing), message)
 
 
+def _expire(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 class _Link:
     """One open Link stream: calls go out through a queue (one writer keeps their order), answers come back to
     the waiting call by id."""
@@ -91,17 +96,23 @@ class _Link:
             headers.append(agent_pb2.LinkHeader(key=key, value=value))
         frame = agent_pb2.LinkFrame(id=call_id, call=agent_pb2.LinkCall(
             request=request, metadata=headers, timeout_s=timeout if timeout is not None and timeout > 0 else 0.0))
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Any] = loop.create_future()
         self._pending[call_id] = waiter
         self._out.put_nowait(frame.SerializeToString())
+        # A timer, not asyncio.wait_for: no extra task per call.
+        timer = loop.call_later(timeout, _expire, waiter) if timeout is not None else None
         try:
-            answer = await (asyncio.wait_for(waiter, timeout) if timeout is not None else waiter)
+            answer = await waiter
         except TimeoutError:
             self._cancel(call_id)
             raise _rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
         except asyncio.CancelledError:
             self._cancel(call_id)
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
         if answer.code == 0:
             response: bytes = answer.response
             return response
