@@ -24,9 +24,11 @@ from hivemesh.mesh.etcd import EtcdServer
 from hivemesh.mesh.inbound import DecisionObserver
 from hivemesh.mesh.layers import Inbound
 from hivemesh.mesh.outbound.link import LinkedInvoke
+from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
 from hivemesh.sdk import Agent, AgentServer, AgentServerConfig, Context, MeshClient, capability
 from tests.support.meshenv import ALLOW_ALL_AUTHZ, MeshEnv, start_mesh_env, stop_mesh_env
 from tests.support.orch_env import wait_until
+from tests.support.plain_agent import FAIL_MESSAGE, PlainAgent
 from tests.support.resilience_rig import apply
 
 pytestmark = pytest.mark.timeout(90)
@@ -198,3 +200,31 @@ async def test_unary_calls_over_a_link_behave_as_unary_calls(
                          10, "the restarted instance listed")
         assert (await linked.call("echo", {"text": "back"}, timeout=10))["text"] == "back"
         assert again._link is not None and again._link.links == 1
+
+
+async def test_the_sidecar_serves_a_link_through_its_chain_to_a_plain_agent(mesh_env: MeshEnv) -> None:
+    decisions: list[tuple[str, str, grpc.StatusCode]] = []
+    plain = PlainAgent("plain", prefix="plain-")
+    async with plain, Sidecar(SidecarConfig(agent=plain.endpoint, link=True, audit=False),
+                              await mesh_env.settings_for("plain"), observers=(_recorder(decisions),)) as sidecar, \
+            MeshClient.connect(name="tester", settings=await mesh_env.settings_for("tester", "client"),
+                               link=True, audit=False) as mesh:
+        assert await mesh.node.registry.wait_for_capability("plain-echo", 1, timeout=10)
+        result = await mesh.call_detailed("plain-echo", {"text": "hi"}, timeout=10)
+        assert result.output == {"text": "hi", "caller": mesh.node.workload.spiffe_id}  # never the token
+        assert [h.kind for h in result.hops] == ["sidecar"]
+        assert all(k != "authorization" for k, _ in plain.metadata[-1])
+        # The agent's own refusal, passed through unchanged; the chain's refusal before the agent sees the call.
+        with pytest.raises(HivemeshError) as failed:
+            await mesh.call("plain-fail", {"text": "bad"}, timeout=10)
+        assert failed.value.code == grpc.StatusCode.INVALID_ARGUMENT and failed.value.message == FAIL_MESSAGE
+        with pytest.raises(HivemeshError) as invalid:
+            await mesh.call("plain-echo", {"words": 1}, timeout=10)
+        assert invalid.value.reason == "INVALID_INPUT" and plain.calls == 2
+        # The agent gets the caller's deadline, as it would from a unary call through the sidecar.
+        await mesh.call("plain-slow", {"seconds": 0}, timeout=5)
+        assert plain.deadlines[-1] is not None and 0 < plain.deadlines[-1] <= 5.1  # gRPC rounds deadlines up
+        assert sidecar._link is not None and (sidecar._link.links, sidecar._link.calls) == (1, 4)
+        assert [(cap, code) for cap, _, code in decisions] == [
+            ("plain-echo", grpc.StatusCode.OK), ("plain-fail", grpc.StatusCode.INVALID_ARGUMENT),
+            ("plain-echo", grpc.StatusCode.INVALID_ARGUMENT), ("plain-slow", grpc.StatusCode.OK)]
