@@ -6,7 +6,8 @@ unary Invoke's place on a channel (`ChannelPool` with `link=True`): same argumen
 `grpc.aio.AioRpcError` (code, message, ErrorInfo trailers) on failure, so the attempt loop cannot tell them
 apart. The link opens lazily, on the first call; a broken link fails its open calls (UNAVAILABLE, as a broken
 connection fails unary calls) and the next call opens a new one. A peer that answers the link UNIMPLEMENTED
-(an agent in another language, an older node) gets unary calls from then on.
+(an agent in another language, an older node) gets unary calls from then on. Requests over
+`LINK_MAX_REQUEST_BYTES` go unary too.
 
 The caller's token is sent once per link and again only when it changes (the server keeps the link's last
 one; it is bound to this workload's certificate, which is the link's).
@@ -28,6 +29,10 @@ from hivemesh.v1 import agent_pb2
 log = logging.getLogger(__name__)
 
 LINK = "/hivemesh.v1.Agent/Link"
+LINK_MAX_REQUEST_BYTES = 16 * 1024
+"""Larger requests go unary: their cost is their bytes, not the per-RPC price a link saves, and on one stream
+HTTP/2's per-stream flow-control window makes large messages queue behind each other (measured: 64 KiB calls
+at 16 in flight ran at 0.83x unary's calls/s on a link, though each cost less CPU)."""
 _AUTHORIZATION = "authorization"
 _CLOSE = b""
 
@@ -142,7 +147,8 @@ class LinkedInvoke:
     async def __call__(
         self, request: bytes, *, timeout: float | None = None, metadata: Sequence[tuple[str, Any]] = ()
     ) -> bytes:
-        if self.unsupported or any(not isinstance(v, str) for _, v in metadata):
+        if (self.unsupported or len(request) > LINK_MAX_REQUEST_BYTES
+                or any(not isinstance(v, str) for _, v in metadata)):
             return await self._unary(request, timeout=timeout, metadata=metadata)
         link = self._link
         if link is None or link.broken:
