@@ -184,6 +184,10 @@ async def test_unary_calls_over_a_link_behave_as_unary_calls(
         answers = await asyncio.gather(*(linked.call("echo", {"text": t}, timeout=20) for t in texts))
         assert [a["text"] for a in answers] == texts
         assert server._link.links == 1
+        # A large request goes unary (its bytes, not the per-RPC price, are its cost).
+        served = server._link.calls
+        assert (await linked.call("echo", {"text": "x" * 20_000}, timeout=10))["text"] == "x" * 20_000
+        assert server._link.calls == served
 
         # A peer without Link is called unary, from the first call on.
         assert await linked.call("plain", {"text": "old"}, timeout=10) == {"text": "old"}
