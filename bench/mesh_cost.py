@@ -2,8 +2,9 @@
 
     (a) direct    plain grpc.aio client → plain grpc.aio agent (plaintext loopback): the floor
     (f) 2 hops    client → raw-bytes proxy → (mTLS) → raw-bytes proxy → agent: a sidecar path with no mesh work
-    (b) in-proc   MeshClient (proxyless) → SDK AgentServer (mTLS, token, authz, input guard, routing, audit)
-    (l) link      (b) with HIVEMESH_LINK=1: each call a frame on one multiplexed Link stream, same layers per call
+    (b) in-proc   MeshClient (proxyless) → SDK AgentServer (mTLS, token, authz, input guard, routing, audit),
+                  each call a unary RPC (HIVEMESH_LINK=0)
+    (l) link      (b) as shipped (HIVEMESH_LINK on): each call a frame on one multiplexed Link stream, same layers
     (c) sidecar   plain client → caller's Sidecar (Mesh.Call) → callee's Sidecar (the same inbound work) → agent
 
 Per path and payload (200 B and 64 KiB of JSON): p50/p99 latency one call at a time, calls/s at 16 and 64 in
@@ -674,21 +675,22 @@ class Bench:
         self.paths.append(CallPath("f", "two bare hops", client, [hop1, hop2, agent]))
 
     async def _start_inproc(self) -> None:
+        unary = {"HIVEMESH_LINK": "0"}  # one unary RPC per call, as before links
         agent = await self.spawn_role(
             "b.agent", "sdk-agent", "--name", "bench-inproc", "--capability", "echo-inproc",
             *(["--no-content-screen"] if self.opts.no_content_screen else []),
-            env=await self.join_env("bench-inproc", "agent"),
+            env={**await self.join_env("bench-inproc", "agent"), **unary},
         )
         await self._ready(agent)
         client = await self.spawn_role(
             "b.client", "client", "--kind", "meshclient", "--name", "bench-client", "--capability", "echo-inproc",
-            env=await self.join_env("bench-client", "client"),
+            env={**await self.join_env("bench-client", "client"), **unary},
         )
         await self._ready(client)
-        self.paths.append(CallPath("b", "in-process mesh", client, [agent]))
+        self.paths.append(CallPath("b", "in-process mesh, unary", client, [agent]))
 
     async def _start_inproc_link(self) -> None:
-        """(b) with links on at both ends (HIVEMESH_LINK=1), on its own agent and capability."""
+        """(b) with links on at both ends (HIVEMESH_LINK=1, the default), on its own agent and capability."""
         link = {"HIVEMESH_LINK": "1"}
         agent = await self.spawn_role(
             "l.agent", "sdk-agent", "--name", "bench-link", "--capability", "echo-link",
@@ -864,7 +866,7 @@ class PathInfo:
     labels: tuple[str, ...]
 
 
-TITLES = {"a": "direct", "f": "two bare hops", "b": "in-process mesh", "l": "in-process over a link",
+TITLES = {"a": "direct", "f": "two bare hops", "b": "in-process mesh, unary", "l": "in-process over a link",
           "c": "sidecar path"}
 
 

@@ -80,6 +80,7 @@ class MeshNode:
         publish_status: publish traffic status to etcd every ~2 s for `hivemesh status`.
         policy_kinds: policy kinds to mirror besides the node's own (`NODE_POLICY_KINDS`), for what else this
             process enforces (an SDK server adds `budgets`).
+        link: send unary calls over multiplexed links (`hivemesh.mesh.outbound.link`); None: $HIVEMESH_LINK, else on.
     """
 
     def __init__(
@@ -97,7 +98,7 @@ class MeshNode:
     ):
         self.settings = settings
         self.link = link_enabled(link)
-        """Unary calls go to each peer as frames on one multiplexed link (None: $HIVEMESH_LINK, else off)."""
+        """Unary calls go to each peer as frames on one multiplexed link (None: $HIVEMESH_LINK, else on)."""
         self.name = name
         self.kind = kind
         self.instance_id = instance_id or default_instance_id()

@@ -134,7 +134,7 @@ class SidecarConfig:
     """How often health checks that the agent answers and that the registry entry is there."""
     link: bool | None = None
     """Serve `Link` on the inbound port (a caller's unary calls as frames on one stream, each through the same
-    chain) and send outbound calls over links; None: $HIVEMESH_LINK, else off."""
+    chain) and send outbound calls over links; None: $HIVEMESH_LINK, else on."""
 
     def __post_init__(self) -> None:
         if (self.agent is None) == (self.client is None):

@@ -142,7 +142,7 @@ class MeshClient:
         keeps the token key set in sync, for a client that also verifies tokens addressed to it (A2A gateway).
         metrics_listen (HOST:PORT, or $HIVEMESH_METRICS_LISTEN) serves the client's Prometheus `/metrics`;
         off unless asked: an embedded client does not open ports on its own. link sends unary calls as frames on
-        one multiplexed stream per peer (`hivemesh.mesh.outbound.link`; None: $HIVEMESH_LINK, else off)."""
+        one multiplexed stream per peer (`hivemesh.mesh.outbound.link`; None: $HIVEMESH_LINK, else on)."""
         listen = metrics_listen_for(metrics_listen, None)  # embedded: off unless asked (or the env says so)
         node = MeshNode(settings or MeshSettings.resolve(**overrides), name=name, kind=kind,
                         verify_inbound=verify_inbound, link=link,

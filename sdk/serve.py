@@ -93,7 +93,7 @@ class AgentServerConfig:
     """How often health checks that the registry entry is there."""
     link: bool | None = None
     """Serve `Link` (a caller's unary calls as frames on one stream, each through the same inbound chain) and
-    call other agents over links; None: $HIVEMESH_LINK, else off."""
+    call other agents over links; None: $HIVEMESH_LINK, else on."""
 
     def __post_init__(self) -> None:
         # Sequences are accepted (a list is natural to write) and kept as tuples, so the config stays frozen.

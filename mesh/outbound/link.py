@@ -172,12 +172,12 @@ LINK_ENV = "HIVEMESH_LINK"
 
 def link_enabled(value: bool | None) -> bool:
     """Whether unary calls go over links (and links are served): value if given, else $HIVEMESH_LINK
-    ("1"/"true"/"on" or "0"/"false"/"off"), else off."""
+    ("1"/"true"/"on" or "0"/"false"/"off"), else on (the default since BENCHMARKS.md's same-run measurement)."""
     if value is not None:
         return value
     raw = os.environ.get(LINK_ENV, "").strip().lower()
-    if raw in ("", "0", "false", "off", "no"):
+    if raw in ("0", "false", "off", "no"):
         return False
-    if raw in ("1", "true", "on", "yes"):
+    if raw in ("", "1", "true", "on", "yes"):
         return True
     raise ValueError(f"{LINK_ENV} must be 1/true/on or 0/false/off: {raw!r}")

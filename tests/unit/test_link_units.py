@@ -1,4 +1,4 @@
-"""The link's pieces that need no network: the opt-in switch, a frame call's status and deadline, answer frames."""
+"""The link's pieces that need no network: the switch, a frame call's status and deadline, answer frames."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from hivemesh.mesh.link_server import answer_frame
 from hivemesh.mesh.outbound.link import LINK_ENV, link_enabled
 
 
-def test_link_is_opt_in_and_a_bad_switch_says_what_to_write(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_link_is_on_by_default_and_a_bad_switch_says_what_to_write(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(LINK_ENV, raising=False)
-    assert link_enabled(None) is False and link_enabled(True) is True
-    for raw, on in (("1", True), ("on", True), ("TRUE", True), ("0", False), ("off", False), ("", False)):
+    assert link_enabled(None) is True and link_enabled(False) is False
+    for raw, on in (("1", True), ("on", True), ("TRUE", True), ("0", False), ("off", False), ("", True)):
         monkeypatch.setenv(LINK_ENV, raw)
         assert link_enabled(None) is on, raw
-        assert link_enabled(False) is False  # an explicit setting wins over the environment
+        assert link_enabled(False) is False and link_enabled(True) is True  # an explicit setting wins
     monkeypatch.setenv(LINK_ENV, "sometimes")
     with pytest.raises(ValueError, match="HIVEMESH_LINK must be"):
         link_enabled(None)
