@@ -325,6 +325,11 @@ class ValidatorServicer(agent_pb2_grpc.AgentServicer):
             state=agent_pb2.TASK_STATE_COMPLETED,
         )
 
+    async def Link(self, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        """Its sidecar calls it unary (a plain agent need not multiplex on loopback)."""
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the validator serves Invoke, not Link")
+        yield  # an async generator, as the method's cardinality asks
+
     async def InvokeStream(
         self, request: agent_pb2.InvokeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:

@@ -2,7 +2,9 @@
 
     (a) direct    plain grpc.aio client → plain grpc.aio agent (plaintext loopback): the floor
     (f) 2 hops    client → raw-bytes proxy → (mTLS) → raw-bytes proxy → agent: a sidecar path with no mesh work
-    (b) in-proc   MeshClient (proxyless) → SDK AgentServer (mTLS, token, authz, input guard, routing, audit)
+    (b) in-proc   MeshClient (proxyless) → SDK AgentServer (mTLS, token, authz, input guard, routing, audit),
+                  each call a unary RPC (HIVEMESH_LINK=0)
+    (l) link      (b) as shipped (HIVEMESH_LINK on): each call a frame on one multiplexed Link stream, same layers
     (c) sidecar   plain client → caller's Sidecar (Mesh.Call) → callee's Sidecar (the same inbound work) → agent
 
 Per path and payload (200 B and 64 KiB of JSON): p50/p99 latency one call at a time, calls/s at 16 and 64 in
@@ -66,6 +68,9 @@ _AUTHZ = {  # authorization is default deny: allow exactly the bench's two mesh 
         {"name": "bench-client-calls-inproc", "action": "ALLOW",
          "from": {"callers": [f"spiffe://{TRUST_DOMAIN}/client/bench-client"]},
          "to": {"agents": [f"spiffe://{TRUST_DOMAIN}/agent/bench-inproc"], "capabilities": ["echo-inproc"]}},
+        {"name": "bench-link-client-calls-link", "action": "ALLOW",
+         "from": {"callers": [f"spiffe://{TRUST_DOMAIN}/client/bench-client-link"]},
+         "to": {"agents": [f"spiffe://{TRUST_DOMAIN}/agent/bench-link"], "capabilities": ["echo-link"]}},
         {"name": "bench-caller-calls-plain", "action": "ALLOW",
          "from": {"callers": [f"spiffe://{TRUST_DOMAIN}/agent/bench-caller"]},
          "to": {"agents": [f"spiffe://{TRUST_DOMAIN}/agent/bench-plain"], "capabilities": ["echo-sidecar"]}},
@@ -621,9 +626,10 @@ class Bench:
         self.operator = ControlPlaneClient.from_certs_dir(addrs["controlplane"], self.tmp / "certs")
         self.infra = [cp]
         await self._apply_authz()
-        starters = {"a": self._start_direct, "f": self._start_hops, "b": self._start_inproc, "c": self._start_sidecar}
+        starters = {"a": self._start_direct, "f": self._start_hops, "b": self._start_inproc,
+                    "l": self._start_inproc_link, "c": self._start_sidecar}
         await asyncio.gather(*(starters[k]() for k in self.opts.paths))
-        order = {"a": 0, "f": 1, "b": 2, "c": 3}
+        order = {"a": 0, "f": 1, "b": 2, "l": 3, "c": 4}
         self.paths.sort(key=lambda p: order[p.key])
 
     async def _apply_authz(self) -> None:
@@ -669,18 +675,35 @@ class Bench:
         self.paths.append(CallPath("f", "two bare hops", client, [hop1, hop2, agent]))
 
     async def _start_inproc(self) -> None:
+        unary = {"HIVEMESH_LINK": "0"}  # one unary RPC per call, as before links
         agent = await self.spawn_role(
             "b.agent", "sdk-agent", "--name", "bench-inproc", "--capability", "echo-inproc",
             *(["--no-content-screen"] if self.opts.no_content_screen else []),
-            env=await self.join_env("bench-inproc", "agent"),
+            env={**await self.join_env("bench-inproc", "agent"), **unary},
         )
         await self._ready(agent)
         client = await self.spawn_role(
             "b.client", "client", "--kind", "meshclient", "--name", "bench-client", "--capability", "echo-inproc",
-            env=await self.join_env("bench-client", "client"),
+            env={**await self.join_env("bench-client", "client"), **unary},
         )
         await self._ready(client)
-        self.paths.append(CallPath("b", "in-process mesh", client, [agent]))
+        self.paths.append(CallPath("b", "in-process mesh, unary", client, [agent]))
+
+    async def _start_inproc_link(self) -> None:
+        """(b) with links on at both ends (HIVEMESH_LINK=1, the default), on its own agent and capability."""
+        link = {"HIVEMESH_LINK": "1"}
+        agent = await self.spawn_role(
+            "l.agent", "sdk-agent", "--name", "bench-link", "--capability", "echo-link",
+            *(["--no-content-screen"] if self.opts.no_content_screen else []),
+            env={**await self.join_env("bench-link", "agent"), **link},
+        )
+        await self._ready(agent)
+        client = await self.spawn_role(
+            "l.client", "client", "--kind", "meshclient", "--name", "bench-client-link", "--capability", "echo-link",
+            env={**await self.join_env("bench-client-link", "client"), **link},
+        )
+        await self._ready(client)
+        self.paths.append(CallPath("l", "in-process over a link", client, [agent]))
 
     async def _sidecar(self, label: str, name: str, agent_addr: str) -> tuple[Child, dict[str, str]]:
         child = await self.spawn(
@@ -843,7 +866,8 @@ class PathInfo:
     labels: tuple[str, ...]
 
 
-TITLES = {"a": "direct", "f": "two bare hops", "b": "in-process mesh", "c": "sidecar path"}
+TITLES = {"a": "direct", "f": "two bare hops", "b": "in-process mesh, unary", "l": "in-process over a link",
+          "c": "sidecar path"}
 
 
 def summarize(samples: Sequence[dict[str, Any]], paths: Sequence[PathInfo]) -> dict[str, Any]:
@@ -939,12 +963,14 @@ def _verdicts(summary: dict[str, Any], keys: set[str], sizes: Sequence[int], con
     for size in sizes:
         name = _size_name(size)
         lat = {k: summary[f"{k}/{size}/c1"]["p50_us"] for k in keys}
-        if "b" in keys:
-            r = lat["b"] / lat["a"]
-            out.append(f"- {name}: in-process p50 {r:.2f}× direct (target ≤ 1.30×): {met(r <= 1.3)}")
+        for key, what in (("b", "in-process"), ("l", "in-process over a link")):
+            if key not in keys:
+                continue
+            r = lat[key] / lat["a"]
+            out.append(f"- {name}: {what} p50 {r:.2f}× direct (target ≤ 1.30×): {met(r <= 1.3)}")
             for conc in concs:
-                r = summary[f"b/{size}/c{conc}"]["calls_per_s"] / summary[f"a/{size}/c{conc}"]["calls_per_s"]
-                out.append(f"- {name} @{conc}: in-process throughput {r:.2f}× direct (target ≥ 0.75×): "
+                r = summary[f"{key}/{size}/c{conc}"]["calls_per_s"] / summary[f"a/{size}/c{conc}"]["calls_per_s"]
+                out.append(f"- {name} @{conc}: {what} throughput {r:.2f}× direct (target ≥ 0.75×): "
                            f"{met(r >= 0.75)}")
         if "c" in keys and "f" in keys:
             out.append(f"- {name}: sidecar p50 {lat['c'] / lat['a']:.2f}× direct vs bare hops "
@@ -982,7 +1008,7 @@ def _path_infos(data: dict[str, Any]) -> list[PathInfo]:
     if "paths" in data:
         return [PathInfo(p["key"], p["title"], tuple(p["labels"])) for p in data["paths"]]
     infos = []  # files written before "paths" was saved: labels from the samples (client first)
-    for key in [k for k in "afbc" if any(s["path"] == k for s in data["samples"])]:
+    for key in [k for k in "afblc" if any(s["path"] == k for s in data["samples"])]:
         first = next(s for s in data["samples"] if s["path"] == key)
         infos.append(PathInfo(key, TITLES[key], tuple(k for k in first["cpu_us_per_call"] if "infra" not in k)))
     return infos
@@ -1024,7 +1050,7 @@ async def driver(opts: argparse.Namespace) -> int:
     started = time.monotonic()
     info = machine()
     try:
-        log.info("starting etcd, control plane and %d path(s) in %s", 4, bench.tmp)
+        log.info("starting etcd, control plane and %d path(s) in %s", len(opts.paths), bench.tmp)
         await bench.start()
         log.info("all paths up in %.1f s; %d process(es) on the paths", time.monotonic() - started,
                  sum(len(p.processes) for p in bench.paths))
@@ -1060,7 +1086,7 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[200, 64 * 1024], help="JSON payload sizes, bytes")
     p.add_argument("--no-content-screen", action="store_true",
                    help="turn the prompt-injection content screen off in the SDK agent and the sidecars (default on)")
-    p.add_argument("--paths", nargs="+", choices=["a", "f", "b", "c"], default=["a", "f", "b", "c"],
+    p.add_argument("--paths", nargs="+", choices=["a", "f", "b", "l", "c"], default=["a", "f", "b", "l", "c"],
                    help="paths to run (a is always run: every ratio is to it)")
     p.add_argument("--json", default="", help="also write every sample and the summary to this file")
     p.add_argument("--report", default="", metavar="JSON", help="only print the report of a saved --json file")
@@ -1083,7 +1109,7 @@ def main(argv: Sequence[str]) -> int:
     opts.calls = opts.calls or (200 if q else 2000)
     opts.seconds = opts.seconds or (1.0 if q else 5.0)
     opts.profile = str(Path(opts.profile).resolve()) if opts.profile else ""
-    opts.paths = sorted(set(opts.paths) | {"a"}, key="afbc".index)
+    opts.paths = sorted(set(opts.paths) | {"a"}, key="afblc".index)
     opts.retry_budget = opts.retry_budget if opts.retry_budget is not None else (4 if q else 12)
     opts.warmup = 50 if q else 200
     opts.ramp_s = 0.2 if q else 0.5

@@ -40,6 +40,8 @@ class FrontDoor:
     """The token budgets the chain enforces (None: none)."""
     ledger: SpendLedger | None = None
     """Shares the budgets' spend with the other replicas; started before serving, stopped after."""
+    inbound: MeshInboundInterceptor | None = None
+    """The interceptor that runs the chain: a Link serves each of its calls through it (mesh/link_server.py)."""
 
     async def start(self, host: str, port: int) -> None:
         """Start serving on the port already added, and auditing the handshakes refused there."""
@@ -128,9 +130,6 @@ def open_front_door(
             metrics.watch_audit(log)
     if metrics is not None:
         observers = [metrics.inbound_observer(capabilities), *observers]
-    server = ManagedServer(
-        services=[AGENT_SERVICE],
-        interceptors=[MeshInboundInterceptor(chain, observers=[*observers, *([log] if log is not None else [])])],
-        readiness=readiness,
-    )
-    return FrontDoor(server=server, audit=log, node=node, budgets=budgets, ledger=ledger)
+    inbound = MeshInboundInterceptor(chain, observers=[*observers, *([log] if log is not None else [])])
+    server = ManagedServer(services=[AGENT_SERVICE], interceptors=[inbound], readiness=readiness)
+    return FrontDoor(server=server, audit=log, node=node, budgets=budgets, ledger=ledger, inbound=inbound)

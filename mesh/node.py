@@ -34,6 +34,7 @@ from hivemesh.mesh.identity_store import IdentityStore, join_hint
 from hivemesh.mesh.node_metrics import NodeMetrics
 from hivemesh.mesh.outbound import OutboundPipeline
 from hivemesh.mesh.outbound.channels import ChannelPool
+from hivemesh.mesh.outbound.link import link_enabled
 from hivemesh.mesh.outbound.selection import Liveness
 from hivemesh.mesh.pki import controlplane_id, load_certs
 from hivemesh.mesh.policy import PolicyCache, PolicyKind
@@ -79,6 +80,7 @@ class MeshNode:
         publish_status: publish traffic status to etcd every ~2 s for `hivemesh status`.
         policy_kinds: policy kinds to mirror besides the node's own (`NODE_POLICY_KINDS`), for what else this
             process enforces (an SDK server adds `budgets`).
+        link: send unary calls over multiplexed links (`hivemesh.mesh.outbound.link`); None: $HIVEMESH_LINK, else on.
     """
 
     def __init__(
@@ -92,8 +94,11 @@ class MeshNode:
         publish_status: bool = True,
         policy_kinds: Iterable[PolicyKind[Any]] = (),
         metrics: NodeMetrics | None = None,
+        link: bool | None = None,
     ):
         self.settings = settings
+        self.link = link_enabled(link)
+        """Unary calls go to each peer as frames on one multiplexed link (None: $HIVEMESH_LINK, else on)."""
         self.name = name
         self.kind = kind
         self.instance_id = instance_id or default_instance_id()
@@ -156,7 +161,7 @@ class MeshNode:
         else:
             self._workload, self._cp = await self._stored_or_joined()
         self._tokens = TokenSource(self._cp)
-        self._channels = ChannelPool(self._workload)
+        self._channels = ChannelPool(self._workload, link=self.link)
         self._outbound = OutboundPipeline(self.liveness, self._tokens, self._channels, traffic=self.traffic,
                                           authz=lambda: self.policies.get(AUTHZ), events=self.metrics)
         try:

@@ -55,6 +55,7 @@ from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
 from hivemesh.mesh.layers.loopguard import DEFAULT_MAX_CALL_DEPTH
 from hivemesh.mesh.layers.output_classifier import load_classifier, resolve_classifier
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN
+from hivemesh.mesh.link_server import LinkServer, link_handler
 from hivemesh.mesh.local_socket import bind_private_socket, default_socket_path, remove_socket
 from hivemesh.mesh.node import MeshNode
 from hivemesh.mesh.node_health import NodeHealth
@@ -137,6 +138,9 @@ class SidecarConfig:
     """`module:callable` naming what the output screens act on (checked here); default: the pattern classifier."""
     max_held_calls: int = 100
     """Most calls this identity may hold queued at once (`queue_for_ms`); one more is QUEUE_FULL."""
+    link: bool | None = None
+    """Serve `Link` on the inbound port (a caller's unary calls as frames on one stream, each through the same
+    chain) and send outbound calls over links; None: $HIVEMESH_LINK, else on."""
 
     def __post_init__(self) -> None:
         if (self.agent is None) == (self.client is None):
@@ -207,6 +211,7 @@ class Sidecar:
         self.card: agent_pb2.AgentCard | None = None
         self._agent_channel: grpc.aio.Channel | None = None
         self._inbound: FrontDoor | None = None
+        self._link: LinkServer | None = None
         self._mesh: ManagedServer | None = None
         self._registration: Registration | None = None
         self.health = NodeHealth(config.health_listen, config.health_interval_s)
@@ -278,6 +283,7 @@ class Sidecar:
                 self.settings, name=name, kind="agent", verify_inbound=True, instance_id=self.instance_id,
                 metrics=None if listen is None else NodeMetrics(
                     packaging="sidecar", node=f"{name}/{self.instance_id}", listen=listen),
+                link=cfg.link,
             )
             await asyncio.to_thread(tracer_events().start)  # before the first handshake: see its docstring
             await self.node.start()
@@ -299,7 +305,7 @@ class Sidecar:
             )
             self.audit, inbound = front.audit, front.server
             self.token_budgets = front.budgets
-            inbound.add_generic(self._agent_handler())
+            inbound.add_generic(self._agent_handler(front.inbound))
             self.port = inbound.add_secure_port(cfg.listen, self.node.server_credentials())
             self._hop_bytes = hop_suffix(
                 agent_pb2.Hop(
@@ -360,7 +366,8 @@ class Sidecar:
     async def _start_client(self, name: str) -> None:
         """Caller only: join as client `name` and serve `Mesh`; nothing inbound, nothing registered."""
         try:
-            self.node = MeshNode(self.settings, name=name, kind="client", instance_id=self.instance_id)
+            self.node = MeshNode(self.settings, name=name, kind="client", instance_id=self.instance_id,
+                                 link=self.config.link)
             await self.node.start()
             if self.config.audit:
                 # Refusals decided on the way out (no grant, circuit open) are audited as a MeshClient's are.
@@ -398,6 +405,8 @@ class Sidecar:
             self._registration = None
             if self.node is not None:
                 await drain_after_deregistration(self.node, key)
+        if self._link is not None:
+            self._link.drain()  # open links end once answered, not after the whole grace
         for server in (self._inbound, self._mesh):
             if server is not None:
                 await server.stop(grace)
@@ -478,7 +487,8 @@ class Sidecar:
                                  agent=self.card.name if self.card is not None else None, instance=self.instance_id,
                                  caller=None if inbound.peer is None else str(inbound.peer.spiffe_id)))
 
-    def _agent_handler(self) -> grpc.GenericRpcHandler:
+    def _agent_handler(self, interceptor: grpc.aio.ServerInterceptor | None) -> grpc.GenericRpcHandler:
+        """The Agent service in front of the agent; interceptor (the chain's) serves Link, when on, per call."""
         assert self._agent_channel is not None
         channel = self._agent_channel
         agent = self.config.agent or ""
@@ -559,14 +569,15 @@ class Sidecar:
                 if handle is not None:
                     del handles[handle]
 
-        return grpc.method_handlers_generic_handler(
-            AGENT_SERVICE,
-            {
-                "Describe": grpc.unary_unary_rpc_method_handler(describe),
-                "Invoke": grpc.unary_unary_rpc_method_handler(forward),
-                "InvokeStream": grpc.unary_stream_rpc_method_handler(forward_stream),
-            },
-        )
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+            "Describe": grpc.unary_unary_rpc_method_handler(describe),
+            "Invoke": grpc.unary_unary_rpc_method_handler(forward),
+            "InvokeStream": grpc.unary_stream_rpc_method_handler(forward_stream),
+        }
+        if interceptor is not None and self.node is not None and self.node.link:
+            self._link = LinkServer(interceptor, handlers["Invoke"])  # each frame: the chain, then forward
+            handlers["Link"] = link_handler(self._link)
+        return grpc.method_handlers_generic_handler(AGENT_SERVICE, handlers)
 
     # --- outbound: the agent's calls by capability name -----------------------------------------------------
     def _mesh_handler(self) -> grpc.GenericRpcHandler:

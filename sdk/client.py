@@ -131,6 +131,7 @@ class MeshClient:
         audit_dir: Path | str | None = None,
         verify_inbound: bool = False,
         metrics_listen: str | None = None,
+        link: bool | None = None,
         **overrides: Any,
     ) -> MeshClient:
         """A client that joins the mesh on `start()` (or `async with`), with settings resolved as documented
@@ -140,10 +141,11 @@ class MeshClient:
         under `audit_dir` (default `<HIVEMESH_HOME>/audit`) and shipped to the control plane. `verify_inbound`
         keeps the token key set in sync, for a client that also verifies tokens addressed to it (A2A gateway).
         metrics_listen (HOST:PORT, or $HIVEMESH_METRICS_LISTEN) serves the client's Prometheus `/metrics`;
-        off unless asked: an embedded client does not open ports on its own."""
+        off unless asked: an embedded client does not open ports on its own. link sends unary calls as frames on
+        one multiplexed stream per peer (`hivemesh.mesh.outbound.link`; None: $HIVEMESH_LINK, else on)."""
         listen = metrics_listen_for(metrics_listen, None)  # embedded: off unless asked (or the env says so)
         node = MeshNode(settings or MeshSettings.resolve(**overrides), name=name, kind=kind,
-                        verify_inbound=verify_inbound,
+                        verify_inbound=verify_inbound, link=link,
                         metrics=None if listen is None else NodeMetrics(packaging="client", node=name, listen=listen))
         client = cls(node, default_timeout=default_timeout)
         client._owns_node = True

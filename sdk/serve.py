@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+import grpc
+
 from hivemesh.mesh.advertise import advertised_host, env_advertise_host, env_listen_host, join_host_port
 from hivemesh.mesh.audit import AuditLog
 from hivemesh.mesh.audit.handshake import tracer_events
@@ -28,6 +30,7 @@ from hivemesh.mesh.layers.loopguard import DEFAULT_MAX_CALL_DEPTH
 from hivemesh.mesh.layers.output_classifier import resolve_classifier
 from hivemesh.mesh.layers.output_screen import Classifier
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN, ContentScreen
+from hivemesh.mesh.link_server import LinkServer
 from hivemesh.mesh.logjson import basic_config
 from hivemesh.mesh.node import MeshNode
 from hivemesh.mesh.node_health import NodeHealth
@@ -93,6 +96,9 @@ class AgentServerConfig:
     output_classifier: Classifier | str | None = None
     """What the output screens of capabilities that declare one act on: a callable or its `module:callable` name
     (loaded here, so a bad name fails now); default: the pattern classifier."""
+    link: bool | None = None
+    """Serve `Link` (a caller's unary calls as frames on one stream, each through the same inbound chain) and
+    call other agents over links; None: $HIVEMESH_LINK, else on."""
 
     def __post_init__(self) -> None:
         # Sequences are accepted (a list is natural to write) and kept as tuples, so the config stays frozen.
@@ -161,9 +167,11 @@ class AgentServer:
             self.settings, name=agent.name, kind="agent", verify_inbound=True, instance_id=self.instance_id,
             metrics=None if listen is None else NodeMetrics(
                 packaging="in-process", node=f"{agent.name}/{self.instance_id}", listen=listen),
+            link=self.config.link,
         )
         self.mesh = MeshClient(self.node)
         self._server: FrontDoor | None = None
+        self._link: LinkServer | None = None
         self._registration: Registration | None = None
         self.health = NodeHealth(self.config.health_listen, self.config.health_interval_s)
         """Whether this agent can do its job, as its health services say (and its plaintext health port)."""
@@ -220,6 +228,10 @@ class AgentServer:
             )
             self.token_budgets = front.budgets
             servicer = AgentServicer(self.agent, hop=hop, mesh=self.mesh, dedupe=self.dedupe)
+            if self.node.link and front.inbound is not None:
+                servicer.link = self._link = LinkServer(front.inbound, grpc.unary_unary_rpc_method_handler(
+                    servicer.Invoke, request_deserializer=agent_pb2.InvokeRequest.FromString,
+                    response_serializer=agent_pb2.InvokeResponse.SerializeToString))
             agent_pb2_grpc.add_AgentServicer_to_server(servicer, server.server)
             self._server = front
             await front.start(self.host, self.port)
@@ -254,6 +266,8 @@ class AgentServer:
                 await drain_after_deregistration(self.node, key)
         with contextlib.suppress(Exception):
             await self.agent.on_stop()
+        if self._link is not None:
+            self._link.drain()  # open links end once answered, not after the whole grace
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None

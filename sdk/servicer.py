@@ -22,6 +22,7 @@ from hivemesh.mesh import tracing
 from hivemesh.mesh.callcontext import inbound_call, new_call_id
 from hivemesh.mesh.errors import AgentError, HivemeshError, InvalidInputError, InvalidOutputError, abort
 from hivemesh.mesh.layers import Inbound
+from hivemesh.mesh.link_server import LinkServer
 from hivemesh.mesh.output_check import OutputCheck, note_refusal
 from hivemesh.sdk.agent import Agent, CapabilitySpec
 from hivemesh.sdk.context import Context
@@ -58,6 +59,8 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         self._dedupe = dedupe
         # What every unary answer shares, copied per call (cheaper than building the hop into each response).
         self._response = agent_pb2.InvokeResponse(content_type=_JSON, hops=[hop])
+        self.link: LinkServer | None = None
+        """Serves Link streams (each call through the same chain as Invoke); None: Link is UNIMPLEMENTED."""
 
     async def _execute(self, spec: CapabilitySpec, value: Any, ctx: Context) -> tuple[int, Any, agent_pb2.Usage]:
         """Run a capability once: (task state, JSON output, usage). Token usage is metered here and reported in
@@ -194,6 +197,15 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         if usage.input_tokens or usage.output_tokens:
             response.usage.CopyFrom(usage)
         return response
+
+    async def Link(
+        self, request_iterator: AsyncIterator[agent_pb2.LinkFrame], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[agent_pb2.LinkFrame]:
+        if self.link is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this agent does not serve Link: call Invoke")
+        else:
+            async for frame in self.link.serve(request_iterator, context):
+                yield frame
 
     async def InvokeStream(
         self, request: agent_pb2.InvokeRequest, context: grpc.aio.ServicerContext[Any, Any]

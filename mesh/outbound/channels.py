@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from hivemesh.mesh.outbound.link import LinkedInvoke
 from hivemesh.mesh.pki import parse_spiffe_id
 from hivemesh.mesh.tls import Workload, secure_channel
 
@@ -29,7 +30,8 @@ class Endpoint:
     """An open channel to one mesh endpoint and its raw stubs."""
 
     channel: grpc.aio.Channel
-    invoke: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]
+    invoke: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] | LinkedInvoke
+    """Unary Invoke: a unary RPC per call, or a frame on the peer's link (`ChannelPool(link=True)`)."""
     invoke_stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes]
 
 
@@ -41,8 +43,11 @@ class ChannelPool:
     endpoint: a process that holds another identity's endpoint cannot impersonate it.
     """
 
-    def __init__(self, workload: Workload) -> None:
+    def __init__(self, workload: Workload, *, link: bool = False) -> None:
+        """link: send unary calls as frames on one multiplexed stream per endpoint (`hivemesh.mesh.outbound.link`),
+        falling back to unary calls for a peer that does not serve it."""
         self._workload = workload
+        self.link = link
         self._creds = workload.channel_credentials()
         self._endpoints: dict[tuple[str, str], Endpoint] = {}
         self._retired: set[asyncio.Task[None]] = set()
@@ -58,9 +63,10 @@ class ChannelPool:
         if ep is None:
             server_name = parse_spiffe_id(identity).dns_name
             channel = secure_channel(address, self._creds, server_name=server_name)
+            unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(INVOKE)
             ep = Endpoint(
                 channel=channel,
-                invoke=channel.unary_unary(INVOKE),
+                invoke=LinkedInvoke(channel, unary) if self.link else unary,
                 invoke_stream=channel.unary_stream(INVOKE_STREAM),
             )
             self._endpoints[key] = ep

@@ -36,7 +36,7 @@ def test_wire_contract() -> None:
         for f in (agent_pb2, mesh_pb2, control_pb2)
         for s in f.DESCRIPTOR.services_by_name.values()
     }
-    assert services["hivemesh.v1.Agent"] == ["Describe", "Invoke", "InvokeStream"]
+    assert services["hivemesh.v1.Agent"] == ["Describe", "Invoke", "InvokeStream", "Link"]
     assert services["hivemesh.v1.Mesh"] == ["Call", "CallBatch", "CallStream", "Enqueue", "GetQueued",
                                             "ListCapabilities", "ListQueued", "Resolve"]
     assert "SignCertificate" in services["hivemesh.v1.Join"]

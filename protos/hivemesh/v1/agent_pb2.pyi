@@ -513,3 +513,153 @@ class InvokeChunk(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InvokeChunk: _TypeAlias = InvokeChunk  # noqa: Y015
+
+@_typing.final
+class LinkFrame(_message.Message):
+    """LinkFrame is one message on a Link: a call (caller to callee), its answer (back), or a cancel (caller)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    CALL_FIELD_NUMBER: _builtins.int
+    ANSWER_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """the call's id, unique on this link while the call is open"""
+    cancel: _builtins.bool
+    """the caller gave up on call id: stop it, send no answer"""
+    @_builtins.property
+    def call(self) -> Global___LinkCall: ...
+    @_builtins.property
+    def answer(self) -> Global___LinkAnswer: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        call: Global___LinkCall | None = ...,
+        answer: Global___LinkAnswer | None = ...,
+        cancel: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "body", b"body", "call", b"call", "cancel", b"cancel"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "body", b"body", "call", b"call", "cancel", b"cancel", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["call", "answer", "cancel"]  # noqa: Y015
+    _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
+
+Global___LinkFrame: _TypeAlias = LinkFrame  # noqa: Y015
+
+@_typing.final
+class LinkHeader(_message.Message):
+    """LinkHeader is one per-call metadata entry (what a unary Invoke would carry as gRPC metadata)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    value: _builtins.str
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinkHeader: _TypeAlias = LinkHeader  # noqa: Y015
+
+@_typing.final
+class LinkCall(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    request: _builtins.bytes
+    """a serialized InvokeRequest, as a unary Invoke carries it"""
+    timeout_s: _builtins.float
+    """The call's own deadline, in seconds from when the frame is received; 0: none."""
+    @_builtins.property
+    def metadata(self) -> _containers.RepeatedCompositeFieldContainer[Global___LinkHeader]:
+        """authorization, traceparent, request signature..."""
+
+    def __init__(
+        self,
+        *,
+        request: _builtins.bytes = ...,
+        metadata: _abc.Iterable[Global___LinkHeader] | None = ...,
+        timeout_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "request", b"request", "timeout_s", b"timeout_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinkCall: _TypeAlias = LinkCall  # noqa: Y015
+
+@_typing.final
+class LinkAnswer(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    TRAILERS_FIELD_NUMBER: _builtins.int
+    BINARY_TRAILERS_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The call's status, as gRPC status codes (0: OK, then response holds a serialized InvokeResponse)."""
+    message: _builtins.str
+    response: _builtins.bytes
+    @_builtins.property
+    def trailers(self) -> _containers.RepeatedCompositeFieldContainer[Global___LinkHeader]:
+        """an error's trailing metadata (its ErrorInfo, BadRequest, RetryInfo)"""
+
+    @_builtins.property
+    def binary_trailers(self) -> _containers.RepeatedCompositeFieldContainer[Global___LinkBinaryHeader]:
+        """the "-bin" ones"""
+
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        response: _builtins.bytes = ...,
+        trailers: _abc.Iterable[Global___LinkHeader] | None = ...,
+        binary_trailers: _abc.Iterable[Global___LinkBinaryHeader] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["binary_trailers", b"binary_trailers", "code", b"code", "message", b"message", "response", b"response", "trailers", b"trailers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinkAnswer: _TypeAlias = LinkAnswer  # noqa: Y015
+
+@_typing.final
+class LinkBinaryHeader(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    value: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        value: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinkBinaryHeader: _TypeAlias = LinkBinaryHeader  # noqa: Y015

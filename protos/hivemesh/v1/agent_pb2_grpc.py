@@ -50,6 +50,11 @@ class AgentStub:
                 request_serializer=hivemesh_dot_v1_dot_agent__pb2.InvokeRequest.SerializeToString,
                 response_deserializer=hivemesh_dot_v1_dot_agent__pb2.InvokeChunk.FromString,
                 _registered_method=True)
+        self.Link = channel.stream_stream(
+                '/hivemesh.v1.Agent/Link',
+                request_serializer=hivemesh_dot_v1_dot_agent__pb2.LinkFrame.SerializeToString,
+                response_deserializer=hivemesh_dot_v1_dot_agent__pb2.LinkFrame.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -77,6 +82,16 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Link(self, request_iterator, context):
+        """Link carries many unary Invoke calls, tagged by id, over one long-lived stream between two mesh nodes.
+        Each call frame is checked, audited and answered exactly as the same call sent as a unary Invoke would be;
+        answers may come back in any order. A node that does not implement it answers UNIMPLEMENTED, and the
+        caller sends its calls as unary Invokes instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +109,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.InvokeStream,
                     request_deserializer=hivemesh_dot_v1_dot_agent__pb2.InvokeRequest.FromString,
                     response_serializer=hivemesh_dot_v1_dot_agent__pb2.InvokeChunk.SerializeToString,
+            ),
+            'Link': grpc.stream_stream_rpc_method_handler(
+                    servicer.Link,
+                    request_deserializer=hivemesh_dot_v1_dot_agent__pb2.LinkFrame.FromString,
+                    response_serializer=hivemesh_dot_v1_dot_agent__pb2.LinkFrame.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +198,33 @@ class Agent:
             '/hivemesh.v1.Agent/InvokeStream',
             hivemesh_dot_v1_dot_agent__pb2.InvokeRequest.SerializeToString,
             hivemesh_dot_v1_dot_agent__pb2.InvokeChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Link(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/hivemesh.v1.Agent/Link',
+            hivemesh_dot_v1_dot_agent__pb2.LinkFrame.SerializeToString,
+            hivemesh_dot_v1_dot_agent__pb2.LinkFrame.FromString,
             options,
             channel_credentials,
             insecure,

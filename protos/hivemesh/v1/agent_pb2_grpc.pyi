@@ -41,6 +41,12 @@ class AgentStub:
     """Invoke runs one capability on one input and returns its output."""
     InvokeStream: _grpc.UnaryStreamMultiCallable[_agent_pb2.InvokeRequest, _agent_pb2.InvokeChunk]
     """InvokeStream runs one capability and streams its output as chunks, the last one with final = true."""
+    Link: _grpc.StreamStreamMultiCallable[_agent_pb2.LinkFrame, _agent_pb2.LinkFrame]
+    """Link carries many unary Invoke calls, tagged by id, over one long-lived stream between two mesh nodes.
+    Each call frame is checked, audited and answered exactly as the same call sent as a unary Invoke would be;
+    answers may come back in any order. A node that does not implement it answers UNIMPLEMENTED, and the
+    caller sends its calls as unary Invokes instead.
+    """
 
 @_typing.type_check_only
 class AgentAsyncStub(AgentStub):
@@ -53,6 +59,12 @@ class AgentAsyncStub(AgentStub):
     """Invoke runs one capability on one input and returns its output."""
     InvokeStream: _aio.UnaryStreamMultiCallable[_agent_pb2.InvokeRequest, _agent_pb2.InvokeChunk]  # type: ignore[assignment]
     """InvokeStream runs one capability and streams its output as chunks, the last one with final = true."""
+    Link: _aio.StreamStreamMultiCallable[_agent_pb2.LinkFrame, _agent_pb2.LinkFrame]  # type: ignore[assignment]
+    """Link carries many unary Invoke calls, tagged by id, over one long-lived stream between two mesh nodes.
+    Each call frame is checked, audited and answered exactly as the same call sent as a unary Invoke would be;
+    answers may come back in any order. A node that does not implement it answers UNIMPLEMENTED, and the
+    caller sends its calls as unary Invokes instead.
+    """
 
 class AgentServicer(metaclass=_abc_1.ABCMeta):
     """Agent is served by every agent on loopback; its sidecar (or the SDK's in-process layers) fronts it on the mesh."""
@@ -80,5 +92,17 @@ class AgentServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agent_pb2.InvokeChunk], _abc.AsyncIterator[_agent_pb2.InvokeChunk]]:
         """InvokeStream runs one capability and streams its output as chunks, the last one with final = true."""
+
+    @_abc_1.abstractmethod
+    def Link(
+        self,
+        request_iterator: _MaybeAsyncIterator[_agent_pb2.LinkFrame],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.LinkFrame], _abc.AsyncIterator[_agent_pb2.LinkFrame]]:
+        """Link carries many unary Invoke calls, tagged by id, over one long-lived stream between two mesh nodes.
+        Each call frame is checked, audited and answered exactly as the same call sent as a unary Invoke would be;
+        answers may come back in any order. A node that does not implement it answers UNIMPLEMENTED, and the
+        caller sends its calls as unary Invokes instead.
+        """
 
 def add_AgentServicer_to_server(servicer: AgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

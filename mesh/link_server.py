@@ -1,0 +1,203 @@
+"""Serving `hivemesh.v1.Agent/Link`: many unary Invoke calls, tagged by id, on one long-lived stream.
+
+Each call frame runs through exactly what a unary Invoke runs: the server's own inbound interceptor wraps the
+same Invoke handler (chain, admission, audit record, metrics, tracing), asked through its public
+`intercept_service`, so nothing is copied and no layer can be skipped. Only the transport differs: the call's
+context is a `FrameContext` (the stream's peer and certificate, the frame's metadata and deadline) and its
+status travels back in an answer frame instead of gRPC trailers. Calls run concurrently; answers go back in
+the order they finish, matched by id. A cancel frame cancels one call.
+
+The caller's token is bound to its certificate, which is the link's, so a caller may send it once: a call
+frame without an `authorization` entry carries the last one sent on this link (still verified per call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from hivemesh.mesh import tracing
+from hivemesh.mesh.link_context import FrameAborted, FrameContext
+from hivemesh.v1 import agent_pb2
+
+log = logging.getLogger(__name__)
+
+INVOKE_PATH = "/hivemesh.v1.Agent/Invoke"
+AUTHORIZATION = "authorization"
+_END = object()
+
+
+@dataclass(slots=True)
+class _Details:
+    """The handler call details of a unary Invoke (what an interceptor is asked about)."""
+
+    method: str
+    invocation_metadata: tuple[tuple[str, str | bytes], ...] = ()
+
+
+class _Open:
+    """One open link on the server: its answers waiting to be sent, and its calls running."""
+
+    __slots__ = ("out", "running")
+
+    def __init__(self) -> None:
+        self.out: asyncio.Queue[Any] = asyncio.Queue()
+        self.running: dict[int, asyncio.Task[None]] = {}
+
+
+def answer_frame(call_id: int, code: grpc.StatusCode, message: str, trailing: Sequence[tuple[str, Any]]) -> Any:
+    """The answer frame of a call that ended with this status (never OK: an OK answer carries its response)."""
+    answer = agent_pb2.LinkAnswer(code=code.value[0], message=message)
+    for key, value in trailing:
+        if isinstance(value, bytes):
+            answer.binary_trailers.add(key=key, value=value)
+        else:
+            answer.trailers.add(key=key, value=str(value))
+    return agent_pb2.LinkFrame(id=call_id, answer=answer)
+
+
+class LinkServer:
+    """Serves Link streams for one server: every call frame through the interceptor's wrapped Invoke handler.
+
+    interceptor is the server's inbound interceptor (`MeshInboundInterceptor`); invoke is the Invoke method
+    handler behind it (the SDK servicer's, or the sidecar's forwarder).
+    """
+
+    def __init__(self, interceptor: grpc.aio.ServerInterceptor, invoke: grpc.RpcMethodHandler[Any, Any]) -> None:
+        self._interceptor = interceptor
+        self._invoke = invoke
+        self._wrapped: tuple[Callable[[Any, Any], Awaitable[Any]], Callable[[Any], bytes] | None] | None = None
+        self._tracer: object = None
+        self._streams: set[_Open] = set()
+        self._draining = False
+        self.links = 0
+        """Link streams opened (by every caller, since start)."""
+        self.calls = 0
+        """Calls served on them."""
+
+    async def _behaviour(self) -> tuple[Callable[[Any, Any], Awaitable[Any]], Callable[[Any], bytes] | None]:
+        """The wrapped Invoke behaviour and its response serializer, as the interceptor builds them for a unary
+        Invoke; asked again only when tracing is switched (what the interceptor's wrapper depends on)."""
+        invoke = self._invoke
+
+        async def continuation(details: Any) -> grpc.RpcMethodHandler[Any, Any]:
+            return invoke
+
+        handler = await self._interceptor.intercept_service(continuation, _Details(INVOKE_PATH))
+        assert handler is not None and handler.unary_unary is not None
+        behaviour: Any = handler.unary_unary
+        self._wrapped, self._tracer = (behaviour, handler.response_serializer), tracing.TRACER
+        return self._wrapped
+
+    async def _run(
+        self, frame: Any, stream: grpc.aio.ServicerContext[Any, Any], metadata: Sequence[tuple[str, str]],
+        out: asyncio.Queue[Any],
+    ) -> None:
+        call_id, call = frame.id, frame.call
+        context = FrameContext(stream, metadata, call.timeout_s)
+        try:
+            wrapped = self._wrapped
+            if wrapped is None or self._tracer is not tracing.TRACER:
+                wrapped = await self._behaviour()
+            behaviour, serialize = wrapped
+            if call.timeout_s > 0:
+                async with asyncio.timeout(call.timeout_s):
+                    response = await behaviour(call.request, context)
+            else:
+                response = await behaviour(call.request, context)
+            raw = serialize(response) if serialize is not None else response
+            out.put_nowait(agent_pb2.LinkFrame(id=call_id, answer=agent_pb2.LinkAnswer(response=raw)))
+        except FrameAborted as aborted:
+            out.put_nowait(answer_frame(call_id, aborted.code, aborted.details, aborted.trailing))
+        except TimeoutError:
+            out.put_nowait(answer_frame(call_id, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", ()))
+        except asyncio.CancelledError:
+            pass  # the caller cancelled it (it wants no answer), or the link is closing
+        except Exception:
+            log.exception("link call %d failed unexpectedly", call_id)
+            out.put_nowait(answer_frame(call_id, grpc.StatusCode.UNKNOWN, "unexpected error serving the call", ()))
+
+    def drain(self) -> None:
+        """Shutting down: refuse new call frames (UNAVAILABLE), and end each link once its calls are answered,
+        instead of holding the server's stop for its whole grace period."""
+        self._draining = True
+        for open_link in self._streams:
+            if not open_link.running:
+                open_link.out.put_nowait(_END)
+
+    async def serve(
+        self, frames: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        """The Link method's behaviour: read call and cancel frames, yield answer frames until the caller closes
+        its side and every call it sent has been answered (or the stream breaks, or the server drains)."""
+        state = _Open()
+        out, running = state.out, state.running
+        loop = asyncio.get_running_loop()
+        authorization = ""
+        self.links += 1
+
+        def finished(call_id: int) -> Callable[[asyncio.Task[None]], None]:
+            def done(_: asyncio.Task[None]) -> None:
+                running.pop(call_id, None)
+                if self._draining and not running:
+                    out.put_nowait(_END)
+            return done
+
+        async def read() -> None:
+            nonlocal authorization
+            try:
+                async for frame in frames:
+                    kind = frame.WhichOneof("body")
+                    if kind == "call":
+                        metadata = [(h.key, h.value) for h in frame.call.metadata]
+                        sent = [v for k, v in metadata if k == AUTHORIZATION]
+                        if sent:
+                            authorization = sent[-1]
+                        elif authorization:
+                            metadata.append((AUTHORIZATION, authorization))
+                        if self._draining:
+                            out.put_nowait(answer_frame(frame.id, grpc.StatusCode.UNAVAILABLE,
+                                                        "this agent is shutting down", ()))
+                        elif frame.id in running:
+                            out.put_nowait(answer_frame(frame.id, grpc.StatusCode.INVALID_ARGUMENT,
+                                                        f"link call id {frame.id} is already in use", ()))
+                        else:
+                            self.calls += 1
+                            task = loop.create_task(self._run(frame, context, metadata, out))
+                            running[frame.id] = task
+                            task.add_done_callback(finished(frame.id))
+                    elif kind == "cancel":
+                        cancelled = running.get(frame.id)
+                        if cancelled is not None:
+                            cancelled.cancel()
+                await asyncio.gather(*running.values(), return_exceptions=True)
+            finally:
+                out.put_nowait(_END)
+
+        self._streams.add(state)
+        reader = loop.create_task(read())
+        try:
+            while True:
+                frame = await out.get()
+                if frame is _END:
+                    break
+                yield frame
+        finally:
+            self._streams.discard(state)
+            reader.cancel()
+            for task in list(running.values()):
+                task.cancel()
+
+
+def link_handler(server: LinkServer) -> grpc.RpcMethodHandler[Any, Any]:
+    """The Link method handler (LinkFrame messages both ways) for a generic handler, e.g. the sidecar's."""
+    return grpc.stream_stream_rpc_method_handler(
+        server.serve,
+        request_deserializer=agent_pb2.LinkFrame.FromString,
+        response_serializer=agent_pb2.LinkFrame.SerializeToString,
+    )

@@ -1,0 +1,234 @@
+"""Unary calls over a multiplexed Link (issue 14), on the real mesh: real etcd, TLS, tokens, in-process agents.
+
+Every call on a link goes through the same inbound chain, audit and handler as a unary Invoke: one decision
+per call, and every refusal (authz, rate limit, invalid input, the agent's own error) reaches the caller with
+the same code, reason and message as the same call sent unary. A deadline or a cancel ends one call, not the
+link; 50 concurrent calls are matched to their answers by id; a restarted server's link is reopened; a peer
+that does not serve Link is called unary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, TypedDict
+
+import aetcd
+import grpc
+import pytest
+
+from hivemesh.mesh.errors import HivemeshError
+from hivemesh.mesh.etcd import EtcdServer
+from hivemesh.mesh.inbound import DecisionObserver
+from hivemesh.mesh.layers import Inbound
+from hivemesh.mesh.outbound.link import LinkedInvoke
+from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
+from hivemesh.sdk import Agent, AgentServer, AgentServerConfig, Context, MeshClient, capability
+from tests.support.meshenv import ALLOW_ALL_AUTHZ, MeshEnv, start_mesh_env, stop_mesh_env
+from tests.support.orch_env import wait_until
+from tests.support.plain_agent import FAIL_MESSAGE, PlainAgent
+from tests.support.resilience_rig import apply
+
+pytestmark = pytest.mark.timeout(90)
+
+AUTHZ = ALLOW_ALL_AUTHZ + """---
+kind: authz
+name: no-secrets
+spec:
+  rules:
+    - name: nobody-reads-secrets
+      action: DENY
+      to:
+        capabilities: ["secret"]
+"""
+LIMITS = """
+kind: ratelimits
+name: scarce
+spec: {agents: [linked], capabilities: [scarce], per_identity_rps: 0.02, burst_s: 50}
+"""
+
+
+class Text(TypedDict):
+    text: str
+
+
+class Linked(Agent):
+    """What the link must carry like a unary call: answers, refusals, slow calls, cancellation."""
+
+    name = "linked"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancelled = 0
+
+    @capability(description="echo", idempotent=True)
+    async def echo(self, req: Text, ctx: Context) -> dict[str, str]:
+        return {"text": req["text"], "caller": ctx.caller}
+
+    @capability(description="sleep, then answer")
+    async def slow(self, req: dict[str, float]) -> dict[str, float]:
+        try:
+            await asyncio.sleep(req["seconds"])
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return req
+
+    @capability(description="denied to everyone by authz")
+    async def secret(self, req: Text) -> Text:
+        return req
+
+    @capability(description="rate limited to one call", idempotent=True)
+    async def scarce(self, req: Text) -> Text:
+        return req
+
+    @capability(description="the agent's own bug")
+    async def boom(self, req: Text) -> Text:
+        raise RuntimeError("kaboom")
+
+
+class Unlinked(Agent):
+    """Served without Link: a peer that answers it UNIMPLEMENTED (an older node, another language)."""
+
+    name = "unlinked"
+
+    @capability(description="echo", idempotent=True)
+    async def plain(self, req: Text) -> Text:
+        return req
+
+
+def _recorder(into: list[tuple[str, str, grpc.StatusCode]]) -> DecisionObserver:
+    def observe(call: Inbound, err: HivemeshError | None, code: grpc.StatusCode, _: float) -> None:
+        cap = call.request.capability if call.request is not None else ""
+        into.append((cap, err.reason if err is not None else "", code))
+    return observe
+
+
+@contextlib.asynccontextmanager
+async def _mesh(tmp: Path, etcd_endpoint: str) -> AsyncIterator[MeshEnv]:
+    env = await start_mesh_env(tmp, etcd_endpoint, authz=AUTHZ)
+    try:
+        yield env
+    finally:
+        await stop_mesh_env(env)
+
+
+async def _refusal(client: MeshClient, capability: str, payload: Any) -> tuple[grpc.StatusCode, str, str]:
+    """The refusal's code, reason and message (the caller's own name in it written as "<caller>")."""
+    with pytest.raises(HivemeshError) as refused:
+        await client.call(capability, payload, timeout=10)
+    err = refused.value
+    return err.code, err.reason, err.message.replace(f"/client/{client.node.name}", "/client/<caller>")
+
+
+def _link_of(client: MeshClient, server: AgentServer) -> LinkedInvoke:
+    invoke = client.node.outbound.channels.get(server.endpoint, server.node.workload.spiffe_id).invoke
+    assert isinstance(invoke, LinkedInvoke)
+    return invoke
+
+
+async def test_unary_calls_over_a_link_behave_as_unary_calls(
+    etcd: aetcd.Client, etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    decisions: list[tuple[str, str, grpc.StatusCode]] = []
+    agent = Linked()
+    async with _mesh(tmp_path, etcd_server.endpoint) as env, contextlib.AsyncExitStack() as stack:
+        server = await stack.enter_async_context(AgentServer(agent, await env.settings_for("linked"), AgentServerConfig(
+            link=True, observers=(_recorder(decisions),), audit_dir=tmp_path / "audit")))
+        plain = await stack.enter_async_context(AgentServer(Unlinked(), await env.settings_for("unlinked"),
+                                                            AgentServerConfig(link=False, audit=False)))
+        linked = await stack.enter_async_context(MeshClient.connect(
+            name="alice", settings=await env.settings_for("alice", "client"), link=True, audit=False))
+        unary = await stack.enter_async_context(MeshClient.connect(
+            name="bob", settings=await env.settings_for("bob", "client"), link=False, audit=False))
+        await apply(etcd, LIMITS, [server.node])
+        for cap in ("echo", "plain"):
+            assert await linked.node.registry.wait_for_capability(cap, 1, timeout=10)
+            assert await unary.node.registry.wait_for_capability(cap, 1, timeout=10)
+        assert server._link is not None
+
+        # An answer, and one audit decision per call.
+        assert (await linked.call("echo", {"text": "hi"}, timeout=10))["caller"].endswith("/client/alice")
+        assert server._link.links == 1 and server._link.calls == 1
+        assert decisions == [("echo", "", grpc.StatusCode.OK)]
+
+        # Every refusal: the same code, reason and message as unary, each its own decision.
+        for capability, payload in (("secret", {"text": "x"}), ("echo", {"words": 1}), ("boom", {"text": "x"})):
+            over_link = await _refusal(linked, capability, payload)
+            assert over_link == await _refusal(unary, capability, payload), capability
+        await linked.call("scarce", {"text": "x"}, timeout=10)
+        await unary.call("scarce", {"text": "x"}, timeout=10)
+        limited = await _refusal(linked, "scarce", {"text": "x"})
+        unary_limited = await _refusal(unary, "scarce", {"text": "x"})
+        assert limited[1] == "RATE_LIMITED" and limited[:2] == unary_limited[:2]
+        assert limited[2].split("; retry in")[0] == unary_limited[2].split("; retry in")[0]
+        reasons = [(cap, reason) for cap, reason, _ in decisions]
+        assert reasons.count(("secret", "POLICY_DENIED")) == 2 and reasons.count(("scarce", "RATE_LIMITED")) == 2
+        assert server._link.links == 1 and server._link.calls == 6  # one link carried alice's calls
+
+        # A deadline ends one call; a cancel ends one call; the link carries on.
+        slow = asyncio.ensure_future(linked.call("slow", {"seconds": 30}, timeout=30))
+        with pytest.raises(HivemeshError) as late:
+            await linked.call("slow", {"seconds": 30}, timeout=0.3)
+        assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        await wait_until(lambda: agent.cancelled == 1, 10, "the late call cancelled at the agent")
+        assert (await linked.call("echo", {"text": "still"}, timeout=10))["text"] == "still"
+        slow.cancel()
+        await wait_until(lambda: agent.cancelled == 2, 10, "the cancelled call stopped at the agent")
+        assert (await linked.call("echo", {"text": "again"}, timeout=10))["text"] == "again"
+
+        # 50 concurrent calls interleave on the link; each answer is its own call's.
+        texts = [f"call-{i}" for i in range(50)]
+        answers = await asyncio.gather(*(linked.call("echo", {"text": t}, timeout=20) for t in texts))
+        assert [a["text"] for a in answers] == texts
+        assert server._link.links == 1
+        # A large request goes unary (its bytes, not the per-RPC price, are its cost).
+        served = server._link.calls
+        assert (await linked.call("echo", {"text": "x" * 20_000}, timeout=10))["text"] == "x" * 20_000
+        assert server._link.calls == served
+
+        # A peer without Link is called unary, from the first call on.
+        assert await linked.call("plain", {"text": "old"}, timeout=10) == {"text": "old"}
+        assert _link_of(linked, plain).unsupported
+        assert not _link_of(linked, server).unsupported
+
+        # A restart breaks the link: the next call opens a new one to the new server.
+        port = server.port
+        await server.stop()
+        again = await stack.enter_async_context(AgentServer(agent, await env.settings_for("linked"),
+                                                            AgentServerConfig(link=True, port=port, audit=False)))
+        await wait_until(lambda: len(linked.node.registry.instances("echo")) == 1
+                         and linked.node.registry.instances("echo")[0].instance_id == again.instance_id,
+                         10, "the restarted instance listed")
+        assert (await linked.call("echo", {"text": "back"}, timeout=10))["text"] == "back"
+        assert again._link is not None and again._link.links == 1
+
+
+async def test_the_sidecar_serves_a_link_through_its_chain_to_a_plain_agent(mesh_env: MeshEnv) -> None:
+    decisions: list[tuple[str, str, grpc.StatusCode]] = []
+    plain = PlainAgent("plain", prefix="plain-")
+    async with plain, Sidecar(SidecarConfig(agent=plain.endpoint, link=True, audit=False),
+                              await mesh_env.settings_for("plain"), observers=(_recorder(decisions),)) as sidecar, \
+            MeshClient.connect(name="tester", settings=await mesh_env.settings_for("tester", "client"),
+                               link=True, audit=False) as mesh:
+        assert await mesh.node.registry.wait_for_capability("plain-echo", 1, timeout=10)
+        result = await mesh.call_detailed("plain-echo", {"text": "hi"}, timeout=10)
+        assert result.output == {"text": "hi", "caller": mesh.node.workload.spiffe_id}  # never the token
+        assert [h.kind for h in result.hops] == ["sidecar"]
+        assert all(k != "authorization" for k, _ in plain.metadata[-1])
+        # The agent's own refusal, passed through unchanged; the chain's refusal before the agent sees the call.
+        with pytest.raises(HivemeshError) as failed:
+            await mesh.call("plain-fail", {"text": "bad"}, timeout=10)
+        assert failed.value.code == grpc.StatusCode.INVALID_ARGUMENT and failed.value.message == FAIL_MESSAGE
+        with pytest.raises(HivemeshError) as invalid:
+            await mesh.call("plain-echo", {"words": 1}, timeout=10)
+        assert invalid.value.reason == "INVALID_INPUT" and plain.calls == 2
+        # The agent gets the caller's deadline, as it would from a unary call through the sidecar.
+        await mesh.call("plain-slow", {"seconds": 0}, timeout=5)
+        assert plain.deadlines[-1] is not None and 0 < plain.deadlines[-1] <= 5.1  # gRPC rounds deadlines up
+        assert sidecar._link is not None and (sidecar._link.links, sidecar._link.calls) == (1, 4)
+        assert [(cap, code) for cap, _, code in decisions] == [
+            ("plain-echo", grpc.StatusCode.OK), ("plain-fail", grpc.StatusCode.INVALID_ARGUMENT),
+            ("plain-echo", grpc.StatusCode.INVALID_ARGUMENT), ("plain-slow", grpc.StatusCode.OK)]

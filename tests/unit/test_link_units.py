@@ -1,0 +1,56 @@
+"""The link's pieces that need no network: the switch, a frame call's status and deadline, answer frames."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from hivemesh.mesh.errors import RateLimitedError, from_status_parts, to_status
+from hivemesh.mesh.link_context import FrameAborted, FrameContext, status_code
+from hivemesh.mesh.link_server import answer_frame
+from hivemesh.mesh.outbound.link import LINK_ENV, link_enabled
+
+
+def test_link_is_on_by_default_and_a_bad_switch_says_what_to_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(LINK_ENV, raising=False)
+    assert link_enabled(None) is True and link_enabled(False) is False
+    for raw, on in (("1", True), ("on", True), ("TRUE", True), ("0", False), ("off", False), ("", True)):
+        monkeypatch.setenv(LINK_ENV, raw)
+        assert link_enabled(None) is on, raw
+        assert link_enabled(False) is False and link_enabled(True) is True  # an explicit setting wins
+    monkeypatch.setenv(LINK_ENV, "sometimes")
+    with pytest.raises(ValueError, match="HIVEMESH_LINK must be"):
+        link_enabled(None)
+
+
+def test_status_codes_round_trip_by_number() -> None:
+    for code in grpc.StatusCode:
+        assert status_code(code.value[0]) is code
+    assert status_code(999) is grpc.StatusCode.UNKNOWN
+
+
+async def test_a_frame_calls_abort_ends_that_call_with_its_status_and_deadline() -> None:
+    ctx = FrameContext(None, [("authorization", "Bearer t"), ("traceparent", "00-x")], 0)  # type: ignore[arg-type]
+    assert ctx.time_remaining() is None and ctx.code() is grpc.StatusCode.OK
+    assert list(ctx.invocation_metadata() or ()) == [("authorization", "Bearer t"), ("traceparent", "00-x")]
+    with pytest.raises(FrameAborted) as aborted:
+        await ctx.abort(grpc.StatusCode.NOT_FOUND, "no such thing", (("k", "v"),))
+    assert (aborted.value.code, aborted.value.details, aborted.value.trailing) == (
+        grpc.StatusCode.NOT_FOUND, "no such thing", (("k", "v"),))
+    assert ctx.code() is grpc.StatusCode.NOT_FOUND  # what the inbound interceptor records as the final code
+    timed = FrameContext(None, [], 2.0)  # type: ignore[arg-type]
+    remaining = timed.time_remaining()
+    assert remaining is not None and 1.5 < remaining <= 2.0
+
+
+def test_an_answer_frame_carries_the_rich_status_the_caller_rebuilds() -> None:
+    err = RateLimitedError("slow down", retry_after_s=1.5, metadata={"capability": "echo"})
+    status = to_status(err)
+    frame = answer_frame(7, status.code, status.details, status.trailing_metadata)
+    answer = frame.answer
+    assert frame.id == 7 and answer.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert [h.key for h in answer.binary_trailers] == ["grpc-status-details-bin"]  # bytes stay bytes
+    trailing = [(h.key, h.value) for h in answer.trailers] + [(h.key, h.value) for h in answer.binary_trailers]
+    back = from_status_parts(status_code(answer.code), answer.message, trailing)
+    assert (type(back), back.reason, back.message, back.retry_after_s, back.metadata) == (
+        RateLimitedError, err.reason, "slow down", 1.5, {"capability": "echo"})
