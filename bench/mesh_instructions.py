@@ -44,7 +44,7 @@ AGENT = "bench-inproc"  # names mesh_cost's authz policy allows: bench-client ma
 CLIENT = "bench-client"
 CAPABILITY = "echo-inproc"
 CALL_TIMEOUT_S = 120.0  # callgrind runs the process ~50x slower
-PHASES = ("direct-n1", "mesh-n1", "direct-n2", "mesh-n2")
+PHASES = ("idle", "direct-n1", "mesh-n1", "direct-n2", "mesh-n2")
 
 
 def _marker() -> None:
@@ -53,8 +53,15 @@ def _marker() -> None:
 
 
 # ==== the measured process =======================================================================================
-async def measure(n1: int, n2: int, size: int, warmup: int, profile: str = "") -> list[dict[str, Any]]:
-    """Set up both paths in this process, warm them, then run the four marked phases; per-phase CPU and wall.
+async def measure(
+    n1: int, n2: int, size: int, warmup: int, idle_s: float, profile: str = ""
+) -> list[dict[str, Any]]:
+    """Set up both paths in this process, warm them, then run the marked phases; per-phase CPU and wall.
+
+    The idle phase makes no calls: what the process does meanwhile (registry and policy watch probes, status
+    publishing, lease refreshes, audit shipping) is paced by the clock, not by calls, and the slower the process
+    runs (callgrind, a loaded machine) the more of it lands in each call's phase. Its rate per second is what
+    `corrected` subtracts.
 
     profile: also cProfile the long mesh phase into this file. Its call counts are deterministic too, and name the
     Python functions an instruction difference comes from (callgrind sees only the interpreter's C functions)."""
@@ -81,7 +88,10 @@ async def measure(n1: int, n2: int, size: int, warmup: int, profile: str = "") -
             resp = await invoke(req, timeout=CALL_TIMEOUT_S)
             return json.loads(resp.output)
 
-        agent_settings = MeshSettings.resolve(join_token=os.environ["BENCH_AGENT_TOKEN"])
+        # Identities joined by the driver (natively): under callgrind a join's key generation outlasts its deadline.
+        agent_settings = MeshSettings.resolve(
+            cert_file=os.environ["BENCH_AGENT_CERT"], key_file=os.environ["BENCH_AGENT_KEY"]
+        )
         agent = mesh_cost._sdk_agent(AGENT, CAPABILITY)
         try:  # issue 9 replaced AgentServer's keyword options with a config; both default to everything on
             from hivemesh.sdk import AgentServerConfig  # type: ignore[attr-defined,unused-ignore]
@@ -91,7 +101,10 @@ async def measure(n1: int, n2: int, size: int, warmup: int, profile: str = "") -
             agent_server = AgentServer(agent, agent_settings, AgentServerConfig())
         await stack.enter_async_context(agent_server)
         mesh = await stack.enter_async_context(MeshClient.connect(
-            name=CLIENT, kind="client", settings=MeshSettings.resolve(join_token=os.environ["BENCH_CLIENT_TOKEN"]),
+            name=CLIENT, kind="client",
+            settings=MeshSettings.resolve(
+                cert_file=os.environ["BENCH_CLIENT_CERT"], key_file=os.environ["BENCH_CLIENT_KEY"]
+            ),
         ))
         if not await mesh.node.registry.wait_for_capability(CAPABILITY, 1, timeout=CALL_TIMEOUT_S):
             raise RuntimeError(f"{CAPABILITY} never appeared in the registry")
@@ -114,6 +127,9 @@ async def measure(n1: int, n2: int, size: int, warmup: int, profile: str = "") -
             cpu0, wall0 = time.process_time(), time.perf_counter()
             if prof is not None:
                 prof.enable()
+            if phase == "idle":
+                n = 0
+                await asyncio.sleep(idle_s)
             for _ in range(n):
                 await call()
             if prof is not None:
@@ -132,9 +148,10 @@ def measure_main(argv: list[str]) -> None:
     p.add_argument("--n2", type=int, required=True)
     p.add_argument("--size", type=int, required=True)
     p.add_argument("--warmup", type=int, required=True)
+    p.add_argument("--idle", type=float, required=True)
     p.add_argument("--profile", default="")
     a = p.parse_args(argv)
-    phases = asyncio.run(measure(a.n1, a.n2, a.size, a.warmup, a.profile))
+    phases = asyncio.run(measure(a.n1, a.n2, a.size, a.warmup, a.idle, a.profile))
     sys.stdout.write(json.dumps({"phases": phases}) + "\n")
     sys.stdout.flush()
 
@@ -150,6 +167,22 @@ def dump_totals(out_file: Path) -> list[int]:
             raise RuntimeError(f"no totals in {path}")
         totals.append(int(match.group(1)))
     return totals
+
+
+async def identity_files(bench: Any, prefix: str, name: str, kind: str) -> dict[str, str]:
+    """Join the mesh as name (one-time token, as any node would) and write its certificate and key for the
+    measured process; returns the variables naming them."""
+    from hivemesh.mesh.tls import join
+
+    env = bench.env
+    token = (await bench.join_env(name, kind))["HIVEMESH_JOIN_TOKEN"]
+    ca_pem = Path(env["HIVEMESH_CA"]).read_bytes()  # noqa: ASYNC240 - a small file, once
+    workload = await join(env["HIVEMESH_JOIN"], ca_pem, token, name, kind, trust_domain=env["HIVEMESH_TRUST_DOMAIN"])
+    cert, key = bench.tmp / f"{name}.crt", bench.tmp / f"{name}.key"
+    cert.write_bytes(workload.cert_pem)
+    key.write_bytes(workload.key_pem)
+    key.chmod(0o600)
+    return {f"{prefix}_CERT": str(cert), f"{prefix}_KEY": str(key)}
 
 
 def keep_dumps(tmp: Path, keep: Path) -> None:
@@ -178,12 +211,12 @@ async def drive(opts: argparse.Namespace) -> dict[str, Any]:
         await bench.start()  # etcd + control plane + grants + authz, as mesh_cost.py runs them (natively)
         env = {
             **os.environ, **bench.env, mesh_cost.PARENT_ENV: str(os.getpid()),
-            "BENCH_AGENT_TOKEN": (await bench.join_env(AGENT, "agent"))["HIVEMESH_JOIN_TOKEN"],
-            "BENCH_CLIENT_TOKEN": (await bench.join_env(CLIENT, "client"))["HIVEMESH_JOIN_TOKEN"],
+            **await identity_files(bench, "BENCH_AGENT", AGENT, "agent"),
+            **await identity_files(bench, "BENCH_CLIENT", CLIENT, "client"),
         }
         out_file = bench.tmp / "callgrind.out"
         argv = [sys.executable, __file__, "_measure", "--n1", str(opts.n1), "--n2", str(opts.n2),
-                "--size", str(opts.size), "--warmup", str(opts.warmup)]
+                "--size", str(opts.size), "--warmup", str(opts.warmup), "--idle", str(opts.idle)]
         if opts.valgrind:
             valgrind = shutil.which("valgrind")
             if valgrind is None:
@@ -221,6 +254,12 @@ async def drive(opts: argparse.Namespace) -> dict[str, Any]:
                 phase["instructions"] = total
             result["startup_instructions"] = totals[0]
             result["instructions_per_call"] = per_call(phases, "instructions")
+            idle = phases[0]
+            rate = idle["instructions"] / idle["wall_s"]
+            result["idle_instructions_per_s"] = rate
+            for phase in phases:
+                phase["corrected"] = phase["instructions"] - rate * phase["wall_s"]
+            result["corrected_instructions_per_call"] = per_call(phases, "corrected")
             if opts.keep_dumps:
                 keep_dumps(bench.tmp, Path(opts.keep_dumps))
         return result
@@ -236,8 +275,14 @@ def report(result: dict[str, Any]) -> str:
     if ipc:
         lines.append(f"  instructions/call  direct {ipc['direct']:,.0f}  in-process mesh {ipc['mesh']:,.0f}  "
                      f"ratio {ipc['mesh'] / ipc['direct']:.3f}")
-        lines.append("  per phase: " + ", ".join(f"{p['phase']} {p['instructions']:,} ({p['calls']} calls)"
-                                                for p in result["phases"]))
+        fixed = result["corrected_instructions_per_call"]
+        rate = result["idle_instructions_per_s"]
+        lines.append(f"  less the clock-paced background ({rate:,.0f} instructions/s idle): "
+                     f"direct {fixed['direct']:,.0f}  mesh {fixed['mesh']:,.0f}  "
+                     f"ratio {fixed['mesh'] / fixed['direct']:.3f}")
+        lines.append("  per phase: " + ", ".join(
+            f"{p['phase']} {p['instructions']:,} ({p['calls']} calls, {p['wall_s']:.1f} s)" for p in result["phases"]
+        ))
     lines.append(f"  CPU µs/call{' (under valgrind)' if ipc else ''}  direct {cpu['direct']:,.0f}  "
                  f"mesh {cpu['mesh']:,.0f}  ratio {cpu['mesh'] / cpu['direct']:.3f}")
     return "\n".join(lines)
@@ -252,6 +297,7 @@ def main() -> None:
     p.add_argument("--n2", type=int, default=120, help="calls per path in the long phases")
     p.add_argument("--size", type=int, default=200, help="payload bytes (compact JSON)")
     p.add_argument("--warmup", type=int, default=20, help="calls per path before the first phase")
+    p.add_argument("--idle", type=float, default=20.0, help="seconds of the no-call phase (background rate)")
     p.add_argument("--no-valgrind", dest="valgrind", action="store_false", help="CPU seconds only (smoke run)")
     p.add_argument("--timeout", type=float, default=1800.0, help="bound on the measured process, seconds")
     p.add_argument("--json", help="also write the result here")
