@@ -1,22 +1,30 @@
 """What one mesh call costs in CPU instructions, counted instead of timed, so a loaded shared machine cannot skew it.
 
 Wall-clock and CPU-time ratios from `mesh_cost.py` move by ±7% between paired runs when other sessions share the
-cores. Instruction counts do not: this bench runs one process under `valgrind --tool=callgrind` that makes
+cores. Instruction counts move far less: this bench runs one process under `valgrind --tool=callgrind` that makes
 
     (a) direct    plain grpc.aio client → plain grpc.aio agent (plaintext loopback), both in this process
     (b) in-proc   MeshClient (proxyless) → SDK AgentServer (mTLS, token, authz, input guard with schema and
                   content screen, audit), both in this process; everything on, as mesh_cost.py's path (b)
 
-calls in four phases (direct n1, mesh n1, direct n2, mesh n2) after a warm-up. Each phase starts with a marker
+calls in an idle phase and four call phases (direct n1, mesh n1, direct n2, mesh n2). Instrumentation is off
+until both paths are warm (`--instr-atstart=no`, then `callgrind_control --instr=on`: start-up deadlines hold),
+and the paths are warmed again instrumented. Each phase starts with a marker
 call (`os.sched_get_priority_max`, which nothing else calls) that callgrind dumps its counters before
 (`--dump-before`), so every phase's instructions (all threads: gRPC's pollers included) land in their own dump.
 Per call = (phase n2 - phase n1) / (n2 - n1): start-up, warm-up and the marker cancel out. The ratio is mesh over
 direct from the same process; the etcd member and the control plane run natively in their own processes (mesh_cost's
 own `Bench.start()`), uncounted, as mesh_cost.py's CPU figures leave them out of the path.
 
-    .venv/bin/python bench/mesh_instructions.py                    # callgrind, n1=20 n2=120 (~3-6 min on 2 cores)
-    .venv/bin/python bench/mesh_instructions.py --n1 50 --n2 300 --json out.json
+What is left of the noise is clock-paced background (watch probes, status, lease refreshes, audit shipping): ~50x
+more of it per call under callgrind, since each call takes ~50x longer. The idle phase measures its rate, and the
+"less background" figure subtracts rate x phase wall time. The direct path, the same code in any tree, shows the
+noise floor (±3-5% between paired runs in BENCHMARKS.md).
+
+    .venv/bin/python bench/mesh_instructions.py                    # callgrind, n1=20 n2=120 (~1-3 min on 2 cores)
+    .venv/bin/python bench/mesh_instructions.py --n1 20 --n2 220 --idle 15 --json out.json   # BENCHMARKS.md's runs
     .venv/bin/python bench/mesh_instructions.py --no-valgrind      # smoke run: CPU seconds per phase, no counts
+    .venv/bin/python bench/mesh_instructions.py --no-valgrind --n2 300 --profile p.prof  # cProfile 300 mesh calls
 
 It imports only what every tree since 37ff495 has (mesh_cost.Bench, its PlainEcho and SDK echo agent, MeshClient,
 AgentServer), so the same file copied into an older checkout measures that checkout.
