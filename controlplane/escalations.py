@@ -445,7 +445,7 @@ def _recorder(core: Core) -> Recorder | None:
         from hivemesh.controlplane.audit import audit_store
     except ImportError:  # pragma: no cover - the audit log ships with hivemesh
         return None
-    return audit_store(core).record
+    return audit_store(core).record_durably
 
 
 def install(core: Core, server: grpc.aio.Server) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,3 +91,19 @@ async def mesh_env(etcd: aetcd.Client, etcd_server: EtcdServer, tmp_path: Path) 
 
 # The orchestration tests' mesh (a control plane that lets every workload call, a client, CLI helpers).
 from tests.support.orch_env import orch  # noqa: E402, F401 - a fixture, used by name
+
+
+@pytest.fixture(autouse=True)
+def _handshake_consent_stays_in_its_test() -> Iterator[None]:
+    """A test that runs a command's main in-process (`agents.run`, a CLI command) consents to the handshake audit
+    for this whole process (`switch.enable()`, which may also set GRPC_TRACE); put both back afterwards, so no
+    later test inherits them."""
+    from hivemesh.mesh.audit.handshake import switch
+
+    enabled, trace = switch._enabled, os.environ.get("GRPC_TRACE")
+    yield
+    switch._enabled = enabled
+    if trace is None:
+        os.environ.pop("GRPC_TRACE", None)
+    else:
+        os.environ["GRPC_TRACE"] = trace

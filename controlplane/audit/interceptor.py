@@ -1,8 +1,8 @@
 """The audit of the control plane's own decisions: one record per RPC it answers on its other services (joins,
 renewals, token issue and exchange, revocations, rotations, escalations, audit reads), with the caller, the
 outcome and a whitelist of request fields (never a token, join token or CSR), handed to the store before the
-response is released (with several replicas the store commits them to the mesh-wide log within 50 ms, many in
-one etcd write: `hivemesh.controlplane.audit.shared_log`)."""
+response is released. With the mesh-wide log (`hivemesh.controlplane.audit.shared_log`) the answer waits until
+its record is committed there (one etcd write, shared by the records that arrive meanwhile), at most 2 s."""
 
 from __future__ import annotations
 
@@ -130,7 +130,7 @@ class ControlPlaneAuditInterceptor(grpc.aio.ServerInterceptor):
             for k, v in _summary(response, _RESPONSE_FIELDS).items():
                 fields[f"granted_{k}" if k == "scopes" else k] = v
         try:
-            await self._store.record(fields)
+            await self._store.record_durably(fields)
         except Exception:
             log.exception("cannot write the control plane's audit record for %s", method)
 

@@ -88,7 +88,7 @@ class SharedLog:
         fence: Callable[[], list[Any]],
         certify: Callable[[ed25519.Ed25519PublicKey], bytes] | None = None,
         poll_s: float = 0.5,
-        linger_s: float = 0.05,
+        linger_s: float = 0.005,
         min_age_s: float | None = 600.0,
         max_bytes: int = 256 * 1024 * 1024,
         applied_ttl_s: int = 10,
@@ -241,6 +241,7 @@ class SharedLog:
             done += n
             for _ in range(n):
                 store.pending.popleft()
+            store.own_committed(n)
 
         while taken:
             await self.commit_locked(build, on_commit)

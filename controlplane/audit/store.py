@@ -64,6 +64,8 @@ MAX_BATCH: Final = 1000
 MAX_RECORD_BYTES: Final = 64 * 1024
 MAX_PENDING: Final = 10_000
 """The control plane's own records a replica holds while the shared log cannot take them (then it refuses)."""
+OWN_COMMIT_WAIT_S: Final = 2.0
+"""How long an RPC's answer waits for its audit record to be committed to the mesh-wide log."""
 _SOURCE_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -139,6 +141,9 @@ class AuditStore:
         """Why this replica cannot serve the audit log (its copy is behind etcd's window or diverged), or ""."""
         self.pending: collections.deque[dict[str, Any]] = collections.deque()
         """The control plane's own records not yet committed to the shared log (shared mode only)."""
+        self._own_queued = 0
+        self._own_committed = 0
+        self._own_progress = asyncio.Event()
 
     # --- lifecycle ---
     def open(self) -> AuditStore:
@@ -381,6 +386,29 @@ class AuditStore:
                     raise AuditUnavailableError(self.unavailable) from None
                 raise
 
+    def own_committed(self, n: int) -> None:
+        """The shared log committed the n oldest pending records (it has dropped them from `pending`)."""
+        self._own_committed += n
+        progress, self._own_progress = self._own_progress, asyncio.Event()
+        progress.set()
+
+    async def record_durably(self, fields: Mapping[str, Any], *, timeout: float = OWN_COMMIT_WAIT_S) -> bool:
+        """`record`, then wait (at most timeout) until the record is committed: an RPC's answer is released after
+        its audit record is durable (one etcd write, shared by the records that arrive meanwhile), unless etcd
+        is slower than timeout, when the record stays queued (bounded) and the answer goes. Whether it landed."""
+        await self.record(fields)
+        ticket = self._own_queued
+        end = time.monotonic() + timeout
+        while self.shared is not None and self._own_committed < ticket:
+            progress, left = self._own_progress, end - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(progress.wait(), left)
+            except TimeoutError:
+                return False
+        return True
+
     async def record(self, fields: Mapping[str, Any]) -> int:
         """Append one of the control plane's own decisions (its own source chain); returns the log seq."""
         rec = {"v": FORMAT, "time": utc_iso(time.time()), "kind": "controlplane", **fields, "node": self.identity}
@@ -390,6 +418,7 @@ class AuditStore:
                 raise FailedPreconditionError(f"{len(self.pending)} control-plane audit records are waiting for "
                                               f"the shared log: {self.unavailable or 'etcd is slow or away'}")
             self.pending.append(rec)
+            self._own_queued += 1
             self.shared.wake()
             return 0
         async with self._lock:
