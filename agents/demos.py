@@ -152,7 +152,14 @@ async def _support(dc: DemoContext) -> tuple[list[WorkflowState], str]:
         else:
             dc.say(f"  support: a person decides it:  hivemesh escalations approve {esc.id} --note 'ok'   (or reject "
                    f"it); the run resumes then — follow it with  hivemesh workflows show {handle.id}")
+            # The escalation is listed a moment before the run records that it waits for it: read the run
+            # once it does (bounded), so the row shows INPUT_REQUIRED and not a run caught mid-step.
             waiting = await dc.engine.get(handle.id)
+            for _ in range(200):
+                if waiting.state != "WORKING" or handle.task.done():
+                    break
+                await asyncio.sleep(0.05)
+                waiting = await dc.engine.get(handle.id)
             return [routine, waiting], f"waiting for a person: hivemesh escalations approve {esc.id}"
     escalated = await handle.result()
     dc.say(f"  support: enterprise run {escalated.state}")
