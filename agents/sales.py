@@ -76,9 +76,9 @@ class Quote(TypedDict):
     answer: str
 
 
-def check_question(req: Question) -> str:
+def check_question(req: Mapping[str, Any]) -> str:
     """The question's text; an empty or oversized question or a bad seat count is refused by name."""
-    text = req["text"]
+    text: str = req["text"]
     if not text.strip() or not words(text):
         raise InvalidInputError("the question needs some words", field_violations={"input.text": "empty"})
     if len(text) > MAX_TEXT:

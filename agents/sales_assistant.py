@@ -20,11 +20,10 @@ import json
 import re
 from typing import Any, TypedDict
 
-from hivemesh.agents.sales import MAX_SEATS, MAX_TEXT, Plan
+from hivemesh.agents.sales import Plan, check_question
 from hivemesh.sdk import Agent, Context, InvalidInputError, UnknownCapabilityError, capability
 from hivemesh.sdk.llm import llm_from_env
 from hivemesh.sdk.patterns import Pipeline
-from hivemesh.sdk.patterns.router import words
 from hivemesh.sdk.tools import Tool, mesh_tool, mesh_tools, run_with_tools, tool
 
 PRICING = "pricing-quote"
@@ -88,14 +87,7 @@ def check_request(req: AssistRequest) -> tuple[str, str]:
     if not CUSTOMER_RE.fullmatch(customer):
         raise InvalidInputError("customer must be an account id: lower-case letters, digits and '-', 1..63",
                                 field_violations={"input.customer": "not an account id"})
-    text = " ".join(req["text"].split())  # one line: the prompt's structure stays the agent's
-    if not words(text):
-        raise InvalidInputError("the question needs some words", field_violations={"input.text": "empty"})
-    if len(text) > MAX_TEXT:
-        raise InvalidInputError(f"the question is longer than {MAX_TEXT} characters",
-                                field_violations={"input.text": "too long"})
-    if "seats" in req and not 1 <= req["seats"] <= MAX_SEATS:
-        raise InvalidInputError(f"seats must be 1..{MAX_SEATS}", field_violations={"input.seats": "out of range"})
+    text = " ".join(check_question(req).split())  # one line: the prompt's structure stays the agent's
     return customer, text
 
 
