@@ -9,6 +9,8 @@ the order they finish, matched by id. A cancel frame cancels one call.
 
 The caller's token is bound to its certificate, which is the link's, so a caller may send it once: a call
 frame without an `authorization` entry carries the last one sent on this link (still verified per call).
+Answers that finish together go back as one message to a caller that announced it reads batches
+(`mesh/link_frames.py`); a batch the caller sends is read frame by frame, exactly as if each came alone.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import grpc
 
 from hivemesh.mesh import tracing
 from hivemesh.mesh.link_context import FrameAborted, FrameContext
+from hivemesh.mesh.link_frames import BATCH_ANNOUNCE, announced, pack, take_waiting, unpacked
 from hivemesh.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,10 @@ class _Open:
     def __init__(self) -> None:
         self.out: asyncio.Queue[Any] = asyncio.Queue()
         self.running: dict[int, asyncio.Task[None]] = {}
+
+
+def _answer_bytes(frame: Any) -> int:
+    return len(frame.answer.response)
 
 
 def answer_frame(call_id: int, code: grpc.StatusCode, message: str, trailing: Sequence[tuple[str, Any]]) -> Any:
@@ -79,6 +86,8 @@ class LinkServer:
         """Link streams opened (by every caller, since start)."""
         self.calls = 0
         """Calls served on them."""
+        self.messages = 0
+        """Messages written on them (fewer than answers when answers were batched)."""
 
     async def _behaviour(self) -> tuple[Callable[[Any, Any], Awaitable[Any]], Callable[[Any], bytes] | None]:
         """The wrapped Invoke behaviour and its response serializer, as the interceptor builds them for a unary
@@ -148,45 +157,60 @@ class LinkServer:
                     out.put_nowait(_END)
             return done
 
-        async def read() -> None:
+        def take(frame: Any) -> None:
             nonlocal authorization
+            kind = frame.WhichOneof("body")
+            if kind == "call":
+                metadata = [(h.key, h.value) for h in frame.call.metadata]
+                sent = [v for k, v in metadata if k == AUTHORIZATION]
+                if sent:
+                    authorization = sent[-1]
+                elif authorization:
+                    metadata.append((AUTHORIZATION, authorization))
+                if self._draining:
+                    out.put_nowait(answer_frame(frame.id, grpc.StatusCode.UNAVAILABLE,
+                                                "this agent is shutting down", ()))
+                elif frame.id in running:
+                    out.put_nowait(answer_frame(frame.id, grpc.StatusCode.INVALID_ARGUMENT,
+                                                f"link call id {frame.id} is already in use", ()))
+                else:
+                    self.calls += 1
+                    task = loop.create_task(self._run(frame, context, metadata, out))
+                    running[frame.id] = task
+                    task.add_done_callback(finished(frame.id))
+            elif kind == "cancel":
+                cancelled = running.get(frame.id)
+                if cancelled is not None:
+                    cancelled.cancel()
+
+        async def read() -> None:
             try:
-                async for frame in frames:
-                    kind = frame.WhichOneof("body")
-                    if kind == "call":
-                        metadata = [(h.key, h.value) for h in frame.call.metadata]
-                        sent = [v for k, v in metadata if k == AUTHORIZATION]
-                        if sent:
-                            authorization = sent[-1]
-                        elif authorization:
-                            metadata.append((AUTHORIZATION, authorization))
-                        if self._draining:
-                            out.put_nowait(answer_frame(frame.id, grpc.StatusCode.UNAVAILABLE,
-                                                        "this agent is shutting down", ()))
-                        elif frame.id in running:
-                            out.put_nowait(answer_frame(frame.id, grpc.StatusCode.INVALID_ARGUMENT,
-                                                        f"link call id {frame.id} is already in use", ()))
-                        else:
-                            self.calls += 1
-                            task = loop.create_task(self._run(frame, context, metadata, out))
-                            running[frame.id] = task
-                            task.add_done_callback(finished(frame.id))
-                    elif kind == "cancel":
-                        cancelled = running.get(frame.id)
-                        if cancelled is not None:
-                            cancelled.cancel()
+                async for message in frames:
+                    for frame in unpacked(message):
+                        take(frame)
                 await asyncio.gather(*running.values(), return_exceptions=True)
             finally:
                 out.put_nowait(_END)
 
+        batches = announced(context.invocation_metadata())
+        await context.send_initial_metadata(BATCH_ANNOUNCE)
         self._streams.add(state)
         reader = loop.create_task(read())
         try:
+            leftover: Any = None
             while True:
-                frame = await out.get()
+                frame = leftover if leftover is not None else await out.get()
+                leftover = None
                 if frame is _END:
                     break
-                yield frame
+                self.messages += 1
+                if not batches or out.empty():
+                    yield frame
+                    continue
+                answers, leftover, ended = take_waiting(frame, out, _END, _answer_bytes)
+                yield pack(answers)
+                if ended:
+                    break
         finally:
             self._streams.discard(state)
             reader.cancel()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypedDict
@@ -23,9 +24,11 @@ from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.etcd import EtcdServer
 from hivemesh.mesh.inbound import DecisionObserver
 from hivemesh.mesh.layers import Inbound
+from hivemesh.mesh.link_frames import BATCH_ANNOUNCE
 from hivemesh.mesh.outbound.link import LinkedInvoke
 from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
 from hivemesh.sdk import Agent, AgentServer, AgentServerConfig, Context, MeshClient, capability
+from hivemesh.v1 import agent_pb2
 from tests.support.meshenv import ALLOW_ALL_AUTHZ, MeshEnv, start_mesh_env, stop_mesh_env
 from tests.support.orch_env import wait_until
 from tests.support.plain_agent import FAIL_MESSAGE, PlainAgent
@@ -179,11 +182,19 @@ async def test_unary_calls_over_a_link_behave_as_unary_calls(
         await wait_until(lambda: agent.cancelled == 2, 10, "the cancelled call stopped at the agent")
         assert (await linked.call("echo", {"text": "again"}, timeout=10))["text"] == "again"
 
-        # 50 concurrent calls interleave on the link; each answer is its own call's.
+        # 50 concurrent calls interleave on the link; each answer is its own call's. Sent together, they go as
+        # batches: fewer messages than calls.
+        client_link = _link_of(linked, server)._link
+        assert client_link is not None and client_link.batches
+        sent = client_link.messages
         texts = [f"call-{i}" for i in range(50)]
         answers = await asyncio.gather(*(linked.call("echo", {"text": t}, timeout=20) for t in texts))
         assert [a["text"] for a in answers] == texts
         assert server._link.links == 1
+        assert client_link.messages - sent < 50, "the 50 calls were not batched"
+
+        # A caller that does not announce batches is never sent one; one that does may send its own.
+        await _raw_link_callers(linked, server)
         # A large request goes unary (its bytes, not the per-RPC price, are its cost).
         served = server._link.calls
         assert (await linked.call("echo", {"text": "x" * 20_000}, timeout=10))["text"] == "x" * 20_000
@@ -204,6 +215,38 @@ async def test_unary_calls_over_a_link_behave_as_unary_calls(
                          10, "the restarted instance listed")
         assert (await linked.call("echo", {"text": "back"}, timeout=10))["text"] == "back"
         assert again._link is not None and again._link.links == 1
+
+
+async def _raw_link_callers(client: MeshClient, server: AgentServer) -> None:
+    """Eight slow calls sent back to back on raw Link streams: their answers are ready together. A caller
+    without `BATCH_ANNOUNCE` (one that predates batches) gets eight separate messages; an announcing caller's
+    one batch message is read frame by frame and answered in batches."""
+    invoke = _link_of(client, server)
+    token = await client.node.outbound.tokens.get(server.node.workload.spiffe_id, "slow")
+    request = agent_pb2.InvokeRequest(capability="slow", input=json.dumps({"seconds": 0.3}).encode(),
+                                      content_type="application/json").SerializeToString()
+    auth = [agent_pb2.LinkHeader(key="authorization", value=f"Bearer {token}")]
+    frames = [agent_pb2.LinkFrame(id=i, call=agent_pb2.LinkCall(request=request, metadata=auth, timeout_s=10))
+              for i in range(1, 9)]
+
+    async def exchange(messages: list[agent_pb2.LinkFrame], announce: bool) -> tuple[list[Any], Any]:
+        async def out() -> AsyncIterator[bytes]:
+            for message in messages:
+                yield message.SerializeToString()
+
+        stream = invoke._method(out(), metadata=BATCH_ANNOUNCE if announce else ())
+        received = [agent_pb2.LinkFrame.FromString(raw) async for raw in stream]
+        return received, await stream.initial_metadata()
+
+    received, metadata = await exchange(frames, announce=False)
+    assert (*BATCH_ANNOUNCE[0],) in [(k, v) for k, v in metadata]  # the server says it reads them
+    assert len(received) == 8 and not any(m.batch for m in received)
+    assert sorted((m.id, m.answer.code) for m in received) == [(i, 0) for i in range(1, 9)]
+
+    received, _ = await exchange([agent_pb2.LinkFrame(batch=frames)], announce=True)
+    answers = [f for m in received for f in (m.batch or [m])]
+    assert sorted((f.id, f.answer.code) for f in answers) == [(i, 0) for i in range(1, 9)]
+    assert len(received) < 8, "answers ready together were not batched"
 
 
 async def test_the_sidecar_serves_a_link_through_its_chain_to_a_plain_agent(mesh_env: MeshEnv) -> None:

@@ -524,6 +524,7 @@ class LinkFrame(_message.Message):
     CALL_FIELD_NUMBER: _builtins.int
     ANSWER_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """the call's id, unique on this link while the call is open"""
     cancel: _builtins.bool
@@ -532,6 +533,13 @@ class LinkFrame(_message.Message):
     def call(self) -> Global___LinkCall: ...
     @_builtins.property
     def answer(self) -> Global___LinkAnswer: ...
+    @_builtins.property
+    def batch(self) -> _containers.RepeatedCompositeFieldContainer[Global___LinkFrame]:
+        """Frames that were waiting together, sent as one message (then id and body are unset): each is handled as if
+        it came alone. One message instead of many is what makes a busy link cheap: gRPC's cost is per message.
+        Sent only to a peer that announced it reads them (`hivemesh-link-batch: 1` in the stream's metadata).
+        """
+
     def __init__(
         self,
         *,
@@ -539,10 +547,11 @@ class LinkFrame(_message.Message):
         call: Global___LinkCall | None = ...,
         answer: Global___LinkAnswer | None = ...,
         cancel: _builtins.bool = ...,
+        batch: _abc.Iterable[Global___LinkFrame] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "body", b"body", "call", b"call", "cancel", b"cancel"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "body", b"body", "call", b"call", "cancel", b"cancel", "id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "batch", b"batch", "body", b"body", "call", b"call", "cancel", b"cancel", "id", b"id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["call", "answer", "cancel"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015

@@ -1,0 +1,61 @@
+"""Packing the frames waiting on a Link into one message, and the header by which each side says it reads them.
+
+gRPC's cost on an open stream is per message (a write and a read through the C core, an event-loop wake-up on
+each side), not per byte: at 16 calls in flight the frames of a link arrive in bursts (the answers of one read
+resume many callers, which send again together), so sending what is already queued as one `LinkFrame.batch`
+pays that cost once per burst. Nothing waits to fill a batch: a lone frame goes alone, at once, so a call made
+one at a time is not delayed. Each side packs only after the other announced `BATCH_HEADER` (the caller in
+its request metadata, the server in its initial metadata), so a peer that predates batches is never sent one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Final
+
+from hivemesh.v1 import agent_pb2
+
+BATCH_HEADER: Final = "hivemesh-link-batch"
+BATCH_ANNOUNCE: Final = ((BATCH_HEADER, "1"),)
+MAX_BATCH_FRAMES: Final = 64
+"""Frames per batch at most: a burst larger than this goes as several messages."""
+MAX_BATCH_BYTES: Final = 256 * 1024
+"""Payload bytes per batch at most (well under the 8 MiB message limit); a bigger frame goes alone."""
+
+
+def announced(metadata: Iterable[tuple[str, Any]] | None) -> bool:
+    """Whether the peer's metadata says it reads batches."""
+    return any(key == BATCH_HEADER and value == "1" for key, value in metadata or ())
+
+
+def take_waiting(
+    first: Any, queue: asyncio.Queue[Any], end: object, weight: Callable[[Any], int]
+) -> tuple[list[Any], Any, bool]:
+    """first and the frames already waiting behind it in queue (never waiting for more), within the batch limits.
+
+    Returns (frames, leftover, ended): leftover is a frame taken off the queue that would have made the batch too
+    big (the writer sends it next; None if none); ended is True if the end marker was taken (nothing after it is).
+    """
+    frames = [first]
+    size = weight(first)
+    while len(frames) < MAX_BATCH_FRAMES and not queue.empty():
+        nxt = queue.get_nowait()
+        if nxt is end:
+            return frames, None, True
+        size += weight(nxt)
+        if size > MAX_BATCH_BYTES:
+            return frames, nxt, False
+        frames.append(nxt)
+    return frames, None, False
+
+
+def pack(frames: list[Any]) -> Any:
+    """The one message that carries frames, in order: a lone frame as itself, several as a batch."""
+    return frames[0] if len(frames) == 1 else agent_pb2.LinkFrame(batch=frames)
+
+
+def unpacked(frame: Any) -> Sequence[Any]:
+    """The frames a received message carries: its batch, or itself."""
+    batch: Sequence[Any] = frame.batch
+    return batch if batch else (frame,)

@@ -1,0 +1,69 @@
+"""Packing a link's waiting frames into one message (`mesh/link_frames.py`): order, limits and the end marker."""
+
+from __future__ import annotations
+
+import asyncio
+
+from hivemesh.mesh.link_frames import (
+    BATCH_ANNOUNCE,
+    MAX_BATCH_BYTES,
+    MAX_BATCH_FRAMES,
+    announced,
+    pack,
+    take_waiting,
+    unpacked,
+)
+from hivemesh.v1 import agent_pb2
+
+END = object()
+
+
+def _call(i: int, size: int = 10) -> agent_pb2.LinkFrame:
+    return agent_pb2.LinkFrame(id=i, call=agent_pb2.LinkCall(request=bytes([i % 256]) * size))
+
+
+def _weight(frame: agent_pb2.LinkFrame) -> int:
+    return len(frame.call.request)
+
+
+def _queue(*items: object) -> asyncio.Queue[object]:
+    q: asyncio.Queue[object] = asyncio.Queue()
+    for item in items:
+        q.put_nowait(item)
+    return q
+
+
+def test_waiting_frames_go_as_one_message_in_order_and_each_reads_as_if_sent_alone() -> None:
+    q = _queue(*(_call(i) for i in range(2, 6)))
+    frames, leftover, ended = take_waiting(_call(1), q, END, _weight)
+    assert [f.id for f in frames] == [1, 2, 3, 4, 5] and leftover is None and not ended and q.empty()
+    wire = pack(frames).SerializeToString()
+    received = unpacked(agent_pb2.LinkFrame.FromString(wire))
+    assert [(f.id, f.call.request) for f in received] == [(i, bytes([i]) * 10) for i in range(1, 6)]
+    # A lone frame is sent as itself, and read as itself: a peer that predates batches sees what it always saw.
+    alone = pack([_call(7)])
+    read = unpacked(agent_pb2.LinkFrame.FromString(alone.SerializeToString()))
+    assert not alone.batch and [f.id for f in read] == [7]
+
+
+def test_a_batch_stops_at_its_frame_and_byte_limits_and_at_the_end_marker() -> None:
+    q = _queue(*(_call(i) for i in range(MAX_BATCH_FRAMES + 5)))
+    frames, leftover, _ = take_waiting(q.get_nowait(), q, END, _weight)
+    assert len(frames) == MAX_BATCH_FRAMES and leftover is None and q.qsize() == 5
+
+    big = MAX_BATCH_BYTES // 2
+    q = _queue(_call(2, big), _call(3, big), _call(4))
+    frames, leftover, ended = take_waiting(_call(1, 100), q, END, _weight)
+    assert [f.id for f in frames] == [1, 2] and leftover.id == 3 and not ended and q.qsize() == 1
+    # A frame larger than the limit goes alone rather than never.
+    frames, leftover, _ = take_waiting(_call(9, MAX_BATCH_BYTES * 2), _queue(), END, _weight)
+    assert [f.id for f in frames] == [9] and leftover is None
+
+    q = _queue(_call(2), END, _call(3))
+    frames, leftover, ended = take_waiting(_call(1), q, END, _weight)
+    assert [f.id for f in frames] == [1, 2] and ended and leftover is None and q.qsize() == 1
+
+
+def test_only_a_peer_that_announced_it_is_sent_batches() -> None:
+    assert announced(BATCH_ANNOUNCE) and announced([("x", "y"), *BATCH_ANNOUNCE])
+    assert not announced(None) and not announced([]) and not announced([(BATCH_ANNOUNCE[0][0], "0")])
