@@ -7,7 +7,7 @@ unary Invoke's place on a channel (`ChannelPool` with `link=True`): same argumen
 apart. The link opens lazily, on the first call; a broken link fails its open calls (UNAVAILABLE, as a broken
 connection fails unary calls) and the next call opens a new one. A peer that answers the link UNIMPLEMENTED
 (an agent in another language, an older node) gets unary calls from then on. Requests over
-`LINK_MAX_REQUEST_BYTES` go unary too.
+`LINK_MAX_REQUEST_BYTES` (256 KiB) go unary too.
 
 The caller's token is sent once per link and again only when it changes (the server keeps the link's last
 one; it is bound to this workload's certificate, which is the link's). Frames that queue up while the stream is
@@ -31,10 +31,11 @@ from hivemesh.v1 import agent_pb2
 log = logging.getLogger(__name__)
 
 LINK = "/hivemesh.v1.Agent/Link"
-LINK_MAX_REQUEST_BYTES = 16 * 1024
-"""Larger requests go unary: their cost is their bytes, not the per-RPC price a link saves, and on one stream
-HTTP/2's per-stream flow-control window makes large messages queue behind each other (measured: 64 KiB calls
-at 16 in flight ran at 0.83x unary's calls/s on a link, though each cost less CPU)."""
+LINK_MAX_REQUEST_BYTES = 256 * 1024
+"""Larger requests go unary: their cost is their bytes, not the per-RPC price a link saves, and one huge message
+would hold the link's one HTTP/2 stream (its flow-control window) while the small calls behind it wait. With
+batches, 64 KiB calls on a link cost 0.80x unary's CPU and ran at 1.35x its calls/s at 16 in flight
+(BENCHMARKS.md); before batches they ran at 0.83x, hence the old 16 KiB cut-off."""
 _AUTHORIZATION = "authorization"
 _CLOSE: Any = object()
 

@@ -25,7 +25,7 @@ from hivemesh.mesh.etcd import EtcdServer
 from hivemesh.mesh.inbound import DecisionObserver
 from hivemesh.mesh.layers import Inbound
 from hivemesh.mesh.link_frames import BATCH_ANNOUNCE
-from hivemesh.mesh.outbound.link import LinkedInvoke
+from hivemesh.mesh.outbound.link import LINK_MAX_REQUEST_BYTES, LinkedInvoke
 from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
 from hivemesh.sdk import Agent, AgentServer, AgentServerConfig, Context, MeshClient, capability
 from hivemesh.v1 import agent_pb2
@@ -195,9 +195,14 @@ async def test_unary_calls_over_a_link_behave_as_unary_calls(
 
         # A caller that does not announce batches is never sent one; one that does may send its own.
         await _raw_link_callers(linked, server)
-        # A large request goes unary (its bytes, not the per-RPC price, are its cost).
+        # A 64 KiB request rides the link; a larger one than the link takes goes unary (its bytes, not the
+        # per-RPC price, are its cost).
         served = server._link.calls
-        assert (await linked.call("echo", {"text": "x" * 20_000}, timeout=10))["text"] == "x" * 20_000
+        assert (await linked.call("echo", {"text": "y" * 65536}, timeout=10))["text"] == "y" * 65536
+        assert server._link.calls == served + 1
+        served = server._link.calls
+        big = "x" * (LINK_MAX_REQUEST_BYTES + 1)
+        assert (await linked.call("echo", {"text": big}, timeout=10))["text"] == big
         assert server._link.calls == served
 
         # A peer without Link is called unary, from the first call on.
