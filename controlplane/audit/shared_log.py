@@ -3,11 +3,13 @@
 Every replica keeps a full copy (`AuditStore`'s directory); etcd holds the order and a bounded window:
 
 - `keyspace.AUDIT_LOG_TAIL` is `"<seq> <hash>"` of the log's last entry. An append (a node's shipped batch, or a
-  replica's own decisions, batched) first applies what others committed, checks the node's chain against that
-  copy, seals the entries after the tail, and commits them as `AUDIT_LOG/<20-digit first seq>` in one
-  transaction that holds only if the tail is unchanged; on a conflict it catches up and tries again (bounded).
-  A batch is acknowledged only after etcd committed it (a quorum), so an acknowledged record survives the loss
-  of any replica. Cost: one etcd transaction (two puts, one revision) per shipped batch, ~the batch's size.
+  replica's own decisions, batched) checks the node's chain against this copy, seals the entries after its
+  head, and commits them as `AUDIT_LOG/<20-digit first seq>` (`batches`: a header and the zlib-compressed
+  lines) in one transaction that holds only if the tail is that head; when it is not (the copy lagged, or
+  another replica won a race) it catches up, checks again and retries (bounded). A batch is acknowledged only
+  after etcd committed it (a quorum), so an acknowledged record survives the loss of any replica, and the
+  replica then stores the entries it built (no read back). Cost: one etcd request (a transaction: two puts,
+  one revision) per shipped batch, ~a sixth of the batch's size.
 - Every replica applies committed batches in order into its copy (polling a range from its last seq), so any
   replica serves queries, exports and verification of the whole log, and a new leader continues its chain.
 - One checkpoint key for the mesh (`AUDIT_CHECKPOINT_KEY`, root only, like the token keys): the leader alone
