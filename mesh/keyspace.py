@@ -51,7 +51,8 @@ STATE: Final = PREFIX + "state/"
 or writes them, checking the `state` policies per namespace."""
 
 AUDIT_LOG: Final = PREFIX + "audit-log/"
-"""<20-digit first seq>: one committed batch of the mesh-wide audit log's entries (JSON), in log order
+"""<20-digit first seq>: one committed batch of the mesh-wide audit log's entries (a JSON header line, then the
+entry lines zlib-compressed: `hivemesh.controlplane.audit.batches`), in log order
 (`hivemesh.controlplane.audit.shared_log`); a bounded window, trimmed by the leader. Control plane only."""
 AUDIT_LOG_TAIL: Final = PREFIX + "audit-log-tail"
 """"<seq> <hash>" of the audit log's last entry: every append compares and moves it in one transaction."""

@@ -40,6 +40,7 @@ from hivemesh.controlplane.audit.checkpoints import (
     verify_log,
     write_private,
 )
+from hivemesh.controlplane.audit.entries import Checked, checked_encoding, entry_line
 from hivemesh.controlplane.audit.heads import KEY_CERT_PATH, HeadCadence, sign_head
 from hivemesh.controlplane.audit.query import AuditFilter
 from hivemesh.mesh.audit.chain import GENESIS, canonical, parse_line, record_hash, seal
@@ -76,8 +77,8 @@ class _Source:
     hash: str
 
 
-Sealable = list[tuple[str, dict[str, Any]]]
-"""(source, record) pairs, records already chained in their source's chain, to seal as the log's next entries."""
+Sealable = list[Checked]
+"""Records already chained in their source's chain (and checked), to seal as the log's next entries."""
 
 
 class SharedSink(Protocol):
@@ -250,8 +251,8 @@ class AuditStore:
             raise InvalidInputError(f"at most {MAX_BATCH} records per batch")
         async with self._lock:
             if self.shared is not None:
-                def build() -> Sealable:  # re-run against the caught-up copy before every attempt
-                    return [(source, rec) for rec in self._validate_locked(source, identity, raw_records)]
+                def build() -> Sealable:  # re-run against the caught-up copy when the copy was behind
+                    return self._validate_locked(source, identity, raw_records)
 
                 try:
                     stored = await self.shared.commit_locked(build)
@@ -263,23 +264,23 @@ class AuditStore:
                 return (last.seq, last.hash, stored) if last is not None else (0, GENESIS, 0)
             records = self._validate_locked(source, identity, raw_records)
             if records:
-                self._write_locked(source, records)
+                self._write_locked(records)
                 assert self._fd is not None
                 await asyncio.to_thread(os.fsync, self._fd)
-                self._sources[source] = _Source(identity, records[-1]["seq"], records[-1]["hash"])
                 await self._maybe_checkpoint_locked()
             last = self._sources.get(source)
             return (last.seq, last.hash, len(records)) if last is not None else (0, GENESIS, 0)
 
-    def _validate_locked(self, source: str, identity: str, raw_records: Sequence[bytes]) -> list[dict[str, Any]]:
+    def _validate_locked(self, source: str, identity: str, raw_records: Sequence[bytes]) -> list[Checked]:
         """The records of the batch that extend source's stored chain (resent ones skipped); raises, storing
-        nothing, on a gap, a broken link, a changed record or a record about another node than identity."""
+        nothing, on a gap, a broken link, a changed record or a record about another node than identity.
+        Each record is parsed and canonically encoded once; its encoding goes on into the log entry."""
         known = self._sources.get(source)
         if known is not None and known.identity != identity:
             raise PermissionDeniedError(f"audit source {source} belongs to {known.identity}, not {identity}")
         last_seq, last_hash = (known.seq, known.hash) if known is not None else (0, GENESIS)
         fresh = known is None
-        records: list[dict[str, Any]] = []
+        records: list[Checked] = []
         for i, raw in enumerate(raw_records):
             where = f"records[{i}]"
             if len(raw) > MAX_RECORD_BYTES:
@@ -291,10 +292,10 @@ class AuditStore:
             if not isinstance(rec, dict) or not isinstance(rec.get("seq"), int):
                 raise InvalidInputError(f"{where} has no seq", field_violations={where: "no seq"})
             try:
-                ok = record_hash(rec) == rec.get("hash")
+                encoded = checked_encoding(rec)
             except (TypeError, ValueError):
-                ok = False
-            if not ok:
+                encoded = None
+            if encoded is None:
                 raise InvalidInputError(f"{where}: hash does not match content", field_violations={where: "hash"})
             if rec.get("node") != identity:
                 raise PermissionDeniedError(f"{where} is about {rec.get('node')!r}; {identity} may only ship "
@@ -313,23 +314,29 @@ class AuditStore:
                 )
             elif rec.get("prev") != last_hash:
                 raise FailedPreconditionError(f"{where}: seq {seq} does not link to seq {last_seq}")
-            records.append(rec)
+            records.append(Checked(source, rec, encoded))
             last_seq, last_hash = seq, rec["hash"]
         return records
 
-    def _write_locked(self, source: str, records: Sequence[dict[str, Any]]) -> None:
-        lines, seq, head = self.seal_entries([(source, rec) for rec in records])
-        self._write_raw_locked(b"".join(lines), seq, head)
+    def _write_locked(self, items: Sealable) -> None:
+        lines, hashes = self.seal_entries(items)
+        self._write_raw_locked(b"".join(lines), self.seq + len(lines), hashes[-1])
+        self._sources.update(_last_per_source(items))
 
-    def seal_entries(self, items: Sealable) -> tuple[list[bytes], int, str]:
-        """items chained as the log's next entries after its head: (their lines, the last seq, its hash)."""
-        lines = []
+    def seal_entries(self, items: Sealable) -> tuple[list[bytes], list[str]]:
+        """items chained as the log's next entries after its head (seq + 1, ...): their lines and hashes."""
+        lines, hashes = [], []
         seq, head = self.seq, self.head
-        for source, rec in items:
+        sources: dict[str, bytes] = {}
+        for item in items:
+            source_json = sources.get(item.source)
+            if source_json is None:
+                source_json = sources[item.source] = canonical(item.source)
             seq += 1
-            line, head = seal({"source": source, "record": rec}, seq, head)
+            line, head = entry_line(source_json, item.encoded, seq, head)
             lines.append(line)
-        return lines, seq, head
+            hashes.append(head)
+        return lines, hashes
 
     def _write_raw_locked(self, data: bytes, seq: int, head: str) -> None:
         if self._fd is None:
@@ -359,15 +366,29 @@ class AuditStore:
         await asyncio.to_thread(os.fsync, self._fd)
         self._sources.update(sources)
 
+    async def apply_sealed_locked(self, lines: Sequence[bytes], seq: int, head: str, items: Sealable) -> None:
+        """Append entries this replica sealed (`seal_entries`: lines, the last seq and its hash) from items it
+        checked, once etcd committed them: no parse or hash again, they are the bytes it built, fsynced."""
+        self._write_raw_locked(b"".join(lines), seq, head)
+        assert self._fd is not None
+        await asyncio.to_thread(os.fsync, self._fd)
+        self._sources.update(_last_per_source(items))
+
     def own_records(self, pending: Sequence[dict[str, Any]]) -> Sealable:
         """The control plane's pending records chained after its source's stored head (shared mode)."""
         src = self._sources.get(CONTROLPLANE_SOURCE) or _Source(self.identity, 0, GENESIS)
         seq, prev, out = src.seq, src.hash, []
         for fields in pending:
             seq += 1
-            line, prev = seal(dict(fields), seq, prev)
-            out.append((CONTROLPLANE_SOURCE, json.loads(line)))
+            item, prev = self._own_checked(dict(fields), seq, prev)
+            out.append(item)
         return out
+
+    def _own_checked(self, rec: dict[str, Any], seq: int, prev: str) -> tuple[Checked, str]:
+        """One of the control plane's own records chained as seq after prev: (it, its hash)."""
+        _, digest = seal(rec, seq, prev)
+        rec["hash"] = digest
+        return Checked(CONTROLPLANE_SOURCE, rec, canonical(rec)), digest
 
     async def sync(self, *, node: bool = False) -> None:
         """Before serving a read: commit this replica's pending records and apply what others committed, so a
@@ -423,10 +444,8 @@ class AuditStore:
             return 0
         async with self._lock:
             src = self._sources.get(CONTROLPLANE_SOURCE) or _Source(self.identity, 0, GENESIS)
-            line, digest = seal(rec, src.seq + 1, src.hash)
-            stored = json.loads(line)
-            self._write_locked(CONTROLPLANE_SOURCE, [stored])
-            self._sources[CONTROLPLANE_SOURCE] = _Source(self.identity, src.seq + 1, digest)
+            item, _ = self._own_checked(rec, src.seq + 1, src.hash)
+            self._write_locked([item])
             await self._maybe_checkpoint_locked()
             return self.seq
 
@@ -601,6 +620,15 @@ class AuditStore:
         if not report.ok:
             self.verify_failures += 1
         return report
+
+
+def _last_per_source(items: Sealable) -> dict[str, _Source]:
+    """Every source's state after items (its last record's node, seq and hash)."""
+    out: dict[str, _Source] = {}
+    for item in items:
+        rec = item.record
+        out[item.source] = _Source(str(rec.get("node", "")), int(rec["seq"]), str(rec["hash"]))
+    return out
 
 
 def audit_store(core: Core) -> AuditStore:

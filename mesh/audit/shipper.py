@@ -12,12 +12,34 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 from hivemesh.mesh.audit.spool import Spool
 from hivemesh.mesh.errors import HivemeshError
 
 log = logging.getLogger(__name__)
+
+GROW_AT: Final = 32
+"""A batch of at least this many records means records arrive faster than the pause lets them gather."""
+
+
+class Linger:
+    """How long the next batch gathers after one that did not fill `batch` (pure: testable without a clock).
+
+    Each AppendBatch costs the control plane and etcd about as much as ~60 of its records (one round trip, one
+    etcd transaction): under load the pause doubles after every batch of at least GROW_AT records, up to
+    max_s, so batches carry more records; a smaller batch sets it back to base_s. Someone waiting for the
+    records (`Shipper.wait_shipped`, a draining stop) cuts any pause short."""
+
+    def __init__(self, base_s: float, max_s: float) -> None:
+        self.base_s = base_s
+        self.max_s = max(base_s, max_s)
+        self.now_s = base_s
+
+    def after(self, shipped: int) -> float:
+        """The pause after a batch of shipped records."""
+        self.now_s = min(self.now_s * 2, self.max_s) if shipped >= GROW_AT else self.base_s
+        return self.now_s
 
 
 class AuditSink(Protocol):
@@ -38,14 +60,18 @@ class Shipper:
         *,
         batch: int = 500,
         linger_s: float = 0.05,
+        max_linger_s: float = 0.2,
         backoff_max_s: float = 5.0,
     ) -> None:
         self.spool = spool
         self._sink = sink
         self._batch = batch
         self._linger = linger_s
+        self.linger = Linger(linger_s, max_linger_s)
         self._backoff_max = backoff_max_s
         self._wake = asyncio.Event()
+        self._hurry = asyncio.Event()
+        """Set by whoever waits for the records: the pause between batches ends now."""
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.shipped = 0
@@ -78,6 +104,7 @@ class Shipper:
             deadline = time.monotonic() + drain_s
             while self.spool.pending > 0 and time.monotonic() < deadline and not self._task.done():
                 self._wake.set()
+                self._hurry.set()
                 await asyncio.sleep(0.02)
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -92,8 +119,14 @@ class Shipper:
             if time.monotonic() >= deadline:
                 return False
             self._wake.set()
+            self._hurry.set()
             await asyncio.sleep(0.02)
         return True
+
+    async def _pause(self, seconds: float) -> None:
+        self._hurry.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._hurry.wait(), seconds)
 
     async def _run(self) -> None:
         acked: int | None = None
@@ -114,7 +147,7 @@ class Shipper:
                     if acked >= self.spool.seq:
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(self._wake.wait(), timeout=1.0)
-                        await asyncio.sleep(self._linger)
+                        await self._pause(self._linger)
                     continue
                 lines = self.spool.read(acked + 1, max_records=self._batch)
                 if not lines:
@@ -128,9 +161,9 @@ class Shipper:
                 self.shipped += len(lines)
                 delay = 0.1
                 if len(lines) < self._batch:
-                    # Caught up, or nearly: let the next batch gather for linger_s, not one record per round
+                    # Caught up, or nearly: let the next batch gather (`Linger`), not one record per round
                     # trip (under steady load that was a tight loop of tiny batches, each a gRPC call + an ack).
-                    await asyncio.sleep(self._linger)
+                    await self._pause(self.linger.after(len(lines)))
             except asyncio.CancelledError:
                 raise
             except HivemeshError as exc:

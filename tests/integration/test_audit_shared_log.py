@@ -61,7 +61,7 @@ class Replica:
         self.election = LeaderElection(self.etcd, name, ttl_s=2)
         self.store = AuditStore(tmp / name, identity=CP, checkpoint_every=10**9, checkpoint_interval_s=3600)
         self.shared = SharedLog(self.etcd, self.store, name, leading=lambda: self.election.is_leader,
-                                fence=self.election.fence, poll_s=0.05, **shared)
+                                fence=self.election.fence, **{"poll_s": 0.05, **shared})
         self.store.shared = self.shared
 
     async def start(self) -> Replica:
@@ -283,3 +283,73 @@ async def test_two_control_planes_export_one_log(mesh_env: Any, etcd_server: Etc
     finally:
         await op_b.close()
         await b.stop(0.2)
+
+
+async def test_own_batches_apply_as_built_a_lagging_copy_catches_up_and_a_corrupt_batch_is_refused(
+    etcd: Any, etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    """One etcd write per shipped batch; the replica that committed it stores exactly what every other replica
+    applies (after checking each entry) from etcd; a copy that lags is caught up by its refused attempt (not a
+    lost race); and a batch altered in etcd, re-sealed or not, stops a replica from following, saying why."""
+    from hivemesh.controlplane.audit import batches
+    from hivemesh.mesh.audit.chain import canonical
+
+    slow = {"poll_s": 3600.0}  # no background following: each replica's copy moves only when it commits or syncs
+    a = await Replica("a", tmp_path, etcd_server, **slow).start()
+    b = await Replica("b", tmp_path, etcd_server, **slow).start()
+    node = NodeChain()
+    try:
+        before = (await etcd.get(AUDIT_LOG_TAIL.encode())).mod_revision
+        assert (await a.store.append("spool-1", NODE, node.next(4)))[:2] == (4, node.prev)
+        tail = await etcd.get(AUDIT_LOG_TAIL.encode())
+        assert tail.mod_revision == before + 1  # one write (a transaction: the batch and the tail together)
+        (kv,) = list(await etcd.get_prefix(AUDIT_LOG.encode()))
+        header, lines = batches.lines(kv.value)
+        assert [line + b"\n" for line in lines] == [line + b"\n" for line in a.store.lines()]
+        assert (header["first"], header["last"], header["end"]) == (1, 4, a.store.size)
+        assert tail.value.decode() == f"4 {header['head']}" and header["head"] == a.store.head
+
+        # b lags a: its copy still says spool-1 is new, then that 7 leaves a gap after 3. Its first attempt is
+        # refused (or its check fails) on the stale copy; it catches up and commits, with no conflict counted.
+        assert (await b.store.append("spool-1", NODE, node.next(2)))[:3] == (6, node.prev, 2)
+        await a.store.sync()  # a catches up on b's batch: it checks every entry it applies
+        chain_at_a = node.next(2)
+        assert (await a.store.append("spool-1", NODE, chain_at_a))[0] == 8
+        assert (await b.store.append("spool-1", NODE, node.next(1)))[:3] == (9, node.prev, 1)
+        assert a.shared.conflicts == b.shared.conflicts == 0
+        await a.store.sync()
+        assert list(a.store.lines()) == list(b.store.lines())  # byte for byte, whichever replica built them
+        assert a.store.source_state("spool-1") == b.store.source_state("spool-1") == (9, node.prev)
+        assert a.report().ok and b.report().ok and a.report().entries == 9
+
+        # A batch altered in etcd and re-sealed with a valid header and compression: its entry no longer
+        # matches its hash, and a replica that applies it refuses to serve (it never stores the change).
+        c = await Replica("c", tmp_path, etcd_server, **slow).start()
+        try:
+            assert c.store.seq == 9  # a new replica applied (and checked) the whole window at start
+            await b.store.append("spool-1", NODE, node.next(1))
+            key = f"{AUDIT_LOG}{10:020d}".encode()
+            value = (await etcd.get(key)).value
+            header, lines = batches.lines(value)
+            forged = lines[0].replace(b'"trace_id":"t10"', b'"trace_id":"tX"')
+            assert forged != lines[0]
+            await etcd.put(key, batches.encode(header, [forged + b"\n"]))
+            with pytest.raises(FailedPreconditionError, match="diverged"):
+                await c.store.sync()
+            assert c.store.seq == 9 and b"tX" not in b"".join(c.store.lines())
+        finally:
+            await c.stop()
+        # Bytes that are not a batch at all (or an older value format) are refused as unreadable.
+        d = Replica("d", tmp_path, etcd_server, **slow)
+        await etcd.put(key, canonical({"first": 10, "last": 10, "lines": ["{}"]}))
+        await d.start()
+        try:
+            with pytest.raises(FailedPreconditionError, match="unreadable"):
+                await d.store.sync()
+            with pytest.raises(AuditUnavailableError, match="unreadable"):  # a node is sent to another replica
+                await d.store.append("spool-2", NODE, NodeChain().next(1))
+        finally:
+            await d.stop()
+    finally:
+        await a.stop()
+        await b.stop()

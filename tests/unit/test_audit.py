@@ -159,6 +159,16 @@ def test_a_full_disk_fails_the_write_with_audit_unavailable(tmp_path: Path) -> N
         spool.close()
 
 
+def test_the_shipper_lingers_longer_only_while_batches_come_full() -> None:
+    from hivemesh.mesh.audit.shipper import GROW_AT, Linger
+
+    linger = Linger(0.05, 0.2)
+    assert linger.after(1) == 0.05  # a trickle: the base pause
+    assert [linger.after(GROW_AT) for _ in range(4)] == [0.1, 0.2, 0.2, 0.2]  # load: fewer, bigger batches
+    assert linger.after(GROW_AT - 1) == 0.05  # the load is gone: back to the base at once
+    assert Linger(0.05, 0.01).after(GROW_AT) == 0.05  # a max below the base never shortens the base
+
+
 def test_observer_writes_the_decisionfields(tmp_path: Path) -> None:
     audit = AuditLog.open(tmp_path, node=NODE, instance="i-1")
     try:
