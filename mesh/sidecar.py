@@ -56,6 +56,7 @@ from hivemesh.mesh.layers.loopguard import DEFAULT_MAX_CALL_DEPTH
 from hivemesh.mesh.layers.output_classifier import load_classifier, resolve_classifier
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN
 from hivemesh.mesh.link_server import LinkServer, link_handler
+from hivemesh.mesh.local_call import CALL_HANDLE_KEY, read_local_metadata
 from hivemesh.mesh.local_socket import bind_private_socket, default_socket_path, remove_socket
 from hivemesh.mesh.node import MeshNode
 from hivemesh.mesh.node_health import NodeHealth
@@ -68,25 +69,19 @@ from hivemesh.mesh.schema import compile_schema
 from hivemesh.mesh.server import ManagedServer
 from hivemesh.mesh.settings import MeshSettings, state_dir
 from hivemesh.mesh.token_source import on_behalf_of
-from hivemesh.mesh.wire import hop_suffix
+from hivemesh.mesh.wire import chain_suffix, hop_suffix
 from hivemesh.v1 import agent_pb2, agent_pb2_grpc, mesh_pb2
 
 log = logging.getLogger(__name__)
 
 MESH_SERVICE = "hivemesh.v1.Mesh"
 _CALLER_KEY = "x-hivemesh-caller"
-CALL_HANDLE_KEY = "x-hivemesh-call-handle"
-"""Metadata naming the inbound call an agent's `Mesh.Call` acts for (delegation on behalf of its caller)."""
 # The token is the mesh's business: never leak it to the agent. The caller and handle headers are the sidecar's
 # to set: a caller's own copy would let it claim any identity to an agent that reads the first value.
 _DROP_METADATA = frozenset({"authorization", _CALLER_KEY, CALL_HANDLE_KEY})
-_TRACE_KEYS = frozenset({"traceparent", "tracestate"})
-"""W3C trace context: a local caller's `Mesh.Call` carries it on to the agent it reaches, so one trace spans the
-languages (the only headers of a local caller the sidecar passes on; the rest are the mesh's to set)."""
-
-
-def _trace_metadata(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[tuple[str, str], ...]:
-    return tuple((k, v) for k, v in context.invocation_metadata() or () if k in _TRACE_KEYS and isinstance(v, str))
+_HandleEntry = tuple[str, "agent_pb2.InvokeRequest | None"]
+"""What a call handle names: the verified token of its inbound call and that call's decoded request (whose
+call chain an onward call continues; read only then)."""
 
 
 @dataclass(frozen=True)
@@ -174,10 +169,10 @@ def _forward_metadata(
 ) -> grpc.aio.Metadata:
     """The caller's metadata for the agent, minus the token and the headers only the sidecar sets, plus the
     verified caller and the call handle. A grpc.aio.Metadata, which gRPC takes as is (a list it copies)."""
-    md = grpc.aio.Metadata(
-        *[(k, v) for k, v in context.invocation_metadata() or () if k not in _DROP_METADATA
-          and not k.startswith("grpc-")]
-    )
+    md = grpc.aio.Metadata()
+    for k, v in context.invocation_metadata() or ():
+        if k not in _DROP_METADATA and not k.startswith("grpc-"):
+            md.add(k, v)
     if caller is not None:
         md.add(_CALLER_KEY, caller)
     if handle is not None:
@@ -219,8 +214,10 @@ class Sidecar:
         self._hop_bytes = b""
         self._outputs = OutputCheck(())
         """The card's output schemas, checked on the agent's relayed answers."""
-        self._handles: dict[str, tuple[str, tuple[str, ...]]] = {}
-        """Call handle → the verified token and the call chain of the inbound call it names, while in flight."""
+        self._handles: dict[str, _HandleEntry] = {}
+        """Call handle → the verified token and the request of the inbound call it names, while in flight."""
+        self._own_chain = b""
+        """The bytes that add this agent to an onward request's call chain (the common case, built once)."""
         self.audit: AuditLog | None = None
         self.token_budgets: TokenBudgets | None = None
         """The token budgets the inbound chain enforces once started (the `budgets` policies)."""
@@ -343,6 +340,7 @@ class Sidecar:
         assert self.node is not None
         cfg = self.config
         mesh = ManagedServer(services=[MESH_SERVICE], readiness=self.health.readiness)
+        self._own_chain = chain_suffix([str(self.node.workload.spiffe_id)])
         self.queue = SidecarQueue(self.node, self._subject_token, self._chained, max_held=cfg.max_held_calls)
         mesh.add_generic(self._mesh_handler())
         if cfg.mesh_listen is not None:
@@ -442,13 +440,11 @@ class Sidecar:
             return None
         token = inbound.bearer()  # the token layer verified it for this very call
         handle = secrets.token_urlsafe(32)
-        chain = tuple(inbound.request.context.chain) if inbound.request is not None else ()
-        self._handles[handle] = (token, chain)
+        self._handles[handle] = (token, inbound.request)  # its chain is read only if the handle is used
         return handle
 
-    def _subject_token(self, context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
-        """The token an agent's outbound call acts for (its call handle's), None without a handle."""
-        handles = [v for k, v in context.invocation_metadata() or () if k == CALL_HANDLE_KEY]
+    def _handle_entry(self, handles: list[Any]) -> _HandleEntry | None:
+        """The in-flight inbound call the handles sent with an agent's outbound call name (None without one)."""
         if not handles:
             return None
         if len(handles) > 1:
@@ -457,24 +453,28 @@ class Sidecar:
         entry = self._handles.get(handles[0]) if isinstance(handles[0], str) else None
         if entry is None:
             raise CallHandleInvalidError()
-        return entry[0]
+        return entry
+
+    def _subject_token(self, context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+        """The token an agent's outbound call acts for (its call handle's), None without a handle."""
+        entry = self._handle_entry(read_local_metadata(context.invocation_metadata())[0])
+        return None if entry is None else entry[0]
+
+    def _onward(self, request: bytes, req: agent_pb2.InvokeRequest, entry: _HandleEntry | None) -> bytes:
+        """The agent's onward request carrying the call chain (the one it sent, else the one of the inbound call
+        its handle names) with this agent added, so the callee's loop guard sees A -> B -> A. Appended as encoded
+        bytes, which protobuf merges: neither the agent's payload nor req is re-encoded (or changed)."""
+        inbound = entry[1] if entry is not None and not req.context.chain else None
+        if inbound is None or not inbound.context.chain:
+            return request + self._own_chain
+        assert self.node is not None
+        return request + chain_suffix([*inbound.context.chain, str(self.node.workload.spiffe_id)])
 
     def _chained(
         self, request: bytes, req: agent_pb2.InvokeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bytes:
-        """The agent's onward request carrying the call chain (the one it sent, else the one of the inbound call
-        its handle names) with this agent added, so the callee's loop guard sees A -> B -> A. Appended as an
-        encoded message, which protobuf merges: the agent's payload is not re-encoded."""
-        assert self.node is not None
-        extra: list[str] = []
-        if not req.context.chain:
-            for key, value in context.invocation_metadata() or ():
-                entry = self._handles.get(value) if key == CALL_HANDLE_KEY and isinstance(value, str) else None
-                if entry is not None:
-                    extra.extend(entry[1])
-        extra.append(str(self.node.workload.spiffe_id))
-        req.context.chain.extend(extra)
-        return request + agent_pb2.InvokeRequest(context=agent_pb2.CallContext(chain=extra)).SerializeToString()
+        """`_onward` for a call whose handle is read from its context (the queue's Enqueue)."""
+        return self._onward(request, req, self._handle_entry(read_local_metadata(context.invocation_metadata())[0]))
 
     # --- inbound: mesh → agent, bytes unchanged -------------------------------------------------------------
     def _forward_span(self, inbound: Inbound, method: str) -> tuple[tracing.Span, object]:
@@ -590,16 +590,20 @@ class Sidecar:
         async def call(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
             assert self.node is not None
             try:
-                req = decoded(request)  # handed on, so policies needing a field do not decode it again
+                req = decoded(request)
                 if tracing.TRACER is not None:
                     tracing.set_attributes({"hivemesh.capability": req.capability})
                 queue_for = queue_for_s(req)
-                reset = on_behalf_of.set(self._subject_token(context))  # None: the sidecar's own token
-                request = self._chained(request, req, context)
+                handles, trace = read_local_metadata(context.invocation_metadata())  # one pass for both
+                entry = self._handle_entry(handles)
+                reset = on_behalf_of.set(None if entry is None else entry[0])  # None: the sidecar's own token
+                request = self._onward(request, req, entry)
                 try:
+                    # No decoded request handed on: req lacks the chain just appended; a policy needing a field
+                    # decodes the onward bytes (lazily, once).
                     raw, _ = await self.node.outbound.invoke(
                         request, capability=req.capability, idempotency_key=req.context.idempotency_key,
-                        timeout=context.time_remaining(), metadata=_trace_metadata(context), request=req,
+                        timeout=context.time_remaining(), metadata=trace,
                     )
                 except NOT_QUEUEABLE:
                     if not queue_for or self.queue is None:
@@ -618,11 +622,12 @@ class Sidecar:
             try:
                 req = decoded(request)
                 capability = req.capability
-                on_behalf_of.set(self._subject_token(context))  # this RPC's own task context; None: own token
-                request = self._chained(request, req, context)
+                handles, trace = read_local_metadata(context.invocation_metadata())
+                entry = self._handle_entry(handles)
+                on_behalf_of.set(None if entry is None else entry[0])  # this RPC's own task context; None: own token
+                request = self._onward(request, req, entry)
                 async for raw, _ in self.node.outbound.invoke_stream(
-                    request, capability=capability, timeout=context.time_remaining(),
-                    metadata=_trace_metadata(context),
+                    request, capability=capability, timeout=context.time_remaining(), metadata=trace,
                 ):
                     yield raw
             except HivemeshError as err:
@@ -637,15 +642,15 @@ class Sidecar:
                 concurrency = batch.check_bounds(len(request.items), request.concurrency)
             except HivemeshError as err:
                 await abort(context, err)
-            on_behalf_of.set(self._subject_token(context))  # this RPC's own task context; None: own token
-            metadata = _trace_metadata(context)
+            handles, metadata = read_local_metadata(context.invocation_metadata())
+            entry = self._handle_entry(handles)
+            on_behalf_of.set(None if entry is None else entry[0])  # this RPC's own task context; None: own token
 
             async def one(i: int) -> bytes:
                 item = request.items[i]
                 raw, _ = await node.outbound.invoke(
-                    self._chained(item.SerializeToString(), item, context), capability=item.capability,
+                    self._onward(item.SerializeToString(), item, entry), capability=item.capability,
                     idempotency_key=item.context.idempotency_key, timeout=context.time_remaining(), metadata=metadata,
-                    request=item,
                 )
                 return raw
 

@@ -1,17 +1,22 @@
 """Hand-written protobuf wire bytes, for forwarders that append a field to a message they never decode.
 
-Protobuf merges a message concatenated with more encoded fields (repeated fields append, maps add entries),
-so a hop record or a metadata entry is added to a serialized InvokeResponse/InvokeChunk without re-encoding
-its payload. The only module that writes wire bytes by hand.
+Protobuf merges a message concatenated with more encoded fields (repeated fields append, maps add entries,
+embedded messages merge), so a hop record or a metadata entry is added to a serialized InvokeResponse/InvokeChunk,
+and call-chain entries to a serialized InvokeRequest, without re-encoding its payload. The only module that
+writes wire bytes by hand.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from hivemesh.v1 import agent_pb2
 
 _LEN = 2  # wire type 2: length-delimited
 _HOPS_FIELD = 15  # InvokeResponse.hops / InvokeChunk.hops
 _METADATA_FIELD = 4  # InvokeResponse.metadata (map<string, string>)
+_CONTEXT_FIELD = 4  # InvokeRequest.context
+_CHAIN_FIELD = 7  # CallContext.chain
 
 
 def varint(n: int) -> bytes:
@@ -41,3 +46,10 @@ def metadata_entry(key: str, value: str) -> bytes:
     """The bytes that add key=value to a serialized InvokeResponse's metadata map."""
     entry = length_delimited(1, key.encode()) + length_delimited(2, value.encode())
     return length_delimited(_METADATA_FIELD, entry)
+
+
+def chain_suffix(agents: Iterable[str]) -> bytes:
+    """The bytes that append agents (SPIFFE ids) to a serialized InvokeRequest's `context.chain`: an embedded
+    CallContext holding only them, which protobuf merges into the request's own."""
+    body = b"".join(length_delimited(_CHAIN_FIELD, agent.encode()) for agent in agents)
+    return length_delimited(_CONTEXT_FIELD, body)

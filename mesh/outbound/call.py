@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 
+from hivemesh.mesh.outbound.card_flags import capability_flags
 from hivemesh.mesh.resilience.view import OutboundPolicies
 from hivemesh.v1 import agent_pb2, mesh_pb2
 
@@ -63,10 +64,7 @@ def deadline_for(policies: OutboundPolicies, timeout: float | None, default_time
 
 def idempotent(instance: mesh_pb2.AgentInstance, capability: str) -> bool:
     """Does instance declare capability idempotent (safe to run twice)?"""
-    for c in instance.card.capabilities:  # noqa: SIM110 - a loop, not any(<generator>): this runs on every call
-        if c.name == capability and c.idempotent:
-            return True
-    return False
+    return capability_flags(instance, capability).idempotent
 
 
 def encode_request(

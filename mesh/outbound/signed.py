@@ -12,6 +12,7 @@ from typing import Any
 
 from hivemesh.mesh.errors import SignatureInvalidError
 from hivemesh.mesh.outbound.call import Metadata, OutboundCall
+from hivemesh.mesh.outbound.card_flags import capability_flags
 from hivemesh.mesh.signing import (
     ANSWER,
     REQUEST,
@@ -29,10 +30,7 @@ from hivemesh.v1 import agent_pb2, mesh_pb2
 
 def signs(instance: mesh_pb2.AgentInstance, capability: str) -> bool:
     """Does instance's card declare capability signed?"""
-    for c in instance.card.capabilities:  # noqa: SIM110 - a loop, not any(<generator>): this runs on every call
-        if c.name == capability and c.signed_payloads:
-            return True
-    return False
+    return capability_flags(instance, capability).signed
 
 
 def _request_digest(call: OutboundCall, instance: mesh_pb2.AgentInstance) -> bytes:
