@@ -36,6 +36,12 @@ LINK_MAX_REQUEST_BYTES = 256 * 1024
 would hold the link's one HTTP/2 stream (its flow-control window) while the small calls behind it wait. With
 batches, 64 KiB calls on a link cost 0.80x unary's CPU and ran at 1.35x its calls/s at 16 in flight
 (BENCHMARKS.md); before batches they ran at 0.83x, hence the old 16 KiB cut-off."""
+LINGER_S = 0.001
+"""With at least `LINGER_AFTER` calls open on the link (its own among them), a lone frame waits this long for others
+to share its message. Calls that reach a node one by one (a sidecar's Mesh.Call, each its own unary RPC) never
+queue together on their own; at 16 in flight through two sidecars this cut the caller sidecar's messages ~3x and
+brought the sidecar path level with two bare forwarding hops (BENCHMARKS.md). A call made alone never waits."""
+LINGER_AFTER = 3
 _AUTHORIZATION = "authorization"
 _CLOSE: Any = object()
 
@@ -71,6 +77,7 @@ class _Link:
         """The server said it reads batches (in its initial metadata): queued frames go as one message."""
         self.messages = 0
         """Messages written on the stream (fewer than frames when frames were batched)."""
+        self.linger_s = LINGER_S
         self._stream = method(self._frames(), metadata=BATCH_ANNOUNCE)
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
@@ -83,6 +90,8 @@ class _Link:
             if frame is _CLOSE:
                 return
             self.messages += 1
+            if self.batches and out.empty() and len(self._pending) >= LINGER_AFTER:
+                await asyncio.sleep(self.linger_s)
             if not self.batches or out.empty():
                 yield frame.SerializeToString()
                 continue

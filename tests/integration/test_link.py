@@ -25,7 +25,7 @@ from hivemesh.mesh.etcd import EtcdServer
 from hivemesh.mesh.inbound import DecisionObserver
 from hivemesh.mesh.layers import Inbound
 from hivemesh.mesh.link_frames import BATCH_ANNOUNCE
-from hivemesh.mesh.outbound.link import LINK_MAX_REQUEST_BYTES, LinkedInvoke
+from hivemesh.mesh.outbound.link import LINGER_S, LINK_MAX_REQUEST_BYTES, LinkedInvoke
 from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
 from hivemesh.sdk import Agent, AgentServer, AgentServerConfig, Context, MeshClient, capability
 from hivemesh.v1 import agent_pb2
@@ -195,6 +195,10 @@ async def test_unary_calls_over_a_link_behave_as_unary_calls(
 
         # A caller that does not announce batches is never sent one; one that does may send its own.
         await _raw_link_callers(linked, server)
+
+        # Calls that come one by one while others are open wait (linger_s) to share a message; with fewer open,
+        # a call goes at once. The lingers are long so that no pause of a busy machine can blur the two cases.
+        await _linger(linked, client_link)
         # A 64 KiB request rides the link; a larger one than the link takes goes unary (its bytes, not the
         # per-RPC price, are its cost).
         served = server._link.calls
@@ -220,6 +224,26 @@ async def test_unary_calls_over_a_link_behave_as_unary_calls(
                          10, "the restarted instance listed")
         assert (await linked.call("echo", {"text": "back"}, timeout=10))["text"] == "back"
         assert again._link is not None and again._link.links == 1
+
+
+async def _linger(client: MeshClient, link: Any) -> None:
+    slow = [asyncio.ensure_future(client.call("slow", {"seconds": 60}, timeout=60))]
+    await wait_until(lambda: len(link._pending) == 1, 10, "the slow call open")
+    link.linger_s = 30.0
+    assert (await client.call("echo", {"text": "two open"}, timeout=10))["text"] == "two open"  # did not linger
+    slow.append(asyncio.ensure_future(client.call("slow", {"seconds": 60}, timeout=60)))
+    await wait_until(lambda: len(link._pending) == 2, 10, "two slow calls open")
+    link.linger_s = 1.0
+    sent = link.messages
+    first = asyncio.ensure_future(client.call("echo", {"text": "a"}, timeout=20))
+    await wait_until(lambda: link.messages == sent + 1, 10, "the first frame lingering")
+    second = asyncio.ensure_future(client.call("echo", {"text": "b"}, timeout=20))
+    assert [r["text"] for r in await asyncio.gather(first, second)] == ["a", "b"]
+    assert link.messages == sent + 1, "the second call did not share the lingering frame's message"
+    for call in slow:
+        call.cancel()
+    await asyncio.gather(*slow, return_exceptions=True)
+    link.linger_s = LINGER_S
 
 
 async def _raw_link_callers(client: MeshClient, server: AgentServer) -> None:
