@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Unpack
 from hivemesh.mesh.callcontext import new_call_id
 from hivemesh.mesh.errors import AgentError, HivemeshError, NoLiveInstanceError, UnknownCapabilityError
 from hivemesh.mesh.etcd import client as etcd_client
+from hivemesh.mesh.json_compact import compact_json
 from hivemesh.mesh.node import MeshNode
 from hivemesh.mesh.node_metrics import NodeMetrics
 from hivemesh.mesh.node_metrics import metrics_listen as metrics_listen_for
@@ -40,8 +41,6 @@ if TYPE_CHECKING:
     from hivemesh.mesh.audit import AuditLog
 
 JSON = "application/json"
-_ENCODER = json.JSONEncoder(separators=(",", ":"))
-"""`json.dumps(x, separators=(",", ":"))` without building a new encoder on every call."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +85,7 @@ def _encode_input(payload: Any) -> bytes:
     if isinstance(payload, bytes | bytearray):
         return bytes(payload)
     try:
-        return _ENCODER.encode(payload).encode()
+        return compact_json(payload)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"the call's input is not JSON-serializable: {exc}") from None
 

@@ -21,6 +21,7 @@ import grpc
 from hivemesh.mesh import tracing
 from hivemesh.mesh.callcontext import inbound_call, new_call_id
 from hivemesh.mesh.errors import AgentError, HivemeshError, InvalidInputError, InvalidOutputError, abort
+from hivemesh.mesh.json_compact import compact_json
 from hivemesh.mesh.layers import Inbound
 from hivemesh.mesh.link_server import LinkServer
 from hivemesh.mesh.output_check import OutputCheck, note_refusal
@@ -182,7 +183,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             log.exception("capability %s failed", request.capability)
             await abort(context, AgentError(f"capability {request.capability!r} failed: {type(exc).__name__}: {exc}"))
         try:
-            output = _ENCODER.encode(result).encode()
+            output = compact_json(result)
         except (TypeError, ValueError) as exc:
             await abort(context, AgentError(f"capability {request.capability!r} returned non-JSON output: {exc}"))
         if state == agent_pb2.TASK_STATE_COMPLETED:

@@ -87,7 +87,8 @@ class InputGuardLayer:
                 f"agent {self._agent or '(this agent)'} has no capability {name!r}",
                 metadata={"capability": name[:128]},
             )
-        size = len(req.input)
+        data = req.input  # each read of a bytes field copies it out of the message: read the payload once
+        size = len(data)
         limit = cap.limit
         if size > limit:
             raise PayloadTooLargeError(
@@ -103,7 +104,7 @@ class InputGuardLayer:
         if ctype != JSON:
             return
         try:
-            value = json.loads(req.input) if req.input else None
+            value = json.loads(data) if data else None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InvalidInputError(
                 f"input is not valid JSON: {exc}", field_violations={"input": str(exc)}
