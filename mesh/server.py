@@ -10,7 +10,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 
 from hivemesh.mesh.readiness import Readiness
 from hivemesh.mesh.reflection import enable_reflection
-from hivemesh.mesh.tls import MAX_MESSAGE_BYTES
+from hivemesh.mesh.tls import MAX_MESSAGE_BYTES, STREAM_WINDOW_OPTIONS
 
 MAX_METADATA_BYTES: Final = 128 * 1024
 """Request metadata every mesh server accepts (all headers together). gRPC's default is a soft limit of 8 KiB
@@ -46,6 +46,7 @@ class ManagedServer:
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.so_reuseport", 0),
                 *METADATA_OPTIONS,
+                *STREAM_WINDOW_OPTIONS,
             ],
         )
         self.health = health.aio.HealthServicer()
