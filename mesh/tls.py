@@ -44,10 +44,10 @@ _KEEPALIVE_OPTIONS: Final = (
 STREAM_WINDOW_BYTES: Final = 1024 * 1024
 """How much of one HTTP/2 stream's data a mesh peer takes before the sender waits for a WINDOW_UPDATE
 (`grpc.http2.lookahead_bytes`; gRPC's default is 64 KiB). A Link carries many calls on one stream, so with the
-default, 16 calls in flight at 16 KiB or more already fill the window and each further message waits a round trip.
-Measured with bench/mesh_cost.py (path l, 16 in flight, two interleaved runs on the shared machine) with 64 KiB
-calls sent on the link: 0.86x the CPU per call and 1.2-1.6x the calls/s of the 64 KiB default. Unary calls (a
-stream each) and 12 KiB link calls showed no difference beyond the noise: it pays once large calls ride the link."""
+default, a few large calls in flight fill the window and each further message waits a round trip. Measured with
+bench/mesh_cost.py (path l, links with batches, 3 interleaved rounds, only this option toggled): at 16 in flight,
+0.78x the CPU per call at 64 KiB and 0.75x at 200 B, and p50 one at a time 1.15x direct instead of 1.54x at 64 KiB.
+Unary calls (a stream each) showed no difference beyond the noise."""
 STREAM_WINDOW_OPTIONS: Final = (("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),)
 """For every mesh channel (`channel_options`) and mesh server (`hivemesh.mesh.server.ManagedServer`)."""
 
