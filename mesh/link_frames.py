@@ -4,8 +4,9 @@ gRPC's cost on an open stream is per message (a write and a read through the C c
 each side), not per byte: at 16 calls in flight the frames of a link arrive in bursts (the answers of one read
 resume many callers, which send again together), so sending what is already queued as one `LinkFrame.batch`
 pays that cost once per burst. A call made one at a time is never delayed to fill a batch (only under
-concurrency does a caller's lone frame linger briefly: `mesh/outbound/link.py`, `LINGER_S`). Each side packs only after the other announced `BATCH_HEADER` (the caller in
-its request metadata, the server in its initial metadata), so a peer that predates batches is never sent one.
+concurrency does a caller's lone frame linger briefly: `mesh/outbound/link.py`, `LINGER_S`). Each side packs
+only after the other announced `BATCH_HEADER` (the caller in its request metadata, the server in its initial
+metadata), so a peer that predates batches is never sent one.
 """
 
 from __future__ import annotations
