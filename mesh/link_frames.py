@@ -19,8 +19,10 @@ from hivemesh.v1 import agent_pb2
 
 BATCH_HEADER: Final = "hivemesh-link-batch"
 BATCH_ANNOUNCE: Final = ((BATCH_HEADER, "1"),)
-MAX_BATCH_FRAMES: Final = 64
-"""Frames per batch at most: a burst larger than this goes as several messages."""
+MAX_BATCH_FRAMES: Final = 8
+"""Frames per batch at most: a burst larger than this goes as several messages. Small on purpose: one batch of
+16 made caller and callee take turns (each idle while the other worked its 16 calls: ~1 of 2 cores busy);
+batches of 8 keep both at work, 1.2-1.7x the calls/s at 16 in flight on 2 cores (BENCHMARKS.md)."""
 MAX_BATCH_BYTES: Final = 256 * 1024
 """Payload bytes per batch at most (well under the 8 MiB message limit); a bigger frame goes alone."""
 
