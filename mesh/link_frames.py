@@ -12,7 +12,7 @@ metadata), so a peer that predates batches is never sent one.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, Final
 
 from hivemesh.v1 import agent_pb2
@@ -62,3 +62,33 @@ def unpacked(frame: Any) -> Sequence[Any]:
     """The frames a received message carries: its batch, or itself."""
     batch: Sequence[Any] = frame.batch
     return batch if batch else (frame,)
+
+
+def _no_linger() -> float:
+    return 0.0
+
+
+async def outgoing(
+    queue: asyncio.Queue[Any], end: object, weight: Callable[[Any], int], batches: Callable[[], bool],
+    linger: Callable[[], float] = _no_linger,
+) -> AsyncIterator[Any]:
+    """The messages that carry the frames put on queue, in order, until end: each lone frame as itself, or, once
+    batches() (the peer announced it reads them), what waits together as one batch. A lone frame first waits
+    linger() seconds for company when that is above 0 (the caller's side asks it only under concurrency)."""
+    leftover: Any = None
+    while True:
+        frame = leftover if leftover is not None else await queue.get()
+        leftover = None
+        if frame is end:
+            return
+        if batches() and queue.empty():
+            wait = linger()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        if not batches() or queue.empty():
+            yield frame
+            continue
+        frames, leftover, ended = take_waiting(frame, queue, end, weight)
+        yield pack(frames)
+        if ended:
+            return

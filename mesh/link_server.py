@@ -25,7 +25,7 @@ import grpc
 
 from hivemesh.mesh import tracing
 from hivemesh.mesh.link_context import FrameAborted, FrameContext
-from hivemesh.mesh.link_frames import BATCH_ANNOUNCE, announced, pack, take_waiting, unpacked
+from hivemesh.mesh.link_frames import BATCH_ANNOUNCE, announced, outgoing, unpacked
 from hivemesh.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
@@ -197,20 +197,9 @@ class LinkServer:
         self._streams.add(state)
         reader = loop.create_task(read())
         try:
-            leftover: Any = None
-            while True:
-                frame = leftover if leftover is not None else await out.get()
-                leftover = None
-                if frame is _END:
-                    break
+            async for message in outgoing(out, _END, _answer_bytes, lambda: batches):
                 self.messages += 1
-                if not batches or out.empty():
-                    yield frame
-                    continue
-                answers, leftover, ended = take_waiting(frame, out, _END, _answer_bytes)
-                yield pack(answers)
-                if ended:
-                    break
+                yield message
         finally:
             self._streams.discard(state)
             reader.cancel()

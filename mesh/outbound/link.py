@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 
 from hivemesh.mesh.link_context import status_code
-from hivemesh.mesh.link_frames import BATCH_ANNOUNCE, announced, pack, take_waiting, unpacked
+from hivemesh.mesh.link_frames import BATCH_ANNOUNCE, announced, outgoing, unpacked
 from hivemesh.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
@@ -82,23 +82,15 @@ class _Link:
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     async def _frames(self) -> AsyncIterator[bytes]:
-        out = self._out
-        leftover: Any = None
-        while True:
-            frame = leftover if leftover is not None else await out.get()
-            leftover = None
-            if frame is _CLOSE:
-                return
+        async for message in outgoing(self._out, _CLOSE, _request_bytes, self._batches, self._linger):
             self.messages += 1
-            if self.batches and out.empty() and len(self._pending) >= LINGER_AFTER:
-                await asyncio.sleep(self.linger_s)
-            if not self.batches or out.empty():
-                yield frame.SerializeToString()
-                continue
-            frames, leftover, ended = take_waiting(frame, out, _CLOSE, _request_bytes)
-            yield pack(frames).SerializeToString()
-            if ended:
-                return
+            yield message.SerializeToString()
+
+    def _batches(self) -> bool:
+        return self.batches
+
+    def _linger(self) -> float:
+        return self.linger_s if len(self._pending) >= LINGER_AFTER else 0.0
 
     async def _read(self) -> None:
         error: BaseException

@@ -236,7 +236,7 @@ async def _linger(client: MeshClient, link: Any) -> None:
     link.linger_s = 1.0
     sent = link.messages
     first = asyncio.ensure_future(client.call("echo", {"text": "a"}, timeout=20))
-    await wait_until(lambda: link.messages == sent + 1, 10, "the first frame lingering")
+    await wait_until(lambda: len(link._pending) == 3 and link._out.empty(), 10, "the first frame lingering")
     second = asyncio.ensure_future(client.call("echo", {"text": "b"}, timeout=20))
     assert [r["text"] for r in await asyncio.gather(first, second)] == ["a", "b"]
     assert link.messages == sent + 1, "the second call did not share the lingering frame's message"

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from hivemesh.mesh.link_frames import (
     BATCH_ANNOUNCE,
     MAX_BATCH_BYTES,
     MAX_BATCH_FRAMES,
     announced,
+    outgoing,
     pack,
     take_waiting,
     unpacked,
@@ -67,3 +70,24 @@ def test_a_batch_stops_at_its_frame_and_byte_limits_and_at_the_end_marker() -> N
 def test_only_a_peer_that_announced_it_is_sent_batches() -> None:
     assert announced(BATCH_ANNOUNCE) and announced([("x", "y"), *BATCH_ANNOUNCE])
     assert not announced(None) and not announced([]) and not announced([(BATCH_ANNOUNCE[0][0], "0")])
+
+
+async def test_outgoing_sends_lone_frames_until_the_peer_reads_batches_then_packs_what_waits() -> None:
+    allowed = False
+    out = outgoing(_queue(_call(1), _call(2), _call(3), END), END, _weight, lambda: allowed)
+    first = await out.__anext__()
+    assert first.id == 1 and not first.batch
+    allowed = True
+    second = await out.__anext__()
+    assert [f.id for f in second.batch] == [2, 3]
+    with pytest.raises(StopAsyncIteration):
+        await out.__anext__()
+
+
+async def test_a_lingering_frame_is_joined_by_one_that_comes_meanwhile() -> None:
+    q = _queue(_call(1))
+    out = outgoing(q, END, _weight, lambda: True, lambda: 0.2)
+    asyncio.get_running_loop().call_soon(q.put_nowait, _call(2))
+    message = await out.__anext__()
+    assert [f.id for f in message.batch] == [1, 2]
+    await out.aclose()
