@@ -341,17 +341,19 @@ class SharedLog:
 
     def _diverged(self, why: str) -> NoReturn:
         store = self.store
-        store.unavailable = (f"this replica's audit copy (seq {store.seq}) cannot follow the mesh-wide log: {why}; "
-                             f"restore {store.dir} from a live replica")
-        log.error("%s", store.unavailable)
-        raise FailedPreconditionError(store.unavailable)
+        self._stop_serving(f"this replica's audit copy (seq {store.seq}) cannot follow the mesh-wide log: {why}; "
+                           f"restore {store.dir} from a live replica")
 
-    def _behind(self, why: str) -> None:
+    def _behind(self, why: str) -> NoReturn:
         store = self.store
-        store.unavailable = (f"this replica's audit copy ends at seq {store.seq} but {why}: it cannot serve the "
-                             f"audit log until {store.dir} is restored from a live replica's copy")
-        log.error("%s", store.unavailable)
-        raise FailedPreconditionError(store.unavailable)
+        self._stop_serving(f"this replica's audit copy ends at seq {store.seq} but {why}: it cannot serve the "
+                           f"audit log until {store.dir} is restored from a live replica's copy")
+
+    def _stop_serving(self, why: str) -> NoReturn:
+        """Refuse audit from now on (FAILED_PRECONDITION, saying why): never serve a log with a hole."""
+        self.store.unavailable = why
+        log.error("%s", why)
+        raise FailedPreconditionError(why)
 
     async def _newest_batch(self) -> dict[str, Any] | None:
         """The header of the newest batch etcd holds (None: none)."""
