@@ -54,6 +54,25 @@ def _rpc_error(code: grpc.StatusCode, message: str, trailing: Sequence[tuple[str
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailing), message)
 
 
+_TRANSPORT_CODES = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+
+
+def stream_failure(exc: grpc.aio.AioRpcError) -> BaseException:
+    """What the open calls of a link get when its stream fails.
+
+    The link server answers every call in its own frame, so a failed stream says nothing about the calls: it is
+    the connection. gRPC's asyncio stream reports a connection that died under a write as INTERNAL ("Internal
+    error from Core"; a unary call on the same connection gets UNAVAILABLE), and some HTTP/2 breaks as UNKNOWN.
+    Both become UNAVAILABLE, as a broken connection fails unary calls, so the attempt loop's retry policy sees the
+    same code either way. Any other code (a refusal of the whole stream) is passed on as it is."""
+    code = exc.code()
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return LinkUnsupportedError()
+    if code in _TRANSPORT_CODES:
+        return _rpc_error(grpc.StatusCode.UNAVAILABLE, f"the link to the peer broke ({code.name}: {exc.details()})")
+    return exc
+
+
 def _request_bytes(frame: Any) -> int:
     return len(frame.call.request)
 
@@ -103,7 +122,7 @@ class _Link:
                         waiter.set_result(frame.answer)
             error = _rpc_error(grpc.StatusCode.UNAVAILABLE, "the link to the peer was closed")
         except grpc.aio.AioRpcError as exc:
-            error = LinkUnsupportedError() if exc.code() == grpc.StatusCode.UNIMPLEMENTED else exc
+            error = stream_failure(exc)
         except asyncio.CancelledError:
             error = _rpc_error(grpc.StatusCode.CANCELLED, "the link was closed by this node")
         self.broken = True

@@ -146,7 +146,8 @@ spec: {capabilities: [echo], instance: {consecutive_failures: 3, open_ms: 1000}}
                         out = await mesh.call("echo", {"text": "x"}, timeout=5)
                         outcomes.append(Outcome(t0, time.monotonic(), out["served_by"]))
                     except HivemeshError as err:
-                        outcomes.append(Outcome(t0, time.monotonic(), None, f"{err.code.name}/{err.reason}"))
+                        error = f"{err.code.name}/{err.reason}: {err.message}"
+                        outcomes.append(Outcome(t0, time.monotonic(), None, error))
 
             async def kill_mid_way() -> None:
                 nonlocal killed_at, excluded_at

@@ -8,7 +8,7 @@ import pytest
 from hivemesh.mesh.errors import RateLimitedError, from_status_parts, to_status
 from hivemesh.mesh.link_context import FrameAborted, FrameContext, status_code
 from hivemesh.mesh.link_server import answer_frame
-from hivemesh.mesh.outbound.link import LINK_ENV, link_enabled
+from hivemesh.mesh.outbound.link import LINK_ENV, LinkUnsupportedError, link_enabled, stream_failure
 
 
 def test_link_is_on_by_default_and_a_bad_switch_says_what_to_write(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -54,3 +54,22 @@ def test_an_answer_frame_carries_the_rich_status_the_caller_rebuilds() -> None:
     back = from_status_parts(status_code(answer.code), answer.message, trailing)
     assert (type(back), back.reason, back.message, back.retry_after_s, back.metadata) == (
         RateLimitedError, err.reason, "slow down", 1.5, {"capability": "echo"})
+
+
+def test_a_link_stream_that_breaks_fails_its_calls_as_a_broken_connection_fails_unary_ones() -> None:
+    """gRPC's asyncio stream reports a connection killed under a write as INTERNAL "Internal error from Core";
+    CI saw 6 calls fail that way when a replica was SIGKILLed, where unary calls would have been retried."""
+
+    def failed(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+    for code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+        error = stream_failure(failed(code, "Internal error from Core"))
+        assert isinstance(error, grpc.aio.AioRpcError)
+        assert error.code() is grpc.StatusCode.UNAVAILABLE
+        assert code.name in (error.details() or "") and "Internal error from Core" in (error.details() or "")
+    assert isinstance(stream_failure(failed(grpc.StatusCode.UNIMPLEMENTED, "")), LinkUnsupportedError)
+    for code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                 grpc.StatusCode.CANCELLED):
+        refused = failed(code, "as sent")
+        assert stream_failure(refused) is refused, code  # a refusal of the whole stream is passed on unchanged
