@@ -54,21 +54,19 @@ def _rpc_error(code: grpc.StatusCode, message: str, trailing: Sequence[tuple[str
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailing), message)
 
 
-_TRANSPORT_CODES = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
-
-
 def stream_failure(exc: grpc.aio.AioRpcError) -> BaseException:
     """What the open calls of a link get when its stream fails.
 
-    The link server answers every call in its own frame, so a failed stream says nothing about the calls: it is
-    the connection. gRPC's asyncio stream reports a connection that died under a write as INTERNAL ("Internal
-    error from Core"; a unary call on the same connection gets UNAVAILABLE), and some HTTP/2 breaks as UNKNOWN.
-    Both become UNAVAILABLE, as a broken connection fails unary calls, so the attempt loop's retry policy sees the
-    same code either way. Any other code (a refusal of the whole stream) is passed on as it is."""
+    The link server answers every call in its own frame and never ends the stream with INTERNAL itself, so an
+    INTERNAL stream says nothing about the calls: it is the connection. gRPC's asyncio stream reports a connection
+    that died under a write that way ("Internal error from Core"), where a unary call on the same connection gets
+    UNAVAILABLE; so it becomes UNAVAILABLE and the attempt loop's retry policy sees the same code either way.
+    UNKNOWN is left alone: it is also what a server whose handler crashed sends, and a retry must not run such a
+    call twice. Any other code (a refusal of the whole stream) is passed on as it is too."""
     code = exc.code()
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return LinkUnsupportedError()
-    if code in _TRANSPORT_CODES:
+    if code == grpc.StatusCode.INTERNAL:
         return _rpc_error(grpc.StatusCode.UNAVAILABLE, f"the link to the peer broke ({code.name}: {exc.details()})")
     return exc
 
