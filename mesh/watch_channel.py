@@ -22,8 +22,9 @@ Watch stream (an HTTP/2 stream on that connection), revision, list, compaction r
   its own) reconnects alone on the same client; if its error might be the connection's, it asks for a probe now
   (`suspect`) instead of waiting for the next tick, and the probe decides. After each successful probe every
   cache gets `on_alive` (it asks its stream for a progress notification, see watch_lag.py).
-- The probe reads the first subscribed cache's own prefix key: a key that identity may read, so the probe tests
-  the connection, not the identity's roles.
+- The probe reads the first subscribed cache's own prefix key, one that identity should be allowed to read; a
+  "permission denied" still counts as alive, because etcd checks permissions after the linearizable read index
+  (the member answered with a leader), so a cache watching a prefix its roles do not cover fails alone.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from collections.abc import Callable, Hashable
 
 import aetcd
 
-from hivemesh.mesh.etcd import Endpoints, EtcdAccess, parse_endpoints
+from hivemesh.mesh.etcd import Endpoints, EtcdAccess, is_permission_denied, parse_endpoints
 from hivemesh.mesh.etcd import client as etcd_client
 
 log = logging.getLogger(__name__)
@@ -171,9 +172,10 @@ class WatchChannel:
                 async with asyncio.timeout(self._timeout):
                     await conn.client.get(key)
             except Exception as exc:  # noqa: BLE001 - any failure or timeout: the connection is not trusted
-                self.probe_failures += 1
-                await self._retire(conn, ConnectionLostError(f"liveness probe failed: {exc!r}"))
-                continue
+                if not is_permission_denied(exc):  # refused after the read index: the member is alive
+                    self.probe_failures += 1
+                    await self._retire(conn, ConnectionLostError(f"liveness probe failed: {exc!r}"))
+                    continue
             self.probes += 1
             for member in list(self._members.values()):
                 try:
