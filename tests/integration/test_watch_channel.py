@@ -16,10 +16,14 @@ from collections.abc import Callable
 
 import aetcd
 
-from hivemesh.mesh.etcd import EtcdServer, client, wait_connected
+from hivemesh.controlplane.ca import load_ca
+from hivemesh.mesh.etcd import EtcdAccess, EtcdServer, EtcdTls, client, is_permission_denied, wait_connected
+from hivemesh.mesh.etcd_roles import ensure_workload_user
+from hivemesh.mesh.keyspace import AGENTS
 from hivemesh.mesh.watch import PrefixCache, WatchOptions
 from hivemesh.mesh.watch_channel import WatchChannel, open_channels
-from tests.support.meshenv import controlplane_access
+from tests.conftest import SessionCa
+from tests.support.meshenv import TRUST_DOMAIN, controlplane_access
 
 P = "/hivemesh/test-watch-channel/"
 INTERVAL = 0.2
@@ -177,3 +181,33 @@ async def test_a_paused_member_replaces_the_shared_connection_and_every_cache_re
         for c in caches:
             await c.stop()
         await writer.close()
+
+
+async def test_a_cache_failing_alone_leaves_the_shared_connection_and_its_siblings_alone(
+    etcd: aetcd.Client, etcd_server: EtcdServer, session_ca: SessionCa
+) -> None:
+    # A workload identity (etcd user client:watch-iso, the node role): it may read the registry, not our prefix.
+    await ensure_workload_user(etcd, "client", "watch-iso")
+    cert, key = load_ca(session_ca.files.certs_dir).issue_with_new_key(
+        f"spiffe://{TRUST_DOMAIN}/client/watch-iso", common_name="client:watch-iso", dns_names=[], ttl_s=600
+    )
+    access = EtcdAccess(etcd_server.endpoint, EtcdTls(session_ca.files.ca_cert.read_bytes(), cert, key))
+    # Started first, so the shared probe reads its (forbidden) prefix: still proof that etcd answers.
+    refused: PrefixCache[bytes] = PrefixCache(access, f"{P}forbidden/", options=SHARED)
+    allowed: PrefixCache[bytes] = PrefixCache(access, f"{AGENTS}watch-iso/", options=SHARED)
+    try:
+        await refused.start(wait=False)
+        await allowed.start(timeout=10)
+        channel = _channel_with(2)
+        assert await _until(lambda: refused.reconnects >= 3, 10), "the refused cache keeps retrying on its own"
+        probes = channel.probes
+        assert await _until(lambda: channel.probes >= probes + 3, 10)
+        err = refused.last_error
+        assert err is not None and is_permission_denied(err) and not refused.loaded
+        assert channel.probe_failures == 0 and channel.clients_opened == 1, "the connection was never replaced"
+        assert allowed.connected and allowed.reconnects == 0 and allowed.lists == 1
+        await etcd.put(f"{AGENTS}watch-iso/a".encode(), b"1")
+        assert await allowed.wait_for(lambda s: f"{AGENTS}watch-iso/a" in s, timeout=5)
+    finally:
+        await refused.stop()
+        await allowed.stop()
