@@ -63,10 +63,6 @@ class _StreamError(Exception):
     """The watch stream ended, was cancelled by the server, or stopped answering."""
 
 
-class _CancelledByEtcdError(_StreamError):
-    """etcd cancelled this one watch (it answered: the connection is not to blame)."""
-
-
 def _prefix_range_end(prefix: bytes) -> bytes:
     end = bytearray(prefix)
     for i in reversed(range(len(end))):
@@ -293,7 +289,7 @@ class PrefixCache(Generic[T]):
                 level = logging.WARNING if self._failures == 0 else logging.DEBUG
                 log.log(level, "watch of %s broke (%r); retrying on the last snapshot", self.prefix, exc)
                 self._failures += 1
-                if conn is not None and not isinstance(exc, _CancelledByEtcdError):
+                if conn is not None:
                     channel.suspect(conn)  # maybe the connection's fault: the shared probe checks it now
             finally:
                 self._connected = False
@@ -386,7 +382,7 @@ class PrefixCache(Generic[T]):
         if resp.compact_revision:
             raise _CompactedError(int(resp.compact_revision))
         if resp.canceled:
-            raise _CancelledByEtcdError(f"watch cancelled by etcd: {resp.cancel_reason or 'no reason given'}")
+            raise _StreamError(f"watch cancelled by etcd: {resp.cancel_reason or 'no reason given'}")
         self._lag.hear(int(resp.header.revision))
         if resp.created:
             self._created = self._connected = True

@@ -94,6 +94,7 @@ class WatchChannel:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._prober: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()  # retired clients being closed
         self._closed = False
         # Counters for tests and debugging.
         self.clients_opened = 0
@@ -155,8 +156,9 @@ class WatchChannel:
             await asyncio.wait({prober}, timeout=_CLOSE_LIMIT_S)
         conn, self._conn = self._conn, None
         if conn is not None:
-            conn._retire(ConnectionLostError("watch channel closed: its last cache stopped"))
-            await _close(conn.client)
+            self._retire(conn, ConnectionLostError("watch channel closed: its last cache stopped"))
+        if self._closing:
+            await asyncio.wait(self._closing, timeout=_CLOSE_LIMIT_S + 1)
 
     async def _probe_loop(self) -> None:
         while True:
@@ -174,7 +176,7 @@ class WatchChannel:
             except Exception as exc:  # noqa: BLE001 - any failure or timeout: the connection is not trusted
                 if not is_permission_denied(exc):  # refused after the read index: the member is alive
                     self.probe_failures += 1
-                    await self._retire(conn, ConnectionLostError(f"liveness probe failed: {exc!r}"))
+                    self._retire(conn, ConnectionLostError(f"liveness probe failed: {exc!r}"))
                     continue
             self.probes += 1
             for member in list(self._members.values()):
@@ -183,11 +185,14 @@ class WatchChannel:
                 except Exception:
                     log.exception("watch liveness callback failed")
 
-    async def _retire(self, conn: Connection, reason: BaseException) -> None:
+    def _retire(self, conn: Connection, reason: BaseException) -> None:
         if self._conn is conn:
             self._conn = None
         conn._retire(reason)  # every cache streaming on it reconnects now
-        await _close(conn.client)
+        # Closed in a task of its own: neither the probe nor a stopping cache waits on a hung peer.
+        closing = asyncio.get_running_loop().create_task(_close(conn.client))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
 
 
 class Subscription:
