@@ -18,10 +18,10 @@ Watch stream (an HTTP/2 stream on that connection), revision, list, compaction r
   the client and forgets the channel.
 - Only the probe replaces the client. After a failed or timed-out probe the connection is *retired*: every cache
   streaming on it is told at once (`Connection.lost`), the client is closed, and the next cache to reconnect opens
-  a fresh one, on which all the others land too. A cache whose own stream fails (cancelled by etcd, an error of
-  its own) reconnects alone on the same client; if its error might be the connection's, it asks for a probe now
-  (`suspect`) instead of waiting for the next tick, and the probe decides. After each successful probe every
-  cache gets `on_alive` (it asks its stream for a progress notification, see watch_lag.py).
+  a fresh one, on which all the others land too. A cache whose own stream fails (cancelled by etcd, a refused
+  read, a stream that ended) reconnects alone on the same client; since its error might be the connection's, it
+  asks for a probe now (`suspect`) instead of waiting for the next tick, and the probe decides. After each
+  successful probe every cache gets `on_alive` (it asks its stream for a progress notification, watch_lag.py).
 - The probe reads the first subscribed cache's own prefix key, one that identity should be allowed to read; a
   "permission denied" still counts as alive, because etcd checks permissions after the linearizable read index
   (the member answered with a leader), so a cache watching a prefix its roles do not cover fails alone.
