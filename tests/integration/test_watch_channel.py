@@ -41,8 +41,8 @@ async def _until(cond: Callable[[], bool], limit_s: float) -> bool:
     return True
 
 
-def _connections_to(port: int) -> int:
-    """Established TCP connections this process holds to `port` (the kernel's view: /proc)."""
+def _connections_to(port: int) -> set[str]:
+    """The established TCP connections (socket inodes) this process holds to `port`: the kernel's view, /proc."""
     inodes = set()
     for fd in os.listdir("/proc/self/fd"):
         try:
@@ -51,7 +51,7 @@ def _connections_to(port: int) -> int:
             continue
         if link.startswith("socket:["):
             inodes.add(link[len("socket:["):-1])
-    n = 0
+    found = set()
     for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
         with open(table) as f:
             next(f)
@@ -59,8 +59,8 @@ def _connections_to(port: int) -> int:
                 fields = line.split()
                 remote, state, inode = fields[2], fields[3], fields[9]
                 if state == "01" and int(remote.rsplit(":", 1)[1], 16) == port and inode in inodes:
-                    n += 1
-    return n
+                    found.add(inode)
+    return found
 
 
 def _range_calls(server: EtcdServer) -> int:
@@ -91,7 +91,11 @@ async def test_caches_of_one_identity_share_one_connection_and_one_probe(
     etcd: aetcd.Client, etcd_server: EtcdServer
 ) -> None:
     port, n = etcd_server.client_port, 6
-    base = _connections_to(port)  # the fixture's own client
+    base = _connections_to(port)  # the fixture's own client, and whatever else this process holds already
+
+    def opened() -> int:
+        return len(_connections_to(port) - base)
+
     # Each cache gets its own EtcdAccess object, as separate components would: same identity, so they share.
     caches = [PrefixCache(etcd_server.access, f"{P}c{i}/", options=SHARED) for i in range(n)]
     other = PrefixCache(controlplane_access(etcd_server.endpoint), f"{P}other/", options=SHARED)
@@ -102,7 +106,7 @@ async def test_caches_of_one_identity_share_one_connection_and_one_probe(
         assert await _until(lambda: all(c.connected for c in everyone), 5)
         assert sorted(ch.members for ch in open_channels()) == [1, n], "a second identity never shares"
         shared = _channel_with(n)
-        assert _connections_to(port) == base + 2, "one TCP connection per identity, not one per cache"
+        assert opened() == 2, "one TCP connection per identity, not one per cache"
 
         # Idle liveness traffic: etcd answers one Range per channel per probe interval, not one per cache.
         channels = open_channels()
@@ -125,13 +129,15 @@ async def test_caches_of_one_identity_share_one_connection_and_one_probe(
             await etcd.put(f"{P}c{i}/k".encode(), b"2")
             assert await c.wait_for(lambda s, i=i: s.get(f"{P}c{i}/k") == b"2", timeout=5)
             assert c.connected and c.reconnects == 0 and c.lists == 1
-        assert shared.clients_opened == 1 and _connections_to(port) == base + 2
+        assert shared.clients_opened == 1 and opened() == 2
+        conn = shared.current  # held, so only an explicit close (not garbage collection) can end it
+        assert conn is not None
     finally:
         for c in everyone:
             await c.stop()
     # The last cache stopping closes the connection and forgets the channel.
-    assert shared.closed and open_channels() == []
-    assert await _until(lambda: _connections_to(port) == base, 5)
+    assert shared.closed and open_channels() == [] and conn.retired
+    assert await _until(lambda: opened() == 0, 5)
 
 
 class _Recorder:
