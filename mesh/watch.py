@@ -5,12 +5,14 @@ atomically after each applied watch response. The task lists the prefix once, th
 revision + 1 and applies every event exactly once, in revision order:
 
 - a broken stream or an etcd outage keeps the last snapshot (routing continues on last-known state); the task
-  backs off (bounded exponential with jitter), opens a fresh client and resumes from the last applied
-  revision + 1, so nothing is missed and an event at or below that revision is never applied twice;
+  backs off (bounded exponential with jitter), reconnects and resumes from the last applied revision + 1, so
+  nothing is missed and an event at or below that revision is never applied twice;
 - a resume revision that etcd has compacted away is answered with a full re-list whose result replaces the
   snapshot in one swap (diffed, so `on_change` fires at most once), then a watch from the new revision + 1;
 - a stream that hangs silently (a paused or black-holed member keeps the TCP connection open) is caught by a
   periodic linearizable `get` with a timeout on the same channel, after which the client is recreated;
+- the client (one TLS connection) and that probe are shared by every cache of the process on the same etcd
+  identity (watch_channel.py); the stream, revision, lists and snapshot are each cache's own;
 - how far the snapshot is behind the store (`lag_revisions`, see watch_lag.py) is kept from every response's
   header; after each probe the cache asks etcd for a progress notification, so a quiet prefix in a busy store
   still learns that it is complete up to the store's revision (not at creation: see watch_lag.py on etcd#15220).
@@ -22,7 +24,6 @@ hides response headers and compaction on create, and can wait forever for a watc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -36,7 +37,7 @@ from aetcd import rpc
 
 from hivemesh.mesh.errors import RegistryUnavailableError
 from hivemesh.mesh.etcd import Endpoints, parse_endpoints
-from hivemesh.mesh.etcd import client as etcd_client
+from hivemesh.mesh.watch_channel import Connection, Subscription, subscribe
 from hivemesh.mesh.watch_lag import RevisionLag
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def _key_str(key: bytes) -> str:
 class WatchOptions:
     """Timing of a PrefixCache's liveness probe and reconnect backoff (defaults suit production)."""
 
-    probe_interval_s: float = 1.0  # how often a linearizable get checks the watch's channel is alive
+    probe_interval_s: float = 1.0  # how often a linearizable get checks the (shared) channel is alive
     probe_timeout_s: float = 2.0  # a probe slower than this declares the stream dead
     backoff_initial_s: float = 0.1  # first reconnect delay; doubles per failure (with +-20% jitter)
     backoff_max_s: float = 2.0  # reconnect delay cap
@@ -137,7 +138,7 @@ class PrefixCache(Generic[T]):
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
-        self._client: aetcd.Client | None = None
+        self._subscription: Subscription | None = None
         # Counters for tests, metrics and debugging.
         self.events_applied = 0
         self.duplicates_skipped = 0
@@ -218,6 +219,10 @@ class PrefixCache(Generic[T]):
         if self._stopped:
             raise RuntimeError("a stopped PrefixCache cannot be restarted; create a new one")
         if self._task is None:
+            self._subscription = subscribe(
+                self._endpoints, probe_interval_s=self._probe_interval, probe_timeout_s=self._probe_timeout,
+                probe_key=self._prefix, on_alive=self._request_progress,
+            )
             self._task = asyncio.get_running_loop().create_task(
                 self._run(), name=f"hivemesh-watch:{self.prefix}"
             )
@@ -235,12 +240,15 @@ class PrefixCache(Generic[T]):
             ) from err
 
     async def stop(self) -> None:
-        """Cancel the background task and close its client. Idempotent; the last snapshot stays readable."""
+        """Cancel the background task and leave the shared channel (the last cache to leave closes it).
+        Idempotent; the last snapshot stays readable."""
         self._stopped = True
         task, self._task = self._task, None
         if task is not None:
             await cancel_and_wait(task)
-        await self._close_client()
+        subscription, self._subscription = self._subscription, None
+        if subscription is not None:
+            await subscription.release()
         self._connected = False
 
     async def __aenter__(self) -> PrefixCache[T]:
@@ -254,16 +262,18 @@ class PrefixCache(Generic[T]):
     async def _run(self) -> None:
         backoff = self._backoff_initial
         need_list = True
+        assert self._subscription is not None
+        channel = self._subscription.channel
         while not self._stopped:
-            self._client = etcd_client(self._endpoints, timeout=max(1, round(self._probe_timeout)))
             self._created = False
+            conn: Connection | None = None
             try:
-                await self._client.connect()
+                conn = await channel.connection()
                 if need_list:
-                    await self._list(self._client)
+                    await self._list(conn.client)
                     need_list = False
                     backoff = self._backoff_initial
-                await self._watch(self._client)
+                await self._watch(conn)
             except asyncio.CancelledError:
                 raise
             except _CompactedError as exc:
@@ -279,21 +289,15 @@ class PrefixCache(Generic[T]):
                 level = logging.WARNING if self._failures == 0 else logging.DEBUG
                 log.log(level, "watch of %s broke (%r); retrying on the last snapshot", self.prefix, exc)
                 self._failures += 1
+                if conn is not None:
+                    channel.suspect(conn)  # maybe the connection's fault: the shared probe checks it now
             finally:
                 self._connected = False
-                await self._close_client()
             if self._created:
                 backoff = self._backoff_initial  # the stream worked: retry promptly, as after a first failure
             self.reconnects += 1
             await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
             backoff = min(backoff * 2, self._backoff_max)
-
-    async def _close_client(self) -> None:
-        c, self._client = self._client, None
-        if c is not None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2.0):
-                    await c.close()
 
     async def _list(self, c: aetcd.Client) -> None:
         """Replace the snapshot with a full list, in one swap; only changed keys are decoded."""
@@ -323,8 +327,8 @@ class PrefixCache(Generic[T]):
             self._publish(new_data)
         self._loaded.set()
 
-    async def _watch(self, c: aetcd.Client) -> None:
-        """Run one watch stream from revision + 1 until it fails, alongside a liveness probe."""
+    async def _watch(self, conn: Connection) -> None:
+        """Run one watch stream from revision + 1 until it fails or the shared probe retires its connection."""
         requests: asyncio.Queue[Any] = asyncio.Queue()
 
         async def request_stream() -> AsyncIterator[Any]:
@@ -342,22 +346,24 @@ class PrefixCache(Generic[T]):
             )
         )
         self._requests = requests
+        c = conn.client
         metadata = tuple(c.metadata or ()) + _REQUIRE_LEADER
         call = rpc.WatchStub(c.channel).Watch(request_stream(), metadata=metadata)
         reader = asyncio.create_task(self._read(call))
-        prober = asyncio.create_task(self._probe(c))
+        lost = asyncio.create_task(conn.lost())
         try:
-            done, _ = await asyncio.wait({reader, prober}, return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
-                t.result()  # re-raise what ended it
+            done, _ = await asyncio.wait({reader, lost}, return_when=asyncio.FIRST_COMPLETED)
+            if lost in done:
+                raise _StreamError(f"shared etcd connection replaced: {lost.result()}")
+            reader.result()  # re-raise what ended it
             raise _StreamError("watch stream closed by the server")
         finally:
-            for t in (reader, prober):
+            for t in (reader, lost):
                 t.cancel()
             call.cancel()
             self._requests = None
             requests.put_nowait(None)
-            await asyncio.gather(reader, prober, return_exceptions=True)
+            await asyncio.gather(reader, lost, return_exceptions=True)
 
     async def _read(self, call: Any) -> None:
         stream = call.__aiter__()
@@ -445,17 +451,6 @@ class PrefixCache(Generic[T]):
                 log.exception("on_change callback of the %s cache failed", self.prefix)
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
-
-    async def _probe(self, c: aetcd.Client) -> None:
-        """Never return; raise once a linearizable get on this client fails or outlasts the timeout."""
-        while True:
-            await asyncio.sleep(self._probe_interval)
-            try:
-                async with asyncio.timeout(self._probe_timeout):
-                    await c.get(self._prefix)
-            except Exception as exc:
-                raise _StreamError(f"liveness probe failed: {exc!r}") from exc
-            self._request_progress()
 
 
 _SKIP = object()
