@@ -29,9 +29,9 @@ from tests.support.agents_for_tests import EchoAgent
 from tests.support.meshenv import TRUST_DOMAIN, run_cli, start_mesh_env, stop_mesh_env
 from tests.support.plain_agent import PlainAgent
 
-CERT_TTL_S = 30
+CERT_TTL_S = 20
 """Long enough that the stranded sidecar still holds a valid old-root certificate through `finish`'s refusal on a
-loaded machine (about 8 s after it joined on a quiet one), short enough that it then expires within the test."""
+loaded machine (about 3 s after it joined on a quiet one), short enough that it then expires within the test."""
 
 
 async def _until(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
