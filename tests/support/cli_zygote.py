@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -143,6 +144,16 @@ class _Zygote:
 
 
 _zygote: _Zygote | None = None
+_starting = threading.Lock()
+
+
+def _started() -> _Zygote:
+    """The zygote, started on first use (in a thread: its ~1 s start must not stall the test's event loop)."""
+    global _zygote
+    with _starting:
+        if _zygote is None:
+            _zygote = _Zygote()
+        return _zygote
 
 
 async def _spawned(args: Sequence[str], env: Mapping[str, str], cwd: Path, stdin: bytes | None,
@@ -168,13 +179,11 @@ async def run_hivemesh(args: Sequence[str], env: Mapping[str, str], *, cwd: Path
 
     if owned_server_command(args):
         return await _spawned(args, env, cwd, stdin, timeout)
-    global _zygote
-    if _zygote is None:
-        _zygote = _Zygote()
-    paths = _run_files(_zygote.dir, stdin or b"")
+    zygote = _zygote if _zygote is not None else await asyncio.to_thread(_started)
+    paths = _run_files(zygote.dir, stdin or b"")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    reader, writer = await asyncio.open_unix_connection(_zygote.socket)
+    reader, writer = await asyncio.open_unix_connection(zygote.socket)
     pid = 0
     try:
         writer.write(json.dumps({"args": list(args), "env": dict(env), "cwd": str(cwd), **paths}).encode() + b"\n")
