@@ -28,6 +28,13 @@ async def test_a_forked_run_answers_as_a_fresh_interpreter_does(tmp_path: Path) 
         fresh = await _spawned([a.format("fresh") for a in args], env, REPO, stdin, 60)
         forked = await run_hivemesh([a.format("forked") for a in args], env, stdin=stdin)
         assert forked == tuple(x.replace("fresh", "forked") if isinstance(x, str) else x for x in fresh), args
+    # A table sizes itself to COLUMNS, or to its content when output is not a terminal and COLUMNS is unset.
+    env.pop("COLUMNS", None)
+    for columns in ("50", None):
+        run_env = env if columns is None else {**env, "COLUMNS": columns}
+        fresh = await _spawned(["up", "--demo", "list"], run_env, REPO, None, 60)
+        assert await run_hivemesh(["up", "--demo", "list"], run_env) == fresh
+        assert (max(len(line) for line in fresh[1].splitlines()) == 50) == (columns == "50"), fresh[1]
     assert [code for code, *_ in [await run_hivemesh(a, env, stdin=s) for a, s in runs]] == [2, 0, 1]
     assert sorted(p.name for p in (tmp_path / "certs-forked").iterdir()) == sorted(
         p.name for p in (tmp_path / "certs-fresh").iterdir())

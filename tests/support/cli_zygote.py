@@ -2,11 +2,12 @@
 
 Tests run the CLI as an operator does, in a process of its own (click's CliRunner in the test process is no
 option: the CLI runs its own grpc.aio event loop, and two such loops in one process can crash grpc). Most of a
-run's cost is importing the CLI, so a helper process (the zygote, one per test process) imports it once, without
-creating anything of gRPC, and forks a child per run: the child takes the run's argv, environment, working
-folder and stdin/stdout/stderr, calls `hivemesh.controlplane.cli.main` as `python -m hivemesh.controlplane.cli`
-does, and exits with its code. `hivemesh sidecar`/`controlplane` must set up gRPC's tracer before gRPC loads
-(`owned_server_command`): those still start a fresh interpreter.
+run's cost is importing what the CLI imports, so a helper process (the zygote, one per test process) imports it
+once, without creating anything of gRPC, and forks a child per run: the child takes the run's argv, environment,
+working folder and stdin/stdout/stderr, imports the CLI's own modules (they read the environment and stdio when
+imported), calls `hivemesh.controlplane.cli.main` as `python -m hivemesh.controlplane.cli` does, and exits with
+its code. `hivemesh sidecar`/`controlplane` must set up gRPC's tracer before gRPC loads (`owned_server_command`):
+those still start a fresh interpreter.
 
 Run as a script (`python -m tests.support.cli_zygote SOCKET`), this module is the zygote: it serves one run per
 connection on the Unix socket SOCKET and exits when its stdin closes (its test process is gone).
@@ -84,8 +85,18 @@ def _child(conn: socket.socket, request: dict[str, Any]) -> NoReturn:
         os._exit(code)
 
 
-def _serve(sock_path: str) -> None:
+def _preload() -> None:
+    """Import what the CLI imports, then forget the CLI's own modules: they decide things from the environment
+    and stdio when imported (`output`'s consoles size themselves to COLUMNS and whether stdout is a terminal), so
+    each child imports them afresh; what they import (gRPC, protobuf, the mesh) nothing imports the CLI back."""
     import hivemesh.controlplane.cli.app  # noqa: F401 - the imports every run would pay, paid once
+
+    for name in [m for m in sys.modules if m == CLI_MODULE or m.startswith(CLI_MODULE + ".")]:
+        del sys.modules[name]
+
+
+def _serve(sock_path: str) -> None:
+    _preload()
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
