@@ -68,6 +68,14 @@ def renewal_delay(remaining_s: float) -> float:
     return max(remaining_s, 0.0) * _RENEW_AT * random.uniform(0.9, 1.1)
 
 
+def renewal_retry_delay(attempt: int, remaining_s: float) -> float:
+    """Seconds before retrying a failed renewal: backoff 1, 2, 4 … 30 s, but never past the certificate's expiry
+    (remaining_s from now), so a node whose renewal keeps failing reports the expiry when it happens, not up to
+    30 s later while it still advertises itself with a dead certificate."""
+    backoff = min(2.0 ** min(attempt, 5), 30.0)
+    return min(backoff, remaining_s + 0.1) if remaining_s > 0 else backoff
+
+
 class MeshNode:
     """Identity + registry view + key set + outbound pipeline for one process.
 
@@ -443,7 +451,7 @@ class MeshNode:
                         if not told_expired:
                             told_expired = True
                             await self._certificate_event("expired", w)
-                    await asyncio.sleep(min(2.0 ** min(attempt, 5), 30.0))
+                    await asyncio.sleep(renewal_retry_delay(attempt, w.expires_at - time.time()))
             self.renewals += 1
             self._use_workload(renewed, same_cert=False)  # the control-plane client switched to it already
             log.info("renewed certificate for %s, valid until %s", renewed.spiffe_id, time.ctime(renewed.expires_at))

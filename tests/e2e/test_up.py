@@ -22,6 +22,7 @@ from aetcd import rpc
 
 from hivemesh.controlplane.etcd_certs import controlplane_etcd_tls
 from hivemesh.mesh.etcd import EtcdTls, client
+from tests.support.cli_zygote import run_hivemesh
 from tests.support.prometheus_server import prometheus, query
 
 HIVEMESH = [sys.executable, "-m", "hivemesh.controlplane.cli"]
@@ -77,6 +78,12 @@ def _pids(text: str) -> list[int]:
     return [int(p) for p in re.findall(r"pid (\d+)", text)]
 
 
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """The real CLI in a child process (forked from one that imported it already: `tests.support.cli_zygote`)."""
+    code, out, err = asyncio.run(run_hivemesh(args, dict(os.environ), timeout=60))
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)  # its own waits allow `up` 240 s (the suite's default is 120 s)
 def test_up_once_runs_the_pipeline_over_the_mesh(tmp_path: Path) -> None:
@@ -123,8 +130,8 @@ def test_up_once_runs_the_pipeline_over_the_mesh(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(300)  # its own waits allow `up` 240 s (the suite's default is 120 s)
 def test_up_serves_the_cli_until_sigterm(tmp_path: Path) -> None:
-    base = [*HIVEMESH, "--home", str(tmp_path / "home"), "--certs-dir", str(tmp_path / "certs")]
-    up = subprocess.Popen([*base, "up"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    opts = ["--home", str(tmp_path / "home"), "--certs-dir", str(tmp_path / "certs")]
+    up = subprocess.Popen([*HIVEMESH, *opts, "up"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output: list[str] = []
     stack = contextlib.ExitStack()
     try:
@@ -146,27 +153,22 @@ def test_up_serves_the_cli_until_sigterm(tmp_path: Path) -> None:
         assert _etcd_lockdown(etcd_endpoint, tmp_path / "certs") == {
             "plaintext": "refused", "TLS without a client certificate": "refused", "auth": "enabled"}
 
-        agents = subprocess.run([*base, "agents", "--json"], capture_output=True, text=True, timeout=60)
+        agents = _cli(*opts, "agents", "--json")
         assert agents.returncode == 0, agents.stderr
         rows = json.loads(agents.stdout)
         assert {r["agent"] for r in rows} >= {"ocr", "extractor", "validator", "storage", "research", "tier1"}
         assert {r["packaging"] for r in rows if r["agent"] == "validator"} == {"sidecar"}
 
-        called = subprocess.run(
-            [*base, "call", "extract", "--json", "--data", json.dumps({"text": "INVOICE #A-1\nTOTAL: $5.00"})],
-            capture_output=True, text=True, timeout=60,
-        )
+        called = _cli(*opts, "call", "extract", "--json", "--data", json.dumps({"text": "INVOICE #A-1\nTOTAL: $5.00"}))
         assert called.returncode == 0, called.stderr
         assert json.loads(called.stdout)["total"] == 5.0
 
-        refused = subprocess.run([*base, "call", "extract", "--data", '{"nope": 1}'],
-                                 capture_output=True, text=True, timeout=60)
+        refused = _cli(*opts, "call", "extract", "--data", '{"nope": 1}')
         assert refused.returncode == 1
         assert "INVALID_ARGUMENT" in refused.stderr and "Traceback" not in refused.stderr
 
-        unknown = subprocess.run(
-            [*base, "call", "teleport", "--data", "{}"], capture_output=True, text=True, timeout=60
-        )
+        # A short deadline: the CLI waits up to it (at most 3 s) for a capability to register, and this one never does.
+        unknown = _cli(*opts, "call", "teleport", "--data", "{}", "--timeout", "1")
         assert unknown.returncode == 1 and "UNKNOWN_CAPABILITY" in unknown.stderr
 
         # Every node it started is in the Prometheus discovery files it wrote, and serves its metrics.

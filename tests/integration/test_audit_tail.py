@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,8 @@ from hivemesh.controlplane.audit.heads import sign_head
 from hivemesh.sdk import AgentServer, AgentServerConfig, MeshClient
 from hivemesh.v1 import audit_pb2
 from tests.support.agents_for_tests import EchoAgent
+from tests.support.cli_zygote import run_hivemesh
 from tests.support.meshenv import MeshEnv, run_cli
-
-_REPO = Path(__file__).resolve().parents[2]
 
 
 async def _calls(mesh: MeshClient, n: int) -> None:
@@ -178,9 +176,4 @@ async def _cli_without_identity(certs_dir: Path, *args: str) -> tuple[int, str, 
     """The real CLI with a certs dir holding no operator identity and no trust bundle (nothing to trust)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEMESH_")}
     env["HIVEMESH_HOME"] = str(certs_dir / "home")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "hivemesh.controlplane.cli", "--certs-dir", str(certs_dir), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=_REPO,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode(), err.decode()
+    return await run_hivemesh(["--certs-dir", str(certs_dir), *args], env)

@@ -27,7 +27,7 @@ from tests.support.agents_for_tests import EchoAgent
 from tests.support.meshenv import MeshEnv, controlplane_access, start_mesh_env, stop_mesh_env
 
 QUOTA = 2 * 1024 * 1024
-BLOB = 16 * 1024
+BLOB = 32 * 1024
 WRITTEN = 10 * QUOTA
 """What the writer puts through etcd: ten times the quota."""
 FAST = RetentionConfig(interval_s=0.1, history_s=0, history_revisions=10, workflows_s=0, escalations_s=0,

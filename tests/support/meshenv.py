@@ -140,33 +140,20 @@ async def stop_mesh_env(env: MeshEnv) -> None:
     await env.controlplane.stop(0.5)
 
 
-_REPO = str(Path(__file__).resolve().parents[2])
-
-
 async def run_cli(env: MeshEnv, *args: str, timeout: float = 60.0) -> tuple[int, str, str]:
     """Run the real `hivemesh` CLI as the operator in a child process: (exit code, stdout, stderr).
 
-    A child process, not click's CliRunner in a thread: the CLI runs its own grpc.aio event loop, and two loops
-    using grpc.aio at once in one process is not supported by grpc (it can crash).
+    A child process, not click's CliRunner in the test process: the CLI runs its own grpc.aio event loop, and two
+    loops using grpc.aio at once in one process is not supported by grpc (it can crash). The child is forked from
+    a process that imported the CLI already (`tests.support.cli_zygote`): a run costs its work, not its imports.
     """
-    import asyncio
     import os
-    import sys
+
+    from tests.support.cli_zygote import run_hivemesh
 
     s = env.base_settings()
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEMESH_")}
     child_env.update(HIVEMESH_ETCD=s.etcd, HIVEMESH_CONTROLPLANE=s.controlplane, HIVEMESH_JOIN=s.join,
                      HIVEMESH_CA=str(s.ca_bundle), HIVEMESH_TRUST_DOMAIN=s.trust_domain,
                      HIVEMESH_HOME=str(env.certs.certs_dir.parent / "cli-home"))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "hivemesh.controlplane.cli", "--certs-dir", str(env.certs.certs_dir), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=child_env,
-        cwd=_REPO,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    return proc.returncode or 0, out.decode(), err.decode()
+    return await run_hivemesh(["--certs-dir", str(env.certs.certs_dir), *args], child_env, timeout=timeout)
