@@ -26,6 +26,7 @@ from hivemesh.mesh.registry import (
 from hivemesh.mesh.watch import WatchOptions
 from hivemesh.v1.agent_pb2 import AgentCard, Capability
 from hivemesh.v1.mesh_pb2 import AgentInstance
+from tests.support.waiting import until as _until
 
 FAST = WatchOptions(probe_interval_s=0.2, probe_timeout_s=0.5, backoff_initial_s=0.05, backoff_max_s=0.3)
 
@@ -38,15 +39,6 @@ def make_instance(agent: str, instance_id: str, caps: list[str], port: int = 700
         identity=f"spiffe://hivemesh.local/agent/{agent}",
         packaging="sidecar",
     )
-
-
-async def _until(cond: Callable[[], bool], limit_s: float) -> bool:
-    deadline = time.monotonic() + limit_s
-    while not cond():
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
 
 
 async def _leases(etcd: aetcd.Client) -> set[int]:

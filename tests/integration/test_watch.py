@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 
 import aetcd
 import pytest
@@ -18,6 +17,7 @@ import pytest
 from hivemesh.mesh.errors import RegistryUnavailableError
 from hivemesh.mesh.etcd import EtcdAccess, EtcdServer, client, free_port, parse_endpoints, wait_connected
 from hivemesh.mesh.watch import PrefixCache, WatchOptions
+from tests.support.waiting import until as _until
 
 P = "/hivemesh/test-watch/"
 FAST = WatchOptions(probe_interval_s=0.2, probe_timeout_s=0.5, backoff_initial_s=0.05, backoff_max_s=0.3)
@@ -109,15 +109,6 @@ async def proxy(etcd_server: EtcdServer) -> AsyncIterator[_Proxy]:
     finally:
         await p.stop()
 
-
-async def _until(cond: Callable[[], bool], limit_s: float) -> bool:
-    """Poll a condition that has no event of its own (connection state), within a deadline."""
-    deadline = time.monotonic() + limit_s
-    while not cond():
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
 
 
 class _Recorder:

@@ -6,13 +6,11 @@ Range calls (`grpc_server_handled_total` on its /metrics endpoint), which is wha
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import os
 import signal
 import ssl
 import time
-from collections.abc import Callable
 
 import aetcd
 
@@ -24,6 +22,7 @@ from hivemesh.mesh.watch import PrefixCache, WatchOptions
 from hivemesh.mesh.watch_channel import WatchChannel, open_channels
 from tests.conftest import SessionCa
 from tests.support.meshenv import TRUST_DOMAIN, controlplane_access
+from tests.support.waiting import until as _until
 
 P = "/hivemesh/test-watch-channel/"
 INTERVAL = 0.2
@@ -31,14 +30,6 @@ INTERVAL = 0.2
 SHARED = WatchOptions(probe_interval_s=INTERVAL, probe_timeout_s=2.0, backoff_initial_s=0.05, backoff_max_s=0.3)
 FAST = WatchOptions(probe_interval_s=INTERVAL, probe_timeout_s=0.5, backoff_initial_s=0.05, backoff_max_s=0.3)
 
-
-async def _until(cond: Callable[[], bool], limit_s: float) -> bool:
-    deadline = time.monotonic() + limit_s
-    while not cond():
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
 
 
 def _connections_to(port: int) -> set[str]:
