@@ -52,6 +52,7 @@ def _child(conn: socket.socket, request: dict[str, Any]) -> NoReturn:
     """One CLI run in the forked child: its stdio, environment, folder and argv, then main(); never returns."""
     code = 1
     try:
+        conn.sendall(f"{os.getpid()}\n".encode())  # first, so the test process never reads an exit code as a pid
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the zygote's auto-reaping is not the CLI's
         for fd, path, flags in ((0, request["stdin"], os.O_RDONLY),
                                 (1, request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
@@ -65,7 +66,6 @@ def _child(conn: socket.socket, request: dict[str, Any]) -> NoReturn:
         import hivemesh.controlplane.cli as cli
 
         sys.argv = [str(Path(cli.__file__).with_name("__main__.py")), *request["args"]]
-        conn.sendall(f"{os.getpid()}\n".encode())
         try:
             cli.main()
             code = 0
