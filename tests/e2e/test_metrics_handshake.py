@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from hivemesh.mesh.audit.handshake.switch import ENV
-from tests.e2e.test_handshake_switch import _free_port, _wait_status
+from hivemesh.mesh.ports import free_port
+from tests.e2e.test_handshake_switch import _wait_status
 from tests.integration.test_metrics_mesh import sample, scrape
 from tests.support.meshenv import MeshEnv
 from tests.support.spawn import REPO, child_env, stop
@@ -43,7 +44,7 @@ def _said(path: Path) -> str:
 async def test_a_plaintext_attempt_is_one_refusal_on_the_nodes_metrics(mesh_env: MeshEnv, tmp_path: Path) -> None:
     env = await child_env(mesh_env, "ocr", tmp_path / "home")
     env = {k: v for k, v in env.items() if k not in ("GRPC_TRACE", ENV)}  # the process turns the tracer on itself
-    port = _free_port()
+    port = free_port()
     log, err = tmp_path / "ocr.out", tmp_path / "ocr.err"  # stdout and the log apart
     with log.open("wb") as out, err.open("wb") as errs:
         proc = await asyncio.create_subprocess_exec(

@@ -14,7 +14,8 @@ import aetcd
 import pytest
 
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError, RegistryUnavailableError
-from hivemesh.mesh.etcd import EtcdServer, client, free_port, wait_connected
+from hivemesh.mesh.etcd import EtcdServer, client, wait_connected
+from hivemesh.mesh.ports import free_port
 from hivemesh.mesh.registry import (
     AGENTS_PREFIX,
     Registration,

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
 import aetcd
 import pytest
 
-from hivemesh.mesh.etcd import EtcdServer, client, parse_endpoints, wait_connected
+from hivemesh.mesh import etcd as etcd_mod
+from hivemesh.mesh.etcd import EtcdCluster, EtcdServer, EtcdStartError, client, parse_endpoints, wait_connected
 
 
 async def test_put_get_round_trip(etcd: aetcd.Client) -> None:
@@ -37,3 +43,75 @@ def test_parse_endpoints_rejects_bad_input(bad: str) -> None:
 
 def test_parse_endpoints_accepts_lists() -> None:
     assert parse_endpoints("127.0.0.1:1,http://127.0.0.1:2") == [("127.0.0.1", 1), ("127.0.0.1", 2)]
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A loopback port another process-like owner is listening on for the whole test."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield int(s.getsockname()[1])
+
+
+def _hand_out(monkeypatch: pytest.MonkeyPatch, taken: int, at: int) -> list[int]:
+    """Make the launcher's `free_port` return `taken` on its call number `at` (a port another process bound
+    between the pick and etcd's own bind, as on a busy CI machine); returns every port handed out."""
+    real, handed = etcd_mod.free_port, []
+
+    def pick(host: str = "127.0.0.1") -> int:
+        handed.append(taken if len(handed) == at else real(host))
+        return handed[-1]
+
+    monkeypatch.setattr(etcd_mod, "free_port", pick)
+    return handed
+
+
+async def test_a_new_cluster_that_loses_a_port_race_starts_again_on_new_ports(
+    tmp_path: Path, taken_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handed = _hand_out(monkeypatch, taken_port, at=5)  # member-2's peer port, as in the CI failure
+    cluster = EtcdCluster(tmp_path / "etcd", size=3)
+    assert cluster.members[2].peer_port == taken_port
+    await asyncio.to_thread(cluster.start)
+    try:
+        assert cluster.members[2].lost_ports(0) == {taken_port}, "the first start must really have lost the port"
+        assert len(handed) == 12, "one fresh set of six ports for the second start"
+        assert taken_port not in {p for m in cluster.members for p in (m.client_port, m.peer_port)}
+        c = client(cluster.access)
+        await wait_connected(c)
+        await c.put(b"/hivemesh/test/race", b"won")
+        for m in cluster.members:  # every member joined the one new cluster
+            one = client(m.endpoint)
+            await wait_connected(one)
+            got = await one.get(b"/hivemesh/test/race")
+            await one.close()
+            assert got is not None and got.value == b"won", m.name
+        await c.close()
+    finally:
+        cluster.stop()
+
+
+async def test_a_new_member_that_loses_a_port_race_starts_again_on_new_ports(
+    tmp_path: Path, taken_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handed = _hand_out(monkeypatch, taken_port, at=0)
+    server = EtcdServer(data_dir=tmp_path / "etcd", log_path=tmp_path / "etcd.log")
+    await asyncio.to_thread(server.start)
+    try:
+        assert handed[0] == taken_port and server.client_port not in (0, taken_port)
+        assert server.lost_ports(0) == {taken_port}
+        c = client(server.endpoint)
+        await wait_connected(c)
+        await c.put(b"/hivemesh/test/race", b"won")
+        await c.close()
+    finally:
+        server.stop()
+
+
+def test_a_member_restarted_on_a_taken_port_fails_with_its_log(tmp_path: Path, taken_port: int) -> None:
+    """Ports given by the caller are never changed behind its back: the start fails, saying why."""
+    server = EtcdServer(data_dir=tmp_path / "etcd", log_path=tmp_path / "etcd.log", client_port=taken_port)
+    with pytest.raises(EtcdStartError, match="address already in use"):
+        server.start(timeout=20)
+    assert server.client_port == taken_port and not server.running

@@ -17,8 +17,8 @@ import time
 import aetcd
 import pytest
 
-from hivemesh.mesh.etcd import free_port
 from hivemesh.mesh.outbound import selection
+from hivemesh.mesh.ports import free_port
 from hivemesh.mesh.registry import agent_key
 from hivemesh.sdk import MeshClient
 from hivemesh.v1 import mesh_pb2

@@ -15,7 +15,8 @@ import aetcd
 import pytest
 
 from hivemesh.mesh.errors import RegistryUnavailableError
-from hivemesh.mesh.etcd import EtcdAccess, EtcdServer, client, free_port, parse_endpoints, wait_connected
+from hivemesh.mesh.etcd import EtcdAccess, EtcdServer, client, parse_endpoints, wait_connected
+from hivemesh.mesh.ports import free_port
 from hivemesh.mesh.watch import PrefixCache, WatchOptions
 from tests.support.waiting import until as _until
 

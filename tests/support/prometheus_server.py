@@ -7,13 +7,14 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import socket
 import subprocess
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from hivemesh.mesh.ports import free_port
 
 CONFIG = """
 global:
@@ -31,12 +32,6 @@ scrape_configs:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def prometheus(tmp: Path, sd: Path) -> Iterator[str]:
     """A Prometheus server scraping the file_sd folder sd; yields its base URL. Always stopped."""
@@ -45,7 +40,7 @@ def prometheus(tmp: Path, sd: Path) -> Iterator[str]:
     tmp.mkdir(parents=True, exist_ok=True)
     config = tmp / "prometheus.yml"
     config.write_text(CONFIG.replace("{sd}", str(sd)))
-    port = _free_port()
+    port = free_port()
     log = (tmp / "prometheus.log").open("w")
     proc = subprocess.Popen(
         [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
