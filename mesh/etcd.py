@@ -185,7 +185,7 @@ class EtcdServer:
             if auto_client:
                 self.client_port = free_port(self.host)
             if auto_peer:
-                self.peer_port = free_port(self.host)
+                self.peer_port = free_port(self.host, avoid={self.client_port})
             mark = self._launch()
             if not wait:
                 return
@@ -385,8 +385,13 @@ class EtcdCluster:
         self._link_members()
 
     def _choose_ports(self) -> None:
+        """Six distinct ports for three members (free_port alone could hand out one twice: none is bound yet)."""
+        taken: set[int] = set()
         for m in self.members:
-            m.client_port, m.peer_port = free_port(self.host), free_port(self.host)
+            m.client_port = free_port(self.host, avoid=taken)
+            taken.add(m.client_port)
+            m.peer_port = free_port(self.host, avoid=taken)
+            taken.add(m.peer_port)
 
     def _link_members(self) -> None:
         initial = initial_cluster(self.members)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import re
 import socket
+from collections.abc import Collection
 from pathlib import Path
 
 _RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
@@ -46,14 +47,15 @@ def is_free(host: str, port: int) -> bool:
     return True
 
 
-def free_port(host: str = "127.0.0.1", *, rng: random.Random | None = None) -> int:
+def free_port(host: str = "127.0.0.1", *, avoid: Collection[int] = (), rng: random.Random | None = None) -> int:
     """A port free on host now, outside the ephemeral range so no outgoing connection takes it before the
-    caller's child binds it. Falls back to the kernel's choice when the pool is exhausted (bounded tries)."""
+    caller's child binds it, and not in `avoid` (ports already picked for children not yet started). Falls
+    back to the kernel's choice when the pool is exhausted (bounded tries)."""
     pick = rng or random.SystemRandom()
     pool = _candidates(*ephemeral_range())
     for _ in range(_TRIES if pool else 0):
         port = pick.choice(pool)
-        if is_free(host, port):
+        if port not in avoid and is_free(host, port):
             return port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import aetcd
@@ -59,8 +59,8 @@ def _hand_out(monkeypatch: pytest.MonkeyPatch, taken: int, at: int) -> list[int]
     between the pick and etcd's own bind, as on a busy CI machine); returns every port handed out."""
     real, handed = etcd_mod.free_port, []
 
-    def pick(host: str = "127.0.0.1") -> int:
-        handed.append(taken if len(handed) == at else real(host))
+    def pick(host: str = "127.0.0.1", *, avoid: Collection[int] = ()) -> int:
+        handed.append(taken if len(handed) == at else real(host, avoid=avoid))
         return handed[-1]
 
     monkeypatch.setattr(etcd_mod, "free_port", pick)

@@ -60,3 +60,9 @@ def test_lost_ports_reads_only_the_current_run_of_a_log(tmp_path: Path) -> None:
         f.write(b'{"error":"listen tcp [::1]:21002: bind: address already in use"}\n')
     assert lost_ports(log, len(old)) == {21002}
     assert lost_ports(tmp_path / "missing") == set() and lost_ports(None) == set()
+
+
+def test_ports_to_avoid_are_passed_over() -> None:
+    """Ports picked for children not started yet are not bound, so only `avoid` keeps a pick from repeating."""
+    a, b = [p for p in range(20000, 21000) if is_free("127.0.0.1", p)][:2]
+    assert free_port(avoid={a}, rng=_Scripted([a, a, b])) == b
