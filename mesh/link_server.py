@@ -1,4 +1,4 @@
-"""Serving `hivemesh.v1.Agent/Link`: many unary Invoke calls, tagged by id, on one long-lived stream.
+"""Serving `hivemesh.v1.Agent/Link` (and `Mesh/Link`): many unary calls, tagged by id, on one long-lived stream.
 
 Each call frame runs through exactly what a unary Invoke runs: the server's own inbound interceptor wraps the
 same Invoke handler (chain, admission, audit record, metrics, tracing), asked through its public
@@ -69,15 +69,21 @@ def answer_frame(call_id: int, code: grpc.StatusCode, message: str, trailing: Se
 
 
 class LinkServer:
-    """Serves Link streams for one server: every call frame through the interceptor's wrapped Invoke handler.
+    """Serves Link streams for one server: every call frame through the interceptor's wrapped unary handler.
 
-    interceptor is the server's inbound interceptor (`MeshInboundInterceptor`); invoke is the Invoke method
-    handler behind it (the SDK servicer's, or the sidecar's forwarder).
+    interceptor is the server's inbound interceptor (`MeshInboundInterceptor`), or None for a server that has
+    none (a sidecar's local Mesh service, a plain agent); invoke is the unary method handler behind it (the SDK
+    servicer's Invoke, the sidecar's forwarder, the sidecar's Mesh.Call); path is that method's full name, what
+    the interceptor is asked about.
     """
 
-    def __init__(self, interceptor: grpc.aio.ServerInterceptor, invoke: grpc.RpcMethodHandler[Any, Any]) -> None:
+    def __init__(
+        self, interceptor: grpc.aio.ServerInterceptor | None, invoke: grpc.RpcMethodHandler[Any, Any],
+        path: str = INVOKE_PATH,
+    ) -> None:
         self._interceptor = interceptor
         self._invoke = invoke
+        self._path = path
         self._wrapped: tuple[Callable[[Any, Any], Awaitable[Any]], Callable[[Any], bytes] | None] | None = None
         self._tracer: object = None
         self._streams: set[_Open] = set()
@@ -97,9 +103,22 @@ class LinkServer:
         async def continuation(details: Any) -> grpc.RpcMethodHandler[Any, Any]:
             return invoke
 
-        handler = await self._interceptor.intercept_service(continuation, _Details(INVOKE_PATH))
+        handler: grpc.RpcMethodHandler[Any, Any] | None = invoke
+        if self._interceptor is not None:
+            handler = await self._interceptor.intercept_service(continuation, _Details(self._path))
         assert handler is not None and handler.unary_unary is not None
         behaviour: Any = handler.unary_unary
+        deserialize = handler.request_deserializer
+        if deserialize is not None:  # a handler that takes messages (a plain agent's generated servicer)
+            takes_messages = behaviour
+
+            async def behaviour(request: bytes, context: Any) -> Any:
+                try:
+                    message = deserialize(request)
+                except Exception:  # noqa: BLE001 - any decode failure is the caller's bad input
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call frame's request does not decode")
+                return await takes_messages(message, context)
+
         self._wrapped, self._tracer = (behaviour, handler.response_serializer), tracing.TRACER
         return self._wrapped
 

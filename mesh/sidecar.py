@@ -26,7 +26,7 @@ import logging
 import secrets
 import signal
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ from hivemesh.mesh.local_socket import bind_private_socket, default_socket_path,
 from hivemesh.mesh.node import MeshNode
 from hivemesh.mesh.node_health import NodeHealth
 from hivemesh.mesh.node_metrics import OWNED_DEFAULT, NodeMetrics, metrics_listen, parse_listen
+from hivemesh.mesh.outbound.link import LinkedInvoke
 from hivemesh.mesh.output_check import OutputCheck, note_refusal
 from hivemesh.mesh.queue_rpc import NOT_QUEUEABLE, SidecarQueue, queue_for_s
 from hivemesh.mesh.readiness import DEFAULT_INTERVAL_S
@@ -207,6 +208,11 @@ class Sidecar:
         self._agent_channel: grpc.aio.Channel | None = None
         self._inbound: FrontDoor | None = None
         self._link: LinkServer | None = None
+        """Agent.Link on the inbound port: callers' frames, each through the inbound chain."""
+        self._mesh_link: LinkServer | None = None
+        """Mesh.Link on the local Mesh service: the local caller's frames, each a Mesh.Call."""
+        self._agent_link: LinkedInvoke | None = None
+        """Calls to the agent as frames on its Agent.Link (unary once it answers UNIMPLEMENTED)."""
         self._mesh: ManagedServer | None = None
         self._registration: Registration | None = None
         self.health = NodeHealth(config.health_listen, config.health_interval_s)
@@ -403,8 +409,9 @@ class Sidecar:
             self._registration = None
             if self.node is not None:
                 await drain_after_deregistration(self.node, key)
-        if self._link is not None:
-            self._link.drain()  # open links end once answered, not after the whole grace
+        for link in (self._link, self._mesh_link):
+            if link is not None:
+                link.drain()  # open links end once answered, not after the whole grace
         for server in (self._inbound, self._mesh):
             if server is not None:
                 await server.stop(grace)
@@ -420,6 +427,9 @@ class Sidecar:
         if self.node is not None:
             await self.node.stop()
         await self.health.close()
+        if self._agent_link is not None:
+            self._agent_link.close()
+            self._agent_link = None
         if self._agent_channel is not None:
             await self._agent_channel.close()
             self._agent_channel = None
@@ -494,7 +504,12 @@ class Sidecar:
         agent = self.config.agent or ""
         handles = self._handles
         outputs = self._outputs
-        invoke: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/hivemesh.v1.Agent/Invoke")
+        unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/hivemesh.v1.Agent/Invoke")
+        invoke: Callable[..., Awaitable[bytes]] = unary
+        if self.node is not None and self.node.link:
+            # An agent that serves Agent.Link gets its calls as frames on one stream (an agent in any language
+            # may; the SDK's does); one that answers UNIMPLEMENTED gets unary calls from then on.
+            invoke = self._agent_link = LinkedInvoke(channel, unary)
         invoke_stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(
             "/hivemesh.v1.Agent/InvokeStream"
         )
@@ -677,9 +692,7 @@ class Sidecar:
             # The agent's traceparent parents the server span, so its outbound call continues its trace.
             call = tracing.server_unary(call, MESH_SERVICE, "Call", "sidecar")
             call_stream = tracing.server_stream(call_stream, MESH_SERVICE, "CallStream", "sidecar")
-        return grpc.method_handlers_generic_handler(
-            MESH_SERVICE,
-            {
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
                 "Call": grpc.unary_unary_rpc_method_handler(call),
                 "CallStream": grpc.unary_stream_rpc_method_handler(call_stream),
                 "CallBatch": grpc.unary_unary_rpc_method_handler(
@@ -698,8 +711,12 @@ class Sidecar:
                     request_deserializer=mesh_pb2.ResolveRequest.FromString,
                     response_serializer=mesh_pb2.ResolveResponse.SerializeToString,
                 ),
-            },
-        )
+        }
+        if self.node is not None and self.node.link:
+            # Each frame is one Mesh.Call, through exactly Call's handler (tracing, queueing, errors included).
+            self._mesh_link = LinkServer(None, handlers["Call"], path=f"/{MESH_SERVICE}/Call")
+            handlers["Link"] = link_handler(self._mesh_link)
+        return grpc.method_handlers_generic_handler(MESH_SERVICE, handlers)
 
 
 async def run_sidecar(config: SidecarConfig, settings: MeshSettings | None = None) -> None:

@@ -45,9 +45,11 @@ class Rig:
         )
 
 
-@pytest.fixture
-async def rig(mesh_env: MeshEnv) -> AsyncIterator[Rig]:
-    plain = PlainAgent("plain", prefix="plain-")
+@pytest.fixture(params=["unary", "link"])
+async def rig(mesh_env: MeshEnv, request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
+    """Every test runs twice: the agent serves only unary Invoke (the sidecar falls back to it), and the agent
+    also serves Agent.Link (the sidecar sends each call as a frame); what reaches the caller must not differ."""
+    plain = PlainAgent("plain", prefix="plain-", link=request.param == "link")
     sdk_agent = EchoAgent("sdk")
     async with plain:
         sidecar = Sidecar(SidecarConfig(agent=plain.endpoint), await mesh_env.settings_for("plain"))
@@ -211,6 +213,69 @@ async def test_outbound_mesh_service_calls_a_capability_by_name(rig: Rig) -> Non
             await garbage(b"\xff\xff\xff", timeout=10)
         assert (bad.value.code(), _reason(bad.value)) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT")
     assert rig.sdk_agent.calls == 1
+
+
+def _answer_reason(answer: agent_pb2.LinkAnswer) -> str | None:
+    for header in answer.binary_trailers:
+        if header.key == "grpc-status-details-bin":
+            for detail in status_pb2.Status.FromString(header.value).details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    return str(info.reason)
+    return None
+
+
+async def test_mesh_link_answers_each_frame_as_mesh_call_would(rig: Rig) -> None:
+    """A local caller in any language keeps one Mesh.Link open: raw frames in, answers matched by id out, each
+    call through exactly what Mesh.Call does (routing, grants, input checks, its ErrorInfo)."""
+    calls = {
+        1: agent_pb2.InvokeRequest(capability="echo", input=b'{"text": "framed"}').SerializeToString(),
+        2: agent_pb2.InvokeRequest(capability="no-such-capability").SerializeToString(),
+        3: b"\xff\xff\xff",
+        4: agent_pb2.InvokeRequest(capability="restricted", input=b'{"text": "x"}').SerializeToString(),
+        5: agent_pb2.InvokeRequest(capability="echo", input=b'{"text": "second"}').SerializeToString(),
+    }
+
+    async def frames() -> AsyncIterator[agent_pb2.LinkFrame]:
+        for call_id, request in calls.items():
+            yield agent_pb2.LinkFrame(id=call_id, call=agent_pb2.LinkCall(request=request, timeout_s=10))
+
+    async with grpc.aio.insecure_channel(rig.sidecar.mesh_endpoint) as channel:
+        link = channel.stream_stream(
+            "/hivemesh.v1.Mesh/Link", request_serializer=agent_pb2.LinkFrame.SerializeToString,
+            response_deserializer=agent_pb2.LinkFrame.FromString,
+        )
+        answers: dict[int, agent_pb2.LinkAnswer] = {}
+        async with asyncio.timeout(20):
+            async for message in link(frames()):
+                for frame in [*message.batch] or [message]:
+                    assert frame.id not in answers, f"call {frame.id} answered twice"
+                    answers[frame.id] = frame.answer
+    assert sorted(answers) == sorted(calls), "the stream ends only once every call is answered"
+    for call_id, text in ((1, "framed"), (5, "second")):
+        assert answers[call_id].code == 0, answers[call_id].message
+        resp = agent_pb2.InvokeResponse.FromString(answers[call_id].response)
+        assert json.loads(resp.output) == {"text": text, "caller": PLAIN, "served_by": "sdk"}
+        assert [h.kind for h in resp.hops] == ["agent"]
+    expected = {
+        2: (grpc.StatusCode.NOT_FOUND, "UNKNOWN_CAPABILITY"),
+        3: (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_INPUT"),
+        4: (grpc.StatusCode.PERMISSION_DENIED, "GRANT_DENIED"),
+    }
+    for call_id, (code, reason) in expected.items():
+        got = answers[call_id]
+        assert (got.code, _answer_reason(got)) == (code.value[0], reason), got.message
+    assert rig.sdk_agent.calls == 2
+
+
+async def test_the_sidecar_calls_an_agent_that_serves_link_over_it(rig: Rig) -> None:
+    for i in range(5):
+        assert (await rig.mesh.call("plain-echo", {"text": str(i)}, timeout=10))["text"] == str(i)
+    assert rig.plain.calls == 5
+    if rig.plain.link is None:
+        return  # the unary rig: every call reached Invoke (the assertion above), as before links
+    assert (rig.plain.link.links, rig.plain.link.calls) == (1, 5), "one link, every call a frame on it"
+    assert all(("x-hivemesh-caller", TESTER) in md for md in rig.plain.metadata), "per-call metadata travels"
 
 
 async def test_list_capabilities_and_resolve_answer_from_the_registry(rig: Rig) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 
 from hivemesh.v1 import agent_pb2, agent_pb2_grpc
+from tests.support.plain_link import PlainLink
 
 _JSON = "application/json"
 _TEXT_SCHEMA = json.dumps(
@@ -26,9 +27,12 @@ class PlainAgent(agent_pb2_grpc.AgentServicer):
     """Capabilities `<prefix>echo`, `<prefix>shout` (streaming), `<prefix>slow`, `<prefix>fail`,
     `<prefix>restricted`. Every Invoke/InvokeStream counts as a call, whatever the capability."""
 
-    def __init__(self, name: str = "plain", *, prefix: str = "", usage: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self, name: str = "plain", *, prefix: str = "", usage: tuple[int, int] | None = None, link: bool = False
+    ) -> None:
         """usage: the (input, output) model tokens every answer reports (an echo's response, a stream's final
-        chunk), as an agent that runs a model would; None: none."""
+        chunk), as an agent that runs a model would; None: none. link: also serve Agent.Link (`PlainLink`, the
+        frame protocol written from the proto alone); off, Link answers UNIMPLEMENTED as the generated base does."""
         self.name = name
         self.prefix = prefix
         self.usage = agent_pb2.Usage(input_tokens=usage[0], output_tokens=usage[1], model="plain-model") \
@@ -41,6 +45,7 @@ class PlainAgent(agent_pb2_grpc.AgentServicer):
         self.slow_cancelled_at: float | None = None
         self._server: grpc.aio.Server | None = None
         self.port = 0
+        self.link = PlainLink(self.Invoke) if link else None
 
     @property
     def endpoint(self) -> str:
@@ -132,6 +137,14 @@ class PlainAgent(agent_pb2_grpc.AgentServicer):
         final = agent_pb2.InvokeChunk(final=True, state=agent_pb2.TASK_STATE_COMPLETED, usage=self.usage)
         self.sent.append(final.SerializeToString())
         yield final
+
+    async def Link(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[agent_pb2.LinkFrame], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[agent_pb2.LinkFrame]:
+        if self.link is None:  # as the generated base answers: an agent without links
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+        async for frame in self.link.serve(request_iterator, context):
+            yield frame
 
     # --- lifecycle ----------------------------------------------------------------------------------------
     async def start(self) -> None:

@@ -37,7 +37,7 @@ def test_wire_contract() -> None:
         for s in f.DESCRIPTOR.services_by_name.values()
     }
     assert services["hivemesh.v1.Agent"] == ["Describe", "Invoke", "InvokeStream", "Link"]
-    assert services["hivemesh.v1.Mesh"] == ["Call", "CallBatch", "CallStream", "Enqueue", "GetQueued",
+    assert services["hivemesh.v1.Mesh"] == ["Call", "CallBatch", "CallStream", "Enqueue", "GetQueued", "Link",
                                             "ListCapabilities", "ListQueued", "Resolve"]
     assert "SignCertificate" in services["hivemesh.v1.Join"]
     assert {"IssueToken", "CreateJoinToken", "ListAgents", "GetJwks"} <= set(services["hivemesh.v1.ControlPlane"])

@@ -45,6 +45,11 @@ class MeshStub:
                 request_serializer=hivemesh_dot_v1_dot_agent__pb2.InvokeRequest.SerializeToString,
                 response_deserializer=hivemesh_dot_v1_dot_agent__pb2.InvokeChunk.FromString,
                 _registered_method=True)
+        self.Link = channel.stream_stream(
+                '/hivemesh.v1.Mesh/Link',
+                request_serializer=hivemesh_dot_v1_dot_agent__pb2.LinkFrame.SerializeToString,
+                response_deserializer=hivemesh_dot_v1_dot_agent__pb2.LinkFrame.FromString,
+                _registered_method=True)
         self.CallBatch = channel.unary_unary(
                 '/hivemesh.v1.Mesh/CallBatch',
                 request_serializer=hivemesh_dot_v1_dot_mesh__pb2.CallBatchRequest.SerializeToString,
@@ -89,6 +94,17 @@ class MeshServicer:
 
     def CallStream(self, request, context):
         """CallStream is Call for streamed output.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Link(self, request_iterator, context):
+        """Link carries many Calls as tagged frames on one long-lived stream (the LinkFrame protocol of Agent.Link):
+        each call frame's request is a serialized InvokeRequest naming its capability, its metadata what Call's
+        gRPC metadata would carry, and its answer a serialized InvokeResponse or Call's status and trailers. A busy
+        caller pays gRPC's per-call price once per stream instead of once per call; every call still goes through
+        everything Call does. docs/any-language.md shows the frames.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -153,6 +169,11 @@ def add_MeshServicer_to_server(servicer, server):
                     servicer.CallStream,
                     request_deserializer=hivemesh_dot_v1_dot_agent__pb2.InvokeRequest.FromString,
                     response_serializer=hivemesh_dot_v1_dot_agent__pb2.InvokeChunk.SerializeToString,
+            ),
+            'Link': grpc.stream_stream_rpc_method_handler(
+                    servicer.Link,
+                    request_deserializer=hivemesh_dot_v1_dot_agent__pb2.LinkFrame.FromString,
+                    response_serializer=hivemesh_dot_v1_dot_agent__pb2.LinkFrame.SerializeToString,
             ),
             'CallBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.CallBatch,
@@ -239,6 +260,33 @@ class Mesh:
             '/hivemesh.v1.Mesh/CallStream',
             hivemesh_dot_v1_dot_agent__pb2.InvokeRequest.SerializeToString,
             hivemesh_dot_v1_dot_agent__pb2.InvokeChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Link(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/hivemesh.v1.Mesh/Link',
+            hivemesh_dot_v1_dot_agent__pb2.LinkFrame.SerializeToString,
+            hivemesh_dot_v1_dot_agent__pb2.LinkFrame.FromString,
             options,
             channel_credentials,
             insecure,

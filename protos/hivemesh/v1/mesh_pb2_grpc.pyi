@@ -40,6 +40,13 @@ class MeshStub:
     """Call routes one InvokeRequest to a live instance serving its capability."""
     CallStream: _grpc.UnaryStreamMultiCallable[_agent_pb2.InvokeRequest, _agent_pb2.InvokeChunk]
     """CallStream is Call for streamed output."""
+    Link: _grpc.StreamStreamMultiCallable[_agent_pb2.LinkFrame, _agent_pb2.LinkFrame]
+    """Link carries many Calls as tagged frames on one long-lived stream (the LinkFrame protocol of Agent.Link):
+    each call frame's request is a serialized InvokeRequest naming its capability, its metadata what Call's
+    gRPC metadata would carry, and its answer a serialized InvokeResponse or Call's status and trailers. A busy
+    caller pays gRPC's per-call price once per stream instead of once per call; every call still goes through
+    everything Call does. docs/any-language.md shows the frames.
+    """
     CallBatch: _grpc.UnaryUnaryMultiCallable[_mesh_pb2.CallBatchRequest, _mesh_pb2.CallBatchResponse]
     """CallBatch makes one call per item (each a full InvokeRequest naming its capability), at most `concurrency`
     at a time, and answers every item with its response or its error: one item's failure never fails the batch.
@@ -69,6 +76,13 @@ class MeshAsyncStub(MeshStub):
     """Call routes one InvokeRequest to a live instance serving its capability."""
     CallStream: _aio.UnaryStreamMultiCallable[_agent_pb2.InvokeRequest, _agent_pb2.InvokeChunk]  # type: ignore[assignment]
     """CallStream is Call for streamed output."""
+    Link: _aio.StreamStreamMultiCallable[_agent_pb2.LinkFrame, _agent_pb2.LinkFrame]  # type: ignore[assignment]
+    """Link carries many Calls as tagged frames on one long-lived stream (the LinkFrame protocol of Agent.Link):
+    each call frame's request is a serialized InvokeRequest naming its capability, its metadata what Call's
+    gRPC metadata would carry, and its answer a serialized InvokeResponse or Call's status and trailers. A busy
+    caller pays gRPC's per-call price once per stream instead of once per call; every call still goes through
+    everything Call does. docs/any-language.md shows the frames.
+    """
     CallBatch: _aio.UnaryUnaryMultiCallable[_mesh_pb2.CallBatchRequest, _mesh_pb2.CallBatchResponse]  # type: ignore[assignment]
     """CallBatch makes one call per item (each a full InvokeRequest naming its capability), at most `concurrency`
     at a time, and answers every item with its response or its error: one item's failure never fails the batch.
@@ -107,6 +121,19 @@ class MeshServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agent_pb2.InvokeChunk], _abc.AsyncIterator[_agent_pb2.InvokeChunk]]:
         """CallStream is Call for streamed output."""
+
+    @_abc_1.abstractmethod
+    def Link(
+        self,
+        request_iterator: _MaybeAsyncIterator[_agent_pb2.LinkFrame],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.LinkFrame], _abc.AsyncIterator[_agent_pb2.LinkFrame]]:
+        """Link carries many Calls as tagged frames on one long-lived stream (the LinkFrame protocol of Agent.Link):
+        each call frame's request is a serialized InvokeRequest naming its capability, its metadata what Call's
+        gRPC metadata would carry, and its answer a serialized InvokeResponse or Call's status and trailers. A busy
+        caller pays gRPC's per-call price once per stream instead of once per call; every call still goes through
+        everything Call does. docs/any-language.md shows the frames.
+        """
 
     @_abc_1.abstractmethod
     def CallBatch(
