@@ -5,8 +5,9 @@ stream pays for one message (bench/grpc_shapes.py measured 0.58x the CPU per cal
 unary Invoke's place on a channel (`ChannelPool` with `link=True`): same arguments, same answer bytes, the same
 `grpc.aio.AioRpcError` (code, message, ErrorInfo trailers) on failure, so the attempt loop cannot tell them
 apart. The link opens lazily, on the first call; a broken link fails its open calls (UNAVAILABLE, as a broken
-connection fails unary calls) and the next call opens a new one. A peer that answers the link UNIMPLEMENTED
-(an agent in another language, an older node) gets unary calls from then on. Requests over
+connection fails unary calls) and the next call opens a new one; a call whose frame never left (the writer knows)
+goes unary instead, as nothing of it ran. A peer that answers the link UNIMPLEMENTED (an agent in another
+language, an older node) gets unary calls from then on. Requests over
 `LINK_MAX_REQUEST_BYTES` (256 KiB) go unary too.
 
 The caller's token is sent once per link and again only when it changes (the server keeps the link's last
@@ -19,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -31,6 +33,7 @@ from hivemesh.v1 import agent_pb2
 log = logging.getLogger(__name__)
 
 LINK = "/hivemesh.v1.Agent/Link"
+MESH_LINK = "/hivemesh.v1.Mesh/Link"
 LINK_MAX_REQUEST_BYTES = 256 * 1024
 """Larger requests go unary: their cost is their bytes, not the per-RPC price a link saves, and one huge message
 would hold the link's one HTTP/2 stream (its flow-control window) while the small calls behind it wait. With
@@ -48,6 +51,23 @@ _CLOSE: Any = object()
 
 class LinkUnsupportedError(Exception):
     """The peer does not serve Link (it answered UNIMPLEMENTED): nothing was run, send the call unary."""
+
+
+class LinkNotSentError(Exception):
+    """The link ended before this call's frame was written: the peer never saw it, so it may go unary.
+
+    gRPC's asyncio stream loses the peer's status when a write races it: a peer that refuses the stream at once
+    (UNIMPLEMENTED from a generated servicer) is reported as INTERNAL "Internal error from Core" when the first
+    write reaches the core after the status did (grpc/grpc#36066; a CI run saw it on the sidecar's first call to
+    its agent). The write that failed is known, so the calls it carried are known never to have left."""
+
+
+NOT_SENT_LIMIT = 3
+"""Links in a row that end before any frame left this node: after this many the peer is called unary (a peer
+that refuses every stream at once, whose status the race keeps hiding, or that never accepts one)."""
+SETTLE_S = 1.0
+"""How long a broken link waits for a write in flight to finish or fail, to know whether its frames left; a
+write that has not settled by then counts as sent (its calls fail rather than risk running twice)."""
 
 
 def _rpc_error(code: grpc.StatusCode, message: str, trailing: Sequence[tuple[str, Any]] = ()) -> grpc.aio.AioRpcError:
@@ -75,33 +95,57 @@ def _request_bytes(frame: Any) -> int:
     return len(frame.call.request)
 
 
+def _last_id(message: Any) -> int:
+    batch = message.batch
+    return max(f.id for f in batch) if batch else int(message.id)
+
+
 def _expire(waiter: asyncio.Future[Any]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError())
 
 
 class _Link:
-    """One open Link stream: calls go out through a queue (one writer keeps their order), answers come back to
-    the waiting call by id."""
+    """One open Link stream: calls go out through a queue (one writer task keeps their order), answers come back
+    to the waiting call by id."""
 
     def __init__(self, method: grpc.aio.StreamStreamMultiCallable[bytes, bytes]) -> None:
         self._out: asyncio.Queue[Any] = asyncio.Queue()
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._next = 1
         self._sent_auth = ""
+        self._sent_through = 0
+        """The highest call id whose frame may have left (written, or being written): ids are queued in order."""
         self.broken = False
         self.batches = False
         """The server said it reads batches (in its initial metadata): queued frames go as one message."""
         self.messages = 0
         """Messages written on the stream (fewer than frames when frames were batched)."""
         self.linger_s = LINGER_S
-        self._stream = method(self._frames(), metadata=BATCH_ANNOUNCE)
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+        # Written by our own task, not a request iterator: a write that fails says which frames never left.
+        self._stream = method(metadata=BATCH_ANNOUNCE)
+        loop = asyncio.get_running_loop()
+        self._writer = loop.create_task(self._write())
+        self._reader = loop.create_task(self._read())
 
-    async def _frames(self) -> AsyncIterator[bytes]:
-        async for message in outgoing(self._out, _CLOSE, _request_bytes, self._batches, self._linger):
-            self.messages += 1
-            yield message.SerializeToString()
+    async def _write(self) -> None:
+        stream = self._stream
+        try:
+            async for message in outgoing(self._out, _CLOSE, _request_bytes, self._batches, self._linger):
+                if self.broken:
+                    return
+                before = self._sent_through
+                self._sent_through = max(before, _last_id(message))
+                try:
+                    await stream.write(message.SerializeToString())
+                except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    self._sent_through = before  # refused by the core: this message never left
+                    return
+                self.messages += 1
+            if not self.broken:
+                await stream.done_writing()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass  # the stream ended: the reader reports how
 
     def _batches(self) -> bool:
         return self.batches
@@ -123,11 +167,31 @@ class _Link:
             error = stream_failure(exc)
         except asyncio.CancelledError:
             error = _rpc_error(grpc.StatusCode.CANCELLED, "the link was closed by this node")
+            self._fail(error, settled=False)
+            raise
+        await self._settle()
+        self._fail(error, settled=True)
+
+    async def _settle(self) -> None:
+        """Stop the writer and let a write in flight finish or fail (bounded), so `_sent_through` is exact."""
+        self.broken = True
+        self._out.put_nowait(_CLOSE)
+        if not self._writer.done():
+            await asyncio.wait((self._writer,), timeout=SETTLE_S)
+
+    def _fail(self, error: BaseException, *, settled: bool) -> None:
         self.broken = True
         pending, self._pending = self._pending, {}
-        for waiter in pending.values():
+        sent_through = self._sent_through
+        for call_id, waiter in pending.items():
             if not waiter.done():
-                waiter.set_exception(error)
+                unsent = settled and call_id > sent_through and not isinstance(error, LinkUnsupportedError)
+                waiter.set_exception(LinkNotSentError() if unsent else error)
+
+    @property
+    def sent_any(self) -> bool:
+        """Whether any frame left on this link (the peer saw at least one call)."""
+        return self._sent_through > 0
 
     async def call(self, request: bytes, timeout: float | None, metadata: Sequence[tuple[str, Any]]) -> bytes:
         call_id = self._next
@@ -169,20 +233,27 @@ class _Link:
             self._out.put_nowait(agent_pb2.LinkFrame(id=call_id, cancel=True))
 
     def close(self) -> None:
-        """Half-close: the peer answers what it has, then the stream ends."""
+        """End the link now: its open calls fail CANCELLED."""
         self._out.put_nowait(_CLOSE)
         self._stream.cancel()
+        self._writer.cancel()
 
 
 class LinkedInvoke:
     """A unary Invoke multicallable's stand-in that sends each call as a frame on this channel's link."""
 
-    def __init__(self, channel: grpc.aio.Channel, unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]) -> None:
-        self._method: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(LINK)
+    def __init__(
+        self, channel: grpc.aio.Channel, unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes], path: str = LINK
+    ) -> None:
+        """path: the Link method (`Agent/Link`; `Mesh/Link` for a local caller of a sidecar's Mesh.Call)."""
+        self._path = path
+        self._method: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(path)
         self._unary = unary
         self._link: _Link | None = None
+        self._unsent_links = 0
+        """Links in a row that broke before any frame left (see `NOT_SENT_LIMIT`)."""
         self.unsupported = False
-        """The peer answered the link UNIMPLEMENTED: every call goes unary."""
+        """The peer answered the link UNIMPLEMENTED (or never let a frame through): every call goes unary."""
 
     async def __call__(
         self, request: bytes, *, timeout: float | None = None, metadata: Sequence[tuple[str, Any]] = ()
@@ -192,14 +263,27 @@ class LinkedInvoke:
             return await self._unary(request, timeout=timeout, metadata=metadata)
         link = self._link
         if link is None or link.broken:
+            if link is not None:
+                self._unsent_links = 0 if link.sent_any else self._unsent_links + 1
             link = self._link = _Link(self._method)
+        started = time.monotonic()
         try:
             return await link.call(request, timeout, metadata)
         except LinkUnsupportedError:
-            if not self.unsupported:
-                log.info("peer does not serve %s: calling it unary", LINK)
-            self.unsupported = True
-            return await self._unary(request, timeout=timeout, metadata=metadata)
+            self._give_up("peer does not serve %s: calling it unary")
+        except LinkNotSentError:
+            # The link ended before this call's frame left: nothing of it ran anywhere, so it goes unary now.
+            if not link.sent_any and self._unsent_links + 1 >= NOT_SENT_LIMIT:
+                self._give_up("%s ended before a frame was sent on %d links in a row: calling the peer unary",
+                              NOT_SENT_LIMIT)
+        if timeout is not None:
+            timeout = max(0.0, timeout - (time.monotonic() - started))
+        return await self._unary(request, timeout=timeout, metadata=metadata)
+
+    def _give_up(self, message: str, *args: object) -> None:
+        if not self.unsupported:
+            log.info(message, self._path, *args)
+        self.unsupported = True
 
     def close(self) -> None:
         if self._link is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -165,3 +166,17 @@ class PlainAgent(agent_pb2_grpc.AgentServicer):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+async def _main() -> None:
+    """One PlainAgent in a process of its own (`python -m tests.support.plain_agent [--link]`), for what one event
+    loop shared with the caller hides (the races of a peer that answers at once): prints its port, serves until its
+    stdin closes, then prints how many calls reached it."""
+    async with PlainAgent(link="--link" in sys.argv[1:]) as agent:
+        print(agent.port, flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        print(agent.calls, flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(_main())

@@ -100,6 +100,34 @@ async def start_replica(
     return proc, line.split()[1]
 
 
+async def start_plain_agent(log: Path, *args: str, timeout: float = 30.0) -> tuple[asyncio.subprocess.Process, str]:
+    """`python -m tests.support.plain_agent` (a `PlainAgent`, no mesh); (process, endpoint) once it serves. Close
+    its stdin to stop it: it then prints how many calls reached it (`plain_agent_calls`)."""
+    log_file = log.open("ab")
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.support.plain_agent", *args, cwd=REPO, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=log_file, start_new_session=True,
+        )
+    finally:
+        log_file.close()
+    try:
+        port = int(await _first_line(proc, log, timeout))
+    except BaseException:
+        await stop(proc, kill=True)
+        raise
+    return proc, f"127.0.0.1:{port}"
+
+
+async def plain_agent_calls(proc: asyncio.subprocess.Process, log: Path, timeout: float = 30.0) -> int:
+    """Stop a `start_plain_agent` process by closing its stdin; the calls that reached it."""
+    assert proc.stdin is not None
+    proc.stdin.close()
+    calls = int(await _first_line(proc, log, timeout))
+    await asyncio.wait_for(proc.wait(), timeout)
+    return calls
+
+
 async def stop(proc: asyncio.subprocess.Process, *, kill: bool = False, timeout: float = 10.0) -> None:
     """Stop proc (SIGTERM, or SIGKILL with kill=True; SIGKILL anyway after timeout) and reap it."""
     if proc.returncode is None:
