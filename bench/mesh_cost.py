@@ -5,7 +5,9 @@
     (b) in-proc   MeshClient (proxyless) → SDK AgentServer (mTLS, token, authz, input guard, routing, audit),
                   each call a unary RPC (HIVEMESH_LINK=0)
     (l) link      (b) as shipped (HIVEMESH_LINK on): each call a frame on one multiplexed Link stream, same layers
-    (c) sidecar   plain client → caller's Sidecar (Mesh.Call) → callee's Sidecar (the same inbound work) → agent
+    (c) sidecar   plain client → caller's Sidecar (Mesh.Link) → callee's Sidecar (the same inbound work) → agent
+                  (serving Agent.Link): the sidecar path as shipped, each end keeping one link to its sidecar
+    (u) unary     (c) with unary ends: Mesh.Call in, Invoke out (a caller and an agent that speak no links)
 
 Per path and payload (200 B and 64 KiB of JSON): p50/p99 latency one call at a time, calls/s at 16 and 64 in
 flight, and the CPU time per call of every process on the path (utime + stime from /proc/<pid>/stat around each
@@ -71,9 +73,10 @@ _AUTHZ = {  # authorization is default deny: allow exactly the bench's two mesh 
         {"name": "bench-link-client-calls-link", "action": "ALLOW",
          "from": {"callers": [f"spiffe://{TRUST_DOMAIN}/client/bench-client-link"]},
          "to": {"agents": [f"spiffe://{TRUST_DOMAIN}/agent/bench-link"], "capabilities": ["echo-link"]}},
-        {"name": "bench-caller-calls-plain", "action": "ALLOW",
-         "from": {"callers": [f"spiffe://{TRUST_DOMAIN}/agent/bench-caller"]},
-         "to": {"agents": [f"spiffe://{TRUST_DOMAIN}/agent/bench-plain"], "capabilities": ["echo-sidecar"]}},
+        *({"name": f"bench-caller-calls-plain-{k}", "action": "ALLOW",
+           "from": {"callers": [f"spiffe://{TRUST_DOMAIN}/agent/bench-caller-{k}"]},
+           "to": {"agents": [f"spiffe://{TRUST_DOMAIN}/agent/bench-plain-{k}"], "capabilities": [f"echo-sidecar-{k}"]}}
+          for k in ("c", "u")),
     ]},
 }
 _GRANTS = {
@@ -132,9 +135,27 @@ class PlainEcho(agent_pb2_grpc.AgentServicer):
         )
 
 
-async def _serve_plain(name: str, capability: str) -> tuple[grpc.aio.Server, int]:
+class LinkedPlainEcho(PlainEcho):
+    """PlainEcho that also serves Agent.Link (as an agent in any language may: docs/any-language.md), with
+    hivemesh's frame server and no interceptor: the frames run its Invoke and nothing else."""
+
+    def __init__(self, name: str, capability: str) -> None:
+        from hivemesh.mesh.link_server import LinkServer
+
+        super().__init__(name, capability)
+        self._link = LinkServer(None, grpc.unary_unary_rpc_method_handler(
+            self.Invoke, request_deserializer=agent_pb2.InvokeRequest.FromString,
+            response_serializer=agent_pb2.InvokeResponse.SerializeToString,
+        ))
+
+    async def Link(self, request_iterator: Any, context: Any) -> AsyncIterator[agent_pb2.LinkFrame]:  # type: ignore[override]
+        async for frame in self._link.serve(request_iterator, context):
+            yield frame
+
+
+async def _serve_plain(name: str, capability: str, link: bool = False) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server()
-    agent_pb2_grpc.add_AgentServicer_to_server(PlainEcho(name, capability), server)
+    agent_pb2_grpc.add_AgentServicer_to_server((LinkedPlainEcho if link else PlainEcho)(name, capability), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, port
@@ -149,7 +170,7 @@ async def _until_signal() -> None:
 
 
 async def child_plain_agent(args: argparse.Namespace) -> None:
-    server, port = await _serve_plain(args.name, args.capability)
+    server, port = await _serve_plain(args.name, args.capability, args.link)
     _emit({"ready": True, "port": port})
     try:
         await _until_signal()
@@ -269,6 +290,23 @@ async def _client_caller(args: argparse.Namespace, stack: contextlib.AsyncExitSt
             return json.loads(resp.output)
 
         return plain_call
+    if args.kind == "mesh-link":  # a local caller keeping one Mesh.Link to its sidecar (docs/any-language.md)
+        from hivemesh.mesh.outbound.link import MESH_LINK, LinkedInvoke
+
+        channel = await stack.enter_async_context(grpc.aio.insecure_channel(args.target))
+        linked = LinkedInvoke(channel, channel.unary_unary("/hivemesh.v1.Mesh/Call"), path=MESH_LINK)
+        stack.callback(linked.close)
+        capability = args.capability
+
+        async def linked_call(payload: dict[str, str]) -> Any:
+            req = agent_pb2.InvokeRequest(
+                capability=capability, input=json.dumps(payload, separators=(",", ":")).encode(),
+                content_type=JSON_TYPE,
+            )
+            raw = await linked(req.SerializeToString(), timeout=CALL_TIMEOUT_S)
+            return json.loads(agent_pb2.InvokeResponse.FromString(raw).output)
+
+        return linked_call
     from hivemesh.mesh.settings import MeshSettings
     from hivemesh.sdk import MeshClient
 
@@ -418,7 +456,8 @@ def child_main(argv: Sequence[str]) -> None:
     p.add_argument("--upstream", default="")
     p.add_argument("--upstream-identity", default="")
     p.add_argument("--tls", choices=["in", "out"], default=None)
-    p.add_argument("--kind", choices=["agent", "mesh", "meshclient"], default="agent")
+    p.add_argument("--kind", choices=["agent", "mesh", "mesh-link", "meshclient"], default="agent")
+    p.add_argument("--link", action="store_true", help="plain-agent: also serve Agent.Link")
     p.add_argument("--target", default="")
     p.add_argument("--serve-as", default="")
     p.add_argument("--no-content-screen", action="store_true")
@@ -627,9 +666,9 @@ class Bench:
         self.infra = [cp]
         await self._apply_authz()
         starters = {"a": self._start_direct, "f": self._start_hops, "b": self._start_inproc,
-                    "l": self._start_inproc_link, "c": self._start_sidecar}
+                    "l": self._start_inproc_link, "c": self._start_sidecar, "u": self._start_sidecar_unary}
         await asyncio.gather(*(starters[k]() for k in self.opts.paths))
-        order = {"a": 0, "f": 1, "b": 2, "l": 3, "c": 4}
+        order = {"a": 0, "f": 1, "b": 2, "l": 3, "c": 4, "u": 5}
         self.paths.sort(key=lambda p: order[p.key])
 
     async def _apply_authz(self) -> None:
@@ -716,20 +755,31 @@ class Bench:
         return child, dict(part.split("=", 1) for part in line.split()[2:])
 
     async def _start_sidecar(self) -> None:
-        agent = await self.spawn_role("c.agent", "plain-agent", "--name", "bench-plain", "--capability", "echo-sidecar")
+        await self._start_sidecar_path("c", link=True)
+
+    async def _start_sidecar_unary(self) -> None:
+        await self._start_sidecar_path("u", link=False)
+
+    async def _start_sidecar_path(self, key: str, *, link: bool) -> None:
+        """link: the caller keeps one Mesh.Link to its sidecar and the agent serves Agent.Link (as shipped; both
+        optional for an agent in any language); off: the plain unary ends (Mesh.Call in, Invoke out)."""
+        cap = f"echo-sidecar-{key}"
+        agent = await self.spawn_role(f"{key}.agent", "plain-agent", "--name", f"bench-plain-{key}",
+                                      "--capability", cap, *(["--link"] if link else []))
         agent_port = (await self._ready(agent))["port"]
-        callee, _ = await self._sidecar("c.sidecar-callee", "bench-plain", f"127.0.0.1:{agent_port}")
+        callee, _ = await self._sidecar(f"{key}.sidecar-callee", f"bench-plain-{key}", f"127.0.0.1:{agent_port}")
         # The caller is an agent in "any language" too: its client process also serves an idle plain agent, which
         # the caller's sidecar fronts; the client calls echo through that sidecar's loopback Mesh service.
         client = await self.spawn_role(
-            "c.client", "client", "--kind", "mesh", "--capability", "echo-sidecar",
-            "--serve-as", "bench-caller:caller-noop",
+            f"{key}.client", "client", "--kind", "mesh-link" if link else "mesh", "--capability", cap,
+            "--serve-as", f"bench-caller-{key}:caller-noop-{key}",
         )
         caller_agent_port = (await self._ready(client))["port"]
-        caller, addrs = await self._sidecar("c.sidecar-caller", "bench-caller", f"127.0.0.1:{caller_agent_port}")
+        caller, addrs = await self._sidecar(f"{key}.sidecar-caller", f"bench-caller-{key}",
+                                            f"127.0.0.1:{caller_agent_port}")
         await client.send({"target": addrs["mesh"]})
         await self._ready(client)
-        self.paths.append(CallPath("c", "sidecar path", client, [caller, callee, agent]))
+        self.paths.append(CallPath(key, TITLES[key], client, [caller, callee, agent]))
 
     async def stop(self) -> None:
         """Stop everything this run started, clients first (bounded at every step)."""
@@ -867,7 +917,7 @@ class PathInfo:
 
 
 TITLES = {"a": "direct", "f": "two bare hops", "b": "in-process mesh, unary", "l": "in-process over a link",
-          "c": "sidecar path"}
+          "c": "sidecar path", "u": "sidecar path, unary ends"}
 
 
 def summarize(samples: Sequence[dict[str, Any]], paths: Sequence[PathInfo]) -> dict[str, Any]:
@@ -972,12 +1022,14 @@ def _verdicts(summary: dict[str, Any], keys: set[str], sizes: Sequence[int], con
                 r = summary[f"{key}/{size}/c{conc}"]["calls_per_s"] / summary[f"a/{size}/c{conc}"]["calls_per_s"]
                 out.append(f"- {name} @{conc}: {what} throughput {r:.2f}× direct (target ≥ 0.75×): "
                            f"{met(r >= 0.75)}")
-        if "c" in keys and "f" in keys:
-            out.append(f"- {name}: sidecar p50 {lat['c'] / lat['a']:.2f}× direct vs bare hops "
-                       f"{lat['f'] / lat['a']:.2f}× (target: no slower): {met(lat['c'] <= lat['f'])}")
+        for side, what in (("c", "sidecar"), ("u", "sidecar, unary ends")):
+            if side not in keys or "f" not in keys:
+                continue
+            out.append(f"- {name}: {what} p50 {lat[side] / lat['a']:.2f}× direct vs bare hops "
+                       f"{lat['f'] / lat['a']:.2f}× (target: no slower): {met(lat[side] <= lat['f'])}")
             for conc in concs:
-                at, ct, ft = (summary[f"{k}/{size}/c{conc}"]["calls_per_s"] for k in "acf")
-                out.append(f"- {name} @{conc}: sidecar throughput {ct / at:.2f}× direct vs bare hops {ft / at:.2f}× "
+                at, ct, ft = (summary[f"{k}/{size}/c{conc}"]["calls_per_s"] for k in ("a", side, "f"))
+                out.append(f"- {name} @{conc}: {what} throughput {ct / at:.2f}× direct vs bare hops {ft / at:.2f}× "
                            f"(target: no lower): {met(ct >= ft)}")
     return out
 
@@ -1008,7 +1060,7 @@ def _path_infos(data: dict[str, Any]) -> list[PathInfo]:
     if "paths" in data:
         return [PathInfo(p["key"], p["title"], tuple(p["labels"])) for p in data["paths"]]
     infos = []  # files written before "paths" was saved: labels from the samples (client first)
-    for key in [k for k in "afblc" if any(s["path"] == k for s in data["samples"])]:
+    for key in [k for k in "afblcu" if any(s["path"] == k for s in data["samples"])]:
         first = next(s for s in data["samples"] if s["path"] == key)
         infos.append(PathInfo(key, TITLES[key], tuple(k for k in first["cpu_us_per_call"] if "infra" not in k)))
     return infos
@@ -1086,7 +1138,7 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[200, 64 * 1024], help="JSON payload sizes, bytes")
     p.add_argument("--no-content-screen", action="store_true",
                    help="turn the prompt-injection content screen off in the SDK agent and the sidecars (default on)")
-    p.add_argument("--paths", nargs="+", choices=["a", "f", "b", "l", "c"], default=["a", "f", "b", "l", "c"],
+    p.add_argument("--paths", nargs="+", choices=["a", "f", "b", "l", "c", "u"], default=["a", "f", "b", "l", "c"],
                    help="paths to run (a is always run: every ratio is to it)")
     p.add_argument("--json", default="", help="also write every sample and the summary to this file")
     p.add_argument("--report", default="", metavar="JSON", help="only print the report of a saved --json file")
@@ -1109,7 +1161,7 @@ def main(argv: Sequence[str]) -> int:
     opts.calls = opts.calls or (200 if q else 2000)
     opts.seconds = opts.seconds or (1.0 if q else 5.0)
     opts.profile = str(Path(opts.profile).resolve()) if opts.profile else ""
-    opts.paths = sorted(set(opts.paths) | {"a"}, key="afblc".index)
+    opts.paths = sorted(set(opts.paths) | {"a"}, key="afblcu".index)
     opts.retry_budget = opts.retry_budget if opts.retry_budget is not None else (4 if q else 12)
     opts.warmup = 50 if q else 200
     opts.ramp_s = 0.2 if q else 0.5

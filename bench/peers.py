@@ -339,7 +339,7 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[200, 64 * 1024])
     p.add_argument("--systems", nargs="+", choices=list(TITLES), default=list(TITLES))
     p.add_argument("--internal", nargs="+", default=["a", "f", "b", "l", "c"],
-                   choices=["a", "f", "b", "l", "c", "none"],
+                   choices=["a", "f", "b", "l", "c", "u", "none"],
                    help="bench/mesh_cost.py paths measured in the same run (none: skip them)")
     p.add_argument("--json", default="", help="also write every sample to this file")
     p.add_argument("--report", default="", metavar="JSON", help="only print the report of a saved --json file")
@@ -357,7 +357,7 @@ def main(argv: Sequence[str]) -> int:
         p.error("rounds >= 1, seconds > 0, sizes >= 16 bytes, concurrency >= 1")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     opts.autogen_python = autogen_python() if "autogen" in opts.systems else ""
-    paths = [] if "none" in opts.internal else sorted(set(opts.internal) | {"a"}, key="afblc".index)
+    paths = [] if "none" in opts.internal else sorted(set(opts.internal) | {"a"}, key="afblcu".index)
     internal = argparse.Namespace(  # mesh_cost's options for its internal paths (no re-measuring: one run's noise)
         quick=opts.quick, rounds=opts.rounds, paths=paths, sizes=opts.sizes, concurrency=[16],
         calls=200 if opts.quick else 500, seconds=opts.seconds, no_content_screen=False,
