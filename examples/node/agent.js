@@ -129,6 +129,8 @@ function unaryHeader(call) {
   };
 }
 
+const link = linkHandler(hivemesh.Agent.service.Invoke,
+  (request, header, signal) => invoke(request, header, 'link', signal), { onLink: () => { links += 1; } });
 const server = new grpc.Server();
 server.addService(hivemesh.Agent.service, {
   Describe(_call, callback) {
@@ -142,9 +144,7 @@ server.addService(hivemesh.Agent.service, {
       (err) => { if (!controller.signal.aborted) callback(err); },
     );
   },
-  Link: linkHandler(hivemesh.Agent.service.Invoke,
-    (request, header, signal) => invoke(request, header, 'link', signal),
-    { onLink: () => { links += 1; } }),
+  Link: link,
   InvokeStream(call) {
     let parts;
     try {
@@ -176,5 +176,6 @@ for (const signal of ['SIGINT', 'SIGTERM']) {
   process.on(signal, () => {
     setTimeout(() => process.exit(0), 5000).unref(); // calls still open after 5 s are cut
     server.tryShutdown(() => process.exit(0));
+    link.drain(); // the sidecar keeps its link open: end it once its calls are answered
   });
 }

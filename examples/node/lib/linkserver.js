@@ -27,7 +27,8 @@ function answerOfError(err) {
  * frames' request and response bytes use. onLink() is told of each Link stream opened.
  */
 function linkHandler(method, invoke, { onLink = () => {} } = {}) {
-  return function Link(stream) {
+  const open = new Set(); // each open link's drain()
+  function Link(stream) {
     onLink();
     const running = new Map(); // call id -> AbortController, while the call may still be answered
     let halfClosed = false;
@@ -35,6 +36,9 @@ function linkHandler(method, invoke, { onLink = () => {} } = {}) {
     const endIfDone = () => {
       if (halfClosed && running.size === 0 && stream.writable) stream.end();
     };
+    const drain = () => { halfClosed = true; endIfDone(); };
+    open.add(drain);
+    stream.on('close', () => open.delete(drain));
 
     const answer = (id, controller, body) => {
       if (running.get(id) !== controller) return; // cancelled, expired or already answered
@@ -46,7 +50,7 @@ function linkHandler(method, invoke, { onLink = () => {} } = {}) {
     const run = (frame) => {
       const { id, call } = frame;
       const controller = new AbortController();
-      running.get(id)?.abort(); // a reused open id replaces the old call (the caller broke the protocol)
+      running.get(id)?.abort(); // a reused open id replaces the old call (a caller that broke the protocol)
       running.set(id, controller);
       const headers = new Map(call.metadata.map((h) => [h.key, h.value]));
       let timer = null;
@@ -89,14 +93,17 @@ function linkHandler(method, invoke, { onLink = () => {} } = {}) {
         else if (frame.body === 'cancel' && frame.cancel) cancel(frame.id);
       }
     });
-    stream.on('end', () => { halfClosed = true; endIfDone(); }); // answer what is open, then end
+    stream.on('end', drain); // answer what is open, then end
     const stopAll = () => {
       for (const controller of running.values()) controller.abort();
       running.clear();
     };
     stream.on('cancelled', stopAll);
     stream.on('error', stopAll);
-  };
+  }
+  /** Shutting down: every open link ends once its open calls are answered (the sidecar opens a new one). */
+  Link.drain = () => { for (const drain of [...open]) drain(); };
+  return Link;
 }
 
 module.exports = { linkHandler, answerOfError };
