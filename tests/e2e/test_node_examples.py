@@ -4,7 +4,10 @@ control plane, real `hivemesh sidecar` processes). The Node pricing agent behind
 Python SDK agent is called from Node; refusals (bad input caught by the sidecar's schema check or by the agent
 itself, a capability without a grant, a rate limit) reach Node typed: ErrorInfo reason, BadRequest violations,
 RetryInfo and pushback, which the caller honours; the caller's traceparent reaches the agent across both sidecars;
-the sales-support demo sends its pricing question to the Node agent while it is live."""
+the sales-support demo sends its pricing question to the Node agent while it is live. Links, in Node at both ends:
+agent.js serves Agent.Link (its sidecar sends it every unary call as a frame; raw frames show each answered as
+its unary Invoke is, deadlines and cancels honoured), and `caller.js --link` calls over Mesh.Link with the same
+answers, refusals and retries as its unary calls."""
 
 from __future__ import annotations
 

@@ -41,8 +41,15 @@ class MeshLink {
         clearTimeout(waiter.timer);
         this.answers += 1;
         const { answer } = frame;
-        if (answer.code === grpc.status.OK) waiter.resolve(this.method.responseDeserialize(answer.response));
-        else waiter.reject(errorOfAnswer(answer));
+        if (answer.code !== grpc.status.OK) {
+          waiter.reject(errorOfAnswer(answer));
+          continue;
+        }
+        try {
+          waiter.resolve(this.method.responseDeserialize(answer.response));
+        } catch (e) {
+          waiter.reject(serviceError(grpc.status.INTERNAL, `the answer is not an InvokeResponse: ${e.message}`));
+        }
       }
     });
     // A stream that fails fails its open calls with its status (UNAVAILABLE when the sidecar went away);

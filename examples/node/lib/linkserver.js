@@ -10,7 +10,9 @@ const { grpc } = require('./contracts');
 const { richError } = require('./richstatus');
 
 function answerOfError(err) {
-  const answer = { code: err.code, message: err.details || err.message || '', trailers: [], binary_trailers: [] };
+  // Not a grpc-js status (a bug in the handler): INTERNAL, as grpc-js answers a unary handler that throws.
+  const code = Number.isInteger(err.code) ? err.code : grpc.status.INTERNAL;
+  const answer = { code, message: err.details || err.message || '', trailers: [], binary_trailers: [] };
   const entries = err.metadata instanceof grpc.Metadata ? Object.entries(err.metadata.getMap()) : [];
   for (const [key, value] of entries) {
     if (Buffer.isBuffer(value)) answer.binary_trailers.push({ key, value });
@@ -47,7 +49,16 @@ function linkHandler(method, invoke, { onLink = () => {} } = {}) {
       endIfDone();
     };
 
-    const run = (frame) => {
+    const decode = (bytes) => {
+      try {
+        return method.requestDeserialize(bytes);
+      } catch (e) { // Mesh.Link answers undecodable request bytes the same way
+        throw richError(grpc.status.INVALID_ARGUMENT, `the call frame's request is not an InvokeRequest: ${
+          e.message}`, 'INVALID_INPUT', { request: 'not a serialized InvokeRequest' });
+      }
+    };
+
+    const run = async (frame) => {
       const { id, call } = frame;
       const controller = new AbortController();
       running.get(id)?.abort(); // a reused open id replaces the old call (a caller that broke the protocol)
@@ -60,23 +71,14 @@ function linkHandler(method, invoke, { onLink = () => {} } = {}) {
           controller.abort();
         }, call.timeout_s * 1000);
       }
-      Promise.resolve()
-        .then(() => {
-          let request;
-          try {
-            request = method.requestDeserialize(call.request);
-          } catch (e) {
-            // Mesh.Link answers undecodable request bytes the same way.
-            throw richError(grpc.status.INVALID_ARGUMENT, `the call frame's request is not an InvokeRequest: ${
-              e.message}`, 'INVALID_INPUT', { request: 'not a serialized InvokeRequest' });
-          }
-          return invoke(request, (key) => headers.get(key), controller.signal);
-        })
-        .then(
-          (response) => answer(id, controller, { code: grpc.status.OK, response: method.responseSerialize(response) }),
-          (err) => { if (!controller.signal.aborted) answer(id, controller, answerOfError(err)); },
-        )
-        .finally(() => clearTimeout(timer));
+      try {
+        const response = await invoke(decode(call.request), (key) => headers.get(key), controller.signal);
+        answer(id, controller, { code: grpc.status.OK, response: method.responseSerialize(response) });
+      } catch (err) {
+        if (!controller.signal.aborted) answer(id, controller, answerOfError(err));
+      } finally {
+        clearTimeout(timer);
+      }
     };
 
     const cancel = (id) => {
@@ -106,4 +108,4 @@ function linkHandler(method, invoke, { onLink = () => {} } = {}) {
   return Link;
 }
 
-module.exports = { linkHandler, answerOfError };
+module.exports = { linkHandler };
