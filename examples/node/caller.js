@@ -12,13 +12,14 @@
 // after the delay the mesh asked for (`grpc-retry-pushback-ms`, else RetryInfo), and never past its deadline.
 // With --link (or HIVEMESH_CALLER_LINK=1) every attempt is a frame on one `Mesh.Link` stream (lib/linkclient.js)
 // instead of a unary Mesh.Call: same answers, same refusals, same retries; the output's "via" says which, and
-// "link": {opened, answers} counts the links opened and the answer frames they brought back.
+// "link": {opened, answers} counts the links opened and the answer frames they brought back. A sidecar that
+// serves no Mesh.Link (HIVEMESH_LINK=0) refuses the stream UNIMPLEMENTED: the calls then go unary ("via": "call").
 'use strict';
 
 const crypto = require('node:crypto');
 const { parseArgs } = require('node:util');
 const { grpc, loadHivemesh } = require('./lib/contracts');
-const { MeshLink } = require('./lib/linkclient');
+const { MeshLinks } = require('./lib/linkclient');
 const { readError } = require('./lib/richstatus');
 
 const { values: args } = parseArgs({
@@ -63,9 +64,15 @@ function answer(resp) {
   };
 }
 
-/** One attempt: on the link (headers as frame metadata), as a unary Call, or as a CallStream. */
-function once(mesh, link, request, headers, deadline) {
-  if (link !== null) return link().call(request, headers, deadline).then(answer);
+/** One attempt: on a link (headers as frame metadata), as a unary Call, or as a CallStream. */
+async function once(mesh, links, request, headers, deadline) {
+  if (links !== null && !links.unsupported) {
+    try {
+      return answer(await links.call(request, headers, deadline));
+    } catch (err) {
+      if (!links.unsupported) throw err; // else the sidecar serves no Mesh.Link: nothing ran, send it unary
+    }
+  }
   const metadata = new grpc.Metadata();
   for (const [key, value] of Object.entries(headers)) metadata.set(key, value);
   if (!args.stream) {
@@ -89,14 +96,12 @@ function once(mesh, link, request, headers, deadline) {
 async function main() {
   const hivemesh = loadHivemesh();
   const mesh = new hivemesh.Mesh(args.mesh, grpc.credentials.createInsecure());
-  // The link opens on the first attempt and again after it broke (an attempt may then be retried on the new one).
-  let open = null;
-  const links = []; // every link opened, for the output's {opened, answers}
-  const link = args.link ? () => {
-    if (open === null || open.broken) links.push(open = new MeshLink(mesh, hivemesh.Mesh.service.Call));
-    return open;
-  } : null;
-  const via = args.link ? 'link' : (args.stream ? 'stream' : 'call');
+  // A link opens on the first attempt and again after it broke (an attempt may then be retried on the new one).
+  const links = args.link ? new MeshLinks(mesh, hivemesh.Mesh.service.Call) : null;
+  const via = () => {
+    if (links !== null && !links.unsupported) return 'link';
+    return args.stream ? 'stream' : 'call';
+  };
   const timeoutMs = Number(args['timeout-ms']);
   const deadline = Date.now() + timeoutMs; // one deadline for all attempts; the mesh passes the rest on
   const retries = Number(args.retries);
@@ -110,23 +115,22 @@ async function main() {
     context: { call_id: crypto.randomUUID(), idempotency_key: idempotencyKey },
   };
   try {
-    const result = await attempts({ mesh, link, request, deadline, retries, traceId, via });
-    if (!args.link) return result;
+    const result = await attempts({ mesh, links, request, deadline, retries, traceId });
     // What came back as answer frames: every attempt's answer, on as few links as the stream allowed.
-    return { ...result, link: { opened: links.length, answers: links.reduce((n, l) => n + l.answers, 0) } };
+    return { ...result, via: via(), ...(links === null ? {} : { link: links.stats() }) };
   } finally {
-    if (open !== null) open.end(); // half-close: the sidecar ends the link once nothing is open
+    if (links !== null) links.end();
   }
 }
 
 /** Every attempt of one logical call until one is answered, refused for good, or out of retries or time. */
-async function attempts({ mesh, link, request, deadline, retries, traceId, via }) {
+async function attempts({ mesh, links, request, deadline, retries, traceId }) {
   const waits = [];
   for (let attempt = 1; ; attempt += 1) {
     const tp = traceparent(traceId);
-    const done = { attempts: attempt, waits_ms: waits, traceparent: tp, trace_id: traceId, via };
+    const done = { attempts: attempt, waits_ms: waits, traceparent: tp, trace_id: traceId };
     try {
-      const result = await once(mesh, link, request, { traceparent: tp }, deadline);
+      const result = await once(mesh, links, request, { traceparent: tp }, deadline);
       return { ok: true, ...result, ...done };
     } catch (err) {
       const error = readError(err);

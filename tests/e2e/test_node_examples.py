@@ -158,7 +158,7 @@ def _listening_tcp_ports(pid: int) -> set[int]:
 
 
 async def test_python_and_node_call_each_other_and_refusals_arrive(rig: Rig) -> None:
-    """Three read-only checks on one rig (two sidecar processes, a Node agent and an SDK agent cost seconds to
+    """Read-only checks on one rig (two sidecar processes, a Node agent and an SDK agent cost seconds to
     start): each would fail on its own."""
     await _the_node_agent_is_called_from_python_and_from_node(rig)
     await _a_python_agent_is_called_from_node_through_a_caller_only_sidecar(rig)
@@ -338,8 +338,10 @@ async def test_agent_js_answers_link_frames_as_its_unary_invoke(node_modules: Pa
                 answers[message.id] = message.answer
         invoke = channel.unary_unary("/hivemesh.v1.Agent/Invoke", request_serializer=None,
                                      response_deserializer=agent_pb2.InvokeResponse.FromString)
-        unary, refused = await asyncio.gather(invoke(good, timeout=10), invoke(yacht, timeout=10),
-                                              return_exceptions=True)
+        both = asyncio.gather(invoke(good, timeout=10), invoke(yacht, timeout=10), return_exceptions=True)
+        # Meanwhile: a server without Mesh.Link (agent.js serves no Mesh at all) refuses the link UNIMPLEMENTED,
+        # so `caller.js --link` sends the call as a unary Mesh.Call instead (refused the same way, by grpc-js).
+        (unary, refused), fallback = await asyncio.gather(both, node_call(address, "pricing.quote", {}, "--link"))
     # The stream ended once every call still open was answered: never the cancelled one.
     assert sorted(answers) == [1, 2, 3, 5], answers
     assert isinstance(unary, agent_pb2.InvokeResponse) and isinstance(refused, grpc.aio.AioRpcError), refused
@@ -352,6 +354,9 @@ async def test_agent_js_answers_link_frames_as_its_unary_invoke(node_modules: Pa
     linked = agent_pb2.InvokeResponse.FromString(answers[5].response)
     assert answers[5].code == 0 and linked.output == unary.output and json.loads(linked.output)["total_cents"] == 68400
     assert (dict(linked.metadata), dict(unary.metadata)) == ({"arrived": "link", "links": "1"}, {"arrived": "unary"})
+    assert (fallback["via"], fallback["link"], fallback["error"]["code"]) == (
+        "call", {"opened": 1, "answers": 0}, "UNIMPLEMENTED"), fallback
+    assert "/hivemesh.v1.Mesh/Call" in fallback["error"]["message"], fallback
 
 
 def test_caller_only_sidecar_needs_an_agent_or_a_client() -> None:

@@ -54,7 +54,12 @@ class MeshLink {
     });
     // A stream that fails fails its open calls with its status (UNAVAILABLE when the sidecar went away);
     // one that ends cleanly fails them UNAVAILABLE: the attempt loop may send them again on a new link.
-    this.stream.on('error', (err) => this.fail(serviceError(err.code, err.details || err.message, err.metadata)));
+    this.stream.on('error', (err) => {
+      const failure = serviceError(err.code, err.details || err.message, err.metadata);
+      // The whole stream refused UNIMPLEMENTED (answers come in frames): this sidecar serves no Mesh.Link.
+      failure.linkUnsupported = err.code === grpc.status.UNIMPLEMENTED;
+      this.fail(failure);
+    });
     this.stream.on('end', () => this.fail(serviceError(grpc.status.UNAVAILABLE, 'the link was closed')));
   }
 
@@ -102,4 +107,35 @@ class MeshLink {
   }
 }
 
-module.exports = { MeshLink };
+/**
+ * A caller's links to its sidecar: one open at a time, a new one after it broke; and none once the sidecar
+ * refused Mesh.Link itself (UNIMPLEMENTED, `unsupported`: nothing ran, send the calls as unary Mesh.Calls).
+ */
+class MeshLinks {
+  constructor(mesh, callMethod) {
+    this.open = () => new MeshLink(mesh, callMethod);
+    this.links = [];
+    this.unsupported = false;
+  }
+
+  call(request, headers, deadline) {
+    let link = this.links[this.links.length - 1];
+    if (link === undefined || link.broken) this.links.push(link = this.open());
+    return link.call(request, headers, deadline).catch((err) => {
+      if (err.linkUnsupported) this.unsupported = true;
+      throw err;
+    });
+  }
+
+  /** The links opened and the answer frames they brought back. */
+  stats() {
+    return { opened: this.links.length, answers: this.links.reduce((n, link) => n + link.answers, 0) };
+  }
+
+  /** Half-close the open link: the sidecar ends it once nothing is open. */
+  end() {
+    this.links[this.links.length - 1]?.end();
+  }
+}
+
+module.exports = { MeshLink, MeshLinks };
