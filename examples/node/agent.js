@@ -3,14 +3,19 @@
 // and nothing else. `hivemesh sidecar --agent 127.0.0.1:PORT` in front of it does the mesh's work (mutual TLS,
 // tokens, authorization, input validation against the card's schema, audit, registration).
 //
-//   node agent.js [--port 0] [--catalogue catalogue.json] [--name pricing]
-//   prints "listening 127.0.0.1:PORT" once serving; SIGTERM/SIGINT stop it.
+// It serves `Agent.Link` too (lib/linkserver.js): the sidecar then sends it each unary call as a frame on one
+// stream, answered by the same code as `Invoke`; each answer's metadata says how the call arrived.
+//
+//   node agent.js [--port 0] [--catalogue catalogue.json] [--name pricing] [--delay-ms 0]
+//   prints "listening 127.0.0.1:PORT" once serving; SIGTERM/SIGINT stop it. --delay-ms makes every unary quote
+//   take that long (stopped early by its deadline or cancel), to watch deadlines and cancels at work.
 'use strict';
 
 const fs = require('node:fs');
 const path = require('node:path');
 const { parseArgs } = require('node:util');
 const { grpc, loadHivemesh } = require('./lib/contracts');
+const { linkHandler } = require('./lib/linkserver');
 const { richError } = require('./lib/richstatus');
 const { INPUT_SCHEMA, OUTPUT_SCHEMA, QuoteError, quote, quoteAll } = require('./lib/pricing');
 
@@ -22,6 +27,7 @@ const { values: args } = parseArgs({
     port: { type: 'string', default: '0' },
     catalogue: { type: 'string', default: path.join(__dirname, 'catalogue.json') },
     name: { type: 'string', default: 'pricing' },
+    'delay-ms': { type: 'string', default: '0' },
   },
 });
 
@@ -51,14 +57,30 @@ const card = {
   }],
 };
 
-/** What every answer says about the call: the W3C trace it belongs to and who called (set by the sidecar). */
-function callNotes(call) {
-  const notes = {};
-  const [traceparent] = call.metadata.get('traceparent');
+const delayMs = Number(args['delay-ms']);
+let links = 0; // Link streams opened so far (the sidecar keeps one open while it can)
+
+/**
+ * What every answer says about the call: the W3C trace it belongs to, who called (set by the sidecar), and how
+ * it arrived ("unary" Invoke or a "link" frame, with the links opened so far). header(key) reads its metadata.
+ */
+function callNotes(header, arrived) {
+  const notes = { arrived };
+  if (arrived === 'link') notes.links = String(links);
+  const traceparent = header('traceparent');
   if (traceparent) notes.traceparent = String(traceparent);
-  const [caller] = call.metadata.get('x-hivemesh-caller');
+  const caller = header('x-hivemesh-caller');
   if (caller) notes.caller = String(caller);
   return notes;
+}
+
+/** Resolves after ms, or rejects as soon as signal aborts (the call's deadline passed or it was cancelled). */
+function pause(ms, signal) {
+  return new Promise((resolve, reject) => {
+    if (signal.aborted) { reject(signal.reason); return; }
+    const timer = setTimeout(resolve, ms);
+    signal.addEventListener('abort', () => { clearTimeout(timer); reject(signal.reason); }, { once: true });
+  });
 }
 
 /** The request's input as JSON; every refusal is INVALID_ARGUMENT with reason INVALID_INPUT and the fields. */
@@ -82,22 +104,47 @@ function refusal(e) {
   return richError(grpc.status.INTERNAL, `pricing failed: ${e && e.message}`, 'AGENT_ERROR');
 }
 
+/**
+ * One unary call, however it arrived (Invoke or a Link frame): resolves to the InvokeResponse or rejects with
+ * the rich error both transports send. header(key) reads the call's metadata; signal aborts it.
+ */
+async function invoke(request, header, arrived, signal) {
+  try {
+    const order = parseInput(request);
+    if (delayMs > 0) await pause(delayMs, signal);
+    return {
+      output: Buffer.from(JSON.stringify(quoteAll(order, catalogue))), content_type: JSON_TYPE,
+      state: 'TASK_STATE_COMPLETED', metadata: callNotes(header, arrived),
+    };
+  } catch (e) {
+    throw signal.aborted ? e : refusal(e); // a stopped call is answered by its transport, if at all
+  }
+}
+
+/** The first value of a unary call's metadata key, as a string (or undefined). */
+function unaryHeader(call) {
+  return (key) => {
+    const [value] = call.metadata.get(key);
+    return value === undefined ? undefined : String(value);
+  };
+}
+
+const link = linkHandler(hivemesh.Agent.service.Invoke,
+  (request, header, signal) => invoke(request, header, 'link', signal), { onLink: () => { links += 1; } });
 const server = new grpc.Server();
 server.addService(hivemesh.Agent.service, {
   Describe(_call, callback) {
     callback(null, card);
   },
   Invoke(call, callback) {
-    try {
-      const output = quoteAll(parseInput(call.request), catalogue);
-      callback(null, {
-        output: Buffer.from(JSON.stringify(output)), content_type: JSON_TYPE, state: 'TASK_STATE_COMPLETED',
-        metadata: callNotes(call),
-      });
-    } catch (e) {
-      callback(refusal(e));
-    }
+    const controller = new AbortController(); // grpc-js answers the caller itself on deadline or cancel
+    call.on('cancelled', () => controller.abort());
+    invoke(call.request, unaryHeader(call), 'unary', controller.signal).then(
+      (response) => callback(null, response),
+      (err) => { if (!controller.signal.aborted) callback(err); },
+    );
   },
+  Link: link,
   InvokeStream(call) {
     let parts;
     try {
@@ -129,5 +176,6 @@ for (const signal of ['SIGINT', 'SIGTERM']) {
   process.on(signal, () => {
     setTimeout(() => process.exit(0), 5000).unref(); // calls still open after 5 s are cut
     server.tryShutdown(() => process.exit(0));
+    link.drain(); // the sidecar keeps its link open: end it once its calls are answered
   });
 }

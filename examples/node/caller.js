@@ -4,17 +4,22 @@
 // program itself holds no certificate and no token: plain gRPC to the socket.
 //
 //   node caller.js --mesh unix:/path/to/mesh.sock --capability pricing.quote --input '{"customer_tier": ...}'
-//                  [--stream] [--timeout-ms 10000] [--retries 3] [--idempotency-key KEY]
+//                  [--stream | --link] [--timeout-ms 10000] [--retries 3] [--idempotency-key KEY]
 //
 // Prints one JSON line: {"ok": true, "output" | "chunks", ...} or {"ok": false, "error": {code, reason,
 // violations, retry_delay_ms, pushback_ms, ...}}; exits 0 or 1. It generates a W3C traceparent (one trace id for
 // every attempt), keeps one idempotency key across retries, retries only what the mesh says may be retried,
 // after the delay the mesh asked for (`grpc-retry-pushback-ms`, else RetryInfo), and never past its deadline.
+// With --link (or HIVEMESH_CALLER_LINK=1) every attempt is a frame on one `Mesh.Link` stream (lib/linkclient.js)
+// instead of a unary Mesh.Call: same answers, same refusals, same retries; the output's "via" says which, and
+// "link": {opened, answers} counts the links opened and the answer frames they brought back. A sidecar that
+// serves no Mesh.Link (HIVEMESH_LINK=0) refuses the stream UNIMPLEMENTED: the calls then go unary ("via": "call").
 'use strict';
 
 const crypto = require('node:crypto');
 const { parseArgs } = require('node:util');
 const { grpc, loadHivemesh } = require('./lib/contracts');
+const { MeshLinks } = require('./lib/linkclient');
 const { readError } = require('./lib/richstatus');
 
 const { values: args } = parseArgs({
@@ -23,14 +28,16 @@ const { values: args } = parseArgs({
     capability: { type: 'string' },
     input: { type: 'string', default: '{}' },
     stream: { type: 'boolean', default: false },
+    link: { type: 'boolean', default: ['1', 'true', 'on'].includes(process.env.HIVEMESH_CALLER_LINK || '') },
     'timeout-ms': { type: 'string', default: '10000' },
     retries: { type: 'string', default: '3' },
     'idempotency-key': { type: 'string' },
   },
 });
-if (!args.mesh || !args.capability) {
-  console.error('usage: node caller.js --mesh unix:PATH --capability NAME [--input JSON] [--stream] '
-    + '[--timeout-ms N] [--retries N] [--idempotency-key KEY]');
+if (!args.mesh || !args.capability || (args.stream && args.link)) {
+  console.error('usage: node caller.js --mesh unix:PATH --capability NAME [--input JSON] [--stream | --link] '
+    + '[--timeout-ms N] [--retries N] [--idempotency-key KEY]\n'
+    + '  (--link carries unary calls only: a --stream call is a CallStream of its own)');
   process.exit(2);
 }
 
@@ -50,13 +57,27 @@ function decodeJson(buf) {
 
 const sleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
 
-function once(mesh, request, metadata, deadline) {
+function answer(resp) {
+  return {
+    output: decodeJson(resp.output), state: resp.state, metadata: resp.metadata,
+    hops: resp.hops.map((h) => ({ kind: h.kind, identity: h.identity })),
+  };
+}
+
+/** One attempt: on a link (headers as frame metadata), as a unary Call, or as a CallStream. */
+async function once(mesh, links, request, headers, deadline) {
+  if (links !== null && !links.unsupported) {
+    try {
+      return answer(await links.call(request, headers, deadline));
+    } catch (err) {
+      if (!links.unsupported) throw err; // else the sidecar serves no Mesh.Link: nothing ran, send it unary
+    }
+  }
+  const metadata = new grpc.Metadata();
+  for (const [key, value] of Object.entries(headers)) metadata.set(key, value);
   if (!args.stream) {
     return new Promise((resolve, reject) => {
-      mesh.Call(request, metadata, { deadline }, (err, resp) => (err ? reject(err) : resolve({
-        output: decodeJson(resp.output), state: resp.state, metadata: resp.metadata,
-        hops: resp.hops.map((h) => ({ kind: h.kind, identity: h.identity })),
-      })));
+      mesh.Call(request, metadata, { deadline }, (err, resp) => (err ? reject(err) : resolve(answer(resp))));
     });
   }
   return new Promise((resolve, reject) => {
@@ -75,6 +96,12 @@ function once(mesh, request, metadata, deadline) {
 async function main() {
   const hivemesh = loadHivemesh();
   const mesh = new hivemesh.Mesh(args.mesh, grpc.credentials.createInsecure());
+  // A link opens on the first attempt and again after it broke (an attempt may then be retried on the new one).
+  const links = args.link ? new MeshLinks(mesh, hivemesh.Mesh.service.Call) : null;
+  const via = () => {
+    if (links !== null && !links.unsupported) return 'link';
+    return args.stream ? 'stream' : 'call';
+  };
   const timeoutMs = Number(args['timeout-ms']);
   const deadline = Date.now() + timeoutMs; // one deadline for all attempts; the mesh passes the rest on
   const retries = Number(args.retries);
@@ -87,14 +114,24 @@ async function main() {
     // The same key on every attempt: an agent that already did the work answers without doing it twice.
     context: { call_id: crypto.randomUUID(), idempotency_key: idempotencyKey },
   };
+  try {
+    const result = await attempts({ mesh, links, request, deadline, retries, traceId });
+    // What came back as answer frames: every attempt's answer, on as few links as the stream allowed.
+    return { ...result, via: via(), ...(links === null ? {} : { link: links.stats() }) };
+  } finally {
+    if (links !== null) links.end();
+  }
+}
+
+/** Every attempt of one logical call until one is answered, refused for good, or out of retries or time. */
+async function attempts({ mesh, links, request, deadline, retries, traceId }) {
   const waits = [];
   for (let attempt = 1; ; attempt += 1) {
-    const metadata = new grpc.Metadata();
     const tp = traceparent(traceId);
-    metadata.set('traceparent', tp);
+    const done = { attempts: attempt, waits_ms: waits, traceparent: tp, trace_id: traceId };
     try {
-      const result = await once(mesh, request, metadata, deadline);
-      return { ok: true, ...result, attempts: attempt, waits_ms: waits, traceparent: tp, trace_id: traceId };
+      const result = await once(mesh, links, request, { traceparent: tp }, deadline);
+      return { ok: true, ...result, ...done };
     } catch (err) {
       const error = readError(err);
       // Pushback first (gRFC A6: a negative or malformed one means "do not retry"), then RetryInfo.
@@ -102,7 +139,7 @@ async function main() {
       const retryable = RETRYABLE.has(err.code) && delay !== -1;
       const wait = delay === null ? 100 * attempt : delay;
       if (!retryable || attempt > retries || Date.now() + wait >= deadline) {
-        return { ok: false, error, attempts: attempt, waits_ms: waits, traceparent: tp, trace_id: traceId };
+        return { ok: false, error, ...done };
       }
       waits.push(wait);
       await sleep(wait);

@@ -4,7 +4,10 @@ control plane, real `hivemesh sidecar` processes). The Node pricing agent behind
 Python SDK agent is called from Node; refusals (bad input caught by the sidecar's schema check or by the agent
 itself, a capability without a grant, a rate limit) reach Node typed: ErrorInfo reason, BadRequest violations,
 RetryInfo and pushback, which the caller honours; the caller's traceparent reaches the agent across both sidecars;
-the sales-support demo sends its pricing question to the Node agent while it is live."""
+the sales-support demo sends its pricing question to the Node agent while it is live. Links, in Node at both ends:
+agent.js serves Agent.Link (its sidecar sends it every unary call as a frame; raw frames show each answered as
+its unary Invoke is, deadlines and cancels honoured), and `caller.js --link` calls over Mesh.Link with the same
+answers, refusals and retries as its unary calls."""
 
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import aetcd
+import grpc
 import pytest
 from click.testing import CliRunner
 
@@ -30,6 +34,7 @@ from hivemesh.mesh.etcd import EtcdServer
 from hivemesh.sdk import AgentServer, AgentServerConfig, MeshClient
 from hivemesh.sdk.escalation import EscalationClient
 from hivemesh.sdk.workflow import WorkflowEngine
+from hivemesh.v1 import agent_pb2
 from tests.support.agents_for_tests import EchoAgent
 from tests.support.meshenv import TRUST_DOMAIN, MeshEnv, apply_policies_text, start_mesh_env, stop_mesh_env
 from tests.support.spawn import REPO, start_client_sidecar, start_sidecar_ready, stop
@@ -74,11 +79,11 @@ async def mesh(etcd: aetcd.Client, etcd_server: EtcdServer, tmp_path: Path) -> A
 
 
 @contextlib.asynccontextmanager
-async def node_agent(log: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    """`node agent.js --port 0`; (process, its loopback address) once it listens."""
+async def node_agent(log: Path, *args: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """`node agent.js --port 0 [args]`; (process, its loopback address) once it listens."""
     with log.open("ab") as err:
         proc = await asyncio.create_subprocess_exec(
-            "node", "agent.js", "--port", "0", cwd=NODE_DIR, stdout=asyncio.subprocess.PIPE, stderr=err,
+            "node", "agent.js", "--port", "0", *args, cwd=NODE_DIR, stdout=asyncio.subprocess.PIPE, stderr=err,
             start_new_session=True,
         )
     try:
@@ -153,7 +158,7 @@ def _listening_tcp_ports(pid: int) -> set[int]:
 
 
 async def test_python_and_node_call_each_other_and_refusals_arrive(rig: Rig) -> None:
-    """Three read-only checks on one rig (two sidecar processes, a Node agent and an SDK agent cost seconds to
+    """Read-only checks on one rig (two sidecar processes, a Node agent and an SDK agent cost seconds to
     start): each would fail on its own."""
     await _the_node_agent_is_called_from_python_and_from_node(rig)
     await _a_python_agent_is_called_from_node_through_a_caller_only_sidecar(rig)
@@ -179,6 +184,14 @@ async def _the_node_agent_is_called_from_python_and_from_node(rig: Rig) -> None:
     seen = out["metadata"]
     assert seen["traceparent"].split("-")[1] == out["trace_id"], seen
     assert seen["caller"] == NODE_CALLER  # the verified identity, set by the agent's sidecar
+    # The agent serves Agent.Link: its sidecar sent every call so far (Python's too) as a frame on one link.
+    assert (out["via"], seen["arrived"], seen["links"]) == ("call", "link", "1"), seen
+    # The Node caller on one Mesh.Link to its sidecar: the same quote, and its traceparent as a frame header.
+    linked = await node_call(rig.caller_mesh, "pricing.quote", ORDER, "--link")
+    assert (linked["via"], linked["output"], linked["attempts"]) == ("link", out["output"], 1), linked
+    assert linked["link"] == {"opened": 1, "answers": 1}, linked  # the answer came back as a frame
+    assert linked["metadata"]["traceparent"].split("-")[1] == linked["trace_id"] != out["trace_id"], linked
+    assert (linked["metadata"]["caller"], linked["metadata"]["arrived"]) == (NODE_CALLER, "link"), linked
     streamed = await node_call(rig.caller_mesh, "pricing.quote", {"customer_tier": "silver", "items": [
         {"sku": "CRM-SEAT", "quantity": 2}]}, "--stream")
     assert streamed["chunks"] == [
@@ -203,25 +216,30 @@ async def _a_python_agent_is_called_from_node_through_a_caller_only_sidecar(rig:
 
 
 async def _refusals_arrive_in_node_with_their_reason(rig: Rig) -> None:
-    # Refused by the agent's sidecar: the input breaks the card's JSON Schema.
-    bad_tier = await node_call(rig.caller_mesh, "pricing.quote", {"customer_tier": "diamond", "items": []})
-    err = bad_tier["error"]
-    assert (err["code"], err["reason"], err["domain"]) == ("INVALID_ARGUMENT", "INVALID_INPUT", "hivemesh"), err
-    assert err["violations"] and bad_tier["attempts"] == 1  # never retried: a refusal on the merits
-    # Refused by the Node agent itself (the schema cannot know the catalogue): its BadRequest arrives intact.
-    unknown = await node_call(rig.caller_mesh, "pricing.quote", {"customer_tier": "gold", "items": [
-        {"sku": "CRM-SEAT", "quantity": 1}, {"sku": "YACHT", "quantity": 1}]})
-    err = unknown["error"]
-    assert (err["code"], err["reason"]) == ("INVALID_ARGUMENT", "INVALID_INPUT"), err
-    assert [v["field"] for v in err["violations"]] == ["input.items[1].sku"]
-    assert 'unknown SKU "YACHT"' in err["violations"][0]["description"]
-    # No grant gives `restricted` to callers: refused before anything is sent.
-    denied = await node_call(rig.caller_mesh, "restricted", {"text": "x"})
-    err = denied["error"]
-    assert (err["code"], err["reason"]) == ("PERMISSION_DENIED", "GRANT_DENIED"), err
-    assert err["metadata"]["capability"] == "restricted"  # ErrorInfo's metadata arrives too
-    not_json = await node_call(rig.caller_mesh, "pricing.quote", "{not json")
-    assert not_json["error"]["reason"] == "INVALID_INPUT", not_json
+    # Each refusal twice: as a unary Mesh.Call's status and trailers, and decoded from a Mesh.Link answer frame.
+    for mode in ((), ("--link",)):
+        via = "link" if mode else "call"
+        # Refused by the agent's sidecar: the input breaks the card's JSON Schema.
+        bad_tier = await node_call(rig.caller_mesh, "pricing.quote", {"customer_tier": "diamond", "items": []}, *mode)
+        err = bad_tier["error"]
+        assert (err["code"], err["reason"], err["domain"]) == ("INVALID_ARGUMENT", "INVALID_INPUT", "hivemesh"), err
+        assert err["violations"] and bad_tier["attempts"] == 1  # never retried: a refusal on the merits
+        assert (bad_tier["via"], bad_tier.get("link")) == (via, {"opened": 1, "answers": 1} if mode else None)
+        # Refused by the Node agent itself (the schema cannot know the catalogue), in its answer to a Link frame
+        # from its sidecar: its BadRequest arrives intact.
+        unknown = await node_call(rig.caller_mesh, "pricing.quote", {"customer_tier": "gold", "items": [
+            {"sku": "CRM-SEAT", "quantity": 1}, {"sku": "YACHT", "quantity": 1}]}, *mode)
+        err = unknown["error"]
+        assert (err["code"], err["reason"]) == ("INVALID_ARGUMENT", "INVALID_INPUT"), err
+        assert [v["field"] for v in err["violations"]] == ["input.items[1].sku"]
+        assert 'unknown SKU "YACHT"' in err["violations"][0]["description"]
+        # No grant gives `restricted` to callers: refused before anything is sent.
+        denied = await node_call(rig.caller_mesh, "restricted", {"text": "x"}, *mode)
+        err = denied["error"]
+        assert (err["code"], err["reason"]) == ("PERMISSION_DENIED", "GRANT_DENIED"), err
+        assert err["metadata"]["capability"] == "restricted"  # ErrorInfo's metadata arrives too
+        not_json = await node_call(rig.caller_mesh, "pricing.quote", "{not json", *mode)
+        assert (not_json["error"]["reason"], not_json["via"]) == ("INVALID_INPUT", via), not_json
 
 
 async def _the_sales_demo_sends_pricing_to_the_node_agent(rig: Rig) -> None:
@@ -264,13 +282,81 @@ spec: {agents: [pricing], capabilities: [pricing.quote], per_identity_rps: 0.2, 
             refused = out
             break
     assert refused is not None, "the rate limit never refused a call"
-    err = refused["error"]
-    assert (err["code"], err["reason"]) == ("RESOURCE_EXHAUSTED", "RATE_LIMITED"), err
-    assert 0 < err["pushback_ms"] <= 5000 and 0 < err["retry_delay_ms"] <= 5000, err
-    # With retries, the caller waits as long as the mesh asked, then gets its quote (same idempotency key).
-    out = await node_call(rig.caller_mesh, "pricing.quote", ORDER, "--retries", "3", "--timeout-ms", "20000")
-    assert out["ok"] and out["output"]["total_cents"] == TOTAL_CENTS, out
+    # The same refusal read from a Mesh.Link answer frame (the limit's one call in 5 s is spent): the pushback
+    # trailer and RetryInfo arrive as they do in a unary call's trailers.
+    linked = await node_call(rig.caller_mesh, "pricing.quote", ORDER, "--retries", "0", "--link")
+    for out in (refused, linked):
+        err = out["error"]
+        assert (err["code"], err["reason"]) == ("RESOURCE_EXHAUSTED", "RATE_LIMITED"), err
+        assert 0 < err["pushback_ms"] <= 5000 and 0 < err["retry_delay_ms"] <= 5000, err
+    # With retries, the caller waits as long as the mesh asked, then gets its quote (same idempotency key); on a
+    # link, each attempt is a new frame, after the pushback its previous answer frame carried. (The attempt loop
+    # is the unary mode's: only the transport differs, and the unary refusal is read above.)
+    out = await node_call(rig.caller_mesh, "pricing.quote", ORDER, "--retries", "3", "--timeout-ms", "20000",
+                          "--link")
+    assert out["ok"] and out["output"]["total_cents"] == TOTAL_CENTS and out["via"] == "link", out
     assert out["attempts"] >= 2 and all(0 < w <= 5000 for w in out["waits_ms"]), out
+    # A refusal leaves the link open: every attempt's answer came back as a frame on the one link.
+    assert out["link"] == {"opened": 1, "answers": out["attempts"]}, out
+
+
+def _quote_request(order: Any) -> bytes:
+    return agent_pb2.InvokeRequest(capability="pricing.quote", input=json.dumps(order).encode()).SerializeToString()
+
+
+async def test_agent_js_answers_link_frames_as_its_unary_invoke(node_modules: Path, tmp_path: Path) -> None:
+    """Agent.Link on agent.js itself, raw frames on loopback (no mesh: what its sidecar sends): each call answered
+    in its own frame with the bytes its unary Invoke gives (the same status details), its deadline honoured and a
+    cancelled call stopped without an answer. --delay-ms makes every quote take DELAY_S, so calls are open while
+    the deadline passes and the cancel arrives."""
+    delay_s = 0.4
+    yacht = _quote_request({"customer_tier": "gold", "items": [{"sku": "YACHT", "quantity": 1}]})
+    good = _quote_request({"customer_tier": "silver", "items": [{"sku": "CRM-SEAT", "quantity": 2}]})
+    calls = {
+        1: agent_pb2.LinkCall(request=yacht, metadata=[agent_pb2.LinkHeader(key="traceparent", value="00-t-s-01")]),
+        2: agent_pb2.LinkCall(request=good, timeout_s=delay_s / 4),  # expires while the quote is being made
+        3: agent_pb2.LinkCall(request=b"\xff\xff\xff"),  # not an InvokeRequest
+        4: agent_pb2.LinkCall(request=good),  # cancelled at once
+        5: agent_pb2.LinkCall(request=good),  # sent after 4, made as long: answered after 4 would have been
+    }
+
+    async def frames() -> AsyncIterator[agent_pb2.LinkFrame]:
+        for call_id, call in calls.items():
+            yield agent_pb2.LinkFrame(id=call_id, call=call)
+        yield agent_pb2.LinkFrame(id=4, cancel=True)
+
+    async with node_agent(tmp_path / "agent.log", "--delay-ms", str(int(delay_s * 1000))) as (_, address), \
+            grpc.aio.insecure_channel(address) as channel:
+        link = channel.stream_stream("/hivemesh.v1.Agent/Link",
+                                     request_serializer=agent_pb2.LinkFrame.SerializeToString,
+                                     response_deserializer=agent_pb2.LinkFrame.FromString)
+        answers: dict[int, agent_pb2.LinkAnswer] = {}
+        async with asyncio.timeout(20):
+            async for message in link(frames()):
+                assert not message.batch, "agent.js announced no batches and must send none"
+                assert message.id not in answers, f"call {message.id} answered twice"
+                answers[message.id] = message.answer
+        invoke = channel.unary_unary("/hivemesh.v1.Agent/Invoke", request_serializer=None,
+                                     response_deserializer=agent_pb2.InvokeResponse.FromString)
+        both = asyncio.gather(invoke(good, timeout=10), invoke(yacht, timeout=10), return_exceptions=True)
+        # Meanwhile: a server without Mesh.Link (agent.js serves no Mesh at all) refuses the link UNIMPLEMENTED,
+        # so `caller.js --link` sends the call as a unary Mesh.Call instead (refused the same way, by grpc-js).
+        (unary, refused), fallback = await asyncio.gather(both, node_call(address, "pricing.quote", {}, "--link"))
+    # The stream ended once every call still open was answered: never the cancelled one.
+    assert sorted(answers) == [1, 2, 3, 5], answers
+    assert isinstance(unary, agent_pb2.InvokeResponse) and isinstance(refused, grpc.aio.AioRpcError), refused
+    details = dict(refused.trailing_metadata() or ())["grpc-status-details-bin"]
+    assert (answers[1].code, answers[1].message) == (refused.code().value[0], refused.details())
+    assert [(h.key, h.value) for h in answers[1].binary_trailers] == [("grpc-status-details-bin", details)]
+    assert (answers[2].code, answers[2].message) == (grpc.StatusCode.DEADLINE_EXCEEDED.value[0], "Deadline Exceeded")
+    assert answers[3].code == grpc.StatusCode.INVALID_ARGUMENT.value[0], answers[3]
+    assert [h.key for h in answers[3].binary_trailers] == ["grpc-status-details-bin"]
+    linked = agent_pb2.InvokeResponse.FromString(answers[5].response)
+    assert answers[5].code == 0 and linked.output == unary.output and json.loads(linked.output)["total_cents"] == 68400
+    assert (dict(linked.metadata), dict(unary.metadata)) == ({"arrived": "link", "links": "1"}, {"arrived": "unary"})
+    assert (fallback["via"], fallback["link"], fallback["error"]["code"]) == (
+        "call", {"opened": 1, "answers": 0}, "UNIMPLEMENTED"), fallback
+    assert "/hivemesh.v1.Mesh/Call" in fallback["error"]["message"], fallback
 
 
 def test_caller_only_sidecar_needs_an_agent_or_a_client() -> None:
