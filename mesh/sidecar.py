@@ -69,6 +69,7 @@ from hivemesh.mesh.registry import Registration, default_instance_id, drain_afte
 from hivemesh.mesh.schema import compile_schema
 from hivemesh.mesh.server import ManagedServer
 from hivemesh.mesh.settings import MeshSettings, state_dir
+from hivemesh.mesh.tls import MAX_MESSAGE_BYTES, STREAM_WINDOW_OPTIONS
 from hivemesh.mesh.token_source import on_behalf_of
 from hivemesh.mesh.wire import chain_suffix, hop_suffix
 from hivemesh.v1 import agent_pb2, agent_pb2_grpc, mesh_pb2
@@ -269,7 +270,14 @@ class Sidecar:
             return
         cfg = self.config
         assert cfg.agent is not None
-        self._agent_channel = grpc.aio.insecure_channel(cfg.agent)
+        # The mesh's message limit (gRPC's default refused an agent's answers over 4 MiB) and stream window (as
+        # on every mesh channel: one Agent.Link stream carries all calls). No keepalive: an idle link would ping
+        # the agent every 30 s, which a server with gRPC's default ping policy answers with GOAWAY.
+        self._agent_channel = grpc.aio.insecure_channel(cfg.agent, options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            *STREAM_WINDOW_OPTIONS,
+        ])
         try:
             self.card = await self._describe_agent()
             name = cfg.name or self.card.name

@@ -103,6 +103,20 @@ async def test_invoke_appends_the_sidecar_hop_without_re_encoding(rig: Rig) -> N
     assert agent_pb2.InvokeResponse.FromString(raw).output == agent_pb2.InvokeResponse.FromString(sent).output
 
 
+async def test_an_answer_over_grpcs_default_4_mib_passes_up_to_the_mesh_limit(mesh_env: MeshEnv) -> None:
+    """gRPC refuses to receive messages over 4 MiB by default; the mesh takes up to MAX_MESSAGE_BYTES (8 MiB) on
+    every hop, the sidecar's own channel to its agent included (an agent's 5 MiB answer was refused there)."""
+    plain = PlainAgent("plain", prefix="plain-")
+    async with plain, Sidecar(SidecarConfig(agent=plain.endpoint, max_input_bytes=6 << 20),
+                              await mesh_env.settings_for("plain")), \
+            MeshClient.connect(name="tester", settings=await mesh_env.settings_for("tester", "client")) as mesh:
+        assert await mesh.node.registry.wait_for_capability("plain-echo", 1, timeout=10)
+        text = "z" * (5 << 20)
+        result = await mesh.call_detailed("plain-echo", {"text": text}, timeout=60)
+        assert result.output["text"] == text and len(plain.sent[-1]) > 5 << 20
+        assert plain.calls == 1
+
+
 async def test_streaming_final_chunk_carries_the_hop(rig: Rig) -> None:
     words = [w async for w in rig.mesh.stream("plain-shout", {"text": "a b c"}, timeout=10)]
     assert words == ["A", "B", "C"]

@@ -149,7 +149,9 @@ class PlainAgent(agent_pb2_grpc.AgentServicer):
 
     # --- lifecycle ----------------------------------------------------------------------------------------
     async def start(self) -> None:
-        server = grpc.aio.server()
+        # Messages up to 16 MiB, past the mesh's 8 MiB: what the mesh passes on is then the mesh's own limit.
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20),
+                                          ("grpc.max_send_message_length", 16 << 20)])
         agent_pb2_grpc.add_AgentServicer_to_server(self, server)
         self.port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
