@@ -95,7 +95,9 @@ async function once(mesh, links, request, headers, deadline) {
 
 async function main() {
   const hivemesh = loadHivemesh();
-  const mesh = new hivemesh.Mesh(args.mesh, grpc.credentials.createInsecure());
+  // A 1 MiB stream window: a link's answers share one HTTP/2 stream (docs/any-language.md, "Stream window").
+  const mesh = new hivemesh.Mesh(args.mesh, grpc.credentials.createInsecure(),
+    { 'grpc-node.flow_control_window': 1024 * 1024 });
   // A link opens on the first attempt and again after it broke (an attempt may then be retried on the new one).
   const links = args.link ? new MeshLinks(mesh, hivemesh.Mesh.service.Call) : null;
   const via = () => {
