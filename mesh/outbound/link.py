@@ -63,8 +63,8 @@ class LinkNotSentError(Exception):
 
 
 NOT_SENT_LIMIT = 3
-"""Links in a row that end before any frame left this node: after this many the peer is called unary (a peer
-that refuses every stream at once, whose status the race keeps hiding, or that never accepts one)."""
+"""Links in a row that end INTERNAL before any frame left this node: after this many the peer is called unary (a
+peer that refuses every stream at once, whose UNIMPLEMENTED the race keeps hiding)."""
 SETTLE_S = 1.0
 """How long a broken link waits for a write in flight to finish or fail, to know whether its frames left; a
 write that has not settled by then counts as sent (its calls fail rather than risk running twice)."""
@@ -117,6 +117,8 @@ class _Link:
         self._sent_through = 0
         """The highest call id whose frame may have left (written, or being written): ids are queued in order."""
         self.broken = False
+        self.hidden_status = False
+        """The stream ended INTERNAL: the peer's own status may have been lost to a write (see LinkNotSentError)."""
         self.batches = False
         """The server said it reads batches (in its initial metadata): queued frames go as one message."""
         self.messages = 0
@@ -164,6 +166,7 @@ class _Link:
                         waiter.set_result(frame.answer)
             error = _rpc_error(grpc.StatusCode.UNAVAILABLE, "the link to the peer was closed")
         except grpc.aio.AioRpcError as exc:
+            self.hidden_status = exc.code() == grpc.StatusCode.INTERNAL
             error = stream_failure(exc)
         except asyncio.CancelledError:
             error = _rpc_error(grpc.StatusCode.CANCELLED, "the link was closed by this node")
@@ -251,7 +254,7 @@ class LinkedInvoke:
         self._unary = unary
         self._link: _Link | None = None
         self._unsent_links = 0
-        """Links in a row that broke before any frame left (see `NOT_SENT_LIMIT`)."""
+        """Links in a row that ended INTERNAL before any frame left (see `NOT_SENT_LIMIT`)."""
         self.unsupported = False
         """The peer answered the link UNIMPLEMENTED (or never let a frame through): every call goes unary."""
 
@@ -264,7 +267,7 @@ class LinkedInvoke:
         link = self._link
         if link is None or link.broken:
             if link is not None:
-                self._unsent_links = 0 if link.sent_any else self._unsent_links + 1
+                self._unsent_links = self._unsent_count(link)
             link = self._link = _Link(self._method)
         started = time.monotonic()
         try:
@@ -273,12 +276,20 @@ class LinkedInvoke:
             self._give_up("peer does not serve %s: calling it unary")
         except LinkNotSentError:
             # The link ended before this call's frame left: nothing of it ran anywhere, so it goes unary now.
-            if not link.sent_any and self._unsent_links + 1 >= NOT_SENT_LIMIT:
-                self._give_up("%s ended before a frame was sent on %d links in a row: calling the peer unary",
-                              NOT_SENT_LIMIT)
+            if self._unsent_count(link) >= NOT_SENT_LIMIT:
+                self._give_up("%s: %d links in a row ended INTERNAL before a frame left (a hidden UNIMPLEMENTED): "
+                              "calling the peer unary", NOT_SENT_LIMIT)
         if timeout is not None:
             timeout = max(0.0, timeout - (time.monotonic() - started))
         return await self._unary(request, timeout=timeout, metadata=metadata)
+
+    def _unsent_count(self, link: _Link) -> int:
+        """The count of links in a row that hid the peer's status before any frame left, link included. A link
+        that sent a frame starts it again; one that failed otherwise (UNAVAILABLE: the peer is down or
+        restarting) leaves it as it is, so a peer's downtime never turns its links off."""
+        if link.sent_any:
+            return 0
+        return self._unsent_links + 1 if link.hidden_status else self._unsent_links
 
     def _give_up(self, message: str, *args: object) -> None:
         if not self.unsupported:

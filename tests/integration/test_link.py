@@ -26,7 +26,9 @@ from hivemesh.mesh.etcd import EtcdServer
 from hivemesh.mesh.inbound import DecisionObserver
 from hivemesh.mesh.layers import Inbound
 from hivemesh.mesh.link_frames import BATCH_ANNOUNCE
+from hivemesh.mesh.link_server import LinkServer, link_handler
 from hivemesh.mesh.outbound.link import LINGER_S, LINK_MAX_REQUEST_BYTES, NOT_SENT_LIMIT, LinkedInvoke
+from hivemesh.mesh.ports import free_port
 from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
 from hivemesh.sdk import Agent, AgentServer, AgentServerConfig, Context, MeshClient, capability
 from hivemesh.v1 import agent_pb2
@@ -383,3 +385,52 @@ async def test_a_frame_that_left_is_never_sent_again_unary() -> None:
                 linked.close()
     finally:
         await server.stop(None)
+
+
+async def test_a_peer_that_was_down_gets_links_again_once_it_is_back() -> None:
+    """Links that fail before a frame left because the peer is down (UNAVAILABLE) never turn links off: only a
+    hidden UNIMPLEMENTED (INTERNAL, see the race test above) counts towards NOT_SENT_LIMIT."""
+    served: list[int] = []
+
+    async def invoke(request: bytes, context: Any) -> bytes:
+        served.append(1)
+        return request
+
+    def serve(port: int) -> grpc.aio.Server:
+        links = LinkServer(None, grpc.unary_unary_rpc_method_handler(invoke))
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("hivemesh.v1.Agent", {
+            "Invoke": grpc.unary_unary_rpc_method_handler(invoke), "Link": link_handler(links)})])
+        assert server.add_insecure_port(f"127.0.0.1:{port}") == port
+        return server
+
+    port = free_port("127.0.0.1")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        linked = LinkedInvoke(channel, channel.unary_unary(_INVOKE))
+        try:
+            for _ in range(NOT_SENT_LIMIT + 2):  # nobody listens: each call's link and its unary try fail
+                with pytest.raises(grpc.aio.AioRpcError) as down:
+                    await linked(b"while down", timeout=5)
+                assert down.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert not linked.unsupported and served == []
+            server = serve(port)
+            await server.start()
+            try:
+                answered: list[bytes] = []
+
+                async def call_once() -> bool:
+                    with contextlib.suppress(grpc.aio.AioRpcError):  # the channel may still be backing off
+                        answered.append(await linked(b"back", timeout=5))
+                    return bool(answered)
+
+                deadline = asyncio.get_running_loop().time() + 30
+                while not await call_once():
+                    assert asyncio.get_running_loop().time() < deadline, "the peer was not reached again"
+                    await asyncio.sleep(0.2)
+                assert answered == [b"back"] and not linked.unsupported
+                assert await linked(b"on the link", timeout=5) == b"on the link"
+                assert linked._link is not None and linked._link.sent_any and not linked._link.broken
+            finally:
+                await server.stop(None)
+        finally:
+            linked.close()
