@@ -4,11 +4,13 @@
 // tokens, authorization, input validation against the card's schema, audit, registration).
 //
 // It serves `Agent.Link` too (lib/linkserver.js): the sidecar then sends it each unary call as a frame on one
-// stream, answered by the same code as `Invoke`; each answer's metadata says how the call arrived.
+// stream, answered by the same code as `Invoke`; each answer's metadata says how the call arrived, and how many
+// calls this agent stopped before finishing them (their deadline passed or they were cancelled).
 //
 //   node agent.js [--port 0] [--catalogue catalogue.json] [--name pricing] [--delay-ms 0]
 //   prints "listening 127.0.0.1:PORT" once serving; SIGTERM/SIGINT stop it. --delay-ms makes every unary quote
-//   take that long (stopped early by its deadline or cancel), to watch deadlines and cancels at work.
+//   take that long (stopped early by its deadline or cancel, counted in "stopped"), to watch deadlines and
+//   cancels at work.
 'use strict';
 
 const fs = require('node:fs');
@@ -59,13 +61,15 @@ const card = {
 
 const delayMs = Number(args['delay-ms']);
 let links = 0; // Link streams opened so far (the sidecar keeps one open while it can)
+let stopped = 0; // calls given up before their answer was made: deadline passed or cancelled, by either transport
 
 /**
- * What every answer says about the call: the W3C trace it belongs to, who called (set by the sidecar), and how
- * it arrived ("unary" Invoke or a "link" frame, with the links opened so far). header(key) reads its metadata.
+ * What every answer says about the call: the W3C trace it belongs to, who called (set by the sidecar), how it
+ * arrived ("unary" Invoke or a "link" frame, with the links opened so far), and the calls stopped so far (so a
+ * caller can see that a call it gave up did not run on here). header(key) reads its metadata.
  */
 function callNotes(header, arrived) {
-  const notes = { arrived };
+  const notes = { arrived, stopped: String(stopped) };
   if (arrived === 'link') notes.links = String(links);
   const traceparent = header('traceparent');
   if (traceparent) notes.traceparent = String(traceparent);
@@ -117,7 +121,9 @@ async function invoke(request, header, arrived, signal) {
       state: 'TASK_STATE_COMPLETED', metadata: callNotes(header, arrived),
     };
   } catch (e) {
-    throw signal.aborted ? e : refusal(e); // a stopped call is answered by its transport, if at all
+    if (!signal.aborted) throw refusal(e);
+    stopped += 1;
+    throw e; // a stopped call is answered by its transport, if at all
   }
 }
 

@@ -7,7 +7,8 @@ RetryInfo and pushback, which the caller honours; the caller's traceparent reach
 the sales-support demo sends its pricing question to the Node agent while it is live. Links, in Node at both ends:
 agent.js serves Agent.Link (its sidecar sends it every unary call as a frame; raw frames show each answered as
 its unary Invoke is, deadlines and cancels honoured), and `caller.js --link` calls over Mesh.Link with the same
-answers, refusals and retries as its unary calls."""
+answers, refusals and retries as its unary calls; a link call it gives up at its deadline is cancelled (no answer
+comes back for it, the agent stops it) and the link carries the next call."""
 
 from __future__ import annotations
 
@@ -122,10 +123,16 @@ class Rig:
 
 
 @pytest.fixture
-async def rig(mesh: MeshEnv, node_modules: Path, tmp_path: Path) -> AsyncIterator[Rig]:
+def agent_args() -> tuple[str, ...]:
+    """Options for the rig's `agent.js` (a test parametrizes it, e.g. with --delay-ms)."""
+    return ()
+
+
+@pytest.fixture
+async def rig(mesh: MeshEnv, node_modules: Path, tmp_path: Path, agent_args: tuple[str, ...]) -> AsyncIterator[Rig]:
     procs: list[asyncio.subprocess.Process] = []
     try:
-        async with node_agent(tmp_path / "agent.log") as (_, agent_address), AgentServer(
+        async with node_agent(tmp_path / "agent.log", *agent_args) as (_, agent_address), AgentServer(
             EchoAgent("sdk"), await mesh.settings_for("echo"), AgentServerConfig(audit_dir=tmp_path / "echo-audit")
         ):
             pricing, ready = await start_sidecar_ready(mesh, agent_address, tmp_path / "pricing-home",
@@ -300,6 +307,78 @@ spec: {agents: [pricing], capabilities: [pricing.quote], per_identity_rps: 0.2, 
     assert out["link"] == {"opened": 1, "answers": out["attempts"]}, out
 
 
+# Two calls on one Mesh.Link (lib/linkclient.js, as caller.js --link makes them) in one process, so the link is
+# still open after the first is given up: argv address, input JSON, give-up ms. Call 1 carries a deadline 30 s
+# away (its timeout_s, which every hop keeps), but its local timer, the one that gives it up with a cancel frame,
+# is made to fire at give-up ms: a caller that gives up long before any hop's own deadline, so only the cancel
+# frame can stop the call out there. Prints the two outcomes, the ids of every answer frame that came back on the
+# link (its own listener: linkclient drops answers to calls given up), and the link's stats.
+TWO_LINK_CALLS = """
+const { grpc, loadHivemesh } = require('./lib/contracts');
+const { MeshLinks } = require('./lib/linkclient');
+const [address, input, giveUpMs] = process.argv.slice(1);
+const hivemesh = loadHivemesh();
+const links = new MeshLinks(new hivemesh.Mesh(address, grpc.credentials.createInsecure()), hivemesh.Mesh.service.Call);
+const link = links.open();
+links.links.push(link);
+const answered = [];
+link.stream.on('data', (m) => {
+  for (const f of m.batch.length ? m.batch : [m]) if (f.body === 'answer') answered.push(Number(f.id));
+});
+const request = { capability: 'pricing.quote', input: Buffer.from(input), content_type: 'application/json' };
+const outcome = (pending) => pending.then(
+  (r) => ({ ok: true, metadata: r.metadata }), (e) => ({ ok: false, code: grpc.status[e.code] }));
+(async () => {
+  const setTimer = global.setTimeout; // the call's deadline timer is the first one it sets
+  global.setTimeout = (fn, _ms, ...rest) => {
+    global.setTimeout = setTimer;
+    return setTimer(fn, Number(giveUpMs), ...rest);
+  };
+  const first = await outcome(links.call(request, {}, Date.now() + 30000));
+  const second = await outcome(links.call(request, {}, Date.now() + 30000));
+  process.stdout.write(JSON.stringify({ first, second, answered, broken: link.broken, stats: links.stats() }));
+  process.exit(0);
+})();
+"""
+SLOW_MS = 1500
+GIVE_UP_MS = 600  # ample for a first call to reach the agent through both sidecars
+
+
+@pytest.mark.parametrize("agent_args", [("--delay-ms", str(SLOW_MS))])
+async def test_a_link_call_given_up_locally_is_cancelled_and_its_link_goes_on(rig: Rig) -> None:
+    """The Node agent takes SLOW_MS over every quote. A `caller.js --link` call whose deadline passes first is
+    given up locally: DEADLINE_EXCEEDED, read like a unary call's (never retried). Meanwhile two calls on one
+    link in one process (TWO_LINK_CALLS): the first is given up while its deadline is still far at every hop, and
+    its cancel frame alone stops it: its sidecar sends no answer for it and the agent stops making its quote (else
+    the quote is made and answered after SLOW_MS); the link carries the next call, which the agent answers."""
+    async def two_link_calls() -> dict[str, Any]:
+        proc = await asyncio.create_subprocess_exec(
+            "node", "-e", TWO_LINK_CALLS, rig.caller_mesh, json.dumps(ORDER), str(GIVE_UP_MS),
+            cwd=NODE_DIR, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            said, err = await asyncio.wait_for(proc.communicate(), 60)
+        finally:
+            await stop(proc)
+        assert proc.returncode == 0, err.decode()
+        result: dict[str, Any] = json.loads(said)
+        return result
+
+    # Side by side: both give up at GIVE_UP_MS, SLOW_MS before the second call on the link is answered.
+    out, done = await asyncio.gather(
+        node_call(rig.caller_mesh, "pricing.quote", ORDER, "--link", "--timeout-ms", str(GIVE_UP_MS)),
+        two_link_calls())
+    assert (out["error"]["code"], out["attempts"], out["via"]) == ("DEADLINE_EXCEEDED", 1, "link"), out
+    assert out["link"] == {"opened": 1, "answers": 0}, out
+    assert done["first"] == {"ok": False, "code": "DEADLINE_EXCEEDED"}, done
+    assert done["second"]["ok"] and not done["broken"], done
+    assert done["answered"] == [2], done  # none for call 1: dropped by its sidecar, never made by the agent
+    assert done["stats"] == {"opened": 1, "answers": 1}, done
+    # The agent stopped both given-up calls before making their quotes: caller.js's (its deadline, which every
+    # hop has, stops it at the latest) and call 1 (its cancel frame only).
+    assert done["second"]["metadata"]["stopped"] == "2", done
+
+
 def _quote_request(order: Any) -> bytes:
     return agent_pb2.InvokeRequest(capability="pricing.quote", input=json.dumps(order).encode()).SerializeToString()
 
@@ -353,7 +432,9 @@ async def test_agent_js_answers_link_frames_as_its_unary_invoke(node_modules: Pa
     assert [h.key for h in answers[3].binary_trailers] == ["grpc-status-details-bin"]
     linked = agent_pb2.InvokeResponse.FromString(answers[5].response)
     assert answers[5].code == 0 and linked.output == unary.output and json.loads(linked.output)["total_cents"] == 68400
-    assert (dict(linked.metadata), dict(unary.metadata)) == ({"arrived": "link", "links": "1"}, {"arrived": "unary"})
+    # Calls 2 (expired) and 4 (cancelled) were stopped before their quote was made, and counted so.
+    assert (dict(linked.metadata), dict(unary.metadata)) == (
+        {"arrived": "link", "links": "1", "stopped": "2"}, {"arrived": "unary", "stopped": "2"})
     assert (fallback["via"], fallback["link"], fallback["error"]["code"]) == (
         "call", {"opened": 1, "answers": 0}, "UNIMPLEMENTED"), fallback
     assert "/hivemesh.v1.Mesh/Call" in fallback["error"]["message"], fallback
