@@ -79,6 +79,7 @@ class A2AGateway:
         self._server: uvicorn.Server | None = None
         self._serving: asyncio.Task[None] | None = None
         self._sock: socket.socket | None = None
+        self._handler: _Handler | None = None
         self.port = 0
         self._cards: dict[str | None, tuple[tuple[Any, ...], dict[str, Any] | None]] = {}
         self.executor = MeshAgentExecutor(self.mesh, timeout_s=self.config.call_timeout_s, offered=self._offered)
@@ -130,7 +131,8 @@ class A2AGateway:
     def _app(self) -> Starlette:
         executor, engine = self.executor, self.executor.engine
         store = EtcdTaskStore(engine.store.etcd, engine.owner_segment, list_runs=engine.list, sync=executor.sync)
-        handler = _Handler(agent_executor=executor, task_store=store, agent_card=self.card(None) or AgentCard())
+        handler = self._handler = _Handler(agent_executor=executor, task_store=store,
+                                           agent_card=self.card(None) or AgentCard())
         dispatcher = JsonRpcDispatcher(handler, context_builder=MeshCallContextBuilder(), enable_v0_3_compat=True)
         verifier = self.mesh.node.verifier()
 
@@ -193,6 +195,9 @@ class A2AGateway:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        if self._handler is not None:  # a2a-sdk's workers of open tasks; their runs live on in etcd
+            await self._handler.aclose()
+            self._handler = None
         if self._tls is not None:
             self._tls.close()
             self._tls = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -183,6 +184,9 @@ async def test_tasks_and_their_asks_outlive_a_gateway_restart(rig: Rig) -> None:
         done = [e async for e in echo.send_message(send_request({"text": "x"}, skill="echo"))][-1].task
     assert asked.status.state == TaskState.TASK_STATE_INPUT_REQUIRED
     await rig.gateway.stop()
+    # Stopping drains a2a-sdk's workers of open tasks (they would otherwise be destroyed mid-await later).
+    left = [t for t in asyncio.all_tasks() if "ActiveTask" in getattr(t.get_coro(), "__qualname__", "")]
+    assert left == [], left
     async with A2AGateway(await rig.env.settings_for("a2a-gateway")) as second:
         rig.gateway = second
         async with await rig.http_for(rig.alice) as http:
