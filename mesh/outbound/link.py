@@ -256,7 +256,8 @@ class LinkedInvoke:
         self._unsent_links = 0
         """Links in a row that ended INTERNAL before any frame left (see `NOT_SENT_LIMIT`)."""
         self.unsupported = False
-        """The peer answered the link UNIMPLEMENTED (or never let a frame through): every call goes unary."""
+        """The peer answered the link UNIMPLEMENTED (or its links ended INTERNAL before a frame left,
+        `NOT_SENT_LIMIT` times in a row): every call goes unary."""
 
     async def __call__(
         self, request: bytes, *, timeout: float | None = None, metadata: Sequence[tuple[str, Any]] = ()
