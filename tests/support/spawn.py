@@ -27,11 +27,12 @@ async def child_env(env: MeshEnv, name: str, home: Path, kind: str = "agent", **
     return out
 
 
-async def _spawn(args: list[str], env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
+async def _spawn(args: list[str], env: dict[str, str] | None, log: Path, *, stdin: int | None = None,
+                 ) -> asyncio.subprocess.Process:
     log_file = log.open("ab")  # the child keeps its own copy of the descriptor
     try:
         return await asyncio.create_subprocess_exec(
-            sys.executable, *args, cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE, stderr=log_file,
+            sys.executable, *args, cwd=REPO, env=env, stdin=stdin, stdout=asyncio.subprocess.PIPE, stderr=log_file,
             start_new_session=True,
         )
     finally:
@@ -103,14 +104,7 @@ async def start_replica(
 async def start_plain_agent(log: Path, *args: str, timeout: float = 30.0) -> tuple[asyncio.subprocess.Process, str]:
     """`python -m tests.support.plain_agent` (a `PlainAgent`, no mesh); (process, endpoint) once it serves. Close
     its stdin to stop it: it then prints how many calls reached it (`plain_agent_calls`)."""
-    log_file = log.open("ab")
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.support.plain_agent", *args, cwd=REPO, stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, stderr=log_file, start_new_session=True,
-        )
-    finally:
-        log_file.close()
+    proc = await _spawn(["-m", "tests.support.plain_agent", *args], None, log, stdin=asyncio.subprocess.PIPE)
     try:
         port = int(await _first_line(proc, log, timeout))
     except BaseException:
