@@ -340,8 +340,8 @@ const outcome = (pending) => pending.then(
   process.exit(0);
 })();
 """
-SLOW_MS = 1500
-GIVE_UP_MS = 600  # ample for a first call to reach the agent through both sidecars
+SLOW_MS = 2500
+GIVE_UP_MS = 1000  # ample for a first call to reach the agent through both sidecars, on a busy CI machine too
 
 
 @pytest.mark.parametrize("agent_args", [("--delay-ms", str(SLOW_MS))])
