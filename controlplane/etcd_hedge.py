@@ -12,6 +12,11 @@ client had already spent its first attempt on the cut replica, so one token requ
 answered within `after_s`, fn also goes to every member over a channel of its own, and the first answer wins.
 fn must be safe to run more than once at a time: reads, or the create-if-absent user and role writes of
 `ensure_workload_user`.
+
+When the cut member was etcd's leader, the others' linearizable reads wait for a new one and then fail with
+"etcdserver: leader changed" (seen in the multi-host test's etcd logs). Such a member is up and about to answer,
+so it is asked again (`electing`); given up on, the hedge waited on the cut member alone until its timeout, and
+the replica's `IssueToken` outlived the client's share of its deadline (one CI run of the multi-host test).
 """
 
 from __future__ import annotations
@@ -34,6 +39,14 @@ HEDGE_AFTER_S: Final = 0.3
 
 _RETRYABLE_CODES: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
+AGAIN_PAUSE_S: Final = 0.1
+"""The first pause before a member that answered `electing` is asked again (doubling up to `_AGAIN_PAUSE_MAX_S`)."""
+_AGAIN_PAUSE_MAX_S: Final = 0.25
+
+_ELECTING: Final = ("leader changed", "no leader", "request timed out")
+"""etcd's words for a request that met a leader election (server/etcdserver/errors.go: ErrLeaderChanged,
+ErrNoLeader, ErrTimeout and ErrTimeoutDueToLeaderFail)."""
+
 
 def unreachable(exc: BaseException) -> bool:
     """Whether exc says the member did not answer (so another member may), not that etcd refused the request."""
@@ -42,6 +55,14 @@ def unreachable(exc: BaseException) -> bool:
     if isinstance(exc, grpc.aio.AioRpcError):
         return exc.code() in _RETRYABLE_CODES
     return isinstance(exc, TimeoutError | ConnectionError)
+
+
+def electing(exc: BaseException) -> bool:
+    """Whether exc is a member saying its cluster is choosing a leader: it answers once one is chosen."""
+    if not isinstance(exc, aetcd.exceptions.ClientError | grpc.aio.AioRpcError):
+        return False
+    text = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+    return any(words in (text or "") for words in _ELECTING)
 
 
 class HedgedEtcd:
@@ -60,6 +81,8 @@ class HedgedEtcd:
         self.timeout_s = timeout_s
         self.hedges = 0
         """How many requests went to every member (the round-robin one was slow or failed)."""
+        self.asked_again = 0
+        """How many times a member that answered `electing` was asked again."""
         self._members: list[aetcd.Client] | None = None
         self._several = len(parse_endpoints(endpoints)) > 1
 
@@ -81,9 +104,11 @@ class HedgedEtcd:
                     raise error
                 tasks = []
             self.hedges += 1
-            tasks += [asyncio.create_task(self._on(c, fn)) for c in self._member_clients()]
+            budget = max(0.1, self.timeout_s - self.after_s)
+            until = asyncio.get_running_loop().time() + budget
+            tasks += [asyncio.create_task(self._on(c, fn, until)) for c in self._member_clients()]
             try:
-                async with asyncio.timeout(max(0.1, self.timeout_s - self.after_s)):
+                async with asyncio.timeout(budget):
                     for next_done in asyncio.as_completed(tasks):
                         try:
                             return await next_done
@@ -102,10 +127,20 @@ class HedgedEtcd:
                 task.cancel()
             await asyncio.gather(first, *tasks, return_exceptions=True)
 
-    @staticmethod
-    async def _on(c: aetcd.Client, fn: Callable[[Any], Awaitable[_T]]) -> _T:
-        await c.connect()
-        return await fn(c)
+    async def _on(self, c: aetcd.Client, fn: Callable[[Any], Awaitable[_T]], until: float) -> _T:
+        """fn on one member, asked again while it answers `electing` and a pause still ends before `until`."""
+        loop = asyncio.get_running_loop()
+        pause = AGAIN_PAUSE_S
+        while True:
+            await c.connect()
+            try:
+                return await fn(c)
+            except Exception as exc:
+                if not electing(exc) or loop.time() + pause >= until:
+                    raise
+            self.asked_again += 1
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, _AGAIN_PAUSE_MAX_S)
 
     def _member_clients(self) -> list[aetcd.Client]:
         if self._members is None:

@@ -122,3 +122,48 @@ async def test_a_keepalive_to_a_frozen_member_is_rescued_within_the_ttl(tmp_path
         if frozen is not None and frozen.pid is not None:
             os.kill(frozen.pid, signal.SIGCONT)
         await asyncio.to_thread(cluster.stop)
+
+
+async def test_a_hedged_read_gets_through_the_election_when_the_frozen_member_led(
+    tmp_path: Path, session_ca: SessionCa
+) -> None:
+    """The leader freezes: the followers' linearizable reads wait for a new leader, then answer "leader
+    changed". They are asked again and answer; given up on, the read waited on the frozen leader until the hedge's
+    timeout (how one control-plane request failed in a CI run of the multi-host test)."""
+    cluster = EtcdCluster(tmp_path / "etcd", size=3, tls=session_ca.tls)
+    await asyncio.to_thread(cluster.start)
+    frozen = None
+    try:
+        root = client(cluster.access)
+        await wait_connected(root)
+        await root.put(b"/hivemesh/grants/probe", b"granted")
+        leader = (await root.status()).leader.name
+        frozen = next(m for m in cluster.members if m.name == leader)
+        assert frozen.pid is not None
+        # after_s=0: every read is asked of every member at once, so the followers surely meet the election.
+        hedged = HedgedEtcd(root, cluster.access, after_s=0.0, timeout_s=20.0)
+        try:
+            got = await hedged.run(lambda etcd: etcd.get(b"/hivemesh/grants/probe"))  # every channel warm
+            assert got is not None and got.value == b"granted"
+            assert hedged.asked_again == 0, "no election yet, nothing asked again"
+            os.kill(frozen.pid, signal.SIGSTOP)
+            began = time.monotonic()
+            got = await hedged.run(lambda etcd: etcd.get(b"/hivemesh/grants/probe"))
+            took_s = time.monotonic() - began
+            assert got is not None and got.value == b"granted"
+            assert hedged.asked_again >= 1, "no member answered that its cluster was electing (else no test)"
+            follower = client(EtcdAccess(next(m for m in cluster.members if m is not frozen).endpoint,
+                                         cluster.access.tls))
+            try:
+                assert (await follower.status()).leader.name != leader, "the followers elected one of themselves"
+            finally:
+                await follower.close()
+        finally:
+            await hedged.close()
+        await root.close()
+        print(f"\nFIGURE hedge through an election: a read while the leader was frozen answered in {took_s:.2f} s, "
+              f"members asked again {hedged.asked_again} times")
+    finally:
+        if frozen is not None and frozen.pid is not None:
+            os.kill(frozen.pid, signal.SIGCONT)
+        await asyncio.to_thread(cluster.stop)
