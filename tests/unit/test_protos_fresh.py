@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
+import tomllib
 from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[2]
 GENERATED = ROOT / "protos" / "hivemesh" / "v1"
@@ -48,3 +53,25 @@ def test_wire_contract() -> None:
     assert agent_pb2.InvokeChunk.DESCRIPTOR.fields_by_name["hops"].number == 15
     # A2A task-state names and meanings.
     assert agent_pb2.TaskState.Name(6) == "TASK_STATE_INPUT_REQUIRED"
+
+
+def _lowest_admitted(requirement: str) -> Version:
+    """The oldest version a pyproject requirement admits (its `>=` or `==` bound)."""
+    bounds = [Version(s.version) for s in Requirement(requirement).specifier if s.operator in (">=", "==")]
+    assert bounds, f"{requirement}: no lower bound, so any old runtime may be installed"
+    return max(bounds)
+
+
+def test_the_oldest_declared_runtimes_load_the_committed_generated_code() -> None:
+    """protoc's code refuses a protobuf runtime older than itself (VersionError at import), and grpc's a grpcio
+    older than the tools that made it: the lowest versions pyproject admits must not be older. (It admitted
+    protobuf 6.31 while the code needed 7.35.1: beside a package that caps protobuf below 7, import failed.)"""
+    declared = {Requirement(r).name: r for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "dependencies"]}
+    gencode = {Version(m.group(1)) for p in GENERATED.glob("*_pb2.py")
+               if (m := re.search(r"^# Protobuf Python Version: (\S+)$", p.read_text(), re.M))}
+    grpc_gencode = {Version(m.group(1)) for p in GENERATED.glob("*_pb2_grpc.py")
+                    if (m := re.search(r"^GRPC_GENERATED_VERSION = '([^']+)'$", p.read_text(), re.M))}
+    assert len(gencode) == 1 and len(grpc_gencode) == 1, (gencode, grpc_gencode)
+    assert _lowest_admitted(declared["protobuf"]) >= max(gencode), (declared["protobuf"], gencode)
+    assert _lowest_admitted(declared["grpcio"]) >= max(grpc_gencode), (declared["grpcio"], grpc_gencode)
