@@ -10,9 +10,11 @@ its leader keeps its term (leader keepalives are rescued the same way).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -38,132 +40,129 @@ def _instance() -> AgentInstance:
     )
 
 
-async def test_a_keepalive_to_a_frozen_member_is_rescued_within_the_ttl(tmp_path: Path, session_ca: SessionCa) -> None:
-    cluster = EtcdCluster(tmp_path / "etcd", size=3, tls=session_ca.tls)
-    await asyncio.to_thread(cluster.start)
-    frozen = None
+@pytest.fixture
+async def cluster(tmp_path: Path, session_ca: SessionCa) -> AsyncIterator[EtcdCluster]:
+    """A real 3-member cluster (mutual TLS, auth); whatever a test froze is thawed before it stops."""
+    started = EtcdCluster(tmp_path / "etcd", size=3, tls=session_ca.tls)
+    await asyncio.to_thread(started.start)
     try:
-        root = client(cluster.access)
-        await wait_connected(root)
-        leader = (await root.status()).leader.name
-        frozen = next(m for m in cluster.members if m.name != leader)  # a follower: no election to wait out
-        assert frozen.pid is not None
-
-        reg = Registration(cluster.access, _instance(), ttl_s=2)
-        await reg.start()
-        # A control-plane replica's leader election over its own round-robin client, through the same freeze.
-        elector = client(cluster.access)
-        await wait_connected(elector)
-        changes: list[bool] = []
-        election = LeaderElection(elector, "a", ttl_s=2, on_change=changes.append, members=cluster.access)
-        await election.start()
-        try:
-            # Let the round-robin channel reach every member (the keepalives rotate over them), then freeze one.
-            await asyncio.sleep(1.0)  # the channel's subchannels connect: without it the rescue check below fails
-            os.kill(frozen.pid, signal.SIGSTOP)
-            frozen_at = time.monotonic()
-            while reg.keepalive_rescues < 1:
-                assert time.monotonic() - frozen_at < 15, f"no keepalive was rescued: {reg.last_error!r}"
-                await asyncio.sleep(0.05)
-            rescued_s = time.monotonic() - frozen_at
-            # One more TTL with the member still frozen: the lease holds throughout.
-            await asyncio.sleep(2.0)  # the observation window, not a wait for something to happen
-            assert reg.leases_lost == 0 and reg.registrations == 1, (reg.leases_lost, reg.registrations)
-            lease = reg.lease_id
-            assert lease is not None
-            # Asked of the leader alone: a client spread over the members could ask the frozen one and time out.
-            steady = next(m for m in cluster.members if m.name == leader)
-            live = client(EtcdAccess(steady.endpoint, cluster.access.tls))
-            try:
-                assert (await live.get_lease_info(lease)).TTL > 0
-            finally:
-                await live.close()
-
-            # Directly: the first member to answer wins, the frozen one does not hold the call up...
-            began = time.monotonic()
-            assert await refresh_on_members(cluster.access, lease, 3.0) > 0
-            assert time.monotonic() - began < 2.0
-            # ...a member alone that never answers is a timeout within the bound...
-            alone = EtcdAccess(frozen.endpoint, cluster.access.tls)
-            began = time.monotonic()
-            with pytest.raises(TimeoutError):
-                await refresh_on_members(alone, lease, 0.5)
-            assert time.monotonic() - began < 2.0
-
-            # The control plane's issuing path (grants, agents, workload users) through the same round robin:
-            # a request handed to the frozen member is asked of every member after 0.3 s, so none waits it out.
-            hedged = HedgedEtcd(root, cluster.access)
-            try:
-                slowest = 0.0
-                for i in range(6):  # round robin hands the frozen member two of them
-                    began = time.monotonic()
-                    await hedged.run(lambda etcd: etcd.get_prefix(b"/hivemesh/grants/"))
-                    await hedged.run(lambda etcd, i=i: ensure_workload_user(etcd, "client", f"hedged-{i % 2}"))
-                    slowest = max(slowest, time.monotonic() - began)
-                assert hedged.hedges >= 1, "no request reached the frozen member (else no test)"
-                assert slowest < 2.0, slowest
-            finally:
-                await hedged.close()
-            # The leader kept its term through the freeze: its keepalives that went to the frozen member were
-            # rescued by the others, so it never stepped down.
-            assert election.rescues >= 1, "no leader keepalive went to the frozen member (else no test)"
-            assert changes == [True] and election.terms_won == 1, changes
-        finally:
-            await election.stop()
-            await elector.close()
-            await reg.stop()
-        # ...and a lease that is gone says so (TTL <= 0), so the registration registers again.
-        assert await refresh_on_members(cluster.access, lease, 3.0) <= 0
-        await root.close()
-        print(f"\nFIGURE lease rescue: keepalive rescued {rescued_s:.2f} s after a follower froze; 0 leases lost; "
-              f"{hedged.hedges} of 12 control-plane requests hedged, the slowest pair {slowest:.2f} s; "
-              f"{election.rescues} leader keepalives rescued, no step-down")
+        yield started
     finally:
-        if frozen is not None and frozen.pid is not None:
-            os.kill(frozen.pid, signal.SIGCONT)
-        await asyncio.to_thread(cluster.stop)
+        for member in started.members:
+            if member.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(member.pid, signal.SIGCONT)
+        await asyncio.to_thread(started.stop)
 
 
-async def test_a_hedged_read_gets_through_the_election_when_the_frozen_member_led(
-    tmp_path: Path, session_ca: SessionCa
-) -> None:
+async def test_a_keepalive_to_a_frozen_member_is_rescued_within_the_ttl(cluster: EtcdCluster) -> None:
+    root = client(cluster.access)
+    await wait_connected(root)
+    leader = (await root.status()).leader.name
+    frozen = next(m for m in cluster.members if m.name != leader)  # a follower: no election to wait out
+    assert frozen.pid is not None
+
+    reg = Registration(cluster.access, _instance(), ttl_s=2)
+    await reg.start()
+    # A control-plane replica's leader election over its own round-robin client, through the same freeze.
+    elector = client(cluster.access)
+    await wait_connected(elector)
+    changes: list[bool] = []
+    election = LeaderElection(elector, "a", ttl_s=2, on_change=changes.append, members=cluster.access)
+    await election.start()
+    try:
+        # Let the round-robin channel reach every member (the keepalives rotate over them), then freeze one.
+        await asyncio.sleep(1.0)  # the channel's subchannels connect: without it the rescue check below fails
+        os.kill(frozen.pid, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        while reg.keepalive_rescues < 1:
+            assert time.monotonic() - frozen_at < 15, f"no keepalive was rescued: {reg.last_error!r}"
+            await asyncio.sleep(0.05)
+        rescued_s = time.monotonic() - frozen_at
+        # One more TTL with the member still frozen: the lease holds throughout.
+        await asyncio.sleep(2.0)  # the observation window, not a wait for something to happen
+        assert reg.leases_lost == 0 and reg.registrations == 1, (reg.leases_lost, reg.registrations)
+        lease = reg.lease_id
+        assert lease is not None
+        # Asked of the leader alone: a client spread over the members could ask the frozen one and time out.
+        steady = next(m for m in cluster.members if m.name == leader)
+        live = client(EtcdAccess(steady.endpoint, cluster.access.tls))
+        try:
+            assert (await live.get_lease_info(lease)).TTL > 0
+        finally:
+            await live.close()
+
+        # Directly: the first member to answer wins, the frozen one does not hold the call up...
+        began = time.monotonic()
+        assert await refresh_on_members(cluster.access, lease, 3.0) > 0
+        assert time.monotonic() - began < 2.0
+        # ...a member alone that never answers is a timeout within the bound...
+        alone = EtcdAccess(frozen.endpoint, cluster.access.tls)
+        began = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await refresh_on_members(alone, lease, 0.5)
+        assert time.monotonic() - began < 2.0
+
+        # The control plane's issuing path (grants, agents, workload users) through the same round robin:
+        # a request handed to the frozen member is asked of every member after 0.3 s, so none waits it out.
+        hedged = HedgedEtcd(root, cluster.access)
+        try:
+            slowest = 0.0
+            for i in range(6):  # round robin hands the frozen member two of them
+                began = time.monotonic()
+                await hedged.run(lambda etcd: etcd.get_prefix(b"/hivemesh/grants/"))
+                await hedged.run(lambda etcd, i=i: ensure_workload_user(etcd, "client", f"hedged-{i % 2}"))
+                slowest = max(slowest, time.monotonic() - began)
+            assert hedged.hedges >= 1, "no request reached the frozen member (else no test)"
+            assert slowest < 2.0, slowest
+        finally:
+            await hedged.close()
+        # The leader kept its term through the freeze: its keepalives that went to the frozen member were
+        # rescued by the others, so it never stepped down.
+        assert election.rescues >= 1, "no leader keepalive went to the frozen member (else no test)"
+        assert changes == [True] and election.terms_won == 1, changes
+    finally:
+        await election.stop()
+        await elector.close()
+        await reg.stop()
+    # ...and a lease that is gone says so (TTL <= 0), so the registration registers again.
+    assert await refresh_on_members(cluster.access, lease, 3.0) <= 0
+    await root.close()
+    print(f"\nFIGURE lease rescue: keepalive rescued {rescued_s:.2f} s after a follower froze; 0 leases lost; "
+          f"{hedged.hedges} of 12 control-plane requests hedged, the slowest pair {slowest:.2f} s; "
+          f"{election.rescues} leader keepalives rescued, no step-down")
+
+
+async def test_a_hedged_read_gets_through_the_election_when_the_frozen_member_led(cluster: EtcdCluster) -> None:
     """The leader freezes: the followers' linearizable reads wait for a new leader, then answer "leader
     changed". They are asked again and answer; given up on, the read waited on the frozen leader until the hedge's
     timeout (how one control-plane request failed in a CI run of the multi-host test)."""
-    cluster = EtcdCluster(tmp_path / "etcd", size=3, tls=session_ca.tls)
-    await asyncio.to_thread(cluster.start)
-    frozen = None
+    root = client(cluster.access)
+    await wait_connected(root)
+    await root.put(b"/hivemesh/grants/probe", b"granted")
+    leader = (await root.status()).leader.name
+    frozen = next(m for m in cluster.members if m.name == leader)
+    assert frozen.pid is not None
+    # after_s=0: every read is asked of every member at once, so the followers surely meet the election.
+    hedged = HedgedEtcd(root, cluster.access, after_s=0.0, timeout_s=20.0)
     try:
-        root = client(cluster.access)
-        await wait_connected(root)
-        await root.put(b"/hivemesh/grants/probe", b"granted")
-        leader = (await root.status()).leader.name
-        frozen = next(m for m in cluster.members if m.name == leader)
-        assert frozen.pid is not None
-        # after_s=0: every read is asked of every member at once, so the followers surely meet the election.
-        hedged = HedgedEtcd(root, cluster.access, after_s=0.0, timeout_s=20.0)
+        got = await hedged.run(lambda etcd: etcd.get(b"/hivemesh/grants/probe"))  # every channel warm
+        assert got is not None and got.value == b"granted"
+        assert hedged.asked_again == 0, "no election yet, nothing asked again"
+        os.kill(frozen.pid, signal.SIGSTOP)
+        began = time.monotonic()
+        got = await hedged.run(lambda etcd: etcd.get(b"/hivemesh/grants/probe"))
+        took_s = time.monotonic() - began
+        assert got is not None and got.value == b"granted"
+        assert hedged.asked_again >= 1, "no member answered that its cluster was electing (else no test)"
+        follower = client(EtcdAccess(next(m for m in cluster.members if m is not frozen).endpoint,
+                                     cluster.access.tls))
         try:
-            got = await hedged.run(lambda etcd: etcd.get(b"/hivemesh/grants/probe"))  # every channel warm
-            assert got is not None and got.value == b"granted"
-            assert hedged.asked_again == 0, "no election yet, nothing asked again"
-            os.kill(frozen.pid, signal.SIGSTOP)
-            began = time.monotonic()
-            got = await hedged.run(lambda etcd: etcd.get(b"/hivemesh/grants/probe"))
-            took_s = time.monotonic() - began
-            assert got is not None and got.value == b"granted"
-            assert hedged.asked_again >= 1, "no member answered that its cluster was electing (else no test)"
-            follower = client(EtcdAccess(next(m for m in cluster.members if m is not frozen).endpoint,
-                                         cluster.access.tls))
-            try:
-                assert (await follower.status()).leader.name != leader, "the followers elected one of themselves"
-            finally:
-                await follower.close()
+            assert (await follower.status()).leader.name != leader, "the followers elected one of themselves"
         finally:
-            await hedged.close()
-        await root.close()
-        print(f"\nFIGURE hedge through an election: a read while the leader was frozen answered in {took_s:.2f} s, "
-              f"members asked again {hedged.asked_again} times")
+            await follower.close()
     finally:
-        if frozen is not None and frozen.pid is not None:
-            os.kill(frozen.pid, signal.SIGCONT)
-        await asyncio.to_thread(cluster.stop)
+        await hedged.close()
+    await root.close()
+    print(f"\nFIGURE hedge through an election: a read while the leader was frozen answered in {took_s:.2f} s, "
+          f"members asked again {hedged.asked_again} times")
