@@ -39,7 +39,7 @@ HEDGE_AFTER_S: Final = 0.3
 
 _RETRYABLE_CODES: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
-AGAIN_PAUSE_S: Final = 0.1
+_AGAIN_PAUSE_S: Final = 0.1
 """The first pause before a member that answered `electing` is asked again (doubling up to `_AGAIN_PAUSE_MAX_S`)."""
 _AGAIN_PAUSE_MAX_S: Final = 0.25
 
@@ -130,9 +130,9 @@ class HedgedEtcd:
     async def _on(self, c: aetcd.Client, fn: Callable[[Any], Awaitable[_T]], until: float) -> _T:
         """fn on one member, asked again while it answers `electing` and a pause still ends before `until`."""
         loop = asyncio.get_running_loop()
-        pause = AGAIN_PAUSE_S
+        pause = _AGAIN_PAUSE_S
+        await c.connect()
         while True:
-            await c.connect()
             try:
                 return await fn(c)
             except Exception as exc:
