@@ -123,6 +123,8 @@ class _Link:
         """The server said it reads batches (in its initial metadata): queued frames go as one message."""
         self.messages = 0
         """Messages written on the stream (fewer than frames when frames were batched)."""
+        self.answered = False
+        """A frame came back: the peer serves Link."""
         self.linger_s = LINGER_S
         # Written by our own task, not a request iterator: a write that fails says which frames never left.
         self._stream = method(metadata=BATCH_ANNOUNCE)
@@ -160,6 +162,7 @@ class _Link:
         try:
             self.batches = announced(await self._stream.initial_metadata())
             async for raw in self._stream:
+                self.answered = True
                 for frame in unpacked(agent_pb2.LinkFrame.FromString(raw)):
                     waiter = self._pending.pop(frame.id, None)
                     if waiter is not None and not waiter.done():
@@ -258,6 +261,12 @@ class LinkedInvoke:
         self.unsupported = False
         """The peer answered the link UNIMPLEMENTED (or its links ended INTERNAL before a frame left,
         `NOT_SENT_LIMIT` times in a row): every call goes unary."""
+        self.proven = False
+        """A link of this peer answered a frame. Until then one call at a time tries a link and the others go unary:
+        with two frames on a link the peer refuses at once, the first can leave before its UNIMPLEMENTED and the
+        second race it, so the stream ends INTERNAL with a frame out, and that call would fail although nothing
+        ran (see LinkNotSentError; one frame alone is always told apart)."""
+        self._trying = False
 
     async def __call__(
         self, request: bytes, *, timeout: float | None = None, metadata: Sequence[tuple[str, Any]] = ()
@@ -265,6 +274,11 @@ class LinkedInvoke:
         if (self.unsupported or len(request) > LINK_MAX_REQUEST_BYTES
                 or any(not isinstance(v, str) for _, v in metadata)):
             return await self._unary(request, timeout=timeout, metadata=metadata)
+        trying = not self.proven
+        if trying:
+            if self._trying:
+                return await self._unary(request, timeout=timeout, metadata=metadata)
+            self._trying = True
         link = self._link
         if link is None or link.broken:
             if link is not None:
@@ -280,6 +294,10 @@ class LinkedInvoke:
             if self._unsent_count(link) >= NOT_SENT_LIMIT:
                 self._give_up("%s: %d links in a row ended INTERNAL before a frame left (a hidden UNIMPLEMENTED): "
                               "calling the peer unary", NOT_SENT_LIMIT)
+        finally:
+            if trying:
+                self._trying = False
+                self.proven = link.answered
         if timeout is not None:
             timeout = max(0.0, timeout - (time.monotonic() - started))
         return await self._unary(request, timeout=timeout, metadata=metadata)

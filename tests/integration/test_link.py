@@ -346,6 +346,38 @@ async def test_a_peer_that_refuses_links_at_once_gets_every_call_unary_whatever_
         await stop(proc, kill=True)
 
 
+async def test_concurrent_first_calls_to_a_peer_that_refuses_links_are_all_answered(tmp_path: Path) -> None:
+    """Several calls at once on a fresh LinkedInvoke whose peer refuses links: with two frames on the first link,
+    the first could be written before the peer's UNIMPLEMENTED and the second race it, so the stream ends INTERNAL
+    with a frame that left, and that call failed ("the link to the peer broke") although the peer ran nothing. A
+    CI-like run of the certificate-renewal test saw it on a sidecar's first calls to its unary-only agent. Until a
+    link has answered a frame, only one call at a time tries it; the others go unary."""
+    log = tmp_path / "plain.log"
+    proc, endpoint = await start_plain_agent(log)
+    calls = 0
+    try:
+        async with grpc.aio.insecure_channel(endpoint) as channel:
+            unary = channel.unary_unary(_INVOKE)
+            for attempt in range(100):  # each a fresh LinkedInvoke: a new first link, a new race
+                linked = LinkedInvoke(channel, unary)
+                try:
+                    texts = [f"{attempt}-{i}" for i in range(4)]
+                    answers = await asyncio.gather(*(linked(agent_pb2.InvokeRequest(
+                        capability="echo", input=json.dumps({"text": t}).encode()).SerializeToString(), timeout=10)
+                        for t in texts), return_exceptions=True)
+                    failed = [a for a in answers if isinstance(a, BaseException)]
+                    assert not failed, f"attempt {attempt}: {failed[0]!r}"
+                    calls += len(answers)
+                    got = [json.loads(agent_pb2.InvokeResponse.FromString(a).output)["text"] for a in answers
+                           if isinstance(a, bytes)]
+                    assert got == texts
+                finally:
+                    linked.close()
+        assert await plain_agent_calls(proc, log) == calls  # none ran twice
+    finally:
+        await stop(proc, kill=True)
+
+
 async def test_a_frame_that_left_is_never_sent_again_unary() -> None:
     """A link that breaks after the peer read a call's frame fails that call (the peer may have run it); only calls
     whose frames never left may go unary."""
