@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -317,33 +317,43 @@ async def test_the_sidecar_serves_a_link_through_its_chain_to_a_plain_agent(mesh
 _INVOKE = "/hivemesh.v1.Agent/Invoke"
 
 
+_Peer = tuple[grpc.aio.Channel, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes], Callable[[], Awaitable[int]]]
+
+
+@contextlib.asynccontextmanager
+async def _refusing_peer(tmp_path: Path) -> AsyncIterator[_Peer]:
+    """A unary-only agent in its own process (on one shared event loop the race never shows): a channel to it, its
+    unary Invoke, and a coroutine that stops it and says how many calls it ran."""
+    log = tmp_path / "plain.log"
+    proc, endpoint = await start_plain_agent(log)
+    try:
+        async with grpc.aio.insecure_channel(endpoint) as channel:
+            yield channel, channel.unary_unary(_INVOKE), lambda: plain_agent_calls(proc, log)
+    finally:
+        await stop(proc, kill=True)
+
+
 async def test_a_peer_that_refuses_links_at_once_gets_every_call_unary_whatever_the_race(tmp_path: Path) -> None:
     """A peer without Link answers the stream UNIMPLEMENTED at once; when the link's first write reaches gRPC's core
     after that status, the asyncio stream reports INTERNAL instead (grpc/grpc#36066). CI saw a sidecar's first call
     to its unary-only agent fail that way. Every call must still be answered, exactly once, and the peer be called
-    unary within NOT_SENT_LIMIT links. The peer is its own process: on one shared event loop the race never shows."""
-    log = tmp_path / "plain.log"
-    proc, endpoint = await start_plain_agent(log)
+    unary within NOT_SENT_LIMIT links."""
     calls = 0
-    try:
-        async with grpc.aio.insecure_channel(endpoint) as channel:
-            unary = channel.unary_unary(_INVOKE)
-            request = agent_pb2.InvokeRequest(capability="echo", input=b'{"text": "x"}').SerializeToString()
-            for attempt in range(200):  # each a fresh LinkedInvoke: a new first link, a new race
-                linked = LinkedInvoke(channel, unary)
-                try:
-                    for _ in range(NOT_SENT_LIMIT):
-                        answer = agent_pb2.InvokeResponse.FromString(await linked(request, timeout=10))
-                        calls += 1
-                        assert json.loads(answer.output)["text"] == "x"
-                        if linked.unsupported:
-                            break
-                    assert linked.unsupported, f"attempt {attempt}: still trying links after {NOT_SENT_LIMIT} calls"
-                finally:
-                    linked.close()
-        assert await plain_agent_calls(proc, log) == calls  # none ran twice
-    finally:
-        await stop(proc, kill=True)
+    async with _refusing_peer(tmp_path) as (channel, unary, ran):
+        request = agent_pb2.InvokeRequest(capability="echo", input=b'{"text": "x"}').SerializeToString()
+        for attempt in range(200):  # each a fresh LinkedInvoke: a new first link, a new race
+            linked = LinkedInvoke(channel, unary)
+            try:
+                for _ in range(NOT_SENT_LIMIT):
+                    answer = agent_pb2.InvokeResponse.FromString(await linked(request, timeout=10))
+                    calls += 1
+                    assert json.loads(answer.output)["text"] == "x"
+                    if linked.unsupported:
+                        break
+                assert linked.unsupported, f"attempt {attempt}: still trying links after {NOT_SENT_LIMIT} calls"
+            finally:
+                linked.close()
+        assert await ran() == calls  # none ran twice
 
 
 async def test_concurrent_first_calls_to_a_peer_that_refuses_links_are_all_answered(tmp_path: Path) -> None:
@@ -352,30 +362,24 @@ async def test_concurrent_first_calls_to_a_peer_that_refuses_links_are_all_answe
     with a frame that left, and that call failed ("the link to the peer broke") although the peer ran nothing. A
     CI-like run of the certificate-renewal test saw it on a sidecar's first calls to its unary-only agent. Until a
     link has answered a frame, only one call at a time tries it; the others go unary."""
-    log = tmp_path / "plain.log"
-    proc, endpoint = await start_plain_agent(log)
     calls = 0
-    try:
-        async with grpc.aio.insecure_channel(endpoint) as channel:
-            unary = channel.unary_unary(_INVOKE)
-            for attempt in range(100):  # each a fresh LinkedInvoke: a new first link, a new race
-                linked = LinkedInvoke(channel, unary)
-                try:
-                    texts = [f"{attempt}-{i}" for i in range(4)]
-                    answers = await asyncio.gather(*(linked(agent_pb2.InvokeRequest(
-                        capability="echo", input=json.dumps({"text": t}).encode()).SerializeToString(), timeout=10)
-                        for t in texts), return_exceptions=True)
-                    failed = [a for a in answers if isinstance(a, BaseException)]
-                    assert not failed, f"attempt {attempt}: {failed[0]!r}"
-                    calls += len(answers)
-                    got = [json.loads(agent_pb2.InvokeResponse.FromString(a).output)["text"] for a in answers
-                           if isinstance(a, bytes)]
-                    assert got == texts
-                finally:
-                    linked.close()
-        assert await plain_agent_calls(proc, log) == calls  # none ran twice
-    finally:
-        await stop(proc, kill=True)
+    async with _refusing_peer(tmp_path) as (channel, unary, ran):
+        for attempt in range(100):  # each a fresh LinkedInvoke: a new first link, a new race
+            linked = LinkedInvoke(channel, unary)
+            try:
+                texts = [f"{attempt}-{i}" for i in range(4)]
+                answers = await asyncio.gather(*(linked(agent_pb2.InvokeRequest(
+                    capability="echo", input=json.dumps({"text": t}).encode()).SerializeToString(), timeout=10)
+                    for t in texts), return_exceptions=True)
+                failed = [a for a in answers if isinstance(a, BaseException)]
+                assert not failed, f"attempt {attempt}: {failed[0]!r}"
+                calls += len(answers)
+                got = [json.loads(agent_pb2.InvokeResponse.FromString(a).output)["text"] for a in answers
+                       if isinstance(a, bytes)]
+                assert got == texts
+            finally:
+                linked.close()
+        assert await ran() == calls  # none ran twice
 
 
 async def test_a_frame_that_left_is_never_sent_again_unary() -> None:
