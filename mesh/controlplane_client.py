@@ -29,6 +29,18 @@ _UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_
 _AGAIN_MIN_S = 0.5
 """The least time left of a call worth asking a replica again whose etcd request failed."""
 _AGAIN_PAUSE_S = 0.05
+HEDGE_AFTER_S = 0.75
+"""How long a replica may stay silent before an idempotent call also goes to the next one. Control calls answer
+in milliseconds (tens under load); a replica silent this long is most likely cut off or frozen, and waiting out
+its share of the timeout left the next replica too little time in the multi-host test (docs/multihost.md)."""
+_HEDGE_MAX = 2
+"""Replicas asked at once at most: one hedge per slow replica, so a slow control plane gets twice its load, not n×."""
+
+
+def _settle(task: asyncio.Task[Any]) -> None:
+    """Retrieve the outcome of an attempt nobody waits for any more (asyncio would log it as unretrieved)."""
+    if not task.cancelled():
+        task.exception()
 
 
 class ControlPlaneClient:
@@ -36,7 +48,8 @@ class ControlPlaneClient:
 
     address may list several replicas ("h:p,h:p"). Calls go to the current one; the idempotent control calls
     (token issue, certificate renewal, JWKS, agent list) move on to the next replica when one answers
-    UNAVAILABLE or DEADLINE_EXCEEDED, and the replica that answered stays current. Any other call that finds
+    UNAVAILABLE or DEADLINE_EXCEEDED or stays silent for `hedge_after_s`, and the replica that answered stays
+    current. Any other call that finds
     its replica unreachable fails as before, and the next call goes to the next replica.
     """
 
@@ -53,6 +66,8 @@ class ControlPlaneClient:
         self._retired: set[asyncio.Task[None]] = set()
         self.failovers = 0
         """How many times a call moved on to another replica."""
+        self.hedges = 0
+        """How many times a slow replica's call also went to the next one (hedged)."""
         self.reachable: bool | None = None
         """Whether the last call got an answer (any status but UNAVAILABLE or DEADLINE_EXCEEDED); None: no call
         yet. The node's metrics export it."""
@@ -67,6 +82,11 @@ class ControlPlaneClient:
         """One replica's share of a call's time: a frozen replica must leave time to ask another."""
         n = len(self.addresses)
         return self.timeout_s if n == 1 else max(1.0, self.timeout_s / n)
+
+    @property
+    def hedge_after_s(self) -> float:
+        """How long a replica may stay silent before an idempotent call also asks the next one."""
+        return min(HEDGE_AFTER_S, self.attempt_timeout_s / 2)
 
     def learn(self, addresses: Sequence[str]) -> None:
         """Replicas found elsewhere (their adverts in etcd): the configured ones and these, current first kept."""
@@ -112,44 +132,81 @@ class ControlPlaneClient:
         return channel
 
     async def _call(self, name: str, request: Any) -> Any:
-        """ControlPlane.<name>, failing over to the next replica while one is unreachable (idempotent calls).
+        """ControlPlane.<name> for an idempotent call, failing over to the next replica while one is unreachable,
+        and hedging: a replica silent for `hedge_after_s` is left running while the next one is asked too, and
+        the first answer wins (a partitioned replica sends no RST, so only its timeout would end the wait).
 
         A replica that answered REGISTRY_UNAVAILABLE is up but its etcd request failed (a member it asked was
         cut off: docs/multihost.md); once every replica was tried, those are asked once more within what is left
-        of timeout_s, since the control plane's next etcd request goes elsewhere."""
+        of timeout_s, since the control plane's next etcd request goes elsewhere. No attempt outlives timeout_s."""
         start = self._current
         queue = [*self.addresses[start:], *self.addresses[:start]]  # this call's own order: others may move on
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
         answered: list[str] = []
         again = False
-        while queue:
-            address = queue.pop(0)
+        running: dict[asyncio.Task[Any], str] = {}
+        failed: grpc.aio.AioRpcError | None = None
+
+        async def attempt(address: str, timeout: float) -> Any:
             stub = control_pb2_grpc.ControlPlaneStub(self._channel_to(address))
-            timeout = min(self.attempt_timeout_s, deadline - loop.time()) if again else self.attempt_timeout_s
-            try:
-                answer = await getattr(stub, name)(request, timeout=timeout)
-            except grpc.aio.AioRpcError as exc:
-                unreachable = exc.code() in _UNREACHABLE
-                if unreachable:
-                    self._away_from(address)
-                if from_rpc_error(exc).reason == "REGISTRY_UNAVAILABLE" and not again:
-                    answered.append(address)
-                if not queue and answered and not again and deadline - loop.time() > _AGAIN_MIN_S:
-                    again, queue = True, answered
-                    await asyncio.sleep(_AGAIN_PAUSE_S)
-                if unreachable and queue:
-                    log.warning("control plane %s unreachable for %s (%s); trying %s", address, name,
-                                exc.code().name, "it again" if queue[0] == address else "the next replica")
-                    self.failovers += 1
+            return await getattr(stub, name)(request, timeout=timeout)
+
+        def ask() -> None:
+            """The next replica of the queue; the last one may use all the time left, the others their share
+            (one that stays silent must leave time to ask the replica after it)."""
+            address = queue.pop(0)
+            left = deadline - loop.time()
+            running[loop.create_task(attempt(address, min(self.attempt_timeout_s, left) if queue else left))] = address
+
+        try:
+            while True:
+                if not running:
+                    if not queue and answered and not again and deadline - loop.time() > _AGAIN_MIN_S:
+                        again, queue = True, answered
+                        await asyncio.sleep(_AGAIN_PAUSE_S)
+                    if not queue or deadline - loop.time() <= 0:
+                        assert failed is not None  # the loop only gets here after an attempt failed
+                        self.reachable = failed.code() not in _UNREACHABLE
+                        raise from_rpc_error(failed) from failed
+                    ask()
+                hedge = bool(queue) and len(running) < _HEDGE_MAX and deadline - loop.time() > _AGAIN_MIN_S
+                done, _ = await asyncio.wait(
+                    running, timeout=self.hedge_after_s if hedge else None, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:  # the replicas asked are slow: ask the next one too, keep waiting on them
+                    self.hedges += 1
+                    log.info("control plane %s silent for %.2f s on %s; also asking %s",
+                             ", ".join(running.values()), self.hedge_after_s, name, queue[0])
+                    ask()
                     continue
-                self.reachable = not unreachable
-                raise from_rpc_error(exc) from exc
-            self.reachable = True
-            if self.address != address and address in self.addresses:
-                self._current = self.addresses.index(address)  # the replica that answered stays current
-            return answer
-        raise AssertionError("unreachable: the last attempt returns or raises")
+                for task in done:
+                    address = running.pop(task)
+                    exc = task.exception()
+                    if exc is None:
+                        self.reachable = True
+                        if self.address != address and address in self.addresses:
+                            self._current = self.addresses.index(address)  # the replica that answered stays current
+                        return task.result()
+                    if not isinstance(exc, grpc.aio.AioRpcError):
+                        raise exc
+                    failed = exc
+                    registry = from_rpc_error(exc).reason == "REGISTRY_UNAVAILABLE"
+                    if exc.code() not in _UNREACHABLE:
+                        self.reachable = True
+                        raise from_rpc_error(exc) from exc  # an answer: the call failed, not the replica
+                    self._away_from(address)
+                    if registry and not again:
+                        answered.append(address)
+                    if queue or running or (answered and not again):
+                        log.warning("control plane %s unreachable for %s (%s); %s", address, name, exc.code().name,
+                                    "trying the next replica" if queue else "waiting on the replica also asked"
+                                    if running else "asking it again")
+                        self.failovers += 1
+        finally:
+            for task in running:  # a hedge lost the race, or the call was cancelled: end its RPC
+                task.cancel()
+                task.add_done_callback(_settle)
 
     async def issue_token(
         self, audience: str, scopes: Sequence[str] = (), ttl_s: int = 0

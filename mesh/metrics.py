@@ -153,6 +153,10 @@ STATE: Final[Mapping[str, StateSpec]] = {
     "hivemesh_etcd_connected": StateSpec("1 while the node's etcd watches are connected, else 0."),
     "hivemesh_etcd_errors": StateSpec("etcd watch streams that broke and were re-established.", counter=True),
     "hivemesh_controlplane_reachable": StateSpec("1 while the node's last control-plane call succeeded, else 0."),
+    "hivemesh_controlplane_failovers": StateSpec(
+        "Control-plane calls that moved on from an unreachable replica.", counter=True),
+    "hivemesh_controlplane_hedges": StateSpec(
+        "Control-plane calls also sent to the next replica because the one asked stayed silent.", counter=True),
     # trust
     "hivemesh_tls_handshake_refusals": StateSpec(
         "TLS handshakes refused on a mesh port, by reason (counted beside the audit record).", ("reason",),

@@ -340,6 +340,8 @@ class NodeMetrics:
         cp = node.controlplane
         add("hivemesh_controlplane_reachable",
             lambda: [] if cp.reachable is None else [({}, 1.0 if cp.reachable else 0.0)])
+        add("hivemesh_controlplane_failovers", lambda: [({}, float(cp.failovers))])
+        add("hivemesh_controlplane_hedges", lambda: [({}, float(cp.hedges))])
         add("hivemesh_certificate_expiry_seconds", lambda: [({}, node.workload.expires_at - time.time())])
         add("hivemesh_revocations_in_force", lambda: [({}, float(len(node.revocations)))])
         add("hivemesh_jwks_age_seconds",

@@ -145,6 +145,8 @@ async def test_every_node_exports_the_documented_series(orch: Orch, monkeypatch:
     assert sample(client_t, "hivemesh_request_duration_seconds_count", direction="outbound", capability="greet",
                   code="OK") == 1
     assert sample(client_t, "hivemesh_controlplane_reachable") == 1  # it was issued tokens
+    assert sample(client_t, "hivemesh_controlplane_failovers_total") == 0  # one replica, always answering
+    assert sample(client_t, "hivemesh_controlplane_hedges_total") == 0
 
     # The control plane.
     assert sample(cp_t, "hivemesh_node_info", packaging="controlplane") == 1
