@@ -35,6 +35,11 @@ in milliseconds (tens under load); a replica silent this long is most likely cut
 its share of the timeout left the next replica too little time in the multi-host test (docs/multihost.md)."""
 _HEDGE_MAX = 2
 """Replicas asked at once at most: one hedge per slow replica, so a slow control plane gets twice its load, not n×."""
+_HEDGE_BURST = 3
+_HEDGE_RATIO = 0.1
+"""The hedge budget: a client hedges at most 3 calls plus one in ten of the idempotent calls it made. When every
+replica is slow (overload, not a cut), hedging each call would double the load that made them slow; gRPC
+throttles its own retries and hedges for the same reason (retryThrottling)."""
 
 
 def _settle(task: asyncio.Task[Any]) -> None:
@@ -68,6 +73,8 @@ class ControlPlaneClient:
         """How many times a call moved on to another replica."""
         self.hedges = 0
         """How many times a slow replica's call also went to the next one (hedged)."""
+        self.idempotent_calls = 0
+        """Idempotent calls made: the hedge budget's base."""
         self.reachable: bool | None = None
         """Whether the last call got an answer (any status but UNAVAILABLE or DEADLINE_EXCEEDED); None: no call
         yet. The node's metrics export it."""
@@ -141,6 +148,7 @@ class ControlPlaneClient:
         of timeout_s, since the control plane's next etcd request goes elsewhere. No attempt outlives timeout_s."""
         start = self._current
         queue = [*self.addresses[start:], *self.addresses[:start]]  # this call's own order: others may move on
+        self.idempotent_calls += 1
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
         answered: list[str] = []
@@ -170,7 +178,8 @@ class ControlPlaneClient:
                         self.reachable = failed.code() not in _UNREACHABLE
                         raise from_rpc_error(failed) from failed
                     ask()
-                hedge = bool(queue) and len(running) < _HEDGE_MAX and deadline - loop.time() > _AGAIN_MIN_S
+                hedge = bool(queue) and len(running) < _HEDGE_MAX and deadline - loop.time() > _AGAIN_MIN_S \
+                    and self.hedges < _HEDGE_BURST + _HEDGE_RATIO * self.idempotent_calls
                 done, _ = await asyncio.wait(
                     running, timeout=self.hedge_after_s if hedge else None, return_when=asyncio.FIRST_COMPLETED
                 )

@@ -28,10 +28,11 @@ AUDIENCE = "spiffe://hivemesh.local/agent/echo"
 
 
 class _Replica(control_pb2_grpc.ControlPlaneServicer):
-    """Answers IssueToken with a token naming `name`; holds the call instead when `hold`; denies when `deny`."""
+    """Answers IssueToken with a token naming `name` (after `delay_s`); holds the call instead when `hold`; denies
+    when `deny`."""
 
-    def __init__(self, name: str, *, hold: bool = False, deny: bool = False) -> None:
-        self.name, self.hold, self.deny = name, hold, deny
+    def __init__(self, name: str, *, hold: bool = False, deny: bool = False, delay_s: float = 0.0) -> None:
+        self.name, self.hold, self.deny, self.delay_s = name, hold, deny, delay_s
         self.calls = 0
         self.cancelled = asyncio.Event()
 
@@ -45,6 +46,8 @@ class _Replica(control_pb2_grpc.ControlPlaneServicer):
             except asyncio.CancelledError:
                 self.cancelled.set()
                 raise
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)  # a replica that is slow, not gone
         return control_pb2.IssueTokenResponse(token=self.name, scopes=list(request.scopes))
 
 
@@ -133,3 +136,18 @@ async def test_when_every_replica_is_silent_the_call_ends_within_its_timeout(tmp
                     await asyncio.wait_for(cp.issue_token(AUDIENCE, ["echo"]), 15)
                 assert cp.hedges == 1 and held.calls == 1 and cp.reachable is False
                 await asyncio.wait_for(held.cancelled.wait(), 15)
+
+
+@pytest.mark.timeout(90)
+async def test_when_every_replica_is_slow_hedges_stay_within_the_budget(tmp_path: Path) -> None:
+    """Both replicas answer, slowly: past the first few, a call hedges only once per ten calls, so an overloaded
+    control plane is not sent twice the calls that made it slow."""
+    init_ca(tmp_path, "hivemesh.local")
+    first, second = _Replica("first", delay_s=0.9), _Replica("second", delay_s=0.9)
+    async with _serving(tmp_path, first) as a1, _serving(tmp_path, second) as a2:
+        async with _client(tmp_path, f"{a1},{a2}", 4.0) as cp:  # 2 s attempts, hedged after 0.75 s of silence
+            assert cp.hedge_after_s == pytest.approx(0.75)
+            answers = [(await asyncio.wait_for(cp.issue_token(AUDIENCE, ["echo"]), 15)).token for _ in range(10)]
+            assert set(answers) <= {"first", "second"} and len(answers) == 10
+            # Every call was silent past 0.75 s; 3 hedged, then one more once 10 calls had been made.
+            assert cp.hedges == 4 and first.calls + second.calls == 14
