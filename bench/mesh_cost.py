@@ -16,6 +16,10 @@ run, because grpcio's speed moves with versions and machines.
 
     /tmp/v/bin/python bench/mesh_cost.py            # full run (3 rounds, ~7-9 min on 2 cores)
     /tmp/v/bin/python bench/mesh_cost.py --quick    # smoke run (1 round, ~50 s)
+    .venv/bin/python bench/mesh_cost.py --paths c u --sizes 200 --soak-minutes 30   # soak, by hand (~31 min)
+
+A soak calls every mesh path (b, l, c, u) at once at a steady rate instead of the rounds: failed calls, the RSS
+and open fds of every process on the path every 10 s, and each call's audit record at the control plane.
 
 The same file is every child process too (`_child <role>`), so the bench needs nothing outside this repo.
 """
@@ -397,6 +401,38 @@ async def _throughput(call: Caller, payload: dict[str, str], concurrency: int, s
     return {"calls": sum(counts), "elapsed_s": elapsed, "calls_per_s": sum(counts) / elapsed, "errors": errors}
 
 
+async def _soak(call: Caller, payload: dict[str, str], rate: float, seconds: float) -> dict[str, Any]:
+    """Calls at a steady rate for `seconds`, each its own task, so a slow call does not hold the next ones back
+    (every call is bounded by CALL_TIMEOUT_S). A call fails when it raises or answers other than its input."""
+    loop = asyncio.get_running_loop()
+    ok = failed = 0
+    errors: dict[str, int] = {}
+    inflight: set[asyncio.Task[None]] = set()
+
+    async def one() -> None:
+        nonlocal ok, failed
+        try:
+            answer = await call(payload)
+            if answer != payload:
+                raise AssertionError("the echo answered something else")
+            ok += 1
+        except Exception as exc:  # noqa: BLE001 - counted and reported, never hidden
+            failed += 1
+            key = f"{type(exc).__name__}: {exc}"[:200]
+            errors[key] = errors.get(key, 0) + 1
+
+    start = loop.time()
+    n = 0
+    while loop.time() - start < seconds:
+        task = loop.create_task(one())
+        inflight.add(task)
+        task.add_done_callback(inflight.discard)
+        n += 1
+        await asyncio.sleep(max(0.0, start + n / rate - loop.time()))
+    await asyncio.gather(*inflight)
+    return {"calls": n, "ok": ok, "failed": failed, "errors": errors, "elapsed_s": loop.time() - start}
+
+
 async def child_client(args: argparse.Namespace) -> None:
     """A load generator driven by JSON-line commands on stdin; optionally also serves an idle plain agent (the
     caller behind the caller's sidecar: a sidecar needs an agent to front)."""
@@ -432,6 +468,8 @@ async def child_client(args: argparse.Namespace) -> None:
                     result = await _latency(call, payload, int(cmd["n"]), float(cmd["max_s"]))
                 elif op == "throughput":
                     result = await _throughput(call, payload, int(cmd["concurrency"]), float(cmd["seconds"]))
+                elif op == "soak":
+                    result = await _soak(call, payload, float(cmd["rate"]), float(cmd["seconds"]))
                 else:
                     result = {"error": f"unknown op {op}"}
             except Exception as exc:  # noqa: BLE001 - reported to the driver, which stops the run
@@ -515,6 +553,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+SOAK_CAPABILITIES: dict[str, str] = {"b": "echo-inproc", "l": "echo-link", "c": "echo-sidecar-c", "u": "echo-sidecar-u"}
+"""The paths a soak runs (those with the mesh's layers, so every call leaves an audit record) and their capability."""
+SOAK_SAMPLE_S = 10.0
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 @dataclass
 class Child:
     """One child process: its role on the path, its protocol pipe and its stderr log."""
@@ -582,6 +637,11 @@ class CallPath:
     title: str
     client: Child
     servers: list[Child] = field(default_factory=list)
+
+    @property
+    def capability(self) -> str:
+        """The capability its calls name (each audited path has its own)."""
+        return SOAK_CAPABILITIES.get(self.key, "echo")
 
     @property
     def processes(self) -> list[Child]:
@@ -780,6 +840,64 @@ class Bench:
         await client.send({"target": addrs["mesh"]})
         await self._ready(client)
         self.paths.append(CallPath(key, TITLES[key], client, [caller, callee, agent]))
+
+    async def soak(self) -> list[dict[str, Any]]:
+        """Every mesh path at once, each at a steady rate for --soak-minutes: failed calls, every process's RSS and
+        open fds every 10 s, then every call's inbound ALLOW record in the control plane's audit log, and its chain."""
+        return list(await asyncio.gather(*(self._soak_path(p) for p in self.paths if p.key in SOAK_CAPABILITIES)))
+
+    async def _soak_path(self, path: CallPath) -> dict[str, Any]:
+        from hivemesh.controlplane.audit.checkpoints import verify_log
+        from hivemesh.controlplane.audit.query import AuditFilter
+
+        o = self.opts
+        seconds = o.soak_minutes * 60
+        samples: list[dict[str, Any]] = []
+        t0 = time.monotonic()
+
+        def sample() -> None:
+            samples.append({"t_s": round(time.monotonic() - t0, 1), **{
+                c.label: {"rss_mib": round(rss_mib(c.pid), 1), "fds": open_fds(c.pid)} for c in path.processes}})
+
+        async def sampler() -> None:
+            while True:
+                sample()
+                await asyncio.sleep(SOAK_SAMPLE_S)
+
+        log.info("soak: %s at %g calls/s for %g min", path.title, o.soak_rate, o.soak_minutes)
+        task = asyncio.get_running_loop().create_task(sampler())
+        try:
+            result = await path.client.command(
+                {"op": "soak", "size": o.sizes[0], "rate": o.soak_rate, "seconds": seconds}, seconds + 60)
+        finally:
+            task.cancel()
+        sample()
+        if "error" in result:
+            raise RuntimeError(f"{path.title}: soak failed: {result['error']}")
+        # Every call is one inbound ALLOW record where the mesh's inbound layers ran (the SDK agent or the callee's
+        # sidecar), shipped to the control plane; wait (bounded) for the shipper, then verify the hash chain.
+        log_path = self.tmp / "home" / "controlplane" / "audit" / "log.jsonl"
+        flt = AuditFilter(capability=path.capability, kind="inbound", decision="allow")
+        stored = 0
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            stored = _count_matching(log_path, flt)
+            if stored >= result["ok"]:
+                break
+            await asyncio.sleep(0.5)
+        report = verify_log(log_path.read_bytes().splitlines() if log_path.exists() else [])
+        warm = samples[min(1, len(samples) - 1)]  # 10 s in: connections, links and caches exist
+        return {
+            "path": path.key, "title": path.title, "minutes": o.soak_minutes, "rate_per_s": o.soak_rate,
+            "size": o.sizes[0], **result, "audit_records": stored, "audit_expected": result["ok"],
+            "audit_chain_ok": bool(report.ok),
+            "processes": {c.label: {
+                "rss_warm_mib": warm[c.label]["rss_mib"], "rss_last_mib": samples[-1][c.label]["rss_mib"],
+                "rss_max_mib": max(s[c.label]["rss_mib"] for s in samples), "fds_warm": warm[c.label]["fds"],
+                "fds_last": samples[-1][c.label]["fds"], "fds_max": max(s[c.label]["fds"] for s in samples),
+            } for c in path.processes},
+            "samples": samples,
+        }
 
     async def stop(self) -> None:
         """Stop everything this run started, clients first (bounded at every step)."""
@@ -1097,6 +1215,36 @@ def _write_text(path: str, text: str) -> None:
     Path(path).write_text(text)
 
 
+def _count_matching(log_path: Path, flt: Any) -> int:
+    if not log_path.exists():
+        return 0
+    n = 0
+    for raw in log_path.read_bytes().splitlines():
+        with contextlib.suppress(ValueError):
+            n += bool(flt.matches(json.loads(raw)))
+    return n
+
+
+def soak_text(results: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
+    lines = [f"soak: {info['nproc']} cores, {info['cpu']}, Python {info['python']}, grpcio {info['grpcio']}, "
+             f"{info['date']}, load {info['loadavg_at_start']:.2f} at start, commit {info['commit']} + "
+             f"{info['uncommitted_files']} uncommitted file(s)\n",
+             "| path | calls | failed | audit records / calls answered | chain | process | RSS MiB warm → last (max) "
+             "| fds warm → last (max) |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        first = True
+        for label, p in r["processes"].items():
+            head = (f"| {r['title']}, {r['minutes']:g} min at {r['rate_per_s']:g}/s, {r['size']} B | {r['calls']:,} | "
+                    f"**{r['failed']}** | {r['audit_records']:,} / {r['audit_expected']:,} | "
+                    f"{'verified' if r['audit_chain_ok'] else '**broken**'} |") if first else "| | | | | |"
+            lines.append(f"{head} {label} | {p['rss_warm_mib']:.1f} → {p['rss_last_mib']:.1f} ({p['rss_max_mib']:.1f}) "
+                         f"| {p['fds_warm']} → {p['fds_last']} ({p['fds_max']}) |")
+            first = False
+        if r["errors"]:
+            lines.append(f"\nerrors of {r['title']}: {json.dumps(r['errors'])}")
+    return "\n".join(lines) + "\n"
+
+
 async def driver(opts: argparse.Namespace) -> int:
     bench = Bench(opts)
     started = time.monotonic()
@@ -1106,6 +1254,13 @@ async def driver(opts: argparse.Namespace) -> int:
         await bench.start()
         log.info("all paths up in %.1f s; %d process(es) on the paths", time.monotonic() - started,
                  sum(len(p.processes) for p in bench.paths))
+        if opts.soak_minutes > 0:
+            soaked = await bench.soak()
+            sys.stdout.write(soak_text(soaked, info))
+            if opts.json:
+                _write_text(opts.json, json.dumps({"machine": info, "soak": soaked}, indent=1))
+            return 0 if all(r["failed"] == 0 and r["audit_records"] == r["audit_expected"] and r["audit_chain_ok"]
+                            for r in soaked) else 1
         await bench.run()
     finally:
         await bench.stop()
@@ -1150,6 +1305,11 @@ def main(argv: Sequence[str]) -> int:
                    help="before re-measuring, wait up to this long for the other processes to calm down")
     p.add_argument("--retry-budget", type=int, default=None, help="re-measurements per run at most (default 12; "
                    "quick 4), so a busy machine cannot stretch the run much")
+    p.add_argument("--soak-minutes", type=float, default=0.0,
+                   help="instead of the rounds: call each mesh path (b, l, c, u) at --soak-rate for this long, with "
+                   "every process's RSS and open fds sampled every 10 s and every call's audit record checked (30 by "
+                   "hand; exit 1 on a failed call or a missing record)")
+    p.add_argument("--soak-rate", type=float, default=50.0, help="calls per second during a soak")
     p.add_argument("--profile", default="", help="run every child under cProfile, writing <dir>/<process>.prof "
                    "(slows everything down: for finding hot spots, not for figures)")
     opts = p.parse_args(argv)
