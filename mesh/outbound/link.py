@@ -21,6 +21,7 @@ import asyncio
 import logging
 import os
 import time
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -100,6 +101,14 @@ def _last_id(message: Any) -> int:
     return max(f.id for f in batch) if batch else int(message.id)
 
 
+def _let_go(exc: BaseException) -> None:
+    """Clear the finished frames of exc's traceback. grpc.aio raises from frames whose `self` is the call, and
+    the call keeps its HTTP/2 connection open, even once its channel is closed, for as long as it lives: a kept
+    traceback (a cancelled task keeps its CancelledError) then held a connection per closed link, which the
+    garbage collector never freed (the 4 Dec soak: one more connection to each peer per certificate renewal)."""
+    traceback.clear_frames(exc.__traceback__)
+
+
 def _expire(waiter: asyncio.Future[Any]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError())
@@ -127,29 +136,32 @@ class _Link:
         """A frame came back: the peer serves Link."""
         self.linger_s = LINGER_S
         # Written by our own task, not a request iterator: a write that fails says which frames never left.
-        self._stream = method(metadata=BATCH_ANNOUNCE)
+        self._stream: grpc.aio.StreamStreamCall[bytes, bytes] | None = method(metadata=BATCH_ANNOUNCE)
+        """None once the link ended. The call object keeps its connection open, even after its channel was closed,
+        until it is freed, and a finished task's exception can hold this link in a reference cycle that only a
+        full garbage collection ends: so only this attribute refers to the call, and it is let go at the end."""
         loop = asyncio.get_running_loop()
         self._writer = loop.create_task(self._write())
         self._reader = loop.create_task(self._read())
 
     async def _write(self) -> None:
-        stream = self._stream
         try:
             async for message in outgoing(self._out, _CLOSE, _request_bytes, self._batches, self._linger):
-                if self.broken:
+                if self.broken or self._stream is None:
                     return
                 before = self._sent_through
                 self._sent_through = max(before, _last_id(message))
                 try:
-                    await stream.write(message.SerializeToString())
-                except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    await self._stream.write(message.SerializeToString())
+                except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+                    _let_go(exc)
                     self._sent_through = before  # refused by the core: this message never left
                     return
                 self.messages += 1
-            if not self.broken:
-                await stream.done_writing()
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            pass  # the stream ended: the reader reports how
+            if not self.broken and self._stream is not None:
+                await self._stream.done_writing()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            _let_go(exc)  # the stream ended: the reader reports how
 
     def _batches(self) -> bool:
         return self.batches
@@ -158,6 +170,13 @@ class _Link:
         return self.linger_s if len(self._pending) >= LINGER_AFTER else 0.0
 
     async def _read(self) -> None:
+        try:
+            await self._read_answers()
+        finally:
+            self._stream = None  # let the call (and its connection) go: see __init__
+
+    async def _read_answers(self) -> None:
+        assert self._stream is not None
         error: BaseException
         try:
             self.batches = announced(await self._stream.initial_metadata())
@@ -169,9 +188,11 @@ class _Link:
                         waiter.set_result(frame.answer)
             error = _rpc_error(grpc.StatusCode.UNAVAILABLE, "the link to the peer was closed")
         except grpc.aio.AioRpcError as exc:
+            _let_go(exc)
             self.hidden_status = exc.code() == grpc.StatusCode.INTERNAL
             error = stream_failure(exc)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
+            _let_go(exc)
             error = _rpc_error(grpc.StatusCode.CANCELLED, "the link was closed by this node")
             self._fail(error, settled=False)
             raise
@@ -241,7 +262,9 @@ class _Link:
     def close(self) -> None:
         """End the link now: its open calls fail CANCELLED."""
         self._out.put_nowait(_CLOSE)
-        self._stream.cancel()
+        if self._stream is not None:
+            self._stream.cancel()
+            self._stream = None
         self._writer.cancel()
 
 

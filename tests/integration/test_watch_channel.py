@@ -22,6 +22,7 @@ from hivemesh.mesh.watch import PrefixCache, WatchOptions
 from hivemesh.mesh.watch_channel import WatchChannel, open_channels
 from tests.conftest import SessionCa
 from tests.support.meshenv import TRUST_DOMAIN, controlplane_access
+from tests.support.sockets import connections_to as _connections_to
 from tests.support.waiting import until as _until
 
 P = "/hivemesh/test-watch-channel/"
@@ -30,28 +31,6 @@ INTERVAL = 0.2
 SHARED = WatchOptions(probe_interval_s=INTERVAL, probe_timeout_s=2.0, backoff_initial_s=0.05, backoff_max_s=0.3)
 FAST = WatchOptions(probe_interval_s=INTERVAL, probe_timeout_s=0.5, backoff_initial_s=0.05, backoff_max_s=0.3)
 
-
-
-def _connections_to(port: int) -> set[str]:
-    """The established TCP connections (socket inodes) this process holds to `port`: the kernel's view, /proc."""
-    inodes = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            link = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            inodes.add(link[len("socket:["):-1])
-    found = set()
-    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
-        with open(table) as f:
-            next(f)
-            for line in f:
-                fields = line.split()
-                remote, state, inode = fields[2], fields[3], fields[9]
-                if state == "01" and int(remote.rsplit(":", 1)[1], 16) == port and inode in inodes:
-                    found.add(inode)
-    return found
 
 
 def _range_calls(server: EtcdServer) -> int:
