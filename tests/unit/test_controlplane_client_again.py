@@ -19,6 +19,7 @@ from hivemesh.controlplane.ca import init_ca
 from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.errors import RegistryUnavailableError, abort
 from hivemesh.v1 import control_pb2, control_pb2_grpc
+from tests.support.controlplane_replica import serving_replica
 
 
 class _EtcdFailsFirst(control_pb2_grpc.ControlPlaneServicer):
@@ -33,23 +34,11 @@ class _EtcdFailsFirst(control_pb2_grpc.ControlPlaneServicer):
         return control_pb2.IssueTokenResponse(token="t", scopes=list(request.scopes))
 
 
-async def _serve(certs: Path, servicer: _EtcdFailsFirst) -> tuple[grpc.aio.Server, str]:
-    server = grpc.aio.server()
-    control_pb2_grpc.add_ControlPlaneServicer_to_server(servicer, server)
-    creds = grpc.ssl_server_credentials(
-        [((certs / "controlplane.key").read_bytes(), (certs / "controlplane.pem").read_bytes())],
-        root_certificates=(certs / "ca.pem").read_bytes(), require_client_auth=True)
-    port = server.add_secure_port("127.0.0.1:0", creds)
-    await server.start()
-    return server, f"127.0.0.1:{port}"
-
-
 @pytest.mark.timeout(30)
 async def test_a_replica_whose_etcd_failed_is_asked_once_more(tmp_path: Path) -> None:
     init_ca(tmp_path, "hivemesh.local")
     once, always = _EtcdFailsFirst(1), _EtcdFailsFirst(100)
-    (s1, a1), (s2, a2) = await _serve(tmp_path, once), await _serve(tmp_path, always)
-    try:
+    async with serving_replica(tmp_path, once) as a1, serving_replica(tmp_path, always) as a2:
         cp = ControlPlaneClient.from_certs_dir(a1, tmp_path)
         cp.timeout_s = 4.0
         async with cp:
@@ -63,6 +52,3 @@ async def test_a_replica_whose_etcd_failed_is_asked_once_more(tmp_path: Path) ->
             with pytest.raises(RegistryUnavailableError):
                 await cp.issue_token("spiffe://hivemesh.local/agent/echo", ["echo"])
             assert always.calls == 2 and asyncio.get_running_loop().time() - began < 2.0
-    finally:
-        await s1.stop(0)
-        await s2.stop(0)

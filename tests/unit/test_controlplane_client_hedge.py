@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from hivemesh.controlplane.ca import init_ca
 from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.errors import DeadlineExceededError, PermissionDeniedError, abort
 from hivemesh.v1 import control_pb2, control_pb2_grpc
+from tests.support.controlplane_replica import serving_replica
 
 AUDIENCE = "spiffe://hivemesh.local/agent/echo"
 
@@ -51,21 +51,6 @@ class _Replica(control_pb2_grpc.ControlPlaneServicer):
         return control_pb2.IssueTokenResponse(token=self.name, scopes=list(request.scopes))
 
 
-@contextlib.asynccontextmanager
-async def _serving(certs: Path, replica: _Replica) -> AsyncIterator[str]:
-    server = grpc.aio.server()
-    control_pb2_grpc.add_ControlPlaneServicer_to_server(replica, server)
-    creds = grpc.ssl_server_credentials(
-        [((certs / "controlplane.key").read_bytes(), (certs / "controlplane.pem").read_bytes())],
-        root_certificates=(certs / "ca.pem").read_bytes(), require_client_auth=True)
-    port = server.add_secure_port("127.0.0.1:0", creds)
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(0)
-
-
 @contextlib.contextmanager
 def _frozen() -> Any:
     """An address whose TCP handshake completes (the listen backlog) but that never reads: a SIGSTOPped process."""
@@ -89,7 +74,7 @@ async def test_a_frozen_replica_is_hedged_and_the_next_one_answers(tmp_path: Pat
     init_ca(tmp_path, "hivemesh.local")
     live = _Replica("live")
     with _frozen() as frozen:
-        async with _serving(tmp_path, live) as address:
+        async with serving_replica(tmp_path, live) as address:
             # 60 s over two replicas: the frozen one's share is 30 s, so only the hedge answers within 15 s.
             async with _client(tmp_path, f"{frozen},{address}", 60.0) as cp:
                 assert cp.hedge_after_s < cp.attempt_timeout_s
@@ -105,7 +90,7 @@ async def test_a_frozen_replica_is_hedged_and_the_next_one_answers(tmp_path: Pat
 async def test_the_slow_replica_s_call_is_cancelled_once_the_hedge_answered(tmp_path: Path) -> None:
     init_ca(tmp_path, "hivemesh.local")
     slow, fast = _Replica("slow", hold=True), _Replica("fast")
-    async with _serving(tmp_path, slow) as a1, _serving(tmp_path, fast) as a2:
+    async with serving_replica(tmp_path, slow) as a1, serving_replica(tmp_path, fast) as a2:
         async with _client(tmp_path, f"{a1},{a2}", 60.0) as cp:
             assert (await asyncio.wait_for(cp.issue_token(AUDIENCE, ["echo"]), 15)).token == "fast"
             await asyncio.wait_for(slow.cancelled.wait(), 15)  # its RPC ended: no call left behind
@@ -116,7 +101,7 @@ async def test_the_slow_replica_s_call_is_cancelled_once_the_hedge_answered(tmp_
 async def test_an_answer_that_denies_is_final_and_not_hedged(tmp_path: Path) -> None:
     init_ca(tmp_path, "hivemesh.local")
     denies, other = _Replica("denies", deny=True), _Replica("other")
-    async with _serving(tmp_path, denies) as a1, _serving(tmp_path, other) as a2:
+    async with serving_replica(tmp_path, denies) as a1, serving_replica(tmp_path, other) as a2:
         async with _client(tmp_path, f"{a1},{a2}", 60.0) as cp:
             with pytest.raises(PermissionDeniedError):
                 await asyncio.wait_for(cp.issue_token(AUDIENCE, ["echo"]), 15)
@@ -129,7 +114,7 @@ async def test_when_every_replica_is_silent_the_call_ends_within_its_timeout(tmp
     init_ca(tmp_path, "hivemesh.local")
     held = _Replica("held", hold=True)
     with _frozen() as frozen:
-        async with _serving(tmp_path, held) as address:
+        async with serving_replica(tmp_path, held) as address:
             async with _client(tmp_path, f"{frozen},{address}", 3.0) as cp:
                 with pytest.raises(DeadlineExceededError):
                     # 3 s of timeout_s; 15 s here only bounds a client that would outlive its own timeout.
@@ -144,7 +129,7 @@ async def test_when_every_replica_is_slow_hedges_stay_within_the_budget(tmp_path
     control plane is not sent twice the calls that made it slow."""
     init_ca(tmp_path, "hivemesh.local")
     first, second = _Replica("first", delay_s=0.9), _Replica("second", delay_s=0.9)
-    async with _serving(tmp_path, first) as a1, _serving(tmp_path, second) as a2:
+    async with serving_replica(tmp_path, first) as a1, serving_replica(tmp_path, second) as a2:
         async with _client(tmp_path, f"{a1},{a2}", 4.0) as cp:  # 2 s attempts, hedged after 0.75 s of silence
             assert cp.hedge_after_s == pytest.approx(0.75)
             answers = [(await asyncio.wait_for(cp.issue_token(AUDIENCE, ["echo"]), 15)).token for _ in range(10)]
