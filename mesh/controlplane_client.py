@@ -53,9 +53,9 @@ class ControlPlaneClient:
 
     address may list several replicas ("h:p,h:p"). Calls go to the current one; the idempotent control calls
     (token issue, certificate renewal, JWKS, agent list) move on to the next replica when one answers
-    UNAVAILABLE or DEADLINE_EXCEEDED or stays silent for `hedge_after_s`, and the replica that answered stays
-    current. Any other call that finds
-    its replica unreachable fails as before, and the next call goes to the next replica.
+    UNAVAILABLE or DEADLINE_EXCEEDED, or also ask it when one stays silent for `hedge_after_s`, and the replica
+    that answered stays current. Any other call that finds its replica unreachable fails as before, and the next
+    call goes to the next replica.
     """
 
     def __init__(
@@ -178,8 +178,8 @@ class ControlPlaneClient:
                         self.reachable = failed.code() not in _UNREACHABLE
                         raise from_rpc_error(failed) from failed
                     ask()
-                hedge = bool(queue) and len(running) < _HEDGE_MAX and deadline - loop.time() > _AGAIN_MIN_S \
-                    and self.hedges < _HEDGE_BURST + _HEDGE_RATIO * self.idempotent_calls
+                hedge = (bool(queue) and len(running) < _HEDGE_MAX and deadline - loop.time() > _AGAIN_MIN_S
+                         and self.hedges < _HEDGE_BURST + _HEDGE_RATIO * self.idempotent_calls)
                 done, _ = await asyncio.wait(
                     running, timeout=self.hedge_after_s if hedge else None, return_when=asyncio.FIRST_COMPLETED
                 )

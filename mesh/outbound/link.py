@@ -138,8 +138,8 @@ class _Link:
         # Written by our own task, not a request iterator: a write that fails says which frames never left.
         self._stream: grpc.aio.StreamStreamCall[bytes, bytes] | None = method(metadata=BATCH_ANNOUNCE)
         """None once the link ended. The call object keeps its connection open, even after its channel was closed,
-        until it is freed, and a finished task's exception can hold this link in a reference cycle that only a
-        full garbage collection ends: so only this attribute refers to the call, and it is let go at the end."""
+        until it is freed, and a finished task's exception can hold this link in a reference cycle the garbage
+        collector did not free (see `_let_go`): so only this attribute refers to the call, let go at the end."""
         loop = asyncio.get_running_loop()
         self._writer = loop.create_task(self._write())
         self._reader = loop.create_task(self._read())
