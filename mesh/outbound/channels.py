@@ -35,6 +35,13 @@ class Endpoint:
     invoke_stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes]
 
 
+async def _close(ep: Endpoint) -> None:
+    """Close ep's link, then its channel: a link's writer task would otherwise outlive its channel."""
+    if isinstance(ep.invoke, LinkedInvoke):
+        ep.invoke.close()
+    await ep.channel.close()
+
+
 class ChannelPool:
     """Channels to mesh endpoints, authenticated with this workload's certificate.
 
@@ -81,7 +88,7 @@ class ChannelPool:
 
         async def close_later() -> None:
             await asyncio.sleep(_CLOSE_GRACE_S)
-            await asyncio.gather(*(ep.channel.close() for ep in old), return_exceptions=True)
+            await asyncio.gather(*(_close(ep) for ep in old), return_exceptions=True)
 
         if old:
             task = asyncio.get_running_loop().create_task(close_later())
@@ -92,7 +99,7 @@ class ChannelPool:
         """Drop channels to address (the instance is gone)."""
         for key in [k for k in self._endpoints if k[0] == address]:
             ep = self._endpoints.pop(key)
-            task = asyncio.get_running_loop().create_task(ep.channel.close())
+            task = asyncio.get_running_loop().create_task(_close(ep))
             self._retired.add(task)
             task.add_done_callback(self._retired.discard)
 
@@ -100,7 +107,5 @@ class ChannelPool:
         for task in list(self._retired):
             task.cancel()
         endpoints, self._endpoints = list(self._endpoints.values()), {}
-        results: list[Any] = await asyncio.gather(
-            *(ep.channel.close() for ep in endpoints), return_exceptions=True
-        )
+        results: list[Any] = await asyncio.gather(*(_close(ep) for ep in endpoints), return_exceptions=True)
         del results

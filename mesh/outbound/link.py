@@ -195,6 +195,7 @@ class _Link:
             _let_go(exc)
             error = _rpc_error(grpc.StatusCode.CANCELLED, "the link was closed by this node")
             self._fail(error, settled=False)
+            self._writer.cancel()  # its channel was closed under it: the writer would wait on its queue for ever
             raise
         await self._settle()
         self._fail(error, settled=True)

@@ -470,3 +470,30 @@ async def test_a_peer_that_was_down_gets_links_again_once_it_is_back() -> None:
                 await server.stop(None)
         finally:
             linked.close()
+
+
+async def test_a_link_ends_its_tasks_when_its_channel_is_closed_under_it() -> None:
+    """Whoever closes the channel (a pool, a program's own `async with`), the link's writer must not wait on its
+    queue for ever: asyncio would destroy the task pending, with its frame generator closed while running."""
+
+    async def invoke(request: bytes, context: Any) -> bytes:
+        return request
+
+    links = LinkServer(None, grpc.unary_unary_rpc_method_handler(invoke))
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("hivemesh.v1.Agent", {
+        "Invoke": grpc.unary_unary_rpc_method_handler(invoke), "Link": link_handler(links)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        linked = LinkedInvoke(channel, channel.unary_unary(_INVOKE))
+        assert await linked(b"over the link", timeout=10) == b"over the link"
+        link = linked._link
+        assert link is not None and link.sent_any and links.calls == 1
+        await channel.close()  # not linked.close(): the link learns it from its stream
+        await wait_until(lambda: link._reader.done() and link._writer.done(), 10,
+                         "the link's reader and writer to end with their channel")
+        assert link.broken
+    finally:
+        await server.stop(None)

@@ -12,6 +12,7 @@ import pytest
 
 from hivemesh.mesh.etcd import EtcdServer
 from hivemesh.mesh.outbound import channels
+from hivemesh.mesh.outbound.link import LinkedInvoke
 from hivemesh.sdk import AgentServer, AgentServerConfig, MeshClient
 from tests.support.agents_for_tests import EchoAgent
 from tests.support.meshenv import MeshEnv, start_mesh_env, stop_mesh_env
@@ -55,6 +56,55 @@ async def test_a_renewed_client_closes_its_old_connections_to_a_peer(
         # Each renewal opened a connection with the new certificate; the old ones are closed after the grace.
         held = await until(lambda: len(connections_to(port)) == 1, 30)
         assert held, f"{len(connections_to(port))} connections to the peer after {RENEWALS} renewals, not 1"
+    finally:
+        await mesh.close()
+        await server.stop()
+
+
+def _links(mesh: MeshClient) -> list[Any]:
+    """The open links of the client's channel pool (one per peer it called over a link)."""
+    pool = mesh.node.outbound.channels
+    return [ep.invoke._link for ep in pool._endpoints.values()
+            if isinstance(ep.invoke, LinkedInvoke) and ep.invoke._link is not None]
+
+
+def _ended(link: Any) -> bool:
+    return bool(link._writer.done() and link._reader.done())
+
+
+async def test_a_link_whose_channel_is_retired_or_closed_ends_its_tasks(
+    env: MeshEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A link's writer waits on its queue: a channel closed under it (renewal, a peer gone, the pool closed) must
+    end it too, or the task lives on until the garbage collector destroys it pending (asyncio's "Task was
+    destroyed but it is pending!", and its frames' generator closed while running)."""
+    monkeypatch.setattr(channels, "_CLOSE_GRACE_S", 0.2)
+    monkeypatch.setenv("HIVEMESH_LINK", "1")
+    server = AgentServer(EchoAgent(), await env.settings_for("echo"), AgentServerConfig(audit_dir=tmp_path / "a"))
+    await server.start()
+    mesh = MeshClient.connect(name="renewer", settings=await env.settings_for("renewer", "client"))
+    await mesh.start()
+    try:
+        assert await mesh.node.registry.wait_for_capability("echo", 1, timeout=20)
+        assert (await mesh.call("echo", {"text": "first"}))["text"] == "first"
+        [renewed_away] = _links(mesh)
+        renewals = mesh.node.renewals
+        mesh.node._renew_now.set()
+        assert await until(lambda: mesh.node.renewals > renewals, 30), "the client did not renew"
+        assert (await mesh.call("echo", {"text": "second"}))["text"] == "second"
+        [current] = _links(mesh)
+        assert current is not renewed_away
+        assert await until(lambda: _ended(renewed_away), 30), "the retired channel's link kept its tasks"
+        assert not _ended(current)
+        # forget: the instance is gone
+        pool = mesh.node.outbound.channels
+        address = next(iter(pool._endpoints))[0]
+        pool.forget(address)
+        assert await until(lambda: _ended(current), 30), "a forgotten peer's link kept its tasks"
+        assert (await mesh.call("echo", {"text": "third"}))["text"] == "third"
+        [last] = _links(mesh)
+        await pool.close()
+        assert _ended(last) or await until(lambda: _ended(last), 30), "a closed pool's link kept its tasks"
     finally:
         await mesh.close()
         await server.stop()
