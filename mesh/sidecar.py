@@ -649,10 +649,12 @@ class Sidecar:
                 entry = self._handle_entry(handles)
                 on_behalf_of.set(None if entry is None else entry[0])  # this RPC's own task context; None: own token
                 request = self._onward(request, req, entry)
-                async for raw, _ in self.node.outbound.invoke_stream(
+                # aclosing: a local caller that goes away ends the onward stream now, not when it is collected.
+                async with contextlib.aclosing(self.node.outbound.invoke_stream(
                     request, capability=capability, timeout=context.time_remaining(), metadata=trace,
-                ):
-                    yield raw
+                )) as chunks:
+                    async for raw, _ in chunks:
+                        yield raw
             except HivemeshError as err:
                 await abort(context, err)
 

@@ -356,17 +356,21 @@ class MeshClient:
         timeout, context, idempotency_key = _options(options, overrides)
         if idempotency_key:
             raise ValueError("a stream is never deduplicated: idempotency_key is for call/call_detailed/call_on")
-        async for raw, _instance in self._node.outbound.invoke_stream(
+        # Closed here, not left to the garbage collector: returning at the final chunk (or being closed by our
+        # consumer) ends the attempt now, in this task: the gRPC stream is cancelled and the breakers, balancer
+        # and metrics learn its outcome before the caller's next call.
+        async with contextlib.aclosing(self._node.outbound.invoke_stream(
             self._request(capability, payload, context, None),
             capability=capability,
             timeout=timeout,
             default_timeout=self.default_timeout,
-        ):
-            chunk = agent_pb2.InvokeChunk.FromString(raw)
-            if chunk.data:
-                yield _decode_output(chunk.data, chunk.content_type)
-            if chunk.final:
-                return
+        )) as chunks:
+            async for raw, _instance in chunks:
+                chunk = agent_pb2.InvokeChunk.FromString(raw)
+                if chunk.data:
+                    yield _decode_output(chunk.data, chunk.content_type)
+                if chunk.final:
+                    return
 
     async def call_batch(
         self,

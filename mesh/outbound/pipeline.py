@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
 
 import grpc
 import jwt
+from google.protobuf.message import DecodeError
 
 from hivemesh.mesh import tracing
 from hivemesh.mesh.authz import AuthzRequest, AuthzTable
@@ -53,6 +54,14 @@ from hivemesh.mesh.token_source import TokenSource, on_behalf_of
 from hivemesh.v1 import agent_pb2, mesh_pb2
 
 _CONNECT_FAILURE_MARKERS = ("failed to connect", "Connection refused", "connections to all backends failing")
+
+
+def _final(raw: bytes) -> bool:
+    """Whether a serialized InvokeChunk is its stream's final one (a chunk that does not decode is not)."""
+    try:
+        return agent_pb2.InvokeChunk.FromString(raw).final
+    except DecodeError:
+        return False
 
 
 def _never_sent(exc: grpc.aio.AioRpcError) -> bool:
@@ -318,7 +327,7 @@ class OutboundPipeline:
         timeout: float | None,
         metadata: Metadata = (),
         default_timeout: float | None = None,
-    ) -> AsyncIterator[Result]:
+    ) -> AsyncGenerator[Result, None]:
         """Forward a streaming call; yields serialized InvokeChunks. Routes, breakers and balancing apply; it
         fails over only before the first chunk, and only when the request was never sent."""
         t = self.traffic.state
@@ -374,9 +383,13 @@ class OutboundPipeline:
                     async for chunk in stream:
                         started = True
                         if check is not None:
-                            check.chunk(chunk)  # the final one is verified before it is handed on
+                            final = check.chunk(chunk)  # the final one is verified before it is handed on
                             if check.proof is not None:
                                 self._keep(check.proof)  # now: a consumer may stop reading at the final chunk
+                        else:
+                            final = _final(chunk)
+                        if final:
+                            health = "ok"  # the answer is whole: a consumer may stop reading here (MeshClient does)
                         yield chunk, instance
                     if check is not None:
                         check.end()
@@ -384,8 +397,7 @@ class OutboundPipeline:
                 except grpc.aio.AioRpcError as exc:
                     err = from_rpc_error(exc)
                     never_sent = not started and _never_sent(exc)
-                    if never_sent or exc.code() in failure_codes:
-                        health = "failed"
+                    health = "failed" if never_sent or exc.code() in failure_codes else "neutral"
                     if never_sent:
                         report_unreachable(self.liveness, capability, instance, self.events)
                         tried.add(instance.instance_id)
@@ -397,9 +409,10 @@ class OutboundPipeline:
                     t.attempt_finished(capability, instance.instance_id, failed=health == "failed")
                     if breaker is not None:
                         report_attempt(selector, breaker, health, capability, instance, settings, self.events)
+                    if health == "ok":  # here, not after the loop: also when the consumer stopped at the final chunk
+                        self.liveness.mark_ok(instance.instance_id)
+                        outcome = "success"
                 if health == "ok":
-                    self.liveness.mark_ok(instance.instance_id)
-                    outcome = "success"
                     return
         except HivemeshError as err:
             failure = err

@@ -95,14 +95,15 @@ class StreamCheck:
         self._running = StreamDigest(self._request)
         self.proof: Proof | None = None
 
-    def chunk(self, raw: bytes) -> None:
+    def chunk(self, raw: bytes) -> bool:
+        """Check one chunk; returns whether it is the final one."""
         try:
             msg = agent_pb2.InvokeChunk.FromString(raw)
         except Exception:  # noqa: BLE001 - any decode failure: the chunk cannot be proven
             raise SignatureInvalidError("a chunk of the signed stream cannot be read") from None
         self._running.add(msg)
         if not msg.final:
-            return
+            return False
         if not msg.signature:
             raise SignatureInvalidError(
                 f"the final chunk of signed capability {self._call.capability!r} carries no signature")
@@ -110,6 +111,7 @@ class StreamCheck:
         verify(msg.signature, STREAM, d, expect_id=self._instance.identity, bundle_pem=self._workload.bundle_pem)
         self.proof = Proof("InvokeStream", self._call.capability, self._instance, self._request, d, msg.signature,
                            self._running.count)
+        return True
 
     def end(self) -> Proof:
         """The stream's proof; SignatureInvalidError when it ended before its signed final chunk (cut short)."""
