@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import gc
 import json
 import logging
@@ -60,6 +61,35 @@ def rss_mib() -> float:
 def settled_rss() -> float:
     gc.collect()
     return rss_mib()
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _mallinfo2() -> Any:
+    try:
+        fn = ctypes.CDLL(None).mallinfo2  # glibc 2.33+
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+_MALLINFO2 = _mallinfo2()
+
+
+def heap_in_use_mib() -> float:
+    """Bytes malloc has handed out and not had back (gRPC core's and OpenSSL's memory, Python's large objects),
+    after a collection. Unlike RSS it does not hide what reuses memory freed earlier in the run (RSS stays put
+    while freed memory is reused, and can shrink when malloc gives pages back), so a per-item figure stays
+    positive and comparable. Python's small-object arenas are not in it. NaN without glibc's mallinfo2."""
+    gc.collect()
+    if _MALLINFO2 is None:
+        return float("nan")
+    info = _MALLINFO2()
+    return (info.uordblks + info.hblkhd) / 2**20
 
 
 def open_fds() -> int:
@@ -300,37 +330,37 @@ async def bench_streams(mesh: Mesh, opts: argparse.Namespace) -> dict[str, Any]:
                 failures.append(exc)
                 opened.set()
 
-        base = settled_rss()
-        fds0 = open_fds()
-        tasks = [asyncio.create_task(hold()) for _ in range(opts.streams)]
-        t0 = time.perf_counter()
-        await asyncio.wait_for(opened.wait(), 300)
-        open_s = time.perf_counter() - t0
-        held = settled_rss()
-        fds1 = open_fds()
-        agent.release.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 120)
-        if failures:
-            raise RuntimeError(f"{len(failures)} streams failed, e.g. {failures[0]!r}")
-
-        # connections: each ChannelPool dials its own mutual-TLS channel to the agent with the client's certificate
+        # connections before the streams, whose memory would be reused by them once freed (RSS figures still
+        # depend on what ran earlier in the process; heap_in_use_mib's do not): each ChannelPool dials its own
+        # mutual-TLS channel to the agent with the client's certificate
         inst = client.node.registry.instances("fan-work")[0]
         pools = []
-        base_c = settled_rss()
-        fds_c = open_fds()
+        base_c, heap_c, fds_c = settled_rss(), heap_in_use_mib(), open_fds()
         for _ in range(opts.connections):
             pool = ChannelPool(client.node.workload)
             ep = pool.get(inst.endpoint, inst.identity)
             await asyncio.wait_for(ep.channel.channel_ready(), 30)
             pools.append(pool)
-        conn_rss = settled_rss()
-        fds_c1 = open_fds()
+        conn_rss, conn_heap, fds_c1 = settled_rss(), heap_in_use_mib(), open_fds()
         for pool in pools:
             await pool.close()
+
+        base, heap0, fds0 = settled_rss(), heap_in_use_mib(), open_fds()
+        tasks = [asyncio.create_task(hold()) for _ in range(opts.streams)]
+        t0 = time.perf_counter()
+        await asyncio.wait_for(opened.wait(), 300)
+        open_s = time.perf_counter() - t0
+        held, heap1, fds1 = settled_rss(), heap_in_use_mib(), open_fds()
+        agent.release.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 120)
+        if failures:
+            raise RuntimeError(f"{len(failures)} streams failed, e.g. {failures[0]!r}")
     return {
         "streams": opts.streams, "open_all_s": open_s, "streams_rss_mib": held - base,
         "kib_per_stream": (held - base) * 1024 / opts.streams, "fds_for_streams": fds1 - fds0,
+        "heap_kib_per_stream": (heap1 - heap0) * 1024 / opts.streams,
         "connections": opts.connections, "kib_per_connection": (conn_rss - base_c) * 1024 / opts.connections,
+        "heap_kib_per_connection": (conn_heap - heap_c) * 1024 / opts.connections,
         "fds_per_connection": (fds_c1 - fds_c) / opts.connections,
     }
 
@@ -446,10 +476,12 @@ def render(data: dict[str, Any]) -> str:
         s = r["streams"]
         lines += [
             f"| concurrent streams | {s['streams']:,} InvokeStream calls held open, one client, one agent | "
-            f"{s['kib_per_stream']:.1f} KiB per stream (client + agent), {s['fds_for_streams']} more fds; all open "
+            f"{s['kib_per_stream']:.1f} KiB RSS per stream (client + agent; malloc'd "
+            f"{s.get('heap_kib_per_stream', float('nan')):.1f} KiB), {s['fds_for_streams']} more fds; all open "
             f"in {s['open_all_s']:.1f} s |",
             f"| connections | {s['connections']} mutual-TLS channels to one agent | "
-            f"{s['kib_per_connection']:.0f} KiB per connection (both ends), {s['fds_per_connection']:.1f} fds |",
+            f"{s['kib_per_connection']:.0f} KiB RSS per connection (both ends; malloc'd "
+            f"{s.get('heap_kib_per_connection', float('nan')):.0f} KiB), {s['fds_per_connection']:.1f} fds |",
         ]
     if "soak" in r:
         k = r["soak"]
