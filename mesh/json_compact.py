@@ -26,25 +26,30 @@ _PLAIN: Final = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\')
 
 
 def _plain(text: str) -> bytes | None:
-    """text as a JSON string when it needs no escaping (printable ASCII without `"` or `\\`), else None."""
+    """text's ASCII bytes when they go into JSON unescaped (printable ASCII without `"` or `\\`), else None."""
     if not text.isascii():
         return None
     raw = text.encode("ascii")
     if raw.translate(None, _PLAIN):  # what is left once every plain byte is deleted: something to escape
         return None
-    return b'"' + raw + b'"'
+    return raw
 
 
-def _string(text: str) -> bytes:
+def _string(text: str, parts: list[bytes]) -> None:
+    """Append text as a JSON string to parts."""
     if len(text) >= LONG:
         plain = _plain(text)
         if plain is not None:
-            return plain
-    return _escape(text).encode()
+            parts += (b'"', plain, b'"')
+            return
+    parts.append(_escape(text).encode())
 
 
 def _object(value: dict[Any, Any]) -> bytes | None:
-    """A flat object with a long string field, field by field; None when the standard encoder should do it all."""
+    """A flat object with a long string field, field by field; None when the standard encoder should do it all.
+
+    The pieces are joined once at the end: each `+` of bytes copies the long field again, and three such copies
+    of a 64 KiB field cost twice what checking it does (BENCHMARKS.md, 4 Dec afternoon)."""
     worth = False
     for key, field in value.items():
         if type(key) is not str:  # json turns int/float/bool/None keys into strings: leave that to it
@@ -53,11 +58,17 @@ def _object(value: dict[Any, Any]) -> bytes | None:
             worth = True
     if not worth:
         return None  # no long string field: nothing to gain
-    parts = [
-        _escape(key).encode() + b":" + (_string(field) if type(field) is str else _ENCODER.encode(field).encode())
-        for key, field in value.items()
-    ]
-    return b"{" + b",".join(parts) + b"}"
+    parts: list[bytes] = [b"{"]
+    for key, field in value.items():
+        if len(parts) > 1:
+            parts.append(b",")
+        parts += (_escape(key).encode(), b":")
+        if type(field) is str:
+            _string(field, parts)
+        else:
+            parts.append(_ENCODER.encode(field).encode())
+    parts.append(b"}")
+    return b"".join(parts)
 
 
 def compact_json(value: Any) -> bytes:
@@ -65,7 +76,9 @@ def compact_json(value: Any) -> bytes:
     long plain string. Raises what json.dumps raises (TypeError: not serializable; ValueError: a cycle)."""
     kind = type(value)
     if kind is str:
-        return _string(value)
+        parts: list[bytes] = []
+        _string(value, parts)
+        return b"".join(parts)
     if kind is dict and len(value) <= MAX_FIELDS:
         encoded = _object(value)
         if encoded is not None:

@@ -58,14 +58,18 @@ def _answer_bytes(frame: Any) -> int:
 
 
 def answer_frame(call_id: int, code: grpc.StatusCode, message: str, trailing: Sequence[tuple[str, Any]]) -> Any:
-    """The answer frame of a call that ended with this status (never OK: an OK answer carries its response)."""
-    answer = agent_pb2.LinkAnswer(code=code.value[0], message=message)
+    """The answer frame of a call that ended with this status (never OK: an OK answer carries its response).
+    Frames are built in place: a message given to a constructor is copied in by serializing and parsing it."""
+    frame = agent_pb2.LinkFrame(id=call_id)
+    answer = frame.answer
+    answer.code = code.value[0]
+    answer.message = message
     for key, value in trailing:
         if isinstance(value, bytes):
             answer.binary_trailers.add(key=key, value=value)
         else:
             answer.trailers.add(key=key, value=str(value))
-    return agent_pb2.LinkFrame(id=call_id, answer=answer)
+    return frame
 
 
 class LinkServer:
@@ -138,8 +142,9 @@ class LinkServer:
                     response = await behaviour(call.request, context)
             else:
                 response = await behaviour(call.request, context)
-            raw = serialize(response) if serialize is not None else response
-            out.put_nowait(agent_pb2.LinkFrame(id=call_id, answer=agent_pb2.LinkAnswer(response=raw)))
+            answered = agent_pb2.LinkFrame(id=call_id)  # in place: see answer_frame
+            answered.answer.response = serialize(response) if serialize is not None else response
+            out.put_nowait(answered)
         except FrameAborted as aborted:
             out.put_nowait(answer_frame(call_id, aborted.code, aborted.details, aborted.trailing))
         except TimeoutError:

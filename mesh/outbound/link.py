@@ -224,15 +224,18 @@ class _Link:
     async def call(self, request: bytes, timeout: float | None, metadata: Sequence[tuple[str, Any]]) -> bytes:
         call_id = self._next
         self._next += 1
-        headers = []
+        # Built in place: a message passed to a constructor is copied in by serializing and parsing it again.
+        frame = agent_pb2.LinkFrame(id=call_id)
+        call = frame.call
+        call.request = request
+        if timeout is not None and timeout > 0:
+            call.timeout_s = timeout
         for key, value in metadata:
             if key == _AUTHORIZATION:
                 if value == self._sent_auth:
                     continue  # the server still has it for this link
                 self._sent_auth = value
-            headers.append(agent_pb2.LinkHeader(key=key, value=value))
-        frame = agent_pb2.LinkFrame(id=call_id, call=agent_pb2.LinkCall(
-            request=request, metadata=headers, timeout_s=timeout if timeout is not None and timeout > 0 else 0.0))
+            call.metadata.add(key=key, value=value)
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Any] = loop.create_future()
         self._pending[call_id] = waiter
