@@ -31,7 +31,7 @@ from hivemesh.mesh.outbound.link import LINGER_S, LINK_MAX_REQUEST_BYTES, NOT_SE
 from hivemesh.mesh.ports import free_port
 from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
 from hivemesh.sdk import Agent, AgentServer, AgentServerConfig, Context, MeshClient, capability
-from hivemesh.v1 import agent_pb2
+from hivemesh.v1 import agent_pb2, agent_pb2_grpc
 from tests.support.meshenv import ALLOW_ALL_AUTHZ, MeshEnv, start_mesh_env, stop_mesh_env
 from tests.support.orch_env import wait_until
 from tests.support.plain_agent import FAIL_MESSAGE, PlainAgent
@@ -495,5 +495,42 @@ async def test_a_link_ends_its_tasks_when_its_channel_is_closed_under_it() -> No
         await wait_until(lambda: link._reader.done() and link._writer.done(), 10,
                          "the link's reader and writer to end with their channel")
         assert link.broken
+    finally:
+        await server.stop(None)
+
+
+class _EmbeddedLink(agent_pb2_grpc.AgentServicer):
+    """A generated servicer whose Link is hivemesh's frame server (`LinkServer.serve`, messages), registered with
+    the generated `add_AgentServicer_to_server`: its LinkFrame serializer must get messages, batches included."""
+
+    def __init__(self) -> None:
+        self.link = LinkServer(None, grpc.unary_unary_rpc_method_handler(self._invoke))
+
+    async def _invoke(self, request: bytes, context: Any) -> bytes:
+        await asyncio.sleep(0.01)  # answers finish together: they go back as batches
+        return request
+
+    async def Link(self, request_iterator: Any, context: Any) -> AsyncIterator[agent_pb2.LinkFrame]:  # type: ignore[override]
+        async for frame in self.link.serve(request_iterator, context):
+            yield frame
+
+
+async def test_a_generated_servicer_can_serve_link_with_the_frame_server() -> None:
+    servicer = _EmbeddedLink()
+    server = grpc.aio.server()
+    agent_pb2_grpc.add_AgentServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            linked = LinkedInvoke(channel, channel.unary_unary(_INVOKE))
+            try:
+                assert await linked(b"first", timeout=10) == b"first"  # proves the link: then calls share it
+                sent = [b"call-%d" % i for i in range(40)]
+                assert await asyncio.gather(*(linked(s, timeout=10) for s in sent)) == sent
+            finally:
+                linked.close()
+        assert servicer.link.calls == 41
+        assert servicer.link.messages < servicer.link.calls, "no answers went back together as a batch"
     finally:
         await server.stop(None)
