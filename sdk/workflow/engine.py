@@ -48,6 +48,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Mark a finished task's outcome as seen (a body stopped with its run: whatever it ended with is moot)."""
+    if not task.cancelled():
+        task.exception()
+
+
 @dataclass
 class WorkflowHandle:
     """A run this process drives: `await handle.result()` for its final state."""
@@ -310,6 +316,12 @@ class WorkflowEngine:
             waiters = {body, asyncio.ensure_future(cancel.wait()), asyncio.ensure_future(lock.lost.wait())}
             try:
                 await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:
+                # This run's own task is cancelled (the engine closes, a caller cancels it): its body must not go
+                # on alone, calling agents for a run nobody drives; what it ends with is nobody's to report.
+                body.cancel()
+                body.add_done_callback(_retrieved)
+                raise
             finally:
                 for w in waiters:
                     if w is not body:

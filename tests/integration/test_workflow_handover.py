@@ -11,6 +11,7 @@ away, an engine resumes the run and the person's approval completes it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -84,3 +85,38 @@ async def test_an_owner_whose_run_was_taken_over_stops_cleanly_and_the_new_owner
     assert not unhandled, [c.get("message") for c in unhandled]
     assert any("handed over" in r.getMessage() for r in caplog.records)  # said once, by the engine
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+async def test_a_run_stopped_in_this_process_stops_its_body(mesh_env: MeshEnv) -> None:
+    """Cancelling a run's task, or closing its engine, stops the run's body too: before, the body went on alone
+    (its next step calling agents for a run nobody drove) and its end surfaced as an unretrieved task exception."""
+    entered: dict[str, asyncio.Event] = {}
+    stopped: dict[str, asyncio.Event] = {}
+    gate = asyncio.Event()  # never set: a body only leaves it by being cancelled
+
+    async def body(run: Any, value: Any) -> Any:
+        name = value["name"]
+        entered[name].set()
+        try:
+            await gate.wait()
+        except asyncio.CancelledError:
+            stopped[name].set()
+            raise
+        return "went on"
+
+    for name in ("cancelled", "closed"):
+        entered[name], stopped[name] = asyncio.Event(), asyncio.Event()
+    settings = await mesh_env.settings_for("orch", "client")
+    async with MeshClient.connect(name="orch", settings=settings) as mesh:
+        async with WorkflowEngine(mesh) as engine:
+            handle = await engine.submit(body, {"name": "cancelled"}, workflow_id="stopped-by-cancel")
+            await asyncio.wait_for(entered["cancelled"].wait(), 20)
+            handle.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await handle.task
+            await asyncio.wait_for(stopped["cancelled"].wait(), 10)
+
+            await engine.submit(body, {"name": "closed"}, workflow_id="stopped-by-close")
+            await asyncio.wait_for(entered["closed"].wait(), 20)
+        # the engine is closed: its runs' tasks were cancelled, and so must their bodies be
+        await asyncio.wait_for(stopped["closed"].wait(), 10)
