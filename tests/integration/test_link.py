@@ -382,6 +382,35 @@ async def test_concurrent_first_calls_to_a_peer_that_refuses_links_are_all_answe
         assert await ran() == calls  # none ran twice
 
 
+@contextlib.asynccontextmanager
+async def _serving(register: Callable[[grpc.aio.Server], None]) -> AsyncIterator[int]:
+    """A plaintext server on a free loopback port with what register adds to it; yields the port."""
+    server = grpc.aio.server()
+    register(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield port
+    finally:
+        await server.stop(None)
+
+
+def _agent_handlers(**methods: grpc.RpcMethodHandler[Any, Any]) -> Callable[[grpc.aio.Server], None]:
+    return lambda server: server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("hivemesh.v1.Agent", methods)])
+
+
+@contextlib.asynccontextmanager
+async def _linked_to(port: int) -> AsyncIterator[LinkedInvoke]:
+    """A LinkedInvoke on a fresh channel to port, closed after."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        linked = LinkedInvoke(channel, channel.unary_unary(_INVOKE))
+        try:
+            yield linked
+        finally:
+            linked.close()
+
+
 async def test_a_frame_that_left_is_never_sent_again_unary() -> None:
     """A link that breaks after the peer read a call's frame fails that call (the peer may have run it); only calls
     whose frames never left may go unary."""
@@ -399,28 +428,16 @@ async def test_a_frame_that_left_is_never_sent_again_unary() -> None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "going away after reading a frame")
         yield b""  # never reached: makes this a stream handler
 
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("hivemesh.v1.Agent", {
-        "Invoke": grpc.unary_unary_rpc_method_handler(invoke),
-        "Link": grpc.stream_stream_rpc_method_handler(link),
-    })])
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            linked = LinkedInvoke(channel, channel.unary_unary(_INVOKE))
-            try:
-                for n in range(1, 4):
-                    with pytest.raises(grpc.aio.AioRpcError) as broke:
-                        await linked(b"call-%d" % n, timeout=10)
-                    assert broke.value.code() is grpc.StatusCode.UNAVAILABLE
-                    assert "going away" in (broke.value.details() or "")
-                    assert read == [1] * n and unary_calls == []  # read by the peer, never resent
-                assert not linked.unsupported  # frames left: the peer serves Link, it just broke
-            finally:
-                linked.close()
-    finally:
-        await server.stop(None)
+    handlers = _agent_handlers(Invoke=grpc.unary_unary_rpc_method_handler(invoke),
+                               Link=grpc.stream_stream_rpc_method_handler(link))
+    async with _serving(handlers) as port, _linked_to(port) as linked:
+        for n in range(1, 4):
+            with pytest.raises(grpc.aio.AioRpcError) as broke:
+                await linked(b"call-%d" % n, timeout=10)
+            assert broke.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert "going away" in (broke.value.details() or "")
+            assert read == [1] * n and unary_calls == []  # read by the peer, never resent
+        assert not linked.unsupported  # frames left: the peer serves Link, it just broke
 
 
 async def test_a_peer_that_was_down_gets_links_again_once_it_is_back() -> None:
@@ -480,12 +497,8 @@ async def test_a_link_ends_its_tasks_when_its_channel_is_closed_under_it() -> No
         return request
 
     links = LinkServer(None, grpc.unary_unary_rpc_method_handler(invoke))
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("hivemesh.v1.Agent", {
-        "Invoke": grpc.unary_unary_rpc_method_handler(invoke), "Link": link_handler(links)})])
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
+    handlers = _agent_handlers(Invoke=grpc.unary_unary_rpc_method_handler(invoke), Link=link_handler(links))
+    async with _serving(handlers) as port:
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         linked = LinkedInvoke(channel, channel.unary_unary(_INVOKE))
         assert await linked(b"over the link", timeout=10) == b"over the link"
@@ -495,8 +508,6 @@ async def test_a_link_ends_its_tasks_when_its_channel_is_closed_under_it() -> No
         await wait_until(lambda: link._reader.done() and link._writer.done(), 10,
                          "the link's reader and writer to end with their channel")
         assert link.broken
-    finally:
-        await server.stop(None)
 
 
 class _EmbeddedLink(agent_pb2_grpc.AgentServicer):
@@ -517,20 +528,10 @@ class _EmbeddedLink(agent_pb2_grpc.AgentServicer):
 
 async def test_a_generated_servicer_can_serve_link_with_the_frame_server() -> None:
     servicer = _EmbeddedLink()
-    server = grpc.aio.server()
-    agent_pb2_grpc.add_AgentServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            linked = LinkedInvoke(channel, channel.unary_unary(_INVOKE))
-            try:
-                assert await linked(b"first", timeout=10) == b"first"  # proves the link: then calls share it
-                sent = [b"call-%d" % i for i in range(40)]
-                assert await asyncio.gather(*(linked(s, timeout=10) for s in sent)) == sent
-            finally:
-                linked.close()
+    async with _serving(lambda server: agent_pb2_grpc.add_AgentServicer_to_server(servicer, server)) as port:
+        async with _linked_to(port) as linked:
+            assert await linked(b"first", timeout=10) == b"first"  # proves the link: then calls share it
+            sent = [b"call-%d" % i for i in range(40)]
+            assert await asyncio.gather(*(linked(s, timeout=10) for s in sent)) == sent
         assert servicer.link.calls == 41
         assert servicer.link.messages < servicer.link.calls, "no answers went back together as a batch"
-    finally:
-        await server.stop(None)
