@@ -74,6 +74,8 @@ def _tracer_lines(tmp_path: Path, when: str) -> int:
         assert proc.stdin is not None
         proc.stdin.close()
         proc.wait(20)
+        assert proc.stdout is not None
+        proc.stdout.close()
     text = err_path.read_bytes()
     assert b"Handshake failed" in text, text[-2000:]
     return text.count(b"handshaker.cc")

@@ -136,6 +136,8 @@ async def test_killed_process_disappears_within_ttl(etcd_server: EtcdServer, vie
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 async def test_duplicate_instance_id_refused_without_clobbering(

@@ -29,6 +29,12 @@ class Output:
         self._thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
         self._thread.start()
 
+    def close(self, proc: subprocess.Popen[str]) -> None:
+        """Once proc has exited: let the reader reach the end of its output, then close the pipe."""
+        self._thread.join(10)
+        if proc.stdout is not None and not self._thread.is_alive():
+            proc.stdout.close()
+
     def _read(self, proc: subprocess.Popen[str]) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -116,6 +122,7 @@ def test_second_up_refused_mesh_found_from_anywhere_and_dead_children_restarted(
             up.send_signal(signal.SIGTERM)
         code = up.wait(60)
     out.wait_for("stopped: agents, sidecar, control plane and etcd", 5)
+    out.close(up)
     assert code == 0, "".join(out.lines)[-3000:]
     assert not state.exists() and not list((tmp_path / "xdg" / "hivemesh" / "running").iterdir())
     for pid in (new_cp, new_etcd):  # the restarted children are stopped with the rest

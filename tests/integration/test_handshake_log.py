@@ -69,6 +69,8 @@ def test_what_the_pinned_grpcio_logs_is_parsed(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+        assert proc.stdout is not None
+        proc.stdout.close()
     got = {f.peer_port: classify(f.error)[0] for f in found}
     assert got == expected, f"parsed {found}"
     assert good not in got  # a handshake that succeeded is not a failure
