@@ -58,6 +58,9 @@ class InputGuardLayer:
         self._agent = agent_name
         self._limits: dict[str, int] = {}
         self._screen = screen
+        prepare = getattr(screen, "prepare", None)  # a screen that compiles its rules does it now, not in a call
+        if callable(prepare):
+            prepare()
         self._exempt = frozenset(screen_exempt)
         for name, limit in (limits or {}).items():
             if not isinstance(limit, int) or limit <= 0:
