@@ -118,8 +118,9 @@ def strings(value: Any, path: str = "input", *, max_depth: int = 64) -> Iterator
                 stack.append((node[i], f"{where}[{i}]", depth + 1))
 
 
-_ASCII_SPACE: Final = "[\\t\\n\\x0b\\x0c\\r ]"
-"""Python's `\\s` on ASCII text; RE2's own `\\s` leaves out the vertical tab (spelled out for Hyperscan too)."""
+_ASCII_SPACE: Final = "[\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f ]"
+"""Python's `\\s` on ASCII text: the information separators \\x1c-\\x1f are whitespace to it (`str.isspace`),
+and RE2's own `\\s` leaves them and the vertical tab out (spelled out for Hyperscan too)."""
 
 
 _INLINE_FLAGS: Final = ((re.IGNORECASE, "i"), (re.MULTILINE, "m"), (re.DOTALL, "s"))

@@ -3,6 +3,8 @@ exactly as the full scan, over the screen's vocabulary and every kind of whitesp
 
 from __future__ import annotations
 
+import re
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,7 +23,9 @@ _VOCAB = [
     "disregard", "above", "guidelines", "secret", ".", "\n", "override", "god", "on", "real", "instruction:",
 ]
 
-_SEPARATORS = [" ", "  ", "\t", "\n", "\r\n", "\v", "\f", ", ", ". ", ""]
+_ASCII_SPACE = [chr(c) for c in range(128) if re.match(r"\s", chr(c))]
+"""Every ASCII character Python's `\\s` matches, as Python says: \\x1c-\\x1f are among them."""
+_SEPARATORS = [*_ASCII_SPACE, "  ", "\r\n", ", ", ". ", ""]
 
 
 _SCREENS = [PatternScreen(engine=e) for e in ("hyperscan", "re2", "literals")]
@@ -47,7 +51,8 @@ def test_fast_path_matches_the_full_scan(text: str) -> None:
 @given(st.lists(st.tuples(st.sampled_from(_VOCAB), st.sampled_from(_SEPARATORS)), max_size=14)
        .map(lambda parts: "".join(w + sep for w, sep in parts)))
 def test_both_fast_paths_match_the_full_scan_with_any_whitespace(text: str) -> None:
-    """RE2's own \\s lacks the vertical tab: the rules are rewritten so it decides exactly as Python's re."""
+    """RE2's own \\s lacks the vertical tab and \\x1c-\\x1f: the rules are rewritten so every engine decides
+    exactly as Python's re."""
     assert text.isascii()
     expected = _full_scan(text)
     for screen in _SCREENS:
