@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
+from hivemesh.mesh.layers import shadow
+
 try:  # Hyperscan: every rule in one SIMD pass over ASCII text (the README's "Dependencies" says why)
     import hyperscan
 except ImportError:  # pragma: no cover - a platform without its wheel (or a CPU it refuses) uses RE2
@@ -147,8 +149,8 @@ class _SinglePass(Protocol):
     unchecked: list[int]
     """Rules the engine cannot stand in for: they always run in Python."""
 
-    def candidates(self, text: str) -> list[int]:
-        """Positions of the rules that may match text (ASCII), in rule order."""
+    def candidates(self, data: bytes) -> list[int]:
+        """Positions of the rules that may match data (ASCII text, or a text's shadow), in rule order."""
         ...
 
 
@@ -202,14 +204,14 @@ class _HyperscanPrefilter:
                    elements=len(forms), flags=[hyperscan.HS_FLAG_SINGLEMATCH] * len(forms))
         return db
 
-    def candidates(self, text: str) -> list[int]:
+    def candidates(self, data: bytes) -> list[int]:
         if self._db is None:
             return list(self.unchecked)
         scratch = getattr(self._scratch, "space", None)
         if scratch is None:
             scratch = self._scratch.space = hyperscan.Scratch(self._db)
         hits: list[int] = []
-        self._db.scan(text.encode("ascii"), match_event_handler=_collect, context=hits, scratch=scratch)
+        self._db.scan(data, match_event_handler=_collect, context=hits, scratch=scratch)
         if self.unchecked:
             return sorted({*hits, *self.unchecked})
         hits.sort()  # each rule reports once (HS_FLAG_SINGLEMATCH), in the order its matches end
@@ -238,8 +240,8 @@ class _Re2Prefilter:
         self.unchecked.sort()
         self._set.Compile()
 
-    def candidates(self, text: str) -> list[int]:
-        hits = self._set.Match(text) or ()
+    def candidates(self, data: bytes) -> list[int]:
+        hits = self._set.Match(data) or ()
         return sorted({*(self.index[h] for h in hits), *self.unchecked})
 
 
@@ -266,6 +268,9 @@ class PatternScreen:
         self._want: Engine = engine
         self._engine: str | None = None
         self._single_pass: _SinglePass | None = None
+        self._shadow_sound: frozenset[int] = frozenset()
+        """Rules the single pass also screens text beyond ASCII for, through its shadow (layers/shadow.py)."""
+        self._normalizes = any(not rule.raw for rule in self.rules)
         self._lock = threading.Lock()
 
     def prepare(self) -> str:
@@ -275,7 +280,12 @@ class PatternScreen:
         if self._engine is None:
             with self._lock:
                 if self._engine is None:
-                    self._engine, self._single_pass = _single_pass(self.rules, self._want)
+                    engine, self._single_pass = _single_pass(self.rules, self._want)
+                    self._shadow_sound = frozenset(
+                        i for i, rule in enumerate(self.rules)
+                        if not rule.raw and not rule.non_ascii_only and single_pass_form(rule.pattern) is not None
+                        and shadow.rule_is_sound(rule.pattern))
+                    self._engine = engine
         return self._engine
 
     @property
@@ -284,21 +294,27 @@ class PatternScreen:
 
     def screen(self, capability: str, value: Any) -> Finding | None:
         for path, text in strings(value):
-            if text.isascii():
-                found = self._screen_ascii(path, text)
-                if found is not None:
-                    return found
+            found = self._screen_ascii(path, text) if text.isascii() else self._screen_unicode(path, text)
+            if found is not None:
+                return found
+        return None
+
+    def _screen_unicode(self, path: str, text: str) -> Finding | None:
+        """Text beyond ASCII: the rules see it normalized (raw rules as sent). The single pass over its shadow
+        rules out the sound rules it finds no candidate for; the others run in Python (64 KiB of German prose:
+        ~1.5 ms, against ~11 ms for every rule in Python)."""
+        if self._engine is None:
+            self.prepare()
+        norm = normalize(text) if self._normalizes else text
+        ruled_out: frozenset[int] = frozenset()
+        if self._single_pass is not None and self._shadow_sound:
+            ruled_out = self._shadow_sound.difference(self._single_pass.candidates(shadow.shadow(norm)))
+        for i, rule in enumerate(self.rules):
+            if i in ruled_out:
                 continue
-            norm: str | None = None
-            for rule in self.rules:
-                if rule.raw:
-                    m = rule.pattern.search(text)
-                else:
-                    if norm is None:
-                        norm = normalize(text)
-                    m = rule.pattern.search(norm)
-                if m:
-                    return Finding(path, rule.name, m.group(0)[:80])
+            m = rule.pattern.search(text if rule.raw else norm)
+            if m:
+                return Finding(path, rule.name, m.group(0)[:80])
         return None
 
     def _screen_ascii(self, path: str, text: str) -> Finding | None:
@@ -308,7 +324,7 @@ class PatternScreen:
         if self._engine is None:
             self.prepare()
         if self._single_pass is not None:
-            for i in self._single_pass.candidates(text):
+            for i in self._single_pass.candidates(text.encode("ascii")):
                 m = self.rules[i].pattern.search(text)
                 if m:
                     return Finding(path, self.rules[i].name, m.group(0)[:80])
