@@ -6,8 +6,8 @@ test_screen_properties.py checks that). Texts: a short field of business prose; 
 (the payload of bench/peers.py and bench/mesh_cost.py); 64 KiB of business prose; 64 KiB dense with the rules'
 own words (system, prompt, instructions, previous...) but no attack, the worst case for engines that look
 for literals first; and text beyond ASCII (64 Ki characters of German prose, of prose with emoji, and 64 KiB
-of Chinese in UTF-8), which each engine screens through the text's ASCII shadow (mesh/layers/shadow.py) and
-"literals" screens as the mesh did before the shadow: normalized, then every rule in Python's `re`. Rounds
+of Chinese in UTF-8), which each engine screens through the text's ASCII stand-ins (mesh/layers/stand_ins.py) and
+"literals" screens as the mesh did before the stand-ins: normalized, then every rule in Python's `re`. Rounds
 alternate between the engines so drift hits all of them; the median per call is reported with its ratio to RE2
 (the engine before Hyperscan). Compile time is reported once each.
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
-from hivemesh.mesh.layers import shadow
+from hivemesh.mesh.layers import stand_ins
 
 try:  # Hyperscan: every rule in one SIMD pass over ASCII text (the README's "Dependencies" says why)
     import hyperscan
@@ -150,7 +150,7 @@ class _SinglePass(Protocol):
     """Rules the engine cannot stand in for: they always run in Python."""
 
     def candidates(self, data: bytes) -> list[int]:
-        """Positions of the rules that may match data (ASCII text, or a text's shadow), in rule order."""
+        """Positions of the rules that may match data (ASCII text, or a text's ASCII stand-ins), in rule order."""
         ...
 
 
@@ -268,8 +268,8 @@ class PatternScreen:
         self._want: Engine = engine
         self._engine: str | None = None
         self._single_pass: _SinglePass | None = None
-        self._shadow_sound: frozenset[int] = frozenset()
-        """Rules the single pass also screens text beyond ASCII for, through its shadow (layers/shadow.py)."""
+        self._stand_ins_sound: frozenset[int] = frozenset()
+        """Rules the single pass also screens text beyond ASCII for, through its stand-ins (layers/stand_ins.py)."""
         self._normalizes = any(not rule.raw for rule in self.rules)
         self._lock = threading.Lock()
 
@@ -281,10 +281,10 @@ class PatternScreen:
             with self._lock:
                 if self._engine is None:
                     engine, self._single_pass = _single_pass(self.rules, self._want)
-                    self._shadow_sound = frozenset(
+                    self._stand_ins_sound = frozenset(
                         i for i, rule in enumerate(self.rules)
                         if not rule.raw and not rule.non_ascii_only and single_pass_form(rule.pattern) is not None
-                        and shadow.rule_is_sound(rule.pattern))
+                        and stand_ins.rule_is_sound(rule.pattern))
                     self._engine = engine
         return self._engine
 
@@ -300,15 +300,15 @@ class PatternScreen:
         return None
 
     def _screen_unicode(self, path: str, text: str) -> Finding | None:
-        """Text beyond ASCII: the rules see it normalized (raw rules as sent). The single pass over its shadow
-        rules out the sound rules it finds no candidate for; the others run in Python (64 KiB of German prose:
-        ~1.5 ms, against ~11 ms for every rule in Python)."""
+        """Text beyond ASCII: the rules see it normalized (raw rules as sent). The single pass over its stand-ins
+        rules out the sound rules it finds no candidate for; the others run in Python (64 Ki characters of German
+        prose: ~0.9 ms, against ~8 ms for every rule in Python)."""
         if self._engine is None:
             self.prepare()
         norm = normalize(text) if self._normalizes else text
         ruled_out: frozenset[int] = frozenset()
-        if self._single_pass is not None and self._shadow_sound:
-            ruled_out = self._shadow_sound.difference(self._single_pass.candidates(shadow.shadow(norm)))
+        if self._single_pass is not None and self._stand_ins_sound:
+            ruled_out = self._stand_ins_sound.difference(self._single_pass.candidates(stand_ins.ascii_stand_ins(norm)))
         for i, rule in enumerate(self.rules):
             if i in ruled_out:
                 continue

@@ -71,9 +71,9 @@ _UNICODE_SEPARATORS = [*_SEPARATORS, "\u00a0", "\u2003", "\u3000", "\u2028", "\u
 @settings(max_examples=1500, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(_UNICODE_VOCAB), st.sampled_from(_UNICODE_SEPARATORS)), max_size=14)
        .map(lambda parts: "".join(w + sep for w, sep in parts)))
-def test_the_single_pass_over_a_shadow_matches_the_full_scan_beyond_ascii(text: str) -> None:
+def test_the_single_pass_over_ascii_stand_ins_matches_the_full_scan_beyond_ascii(text: str) -> None:
     """Folds (ı, İ, ſ, K), Unicode whitespace, digits and word characters, zero-width and invisible characters:
-    every engine, screening the text's shadow, decides as every rule in Python."""
+    every engine, screening the text's ASCII stand-ins, decides as every rule in Python."""
     expected = _full_scan(text)
     for screen in _SCREENS:
         assert screen.screen("cap", text) == expected, screen.engine
@@ -103,7 +103,7 @@ def _disguised_attack(draw: st.DrawFn) -> str:
 @given(_disguised_attack())
 def test_a_disguised_attack_beyond_ascii_is_found_as_by_the_full_scan(text: str) -> None:
     """Each attack in letters Python's IGNORECASE folds and whitespace only Unicode calls whitespace: the full
-    scan finds it, and so does every engine through the text's shadow."""
+    scan finds it, and so does every engine through the text's ASCII stand-ins."""
     expected = _full_scan(text)
     assert expected is not None
     for screen in _SCREENS:

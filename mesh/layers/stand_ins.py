@@ -1,13 +1,13 @@
-"""The ASCII shadow of a text: one ASCII byte per character, so the content screen's single pass (Hyperscan or
+"""A text's ASCII stand-ins: one ASCII byte per character, so the content screen's single pass (Hyperscan or
 RE2, which see bytes) can screen text that is not ASCII, where it used to run every rule in Python's `re`
-(64 KiB of German prose: ~11 ms a field, against ~30 µs for ASCII text).
+(64 Ki characters of German prose: ~8 ms a field, against ~30 µs for as much ASCII prose).
 
 Each character that is not ASCII stands for its class as Python's `re` sees it: ' ' for whitespace, '0' for a
 digit, '_' for any other word character, DEL for anything else; and the four characters that IGNORECASE makes
 equal to an ASCII letter (İ ı ſ K) stand for that letter. ASCII characters stand for themselves. So a rule
-that `rule_is_sound` accepts, matching the text in Python, matches the shadow in the engine: every literal,
+that `rule_is_sound` accepts, matching the text in Python, matches the stand-ins in the engine: every literal,
 class, word boundary and anchor that takes a character takes its stand-in too (a property test checks this on
-Unicode text). The converse need not hold: a hit in the shadow is only a candidate, confirmed by Python's `re`
+Unicode text). The converse need not hold: a hit in the stand-ins is only a candidate, confirmed by Python's `re`
 on the text itself.
 """
 
@@ -19,10 +19,10 @@ from typing import Any, Final
 
 FOLDS: Final = {0x130: "i", 0x131: "i", 0x17F: "s", 0x212A: "k"}
 """The characters beyond ASCII that Python's IGNORECASE matches to an ASCII character (CPython 3.11-3.14;
-tests/unit/test_screen_shadow.py recomputes them from Python's `re` itself)."""
+tests/unit/test_screen_stand_ins.py recomputes them from Python's `re` itself)."""
 
 STAND_INS: Final = frozenset(" 0_\x7f" + "".join(FOLDS.values()))
-"""Every byte the shadow puts in place of a character beyond ASCII."""
+"""Every byte put in place of a character beyond ASCII."""
 
 _CACHE_LIMIT: Final = 65_536
 """Characters whose stand-in is remembered (a text could hold a million distinct ones: the rest are worked out
@@ -52,7 +52,7 @@ class _StandIns(dict[int, str]):
 
 
 _STAND_INS = _StandIns()
-_ERRORS: Final = "hivemesh-screen-shadow"
+_ERRORS: Final = "hivemesh-screen-stand-ins"
 _LATIN1: Final = bytes(range(128)) + "".join(_STAND_INS[code] for code in range(128, 256)).encode("ascii")
 """Bytes 0-255 as Latin-1 characters -> their stand-ins, for `bytes.translate`."""
 
@@ -67,7 +67,7 @@ def _stand_in(err: UnicodeError) -> tuple[str, int]:
 codecs.register_error(_ERRORS, _stand_in)
 
 
-def shadow(text: str) -> bytes:
+def ascii_stand_ins(text: str) -> bytes:
     """The text with every character beyond ASCII replaced by its stand-in (same length, in characters).
 
     Latin-1 first: most text beyond ASCII is Latin letters with accents, which then cost one `bytes.translate`
@@ -78,7 +78,7 @@ def shadow(text: str) -> bytes:
 
 
 def rule_is_sound(pattern: re.Pattern[str]) -> bool:
-    """Whether a match of pattern in a text implies a match of its single-pass form in the text's shadow.
+    """Whether a match of pattern in a text implies a match of its single-pass form in the text's ASCII stand-ins.
 
     Literals and classes made of ASCII members cannot take a character beyond ASCII, but for the folds, which
     become their letter; `\\s \\d \\w \\b` and their negations see each stand-in's class as the character's; `.`,

@@ -1,11 +1,11 @@
-"""The ASCII shadow that lets the screen's single pass see text beyond ASCII: each stand-in keeps what Python's
+"""The ASCII stand-ins that let the screen's single pass see text beyond ASCII: each stand-in keeps what Python's
 `re` sees in the character it replaces, and rules it could hide a match from are not taken as sound."""
 
 from __future__ import annotations
 
 import re
 
-from hivemesh.mesh.layers import shadow
+from hivemesh.mesh.layers import stand_ins
 from hivemesh.mesh.layers.screen import DEFAULT_RULES, Finding, PatternScreen, ScreenRule
 
 
@@ -13,8 +13,8 @@ def test_the_folds_are_exactly_what_pythons_ignorecase_matches_to_ascii() -> Non
     """Recomputed from this Python's own `re`: if a release adds a fold, the table must learn it."""
     every = "".join(map(chr, range(0x80, 0xD800))) + "".join(map(chr, range(0xE000, 0x110000)))
     found = {ord(c) for c in re.compile("[\x00-\x7f]", re.IGNORECASE).findall(every)}
-    assert found == set(shadow.FOLDS)
-    for code, letter in shadow.FOLDS.items():
+    assert found == set(stand_ins.FOLDS)
+    for code, letter in stand_ins.FOLDS.items():
         assert re.fullmatch(letter, chr(code), re.IGNORECASE), hex(code)
 
 
@@ -28,8 +28,8 @@ def test_each_character_stands_for_its_class() -> None:
         "\u0131\u0130\u017f\u212a": b"iisk",  # what IGNORECASE makes an ASCII letter
     }
     for text, expected in cases.items():
-        assert shadow.shadow(text) == expected, ascii(text)
-        assert len(shadow.shadow(text)) == len(text)
+        assert stand_ins.ascii_stand_ins(text) == expected, ascii(text)
+        assert len(stand_ins.ascii_stand_ins(text)) == len(text)
 
 
 def _reference(char: str) -> str:
@@ -48,12 +48,12 @@ def _reference(char: str) -> str:
 def test_every_stand_in_follows_its_definition_and_the_cache_stays_bounded() -> None:
     """80,000 distinct characters (CJK, Yi, Hangul, symbols, surrogates...): more than the cache keeps."""
     text = "".join(map(chr, range(0x4E00, 0x4E00 + 80_000)))
-    assert shadow.shadow(text) == "".join(map(_reference, text)).encode("ascii")
-    assert len(shadow._STAND_INS) <= shadow._CACHE_LIMIT
+    assert stand_ins.ascii_stand_ins(text) == "".join(map(_reference, text)).encode("ascii")
+    assert len(stand_ins._STAND_INS) <= stand_ins._CACHE_LIMIT
 
 
 def test_only_rules_no_stand_in_can_hide_a_match_from_are_sound() -> None:
-    assert all(shadow.rule_is_sound(r.pattern) for r in DEFAULT_RULES if not r.raw)
+    assert all(stand_ins.rule_is_sound(r.pattern) for r in DEFAULT_RULES if not r.raw)
     sound = [r"\bfoo[^.\n]{0,9}bar\b", r"(?i)a\sb", r"x\Wy", r"x\Sy\Dz", r"^#+ (new|old)$"]
     unsound = [
         r"foo[^_]bar",  # é is not '_', its stand-in is
@@ -63,9 +63,9 @@ def test_only_rules_no_stand_in_can_hide_a_match_from_are_sound() -> None:
         "caf\u00e9",  # a pattern beyond ASCII
     ]
     for pattern in sound:
-        assert shadow.rule_is_sound(re.compile(pattern)), pattern
+        assert stand_ins.rule_is_sound(re.compile(pattern)), pattern
     for pattern in unsound:
-        assert not shadow.rule_is_sound(re.compile(pattern)), pattern
+        assert not stand_ins.rule_is_sound(re.compile(pattern)), pattern
 
 
 def test_a_rule_that_is_not_sound_still_runs_in_python_on_text_beyond_ascii() -> None:
@@ -73,7 +73,7 @@ def test_a_rule_that_is_not_sound_still_runs_in_python_on_text_beyond_ascii() ->
     for engine in ("hyperscan", "re2"):
         screen = PatternScreen(rules, engine=engine)
         screen.prepare()
-        assert screen._shadow_sound == frozenset({1}), engine
+        assert screen._stand_ins_sound == frozenset({1}), engine
         assert screen.screen("cap", "caf\u00e9 fooébar") == Finding("input", "no-underscore", "fooébar"), engine
         assert screen.screen("cap", "caf\u00e9 <x>") == Finding("input", "tag", "<x>"), engine
         assert screen.screen("cap", "caf\u00e9 foo_bar") is None, engine
