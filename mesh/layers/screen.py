@@ -20,12 +20,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
+from hivemesh.mesh import simd_scan
 from hivemesh.mesh.layers import stand_ins
+from hivemesh.mesh.simd_scan import Scanner
 
-try:  # Hyperscan: every rule in one SIMD pass over ASCII text (the README's "Dependencies" says why)
-    import hyperscan
-except ImportError:  # pragma: no cover - a platform without its wheel (or a CPU it refuses) uses RE2
-    hyperscan = None  # type: ignore[assignment]
 try:  # google-re2: every rule in one linear-time pass, where Hyperscan is missing
     import re2
 except ImportError:  # pragma: no cover - a platform without its wheel keeps the literal prefilters
@@ -171,55 +169,36 @@ def _single_pass_forms(rules: Sequence[ScreenRule]) -> tuple[list[tuple[int, str
 
 class _HyperscanPrefilter:
     """One Hyperscan pass: its literal matchers skip text no rule can match at memory speed (64 KiB of prose:
-    ~55 µs, against RE2's ~130 µs; the README's "Dependencies" has the figures)."""
+    ~35 µs, against RE2's ~100 µs; the README's "Dependencies" has the figures)."""
 
     def __init__(self, rules: Sequence[ScreenRule]) -> None:
-        assert hyperscan is not None
         forms, self.unchecked = _single_pass_forms(rules)
         self.unchecked += [i for i, form in forms if not form.isascii()]  # its literals cannot be in ASCII text,
         forms = [(i, form) for i, form in forms if form.isascii()]      # but its classes can: let Python decide
+        try:
+            self._scanner = Scanner(forms) if forms else None
+        except simd_scan.CompileError:  # a rule Hyperscan rejects (look-around, empty match...) runs in Python
+            kept = [f for f in forms if _compiles(f)]
+            self.unchecked += sorted({i for i, _ in forms} - {i for i, _ in kept})
+            self._scanner = Scanner(kept) if kept else None
         self.unchecked.sort()
-        try:
-            self._db = self._compile(forms) if forms else None
-        except hyperscan.error:  # a rule Hyperscan rejects (look-around, empty match...) keeps running in Python
-            kept = [f for f in forms if self._compiles(f)]
-            self.unchecked = sorted({*self.unchecked, *(i for i, _ in forms)} - {i for i, _ in kept})
-            self._db = self._compile(kept) if kept else None
-        self._scratch = threading.local()  # a scratch space serves one scan at a time: one per thread
-
-    @classmethod
-    def _compiles(cls, form: tuple[int, str]) -> bool:
-        assert hyperscan is not None
-        try:
-            cls._compile([form])
-        except hyperscan.error:
-            return False
-        return True
-
-    @staticmethod
-    def _compile(forms: Sequence[tuple[int, str]]) -> Any:
-        assert hyperscan is not None
-        db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-        db.compile(expressions=[form.encode("ascii") for _, form in forms], ids=[i for i, _ in forms],
-                   elements=len(forms), flags=[hyperscan.HS_FLAG_SINGLEMATCH] * len(forms))
-        return db
 
     def candidates(self, data: bytes) -> list[int]:
-        if self._db is None:
+        if self._scanner is None:
             return list(self.unchecked)
-        scratch = getattr(self._scratch, "space", None)
-        if scratch is None:
-            scratch = self._scratch.space = hyperscan.Scratch(self._db)
-        hits: list[int] = []
-        self._db.scan(data, match_event_handler=_collect, context=hits, scratch=scratch)
+        hits = self._scanner.hits(data)
         if self.unchecked:
             return sorted({*hits, *self.unchecked})
-        hits.sort()  # each rule reports once (HS_FLAG_SINGLEMATCH), in the order its matches end
+        hits.sort()  # each rule reports once, in the order its first match ends
         return hits
 
 
-def _collect(rule: int, start: int, end: int, flags: int, hits: list[int]) -> None:
-    hits.append(rule)
+def _compiles(form: tuple[int, str]) -> bool:
+    try:
+        Scanner([form])
+    except simd_scan.CompileError:
+        return False
+    return True
 
 
 class _Re2Prefilter:
@@ -249,7 +228,7 @@ def _single_pass(rules: Sequence[ScreenRule], engine: Engine) -> tuple[str, _Sin
     """The first engine asked for that loads and compiles the rules; ("literals", None) when none does."""
     tries = {"auto": ("hyperscan", "re2"), "hyperscan": ("hyperscan",), "re2": ("re2",), "literals": ()}[engine]
     for name in tries:
-        if (hyperscan if name == "hyperscan" else re2) is None:
+        if not (simd_scan.AVAILABLE if name == "hyperscan" else re2 is not None):
             continue
         try:
             return name, (_HyperscanPrefilter(rules) if name == "hyperscan" else _Re2Prefilter(rules))

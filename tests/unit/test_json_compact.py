@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hivemesh.mesh import simd_scan
 from hivemesh.mesh.json_compact import LONG, MAX_FIELDS, compact_json
 
 
@@ -35,7 +36,10 @@ PLAIN = "The quarterly report shows revenue grew in the north; review the contra
     PLAIN[:5000] + "\ud800",
     "",
 ])
-def test_long_strings_top_level_and_as_fields(text: str) -> None:
+@pytest.mark.parametrize("hyperscan", [True, False], ids=["hyperscan", "translate"])
+def test_long_strings_top_level_and_as_fields(text: str, hyperscan: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ways of proving a field has nothing to escape: Hyperscan, and bytes.translate where it cannot load."""
+    monkeypatch.setattr(simd_scan, "AVAILABLE", hyperscan)
     for value in (text, {"text": text}, {"id": 7, "text": text, "tags": ["a", None, 1.5], "more": {"t": text}}):
         assert compact_json(value) == standard(value)
 
