@@ -5,11 +5,12 @@ value (one text field), with the default rules, every engine deciding the same (
 test_screen_properties.py checks that). Texts: a short field of business prose; 64 KiB of one letter repeated
 (the payload of bench/peers.py and bench/mesh_cost.py); 64 KiB of business prose; 64 KiB dense with the rules'
 own words (system, prompt, instructions, previous...) but no attack, the worst case for engines that look
-for literals first; and text beyond ASCII (64 Ki characters of German prose, of prose with emoji, and 64 KiB
-of Chinese in UTF-8), which each engine screens through the text's ASCII stand-ins (mesh/layers/stand_ins.py) and
-"literals" screens as the mesh did before the stand-ins: normalized, then every rule in Python's `re`. Rounds
-alternate between the engines so drift hits all of them; the median per call is reported with its ratio to RE2
-(the engine before Hyperscan). Compile time is reported once each.
+for literals first; and text beyond ASCII (64 Ki characters of German prose, of prose with emoji, of ASCII and
+emoji alternating (the stand-ins' worst case), and 64 KiB of Chinese in UTF-8), which each engine screens through
+the text's ASCII stand-ins (mesh/layers/stand_ins.py) and "literals" screens as the mesh did before the stand-ins:
+normalized, then every rule in Python's `re`. Rounds alternate between the engines so drift hits all of them;
+the median per call is reported with its ratio to RE2 (the engine before Hyperscan). Compile time is reported
+once each.
 
     .venv/bin/python bench/screen_engines.py              # ~30 s on 2 cores
     .venv/bin/python bench/screen_engines.py --rounds 9
@@ -66,6 +67,7 @@ def texts() -> dict[str, str]:
         "200 B German prose": prose(_GERMAN, 200, 5),
         "64 KiB German prose": prose(_GERMAN, k64, 4),
         "64 KiB business prose with emoji": prose(_BUSINESS, k64, 2).replace(". ", ". \U0001f600 "),
+        "64 Ki characters alternating ASCII and emoji": "a\U0001f600" * (k64 // 2),
         "64 KiB Chinese": ("\u6211\u4eec\u7684\u53d1\u7968\u603b\u989d\u5df2\u7ecf\u652f\u4ed8\uff0c"
                            "\u5ba2\u6237\u8ba2\u5355\u5df2\u53d1\u8d27\u3002" * 2000)[:k64 // 3],
     }

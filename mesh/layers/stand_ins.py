@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import codecs
 import re
+import threading
 from typing import Any, Final
 
 FOLDS: Final = {0x130: "i", 0x131: "i", 0x17F: "s", 0x212A: "k"}
@@ -52,14 +53,31 @@ class _StandIns(dict[int, str]):
 
 
 _STAND_INS = _StandIns()
+for _code in range(256):  # so that translating a whole text maps ASCII to itself and Latin-1 to stand-ins
+    _STAND_INS[_code] = chr(_code) if _code < 128 else _STAND_INS.__missing__(_code)
 _ERRORS: Final = "hivemesh-screen-stand-ins"
-_LATIN1: Final = bytes(range(128)) + "".join(_STAND_INS[code] for code in range(128, 256)).encode("ascii")
+_LATIN1: Final = "".join(_STAND_INS[code] for code in range(256)).encode("ascii")
 """Bytes 0-255 as Latin-1 characters -> their stand-ins, for `bytes.translate`."""
+CHARS_PER_RUN: Final = 32
+"""A run of characters beyond Latin-1 is handed over by the codec in a Python call (~1 µs); translating the
+whole text costs ~70 ns a character. So a text gets one run per 32 characters (at least 64) before it is
+translated whole instead: prose with an emoji or a curly quote per sentence stays on the cheap path, and text
+alternating scripts costs ~100 ns a character (where running every rule in Python cost ~270), not a Python call
+per character."""
+_runs = threading.local()
+
+
+class _TooManyRunsError(Exception):
+    pass
 
 
 def _stand_in(err: UnicodeError) -> tuple[str, int]:
     if not isinstance(err, UnicodeEncodeError):
         raise err
+    left = getattr(_runs, "left", 0)
+    if left <= 0:
+        raise _TooManyRunsError
+    _runs.left = left - 1
     # The encoder hands over each run of characters it cannot encode at once.
     return err.object[err.start:err.end].translate(_STAND_INS), err.end
 
@@ -72,9 +90,14 @@ def ascii_stand_ins(text: str) -> bytes:
 
     Latin-1 first: most text beyond ASCII is Latin letters with accents, which then cost one `bytes.translate`
     (64 KiB of German prose: ~60 µs, against ~1 ms for a Python call per accented letter); the characters beyond
-    Latin-1 (curly quotes, emoji, other scripts) go through the codec's error handler, a run at a time.
+    Latin-1 (curly quotes, emoji, other scripts) go through the codec's error handler, a run at a time, up to one
+    run per CHARS_PER_RUN characters; beyond that the whole text is translated character by character.
     """
-    return text.encode("latin-1", _ERRORS).translate(_LATIN1)
+    _runs.left = max(64, len(text) // CHARS_PER_RUN)
+    try:
+        return text.encode("latin-1", _ERRORS).translate(_LATIN1)
+    except _TooManyRunsError:
+        return text.translate(_STAND_INS).encode("ascii")
 
 
 def rule_is_sound(pattern: re.Pattern[str]) -> bool:
