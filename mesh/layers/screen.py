@@ -253,9 +253,10 @@ class PatternScreen:
         self._lock = threading.Lock()
 
     def prepare(self) -> str:
-        """Compiles the rules for the single pass, once, and says which engine screens ASCII text: "hyperscan",
-        "re2" or "literals". Hyperscan takes ~0.1 s over the default rules, so this waits for a first use rather
-        than for every import; the input guard calls it when it is built, so no call waits on it."""
+        """Compiles the rules for the single pass, once, and says which engine screens text (ASCII, or the ASCII
+        stand-ins of text beyond it): "hyperscan", "re2" or "literals". Hyperscan takes ~0.1 s over the default
+        rules, so this waits for a first use rather than for every import; the input guard calls it when it is
+        built, so no call waits on it."""
         if self._engine is None:
             with self._lock:
                 if self._engine is None:
@@ -311,7 +312,8 @@ class PatternScreen:
         return self._screen_ascii_literals(path, text)
 
     def _screen_ascii_literals(self, path: str, text: str) -> Finding | None:
-        """Without RE2: each rule's literal prefilter on the lower-cased text skips regexes that cannot match."""
+        """Without a single-pass engine: each rule's literal prefilter on the lower-cased text skips regexes that
+        cannot match."""
         low: str | None = None
         for rule in self.rules:
             if rule.non_ascii_only:
