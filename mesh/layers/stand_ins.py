@@ -24,6 +24,8 @@ tests/unit/test_screen_stand_ins.py recomputes them from Python's `re` itself)."
 
 STAND_INS: Final = frozenset(" 0_\x7f" + "".join(FOLDS.values()))
 """Every byte put in place of a character beyond ASCII."""
+_STAND_IN_CODES: Final = frozenset(ord(c) for s in STAND_INS for c in (s, s.upper()))
+"""The stand-ins as code points, in either case (IGNORECASE makes a negated [^K] refuse 'k' too)."""
 
 _CACHE_LIMIT: Final = 65_536
 """Characters whose stand-in is remembered (a text could hold a million distinct ones: the rest are worked out
@@ -121,7 +123,7 @@ def rule_is_sound(pattern: re.Pattern[str]) -> bool:
 
 
 def _negations_avoid_stand_ins(node: Any, c: Any, subpattern: type) -> bool:
-    stand_in_codes = {ord(s) for s in STAND_INS} | {ord(s.upper()) for s in STAND_INS}
+    stand_in_codes = _STAND_IN_CODES
     for op, av in node:
         if op is c.NOT_LITERAL:  # the parser's form of [^x]
             if av in stand_in_codes:
