@@ -4,6 +4,7 @@ exactly as the full scan, over the screen's vocabulary and every kind of whitesp
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -108,3 +109,18 @@ def test_a_disguised_attack_beyond_ascii_is_found_as_by_the_full_scan(text: str)
     assert expected is not None
     for screen in _SCREENS:
         assert screen.screen("cap", text) == expected, screen.engine
+
+
+_ZERO_WIDTH_DEFINITION = re.compile("[\u200b-\u200f\u2060\ufeff\u00ad]")
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.text(alphabet=st.one_of(
+    st.characters(max_codepoint=0xFF),  # Latin-1, the soft hyphen among it
+    st.sampled_from("\u200b\u200c\u200d\u200e\u200f\u2060\ufeff\u00ad\u00bd\u2044\uff49\u0131\U0001f600"),
+    st.characters(),
+), max_size=60))
+def test_normalize_is_nfkc_without_zero_width_characters(text: str) -> None:
+    """Latin-1 text takes a shortcut (only the soft hyphen to drop); every text gets what the definition gives,
+    including Latin-1 text whose NFKC is not Latin-1 (½ becomes 1⁄2)."""
+    assert normalize(text) == _ZERO_WIDTH_DEFINITION.sub("", unicodedata.normalize("NFKC", text))
