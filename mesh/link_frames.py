@@ -6,16 +6,16 @@ resume many callers, which send again together), so sending what is already queu
 pays that cost once per burst. A call made one at a time is never delayed to fill a batch (only under
 concurrency does a caller's lone frame linger briefly: `mesh/outbound/link.py`, `LINGER_S`). Each side packs
 only after the other announced `BATCH_HEADER` (the caller in its request metadata, the server in its initial
-metadata), so a peer that predates batches is never sent one.
+metadata), so a peer that predates batches is never sent one. Frames are wire bytes (`mesh/link_wire.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, Final
 
-from hivemesh.v1 import agent_pb2
+from hivemesh.mesh.link_wire import Outgoing
 
 BATCH_HEADER: Final = "hivemesh-link-batch"
 BATCH_ANNOUNCE: Final = ((BATCH_HEADER, "1"),)
@@ -24,7 +24,7 @@ MAX_BATCH_FRAMES: Final = 8
 16 made caller and callee take turns (each idle while the other worked its 16 calls: ~1 of 2 cores busy);
 batches of 8 keep both at work, 1.2-1.7x the calls/s at 16 in flight on 2 cores (BENCHMARKS.md)."""
 MAX_BATCH_BYTES: Final = 256 * 1024
-"""Payload bytes per batch at most (well under the 8 MiB message limit); a bigger frame goes alone."""
+"""Frame bytes per batch at most (well under the 8 MiB message limit); a bigger frame goes alone."""
 
 
 def announced(metadata: Iterable[tuple[str, Any]] | None) -> bool:
@@ -32,36 +32,23 @@ def announced(metadata: Iterable[tuple[str, Any]] | None) -> bool:
     return any(key == BATCH_HEADER and value == "1" for key, value in metadata or ())
 
 
-def take_waiting(
-    first: Any, queue: asyncio.Queue[Any], end: object, weight: Callable[[Any], int]
-) -> tuple[list[Any], Any, bool]:
+def take_waiting(first: Outgoing, queue: asyncio.Queue[Any], end: object) -> tuple[list[Outgoing], Any, bool]:
     """first and the frames already waiting behind it in queue (never waiting for more), within the batch limits.
 
     Returns (frames, leftover, ended): leftover is a frame taken off the queue that would have made the batch too
     big (the writer sends it next; None if none); ended is True if the end marker was taken (nothing after it is).
     """
     frames = [first]
-    size = weight(first)
+    size = first.size
     while len(frames) < MAX_BATCH_FRAMES and not queue.empty():
         nxt = queue.get_nowait()
         if nxt is end:
             return frames, None, True
-        size += weight(nxt)
+        size += nxt.size
         if size > MAX_BATCH_BYTES:
             return frames, nxt, False
         frames.append(nxt)
     return frames, None, False
-
-
-def pack(frames: list[Any]) -> Any:
-    """The one message that carries frames, in order: a lone frame as itself, several as a batch."""
-    return frames[0] if len(frames) == 1 else agent_pb2.LinkFrame(batch=frames)
-
-
-def unpacked(frame: Any) -> Sequence[Any]:
-    """The frames a received message carries: its batch, or itself."""
-    batch: Sequence[Any] = frame.batch
-    return batch if batch else (frame,)
 
 
 def _no_linger() -> float:
@@ -69,12 +56,12 @@ def _no_linger() -> float:
 
 
 async def outgoing(
-    queue: asyncio.Queue[Any], end: object, weight: Callable[[Any], int], batches: Callable[[], bool],
-    linger: Callable[[], float] = _no_linger,
-) -> AsyncIterator[Any]:
-    """The messages that carry the frames put on queue, in order, until end: each lone frame as itself, or, once
-    batches() (the peer announced it reads them), what waits together as one batch. A lone frame first waits
-    linger() seconds for company when that is above 0 (the caller's side asks it only under concurrency)."""
+    queue: asyncio.Queue[Any], end: object, batches: Callable[[], bool], linger: Callable[[], float] = _no_linger,
+) -> AsyncIterator[list[Outgoing]]:
+    """The frames put on queue, in order, until end, grouped by the message that carries them (`pack`): each
+    lone frame alone, or, once batches() (the peer announced it reads them), what waits together. A lone frame
+    first waits linger() seconds for company when that is above 0 (the caller's side asks it only under
+    concurrency)."""
     leftover: Any = None
     while True:
         frame = leftover if leftover is not None else await queue.get()
@@ -86,9 +73,9 @@ async def outgoing(
             if wait > 0:
                 await asyncio.sleep(wait)
         if not batches() or queue.empty():
-            yield frame
+            yield [frame]
             continue
-        frames, leftover, ended = take_waiting(frame, queue, end, weight)
-        yield pack(frames)
+        frames, leftover, ended = take_waiting(frame, queue, end)
+        yield frames
         if ended:
             return

@@ -10,12 +10,15 @@ the order they finish, matched by id. A cancel frame cancels one call.
 The caller's token is bound to its certificate, which is the link's, so a caller may send it once: a call
 frame without an `authorization` entry carries the last one sent on this link (still verified per call).
 Answers that finish together go back as one message to a caller that announced it reads batches
-(`mesh/link_frames.py`); a batch the caller sends is read frame by frame, exactly as if each came alone.
+(`mesh/link_frames.py`); a batch the caller sends is read frame by frame, exactly as if each came alone. Frames
+travel as wire bytes (`mesh/link_wire.py`) from the stream to the handler and back; served through a generated
+servicer instead (`LinkFrame` messages both ways), the messages are turned into frames and back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -23,9 +26,10 @@ from typing import Any
 
 import grpc
 
-from hivemesh.mesh import tracing
+from hivemesh.mesh import link_wire, tracing
 from hivemesh.mesh.link_context import FrameAborted, FrameContext
-from hivemesh.mesh.link_frames import BATCH_ANNOUNCE, announced, outgoing, unpacked
+from hivemesh.mesh.link_frames import BATCH_ANNOUNCE, announced, outgoing
+from hivemesh.mesh.link_wire import DecodeError, Frame, Outgoing
 from hivemesh.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
@@ -44,20 +48,20 @@ class _Details:
 
 
 class _Open:
-    """One open link on the server: its answers waiting to be sent, and its calls running."""
+    """One open link on the server: its answers waiting to be sent, its calls running, and why the caller's
+    messages stopped being read if one did not decode."""
 
-    __slots__ = ("out", "running")
+    __slots__ = ("bad", "out", "running")
 
     def __init__(self) -> None:
         self.out: asyncio.Queue[Any] = asyncio.Queue()
         self.running: dict[int, asyncio.Task[None]] = {}
+        self.bad = ""
 
 
-def _answer_bytes(frame: Any) -> int:
-    return len(frame.answer.response)
-
-
-def answer_frame(call_id: int, code: grpc.StatusCode, message: str, trailing: Sequence[tuple[str, Any]]) -> Any:
+def answer_frame(
+    call_id: int, code: grpc.StatusCode, message: str, trailing: Sequence[tuple[str, Any]]
+) -> Outgoing:
     """The answer frame of a call that ended with this status (never OK: an OK answer carries its response).
     Frames are built in place: a message given to a constructor is copied in by serializing and parsing it."""
     frame = agent_pb2.LinkFrame(id=call_id)
@@ -69,7 +73,7 @@ def answer_frame(call_id: int, code: grpc.StatusCode, message: str, trailing: Se
             answer.binary_trailers.add(key=key, value=value)
         else:
             answer.trailers.add(key=key, value=str(value))
-    return frame
+    return link_wire.message_frame(frame)
 
 
 class LinkServer:
@@ -127,24 +131,22 @@ class LinkServer:
         return self._wrapped
 
     async def _run(
-        self, frame: Any, stream: grpc.aio.ServicerContext[Any, Any], metadata: Sequence[tuple[str, str]],
+        self, frame: Frame, stream: grpc.aio.ServicerContext[Any, Any], metadata: Sequence[tuple[str, str]],
         out: asyncio.Queue[Any],
     ) -> None:
-        call_id, call = frame.id, frame.call
-        context = FrameContext(stream, metadata, call.timeout_s)
+        call_id, timeout_s = frame.id, frame.timeout_s
+        context = FrameContext(stream, metadata, timeout_s)
         try:
             wrapped = self._wrapped
             if wrapped is None or self._tracer is not tracing.TRACER:
                 wrapped = await self._behaviour()
             behaviour, serialize = wrapped
-            if call.timeout_s > 0:
-                async with asyncio.timeout(call.timeout_s):
-                    response = await behaviour(call.request, context)
+            if timeout_s > 0:
+                async with asyncio.timeout(timeout_s):
+                    response = await behaviour(frame.request, context)
             else:
-                response = await behaviour(call.request, context)
-            answered = agent_pb2.LinkFrame(id=call_id)  # in place: see answer_frame
-            answered.answer.response = serialize(response) if serialize is not None else response
-            out.put_nowait(answered)
+                response = await behaviour(frame.request, context)
+            out.put_nowait(link_wire.answer_frame(call_id, serialize(response) if serialize is not None else response))
         except FrameAborted as aborted:
             out.put_nowait(answer_frame(call_id, aborted.code, aborted.details, aborted.trailing))
         except TimeoutError:
@@ -164,10 +166,14 @@ class LinkServer:
                 open_link.out.put_nowait(_END)
 
     async def serve(
-        self, frames: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+        self, frames: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any], *, wire: bool = False
     ) -> AsyncIterator[Any]:
         """The Link method's behaviour: read call and cancel frames, yield answer frames until the caller closes
-        its side and every call it sent has been answered (or the stream breaks, or the server drains)."""
+        its side and every call it sent has been answered (or the stream breaks, or the server drains).
+
+        wire: the stream carries bytes both ways (`link_handler`); otherwise `LinkFrame` messages (a generated
+        servicer's Link). A message that does not decode ends the link INVALID_ARGUMENT once the calls it had
+        sent are answered."""
         state = _Open()
         out, running = state.out, state.running
         loop = asyncio.get_running_loop()
@@ -181,11 +187,11 @@ class LinkServer:
                     out.put_nowait(_END)
             return done
 
-        def take(frame: Any) -> None:
+        def take(frame: Frame) -> None:
             nonlocal authorization
-            kind = frame.WhichOneof("body")
+            kind = frame.kind
             if kind == "call":
-                metadata = [(h.key, h.value) for h in frame.call.metadata]
+                metadata = frame.metadata
                 sent = [v for k, v in metadata if k == AUTHORIZATION]
                 if sent:
                     authorization = sent[-1]
@@ -210,7 +216,13 @@ class LinkServer:
         async def read() -> None:
             try:
                 async for message in frames:
-                    for frame in unpacked(message):
+                    try:
+                        received = (link_wire.read(message) if isinstance(message, bytes)
+                                    else link_wire.frames_of(message))
+                    except DecodeError as exc:
+                        state.bad = f"a Link message does not decode as hivemesh.v1.LinkFrame ({exc})"
+                        break
+                    for frame in received:
                         take(frame)
                 await asyncio.gather(*running.values(), return_exceptions=True)
             finally:
@@ -221,9 +233,12 @@ class LinkServer:
         self._streams.add(state)
         reader = loop.create_task(read())
         try:
-            async for message in outgoing(out, _END, _answer_bytes, lambda: batches):
+            async for group in outgoing(out, _END, lambda: batches):
                 self.messages += 1
-                yield message
+                message = link_wire.pack(group)
+                yield message if wire else agent_pb2.LinkFrame.FromString(message)
+            if state.bad:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, state.bad)
         finally:
             self._streams.discard(state)
             reader.cancel()
@@ -232,9 +247,6 @@ class LinkServer:
 
 
 def link_handler(server: LinkServer) -> grpc.RpcMethodHandler[Any, Any]:
-    """The Link method handler (LinkFrame messages both ways) for a generic handler, e.g. the sidecar's."""
-    return grpc.stream_stream_rpc_method_handler(
-        server.serve,
-        request_deserializer=agent_pb2.LinkFrame.FromString,
-        response_serializer=agent_pb2.LinkFrame.SerializeToString,
-    )
+    """The Link method handler for a generic or registered handler (the sidecar's, the SDK's): wire bytes both
+    ways, read and written by `mesh/link_wire.py`."""
+    return grpc.stream_stream_rpc_method_handler(functools.partial(server.serve, wire=True))

@@ -41,8 +41,8 @@ from hivemesh.mesh.settings import MeshSettings
 from hivemesh.sdk.agent import Agent
 from hivemesh.sdk.client import MeshClient
 from hivemesh.sdk.idempotency import DedupeStore, IdempotencyCache
-from hivemesh.sdk.servicer import AgentServicer
-from hivemesh.v1 import agent_pb2, agent_pb2_grpc, mesh_pb2
+from hivemesh.sdk.servicer import AgentServicer, add_to_server
+from hivemesh.v1 import agent_pb2, mesh_pb2
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class AgentServer:
                 servicer.link = self._link = LinkServer(front.inbound, grpc.unary_unary_rpc_method_handler(
                     servicer.Invoke, request_deserializer=agent_pb2.InvokeRequest.FromString,
                     response_serializer=agent_pb2.InvokeResponse.SerializeToString))
-            agent_pb2_grpc.add_AgentServicer_to_server(servicer, server.server)
+            add_to_server(servicer, server.server)
             self._server = front
             await front.start(self.host, self.port)
             instance = mesh_pb2.AgentInstance(

@@ -23,7 +23,7 @@ from hivemesh.mesh.callcontext import inbound_call, new_call_id
 from hivemesh.mesh.errors import AgentError, HivemeshError, InvalidInputError, InvalidOutputError, abort
 from hivemesh.mesh.json_compact import compact_json
 from hivemesh.mesh.layers import Inbound
-from hivemesh.mesh.link_server import LinkServer
+from hivemesh.mesh.link_server import LinkServer, link_handler
 from hivemesh.mesh.output_check import OutputCheck, note_refusal
 from hivemesh.sdk.agent import Agent, CapabilitySpec
 from hivemesh.sdk.context import Context
@@ -246,3 +246,26 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             log.exception("capability %s failed", request.capability)
             await abort(context, AgentError(f"capability {request.capability!r} failed: {type(exc).__name__}: {exc}"))
         yield final
+
+
+def add_to_server(servicer: AgentServicer, server: grpc.aio.Server) -> None:
+    """Register servicer as `hivemesh.v1.Agent`, as the generated `add_AgentServicer_to_server` does, except that
+    Link (when it serves Link) carries wire bytes both ways (`link_handler`): the generated handler would turn
+    every frame into a message and back, copying each call's payload several times (`mesh/link_wire.py`)."""
+    service = agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "Describe": grpc.unary_unary_rpc_method_handler(
+            servicer.Describe, request_deserializer=agent_pb2.DescribeRequest.FromString,
+            response_serializer=agent_pb2.AgentCard.SerializeToString),
+        "Invoke": grpc.unary_unary_rpc_method_handler(
+            servicer.Invoke, request_deserializer=agent_pb2.InvokeRequest.FromString,
+            response_serializer=agent_pb2.InvokeResponse.SerializeToString),
+        "InvokeStream": grpc.unary_stream_rpc_method_handler(
+            servicer.InvokeStream, request_deserializer=agent_pb2.InvokeRequest.FromString,
+            response_serializer=agent_pb2.InvokeChunk.SerializeToString),
+        "Link": link_handler(servicer.link) if servicer.link is not None else grpc.stream_stream_rpc_method_handler(
+            servicer.Link, request_deserializer=agent_pb2.LinkFrame.FromString,
+            response_serializer=agent_pb2.LinkFrame.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)

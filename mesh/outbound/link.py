@@ -27,8 +27,10 @@ from typing import Any
 
 import grpc
 
+from hivemesh.mesh import link_wire
 from hivemesh.mesh.link_context import status_code
-from hivemesh.mesh.link_frames import BATCH_ANNOUNCE, announced, outgoing, unpacked
+from hivemesh.mesh.link_frames import BATCH_ANNOUNCE, announced, outgoing
+from hivemesh.mesh.link_wire import DecodeError, Outgoing
 from hivemesh.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
@@ -92,15 +94,6 @@ def stream_failure(exc: grpc.aio.AioRpcError) -> BaseException:
     return exc
 
 
-def _request_bytes(frame: Any) -> int:
-    return len(frame.call.request)
-
-
-def _last_id(message: Any) -> int:
-    batch = message.batch
-    return max(f.id for f in batch) if batch else int(message.id)
-
-
 def _let_go(exc: BaseException) -> None:
     """Clear the finished frames of exc's traceback. grpc.aio raises from frames whose `self` is the call, and
     the call keeps its HTTP/2 connection open, even once its channel is closed, for as long as it lives: a kept
@@ -146,13 +139,14 @@ class _Link:
 
     async def _write(self) -> None:
         try:
-            async for message in outgoing(self._out, _CLOSE, _request_bytes, self._batches, self._linger):
+            group: list[Outgoing]
+            async for group in outgoing(self._out, _CLOSE, self._batches, self._linger):
                 if self.broken or self._stream is None:
                     return
                 before = self._sent_through
-                self._sent_through = max(before, _last_id(message))
+                self._sent_through = max(before, *(frame.id for frame in group))
                 try:
-                    await self._stream.write(message.SerializeToString())
+                    await self._stream.write(link_wire.pack(group))
                 except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
                     _let_go(exc)
                     self._sent_through = before  # refused by the core: this message never left
@@ -176,17 +170,27 @@ class _Link:
             self._stream = None  # let the call (and its connection) go: see __init__
 
     async def _read_answers(self) -> None:
-        assert self._stream is not None
+        stream = self._stream  # close() may let go of the attribute while this waits: the stream then ends
+        assert stream is not None
         error: BaseException
         try:
-            self.batches = announced(await self._stream.initial_metadata())
-            async for raw in self._stream:
+            self.batches = announced(await stream.initial_metadata())
+            async for raw in stream:
                 self.answered = True
-                for frame in unpacked(agent_pb2.LinkFrame.FromString(raw)):
+                try:
+                    frames = link_wire.read(raw)
+                except DecodeError as exc:
+                    # The calls it carried may have run: UNKNOWN, which no retry policy repeats.
+                    error = _rpc_error(grpc.StatusCode.UNKNOWN,
+                                       f"the peer answered with a Link message that does not decode ({exc})")
+                    stream.cancel()
+                    break
+                for frame in frames:
                     waiter = self._pending.pop(frame.id, None)
                     if waiter is not None and not waiter.done():
-                        waiter.set_result(frame.answer)
-            error = _rpc_error(grpc.StatusCode.UNAVAILABLE, "the link to the peer was closed")
+                        waiter.set_result(frame)
+            else:
+                error = _rpc_error(grpc.StatusCode.UNAVAILABLE, "the link to the peer was closed")
         except grpc.aio.AioRpcError as exc:
             _let_go(exc)
             self.hidden_status = exc.code() == grpc.StatusCode.INTERNAL
@@ -224,20 +228,19 @@ class _Link:
     async def call(self, request: bytes, timeout: float | None, metadata: Sequence[tuple[str, Any]]) -> bytes:
         call_id = self._next
         self._next += 1
-        # Built in place: a message passed to a constructor is copied in by serializing and parsing it again.
-        frame = agent_pb2.LinkFrame(id=call_id)
-        call = frame.call
-        call.request = request
+        # The request goes as it is (link_wire); the rest of the call is built in place and serialized.
+        rest = agent_pb2.LinkCall()
         if timeout is not None and timeout > 0:
-            call.timeout_s = timeout
+            rest.timeout_s = timeout
         for key, value in metadata:
             if key == _AUTHORIZATION:
                 if value == self._sent_auth:
                     continue  # the server still has it for this link
                 self._sent_auth = value
-            call.metadata.add(key=key, value=value)
+            rest.metadata.add(key=key, value=value)
+        frame = link_wire.call_frame(call_id, request, rest.SerializeToString())
         loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[Any] = loop.create_future()
+        waiter: asyncio.Future[link_wire.Frame] = loop.create_future()
         self._pending[call_id] = waiter
         self._out.put_nowait(frame)
         # A timer, not asyncio.wait_for: no extra task per call.
@@ -254,14 +257,12 @@ class _Link:
             if timer is not None:
                 timer.cancel()
         if answer.code == 0:
-            response: bytes = answer.response
-            return response
-        trailing = [(h.key, h.value) for h in answer.trailers] + [(h.key, h.value) for h in answer.binary_trailers]
-        raise _rpc_error(status_code(answer.code), answer.message, trailing)
+            return answer.response
+        raise _rpc_error(status_code(answer.code), answer.message, answer.trailing)
 
     def _cancel(self, call_id: int) -> None:
         if self._pending.pop(call_id, None) is not None and not self.broken:
-            self._out.put_nowait(agent_pb2.LinkFrame(id=call_id, cancel=True))
+            self._out.put_nowait(link_wire.message_frame(agent_pb2.LinkFrame(id=call_id, cancel=True)))
 
     def close(self) -> None:
         """End the link now: its open calls fail CANCELLED."""

@@ -27,6 +27,7 @@ from hivemesh.mesh.inbound import DecisionObserver
 from hivemesh.mesh.layers import Inbound
 from hivemesh.mesh.link_frames import BATCH_ANNOUNCE
 from hivemesh.mesh.link_server import LinkServer, link_handler
+from hivemesh.mesh.link_wire import answer_frame, call_frame, pack, read
 from hivemesh.mesh.outbound.link import LINGER_S, LINK_MAX_REQUEST_BYTES, NOT_SENT_LIMIT, LinkedInvoke
 from hivemesh.mesh.ports import free_port
 from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
@@ -535,3 +536,60 @@ async def test_a_generated_servicer_can_serve_link_with_the_frame_server() -> No
             assert await asyncio.gather(*(linked(s, timeout=10) for s in sent)) == sent
         assert servicer.link.calls == 41
         assert servicer.link.messages < servicer.link.calls, "no answers went back together as a batch"
+
+
+async def test_a_link_message_that_does_not_decode_ends_the_link_with_a_clear_status_after_its_calls() -> None:
+    """Bad bytes from a caller: the calls its earlier messages sent are answered, then the link ends
+    INVALID_ARGUMENT saying why. Bad bytes from a server: the calls waiting on the link fail UNKNOWN (they may
+    have run, so no retry repeats them), saying why, and the next call opens a new link."""
+    served: list[bytes] = []
+
+    async def invoke(request: bytes, context: Any) -> bytes:
+        served.append(request)
+        await asyncio.sleep(0.2)  # still running when the bad message arrives
+        return request
+
+    link = LinkServer(None, grpc.unary_unary_rpc_method_handler(invoke))
+    async with _serving(_agent_handlers(Link=link_handler(link))) as port:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            good = pack([call_frame(1, b"first", agent_pb2.LinkCall(timeout_s=10).SerializeToString())])
+
+            async def out() -> AsyncIterator[bytes]:
+                yield good
+                yield b"\x12\x05\x0a"  # a call whose length runs past the message
+
+            stream = channel.stream_stream("/hivemesh.v1.Agent/Link")(out())
+            answers = [frame for raw in [raw async for raw in _until_error(stream)] for frame in read(raw)]
+            assert [(f.id, f.code, f.response) for f in answers] == [(1, 0, b"first")]
+            assert await stream.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert "does not decode as hivemesh.v1.LinkFrame" in (await stream.details() or "")
+    assert served == [b"first"]
+
+    bad_links = 0
+
+    async def garbling(frames: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        nonlocal bad_links
+        bad_links += 1
+        await context.send_initial_metadata(())
+        async for raw in frames:
+            [frame] = read(raw)
+            yield b"\xff\xff" if frame.request == b"garble" else pack([answer_frame(frame.id, frame.request)])
+
+    async with _serving(_agent_handlers(Link=grpc.stream_stream_rpc_method_handler(garbling))) as port, \
+            _linked_to(port) as linked:
+        assert await linked(b"fine", timeout=10) == b"fine"
+        with pytest.raises(grpc.aio.AioRpcError) as garbled:
+            await linked(b"garble", timeout=10)
+        assert garbled.value.code() is grpc.StatusCode.UNKNOWN
+        assert "does not decode" in (garbled.value.details() or "")
+        assert await linked(b"again", timeout=10) == b"again"
+        assert bad_links == 2  # the broken link was replaced
+
+
+async def _until_error(stream: Any) -> AsyncIterator[bytes]:
+    """The messages of a stream until it ends, whatever its status (read it from the call after)."""
+    try:
+        async for raw in stream:
+            yield raw
+    except grpc.aio.AioRpcError:
+        return

@@ -8,6 +8,7 @@ import pytest
 from hivemesh.mesh.errors import RateLimitedError, from_status_parts, to_status
 from hivemesh.mesh.link_context import FrameAborted, FrameContext, status_code
 from hivemesh.mesh.link_server import answer_frame
+from hivemesh.mesh.link_wire import pack, read
 from hivemesh.mesh.outbound.link import LINK_ENV, LinkUnsupportedError, link_enabled, stream_failure
 
 
@@ -46,12 +47,11 @@ async def test_a_frame_calls_abort_ends_that_call_with_its_status_and_deadline()
 def test_an_answer_frame_carries_the_rich_status_the_caller_rebuilds() -> None:
     err = RateLimitedError("slow down", retry_after_s=1.5, metadata={"capability": "echo"})
     status = to_status(err)
-    frame = answer_frame(7, status.code, status.details, status.trailing_metadata)
-    answer = frame.answer
-    assert frame.id == 7 and answer.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
-    assert [h.key for h in answer.binary_trailers] == ["grpc-status-details-bin"]  # bytes stay bytes
-    trailing = [(h.key, h.value) for h in answer.trailers] + [(h.key, h.value) for h in answer.binary_trailers]
-    back = from_status_parts(status_code(answer.code), answer.message, trailing)
+    [answer] = read(pack([answer_frame(7, status.code, status.details, status.trailing_metadata)]))
+    assert answer.id == 7 and answer.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert [(k, type(v)) for k, v in answer.trailing if k.endswith("-bin")] == [
+        ("grpc-status-details-bin", bytes)]  # bytes stay bytes
+    back = from_status_parts(status_code(answer.code), answer.message, answer.trailing)
     assert (type(back), back.reason, back.message, back.retry_after_s, back.metadata) == (
         RateLimitedError, err.reason, "slow down", 1.5, {"capability": "echo"})
 

@@ -1,0 +1,231 @@
+"""A Link's frames as wire bytes (`mesh/link_wire.py`): written as protobuf writes them, read as protobuf reads them.
+
+The reader's fast paths are checked against protobuf on every kind of message: the frames hivemesh writes, any
+`LinkFrame` protobuf writes, and messages built field by field in any order, with fields repeated, unknown fields
+and broken lengths (each either read exactly as protobuf reads it, or refused as protobuf refuses it).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import pytest
+from google.protobuf.message import DecodeError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hivemesh.mesh import link_wire
+from hivemesh.mesh.link_wire import Frame, answer_frame, call_frame, frames_of, message_frame, pack, read, varint
+from hivemesh.v1 import agent_pb2
+
+_ids = st.one_of(st.integers(0, 300), st.integers(0, 2**64 - 1))
+_text = st.text(max_size=12)
+_payload = st.one_of(st.binary(max_size=40), st.just(b""), st.binary(min_size=200, max_size=400))
+_headers = st.lists(st.tuples(_text, _text), max_size=3)
+_timeouts = st.one_of(st.just(0.0), st.floats(allow_nan=False, allow_infinity=False))
+
+
+def _call_message(call_id: int, request: bytes, headers: list[tuple[str, str]], timeout: float) -> Any:
+    frame = agent_pb2.LinkFrame(id=call_id)
+    frame.call.request = request
+    frame.call.timeout_s = timeout
+    for key, value in headers:
+        frame.call.metadata.add(key=key, value=value)
+    return frame
+
+
+def _rest(headers: list[tuple[str, str]], timeout: float) -> bytes:
+    rest = agent_pb2.LinkCall(timeout_s=timeout)
+    for key, value in headers:
+        rest.metadata.add(key=key, value=value)
+    return rest.SerializeToString()
+
+
+def _answer_message(call_id: int, response: bytes) -> Any:
+    frame = agent_pb2.LinkFrame(id=call_id)
+    frame.answer.response = response
+    return frame
+
+
+@st.composite
+def _frames(draw: st.DrawFn, depth: int = 0) -> Any:
+    """Any LinkFrame protobuf can write: each kind, error answers with trailers, batches (nested once)."""
+    kind = draw(st.sampled_from(["call", "answer", "error", "cancel", "none"] + (["batch"] if depth == 0 else [])))
+    call_id = draw(_ids)
+    if kind == "call":
+        return _call_message(call_id, draw(_payload), draw(_headers), draw(_timeouts))
+    if kind == "answer":
+        return _answer_message(call_id, draw(_payload))
+    if kind == "error":
+        frame = agent_pb2.LinkFrame(id=call_id)
+        frame.answer.code = draw(st.integers(-(2**31), 2**31 - 1))
+        frame.answer.message = draw(_text)
+        for key, value in draw(_headers):
+            frame.answer.trailers.add(key=key, value=value)
+        for key, raw in draw(st.lists(st.tuples(_text, st.binary(max_size=8)), max_size=2)):
+            frame.answer.binary_trailers.add(key=key, value=raw)
+        return frame
+    if kind == "cancel":
+        return agent_pb2.LinkFrame(id=call_id, cancel=draw(st.booleans()))
+    if kind == "none":
+        return agent_pb2.LinkFrame(id=call_id)
+    frame = agent_pb2.LinkFrame(id=draw(st.integers(0, 5)))
+    for inner in draw(st.lists(_frames(depth + 1), min_size=1, max_size=4)):
+        frame.batch.add().CopyFrom(inner)
+    return frame
+
+
+def _protobuf_reads(data: bytes) -> list[Frame] | type[DecodeError]:
+    try:
+        return frames_of(agent_pb2.LinkFrame.FromString(data))
+    except DecodeError:
+        return DecodeError
+
+
+def _we_read(data: bytes) -> list[Frame] | type[DecodeError]:
+    try:
+        return read(data)
+    except DecodeError:
+        return DecodeError
+
+
+@settings(max_examples=300, deadline=None)
+@given(_ids, _payload, _headers, _timeouts)
+def test_a_call_frame_is_what_protobuf_writes_and_reads_back_as_protobuf_reads_it(
+    call_id: int, request: bytes, headers: list[tuple[str, str]], timeout: float
+) -> None:
+    written = pack([call_frame(call_id, request, _rest(headers, timeout))])
+    assert written == _call_message(call_id, request, headers, timeout).SerializeToString()
+    assert read(written) == _protobuf_reads(written)
+    [frame] = read(written)
+    assert (frame.id, frame.kind, frame.request, frame.metadata) == (call_id, "call", request, headers)
+    assert struct.pack("<d", frame.timeout_s) == struct.pack("<d", timeout)  # -0.0 stays -0.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(_ids, _payload)
+def test_an_answer_frame_is_what_protobuf_writes_and_reads_back_as_protobuf_reads_it(
+    call_id: int, response: bytes
+) -> None:
+    written = pack([answer_frame(call_id, response)])
+    assert written == _answer_message(call_id, response).SerializeToString()
+    assert read(written) == _protobuf_reads(written) == [Frame(call_id, "answer", response=response)]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_frames(1), min_size=1, max_size=6))
+def test_a_batch_is_what_protobuf_writes_and_reads_back_frame_by_frame(messages: list[Any]) -> None:
+    outgoing = [message_frame(m) for m in messages]
+    written = pack(outgoing)
+    expected = messages[0] if len(messages) == 1 else agent_pb2.LinkFrame(batch=messages)
+    assert written == expected.SerializeToString()
+    assert read(written) == _protobuf_reads(written)
+    assert len(read(written)) == len(messages)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_frames())
+def test_any_frame_protobuf_writes_is_read_as_protobuf_reads_it(message: Any) -> None:
+    data = message.SerializeToString()
+    assert read(data) == _protobuf_reads(data)
+
+
+def _field(number: int, wire_type: int, body: bytes) -> bytes:
+    return varint(number << 3 | wire_type) + body
+
+
+def _len_field(number: int, body: bytes) -> bytes:
+    return _field(number, 2, varint(len(body)) + body)
+
+
+@st.composite
+def _call_body(draw: st.DrawFn) -> bytes:
+    """A LinkCall's fields in any order, any field any number of times, unknown fields among them."""
+    header = st.tuples(_text, _text).map(
+        lambda kv: _len_field(2, _len_field(1, kv[0].encode()) + _len_field(2, kv[1].encode())))
+    parts = draw(st.lists(st.one_of(
+        st.binary(max_size=6).map(lambda b: _len_field(1, b)),
+        header,
+        st.floats(allow_nan=False).map(lambda t: _field(3, 1, struct.pack("<d", t))),
+        st.binary(max_size=4).map(lambda b: _len_field(9, b)),
+    ), max_size=5))
+    return b"".join(parts)
+
+
+@st.composite
+def _raw_frame(draw: st.DrawFn, depth: int = 0) -> bytes:
+    """A LinkFrame's fields in any order and number: ids (some as over-long varints), calls, answers, cancels,
+    batches, unknown fields."""
+    choices = [
+        st.integers(0, 2**64 - 1).map(lambda i: _field(1, 0, varint(i))),
+        st.just(_field(1, 0, b"\x81\x80\x80\x80\x80\x80\x80\x80\x80\x00")),  # a 10-byte varint for 1
+        _call_body().map(lambda b: _len_field(2, b)),
+        st.binary(max_size=6).map(lambda b: _len_field(3, _len_field(3, b))),
+        st.tuples(st.integers(0, 20), st.binary(max_size=4)).map(
+            lambda cb: _len_field(3, _field(1, 0, varint(cb[0])) + _len_field(3, cb[1]))),
+        st.booleans().map(lambda c: _field(4, 0, varint(int(c)))),
+        st.binary(max_size=4).map(lambda b: _len_field(12, b)),
+    ]
+    if depth == 0:
+        choices.append(_raw_frame(1).map(lambda f: _len_field(5, f)))
+    return b"".join(draw(st.lists(st.one_of(*choices), max_size=5)))
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_raw_frame())
+def test_a_message_in_any_field_order_and_repetition_is_read_as_protobuf_reads_it(data: bytes) -> None:
+    assert _we_read(data) == _protobuf_reads(data)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.binary(max_size=60))
+def test_any_bytes_are_read_as_protobuf_reads_them_or_refused_as_it_refuses_them(data: bytes) -> None:
+    assert _we_read(data) == _protobuf_reads(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_raw_frame(), st.integers(0, 200))
+def test_a_cut_message_is_read_or_refused_as_protobuf_does(data: bytes, cut: int) -> None:
+    assert _we_read(data[:cut]) == _protobuf_reads(data[:cut])
+
+
+def test_the_last_request_in_a_call_is_its_request_as_protobuf_says() -> None:
+    """The fast path takes the first request field: a later one, even empty, must win (protobuf's rule)."""
+    for later in (b"", b"second"):
+        body = _len_field(1, b"first") + _len_field(2, _len_field(1, b"k")) + _len_field(1, later)
+        data = _field(1, 0, varint(3)) + _len_field(2, body)
+        [frame] = read(data)
+        assert frame.request == later and frame.metadata == [("k", "")]
+        assert read(data) == _protobuf_reads(data)
+
+
+def test_the_frames_hivemesh_writes_are_read_without_protobuf_parsing_them_whole(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The point of the module: a call (with metadata and deadline), an OK answer and a batch of them are read
+    by finding their payload, so it is copied once; anything else goes to protobuf whole."""
+    calls: list[Any] = []
+    of_message = link_wire._of_message  # every frame protobuf reads becomes a Frame here
+
+    def counted(message: Any) -> Frame:
+        calls.append(message)
+        return of_message(message)
+
+    monkeypatch.setattr(link_wire, "_of_message", counted)
+    big = b"x" * 65536
+    ours = [call_frame(1, big, _rest([("authorization", "Bearer t")], 5.0)), answer_frame(2, big),
+            call_frame(3, b""), answer_frame(4, b"")]
+    assert [f.id for f in read(pack(ours))] == [1, 2, 3, 4]
+    assert [f.id for f in read(pack(ours[:1]))] == [1]
+    assert calls == []
+    error = agent_pb2.LinkFrame(id=5)
+    error.answer.code = 5
+    assert read(pack([message_frame(error)]))[0].code == 5 and len(calls) == 1
+    assert [f.code for f in read(pack([message_frame(error), answer_frame(6, big)]))] == [5, 0] and len(calls) == 2
+
+
+def test_a_message_that_is_not_a_link_frame_is_refused() -> None:
+    for data in (b"\x12\x05\x0a", b"\x08", b"\x2a\x09\x12\x01", b"\xff\xff\xff"):
+        with pytest.raises(DecodeError):
+            read(data)
