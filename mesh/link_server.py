@@ -20,8 +20,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import grpc
@@ -132,10 +133,10 @@ class LinkServer:
 
     async def _run(
         self, frame: Frame, stream: grpc.aio.ServicerContext[Any, Any], metadata: Sequence[tuple[str, str]],
-        out: asyncio.Queue[Any],
+        out: asyncio.Queue[Any], auth: Mapping[str, Iterable[bytes]],
     ) -> None:
         call_id, timeout_s = frame.id, frame.timeout_s
-        context = FrameContext(stream, metadata, timeout_s)
+        context = FrameContext(stream, metadata, timeout_s, auth)
         try:
             wrapped = self._wrapped
             if wrapped is None or self._tracer is not tracing.TRACER:
@@ -178,6 +179,7 @@ class LinkServer:
         out, running = state.out, state.running
         loop = asyncio.get_running_loop()
         authorization = ""
+        auth = MappingProxyType(dict(context.auth_context()))  # the connection's: one for every call on the link
         self.links += 1
 
         def finished(call_id: int) -> Callable[[asyncio.Task[None]], None]:
@@ -191,12 +193,12 @@ class LinkServer:
             nonlocal authorization
             kind = frame.kind
             if kind == "call":
-                metadata = frame.metadata
+                metadata: Sequence[tuple[str, str]] = frame.metadata
                 sent = [v for k, v in metadata if k == AUTHORIZATION]
                 if sent:
                     authorization = sent[-1]
                 elif authorization:
-                    metadata.append((AUTHORIZATION, authorization))
+                    metadata = (*metadata, (AUTHORIZATION, authorization))
                 if self._draining:
                     out.put_nowait(answer_frame(frame.id, grpc.StatusCode.UNAVAILABLE,
                                                 "this agent is shutting down", ()))
@@ -205,7 +207,7 @@ class LinkServer:
                                                 f"link call id {frame.id} is already in use", ()))
                 else:
                     self.calls += 1
-                    task = loop.create_task(self._run(frame, context, metadata, out))
+                    task = loop.create_task(self._run(frame, context, metadata, out, auth))
                     running[frame.id] = task
                     task.add_done_callback(finished(frame.id))
             elif kind == "cancel":

@@ -1,24 +1,25 @@
-"""A Link's frames as wire bytes: written around their payload and read with one slice of it.
+"""A Link's frames as wire bytes: a large payload written as it is, and an answer's response read with one slice.
 
 A frame's one large field is its call's request or its answer's response, and each trip through a protobuf
 message copies it: set into a frame, serialized (the encoder's buffer, then bytes), packed into a batch (every
-frame serialized and parsed again), read back, then taken out of the message. perf on `bench/peers.py`'s agent
-at 64 KiB and 16 in flight: copying was 13% of its CPU, the largest single cost. Here a frame to send is the
-pieces of its wire form, with the payload as it is, joined once per message (a batch is the same pieces, each
-frame behind its length: protobuf's encoding of a repeated message field); a message received is read by
-finding the payload's place and slicing it out once.
+frame serialized and parsed again), parsed on arrival, then taken out of the message. perf on `bench/peers.py`'s
+agent at 64 KiB and 16 in flight: copying was 13% of its CPU, the largest single cost.
 
-What this module writes is what protobuf writes (tested byte for byte). It reads by hand only the shapes it can
-read exactly: a call frame whose request comes first (protobuf's own field order, so also other languages'
-peers), an answer that carries only its response, a batch of such frames. The rest of a call (its metadata and
-timeout) is parsed by protobuf, and any other message (another field order, a field twice, unknown fields, an
-error answer) by protobuf whole, so a frame always means what protobuf reads in it.
+Each step here is done by hand only where it measured faster than protobuf's C (`timeit`, same process,
+BENCHMARKS.md): a frame whose payload is at least `BY_HAND` is written as pieces around the payload; a batch is
+always the frames' pieces behind their lengths (protobuf's encoding of a repeated message field), joined once; an
+OK answer (alone or in a batch) is read by slicing its response out. Reading a call by hand never won (its
+metadata still needs protobuf), so calls, and every other message, are read by protobuf whole.
+
+What this module writes is what protobuf writes (tested byte for byte), and it reads by hand only shapes it can
+read exactly (any other field order, a field twice, an unknown field or an error answer goes to protobuf), so a
+frame always means what protobuf reads in it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 from google.protobuf.message import DecodeError
@@ -29,9 +30,12 @@ _ID: Final = 0x08  # LinkFrame.id: field 1, varint
 _CALL: Final = 0x12  # LinkFrame.call: field 2, length-delimited
 _ANSWER: Final = 0x1A  # LinkFrame.answer: field 3, length-delimited
 _BATCH: Final = b"\x2a"  # LinkFrame.batch: field 5, length-delimited
-_REQUEST: Final = 0x0A  # LinkCall.request: field 1, length-delimited
 _RESPONSE: Final = 0x1A  # LinkAnswer.response: field 3, length-delimited
 _MAX_VARINT: Final = 9  # bytes of a varint read by hand (up to 2**63 - 1); a longer one goes to protobuf
+BY_HAND: Final = 16 * 1024
+"""Payload bytes from which a frame is written by hand: below it, building the protobuf message is faster than the
+Python that saves its copies (parity at 16 KiB; by hand 0.52x the time for an answer at 64 KiB, 0.79x for a
+call)."""
 
 
 def varint(value: int) -> bytes:
@@ -65,18 +69,24 @@ def _frame(call_id: int, tag: int, body: Sequence[bytes], body_size: int) -> Out
     return Outgoing(call_id, (head, *body), len(head) + body_size)
 
 
-def call_frame(call_id: int, request: bytes, rest: bytes = b"") -> Outgoing:
-    """A call frame: request, then rest, the rest of its `LinkCall` serialized (metadata, timeout)."""
-    if not request:
-        return _frame(call_id, _CALL, (rest,), len(rest))
+def call_frame(call_id: int, request: bytes, call: Any) -> Outgoing:
+    """A call frame carrying request, with call the rest of its `LinkCall` (metadata, timeout; its request unset)."""
+    if len(request) < BY_HAND:
+        frame = agent_pb2.LinkFrame(id=call_id)
+        frame.call.CopyFrom(call)
+        frame.call.request = request
+        return message_frame(frame)
+    rest = call.SerializeToString()
     field_head = b"\x0a" + _varint(len(request))
     return _frame(call_id, _CALL, (field_head, request, rest), len(field_head) + len(request) + len(rest))
 
 
 def answer_frame(call_id: int, response: bytes) -> Outgoing:
     """The answer frame of a call that ended OK with this response."""
-    if not response:
-        return _frame(call_id, _ANSWER, (), 0)
+    if len(response) < BY_HAND:
+        frame = agent_pb2.LinkFrame(id=call_id)
+        frame.answer.response = response
+        return message_frame(frame)
     field_head = b"\x1a" + _varint(len(response))
     return _frame(call_id, _ANSWER, (field_head, response), len(field_head) + len(response))
 
@@ -106,12 +116,12 @@ class Frame:
     id: int
     kind: str | None
     request: bytes = b""
-    metadata: list[tuple[str, str]] = field(default_factory=list)
+    metadata: tuple[tuple[str, str], ...] = ()
     timeout_s: float = 0.0
     code: int = 0
     message: str = ""
     response: bytes = b""
-    trailing: list[tuple[str, str | bytes]] = field(default_factory=list)
+    trailing: tuple[tuple[str, str | bytes], ...] = ()
 
 
 def _read_varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
@@ -131,13 +141,14 @@ def _of_message(message: Any) -> Frame:
     kind = message.WhichOneof("body")
     if kind == "call":
         call = message.call
-        return Frame(message.id, kind, call.request, [(h.key, h.value) for h in call.metadata], call.timeout_s)
+        return Frame(message.id, kind, call.request, tuple([(h.key, h.value) for h in call.metadata]),
+                     call.timeout_s)
     if kind == "answer":
         answer = message.answer
         trailing: list[tuple[str, str | bytes]] = [(h.key, h.value) for h in answer.trailers]
         trailing += [(h.key, h.value) for h in answer.binary_trailers]
         return Frame(message.id, kind, code=answer.code, message=answer.message, response=answer.response,
-                     trailing=trailing)
+                     trailing=tuple(trailing))
     return Frame(message.id, kind)
 
 
@@ -146,31 +157,6 @@ def frames_of(message: Any) -> list[Frame]:
     read: a frame is one call, one answer or one cancel)."""
     batch = message.batch
     return [_of_message(f) for f in batch] if batch else [_of_message(message)]
-
-
-def _by_protobuf(data: bytes, start: int, end: int) -> Frame:
-    return _of_message(agent_pb2.LinkFrame.FromString(data[start:end]))
-
-
-def _call(frame_id: int, data: bytes, pos: int, end: int) -> Frame | None:
-    """A call body at data[pos:end] whose request comes first, or None."""
-    if pos == end:
-        return Frame(frame_id, "call")
-    if data[pos] != _REQUEST:
-        return None
-    size, start = _read_varint(data, pos + 1, end)
-    stop = start + size
-    if size < 0 or stop > end:
-        return None
-    if stop == end:
-        return Frame(frame_id, "call", data[start:stop])
-    rest = data[stop:end]
-    call = agent_pb2.LinkCall.FromString(rest)
-    # Protobuf keeps the last request in a message: exact only if the rest has none. Serializing what was read
-    # never takes more bytes than were read, and drops an empty request field: equal sizes prove there was none.
-    if call.request or call.ByteSize() != len(rest):
-        return None
-    return Frame(frame_id, "call", data[start:stop], [(h.key, h.value) for h in call.metadata], call.timeout_s)
 
 
 def _answer(frame_id: int, data: bytes, pos: int, end: int) -> Frame | None:
@@ -186,17 +172,17 @@ def _answer(frame_id: int, data: bytes, pos: int, end: int) -> Frame | None:
 
 
 def _fast(data: bytes, pos: int, end: int) -> Frame | None:
-    """The frame at data[pos:end] if it is an id, then a call or an answer filling the rest, read by hand; else
-    None (protobuf reads it)."""
+    """The frame at data[pos:end] if it is an id, then an answer that carries only its response, read by hand;
+    else None (protobuf reads it)."""
     frame_id, at = 0, pos
     if at < end and data[at] == _ID:
         frame_id, at = _read_varint(data, at + 1, end)
         if frame_id < 0:
             return None
-    if at < end and data[at] in (_CALL, _ANSWER):
+    if at < end and data[at] == _ANSWER:
         size, start = _read_varint(data, at + 1, end)
         if size >= 0 and start + size == end:
-            return (_call if data[at] == _CALL else _answer)(frame_id, data, start, end)
+            return _answer(frame_id, data, start, end)
     return None
 
 
@@ -209,10 +195,11 @@ def read(data: bytes) -> list[Frame]:
         pos = 0
         while pos < end and data[pos] == _BATCH[0]:
             size, start = _read_varint(data, pos + 1, end)
-            if size < 0 or start + size > end:
-                break
             stop = start + size
-            frames.append(_fast(data, start, stop) or _by_protobuf(data, start, stop))
+            frame = _fast(data, start, stop) if size >= 0 and stop <= end else None
+            if frame is None:
+                break  # not a batch of OK answers: protobuf reads the whole message
+            frames.append(frame)
             pos = stop
         if pos == end:
             return frames

@@ -228,17 +228,24 @@ class _Link:
     async def call(self, request: bytes, timeout: float | None, metadata: Sequence[tuple[str, Any]]) -> bytes:
         call_id = self._next
         self._next += 1
-        # The request goes as it is (link_wire); the rest of the call is built in place and serialized.
-        rest = agent_pb2.LinkCall()
+        # Built in place (a message given to a constructor is copied in by serializing and parsing it); a large
+        # request is left out of the message and goes as it is (link_wire).
+        message: Any = None
+        if len(request) < link_wire.BY_HAND:
+            message = agent_pb2.LinkFrame(id=call_id)
+            call = message.call
+            call.request = request
+        else:
+            call = agent_pb2.LinkCall()
         if timeout is not None and timeout > 0:
-            rest.timeout_s = timeout
+            call.timeout_s = timeout
         for key, value in metadata:
             if key == _AUTHORIZATION:
                 if value == self._sent_auth:
                     continue  # the server still has it for this link
                 self._sent_auth = value
-            rest.metadata.add(key=key, value=value)
-        frame = link_wire.call_frame(call_id, request, rest.SerializeToString())
+            call.metadata.add(key=key, value=value)
+        frame = link_wire.call_frame(call_id, request, call) if message is None else link_wire.message_frame(message)
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[link_wire.Frame] = loop.create_future()
         self._pending[call_id] = waiter

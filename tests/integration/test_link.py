@@ -552,7 +552,7 @@ async def test_a_link_message_that_does_not_decode_ends_the_link_with_a_clear_st
     link = LinkServer(None, grpc.unary_unary_rpc_method_handler(invoke))
     async with _serving(_agent_handlers(Link=link_handler(link))) as port:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            good = pack([call_frame(1, b"first", agent_pb2.LinkCall(timeout_s=10).SerializeToString())])
+            good = pack([call_frame(1, b"first", agent_pb2.LinkCall(timeout_s=10))])
 
             async def out() -> AsyncIterator[bytes]:
                 yield good

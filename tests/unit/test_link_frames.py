@@ -21,7 +21,7 @@ END = object()
 
 
 def _call(i: int, size: int = 10) -> Outgoing:
-    return call_frame(i, bytes([i % 256]) * size)
+    return call_frame(i, bytes([i % 256]) * size, agent_pb2.LinkCall())
 
 
 def _queue(*items: object) -> asyncio.Queue[object]:

@@ -39,6 +39,9 @@ async def test_a_frame_calls_abort_ends_that_call_with_its_status_and_deadline()
     assert (aborted.value.code, aborted.value.details, aborted.value.trailing) == (
         grpc.StatusCode.NOT_FOUND, "no such thing", (("k", "v"),))
     assert ctx.code() is grpc.StatusCode.NOT_FOUND  # what the inbound interceptor records as the final code
+    # The link's auth context, given once, is every call's: the stream (None here) is not asked again.
+    auth = {"x509_pem_cert": [b"pem"]}
+    assert FrameContext(None, [], 0, auth).auth_context() is auth  # type: ignore[arg-type]
     timed = FrameContext(None, [], 2.0)  # type: ignore[arg-type]
     remaining = timed.time_remaining()
     assert remaining is not None and 1.5 < remaining <= 2.0

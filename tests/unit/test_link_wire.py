@@ -16,12 +16,25 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hivemesh.mesh import link_wire
-from hivemesh.mesh.link_wire import Frame, answer_frame, call_frame, frames_of, message_frame, pack, read, varint
+from hivemesh.mesh.link_wire import (
+    BY_HAND,
+    Frame,
+    answer_frame,
+    call_frame,
+    frames_of,
+    message_frame,
+    pack,
+    read,
+    varint,
+)
 from hivemesh.v1 import agent_pb2
 
 _ids = st.one_of(st.integers(0, 300), st.integers(0, 2**64 - 1))
 _text = st.text(max_size=12)
-_payload = st.one_of(st.binary(max_size=40), st.just(b""), st.binary(min_size=200, max_size=400))
+_payload = st.one_of(st.binary(max_size=40), st.just(b""), st.binary(min_size=200, max_size=400),
+                     st.tuples(st.integers(BY_HAND - 2, BY_HAND + 300), st.binary(min_size=1, max_size=3)).map(
+                         lambda nb: (nb[1] * nb[0])[:nb[0]]))
+"""Payloads on both sides of BY_HAND (written by protobuf below it, by hand from it on)."""
 _headers = st.lists(st.tuples(_text, _text), max_size=3)
 _timeouts = st.one_of(st.just(0.0), st.floats(allow_nan=False, allow_infinity=False))
 
@@ -35,11 +48,11 @@ def _call_message(call_id: int, request: bytes, headers: list[tuple[str, str]], 
     return frame
 
 
-def _rest(headers: list[tuple[str, str]], timeout: float) -> bytes:
+def _rest(headers: list[tuple[str, str]], timeout: float) -> Any:
     rest = agent_pb2.LinkCall(timeout_s=timeout)
     for key, value in headers:
         rest.metadata.add(key=key, value=value)
-    return rest.SerializeToString()
+    return rest
 
 
 def _answer_message(call_id: int, response: bytes) -> Any:
@@ -99,7 +112,7 @@ def test_a_call_frame_is_what_protobuf_writes_and_reads_back_as_protobuf_reads_i
     assert written == _call_message(call_id, request, headers, timeout).SerializeToString()
     assert read(written) == _protobuf_reads(written)
     [frame] = read(written)
-    assert (frame.id, frame.kind, frame.request, frame.metadata) == (call_id, "call", request, headers)
+    assert (frame.id, frame.kind, frame.request, list(frame.metadata)) == (call_id, "call", request, headers)
     assert struct.pack("<d", frame.timeout_s) == struct.pack("<d", timeout)  # -0.0 stays -0.0
 
 
@@ -154,6 +167,21 @@ def _call_body(draw: st.DrawFn) -> bytes:
 
 
 @st.composite
+def _answer_body(draw: st.DrawFn) -> bytes:
+    """A LinkAnswer's fields in any order and number: responses, codes, messages, trailers, unknown fields."""
+    header = st.tuples(_text, _text).map(
+        lambda kv: _len_field(4, _len_field(1, kv[0].encode()) + _len_field(2, kv[1].encode())))
+    parts = draw(st.lists(st.one_of(
+        st.binary(max_size=6).map(lambda b: _len_field(3, b)),
+        st.integers(0, 2**32).map(lambda c: _field(1, 0, varint(c))),
+        _text.map(lambda t: _len_field(2, t.encode())),
+        header,
+        st.binary(max_size=4).map(lambda b: _len_field(9, b)),
+    ), max_size=4))
+    return b"".join(parts)
+
+
+@st.composite
 def _raw_frame(draw: st.DrawFn, depth: int = 0) -> bytes:
     """A LinkFrame's fields in any order and number: ids (some as over-long varints), calls, answers, cancels,
     batches, unknown fields."""
@@ -162,8 +190,7 @@ def _raw_frame(draw: st.DrawFn, depth: int = 0) -> bytes:
         st.just(_field(1, 0, b"\x81\x80\x80\x80\x80\x80\x80\x80\x80\x00")),  # a 10-byte varint for 1
         _call_body().map(lambda b: _len_field(2, b)),
         st.binary(max_size=6).map(lambda b: _len_field(3, _len_field(3, b))),
-        st.tuples(st.integers(0, 20), st.binary(max_size=4)).map(
-            lambda cb: _len_field(3, _field(1, 0, varint(cb[0])) + _len_field(3, cb[1]))),
+        _answer_body().map(lambda b: _len_field(3, b)),
         st.booleans().map(lambda c: _field(4, 0, varint(int(c)))),
         st.binary(max_size=4).map(lambda b: _len_field(12, b)),
     ]
@@ -190,39 +217,34 @@ def test_a_cut_message_is_read_or_refused_as_protobuf_does(data: bytes, cut: int
     assert _we_read(data[:cut]) == _protobuf_reads(data[:cut])
 
 
-def test_the_last_request_in_a_call_is_its_request_as_protobuf_says() -> None:
-    """The fast path takes the first request field: a later one, even empty, must win (protobuf's rule)."""
-    for later in (b"", b"second"):
-        body = _len_field(1, b"first") + _len_field(2, _len_field(1, b"k")) + _len_field(1, later)
-        data = _field(1, 0, varint(3)) + _len_field(2, body)
-        [frame] = read(data)
-        assert frame.request == later and frame.metadata == [("k", "")]
-        assert read(data) == _protobuf_reads(data)
-
-
-def test_the_frames_hivemesh_writes_are_read_without_protobuf_parsing_them_whole(
+def test_large_frames_and_batches_are_written_by_hand_and_ok_answers_read_by_hand(
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The point of the module: a call (with metadata and deadline), an OK answer and a batch of them are read
-    by finding their payload, so it is copied once; anything else goes to protobuf whole."""
-    calls: list[Any] = []
+    """The point of the module: a large payload is not copied through a protobuf message on the way out (the
+    frame's pieces hold the payload object itself), and OK answers, alone or batched, are read by slicing their
+    response out; calls and anything else go to protobuf whole."""
+    big = b"x" * 65536
+    call = call_frame(1, big, _rest([("authorization", "Bearer t")], 5.0))
+    answer = answer_frame(2, big)
+    assert any(piece is big for piece in call.pieces) and any(piece is big for piece in answer.pieces)
+    small = answer_frame(3, b"small")
+    assert len(small.pieces) == 1  # below BY_HAND: protobuf's own bytes
+
+    parsed: list[Any] = []
     of_message = link_wire._of_message  # every frame protobuf reads becomes a Frame here
 
     def counted(message: Any) -> Frame:
-        calls.append(message)
+        parsed.append(message)
         return of_message(message)
 
     monkeypatch.setattr(link_wire, "_of_message", counted)
-    big = b"x" * 65536
-    ours = [call_frame(1, big, _rest([("authorization", "Bearer t")], 5.0)), answer_frame(2, big),
-            call_frame(3, b""), answer_frame(4, b"")]
-    assert [f.id for f in read(pack(ours))] == [1, 2, 3, 4]
-    assert [f.id for f in read(pack(ours[:1]))] == [1]
-    assert calls == []
+    assert [(f.id, f.response) for f in read(pack([answer, small, answer_frame(4, b"")]))] == [
+        (2, big), (3, b"small"), (4, b"")]
+    assert [f.id for f in read(pack([answer]))] == [2] and parsed == []
+    assert [f.request for f in read(pack([call]))] == [big] and len(parsed) == 1
     error = agent_pb2.LinkFrame(id=5)
     error.answer.code = 5
-    assert read(pack([message_frame(error)]))[0].code == 5 and len(calls) == 1
-    assert [f.code for f in read(pack([message_frame(error), answer_frame(6, big)]))] == [5, 0] and len(calls) == 2
+    assert [f.code for f in read(pack([message_frame(error), answer]))] == [5, 0] and len(parsed) == 3
 
 
 def test_a_message_that_is_not_a_link_frame_is_refused() -> None:
