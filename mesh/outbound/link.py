@@ -197,6 +197,7 @@ class _Link:
             error = stream_failure(exc)
         except asyncio.CancelledError as exc:
             _let_go(exc)
+            stream = None  # the task keeps this frame in its CancelledError: it must not keep the call (_let_go)
             error = _rpc_error(grpc.StatusCode.CANCELLED, "the link was closed by this node")
             self._fail(error, settled=False)
             self._writer.cancel()  # its channel was closed under it: the writer would wait on its queue for ever
