@@ -18,7 +18,7 @@ frame always means what protobuf reads in it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -210,12 +210,7 @@ def read(data: bytes) -> list[Frame]:
     return frames_of(agent_pb2.LinkFrame.FromString(data))
 
 
-def read_all(messages: Iterable[bytes]) -> list[Frame]:
-    """The frames of several messages, in order."""
-    return [frame for message in messages for frame in read(message)]
-
-
 __all__ = [
-    "DecodeError", "Frame", "Outgoing", "answer_frame", "call_frame", "frames_of", "message_frame", "pack", "read",
-    "read_all", "varint",
+    "BY_HAND", "DecodeError", "Frame", "Outgoing", "answer_frame", "call_frame", "frames_of", "message_frame", "pack",
+    "read", "varint",
 ]
