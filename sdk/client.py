@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Unpack
 
+from hivemesh.mesh import json_fast
 from hivemesh.mesh.callcontext import new_call_id
 from hivemesh.mesh.errors import AgentError, HivemeshError, NoLiveInstanceError, UnknownCapabilityError
 from hivemesh.mesh.etcd import client as etcd_client
@@ -76,9 +77,11 @@ def _decode_output(data: bytes, content_type: str) -> Any:
     if content_type and content_type != JSON:
         return data
     try:
-        return json.loads(data) if data else None
+        return json_fast.loads(data) if data else None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AgentError(f"the agent answered with invalid JSON: {exc}") from None
+    except RecursionError:
+        raise AgentError("the agent answered with JSON nested too deeply") from None
 
 
 def _encode_input(payload: Any) -> bytes:

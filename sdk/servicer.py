@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from hivemesh.mesh import tracing
+from hivemesh.mesh import json_fast, tracing
 from hivemesh.mesh.callcontext import inbound_call, new_call_id
 from hivemesh.mesh.errors import AgentError, HivemeshError, InvalidInputError, InvalidOutputError, abort
 from hivemesh.mesh.json_compact import compact_json
@@ -148,7 +148,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             value = call.parsed_input
         else:  # a content type the chain does not decode (not JSON): the SDK's handlers still take JSON
             try:
-                value = json.loads(request.input) if request.input else None
+                value = json_fast.loads(request.input) if request.input else None
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise InvalidInputError(f"input is not valid JSON: {exc}") from None
         call_ctx = agent_pb2.CallContext()

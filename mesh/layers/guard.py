@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from hivemesh.mesh import json_fast
 from hivemesh.mesh.errors import (
     ContentRefusedError,
     InvalidInputError,
@@ -107,7 +108,7 @@ class InputGuardLayer:
         if ctype != JSON:
             return
         try:
-            value = json.loads(data) if data else None
+            value = json_fast.loads(data) if data else None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InvalidInputError(
                 f"input is not valid JSON: {exc}", field_violations={"input": str(exc)}

@@ -24,6 +24,7 @@ from typing import Any, Final
 
 from google.protobuf.message import DecodeError
 
+from hivemesh.mesh import json_fast
 from hivemesh.mesh.errors import OutputScreenedError
 from hivemesh.mesh.layers.base import Inbound
 from hivemesh.v1 import agent_pb2
@@ -206,7 +207,7 @@ class OutputScreenLayer:
             return None
         if content_type in _TEXT_TYPES:
             try:
-                value = json.loads(text)
+                value = json_fast.loads(text)
             except (ValueError, RecursionError):
                 return None
             out = scan.value(value)
