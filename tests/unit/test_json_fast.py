@@ -72,8 +72,9 @@ def test_a_json_text_with_bytes_changed_is_read_or_refused_as_json_does(value: A
     b"1e400", b"0.1", b"-0", b"-0.0", b"1E2", b'{"a":1,"a":2}',
     "\ufeff{}".encode(), '{"k":"v"}'.encode("utf-16"), b'"\xed\xa0\x80"',  # a BOM, UTF-16, a UTF-8 surrogate
     b"", b"   ", b"[1,]", b"01", b'{"a":1}x', b'"\x01"', b"\xff",
+    '"\ud800"', '["a\udfff"]',  # text (the output screen's input) holding lone surrogates: orjson refuses it
 ])
-def test_the_texts_orjson_reads_otherwise_are_read_as_json_reads_them(data: bytes) -> None:
+def test_the_texts_orjson_reads_otherwise_are_read_as_json_reads_them(data: bytes | str) -> None:
     _same(data)
 
 
