@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import orjson
+
 GENESIS: Final = "0" * 64
 """`prev` of a chain's first record."""
 
@@ -22,8 +24,61 @@ _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_asci
 """Built once: `json.dumps` with non-default options builds a new encoder on every call (on the hot path)."""
 
 
+_LEAVES: Final = frozenset({str, int, bool, type(None)})
+_CONTAINERS: Final = frozenset({dict, list, tuple})
+_WRITTEN_ALIKE: Final = _LEAVES | _CONTAINERS
+_STR: Final = frozenset({str})
+MAX_WALK: Final = 4096
+"""Members and items `_orjson_agrees` looks at before leaving a value to json: a record has a few dozen, and the
+bound keeps a value that holds itself (json raises on it) from being walked for ever."""
+
+
+def _orjson_agrees(obj: Any) -> bool:
+    """Whether orjson's sorted encoding of obj can only be json's: obj holds nothing but dicts with str keys,
+    lists, tuples, str, int, bool and None (orjson also writes datetimes, dataclasses, UUIDs, enums and str/int/
+    dict subclasses, which json refuses or writes otherwise, and writes floats in its own notation). Each
+    container's types are taken as a set in C: a flat record costs ~0.5 µs here."""
+    stack = [obj]
+    walked = 0
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is dict:
+            if not _STR.issuperset(map(type, item)):
+                return False
+            children = item.values()
+        elif kind is list or kind is tuple:
+            children = item
+        else:
+            return kind in _LEAVES
+        walked += len(item)
+        if walked > MAX_WALK:
+            return False
+        types = set(map(type, children))
+        if not types <= _LEAVES:
+            if not types <= _WRITTEN_ALIKE:
+                return False
+            stack.extend(child for child in children if type(child) in _CONTAINERS)
+    return True
+
+
 def canonical(obj: Any) -> bytes:
-    """The canonical JSON bytes of obj: sorted keys, no whitespace, ASCII only (non-ASCII as \\u escapes)."""
+    """The canonical JSON bytes of obj: sorted keys, no whitespace, ASCII only (non-ASCII as \\u escapes).
+
+    orjson writes them when it provably writes json's bytes (~4x faster for a record: every record is encoded
+    on the node that seals it and twice more by the control plane that checks and stores it): the value holds
+    only the types both write alike (`_orjson_agrees`) and orjson's output is ASCII without DEL (json escapes
+    every non-ASCII character and DEL; orjson writes them raw, and escapes everything else as json does). Any
+    other value, and every value orjson refuses (an integer beyond 64 bits, a lone surrogate, deep nesting), is
+    written by json, which also raises what it always raised."""
+    if _orjson_agrees(obj):
+        try:
+            out = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+        except TypeError:  # orjson.JSONEncodeError
+            pass
+        else:
+            if out.isascii() and b"\x7f" not in out:
+                return out
     return _CANONICAL.encode(obj).encode()
 
 

@@ -204,6 +204,9 @@ async def test_store_appends_exactly_once_and_refuses_gaps_and_strangers(tmp_pat
         bad["decision"] = "deny"
         with pytest.raises(InvalidInputError):
             await store.append(spool.source, NODE, [json.dumps(bad).encode()])
+        for junk in (b"{", b"[" * 5_000, b'{"seq": 21, "x": ' + b"[" * 5_000 + b"]" * 5_000 + b"}"):
+            with pytest.raises(InvalidInputError, match="is not JSON"):  # nested past json's depth: not JSON
+                await store.append(spool.source, NODE, [junk])
         assert store.source_state(spool.source)[0] == 20
         await store.record({"method": "Join", "decision": "deny", "status": "UNAUTHENTICATED"})
         assert store.verify().ok
