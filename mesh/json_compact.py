@@ -61,11 +61,12 @@ def _string(text: str, parts: list[bytes]) -> None:
     parts.append(_escape(text).encode())
 
 
-def _object(value: dict[Any, Any]) -> bytes | None:
-    """A flat object with a long string field, field by field; None when the standard encoder should do it all.
+def _object(value: dict[Any, Any]) -> list[bytes] | None:
+    """A flat object with a long string field, as pieces, field by field; None when the standard encoder should
+    do it all.
 
-    The pieces are joined once at the end: each `+` of bytes copies the long field again, and three such copies
-    of a 64 KiB field cost twice what checking it does (BENCHMARKS.md, 4 Dec afternoon)."""
+    The pieces are joined once, by whoever writes them (each `+` of bytes copies the long field again, and three
+    such copies of a 64 KiB field cost twice what checking it does: BENCHMARKS.md, 4 Dec afternoon)."""
     worth = False
     for key, field in value.items():
         if type(key) is not str:  # json turns int/float/bool/None keys into strings: leave that to it
@@ -84,22 +85,30 @@ def _object(value: dict[Any, Any]) -> bytes | None:
         else:
             parts.append(_ENCODER.encode(field).encode())
     parts.append(b"}")
-    return b"".join(parts)
+    return parts
+
+
+def compact_json_parts(value: Any) -> list[bytes]:
+    """compact_json(value) as pieces to join, a long plain string field one piece of its own: a message writer
+    (`mesh/invoke_wire.py`) joins them into its bytes with the payload copied once. Raises what compact_json
+    raises."""
+    kind = type(value)
+    if kind is str:
+        parts: list[bytes] = []
+        _string(value, parts)
+        return parts
+    if kind is dict and len(value) <= MAX_FIELDS:
+        pieces = _object(value)
+        if pieces is not None:
+            return pieces
+    return [_ENCODER.encode(value).encode()]
 
 
 def compact_json(value: Any) -> bytes:
     """`json.dumps(value, separators=(",", ":")).encode()`, faster when value (or one of its direct fields) is a
     long plain string. Raises what json.dumps raises (TypeError: not serializable; ValueError: a cycle)."""
-    kind = type(value)
-    if kind is str:
-        parts: list[bytes] = []
-        _string(value, parts)
-        return b"".join(parts)
-    if kind is dict and len(value) <= MAX_FIELDS:
-        encoded = _object(value)
-        if encoded is not None:
-            return encoded
-    return _ENCODER.encode(value).encode()
+    parts = compact_json_parts(value)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-__all__ = ["LONG", "MAX_FIELDS", "compact_json"]
+__all__ = ["LONG", "MAX_FIELDS", "compact_json", "compact_json_parts"]

@@ -39,15 +39,16 @@ def _exact(value: Any) -> bool:
     return True
 
 
-def loads(data: bytes | str) -> Any:
+def loads(data: bytes | memoryview | str) -> Any:
     """What `json.loads(data)` returns, or raises what it raises (JSONDecodeError, UnicodeDecodeError,
-    RecursionError)."""
+    RecursionError); a memoryview (a payload inside the message received, `mesh/invoke_wire.py`) is read as its
+    bytes."""
     try:
         value = orjson.loads(data)
     except orjson.JSONDecodeError:
-        return json.loads(data)
+        return json.loads(bytes(data) if type(data) is memoryview else data)
     if type(value) in _WALKED and not _exact(value):
-        return json.loads(data)
+        return json.loads(bytes(data) if type(data) is memoryview else data)
     return value
 
 

@@ -124,7 +124,7 @@ class Frame:
     trailing: tuple[tuple[str, str | bytes], ...] = ()
 
 
-def _read_varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
+def read_varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
     """(value, position after it), or (-1, pos) if no complete varint of at most _MAX_VARINT bytes is there."""
     value = shift = 0
     for i in range(pos, min(end, pos + _MAX_VARINT)):
@@ -165,7 +165,7 @@ def _answer(frame_id: int, data: bytes, pos: int, end: int) -> Frame | None:
         return Frame(frame_id, "answer")
     if data[pos] != _RESPONSE:
         return None
-    size, start = _read_varint(data, pos + 1, end)
+    size, start = read_varint(data, pos + 1, end)
     if size < 0 or start + size != end:
         return None
     return Frame(frame_id, "answer", response=data[start:end])
@@ -176,11 +176,11 @@ def _fast(data: bytes, pos: int, end: int) -> Frame | None:
     else None (protobuf reads it)."""
     frame_id, at = 0, pos
     if at < end and data[at] == _ID:
-        frame_id, at = _read_varint(data, at + 1, end)
+        frame_id, at = read_varint(data, at + 1, end)
         if frame_id < 0:
             return None
     if at < end and data[at] == _ANSWER:
-        size, start = _read_varint(data, at + 1, end)
+        size, start = read_varint(data, at + 1, end)
         if size >= 0 and start + size == end:
             return _answer(frame_id, data, start, end)
     return None
@@ -194,7 +194,7 @@ def read(data: bytes) -> list[Frame]:
         frames: list[Frame] = []
         pos = 0
         while pos < end and data[pos] == _BATCH[0]:
-            size, start = _read_varint(data, pos + 1, end)
+            size, start = read_varint(data, pos + 1, end)
             stop = start + size
             frame = _fast(data, start, stop) if size >= 0 and stop <= end else None
             if frame is None:
@@ -212,5 +212,5 @@ def read(data: bytes) -> list[Frame]:
 
 __all__ = [
     "BY_HAND", "DecodeError", "Frame", "Outgoing", "answer_frame", "call_frame", "frames_of", "message_frame", "pack",
-    "read", "varint",
+    "read", "read_varint", "varint",
 ]

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Unpack
 
-from hivemesh.mesh import json_fast
+from hivemesh.mesh import invoke_wire, json_fast
 from hivemesh.mesh.callcontext import new_call_id
 from hivemesh.mesh.errors import AgentError, HivemeshError, NoLiveInstanceError, UnknownCapabilityError
 from hivemesh.mesh.etcd import client as etcd_client
-from hivemesh.mesh.json_compact import compact_json
+from hivemesh.mesh.json_compact import compact_json_parts
 from hivemesh.mesh.node import MeshNode
 from hivemesh.mesh.node_metrics import NodeMetrics
 from hivemesh.mesh.node_metrics import metrics_listen as metrics_listen_for
@@ -73,9 +73,9 @@ def _options(
     return opts.timeout, opts.context, opts.idempotency_key
 
 
-def _decode_output(data: bytes, content_type: str) -> Any:
+def _decode_output(data: bytes | memoryview, content_type: str) -> Any:
     if content_type and content_type != JSON:
-        return data
+        return bytes(data)
     try:
         return json_fast.loads(data) if data else None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -84,19 +84,20 @@ def _decode_output(data: bytes, content_type: str) -> Any:
         raise AgentError("the agent answered with JSON nested too deeply") from None
 
 
-def _encode_input(payload: Any) -> bytes:
+def _encode_input(payload: Any) -> list[bytes]:
+    """The input's bytes as pieces (`compact_json_parts`): the request is written around them (`invoke_wire`)."""
     if isinstance(payload, bytes | bytearray):
-        return bytes(payload)
+        return [bytes(payload)]
     try:
-        return compact_json(payload)
+        return compact_json_parts(payload)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"the call's input is not JSON-serializable: {exc}") from None
 
 
 def _result(raw: bytes, instance: mesh_pb2.AgentInstance) -> CallResult:
-    resp = agent_pb2.InvokeResponse.FromString(raw)
+    resp, output = invoke_wire.read_response(raw)
     return CallResult(
-        output=_decode_output(resp.output, resp.content_type),
+        output=_decode_output(output, resp.content_type),
         instance=instance,
         hops=tuple(resp.hops),
         state=resp.state,
@@ -209,8 +210,10 @@ class MeshClient:
     def _request(
         self, capability: str, payload: Any, context: agent_pb2.CallContext | None, idempotency_key: str | None
     ) -> bytes:
-        # The bytes `encode_request(capability, data, context=ctx)` makes, built in place: no CallContext copy.
-        req = agent_pb2.InvokeRequest(capability=capability, input=_encode_input(payload), content_type=JSON)
+        # The bytes `encode_request(capability, data, context=ctx)` makes, built in place (no CallContext copy),
+        # a large input written around rather than copied through the message (`invoke_wire`).
+        data = _encode_input(payload)
+        req = agent_pb2.InvokeRequest(content_type=JSON)
         ctx = req.context
         if context is not None:
             ctx.CopyFrom(context)
@@ -218,7 +221,7 @@ class MeshClient:
             ctx.call_id = new_call_id()
         if idempotency_key:
             ctx.idempotency_key = idempotency_key
-        return req.SerializeToString()
+        return invoke_wire.request(capability, data, req)
 
     async def call_detailed(
         self,

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-import grpc
-
 from hivemesh.mesh.advertise import advertised_host, env_advertise_host, env_listen_host, join_host_port
 from hivemesh.mesh.audit import AuditLog
 from hivemesh.mesh.audit.handshake import tracer_events
@@ -41,7 +39,7 @@ from hivemesh.mesh.settings import MeshSettings
 from hivemesh.sdk.agent import Agent
 from hivemesh.sdk.client import MeshClient
 from hivemesh.sdk.idempotency import DedupeStore, IdempotencyCache
-from hivemesh.sdk.servicer import AgentServicer, add_to_server
+from hivemesh.sdk.servicer import AgentServicer, add_to_server, invoke_handler
 from hivemesh.v1 import agent_pb2, mesh_pb2
 
 log = logging.getLogger(__name__)
@@ -229,9 +227,7 @@ class AgentServer:
             self.token_budgets = front.budgets
             servicer = AgentServicer(self.agent, hop=hop, mesh=self.mesh, dedupe=self.dedupe)
             if self.node.link and front.inbound is not None:
-                servicer.link = self._link = LinkServer(front.inbound, grpc.unary_unary_rpc_method_handler(
-                    servicer.Invoke, request_deserializer=agent_pb2.InvokeRequest.FromString,
-                    response_serializer=agent_pb2.InvokeResponse.SerializeToString))
+                servicer.link = self._link = LinkServer(front.inbound, invoke_handler(servicer))
             add_to_server(servicer, server.server)
             self._server = front
             await front.start(self.host, self.port)

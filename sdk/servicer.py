@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from hivemesh.mesh import json_fast, tracing
+from hivemesh.mesh import invoke_wire, json_fast, tracing
 from hivemesh.mesh.callcontext import inbound_call, new_call_id
 from hivemesh.mesh.errors import AgentError, HivemeshError, InvalidInputError, InvalidOutputError, abort
-from hivemesh.mesh.json_compact import compact_json
+from hivemesh.mesh.json_compact import compact_json_parts
 from hivemesh.mesh.layers import Inbound
 from hivemesh.mesh.link_server import LinkServer, link_handler
 from hivemesh.mesh.output_check import OutputCheck, note_refusal
@@ -172,7 +172,9 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
 
     async def Invoke(
         self, request: agent_pb2.InvokeRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> agent_pb2.InvokeResponse:
+    ) -> bytes:
+        """The serialized InvokeResponse (written around its output, `invoke_wire`; `add_to_server`'s
+        serializer passes bytes through)."""
         try:
             call, spec, value, ctx = self._prepare(request, context)
             run = self._run if tracing.TRACER is None else self._traced_run
@@ -183,7 +185,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             log.exception("capability %s failed", request.capability)
             await abort(context, AgentError(f"capability {request.capability!r} failed: {type(exc).__name__}: {exc}"))
         try:
-            output = compact_json(result)
+            output = compact_json_parts(result)
         except (TypeError, ValueError) as exc:
             await abort(context, AgentError(f"capability {request.capability!r} returned non-JSON output: {exc}"))
         if state == agent_pb2.TASK_STATE_COMPLETED:
@@ -193,11 +195,10 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                 await abort(context, err)
         response = agent_pb2.InvokeResponse()
         response.CopyFrom(self._response)
-        response.output = output
         response.state = state  # type: ignore[assignment]
         if usage.input_tokens or usage.output_tokens:
             response.usage.CopyFrom(usage)
-        return response
+        return invoke_wire.response(output, response)
 
     async def Link(
         self, request_iterator: AsyncIterator[agent_pb2.LinkFrame], context: grpc.aio.ServicerContext[Any, Any]
@@ -248,6 +249,18 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         yield final
 
 
+def _serialized(response: bytes | agent_pb2.InvokeResponse) -> bytes:
+    """Invoke's answer on the wire: bytes as they are (what `AgentServicer.Invoke` returns), a message serialized
+    (what a subclass's override may return)."""
+    return response if type(response) is bytes else response.SerializeToString()
+
+
+def invoke_handler(servicer: AgentServicer) -> grpc.RpcMethodHandler[Any, Any]:
+    """servicer's unary Invoke as gRPC (and a LinkServer) calls it: requests decoded, answers as bytes."""
+    return grpc.unary_unary_rpc_method_handler(
+        servicer.Invoke, request_deserializer=agent_pb2.InvokeRequest.FromString, response_serializer=_serialized)
+
+
 def add_to_server(servicer: AgentServicer, server: grpc.aio.Server) -> None:
     """Register servicer as `hivemesh.v1.Agent`, as the generated `add_AgentServicer_to_server` does, except that
     Link (when it serves Link) carries wire bytes both ways (`link_handler`): the generated handler would turn
@@ -257,9 +270,7 @@ def add_to_server(servicer: AgentServicer, server: grpc.aio.Server) -> None:
         "Describe": grpc.unary_unary_rpc_method_handler(
             servicer.Describe, request_deserializer=agent_pb2.DescribeRequest.FromString,
             response_serializer=agent_pb2.AgentCard.SerializeToString),
-        "Invoke": grpc.unary_unary_rpc_method_handler(
-            servicer.Invoke, request_deserializer=agent_pb2.InvokeRequest.FromString,
-            response_serializer=agent_pb2.InvokeResponse.SerializeToString),
+        "Invoke": invoke_handler(servicer),
         "InvokeStream": grpc.unary_stream_rpc_method_handler(
             servicer.InvokeStream, request_deserializer=agent_pb2.InvokeRequest.FromString,
             response_serializer=agent_pb2.InvokeChunk.SerializeToString),

@@ -10,6 +10,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
+from hivemesh.mesh import invoke_wire
 from hivemesh.mesh.budget import TokenBudgets
 from hivemesh.mesh.errors import PeerUnauthenticatedError
 from hivemesh.mesh.layers.base import Inbound
@@ -24,8 +25,8 @@ def usage_tokens(method: str, response: Any) -> int:
     be read."""
     if isinstance(response, bytes):
         kind = agent_pb2.InvokeChunk if method == "InvokeStream" else agent_pb2.InvokeResponse
-        try:
-            response = kind.FromString(response)
+        try:  # a response's output is not copied out to read its usage (an SDK agent answers in bytes)
+            response = kind.FromString(response) if method == "InvokeStream" else invoke_wire.read_response(response)[0]
         except DecodeError:
             log.warning("cannot read the usage of a %s response: not a valid %s", method, kind.DESCRIPTOR.name)
             return 0
