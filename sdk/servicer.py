@@ -170,7 +170,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         )
         return call, spec, value, ctx
 
-    async def Invoke(
+    async def Invoke(  # type: ignore[override]  # add_to_server registers it with a serializer that passes bytes
         self, request: agent_pb2.InvokeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bytes:
         """The serialized InvokeResponse (written around its output, `invoke_wire`; `add_to_server`'s
@@ -252,7 +252,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
 def _serialized(response: bytes | agent_pb2.InvokeResponse) -> bytes:
     """Invoke's answer on the wire: bytes as they are (what `AgentServicer.Invoke` returns), a message serialized
     (what a subclass's override may return)."""
-    return response if type(response) is bytes else response.SerializeToString()
+    return response if isinstance(response, bytes) else response.SerializeToString()
 
 
 def invoke_handler(servicer: AgentServicer) -> grpc.RpcMethodHandler[Any, Any]:

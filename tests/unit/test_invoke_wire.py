@@ -3,6 +3,7 @@ a response is read as protobuf reads it, whatever the bytes."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from google.protobuf.message import DecodeError
@@ -30,7 +31,7 @@ def _pieces(data: bytes, cuts: list[int]) -> list[bytes]:
     """data cut into pieces at the given points (a JSON text comes as a few: braces, key, the long field)."""
     points = sorted({c % (len(data) + 1) for c in cuts})
     edges = [0, *points, len(data)]
-    return [data[a:b] for a, b in zip(edges, edges[1:], strict=False)] or [b""]
+    return [data[a:b] for a, b in itertools.pairwise(edges)] or [b""]
 
 
 _hops = st.lists(st.builds(agent_pb2.Hop, kind=st.sampled_from(["agent", "sidecar"]), identity=st.text(max_size=20),
