@@ -20,22 +20,23 @@ MAX_DEPTH: Final = 200
 """Deeper results are parsed by json too: how deep json may nest depends on the caller's stack (it raises
 RecursionError near the interpreter's recursion limit, 1,000 frames), so only json can say what it does with
 such text; at most 200 levels, it reads them unless its caller is already ~800 frames deep."""
-_WALKED: Final = (float, dict, list)
+_CONTAINERS: Final = frozenset({dict, list})
 
 
 def _exact(value: Any) -> bool:
-    """Whether json would read the same text as this value: no float anywhere, nested at most MAX_DEPTH."""
+    """Whether json would read the same text as this value (a dict or a list): no float anywhere, nested at most
+    MAX_DEPTH. Each container's types are taken as a set in C (a flat record: ~0.5 µs, not ~2)."""
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         item, depth = stack.pop()
-        kind = type(item)
-        if kind is float:
+        if depth >= MAX_DEPTH:
             return False
-        if kind is dict or kind is list:
-            if depth >= MAX_DEPTH:
-                return False
-            children = item.values() if kind is dict else item
-            stack.extend((child, depth + 1) for child in children if type(child) in _WALKED)
+        children = item.values() if type(item) is dict else item
+        types = set(map(type, children))
+        if float in types:
+            return False
+        if not types.isdisjoint(_CONTAINERS):
+            stack.extend((child, depth + 1) for child in children if type(child) in _CONTAINERS)
     return True
 
 
@@ -47,7 +48,8 @@ def loads(data: bytes | memoryview | str) -> Any:
         value = orjson.loads(data)
     except orjson.JSONDecodeError:
         return json.loads(bytes(data) if type(data) is memoryview else data)
-    if type(value) in _WALKED and not _exact(value):
+    kind = type(value)
+    if kind is float or (kind in _CONTAINERS and not _exact(value)):
         return json.loads(bytes(data) if type(data) is memoryview else data)
     return value
 

@@ -258,3 +258,12 @@ def test_a_message_that_is_not_a_link_frame_is_refused() -> None:
     for data in (b"\x12\x05\x0a", b"\x08", b"\x2a\x09\x12\x01", b"\xff\xff\xff"):
         with pytest.raises(DecodeError):
             read(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.integers(0, 2**7), st.integers(2**7 - 2, 2**14 + 2), st.integers(2**14 - 2, 2**21 + 2),
+                 st.integers(0, 2**64 - 1), st.sampled_from([0, 127, 128, 2**14 - 1, 2**14, 2**21 - 1, 2**21])))
+def test_varint_is_protobuf_s(value: int) -> None:
+    """Each of varint's shapes (one byte, two, three, and the loop beyond 2 MiB) is protobuf's encoding."""
+    message = agent_pb2.LinkFrame(id=value)
+    assert b"\x08" + varint(value) == message.SerializeToString() or value == 0
