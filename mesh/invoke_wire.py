@@ -87,4 +87,13 @@ def read_response(raw: bytes) -> tuple[agent_pb2.InvokeResponse, bytes | memoryv
     return message, message.output
 
 
-__all__ = ["BY_HAND", "read_response", "request", "response"]
+def answer(method: str, data: bytes) -> agent_pb2.InvokeResponse | agent_pb2.InvokeChunk:
+    """The answer data carries, for the fields beside its payload (usage, state, content type): an InvokeStream
+    chunk whole, a unary response without a large output (`read_response`: an observer reading the usage of an
+    SDK agent's answer, which comes as bytes, must not copy its output out). Raises DecodeError."""
+    if method == "InvokeStream":
+        return agent_pb2.InvokeChunk.FromString(data)
+    return read_response(data)[0]
+
+
+__all__ = ["BY_HAND", "answer", "read_response", "request", "response"]

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
+from hivemesh.mesh import invoke_wire
 from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.layers.base import Inbound
 from hivemesh.mesh.metrics import MeshMetrics, MetricsServer
@@ -203,9 +204,8 @@ class NodeMetrics:
     def usage(self, caller: str, response: Any, method: str) -> None:
         """Count the model tokens (and cost, from the price table) an answer reports."""
         if isinstance(response, bytes):
-            kind = agent_pb2.InvokeChunk if method == "InvokeStream" else agent_pb2.InvokeResponse
             try:
-                response = kind.FromString(response)
+                response = invoke_wire.answer(method, response)
             except Exception:  # noqa: BLE001 - an unreadable answer reports no usage
                 return
         if not isinstance(response, agent_pb2.InvokeResponse | agent_pb2.InvokeChunk):

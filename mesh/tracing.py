@@ -29,6 +29,7 @@ from opentelemetry.trace import Span as Span
 from opentelemetry.trace import SpanKind as SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from hivemesh.mesh import invoke_wire
 from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.layers.base import Inbound
 from hivemesh.v1 import agent_pb2
@@ -287,7 +288,7 @@ def note_response_usage(span: Span, raw: bytes) -> None:
     if not span.is_recording():
         return
     try:
-        usage = agent_pb2.InvokeResponse.FromString(raw).usage
+        usage = invoke_wire.read_response(raw)[0].usage
     except DecodeError:
         return
     note_usage(span, usage)

@@ -25,8 +25,8 @@ def usage_tokens(method: str, response: Any) -> int:
     be read."""
     if isinstance(response, bytes):
         kind = agent_pb2.InvokeChunk if method == "InvokeStream" else agent_pb2.InvokeResponse
-        try:  # a response's output is not copied out to read its usage (an SDK agent answers in bytes)
-            response = kind.FromString(response) if method == "InvokeStream" else invoke_wire.read_response(response)[0]
+        try:
+            response = invoke_wire.answer(method, response)
         except DecodeError:
             log.warning("cannot read the usage of a %s response: not a valid %s", method, kind.DESCRIPTOR.name)
             return 0

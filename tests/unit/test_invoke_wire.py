@@ -135,3 +135,15 @@ def test_a_large_output_is_a_view_of_the_bytes_received() -> None:
 def test_an_explicit_empty_output_later_on_wins_as_in_protobuf() -> None:
     raw = invoke_wire.response([b"y" * BY_HAND], agent_pb2.InvokeResponse()) + b"\x0a\x00"
     assert bytes(invoke_wire.read_response(raw)[1]) == b"" == agent_pb2.InvokeResponse.FromString(raw).output
+
+
+def test_an_answer_is_read_for_its_fields_beside_the_payload() -> None:
+    """What observers (metrics, budgets, tracing) read of an answer in bytes: a chunk whole; a response's usage
+    and state, its large output left in the bytes."""
+    usage = agent_pb2.Usage(input_tokens=3, output_tokens=4, model="m")
+    raw = invoke_wire.response([b"z" * BY_HAND], agent_pb2.InvokeResponse(state=2, usage=usage))
+    read = invoke_wire.answer("Invoke", raw)
+    assert isinstance(read, agent_pb2.InvokeResponse)
+    assert read.usage == usage and read.state == 2 and read.output == b""
+    chunk = agent_pb2.InvokeChunk(data=b"z" * BY_HAND, final=True, usage=usage)
+    assert invoke_wire.answer("InvokeStream", chunk.SerializeToString()) == chunk
