@@ -109,7 +109,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     names = [a for a in args if not a.startswith("-")]
     if len(names) > 1 and all(n in SDK_AGENTS for n in names):
-        import asyncio
         import logging
 
         from hivemesh.mesh.audit.handshake.switch import enable
@@ -117,7 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         enable()  # before gRPC is imported (it reads GRPC_TRACE then): audit the TLS handshakes it refuses
 
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        asyncio.run(_serve_many(names, "127.0.0.1"))
+        from hivemesh.mesh import loop
+
+        loop.run(_serve_many(names, "127.0.0.1"))
         return 0
     if args and args[0] in PLAIN_AGENTS:
         plain = importlib.import_module(PLAIN_AGENTS[args[0]])

@@ -48,6 +48,7 @@ from typing import Any, TypedDict
 
 import grpc
 
+from hivemesh.mesh import loop
 from hivemesh.mesh.lifeline import PARENT_ENV, die_with_parent_if_asked
 from hivemesh.mesh.tls import STREAM_WINDOW_OPTIONS
 from hivemesh.v1 import agent_pb2, agent_pb2_grpc, mesh_pb2_grpc
@@ -509,14 +510,14 @@ def child_main(argv: Sequence[str]) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     profile_to = os.environ.get("BENCH_PROFILE_TO")
     if not profile_to:
-        asyncio.run(CHILDREN[args.role](args))
+        loop.run(CHILDREN[args.role](args))  # every path's processes on the same loop (hivemesh's)
         return
     import cProfile
 
     prof = cProfile.Profile()
     prof.enable()
     try:
-        asyncio.run(CHILDREN[args.role](args))
+        loop.run(CHILDREN[args.role](args))  # every path's processes on the same loop (hivemesh's)
     finally:
         prof.disable()
         prof.dump_stats(profile_to)

@@ -81,6 +81,7 @@ async def child_hivemesh_caller(capability: str) -> None:
 
 
 def child_main(argv: Sequence[str]) -> None:
+    from hivemesh.mesh import loop
     from hivemesh.mesh.lifeline import die_with_parent_if_asked
 
     die_with_parent_if_asked()
@@ -88,14 +89,14 @@ def child_main(argv: Sequence[str]) -> None:
     profile_to = os.environ.get("BENCH_PROFILE_TO")
     coro = child_hivemesh_caller(argv[1])
     if not profile_to:
-        asyncio.run(coro)
+        loop.run(coro)  # hivemesh's loop, as hivemesh.sdk.run_main gives a user's program
         return
     import cProfile
 
     prof = cProfile.Profile()
     prof.enable()
     try:
-        asyncio.run(coro)
+        loop.run(coro)  # hivemesh's loop, as hivemesh.sdk.run_main gives a user's program
     finally:
         prof.disable()
         prof.dump_stats(profile_to)

@@ -49,7 +49,7 @@ from hivemesh.sdk.patterns import (
     Supervisor,
     handoff,
 )
-from hivemesh.sdk.serve import AgentServer, AgentServerConfig, run, serve, serve_until_signal
+from hivemesh.sdk.serve import AgentServer, AgentServerConfig, run, run_main, serve, serve_until_signal
 from hivemesh.sdk.tools import Tool, mesh_tools, run_with_tools, tool
 from hivemesh.sdk.workflow import WorkflowEngine, WorkflowState
 
@@ -108,6 +108,7 @@ __all__ = [
     "llm_from_env",
     "mesh_tools",
     "run",
+    "run_main",
     "run_with_tools",
     "serve",
     "serve_until_signal",

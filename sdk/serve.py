@@ -10,11 +10,13 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any, TypeVar
 
+from hivemesh.mesh import loop
 from hivemesh.mesh.advertise import advertised_host, env_advertise_host, env_listen_host, join_host_port
 from hivemesh.mesh.audit import AuditLog
 from hivemesh.mesh.audit.handshake import tracer_events
@@ -41,6 +43,8 @@ from hivemesh.sdk.client import MeshClient
 from hivemesh.sdk.idempotency import DedupeStore, IdempotencyCache
 from hivemesh.sdk.servicer import AgentServicer, add_to_server, invoke_handler
 from hivemesh.v1 import agent_pb2, mesh_pb2
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -308,4 +312,10 @@ async def serve_until_signal(
 def run(agent: Agent, settings: MeshSettings | None = None, config: AgentServerConfig | None = None) -> None:
     """Blocking entry point for an agent script: `run(MyAgent())`."""
     basic_config(logging.INFO)  # HIVEMESH_LOG_FORMAT=json: JSON lines with trace ids (hivemesh.mesh.logjson)
-    asyncio.run(serve_until_signal(agent, settings, config))
+    loop.run(serve_until_signal(agent, settings, config))
+
+
+def run_main(main: Coroutine[Any, Any, T]) -> T:
+    """Run a program's main coroutine (one that calls the mesh with a MeshClient) on the mesh's event loop:
+    `run_main(main())` in place of `asyncio.run(main())` (uvloop where installed: `hivemesh.mesh.loop`)."""
+    return loop.run(main)

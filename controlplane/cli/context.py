@@ -7,7 +7,6 @@ JSON object (`output.emit_error`), and a non-zero exit code, never a traceback.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
@@ -19,6 +18,7 @@ import click
 
 from hivemesh.controlplane.cli.localmesh import where_hint
 from hivemesh.controlplane.cli.output import emit_error, err, out
+from hivemesh.mesh import loop
 from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.etcd import EtcdNotFoundError
 from hivemesh.mesh.settings import MeshSettings
@@ -103,7 +103,11 @@ def as_operator(obj: CliContext, action: Callable[[ControlPlaneClient], Awaitabl
     return run_async(go())
 
 
-def run_async(work: Coroutine[Any, Any, T]) -> T:
+def run_async(work: Coroutine[Any, Any, T], *, spawns: bool = False) -> T:
     """The CLI's one way to run async work (control-plane calls, etcd reads, servers), so no command grows its
-    own runner and every failure leaves through `friendly_errors` alike (tests/unit/test_cli_runner.py pins it)."""
-    return asyncio.run(work)
+    own runner and every failure leaves through `friendly_errors` alike (tests/unit/test_cli_runner.py pins it).
+
+    On the mesh's loop (`hivemesh.mesh.loop`: uvloop), except for work that spawns processes (`hivemesh up`):
+    uvloop starts children with a plain fork() of a process with gRPC's threads, where asyncio's loop uses
+    vfork + exec (`mesh/lifeline.py`), and gRPC logs a line at every such fork."""
+    return loop.run(work, choice="asyncio" if spawns else None)

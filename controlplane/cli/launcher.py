@@ -459,6 +459,6 @@ def run_up(opts: UpOptions, say: Say, show_result: Callable[[Mapping[str, Any]],
     try:
         if note:
             say(note)
-        return run_async(MeshUp(opts, say, show_result, started_at=lock.started_at).run())
+        return run_async(MeshUp(opts, say, show_result, started_at=lock.started_at).run(), spawns=True)
     finally:
         lock.release()

@@ -20,7 +20,8 @@ CLI_DIR = Path(context.__file__).parent
 
 
 def _asyncio_run_calls(path: Path) -> list[int]:
-    """Lines of `asyncio.run(...)` (or a bare `run(...)` imported from asyncio) in one module."""
+    """Lines of `asyncio.run(...)`, `loop.run(...)` (the mesh's runner, `hivemesh.mesh.loop`) or a bare `run(...)`
+    imported from asyncio, in one module."""
     tree = ast.parse(path.read_text(), str(path))
     bare = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "asyncio"
             for a in n.names if a.name == "run"}
@@ -30,14 +31,14 @@ def _asyncio_run_calls(path: Path) -> list[int]:
             continue
         f = node.func
         if (isinstance(f, ast.Attribute) and f.attr == "run" and isinstance(f.value, ast.Name)
-                and f.value.id == "asyncio") or (isinstance(f, ast.Name) and f.id in bare):
+                and f.value.id in ("asyncio", "loop")) or (isinstance(f, ast.Name) and f.id in bare):
             lines.append(node.lineno)
     return lines
 
 
 def test_only_the_context_module_runs_coroutines() -> None:
     found = {p.name: lines for p in sorted(CLI_DIR.glob("*.py")) if (lines := _asyncio_run_calls(p))}
-    assert set(found) == {"context.py"}, f"call context.run_async instead of asyncio.run: {found}"
+    assert set(found) == {"context.py"}, f"call context.run_async instead of asyncio.run or loop.run: {found}"
     assert len(found["context.py"]) == 1  # the runner itself
 
 
