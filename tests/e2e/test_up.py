@@ -119,6 +119,8 @@ def test_up_once_runs_the_pipeline_over_the_mesh(tmp_path: Path) -> None:
     assert all(r["tokens"] > 0 for r in summary if r["demo"] in ("helpdesk", "support", "content"))
     assert "escalation esc-" in proc.stderr and "round 2: all three approve" in proc.stderr
     assert "stopped: agents, sidecar, control plane and etcd" in proc.stderr
+    # The supervisor spawns on asyncio's loop (vfork + exec): on uvloop's every spawn is a fork() gRPC logs.
+    assert "fork" not in proc.stderr + proc.stdout
     pids = _pids(proc.stderr)
     assert len(pids) >= 11  # etcd, control plane, 3 SDK agents, plain agent, sidecar, one process per tour demo
     _assert_all_gone(pids)
