@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 
+from hivemesh.mesh import invoke_wire
 from hivemesh.mesh.outbound.card_flags import capability_flags
 from hivemesh.mesh.resilience.view import OutboundPolicies
 from hivemesh.v1 import agent_pb2, mesh_pb2
@@ -75,10 +76,9 @@ def encode_request(
     context: agent_pb2.CallContext | None = None,
     metadata: dict[str, str] | None = None,
 ) -> bytes:
-    """Serialize an InvokeRequest once, at the edge where the call starts."""
-    req = agent_pb2.InvokeRequest(
-        capability=capability, input=payload, content_type=content_type, metadata=metadata or {}
-    )
+    """Serialize an InvokeRequest once, at the edge where the call starts (a large payload written around, not
+    copied through the message: `invoke_wire`, as MeshClient does)."""
+    rest = agent_pb2.InvokeRequest(content_type=content_type, metadata=metadata or {})
     if context is not None:
-        req.context.CopyFrom(context)
-    return req.SerializeToString()
+        rest.context.CopyFrom(context)
+    return invoke_wire.request(capability, [payload], rest)

@@ -147,3 +147,15 @@ def test_an_answer_is_read_for_its_fields_beside_the_payload() -> None:
     assert read.usage == usage and read.state == 2 and read.output == b""
     chunk = agent_pb2.InvokeChunk(data=b"z" * BY_HAND, final=True, usage=usage)
     assert invoke_wire.answer("InvokeStream", chunk.SerializeToString()) == chunk
+
+
+def test_encode_request_writes_protobuf_s_bytes_at_every_size() -> None:
+    """The outbound edge's encoder (callers other than MeshClient) writes through invoke_wire too."""
+    from hivemesh.mesh.outbound.call import encode_request
+
+    ctx = agent_pb2.CallContext(call_id="c-1", idempotency_key="k")
+    for payload in (b"", b'{"text":"x"}', b"y" * (BY_HAND + 5)):
+        whole = agent_pb2.InvokeRequest(capability="echo", input=payload, content_type="application/json",
+                                        metadata={"m": "1"})
+        whole.context.CopyFrom(ctx)
+        assert encode_request("echo", payload, context=ctx, metadata={"m": "1"}) == whole.SerializeToString()
