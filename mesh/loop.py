@@ -2,7 +2,7 @@
 
 A mesh call is mostly event-loop work at small sizes (callbacks, wake-ups, timers), and uvloop does it in C.
 callgrind, one in-process call at a time (`bench/mesh_instructions.py`, BENCHMARKS.md): 0.822x the instructions at
-200 B and 0.935x at 64 KiB, and an idle node's loop 0.73x. Agents started with `hivemesh.sdk.run`, programs started
+200 B and 0.935x at 64 KiB, and an idle node's loop 0.72x. Agents started with `hivemesh.sdk.run`, programs started
 with `hivemesh.sdk.run_main`, the reference agents and every `hivemesh` command run on it.
 
 `HIVEMESH_LOOP` chooses: `auto` (the default: uvloop when installed), `uvloop` (required: an error without it) or
