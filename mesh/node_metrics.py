@@ -201,16 +201,20 @@ class NodeMetrics:
 
         return observe
 
-    def usage(self, caller: str, response: Any, method: str) -> None:
-        """Count the model tokens (and cost, from the price table) an answer reports."""
-        if isinstance(response, bytes):
-            try:
-                response = invoke_wire.answer(method, response)
-            except Exception:  # noqa: BLE001 - an unreadable answer reports no usage
+    def usage(self, caller: str, response: Any, method: str, noted: agent_pb2.Usage | None = None) -> None:
+        """Count the model tokens (and cost, from the price table) an answer reports (noted: the usage its
+        writer noted it carries, `Inbound.noted_usage`; None: read from it)."""
+        if noted is not None:
+            u = noted
+        else:
+            if isinstance(response, bytes):
+                try:
+                    response = invoke_wire.answer(method, response)
+                except Exception:  # noqa: BLE001 - an unreadable answer reports no usage
+                    return
+            if not isinstance(response, agent_pb2.InvokeResponse | agent_pb2.InvokeChunk):
                 return
-        if not isinstance(response, agent_pb2.InvokeResponse | agent_pb2.InvokeChunk):
-            return
-        u = response.usage
+            u = response.usage
         if not (u.input_tokens or u.output_tokens):
             return
         model = self._out_caps(u.model or "unknown")  # bounded like any other label
@@ -372,4 +376,4 @@ class UsageMeter:
     def settle(self, call: Inbound, response: Any) -> None:
         peer = call.peer
         caller = self._metrics._callers(str(peer.spiffe_id)) if peer is not None else ""
-        self._metrics.usage(caller, response, call.method)
+        self._metrics.usage(caller, response, call.method, call.noted_usage(response))

@@ -198,7 +198,9 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         response.state = state  # type: ignore[assignment]
         if usage.input_tokens or usage.output_tokens:
             response.usage.CopyFrom(usage)
-        return invoke_wire.response(output, response)
+        wire = invoke_wire.response(output, response)
+        call.written = (wire, response.usage)  # what the usage-counting layers would otherwise parse it for
+        return wire
 
     async def Link(
         self, request_iterator: AsyncIterator[agent_pb2.LinkFrame], context: grpc.aio.ServicerContext[Any, Any]

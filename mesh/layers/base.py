@@ -41,6 +41,9 @@ class Inbound:
     """A token budget applies to this call: the `usage` of its response is charged after it (set by the budget
     layer; a handler that answers from a replay, spending nothing, clears it)."""
     notes: dict[str, Any] = field(default_factory=dict)
+    written: tuple[bytes, agent_pb2.Usage] | None = None
+    """(a unary answer's bytes, the usage written into them), noted by a handler that writes its answer itself
+    (the SDK's), so the layers that count usage (metrics, budgets) do not parse the answer again for it."""
     _bearer: str | None = field(default=None, init=False, repr=False)
 
     def bearer(self) -> str:
@@ -50,6 +53,12 @@ class Inbound:
         if token is None:
             token = self._bearer = bearer_from_metadata(self.metadata)
         return token
+
+    def noted_usage(self, response: Any) -> agent_pb2.Usage | None:
+        """The usage written into response, if its writer noted it (`written`); None: read it from response.
+        Only for those very bytes: an answering layer that rewrote the answer made new ones, which are read."""
+        written = self.written
+        return written[1] if written is not None and written[0] is response else None
 
 
 class InboundLayer(Protocol):

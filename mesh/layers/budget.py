@@ -19,10 +19,12 @@ from hivemesh.v1 import agent_pb2
 log = logging.getLogger(__name__)
 
 
-def usage_tokens(method: str, response: Any) -> int:
+def usage_tokens(method: str, response: Any, noted: agent_pb2.Usage | None = None) -> int:
     """Input + output tokens a response reports: an InvokeResponse, an InvokeChunk (a stream's final chunk
     reports them), or the serialized bytes of one (what a forwarder relays); 0 when it reports none or cannot
-    be read."""
+    be read. noted: the usage its writer noted it carries (`Inbound.noted_usage`), then taken as is."""
+    if noted is not None:
+        return int(noted.input_tokens + noted.output_tokens)
     if isinstance(response, bytes):
         kind = agent_pb2.InvokeChunk if method == "InvokeStream" else agent_pb2.InvokeResponse
         try:
@@ -61,6 +63,6 @@ class BudgetLayer:
         chunk reports usage), so a caller that stops reading early has still paid."""
         if not call.charge_usage or call.request is None or call.claims is None:
             return
-        tokens = usage_tokens(call.method, response)
+        tokens = usage_tokens(call.method, response, call.noted_usage(response))
         if tokens > 0:
             self.budgets.charge(call.claims.presenter, call.request.capability, tokens)

@@ -12,6 +12,7 @@ import pytest
 from hivemesh.controlplane.metrics_sd import JOB_CONTROLPLANE, JOB_NODES, ScrapeTarget, write_file_sd
 from hivemesh.mesh.errors import InvalidInputError, OverloadedError, PolicyDeniedError, RateLimitedError
 from hivemesh.mesh.layers.base import Inbound
+from hivemesh.mesh.layers.budget import usage_tokens
 from hivemesh.mesh.node_metrics import NodeMetrics, PriceTable, metrics_listen, parse_listen
 from hivemesh.v1 import agent_pb2
 
@@ -67,6 +68,25 @@ def test_usage_is_priced_from_the_table() -> None:
     text = m.metrics.exposition().decode()
     assert 'hivemesh_llm_cost_total{caller="spiffe://td/client/c",currency="USD",model="m"} 3.5' in text
     assert 'hivemesh_llm_tokens_total{caller="spiffe://td/client/c",direction="output",model="m"} 1000.0' in text
+
+
+def test_a_noted_usage_is_counted_for_the_bytes_it_was_noted_for_only() -> None:
+    """An SDK agent notes the usage it wrote into its answer (`Inbound.written`), so the meter and the budget
+    layer need not parse the answer; other bytes (an answering layer's rewrite) are read, not trusted to it."""
+    m = NodeMetrics(packaging="in-process", node="t/1", listen="127.0.0.1:0", prices=PriceTable({}))
+    meter = m.usage_layer()
+    call = _call("echo")
+    answer = agent_pb2.InvokeResponse(usage=agent_pb2.Usage(input_tokens=5, output_tokens=7, model="m"))
+    wire = answer.SerializeToString()
+    call.written = (wire, agent_pb2.Usage(input_tokens=50, output_tokens=70, model="noted"))  # differs on purpose
+    meter.settle(call, wire)
+    meter.settle(call, bytes(bytearray(wire)))  # equal bytes, another object: read from the answer
+    text = m.metrics.exposition().decode()
+    assert 'hivemesh_llm_tokens_total{caller="",direction="output",model="noted"} 70.0' in text
+    assert 'hivemesh_llm_tokens_total{caller="",direction="output",model="m"} 7.0' in text
+    assert usage_tokens("Invoke", wire, call.noted_usage(wire)) == 120
+    assert usage_tokens("Invoke", bytes(bytearray(wire)), call.noted_usage(bytes(bytearray(wire)))) == 12
+    assert _call("echo").noted_usage(wire) is None  # nothing noted: None, and the answer is read
 
 
 @pytest.mark.parametrize("text", ["{", "[]", '{"m": {"input_per_1k": 1}}', '{"m": {"input_per_1k": "x", '
