@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from hivemesh.mesh import tracing
+from hivemesh.mesh import invoke_wire, tracing
 from hivemesh.mesh.authz import AuthzTable
 from hivemesh.mesh.budget import TokenBudgets
 from hivemesh.mesh.callcontext import InboundContext
@@ -181,15 +181,18 @@ def _as_dict(metadata: Any) -> dict[str, str | bytes | tuple[str | bytes, ...]]:
     return out
 
 
-def _decode(request: Any) -> tuple[agent_pb2.InvokeRequest, int]:
+def _decode(call: Inbound, request: Any) -> None:
+    """call's request, its input (a large one as a view, left unset in the message) and its size on the wire."""
     if isinstance(request, agent_pb2.InvokeRequest):
-        return request, request.ByteSize()
+        call.request, call.input, call.wire_size = request, request.input, request.ByteSize()
+        return
     try:
-        return agent_pb2.InvokeRequest.FromString(request), len(request)
+        call.request, call.input = invoke_wire.read_request(request)
     except DecodeError:
         raise InvalidInputError(
             "the request is not a valid hivemesh.v1.InvokeRequest message"
         ) from None
+    call.wire_size = len(request)
 
 
 def _handler_request(call: Inbound, raw: Any, deserialize: Callable[[bytes], Any] | None) -> Any:
@@ -198,10 +201,16 @@ def _handler_request(call: Inbound, raw: Any, deserialize: Callable[[bytes], Any
     The interceptor owns deserialization, so bytes that are not a valid message become INVALID_ARGUMENT from
     the chain instead of gRPC's own UNKNOWN; an Invoke request is decoded once, by the chain.
     """
-    if deserialize is None or not isinstance(raw, bytes):
+    if isinstance(raw, memoryview):  # a Link call's request, read as a view of its frame
+        if deserialize is None:
+            return bytes(raw)  # what a forwarder relays
+    elif deserialize is None or not isinstance(raw, bytes):
         return raw
-    if call.request is not None:
-        return call.request
+    request = call.request
+    if request is not None:
+        if isinstance(call.input, memoryview) and deserialize is not invoke_wire.parse_request:
+            request.input = bytes(call.input)  # a handler that reads the message's input gets the whole request
+        return request
     try:
         return deserialize(raw)
     except DecodeError:
@@ -227,7 +236,7 @@ def _new_call(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Inbou
 
 def _admit(chain: InboundChain, call: Inbound, request: Any) -> None:
     if call.method != "Describe":
-        call.request, call.wire_size = _decode(request)
+        _decode(call, request)
     chain.admit(call)
 
 
@@ -261,6 +270,10 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
     the request, which `intercept_service` alone does not see. Health and reflection pass untouched.
     Observers (the audit log) hear of every decision; with none registered the wrapper costs nothing extra.
     """
+
+    takes_views = True
+    """Its wrapped behaviours take a request as bytes or as a memoryview of them (a Link call's large request,
+    `link_wire.read`): a `LinkServer` passes such a view on instead of copying it out."""
 
     def __init__(self, chain: InboundChain, *, observers: Sequence[DecisionObserver] = ()) -> None:
         self._chain = chain

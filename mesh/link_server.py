@@ -128,6 +128,12 @@ class LinkServer:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call frame's request does not decode")
                 return await takes_messages(message, context)
 
+        elif handler is invoke or not getattr(self._interceptor, "takes_views", False):  # it takes only bytes
+            takes_bytes = behaviour
+
+            async def behaviour(request: bytes | memoryview, context: Any) -> Any:
+                return await takes_bytes(request if isinstance(request, bytes) else bytes(request), context)
+
         self._wrapped, self._tracer = (behaviour, handler.response_serializer), tracing.TRACER
         return self._wrapped
 

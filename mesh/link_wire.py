@@ -8,8 +8,10 @@ agent at 64 KiB and 16 in flight: copying was 13% of its CPU, the largest single
 Each step here is done by hand only where it measured faster than protobuf's C (`timeit`, same process,
 BENCHMARKS.md): a frame whose payload is at least `BY_HAND` is written as pieces around the payload; a batch is
 always the frames' pieces behind their lengths (protobuf's encoding of a repeated message field), joined once; an
-OK answer (alone or in a batch) is read by slicing its response out. Reading a call by hand never won (its
-metadata still needs protobuf), so calls, and every other message, are read by protobuf whole.
+OK answer (alone or in a batch) is read by slicing its response out; a call whose request is at least `BY_HAND`
+is read with its request as a view of the message (its metadata and timeout by protobuf, from the bytes after
+it), which the inbound chain reads without copying (`invoke_wire.read_request`). Smaller calls and every other
+frame are read by protobuf (in a batch, frame by frame): for them the Python costs more than it saves.
 
 What this module writes is what protobuf writes (tested byte for byte), and it reads by hand only shapes it can
 read exactly (any other field order, a field twice, an unknown field or an error answer goes to protobuf), so a
@@ -31,6 +33,7 @@ _CALL: Final = 0x12  # LinkFrame.call: field 2, length-delimited
 _ANSWER: Final = 0x1A  # LinkFrame.answer: field 3, length-delimited
 _BATCH: Final = b"\x2a"  # LinkFrame.batch: field 5, length-delimited
 _RESPONSE: Final = 0x1A  # LinkAnswer.response: field 3, length-delimited
+_REQUEST: Final = 0x0A  # LinkCall.request: field 1, length-delimited
 _MAX_VARINT: Final = 9  # bytes of a varint read by hand (up to 2**63 - 1); a longer one goes to protobuf
 BY_HAND: Final = 16 * 1024
 """Payload bytes from which a frame is written by hand: below it, building the protobuf message is faster than the
@@ -118,7 +121,8 @@ class Frame:
 
     id: int
     kind: str | None
-    request: bytes = b""
+    request: bytes | memoryview = b""
+    """A call's request: a large one (read by hand) is a view of the message received."""
     metadata: tuple[tuple[str, str], ...] = ()
     timeout_s: float = 0.0
     code: int = 0
@@ -127,7 +131,7 @@ class Frame:
     trailing: tuple[tuple[str, str | bytes], ...] = ()
 
 
-def read_varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
+def read_varint(data: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
     """(value, position after it), or (-1, pos) if no complete varint of at most _MAX_VARINT bytes is there."""
     value = shift = 0
     for i in range(pos, min(end, pos + _MAX_VARINT)):
@@ -137,6 +141,33 @@ def read_varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
             return value, i + 1
         shift += 7
     return -1, pos
+
+
+def lacks(data: bytes | memoryview, pos: int, end: int, number: int) -> bool:
+    """Whether data[pos:end] is whole fields, none of them field number (then protobuf keeps the value read
+    before it). False for anything it cannot walk (a group, a cut field): protobuf then reads the whole message."""
+    while pos < end:
+        tag, pos = read_varint(data, pos, end)
+        if tag < 0 or tag >> 3 == number:
+            return False
+        kind = tag & 7
+        if kind == 0:
+            _, after = read_varint(data, pos, end)
+            if after == pos:
+                return False
+            pos = after
+        elif kind == 2:
+            size, start = read_varint(data, pos, end)
+            if size < 0:
+                return False
+            pos = start + size
+        elif kind == 1:
+            pos += 8
+        elif kind == 5:
+            pos += 4
+        else:
+            return False
+    return pos == end
 
 
 def _of_message(message: Any) -> Frame:
@@ -174,18 +205,37 @@ def _answer(frame_id: int, data: bytes, pos: int, end: int) -> Frame | None:
     return Frame(frame_id, "answer", response=data[start:end])
 
 
-def _fast(data: bytes, pos: int, end: int) -> Frame | None:
-    """The frame at data[pos:end] if it is an id, then an answer that carries only its response, read by hand;
-    else None (protobuf reads it)."""
+def _call(frame_id: int, data: bytes, view: memoryview, pos: int, end: int) -> Frame | None:
+    """A call body at data[pos:end] whose request is its first field and large: the request as a view, the rest
+    of the call (metadata, timeout) read by protobuf; else None."""
+    if data[pos] != _REQUEST:
+        return None
+    size, start = read_varint(data, pos + 1, end)
+    stop = start + size
+    if size < BY_HAND or stop > end or not lacks(data, stop, end, 1):
+        return None
+    rest = agent_pb2.LinkCall.FromString(data[stop:end])
+    return Frame(frame_id, "call", view[start:stop], tuple([(h.key, h.value) for h in rest.metadata]),
+                 rest.timeout_s)
+
+
+def _fast(data: bytes, view: memoryview, pos: int, end: int) -> Frame | None:
+    """The frame at data[pos:end] if it is an id, then an answer that carries only its response or a call with
+    a large request, read by hand; else None (protobuf reads it)."""
     frame_id, at = 0, pos
     if at < end and data[at] == _ID:
         frame_id, at = read_varint(data, at + 1, end)
         if frame_id < 0:
             return None
-    if at < end and data[at] == _ANSWER:
-        size, start = read_varint(data, at + 1, end)
-        if size >= 0 and start + size == end:
-            return _answer(frame_id, data, start, end)
+    if at < end:
+        tag = data[at]
+        if tag in (_ANSWER, _CALL):
+            size, start = read_varint(data, at + 1, end)
+            if size >= 0 and start + size == end:
+                if tag == _ANSWER:
+                    return _answer(frame_id, data, start, end)
+                if start < end:
+                    return _call(frame_id, data, view, start, end)
     return None
 
 
@@ -193,27 +243,30 @@ def read(data: bytes) -> list[Frame]:
     """The frames a Link message carries (its batch, or itself), as protobuf reads them. Raises DecodeError if
     it is not a `LinkFrame`."""
     end = len(data)
+    view = memoryview(data)
     if end and data[0] == _BATCH[0]:
         frames: list[Frame] = []
         pos = 0
         while pos < end and data[pos] == _BATCH[0]:
             size, start = read_varint(data, pos + 1, end)
             stop = start + size
-            frame = _fast(data, start, stop) if size >= 0 and stop <= end else None
-            if frame is None:
-                break  # not a batch of OK answers: protobuf reads the whole message
+            if size < 0 or stop > end:
+                break  # a cut frame: protobuf reads (and refuses) the whole message
+            frame = _fast(data, view, start, stop)
+            if frame is None:  # protobuf reads this one
+                frame = _of_message(agent_pb2.LinkFrame.FromString(data[start:stop]))
             frames.append(frame)
             pos = stop
         if pos == end:
             return frames
     elif end:
-        frame = _fast(data, 0, end)
+        frame = _fast(data, view, 0, end)
         if frame is not None:
             return [frame]
     return frames_of(agent_pb2.LinkFrame.FromString(data))
 
 
 __all__ = [
-    "BY_HAND", "DecodeError", "Frame", "Outgoing", "answer_frame", "call_frame", "frames_of", "message_frame", "pack",
-    "read", "read_varint", "varint",
+    "BY_HAND", "DecodeError", "Frame", "Outgoing", "answer_frame", "call_frame", "frames_of", "lacks", "message_frame",
+    "pack", "read", "read_varint", "varint",
 ]

@@ -50,7 +50,7 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def digest(*fields: bytes | str) -> bytes:
+def digest(*fields: bytes | memoryview | str) -> bytes:
     """SHA-256 over the fields, each prefixed with its length (so `("ab", "c")` and `("a", "bc")` differ)."""
     h = hashlib.sha256()
     for f in fields:
@@ -66,7 +66,7 @@ def audience(agent_id: str, instance_id: str) -> str:
     return f"{agent_id}#{instance_id}" if instance_id else agent_id
 
 
-def request_digest(capability: str, content_type: str, payload: bytes, audience: str) -> bytes:
+def request_digest(capability: str, content_type: str, payload: bytes | memoryview, audience: str) -> bytes:
     """What a caller signs: the capability, the input and its type, and the instance it is meant for
     (`audience`)."""
     return digest(REQUEST, capability, content_type or "application/json", payload, audience)

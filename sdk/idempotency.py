@@ -49,7 +49,7 @@ class _Entry:
     runs: int = field(default=1)
 
 
-def fingerprint(data: bytes) -> str:
+def fingerprint(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 

@@ -97,7 +97,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                 return self._execute(spec, value, ctx)
 
             outcome: tuple[int, Any, agent_pb2.Usage] = await self._dedupe.run(
-                scope, fingerprint(request.input), execute
+                scope, fingerprint(call.input), execute
             )
             if not ran:  # replayed or joined: this call spent no tokens, though its answer reports them
                 call.charge_usage = False
@@ -148,7 +148,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             value = call.parsed_input
         else:  # a content type the chain does not decode (not JSON): the SDK's handlers still take JSON
             try:
-                value = json_fast.loads(request.input) if request.input else None
+                value = json_fast.loads(call.input) if call.input else None
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise InvalidInputError(f"input is not valid JSON: {exc}") from None
         call_ctx = agent_pb2.CallContext()
@@ -260,7 +260,7 @@ def _serialized(response: bytes | agent_pb2.InvokeResponse) -> bytes:
 def invoke_handler(servicer: AgentServicer) -> grpc.RpcMethodHandler[Any, Any]:
     """servicer's unary Invoke as gRPC (and a LinkServer) calls it: requests decoded, answers as bytes."""
     return grpc.unary_unary_rpc_method_handler(
-        servicer.Invoke, request_deserializer=agent_pb2.InvokeRequest.FromString, response_serializer=_serialized)
+        servicer.Invoke, request_deserializer=invoke_wire.parse_request, response_serializer=_serialized)
 
 
 def add_to_server(servicer: AgentServicer, server: grpc.aio.Server) -> None:
@@ -274,7 +274,7 @@ def add_to_server(servicer: AgentServicer, server: grpc.aio.Server) -> None:
             response_serializer=agent_pb2.AgentCard.SerializeToString),
         "Invoke": invoke_handler(servicer),
         "InvokeStream": grpc.unary_stream_rpc_method_handler(
-            servicer.InvokeStream, request_deserializer=agent_pb2.InvokeRequest.FromString,
+            servicer.InvokeStream, request_deserializer=invoke_wire.parse_request,
             response_serializer=agent_pb2.InvokeChunk.SerializeToString),
         "Link": link_handler(servicer.link) if servicer.link is not None else grpc.stream_stream_rpc_method_handler(
             servicer.Link, request_deserializer=agent_pb2.LinkFrame.FromString,

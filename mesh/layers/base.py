@@ -31,6 +31,10 @@ class Inbound:
     """Serialized request size in bytes, for size limits."""
     metadata: Mapping[str, str | bytes | tuple[str | bytes, ...]]
     auth_context: Mapping[str, Any]
+    input: bytes | memoryview = b""
+    """The request's payload: layers read it here, not from `request.input`, which is left unset when a large
+    payload was read as a view of the bytes received (`invoke_wire.read_request`: reading it out of the message
+    would copy it)."""
     peer: Peer | None = None
     claims: TokenClaims | None = None
     parsed_input: Any = None
@@ -45,6 +49,10 @@ class Inbound:
     """(a unary answer's bytes, the usage written into them), noted by a handler that writes its answer itself
     (the SDK's), so the layers that count usage (metrics, budgets) do not parse the answer again for it."""
     _bearer: str | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.request is not None and not self.input:  # built around a whole message: its input is the payload
+            self.input = self.request.input
 
     def bearer(self) -> str:
         """The caller's bearer token, parsed from the metadata on first use only. Raises TokenMissingError or

@@ -91,7 +91,7 @@ class InputGuardLayer:
                 f"agent {self._agent or '(this agent)'} has no capability {name!r}",
                 metadata={"capability": name[:128]},
             )
-        data = req.input  # each read of a bytes field copies it out of the message: read the payload once
+        data = call.input  # not req.input: a large payload is a view of the bytes received, unset in the message
         size = len(data)
         limit = cap.limit
         if size > limit:

@@ -69,7 +69,7 @@ class PayloadSigningLayer:
             raise SignatureInvalidError(
                 f"capability {req.capability!r} takes signed requests only: sign it (hivemesh-signature metadata)",
                 metadata={"capability": req.capability[:128]})
-        d = request_digest(req.capability, req.content_type, req.input, self.me)
+        d = request_digest(req.capability, req.content_type, call.input, self.me)
         ok = verify(jws, REQUEST, d, peer_cert=peer.cert_pem, nonces=self.nonces)
         # The caller's JWS too: with it the record proves what the caller sent, not only what this agent says.
         call.notes[NOTE] = {"signer": ok.signer, "request": ok.digest_hex, "nonce": ok.nonce, "signature": jws}

@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,7 +25,8 @@ from hivemesh.controlplane.ca import init_ca, load_ca
 from hivemesh.controlplane.issuer import SigningKeys, TokenIssuer
 from hivemesh.mesh.authz import compile_authz
 from hivemesh.mesh.errors import HivemeshError
-from hivemesh.mesh.inbound import _admit, build_inbound_chain
+from hivemesh.mesh.inbound import _admit, _decode, _handler_request, build_inbound_chain
+from hivemesh.mesh.invoke_wire import BY_HAND, parse_request
 from hivemesh.mesh.layers.base import Inbound
 from hivemesh.mesh.pki import cert_thumbprint_s256, controlplane_id
 from hivemesh.mesh.policy import PolicyDoc
@@ -130,6 +132,63 @@ def test_fuzz_the_chain_never_crashes(
     if err is not None:
         assert err.code not in _FORBIDDEN, err
         assert err.reason and err.message
+
+
+def _admitted(world: _World, raw: Any) -> tuple[str, Any]:
+    """What the chain decides on raw: ("refused", reason) or ("admitted", (input bytes, parsed input))."""
+    call = Inbound(method="Invoke", request=None, wire_size=0, metadata={"authorization": f"Bearer {world.token}"},
+                   auth_context={"x509_pem_cert": [world.cert_pem]})
+    try:
+        _admit(world.chain, call, raw)
+    except HivemeshError as err:
+        return "refused", err.reason
+    return "admitted", (bytes(call.input), call.parsed_input)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(text=st.text(min_size=1, max_size=8), size=st.integers(BY_HAND, 70 * 1024), view=st.booleans(),
+       capability=st.sampled_from(["echo", "other", "nope"]),
+       mutate=st.one_of(st.none(), st.tuples(st.integers(0, 2**20), st.integers(0, 255))),
+       tail=st.one_of(st.just(b""), st.binary(max_size=8), st.binary(max_size=20).map(
+           lambda b: agent_pb2.InvokeRequest(input=b).SerializeToString())))
+def test_a_large_input_read_as_a_view_is_decided_as_the_whole_message_is(
+    world: _World, text: str, size: int, view: bool, capability: str, mutate: tuple[int, int] | None, tail: bytes,
+) -> None:
+    """A large input is read as a view of the request's bytes (or of a Link frame's), unset in the message: the
+    chain decides on it exactly as on the message protobuf reads whole, whatever the bytes (changed anywhere, a
+    second input field after it, bytes appended), and the input it admits is the message's."""
+    data = json.dumps({"text": (text * size)[:size]}).encode()
+    raw = agent_pb2.InvokeRequest(capability=capability, input=data, content_type="application/json",
+                                  context=agent_pb2.CallContext(call_id="c")).SerializeToString() + tail
+    if mutate is not None:
+        b = bytearray(raw)
+        b[mutate[0] % len(b)] = mutate[1]
+        raw = bytes(b)
+    try:
+        whole: Any = agent_pb2.InvokeRequest.FromString(raw)
+    except DecodeError:
+        whole = None
+    ours = _admitted(world, memoryview(b"?" + raw)[1:] if view else raw)
+    if whole is None:
+        assert ours == ("refused", "INVALID_INPUT")
+    else:
+        assert ours == _admitted(world, whole)
+
+
+def test_each_handler_gets_a_large_request_as_it_reads_it(world: _World) -> None:
+    """Behind the chain: the SDK's handler (`parse_request`) reads the input from the call, so it gets the
+    message without it; any other message handler gets the whole message; a forwarder gets bytes, never a view."""
+    data = json.dumps({"text": "x" * BY_HAND}).encode()
+    raw = agent_pb2.InvokeRequest(capability="echo", input=data).SerializeToString()
+    for deserialize, expected in ((parse_request, b""), (agent_pb2.InvokeRequest.FromString, data)):
+        call = Inbound(method="Invoke", request=None, wire_size=0,
+                       metadata={"authorization": f"Bearer {world.token}"}, auth_context={})
+        _decode(call, memoryview(raw))
+        handed = _handler_request(call, memoryview(raw), deserialize)
+        assert isinstance(call.input, memoryview) and call.input == data
+        assert handed is call.request and handed.capability == "echo" and handed.input == expected
+    relayed = _handler_request(call, memoryview(raw), None)
+    assert type(relayed) is bytes and relayed == raw
 
 
 @settings(max_examples=1000, deadline=None)

@@ -16,6 +16,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
+from hivemesh.mesh.invoke_wire import BY_HAND
 from hivemesh.mesh.outbound import encode_request
 from hivemesh.mesh.pki import parse_spiffe_id
 from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
@@ -101,6 +102,15 @@ async def test_invoke_appends_the_sidecar_hop_without_re_encoding(rig: Rig) -> N
     sent = rig.plain.sent[-1]
     assert raw == sent + hop_suffix(rig.sidecar_hop())
     assert agent_pb2.InvokeResponse.FromString(raw).output == agent_pb2.InvokeResponse.FromString(sent).output
+
+
+async def test_a_large_request_reaches_the_agent_behind_the_sidecar_whole(rig: Rig) -> None:
+    """A large call's request is read as a view of the frame that carried it (`link_wire`); the sidecar's
+    forwarder relays it as bytes, and the agent behind gets exactly what the caller sent."""
+    big = "z" * (BY_HAND + 4096)
+    result = await rig.mesh.call_detailed("plain-echo", {"text": big}, timeout=10)
+    assert result.output == {"text": big, "caller": TESTER}
+    assert (await rig.mesh.call("echo", {"text": big}, timeout=10))["text"] == big  # and an SDK agent's
 
 
 async def test_an_answer_over_grpcs_default_4_mib_passes_up_to_the_mesh_limit(mesh_env: MeshEnv) -> None:

@@ -132,6 +132,72 @@ def test_a_large_output_is_a_view_of_the_bytes_received() -> None:
     assert bytes(output) == b"later" == message.output
 
 
+def _read_request(raw: bytes | memoryview) -> tuple[str, Any]:
+    try:
+        message, data = invoke_wire.read_request(raw)
+    except DecodeError:
+        return "error", None
+    whole = agent_pb2.InvokeRequest()
+    whole.CopyFrom(message)
+    whole.input = bytes(data)
+    return "message", whole
+
+
+def _protobuf_request(raw: bytes) -> tuple[str, Any]:
+    try:
+        return "message", agent_pb2.InvokeRequest.FromString(raw)
+    except DecodeError:
+        return "error", None
+
+
+@st.composite
+def _request_rest(draw: Any) -> agent_pb2.InvokeRequest:
+    rest = agent_pb2.InvokeRequest(content_type=draw(st.text(max_size=6)), queue_for_ms=draw(st.integers(-5, 2**40)))
+    rest.context.call_id = draw(st.text(max_size=6))
+    for key, value in draw(st.lists(st.tuples(st.text(max_size=4), st.text(max_size=4)), max_size=2)):
+        rest.metadata[key] = value
+    return rest
+
+
+@_SETTINGS
+@given(st.text(max_size=8), _payload(), _request_rest(),
+       st.lists(st.tuples(st.text(max_size=8), _payload(), _request_rest()), max_size=2),
+       st.integers(0, 2**20), st.sampled_from(["whole", "cut", "flip", "append", "view"]), st.binary(max_size=6))
+def test_a_request_is_read_as_protobuf_reads_it(
+    capability: str, data: bytes, rest: agent_pb2.InvokeRequest,
+    more: list[tuple[str, bytes, agent_pb2.InvokeRequest]], at: int, change: str, junk: bytes,
+) -> None:
+    """Requests as written, several concatenated (protobuf keeps the last capability and input), cut short, with
+    a byte changed, with any bytes after them, or given as a view (a Link call's request)."""
+    raw = invoke_wire.request(capability, [data], rest)
+    for extra_capability, extra_data, extra_rest in more:
+        raw += invoke_wire.request(extra_capability, [extra_data], extra_rest)
+    where = at % (len(raw) + 1)
+    if change == "cut":
+        raw = raw[:where]
+    elif change == "flip" and raw:
+        where = min(where, len(raw) - 1)
+        raw = raw[:where] + bytes([raw[where] ^ 0x5A]) + raw[where + 1:]
+    elif change == "append":
+        raw += junk
+    given_raw: bytes | memoryview = memoryview(b"?" + raw)[1:] if change == "view" else raw
+    assert _read_request(given_raw) == _protobuf_request(raw)
+
+
+def test_a_large_input_is_a_view_of_the_bytes_received() -> None:
+    """The input is not copied out, it is left unset in the message (the chain reads it from `Inbound.input`),
+    and a second input field, which protobuf would keep instead, sends the request to protobuf."""
+    rest = agent_pb2.InvokeRequest(content_type="application/json")
+    raw = invoke_wire.request("echo", [b'{"text":"', b"x" * BY_HAND, b'"}'], rest)
+    message, data = invoke_wire.read_request(raw)
+    assert isinstance(data, memoryview) and data.obj is raw and len(data) == BY_HAND + 11
+    assert message.capability == "echo" and message.content_type == "application/json" and message.input == b""
+    later = raw + agent_pb2.InvokeRequest(input=b"later").SerializeToString()
+    message, data = invoke_wire.read_request(later)
+    assert bytes(data) == b"later" == message.input
+    assert invoke_wire.parse_request(raw) == agent_pb2.InvokeRequest.FromString(raw)  # whole, for gRPC
+
+
 def test_an_explicit_empty_output_later_on_wins_as_in_protobuf() -> None:
     raw = invoke_wire.response([b"y" * BY_HAND], agent_pb2.InvokeResponse()) + b"\x0a\x00"
     assert bytes(invoke_wire.read_response(raw)[1]) == b"" == agent_pb2.InvokeResponse.FromString(raw).output

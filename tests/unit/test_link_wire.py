@@ -213,6 +213,55 @@ def test_a_cut_message_is_read_or_refused_as_protobuf_does(data: bytes, cut: int
     assert _we_read(data[:cut]) == _protobuf_reads(data[:cut])
 
 
+_large = st.tuples(st.integers(BY_HAND - 2, BY_HAND + 40), st.binary(min_size=1, max_size=2)).map(
+    lambda nb: (nb[1] * nb[0])[:nb[0]])
+_large_call_body = st.lists(st.one_of(  # LinkCall with large requests among its fields, in any order and number
+    _large.map(lambda b: _len_field(1, b)),
+    st.binary(max_size=6).map(lambda b: _len_field(1, b)),
+    _header(2),
+    st.floats(allow_nan=False).map(lambda t: _field(3, 1, struct.pack("<d", t))),
+    st.binary(max_size=4).map(lambda b: _len_field(9, b)),
+), min_size=1, max_size=4).map(b"".join)
+
+
+@st.composite
+def _large_call_frames(draw: st.DrawFn) -> bytes:
+    """Frames carrying large calls, alone or batched with any other frames, with ids, fields after the call and
+    frames repeated, in any order."""
+    def one() -> st.SearchStrategy[bytes]:
+        return st.tuples(st.one_of(st.just(b""), st.integers(0, 2**64 - 1).map(lambda i: _field(1, 0, varint(i)))),
+                         _large_call_body.map(lambda b: _len_field(2, b)),
+                         st.one_of(st.just(b""), _raw_frame(1))).map(b"".join)
+    frames = draw(st.lists(st.one_of(one(), _raw_frame(1)), min_size=1, max_size=3))
+    if draw(st.booleans()):
+        return frames[0]
+    return b"".join(_len_field(5, f) for f in frames)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(_large_call_frames(), st.one_of(st.none(), st.integers(0, BY_HAND + 200)))
+def test_a_large_call_in_any_shape_is_read_as_protobuf_reads_it(data: bytes, cut: int | None) -> None:
+    """The hand reader's calls (a large request first, then only other fields) against protobuf on messages
+    where the request is repeated, follows other fields, or the frame or batch is cut anywhere."""
+    if cut is not None:
+        data = data[:cut]
+    assert _we_read(data) == _protobuf_reads(data)
+
+
+def test_a_call_with_more_than_one_request_is_read_as_protobuf_reads_it() -> None:
+    """protobuf keeps a field's last value: a large request followed by another request field (large or small)
+    is protobuf's to read; metadata, a timeout or an unknown field after it are not."""
+    big, other = b"a" * BY_HAND, b"b" * (BY_HAND + 1)
+    after = (_len_field(1, b"small"), _len_field(1, other), _len_field(2, _len_field(1, b"k") + _len_field(2, b"v")),
+             _field(3, 1, struct.pack("<d", 2.5)), _len_field(9, b"?"))
+    for extra in after:
+        body = _len_field(1, big) + extra
+        for data in (_field(1, 0, varint(7)) + _len_field(2, body), _len_field(5, _len_field(2, body))):
+            ours, theirs = read(data), _protobuf_reads(data)
+            assert ours == theirs, (extra, data)
+            assert isinstance(theirs, list) and bytes(ours[0].request) == theirs[0].request
+
+
 def test_an_answer_with_more_than_its_response_is_read_as_protobuf_reads_it() -> None:
     """The hand reader takes an answer that is one response field: anything after it (a code, a second
     response, trailers, an unknown field) is protobuf's to read, alone or in a batch."""
@@ -248,10 +297,15 @@ def test_large_frames_and_batches_are_written_by_hand_and_ok_answers_read_by_han
     assert [(f.id, f.response) for f in read(pack([answer, small, answer_frame(4, b"")]))] == [
         (2, big), (3, b"small"), (4, b"")]
     assert [f.id for f in read(pack([answer]))] == [2] and parsed == []
-    assert [f.request for f in read(pack([call]))] == [big] and len(parsed) == 1
+    data = pack([call, answer])
+    [got, _] = read(data)  # a large call's request: a view of the message, its metadata read by protobuf
+    assert isinstance(got.request, memoryview) and got.request.obj is data and got.request == big
+    assert got.metadata == (("authorization", "Bearer t"),) and got.timeout_s == 5.0 and parsed == []
+    small_call = call_frame(6, b"{}", _rest([], 1.0))
     error = agent_pb2.LinkFrame(id=5)
     error.answer.code = 5
-    assert [f.code for f in read(pack([message_frame(error), answer]))] == [5, 0] and len(parsed) == 3
+    read_back = read(pack([message_frame(error), answer, small_call]))
+    assert [f.code for f in read_back] == [5, 0, 0] and read_back[2].request == b"{}" and len(parsed) == 2
 
 
 def test_a_message_that_is_not_a_link_frame_is_refused() -> None:
