@@ -9,9 +9,9 @@ field 2 after the capability), so the message's bytes are the fields before it, 
 serialization of the rest: written here as pieces joined once. A response's output, and a request's input, is
 read as a view of the bytes received when the message is shaped as protobuf writes it (the payload field where
 protobuf puts it, no other payload field later: protobuf would keep the last); any other message is read by
-protobuf whole. A request read so leaves its input unset: the inbound chain reads it from `Inbound.input`. Both are tested against protobuf byte
-for byte and read for read. Payloads under `BY_HAND` go through the message: below it the Python costs more than
-the copies.
+protobuf whole. A request read so leaves its input unset: the inbound chain reads it from `Inbound.input`. Both
+ways are tested against protobuf byte for byte and read for read. Payloads under `BY_HAND` go through the
+message: below it the Python costs more than the copies.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ always the frames' pieces behind their lengths (protobuf's encoding of a repeate
 OK answer (alone or in a batch) is read by slicing its response out; a call whose request is at least `BY_HAND`
 is read with its request as a view of the message (its metadata and timeout by protobuf, from the bytes after
 it), which the inbound chain reads without copying (`invoke_wire.read_request`). Smaller calls and every other
-frame are read by protobuf (in a batch, frame by frame): for them the Python costs more than it saves.
+frame are read by protobuf (a batch whole, or frame by frame after one read by hand): for them the Python costs
+more than it saves.
 
 What this module writes is what protobuf writes (tested byte for byte), and it reads by hand only shapes it can
 read exactly (any other field order, a field twice, an unknown field or an error answer goes to protobuf), so a
@@ -253,8 +254,10 @@ def read(data: bytes) -> list[Frame]:
             if size < 0 or stop > end:
                 break  # a cut frame: protobuf reads (and refuses) the whole message
             frame = _fast(data, view, start, stop)
-            if frame is None:  # protobuf reads this one
-                frame = _of_message(agent_pb2.LinkFrame.FromString(data[start:stop]))
+            if frame is None:
+                if not frames:
+                    break  # small calls (or anything else) from the first frame on: protobuf reads the whole message
+                frame = _of_message(agent_pb2.LinkFrame.FromString(data[start:stop]))  # protobuf reads this one
             frames.append(frame)
             pos = stop
         if pos == end:

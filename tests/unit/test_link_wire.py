@@ -304,8 +304,10 @@ def test_large_frames_and_batches_are_written_by_hand_and_ok_answers_read_by_han
     small_call = call_frame(6, b"{}", _rest([], 1.0))
     error = agent_pb2.LinkFrame(id=5)
     error.answer.code = 5
-    read_back = read(pack([message_frame(error), answer, small_call]))
-    assert [f.code for f in read_back] == [5, 0, 0] and read_back[2].request == b"{}" and len(parsed) == 2
+    read_back = read(pack([answer, message_frame(error), small_call]))  # after a frame read by hand: one by one
+    assert [f.code for f in read_back] == [0, 5, 0] and read_back[2].request == b"{}" and len(parsed) == 2
+    read_back = read(pack([small_call, answer]))  # from the first frame on: protobuf reads the whole message
+    assert [f.id for f in read_back] == [6, 2] and len(parsed) == 4
 
 
 def test_a_message_that_is_not_a_link_frame_is_refused() -> None:
