@@ -134,6 +134,8 @@ class Frame:
 
 def read_varint(data: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
     """(value, position after it), or (-1, pos) if no complete varint of at most _MAX_VARINT bytes is there."""
+    if pos < end and data[pos] < 0x80:  # most of them: tags, small lengths and ids
+        return data[pos], pos + 1
     value = shift = 0
     for i in range(pos, min(end, pos + _MAX_VARINT)):
         byte = data[i]

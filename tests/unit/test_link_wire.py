@@ -25,6 +25,7 @@ from hivemesh.mesh.link_wire import (
     message_frame,
     pack,
     read,
+    read_varint,
     varint,
 )
 from hivemesh.v1 import agent_pb2
@@ -320,6 +321,11 @@ def test_a_message_that_is_not_a_link_frame_is_refused() -> None:
 @given(st.one_of(st.integers(0, 2**7), st.integers(2**7 - 2, 2**14 + 2), st.integers(2**14 - 2, 2**21 + 2),
                  st.integers(0, 2**64 - 1), st.sampled_from([0, 127, 128, 2**14 - 1, 2**14, 2**21 - 1, 2**21])))
 def test_varint_is_protobuf_s(value: int) -> None:
-    """Each of varint's shapes (one byte, two, three, and the loop beyond 2 MiB) is protobuf's encoding."""
+    """Each of varint's shapes (one byte, two, three, and the loop beyond 2 MiB) is protobuf's encoding, and
+    read_varint reads each back (its one-byte shortcut included; from 2**63 on, ten bytes, protobuf reads them),
+    and none that is cut short."""
     message = agent_pb2.LinkFrame(id=value)
     assert b"\x08" + varint(value) == message.SerializeToString() or value == 0
+    data = b"\x00" + varint(value) + b"\x01"
+    assert read_varint(data, 1, len(data)) == ((value, len(data) - 1) if value < 2**63 else (-1, 1))
+    assert read_varint(data, 1, len(data) - 2) == (-1, 1)  # its last byte cut off
