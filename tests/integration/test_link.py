@@ -286,6 +286,15 @@ async def _raw_link_callers(client: MeshClient, server: AgentServer) -> None:
     assert sorted((f.id, f.answer.code) for f in answers) == [(i, 0) for i in range(1, 9)]
     assert len(received) < 8, "answers ready together were not batched"
 
+    # A frame's own deadline, with no cancel from the caller: the call is stopped and answered as gRPC answers a
+    # unary call past its deadline (a timer per call does it: tested here, since a caller's cancel also would).
+    late = agent_pb2.InvokeRequest(capability="slow", input=json.dumps({"seconds": 20}).encode(),
+                                   content_type="application/json").SerializeToString()
+    received, _ = await exchange([agent_pb2.LinkFrame(id=9, call=agent_pb2.LinkCall(
+        request=late, metadata=auth, timeout_s=0.3))], announce=False)
+    assert [(m.id, m.answer.code, m.answer.message) for m in received] == [
+        (9, grpc.StatusCode.DEADLINE_EXCEEDED.value[0], "Deadline Exceeded")]
+
 
 async def test_the_sidecar_serves_a_link_through_its_chain_to_a_plain_agent(mesh_env: MeshEnv) -> None:
     decisions: list[tuple[str, str, grpc.StatusCode]] = []
