@@ -150,8 +150,14 @@ def lacks(data: bytes | memoryview, pos: int, end: int, number: int) -> bool:
     """Whether data[pos:end] is whole fields, none of them field number (then protobuf keeps the value read
     before it). False for anything it cannot walk (a group, a cut field): protobuf then reads the whole message."""
     while pos < end:
-        tag, pos = read_varint(data, pos, end)
-        if tag < 0 or tag >> 3 == number:
+        tag = data[pos]  # one-byte tags and lengths (field numbers up to 15, fields under 128 bytes) inline
+        if tag < 0x80:
+            pos += 1
+        else:
+            tag, pos = read_varint(data, pos, end)
+            if tag < 0:
+                return False
+        if tag >> 3 == number:
             return False
         kind = tag & 7
         if kind == 0:
@@ -160,10 +166,13 @@ def lacks(data: bytes | memoryview, pos: int, end: int, number: int) -> bool:
                 return False
             pos = after
         elif kind == 2:
-            size, start = read_varint(data, pos, end)
-            if size < 0:
-                return False
-            pos = start + size
+            if pos < end and data[pos] < 0x80:
+                pos += 1 + data[pos]
+            else:
+                size, start = read_varint(data, pos, end)
+                if size < 0:
+                    return False
+                pos = start + size
         elif kind == 1:
             pos += 8
         elif kind == 5:
