@@ -366,8 +366,10 @@ class RevocationGuard(grpc.aio.ServerInterceptor):
         def guard(inner: UnaryBehaviour) -> UnaryBehaviour:
             async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 try:
-                    peer = core.peer(context)
-                    rev = await subject_revoked(core.etcd, str(peer.spiffe_id))
+                    sid = str(core.peer(context).spiffe_id)
+                    # Hedged like the issuing path's other reads: a replica whose round robin hands this read
+                    # to a cut-off etcd member still answers within a client's share (docs/multihost.md).
+                    rev = await core.hedged.run(lambda etcd: subject_revoked(etcd, sid))
                 except Exception:  # noqa: BLE001 - the servicer itself reports identity and etcd trouble
                     rev = None
                 if rev is not None:

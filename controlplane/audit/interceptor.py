@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Final
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
-from hivemesh.controlplane.audit.store import audit_store
+from hivemesh.controlplane.audit.store import audit_store, commit_wait
 from hivemesh.mesh.audit.record import classify
 from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.pki import load_cert, peer_from_auth_context, uri_sans
@@ -130,7 +130,7 @@ class ControlPlaneAuditInterceptor(grpc.aio.ServerInterceptor):
             for k, v in _summary(response, _RESPONSE_FIELDS).items():
                 fields[f"granted_{k}" if k == "scopes" else k] = v
         try:
-            await self._store.record_durably(fields)
+            await self._store.record_durably(fields, timeout=commit_wait(context.time_remaining()))
         except Exception:
             log.exception("cannot write the control plane's audit record for %s", method)
 

@@ -68,6 +68,18 @@ MAX_PENDING: Final = 10_000
 """The control plane's own records a replica holds while the shared log cannot take them (then it refuses)."""
 OWN_COMMIT_WAIT_S: Final = 2.0
 """How long an RPC's answer waits for its audit record to be committed to the mesh-wide log."""
+ANSWER_MARGIN_S: Final = 0.25
+"""What an answer keeps of its caller's deadline: it leaves the wait for its record this long before it."""
+
+
+def commit_wait(time_remaining: float | None) -> float:
+    """How long an RPC's answer waits for its audit record: `OWN_COMMIT_WAIT_S`, and never past its caller's
+    deadline (less `ANSWER_MARGIN_S`): an answer sent after the caller gave up is no answer (a client that asks
+    two replicas gives each 2 s; a commit stalled on a cut-off etcd member held one replica's answer past that),
+    and a record not committed by then stays queued."""
+    if time_remaining is None:
+        return OWN_COMMIT_WAIT_S
+    return min(OWN_COMMIT_WAIT_S, max(0.0, time_remaining - ANSWER_MARGIN_S))
 _SOURCE_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 

@@ -239,3 +239,15 @@ async def test_store_query_filters(tmp_path: Path) -> None:
     finally:
         spool.close()
         await store.close()
+
+
+def test_an_answer_waits_for_its_record_only_within_its_callers_deadline() -> None:
+    """The control plane's answer waits up to OWN_COMMIT_WAIT_S for its audit record, but never past its
+    caller's deadline less ANSWER_MARGIN_S (the multi-host run where a stalled commit held a replica's answer
+    past the client's 2 s share); with no deadline, the whole wait."""
+    from hivemesh.controlplane.audit.store import ANSWER_MARGIN_S, OWN_COMMIT_WAIT_S, commit_wait
+
+    assert commit_wait(None) == OWN_COMMIT_WAIT_S == commit_wait(60.0)
+    assert commit_wait(2.0) == 2.0 - ANSWER_MARGIN_S < OWN_COMMIT_WAIT_S
+    assert commit_wait(ANSWER_MARGIN_S / 2) == 0.0 == commit_wait(-1.0)
+
