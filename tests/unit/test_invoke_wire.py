@@ -76,24 +76,39 @@ def test_a_request_is_protobuf_s_bytes(
     assert invoke_wire.request(capability, _pieces(data, cuts), rest) == whole.SerializeToString()
 
 
-def _read(raw: bytes) -> tuple[str, Any]:
-    """What invoke_wire reads in raw, as the message protobuf would read: ("message", it) or ("error", None)
-    (messages compared as messages: a map's entries may serialize in another order)."""
+def _read(raw: bytes | memoryview, kind: Any = agent_pb2.InvokeResponse) -> tuple[str, Any]:
+    """What invoke_wire reads in raw (a response, or kind InvokeRequest), as the message protobuf would read:
+    ("message", it) or ("error", None) (messages compared as messages: a map's entries may serialize in another
+    order)."""
+    request = kind is agent_pb2.InvokeRequest
     try:
-        message, output = invoke_wire.read_response(raw)
+        message, payload = (invoke_wire.read_request if request else invoke_wire.read_response)(raw)
     except DecodeError:
         return "error", None
-    whole = agent_pb2.InvokeResponse()
+    whole = kind()
     whole.CopyFrom(message)
-    whole.output = bytes(output)
+    setattr(whole, "input" if request else "output", bytes(payload))
     return "message", whole
 
 
-def _protobuf(raw: bytes) -> tuple[str, Any]:
+def _protobuf(raw: bytes, kind: Any = agent_pb2.InvokeResponse) -> tuple[str, Any]:
     try:
-        return "message", agent_pb2.InvokeResponse.FromString(raw)
+        return "message", kind.FromString(raw)
     except DecodeError:
         return "error", None
+
+
+def _changed(raw: bytes, change: str, at: int, junk: bytes) -> bytes:
+    """raw cut short at `at`, with the byte there changed, or with junk after it (as written for "whole")."""
+    where = at % (len(raw) + 1)
+    if change == "cut":
+        return raw[:where]
+    if change == "flip" and raw:
+        where = min(where, len(raw) - 1)
+        return raw[:where] + bytes([raw[where] ^ 0x5A]) + raw[where + 1:]
+    if change == "append":
+        return raw + junk
+    return raw
 
 
 @_SETTINGS
@@ -108,14 +123,7 @@ def test_a_response_is_read_as_protobuf_reads_it(
     raw = invoke_wire.response([output], rest)
     for extra_output, extra_rest in more:
         raw += invoke_wire.response([extra_output], extra_rest)
-    where = at % (len(raw) + 1)
-    if change == "cut":
-        raw = raw[:where]
-    elif change == "flip" and raw:
-        where = min(where, len(raw) - 1)
-        raw = raw[:where] + bytes([raw[where] ^ 0x5A]) + raw[where + 1:]
-    elif change == "append":
-        raw += junk
+    raw = _changed(raw, change, at, junk)
     assert _read(raw) == _protobuf(raw)
 
 
@@ -130,24 +138,6 @@ def test_a_large_output_is_a_view_of_the_bytes_received() -> None:
     later = raw + agent_pb2.InvokeResponse(output=b"later").SerializeToString()
     message, output = invoke_wire.read_response(later)
     assert bytes(output) == b"later" == message.output
-
-
-def _read_request(raw: bytes | memoryview) -> tuple[str, Any]:
-    try:
-        message, data = invoke_wire.read_request(raw)
-    except DecodeError:
-        return "error", None
-    whole = agent_pb2.InvokeRequest()
-    whole.CopyFrom(message)
-    whole.input = bytes(data)
-    return "message", whole
-
-
-def _protobuf_request(raw: bytes) -> tuple[str, Any]:
-    try:
-        return "message", agent_pb2.InvokeRequest.FromString(raw)
-    except DecodeError:
-        return "error", None
 
 
 @st.composite
@@ -172,16 +162,9 @@ def test_a_request_is_read_as_protobuf_reads_it(
     raw = invoke_wire.request(capability, [data], rest)
     for extra_capability, extra_data, extra_rest in more:
         raw += invoke_wire.request(extra_capability, [extra_data], extra_rest)
-    where = at % (len(raw) + 1)
-    if change == "cut":
-        raw = raw[:where]
-    elif change == "flip" and raw:
-        where = min(where, len(raw) - 1)
-        raw = raw[:where] + bytes([raw[where] ^ 0x5A]) + raw[where + 1:]
-    elif change == "append":
-        raw += junk
+    raw = _changed(raw, change, at, junk)
     given_raw: bytes | memoryview = memoryview(b"?" + raw)[1:] if change == "view" else raw
-    assert _read_request(given_raw) == _protobuf_request(raw)
+    assert _read(given_raw, agent_pb2.InvokeRequest) == _protobuf(raw, agent_pb2.InvokeRequest)
 
 
 def test_a_large_input_is_a_view_of_the_bytes_received() -> None:
