@@ -1,0 +1,164 @@
+"""What gRPC's transport alone costs for a Link message, between two processes: the floor under a mesh call.
+
+A Link carries calls as frames on one bidirectional stream, and at 16 in flight it sends them eight to a message
+(`mesh/link_frames.py`): at 64 KiB a message is ~512 KiB each way. This bench sends messages of a given size on
+one grpc.aio stream between two processes (a client and an echo server, each its own child), with a given number
+in flight, over mutual TLS or plaintext, and reports per message: the client's CPU (all threads, and its main
+thread alone: the thread that also runs every Python layer of the mesh) and the server's. No mesh code runs.
+
+    .venv/bin/python bench/grpc_floor.py                                  # 512 KiB, 64 KiB, 200 B; mTLS and plaintext
+    .venv/bin/python bench/grpc_floor.py --sizes 524288 --inflight 2 --rounds 3
+    .venv/bin/python bench/grpc_floor.py --experiments secure_endpoint_offload_large_writes   # a gRPC experiment
+
+`--experiments` is passed to both processes as GRPC_EXPERIMENTS (read when gRPC starts). Loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_shapes import _cert, _pem  # the same throwaway CA and leaves as the one-process shapes
+
+_METHOD = "/bench.Floor/Echo"
+_OPTIONS = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20),
+            ("grpc.http2.lookahead_bytes", 1 << 20)]  # the mesh's stream window (mesh/tls.py)
+_READY_S = 30.0
+
+
+def _write_certs(folder: Path) -> None:
+    ca = _cert("ca", None)
+    leaves = (("ca", _pem(*ca)), ("server", _pem(*_cert("server", ca))), ("client", _pem(*_cert("client", ca))))
+    for name, pems in leaves:
+        (folder / f"{name}.pem").write_bytes(pems[0])
+        (folder / f"{name}.key").write_bytes(pems[1])
+
+
+async def _serve(folder: Path, tls: bool) -> None:
+    async def echo(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        async for message in requests:
+            yield message
+
+    server = grpc.aio.server(options=_OPTIONS)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "bench.Floor", {"Echo": grpc.stream_stream_rpc_method_handler(echo)})])
+    if tls:
+        pair = ((folder / "server.key").read_bytes(), (folder / "server.pem").read_bytes())
+        creds = grpc.ssl_server_credentials([pair], root_certificates=(folder / "ca.pem").read_bytes(),
+                                            require_client_auth=True)
+        port = server.add_secure_port("127.0.0.1:0", creds)
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    sys.stdout.write(f"{port}\n")
+    sys.stdout.flush()
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes stdin
+    await server.stop(0)
+
+
+async def _client(folder: Path, tls: bool, port: int, size: int, inflight: int, messages: int) -> dict[str, float]:
+    target = f"127.0.0.1:{port}"
+    if tls:
+        creds = grpc.ssl_channel_credentials((folder / "ca.pem").read_bytes(), (folder / "client.key").read_bytes(),
+                                             (folder / "client.pem").read_bytes())
+        channel = grpc.aio.secure_channel(target, creds, options=[
+            *_OPTIONS, ("grpc.ssl_target_name_override", "server.agent.hivemesh.local")])
+    else:
+        channel = grpc.aio.insecure_channel(target, options=_OPTIONS)
+    async with channel:
+        call = channel.stream_stream(_METHOD)()
+        payload = os.urandom(size)
+        for _ in range(inflight):  # warm: the window grows, the first answers come back
+            await call.write(payload)
+        for _ in range(inflight):
+            await call.read()
+            await call.write(payload)
+        wall, usage, main = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF), time.thread_time()
+        for _ in range(messages):  # each answer read lets one more message go: inflight stay in flight
+            await call.read()
+            await call.write(payload)
+        main = time.thread_time() - main
+        wall = time.perf_counter() - wall
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+        call.cancel()
+    return {"messages_per_s": messages / wall, "client_cpu_us": cpu / messages * 1e6,
+            "client_main_us": main / messages * 1e6}
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _measure(folder: Path, tls: bool, size: int, inflight: int, messages: int, env: dict[str, str]) -> dict[str, float]:
+    me = [sys.executable, __file__]
+    server = subprocess.Popen([*me, "_serve", str(folder), str(int(tls))], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline() or 0)
+        if not port:
+            raise RuntimeError("the echo server did not start")
+        before = _cpu_s(server.pid)
+        out = subprocess.run([*me, "_client", str(folder), str(int(tls)), str(port), str(size), str(inflight),
+                              str(messages)], env=env, capture_output=True, text=True, timeout=300, check=True)
+        row: dict[str, float] = json.loads(out.stdout)
+        row["server_cpu_us"] = (_cpu_s(server.pid) - before) / messages * 1e6
+        return row
+    finally:
+        server.kill()
+        server.wait(timeout=_READY_S)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[524288, 65536, 200])
+    ap.add_argument("--inflight", type=int, default=2, help="messages in flight (a Link at 16 calls: 2 batches)")
+    ap.add_argument("--bytes", type=int, default=512 << 20, help="bytes per cell each way, at most")
+    ap.add_argument("--max-messages", type=int, default=10_000)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--experiments", default="", help="GRPC_EXPERIMENTS for both processes")
+    args = ap.parse_args()
+    env = {**os.environ, "GRPC_EXPERIMENTS": args.experiments} if args.experiments else dict(os.environ)
+    rows: dict[tuple[int, bool], list[dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="hivemesh-floor-") as tmp:
+        folder = Path(tmp)
+        _write_certs(folder)
+        for _ in range(args.rounds):  # interleaved: the shared machine's mood reaches every cell alike
+            for size in args.sizes:
+                for tls in (True, False):
+                    n = max(200, min(args.max_messages, args.bytes // max(size, 1)))
+                    rows.setdefault((size, tls), []).append(_measure(folder, tls, size, args.inflight, n, env))
+    lines = [f"grpcio {grpc.__version__}, {os.cpu_count()} cores, {args.inflight} in flight, {args.rounds} round(s)"
+             + (f", GRPC_EXPERIMENTS={args.experiments}" if args.experiments else "") + "; medians over rounds",
+             "| size | transport | messages/s | client CPU µs/msg | client main thread µs/msg | server CPU µs/msg |",
+             "|---|---|---|---|---|---|"]
+    for (size, tls), got in rows.items():
+        med = {k: statistics.median(r[k] for r in got) for k in got[0]}
+        lines.append(f"| {size:,} B | {'mTLS' if tls else 'plaintext'} | {med['messages_per_s']:,.0f} | "
+                     f"{med['client_cpu_us']:,.0f} | {med['client_main_us']:,.0f} | {med['server_cpu_us']:,.0f} |")
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_serve":
+        asyncio.run(_serve(Path(sys.argv[2]), sys.argv[3] == "1"))
+    elif len(sys.argv) > 1 and sys.argv[1] == "_client":
+        a = sys.argv[2:]
+        row = asyncio.run(_client(Path(a[0]), a[1] == "1", int(a[2]), int(a[3]), int(a[4]), int(a[5])))
+        sys.stdout.write(json.dumps(row) + "\n")
+    else:
+        main()
