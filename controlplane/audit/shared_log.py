@@ -120,6 +120,11 @@ class SharedLog:
         self._published_at = 0.0
         self._renewed_at = 0.0
         self._trimmed_at = 0.0
+        self._in_flight: tuple[int, bytes, int] | None = None
+        """(first seq, its entry line, entries) of the transaction whose answer is awaited, or was never heard."""
+        self._unsettled: tuple[int, bytes, int] | None = None
+        """The same for a transaction of the control plane's own records whose answer was lost: etcd may have
+        committed it, and the log says whether once this copy reaches its seq (`_settle_own_locked`)."""
 
     def leading(self) -> bool:
         return self._leading()
@@ -217,13 +222,17 @@ class SharedLog:
             value = batches.encode({"first": first, "last": last, "time": int(time.time()), "offset": store.size,
                                     "end": store.size + size, "head": head, "replica": self.replica_id}, chunk)
             t = self.etcd.transactions
+            self._in_flight = (first, chunk[0].rstrip(b"\n"), n)  # kept if no answer comes: see _unsettled
             ok, _ = await self.etcd.transaction(
                 compare=[t.value(_TAIL) == _tail_value(store.seq, store.head),
                          t.version(seq_key(AUDIT_LOG, first)) == 0],
                 success=[t.put(seq_key(AUDIT_LOG, first), value), t.put(_TAIL, _tail_value(last, head))],
                 failure=[],
             )
+            self._in_flight = None
             if ok:
+                if self._unsettled is not None and self._unsettled[0] == first:
+                    self._unsettled = None  # this batch holds its seq now: the unanswered one never will
                 self.commits += 1
                 await store.apply_sealed_locked(chunk, last, head, items[:n])
                 items = items[n:]  # the rest still extends the (now longer) copy: it was checked as a chain
@@ -255,12 +264,18 @@ class SharedLog:
             await self.checkpoint_locked()
 
     async def commit_pending_locked(self) -> None:
-        """Commit the control plane's own records waiting in the store (in batches of at most MAX_BATCH)."""
+        """Commit the control plane's own records waiting in the store (in batches of at most MAX_BATCH).
+
+        A transaction whose answer was lost (a timeout, a member cut after the leader applied it) may have
+        committed: its records are settled from the log before any is built again, or each would be there twice.
+        The retry settles them: on a copy that reached the lost seq, or after its refusal caught the copy up."""
         store = self.store
         taken = list(store.pending)[:MAX_BATCH]
         done = 0
 
         def build() -> Sealable:
+            nonlocal done
+            done += self._settle_own_locked()
             return store.own_records(taken[done:])
 
         def on_commit(n: int) -> None:
@@ -271,8 +286,32 @@ class SharedLog:
             store.own_committed(n)
 
         while taken:
-            await self.commit_locked(build, on_commit)
+            self._in_flight = None
+            try:
+                await self.commit_locked(build, on_commit)
+            except BaseException:
+                if self._in_flight is not None:  # sent, never answered: committed or not, the log will say
+                    self._unsettled, self._in_flight = self._in_flight, None
+                raise
             taken, done = list(store.pending)[:MAX_BATCH], 0
+
+    def _settle_own_locked(self) -> int:
+        """Once this copy reaches the seq of a transaction whose answer was lost, whether it committed: if the
+        log's entry there is the one it carried, its records leave the queue as committed. Returns how many."""
+        lost = self._unsettled
+        if lost is None or self.store.seq < lost[0]:
+            return 0
+        first, line, n = lost
+        self._unsettled = None
+        if next(self.store.lines(after_seq=first - 1), None) != line:
+            return 0  # another batch holds that seq: the lost one can never commit (its compare fails)
+        store = self.store
+        for _ in range(n):
+            store.pending.popleft()
+        store.own_committed(n)
+        log.warning("audit: %d of the control plane's records were committed by a transaction whose answer was "
+                    "lost; recognised in the log, not written again", n)
+        return n
 
     async def _flush_once(self) -> None:
         async with self.store._lock:

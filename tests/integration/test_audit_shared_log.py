@@ -24,6 +24,7 @@ from hivemesh.mesh.audit.chain import GENESIS, seal
 from hivemesh.mesh.errors import AuditUnavailableError, FailedPreconditionError
 from hivemesh.mesh.etcd import EtcdServer, client, wait_connected
 from hivemesh.mesh.keyspace import AUDIT_LOG, AUDIT_LOG_TAIL
+from tests.support.waiting import until
 
 NODE = "spiffe://hivemesh.test/agent/echo"
 CP = "spiffe://hivemesh.test/controlplane"
@@ -353,3 +354,60 @@ async def test_own_batches_apply_as_built_a_lagging_copy_catches_up_and_a_corrup
     finally:
         await a.stop()
         await b.stop()
+
+
+class _LostAnswer:
+    """The replica's etcd client, except that the answer of its first `transaction` is lost: the caller sees a
+    timeout (a member cut, or slow, after the leader took the write). etcd applies that transaction at once
+    ("now"), only when the next one arrives ("late": a proposal still in flight when the caller gave up and
+    tried again), or never ("never": the write was lost with its answer)."""
+
+    def __init__(self, etcd: Any, *, when: str) -> None:
+        self._etcd = etcd
+        self._when = when
+        self._held: dict[str, Any] | None = None
+        self.lost = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._etcd, name)
+
+    async def transaction(self, **kwargs: Any) -> Any:
+        import aetcd
+
+        if self._held is not None:
+            held, self._held = self._held, None
+            assert (await self._etcd.transaction(**held))[0]  # the first one lands before its retry
+        if self.lost:
+            return await self._etcd.transaction(**kwargs)
+        self.lost += 1
+        if self._when == "late":
+            self._held = kwargs
+        elif self._when == "now":
+            await self._etcd.transaction(**kwargs)
+        raise aetcd.exceptions.ConnectionTimeoutError("the answer was lost (test)")
+
+
+@pytest.mark.parametrize("when", ["now", "late", "never"])
+async def test_a_commit_whose_answer_is_lost_is_recognised_not_written_twice(
+    etcd: Any, etcd_server: EtcdServer, tmp_path: Path, when: str
+) -> None:
+    """The control plane's own records sent in a transaction whose answer never came: when etcd applied it
+    (before the retry, or while the retry was on its way), the replica finds them in the log, drops them from
+    its queue and does not commit them a second time; when etcd did not, the retry commits them, once."""
+    a = await Replica("a", tmp_path, etcd_server, poll_s=0.05).start()
+    try:
+        lossy = _LostAnswer(a.shared.etcd, when=when)
+        a.shared.etcd = lossy
+        for i in range(3):
+            await a.store.record({"method": f"lost-{i}", "decision": "allow"})
+        assert await until(lambda: not a.store.pending, 20), list(a.store.pending)
+        assert lossy.lost == 1
+        await a.store.record({"method": "after", "decision": "allow"})
+        await a.store.sync()
+        assert not a.store.pending
+        methods = [json.loads(line)["record"].get("method") for line in a.store.lines()]
+        assert methods == ["lost-0", "lost-1", "lost-2", "after"]
+        report = a.report()
+        assert report.ok, report.problem
+    finally:
+        await a.stop()
