@@ -120,9 +120,10 @@ class SharedLog:
         self._published_at = 0.0
         self._renewed_at = 0.0
         self._trimmed_at = 0.0
-        self._in_flight: tuple[int, bytes, int] | None = None
-        """(first seq, its entry line, entries) of the transaction whose answer is awaited, or was never heard."""
-        self._unsettled: tuple[int, bytes, int] | None = None
+        self._in_flight: tuple[int, bytes, int, int] | None = None
+        """(first seq, its entry line, entries, the line's offset in the log file) of the transaction whose answer
+        is awaited, or was never heard."""
+        self._unsettled: tuple[int, bytes, int, int] | None = None
         """The same for a transaction of the control plane's own records whose answer was lost: etcd may have
         committed it, and the log says whether once this copy reaches its seq (`_settle_own_locked`)."""
 
@@ -222,7 +223,7 @@ class SharedLog:
             value = batches.encode({"first": first, "last": last, "time": int(time.time()), "offset": store.size,
                                     "end": store.size + size, "head": head, "replica": self.replica_id}, chunk)
             t = self.etcd.transactions
-            self._in_flight = (first, chunk[0].rstrip(b"\n"), n)  # kept if no answer comes: see _unsettled
+            self._in_flight = (first, chunk[0].rstrip(b"\n"), n, store.size)  # kept if no answer: _unsettled
             ok, _ = await self.etcd.transaction(
                 compare=[t.value(_TAIL) == _tail_value(store.seq, store.head),
                          t.version(seq_key(AUDIT_LOG, first)) == 0],
@@ -301,11 +302,11 @@ class SharedLog:
         lost = self._unsettled
         if lost is None or self.store.seq < lost[0]:
             return 0
-        first, line, n = lost
+        first, line, n, offset = lost
         self._unsettled = None
-        if next(self.store.lines(after_seq=first - 1), None) != line:
-            return 0  # another batch holds that seq: the lost one can never commit (its compare fails)
         store = self.store
+        if store.line_at(offset) != line and next(store.lines(after_seq=first - 1), None) != line:
+            return 0  # another batch holds that seq: the lost one can never commit (its compare fails)
         for _ in range(n):
             store.pending.popleft()
         store.own_committed(n)

@@ -65,6 +65,8 @@ CONTROLPLANE_SOURCE: Final = "controlplane"
 MAX_BATCH: Final = 1000
 MAX_RECORD_BYTES: Final = 64 * 1024
 MAX_PENDING: Final = 10_000
+_ENTRY_READ_MAX: Final = 2 * MAX_RECORD_BYTES + 4096
+"""More than any entry line (a record of at most MAX_RECORD_BYTES, escaped, in its entry): `line_at`'s read."""
 """The control plane's own records a replica holds while the shared log cannot take them (then it refuses)."""
 OWN_COMMIT_WAIT_S: Final = 2.0
 """How long an RPC's answer waits for its audit record to be committed to the mesh-wide log."""
@@ -608,6 +610,16 @@ class AuditStore:
                     return
                 if n > after_seq:
                     yield raw.rstrip(b"\n")
+
+    def line_at(self, offset: int) -> bytes | None:
+        """The entry line that starts at byte offset of the log file (None past its end or at a torn line); a
+        caller that knows where an entry was written reads it without `lines`' walk from the start."""
+        if not self.log_path.exists():
+            return None
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            raw = f.readline(_ENTRY_READ_MAX)
+        return raw.rstrip(b"\n") if raw.endswith(b"\n") else None
 
     def query(self, flt: AuditFilter, *, limit: int = 100, tail: bool = False) -> tuple[list[bytes], int]:
         """Matching entry lines, oldest first: the first `limit`, or with tail the last `limit`; and how many

@@ -405,8 +405,12 @@ async def test_a_commit_whose_answer_is_lost_is_recognised_not_written_twice(
         await a.store.record({"method": "after", "decision": "allow"})
         await a.store.sync()
         assert not a.store.pending
-        methods = [json.loads(line)["record"].get("method") for line in a.store.lines()]
+        lines = list(a.store.lines())
+        methods = [json.loads(line)["record"].get("method") for line in lines]
         assert methods == ["lost-0", "lost-1", "lost-2", "after"]
+        # Where the settling looks first: the line at the offset its batch was written at.
+        assert a.store.line_at(0) == lines[0] and a.store.line_at(len(lines[0]) + 1) == lines[1]
+        assert a.store.line_at(a.store.size) is None and a.store.line_at(1) != lines[0]
         report = a.report()
         assert report.ok, report.problem
     finally:
