@@ -993,7 +993,8 @@ class Bench:
             path, {"op": "latency", "size": size, "n": o.calls, "max_s": o.latency_max_s}, o.latency_max_s + 30
         )
         self._record(rnd, path, size, "c1", lat)
-        for conc in o.concurrency:
+        loads = [conc for conc in o.concurrency if conc != 1]  # one at a time is the latency run above ("c1")
+        for conc in loads:
             ramp = {"op": "throughput", "size": size, "concurrency": conc, "seconds": o.ramp_s}
             await client.command(ramp, o.ramp_s + 30)
             thr = await self._measured(
@@ -1003,7 +1004,7 @@ class Bench:
                 raise RuntimeError(f"{path.title} at {conc} in flight, {size} B: errors {thr['errors']}")
             self._record(rnd, path, size, f"c{conc}", thr)
         log.info("round %d %-16s %6d B  p50 %7.0f µs  %s", rnd + 1, path.title, size, lat["p50_us"],
-                 "  ".join(f"{s['mode']} {s['calls_per_s']:6.0f}/s" for s in self.samples[-len(o.concurrency):]))
+                 "  ".join(f"{s['mode']} {s['calls_per_s']:6.0f}/s" for s in self.samples[-1 - len(loads):]))
 
     def _record(self, rnd: int, path: CallPath, size: int, mode: str, result: dict[str, Any]) -> None:
         calls = result["calls"]
