@@ -1329,6 +1329,8 @@ def main(argv: Sequence[str]) -> int:
     opts.calls = opts.calls or (200 if q else 2000)
     opts.seconds = opts.seconds or (1.0 if q else 5.0)
     opts.profile = str(Path(opts.profile).resolve()) if opts.profile else ""
+    if opts.profile:
+        Path(opts.profile).mkdir(parents=True, exist_ok=True)
     opts.paths = sorted(set(opts.paths) | {"a"}, key="afblcu".index)
     opts.retry_budget = opts.retry_budget if opts.retry_budget is not None else (4 if q else 12)
     opts.warmup = 50 if q else 200
