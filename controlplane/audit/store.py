@@ -65,9 +65,9 @@ CONTROLPLANE_SOURCE: Final = "controlplane"
 MAX_BATCH: Final = 1000
 MAX_RECORD_BYTES: Final = 64 * 1024
 MAX_PENDING: Final = 10_000
-_ENTRY_READ_MAX: Final = 2 * MAX_RECORD_BYTES + 4096
-"""More than any entry line (a record of at most MAX_RECORD_BYTES, escaped, in its entry): `line_at`'s read."""
 """The control plane's own records a replica holds while the shared log cannot take them (then it refuses)."""
+_ENTRY_READ_MAX: Final = 2 * MAX_RECORD_BYTES + 4096
+"""More than any entry line (a record of at most MAX_RECORD_BYTES inside its entry): `line_at`'s read."""
 OWN_COMMIT_WAIT_S: Final = 2.0
 """How long an RPC's answer waits for its audit record to be committed to the mesh-wide log."""
 ANSWER_MARGIN_S: Final = 0.25
