@@ -86,15 +86,20 @@ class HedgedEtcd:
         self._members: list[aetcd.Client] | None = None
         self._several = len(parse_endpoints(endpoints)) > 1
 
-    async def run(self, fn: Callable[[Any], Awaitable[_T]]) -> _T:
+    async def run(
+        self, fn: Callable[[Any], Awaitable[_T]], *, after_s: float | None = None, timeout_s: float | None = None
+    ) -> _T:
         """fn(client)'s first answer; raises a request's error when etcd refused it, or the last error (as an
-        aetcd ConnectionTimeoutError when nobody answered within timeout_s) when no member could answer."""
+        aetcd ConnectionTimeoutError when nobody answered within timeout_s) when no member could answer.
+        after_s and timeout_s override this hedge's own for one request (a large read hedges later)."""
         if not self._several:
             return await fn(self.primary)
+        after_s = self.after_s if after_s is None else after_s
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         first = asyncio.ensure_future(fn(self.primary))
         tasks = [first]
         try:
-            done, _ = await asyncio.wait(tasks, timeout=self.after_s)
+            done, _ = await asyncio.wait(tasks, timeout=after_s)
             error: BaseException | None = None
             if done:
                 error = first.exception()
@@ -104,7 +109,7 @@ class HedgedEtcd:
                     raise error
                 tasks = []
             self.hedges += 1
-            budget = max(0.1, self.timeout_s - self.after_s)
+            budget = max(0.1, timeout_s - after_s)
             until = asyncio.get_running_loop().time() + budget
             tasks += [asyncio.create_task(self._on(c, fn, until)) for c in self._member_clients()]
             try:
@@ -120,7 +125,7 @@ class HedgedEtcd:
                             error = exc
             except TimeoutError:
                 raise aetcd.exceptions.ConnectionTimeoutError(
-                    f"no etcd member answered within {self.timeout_s:.1f} s") from error
+                    f"no etcd member answered within {timeout_s:.1f} s") from error
             raise error if error is not None else aetcd.exceptions.ConnectionFailedError("no etcd member")
         finally:
             for task in (first, *tasks):

@@ -29,7 +29,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, NoReturn
 
 from aetcd import rpc
@@ -96,8 +96,13 @@ class SharedLog:
         max_bytes: int = 256 * 1024 * 1024,
         applied_ttl_s: int = 10,
         trim_every_s: float = 10.0,
+        reads: Callable[[Callable[[Any], Awaitable[Any]]], Awaitable[Any]] | None = None,
     ) -> None:
+        """reads: how the log's range reads reach etcd (the control plane passes `HedgedEtcd.run`, so a member
+        cut off cannot hold a catch-up for a read's whole timeout); None: on etcd alone. Writes always go to etcd:
+        the commit is a compare-and-swap, which two racing copies would each see refused."""
         self.etcd = etcd
+        self._reads = reads
         self.store = store
         self.replica_id = replica_id
         self._leading = leading
@@ -397,15 +402,22 @@ class SharedLog:
 
     async def _newest_batch(self) -> dict[str, Any] | None:
         """The header of the newest batch etcd holds (None: none)."""
-        reply = await self.etcd.kvstub.Range(
-            rpc.RangeRequest(key=AUDIT_LOG.encode(), range_end=_prefix_end(AUDIT_LOG), limit=1,
-                             sort_order=rpc.RangeRequest.DESCEND, sort_target=rpc.RangeRequest.KEY),
-            timeout=10.0, metadata=self.etcd.metadata)
+        reply = await self._read(rpc.RangeRequest(
+            key=AUDIT_LOG.encode(), range_end=_prefix_end(AUDIT_LOG), limit=1,
+            sort_order=rpc.RangeRequest.DESCEND, sort_target=rpc.RangeRequest.KEY))
         return batches.header(bytes(reply.kvs[0].value)) if reply.kvs else None
 
     async def _range(self, start: bytes, end: bytes, *, limit: int = READ_LIMIT, revision: int = 0) -> Any:
-        request = rpc.RangeRequest(key=start, range_end=end, limit=limit, revision=revision)
-        return await self.etcd.kvstub.Range(request, timeout=10.0, metadata=self.etcd.metadata)
+        return await self._read(rpc.RangeRequest(key=start, range_end=end, limit=limit, revision=revision))
+
+    async def _read(self, request: Any) -> Any:
+        """One range read, linearizable (any member answers what the leader would), through `reads`."""
+        def on(etcd: Any) -> Awaitable[Any]:
+            return etcd.kvstub.Range(request, timeout=10.0, metadata=etcd.metadata)  # type: ignore[no-any-return]
+
+        if self._reads is None:
+            return await on(self.etcd)
+        return await self._reads(on)
 
     async def _copy_checkpoints_locked(self) -> None:
         store = self.store

@@ -68,6 +68,10 @@ MAX_PENDING: Final = 10_000
 """The control plane's own records a replica holds while the shared log cannot take them (then it refuses)."""
 _ENTRY_READ_MAX: Final = 2 * MAX_RECORD_BYTES + 4096
 """More than any entry line (a record of at most MAX_RECORD_BYTES inside its entry): `line_at`'s read."""
+READ_HEDGE_AFTER_S: Final = 2.0
+"""How long a shared-log read has on the round-robin etcd client before every member is asked too: a member cut
+off would hold a catch-up (and every audit read behind it) for the read's whole 10 s; a catch-up of many
+batches may take a while on its own, and is not asked of every member at once unless it takes this long."""
 OWN_COMMIT_WAIT_S: Final = 2.0
 """How long an RPC's answer waits for its audit record to be committed to the mesh-wide log."""
 ANSWER_MARGIN_S: Final = 0.25
@@ -679,6 +683,7 @@ def audit_store(core: Core) -> AuditStore:
                 leading=lambda: is_leader(core), fence=lambda: leader_fence(core), certify=certify,
                 min_age_s=kept.audit_window_s, max_bytes=kept.audit_window_mb * 1024 * 1024,
                 trim_every_s=min(10.0, kept.interval_s),  # as often as retention runs, at least every 10 s
+                reads=lambda fn: core.hedged.run(fn, after_s=READ_HEDGE_AFTER_S, timeout_s=10.0),
             )
         core.extensions[EXTENSION] = store
     assert isinstance(store, AuditStore)

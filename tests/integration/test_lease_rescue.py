@@ -4,7 +4,8 @@ One real 3-member etcd cluster (mutual TLS, auth). A follower is frozen (SIGSTOP
 round-robin channel reached it, so some keepalives go to a member that accepts them and never answers: the one
 that does is sent again to every member within the lease's remaining time, and the lease never lapses. The
 control plane's hedged etcd requests (`controlplane/etcd_hedge.py`) get through the same frozen member too, and
-its leader keeps its term (leader keepalives are rescued the same way).
+its leader keeps its term (leader keepalives are rescued the same way), and a replica's audit copy catches up on
+the mesh-wide log through it.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from hivemesh.controlplane.audit.shared_log import SharedLog
+from hivemesh.controlplane.audit.store import READ_HEDGE_AFTER_S, AuditStore
 from hivemesh.controlplane.etcd_hedge import HedgedEtcd
 from hivemesh.controlplane.leader import LeaderElection
+from hivemesh.mesh.audit.chain import GENESIS, seal
 from hivemesh.mesh.etcd import EtcdAccess, EtcdCluster, EtcdServer, client, wait_connected
 from hivemesh.mesh.etcd_roles import ensure_workload_user
 from hivemesh.mesh.lease_rescue import refresh_on_members
@@ -199,3 +203,58 @@ async def test_a_hedged_read_gets_through_the_election_when_the_frozen_member_le
     await root.close()
     print(f"\nFIGURE hedge through an election: a read while the leader was frozen answered in {took_s:.2f} s, "
           f"members asked again {hedged.asked_again} times ({elections} election(s) frozen)")
+
+
+async def test_an_audit_copy_catches_up_on_the_shared_log_through_a_frozen_member(
+    cluster: EtcdCluster, tmp_path: Path
+) -> None:
+    """A replica's catch-up reads the mesh-wide audit log through its round-robin client, hedged as the control
+    plane wires it (`READ_HEDGE_AFTER_S`): a read handed to a frozen follower is asked of every member, so the
+    copy keeps up with what another replica commits. Unhedged, that read waits out its 10 s and fails."""
+    root = client(cluster.access)
+    await wait_connected(root)
+    leader = (await root.status()).leader.name
+    steady = next(m for m in cluster.members if m.name == leader)
+    frozen = next(m for m in cluster.members if m.name != leader)
+    assert frozen.pid is not None
+    on_leader = client(EtcdAccess(steady.endpoint, cluster.access.tls))  # the writing replica never meets the freeze
+    await wait_connected(on_leader)
+    hedged = HedgedEtcd(root, cluster.access)
+    cp = "spiffe://hivemesh.local/controlplane"
+
+    def replica(name: str, etcd: object, **shared: object) -> AuditStore:
+        store = AuditStore(tmp_path / name, identity=cp, checkpoint_every=10**9, checkpoint_interval_s=3600)
+        store.shared = SharedLog(etcd, store, name, leading=lambda: False, fence=list, poll_s=3600.0, **shared)
+        return store
+
+    writer = replica("writer", on_leader)
+    copy = replica("copy", root, reads=lambda fn: hedged.run(fn, after_s=READ_HEDGE_AFTER_S, timeout_s=10.0))
+    node, seq, prev = "spiffe://hivemesh.local/agent/echo", 0, GENESIS
+    try:
+        await writer.start()
+        await copy.start()
+        await asyncio.sleep(1.0)  # the round-robin channel's subchannels connect (as in the first test)
+        os.kill(frozen.pid, signal.SIGSTOP)
+        slowest = 0.0
+        for _ in range(6):  # three reads per catch-up: round robin hands the frozen member some of them
+            lines = []
+            for _ in range(3):
+                seq += 1
+                line, prev = seal({"v": 1, "kind": "inbound", "node": node, "trace_id": f"t{seq}"}, seq, prev)
+                lines.append(line.rstrip(b"\n"))
+            await writer.append("spool-1", node, lines)
+            began = time.monotonic()
+            await copy.sync()
+            slowest = max(slowest, time.monotonic() - began)
+            assert copy.seq == writer.seq == seq
+        assert hedged.hedges >= 1, "no read reached the frozen member (else no test)"
+        assert list(copy.lines()) == list(writer.lines())
+        assert slowest < 9.0, slowest  # hedged after 2 s; a read waiting out the frozen member takes 10 s
+    finally:
+        await copy.close()
+        await writer.close()
+        await hedged.close()
+        await on_leader.close()
+        await root.close()
+    print(f"\nFIGURE audit catch-up through a frozen member: {hedged.hedges} of 18 reads hedged, "
+          f"the slowest catch-up {slowest:.2f} s")
