@@ -40,7 +40,7 @@ from hivemesh.controlplane.audit.checkpoints import (
     verify_log,
     write_private,
 )
-from hivemesh.controlplane.audit.entries import Checked, checked_encoding, entry_line
+from hivemesh.controlplane.audit.entries import Checked, checked_encoding, entry_line, read_flat
 from hivemesh.controlplane.audit.heads import KEY_CERT_PATH, HeadCadence, sign_head
 from hivemesh.controlplane.audit.query import AuditFilter
 from hivemesh.mesh import json_fast
@@ -304,18 +304,13 @@ class AuditStore:
             where = f"records[{i}]"
             if len(raw) > MAX_RECORD_BYTES:
                 raise InvalidInputError(f"{where} is larger than {MAX_RECORD_BYTES} bytes")
-            try:
-                rec = json_fast.loads(raw)  # what json reads, read faster (records hold no floats)
-            except (ValueError, RecursionError):  # RecursionError: nested deeper than json reads
-                raise InvalidInputError(f"{where} is not JSON", field_violations={where: "not JSON"}) from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("seq"), int):
-                raise InvalidInputError(f"{where} has no seq", field_violations={where: "no seq"})
-            try:
-                encoded = checked_encoding(rec)
-            except (TypeError, ValueError):
-                encoded = None
-            if encoded is None:
-                raise InvalidInputError(f"{where}: hash does not match content", field_violations={where: "hash"})
+            flat = read_flat(raw)  # a node's decision record, checked in one pass
+            if flat is not None:
+                rec, encoded = flat
+                if not isinstance(rec.get("seq"), int):
+                    raise InvalidInputError(f"{where} has no seq", field_violations={where: "no seq"})
+            else:
+                rec, encoded = _read_checked(raw, where)
             if rec.get("node") != identity:
                 raise PermissionDeniedError(f"{where} is about {rec.get('node')!r}; {identity} may only ship "
                                             "its own records")
@@ -649,6 +644,24 @@ class AuditStore:
         if not report.ok:
             self.verify_failures += 1
         return report
+
+
+def _read_checked(raw: bytes, where: str) -> tuple[dict[str, Any], bytes]:
+    """Any shipped record (the general path): parsed as json reads it, its hash checked, its canonical encoding;
+    raises InvalidInputError saying what is wrong with it."""
+    try:
+        rec = json_fast.loads(raw)  # what json reads, read faster (records hold no floats)
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json reads
+        raise InvalidInputError(f"{where} is not JSON", field_violations={where: "not JSON"}) from None
+    if not isinstance(rec, dict) or not isinstance(rec.get("seq"), int):
+        raise InvalidInputError(f"{where} has no seq", field_violations={where: "no seq"})
+    try:
+        encoded = checked_encoding(rec)
+    except (TypeError, ValueError):
+        encoded = None
+    if encoded is None:
+        raise InvalidInputError(f"{where}: hash does not match content", field_violations={where: "hash"})
+    return rec, encoded
 
 
 def _last_per_source(items: Sealable) -> dict[str, _Source]:
