@@ -35,6 +35,47 @@ async def test_restart_keeps_data(own_etcd: EtcdServer) -> None:
     assert got is not None and got.value == b"yes"
 
 
+async def _answered(c: aetcd.Client, key: bytes) -> bool:
+    try:
+        await asyncio.wait_for(c.get(key), 2.0)
+    except (aetcd.exceptions.ClientError, TimeoutError):
+        return False
+    return True
+
+
+async def test_a_client_reaches_a_restarted_etcd_within_its_capped_backoff(own_etcd: EtcdServer) -> None:
+    """A client kept busy while etcd was down dials it again within ~2 s of its return (`RECONNECT_OPTIONS`).
+
+    With gRPC's own backoff (1 s, growing 1.6x to 120 s) an 18 s outage leaves the next dial ~26 s after the
+    first failure, so every request in between fails at once though etcd is back (5.1 s of them in a run with
+    those defaults): what a control plane did right after `hivemesh up` restarted etcd."""
+    c = client(own_etcd.access)
+    try:
+        await wait_connected(c)
+        await c.put(b"/hivemesh/test/reconnect", b"1")
+        own_etcd.kill()
+        loop = asyncio.get_running_loop()
+        down_until = loop.time() + 18.0
+        failed = 0
+        for _ in range(200):  # requests while it is down, as a node's keepalives and watches keep making them
+            if loop.time() >= down_until:
+                break
+            failed += not await _answered(c, b"/hivemesh/test/reconnect")
+            await asyncio.sleep(0.25)
+        assert failed > 0
+        await asyncio.to_thread(own_etcd.start)  # on its ports, with its data; returns once etcd is healthy
+        back = loop.time()
+        for _ in range(100):
+            if await _answered(c, b"/hivemesh/test/reconnect") or loop.time() - back > 3.5:
+                break
+            await asyncio.sleep(0.05)
+        waited = loop.time() - back
+        # 2 s +20% jitter at most, plus a dial; gRPC's defaults took 5.1 s here
+        assert waited <= 3.5, f"the client reached etcd {waited:.1f} s after it was back (its backoff: 2 s at most)"
+    finally:
+        await c.close()
+
+
 @pytest.mark.parametrize("bad", ["", "nohost", "h:notaport", ","])
 def test_parse_endpoints_rejects_bad_input(bad: str) -> None:
     with pytest.raises(ValueError):
