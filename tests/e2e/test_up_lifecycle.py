@@ -121,8 +121,8 @@ def test_second_up_refused_mesh_found_from_anywhere_and_dead_children_restarted(
         if up.poll() is None:
             up.send_signal(signal.SIGTERM)
         code = up.wait(60)
+        out.close(up)  # also when the test failed: the reader has read everything once up exited
     out.wait_for("stopped: agents, sidecar, control plane and etcd", 5)
-    out.close(up)
     assert code == 0, "".join(out.lines)[-3000:]
     assert not state.exists() and not list((tmp_path / "xdg" / "hivemesh" / "running").iterdir())
     for pid in (new_cp, new_etcd):  # the restarted children are stopped with the rest
