@@ -54,6 +54,8 @@ TXN_BYTES: Final = 1024 * 1024
 """At most this many bytes of entries per etcd transaction (etcd refuses requests over 1.5 MiB by default)."""
 ATTEMPTS: Final = 8
 """Conflicting appends (another replica moved the tail first) tried again this many times, then UNAVAILABLE."""
+REFUSED_COPY_PAUSE_S: Final = 0.05
+"""How long a refused copy of a hedged commit holds its answer, so that the copy that committed answers first."""
 READ_LIMIT: Final = 256
 """Batches read per range request while catching up."""
 TRIM_LIMIT: Final = 64
@@ -97,12 +99,19 @@ class SharedLog:
         applied_ttl_s: int = 10,
         trim_every_s: float = 10.0,
         reads: Callable[[Callable[[Any], Awaitable[Any]]], Awaitable[Any]] | None = None,
+        writes: Callable[[Callable[[Any], Awaitable[Any]]], Awaitable[Any]] | None = None,
     ) -> None:
         """reads: how the log's range reads reach etcd (the control plane passes `HedgedEtcd.run`, so a member
-        cut off cannot hold a catch-up for a read's whole timeout); None: on etcd alone. Writes always go to etcd:
-        the commit is a compare-and-swap, which two racing copies would each see refused."""
+        cut off cannot hold a catch-up for a read's whole timeout); None: on etcd alone.
+
+        writes: the same for the commit's transaction (the control plane hedges it too, so a member cut off
+        cannot hold the store's lock, and every append behind it, for the request's whole timeout). A commit is
+        a compare-and-swap on the tail, so of several copies of one at most one commits; but the answer that
+        comes back first may be another copy's refusal. A refusal after more than one copy went out is
+        therefore settled like a lost answer (`_settle_own_locked`): the log says whether the batch is in it."""
         self.etcd = etcd
         self._reads = reads
+        self._writes = writes
         self.store = store
         self.replica_id = replica_id
         self._leading = leading
@@ -188,9 +197,11 @@ class SharedLog:
 
     # --- committing ---
     async def commit_locked(self, build: Callable[[], Sealable],
-                            on_commit: Callable[[int], None] | None = None) -> int:
+                            on_commit: Callable[[int], None] | None = None, *, own: bool = False) -> int:
         """Commit what build() returns to etcd, then apply it here (and tell on_commit how many entries went);
-        returns how many were committed.
+        returns how many were committed. own: the entries are the control plane's own records, which build()
+        makes anew each time (a node's records are its own chain: once in the log, build() skips them), so a
+        refusal that may hide a copy that committed leaves the batch to be settled (`_unsettled`).
 
         The first attempt is built on this copy as it is (no read first): the transaction holds only if etcd's
         tail is this copy's head, so a copy that lagged just costs a refused attempt, after which build() runs
@@ -228,13 +239,13 @@ class SharedLog:
             value = batches.encode({"first": first, "last": last, "time": int(time.time()), "offset": store.size,
                                     "end": store.size + size, "head": head, "replica": self.replica_id}, chunk)
             t = self.etcd.transactions
+            compare = [t.value(_TAIL) == _tail_value(store.seq, store.head),
+                       t.version(seq_key(AUDIT_LOG, first)) == 0]
+            success = [t.put(seq_key(AUDIT_LOG, first), value), t.put(_TAIL, _tail_value(last, head))]
             self._in_flight = (first, chunk[0].rstrip(b"\n"), n, store.size)  # kept if no answer: _unsettled
-            ok, _ = await self.etcd.transaction(
-                compare=[t.value(_TAIL) == _tail_value(store.seq, store.head),
-                         t.version(seq_key(AUDIT_LOG, first)) == 0],
-                success=[t.put(seq_key(AUDIT_LOG, first), value), t.put(_TAIL, _tail_value(last, head))],
-                failure=[],
-            )
+            ok, sent = await self._transaction(compare, success)
+            if not ok and sent > 1 and own:
+                self._unsettled = self._in_flight  # the refusal may be a second copy's, the first committed
             self._in_flight = None
             if ok:
                 if self._unsettled is not None and self._unsettled[0] == first:
@@ -263,6 +274,23 @@ class SharedLog:
             # A replica that just won goes again at once while this one still has to read what it missed: a
             # random pause keeps one replica from starving the other.
             await asyncio.sleep(random.uniform(0, 0.005 * conflicts))
+
+    async def _transaction(self, compare: list[Any], success: list[Any]) -> tuple[bool, int]:
+        """(whether it committed, how many copies were sent) of one commit transaction, through `writes`."""
+        sent = 0
+
+        async def txn(etcd: Any) -> bool:
+            nonlocal sent
+            sent += 1
+            ok, _ = await etcd.transaction(compare=compare, success=success, failure=[])
+            if not ok and sent > 1:
+                # A hedge's copies race: the one that commits makes the others' compares fail, and a refusal that
+                # answered first would cost a catch-up and a settle. The committed copy's answer gets a moment.
+                await asyncio.sleep(REFUSED_COPY_PAUSE_S)
+            return bool(ok)
+
+        ok = await (txn(self.etcd) if self._writes is None else self._writes(txn))
+        return bool(ok), sent
 
     async def _after_commit_locked(self) -> None:
         store = self.store
@@ -294,7 +322,7 @@ class SharedLog:
         while taken:
             self._in_flight = None
             try:
-                await self.commit_locked(build, on_commit)
+                await self.commit_locked(build, on_commit, own=True)
             except BaseException:
                 if self._in_flight is not None:  # sent, never answered: committed or not, the log will say
                     self._unsettled, self._in_flight = self._in_flight, None

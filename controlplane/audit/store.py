@@ -72,6 +72,10 @@ READ_HEDGE_AFTER_S: Final = 2.0
 """How long a shared-log read has on the round-robin etcd client before every member is asked too: a member cut
 off would hold a catch-up (and every audit read behind it) for the read's whole 10 s; a catch-up of many
 batches may take a while on its own, and is not asked of every member at once unless it takes this long."""
+COMMIT_HEDGE_AFTER_S: Final = 0.5
+"""The same for a commit's transaction, which holds the store's lock (every append, and every answer waiting for
+its record, waits behind it): a healthy commit takes milliseconds, and a copy sent to every member is only a
+compare that fails, so it is asked of them sooner (`SharedLog`'s `writes`)."""
 OWN_COMMIT_WAIT_S: Final = 2.0
 """How long an RPC's answer waits for its audit record to be committed to the mesh-wide log."""
 ANSWER_MARGIN_S: Final = 0.25
@@ -697,6 +701,7 @@ def audit_store(core: Core) -> AuditStore:
                 min_age_s=kept.audit_window_s, max_bytes=kept.audit_window_mb * 1024 * 1024,
                 trim_every_s=min(10.0, kept.interval_s),  # as often as retention runs, at least every 10 s
                 reads=lambda fn: core.hedged.run(fn, after_s=READ_HEDGE_AFTER_S, timeout_s=10.0),
+                writes=lambda fn: core.hedged.run(fn, after_s=COMMIT_HEDGE_AFTER_S, timeout_s=10.0),
             )
         core.extensions[EXTENSION] = store
     assert isinstance(store, AuditStore)

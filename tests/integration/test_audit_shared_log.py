@@ -415,3 +415,60 @@ async def test_a_commit_whose_answer_is_lost_is_recognised_not_written_twice(
         assert report.ok, report.problem
     finally:
         await a.stop()
+
+
+class _TwoCopies:
+    """A replica's `writes`: each commit transaction sent twice, as a hedge sends it to a second member, with the
+    first copy's answer lost and the second's coming back. "lands": the first copy commits, so the answer is
+    the second's refusal (the tail moved under it). "raced": another replica commits just before the first
+    use, so both copies are refused and nothing of this batch is in the log."""
+
+    def __init__(self, etcd: Any, *, when: str, other: Replica | None = None) -> None:
+        self.etcd, self.when, self.other = etcd, when, other
+        self.answers: list[bool] = []
+
+    async def run(self, fn: Any) -> Any:
+        if self.other is not None and self.when == "raced":
+            other, self.other = self.other, None
+            await other.store.record({"method": "other", "decision": "allow"})
+            assert await until(lambda: not other.store.pending, 20), "the other replica did not commit"
+        await fn(self.etcd)  # the first copy: its answer is lost
+        answer = await fn(self.etcd)
+        self.answers.append(answer)
+        return answer
+
+
+@pytest.mark.parametrize("when", ["lands", "raced"])
+async def test_a_commit_answered_by_a_refused_copy_is_settled_from_the_log(
+    etcd: Any, etcd_server: EtcdServer, tmp_path: Path, when: str
+) -> None:
+    """A hedged commit's first answer may be a copy refused because another copy of it committed: the control
+    plane's own records are then found in the log and leave the queue (not committed a second time), and a node's
+    records are acknowledged once; a refusal because another replica won the tail is not taken for a commit (the
+    records go in after the other's)."""
+    b = await Replica("b", tmp_path, etcd_server).start()
+    copies: list[_TwoCopies] = []
+    a = await Replica("a", tmp_path, etcd_server, writes=lambda fn: copies[0].run(fn)).start()
+    try:
+        copies.append(_TwoCopies(a.etcd, when=when, other=b))
+        for i in range(3):
+            await a.store.record({"method": f"x-{i}", "decision": "allow"})
+        assert await until(lambda: not a.store.pending, 20), list(a.store.pending)
+        node = NodeChain()
+        last_seq, last_hash, _ = await a.store.append("spool-1", NODE, node.next(2))
+        assert (last_seq, last_hash) == (2, node.prev)
+        await a.store.record({"method": "after", "decision": "allow"})  # the node's batch left nothing to settle
+        assert await until(lambda: not a.store.pending, 20), list(a.store.pending)
+        assert False in copies[0].answers, "no commit was answered by a refused copy (else no test)"
+        await a.store.sync()
+        entries = [json.loads(line) for line in a.store.lines()]
+        own = [e["record"].get("method") for e in entries if e["source"] == "controlplane"]
+        assert own == (["other"] if when == "raced" else []) + ["x-0", "x-1", "x-2", "after"]
+        assert [e["record"]["seq"] for e in entries if e["source"] == "spool-1"] == [1, 2]
+        report = a.report()
+        assert report.ok, report.problem
+        await b.store.sync()
+        assert list(b.store.lines()) == list(a.store.lines())
+    finally:
+        await a.stop()
+        await b.stop()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from hivemesh.controlplane.audit.shared_log import SharedLog
-from hivemesh.controlplane.audit.store import READ_HEDGE_AFTER_S, AuditStore
+from hivemesh.controlplane.audit.store import COMMIT_HEDGE_AFTER_S, READ_HEDGE_AFTER_S, AuditStore
 from hivemesh.controlplane.etcd_hedge import HedgedEtcd
 from hivemesh.controlplane.leader import LeaderElection
 from hivemesh.mesh.audit.chain import GENESIS, seal
@@ -33,6 +34,7 @@ from hivemesh.mesh.revocation import subject_revoked
 from hivemesh.v1.agent_pb2 import AgentCard, Capability
 from hivemesh.v1.mesh_pb2 import AgentInstance
 from tests.conftest import SessionCa
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.slow
 
@@ -258,3 +260,55 @@ async def test_an_audit_copy_catches_up_on_the_shared_log_through_a_frozen_membe
         await root.close()
     print(f"\nFIGURE audit catch-up through a frozen member: {hedged.hedges} of 18 reads hedged, "
           f"the slowest catch-up {slowest:.2f} s")
+
+
+async def test_audit_commits_get_through_a_frozen_member(cluster: EtcdCluster, tmp_path: Path) -> None:
+    """A replica commits shipped batches and its own records through its round-robin client, hedged as the
+    control plane wires it (`COMMIT_HEDGE_AFTER_S`): a commit handed to a frozen follower is sent to every
+    member, so it does not hold the store's lock, and every append behind it, for the request's whole timeout.
+    Each record is in the log once. Unhedged, such a commit waits out its 5 s and fails, and the own records'
+    flush keeps meeting the frozen member."""
+    root = client(cluster.access)
+    await wait_connected(root)
+    leader = (await root.status()).leader.name
+    frozen = next(m for m in cluster.members if m.name != leader)
+    assert frozen.pid is not None
+    hedged = HedgedEtcd(root, cluster.access)
+    cp = "spiffe://hivemesh.local/controlplane"
+    store = AuditStore(tmp_path / "writer", identity=cp, checkpoint_every=10**9, checkpoint_interval_s=3600)
+    store.shared = SharedLog(root, store, "writer", leading=lambda: False, fence=list, poll_s=3600.0,
+                             reads=lambda fn: hedged.run(fn, after_s=READ_HEDGE_AFTER_S, timeout_s=10.0),
+                             writes=lambda fn: hedged.run(fn, after_s=COMMIT_HEDGE_AFTER_S, timeout_s=10.0))
+    node, seq, prev = "spiffe://hivemesh.local/agent/echo", 0, GENESIS
+    try:
+        await store.start()
+        # Every member's subchannel is connected (so round robin hands the frozen one its share) once a run of
+        # quick reads went through: bounded, as in the first test.
+        for _ in range(30):
+            await root.get(b"/probe")
+        os.kill(frozen.pid, signal.SIGSTOP)
+        slowest = 0.0
+        for i in range(9):  # round robin hands the frozen member about a third of the commits
+            lines = []
+            for _ in range(2):
+                seq += 1
+                line, prev = seal({"v": 1, "kind": "inbound", "node": node, "trace_id": f"t{seq}"}, seq, prev)
+                lines.append(line.rstrip(b"\n"))
+            began = time.monotonic()
+            assert (await store.append("spool-1", node, lines))[:2] == (seq, prev)
+            await store.record({"method": f"own-{i}", "decision": "allow"})
+            assert await until(lambda: not store.pending, 15), "the own record was not committed"
+            slowest = max(slowest, time.monotonic() - began)
+        assert hedged.hedges >= 1, "no commit reached the frozen member (else no test)"
+        assert not store.pending
+        entries = [json.loads(raw) for raw in store.lines()]
+        assert [e["record"]["seq"] for e in entries if e["source"] == "spool-1"] == list(range(1, seq + 1))
+        assert [e["record"]["method"] for e in entries if e["source"] == "controlplane"] == [
+            f"own-{i}" for i in range(9)]
+        assert slowest < 4.5, slowest  # hedged after 0.5 s; a commit waiting out the frozen member takes 5 s
+    finally:
+        await store.close()
+        await hedged.close()
+        await root.close()
+    print(f"\nFIGURE audit commits through a frozen member: {hedged.hedges} hedged, the slowest append "
+          f"and commit {slowest:.2f} s")
