@@ -1,13 +1,15 @@
 """Compact JSON bytes for call payloads, byte for byte what `json.dumps(value, separators=(",", ":")).encode()`
-gives, without its per-character pass over long plain text.
+gives, without its per-character pass over long text.
 
 The standard encoder escapes a string one character at a time (~2.3 ns each here: ~150 µs for a 64 KiB field,
-as much as the rest of a mesh call's Python work). Most long fields an agent sends are ASCII text with nothing to
-escape: for those, one Hyperscan pass proves it (~0.13 ns a byte; `bytes.translate`, ~0.6 ns, where Hyperscan
-cannot load) and the string is copied as it is. Only a
-top-level string and the direct string fields of a top-level object (the common payload shapes) take that path;
-everything else, and every field that needs escaping, goes through the standard encoder, so errors (TypeError,
-ValueError for a cycle) and output are the standard ones.
+as much as the rest of a mesh call's Python work). Most long fields an agent sends are ASCII text. For ASCII
+text without DEL, orjson's string encoding is the standard one, escapes and all (tested for every ASCII
+character and for random text); it writes a 64 KiB field, quotes included, in ~3 µs, against ~6 µs for copying
+it out and proving it needs no escape with a Hyperscan pass, as this module did before (BENCHMARKS.md). json
+writes DEL as `\\u007f` and orjson as itself, and non-ASCII text is escaped by json and not by orjson: those go
+through the standard escape. Only a top-level string and the direct string fields of a top-level object (the
+common payload shapes) take this path; everything else goes through the standard encoder, so errors
+(TypeError, ValueError for a cycle) and output are the standard ones.
 """
 
 from __future__ import annotations
@@ -15,49 +17,23 @@ from __future__ import annotations
 import json
 from typing import Any, Final
 
-from hivemesh.mesh import simd_scan
-from hivemesh.mesh.simd_scan import Scanner
+import orjson
 
 LONG: Final = 1024
-"""Strings from this length on are checked for the plain path (below it the standard escape is as cheap)."""
+"""Strings from this length on are written by orjson (below it the standard escape is as cheap)."""
 MAX_FIELDS: Final = 64
 """Objects with more fields than this go to the standard encoder whole (one field each costs an encoder call)."""
 
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"))
 _escape = json.encoder.encode_basestring_ascii  # the standard encoder's own string escape (C when available)
-_PLAIN: Final = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\')
-"""The bytes JSON (with ensure_ascii) writes unchanged; anything else is escaped."""
-
-
-_ESCAPED: Final = r'[^\x20\x21\x23-\x5b\x5d-\x7e]'
-"""A byte JSON escapes: anything but _PLAIN."""
-_scanner: Scanner | None = None
-
-
-def _needs_escape(raw: bytes) -> bool:
-    global _scanner  # compiled on first use (~1 ms); a race only compiles it twice
-    if simd_scan.AVAILABLE:
-        if _scanner is None:
-            _scanner = Scanner([(0, _ESCAPED)])
-        return bool(_scanner.hits(raw))
-    return bool(raw.translate(None, _PLAIN))  # what is left once every plain byte is deleted: something to escape
-
-
-def _plain(text: str) -> bytes | None:
-    """text's ASCII bytes when they go into JSON unescaped (printable ASCII without `"` or `\\`), else None."""
-    if not text.isascii():
-        return None
-    raw = text.encode("ascii")
-    return None if _needs_escape(raw) else raw
+_DEL: Final = "\x7f"
 
 
 def _string(text: str, parts: list[bytes]) -> None:
     """Append text as a JSON string to parts."""
-    if len(text) >= LONG:
-        plain = _plain(text)
-        if plain is not None:
-            parts += (b'"', plain, b'"')
-            return
+    if len(text) >= LONG and text.isascii() and _DEL not in text:
+        parts.append(orjson.dumps(text))
+        return
     parts.append(_escape(text).encode())
 
 
