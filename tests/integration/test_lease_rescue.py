@@ -18,8 +18,10 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aetcd import rpc
 
 from hivemesh.controlplane.audit.shared_log import SharedLog
 from hivemesh.controlplane.audit.store import COMMIT_HEDGE_AFTER_S, READ_HEDGE_AFTER_S, AuditStore
@@ -37,6 +39,18 @@ from tests.conftest import SessionCa
 from tests.support.waiting import until
 
 pytestmark = pytest.mark.slow
+
+
+async def _reaches_every_member(etcd: Any, cluster: EtcdCluster, limit_s: float = 20.0) -> None:
+    """Read through etcd's round-robin channel until every member has answered one (each answer names its member
+    in its header): only then does a frozen member get its share of the requests that follow."""
+    answered: set[int] = set()
+    deadline = time.monotonic() + limit_s
+    while len(answered) < len(cluster.members):
+        assert time.monotonic() < deadline, f"round robin reached {len(answered)} of {len(cluster.members)} members"
+        reply = await etcd.kvstub.Range(rpc.RangeRequest(key=b"/probe"), timeout=5.0, metadata=etcd.metadata)
+        answered.add(reply.header.member_id)
+        await asyncio.sleep(0.01)
 
 
 def _instance() -> AgentInstance:
@@ -78,8 +92,10 @@ async def test_a_keepalive_to_a_frozen_member_is_rescued_within_the_ttl(cluster:
     election = LeaderElection(elector, "a", ttl_s=2, on_change=changes.append, members=cluster.access)
     await election.start()
     try:
-        # Let the round-robin channel reach every member (the keepalives rotate over them), then freeze one.
-        await asyncio.sleep(1.0)  # the channel's subchannels connect: without it the rescue check below fails
+        # Let the round-robin channels reach every member (the keepalives rotate over them), then freeze one.
+        await _reaches_every_member(await reg._get_client(), cluster)  # the registration's own channel
+        await _reaches_every_member(elector, cluster)
+        await _reaches_every_member(root, cluster)  # the control plane's requests below
         os.kill(frozen.pid, signal.SIGSTOP)
         frozen_at = time.monotonic()
         while reg.keepalive_rescues < 1:
@@ -235,7 +251,7 @@ async def test_an_audit_copy_catches_up_on_the_shared_log_through_a_frozen_membe
     try:
         await writer.start()
         await copy.start()
-        await asyncio.sleep(1.0)  # the round-robin channel's subchannels connect (as in the first test)
+        await _reaches_every_member(root, cluster)  # else round robin may hand the frozen member nothing
         os.kill(frozen.pid, signal.SIGSTOP)
         slowest = 0.0
         for _ in range(6):  # three reads per catch-up: round robin hands the frozen member some of them
@@ -282,10 +298,7 @@ async def test_audit_commits_get_through_a_frozen_member(cluster: EtcdCluster, t
     node, seq, prev = "spiffe://hivemesh.local/agent/echo", 0, GENESIS
     try:
         await store.start()
-        # Every member's subchannel is connected (so round robin hands the frozen one its share) once a run of
-        # quick reads went through: bounded, as in the first test.
-        for _ in range(30):
-            await root.get(b"/probe")
+        await _reaches_every_member(root, cluster)  # else round robin may hand the frozen member nothing
         os.kill(frozen.pid, signal.SIGSTOP)
         slowest = 0.0
         for i in range(9):  # round robin hands the frozen member about a third of the commits
