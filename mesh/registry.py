@@ -251,6 +251,12 @@ class Registration:
         """etcd revision of the current registration; work fenced by an older one belongs to a lost lease."""
         return self._revision
 
+    @property
+    def alive_until(self) -> float:
+        """`time.monotonic()` until which the lease is known to live (its TTL from the last keepalive or grant
+        sent); a keepalive that fails before then is sent to every member."""
+        return self._alive_until
+
     async def update(self, instance: AgentInstance) -> None:
         """Replace the registered document under the same key and lease (e.g. after a certificate renewal);
         a later re-registration uses it too. Raises if etcd refuses (the next renewal tries again)."""
@@ -351,6 +357,7 @@ class Registration:
 
     async def _register_once(self) -> None:
         c = await self._get_client()
+        asked = time.monotonic()  # etcd grants the lease after this: it lives at least until asked + TTL
         async with asyncio.timeout(self._op_timeout):
             lease = await c.lease(self._ttl)
         self._granted.add(lease.id)
@@ -366,7 +373,7 @@ class Registration:
             await self._revoke_quietly(c, lease.id)
             raise
         if ok:
-            self._adopt(lease.id, int(responses[0].response_put.header.revision))
+            self._adopt(lease.id, int(responses[0].response_put.header.revision), alive_until=asked + self._ttl)
             return
         existing = responses[0][0][1] if responses and responses[0] else None
         await self._revoke_quietly(c, lease.id)
@@ -380,8 +387,17 @@ class Registration:
             f"{self.key} is already registered by another live instance (lease {existing.lease:x})"
         )
 
-    def _adopt(self, lease_id: int, revision: int) -> None:
-        self._alive_until = time.monotonic() + self._ttl - self._op_timeout  # granted at most op_timeout ago
+    def _adopt(self, lease_id: int, revision: int, *, alive_until: float | None = None) -> None:
+        """Take lease_id as this registration's. alive_until: when a lease granted by this attempt expires at the
+        earliest (from the time it was asked for); an entry adopted from an earlier attempt gets an estimate.
+
+        The estimate used to hold for fresh leases too, and it cost the first keepalive its rescue: that one is
+        sent an interval (ttl/3) after registering, and if it goes to a member that cannot answer it fails an
+        operation timeout (ttl/3) later, when the estimate (ttl - ttl/3 from registering) has no time left, so it
+        was not sent to the other members and the lease lapsed (`tests/integration/test_lease_rescue.py`)."""
+        if alive_until is None:
+            alive_until = time.monotonic() + self._ttl - self._op_timeout  # granted at most op_timeout ago
+        self._alive_until = alive_until
         self._lease_id = lease_id
         self._granted = {lease_id}
         self._revision = revision

@@ -86,6 +86,21 @@ async def test_register_visible_then_stop_removes_at_once(
     assert await etcd.get(agent_key("alpha", "a-1").encode()) is None
 
 
+async def test_a_fresh_lease_counts_its_whole_ttl_from_when_it_was_asked_for(etcd_server: EtcdServer) -> None:
+    """etcd grants a lease after it is asked for, so the lease lives at least its TTL from then: the first keepalive
+    (ttl/3 later) can still be rescued on another member when it fails (ttl/3 after that). Counted from after the
+    registration, less an operation timeout, it had no time left then (test_lease_rescue.py's first test)."""
+    reg = Registration(etcd_server.access, make_instance("alpha", "a-ttl", ["extract"]), ttl_s=3)
+    asked = time.monotonic()
+    await reg.start(timeout=5)
+    try:
+        done = time.monotonic()
+        assert reg.registered
+        assert asked + 3 <= reg.alive_until <= done + 3, (reg.alive_until - asked, done - asked)
+    finally:
+        await reg.stop()
+
+
 async def test_default_instance_id_is_valid_and_unique() -> None:
     ids = {default_instance_id() for _ in range(20)}
     assert len(ids) == 20
