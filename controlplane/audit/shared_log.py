@@ -295,7 +295,7 @@ class SharedLog:
     async def _after_commit_locked(self) -> None:
         store = self.store
         if store.seq - store._checkpoint_seq >= store.checkpoint_every:
-            await self.checkpoint_locked()
+            await self.checkpoint_locked(caught_up=True)  # the commit held: this copy was etcd's log then
 
     async def commit_pending_locked(self) -> None:
         """Commit the control plane's own records waiting in the store (in batches of at most MAX_BATCH).
@@ -456,12 +456,18 @@ class SharedLog:
                 break  # its entries are not here yet
             store.keep_checkpoint(cp)
 
-    async def checkpoint_locked(self) -> dict[str, Any] | None:
+    async def checkpoint_locked(self, *, caught_up: bool = False) -> dict[str, Any] | None:
         """The leader signs the next checkpoint of its caught-up copy and commits it fenced by its term; other
-        replicas sign nothing (they copy the leader's). None when not leading or nothing changed."""
+        replicas sign nothing (they copy the leader's). None when not leading or nothing changed.
+
+        caught_up: the copy is known to be the whole log (right after a commit held, whose compare was that the
+        tail is this copy's head), so it is not read again first. A checkpoint signs a prefix of the log, so one
+        a few entries behind another replica's append is still true; a number another leader already signed is
+        refused by its compare, and that one is copied at the next sync."""
         if not self._leading():
             return None
-        await self.sync_locked()
+        if not caught_up:
+            await self.sync_locked()
         store = self.store
         cp = store.next_checkpoint()
         if cp is None:
@@ -471,8 +477,9 @@ class SharedLog:
             return None
         t = self.etcd.transactions
         key = seq_key(AUDIT_CHECKPOINTS, int(cp["checkpoint"]))
-        ok, _ = await self.etcd.transaction(compare=[*fence, t.version(key) == 0],
-                                            success=[t.put(key, json.dumps(cp).encode())], failure=[])
+        # Hedged like a commit (it runs under the store's lock, in the commit path): a refused copy may be
+        # another copy's loss, and then the checkpoint is this one, copied back at the next sync.
+        ok, _ = await self._transaction([*fence, t.version(key) == 0], [t.put(key, json.dumps(cp).encode())])
         if not ok:
             return None  # another leader took over (or already signed this number): copy theirs next sync
         store.keep_checkpoint(cp)

@@ -472,3 +472,35 @@ async def test_a_commit_answered_by_a_refused_copy_is_settled_from_the_log(
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_the_leader_checkpoints_right_after_a_commit_without_reading_the_log_again(
+    etcd: Any, etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    """A checkpoint due after a commit signs the copy the commit just proved whole (its compare was that the
+    tail is this copy's head): no catch-up read first, which on a cut member would hold the store's lock for the
+    read's hedge (2 s). The checkpoints still verify with the log."""
+    reads: list[int] = []
+    holder: list[Replica] = []
+
+    def counted(fn: Any) -> Any:
+        reads.append(1)
+        return fn(holder[0].etcd)
+
+    a = Replica("a", tmp_path, etcd_server, reads=counted)
+    holder.append(a)
+    await a.start()
+    try:
+        assert a.election.is_leader
+        a.store.checkpoint_every = 2
+        node = NodeChain()
+        before, first_checkpoints = len(reads), len(a.store.checkpoints())
+        for _ in range(3):
+            assert (await a.store.append("spool-1", NODE, node.next(2)))[2] == 2
+        assert len(a.store.checkpoints()) == first_checkpoints + 3
+        assert len(reads) == before, "a checkpoint after a commit read the log again"
+        await a.store.sync()  # a read as before: the copy and etcd agree
+        report = a.report()
+        assert report.ok, report.problem
+    finally:
+        await a.stop()
