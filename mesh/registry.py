@@ -226,6 +226,8 @@ class Registration:
         self.leases_lost = 0
         self.keepalive_rescues = 0
         """Keepalives that failed on the shared channel and went through on another member in time."""
+        self.keepalives = 0
+        """Keepalives answered with the lease alive (rescued ones included)."""
         self.last_error: BaseException | None = None
 
     @property
@@ -423,6 +425,7 @@ class Registration:
                         await self._register_once()
                     delay, backoff = self._interval, self._backoff_initial
                     continue
+                started = time.monotonic()
                 ttl = await self._keepalive(self._lease_id)
                 if ttl <= 0:
                     log.warning("lease of %s is gone (expired or revoked); registering again", self.key)
@@ -431,7 +434,11 @@ class Registration:
                     self._granted.clear()
                     delay = 0.0
                     continue
-                delay, backoff = self._interval, self._backoff_initial
+                self.keepalives += 1
+                # Every ttl/3 from one send to the next, whatever the round trip took: counted from the answer,
+                # a round trip jittering by up to 200 ms stretched it to 0.40 of the TTL (tests/e2e/test_registry.py).
+                delay = max(0.0, started + self._interval - time.monotonic())
+                backoff = self._backoff_initial
                 if self._failures:
                     log.warning("keepalive of %s works again after %d failures", self.key, self._failures)
                 self._failures = 0
