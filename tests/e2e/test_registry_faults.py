@@ -189,6 +189,74 @@ async def test_killed_replica_leaves_the_registry_and_calls_fail_over(
     assert not [o for o in outcomes if o.start > killed and o.served_by == victim.tag]
 
 
+@pytest.mark.slow
+async def test_a_replica_paused_past_its_lease_gets_no_calls_then_registers_again_on_resume(
+    mesh_env: MeshEnv, replicas: Replicas, etcd: aetcd.Client
+) -> None:
+    """E2: a replica frozen (SIGSTOP) for twice its lease's TTL leaves the registry once the lease expires, and
+    no call started after that is routed to it (every one is served by the other replica). Resumed, its keepalive
+    hears that the lease is gone, it registers again under a new lease and takes calls again. Calls a frozen
+    replica holds end at their deadline (3 s here), never later; only calls started before it left may fail.
+    (Before the lease expires, calls routed to the frozen replica wait out their deadline: a capability's retry
+    policy with a per-try timeout, or outlier ejection, is what shortens that, not the registry.)"""
+    paused, other = await asyncio.gather(replicas.start("replica-a"), replicas.start("replica-b"))
+    key = agent_key("echo", paused.instance_id).encode()
+    old = await etcd.get(key)
+    assert old is not None
+    settings = await mesh_env.settings_for("tester", "client")
+    async with MeshClient.connect(name="tester", settings=settings) as mesh:
+        registry = mesh.node.registry
+        assert await registry.wait_for_capability("echo", 2, timeout=10)
+        outcomes: list[Outcome] = []
+        stop = asyncio.Event()
+        workers = [asyncio.create_task(_call_loop(mesh, stop, outcomes)) for _ in range(3)]
+
+        def served(tag: str, since: float = 0.0) -> int:
+            return sum(1 for o in outcomes if o.served_by == tag and o.start >= since)
+
+        def listed() -> bool:
+            return any(i.instance_id == paused.instance_id for i in registry.instances("echo"))
+
+        assert paused.proc.pid is not None
+        try:
+            await _wait_until(lambda: served("replica-a") >= 10 and served("replica-b") >= 10, 15, "both serving")
+            os.kill(paused.proc.pid, signal.SIGSTOP)
+            frozen = time.monotonic()
+            gone = await _wait_until(lambda: not listed(), LEASE_TTL_S + 2, "the frozen replica to leave")
+            # The loops' callers may all be waiting out calls the frozen replica holds: these start now, for sure.
+            for _ in range(20):
+                t0 = time.monotonic()
+                out = await mesh.call("echo", {"text": "after"}, timeout=3)
+                outcomes.append(Outcome(t0, time.monotonic(), out["served_by"]))
+            # Frozen for twice its TTL in all; the loops keep calling meanwhile.
+            await asyncio.sleep(max(0.0, frozen + 2 * LEASE_TTL_S - time.monotonic()))  # the pause itself
+            os.kill(paused.proc.pid, signal.SIGCONT)
+            resumed = time.monotonic()
+            back = await _wait_until(listed, LEASE_TTL_S + 5, "the resumed replica to register again")
+            await _wait_until(lambda: served("replica-a", since=back) >= 10, 15, "calls to the resumed replica")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(paused.proc.pid, signal.SIGCONT)
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*workers, return_exceptions=True), 10)
+    new = await etcd.get(key)
+    assert new is not None and new.lease != old.lease, "registered again under a new lease"
+    assert new.mod_revision > old.mod_revision
+    while_gone = [o for o in outcomes if gone <= o.start < resumed]
+    failed = [o for o in outcomes if o.served_by is None]
+    report = (f"frozen {resumed - frozen:.1f} s (TTL {LEASE_TTL_S} s): left the registry after {gone - frozen:.2f} s, "
+              f"back {back - resumed:.2f} s after resuming; calls {len(outcomes)}, failed {len(failed)}, "
+              f"started while it was gone {len(while_gone)} "
+              f"(served by {dict(Counter(o.served_by for o in while_gone))})")
+    print(report)
+    log.info(report)
+    assert len(while_gone) >= 20 and all(o.served_by == other.tag for o in while_gone), [
+        o for o in while_gone if o.served_by != other.tag][:3]
+    for o in failed:
+        assert o.start < gone, f"a call started after the frozen replica left failed: {o}"
+        assert o.end - o.start < 3.0 + 1.0, f"a call outlived its deadline: {o}"
+
+
 class UpperAgent(Agent):
     """Registered only after etcd came back: proves the registry view caught up."""
 
