@@ -128,6 +128,23 @@ async def _call_loop(mesh: MeshClient, stop: asyncio.Event, outcomes: list[Outco
         await asyncio.sleep(0.005)
 
 
+class CallLoops:
+    """n loops calling echo through mesh (each call's outcome kept) until stopped: the load of a fault test."""
+
+    def __init__(self, mesh: MeshClient, n: int = 3) -> None:
+        self.outcomes: list[Outcome] = []
+        self._stop = asyncio.Event()
+        self._tasks = [asyncio.create_task(_call_loop(mesh, self._stop, self.outcomes)) for _ in range(n)]
+
+    def served(self, tag: str, since: float = 0.0) -> int:
+        """Calls started at or after since that tag served."""
+        return sum(1 for o in self.outcomes if o.served_by == tag and o.start >= since)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), 10)
+
+
 async def _wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
     """Poll predicate() until true; return when it became true (monotonic). Fails the test on timeout."""
     deadline = time.monotonic() + timeout
@@ -147,13 +164,9 @@ async def test_killed_replica_leaves_the_registry_and_calls_fail_over(
     async with MeshClient.connect(name="tester", settings=settings) as mesh:
         registry = mesh.node.registry
         assert await registry.wait_for_capability("echo", 2, timeout=10)
-        outcomes: list[Outcome] = []
-        stop = asyncio.Event()
-        workers = [asyncio.create_task(_call_loop(mesh, stop, outcomes)) for _ in range(3)]
+        loops = CallLoops(mesh)
+        outcomes, served = loops.outcomes, loops.served
         try:
-            def served(tag: str, since: float = 0.0) -> int:
-                return sum(1 for o in outcomes if o.served_by == tag and o.start >= since)
-
             await _wait_until(lambda: served("replica-a") >= 10 and served("replica-b") >= 10, 15, "both serving")
             before_kill = time.monotonic()
             assert victim.proc.pid is not None
@@ -167,8 +180,7 @@ async def test_killed_replica_leaves_the_registry_and_calls_fail_over(
             assert await etcd.get(agent_key("echo", victim.instance_id).encode()) is None
             await _wait_until(lambda: served("replica-b", since=gone) >= 30, 15, "calls after deregistration")
         finally:
-            stop.set()
-            await asyncio.wait_for(asyncio.gather(*workers, return_exceptions=True), 10)
+            await loops.stop()
 
     after = [o for o in outcomes if o.start >= gone]
     between = [o for o in outcomes if killed < o.start < gone]
@@ -207,12 +219,8 @@ async def test_a_replica_paused_past_its_lease_gets_no_calls_then_registers_agai
     async with MeshClient.connect(name="tester", settings=settings) as mesh:
         registry = mesh.node.registry
         assert await registry.wait_for_capability("echo", 2, timeout=10)
-        outcomes: list[Outcome] = []
-        stop = asyncio.Event()
-        workers = [asyncio.create_task(_call_loop(mesh, stop, outcomes)) for _ in range(3)]
-
-        def served(tag: str, since: float = 0.0) -> int:
-            return sum(1 for o in outcomes if o.served_by == tag and o.start >= since)
+        loops = CallLoops(mesh)
+        outcomes, served = loops.outcomes, loops.served
 
         def listed() -> bool:
             return any(i.instance_id == paused.instance_id for i in registry.instances("echo"))
@@ -237,8 +245,7 @@ async def test_a_replica_paused_past_its_lease_gets_no_calls_then_registers_agai
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(paused.proc.pid, signal.SIGCONT)
-            stop.set()
-            await asyncio.wait_for(asyncio.gather(*workers, return_exceptions=True), 10)
+            await loops.stop()
     new = await etcd.get(key)
     assert new is not None and new.lease != old.lease, "registered again under a new lease"
     assert new.mod_revision > old.mod_revision
