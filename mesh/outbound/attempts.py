@@ -92,6 +92,11 @@ def report_attempt(
                 events.ejected(capability)
 
 
+UNANSWERED_MIN_WINDOW_S = 0.1
+"""An attempt that timed out says its instance did not answer only if it had at least this long: one sent with a
+caller's last few milliseconds says nothing about the instance."""
+
+
 def report_unreachable(
     liveness: Liveness, capability: str, instance: Instance, events: OutboundEvents | None
 ) -> None:
@@ -103,6 +108,15 @@ def report_unreachable(
     if seconds:
         log.warning("instance %s (%s) of %s is unreachable; skipping it for %.0f s", instance.instance_id,
                     instance.identity, capability, seconds)
+
+
+def report_unanswered(liveness: Liveness, capability: str, instance: Instance) -> None:
+    """An instance held an attempt until its deadline: balancing avoids it for a growing while (a frozen or
+    hung replica keeps its connection and its lease); said once per while, not once per call."""
+    seconds = liveness.mark_unanswered(instance.instance_id)
+    if seconds:
+        log.warning("instance %s (%s) of %s did not answer within the deadline; preferring others for %.0f s",
+                    instance.instance_id, instance.identity, capability, seconds)
 
 
 class Attempts:
@@ -246,6 +260,9 @@ class Attempts:
             if never_sent:
                 report_unreachable(liveness, cap, instance, parts.events)
                 continue  # the request never left: another instance may take it, free of any budget
+            if (err.code == grpc.StatusCode.DEADLINE_EXCEEDED and per_try is not None
+                    and per_try >= UNANSWERED_MIN_WINDOW_S):
+                report_unanswered(liveness, cap, instance)
             if policy is None:
                 # No retry policy: an idempotent capability still fails over when a connection broke mid-call.
                 if err.code == grpc.StatusCode.UNAVAILABLE and idempotent(instance, cap):

@@ -2,8 +2,8 @@
 
 `Liveness` reads only the registry's in-memory index (swapped atomically on each watch event), so selection
 never waits on etcd and keeps working on the last-known state while etcd is down, and remembers for a
-moment which instances could not be reached. `InstanceSelector` applies the route, skips ejected and suspect
-instances, and lets the balancer pick.
+moment which instances could not be reached or held a call until its deadline. `InstanceSelector` applies the
+route, skips ejected, suspect and unanswering instances, and lets the balancer pick.
 """
 
 from __future__ import annotations
@@ -35,21 +35,61 @@ class InstanceSource(Protocol):
     def knows_capability(self, capability: str) -> bool: ...
 
 
+class _Suspicions:
+    """Instances to avoid for a while, each for a while that doubles with every further strike after the last
+    ran out (first_s, 2 x first_s, ... up to max_s); a strike while one is running does not count."""
+
+    def __init__(self, first_s: float, max_s: float, clock: Callable[[], float]) -> None:
+        self._first_s = first_s
+        self._max_s = max_s
+        self._clock = clock
+        self._until: dict[str, float] = {}
+        self._strikes: dict[str, int] = {}
+
+    def active(self, instance_id: str) -> bool:
+        return bool(self._until) and self._until.get(instance_id, 0.0) > self._clock()
+
+    def strike(self, instance_id: str) -> float:
+        """The seconds instance_id is now avoided for (0.0 if it already was)."""
+        now = self._clock()
+        if self._until.get(instance_id, 0.0) > now:
+            return 0.0
+        strikes = self._strikes.get(instance_id, 0) + 1
+        self._strikes[instance_id] = strikes
+        seconds = min(self._first_s * float(1 << min(strikes - 1, 16)), self._max_s)
+        self._until[instance_id] = now + seconds
+        if len(self._until) > 1024:
+            # Forget instances whose suspicion ran out long ago (gone from the registry, most likely).
+            self._until = {k: v for k, v in self._until.items() if v > now - self._max_s}
+            self._strikes = {k: v for k, v in self._strikes.items() if k in self._until}
+        return seconds
+
+    def clear(self, instance_id: str) -> None:
+        if self._until:
+            self._until.pop(instance_id, None)
+            self._strikes.pop(instance_id, None)
+
+
 class Liveness:
-    """The live instances of each capability, and which of them recently could not be reached.
+    """The live instances of each capability, and which of them recently could not be reached or did not answer.
 
     An instance whose connection just failed is 'suspect' for a couple of seconds and is skipped while any
     other instance is available: a killed instance stops receiving calls at once, not only when its lease
     expires. Each time it fails again when its suspicion ran out, the suspicion doubles (2 s, 4 s, ... 30 s);
     a success clears it. Failures while it is suspect (calls already in flight) do not count, so a burst of
     concurrent calls is one failure, not many. Suspicion is local; the registry stays the source of truth.
+
+    An instance that held a call until its deadline without answering is 'unanswering' for the same whiles: a
+    frozen or hung process (SIGSTOP, a stalled event loop) keeps its connection and its lease, so without this
+    it would be sent every n-th call, each waiting out its deadline, until its lease expires. Balancing skips it
+    while another instance is available; affinity does not (the call it holds may still run there, so a keyed
+    re-send must go to the same instance).
     """
 
     def __init__(self, source: InstanceSource, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._source = source
-        self._suspect_until: dict[str, float] = {}
-        self._strikes: dict[str, int] = {}
-        self._clock = clock
+        self._unreachable = _Suspicions(_SUSPECT_S, _SUSPECT_MAX_S, clock)
+        self._unanswering = _Suspicions(_SUSPECT_S, _SUSPECT_MAX_S, clock)
 
     def live(self, capability: str) -> Sequence[mesh_pb2.AgentInstance]:
         """Live instances for capability (registry order); UnknownCapabilityError / NoLiveInstanceError if none."""
@@ -68,28 +108,26 @@ class Liveness:
 
     def is_suspect(self, instance_id: str) -> bool:
         """True while instance_id recently could not be reached (see mark_failed)."""
-        return bool(self._suspect_until) and self._suspect_until.get(instance_id, 0.0) > self._clock()
+        return self._unreachable.active(instance_id)
+
+    def is_unanswering(self, instance_id: str) -> bool:
+        """True while instance_id recently held a call until its deadline (see mark_unanswered)."""
+        return self._unanswering.active(instance_id)
 
     def mark_failed(self, instance_id: str) -> float:
         """Note that instance_id could not be reached, so selection prefers the others for a while: the
         seconds it is now suspect for (0.0 if it already was: the failure of a call sent before)."""
-        now = self._clock()
-        if self._suspect_until.get(instance_id, 0.0) > now:
-            return 0.0
-        strikes = self._strikes.get(instance_id, 0) + 1
-        self._strikes[instance_id] = strikes
-        seconds = min(_SUSPECT_S * float(1 << min(strikes - 1, 16)), _SUSPECT_MAX_S)
-        self._suspect_until[instance_id] = now + seconds
-        if len(self._suspect_until) > 1024:
-            # Forget instances whose suspicion ran out long ago (gone from the registry, most likely).
-            self._suspect_until = {k: v for k, v in self._suspect_until.items() if v > now - _SUSPECT_MAX_S}
-            self._strikes = {k: v for k, v in self._strikes.items() if k in self._suspect_until}
-        return seconds
+        return self._unreachable.strike(instance_id)
+
+    def mark_unanswered(self, instance_id: str) -> float:
+        """Note that instance_id held a call until its deadline, so balancing prefers the others for a while:
+        the seconds it is now avoided for (0.0 if it already was)."""
+        return self._unanswering.strike(instance_id)
 
     def mark_ok(self, instance_id: str) -> None:
-        if self._suspect_until:
-            self._suspect_until.pop(instance_id, None)
-            self._strikes.pop(instance_id, None)
+        """instance_id answered: neither suspicion holds any longer."""
+        self._unreachable.clear(instance_id)
+        self._unanswering.clear(instance_id)
 
 
 def rendezvous(key: str, instance_id: str) -> int:
@@ -98,7 +136,8 @@ def rendezvous(key: str, instance_id: str) -> int:
 
 
 class InstanceSelector:
-    """Route → untried → not ejected or suspect → balancer, over a node's liveness and traffic state."""
+    """Route → untried → not ejected, suspect or unanswering → balancer, over a node's liveness and traffic
+    state."""
 
     def __init__(self, liveness: Liveness, state: TrafficState) -> None:
         self.liveness = liveness
@@ -115,7 +154,7 @@ class InstanceSelector:
         refused: set[str] | frozenset[str] = frozenset(),
     ) -> mesh_pb2.AgentInstance | None:
         """The instance for the next attempt: allowed by the route, untried if possible (any if reuse), not
-        ejected or suspect if possible, then the balancer's pick. None when every allowed one was tried.
+        ejected, suspect or unanswering if possible, then the balancer's pick. None when every allowed one was tried.
 
         With an affinity key (the idempotency key of a non-idempotent call) the healthy instance that key hashes
         to is chosen (rendezvous hashing), tried or not: every attempt and every re-send of the key reaches the
@@ -161,7 +200,8 @@ class InstanceSelector:
             usable = [i for i in candidates if not ejected(i) and not liveness.is_suspect(i.instance_id)]
             if usable:
                 return max(usable, key=lambda i: rendezvous(affinity, i.instance_id))
-        healthy = [i for i in pool if not ejected(i) and not liveness.is_suspect(i.instance_id)]
+        healthy = [i for i in pool if not ejected(i) and not liveness.is_suspect(i.instance_id)
+                   and not liveness.is_unanswering(i.instance_id)]
         pool = healthy or [i for i in pool if not ejected(i)] or pool
         mode = routes.load_balancer if routes is not None else ROUND_ROBIN
         return t.balancer.order(key, pool, mode)[0]

@@ -195,6 +195,50 @@ async def test_a_never_sent_request_fails_over_free_of_budget_and_marks_the_inst
     assert len(agents.sent) == 2
 
 
+def timed_out() -> AttemptError:
+    return AttemptError(DeadlineExceededError("Deadline Exceeded"), never_sent=False)
+
+
+async def test_an_instance_that_held_a_call_until_its_deadline_gets_no_calls_while_another_answers() -> None:
+    rig = _Rig(("a", "b", "c"))
+    agents = _Agents([timed_out()])
+    with pytest.raises(DeadlineExceededError):
+        await rig.attempts(agents).run()  # no retry policy: the caller sees the timeout
+    held = agents.sent[0][0]
+    assert rig.liveness.is_unanswering(held) and not rig.liveness.is_suspect(held)
+    agents = _Agents()
+    for _ in range(6):
+        await rig.attempts(agents).run()
+    assert held not in {i for i, _ in agents.sent} and len({i for i, _ in agents.sent}) == 2
+    # With no other instance to take it, it is still used; its answer ends the suspicion.
+    rig = _Rig(("a",))
+    with pytest.raises(DeadlineExceededError):
+        await rig.attempts(_Agents([timed_out()])).run()
+    assert rig.liveness.is_unanswering("a")
+    agents = _Agents()
+    assert (await rig.attempts(agents).run())[0] == b"ok"
+    assert [i for i, _ in agents.sent] == ["a"] and not rig.liveness.is_unanswering("a")
+
+
+async def test_a_timeout_with_almost_no_time_left_says_nothing_about_the_instance() -> None:
+    rig = _Rig()
+    agents = _Agents([timed_out()])
+    with pytest.raises(DeadlineExceededError):
+        await rig.attempts(agents, deadline_s=0.05).run()
+    assert not rig.liveness.is_unanswering(agents.sent[0][0])
+
+
+async def test_a_keyed_re_send_keeps_to_the_instance_that_held_its_first_attempt() -> None:
+    """The timed-out attempt may still run there: a re-send of its key must reach the instance remembering it."""
+    rig = _Rig(("a", "b", "c", "d"), idempotent=False)
+    agents = _Agents([timed_out(), timed_out(), b"ok"])
+    policy = _retries(RetryPolicy(attempts=3, backoff=NO_WAIT,
+                                  retryable=frozenset({grpc.StatusCode.DEADLINE_EXCEEDED})))
+    await rig.attempts(agents, policy, key="k1").run()
+    assert len(agents.sent) == 3 and len({i for i, _ in agents.sent}) == 1
+    assert not rig.liveness.is_unanswering(agents.sent[0][0])  # it answered in the end
+
+
 async def test_a_refused_token_is_forgotten_and_the_call_resent_once() -> None:
     rig = _Rig(("a",))
     agents = _Agents([sent_failure(TokenExpiredError("expired")), b"ok"])

@@ -147,3 +147,17 @@ def test_suspicion_doubles_on_each_refusal_after_it_ran_out_up_to_a_cap_and_a_su
     assert spans == [2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
     liveness.mark_ok("a")
     assert liveness.mark_failed("a") == 2.0
+
+
+def test_an_unanswered_call_is_its_own_suspicion_doubling_alike_and_a_success_ends_both() -> None:
+    now = [100.0]
+    liveness = Liveness(_Instances({"x": ["a"]}), clock=lambda: now[0])
+    assert liveness.mark_unanswered("a") == 2.0 and liveness.mark_unanswered("a") == 0.0
+    assert liveness.is_unanswering("a") and not liveness.is_suspect("a")  # reachable, only not answering
+    now[0] += 2.01
+    assert not liveness.is_unanswering("a")
+    assert liveness.mark_unanswered("a") == 4.0  # again after it ran out: twice as long
+    assert liveness.mark_failed("a") == 2.0  # the other suspicion keeps its own count
+    liveness.mark_ok("a")
+    assert not liveness.is_unanswering("a") and not liveness.is_suspect("a")
+    assert liveness.mark_unanswered("a") == 2.0
