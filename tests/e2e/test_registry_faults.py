@@ -117,11 +117,11 @@ class Outcome:
     error: str = ""
 
 
-async def _call_loop(mesh: MeshClient, stop: asyncio.Event, outcomes: list[Outcome]) -> None:
+async def _call_loop(mesh: MeshClient, stop: asyncio.Event, outcomes: list[Outcome], timeout: float) -> None:
     while not stop.is_set():
         t0 = time.monotonic()
         try:
-            out = await mesh.call("echo", {"text": "x"}, timeout=3)
+            out = await mesh.call("echo", {"text": "x"}, timeout=timeout)
             outcomes.append(Outcome(t0, time.monotonic(), out["served_by"]))
         except HivemeshError as err:
             outcomes.append(Outcome(t0, time.monotonic(), None, f"{err.code.name}/{err.reason}: {err.message}"))
@@ -131,10 +131,10 @@ async def _call_loop(mesh: MeshClient, stop: asyncio.Event, outcomes: list[Outco
 class CallLoops:
     """n loops calling echo through mesh (each call's outcome kept) until stopped: the load of a fault test."""
 
-    def __init__(self, mesh: MeshClient, n: int = 3) -> None:
+    def __init__(self, mesh: MeshClient, n: int = 3, *, timeout: float = 3.0) -> None:
         self.outcomes: list[Outcome] = []
         self._stop = asyncio.Event()
-        self._tasks = [asyncio.create_task(_call_loop(mesh, self._stop, self.outcomes)) for _ in range(n)]
+        self._tasks = [asyncio.create_task(_call_loop(mesh, self._stop, self.outcomes, timeout)) for _ in range(n)]
 
     def served(self, tag: str, since: float = 0.0) -> int:
         """Calls started at or after since that tag served."""
@@ -209,8 +209,7 @@ async def test_a_replica_paused_past_its_lease_gets_no_calls_then_registers_agai
     no call started after that is routed to it (every one is served by the other replica). Resumed, its keepalive
     hears that the lease is gone, it registers again under a new lease and takes calls again. Calls a frozen
     replica holds end at their deadline (3 s here), never later; only calls started before it left may fail.
-    (Before the lease expires, calls routed to the frozen replica wait out their deadline: a capability's retry
-    policy with a per-try timeout, or outlier ejection, is what shortens that, not the registry.)"""
+    (Before the lease expires, the calls it holds mark it unanswering: the next test.)"""
     paused, other = await asyncio.gather(replicas.start("replica-a"), replicas.start("replica-b"))
     key = agent_key("echo", paused.instance_id).encode()
     old = await etcd.get(key)
@@ -262,6 +261,54 @@ async def test_a_replica_paused_past_its_lease_gets_no_calls_then_registers_agai
     for o in failed:
         assert o.start < gone, f"a call started after the frozen replica left failed: {o}"
         assert o.end - o.start < 3.0 + 1.0, f"a call outlived its deadline: {o}"
+
+
+HELD_CALL_TIMEOUT_S = 0.4
+
+
+@pytest.mark.slow
+async def test_a_frozen_replica_is_avoided_once_the_calls_it_held_time_out(
+    mesh_env: MeshEnv, replicas: Replicas
+) -> None:
+    """E2 before the lease expires: a frozen replica (SIGSTOP) keeps its connection and its lease, so only the
+    calls it holds show that it stopped. Each caller loses at most the call it had sent there (at its deadline);
+    from the first such timeout on, every call goes to the other replica while the frozen one is avoided,
+    instead of every other call waiting out its deadline. Resumed, it takes calls again."""
+    paused, other = await asyncio.gather(replicas.start("replica-a"), replicas.start("replica-b"))
+    settings = await mesh_env.settings_for("tester", "client")
+    async with MeshClient.connect(name="tester", settings=settings) as mesh:
+        assert await mesh.node.registry.wait_for_capability("echo", 2, timeout=10)
+        loops = CallLoops(mesh, timeout=HELD_CALL_TIMEOUT_S)
+        outcomes, served = loops.outcomes, loops.served
+        assert paused.proc.pid is not None
+        try:
+            await _wait_until(lambda: served(paused.tag) >= 10 and served(other.tag) >= 10, 15, "both serving")
+            os.kill(paused.proc.pid, signal.SIGSTOP)
+            frozen = time.monotonic()
+            first = await _wait_until(lambda: any(o.served_by is None for o in outcomes), 5,
+                                      "a call the frozen replica held to time out")
+            # Well within the frozen replica's suspicion (2 s from its first timeout) and its lease (3 s TTL).
+            await _wait_until(lambda: served(other.tag, since=first) >= 30, 1.2, "calls after the first timeout")
+            await asyncio.sleep(max(0.0, first + 1.0 - time.monotonic()))  # the rest of the pause: 1 s avoided
+            os.kill(paused.proc.pid, signal.SIGCONT)
+            resumed = time.monotonic()
+            await _wait_until(lambda: served(paused.tag, since=resumed) >= 5, 10, "calls to the resumed replica")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(paused.proc.pid, signal.SIGCONT)
+            await loops.stop()
+    held = [o for o in outcomes if first <= o.start < resumed]
+    failed = [o for o in outcomes if o.served_by is None]
+    report = (f"first timeout {first - frozen:.2f} s after the freeze; calls {len(outcomes)}, failed {len(failed)}; "
+              f"started from the first timeout to the resume ({resumed - first:.2f} s): {len(held)} "
+              f"(served by {dict(Counter(o.served_by for o in held))})")
+    print(report)
+    log.info(report)
+    assert len(held) >= 30 and all(o.served_by == other.tag for o in held), [
+        o for o in held if o.served_by != other.tag][:3]
+    assert 1 <= len(failed) <= 3, failed  # at most the one call each of the 3 loops had sent to it
+    for o in failed:
+        assert o.start < first and o.end - o.start < HELD_CALL_TIMEOUT_S + 1.0, o
 
 
 class UpperAgent(Agent):
