@@ -34,11 +34,13 @@ from hivemesh.mesh.errors import (
 )
 from hivemesh.mesh.outbound.attempts import (
     TOKEN_REFUSALS,
+    UNANSWERED_MIN_WINDOW_S,
     AttemptError,
     AttemptParts,
     Attempts,
     Result,
     report_attempt,
+    report_unanswered,
     report_unreachable,
 )
 from hivemesh.mesh.outbound.call import Metadata, OutboundCall, deadline_for
@@ -403,6 +405,9 @@ class OutboundPipeline:
                         tried.add(instance.instance_id)
                         last = err
                     else:
+                        if (not started and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                                and remaining is not None and remaining >= UNANSWERED_MIN_WINDOW_S):
+                            report_unanswered(self.liveness, capability, instance)  # not a chunk in its window
                         raise err from None
                 finally:
                     stream.cancel()

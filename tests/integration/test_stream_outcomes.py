@@ -9,11 +9,13 @@ garbage collector closed the abandoned generator, after the caller's loop had al
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aetcd
+import grpc
 import pytest
 
 from hivemesh.mesh.errors import AgentError, HivemeshError
@@ -33,24 +35,30 @@ spec:
 
 
 class Ticker(Agent):
-    """Streams n ticks, or fails before the first one while `failing` is set."""
+    """Streams n ticks, or fails before the first one while `failing` is set, or holds every stream before its
+    first tick until `release` is set (a hung replica)."""
 
     name = "ticker"
 
-    def __init__(self) -> None:
+    def __init__(self, release: asyncio.Event | None = None) -> None:
         super().__init__()
         self.failing = False
+        self.release = release
+        self.streams = 0
 
     @capability(description="n ticks, one chunk each")
     async def ticks(self, req: dict[str, int]) -> AsyncIterator[dict[str, int]]:
+        self.streams += 1
         if self.failing:
             raise AgentError("failing on purpose")
+        if self.release is not None:
+            await self.release.wait()
         for i in range(req.get("n", 3)):
             yield {"tick": i}
 
 
-async def _ticks(client: MeshClient, n: int = 3) -> list[Any]:
-    return [item async for item in client.stream("ticks", {"n": n}, timeout=10)]
+async def _ticks(client: MeshClient, n: int = 3, timeout: float = 10) -> list[Any]:
+    return [item async for item in client.stream("ticks", {"n": n}, timeout=timeout)]
 
 
 async def test_streams_read_to_their_final_chunk_count_as_successes(
@@ -81,3 +89,31 @@ async def test_streams_read_to_their_final_chunk_count_as_successes(
                 assert len(await _ticks(client)) == 3
         agent.failing = False
         assert await _ticks(client, 2) == [{"tick": 0}, {"tick": 1}], "a success between failures was not counted"
+
+
+async def test_a_stream_held_before_its_first_chunk_until_its_deadline_steers_the_next_ones_elsewhere(
+    mesh_env: MeshEnv, tmp_path: Path
+) -> None:
+    """A replica that holds streams without a chunk (hung) costs one stream its deadline; the next go to the
+    replica that answers (without that, round robin sends it every other one)."""
+    release = asyncio.Event()
+    hung, healthy = Ticker(release), Ticker()
+    try:
+        async with AgentServer(hung, await mesh_env.settings_for("ticker"),
+                               AgentServerConfig(audit_dir=tmp_path / "hung")) as held, \
+                AgentServer(healthy, await mesh_env.settings_for("ticker"),
+                            AgentServerConfig(audit_dir=tmp_path / "healthy")), \
+                MeshClient.connect(name="watcher", settings=await mesh_env.settings_for("watcher", "client")) as client:
+            assert await client.node.registry.wait_for_capability("ticks", 2, timeout=10)
+            timed_out = 0
+            for _ in range(8):
+                try:
+                    assert await _ticks(client, timeout=0.5) == [{"tick": 0}, {"tick": 1}, {"tick": 2}]
+                except HivemeshError as err:
+                    assert err.code == grpc.StatusCode.DEADLINE_EXCEEDED, err
+                    timed_out += 1
+            assert (timed_out, hung.streams, healthy.streams) == (1, 1, 7)
+            assert client.node.liveness.is_unanswering(held.instance_id)
+            release.set()
+    finally:
+        release.set()
