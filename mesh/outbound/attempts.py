@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -95,6 +96,14 @@ def report_attempt(
 UNANSWERED_MIN_WINDOW_S = 0.1
 """An attempt that timed out says its instance did not answer only if it had at least this long: one sent with a
 caller's last few milliseconds says nothing about the instance."""
+
+
+def held_to_deadline(window_s: float | None, sent_at: float) -> bool:
+    """Whether an attempt that ended DEADLINE_EXCEEDED was held for (nearly) its whole window of at least
+    UNANSWERED_MIN_WINDOW_S, as a frozen or hung instance holds it; not an instance that answered the code at
+    once (its own deadline too short to queue, say)."""
+    return (window_s is not None and window_s >= UNANSWERED_MIN_WINDOW_S
+            and time.monotonic() - sent_at >= 0.9 * window_s)
 
 
 def report_unreachable(
@@ -229,6 +238,7 @@ class Attempts:
                     breaker_state=breaker.state.value if breaker is not None else None))
             failure: HivemeshError | None = None
             state.attempt_started(cap, instance.instance_id)
+            sent_at = time.monotonic()
             try:
                 raw = await parts.send(call, instance, md, per_try)
                 health = "ok"
@@ -260,8 +270,7 @@ class Attempts:
             if never_sent:
                 report_unreachable(liveness, cap, instance, parts.events)
                 continue  # the request never left: another instance may take it, free of any budget
-            if (err.code == grpc.StatusCode.DEADLINE_EXCEEDED and per_try is not None
-                    and per_try >= UNANSWERED_MIN_WINDOW_S):
+            if err.code == grpc.StatusCode.DEADLINE_EXCEEDED and held_to_deadline(per_try, sent_at):
                 report_unanswered(liveness, cap, instance)
             if policy is None:
                 # No retry policy: an idempotent capability still fails over when a connection broke mid-call.

@@ -34,11 +34,11 @@ from hivemesh.mesh.errors import (
 )
 from hivemesh.mesh.outbound.attempts import (
     TOKEN_REFUSALS,
-    UNANSWERED_MIN_WINDOW_S,
     AttemptError,
     AttemptParts,
     Attempts,
     Result,
+    held_to_deadline,
     report_attempt,
     report_unanswered,
     report_unreachable,
@@ -378,6 +378,7 @@ class OutboundPipeline:
                         continue
                 ep = self.channels.get(instance.endpoint, instance.identity)
                 stream = ep.invoke_stream(raw_request, timeout=remaining, metadata=md)
+                sent_at = time.monotonic()
                 started = False
                 health = "neutral"
                 t.attempt_started(capability, instance.instance_id)
@@ -406,7 +407,7 @@ class OutboundPipeline:
                         last = err
                     else:
                         if (not started and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-                                and remaining is not None and remaining >= UNANSWERED_MIN_WINDOW_S):
+                                and held_to_deadline(remaining, sent_at)):
                             report_unanswered(self.liveness, capability, instance)  # not a chunk in its window
                         raise err from None
                 finally:

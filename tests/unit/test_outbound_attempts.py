@@ -7,6 +7,7 @@ the token resent once, and the instance and capability breakers steering and sto
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 
@@ -50,6 +51,10 @@ class _Registry:
         return capability == self.capability
 
 
+class _Held(Exception):
+    """A script entry: the instance holds the attempt until its timeout, then it fails DEADLINE_EXCEEDED."""
+
+
 class _Agents:
     """The network hop as plain async callables: answers each send from a script of outcomes in order."""
 
@@ -67,6 +72,10 @@ class _Agents:
         assert ("authorization", "Bearer t") in md
         self.sent.append((instance.instance_id, timeout))
         outcome = self.script.pop(0) if self.script else b"ok"
+        if isinstance(outcome, _Held):
+            assert timeout is not None
+            await asyncio.sleep(timeout)  # held without an answer until the attempt's deadline
+            raise AttemptError(DeadlineExceededError("Deadline Exceeded"), never_sent=False)
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
@@ -195,15 +204,14 @@ async def test_a_never_sent_request_fails_over_free_of_budget_and_marks_the_inst
     assert len(agents.sent) == 2
 
 
-def timed_out() -> AttemptError:
-    return AttemptError(DeadlineExceededError("Deadline Exceeded"), never_sent=False)
+HELD_S = 0.2  # the deadline of the calls an instance holds in these tests
 
 
 async def test_an_instance_that_held_a_call_until_its_deadline_gets_no_calls_while_another_answers() -> None:
     rig = _Rig(("a", "b", "c"))
-    agents = _Agents([timed_out()])
+    agents = _Agents([_Held()])
     with pytest.raises(DeadlineExceededError):
-        await rig.attempts(agents).run()  # no retry policy: the caller sees the timeout
+        await rig.attempts(agents, deadline_s=HELD_S).run()  # no retry policy: the caller sees the timeout
     held = agents.sent[0][0]
     assert rig.liveness.is_unanswering(held) and not rig.liveness.is_suspect(held)
     agents = _Agents()
@@ -213,26 +221,31 @@ async def test_an_instance_that_held_a_call_until_its_deadline_gets_no_calls_whi
     # With no other instance to take it, it is still used; its answer ends the suspicion.
     rig = _Rig(("a",))
     with pytest.raises(DeadlineExceededError):
-        await rig.attempts(_Agents([timed_out()])).run()
+        await rig.attempts(_Agents([_Held()]), deadline_s=HELD_S).run()
     assert rig.liveness.is_unanswering("a")
     agents = _Agents()
     assert (await rig.attempts(agents).run())[0] == b"ok"
     assert [i for i, _ in agents.sent] == ["a"] and not rig.liveness.is_unanswering("a")
 
 
-async def test_a_timeout_with_almost_no_time_left_says_nothing_about_the_instance() -> None:
+async def test_a_timeout_with_almost_no_time_left_or_answered_at_once_says_nothing_about_the_instance() -> None:
     rig = _Rig()
-    agents = _Agents([timed_out()])
+    agents = _Agents([_Held()])
     with pytest.raises(DeadlineExceededError):
         await rig.attempts(agents, deadline_s=0.05).run()
+    assert not rig.liveness.is_unanswering(agents.sent[0][0])
+    # An instance that answers DEADLINE_EXCEEDED at once (its deadline too short to queue, say) did answer.
+    agents = _Agents([sent_failure(DeadlineExceededError("too late to queue"))])
+    with pytest.raises(DeadlineExceededError):
+        await rig.attempts(agents, deadline_s=HELD_S).run()
     assert not rig.liveness.is_unanswering(agents.sent[0][0])
 
 
 async def test_a_keyed_re_send_keeps_to_the_instance_that_held_its_first_attempt() -> None:
     """The timed-out attempt may still run there: a re-send of its key must reach the instance remembering it."""
     rig = _Rig(("a", "b", "c", "d"), idempotent=False)
-    agents = _Agents([timed_out(), timed_out(), b"ok"])
-    policy = _retries(RetryPolicy(attempts=3, backoff=NO_WAIT,
+    agents = _Agents([_Held(), _Held(), b"ok"])
+    policy = _retries(RetryPolicy(attempts=3, backoff=NO_WAIT, per_try_timeout_s=HELD_S,
                                   retryable=frozenset({grpc.StatusCode.DEADLINE_EXCEEDED})))
     await rig.attempts(agents, policy, key="k1").run()
     assert len(agents.sent) == 3 and len({i for i, _ in agents.sent}) == 1
