@@ -97,6 +97,9 @@ class EventMetrics:
         self.peer_unreachable = counter(
             "hivemesh_peer_unreachable", "Attempts that could not connect to an instance of peer (a SPIFFE id).",
             ["capability", "peer"])
+        self.peer_unanswered = counter(
+            "hivemesh_peer_unanswered", "Attempts an instance of peer (a SPIFFE id) held until their deadline.",
+            ["capability", "peer"])
         self.ratelimit_refusals = counter(
             "hivemesh_ratelimit_refusals", "Calls refused by a rate limit.", ["capability"])
         self.shed = counter("hivemesh_admission_shed", "Calls shed by admission control.", ["capability"])

@@ -273,6 +273,9 @@ class NodeMetrics:
     def unreachable(self, capability: str, peer: str) -> None:
         self.metrics.events.peer_unreachable.labels(self._out_caps(capability), peer).inc()
 
+    def unanswered(self, capability: str, peer: str) -> None:
+        self.metrics.events.peer_unanswered.labels(self._out_caps(capability), peer).inc()
+
     def fallback(self, capability: str) -> None:
         self.metrics.events.fallbacks.labels(self._out_caps(capability)).inc()
 

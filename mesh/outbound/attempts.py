@@ -119,10 +119,14 @@ def report_unreachable(
                     instance.identity, capability, seconds)
 
 
-def report_unanswered(liveness: Liveness, capability: str, instance: Instance) -> None:
+def report_unanswered(
+    liveness: Liveness, capability: str, instance: Instance, events: OutboundEvents | None
+) -> None:
     """An instance held an attempt until its deadline: balancing avoids it for a growing while (a frozen or
-    hung replica keeps its connection and its lease); said once per while, not once per call."""
+    hung replica keeps its connection and its lease); counted, and said once per while, not once per call."""
     seconds = liveness.mark_unanswered(instance.instance_id)
+    if events is not None:
+        events.unanswered(capability, instance.identity)
     if seconds:
         log.warning("instance %s (%s) of %s did not answer within the deadline; preferring others for %.0f s",
                     instance.instance_id, instance.identity, capability, seconds)
@@ -271,7 +275,7 @@ class Attempts:
                 report_unreachable(liveness, cap, instance, parts.events)
                 continue  # the request never left: another instance may take it, free of any budget
             if err.code == grpc.StatusCode.DEADLINE_EXCEEDED and held_to_deadline(per_try, sent_at):
-                report_unanswered(liveness, cap, instance)
+                report_unanswered(liveness, cap, instance, parts.events)
             if policy is None:
                 # No retry policy: an idempotent capability still fails over when a connection broke mid-call.
                 if err.code == grpc.StatusCode.UNAVAILABLE and idempotent(instance, cap):

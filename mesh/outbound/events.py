@@ -24,6 +24,9 @@ class OutboundEvents(Protocol):
     def unreachable(self, capability: str, peer: str) -> None:
         """A call could not even connect to an instance of peer (its SPIFFE id): it is skipped for a while."""
 
+    def unanswered(self, capability: str, peer: str) -> None:
+        """An instance of peer held an attempt until its deadline without answering: avoided for a while."""
+
     def fallback(self, capability: str) -> None:
         """A failed call answered by its fallback capability."""
 

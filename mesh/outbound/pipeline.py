@@ -408,7 +408,7 @@ class OutboundPipeline:
                     else:
                         if (not started and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                                 and held_to_deadline(remaining, sent_at)):
-                            report_unanswered(self.liveness, capability, instance)  # not a chunk in its window
+                            report_unanswered(self.liveness, capability, instance, self.events)  # no chunk came
                         raise err from None
                 finally:
                     stream.cancel()

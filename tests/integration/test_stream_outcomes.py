@@ -103,7 +103,8 @@ async def test_a_stream_held_before_its_first_chunk_until_its_deadline_steers_th
                                AgentServerConfig(audit_dir=tmp_path / "hung")) as held, \
                 AgentServer(healthy, await mesh_env.settings_for("ticker"),
                             AgentServerConfig(audit_dir=tmp_path / "healthy")), \
-                MeshClient.connect(name="watcher", settings=await mesh_env.settings_for("watcher", "client")) as client:
+                MeshClient.connect(name="watcher", settings=await mesh_env.settings_for("watcher", "client"),
+                                   metrics_listen="127.0.0.1:0") as client:
             assert await client.node.registry.wait_for_capability("ticks", 2, timeout=10)
             timed_out = 0
             for _ in range(8):
@@ -114,6 +115,10 @@ async def test_a_stream_held_before_its_first_chunk_until_its_deadline_steers_th
                     timed_out += 1
             assert (timed_out, hung.streams, healthy.streams) == (1, 1, 7)
             assert client.node.liveness.is_unanswering(held.instance_id)
+            metrics = client.node.metrics
+            assert metrics is not None
+            labels = {"capability": "ticks", "peer": "spiffe://hivemesh.local/agent/ticker"}
+            assert metrics.metrics.registry.get_sample_value("hivemesh_peer_unanswered_total", labels) == 1.0
             release.set()
     finally:
         release.set()

@@ -51,14 +51,14 @@ class _Registry:
         return capability == self.capability
 
 
-class _Held(Exception):
+class _Held:
     """A script entry: the instance holds the attempt until its timeout, then it fails DEADLINE_EXCEEDED."""
 
 
 class _Agents:
     """The network hop as plain async callables: answers each send from a script of outcomes in order."""
 
-    def __init__(self, script: Sequence[Exception | bytes] = ()) -> None:
+    def __init__(self, script: Sequence[Exception | bytes | _Held] = ()) -> None:
         self.script = list(script)
         self.sent: list[tuple[str, float | None]] = []
         self.forgotten: list[str] = []
