@@ -30,7 +30,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NoReturn, TypeVar
 
 from aetcd import rpc
 from cryptography.hazmat.primitives import serialization
@@ -56,6 +56,8 @@ ATTEMPTS: Final = 8
 """Conflicting appends (another replica moved the tail first) tried again this many times, then UNAVAILABLE."""
 REFUSED_COPY_PAUSE_S: Final = 0.05
 """How long a refused copy of a hedged commit holds its answer, so that the copy that committed answers first."""
+_T = TypeVar("_T")
+
 READ_LIMIT: Final = 256
 """Batches read per range request while catching up."""
 TRIM_LIMIT: Final = 64
@@ -447,6 +449,12 @@ class SharedLog:
             return await on(self.etcd)
         return await self._reads(on)
 
+    async def _write(self, fn: Callable[[Any], Awaitable[_T]]) -> _T:
+        """One idempotent write (a put, a delete, a lease's grant or refresh) through `writes`, as a commit goes:
+        outside the store's lock too, a member cut off must not stall this replica's progress key past its lease
+        (the leader would then trim as if this replica were gone) nor the leader's trimming."""
+        return await (fn(self.etcd) if self._writes is None else self._writes(fn))
+
     async def _copy_checkpoints_locked(self) -> None:
         store = self.store
         reply = await self._range(seq_key(AUDIT_CHECKPOINTS, store.checkpoint_no + 1), _prefix_end(AUDIT_CHECKPOINTS))
@@ -507,19 +515,23 @@ class SharedLog:
         """Keep {"seq", "checkpoint"} under this replica's leased key: renewed every TTL/3, rewritten when it
         changed but at most once a second (a follower's progress costs etcd <= 1 write/s, not one per batch)."""
         now = time.monotonic()
-        if self._applied_lease is not None and now - self._renewed_at >= self.applied_ttl_s / 3:
-            reply = await self.etcd.refresh_lease(self._applied_lease)
+        lease = self._applied_lease
+        if lease is not None and now - self._renewed_at >= self.applied_ttl_s / 3:
+            reply = await self._write(lambda etcd: etcd.refresh_lease(lease))
             self._renewed_at = now
             if reply is None or reply.TTL <= 0:
                 self._applied_lease = None
         if self._applied_lease is None:
-            self._applied_lease = (await self.etcd.lease(self.applied_ttl_s)).id
+            # A hedged grant may grant twice: the lease not kept holds no key and lapses after its TTL.
+            self._applied_lease = (await self._write(lambda etcd: etcd.lease(self.applied_ttl_s))).id
             self._renewed_at = now
             self._published = (-1, -1)
         mine = (self.store.seq, self.store.checkpoint_no)
         if mine != self._published and (force or now - self._published_at >= 1.0):
+            key = f"{AUDIT_APPLIED}{self.replica_id}".encode()
             value = json.dumps({"seq": mine[0], "checkpoint": mine[1]}).encode()
-            await self.etcd.put(f"{AUDIT_APPLIED}{self.replica_id}".encode(), value, lease=self._applied_lease)
+            lease = self._applied_lease
+            await self._write(lambda etcd: etcd.put(key, value, lease=lease))
             self._published, self._published_at = mine, now
 
     async def trim(self) -> int:
@@ -528,7 +540,8 @@ class SharedLog:
         gone."""
         self._trimmed_at = time.monotonic()
         await self._publish_applied(force=True)
-        applied = [json.loads(kv.value) for kv in await self.etcd.get_prefix(AUDIT_APPLIED.encode())]
+        applied = [json.loads(kv.value) for kv in (await self._range(
+            AUDIT_APPLIED.encode(), _prefix_end(AUDIT_APPLIED), limit=0)).kvs]
         if not applied:
             return 0
         upto = min(int(a["seq"]) for a in applied)
@@ -549,9 +562,10 @@ class SharedLog:
                 continue
             break
         if gone:
-            await self.etcd.delete_range(AUDIT_LOG.encode(), end)
+            await self._write(lambda etcd: etcd.delete_range(AUDIT_LOG.encode(), end))
         if cp_upto > 1:  # the newest checkpoint stays: the next leader links to it
-            await self.etcd.delete_range(AUDIT_CHECKPOINTS.encode(), seq_key(AUDIT_CHECKPOINTS, cp_upto))
+            cp_end = seq_key(AUDIT_CHECKPOINTS, cp_upto)
+            await self._write(lambda etcd: etcd.delete_range(AUDIT_CHECKPOINTS.encode(), cp_end))
         if gone:
             log.info("audit log: trimmed %d batch(es) from etcd (every live replica holds them)", gone)
         return gone

@@ -335,3 +335,65 @@ async def test_audit_commits_get_through_a_frozen_member(cluster: EtcdCluster, t
         await root.close()
     print(f"\nFIGURE audit commits through a frozen member: {hedged.hedges} requests hedged, the slowest append "
           f"or own record's commit {slowest:.2f} s")
+
+
+async def test_audit_progress_and_trimming_get_through_a_frozen_member(cluster: EtcdCluster, tmp_path: Path) -> None:
+    """Outside the store's lock, the follow loop publishes how far this replica applied the log (a leased key the
+    leader trims by) and, as the leader, trims what every replica holds. With every request sent first to a frozen
+    follower, both get through, hedged like a commit: the progress key shows the last batch and the trimmed
+    batches leave etcd. Unhedged, each of those requests waits out the frozen member and fails, round after
+    round: the key never appears (and a key that did would lapse, so the leader would trim past this replica)."""
+    from hivemesh.mesh.keyspace import AUDIT_APPLIED, AUDIT_LOG
+
+    root = client(cluster.access)
+    await wait_connected(root)
+    leader = (await root.status()).leader.name
+    frozen = next(m for m in cluster.members if m.name != leader)
+    assert frozen.pid is not None
+    pinned = client(EtcdAccess(frozen.endpoint, cluster.access.tls))
+    lead = client(EtcdAccess(next(m for m in cluster.members if m.name == leader).endpoint, cluster.access.tls))
+    await asyncio.gather(wait_connected(pinned), wait_connected(lead))
+    hedged = HedgedEtcd(pinned, cluster.access)
+    store = AuditStore(tmp_path / "writer", identity="spiffe://hivemesh.local/controlplane",
+                       checkpoint_every=1000, checkpoint_interval_s=3600)
+    # Reads hedge sooner than the control plane's 2 s here, so that a round (a catch-up, then a trim's three
+    # reads) takes about a second instead of eight; the writes hedge as the control plane wires them.
+    store.shared = SharedLog(pinned, store, "writer", leading=lambda: True, fence=list, poll_s=0.1,
+                             min_age_s=0.0, trim_every_s=0.5,
+                             reads=lambda fn: hedged.run(fn, after_s=0.3, timeout_s=10.0),
+                             writes=lambda fn: hedged.run(fn, after_s=COMMIT_HEDGE_AFTER_S, timeout_s=10.0))
+    node, seq, prev = "spiffe://hivemesh.local/agent/echo", 0, GENESIS
+    applied_key = f"{AUDIT_APPLIED}writer".encode()
+
+    async def published() -> int:
+        kv = await lead.get(applied_key)
+        return -1 if kv is None else int(json.loads(kv.value)["seq"])
+
+    async def log_batches() -> int:
+        return len(list(await lead.get_prefix(AUDIT_LOG.encode())))
+
+    try:
+        await store.start()
+        os.kill(frozen.pid, signal.SIGSTOP)
+        for _ in range(3):
+            seq += 1
+            line, prev = seal({"v": 1, "kind": "inbound", "node": node, "trace_id": f"t{seq}"}, seq, prev)
+            await store.append("spool-1", node, [line.rstrip(b"\n")])
+        assert await log_batches() >= 1
+        began = time.monotonic()
+        seen, batches_left = -1, -1
+        for _ in range(400):  # bounded: 400 looks, ~20 s at most
+            seen, batches_left = await published(), await log_batches()
+            if seen == store.seq and batches_left == 0:
+                break
+            await asyncio.sleep(0.05)
+        took = time.monotonic() - began
+        assert seen == store.seq, f"progress key at {seen}, the replica at {store.seq}"
+        assert batches_left == 0, f"{batches_left} batch(es) every replica holds are still in etcd"
+        assert hedged.hedges >= 2, hedged.hedges
+    finally:
+        await store.close()
+        await hedged.close()
+        await asyncio.gather(pinned.close(), lead.close(), root.close())
+    print(f"\nFIGURE audit progress and trimming through a frozen member: published and trimmed {took:.2f} s after "
+          f"the last append, {hedged.hedges} requests hedged")
