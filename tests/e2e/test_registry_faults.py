@@ -155,32 +155,42 @@ async def _wait_until(predicate: Callable[[], bool], timeout: float, what: str) 
     return time.monotonic()
 
 
+@contextlib.asynccontextmanager
+async def _two_replicas_under_load(
+    mesh_env: MeshEnv, replicas: Replicas, *, timeout: float = 3.0
+) -> AsyncIterator[tuple[Replica, Replica, MeshClient, CallLoops]]:
+    """Replicas a and b of echo, a MeshClient that sees both, and CallLoops (deadline `timeout`) calling through
+    it until each replica served 10; the loops are stopped on the way out, after the body's own cleanup."""
+    a, b = await asyncio.gather(replicas.start("replica-a"), replicas.start("replica-b"))
+    settings = await mesh_env.settings_for("tester", "client")
+    async with MeshClient.connect(name="tester", settings=settings) as mesh:
+        assert await mesh.node.registry.wait_for_capability("echo", 2, timeout=10)
+        loops = CallLoops(mesh, timeout=timeout)
+        try:
+            await _wait_until(lambda: loops.served(a.tag) >= 10 and loops.served(b.tag) >= 10, 15, "both serving")
+            yield a, b, mesh, loops
+        finally:
+            await loops.stop()
+
+
 @pytest.mark.slow
 async def test_killed_replica_leaves_the_registry_and_calls_fail_over(
     mesh_env: MeshEnv, replicas: Replicas, etcd: aetcd.Client
 ) -> None:
-    victim, survivor = await asyncio.gather(replicas.start("replica-a"), replicas.start("replica-b"))
-    settings = await mesh_env.settings_for("tester", "client")
-    async with MeshClient.connect(name="tester", settings=settings) as mesh:
+    async with _two_replicas_under_load(mesh_env, replicas) as (victim, survivor, mesh, loops):
         registry = mesh.node.registry
-        assert await registry.wait_for_capability("echo", 2, timeout=10)
-        loops = CallLoops(mesh)
         outcomes, served = loops.outcomes, loops.served
-        try:
-            await _wait_until(lambda: served("replica-a") >= 10 and served("replica-b") >= 10, 15, "both serving")
-            before_kill = time.monotonic()
-            assert victim.proc.pid is not None
-            os.kill(victim.proc.pid, signal.SIGKILL)
-            killed = time.monotonic()
+        before_kill = time.monotonic()
+        assert victim.proc.pid is not None
+        os.kill(victim.proc.pid, signal.SIGKILL)
+        killed = time.monotonic()
 
-            def victim_listed() -> bool:
-                return any(i.instance_id == victim.instance_id for i in registry.instances("echo"))
+        def victim_listed() -> bool:
+            return any(i.instance_id == victim.instance_id for i in registry.instances("echo"))
 
-            gone = await _wait_until(lambda: not victim_listed(), LEASE_TTL_S + 2, "the killed replica to leave")
-            assert await etcd.get(agent_key("echo", victim.instance_id).encode()) is None
-            await _wait_until(lambda: served("replica-b", since=gone) >= 30, 15, "calls after deregistration")
-        finally:
-            await loops.stop()
+        gone = await _wait_until(lambda: not victim_listed(), LEASE_TTL_S + 2, "the killed replica to leave")
+        assert await etcd.get(agent_key("echo", victim.instance_id).encode()) is None
+        await _wait_until(lambda: served("replica-b", since=gone) >= 30, 15, "calls after deregistration")
 
     after = [o for o in outcomes if o.start >= gone]
     between = [o for o in outcomes if killed < o.start < gone]
@@ -210,15 +220,11 @@ async def test_a_replica_paused_past_its_lease_gets_no_calls_then_registers_agai
     hears that the lease is gone, it registers again under a new lease and takes calls again. Calls a frozen
     replica holds end at their deadline (3 s here), never later; only calls started before it left may fail.
     (Before the lease expires, the calls it holds mark it unanswering: the next test.)"""
-    paused, other = await asyncio.gather(replicas.start("replica-a"), replicas.start("replica-b"))
-    key = agent_key("echo", paused.instance_id).encode()
-    old = await etcd.get(key)
-    assert old is not None
-    settings = await mesh_env.settings_for("tester", "client")
-    async with MeshClient.connect(name="tester", settings=settings) as mesh:
+    async with _two_replicas_under_load(mesh_env, replicas) as (paused, other, mesh, loops):
+        key = agent_key("echo", paused.instance_id).encode()
+        old = await etcd.get(key)
+        assert old is not None
         registry = mesh.node.registry
-        assert await registry.wait_for_capability("echo", 2, timeout=10)
-        loops = CallLoops(mesh)
         outcomes, served = loops.outcomes, loops.served
 
         def listed() -> bool:
@@ -226,7 +232,6 @@ async def test_a_replica_paused_past_its_lease_gets_no_calls_then_registers_agai
 
         assert paused.proc.pid is not None
         try:
-            await _wait_until(lambda: served("replica-a") >= 10 and served("replica-b") >= 10, 15, "both serving")
             os.kill(paused.proc.pid, signal.SIGSTOP)
             frozen = time.monotonic()
             gone = await _wait_until(lambda: not listed(), LEASE_TTL_S + 2, "the frozen replica to leave")
@@ -244,7 +249,6 @@ async def test_a_replica_paused_past_its_lease_gets_no_calls_then_registers_agai
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(paused.proc.pid, signal.SIGCONT)
-            await loops.stop()
     new = await etcd.get(key)
     assert new is not None and new.lease != old.lease, "registered again under a new lease"
     assert new.mod_revision > old.mod_revision
@@ -274,15 +278,11 @@ async def test_a_frozen_replica_is_avoided_once_the_calls_it_held_time_out(
     calls it holds show that it stopped. Each caller loses at most the call it had sent there (at its deadline);
     from the first such timeout on, every call goes to the other replica while the frozen one is avoided,
     instead of every other call waiting out its deadline. Resumed, it takes calls again."""
-    paused, other = await asyncio.gather(replicas.start("replica-a"), replicas.start("replica-b"))
-    settings = await mesh_env.settings_for("tester", "client")
-    async with MeshClient.connect(name="tester", settings=settings) as mesh:
-        assert await mesh.node.registry.wait_for_capability("echo", 2, timeout=10)
-        loops = CallLoops(mesh, timeout=HELD_CALL_TIMEOUT_S)
+    async with _two_replicas_under_load(mesh_env, replicas, timeout=HELD_CALL_TIMEOUT_S) as (
+            paused, other, _mesh, loops):
         outcomes, served = loops.outcomes, loops.served
         assert paused.proc.pid is not None
         try:
-            await _wait_until(lambda: served(paused.tag) >= 10 and served(other.tag) >= 10, 15, "both serving")
             os.kill(paused.proc.pid, signal.SIGSTOP)
             frozen = time.monotonic()
             first = await _wait_until(lambda: any(o.served_by is None for o in outcomes), 5,
@@ -296,7 +296,6 @@ async def test_a_frozen_replica_is_avoided_once_the_calls_it_held_time_out(
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(paused.proc.pid, signal.SIGCONT)
-            await loops.stop()
     held = [o for o in outcomes if first <= o.start < resumed]
     failed = [o for o in outcomes if o.served_by is None]
     report = (f"first timeout {first - frozen:.2f} s after the freeze; calls {len(outcomes)}, failed {len(failed)}; "

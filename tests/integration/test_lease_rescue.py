@@ -17,6 +17,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -224,20 +225,43 @@ async def test_a_hedged_read_gets_through_the_election_when_the_frozen_member_le
           f"members asked again {hedged.asked_again} times ({elections} election(s) frozen)")
 
 
-async def test_an_audit_copy_catches_up_on_the_shared_log_through_a_frozen_member(
-    cluster: EtcdCluster, tmp_path: Path
-) -> None:
-    """A replica's catch-up reads the mesh-wide audit log through its round-robin client, hedged as the control
-    plane wires it (`READ_HEDGE_AFTER_S`): a read handed to a frozen follower is asked of every member, so the
-    copy keeps up with what another replica commits. Unhedged, that read waits out its 10 s and fails."""
+@dataclass
+class _Sides:
+    """Clients of a 3-member cluster for a test that freezes a follower: `root` round robin over every member,
+    `leader` of the leader alone (it never meets the freeze), `pinned` of the follower alone (every request meets
+    the freeze first: round robin's worst case, made certain)."""
+
+    root: Any
+    leader: Any
+    pinned: Any
+    frozen: EtcdServer
+
+    async def close(self) -> None:
+        await asyncio.gather(self.pinned.close(), self.leader.close(), self.root.close())
+
+
+async def _sides(cluster: EtcdCluster) -> _Sides:
     root = client(cluster.access)
     await wait_connected(root)
     leader = (await root.status()).leader.name
     steady = next(m for m in cluster.members if m.name == leader)
     frozen = next(m for m in cluster.members if m.name != leader)
     assert frozen.pid is not None
-    on_leader = client(EtcdAccess(steady.endpoint, cluster.access.tls))  # the writing replica never meets the freeze
-    await wait_connected(on_leader)
+    sides = _Sides(root, client(EtcdAccess(steady.endpoint, cluster.access.tls)),
+                   client(EtcdAccess(frozen.endpoint, cluster.access.tls)), frozen)
+    await asyncio.gather(wait_connected(sides.leader), wait_connected(sides.pinned))
+    return sides
+
+
+async def test_an_audit_copy_catches_up_on_the_shared_log_through_a_frozen_member(
+    cluster: EtcdCluster, tmp_path: Path
+) -> None:
+    """A replica's catch-up reads the mesh-wide audit log through its round-robin client, hedged as the control
+    plane wires it (`READ_HEDGE_AFTER_S`): a read handed to a frozen follower is asked of every member, so the
+    copy keeps up with what another replica commits. Unhedged, that read waits out its 10 s and fails."""
+    sides = await _sides(cluster)
+    root, on_leader, frozen = sides.root, sides.leader, sides.frozen  # the writing replica never meets the freeze
+    assert frozen.pid is not None
     hedged = HedgedEtcd(root, cluster.access)
     cp = "spiffe://hivemesh.local/controlplane"
 
@@ -273,8 +297,7 @@ async def test_an_audit_copy_catches_up_on_the_shared_log_through_a_frozen_membe
         await copy.close()
         await writer.close()
         await hedged.close()
-        await on_leader.close()
-        await root.close()
+        await sides.close()
     print(f"\nFIGURE audit catch-up through a frozen member: {hedged.hedges} of 18 reads hedged, "
           f"the slowest catch-up {slowest:.2f} s")
 
@@ -286,13 +309,9 @@ async def test_audit_commits_get_through_a_frozen_member(cluster: EtcdCluster, t
     every member after 0.5 s, so none holds the lock, and every append behind it, for the request's whole 5 s.
     Each record is in the log once and the checkpoints verify. Unhedged (commits or checkpoints), an append waits
     out 5 s and fails."""
-    root = client(cluster.access)
-    await wait_connected(root)
-    leader = (await root.status()).leader.name
-    frozen = next(m for m in cluster.members if m.name != leader)
+    sides = await _sides(cluster)
+    frozen, pinned = sides.frozen, sides.pinned
     assert frozen.pid is not None
-    pinned = client(EtcdAccess(frozen.endpoint, cluster.access.tls))
-    await wait_connected(pinned)
     hedged = HedgedEtcd(pinned, cluster.access)
     cp = "spiffe://hivemesh.local/controlplane"
     store = AuditStore(tmp_path / "writer", identity=cp, checkpoint_every=1, checkpoint_interval_s=3600)
@@ -331,8 +350,7 @@ async def test_audit_commits_get_through_a_frozen_member(cluster: EtcdCluster, t
     finally:
         await store.close()
         await hedged.close()
-        await pinned.close()
-        await root.close()
+        await sides.close()
     print(f"\nFIGURE audit commits through a frozen member: {hedged.hedges} requests hedged, the slowest append "
           f"or own record's commit {slowest:.2f} s")
 
@@ -345,14 +363,9 @@ async def test_audit_progress_and_trimming_get_through_a_frozen_member(cluster: 
     round: the key never appears (and a key that did would lapse, so the leader would trim past this replica)."""
     from hivemesh.mesh.keyspace import AUDIT_APPLIED, AUDIT_LOG
 
-    root = client(cluster.access)
-    await wait_connected(root)
-    leader = (await root.status()).leader.name
-    frozen = next(m for m in cluster.members if m.name != leader)
+    sides = await _sides(cluster)
+    frozen, pinned, lead = sides.frozen, sides.pinned, sides.leader
     assert frozen.pid is not None
-    pinned = client(EtcdAccess(frozen.endpoint, cluster.access.tls))
-    lead = client(EtcdAccess(next(m for m in cluster.members if m.name == leader).endpoint, cluster.access.tls))
-    await asyncio.gather(wait_connected(pinned), wait_connected(lead))
     hedged = HedgedEtcd(pinned, cluster.access)
     store = AuditStore(tmp_path / "writer", identity="spiffe://hivemesh.local/controlplane",
                        checkpoint_every=1000, checkpoint_interval_s=3600)
@@ -394,6 +407,6 @@ async def test_audit_progress_and_trimming_get_through_a_frozen_member(cluster: 
     finally:
         await store.close()
         await hedged.close()
-        await asyncio.gather(pinned.close(), lead.close(), root.close())
+        await sides.close()
     print(f"\nFIGURE audit progress and trimming through a frozen member: published and trimmed {took:.2f} s after "
           f"the last append, {hedged.hedges} requests hedged")
