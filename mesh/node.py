@@ -285,6 +285,9 @@ class MeshNode:
             identity=self.workload.spiffe_id, instance=self.instance_id,
             agent=self.name if self.kind == "agent" else "", policy_revision=self.traffic.policy.revision,
         )
+        for cap in snap.capabilities:  # which instances this node's balancing skips now, and why
+            for inst in cap.instances:
+                inst.avoided = self.liveness.avoided(inst.instance)
         for fill in list(self.status_extras):
             fill(snap)
         return snap

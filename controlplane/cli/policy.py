@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import click
 import yaml
 from google.protobuf.message import Message
+from rich.table import Table
 from rich.text import Text
 
 from hivemesh.controlplane.cli.context import CliContext, as_operator, err, friendly_errors, out, pass_cli
@@ -178,21 +179,10 @@ def _short(identity: str) -> str:
     return "/".join(identity.split("/")[-2:])
 
 
-@click.command("status")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@pass_cli
-@friendly_errors
-def status(obj: CliContext, as_json: bool) -> None:
-    """Per node, capability and instance: breaker state, limiter use, in-flight calls, recent error rate."""
-    nodes: list[policy_pb2.NodeTraffic] = _run(obj, lambda c: c.status())
-    if as_json:
-        click.echo(json.dumps([_plain(n) for n in nodes], indent=2))
-        return
-    if not nodes:
-        out.print("no node has published its status (nodes publish every ~2 s while they run)")
-        return
+def traffic_table(nodes: list[policy_pb2.NodeTraffic]) -> Table:
+    """`hivemesh status`'s table: a row per node's capability and direction, one per instance it calls below."""
     table = new_table("node", "dir", "capability", "instance", "breaker", "in flight", "calls/10s", "errors",
-                  "limiter", "retries/limited")
+                      "limiter", "retries/limited")
     for n in nodes:
         node = f"{_short(n.identity)} ({n.instance})"
         if n.HasField("concurrency"):
@@ -205,9 +195,27 @@ def status(obj: CliContext, as_json: bool) -> None:
             table.add_row(node, cap.direction[:3], cap.capability, "", cap.breaker or "-", str(cap.in_flight),
                           str(cap.calls), f"{cap.error_rate:.1%}", limiter, extra)
             for inst in cap.instances:
-                table.add_row("", "", "", inst.instance, inst.breaker or "-", str(inst.in_flight), str(inst.calls),
+                breaker = (inst.breaker or "-") + (f", {inst.avoided}" if inst.avoided else "")
+                table.add_row("", "", "", inst.instance, breaker, str(inst.in_flight), str(inst.calls),
                               f"{inst.error_rate:.1%}", "", "")
-    out.print(table)
+    return table
+
+
+@click.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_cli
+@friendly_errors
+def status(obj: CliContext, as_json: bool) -> None:
+    """Per node, capability and instance: breaker state (and why an instance is skipped for a while: unreachable or
+    unanswering), limiter use, in-flight calls, recent error rate."""
+    nodes: list[policy_pb2.NodeTraffic] = _run(obj, lambda c: c.status())
+    if as_json:
+        click.echo(json.dumps([_plain(n) for n in nodes], indent=2))
+        return
+    if not nodes:
+        out.print("no node has published its status (nodes publish every ~2 s while they run)")
+        return
+    out.print(traffic_table(nodes))
     audited = [n for n in nodes if n.handshake_audit]
     if audited:
         tls = new_table("node", "TLS handshake audit", "refusals on record")

@@ -124,6 +124,12 @@ class Liveness:
         the seconds it is now avoided for (0.0 if it already was)."""
         return self._unanswering.strike(instance_id)
 
+    def avoided(self, instance_id: str) -> str:
+        """Why balancing skips instance_id right now, for `hivemesh status`: "unreachable", "unanswering" or ""."""
+        if self._unreachable.active(instance_id):
+            return "unreachable"
+        return "unanswering" if self._unanswering.active(instance_id) else ""
+
     def mark_ok(self, instance_id: str) -> None:
         """instance_id answered: neither suspicion holds any longer."""
         self._unreachable.clear(instance_id)

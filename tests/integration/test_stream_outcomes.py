@@ -115,6 +115,11 @@ async def test_a_stream_held_before_its_first_chunk_until_its_deadline_steers_th
                     timed_out += 1
             assert (timed_out, hung.streams, healthy.streams) == (1, 1, 7)
             assert client.node.liveness.is_unanswering(held.instance_id)
+            # What `hivemesh status` publishes for this node says so, per instance.
+            snap = client.node._status_snapshot()
+            avoided = {i.instance: i.avoided for c in snap.capabilities if c.capability == "ticks"
+                       and c.direction == "outbound" for i in c.instances}
+            assert avoided[held.instance_id] == "unanswering" and set(avoided.values()) == {"unanswering", ""}
             metrics = client.node.metrics
             assert metrics is not None
             labels = {"capability": "ticks", "peer": "spiffe://hivemesh.local/agent/ticker"}

@@ -127,3 +127,19 @@ def test_tables_never_cut_an_id(monkeypatch: pytest.MonkeyPatch) -> None:
     assert long_id in wide and "[x] kept" in wide
     narrow = render(60)  # a narrow terminal folds the id over lines, never drops its end for an ellipsis
     assert "…" not in narrow and "end" in narrow
+
+
+def test_the_status_table_says_why_an_instance_is_skipped() -> None:
+    from hivemesh.controlplane.cli.policy import traffic_table
+    from hivemesh.v1 import policy_pb2
+
+    node = policy_pb2.NodeTraffic(identity="spiffe://hivemesh.local/client/tester", instance="i-1")
+    cap = node.capabilities.add(capability="work", direction="outbound", breaker="closed", calls=9)
+    cap.instances.add(instance="flaky-a", breaker="closed", avoided="unanswering")
+    cap.instances.add(instance="flaky-b", breaker="open")
+    cap.instances.add(instance="flaky-c")
+    console = Console(file=io.StringIO(), width=200, record=True)
+    console.print(traffic_table([node]))
+    rows = {line.split("│")[4].strip(): line.split("│")[5].strip()
+            for line in console.export_text().splitlines() if "flaky-" in line}
+    assert rows == {"flaky-a": "closed, unanswering", "flaky-b": "open", "flaky-c": "-"}, rows

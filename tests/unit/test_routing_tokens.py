@@ -161,3 +161,15 @@ def test_an_unanswered_call_is_its_own_suspicion_doubling_alike_and_a_success_en
     liveness.mark_ok("a")
     assert not liveness.is_unanswering("a") and not liveness.is_suspect("a")
     assert liveness.mark_unanswered("a") == 2.0
+
+
+def test_status_says_why_an_instance_is_avoided_a_refused_connection_first() -> None:
+    now = [100.0]
+    liveness = Liveness(_Instances({"x": ["a", "b"]}), clock=lambda: now[0])
+    assert liveness.avoided("a") == ""
+    liveness.mark_unanswered("a")
+    assert liveness.avoided("a") == "unanswering" and liveness.avoided("b") == ""
+    liveness.mark_failed("a")
+    assert liveness.avoided("a") == "unreachable"
+    now[0] += 2.01
+    assert liveness.avoided("a") == ""

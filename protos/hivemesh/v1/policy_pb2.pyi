@@ -476,6 +476,7 @@ class InstanceTraffic(_message.Message):
     CALLS_FIELD_NUMBER: _builtins.int
     FAILURES_FIELD_NUMBER: _builtins.int
     ERROR_RATE_FIELD_NUMBER: _builtins.int
+    AVOIDED_FIELD_NUMBER: _builtins.int
     instance: _builtins.str
     breaker: _builtins.str
     """"closed", "open", "half-open", or "" for none"""
@@ -483,6 +484,8 @@ class InstanceTraffic(_message.Message):
     calls: _builtins.int
     failures: _builtins.int
     error_rate: _builtins.float
+    avoided: _builtins.str
+    """while this node's balancing skips it for a while: "unreachable" (its"""
     def __init__(
         self,
         *,
@@ -492,10 +495,11 @@ class InstanceTraffic(_message.Message):
         calls: _builtins.int = ...,
         failures: _builtins.int = ...,
         error_rate: _builtins.float = ...,
+        avoided: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker", b"breaker", "calls", b"calls", "error_rate", b"error_rate", "failures", b"failures", "in_flight", b"in_flight", "instance", b"instance"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["avoided", b"avoided", "breaker", b"breaker", "calls", b"calls", "error_rate", b"error_rate", "failures", b"failures", "in_flight", b"in_flight", "instance", b"instance"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
