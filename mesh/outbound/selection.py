@@ -125,7 +125,8 @@ class Liveness:
         return self._unanswering.strike(instance_id)
 
     def avoided(self, instance_id: str) -> str:
-        """Why balancing skips instance_id right now, for `hivemesh status`: "unreachable", "unanswering" or ""."""
+        """Why balancing skips instance_id right now (`InstanceSelector.choose`, `hivemesh status`): "unreachable",
+        "unanswering" or "" (not skipped)."""
         if self._unreachable.active(instance_id):
             return "unreachable"
         return "unanswering" if self._unanswering.active(instance_id) else ""
@@ -206,8 +207,7 @@ class InstanceSelector:
             usable = [i for i in candidates if not ejected(i) and not liveness.is_suspect(i.instance_id)]
             if usable:
                 return max(usable, key=lambda i: rendezvous(affinity, i.instance_id))
-        healthy = [i for i in pool if not ejected(i) and not liveness.is_suspect(i.instance_id)
-                   and not liveness.is_unanswering(i.instance_id)]
+        healthy = [i for i in pool if not ejected(i) and not liveness.avoided(i.instance_id)]
         pool = healthy or [i for i in pool if not ejected(i)] or pool
         mode = routes.load_balancer if routes is not None else ROUND_ROBIN
         return t.balancer.order(key, pool, mode)[0]
