@@ -118,8 +118,13 @@ def expected_identity(trust_domain: str, agent: str) -> str:
     return f"spiffe://{trust_domain}/agent/{agent}"
 
 
-def decode_instance(key: bytes, value: bytes, trust_domain: str | None = None) -> AgentInstance:
+def decode_instance(
+    key: bytes, value: bytes, trust_domain: str | None = None, *, create_revision: int = 0
+) -> AgentInstance:
     """Parse one registry entry; raise ValueError unless it is a valid instance stored under its own key.
+
+    create_revision is the entry's key's (from etcd, never from the document): it becomes the instance's
+    `registration_revision`, the fence its callers send.
 
     With trust_domain, the entry must also be bound to its key's identity (`spiffe://<td>/agent/<agent>`);
     otherwise ImpostorEntryError. A caller then dials and pins exactly the identity of the agent it asked for:
@@ -141,6 +146,7 @@ def decode_instance(key: bytes, value: bytes, trust_domain: str | None = None) -
             f"entry {rest} claims identity {inst.identity!r}, but only {expected_identity(trust_domain, agent)!r} "
             "may serve that agent"
         )
+    inst.registration_revision = create_revision
     return inst
 
 
@@ -164,7 +170,7 @@ async def read_instances(etcd_endpoints: Endpoints, timeout: float = 5.0) -> lis
     out: list[AgentInstance] = []
     for kv in result:
         try:
-            out.append(decode_instance(kv.key, kv.value))
+            out.append(decode_instance(kv.key, kv.value, create_revision=kv.create_revision))
         except Exception as exc:  # noqa: BLE001 - one bad entry must not hide the others
             log.warning("skipping undecodable registry entry %r: %r", kv.key, exc)
     return sorted(out, key=lambda i: (i.card.name, i.instance_id))
@@ -204,6 +210,7 @@ class Registration:
             inst.instance_id = default_instance_id()
         if not inst.registered_at_unix_ms:
             inst.registered_at_unix_ms = int(time.time() * 1000)
+        inst.ClearField("registration_revision")  # the registry's to say (decode_instance), not the document's
         validate_instance(inst)
         self._endpoints = etcd_endpoints
         self._instance = inst
@@ -250,8 +257,32 @@ class Registration:
 
     @property
     def revision(self) -> int:
-        """etcd revision of the current registration; work fenced by an older one belongs to a lost lease."""
+        """The etcd revision that created the current registration's entry (its callers' fence, see
+        `AgentInstance.registration_revision`); 0 before the first. Kept once the lease is known lost, until the
+        next registration: `fence_problem` refuses calls fenced by it from then on."""
         return self._revision
+
+    def fence_problem(self, fence: int) -> str | None:
+        """Why a call routed by the registration created at revision fence is not for this one (None: it is).
+
+        A call is for this registration only while the lease is held and fence is its revision: one routed by an
+        entry whose lease was lost (a pause past the TTL, an outage, a revoke), or by an earlier process with the
+        same instance id, was decided on a registration that is gone, and the callers that see the current one may
+        already have sent the same work elsewhere. Once stopped (deregistered on purpose, draining), calls routed by
+        the last registration are still its: no other registration of this instance took their work."""
+        if self._stopped and self._revision:
+            return None if fence == self._revision else (
+                f"the call was routed by the registration created at revision {fence}; this instance's last one was "
+                f"revision {self._revision} and it is shutting down")
+        if self._lease_id is None:
+            if self._revision and fence == self._revision:
+                return (f"the registration created at revision {fence} lost its lease; this instance is registering "
+                        "again")
+            return f"this instance holds no registration now (the call was routed by revision {fence})"
+        if fence != self._revision:
+            return (f"the call was routed by the registration created at revision {fence}; this instance's is "
+                    f"revision {self._revision} (the caller's view of the registry is stale)")
+        return None
 
     @property
     def alive_until(self) -> float:
@@ -265,6 +296,7 @@ class Registration:
         inst = AgentInstance()
         inst.CopyFrom(instance)
         inst.instance_id, inst.registered_at_unix_ms = self._instance.instance_id, self._instance.registered_at_unix_ms
+        inst.ClearField("registration_revision")
         if agent_key(inst.card.name, inst.instance_id).encode() != self._key:
             raise InvalidInputError("an update must keep the agent name and instance id")
         validate_instance(inst)
@@ -383,15 +415,16 @@ class Registration:
             raise RuntimeError(f"{self.key} vanished between compare and read; retrying")
         if existing.lease in self._granted and existing.value == self._value:
             # Our own entry from an attempt whose reply was lost: keep it rather than fight it.
-            self._adopt(existing.lease, int(existing.mod_revision))
+            self._adopt(existing.lease, int(existing.create_revision))
             return
         raise _ConflictError(
             f"{self.key} is already registered by another live instance (lease {existing.lease:x})"
         )
 
     def _adopt(self, lease_id: int, revision: int, *, alive_until: float | None = None) -> None:
-        """Take lease_id as this registration's. alive_until: when a lease granted by this attempt expires at the
-        earliest (from the time it was asked for); an entry adopted from an earlier attempt gets an estimate.
+        """Take lease_id as this registration's, created at revision. alive_until: when a lease granted by this
+        attempt expires at the earliest (from the time it was asked for); an entry adopted from an earlier attempt
+        gets an estimate.
 
         The estimate used to hold for fresh leases too, and it cost the first keepalive its rescue: that one is
         sent an interval (ttl/3) after registering, and if it goes to a member that cannot answer it fails an
@@ -605,12 +638,12 @@ class RegistryView:
         self.impostors_refused = 0
         """Entries ignored because their identity is not their agent's (each PUT counted once)."""
         self._cache: PrefixCache[AgentInstance] = PrefixCache(
-            etcd_endpoints, AGENTS_PREFIX, decode=self._decode, on_change=self._rebuild, options=options
+            etcd_endpoints, AGENTS_PREFIX, decode_entry=self._decode, on_change=self._rebuild, options=options
         )
 
-    def _decode(self, key: bytes, value: bytes) -> AgentInstance:
+    def _decode(self, key: bytes, value: bytes, create_revision: int) -> AgentInstance:
         try:
-            return decode_instance(key, value, self._trust_domain)
+            return decode_instance(key, value, self._trust_domain, create_revision=create_revision)
         except ImpostorEntryError:
             self.impostors_refused += 1
             raise

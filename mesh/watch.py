@@ -97,7 +97,9 @@ class PrefixCache(Generic[T]):
 
     Keys of `snapshot()` are the full etcd keys as str. `decode` runs once per applied PUT (and, on a re-list,
     once per key whose revision changed); a value it rejects (raises) is logged and left out, never fatal.
-    `on_change` runs synchronously after each swap, before `wait_for` waiters wake.
+    `decode_entry(key, value, create_revision)` takes its place where a value's meaning depends on which
+    creation of its key it is (the registry's fencing revision). `on_change` runs synchronously after each swap,
+    before `wait_for` waiters wake.
     """
 
     def __init__(
@@ -106,6 +108,7 @@ class PrefixCache(Generic[T]):
         prefix: str,
         *,
         decode: Callable[[bytes, bytes], T] | None = None,
+        decode_entry: Callable[[bytes, bytes, int], T] | None = None,
         on_change: Callable[[], None] | None = None,
         options: WatchOptions | None = None,
     ) -> None:
@@ -116,7 +119,11 @@ class PrefixCache(Generic[T]):
         self._endpoints = etcd_endpoints
         self._prefix = prefix.encode()
         self._range_end = _prefix_range_end(self._prefix)
-        self._decode: Callable[[bytes, bytes], Any] = decode if decode is not None else (lambda _k, v: v)
+        if decode is not None and decode_entry is not None:
+            raise ValueError("give decode or decode_entry, not both")
+        plain: Callable[[bytes, bytes], Any] = decode if decode is not None else (lambda _k, v: v)
+        self._decode: Callable[[bytes, bytes, int], Any] = (
+            decode_entry if decode_entry is not None else (lambda k, v, _created: plain(k, v)))
         self._on_change = on_change
         self._probe_interval = opts.probe_interval_s
         self._probe_timeout = opts.probe_timeout_s
@@ -314,7 +321,7 @@ class PrefixCache(Generic[T]):
                     new_data[key] = self._data[key]
                 continue
             changed = True
-            value = self._decode_value(kv.key, kv.value)
+            value = self._decode_value(kv.key, kv.value, kv.create_revision)
             if value is not _SKIP:
                 new_data[key] = cast(T, value)
         if new_revs.keys() != self._mod_revs.keys():
@@ -422,7 +429,7 @@ class PrefixCache(Generic[T]):
                 self._mod_revs.pop(key, None)
             else:
                 self._mod_revs[key] = rev
-                value = self._decode_value(ev.kv.key, ev.kv.value)
+                value = self._decode_value(ev.kv.key, ev.kv.value, ev.kv.create_revision)
                 if value is _SKIP:
                     new_data.pop(key, None)
                 else:
@@ -433,9 +440,9 @@ class PrefixCache(Generic[T]):
         if new_data is not None:
             self._publish(new_data)
 
-    def _decode_value(self, key: bytes, value: bytes) -> object:
+    def _decode_value(self, key: bytes, value: bytes, created: int) -> object:
         try:
-            return self._decode(key, value)
+            return self._decode(key, value, int(created))
         except Exception as exc:  # noqa: BLE001 - a bad value must never stop the watch
             log.warning("skipping undecodable value at %s: %r", _key_str(key), exc)
             return _SKIP

@@ -242,15 +242,31 @@ async def test_invalid_instance_refused_with_field_and_nothing_written(
     assert len(await etcd.get_prefix(AGENTS_PREFIX.encode())) == 0
 
 
-async def test_lease_lost_reregisters(
+async def test_lease_lost_reregisters_and_fences_calls_routed_by_the_old_registration(
     etcd: aetcd.Client, etcd_server: EtcdServer, view: RegistryView
 ) -> None:
-    reg = Registration(etcd_server.access, make_instance("alpha", "a-1", ["extract"]), ttl_s=3)
+    """E2's fencing: readers see the revision that created the entry (an update keeps it), and once the lease is
+    lost and the instance registered again, a call routed by the old one is refused; after a deliberate stop the
+    last registration's calls are still its own (draining)."""
+    inst = make_instance("alpha", "a-1", ["extract"])
+    inst.registration_revision = 1  # written by no registrant: the registry says it
+    reg = Registration(etcd_server.access, inst, ttl_s=3)
     await reg.start(timeout=5)
     try:
         assert await view.wait_for_capability("extract", timeout=5)
         old_lease, old_rev = reg.lease_id, reg.revision
         assert old_lease is not None
+        kv = await etcd.get(agent_key("alpha", "a-1").encode())
+        assert kv is not None and kv.create_revision == old_rev > 1
+        assert view.instances("extract")[0].registration_revision == old_rev
+        assert reg.fence_problem(old_rev) is None
+        changed = AgentInstance()
+        changed.CopyFrom(inst)
+        changed.labels["zone"] = "b"
+        await reg.update(changed)  # same registration, new document: the fence stays
+        assert await view.cache.wait_for(
+            lambda s: any(i.labels.get("zone") == "b" for i in s.values()), timeout=5)
+        assert view.instances("extract")[0].registration_revision == old_rev == reg.revision
         await etcd.revoke_lease(old_lease)  # an operator (or an expiry during a long pause) kills the lease
         assert await view.cache.wait_for(lambda s: not s, timeout=2)
         assert await view.wait_for_capability("extract", timeout=3 + 2), "re-registered within ttl/3 + slack"
@@ -258,9 +274,16 @@ async def test_lease_lost_reregisters(
         assert reg.lease_id not in (None, old_lease) and reg.revision > old_rev
         assert reg.leases_lost == 1 and reg.registrations == 2
         kv = await etcd.get(agent_key("alpha", "a-1").encode())
-        assert kv is not None and kv.lease == reg.lease_id
+        assert kv is not None and kv.lease == reg.lease_id and kv.create_revision == reg.revision
+        assert view.instances("extract")[0].registration_revision == reg.revision
+        problem = reg.fence_problem(old_rev)
+        assert problem is not None and f"revision {old_rev}" in problem and f"revision {reg.revision}" in problem
+        assert reg.fence_problem(reg.revision) is None
     finally:
+        new_rev = reg.revision
         await reg.stop()
+    assert reg.fence_problem(new_rev) is None  # deregistered on purpose: its calls drain
+    assert reg.fence_problem(old_rev) is not None
 
 
 async def test_registration_survives_etcd_restart(own_etcd: EtcdServer) -> None:

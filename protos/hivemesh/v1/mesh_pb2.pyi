@@ -56,6 +56,7 @@ class AgentInstance(_message.Message):
     PACKAGING_FIELD_NUMBER: _builtins.int
     REGISTERED_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    REGISTRATION_REVISION_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     endpoint: _builtins.str
     """host:port serving mTLS (a sidecar's inbound port or an SDK agent)"""
@@ -64,6 +65,13 @@ class AgentInstance(_message.Message):
     packaging: _builtins.str
     """"sidecar" or "in-process" """
     registered_at_unix_ms: _builtins.int
+    registration_revision: _builtins.int
+    """The etcd revision that created this entry (its key's create_revision): set by whoever reads the registry,
+    never by the registrant (a value written is ignored). A lease lost and registered again gets a new one; an
+    update of the same registration keeps it. A caller sends it with each call as the `hivemesh-fence` header,
+    and the instance refuses a call fenced by any other registration than its current one (STALE_REGISTRATION):
+    the caller routed by a registration that is gone.
+    """
     @_builtins.property
     def card(self) -> _agent_pb2.AgentCard: ...
     @_builtins.property
@@ -78,10 +86,11 @@ class AgentInstance(_message.Message):
         packaging: _builtins.str = ...,
         registered_at_unix_ms: _builtins.int = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        registration_revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["card", b"card"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["card", b"card", "endpoint", b"endpoint", "identity", b"identity", "instance_id", b"instance_id", "labels", b"labels", "packaging", b"packaging", "registered_at_unix_ms", b"registered_at_unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card", b"card", "endpoint", b"endpoint", "identity", b"identity", "instance_id", b"instance_id", "labels", b"labels", "packaging", b"packaging", "registered_at_unix_ms", b"registered_at_unix_ms", "registration_revision", b"registration_revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
