@@ -188,6 +188,15 @@ class AgentUnavailableError(HivemeshError):
     default_message = "the agent could not be reached"
 
 
+class StaleRegistrationError(HivemeshError):
+    """The call was routed by a registration of the instance that is gone (its `hivemesh-fence` names another
+    one): nothing ran, and the caller's mesh sends it to an instance its registry knows now."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "STALE_REGISTRATION"
+    default_message = "the call was routed by a registration of this instance that is gone"
+
+
 class DeadlineExceededError(HivemeshError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     reason = "DEADLINE_EXCEEDED"

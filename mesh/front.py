@@ -17,6 +17,7 @@ from hivemesh.mesh.authz import AUTHZ
 from hivemesh.mesh.budget import BUDGETS, TokenBudgets
 from hivemesh.mesh.budget_ledger import SpendLedger
 from hivemesh.mesh.inbound import AGENT_SERVICE, DecisionObserver, MeshInboundInterceptor, build_inbound_chain
+from hivemesh.mesh.layers.fence import FenceLayer
 from hivemesh.mesh.layers.loopguard import DEFAULT_MAX_CALL_DEPTH
 from hivemesh.mesh.layers.output_screen import DEFAULT_CLASSIFIER, Classifier
 from hivemesh.mesh.layers.screen import ContentScreen
@@ -42,6 +43,8 @@ class FrontDoor:
     """Shares the budgets' spend with the other replicas; started before serving, stopped after."""
     inbound: MeshInboundInterceptor | None = None
     """The interceptor that runs the chain: a Link serves each of its calls through it (mesh/link_server.py)."""
+    fence: FenceLayer | None = None
+    """The chain's fence: the packaging has it `follow` the instance's registration once registered."""
 
     async def start(self, host: str, port: int) -> None:
         """Start serving on the port already added, and auditing the handshakes refused there."""
@@ -99,6 +102,7 @@ def open_front_door(
     verifier = node.verifier()
     if metrics is not None:
         metrics.watch_verifier(verifier)
+    fence = FenceLayer()
     chain = build_inbound_chain(
         trust_domain=node.settings.trust_domain,
         verifier=verifier,
@@ -117,6 +121,7 @@ def open_front_door(
         signer=lambda: Signer(node.workload.key_pem, node.workload.cert_pem),
         instance_id=instance_id,
         output_classifier=output_classifier or DEFAULT_CLASSIFIER,
+        fence=fence,
     )
     log = (
         open_node_audit(node, spiffe_id=node.workload.spiffe_id, instance=instance_id, directory=audit_dir)
@@ -132,4 +137,5 @@ def open_front_door(
         observers = [metrics.inbound_observer(capabilities), *observers]
     inbound = MeshInboundInterceptor(chain, observers=[*observers, *([log] if log is not None else [])])
     server = ManagedServer(services=[AGENT_SERVICE], interceptors=[inbound], readiness=readiness)
-    return FrontDoor(server=server, audit=log, node=node, budgets=budgets, ledger=ledger, inbound=inbound)
+    return FrontDoor(server=server, audit=log, node=node, budgets=budgets, ledger=ledger, inbound=inbound,
+                     fence=fence)

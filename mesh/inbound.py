@@ -33,6 +33,7 @@ from hivemesh.mesh.layers import (
 from hivemesh.mesh.layers.admission import Admission, Done
 from hivemesh.mesh.layers.authz import AuthzLayer
 from hivemesh.mesh.layers.base import AnsweringLayer
+from hivemesh.mesh.layers.fence import FenceLayer
 from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
 from hivemesh.mesh.layers.loopguard import DEFAULT_MAX_CALL_DEPTH, LoopGuardLayer
 from hivemesh.mesh.layers.output_screen import DEFAULT_CLASSIFIER, Classifier, output_screen_layer
@@ -105,6 +106,7 @@ def build_inbound_chain(
     signer: Callable[[], Signer] | None = None,
     instance_id: str = "",
     output_classifier: Classifier = DEFAULT_CLASSIFIER,
+    fence: FenceLayer | None = None,
 ) -> InboundChain:
     """The inbound chain, in the order the checks must run.
 
@@ -116,7 +118,9 @@ def build_inbound_chain(
     passes through. meters are layers that only watch (the node's usage meter): they come last and never refuse.
     signer gives this workload's key and certificate, for capabilities with signed_payloads (required then), and
     instance_id this instance's registry id (what a caller signs a request for);
-    output_classifier finds what the output screen of a capability that declares one acts on.
+    output_classifier finds what the output screen of a capability that declares one acts on; fence refuses
+    calls routed by a registration of this instance that is gone (given by the front door, which has it follow
+    the instance's registration).
     """
     capabilities = tuple(capabilities)
     me = f"spiffe://{trust_domain}/agent/{agent_name}"
@@ -144,6 +148,10 @@ def build_inbound_chain(
             #    × action. Default deny. Before the rate limit, so a denied caller spends no one's quota, and
             #    before the input guard, so it learns nothing about inputs and costs no JSON decode.
             AuthzLayer(authz, f"spiffe://{trust_domain}/agent/{agent_name}"),
+            # 3a. Is the call for this registration: one routed by a registry entry of this instance that is gone
+            #     (its lease lost) is refused unrun, so the caller routes it again. After authz (a stranger learns
+            #     nothing of the registration), before anything that spends, counts or decodes.
+            *([fence] if fence is not None else []),
             # 3b. Would this call re-enter this agent (A -> B -> A) or go too deep: refused at once instead of
             #     looping until the deadline. After authz (a stranger learns nothing), before the rate limit and
             #     budget (a looping call spends no one's quota) and the input guard (no JSON decode).

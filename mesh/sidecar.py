@@ -340,6 +340,8 @@ class Sidecar:
             )
             self._registration = Registration(self.node.etcd, instance, ttl_s=cfg.lease_ttl_s)
             await self._registration.start()
+            if front.fence is not None:
+                front.fence.follow(self._registration.fence_problem)
             self.health.follow(self.node, self._registration)
             self.health.watch_agent(self._agent_channel, cfg.agent)
             await self.health.open([AGENT_SERVICE])

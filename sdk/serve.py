@@ -245,6 +245,8 @@ class AgentServer:
             )
             self._registration = Registration(self.node.etcd, instance, ttl_s=self.config.lease_ttl_s)
             await self._registration.start()
+            if front.fence is not None:
+                front.fence.follow(self._registration.fence_problem)
             self.health.follow(self.node, self._registration)
             await self.agent.on_start()
             await self.health.open([AGENT_SERVICE])

@@ -19,7 +19,13 @@ from dataclasses import dataclass
 import grpc
 
 from hivemesh.mesh import tracing
-from hivemesh.mesh.errors import CircuitOpenError, DeadlineExceededError, HivemeshError, TokenExpiredError
+from hivemesh.mesh.errors import (
+    CircuitOpenError,
+    DeadlineExceededError,
+    HivemeshError,
+    StaleRegistrationError,
+    TokenExpiredError,
+)
 from hivemesh.mesh.outbound.call import Metadata, OutboundCall, idempotent
 from hivemesh.mesh.outbound.events import OutboundEvents
 from hivemesh.mesh.outbound.selection import InstanceSelector, Liveness
@@ -249,7 +255,7 @@ class Attempts:
             except AttemptError as failed:
                 err, never_sent = failed.error, failed.never_sent
                 failure = err
-                if never_sent or err.code in failure_codes:
+                if never_sent or (err.code in failure_codes and err.reason != StaleRegistrationError.reason):
                     health = "failed"
             finally:
                 if span is not None:
@@ -274,6 +280,13 @@ class Attempts:
             if never_sent:
                 report_unreachable(liveness, cap, instance, parts.events)
                 continue  # the request never left: another instance may take it, free of any budget
+            if err.reason == StaleRegistrationError.reason:
+                # Routed by a registration of the instance that is gone (mesh/layers/fence.py): it ran nothing, so
+                # another instance may take it, free of any budget; this one again once the registry shows its new
+                # registration (a later retry, after `tried` is cleared).
+                log.info("instance %s of %s refused a call routed by its old registration: %s", instance.instance_id,
+                         cap, err.message)
+                continue
             if err.code == grpc.StatusCode.DEADLINE_EXCEEDED and held_to_deadline(per_try, sent_at):
                 report_unanswered(liveness, cap, instance, parts.events)
             if policy is None:

@@ -30,8 +30,10 @@ from hivemesh.mesh.errors import (
     DeadlineExceededError,
     HivemeshError,
     PolicyDeniedError,
+    StaleRegistrationError,
     from_rpc_error,
 )
+from hivemesh.mesh.layers.fence import FENCE_HEADER
 from hivemesh.mesh.outbound.attempts import (
     TOKEN_REFUSALS,
     AttemptError,
@@ -130,6 +132,9 @@ class OutboundPipeline:
             token = await self.tokens.get_delegated(subject, instance.identity, capability)
         else:
             token = await self.tokens.get(instance.identity, capability)
+        fence = instance.registration_revision
+        if fence:  # the registration this call is routed by: the instance refuses it if that one is gone
+            return [*metadata, ("authorization", f"Bearer {token}"), (FENCE_HEADER, str(fence))]
         return [*metadata, ("authorization", f"Bearer {token}")]
 
     # --- who is calling, for the answer cache ------------------------------------------------------------------
@@ -400,9 +405,13 @@ class OutboundPipeline:
                 except grpc.aio.AioRpcError as exc:
                     err = from_rpc_error(exc)
                     never_sent = not started and _never_sent(exc)
-                    health = "failed" if never_sent or exc.code() in failure_codes else "neutral"
+                    fenced = not started and err.reason == StaleRegistrationError.reason
+                    health = "failed" if never_sent or (exc.code() in failure_codes and not fenced) else "neutral"
                     if never_sent:
                         report_unreachable(self.liveness, capability, instance, self.events)
+                        tried.add(instance.instance_id)
+                        last = err
+                    elif fenced:  # routed by a registration that is gone: it ran nothing, another instance may
                         tried.add(instance.instance_id)
                         last = err
                     else:

@@ -219,11 +219,18 @@ async def test_a_replica_paused_past_its_lease_gets_no_calls_then_registers_agai
     no call started after that is routed to it (every one is served by the other replica). Resumed, its keepalive
     hears that the lease is gone, it registers again under a new lease and takes calls again. Calls a frozen
     replica holds end at their deadline (3 s here), never later; only calls started before it left may fail.
-    (Before the lease expires, the calls it holds mark it unanswering: the next test.)"""
-    async with _two_replicas_under_load(mesh_env, replicas) as (paused, other, mesh, loops):
+    And it rejects work fenced by the old revision: a caller whose registry view froze before the pause (its
+    watch cut off) still routes by the old entry, and every such call is refused there unrun and served by the
+    other replica. (Before the lease expires, the calls it holds mark it unanswering: the next test.)"""
+    async with (
+        _two_replicas_under_load(mesh_env, replicas) as (paused, other, mesh, loops),
+        MeshClient.connect(name="stale", settings=await mesh_env.settings_for("stale", "client")) as stale,
+    ):
         key = agent_key("echo", paused.instance_id).encode()
         old = await etcd.get(key)
         assert old is not None
+        assert await stale.node.registry.wait_for_capability("echo", 2, timeout=10)
+        await stale.node.registry.stop()  # its view stays as it is now, holding the registration about to be lost
         registry = mesh.node.registry
         outcomes, served = loops.outcomes, loops.served
 
@@ -246,12 +253,14 @@ async def test_a_replica_paused_past_its_lease_gets_no_calls_then_registers_agai
             resumed = time.monotonic()
             back = await _wait_until(listed, LEASE_TTL_S + 5, "the resumed replica to register again")
             await _wait_until(lambda: served("replica-a", since=back) >= 10, 15, "calls to the resumed replica")
+            fenced = [(await stale.call("echo", {"text": "stale"}, timeout=3))["served_by"] for _ in range(10)]
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(paused.proc.pid, signal.SIGCONT)
     new = await etcd.get(key)
     assert new is not None and new.lease != old.lease, "registered again under a new lease"
-    assert new.mod_revision > old.mod_revision
+    assert new.create_revision > old.create_revision
+    assert fenced == [other.tag] * 10, "calls routed by the old registration were served by the resumed replica"
     while_gone = [o for o in outcomes if gone <= o.start < resumed]
     failed = [o for o in outcomes if o.served_by is None]
     report = (f"frozen {resumed - frozen:.1f} s (TTL {LEASE_TTL_S} s): left the registry after {gone - frozen:.2f} s, "

@@ -263,6 +263,13 @@ async def _two_auth_headers(rig: Rig) -> Attack:
     return rig.tester.creds, request(), [("authorization", f"Bearer {t}"), ("authorization", f"Bearer {t}")]
 
 
+def _fenced(value: str) -> Callable[[Rig], Awaitable[Attack]]:
+    """A genuine call carrying `hivemesh-fence: value`: a malformed one, or a registration not the instance's."""
+    async def make(rig: Rig) -> Attack:
+        return rig.tester.creds, request(), [*bearer(await real(rig)), ("hivemesh-fence", value)]
+    return make
+
+
 async def _basic(rig: Rig) -> Attack:
     return rig.tester.creds, request(), [("authorization", "Basic dXNlcjpwYXNz")]
 
@@ -419,6 +426,12 @@ CASES = [
     Case("delegation deeper than 5 actors", U, "TOKEN_INVALID", _too_deep),
     Case("delegated token presented by someone else", P, "IDENTITY_MISMATCH", _delegated_wrong_presenter),
     Case("valid token, capability not in scope", P, "SCOPE_MISSING", _scope_missing),
+    Case("fenced by another registration of the instance", grpc.StatusCode.UNAVAILABLE, "STALE_REGISTRATION",
+         _fenced("1")),
+    Case("fence header not a number", I, "INVALID_INPUT", _fenced("12; DROP TABLE")),
+    Case("fence header of 40 digits", I, "INVALID_INPUT", _fenced("9" * 40)),
+    Case("fence header of a negative revision", I, "INVALID_INPUT", _fenced("-5")),
+    Case("fence header of revision 0", I, "INVALID_INPUT", _fenced("0")),
     Case("scope for another action (echo:stream)", P, "SCOPE_MISSING", _wrong_action),
     # authorization (capability names fuzzed against a DENY rule on admin*: none reaches an agent)
     Case("authz DENY rule", P, "POLICY_DENIED", _payload("admin", scopes=("admin",))),

@@ -21,6 +21,7 @@ from hivemesh.mesh.errors import (
     DeadlineExceededError,
     HivemeshError,
     OverloadedError,
+    StaleRegistrationError,
     TokenExpiredError,
 )
 from hivemesh.mesh.outbound.attempts import AttemptError, AttemptParts, Attempts
@@ -202,6 +203,27 @@ async def test_a_never_sent_request_fails_over_free_of_budget_and_marks_the_inst
     with pytest.raises(AgentUnavailableError):
         await rig.attempts(agents).run()  # every instance unreachable, no policy to retry with
     assert len(agents.sent) == 2
+
+
+async def test_a_call_refused_as_routed_by_a_gone_registration_goes_elsewhere_even_unkeyed_and_non_idempotent() -> None:
+    """STALE_REGISTRATION says the instance ran nothing (mesh/layers/fence.py): the call goes to another instance,
+    free of any budget, although a call that may have run could not be sent again; no breaker counts it."""
+    rig = _Rig(("a", "b"), idempotent=False)
+    settings = BreakerSettings("b", instance=BreakerPolicy(consecutive_failures=1, open_s=60, max_open_s=60),
+                               capability=None, max_ejected_share=1.0)
+    agents = _Agents([sent_failure(StaleRegistrationError("routed by revision 7; this one is 9")), b"ok"])
+    attempts = rig.attempts(agents, OutboundPolicies(None, None, settings, None))  # no retry policy
+    raw, instance = await attempts.run()
+    first = agents.sent[0][0]
+    assert raw == b"ok" and instance.instance_id != first and attempts.retries == 0 and attempts.attempt == 1
+    assert rig.state.peek_instance_breaker("work", first).state is State.CLOSED  # type: ignore[union-attr]
+    assert not rig.liveness.is_suspect(first) and not rig.liveness.is_unanswering(first)
+    # The only instance: nothing else may take it, and the caller hears why.
+    rig = _Rig(("a",), idempotent=False)
+    agents = _Agents([sent_failure(StaleRegistrationError("routed by revision 7; this one is 9")), b"never reached"])
+    with pytest.raises(StaleRegistrationError, match="revision 7"):
+        await rig.attempts(agents).run()
+    assert len(agents.sent) == 1
 
 
 HELD_S = 0.2  # the deadline of the calls an instance holds in these tests
