@@ -229,6 +229,7 @@ class Registration:
         self._stopped = False
         self._failures = 0
         self._alive_until = 0.0  # monotonic: the lease expires no earlier than this (TTL from the last send)
+        self._renewing_since: float | None = None  # when the keepalive in flight was sent (None: none is)
         self.registrations = 0
         self.leases_lost = 0
         self.keepalive_rescues = 0
@@ -282,7 +283,25 @@ class Registration:
         if fence != self._revision:
             return (f"the call was routed by the registration created at revision {fence}; this instance's is "
                     f"revision {self._revision} (the caller's view of the registry is stale)")
-        return None
+        return self._paused_problem()
+
+    def _paused_problem(self) -> str | None:
+        """Why the lease may have expired unnoticed (None: it may not have).
+
+        Its known life ran out, and not because etcd failed to answer: no keepalive failed, and none sent while the
+        lease was known alive is still out. So this process stood still past the TTL (SIGSTOP, a stalled loop, a
+        suspended VM): the calls it finds waiting on resume were routed by a registration that has most likely
+        expired, and it cannot know before etcd answers the keepalive now due. While etcd is unreachable the
+        failures are known and calls keep flowing: only etcd's answer ends a registration then."""
+        now = time.monotonic()
+        if now <= self._alive_until or self._failures:
+            return None
+        since = self._renewing_since
+        if since is not None and since < self._alive_until:
+            return None  # a keepalive sent in time is out: its answer (or failure) decides
+        return (f"this instance's lease (revision {self._revision}) was known alive only until "
+                f"{now - self._alive_until:.1f} s ago and no keepalive failed since: this process stood still past the "
+                "lease's TTL, so the lease has likely expired; refusing calls routed by it until etcd answers")
 
     @property
     def alive_until(self) -> float:
@@ -494,7 +513,13 @@ class Registration:
     async def _keepalive(self, lease_id: int) -> int:
         """One keepalive; the lease's TTL after it (<= 0: gone). On the shared channel first; if that fails while
         the lease may still be alive and there are other members, on every member at once until it would expire."""
-        sent = time.monotonic()
+        sent = self._renewing_since = time.monotonic()
+        try:
+            return await self._refresh(lease_id, sent)
+        finally:
+            self._renewing_since = None  # the caller counts a failure before anything else runs (no await between)
+
+    async def _refresh(self, lease_id: int, sent: float) -> int:
         try:
             c = await self._get_client()
             async with asyncio.timeout(self._op_timeout):

@@ -286,6 +286,36 @@ async def test_lease_lost_reregisters_and_fences_calls_routed_by_the_old_registr
     assert reg.fence_problem(old_rev) is not None
 
 
+def _stand_still(seconds: float) -> None:
+    """The fault itself: this process's event loop stands still, as a SIGSTOPped or starved process's does."""
+    time.sleep(seconds)  # called from the loop on purpose: blocking it is the fault
+
+
+async def test_a_process_that_stood_still_past_its_ttl_refuses_calls_fenced_by_its_lease_until_etcd_answers(
+    etcd: aetcd.Client, etcd_server: EtcdServer, view: RegistryView
+) -> None:
+    """E2 "on resume it ... rejects work fenced by the old revision", before it has even heard `lease not found`:
+    calls waiting when a paused process resumes were routed by a registration that has most likely expired, and
+    they run before the keepalive now due can come back. A stand-still shorter than the lease's known life
+    refuses nothing."""
+    ttl = 2
+    reg = Registration(etcd_server.access, make_instance("alpha", "a-1", ["extract"]), ttl_s=ttl)
+    await reg.start(timeout=5)
+    try:
+        rev = reg.revision
+        _stand_still(0.2)
+        assert reg.fence_problem(rev) is None
+        _stand_still(2 * ttl + 0.5)  # past the TTL: etcd expires the lease meanwhile
+        problem = reg.fence_problem(rev)  # the loop has not run since: nothing told the registration yet
+        assert problem is not None and "stood still past the lease's TTL" in problem
+        assert reg.registered and reg.revision == rev
+        assert await _until(lambda: reg.registrations == 2, 5), "registered again once etcd said the lease is gone"
+        assert reg.leases_lost == 1 and reg.revision > rev
+        assert reg.fence_problem(rev) is not None and reg.fence_problem(reg.revision) is None
+    finally:
+        await reg.stop()
+
+
 async def test_registration_survives_etcd_restart(own_etcd: EtcdServer) -> None:
     ttl = 2
     reg = Registration(
