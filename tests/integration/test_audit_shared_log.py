@@ -504,3 +504,51 @@ async def test_the_leader_checkpoints_right_after_a_commit_without_reading_the_l
         assert report.ok, report.problem
     finally:
         await a.stop()
+
+
+@pytest.mark.parametrize("apply", ["as built", "caught up"])
+async def test_an_append_cancelled_while_its_lines_are_synced_leaves_no_resend_to_store_twice(
+    etcd: Any, etcd_server: EtcdServer, tmp_path: Path, apply: str
+) -> None:
+    """A node SIGKILLed mid-AppendBatch cancels the handler where it waits. Right after the lines are written
+    (awaiting their fsync), the source's head must already say so: the next node to ship that spool asks
+    `source_state` and resends from there, and a head left behind had those records appended twice
+    (tests/e2e/test_audit_kill.py saw seq 151 twice). "as built": this replica's own commit (apply_sealed_locked);
+    "caught up": entries another replica committed, applied on a catch-up (apply_locked)."""
+    a = await Replica("a", tmp_path, etcd_server).start()
+    b = await Replica("b", tmp_path, etcd_server).start() if apply == "caught up" else a
+    try:
+        node = NodeChain()
+        await a.store.append("spool-1", NODE, node.next(2))
+        if b is not a:
+            await b.store.sync()
+            await a.store.append("spool-1", NODE, node.next(3))  # b's copy is now behind: its next append catches up
+            batch, appender = node.next(2), b
+        else:
+            batch, appender = node.next(3), a
+        before = appender.store.seq
+        task = asyncio.create_task(appender.store.append("spool-1", NODE, batch))
+        async with asyncio.timeout(10):
+            # One loop step at a time, no event to wait on: the lines are written synchronously, then the fsync is
+            # awaited, and that await is where the cancel must land.
+            while appender.store.seq == before and not task.done():  # noqa: ASYNC110
+                await asyncio.sleep(0)
+        assert not task.done(), "the append ended before it could be cancelled at its fsync"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # What the copy holds and what it says about the source agree: the resend is recognised, stored once.
+        last = [json.loads(line) for line in appender.store.lines()][-1]
+        assert appender.store.source_state("spool-1")[0] == last["record"]["seq"], (
+            appender.store.source_state("spool-1"), last["record"]["seq"])
+        resend_from = appender.store.source_state("spool-1")[0]
+        stored = (await appender.store.append("spool-1", NODE, _resend(node, node.seq - resend_from)))[2] \
+            if node.seq > resend_from else 0
+        assert appender.store.source_state("spool-1") == (node.seq, node.prev)
+        report = appender.report()
+        assert report.ok, report.problem
+        assert report.entries == node.seq, (report.entries, node.seq, stored)
+    finally:
+        if b is not a:
+            await b.stop()
+        await a.stop()
