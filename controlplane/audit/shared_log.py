@@ -208,7 +208,7 @@ class SharedLog:
         The first attempt is built on this copy as it is (no read first): the transaction holds only if etcd's
         tail is this copy's head, so a copy that lagged just costs a refused attempt, after which build() runs
         again against the caught-up copy (as it does after every conflict). Once committed, the entries are
-        applied as built (`apply_sealed_locked`): no read back, no second parse or hash."""
+        applied as built (`write_sealed_locked`): no read back, no second parse or hash."""
         committed = 0
         conflicts = 0
         store = self.store
@@ -253,11 +253,12 @@ class SharedLog:
                 if self._unsettled is not None and self._unsettled[0] == first:
                     self._unsettled = None  # this batch holds its seq now: the unanswered one never will
                 self.commits += 1
-                await store.apply_sealed_locked(chunk, last, head, items[:n])
+                store.write_sealed_locked(chunk, last, head, items[:n])
                 items = items[n:]  # the rest still extends the (now longer) copy: it was checked as a chain
                 committed += n
                 if on_commit is not None:
-                    on_commit(n)
+                    on_commit(n)  # with the lines, before any await: a cancel there must not part them
+                await store.fsync_locked()
                 await self._after_commit_locked()
                 if not items:
                     return committed

@@ -380,19 +380,25 @@ class AuditStore:
             seq, head = entry["seq"], entry["hash"]
             sources[str(entry["source"])] = _Source(str(rec.get("node", "")), int(rec["seq"]), str(rec["hash"]))
         self._write_raw_locked(b"".join(line.rstrip(b"\n") + b"\n" for line in lines), seq, head)
-        self._sources.update(sources)  # with the lines, before the next await (see apply_sealed_locked)
+        self._sources.update(sources)  # with the lines, before the next await (see write_sealed_locked)
         assert self._fd is not None
         await asyncio.to_thread(os.fsync, self._fd)
 
-    async def apply_sealed_locked(self, lines: Sequence[bytes], seq: int, head: str, items: Sealable) -> None:
+    def write_sealed_locked(self, lines: Sequence[bytes], seq: int, head: str, items: Sealable) -> None:
         """Append entries this replica sealed (`seal_entries`: lines, the last seq and its hash) from items it
-        checked, once etcd committed them: no parse or hash again, they are the bytes it built, fsynced.
+        checked, once etcd committed them: no parse or hash again, they are the bytes it built. Not yet fsynced:
+        the caller settles what the commit changed, then awaits `fsync_locked`.
 
-        The sources' heads move with the lines, before the fsync is awaited: an AppendBatch whose node died mid-call
-        is cancelled at that await, and a head left behind the lines had the next node to ship that spool (asking
-        `source_state`) send those records again, to be appended twice (tests/e2e/test_audit_kill.py)."""
+        Nothing is awaited between the lines and the state that describes them (the sources' heads here, the
+        control plane's pending records in the caller): a handler whose caller went away (a node killed
+        mid-AppendBatch, an operator's Ctrl-C) is cancelled at its next await, and a head left behind its lines
+        had the next node to ship that spool (asking `source_state`) send those records again, to be appended
+        twice (tests/e2e/test_audit_kill.py)."""
         self._write_raw_locked(b"".join(lines), seq, head)
         self._sources.update(_last_per_source(items))
+
+    async def fsync_locked(self) -> None:
+        """Make what was written durable."""
         assert self._fd is not None
         await asyncio.to_thread(os.fsync, self._fd)
 

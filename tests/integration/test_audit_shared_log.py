@@ -513,7 +513,7 @@ async def test_an_append_cancelled_while_its_lines_are_synced_leaves_no_resend_t
     """A node SIGKILLed mid-AppendBatch cancels the handler where it waits. Right after the lines are written
     (awaiting their fsync), the source's head must already say so: the next node to ship that spool asks
     `source_state` and resends from there, and a head left behind had those records appended twice
-    (tests/e2e/test_audit_kill.py saw seq 151 twice). "as built": this replica's own commit (apply_sealed_locked);
+    (tests/e2e/test_audit_kill.py saw seq 151 twice). "as built": this replica's own commit (write_sealed_locked);
     "caught up": entries another replica committed, applied on a catch-up (apply_locked)."""
     a = await Replica("a", tmp_path, etcd_server).start()
     b = await Replica("b", tmp_path, etcd_server).start() if apply == "caught up" else a
@@ -551,4 +551,36 @@ async def test_an_append_cancelled_while_its_lines_are_synced_leaves_no_resend_t
     finally:
         if b is not a:
             await b.stop()
+        await a.stop()
+
+
+async def test_own_records_committed_by_a_cancelled_read_are_not_committed_again(
+    etcd: Any, etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    """A read (query, export, verify) first commits the control plane's pending records; cancelled by its
+    caller right after their commit, while the lines are synced, the records must be off the queue already, or
+    the next commit chains them again (each decision in the log twice)."""
+    a = await Replica("a", tmp_path, etcd_server, poll_s=3600).start()  # no background commit: the read does it
+    try:
+        for i in range(3):
+            await a.store.record({"method": f"m{i}", "decision": "allow"})
+        assert len(a.store.pending) == 3
+        before = a.store.seq
+        task = asyncio.create_task(a.store.sync())
+        async with asyncio.timeout(10):
+            # One loop step at a time, no event to wait on (see the test above).
+            while a.store.seq == before and not task.done():  # noqa: ASYNC110
+                await asyncio.sleep(0)
+        assert not task.done(), "the read ended before it could be cancelled at its fsync"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not a.store.pending
+        await a.store.record({"method": "after", "decision": "allow"})
+        await a.store.sync()
+        methods = [json.loads(line)["record"].get("method") for line in a.store.lines()]
+        assert methods == ["m0", "m1", "m2", "after"]
+        report = a.report()
+        assert report.ok, report.problem
+    finally:
         await a.stop()
