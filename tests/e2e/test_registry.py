@@ -305,7 +305,7 @@ async def test_a_process_that_stood_still_past_its_ttl_refuses_calls_fenced_by_i
         rev = reg.revision
         _stand_still(0.2)
         assert reg.fence_problem(rev) is None
-        _stand_still(2 * ttl + 0.5)  # past the TTL: etcd expires the lease meanwhile
+        _stand_still(2 * ttl + 1.0)  # past the TTL: etcd expires the lease meanwhile (it checks every 0.5 s)
         problem = reg.fence_problem(rev)  # the loop has not run since: nothing told the registration yet
         assert problem is not None and "stood still past the lease's TTL" in problem
         assert reg.registered and reg.revision == rev
