@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -506,6 +506,22 @@ async def test_the_leader_checkpoints_right_after_a_commit_without_reading_the_l
         await a.stop()
 
 
+async def _cancel_at_the_fsync(store: AuditStore, work: Coroutine[Any, Any, Any]) -> None:
+    """Run work (an append or a read) and cancel it, as gRPC cancels a handler whose caller went away, at the
+    await right after it wrote lines to store's copy: their fsync."""
+    before = store.seq
+    task = asyncio.create_task(work)
+    async with asyncio.timeout(10):
+        # One loop step at a time, no event to wait on: the lines are written synchronously, then the fsync is
+        # awaited, and that await is where the cancel must land.
+        while store.seq == before and not task.done():  # noqa: ASYNC110
+            await asyncio.sleep(0)
+    assert not task.done(), "the work ended before it could be cancelled at its fsync"
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 @pytest.mark.parametrize("apply", ["as built", "caught up"])
 async def test_an_append_cancelled_while_its_lines_are_synced_leaves_no_resend_to_store_twice(
     etcd: Any, etcd_server: EtcdServer, tmp_path: Path, apply: str
@@ -526,17 +542,7 @@ async def test_an_append_cancelled_while_its_lines_are_synced_leaves_no_resend_t
             batch, appender = node.next(2), b
         else:
             batch, appender = node.next(3), a
-        before = appender.store.seq
-        task = asyncio.create_task(appender.store.append("spool-1", NODE, batch))
-        async with asyncio.timeout(10):
-            # One loop step at a time, no event to wait on: the lines are written synchronously, then the fsync is
-            # awaited, and that await is where the cancel must land.
-            while appender.store.seq == before and not task.done():  # noqa: ASYNC110
-                await asyncio.sleep(0)
-        assert not task.done(), "the append ended before it could be cancelled at its fsync"
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await _cancel_at_the_fsync(appender.store, appender.store.append("spool-1", NODE, batch))
         # What the copy holds and what it says about the source agree: the resend is recognised, stored once.
         last = [json.loads(line) for line in appender.store.lines()][-1]
         assert appender.store.source_state("spool-1")[0] == last["record"]["seq"], (
@@ -565,16 +571,7 @@ async def test_own_records_committed_by_a_cancelled_read_are_not_committed_again
         for i in range(3):
             await a.store.record({"method": f"m{i}", "decision": "allow"})
         assert len(a.store.pending) == 3
-        before = a.store.seq
-        task = asyncio.create_task(a.store.sync())
-        async with asyncio.timeout(10):
-            # One loop step at a time, no event to wait on (see the test above).
-            while a.store.seq == before and not task.done():  # noqa: ASYNC110
-                await asyncio.sleep(0)
-        assert not task.done(), "the read ended before it could be cancelled at its fsync"
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await _cancel_at_the_fsync(a.store, a.store.sync())
         assert not a.store.pending
         await a.store.record({"method": "after", "decision": "allow"})
         await a.store.sync()
