@@ -48,8 +48,6 @@ class FenceLayer:
 
     def __init__(self) -> None:
         self._problem: Callable[[int], str | None] | None = None
-        self.refused = 0
-        """Calls refused as routed by another registration."""
 
     def follow(self, problem: Callable[[int], str | None] | None) -> None:
         """Judge fences by problem(fence) (None: the call is for this registration); None: not registered."""
@@ -64,5 +62,4 @@ class FenceLayer:
         why = (problem(fence) if problem is not None
                else f"this instance is not registered yet (the call was routed by revision {fence})")
         if why is not None:
-            self.refused += 1
             raise StaleRegistrationError(why, metadata={"fence": str(fence)})
