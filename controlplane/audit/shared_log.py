@@ -256,9 +256,15 @@ class SharedLog:
                 store.write_sealed_locked(chunk, last, head, items[:n])
                 items = items[n:]  # the rest still extends the (now longer) copy: it was checked as a chain
                 committed += n
-                if on_commit is not None:
-                    on_commit(n)  # with the lines, before any await: a cancel there must not part them
-                await store.fsync_locked()
+                try:
+                    await store.fsync_locked()
+                finally:
+                    # Once durable here too, the waiting answers go (as they always did; released at the commit
+                    # instead, escalations came fast enough to outrun retention in a 2 MiB quota:
+                    # tests/integration/test_retention.py). A cancel at the fsync must not part the lines from
+                    # the queue, or the records would be committed again.
+                    if on_commit is not None:
+                        on_commit(n)
                 await self._after_commit_locked()
                 if not items:
                     return committed

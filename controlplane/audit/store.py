@@ -387,13 +387,12 @@ class AuditStore:
     def write_sealed_locked(self, lines: Sequence[bytes], seq: int, head: str, items: Sealable) -> None:
         """Append entries this replica sealed (`seal_entries`: lines, the last seq and its hash) from items it
         checked, once etcd committed them: no parse or hash again, they are the bytes it built. Not yet fsynced:
-        the caller settles what the commit changed, then awaits `fsync_locked`.
+        the caller awaits `fsync_locked`, then settles its queue however that await ends.
 
-        Nothing is awaited between the lines and the state that describes them (the sources' heads here, the
-        control plane's pending records in the caller): a handler whose caller went away (a node killed
-        mid-AppendBatch, an operator's Ctrl-C) is cancelled at its next await, and a head left behind its lines
-        had the next node to ship that spool (asking `source_state`) send those records again, to be appended
-        twice (tests/e2e/test_audit_kill.py)."""
+        Nothing is awaited between the lines and the sources' heads: a handler whose caller went away (a node
+        killed mid-AppendBatch, an operator's Ctrl-C) is cancelled at its next await, and a head left behind its
+        lines had the next node to ship that spool (asking `source_state`) send those records again, to be
+        appended twice (tests/e2e/test_audit_kill.py)."""
         self._write_raw_locked(b"".join(lines), seq, head)
         self._sources.update(_last_per_source(items))
 
