@@ -1,7 +1,7 @@
 """The mesh's own per-call work, piece by piece, in one process with no network: what the layers cost next to
 the ~200-450 µs of CPU that gRPC spends on every process a call passes through (see mesh_cost.py).
 
-    /tmp/v/bin/python bench/mesh_parts.py            # ~15 s
+    .venv/bin/python bench/mesh_parts.py            # ~15 s
 
 Uses the real layers (a real CA certificate for the peer, a real ES256 token from the issuer's keys), called
 directly, so each figure is the pure CPU cost of that step on the hot path.
@@ -22,7 +22,9 @@ from typing import Any
 
 from hivemesh.controlplane.ca import init_ca, load_ca
 from hivemesh.controlplane.issuer import SigningKeys, TokenIssuer
+from hivemesh.mesh import json_fast
 from hivemesh.mesh.inbound import build_inbound_chain
+from hivemesh.mesh.json_compact import compact_json
 from hivemesh.mesh.layers import Inbound
 from hivemesh.mesh.outbound import encode_request
 from hivemesh.mesh.pki import cert_thumbprint_s256, controlplane_id
@@ -132,10 +134,10 @@ def measure(tmp: Path) -> None:
         label = f"{size} B" if size < 1024 else f"{size // 1024} KiB"
         payload = {"text": "x" * (size - 11)}
         ctx = agent_pb2.CallContext(call_id=uuid.uuid4().hex)
-        raw = encode_request("echo", json.dumps(payload, separators=(",", ":")).encode(), context=ctx)
+        raw = encode_request("echo", compact_json(payload), context=ctx)
 
         def edge() -> bytes:
-            data = json.dumps(payload, separators=(",", ":")).encode()  # noqa: B023 - bound per size on purpose
+            data = compact_json(payload)  # noqa: B023 - bound per size on purpose
             c = agent_pb2.CallContext(call_id=uuid.uuid4().hex)
             return encode_request("echo", data, context=c)
 
@@ -148,7 +150,7 @@ def measure(tmp: Path) -> None:
             agent_pb2.InvokeRequest.FromString(raw)  # noqa: B023
 
         row("caller: JSON-encode input + CallContext + encode InvokeRequest", label, edge)
-        row("  of which JSON encode", label, lambda: json.dumps(payload, separators=(",", ":")))  # noqa: B023
+        row("  of which JSON encode", label, lambda: compact_json(payload))  # noqa: B023
         row("callee: decode InvokeRequest + whole inbound chain", label, admit)
         row("  of which decode InvokeRequest", label, decode_only)
         call = Inbound(method="Invoke", request=agent_pb2.InvokeRequest.FromString(raw), wire_size=len(raw),
@@ -156,7 +158,8 @@ def measure(tmp: Path) -> None:
         for layer in chain.layers:  # each layer alone, on a call the layers before it have already filled in
             row(f"  of which layer {layer.name}", label, functools.partial(layer.check, call))
             layer.check(call)
-        row("    (JSON parse of the input alone)", label, lambda: json.loads(payload["text"].join('""')))  # noqa: B023
+        text = compact_json(payload)
+        row("    (JSON parse of the input alone)", label, lambda: json_fast.loads(text))  # noqa: B023
     audit_row(rows, tmp, chain, raw_200=encode_request("echo", b'{"text":"x"}'), metadata=metadata, auth=auth)
     width = max(len(w) for w, _, _ in rows)
     sys.stdout.write(f"| {'step'.ljust(width)} | payload | µs per call |\n|---|---|---|\n")
