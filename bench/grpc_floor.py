@@ -11,6 +11,11 @@ thread alone: the thread that also runs every Python layer of the mesh) and the 
     .venv/bin/python bench/grpc_floor.py --experiments secure_endpoint_offload_large_writes   # a gRPC experiment
 
 `--experiments` is passed to both processes as GRPC_EXPERIMENTS (read when gRPC starts). Loopback only.
+
+`--transports grpc tls-stream` adds, beside gRPC, the same messages on a bare TLS 1.3 connection with the same
+mutual authentication (Python's ssl module, i.e. OpenSSL, on the mesh's loop: uvloop), each message behind a 4-byte
+length: what a link would cost without gRPC under it, the floor of a design that left gRPC for mesh-to-mesh links.
+Both processes run on the mesh's own loop (`hivemesh.mesh.loop`: uvloop where installed), whichever the transport.
 """
 
 from __future__ import annotations
@@ -68,6 +73,68 @@ async def _serve(folder: Path, tls: bool) -> None:
     await server.stop(0)
 
 
+def _ssl_context(folder: Path, server: bool) -> Any:
+    """TLS 1.3 only, a client certificate required and verified against the CA: the mesh's mutual TLS."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    name = "server" if server else "client"
+    ctx.load_cert_chain(folder / f"{name}.pem", folder / f"{name}.key")
+    ctx.load_verify_locations(folder / "ca.pem")
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+async def _serve_tls_stream(folder: Path, tls: bool) -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readexactly(4)
+                body = await reader.readexactly(int.from_bytes(head, "big"))
+                writer.writelines((head, body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=_ssl_context(folder, True) if tls else None)
+    sys.stdout.write(f"{server.sockets[0].getsockname()[1]}\n")
+    sys.stdout.flush()
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes stdin
+    server.close()
+
+
+async def _client_tls_stream(folder: Path, tls: bool, port: int, size: int, inflight: int,
+                             messages: int) -> dict[str, float]:
+    ctx = _ssl_context(folder, False) if tls else None
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=ctx, server_hostname="server.agent.hivemesh.local" if tls else None)
+    payload = os.urandom(size)
+    head = len(payload).to_bytes(4, "big")
+
+    async def one() -> None:
+        got = await reader.readexactly(4)
+        await reader.readexactly(int.from_bytes(got, "big"))
+        writer.writelines((head, payload))
+        await writer.drain()
+
+    for _ in range(inflight):  # warm, as the gRPC client
+        writer.writelines((head, payload))
+    await writer.drain()
+    for _ in range(inflight):
+        await one()
+    wall, usage, main = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF), time.thread_time()
+    for _ in range(messages):
+        await one()
+    main = time.thread_time() - main
+    wall = time.perf_counter() - wall
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+    writer.close()
+    return {"messages_per_s": messages / wall, "client_cpu_us": cpu / messages * 1e6,
+            "client_main_us": main / messages * 1e6}
+
+
 async def _client(folder: Path, tls: bool, port: int, size: int, inflight: int, messages: int) -> dict[str, float]:
     target = f"127.0.0.1:{port}"
     if tls:
@@ -103,8 +170,10 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _measure(folder: Path, tls: bool, size: int, inflight: int, messages: int, env: dict[str, str]) -> dict[str, float]:
+def _measure(folder: Path, transport: str, tls: bool, size: int, inflight: int, messages: int,
+             env: dict[str, str]) -> dict[str, float]:
     me = [sys.executable, __file__]
+    env = {**env, "FLOOR_TRANSPORT": transport}
     server = subprocess.Popen([*me, "_serve", str(folder), str(int(tls))], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, env=env, text=True)
     try:
@@ -131,34 +200,45 @@ def main() -> None:
     ap.add_argument("--max-messages", type=int, default=10_000)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--experiments", default="", help="GRPC_EXPERIMENTS for both processes")
+    ap.add_argument("--transports", nargs="+", choices=("grpc", "tls-stream"), default=["grpc"],
+                    help="grpc: a grpc.aio stream; tls-stream: length-prefixed messages on a bare (m)TLS socket")
     args = ap.parse_args()
     env = {**os.environ, "GRPC_EXPERIMENTS": args.experiments} if args.experiments else dict(os.environ)
-    rows: dict[tuple[int, bool], list[dict[str, float]]] = {}
+    rows: dict[tuple[int, str, bool], list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="hivemesh-floor-") as tmp:
         folder = Path(tmp)
         _write_certs(folder)
         for _ in range(args.rounds):  # interleaved: the shared machine's mood reaches every cell alike
             for size in args.sizes:
-                for tls in (True, False):
-                    n = max(200, min(args.max_messages, args.bytes // max(size, 1)))
-                    rows.setdefault((size, tls), []).append(_measure(folder, tls, size, args.inflight, n, env))
+                for transport in args.transports:
+                    for tls in (True, False):
+                        n = max(200, min(args.max_messages, args.bytes // max(size, 1)))
+                        rows.setdefault((size, transport, tls), []).append(
+                            _measure(folder, transport, tls, size, args.inflight, n, env))
     lines = [f"grpcio {grpc.__version__}, {os.cpu_count()} cores, {args.inflight} in flight, {args.rounds} round(s)"
              + (f", GRPC_EXPERIMENTS={args.experiments}" if args.experiments else "") + "; medians over rounds",
              "| size | transport | messages/s | client CPU µs/msg | client main thread µs/msg | server CPU µs/msg |",
              "|---|---|---|---|---|---|"]
-    for (size, tls), got in rows.items():
+    for (size, transport, tls), got in rows.items():
         med = {k: statistics.median(r[k] for r in got) for k in got[0]}
-        lines.append(f"| {size:,} B | {'mTLS' if tls else 'plaintext'} | {med['messages_per_s']:,.0f} | "
+        name = ("mTLS" if tls else "plaintext") + ("" if transport == "grpc" else f", {transport}")
+        lines.append(f"| {size:,} B | {name} | {med['messages_per_s']:,.0f} | "
                      f"{med['client_cpu_us']:,.0f} | {med['client_main_us']:,.0f} | {med['server_cpu_us']:,.0f} |")
     sys.stdout.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
+    stream = os.environ.get("FLOOR_TRANSPORT") == "tls-stream"
     if len(sys.argv) > 1 and sys.argv[1] == "_serve":
-        asyncio.run(_serve(Path(sys.argv[2]), sys.argv[3] == "1"))
+        from hivemesh.mesh import loop
+
+        loop.run((_serve_tls_stream if stream else _serve)(Path(sys.argv[2]), sys.argv[3] == "1"))
     elif len(sys.argv) > 1 and sys.argv[1] == "_client":
+        from hivemesh.mesh import loop
+
         a = sys.argv[2:]
-        row = asyncio.run(_client(Path(a[0]), a[1] == "1", int(a[2]), int(a[3]), int(a[4]), int(a[5])))
+        client = _client_tls_stream if stream else _client
+        row = loop.run(client(Path(a[0]), a[1] == "1", int(a[2]), int(a[3]), int(a[4]), int(a[5])))
         sys.stdout.write(json.dumps(row) + "\n")
     else:
         main()
