@@ -4,7 +4,7 @@ A mirrored call runs the request a second time on the candidate, so a capability
 an email) must not be mirrored unless the shadow is a sandbox (`shadow.sandbox: true`: the candidate has no
 real effects). The idempotency of a capability is what its live instances declare in their cards; a routes
 document whose non-sandbox shadow targets a capability any live instance declares non-idempotent is refused.
-(Nodes enforce the same rule per call, for capabilities that register later: hivemesh.mesh.shadow.)
+(Nodes enforce the same rule per call, for capabilities that register later: hivemesh.mesh.outbound.shadow.)
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Public names: `OutboundPipeline` (the pipeline a MeshNode owns), `encode_request` (serialize a request once,
 at the edge), `DEGRADED_KEY` (marks a fallback or cached answer). Modules, one concern each: `pipeline`,
-`call`, `selection`, `attempts`, `degrade`, `channels`.
+`call`, `selection`, `attempts`, `degrade`, `shadow`, `channels`.
 """
 
 from hivemesh.mesh.outbound.call import encode_request

@@ -34,4 +34,4 @@ class OutboundEvents(Protocol):
         """A failed call answered from the response cache."""
 
     def shadowed(self, capability: str, result: str) -> None:
-        """A mirrored (shadow) call ended: same, different, error, or dropped (hivemesh.mesh.shadow)."""
+        """A mirrored (shadow) call ended: same, different, error, or dropped (hivemesh.mesh.outbound.shadow)."""

@@ -50,10 +50,10 @@ from hivemesh.mesh.outbound.channels import ChannelPool
 from hivemesh.mesh.outbound.degrade import DEGRADE_CODES, Degradation
 from hivemesh.mesh.outbound.events import OutboundEvents
 from hivemesh.mesh.outbound.selection import InstanceSelector, Liveness
+from hivemesh.mesh.outbound.shadow import ShadowTraffic
 from hivemesh.mesh.outbound.signed import Proof, StreamCheck, sign_request, signs, verify_answer
 from hivemesh.mesh.resilience.breaker import DEFAULT_FAILURE_CODES, CircuitBreaker
 from hivemesh.mesh.resilience.traffic import Traffic
-from hivemesh.mesh.shadow import ShadowTraffic
 from hivemesh.mesh.token_source import TokenSource, on_behalf_of
 from hivemesh.v1 import agent_pb2, mesh_pb2
 
@@ -109,7 +109,7 @@ class OutboundPipeline:
         self._degradation = Degradation(self.traffic.state.cache, self._run, principal=self._principal,
                                         authorize=self._authorize_cached, events=events)
         self.shadow = ShadowTraffic(self._send_shadow, listener=events)
-        """Mirrors answered calls of capabilities whose route has a shadow (hivemesh.mesh.shadow)."""
+        """Mirrors answered calls of capabilities whose route has a shadow (hivemesh.mesh.outbound.shadow)."""
         self.observer: Callable[[str, HivemeshError], None] | None = None
         """Told of every call this node refuses itself (circuit open, no instance, no grant, certificate
         expired...): the audit log of a serving node records them. It must not raise."""

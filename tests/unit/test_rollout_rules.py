@@ -10,9 +10,9 @@ import pytest
 
 from hivemesh.controlplane.rollouts import RolloutState, VersionStats, decide, judge, routes_spec
 from hivemesh.controlplane.shadow_check import non_idempotent, unsafe_shadow
+from hivemesh.mesh.outbound.shadow import ShadowTraffic, same_answer
 from hivemesh.mesh.policy import PolicyDoc, PolicyError
 from hivemesh.mesh.resilience.kinds import ROLLOUTS, ROUTES
-from hivemesh.mesh.shadow import ShadowTraffic, same_answer
 from hivemesh.v1 import agent_pb2, mesh_pb2
 
 BASE = {"capability": "work", "stable": {"version": "1.*"}, "canary": {"version": "2.*"}, "steps": [5, 50, 100]}
