@@ -18,11 +18,11 @@ declares non-idempotent; here, the same rule is enforced per call for capabiliti
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final, Protocol
 
+from hivemesh.mesh import json_fast
 from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.outbound.call import Metadata, OutboundCall, idempotent
 from hivemesh.mesh.resilience.routes import ShadowRule
@@ -52,9 +52,9 @@ def same_answer(primary: bytes, shadow: bytes, compare: str) -> bool:
         return False
     if compare == "json":
         try:
-            return bool(json.loads(a.output or b"null") == json.loads(b.output or b"null"))
-        except ValueError:
-            pass  # not JSON: compare the bytes
+            return bool(json_fast.loads(a.output or b"null") == json_fast.loads(b.output or b"null"))
+        except (ValueError, RecursionError):
+            pass  # not JSON (or nested past what json reads): compare the bytes
     return a.output == b.output
 
 

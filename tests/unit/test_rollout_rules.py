@@ -94,3 +94,8 @@ def test_the_mirrored_share_is_exact_and_answers_compare_as_json() -> None:
     assert not same_answer(answer({"a": 1, "b": 2}), answer(None, b'{"b": 2, "a": 1}'), "exact")
     assert not same_answer(answer({"a": 1}), answer({"a": 2}), "json")
     assert same_answer(answer(None, b"not json"), answer(None, b"not json"), "json")
+    deep = b"[" * 100_000 + b"]" * 100_000  # JSON json cannot read (RecursionError): compared as bytes
+    assert same_answer(answer(None, deep), answer(None, deep), "json")
+    assert not same_answer(answer(None, deep), answer(None, deep[:-1] + b"}"), "json")
+    assert same_answer(answer(None, b'{"n": 18446744073709551617, "x": 0.1}'),
+                       answer(None, b'{"x": 0.1, "n": 18446744073709551617}'), "json")  # read as json reads them
