@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,20 @@ def _ssl_context(folder: Path, server: bool) -> Any:
     return ctx
 
 
+async def _timed(one: Callable[[], Awaitable[None]], messages: int) -> dict[str, float]:
+    """messages rounds of one() (read an answer, send the next message): the rate, and the client's CPU per
+    message, of the whole process and of this (the event loop's) thread."""
+    wall, usage, main = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF), time.thread_time()
+    for _ in range(messages):
+        await one()
+    main = time.thread_time() - main
+    wall = time.perf_counter() - wall
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+    return {"messages_per_s": messages / wall, "client_cpu_us": cpu / messages * 1e6,
+            "client_main_us": main / messages * 1e6}
+
+
 async def _serve_tls_stream(folder: Path, tls: bool) -> None:
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -123,16 +137,9 @@ async def _client_tls_stream(folder: Path, tls: bool, port: int, size: int, infl
     await writer.drain()
     for _ in range(inflight):
         await one()
-    wall, usage, main = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF), time.thread_time()
-    for _ in range(messages):
-        await one()
-    main = time.thread_time() - main
-    wall = time.perf_counter() - wall
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+    row = await _timed(one, messages)
     writer.close()
-    return {"messages_per_s": messages / wall, "client_cpu_us": cpu / messages * 1e6,
-            "client_main_us": main / messages * 1e6}
+    return row
 
 
 async def _client(folder: Path, tls: bool, port: int, size: int, inflight: int, messages: int) -> dict[str, float]:
@@ -149,20 +156,16 @@ async def _client(folder: Path, tls: bool, port: int, size: int, inflight: int, 
         payload = os.urandom(size)
         for _ in range(inflight):  # warm: the window grows, the first answers come back
             await call.write(payload)
+
+        async def one() -> None:  # each answer read lets one more message go: inflight stay in flight
+            await call.read()
+            await call.write(payload)
+
         for _ in range(inflight):
-            await call.read()
-            await call.write(payload)
-        wall, usage, main = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF), time.thread_time()
-        for _ in range(messages):  # each answer read lets one more message go: inflight stay in flight
-            await call.read()
-            await call.write(payload)
-        main = time.thread_time() - main
-        wall = time.perf_counter() - wall
-        after = resource.getrusage(resource.RUSAGE_SELF)
-        cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
+            await one()
+        row = await _timed(one, messages)
         call.cancel()
-    return {"messages_per_s": messages / wall, "client_cpu_us": cpu / messages * 1e6,
-            "client_main_us": main / messages * 1e6}
+    return row
 
 
 def _cpu_s(pid: int) -> float:
