@@ -51,10 +51,32 @@ class AuditLog:
         return cls(open_spool(base, name, identity=node, **spool_kwargs), node=node, instance=instance)
 
     def __call__(self, call: Inbound, err: HivemeshError | None, code: grpc.StatusCode, elapsed: float) -> None:
-        rec = decision_fields(call, err, code, elapsed, now=self._clock())
-        rec["node"] = self.node
-        rec["instance"] = self.instance
-        self.spool.append(rec)
+        now = self._clock()
+        try:
+            rec = decision_fields(call, err, code, elapsed, now=now)
+            rec["node"] = self.node
+            rec["instance"] = self.instance
+            self.spool.append(rec)
+        except AuditUnavailableError:
+            raise
+        except Exception as exc:  # a decision is never left unrecorded: keep what is certain
+            log.exception("the audit record of a %s decision could not be built; writing its outline", code.name)
+            self.spool.append(self._outline(call, err, code, elapsed, now, exc))
+
+    def _outline(self, call: Inbound, err: HivemeshError | None, code: grpc.StatusCode, elapsed: float,
+                 now: float, exc: BaseException) -> dict[str, Any]:
+        """What a decision's record holds when its full fields could not be built or encoded (something in the
+        call's foreign parts or notes broke them): the decision, its status and reason, and who asked as TLS
+        proved it, from values of the mesh's own making only."""
+        return {
+            "v": FORMAT, "time": utc_iso(now), "kind": "inbound", "method": str(call.method)[:64],
+            "decision": classify(err, code), "status": code.name,
+            "reason": err.reason if err is not None else ("" if code == grpc.StatusCode.OK else code.name),
+            "latency_us": max(int(elapsed * 1e6), 0),
+            "caller": str(call.peer.spiffe_id) if call.peer is not None else "",
+            "incomplete": short(f"{type(exc).__name__}: {exc}"),
+            "node": self.node, "instance": self.instance,
+        }
 
     def record(self, fields: Mapping[str, Any]) -> int:
         """Append any other decision (e.g. an outbound refusal such as CIRCUIT_OPEN); adds time/node/instance."""

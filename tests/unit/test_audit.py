@@ -187,6 +187,26 @@ def test_observer_writes_the_decisionfields(tmp_path: Path) -> None:
         audit.spool.close()
 
 
+def test_a_decision_whose_record_cannot_be_built_is_recorded_in_outline(tmp_path: Path) -> None:
+    """A note no record can encode (here a set; in the field a bug in a layer, or foreign data that breaks a
+    reader) must not leave the decision unrecorded: the outline keeps the decision, status, reason and caller."""
+    audit = AuditLog.open(tmp_path, node=NODE, instance="i-1")
+    try:
+        call = Inbound(method="Invoke", request=agent_pb2.InvokeRequest(capability="echo"), wire_size=10,
+                       metadata={}, auth_context={}, notes={"rule": {"not", "json"}})
+        audit(call, ScopeMissingError("no echo"), grpc.StatusCode.PERMISSION_DENIED, 0.002)
+        audit(call, None, grpc.StatusCode.OK, 0.001)
+        first, second = (json.loads(line) for line in audit.spool.lines())
+        assert (first["decision"], first["status"], first["reason"]) == ("deny", "PERMISSION_DENIED", "SCOPE_MISSING")
+        assert (second["decision"], second["status"], second["reason"]) == ("allow", "OK", "")
+        for rec in (first, second):
+            assert rec["incomplete"].startswith("TypeError") and rec["node"] == NODE and rec["method"] == "Invoke"
+            assert "rule" not in rec  # nothing of what broke it
+        assert verify_chain(list(audit.spool.lines())) == (2, None)  # chained like any record
+    finally:
+        audit.spool.close()
+
+
 async def test_store_appends_exactly_once_and_refuses_gaps_and_strangers(tmp_path: Path) -> None:
     store = AuditStore(tmp_path / "cp", identity="cp").open()
     spool = write_spool(tmp_path / "node", 30)
