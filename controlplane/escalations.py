@@ -111,6 +111,9 @@ def _check_json(text: str, field: str, *, want_object: bool = False) -> None:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidInputError(f"{field} is not valid JSON: {exc}", field_violations={field: "not JSON"}) from None
+    except RecursionError:
+        raise InvalidInputError(f"{field} is JSON nested too deeply", field_violations={field: "nested too deeply"}) \
+            from None
     if want_object and not isinstance(value, dict):
         raise InvalidInputError(f"{field} must be a JSON object", field_violations={field: "not an object"})
 

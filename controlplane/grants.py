@@ -239,6 +239,8 @@ def parse_grants_text(text: str, *, source: str = "<grants>") -> GrantSet:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise InvalidInputError(yaml_error_text(exc, source)) from None
+    except RecursionError:  # PyYAML composes recursively
+        raise InvalidInputError(f"{source}: nested too deeply") from None
     return GrantSet.from_doc(doc)
 
 

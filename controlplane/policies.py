@@ -74,8 +74,8 @@ def _encode_grant(doc: PolicyDoc) -> bytes:
 def _decode_grant(name: str, value: bytes) -> PolicyDoc:
     try:
         raw = json.loads(value)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PolicyError("", f"stored grant is not JSON: {exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise PolicyError("", f"stored grant is not JSON: {exc!r}") from None
     if not isinstance(raw, dict):
         raise PolicyError("", "stored grant is not a JSON object")
     spec = {k: v for k, v in raw.items() if k not in ("name", "description")}
@@ -124,6 +124,8 @@ def parse_documents(text: str, *, source: str = "<policies>") -> list[Any]:
         loaded = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
         raise InvalidInputError(yaml_error_text(exc, source)) from None
+    except RecursionError:  # PyYAML composes recursively: a document nested ~1,000 deep exhausts the stack
+        raise InvalidInputError(f"{source}: nested too deeply") from None
     if len(loaded) == 1 and isinstance(loaded[0], list):
         loaded = loaded[0]
     if not loaded:

@@ -85,7 +85,7 @@ def _stored(value_json: str, by: str, ttl_s: int) -> bytes:
 def _decode(value: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(value)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         doc = None
     return doc if isinstance(doc, dict) and isinstance(doc.get("v"), str) else {"v": "null"}
 
@@ -155,8 +155,8 @@ class StateServicer(state_pb2_grpc.StateServicer):
         ns, key = request.namespace, check_key(request.key)
         try:
             json.loads(request.value_json)
-        except json.JSONDecodeError as exc:
-            msg = f"not a JSON document: {exc}"
+        except (json.JSONDecodeError, RecursionError) as exc:
+            msg = f"not a JSON document: {exc}" if isinstance(exc, ValueError) else "JSON nested too deeply"
             raise InvalidInputError(f"value_json: {msg}", field_violations={"value_json": msg}) from None
         size, bounds = len(request.value_json.encode()), access.bounds
         if size > bounds.max_value_bytes:

@@ -50,7 +50,7 @@ class Advert:
             advert = cls(str(doc["replica"]), str(doc["controlplane"]), str(doc["join"]))
             parse_addresses(advert.controlplane)
             parse_addresses(advert.join)
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             return None
         return advert
 

@@ -167,7 +167,7 @@ class PolicyKind(Generic[C]):
         else:
             try:
                 raw = json.loads(value)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
                 raise PolicyError("", f"stored value is not JSON: {exc}") from None
             if not isinstance(raw, dict) or not isinstance(raw.get("spec"), dict):
                 raise PolicyError("spec", "stored document has no 'spec' object")

@@ -111,7 +111,7 @@ class CallQueue:
             if key.endswith(CLAIM_SUFFIX):
                 claimed.add(key[len(self.prefix):-len(CLAIM_SUFFIX)])
                 continue
-            with contextlib.suppress(ValueError, KeyError):
+            with contextlib.suppress(ValueError, KeyError, RecursionError):
                 out.append((json.loads(kv.value), int(kv.mod_revision), int(kv.lease)))
         return out, claimed
 

@@ -165,7 +165,7 @@ def _header(jws: str) -> tuple[dict[str, Any], str, bytes]:
     try:
         header = json.loads(_unb64(parts[0]))
         sig = _unb64(parts[2])
-    except (ValueError, binascii.Error):
+    except (ValueError, binascii.Error, RecursionError):
         raise SignatureInvalidError("the payload signature's header or signature is not valid base64url JSON") \
             from None
     if not isinstance(header, dict) or header.get("alg") != "ES256" or len(sig) != 64:

@@ -139,8 +139,8 @@ class KeySet:
         """
         try:
             doc = json.loads(json_text)
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"the JWKS is not valid JSON: {exc}") from None
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise ValueError(f"the JWKS is not valid JSON: {exc!r}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list) or not doc["keys"]:
             raise ValueError('the JWKS must be an object {"keys": [...]} with at least one key')
         new: dict[str, _Key] = {}
@@ -383,7 +383,7 @@ class TokenVerifier:
     def _json_object(raw: bytes, what: str) -> dict[str, Any]:
         try:
             value = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # nested past what json reads: not JSON either
             raise TokenInvalidError(f"the token {what} is not valid JSON") from None
         if not isinstance(value, dict):
             raise TokenInvalidError(f"the token {what} must be a JSON object")

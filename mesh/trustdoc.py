@@ -90,8 +90,8 @@ def verify_trust_doc(raw: bytes, trusted_bundle_pem: bytes) -> TrustDoc:
     """The document, if a signature verifies with a root of trusted_bundle_pem; ValueError saying why not."""
     try:
         doc = json.loads(raw)
-    except ValueError as exc:
-        raise ValueError(f"the trust bundle document is not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"the trust bundle document is not JSON: {exc!r}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("sigs"), list):
         raise ValueError("the trust bundle document is malformed")
     body = {k: doc.get(k) for k in ("generation", "bundle_pem", "signing_root", "renew")}
@@ -130,8 +130,8 @@ def verify_jwks(raw: bytes, trusted_bundle_pem: bytes) -> SignedJwks:
     """The key set, if a signature verifies with a root of trusted_bundle_pem; ValueError saying why not."""
     try:
         doc = json.loads(raw)
-    except ValueError as exc:
-        raise ValueError(f"the key set is not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"the key set is not JSON: {exc!r}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
         raise ValueError('the key set is not a JWKS object {"keys": [...]}')
     iat, sigs = doc.get("hivemesh_iat"), doc.get("sigs")

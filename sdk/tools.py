@@ -305,7 +305,7 @@ async def _run_call_inner(call: ToolCall, found: Tool | None, tools: Mapping[str
         return False, _encode(_error("UnknownTool", f"there is no tool {call.name!r}", tools=", ".join(tools)))
     try:
         arguments = json.loads(call.arguments or "{}")
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         return False, _encode(_error("InvalidArguments", f"the arguments are not JSON: {exc}"))
     if not isinstance(arguments, dict):
         return False, _encode(_error("InvalidArguments", "the arguments must be a JSON object"))

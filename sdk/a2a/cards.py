@@ -40,7 +40,7 @@ Offered = list[tuple[agent_pb2.Capability, tuple[str, ...]]]
 def _schema(text: str) -> Any:
     try:
         return json.loads(text) if text else {}
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return {}
 
 

@@ -76,7 +76,7 @@ def payload_of(message: Message) -> Any:
     text = "\n".join(texts)
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # not JSON (or nested past what json reads): plain text
         return {"text": text}
 
 

@@ -226,7 +226,7 @@ class _Handler(DefaultRequestHandler):
 async def _request_id(request: Request) -> Any:
     try:
         body = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     rid = body.get("id") if isinstance(body, dict) else None
     return rid if isinstance(rid, str | int) and not isinstance(rid, bool) else None

@@ -101,7 +101,7 @@ class WorkflowStore:
         for kv in kvs:
             try:
                 event = json.loads(kv.value)
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                 log.warning("skipping unparsable workflow event %s", kv.key.decode(errors="replace"))
                 continue
             if int(event.get("seq", 0)) > after:
@@ -157,7 +157,7 @@ class WorkflowStore:
             wid = kv.key.decode()[len(INDEX):]
             try:
                 summary = json.loads(kv.value) if kv.value else None
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                 summary = None
             if not summary:
                 with contextlib.suppress(NotFoundError, InvalidInputError):
@@ -191,7 +191,7 @@ class WorkflowStore:
         try:
             value = json.loads(kv.value)
             return value if isinstance(value, dict) else None
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             return {"owner": "?"}
 
     async def acquire(self, workflow_id: str, owner: str, *, ttl_s: int, wait_s: float) -> OwnerLock:

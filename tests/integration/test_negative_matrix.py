@@ -414,6 +414,13 @@ CASES = [
     Case("issuer partial match", U, "TOKEN_INVALID", _tok(lambda r: r.claims(iss=f"{TD}/controlplane/x"))),
     Case("bad base64 padding", U, "TOKEN_INVALID", _raw_token(lambda r: r.sign(r.claims()) + "==")),
     Case("truncated signature", U, "TOKEN_INVALID", _raw_token(lambda r: r.sign(r.claims())[:-10])),
+    # JSON nested past what json reads (RecursionError, not a ValueError): the header is read before any
+    # signature; a refused token's claims are read, unverified, for its audit record.
+    Case("token header nested 1,500 deep", U, "TOKEN_INVALID", _raw_token(
+        lambda r: f"{_b64(b'[' * 1500 + b']' * 1500)}.{_b64(json.dumps(r.claims()).encode())}.{_b64(b'x' * 64)}")),
+    Case("unsigned token claims nested 1,500 deep", U, "TOKEN_INVALID", _raw_token(
+        lambda r: f"{_b64(json.dumps({'alg': 'ES256', 'kid': r.kid}).encode())}.{_b64(b'[' * 1500 + b']' * 1500)}."
+                  f"{_b64(b'x' * 64)}")),
     Case("signature from another key, real kid", U, "TOKEN_INVALID", _raw_token(
         lambda r: jwt.encode(r.claims(), ec.generate_private_key(ec.SECP256R1()), algorithm="ES256",
                              headers={"kid": r.kid}))),

@@ -143,6 +143,12 @@ async def test_cas_watch_bounds_retention_and_authz(mesh_env: MeshEnv, etcd: aet
         with pytest.raises(grpc.aio.AioRpcError) as not_json:
             await stub.PutState(state_pb2.PutStateRequest(namespace=NS, key="k", value_json="{nope"), timeout=10)
         assert not_json.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.aio.AioRpcError) as too_deep:  # JSON past what json reads: not JSON either
+            await stub.PutState(state_pb2.PutStateRequest(namespace=NS, key="k", value_json="[" * 1500 + "]" * 1500),
+                                timeout=10)
+        assert too_deep.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "nested too deeply" in (too_deep.value.details() or "")
+        assert await planner.get(NS, "k") is None  # nothing half-written
     finally:
         for cp in (planner_cp, observer_cp, stranger_cp):
             await cp.close()
