@@ -271,6 +271,13 @@ async def _answered(
         raise
 
 
+def _layer_failure(method: str, exc: Exception) -> HivemeshError:
+    """What a layer's own failure (a bug, not a refusal) becomes: the call is refused INTERNAL, closed, and
+    recorded like any refusal, instead of escaping as gRPC's UNKNOWN with no audit record."""
+    log.error("the inbound chain failed on %s: %r", method, exc, exc_info=exc)
+    return HivemeshError("the mesh could not check this call (an internal error; see the serving node's log)")
+
+
 class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
     """Runs the inbound chain before any `hivemesh.v1.Agent` method; refused calls never reach the handler.
 
@@ -324,7 +331,8 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
                 done = await self._chain.admission.enter(call, context.time_remaining())
             if tracing.TRACER is not None:
                 tracing.note_call(call, None)
-        except HivemeshError as err:
+        except Exception as exc:  # noqa: BLE001 - a refusal, or a layer's bug refused and recorded all the same
+            err = exc if isinstance(exc, HivemeshError) else _layer_failure(method, exc)
             if tracing.TRACER is not None:
                 tracing.note_call(call, err)
             if self._observers:
