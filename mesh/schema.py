@@ -101,6 +101,8 @@ def compile_schema(schema_text: str, *, where: str) -> CompiledSchema | None:
         schema = json.loads(schema_text)
     except ValueError as exc:
         raise SchemaError(f"{where}: the schema is not JSON: {exc}") from None
+    except RecursionError:  # json reads nesting recursively; jsonschema_rs has its own limit below that
+        raise SchemaError(f"{where}: the schema is nested too deeply") from None
     if isinstance(schema, bool):
         schema = {} if schema else {"not": {}}
     if not isinstance(schema, dict):

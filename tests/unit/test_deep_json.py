@@ -28,6 +28,7 @@ from hivemesh.mesh.errors import InvalidInputError, SignatureInvalidError, Token
 from hivemesh.mesh.layers.base import Inbound
 from hivemesh.mesh.policy import PolicyError
 from hivemesh.mesh.resilience.kinds import ROUTES
+from hivemesh.mesh.schema import SchemaError, compile_schema
 from hivemesh.mesh.signing import verify
 from hivemesh.mesh.tokens import KeySet, TokenVerifier
 from hivemesh.mesh.trustdoc import verify_jwks, verify_trust_doc
@@ -123,6 +124,13 @@ def test_operator_and_agent_texts_that_nest_too_deep_are_invalid_input(check: Ca
 def test_a_stored_policy_that_nests_too_deep_is_a_policy_error() -> None:
     with pytest.raises(PolicyError, match="not JSON"):
         ROUTES.load("r", DEEP.encode())
+
+
+def test_a_card_schema_that_nests_too_deep_is_a_schema_error() -> None:
+    with pytest.raises(SchemaError, match="nested too deeply"):
+        compile_schema(DEEP, where="capability echo input")
+    with pytest.raises(SchemaError, match="Recursion limit"):  # within json's reach, past jsonschema's own
+        compile_schema('{"items":' * 600 + "{}" + "}" * 600, where="capability echo input")
 
 
 @pytest.mark.parametrize("verify_doc", [verify_trust_doc, verify_jwks])
