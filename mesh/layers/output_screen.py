@@ -27,8 +27,11 @@ from google.protobuf.message import DecodeError
 from hivemesh.mesh import json_fast
 from hivemesh.mesh.errors import OutputScreenedError
 from hivemesh.mesh.layers.base import Inbound
+from hivemesh.mesh.layers.screen import MAX_SCREEN_DEPTH
 from hivemesh.v1 import agent_pb2
 
+TOO_DEEP: Final = "nested-too-deep"
+"""The finding of a part of an answer nested deeper than the screen reads (`MAX_SCREEN_DEPTH`)."""
 NOTE: Final = "output_screen"
 """`Inbound.notes` key of the findings, which the audit record keeps: {"action", "rules", "count"}."""
 
@@ -129,8 +132,11 @@ class _Scan:
     def value(self, value: Any, depth: int = 0) -> Any:
         if isinstance(value, str):
             return self.text(value)
-        if depth >= 64:
-            return value
+        if depth >= MAX_SCREEN_DEPTH and isinstance(value, dict | list):
+            # Nested deeper than the screen reads: flagged as a finding of its own (withheld, redacted whole or
+            # recorded, as the card says), never passed on unread.
+            self.rules[TOO_DEEP] = self.rules.get(TOO_DEEP, 0) + 1
+            return f"[REDACTED:{TOO_DEEP}]" if self.redacting else value
         if isinstance(value, dict):
             return {self.text(k) if isinstance(k, str) else k: self.value(v, depth + 1) for k, v in value.items()}
         if isinstance(value, list):

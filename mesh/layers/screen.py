@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
 from hivemesh.mesh import simd_scan
+from hivemesh.mesh.errors import InvalidInputError
 from hivemesh.mesh.layers import stand_ins
 from hivemesh.mesh.simd_scan import Scanner
 
@@ -107,23 +108,37 @@ def normalize(text: str) -> str:
     return folded.replace("\u00ad", "")
 
 
-def strings(value: Any, path: str = "input", *, max_depth: int = 64) -> Iterator[tuple[str, str]]:
-    """Every string in a JSON value with its path (object keys included, as `path{key}`)."""
-    stack: list[tuple[Any, str, int]] = [(value, path, 0)]
+MAX_PATH: Final = 256
+"""Characters of a reported path at most (a path past it ends at the step that reached it)."""
+MAX_SCREEN_DEPTH: Final = 64
+"""How deep the content screen reads a JSON value. Deeper input is refused, not passed unread: a screen that
+skipped what lies deeper let an instruction wrapped in 65 arrays reach the agent unscreened."""
+
+
+def strings(value: Any, path: str = "input", *, max_depth: int = MAX_SCREEN_DEPTH) -> Iterator[tuple[str, str]]:
+    """Every string in a JSON value with its path (object keys included, as `path{key}`).
+
+    Raises InvalidInputError at a list or object nested deeper than max_depth: what the screen cannot read,
+    it must not let through. A path names each key by its first 64 characters and stops growing past
+    `MAX_PATH` characters, and is built only when its node is reached: paths are for reports, and a path per
+    pending item (a long key over a long list) once made 115 kB of input cost 343 MB."""
+    stack: list[tuple[Any, str, str, int]] = [(value, path, "", 0)]
     while stack:
-        node, where, depth = stack.pop()
+        node, parent, step, depth = stack.pop()
+        where = parent + step if step and len(parent) < MAX_PATH else parent
         if isinstance(node, str):
             yield where, node
-        elif depth >= max_depth:
-            continue
+        elif depth >= max_depth and isinstance(node, dict | list):
+            msg = f"nested deeper than the content screen reads ({max_depth} levels)"
+            raise InvalidInputError(f"{path} is {msg}: {where}", field_violations={where: msg})
         elif isinstance(node, dict):
             for k, v in reversed(list(node.items())):
                 if isinstance(k, str):
                     yield f"{where}{{{k[:64]}}}", k
-                stack.append((v, f"{where}.{k}", depth + 1))
+                stack.append((v, where, f".{k[:64]}", depth + 1))
         elif isinstance(node, list):
             for i in range(len(node) - 1, -1, -1):
-                stack.append((node[i], f"{where}[{i}]", depth + 1))
+                stack.append((node[i], where, f"[{i}]", depth + 1))
 
 
 _ASCII_SPACE: Final = "[\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f ]"

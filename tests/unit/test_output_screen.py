@@ -103,3 +103,29 @@ def test_a_pluggable_classifier() -> None:
     resp = agent_pb2.InvokeResponse(output=b'"the password is swordfish"', content_type="application/json")
     out = layer.answer(_call("redact"), resp)
     assert json.loads(out.output) == "the password is [REDACTED:password]"
+
+
+def _nested(value: object, levels: int) -> object:
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def test_an_answer_nested_deeper_than_the_screen_reads_is_never_passed_on_unread() -> None:
+    """A secret wrapped in 70 lists was returned unscreened (the walk stopped at 64 levels)."""
+    layer = output_screen_layer(_caps())
+    assert layer is not None
+    answer = {"reply": "fine", "deep": _nested(f"key {FAKE_KEY}", 70)}
+    resp = agent_pb2.InvokeResponse(output=json.dumps(answer).encode(), content_type="application/json")
+    call = _call("refuse")
+    with pytest.raises(OutputScreenedError, match="nested-too-deep"):
+        layer.answer(call, resp)
+    assert call.notes[NOTE]["rules"] == ["nested-too-deep"]
+    out = layer.answer(_call("redact"), resp)
+    redacted = json.loads(out.output)
+    assert FAKE_KEY not in out.output.decode() and redacted["reply"] == "fine"
+    assert json.dumps(redacted["deep"]).count("[REDACTED:nested-too-deep]") == 1
+    shallow = {"deep": _nested(f"key {FAKE_KEY}", 60)}  # within reach: screened as any other string
+    out = layer.answer(_call("redact"), agent_pb2.InvokeResponse(output=json.dumps(shallow).encode(),
+                                                                 content_type="application/json"))
+    assert "[REDACTED:api-key]" in out.output.decode() and "nested-too-deep" not in out.output.decode()
