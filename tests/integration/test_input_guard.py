@@ -106,7 +106,8 @@ def test_strings_walks_without_recursion() -> None:
     deep: Any = "leaf"
     for _ in range(100_000):
         deep = [deep]
-    assert list(strings(deep, max_depth=10)) == []  # past the depth bound: not walked, and no RecursionError
+    with pytest.raises(InvalidInputError, match="nested deeper"):  # past the depth bound: refused, not walked
+        list(strings(deep, max_depth=10))  # and no RecursionError
     assert list(strings({"a": ["x", {"b": "y"}]})) == [
         ("input{a}", "a"), ("input.a[0]", "x"), ("input.a[1]{b}", "b"), ("input.a[1].b", "y")
     ]
