@@ -191,6 +191,13 @@ class AgentServer:
         return join_host_port(advertised_host(self.host, self.config.advertise), self.port)
 
     @property
+    def registration(self) -> Registration | None:
+        """This agent's entry in the registry once started: whether its lease is held (`registered`) and the
+        revision that created it (`revision`, the fence of the calls routed by it). None before start and after
+        stop."""
+        return self._registration
+
+    @property
     def metrics_address(self) -> str | None:
         """HOST:PORT serving `/metrics` once started (None: metrics off)."""
         m = self.node.metrics

@@ -18,6 +18,7 @@ from hivemesh.sdk import AgentServer, AgentServerConfig, MeshClient
 from hivemesh.v1.mesh_pb2 import AgentInstance
 from tests.support.agents_for_tests import EchoAgent
 from tests.support.meshenv import MeshEnv
+from tests.support.waiting import until
 
 
 def _config(instance_id: str) -> AgentServerConfig:
@@ -83,13 +84,17 @@ async def test_with_no_other_instance_the_caller_hears_why_and_nothing_ran(
 ) -> None:
     agent = EchoAgent("a")
     async with (
-        AgentServer(agent, await mesh_env.settings_for("echo"), _config("echo-a")),
+        AgentServer(agent, await mesh_env.settings_for("echo"), _config("echo-a")) as server,
         MeshClient.connect(name="tester", settings=await mesh_env.settings_for("tester", "client")) as stale,
     ):
         assert await stale.node.registry.wait_for_capability("echo", 1, timeout=10)
         assert (await stale.call("echo", {"text": "x"}, timeout=10))["served_by"] == "a"
         await stale.node.registry.stop()
         old, new = await _lose_lease_and_reregister(etcd, watcher, "echo-a")
+        # The watcher can see the new entry before the agent has read its own put's answer; until then the agent
+        # says only that the old registration lost its lease (a refusal all the same). Wait for it to know.
+        reg = server.registration
+        assert reg is not None and await until(lambda: reg.registered and reg.revision == new, 10)
         ran = agent.calls
         with pytest.raises(StaleRegistrationError) as info:
             await stale.call("echo", {"text": "x"}, timeout=10)
