@@ -196,9 +196,12 @@ def _to_2020_12(node: Any) -> Any:
 def tool_parameters(input_schema: Mapping[str, Any] | str | None) -> tuple[dict[str, Any], bool]:
     """A capability's input schema as tool parameters: (schema, wrapped). Wrapped: the input is not an object,
     so the parameters are `{"input": <schema>}` and the tool passes `arguments["input"]` to the capability."""
-    if isinstance(input_schema, str):
-        input_schema = json.loads(input_schema) if input_schema.strip() else None
-    schema: dict[str, Any] = _to_2020_12(dict(input_schema or {}))
+    try:
+        if isinstance(input_schema, str):  # a card's text, from any agent in the registry
+            input_schema = json.loads(input_schema) if input_schema.strip() else None
+        schema: dict[str, Any] = _to_2020_12(dict(input_schema or {}))
+    except RecursionError:
+        raise ValueError("the input schema is nested too deeply to offer as tool parameters") from None
     if not schema:
         return {"type": "object"}, False  # any JSON: an object is what a model can give
     if schema.get("type") == "object":

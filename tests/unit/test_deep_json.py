@@ -35,7 +35,7 @@ from hivemesh.mesh.trustdoc import verify_jwks, verify_trust_doc
 from hivemesh.sdk.a2a.cards import _schema
 from hivemesh.sdk.a2a.executor import payload_of
 from hivemesh.sdk.llm.core import ToolCall
-from hivemesh.sdk.tools import _run_call, tool
+from hivemesh.sdk.tools import _run_call, tool, tool_parameters
 
 DEPTH = 1_500
 """Past json's reach at the default recursion limit (~1,000 frames), and still small: 3 kB of text."""
@@ -91,6 +91,11 @@ def test_tool_arguments_that_nest_too_deep_are_an_error_for_the_model() -> None:
 
     ok, content = asyncio.run(_run_call(ToolCall(id="c1", name="echo", arguments=DEEP), {"echo": echo}, None))
     assert not ok and "InvalidArguments" in content
+
+
+def test_a_card_schema_too_deep_for_tool_parameters_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="nested too deeply"):  # any agent's card can carry one
+        tool_parameters(DEEP)
 
 
 def test_a2a_text_that_nests_too_deep_is_plain_text() -> None:
