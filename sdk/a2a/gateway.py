@@ -54,6 +54,7 @@ from hivemesh.sdk.client import MeshClient
 log = logging.getLogger(__name__)
 CARD_PATH = "/.well-known/agent-card.json"
 INVALID_REQUEST = -32600
+PARSE_ERROR = -32700
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,9 @@ class A2AGateway:
                     status_code=401, headers={"WWW-Authenticate": 'Bearer realm="hivemesh"'},
                 )
             request.scope[CALLER_STATE_KEY] = caller
+            if await _too_deep(request):  # a2a-sdk would answer -32603, an internal error, naming the recursion
+                return JSONResponse({"jsonrpc": "2.0", "id": None, "error": {
+                    "code": PARSE_ERROR, "message": "parse error: the JSON is nested too deeply"}})
             return await dispatcher.handle_requests(request)
 
         return Starlette(routes=[
@@ -221,6 +225,21 @@ class _Handler(DefaultRequestHandler):
             await executor.revive(params.id, context)
         task: Task | None = await super().on_get_task(params, context)
         return task
+
+
+async def _too_deep(request: Request) -> bool:
+    """Whether the body is JSON nested past what json reads (RecursionError, not a parse error to a2a-sdk).
+    Read only when it has the brackets for it: under 500 in all, nothing nests that deep."""
+    body = await request.body()
+    if body.count(b"[") + body.count(b"{") < 500:
+        return False
+    try:
+        json.loads(body)
+    except RecursionError:
+        return True
+    except (ValueError, UnicodeDecodeError):
+        return False  # a2a-sdk answers malformed JSON itself (-32700)
+    return False
 
 
 async def _request_id(request: Request) -> Any:

@@ -229,6 +229,10 @@ async def test_the_callers_grants_apply_and_unauthenticated_calls_are_refused(ri
         r = await anon.post(f"{rig.gateway.url}/", json=body)
         assert r.status_code == 401 and r.json()["id"] == 7 and r.json()["error"]["code"] == -32600
         assert "present a client certificate" in r.json()["error"]["message"]
+        # A body nested past what json reads: refused all the same, without an id (it was a 500 before).
+        r = await anon.post(f"{rig.gateway.url}/", content=b"[" * 1500 + b"]" * 1500,
+                            headers={"content-type": "application/json"})
+        assert r.status_code == 401 and r.json()["id"] is None and r.json()["error"]["code"] == -32600
     # alice's token without alice's certificate (a stolen token) is refused: it is bound to her certificate.
     stolen = (await rig.alice.node.controlplane.issue_token(rig.gateway.spiffe_id, ["echo"])).token
     async with https_client(None, rig.gateway.mesh.node.workload.bundle_pem, rig.tmp / "thief", stolen) as thief:
@@ -260,6 +264,9 @@ async def test_bad_requests_get_a2a_error_codes(rig: Rig) -> None:
             return r.json()["error"]  # type: ignore[no-any-return]
 
         assert (await rpc("message/fly", {}))["code"] == -32601
+        deep = await http.post(f"{rig.gateway.url}/", content=b"[" * 1500 + b"]" * 1500,
+                               headers={"content-type": "application/json"})
+        assert deep.json()["error"]["code"] == -32700 and "nested too deeply" in deep.json()["error"]["message"]
         assert (await rpc("tasks/get", {"id": "no-such-task"}))["code"] == -32001
         msg = {"role": "user", "messageId": "m2", "kind": "message", "parts": [{"kind": "data", "data": {}}],
                "metadata": {"skill": "no-such-skill"}}
