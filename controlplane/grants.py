@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any, Final
 
 import fastjsonschema
-import yaml
 
-from hivemesh.controlplane.yaml_errors import yaml_error_text
+from hivemesh.controlplane import yaml_text
 from hivemesh.mesh.errors import InvalidInputError
 from hivemesh.mesh.policy import GRANTS_PREFIX as POLICY_GRANTS_PREFIX
 
@@ -235,12 +234,7 @@ class GrantSet:
 
 def parse_grants_text(text: str, *, source: str = "<grants>") -> GrantSet:
     """Parse YAML (JSON is YAML) grant text and validate it."""
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise InvalidInputError(yaml_error_text(exc, source)) from None
-    except RecursionError:  # PyYAML composes recursively
-        raise InvalidInputError(f"{source}: nested too deeply") from None
+    doc = yaml_text.load(text, source)
     return GrantSet.from_doc(doc)
 
 

@@ -28,14 +28,12 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final
 
-import yaml
-
+from hivemesh.controlplane import yaml_text
 from hivemesh.controlplane.escalation_webhooks import ESCALATION_WEBHOOKS
 from hivemesh.controlplane.grants import _GRANT_SCHEMA, Grant, GrantSet
 from hivemesh.controlplane.shadow_check import refuse_unsafe_shadows
 from hivemesh.controlplane.slo import SLOS
 from hivemesh.controlplane.state_policy import STATE
-from hivemesh.controlplane.yaml_errors import yaml_error_text
 from hivemesh.mesh.authz import AUTHZ
 from hivemesh.mesh.budget import BUDGETS
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError, NotFoundError
@@ -120,12 +118,7 @@ def parse_documents(text: str, *, source: str = "<policies>") -> list[Any]:
     """The raw documents in YAML/JSON text: a multi-document stream, or one list of documents."""
     if len(text.encode("utf-8", "surrogatepass")) > _MAX_TEXT_BYTES:
         raise InvalidInputError(f"{source}: larger than {_MAX_TEXT_BYTES} bytes")
-    try:
-        loaded = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        raise InvalidInputError(yaml_error_text(exc, source)) from None
-    except RecursionError:  # PyYAML composes recursively: a document nested ~1,000 deep exhausts the stack
-        raise InvalidInputError(f"{source}: nested too deeply") from None
+    loaded = yaml_text.load_all(text, source)
     if len(loaded) == 1 and isinstance(loaded[0], list):
         loaded = loaded[0]
     if not loaded:

@@ -1,0 +1,61 @@
+"""Operator YAML (and JSON, which is YAML) read safely, for every loader of policy and grant text.
+
+- A syntax error is one readable line (`yaml_error_text`).
+- Nesting past what PyYAML's recursive composer reads is refused, not a RecursionError.
+- Aliases may be used, but what they expand to is bounded (`MAX_VALUES`). PyYAML shares an aliased node instead
+  of copying it, so 551 bytes of aliases nested nine deep ("billion laughs") load at once as 10^9 values; the
+  policy validation then walked them for ever, holding the control plane's event loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import yaml
+
+from hivemesh.controlplane.yaml_errors import yaml_error_text
+from hivemesh.mesh.errors import InvalidInputError
+
+MAX_VALUES: Final = 100_000
+"""Values (mappings, sequences, keys and scalars) a text may hold once its aliases are expanded."""
+
+
+def load_all(text: str, source: str) -> list[Any]:
+    """The non-empty documents of a multi-document stream; InvalidInputError naming source when it cannot be read."""
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        raise InvalidInputError(yaml_error_text(exc, source)) from None
+    except RecursionError:  # PyYAML composes recursively: ~1,000 levels exhaust the stack
+        raise InvalidInputError(f"{source}: nested too deeply") from None
+    _bounded(docs, source)
+    return docs
+
+
+def load(text: str, source: str) -> Any:
+    """The one document of text (None when empty); InvalidInputError naming source when it cannot be read."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InvalidInputError(yaml_error_text(exc, source)) from None
+    except RecursionError:
+        raise InvalidInputError(f"{source}: nested too deeply") from None
+    _bounded(doc, source)
+    return doc
+
+
+def _bounded(value: Any, source: str) -> None:
+    """Refuse value when it holds more than MAX_VALUES values counted as every reader walks them (an alias once
+    per use): the walk stops there, so an alias bomb costs at most that."""
+    stack = [value]
+    seen = 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise InvalidInputError(f"{source}: more than {MAX_VALUES:,} values once its aliases are expanded")
+        if isinstance(node, dict):
+            stack.extend(node)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
