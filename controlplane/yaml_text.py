@@ -1,6 +1,8 @@
 """Operator YAML (and JSON, which is YAML) read safely, for every loader of policy and grant text.
 
-- A syntax error is one readable line (`yaml_error_text`).
+- A syntax error is one readable line (`yaml_error_text`): PyYAML's own text names the stream it was given,
+  `<unicode string>` for text read first, and spreads over several lines; operators need `policies.yaml: not
+  valid YAML/JSON at line 3, column 9: ...` instead.
 - Nesting past what PyYAML's recursive composer reads is refused, not a RecursionError.
 - Aliases may be used, but what they expand to is bounded (`MAX_VALUES`). PyYAML shares an aliased node instead
   of copying it, so 551 bytes of aliases nested nine deep ("billion laughs") load at once as 10^9 values; the
@@ -13,11 +15,19 @@ from typing import Any, Final
 
 import yaml
 
-from hivemesh.controlplane.yaml_errors import yaml_error_text
 from hivemesh.mesh.errors import InvalidInputError
 
 MAX_VALUES: Final = 100_000
 """Values (mappings, sequences, keys and scalars) a text may hold once its aliases are expanded."""
+
+
+def yaml_error_text(exc: yaml.YAMLError, source: str) -> str:
+    """`<source>: not valid YAML/JSON at line L, column C: <what the parser expected and found>`."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem, context = getattr(exc, "problem", None), getattr(exc, "context", None)
+    what = ", ".join(str(p) for p in (context, problem) if p) if problem else str(exc).splitlines()[0]
+    return f"{source}: not valid YAML/JSON{where}: {what}"
 
 
 def load_all(text: str, source: str) -> list[Any]:
