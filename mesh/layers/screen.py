@@ -95,12 +95,36 @@ DEFAULT_RULES: Final[tuple[ScreenRule, ...]] = (
 _ZERO_WIDTH = re.compile("[\u200b-\u200f\u2060\ufeff\u00ad]")
 
 
+NFKC_CHUNK: Final = 16_384
+"""Characters normalized at a time in a long text, each piece checked for how much it grew (`MAX_GROWTH`)."""
+MAX_GROWTH: Final = 4
+"""How many times longer NFKC may make a piece of text. Real text barely grows (a ligature "ﬁ" doubles, "½"
+triples); one character can become 18 (U+FDFA), so 4 MiB of it grew to 25 million characters and held the
+event loop ~3 s in the screen. Text that grows more is refused (`TextExpandsError`)."""
+
+
+class TextExpandsError(ValueError):
+    """NFKC would make the text more than MAX_GROWTH times longer: screening it would cost far more than its size."""
+
+
 def normalize(text: str) -> str:
     """What the rules see: NFKC (full-width and look-alike letters folded) without zero-width characters.
 
-    Of those, only the soft hyphen is in Latin-1, so Latin-1 text (most European text) drops it with one
-    `str.replace` instead of a regex pass (64 Ki characters of German prose: ~20 µs against ~220 µs)."""
-    folded = unicodedata.normalize("NFKC", text)
+    A long text is normalized a piece at a time and refused (TextExpandsError) as soon as a piece grows past
+    MAX_GROWTH; the pieces are then normalized together, which is exact (NFKC of NFKC-equivalent text is the
+    same) and quick on text that is already normal. Of the characters dropped, only the soft hyphen is in
+    Latin-1, so Latin-1 text (most European text) drops it with one `str.replace` instead of a regex pass (64 Ki
+    characters of German prose: ~20 µs against ~220 µs)."""
+    if len(text) <= NFKC_CHUNK:
+        folded = unicodedata.normalize("NFKC", text)  # grows at most 18-fold: bounded
+    else:
+        parts = []
+        for i in range(0, len(text), NFKC_CHUNK):
+            part = unicodedata.normalize("NFKC", text[i:i + NFKC_CHUNK])
+            if len(part) > MAX_GROWTH * NFKC_CHUNK:
+                raise TextExpandsError(f"Unicode normalization makes it over {MAX_GROWTH} times longer")
+            parts.append(part)
+        folded = unicodedata.normalize("NFKC", "".join(parts))
     try:
         folded.encode("latin-1")
     except UnicodeEncodeError:
@@ -113,6 +137,10 @@ MAX_PATH: Final = 256
 MAX_SCREEN_DEPTH: Final = 64
 """How deep the content screen reads a JSON value. Deeper input is refused, not passed unread: a screen that
 skipped what lies deeper let an instruction wrapped in 65 arrays reach the agent unscreened."""
+
+
+def _expands(path: str, exc: TextExpandsError) -> InvalidInputError:
+    return InvalidInputError(f"{path}: {exc}, more than the content screen reads", field_violations={path: str(exc)})
 
 
 def strings(value: Any, path: str = "input", *, max_depth: int = MAX_SCREEN_DEPTH) -> Iterator[tuple[str, str]]:
@@ -308,7 +336,10 @@ class PatternScreen:
         prose: ~0.9 ms, against ~8 ms for every rule in Python)."""
         if self._engine is None:
             self.prepare()
-        norm = normalize(text) if self._normalizes else text
+        try:
+            norm = normalize(text) if self._normalizes else text
+        except TextExpandsError as exc:
+            raise _expands(path, exc) from None
         ruled_out: frozenset[int] = frozenset()
         if self._single_pass is not None and self._stand_ins_sound:
             ruled_out = self._stand_ins_sound.difference(self._single_pass.candidates(stand_ins.ascii_stand_ins(norm)))
@@ -379,7 +410,10 @@ class ClassifierScreen:
         for path, text in strings(value):
             if len(text) < self.min_length:
                 continue
-            s = self._score(normalize(text))
+            try:
+                s = self._score(normalize(text))
+            except TextExpandsError as exc:
+                raise _expands(path, exc) from None
             if s >= self.threshold:
                 return Finding(path, self.name, f"score {s:.2f} >= {self.threshold:.2f}")
         return None
