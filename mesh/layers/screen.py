@@ -103,6 +103,9 @@ triples); one character can become 18 (U+FDFA), so 4 MiB of it grew to 25 millio
 event loop ~3 s in the screen. Text that grows more is refused (`TextExpandsError`)."""
 
 
+_ASCII_CHAR = re.compile("[\x00-\x7f]")
+
+
 class TextExpandsError(ValueError):
     """NFKC would make the text more than MAX_GROWTH times longer: screening it would cost far more than its size."""
 
@@ -111,20 +114,31 @@ def normalize(text: str) -> str:
     """What the rules see: NFKC (full-width and look-alike letters folded) without zero-width characters.
 
     A long text is normalized a piece at a time and refused (TextExpandsError) as soon as a piece grows past
-    MAX_GROWTH; the pieces are then normalized together, which is exact (NFKC of NFKC-equivalent text is the
-    same) and quick on text that is already normal. Of the characters dropped, only the soft hyphen is in
-    Latin-1, so Latin-1 text (most European text) drops it with one `str.replace` instead of a regex pass (64 Ki
-    characters of German prose: ~20 µs against ~220 µs)."""
+    MAX_GROWTH. A piece ends before an ASCII character where one is near: NFKC never joins an ASCII character
+    to what precedes it, so the pieces' forms joined are the whole text's. Where none is near, the joined pieces
+    are normalized again, which is exact (NFKC of NFKC-equivalent text is the same). Of the characters dropped,
+    only the soft hyphen is in Latin-1, so Latin-1 text (most European text) drops it with one `str.replace`
+    instead of a regex pass (64 Ki characters of German prose: ~20 µs against ~220 µs)."""
     if len(text) <= NFKC_CHUNK:
         folded = unicodedata.normalize("NFKC", text)  # grows at most 18-fold: bounded
     else:
-        parts = []
-        for i in range(0, len(text), NFKC_CHUNK):
-            part = unicodedata.normalize("NFKC", text[i:i + NFKC_CHUNK])
-            if len(part) > MAX_GROWTH * NFKC_CHUNK:
+        parts, start, exact = [], 0, True
+        while start < len(text):
+            end = start + NFKC_CHUNK
+            if end >= len(text):
+                end = len(text)
+            else:
+                ascii_char = _ASCII_CHAR.search(text, end, end + 1024)
+                if ascii_char is not None:
+                    end = ascii_char.start()
+                else:
+                    exact = False
+            part = unicodedata.normalize("NFKC", text[start:end])
+            if len(part) > MAX_GROWTH * (end - start):
                 raise TextExpandsError(f"Unicode normalization makes it over {MAX_GROWTH} times longer")
             parts.append(part)
-        folded = unicodedata.normalize("NFKC", "".join(parts))
+            start = end
+        folded = "".join(parts) if exact else unicodedata.normalize("NFKC", "".join(parts))
     try:
         folded.encode("latin-1")
     except UnicodeEncodeError:

@@ -40,6 +40,14 @@ def test_long_text_is_normalized_exactly_as_whole(a: str, b: str, shift: int) ->
     assert normalize(text) == _reference(text)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet=_ALPHABET, max_size=40), st.text(alphabet=_ALPHABET, max_size=40), st.integers(0, 40))
+def test_long_text_without_ascii_near_an_edge_is_normalized_exactly(a: str, b: str, shift: int) -> None:
+    """The same where no ASCII character is near an edge (the pieces are normalized together again)."""
+    text = "\u00e9" * (NFKC_CHUNK - shift) + a + "\u00fc" * (NFKC_CHUNK + 2_000) + b + "\u00f6" * 100
+    assert normalize(text) == _reference(text)
+
+
 def test_text_that_grows_past_the_bound_is_refused_by_both_screens() -> None:
     bomb = "ok " * 1_000 + "\ufdfa" * (2 * NFKC_CHUNK)
     with pytest.raises(TextExpandsError):
