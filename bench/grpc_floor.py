@@ -16,6 +16,9 @@ thread alone: the thread that also runs every Python layer of the mesh) and the 
 mutual authentication (Python's ssl module, i.e. OpenSSL, on the mesh's loop: uvloop), each message behind a 4-byte
 length: what a link would cost without gRPC under it, the floor of a design that left gRPC for mesh-to-mesh links.
 Both processes run on the mesh's own loop (`hivemesh.mesh.loop`: uvloop where installed), whichever the transport.
+
+`--sockets tcp unix` runs every cell over a Unix domain socket too (gRPC's `unix:` address; the bare stream's
+`start_unix_server`), the same TLS on top: what a same-host link would save by leaving TCP loopback.
 """
 
 from __future__ import annotations
@@ -51,6 +54,17 @@ def _write_certs(folder: Path) -> None:
         (folder / f"{name}.key").write_bytes(pems[1])
 
 
+def _listen_at(folder: Path) -> str:
+    """Where this server listens: a fresh Unix socket in folder (FLOOR_SOCKET=unix), else TCP on loopback."""
+    return f"unix:{folder}/floor-{os.getpid()}.sock" if os.environ.get("FLOOR_SOCKET") == "unix" else "127.0.0.1:0"
+
+
+def _announce(address: str, port: int) -> None:
+    """The address the client dials, on stdout for the parent."""
+    sys.stdout.write(f"{address if address.startswith('unix:') else f'127.0.0.1:{port}'}\n")
+    sys.stdout.flush()
+
+
 async def _serve(folder: Path, tls: bool) -> None:
     async def echo(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
         async for message in requests:
@@ -63,12 +77,11 @@ async def _serve(folder: Path, tls: bool) -> None:
         pair = ((folder / "server.key").read_bytes(), (folder / "server.pem").read_bytes())
         creds = grpc.ssl_server_credentials([pair], root_certificates=(folder / "ca.pem").read_bytes(),
                                             require_client_auth=True)
-        port = server.add_secure_port("127.0.0.1:0", creds)
+        port = server.add_secure_port(address := _listen_at(folder), creds)
     else:
-        port = server.add_insecure_port("127.0.0.1:0")
+        port = server.add_insecure_port(address := _listen_at(folder))
     await server.start()
-    sys.stdout.write(f"{port}\n")
-    sys.stdout.flush()
+    _announce(address, port)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes stdin
     await server.stop(0)
 
@@ -111,18 +124,27 @@ async def _serve_tls_stream(folder: Path, tls: bool) -> None:
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
 
-    server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=_ssl_context(folder, True) if tls else None)
-    sys.stdout.write(f"{server.sockets[0].getsockname()[1]}\n")
-    sys.stdout.flush()
+    ctx = _ssl_context(folder, True) if tls else None
+    address = _listen_at(folder)
+    if address.startswith("unix:"):
+        server = await asyncio.start_unix_server(echo, address[5:], ssl=ctx)
+        _announce(address, 0)
+    else:
+        server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=ctx)
+        _announce(address, server.sockets[0].getsockname()[1])
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes stdin
     server.close()
 
 
-async def _client_tls_stream(folder: Path, tls: bool, port: int, size: int, inflight: int,
+async def _client_tls_stream(folder: Path, tls: bool, address: str, size: int, inflight: int,
                              messages: int) -> dict[str, float]:
     ctx = _ssl_context(folder, False) if tls else None
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1", port, ssl=ctx, server_hostname="server.agent.hivemesh.local" if tls else None)
+    name = "server.agent.hivemesh.local" if tls else None
+    if address.startswith("unix:"):
+        reader, writer = await asyncio.open_unix_connection(address[5:], ssl=ctx, server_hostname=name)
+    else:
+        host, _, port = address.rpartition(":")
+        reader, writer = await asyncio.open_connection(host, int(port), ssl=ctx, server_hostname=name)
     payload = os.urandom(size)
     head = len(payload).to_bytes(4, "big")
 
@@ -142,8 +164,7 @@ async def _client_tls_stream(folder: Path, tls: bool, port: int, size: int, infl
     return row
 
 
-async def _client(folder: Path, tls: bool, port: int, size: int, inflight: int, messages: int) -> dict[str, float]:
-    target = f"127.0.0.1:{port}"
+async def _client(folder: Path, tls: bool, target: str, size: int, inflight: int, messages: int) -> dict[str, float]:
     if tls:
         creds = grpc.ssl_channel_credentials((folder / "ca.pem").read_bytes(), (folder / "client.key").read_bytes(),
                                              (folder / "client.pem").read_bytes())
@@ -173,19 +194,19 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _measure(folder: Path, transport: str, tls: bool, size: int, inflight: int, messages: int,
+def _measure(folder: Path, transport: str, sock: str, tls: bool, size: int, inflight: int, messages: int,
              env: dict[str, str]) -> dict[str, float]:
     me = [sys.executable, __file__]
-    env = {**env, "FLOOR_TRANSPORT": transport}
+    env = {**env, "FLOOR_TRANSPORT": transport, "FLOOR_SOCKET": sock}
     server = subprocess.Popen([*me, "_serve", str(folder), str(int(tls))], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, env=env, text=True)
     try:
         assert server.stdout is not None
-        port = int(server.stdout.readline() or 0)
-        if not port:
+        address = server.stdout.readline().strip()
+        if not address:
             raise RuntimeError("the echo server did not start")
         before = _cpu_s(server.pid)
-        out = subprocess.run([*me, "_client", str(folder), str(int(tls)), str(port), str(size), str(inflight),
+        out = subprocess.run([*me, "_client", str(folder), str(int(tls)), address, str(size), str(inflight),
                               str(messages)], env=env, capture_output=True, text=True, timeout=300, check=True)
         row: dict[str, float] = json.loads(out.stdout)
         row["server_cpu_us"] = (_cpu_s(server.pid) - before) / messages * 1e6
@@ -205,26 +226,30 @@ def main() -> None:
     ap.add_argument("--experiments", default="", help="GRPC_EXPERIMENTS for both processes")
     ap.add_argument("--transports", nargs="+", choices=("grpc", "tls-stream"), default=["grpc"],
                     help="grpc: a grpc.aio stream; tls-stream: length-prefixed messages on a bare (m)TLS socket")
+    ap.add_argument("--sockets", nargs="+", choices=("tcp", "unix"), default=["tcp"],
+                    help="tcp: loopback TCP; unix: a Unix domain socket (same TLS on top)")
     args = ap.parse_args()
     env = {**os.environ, "GRPC_EXPERIMENTS": args.experiments} if args.experiments else dict(os.environ)
-    rows: dict[tuple[int, str, bool], list[dict[str, float]]] = {}
+    rows: dict[tuple[int, str, str, bool], list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="hivemesh-floor-") as tmp:
         folder = Path(tmp)
         _write_certs(folder)
         for _ in range(args.rounds):  # interleaved: the shared machine's mood reaches every cell alike
             for size in args.sizes:
                 for transport in args.transports:
-                    for tls in (True, False):
-                        n = max(200, min(args.max_messages, args.bytes // max(size, 1)))
-                        rows.setdefault((size, transport, tls), []).append(
-                            _measure(folder, transport, tls, size, args.inflight, n, env))
+                    for sock in args.sockets:
+                        for tls in (True, False):
+                            n = max(200, min(args.max_messages, args.bytes // max(size, 1)))
+                            rows.setdefault((size, transport, sock, tls), []).append(
+                                _measure(folder, transport, sock, tls, size, args.inflight, n, env))
     lines = [f"grpcio {grpc.__version__}, {os.cpu_count()} cores, {args.inflight} in flight, {args.rounds} round(s)"
              + (f", GRPC_EXPERIMENTS={args.experiments}" if args.experiments else "") + "; medians over rounds",
              "| size | transport | messages/s | client CPU µs/msg | client main thread µs/msg | server CPU µs/msg |",
              "|---|---|---|---|---|---|"]
-    for (size, transport, tls), got in rows.items():
+    for (size, transport, sock, tls), got in rows.items():
         med = {k: statistics.median(r[k] for r in got) for k in got[0]}
-        name = ("mTLS" if tls else "plaintext") + ("" if transport == "grpc" else f", {transport}")
+        name = ("mTLS" if tls else "plaintext") + ("" if transport == "grpc" else f", {transport}") + \
+            ("" if sock == "tcp" else f", {sock} socket")
         lines.append(f"| {size:,} B | {name} | {med['messages_per_s']:,.0f} | "
                      f"{med['client_cpu_us']:,.0f} | {med['client_main_us']:,.0f} | {med['server_cpu_us']:,.0f} |")
     sys.stdout.write("\n".join(lines) + "\n")
@@ -241,7 +266,7 @@ if __name__ == "__main__":
 
         a = sys.argv[2:]
         client = _client_tls_stream if stream else _client
-        row = loop.run(client(Path(a[0]), a[1] == "1", int(a[2]), int(a[3]), int(a[4]), int(a[5])))
+        row = loop.run(client(Path(a[0]), a[1] == "1", a[2], int(a[3]), int(a[4]), int(a[5])))
         sys.stdout.write(json.dumps(row) + "\n")
     else:
         main()
