@@ -117,16 +117,16 @@ async def test_a_keepalive_to_a_frozen_member_is_rescued_within_the_ttl(cluster:
         finally:
             await live.close()
 
-        # Directly: the first member to answer wins, the frozen one does not hold the call up...
-        began = time.monotonic()
+        # Directly: the first member to answer wins, the frozen one does not hold the call up (a refresh that
+        # waited for every member would meet the frozen one and raise TimeoutError at its 3 s bound)...
         assert await refresh_on_members(cluster.access, lease, 3.0) > 0
-        assert time.monotonic() - began < 2.0
-        # ...a member alone that never answers is a timeout within the bound...
+        # ...a member alone that never answers is a timeout, bounded: ten times the 0.5 s asked, so a loaded
+        # machine's slow turns do not fail it, where a refresh that ignored its bound would wait for ever...
         alone = EtcdAccess(frozen.endpoint, cluster.access.tls)
         began = time.monotonic()
         with pytest.raises(TimeoutError):
             await refresh_on_members(alone, lease, 0.5)
-        assert time.monotonic() - began < 2.0
+        assert time.monotonic() - began < 5.0
 
         # The control plane's issuing path (grants, agents, workload users) through the same round robin:
         # a request handed to the frozen member is asked of every member after 0.3 s, so none waits it out.
