@@ -38,6 +38,8 @@ REQUEST: Final = "hivemesh-request"
 ANSWER: Final = "hivemesh-answer"
 DEFAULT_WINDOW_S: Final = 60.0
 """How far a signature's `iat` may be from the verifier's clock (either way)."""
+_MAX_IAT: Final = 2**53
+"""iat at or past this is refused as no time: beyond it a float (the clock) no longer holds every second."""
 DEFAULT_MAX_NONCES: Final = 100_000
 _MAX_JWS: Final = 16_384
 
@@ -196,8 +198,10 @@ def verify(
     if header.get("kid") != cert_thumbprint_s256(cert):
         raise SignatureInvalidError("the payload signature was not made with the peer's mesh certificate")
     iat, nonce = header.get("iat"), header.get("nonce")
-    if not isinstance(iat, int) or not isinstance(nonce, str) or not 8 <= len(nonce) <= 128:
+    if type(iat) is not int or not isinstance(nonce, str) or not 8 <= len(nonce) <= 128:
         raise SignatureInvalidError("the payload signature lacks its iat or nonce")
+    if not 0 <= iat < _MAX_IAT:  # a float would overflow on it (10**400) and a 309-digit one fill the message
+        raise SignatureInvalidError("the payload signature's iat is not a time (seconds since 1970)")
     if abs(now - iat) > window_s:
         raise SignatureInvalidError(f"the payload signature was made {int(now - iat)} s ago, outside ±{window_s:g} s")
     key = cert.public_key()

@@ -91,3 +91,28 @@ def test_nonce_cache_is_bounded_and_never_forgets_into_a_replay() -> None:
     assert not cache.add("a", 10, 13.0)  # a replay of the forgotten nonce is still refused
     assert not cache.add("e", 9, 13.0)  # and so is anything signed before it
     assert cache.add("x", 500, 500.0) and len(cache) == 1  # expired entries are dropped
+
+
+def test_an_iat_that_is_no_time_is_refused_as_an_invalid_signature(tmp_path: Path) -> None:
+    """The header is the caller's, read before the signature is checked (its `kid` is the caller's own public
+    thumbprint): an integer iat past a float's range raised OverflowError (the call refused INTERNAL), and one
+    within it put a 309-digit number in the message. Each is SIGNATURE_INVALID, with a short message."""
+    import base64
+    import json
+
+    from hivemesh.mesh.pki import cert_thumbprint_s256, load_cert
+
+    init_ca(tmp_path / "ca", TD)
+    alice = _issue(tmp_path / "ca", ALICE)
+    d = request_digest("extract", "application/json", b'{"x":1}', BOB)
+    kid = cert_thumbprint_s256(load_cert(alice.cert_pem))
+
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    for iat in (10**400, 10**308, 2**53, -1, True):
+        header = {"alg": "ES256", "typ": REQUEST, "kid": kid, "iat": iat, "nonce": "abcdefghijkl"}
+        jws = f"{b64(json.dumps(header).encode())}..{b64(bytes(64))}"
+        with pytest.raises(SignatureInvalidError) as raised:
+            verify(jws, REQUEST, d, peer_cert=alice.cert_pem, now=1000.0)
+        assert len(raised.value.message) < 200, raised.value.message
