@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -382,16 +383,26 @@ _BY_CODE: dict[grpc.StatusCode, type[HivemeshError]] = {
 }
 
 
+def _utf8(text: str) -> str:
+    """text as UTF-8 can carry it: a lone surrogate (which a caller's JSON can name, e.g. as a key an error
+    quotes) written as its escape, since a status, its details and protobuf strings are UTF-8 and would raise."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def to_status(err: HivemeshError) -> grpc.Status:
-    """Build the rich gRPC status for err: code, message, ErrorInfo and, where they apply, BadRequest and RetryInfo."""
+    """Build the rich gRPC status for err: code, message, ErrorInfo and, where they apply, BadRequest and RetryInfo.
+    Text from the caller's own input may hold lone surrogates: they go out escaped (`_utf8`), never as a raise."""
     details: list[any_pb2.Any] = []
     info = any_pb2.Any()
-    info.Pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata))
+    metadata = {_utf8(k): _utf8(v) for k, v in err.metadata.items()}
+    info.Pack(error_details_pb2.ErrorInfo(reason=_utf8(err.reason), domain=DOMAIN, metadata=metadata))
     details.append(info)
     if err.field_violations:
         bad = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
+                error_details_pb2.BadRequest.FieldViolation(field=_utf8(f), description=_utf8(d))
                 for f, d in err.field_violations.items()
             ]
         )
@@ -404,7 +415,7 @@ def to_status(err: HivemeshError) -> grpc.Status:
         packed = any_pb2.Any()
         packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
         details.append(packed)
-    status = status_pb2.Status(code=err.code.value[0], message=err.message, details=details)
+    status = status_pb2.Status(code=err.code.value[0], message=_utf8(err.message), details=details)
     result: grpc.Status = rpc_status.to_status(status)
     if err.retry_after_s is not None:
         # gRPC's own retry machinery (any language) honours this trailer, so clients back off as asked.
@@ -437,22 +448,30 @@ def from_status_parts(
     for key, value in trailing or ():
         if key != _DETAILS_KEY or not isinstance(value, bytes):
             continue
-        status = status_pb2.Status.FromString(value)
+        # The peer's bytes: details that do not parse are left out (the code and message still say what
+        # happened), so a corrupt trailer from a faulty or hostile peer never turns into a DecodeError here.
+        try:
+            status = status_pb2.Status.FromString(value)
+        except DecodeError:
+            continue
         for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                if info.domain == DOMAIN:
-                    reason = info.reason
-                    meta = dict(info.metadata)
-            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                violations = {v.field: v.description for v in bad.field_violations}
-            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                ri = error_details_pb2.RetryInfo()
-                detail.Unpack(ri)
-                retry = ri.retry_delay.ToNanoseconds() / 1e9
+            try:
+                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    info = error_details_pb2.ErrorInfo()
+                    detail.Unpack(info)
+                    if info.domain == DOMAIN:
+                        reason = info.reason
+                        meta = dict(info.metadata)
+                elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                    bad = error_details_pb2.BadRequest()
+                    detail.Unpack(bad)
+                    violations = {v.field: v.description for v in bad.field_violations}
+                elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                    ri = error_details_pb2.RetryInfo()
+                    detail.Unpack(ri)
+                    retry = max(0.0, ri.retry_delay.ToNanoseconds() / 1e9)
+            except DecodeError:
+                continue
     cls = _BY_REASON.get(reason) or _BY_CODE.get(code) or HivemeshError
     err = cls(message, metadata=meta, field_violations=violations, retry_after_s=retry)
     if err.code != code or (reason and err.reason != reason):

@@ -72,8 +72,10 @@ class FrameContext(grpc.aio.ServicerContext[Any, Any]):
     def set_code(self, code: grpc.StatusCode) -> None:
         self._code = code
 
-    def code(self) -> grpc.StatusCode:
-        return self._code if self._code is not None else grpc.StatusCode.OK
+    def code(self) -> grpc.StatusCode | None:  # type: ignore[override]  # grpc.aio's: None until one is set
+        """The code set (by abort or set_code), None if none was: a call that failed without one is recorded as
+        UNKNOWN (`inbound._final_code`), never as OK."""
+        return self._code
 
     def set_details(self, details: str) -> None:
         self._details = details

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -38,6 +39,30 @@ log = logging.getLogger(__name__)
 INVOKE_PATH = "/hivemesh.v1.Agent/Invoke"
 AUTHORIZATION = "authorization"
 _END = object()
+MAX_TIMEOUT_S = 1e8
+"""A frame's timeout_s above this (~3 years; or infinite) is no deadline: gRPC's own deadline overflows near 7.5e9 s
+and would fail a forwarded call at once as past its deadline."""
+_HEADER_KEY = re.compile(r"[0-9a-z_.\-]+")
+_GOOD_KEYS: set[str] = set()
+"""Header keys already found legal (a handful: authorization, traceparent, the signature header...)."""
+
+
+def frame_problem(metadata: Sequence[tuple[str, str]], timeout_s: float) -> str:
+    """Why a call frame cannot be served as it is ("" when it can): its headers must be what gRPC metadata can
+    carry on a unary call, as the sidecar forwards them so (a lower-case key of letters, digits, `-_.`; a text
+    value of printable ASCII; no `-bin` key, since a LinkHeader's value is text), and its timeout a number of
+    seconds, 0 for none. Else gRPC raised while forwarding it, and the caller got UNKNOWN."""
+    for key, value in metadata:
+        if key not in _GOOD_KEYS:
+            if not _HEADER_KEY.fullmatch(key) or key.endswith("-bin"):
+                return f"link call header {key[:64]!r} is not a gRPC metadata key a text value can go with"
+            if len(_GOOD_KEYS) < 256:
+                _GOOD_KEYS.add(key)
+        if not (value.isascii() and value.isprintable()):
+            return f"link call header {key!r} has a value gRPC metadata cannot carry (printable ASCII only)"
+    if not timeout_s >= 0:  # negative, or NaN
+        return f"link call timeout_s must be 0 (none) or a positive number of seconds, not {timeout_s!r}"
+    return ""
 
 
 @dataclass(slots=True)
@@ -216,6 +241,12 @@ class LinkServer:
             kind = frame.kind
             if kind == "call":
                 metadata: Sequence[tuple[str, str]] = frame.metadata
+                problem = frame_problem(metadata, frame.timeout_s)
+                if problem:
+                    out.put_nowait(answer_frame(frame.id, grpc.StatusCode.INVALID_ARGUMENT, problem, ()))
+                    return
+                if frame.timeout_s > MAX_TIMEOUT_S:
+                    frame.timeout_s = 0.0  # beyond any deadline gRPC can keep, infinite included: none
                 sent = [v for k, v in metadata if k == AUTHORIZATION]
                 if sent:
                     authorization = sent[-1]

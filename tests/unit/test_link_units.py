@@ -32,7 +32,7 @@ def test_status_codes_round_trip_by_number() -> None:
 
 async def test_a_frame_calls_abort_ends_that_call_with_its_status_and_deadline() -> None:
     ctx = FrameContext(None, [("authorization", "Bearer t"), ("traceparent", "00-x")], 0)  # type: ignore[arg-type]
-    assert ctx.time_remaining() is None and ctx.code() is grpc.StatusCode.OK
+    assert ctx.time_remaining() is None and ctx.code() is None  # as grpc.aio's own context: none set yet
     assert list(ctx.invocation_metadata() or ()) == [("authorization", "Bearer t"), ("traceparent", "00-x")]
     with pytest.raises(FrameAborted) as aborted:
         await ctx.abort(grpc.StatusCode.NOT_FOUND, "no such thing", (("k", "v"),))
@@ -75,3 +75,42 @@ def test_a_link_stream_that_breaks_fails_its_calls_as_a_broken_connection_fails_
                  grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED):
         refused = failed(code, "as sent")
         assert stream_failure(refused) is refused, code  # passed on unchanged (UNKNOWN: a crashed handler)
+
+
+def test_a_frame_call_that_failed_with_no_code_set_is_recorded_unknown_not_ok() -> None:
+    """The chain records a failed call's code from its context: a frame's context said OK when nothing had set
+    one, so a handler's unexpected exception was audited as a success the caller never got."""
+    from hivemesh.mesh.inbound import _final_code
+
+    context = FrameContext(None, (), 0.0, {})  # type: ignore[arg-type]  # the stream is not read here
+    assert context.code() is None
+    assert _final_code(context, RuntimeError("a bug")) is grpc.StatusCode.UNKNOWN
+    assert _final_code(context, None) is grpc.StatusCode.OK
+    context.set_code(grpc.StatusCode.NOT_FOUND)
+    assert _final_code(context, RuntimeError("refused")) is grpc.StatusCode.NOT_FOUND
+
+
+def test_corrupt_status_details_from_a_peer_leave_the_code_and_message() -> None:
+    """An agent's (or anyone's) trailers are foreign bytes: details that do not parse raised DecodeError in the
+    caller, past its retry and audit, instead of the error the code and message still describe."""
+    from google.protobuf import any_pb2
+    from google.rpc import status_pb2
+
+    corrupt_detail = any_pb2.Any(type_url="type.googleapis.com/google.rpc.ErrorInfo", value=b"\xff\xff")
+    for trailer in (b"\xff\xff\xff", status_pb2.Status(code=3, details=[corrupt_detail]).SerializeToString()):
+        err = from_status_parts(grpc.StatusCode.INVALID_ARGUMENT, "nope", [("grpc-status-details-bin", trailer)])
+        assert (err.code, err.message, err.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "nope", "INVALID_INPUT")
+    status = to_status(RateLimitedError("slow down", retry_after_s=2))  # readable details still read
+    assert from_status_parts(status.code, status.details, status.trailing_metadata).retry_after_s == 2
+
+
+def test_a_status_quoting_a_lone_surrogate_from_the_input_goes_out_escaped() -> None:
+    """A refusal may quote the caller's JSON (a key that is a lone surrogate): gRPC statuses and protobuf strings
+    are UTF-8, so building the status raised UnicodeEncodeError and the caller got UNKNOWN."""
+    from hivemesh.mesh.errors import ContentRefusedError
+
+    err = ContentRefusedError("input field input.\udc80 was refused", field_violations={"input.\udc80": "no"})
+    status = to_status(err)
+    assert status.details == "input field input.\\udc80 was refused"
+    back = from_status_parts(status.code, status.details, status.trailing_metadata)
+    assert back.reason == "CONTENT_REFUSED" and back.field_violations == {"input.\\udc80": "no"}
