@@ -33,6 +33,9 @@ def _raw_document(p: policy_pb2.Policy, where: str) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         msg = f"not valid JSON: {exc}"
         raise InvalidInputError(f"{where}spec_json: {msg}", field_violations={f"{where}spec_json": msg}) from None
+    except RecursionError:  # a few kB of `[` nest past what json reads: a ValueError no more
+        msg = "nested too deeply"
+        raise InvalidInputError(f"{where}spec_json: {msg}", field_violations={f"{where}spec_json": msg}) from None
     raw: dict[str, Any] = {"kind": p.kind, "name": p.name, "spec": spec}
     if p.description:
         raw["description"] = p.description

@@ -142,3 +142,14 @@ def test_a_card_schema_that_nests_too_deep_is_a_schema_error() -> None:
 def test_signed_trust_documents_that_nest_too_deep_are_refused(verify_doc: Callable[[bytes, bytes], Any]) -> None:
     with pytest.raises(ValueError, match="not JSON"):
         verify_doc(DEEP.encode(), b"")
+
+
+def test_a_policy_spec_sent_to_apply_policies_nested_too_deep_is_invalid_input() -> None:
+    """ApplyPolicies reads each document's spec_json itself (the YAML loader reads files, not this field): it
+    caught only JSONDecodeError, so the RPC answered INTERNAL with a RecursionError in the control plane's log."""
+    from hivemesh.controlplane.policy_service import _raw_document
+    from hivemesh.v1 import policy_pb2
+
+    with pytest.raises(InvalidInputError, match="spec_json: nested too deeply") as refused:
+        _raw_document(policy_pb2.Policy(kind="slo", name="s", spec_json=DEEP), "policies[0].")
+    assert refused.value.field_violations == {"policies[0].spec_json": "nested too deeply"}
