@@ -118,6 +118,15 @@ async def _release(etcd: Any, lease_id: int) -> None:
         log.debug("could not revoke state lease %x: %s", lease_id, exc)
 
 
+_MAX_REVISION = 2**63 - 1
+"""The watch starts after start_revision, at start_revision + 1: an etcd revision (int64) at most."""
+
+
+def _no_constant(name: str) -> Any:
+    """json reads NaN, Infinity and -Infinity, which JSON has not: a value holding one read back as no JSON."""
+    raise ValueError(f"{name} is not JSON")
+
+
 class StateServicer(state_pb2_grpc.StateServicer):
     def __init__(self, core: Core) -> None:
         self._core = core
@@ -154,8 +163,8 @@ class StateServicer(state_pb2_grpc.StateServicer):
         caller, access = await self._access(context, request.namespace, write=True)
         ns, key = request.namespace, check_key(request.key)
         try:
-            json.loads(request.value_json)
-        except (json.JSONDecodeError, RecursionError) as exc:
+            json.loads(request.value_json, parse_constant=_no_constant)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
             msg = f"not a JSON document: {exc}" if isinstance(exc, ValueError) else "JSON nested too deeply"
             raise InvalidInputError(f"value_json: {msg}", field_violations={"value_json": msg}) from None
         size, bounds = len(request.value_json.encode()), access.bounds
@@ -240,8 +249,8 @@ class StateServicer(state_pb2_grpc.StateServicer):
         try:
             await self._access(context, request.namespace, write=False)
             check_key_prefix(request.key_prefix)
-            if request.start_revision < 0:
-                msg = "start_revision must not be negative"
+            if not 0 <= request.start_revision < _MAX_REVISION:
+                msg = f"start_revision must be from 0 to {_MAX_REVISION - 1} (etcd's revisions are 64-bit)"
                 raise InvalidInputError(msg, field_violations={"start_revision": msg})
         except HivemeshError as err:
             await abort(context, err)

@@ -149,6 +149,19 @@ async def test_cas_watch_bounds_retention_and_authz(mesh_env: MeshEnv, etcd: aet
         assert too_deep.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "nested too deeply" in (too_deep.value.details() or "")
         assert await planner.get(NS, "k") is None  # nothing half-written
+        for constant in ("NaN", "[1, Infinity]", '{"a": -Infinity}'):  # json reads them; JSON has none
+            with pytest.raises(grpc.aio.AioRpcError) as not_a_number:
+                await stub.PutState(state_pb2.PutStateRequest(namespace=NS, key="k", value_json=constant), timeout=10)
+            assert not_a_number.value.code() == grpc.StatusCode.INVALID_ARGUMENT, constant
+            assert "is not JSON" in (not_a_number.value.details() or ""), not_a_number.value.details()
+        assert await planner.get(NS, "k") is None
+        # A revision past etcd's (int64) range is refused, not UNKNOWN from an overflow past the check.
+        with pytest.raises(grpc.aio.AioRpcError) as past:
+            async for _ in stub.WatchState(state_pb2.WatchStateRequest(namespace=NS, start_revision=2**63 - 1),
+                                           timeout=10):
+                break
+        assert past.value.code() == grpc.StatusCode.INVALID_ARGUMENT, past.value.details()
+        assert "start_revision" in (past.value.details() or "")
     finally:
         for cp in (planner_cp, observer_cp, stranger_cp):
             await cp.close()
