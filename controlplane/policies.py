@@ -51,6 +51,9 @@ from hivemesh.mesh.resilience.kinds import ROLLOUTS, TRAFFIC_KINDS
 log = logging.getLogger(__name__)
 
 MAX_DOCUMENTS: Final = 100  # etcd's default --max-txn-ops is 128
+MAX_APPLY_BYTES: Final = 1024 * 1024
+"""Stored bytes one apply may write: it is one etcd transaction, and etcd refuses a request past 1.5 MiB
+(--max-request-bytes), which came back as the registry being unavailable, a status clients retry."""
 _MAX_TEXT_BYTES: Final = 1 << 20
 _ENVELOPE_FIELDS: Final = ("apiVersion", "kind", "name", "description", "version", "spec")
 _API_VERSION: Final = "hivemesh/v1"
@@ -161,9 +164,11 @@ def validate_document(raw: Any, *, kinds: PolicyKinds = KINDS) -> PolicyInput:
     if "spec" in raw and not isinstance(spec, dict):
         bad["spec"] = "must be a mapping"
     elif isinstance(spec, dict):
-        # A JSON round trip keeps only JSON data (YAML dates and the like become errors here, not in etcd).
+        # A JSON round trip keeps only JSON data (YAML dates and the like become errors here, not in etcd), and
+        # no NaN or infinity (YAML's .nan, or NaN in spec_json): stored, they printed as `NaN`, which is not JSON,
+        # and made alerts that could never fire and retry pauses that never end.
         try:
-            spec = json.loads(json.dumps(spec))
+            spec = json.loads(json.dumps(spec, allow_nan=False))
         except (TypeError, ValueError) as exc:
             bad["spec"] = f"must be JSON data: {exc}"
     if bad or kind is None or not isinstance(name, str) or not isinstance(spec, dict):
@@ -270,6 +275,7 @@ async def apply_policies(etcd: Any, items: Sequence[PolicyInput], *, dry_run: bo
         ops: list[Any] = []
         compares: list[Any] = []
         plan: list[tuple[PolicyInput, str, int]] = []
+        written, largest = 0, (0, "")
         for i, item in enumerate(items):
             doc, kind = item.doc, item.kind
             current = by_kind[doc.kind].get(doc.name)
@@ -292,6 +298,14 @@ async def apply_policies(etcd: Any, items: Sequence[PolicyInput], *, dry_run: bo
             else:
                 compares.append(etcd.transactions.mod(key) == current_rev)
             ops.append(etcd.transactions.put(key, value))
+            written += len(value)
+            if len(value) > largest[0]:
+                largest = (len(value), f"{doc.kind}/{doc.name}")
+        if written > MAX_APPLY_BYTES:
+            raise InvalidInputError(
+                f"the documents take {written:,} bytes stored, more than one apply can write ({MAX_APPLY_BYTES:,}; "
+                f"the largest, {largest[1]}, {largest[0]:,}): apply fewer at once, or split the largest",
+                metadata={"max_apply_bytes": str(MAX_APPLY_BYTES)})
         if dry_run or not ops:
             return ApplyResult(
                 tuple(Applied(p.doc.kind, p.doc.name, action, rev) for p, action, rev in plan), 0, dry_run

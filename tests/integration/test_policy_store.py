@@ -161,6 +161,24 @@ spec: {attempts: 2}
     assert len({a.version for a in ok.applied}) == 1  # one transaction, one revision
 
 
+async def test_documents_past_what_one_transaction_can_write_are_invalid_input(etcd: aetcd.Client) -> None:
+    """One apply is one etcd transaction, and etcd refuses a request past 1.5 MiB: a grant of 50,000 subjects was
+    refused by etcd and reported as the registry being unavailable (a status clients retry). Now it is invalid
+    input naming the largest document, and nothing is written."""
+    subjects = [f"spiffe://hivemesh.local/client/c-{i:05d}" for i in range(50_000)]
+
+    def grant(name: str, count: int) -> list[store.PolicyInput]:  # as ApplyPolicies reads an RPC's documents
+        return store.validate_documents([{"kind": "grants", "name": name,
+                                          "spec": {"subjects": subjects[:count], "capabilities": ["read"]}}])
+
+    with pytest.raises(InvalidInputError, match="grants/everyone") as refused:
+        await store.apply_policies(etcd, grant("everyone", 50_000))
+    assert refused.value.metadata["max_apply_bytes"] == str(store.MAX_APPLY_BYTES)
+    assert await etcd.get(GRANTS_PREFIX + b"everyone") is None
+    await store.apply_policies(etcd, grant("many", 5_000))  # a large grant that fits is stored
+    assert await etcd.get(GRANTS_PREFIX + b"many") is not None
+
+
 async def test_dry_run_validates_and_writes_nothing(etcd: aetcd.Client) -> None:
     result = await store.apply_policies(etcd, _apply(RETRY_DOC), dry_run=True)
     assert result.dry_run and result.applied[0].action == "created" and result.revision == 0

@@ -31,3 +31,16 @@ def test_an_invalid_schema_is_a_value_error_naming_the_kind() -> None:
     kind: PolicyKind[None] = PolicyKind("broken-test", {"type": "no-such-type"}, compile=lambda _docs: None)
     with pytest.raises(ValueError, match="policy kind 'broken-test': invalid spec schema"):
         kind.validate(PolicyDoc("broken-test", "a", {}))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_spec_holding_nan_or_infinity_is_refused_before_it_is_stored(bad: float) -> None:
+    """YAML's `.nan` (or NaN in an RPC's spec_json, which json reads) was stored: read back it printed `NaN`, no
+    JSON, and an SLO's alert could never fire, a webhook's retry pause never end. The document is refused."""
+    from hivemesh.controlplane.policies import validate_document
+
+    raw = {"kind": "slo", "name": "s", "spec": {"capability": "echo", "availability": bad}}
+    with pytest.raises(PolicyError) as refused:
+        validate_document(raw)
+    assert "spec" in refused.value.violations, refused.value.violations
+    assert "not JSON compliant" in refused.value.violations["spec"]
