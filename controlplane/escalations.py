@@ -252,10 +252,13 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
             msg = f"must be 0..{MAX_DEADLINE_S}"
             raise InvalidInputError(f"deadline_seconds {msg}", field_violations={"deadline_seconds": msg})
         on_deadline = request.on_deadline or E.DEADLINE_POLICY_REJECT
-        if on_deadline == E.DEADLINE_POLICY_DEFAULT_ANSWER:
-            if not request.default_answer_json:
-                msg = "required when on_deadline is DEFAULT_ANSWER"
-                raise InvalidInputError(f"default_answer_json is {msg}", field_violations={"default_answer_json": msg})
+        if on_deadline not in E.DeadlinePolicy.values():  # proto3 keeps a number it has no name for
+            msg = f"must be one of {', '.join(E.DeadlinePolicy.keys()[1:])}"
+            raise InvalidInputError(f"on_deadline {msg}", field_violations={"on_deadline": msg})
+        if on_deadline == E.DEADLINE_POLICY_DEFAULT_ANSWER and not request.default_answer_json:
+            msg = "required when on_deadline is DEFAULT_ANSWER"
+            raise InvalidInputError(f"default_answer_json is {msg}", field_violations={"default_answer_json": msg})
+        if request.default_answer_json:  # stored whatever on_deadline says: checked (and bounded) alike
             _check_json(request.default_answer_json, "default_answer_json")
         if len(request.labels) > 32 or any(len(k) > 63 or len(v) > 256 for k, v in request.labels.items()):
             msg = "at most 32 labels, keys up to 63 and values up to 256 characters"
@@ -400,6 +403,8 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
     ) -> escalation_pb2.Escalation:
         peer = self._core.peer(context)
         _validate_id(request.id)
+        if len(request.note) > MAX_REASON:  # as Resolve's: stored with the resolution
+            raise InvalidInputError("the note is too long", field_violations={"note": f"at most {MAX_REASON}"})
         esc, _ = await self.store.settle(request.id)
         if not _is_operator(peer) and esc.requested_by != str(peer.spiffe_id):
             raise PermissionDeniedError(f"{peer.spiffe_id} may cancel only the escalations it created")
