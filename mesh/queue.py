@@ -34,6 +34,7 @@ from typing import Any, Final
 import grpc
 
 from hivemesh.mesh.errors import (
+    DeadlineExceededError,
     DeliveryOutcomeUnknownError,
     HivemeshError,
     InvalidInputError,
@@ -86,10 +87,11 @@ def _held(doc: dict[str, Any]) -> HeldCall:
 
 
 class CallQueue:
-    """One caller identity's held calls. invoke(raw, capability, idempotency_key) sends one call (the node's
-    pipeline); live(capability) says whether an instance serves it now."""
+    """One caller identity's held calls. invoke(raw, capability, idempotency_key, timeout) sends one call (the
+    node's pipeline; timeout None: the node's own default); live(capability) says whether an instance serves it
+    now."""
 
-    def __init__(self, etcd: Any, owner: str, invoke: Callable[[bytes, str, str], Any],
+    def __init__(self, etcd: Any, owner: str, invoke: Callable[[bytes, str, str, float | None], Any],
                  live: Callable[[str], bool], *, max_held: int = 100, poll_s: float = POLL_S) -> None:
         self.etcd = etcd
         self.prefix = f"{QUEUE}{owner}/"
@@ -122,9 +124,13 @@ class CallQueue:
         return sorted(calls, key=lambda c: c.enqueued_at_unix_ms)
 
     async def enqueue(self, capability: str, raw: bytes, idempotency_key: str, max_wait: float, *,
-                      call_id: str = "") -> str:
+                      call_id: str = "", deadline_s: float | None = None) -> str:
         """Hold one call (raw: its serialized InvokeRequest) for at most max_wait seconds; its id. Refused
-        (InvalidInputError, QueueFullError) before anything is written; a failed write leaves nothing behind."""
+        (InvalidInputError, QueueFullError) before anything is written; a failed write leaves nothing behind.
+        deadline_s: the call's own deadline, from now (a caller waiting for it): it is held no longer than that,
+        and delivered with only the time left, never past it."""
+        if deadline_s is not None:
+            max_wait = min(max_wait, deadline_s)
         if not 0 < max_wait <= MAX_WAIT_S:
             msg = f"must be in (0, {MAX_WAIT_S}] seconds"
             raise InvalidInputError(f"the queue wait {msg}, got {max_wait}", field_violations={"max_wait": msg})
@@ -139,6 +145,8 @@ class CallQueue:
             doc = {"id": held_id, "capability": capability, "state": QUEUED, "idempotency_key": idempotency_key,
                    "call_id": call_id, "enqueued_at_unix_ms": now, "expires_at_unix_ms": now + int(max_wait * 1000),
                    "request": base64.b64encode(raw).decode()}
+            if deadline_s is not None:
+                doc["deadline_at_unix_ms"] = now + int(deadline_s * 1000)
             try:
                 await self.etcd.put(self._key(held_id), _encode(doc), lease=lease.id)
             except BaseException:
@@ -238,9 +246,13 @@ class CallQueue:
             try:
                 kv = await self.etcd.get(key)
                 response, error = b"", None
+                deadline_at = doc.get("deadline_at_unix_ms")
+                left = (deadline_at - time.time() * 1000) / 1000 if isinstance(deadline_at, int) else None
                 try:
+                    if left is not None and left <= 0:
+                        raise DeadlineExceededError("the call's deadline passed while it was held")
                     response = await self._invoke(base64.b64decode(doc["request"]), doc["capability"],
-                                                  doc.get("idempotency_key", ""))
+                                                  doc.get("idempotency_key", ""), left)
                 except HivemeshError as err:
                     error = err
                 if kv is not None:

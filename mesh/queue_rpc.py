@@ -90,8 +90,8 @@ class SidecarQueue:
         self._etcd = etcd_client(self.node.etcd)
         node = self.node
 
-        async def invoke(raw: bytes, capability: str, key: str) -> bytes:
-            out, _ = await node.outbound.invoke(raw, capability=capability, idempotency_key=key, timeout=None,
+        async def invoke(raw: bytes, capability: str, key: str, timeout: float | None) -> bytes:
+            out, _ = await node.outbound.invoke(raw, capability=capability, idempotency_key=key, timeout=timeout,
                                                 default_timeout=DELIVERY_TIMEOUT_S)
             return out
 

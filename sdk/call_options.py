@@ -40,7 +40,9 @@ class CallOptions:
     """The caller's key for the call's effect: a non-idempotent capability applies each key's effect once."""
     queue_for: float | None = None
     """Seconds to hold the call durably (`hivemesh.mesh.queue`) when no instance serves the capability, instead
-    of failing NO_LIVE_INSTANCE: delivered once one registers. `call`/`call_detailed` only."""
+    of failing NO_LIVE_INSTANCE: delivered once one registers. `call`/`call_detailed` only. A timeout (or, inside
+    a capability, the served call's deadline) bounds it: the call is held no longer, never delivered past it,
+    and the caller gets DEADLINE_EXCEEDED naming the held id (ErrorInfo metadata `queued_id`)."""
 
     @classmethod
     def of(cls, options: CallOptions | None, overrides: CallOptionArgs) -> CallOptions:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,13 @@ from typing import TYPE_CHECKING, Any, Unpack
 
 from hivemesh.mesh import invoke_wire, json_fast
 from hivemesh.mesh.callcontext import new_call_id
-from hivemesh.mesh.errors import AgentError, HivemeshError, NoLiveInstanceError, UnknownCapabilityError
+from hivemesh.mesh.errors import (
+    AgentError,
+    DeadlineExceededError,
+    HivemeshError,
+    NoLiveInstanceError,
+    UnknownCapabilityError,
+)
 from hivemesh.mesh.etcd import client as etcd_client
 from hivemesh.mesh.json_compact import compact_json_parts
 from hivemesh.mesh.node import MeshNode
@@ -235,6 +242,7 @@ class MeshClient:
         timeout, context, idempotency_key = _options(options, overrides)
         request = self._request(capability, payload, context, idempotency_key)
         key = idempotency_key or (context.idempotency_key if context is not None else "")
+        started = time.monotonic()
         try:
             # The caller's timeout wins; without one the capability's `timeouts` policy, then default_timeout.
             raw, instance = await self._node.outbound.invoke(
@@ -245,7 +253,10 @@ class MeshClient:
             queue_for = overrides.get("queue_for", options.queue_for if options is not None else None)
             if not queue_for:
                 raise
-            return await self._held_call(capability, request, key, queue_for)
+            left = None if timeout is None else timeout - (time.monotonic() - started)
+            if left is not None and left <= 0:
+                raise DeadlineExceededError(f"the call's {timeout} s passed before it could be held") from None
+            return await self._held_call(capability, request, key, queue_for, left)
         return _result(raw, instance)
 
     def _call_queue(self) -> CallQueue:
@@ -253,9 +264,9 @@ class MeshClient:
             me = parse_spiffe_id(str(self._node.workload.spiffe_id))
             self._queue_etcd = etcd_client(self._node.etcd)
 
-            async def invoke(raw: bytes, capability: str, key: str) -> bytes:
+            async def invoke(raw: bytes, capability: str, key: str, timeout: float | None) -> bytes:
                 out, _ = await self._node.outbound.invoke(raw, capability=capability, idempotency_key=key,
-                                                          timeout=None, default_timeout=self.default_timeout)
+                                                          timeout=timeout, default_timeout=self.default_timeout)
                 return out
 
             self._queue = CallQueue(self._queue_etcd, owner_segment(me.kind, me.name), invoke,
@@ -263,11 +274,21 @@ class MeshClient:
                                     max_held=self.max_held_calls)
         return self._queue
 
-    async def _held_call(self, capability: str, request: bytes, key: str, queue_for: float) -> CallResult:
+    async def _held_call(self, capability: str, request: bytes, key: str, queue_for: float,
+                         deadline_s: float | None) -> CallResult:
+        """The call held for queue_for s at most, and within its own deadline (deadline_s from now, its timeout
+        less what it spent): a timeout or a parent's deadline bounds the wait, and the call is never delivered
+        past it."""
         queue = self._call_queue()
-        call_id = await queue.enqueue(capability, request, key, queue_for)
+        call_id = await queue.enqueue(capability, request, key, queue_for, deadline_s=deadline_s)
+        bounded_by_deadline = deadline_s is not None and deadline_s < queue_for
+        if deadline_s is not None:
+            queue_for = min(queue_for, deadline_s)
         held = await queue.wait(call_id, queue_for)
         result = self._held_result(held.state, held.response, held.error)
+        if result is None and bounded_by_deadline:
+            raise DeadlineExceededError(f"the call's deadline passed while it was held as {call_id} (no instance "
+                                        f"of {capability!r} went live in time)", metadata={"queued_id": call_id})
         if result is None:
             raise NoLiveInstanceError(f"no instance of {capability!r} went live within {queue_for} s; the call "
                                       f"was held as {call_id}", metadata={"queued_id": call_id})
