@@ -7,10 +7,12 @@ fallback's copy). What the caller already knows it hands over instead (the idemp
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 
 from hivemesh.mesh import invoke_wire
+from hivemesh.mesh.errors import InvalidInputError
 from hivemesh.mesh.outbound.card_flags import capability_flags
 from hivemesh.mesh.resilience.view import OutboundPolicies
 from hivemesh.v1 import agent_pb2, mesh_pb2
@@ -60,7 +62,12 @@ def deadline_for(policies: OutboundPolicies, timeout: float | None, default_time
         timeout = policies.timeout
     if timeout is None:
         timeout = default_timeout
-    return None if timeout is None else time.monotonic() + timeout
+    if timeout is None:
+        return None
+    if not math.isfinite(timeout):  # NaN compared false everywhere: over a link it went out as no deadline
+        msg = "must be a finite number of seconds (None: the capability's timeouts policy, then the default)"
+        raise InvalidInputError(f"timeout {msg}, got {timeout}", field_violations={"timeout": msg})
+    return time.monotonic() + timeout
 
 
 def idempotent(instance: mesh_pb2.AgentInstance, capability: str) -> bool:

@@ -18,6 +18,7 @@ from hivemesh.mesh.errors import (
     CircuitOpenError,
     DeadlineExceededError,
     HivemeshError,
+    InvalidInputError,
     OverloadedError,
 )
 from hivemesh.mesh.outbound import DEGRADED_KEY
@@ -331,13 +332,19 @@ spec:
 async def test_default_deadline_applies_only_when_the_caller_gives_none(mesh_env: MeshEnv, etcd: aetcd.Client) -> None:
     async with fleet(mesh_env, ("a",)) as f:
         await apply(etcd, "kind: timeouts\nname: work\nspec: {capabilities: [work], default_ms: 150}", f.nodes())
-        f.agents[0].delay = 0.4
+        f.agents[0].delay = 10.0  # far past the default: a call without it would take 10 s
         t0 = time.monotonic()
         with pytest.raises(DeadlineExceededError):
             await f.client.call("work", {})
         took = time.monotonic() - t0
-        assert 0.14 <= took < 0.35
+        assert 0.14 <= took < 5.0
+        f.agents[0].delay = 0.4
         assert await f.client.call("work", {}, timeout=2) == {"served_by": "a"}  # the caller's deadline wins
+        # A timeout that is no number of seconds is refused, not sent: NaN went over a link as no deadline.
+        for bad in (float("nan"), float("inf")):
+            with pytest.raises(InvalidInputError, match="finite number of seconds") as refused:
+                await f.client.call("work", {}, timeout=bad)
+            assert "timeout" in refused.value.field_violations
     assert MeshClient  # the SDK client is what applied the policy default
 
 
