@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hivemesh.mesh.errors import DeadlineExceededError, HivemeshError
+from hivemesh.mesh.errors import AgentError, DeadlineExceededError, HivemeshError
 from hivemesh.mesh.pki import NAME_RE
 from hivemesh.sdk.patterns.base import Caller, PatternResult, Runner, StepResult, as_runner, error_to_json
 
@@ -113,11 +113,10 @@ class FanOut:
         live = {i.instance_id: i for i in runner.instances(self.all_instances_of)} if self.all_instances_of else {}
         results: dict[str, StepResult] = {}
         failed: dict[str, dict[str, Any]] = {}
-        first_error: list[HivemeshError] = []
+        first_error: list[tuple[str, HivemeshError]] = []
 
         async def branch(branch_id: str, capability: str, instance_id: str) -> None:
             spec = by_id.get(branch_id)
-            payload = spec.input(input) if spec is not None and spec.input is not None else input
             timeout = spec.timeout if spec is not None and spec.timeout is not None else self.branch_timeout
             instance = None
             if instance_id:
@@ -127,13 +126,19 @@ class FanOut:
                                          "message": f"instance {instance_id} is gone"}
                     return
             try:
-                results[branch_id] = await runner.step(f"branch-{branch_id}", capability, payload,
-                                                       timeout=timeout, instance=instance)
+                try:
+                    payload = spec.input(input) if spec is not None and spec.input is not None else input
+                    results[branch_id] = await runner.step(f"branch-{branch_id}", capability, payload,
+                                                           timeout=timeout, instance=instance)
+                except HivemeshError:
+                    raise
+                except Exception as exc:  # the branch's own code (its input function), or an input no JSON
+                    raise AgentError(f"branch {branch_id} raised {type(exc).__name__}: {exc}") from exc
             except HivemeshError as err:
                 if isinstance(err, DeadlineExceededError):
                     err.message = f"branch {branch_id} missed its {timeout} s deadline: {err.message}"
                 failed[branch_id] = error_to_json(err)
-                first_error.append(err)
+                first_error.append((branch_id, err))
                 if self.fail_fast:
                     raise
 
@@ -145,10 +150,9 @@ class FanOut:
                     t.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
                 for t in done:
-                    if t.exception() is not None:
-                        name = next(iter(failed), "?")
-                        raise FanOutError(f"fan-out branch {name} failed: {first_error[0].message}", failed,
-                                          first_error[0])
+                    if t.exception() is not None:  # (each retrieved: none left unread)
+                        name, err = first_error[0]
+                        raise FanOutError(f"fan-out branch {name} failed: {err.message}", failed, err)
             else:
                 await asyncio.gather(*tasks)
         finally:
@@ -158,7 +162,7 @@ class FanOut:
         if len(outputs) < self.min_success:
             names = ", ".join(sorted(failed)) or "none"
             raise FanOutError(f"only {len(outputs)} of {len(plan)} branches answered (failed: {names})", failed,
-                              first_error[0] if first_error else None)
+                              first_error[0][1] if first_error else None)
         output = self.aggregate(outputs) if self.aggregate is not None else outputs
         steps = [results[b] for b, _, _ in plan if b in results]
         details = {"branches": [b for b, _, _ in plan], "succeeded": sorted(outputs), "failed": failed,

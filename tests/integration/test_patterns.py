@@ -91,6 +91,26 @@ async def test_fanout_degrades_gracefully_naming_the_failed_branches(orch: Orch)
         await FanOut(["broken"]).run(orch.mesh, {"text": "x"})
     assert "only 0 of 1 branches answered" in none.value.message
 
+    # A branch whose own code raises (its input function, or an input that is no JSON) is a failed branch like
+    # any other: named, the rest aggregated; fail-fast names it. Before, fail-fast raised IndexError (and lost
+    # the branch's error) and the graceful run raised the bare exception, dropping the other branches' answers.
+    def missing_field(req: dict[str, str]) -> dict[str, str]:
+        return {"text": req["absent"]}
+
+    graceful = await FanOut([Branch("upper", input=text_only), Branch("broken", input=missing_field),
+                             Branch("nap", input=lambda _: {"seconds": {1, 2}})],
+                            branch_timeout=5).run(orch.mesh, {"text": "hi"})
+    assert set(graceful.output) == {"upper"} and set(graceful.details["failed"]) == {"broken", "nap"}
+    assert "branch broken raised KeyError" in graceful.details["failed"]["broken"]["message"]
+    assert "branch nap raised TypeError" in graceful.details["failed"]["nap"]["message"]
+    with pytest.raises(FanOutError) as named:
+        await FanOut([Branch("nap", input=lambda r: {"seconds": 3.0, "tag": "named"}),
+                      Branch("broken", input=missing_field)], fail_fast=True, branch_timeout=5).run(
+            orch.mesh, {"text": "x"})
+    assert named.value.message.startswith("fan-out branch broken failed: branch broken raised KeyError")
+    assert named.value.failed["broken"]["reason"] == "AGENT_ERROR"
+    await wait_until(lambda: "named" in worker.cancelled, 5, "fail-fast cancelling the other branch")
+
 
 async def test_fanout_to_every_instance_of_a_capability(orch: Orch) -> None:
     await orch.serve(WorkerAgent(), AgentServerConfig(instance_id="w-1"))
