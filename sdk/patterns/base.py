@@ -16,17 +16,20 @@ So every pattern is durable when it runs under a workflow, and a plain one-liner
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from hivemesh.mesh.errors import HivemeshError, InvalidInputError, TaskRejectedError, from_status_parts
 from hivemesh.mesh.keyspace import TERMINAL_RUN_STATES
 from hivemesh.sdk.call_options import CallOptions
 from hivemesh.sdk.escalation import EscalationClient, EscalationInfo, OnDeadline
 from hivemesh.v1 import agent_pb2, mesh_pb2
+
+_T = TypeVar("_T")
 
 if TYPE_CHECKING:
     from hivemesh.mesh.registry import CapabilityInfo
@@ -207,6 +210,29 @@ def _mesh_of(caller: Any) -> Any:
     """The MeshClient behind a caller (a Context's `.mesh`), for registry reads."""
     mesh = getattr(caller, "mesh", None)
     return mesh if mesh is not None else caller
+
+
+async def all_or_none(steps: Iterable[Awaitable[_T]]) -> list[_T]:
+    """Every step's result, in order; on the first failure the others are cancelled and awaited (no call left
+    running for nobody, no exception left unread) and that failure is raised as it was. asyncio.gather raised
+    at once and left the siblings running."""
+    tasks = [asyncio.ensure_future(step) for step in steps]
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    except BaseException:  # this run was cancelled: its steps go with it
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    if pending:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    failures = [task.exception() for task in tasks if task in done and not task.cancelled()]
+    first = next((exc for exc in failures if exc is not None), None)
+    if first is not None:
+        raise first
+    return [task.result() for task in tasks]
 
 
 async def maybe_await(value: Any) -> Any:

@@ -19,7 +19,6 @@ The decision is memoized, so a resumed workflow takes the route it took before.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import math
 import re
@@ -29,7 +28,7 @@ from typing import Any, Protocol
 
 from hivemesh.mesh.errors import TaskRejectedError, UnknownCapabilityError
 from hivemesh.mesh.pki import NAME_RE
-from hivemesh.sdk.patterns.base import Caller, PatternResult, Runner, StepResult, as_runner
+from hivemesh.sdk.patterns.base import Caller, PatternResult, Runner, StepResult, all_or_none, as_runner
 
 _WORD = re.compile(r"[a-z0-9]+")
 _STOP = frozenset((
@@ -285,8 +284,8 @@ class Router:
             else:
                 raise UnknownCapabilityError(f"no specialist matches the request {text[:80]!r}", reason="NO_ROUTE")
         await runner.note(f"{self.name}-route", route)
-        results: list[StepResult] = list(await asyncio.gather(*(
-            runner.step(f"route-{cap}", cap, input, timeout=self.timeout) for cap in chosen)))
+        results: list[StepResult] = await all_or_none(
+            runner.step(f"route-{cap}", cap, input, timeout=self.timeout) for cap in chosen)
         by_cap = {r.capability: r.output for r in results}
         if len(chosen) == 1 and not self.multi:
             output = by_cap[chosen[0]]
