@@ -122,7 +122,8 @@ class CaRotation:
     def step(self, name: str, *, force: bool = False) -> CertificateAuthority:
         """Run one step; returns the CA now in force. FailedPreconditionError when the step is out of order."""
         if name not in STEPS:
-            raise InvalidInputError(f"step must be one of {', '.join(STEPS)}", field_violations={"step": name})
+            raise InvalidInputError(f"step must be one of {', '.join(STEPS)}",
+                                    field_violations={"step": f"one of {', '.join(STEPS)}"})  # not the input echoed
         phase = self.state.phase
         expected = {"prepare": "steady", "activate": "prepared", "finish": "activated"}[name]
         if phase != expected:

@@ -332,7 +332,7 @@ async def apply_text(etcd: Any, text: str, *, dry_run: bool = False, source: str
 async def get_policy(etcd: Any, kind_name: str, name: str) -> PolicyDoc:
     """The stored document kind/name (NotFoundError if there is none)."""
     kind = _known_kind(kind_name)
-    kv = await etcd.get(policy_key(kind.name, name).encode())
+    kv = await etcd.get(policy_key(kind.name, _stored_name(name)).encode())
     if kv is None:
         raise NotFoundError(f"no {kind.name} policy named {name!r}", metadata={"kind": kind.name, "name": name[:128]})
     try:
@@ -357,7 +357,7 @@ async def delete_policy(etcd: Any, kind_name: str, name: str, *, expected_versio
     Returns the etcd revision of the deletion.
     """
     kind = _known_kind(kind_name)
-    key = policy_key(kind.name, name).encode()
+    key = policy_key(kind.name, _stored_name(name)).encode()
     compare = [etcd.transactions.version(key) > 0]
     if expected_version is not None:
         compare.append(etcd.transactions.mod(key) == expected_version)
@@ -373,6 +373,15 @@ async def delete_policy(etcd: Any, kind_name: str, name: str, *, expected_versio
     raise FailedPreconditionError(
         f"{kind.name}/{name} is at version {existing[1].mod_revision}, not {expected_version}"
     )
+
+
+def _stored_name(name: str) -> str:
+    """name, if a stored document can have it (a get or delete by any other name finds nothing): InvalidInputError
+    naming the rule otherwise, the name not echoed (a 20,000-character one overflowed gRPC's metadata bound)."""
+    if not NAME_RE.fullmatch(name):
+        msg = "must match [a-z0-9][a-z0-9._-]{0,62}"
+        raise InvalidInputError(f"policy name {msg}", field_violations={"name": msg})
+    return name
 
 
 def _known_kind(kind_name: str) -> PolicyKind[Any]:

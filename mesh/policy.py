@@ -209,7 +209,8 @@ class PolicyKinds(Mapping[str, PolicyKind[Any]]):
         kind = self._by_name.get(name)
         if kind is None:
             known = ", ".join(sorted(self._by_name)) or "none"
-            raise PolicyError("kind", f"unknown policy kind {name!r} (known: {known})")
+            shown = repr(name[:64]) + ("..." if len(name) > 64 else "")  # the caller's text: echoed bounded
+            raise PolicyError("kind", f"unknown policy kind {shown} (known: {known})")
         return kind
 
     def including(self, *kinds: PolicyKind[Any]) -> PolicyKinds:

@@ -204,6 +204,15 @@ async def test_versions_compare_and_swap_and_delete(etcd: aetcd.Client) -> None:
         await store.get_policy(etcd, "retries", "default")
     with pytest.raises(InvalidInputError, match="unknown policy kind"):
         await store.list_policies(etcd, "nope")
+    # A name or kind no document can have is refused with a short message: a 20,000-character name was echoed
+    # whole into the status, past gRPC's 16 KiB metadata bound (RESOURCE_EXHAUSTED at the client).
+    for get_or_delete in (store.get_policy, store.delete_policy):
+        with pytest.raises(InvalidInputError) as long_name:
+            await get_or_delete(etcd, "retries", "n" * 20_000)
+        assert len(long_name.value.message) < 200 and long_name.value.field_violations.keys() == {"name"}
+        with pytest.raises(InvalidInputError) as long_kind:
+            await get_or_delete(etcd, "k" * 20_000, "default")
+        assert len(long_kind.value.message) < 400, len(long_kind.value.message)
 
 
 async def test_grants_coexist_in_their_flat_form(etcd: aetcd.Client) -> None:
