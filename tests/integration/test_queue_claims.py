@@ -20,12 +20,12 @@ async def test_each_held_call_is_sent_once_and_a_lost_delivery_is_not_resent(etc
     sent_a: list[bytes] = []
     sent_b: list[bytes] = []
 
-    async def stuck(raw: bytes, capability: str, key: str) -> bytes:
+    async def stuck(raw: bytes, capability: str, key: str, timeout: float | None) -> bytes:
         sent_a.append(raw)
         await release.wait()
         return b"late"
 
-    async def quick(raw: bytes, capability: str, key: str) -> bytes:
+    async def quick(raw: bytes, capability: str, key: str, timeout: float | None) -> bytes:
         sent_b.append(raw)
         return raw
 
