@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from hivemesh.mesh.controlplane_endpoints import parse_addresses
-from hivemesh.mesh.errors import from_rpc_error
+from hivemesh.mesh.errors import ControlPlaneUnavailableError, HivemeshError, from_rpc_error
 from hivemesh.mesh.pki import controlplane_dns_name, new_key_and_csr
 from hivemesh.mesh.tls import Workload, load_workload_files, secure_channel
 from hivemesh.v1 import audit_pb2, audit_pb2_grpc, control_pb2, control_pb2_grpc, mesh_pb2, trust_pb2, trust_pb2_grpc
@@ -26,6 +26,19 @@ from hivemesh.v1 import audit_pb2, audit_pb2_grpc, control_pb2, control_pb2_grpc
 log = logging.getLogger(__name__)
 
 _UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+_DETAILS = "grpc-status-details-bin"
+
+
+def rpc_failure(exc: grpc.aio.AioRpcError, where: str) -> HivemeshError:
+    """The typed error of a failed call. UNAVAILABLE with no status details is gRPC's own (no control plane
+    answered: down, unreachable, or a TLS handshake it refused): CONTROL_PLANE_UNAVAILABLE naming where, not the
+    AGENT_UNAVAILABLE a bare UNAVAILABLE maps to. What a replica said is its own error."""
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and not any(k == _DETAILS for k, _ in exc.trailing_metadata() or ()):
+        return ControlPlaneUnavailableError(f"the control plane at {where} cannot be reached: {exc.details()}",
+                                            metadata={"address": where[:256]})
+    return from_rpc_error(exc)
+
+
 _AGAIN_MIN_S = 0.5
 """The least time left of a call worth asking a replica again whose etcd request failed."""
 _AGAIN_PAUSE_S = 0.05
@@ -176,7 +189,7 @@ class ControlPlaneClient:
                     if not queue or deadline - loop.time() <= 0:
                         assert failed is not None  # the loop only gets here after an attempt failed
                         self.reachable = failed.code() not in _UNREACHABLE
-                        raise from_rpc_error(failed) from failed
+                        raise rpc_failure(failed, ", ".join(self.addresses)) from failed
                     ask()
                 hedge = (bool(queue) and len(running) < _HEDGE_MAX and deadline - loop.time() > _AGAIN_MIN_S
                          and self.hedges < _HEDGE_BURST + _HEDGE_RATIO * self.idempotent_calls)
@@ -294,7 +307,7 @@ class ControlPlaneClient:
             self.reachable = exc.code() not in _UNREACHABLE
             if not self.reachable:
                 self._away_from(address)  # this call fails (a repeat may not be safe); the next asks another
-            raise from_rpc_error(exc) from exc
+            raise rpc_failure(exc, address) from exc
         self.reachable = True
         return answer
 

@@ -29,8 +29,8 @@ from hivemesh.controlplane.audit.heads import trusted_key_from_cert, verify_head
 from hivemesh.controlplane.cli.context import CliContext, as_operator, err, friendly_errors, out, pass_cli
 from hivemesh.controlplane.cli.output import escape, new_table
 from hivemesh.mesh.audit import DECISIONS, verify_chain
-from hivemesh.mesh.controlplane_client import ControlPlaneClient
-from hivemesh.mesh.errors import HivemeshError, from_rpc_error
+from hivemesh.mesh.controlplane_client import ControlPlaneClient, rpc_failure
+from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.pki import trust_domain_of_bundle
 from hivemesh.v1 import audit_pb2
 
@@ -174,7 +174,7 @@ async def _download(cp: ControlPlaneClient) -> _Fetched:
             got.lines.extend(chunk.entries)
             got.head = got.head or chunk.head
     except grpc.aio.AioRpcError as exc:
-        raise from_rpc_error(exc) from exc
+        raise rpc_failure(exc, cp.address) from exc
     cps: audit_pb2.CheckpointsResponse = await cp.call(cp.audit.Checkpoints, audit_pb2.CheckpointsRequest())
     got.checkpoints, got.pem, got.key_cert_pem = list(cps.checkpoints), cps.public_key_pem, cps.key_cert_pem
     return got

@@ -7,8 +7,10 @@ JSON object (`output.emit_error`), and a non-zero exit code, never a traceback.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import sys
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from hivemesh.controlplane.cli.output import emit_error, err, out
 from hivemesh.mesh import loop
 from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.etcd import EtcdNotFoundError
+from hivemesh.mesh.pki import cert_expiry
 from hivemesh.mesh.settings import MeshSettings
 
 if TYPE_CHECKING:
@@ -47,11 +50,25 @@ class CliContext:
             advice = where_hint() or ("run `hivemesh certs init` or point --certs-dir / HIVEMESH_CERTS at your "
                                       "certificates")
             raise click.ClickException(f"no operator identity in {self.certs_dir} (operator.pem/.key): {advice}")
+        _refuse_expired(cert)
         try:
             return MeshSettings.resolve(cert_file=cert, key_file=key)
         except ValueError as exc:
             found = where_hint()
             raise ValueError(f"{exc}; {found}" if found else str(exc)) from None
+
+
+def _refuse_expired(cert: Path) -> None:
+    """An operator certificate past its notAfter is named as such: the control plane's TLS refuses it, which
+    gRPC reports only as "Socket closed" (UNAVAILABLE), with no word of the certificate."""
+    try:
+        not_after = cert_expiry(cert.read_bytes())
+    except (OSError, ValueError):
+        return  # unreadable or not a certificate: loading it for the connection says what is wrong
+    if not_after <= time.time():
+        when = datetime.datetime.fromtimestamp(not_after, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        raise click.ClickException(f"the operator certificate {cert} expired at {when}: the control plane refuses "
+                                   "it; issue a new one from the mesh's CA and put it there")
 
 
 _LOCAL_CODES: dict[type[BaseException], str] = {EtcdNotFoundError: "NOT_FOUND", TimeoutError: "DEADLINE_EXCEEDED"}

@@ -9,8 +9,8 @@ from typing import Any
 
 import grpc
 
-from hivemesh.mesh.controlplane_client import ControlPlaneClient
-from hivemesh.mesh.errors import InvalidInputError, from_rpc_error
+from hivemesh.mesh.controlplane_client import ControlPlaneClient, rpc_failure
+from hivemesh.mesh.errors import InvalidInputError
 from hivemesh.v1 import policy_pb2, policy_pb2_grpc
 
 
@@ -41,7 +41,7 @@ class PolicyClient:
         try:
             return await getattr(self._stub(), name)(request, timeout=self._cp.timeout_s)
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from exc
+            raise rpc_failure(exc, self._cp.address) from exc
 
     async def apply(self, documents: Sequence[Mapping[str, Any]], *, dry_run: bool = False
                     ) -> policy_pb2.ApplyPoliciesResponse:

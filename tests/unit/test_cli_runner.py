@@ -72,3 +72,42 @@ def test_an_etcd_read_that_cannot_reach_etcd_is_one_line_or_one_json_error(unrea
     assert as_json.exit_code == 1 and as_json.stdout == ""
     error = json.loads(as_json.stderr)["error"]
     assert error["code"] == "UNAVAILABLE" and error["details"]["reason"] == "REGISTRY_UNAVAILABLE"
+
+
+def test_a_control_plane_that_cannot_be_reached_is_named_as_such(unreachable: list[str]) -> None:
+    """gRPC's own UNAVAILABLE (no control plane answered) read as a bare UNAVAILABLE, which the errors map to
+    AGENT_UNAVAILABLE: the operator was told an agent was down. It names the control plane and its address."""
+    result = CliRunner().invoke(cli, [*unreachable, "policy", "list", "--json"], prog_name="hivemesh")
+    assert result.exit_code == 1 and result.stdout == "", result.output
+    error = json.loads(result.stderr)["error"]
+    assert error["code"] == "UNAVAILABLE" and error["details"]["reason"] == "CONTROL_PLANE_UNAVAILABLE", error
+    assert error["message"].startswith("the control plane at 127.0.0.1:"), error["message"]
+
+
+def test_an_expired_operator_certificate_is_named_before_any_connection(unreachable: list[str],
+                                                                         tmp_path: Path) -> None:
+    """The control plane's TLS refuses an expired client certificate, which gRPC reports as "Socket closed":
+    the CLI said the connection failed and never named the certificate."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    certs = tmp_path / "certs"
+    ca_key = serialization.load_pem_private_key((certs / "ca.key").read_bytes(), None)
+    ca = x509.load_pem_x509_certificate((certs / "ca.pem").read_bytes())
+    current = x509.load_pem_x509_certificate((certs / "operator.pem").read_bytes())
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder().subject_name(current.subject).issuer_name(ca.subject)
+               .public_key(current.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(days=2)).not_valid_after(now - datetime.timedelta(days=1)))
+    for extension in current.extensions:
+        builder = builder.add_extension(extension.value, extension.critical)
+    expired = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    (certs / "operator.pem").write_bytes(expired.public_bytes(serialization.Encoding.PEM))
+
+    for args in (["policy", "list"], ["policy", "list", "--json"]):
+        result = CliRunner().invoke(cli, [*unreachable, *args], prog_name="hivemesh")
+        assert result.exit_code == 1, result.output
+        assert "the operator certificate" in result.stderr and "expired at" in result.stderr, result.stderr
+    assert json.loads(result.stderr)["error"]["code"] == "FAILED_PRECONDITION"
