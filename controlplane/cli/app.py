@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import click
 from click.core import ParameterSource
@@ -32,12 +35,38 @@ from hivemesh.controlplane.cli import (
 )
 from hivemesh.controlplane.cli.context import CliContext
 from hivemesh.controlplane.cli.localmesh import locate
+from hivemesh.controlplane.cli.output import emit_error
 from hivemesh.controlplane.cli.replicas import controlplanes
 from hivemesh.mesh.lifeline import die_with_parent_if_asked
 from hivemesh.mesh.logjson import basic_config
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Root(click.Group):
+    """The root group. With `--json` among the arguments, a mistake click itself finds while reading them (an
+    option missing, a file that is a folder, a bad --home) is one JSON error object too, with the same exit
+    code, as every command's own errors are (`output.emit_error`); click wrote its usage text instead, before
+    any command's `friendly_errors` could run. Without `--json`, click's own text, as ever."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,  # type: ignore[override]
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        if not standalone_mode or "--json" not in argv:
+            return super().main(argv, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            emit_error("INVALID_ARGUMENT", exc.format_message(), as_json=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            emit_error("FAILED_PRECONDITION", exc.format_message(), as_json=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            emit_error("CANCELLED", "aborted", as_json=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)  # as standalone mode ends (an Exit's code: --help is 0)
+
+
+@click.group(cls=_Root, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--home", envvar="HIVEMESH_HOME", default=".hivemesh", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="State folder (etcd data, logs, mesh.json).")
 @click.option("--certs-dir", envvar="HIVEMESH_CERTS", default="certs", show_default=True,

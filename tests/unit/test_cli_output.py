@@ -77,6 +77,9 @@ def test_policy_apply_reports_every_mistake_with_brackets_intact_and_as_json(hom
 def test_json_errors_keep_the_exit_code_of_usage_and_local_mistakes(home: Path) -> None:
     for args, code in [
         (["policy", "apply", "-f", str(home / "missing.yaml"), "--json"], 2),  # usage: cannot read the file
+        # Mistakes click finds while reading the arguments, before any command runs: its usage text, not JSON.
+        (["policy", "apply", "-f", str(home), "--json"], 2),  # a folder, not a file
+        (["authz", "check", "--json"], 2),  # a required option missing
         (["policy", "list", "--json"], 1),  # no operator identity in the certs folder
     ]:
         plain = hivemesh(home, *[a for a in args if a != "--json"])
