@@ -47,7 +47,7 @@ class _Root(click.Group):
     code, as every command's own errors are (`output.emit_error`); click wrote its usage text instead, before
     any command's `friendly_errors` could run. Without `--json`, click's own text, as ever."""
 
-    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,  # type: ignore[override]
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
         if not standalone_mode or "--json" not in argv:
