@@ -47,6 +47,13 @@ _GOOD_KEYS: set[str] = set()
 """Header keys already found legal (a handful: authorization, traceparent, the signature header...)."""
 
 
+def _read_out(reader: asyncio.Task[None]) -> None:
+    """A link's reader ended: its error (the caller's stream broke) is the link's end, read here so it is
+    never logged as a task exception nobody retrieved."""
+    if not reader.cancelled() and reader.exception() is not None:
+        log.debug("link reader ended: %r", reader.exception())
+
+
 def frame_problem(metadata: Sequence[tuple[str, str]], timeout_s: float) -> str:
     """Why a call frame cannot be served as it is ("" when it can): its headers must be what gRPC metadata can
     carry on a unary call, as the sidecar forwards them so (a lower-case key of letters, digits, `-_.`; a text
@@ -75,7 +82,7 @@ class _Details:
 
 class _Open:
     """One open link on the server: its answers waiting to be sent, its calls running, and why the caller's
-    messages stopped being read if one did not decode."""
+    messages stopped being read if one did not decode or carried a frame it cannot use."""
 
     __slots__ = ("bad", "expired", "out", "running")
 
@@ -236,7 +243,9 @@ class LinkServer:
                     out.put_nowait(_END)
             return done
 
-        def take(frame: Frame) -> None:
+        def take(frame: Frame) -> str:
+            """Start, refuse or cancel the call the frame is about; what is wrong with the link if the frame is
+            none of those (an answer, or a frame with no body: a batch nested in a batch), which ends it."""
             nonlocal authorization
             kind = frame.kind
             if kind == "call":
@@ -244,7 +253,7 @@ class LinkServer:
                 problem = frame_problem(metadata, frame.timeout_s)
                 if problem:
                     out.put_nowait(answer_frame(frame.id, grpc.StatusCode.INVALID_ARGUMENT, problem, ()))
-                    return
+                    return ""
                 if frame.timeout_s > MAX_TIMEOUT_S:
                     frame.timeout_s = 0.0  # beyond any deadline gRPC can keep, infinite included: none
                 sent = [v for k, v in metadata if k == AUTHORIZATION]
@@ -269,6 +278,10 @@ class LinkServer:
                 cancelled = running.get(frame.id)
                 if cancelled is not None:
                     cancelled.cancel()
+            else:  # its calls (if it nests any) would never be answered: the link ends, answering the open ones
+                return (f"link frame {frame.id} is neither a call nor a cancel ({kind or 'no body'}; a batch "
+                        "holds frames, not batches)")
+            return ""
 
         async def read() -> None:
             try:
@@ -280,7 +293,11 @@ class LinkServer:
                         state.bad = f"a Link message does not decode as hivemesh.v1.LinkFrame ({exc})"
                         break
                     for frame in received:
-                        take(frame)
+                        state.bad = take(frame)
+                        if state.bad:
+                            break
+                    if state.bad:
+                        break
                 await asyncio.gather(*running.values(), return_exceptions=True)
             finally:
                 out.put_nowait(_END)
@@ -289,6 +306,7 @@ class LinkServer:
         await context.send_initial_metadata(BATCH_ANNOUNCE)
         self._streams.add(state)
         reader = loop.create_task(read())
+        reader.add_done_callback(_read_out)
         try:
             async for group in outgoing(out, _END, lambda: batches):
                 self.messages += 1

@@ -639,7 +639,25 @@ async def test_a_link_message_that_does_not_decode_ends_the_link_with_a_clear_st
             assert [(f.id, f.code, f.response) for f in answers] == [(1, 0, b"first")]
             assert await stream.code() is grpc.StatusCode.INVALID_ARGUMENT
             assert "does not decode as hivemesh.v1.LinkFrame" in (await stream.details() or "")
-    assert served == [b"first"]
+        assert served == [b"first"]
+
+        # A batch nested in a batch decodes, but the server reads no frames inside a batch's frames: the call
+        # in it was never answered, so its caller waited for its own deadline. Such a frame ends the link.
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            inner = agent_pb2.LinkFrame(id=3, call=agent_pb2.LinkCall(request=b"nested", timeout_s=10))
+            nested = agent_pb2.LinkFrame(batch=[agent_pb2.LinkFrame(batch=[inner])]).SerializeToString()
+
+            async def out_nested() -> AsyncIterator[bytes]:
+                yield pack([call_frame(2, b"second", agent_pb2.LinkCall(timeout_s=10))])
+                yield nested
+
+            stream = channel.stream_stream("/hivemesh.v1.Agent/Link")(out_nested())
+            async with asyncio.timeout(10):  # not the nested call's own 10 s, nor any wait for it
+                answers = [frame for raw in [raw async for raw in _until_error(stream)] for frame in read(raw)]
+            assert [(f.id, f.code, f.response) for f in answers] == [(2, 0, b"second")]
+            assert await stream.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert "is neither a call nor a cancel" in (await stream.details() or "")
+    assert served == [b"first", b"second"]
 
     bad_links = 0
 
