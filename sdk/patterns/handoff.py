@@ -85,13 +85,17 @@ class Handoff:
             if not isinstance(transfer, Mapping):
                 return PatternResult(output={**dict(out), "conversation_id": conv_id, "agent": current},
                                      steps=steps, details={"path": path, "handoffs": handoffs, "context": context})
-            to = str(transfer.get("to", ""))
+            to, handed = transfer.get("to"), transfer.get("context")
+            if not isinstance(to, str) or not to:
+                raise AgentError(f"{current} handed the conversation to no capability (handoff.to: {str(to)[:80]!r})")
+            if handed is not None and not isinstance(handed, Mapping):
+                raise AgentError(f"{current} handed over a context that is {type(handed).__name__}, not an object")
             if self.allowed is not None and to not in self.allowed:
                 raise FailedPreconditionError(
                     f"{current} tried to hand the conversation to {to!r}, which is not allowed")
             if hop == self.max_handoffs:
                 break
-            context.update(dict(transfer.get("context") or {}))
+            context.update(handed or {})
             record = {"from": current, "to": to, "reason": str(transfer.get("reason", ""))}
             handoffs.append(record)
             await runner.note(f"handoff-{hop + 1}", record)

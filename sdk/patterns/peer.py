@@ -29,6 +29,18 @@ def _as_mapping(output: Any, who: str) -> Mapping[str, Any]:
     return output
 
 
+def _feedback(value: Any, who: str) -> list[Any]:
+    """A reviewer's feedback as a list (one string is one item); anything else is the reviewer's mistake, said as
+    such (list() of a number raised TypeError, and of a string made one item per character)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise AgentError(f"{who} answered feedback that is {type(value).__name__}, not a list")
+    return value
+
+
 class PeerReview:
     """Writer → reviewers, round after round, over one shared draft.
 
@@ -92,7 +104,7 @@ class PeerReview:
                     "reviewer": reviewer,
                     "agent": reviewed.agent,
                     "approved": bool(out.get("approved", False)),
-                    "feedback": list(out.get("feedback") or []),
+                    "feedback": _feedback(out.get("feedback"), reviewer),
                     "revised": revised is not None and revised != draft,
                     # anything else the reviewer said (e.g. structured corrections) goes back to the writer
                     "extra": {k: v for k, v in out.items() if k not in ("approved", "feedback", "draft")},

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hivemesh.mesh.errors import HivemeshError
+from hivemesh.mesh.errors import AgentError, HivemeshError
 from hivemesh.mesh.pki import NAME_RE
 from hivemesh.sdk.escalation import OnDeadline
 from hivemesh.sdk.patterns.base import Caller, PatternResult, Runner, StepResult, as_runner, error_to_json
@@ -200,11 +200,18 @@ class Supervisor:
         else:
             fn = self.decompose
             raw = await runner.memo("decompose", lambda: [s.to_json() for s in fn(task)])
+        # A decomposing capability's answer is an agent's (a model's): what it gets wrong is an AgentError naming
+        # it, never a KeyError or TypeError from reading it; a decompose function's is the caller's own mistake.
+        wrong: type[Exception] = AgentError if isinstance(self.decompose, str) else ValueError
+        who = f"decompose capability {self.decompose!r}" if isinstance(self.decompose, str) else "decompose"
         if not isinstance(raw, list) or not raw:
-            raise ValueError("decompose produced no subtasks")
-        subs = [Subtask.from_json(d) for d in raw]
+            raise wrong(f"{who} produced no subtasks (a non-empty list of {{id, capability, input}})")
+        try:
+            subs = [Subtask.from_json(d) for d in raw]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise wrong(f"{who} produced a subtask that is not {{id, capability, input}}: {exc!r}") from None
         if len({s.id for s in subs}) != len(subs):
-            raise ValueError("subtask ids must be unique")
+            raise wrong(f"{who} produced subtask ids that are not unique")
         return subs
 
     async def _review(self, runner: Runner, sub: Subtask, output: Any, step_id: str,

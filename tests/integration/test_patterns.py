@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -15,15 +16,17 @@ from hivemesh.agents.helpdesk import (
     SecuritySpecialist,
 )
 from hivemesh.agents.research import RESEARCH, NewsSearchAgent, PapersSearchAgent, WikiSearchAgent
-from hivemesh.mesh.errors import DeadlineExceededError
-from hivemesh.sdk import AgentServerConfig
+from hivemesh.mesh.errors import AgentError, DeadlineExceededError
+from hivemesh.sdk import Agent, AgentServerConfig, capability
 from hivemesh.sdk.escalation import EscalationClient
 from hivemesh.sdk.patterns import (
     Branch,
     EscalationRules,
     FanOut,
     FanOutError,
+    Handoff,
     HashingEmbedder,
+    PeerReview,
     Pipeline,
     Router,
     Rule,
@@ -235,3 +238,45 @@ async def test_step_errors_are_typed_and_more_than_two_errors_go_to_a_person(orc
     await operator.resolve(pending.id, approve=True, answer={"text": "done by hand"})
     done = await asyncio.wait_for(task, 15)
     assert done.state == "COMPLETED" and done.output == {"s": {"text": "done by hand"}}
+
+
+class _Muddled(Agent):
+    """An agent (think: a model) whose answers have the right outer shape and wrong insides."""
+
+    name = "muddled"
+
+    @capability(name="muddled-plan", description="Decompose into subtasks that lack their capability",
+                idempotent=True)
+    async def plan(self, req: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"id": "s1", "input": {}}]
+
+    @capability(name="muddled-write", description="Write a draft", idempotent=True)
+    async def write(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"draft": "a draft"}
+
+    @capability(name="muddled-review", description="Review with feedback that is a number", idempotent=True)
+    async def review(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"approved": False, "feedback": 5}
+
+    @capability(name="muddled-desk", description="Hand over with a context that is a list", idempotent=True)
+    async def desk(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"handoff": {"to": "muddled-write", "context": ["not", "an", "object"]}}
+
+    @capability(name="muddled-nowhere", description="Hand over to no one", idempotent=True)
+    async def nowhere(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"handoff": {"reason": "someone else"}}
+
+
+async def test_patterns_name_an_agent_whose_answer_is_wrong_inside(orch: Orch) -> None:
+    """A supervisor's decomposer, a peer reviewer or a desk agent answering an object of the wrong make (a
+    subtask with no capability, feedback that is a number, a handoff context that is a list or a handoff to no
+    one) raised KeyError or TypeError from the pattern's own reading. Each is an AgentError naming who answered."""
+    await orch.serve(_Muddled())
+    with pytest.raises(AgentError, match="decompose capability 'muddled-plan' produced a subtask"):
+        await Supervisor("muddled-plan").run(orch.mesh, {"task": "t"})
+    with pytest.raises(AgentError, match="muddled-review answered feedback that is int, not a list"):
+        await PeerReview("muddled-write", ["muddled-review"]).run(orch.mesh, {"brief": "b"})
+    with pytest.raises(AgentError, match="muddled-desk handed over a context that is list"):
+        await Handoff("muddled-desk").run(orch.mesh, {"message": "hi"})
+    with pytest.raises(AgentError, match="muddled-nowhere handed the conversation to no capability"):
+        await Handoff("muddled-nowhere").run(orch.mesh, {"message": "hi"})
