@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 import time
@@ -30,6 +29,7 @@ from typing import Any, Final
 import grpc
 from google.protobuf.message import DecodeError
 
+from hivemesh.controlplane import json_text
 from hivemesh.controlplane.server import Core, _rpc
 from hivemesh.mesh.errors import (
     FailedPreconditionError,
@@ -107,13 +107,7 @@ def _now_ms() -> int:
 def _check_json(text: str, field: str, *, want_object: bool = False) -> None:
     if len(text) > MAX_JSON:
         raise InvalidInputError(f"{field} is larger than {MAX_JSON} bytes", field_violations={field: "too large"})
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidInputError(f"{field} is not valid JSON: {exc}", field_violations={field: "not JSON"}) from None
-    except RecursionError:
-        raise InvalidInputError(f"{field} is JSON nested too deeply", field_violations={field: "nested too deeply"}) \
-            from None
+    value = json_text.load(text, field)
     if want_object and not isinstance(value, dict):
         raise InvalidInputError(f"{field} must be a JSON object", field_violations={field: "not an object"})
 

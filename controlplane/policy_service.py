@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from hivemesh.controlplane import json_text
 from hivemesh.controlplane import policies as store
 from hivemesh.controlplane.server import _rpc
-from hivemesh.mesh.errors import InvalidInputError, PermissionDeniedError
+from hivemesh.mesh.errors import PermissionDeniedError
 from hivemesh.mesh.policy import PolicyDoc
 from hivemesh.mesh.status import read_status
 from hivemesh.v1 import policy_pb2, policy_pb2_grpc
@@ -28,14 +29,7 @@ def to_proto(doc: PolicyDoc) -> policy_pb2.Policy:
 
 def _raw_document(p: policy_pb2.Policy, where: str) -> dict[str, Any]:
     """The proto as the raw document `validate_documents` checks (spec_json parsed here)."""
-    try:
-        spec = json.loads(p.spec_json) if p.spec_json else None
-    except json.JSONDecodeError as exc:
-        msg = f"not valid JSON: {exc}"
-        raise InvalidInputError(f"{where}spec_json: {msg}", field_violations={f"{where}spec_json": msg}) from None
-    except RecursionError:  # a few kB of `[` nest past what json reads: a ValueError no more
-        msg = "nested too deeply"
-        raise InvalidInputError(f"{where}spec_json: {msg}", field_violations={f"{where}spec_json": msg}) from None
+    spec = json_text.load(p.spec_json, f"{where}spec_json") if p.spec_json else None
     raw: dict[str, Any] = {"kind": p.kind, "name": p.name, "spec": spec}
     if p.description:
         raw["description"] = p.description
