@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import itertools
 import logging
 import os
 import random
@@ -21,7 +22,7 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
 
 import aetcd
@@ -593,13 +594,18 @@ class _IndexBuilder:
         self._infos: dict[str, CapabilityInfo] = {}
         self._keys: list[tuple[str, str]] = []  # (agent, instance id) of every instance, sorted
         self._all: list[AgentInstance] = []  # the instances, in the order of _keys
+        self.emptied: list[str] = []
+        """The capabilities the last update left with no instance (served before it, not after)."""
 
     def update(self, snapshot: Mapping[str, AgentInstance]) -> _Index:
         old, new = self._seen, snapshot  # a published snapshot is never mutated: keeping it is safe
         self._seen = new
         changed = list(old.keys() - new.keys())
         changed += [k for k, inst in new.items() if old.get(k) is not inst]
-        if len(changed) * 8 > len(new):  # a first list or a large change: build from scratch
+        self.emptied = []
+        rebuilt = len(changed) * 8 > len(new)
+        if rebuilt:  # a first list or a large change: build from scratch
+            self.emptied = list(self._by_cap)  # those still served are taken out again below
             self._groups, self._keys, self._all = {}, [], []
             self._by_cap, self._infos = {}, {}
             old, changed = {}, list(new)
@@ -628,15 +634,47 @@ class _IndexBuilder:
             group = self._groups.get(name)
             if not group:
                 self._groups.pop(name, None)
-                self._by_cap.pop(name, None)
+                if self._by_cap.pop(name, None) is not None:
+                    self.emptied.append(name)
                 self._infos.pop(name, None)
                 continue
             self._by_cap[name] = tuple(sorted(group.values(), key=lambda i: (i.instance_id, i.card.name)))
             first = min(group.values(), key=_order)
             decl = next(c for c in first.card.capabilities if c.name == name)
             self._infos[name] = CapabilityInfo(decl, tuple(sorted({i.card.name for i in group.values()})), len(group))
+        if rebuilt and self.emptied:
+            self.emptied = [name for name in self.emptied if name not in self._by_cap]
         infos = tuple(self._infos[name] for name in sorted(self._infos))
         return _Index(dict(self._by_cap), tuple(self._all), infos)
+
+
+DEPARTED_MAX = 10_000
+"""Capabilities no longer served that a node still remembers (see Departed)."""
+
+
+class Departed:
+    """The capabilities once served and served no longer, the most recent `limit` of them: a call to one is
+    NO_LIVE_INSTANCE (it may come back), to any other UNKNOWN_CAPABILITY. Bounded, because a workload registering
+    ever new names would otherwise grow every node's memory for good; one forgotten is only told as unknown."""
+
+    def __init__(self, limit: int = DEPARTED_MAX) -> None:
+        self._limit = limit
+        self._names: dict[str, None] = {}  # oldest first
+
+    def note(self, emptied: Iterable[str]) -> None:
+        for name in emptied:
+            self._names.pop(name, None)
+            self._names[name] = None
+        excess = len(self._names) - self._limit
+        if excess > 0:
+            for name in list(itertools.islice(self._names, excess)):
+                del self._names[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 class RegistryView:
@@ -658,7 +696,7 @@ class RegistryView:
         self._on_change = on_change
         self._index = _EMPTY_INDEX
         self._builder = _IndexBuilder()
-        self._ever_seen: set[str] = set()
+        self._departed = Departed()
         self._trust_domain = trust_domain
         self.impostors_refused = 0
         """Entries ignored because their identity is not their agent's (each PUT counted once)."""
@@ -697,11 +735,11 @@ class RegistryView:
         return self._index.by_capability.get(capability, ())
 
     def knows_capability(self, name: str) -> bool:
-        """True if any instance offered name at any time in this process's life.
+        """True if an instance offers name now, or did in this process's life (the last DEPARTED_MAX names gone).
 
         Tells UNKNOWN_CAPABILITY (never seen) from NO_LIVE_INSTANCE (seen, no instance now).
         """
-        return name in self._ever_seen
+        return name in self._index.by_capability or name in self._departed
 
     # --- listings -------------------------------------------------------------------------------------------
     def capabilities(self) -> list[CapabilityInfo]:
@@ -721,6 +759,7 @@ class RegistryView:
 
     def _rebuild(self) -> None:
         self._index = self._builder.update(self._cache.snapshot())
-        self._ever_seen.update(self._index.by_capability)
+        if self._builder.emptied:
+            self._departed.note(self._builder.emptied)
         if self._on_change is not None:
             self._on_change()
