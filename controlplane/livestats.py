@@ -326,7 +326,8 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def _same_instance(node: str, instance: str) -> bool:
-    """A breaker's `instance` label (the registry's instance id) names a node called `<agent>/<instance id>`."""
+    """A breaker's `instance` label names a node called `<agent>/<instance id>`: the label is that same key (a bare
+    instance id from nodes before 5 Dec 2026)."""
     return bool(instance) and (node == instance or node.endswith("/" + instance))
 
 

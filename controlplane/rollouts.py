@@ -138,18 +138,18 @@ def _matches(subset: Mapping[str, Any], card: agent_pb2.AgentCard) -> bool:
 
 async def status_stats(etcd: Any, spec: RolloutSpec) -> tuple[VersionStats, VersionStats]:
     """The stable and canary versions' recent inbound calls, from every serving node's published status."""
-    cards: dict[str, agent_pb2.AgentCard] = {}
+    cards: dict[tuple[str, str], agent_pb2.AgentCard] = {}  # by (identity, instance id): ids repeat across agents
     for kv in await etcd.get_prefix(AGENTS.encode()):
         with contextlib.suppress(Exception):
             inst = mesh_pb2.AgentInstance.FromString(kv.value)
-            cards[inst.instance_id] = inst.card
+            cards[inst.identity, inst.instance_id] = inst.card
     totals: dict[str, list[float]] = {"stable": [0, 0, 0.0, 0], "canary": [0, 0, 0.0, 0]}  # calls, failures, ms
     for kv in await etcd.get_prefix(STATUS.encode()):
         try:
             node = policy_pb2.NodeTraffic.FromString(kv.value)
         except Exception:  # noqa: BLE001 - a bad entry must not stop the rollout's judgment of the others
             continue
-        card = cards.get(node.instance)
+        card = cards.get((node.identity, node.instance))
         if card is None:
             continue
         which = "canary" if _matches(spec.canary, card) else "stable" if _matches(spec.stable, card) else None

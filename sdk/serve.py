@@ -191,6 +191,12 @@ class AgentServer:
         return join_host_port(advertised_host(self.host, self.config.advertise), self.port)
 
     @property
+    def instance_key(self) -> str:
+        """"agent/instance id": how callers' status, metrics and breakers name this instance (an instance id is
+        unique only under its agent)."""
+        return f"{self.agent.name}/{self.instance_id}"
+
+    @property
     def registration(self) -> Registration | None:
         """This agent's entry in the registry once started: whether its lease is held (`registered`) and the
         revision that created it (`revision`, the fence of the calls routed by it). None before start and after

@@ -26,6 +26,7 @@ from hivemesh.mesh.errors import (
     StaleRegistrationError,
     TokenExpiredError,
 )
+from hivemesh.mesh.instance_ref import instance_key
 from hivemesh.mesh.outbound.call import Metadata, OutboundCall, idempotent
 from hivemesh.mesh.outbound.events import OutboundEvents
 from hivemesh.mesh.outbound.selection import InstanceSelector, Liveness
@@ -90,11 +91,11 @@ def report_attempt(
         share = settings.max_ejected_share if settings is not None else 0.5
 
         def may_open() -> bool:
-            live = [i.instance_id for i in selector.liveness.live(capability)]
+            live = [instance_key(i) for i in selector.liveness.live(capability)]
             return selector.state.ejected_share_allows(capability, live, share)
 
         if breaker.on_failure(may_open):
-            log.warning("ejected instance %s of %s (circuit breaker open)", instance.instance_id, capability)
+            log.warning("ejected instance %s of %s (circuit breaker open)", instance_key(instance), capability)
             if events is not None:
                 events.ejected(capability)
 
@@ -117,7 +118,7 @@ def report_unreachable(
 ) -> None:
     """An instance could not be reached: skip it for a growing while, count it, and say so once per
     suspicion (not once per call)."""
-    seconds = liveness.mark_failed(instance.instance_id)
+    seconds = liveness.mark_failed(instance_key(instance))
     if events is not None:
         events.unreachable(capability, instance.identity)
     if seconds:
@@ -130,7 +131,7 @@ def report_unanswered(
 ) -> None:
     """An instance held an attempt until its deadline: balancing avoids it for a growing while (a frozen or
     hung replica keeps its connection and its lease); counted, and said once per while, not once per call."""
-    seconds = liveness.mark_unanswered(instance.instance_id)
+    seconds = liveness.mark_unanswered(instance_key(instance))
     if events is not None:
         events.unanswered(capability, instance.identity)
     if seconds:
@@ -234,11 +235,12 @@ class Attempts:
             if try_limit is not None and (per_try is None or try_limit < per_try):
                 per_try, per_try_bound = try_limit, True
             md = await parts.prepare(call, instance)
+            ikey = instance_key(instance)
             breaker: CircuitBreaker | None = None
             if settings is not None and settings.instance is not None:
-                breaker = state.instance_breaker(cap, instance.instance_id, settings.instance)
+                breaker = state.instance_breaker(cap, ikey, settings.instance)
                 if not breaker.allow():
-                    refused.add(instance.instance_id)  # open, or its half-open probe slots are taken
+                    refused.add(ikey)  # open, or its half-open probe slots are taken
                     continue
             health = "neutral"
             span = None if tracing.TRACER is None else tracing.start(
@@ -247,7 +249,7 @@ class Attempts:
                     instance=instance.instance_id, retry_attempt=self.attempt,
                     breaker_state=breaker.state.value if breaker is not None else None))
             failure: HivemeshError | None = None
-            state.attempt_started(cap, instance.instance_id)
+            state.attempt_started(cap, ikey)
             sent_at = time.monotonic()
             try:
                 raw = await parts.send(call, instance, md, per_try)
@@ -260,11 +262,11 @@ class Attempts:
             finally:
                 if span is not None:
                     tracing.finish(span, failure, None if failure is not None else grpc.StatusCode.OK)
-                state.attempt_finished(cap, instance.instance_id, failed=health == "failed")
+                state.attempt_finished(cap, ikey, failed=health == "failed")
                 if breaker is not None:
                     report_attempt(selector, breaker, health, cap, instance, settings, self.parts.events)
             if health == "ok":
-                liveness.mark_ok(instance.instance_id)
+                liveness.mark_ok(ikey)
                 return raw, instance
             if isinstance(err, TokenExpiredError):
                 parts.forget_token(instance)
@@ -275,7 +277,7 @@ class Attempts:
                 self._token_resent = True
                 self._last, self._last_instance = err, instance
                 continue
-            tried.add(instance.instance_id)
+            tried.add(ikey)
             self._last, self._last_instance = err, instance
             if never_sent:
                 report_unreachable(liveness, cap, instance, parts.events)
@@ -292,7 +294,7 @@ class Attempts:
             if policy is None:
                 # No retry policy: an idempotent capability still fails over when a connection broke mid-call.
                 if err.code == grpc.StatusCode.UNAVAILABLE and idempotent(instance, cap):
-                    liveness.mark_failed(instance.instance_id)
+                    liveness.mark_failed(ikey)
                     continue
                 raise err
             timed_out_try = per_try_bound and err.code == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -33,6 +33,7 @@ from hivemesh.mesh.errors import (
     StaleRegistrationError,
     from_rpc_error,
 )
+from hivemesh.mesh.instance_ref import instance_key
 from hivemesh.mesh.layers.fence import FENCE_HEADER
 from hivemesh.mesh.outbound.attempts import (
     TOKEN_REFUSALS,
@@ -375,18 +376,19 @@ class OutboundPipeline:
                 if signs(instance, capability):  # the request now; the chunks as they come (StreamCheck)
                     md = list(sign_request(self.channels.workload, call, instance, md))
                     check = StreamCheck(self.channels.workload, call, instance)
+                ikey = instance_key(instance)
                 breaker = None
                 if settings is not None and settings.instance is not None:
-                    breaker = t.instance_breaker(capability, instance.instance_id, settings.instance)
+                    breaker = t.instance_breaker(capability, ikey, settings.instance)
                     if not breaker.allow():
-                        refused.add(instance.instance_id)
+                        refused.add(ikey)
                         continue
                 ep = self.channels.get(instance.endpoint, instance.identity)
                 stream = ep.invoke_stream(raw_request, timeout=remaining, metadata=md)
                 sent_at = time.monotonic()
                 started = False
                 health = "neutral"
-                t.attempt_started(capability, instance.instance_id)
+                t.attempt_started(capability, ikey)
                 try:
                     async for chunk in stream:
                         started = True
@@ -409,10 +411,10 @@ class OutboundPipeline:
                     health = "failed" if never_sent or (exc.code() in failure_codes and not fenced) else "neutral"
                     if never_sent:
                         report_unreachable(self.liveness, capability, instance, self.events)
-                        tried.add(instance.instance_id)
+                        tried.add(ikey)
                         last = err
                     elif fenced:  # routed by a registration that is gone: it ran nothing, another instance may
-                        tried.add(instance.instance_id)
+                        tried.add(ikey)
                         last = err
                     else:
                         if (not started and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -421,11 +423,11 @@ class OutboundPipeline:
                         raise err from None
                 finally:
                     stream.cancel()
-                    t.attempt_finished(capability, instance.instance_id, failed=health == "failed")
+                    t.attempt_finished(capability, ikey, failed=health == "failed")
                     if breaker is not None:
                         report_attempt(selector, breaker, health, capability, instance, settings, self.events)
                     if health == "ok":  # here, not after the loop: also when the consumer stopped at the final chunk
-                        self.liveness.mark_ok(instance.instance_id)
+                        self.liveness.mark_ok(ikey)
                         outcome = "success"
                 if health == "ok":
                     return

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from hivemesh.mesh.errors import CircuitOpenError, NoLiveInstanceError, UnknownCapabilityError
+from hivemesh.mesh.instance_ref import instance_key
 from hivemesh.mesh.outbound.call import OutboundCall
 from hivemesh.mesh.resilience.balancer import ROUND_ROBIN
 from hivemesh.mesh.resilience.routes import RoutePolicy, select
@@ -46,28 +47,28 @@ class _Suspicions:
         self._until: dict[str, float] = {}
         self._strikes: dict[str, int] = {}
 
-    def active(self, instance_id: str) -> bool:
-        return bool(self._until) and self._until.get(instance_id, 0.0) > self._clock()
+    def active(self, instance: str) -> bool:
+        return bool(self._until) and self._until.get(instance, 0.0) > self._clock()
 
-    def strike(self, instance_id: str) -> float:
-        """The seconds instance_id is now avoided for (0.0 if it already was)."""
+    def strike(self, instance: str) -> float:
+        """The seconds instance is now avoided for (0.0 if it already was)."""
         now = self._clock()
-        if self._until.get(instance_id, 0.0) > now:
+        if self._until.get(instance, 0.0) > now:
             return 0.0
-        strikes = self._strikes.get(instance_id, 0) + 1
-        self._strikes[instance_id] = strikes
+        strikes = self._strikes.get(instance, 0) + 1
+        self._strikes[instance] = strikes
         seconds = min(self._first_s * float(1 << min(strikes - 1, 16)), self._max_s)
-        self._until[instance_id] = now + seconds
+        self._until[instance] = now + seconds
         if len(self._until) > 1024:
             # Forget instances whose suspicion ran out long ago (gone from the registry, most likely).
             self._until = {k: v for k, v in self._until.items() if v > now - self._max_s}
             self._strikes = {k: v for k, v in self._strikes.items() if k in self._until}
         return seconds
 
-    def clear(self, instance_id: str) -> None:
+    def clear(self, instance: str) -> None:
         if self._until:
-            self._until.pop(instance_id, None)
-            self._strikes.pop(instance_id, None)
+            self._until.pop(instance, None)
+            self._strikes.pop(instance, None)
 
 
 class Liveness:
@@ -84,6 +85,8 @@ class Liveness:
     it would be sent every n-th call, each waiting out its deadline, until its lease expires. Balancing skips it
     while another instance is available; affinity does not (the call it holds may still run there, so a keyed
     re-send must go to the same instance).
+
+    Instances are named by their `instance_key` ("agent/instance id") throughout.
     """
 
     def __init__(self, source: InstanceSource, *, clock: Callable[[], float] = time.monotonic) -> None:
@@ -106,40 +109,40 @@ class Liveness:
             )
         return instances
 
-    def is_suspect(self, instance_id: str) -> bool:
-        """True while instance_id recently could not be reached (see mark_failed)."""
-        return self._unreachable.active(instance_id)
+    def is_suspect(self, instance: str) -> bool:
+        """True while instance recently could not be reached (see mark_failed)."""
+        return self._unreachable.active(instance)
 
-    def is_unanswering(self, instance_id: str) -> bool:
-        """True while instance_id recently held a call until its deadline (see mark_unanswered)."""
-        return self._unanswering.active(instance_id)
+    def is_unanswering(self, instance: str) -> bool:
+        """True while instance recently held a call until its deadline (see mark_unanswered)."""
+        return self._unanswering.active(instance)
 
-    def mark_failed(self, instance_id: str) -> float:
-        """Note that instance_id could not be reached, so selection prefers the others for a while: the
+    def mark_failed(self, instance: str) -> float:
+        """Note that instance could not be reached, so selection prefers the others for a while: the
         seconds it is now suspect for (0.0 if it already was: the failure of a call sent before)."""
-        return self._unreachable.strike(instance_id)
+        return self._unreachable.strike(instance)
 
-    def mark_unanswered(self, instance_id: str) -> float:
-        """Note that instance_id held a call until its deadline, so balancing prefers the others for a while:
+    def mark_unanswered(self, instance: str) -> float:
+        """Note that instance held a call until its deadline, so balancing prefers the others for a while:
         the seconds it is now avoided for (0.0 if it already was)."""
-        return self._unanswering.strike(instance_id)
+        return self._unanswering.strike(instance)
 
-    def avoided(self, instance_id: str) -> str:
-        """Why balancing skips instance_id right now (`InstanceSelector.choose`, `hivemesh status`): "unreachable",
+    def avoided(self, instance: str) -> str:
+        """Why balancing skips instance right now (`InstanceSelector.choose`, `hivemesh status`): "unreachable",
         "unanswering" or "" (not skipped)."""
-        if self._unreachable.active(instance_id):
+        if self._unreachable.active(instance):
             return "unreachable"
-        return "unanswering" if self._unanswering.active(instance_id) else ""
+        return "unanswering" if self._unanswering.active(instance) else ""
 
-    def mark_ok(self, instance_id: str) -> None:
-        """instance_id answered: neither suspicion holds any longer."""
-        self._unreachable.clear(instance_id)
-        self._unanswering.clear(instance_id)
+    def mark_ok(self, instance: str) -> None:
+        """instance answered: neither suspicion holds any longer."""
+        self._unreachable.clear(instance)
+        self._unanswering.clear(instance)
 
 
-def rendezvous(key: str, instance_id: str) -> int:
-    """The weight of instance_id for key in rendezvous (highest random weight) hashing."""
-    return int.from_bytes(hashlib.blake2b(f"{key}\0{instance_id}".encode(), digest_size=8).digest(), "big")
+def rendezvous(key: str, instance: str) -> int:
+    """The weight of instance (its `instance_key`) for key in rendezvous (highest random weight) hashing."""
+    return int.from_bytes(hashlib.blake2b(f"{key}\0{instance}".encode(), digest_size=8).digest(), "big")
 
 
 class InstanceSelector:
@@ -166,7 +169,8 @@ class InstanceSelector:
         With an affinity key (the idempotency key of a non-idempotent call) the healthy instance that key hashes
         to is chosen (rendezvous hashing), tried or not: every attempt and every re-send of the key reaches the
         instance that remembers it, so its effect happens once while membership holds. Instances whose breaker
-        refused this call (`refused`) are out; CircuitOpenError when that leaves none.
+        refused this call (`refused`) are out; CircuitOpenError when that leaves none. `tried` and `refused` hold
+        `instance_key`s.
         """
         t = self.state
         liveness = self.liveness
@@ -186,28 +190,32 @@ class InstanceSelector:
         else:
             candidates = live
         if refused:
-            candidates = [i for i in candidates if i.instance_id not in refused]
+            candidates = [i for i in candidates if instance_key(i) not in refused]
             if not candidates:
                 raise CircuitOpenError(
                     f"every instance of {cap!r} the call may use is ejected by its circuit breaker",
                     metadata={"capability": cap[:128]},
                 )
 
-        def ejected(i: mesh_pb2.AgentInstance) -> bool:
-            b = t.peek_instance_breaker(cap, i.instance_id)
+        def ejected(k: str) -> bool:
+            b = t.peek_instance_breaker(cap, k)
             return b is not None and b.ejected
 
-        pool = [i for i in candidates if i.instance_id not in tried]
+        pool = [i for i in candidates if instance_key(i) not in tried] if tried else list(candidates)
         if not pool:
             if not reuse:
                 return None
             pool = list(candidates)
 
         if affinity is not None:
-            usable = [i for i in candidates if not ejected(i) and not liveness.is_suspect(i.instance_id)]
+            keyed = [(instance_key(i), i) for i in candidates]
+            usable = [(k, i) for k, i in keyed if not ejected(k) and not liveness.is_suspect(k)]
             if usable:
-                return max(usable, key=lambda i: rendezvous(affinity, i.instance_id))
-        healthy = [i for i in pool if not ejected(i) and not liveness.avoided(i.instance_id)]
-        pool = healthy or [i for i in pool if not ejected(i)] or pool
+                return max(usable, key=lambda ki: rendezvous(affinity, ki[0]))[1]
+        if len(pool) == 1:
+            return pool[0]  # the last resort below would choose it anyway
+        keyed = [(instance_key(i), i) for i in pool]
+        healthy = [i for k, i in keyed if not ejected(k) and not liveness.avoided(k)]
+        pool = healthy or [i for k, i in keyed if not ejected(k)] or pool
         mode = routes.load_balancer if routes is not None else ROUND_ROBIN
         return t.balancer.order(key, pool, mode)[0]

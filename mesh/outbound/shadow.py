@@ -24,6 +24,7 @@ from typing import Any, Final, Protocol
 
 from hivemesh.mesh import json_fast
 from hivemesh.mesh.errors import HivemeshError
+from hivemesh.mesh.instance_ref import instance_key
 from hivemesh.mesh.outbound.call import Metadata, OutboundCall, idempotent
 from hivemesh.mesh.resilience.routes import ShadowRule
 from hivemesh.v1 import agent_pb2, mesh_pb2
@@ -100,8 +101,8 @@ class ShadowTraffic:
             instances = live()
         except HivemeshError:  # every instance just went away: nothing to mirror to
             return False
-        candidates = [i for i in instances
-                      if rule.subset.matches(i) and i.instance_id != primary_instance.instance_id]
+        primary_key = instance_key(primary_instance)
+        candidates = [i for i in instances if rule.subset.matches(i) and instance_key(i) != primary_key]
         if not candidates:
             return False
         candidate = candidates[sum(self.counts.values()) % len(candidates)]

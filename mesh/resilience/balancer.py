@@ -10,41 +10,39 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from typing import Protocol, TypeVar
+from typing import TypeVar
+
+from hivemesh.mesh.instance_ref import Registered, instance_key
 
 ROUND_ROBIN = "round_robin"
 LEAST_OUTSTANDING = "least_outstanding"
 MODES = (ROUND_ROBIN, LEAST_OUTSTANDING)
 
 
-class _HasId(Protocol):
-    @property
-    def instance_id(self) -> str: ...
-
-
-InstanceT = TypeVar("InstanceT", bound=_HasId)
+InstanceT = TypeVar("InstanceT", bound=Registered)
 
 
 class Balancer:
-    """Per-process balancing state: round-robin positions per key and outstanding calls per instance."""
+    """Per-process balancing state: round-robin positions per key and outstanding calls per instance (by
+    `instance_key`)."""
 
     def __init__(self, *, rng: Callable[[], float] = random.random) -> None:
         self._next: dict[str, int] = {}
         self._outstanding: dict[str, int] = {}
         self._rng = rng
 
-    def outstanding(self, instance_id: str) -> int:
-        return self._outstanding.get(instance_id, 0)
+    def outstanding(self, key: str) -> int:
+        return self._outstanding.get(key, 0)
 
-    def started(self, instance_id: str) -> None:
-        self._outstanding[instance_id] = self._outstanding.get(instance_id, 0) + 1
+    def started(self, key: str) -> None:
+        self._outstanding[key] = self._outstanding.get(key, 0) + 1
 
-    def finished(self, instance_id: str) -> None:
-        n = self._outstanding.get(instance_id, 0) - 1
+    def finished(self, key: str) -> None:
+        n = self._outstanding.get(key, 0) - 1
         if n > 0:
-            self._outstanding[instance_id] = n
+            self._outstanding[key] = n
         else:
-            self._outstanding.pop(instance_id, None)
+            self._outstanding.pop(key, None)
 
     def order(self, key: str, instances: Sequence[InstanceT], mode: str = ROUND_ROBIN) -> list[InstanceT]:
         """instances in the order to try them: the balancer's pick first, then the rest as failover order."""
@@ -56,8 +54,8 @@ class Balancer:
             j = int(self._rng() * (n - 1)) % (n - 1)
             j = j + 1 if j >= i else j
             a, b = instances[i], instances[j]
-            first = b if self.outstanding(b.instance_id) < self.outstanding(a.instance_id) else a
-            rest = sorted((x for x in instances if x is not first), key=lambda x: self.outstanding(x.instance_id))
+            first = b if self.outstanding(instance_key(b)) < self.outstanding(instance_key(a)) else a
+            rest = sorted((x for x in instances if x is not first), key=lambda x: self.outstanding(instance_key(x)))
             return [first, *rest]
         start = self._next.get(key, 0) % n
         self._next[key] = start + 1

@@ -66,8 +66,9 @@ class TrafficState:
             b.configure(policy)
         return b
 
-    def instance_breaker(self, capability: str, instance_id: str, policy: BreakerPolicy) -> CircuitBreaker:
-        key = (capability, instance_id)
+    def instance_breaker(self, capability: str, instance: str, policy: BreakerPolicy) -> CircuitBreaker:
+        """The breaker of one instance (its `instance_key`) for capability."""
+        key = (capability, instance)
         b = self._inst_breakers.get(key)
         if b is None:
             if len(self._inst_breakers) > 10_000:
@@ -77,16 +78,16 @@ class TrafficState:
             b.configure(policy)
         return b
 
-    def peek_instance_breaker(self, capability: str, instance_id: str) -> CircuitBreaker | None:
-        return self._inst_breakers.get((capability, instance_id))
+    def peek_instance_breaker(self, capability: str, instance: str) -> CircuitBreaker | None:
+        return self._inst_breakers.get((capability, instance))
 
-    def ejected_share_allows(self, capability: str, live_ids: Sequence[str], share: float) -> bool:
-        """May one more instance of capability be ejected, with live_ids the live instances?"""
+    def ejected_share_allows(self, capability: str, live: Sequence[str], share: float) -> bool:
+        """May one more instance of capability be ejected, with live the live instances' keys?"""
         ejected = sum(
-            1 for i in live_ids
+            1 for i in live
             if (b := self._inst_breakers.get((capability, i))) is not None and b.state is not State.CLOSED
         )
-        total = len(live_ids)
+        total = len(live)
         return ejected + 1 < total and (ejected + 1) <= share * total
 
     def budget(self, capability: str, policy: RetryPolicy) -> RetryBudget:
@@ -115,7 +116,7 @@ class TrafficState:
         return g
 
     def breakers(self) -> list[tuple[str, str, CircuitBreaker]]:
-        """Every breaker as (capability, instance id or "" for the capability's own, breaker), for metrics."""
+        """Every breaker as (capability, instance key or "" for the capability's own, breaker), for metrics."""
         out = [(cap, "", b) for cap, b in self._cap_breakers.items()]
         out.extend((cap, inst, b) for (cap, inst), b in self._inst_breakers.items())
         return out
@@ -158,15 +159,15 @@ class TrafficState:
         if degraded:
             c.window.add(_Counts.DEGRADED)
 
-    def attempt_started(self, capability: str, instance_id: str) -> None:
-        self.balancer.started(instance_id)
-        c = self._counts(self._out_inst, (capability, instance_id))
+    def attempt_started(self, capability: str, instance: str) -> None:
+        self.balancer.started(instance)
+        c = self._counts(self._out_inst, (capability, instance))
         c.in_flight += 1
         c.window.add(_Counts.CALLS)
 
-    def attempt_finished(self, capability: str, instance_id: str, *, failed: bool) -> None:
-        self.balancer.finished(instance_id)
-        c = self._counts(self._out_inst, (capability, instance_id))
+    def attempt_finished(self, capability: str, instance: str, *, failed: bool) -> None:
+        self.balancer.finished(instance)
+        c = self._counts(self._out_inst, (capability, instance))
         c.in_flight = max(0, c.in_flight - 1)
         if failed:
             c.window.add(_Counts.FAILURES)
@@ -246,5 +247,5 @@ class Traffic:
 
 
 def breaker_states(state: TrafficState, capability: str) -> Mapping[str, str]:
-    """instance id -> breaker state of capability's instances this node has a breaker for (for tests)."""
+    """instance key -> breaker state of capability's instances this node has a breaker for (for tests)."""
     return {i: b.state.value for (c, i), b in state._inst_breakers.items() if c == capability}

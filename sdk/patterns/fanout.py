@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hivemesh.mesh.errors import AgentError, DeadlineExceededError, HivemeshError
+from hivemesh.mesh.instance_ref import instance_key
 from hivemesh.mesh.pki import NAME_RE
 from hivemesh.sdk.patterns.base import Caller, PatternResult, Runner, StepResult, as_runner, error_to_json
 
@@ -95,13 +96,14 @@ class FanOut:
         self.name = name
 
     async def _plan(self, runner: Runner) -> list[tuple[str, str, str]]:
-        """(branch id, capability, instance id or "") — memoized, so a resumed run fans out to the same set."""
+        """(branch id, capability, instance key or "") — memoized, so a resumed run fans out to the same set. An
+        instance is named by agent and id ("cap@agent/id"): two agents may each have an instance "w-1"."""
         if self.all_instances_of is None:
             return [(b.id, b.capability, "") for b in self.branches]
         cap = self.all_instances_of
 
         def listing() -> list[list[str]]:
-            return [[f"{cap}@{i.instance_id}", cap, i.instance_id] for i in runner.instances(cap)]
+            return [[f"{cap}@{key}", cap, key] for key in map(instance_key, runner.instances(cap))]
 
         plan = await runner.memo(f"{self.name}-instances", listing)
         return [(str(a), str(b), str(c)) for a, b, c in plan]
@@ -110,20 +112,20 @@ class FanOut:
         runner = as_runner(target)
         plan = await self._plan(runner)
         by_id = {b.id: b for b in self.branches}
-        live = {i.instance_id: i for i in runner.instances(self.all_instances_of)} if self.all_instances_of else {}
+        live = {instance_key(i): i for i in runner.instances(self.all_instances_of)} if self.all_instances_of else {}
         results: dict[str, StepResult] = {}
         failed: dict[str, dict[str, Any]] = {}
         first_error: list[tuple[str, HivemeshError]] = []
 
-        async def branch(branch_id: str, capability: str, instance_id: str) -> None:
+        async def branch(branch_id: str, capability: str, key: str) -> None:
             spec = by_id.get(branch_id)
             timeout = spec.timeout if spec is not None and spec.timeout is not None else self.branch_timeout
             instance = None
-            if instance_id:
-                instance = live.get(instance_id)
+            if key:
+                instance = live.get(key)
                 if instance is None:
                     failed[branch_id] = {"code": "UNAVAILABLE", "reason": "NO_LIVE_INSTANCE",
-                                         "message": f"instance {instance_id} is gone"}
+                                         "message": f"instance {key} is gone"}
                     return
             try:
                 try:

@@ -158,8 +158,8 @@ spec: {capabilities: [echo], instance: {consecutive_failures: 3, open_ms: 1000}}
                 traffic, liveness = mesh.node.traffic.state, mesh.node.liveness
 
                 def excluded() -> bool:
-                    b = traffic.peek_instance_breaker("echo", "r1")
-                    return liveness.is_suspect("r1") or (b is not None and b.ejected)
+                    b = traffic.peek_instance_breaker("echo", "echo/r1")
+                    return liveness.is_suspect("echo/r1") or (b is not None and b.ejected)
 
                 excluded_at = await wait_until(excluded, 10, "the dead replica to be avoided", step=0.001)
 

@@ -45,7 +45,7 @@ async def test_the_caller_counts_each_fallback_and_each_cached_answer(
                                     metrics_listen="127.0.0.1:0")
         async with client:
             nodes = [client.node, server.node, lite.node]
-            solo_id = server.instance_id
+            solo_id = server.instance_key
             assert await client.node.registry.wait_for_capability("work", 1, timeout=10)
             assert await client.node.registry.wait_for_capability("work-lite", 1, timeout=10)
 
@@ -77,7 +77,7 @@ async def test_the_caller_counts_each_fallback_and_each_cached_answer(
             with pytest.raises(HivemeshError):
                 await client.call("work", {"text": "breaks"}, timeout=5)
 
-            assert breaker_states(client.node.traffic.state, "work") == {server.instance_id: "closed"}
+            assert breaker_states(client.node.traffic.state, "work") == {server.instance_key: "closed"}
             assert client.node.metrics is not None
             text = await asyncio.to_thread(scrape, client.node.metrics.address)
 

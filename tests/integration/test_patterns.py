@@ -115,13 +115,20 @@ async def test_fanout_degrades_gracefully_naming_the_failed_branches(orch: Orch)
     await wait_until(lambda: "named" in worker.cancelled, 5, "fail-fast cancelling the other branch")
 
 
+class SpareWorker(WorkerAgent):
+    name = "spare-worker"
+
+
 async def test_fanout_to_every_instance_of_a_capability(orch: Orch) -> None:
+    """Every instance, however named: "w-1" is a worker's instance id and a spare worker's too."""
     await orch.serve(WorkerAgent(), AgentServerConfig(instance_id="w-1"))
     await orch.serve(WorkerAgent(), AgentServerConfig(instance_id="w-2"))
-    assert await orch.mesh.node.registry.wait_for_capability("upper", 2, timeout=10)
+    await orch.serve(SpareWorker(), AgentServerConfig(instance_id="w-1"))
+    assert await orch.mesh.node.registry.wait_for_capability("upper", 3, timeout=10)
     result = await FanOut(all_instances_of="upper").run(orch.mesh, {"text": "x"})
-    assert sorted(result.output) == ["upper@w-1", "upper@w-2"]
-    assert sorted(s.instance for s in result.steps) == ["w-1", "w-2"]
+    assert sorted(result.output) == ["upper@spare-worker/w-1", "upper@worker/w-1", "upper@worker/w-2"]
+    assert sorted((s.agent, s.instance) for s in result.steps) == [
+        ("spare-worker", "w-1"), ("worker", "w-1"), ("worker", "w-2")]
 
 
 async def test_research_fanout_over_three_corpora(orch: Orch) -> None:

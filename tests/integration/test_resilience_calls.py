@@ -48,7 +48,7 @@ async def test_breaker_ejects_a_failing_replica_and_readmits_it_after_it_heals(
         # the switch to half-open and count a probe as a call that reached it while open.
         await apply(etcd, BREAKERS.replace("open_ms: 400", "open_ms: 1500"), f.nodes())
         bad, *good = f.agents
-        bad_id = f.servers[0].instance_id
+        bad_id = f.servers[0].instance_key
         bad.mode = "INTERNAL"
         failed_before_open = 0
         calls = 0
@@ -91,7 +91,7 @@ async def test_breaker_ejects_a_failing_replica_and_readmits_it_after_it_heals(
     assert reached_while_open == 0 and set(served) == {"b", "c"}
     assert abs(after["a"] - 100) <= 2 and abs(after["b"] - 100) <= 2
     # The healthy replicas were never ejected.
-    for gid in (s.instance_id for s in f.servers[1:]):
+    for gid in (s.instance_key for s in f.servers[1:]):
         b = f.client.node.traffic.state.peek_instance_breaker("work", gid)
         assert b is None or b.opened_count == 0
     assert all(g.calls["work"] > 0 for g in good)
@@ -130,9 +130,9 @@ spec:
         states = breaker_states(f.client.node.traffic.state, "work")
         print(f"\n2 of 3 failing, max_ejected_share 0.5: breakers {states}, served {dict(results)}, failed {failures}")
     assert list(states.values()).count("open") == 1  # one of the two failing replicas, never both
-    failing_ids = {f.servers[0].instance_id, f.servers[1].instance_id}
+    failing_ids = {f.servers[0].instance_key, f.servers[1].instance_key}
     assert {i for i, s in states.items() if s == "open"} <= failing_ids
-    assert states.get(f.servers[2].instance_id, "closed") == "closed"
+    assert states.get(f.servers[2].instance_key, "closed") == "closed"
     assert results["c"] == 320 - failures
     assert failures == 0  # a retry goes to an instance the call has not tried: the healthy one
 
@@ -357,7 +357,7 @@ async def test_breaker_state_shows_in_the_published_status(mesh_env: MeshEnv, et
         for _ in range(20):
             with contextlib.suppress(AgentError):
                 await f.client.call("work", {}, timeout=5)
-        assert f.client.node.traffic.state.peek_instance_breaker("work", "flaky-a").state is State.OPEN
+        assert f.client.node.traffic.state.peek_instance_breaker("work", "flaky/flaky-a").state is State.OPEN
 
         async def client_status() -> dict[str, str]:
             for node in await read_status(etcd):
@@ -368,7 +368,7 @@ async def test_breaker_state_shows_in_the_published_status(mesh_env: MeshEnv, et
             return {}
 
         deadline = time.monotonic() + 6
-        while (seen := await client_status()).get("flaky-a") != "open":
+        while (seen := await client_status()).get("flaky/flaky-a") != "open":
             assert time.monotonic() < deadline, f"status never showed the open breaker: {seen}"
             await asyncio.sleep(0.2)
         nodes = await read_status(etcd)

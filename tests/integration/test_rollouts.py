@@ -33,13 +33,13 @@ spec:
 """
 
 
-async def _serve(etcd: aetcd.Client, instance: str, version: str) -> None:
+async def _serve(etcd: aetcd.Client, instance: str, version: str, agent: str = "flaky") -> None:
     """A registry entry, as a serving node registers itself."""
-    card = agent_pb2.AgentCard(name="flaky", version=version,
+    card = agent_pb2.AgentCard(name=agent, version=version,
                                capabilities=[agent_pb2.Capability(name=c, idempotent=True) for c in ("work", "score")])
-    entry = mesh_pb2.AgentInstance(instance_id=instance, identity="spiffe://hivemesh.test/agent/flaky",
+    entry = mesh_pb2.AgentInstance(instance_id=instance, identity=f"spiffe://hivemesh.test/agent/{agent}",
                                    endpoint="127.0.0.1:1", card=card)
-    await etcd.put(f"{AGENTS}flaky/{instance}".encode(), entry.SerializeToString())
+    await etcd.put(f"{AGENTS}{agent}/{instance}".encode(), entry.SerializeToString())
 
 
 async def _status(etcd: aetcd.Client, instance: str, latency_ms: float = 20.0, **caps: tuple[int, int]) -> None:
@@ -62,6 +62,7 @@ async def test_rollout_steps_a_healthy_canary_and_rolls_back_a_failing_one(etcd:
                                                                            tmp_path: Path) -> None:
     await _serve(etcd, "flaky-v1", "1.0.0")
     await _serve(etcd, "flaky-v2", "2.0.0")
+    await _serve(etcd, "flaky-v2", "1.0.0", agent="other")  # its id is the canary's: its card is not the canary's
     await _status(etcd, "flaky-v1", work=(100, 1), score=(100, 1))
     await _status(etcd, "flaky-v2", work=(3, 0), score=(3, 0))  # too few canary calls to judge yet
     await store.apply_text(etcd, ROLLOUT.format(cap="work") + "---" + ROLLOUT.format(cap="score"))

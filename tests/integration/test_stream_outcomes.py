@@ -71,7 +71,7 @@ async def test_streams_read_to_their_final_chunk_count_as_successes(
         assert await client.node.registry.wait_for_capability("ticks", 1, timeout=10)
         await apply(etcd, BREAKER, [client.node])
         state = client.node.outbound.traffic.state
-        instance = server.instance_id
+        instance = server.instance_key
 
         assert await _ticks(client) == [{"tick": 0}, {"tick": 1}, {"tick": 2}]
         # Right after the loop, with nothing awaited since: the attempt is over and counted.
@@ -114,12 +114,12 @@ async def test_a_stream_held_before_its_first_chunk_until_its_deadline_steers_th
                     assert err.code == grpc.StatusCode.DEADLINE_EXCEEDED, err
                     timed_out += 1
             assert (timed_out, hung.streams, healthy.streams) == (1, 1, 7)
-            assert client.node.liveness.is_unanswering(held.instance_id)
+            assert client.node.liveness.is_unanswering(held.instance_key)
             # What `hivemesh status` publishes for this node says so, per instance.
             snap = client.node._status_snapshot()
             avoided = {i.instance: i.avoided for c in snap.capabilities if c.capability == "ticks"
                        and c.direction == "outbound" for i in c.instances}
-            assert avoided[held.instance_id] == "unanswering" and set(avoided.values()) == {"unanswering", ""}
+            assert avoided[held.instance_key] == "unanswering" and set(avoided.values()) == {"unanswering", ""}
             metrics = client.node.metrics
             assert metrics is not None
             labels = {"capability": "ticks", "peer": "spiffe://hivemesh.local/agent/ticker"}

@@ -24,6 +24,7 @@ from hivemesh.mesh.errors import (
     StaleRegistrationError,
     TokenExpiredError,
 )
+from hivemesh.mesh.instance_ref import instance_key
 from hivemesh.mesh.outbound.attempts import AttemptError, AttemptParts, Attempts
 from hivemesh.mesh.outbound.call import Metadata, OutboundCall
 from hivemesh.mesh.outbound.selection import InstanceSelector, Liveness
@@ -38,12 +39,18 @@ NO_WAIT = Backoff(base_s=0.0, max_s=0.0)
 
 
 class _Registry:
-    """The registry view selection reads: fixed instances of one capability."""
+    """The registry view selection reads: fixed instances of one capability, each id "agent/instance" or a bare
+    instance id of agent "w"."""
 
     def __init__(self, capability: str, ids: Sequence[str], *, idempotent: bool) -> None:
-        card = agent_pb2.AgentCard(capabilities=[agent_pb2.Capability(name=capability, idempotent=idempotent)])
         self.capability = capability
-        self.items = [mesh_pb2.AgentInstance(instance_id=i, identity=f"spiffe://t/agent/{i}", card=card) for i in ids]
+        self.items = []
+        for name in ids:
+            agent, _, instance = name.rpartition("/")
+            card = agent_pb2.AgentCard(name=agent or "w", capabilities=[
+                agent_pb2.Capability(name=capability, idempotent=idempotent)])
+            self.items.append(mesh_pb2.AgentInstance(
+                instance_id=instance, identity=f"spiffe://t/agent/{agent or 'w'}", card=card))
 
     def instances(self, capability: str) -> Sequence[mesh_pb2.AgentInstance]:
         return self.items if capability == self.capability else []
@@ -71,7 +78,7 @@ class _Agents:
         self, call: OutboundCall, instance: mesh_pb2.AgentInstance, md: Metadata, timeout: float | None
     ) -> bytes:
         assert ("authorization", "Bearer t") in md
-        self.sent.append((instance.instance_id, timeout))
+        self.sent.append((instance_key(instance), timeout))
         outcome = self.script.pop(0) if self.script else b"ok"
         if isinstance(outcome, _Held):
             assert timeout is not None
@@ -119,7 +126,7 @@ async def test_a_retryable_failure_is_retried_until_an_answer_within_the_attempt
     raw, instance = await attempts.run()
     assert raw == b"third" and len(agents.sent) == 3
     assert attempts.retries == 2 and attempts.attempt == 3
-    assert instance.instance_id == agents.sent[-1][0]
+    assert instance_key(instance) == agents.sent[-1][0]
 
 
 async def test_retries_stop_at_the_policy_attempts_with_the_real_error() -> None:
@@ -197,8 +204,8 @@ async def test_a_never_sent_request_fails_over_free_of_budget_and_marks_the_inst
     attempts = rig.attempts(agents)  # no retry policy at all
     raw, instance = await attempts.run()
     first = agents.sent[0][0]
-    assert raw == b"ok" and instance.instance_id != first and attempts.retries == 0
-    assert rig.liveness.is_suspect(first) and not rig.liveness.is_suspect(instance.instance_id)
+    assert raw == b"ok" and instance_key(instance) != first and attempts.retries == 0
+    assert rig.liveness.is_suspect(first) and not rig.liveness.is_suspect(instance_key(instance))
     agents = _Agents([never_sent(), never_sent()])
     with pytest.raises(AgentUnavailableError):
         await rig.attempts(agents).run()  # every instance unreachable, no policy to retry with
@@ -215,7 +222,7 @@ async def test_a_call_refused_as_routed_by_a_gone_registration_goes_elsewhere_ev
     attempts = rig.attempts(agents, OutboundPolicies(None, None, settings, None))  # no retry policy
     raw, instance = await attempts.run()
     first = agents.sent[0][0]
-    assert raw == b"ok" and instance.instance_id != first and attempts.retries == 0 and attempts.attempt == 1
+    assert raw == b"ok" and instance_key(instance) != first and attempts.retries == 0 and attempts.attempt == 1
     assert rig.state.peek_instance_breaker("work", first).state is State.CLOSED  # type: ignore[union-attr]
     assert not rig.liveness.is_suspect(first) and not rig.liveness.is_unanswering(first)
     # The only instance: nothing else may take it, and the caller hears why.
@@ -244,10 +251,10 @@ async def test_an_instance_that_held_a_call_until_its_deadline_gets_no_calls_whi
     rig = _Rig(("a",))
     with pytest.raises(DeadlineExceededError):
         await rig.attempts(_Agents([_Held()]), deadline_s=HELD_S).run()
-    assert rig.liveness.is_unanswering("a")
+    assert rig.liveness.is_unanswering("w/a")
     agents = _Agents()
     assert (await rig.attempts(agents).run())[0] == b"ok"
-    assert [i for i, _ in agents.sent] == ["a"] and not rig.liveness.is_unanswering("a")
+    assert [i for i, _ in agents.sent] == ["w/a"] and not rig.liveness.is_unanswering("w/a")
 
 
 async def test_a_timeout_with_almost_no_time_left_or_answered_at_once_says_nothing_about_the_instance() -> None:
@@ -304,8 +311,33 @@ async def test_an_ejected_instance_gets_no_calls_and_a_breaker_refusal_fails_ove
     for _ in range(2):
         with pytest.raises(AgentError):
             await rig.attempts(agents, _retries(RetryPolicy(backoff=NO_WAIT), settings)).run()
-    states = [rig.state.peek_instance_breaker("work", i) for i in "abcd"]
+    states = [rig.state.peek_instance_breaker("work", f"w/{i}") for i in "abcd"]
     assert sum(1 for b in states if b is not None and b.state is State.OPEN) == 2
+
+
+async def test_instances_of_two_agents_that_share_an_instance_id_are_told_apart() -> None:
+    """An instance id is unique only under its agent: x's "r1" unreachable, or ejected, says nothing of y's."""
+    rig = _Rig(("x/r1", "y/r1"))
+    agents = _Agents([never_sent(), b"ok"])
+    raw, instance = await rig.attempts(agents).run()
+    first, other = agents.sent[0][0], instance_key(instance)
+    assert raw == b"ok" and {first, other} == {"x/r1", "y/r1"}
+    assert rig.liveness.is_suspect(first) and not rig.liveness.is_suspect(other)
+    agents = _Agents()
+    for _ in range(4):
+        await rig.attempts(agents).run()
+    assert {i for i, _ in agents.sent} == {other}  # the suspect one skipped, its namesake not
+    rig = _Rig(("x/r1", "y/r1", "z/r2"))
+    settings = BreakerSettings("b", instance=BreakerPolicy(consecutive_failures=1, open_s=60, max_open_s=60),
+                               capability=None, max_ejected_share=0.5)
+    agents = _Agents([sent_failure(AgentError("bug"))])
+    with pytest.raises(AgentError):
+        await rig.attempts(agents, _retries(RetryPolicy(backoff=NO_WAIT), settings)).run()
+    bad = agents.sent[0][0]
+    agents = _Agents()
+    for _ in range(6):
+        await rig.attempts(agents, _retries(RetryPolicy(backoff=NO_WAIT), settings)).run()
+    assert {i for i, _ in agents.sent} == {"x/r1", "y/r1", "z/r2"} - {bad}  # only the one ejected gets none
 
 
 async def test_an_open_capability_breaker_refuses_the_call_without_sending() -> None:
@@ -347,7 +379,7 @@ async def test_each_attempts_span_names_its_instance_try_number_and_the_breaker_
         provider.shutdown()
     assert [s.name for s in with_breakers] == ["attempt work", "attempt work"]
     first, second = (s.attributes or {} for s in with_breakers)
-    assert [first["hivemesh.instance"], second["hivemesh.instance"]] == [i for i, _ in agents.sent]
+    assert [first["hivemesh.instance"], second["hivemesh.instance"]] == [i.split("/")[1] for i, _ in agents.sent]
     assert (first["hivemesh.retry.attempt"], second["hivemesh.retry.attempt"]) == (1, 2)
     assert first["hivemesh.breaker.state"] == second["hivemesh.breaker.state"] == "closed"
     assert first["hivemesh.reason"] and "hivemesh.reason" not in second  # the failed try carries its reason

@@ -301,15 +301,15 @@ def test_round_robin_rotates_and_p2c_prefers_fewer_outstanding() -> None:
     firsts = [b.order("cap", insts, ROUND_ROBIN)[0].instance_id for _ in range(6)]
     assert firsts == ["a", "b", "c", "a", "b", "c"]
     for _ in range(5):
-        b.started("a")
+        b.started("/a")  # the instance key of Inst("a") (agent name "")
     picks = Counter(b.order("cap", insts, LEAST_OUTSTANDING)[0].instance_id for _ in range(300))
     assert picks["a"] == 0  # a is busier than whichever other instance it is paired with
-    b.started("b")
+    b.started("/b")
     picks = Counter(b.order("cap", insts, LEAST_OUTSTANDING)[0].instance_id for _ in range(300))
     assert picks["c"] > picks["b"] > 0 and picks["a"] == 0
     for _ in range(5):
-        b.finished("a")
-    assert b.outstanding("a") == 0
+        b.finished("/a")
+    assert b.outstanding("/a") == 0
 
 
 # --- routes -------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from hivemesh.mesh.outbound.call import OutboundCall
 from hivemesh.mesh.outbound.selection import InstanceSelector, Liveness
 from hivemesh.mesh.resilience.traffic import TrafficState
 from hivemesh.mesh.token_source import TokenSource
-from hivemesh.v1 import control_pb2, mesh_pb2
+from hivemesh.v1 import agent_pb2, control_pb2, mesh_pb2
 
 
 class _Instances:
@@ -26,7 +26,8 @@ class _Instances:
         self.known = known or set(table)
 
     def instances(self, capability: str) -> Sequence[mesh_pb2.AgentInstance]:
-        return [mesh_pb2.AgentInstance(instance_id=i) for i in self.table.get(capability, [])]
+        card = agent_pb2.AgentCard(name="w")
+        return [mesh_pb2.AgentInstance(instance_id=i, card=card) for i in self.table.get(capability, [])]
 
     def knows_capability(self, capability: str) -> bool:
         return capability in self.known
@@ -38,7 +39,9 @@ def _selector(source: _Instances, clock: Callable[[], float] | None = None) -> I
 
 
 def _pick(selector: InstanceSelector, capability: str, tried: set[str] | None = None) -> str | None:
-    chosen = selector.choose(OutboundCall(capability, b"", (), None, None), None, tried or set(), reuse=False)
+    """The instance id chosen; tried holds instance ids of agent "w"."""
+    keys = {f"w/{i}" for i in tried or ()}
+    chosen = selector.choose(OutboundCall(capability, b"", (), None, None), None, keys, reuse=False)
     return None if chosen is None else chosen.instance_id
 
 
@@ -58,16 +61,16 @@ def test_unknown_and_unserved_capabilities_are_told_apart() -> None:
 def test_a_failed_instance_is_tried_last_until_its_suspicion_ends() -> None:
     now = [100.0]
     selector = _selector(_Instances({"x": ["a", "b"]}), clock=lambda: now[0])
-    selector.liveness.mark_failed("a")
-    assert selector.liveness.is_suspect("a") and not selector.liveness.is_suspect("b")
+    selector.liveness.mark_failed("w/a")
+    assert selector.liveness.is_suspect("w/a") and not selector.liveness.is_suspect("w/b")
     assert [_pick(selector, "x") for _ in range(4)] == ["b", "b", "b", "b"]
     assert _pick(selector, "x", tried={"b"}) == "a"  # still a fallback
     assert _pick(selector, "x", tried={"a", "b"}) is None  # every instance tried: none left
     now[0] += 5
     assert {_pick(selector, "x") for _ in range(4)} == {"a", "b"}
-    selector.liveness.mark_failed("b")
-    selector.liveness.mark_ok("b")  # reached again: no longer avoided
-    assert not selector.liveness.is_suspect("b")
+    selector.liveness.mark_failed("w/b")
+    selector.liveness.mark_ok("w/b")  # reached again: no longer avoided
+    assert not selector.liveness.is_suspect("w/b")
 
 
 class _Issuer:

@@ -478,6 +478,7 @@ class InstanceTraffic(_message.Message):
     ERROR_RATE_FIELD_NUMBER: _builtins.int
     AVOIDED_FIELD_NUMBER: _builtins.int
     instance: _builtins.str
+    """"<agent>/<instance id>": an instance id is unique only under its agent"""
     breaker: _builtins.str
     """"closed", "open", "half-open", or "" for none"""
     in_flight: _builtins.int
