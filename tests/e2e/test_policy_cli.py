@@ -123,7 +123,7 @@ spec: {agents: [flaky], capabilities: [work], total_rps: 1000}
                 await f.client.call("work", {}, timeout=5)
         def open_after_30(nodes: list[policy_pb2.NodeTraffic]) -> bool:
             return any(n.identity.endswith("/client/tester") and c.capability == "work" and c.calls >= 30
-                       and any(i.instance == "flaky-a" and i.breaker == "open" for i in c.instances)
+                       and any(i.instance == "flaky/flaky-a" and i.breaker == "open" for i in c.instances)
                        for n in nodes for c in n.capabilities)
 
         # Polled in-process first (a CLI process per poll is slow): then the CLI's view, usually at once.
@@ -137,7 +137,7 @@ spec: {agents: [flaky], capabilities: [work], total_rps: 1000}
             caps = {c["capability"]: c for c in (client or {}).get("capabilities", [])}
             instances = {i["instance"]: i for i in caps.get("work", {}).get("instances", [])}
             # Status is a published snapshot: the breaker can show open before the last calls are counted.
-            if instances.get("flaky-a", {}).get("breaker") == "open" and caps["work"]["calls"] >= 30:
+            if instances.get("flaky/flaky-a", {}).get("breaker") == "open" and caps["work"]["calls"] >= 30:
                 break
             assert asyncio.get_running_loop().time() < deadline, nodes
             await asyncio.sleep(0.5)
