@@ -25,7 +25,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hivemesh.mesh.advertise import san_entries
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError
-from hivemesh.mesh.etcd_roles import CONTROLPLANE_USER, etcd_user
+from hivemesh.mesh.etcd_roles import CONTROLPLANE_USER, MAX_COMMON_NAME, etcd_user
 from hivemesh.mesh.pki import (
     SCHEME,
     controlplane_dns_name,
@@ -208,6 +208,10 @@ class CertificateAuthority:
         ttl_s: int,
         ips: Sequence[str] = (),
     ) -> x509.Certificate:
+        if not 0 < len(common_name) <= MAX_COMMON_NAME:
+            # Never cut short: etcd takes the CN as the user, so a cut one could be another workload's.
+            raise ValueError(f"a certificate's Common Name takes 1 to {MAX_COMMON_NAME} characters, not "
+                             f"{len(common_name)}")
         now = _now()
         not_after = min(now + datetime.timedelta(seconds=ttl_s), self.certificate.not_valid_after_utc)
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri)]
@@ -221,7 +225,7 @@ class CertificateAuthority:
             x509.CertificateBuilder()
             .subject_name(x509.Name([
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, "hivemesh"),
-                x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64]),
+                x509.NameAttribute(NameOID.COMMON_NAME, common_name),
             ]))
             .issuer_name(self.certificate.subject)
             .public_key(public_key)

@@ -42,6 +42,7 @@ kind's own certificate.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Final
@@ -117,9 +118,22 @@ STATIC_ROLES: Final[dict[str, tuple[Grant, ...]]] = {
 _KIND_ROLE: Final = {"agent": AGENT_ROLE, "client": CLIENT_ROLE, "operator": OPERATOR_ROLE}
 
 
+MAX_COMMON_NAME: Final = 64
+"""X.509's bound on a Common Name (RFC 5280 ub-common-name): etcd takes a client certificate's CN as its user."""
+_DIGEST_HEX: Final = 20  # 80 bits of SHA-256: no name can be chosen to share another's
+
+
 def etcd_user(kind: str, name: str) -> str:
-    """The etcd user (and the Common Name of the certificate) of workload kind/name: `<kind>:<name>`."""
-    return f"{kind}:{name}"
+    """The etcd user (and the Common Name of the certificate) of workload kind/name: `<kind>:<name>`.
+
+    A name too long for that to fit a Common Name keeps the prefix that fits and ends in `~` and 80 bits of its
+    SHA-256. Cut short instead, two names sharing their first 58 characters got one certificate CN, so one
+    workload logged into etcd as the other; `~` is in no name, so a hashed user is never another's plain one."""
+    user = f"{kind}:{name}"
+    if len(user) <= MAX_COMMON_NAME:
+        return user
+    digest = hashlib.sha256(name.encode()).hexdigest()[:_DIGEST_HEX]
+    return f"{user[:MAX_COMMON_NAME - _DIGEST_HEX - 1]}~{digest}"
 
 
 def workload_grants(kind: str, name: str) -> tuple[Grant, ...]:

@@ -18,7 +18,7 @@ from aetcd import rpc
 from hivemesh.controlplane.ca import CaFiles, CertificateAuthority, load_ca
 from hivemesh.controlplane.etcd_certs import controlplane_etcd_tls
 from hivemesh.mesh.etcd import EtcdServer, EtcdTls, client, is_permission_denied, wait_connected
-from hivemesh.mesh.etcd_roles import ensure_workload_user, prefix_end
+from hivemesh.mesh.etcd_roles import MAX_COMMON_NAME, ensure_workload_user, etcd_user, prefix_end
 from hivemesh.mesh.pki import new_key_and_csr
 from tests.conftest import SessionCa
 
@@ -234,6 +234,31 @@ def _print_table(who: str, table: dict[str, tuple[bool, bool]]) -> None:
     print(f"\n{who} against etcd (read, write):")
     for prefix, (r, w) in table.items():
         print(f"  {prefix:<36} read={'ALLOW' if r else 'deny ':5}  write={'ALLOW' if w else 'deny'}")
+
+
+async def test_a_long_name_logs_into_etcd_as_itself_not_as_a_name_it_begins_with(
+    own_etcd: EtcdServer, root: aetcd.Client, session_ca: SessionCa
+) -> None:
+    """A Common Name holds 64 characters; `agent:` and a 63-character name do not fit. Cut short, the certificate
+    of agent `a...a-evil` named etcd user `agent:a...a`, another agent's, with its registry keys."""
+    ca = load_ca(session_ca.files.certs_dir)
+    victim, long_name = "a" * 58, "a" * 58 + "-evil"
+    for name in (victim, long_name):
+        await ensure_workload_user(root, "agent", name)
+    users = {etcd_user("agent", victim), etcd_user("agent", long_name), etcd_user("agent", "a" * 58 + "-evi")}
+    assert len(users) == 3 and all(len(u) <= MAX_COMMON_NAME for u in users)
+    await root.put(f"/hivemesh/agents/{victim}/existing".encode(), b"v")
+    agent = client(own_etcd.endpoint, tls=workload_tls(ca, session_ca.files, "agent", long_name))
+    await wait_connected(agent)
+    try:
+        own = await _outcome(agent.put(f"/hivemesh/agents/{long_name}/x".encode(), b"v"))
+        theirs = await _outcome(agent.put(f"/hivemesh/agents/{victim}/x".encode(), b"v"))
+    finally:
+        await agent.close()
+    assert (own, theirs) == (True, False)
+    assert (await root.get(f"/hivemesh/agents/{victim}/x".encode())) is None
+    with pytest.raises(ValueError, match="Common Name"):
+        ca.issue_with_new_key(f"spiffe://{TD}/agent/x", common_name="x" * 65, dns_names=[], ttl_s=60)
 
 
 async def test_controlplane_credentials_may_do_everything(root: aetcd.Client) -> None:
