@@ -44,8 +44,10 @@ from hivemesh.mesh.advertise import advertised_host
 from hivemesh.mesh.errors import (
     DelegationDeniedError,
     GrantDeniedError,
+    HivemeshError,
     InvalidInputError,
     PermissionDeniedError,
+    RegistryUnavailableError,
     TokenExpiredError,
     TokenRevokedError,
     abort,
@@ -367,11 +369,17 @@ class RevocationGuard(grpc.aio.ServerInterceptor):
             async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 try:
                     sid = str(core.peer(context).spiffe_id)
+                except HivemeshError:
+                    return await inner(request, context)  # the servicer says who the caller is not
+                try:
                     # Hedged like the issuing path's other reads: a replica whose round robin hands this read
                     # to a cut-off etcd member still answers within a client's share (docs/multihost.md).
                     rev = await core.hedged.run(lambda etcd: subject_revoked(etcd, sid))
-                except Exception:  # noqa: BLE001 - the servicer itself reports identity and etcd trouble
-                    rev = None
+                except Exception as exc:  # noqa: BLE001 - fail closed, whatever the read raised
+                    # Not knowing is not "not revoked": a token issued now has an iat past the revocation, so
+                    # no node would refuse it either. The caller retries (elsewhere) as for any etcd trouble.
+                    await abort(context, RegistryUnavailableError(
+                        f"cannot read the revocations to check {sid} now ({type(exc).__name__}); try again"))
                 if rev is not None:
                     await abort(context, TokenRevokedError(
                         f"{rev.subject} is revoked until {time.ctime(rev.expires_at)} (by {rev.by})"

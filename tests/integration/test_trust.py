@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypedDict
 
+import grpc
 import jwt
 import pytest
 
@@ -577,3 +578,32 @@ async def test_trust_cli_commands(env: MeshEnv) -> None:
     assert json.loads(out)["phase"] == "steady"
     code, out, err = await run_cli(env, "ca", "rotate", "--step", "finish")
     assert code == 1 and "FAILED_PRECONDITION" in err and "prepare" in err
+
+
+async def test_a_revoked_subject_gets_no_token_while_its_revocation_cannot_be_read(
+    env: MeshEnv, joiner: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guard in front of every issuing RPC fails closed: when the read of the caller's revocation fails (a
+    timeout, a cut-off member) while the grants still read, it cannot tell a revoked subject from another, so it
+    answers UNAVAILABLE (retried elsewhere) rather than issue a token that no node would refuse (issued after the
+    revocation, its iat is past it)."""
+    from aetcd.exceptions import ConnectionTimeoutError
+
+    from hivemesh.controlplane import trust_service
+
+    w, cp = await joiner("loader")
+    audience = f"spiffe://{TRUST_DOMAIN}/agent/echo"
+    await cp.issue_token(audience, ["echo"])
+    await asyncio.sleep(1.05)  # iat has a one-second resolution: revoke strictly after it
+    await env.operator.call(env.operator.trust.Revoke, trust_pb2.RevokeRequest(subject=w.spiffe_id))
+    with pytest.raises(TokenRevokedError):
+        await cp.issue_token(audience, ["echo"])
+
+    async def read_times_out(etcd: Any, subject: str) -> None:
+        raise ConnectionTimeoutError("etcd did not answer in time")
+
+    monkeypatch.setattr(trust_service, "subject_revoked", read_times_out)  # this read only: the grants still read
+    with pytest.raises(HivemeshError) as refused:
+        await cp.issue_token(audience, ["echo"])
+    assert (refused.value.code, refused.value.reason) == (grpc.StatusCode.UNAVAILABLE, "REGISTRY_UNAVAILABLE")
+    assert "revocation" in refused.value.message
