@@ -8,8 +8,9 @@ error via `from_rpc_error`. So a caller in any language sees the same code and r
 from __future__ import annotations
 
 import collections
+import itertools
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -391,19 +392,40 @@ def _utf8(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+MAX_MESSAGE_BYTES: Final = 1024
+"""A status message's bound in UTF-8 bytes, and below those of its details: a status travels in trailers, which
+gRPC refuses past 16 KiB (most clients' bound: RESOURCE_EXHAUSTED, the caller never learns the real code), and a
+message quoting a caller's input (a 20,000-character name, id or filter) must not take it there."""
+MAX_DETAIL_BYTES: Final = 256
+MAX_DETAIL_ENTRIES: Final = 12
+
+
+def _clip(text: str, limit: int) -> str:
+    """text (escaped as `_utf8` does) cut to at most limit UTF-8 bytes, ending in "…" when cut."""
+    text = _utf8(text)
+    if len(text) <= limit // 4:  # no character takes more than 4 bytes
+        return text
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[: limit - 3].decode("utf-8", "ignore") + "…"
+
+
 def to_status(err: HivemeshError) -> grpc.Status:
     """Build the rich gRPC status for err: code, message, ErrorInfo and, where they apply, BadRequest and RetryInfo.
-    Text from the caller's own input may hold lone surrogates: they go out escaped (`_utf8`), never as a raise."""
+    Text from the caller's own input may hold lone surrogates: they go out escaped (`_utf8`), never as a raise; and
+    it is bounded (MAX_MESSAGE_BYTES, MAX_DETAIL_BYTES and MAX_DETAIL_ENTRIES), whatever the raiser quoted."""
     details: list[any_pb2.Any] = []
     info = any_pb2.Any()
-    metadata = {_utf8(k): _utf8(v) for k, v in err.metadata.items()}
-    info.Pack(error_details_pb2.ErrorInfo(reason=_utf8(err.reason), domain=DOMAIN, metadata=metadata))
+    metadata = {_clip(k, 64): _clip(v, MAX_DETAIL_BYTES)
+                for k, v in itertools.islice(err.metadata.items(), MAX_DETAIL_ENTRIES)}
+    info.Pack(error_details_pb2.ErrorInfo(reason=_clip(err.reason, 64), domain=DOMAIN, metadata=metadata))
     details.append(info)
     if err.field_violations:
         bad = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=_utf8(f), description=_utf8(d))
-                for f, d in err.field_violations.items()
+                error_details_pb2.BadRequest.FieldViolation(field=_clip(f, 128), description=_clip(d, MAX_DETAIL_BYTES))
+                for f, d in itertools.islice(err.field_violations.items(), MAX_DETAIL_ENTRIES)
             ]
         )
         packed = any_pb2.Any()
@@ -415,7 +437,7 @@ def to_status(err: HivemeshError) -> grpc.Status:
         packed = any_pb2.Any()
         packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
         details.append(packed)
-    status = status_pb2.Status(code=err.code.value[0], message=_utf8(err.message), details=details)
+    status = status_pb2.Status(code=err.code.value[0], message=_clip(err.message, MAX_MESSAGE_BYTES), details=details)
     result: grpc.Status = rpc_status.to_status(status)
     if err.retry_after_s is not None:
         # gRPC's own retry machinery (any language) honours this trailer, so clients back off as asked.

@@ -114,3 +114,22 @@ def test_a_status_quoting_a_lone_surrogate_from_the_input_goes_out_escaped() -> 
     assert status.details == "input field input.\\udc80 was refused"
     back = from_status_parts(status.code, status.details, status.trailing_metadata)
     assert back.reason == "CONTENT_REFUSED" and back.field_violations == {"input.\\udc80": "no"}
+
+
+def test_a_status_quoting_a_huge_input_is_bounded_and_keeps_its_code() -> None:
+    """A refusal quoting 20,000 characters of the caller's input (a name, an id, a filter) went out whole, twice
+    (message and details): past gRPC's 16 KiB trailer bound, the caller got RESOURCE_EXHAUSTED instead."""
+    from hivemesh.mesh.errors import MAX_DETAIL_BYTES, MAX_MESSAGE_BYTES, InvalidInputError
+
+    huge = "é" * 20_000
+    err = InvalidInputError(f"bad name {huge!r}", field_violations={f"f{i}": huge for i in range(50)},
+                            metadata={f"k{i}": huge for i in range(50)})
+    status = to_status(err)
+    assert len(status.details.encode()) <= MAX_MESSAGE_BYTES and status.details.startswith("bad name 'éé")
+    assert status.details.endswith("…")
+    assert sum(len(k) + len(v) for k, v in status.trailing_metadata) < 8 * 1024
+    back = from_status_parts(status.code, status.details, status.trailing_metadata)
+    assert back.code == grpc.StatusCode.INVALID_ARGUMENT and back.reason == "INVALID_INPUT"
+    assert 0 < len(back.field_violations) < 50
+    assert all(len(d.encode()) <= MAX_DETAIL_BYTES for d in back.field_violations.values())
+    assert to_status(InvalidInputError("short")).details == "short"
