@@ -12,6 +12,7 @@ import json
 import re
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any, Final
 
 from hivemesh.mesh.errors import InvalidInputError, JoinTokenInvalidError
@@ -52,12 +53,23 @@ async def create(etcd: Any, name: str, kind: str = "agent", ttl_s: int = DEFAULT
     return token
 
 
-async def consume(etcd: Any, token: str, name: str, kind: str) -> tuple[str, str]:
-    """Use a join token for `kind` `name`, once; returns (name, kind).
+@dataclass(frozen=True)
+class Checked:
+    """A join token found good for its name and kind, not yet used (`use` spends it)."""
 
-    Raises JoinTokenInvalidError when the token is malformed, unknown, expired or already used (also by a
-    concurrent caller), and says so when it was minted for another name or another kind: an agent token never
-    makes a client, nor the reverse. A name or kind mismatch does not burn the token.
+    name: str
+    kind: str
+    key: bytes
+    mod_revision: int
+
+
+async def check(etcd: Any, token: str, name: str, kind: str) -> Checked:
+    """Whether a join token may make `kind` `name`, without spending it: a join does its other work (the
+    workload's etcd user, the certificate) between `check` and `use`, so a failure there (etcd a moment away)
+    leaves the token for the retry, while a caller with no good token gets nothing done for it.
+
+    Raises JoinTokenInvalidError when the token is malformed, unknown or expired, and says so when it was minted
+    for another name or another kind: an agent token never makes a client, nor the reverse.
     """
     invalid = JoinTokenInvalidError()
     if not isinstance(token, str) or not _TOKEN_RE.fullmatch(token):
@@ -82,11 +94,23 @@ async def consume(etcd: Any, token: str, name: str, kind: str) -> tuple[str, str
         # The lease may lag by up to a second; the stored expiry is authoritative.
         await etcd.delete(key)
         raise invalid
+    return Checked(stored_name, stored_kind, key, kv.mod_revision)
+
+
+async def use(etcd: Any, checked: Checked) -> None:
+    """Spend a checked token, once: JoinTokenInvalidError if it was used (or replaced) since `check`."""
     succeeded, _ = await etcd.transaction(
-        compare=[etcd.transactions.mod(key) == kv.mod_revision],
-        success=[etcd.transactions.delete(key)],
+        compare=[etcd.transactions.mod(checked.key) == checked.mod_revision],
+        success=[etcd.transactions.delete(checked.key)],
         failure=[],
     )
     if not succeeded:
-        raise invalid
-    return stored_name, stored_kind
+        raise JoinTokenInvalidError()
+
+
+async def consume(etcd: Any, token: str, name: str, kind: str) -> tuple[str, str]:
+    """Use a join token for `kind` `name`, once (`check`, then `use`); returns (name, kind). A name or kind
+    mismatch does not burn the token."""
+    checked = await check(etcd, token, name, kind)
+    await use(etcd, checked)
+    return checked.name, checked.kind

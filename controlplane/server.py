@@ -241,6 +241,9 @@ def _requested_identity(csr: x509.CertificateSigningRequest, name: str, trust_do
         uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
     except x509.ExtensionNotFound:
         uris = []
+    except (ValueError, x509.DuplicateExtension) as exc:  # extensions that do not parse, or one twice
+        msg = f"the CSR's extensions cannot be read: {exc}"
+        raise InvalidInputError(msg, field_violations={"csr_pem": msg}) from None
     ids = [u for u in uris if u.startswith("spiffe://")]
     msg = (f"the CSR must name the identity it asks for as one URI SAN spiffe://{trust_domain}/<kind>/{name} "
            f"(kind agent or client)")
@@ -272,10 +275,13 @@ class JoinServicer(control_pb2_grpc.JoinServicer):
         except ValueError as exc:
             raise InvalidInputError(str(exc), field_violations={"name": str(exc)}) from None
         requested = _requested_identity(csr, request.name, self._core.trust_domain)
-        name, kind = await joins.consume(self._core.etcd, request.join_token, request.name, requested.kind)
-        spiffe_id = f"spiffe://{self._core.trust_domain}/{kind}/{name}"
+        token = await joins.check(self._core.etcd, request.join_token, request.name, requested.kind)
+        spiffe_id = f"spiffe://{self._core.trust_domain}/{token.kind}/{token.name}"
+        # The token is spent last: a failure before (etcd a moment away while the user is made) leaves it for
+        # the caller's retry, which would otherwise need a new token from an operator.
         await self._core.ensure_etcd_user(spiffe_id)
         resp = self._core.sign(request.csr_pem, spiffe_id, context.peer())
+        await joins.use(self._core.etcd, token)
         log.info("joined %s (certificate until %d)", spiffe_id, resp.expires_at_unix)
         return resp
 
