@@ -24,7 +24,7 @@ from pathlib import Path
 
 from hivemesh.mesh.errors import JoinTokenRequiredError, StoredIdentityMismatchError
 from hivemesh.mesh.pki import load_certs
-from hivemesh.mesh.tls import Workload
+from hivemesh.mesh.tls import Workload, finish_save, save_pending
 from hivemesh.mesh.trustdoc import fingerprint, issued_by
 
 _LOCK = ".lock"
@@ -100,6 +100,9 @@ class IdentityStore:
         why) when it cannot be used: unreadable, open to other users, expired, or issued by a CA that
         trusted_bundle_pem (the mesh's current trust anchor) shares no root with.
         """
+        if save_pending(self.key_path):  # a save cut short by a crash: finish it first
+            with self._locked(exclusive=True):
+                finish_save(self.key_path)
         if not self.key_path.exists() and not self.cert_path.exists():
             return None
         self._check_private()

@@ -200,24 +200,77 @@ class Workload:
         return channel_credentials(self.bundle_pem, self.cert_pem, self.key_pem)
 
     def save(self, cert_path: Path, key_path: Path, bundle_path: Path) -> None:
-        """Write the three files (key 0600, each via temp file + rename so readers never see half a file)."""
-        for path, data, mode in (
-            (key_path, self.key_pem, 0o600),
-            (cert_path, self.cert_pem, 0o644),
-            (bundle_path, self.bundle_pem, 0o644),
-        ):
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-            try:
-                os.fchmod(fd, mode)
-                os.write(fd, data)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
+        """Write the three files (key 0600) as one change, so a failure part-way never leaves a key beside a
+        certificate it does not belong to (the identity would be lost: the next start needs a join token).
+
+        Each new file is first written whole and synced beside the old one; a failure then (a full disk) removes
+        them and leaves the old identity as it was. Only then, under a marker naming them, are they renamed into
+        place; a crash among the renames is finished by `finish_save` before the next read."""
+        staged = [(Path(path), data, mode) for path, data, mode in (
+            (key_path, self.key_pem, 0o600), (cert_path, self.cert_pem, 0o644), (bundle_path, self.bundle_pem, 0o644))]
+        if len({path.parent for path, _, _ in staged}) != 1:
+            raise ValueError("the three files of an identity are kept in one folder")
+        written: list[Path] = []
+        try:
+            for path, data, mode in staged:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = _staged(path)
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                written.append(tmp)
+                _write_synced(tmp, data, mode)
+            marker = _marker(Path(key_path))
+            _write_synced(marker, "\n".join(path.name for path, _, _ in staged).encode(), 0o600)
+        except BaseException:
+            for tmp in written:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            raise
+        finish_save(Path(key_path))
+
+
+def _staged(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _marker(key_path: Path) -> Path:
+    return key_path.with_name(".identity-commit")
+
+
+def _write_synced(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:  # os.write may write less than asked
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_pending(key_path: Path) -> bool:
+    """Whether a save beside key_path was cut short (`finish_save` settles it)."""
+    return _marker(key_path).exists()
+
+
+def finish_save(key_path: Path) -> None:
+    """Settle a `Workload.save` beside key_path: with its marker present, every staged file was written whole,
+    so each still staged is renamed into place; then the marker goes. Idempotent."""
+    marker = _marker(key_path)
+    try:
+        targets = [marker.parent / name for name in marker.read_text().splitlines() if name]
+    except FileNotFoundError:
+        return
+    for path in targets:
+        with contextlib.suppress(FileNotFoundError):  # renamed already, before a crash
+            os.replace(_staged(path), path)
+    dir_fd = os.open(marker.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the renames are durable before the marker that would redo them goes
+    finally:
+        os.close(dir_fd)
+    marker.unlink()
 
 
 def load_workload_files(cert_path: Path | str, key_path: Path | str, bundle_path: Path | str) -> Workload:
