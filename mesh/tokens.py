@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 import threading
 import time
@@ -229,14 +230,23 @@ class RevocationList:
         return len(self._state[0]) + len(self._state[1])
 
 
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past a float's range
+        return False
+
+
 def _number(claims: Mapping[str, Any], name: str, *, required: bool) -> float | None:
     value = claims.get(name)
     if value is None:
         if required:
             raise TokenInvalidError(f"the token has no {name!r} claim")
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TokenInvalidError(f"the token's {name!r} claim must be a number (seconds since the epoch)")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
+        # NaN compares false with everything: an `exp` of NaN would never expire, an `iat` of NaN would
+        # escape every subject revocation.
+        raise TokenInvalidError(f"the token's {name!r} claim must be a finite number (seconds since the epoch)")
     return float(value)
 
 
