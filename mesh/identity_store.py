@@ -4,6 +4,8 @@
         key.pem      0600  the private key (it never leaves this folder)
         cert.pem           the current certificate (rewritten at every renewal)
         bundle.pem         the trust bundle the workload verifies peers with (follows CA rotations)
+        .identity-commit   only while a save renames its staged files (.<name>.tmp) into place; a load
+                           finds it after a crash and finishes the save (`tls.finish_save`)
 
 A join writes the folder; every renewal and trust-bundle change rewrites it. On restart the node reuses it and
 renews at once while the certificate is still valid; only an expired certificate, a revoked identity or one
