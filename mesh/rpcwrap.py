@@ -17,6 +17,8 @@ UnaryBehaviour = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[A
 """A unary-response behaviour: (request, context) -> response."""
 StreamBehaviour = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
 """A server-streaming behaviour: (request, context) -> the responses."""
+Deserializer = Callable[[bytes], Any]
+"""A method's request deserializer: the request's bytes -> the request."""
 
 
 def wrap_handler(
@@ -24,29 +26,46 @@ def wrap_handler(
     *,
     unary_unary: Callable[[UnaryBehaviour], UnaryBehaviour] | None = None,
     unary_stream: Callable[[StreamBehaviour], StreamBehaviour] | None = None,
+    stream_unary: Callable[[UnaryBehaviour], UnaryBehaviour] | None = None,
+    stream_stream: Callable[[StreamBehaviour], StreamBehaviour] | None = None,
     raw_requests: bool = False,
+    request_deserializer: Deserializer | None = None,
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """handler with its behaviour replaced by `unary_unary(behaviour)` or `unary_stream(behaviour)`, keeping its
-    response serializer. A cardinality given no wrapper (and client streaming, which hivemesh does not use) is
-    returned unchanged. raw_requests: the wrapper receives the request bytes and deserializes them itself
-    (after its checks); by default it receives the deserialized message."""
-    deserializer = None if raw_requests else handler.request_deserializer
+    """handler with its behaviour replaced by the wrapper for its cardinality (`unary_unary(behaviour)`, ...),
+    keeping its response serializer. A cardinality given no wrapper is returned unchanged. For client-streaming
+    methods (hivemesh's own services have none) the behaviour's first argument is the iterator of requests.
+    raw_requests: the wrapper receives the request bytes and deserializes them itself (after its checks); by
+    default it receives the deserialized message. request_deserializer: the one to use instead of the handler's."""
+    deserializer = request_deserializer or (None if raw_requests else handler.request_deserializer)
+    # grpc.aio takes a coroutine function (unary response) or an async generator function (streaming response)
+    # where the stubs type a sync one; the behaviours are typed Any for that reason.
+    inner: Any
     if handler.unary_unary is not None:
         if unary_unary is None:
             return handler
-        inner: Any = handler.unary_unary  # async in grpc.aio; the stubs type it sync
+        inner = handler.unary_unary
         return grpc.unary_unary_rpc_method_handler(
-            unary_unary(inner),  # grpc.aio takes a coroutine function here
-            request_deserializer=deserializer,
-            response_serializer=handler.response_serializer,
+            unary_unary(inner), request_deserializer=deserializer, response_serializer=handler.response_serializer
         )
     if handler.unary_stream is not None:
         if unary_stream is None:
             return handler
-        inner_stream: Any = handler.unary_stream
+        inner = handler.unary_stream
         return grpc.unary_stream_rpc_method_handler(
-            unary_stream(inner_stream),  # and an async generator function here
-            request_deserializer=deserializer,
-            response_serializer=handler.response_serializer,
+            unary_stream(inner), request_deserializer=deserializer, response_serializer=handler.response_serializer
+        )
+    if handler.stream_unary is not None:
+        if stream_unary is None:
+            return handler
+        inner = handler.stream_unary
+        return grpc.stream_unary_rpc_method_handler(
+            stream_unary(inner), request_deserializer=deserializer, response_serializer=handler.response_serializer
+        )
+    if handler.stream_stream is not None:
+        if stream_stream is None:
+            return handler
+        inner = handler.stream_stream
+        return grpc.stream_stream_rpc_method_handler(
+            stream_stream(inner), request_deserializer=deserializer, response_serializer=handler.response_serializer
         )
     return handler

@@ -8,6 +8,7 @@ from typing import Any, Final
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
+from hivemesh.mesh.decode_guard import DecodeGuard
 from hivemesh.mesh.readiness import Readiness
 from hivemesh.mesh.reflection import enable_reflection
 from hivemesh.mesh.tls import MAX_MESSAGE_BYTES, STREAM_WINDOW_OPTIONS
@@ -24,7 +25,8 @@ METADATA_OPTIONS: Final[tuple[tuple[str, int], ...]] = (
 
 
 class ManagedServer:
-    """A grpc.aio server plus its health servicer; `stop()` flips health to NOT_SERVING before draining.
+    """A grpc.aio server plus its health servicer; `stop()` flips health to NOT_SERVING before draining. Its
+    interceptors run after a `DecodeGuard` (undecodable requests refused INVALID_ARGUMENT).
 
     Its health says what readiness decides: a node's own (shared by all its servers and its plaintext health
     port) or, when none is given, one that serves from `start()` to `stop()`."""
@@ -39,7 +41,9 @@ class ManagedServer:
         readiness: Readiness | None = None,
     ) -> None:
         self.server = grpc.aio.server(
-            interceptors=list(interceptors),
+            # The decode guard first: a typed request that does not decode is INVALID_ARGUMENT (not UNKNOWN)
+            # before any other interceptor sees it.
+            interceptors=[DecodeGuard(), *interceptors],
             handlers=list(handlers) or None,
             options=[
                 ("grpc.max_send_message_length", max_message_bytes),

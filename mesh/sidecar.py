@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from hivemesh.mesh import batch, tracing
 from hivemesh.mesh.advertise import advertised_host, join_host_port
@@ -45,6 +46,7 @@ from hivemesh.mesh.errors import (
     CallHandleInvalidError,
     HivemeshError,
     InvalidInputError,
+    InvalidOutputError,
     abort,
 )
 from hivemesh.mesh.front import FrontDoor, open_front_door
@@ -180,6 +182,18 @@ def _forward_metadata(
     if handle is not None:
         md.add(CALL_HANDLE_KEY, handle)
     return md
+
+
+def _stream_chunk(capability: str, raw: bytes) -> agent_pb2.InvokeChunk:
+    """One chunk of the agent's InvokeStream answer, decoded; bytes that are not an InvokeChunk are the agent's
+    bad output (as `OutputCheck.check_response` says of a unary answer), never the caller's UNKNOWN."""
+    try:
+        return agent_pb2.InvokeChunk.FromString(raw)
+    except DecodeError:
+        raise InvalidOutputError(
+            f"the agent's stream for {capability!r} sent a chunk that is not an InvokeChunk message",
+            metadata={"capability": capability[:128]},
+        ) from None
 
 
 async def _relay_error(context: grpc.aio.ServicerContext[Any, Any], exc: grpc.aio.AioRpcError, agent: str) -> None:
@@ -573,16 +587,26 @@ class Sidecar:
                 capability = inbound.request.capability if inbound.request is not None else ""
                 checked = outputs.declares_items(capability)
                 try:
+                    # The agent's framing is enforced, not trusted: every chunk an InvokeChunk, nothing relayed
+                    # after the first final one (the agent's call is cancelled then), and a stream that ends
+                    # without one refused, not passed on as a silently truncated answer.
                     async for chunk in call:
-                        decoded = agent_pb2.InvokeChunk.FromString(chunk)
+                        decoded = _stream_chunk(capability, chunk)
                         if checked:
                             outputs.check_chunk(capability, decoded)  # each item, before it is relayed
+                        if not decoded.final:
+                            yield chunk
+                            continue
                         # Only the final chunk carries hops; appending to it keeps every other chunk untouched.
-                        if decoded.final:
-                            chunk += self._hop_bytes
-                            if tracing.TRACER is not None:  # the stream's server span is current
-                                tracing.note_usage(tracing.current(), decoded.usage)
-                        yield chunk
+                        if tracing.TRACER is not None:  # the stream's server span is current
+                            tracing.note_usage(tracing.current(), decoded.usage)
+                        yield chunk + self._hop_bytes
+                        break
+                    else:
+                        raise InvalidOutputError(
+                            f"the agent's stream for {capability!r} ended without a final chunk",
+                            metadata={"capability": capability[:128]},
+                        )
                 except grpc.aio.AioRpcError as exc:
                     await _relay_error(context, exc, agent)
                 except HivemeshError as err:
@@ -665,12 +689,13 @@ class Sidecar:
         ) -> mesh_pb2.CallBatchResponse:
             assert self.node is not None
             node = self.node
+            # Refusals of the whole batch (its bounds, its call handle) get their own status, as Mesh.Call's do.
             try:
                 concurrency = batch.check_bounds(len(request.items), request.concurrency)
+                handles, metadata = read_local_metadata(context.invocation_metadata())
+                entry = self._handle_entry(handles)
             except HivemeshError as err:
                 await abort(context, err)
-            handles, metadata = read_local_metadata(context.invocation_metadata())
-            entry = self._handle_entry(handles)
             on_behalf_of.set(None if entry is None else entry[0])  # this RPC's own task context; None: own token
 
             async def one(i: int) -> bytes:
