@@ -32,6 +32,7 @@ import aetcd
 import grpc
 from aetcd import rpc
 from aetcd.client import _handle_errors
+from aetcd.utils import prefix_range_end
 from aetcd.watcher import Watcher
 
 from hivemesh.mesh.advertise import advertised_host, join_host_port
@@ -561,6 +562,65 @@ class _TlsClient(aetcd.Client):  # type: ignore[misc]
             self._is_connecting = False
 
 
+MAX_REQUEST_BYTES: Final = 1536 * 1024
+"""etcd's default `--max-request-bytes`: a put (or transaction) larger than this is refused "request is too large".
+What the mesh stores per key is bounded below it (a held call, a state entry)."""
+MAX_READ_BYTES: Final = 64 * 1024 * 1024
+"""The largest answer an etcd client accepts (`grpc.max_receive_message_length`; gRPC's default is 4 MiB). A
+prefix read is paged (`read_prefix`) so one page holds at most READ_PAGE_KEYS values of at most MAX_REQUEST_BYTES
+each, 48 MiB: past gRPC's default, four ~1 MB held calls or a 5 MB state namespace made every read of the prefix
+fail for good ("received message larger than max")."""
+READ_PAGE_KEYS: Final = 32
+MAX_PAGE_KEYS: Final = 4096
+
+
+def too_large(exc: BaseException) -> bool:
+    """True when etcd or gRPC refused a message for its size: retrying the same request can never succeed."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen)
+        if "request is too large" in text or "larger than max" in text or "message too large" in text:
+            return True
+        seen = seen.__cause__
+    return False
+
+
+@_handle_errors  # type: ignore[untyped-decorator]
+async def _range(etcd: Any, request: Any) -> Any:
+    await etcd.connect()
+    return await etcd.kvstub.Range(request, timeout=etcd._timeout, metadata=etcd.metadata)
+
+
+async def read_prefix(etcd: Any, prefix: bytes, *, page: int = READ_PAGE_KEYS,
+                      keys_only: bool = False) -> tuple[list[Any], int]:
+    """Every key-value under prefix in key order, and the revision read at: in pages, every page at the first
+    one's revision (one consistent snapshot however many pages), so no answer passes MAX_READ_BYTES however much
+    the prefix holds. aetcd's `get_prefix` reads it all in one answer.
+
+    Pages start at `page` keys (at most 48 MiB of the largest values etcd takes) and grow fourfold while they come
+    back small, up to MAX_PAGE_KEYS, so thousands of small entries take a few requests, not hundreds; a page
+    refused for its size is asked again a quarter as long."""
+    end = prefix_range_end(prefix)
+    out: list[Any] = []
+    start, revision, limit = prefix, 0, page
+    while True:
+        try:
+            resp = await _range(etcd, rpc.RangeRequest(key=start, range_end=end, limit=limit, revision=revision,
+                                                       keys_only=keys_only))
+        except Exception as exc:
+            if limit > 1 and too_large(exc):
+                limit = max(1, limit // 4)
+                continue
+            raise
+        revision = revision or int(resp.header.revision)
+        out.extend(resp.kvs)
+        if not resp.more or not resp.kvs:
+            return out, revision
+        start = bytes(resp.kvs[-1].key) + b"\0"
+        if sum(len(kv.key) + len(kv.value) for kv in resp.kvs) * 16 < MAX_READ_BYTES:
+            limit = min(limit * 4, MAX_PAGE_KEYS)
+
+
 RECONNECT_OPTIONS: Final = {"grpc.initial_reconnect_backoff_ms": 100, "grpc.max_reconnect_backoff_ms": 2000}
 """How an etcd client's channel dials a lost member again (gRPC's backoff, jittered ±20%)."""
 
@@ -584,7 +644,9 @@ def client(endpoints: Endpoints, *, timeout: int | None = 5, tls: EtcdTls | None
     # built up, during which every request failed at once (ConnectionFailedError: a control plane answering
     # REGISTRY_UNAVAILABLE seconds after `hivemesh up` had etcd running again, tests/e2e/test_up_lifecycle.py).
     options: dict[str, Any] = {"grpc.keepalive_time_ms": 10000, "grpc.keepalive_timeout_ms": 2000,
-                               "grpc.http2.max_pings_without_data": 0, **RECONNECT_OPTIONS}
+                               "grpc.http2.max_pings_without_data": 0, **RECONNECT_OPTIONS,
+                               # Held calls and state namespaces are read in pages of up to 48 MiB (read_prefix).
+                               "grpc.max_receive_message_length": MAX_READ_BYTES}
     if tls is not None and (tls.server_name or len(pairs) > 1):
         # A static list has no single host to check the certificate against: use the first one's.
         options["grpc.ssl_target_name_override"] = tls.server_name or pairs[0][0]

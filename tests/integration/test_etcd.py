@@ -20,6 +20,23 @@ async def test_put_get_round_trip(etcd: aetcd.Client) -> None:
     assert got is not None and got.value == b"1"
 
 
+async def test_read_prefix_reads_every_key_once_in_order_in_growing_pages(etcd: aetcd.Client) -> None:
+    """A prefix read in pages (held calls, state namespaces) reads what a single read does: every key once, in key
+    order, none outside the prefix."""
+    prefix = b"/test/read-prefix/"
+    await etcd.put(b"/test/read-prefix", b"outside")  # the prefix without its slash: not under it
+    for i in range(300):
+        await etcd.put(prefix + b"k%04d" % i, b"v" * (i % 7))
+    kvs, revision = await etcd_mod.read_prefix(etcd, prefix, page=2)  # 2, 8, 32, ... keys a page
+    assert [bytes(kv.key) for kv in kvs] == [prefix + b"k%04d" % i for i in range(300)]
+    assert revision >= max(int(kv.mod_revision) for kv in kvs)
+    await etcd.put(prefix + b"k0150", b"changed")
+    again, _ = await etcd_mod.read_prefix(etcd, prefix, page=300)
+    assert bytes(again[150].value) == b"changed" and len(again) == 300
+    assert (await etcd_mod.read_prefix(etcd, b"/test/nothing-here/"))[0] == []
+    await etcd.delete_prefix(b"/test/read-prefix")
+
+
 async def test_restart_keeps_data(own_etcd: EtcdServer) -> None:
     c = client(own_etcd.access)
     await wait_connected(c)
