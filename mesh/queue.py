@@ -4,8 +4,9 @@ Opt-in per call (`CallOptions(queue_for=60)`, `MeshClient.enqueue` + `queued(id)
 `InvokeRequest.queue_for_ms` on `Mesh.Call`/`Mesh.Enqueue` and `Mesh.GetQueued`). An entry lives at
 `keyspace.QUEUE<kind>-<name>/<id>` (only its caller's etcd role reads or writes there) and holds everything
 needed to send it: the serialized request, capability, idempotency key and wait. It is leased to its wait plus a
-minute to collect the answer, so etcd itself enforces the age bound; the count bound (`max_held`) is checked
-when a call is enqueued, before anything is written.
+minute to collect the answer, so etcd itself enforces the age bound; the count bound (`max_held`), the size
+bound (`MAX_ENTRY_BYTES`, stored form) and the capability's name are checked when a call is enqueued, before
+anything is written. The prefix is read in pages (`etcd.read_prefix`), so any number of held calls stays readable.
 
 Who delivers: any running node of the caller's identity (the caller's own process, or the sidecar of a plain
 agent, which outlives the agent's process). Each pass it claims every held call whose capability has a live
@@ -25,12 +26,14 @@ import contextvars
 import json
 import logging
 import math
+import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
+import aetcd
 import grpc
 
 from hivemesh.mesh.errors import (
@@ -39,11 +42,15 @@ from hivemesh.mesh.errors import (
     HivemeshError,
     InvalidInputError,
     NotFoundError,
+    PayloadTooLargeError,
     QueueExpiredError,
     QueueFullError,
+    RegistryUnavailableError,
     typed_error,
 )
+from hivemesh.mesh.etcd import MAX_READ_BYTES, read_prefix, too_large
 from hivemesh.mesh.keyspace import QUEUE
+from hivemesh.mesh.registry import NAME_RE
 from hivemesh.mesh.watch import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -55,6 +62,14 @@ CLAIM_TTL_S: Final = 6
 """A delivering node's claim lapses this long after it stops refreshing it (it refreshes every third of it)."""
 CLAIM_SUFFIX: Final = ".claim"
 QUEUED, DELIVERING, DONE, FAILED = "queued", "delivering", "done", "failed"
+MAX_ENTRY_BYTES: Final = 1024 * 1024
+"""One held call as stored (its request base64-encoded, ~4/3 of its bytes; later its answer): under etcd's request
+limit (MAX_REQUEST_BYTES) with room for the key and the claim's transaction. Larger is refused at enqueue
+(PAYLOAD_TOO_LARGE, naming `input`); an answer larger than this is kept as that error instead."""
+READ_PAGE: Final = max(1, MAX_READ_BYTES // 2 // MAX_ENTRY_BYTES)
+"""Held calls per read: a page of the largest entries stays well under the etcd client's receive limit."""
+ID_RE: Final = re.compile(r"q-[0-9a-f]{16}")
+"""A held call's id as enqueue makes it: `q-` and 8 random bytes in hex."""
 
 @dataclass(frozen=True)
 class HeldCall:
@@ -73,6 +88,20 @@ class HeldCall:
 
 def _encode(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
+
+
+@contextlib.contextmanager
+def _etcd_errors(what: str) -> Iterator[None]:
+    """etcd's failures as typed errors: a message too large for etcd can never succeed (PAYLOAD_TOO_LARGE, not
+    retried); anything else is etcd trouble (REGISTRY_UNAVAILABLE). Never aetcd's text as UNKNOWN."""
+    try:
+        yield
+    except aetcd.exceptions.ClientError as exc:
+        if too_large(exc):
+            raise PayloadTooLargeError(f"etcd refused {what} for its size (a held call keeps at most "
+                                       f"{MAX_ENTRY_BYTES} bytes)",
+                                       metadata={"max_entry_bytes": str(MAX_ENTRY_BYTES)}) from None
+        raise RegistryUnavailableError(f"the registry (etcd) failed {what}: {type(exc).__name__}") from None
 
 
 def _held(doc: dict[str, Any]) -> HeldCall:
@@ -108,7 +137,9 @@ class CallQueue:
     async def _docs(self) -> tuple[list[tuple[dict[str, Any], int, int]], set[str]]:
         """(document, mod revision, lease) of every held call of this identity, and the ids with a live claim."""
         out, claimed = [], set()
-        for kv in await self.etcd.get_prefix(self.prefix.encode()):
+        with _etcd_errors("reading the held calls"):
+            kvs, _ = await read_prefix(self.etcd, self.prefix.encode(), page=READ_PAGE)
+        for kv in kvs:
             key = kv.key.decode()
             if key.endswith(CLAIM_SUFFIX):
                 claimed.add(key[len(self.prefix):-len(CLAIM_SUFFIX)])
@@ -129,37 +160,51 @@ class CallQueue:
         (InvalidInputError, QueueFullError) before anything is written; a failed write leaves nothing behind.
         deadline_s: the call's own deadline, from now (a caller waiting for it): it is held no longer than that,
         and delivered with only the time left, never past it."""
+        if not NAME_RE.fullmatch(capability):
+            msg = "must be a capability name ([a-z0-9][a-z0-9._-]{0,62}), as agents register them"
+            raise InvalidInputError(f"capability {msg}; got {capability[:80]!r}: a call for it could never be "
+                                    "delivered", field_violations={"capability": msg})
         if deadline_s is not None:
             max_wait = min(max_wait, deadline_s)
         if not 0 < max_wait <= MAX_WAIT_S:
             msg = f"must be in (0, {MAX_WAIT_S}] seconds"
             raise InvalidInputError(f"the queue wait {msg}, got {max_wait}", field_violations={"max_wait": msg})
+        now = int(time.time() * 1000)
+        held_id = f"q-{secrets.token_hex(8)}"
+        doc = {"id": held_id, "capability": capability, "state": QUEUED, "idempotency_key": idempotency_key,
+               "call_id": call_id, "enqueued_at_unix_ms": now, "expires_at_unix_ms": now + int(max_wait * 1000),
+               "request": base64.b64encode(raw).decode()}
+        if deadline_s is not None:
+            doc["deadline_at_unix_ms"] = now + int(deadline_s * 1000)
+        encoded = _encode(doc)
+        if len(encoded) > MAX_ENTRY_BYTES:
+            msg = f"a held call is stored in at most {MAX_ENTRY_BYTES} bytes (its request base64-encoded)"
+            raise PayloadTooLargeError(
+                f"the call ({len(raw)} bytes, {len(encoded)} stored) is too large to hold: {msg}; send it live or "
+                "make its input smaller", field_violations={"input": msg},
+                metadata={"max_entry_bytes": str(MAX_ENTRY_BYTES), "stored_bytes": str(len(encoded))})
         async with self._enqueueing:
             held = sum(1 for c in await self.held() if c.state in (QUEUED, DELIVERING))
             if held >= self.max_held:
                 raise QueueFullError(f"{held} calls are held already (at most {self.max_held}); try again later",
                                      metadata={"max_held": str(self.max_held)})
-            now = int(time.time() * 1000)
-            held_id = f"q-{secrets.token_hex(8)}"
-            lease = await self.etcd.lease(math.ceil(max_wait) + KEEP_ANSWER_S)
-            doc = {"id": held_id, "capability": capability, "state": QUEUED, "idempotency_key": idempotency_key,
-                   "call_id": call_id, "enqueued_at_unix_ms": now, "expires_at_unix_ms": now + int(max_wait * 1000),
-                   "request": base64.b64encode(raw).decode()}
-            if deadline_s is not None:
-                doc["deadline_at_unix_ms"] = now + int(deadline_s * 1000)
-            try:
-                await self.etcd.put(self._key(held_id), _encode(doc), lease=lease.id)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await self.etcd.revoke_lease(lease.id)  # the put may have landed: take it back with its lease
-                raise
+            with _etcd_errors("holding the call"):
+                lease = await self.etcd.lease(math.ceil(max_wait) + KEEP_ANSWER_S)
+                try:
+                    await self.etcd.put(self._key(held_id), encoded, lease=lease.id)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await self.etcd.revoke_lease(lease.id)  # the put may have landed: take it back too
+                    raise
         self.start()
         return held_id
 
     async def get(self, call_id: str) -> HeldCall:
-        if not call_id or "/" in call_id or call_id.endswith(CLAIM_SUFFIX):
-            raise InvalidInputError(f"{call_id!r} is not a held call id", field_violations={"id": "q-<hex>"})
-        kv = await self.etcd.get(self._key(call_id))
+        if not ID_RE.fullmatch(call_id):
+            raise InvalidInputError(f"{call_id[:40]!r} is not a held call id (q- and 16 hex digits)",
+                                    field_violations={"id": "q-<16 hex digits>, as Enqueue returned it"})
+        with _etcd_errors("reading the held call"):
+            kv = await self.etcd.get(self._key(call_id))
         if kv is None:
             raise NotFoundError(f"no held call {call_id!r} (never held by this caller, or older than its wait "
                                 f"plus {KEEP_ANSWER_S} s)", metadata={"id": call_id})
@@ -273,10 +318,15 @@ class CallQueue:
                       error: HivemeshError | None) -> None:
         """Store the outcome, unless the entry changed since rev (then whoever changed it decided)."""
         done = {**doc, "state": FAILED if error else DONE, "request": ""}
-        if error is not None:
-            done["error"] = {"code": error.code.name, "reason": error.reason, "message": error.message}
-        else:
+        if error is None:
             done["response"] = base64.b64encode(response).decode()
+            if len(_encode(done)) > MAX_ENTRY_BYTES:  # etcd would refuse it and the call would look lost
+                del done["response"]
+                done["state"] = FAILED
+                error = PayloadTooLargeError(f"the answer ({len(response)} bytes) was larger than a held call keeps "
+                                             f"({MAX_ENTRY_BYTES} bytes stored): send the call live to get it")
+        if error is not None:
+            done["error"] = {"code": error.code.name, "reason": error.reason, "message": error.message[:1000]}
         tx = self.etcd.transactions
         key = self._key(doc["id"])
         await self.etcd.transaction(compare=[tx.mod(key) == rev],

@@ -43,6 +43,8 @@ async def test_held_until_an_instance_registers(orch: Orch) -> None:
     with pytest.raises(InvalidInputError, match="queue wait"):
         await mesh.enqueue("echo", {"text": "forever"}, max_wait=86400)
     with pytest.raises(NotFoundError):
+        await mesh.queued("q-" + "0" * 16)  # well formed, never held
+    with pytest.raises(InvalidInputError, match="not a held call id"):
         await mesh.queued("q-nope")
     assert not waiting.done()
 

@@ -143,7 +143,7 @@ async def test_plain_caller_queues_through_its_sidecar(orch: Orch) -> None:
         failed = await stub.GetQueued(mesh_pb2.GetQueuedRequest(id=expiring.id, wait_ms=10_000), timeout=15)
         assert failed.state == "failed" and failed.WhichOneof("outcome") == "error"
         assert (failed.error.code, failed.error.reason) == ("DEADLINE_EXCEEDED", QueueExpiredError.reason)
-        gone = await _refused(stub.GetQueued(mesh_pb2.GetQueuedRequest(id="q-nope"), timeout=5))
+        gone = await _refused(stub.GetQueued(mesh_pb2.GetQueuedRequest(id="q-" + "0" * 16), timeout=5))
         assert gone.code == grpc.StatusCode.NOT_FOUND
 
     # An agent calling for its caller (with its call handle) cannot queue: the delegation ends with that call.
