@@ -39,8 +39,11 @@ KEY_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@=+-]{0,199}")
 """Keys never hold "/" or "#": the store keeps `<namespace>#<key>`, so no namespace's keys fall in another's."""
 KEY_PREFIX_RE: Final = re.compile(r"[A-Za-z0-9._:@=+-]{0,200}")
 MAX_VALUE_BYTES: Final = 512 * 1024
-"""Hard bound of one value (etcd takes at most 1.5 MiB per request; state is for small documents)."""
+"""Hard bound of one value (etcd takes at most 1.5 MiB per request; state is for small documents). Stored as UTF-8
+it takes at most twice this (escaped quotes and backslashes), under that limit."""
 MAX_NAMESPACE_BYTES: Final = 16 * 1024 * 1024
+"""Hard bound of a namespace's values together. The State service reads a namespace in pages (writes check usage,
+lists count it), so no single etcd answer grows with it; one ListState answer carries at most 6 MiB of entries."""
 MAX_TTL_S: Final = 365 * 86400
 MEMORY_SCOPE: Final = "memory"
 

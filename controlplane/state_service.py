@@ -12,7 +12,15 @@ policy on every request (a policy change applies at once), and enforces the boun
   so concurrent writers cannot together exceed the bound (the loser re-reads and re-checks);
 - retention: with `ttl_seconds`, every write attaches a new etcd lease of that TTL, so an entry is deleted (and
   watchers see a DELETE) that long after its last write, with no sweeper. The lease the entry held before is
-  revoked once the write (or delete) is done, so etcd never keeps more leases than entries.
+  revoked once the write (or delete) is done, and a write that fails revokes the lease it made, so etcd never
+  keeps more leases than entries.
+
+A value is stored as UTF-8 (never escaped to ASCII, which made an emoji 12 bytes and a 512 KiB value too large
+for etcd): at most twice its JSON's bytes (escaped quotes, backslashes, newlines), under etcd's request limit,
+and measured before writing (`_MAX_STORED`). A namespace is read in pages (`etcd.read_prefix`), so writes and
+lists keep working up to `state_policy.MAX_NAMESPACE_BYTES` (16 MiB) and past it; one ListState answer carries at
+most `LIST_MAX_BYTES` of entries (the server sends at most 8 MiB): a larger listing is refused RESOURCE_EXHAUSTED
+(STATE_LIST_TOO_LARGE) naming the size, and is read by narrower `key_prefix`es or GetState per key.
 
 Compare-and-swap names the entry's etcd mod revision; a mismatch is FAILED_PRECONDITION, reason STATE_CONFLICT,
 with the current revision ("0": absent) in the error's metadata. The control plane's audit interceptor records every
@@ -52,6 +60,7 @@ from hivemesh.mesh.errors import (
     RegistryUnavailableError,
     abort,
 )
+from hivemesh.mesh.etcd import MAX_REQUEST_BYTES, read_prefix, too_large
 from hivemesh.mesh.etcd_roles import prefix_end
 from hivemesh.mesh.keyspace import STATE
 from hivemesh.mesh.pki import SpiffeId
@@ -64,6 +73,11 @@ log = logging.getLogger(__name__)
 
 CONFLICT: Final = "STATE_CONFLICT"
 NAMESPACE_FULL: Final = "STATE_NAMESPACE_FULL"
+LIST_TOO_LARGE: Final = "STATE_LIST_TOO_LARGE"
+LIST_MAX_BYTES: Final = 6 * 1024 * 1024
+"""Entries one ListState answer carries at most: under the control plane's 8 MiB send limit, with room to spare."""
+_MAX_STORED: Final = MAX_REQUEST_BYTES - 64 * 1024
+"""One entry's key and stored document at most: etcd refuses a larger write ("request is too large")."""
 _ATTEMPTS: Final = 5
 _PUT, _DELETE = 0, 1  # mvccpb.Event.EventType
 
@@ -79,7 +93,7 @@ def entry_key(namespace: str, key: str) -> bytes:
 def _stored(value_json: str, by: str, ttl_s: int) -> bytes:
     now = int(time.time() * 1000)
     doc = {"v": value_json, "by": by, "at": now, "exp": now + ttl_s * 1000 if ttl_s else 0}
-    return json.dumps(doc, separators=(",", ":")).encode()
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _decode(value: bytes) -> dict[str, Any]:
@@ -108,6 +122,18 @@ def _conflict(namespace: str, key: str, expected: int, current: int) -> FailedPr
         f"{namespace}/{key} is {now}, not {want}: read it again and retry",
         reason=CONFLICT, metadata={"current_revision": str(current), "namespace": namespace, "key": key},
     )
+
+
+async def _drop_unused(etcd: Any, key: bytes, lease_id: int) -> None:
+    """After a write whose transaction raised: revoke its new lease unless the key holds it (the write landed and
+    only its answer was lost; revoking would delete it). Best effort: the lease's TTL ends it anyway."""
+    try:
+        kv = await etcd.get(key)
+    except Exception as exc:  # noqa: BLE001 - etcd busy: its TTL ends it
+        log.debug("could not check state lease %x: %s", lease_id, exc)
+        return
+    if kv is None or int(kv.lease) != lease_id:
+        await _release(etcd, lease_id)
 
 
 async def _release(etcd: Any, lease_id: int) -> None:
@@ -166,9 +192,12 @@ class StateServicer(state_pb2_grpc.StateServicer):
         expected = request.expected_revision if request.HasField("expected_revision") else None
         etcd, k = self._core.etcd, entry_key(ns, key)
         prefix = ns_prefix(ns)
+        stored = len(k) + len(_stored(request.value_json, str(caller), bounds.ttl_s))
+        if stored > _MAX_STORED:  # only an etcd with a smaller request limit, or a namespace bound past the hard one
+            msg = f"stored with its key and record it takes {stored} bytes; an entry may take at most {_MAX_STORED}"
+            raise InvalidInputError(f"value_json: {msg}", field_violations={"value_json": msg})
         for _ in range(_ATTEMPTS):
-            listed = await etcd.get_prefix(prefix)
-            read_at = int(listed.header.revision)
+            listed, read_at = await read_prefix(etcd, prefix)
             current = next((kv for kv in listed if bytes(kv.key) == k), None)
             current_rev = int(current.mod_revision) if current is not None else 0
             if expected is not None and expected != current_rev:
@@ -187,14 +216,26 @@ class StateServicer(state_pb2_grpc.StateServicer):
             if expected is not None:  # and the entry is still what was read (a deletion too)
                 compare.append(t.version(k) == 0 if expected == 0 else t.mod(k) == expected)
             value = _stored(request.value_json, str(caller), bounds.ttl_s)
-            ok, responses = await etcd.transaction(
-                compare=compare, success=[t.put(k, value, lease=lease.id if lease else None)], failure=[])
+            try:
+                ok, responses = await etcd.transaction(
+                    compare=compare, success=[t.put(k, value, lease=lease.id if lease else None)], failure=[])
+            except aetcd.exceptions.ClientError as exc:
+                if lease is not None:
+                    await _drop_unused(etcd, k, lease.id)
+                if too_large(exc):  # it can never succeed: not UNAVAILABLE, which clients retry
+                    msg = f"etcd refused the entry ({len(k) + len(value)} bytes stored) for its size"
+                    raise InvalidInputError(f"value_json: {msg}", field_violations={"value_json": msg}) from None
+                raise
+            except BaseException:  # cancelled mid-write: the same rule
+                if lease is not None:
+                    await _drop_unused(etcd, k, lease.id)
+                raise
             if ok:
                 if current is not None and current.lease:
                     await _release(etcd, int(current.lease))
                 return _entry(ns, key, value, int(responses[0].response_put.header.revision))
-            if lease is not None:
-                await lease.revoke()
+            if lease is not None:  # refused by the comparison: nothing holds it
+                await _release(etcd, lease.id)
         raise FailedPreconditionError(f"namespace {ns!r} changed under {_ATTEMPTS} attempts to write; try again",
                                       reason=CONFLICT, metadata={"namespace": ns, "key": key})
 
@@ -227,10 +268,19 @@ class StateServicer(state_pb2_grpc.StateServicer):
         _caller, access = await self._access(context, request.namespace, write=False)
         ns, kp = request.namespace, check_key_prefix(request.key_prefix)
         prefix = ns_prefix(ns)
-        listed = await self._core.etcd.get_prefix(prefix, sort_order="ascend", sort_target="key")
+        listed, revision = await read_prefix(self._core.etcd, prefix)  # in key order, one revision
         entries = [_entry(ns, bytes(kv.key)[len(prefix):].decode(), kv.value, int(kv.mod_revision)) for kv in listed]
+        wanted = [e for e in entries if e.key.startswith(kp)]
+        size = sum(e.ByteSize() + 8 for e in wanted)
+        if size > LIST_MAX_BYTES:
+            raise PayloadTooLargeError(
+                f"{len(wanted)} entries of {ns!r} under key_prefix {kp!r} take {size} bytes, more than one answer "
+                f"carries ({LIST_MAX_BYTES}): list them by a longer key_prefix (e.g. {kp!r} and one more "
+                "character each), or GetState them one by one",
+                reason=LIST_TOO_LARGE, metadata={"namespace": ns, "key_prefix": kp, "entries": str(len(wanted)),
+                                                 "listed_bytes": str(size), "max_list_bytes": str(LIST_MAX_BYTES)})
         return state_pb2.ListStateResponse(
-            entries=[e for e in entries if e.key.startswith(kp)], revision=int(listed.header.revision),
+            entries=wanted, revision=revision,
             namespace_bytes=sum(len(e.value_json.encode()) for e in entries),
             max_namespace_bytes=access.bounds.max_namespace_bytes, max_value_bytes=access.bounds.max_value_bytes)
 
