@@ -136,10 +136,14 @@ def _parse_checkpoints(
     for i, line in enumerate(raw, 1):
         try:
             cp = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             return out, f"checkpoint {i} is not valid JSON"
         if not isinstance(cp, dict) or not isinstance(cp.get("sig"), str):
             return out, f"checkpoint {i} is malformed"
+        log_seq = cp.get("log_seq", 0)
+        if not isinstance(log_seq, int) or isinstance(log_seq, bool) or log_seq < 0:
+            # Unsigned (no key given), anything passes the signature check: int() of it raised in the CLI.
+            return out, f"checkpoint {i} is malformed: its log_seq is not a whole number"
         if cp.get("checkpoint") != i:
             return out, f"checkpoint {i} is numbered {cp.get('checkpoint')!r}: a checkpoint was deleted or inserted"
         if cp.get("prev_sig") != prev_sig:
@@ -150,7 +154,7 @@ def _parse_checkpoints(
                 public_key.verify(base64.b64decode(cp["sig"], validate=True), canonical(body))
             except (InvalidSignature, ValueError):
                 return out, f"checkpoint {i}'s signature does not verify (altered, or signed by another key)"
-        if out and int(cp.get("log_seq", 0)) < int(out[-1].get("log_seq", 0)):
+        if out and log_seq < int(out[-1].get("log_seq", 0)):
             return out, f"checkpoint {i} covers fewer entries than checkpoint {i - 1}"
         prev_sig = cp["sig"]
         out.append(cp)
@@ -184,7 +188,7 @@ def verify_log(
     for n, raw in enumerate(lines, 1):
         try:
             entry = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than json reads
             report.problem = ChainProblem(n, state.next_seq, "not valid JSON (changed or torn)")
             break
         problem = check_link(entry, state, n)

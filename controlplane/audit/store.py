@@ -44,8 +44,8 @@ from hivemesh.controlplane.audit.entries import Checked, checked_encoding, entry
 from hivemesh.controlplane.audit.heads import KEY_CERT_PATH, HeadCadence, sign_head
 from hivemesh.controlplane.audit.query import AuditFilter
 from hivemesh.mesh import json_fast
-from hivemesh.mesh.audit.chain import GENESIS, canonical, parse_line, record_hash, seal
-from hivemesh.mesh.audit.record import FORMAT, utc_iso
+from hivemesh.mesh.audit.chain import GENESIS, canonical, link_fields_problem, parse_line, record_hash, seal
+from hivemesh.mesh.audit.record import FORMAT, short, utc_iso
 from hivemesh.mesh.errors import (
     AuditUnavailableError,
     FailedPreconditionError,
@@ -66,6 +66,11 @@ MAX_BATCH: Final = 1000
 MAX_RECORD_BYTES: Final = 64 * 1024
 MAX_PENDING: Final = 10_000
 """The control plane's own records a replica holds while the shared log cannot take them (then it refuses)."""
+QUERY_BUDGET_BYTES: Final = 4 * 1024 * 1024
+"""Bytes of entries one Query answer carries at most (at least one entry): half the server's 8 MiB send limit, so
+a page of large legal records is sent, and a query holds no more than this; the client pages on."""
+ECHO_CHARS: Final = 128
+"""How much of a caller's value a refusal quotes: a status's details must stay small."""
 _ENTRY_READ_MAX: Final = 2 * MAX_RECORD_BYTES + 4096
 """More than any entry line (a record of at most MAX_RECORD_BYTES inside its entry): `line_at`'s read."""
 READ_HEDGE_AFTER_S: Final = 2.0
@@ -161,6 +166,8 @@ class AuditStore:
         self._task: asyncio.Task[None] | None = None
         self.shared: SharedSink | None = None
         """The mesh-wide log this directory copies (several replicas), or None: this process owns the log."""
+        self.broken = ""
+        """Why this store takes no more writes (a partial write it could not cut off), or ""."""
         self.unavailable = ""
         """Why this replica cannot serve the audit log (its copy is behind etcd's window or diverged), or ""."""
         self.pending: collections.deque[dict[str, Any]] = collections.deque()
@@ -311,13 +318,12 @@ class AuditStore:
             flat = read_flat(raw)  # a node's decision record, checked in one pass
             if flat is not None:
                 rec, encoded = flat
-                if not isinstance(rec.get("seq"), int):
-                    raise InvalidInputError(f"{where} has no seq", field_violations={where: "no seq"})
+                _check_link_fields(rec, where)
             else:
                 rec, encoded = _read_checked(raw, where)
             if rec.get("node") != identity:
-                raise PermissionDeniedError(f"{where} is about {rec.get('node')!r}; {identity} may only ship "
-                                            "its own records")
+                raise PermissionDeniedError(f"{where} is about {short(repr(rec.get('node')), ECHO_CHARS)}; "
+                                            f"{identity} may only ship its own records")
             seq = rec["seq"]
             if seq <= last_seq and not fresh:
                 if seq == last_seq and rec["hash"] != last_hash:
@@ -357,13 +363,33 @@ class AuditStore:
         return lines, hashes
 
     def _write_raw_locked(self, data: bytes, seq: int, head: str) -> None:
+        """Append data (whole lines) or nothing: a short write (disk full) or a failed one is cut off again, else
+        half a line stayed, the next entry was glued to it, and a restart cut every entry after it, acknowledged
+        ones included. When even the cut fails, the log takes no more writes (none could be acknowledged)."""
         if self._fd is None:
             raise FailedPreconditionError("the audit store is closed")
-        written = os.write(self._fd, data)
+        if self.broken:
+            raise AuditUnavailableError(self.broken)
+        try:
+            written = os.write(self._fd, data)
+            if written != len(data):
+                raise OSError(f"short write ({written} of {len(data)} bytes)")
+        except OSError as exc:
+            self._cut_back_locked(self._fd, self.size, exc)
+            raise AuditUnavailableError(f"cannot write the audit log: {exc}") from None
         self.size += written
-        if written != len(data):
-            raise OSError(f"short write to the audit log ({written} of {len(data)} bytes)")
         self.seq, self.head = seq, head
+
+    def _cut_back_locked(self, fd: int, size: int, exc: OSError) -> None:
+        """Cut a file back to size after a failed append to it; when that fails too, mark the store broken."""
+        try:
+            os.ftruncate(fd, size)
+        except OSError as cut:
+            self.broken = (f"the audit log {self.dir} holds a partial write ({exc}) that could not be cut off "
+                           f"({cut}): it takes no more records until the control plane restarts")
+            if self.shared is not None:
+                self.unavailable = self.broken
+            log.error("%s", self.broken)
 
     async def apply_locked(self, lines: Sequence[bytes]) -> None:
         """Append entries committed to the shared log (by any replica) to this copy, fsynced: each must be the
@@ -512,12 +538,23 @@ class AuditStore:
                                           f"{self._checkpoint_no}")
         if self._fd is not None:
             os.fsync(self._fd)  # a checkpoint never covers entries that are not on disk
-        os.write(self._cp_fd, canonical(cp) + b"\n")
+        self._append_whole(self._cp_fd, canonical(cp) + b"\n")
         os.fsync(self._cp_fd)
         self._checkpoint_no = cp["checkpoint"]
         self._checkpoint_sig = cp["sig"]
         self._checkpoint_seq = int(cp["log_seq"])
         self.checkpoint_at = time.time()
+
+    def _append_whole(self, fd: int, data: bytes) -> None:
+        """Append one line to a checkpoint or head file, or nothing (a torn line is cut off again): raises OSError."""
+        size = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(f"short write ({written} of {len(data)} bytes)")
+        except OSError as exc:
+            self._cut_back_locked(fd, size, exc)
+            raise
 
     def _checkpoint_locked(self) -> dict[str, Any] | None:
         cp = self.next_checkpoint()
@@ -570,7 +607,7 @@ class AuditStore:
         line = canonical(head)
         fd = os.open(self.heads_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            os.write(fd, line + b"\n")
+            self._append_whole(fd, line + b"\n")
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -634,22 +671,62 @@ class AuditStore:
         return raw.rstrip(b"\n") if raw.endswith(b"\n") else None
 
     def query(self, flt: AuditFilter, *, limit: int = 100, tail: bool = False) -> tuple[list[bytes], int]:
-        """Matching entry lines, oldest first: the first `limit`, or with tail the last `limit`; and how many
-        lines were scanned."""
+        """Matching entry lines, oldest first: the first `limit`, or with tail the last `limit`; and how many lines
+        (seqs) after flt.after_seq the answer covers: after_seq + that is where the next page goes on (after_seq
+        of the next query), and equals the head's seq when nothing is left to read.
+
+        An answer carries at most QUERY_BUDGET_BYTES of entries (at least one): a page cut short by it covers
+        only up to its last entry, so a client that gets fewer than `limit` while after_seq + covered is short of
+        the head asks again from there (a cut tail answers its window's oldest entries first, the rest follow)."""
         limit = max(1, min(limit or 100, 10_000))
-        out: collections.deque[bytes] | list[bytes] = collections.deque(maxlen=limit) if tail else []
-        scanned = 0
-        for raw in self.lines(flt.after_seq):
-            scanned += 1
+        if tail:
+            return self._query_tail(flt, limit)
+        return self._query_from(flt, limit, flt.after_seq)
+
+    def _query_from(self, flt: AuditFilter, limit: int, after: int) -> tuple[list[bytes], int]:
+        """Up to limit matching lines after seq `after` within the budget; (them, lines covered after `after`)."""
+        out: list[bytes] = []
+        size = scanned = 0
+        for raw in self.lines(after):
             try:
                 entry = json.loads(raw)
-            except ValueError:
-                continue
-            if flt.matches(entry):
+            except (ValueError, RecursionError):
+                entry = None
+            if entry is not None and flt.matches(entry):
+                if out and size + len(raw) > QUERY_BUDGET_BYTES:
+                    break  # not covered: the next page starts with it
                 out.append(raw)
-                if not tail and len(out) >= limit:
-                    break
-        return list(out), scanned
+                size += len(raw)
+            scanned += 1
+            if len(out) >= limit:
+                break
+        return out, scanned
+
+    def _query_tail(self, flt: AuditFilter, limit: int) -> tuple[list[bytes], int]:
+        """The last limit matching lines, holding only the newest that fit the budget while scanning (the seqs of
+        the whole window are kept); when they do not all fit, the window's oldest come first (`_query_from`)."""
+        window: collections.deque[int] = collections.deque(maxlen=limit)
+        kept: collections.deque[tuple[int, bytes]] = collections.deque()
+        size = 0
+        seq = flt.after_seq
+        for raw in self.lines(flt.after_seq):
+            seq += 1
+            try:
+                entry = json.loads(raw)
+            except (ValueError, RecursionError):
+                continue
+            if not flt.matches(entry):
+                continue
+            window.append(seq)
+            kept.append((seq, raw))
+            size += len(raw)
+            while len(kept) > limit or (size > QUERY_BUDGET_BYTES and len(kept) > 1):
+                size -= len(kept.popleft()[1])
+        if not window or kept[0][0] == window[0]:
+            return [raw for _, raw in kept], seq - flt.after_seq
+        start = window[0] - 1
+        page, covered = self._query_from(flt, limit, start)
+        return page, start - flt.after_seq + covered
 
     def verify(self) -> LogReport:
         """The stored log against its checkpoints and the latest signed head (a cut tail is named)."""
@@ -666,15 +743,25 @@ def _read_checked(raw: bytes, where: str) -> tuple[dict[str, Any], bytes]:
         rec = json_fast.loads(raw)  # what json reads, read faster (records hold no floats)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than json reads
         raise InvalidInputError(f"{where} is not JSON", field_violations={where: "not JSON"}) from None
-    if not isinstance(rec, dict) or not isinstance(rec.get("seq"), int):
-        raise InvalidInputError(f"{where} has no seq", field_violations={where: "no seq"})
+    if not isinstance(rec, dict):
+        raise InvalidInputError(f"{where} is not a JSON object", field_violations={where: "not a JSON object"})
+    _check_link_fields(rec, where)
     try:
         encoded = checked_encoding(rec)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         encoded = None
     if encoded is None:
         raise InvalidInputError(f"{where}: hash does not match content", field_violations={where: "hash"})
     return rec, encoded
+
+
+def _check_link_fields(rec: dict[str, Any], where: str) -> None:
+    """Refuse a record whose seq/prev/hash no verifier would accept (`link_fields_problem`, the rule of
+    `check_link`): stored, it broke Verify of the whole log for good, and a seq past int64 broke AppendBatch's
+    and SourceState's answers (uint64) for its source."""
+    problem = link_fields_problem(rec)
+    if problem:
+        raise InvalidInputError(f"{where}: {problem}", field_violations={where: problem})
 
 
 def _last_per_source(items: Sealable) -> dict[str, _Source]:

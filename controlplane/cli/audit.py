@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ from hivemesh.controlplane.audit.heads import trusted_key_from_cert, verify_head
 from hivemesh.controlplane.cli.context import CliContext, as_operator, err, friendly_errors, out, pass_cli
 from hivemesh.controlplane.cli.output import escape, new_table
 from hivemesh.mesh.audit import DECISIONS, verify_chain
+from hivemesh.mesh.audit.chain import GENESIS, link_fields_problem
 from hivemesh.mesh.controlplane_client import ControlPlaneClient, rpc_failure
 from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.pki import trust_domain_of_bundle
@@ -36,26 +38,67 @@ from hivemesh.v1 import audit_pb2
 
 
 def _entries(raw: list[bytes]) -> list[dict[str, Any]]:
-    return [json.loads(r) for r in raw]
+    return [_entry(r) for r in raw]
 
 
-def _row(entry: dict[str, Any]) -> dict[str, Any]:
-    rec = entry.get("record", {})
+def _entry(raw: bytes) -> dict[str, Any]:
+    """One entry as JSON; one the CLI's json cannot read (nested too deep) is shown as unreadable, not a crash."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        value = None
+    return value if isinstance(value, dict) else {"unreadable": raw[:128].decode("utf-8", "replace")}
+
+
+def _text(value: Any) -> str:
+    """A record field as table text: records hold what a node shipped (a status may be a number, a chain may
+    hold anything), and one odd field must not take the whole table down."""
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+
+
+def _number(value: Any) -> float | None:
+    """A record's numeric field, or None when it is not a finite number."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            number = float(value)
+            return number if math.isfinite(number) else None
+    return None
+
+
+def _row(entry: Any) -> dict[str, str]:
+    """One entry's table cells, all strings ("?" for a number that is not one)."""
+    if not isinstance(entry, dict):
+        entry = {}
+    rec = entry.get("record")
+    if not isinstance(rec, dict):
+        rec = {}
+    status, reason = _text(rec.get("status", "")), _text(rec.get("reason"))
+    chain = rec.get("chain")
+    kind = rec.get("kind")
+    remote = _text(rec.get("remote"))
+    count = _number(rec.get("count", 1))
+    latency = _number(rec.get("latency_us", 0))
+    what = _text(rec.get("capability")) or _text(rec.get("method"))
+    if not what and kind == "handshake":
+        what = "TLS handshake" + (f" ×{int(count)}" if count is not None and count > 1 else "")
     return {
-        "seq": entry.get("seq"),
-        "time": rec.get("time", ""),
-        "decision": rec.get("decision", ""),
-        "status": rec.get("status", "") + (f"/{rec['reason']}" if rec.get("reason") and rec.get("reason") != rec.get(
-            "status") else ""),
-        "caller": rec.get("caller") or rec.get("caller_unverified") or (
-            f"{rec['remote']} (no identity)" if rec.get("kind") == "handshake" and rec.get("remote") else "?"),
-        "chain": " → ".join(rec.get("chain", [])),
-        "what": rec.get("capability") or rec.get("method") or (
-            "TLS handshake" + (f" ×{rec['count']}" if int(rec.get("count", 1)) > 1 else "")
-            if rec.get("kind") == "handshake" else ""),
-        "node": str(rec.get("node", "")).rsplit("/", 1)[-1],
-        "rule": rec.get("rule", ""),
-        "ms": f"{int(rec.get('latency_us', 0)) / 1000:.1f}",
+        "seq": _text(entry.get("seq")),
+        "time": _text(rec.get("time", "")),
+        "decision": _text(rec.get("decision", "")),
+        "status": status + (f"/{reason}" if reason and reason != status else ""),
+        "caller": _text(rec.get("caller")) or _text(rec.get("caller_unverified")) or (
+            f"{remote} (no identity)" if kind == "handshake" and remote else "?"),
+        "chain": " → ".join(_text(x) for x in chain) if isinstance(chain, list) else _text(chain),
+        "what": what,
+        "node": _text(rec.get("node", "")).rsplit("/", 1)[-1],
+        "rule": _text(rec.get("rule", "")),
+        "ms": f"{latency / 1000:.1f}" if latency is not None else "?",
     }
 
 
@@ -74,9 +117,34 @@ def _print(entries: list[dict[str, Any]], as_json: bool) -> None:
         r = _row(e)
         c = colours.get(r["decision"], "cyan")
         caller = r["caller"] + (f" (chain {r['chain']})" if r["chain"] else "")
-        table.add_row(str(r["seq"]), r["time"], Text(r["decision"], style=c), r["status"], caller, r["what"],
-                      r["node"], r["rule"], r["ms"])
+        # Text, never markup: a shipped field like "[/x]" is printed as it is, not parsed (or refused) by rich.
+        table.add_row(Text(r["seq"]), Text(r["time"]), Text(r["decision"], style=c), Text(r["status"]),
+                      Text(caller), Text(r["what"]), Text(r["node"]), Text(r["rule"]), Text(r["ms"]))
     out.print(table)
+
+
+async def _fetch(
+    cp: ControlPlaneClient, limit: int, tail: bool, after_seq: int = 0, **filters: Any
+) -> tuple[list[bytes], int]:
+    """Up to limit matching entries after after_seq (the last limit with tail), paging on while the control
+    plane's answers are cut short by their byte budget; (them, the seq the next read goes on after).
+
+    An answer covers `scanned` seqs after its after_seq: short of its head_seq with fewer entries than asked
+    for, the rest follows from there (a cut tail sends its oldest entries first, so paging forward completes
+    it)."""
+    want = max(1, min(limit or 100, 10_000))  # as the control plane counts it
+    got: list[bytes] = []
+    after = after_seq
+    page_tail = tail
+    while True:
+        resp: audit_pb2.AuditQueryResponse = await cp.call(
+            cp.audit.Query, _request(want - len(got), page_tail, after_seq=after, **filters)
+        )
+        got.extend(resp.entries)
+        after += resp.scanned
+        if len(got) >= want or not resp.scanned or after >= resp.head_seq:
+            return got, after
+        page_tail = False
 
 
 def _query_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -122,18 +190,13 @@ def audit_tail(obj: CliContext, /, limit: int, follow: bool, as_json: bool, **fi
     """The newest audit records (optionally filtered), oldest of them first."""
 
     async def go(cp: ControlPlaneClient) -> None:
-        resp: audit_pb2.AuditQueryResponse = await cp.call(cp.audit.Query, _request(limit, True, **filters))
-        _print(_entries(list(resp.entries)), as_json)
-        after = resp.head_seq
+        lines, after = await _fetch(cp, limit, True, **filters)
+        _print(_entries(lines), as_json)
         while follow:
             await asyncio.sleep(1.0)
-            more: audit_pb2.AuditQueryResponse = await cp.call(
-                cp.audit.Query, _request(1000, False, after_seq=after, **filters)
-            )
-            entries = _entries(list(more.entries))
-            if entries:
-                _print(entries, as_json)
-            after = max([after, *[int(e["seq"]) for e in entries]]) if entries else max(after, more.head_seq)
+            lines, after = await _fetch(cp, 1000, False, after_seq=after, **filters)
+            if lines:
+                _print(_entries(lines), as_json)
 
     with contextlib.suppress(KeyboardInterrupt):
         as_operator(obj, go)
@@ -147,9 +210,8 @@ def audit_tail(obj: CliContext, /, limit: int, follow: bool, as_json: bool, **fi
 @friendly_errors
 def audit_query(obj: CliContext, /, limit: int, as_json: bool, **filters: Any) -> None:
     """Records matching every given filter, oldest first."""
-    resp: audit_pb2.AuditQueryResponse = as_operator(obj, lambda cp: cp.call(cp.audit.Query, _request(limit, False,
-                                                                                                     **filters)))
-    _print(_entries(list(resp.entries)), as_json)
+    lines, _ = as_operator(obj, lambda cp: _fetch(cp, limit, False, **filters))
+    _print(_entries(lines), as_json)
 
 
 @dataclass
@@ -293,8 +355,8 @@ def audit_verify(obj: CliContext, key_file: Path | None, log_file: Path | None, 
             for seg in segments:
                 yield from _file_lines(seg)
 
-        first = json.loads(next(iter(spool_lines()), b'{"seq":1}')).get("seq", 1)
-        count, problem = verify_chain(spool_lines(), first_seq=first, prev=_first_prev(segments))
+        first, prev = _spool_start(segments)
+        count, problem = verify_chain(spool_lines(), first_seq=first, prev=prev)
         rep = LogReport(entries=count, sources=1, problem=problem, head_seq=first + count - 1)
         _report(rep, as_json, f"spool {log_file}")
         return
@@ -335,12 +397,20 @@ def audit_verify(obj: CliContext, key_file: Path | None, log_file: Path | None, 
     _report(report, as_json, str(log_file))
 
 
-def _first_prev(segments: list[Path]) -> str:
+def _spool_start(segments: list[Path]) -> tuple[int, str]:
+    """Where a spool's chain starts (its first record's seq and prev; shipped segments are gone): (1, genesis)
+    unless that record is well-formed, so a mangled first line is reported by the chain check as TAMPERED,
+    like any other problem, never a traceback."""
     for seg in segments:
         for raw in _file_lines(seg):
-            prev = json.loads(raw).get("prev")
-            return prev if isinstance(prev, str) else "0" * 64
-    return "0" * 64
+            try:
+                first = json.loads(raw)
+            except (ValueError, RecursionError):
+                return 1, GENESIS
+            if isinstance(first, dict) and not link_fields_problem(first):
+                return int(first["seq"]), str(first["prev"])
+            return 1, GENESIS
+    return 1, GENESIS
 
 
 @audit.command("export")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -19,6 +20,9 @@ import orjson
 
 GENESIS: Final = "0" * 64
 """`prev` of a chain's first record."""
+MAX_SEQ: Final = 2**63 - 1
+"""The largest seq: what the protocol's uint64 fields and every reader's int64 carry."""
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 """Built once: `json.dumps` with non-default options builds a new encoder on every call (on the hot path)."""
@@ -127,6 +131,22 @@ class ChainState:
     """The last two good hashes, to recognise a record forged to fit (inserted with a recomputed hash)."""
 
 
+def link_fields_problem(entry: dict[str, Any]) -> str:
+    """Why entry's seq/prev/hash cannot be part of a chain ("" when they can): seq a whole number in
+    1..MAX_SEQ (not a bool), prev and hash 64 lowercase hex digits. The one rule the control plane's ingest and
+    every verifier apply, so a record stored is a record that verifies."""
+    seq, prev, stored = entry.get("seq"), entry.get("prev"), entry.get("hash")
+    if not isinstance(seq, int) or isinstance(seq, bool):
+        return "seq is not an integer"
+    if not 1 <= seq <= MAX_SEQ:
+        return "seq is outside 1..2**63-1"
+    if not isinstance(prev, str) or not _HEX64.fullmatch(prev):
+        return "prev is not 64 hex digits"
+    if not isinstance(stored, str) or not _HEX64.fullmatch(stored):
+        return "hash is not 64 hex digits"
+    return ""
+
+
 def check_link(entry: Any, state: ChainState, line: int) -> ChainProblem | None:
     """Check one parsed record against state (advancing it when good); the problem, or None when it links.
 
@@ -135,12 +155,13 @@ def check_link(entry: Any, state: ChainState, line: int) -> ChainProblem | None:
     """
     if not isinstance(entry, dict):
         return ChainProblem(line, state.next_seq, "not a JSON object")
-    seq, prev, stored = entry.get("seq"), entry.get("prev"), entry.get("hash")
-    if not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(prev, str) or not isinstance(stored, str):
-        return ChainProblem(line, state.next_seq, "missing or malformed seq/prev/hash")
+    malformed = link_fields_problem(entry)
+    if malformed:
+        return ChainProblem(line, state.next_seq, f"missing or malformed seq/prev/hash: {malformed}")
+    seq, prev, stored = entry["seq"], entry["prev"], entry["hash"]
     try:
         computed = record_hash(entry)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return ChainProblem(line, state.next_seq, "not canonical JSON (floats or invalid values)")
     if computed != stored:
         return ChainProblem(line, state.next_seq, "changed: its hash does not match its content")
@@ -179,7 +200,7 @@ def verify_chain(
             return state.count, ChainProblem(n, state.next_seq, "empty line")
         try:
             entry = parse_line(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than json reads
             return state.count, ChainProblem(n, state.next_seq, "not valid JSON (changed or torn)")
         problem = check_link(entry, state, n)
         if problem is not None:

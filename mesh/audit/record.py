@@ -84,24 +84,36 @@ def utc_iso(ts: float) -> str:
 
 
 def parse_time(text: str) -> float:
-    """Unix seconds from an RFC 3339 time (as records carry), a unix number, or a relative '-5m'/'-2h'/'-1d'."""
+    """Unix seconds from an RFC 3339 time (as records carry), a unix number, or a relative '-5m'/'-2h'/'-1d'.
+
+    ValueError for anything else, nan and infinities included (they compare false with every time, so a filter
+    of them would silently match nothing or everything); its message quotes at most 128 characters of text, as
+    it may reach a status that must stay small."""
     text = text.strip()
     rel = re.fullmatch(r"-(\d+(?:\.\d+)?)([smhd])", text)
     if rel:
         mult = {"s": 1, "m": 60, "h": 3600, "d": 86400}[rel.group(2)]
-        return time.time() - float(rel.group(1)) * mult
+        return _finite(time.time() - float(rel.group(1)) * mult, text)
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         pass
+    else:
+        return _finite(value, text)
     try:
         dt = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise ValueError(f"bad time {text!r}: use RFC 3339 (2025-01-31T12:00:00Z), unix seconds or -15m") from None
+        raise ValueError(f"bad time {short(text, 128)!r}: use RFC 3339 (2025-01-31T12:00:00Z), unix seconds or "
+                         "-15m") from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=datetime.UTC)
     return dt.timestamp()
 
+
+def _finite(value: float, text: str) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"bad time {short(text, 128)!r}: not a finite number")
+    return value
 
 
 def short(text: str, limit: int = MAX_TEXT) -> str:

@@ -66,6 +66,8 @@ class Spool:
         self.acked = 0
         self.source = ""
         self._dirty = False
+        self.broken = ""
+        """Why this spool takes no more records (a partial write it could not cut off), or ""."""
         self._closed = threading.Event()
         self._syncer: threading.Thread | None = None
         self._listeners: list[Callable[[], None]] = []
@@ -182,6 +184,8 @@ class Spool:
             fd = self._fd
             if fd is None:
                 raise AuditUnavailableError("the audit spool is closed")
+            if self.broken:
+                raise AuditUnavailableError(self.broken)
             seq = self.seq + 1
             line, digest = seal(fields, seq, self.head)
             try:
@@ -189,6 +193,7 @@ class Spool:
                 if written != len(line):  # a short write to a regular file means the disk is full
                     raise OSError(f"short write ({written} of {len(line)} bytes)")
             except OSError as exc:
+                self._cut_back(fd, exc)
                 raise AuditUnavailableError(f"cannot write the audit record: {exc}") from None
             self.seq = seq
             self.head = digest
@@ -199,6 +204,17 @@ class Spool:
         for fn in self._listeners:
             fn()
         return seq
+
+    def _cut_back(self, fd: int, exc: OSError) -> None:
+        """Cut the segment back to its last whole line after a failed write: half a line left in it had the next
+        record glued to it (the shipper sent garbage, and a restart cut every record after it, acknowledged
+        ones included). When even the cut fails, the spool takes no more records: none could be kept."""
+        try:
+            os.ftruncate(fd, self._seg_size)
+        except OSError as cut:
+            self.broken = (f"the audit spool {self.dir} holds a partial record ({exc}) that could not be cut off "
+                           f"({cut}): no call is served until it is repaired and the process restarts")
+            log.error("%s", self.broken)
 
     def _rotate(self) -> None:
         assert self._fd is not None

@@ -191,10 +191,12 @@ class AuditQueryResponse(_message.Message):
     HEAD_SEQ_FIELD_NUMBER: _builtins.int
     SCANNED_FIELD_NUMBER: _builtins.int
     head_seq: _builtins.int
+    """them (at least one), fewer than the limit when that cut the page short"""
     scanned: _builtins.int
+    """log seqs after after_seq this answer covers: after_seq + scanned is where the"""
     @_builtins.property
     def entries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
-        """log entries (canonical JSON), each wrapping one record"""
+        """log entries (canonical JSON), each wrapping one record; at most 4 MiB of"""
 
     def __init__(
         self,
