@@ -41,12 +41,17 @@ when its leader stopped is made again by the next one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
+import http.client
 import json
 import logging
 import os
 import re
+import socket
+import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -196,16 +201,76 @@ def verify(secret: bytes, timestamp: str, signature: str, body: bytes, *, now: f
     return hmac.compare_digest(sign(secret, ts, body), signature)
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A 3xx is an answer, not a delivery: followed, the signed headers went (as a GET, without the body) wherever
+    the receiver pointed, loopback included, and that address's 200 counted as delivered."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        return None  # urllib then raises HTTPError(code)
+
+
+class _Tracked:
+    """The HTTP connections one delivery opens, so its deadline can close them: a socket timeout bounds each read,
+    not the delivery, and a receiver sending a byte a second held a 2 s delivery (and the notifier) for good."""
+
+    def __init__(self) -> None:
+        self.connections: list[http.client.HTTPConnection] = []
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def factory(self, cls: type[http.client.HTTPConnection]) -> Callable[..., http.client.HTTPConnection]:
+        def make(host: str, **kwargs: Any) -> http.client.HTTPConnection:
+            conn = cls(host, **kwargs)
+            with self.lock:
+                self.connections.append(conn)
+                if self.closed:
+                    raise TimeoutError("the delivery's deadline passed")
+            return conn
+
+        return make
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            for conn in self.connections:
+                sock = conn.sock
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)  # the blocked read returns at once
+
+
+def _opener(tracked: _Tracked) -> urllib.request.OpenerDirector:
+    class Http(urllib.request.HTTPHandler):
+        def http_open(self, req: Any) -> Any:
+            return self.do_open(tracked.factory(http.client.HTTPConnection), req)
+
+    class Https(urllib.request.HTTPSHandler):
+        def https_open(self, req: Any) -> Any:
+            return self.do_open(tracked.factory(http.client.HTTPSConnection), req, context=ssl.create_default_context())
+
+    return urllib.request.build_opener(_NoRedirect, Http, Https)  # proxies from the environment still apply
+
+
 def _post(url: str, body: bytes, headers: Mapping[str, str], timeout: float) -> str:
-    """POST body; "" on a 2xx answer, else why not (blocking: run in a thread)."""
+    """POST body; "" on a 2xx answer, else why not (blocking: run in a thread). timeout bounds the whole delivery;
+    a redirect is not followed (it is an undelivered answer)."""
     req = urllib.request.Request(url, data=body, method="POST", headers=dict(headers))
+    tracked = _Tracked()
+    deadline = threading.Timer(timeout, tracked.close)
+    deadline.daemon = True
+    deadline.start()
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # the schema allows http(s) only
+        with _opener(tracked).open(req, timeout=timeout) as resp:  # the schema allows http(s) only
             return "" if 200 <= resp.status < 300 else f"HTTP {resp.status}"
     except urllib.error.HTTPError as exc:
-        return f"HTTP {exc.code}"
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return f"HTTP {exc.code}" + (" (redirects are not followed)" if 300 <= exc.code < 400 else "")
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+        if tracked.closed:
+            return f"no answer within {timeout:g} s"
         return f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+    finally:
+        deadline.cancel()
+        tracked.close()
 
 
 def delivery_id(esc: escalation_pb2.Escalation, event: str) -> str:
