@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 from wsgiref.simple_server import make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -248,14 +248,55 @@ class MeshMetrics:
         return generate_latest(self.registry)
 
 
+MAX_CONNECTIONS: Final = 32
+"""Connections `/metrics` serves at once; more are closed at once. A scraper holds one or two."""
+IDLE_TIMEOUT_S: Final = 10.0
+"""A connection silent this long is closed: with neither bound, 400 half-sent requests held 400 server threads
+for good on a port the Kubernetes manifests open to the pod network (slowloris)."""
+
+
+class _BoundedServer(ThreadingWSGIServer):
+    """prometheus-client's threading server with a bound on connections (see MAX_CONNECTIONS)."""
+
+    max_connections = MAX_CONNECTIONS
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # full: closed at once, never queued behind the slow ones
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went silent past the timeout or away: nothing to print (socketserver writes a traceback
+        to stderr)."""
+
+
 class MetricsServer:
     """Plaintext `/metrics` over HTTP on its own port, separate from the mTLS ports: scrapers need no
-    certificate and leave no audit noise (Istio's and Linkerd's admin ports do the same)."""
+    certificate and leave no audit noise (Istio's and Linkerd's admin ports do the same). At most
+    `max_connections` at once, each closed after `idle_timeout_s` of silence."""
 
-    def __init__(self, metrics: MeshMetrics, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, metrics: MeshMetrics, host: str = "127.0.0.1", port: int = 0, *,
+                 max_connections: int = MAX_CONNECTIONS, idle_timeout_s: float = IDLE_TIMEOUT_S) -> None:
         self._metrics = metrics
         self._host = host
         self._port = port
+        self._max_connections = max_connections
+        self._idle_timeout_s = idle_timeout_s
         self._server: ThreadingWSGIServer | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
@@ -264,10 +305,12 @@ class MetricsServer:
         # prometheus-client's start_http_server, with a short poll interval: stopping a node waits for the
         # serving loop to notice, and a test fleet stops many nodes.
         family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        server_class = type("_MetricsHTTPServer", (ThreadingWSGIServer,), {"address_family": family})
+        server_class = type("_MetricsHTTPServer", (_BoundedServer,),
+                            {"address_family": family, "max_connections": self._max_connections})
+        handler_class = type("_MetricsHandler", (_SilentHandler,), {"timeout": self._idle_timeout_s})
         app = make_wsgi_app(self._metrics.registry)
         server: ThreadingWSGIServer = make_server(self._host, self._port, app, server_class,
-                                                  handler_class=_SilentHandler)
+                                                  handler_class=handler_class)
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                                   name=f"metrics-{self._host}:{self._port}", daemon=True)
         thread.start()

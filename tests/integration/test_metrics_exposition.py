@@ -74,3 +74,44 @@ def test_promtool_finds_nothing_to_fix() -> None:
     out = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=60)
     assert out.returncode == 0, out.stdout.decode() + out.stderr.decode()
     assert out.stdout.decode().strip() == "" and out.stderr.decode().strip() == "", out
+
+
+async def test_idle_half_sent_requests_cannot_hold_the_port() -> None:
+    """Each connection closes after the idle timeout, past the bound new ones close at once, and a scrape still
+    works afterwards: 400 half-sent requests had held 400 threads for good."""
+    import asyncio
+    import socket
+    import threading
+
+    from tests.support.waiting import until
+
+    def _scrape(address: str) -> bytes:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as resp:
+            assert resp.status == 200
+            body: bytes = resp.read()
+            return body
+
+    server = MetricsServer(MeshMetrics(packaging="test", node="test/1"), "127.0.0.1", 0,
+                           max_connections=4, idle_timeout_s=0.5)
+    server.start()
+    idle: list[socket.socket] = []
+    try:
+        before = threading.active_count()
+        for _ in range(4):
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never finished
+            idle.append(s)
+        assert await until(lambda: threading.active_count() >= before + 4, 10), "the four were not served"
+        extra = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        try:
+            assert extra.recv(1) == b""  # past the bound: closed at once
+        finally:
+            extra.close()
+        for s in idle:
+            assert s.recv(1) == b""  # closed by the server after 0.5 s of silence (recv waits at most 10 s)
+        assert await until(lambda: threading.active_count() <= before, 10), "their threads did not end"
+        assert b"hivemesh_node_info" in await asyncio.to_thread(_scrape, server.address)
+    finally:
+        for s in idle:
+            s.close()
+        server.stop()
