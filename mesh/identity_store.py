@@ -6,6 +6,8 @@
         bundle.pem         the trust bundle the workload verifies peers with (follows CA rotations)
         .identity-commit   only while a save renames its staged files (.<name>.tmp) into place; a load
                            finds it after a crash and finishes the save (`tls.finish_save`)
+        trust-floor.json   the newest trust bundle generation and key set issue time adopted: a restarted
+                           node takes nothing older from etcd (`TrustFloor`)
 
 A join writes the folder; every renewal and trust-bundle change rewrites it. On restart the node reuses it and
 renews at once while the certificate is still valid; only an expired certificate, a revoked identity or one
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
+import logging
 import os
 import stat
 import time
@@ -29,6 +33,8 @@ from hivemesh.mesh.pki import load_certs
 from hivemesh.mesh.tls import Workload, finish_save, save_pending
 from hivemesh.mesh.trustdoc import fingerprint, issued_by
 
+log = logging.getLogger(__name__)
+
 _LOCK = ".lock"
 
 
@@ -36,6 +42,16 @@ def join_hint(kind: str, name: str) -> str:
     """What to do when a workload needs a new join token."""
     return (f"ask an operator for a new join token (hivemesh join-token {name} --kind {kind}) "
             "and set HIVEMESH_JOIN_TOKEN")
+
+
+@dataclass(frozen=True)
+class TrustFloor:
+    """What a node adopted last from etcd's signed trust documents: it never takes an older one, across restarts
+    too. Kept in memory only, a restart forgot it, and anyone able to write etcd could replay an older signed
+    bundle (one still trusting a retired root) or key set to a node while it restarted."""
+
+    bundle_generation: int = 0
+    jwks_issued_at_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -143,6 +159,35 @@ class IdentityStore:
             )
         return workload
 
+    @property
+    def floor_path(self) -> Path:
+        return self.folder / "trust-floor.json"
+
+    def load_floor(self) -> TrustFloor:
+        """The floor kept here (zeros when none was kept; an unreadable one is logged and read as zeros, as the
+        signatures still hold: only the replay check is lost)."""
+        try:
+            doc = json.loads(self.floor_path.read_bytes())
+            floor = TrustFloor(int(doc["bundle_generation"]), int(doc["jwks_issued_at_ns"]))
+        except FileNotFoundError:
+            return TrustFloor()
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("cannot read %s (%s): trusting etcd's current trust documents as they are", self.floor_path, exc)
+            return TrustFloor()
+        return floor
+
+    def save_floor(self, floor: TrustFloor) -> None:
+        """Keep floor (written whole, then renamed); a failure is logged, never fatal."""
+        if not self.folder.is_dir():
+            return
+        tmp = self.floor_path.with_name(".trust-floor.json.tmp")
+        try:
+            tmp.write_bytes(json.dumps({"bundle_generation": floor.bundle_generation,
+                                        "jwks_issued_at_ns": floor.jwks_issued_at_ns}).encode())
+            os.replace(tmp, self.floor_path)
+        except OSError as exc:
+            log.error("cannot keep the trust floor in %s: %s", self.floor_path, exc)
+
     def save(self, workload: Workload) -> None:
         """Write the identity (folder 0700, key 0600), each file replaced atomically, under the folder lock."""
         if workload.spiffe_id != self.spiffe_id:
@@ -154,4 +199,4 @@ class IdentityStore:
             workload.save(self.cert_path, self.key_path, self.bundle_path)
 
 
-__all__ = ["IdentityStore", "join_hint"]
+__all__ = ["IdentityStore", "TrustFloor", "join_hint"]

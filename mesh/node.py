@@ -30,7 +30,7 @@ from hivemesh.mesh.errors import (
     StoredIdentityMismatchError,
 )
 from hivemesh.mesh.etcd import EtcdAccess, EtcdTls
-from hivemesh.mesh.identity_store import IdentityStore, join_hint
+from hivemesh.mesh.identity_store import IdentityStore, TrustFloor, join_hint
 from hivemesh.mesh.node_metrics import NodeMetrics
 from hivemesh.mesh.outbound import OutboundPipeline
 from hivemesh.mesh.outbound.channels import ChannelPool
@@ -168,6 +168,10 @@ class MeshNode:
             self._cp = ControlPlaneClient(s.controlplane, self._workload, s.trust_domain)
         else:
             self._workload, self._cp = await self._stored_or_joined()
+            store = self._identity_store()
+            if store is not None:  # before the watches: nothing older than last adopted, restart or not
+                floor = store.load_floor()
+                self._bundle_generation, self._jwks_issued_at_ns = floor.bundle_generation, floor.jwks_issued_at_ns
         self._tokens = TokenSource(self._cp)
         self._channels = ChannelPool(self._workload, link=self.link)
         self._outbound = OutboundPipeline(self.liveness, self._tokens, self._channels, traffic=self.traffic,
@@ -395,6 +399,7 @@ class MeshNode:
             return
         self._jwks_issued_at_ns = signed.issued_at_ns
         self._jwks_refused = False
+        self._keep_floor()
 
     def _on_bundle_change(self) -> None:
         """A new signed trust bundle (CA rotation step): trust it for new handshakes, and renew if asked."""
@@ -410,6 +415,7 @@ class MeshNode:
         if doc.generation <= self._bundle_generation:
             return
         self._bundle_generation = doc.generation
+        self._keep_floor()
         if doc.bundle_pem != self._workload.bundle_pem:
             self._use_workload(dataclasses.replace(self._workload, bundle_pem=doc.bundle_pem), same_cert=True)
             log.info("now trusting the CA bundle of generation %d", doc.generation)
@@ -419,6 +425,18 @@ class MeshNode:
             signer = next((c for c in load_certs(doc.bundle_pem) if fingerprint(c) == doc.signing_root), None)
             if signer is not None and not issued_by(self._workload.cert_pem, signer):
                 self._renew_now.set()
+
+    def _identity_store(self) -> IdentityStore | None:
+        """The state folder's identity store, when this node keeps its identity there (not given cert files)."""
+        s = self.settings
+        if s.identity_dir is None or s.cert_file is not None:
+            return None
+        return IdentityStore(s.identity_dir, self.name, self.kind, s.trust_domain)
+
+    def _keep_floor(self) -> None:
+        store = self._identity_store()
+        if store is not None:
+            store.save_floor(TrustFloor(self._bundle_generation, self._jwks_issued_at_ns))
 
     def _use_workload(self, workload: Workload, *, same_cert: bool) -> None:
         self._workload = workload

@@ -607,3 +607,42 @@ async def test_a_revoked_subject_gets_no_token_while_its_revocation_cannot_be_re
         await cp.issue_token(audience, ["echo"])
     assert (refused.value.code, refused.value.reason) == (grpc.StatusCode.UNAVAILABLE, "REGISTRY_UNAVAILABLE")
     assert "revocation" in refused.value.message
+
+
+async def test_a_node_restarted_over_an_older_signed_key_set_refuses_it(
+    env: MeshEnv, etcd: Any, tmp_path: Path
+) -> None:
+    """Nodes never go back to an older key set (or trust bundle), and a restart must not reset that: a node keeps
+    the newest it adopted beside its identity. Here etcd holds a validly signed but older key set (a replay) while
+    the node restarts: it refuses it, and starts once the current one is back."""
+    import dataclasses
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from hivemesh.mesh.tokens import JWKS_KEY
+    from hivemesh.mesh.trustdoc import sign_jwks
+
+    settings = dataclasses.replace(await env.settings_for("echo"), identity_dir=tmp_path / "identity")
+    config = AgentServerConfig(audit_dir=tmp_path / "a")
+    async with AgentServer(EchoAgent(), settings, config) as first:
+        kids = set(first.node.keyset.kids)
+    current = (await etcd.get(JWKS_KEY)).value
+    doc = json.loads(current)
+    root = x509.load_pem_x509_certificate(env.certs.ca_cert.read_bytes())
+    root_key = serialization.load_pem_private_key(env.certs.ca_key.read_bytes(), None)
+    older = sign_jwks(json.dumps({"keys": doc["keys"]}), doc["hivemesh_iat"] - 10**9, [(root, root_key)])  # type: ignore[list-item]
+    await etcd.put(JWKS_KEY, older)
+    again = AgentServer(EchoAgent(), settings, config)  # the stored identity: no join token needed
+    starting = asyncio.create_task(again.start())
+    try:
+        assert await _wait_until(lambda: again.node.jwks_rejections >= 1, 15), "the older key set was adopted"
+        assert not again.node.keyset.kids and not starting.done()
+        await etcd.put(JWKS_KEY, current)
+        await asyncio.wait_for(starting, 30)
+        assert set(again.node.keyset.kids) == kids
+    finally:
+        if not starting.done():
+            starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        await again.stop()
