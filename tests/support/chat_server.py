@@ -7,6 +7,7 @@ The model name picks the script:
 - `busy`: answers 429 (Retry-After-Ms: 20) to the first `busy_failures` requests, then "finally".
 - `streamer`: (with "stream": true) sends "str", "eam", "ed" as server-sent events, then usage.
 - `slow`: waits `slow_s` before answering "late".
+- any name in `canned`: that fixed reply, however malformed (the hostile-answer tests script bad endpoints so).
 Every request is kept in `seen`.
 """
 
@@ -23,11 +24,24 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 
+@dataclass(frozen=True)
+class Canned:
+    """A fixed reply: `body` as is, with Content-Length `declared` (default: the body's true length; -1: none,
+    the body then ends when the connection closes) and any extra headers (e.g. Content-Encoding)."""
+
+    body: bytes
+    status: int = 200
+    content_type: str = "application/json"
+    declared: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
 @dataclass
 class ChatScript:
     seen: list[dict[str, Any]] = field(default_factory=list)
     busy_failures: int = 1
     slow_s: float = 5.0
+    canned: dict[str, Canned] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -57,6 +71,19 @@ class _Handler(BaseHTTPRequestHandler):
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self.wfile.write(body)
 
+    def _send_canned(self, canned: Canned) -> None:
+        self.send_response(canned.status)
+        self.send_header("Content-Type", canned.content_type)
+        declared = len(canned.body) if canned.declared is None else canned.declared
+        if declared >= 0:
+            self.send_header("Content-Length", str(declared))
+        for k, v in canned.headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.wfile.write(canned.body)
+        self.close_connection = True  # a body shorter than declared, or one with no length, ends here
+
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         with self.script.lock:
@@ -65,7 +92,9 @@ class _Handler(BaseHTTPRequestHandler):
         model = body["model"]
         tools = [t["function"]["name"] for t in body.get("tools") or ()]
         last = body["messages"][-1]
-        if model == "busy" and busy_left:
+        if model in self.script.canned:
+            self._send_canned(self.script.canned[model])
+        elif model == "busy" and busy_left:
             self._send(429, b'{"error": {"message": "slow down"}}', headers={"Retry-After-Ms": "20"})
         elif model == "slow":
             time.sleep(self.script.slow_s)
