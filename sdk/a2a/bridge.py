@@ -20,13 +20,21 @@ from typing import Any, ClassVar
 import httpx
 from a2a.client import Client, ClientConfig, create_client
 from a2a.client.card_resolver import parse_agent_card
+from a2a.client.errors import A2AClientTimeoutError
 from a2a.helpers import get_data_parts, get_text_parts, new_data_part, new_text_part
 from a2a.types import AgentCard, Message, Part, Role, SendMessageRequest, TaskState
 from a2a.utils.constants import AGENT_CARD_WELL_KNOWN_PATH
-from google.protobuf import struct_pb2
+from a2a.utils.errors import A2AError, InvalidParamsError
+from google.protobuf import json_format, struct_pb2
 from google.protobuf.json_format import ParseDict
 
-from hivemesh.mesh.errors import AgentError, InvalidInputError
+from hivemesh.mesh.errors import (
+    AgentError,
+    AgentUnavailableError,
+    DeadlineExceededError,
+    HivemeshError,
+    InvalidInputError,
+)
 from hivemesh.sdk.a2a.executor import _ints
 from hivemesh.sdk.agent import Agent, CapabilitySpec
 from hivemesh.sdk.context import Context
@@ -54,8 +62,13 @@ async def fetch_card(url: str, http: httpx.AsyncClient) -> AgentCard:
         resp = await http.get(card_url(url))
         resp.raise_for_status()
         return parse_agent_card(resp.json())
-    except (httpx.HTTPError, ValueError) as exc:
+    except (httpx.HTTPError, ValueError, json_format.ParseError) as exc:  # ParseError: JSON, but not a card
         raise InvalidInputError(f"could not read an A2A agent card at {card_url(url)}: {exc}") from None
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    """An external agent's words, bounded: it may say anything at any length."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _message(value: Any, skill: str) -> Message:
@@ -112,8 +125,11 @@ class A2ABridgeAgent(Agent):
     async def run_unary(self, spec: CapabilitySpec, value: Any, ctx: Context) -> Any:
         request = SendMessageRequest(message=_message(value, self._skills[spec.name]))
         last = None
-        async for event in self._client.send_message(request):
-            last = event
+        try:
+            async for event in self._client.send_message(request):
+                last = event
+        except A2AError as exc:
+            raise self._failure(exc) from None
         if last is None:
             raise AgentError(f"the A2A agent {self.a2a_card.name!r} answered nothing")
         if last.HasField("message"):
@@ -127,6 +143,25 @@ class A2ABridgeAgent(Agent):
         if state == TaskState.TASK_STATE_INPUT_REQUIRED:
             raise InputRequired(str(words) or f"{self.a2a_card.name} needs input", {"a2a_task": task.id})
         raise AgentError(f"the A2A agent {self.a2a_card.name!r} ended the task {TaskState.Name(state)}: {words}")
+
+    def _failure(self, exc: A2AError) -> HivemeshError:
+        """The mesh's error for a failed call to the A2A agent: its invalid-params as the caller's bad input, a
+        network failure as unavailable (the caller may retry elsewhere or later), the rest (HTTP errors, answers
+        that do not parse, its other JSON-RPC errors) as the agent's error, in a few words."""
+        who = f"the A2A agent {self.a2a_card.name!r}"
+        words = _clip(str(exc.message or exc))
+        if isinstance(exc, InvalidParamsError):
+            return InvalidInputError(f"{who} refused the input: {words}")
+        if isinstance(exc, A2AClientTimeoutError):
+            return DeadlineExceededError(f"{who} did not answer in time")
+        cause = exc.__cause__
+        if isinstance(cause, httpx.HTTPStatusError):
+            return AgentError(f"{who} answered HTTP {cause.response.status_code}")
+        if isinstance(cause, httpx.TransportError):
+            return AgentUnavailableError(f"{who} is unreachable: {_clip(str(cause) or type(cause).__name__)}")
+        if isinstance(cause, ValueError):  # JSONDecodeError: HTML, plain text, half an answer
+            return AgentError(f"{who} answered something that is not A2A JSON-RPC")
+        return AgentError(f"{who} failed: {words}")
 
     async def close(self) -> None:
         await self._client.close()

@@ -35,16 +35,35 @@ from a2a.utils.errors import InvalidParamsError
 from google.protobuf.json_format import MessageToDict, ParseDict
 from google.protobuf.struct_pb2 import Struct
 
-from hivemesh.mesh.errors import FailedPreconditionError, HivemeshError, NotFoundError, ScopeMissingError
+from hivemesh.mesh.errors import (
+    FailedPreconditionError,
+    HivemeshError,
+    InvalidInputError,
+    NotFoundError,
+    ScopeMissingError,
+)
 from hivemesh.sdk.a2a.auth import AGENT_STATE_KEY, CALLER_STATE_KEY, A2ACaller, refusal
 from hivemesh.sdk.a2a.tasks import A2A_CALL, A2A_STREAM, CHUNK, LABEL, TOKENS, open_ask
+from hivemesh.sdk.a2a.taskstore import MAX_TASK_BYTES, STATUS_ROOM
 from hivemesh.sdk.client import MeshClient
 from hivemesh.sdk.workflow import WorkflowEngine, WorkflowHandle, WorkflowState
 
 log = logging.getLogger(__name__)
 
+FINAL: Final = frozenset({TaskState.TASK_STATE_COMPLETED, TaskState.TASK_STATE_FAILED, TaskState.TASK_STATE_CANCELED,
+                          TaskState.TASK_STATE_REJECTED})
+"""A2A task states that never change again."""
 REFUSED: Final = frozenset({"PERMISSION_DENIED", "UNAUTHENTICATED"})
 """gRPC codes that end a task REJECTED (the mesh refused) rather than FAILED."""
+
+
+MAX_ECHOED: Final = 80
+"""Longest caller-given name (a skill) repeated in an error: the caller's own text, at any length, is not news."""
+
+
+def _clip(text: str, limit: int) -> str:
+    """text cut to limit characters, marked when cut."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _ints(value: Any) -> Any:
@@ -160,14 +179,14 @@ class MeshAgentExecutor(AgentExecutor):
             if isinstance(meta.get("skill"), str):
                 wanted = meta["skill"]
                 break
-        choices = ", ".join(sorted(offered)) or "none"
+        choices = _clip(", ".join(sorted(offered)) or "none", MAX_ECHOED * 4)
         if wanted is None:
             if len(offered) == 1:
                 return next(iter(offered))
             raise InvalidParamsError(message=f'name the skill in the message metadata ({{"skill": ...}}); '
                                              f"offered: {choices}")
         if wanted not in offered:
-            raise InvalidParamsError(message=f"no skill {wanted!r} here; offered: {choices}")
+            raise InvalidParamsError(message=f"no skill {_clip(wanted, MAX_ECHOED)!r} here; offered: {choices}")
         return str(wanted)
 
     # --- A2A ----------------------------------------------------------------------------------------------------
@@ -183,6 +202,7 @@ class MeshAgentExecutor(AgentExecutor):
             offered = self._offered(state.get(AGENT_STATE_KEY))
             capability = self._skill(context, offered)
             task = new_task_from_user_message(context.message)
+            _fits(task.ByteSize())
             await event_queue.enqueue_event(task)
             updater = TaskUpdater(event_queue, task.id, task.context_id)
             if capability not in caller.scopes:
@@ -200,11 +220,14 @@ class MeshAgentExecutor(AgentExecutor):
                     {"capability": capability, "payload": answer, "principal": caller.principal,
                      "timeout_s": self._timeout_s},
                     workflow_id=task.id, labels={LABEL: caller.user_name}))
-            except BaseException:
+            except BaseException as exc:
                 self._waiters.pop(run_id, None)
                 TOKENS.drop(run_id)
+                if isinstance(exc, InvalidInputError):  # the run's own bounds (its input recorded in etcd)
+                    raise InvalidParamsError(message=exc.message) from None
                 raise
         else:
+            _fits(task.ByteSize() + context.message.ByteSize())
             run_id = self.engine.run_id_for(task.id)
             updater = TaskUpdater(event_queue, task.id, task.context_id)
             queue = self._waiters.setdefault(run_id, asyncio.Queue())
@@ -280,10 +303,23 @@ class MeshAgentExecutor(AgentExecutor):
         task = context.current_task
         if task is None:
             return
-        run_id = self.engine.run_id_for(task.id)
-        with contextlib.suppress(NotFoundError):
-            await self.engine.cancel(run_id, reason="canceled by the A2A caller")
+        await self.cancel_run(task.id)
         await TaskUpdater(event_queue, task.id, task.context_id).cancel()
+
+    async def cancel_run(self, task_id: str) -> None:
+        """Cancel the task's run and withdraw the escalation it waits on: a run nobody drives (a gateway
+        restart) is only marked canceled by the engine, its escalation left pending for a person."""
+        run_id = self.engine.run_id_for(task_id)
+        try:
+            before = await self.engine.get(run_id)
+        except NotFoundError:
+            return
+        ask = None if before.terminal else open_ask(before)
+        if not before.terminal:
+            await self.engine.cancel(run_id, reason="canceled by the A2A caller")
+        if ask is not None:
+            with contextlib.suppress(FailedPreconditionError, NotFoundError):  # answered meanwhile, or gone
+                await self.engine.escalations.cancel(ask[0], note="the A2A caller canceled the task")
 
     # --- tasks/get ------------------------------------------------------------------------------------------------
     async def revive(self, task_id: str, context: ServerCallContext) -> None:
@@ -305,7 +341,10 @@ class MeshAgentExecutor(AgentExecutor):
         await self._resume(run_id, wait_s=0.0)
 
     async def sync(self, task: Task) -> Task:
-        """The stored task brought up to date with its run (the same object when nothing changed)."""
+        """The stored task brought up to date with its run (the same object when nothing changed). A final task
+        stays as stored (kept FAILED for being too large, or CANCELED by the caller)."""
+        if task.status.state in FINAL:
+            return task
         try:
             run = await self.engine.get(self.engine.run_id_for(task.id))
         except HivemeshError:
@@ -330,6 +369,14 @@ class MeshAgentExecutor(AgentExecutor):
             capability = str((run.input or {}).get("capability", "")) if isinstance(run.input, Mapping) else ""
             updated.artifacts.append(Artifact(artifact_id=uuid.uuid4().hex, name=capability, parts=out.artifact))
         return updated
+
+
+def _fits(size: int) -> None:
+    """Refuse (invalid params) a message that would make its task too large to ever be kept, before any run."""
+    if size > MAX_TASK_BYTES - STATUS_ROOM:
+        raise InvalidParamsError(message=f"the message makes its task {size} bytes; a task keeps at most "
+                                         f"{MAX_TASK_BYTES - STATUS_ROOM} bytes of input (send less, or start a "
+                                         "new task)")
 
 
 def _asked(task: Task) -> str:

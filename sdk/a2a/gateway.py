@@ -8,8 +8,9 @@ Routes (bind 127.0.0.1 by default; the advertised URL is separate, "bind is not 
 
 Cards are built from the registry on each request, so they follow agents coming and going. JSON-RPC calls
 are authenticated first (client certificate + bearer token, see `auth`); unauthenticated ones get HTTP 401 with
-a JSON-RPC error (-32600, `data.reason` UNAUTHENTICATED) and never reach a task. Each task is a durable workflow
-run of the gateway's identity (`executor`, `tasks`) and its A2A document is kept in etcd beside the run
+a JSON-RPC error (-32600, `data.reason` UNAUTHENTICATED, id null: their body is never read) and never reach a
+task; a body over `MAX_BODY_BYTES` gets HTTP 413, JSON nested past `MAX_JSON_DEPTH` -32602. Each task is a
+durable workflow run of the gateway's identity (`executor`, `tasks`) and its A2A document is kept in etcd beside the run
 (`taskstore`), so tasks, their escalations and their answers outlive a gateway restart.
 """
 
@@ -21,14 +22,14 @@ import json
 import logging
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import uvicorn
 from a2a.server.context import ServerCallContext
 from a2a.server.request_handlers import DefaultRequestHandler
 from a2a.server.request_handlers.response_helpers import agent_card_to_dict
 from a2a.server.routes.jsonrpc_dispatcher import JsonRpcDispatcher
-from a2a.types import AgentCard, GetTaskRequest, Task
+from a2a.types import AgentCard, CancelTaskRequest, GetTaskRequest, Task
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -54,7 +55,14 @@ from hivemesh.sdk.client import MeshClient
 log = logging.getLogger(__name__)
 CARD_PATH = "/.well-known/agent-card.json"
 INVALID_REQUEST = -32600
+INVALID_PARAMS = -32602
 PARSE_ERROR = -32700
+MAX_BODY_BYTES: Final = 2 * 1024 * 1024
+"""Largest JSON-RPC body read: no task document over 512 KiB is ever kept (`taskstore`), so a larger request
+could never be served, and reading one whole first would let any caller spend the gateway's memory."""
+MAX_JSON_DEPTH: Final = 40
+"""Deepest nesting of a request's JSON: protobuf parses at most 100 levels, about 2 per JSON level past the
+request's own envelope (params, message, parts, data: 5 levels)."""
 
 
 @dataclass(frozen=True)
@@ -141,17 +149,16 @@ class A2AGateway:
             try:
                 caller = authenticate(verifier, request.scope.get(PEER_CERT_SCOPE_KEY),
                                       request.headers.get("authorization"))
-            except HivemeshError as exc:
-                return JSONResponse(
-                    {"jsonrpc": "2.0", "id": await _request_id(request),
-                     "error": {"code": INVALID_REQUEST, "message": f"unauthenticated: {exc.message}",
-                               "data": refusal(exc)}},
-                    status_code=401, headers={"WWW-Authenticate": 'Bearer realm="hivemesh"'},
-                )
+            except HivemeshError as exc:  # answered before the body is read: a stranger costs no memory
+                return _refuse(401, INVALID_REQUEST, f"unauthenticated: {exc.message}", refusal(exc),
+                               {"WWW-Authenticate": 'Bearer realm="hivemesh"'})
             request.scope[CALLER_STATE_KEY] = caller
-            if await _too_deep(request):  # a2a-sdk would answer -32603, an internal error, naming the recursion
-                return JSONResponse({"jsonrpc": "2.0", "id": None, "error": {
-                    "code": PARSE_ERROR, "message": "parse error: the JSON is nested too deeply"}})
+            body = await _bounded_body(request)
+            if body is None:
+                return _refuse(413, INVALID_REQUEST, f"request body over {MAX_BODY_BYTES} bytes: not read")
+            checked = _check_json(body)
+            if checked is not None:
+                return checked
             return await dispatcher.handle_requests(request)
 
         return Starlette(routes=[
@@ -226,26 +233,82 @@ class _Handler(DefaultRequestHandler):
         task: Task | None = await super().on_get_task(params, context)
         return task
 
-
-async def _too_deep(request: Request) -> bool:
-    """Whether the body is JSON nested past what json reads (RecursionError, not a parse error to a2a-sdk).
-    Read only when it has the brackets for it: under 500 in all, nothing nests that deep."""
-    body = await request.body()
-    if body.count(b"[") + body.count(b"{") < 500:
-        return False
-    try:
-        json.loads(body)
-    except RecursionError:
-        return True
-    except (ValueError, UnicodeDecodeError):
-        return False  # a2a-sdk answers malformed JSON itself (-32700)
-    return False
+    async def on_cancel_task(self, params: CancelTaskRequest, context: ServerCallContext) -> Task | None:
+        """a2a-sdk calls the executor's cancel only for a task it drives in this process: one left by a gateway
+        restart it merely marks CANCELED in the store, its run and escalation going on. The run is canceled
+        here once a2a-sdk has agreed (the caller owns the task and it was not final)."""
+        task: Task | None = await super().on_cancel_task(params, context)
+        executor = self.agent_executor
+        if task is not None and isinstance(executor, MeshAgentExecutor):
+            await executor.cancel_run(task.id)
+        return task
 
 
-async def _request_id(request: Request) -> Any:
-    try:
-        body = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError, RecursionError):
+def _refuse(status: int, code: int, message: str, data: dict[str, Any] | None = None,
+            headers: dict[str, str] | None = None) -> JSONResponse:
+    """A JSON-RPC error for a request whose body was not (wholly) read: no id, and the connection closed (the
+    rest of the body is never read, nor buffered for a next request)."""
+    error: dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        error["data"] = data
+    return JSONResponse({"jsonrpc": "2.0", "id": None, "error": error}, status_code=status,
+                        headers={**(headers or {}), "Connection": "close"})
+
+
+async def _bounded_body(request: Request) -> bytes | None:
+    """The request body, or None past MAX_BODY_BYTES: refused on its Content-Length before reading a byte,
+    else counted while it streams (chunked) and abandoned at the bound. a2a-sdk reads the body kept here."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         return None
-    rid = body.get("id") if isinstance(body, dict) else None
-    return rid if isinstance(rid, str | int) and not isinstance(rid, bool) else None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return None
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # Starlette's cache of the body: request.body()/json() answer from it
+    return body
+
+
+def _check_json(body: bytes) -> JSONResponse | None:
+    """The error for JSON nested too deeply (None when fine, or malformed: a2a-sdk answers that -32700).
+    json itself stops near 1,000 levels (RecursionError: -32700 here); protobuf's ParseDict, which a2a-sdk
+    parses params with, stops at 100 of its own levels (about 2 per JSON level), which a2a-sdk answers
+    -32603 as if the gateway failed: past MAX_JSON_DEPTH the caller is told its params are invalid."""
+    if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:
+        return None  # not enough brackets to nest that deep: no need to parse here
+    try:
+        value = json.loads(body)
+    except RecursionError:
+        return JSONResponse({"jsonrpc": "2.0", "id": None, "error": {
+            "code": PARSE_ERROR, "message": "parse error: the JSON is nested too deeply"}})
+    except (ValueError, UnicodeDecodeError):
+        return None
+    depth = _depth(value)
+    if depth <= MAX_JSON_DEPTH:
+        return None
+    rid = value.get("id") if isinstance(value, dict) else None
+    rid = rid if isinstance(rid, str | int) and not isinstance(rid, bool) else None
+    return JSONResponse({"jsonrpc": "2.0", "id": rid, "error": {
+        "code": INVALID_PARAMS, "message": f"invalid params: the request nests {depth} levels deep; at most "
+                                           f"{MAX_JSON_DEPTH} are accepted (flatten the data part)"}})
+
+
+def _depth(value: Any) -> int:
+    """How deeply value's lists and objects nest (iterative: no recursion limit to meet)."""
+    deepest = 0
+    todo: list[tuple[Any, int]] = [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        if isinstance(item, dict):
+            items: Any = item.values()
+        elif isinstance(item, list):
+            items = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        todo.extend((child, level + 1) for child in items)
+    return deepest

@@ -14,25 +14,55 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from a2a.server.context import ServerCallContext
 from a2a.server.owner_resolver import resolve_user_scope
 from a2a.server.tasks import InMemoryTaskStore, TaskStore
-from a2a.types.a2a_pb2 import ListTasksRequest, ListTasksResponse, Task
+from a2a.types.a2a_pb2 import ListTasksRequest, ListTasksResponse, Message, Part, Role, Task, TaskState
+from google.protobuf.message import DecodeError
 
-from hivemesh.mesh.errors import InvalidInputError
+from hivemesh.mesh.errors import HivemeshError, InvalidInputError
 from hivemesh.mesh.keyspace import WORKFLOWS
 from hivemesh.mesh.pki import NAME_RE
 from hivemesh.sdk.a2a.tasks import LABEL
 
 MAX_TASK_BYTES: Final = 512 * 1024
-"""A task document larger than this is refused (etcd's request limit is 1.5 MiB; history grows per turn)."""
+"""Largest task document kept (etcd's request limit is 1.5 MiB; history grows per turn): a larger one is kept
+FAILED without its artifacts (`fitted`)."""
+STATUS_ROOM: Final = 16 * 1024
+"""Room a task keeps for its status messages: an input leaving less is refused before any run starts."""
 MAX_LISTED: Final = 1000
 """`ListTasks` looks at this caller's newest 1,000 tasks at most."""
 
 Sync = Callable[[Task], Awaitable[Task]]
+log = logging.getLogger(__name__)
+
+
+def fitted(task: Task) -> Task:
+    """task itself if its document fits MAX_TASK_BYTES; else the task FAILED, saying its answer was too large,
+    without its artifacts (and, if still too large, its history). Saving never fails on size: a task whose
+    work is done is never lost for being too large to keep, and its run's outcome is not retried."""
+    size = task.ByteSize()
+    if size <= MAX_TASK_BYTES:
+        return task
+    log.warning("A2A task %s would be %d bytes (at most %d kept): kept FAILED", task.id, size, MAX_TASK_BYTES)
+    failed = Task()
+    failed.CopyFrom(task)
+    del failed.artifacts[:]
+    failed.ClearField("metadata")
+    failed.status.state = TaskState.TASK_STATE_FAILED
+    failed.status.timestamp.GetCurrentTime()
+    failed.status.message.CopyFrom(Message(
+        role=Role.ROLE_AGENT, message_id=uuid.uuid4().hex, task_id=task.id, context_id=task.context_id,
+        parts=[Part(text=f"PAYLOAD_TOO_LARGE: the answer made the task {size} bytes; at most {MAX_TASK_BYTES} "
+                         "are kept (ask for a smaller answer)")]))
+    if failed.ByteSize() > MAX_TASK_BYTES:
+        del failed.history[:]
+    return failed
 
 
 class EtcdTaskStore(TaskStore):
@@ -53,10 +83,7 @@ class EtcdTaskStore(TaskStore):
     async def save(self, task: Task, context: ServerCallContext) -> None:
         if not NAME_RE.fullmatch(task.id):
             raise InvalidInputError(f"task id {task.id[:80]!r} is not one this gateway issues")
-        data = task.SerializeToString()
-        if len(data) > MAX_TASK_BYTES:
-            raise InvalidInputError(f"task {task.id} would be {len(data)} bytes; at most {MAX_TASK_BYTES} are kept "
-                                    "(start a new task instead of continuing this one)")
+        data = fitted(task).SerializeToString()
         envelope = {"owner": resolve_user_scope(context), "task": base64.b64encode(data).decode()}
         await self._etcd.put(self.key(task.id), json.dumps(envelope).encode())
 
@@ -79,8 +106,8 @@ class EtcdTaskStore(TaskStore):
         if task is not None and self._sync is not None:
             synced = await self._sync(task)
             if synced is not task:
-                await self.save(synced, context)
-                task = synced
+                task = fitted(synced)  # what is kept is what the caller sees
+                await self.save(task, context)
         return task
 
     async def delete(self, task_id: str, context: ServerCallContext) -> None:
@@ -94,7 +121,13 @@ class EtcdTaskStore(TaskStore):
         mine.sort(key=lambda r: -float(r.get("updated_at") or 0.0))
         page = InMemoryTaskStore()
         for summary in mine[:MAX_LISTED]:
-            task = await self.get(str(summary["id"]).rsplit("/", 1)[-1], context)
+            task_id = str(summary["id"]).rsplit("/", 1)[-1]
+            try:
+                task = await self.get(task_id, context)
+            except (HivemeshError, ValueError, KeyError, TypeError, DecodeError) as exc:
+                # One unreadable document (damaged, or from an older gateway) must not hide all the others.
+                log.warning("ListTasks skips the unreadable A2A task %s: %s", task_id, exc)
+                continue
             if task is not None:
                 await page.save(task, context)
         return await page.list(params, context)
