@@ -252,8 +252,11 @@ async def _read_kind(etcd: Any, kind: PolicyKind[Any]) -> dict[str, tuple[Policy
     return out
 
 
-async def apply_policies(etcd: Any, items: Sequence[PolicyInput], *, dry_run: bool = False) -> ApplyResult:
-    """Store every document in one transaction, or none; see the module docstring."""
+async def apply_policies(etcd: Any, items: Sequence[PolicyInput], *, dry_run: bool = False,
+                         fence: Sequence[Any] = (), also: Sequence[Any] = ()) -> ApplyResult:
+    """Store every document in one transaction, or none; see the module docstring. A control-plane duty passes
+    its leadership term's `fence` (the write fails once another replica leads: FailedPreconditionError) and its
+    own bookkeeping writes as `also` (in the same transaction)."""
     if not items:
         raise InvalidInputError("no policy documents to apply")
     await refuse_unsafe_shadows(etcd, [i.doc for i in items])
@@ -310,8 +313,10 @@ async def apply_policies(etcd: Any, items: Sequence[PolicyInput], *, dry_run: bo
             return ApplyResult(
                 tuple(Applied(p.doc.kind, p.doc.name, action, rev) for p, action, rev in plan), 0, dry_run
             )
-        ok, responses = await etcd.transaction(compare=compares, success=ops, failure=[])
+        ok, responses = await etcd.transaction(compare=[*compares, *fence], success=[*ops, *also], failure=[])
         if not ok:
+            if fence and not (await etcd.transaction(compare=list(fence), success=[], failure=[]))[0]:
+                raise FailedPreconditionError("this control-plane replica no longer leads: another one decides now")
             continue  # someone changed one of these documents since we read it: read, check and try again
         revision = int(responses[0].response_put.header.revision) if responses else 0
         applied = tuple(

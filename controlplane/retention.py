@@ -32,7 +32,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import aetcd.utils
 
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Recorder = Callable[[Mapping[str, Any]], Awaitable[Any]]
+T = TypeVar("T")
 _AUDITED_IDS: Final = 50
 """At most this many ids are named in one audit record (the count is always exact)."""
 # --- the selection rules (pure: what is deleted when) -------------------------------------------------------------
@@ -67,7 +68,8 @@ def workflow_due(summary: Mapping[str, Any], now: float, keep_s: float | None) -
         updated = float(summary.get("updated_at") or summary.get("created_at") or 0.0)
     except (TypeError, ValueError):
         return False
-    return summary.get("state") in TERMINAL and updated > 0 and _older(updated, keep_s, now)
+    state = summary.get("state")
+    return isinstance(state, str) and state in TERMINAL and updated > 0 and _older(updated, keep_s, now)
 
 
 def escalation_due(esc: escalation_pb2.Escalation, now: float, keep_s: float | None, *, run_open: bool) -> bool:
@@ -116,10 +118,14 @@ class Retention:
     """The retention loop as a control-plane feature (start/stop); `run_once()` is one pass."""
 
     def __init__(self, etcd: Any, config: RetentionConfig, recorder: Recorder | None = None,
-                 clock: Callable[[], float] = time.time, leading: Callable[[], bool] = lambda: True) -> None:
+                 clock: Callable[[], float] = time.time, leading: Callable[[], bool] = lambda: True,
+                 fence: Callable[[], list[Any]] = list) -> None:
         self.etcd = etcd
         self.leading = leading
         """Whether this replica runs the passes now (one writer among control-plane replicas)."""
+        self.fence = fence
+        """etcd compares that hold only while this replica's leadership term lasts (`LeaderElection.fence`)."""
+        self._fence: list[Any] = []
         self.config = config
         self.recorder = recorder
         self._clock = clock
@@ -145,10 +151,13 @@ class Retention:
         """One pass: delete what is due, then compact (so the deletions' history goes too, a pass later)."""
         cfg, now = self.config, self._clock()
         report = PassReport()
-        report.workflows = await self._workflows(now)
-        report.escalations = await self._escalations(now)
-        report.revocations = await self._revocations(now)
-        report.compacted_to = await self._compact(now)
+        self._fence = self.fence()  # this term's: a pass outlived by its leadership deletes nothing more
+        # Each part on its own: one that fails (an entry no reader foresaw, etcd a moment away) must not skip the
+        # others, compaction least of all, or etcd fills up until it refuses every write.
+        report.workflows = await self._part("workflows", self._workflows(now), [])
+        report.escalations = await self._part("escalations", self._escalations(now), [])
+        report.revocations = await self._part("revocations", self._revocations(now), [])
+        report.compacted_to = await self._part("compaction", self._compact(now), 0)
         self.passes += 1
         for what in ("workflows", "escalations", "revocations"):
             ids: list[str] = getattr(report, what)
@@ -161,6 +170,15 @@ class Retention:
         if report.compacted_to:
             await self._audit({"action": "compacted", "revision": report.compacted_to})
         return report
+
+    async def _part(self, what: str, work: Awaitable[T], failed: T) -> T:
+        try:
+            return await work
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - logged; the pass goes on with the next part
+            log.error("retention of %s failed this pass (the others go on): %r", what, exc)
+            return failed
 
     async def _audit(self, fields: Mapping[str, Any]) -> None:
         if self.recorder is None:
@@ -175,7 +193,8 @@ class Retention:
         success = [tx.delete(key)]
         if prefix is not None:
             success.append(tx.delete(prefix, aetcd.utils.prefix_range_end(prefix)))
-        ok, _ = await self.etcd.transaction(compare=[tx.mod(key) == mod_revision], success=success, failure=[])
+        ok, _ = await self.etcd.transaction(compare=[tx.mod(key) == mod_revision, *self._fence], success=success,
+                                            failure=[])
         return bool(ok)
 
     async def _workflows(self, now: float) -> list[str]:
@@ -208,9 +227,10 @@ class Retention:
         for kv in await self.etcd.get_prefix(INDEX.encode()):
             try:
                 summary = json.loads(kv.value)
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            except (ValueError, RecursionError):
                 summary = None
-            if not isinstance(summary, dict) or summary.get("state") not in TERMINAL:
+            state = summary.get("state") if isinstance(summary, dict) else None
+            if not isinstance(state, str) or state not in TERMINAL:
                 out.add(kv.key.decode(errors="replace")[len(INDEX):])
         return out
 
@@ -285,6 +305,7 @@ def install(core: Core, server: Any) -> Retention | None:
     if not config.enabled:
         log.warning("retention is off: etcd history and finished runs grow until the quota refuses writes")
         return None
-    from hivemesh.controlplane.replicas import is_leader
+    from hivemesh.controlplane.replicas import is_leader, leader_fence
 
-    return Retention(core.etcd, config, _recorder(core), leading=lambda: is_leader(core))
+    return Retention(core.etcd, config, _recorder(core), leading=lambda: is_leader(core),
+                     fence=lambda: leader_fence(core))

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from hivemesh.controlplane import policies as store
 from hivemesh.controlplane.leader import leader_duty
-from hivemesh.mesh.errors import HivemeshError
+from hivemesh.mesh.errors import FailedPreconditionError, HivemeshError
 from hivemesh.mesh.keyspace import AGENTS, ROLLOUTS, STATUS
 from hivemesh.mesh.policy import PolicyDoc
 from hivemesh.mesh.resilience.kinds import ROLLOUTS as ROLLOUTS_KIND
@@ -178,11 +178,15 @@ class RolloutController:
 
     def __init__(self, etcd: Any, recorder: Recorder | None = None, *, stats: StatsSource = status_stats,
                  leading: Callable[[], bool] = lambda: True, clock: Callable[[], float] = time.time,
-                 poll_s: float = 1.0) -> None:
+                 poll_s: float = 1.0, fence: Callable[[], list[Any]] = list) -> None:
         self.etcd = etcd
         self.recorder = recorder
         self.stats = stats
         self.leading = leading
+        self.fence = fence
+        """etcd compares that hold only while this replica's leadership term lasts (`LeaderElection.fence`): a
+        pass that outlives its term (a stall, a partition) writes nothing over its successor's decisions."""
+        self._fence: list[Any] = []
         self.clock = clock
         self.poll_s = poll_s
         self._task: asyncio.Task[None] | None = None
@@ -199,20 +203,35 @@ class RolloutController:
         await leader_duty("rollout", self.leading, self.tick, self.poll_s)
 
     async def _state(self, name: str) -> RolloutState | None:
+        """The rollout's progress, or None (started afresh) when there is none or it cannot be read: a state this
+        code cannot read (hand-edited, from another version) must not stop this rollout, nor the others."""
         kv = await self.etcd.get(f"{ROLLOUTS}{name}".encode())
-        return RolloutState(**json.loads(kv.value)) if kv is not None else None
+        if kv is None:
+            return None
+        try:
+            doc = json.loads(kv.value)
+            return RolloutState(**doc) if isinstance(doc, dict) else None
+        except (ValueError, TypeError, RecursionError) as exc:
+            log.error("rollout %s: its stored state cannot be read (%r); starting it again from its first step",
+                      name, exc)
+            return None
 
     async def tick(self) -> dict[str, Decision]:
-        """One pass over every rollout; returns what was decided for each (by name)."""
+        """One pass over every rollout; returns what was decided for each (by name). One rollout's failure is
+        its own: the others go on (each canary's rollback included)."""
+        self._fence = self.fence()
         docs = await store.list_policies(self.etcd, ROLLOUTS_KIND.name)
         out: dict[str, Decision] = {}
         for doc in docs:
-            spec = ROLLOUTS_KIND.compile({doc.name: doc})[doc.name]
             try:
+                spec = ROLLOUTS_KIND.compile({doc.name: doc})[doc.name]
                 out[doc.name] = await self._advance(doc, spec)
             except HivemeshError as err:  # e.g. its routes document conflicts with another: the others go on
                 log.warning("rollout %s cannot proceed: %s", doc.name, err.message)
                 out[doc.name] = Decision("error", err.message)
+            except Exception as exc:  # anything unforeseen stops this rollout's pass only
+                log.exception("rollout %s failed this pass", doc.name)
+                out[doc.name] = Decision("error", repr(exc)[:200])
         return out
 
     async def _advance(self, doc: PolicyDoc, spec: RolloutSpec) -> Decision:
@@ -239,6 +258,7 @@ class RolloutController:
 
     async def _write(self, spec: RolloutSpec, state: RolloutState, canary_weight: int | None, event: str,
                      reason: str, figures: Mapping[str, Any] | None = None) -> None:
+        put_state = self.etcd.transactions.put(f"{ROLLOUTS}{spec.name}".encode(), json.dumps(asdict(state)).encode())
         if canary_weight is not None:
             try:
                 current: Mapping[str, Any] | None = (await store.get_policy(self.etcd, "routes", spec.routes)).spec
@@ -246,8 +266,12 @@ class RolloutController:
                 current = None
             doc = store.validate_document({"kind": "routes", "name": spec.routes,
                                            "spec": routes_spec(spec, current, canary_weight)})
-            await store.apply_policies(self.etcd, [doc])
-        await self.etcd.put(f"{ROLLOUTS}{spec.name}".encode(), json.dumps(asdict(state)).encode())
+            # The split and the progress in one transaction, under this leadership term's fence.
+            await store.apply_policies(self.etcd, [doc], fence=self._fence, also=[put_state])
+        else:
+            ok, _ = await self.etcd.transaction(compare=list(self._fence), success=[put_state], failure=[])
+            if not ok:
+                raise FailedPreconditionError("this control-plane replica no longer leads: another one decides now")
         log.warning("rollout %s: %s (%s)", spec.name, event, reason)
         if self.recorder is not None:
             try:
@@ -261,6 +285,7 @@ class RolloutController:
 def install(core: Core, server: Any) -> RolloutController:
     """The rollout loop, run by the control-plane leader for the control plane's lifetime (no service)."""
     from hivemesh.controlplane.audit.store import audit_store
-    from hivemesh.controlplane.replicas import is_leader
+    from hivemesh.controlplane.replicas import is_leader, leader_fence
 
-    return RolloutController(core.etcd, audit_store(core).record, leading=lambda: is_leader(core))
+    return RolloutController(core.etcd, audit_store(core).record, leading=lambda: is_leader(core),
+                             fence=lambda: leader_fence(core))

@@ -176,3 +176,16 @@ async def test_revocations_past_their_expiry_are_deleted_after_the_configured_pe
     [audited] = records
     assert (audited["event"], audited["what"], audited["count"], audited["older_than_s"]) == (
         "retention", "revocations", 2, 3600.0)
+
+
+async def test_one_unreadable_index_entry_skips_itself_not_the_pass(etcd: Any) -> None:
+    """An index summary whose state is a list (valid JSON, a writer's bug) raised TypeError on every pass before
+    the revocations, escalations and compaction were reached: etcd would fill until it refused every write."""
+    now = 1_000_000.0
+    stale = Revocation(jti="old-jti", revoked_at=now - 9000, expires_at=now - 7200)
+    await etcd.put(stale.key().encode(), stale.to_json())
+    await etcd.put(f"{INDEX}agent-orch/run1".encode(), json.dumps({"state": ["COMPLETED"]}).encode())
+    cfg = RetentionConfig.parse("history=never,workflows=1d,escalations=never,revocations=1h")
+    report = await Retention(etcd, cfg, None, clock=lambda: now).run_once()
+    assert report.revocations and await etcd.get(stale.key().encode()) is None
+    assert await etcd.get(f"{INDEX}agent-orch/run1".encode()) is not None  # not a finished run: kept

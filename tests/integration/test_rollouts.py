@@ -145,3 +145,67 @@ async def test_the_control_plane_leader_runs_rollouts(mesh_env: MeshEnv, etcd: a
         assert asyncio.get_running_loop().time() < deadline, "the control plane did not start the rollout"
         await asyncio.sleep(0.05)
     assert await _canary_weight(etcd, "work") == 5
+
+
+TWO = ROLLOUT.format(cap="aaa") + "---" + ROLLOUT.format(cap="bbb")
+
+
+async def test_a_rollout_whose_state_cannot_be_read_starts_again_and_the_others_go_on(etcd: aetcd.Client) -> None:
+    """A stored state this code cannot read (hand-edited, from another version) raised out of the pass, so no
+    rollout stepped or rolled back again, a failing canary's included."""
+    await store.apply_text(etcd, TWO)
+    await etcd.put(f"{ROLLOUTS}aaa-v2".encode(), b'{"version": 1, "step": 0, "extra": 1}')
+    decided = await RolloutController(etcd, None).tick()
+    assert {name: d.action for name, d in decided.items()} == {"aaa-v2": "step", "bbb-v2": "step"}
+    for name in ("aaa-v2", "bbb-v2"):
+        kv = await etcd.get(f"{ROLLOUTS}{name}".encode())
+        assert kv is not None and json.loads(kv.value)["step"] == 0
+
+
+async def test_a_pass_that_outlives_its_leadership_writes_nothing(etcd: aetcd.Client) -> None:
+    """Replica A began a pass while leading, then stalled past its lease; B took over and stepped the rollout. A's
+    stale rollback must not land over B's step (its writes carry A's term, which no longer holds)."""
+    from hivemesh.controlplane.leader import LeaderElection
+    from hivemesh.controlplane.rollouts import VersionStats
+    from tests.support.waiting import until
+
+    doc = ROLLOUT.format(cap="work").replace("interval_s: 30", "interval_s: 0.05").replace("min_calls: 10",
+                                                                                           "min_calls: 1")
+    await store.apply_text(etcd, doc)
+    a, b = LeaderElection(etcd, "replica-a", ttl_s=2), LeaderElection(etcd, "replica-b", ttl_s=2)
+    stalled, resume = asyncio.Event(), asyncio.Event()
+
+    async def failing_canary_seen_late(_etcd: object, _spec: object) -> tuple[VersionStats, VersionStats]:
+        stalled.set()
+        await resume.wait()  # a slow read, a pause, a partition
+        return VersionStats(100, 0, 20.0), VersionStats(100, 50, 20.0)
+
+    async def healthy(_etcd: object, _spec: object) -> tuple[VersionStats, VersionStats]:
+        return VersionStats(100, 0, 20.0), VersionStats(100, 0, 20.0)
+
+    try:
+        await a.start()
+        await b.start()
+        assert a.is_leader and not b.is_leader
+        ca = RolloutController(etcd, None, stats=failing_canary_seen_late, leading=lambda: a.is_leader, fence=a.fence)
+        cb = RolloutController(etcd, None, stats=healthy, leading=lambda: b.is_leader, fence=b.fence)
+        assert (await ca.tick())["work-v2"].action == "step"  # A starts it
+        stale = asyncio.create_task(ca.tick())
+        assert await until(stalled.is_set, 10)
+        await a.stop()  # A's term ends (its lease revoked); B takes over
+        assert await until(lambda: b.is_leader, 15), "B did not take over"
+        for _ in range(200):  # B steps once the canary's interval (0.05 s) has passed since A started it
+            if (await cb.tick())["work-v2"].action == "step":
+                break
+            await asyncio.sleep(0.02)
+        after_b = json.loads((await etcd.get(f"{ROLLOUTS}work-v2".encode())).value)
+        assert after_b["step"] == 1
+        resume.set()
+        decided = (await asyncio.wait_for(stale, 10))["work-v2"]
+        assert decided.action == "error" and "no longer leads" in decided.reason
+        assert json.loads((await etcd.get(f"{ROLLOUTS}work-v2".encode())).value) == after_b
+        assert await _canary_weight(etcd, "work") == 25
+    finally:
+        resume.set()
+        await a.stop()
+        await b.stop()
