@@ -104,13 +104,16 @@ class Scrape:
 
 
 def parse_exposition(text: str) -> dict[tuple[str, Labels], float]:
-    """Every sample of a text exposition keyed by (sample name, sorted labels); `_created` samples dropped."""
+    """Every sample of a text exposition keyed by (sample name, sorted labels); `_created` samples dropped, and
+    samples that are not finite (NaN, ±Inf: no hivemesh family exports one) too, so one odd target can neither
+    stop the view (an infinite breaker state raised OverflowError) nor put NaN in `--json` output."""
     samples: dict[tuple[str, Labels], float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if s.name.endswith("_created"):
+            value = float(s.value)
+            if s.name.endswith("_created") or not math.isfinite(value):
                 continue
-            samples[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
+            samples[(s.name, tuple(sorted(s.labels.items())))] = value
     return samples
 
 
@@ -208,7 +211,7 @@ class Row:
 
 
 def _round(v: float | None) -> float | None:
-    return None if v is None else round(v, 3)
+    return None if v is None or not math.isfinite(v) else round(v, 3)
 
 
 @dataclass(frozen=True)
@@ -321,6 +324,14 @@ class _Acc:
         )
 
 
+def _bound(text: str | None) -> float | None:
+    try:
+        le = float(text) if text is not None else None
+    except ValueError:
+        return None
+    return None if le is None or math.isnan(le) else le
+
+
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000
 
@@ -360,7 +371,9 @@ def compute(before: Sequence[Scrape], after: Sequence[Scrape], *, direction: str
             if labels.get("code") != "OK":
                 a.failed += n
         for key, labels in _select(w.now, "hivemesh_request_duration_seconds_bucket", direction=direction):
-            acc(labels).buckets[float(labels["le"])] += w.increase(key) * per_s
+            le = _bound(labels.get("le"))
+            if le is not None:  # a bucket with no bound (not from a hivemesh node) says nothing
+                acc(labels).buckets[le] += w.increase(key) * per_s
         for key, labels in _select(w.now, "hivemesh_requests_in_flight", direction=direction):
             acc(labels).in_flight += w.now[key]
         if direction == "inbound":  # the admission queue is per agent, in front of every capability it serves

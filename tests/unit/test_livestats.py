@@ -190,3 +190,24 @@ def test_file_sd_targets_and_endpoints(tmp_path: Path) -> None:
     for bad_endpoint in ("127.0.0.1", ":9100", "h:0", "h:http", "h:70000"):
         with pytest.raises(ValueError, match="is not HOST:PORT"):
             parse_endpoint(bad_endpoint)
+
+
+def test_a_target_exporting_odd_samples_neither_stops_the_view_nor_puts_nan_in_json() -> None:
+    """One endpoint's +Inf breaker state raised OverflowError, a bucket with no `le` KeyError, and a NaN counter
+    reached `--json` as NaN (not JSON): `hivemesh top` showed nothing for any node."""
+    odd = (
+        '# TYPE hivemesh_breaker_state gauge\nhivemesh_breaker_state{capability="x",instance="a/b"} +Inf\n'
+        '# TYPE hivemesh_requests_total counter\n'
+        'hivemesh_requests_total{direction="inbound",capability="x",code="OK"} NaN\n'
+        '# TYPE hivemesh_request_duration_seconds_bucket gauge\n'
+        'hivemesh_request_duration_seconds_bucket{direction="inbound",capability="x"} 3\n'
+    )
+    good = MeshMetrics(packaging="test", node="echo/i-a")
+    _calls(good, "echo", 10, 0.004)
+    before = [Scrape(Target("10.0.0.9:9100"), 100.0, parse_exposition(odd)), _scrape(good, "10.0.0.1:9100", 100.0)]
+    _calls(good, "echo", 20, 0.004)
+    after = [Scrape(Target("10.0.0.9:9100"), 102.0, parse_exposition(odd)), _scrape(good, "10.0.0.1:9100", 102.0)]
+    view = compute(before, after)
+    text = json.dumps(view.to_json(), allow_nan=False)  # raises on NaN or infinity
+    rows = {r.capability: r for r in view.rows}
+    assert rows["echo"].calls_per_s == 10.0 and "echo" in text
