@@ -34,12 +34,22 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return raw if isinstance(raw, dict) else None
 
 
+def _since(started_at: Any) -> str:
+    """", started <when>" for a start time read from a state file, or "" when it is not one (a file left by a
+    crash, or written by hand, must not turn the message into a traceback)."""
+    if isinstance(started_at, bool) or not isinstance(started_at, int | float):
+        return ""
+    try:
+        return f", started {when(float(started_at))}"
+    except (ValueError, OverflowError, OSError):  # NaN, or past what a calendar holds
+        return ""
+
+
 def running_message(home: Path, owner: dict[str, Any] | None, state: dict[str, Any] | None) -> str:
     """What a refused second `up` says: who runs here, since when, on which ports, and what to do instead."""
     info = {**(owner or {}), **{k: v for k, v in (state or {}).items() if k in ("pid", "started_at")}}
     who = f"`hivemesh up` pid {info['pid']}" if "pid" in info else "another `hivemesh up`"
-    if isinstance(info.get("started_at"), int | float):
-        who += f", started {when(float(info['started_at']))}"
+    who += _since(info.get("started_at"))
     if state and {"controlplane", "join", "etcd"} <= state.keys():
         where = f"control plane {state['controlplane']}, joins on {state['join']}, etcd {state['etcd']}"
     else:
@@ -78,7 +88,7 @@ class UpLock:
             raise MeshAlreadyRunningError(running_message(self.home, None, state))
         note = None
         if state_path.exists():
-            since = f", started {when(float(state['started_at']))}" if state and "started_at" in state else ""
+            since = _since(state.get("started_at")) if state else ""
             who = f"pid {pid}{since}" if pid is not None else "it left no pid"
             note = (f"a previous `hivemesh up` in {self.home} ({who}) did not stop cleanly: replacing its state "
                     f"(logs of that run stay in {self.home / 'logs'})")

@@ -117,3 +117,19 @@ def test_finding_the_mesh_from_another_folder(tmp_path: Path, monkeypatch: pytes
     assert note.exists()
     localmesh.unregister(home, pid=DEAD_PID)
     assert not note.exists()
+
+
+@pytest.mark.parametrize("started_at", [["a", "list"], 1e300, float("nan"), "yesterday", True])
+def test_a_crashed_ups_state_with_an_odd_start_time_is_still_replaced(tmp_path: Path, started_at: object) -> None:
+    """A state file left by a crash (or edited by hand) whose start time is not one: a note without it, never a
+    traceback (a list raised TypeError, 1e300 OverflowError)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    state = {"pid": DEAD_PID, "started_at": started_at, "controlplane": "x", "join": "y", "etcd": "z"}
+    (home / STATE_FILE).write_text(json.dumps(state))
+    lock = UpLock(home)
+    try:
+        note = lock.acquire()
+        assert note is not None and f"(pid {DEAD_PID})" in note and not (home / STATE_FILE).exists()
+    finally:
+        lock.release()
