@@ -12,7 +12,9 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
 
-from hivemesh.mesh.errors import AgentError, HivemeshError, InvalidInputError
+from google.protobuf.message import DecodeError
+
+from hivemesh.mesh.errors import AgentError, HivemeshError, InvalidInputError, InvalidOutputError
 from hivemesh.v1 import agent_pb2, mesh_pb2
 
 MAX_ITEMS: Final = 1000
@@ -66,5 +68,9 @@ def response(outcomes: list[bytes | HivemeshError]) -> mesh_pb2.CallBatchRespons
             result.error.CopyFrom(item_error(outcome))
             out.failed += 1
         else:
-            result.response.CopyFrom(agent_pb2.InvokeResponse.FromString(outcome))
+            try:
+                result.response.CopyFrom(agent_pb2.InvokeResponse.FromString(outcome))
+            except DecodeError:  # one peer's unreadable answer is that item's failure, not the whole batch's
+                result.error.CopyFrom(item_error(InvalidOutputError("the answer is not an InvokeResponse message")))
+                out.failed += 1
     return out
