@@ -11,15 +11,18 @@ delivering it later as the sidecar's own identity would act with authority the c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from typing import Any, Final
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from hivemesh.mesh.errors import (
     FailedPreconditionError,
     HivemeshError,
     InvalidInputError,
+    InvalidOutputError,
     NoLiveInstanceError,
     UnknownCapabilityError,
     abort,
@@ -53,12 +56,19 @@ def queue_for_s(req: agent_pb2.InvokeRequest, *, required: bool = False) -> floa
 
 
 def held_message(held: HeldCall) -> mesh_pb2.QueuedCall:
+    response = agent_pb2.InvokeResponse()
+    if held.state == DONE:
+        try:
+            response.ParseFromString(held.response)
+        except DecodeError:  # the peer's answer does not decode: this call failed, not every listing of the queue
+            held = dataclasses.replace(held, state=FAILED, response=b"",
+                                       error=InvalidOutputError("the answer is not an InvokeResponse message"))
     out = mesh_pb2.QueuedCall(
         id=held.id, capability=held.capability, state=held.state, enqueued_at_unix_ms=held.enqueued_at_unix_ms,
         expires_at_unix_ms=held.expires_at_unix_ms, call_id=held.call_id, idempotency_key=held.idempotency_key,
     )
     if held.state == DONE:
-        out.response.ParseFromString(held.response)
+        out.response.CopyFrom(response)
     elif held.state == FAILED and held.error is not None:
         out.error.CopyFrom(mesh_pb2.BatchItemError(code=held.error.code.name, reason=held.error.reason,
                                                    message=held.error.message))
