@@ -26,6 +26,7 @@ from hivemesh.mesh.errors import (
     DeadlineExceededError,
     HivemeshError,
     InvalidInputError,
+    RateLimitedError,
 )
 from hivemesh.sdk.llm.core import ChatTurn, Completion, Message, ToolCall, Usage, count_tokens, record_usage
 
@@ -72,8 +73,9 @@ class OpenAIConfig:
 
 def _hivemesh_error(exc: openai.OpenAIError, config: OpenAIConfig) -> HivemeshError:
     """The hivemesh error for an openai one: a timeout is DEADLINE_EXCEEDED, an unreachable endpoint
-    UNAVAILABLE, a 400 (our request was refused, e.g. a prompt over the model's context) INVALID_ARGUMENT,
-    anything else the endpoint answered (after retries) an AgentError naming the HTTP status."""
+    UNAVAILABLE, a 400 (our request was refused, e.g. a prompt over the model's context) INVALID_ARGUMENT, a 429
+    after the retries RESOURCE_EXHAUSTED with its Retry-After, anything else the endpoint answered (after retries)
+    an AgentError naming the HTTP status."""
     import openai
 
     if isinstance(exc, openai.APITimeoutError):
@@ -84,8 +86,24 @@ def _hivemesh_error(exc: openai.OpenAIError, config: OpenAIConfig) -> HivemeshEr
         detail = exc.response.text[:300]
         if exc.status_code == 400:
             return InvalidInputError(f"the model endpoint refused the request (HTTP 400): {detail}")
+        if exc.status_code == 429:  # still, after the retries: the caller's to pace, as for the mesh's own limits
+            return RateLimitedError(f"the model endpoint rate-limited the call (HTTP 429): {detail}",
+                                    retry_after_s=_retry_after(exc.response.headers))
         return AgentError(f"the model endpoint answered HTTP {exc.status_code}: {detail}")
     return AgentError(f"the model endpoint's answer cannot be read: {str(exc)[:300]}")
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """The pause the endpoint asked for in seconds (Retry-After-Ms, as OpenAI sends it, else Retry-After's delta
+    form), or None when absent or not a sane number."""
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        try:
+            seconds = float(headers[name]) * scale if name in headers else None
+        except ValueError:
+            continue
+        if seconds is not None and 0 <= seconds <= 3600:
+            return seconds
+    return None
 
 
 def _malformed(what: str) -> AgentError:

@@ -18,11 +18,11 @@ from opentelemetry.trace import StatusCode
 
 from hivemesh.mesh import tracing
 from hivemesh.mesh.errors import (
-    AgentError,
     AgentUnavailableError,
     DeadlineExceededError,
     HivemeshError,
     InvalidInputError,
+    RateLimitedError,
     ToolRoundsExceededError,
 )
 from hivemesh.sdk import Agent, AgentServer, Context, MeshClient, capability
@@ -151,8 +151,9 @@ async def test_the_openai_client_retries_streams_times_out_and_cancels() -> None
 
         script.busy_failures = 10
         no_retries = OpenAICompatibleLLM(OpenAIConfig(base_url, "busy", max_retries=0))
-        with pytest.raises(AgentError, match="HTTP 429"):
+        with pytest.raises(RateLimitedError, match="HTTP 429") as limited:  # still after the retries: pace it
             await no_retries.complete("x")
+        assert limited.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and limited.value.retry_after_s == 0.02
 
         streamer = OpenAICompatibleLLM(OpenAIConfig(base_url, "streamer"))
         with metering(meter):
