@@ -84,16 +84,14 @@ def serve(name: str, listen: str, public_url: str | None, timeout: float, as_jso
 @friendly_errors
 def register(url: str, name: str | None, listen: str, ca_file: str | None, timeout: float, as_json: bool) -> None:
     """Serve the A2A agent whose card is at URL on the mesh: its skills become capabilities in the registry."""
-    import httpx
-
-    from hivemesh.sdk.a2a.bridge import A2ABridgeAgent, fetch_card
+    from hivemesh.sdk.a2a.bridge import A2ABridgeAgent, fetch_card, http_client
     from hivemesh.sdk.serve import AgentServer, AgentServerConfig
 
     host, port = _host_port(listen)
     verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
 
     async def go() -> None:
-        async with httpx.AsyncClient(verify=verify, timeout=timeout) as http:
+        async with http_client(verify=verify, timeout=timeout) as http:  # every answer bounded
             card = await fetch_card(url, http)
             bridge = await A2ABridgeAgent.from_card(card, http, name=name)
             try:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Any, ClassVar
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar, Final
 
 import httpx
 from a2a.client import Client, ClientConfig, create_client
@@ -41,6 +42,50 @@ from hivemesh.sdk.context import Context
 from hivemesh.sdk.escalation import InputRequired
 
 _NAME = re.compile(r"[^a-z0-9._-]+")
+MAX_ANSWER_BYTES: Final = 8 * 1024 * 1024
+"""The most bytes one answer of an external A2A agent (its card, a JSON-RPC answer) may have: httpx reads a body
+whole, so without a bound a broken or hostile agent could make the bridge hold any amount of memory."""
+
+
+class AnswerTooLargeError(httpx.RequestError):
+    """An answer passed MAX_ANSWER_BYTES (declared, or counted as it arrived): refused, never read on."""
+
+
+class _CappedBody(httpx.AsyncByteStream):
+    def __init__(self, inner: httpx.AsyncByteStream, request: httpx.Request) -> None:
+        self._inner, self._request, self._size = inner, request, 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            self._size += len(chunk)
+            if self._size > MAX_ANSWER_BYTES:
+                raise AnswerTooLargeError(f"the answer passed {MAX_ANSWER_BYTES >> 20} MiB", request=self._request)
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def _cap(response: httpx.Response) -> None:
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):  # a small compressed body can unpack to any size
+        raise AnswerTooLargeError(f"the answer is compressed ({encoding[:40]}) though asked not to be",
+                                  request=response.request)
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_ANSWER_BYTES:
+        raise AnswerTooLargeError(f"the answer declares {int(declared)} bytes, more than {MAX_ANSWER_BYTES}",
+                                  request=response.request)
+    if isinstance(response.stream, httpx.AsyncByteStream):
+        response.stream = _CappedBody(response.stream, response.request)
+
+
+def http_client(**kwargs: Any) -> httpx.AsyncClient:
+    """An httpx client for `fetch_card` and `A2ABridgeAgent.from_card` whose every answer is bounded
+    (MAX_ANSWER_BYTES, declared or counted as it arrives) and uncompressed; kwargs go to httpx.AsyncClient."""
+    headers = {"Accept-Encoding": "identity", **kwargs.pop("headers", {})}
+    hooks = kwargs.pop("event_hooks", {})
+    hooks = {**hooks, "response": [*hooks.get("response", []), _cap]}
+    return httpx.AsyncClient(headers=headers, event_hooks=hooks, **kwargs)
 
 
 def mesh_name(text: str) -> str:
@@ -63,6 +108,7 @@ async def fetch_card(url: str, http: httpx.AsyncClient) -> AgentCard:
         resp.raise_for_status()
         return parse_agent_card(resp.json())
     except (httpx.HTTPError, ValueError, json_format.ParseError) as exc:  # ParseError: JSON, but not a card
+        # (An AnswerTooLargeError from `http_client` is an HTTPError too.)
         raise InvalidInputError(f"could not read an A2A agent card at {card_url(url)}: {exc}") from None
 
 
@@ -155,6 +201,8 @@ class A2ABridgeAgent(Agent):
         if isinstance(exc, A2AClientTimeoutError):
             return DeadlineExceededError(f"{who} did not answer in time")
         cause = exc.__cause__
+        if isinstance(cause, AnswerTooLargeError):
+            return AgentError(f"{who} answered too much: {cause}")
         if isinstance(cause, httpx.HTTPStatusError):
             return AgentError(f"{who} answered HTTP {cause.response.status_code}")
         if isinstance(cause, httpx.TransportError):

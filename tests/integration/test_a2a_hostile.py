@@ -232,7 +232,7 @@ def _hostile_agent() -> Iterator[ThreadingHTTPServer]:
     """An "A2A agent" on 127.0.0.1 whose skills fail: JSON-RPC invalid params, HTML, HTTP 500."""
     card = tools_card()
     del card.skills[:]
-    for sid in ("rpcerr", "html", "http500"):
+    for sid in ("rpcerr", "html", "http500", "declares-100mib", "floods"):
         card.skills.append(AgentSkill(id=sid, name=sid, description=sid, tags=["t"]))
     served: dict[str, bytes] = {}
 
@@ -258,6 +258,20 @@ def _hostile_agent() -> Iterator[ThreadingHTTPServer]:
                     "code": -32602, "message": "invalid params: a must be a number"}}).encode())
             elif skill == "html":
                 self._send(200, b"<html>maintenance</html>", "text/html")
+            elif skill == "declares-100mib":  # then sends nothing: a client that waits for the body hangs
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(100 << 20))
+                self.end_headers()
+            elif skill == "floods":  # an endless answer, chunk after chunk (at most 20 MiB, if nobody stops it)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                chunk = b"x" * (256 << 10)
+                with contextlib.suppress(OSError):
+                    for _ in range(80):
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
             else:
                 self._send(500, b"oops", "text/plain")
 
@@ -274,6 +288,29 @@ def _hostile_agent() -> Iterator[ThreadingHTTPServer]:
         server.shutdown()
         server.server_close()
         thread.join(10)
+
+
+async def test_the_bridges_client_refuses_an_answer_too_large_to_hold(mesh_env: MeshEnv) -> None:
+    """httpx reads a body whole: an external agent declaring 100 MiB, or streaming without end, made the bridge
+    wait for it, or hold it all. The bridge's client (`http_client`, what `hivemesh a2a register` uses) refuses
+    past MAX_ANSWER_BYTES."""
+    from hivemesh.sdk.a2a.bridge import http_client
+
+    with _hostile_agent() as server:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        async with http_client(timeout=30) as http:
+            bridge = await A2ABridgeAgent.from_card(await fetch_card(url, http), http, name="hostile")
+            try:
+                async with AgentServer(bridge, await mesh_env.settings_for("hostile")), \
+                        MeshClient.connect(name="tester",
+                                           settings=await mesh_env.settings_for("tester", "client")) as mesh:
+                    assert await mesh.node.registry.wait_for_capability("floods", 1, timeout=10)
+                    for skill in ("declares-100mib", "floods"):
+                        with pytest.raises(AgentError) as refused:
+                            await mesh.call(skill, {"a": 1}, timeout=20)
+                        assert "answered too much" in refused.value.message, refused.value.message
+            finally:
+                await bridge.close()
 
 
 async def test_the_bridge_maps_an_a2a_agents_failures(mesh_env: MeshEnv) -> None:
