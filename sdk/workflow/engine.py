@@ -34,18 +34,22 @@ from hivemesh.sdk.workflow.reown import etcd_unreachable, reown
 from hivemesh.sdk.workflow.run import WorkflowRun
 from hivemesh.sdk.workflow.state import WorkflowState
 from hivemesh.sdk.workflow.store import (
+    MAX_JOURNAL_BYTES,
     LockLostError,
     OwnerLock,
     WorkflowStore,
-    event_key,
+    check_wait,
     events_prefix,
-    owned,
+    withdraw_escalations,
 )
 
 if TYPE_CHECKING:
     from hivemesh.sdk.client import MeshClient
 
 log = logging.getLogger(__name__)
+
+MAX_LOCK_TTL_S = 3600
+"""The longest run-ownership lease: a dead owner's runs wait this long before another process may resume them."""
 
 
 def _retrieved(task: asyncio.Future[Any]) -> None:
@@ -80,9 +84,11 @@ class WorkflowEngine:
         mesh: a started MeshClient; steps are called with its identity.
         owner: recorded as the run's owner (default: the mesh identity's SPIFFE id); `resume_all` resumes this
             identity's unfinished runs whose recorded owner is this.
-        lock_ttl_s: lease TTL of run ownership (a killed owner's runs are resumable this long after it died).
+        lock_ttl_s: lease TTL of run ownership in whole seconds, 2..MAX_LOCK_TTL_S (a killed owner's runs are
+            resumable this long after it died).
         escalations: the Escalations client (default: over the mesh identity's control-plane connection).
         on_event: (workflow id, kind, data) for progress displays.
+        max_journal_bytes: the bound on each run's journal (`store.MAX_JOURNAL_BYTES`).
     """
 
     def __init__(
@@ -94,9 +100,15 @@ class WorkflowEngine:
         escalations: EscalationClient | None = None,
         on_event: Callable[[str, str, Mapping[str, Any]], None] | None = None,
         conversation_id: str = "",
+        max_journal_bytes: int = MAX_JOURNAL_BYTES,
     ) -> None:
-        if lock_ttl_s < 2:
-            raise ValueError("lock_ttl_s must be >= 2 (etcd leases shorter than that are not reliable)")
+        # An int: etcd leases are whole seconds, and NaN or 2.5 made every owner-key attempt fail (runs stuck).
+        if isinstance(lock_ttl_s, bool) or not isinstance(lock_ttl_s, int) or not 2 <= lock_ttl_s <= MAX_LOCK_TTL_S:
+            raise ValueError(f"lock_ttl_s must be an int of seconds in 2..{MAX_LOCK_TTL_S} (etcd leases are whole "
+                             f"seconds; shorter than 2 they are not reliable), not {lock_ttl_s!r}")
+        if isinstance(max_journal_bytes, bool) or not isinstance(max_journal_bytes, int) or max_journal_bytes < 1:
+            raise ValueError(f"max_journal_bytes must be a positive int, not {max_journal_bytes!r}")
+        self.max_journal_bytes = max_journal_bytes
         self.mesh = mesh
         self._owner = owner
         self.lock_ttl_s = lock_ttl_s
@@ -152,7 +164,7 @@ class WorkflowEngine:
     async def start(self) -> None:
         if self._store is None:
             self._etcd = etcd_client(self.mesh.node.etcd)
-            self._store = WorkflowStore(self._etcd)
+            self._store = WorkflowStore(self._etcd, max_journal_bytes=self.max_journal_bytes)
 
     async def close(self) -> None:
         for handle in list(self._handles.values()):
@@ -183,12 +195,7 @@ class WorkflowEngine:
         body_source = resolve_definition(definition) if isinstance(definition, str) else definition
         body_of(body_source)  # fail now on something that cannot run
         state = WorkflowState(wid)
-        async with owned(f"workflow {wid}"):
-            ok, _ = await self.store.etcd.transaction(
-                compare=[self.store.etcd.transactions.version(event_key(wid, 1)) == 0], success=[], failure=[])
-        if not ok:
-            raise FailedPreconditionError(f"workflow {wid} exists already", metadata={"workflow_id": wid})
-        await self.store.append(state, "created", {
+        await self.store.create(state, {
             "definition": definition_ref(definition), "input": input, "owner": self.owner,
             "labels": dict(labels or {}),
         })
@@ -202,6 +209,8 @@ class WorkflowEngine:
         """Drive an unfinished run again from its events (waiting up to wait_s for its previous owner's lease).
         Another identity's run is PERMISSION_DENIED (by etcd) unless this identity is an operator."""
         workflow_id = self.run_id_for(workflow_id)
+        if wait_s is not None:
+            check_wait(wait_s, "wait_s")
         state = await self.store.load(workflow_id)
         if state.terminal:
             raise FailedPreconditionError(f"workflow {workflow_id} is {state.state}; there is nothing to resume")
@@ -232,7 +241,8 @@ class WorkflowEngine:
     async def cancel(self, workflow_id: str, *, reason: str = "", wait_s: float = 10.0) -> WorkflowState:
         """Request cancellation and wait (bounded) for the run to reach CANCELED (or another final state)."""
         workflow_id = self.run_id_for(workflow_id)
-        state = await self.store.request_cancel(workflow_id, by=self.owner, reason=reason)
+        state = await self.store.request_cancel(workflow_id, by=self.owner, reason=reason,
+                                                escalations=self.escalations)
         deadline = time.monotonic() + wait_s
         while not state.terminal and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
@@ -332,9 +342,8 @@ class WorkflowEngine:
                     await body
                 if lock.lost.is_set():
                     raise LockLostError(f"workflow {state.id}: lost ownership; another process may resume it")
-                await self._withdraw_escalations(run)
-                for missed in await store.events(state.id, after=run.state.seq):  # the cancel request itself
-                    run.state.apply(missed)
+                await withdraw_escalations(self.escalations, run.state)
+                await store.catch_up(run.state)  # the cancel request itself
                 req = run.state.cancel_requested or {}
                 await run.append("canceled", {"by": req.get("by", ""), "reason": req.get("reason") or "cancelled"})
             else:
@@ -348,6 +357,16 @@ class WorkflowEngine:
             await store.release(lock)
 
     async def _finish(self, run: WorkflowRun, body: asyncio.Future[Any]) -> None:
+        """Record how the body ended. An ending the journal cannot hold (an output too large or not plain JSON)
+        is recorded as `failed` INVALID_ARGUMENT instead, so the run ends rather than staying WORKING."""
+        try:
+            await self._record_end(run, body)
+        except InvalidInputError as exc:
+            if run.state.terminal:
+                raise
+            await run.append("failed", {"error": error_to_json(exc)})
+
+    async def _record_end(self, run: WorkflowRun, body: asyncio.Future[Any]) -> None:
         exc = body.exception()
         if exc is None:
             result = body.result()
@@ -372,10 +391,3 @@ class WorkflowEngine:
             if not isinstance(exc, HivemeshError):
                 log.error("workflow %s failed", run.workflow_id, exc_info=exc)
             await run.append("failed", {"error": error_to_json(exc)})
-
-    async def _withdraw_escalations(self, run: WorkflowRun) -> None:
-        for rec in run.state.escalations.values():
-            if rec.get("resolution") or not rec.get("escalation_id"):
-                continue
-            with contextlib.suppress(HivemeshError):
-                await self.escalations.cancel(str(rec["escalation_id"]), note="the workflow run was cancelled")

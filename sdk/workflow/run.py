@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from hivemesh.mesh import tracing
-from hivemesh.mesh.errors import HivemeshError
+from hivemesh.mesh.errors import HivemeshError, InvalidInputError
 from hivemesh.sdk.call_options import CallOptions
 from hivemesh.sdk.escalation import EscalationInfo, OnDeadline
 from hivemesh.sdk.patterns.base import StepResult, error_from_json, error_to_json, maybe_await
@@ -85,6 +85,11 @@ class WorkflowRun:
         return result
 
     async def memo(self, key: str, compute: Callable[[], Any]) -> Any:
+        """compute() once per key for the run's life (its value is recorded and answered on replay). The key must
+        be a str: the journal stores keys as JSON strings, so another type would never be found again."""
+        if not isinstance(key, str):
+            raise InvalidInputError(f"a memo key must be a str, not {type(key).__name__}",
+                                    field_violations={"key": "must be a string"})
         if key in self.state.memos:
             return self.state.memos[key]
         value = await maybe_await(compute())

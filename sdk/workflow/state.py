@@ -63,6 +63,8 @@ class WorkflowState:
     cancel_requested: dict[str, Any] | None = None
     runs: list[dict[str, Any]] = field(default_factory=list)
     """Each time an orchestrator started or resumed the run: {"owner", "pid", "host", "at"}."""
+    journal_bytes: int = 0
+    """The stored size of the events folded in (the store counts it against its journal bound)."""
 
     @property
     def terminal(self) -> bool:

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -20,16 +21,33 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError, NotFoundError, PermissionDeniedError
-from hivemesh.mesh.etcd import is_permission_denied
+import grpc
+
+from hivemesh.mesh.errors import (
+    FailedPreconditionError,
+    HivemeshError,
+    InvalidInputError,
+    NotFoundError,
+    PermissionDeniedError,
+)
+from hivemesh.mesh.etcd import is_permission_denied, read_prefix
 from hivemesh.mesh.keyspace import WORKFLOW_INDEX as INDEX
 from hivemesh.mesh.keyspace import WORKFLOWS
 from hivemesh.mesh.run_ids import FORMAT, parse_run_id
+from hivemesh.sdk.escalation import EscalationClient
 from hivemesh.sdk.workflow.state import WorkflowState
 
 log = logging.getLogger(__name__)
 
 MAX_EVENT_BYTES: Final = 512 * 1024
+MAX_JOURNAL_BYTES: Final = 32 * 1024 * 1024
+"""The bound on a run's journal (its events' encoded bytes), so it stays readable and replayable: an event that
+would take the journal past it is refused (JournalFullError) and the run fails. Only the events that end a run
+are let past it (`created`, `started`, `cancel_requested` and the final one, each at most MAX_EVENT_BYTES), so a
+full run still ends: its journal never holds more than this plus those few."""
+ENDING_EVENTS: Final = frozenset({"created", "started", "cancel_requested", "completed", "rejected", "failed",
+                                  "canceled"})
+"""Events exempt from MAX_JOURNAL_BYTES: without them a run at the bound could neither start nor end."""
 
 
 def events_prefix(workflow_id: str) -> str:
@@ -66,6 +84,14 @@ async def owned(what: str) -> AsyncIterator[None]:
             "its id starts with, operators and the control plane)") from exc
 
 
+class JournalFullError(HivemeshError):
+    """A run's journal would pass its bound (MAX_JOURNAL_BYTES): the run fails instead of growing without end."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "WORKFLOW_JOURNAL_FULL"
+    default_message = "the workflow run's journal is full"
+
+
 class LockLostError(FailedPreconditionError):
     reason = "WORKFLOW_OWNER_LOST"
     default_message = "this process no longer owns the workflow run (its lease expired)"
@@ -80,8 +106,31 @@ class OwnerLock:
     _keepalive: asyncio.Task[None] | None = None
 
 
+def check_wait(value: float, name: str) -> float:
+    """A wait in seconds: finite and not negative (NaN would make every deadline comparison false: a wait for ever)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise InvalidInputError(f"{name} must be a finite number of seconds >= 0, not {value!r}",
+                                field_violations={name: "must be finite and >= 0"})
+    return float(value)
+
+
+async def withdraw_escalations(client: EscalationClient, state: WorkflowState) -> None:
+    """Cancel every escalation of the run that has no resolution (the run ended; nobody will read an answer)."""
+    for rec in state.escalations.values():
+        if rec.get("resolution") or not rec.get("escalation_id"):
+            continue
+        with contextlib.suppress(HivemeshError):
+            await client.cancel(str(rec["escalation_id"]), note="the workflow run was cancelled")
+
+
 def _encode(event: Mapping[str, Any]) -> bytes:
-    data = json.dumps(event, separators=(",", ":"), sort_keys=True, default=str).encode()
+    """The event as stored; InvalidInputError for what JSON cannot hold as it is (an object, mixed key types, a
+    lone surrogate), never a str() of it that would come back as another type on replay."""
+    try:
+        data = json.dumps(event, separators=(",", ":"), sort_keys=True).encode()
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidInputError(f"a workflow {event.get('type', '')} event cannot be stored: its data is not plain "
+                                f"JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
     if len(data) > MAX_EVENT_BYTES:
         raise InvalidInputError(f"a workflow event is {len(data)} bytes; the limit is {MAX_EVENT_BYTES} "
                                 "(keep large payloads out of step inputs and outputs: store them and pass ids)")
@@ -91,30 +140,64 @@ def _encode(event: Mapping[str, Any]) -> bytes:
 class WorkflowStore:
     """Events in etcd: append (compare-and-create on the sequence key, fenced on the owner value), read, list."""
 
-    def __init__(self, etcd: Any) -> None:
+    def __init__(self, etcd: Any, *, max_journal_bytes: int = MAX_JOURNAL_BYTES) -> None:
+        if isinstance(max_journal_bytes, bool) or not isinstance(max_journal_bytes, int) or max_journal_bytes < 1:
+            raise ValueError("max_journal_bytes must be a positive int")
         self.etcd = etcd
+        self.max_journal_bytes = max_journal_bytes
 
-    async def events(self, workflow_id: str, after: int = 0) -> list[dict[str, Any]]:
+    async def _read(self, workflow_id: str, after: int) -> list[tuple[dict[str, Any], int]]:
+        """(event, stored bytes) after seq `after`, in order; read in pages, so a long journal stays readable."""
         async with owned(f"workflow {workflow_id}"):
-            kvs = await self.etcd.get_prefix(events_prefix(workflow_id).encode(), sort_order="ascend")
+            kvs, _ = await read_prefix(self.etcd, events_prefix(workflow_id).encode())
         out = []
         for kv in kvs:
             try:
                 event = json.loads(kv.value)
             except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-                log.warning("skipping unparsable workflow event %s", kv.key.decode(errors="replace"))
+                log.warning("skipping unparsable workflow event %s", bytes(kv.key).decode(errors="replace"))
                 continue
-            if int(event.get("seq", 0)) > after:
-                out.append(event)
-        out.sort(key=lambda e: int(e.get("seq", 0)))
+            if isinstance(event, dict) and int(event.get("seq", 0)) > after:
+                out.append((event, len(kv.value)))
+        out.sort(key=lambda e: int(e[0].get("seq", 0)))
         return out
+
+    async def events(self, workflow_id: str, after: int = 0) -> list[dict[str, Any]]:
+        return [event for event, _ in await self._read(workflow_id, after)]
+
+    async def catch_up(self, state: WorkflowState) -> None:
+        """Fold the events written after state.seq into state (counting their bytes against the journal bound)."""
+        for event, size in await self._read(state.id, state.seq):
+            state.apply(event)
+            state.journal_bytes += size
 
     async def load(self, workflow_id: str) -> WorkflowState:
         validate_workflow_id(workflow_id)
-        events = await self.events(workflow_id)
-        if not events:
+        state = WorkflowState(workflow_id)
+        await self.catch_up(state)
+        if not state.seq:
             raise NotFoundError(f"no workflow {workflow_id!r}", metadata={"workflow_id": workflow_id})
-        return WorkflowState.replay(workflow_id, events)
+        return state
+
+    async def create(self, state: WorkflowState, data: Mapping[str, Any]) -> dict[str, Any]:
+        """Write a new run's `created` event, only if the run has none: one transaction, no catch-up, so of two
+        submits of one id exactly one wins; the other gets FailedPreconditionError naming the id."""
+        event = {"seq": 1, "type": "created", "at": time.time(), "data": dict(data)}
+        raw = _encode(event)
+        projected = WorkflowState(state.id)
+        projected.apply(event)
+        index = json.dumps(projected.summary(), separators=(",", ":"), default=str).encode()
+        tx = self.etcd.transactions
+        key = event_key(state.id, 1)
+        async with owned(f"workflow {state.id}"):
+            ok, _ = await self.etcd.transaction(
+                compare=[tx.version(key) == 0],
+                success=[tx.put(key, raw), tx.put(f"{INDEX}{state.id}".encode(), index)], failure=[])
+        if not ok:
+            raise FailedPreconditionError(f"workflow {state.id} exists already", metadata={"workflow_id": state.id})
+        state.apply(event)
+        state.journal_bytes += len(raw)
+        return event
 
     async def append(self, state: WorkflowState, kind: str, data: Mapping[str, Any], *,
                      fence: bytes | None = None) -> dict[str, Any]:
@@ -123,6 +206,11 @@ class WorkflowStore:
             seq = state.seq + 1
             event = {"seq": seq, "type": kind, "at": time.time(), "data": dict(data)}
             raw = _encode(event)
+            if kind not in ENDING_EVENTS and state.journal_bytes + len(raw) > self.max_journal_bytes:
+                raise JournalFullError(
+                    f"workflow {state.id}: its journal holds {state.journal_bytes} bytes; a {kind} event of "
+                    f"{len(raw)} bytes would pass the bound of {self.max_journal_bytes} (keep large data out of "
+                    "the run: store it and pass ids)", metadata={"workflow_id": state.id})
             # The read model is written in the same transaction, so `list` never shows what the events do not.
             projected = copy.deepcopy(state)
             projected.apply(event)
@@ -138,13 +226,13 @@ class WorkflowStore:
                     failure=[])
             if ok:
                 state.apply(event)
+                state.journal_bytes += len(raw)
                 return event
             if fence is not None:
                 owner = await self.etcd.get(owner_key(state.id))
                 if owner is None or owner.value != fence:
                     raise LockLostError(f"workflow {state.id}: another process owns it now")
-            for missed in await self.events(state.id, after=state.seq):
-                state.apply(missed)
+            await self.catch_up(state)
         raise FailedPreconditionError(f"workflow {state.id}: could not append an event (too much contention)")
 
     async def list(self, owner: str | None = None) -> list[dict[str, Any]]:
@@ -268,8 +356,10 @@ class WorkflowStore:
         with contextlib.suppress(Exception):
             await lock.lease.revoke()
 
-    async def request_cancel(self, workflow_id: str, *, by: str, reason: str = "") -> WorkflowState:
-        """Append cancel_requested; if no live owner drives the run, record canceled as well."""
+    async def request_cancel(self, workflow_id: str, *, by: str, reason: str = "",
+                             escalations: EscalationClient | None = None) -> WorkflowState:
+        """Append cancel_requested; if no live owner drives the run, record canceled as well, and withdraw the
+        run's unresolved escalations (with `escalations`): nobody else is left to, so a person is not asked on."""
         state = await self.load(workflow_id)
         if state.terminal:
             return state
@@ -283,6 +373,8 @@ class WorkflowStore:
                 if not state.terminal:
                     await self.append(state, "canceled", {"by": by, "reason": reason or "cancelled"},
                                       fence=lock.value)
+                    if escalations is not None:
+                        await withdraw_escalations(escalations, state)
             finally:
                 await self.release(lock)
         return await self.load(workflow_id)
