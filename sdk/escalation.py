@@ -15,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import grpc
 
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 Status = Literal["PENDING", "APPROVED", "REJECTED", "CANCELED"]
 OnDeadline = Literal["reject", "default"]
+MAX_DEADLINE_S: Final = 30 * 86400
+"""The longest deadline the control plane's Escalations service takes (`controlplane.escalations.MAX_DEADLINE_S`)."""
 _POLICY = {"reject": escalation_pb2.DEADLINE_POLICY_REJECT, "default": escalation_pb2.DEADLINE_POLICY_DEFAULT_ANSWER}
 
 
@@ -128,6 +131,18 @@ class EscalationInfo:
         }
 
 
+def _deadline_seconds(deadline_s: float | None) -> int:
+    """The request's whole seconds (0: no deadline). Finite and in (0, MAX_DEADLINE_S]: -30 silently became 1 s
+    and NaN or 1e30 escaped as a bare ValueError/OverflowError from round()."""
+    if deadline_s is None:
+        return 0
+    if (isinstance(deadline_s, bool) or not isinstance(deadline_s, int | float) or not math.isfinite(deadline_s)
+            or not 0 < deadline_s <= MAX_DEADLINE_S):
+        msg = f"must be a finite number of seconds in (0, {MAX_DEADLINE_S}] (or None: no deadline)"
+        raise InvalidInputError(f"deadline_s {msg}, not {deadline_s!r}", field_violations={"deadline_s": msg})
+    return max(1, min(MAX_DEADLINE_S, round(deadline_s)))
+
+
 def _dumps(value: Any, what: str) -> str:
     try:
         return json.dumps(value, separators=(",", ":"), sort_keys=True)
@@ -168,7 +183,8 @@ class EscalationClient:
         answerer: str = "",
     ) -> EscalationInfo:
         """Queue an escalation (idempotent by escalation_id) and return it as stored. answerer: a principal
-        (SPIFFE id) whose reply this caller may relay with `resolve(subject_token=...)`, besides operators."""
+        (SPIFFE id) whose reply this caller may relay with `resolve(subject_token=...)`, besides operators.
+        deadline_s: seconds in (0, MAX_DEADLINE_S], or None for no deadline (else InvalidInputError)."""
         if on_deadline not in _POLICY:
             raise InvalidInputError("on_deadline must be 'reject' or 'default'")
         req = escalation_pb2.CreateEscalationRequest(
@@ -177,7 +193,7 @@ class EscalationClient:
             context_json=_dumps(dict(context or {}), "the escalation context"),
             workflow_id=workflow_id,
             step_id=step_id,
-            deadline_seconds=max(1, round(deadline_s)) if deadline_s else 0,
+            deadline_seconds=_deadline_seconds(deadline_s),
             on_deadline=_POLICY[on_deadline],
             default_answer_json=_dumps(default_answer, "the default answer") if on_deadline == "default" else "",
             labels=dict(labels or {}),
@@ -215,7 +231,13 @@ class EscalationClient:
         """Wait until the escalation is resolved (by a person or its deadline policy), or timeout passes.
 
         Survives a control-plane restart: an unreachable control plane is retried with backoff until timeout.
+        A timeout must be finite and >= 0 (NaN compares false with every deadline: it never returned).
         """
+        for name, value in (("timeout", timeout), ("poll_s", poll_s)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                      or not math.isfinite(value) or value < 0):
+                raise InvalidInputError(f"{name} must be a finite number of seconds >= 0, not {value!r}",
+                                        field_violations={name: "must be finite and >= 0"})
         deadline = None if timeout is None else time.monotonic() + timeout
         backoff = 0.2
         while True:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -57,8 +58,12 @@ class IdempotencyCache:
     """In-memory `DedupeStore`: at most `max_entries` finished keys, each kept `ttl_s` seconds."""
 
     def __init__(self, *, max_entries: int = 10_000, ttl_s: float = 3600.0) -> None:
-        if max_entries < 1 or ttl_s <= 0:
-            raise ValueError("max_entries must be >= 1 and ttl_s > 0")
+        # NaN passed `< 1` and `<= 0` and then never compared true again: nothing was ever evicted.
+        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+            raise ValueError(f"max_entries must be an int >= 1, not {max_entries!r}")
+        if (isinstance(ttl_s, bool) or not isinstance(ttl_s, int | float) or not math.isfinite(ttl_s)
+                or ttl_s <= 0):
+            raise ValueError(f"ttl_s must be a finite number of seconds > 0, not {ttl_s!r}")
         self._max = max_entries
         self._ttl = ttl_s
         self._entries: OrderedDict[tuple[str, str, str], _Entry] = OrderedDict()

@@ -49,8 +49,10 @@ class Memory:
 
     def __init__(self, state: StateClient, namespace: str, *, max_turns: int = MAX_TURNS,
                  max_bytes: int = MAX_BYTES) -> None:
-        if max_turns < 1 or max_bytes < 64:
-            raise ValueError("max_turns must be >= 1 and max_bytes >= 64")
+        # ints, checked by type too: NaN passed every comparison and then broke the history slicing.
+        for name, value, least in (("max_turns", max_turns, 1), ("max_bytes", max_bytes, 64)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an int >= {least}, not {value!r}")
         self.state = state
         self.namespace = namespace
         self.max_turns = max_turns

@@ -123,10 +123,14 @@ def _typed(exc: grpc.aio.AioRpcError) -> HivemeshError:
 
 
 def dumps(value: Any) -> str:
+    """value as a JSON document the wire can carry (UTF-8): InvalidInputError otherwise, a lone surrogate too
+    (ensure_ascii=False lets it through json, and the proto's UTF-8 encoding raised UnicodeEncodeError)."""
     try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInputError(f"the state value is not a JSON document: {exc}") from None
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text.encode()
+    except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
+        raise InvalidInputError(f"the state value is not a JSON document: {str(exc)[:200]}") from None
+    return text
 
 
 class StateClient:
@@ -194,7 +198,10 @@ class StateClient:
     async def update(self, namespace: str, key: str, change: Callable[[Any], Any | Awaitable[Any]], *,
                      default: Any = None, attempts: int = 10) -> StateEntry:
         """Read-modify-write with compare-and-swap: change(current value, or default) gives the new value; a
-        concurrent writer makes it read and apply change again (at most attempts times)."""
+        concurrent writer makes it read and apply change again (at most attempts times, an int >= 1)."""
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+            raise InvalidInputError(f"attempts must be an int >= 1, not {attempts!r}",
+                                    field_violations={"attempts": "must be an int >= 1"})
         for attempt in range(attempts):
             current = await self.get(namespace, key)
             value = change(current.value if current is not None else default)

@@ -21,7 +21,7 @@ from typing import Any
 
 from hivemesh.mesh.errors import AgentError, HivemeshError
 from hivemesh.mesh.pki import NAME_RE
-from hivemesh.sdk.escalation import OnDeadline
+from hivemesh.sdk.escalation import MAX_DEADLINE_S, OnDeadline
 from hivemesh.sdk.patterns.base import Caller, PatternResult, Runner, StepResult, as_runner, error_to_json
 
 
@@ -99,6 +99,10 @@ class EscalationRules:
             raise ValueError("min_confidence must be within 0..1")
         if self.max_errors is not None and self.max_errors < 0:
             raise ValueError("max_errors must be >= 0")
+        if self.deadline_s is not None and not (
+                isinstance(self.deadline_s, int | float) and 0 < self.deadline_s <= MAX_DEADLINE_S):
+            # Checked here, where the rules are made, not at the first escalation in the middle of a run.
+            raise ValueError(f"deadline_s must be in (0, {MAX_DEADLINE_S}] seconds, or None for no deadline")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EscalationRules:
