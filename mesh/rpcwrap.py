@@ -39,33 +39,17 @@ def wrap_handler(
     deserializer = request_deserializer or (None if raw_requests else handler.request_deserializer)
     # grpc.aio takes a coroutine function (unary response) or an async generator function (streaming response)
     # where the stubs type a sync one; the behaviours are typed Any for that reason.
-    inner: Any
-    if handler.unary_unary is not None:
-        if unary_unary is None:
-            return handler
-        inner = handler.unary_unary
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary(inner), request_deserializer=deserializer, response_serializer=handler.response_serializer
-        )
-    if handler.unary_stream is not None:
-        if unary_stream is None:
-            return handler
-        inner = handler.unary_stream
-        return grpc.unary_stream_rpc_method_handler(
-            unary_stream(inner), request_deserializer=deserializer, response_serializer=handler.response_serializer
-        )
-    if handler.stream_unary is not None:
-        if stream_unary is None:
-            return handler
-        inner = handler.stream_unary
-        return grpc.stream_unary_rpc_method_handler(
-            stream_unary(inner), request_deserializer=deserializer, response_serializer=handler.response_serializer
-        )
-    if handler.stream_stream is not None:
-        if stream_stream is None:
-            return handler
-        inner = handler.stream_stream
-        return grpc.stream_stream_rpc_method_handler(
-            stream_stream(inner), request_deserializer=deserializer, response_serializer=handler.response_serializer
-        )
+    shapes: tuple[tuple[Any, Any, Any], ...] = (
+        (handler.unary_unary, unary_unary, grpc.unary_unary_rpc_method_handler),
+        (handler.unary_stream, unary_stream, grpc.unary_stream_rpc_method_handler),
+        (handler.stream_unary, stream_unary, grpc.stream_unary_rpc_method_handler),
+        (handler.stream_stream, stream_stream, grpc.stream_stream_rpc_method_handler),
+    )
+    for inner, wrapper, make in shapes:
+        if inner is not None:  # the handler's one cardinality
+            if wrapper is None:
+                return handler
+            wrapped: grpc.RpcMethodHandler[Any, Any] = make(
+                wrapper(inner), request_deserializer=deserializer, response_serializer=handler.response_serializer)
+            return wrapped
     return handler

@@ -6,21 +6,14 @@ from __future__ import annotations
 import grpc
 import pytest
 from google.protobuf.message import Message
-from google.rpc import error_details_pb2, status_pb2
 
+from hivemesh.mesh.errors import from_rpc_error
 from hivemesh.v1 import state_pb2
 from tests.support.meshenv import MeshEnv
 
 
 def _violations(exc: grpc.aio.AioRpcError) -> list[str]:
-    for key, value in exc.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
-            status = status_pb2.Status.FromString(value)
-            for detail in status.details:
-                bad = error_details_pb2.BadRequest()
-                if detail.Unpack(bad):
-                    return [v.field for v in bad.field_violations]
-    return []
+    return list(from_rpc_error(exc).field_violations)
 
 
 @pytest.mark.parametrize("method, raw, field", [

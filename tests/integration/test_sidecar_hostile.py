@@ -13,9 +13,8 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2, status_pb2
 
-from hivemesh.mesh.errors import HivemeshError
+from hivemesh.mesh.errors import HivemeshError, from_rpc_error
 from hivemesh.mesh.layers import Inbound
 from hivemesh.mesh.outbound import encode_request
 from hivemesh.mesh.sidecar import CALL_HANDLE_KEY, Sidecar, SidecarConfig
@@ -29,18 +28,10 @@ _JSON = "application/json"
 _BAD_UTF8 = b"\xff\xfe"
 
 
-def _status(exc: grpc.aio.AioRpcError) -> tuple[str | None, dict[str, str]]:
+def _status(exc: grpc.aio.AioRpcError) -> tuple[str, dict[str, str]]:
     """(the ErrorInfo reason, the BadRequest field violations) of a failed call's rich status."""
-    reason, violations = None, {}
-    for key, value in exc.trailing_metadata() or ():
-        if key == "grpc-status-details-bin" and isinstance(value, bytes):
-            for detail in status_pb2.Status.FromString(value).details:
-                info, bad = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
-                if detail.Unpack(info):
-                    reason = info.reason
-                elif detail.Unpack(bad):
-                    violations = {v.field: v.description for v in bad.field_violations}
-    return reason, violations
+    err = from_rpc_error(exc)
+    return err.reason, dict(err.field_violations)
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2, status_pb2
 
 from hivemesh.mesh.decode_guard import DecodeGuard, bad_utf8_field
+from hivemesh.mesh.errors import from_rpc_error
 from hivemesh.v1 import agent_pb2, mesh_pb2
 
 _BAD = b"\x0a\x02\xff\xfe"  # ResolveRequest.capability, not UTF-8
@@ -91,16 +91,8 @@ async def _call(ch: grpc.aio.Channel, method: str, requests: list[bytes]) -> lis
 
 
 def _violations(exc: grpc.aio.AioRpcError) -> tuple[str, dict[str, str]]:
-    reason, violations = "", {}
-    for key, value in exc.trailing_metadata() or ():
-        if key == "grpc-status-details-bin" and isinstance(value, bytes):
-            for detail in status_pb2.Status.FromString(value).details:
-                info, bad = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
-                if detail.Unpack(info):
-                    reason = info.reason
-                elif detail.Unpack(bad):
-                    violations = {v.field: v.description for v in bad.field_violations}
-    return reason, violations
+    err = from_rpc_error(exc)
+    return err.reason, dict(err.field_violations)
 
 
 @pytest.mark.parametrize("method", ["Unary", "ServerStream", "Writer", "ClientStream", "Bidi"])
