@@ -367,7 +367,12 @@ class WorkflowStore:
             await self.append(state, "cancel_requested", {"by": by, "reason": reason})
         if await self.owner(workflow_id) is None:
             # Nobody drives it: take the owner key briefly so no resumer starts while we finish it.
-            lock = await self.acquire(workflow_id, by, ttl_s=5, wait_s=0.0)
+            try:
+                lock = await self.acquire(workflow_id, by, ttl_s=5, wait_s=0.0)
+            except FailedPreconditionError:
+                # A resumer took it in between: it reads the cancel_requested just written and ends the run
+                # canceled itself. The cancel took; saying otherwise would be wrong.
+                return await self.load(workflow_id)
             try:
                 state = await self.load(workflow_id)
                 if not state.terminal:

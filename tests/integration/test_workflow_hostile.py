@@ -197,3 +197,31 @@ async def test_state_values_with_a_lone_surrogate_and_bad_attempts_are_invalid_i
     assert await state.get(namespace, "history") is None
     await state.put(namespace, "k", {"t": "fine"})  # the namespace itself takes good values
     assert (await state.get(namespace, "k")) is not None
+
+
+async def test_a_cancel_that_a_resumer_overtakes_is_still_a_cancel(orch: Orch, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The canceller saw no owner, then a resumer took the run before the canceller could: the cancel_requested
+    already written makes that owner end the run canceled, so the cancel must not be reported as refused."""
+    asked = asyncio.Event()
+    async with WorkflowEngine(orch.mesh, lock_ttl_s=2,
+                              on_event=lambda _w, kind, _d: asked.set() if kind == "input_required" else None) as first:
+        handle = await first.submit(ask, None, workflow_id="overtaken")
+        await asyncio.wait_for(asked.wait(), 20)
+    async with WorkflowEngine(orch.mesh, lock_ttl_s=2) as second:
+        store = second.store
+        real_owner = store.owner
+        taken: list[Any] = []
+
+        async def owner_then_overtaken(workflow_id: str) -> Any:
+            seen = await real_owner(workflow_id)
+            if seen is None and not taken:  # the interleaving the race leaves: a resumer acquires right now
+                taken.append(await store.acquire(workflow_id, "resumer", ttl_s=5, wait_s=0.0))
+            return seen
+
+        monkeypatch.setattr(store, "owner", owner_then_overtaken)
+        try:
+            state = await store.request_cancel(handle.id, by="tester")
+            assert taken and state.cancel_requested is not None and not state.terminal
+        finally:
+            for lock in taken:
+                await store.release(lock)
