@@ -199,13 +199,18 @@ class LinkServer:
         except TimeoutError:
             out.put_nowait(answer_frame(call_id, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", ()))
         except asyncio.CancelledError:
+            task = asyncio.current_task()
             if call_id in expired:  # its deadline passed: answered as gRPC answers a unary call past its deadline
-                task = asyncio.current_task()
                 if task is not None:
                     task.uncancel()
                 out.put_nowait(answer_frame(call_id, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", ()))
+            elif task is not None and not task.cancelling():  # raised inside the behaviour, not a cancel of the call
+                log.error("link call %d failed: a task it awaited was cancelled", call_id)
+                out.put_nowait(answer_frame(call_id, grpc.StatusCode.UNKNOWN, "unexpected error serving the call", ()))
             # else the caller cancelled it (it wants no answer), or the link is closing
-        except Exception:
+        except (KeyboardInterrupt, GeneratorExit):
+            raise
+        except BaseException:  # a SystemExit from code under the behaviour: this call's failure only
             log.exception("link call %d failed unexpectedly", call_id)
             out.put_nowait(answer_frame(call_id, grpc.StatusCode.UNKNOWN, "unexpected error serving the call", ()))
 

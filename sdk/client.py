@@ -97,7 +97,7 @@ def _encode_input(payload: Any) -> list[bytes]:
         return [bytes(payload)]
     try:
         return compact_json_parts(payload)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:  # ValueError: a cycle, NaN or Infinity
         raise TypeError(f"the call's input is not JSON-serializable: {exc}") from None
 
 

@@ -11,6 +11,7 @@ it raises (a `TypeError` or `ValueError` included) is a bug in the agent, AGENT_
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -39,6 +40,33 @@ log = logging.getLogger(__name__)
 _JSON = "application/json"
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 """`json.dumps(x, separators=(",", ":"))` without building a new encoder on every call."""
+
+
+def _text(exc: BaseException) -> str:
+    """str(exc), or a stand-in when even that raises (the agent's exception class may be broken too)."""
+    try:
+        return str(exc)
+    except Exception:  # noqa: BLE001 - any failure to print it
+        return f"<an unprintable {type(exc).__name__}>"
+
+
+def _failure(capability: str, exc: BaseException) -> AgentError:
+    """The caller's error for one call whose capability code raised: an exception, a SystemExit, or a
+    CancelledError from a task it awaited. Re-raises the call's own cancellation (its caller went away): that
+    one is not an error to answer."""
+    task = asyncio.current_task()
+    if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
+        raise exc
+    log.error("capability %s failed", capability, exc_info=exc)
+    return AgentError(f"capability {capability!r} failed: {type(exc).__name__}: {_text(exc)}")
+
+
+def _json(value: Any) -> bytes:
+    """value as a stream chunk's JSON: no NaN or Infinity (not JSON; other languages' readers refuse them)."""
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise AgentError(f"the capability's output is not JSON: {_text(exc)}") from None
 
 
 class AgentServicer(agent_pb2_grpc.AgentServicer):
@@ -181,13 +209,15 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             state, result, usage = await run(call, request, spec, value, ctx)
         except HivemeshError as err:
             await abort(context, err)
-        except Exception as exc:  # any other error, TypeError and ValueError included, is the agent's own bug
-            log.exception("capability %s failed", request.capability)
-            await abort(context, AgentError(f"capability {request.capability!r} failed: {type(exc).__name__}: {exc}"))
+        except (KeyboardInterrupt, GeneratorExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the agent's bug: an error, or an exit or cancel not the call's
+            await abort(context, _failure(request.capability, exc))
         try:
             output = compact_json_parts(result)
-        except (TypeError, ValueError) as exc:
-            await abort(context, AgentError(f"capability {request.capability!r} returned non-JSON output: {exc}"))
+        except (TypeError, ValueError, RecursionError) as exc:
+            await abort(context, AgentError(f"capability {request.capability!r} returned output that is not JSON: "
+                                            f"{_text(exc)}"))
         if state == agent_pb2.TASK_STATE_COMPLETED:
             try:
                 self._check_output(call, spec.name, result, whole=True)
@@ -222,14 +252,14 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                     # The generator's body runs in this task's context, so the meter is current while it runs.
                     with metering(ctx.usage):
                         async for item in self._agent.run_stream(spec, value, ctx):
-                            data = json.dumps(item, separators=(",", ":")).encode()
+                            data = _json(item)
                             self._check_output(call, spec.name, item)  # each item, before it is sent
                             yield agent_pb2.InvokeChunk(data=data, content_type=_JSON,
                                                         state=agent_pb2.TASK_STATE_WORKING)
                 else:
                     run = self._run if tracing.TRACER is None else self._traced_run
                     state, result, _usage = await run(call, request, spec, value, ctx)
-                    data = json.dumps(result, separators=(",", ":")).encode()
+                    data = _json(result)
                     if state == agent_pb2.TASK_STATE_INPUT_REQUIRED:
                         final.state = agent_pb2.TASK_STATE_INPUT_REQUIRED
                     else:
@@ -245,9 +275,10 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                                                      output_tokens=used.output_tokens, model=used.model))
         except HivemeshError as err:
             await abort(context, err)
-        except Exception as exc:  # any other error, TypeError and ValueError included, is the agent's own bug
-            log.exception("capability %s failed", request.capability)
-            await abort(context, AgentError(f"capability {request.capability!r} failed: {type(exc).__name__}: {exc}"))
+        except (KeyboardInterrupt, GeneratorExit):  # GeneratorExit: the caller stopped reading; end quietly
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the agent's bug: an error, or an exit or cancel not the call's
+            await abort(context, _failure(request.capability, exc))
         yield final
 
 
