@@ -22,7 +22,7 @@ class OwnFailure(BaseException):
     """Not an Exception: the agent's own odd class."""
 
 
-class Unprintable(RuntimeError):
+class UnprintableError(RuntimeError):
     def __str__(self) -> str:
         raise RuntimeError("str() of this exception fails")
 
@@ -51,7 +51,7 @@ class Failing(Agent):
 
     @capability(idempotent=True)
     async def unprintable(self, req: dict[str, Any]) -> dict[str, Any]:
-        raise Unprintable()
+        raise UnprintableError()
 
     @capability(idempotent=True)
     async def too_deep(self, req: dict[str, Any]) -> Any:
@@ -78,7 +78,7 @@ async def failing(orch: Orch) -> Orch:
 
 @pytest.mark.parametrize("cap, says", [
     ("inner-cancelled", "CancelledError"), ("base-exception", "OwnFailure"), ("exits", "SystemExit"),
-    ("unprintable", "an unprintable Unprintable"), ("too-deep", "not JSON"), ("not-a-number", "not JSON"),
+    ("unprintable", "an unprintable UnprintableError"), ("too-deep", "not JSON"), ("not-a-number", "not JSON"),
 ])
 async def test_each_is_its_calls_agent_error_at_once_and_the_agent_serves_on(
     failing: Orch, cap: str, says: str
