@@ -22,6 +22,20 @@ IDENTITY_DIR = "identity"
 """Where resolved settings keep joined identities, inside the state folder (see hivemesh.mesh.identity_store)."""
 
 
+def check_whole(name: str, value: object, low: int, high: int, unit: str = "") -> None:
+    """ValueError unless value is a whole number (an int, not a bool) in low..high: a config field read as a
+    count or a size. NaN passes every `<` check (a NaN input limit turned the size check off: `size > nan` is
+    never true), and 2.5 seconds of lease does not go into etcd."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be a whole number in {low}..{high}{' ' + unit if unit else ''}: {value!r}")
+
+
+def check_seconds(name: str, value: object, low: float, high: float) -> None:
+    """ValueError unless value is a number of seconds in low..high (NaN and infinity are not)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise ValueError(f"{name} must be in {low:g}..{high:g} seconds: {value!r}")
+
+
 def state_dir() -> Path:
     """The state folder: $HIVEMESH_HOME, else ./.hivemesh."""
     return Path(os.environ.get("HIVEMESH_HOME") or ".hivemesh").resolve()

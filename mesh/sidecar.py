@@ -70,7 +70,7 @@ from hivemesh.mesh.readiness import DEFAULT_INTERVAL_S
 from hivemesh.mesh.registry import Registration, default_instance_id, drain_after_deregistration
 from hivemesh.mesh.schema import compile_schema
 from hivemesh.mesh.server import ManagedServer
-from hivemesh.mesh.settings import MeshSettings, state_dir
+from hivemesh.mesh.settings import MeshSettings, check_seconds, check_whole, state_dir
 from hivemesh.mesh.tls import MAX_MESSAGE_BYTES, STREAM_WINDOW_OPTIONS
 from hivemesh.mesh.token_source import on_behalf_of
 from hivemesh.mesh.wire import chain_suffix, hop_suffix
@@ -154,16 +154,18 @@ class SidecarConfig:
             raise ValueError("give mesh_socket or mesh_listen, not both: the Mesh service has one listener")
         if self.agent is not None:
             advertised_host(self.listen.rpartition(":")[0], self.advertise)  # no wildcard reaches the registry
-        if self.lease_ttl_s < 2:
-            raise ValueError("lease_ttl_s must be at least 2 seconds")
-        if self.max_held_calls < 1:
-            raise ValueError(f"max_held_calls must be at least 1: {self.max_held_calls}")
+        check_whole("lease_ttl_s", self.lease_ttl_s, 2, 3600, "seconds")
+        check_whole("max_held_calls", self.max_held_calls, 1, 100_000)
+        check_whole("max_input_bytes", self.max_input_bytes, 1, 2**31 - 1, "bytes")
+        check_whole("max_call_depth", self.max_call_depth, 1, 1000)
+        for capability, limit in self.limits:
+            check_whole(f"the input limit of {capability!r}", limit, 1, 2**31 - 1, "bytes")
         if self.metrics_listen is not None:
             parse_listen(self.metrics_listen)  # raises, saying what is wrong
         if self.health_listen is not None:
             parse_health_listen(self.health_listen)
-        if not self.health_interval_s > 0:
-            raise ValueError(f"health_interval_s must be positive: {self.health_interval_s}")
+        check_seconds("health_interval_s", self.health_interval_s, 0.05, 3600)
+        check_seconds("agent_wait_s", self.agent_wait_s, 0, 86400)
         if self.output_classifier is not None:
             load_classifier(self.output_classifier)  # raises, saying what is wrong
 

@@ -110,6 +110,10 @@ def _build_spec(
         raise ValueError(f"{where}: output_screen must be one of {', '.join(_OUTPUT_SCREENS)}, not {output_screen!r}")
     if not isinstance(recursion, int) or isinstance(recursion, bool) or not 0 <= recursion <= 64:
         raise ValueError(f"{where}: recursion must be a whole number of re-entries from 0 to 64, not {recursion!r}")
+    if max_input_bytes is not None and (isinstance(max_input_bytes, bool) or not isinstance(max_input_bytes, int)
+                                        or not 0 < max_input_bytes < 2**31):
+        raise ValueError(f"{where}: max_input_bytes must be a whole number of bytes (1 up to 2 GiB), not "
+                         f"{max_input_bytes!r}")
     if not (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)):
         raise TypeError(f"{where} must be 'async def' (or an async generator for streaming)")
     params = list(inspect.signature(fn).parameters.values())

@@ -37,7 +37,7 @@ from hivemesh.mesh.node_health import NodeHealth
 from hivemesh.mesh.node_metrics import OWNED_DEFAULT, NodeMetrics, metrics_listen, parse_listen
 from hivemesh.mesh.readiness import DEFAULT_INTERVAL_S
 from hivemesh.mesh.registry import INSTANCE_ID_RE, Registration, default_instance_id, drain_after_deregistration
-from hivemesh.mesh.settings import MeshSettings
+from hivemesh.mesh.settings import MeshSettings, check_seconds, check_whole
 from hivemesh.sdk.agent import Agent
 from hivemesh.sdk.client import MeshClient
 from hivemesh.sdk.idempotency import DedupeStore, IdempotencyCache
@@ -115,16 +115,14 @@ class AgentServerConfig:
             raise ValueError(f"host must be a host name or an IP address, without a port (give it as port=; "
                              f"IPv6 as [addr]): {self.host!r}")
         advertised_host(self.host, self.advertise)  # raises on a wildcard or a port, saying what to give
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in 0..65535 (0: a free port): {self.port}")
+        # Whole numbers where whole numbers are meant, checked as such: NaN passes every `<` check, and a NaN
+        # max_input_bytes turned the size limit off (`size > nan` is never true).
+        check_whole("port", self.port, 0, 65535, "(0: a free port)")
         if self.instance_id is not None and not INSTANCE_ID_RE.fullmatch(self.instance_id):
             raise ValueError(f"instance_id must match [A-Za-z0-9][A-Za-z0-9._-]{{0,127}}: {self.instance_id!r}")
-        if self.lease_ttl_s < 2:
-            raise ValueError(f"lease_ttl_s must be at least 2 seconds: {self.lease_ttl_s}")
-        if self.max_input_bytes <= 0:
-            raise ValueError(f"max_input_bytes must be positive: {self.max_input_bytes}")
-        if self.max_call_depth < 1:
-            raise ValueError(f"max_call_depth must be at least 1: {self.max_call_depth}")
+        check_whole("lease_ttl_s", self.lease_ttl_s, 2, 3600, "seconds")
+        check_whole("max_input_bytes", self.max_input_bytes, 1, 2**31 - 1, "bytes")
+        check_whole("max_call_depth", self.max_call_depth, 1, 1000)
         for key, value in self.labels.items():
             if not isinstance(key, str) or not key or not isinstance(value, str):
                 raise ValueError(f"labels must map non-empty strings to strings: {key!r}: {value!r}")
@@ -138,8 +136,7 @@ class AgentServerConfig:
             parse_listen(self.metrics_listen)  # raises, saying what is wrong
         if self.health_listen is not None:
             parse_health_listen(self.health_listen)
-        if not self.health_interval_s > 0:
-            raise ValueError(f"health_interval_s must be positive: {self.health_interval_s}")
+        check_seconds("health_interval_s", self.health_interval_s, 0.05, 3600)
         object.__setattr__(self, "output_classifier", resolve_classifier(self.output_classifier))
 
     @property

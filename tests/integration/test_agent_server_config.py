@@ -20,15 +20,24 @@ def _observer(*_args: Any) -> None:
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"port": -1}, "port must be in 0..65535"),
-        ({"port": 65536}, "port must be in 0..65535"),
+        ({"port": -1}, "port must be a whole number in 0..65535"),
+        ({"port": 65536}, "port must be a whole number in 0..65535"),
+        ({"port": 80.5}, "port must be a whole number in 0..65535"),
+        ({"port": True}, "port must be a whole number in 0..65535"),
         ({"host": ""}, "host must be a host name or an IP address"),
         ({"host": "127.0.0.1:7001"}, "without a port"),
         ({"host": "::1"}, "IPv6 as [addr]"),
         ({"instance_id": "has space"}, "instance_id must match"),
         ({"instance_id": "-leading-dash"}, "instance_id must match"),
-        ({"lease_ttl_s": 1}, "lease_ttl_s must be at least 2 seconds"),
-        ({"max_input_bytes": 0}, "max_input_bytes must be positive"),
+        ({"lease_ttl_s": 1}, "lease_ttl_s must be a whole number in 2..3600"),
+        ({"lease_ttl_s": float("nan")}, "lease_ttl_s must be a whole number in 2..3600"),
+        ({"lease_ttl_s": 2.5}, "lease_ttl_s must be a whole number in 2..3600"),
+        ({"max_input_bytes": 0}, "max_input_bytes must be a whole number"),
+        ({"max_input_bytes": float("nan")}, "max_input_bytes must be a whole number"),  # it turned the limit off
+        ({"max_input_bytes": float("inf")}, "max_input_bytes must be a whole number"),
+        ({"max_call_depth": float("nan")}, "max_call_depth must be a whole number"),
+        ({"health_interval_s": float("inf")}, "health_interval_s must be in 0.05..3600"),
+        ({"health_interval_s": 1e-9}, "health_interval_s must be in 0.05..3600"),
         ({"labels": {"": "x"}}, "labels must map non-empty strings to strings"),
         ({"labels": {"team": 7}}, "labels must map non-empty strings to strings"),
         ({"observers": ("not callable",)}, "observers must be callables"),
@@ -70,3 +79,17 @@ async def test_the_server_registers_with_what_its_config_says(mesh_env: MeshEnv)
             assert instance.endpoint == server.endpoint and server.port != 0
             out = await mesh.call("echo", {"text": "hi"}, timeout=10)
             assert out["served_by"] == "cfg"
+
+
+@pytest.mark.parametrize("limit", [0, float("nan"), float("inf"), 1.5, True, 2**31])
+def test_a_capabilitys_own_input_limit_must_be_a_whole_number_of_bytes(limit: Any) -> None:
+    """Checked where the capability is declared: a NaN limit would have switched its size check off."""
+    from hivemesh.sdk import Agent, capability
+
+    with pytest.raises(ValueError, match="max_input_bytes must be a whole number of bytes"):
+        class Odd(Agent):
+            name = "odd"
+
+            @capability(max_input_bytes=limit)
+            async def echo(self, req: dict[str, Any]) -> dict[str, Any]:
+                return req
