@@ -321,9 +321,20 @@ async def _run_call_inner(call: ToolCall, found: Tool | None, tools: Mapping[str
     except HivemeshError as exc:
         return False, _encode(_error(type(exc).__name__, exc.message, code=exc.code.name, reason=exc.reason))
     except Exception as exc:  # noqa: BLE001 - a tool's failure is the model's to handle, not the agent's crash
-        log.warning("tool %s failed: %r", call.name, exc)
-        return False, _encode(_error(type(exc).__name__, str(exc) or type(exc).__name__))
-    return True, _encode(result)
+        log.warning("tool %s failed: %s", call.name, type(exc).__name__)
+        return False, _encode(_error(type(exc).__name__, _text(exc)))
+    try:
+        return True, _encode(result)
+    except (ValueError, RecursionError) as exc:  # a cycle, an int past 4,300 digits: the tool's bad result
+        return False, _encode(_error("InvalidResult", f"the tool's result cannot be written as JSON: {_text(exc)}"))
+
+
+def _text(exc: BaseException) -> str:
+    """str(exc), or its type's name when it has none or even that raises."""
+    try:
+        return str(exc) or type(exc).__name__
+    except Exception:  # noqa: BLE001 - any failure to print it
+        return f"<an unprintable {type(exc).__name__}>"
 
 
 async def run_with_tools(

@@ -150,6 +150,40 @@ async def test_the_loop_runs_tools_and_returns_every_failure_to_the_model_as_a_r
     assert not bad.calls[0].ok and "InvalidArguments" in bad.calls[0].result  # schema-checked before running
 
 
+async def test_a_tool_result_that_is_not_json_or_an_unprintable_error_goes_back_to_the_model() -> None:
+    """A cyclic result, an int past 4,300 digits, or an exception whose str() raises ended the whole capability
+    (ValueError, RuntimeError) where every other tool failure goes back to the model as an error result."""
+
+    @tool
+    async def cyclic() -> dict[str, Any]:
+        """Returns a dict that holds itself."""
+        d: dict[str, Any] = {}
+        d["self"] = d
+        return d
+
+    @tool
+    async def huge() -> int:
+        """Returns an int no JSON writer takes."""
+        return 10**5000
+
+    class UnprintableError(RuntimeError):
+        def __str__(self) -> str:
+            raise RuntimeError("str() fails")
+
+    @tool
+    async def unprintable() -> str:
+        """Raises an exception that cannot be printed."""
+        raise UnprintableError()
+
+    run = await run_with_tools(RuleBasedLLM(), "cyclic huge unprintable", [cyclic, huge, unprintable])
+    by = {c.name: c for c in run.calls}
+    assert set(by) == {"cyclic", "huge", "unprintable"} and not any(c.ok for c in run.calls)
+    assert json.loads(by["cyclic"].result)["error"]["type"] == "InvalidResult"
+    assert json.loads(by["huge"].result)["error"]["type"] == "InvalidResult"
+    assert json.loads(by["unprintable"].result)["error"] == {
+        "type": "UnprintableError", "message": "<an unprintable UnprintableError>"}
+
+
 class _Insistent:
     """A model that always asks for one more tool call, or a tool that does not exist."""
 
