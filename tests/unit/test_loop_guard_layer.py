@@ -59,5 +59,5 @@ def test_depth_counts_the_agents_before_this_one_from_either_chain() -> None:
 
 def test_the_maximum_depth_is_configured_per_agent_and_checked() -> None:
     assert AgentServerConfig(max_call_depth=3).max_call_depth == 3
-    with pytest.raises(ValueError, match="max_call_depth must be a whole number in 1..1000"):
+    with pytest.raises(ValueError, match=r"max_call_depth must be a whole number in 1\.\.1000"):
         AgentServerConfig(max_call_depth=0)
