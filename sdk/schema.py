@@ -23,7 +23,7 @@ _PRIMITIVES: dict[Any, JsonSchema] = {
 }
 
 
-def schema_for(tp: Any) -> JsonSchema:
+def schema_for(tp: Any, _outer: tuple[Any, ...] = ()) -> JsonSchema:
     """The JSON Schema of a type hint: primitives, Optional/Union, Literal, list, dict, TypedDict, dataclass.
 
     Raises:
@@ -34,26 +34,29 @@ def schema_for(tp: Any) -> JsonSchema:
     origin = get_origin(tp)
     args = get_args(tp)
     if origin is typing.Annotated:
-        return schema_for(args[0])
+        return schema_for(args[0], _outer)
     if origin in (Union, types.UnionType):
-        return {"anyOf": [schema_for(a) for a in args]}
+        return {"anyOf": [schema_for(a, _outer) for a in args]}
     if origin is Literal:
         return {"enum": list(args)}
     if origin is tuple and args and args[-1] is not Ellipsis:  # tuple[int, str]: each position its own type
-        return {"type": "array", "prefixItems": [schema_for(a) for a in args], "items": False,
+        return {"type": "array", "prefixItems": [schema_for(a, _outer) for a in args], "items": False,
                 "minItems": len(args), "maxItems": len(args)}
     if origin in (list, tuple, set, frozenset, collections.abc.Sequence, collections.abc.Set):
         items = args[0] if args else Any
-        return {"type": "array", "items": schema_for(items)}
+        return {"type": "array", "items": schema_for(items, _outer)}
     if origin in (dict, collections.abc.Mapping):
         value = args[1] if len(args) == 2 else Any
-        return {"type": "object", "additionalProperties": schema_for(value)}
+        return {"type": "object", "additionalProperties": schema_for(value, _outer)}
+    if (is_typeddict(tp) or dataclasses.is_dataclass(tp)) and tp in _outer:
+        raise TypeError(f"no JSON schema for the recursive type {tp!r}: give the capability an input_schema or "
+                        "output_schema that says it with $defs/$ref")
     if is_typeddict(tp):
         hints = get_type_hints(tp)
         required = sorted(getattr(tp, "__required_keys__", hints.keys()))
         return {
             "type": "object",
-            "properties": {k: schema_for(v) for k, v in hints.items()},
+            "properties": {k: schema_for(v, (*_outer, tp)) for k, v in hints.items()},
             "required": required,
             "additionalProperties": False,
         }
@@ -62,7 +65,7 @@ def schema_for(tp: Any) -> JsonSchema:
         props: dict[str, JsonSchema] = {}
         required_fields: list[str] = []
         for f in _init_fields(tp):
-            props[f.name] = schema_for(hints[f.name])
+            props[f.name] = schema_for(hints[f.name], (*_outer, tp))
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 required_fields.append(f.name)
         return {

@@ -157,3 +157,14 @@ def test_results_are_made_json_wherever_a_dataclass_or_set_sits() -> None:
     plain = {"text": "x", "n": 1}
     assert to_json(plain) is plain  # nothing to change: returned as it is (the hot path)
     assert to_json({"n": [1, 2]}) == {"n": [1, 2]}
+
+
+class Node(TypedDict):
+    name: str
+    children: list[Node]
+
+
+def test_a_recursive_type_is_a_clear_type_error_not_a_recursion_error() -> None:
+    """It raised RecursionError from deep inside the schema builder, stopping the agent at import unexplained."""
+    with pytest.raises(TypeError, match="recursive type"):
+        schema_for(Node)
