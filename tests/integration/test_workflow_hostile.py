@@ -139,20 +139,26 @@ async def test_a_memo_key_that_is_not_a_string_is_refused_before_its_side_effect
         assert COMPUTED == {}
 
 
-async def test_cancelling_a_run_nobody_drives_withdraws_its_pending_escalation(orch: Orch) -> None:
+async def _left_waiting_for_a_person(orch: Orch, workflow_id: str) -> str:
+    """A run that asked a person and whose orchestrator then stopped: nobody drives it. Its full id."""
     asked = asyncio.Event()
     async with WorkflowEngine(orch.mesh, lock_ttl_s=2,
                               on_event=lambda _w, kind, _d: asked.set() if kind == "input_required" else None) as first:
-        handle = await first.submit(ask, None, workflow_id="asking")
+        handle = await first.submit(ask, None, workflow_id=workflow_id)
         await asyncio.wait_for(asked.wait(), 20)
+    return handle.id
+
+
+async def test_cancelling_a_run_nobody_drives_withdraws_its_pending_escalation(orch: Orch) -> None:
+    handle_id = await _left_waiting_for_a_person(orch, "asking")
     # Its orchestrator is gone; another process of the identity cancels the run and so records `canceled` itself.
     async with WorkflowEngine(orch.mesh, lock_ttl_s=2) as second:
-        assert await second.store.owner(handle.id) is None
+        assert await second.store.owner(handle_id) is None
         final = await second.cancel("asking", wait_s=10)
         assert final.state == "CANCELED"
         info = await second.escalations.get(str(final.escalations["s1"]["escalation_id"]))
         assert info.status == "CANCELED", info.status
-        assert await second.store.owner(handle.id) is None and await second.store.etcd.get(owner_key(handle.id)) is None
+        assert await second.store.owner(handle_id) is None and await second.store.etcd.get(owner_key(handle_id)) is None
 
 
 @pytest.mark.parametrize("deadline", [-30.0, 0.0, math.nan, math.inf, 1e30, MAX_DEADLINE_S + 1])
@@ -202,11 +208,7 @@ async def test_state_values_with_a_lone_surrogate_and_bad_attempts_are_invalid_i
 async def test_a_cancel_that_a_resumer_overtakes_is_still_a_cancel(orch: Orch, monkeypatch: pytest.MonkeyPatch) -> None:
     """The canceller saw no owner, then a resumer took the run before the canceller could: the cancel_requested
     already written makes that owner end the run canceled, so the cancel must not be reported as refused."""
-    asked = asyncio.Event()
-    async with WorkflowEngine(orch.mesh, lock_ttl_s=2,
-                              on_event=lambda _w, kind, _d: asked.set() if kind == "input_required" else None) as first:
-        handle = await first.submit(ask, None, workflow_id="overtaken")
-        await asyncio.wait_for(asked.wait(), 20)
+    handle_id = await _left_waiting_for_a_person(orch, "overtaken")
     async with WorkflowEngine(orch.mesh, lock_ttl_s=2) as second:
         store = second.store
         real_owner = store.owner
@@ -220,7 +222,7 @@ async def test_a_cancel_that_a_resumer_overtakes_is_still_a_cancel(orch: Orch, m
 
         monkeypatch.setattr(store, "owner", owner_then_overtaken)
         try:
-            state = await store.request_cancel(handle.id, by="tester")
+            state = await store.request_cancel(handle_id, by="tester")
             assert taken and state.cancel_requested is not None and not state.terminal
         finally:
             for lock in taken:
