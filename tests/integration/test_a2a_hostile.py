@@ -290,6 +290,21 @@ def _hostile_agent() -> Iterator[ThreadingHTTPServer]:
         thread.join(10)
 
 
+@contextlib.asynccontextmanager
+async def _bridged(mesh_env: MeshEnv, server: ThreadingHTTPServer,
+                   http: httpx.AsyncClient) -> AsyncIterator[MeshClient]:
+    """The hostile agent bridged onto the mesh (its card read through http), and a client calling it."""
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    bridge = await A2ABridgeAgent.from_card(await fetch_card(url, http), http, name="hostile")
+    try:
+        async with AgentServer(bridge, await mesh_env.settings_for("hostile")), \
+                MeshClient.connect(name="tester", settings=await mesh_env.settings_for("tester", "client")) as mesh:
+            assert await mesh.node.registry.wait_for_capability("floods", 1, timeout=10)
+            yield mesh
+    finally:
+        await bridge.close()
+
+
 async def test_the_bridges_client_refuses_an_answer_too_large_to_hold(mesh_env: MeshEnv) -> None:
     """httpx reads a body whole: an external agent declaring 100 MiB, or streaming without end, made the bridge
     wait for it, or hold it all. The bridge's client (`http_client`, what `hivemesh a2a register` uses) refuses
@@ -297,49 +312,31 @@ async def test_the_bridges_client_refuses_an_answer_too_large_to_hold(mesh_env: 
     from hivemesh.sdk.a2a.bridge import http_client
 
     with _hostile_agent() as server:
-        url = f"http://127.0.0.1:{server.server_address[1]}/"
-        async with http_client(timeout=30) as http:
-            bridge = await A2ABridgeAgent.from_card(await fetch_card(url, http), http, name="hostile")
-            try:
-                async with AgentServer(bridge, await mesh_env.settings_for("hostile")), \
-                        MeshClient.connect(name="tester",
-                                           settings=await mesh_env.settings_for("tester", "client")) as mesh:
-                    assert await mesh.node.registry.wait_for_capability("floods", 1, timeout=10)
-                    for skill in ("declares-100mib", "floods"):
-                        with pytest.raises(AgentError) as refused:
-                            await mesh.call(skill, {"a": 1}, timeout=20)
-                        assert "answered too much" in refused.value.message, refused.value.message
-            finally:
-                await bridge.close()
+        async with http_client(timeout=30) as http, _bridged(mesh_env, server, http) as mesh:
+            for skill in ("declares-100mib", "floods"):
+                with pytest.raises(AgentError) as refused:
+                    await mesh.call(skill, {"a": 1}, timeout=20)
+                assert "answered too much" in refused.value.message, refused.value.message
 
 
 async def test_the_bridge_maps_an_a2a_agents_failures(mesh_env: MeshEnv) -> None:
     with _hostile_agent() as server:
-        url = f"http://127.0.0.1:{server.server_address[1]}/"
-        async with httpx.AsyncClient(timeout=10) as http:
-            bridge = await A2ABridgeAgent.from_card(await fetch_card(url, http), http, name="hostile")
-            try:
-                async with AgentServer(bridge, await mesh_env.settings_for("hostile")), \
-                        MeshClient.connect(name="tester",
-                                           settings=await mesh_env.settings_for("tester", "client")) as mesh:
-                    assert await mesh.node.registry.wait_for_capability("rpcerr", 1, timeout=10)
-                    with pytest.raises(InvalidInputError) as bad:
-                        await mesh.call("rpcerr", {"a": "x"}, timeout=10)
-                    assert "a must be a number" in bad.value.message
-                    with pytest.raises(AgentError) as html:
-                        await mesh.call("html", {"a": "x"}, timeout=10)
-                    assert "not A2A JSON-RPC" in html.value.message and len(html.value.message) < 300
-                    with pytest.raises(AgentError) as http500:
-                        await mesh.call("http500", {"a": "x"}, timeout=10)
-                    assert "HTTP 500" in http500.value.message and len(http500.value.message) < 300
-                    server.shutdown()
-                    server.server_close()  # the A2A agent goes away
-                    with pytest.raises(HivemeshError) as down:
-                        await mesh.call("rpcerr", {"a": 1}, timeout=10)
-                    assert down.value.code == grpc.StatusCode.UNAVAILABLE, down.value
-                    assert "unreachable" in down.value.message
-            finally:
-                await bridge.close()
+        async with httpx.AsyncClient(timeout=10) as http, _bridged(mesh_env, server, http) as mesh:
+            with pytest.raises(InvalidInputError) as bad:
+                await mesh.call("rpcerr", {"a": "x"}, timeout=10)
+            assert "a must be a number" in bad.value.message
+            with pytest.raises(AgentError) as html:
+                await mesh.call("html", {"a": "x"}, timeout=10)
+            assert "not A2A JSON-RPC" in html.value.message and len(html.value.message) < 300
+            with pytest.raises(AgentError) as http500:
+                await mesh.call("http500", {"a": "x"}, timeout=10)
+            assert "HTTP 500" in http500.value.message and len(http500.value.message) < 300
+            server.shutdown()
+            server.server_close()  # the A2A agent goes away
+            with pytest.raises(HivemeshError) as down:
+                await mesh.call("rpcerr", {"a": 1}, timeout=10)
+            assert down.value.code == grpc.StatusCode.UNAVAILABLE, down.value
+            assert "unreachable" in down.value.message
 
 
 @contextlib.contextmanager
