@@ -132,3 +132,26 @@ def test_the_cli_finds_the_running_mesh_from_another_folder(tmp_path: Path, monk
             proc.wait(10)
     assert localmesh.running() == []
     assert "hivemesh certs init" in invoke("agents")  # nothing runs: now that is the right advice
+
+
+async def test_stop_all_stops_the_later_children_together_then_the_first(tmp_path: Path) -> None:
+    """One by one, each given its own wait, a dozen slow-to-stop children outlasted a 60 s SIGTERM wait on a loaded
+    machine. The later children all get SIGTERM before any of them has exited; the first (the control plane they
+    report to) only once they are gone."""
+    events = tmp_path / "events"
+    sup = Supervisor(tmp_path / "logs")
+    script = ('trap \'echo "term {name} $(date +%s%N)" >> {events}; sleep {linger}; '
+              'echo "exit {name} $(date +%s%N)" >> {events}; exit 0\' TERM; echo ready; '
+              'while true; do sleep 0.05; done')
+    children = []
+    for name, linger in (("core", 0), ("a", 1), ("b", 1), ("c", 1)):
+        child = await sup.spawn(name, ["sh", "-c", script.format(name=name, events=events, linger=linger)])
+        await child.wait_for_line("ready", 10.0)
+        children.append(child)
+    await sup.stop_all()
+    assert all(c.proc.returncode is not None for c in children)
+    seen = [line.split() for line in events.read_text().splitlines()]
+    when = {(kind, name): int(at) for kind, name, at in seen}
+    leaves = ("a", "b", "c")
+    assert max(when["term", n] for n in leaves) < min(when["exit", n] for n in leaves)  # together
+    assert when["term", "core"] >= max(when["exit", n] for n in leaves)  # the first one last
