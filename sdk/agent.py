@@ -14,10 +14,11 @@ capabilities into an A2A-style agent card. `hivemesh.sdk.serve(agent)` puts it o
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import inspect
 import json
 import typing
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, overload
 
@@ -89,6 +90,14 @@ def _stream_item_type(ret: Any) -> Any | None:
     return None
 
 
+def _derived_schema(hint: Any, what: str) -> dict[str, Any]:
+    """schema_for, its TypeError saying which capability and parameter the hint with no JSON form belongs to."""
+    try:
+        return schema_for(hint)
+    except TypeError as exc:
+        raise TypeError(f"{what}: {exc}") from exc
+
+
 def _build_spec(
     fn: Callable[..., Any],
     *,
@@ -132,8 +141,10 @@ def _build_spec(
         raise TypeError(f"{where}: a streaming capability must be an async generator (use 'yield')")
     out_type = item if item is not None else ret
     cap_name = name or fn.__name__.replace("_", "-")
-    in_schema = dict(input_schema) if input_schema is not None else schema_for(hints[in_name])
-    out_schema = dict(output_schema) if output_schema is not None else schema_for(out_type)
+    in_schema = (dict(input_schema) if input_schema is not None
+                 else _derived_schema(hints[in_name], f"{where}: the parameter {in_name!r}"))
+    out_schema = (dict(output_schema) if output_schema is not None
+                  else _derived_schema(out_type, f"{where}: the return type"))
     # Fail at import on a schema that cannot compile, an unknown $schema included.
     compile_schema(json.dumps(in_schema), where=f"{where} input")
     compile_schema(json.dumps(out_schema), where=f"{where} output")
@@ -244,6 +255,33 @@ def capability(
     return mark(fn) if fn is not None else mark
 
 
+def _collect_capabilities(agent_class: type) -> dict[str, CapabilitySpec]:
+    """The capabilities an agent class serves, by name. A method overridden in a subclass is one capability: the
+    nearest class's `@capability` on it counts (an undecorated override keeps the parent's spec and serves it).
+
+    Raises:
+        TypeError: two methods with one capability name (one would silently go unserved), naming both.
+    """
+    by_method: dict[str, tuple[type, CapabilitySpec]] = {}
+    for cls in reversed(agent_class.__mro__):
+        for attr_name, attr in vars(cls).items():
+            spec = getattr(attr, _ATTR, None)
+            if isinstance(spec, CapabilitySpec):
+                by_method[attr_name] = (cls, spec)
+    specs: dict[str, CapabilitySpec] = {}
+    owners: dict[str, str] = {}
+    for attr_name, (cls, spec) in by_method.items():
+        where = f"{cls.__qualname__}.{attr_name}"
+        if spec.name in specs and specs[spec.name] is not spec:  # the same method under a second attribute is fine
+            raise TypeError(
+                f"agent class {agent_class.__qualname__}: the capability name {spec.name!r} is given to both "
+                f"{owners[spec.name]} and {where}: give one of them another name with @capability(name=...) (to "
+                "replace a parent's capability, override its method under the same method name)")
+        specs.setdefault(spec.name, spec)
+        owners.setdefault(spec.name, where)
+    return specs
+
+
 class Agent:
     """Base class of SDK agents. Subclasses set `name` (and optionally version, description, owner, labels)."""
 
@@ -253,15 +291,14 @@ class Agent:
     owner: ClassVar[str] = ""
     labels: ClassVar[Mapping[str, str]] = {}
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _collect_capabilities(cls)  # two methods under one capability name: fail where the class is defined
+
     def __init__(self) -> None:
         if not self.name:
             raise TypeError(f"{type(self).__name__} must set a class attribute 'name'")
-        specs: dict[str, CapabilitySpec] = {}
-        for cls in reversed(type(self).__mro__):
-            for attr in vars(cls).values():
-                spec = getattr(attr, _ATTR, None)
-                if isinstance(spec, CapabilitySpec):
-                    specs[spec.name] = spec
+        specs = _collect_capabilities(type(self))
         if not specs:
             raise TypeError(f"agent {self.name!r} has no @capability methods")
         self.capabilities: dict[str, CapabilitySpec] = specs
@@ -297,9 +334,12 @@ class Agent:
         result = await (fn(arg, ctx) if spec.wants_context else fn(arg))
         return to_json(result)
 
-    async def run_stream(self, spec: CapabilitySpec, value: Any, ctx: Context) -> AsyncIterator[Any]:
+    async def run_stream(self, spec: CapabilitySpec, value: Any, ctx: Context) -> AsyncGenerator[Any, None]:
         """Call a streaming capability with decoded JSON; yields JSON-ready items."""
         fn: Callable[..., AsyncIterator[Any]] = getattr(self, spec.method_name)
         arg = from_json(spec.input_type, value)
-        async for item in fn(arg, ctx) if spec.wants_context else fn(arg):
-            yield to_json(item)
+        items = fn(arg, ctx) if spec.wants_context else fn(arg)
+        # Closing this generator closes the capability's at once (its finally runs now, not when it is collected).
+        async with contextlib.aclosing(items) if hasattr(items, "aclose") else contextlib.nullcontext(items):
+            async for item in items:
+                yield to_json(item)
