@@ -7,6 +7,8 @@ encodes, and decides nothing the chain decided.
 
 Errors: an `InvalidInputError` (or any `HivemeshError`) raised by a capability keeps its code; anything else
 it raises (a `TypeError` or `ValueError` included) is a bug in the agent, AGENT_ERROR, not the caller's fault.
+A streaming capability called unary is collected into one answer of at most one message's size, else
+RESOURCE_EXHAUSTED (`AgentServicer._collect`).
 """
 
 from __future__ import annotations
@@ -15,17 +17,26 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from hivemesh.mesh import invoke_wire, json_fast, tracing
 from hivemesh.mesh.callcontext import inbound_call, new_call_id
-from hivemesh.mesh.errors import AgentError, HivemeshError, InvalidInputError, InvalidOutputError, abort
-from hivemesh.mesh.json_compact import compact_json_parts
+from hivemesh.mesh.errors import (
+    AgentError,
+    HivemeshError,
+    InvalidInputError,
+    InvalidOutputError,
+    PayloadTooLargeError,
+    abort,
+)
+from hivemesh.mesh.json_compact import compact_json, compact_json_parts
 from hivemesh.mesh.layers import Inbound
 from hivemesh.mesh.link_server import LinkServer, link_handler
 from hivemesh.mesh.output_check import OutputCheck, note_refusal
+from hivemesh.mesh.tls import MAX_MESSAGE_BYTES
 from hivemesh.sdk.agent import Agent, CapabilitySpec
 from hivemesh.sdk.context import Context
 from hivemesh.sdk.escalation import InputRequired
@@ -70,7 +81,11 @@ def _json(value: Any) -> bytes:
 
 
 class AgentServicer(agent_pb2_grpc.AgentServicer):
-    """Serves one SDK `Agent` over the hivemesh.v1.Agent contract."""
+    """Serves one SDK `Agent` over the hivemesh.v1.Agent contract.
+
+    max_output_bytes: the most a streaming capability called unary may yield, as JSON; the largest message the
+    agent's server sends (its `grpc.max_send_message_length`, `ManagedServer`'s max_message_bytes), since a
+    larger answer could not be sent anyway."""
 
     def __init__(
         self,
@@ -79,8 +94,10 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         hop: agent_pb2.Hop,
         mesh: MeshClient | None = None,
         dedupe: DedupeStore | None = None,
+        max_output_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         self._agent = agent
+        self._max_output_bytes = max_output_bytes
         self._card = agent.card()
         self._outputs = OutputCheck(self._card.capabilities)
         self._hop = hop
@@ -98,7 +115,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         try:
             with metering(ctx.usage):
                 if spec.streaming:
-                    result: Any = [item async for item in self._agent.run_stream(spec, value, ctx)]
+                    result: Any = await self._collect(spec, value, ctx)
                 else:
                     result = await self._agent.run_unary(spec, value, ctx)
         except InputRequired as ask:
@@ -107,6 +124,28 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         return state, result, agent_pb2.Usage(
             input_tokens=used.input_tokens, output_tokens=used.output_tokens, model=used.model
         )
+
+    async def _collect(self, spec: CapabilitySpec, value: Any, ctx: Context) -> list[Any]:
+        """A streaming capability's items as one unary answer (a JSON array), closing the stream as soon as the
+        array passes max_output_bytes (RESOURCE_EXHAUSTED) or an item is not JSON (AGENT_ERROR): collected without
+        a bound, a stream that never ends grew the agent's memory until it died. Each item is measured as
+        encoded (the array's commas and brackets counted) since its size in memory says nothing of its JSON."""
+        items: list[Any] = []
+        size = 1  # "[", then each item with the "," or "]" after it
+        limit = self._max_output_bytes
+        async with aclosing(self._agent.run_stream(spec, value, ctx)) as stream:
+            async for item in stream:
+                try:
+                    size += len(compact_json(item)) + 1
+                except (TypeError, ValueError, RecursionError) as exc:
+                    raise AgentError(f"capability {spec.name!r} returned output that is not JSON: "
+                                     f"{_text(exc)}") from None
+                if size > limit:
+                    raise PayloadTooLargeError(
+                        f"the streaming capability {spec.name!r}'s output passed {limit} bytes, the most one answer "
+                        f"carries: call it with InvokeStream (MeshClient.stream), which sends each item on its own")
+                items.append(item)
+        return items
 
     async def _run(
         self, call: Inbound, request: agent_pb2.InvokeRequest, spec: CapabilitySpec, value: Any, ctx: Context
