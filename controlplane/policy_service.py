@@ -8,11 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from hivemesh.controlplane import json_text
+from hivemesh.controlplane import json_text, rollouts
 from hivemesh.controlplane import policies as store
 from hivemesh.controlplane.server import _rpc
 from hivemesh.mesh.errors import PermissionDeniedError
 from hivemesh.mesh.policy import PolicyDoc
+from hivemesh.mesh.resilience.kinds import ROLLOUTS
 from hivemesh.mesh.status import read_status
 from hivemesh.v1 import policy_pb2, policy_pb2_grpc
 
@@ -85,7 +86,11 @@ class PoliciesServicer(policy_pb2_grpc.PoliciesServicer):
     ) -> policy_pb2.DeletePolicyResponse:
         self._operator(context)
         version = request.version if request.HasField("version") else None
-        revision = await store.delete_policy(self._core.etcd, request.kind, request.name, expected_version=version)
+        if request.kind == ROLLOUTS.name:  # its state and the routes rule it wrote go with it, in one transaction
+            revision = await rollouts.delete_rollout(self._core.etcd, request.name, expected_version=version)
+        else:
+            revision = await store.delete_policy(self._core.etcd, request.kind, request.name,
+                                                 expected_version=version)
         return policy_pb2.DeletePolicyResponse(revision=revision)
 
     @_rpc

@@ -16,6 +16,13 @@ Each start, step, rollback and completion is written to the control plane's audi
 to the rollout's state in etcd (`keyspace.ROLLOUTS` + name, JSON), so a new leader continues where the last
 stopped. A changed rollouts document (a new version) starts over.
 
+Writes: the rule and the state go in one transaction that holds only while this replica leads (its term's
+fence), the rollouts document is still the version judged (a rollout deleted mid-pass writes nothing back), and
+the routes document is still the version its rule was put into (a compare-and-swap on the mod revision read: an
+operator's apply in between is not overwritten with the older document; the write is read and tried again, at
+most `ROUTE_ATTEMPTS` times). Deleting a rollout (`delete_rollout`, what `DeletePolicy` of a rollouts document
+does) removes the document and its state in one transaction and stops it where it is: its rule stays.
+
 Who runs it: the control-plane leader only. One writer steps the weights (callers would race each other
 writing the same routes document), it sees every node's published status (a caller node sees only its own
 calls), and the audit log it writes to is the control plane's. Health comes from the traffic status every
@@ -37,11 +44,11 @@ from typing import TYPE_CHECKING, Any, Final
 
 from hivemesh.controlplane import policies as store
 from hivemesh.controlplane.leader import leader_duty
-from hivemesh.mesh.errors import FailedPreconditionError, HivemeshError
+from hivemesh.mesh.errors import FailedPreconditionError, HivemeshError, InvalidInputError, NotFoundError
 from hivemesh.mesh.keyspace import AGENTS, ROLLOUTS, STATUS
-from hivemesh.mesh.policy import PolicyDoc
+from hivemesh.mesh.policy import NAME_RE, PolicyDoc, PolicyError, policy_key
 from hivemesh.mesh.resilience.kinds import ROLLOUTS as ROLLOUTS_KIND
-from hivemesh.mesh.resilience.kinds import RolloutSpec
+from hivemesh.mesh.resilience.kinds import ROUTES, RolloutSpec
 from hivemesh.mesh.watch import cancel_and_wait
 from hivemesh.v1 import agent_pb2, mesh_pb2, policy_pb2
 
@@ -52,6 +59,10 @@ log = logging.getLogger(__name__)
 
 RULE: Final = "rollout"
 """The name of the routes rule a rollout owns."""
+ROUTE_ATTEMPTS: Final = 5
+"""Writes of a rollout's rule tried, each from a fresh read, while other writers keep changing its routes document."""
+DELETE_ATTEMPTS: Final = 5
+"""Deletions of a rollout tried, each from a fresh read, while its document keeps changing."""
 
 Recorder = Callable[[Mapping[str, Any]], Awaitable[object]]
 
@@ -118,15 +129,64 @@ def decide(spec: RolloutSpec, state: RolloutState, stable: VersionStats, canary:
     return Decision("step", f"healthy at {spec.steps[state.step]}% for {spec.interval_s:g} s")
 
 
-def routes_spec(spec: RolloutSpec, current: Mapping[str, Any] | None, canary_weight: int) -> dict[str, Any]:
-    """The routes document's spec with the rollout's rule first, at canary_weight percent."""
+def rollout_rule(spec: RolloutSpec, canary_weight: int) -> dict[str, Any]:
+    """The rule the rollout writes: canary_weight percent to the canary, the rest to the stable version."""
     split: list[dict[str, Any]] = [{"weight": 100 - canary_weight, **spec.stable},
                                    {"weight": canary_weight, **spec.canary}]
-    rule: dict[str, Any] = {"name": RULE, "split": split}
+    return {"name": RULE, "split": split}
+
+
+def routes_spec(spec: RolloutSpec, current: Mapping[str, Any] | None, canary_weight: int) -> dict[str, Any]:
+    """The routes document's spec with the rollout's rule first, at canary_weight percent."""
+    rule = rollout_rule(spec, canary_weight)
     out: dict[str, Any] = dict(current) if current is not None else {"capabilities": [spec.capability]}
     others: list[dict[str, Any]] = [r for r in out.get("rules", []) if r.get("name") != RULE]
     out["rules"] = [rule, *others]
     return out
+
+
+def _state_key(name: str) -> bytes:
+    return f"{ROLLOUTS}{name}".encode()
+
+
+def _doc_key(name: str) -> bytes:
+    return policy_key(ROLLOUTS_KIND.name, name).encode()
+
+
+async def _mod_revision(etcd: Any, key: bytes) -> int:
+    """key's mod revision now (0: no such key)."""
+    kv = await etcd.get(key)
+    return 0 if kv is None else int(kv.mod_revision)
+
+
+async def delete_rollout(etcd: Any, name: str, *, expected_version: int | None = None) -> int:
+    """Delete rollouts/name and its state in one etcd transaction; returns the revision of the deletion.
+
+    The routes document stays as last written: a deleted rollout stops where it is (taking its rule out would
+    not send traffic back to the stable version but spread it over both, and a finished rollout's 100% rule
+    would be undone). The leader's pass that read the rollout before writes nothing after, because its writes
+    compare the document's version. NotFoundError when there is no such rollout, FailedPreconditionError when
+    it is not at expected_version (or keeps changing under the deletion)."""
+    if not NAME_RE.fullmatch(name):
+        msg = "must match [a-z0-9][a-z0-9._-]{0,62}"
+        raise InvalidInputError(f"policy name {msg}", field_violations={"name": msg})
+    t = etcd.transactions
+    doc_key, state_key = _doc_key(name), _state_key(name)
+    for _attempt in range(DELETE_ATTEMPTS):
+        doc_kv = await etcd.get(doc_key)
+        if doc_kv is None:
+            raise NotFoundError(f"no rollouts policy named {name!r}", metadata={"kind": ROLLOUTS_KIND.name,
+                                                                                 "name": name})
+        version = int(doc_kv.mod_revision)
+        if expected_version is not None and expected_version != version:
+            raise FailedPreconditionError(f"rollouts/{name} is at version {version}, not {expected_version}")
+        ok, responses = await etcd.transaction(compare=[t.mod(doc_key) == version],
+                                               success=[t.delete(doc_key), t.delete(state_key)], failure=[])
+        if ok:
+            log.info("deleted rollouts/%s and its state (its routes document stays as last written)", name)
+            return int(responses[0].response_delete_range.header.revision)
+    raise FailedPreconditionError(f"rollouts/{name} changed under each of {DELETE_ATTEMPTS} attempts to delete "
+                                  "it; try again")
 
 
 def _matches(subset: Mapping[str, Any], card: agent_pb2.AgentCard) -> bool:
@@ -205,7 +265,7 @@ class RolloutController:
     async def _state(self, name: str) -> RolloutState | None:
         """The rollout's progress, or None (started afresh) when there is none or it cannot be read: a state this
         code cannot read (hand-edited, from another version) must not stop this rollout, nor the others."""
-        kv = await self.etcd.get(f"{ROLLOUTS}{name}".encode())
+        kv = await self.etcd.get(_state_key(name))
         if kv is None:
             return None
         try:
@@ -258,20 +318,16 @@ class RolloutController:
 
     async def _write(self, spec: RolloutSpec, state: RolloutState, canary_weight: int | None, event: str,
                      reason: str, figures: Mapping[str, Any] | None = None) -> None:
-        put_state = self.etcd.transactions.put(f"{ROLLOUTS}{spec.name}".encode(), json.dumps(asdict(state)).encode())
+        t = self.etcd.transactions
+        put_state = t.put(_state_key(spec.name), json.dumps(asdict(state)).encode())
+        # Every write holds only while this replica leads and the rollouts document is the version judged here:
+        # one deleted (or changed) during the pass gets nothing written back (no state, no rule re-created).
+        guard = [*self._fence, t.mod(_doc_key(spec.name)) == state.version]
         if canary_weight is not None:
-            try:
-                current: Mapping[str, Any] | None = (await store.get_policy(self.etcd, "routes", spec.routes)).spec
-            except HivemeshError:
-                current = None
-            doc = store.validate_document({"kind": "routes", "name": spec.routes,
-                                           "spec": routes_spec(spec, current, canary_weight)})
-            # The split and the progress in one transaction, under this leadership term's fence.
-            await store.apply_policies(self.etcd, [doc], fence=self._fence, also=[put_state])
-        else:
-            ok, _ = await self.etcd.transaction(compare=list(self._fence), success=[put_state], failure=[])
-            if not ok:
-                raise FailedPreconditionError("this control-plane replica no longer leads: another one decides now")
+            await self._write_rule(spec, state.version, canary_weight, guard, put_state)
+        elif not (await self.etcd.transaction(compare=guard, success=[put_state], failure=[]))[0]:
+            await self._refused(spec, state.version)
+            raise FailedPreconditionError(f"rollouts/{spec.name}: its state was not written; tried again next pass")
         log.warning("rollout %s: %s (%s)", spec.name, event, reason)
         if self.recorder is not None:
             try:
@@ -280,6 +336,57 @@ class RolloutController:
                                      **(figures or {})})
             except Exception:  # the step happened; a failed audit write is logged, not undone
                 log.exception("could not record rollout %s in the audit log", spec.name)
+
+    async def _write_rule(self, spec: RolloutSpec, version: int, canary_weight: int, guard: list[Any],
+                          put_state: Any) -> None:
+        """The rule at canary_weight and the state, in one transaction under guard, compared on the routes
+        document's mod revision as read: when another writer (an operator's apply) changed the document in
+        between, read it again and rebuild the rule on it, not over it (at most ROUTE_ATTEMPTS times)."""
+        t = self.etcd.transactions
+        key = policy_key(ROUTES.name, spec.routes).encode()
+        for _attempt in range(ROUTE_ATTEMPTS):
+            kv = await self.etcd.get(key)
+            current: Mapping[str, Any] | None = None
+            read = 0
+            if kv is not None:
+                read = int(kv.mod_revision)
+                try:
+                    current = ROUTES.load(spec.routes, kv.value, read).spec
+                except PolicyError:  # an invalid stored document is replaced (still only the version read)
+                    current = None
+            doc = store.validate_document({"kind": ROUTES.name, "name": spec.routes, "version": read,
+                                           "spec": routes_spec(spec, current, canary_weight)})
+            refusal: FailedPreconditionError | None = None
+            try:
+                result = await store.apply_policies(self.etcd, [doc], fence=guard, also=[put_state])
+                if result.revision:
+                    return
+                # The document already says this (apply_policies writes nothing then, `also` included): the state
+                # goes alone, still only on the version read.
+                ok, _ = await self.etcd.transaction(compare=[*guard, t.mod(key) == read], success=[put_state],
+                                                    failure=[])
+                if ok:
+                    return
+            except FailedPreconditionError as err:
+                refusal = err
+            await self._refused(spec, version)
+            if (await self.etcd.transaction(compare=[t.mod(key) == read], success=[], failure=[]))[0]:
+                # Refused for another reason than a newer document: reading it again would change nothing.
+                raise refusal or FailedPreconditionError(f"rollouts/{spec.name}: routes/{spec.routes} was not written")
+            log.info("rollout %s: routes/%s changed since it was read; reading it again", spec.name, spec.routes)
+        raise FailedPreconditionError(
+            f"rollouts/{spec.name}: routes/{spec.routes} changed under each of {ROUTE_ATTEMPTS} writes of its rule "
+            "(another writer keeps applying it); nothing written, tried again next pass")
+
+    async def _refused(self, spec: RolloutSpec, version: int) -> None:
+        """After a refused write: raise why when this replica no longer leads or the rollouts document is no
+        longer the version judged (deleted, or changed: the next pass starts it over); return otherwise."""
+        if self._fence and not (await self.etcd.transaction(compare=list(self._fence), success=[], failure=[]))[0]:
+            raise FailedPreconditionError("this control-plane replica no longer leads: another one decides now")
+        now = await _mod_revision(self.etcd, _doc_key(spec.name))
+        if now != version:
+            raise FailedPreconditionError(
+                f"rollouts/{spec.name} was {'deleted' if now == 0 else 'changed'} during this pass: nothing written")
 
 
 def install(core: Core, server: Any) -> RolloutController:

@@ -13,7 +13,8 @@ import aetcd
 
 from hivemesh.controlplane import policies as store
 from hivemesh.controlplane.audit.store import AuditStore
-from hivemesh.controlplane.rollouts import RolloutController
+from hivemesh.controlplane.rollouts import RolloutController, VersionStats
+from hivemesh.mesh.etcd import EtcdServer, client, wait_connected
 from hivemesh.mesh.keyspace import AGENTS, ROLLOUTS
 from hivemesh.mesh.status import status_key
 from hivemesh.v1 import agent_pb2, mesh_pb2, policy_pb2
@@ -166,7 +167,6 @@ async def test_a_pass_that_outlives_its_leadership_writes_nothing(etcd: aetcd.Cl
     """Replica A began a pass while leading, then stalled past its lease; B took over and stepped the rollout. A's
     stale rollback must not land over B's step (its writes carry A's term, which no longer holds)."""
     from hivemesh.controlplane.leader import LeaderElection
-    from hivemesh.controlplane.rollouts import VersionStats
     from tests.support.waiting import until
 
     doc = ROLLOUT.format(cap="work").replace("interval_s: 30", "interval_s: 0.05").replace("min_calls: 10",
@@ -209,3 +209,138 @@ async def test_a_pass_that_outlives_its_leadership_writes_nothing(etcd: aetcd.Cl
         resume.set()
         await a.stop()
         await b.stop()
+
+
+class PausingEtcd:
+    """A real etcd client whose reads of one key hold their answer until the test lets them go, so that another
+    writer acts between a reader's read and its write (as a slow pass on a busy machine allows). Nothing is
+    replaced: every call goes to etcd."""
+
+    def __init__(self, real: aetcd.Client, key: bytes, pauses: int = 1) -> None:
+        self._real, self._key, self.pauses = real, key, pauses
+        self.held: asyncio.Queue[asyncio.Event] = asyncio.Queue()
+        """One event per held read: set it to let the read's answer go."""
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)
+
+    async def get(self, key: bytes) -> object:
+        kv = await self._real.get(key)
+        if key == self._key and self.pauses > 0:
+            self.pauses -= 1
+            go = asyncio.Event()
+            await self.held.put(go)
+            await go.wait()
+        return kv
+
+
+ROUTES_KEY = "/hivemesh/policies/routes/rollout-work-v2"
+
+
+async def _healthy(_etcd: object, _spec: object) -> tuple[VersionStats, VersionStats]:
+    return VersionStats(100, 0, 20.0), VersionStats(100, 0, 20.0)
+
+
+async def _operator_edits_routes(etcd: aetcd.Client, n: int) -> None:
+    """An operator's read-modify-write of the rollout's routes document (its version given: a compare-and-swap
+    itself): a fallback and a rule of its own, numbered n."""
+    current = await store.get_policy(etcd, "routes", "rollout-work-v2")
+    spec = dict(current.spec)
+    spec["fallback"] = f"fallback-{n}"
+    spec["rules"] = [*[r for r in spec["rules"] if r["name"] != "ops"],
+                     {"name": "ops", "match": {"metadata": {"tenant": f"t{n}"}}, "pin": {"version": "1.*"}}]
+    await store.apply_policies(etcd, [store.validate_document(
+        {"kind": "routes", "name": "rollout-work-v2", "spec": spec, "version": current.version})])
+
+
+async def test_a_step_does_not_overwrite_an_apply_made_since_it_read_the_routes(etcd: aetcd.Client,
+                                                                              etcd_server: EtcdServer) -> None:
+    """Two writers of one routes document over real etcd: the leader's rollout step (its own client) read the
+    document, then an operator's apply changed it before the step wrote. The step wrote the rule into the document
+    it had read, so the operator's fallback and rule were gone (a lost update); now its write compares the
+    version it read, reads again and puts its rule into the operator's document."""
+    await store.apply_text(etcd, ROLLOUT.format(cap="work").replace("interval_s: 30", "interval_s: 1"))
+    leader = client(etcd_server.access)
+    await wait_connected(leader)
+    now = [1000.0]
+    try:
+        gate = PausingEtcd(leader, ROUTES_KEY.encode(), pauses=0)
+        controller = RolloutController(gate, None, stats=_healthy, clock=lambda: now[0])
+        assert (await controller.tick())["work-v2"].action == "step"  # started: 5%
+        gate.pauses = 1
+        now[0] += 5
+        stepping = asyncio.create_task(controller.tick())
+        go = await asyncio.wait_for(gate.held.get(), 10)  # the step has read the routes document
+        await _operator_edits_routes(etcd, 1)
+        go.set()
+        assert (await asyncio.wait_for(stepping, 10))["work-v2"].action == "step"
+        routes = (await store.get_policy(etcd, "routes", "rollout-work-v2")).spec
+        assert routes["fallback"] == "fallback-1", routes  # the operator's change is still there
+        assert [r["name"] for r in routes["rules"]] == ["rollout", "ops"], routes
+        assert await _canary_weight(etcd, "work") == 25  # and so is the step
+        state = json.loads((await etcd.get(f"{ROLLOUTS}work-v2".encode())).value)
+        assert state["step"] == 1
+    finally:
+        await leader.close()
+
+
+async def test_a_step_that_keeps_losing_the_race_gives_up_for_the_pass_and_writes_nothing(
+        etcd: aetcd.Client, etcd_server: EtcdServer) -> None:
+    """The operator applies the routes document between every read and write of the step: the step tries again
+    from a fresh read a bounded number of times, then gives up for this pass with nothing written (no rule over
+    the operator's document, no state saying it stepped); the next pass steps."""
+    await store.apply_text(etcd, ROLLOUT.format(cap="work").replace("interval_s: 30", "interval_s: 1"))
+    leader = client(etcd_server.access)
+    await wait_connected(leader)
+    now = [1000.0]
+    try:
+        gate = PausingEtcd(leader, ROUTES_KEY.encode(), pauses=0)
+        controller = RolloutController(gate, None, stats=_healthy, clock=lambda: now[0])
+        assert (await controller.tick())["work-v2"].action == "step"  # started: 5%
+        before = (await etcd.get(f"{ROLLOUTS}work-v2".encode())).value
+        gate.pauses = 100
+        now[0] += 5
+        stepping = asyncio.create_task(controller.tick())
+        edits = 0
+        while not stepping.done():
+            held = asyncio.create_task(gate.held.get())
+            await asyncio.wait([held, stepping], timeout=10, return_when=asyncio.FIRST_COMPLETED)
+            if not held.done():
+                held.cancel()
+                break
+            await _operator_edits_routes(etcd, edits)
+            edits += 1
+            held.result().set()
+        decided = (await asyncio.wait_for(stepping, 10))["work-v2"]
+        assert decided.action == "error" and f"changed under each of {edits} writes" in decided.reason, decided
+        assert 2 <= edits <= 10, edits  # tried again from a fresh read, a bounded number of times
+        routes = (await store.get_policy(etcd, "routes", "rollout-work-v2")).spec
+        assert routes["fallback"] == f"fallback-{edits - 1}" and await _canary_weight(etcd, "work") == 5
+        assert (await etcd.get(f"{ROLLOUTS}work-v2".encode())).value == before
+        gate.pauses = 0
+        assert (await controller.tick())["work-v2"].action == "step"  # no one in the way: 25%
+        assert await _canary_weight(etcd, "work") == 25
+        assert (await store.get_policy(etcd, "routes", "rollout-work-v2")).spec["fallback"] == f"fallback-{edits - 1}"
+    finally:
+        await leader.close()
+
+
+async def test_a_restart_whose_rule_is_already_in_place_is_recorded_once(etcd: aetcd.Client,
+                                                                        tmp_path: Path) -> None:
+    """An edited rollouts document starts over at its first step; when the rule already stood at that weight the
+    routes document was left as it was, and with it the state (written in the same apply): the rollout was
+    started again, and audited as started, on every pass."""
+    await store.apply_text(etcd, ROLLOUT.format(cap="work"))
+    audit = AuditStore(tmp_path / "audit", identity="spiffe://hivemesh.test/controlplane").open()
+    try:
+        controller = RolloutController(etcd, audit.record)
+        assert (await controller.tick())["work-v2"].action == "step"  # started: 5%
+        await store.apply_text(etcd, ROLLOUT.format(cap="work").replace("interval_s: 30", "interval_s: 40"))
+        version = (await store.get_policy(etcd, "rollouts", "work-v2")).version
+        assert (await controller.tick())["work-v2"].action == "step"  # started again, rule unchanged at 5%
+        assert json.loads((await etcd.get(f"{ROLLOUTS}work-v2".encode())).value)["version"] == version
+        assert [(await controller.tick())["work-v2"].action for _ in range(3)] == ["hold"] * 3
+        started = [json.loads(line)["record"] for line in audit.lines()]
+        assert [r["action"] for r in started if r.get("event") == "rollout"] == ["started", "started"]
+    finally:
+        await audit.close()
