@@ -25,8 +25,9 @@ import logging
 import os
 import re
 import time
+from array import array
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -103,6 +104,11 @@ class _Source:
     identity: str
     seq: int
     hash: str
+    first: int = 0
+    """The seq of the first record of this source's chain in the log (`offsets[0]`'s)."""
+    offsets: array[int] = field(default_factory=lambda: array("q"))
+    """Where the entry of each stored record, seqs first.. seq, starts in log.jsonl: a resend of a stored seq is
+    compared with the record stored there by reading that one line (8 bytes a record; nodes' sources only)."""
 
 
 Sealable = list[Checked]
@@ -195,13 +201,11 @@ class AuditStore:
                         break
                     try:
                         entry = json.loads(raw)
-                        rec = entry["record"]
-                        self.seq, self.head = int(entry["seq"]), str(entry["hash"])
-                        self._sources[str(entry["source"])] = _Source(
-                            str(rec.get("node", "")), int(rec["seq"]), str(rec["hash"])
-                        )
+                        seq, head = int(entry["seq"]), str(entry["hash"])
+                        self._stored(str(entry["source"]), _head_of(entry["record"]), good)
                     except (ValueError, KeyError, TypeError):
                         break
+                    self.seq, self.head = seq, head
                     good += len(raw)
             self.size = good
             if good < self.log_path.stat().st_size:
@@ -272,8 +276,9 @@ class AuditStore:
     async def append(self, source: str, identity: str, raw_records: Sequence[bytes]) -> tuple[int, str, int]:
         """Store the next records of source's chain, shipped by identity; returns (last seq, hash, stored).
 
-        Records at or below the stored head are skipped (a resend); a gap, a broken link, a changed record,
-        or a record about another node than identity is refused and nothing of the batch is stored.
+        Records at or below the stored head are skipped when each is the record stored at its seq (a resend);
+        a gap, a broken link, a changed record (a resend that differs from the stored one, at any seq), or a
+        record about another node than identity is refused and nothing of the batch is stored.
         """
         if not _SOURCE_RE.fullmatch(source) or source == CONTROLPLANE_SOURCE:
             raise InvalidInputError("bad audit source id", field_violations={"source": "[A-Za-z0-9._-]{1,64}"})
@@ -302,15 +307,19 @@ class AuditStore:
             return (last.seq, last.hash, len(records)) if last is not None else (0, GENESIS, 0)
 
     def _validate_locked(self, source: str, identity: str, raw_records: Sequence[bytes]) -> list[Checked]:
-        """The records of the batch that extend source's stored chain (resent ones skipped); raises, storing
-        nothing, on a gap, a broken link, a changed record or a record about another node than identity.
+        """The records of the batch that extend source's stored chain (resent ones, each the stored record at its
+        seq, skipped); raises, storing nothing, on a gap, a broken link, a changed record or a record about another
+        node than identity.
         Each record is parsed and canonically encoded once; its encoding goes on into the log entry."""
         known = self._sources.get(source)
         if known is not None and known.identity != identity:
             raise PermissionDeniedError(f"audit source {source} belongs to {known.identity}, not {identity}")
         last_seq, last_hash = (known.seq, known.hash) if known is not None else (0, GENESIS)
+        stored_seq = last_seq
         fresh = known is None
         records: list[Checked] = []
+        resent: list[tuple[str, dict[str, Any]]] = []
+        batch: dict[int, tuple[str, str]] = {}  # seq -> (where, hash) of this batch's new records
         for i, raw in enumerate(raw_records):
             where = f"records[{i}]"
             if len(raw) > MAX_RECORD_BYTES:
@@ -326,8 +335,13 @@ class AuditStore:
                                             f"{identity} may only ship its own records")
             seq = rec["seq"]
             if seq <= last_seq and not fresh:
-                if seq == last_seq and rec["hash"] != last_hash:
-                    raise FailedPreconditionError(f"{where}: seq {seq} differs from the stored record")
+                earlier = batch.get(seq)
+                if seq <= stored_seq:
+                    resent.append((where, rec))  # checked below against the stored records, all at once
+                elif earlier is None:  # before the first record of a chain this batch starts
+                    raise _unknown(where, seq, identity, source, min(batch))
+                elif earlier[1] != rec["hash"]:
+                    raise _conflict(where, seq, identity, source, f"{earlier[0]} of this batch")
                 continue
             if fresh:
                 fresh = False  # the first record ever heard from this source starts its chain here
@@ -339,13 +353,84 @@ class AuditStore:
             elif rec.get("prev") != last_hash:
                 raise FailedPreconditionError(f"{where}: seq {seq} does not link to seq {last_seq}")
             records.append(Checked(source, rec, encoded))
+            batch[seq] = (where, rec["hash"])
             last_seq, last_hash = seq, rec["hash"]
+        if resent:
+            assert known is not None
+            self._check_resent_locked(source, known, resent)
         return records
+
+    def _check_resent_locked(self, source: str, known: _Source,
+                             resent: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Refuse (FailedPreconditionError naming the seq and the node) unless every record of resent, at or
+        below source's stored head, is the very record stored at its seq: an acknowledged resend must be a true
+        one, or the node's records that differ would be dropped as duplicates.
+
+        A record's hash covers its content (checked on arrival), prev included, so equal hashes mean equal records,
+        and a record equal to the stored one at seq vouches for the stored record at seq - 1 too: a resent record
+        whose hash is the prev of the (equal) resent record after it is equal to the stored one. So a resent run
+        costs one comparison, with the head (in memory) when it reaches the head, as a resend after a lost
+        acknowledgement does, else with one stored line read at its offset (`_Source.offsets`)."""
+        vouched: dict[str, Any] | None = None  # the resent record after this one, found equal to the stored one
+        for where, rec in reversed(resent):
+            seq = rec["seq"]
+            if (vouched is not None and vouched["seq"] == seq + 1 and vouched["prev"] == rec["hash"]
+                    and seq >= known.first):
+                vouched = rec
+                continue
+            if seq == known.seq:
+                stored: str | None = known.hash
+            else:
+                stored = self._stored_hash(source, known, seq)
+            if stored is None:
+                raise _unknown(where, seq, known.identity, source, known.first)
+            if stored != rec["hash"]:
+                raise _conflict(where, seq, known.identity, source, "the record stored")
+            vouched = rec
+
+    def _stored_hash(self, source: str, known: _Source, seq: int) -> str | None:
+        """The hash of source's stored record seq (None: the log holds no record of source at seq)."""
+        at = seq - known.first
+        if not 0 <= at < len(known.offsets):
+            return None
+        line = self.line_at(known.offsets[at])
+        try:
+            entry = json.loads(line) if line is not None else None
+            rec = entry["record"] if isinstance(entry, dict) and entry.get("source") == source else None
+            found = rec["hash"] if isinstance(rec, dict) and rec.get("seq") == seq else None
+        except (ValueError, KeyError, TypeError, RecursionError):
+            found = None
+        if not isinstance(found, str):
+            raise FailedPreconditionError(f"the audit log's index of source {source} does not match the log at seq "
+                                          f"{seq}: cannot compare the resent record; restart the control plane")
+        return found
 
     def _write_locked(self, items: Sealable) -> None:
         lines, hashes = self.seal_entries(items)
+        offset = self.size
         self._write_raw_locked(b"".join(lines), self.seq + len(lines), hashes[-1])
-        self._sources.update(_last_per_source(items))
+        self._stored_items([(item.source, _head_of(item.record)) for item in items], lines, offset)
+
+    def _stored(self, source: str, head: tuple[str, int, str], offset: int) -> None:
+        """Source's head is (node, seq, hash) now, a record stored in the log entry at offset (indexed for a
+        node's source)."""
+        node, seq, digest = head
+        known = self._sources.get(source)
+        if known is None:
+            known = self._sources[source] = _Source(node, seq, digest, seq)
+        known.identity, known.seq, known.hash = node, seq, digest
+        if source == CONTROLPLANE_SOURCE:
+            return  # nothing resends the control plane's own records: no index to keep
+        if seq != known.first + len(known.offsets):  # not the next of the chain (only a log not written here)
+            known.first, known.offsets = seq, array("q")
+        known.offsets.append(offset)
+
+    def _stored_items(self, heads: Sequence[tuple[str, tuple[str, int, str]]], lines: Sequence[bytes],
+                      offset: int) -> None:
+        """The sources' heads after (source, head) heads, written as lines (each ending in a newline) from offset."""
+        for (source, head), line in zip(heads, lines, strict=True):
+            self._stored(source, head, offset)
+            offset += len(line)
 
     def seal_entries(self, items: Sealable) -> tuple[list[bytes], list[str]]:
         """items chained as the log's next entries after its head (seq + 1, ...): their lines and hashes."""
@@ -395,18 +480,19 @@ class AuditStore:
         """Append entries committed to the shared log (by any replica) to this copy, fsynced: each must be the
         next seq, link to the head and match its hash, or this copy has diverged and serves no more."""
         seq, head = self.seq, self.head
-        sources: dict[str, _Source] = {}
+        heads: list[tuple[str, tuple[str, int, str]]] = []
         for raw in lines:
             entry = parse_line(raw)
-            rec = entry["record"]
             if entry["seq"] != seq + 1 or entry["prev"] != head or record_hash(entry) != entry["hash"]:
                 self.unavailable = (f"this replica's audit copy diverged from the mesh-wide log at seq {seq + 1}: "
                                     f"restore {self.dir} from a live replica")
                 raise FailedPreconditionError(self.unavailable)
             seq, head = entry["seq"], entry["hash"]
-            sources[str(entry["source"])] = _Source(str(rec.get("node", "")), int(rec["seq"]), str(rec["hash"]))
-        self._write_raw_locked(b"".join(line.rstrip(b"\n") + b"\n" for line in lines), seq, head)
-        self._sources.update(sources)  # with the lines, before the next await (see write_sealed_locked)
+            heads.append((str(entry["source"]), _head_of(entry["record"])))
+        whole = [line.rstrip(b"\n") + b"\n" for line in lines]
+        offset = self.size
+        self._write_raw_locked(b"".join(whole), seq, head)
+        self._stored_items(heads, whole, offset)  # with the lines, before the next await (see write_sealed_locked)
         assert self._fd is not None
         await asyncio.to_thread(os.fsync, self._fd)
 
@@ -419,8 +505,9 @@ class AuditStore:
         killed mid-AppendBatch, an operator's Ctrl-C) is cancelled at its next await, and a head left behind its
         lines had the next node to ship that spool (asking `source_state`) send those records again, to be
         appended twice (tests/e2e/test_audit_kill.py)."""
+        offset = self.size
         self._write_raw_locked(b"".join(lines), seq, head)
-        self._sources.update(_last_per_source(items))
+        self._stored_items([(item.source, _head_of(item.record)) for item in items], lines, offset)
 
     async def fsync_locked(self) -> None:
         """Make what was written durable."""
@@ -764,13 +851,25 @@ def _check_link_fields(rec: dict[str, Any], where: str) -> None:
         raise InvalidInputError(f"{where}: {problem}", field_violations={where: problem})
 
 
-def _last_per_source(items: Sealable) -> dict[str, _Source]:
-    """Every source's state after items (its last record's node, seq and hash)."""
-    out: dict[str, _Source] = {}
-    for item in items:
-        rec = item.record
-        out[item.source] = _Source(str(rec.get("node", "")), int(rec["seq"]), str(rec["hash"]))
-    return out
+def _head_of(rec: Any) -> tuple[str, int, str]:
+    """(node, seq, hash) of a stored record (KeyError, TypeError or ValueError when it has none)."""
+    return str(rec.get("node", "")), int(rec["seq"]), str(rec["hash"])
+
+
+def _unknown(where: str, seq: int, node: str, source: str, first: int) -> FailedPreconditionError:
+    """The refusal of a record older than its source's chain in the log: never stored, it cannot be now."""
+    return FailedPreconditionError(
+        f"{where}: seq {seq} of {node} comes before the first record of audit source {source} (seq {first}): it "
+        "was never stored and cannot be now; nothing of the batch was stored",
+        metadata={"seq": str(seq), "node": node[:ECHO_CHARS], "source": source, "first_seq": str(first)})
+
+
+def _conflict(where: str, seq: int, node: str, source: str, stored: str) -> FailedPreconditionError:
+    """The refusal of a record that repeats a stored (or earlier shipped) seq with other content."""
+    return FailedPreconditionError(
+        f"{where}: seq {seq} of {node} (audit source {source}) differs from {stored} at that seq: a resend must be "
+        "the same record; nothing of the batch was stored",
+        metadata={"seq": str(seq), "node": node[:ECHO_CHARS], "source": source})
 
 
 def audit_store(core: Core) -> AuditStore:

@@ -83,7 +83,9 @@ class AuditServicer:
 
     def AppendBatch(self, request, context):
         """AppendBatch stores the next records of one source's chain, in order. Records at or below what is stored
-        are skipped (a shipper may resend after a lost reply), so shipping is exactly-once. A gap is refused.
+        are skipped when they are the stored ones (a shipper may resend after a lost reply), so shipping is
+        exactly-once; one that differs from the stored record of its seq is refused (FAILED_PRECONDITION), as is
+        a gap.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

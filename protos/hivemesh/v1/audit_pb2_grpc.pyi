@@ -40,7 +40,9 @@ class AuditStub:
     def __new__(cls, channel: _aio.Channel) -> AuditAsyncStub: ...
     AppendBatch: _grpc.UnaryUnaryMultiCallable[_audit_pb2.AppendBatchRequest, _audit_pb2.AppendBatchResponse]
     """AppendBatch stores the next records of one source's chain, in order. Records at or below what is stored
-    are skipped (a shipper may resend after a lost reply), so shipping is exactly-once. A gap is refused.
+    are skipped when they are the stored ones (a shipper may resend after a lost reply), so shipping is
+    exactly-once; one that differs from the stored record of its seq is refused (FAILED_PRECONDITION), as is
+    a gap.
     """
     SourceState: _grpc.UnaryUnaryMultiCallable[_audit_pb2.SourceStateRequest, _audit_pb2.SourceStateResponse]
     """SourceState says how far the control plane holds a source's chain: where its shipper resumes."""
@@ -68,7 +70,9 @@ class AuditAsyncStub(AuditStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     AppendBatch: _aio.UnaryUnaryMultiCallable[_audit_pb2.AppendBatchRequest, _audit_pb2.AppendBatchResponse]  # type: ignore[assignment]
     """AppendBatch stores the next records of one source's chain, in order. Records at or below what is stored
-    are skipped (a shipper may resend after a lost reply), so shipping is exactly-once. A gap is refused.
+    are skipped when they are the stored ones (a shipper may resend after a lost reply), so shipping is
+    exactly-once; one that differs from the stored record of its seq is refused (FAILED_PRECONDITION), as is
+    a gap.
     """
     SourceState: _aio.UnaryUnaryMultiCallable[_audit_pb2.SourceStateRequest, _audit_pb2.SourceStateResponse]  # type: ignore[assignment]
     """SourceState says how far the control plane holds a source's chain: where its shipper resumes."""
@@ -99,7 +103,9 @@ class AuditServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_audit_pb2.AppendBatchResponse, _abc.Awaitable[_audit_pb2.AppendBatchResponse]]:
         """AppendBatch stores the next records of one source's chain, in order. Records at or below what is stored
-        are skipped (a shipper may resend after a lost reply), so shipping is exactly-once. A gap is refused.
+        are skipped when they are the stored ones (a shipper may resend after a lost reply), so shipping is
+        exactly-once; one that differs from the stored record of its seq is refused (FAILED_PRECONDITION), as is
+        a gap.
         """
 
     @_abc_1.abstractmethod
