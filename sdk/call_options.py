@@ -7,6 +7,7 @@ value on instead of each re-declaring and forwarding every option. Call sites ke
     urgent = CallOptions(timeout=2, context=agent_pb2.CallContext(priority=10))
     await mesh.call("triage", ticket, options=urgent)                 # a reusable set of options
     await mesh.call("triage", ticket, options=urgent, timeout=5)      # keywords override the set's fields
+    await mesh.call("triage", ticket, agent="alpha")                  # alpha's instances only, with failover
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TypedDict
 
+from hivemesh.mesh.pki import validate_name
 from hivemesh.v1 import agent_pb2
 
 
@@ -25,6 +27,7 @@ class CallOptionArgs(TypedDict, total=False):
     context: agent_pb2.CallContext | None
     idempotency_key: str | None
     queue_for: float | None
+    agent: str | None
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,19 @@ class CallOptions:
     of failing NO_LIVE_INSTANCE: delivered once one registers. `call`/`call_detailed` only. A timeout (or, inside
     a capability, the served call's deadline) bounds it: the call is held no longer, never delivered past it,
     and the caller gets DEADLINE_EXCEEDED naming the held id (ErrorInfo metadata `queued_id`)."""
+    agent: str | None = None
+    """Only instances registered by this agent (their card's name) may serve the call: unary, batch and stream.
+    A filter applied before routes, breakers, affinity and balancing, so a pinned call keeps the whole attempt
+    loop (failover between the agent's instances, retries, breakers, deadline). With an operator's `routes`
+    policy, the pin comes first and the route's rules (splits, pins, matches) choose among the agent's
+    instances; a rule that would leave none of them is set aside for the call, which goes to the agent's
+    instances all the same (a shadow's candidates still serve no real call). A fallback capability is called
+    pinned too, and only the agent's own cached answer is served. No live instance of the agent:
+    NO_LIVE_INSTANCE naming it. Not with `queue_for`: a held call is delivered unpinned."""
+
+    def __post_init__(self) -> None:
+        if self.agent is not None:
+            check_agent(self.agent, self.queue_for)
 
     @classmethod
     def of(cls, options: CallOptions | None, overrides: CallOptionArgs) -> CallOptions:
@@ -52,6 +68,14 @@ class CallOptions:
         if options is None:
             return cls(**overrides)  # the common case, `timeout=5`: cheaper than replace() on the hot path
         return dataclasses.replace(options, **overrides)
+
+
+def check_agent(agent: str, queue_for: float | None) -> None:
+    """ValueError unless agent is a valid agent name that may pin a call with these options."""
+    validate_name(agent, "agent")
+    if queue_for:
+        raise ValueError(f"agent={agent!r} cannot be combined with queue_for: a held call is delivered by the "
+                         "queue to any agent serving the capability, so the pin would not hold")
 
 
 _NONE = CallOptions()

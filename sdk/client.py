@@ -31,6 +31,7 @@ from hivemesh.mesh.errors import (
     UnknownCapabilityError,
 )
 from hivemesh.mesh.etcd import client as etcd_client
+from hivemesh.mesh.instance_ref import instance_key
 from hivemesh.mesh.json_compact import compact_json_parts
 from hivemesh.mesh.node import MeshNode
 from hivemesh.mesh.node_metrics import NodeMetrics
@@ -42,7 +43,7 @@ from hivemesh.mesh.run_ids import owner_segment
 from hivemesh.mesh.settings import MeshSettings
 from hivemesh.mesh.token_source import on_behalf_of
 from hivemesh.sdk.batch import BatchItem, call_batch
-from hivemesh.sdk.call_options import CallOptionArgs, CallOptions
+from hivemesh.sdk.call_options import CallOptionArgs, CallOptions, check_agent
 from hivemesh.v1 import agent_pb2, mesh_pb2
 
 if TYPE_CHECKING:
@@ -68,16 +69,19 @@ _OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(CallOptions))
 
 def _options(
     options: CallOptions | None, overrides: CallOptionArgs
-) -> tuple[float | None, agent_pb2.CallContext | None, str | None]:
-    """(timeout, context, idempotency key) of options with overrides; with keywords alone (nearly every call)
-    read straight from them, building no CallOptions on the hot path."""
+) -> tuple[float | None, agent_pb2.CallContext | None, str | None, str]:
+    """(timeout, context, idempotency key, agent pin or "") of options with overrides; with keywords alone (nearly
+    every call) read straight from them, building no CallOptions on the hot path."""
     if options is None:
         if not overrides.keys() <= _OPTION_NAMES:  # a misspelt option must not pass silently
             raise TypeError(f"unknown call option(s) {sorted(overrides.keys() - _OPTION_NAMES)}; "
                             f"the options are {sorted(_OPTION_NAMES)}")
-        return overrides.get("timeout"), overrides.get("context"), overrides.get("idempotency_key")
+        agent = overrides.get("agent")
+        if agent is not None:  # checked as CallOptions(agent=...) checks it
+            check_agent(agent, overrides.get("queue_for"))
+        return overrides.get("timeout"), overrides.get("context"), overrides.get("idempotency_key"), agent or ""
     opts = CallOptions.of(options, overrides)
-    return opts.timeout, opts.context, opts.idempotency_key
+    return opts.timeout, opts.context, opts.idempotency_key, opts.agent or ""
 
 
 def _decode_output(data: bytes | memoryview, content_type: str) -> Any:
@@ -239,7 +243,7 @@ class MeshClient:
         **overrides: Unpack[CallOptionArgs],
     ) -> CallResult:
         """Call capability and return its output with the instance and hops it went through."""
-        timeout, context, idempotency_key = _options(options, overrides)
+        timeout, context, idempotency_key, agent = _options(options, overrides)
         request = self._request(capability, payload, context, idempotency_key)
         key = idempotency_key or (context.idempotency_key if context is not None else "")
         started = time.monotonic()
@@ -247,7 +251,7 @@ class MeshClient:
             # The caller's timeout wins; without one the capability's `timeouts` policy, then default_timeout.
             raw, instance = await self._node.outbound.invoke(
                 request, capability=capability, idempotency_key=key, timeout=timeout,
-                default_timeout=self.default_timeout,
+                default_timeout=self.default_timeout, agent=agent,
             )
         except (NoLiveInstanceError, UnknownCapabilityError):
             queue_for = overrides.get("queue_for", options.queue_for if options is not None else None)
@@ -304,7 +308,10 @@ class MeshClient:
                       options: CallOptions | None = None, **overrides: Unpack[CallOptionArgs]) -> str:
         """Hold a call for capability until an instance serves it (at most max_wait s), without waiting; its id
         for `queued`. Delivered by this client's node while it runs (`resume_queued` after a restart)."""
-        _timeout, context, idempotency_key = _options(options, overrides)
+        _timeout, context, idempotency_key, agent = _options(options, overrides)
+        if agent:
+            raise ValueError(f"agent={agent!r} cannot pin a held call: the queue delivers it to any agent serving "
+                             "the capability")
         request = self._request(capability, payload, context, idempotency_key)
         key = idempotency_key or (context.idempotency_key if context is not None else "")
         return await self._call_queue().enqueue(capability, request, key, max_wait)
@@ -334,7 +341,10 @@ class MeshClient:
         **overrides: Unpack[CallOptionArgs],
     ) -> CallResult:
         """Call capability on one given instance (fan-out to every instance of a capability), no failover."""
-        timeout, context, idempotency_key = _options(options, overrides)
+        timeout, context, idempotency_key, agent = _options(options, overrides)
+        if agent and instance.card.name != agent:
+            raise ValueError(f"instance {instance_key(instance)!r} is not one of agent {agent!r}'s, which the "
+                             "options pin the call to")
         raw = await self._node.outbound.invoke_on(
             self._request(capability, payload, context, idempotency_key),
             instance,
@@ -380,7 +390,7 @@ class MeshClient:
     ) -> AsyncIterator[Any]:
         """Call capability and yield its output items as they arrive (including data on the final chunk).
         A stream has no idempotency key: it is never deduplicated."""
-        timeout, context, idempotency_key = _options(options, overrides)
+        timeout, context, idempotency_key, agent = _options(options, overrides)
         if idempotency_key:
             raise ValueError("a stream is never deduplicated: idempotency_key is for call/call_detailed/call_on")
         # Closed here, not left to the garbage collector: returning at the final chunk (or being closed by our
@@ -391,6 +401,7 @@ class MeshClient:
             capability=capability,
             timeout=timeout,
             default_timeout=self.default_timeout,
+            agent=agent,
         )) as chunks:
             async for raw, _instance in chunks:
                 chunk = agent_pb2.InvokeChunk.FromString(raw)

@@ -194,9 +194,10 @@ class Attempts:
                     breaker.on_neutral()
 
     def _affinity(self) -> str | None:
-        """The idempotency key of a call to a non-idempotent capability (None otherwise)."""
+        """The idempotency key of a call to a non-idempotent capability (None otherwise), as the instances the call
+        may use declare it (a pinned call's: its agent's)."""
         call = self.call
-        if idempotent(self.parts.selector.liveness.live(call.capability)[0], call.capability):
+        if idempotent(self.parts.selector.live_for(call)[0], call.capability):
             return None
         return call.idempotency_key or None
 

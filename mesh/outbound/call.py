@@ -21,9 +21,10 @@ Metadata = Sequence[tuple[str, str]]
 
 
 class OutboundCall:
-    """The capability, request bytes, caller metadata, absolute deadline and idempotency key of one call."""
+    """The capability, request bytes, caller metadata, absolute deadline, idempotency key and agent pin of one
+    call."""
 
-    __slots__ = ("_request", "capability", "deadline", "idempotency_key", "metadata", "raw")
+    __slots__ = ("_request", "agent", "capability", "deadline", "idempotency_key", "metadata", "raw")
 
     def __init__(
         self,
@@ -33,6 +34,7 @@ class OutboundCall:
         deadline: float | None,
         request: agent_pb2.InvokeRequest | None,
         idempotency_key: str = "",
+        agent: str = "",
     ) -> None:
         self.capability = capability
         self.raw = raw
@@ -40,6 +42,8 @@ class OutboundCall:
         self.deadline = deadline
         self.idempotency_key = idempotency_key
         """`CallContext.idempotency_key` of the request ("" for none), as the caller that encoded it knows it."""
+        self.agent = agent
+        """The agent whose instances alone may serve the call ("": any), `CallOptions.agent`."""
         self._request = request
 
     def request(self) -> agent_pb2.InvokeRequest:

@@ -7,6 +7,9 @@ A cached answer is never a way around authorization or another caller's data:
 - before it is served, the caller must be allowed to make that call now: a token for the target is issued (the
   grants and revocations of this moment), and the authz policies this node mirrors allow it.
 
+A call pinned to one agent (`OutboundCall.agent`) stays pinned when degraded: its fallback capability is called
+pinned to the same agent, and only a cached answer that agent gave is served.
+
 A degraded answer says so: `x-hivemesh-degraded` in InvokeResponse.metadata (`fallback:<capability>` or
 `cache`), appended to the response bytes without re-encoding them.
 """
@@ -81,7 +84,7 @@ class Degradation:
         for scope in (self._principal().encode(), ResponseCache.SHARED):
             hit: Result | None = self.cache.get(
                 call.capability, ResponseCache.key(req.content_type, req.input, scope), ttl_s)
-            if hit is not None:
+            if hit is not None and (not call.agent or hit[1].card.name == call.agent):
                 return hit
         return None
 
@@ -94,7 +97,7 @@ class Degradation:
                 req.CopyFrom(call.request())
                 req.capability = routes.fallback
                 fallback = OutboundCall(routes.fallback, req.SerializeToString(), call.metadata, call.deadline, req,
-                                        call.idempotency_key)
+                                        call.idempotency_key, call.agent)
                 try:
                     raw, instance = await self._run(fallback)
                     log.info("%s failed (%s): answered by fallback %s", call.capability, err.reason, routes.fallback)

@@ -1,7 +1,8 @@
 """The outbound side of the mesh, assembled in exactly one place.
 
-    deadline (caller's, else the capability's default) → capability breaker → route (split / pin / match)
-    → skip ejected and suspect instances → balance (round robin / least outstanding) → token → send
+    deadline (caller's, else the capability's default) → capability breaker → the caller's agent pin, if any
+    → route (split / pin / match) → skip ejected and suspect instances → balance (round robin / least
+    outstanding) → token → send
     → on failure: fail over (never sent) or retry (retryable, resendable, within budget, with backoff)
     → on final failure: degrade (fallback capability, then the cached last good response)
 
@@ -228,18 +229,20 @@ class OutboundPipeline:
         metadata: Metadata = (),
         default_timeout: float | None = None,
         request: agent_pb2.InvokeRequest | None = None,
+        agent: str = "",
     ) -> Result:
         """Forward a serialized InvokeRequest; returns the serialized InvokeResponse and the instance used.
 
         idempotency_key is the request's `CallContext.idempotency_key` ("" for none), which the caller set when
         it encoded the request. timeout is the caller's deadline (seconds; None: none given). request, if the
-        caller has the decoded message at hand, saves decoding it when a policy needs one of its fields.
+        caller has the decoded message at hand, saves decoding it when a policy needs one of its fields. agent
+        pins the call to that agent's instances ("": any; `CallOptions.agent`, validated by the caller).
         """
         t = self.traffic
         state = t.state
         policies = t.policy.outbound(capability)  # one lookup per call for every policy kind below
         call = OutboundCall(capability, raw_request, metadata, deadline_for(policies, timeout, default_timeout),
-                            request, idempotency_key)
+                            request, idempotency_key, agent)
         routes = policies.routes
         attempts = Attempts(self._parts, call, policies)
         failed, degraded = True, False
@@ -266,7 +269,8 @@ class OutboundPipeline:
                 if routes is not None and routes.cache_ttl_s is not None:
                     self._degradation.remember(call, routes, (raw, instance))
                 if routes is not None and routes.shadow is not None:  # fire and forget: never awaited here
-                    self.shadow.mirror(call, routes.shadow, lambda: self.liveness.live(capability), raw, instance)
+                    # A pinned call is mirrored only to its agent's candidates: it reaches no other agent.
+                    self.shadow.mirror(call, routes.shadow, lambda: self.selector.live_for(call), raw, instance)
             failed = False
             if span is not None:
                 tracing.set_attributes({"hivemesh.agent": instance.identity, "hivemesh.instance": instance.instance_id,
@@ -335,13 +339,16 @@ class OutboundPipeline:
         timeout: float | None,
         metadata: Metadata = (),
         default_timeout: float | None = None,
+        agent: str = "",
     ) -> AsyncGenerator[Result, None]:
-        """Forward a streaming call; yields serialized InvokeChunks. Routes, breakers and balancing apply; it
-        fails over only before the first chunk, and only when the request was never sent."""
+        """Forward a streaming call; yields serialized InvokeChunks. The agent pin (as `invoke`), routes, breakers
+        and balancing apply; it fails over only before the first chunk, and only when the request was never
+        sent."""
         t = self.traffic.state
         selector = self.selector
         policies = self.traffic.policy.outbound(capability)
-        call = OutboundCall(capability, raw_request, metadata, deadline_for(policies, timeout, default_timeout), None)
+        call = OutboundCall(capability, raw_request, metadata, deadline_for(policies, timeout, default_timeout), None,
+                            agent=agent)
         routes = policies.routes
         settings = policies.breakers
         failure_codes = settings.failure_codes if settings is not None else DEFAULT_FAILURE_CODES

@@ -2,8 +2,9 @@
 
 `Liveness` reads only the registry's in-memory index (swapped atomically on each watch event), so selection
 never waits on etcd and keeps working on the last-known state while etcd is down, and remembers for a
-moment which instances could not be reached or held a call until its deadline. `InstanceSelector` applies the
-route, skips ejected, suspect and unanswering instances, and lets the balancer pick.
+moment which instances could not be reached or held a call until its deadline. `InstanceSelector` keeps only the
+pinned agent's instances (a call's `agent`), applies the route, skips ejected, suspect and unanswering instances,
+and lets the balancer pick.
 """
 
 from __future__ import annotations
@@ -146,12 +147,51 @@ def rendezvous(key: str, instance: str) -> int:
 
 
 class InstanceSelector:
-    """Route → untried → not ejected, suspect or unanswering → balancer, over a node's liveness and traffic
-    state."""
+    """Agent pin → route → untried → not ejected, suspect or unanswering → balancer, over a node's liveness and
+    traffic state."""
 
     def __init__(self, liveness: Liveness, state: TrafficState) -> None:
         self.liveness = liveness
         self.state = state
+
+    def live_for(self, call: OutboundCall) -> Sequence[mesh_pb2.AgentInstance]:
+        """The live instances call may use before any policy: those of its pinned agent (`call.agent`), else all.
+        NoLiveInstanceError naming the agent when it has none (the capability's own errors as `Liveness.live`)."""
+        live = self.liveness.live(call.capability)
+        agent = call.agent
+        if not agent:
+            return live
+        mine = [i for i in live if i.card.name == agent]
+        if not mine:
+            cap = call.capability
+            raise NoLiveInstanceError(
+                f"agent {agent!r} has no live instance of capability {cap!r} right now (the call is pinned to "
+                "that agent; no other agent is asked)",
+                metadata={"capability": cap[:128], "agent": agent[:128]},
+            )
+        return mine
+
+    def _routed(
+        self, call: OutboundCall, routes: RoutePolicy, live: Sequence[mesh_pb2.AgentInstance]
+    ) -> tuple[Sequence[mesh_pb2.AgentInstance], str]:
+        """The instances routes allows call among live, and the balancing key. A pinned call whose agent the
+        route's rules leave no instance of goes to all of them (`CallOptions.agent`), a shadow's candidates
+        excepted: they serve no real call (a sandboxed one would drop its effect)."""
+        t, cap, agent = self.state, call.capability, call.agent
+        chosen, why = select(routes, live, call.route_metadata, lambda rule, n: t.split_state(cap, routes, rule, n))
+        subset: Sequence[mesh_pb2.AgentInstance] = chosen  # type: ignore[assignment]  # select() takes a protocol
+        if not subset and agent:
+            shadow = routes.shadow
+            subset = [i for i in live if shadow is None or not shadow.subset.matches(i)]
+            why = f"{why or 'no rule'}; set aside for agent {agent}"
+        if not subset:
+            metadata = {"capability": cap[:128], "route": routes.name}
+            if agent:
+                metadata["agent"] = agent[:128]
+                why = f"every instance of agent {agent!r} is a shadow candidate"
+            raise NoLiveInstanceError(f"routes/{routes.name} ({why}) allows no live instance of {cap!r}",
+                                      metadata=metadata)
+        return subset, f"{cap}\0{why}"
 
     def choose(
         self,
@@ -163,8 +203,9 @@ class InstanceSelector:
         affinity: str | None = None,
         refused: set[str] | frozenset[str] = frozenset(),
     ) -> mesh_pb2.AgentInstance | None:
-        """The instance for the next attempt: allowed by the route, untried if possible (any if reuse), not
-        ejected, suspect or unanswering if possible, then the balancer's pick. None when every allowed one was tried.
+        """The instance for the next attempt: one of the pinned agent's (`call.agent`, if any), allowed by the
+        route, untried if possible (any if reuse), not ejected, suspect or unanswering if possible, then the
+        balancer's pick. None when every allowed one was tried.
 
         With an affinity key (the idempotency key of a non-idempotent call) the healthy instance that key hashes
         to is chosen (rendezvous hashing), tried or not: every attempt and every re-send of the key reaches the
@@ -175,26 +216,21 @@ class InstanceSelector:
         t = self.state
         liveness = self.liveness
         cap = call.capability
-        live = liveness.live(cap)
+        live = self.live_for(call)  # the pin first: routes, breakers, affinity and balancing see only its agent
         key = cap
         if routes is not None and (routes.rules or routes.shadow is not None):
-            subset, why = select(routes, live, call.route_metadata,
-                                 lambda rule, n: t.split_state(cap, routes, rule, n))
-            if not subset:
-                raise NoLiveInstanceError(
-                    f"routes/{routes.name} ({why}) allows no live instance of {cap!r}",
-                    metadata={"capability": cap[:128], "route": routes.name},
-                )
-            key = f"{cap}\0{why}"
-            candidates: Sequence[mesh_pb2.AgentInstance] = subset  # type: ignore[assignment]
+            candidates, key = self._routed(call, routes, live)
         else:
             candidates = live
+        if call.agent:
+            key = f"{key}\0@{call.agent}"  # a round robin of its own: over the agent's instances
         if refused:
             candidates = [i for i in candidates if instance_key(i) not in refused]
             if not candidates:
+                pinned = f" (pinned to agent {call.agent!r})" if call.agent else ""
                 raise CircuitOpenError(
-                    f"every instance of {cap!r} the call may use is ejected by its circuit breaker",
-                    metadata={"capability": cap[:128]},
+                    f"every instance of {cap!r} the call may use{pinned} is ejected by its circuit breaker",
+                    metadata={"capability": cap[:128], **({"agent": call.agent[:128]} if call.agent else {})},
                 )
 
         def ejected(k: str) -> bool:

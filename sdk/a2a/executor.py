@@ -1,10 +1,12 @@
 """A2A task execution on the mesh: each A2A task is a durable workflow run (`hivemesh.sdk.a2a.tasks`).
 
 The capability is the `skill` named in the message's (or the request's) metadata, or the only skill of the
-card the caller addressed. Input is the first data part, else the text (JSON if it parses, otherwise
-`{"text": ...}`). Each call runs `on_behalf_of` the caller's token: the control plane exchanges it for a
-delegated token, so the callee's authz, rate limits and audit see the A2A caller as the principal and the
-gateway as the actor. A streaming capability is called with InvokeStream: each item becomes an artifact chunk.
+card the caller addressed. A task sent to one agent's card (`/agents/<agent>/`) is that agent's only: the
+agent is recorded in the run's input and every call, streams included, is pinned to it (`tasks`). Input is
+the first data part, else the text (JSON if it parses, otherwise `{"text": ...}`). Each call runs
+`on_behalf_of` the caller's token: the control plane exchanges it for a delegated token, so the callee's authz,
+rate limits and audit see the A2A caller as the principal and the gateway as the actor. A streaming
+capability is called with InvokeStream: each item becomes an artifact chunk.
 
 An agent that answers INPUT_REQUIRED makes the run open a control-plane escalation naming the A2A caller as
 its answerer, and puts the task in A2A's input-required. The caller's next message on the task is the answer
@@ -199,7 +201,8 @@ class MeshAgentExecutor(AgentExecutor):
         answer = payload_of(context.message)
         answered = ""
         if task is None:
-            offered = self._offered(state.get(AGENT_STATE_KEY))
+            agent: str | None = state.get(AGENT_STATE_KEY)
+            offered = self._offered(agent)
             capability = self._skill(context, offered)
             task = new_task_from_user_message(context.message)
             _fits(task.ByteSize())
@@ -218,7 +221,7 @@ class MeshAgentExecutor(AgentExecutor):
                 self._track(await self.engine.submit(
                     A2A_STREAM if offered[capability] else A2A_CALL,
                     {"capability": capability, "payload": answer, "principal": caller.principal,
-                     "timeout_s": self._timeout_s},
+                     "timeout_s": self._timeout_s, **({"agent": agent} if agent is not None else {})},
                     workflow_id=task.id, labels={LABEL: caller.user_name}))
             except BaseException as exc:
                 self._waiters.pop(run_id, None)

@@ -4,7 +4,8 @@ Routes (bind 127.0.0.1 by default; the advertised URL is separate, "bind is not 
 - `GET /.well-known/agent-card.json`: the gateway's card, every capability of the mesh as a skill;
 - `GET /agents/<agent>/.well-known/agent-card.json`: one agent's card (its capabilities);
 - `POST /` and `POST /agents/<agent>/`: JSON-RPC, A2A 1.0 method names (`SendMessage`, `SendStreamingMessage`,
-  `GetTask`, `CancelTask`) and 0.3's (`message/send`, `message/stream`, `tasks/get`, `tasks/cancel`).
+  `GetTask`, `CancelTask`) and 0.3's (`message/send`, `message/stream`, `tasks/get`, `tasks/cancel`). A task
+  sent to `/` goes to any agent serving its skill; one sent to `/agents/<agent>/` to that agent only (`executor`).
 
 Cards are built from the registry on each request, so they follow agents coming and going. JSON-RPC calls
 are authenticated first (client certificate + bearer token, see `auth`); unauthenticated ones get HTTP 401 with

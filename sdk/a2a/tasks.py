@@ -8,6 +8,11 @@ convention of `call_with_escalation`). The caller answers through the gateway wi
 task; an operator can answer the same escalation with `hivemesh escalations approve|reject`. A streaming
 task's run (`A2A_STREAM`) forwards each item to whoever is waiting in this process.
 
+A task sent to one agent's route (`/agents/<agent>/`) records that agent in its run's input (`"agent"`), so
+a run resumed by a restarted gateway keeps it: every call, unary or stream, is pinned to that agent
+(`CallOptions.agent`): it goes to that agent's instances only, with the mesh's failover between them,
+retries, breakers and route policies.
+
 A run makes its calls on behalf of the A2A caller: with the newest token the caller presented for the task
 (`CallerTokens`). Tokens live only in the gateway's memory: a run whose caller has not come back since a
 gateway restart waits for the caller's next message or `tasks/get` to be resumed, and a run resumed
@@ -64,15 +69,17 @@ def _human(info: Any) -> dict[str, Any]:
 
 
 async def a2a_call(run: WorkflowRun, spec: Mapping[str, Any]) -> Any:
-    """One unary A2A task: call, and as long as the agent asks for a person (bounded), ask and call again."""
+    """One unary A2A task: call, and as long as the agent asks for a person (bounded), ask and call again. With
+    an `agent` in spec, every call is pinned to that agent."""
     capability, payload = str(spec["capability"]), spec.get("payload")
+    agent = str(spec["agent"]) if spec.get("agent") else None
     timeout = float(spec.get("timeout_s") or 60.0)
     base = payload if isinstance(payload, dict) else {"input": payload}
     current = payload
     mesh = run.engine.mesh
     for n in range(MAX_ASKS + 1):
         with mesh.on_behalf_of(TOKENS.get(run.workflow_id)):
-            result = await run.step(f"call-{n}", capability, current, timeout=timeout)
+            result = await run.step(f"call-{n}", capability, current, timeout=timeout, agent=agent)
         if result.state != "INPUT_REQUIRED":
             return result.output
         if n == MAX_ASKS:
@@ -88,12 +95,15 @@ async def a2a_call(run: WorkflowRun, spec: Mapping[str, Any]) -> Any:
 
 
 async def a2a_stream(run: WorkflowRun, spec: Mapping[str, Any]) -> Any:
-    """One streaming A2A task: each item goes to this process's waiters as a progress event."""
+    """One streaming A2A task: each item goes to this process's waiters as a progress event. With an `agent` in
+    spec, the stream is pinned to that agent."""
     capability, payload = str(spec["capability"]), spec.get("payload")
+    agent = str(spec["agent"]) if spec.get("agent") else None
     mesh = run.engine.mesh
     n = 0
     with mesh.on_behalf_of(TOKENS.get(run.workflow_id)):
-        async for item in mesh.stream(capability, payload, timeout=float(spec.get("timeout_s") or 60.0)):
+        async for item in mesh.stream(capability, payload, timeout=float(spec.get("timeout_s") or 60.0),
+                                      agent=agent):
             run.engine.emit(run.workflow_id, CHUNK, {"n": n, "item": item})
             n += 1
     return {"items": n}

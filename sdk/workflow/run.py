@@ -53,20 +53,23 @@ class WorkflowRun:
         return False
 
     async def step(self, step_id: str, capability: str, payload: Any, *, timeout: float | None = None,
-                   instance: mesh_pb2.AgentInstance | None = None) -> StepResult:
+                   instance: mesh_pb2.AgentInstance | None = None, agent: str | None = None) -> StepResult:
+        """Call capability as step step_id, or answer its recorded outcome. agent pins the call (and its re-send
+        after a restart, which the body makes with the same arguments) to that agent's instances with full
+        failover (`CallOptions.agent`); instance sends it to that one alone."""
         rec = self.state.steps.get(step_id)
         if rec is not None and rec.status in ("COMPLETED", "INPUT_REQUIRED") and rec.result is not None:
             return StepResult.from_json(rec.result, replayed=True)
         if rec is not None and rec.status == "FAILED" and rec.error is not None:
             raise error_from_json(rec.error)
         key = rec.key if rec is not None and rec.key else f"{self.workflow_id}/{step_id}"
+        context = agent_pb2.CallContext(workflow_id=self.workflow_id, conversation_id=self.engine.conversation_id)
+        options = CallOptions(timeout=timeout, context=context, idempotency_key=key, agent=agent)  # checked first
         idempotent = self._idempotent(capability)
         await self.append("step_started", {
             "step": step_id, "capability": capability, "key": key, "idempotent": idempotent,
             "attempt": (rec.attempts if rec else 0) + 1, "resent": rec is not None,
         })
-        context = agent_pb2.CallContext(workflow_id=self.workflow_id, conversation_id=self.engine.conversation_id)
-        options = CallOptions(timeout=timeout, context=context, idempotency_key=key)
         started = time.perf_counter()
         mesh = self.engine.mesh
         try:
