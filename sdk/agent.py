@@ -14,7 +14,6 @@ capabilities into an A2A-style agent card. `hivemesh.sdk.serve(agent)` puts it o
 from __future__ import annotations
 
 import collections.abc
-import contextlib
 import inspect
 import json
 import typing
@@ -339,7 +338,10 @@ class Agent:
         fn: Callable[..., AsyncIterator[Any]] = getattr(self, spec.method_name)
         arg = from_json(spec.input_type, value)
         items = fn(arg, ctx) if spec.wants_context else fn(arg)
-        # Closing this generator closes the capability's at once (its finally runs now, not when it is collected).
-        async with contextlib.aclosing(items) if hasattr(items, "aclose") else contextlib.nullcontext(items):
+        aclose = getattr(items, "aclose", None)
+        try:
             async for item in items:
                 yield to_json(item)
+        finally:  # closing this generator closes the capability's at once, not when it is collected
+            if aclose is not None:
+                await aclose()
