@@ -65,6 +65,7 @@ from hivemesh.mesh.node_health import NodeHealth
 from hivemesh.mesh.node_metrics import OWNED_DEFAULT, NodeMetrics, metrics_listen, parse_listen
 from hivemesh.mesh.outbound.link import LinkedInvoke
 from hivemesh.mesh.output_check import OutputCheck, note_refusal
+from hivemesh.mesh.pki import validate_name
 from hivemesh.mesh.queue_rpc import NOT_QUEUEABLE, SidecarQueue, queue_for_s
 from hivemesh.mesh.readiness import DEFAULT_INTERVAL_S
 from hivemesh.mesh.registry import Registration, default_instance_id, drain_after_deregistration
@@ -196,6 +197,26 @@ def _stream_chunk(capability: str, raw: bytes) -> agent_pb2.InvokeChunk:
             f"the agent's stream for {capability!r} sent a chunk that is not an InvokeChunk message",
             metadata={"capability": capability[:128]},
         ) from None
+
+
+_PIN_NOT_HELD = ("the queue delivers a held call to any agent serving the capability, so the pin would not hold; "
+                 "send it pinned without queue_for_ms, or queued without agent")
+
+
+def _agent_pin(req: agent_pb2.InvokeRequest) -> str:
+    """A local call's `InvokeRequest.agent` ("": unpinned), checked as `CallOptions.agent` is (the same name rule;
+    not with queue_for_ms): InvalidInputError naming the field, before anything is sent or held."""
+    agent = req.agent
+    if not agent:
+        return ""
+    try:
+        validate_name(agent, "agent")
+    except ValueError as exc:
+        raise InvalidInputError(str(exc), field_violations={"agent": str(exc)}) from None
+    if req.queue_for_ms:
+        raise InvalidInputError(f"agent {agent!r} cannot be combined with queue_for_ms: {_PIN_NOT_HELD}",
+                                field_violations={"agent": f"not with queue_for_ms: {_PIN_NOT_HELD}"})
+    return agent
 
 
 async def _relay_error(context: grpc.aio.ServicerContext[Any, Any], exc: grpc.aio.AioRpcError, agent: str) -> None:
@@ -509,7 +530,11 @@ class Sidecar:
     def _chained(
         self, request: bytes, req: agent_pb2.InvokeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bytes:
-        """`_onward` for a call whose handle is read from its context (the queue's Enqueue)."""
+        """`_onward` for a call whose handle is read from its context (the queue's Enqueue). A pinned call is
+        refused here, before it is held: the queue would deliver it to any agent."""
+        if req.agent:
+            raise InvalidInputError(f"Enqueue cannot hold a call pinned to agent {req.agent[:128]!r}: {_PIN_NOT_HELD}",
+                                    field_violations={"agent": f"not with Enqueue: {_PIN_NOT_HELD}"})
         return self._onward(request, req, self._handle_entry(read_local_metadata(context.invocation_metadata())[0]))
 
     # --- inbound: mesh → agent, bytes unchanged -------------------------------------------------------------
@@ -645,6 +670,7 @@ class Sidecar:
                 if tracing.TRACER is not None:
                     tracing.set_attributes({"hivemesh.capability": req.capability})
                 queue_for = queue_for_s(req)
+                agent = _agent_pin(req)
                 handles, trace = read_local_metadata(context.invocation_metadata())  # one pass for both
                 entry = self._handle_entry(handles)
                 reset = on_behalf_of.set(None if entry is None else entry[0])  # None: the sidecar's own token
@@ -654,7 +680,7 @@ class Sidecar:
                     # decodes the onward bytes (lazily, once).
                     raw, _ = await self.node.outbound.invoke(
                         request, capability=req.capability, idempotency_key=req.context.idempotency_key,
-                        timeout=context.time_remaining(), metadata=trace,
+                        timeout=context.time_remaining(), metadata=trace, agent=agent,
                     )
                 except NOT_QUEUEABLE:
                     if not queue_for or self.queue is None:
@@ -673,13 +699,14 @@ class Sidecar:
             try:
                 req = decoded(request)
                 capability = req.capability
+                agent = _agent_pin(req)
                 handles, trace = read_local_metadata(context.invocation_metadata())
                 entry = self._handle_entry(handles)
                 on_behalf_of.set(None if entry is None else entry[0])  # this RPC's own task context; None: own token
                 request = self._onward(request, req, entry)
                 # aclosing: a local caller that goes away ends the onward stream now, not when it is collected.
                 async with contextlib.aclosing(self.node.outbound.invoke_stream(
-                    request, capability=capability, timeout=context.time_remaining(), metadata=trace,
+                    request, capability=capability, timeout=context.time_remaining(), metadata=trace, agent=agent,
                 )) as chunks:
                     async for raw, _ in chunks:
                         yield raw
@@ -702,9 +729,11 @@ class Sidecar:
 
             async def one(i: int) -> bytes:
                 item = request.items[i]
+                agent = _agent_pin(item)  # a bad pin is this item's INVALID_ARGUMENT, not the batch's
                 raw, _ = await node.outbound.invoke(
                     self._onward(item.SerializeToString(), item, entry), capability=item.capability,
                     idempotency_key=item.context.idempotency_key, timeout=context.time_remaining(), metadata=metadata,
+                    agent=agent,
                 )
                 return raw
 

@@ -183,7 +183,11 @@ class Runner(Protocol):
         *,
         timeout: float | None = None,
         instance: mesh_pb2.AgentInstance | None = None,
-    ) -> StepResult: ...
+        agent: str | None = None,
+    ) -> StepResult:
+        """Call capability as step step_id. agent pins the call to that agent's instances, with failover among
+        them (`CallOptions.agent`); instance sends it to that one instance alone."""
+        ...
 
     async def memo(self, key: str, compute: Callable[[], Any]) -> Any: ...
 
@@ -281,10 +285,12 @@ class DirectRunner:
         *,
         timeout: float | None = None,
         instance: mesh_pb2.AgentInstance | None = None,
+        agent: str | None = None,
     ) -> StepResult:
+        # Built first: a bad agent pin is a ValueError before any step is announced.
+        options = CallOptions(timeout=timeout, context=self._context(), agent=agent)
         started = time.perf_counter()
         self._emit("step_started", {"step": step_id, "capability": capability})
-        options = CallOptions(timeout=timeout, context=self._context())
         try:
             if instance is not None:
                 result = await self.caller.call_on(instance, capability, payload, options=options)

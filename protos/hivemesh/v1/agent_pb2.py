@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17hivemesh/v1/agent.proto\x12\x0bhivemesh.v1\"\x11\n\x0f\x44\x65scribeRequest\"\xe0\x01\n\tAgentCard\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\r\n\x05owner\x18\x04 \x01(\t\x12-\n\x0c\x63\x61pabilities\x18\x05 \x03(\x0b\x32\x17.hivemesh.v1.Capability\x12\x32\n\x06labels\x18\x06 \x03(\x0b\x32\".hivemesh.v1.AgentCard.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb3\x02\n\nCapability\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x14\n\x0cinput_schema\x18\x03 \x01(\t\x12\x15\n\routput_schema\x18\x04 \x01(\t\x12\x11\n\tstreaming\x18\x05 \x01(\x08\x12\x0c\n\x04tags\x18\x06 \x03(\t\x12\x12\n\nidempotent\x18\x07 \x01(\x08\x12\x13\n\x0binput_modes\x18\x08 \x03(\t\x12\x14\n\x0coutput_modes\x18\t \x03(\t\x12\x17\n\x0f\x63\x61\x63he_shareable\x18\n \x01(\x08\x12\x11\n\trecursion\x18\x0b \x01(\r\x12\x17\n\x0fsigned_payloads\x18\x0c \x01(\x08\x12\x30\n\routput_screen\x18\r \x01(\x0e\x32\x19.hivemesh.v1.OutputScreen\"\x9e\x01\n\x0b\x43\x61llContext\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x16\n\x0eparent_call_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x03 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x04 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\r\n\x05\x63hain\x18\x07 \x03(\t\"\xf6\x01\n\rInvokeRequest\x12\x12\n\ncapability\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12)\n\x07\x63ontext\x18\x04 \x01(\x0b\x32\x18.hivemesh.v1.CallContext\x12:\n\x08metadata\x18\x05 \x03(\x0b\x32(.hivemesh.v1.InvokeRequest.MetadataEntry\x12\x14\n\x0cqueue_for_ms\x18\x06 \x01(\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\x03Hop\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x10\n\x08identity\x18\x02 \x01(\t\x12\x10\n\x08instance\x18\x03 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\"C\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\r\n\x05model\x18\x03 \x01(\t\"\xa1\x02\n\x0eInvokeResponse\x12\x0e\n\x06output\x18\x01 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.hivemesh.v1.TaskState\x12;\n\x08metadata\x18\x04 \x03(\x0b\x32).hivemesh.v1.InvokeResponse.MetadataEntry\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.hivemesh.v1.Usage\x12\x11\n\tsignature\x18\x06 \x01(\t\x12\x1e\n\x04hops\x18\x0f \x03(\x0b\x32\x10.hivemesh.v1.Hop\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbd\x01\n\x0bInvokeChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.hivemesh.v1.TaskState\x12\r\n\x05\x66inal\x18\x04 \x01(\x08\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.hivemesh.v1.Usage\x12\x11\n\tsignature\x18\x06 \x01(\t\x12\x1e\n\x04hops\x18\x0f \x03(\x0b\x32\x10.hivemesh.v1.Hop\"\xaa\x01\n\tLinkFrame\x12\n\n\x02id\x18\x01 \x01(\x04\x12%\n\x04\x63\x61ll\x18\x02 \x01(\x0b\x32\x15.hivemesh.v1.LinkCallH\x00\x12)\n\x06\x61nswer\x18\x03 \x01(\x0b\x32\x17.hivemesh.v1.LinkAnswerH\x00\x12\x10\n\x06\x63\x61ncel\x18\x04 \x01(\x08H\x00\x12%\n\x05\x62\x61tch\x18\x05 \x03(\x0b\x32\x16.hivemesh.v1.LinkFrameB\x06\n\x04\x62ody\"(\n\nLinkHeader\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"Y\n\x08LinkCall\x12\x0f\n\x07request\x18\x01 \x01(\x0c\x12)\n\x08metadata\x18\x02 \x03(\x0b\x32\x17.hivemesh.v1.LinkHeader\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\"\xa0\x01\n\nLinkAnswer\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08response\x18\x03 \x01(\x0c\x12)\n\x08trailers\x18\x04 \x03(\x0b\x32\x17.hivemesh.v1.LinkHeader\x12\x36\n\x0f\x62inary_trailers\x18\x05 \x03(\x0b\x32\x1d.hivemesh.v1.LinkBinaryHeader\".\n\x10LinkBinaryHeader\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c*\xf9\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14TASK_STATE_SUBMITTED\x10\x01\x12\x16\n\x12TASK_STATE_WORKING\x10\x02\x12\x18\n\x14TASK_STATE_COMPLETED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x17\n\x13TASK_STATE_CANCELED\x10\x05\x12\x1d\n\x19TASK_STATE_INPUT_REQUIRED\x10\x06\x12\x17\n\x13TASK_STATE_REJECTED\x10\x07\x12\x1c\n\x18TASK_STATE_AUTH_REQUIRED\x10\x08*s\n\x0cOutputScreen\x12\x15\n\x11OUTPUT_SCREEN_OFF\x10\x00\x12\x18\n\x14OUTPUT_SCREEN_REFUSE\x10\x01\x12\x18\n\x14OUTPUT_SCREEN_REDACT\x10\x02\x12\x18\n\x14OUTPUT_SCREEN_RECORD\x10\x03\x32\x90\x02\n\x05\x41gent\x12@\n\x08\x44\x65scribe\x12\x1c.hivemesh.v1.DescribeRequest\x1a\x16.hivemesh.v1.AgentCard\x12\x41\n\x06Invoke\x12\x1a.hivemesh.v1.InvokeRequest\x1a\x1b.hivemesh.v1.InvokeResponse\x12\x46\n\x0cInvokeStream\x12\x1a.hivemesh.v1.InvokeRequest\x1a\x18.hivemesh.v1.InvokeChunk0\x01\x12:\n\x04Link\x12\x16.hivemesh.v1.LinkFrame\x1a\x16.hivemesh.v1.LinkFrame(\x01\x30\x01\x42i\n\x0f\x64\x65v.hivemesh.v1B\nAgentProtoP\x01Z:github.com/hivemesh/hivemesh/protos/hivemesh/v1;hivemeshv1\xaa\x02\x0bHivemesh.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17hivemesh/v1/agent.proto\x12\x0bhivemesh.v1\"\x11\n\x0f\x44\x65scribeRequest\"\xe0\x01\n\tAgentCard\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\r\n\x05owner\x18\x04 \x01(\t\x12-\n\x0c\x63\x61pabilities\x18\x05 \x03(\x0b\x32\x17.hivemesh.v1.Capability\x12\x32\n\x06labels\x18\x06 \x03(\x0b\x32\".hivemesh.v1.AgentCard.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb3\x02\n\nCapability\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x14\n\x0cinput_schema\x18\x03 \x01(\t\x12\x15\n\routput_schema\x18\x04 \x01(\t\x12\x11\n\tstreaming\x18\x05 \x01(\x08\x12\x0c\n\x04tags\x18\x06 \x03(\t\x12\x12\n\nidempotent\x18\x07 \x01(\x08\x12\x13\n\x0binput_modes\x18\x08 \x03(\t\x12\x14\n\x0coutput_modes\x18\t \x03(\t\x12\x17\n\x0f\x63\x61\x63he_shareable\x18\n \x01(\x08\x12\x11\n\trecursion\x18\x0b \x01(\r\x12\x17\n\x0fsigned_payloads\x18\x0c \x01(\x08\x12\x30\n\routput_screen\x18\r \x01(\x0e\x32\x19.hivemesh.v1.OutputScreen\"\x9e\x01\n\x0b\x43\x61llContext\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x16\n\x0eparent_call_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x03 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x04 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\r\n\x05\x63hain\x18\x07 \x03(\t\"\x85\x02\n\rInvokeRequest\x12\x12\n\ncapability\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12)\n\x07\x63ontext\x18\x04 \x01(\x0b\x32\x18.hivemesh.v1.CallContext\x12:\n\x08metadata\x18\x05 \x03(\x0b\x32(.hivemesh.v1.InvokeRequest.MetadataEntry\x12\x14\n\x0cqueue_for_ms\x18\x06 \x01(\x03\x12\r\n\x05\x61gent\x18\x07 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\x03Hop\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x10\n\x08identity\x18\x02 \x01(\t\x12\x10\n\x08instance\x18\x03 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\"C\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\r\n\x05model\x18\x03 \x01(\t\"\xa1\x02\n\x0eInvokeResponse\x12\x0e\n\x06output\x18\x01 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.hivemesh.v1.TaskState\x12;\n\x08metadata\x18\x04 \x03(\x0b\x32).hivemesh.v1.InvokeResponse.MetadataEntry\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.hivemesh.v1.Usage\x12\x11\n\tsignature\x18\x06 \x01(\t\x12\x1e\n\x04hops\x18\x0f \x03(\x0b\x32\x10.hivemesh.v1.Hop\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbd\x01\n\x0bInvokeChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.hivemesh.v1.TaskState\x12\r\n\x05\x66inal\x18\x04 \x01(\x08\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.hivemesh.v1.Usage\x12\x11\n\tsignature\x18\x06 \x01(\t\x12\x1e\n\x04hops\x18\x0f \x03(\x0b\x32\x10.hivemesh.v1.Hop\"\xaa\x01\n\tLinkFrame\x12\n\n\x02id\x18\x01 \x01(\x04\x12%\n\x04\x63\x61ll\x18\x02 \x01(\x0b\x32\x15.hivemesh.v1.LinkCallH\x00\x12)\n\x06\x61nswer\x18\x03 \x01(\x0b\x32\x17.hivemesh.v1.LinkAnswerH\x00\x12\x10\n\x06\x63\x61ncel\x18\x04 \x01(\x08H\x00\x12%\n\x05\x62\x61tch\x18\x05 \x03(\x0b\x32\x16.hivemesh.v1.LinkFrameB\x06\n\x04\x62ody\"(\n\nLinkHeader\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"Y\n\x08LinkCall\x12\x0f\n\x07request\x18\x01 \x01(\x0c\x12)\n\x08metadata\x18\x02 \x03(\x0b\x32\x17.hivemesh.v1.LinkHeader\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\"\xa0\x01\n\nLinkAnswer\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08response\x18\x03 \x01(\x0c\x12)\n\x08trailers\x18\x04 \x03(\x0b\x32\x17.hivemesh.v1.LinkHeader\x12\x36\n\x0f\x62inary_trailers\x18\x05 \x03(\x0b\x32\x1d.hivemesh.v1.LinkBinaryHeader\".\n\x10LinkBinaryHeader\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c*\xf9\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14TASK_STATE_SUBMITTED\x10\x01\x12\x16\n\x12TASK_STATE_WORKING\x10\x02\x12\x18\n\x14TASK_STATE_COMPLETED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x17\n\x13TASK_STATE_CANCELED\x10\x05\x12\x1d\n\x19TASK_STATE_INPUT_REQUIRED\x10\x06\x12\x17\n\x13TASK_STATE_REJECTED\x10\x07\x12\x1c\n\x18TASK_STATE_AUTH_REQUIRED\x10\x08*s\n\x0cOutputScreen\x12\x15\n\x11OUTPUT_SCREEN_OFF\x10\x00\x12\x18\n\x14OUTPUT_SCREEN_REFUSE\x10\x01\x12\x18\n\x14OUTPUT_SCREEN_REDACT\x10\x02\x12\x18\n\x14OUTPUT_SCREEN_RECORD\x10\x03\x32\x90\x02\n\x05\x41gent\x12@\n\x08\x44\x65scribe\x12\x1c.hivemesh.v1.DescribeRequest\x1a\x16.hivemesh.v1.AgentCard\x12\x41\n\x06Invoke\x12\x1a.hivemesh.v1.InvokeRequest\x1a\x1b.hivemesh.v1.InvokeResponse\x12\x46\n\x0cInvokeStream\x12\x1a.hivemesh.v1.InvokeRequest\x1a\x18.hivemesh.v1.InvokeChunk0\x01\x12:\n\x04Link\x12\x16.hivemesh.v1.LinkFrame\x1a\x16.hivemesh.v1.LinkFrame(\x01\x30\x01\x42i\n\x0f\x64\x65v.hivemesh.v1B\nAgentProtoP\x01Z:github.com/hivemesh/hivemesh/protos/hivemesh/v1;hivemeshv1\xaa\x02\x0bHivemesh.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,10 +38,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INVOKEREQUEST_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_INVOKERESPONSE_METADATAENTRY']._loaded_options = None
   _globals['_INVOKERESPONSE_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_TASKSTATE']._serialized_start=2152
-  _globals['_TASKSTATE']._serialized_end=2401
-  _globals['_OUTPUTSCREEN']._serialized_start=2403
-  _globals['_OUTPUTSCREEN']._serialized_end=2518
+  _globals['_TASKSTATE']._serialized_start=2167
+  _globals['_TASKSTATE']._serialized_end=2416
+  _globals['_OUTPUTSCREEN']._serialized_start=2418
+  _globals['_OUTPUTSCREEN']._serialized_end=2533
   _globals['_DESCRIBEREQUEST']._serialized_start=40
   _globals['_DESCRIBEREQUEST']._serialized_end=57
   _globals['_AGENTCARD']._serialized_start=60
@@ -53,29 +53,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CALLCONTEXT']._serialized_start=597
   _globals['_CALLCONTEXT']._serialized_end=755
   _globals['_INVOKEREQUEST']._serialized_start=758
-  _globals['_INVOKEREQUEST']._serialized_end=1004
-  _globals['_INVOKEREQUEST_METADATAENTRY']._serialized_start=957
-  _globals['_INVOKEREQUEST_METADATAENTRY']._serialized_end=1004
-  _globals['_HOP']._serialized_start=1006
-  _globals['_HOP']._serialized_end=1079
-  _globals['_USAGE']._serialized_start=1081
-  _globals['_USAGE']._serialized_end=1148
-  _globals['_INVOKERESPONSE']._serialized_start=1151
-  _globals['_INVOKERESPONSE']._serialized_end=1440
-  _globals['_INVOKERESPONSE_METADATAENTRY']._serialized_start=957
-  _globals['_INVOKERESPONSE_METADATAENTRY']._serialized_end=1004
-  _globals['_INVOKECHUNK']._serialized_start=1443
-  _globals['_INVOKECHUNK']._serialized_end=1632
-  _globals['_LINKFRAME']._serialized_start=1635
-  _globals['_LINKFRAME']._serialized_end=1805
-  _globals['_LINKHEADER']._serialized_start=1807
-  _globals['_LINKHEADER']._serialized_end=1847
-  _globals['_LINKCALL']._serialized_start=1849
-  _globals['_LINKCALL']._serialized_end=1938
-  _globals['_LINKANSWER']._serialized_start=1941
-  _globals['_LINKANSWER']._serialized_end=2101
-  _globals['_LINKBINARYHEADER']._serialized_start=2103
-  _globals['_LINKBINARYHEADER']._serialized_end=2149
-  _globals['_AGENT']._serialized_start=2521
-  _globals['_AGENT']._serialized_end=2793
+  _globals['_INVOKEREQUEST']._serialized_end=1019
+  _globals['_INVOKEREQUEST_METADATAENTRY']._serialized_start=972
+  _globals['_INVOKEREQUEST_METADATAENTRY']._serialized_end=1019
+  _globals['_HOP']._serialized_start=1021
+  _globals['_HOP']._serialized_end=1094
+  _globals['_USAGE']._serialized_start=1096
+  _globals['_USAGE']._serialized_end=1163
+  _globals['_INVOKERESPONSE']._serialized_start=1166
+  _globals['_INVOKERESPONSE']._serialized_end=1455
+  _globals['_INVOKERESPONSE_METADATAENTRY']._serialized_start=972
+  _globals['_INVOKERESPONSE_METADATAENTRY']._serialized_end=1019
+  _globals['_INVOKECHUNK']._serialized_start=1458
+  _globals['_INVOKECHUNK']._serialized_end=1647
+  _globals['_LINKFRAME']._serialized_start=1650
+  _globals['_LINKFRAME']._serialized_end=1820
+  _globals['_LINKHEADER']._serialized_start=1822
+  _globals['_LINKHEADER']._serialized_end=1862
+  _globals['_LINKCALL']._serialized_start=1864
+  _globals['_LINKCALL']._serialized_end=1953
+  _globals['_LINKANSWER']._serialized_start=1956
+  _globals['_LINKANSWER']._serialized_end=2116
+  _globals['_LINKBINARYHEADER']._serialized_start=2118
+  _globals['_LINKBINARYHEADER']._serialized_end=2164
+  _globals['_AGENT']._serialized_start=2536
+  _globals['_AGENT']._serialized_end=2808
 # @@protoc_insertion_point(module_scope)

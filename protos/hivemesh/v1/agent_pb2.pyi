@@ -314,6 +314,7 @@ class InvokeRequest(_message.Message):
     CONTEXT_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     QUEUE_FOR_MS_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
     capability: _builtins.str
     input: _builtins.bytes
     """the payload; JSON unless content_type says otherwise"""
@@ -323,6 +324,12 @@ class InvokeRequest(_message.Message):
     """Mesh.Call and Mesh.Enqueue only (the caller's sidecar reads it; agents ignore it): when no instance serves the
     capability, hold the call durably for up to this long (1..3600000 ms) and deliver it once one registers,
     instead of failing NO_LIVE_INSTANCE (docs/orchestration.md, "Queued delivery"). 0: do not queue.
+    """
+    agent: _builtins.str
+    """Mesh.Call, CallStream and CallBatch items only (the caller's sidecar reads it; agents ignore it): only this
+    agent's instances (their card's name) may serve the call, with failover, retries and breakers among them
+    (the SDK's CallOptions.agent). A bad name is INVALID_ARGUMENT; no live instance of it, NO_LIVE_INSTANCE
+    naming it. Not with queue_for_ms or Enqueue: the queue delivers a held call to any agent. Empty: any agent.
     """
     @_builtins.property
     def context(self) -> Global___CallContext: ...
@@ -337,10 +344,11 @@ class InvokeRequest(_message.Message):
         context: Global___CallContext | None = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         queue_for_ms: _builtins.int = ...,
+        agent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "content_type", b"content_type", "context", b"context", "input", b"input", "metadata", b"metadata", "queue_for_ms", b"queue_for_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "capability", b"capability", "content_type", b"content_type", "context", b"context", "input", b"input", "metadata", b"metadata", "queue_for_ms", b"queue_for_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

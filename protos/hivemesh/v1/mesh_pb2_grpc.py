@@ -86,7 +86,8 @@ class MeshServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Call(self, request, context):
-        """Call routes one InvokeRequest to a live instance serving its capability.
+        """Call routes one InvokeRequest to a live instance serving its capability: one of its `agent`'s instances
+        when it names one (a bad name is INVALID_ARGUMENT naming the field; none live, UNAVAILABLE naming it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -37,7 +37,9 @@ class MeshStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> MeshAsyncStub: ...
     Call: _grpc.UnaryUnaryMultiCallable[_agent_pb2.InvokeRequest, _agent_pb2.InvokeResponse]
-    """Call routes one InvokeRequest to a live instance serving its capability."""
+    """Call routes one InvokeRequest to a live instance serving its capability: one of its `agent`'s instances
+    when it names one (a bad name is INVALID_ARGUMENT naming the field; none live, UNAVAILABLE naming it).
+    """
     CallStream: _grpc.UnaryStreamMultiCallable[_agent_pb2.InvokeRequest, _agent_pb2.InvokeChunk]
     """CallStream is Call for streamed output."""
     Link: _grpc.StreamStreamMultiCallable[_agent_pb2.LinkFrame, _agent_pb2.LinkFrame]
@@ -73,7 +75,9 @@ class MeshStub:
 class MeshAsyncStub(MeshStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Call: _aio.UnaryUnaryMultiCallable[_agent_pb2.InvokeRequest, _agent_pb2.InvokeResponse]  # type: ignore[assignment]
-    """Call routes one InvokeRequest to a live instance serving its capability."""
+    """Call routes one InvokeRequest to a live instance serving its capability: one of its `agent`'s instances
+    when it names one (a bad name is INVALID_ARGUMENT naming the field; none live, UNAVAILABLE naming it).
+    """
     CallStream: _aio.UnaryStreamMultiCallable[_agent_pb2.InvokeRequest, _agent_pb2.InvokeChunk]  # type: ignore[assignment]
     """CallStream is Call for streamed output."""
     Link: _aio.StreamStreamMultiCallable[_agent_pb2.LinkFrame, _agent_pb2.LinkFrame]  # type: ignore[assignment]
@@ -112,7 +116,9 @@ class MeshServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_pb2.InvokeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.InvokeResponse, _abc.Awaitable[_agent_pb2.InvokeResponse]]:
-        """Call routes one InvokeRequest to a live instance serving its capability."""
+        """Call routes one InvokeRequest to a live instance serving its capability: one of its `agent`'s instances
+        when it names one (a bad name is INVALID_ARGUMENT naming the field; none live, UNAVAILABLE naming it).
+        """
 
     @_abc_1.abstractmethod
     def CallStream(
