@@ -594,12 +594,15 @@ async def _range(etcd: Any, request: Any) -> Any:
 async def read_prefix(etcd: Any, prefix: bytes, *, page: int = READ_PAGE_KEYS,
                       keys_only: bool = False) -> tuple[list[Any], int]:
     """Every key-value under prefix in key order, and the revision read at: in pages, every page at the first
-    one's revision (one consistent snapshot however many pages), so no answer passes MAX_READ_BYTES however much
-    the prefix holds. aetcd's `get_prefix` reads it all in one answer.
+    one's revision (one consistent snapshot however many pages: keys written or deleted between pages are read
+    as they were then), so no answer passes MAX_READ_BYTES however much the prefix holds. aetcd's `get_prefix`
+    reads it all in one answer.
 
     Pages start at `page` keys (at most 48 MiB of the largest values etcd takes) and grow fourfold while they come
     back small, up to MAX_PAGE_KEYS, so thousands of small entries take a few requests, not hundreds; a page
-    refused for its size is asked again a quarter as long."""
+    refused for its size is asked again a quarter as long. One key-value larger than the client's receive limit
+    can never be read: its refusal is raised (`too_large` tells it), never skipped. etcd stores none larger than
+    MAX_REQUEST_BYTES, so under the default limit (MAX_READ_BYTES) that cannot happen."""
     end = prefix_range_end(prefix)
     out: list[Any] = []
     start, revision, limit = prefix, 0, page
@@ -625,9 +628,11 @@ RECONNECT_OPTIONS: Final = {"grpc.initial_reconnect_backoff_ms": 100, "grpc.max_
 """How an etcd client's channel dials a lost member again (gRPC's backoff, jittered ±20%)."""
 
 
-def client(endpoints: Endpoints, *, timeout: int | None = 5, tls: EtcdTls | None = None) -> aetcd.Client:
+def client(endpoints: Endpoints, *, timeout: int | None = 5, tls: EtcdTls | None = None,
+           max_receive_bytes: int = MAX_READ_BYTES) -> aetcd.Client:
     """An (unconnected) aetcd client for one endpoint or a cluster, over mutual TLS when tls is given (an
-    EtcdAccess brings its own).
+    EtcdAccess brings its own). max_receive_bytes: the largest answer it accepts (`read_prefix` pages below it);
+    smaller only to exercise paging with little data.
 
     For several endpoints the channel target becomes gRPC's static resolver list
     ('ipv4:h1:p1,h2:p2,...') with round-robin, so the client survives losing a member.
@@ -646,7 +651,7 @@ def client(endpoints: Endpoints, *, timeout: int | None = 5, tls: EtcdTls | None
     options: dict[str, Any] = {"grpc.keepalive_time_ms": 10000, "grpc.keepalive_timeout_ms": 2000,
                                "grpc.http2.max_pings_without_data": 0, **RECONNECT_OPTIONS,
                                # Held calls and state namespaces are read in pages of up to 48 MiB (read_prefix).
-                               "grpc.max_receive_message_length": MAX_READ_BYTES}
+                               "grpc.max_receive_message_length": max_receive_bytes}
     if tls is not None and (tls.server_name or len(pairs) > 1):
         # A static list has no single host to check the certificate against: use the first one's.
         options["grpc.ssl_target_name_override"] = tls.server_name or pairs[0][0]
