@@ -23,10 +23,12 @@ import json
 import logging
 import os
 import stat
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Final
 
 from hivemesh.mesh.errors import JoinTokenRequiredError, StoredIdentityMismatchError
 from hivemesh.mesh.pki import load_certs
@@ -36,6 +38,13 @@ from hivemesh.mesh.trustdoc import fingerprint, issued_by
 log = logging.getLogger(__name__)
 
 _LOCK = ".lock"
+_FLOOR_MAX_BYTES: Final = 4096
+"""A kept trust floor is ~60 bytes: a larger file is not one, and is not read further."""
+_INT64_MAX: Final = 2**63 - 1
+"""The range of a bundle generation (int64, as CaStatusResponse carries it) and of a key set's ns issue time."""
+_JWKS_AHEAD_NS: Final = 24 * 3600 * 10**9
+"""A kept key set issue time further ahead of this clock than this was never adopted: as a floor it would refuse
+every key set the control plane publishes, and the node could not start."""
 
 
 def join_hint(kind: str, name: str) -> str:
@@ -163,28 +172,83 @@ class IdentityStore:
     def floor_path(self) -> Path:
         return self.folder / "trust-floor.json"
 
-    def load_floor(self) -> TrustFloor:
-        """The floor kept here (zeros when none was kept; an unreadable one is logged and read as zeros, as the
-        signatures still hold: only the replay check is lost)."""
-        try:
-            doc = json.loads(self.floor_path.read_bytes())
-            floor = TrustFloor(int(doc["bundle_generation"]), int(doc["jwks_issued_at_ns"]))
+    def load_floor(self, *, now_ns: int | None = None) -> TrustFloor:
+        """The floor kept here (zeros when none was kept). Never raises: the node must start whatever the file holds.
+
+        A damaged or altered file is checked field by field: a field that is not a whole number in range (another
+        type, negative, past int64, a key set issue time over a day ahead of this clock) is logged and read as 0
+        and the other field kept, so a readable bundle generation still refuses older bundles. A field read as 0
+        loses only the replay check, until the node adopts etcd's current document (signatures still hold)."""
+        try:  # non-blocking: a FIFO put in its place must not hang the start
+            fd = os.open(self.floor_path, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
             return TrustFloor()
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.error("cannot read %s (%s): trusting etcd's current trust documents as they are", self.floor_path, exc)
-            return TrustFloor()
+        except OSError as exc:
+            return self._damaged_floor(f"unreadable: {exc}")
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return self._damaged_floor("not a regular file")
+            raw = os.read(fd, _FLOOR_MAX_BYTES + 1)
+        except OSError as exc:
+            return self._damaged_floor(f"unreadable: {exc}")
+        finally:
+            os.close(fd)
+        if len(raw) > _FLOOR_MAX_BYTES:
+            return self._damaged_floor(f"larger than {_FLOOR_MAX_BYTES} bytes")
+        try:
+            doc = json.loads(raw)
+        except (ValueError, RecursionError) as exc:  # RecursionError: '[' nested thousands deep
+            return self._damaged_floor(f"not JSON: {type(exc).__name__}: {str(exc)[:100]}")
+        if not isinstance(doc, dict):
+            return self._damaged_floor(f"a JSON {type(doc).__name__}, not an object")
+        at = time.time_ns() if now_ns is None else now_ns
+        tops = {"bundle_generation": _INT64_MAX, "jwks_issued_at_ns": min(_INT64_MAX, at + _JWKS_AHEAD_NS)}
+        kept: dict[str, int] = {}
+        bad = []
+        for name, top in tops.items():
+            value = doc.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= top:
+                kept[name] = value
+            else:
+                kept[name] = 0
+                bad.append(f"{name}={_describe(value)}")
+        if bad:
+            self._damaged_floor(", ".join(bad), kept)
+        return TrustFloor(kept["bundle_generation"], kept["jwks_issued_at_ns"])
+
+    def _damaged_floor(self, why: str, kept: dict[str, int] | None = None) -> TrustFloor:
+        """Log a damaged floor file once, saying what is lost; what is still read is kept (else zeros)."""
+        floor = TrustFloor(**(kept or {}))
+        log.error("the trust floor %s is damaged (%s): reading %s; until this node adopts etcd's current trust "
+                  "documents it cannot refuse an older (replayed) one for the fields read as 0. It is rewritten at "
+                  "the next adoption", self.floor_path, why, floor)
         return floor
 
     def save_floor(self, floor: TrustFloor) -> None:
-        """Keep floor (written whole, then renamed); a failure is logged, never fatal."""
+        """Keep floor; a failure is logged, never fatal. Under the folder's lock, never lower than what is kept
+        (replicas sharing the folder, one of them behind), each field the higher; written to a temporary file of
+        its own and synced before the rename, so a crash or power loss leaves the old floor or the new one."""
         if not self.folder.is_dir():
             return
-        tmp = self.floor_path.with_name(".trust-floor.json.tmp")
         try:
-            tmp.write_bytes(json.dumps({"bundle_generation": floor.bundle_generation,
-                                        "jwks_issued_at_ns": floor.jwks_issued_at_ns}).encode())
-            os.replace(tmp, self.floor_path)
+            with self._locked(exclusive=True):
+                kept = self.load_floor()
+                merged = TrustFloor(max(floor.bundle_generation, kept.bundle_generation),
+                                    max(floor.jwks_issued_at_ns, kept.jwks_issued_at_ns))
+                if merged == kept and self.floor_path.is_file():
+                    return
+                fd, tmp = tempfile.mkstemp(prefix=".trust-floor.", suffix=".tmp", dir=self.folder)
+                try:
+                    with os.fdopen(fd, "wb") as out:
+                        out.write(json.dumps({"bundle_generation": merged.bundle_generation,
+                                              "jwks_issued_at_ns": merged.jwks_issued_at_ns}).encode())
+                        out.flush()
+                        os.fsync(out.fileno())
+                    os.replace(tmp, self.floor_path)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                    raise
         except OSError as exc:
             log.error("cannot keep the trust floor in %s: %s", self.floor_path, exc)
 
@@ -197,6 +261,19 @@ class IdentityStore:
         os.chmod(self.folder, 0o700)  # mkdir's mode is masked by the umask, and an older folder may be wider
         with self._locked(exclusive=True):
             workload.save(self.cert_path, self.key_path, self.bundle_path)
+
+
+def _describe(value: Any) -> str:
+    """A field's value for the log, short whatever it is (never a repr of a nested or huge value)."""
+    if value is None:
+        return "missing or null"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    if isinstance(value, bool | int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value[:40])
+    return f"a JSON {type(value).__name__}"
 
 
 __all__ = ["IdentityStore", "TrustFloor", "join_hint"]
