@@ -129,6 +129,8 @@ class MeshNode:
         self._replicas: ReplicaDiscovery | None = None
         self._bundle: PrefixCache[bytes] | None = None
         self._bundle_generation = 0
+        self.bundle_rejections = 0
+        """Trust bundles from etcd refused (unsigned, signed by a root not trusted, or older than the one held)."""
         self._renew_now = asyncio.Event()
         self.renewals = 0
         self.registry = RegistryView(self.etcd, trust_domain=settings.trust_domain)
@@ -410,10 +412,16 @@ class MeshNode:
         try:
             doc = verify_trust_doc(raw, self._workload.bundle_pem)
         except ValueError as exc:
+            self.bundle_rejections += 1
             log.error("ignoring a trust bundle published in etcd: %s", exc)
             return
-        if doc.generation <= self._bundle_generation:
+        if doc.generation < self._bundle_generation:
+            self.bundle_rejections += 1
+            log.error("ignoring the trust bundle published in etcd, keeping generation %d: its generation %d is "
+                      "older (a replay?)", self._bundle_generation, doc.generation)
             return
+        if doc.generation == self._bundle_generation:
+            return  # the one held, seen again
         self._bundle_generation = doc.generation
         self._keep_floor()
         if doc.bundle_pem != self._workload.bundle_pem:

@@ -108,6 +108,7 @@ async def test_a_node_restarted_over_an_older_signed_trust_bundle_refuses_it(
         assert trusted == _roots(bundles.mesh_root)
         assert not _roots(retired) & _roots(store.bundle_path.read_bytes())
         assert _kept(store)["bundle_generation"] == 5
+        assert node.bundle_rejections == 1, "the refusal of the older bundle was not counted"
 
         await etcd.put(BUNDLE_KEY, bundles.doc(6, prepared))  # the current bundle, back
         assert await until(lambda: _roots(prepared) <= _roots(node.workload.bundle_pem), 10), \
@@ -115,6 +116,7 @@ async def test_a_node_restarted_over_an_older_signed_trust_bundle_refuses_it(
         assert not _roots(retired) & _roots(node.workload.bundle_pem)
         assert _kept(store)["bundle_generation"] == 6
         assert _roots(prepared) <= _roots(store.bundle_path.read_bytes())
+        assert node.bundle_rejections == 1
 
 
 # --- a damaged or altered trust-floor.json ---------------------------------------------------------------------
