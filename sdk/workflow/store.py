@@ -239,7 +239,7 @@ class WorkflowStore:
         """Summaries of the runs of owner (`<kind>-<name>`), or of every run (operators and the control plane)."""
         prefix = f"{INDEX}{owner}/" if owner else INDEX
         async with owned(f"the runs under {prefix}"):
-            kvs = await self.etcd.get_prefix(prefix.encode())
+            kvs, _ = await read_prefix(self.etcd, prefix.encode())  # in pages: any number of runs stays listable
         out = []
         for kv in kvs:
             wid = kv.key.decode()[len(INDEX):]
@@ -261,7 +261,7 @@ class WorkflowStore:
         if "/" in given:
             return validate_workflow_id(given)
         async with owned("the run index"):
-            kvs = await self.etcd.get_prefix(INDEX.encode(), keys_only=True)
+            kvs, _ = await read_prefix(self.etcd, INDEX.encode(), keys_only=True)
         ids = (kv.key.decode(errors="replace")[len(INDEX):] for kv in kvs)
         found: list[str] = sorted(wid for wid in ids if wid.endswith(f"/{given}"))
         if not found:

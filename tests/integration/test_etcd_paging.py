@@ -21,7 +21,7 @@ from hivemesh.mesh.etcd import EtcdServer, client, read_prefix, too_large, wait_
 from hivemesh.mesh.keyspace import QUEUE
 from hivemesh.mesh.queue import CallQueue
 from hivemesh.sdk.workflow.state import WorkflowState
-from hivemesh.sdk.workflow.store import WorkflowStore, events_prefix
+from hivemesh.sdk.workflow.store import INDEX, WorkflowStore, events_prefix
 
 LIMIT = 64 * 1024
 """The small client's receive limit: 1/1024 of the real one."""
@@ -212,3 +212,19 @@ async def test_the_workflow_journal_reads_every_event_across_pages(etcd: aetcd.C
     assert [e["seq"] for e in events] == list(range(1, 32))
     assert [e["type"] for e in events] == ["created"] + ["memo"] * 30
     assert [e["seq"] for e in await store.events(wid, after=25)] == list(range(26, 32))
+
+
+async def test_the_run_index_lists_and_resolves_every_run_across_pages(etcd: aetcd.Client,
+                                                                       small: aetcd.Client) -> None:
+    """WorkflowStore.list and resolve read the run index in pages: 400 runs whose summaries together need
+    several answers are all listed, and a bare id is resolved among them."""
+    store = WorkflowStore(small)
+    for i in range(400):
+        await store.create(WorkflowState(f"agent-paging/run-{i:03d}"),
+                           {"definition": "paging", "input": {}, "owner": "agent-paging"})
+    assert await _refused_in_one_answer(small, INDEX.encode())
+
+    listed = await store.list()
+    assert sorted(s["id"] for s in listed) == [f"agent-paging/run-{i:03d}" for i in range(400)]
+    assert len(await store.list("agent-paging")) == 400
+    assert await store.resolve("run-299") == "agent-paging/run-299"
