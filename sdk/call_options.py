@@ -49,12 +49,16 @@ class CallOptions:
     agent: str | None = None
     """Only instances registered by this agent (their card's name) may serve the call: unary, batch and stream.
     A filter applied before routes, breakers, affinity and balancing, so a pinned call keeps the whole attempt
-    loop (failover between the agent's instances, retries, breakers, deadline). With an operator's `routes`
-    policy, the pin comes first and the route's rules (splits, pins, matches) choose among the agent's
-    instances; a rule that would leave none of them is set aside for the call, which goes to the agent's
-    instances all the same (a shadow's candidates still serve no real call). A fallback capability is called
-    pinned too, and only the agent's own cached answer is served. No live instance of the agent:
-    NO_LIVE_INSTANCE naming it. Not with `queue_for`: a held call is delivered unpinned."""
+    loop (failover between the agent's instances, retries, instance breakers, deadline). It is outside the
+    capability's breaker, neither counted nor refused by it: a pin to a down or failing agent never fails the
+    capability for other callers; once its agent's instance breakers eject all of its instances it fails
+    CIRCUIT_OPEN naming the agent. With an operator's `routes` policy the deciding rule chooses among the
+    agent's instances. A rule that chose only other agents' instances (a pin or split to a version only another
+    agent runs) is set aside for the call, which goes to the agent's instances except those the rule's split
+    weighs 0 and a shadow's candidates; a rule that allows no live instance to anyone fails the call
+    NO_LIVE_INSTANCE, as it fails an unpinned one. A fallback capability is called pinned too, and only the
+    agent's own cached answer is served. No live instance of the agent: NO_LIVE_INSTANCE naming it. Not with
+    `queue_for`: a held call is delivered unpinned."""
 
     def __post_init__(self) -> None:
         if self.agent is not None:

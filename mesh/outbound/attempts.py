@@ -162,11 +162,20 @@ class Attempts:
 
     async def run(self) -> Result:
         """The answer and the instance that gave it, guarded by the capability breaker (if a breakers policy
-        gives the capability one); the final error otherwise."""
+        gives the capability one); the final error otherwise.
+
+        A call pinned to an agent (`call.agent`) is outside the capability breaker, neither refused nor counted
+        (`invoke_stream` likewise). That breaker stands for the capability as every caller on the node gets it,
+        with failover across all agents; a pinned call's outcome is one agent's, or the pin's own
+        NO_LIVE_INSTANCE with nothing sent. Counted, a pin to a down or mistyped agent opened the capability for
+        everyone; obeyed, an outage elsewhere would refuse a healthy agent's callers. Its guard is its agent's
+        instance breakers, which its attempts feed as any call's do (`InstanceSelector.choose` fails it
+        CIRCUIT_OPEN naming the agent once all are ejected): a (capability, agent) breaker would repeat them.
+        """
         cap = self.call.capability
         settings = self._policies.breakers
         breaker: CircuitBreaker | None = None
-        if settings is not None and settings.capability is not None:
+        if settings is not None and settings.capability is not None and not self.call.agent:
             breaker = self.parts.selector.state.capability_breaker(cap, settings.capability)
             if not breaker.allow():
                 raise CircuitOpenError(

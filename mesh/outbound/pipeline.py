@@ -1,8 +1,8 @@
 """The outbound side of the mesh, assembled in exactly one place.
 
-    deadline (caller's, else the capability's default) → capability breaker → the caller's agent pin, if any
-    → route (split / pin / match) → skip ejected and suspect instances → balance (round robin / least
-    outstanding) → token → send
+    deadline (caller's, else the capability's default) → capability breaker (unpinned calls) → the caller's
+    agent pin, if any → route (split / pin / match) → skip ejected and suspect instances → balance (round robin /
+    least outstanding) → token → send
     → on failure: fail over (never sent) or retry (retryable, resendable, within budget, with backoff)
     → on final failure: degrade (fallback capability, then the cached last good response)
 
@@ -353,7 +353,7 @@ class OutboundPipeline:
         settings = policies.breakers
         failure_codes = settings.failure_codes if settings is not None else DEFAULT_FAILURE_CODES
         cap_breaker: CircuitBreaker | None = None
-        if settings is not None and settings.capability is not None:
+        if settings is not None and settings.capability is not None and not agent:  # a pin: see Attempts.run
             cap_breaker = t.capability_breaker(capability, settings.capability)
             if not cap_breaker.allow():
                 raise CircuitOpenError(f"the circuit breaker of {capability!r} is open",

@@ -18,7 +18,7 @@ from hivemesh.mesh.errors import CircuitOpenError, NoLiveInstanceError, UnknownC
 from hivemesh.mesh.instance_ref import instance_key
 from hivemesh.mesh.outbound.call import OutboundCall
 from hivemesh.mesh.resilience.balancer import ROUND_ROBIN
-from hivemesh.mesh.resilience.routes import RoutePolicy, select
+from hivemesh.mesh.resilience.routes import RoutePolicy, SplitState, select
 from hivemesh.mesh.resilience.traffic import TrafficState
 from hivemesh.v1 import mesh_pb2
 
@@ -141,6 +141,12 @@ class Liveness:
         self._unanswering.clear(instance)
 
 
+def _dry_split(_rule: int, n: int) -> SplitState:
+    """A split position of its own for one look at a rule (`InstanceSelector._set_aside`): whether a split allows
+    any instance at all must not move the split's real smooth weighted round robin."""
+    return SplitState(n)
+
+
 def rendezvous(key: str, instance: str) -> int:
     """The weight of instance (its `instance_key`) for key in rendezvous (highest random weight) hashing."""
     return int.from_bytes(hashlib.blake2b(f"{key}\0{instance}".encode(), digest_size=8).digest(), "big")
@@ -175,23 +181,48 @@ class InstanceSelector:
         self, call: OutboundCall, routes: RoutePolicy, live: Sequence[mesh_pb2.AgentInstance]
     ) -> tuple[Sequence[mesh_pb2.AgentInstance], str]:
         """The instances routes allows call among live, and the balancing key. A pinned call whose agent the
-        route's rules leave no instance of goes to all of them (`CallOptions.agent`), a shadow's candidates
-        excepted: they serve no real call (a sandboxed one would drop its effect)."""
+        deciding rule leaves no instance of may pass it (`_set_aside`)."""
         t, cap, agent = self.state, call.capability, call.agent
         chosen, why = select(routes, live, call.route_metadata, lambda rule, n: t.split_state(cap, routes, rule, n))
         subset: Sequence[mesh_pb2.AgentInstance] = chosen  # type: ignore[assignment]  # select() takes a protocol
         if not subset and agent:
-            shadow = routes.shadow
-            subset = [i for i in live if shadow is None or not shadow.subset.matches(i)]
-            why = f"{why or 'no rule'}; set aside for agent {agent}"
+            subset, why = self._set_aside(call, routes, live, why)
         if not subset:
             metadata = {"capability": cap[:128], "route": routes.name}
             if agent:
                 metadata["agent"] = agent[:128]
-                why = f"every instance of agent {agent!r} is a shadow candidate"
             raise NoLiveInstanceError(f"routes/{routes.name} ({why}) allows no live instance of {cap!r}",
                                       metadata=metadata)
         return subset, f"{cap}\0{why}"
+
+    def _set_aside(
+        self, call: OutboundCall, routes: RoutePolicy, mine: Sequence[mesh_pb2.AgentInstance], why: str
+    ) -> tuple[Sequence[mesh_pb2.AgentInstance], str]:
+        """The instances of a pinned call's agent (mine) it may use past a route rule that allows it none, and why.
+
+        Only a rule that chose other agents' instances is set aside: the rule, evaluated over every agent's live
+        instances, allows some. It then says nothing of this agent's instances (a version pin or split names
+        versions and labels, which each agent numbers its own way), and the pin, which names the agent, decides.
+        Instances the rule's split weighs 0 stay out even then (an operator's explicit "none": a rolled-back
+        canary), as do a shadow's candidates (they serve no real call). A rule that allows no instance to anyone
+        (a pin to a version not running, a split whose weighted subsets have none up) is not set aside: the
+        pinned call fails NO_LIVE_INSTANCE as an unpinned one does, and never reaches what the operator kept out.
+        Only pinned calls whose rule left them nothing come here: unpinned selection pays nothing for it.
+        """
+        agent = call.agent
+        everyone, _ = select(routes, self.liveness.live(call.capability), call.route_metadata, _dry_split)
+        if not everyone:
+            return (), why
+        rule = next((r for r in routes.rules if r.holds(call.route_metadata)), None)
+        zero = [subset for weight, subset in rule.split if weight == 0] if rule is not None else []
+        shadow = routes.shadow
+        if shadow is not None:
+            zero.append(shadow.subset)
+        kept = [i for i in mine if not any(s.matches(i) for s in zero)] if zero else mine
+        if not kept:
+            return (), (f"{why or 'no rule'}; every instance of agent {agent!r} is weighted 0 by its split or a "
+                        "shadow candidate")
+        return kept, f"{why or 'no rule'}; set aside for agent {agent}"
 
     def choose(
         self,

@@ -1,8 +1,10 @@
 """A call pinned to one agent (`CallOptions(agent=...)`) reaches that agent's instances only, on the real mesh
 (real etcd, real TLS, real agents): unary, batch and stream calls, with the full attempt loop among the
 agent's instances (a SIGKILLed one is failed over to its sibling, never to the other agent serving the
-capability), operator routes applied among the agent's instances, and a clear error naming an agent that has
-no instance."""
+capability), operator routes applied among the agent's instances (never past a rule that allows no instance to
+anyone, nor to an instance a split weighs 0), and a clear error naming an agent that has no instance. Pinned
+calls stay outside the capability's breaker: a pin to a down or failing agent never fails the capability for
+the node's other callers."""
 
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ import aetcd
 import grpc
 import pytest
 
-from hivemesh.mesh.errors import NoLiveInstanceError
+from hivemesh.mesh.errors import AgentError, CircuitOpenError, HivemeshError, NoLiveInstanceError
 from hivemesh.mesh.registry import agent_key
+from hivemesh.mesh.resilience.traffic import breaker_states
 from hivemesh.sdk import Agent, AgentServer, AgentServerConfig, CallOptions, MeshClient, capability
 from tests.support.agents_for_tests import EchoAgent
 from tests.support.meshenv import MeshEnv
@@ -208,3 +211,138 @@ async def test_a_pinned_call_fails_over_to_a_sibling_instance_never_to_another_a
         assert liveness.is_suspect("echo/echo-a")
         assert sum(1 for i in client.instances("echo") if i.card.name == "echo") == 2  # still listed throughout
         await etcd.delete(agent_key("echo", "echo-a").encode())
+
+
+def _capability_breaker(client: MeshClient, capability: str) -> str:
+    """The state of the client node's own breaker of capability ("" while it has none)."""
+    states = [b.state.value for cap, inst, b in client.node.outbound.traffic.state.breakers()
+              if cap == capability and not inst]
+    return states[0] if states else ""
+
+
+_BREAKERS = """
+kind: breakers
+name: pins
+spec:
+  capabilities: [echo, tally]
+  instance: {consecutive_failures: 2, open_ms: 60000, max_ejected_share: 0.5}
+  capability: {consecutive_failures: 3, open_ms: 60000}
+"""
+
+
+async def test_pins_to_an_agent_without_an_instance_never_open_the_capability_breaker(
+    rig: Rig, etcd: aetcd.Client
+) -> None:
+    client = rig.client
+    await apply(etcd, _BREAKERS, [client.node])
+    # Three times the capability breaker's threshold of calls pinned to an agent with no instance (down, or a
+    # mistyped name), unary and streamed: each fails NO_LIVE_INSTANCE, none CIRCUIT_OPEN.
+    for _ in range(9):
+        with pytest.raises(NoLiveInstanceError) as unary:
+            await client.call("echo", {"text": "x"}, timeout=5, agent="gamma")
+        assert unary.value.reason == "NO_LIVE_INSTANCE" and "agent 'gamma'" in unary.value.message, unary.value
+        with pytest.raises(NoLiveInstanceError) as streamed:
+            async for _ in client.stream("tally", {}, timeout=5, agent="gamma"):
+                pass
+        assert streamed.value.reason == "NO_LIVE_INSTANCE", streamed.value
+    # Every other caller of the node is served as before: unpinned, and pinned to an agent that is up.
+    assert set(await _served(client, 6)) == {"alpha/alpha-1", "alpha/alpha-2", "beta/beta-1"}
+    assert await _served(client, 2, agent="beta") == Counter({"beta/beta-1": 2})
+    assert {item["agent"] async for item in client.stream("tally", {}, timeout=5)} <= {"alpha", "beta"}
+    assert (_capability_breaker(client, "echo"), _capability_breaker(client, "tally")) == ("closed", "closed")
+
+
+class Broken(_Twin):
+    """Serves echo, and fails every call of it (INTERNAL): a breaker failure."""
+
+    name = "broken"
+
+    @capability(description="Echo that always fails", idempotent=True)
+    async def echo(self, req: dict[str, Any]) -> dict[str, Any]:
+        raise AgentError(f"{self.tag} is broken")
+
+
+async def test_a_failing_pinned_agent_is_ejected_by_its_instance_breaker_not_the_capabilitys(
+    rig: Rig, mesh_env: MeshEnv, etcd: aetcd.Client
+) -> None:
+    client = rig.client
+    await apply(etcd, _BREAKERS, [client.node])
+    server = AgentServer(Broken("broken-1"), await mesh_env.settings_for("broken"),
+                         AgentServerConfig(instance_id="broken-1"))
+    async with server:
+        assert await client.node.registry.wait_for_capability("echo", 4, timeout=10)
+        # Calls pinned to the broken agent: its instance fails them until its own breaker ejects it (2 failures;
+        # one of the capability's 4 instances is within max_ejected_share), then they fail fast naming the agent.
+        errors: list[HivemeshError] = []
+        for _ in range(6):
+            with pytest.raises(HivemeshError) as failed:
+                await client.call("echo", {"text": "x"}, timeout=5, agent="broken")
+            errors.append(failed.value)
+        assert [e.reason for e in errors] == ["AGENT_ERROR"] * 2 + ["CIRCUIT_OPEN"] * 4, errors
+        assert isinstance(errors[-1], CircuitOpenError) and errors[-1].metadata["agent"] == "broken", errors[-1]
+        assert "pinned to agent 'broken'" in errors[-1].message, errors[-1].message
+        assert breaker_states(client.node.outbound.traffic.state, "echo") == {"broken/broken-1": "open"}
+        # The capability's breaker counted none of it: unpinned calls are served (the ejected instance skipped),
+        # and so are calls pinned to a healthy agent.
+        assert await _served(client, 6) == Counter({"alpha/alpha-1": 2, "alpha/alpha-2": 2, "beta/beta-1": 2})
+        assert await _served(client, 2, agent="alpha") == Counter({"alpha/alpha-1": 1, "alpha/alpha-2": 1})
+        assert _capability_breaker(client, "echo") == "closed"
+
+
+async def test_a_route_that_allows_no_instance_to_anyone_fails_a_pinned_call_too(
+    rig: Rig, etcd: aetcd.Client
+) -> None:
+    client = rig.client
+    # A route pin to a version nobody runs, then a rolled-back canary (weight 0) whose stable subset has nothing
+    # up: the operator keeps every instance out, and a pin to an agent does not get past it.
+    for rule in ('{name: v3-only, pin: {version: "3.*"}}',
+                 '{name: rollout, split: [{weight: 100, version: "3.*"}, {weight: 0, labels: {track: canary}}]}'):
+        await apply(etcd, f"""
+kind: routes
+name: tracks
+spec:
+  capabilities: [echo, tally]
+  rules: [{rule}]
+""", [client.node])
+        for agent in ("", "alpha", "beta"):
+            with pytest.raises(NoLiveInstanceError) as unary:
+                await client.call("echo", {"text": "x"}, timeout=5, agent=agent or None)
+            assert "routes/tracks" in unary.value.message, (rule, agent, unary.value.message)
+            assert unary.value.metadata.get("agent", "") == agent, unary.value.metadata
+        with pytest.raises(NoLiveInstanceError) as streamed:
+            async for _ in client.stream("tally", {}, timeout=5, agent="alpha"):
+                pass
+        assert "routes/tracks" in streamed.value.message, streamed.value.message
+
+
+async def test_a_route_set_aside_for_a_pinned_call_still_keeps_it_off_what_a_split_weighs_zero(
+    rig: Rig, etcd: aetcd.Client
+) -> None:
+    client = rig.client
+    # Every call to beta's version 2.*, none to the canary track (alpha-2): the rule chose another agent's
+    # instances, so a call pinned to alpha sets it aside, but only for alpha-1; the weight 0 holds.
+    await apply(etcd, """
+kind: routes
+name: tracks
+spec:
+  capabilities: [echo]
+  rules:
+    - name: rollout
+      split: [{weight: 100, version: "2.*"}, {weight: 0, labels: {track: canary}}]
+""", [client.node])
+    assert await _served(client, 4) == Counter({"beta/beta-1": 4})
+    assert await _served(client, 6, agent="alpha") == Counter({"alpha/alpha-1": 6})
+    # Weight 0 for all of alpha's version: a pinned call has nowhere to go.
+    await apply(etcd, """
+kind: routes
+name: tracks
+spec:
+  capabilities: [echo]
+  rules:
+    - name: rollout
+      split: [{weight: 100, version: "2.*"}, {weight: 0, version: "1.*"}]
+""", [client.node])
+    with pytest.raises(NoLiveInstanceError) as pinned:
+        await client.call("echo", {"text": "x"}, timeout=5, agent="alpha")
+    assert "weighted 0" in pinned.value.message and pinned.value.metadata["agent"] == "alpha", pinned.value
+    assert await _served(client, 2, agent="beta") == Counter({"beta/beta-1": 2})
