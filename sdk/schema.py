@@ -9,7 +9,8 @@ import enum
 import functools
 import types
 import typing
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints, is_typeddict
+from collections.abc import Callable, Generator
+from typing import Any, Final, Literal, Union, get_args, get_origin, get_type_hints, is_typeddict
 
 JsonSchema = dict[str, Any]
 
@@ -95,52 +96,155 @@ def from_json(tp: Any, value: Any) -> Any:
     """Build the handler's argument from validated JSON, as its hint says: dataclasses are constructed wherever the
     hint puts them (nested, in lists, tuples, dict values, TypedDict fields, and the arms of an Optional or Union),
     tuples made tuples, and a whole float such as 1.0 (JSON Schema's "integer" admits it) made the int the hint
-    promises. A value whose hint needs none of this (str, float, a TypedDict of strings) is returned as it is."""
-    return _decode(tp, value) if _decodes(tp) else value
+    promises. A value whose hint needs none of this (str, float, a TypedDict of strings) is returned as it is.
+
+    It takes time linear in the value's size and no interpreter stack per level (`_walk`): a recursive input, which
+    an author declares with $defs/$ref, is as cheap to decode as it was to parse, however deep the parser let it be.
+    """
+    now = _decode_now(tp, value)
+    return _walk(tp, value) if now is _LATER else now
 
 
-def _decode(tp: Any, value: Any) -> Any:
-    """from_json for a hint `_decodes` said yes to (each nested hint is asked again)."""
+_Steps = Generator["_Ask", Any, Any]
+_Ask = tuple[Callable[[Any, Any], _Steps], Any, Any]
+"""A step's question about a nested value, for `_walk`: (step, hint, value)."""
+_LATER: Final = object()
+"""`_decode_now`'s answer for a value that takes a step of its own."""
+
+
+def _walk(tp: Any, value: Any) -> Any:
+    """Decode the value by the hint in steps (`_decode`, `_fits_exactly`, `_fits_loosely`). A step yields an `_Ask`
+    for each nested value it cannot answer at once and is sent the answer (or thrown the exception: a constructor's
+    TypeError, say), so the walk keeps its place on a list, not on the interpreter's stack: a value 10,000 levels
+    deep is no RecursionError.
+
+    Only a Union's arms ask about one value twice (fitting it to each arm, building it by the next arm when one's
+    constructor refused it), so while a Union is being decided each answer is kept, by step, hint and the value's
+    identity, and no subtree is walked again: the cost stays linear in the value's size, not exponential in its
+    depth. The answers are let go when the outermost Union is decided (a long list of Optional[X] keeps none)."""
+    answers: dict[tuple[Any, int, int], tuple[Any, Exception | None, Any]] = {}
+    stack: list[tuple[_Steps, tuple[Any, int, int] | None, Any, bool]] = []
+    unions = 0  # Union steps on the stack
+    ask: _Ask | None = (_decode, tp, value)
+    reply: Any = None
+    failure: Exception | None = None
+    while True:
+        if ask is not None:
+            fn, tp, value = ask
+            key = (fn, id(tp), id(value)) if unions else None  # the value is alive for the whole walk
+            known = answers.get(key) if key is not None else None
+            if known is None:
+                union = fn is _decode and _is_union(tp)
+                unions += union
+                stack.append((fn(tp, value), key, tp, union))
+                reply, failure = None, None
+            else:
+                reply, failure, _ = known
+        step, key, hint, union = stack[-1]
+        try:
+            ask = step.send(reply) if failure is None else step.throw(failure)
+            continue
+        except StopIteration as done:
+            ask, reply, failure = None, done.value, None
+        except Exception as exc:  # noqa: BLE001 - raised in the step that asked, as a nested call's would be
+            ask, reply, failure = None, None, exc
+        stack.pop()
+        if key is not None:  # the hint is kept with its answer, so its id is no other's while the answer is
+            answers[key] = (reply, failure, hint)
+        if union:
+            unions -= 1
+            if not unions:
+                answers.clear()
+        if not stack:
+            if failure is not None:
+                raise failure
+            return reply
+
+
+def _decode_now(tp: Any, value: Any) -> Any:
+    """The value decoded by the hint where that takes no step (the hint changes nothing, or is int or a Literal),
+    else _LATER."""
+    if not _decodes(tp):
+        return value
     if tp is int:
         return _whole(value)
+    origin = get_origin(tp)
+    if origin is typing.Annotated:
+        return _decode_now(get_args(tp)[0], value)
+    if origin is Literal:  # Literal[1] admits 1.0 too (JSON Schema compares numbers by value): give the 1
+        return _whole(value) if any(_is_int(a) and a == value for a in get_args(tp)) else value
+    return _LATER
+
+
+def _decode(tp: Any, value: Any) -> _Steps:
+    """from_json's step for a hint `_decode_now` cannot answer alone: its nested values are asked of `_walk`."""
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if not isinstance(value, dict):
             return value
-        hints = _field_hints(tp)
-        return tp(**{f.name: from_json(hints[f.name], value[f.name]) for f in _init_fields(tp) if f.name in value})
+        kwargs: dict[str, Any] = {}
+        for name, hint, _ in _inputs(tp):
+            if name in value:
+                now = _decode_now(hint, v := value[name])
+                kwargs[name] = (yield (_decode, hint, v)) if now is _LATER else now
+        return tp(**kwargs)
     if is_typeddict(tp):
         if not isinstance(value, dict):
             return value
         hints = _field_hints(tp)
-        return {k: from_json(hints[k], v) if k in hints else v for k, v in value.items()}
+        typed: dict[str, Any] = {}
+        for k, v in value.items():
+            now = _decode_now(hints[k], v) if k in hints else v
+            typed[k] = (yield (_decode, hints[k], v)) if now is _LATER else now
+        return typed
     origin = get_origin(tp)
     args = get_args(tp)
     if origin is typing.Annotated:
-        return from_json(args[0], value)
-    if origin is Literal:  # Literal[1] admits 1.0 too (JSON Schema compares numbers by value): give the 1
-        return _whole(value) if any(_is_int(a) and a == value for a in args) else value
-    if origin in (Union, types.UnionType):
-        # The arm the schema's anyOf admitted the value by: an exact fit first, so int | float keeps 1.0 a float.
-        for strict in (True, False):
-            for arm in args:
-                if _fits(arm, value, strict=strict):
-                    return from_json(arm, value)
+        return (yield from _decode(args[0], value))
+    if origin in _UNIONS:
+        # The arm the schema's anyOf admitted the value by. A dataclass or TypedDict arm before a plain dict or Any
+        # arm, so Union[dict, Cfg] builds the Cfg (as it always did); an exact fit before a loose one, so int | float
+        # keeps 1.0 a float where Optional[int] makes it 1.
+        structured = [a for a in args if _is_structured(a)] if isinstance(value, dict) else []
+        for arms in (structured, [a for a in args if a not in structured]):
+            for strict in (True, False):
+                for arm in arms:
+                    fit = _fits_now(arm, value, strict)
+                    if fit is None:
+                        fit = yield (_fits_exactly if strict else _fits_loosely, arm, value)
+                    if fit:
+                        try:
+                            now = _decode_now(arm, value)
+                            return (yield (_decode, arm, value)) if now is _LATER else now
+                        except TypeError:  # its constructor refused the value (a __post_init__ check): next arm
+                            continue
         for arm in args:  # a declared schema may admit what the hints do not: the first dataclass arm it builds
             if dataclasses.is_dataclass(arm) and isinstance(value, dict):
                 try:
-                    return from_json(arm, value)
+                    return (yield (_decode, arm, value))
                 except TypeError:
                     continue
         return value
     if origin is tuple and isinstance(value, list):
-        if args and args[-1] is not Ellipsis:
-            return tuple(from_json(a, v) for a, v in zip(args, value, strict=False))
-        return tuple(from_json(args[0] if args else Any, v) for v in value)
+        fixed = bool(args) and args[-1] is not Ellipsis  # tuple[int, str]: each position its own hint
+        hinted = zip(args, value, strict=False) if fixed else ((args[0] if args else Any, v) for v in value)
+        items: list[Any] = []
+        for hint, v in hinted:
+            now = _decode_now(hint, v)
+            items.append((yield (_decode, hint, v)) if now is _LATER else now)
+        return tuple(items)
     if origin in _SEQUENCES and isinstance(value, list):
         item = args[0] if args else Any
-        return [_decode(item, v) for v in value] if _decodes(item) else value
+        decoded: list[Any] = []
+        for v in value:
+            now = _decode_now(item, v)
+            decoded.append((yield (_decode, item, v)) if now is _LATER else now)
+        return decoded
     if origin in (dict, collections.abc.Mapping) and isinstance(value, dict) and len(args) == 2:
-        return {k: _decode(args[1], v) for k, v in value.items()} if _decodes(args[1]) else value
+        mapped: dict[Any, Any] = {}
+        for k, v in value.items():
+            now = _decode_now(args[1], v)
+            mapped[k] = (yield (_decode, args[1], v)) if now is _LATER else now
+        return mapped
     return value
 
 
@@ -152,6 +256,20 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_union(tp: Any) -> bool:
+    """A Union or Optional hint (Annotated or not)."""
+    while (origin := get_origin(tp)) is typing.Annotated:
+        tp = get_args(tp)[0]
+    return origin in _UNIONS
+
+
+def _is_structured(tp: Any) -> bool:
+    """A dataclass or TypedDict hint (Annotated or not): a Union builds an object by it before a dict or Any arm."""
+    while get_origin(tp) is typing.Annotated:
+        tp = get_args(tp)[0]
+    return is_typeddict(tp) or (dataclasses.is_dataclass(tp) and isinstance(tp, type))
+
+
 def _whole(value: Any) -> Any:
     """A whole float as the int it is; anything else (bool, a fractional float) as it is."""
     return int(value) if type(value) is float and value.is_integer() else value
@@ -161,10 +279,9 @@ def _decodes(tp: Any) -> bool:
     """Whether decoding by this hint can change a value: it holds an int, a dataclass or a tuple somewhere. Most
     hints are asked on every call, so the answer is kept per hint."""
     try:
-        hash(tp)
+        return _decodes_cached(tp)
     except TypeError:  # unhashable Annotated metadata: worked out each time
         return _changes(tp, ())
-    return _decodes_cached(tp)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -200,9 +317,18 @@ def _field_hints(tp: type) -> dict[str, Any]:
     return get_type_hints(tp)
 
 
-def _fits(tp: Any, value: Any, *, strict: bool) -> bool:
-    """Whether a JSON value is one the hint describes, to pick a Union's arm. Strict: an int hint takes an int
-    only, not a whole float. Extra keys in an object are overlooked (decoding drops them from a dataclass)."""
+@functools.lru_cache(maxsize=256)
+def _inputs(tp: type) -> tuple[tuple[str, Any, bool], ...]:
+    """A dataclass's fields it is built from, as (name, resolved hint, required), worked out once per class."""
+    hints = _field_hints(tp)
+    return tuple((f.name, hints[f.name], f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+                 for f in _init_fields(tp))
+
+
+def _fits_now(tp: Any, value: Any, strict: bool) -> bool | None:
+    """Whether a JSON value is one the hint describes, to pick a Union's arm, as far as the value's own shape says:
+    None when that depends on its nested values (`_fits`). Strict: an int hint takes an int only, not a whole
+    float. Extra keys in an object are overlooked (decoding drops them from a dataclass)."""
     if tp is Any or tp is object:
         return True
     if isinstance(tp, type) and tp in _KINDS:
@@ -210,39 +336,70 @@ def _fits(tp: Any, value: Any, *, strict: bool) -> bool:
             return value.is_integer()
         return type(value) in _KINDS[tp]
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if not isinstance(value, dict):
-            return False
-        hints = _field_hints(tp)
-        fields = _init_fields(tp)
-        return all(f.name in value for f in fields if f.default is dataclasses.MISSING
-                   and f.default_factory is dataclasses.MISSING) and all(
-            _fits(hints[f.name], value[f.name], strict=strict) for f in fields if f.name in value)
+        return None if isinstance(value, dict) and all(
+            name in value for name, _, required in _inputs(tp) if required) else False
     if is_typeddict(tp):
-        if not isinstance(value, dict):
-            return False
-        hints = _field_hints(tp)
-        required = getattr(tp, "__required_keys__", hints.keys())
-        return all(k in value for k in required) and all(
-            _fits(hints[k], v, strict=strict) for k, v in value.items() if k in hints)
+        return None if isinstance(value, dict) and all(
+            k in value for k in getattr(tp, "__required_keys__", _field_hints(tp).keys())) else False
     origin = get_origin(tp)
     args = get_args(tp)
     if origin is typing.Annotated:
-        return _fits(args[0], value, strict=strict)
+        return _fits_now(args[0], value, strict)
     if origin in _UNIONS:
-        return any(_fits(a, value, strict=strict) for a in args)
+        return None
     if origin is Literal:
         return any(a == value and _kind(a) == _kind(value) and not (strict and _is_int(a) and type(value) is float)
                    for a in args)
     if origin is tuple and args and args[-1] is not Ellipsis:
-        return isinstance(value, list) and len(value) == len(args) and all(
-            _fits(a, v, strict=strict) for a, v in zip(args, value, strict=True))
+        return None if isinstance(value, list) and len(value) == len(args) else False
     if origin in (tuple, *_SEQUENCES):
-        item = args[0] if args else Any
-        return isinstance(value, list) and all(_fits(item, v, strict=strict) for v in value)
+        return None if isinstance(value, list) else False
     if origin in (dict, collections.abc.Mapping):
-        item = args[1] if len(args) == 2 else Any
-        return isinstance(value, dict) and all(_fits(item, v, strict=strict) for v in value.values())
+        return None if isinstance(value, dict) else False
     return False
+
+
+def _fits(tp: Any, value: Any, strict: bool) -> _Steps:
+    """The step for what `_fits_now` cannot answer alone: whether the nested values fit their hints too (a Union's:
+    whether one of its arms fits), each asked of `_walk`."""
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        nested: typing.Iterable[tuple[Any, Any]] = ((hint, value[name]) for name, hint, _ in _inputs(tp)
+                                                    if name in value)
+    elif is_typeddict(tp):
+        hints = _field_hints(tp)
+        nested = ((hints[k], v) for k, v in value.items() if k in hints)
+    else:
+        origin = get_origin(tp)
+        args = get_args(tp)
+        if origin is typing.Annotated:
+            return (yield from _fits(args[0], value, strict))
+        if origin in _UNIONS:
+            for arm in args:
+                fit = _fits_now(arm, value, strict)
+                if fit or (fit is None and (yield (_fits_exactly if strict else _fits_loosely, arm, value))):
+                    return True
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            nested = zip(args, value, strict=True)
+        elif origin in (dict, collections.abc.Mapping):
+            nested = ((args[1] if len(args) == 2 else Any, v) for v in value.values())
+        else:  # a list, tuple[X, ...], Sequence or set
+            nested = ((args[0] if args else Any, v) for v in value)
+    for hint, v in nested:
+        fit = _fits_now(hint, v, strict)
+        if not (fit or (fit is None and (yield (_fits_exactly if strict else _fits_loosely, hint, v)))):
+            return False
+    return True
+
+
+def _fits_exactly(tp: Any, value: Any) -> _Steps:
+    """_fits with an int hint taking an int only: a Union's arms are tried so first (int | float keeps 1.0 a float)."""
+    return _fits(tp, value, True)
+
+
+def _fits_loosely(tp: Any, value: Any) -> _Steps:
+    """_fits with an int hint taking a whole float too, as JSON Schema's "integer" does."""
+    return _fits(tp, value, False)
 
 
 _KINDS: dict[Any, tuple[type, ...]] = {
