@@ -198,7 +198,7 @@ class SharedLog:
         log.info("audit checkpoints: adopted the mesh-wide checkpoint key")
 
     # --- committing ---
-    async def commit_locked(self, build: Callable[[], Sealable],
+    async def commit_locked(self, build: Callable[[], Awaitable[Sealable]],
                             on_commit: Callable[[int], None] | None = None, *, own: bool = False) -> int:
         """Commit what build() returns to etcd, then apply it here (and tell on_commit how many entries went);
         returns how many were committed. own: the entries are the control plane's own records, which build()
@@ -221,7 +221,7 @@ class SharedLog:
                 elif store.unavailable:
                     raise FailedPreconditionError(store.unavailable)
                 try:
-                    items = build()
+                    items = await build()  # (a node's resend may read the log, off the event loop)
                 except HivemeshError:
                     if caught_up:
                         raise
@@ -316,7 +316,7 @@ class SharedLog:
         taken = list(store.pending)[:MAX_BATCH]
         done = 0
 
-        def build() -> Sealable:
+        async def build() -> Sealable:
             nonlocal done
             done += self._settle_own_locked()
             return store.own_records(taken[done:])

@@ -72,8 +72,23 @@ QUERY_BUDGET_BYTES: Final = 4 * 1024 * 1024
 a page of large legal records is sent, and a query holds no more than this; the client pages on."""
 ECHO_CHARS: Final = 128
 """How much of a caller's value a refusal quotes: a status's details must stay small."""
-_ENTRY_READ_MAX: Final = 2 * MAX_RECORD_BYTES + 4096
-"""More than any entry line (a record of at most MAX_RECORD_BYTES inside its entry): `line_at`'s read."""
+MAX_ENTRY_BYTES: Final = 6 * MAX_RECORD_BYTES + 512
+"""Longer than any log line the store writes, newline included. A record of at most MAX_RECORD_BYTES as sent is stored
+canonically, where one byte sent becomes at most 6: DEL (raw in a JSON string) and each 2-byte UTF-8 character are
+written as a 6-byte \\u escape, a 4-byte one as two, a number like 1e15 as 1000000000000000.0 (4.5x); its entry adds
+under 300 bytes (prev, seq, source, hash). A 64 KiB record of DELs is a 392 KB line."""
+INDEX_STRIDE: Final = 64
+"""A node's source keeps where every INDEX_STRIDE-th of its records starts in log.jsonl (8 bytes per 64 records):
+a stored record is found by reading on from the one at or before it, ~64 of its lines (one 64 KiB read)."""
+INDEX_MARKS: Final = 4096
+"""The most offsets a source keeps (32 KiB): past it every other one goes and the stride doubles, so a source's
+index stays bounded however long the control plane runs (a lookup then reads on further, off the event loop)."""
+READ_BLOCK: Final = 64 * 1024
+"""What one read of the log takes when records are looked up (more at once for a longer line)."""
+MAX_LOOKUPS: Final = 16
+"""The most resent runs below the head one batch may have compared with the log: a shipper resends one run (in
+order, from its acknowledged seq); a batch of scattered stored seqs had one batch read its source's whole stretch
+of the log."""
 READ_HEDGE_AFTER_S: Final = 2.0
 """How long a shared-log read has on the round-robin etcd client before every member is asked too: a member cut
 off would hold a catch-up (and every audit read behind it) for the read's whole 10 s; a catch-up of many
@@ -105,10 +120,22 @@ class _Source:
     seq: int
     hash: str
     first: int = 0
-    """The seq of the first record of this source's chain in the log (`offsets[0]`'s)."""
-    offsets: array[int] = field(default_factory=lambda: array("q"))
-    """Where the entry of each stored record, seqs first.. seq, starts in log.jsonl: a resend of a stored seq is
-    compared with the record stored there by reading that one line (8 bytes a record; nodes' sources only)."""
+    """The seq of the first record of this source's chain in the log (`marks[0]`'s)."""
+    stride: int = INDEX_STRIDE
+    marks: array[int] = field(default_factory=lambda: array("q"))
+    """Where the entries of records first, first + stride, first + 2 * stride, ... start in log.jsonl (nodes'
+    sources only): a resent record below the head is compared with the stored one found by reading on from the
+    mark at or before its seq. Sparse and capped (`INDEX_STRIDE`, `INDEX_MARKS`): a full index of every record
+    cost 8 bytes a record for the process's life."""
+
+
+@dataclass
+class LogReads:
+    """What comparing resent records with the stored ones read of log.jsonl (for tests and benchmarks)."""
+
+    opens: int = 0
+    reads: int = 0
+    bytes: int = 0
 
 
 Sealable = list[Checked]
@@ -181,6 +208,11 @@ class AuditStore:
         self._own_queued = 0
         self._own_committed = 0
         self._own_progress = asyncio.Event()
+        self.index_stride = INDEX_STRIDE
+        self.index_marks = INDEX_MARKS
+        """A source's index (`_Source.marks`): set before the first record is indexed (tests make them small)."""
+        self.resend_reads = LogReads()
+        """Every open and read of the log made to compare resent records with the stored ones."""
 
     # --- lifecycle ---
     def open(self) -> AuditStore:
@@ -286,8 +318,8 @@ class AuditStore:
             raise InvalidInputError(f"at most {MAX_BATCH} records per batch")
         async with self._lock:
             if self.shared is not None:
-                def build() -> Sealable:  # re-run against the caught-up copy when the copy was behind
-                    return self._validate_locked(source, identity, raw_records)
+                async def build() -> Sealable:  # re-run against the caught-up copy when the copy was behind
+                    return await self._validate_locked(source, identity, raw_records)
 
                 try:
                     stored = await self.shared.commit_locked(build)
@@ -297,7 +329,7 @@ class AuditStore:
                     raise
                 last = self._sources.get(source)
                 return (last.seq, last.hash, stored) if last is not None else (0, GENESIS, 0)
-            records = self._validate_locked(source, identity, raw_records)
+            records = await self._validate_locked(source, identity, raw_records)
             if records:
                 self._write_locked(records)
                 assert self._fd is not None
@@ -306,7 +338,7 @@ class AuditStore:
             last = self._sources.get(source)
             return (last.seq, last.hash, len(records)) if last is not None else (0, GENESIS, 0)
 
-    def _validate_locked(self, source: str, identity: str, raw_records: Sequence[bytes]) -> list[Checked]:
+    async def _validate_locked(self, source: str, identity: str, raw_records: Sequence[bytes]) -> list[Checked]:
         """The records of the batch that extend source's stored chain (resent ones, each the stored record at its
         seq, skipped); raises, storing nothing, on a gap, a broken link, a changed record or a record about another
         node than identity.
@@ -357,52 +389,66 @@ class AuditStore:
             last_seq, last_hash = seq, rec["hash"]
         if resent:
             assert known is not None
-            self._check_resent_locked(source, known, resent)
+            await self._check_resent_locked(source, known, resent)
         return records
 
-    def _check_resent_locked(self, source: str, known: _Source,
-                             resent: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    async def _check_resent_locked(self, source: str, known: _Source,
+                                   resent: Sequence[tuple[str, dict[str, Any]]]) -> None:
         """Refuse (FailedPreconditionError naming the seq and the node) unless every record of resent, at or
         below source's stored head, is the very record stored at its seq: an acknowledged resend must be a true
         one, or the node's records that differ would be dropped as duplicates.
 
         A record's hash covers its content (checked on arrival), prev included, so equal hashes mean equal records,
         and a record equal to the stored one at seq vouches for the stored record at seq - 1 too: a resent record
-        whose hash is the prev of the (equal) resent record after it is equal to the stored one. So a resent run
-        costs one comparison, with the head (in memory) when it reaches the head, as a resend after a lost
-        acknowledgement does, else with one stored line read at its offset (`_Source.offsets`)."""
-        vouched: dict[str, Any] | None = None  # the resent record after this one, found equal to the stored one
-        for where, rec in reversed(resent):
+        whose hash is the prev of the (equal) resent record after it is equal to the stored one. The records are
+        taken by seq, highest first, whatever their order in the batch, so a resent run costs one comparison: with
+        the head (in memory) when it reaches the head, as a resend after a lost acknowledgement does, else with the
+        stored record, looked up with those of the batch's other runs through one open file (`_stored_hashes`)."""
+        wanted: list[tuple[int, str, str]] = []  # (seq, where, hash) of the records to compare with the log's
+        vouched: dict[str, Any] | None = None  # the resent record after this one, equal to the stored one if any is
+        for where, rec in sorted(resent, key=lambda item: item[1]["seq"], reverse=True):
             seq = rec["seq"]
-            if (vouched is not None and vouched["seq"] == seq + 1 and vouched["prev"] == rec["hash"]
-                    and seq >= known.first):
-                vouched = rec
-                continue
-            if seq == known.seq:
-                stored: str | None = known.hash
-            else:
-                stored = self._stored_hash(source, known, seq)
-            if stored is None:
+            if seq < known.first:
                 raise _unknown(where, seq, known.identity, source, known.first)
-            if stored != rec["hash"]:
+            if vouched is not None and ((vouched["seq"] == seq + 1 and vouched["prev"] == rec["hash"])
+                                        or (vouched["seq"] == seq and vouched["hash"] == rec["hash"])):
+                vouched = rec  # linked to the one after it (a run), or the same record twice in the batch
+                continue
+            if seq != known.seq:
+                if len(wanted) == MAX_LOOKUPS:
+                    raise InvalidInputError(
+                        f"{where}: the batch resends more than {MAX_LOOKUPS} separate runs of stored records of "
+                        f"audit source {source}: resend stored records as one run, in order; nothing of the batch "
+                        "was stored", field_violations={where: f"at most {MAX_LOOKUPS} resent runs below the head"})
+                wanted.append((seq, where, rec["hash"]))
+            elif known.hash != rec["hash"]:
                 raise _conflict(where, seq, known.identity, source, "the record stored")
-            vouched = rec
+            vouched = rec  # a record looked up in the log is taken as equal: if it is not, the batch is refused
+        if not wanted:
+            return
+        stored = await self._stored_hashes(source, known, [seq for seq, _, _ in wanted])
+        for seq, where, digest in wanted:  # highest seq first
+            found = stored.get(seq)
+            if found is None:
+                raise FailedPreconditionError(
+                    f"{where}: cannot compare seq {seq} of {known.identity} (audit source {source}) with the stored "
+                    f"record: {self.log_path} does not hold it where this control plane indexed it, so the file "
+                    "was changed or damaged under it; `hivemesh audit verify` says where. Nothing of the batch "
+                    "was stored", metadata={"seq": str(seq), "node": known.identity[:ECHO_CHARS], "source": source})
+            if found != digest:
+                raise _conflict(where, seq, known.identity, source, "the record stored")
 
-    def _stored_hash(self, source: str, known: _Source, seq: int) -> str | None:
-        """The hash of source's stored record seq (None: the log holds no record of source at seq)."""
-        at = seq - known.first
-        if not 0 <= at < len(known.offsets):
-            return None
-        line = self.line_at(known.offsets[at])
+    async def _stored_hashes(self, source: str, known: _Source, seqs: Sequence[int]) -> dict[int, str]:
+        """The hashes of source's stored records at seqs (each between known.first and its head), read in a worker
+        thread (the event loop runs on; the store's lock is held, as for an fsync) through one open file."""
+        plan = sorted({(seq, known.marks[(seq - known.first) // known.stride]) for seq in seqs})
         try:
-            entry = json.loads(line) if line is not None else None
-            rec = entry["record"] if isinstance(entry, dict) and entry.get("source") == source else None
-            found = rec["hash"] if isinstance(rec, dict) and rec.get("seq") == seq else None
-        except (ValueError, KeyError, TypeError, RecursionError):
-            found = None
-        if not isinstance(found, str):
-            raise FailedPreconditionError(f"the audit log's index of source {source} does not match the log at seq "
-                                          f"{seq}: cannot compare the resent record; restart the control plane")
+            found, count = await asyncio.to_thread(_find_records, self.log_path, source, plan, self.size)
+        except OSError as exc:
+            raise AuditUnavailableError(f"cannot read the audit log to compare resent records: {exc}") from None
+        self.resend_reads.opens += count.opens
+        self.resend_reads.reads += count.reads
+        self.resend_reads.bytes += count.bytes
         return found
 
     def _write_locked(self, items: Sealable) -> None:
@@ -412,18 +458,23 @@ class AuditStore:
         self._stored_items([(item.source, _head_of(item.record)) for item in items], lines, offset)
 
     def _stored(self, source: str, head: tuple[str, int, str], offset: int) -> None:
-        """Source's head is (node, seq, hash) now, a record stored in the log entry at offset (indexed for a
-        node's source)."""
+        """Source's head is (node, seq, hash) now, a record stored in the log entry at offset (marked in the index
+        of a node's source when it is at a multiple of its stride)."""
         node, seq, digest = head
         known = self._sources.get(source)
+        after = known.seq if known is not None else seq - 1  # (a new source's chain starts here)
         if known is None:
-            known = self._sources[source] = _Source(node, seq, digest, seq)
+            known = self._sources[source] = _Source(node, seq, digest, seq, self.index_stride)
         known.identity, known.seq, known.hash = node, seq, digest
         if source == CONTROLPLANE_SOURCE:
             return  # nothing resends the control plane's own records: no index to keep
-        if seq != known.first + len(known.offsets):  # not the next of the chain (only a log not written here)
-            known.first, known.offsets = seq, array("q")
-        known.offsets.append(offset)
+        if seq != after + 1:  # not the next of the chain (only a log not written here): indexed from here on
+            known.first, known.stride, known.marks = seq, self.index_stride, array("q")
+        if (seq - known.first) % known.stride == 0:
+            known.marks.append(offset)
+            if len(known.marks) > self.index_marks:
+                known.marks = known.marks[::2]  # what is left is every (2 * stride)-th record's from first
+                known.stride *= 2
 
     def _stored_items(self, heads: Sequence[tuple[str, tuple[str, int, str]]], lines: Sequence[bytes],
                       offset: int) -> None:
@@ -754,7 +805,7 @@ class AuditStore:
             return None
         with open(self.log_path, "rb") as f:
             f.seek(offset)
-            raw = f.readline(_ENTRY_READ_MAX)
+            raw = f.readline(MAX_ENTRY_BYTES)
         return raw.rstrip(b"\n") if raw.endswith(b"\n") else None
 
     def query(self, flt: AuditFilter, *, limit: int = 100, tail: bool = False) -> tuple[list[bytes], int]:
@@ -849,6 +900,77 @@ def _check_link_fields(rec: dict[str, Any], where: str) -> None:
     problem = link_fields_problem(rec)
     if problem:
         raise InvalidInputError(f"{where}: {problem}", field_violations={where: problem})
+
+
+class _LogReader:
+    """Lines of log.jsonl below end, from any offset, read with pread in blocks through one open file."""
+
+    def __init__(self, fd: int, end: int, count: LogReads) -> None:
+        self.fd, self.end, self.count = fd, end, count
+        self._buf = b""
+        self._at = 0  # the file offset of _buf[0]
+
+    def line(self, pos: int) -> bytes | None:
+        """The line starting at pos, without its newline (None at or past end, or when longer than any entry)."""
+        if pos >= self.end:
+            return None
+        start = pos - self._at
+        if not 0 <= start <= len(self._buf):
+            self._buf, self._at, start = b"", pos, 0
+        while True:
+            nl = self._buf.find(b"\n", start)
+            if nl >= 0:
+                return self._buf[start:nl]
+            have = len(self._buf) - start
+            upto = self._at + len(self._buf)
+            if have >= MAX_ENTRY_BYTES or upto >= self.end:
+                return None
+            chunk = os.pread(self.fd, min(max(READ_BLOCK, have), self.end - upto), upto)
+            self.count.reads += 1
+            self.count.bytes += len(chunk)
+            if not chunk:
+                return None
+            self._buf, self._at, start = self._buf[start:] + chunk, pos, 0
+
+
+def _find_records(path: Path, source: str, plan: Sequence[tuple[int, int]],
+                  end: int) -> tuple[dict[int, str], LogReads]:
+    """The hashes of source's records at the seqs of plan ((seq, offset of its source's mark at or before it),
+    ascending) in the log's first end bytes, with one open file; a seq not found is left out. Each is read on
+    from its mark, or from the record found before it when that is further on: a batch's lookups read no line
+    twice. Only lines that name the source are parsed (a run of other sources' lines is skipped unparsed)."""
+    count = LogReads(opens=1)
+    found: dict[int, str] = {}
+    needle = b'"source":' + canonical(source) + b","
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        reader = _LogReader(fd, end, count)
+        pos = 0
+        for seq, mark in plan:
+            pos = max(pos, mark)
+            while (line := reader.line(pos)) is not None:
+                at = _record_seq_hash(line, source) if needle in line else None
+                if at is not None and at[0] > seq:
+                    break  # passed it: not in the log where the index says (left for the next seq of plan)
+                pos += len(line) + 1
+                if at is not None and at[0] == seq:
+                    found[seq] = at[1]
+                    break
+    finally:
+        os.close(fd)
+    return found, count
+
+
+def _record_seq_hash(line: bytes, source: str) -> tuple[int, str] | None:
+    """(seq, hash) of the record in an entry line of source (None: another source's, or not an entry)."""
+    try:
+        entry = json_fast.loads(line)
+        rec = entry["record"] if isinstance(entry, dict) and entry.get("source") == source else None
+        if isinstance(rec, dict) and type(rec.get("seq")) is int and isinstance(rec.get("hash"), str):
+            return rec["seq"], rec["hash"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        pass
+    return None
 
 
 def _head_of(rec: Any) -> tuple[str, int, str]:
