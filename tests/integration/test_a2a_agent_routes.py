@@ -16,10 +16,11 @@ from a2a.client.card_resolver import parse_agent_card
 from a2a.helpers import get_data_parts
 from a2a.types import SendMessageRequest, TaskState
 
-from hivemesh.sdk import Agent, AgentServer, MeshClient, capability
+from hivemesh.sdk import AgentServer, MeshClient, capability
 from hivemesh.sdk.a2a.gateway import A2AGateway
 from hivemesh.sdk.escalation import InputRequired
 from tests.support.a2a_rig import https_client, message, send_request
+from tests.support.agents_for_tests import TaggedTwin
 from tests.support.meshenv import TRUST_DOMAIN, MeshEnv, start_mesh_env, stop_mesh_env
 
 pytestmark = pytest.mark.timeout(180)
@@ -31,18 +32,8 @@ GRANTS = {"grants": [
 SCOPES = ("echo", "refund", "tally", "only-beta")
 
 
-class _Twin(Agent):
-    """What alpha and beta both offer: each answer says which agent (and instance) served it."""
-
-    name = ""
-
-    def __init__(self, tag: str) -> None:
-        super().__init__()
-        self.tag = tag
-
-    @capability(description="Echo, saying who served it", idempotent=True)
-    async def echo(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"text": req.get("text"), "agent": self.name, "served_by": self.tag}
+class _Twin(TaggedTwin):
+    """What alpha and beta both offer here: the shared echo and tally, and a refund that asks a person first."""
 
     @capability(name="refund", description="Asks a person, then says who served the answer", idempotent=True)
     async def refund(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -50,11 +41,6 @@ class _Twin(Agent):
         if not human:
             raise InputRequired(f"{self.name} needs a person", {"order": req.get("order")})
         return {"agent": self.name, "served_by": self.tag, "approved": human.get("approved")}
-
-    @capability(description="Stream three items, each saying who served it")
-    async def tally(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        for n in range(3):
-            yield {"n": n, "agent": self.name, "served_by": self.tag}
 
 
 class Alpha(_Twin):

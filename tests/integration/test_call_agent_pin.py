@@ -23,8 +23,8 @@ import pytest
 from hivemesh.mesh.errors import AgentError, CircuitOpenError, HivemeshError, NoLiveInstanceError
 from hivemesh.mesh.registry import agent_key
 from hivemesh.mesh.resilience.traffic import breaker_states
-from hivemesh.sdk import Agent, AgentServer, AgentServerConfig, CallOptions, MeshClient, capability
-from tests.support.agents_for_tests import EchoAgent
+from hivemesh.sdk import AgentServer, AgentServerConfig, CallOptions, MeshClient, capability
+from tests.support.agents_for_tests import EchoAgent, TaggedTwin
 from tests.support.meshenv import MeshEnv
 from tests.support.resilience_rig import apply
 from tests.support.spawn import start_replica, stop
@@ -32,31 +32,11 @@ from tests.support.spawn import start_replica, stop
 pytestmark = pytest.mark.timeout(120)
 
 
-class _Twin(Agent):
-    """What alpha and beta both offer: every answer (and every streamed item) names the agent and instance."""
-
-    name = ""
-    version = "1.0.0"
-
-    def __init__(self, tag: str) -> None:
-        super().__init__()
-        self.tag = tag
-
-    @capability(description="Echo, saying who served it", idempotent=True)
-    async def echo(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"text": req.get("text"), "agent": self.name, "served_by": self.tag}
-
-    @capability(description="Stream three items, each saying who served it")
-    async def tally(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        for n in range(3):
-            yield {"n": n, "agent": self.name, "served_by": self.tag}
-
-
-class Alpha(_Twin):
+class Alpha(TaggedTwin):
     name = "alpha"
 
 
-class Beta(_Twin):
+class Beta(TaggedTwin):
     name = "beta"
     version = "2.0.0"
 
@@ -252,7 +232,7 @@ async def test_pins_to_an_agent_without_an_instance_never_open_the_capability_br
     assert (_capability_breaker(client, "echo"), _capability_breaker(client, "tally")) == ("closed", "closed")
 
 
-class Broken(_Twin):
+class Broken(TaggedTwin):
     """Serves echo, and fails every call of it (INTERNAL): a breaker failure."""
 
     name = "broken"

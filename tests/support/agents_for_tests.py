@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from hivemesh.sdk import Agent, Context, capability
 
@@ -53,3 +53,24 @@ class EchoAgent(Agent):
     @capability(description="Fail on purpose")
     async def boom(self, req: Text) -> Text:
         raise RuntimeError("kaboom")
+
+
+class TaggedTwin(Agent):
+    """Base of agents that offer the same capabilities under different names (alpha, beta): every answer and
+    every streamed item names the agent and the instance (tag) that served it, so a test sees where calls went."""
+
+    name = ""
+    version = "1.0.0"
+
+    def __init__(self, tag: str) -> None:
+        super().__init__()
+        self.tag = tag
+
+    @capability(description="Echo, saying who served it", idempotent=True)
+    async def echo(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"text": req.get("text"), "agent": self.name, "served_by": self.tag}
+
+    @capability(description="Stream three items, each saying who served it")
+    async def tally(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        for n in range(3):
+            yield {"n": n, "agent": self.name, "served_by": self.tag}
