@@ -6,7 +6,9 @@ each step lands in a real control-plane audit log. Steps are driven by pass, on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aetcd
@@ -253,12 +255,11 @@ async def _operator_edits_routes(etcd: aetcd.Client, n: int) -> None:
         {"kind": "routes", "name": "rollout-work-v2", "spec": spec, "version": current.version})])
 
 
-async def test_a_step_does_not_overwrite_an_apply_made_since_it_read_the_routes(etcd: aetcd.Client,
-                                                                              etcd_server: EtcdServer) -> None:
-    """Two writers of one routes document over real etcd: the leader's rollout step (its own client) read the
-    document, then an operator's apply changed it before the step wrote. The step wrote the rule into the document
-    it had read, so the operator's fallback and rule were gone (a lost update); now its write compares the
-    version it read, reads again and puts its rule into the operator's document."""
+@contextlib.asynccontextmanager
+async def _started_leader(etcd: aetcd.Client,
+                          etcd_server: EtcdServer) -> AsyncIterator[tuple[PausingEtcd, RolloutController, list[float]]]:
+    """Rollout work-v2 started (5%) by a leader on its own etcd client, whose reads of the routes document the
+    test can hold (gate.pauses); yields (gate, controller, now: the controller's clock, to move on)."""
     await store.apply_text(etcd, ROLLOUT.format(cap="work").replace("interval_s: 30", "interval_s: 1"))
     leader = client(etcd_server.access)
     await wait_connected(leader)
@@ -267,6 +268,18 @@ async def test_a_step_does_not_overwrite_an_apply_made_since_it_read_the_routes(
         gate = PausingEtcd(leader, ROUTES_KEY.encode(), pauses=0)
         controller = RolloutController(gate, None, stats=_healthy, clock=lambda: now[0])
         assert (await controller.tick())["work-v2"].action == "step"  # started: 5%
+        yield gate, controller, now
+    finally:
+        await leader.close()
+
+
+async def test_a_step_does_not_overwrite_an_apply_made_since_it_read_the_routes(etcd: aetcd.Client,
+                                                                              etcd_server: EtcdServer) -> None:
+    """Two writers of one routes document over real etcd: the leader's rollout step (its own client) read the
+    document, then an operator's apply changed it before the step wrote. The step wrote the rule into the document
+    it had read, so the operator's fallback and rule were gone (a lost update); now its write compares the
+    version it read, reads again and puts its rule into the operator's document."""
+    async with _started_leader(etcd, etcd_server) as (gate, controller, now):
         gate.pauses = 1
         now[0] += 5
         stepping = asyncio.create_task(controller.tick())
@@ -280,8 +293,6 @@ async def test_a_step_does_not_overwrite_an_apply_made_since_it_read_the_routes(
         assert await _canary_weight(etcd, "work") == 25  # and so is the step
         state = json.loads((await etcd.get(f"{ROLLOUTS}work-v2".encode())).value)
         assert state["step"] == 1
-    finally:
-        await leader.close()
 
 
 async def test_a_step_that_keeps_losing_the_race_gives_up_for_the_pass_and_writes_nothing(
@@ -289,14 +300,7 @@ async def test_a_step_that_keeps_losing_the_race_gives_up_for_the_pass_and_write
     """The operator applies the routes document between every read and write of the step: the step tries again
     from a fresh read a bounded number of times, then gives up for this pass with nothing written (no rule over
     the operator's document, no state saying it stepped); the next pass steps."""
-    await store.apply_text(etcd, ROLLOUT.format(cap="work").replace("interval_s: 30", "interval_s: 1"))
-    leader = client(etcd_server.access)
-    await wait_connected(leader)
-    now = [1000.0]
-    try:
-        gate = PausingEtcd(leader, ROUTES_KEY.encode(), pauses=0)
-        controller = RolloutController(gate, None, stats=_healthy, clock=lambda: now[0])
-        assert (await controller.tick())["work-v2"].action == "step"  # started: 5%
+    async with _started_leader(etcd, etcd_server) as (gate, controller, now):
         before = (await etcd.get(f"{ROLLOUTS}work-v2".encode())).value
         gate.pauses = 100
         now[0] += 5
@@ -321,8 +325,6 @@ async def test_a_step_that_keeps_losing_the_race_gives_up_for_the_pass_and_write
         assert (await controller.tick())["work-v2"].action == "step"  # no one in the way: 25%
         assert await _canary_weight(etcd, "work") == 25
         assert (await store.get_policy(etcd, "routes", "rollout-work-v2")).spec["fallback"] == f"fallback-{edits - 1}"
-    finally:
-        await leader.close()
 
 
 async def test_a_restart_whose_rule_is_already_in_place_is_recorded_once(etcd: aetcd.Client,
