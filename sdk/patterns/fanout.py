@@ -21,6 +21,7 @@ from hivemesh.mesh.errors import AgentError, DeadlineExceededError, HivemeshErro
 from hivemesh.mesh.instance_ref import instance_key
 from hivemesh.mesh.pki import NAME_RE
 from hivemesh.sdk.patterns.base import Caller, PatternResult, Runner, StepResult, as_runner, error_to_json
+from hivemesh.v1 import mesh_pb2
 
 
 class FanOutError(HivemeshError):
@@ -51,6 +52,27 @@ class Branch:
 
 
 Aggregate = Callable[[Mapping[str, Any]], Any]
+
+
+def _planned_instance(
+    key: str, live: Mapping[str, mesh_pb2.AgentInstance]
+) -> tuple[mesh_pb2.AgentInstance | None, dict[str, str] | None]:
+    """The live instance a plan's key names, else why the branch fails. A key with no "/" is a bare instance id
+    from a plan memoized before keys named the agent too: a run started then and resumed now must still reach
+    its instances, so it names the one live instance with that id; with several it is ambiguous, and guessing
+    could send the branch to another agent."""
+    if "/" not in key:
+        matches = sorted(k for k in live if k.rpartition("/")[2] == key)
+        if len(matches) > 1:
+            return None, {"code": "FAILED_PRECONDITION", "reason": "AMBIGUOUS_INSTANCE",
+                          "message": f"instance {key} is ambiguous: this run's plan predates agent-qualified "
+                                     f"instance keys (agent/instance id), and {len(matches)} live instances have "
+                                     f"the id {key}: {', '.join(matches)}"}
+        key = matches[0] if matches else key
+    instance = live.get(key)
+    if instance is None:
+        return None, {"code": "UNAVAILABLE", "reason": "NO_LIVE_INSTANCE", "message": f"instance {key} is gone"}
+    return instance, None
 
 
 class FanOut:
@@ -97,7 +119,9 @@ class FanOut:
 
     async def _plan(self, runner: Runner) -> list[tuple[str, str, str]]:
         """(branch id, capability, instance key or "") — memoized, so a resumed run fans out to the same set. An
-        instance is named by agent and id ("cap@agent/id"): two agents may each have an instance "w-1"."""
+        instance is named by agent and id ("cap@agent/id"): two agents may each have an instance "w-1". A plan
+        memoized before that holds bare ids ("cap@w-1"); it is kept as it is (results are keyed by its branch ids)
+        and its keys are resolved at run time (`_planned_instance`)."""
         if self.all_instances_of is None:
             return [(b.id, b.capability, "") for b in self.branches]
         cap = self.all_instances_of
@@ -122,10 +146,9 @@ class FanOut:
             timeout = spec.timeout if spec is not None and spec.timeout is not None else self.branch_timeout
             instance = None
             if key:
-                instance = live.get(key)
-                if instance is None:
-                    failed[branch_id] = {"code": "UNAVAILABLE", "reason": "NO_LIVE_INSTANCE",
-                                         "message": f"instance {key} is gone"}
+                instance, why = _planned_instance(key, live)
+                if why is not None:
+                    failed[branch_id] = why
                     return
             try:
                 try:
