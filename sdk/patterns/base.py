@@ -191,6 +191,11 @@ class Runner(Protocol):
 
     async def memo(self, key: str, compute: Callable[[], Any]) -> Any: ...
 
+    def recorded(self, step_id: str) -> bool:
+        """Whether step step_id has an outcome on record, which `step` answers without calling anything (a
+        resumed run's finished step): it needs no live instance then."""
+        ...
+
     async def escalate(
         self,
         step_id: str,
@@ -307,6 +312,9 @@ class DirectRunner:
         if key not in self._memos:
             self._memos[key] = await maybe_await(compute())
         return self._memos[key]
+
+    def recorded(self, step_id: str) -> bool:
+        return False  # nothing is recorded: every step calls
 
     def escalation_client(self) -> EscalationClient:
         if self._escalations is None:

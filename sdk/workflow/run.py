@@ -52,6 +52,14 @@ class WorkflowRun:
                 return bool(info.capability.idempotent)
         return False
 
+    def recorded(self, step_id: str) -> bool:
+        """Whether step answers step_id from the journal (its result, or the failure it raises) without a call."""
+        rec = self.state.steps.get(step_id)
+        if rec is None:
+            return False
+        return (rec.status in ("COMPLETED", "INPUT_REQUIRED") and rec.result is not None) or (
+            rec.status == "FAILED" and rec.error is not None)
+
     async def step(self, step_id: str, capability: str, payload: Any, *, timeout: float | None = None,
                    instance: mesh_pb2.AgentInstance | None = None, agent: str | None = None) -> StepResult:
         """Call capability as step step_id, or answer its recorded outcome. agent pins the call (and its re-send

@@ -114,3 +114,22 @@ async def test_a_bare_instance_id_that_two_agents_now_share_fails_its_branch_nam
         # Neither instance "w-1" was called: a guess could have sent the branch to the wrong agent.
         events = await engine.store.events(wid)
         assert [e["data"]["step"] for e in events if e["type"] == "step_started"] == ["branch-upper@w-2"]
+
+
+async def test_a_finished_branch_whose_instance_has_left_is_replayed_on_resume(orch: Orch) -> None:
+    """A branch finished before the orchestrator died; its instance has left the mesh since. The resumed run
+    answers it from the journal: it needs no live instance, so it must not fail "gone" (with both key forms)."""
+    await orch.serve(WorkerAgent(), AgentServerConfig(instance_id="w-1"))
+    assert await orch.mesh.node.registry.wait_for_capability("upper", 1, timeout=10)
+    async with WorkflowEngine(orch.mesh) as engine:
+        done = {"capability": "upper", "output": {"text": "DONE"}, "state": "COMPLETED", "agent": "worker",
+                "instance": "w-3", "elapsed_ms": 1.0}
+        plan = [*_old_plan("w-1", "w-3"), ["upper@worker/w-4", "upper", "worker/w-4"]]
+        wid = await _old_run(engine, "wf-left", plan, {"upper@w-3": done, "upper@worker/w-4": done})
+
+        state = await (await engine.resume(wid, wait_s=0)).result(timeout=60)
+
+        assert state.state == "COMPLETED", (state.error, state.output)
+        assert state.output["details"]["failed"] == {}
+        assert state.output["output"] == {"upper@w-1": {"text": "X"}, "upper@w-3": {"text": "DONE"},
+                                          "upper@worker/w-4": {"text": "DONE"}}
