@@ -7,10 +7,13 @@ import collections.abc
 import dataclasses
 import enum
 import functools
+import math
 import types
 import typing
 from collections.abc import Callable, Generator
 from typing import Any, Final, Literal, Union, get_args, get_origin, get_type_hints, is_typeddict
+
+from hivemesh.mesh.errors import InvalidInputError
 
 JsonSchema = dict[str, Any]
 
@@ -27,32 +30,40 @@ _PRIMITIVES: dict[Any, JsonSchema] = {
 
 
 def schema_for(tp: Any, _outer: tuple[Any, ...] = ()) -> JsonSchema:
-    """The JSON Schema of a type hint: primitives, Optional/Union, Literal, list, dict, TypedDict, dataclass.
+    """The JSON Schema of a type hint: primitives, Optional/Union, Literal, Enum, list, set, dict, TypedDict,
+    dataclass.
 
     Raises:
         TypeError: for a hint that has no JSON form, naming it, so a bad capability fails at import time.
     """
-    if tp in _PRIMITIVES:
-        return dict(_PRIMITIVES[tp])
     origin = get_origin(tp)
     args = get_args(tp)
-    if origin is typing.Annotated:
+    if origin is typing.Annotated:  # first: its metadata may be unhashable (Annotated[int, {"unit": "s"}])
         return schema_for(args[0], _outer)
+    primitive = next((v for k, v in _PRIMITIVES.items() if tp is k), None)  # by identity: hashing a generic
+    if primitive is not None:                                              # hashes its (maybe unhashable) args
+        return dict(primitive)
     if origin in (Union, types.UnionType):
         return {"anyOf": [schema_for(a, _outer) for a in args]}
-    if origin is Literal:
+    if origin is Literal:  # an Enum member stands for its value (decoded back to the member)
         for member in args:
-            if member is not None and not isinstance(member, (str, int, float, bool)):
-                why = (f"the {type(member).__name__} member {member} (write the Literal of its value, "
-                       f"{member.value!r})" if isinstance(member, enum.Enum)
-                       else f"{member!r}, a {type(member).__name__}")
+            if not _is_scalar(_plain(member)):
+                why = (f"the {type(member).__name__} member {member}, whose value is {member.value!r}"
+                       if isinstance(member, enum.Enum) else f"{member!r}, a {type(member).__name__}")
                 raise TypeError(f"no JSON schema for {tp!r}: a Literal's values must be str, int, float, bool or "
                                 f"None, not {why}")
-        return {"enum": list(args)}
+        return {"enum": [_plain(a) for a in args]}
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return _enum_schema(tp)
     if origin is tuple and args and args[-1] is not Ellipsis:  # tuple[int, str]: each position its own type
         return {"type": "array", "prefixItems": [schema_for(a, _outer) for a in args], "items": False,
                 "minItems": len(args), "maxItems": len(args)}
-    if origin in (list, tuple, set, frozenset, collections.abc.Sequence, collections.abc.Set):
+    if origin in _SETS:  # decoded to a set or frozenset, so its items must be hashable
+        items = args[0] if args else Any
+        if (unhashable := _unhashable(items)) is not None:
+            raise TypeError(f"no JSON schema for {tp!r}: a set's items must be hashable, and {unhashable} is not")
+        return {"type": "array", "items": schema_for(items, _outer), "uniqueItems": True}
+    if origin in (list, tuple, collections.abc.Sequence):
         items = args[0] if args else Any
         return {"type": "array", "items": schema_for(items, _outer)}
     if origin in (dict, collections.abc.Mapping):
@@ -87,6 +98,59 @@ def schema_for(tp: Any, _outer: tuple[Any, ...] = ()) -> JsonSchema:
     raise TypeError(f"no JSON schema for type {tp!r}: use JSON types, TypedDict or a dataclass")
 
 
+def _is_scalar(value: Any) -> bool:
+    """A JSON scalar: str, int, a finite float, bool or None (NaN and infinities are no JSON)."""
+    return value is None or isinstance(value, (str, int, bool)) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _plain(choice: Any) -> Any:
+    """A Literal's value or an Enum's member as JSON has it: the member's value."""
+    return choice.value if isinstance(choice, enum.Enum) else choice
+
+
+def _enum_schema(tp: type[enum.Enum]) -> JsonSchema:
+    """{"enum": the members' values}, with "type" when they all have one JSON type (ints and floats: "number")."""
+    where = f"no JSON schema for the Enum {tp.__module__}.{tp.__qualname__}"
+    if issubclass(tp, enum.Flag):
+        raise TypeError(f"{where}: a Flag's members combine into values that no list of them holds; hint int, or a "
+                        "set of a plain Enum, and build the Flag in the handler")
+    values = [m.value for m in tp]
+    if not values:
+        raise TypeError(f"{where}: it has no members, so no value would be accepted")
+    for member in tp:
+        if not _is_scalar(member.value):
+            raise TypeError(f"{where}: its member {member.name} has the value {member.value!r}, a "
+                            f"{type(member.value).__name__}; an Enum's values must be str, int, float, bool or None")
+    kinds = {_json_type(v) for v in values}
+    if kinds == {"integer", "number"}:
+        kinds = {"number"}
+    return {"type": kinds.pop(), "enum": values} if len(kinds) == 1 else {"enum": values}
+
+
+def _json_type(scalar: Any) -> str:
+    """A scalar's JSON Schema type (bool asked first: True is an int in Python)."""
+    for kind, name in ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string")):
+        if isinstance(scalar, kind):
+            return name
+    return "null"
+
+
+def _unhashable(tp: Any) -> str | None:
+    """What in a set's item hint decodes to a value no set can hold (a dict, a list, a mutable dataclass), else
+    None; Any is let through (its values are checked as they come)."""
+    while get_origin(tp) is typing.Annotated:
+        tp = get_args(tp)[0]
+    origin = get_origin(tp)
+    if origin in _UNIONS or (origin is tuple and get_args(tp)):
+        return next((why for a in get_args(tp) if a is not Ellipsis and (why := _unhashable(a)) is not None), None)
+    if tp in (dict, list) or is_typeddict(tp) or origin in (dict, list, set, collections.abc.Mapping,
+                                                               collections.abc.Sequence):
+        return tp.__qualname__ if isinstance(tp, type) else repr(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type) and tp.__hash__ is None:
+        return f"the dataclass {tp.__qualname__} (make it frozen=True)"
+    return None
+
+
 def _init_fields(tp: type) -> list[dataclasses.Field[Any]]:
     """The fields a dataclass is built from: one with init=False is not an input (passing it raises)."""
     return [f for f in dataclasses.fields(tp) if f.init]
@@ -95,14 +159,24 @@ def _init_fields(tp: type) -> list[dataclasses.Field[Any]]:
 def from_json(tp: Any, value: Any) -> Any:
     """Build the handler's argument from validated JSON, as its hint says: dataclasses are constructed wherever the
     hint puts them (nested, in lists, tuples, dict values, TypedDict fields, and the arms of an Optional or Union),
-    tuples made tuples, and a whole float such as 1.0 (JSON Schema's "integer" admits it) made the int the hint
-    promises. A value whose hint needs none of this (str, float, a TypedDict of strings) is returned as it is.
+    tuples made tuples, sets sets, an Enum's value (or a Literal's of Enum members) its member, and a whole float
+    such as 1.0 (JSON Schema's "integer" admits it) made the int the hint promises. A value whose hint needs none of
+    this (str, float, a TypedDict of strings) is returned as it is.
 
     It takes time linear in the value's size and no interpreter stack per level (`_walk`): a recursive input, which
     an author declares with $defs/$ref, is as cheap to decode as it was to parse, however deep the parser let it be.
+
+    Raises:
+        InvalidInputError: for a set whose items are distinct in JSON but one value in Python (true and 1), or
+            cannot be in a set (a list, under set[Any]): what the schema's uniqueItems does not catch.
     """
     now = _decode_now(tp, value)
-    return _walk(tp, value) if now is _LATER else now
+    if now is not _LATER:
+        return now
+    try:
+        return _walk(tp, value)
+    except _SetItemsError as exc:
+        raise InvalidInputError(str(exc)) from None
 
 
 _Steps = Generator["_Ask", Any, Any]
@@ -162,18 +236,19 @@ def _walk(tp: Any, value: Any) -> Any:
 
 
 def _decode_now(tp: Any, value: Any) -> Any:
-    """The value decoded by the hint where that takes no step (the hint changes nothing, or is int or a Literal),
-    else _LATER."""
-    if not _decodes(tp):
+    """The value decoded by the hint where that takes no step (the hint changes nothing, or is int, an Enum or a
+    Literal), else _LATER."""
+    how = _how(tp)
+    if how == _AS_IS:
         return value
-    if tp is int:
+    if how == _STEP:
+        return _LATER
+    if how == _INT:
         return _whole(value)
-    origin = get_origin(tp)
-    if origin is typing.Annotated:
-        return _decode_now(get_args(tp)[0], value)
-    if origin is Literal:  # Literal[1] admits 1.0 too (JSON Schema compares numbers by value): give the 1
-        return _whole(value) if any(_is_int(a) and a == value for a in get_args(tp)) else value
-    return _LATER
+    if how == _CHOICE:  # Literal[1] admits 1.0 too (JSON Schema compares numbers by value): give the 1
+        chosen = _chosen(tp, value)
+        return value if chosen is _NONE else chosen
+    return _decode_now(get_args(tp)[0], value)  # _UNWRAP: Annotated
 
 
 def _decode(tp: Any, value: Any) -> _Steps:
@@ -205,6 +280,7 @@ def _decode(tp: Any, value: Any) -> _Steps:
         # arm, so Union[dict, Cfg] builds the Cfg (as it always did); an exact fit before a loose one, so int | float
         # keeps 1.0 a float where Optional[int] makes it 1.
         structured = [a for a in args if _is_structured(a)] if isinstance(value, dict) else []
+        unset: _SetItemsError | None = None  # a set arm's refusal, said if no arm takes the value
         for arms in (structured, [a for a in args if a not in structured]):
             for strict in (True, False):
                 for arm in arms:
@@ -215,7 +291,9 @@ def _decode(tp: Any, value: Any) -> _Steps:
                         try:
                             now = _decode_now(arm, value)
                             return (yield (_decode, arm, value)) if now is _LATER else now
-                        except TypeError:  # its constructor refused the value (a __post_init__ check): next arm
+                        except TypeError as exc:  # its constructor refused the value (a __post_init__ check) or
+                            if isinstance(exc, _SetItemsError):  # its items made no set: next arm
+                                unset = unset or exc
                             continue
         for arm in args:  # a declared schema may admit what the hints do not: the first dataclass arm it builds
             if dataclasses.is_dataclass(arm) and isinstance(value, dict):
@@ -223,6 +301,8 @@ def _decode(tp: Any, value: Any) -> _Steps:
                     return (yield (_decode, arm, value))
                 except TypeError:
                     continue
+        if unset is not None:  # not the list, where the hint promised a set
+            raise unset
         return value
     if origin is tuple and isinstance(value, list):
         fixed = bool(args) and args[-1] is not Ellipsis  # tuple[int, str]: each position its own hint
@@ -238,7 +318,7 @@ def _decode(tp: Any, value: Any) -> _Steps:
         for v in value:
             now = _decode_now(item, v)
             decoded.append((yield (_decode, item, v)) if now is _LATER else now)
-        return decoded
+        return _as_set(tp, decoded) if origin in _SETS else decoded
     if origin in (dict, collections.abc.Mapping) and isinstance(value, dict) and len(args) == 2:
         mapped: dict[Any, Any] = {}
         for k, v in value.items():
@@ -248,8 +328,38 @@ def _decode(tp: Any, value: Any) -> _Steps:
     return value
 
 
-_SEQUENCES = (list, collections.abc.Sequence, set, frozenset, collections.abc.Set)
+_SETS = (set, frozenset, collections.abc.Set)
+_SEQUENCES = (list, collections.abc.Sequence, *_SETS)
 _UNIONS = (Union, types.UnionType)
+_NONE: Final = object()
+"""`_chosen`'s answer for a value that is none of the choices."""
+
+
+class _SetItemsError(TypeError):
+    """Decoded items that make no set: a Union tries its next arm (as on a constructor's TypeError); from_json's
+    caller gets InvalidInputError."""
+
+
+def _as_set(tp: Any, items: list[Any]) -> set[Any] | frozenset[Any]:
+    """The items as the set the hint says (a frozenset for frozenset and AbstractSet), refusing items a set cannot
+    hold or would merge: the schema's uniqueItems saw them distinct (true and 1 are, in JSON), so merging them
+    would drop one of the caller's values without a word."""
+    try:
+        made = set(items) if get_origin(tp) is set else frozenset(items)
+        if len(made) != len(items):
+            first: dict[Any, Any] = {}
+            for v in items:
+                if v in first:
+                    raise _SetItemsError(f"a {tp!r} in the input holds {first[v]!r} and {v!r}, distinct in JSON "
+                                         "but one value in Python: send one of them")
+                first[v] = v
+    except TypeError as exc:
+        if isinstance(exc, _SetItemsError):
+            raise
+        raise _SetItemsError(f"a {tp!r} in the input holds an item no set can hold: {exc}") from None
+    except RecursionError:  # hashing a frozen dataclass of tuples recurses: an item nested past the stack
+        raise _SetItemsError(f"a {tp!r} in the input holds an item nested too deeply to hash") from None
+    return made
 
 
 def _is_int(value: Any) -> bool:
@@ -275,29 +385,65 @@ def _whole(value: Any) -> Any:
     return int(value) if type(value) is float and value.is_integer() else value
 
 
-def _decodes(tp: Any) -> bool:
-    """Whether decoding by this hint can change a value: it holds an int, a dataclass or a tuple somewhere. Most
-    hints are asked on every call, so the answer is kept per hint."""
+_AS_IS, _INT, _CHOICE, _UNWRAP, _STEP = range(5)
+"""How `_decode_now` decodes by a hint: not at all, as an int, to an Enum member or Literal value, by the hint an
+Annotated wraps, or in a step of `_walk`."""
+
+
+def _how(tp: Any) -> int:
+    """How a hint decodes (`_AS_IS`...). Most hints are asked on every call, so the answer is kept per hint."""
     try:
-        return _decodes_cached(tp)
+        return _how_cached(tp)
     except TypeError:  # unhashable Annotated metadata: worked out each time
-        return _changes(tp, ())
+        return _how_of(tp)
 
 
 @functools.lru_cache(maxsize=1024)
-def _decodes_cached(tp: Any) -> bool:
-    return _changes(tp, ())
+def _how_cached(tp: Any) -> int:
+    return _how_of(tp)
+
+
+def _how_of(tp: Any) -> int:
+    if not _changes(tp, ()):
+        return _AS_IS
+    if tp is int:
+        return _INT
+    origin = get_origin(tp)
+    if origin is Literal or isinstance(tp, enum.EnumMeta):
+        return _CHOICE
+    return _UNWRAP if origin is typing.Annotated else _STEP
+
+
+@functools.lru_cache(maxsize=256)
+def _choices(tp: Any) -> dict[tuple[type, Any], Any]:
+    """An Enum's members, or a Literal's values, by JSON kind and value: what a JSON value decodes to. 1.0 finds
+    the member or value 1 (a whole float is the int, as for an int hint); true never finds 1."""
+    table: dict[tuple[type, Any], Any] = {}
+    for choice in (tp if isinstance(tp, enum.EnumMeta) else get_args(tp)):
+        value = _plain(choice)
+        table.setdefault((_kind(value), value), choice)
+    return table
+
+
+def _chosen(tp: Any, value: Any) -> Any:
+    """The Enum member or Literal value that the JSON value is, else _NONE (a declared schema admitted another)."""
+    try:
+        return _choices(tp).get((_kind(value), value), _NONE)
+    except TypeError:  # an unhashable value (a list) is none of them
+        return _NONE
 
 
 def _changes(tp: Any, seen: tuple[Any, ...]) -> bool:
-    if tp is int or (dataclasses.is_dataclass(tp) and isinstance(tp, type)):
+    """Whether decoding by this hint can change a value: it holds an int, a dataclass, a tuple, a set or an Enum
+    somewhere."""
+    if tp is int or (dataclasses.is_dataclass(tp) and isinstance(tp, type)) or isinstance(tp, enum.EnumMeta):
         return True
     origin = get_origin(tp)
     args = get_args(tp)
-    if origin is tuple:
+    if origin is tuple or origin in _SETS:
         return True
     if origin is Literal:
-        return any(_is_int(a) for a in args)
+        return any(_is_int(a) or isinstance(a, enum.Enum) for a in args)
     if is_typeddict(tp):
         if tp in seen:  # a recursive TypedDict: its fields are being looked at already
             return False
@@ -335,6 +481,8 @@ def _fits_now(tp: Any, value: Any, strict: bool) -> bool | None:
         if tp is int and not strict and type(value) is float:
             return value.is_integer()
         return type(value) in _KINDS[tp]
+    if isinstance(tp, enum.EnumMeta):
+        return _fits_choice(tp, value, strict)
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         return None if isinstance(value, dict) and all(
             name in value for name, _, required in _inputs(tp) if required) else False
@@ -348,8 +496,7 @@ def _fits_now(tp: Any, value: Any, strict: bool) -> bool | None:
     if origin in _UNIONS:
         return None
     if origin is Literal:
-        return any(a == value and _kind(a) == _kind(value) and not (strict and _is_int(a) and type(value) is float)
-                   for a in args)
+        return _fits_choice(tp, value, strict)
     if origin is tuple and args and args[-1] is not Ellipsis:
         return None if isinstance(value, list) and len(value) == len(args) else False
     if origin in (tuple, *_SEQUENCES):
@@ -357,6 +504,12 @@ def _fits_now(tp: Any, value: Any, strict: bool) -> bool | None:
     if origin in (dict, collections.abc.Mapping):
         return None if isinstance(value, dict) else False
     return False
+
+
+def _fits_choice(tp: Any, value: Any, strict: bool) -> bool:
+    """Whether the JSON value is one of an Enum's or a Literal's; strict: an int one only as an int, not 1.0."""
+    chosen = _chosen(tp, value)
+    return chosen is not _NONE and not (strict and type(value) is float and _is_int(_plain(chosen)))
 
 
 def _fits(tp: Any, value: Any, strict: bool) -> _Steps:
@@ -418,9 +571,10 @@ def _kind(value: Any) -> type:
 
 
 def to_json(value: Any) -> Any:
-    """Turn a handler's result into JSON-serializable data: dataclasses become dicts, sets and tuples lists,
-    wherever they are in the result. A result nested past the interpreter's reach is left as it is, for the
-    encoder to refuse as not JSON."""
+    """Turn a handler's result into JSON-serializable data: dataclasses become dicts, tuples lists, sets lists
+    (sorted when their items are, so the same set is the same answer), Enum members their values, wherever they
+    are in the result. A result nested past the interpreter's reach is left as it is, for the encoder to refuse as
+    not JSON."""
     try:
         return _to_json(value)
     except RecursionError:
@@ -433,9 +587,15 @@ def _to_json(value: Any) -> Any:
     kind = type(value)
     if kind is dict:
         return {k: _to_json(v) for k, v in value.items()} if _needs_conversion(value.values()) else value
-    if kind in (list, tuple, set, frozenset):
-        return [_to_json(v) for v in value] if kind is not list or _needs_conversion(value) else value
-    return value
+    if kind is list or kind is tuple:
+        return [_to_json(v) for v in value] if kind is tuple or _needs_conversion(value) else value
+    if kind is set or kind is frozenset:
+        items = [_to_json(v) for v in value]
+        try:
+            return sorted(items)
+        except TypeError:  # items with no order (dicts, or str beside int): as the set iterates them
+            return items
+    return value.value if isinstance(kind, enum.EnumMeta) else value  # the class's class: no __instancecheck__
 
 
 _PLAIN = (str, int, float, bool, type(None))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Optional, TypedDict, Union
+from typing import Annotated, Any, Optional, TypedDict, Union
 
 import pytest
 
@@ -190,3 +190,12 @@ async def test_a_recursive_typeddict_input_200_levels_deep_reaches_the_handler(o
     handler the tree."""
     await orch.serve(Trees(), AgentServerConfig(screen_exempt=("depth",)))
     assert await orch.mesh.call("depth", _nodes(200, 5.0), timeout=30) == 205
+
+
+def test_an_annotated_hint_with_unhashable_metadata_has_its_schema_and_decodes() -> None:
+    """Annotated's metadata may be any object (a dict of units, say); the schema and the decoding follow the
+    annotated type, and never hash the metadata."""
+    hint = Annotated[int, {"unit": "s"}]
+    assert schema.schema_for(hint) == {"type": "integer"}
+    assert schema.schema_for(list[hint]) == {"type": "array", "items": {"type": "integer"}}  # type: ignore[valid-type]
+    assert schema.from_json(list[hint], [2.0, 3]) == [2, 3]  # type: ignore[valid-type]
