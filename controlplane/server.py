@@ -37,7 +37,6 @@ from hivemesh.controlplane.replicas import EXTENSION as REPLICAS
 from hivemesh.controlplane.replicas import Replica, default_replica_id, is_leader
 from hivemesh.controlplane.retention_config import RetentionConfig
 from hivemesh.mesh.advertise import advertised_host, peer_ip
-from hivemesh.mesh.decode_guard import DecodeGuard
 from hivemesh.mesh.errors import (
     FailedPreconditionError,
     GrantDeniedError,
@@ -496,9 +495,9 @@ class ControlPlaneServer:
             await replica.start()
             from hivemesh.controlplane.services import installers, interceptors  # feature services, lazily
 
-            # Interceptors (the audit of every control-plane decision) must exist before the servers do.
-            # The decode guard first: a typed request that does not decode is INVALID_ARGUMENT, not UNKNOWN.
-            self._interceptors = [DecodeGuard(), *(make(core) for make in interceptors())]
+            # Interceptors (the audit of every control-plane decision, then the decode guard: a typed request
+            # that does not decode is INVALID_ARGUMENT, not UNKNOWN, and audited) must exist before the servers do.
+            self._interceptors = [make(core) for make in interceptors()]
             main = self._new_server()
             control_pb2_grpc.add_ControlPlaneServicer_to_server(ControlPlaneServicer(core), main)
             for install in installers():

@@ -6,7 +6,7 @@ by appending its installer here; the control plane serves them all behind the sa
 return a `Feature` (async start/stop): it is started before the ports serve and stopped after they close.
 
 `interceptors()` lists factories `make(core)` of server interceptors put on both control-plane servers (they
-must exist before the servers are built): the audit of every control-plane decision is one.
+must exist before the servers are built): the audit of every control-plane decision is one, and the decode guard.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import grpc
+
+from hivemesh.mesh.decode_guard import DecodeGuard
 
 if TYPE_CHECKING:
     from hivemesh.controlplane.server import Core
@@ -32,14 +34,21 @@ ServiceInstaller = Callable[["Core", grpc.aio.Server], "Feature | None"]
 InterceptorFactory = Callable[["Core"], grpc.aio.ServerInterceptor]
 
 
+def _decode_guard(core: Core) -> grpc.aio.ServerInterceptor:
+    """The mesh's `DecodeGuard` (it needs nothing of the core)."""
+    return DecodeGuard()
+
+
 def interceptors() -> list[InterceptorFactory]:
-    """Interceptor factories for both control-plane servers, outermost first."""
+    """Interceptor factories for both control-plane servers, outermost first. The audit comes before the decode
+    guard, so that a request refused for not decoding is on record like every other refusal; every interceptor
+    after the guard (and the services) sees only decoded requests."""
     from hivemesh.controlplane import (
         audit,  # the audit of every control-plane decision (issue 4)
         trust_service,  # revoked subjects get no new token, delegation or certificate (issue 4)
     )
 
-    return [audit.interceptor, trust_service.interceptor]
+    return [audit.interceptor, _decode_guard, trust_service.interceptor]
 
 
 def installers() -> list[ServiceInstaller]:

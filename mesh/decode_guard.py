@@ -2,11 +2,13 @@
 
 gRPC deserializes a typed method's request before any handler (or its try/except) runs, so bytes that do not
 parse as the request type (a proto3 string that is not UTF-8, a corrupt wire format) reached the caller as
-UNKNOWN "Unexpected <class 'DecodeError'>", and nothing of the mesh saw the call. `DecodeGuard`, the first
+UNKNOWN "Unexpected <class 'DecodeError'>", and nothing of the mesh saw the call. `DecodeGuard`, an early
 interceptor of a server, wraps each method's request deserializer so that such bytes become an `Undecodable`
 marker, and the method's behaviour so that a marker is refused with `InvalidInputError` (naming the request type
-and, when a string is not UTF-8, the field) before anything else of the server sees it: unary and streaming
-requests alike. Methods that take raw bytes and decode them themselves (the inbound chain's) are left as they are.
+and, when a string is not UTF-8, the field) before any later interceptor or the service sees it: unary and
+streaming requests alike. An interceptor before it (the control plane's audit, which records the refusal from the
+status the call ends with) is handed the marker as the request and must pass it on unread. Methods that take raw
+bytes and decode them themselves (the inbound chain's) are left as they are.
 """
 
 from __future__ import annotations
@@ -177,7 +179,8 @@ def _async(handler: grpc.RpcMethodHandler[Any, Any]) -> bool:
 
 class DecodeGuard(grpc.aio.ServerInterceptor):
     """Answers a request that does not decode as its method's type INVALID_ARGUMENT (reason INVALID_INPUT);
-    first in a server's interceptors, so that no later one (audit, the inbound chain) sees the marker."""
+    first in a server's interceptors, or behind only those that take the marker for what it is (the control
+    plane's audit), so that no later one (the inbound chain, the revocation guard) sees the marker."""
 
     async def intercept_service(
         self,

@@ -2,7 +2,11 @@
 renewals, token issue and exchange, revocations, rotations, escalations, audit reads), with the caller, the
 outcome and a whitelist of request fields (never a token, join token or CSR), handed to the store before the
 response is released. With the mesh-wide log (`hivemesh.controlplane.audit.shared_log`) the answer waits until
-its record is committed there (one etcd write, shared by the records that arrive meanwhile), at most 2 s."""
+its record is committed there (one etcd write, shared by the records that arrive meanwhile), at most 2 s.
+
+It runs before the `DecodeGuard` (`hivemesh.controlplane.services.interceptors`), so that a request refused for
+not decoding is recorded like any other refusal (from the status the call ended with); the request it is then
+handed is the guard's `Undecodable` marker, passed on for the guard to refuse and never summarized."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from hivemesh.controlplane.audit.store import audit_store, commit_wait
 from hivemesh.mesh.audit.record import classify
+from hivemesh.mesh.decode_guard import Undecodable
 from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.pki import load_cert, peer_from_auth_context, uri_sans
 from hivemesh.mesh.rpcwrap import StreamBehaviour, UnaryBehaviour, wrap_handler
@@ -118,8 +123,9 @@ class ControlPlaneAuditInterceptor(grpc.aio.ServerInterceptor):
             "latency_us": int((time.perf_counter() - started) * 1e6),
             "remote": context.peer() or "",
         }
-        for name, value in _summary(request, _REQUEST_FIELDS).items():
-            fields[f"request_{name}" if name in _OWN_FIELDS else name] = value
+        if not isinstance(request, Undecodable):  # the guard's marker: no request fields to record
+            for name, value in _summary(request, _REQUEST_FIELDS).items():
+                fields[f"request_{name}" if name in _OWN_FIELDS else name] = value
         if unverified:
             fields["caller_unverified"] = unverified
         if code != grpc.StatusCode.OK:
