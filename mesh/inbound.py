@@ -76,6 +76,13 @@ class InboundChain:
         for check in self._checks:
             check(call)
 
+    def identify(self, call: Inbound) -> None:
+        """Only the peer's identity (`call.peer`), for a call refused before the chain ran (a request that does
+        not decode); raises what the identity layer raises for a peer it refuses."""
+        for layer in self.layers:
+            if isinstance(layer, PeerIdentityLayer):
+                layer.check(call)
+
     def settle(self, call: Inbound, response: Any) -> None:
         for settle in self._settles:
             settle(call, response)
@@ -244,7 +251,11 @@ def _new_call(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Inbou
 
 def _admit(chain: InboundChain, call: Inbound, request: Any) -> None:
     if call.method != "Describe":
-        _decode(call, request)
+        try:
+            _decode(call, request)
+        except InvalidInputError:
+            chain.identify(call)  # the refusal's record names who sent it (a stranger is refused as one)
+            raise
     chain.admit(call)
 
 

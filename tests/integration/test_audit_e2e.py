@@ -254,3 +254,26 @@ async def test_a_call_to_one_given_instance_goes_through_the_same_outbound_check
         await stop_mesh_env(mesh_env)
     outbound = [(r["capability"], r["reason"]) for r in records if r.get("kind") == "outbound"]
     assert outbound == [("boom", "GRANT_DENIED")]
+
+
+async def test_a_request_that_does_not_decode_is_recorded_with_its_sender(mesh_env: MeshEnv, tmp_path: Path) -> None:
+    """Bytes that are not an InvokeRequest, from a workload of the mesh over mutual TLS: refused INVALID_ARGUMENT
+    before the chain ran, and recorded with who sent them (the record's caller was empty)."""
+    from hivemesh.mesh.tls import join, secure_channel
+    from tests.support.meshenv import TRUST_DOMAIN
+
+    async with AgentServer(EchoAgent(), await mesh_env.settings_for("echo"),
+                           AgentServerConfig(audit_dir=tmp_path / "spools")) as server:
+        resp = await mesh_env.operator.create_join_token("garbler", "client", 60)
+        w = await join(mesh_env.controlplane.join_address, mesh_env.certs.ca_cert.read_bytes(), resp.token,
+                       "garbler", "client", trust_domain=TRUST_DOMAIN)
+        async with secure_channel(server.endpoint, w.channel_credentials(),
+                                  server_name=server.node.workload.identity.dns_name) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await channel.unary_unary("/hivemesh.v1.Agent/Invoke")(b"\x0a\xff\xff", timeout=10)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value
+        assert server.audit is not None and server.audit.shipper is not None
+        assert await server.audit.shipper.wait_shipped(timeout=10)
+    records = [e["record"] for e in await _query(mesh_env, agent="*/agent/echo")]
+    assert [(r["decision"], r["reason"]) for r in records] == [("invalid", "INVALID_INPUT")], records
+    assert records[0]["caller"] == "spiffe://hivemesh.local/client/garbler", records[0]
