@@ -75,6 +75,10 @@ def instance_violations(instance: AgentInstance) -> dict[str, str]:
     name = instance.card.name
     if not NAME_RE.fullmatch(name):
         bad["card.name"] = f"agent name {name!r} must match [a-z0-9][a-z0-9._-]{{0,62}}"
+    version = instance.card.version  # shown to operators (`hivemesh agents`): printable and short, or empty
+    if not re.fullmatch(r"[0-9A-Za-z.+_-]{0,64}", version):
+        bad["card.version"] = (f"version {version[:80]!r} must match [0-9A-Za-z.+_-]{{0,64}} "
+                               "(e.g. 1.2.0 or 2.0.0-rc.1+build.5)")
     if not INSTANCE_ID_RE.fullmatch(instance.instance_id):
         bad["instance_id"] = (
             f"instance id {instance.instance_id!r} must match [A-Za-z0-9][A-Za-z0-9._-]{{0,127}}"

@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from hivemesh.controlplane.cli.context import friendly_errors, run_async
+from hivemesh.controlplane.cli.output import clean
 from hivemesh.mesh.settings import MeshSettings
 
 
@@ -30,10 +31,11 @@ def _host_port(listen: str) -> tuple[str, int]:
 
 
 def _ready(as_json: bool, what: str, fields: dict[str, Any]) -> None:
+    """The one ready line. Its values are `clean`ed: `a2a` is the name on an external agent's card, any text."""
     if as_json:
         click.echo(json.dumps({"ready": what, **fields}))
     else:
-        click.echo(f"{what} ready " + " ".join(f"{k}={v}" for k, v in fields.items()))
+        click.echo(f"{what} ready " + " ".join(f"{k}={clean(v)}" for k, v in fields.items()))
 
 
 async def _until_signal() -> None:

@@ -12,6 +12,7 @@ import click
 from hivemesh.controlplane.access import access_documents, access_name, spiffe_id
 from hivemesh.controlplane.cli.authz import operator_trust_domain
 from hivemesh.controlplane.cli.context import CliContext, as_operator, friendly_errors, out, pass_cli
+from hivemesh.controlplane.cli.output import clean
 from hivemesh.controlplane.cli.policy import show_applied
 from hivemesh.controlplane.cli.policy_client import PolicyClient
 from hivemesh.controlplane.policies import validate_documents
@@ -46,5 +47,5 @@ def allow(obj: CliContext, caller: str, capabilities: tuple[str, ...], agents: t
                            name=doc_name)
     if written:
         where = f" on {', '.join(agent_ids)}" if agent_ids else ""
-        out.print(f"{caller_id} may call {', '.join(capabilities)}{where} (every node within about a second)",
-                  highlight=False)
+        out.print(f"{clean(caller_id)} may call {clean(', '.join(capabilities))}{clean(where)} (every node within "
+                  "about a second)", highlight=False)

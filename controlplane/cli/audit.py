@@ -28,7 +28,7 @@ from rich.text import Text
 from hivemesh.controlplane.audit import KINDS, LogReport, load_public_key, verify_log
 from hivemesh.controlplane.audit.heads import trusted_key_from_cert, verify_head
 from hivemesh.controlplane.cli.context import CliContext, as_operator, err, friendly_errors, out, pass_cli
-from hivemesh.controlplane.cli.output import escape, new_table
+from hivemesh.controlplane.cli.output import clean, escape, new_table
 from hivemesh.mesh.audit import DECISIONS, verify_chain
 from hivemesh.mesh.audit.chain import GENESIS, link_fields_problem
 from hivemesh.mesh.controlplane_client import ControlPlaneClient, rpc_failure
@@ -268,17 +268,17 @@ def _report(report: LogReport, as_json: bool, what: str, *, untrusted: str = "")
     elif not report.ok:
         p = report.problem
         assert p is not None
-        err.print(f"[red]TAMPERED[/red] {escape(what)}: first bad record seq {p.seq} (line {p.line}): "
-                  f"{escape(p.reason)}", markup=True, highlight=False)
+        err.print(f"[red]TAMPERED[/red] {escape(clean(what))}: first bad record seq {clean(p.seq)} (line "
+                  f"{clean(p.line)}): {escape(clean(p.reason))}", markup=True, highlight=False)
     elif untrusted:
-        err.print(f"[yellow]UNVERIFIED[/yellow] {escape(what)}: the chain of {report.entries} entries links, but "
-                  f"{escape(NO_SIGNATURE)} ({escape(str(untrusted))}): a cut tail or forged checkpoints cannot be "
-                  "told apart", markup=True, highlight=False)
+        err.print(f"[yellow]UNVERIFIED[/yellow] {escape(clean(what))}: the chain of {report.entries} entries links, "
+                  f"but {escape(NO_SIGNATURE)} ({escape(clean(untrusted))}): a cut tail or forged checkpoints cannot "
+                  "be told apart", markup=True, highlight=False)
     else:
         head = f"; signed head {report.head_no} covers it" if report.head_no else ""
-        out.print(f"[green]OK[/green] {escape(what)}: {report.entries} entries, {report.sources} source chain(s), "
-                  f"{report.checkpoints} signed checkpoint(s) checked; head seq {report.head_seq} "
-                  f"{report.head_hash[:16]}…{escape(head)}", markup=True, highlight=False)
+        out.print(f"[green]OK[/green] {escape(clean(what))}: {report.entries} entries, {report.sources} source "
+                  f"chain(s), {report.checkpoints} signed checkpoint(s) checked; head seq {report.head_seq} "
+                  f"{escape(clean(report.head_hash[:16]))}…{escape(clean(head))}", markup=True, highlight=False)
     if not ok:
         sys.exit(1)
 
@@ -301,10 +301,29 @@ def _trusted_key(obj: CliContext, key_file: Path | None, key_cert_pem: bytes) ->
 
 
 def _checked_head(raw: bytes, key: ed25519.Ed25519PublicKey, what: str) -> dict[str, Any]:
+    """The head in raw, signed by key; else a refusal naming what (exit 1), never a traceback or UNAVAILABLE."""
     try:
         return verify_head(raw, key)
     except ValueError as exc:
         raise click.ClickException(f"refusing {what}: {exc}") from None
+    except RecursionError:  # json's decoder recurses: a few thousand nested brackets exhaust the stack
+        raise click.ClickException(f"refusing {what}: the head is not a signed audit head (JSON nested too "
+                                   "deeply)") from None
+
+
+def _export_head(raw: bytes) -> dict[str, Any]:
+    """The head the control plane signed for an export ({} when it sent none); ClickException when it is not a
+    JSON object (nothing is written then). Its signature is checked by `verify`, which has a trusted key."""
+    if not raw:
+        return {}
+    try:
+        head = json.loads(raw)
+    except (ValueError, RecursionError):
+        head = None
+    if not isinstance(head, dict):
+        raise click.ClickException("the control plane's export head is not a signed audit head (not a JSON "
+                                   "object): nothing was written")
+    return head
 
 
 def _pick_head(
@@ -422,12 +441,13 @@ def audit_export(obj: CliContext, out_dir: Path) -> None:
     """Download the whole log with its checkpoints and the head signed for this export, to archive or verify
     offline. Keep head.json somewhere else too: `verify --file DIR --head IT` then needs no control plane."""
     got = as_operator(obj, _download)
+    head = _export_head(got.head)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "log.jsonl").write_bytes(b"".join(line + b"\n" for line in got.lines))
     (out_dir / "checkpoints.jsonl").write_bytes(b"".join(c + b"\n" for c in got.checkpoints))
     (out_dir / "head.json").write_bytes(got.head + b"\n")
     (out_dir / "checkpoint-key.pem").write_text(got.pem)
     (out_dir / "checkpoint-key.crt").write_bytes(got.key_cert_pem)
-    head = json.loads(got.head) if got.head else {}
-    out.print(f"exported {len(got.lines)} entries and {len(got.checkpoints)} checkpoints to {out_dir}; signed "
-              f"head {head.get('head_no', '?')} covers seq {head.get('log_seq', '?')}", highlight=False)
+    out.print(f"exported {len(got.lines)} entries and {len(got.checkpoints)} checkpoints to {clean(out_dir)}; "
+              f"signed head {clean(head.get('head_no', '?'))} covers seq {clean(head.get('log_seq', '?'))}",
+              highlight=False)

@@ -14,7 +14,7 @@ from rich.text import Text
 
 from hivemesh.controlplane.access import explain_access, spiffe_id
 from hivemesh.controlplane.cli.context import CliContext, err, friendly_errors, out, pass_cli, run_async
-from hivemesh.controlplane.cli.output import new_table
+from hivemesh.controlplane.cli.output import clean, new_table
 from hivemesh.controlplane.grants import Grant, GrantSet
 from hivemesh.mesh.authz import AuthzTable, compile_authz
 from hivemesh.mesh.layers.authn import ACTION_OF_METHOD
@@ -80,7 +80,7 @@ def authz_check(obj: CliContext, caller: str, capability: str, principal: str | 
     principal_id = spiffe_id(principal, td, what="principal") if principal else caller_id
     agent_id = spiffe_id(agent, td, what="agent") if agent else None
     if caller_id != caller and not as_json:
-        err.print(f"caller {caller} is {caller_id}", style="dim", highlight=False)
+        err.print(f"caller {clean(caller)} is {clean(caller_id)}", style="dim", highlight=False)
     settings = obj.operator_settings()
     table, grants, instances = run_async(_load(obj, settings))
     agents = [agent_id] if agent_id else _agents_serving(capability, instances) or [
@@ -107,13 +107,13 @@ def _verdict(allowed: bool) -> Text:
 
 def _print_result(r: dict[str, Any], *, empty: bool) -> None:
     grant, rule = r["grant"], r["authz"]
-    out.print(Text.assemble(_verdict(r["allowed"]), f" on {r['agent']}"), highlight=False)
-    out.print(Text.assemble("  1. token (grants): ", _verdict(grant["granted"]), f"  {grant['reason']}"),
+    out.print(Text.assemble(_verdict(r["allowed"]), f" on {clean(r['agent'])}"), highlight=False)
+    out.print(Text.assemble("  1. token (grants): ", _verdict(grant["granted"]), f"  {clean(grant['reason'])}"),
               highlight=False)
-    out.print(Text.assemble("  2. call (authz):   ", _verdict(rule["allowed"]), f"  {rule['reason']}"),
+    out.print(Text.assemble("  2. call (authz):   ", _verdict(rule["allowed"]), f"  {clean(rule['reason'])}"),
               highlight=False)
     if r["would_deny"]:
-        out.print(f"  dry run: would be denied by {r['would_deny']}", style="yellow", highlight=False)
+        out.print(f"  dry run: would be denied by {clean(r['would_deny'])}", style="yellow", highlight=False)
     if r["rules"]:
         t = new_table("rule", "action", "mode", "matches", "first condition that failed", show_edge=False,
                       pad_edge=False)
@@ -123,5 +123,5 @@ def _print_result(r: dict[str, Any], *, empty: bool) -> None:
     elif empty:
         out.print("  (no authz policy exists: everything is denied until one allows it)")
     if not r["allowed"]:
-        out.print(f"  to allow it: hivemesh allow {r['caller']} {r['capability']}",
+        out.print(f"  to allow it: hivemesh allow {clean(r['caller'])} {clean(r['capability'])}",
                   style="dim", highlight=False)

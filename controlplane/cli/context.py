@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from hivemesh.controlplane.cli.localmesh import where_hint
-from hivemesh.controlplane.cli.output import emit_error, err, out
+from hivemesh.controlplane.cli.output import clean, emit_error, err, out
 from hivemesh.mesh import loop
 from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.etcd import EtcdNotFoundError
@@ -99,6 +99,8 @@ def friendly_errors(fn: F) -> F:
             sys.exit(2 if isinstance(exc, ValueError) else 1)
         except click.ClickException as exc:
             if not as_json:
+                # It may quote what a server or workload said. (Final in click's stubs; an attribute all the same.)
+                exc.message = clean(exc.message, layout=True)  # type: ignore[misc]
                 raise  # click prints it as usual
             code = "INVALID_ARGUMENT" if isinstance(exc, click.UsageError) else "FAILED_PRECONDITION"
             emit_error(code, exc.format_message(), as_json=True)

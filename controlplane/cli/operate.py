@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import click
 
@@ -17,7 +16,12 @@ from hivemesh.controlplane.cli.context import (
     pass_cli,
     run_async,
 )
-from hivemesh.controlplane.cli.output import new_table
+from hivemesh.controlplane.cli.inputs import read_text
+from hivemesh.controlplane.cli.output import clean, new_table
+from hivemesh.mesh.tls import MAX_MESSAGE_BYTES
+
+MAX_DATA_BYTES: Final = MAX_MESSAGE_BYTES
+"""The most `call --data @FILE` reads: no node accepts a larger message, so reading more only costs memory."""
 
 
 @click.command()
@@ -55,18 +59,19 @@ def agents(obj: CliContext, as_json: bool) -> None:
 
 
 def _read_data(data: str | None) -> Any:
+    """The JSON --data gives, inline or in @FILE (read bounded: `inputs.read_text`); BadParameter otherwise."""
     if data is None:
         return None
+    source = "the value"
     if data.startswith("@"):
-        path = Path(data[1:])
-        try:
-            data = path.read_text()
-        except OSError as exc:
-            raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="--data") from None
+        data, source = read_text(data[1:], limit=MAX_DATA_BYTES, param_hint="--data")
     try:
         return json.loads(data)
     except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--data") from None
+        raise click.BadParameter(f"{source} is not valid JSON: {exc}", param_hint="--data") from None
+    except (ValueError, RecursionError) as exc:  # an integer of thousands of digits; nesting past the stack
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise click.BadParameter(f"{source} is not JSON this can read: {why}", param_hint="--data") from None
 
 
 @click.command()
@@ -97,8 +102,8 @@ def call(obj: CliContext, capability: str, data: str | None, timeout: float, str
                 return
             out.print_json(json.dumps(result.output))
             hops = " → ".join(f"{h.kind}:{h.identity.rsplit('/', 1)[-1]}" for h in result.hops)
-            err.print(f"served by {result.instance.card.name} ({result.instance.instance_id}, "
-                      f"{result.instance.packaging}) via {hops}", style="dim", highlight=False)
+            err.print(f"served by {clean(result.instance.card.name)} ({clean(result.instance.instance_id)}, "
+                      f"{clean(result.instance.packaging)}) via {clean(hops)}", style="dim", highlight=False)
 
     run_async(go())
 

@@ -6,22 +6,24 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import click
 import yaml
 from google.protobuf.message import Message
-from rich.table import Table
 from rich.text import Text
 
 from hivemesh.controlplane.cli.context import CliContext, as_operator, err, friendly_errors, out, pass_cli
-from hivemesh.controlplane.cli.output import new_table
+from hivemesh.controlplane.cli.inputs import read_text
+from hivemesh.controlplane.cli.output import CleanTable, clean, new_table
 from hivemesh.controlplane.cli.policy_client import PolicyClient
 from hivemesh.controlplane.policies import parse_documents, validate_documents
 from hivemesh.v1 import policy_pb2
 
 _T = TypeVar("_T")
+
+MAX_FILE_BYTES: Final = 1 << 20
+"""The most `policy apply -f` reads: `parse_documents` refuses larger text anyway."""
 
 
 def _run(obj: CliContext, action: Callable[[PolicyClient], Awaitable[_T]]) -> _T:
@@ -51,13 +53,7 @@ def policy() -> None:
 @friendly_errors
 def policy_apply(obj: CliContext, path: str, dry_run: bool, as_json: bool) -> None:
     """Validate every document and store them all in one transaction, or none of them."""
-    if path == "-":
-        text, source = sys.stdin.read(), "<stdin>"
-    else:
-        try:
-            text, source = Path(path).read_text(encoding="utf-8"), path
-        except OSError as exc:
-            raise click.BadParameter(f"cannot read {path}: {exc.strerror}", param_hint="--file") from None
+    text, source = read_text(path, limit=MAX_FILE_BYTES, param_hint="--file", stdin_dash=True)
     documents = parse_documents(text, source=source)
     validate_documents(documents)  # every mistake of every document now, even with no mesh running
     resp = _run(obj, lambda c: c.apply(documents, dry_run=dry_run))
@@ -76,7 +72,8 @@ def show_applied(resp: Any, as_json: bool, **extra: Any) -> bool:
         return False
     verb = "would be" if resp.dry_run else "is"
     for a in resp.applied:
-        out.print(f"{a.kind}/{a.name} {verb} {a.action} (version {a.version or '-'})", highlight=False)
+        out.print(f"{clean(a.kind)}/{clean(a.name)} {verb} {clean(a.action)} (version {a.version or '-'})",
+                  highlight=False)
     if resp.dry_run:
         out.print("dry run: nothing was written", highlight=False)
         return False
@@ -140,7 +137,7 @@ def policy_delete(obj: CliContext, kind: str, name: str, version: int | None, ye
         if not confirmed:
             raise click.ClickException(f"not deleted: {kind}/{name} was not confirmed")
     revision = _run(obj, lambda c: c.delete(kind, name, version=version))
-    out.print(f"deleted {kind}/{name} (revision {revision})", highlight=False)
+    out.print(f"deleted {clean(kind)}/{clean(name)} (revision {revision})", highlight=False)
 
 
 @policy.command("kinds")
@@ -179,7 +176,7 @@ def _short(identity: str) -> str:
     return "/".join(identity.split("/")[-2:])
 
 
-def traffic_table(nodes: list[policy_pb2.NodeTraffic]) -> Table:
+def traffic_table(nodes: list[policy_pb2.NodeTraffic]) -> CleanTable:
     """`hivemesh status`'s table: a row per node's capability and direction, one per instance it calls below."""
     table = new_table("node", "dir", "capability", "instance", "breaker", "in flight", "calls/10s", "errors",
                       "limiter", "retries/limited")

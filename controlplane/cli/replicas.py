@@ -6,9 +6,9 @@ import json
 from typing import Any
 
 import click
-from rich.table import Table
 
 from hivemesh.controlplane.cli.context import CliContext, friendly_errors, out, pass_cli, run_async
+from hivemesh.controlplane.cli.output import CleanTable, clean
 
 
 async def _read(access: Any) -> tuple[list[Any], str]:
@@ -41,9 +41,9 @@ def controlplanes(obj: CliContext, as_json: bool) -> None:
     if not rows:
         out.print("no control-plane replica is advertised (none running, or all older than this version)")
         return
-    table = Table("replica", "controlplane", "join", "leader")
+    table = CleanTable("replica", "controlplane", "join", "leader")
     for r in rows:
         table.add_row(r["replica"], r["controlplane"], r["join"], "yes" if r["leader"] else "")
     out.print(table)
     if leader and not any(r["leader"] for r in rows):
-        out.print(f"leader {leader} holds the leader key but does not advertise itself", markup=False)
+        out.print(f"leader {clean(leader)} holds the leader key but does not advertise itself", markup=False)

@@ -14,7 +14,7 @@ import click
 import yaml
 
 from hivemesh.controlplane.cli.context import CliContext, err, friendly_errors, out, pass_cli, run_async
-from hivemesh.controlplane.cli.output import new_table
+from hivemesh.controlplane.cli.output import clean, new_table
 from hivemesh.controlplane.slo import KIND_NAME, Objective, objectives, render_rules
 from hivemesh.mesh.policy import PolicyDoc
 from hivemesh.mesh.settings import MeshSettings
@@ -75,7 +75,7 @@ def slo_rules(obj: CliContext, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rules, indent=2))
         return
-    names = ", ".join(sorted(docs)) or "(none)"
+    names = clean(", ".join(sorted(docs))) or "(none)"  # a comment line: one line, whatever a name holds
     click.echo(f"# Rendered by `hivemesh slo rules` from the slos policies: {names}.\n"
                "# Do not edit: change the objectives (`hivemesh policy apply`) and render again.")
     click.echo(yaml.safe_dump(rules, sort_keys=False, width=1 << 16).rstrip())

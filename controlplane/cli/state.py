@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from hivemesh.controlplane.cli.context import CliContext, as_operator, friendly_errors, out, pass_cli
-from hivemesh.controlplane.cli.output import new_table
+from hivemesh.controlplane.cli.output import clean, new_table
 from hivemesh.mesh.errors import NotFoundError
 from hivemesh.sdk.state import StateClient, StateEntry
 
@@ -39,7 +39,7 @@ def list_state(obj: CliContext, namespace: str, prefix: str, as_json: bool) -> N
             "max_namespace_bytes": listing.max_namespace_bytes, "max_value_bytes": listing.max_value_bytes,
             "entries": [_row(e) for e in listing.entries]}, indent=2))
         return
-    out.print(f"{namespace}: {len(listing.entries)} entries, {listing.namespace_bytes} of "
+    out.print(f"{clean(namespace)}: {len(listing.entries)} entries, {listing.namespace_bytes} of "
               f"{listing.max_namespace_bytes} bytes")
     table = new_table("key", "revision", "updated by", "value")
     for e in listing.entries:

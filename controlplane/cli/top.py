@@ -23,11 +23,11 @@ from typing import Any, Final
 import click
 from rich.console import Group
 from rich.live import Live
-from rich.table import Table
 from rich.text import Text
 
 from hivemesh.controlplane import livestats
 from hivemesh.controlplane.cli.context import CliContext, err, friendly_errors, out, pass_cli
+from hivemesh.controlplane.cli.output import CleanTable, clean
 from hivemesh.controlplane.livestats import SORT_KEYS, Row, Target, View
 
 _SD_DIR: Final = "prometheus"
@@ -106,8 +106,8 @@ def render(view: View | None, *, sort: str, interval: float, live: bool) -> Grou
         f" · every {interval:g} s" if live else "",
         ("   keys: c e p $ sort · q quit" if live else "", "dim"),
     )
-    table = Table("capability / instance", "calls/s", "err %", "p50 ms", "p99 ms", "breaker", "in flight",
-                  "queue", "tokens/s", "cost/min", expand=False, pad_edge=False, box=None, header_style="bold")
+    table = CleanTable("capability / instance", "calls/s", "err %", "p50 ms", "p99 ms", "breaker", "in flight",
+                       "queue", "tokens/s", "cost/min", expand=False, pad_edge=False, box=None, header_style="bold")
     for r in view.rows:
         table.add_row(Text(r.capability, style="bold cyan"), *_cells(r))
         for i in r.instances:
@@ -118,7 +118,7 @@ def render(view: View | None, *, sort: str, interval: float, live: bool) -> Grou
     total = view.total
     footer = Text(f"all: {_num(total.calls_per_s)} calls/s · {_num(total.tokens_per_s)} tokens/s · "
                   f"{_cost(total.cost_per_min)}/min", style="dim")
-    down = [Text(f"down: {t.address} ({t.error})", style="red") for t in view.targets if not t.up]
+    down = [Text(f"down: {clean(t.address)} ({clean(t.error)})", style="red") for t in view.targets if not t.up]
     return Group(header, table, footer, *down)
 
 

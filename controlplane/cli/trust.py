@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from hivemesh.controlplane.cli.context import CliContext, as_operator, friendly_errors, out, pass_cli
-from hivemesh.controlplane.cli.output import new_table
+from hivemesh.controlplane.cli.output import clean, new_table
 from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.v1 import trust_pb2
 
@@ -83,8 +83,8 @@ def tokens_revoke(obj: CliContext, jti: str, subject: str, note: str, as_json: b
     if as_json:
         click.echo(json.dumps({"key": resp.key, "expires_at_unix": resp.expires_at_unix}))
         return
-    out.print(f"revoked {'token ' + jti if jti else 'every token of ' + subject} (entry {resp.key} lasts until "
-              f"{_when(resp.expires_at_unix)}, when every token it covers has expired)", highlight=False)
+    out.print(f"revoked {clean('token ' + jti if jti else 'every token of ' + subject)} (entry {clean(resp.key)} "
+              f"lasts until {_when(resp.expires_at_unix)}, when every token it covers has expired)", highlight=False)
 
 
 @tokens.command("revocations")
@@ -116,10 +116,10 @@ def _print_ca(resp: trust_pb2.CaStatusResponse, as_json: bool) -> None:
         click.echo(json.dumps({"phase": resp.phase, "generation": resp.generation, "roots": list(resp.roots),
                                "signing_root": resp.signing_root}, indent=2))
         return
-    out.print(f"phase {resp.phase} (generation {resp.generation}); signing root {resp.signing_root[:16]}…",
-              highlight=False)
+    out.print(f"phase {clean(resp.phase)} (generation {resp.generation}); signing root "
+              f"{clean(resp.signing_root[:16])}…", highlight=False)
     for r in resp.roots:
-        out.print(f"  trusted root {r[:16]}…{' (signs)' if r == resp.signing_root else ''}", highlight=False)
+        out.print(f"  trusted root {clean(r[:16])}…{' (signs)' if r == resp.signing_root else ''}", highlight=False)
 
 
 @click.group()
@@ -161,4 +161,4 @@ def ca_status(obj: CliContext, as_json: bool) -> None:
         out.print(f"{len(behind)} registered node(s) not on the signing root (`finish` waits for them):",
                   highlight=False)
     for s in behind:
-        out.print(f"  {s.describe()}", highlight=False)
+        out.print(f"  {clean(s.describe())}", highlight=False)

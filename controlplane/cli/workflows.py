@@ -12,23 +12,93 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import math
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import click
 
 from hivemesh.controlplane.cli.context import CliContext, as_operator, err, friendly_errors, out, pass_cli, run_async
-from hivemesh.controlplane.cli.output import escape, new_table
+from hivemesh.controlplane.cli.output import clean, escape, new_table
 from hivemesh.mesh.errors import FailedPreconditionError
 from hivemesh.mesh.settings import MeshSettings
 
 T = TypeVar("T")
 
 
-def _when(ts: float | None) -> str:
-    if not ts:
+def _when(ts: Any) -> str:
+    """A time of day for a unix time; "-" for none, "?" for what is not one (a summary holds what its run's
+    workload wrote: text, a number past any date, NaN)."""
+    if ts is None or ts == 0:
         return "-"
-    return datetime.datetime.fromtimestamp(ts).strftime("%H:%M:%S")
+    if isinstance(ts, bool) or not isinstance(ts, int | float):
+        return "?"
+    try:
+        return datetime.datetime.fromtimestamp(ts).strftime("%H:%M:%S")
+    except (OverflowError, OSError, ValueError):
+        return "?"
+
+
+_SUMMARY_FIELDS: Final[dict[str, tuple[type, ...]]] = {
+    "state": (str,), "definition": (str,), "owner": (str,), "steps": (int,), "tokens": (int,),
+    "created_at": (int, float), "updated_at": (int, float),
+}
+"""The fields of a run's index summary the list reads, and their types (`WorkflowState.summary`)."""
+
+
+def _summary_problem(wid: str, summary: Any) -> str:
+    """Why an index entry is not a run's summary ("" when it is one): each workload writes its own runs'
+    entries, so an entry may hold anything, and may name another workload's run."""
+    if not isinstance(summary, dict):
+        return "not a JSON object"
+    if summary.get("id") != wid:
+        return "its id is not the run it is stored under"
+    if not isinstance(summary.get("state"), str):
+        return "no state"
+    for name, types in _SUMMARY_FIELDS.items():
+        value = summary.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, types):
+            return f"{name} is not {'a number' if float in types else 'text' if str in types else 'a whole number'}"
+        if float in types and not _finite(value):
+            return f"{name} is not a finite number"
+    return ""
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past any float
+        return False
+
+
+async def _index(store: Any, owner: str | None) -> list[dict[str, Any]]:
+    """The run index (every owner's, or owner's), read here rather than through `WorkflowStore.list`: an entry
+    that is not a run's summary becomes `{"id", "malformed": why}` for the list to show as such, not a crash or
+    a failed listing. Well-formed summaries come first, newest first; then the malformed ones, by id."""
+    from hivemesh.mesh.etcd import read_prefix
+    from hivemesh.mesh.keyspace import WORKFLOW_INDEX
+    from hivemesh.sdk.workflow.store import owned
+
+    prefix = f"{WORKFLOW_INDEX}{owner}/" if owner else WORKFLOW_INDEX
+    async with owned(f"the runs under {prefix}"):
+        kvs, _ = await read_prefix(store.etcd, prefix.encode())
+    good: list[dict[str, Any]] = []
+    malformed: list[dict[str, Any]] = []
+    for kv in kvs:
+        wid = kv.key[len(WORKFLOW_INDEX):].decode("utf-8", "replace")
+        try:
+            summary = json.loads(kv.value)
+        except (ValueError, RecursionError):
+            summary = None
+        problem = "not JSON" if summary is None else _summary_problem(wid, summary)
+        if problem:
+            malformed.append({"id": wid, "malformed": problem})
+        else:
+            good.append(summary)
+    good.sort(key=lambda s: (-float(s.get("created_at") or 0.0), s["id"]))
+    return good + sorted(malformed, key=lambda s: str(s["id"]))
 
 
 async def _with_store(settings: MeshSettings, fn: Callable[[Any], Awaitable[T]]) -> T:
@@ -76,9 +146,9 @@ def workflows_list(obj: CliContext, state: str | None, owner: str | None, as_jso
         except ValueError:
             raise click.BadParameter(f"{owner!r} is not <kind>-<name> (kind agent, client or operator)",
                                      param_hint="--owner") from None
-    rows = run_async(_with_store(settings, lambda s: s.list(owner)))
-    if state:
-        rows = [r for r in rows if r.get("state") == state.upper()]
+    rows = run_async(_with_store(settings, lambda s: _index(s, owner)))
+    if state:  # a malformed entry has no state to filter on: it stays listed, so it is seen
+        rows = [r for r in rows if "malformed" in r or r.get("state") == state.upper()]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -87,10 +157,17 @@ def workflows_list(obj: CliContext, state: str | None, owner: str | None, as_jso
         return
     table = new_table("id", "state", "definition", "steps", "tokens", "owner", "created", "updated")
     for r in rows:
-        owner = str(r.get("owner", "")).rsplit("/", 1)[-1]
-        table.add_row(r["id"], r["state"], r.get("definition", ""), str(r.get("steps", 0)), str(r.get("tokens", 0)),
-                      owner, _when(r.get("created_at")), _when(r.get("updated_at")))
+        if "malformed" in r:
+            table.add_row(r["id"], "?", f"(malformed index entry: {r['malformed']})", "", "", "", "", "")
+            continue
+        owner = str(r.get("owner") or "").rsplit("/", 1)[-1]
+        table.add_row(r["id"], r["state"], r.get("definition") or "", str(r.get("steps") or 0),
+                      str(r.get("tokens") or 0), owner, _when(r.get("created_at")), _when(r.get("updated_at")))
     out.print(table)
+    bad = sum("malformed" in r for r in rows)
+    if bad:
+        err.print(f"{bad} index entr{'y is' if bad == 1 else 'ies are'} not a run's summary (its workload wrote "
+                  "it so, or it is damaged): shown with state ?", highlight=False)
 
 
 @workflows.command("show")
@@ -117,30 +194,45 @@ def workflows_show(obj: CliContext, workflow_id: str, events: bool, as_json: boo
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
         return
-    out.print(f"[bold]{escape(state.id)}[/bold]  {escape(f'{state.state}  {state.definition}')}  tokens={state.tokens}",
-              markup=True, highlight=False)
-    out.print(f"owner {state.owner}; driven by {owner.get('owner') if owner else 'nobody now'}; "
+    steps = data["step_list"]
+    total = sum(_tokens(s.get("usage")) for s in steps)
+    out.print(f"[bold]{escape(clean(state.id))}[/bold]  {escape(clean(state.state))}  "
+              f"{escape(clean(state.definition))}  tokens={total}", markup=True, highlight=False)
+    out.print(f"owner {clean(state.owner)}; driven by {clean(owner.get('owner')) if owner else 'nobody now'}; "
               f"runs {len(state.runs)}", highlight=False)
     table = new_table("step", "capability", "agent", "status", "attempts", "started", "ms", "tokens")
-    for s in data["step_list"]:
-        usage = s.get("usage") or {}
-        tokens = int(usage.get("input_tokens", 0)) + int(usage.get("output_tokens", 0))
-        status = s["status"] + (f" ({s['error'].get('reason')})" if s.get("error") else "")
-        table.add_row(s["step"], s["capability"], s.get("agent") or "-", status, str(s["attempts"]),
-                      _when(s.get("started_at")), "-" if s.get("elapsed_ms") is None else f"{s['elapsed_ms']:.1f}",
-                      str(tokens or "-"))
+    for s in steps:
+        error = s.get("error")
+        status = s["status"] + (f" ({error.get('reason')})" if isinstance(error, dict) and error else "")
+        elapsed = s.get("elapsed_ms")
+        ms = f"{elapsed:.1f}" if isinstance(elapsed, int | float) and not isinstance(elapsed, bool) else "-"
+        table.add_row(s["step"], s["capability"], str(s.get("agent") or "-"), status, str(s["attempts"]),
+                      _when(s.get("started_at")), ms, str(_tokens(s.get("usage")) or "-"))
     out.print(table)
     for note in state.notes:
-        out.print(f"  note {note['key']}: {json.dumps(note['data'], default=str)[:300]}", highlight=False)
+        out.print(f"  note {clean(note['key'])}: {json.dumps(note['data'], default=str)[:300]}", highlight=False)
     for step, esc in state.escalations.items():
-        res = esc.get("resolution") or {}
-        out.print(f"  escalation {esc.get('escalation_id')} at {step}: {esc.get('reason')} → "
-                  f"{res.get('status', 'PENDING')} {res.get('note', '')}", highlight=False)
+        res = esc.get("resolution")
+        res = res if isinstance(res, dict) else {}
+        out.print(f"  escalation {clean(esc.get('escalation_id'))} at {clean(step)}: {clean(esc.get('reason'))} → "
+                  f"{clean(res.get('status', 'PENDING'))} {clean(res.get('note', ''))}", highlight=False)
     if state.terminal:
-        out.print(f"outcome: {state.state} {state.reason}", highlight=False)
+        out.print(f"outcome: {clean(state.state)} {clean(state.reason)}", highlight=False)
     for e in evs:
-        out.print(f"  #{e['seq']} {_when(e['at'])} {e['type']} {json.dumps(e.get('data'), default=str)[:200]}",
-                  highlight=False)
+        out.print(f"  #{clean(e.get('seq'))} {_when(e.get('at'))} {clean(e.get('type'))} "
+                  f"{json.dumps(e.get('data'), default=str)[:200]}", highlight=False)
+
+
+def _tokens(usage: Any) -> int:
+    """A step's tokens from its usage record (0 when the record is not one: its workload wrote it)."""
+    if not isinstance(usage, dict):
+        return 0
+    total = 0
+    for name in ("input_tokens", "output_tokens"):
+        value = usage.get(name, 0)
+        if isinstance(value, int) and not isinstance(value, bool):
+            total += value
+    return total
 
 
 @workflows.command("cancel")
@@ -174,8 +266,8 @@ def workflows_cancel(obj: CliContext, workflow_id: str, reason: str, wait_s: flo
     if as_json:
         click.echo(json.dumps(state.summary()))
     else:
-        out.print(f"{state.id}: {state.state}" + ("" if state.terminal else " (cancel requested; still stopping)"),
-                  highlight=False)
+        out.print(f"{clean(state.id)}: {clean(state.state)}"
+                  + ("" if state.terminal else " (cancel requested; still stopping)"), highlight=False)
     if not state.terminal:
         raise SystemExit(1)
 
@@ -197,10 +289,11 @@ def workflows_resume(obj: CliContext, workflow_id: str, wait_lock: float | None,
     def progress(_wid: str, kind: str, data: Any) -> None:
         if not as_json and kind == "step":
             replay = " (replayed)" if data.get("replayed") else ""
-            err.print(f"step {data['step']} → {data.get('agent')} {data.get('elapsed_ms')} ms{replay}", style="dim",
-                      highlight=False)
+            err.print(f"step {clean(data['step'])} → {clean(data.get('agent'))} {clean(data.get('elapsed_ms'))} ms"
+                      f"{replay}", style="dim", highlight=False)
         elif not as_json and kind == "input_required":
-            err.print(f"waiting for a person: escalation {data['escalation_id']} ({data['reason']})", highlight=False)
+            err.print(f"waiting for a person: escalation {clean(data['escalation_id'])} ({clean(data['reason'])})",
+                      highlight=False)
 
     async def go() -> Any:
         async with MeshClient.connect(name="admin", kind="operator", settings=settings) as mesh:
@@ -212,7 +305,7 @@ def workflows_resume(obj: CliContext, workflow_id: str, wait_lock: float | None,
     if as_json:
         click.echo(json.dumps(state.to_json(), default=str))
     else:
-        out.print(f"{state.id}: {state.state} {state.reason}", highlight=False)
+        out.print(f"{clean(state.id)}: {clean(state.state)} {clean(state.reason)}", highlight=False)
     if state.state != "COMPLETED":
         raise SystemExit(1)
 
@@ -231,16 +324,16 @@ def _esc_client_call(obj: CliContext, fn: Callable[[Any], Awaitable[T]]) -> T:
 
 def _print_escalation(info: Any) -> None:
     colour = {"PENDING": "yellow", "APPROVED": "green", "REJECTED": "red"}.get(info.status, "white")
-    out.print(f"[bold]{escape(info.id)}[/bold] [{colour}]{escape(info.status)}[/{colour}]  {escape(info.reason)}",
-              markup=True, highlight=False)
-    out.print(f"  requested by {info.requested_by} at {_when(info.created_at)}; workflow {info.workflow_id or '-'} "
-              f"step {info.step_id or '-'}", highlight=False)
+    out.print(f"[bold]{escape(clean(info.id))}[/bold] [{colour}]{escape(clean(info.status))}[/{colour}]  "
+              f"{escape(clean(info.reason))}", markup=True, highlight=False)
+    out.print(f"  requested by {clean(info.requested_by)} at {_when(info.created_at)}; workflow "
+              f"{clean(info.workflow_id or '-')} step {clean(info.step_id or '-')}", highlight=False)
     if info.deadline:
-        out.print(f"  deadline {_when(info.deadline)}, then: {info.on_deadline}"
+        out.print(f"  deadline {_when(info.deadline)}, then: {clean(info.on_deadline)}"
                   + (f" ({json.dumps(info.default_answer)})" if info.on_deadline == "default" else ""), highlight=False)
     out.print("  context: " + json.dumps(info.context, indent=2, default=str).replace("\n", "\n  "), highlight=False)
     if not info.pending:
-        out.print(f"  resolved by {info.resolved_by} at {_when(info.resolved_at)}: {info.note}"
+        out.print(f"  resolved by {clean(info.resolved_by)} at {_when(info.resolved_at)}: {clean(info.note)}"
                   + (f" answer={json.dumps(info.answer)}" if info.answer is not None else ""), highlight=False)
 
 
@@ -295,7 +388,7 @@ def _resolve(obj: CliContext, escalation_id: str, approve: bool, note: str, answ
     if as_json:
         click.echo(json.dumps(info.to_json(), default=str))
     else:
-        out.print(f"{info.id}: {info.status}" + (f" — {note}" if note else ""), highlight=False)
+        out.print(f"{clean(info.id)}: {clean(info.status)}" + (f" — {clean(note)}" if note else ""), highlight=False)
 
 
 @escalations.command("approve")
