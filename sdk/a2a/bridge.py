@@ -42,6 +42,7 @@ from hivemesh.sdk.context import Context
 from hivemesh.sdk.escalation import InputRequired
 
 _NAME = re.compile(r"[^a-z0-9._-]+")
+_VERSION = re.compile(r"[^0-9A-Za-z.+_-]+")
 MAX_ANSWER_BYTES: Final = 8 * 1024 * 1024
 """The most bytes one answer of an external A2A agent (its card, a JSON-RPC answer) may have: httpx reads a body
 whole, so without a bound a broken or hostile agent could make the bridge hold any amount of memory."""
@@ -94,6 +95,12 @@ def mesh_name(text: str) -> str:
     if not name:
         raise InvalidInputError(f"{text!r} gives no usable mesh name: name it explicitly")
     return name
+
+
+def mesh_version(text: str) -> str:
+    """An external card's version as a mesh card version ([0-9A-Za-z.+_-]{0,64}, what the registry takes):
+    other characters become "-"; "0.0.0" when nothing is left."""
+    return _VERSION.sub("-", text)[:64].strip("-") or "0.0.0"
 
 
 def card_url(url: str) -> str:
@@ -161,7 +168,7 @@ class A2ABridgeAgent(Agent):
             raise InvalidInputError(f"the A2A agent {card.name!r} declares no skills: nothing to serve")
         agent_name = mesh_name(name or card.name)
         kind = type(f"A2ABridge_{agent_name}", (cls,), {
-            "name": agent_name, "description": card.description, "version": card.version or "0.0.0",
+            "name": agent_name, "description": card.description, "version": mesh_version(card.version),
             "labels": {"a2a.url": card.supported_interfaces[0].url[:63] if card.supported_interfaces else ""},
         })
         client = await create_client(card, ClientConfig(httpx_client=http, streaming=False))

@@ -8,7 +8,7 @@ from a2a.types import Message, Role
 from a2a.utils.errors import InvalidParamsError
 
 from hivemesh.mesh.errors import InvalidInputError
-from hivemesh.sdk.a2a.bridge import card_url, mesh_name
+from hivemesh.sdk.a2a.bridge import card_url, mesh_name, mesh_version
 from hivemesh.sdk.a2a.cards import BEARER_SCHEME, MTLS_SCHEME, build_card
 from hivemesh.sdk.a2a.executor import payload_of
 from hivemesh.v1 import agent_pb2
@@ -23,6 +23,22 @@ def test_mesh_names_from_a2a_names() -> None:
     assert mesh_name("currency_converter/v2") == "currency_converter-v2"
     with pytest.raises(InvalidInputError):
         mesh_name("!!!")
+
+
+def test_mesh_versions_from_a2a_versions_are_what_the_registry_takes() -> None:
+    """An external card's version is free text; the registry takes [0-9A-Za-z.+_-]{0,64} (a bridged agent with
+    another version could not register)."""
+    from hivemesh.mesh.registry import instance_violations
+    from hivemesh.v1 import mesh_pb2
+
+    cases = {"1.0 beta": "1.0-beta", "": "0.0.0", "2.0.0-rc.1+build.5": "2.0.0-rc.1+build.5",
+             "\x1b[2Jv1": "2Jv1", "v" * 100: "v" * 64, "!!!": "0.0.0"}
+    assert {v: mesh_version(v) for v in cases} == cases
+    for version in cases.values():
+        instance = mesh_pb2.AgentInstance(instance_id="i-1", endpoint="127.0.0.1:1")
+        instance.card.name, instance.card.version = "bridged", version
+        instance.card.capabilities.add(name="c")
+        assert "card.version" not in instance_violations(instance), version
 
 
 def test_card_urls() -> None:
