@@ -737,7 +737,9 @@ class Sidecar:
                 )
                 return raw
 
-            return batch.response(await batch.run_items(len(request.items), concurrency, one))
+            # Answers are bounded together (one response message): once full, the rest are refused, not started.
+            outcomes = await batch.run_items(len(request.items), concurrency, one, size=batch.result_size)
+            return batch.response(outcomes)
 
         async def list_capabilities(
             request: mesh_pb2.ListCapabilitiesRequest, context: grpc.aio.ServicerContext[Any, Any]
