@@ -130,6 +130,7 @@ class CallQueue:
         self.poll_s = poll_s
         self._task: asyncio.Task[None] | None = None
         self._enqueueing = asyncio.Lock()  # count check and write as one step, within this node
+        self._enqueued = 0  # bumped after each held call is written: the loop ends only on a pass that saw it
 
     def _key(self, call_id: str) -> bytes:
         return (self.prefix + call_id).encode()
@@ -196,6 +197,7 @@ class CallQueue:
                     with contextlib.suppress(Exception):
                         await self.etcd.revoke_lease(lease.id)  # the put may have landed: take it back too
                     raise
+            self._enqueued += 1
         self.start()
         return held_id
 
@@ -240,9 +242,14 @@ class CallQueue:
 
     async def _loop(self) -> None:
         while True:
+            seen = self._enqueued
             try:
-                if not await self.run_once():
-                    return  # nothing held: the next enqueue starts the loop again
+                # Nothing held, and nothing enqueued since this pass read etcd: the next enqueue starts the loop
+                # again. A call enqueued mid-pass found the loop running (start() did nothing), and the pass had
+                # read the prefix before it was written: ending then left it held, undelivered, until another
+                # enqueue came along.
+                if not await self.run_once() and self._enqueued == seen:
+                    return
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - etcd trouble: try again

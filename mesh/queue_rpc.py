@@ -3,9 +3,12 @@
 
 The sidecar's node holds and delivers the calls (`hivemesh.mesh.queue`), so a held call does not depend on the
 agent's process: an agent that restarts mid-wait finds its call with `ListQueued` (by the call_id or idempotency
-key it set) and polls it with `GetQueued`. A sidecar that restarts resumes its identity's held calls at start.
-A call made for an inbound call (with a call handle) is not queued: its delegation ends with that call, and
-delivering it later as the sidecar's own identity would act with authority the caller did not have.
+key it set) and polls it with `GetQueued`. `ListQueued` lists each call without its answer (one answer may be
+most of a held entry, so a dozen of them passed the message limit and broke the listing for good), and no more
+calls than fit in one message; `GetQueued` by id returns the answer. A sidecar that restarts resumes its
+identity's held calls at start. A call made for an inbound call (with a call handle) is not queued: its
+delegation ends with that call, and delivering it later as the sidecar's own identity would act with authority
+the caller did not have.
 """
 
 from __future__ import annotations
@@ -32,12 +35,20 @@ from hivemesh.mesh.node import MeshNode
 from hivemesh.mesh.pki import parse_spiffe_id
 from hivemesh.mesh.queue import DONE, FAILED, MAX_WAIT_S, CallQueue, HeldCall
 from hivemesh.mesh.run_ids import owner_segment
+from hivemesh.mesh.tls import MAX_MESSAGE_BYTES
 from hivemesh.v1 import agent_pb2, mesh_pb2
 
 DELIVERY_TIMEOUT_S: Final = 30.0
 """A delivered call's deadline when its capability's `timeouts` policy gives none (as a MeshClient's default)."""
 _MARGIN_S: Final = 0.25
 """Answer this long before the RPC's deadline, so the caller gets the held call's id rather than its own timeout."""
+
+LIST_LIMIT: Final = MAX_MESSAGE_BYTES - 64 * 1024
+"""The most ListQueued's calls take together: under the message limit, with room for the envelope."""
+_LISTED_OVERHEAD: Final = 8
+"""A listed call's tag and length in the response, at most."""
+LEFT_OFF_HEADER: Final = "hivemesh-left-off"
+"""Trailing metadata of a ListQueued that did not fit every call: how many (the newest) it left off."""
 
 Context = grpc.aio.ServicerContext[Any, Any]
 NOT_QUEUEABLE = (NoLiveInstanceError, UnknownCapabilityError)
@@ -55,7 +66,9 @@ def queue_for_s(req: agent_pb2.InvokeRequest, *, required: bool = False) -> floa
     return ms / 1000
 
 
-def held_message(held: HeldCall) -> mesh_pb2.QueuedCall:
+def held_message(held: HeldCall, *, body: bool = True) -> mesh_pb2.QueuedCall:
+    """held as a QueuedCall; body False leaves a done call's answer out (ListQueued: the caller reads it with
+    GetQueued), though an answer that does not decode still lists the call as failed, as GetQueued reads it."""
     response = agent_pb2.InvokeResponse()
     if held.state == DONE:
         try:
@@ -67,12 +80,28 @@ def held_message(held: HeldCall) -> mesh_pb2.QueuedCall:
         id=held.id, capability=held.capability, state=held.state, enqueued_at_unix_ms=held.enqueued_at_unix_ms,
         expires_at_unix_ms=held.expires_at_unix_ms, call_id=held.call_id, idempotency_key=held.idempotency_key,
     )
-    if held.state == DONE:
+    if held.state == DONE and body:
         out.response.CopyFrom(response)
     elif held.state == FAILED and held.error is not None:
         out.error.CopyFrom(mesh_pb2.BatchItemError(code=held.error.code.name, reason=held.error.reason,
                                                    message=held.error.message))
     return out
+
+
+def listing(calls: list[HeldCall], limit: int = LIST_LIMIT) -> tuple[mesh_pb2.ListQueuedResponse, int]:
+    """ListQueued's answer for calls (oldest first): each call without its answer, and no more of them than fit
+    in limit bytes (a call's call_id and idempotency key are the caller's, each up to most of an entry); and how
+    many were left off for that."""
+    out = mesh_pb2.ListQueuedResponse()
+    size = 0
+    for i, held in enumerate(calls):
+        call = held_message(held, body=False)
+        taken = call.ByteSize() + _LISTED_OVERHEAD
+        if size + taken > limit:
+            return out, len(calls) - i
+        out.calls.append(call)
+        size += taken
+    return out, 0
 
 
 def _wait_s(wanted: float, context: Context) -> float:
@@ -180,10 +209,13 @@ class SidecarQueue:
 
         async def list_queued(request: mesh_pb2.ListQueuedRequest, context: Context) -> mesh_pb2.ListQueuedResponse:
             try:
-                return mesh_pb2.ListQueuedResponse(calls=[held_message(h) for h in await self._ready().held()])
+                out, left_off = listing(await self._ready().held())
             except HivemeshError as err:
                 await abort(context, err)
                 raise
+            if left_off:
+                context.set_trailing_metadata(((LEFT_OFF_HEADER, str(left_off)),))
+            return out
 
         return {
             "Enqueue": grpc.unary_unary_rpc_method_handler(

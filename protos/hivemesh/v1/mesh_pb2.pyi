@@ -367,7 +367,9 @@ class QueuedCall(_message.Message):
     idempotency_key: _builtins.str
     """and its context.idempotency_key"""
     @_builtins.property
-    def response(self) -> _agent_pb2.InvokeResponse: ...
+    def response(self) -> _agent_pb2.InvokeResponse:
+        """the answer; ListQueued leaves it out (GetQueued by id returns it)"""
+
     @_builtins.property
     def error(self) -> Global___BatchItemError:
         """the status the call ended with (code, reason, message)"""
@@ -416,7 +418,9 @@ class ListQueuedResponse(_message.Message):
 
     CALLS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueuedCall]: ...
+    def calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueuedCall]:
+        """oldest first, each without its response (GetQueued returns it)"""
+
     def __init__(
         self,
         *,

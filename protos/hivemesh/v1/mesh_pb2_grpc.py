@@ -114,6 +114,9 @@ class MeshServicer:
     def CallBatch(self, request, context):
         """CallBatch makes one call per item (each a full InvokeRequest naming its capability), at most `concurrency`
         at a time, and answers every item with its response or its error: one item's failure never fails the batch.
+        The answers share one message (under 8 MiB): once the next would pass that, it and every item not yet started
+        are RESOURCE_EXHAUSTED / PAYLOAD_TOO_LARGE (the message says whether the item ran) and the items not started
+        are never sent; the answers already in are kept. Split a batch of large answers into smaller ones.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -138,7 +141,10 @@ class MeshServicer:
 
     def ListQueued(self, request, context):
         """ListQueued lists this caller's identity's held calls, oldest first (a restarted caller finds its calls by
-        the call_id or idempotency key it set).
+        the call_id or idempotency key it set). Each call comes without its answer (`response` is never set; state
+        "done" says one is kept): GetQueued by id returns it. A failed call keeps its `error`. The list stops before
+        it would pass one message (under 8 MiB; only huge call_ids or idempotency keys get there), and then the
+        trailing metadata `hivemesh-left-off` says how many of the newest calls it left off.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -52,6 +52,9 @@ class MeshStub:
     CallBatch: _grpc.UnaryUnaryMultiCallable[_mesh_pb2.CallBatchRequest, _mesh_pb2.CallBatchResponse]
     """CallBatch makes one call per item (each a full InvokeRequest naming its capability), at most `concurrency`
     at a time, and answers every item with its response or its error: one item's failure never fails the batch.
+    The answers share one message (under 8 MiB): once the next would pass that, it and every item not yet started
+    are RESOURCE_EXHAUSTED / PAYLOAD_TOO_LARGE (the message says whether the item ran) and the items not started
+    are never sent; the answers already in are kept. Split a batch of large answers into smaller ones.
     """
     Enqueue: _grpc.UnaryUnaryMultiCallable[_agent_pb2.InvokeRequest, _mesh_pb2.QueuedCall]
     """Enqueue holds one call (its queue_for_ms, 1..3600000, bounds how long) for delivery by this sidecar once an
@@ -64,7 +67,10 @@ class MeshStub:
     """
     ListQueued: _grpc.UnaryUnaryMultiCallable[_mesh_pb2.ListQueuedRequest, _mesh_pb2.ListQueuedResponse]
     """ListQueued lists this caller's identity's held calls, oldest first (a restarted caller finds its calls by
-    the call_id or idempotency key it set).
+    the call_id or idempotency key it set). Each call comes without its answer (`response` is never set; state
+    "done" says one is kept): GetQueued by id returns it. A failed call keeps its `error`. The list stops before
+    it would pass one message (under 8 MiB; only huge call_ids or idempotency keys get there), and then the
+    trailing metadata `hivemesh-left-off` says how many of the newest calls it left off.
     """
     ListCapabilities: _grpc.UnaryUnaryMultiCallable[_mesh_pb2.ListCapabilitiesRequest, _mesh_pb2.ListCapabilitiesResponse]
     """ListCapabilities lists what the mesh can do now, from the registry."""
@@ -90,6 +96,9 @@ class MeshAsyncStub(MeshStub):
     CallBatch: _aio.UnaryUnaryMultiCallable[_mesh_pb2.CallBatchRequest, _mesh_pb2.CallBatchResponse]  # type: ignore[assignment]
     """CallBatch makes one call per item (each a full InvokeRequest naming its capability), at most `concurrency`
     at a time, and answers every item with its response or its error: one item's failure never fails the batch.
+    The answers share one message (under 8 MiB): once the next would pass that, it and every item not yet started
+    are RESOURCE_EXHAUSTED / PAYLOAD_TOO_LARGE (the message says whether the item ran) and the items not started
+    are never sent; the answers already in are kept. Split a batch of large answers into smaller ones.
     """
     Enqueue: _aio.UnaryUnaryMultiCallable[_agent_pb2.InvokeRequest, _mesh_pb2.QueuedCall]  # type: ignore[assignment]
     """Enqueue holds one call (its queue_for_ms, 1..3600000, bounds how long) for delivery by this sidecar once an
@@ -102,7 +111,10 @@ class MeshAsyncStub(MeshStub):
     """
     ListQueued: _aio.UnaryUnaryMultiCallable[_mesh_pb2.ListQueuedRequest, _mesh_pb2.ListQueuedResponse]  # type: ignore[assignment]
     """ListQueued lists this caller's identity's held calls, oldest first (a restarted caller finds its calls by
-    the call_id or idempotency key it set).
+    the call_id or idempotency key it set). Each call comes without its answer (`response` is never set; state
+    "done" says one is kept): GetQueued by id returns it. A failed call keeps its `error`. The list stops before
+    it would pass one message (under 8 MiB; only huge call_ids or idempotency keys get there), and then the
+    trailing metadata `hivemesh-left-off` says how many of the newest calls it left off.
     """
     ListCapabilities: _aio.UnaryUnaryMultiCallable[_mesh_pb2.ListCapabilitiesRequest, _mesh_pb2.ListCapabilitiesResponse]  # type: ignore[assignment]
     """ListCapabilities lists what the mesh can do now, from the registry."""
@@ -149,6 +161,9 @@ class MeshServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_mesh_pb2.CallBatchResponse, _abc.Awaitable[_mesh_pb2.CallBatchResponse]]:
         """CallBatch makes one call per item (each a full InvokeRequest naming its capability), at most `concurrency`
         at a time, and answers every item with its response or its error: one item's failure never fails the batch.
+        The answers share one message (under 8 MiB): once the next would pass that, it and every item not yet started
+        are RESOURCE_EXHAUSTED / PAYLOAD_TOO_LARGE (the message says whether the item ran) and the items not started
+        are never sent; the answers already in are kept. Split a batch of large answers into smaller ones.
         """
 
     @_abc_1.abstractmethod
@@ -179,7 +194,10 @@ class MeshServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_mesh_pb2.ListQueuedResponse, _abc.Awaitable[_mesh_pb2.ListQueuedResponse]]:
         """ListQueued lists this caller's identity's held calls, oldest first (a restarted caller finds its calls by
-        the call_id or idempotency key it set).
+        the call_id or idempotency key it set). Each call comes without its answer (`response` is never set; state
+        "done" says one is kept): GetQueued by id returns it. A failed call keeps its `error`. The list stops before
+        it would pass one message (under 8 MiB; only huge call_ids or idempotency keys get there), and then the
+        trailing metadata `hivemesh-left-off` says how many of the newest calls it left off.
         """
 
     @_abc_1.abstractmethod
