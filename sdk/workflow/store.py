@@ -236,23 +236,53 @@ class WorkflowStore:
         raise FailedPreconditionError(f"workflow {state.id}: could not append an event (too much contention)")
 
     async def list(self, owner: str | None = None) -> list[dict[str, Any]]:
-        """Summaries of the runs of owner (`<kind>-<name>`), or of every run (operators and the control plane)."""
+        """Summaries of the runs of owner (`<kind>-<name>`), or of every run (operators and the control plane),
+        newest first. Each workload writes its own runs' index entries, so an entry may hold anything: one that is
+        not a run's summary (a JSON object whose `id` is the run it is stored under, with a text `state` and a
+        `created_at` that is a unix time) is replaced by the summary rebuilt from the run's journal, or left out
+        when that fails too (logged once per list, with the count). One bad entry never fails everyone's listing."""
+
+        def valid(wid: str, summary: Any) -> bool:
+            if not isinstance(summary, dict) or summary.get("id") != wid or not isinstance(summary.get("state"), str):
+                return False
+            # A time a reader can show (up to 9999-12-31, datetime's last): 1e308 is finite, and no date. NaN and
+            # infinities (JSON's NaN, Infinity, 1e999) fail the comparison.
+            at = summary.get("created_at")
+            return isinstance(at, int | float) and not isinstance(at, bool) and 0 <= at <= 253_402_300_799
+
+        async def from_journal(wid: str) -> dict[str, Any] | None:
+            # The journal is its workload's writing too: one that does not fold into a run is no run to list.
+            try:
+                summary = (await self.load(wid)).summary()
+            except (NotFoundError, InvalidInputError):
+                return None
+            except (ArithmeticError, AttributeError, KeyError, TypeError, ValueError, RecursionError) as exc:
+                log.info("workflow %s: its journal does not read as a run (%s)", wid, type(exc).__name__)
+                return None
+            return summary if valid(wid, summary) else None
+
         prefix = f"{INDEX}{owner}/" if owner else INDEX
         async with owned(f"the runs under {prefix}"):
             kvs, _ = await read_prefix(self.etcd, prefix.encode())  # in pages: any number of runs stays listable
-        out = []
+        out: list[dict[str, Any]] = []
+        skipped = 0
         for kv in kvs:
-            wid = kv.key.decode()[len(INDEX):]
+            wid = bytes(kv.key)[len(INDEX):].decode(errors="replace")
             try:
                 summary = json.loads(kv.value) if kv.value else None
             except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                 summary = None
-            if not summary:
-                with contextlib.suppress(NotFoundError, InvalidInputError):
-                    summary = (await self.load(wid)).summary()
-            if summary:
+            if not valid(wid, summary):
+                summary = await from_journal(wid)
+            if summary is None:
+                skipped += 1
+            else:
                 out.append(summary)
-        out.sort(key=lambda s: (-float(s.get("created_at", 0.0)), s.get("id", "")))
+        if skipped:
+            log.warning("%d workflow index entr%s under %s: not a run's summary, and no run's journal behind it "
+                        "(its workload wrote it so, or it is damaged); left out of the list", skipped,
+                        "y" if skipped == 1 else "ies", prefix)
+        out.sort(key=lambda s: (-s["created_at"], s["id"]))
         return out
 
     async def resolve(self, given: str) -> str:
