@@ -12,9 +12,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
-import math
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
 import click
 
@@ -39,65 +38,22 @@ def _when(ts: Any) -> str:
         return "?"
 
 
-_SUMMARY_FIELDS: Final[dict[str, tuple[type, ...]]] = {
-    "state": (str,), "definition": (str,), "owner": (str,), "steps": (int,), "tokens": (int,),
-    "created_at": (int, float), "updated_at": (int, float),
-}
-"""The fields of a run's index summary the list reads, and their types (`WorkflowState.summary`)."""
-
-
-def _summary_problem(wid: str, summary: Any) -> str:
-    """Why an index entry is not a run's summary ("" when it is one): each workload writes its own runs'
-    entries, so an entry may hold anything, and may name another workload's run."""
-    if not isinstance(summary, dict):
-        return "not a JSON object"
-    if summary.get("id") != wid:
-        return "its id is not the run it is stored under"
-    if not isinstance(summary.get("state"), str):
-        return "no state"
-    for name, types in _SUMMARY_FIELDS.items():
-        value = summary.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, types):
-            return f"{name} is not {'a number' if float in types else 'text' if str in types else 'a whole number'}"
-        if float in types and not _finite(value):
-            return f"{name} is not a finite number"
-    return ""
-
-
-def _finite(value: Any) -> bool:
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int past any float
-        return False
-
-
 async def _index(store: Any, owner: str | None) -> list[dict[str, Any]]:
-    """The run index (every owner's, or owner's), read here rather than through `WorkflowStore.list`: an entry
-    that is not a run's summary becomes `{"id", "malformed": why}` for the list to show as such, not a crash or
-    a failed listing. Well-formed summaries come first, newest first; then the malformed ones, by id."""
-    from hivemesh.mesh.etcd import read_prefix
-    from hivemesh.mesh.keyspace import WORKFLOW_INDEX
-    from hivemesh.sdk.workflow.store import owned
+    """The run index (every owner's, or owner's), read as stored rather than through `WorkflowStore.list`: an
+    entry that is not a run's summary (`summary_problem`) becomes `{"id", "malformed": why}` for the list to show
+    as such, where `list` would rebuild it or leave it out. Well-formed summaries come first, newest first; then
+    the malformed ones, by id."""
+    from hivemesh.sdk.workflow.store import summary_problem
 
-    prefix = f"{WORKFLOW_INDEX}{owner}/" if owner else WORKFLOW_INDEX
-    async with owned(f"the runs under {prefix}"):
-        kvs, _ = await read_prefix(store.etcd, prefix.encode())
     good: list[dict[str, Any]] = []
     malformed: list[dict[str, Any]] = []
-    for kv in kvs:
-        wid = kv.key[len(WORKFLOW_INDEX):].decode("utf-8", "replace")
-        try:
-            summary = json.loads(kv.value)
-        except (ValueError, RecursionError):
-            summary = None
-        problem = "not JSON" if summary is None else _summary_problem(wid, summary)
+    for wid, summary in await store.index(owner):
+        problem = "not JSON" if summary is None else summary_problem(wid, summary)
         if problem:
             malformed.append({"id": wid, "malformed": problem})
         else:
             good.append(summary)
-    good.sort(key=lambda s: (-float(s.get("created_at") or 0.0), s["id"]))
+    good.sort(key=lambda s: (-float(s["created_at"]), s["id"]))
     return good + sorted(malformed, key=lambda s: str(s["id"]))
 
 

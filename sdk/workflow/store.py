@@ -137,6 +137,38 @@ def _encode(event: Mapping[str, Any]) -> bytes:
     return data
 
 
+_SUMMARY_FIELDS: Final[dict[str, tuple[type, ...]]] = {
+    "state": (str,), "definition": (str,), "owner": (str,), "steps": (int,), "tokens": (int,),
+    "created_at": (int, float), "updated_at": (int, float),
+}
+"""The fields of a run's index summary readers use, and their types (`WorkflowState.summary`)."""
+_LAST_TIME: Final = 253_402_300_799
+"""9999-12-31 as a unix time, the last one datetime shows: 1e308 is finite, and no date."""
+
+
+def summary_problem(wid: str, summary: Any) -> str:
+    """Why an index entry is not the summary of run wid ("" when it is one): a JSON object whose `id` is wid,
+    with a text `state`, a `created_at` time, and the other fields of their types. Each workload writes its own
+    runs' entries, so an entry may hold anything, and may name another workload's run."""
+    if not isinstance(summary, dict):
+        return "not a JSON object"
+    if summary.get("id") != wid:
+        return "its id is not the run it is stored under"
+    if not isinstance(summary.get("state"), str):
+        return "no state"
+    if summary.get("created_at") is None:
+        return "no created_at"
+    for name, types in _SUMMARY_FIELDS.items():
+        value = summary.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, types):
+            return f"{name} is not {'a number' if float in types else 'text' if str in types else 'a whole number'}"
+        if float in types and not 0 <= value <= _LAST_TIME:  # NaN and infinities fail it too
+            return f"{name} is not a time"
+    return ""
+
+
 class WorkflowStore:
     """Events in etcd: append (compare-and-create on the sequence key, fenced on the owner value), read, list."""
 
@@ -235,20 +267,26 @@ class WorkflowStore:
             await self.catch_up(state)
         raise FailedPreconditionError(f"workflow {state.id}: could not append an event (too much contention)")
 
+    async def index(self, owner: str | None = None) -> list[tuple[str, Any]]:
+        """The run index as stored, in key order: (run id, its entry parsed as JSON, None when it is not JSON).
+        Each workload writes its own runs' entries, so an entry may hold anything (`summary_problem`)."""
+        prefix = f"{INDEX}{owner}/" if owner else INDEX
+        async with owned(f"the runs under {prefix}"):
+            kvs, _ = await read_prefix(self.etcd, prefix.encode())  # in pages: any number of runs stays listable
+        out: list[tuple[str, Any]] = []
+        for kv in kvs:
+            wid = bytes(kv.key)[len(INDEX):].decode(errors="replace")
+            try:
+                out.append((wid, json.loads(kv.value) if kv.value else None))
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+                out.append((wid, None))
+        return out
+
     async def list(self, owner: str | None = None) -> list[dict[str, Any]]:
         """Summaries of the runs of owner (`<kind>-<name>`), or of every run (operators and the control plane),
-        newest first. Each workload writes its own runs' index entries, so an entry may hold anything: one that is
-        not a run's summary (a JSON object whose `id` is the run it is stored under, with a text `state` and a
-        `created_at` that is a unix time) is replaced by the summary rebuilt from the run's journal, or left out
-        when that fails too (logged once per list, with the count). One bad entry never fails everyone's listing."""
-
-        def valid(wid: str, summary: Any) -> bool:
-            if not isinstance(summary, dict) or summary.get("id") != wid or not isinstance(summary.get("state"), str):
-                return False
-            # A time a reader can show (up to 9999-12-31, datetime's last): 1e308 is finite, and no date. NaN and
-            # infinities (JSON's NaN, Infinity, 1e999) fail the comparison.
-            at = summary.get("created_at")
-            return isinstance(at, int | float) and not isinstance(at, bool) and 0 <= at <= 253_402_300_799
+        newest first. An entry that is not a run's summary (`summary_problem`) is replaced by the summary rebuilt
+        from the run's journal, or left out when that fails too (logged once per list, with the count). One bad
+        entry never fails everyone's listing."""
 
         async def from_journal(wid: str) -> dict[str, Any] | None:
             # The journal is its workload's writing too: one that does not fold into a run is no run to list.
@@ -259,20 +297,12 @@ class WorkflowStore:
             except (ArithmeticError, AttributeError, KeyError, TypeError, ValueError, RecursionError) as exc:
                 log.info("workflow %s: its journal does not read as a run (%s)", wid, type(exc).__name__)
                 return None
-            return summary if valid(wid, summary) else None
+            return None if summary_problem(wid, summary) else summary
 
-        prefix = f"{INDEX}{owner}/" if owner else INDEX
-        async with owned(f"the runs under {prefix}"):
-            kvs, _ = await read_prefix(self.etcd, prefix.encode())  # in pages: any number of runs stays listable
         out: list[dict[str, Any]] = []
         skipped = 0
-        for kv in kvs:
-            wid = bytes(kv.key)[len(INDEX):].decode(errors="replace")
-            try:
-                summary = json.loads(kv.value) if kv.value else None
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-                summary = None
-            if not valid(wid, summary):
+        for wid, summary in await self.index(owner):
+            if summary is None or summary_problem(wid, summary):
                 summary = await from_journal(wid)
             if summary is None:
                 skipped += 1
@@ -281,7 +311,7 @@ class WorkflowStore:
         if skipped:
             log.warning("%d workflow index entr%s under %s: not a run's summary, and no run's journal behind it "
                         "(its workload wrote it so, or it is damaged); left out of the list", skipped,
-                        "y" if skipped == 1 else "ies", prefix)
+                        "y" if skipped == 1 else "ies", f"{INDEX}{owner}/" if owner else INDEX)
         out.sort(key=lambda s: (-s["created_at"], s["id"]))
         return out
 
