@@ -164,7 +164,7 @@ def summary_problem(wid: str, summary: Any) -> str:
             continue
         if isinstance(value, bool) or not isinstance(value, types):
             return f"{name} is not {'a number' if float in types else 'text' if str in types else 'a whole number'}"
-        if float in types and not 0 <= value <= _LAST_TIME:  # NaN and infinities fail it too
+        if isinstance(value, int | float) and float in types and not 0 <= value <= _LAST_TIME:  # NaN fails too
             return f"{name} is not a time"
     return ""
 
