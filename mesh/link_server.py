@@ -5,7 +5,9 @@ same Invoke handler (chain, admission, audit record, metrics, tracing), asked th
 `intercept_service`, so nothing is copied and no layer can be skipped. Only the transport differs: the call's
 context is a `FrameContext` (the stream's peer and certificate, the frame's metadata and deadline) and its
 status travels back in an answer frame instead of gRPC trailers. Calls run concurrently; answers go back in
-the order they finish, matched by id. A cancel frame cancels one call.
+the order they finish, matched by id. A cancel frame cancels one call. A caller that does not read its answers
+is not buffered for: past `MAX_HELD_BYTES` of answers not yet written (or `MAX_OPEN_CALLS` calls unanswered) the
+link stops reading, and HTTP/2 flow control holds the caller back, as for a unary call (`_Open`).
 
 The caller's token is bound to its certificate, which is the link's, so a caller may send it once: a call
 frame without an `authorization` entry carries the last one sent on this link (still verified per call).
@@ -24,7 +26,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Final
 
 import grpc
 
@@ -45,6 +47,20 @@ and would fail a forwarded call at once as past its deadline."""
 _HEADER_KEY = re.compile(r"[0-9a-z_.\-]+")
 _GOOD_KEYS: set[str] = set()
 """Header keys already found legal (a handful: authorization, traceparent, the signature header...)."""
+MAX_OPEN_CALLS: Final = 2048
+"""Calls a link holds unanswered at most (by default; `LinkServer(max_open_calls=)`), running or answered and not
+yet written, before it stops reading call frames (`_Open`): what a caller that sends faster than its calls finish
+can make this node hold, each with its request, as HTTP/2's MAX_CONCURRENT_STREAMS bounds unary calls. A node's
+link to a peer carries all its callers' calls, slow model calls included (a 30 s call at 50 calls/s is 1,500
+open), so it is set far above what a busy node runs at once; past it the next calls wait, on the caller's side,
+for one to end. The answers' bytes have a bound of their own (`MAX_HELD_BYTES`), far sooner reached by a caller
+that does not read."""
+MAX_HELD_BYTES: Final = 4 * 1024 * 1024
+"""Bytes of answers waiting to be written on one link from which it stops reading call frames: four HTTP/2 stream
+windows (`STREAM_WINDOW_BYTES`). A caller reading its answers leaves this much waiting only when they finish
+faster than it takes them, and then pausing paces its calls to its reading. Calls already running when reading
+pauses still queue their answers, so a link holds at most this plus `MAX_OPEN_CALLS` answers. Before it, a
+caller that sent large calls and never read made the server hold every answer (400 calls of 256 KiB: 96 MiB)."""
 
 
 def _read_out(reader: asyncio.Task[None]) -> None:
@@ -82,16 +98,67 @@ class _Details:
 
 class _Open:
     """One open link on the server: its answers waiting to be sent, its calls running, and why the caller's
-    messages stopped being read if one did not decode or carried a frame it cannot use."""
+    messages stopped being read if one did not decode or carried a frame it cannot use.
 
-    __slots__ = ("bad", "expired", "out", "running")
+    Backpressure: answers are counted from when they are queued until their message is written (gRPC's write
+    waits for the caller's HTTP/2 window, so a caller that does not read them leaves them here). Once they reach
+    `MAX_HELD_BYTES`, or they and the running calls `MAX_OPEN_CALLS`, the reader stops at the next call frame
+    (holding the one message it came in) until the writer, or a call that ends unanswered, makes room: the
+    caller's further frames wait in HTTP/2 flow control, on its side, as a unary call's unread response does.
+    Frames read before that call frame are taken, cancels included; a cancel sent after it waits its turn, as
+    every frame behind it does: a caller over the byte bound is not reading its answers (it has no use for a
+    prompt cancel), and one over the count has that many calls unanswered, of which the next answer (a deadline
+    included: timers run on) frees room. Under the bounds, reading costs two comparisons per frame, no task nor
+    await; answering, two additions per answer and two subtractions per message written."""
 
-    def __init__(self) -> None:
+    __slots__ = ("bad", "expired", "held", "held_bytes", "max_open", "out", "room", "running")
+
+    def __init__(self, max_open: int = MAX_OPEN_CALLS) -> None:
+        self.max_open = max_open
         self.out: asyncio.Queue[Any] = asyncio.Queue()
         self.running: dict[int, asyncio.Task[None]] = {}
         self.expired: set[int] = set()
         """Calls cancelled by their own deadline (answered DEADLINE_EXCEEDED, unlike a caller's cancel)."""
         self.bad = ""
+        self.held = 0
+        """Answers queued or being written: put on out, not yet written on the stream."""
+        self.held_bytes = 0
+        """Their frames' bytes."""
+        self.room: asyncio.Future[None] | None = None
+        """What the reader awaits while it is paused (None while it reads)."""
+
+    def put(self, answer: Outgoing) -> None:
+        """Queue an answer to be written, counted as held until it is."""
+        self.held += 1
+        self.held_bytes += answer.size
+        self.out.put_nowait(answer)
+
+    def full(self) -> bool:
+        """Whether the link is at a bound: the reader takes no call frame until it is not."""
+        return self.held_bytes >= MAX_HELD_BYTES or len(self.running) + self.held >= self.max_open
+
+    def written(self, answers: Sequence[Outgoing]) -> None:
+        """These answers' message was written: no longer held; the paused reader resumes if there is room."""
+        self.held -= len(answers)
+        self.held_bytes -= answers[0].size if len(answers) == 1 else sum(answer.size for answer in answers)
+        if self.room is not None:
+            self.wake()
+
+    def wake(self) -> None:
+        """Resume the paused reader if the link is under its bounds again."""
+        room = self.room
+        if room is not None and not room.done() and not self.full():
+            room.set_result(None)
+
+    async def wait_for_room(self) -> None:
+        """Pause until the link is under its bounds (cancelled with the reader when the link ends)."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self.full():
+                self.room = loop.create_future()
+                await self.room
+        finally:
+            self.room = None
 
 
 def _expire(expired: set[int], call_id: int, task: asyncio.Task[None]) -> None:
@@ -130,8 +197,10 @@ class LinkServer:
 
     def __init__(
         self, interceptor: grpc.aio.ServerInterceptor | None, invoke: grpc.RpcMethodHandler[Any, Any],
-        path: str = INVOKE_PATH,
+        path: str = INVOKE_PATH, *, max_open_calls: int = MAX_OPEN_CALLS,
     ) -> None:
+        self.max_open_calls = max_open_calls
+        """Calls one link holds unanswered at most before it stops reading call frames (`MAX_OPEN_CALLS`)."""
         self._interceptor = interceptor
         self._invoke = invoke
         self._path = path
@@ -145,6 +214,19 @@ class LinkServer:
         """Calls served on them."""
         self.messages = 0
         """Messages written on them (fewer than answers when answers were batched)."""
+        self.pauses = 0
+        """Times a link stopped reading its caller's frames at a bound (`_Open`): its caller did not read its
+        answers, or had `MAX_OPEN_CALLS` unanswered."""
+
+    @property
+    def open_links(self) -> int:
+        """Link streams open now."""
+        return len(self._streams)
+
+    def held(self) -> tuple[int, int]:
+        """Answers waiting to be written on the open links, and their bytes (what `MAX_HELD_BYTES` bounds per
+        link)."""
+        return sum(link.held for link in self._streams), sum(link.held_bytes for link in self._streams)
 
     async def _behaviour(self) -> tuple[Callable[[Any, Any], Awaitable[Any]], Callable[[Any], bytes] | None]:
         """The wrapped Invoke behaviour and its response serializer, as the interceptor builds them for a unary
@@ -181,11 +263,12 @@ class LinkServer:
 
     async def _run(
         self, frame: Frame, stream: grpc.aio.ServicerContext[Any, Any], metadata: Sequence[tuple[str, str]],
-        out: asyncio.Queue[Any], auth: Mapping[str, Iterable[bytes]], expired: set[int],
+        state: _Open, auth: Mapping[str, Iterable[bytes]],
     ) -> None:
         """Serve one call frame and queue its answer; its deadline (timeout_s from when the frame was received)
-        is `take`'s timer, which cancels this task and marks it in expired."""
+        is `take`'s timer, which cancels this task and marks it in the link's expired calls."""
         call_id = frame.id
+        put = state.put
         context = FrameContext(stream, metadata, frame.timeout_s, auth)
         try:
             wrapped = self._wrapped
@@ -193,26 +276,26 @@ class LinkServer:
                 wrapped = await self._behaviour()
             behaviour, serialize = wrapped
             response = await behaviour(frame.request, context)
-            out.put_nowait(link_wire.answer_frame(call_id, serialize(response) if serialize is not None else response))
+            put(link_wire.answer_frame(call_id, serialize(response) if serialize is not None else response))
         except FrameAborted as aborted:
-            out.put_nowait(answer_frame(call_id, aborted.code, aborted.details, aborted.trailing))
+            put(answer_frame(call_id, aborted.code, aborted.details, aborted.trailing))
         except TimeoutError:
-            out.put_nowait(answer_frame(call_id, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", ()))
+            put(answer_frame(call_id, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", ()))
         except asyncio.CancelledError:
             task = asyncio.current_task()
-            if call_id in expired:  # its deadline passed: answered as gRPC answers a unary call past its deadline
+            if call_id in state.expired:  # its deadline passed: answered as gRPC answers a unary call past its deadline
                 if task is not None:
                     task.uncancel()
-                out.put_nowait(answer_frame(call_id, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", ()))
+                put(answer_frame(call_id, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", ()))
             elif task is not None and not task.cancelling():  # raised inside the behaviour, not a cancel of the call
                 log.error("link call %d failed: a task it awaited was cancelled", call_id)
-                out.put_nowait(answer_frame(call_id, grpc.StatusCode.UNKNOWN, "unexpected error serving the call", ()))
+                put(answer_frame(call_id, grpc.StatusCode.UNKNOWN, "unexpected error serving the call", ()))
             # else the caller cancelled it (it wants no answer), or the link is closing
         except (KeyboardInterrupt, GeneratorExit):
             raise
         except BaseException:  # a SystemExit from code under the behaviour: this call's failure only
             log.exception("link call %d failed unexpectedly", call_id)
-            out.put_nowait(answer_frame(call_id, grpc.StatusCode.UNKNOWN, "unexpected error serving the call", ()))
+            put(answer_frame(call_id, grpc.StatusCode.UNKNOWN, "unexpected error serving the call", ()))
 
     def drain(self) -> None:
         """Shutting down: refuse new call frames (UNAVAILABLE), and end each link once its calls are answered,
@@ -231,8 +314,8 @@ class LinkServer:
         wire: the stream carries bytes both ways (`link_handler`); otherwise `LinkFrame` messages (a generated
         servicer's Link). A message that does not decode ends the link INVALID_ARGUMENT once the calls it had
         sent are answered."""
-        state = _Open()
-        out, running, expired = state.out, state.running, state.expired
+        state = _Open(self.max_open_calls)
+        out, running, expired, put = state.out, state.running, state.expired, state.put
         loop = asyncio.get_running_loop()
         authorization = ""
         auth = MappingProxyType(dict(context.auth_context()))  # the connection's: one for every call on the link
@@ -246,6 +329,8 @@ class LinkServer:
                     expired.discard(call_id)
                 if self._draining and not running:
                     out.put_nowait(_END)
+                if state.room is not None:  # a call the caller cancelled left no answer: room for the next
+                    state.wake()
             return done
 
         def take(frame: Frame) -> str:
@@ -257,7 +342,7 @@ class LinkServer:
                 metadata: Sequence[tuple[str, str]] = frame.metadata
                 problem = frame_problem(metadata, frame.timeout_s)
                 if problem:
-                    out.put_nowait(answer_frame(frame.id, grpc.StatusCode.INVALID_ARGUMENT, problem, ()))
+                    put(answer_frame(frame.id, grpc.StatusCode.INVALID_ARGUMENT, problem, ()))
                     return ""
                 if frame.timeout_s > MAX_TIMEOUT_S:
                     frame.timeout_s = 0.0  # beyond any deadline gRPC can keep, infinite included: none
@@ -267,14 +352,14 @@ class LinkServer:
                 elif authorization:
                     metadata = (*metadata, (AUTHORIZATION, authorization))
                 if self._draining:
-                    out.put_nowait(answer_frame(frame.id, grpc.StatusCode.UNAVAILABLE,
-                                                "this agent is shutting down", ()))
+                    put(answer_frame(frame.id, grpc.StatusCode.UNAVAILABLE,
+                                     "this agent is shutting down", ()))
                 elif frame.id in running:
-                    out.put_nowait(answer_frame(frame.id, grpc.StatusCode.INVALID_ARGUMENT,
-                                                f"link call id {frame.id} is already in use", ()))
+                    put(answer_frame(frame.id, grpc.StatusCode.INVALID_ARGUMENT,
+                                     f"link call id {frame.id} is already in use", ()))
                 else:
                     self.calls += 1
-                    task = loop.create_task(self._run(frame, context, metadata, out, auth, expired))
+                    task = loop.create_task(self._run(frame, context, metadata, state, auth))
                     running[frame.id] = task
                     timeout_s = frame.timeout_s
                     timer = loop.call_later(timeout_s, _expire, expired, frame.id, task) if timeout_s > 0 else None
@@ -298,6 +383,9 @@ class LinkServer:
                         state.bad = f"a Link message does not decode as hivemesh.v1.LinkFrame ({exc})"
                         break
                     for frame in received:
+                        if frame.kind == "call" and state.full():
+                            self.pauses += 1
+                            await state.wait_for_room()
                         state.bad = take(frame)
                         if state.bad:
                             break
@@ -317,6 +405,7 @@ class LinkServer:
                 self.messages += 1
                 message = link_wire.pack(group)
                 yield message if wire else agent_pb2.LinkFrame.FromString(message)
+                state.written(group)
             if state.bad:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, state.bad)
         finally:
