@@ -30,6 +30,13 @@ from tests.support.spawn import REPO, _first_line, _spawn, _tail, child_env, sto
 
 pytestmark = pytest.mark.timeout(300)
 
+
+@pytest.fixture(autouse=True)
+def _wide_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's tables fold cells to COLUMNS (the suite's xdist workers run with 80): these tests read whole
+    values out of the table rows, so the child CLI gets a terminal wide enough for any of them."""
+    monkeypatch.setenv("COLUMNS", "400")
+
 ESC = "x\x1b[2K\x1b[1A\x1b[2K\x1b[8m\x1b]0;pwned\x1b\\\x9b2J\x7f\u202eevil\u2066"
 """Erase this line and the row above, conceal the rest, set the window title; a C1 CSI, DEL, a right-to-left
 override and an isolate."""
