@@ -4,32 +4,17 @@ silent deny), the two documents validate and compile, and the explanation names 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
 from hivemesh.controlplane.access import access_documents, access_name, explain_access, spiffe_id
-from hivemesh.controlplane.cli.app import cli
 from hivemesh.controlplane.policies import validate_documents
+from tests.support.cli_offline import hivemesh
 
 TD = "example.test"
 ALICE = f"spiffe://{TD}/client/alice"
 ECHO = f"spiffe://{TD}/agent/echo"
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    monkeypatch.setenv("HIVEMESH_HOME", str(tmp_path / "home"))
-    for name in ("HIVEMESH_CERTS", "HIVEMESH_ETCD", "HIVEMESH_CONTROLPLANE", "HIVEMESH_JOIN", "HIVEMESH_CA"):
-        monkeypatch.delenv(name, raising=False)
-    yield tmp_path
-
-
-def hivemesh(home: Path, *args: str) -> Result:
-    base = ["--home", str(home / "home"), "--certs-dir", str(home / "certs")]
-    return CliRunner().invoke(cli, [*base, *args], prog_name="hivemesh")
 
 
 def test_identities_without_the_scheme_are_completed_or_refused_with_a_message() -> None:

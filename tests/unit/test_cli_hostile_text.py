@@ -9,24 +9,22 @@ import base64
 import json
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import click
 import pytest
 import yaml
-from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from rich.text import Text
 
 from hivemesh.controlplane.cli import a2a, audit, output
-from hivemesh.controlplane.cli.app import cli
 from hivemesh.controlplane.policies import parse_documents
 from hivemesh.controlplane.yaml_text import load
 from hivemesh.mesh.errors import InvalidInputError
 from hivemesh.mesh.registry import instance_violations
 from hivemesh.v1 import agent_pb2, mesh_pb2
+from tests.support.cli_offline import hivemesh
 
 HOSTILE = "ok\x1b[2K\x1b[1A\x1b]0;pwned\x07\x9b31m\x7f\u202eevil\u2066\x85\ud800end"
 """Erase the line and the row above, set the window title, a C1 CSI, DEL, a right-to-left override, an isolate,
@@ -45,20 +43,6 @@ spec:
         callers: ["spiffe://hivemesh.local/client/intern"]
       action: ALLOW
 """
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    monkeypatch.setenv("HIVEMESH_HOME", str(tmp_path / "home"))
-    for name in ("HIVEMESH_CERTS", "HIVEMESH_ETCD", "HIVEMESH_CONTROLPLANE", "HIVEMESH_JOIN", "HIVEMESH_CA"):
-        monkeypatch.delenv(name, raising=False)
-    (tmp_path / "certs").mkdir()
-    yield tmp_path
-
-
-def hivemesh(home: Path, *args: str, stdin: bytes | None = None) -> Result:
-    base = ["--home", str(home / "home"), "--certs-dir", str(home / "certs")]
-    return CliRunner().invoke(cli, [*base, *args], input=stdin, prog_name="hivemesh")
 
 
 def assert_nothing_raw(written: str) -> None:

@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 from rich.console import Console
 
 from hivemesh.controlplane.cli import output
-from hivemesh.controlplane.cli.app import cli
 from hivemesh.controlplane.grants import parse_grants_text
 from hivemesh.mesh.errors import InvalidInputError
+from tests.support.cli_offline import hivemesh
 
 NAME_RULE = "must be a string matching [a-z0-9][a-z0-9._-]{0,62}"
 MISTAKES = """\
@@ -34,20 +32,6 @@ kind: retries
 name: other
 spec: {attempts: 11}
 """
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    monkeypatch.setenv("HIVEMESH_HOME", str(tmp_path / "home"))
-    for name in ("HIVEMESH_CERTS", "HIVEMESH_ETCD", "HIVEMESH_CONTROLPLANE", "HIVEMESH_JOIN", "HIVEMESH_CA"):
-        monkeypatch.delenv(name, raising=False)
-    (tmp_path / "certs").mkdir()
-    yield tmp_path
-
-
-def hivemesh(home: Path, *args: str, stdin: str | None = None) -> Result:
-    base = ["--home", str(home / "home"), "--certs-dir", str(home / "certs")]
-    return CliRunner().invoke(cli, [*base, *args], input=stdin, prog_name="hivemesh")
 
 
 def test_policy_apply_reports_every_mistake_with_brackets_intact_and_as_json(home: Path) -> None:

@@ -9,13 +9,11 @@ test_workflows, test_trust) run the same commands against a real mesh.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
-from hivemesh.controlplane.cli.app import cli
+from tests.support.cli_offline import hivemesh
 
 GROUPS: dict[str, set[str]] = {
     "": {"up", "certs", "controlplane", "sidecar", "agents", "call", "join-token", "policy", "status", "workflows",
@@ -34,22 +32,6 @@ GROUPS: dict[str, set[str]] = {
     "slo": {"rules", "list"},
     "a2a": {"serve", "register"},
 }
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A state folder and an empty certs folder; HIVEMESH_HOME (which the root group sets) is restored after."""
-    monkeypatch.setenv("HIVEMESH_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))  # no mesh this user runs changes the advice
-    for name in ("HIVEMESH_CERTS", "HIVEMESH_ETCD", "HIVEMESH_CONTROLPLANE", "HIVEMESH_JOIN", "HIVEMESH_CA"):
-        monkeypatch.delenv(name, raising=False)
-    (tmp_path / "certs").mkdir()
-    yield tmp_path
-
-
-def hivemesh(home: Path, *args: str, stdin: str | None = None) -> Result:
-    base = ["--home", str(home / "home"), "--certs-dir", str(home / "certs")]
-    return CliRunner().invoke(cli, [*base, *args], input=stdin, prog_name="hivemesh")
 
 
 def _commands_listed(help_text: str) -> set[str]:
