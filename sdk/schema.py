@@ -68,7 +68,14 @@ def schema_for(tp: Any, _outer: tuple[Any, ...] = ()) -> JsonSchema:
         return {"type": "array", "items": schema_for(items, _outer)}
     if origin in (dict, collections.abc.Mapping):
         value = args[1] if len(args) == 2 else Any
-        return {"type": "object", "additionalProperties": schema_for(value, _outer)}
+        keys = _key_enum(args[0]) if args else None
+        if keys is None:
+            return {"type": "object", "additionalProperties": schema_for(value, _outer)}
+        try:
+            names = list(_key_members(keys))
+        except TypeError as exc:
+            raise TypeError(f"no JSON schema for {tp!r}: {exc}") from None
+        return {"type": "object", "propertyNames": {"enum": names}, "additionalProperties": schema_for(value, _outer)}
     if (is_typeddict(tp) or dataclasses.is_dataclass(tp)) and tp in _outer:
         raise TypeError(f"no JSON schema for the recursive type {tp!r}: give the capability an input_schema or "
                         "output_schema that says it with $defs/$ref")
@@ -127,6 +134,47 @@ def _enum_schema(tp: type[enum.Enum]) -> JsonSchema:
     return {"type": kinds.pop(), "enum": values} if len(kinds) == 1 else {"enum": values}
 
 
+def _key_enum(tp: Any) -> type[enum.Enum] | None:
+    """The Enum a dict's key hint is (Annotated or not), else None: its keys are then taken as they come."""
+    while get_origin(tp) is typing.Annotated:
+        tp = get_args(tp)[0]
+    return tp if isinstance(tp, type) and issubclass(tp, enum.Enum) else None
+
+
+@functools.lru_cache(maxsize=256)
+def _key_members(tp: type[enum.Enum]) -> dict[str, enum.Enum]:
+    """An Enum's members by the JSON object key each stands for: a str value itself, an int value in decimal (as
+    json writes an int key), so a dict keyed by it has one schema, decoding and encoding.
+
+    Raises:
+        TypeError: for an Enum with a member that no key can stand for (a value neither str nor int), two members
+            one key ("1" and 1), a Flag, or no members, saying which.
+    """
+    where = f"its keys, the Enum {tp.__module__}.{tp.__qualname__},"
+    if issubclass(tp, enum.Flag):
+        raise TypeError(f"{where} are a Flag, whose members combine into values that no key names; key by a plain "
+                        "Enum")
+    table: dict[str, enum.Enum] = {}
+    for member in tp:
+        value = member.value
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise TypeError(f"{where} must have str or int values (a JSON object's keys are strings), and its member "
+                            f"{member.name} has the value {value!r}, a {type(value).__name__}")
+        key = _key_text(value)
+        if key in table:
+            raise TypeError(f"{where} have members {table[key].name} and {member.name} that are one JSON key, {key!r}")
+        table[key] = member
+    if not table:
+        raise TypeError(f"{where} have no members, so no key would be accepted")
+    return table
+
+
+def _key_text(value: str | int) -> str:
+    """The JSON object key a member's value is: the string itself, or an int's decimal digits (a str or int
+    subclass, such as another Enum's member, as its plain value)."""
+    return str.__str__(value) if isinstance(value, str) else int.__repr__(value)
+
+
 def _json_type(scalar: Any) -> str:
     """A scalar's JSON Schema type (bool asked first: True is an int in Python)."""
     for kind, name in ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string")):
@@ -159,23 +207,25 @@ def _init_fields(tp: type) -> list[dataclasses.Field[Any]]:
 def from_json(tp: Any, value: Any) -> Any:
     """Build the handler's argument from validated JSON, as its hint says: dataclasses are constructed wherever the
     hint puts them (nested, in lists, tuples, dict values, TypedDict fields, and the arms of an Optional or Union),
-    tuples made tuples, sets sets, an Enum's value (or a Literal's of Enum members) its member, and a whole float
-    such as 1.0 (JSON Schema's "integer" admits it) made the int the hint promises. A value whose hint needs none of
-    this (str, float, a TypedDict of strings) is returned as it is.
+    tuples made tuples, sets sets, an Enum's value (or a Literal's of Enum members) its member, a dict's key its
+    member where the key hint is an Enum ("1" for an int-valued one), and a whole float such as 1.0 (JSON Schema's
+    "integer" admits it) made the int the hint promises. A value whose hint needs none of this (str, float, a
+    TypedDict of strings) is returned as it is.
 
     It takes time linear in the value's size and no interpreter stack per level (`_walk`): a recursive input, which
     an author declares with $defs/$ref, is as cheap to decode as it was to parse, however deep the parser let it be.
 
     Raises:
         InvalidInputError: for a set whose items are distinct in JSON but one value in Python (true and 1), or
-            cannot be in a set (a list, under set[Any]): what the schema's uniqueItems does not catch.
+            cannot be in a set (a list, under set[Any]): what the schema's uniqueItems does not catch; and for a
+            key no member of a dict's key Enum stands for (a declared schema let it through).
     """
     now = _decode_now(tp, value)
     if now is not _LATER:
         return now
     try:
         return _walk(tp, value)
-    except _SetItemsError as exc:
+    except _RefusedError as exc:
         raise InvalidInputError(str(exc)) from None
 
 
@@ -280,7 +330,7 @@ def _decode(tp: Any, value: Any) -> _Steps:
         # arm, so Union[dict, Cfg] builds the Cfg (as it always did); an exact fit before a loose one, so int | float
         # keeps 1.0 a float where Optional[int] makes it 1.
         structured = [a for a in args if _is_structured(a)] if isinstance(value, dict) else []
-        unset: _SetItemsError | None = None  # a set arm's refusal, said if no arm takes the value
+        refused: _RefusedError | None = None  # a set or keyed arm's refusal, said if no arm takes the value
         for arms in (structured, [a for a in args if a not in structured]):
             for strict in (True, False):
                 for arm in arms:
@@ -292,8 +342,8 @@ def _decode(tp: Any, value: Any) -> _Steps:
                             now = _decode_now(arm, value)
                             return (yield (_decode, arm, value)) if now is _LATER else now
                         except TypeError as exc:  # its constructor refused the value (a __post_init__ check) or
-                            if isinstance(exc, _SetItemsError):  # its items made no set: next arm
-                                unset = unset or exc
+                            if isinstance(exc, _RefusedError):  # its items made no set, or a key no
+                                refused = refused or exc          # member: next arm
                             continue
         for arm in args:  # a declared schema may admit what the hints do not: the first dataclass arm it builds
             if dataclasses.is_dataclass(arm) and isinstance(value, dict):
@@ -301,8 +351,11 @@ def _decode(tp: Any, value: Any) -> _Steps:
                     return (yield (_decode, arm, value))
                 except TypeError:
                     continue
-        if unset is not None:  # not the list, where the hint promised a set
-            raise unset
+        if refused is None and isinstance(value, dict):  # no arm took it: a key of an Enum-keyed arm that no
+            refused = next((_RefusedError(why) for arm in args  # member stands for is refused, as it is alone
+                            if (why := _unknown_key_in(arm, value)) is not None), None)
+        if refused is not None:  # not the list or the str keys, where the hint promised a set or members
+            raise refused
         return value
     if origin is tuple and isinstance(value, list):
         fixed = bool(args) and args[-1] is not Ellipsis  # tuple[int, str]: each position its own hint
@@ -320,8 +373,15 @@ def _decode(tp: Any, value: Any) -> _Steps:
             decoded.append((yield (_decode, item, v)) if now is _LATER else now)
         return _as_set(tp, decoded) if origin in _SETS else decoded
     if origin in (dict, collections.abc.Mapping) and isinstance(value, dict) and len(args) == 2:
+        keys = _key_enum(args[0])
+        members = _key_members(keys) if keys is not None else {}
         mapped: dict[Any, Any] = {}
         for k, v in value.items():
+            if keys is not None and not isinstance(k, keys):  # JSON's key (a member passed in Python stays one)
+                member = members.get(k) if type(k) is str else None
+                if member is None:
+                    raise _RefusedError(_unknown_key(tp, k, members))
+                k = member
             now = _decode_now(args[1], v)
             mapped[k] = (yield (_decode, args[1], v)) if now is _LATER else now
         return mapped
@@ -335,9 +395,29 @@ _NONE: Final = object()
 """`_chosen`'s answer for a value that is none of the choices."""
 
 
-class _SetItemsError(TypeError):
-    """Decoded items that make no set: a Union tries its next arm (as on a constructor's TypeError); from_json's
-    caller gets InvalidInputError."""
+class _RefusedError(TypeError):
+    """Decoded items that make no set, or a key no member of the hint's key Enum stands for: a Union tries its next
+    arm (as on a constructor's TypeError); from_json's caller gets InvalidInputError."""
+
+
+def _unknown_key_in(tp: Any, value: dict[Any, Any]) -> str | None:
+    """What `_unknown_key` says of the value's first key that no member of the hint's key Enum stands for, if the
+    hint is an Enum-keyed dict (Annotated or not) and there is such a key, else None."""
+    while get_origin(tp) is typing.Annotated:
+        tp = get_args(tp)[0]
+    args = get_args(tp)
+    if get_origin(tp) not in (dict, collections.abc.Mapping) or len(args) != 2 or (keys := _key_enum(args[0])) is None:
+        return None
+    members = _key_members(keys)
+    key = next((k for k in value if not isinstance(k, keys) and (type(k) is not str or k not in members)), _NONE)
+    return None if key is _NONE else _unknown_key(tp, key, members)
+
+
+def _unknown_key(tp: Any, key: Any, members: dict[str, enum.Enum]) -> str:
+    """What InvalidInputError says of a key that no member stands for: the key (cut short) and the keys there are."""
+    shown = repr(key) if len(repr(key)) <= 80 else repr(key)[:77] + "..."
+    known = ", ".join(repr(k) for k in list(members)[:20]) + (", ..." if len(members) > 20 else "")
+    return f"a {tp!r} in the input has the key {shown}, which is none of {known}"
 
 
 def _as_set(tp: Any, items: list[Any]) -> set[Any] | frozenset[Any]:
@@ -350,15 +430,15 @@ def _as_set(tp: Any, items: list[Any]) -> set[Any] | frozenset[Any]:
             first: dict[Any, Any] = {}
             for v in items:
                 if v in first:
-                    raise _SetItemsError(f"a {tp!r} in the input holds {first[v]!r} and {v!r}, distinct in JSON "
-                                         "but one value in Python: send one of them")
+                    raise _RefusedError(f"a {tp!r} in the input holds {first[v]!r} and {v!r}, distinct in JSON "
+                                        "but one value in Python: send one of them")
                 first[v] = v
     except TypeError as exc:
-        if isinstance(exc, _SetItemsError):
+        if isinstance(exc, _RefusedError):
             raise
-        raise _SetItemsError(f"a {tp!r} in the input holds an item no set can hold: {exc}") from None
+        raise _RefusedError(f"a {tp!r} in the input holds an item no set can hold: {exc}") from None
     except RecursionError:  # hashing a frozen dataclass of tuples recurses: an item nested past the stack
-        raise _SetItemsError(f"a {tp!r} in the input holds an item nested too deeply to hash") from None
+        raise _RefusedError(f"a {tp!r} in the input holds an item nested too deeply to hash") from None
     return made
 
 
@@ -502,7 +582,10 @@ def _fits_now(tp: Any, value: Any, strict: bool) -> bool | None:
     if origin in (tuple, *_SEQUENCES):
         return None if isinstance(value, list) else False
     if origin in (dict, collections.abc.Mapping):
-        return None if isinstance(value, dict) else False
+        if not isinstance(value, dict):
+            return False
+        keys = _key_enum(args[0]) if args else None
+        return None if keys is None or _key_members(keys).keys() >= value.keys() else False
     return False
 
 
@@ -573,8 +656,9 @@ def _kind(value: Any) -> type:
 def to_json(value: Any) -> Any:
     """Turn a handler's result into JSON-serializable data: dataclasses become dicts, tuples lists, sets lists
     (sorted when their items are, so the same set is the same answer), Enum members their values, wherever they
-    are in the result. A result nested past the interpreter's reach is left as it is, for the encoder to refuse as
-    not JSON."""
+    are in the result; a member that is a dict's key becomes the JSON key its value is (an int in decimal, as json
+    writes an int key), the key its input would be decoded from. A result nested past the interpreter's reach is
+    left as it is, for the encoder to refuse as not JSON."""
     try:
         return _to_json(value)
     except RecursionError:
@@ -586,7 +670,9 @@ def _to_json(value: Any) -> Any:
         return {f.name: _to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
     kind = type(value)
     if kind is dict:
-        return {k: _to_json(v) for k, v in value.items()} if _needs_conversion(value.values()) else value
+        if _needs_conversion(value.values()) or _needs_conversion(value):  # a value, or a key (an Enum member)
+            return {_json_key(k): _to_json(v) for k, v in value.items()}
+        return value
     if kind is list or kind is tuple:
         return [_to_json(v) for v in value] if kind is tuple or _needs_conversion(value) else value
     if kind is set or kind is frozenset:
@@ -596,6 +682,15 @@ def _to_json(value: Any) -> Any:
         except TypeError:  # items with no order (dicts, or str beside int): as the set iterates them
             return items
     return value.value if isinstance(kind, enum.EnumMeta) else value  # the class's class: no __instancecheck__
+
+
+def _json_key(key: Any) -> Any:
+    """A result dict's key as JSON has it: an Enum member with a str or int value that value's key text, any other
+    key as it is (json writes or refuses it)."""
+    if not isinstance(type(key), enum.EnumMeta):
+        return key
+    value = key.value
+    return _key_text(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else value
 
 
 _PLAIN = (str, int, float, bool, type(None))
