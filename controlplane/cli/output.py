@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
@@ -37,53 +36,27 @@ from rich.style import Style, StyleType
 from rich.table import Table
 from rich.text import Span, Text
 
+from hivemesh.mesh.text_clean import LAYOUT, UNSAFE, clean, shown
+
 __all__ = ["CleanTable", "clean", "clean_text", "emit_error", "err", "escape", "new_table", "out"]
 
 _PIPE_WIDTH: Final = 4096
 """Wide enough for any row a table here prints; only used when nothing says how wide the output is."""
 
-_UNSAFE: Final = re.compile(
-    "[\x00-\x1f\x7f-\x9f"  # C0 controls (ESC among them), DEL, C1 controls (CSI, OSC, NEL, ...)
-    "\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff"  # bidi marks, overrides and isolates; invisible ones
-    "\ud800-\udfff]"  # lone surrogates (undecodable bytes): not even writable as UTF-8
-)
-"""Characters a terminal acts on, or that change how the text around them reads, instead of showing them."""
-_LAYOUT: Final = frozenset("\n\t")
-
-
-def _shown(char: str) -> str:
-    code = ord(char)
-    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
-
-
-def _shown_unless_layout(match: re.Match[str]) -> str:
-    char = match.group()
-    return char if char in _LAYOUT else _shown(char)
-
-
-def clean(text: object, *, layout: bool = False) -> str:
-    """text (str() of anything else) with each control, bidi or invisible formatting character written as its
-    escape (ESC as the four characters `\\x1b`); with layout, newlines and tabs are kept (the CLI's own
-    multi-line text), else shown as `\\x0a` and `\\x09` (one value, one line)."""
-    s = text if isinstance(text, str) else str(text)
-    if not _UNSAFE.search(s):
-        return s
-    return _UNSAFE.sub(_shown_unless_layout if layout else lambda m: _shown(m.group()), s)
-
 
 def clean_text(text: Text, *, layout: bool = False) -> Text:
     """A rich Text as `clean` writes its characters, its styles kept on the characters they styled."""
     plain = text.plain
-    if not _UNSAFE.search(plain):
+    if not UNSAFE.search(plain):
         return text
     pieces: list[str] = []
     starts: list[int] = []  # where each character of plain starts in the cleaned text
     at = 0
     for char in plain:
         starts.append(at)
-        shown = char if not _UNSAFE.fullmatch(char) or (layout and char in _LAYOUT) else _shown(char)
-        pieces.append(shown)
-        at += len(shown)
+        piece = char if not UNSAFE.fullmatch(char) or (layout and char in LAYOUT) else shown(char)
+        pieces.append(piece)
+        at += len(piece)
     starts.append(at)
     last = len(plain)
     spans = [Span(starts[min(s.start, last)], starts[min(s.end, last)], s.style) for s in text.spans]
@@ -123,7 +96,7 @@ class _CleanConsole(Console):
         if isinstance(renderable, Text):
             renderable = clean_text(renderable, layout=True)
         for segment in super().render(renderable, options):
-            if segment.control or not _UNSAFE.search(segment.text):
+            if segment.control or not UNSAFE.search(segment.text):
                 yield segment
             else:
                 yield Segment(clean(segment.text, layout=True), segment.style, segment.control)
