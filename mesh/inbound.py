@@ -8,6 +8,7 @@ gets the call's `Inbound` record on its servicer context (`hivemesh.mesh.callcon
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -307,6 +308,16 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any], object]] = {}
         """method path -> (the servicer's handler, its wrapper, the tracer it was built for): the wrapper depends
         on nothing else, so it is built once per handler (and tracing state) instead of once per call."""
+
+    def record_refusal(self, method: str, context: grpc.aio.ServicerContext[Any, Any], err: HivemeshError) -> None:
+        """Tell the observers of a refusal made outside the chain (a Link message its server cannot read): one
+        decision, with the sender's verified identity as the chain records an undecodable Invoke's (a sender the
+        identity layer refuses is recorded with what its certificate claims). The caller sees only err."""
+        started = time.perf_counter()
+        call = _new_call(method, context)
+        with contextlib.suppress(HivemeshError):
+            self._chain.identify(call)
+        self._notify(call, err, err.code, started)
 
     def _notify(
         self, call: Inbound, err: HivemeshError | None, code: grpc.StatusCode, started: float

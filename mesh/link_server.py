@@ -7,7 +7,10 @@ context is a `FrameContext` (the stream's peer and certificate, the frame's meta
 status travels back in an answer frame instead of gRPC trailers. Calls run concurrently; answers go back in
 the order they finish, matched by id. A cancel frame cancels one call. A caller that does not read its answers
 is not buffered for: past `MAX_HELD_BYTES` of answers not yet written (or `MAX_OPEN_CALLS` calls unanswered) the
-link stops reading, and HTTP/2 flow control holds the caller back, as for a unary call (`_Open`).
+link stops reading, and HTTP/2 flow control holds the caller back, as for a unary call (`_Open`). An answer frame
+larger than one message may carry is answered PAYLOAD_TOO_LARGE instead (gRPC would fail the whole link on it);
+a message that does not decode ends the link INVALID_ARGUMENT, recorded by the chain's observers (the audit log)
+as an undecodable Invoke is (`_record_refusal`).
 
 The caller's token is bound to its certificate, which is the link's, so a caller may send it once: a call
 frame without an `authorization` entry carries the last one sent on this link (still verified per call).
@@ -30,10 +33,13 @@ from typing import Any, Final
 
 import grpc
 
-from hivemesh.mesh import link_wire, tracing
+from hivemesh.mesh import invoke_wire, link_wire, tracing
+from hivemesh.mesh.errors import InvalidInputError, PayloadTooLargeError, to_status
+from hivemesh.mesh.inbound import MeshInboundInterceptor
 from hivemesh.mesh.link_context import FrameAborted, FrameContext
 from hivemesh.mesh.link_frames import BATCH_ANNOUNCE, announced, outgoing
 from hivemesh.mesh.link_wire import DecodeError, Frame, Outgoing
+from hivemesh.mesh.tls import MAX_MESSAGE_BYTES
 from hivemesh.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
@@ -61,6 +67,24 @@ windows (`STREAM_WINDOW_BYTES`). A caller reading its answers leaves this much w
 faster than it takes them, and then pausing paces its calls to its reading. Calls already running when reading
 pauses still queue their answers, so a link holds at most this plus `MAX_OPEN_CALLS` answers. Before it, a
 caller that sent large calls and never read made the server hold every answer (400 calls of 256 KiB: 96 MiB)."""
+
+
+def answer_too_large(capability: str, size: int, limit: int, *, on: str = "") -> PayloadTooLargeError:
+    """The caller's error for an answer that one gRPC message cannot carry: named, with its size and the limit,
+    where gRPC's own ("Sent message larger than max") named neither the capability nor what to do."""
+    return PayloadTooLargeError(
+        f"capability {capability or '(unknown)'!r} answered {size} bytes{on}, more than the {limit} bytes one "
+        "message may carry: answer less, or stream it (a streaming capability, called with InvokeStream)",
+        metadata={"capability": capability, "size": str(size), "limit": str(limit)})
+
+
+def _capability(request: bytes | memoryview) -> str:
+    """The capability a call frame's request (an InvokeRequest, for Agent.Invoke and Mesh.Call) names, "" if it
+    does not decode as one. Read only to name a refused answer's capability."""
+    try:
+        return invoke_wire.read_request(request)[0].capability
+    except DecodeError:
+        return ""
 
 
 def _read_out(reader: asyncio.Task[None]) -> None:
@@ -197,10 +221,14 @@ class LinkServer:
 
     def __init__(
         self, interceptor: grpc.aio.ServerInterceptor | None, invoke: grpc.RpcMethodHandler[Any, Any],
-        path: str = INVOKE_PATH, *, max_open_calls: int = MAX_OPEN_CALLS,
+        path: str = INVOKE_PATH, *, max_open_calls: int = MAX_OPEN_CALLS, max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         self.max_open_calls = max_open_calls
         """Calls one link holds unanswered at most before it stops reading call frames (`MAX_OPEN_CALLS`)."""
+        self.max_message_bytes = max_message_bytes
+        """The most one message on the link may carry (the server's `grpc.max_send_message_length`): a larger
+        answer frame is answered PAYLOAD_TOO_LARGE instead (a batch is far smaller: a frame this large goes alone,
+        `MAX_BATCH_BYTES`)."""
         self._interceptor = interceptor
         self._invoke = invoke
         self._path = path
@@ -276,7 +304,12 @@ class LinkServer:
                 wrapped = await self._behaviour()
             behaviour, serialize = wrapped
             response = await behaviour(frame.request, context)
-            put(link_wire.answer_frame(call_id, serialize(response) if serialize is not None else response))
+            answer = link_wire.answer_frame(call_id, serialize(response) if serialize is not None else response)
+            if answer.size > self.max_message_bytes:  # gRPC would refuse to write it and end the whole link
+                status = to_status(answer_too_large(_capability(frame.request), answer.size, self.max_message_bytes,
+                                                    on=" as a Link answer frame"))
+                answer = answer_frame(call_id, status.code, status.details, status.trailing_metadata)
+            put(answer)
         except FrameAborted as aborted:
             put(answer_frame(call_id, aborted.code, aborted.details, aborted.trailing))
         except TimeoutError:
@@ -296,6 +329,16 @@ class LinkServer:
         except BaseException:  # a SystemExit from code under the behaviour: this call's failure only
             log.exception("link call %d failed unexpectedly", call_id)
             put(answer_frame(call_id, grpc.StatusCode.UNKNOWN, "unexpected error serving the call", ()))
+
+    def _record_refusal(self, context: grpc.aio.ServicerContext[Any, Any], problem: str) -> None:
+        """One audit record (INVALID_INPUT, method Link, the sender's verified identity) for a link refused for
+        problem (a message that does not decode, a frame it cannot use); every call frame is recorded already, as
+        the Invoke it carries."""
+        if isinstance(self._interceptor, MeshInboundInterceptor):
+            try:
+                self._interceptor.record_refusal("Link", context, InvalidInputError(problem))
+            except Exception:  # the link is refused all the same; its record is what failed
+                log.exception("could not record the refusal of a link (%s)", problem)
 
     def drain(self) -> None:
         """Shutting down: refuse new call frames (UNAVAILABLE), and end each link once its calls are answered,
@@ -391,6 +434,8 @@ class LinkServer:
                             break
                     if state.bad:
                         break
+                if state.bad:
+                    self._record_refusal(context, state.bad)
                 await asyncio.gather(*running.values(), return_exceptions=True)
             finally:
                 out.put_nowait(_END)

@@ -8,7 +8,8 @@ encodes, and decides nothing the chain decided.
 Errors: an `InvalidInputError` (or any `HivemeshError`) raised by a capability keeps its code; anything else
 it raises (a `TypeError` or `ValueError` included) is a bug in the agent, AGENT_ERROR, not the caller's fault.
 A streaming capability called unary is collected into one answer of at most one message's size, else
-RESOURCE_EXHAUSTED (`AgentServicer._collect`).
+RESOURCE_EXHAUSTED (`AgentServicer._collect`); any unary answer larger than one message is PAYLOAD_TOO_LARGE,
+naming the capability, its size and the limit (gRPC's own refusal to send it named neither).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
@@ -34,7 +35,7 @@ from hivemesh.mesh.errors import (
 )
 from hivemesh.mesh.json_compact import compact_json, compact_json_parts
 from hivemesh.mesh.layers import Inbound
-from hivemesh.mesh.link_server import LinkServer, link_handler
+from hivemesh.mesh.link_server import LinkServer, answer_too_large, link_handler
 from hivemesh.mesh.output_check import OutputCheck, note_refusal
 from hivemesh.mesh.tls import MAX_MESSAGE_BYTES
 from hivemesh.sdk.agent import Agent, CapabilitySpec
@@ -80,12 +81,18 @@ def _json(value: Any) -> bytes:
         raise AgentError(f"the capability's output is not JSON: {_text(exc)}") from None
 
 
+_CHUNK_OVERHEAD: Final = 64
+"""More than a stream chunk's fields other than its data take on the wire: a chunk whose data is shorter than the
+limit by this much is within it, measured no further."""
+
+
 class AgentServicer(agent_pb2_grpc.AgentServicer):
     """Serves one SDK `Agent` over the hivemesh.v1.Agent contract.
 
-    max_output_bytes: the most a streaming capability called unary may yield, as JSON; the largest message the
-    agent's server sends (its `grpc.max_send_message_length`, `ManagedServer`'s max_message_bytes), since a
-    larger answer could not be sent anyway."""
+    max_output_bytes: the largest unary answer, as the InvokeResponse written (and the most a streaming capability
+    called unary may yield, as JSON); the largest message the agent's server sends (its
+    `grpc.max_send_message_length`, `ManagedServer`'s max_message_bytes), since a larger answer could not be sent
+    anyway: it is PAYLOAD_TOO_LARGE instead."""
 
     def __init__(
         self,
@@ -268,6 +275,8 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         if usage.input_tokens or usage.output_tokens:
             response.usage.CopyFrom(usage)
         wire = invoke_wire.response(output, response)
+        if len(wire) > self._max_output_bytes:  # else gRPC refuses to send it, naming neither capability nor limit
+            await abort(context, answer_too_large(request.capability, len(wire), self._max_output_bytes))
         call.written = (wire, response.usage)  # what the usage-counting layers would otherwise parse it for
         return wire
 
@@ -280,6 +289,15 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             async for frame in self.link.serve(request_iterator, context):
                 yield frame
 
+    def _chunk(self, capability: str, data: bytes) -> agent_pb2.InvokeChunk:
+        """A stream's item chunk; PAYLOAD_TOO_LARGE (naming the capability) for one larger than a message may
+        carry, which gRPC would refuse to send with a message naming neither."""
+        chunk = agent_pb2.InvokeChunk(data=data, content_type=_JSON, state=agent_pb2.TASK_STATE_WORKING)
+        limit = self._max_output_bytes
+        if len(data) > limit - _CHUNK_OVERHEAD and (size := chunk.ByteSize()) > limit:
+            raise answer_too_large(capability, size, limit, on=" in one stream item")
+        return chunk
+
     async def InvokeStream(
         self, request: agent_pb2.InvokeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[agent_pb2.InvokeChunk]:
@@ -290,11 +308,11 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                 if spec.streaming:
                     # The generator's body runs in this task's context, so the meter is current while it runs.
                     with metering(ctx.usage):
-                        async for item in self._agent.run_stream(spec, value, ctx):
-                            data = _json(item)
-                            self._check_output(call, spec.name, item)  # each item, before it is sent
-                            yield agent_pb2.InvokeChunk(data=data, content_type=_JSON,
-                                                        state=agent_pb2.TASK_STATE_WORKING)
+                        async with aclosing(self._agent.run_stream(spec, value, ctx)) as stream:
+                            async for item in stream:
+                                data = _json(item)
+                                self._check_output(call, spec.name, item)  # each item, before it is sent
+                                yield self._chunk(spec.name, data)
                 else:
                     run = self._run if tracing.TRACER is None else self._traced_run
                     state, result, _usage = await run(call, request, spec, value, ctx)
@@ -303,7 +321,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                         final.state = agent_pb2.TASK_STATE_INPUT_REQUIRED
                     else:
                         self._check_output(call, spec.name, result, whole=True)
-                    yield agent_pb2.InvokeChunk(data=data, content_type=_JSON, state=agent_pb2.TASK_STATE_WORKING)
+                    yield self._chunk(spec.name, data)
             except InputRequired as ask:
                 final.state = agent_pb2.TASK_STATE_INPUT_REQUIRED
                 final.data = json.dumps(ask.to_json(), separators=(",", ":")).encode()
