@@ -4,6 +4,13 @@ uvicorn does not hand the peer certificate to the application (there is no ASGI 
 `PeerCertH11Protocol` reads it from each connection's SSL object and puts it in the request scope under
 `PEER_CERT_SCOPE_KEY`. `authenticate` then checks the token as an inbound mesh call would: signature, audience
 (the gateway), expiry, revocation and the binding to that very certificate (RFC 8705).
+
+A task belongs to its owner scope (`A2ACaller.user_name`: a2a-sdk's `resolve_user_scope`, the task store's owner,
+the run's `a2a.owner` label), compared for equality and nothing else: the principal, and for a request on one
+agent's route (`/agents/<agent>/`) that route as well. So each route is a task space of its own: a task sent on
+alpha's route is "task not found" (A2A -32001) on beta's route and on the gateway's general route, for every
+task-addressed operation (a follow-up message, get, cancel, resubscribe, list), exactly as another principal's
+task is, and its existence is not revealed.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import asyncio
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from a2a.auth.user import User
@@ -66,6 +73,8 @@ class A2ACaller(User):
     """The token's subject: who the calls are made for (the caller itself, or whom it acts for)."""
     token: str
     scopes: frozenset[str]
+    route: str | None = None
+    """The agent whose route (`/agents/<agent>/`) the request came by; None: the gateway's general route."""
 
     @property
     def is_authenticated(self) -> bool:
@@ -73,7 +82,10 @@ class A2ACaller(User):
 
     @property
     def user_name(self) -> str:
-        return self.principal
+        """The owner scope of the tasks this request may see and drive: the principal on the general route (as
+        before per-agent routes existed, so its tasks keep their owner), `<principal> /agents/<agent>/` on an
+        agent's route. A principal is a SPIFFE id, which has no space: no route's scope is another's."""
+        return self.principal if self.route is None else f"{self.principal} /agents/{self.route}/"
 
 
 def bearer(header: str | None) -> str | None:
@@ -98,16 +110,20 @@ def authenticate(verifier: TokenVerifier, cert_der: bytes | None, authorization:
 
 
 class MeshCallContextBuilder(DefaultServerCallContextBuilder):
-    """Puts the authenticated caller (set by the gateway's route before dispatch) and the agent the caller
-    addressed into a2a-sdk's call context."""
+    """Puts the authenticated caller (set by the gateway's route before dispatch), scoped to the route it came by
+    (`A2ACaller.user_name`), and the agent the caller addressed into a2a-sdk's call context: every task lookup
+    (a2a-sdk's handler, the task store, the executor) then finds only this route's tasks."""
 
     def build(self, request: Request) -> ServerCallContext:
         ctx = super().build(request)
+        agent = request.path_params.get("agent")
         caller = request.scope.get(CALLER_STATE_KEY)
+        if isinstance(caller, A2ACaller):
+            caller = replace(caller, route=agent)
         if caller is not None:
             ctx.user = caller
         ctx.state[CALLER_STATE_KEY] = caller
-        ctx.state[AGENT_STATE_KEY] = request.path_params.get("agent")
+        ctx.state[AGENT_STATE_KEY] = agent
         return ctx
 
 

@@ -34,7 +34,8 @@ A2A_STREAM: Final = "hivemesh.sdk.a2a.tasks:a2a_stream"
 MAX_ASKS: Final = 8
 """Most times one task may ask a person: an agent that keeps asking ends FAILED instead of looping."""
 LABEL: Final = "a2a.owner"
-"""Run label naming the A2A owner (the caller's principal) a task belongs to."""
+"""Run label naming the A2A owner a task belongs to: the caller's principal, followed by `/agents/<agent>/` for a
+task sent on a per-agent route (`A2ACaller.user_name`)."""
 CHUNK: Final = "a2a.chunk"
 """Progress event kind carrying one streamed item to the process's waiters."""
 

@@ -192,7 +192,8 @@ async def test_tasks_and_their_asks_outlive_a_gateway_restart(rig: Rig) -> None:
         async with await rig.http_for(rig.alice) as http:
             client = await client_for(http, f"{second.url}/agents/desk/.well-known/agent-card.json")
             # Both tasks are still there, as they were: the one done, the one waiting for alice.
-            assert (await client.get_task(GetTaskRequest(id=done.id))).status.state == TaskState.TASK_STATE_COMPLETED
+            echo = await client_for(http, f"{second.url}/agents/echo/.well-known/agent-card.json")  # its own route
+            assert (await echo.get_task(GetTaskRequest(id=done.id))).status.state == TaskState.TASK_STATE_COMPLETED
             waiting = await client.get_task(GetTaskRequest(id=asked.id))
             assert waiting.status.state == TaskState.TASK_STATE_INPUT_REQUIRED
             # alice answers on the same task, through the new gateway: it picks the run up and finishes it.
