@@ -86,7 +86,7 @@ class PoliciesServicer(policy_pb2_grpc.PoliciesServicer):
     ) -> policy_pb2.DeletePolicyResponse:
         self._operator(context)
         version = request.version if request.HasField("version") else None
-        if request.kind == ROLLOUTS.name:  # its state and the routes rule it wrote go with it, in one transaction
+        if request.kind == ROLLOUTS.name:  # its state and target record go with it, in one transaction (its rule stays)
             revision = await rollouts.delete_rollout(self._core.etcd, request.name, expected_version=version)
         else:
             revision = await store.delete_policy(self._core.etcd, request.kind, request.name,
