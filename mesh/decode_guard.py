@@ -9,11 +9,16 @@ and, when a string is not UTF-8, the field) before any later interceptor or the 
 streaming requests alike. An interceptor before it (the control plane's audit, which records the refusal from the
 status the call ends with) is handed the marker as the request and must pass it on unread. Methods that take raw
 bytes and decode them themselves (the inbound chain's) are left as they are.
+
+A server whose audit does not see these methods (the data plane's, where the inbound chain audits only the Agent
+service, so health checking and reflection pass it by) gives the guard an observer to report each refusal to
+before it is sent; the control plane's audit already records them from the status, and its guard has none.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
 
@@ -24,19 +29,29 @@ from google.protobuf.message import DecodeError
 from hivemesh.mesh.errors import InvalidInputError, abort
 from hivemesh.mesh.rpcwrap import Deserializer, StreamBehaviour, UnaryBehaviour, wrap_handler
 
+log = logging.getLogger(__name__)
+
 _MAX_DEPTH: Final = 100
 """Nesting the field search follows at most (protobuf's own recursion limit)."""
 _MAX_REASON: Final = 200
 """Most characters of the parser's own reason quoted in the refusal."""
 
 
+RefusalObserver = Callable[[str, grpc.aio.ServicerContext[Any, Any], InvalidInputError], None]
+"""Told of each refusal before it is sent: (the method, "package.Service/Method"; the call's context; the error
+the caller gets). What it raises is logged; the refusal goes out all the same."""
+
+
 class Undecodable:
-    """What a guarded deserializer returns for bytes that do not parse: the refusal to answer them with."""
+    """What a guarded deserializer returns for bytes that do not parse: the refusal to answer them with, and the
+    method and observer to report it to (carried here, so that a request that decodes costs nothing more)."""
 
-    __slots__ = ("error",)
+    __slots__ = ("error", "method", "observer")
 
-    def __init__(self, error: InvalidInputError) -> None:
+    def __init__(self, error: InvalidInputError, method: str = "", observer: RefusalObserver | None = None) -> None:
         self.error = error
+        self.method = method
+        self.observer = observer
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -105,8 +120,11 @@ def refusal(descriptor: Descriptor | None, data: bytes, exc: DecodeError) -> Inv
     )
 
 
-def guard_deserializer(deserializer: Deserializer) -> Deserializer:
-    """deserializer, returning an `Undecodable` for bytes it refuses with DecodeError instead of raising."""
+def guard_deserializer(
+    deserializer: Deserializer, *, method: str = "", observer: RefusalObserver | None = None
+) -> Deserializer:
+    """deserializer, returning an `Undecodable` for bytes it refuses with DecodeError instead of raising (to be
+    reported to observer as a refusal on method, the call's path, when there is one)."""
     owner = getattr(deserializer, "__self__", None)  # a generated Message.FromString: its class
     descriptor = getattr(owner, "DESCRIPTOR", None)
     if not isinstance(descriptor, Descriptor):
@@ -116,12 +134,18 @@ def guard_deserializer(deserializer: Deserializer) -> Deserializer:
         try:
             return deserializer(data)
         except DecodeError as exc:
-            return Undecodable(refusal(descriptor, data, exc))
+            return Undecodable(refusal(descriptor, data, exc), method, observer)
 
     return deserialize
 
 
 async def _refuse(context: grpc.aio.ServicerContext[Any, Any], request: Undecodable) -> None:
+    """Report the refusal to the guard's observer (if any), then send it."""
+    if request.observer is not None:
+        try:
+            request.observer(request.method.lstrip("/"), context, request.error)
+        except Exception:  # the caller still gets its INVALID_ARGUMENT
+            log.exception("the decode guard's observer failed on %s", request.method)
     await abort(context, request.error)  # raises
 
 
@@ -180,7 +204,14 @@ def _async(handler: grpc.RpcMethodHandler[Any, Any]) -> bool:
 class DecodeGuard(grpc.aio.ServerInterceptor):
     """Answers a request that does not decode as its method's type INVALID_ARGUMENT (reason INVALID_INPUT);
     first in a server's interceptors, or behind only those that take the marker for what it is (the control
-    plane's audit), so that no later one (the inbound chain, the revocation guard) sees the marker."""
+    plane's audit), so that no later one (the inbound chain, the revocation guard) sees the marker.
+
+    observer: told of each such refusal before it is sent, where no interceptor before the guard records it
+    (the data plane's inbound chain, `MeshInboundInterceptor.record_refusal`); never called for requests that
+    decode."""
+
+    def __init__(self, observer: RefusalObserver | None = None) -> None:
+        self._observer = observer
 
     async def intercept_service(
         self,
@@ -196,8 +227,9 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
             unary_stream=_guarded_stream,
             stream_unary=_guarded_requests,
             stream_stream=_guarded_requests,
-            request_deserializer=guard_deserializer(handler.request_deserializer),
+            request_deserializer=guard_deserializer(
+                handler.request_deserializer, method=handler_call_details.method, observer=self._observer),
         )
 
 
-__all__ = ["DecodeGuard", "Undecodable", "bad_utf8_field", "guard_deserializer", "refusal"]
+__all__ = ["DecodeGuard", "RefusalObserver", "Undecodable", "bad_utf8_field", "guard_deserializer", "refusal"]

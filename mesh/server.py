@@ -9,6 +9,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
 from hivemesh.mesh.decode_guard import DecodeGuard
+from hivemesh.mesh.inbound import MeshInboundInterceptor
 from hivemesh.mesh.readiness import Readiness
 from hivemesh.mesh.reflection import enable_reflection
 from hivemesh.mesh.tls import MAX_MESSAGE_BYTES, STREAM_WINDOW_OPTIONS
@@ -26,7 +27,9 @@ METADATA_OPTIONS: Final[tuple[tuple[str, int], ...]] = (
 
 class ManagedServer:
     """A grpc.aio server plus its health servicer; `stop()` flips health to NOT_SERVING before draining. Its
-    interceptors run after a `DecodeGuard` (undecodable requests refused INVALID_ARGUMENT).
+    interceptors run after a `DecodeGuard` (undecodable requests refused INVALID_ARGUMENT); when one is the
+    inbound chain's, the guard's refusals (health checking and reflection, which the chain passes by) are
+    recorded through it, like the chain's own, with the sender's verified identity.
 
     Its health says what readiness decides: a node's own (shared by all its servers and its plaintext health
     port) or, when none is given, one that serves from `start()` to `stop()`."""
@@ -40,10 +43,11 @@ class ManagedServer:
         handlers: Sequence[grpc.GenericRpcHandler] = (),
         readiness: Readiness | None = None,
     ) -> None:
+        inbound = next((i for i in interceptors if isinstance(i, MeshInboundInterceptor)), None)
         self.server = grpc.aio.server(
             # The decode guard first: a typed request that does not decode is INVALID_ARGUMENT (not UNKNOWN)
-            # before any other interceptor sees it.
-            interceptors=[DecodeGuard(), *interceptors],
+            # before any other interceptor sees it, and on the audit record when the inbound chain keeps one.
+            interceptors=[DecodeGuard(inbound.record_refusal if inbound is not None else None), *interceptors],
             handlers=list(handlers) or None,
             options=[
                 ("grpc.max_send_message_length", max_message_bytes),
