@@ -2,8 +2,9 @@
 
 Kubernetes' gRPC probes speak plaintext and carry no certificate: against a mutual-TLS port every probe is a
 refused handshake, and every refusal an audit record. This port answers health and nothing else (no reflection,
-no mesh service, no interceptors, no audit), with the same state as the node's mutual-TLS ports (one
-`Readiness`). It is off unless asked: `--health-listen HOST:PORT` or $HIVEMESH_HEALTH_LISTEN.
+no mesh service, no audit), with the same state as the node's mutual-TLS ports (one `Readiness`). Its one
+interceptor is the `DecodeGuard`, so a probe that does not decode is INVALID_ARGUMENT, not UNKNOWN. It is off
+unless asked: `--health-listen HOST:PORT` or $HIVEMESH_HEALTH_LISTEN.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Final
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
+from hivemesh.mesh.decode_guard import DecodeGuard
 from hivemesh.mesh.readiness import Readiness
 
 HEALTH_LISTEN_ENV: Final = "HIVEMESH_HEALTH_LISTEN"
@@ -50,7 +52,7 @@ class HealthPort:
             raise ValueError(f"the health port needs an address, not {listen!r}")
         self._host = parsed[0]
         self._listen = listen.strip()
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(interceptors=[DecodeGuard()])  # unaudited by design: no observer
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = 0

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hivemesh.mesh.audit.handshake.switch import child_environment
@@ -52,6 +53,12 @@ async def test_health_port_answers_plaintext_probes_that_leave_no_audit_record(
                     service = "" if i % 2 else "hivemesh.v1.Agent"
                     reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
                     assert reply.status == SERVING, (service, reply)
+                # A probe that does not decode is the prober's bad input, said so (gRPC's own answer was UNKNOWN).
+                garbage = channel.unary_unary("/grpc.health.v1.Health/Check")
+                with pytest.raises(grpc.aio.AioRpcError) as bad:
+                    await garbage(b"\x0a\x02\xff\xfe", timeout=10)  # service: two bytes that are not UTF-8
+                assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad.value
+                assert "not a valid grpc.health.v1.HealthCheckRequest" in (bad.value.details() or ""), bad.value
 
                 # The control: a plaintext connection to the mutual-TLS port is refused and recorded.
                 control = await asyncio.to_thread(raw_attempt, mtls_port, H2_PREFACE)
