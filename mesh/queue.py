@@ -7,6 +7,8 @@ needed to send it: the serialized request, capability, idempotency key and wait.
 minute to collect the answer, so etcd itself enforces the age bound; the count bound (`max_held`), the size
 bound (`MAX_ENTRY_BYTES`, stored form) and the capability's name are checked when a call is enqueued, before
 anything is written. The prefix is read in pages (`etcd.read_prefix`), so any number of held calls stays readable.
+Held calls are listed in the order etcd stored them (each entry's create revision: ids are random, so key order is
+not that order), which is also the stable position a listing page resumes after.
 
 Who delivers: any running node of the caller's identity (the caller's own process, or the sidecar of a plain
 agent, which outlives the agent's process). Each pass it claims every held call whose capability has a live
@@ -73,7 +75,9 @@ ID_RE: Final = re.compile(r"q-[0-9a-f]{16}")
 
 @dataclass(frozen=True)
 class HeldCall:
-    """One held call as stored: its state and, once delivered, the response bytes or the error."""
+    """One held call as stored: its state and, once delivered, the response bytes or the error. revision: the
+    etcd revision that created its entry, unique and growing in the order calls were held (any node of the
+    identity), and unchanged as the call is delivered: the queue's stable order, which a listing resumes by."""
 
     id: str
     capability: str
@@ -84,6 +88,7 @@ class HeldCall:
     error: HivemeshError | None = None
     call_id: str = ""
     idempotency_key: str = ""
+    revision: int = 0
 
 
 def _encode(doc: dict[str, Any]) -> bytes:
@@ -104,10 +109,10 @@ def _etcd_errors(what: str) -> Iterator[None]:
         raise RegistryUnavailableError(f"the registry (etcd) failed {what}: {type(exc).__name__}") from None
 
 
-def _held(doc: dict[str, Any]) -> HeldCall:
+def _held(doc: dict[str, Any], revision: int) -> HeldCall:
     err = doc.get("error")
     return HeldCall(
-        id=doc["id"], capability=doc["capability"], state=doc["state"],
+        id=doc["id"], capability=doc["capability"], state=doc["state"], revision=revision,
         enqueued_at_unix_ms=doc["enqueued_at_unix_ms"], expires_at_unix_ms=doc["expires_at_unix_ms"],
         response=base64.b64decode(doc.get("response", "")),
         call_id=doc.get("call_id", ""), idempotency_key=doc.get("idempotency_key", ""),
@@ -135,8 +140,9 @@ class CallQueue:
     def _key(self, call_id: str) -> bytes:
         return (self.prefix + call_id).encode()
 
-    async def _docs(self) -> tuple[list[tuple[dict[str, Any], int, int]], set[str]]:
-        """(document, mod revision, lease) of every held call of this identity, and the ids with a live claim."""
+    async def _docs(self) -> tuple[list[tuple[dict[str, Any], int, int, int]], set[str]]:
+        """(document, mod revision, lease, create revision) of every held call of this identity, and the ids with
+        a live claim."""
         out, claimed = [], set()
         with _etcd_errors("reading the held calls"):
             kvs, _ = await read_prefix(self.etcd, self.prefix.encode(), page=READ_PAGE)
@@ -146,14 +152,16 @@ class CallQueue:
                 claimed.add(key[len(self.prefix):-len(CLAIM_SUFFIX)])
                 continue
             with contextlib.suppress(ValueError, KeyError, RecursionError):
-                out.append((json.loads(kv.value), int(kv.mod_revision), int(kv.lease)))
+                out.append((json.loads(kv.value), int(kv.mod_revision), int(kv.lease), int(kv.create_revision)))
         return out, claimed
 
     async def held(self) -> list[HeldCall]:
-        """Every call of this identity still held or its answer still kept, oldest first."""
+        """Every call of this identity still held or its answer still kept, oldest first: in the order etcd
+        stored them (by revision, not by enqueued_at_unix_ms, which is a node's clock and ties within a
+        millisecond), so the order is total and a call held later always comes after every call listed before."""
         docs, _ = await self._docs()
-        calls = [_held(doc) for doc, _, _ in docs]
-        return sorted(calls, key=lambda c: c.enqueued_at_unix_ms)
+        calls = [_held(doc, created) for doc, _, _, created in docs]
+        return sorted(calls, key=lambda c: c.revision)
 
     async def enqueue(self, capability: str, raw: bytes, idempotency_key: str, max_wait: float, *,
                       call_id: str = "", deadline_s: float | None = None) -> str:
@@ -210,7 +218,7 @@ class CallQueue:
         if kv is None:
             raise NotFoundError(f"no held call {call_id!r} (never held by this caller, or older than its wait "
                                 f"plus {KEEP_ANSWER_S} s)", metadata={"id": call_id})
-        return _held(json.loads(kv.value))
+        return _held(json.loads(kv.value), int(kv.create_revision))
 
     async def wait(self, call_id: str, timeout: float) -> HeldCall:
         """The call once delivered (done or failed), or as it stands after timeout."""
@@ -233,7 +241,7 @@ class CallQueue:
         node of this identity was delivering when it died is failed OUTCOME_UNKNOWN once its claim lapses."""
         docs, _ = await self._docs()
         self.start()
-        return sum(1 for doc, _, _ in docs if doc.get("state") in (QUEUED, DELIVERING))
+        return sum(1 for doc, _, _, _ in docs if doc.get("state") in (QUEUED, DELIVERING))
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -261,7 +269,7 @@ class CallQueue:
         pending = 0
         now = int(time.time() * 1000)
         docs, claimed = await self._docs()
-        for doc, rev, lease in docs:
+        for doc, rev, lease, _ in docs:
             state = doc.get("state")
             if state == DELIVERING:
                 if doc["id"] in claimed:

@@ -4,8 +4,11 @@
 The sidecar's node holds and delivers the calls (`hivemesh.mesh.queue`), so a held call does not depend on the
 agent's process: an agent that restarts mid-wait finds its call with `ListQueued` (by the call_id or idempotency
 key it set) and polls it with `GetQueued`. `ListQueued` lists each call without its answer (one answer may be
-most of a held entry, so a dozen of them passed the message limit and broke the listing for good), and no more
-calls than fit in one message; `GetQueued` by id returns the answer. A sidecar that restarts resumes its
+most of a held entry, so a dozen of them passed the message limit and broke the listing for good), saying only
+whether one is kept and its size; `GetQueued` by id returns the answer. It lists in pages (page_size calls, and
+no more than fit in one message) that resume after the last call listed, by the queue's stable order (each
+entry's etcd create revision), so calls held or removed between pages neither repeat nor skip one; the page
+token names that revision, bound to this identity's prefix. A sidecar that restarts resumes its
 identity's held calls at start. A call made for an inbound call (with a call handle) is not queued: its
 delegation ends with that call, and delivering it later as the sidecar's own identity would act with authority
 the caller did not have.
@@ -13,8 +16,12 @@ the caller did not have.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
+import hashlib
+import re
+import struct
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -48,7 +55,17 @@ LIST_LIMIT: Final = MAX_MESSAGE_BYTES - 64 * 1024
 _LISTED_OVERHEAD: Final = 8
 """A listed call's tag and length in the response, at most."""
 LEFT_OFF_HEADER: Final = "hivemesh-left-off"
-"""Trailing metadata of a ListQueued that did not fit every call: how many (the newest) it left off."""
+"""Trailing metadata of a ListQueued page that did not hold every call: how many come after it (for callers that
+do not page)."""
+MAX_PAGE_SIZE: Final = 1000
+"""The most calls in one ListQueued page; a larger page_size is read as this."""
+DEFAULT_PAGE_SIZE: Final = MAX_PAGE_SIZE
+"""page_size 0 (a caller from before paging): as many as one page holds, so such a caller still sees every call a
+sidecar with the default bound (100 held) keeps."""
+_TOKEN: Final = struct.Struct(">B8sQ")
+"""A page token's bytes: version, the identity's tag, the create revision of the last call listed."""
+_TOKEN_VERSION: Final = 1
+_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 Context = grpc.aio.ServicerContext[Any, Any]
 NOT_QUEUEABLE = (NoLiveInstanceError, UnknownCapabilityError)
@@ -68,7 +85,8 @@ def queue_for_s(req: agent_pb2.InvokeRequest, *, required: bool = False) -> floa
 
 def held_message(held: HeldCall, *, body: bool = True) -> mesh_pb2.QueuedCall:
     """held as a QueuedCall; body False leaves a done call's answer out (ListQueued: the caller reads it with
-    GetQueued), though an answer that does not decode still lists the call as failed, as GetQueued reads it."""
+    GetQueued), though an answer that does not decode still lists the call as failed, as GetQueued reads it.
+    answer_kept and answer_bytes are set either way: the lister sizes an answer without its body."""
     response = agent_pb2.InvokeResponse()
     if held.state == DONE:
         try:
@@ -80,28 +98,78 @@ def held_message(held: HeldCall, *, body: bool = True) -> mesh_pb2.QueuedCall:
         id=held.id, capability=held.capability, state=held.state, enqueued_at_unix_ms=held.enqueued_at_unix_ms,
         expires_at_unix_ms=held.expires_at_unix_ms, call_id=held.call_id, idempotency_key=held.idempotency_key,
     )
-    if held.state == DONE and body:
-        out.response.CopyFrom(response)
+    if held.state == DONE:
+        out.answer_kept = True
+        out.answer_bytes = response.ByteSize()  # what GetQueued sends as `response`
+        if body:
+            out.response.CopyFrom(response)
     elif held.state == FAILED and held.error is not None:
         out.error.CopyFrom(mesh_pb2.BatchItemError(code=held.error.code.name, reason=held.error.reason,
                                                    message=held.error.message))
     return out
 
 
-def listing(calls: list[HeldCall], limit: int = LIST_LIMIT) -> tuple[mesh_pb2.ListQueuedResponse, int]:
-    """ListQueued's answer for calls (oldest first): each call without its answer, and no more of them than fit
-    in limit bytes (a call's call_id and idempotency key are the caller's, each up to most of an entry); and how
-    many were left off for that."""
+def _owner_tag(prefix: str) -> bytes:
+    """What binds a page token to one identity: its held calls' etcd prefix, hashed (the token stays opaque)."""
+    return hashlib.sha256(b"hivemesh.v1.Mesh/ListQueued page token\0" + prefix.encode()).digest()[:8]
+
+
+def page_token(prefix: str, revision: int) -> str:
+    """The token for the page after the call created at revision, for the identity whose calls are at prefix."""
+    raw = _TOKEN.pack(_TOKEN_VERSION, _owner_tag(prefix), revision)
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def resume_after(prefix: str, token: str) -> int:
+    """The create revision a page_token resumes after (0: no token, from the oldest call). InvalidInputError
+    naming page_token for a token this server did not make, and for one made for another identity: a revision
+    only means something within the prefix it was listed from."""
+    if not token:
+        return 0
+    raw = b""
+    if _TOKEN_RE.fullmatch(token):
+        with contextlib.suppress(ValueError):
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    if len(raw) != _TOKEN.size or raw[0] != _TOKEN_VERSION:
+        msg = "must be a next_page_token of ListQueued, passed back unchanged"
+        raise InvalidInputError(f"page_token {token[:80]!r} is not a ListQueued page token: {msg}",
+                                field_violations={"page_token": msg})
+    _, tag, revision = _TOKEN.unpack(raw)
+    if tag != _owner_tag(prefix):
+        msg = "was given to another identity's listing: a token pages only the calls of the identity that got it"
+        raise InvalidInputError(f"page_token {msg}", field_violations={"page_token": msg})
+    return int(revision)
+
+
+def page_size(request: mesh_pb2.ListQueuedRequest) -> int:
+    """The request's page_size as served: 0 is DEFAULT_PAGE_SIZE, more than MAX_PAGE_SIZE is MAX_PAGE_SIZE."""
+    if request.page_size < 0:
+        msg = f"must be 0 (the default, {DEFAULT_PAGE_SIZE}) or more (at most {MAX_PAGE_SIZE} are listed)"
+        raise InvalidInputError(f"page_size {msg}, got {request.page_size}", field_violations={"page_size": msg})
+    return min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def listing(calls: list[HeldCall], prefix: str, *, size: int = DEFAULT_PAGE_SIZE, after: int = 0,
+            limit: int = LIST_LIMIT) -> tuple[mesh_pb2.ListQueuedResponse, int]:
+    """ListQueued's page of calls (in the queue's order, by create revision): those after revision after, each
+    without its answer, at most size of them and no more than fit in limit bytes (a call's call_id and
+    idempotency key are the caller's, each up to most of an entry); and how many calls come after the page.
+    next_page_token resumes after the last call listed, by its revision rather than its position, so a call
+    removed or held between pages shifts nothing."""
+    rest = [held for held in calls if held.revision > after] if after else calls
     out = mesh_pb2.ListQueuedResponse()
-    size = 0
-    for i, held in enumerate(calls):
+    used = 0
+    for held in rest[:size]:
         call = held_message(held, body=False)
         taken = call.ByteSize() + _LISTED_OVERHEAD
-        if size + taken > limit:
-            return out, len(calls) - i
+        if used + taken > limit:
+            break
         out.calls.append(call)
-        size += taken
-    return out, 0
+        used += taken
+    left_off = len(rest) - len(out.calls)
+    if left_off and out.calls:  # one call always fits (an entry is far under limit): a page is never empty
+        out.next_page_token = page_token(prefix, rest[len(out.calls) - 1].revision)
+    return out, left_off
 
 
 def _wait_s(wanted: float, context: Context) -> float:
@@ -209,7 +277,9 @@ class SidecarQueue:
 
         async def list_queued(request: mesh_pb2.ListQueuedRequest, context: Context) -> mesh_pb2.ListQueuedResponse:
             try:
-                out, left_off = listing(await self._ready().held())
+                queue = self._ready()
+                size, after = page_size(request), resume_after(queue.prefix, request.page_token)
+                out, left_off = listing(await queue.held(), queue.prefix, size=size, after=after)
             except HivemeshError as err:
                 await abort(context, err)
                 raise

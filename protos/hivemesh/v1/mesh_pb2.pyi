@@ -355,6 +355,8 @@ class QueuedCall(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     RESPONSE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    ANSWER_KEPT_FIELD_NUMBER: _builtins.int
+    ANSWER_BYTES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     capability: _builtins.str
     state: _builtins.str
@@ -366,6 +368,12 @@ class QueuedCall(_message.Message):
     """the held InvokeRequest's context.call_id"""
     idempotency_key: _builtins.str
     """and its context.idempotency_key"""
+    answer_kept: _builtins.bool
+    """Whether the call's answer is kept (state "done": GetQueued returns it as `response`) and its size in bytes
+    (that InvokeResponse serialized), set by ListQueued and GetQueued alike, so a lister sizes an answer before
+    fetching it. false and 0 while the call is queued or being delivered, and once it failed.
+    """
+    answer_bytes: _builtins.int
     @_builtins.property
     def response(self) -> _agent_pb2.InvokeResponse:
         """the answer; ListQueued leaves it out (GetQueued by id returns it)"""
@@ -386,10 +394,12 @@ class QueuedCall(_message.Message):
         idempotency_key: _builtins.str = ...,
         response: _agent_pb2.InvokeResponse | None = ...,
         error: Global___BatchItemError | None = ...,
+        answer_kept: _builtins.bool = ...,
+        answer_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "response", b"response"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "capability", b"capability", "enqueued_at_unix_ms", b"enqueued_at_unix_ms", "error", b"error", "expires_at_unix_ms", b"expires_at_unix_ms", "id", b"id", "idempotency_key", b"idempotency_key", "outcome", b"outcome", "response", b"response", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_bytes", b"answer_bytes", "answer_kept", b"answer_kept", "call_id", b"call_id", "capability", b"capability", "enqueued_at_unix_ms", b"enqueued_at_unix_ms", "error", b"error", "expires_at_unix_ms", b"expires_at_unix_ms", "id", b"id", "idempotency_key", b"idempotency_key", "outcome", b"outcome", "response", b"response", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["response", "error"]  # noqa: Y015
     _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
@@ -401,12 +411,27 @@ Global___QueuedCall: _TypeAlias = QueuedCall  # noqa: Y015
 class ListQueuedRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """The most calls in one page: 0 is the server's default, 1000; more than 1000 is read as 1000. Negative is
+    INVALID_ARGUMENT. A page may hold fewer (it stops before one message would pass 8 MiB).
+    """
+    page_token: _builtins.str
+    """next_page_token of the previous page; empty: from the oldest call. Opaque: pass it back as it came. The page
+    resumes right after the last call listed, however many calls were held or removed meanwhile (a call held
+    since comes on a later page; one removed is skipped). A malformed token, or one given to another identity,
+    is INVALID_ARGUMENT with a field violation for page_token.
+    """
     def __init__(
         self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -417,6 +442,9 @@ class ListQueuedResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CALLS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """the page_token for the calls after these; empty: no more calls"""
     @_builtins.property
     def calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueuedCall]:
         """oldest first, each without its response (GetQueued returns it)"""
@@ -425,10 +453,11 @@ class ListQueuedResponse(_message.Message):
         self,
         *,
         calls: _abc.Iterable[Global___QueuedCall] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

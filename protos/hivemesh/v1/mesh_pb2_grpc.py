@@ -141,10 +141,12 @@ class MeshServicer:
 
     def ListQueued(self, request, context):
         """ListQueued lists this caller's identity's held calls, oldest first (a restarted caller finds its calls by
-        the call_id or idempotency key it set). Each call comes without its answer (`response` is never set; state
-        "done" says one is kept): GetQueued by id returns it. A failed call keeps its `error`. The list stops before
-        it would pass one message (under 8 MiB; only huge call_ids or idempotency keys get there), and then the
-        trailing metadata `hivemesh-left-off` says how many of the newest calls it left off.
+        the call_id or idempotency key it set), one page at a time: page_size calls at most, resuming after
+        page_token. Each call comes without its answer (`response` is never set; `answer_kept` and `answer_bytes`
+        say whether one is kept and how large it is): GetQueued by id returns it. A failed call keeps its `error`.
+        A page also stops before it would pass one message (under 8 MiB; only huge call_ids or idempotency keys get
+        there); next_page_token then continues from there, and the trailing metadata `hivemesh-left-off` says how
+        many calls come after the page (for callers that do not page).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
