@@ -37,8 +37,10 @@ from hivemesh.mesh.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
+from hivemesh.mesh.etcd import read_prefix
 from hivemesh.mesh.pki import NAME_RE, Peer, parse_spiffe_id
 from hivemesh.mesh.revocation import any_revoked
+from hivemesh.mesh.tls import MAX_MESSAGE_BYTES
 from hivemesh.mesh.tokens import KeySet, TokenVerifier
 from hivemesh.v1 import escalation_pb2, escalation_pb2_grpc
 
@@ -49,6 +51,11 @@ MAX_DEADLINE_S: Final = 30 * 86400
 MAX_REASON: Final = 1000
 MAX_JSON: Final = 256 * 1024
 MAX_WAIT_S: Final = 300
+MAX_LIST_BYTES: Final = MAX_MESSAGE_BYTES - 256 * 1024
+"""The most a ListEscalations reply holds: under the transport's message limit, which a few escalations with large
+JSON reach (each may carry three 256 KiB documents), and past which the reply failed whole for everyone."""
+LEFT_OFF_HEADER: Final = "hivemesh-left-off"
+"""Trailing metadata of a ListEscalations reply cut at MAX_LIST_BYTES: how many matching escalations it left out."""
 DEADLINE_ACTOR: Final = "policy:deadline"
 
 E = escalation_pb2
@@ -205,7 +212,8 @@ class EscalationStore:
 
     async def all(self) -> list[escalation_pb2.Escalation]:
         out: list[escalation_pb2.Escalation] = []
-        for kv in await self.etcd.get_prefix(PREFIX.encode()):
+        listed, _ = await read_prefix(self.etcd, PREFIX.encode())  # paged: no size of the queue fails the read
+        for kv in listed:
             try:
                 esc = E.Escalation.FromString(kv.value)
             except DecodeError:
@@ -310,6 +318,7 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
     ) -> escalation_pb2.ListEscalationsResponse:
         peer = self._core.peer(context)
         out = []
+        size, left_off = 0, 0
         for esc in await self.store.all():
             if not _is_operator(peer) and esc.requested_by != str(peer.spiffe_id):
                 continue
@@ -317,7 +326,15 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
                 continue
             if request.workflow_id and esc.workflow_id != request.workflow_id:
                 continue
+            size += esc.ByteSize() + 8  # its tag and length prefix
+            if size > MAX_LIST_BYTES or left_off:
+                left_off += 1  # newest first: what is left out is the oldest
+                continue
             out.append(esc)
+        if left_off:
+            log.warning("ListEscalations for %s left out the %d oldest matching escalations (reply over %d bytes)",
+                        peer.spiffe_id, left_off, MAX_LIST_BYTES)
+            context.set_trailing_metadata(((LEFT_OFF_HEADER, str(left_off)),))
         return E.ListEscalationsResponse(escalations=out)
 
     async def _finish(self, escalation_id: str, peer: Peer | str, status: int, note: str, answer_json: str,
@@ -411,6 +428,10 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
     ) -> escalation_pb2.Escalation:
         peer = self._core.peer(context)
         _validate_id(request.id)
+        if request.max_wait_seconds < 0:  # not "return at once": a caller whose sum went negative would spin
+            msg = f"must be 0 (30 s) to {MAX_WAIT_S}; more is read as {MAX_WAIT_S}"
+            raise InvalidInputError(f"max_wait_seconds {msg}, got {request.max_wait_seconds}",
+                                    field_violations={"max_wait_seconds": msg})
         max_wait = min(request.max_wait_seconds or 30, MAX_WAIT_S)
         until = time.monotonic() + max_wait
         remaining_rpc = context.time_remaining()
