@@ -97,6 +97,23 @@ async def check(etcd: Any, token: str, name: str, kind: str) -> Checked:
     return Checked(stored_name, stored_kind, key, kv.mod_revision)
 
 
+async def minted_for(etcd: Any, token: str) -> tuple[str, str] | None:
+    """(name, kind) a live join token was minted for, spending nothing; None when it is malformed, unknown or
+    expired (the join refuses it then anyway). The revocation guard asks, so only a good token's holder learns
+    that its identity is revoked."""
+    if not isinstance(token, str) or not _TOKEN_RE.fullmatch(token):
+        return None
+    kv = await etcd.get(_key(token))
+    if kv is None:
+        return None
+    try:
+        doc = json.loads(kv.value)
+        name, kind, expires_at = str(doc["name"]), str(doc["kind"]), float(doc["expires_at"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    return (name, kind) if expires_at > time.time() else None
+
+
 async def use(etcd: Any, checked: Checked) -> None:
     """Spend a checked token, once: JoinTokenInvalidError if it was used (or replaced) since `check`."""
     succeeded, _ = await etcd.transaction(

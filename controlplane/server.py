@@ -370,12 +370,22 @@ def _agent_audience(audience: str, trust_domain: str) -> SpiffeId:
     return sid
 
 
-def _requested_scopes(scopes: Sequence[str]) -> list[str]:
+MAX_SCOPES: Final = 256
+"""The most capability names a token request may list (`scopes`, an exchange's `delegable`): far more than an
+agent offers, and a token naming many more would pass the verifiers' 8 KiB token bound anyway."""
+
+
+def _requested_scopes(scopes: Sequence[str], field: str = "scopes") -> list[str]:
+    """The capability names asked for, sorted and unique; INVALID_ARGUMENT naming field for too many (counted
+    before any per-name work: any workload may ask, and an 8 MiB list held the event loop ~1 s) or a bad name."""
+    if len(scopes) > MAX_SCOPES:
+        msg = f"at most {MAX_SCOPES} capability names"
+        raise InvalidInputError(f"{field}: {msg}, got {len(scopes)}", field_violations={field: msg})
     bad = [s for s in scopes if not NAME_RE.fullmatch(s)]
     if bad:
         shown = ", ".join(map(repr, bad[:5]))
-        msg = f"scopes must be capability names ([a-z0-9][a-z0-9._-]{{0,62}}); bad: {shown}"
-        raise InvalidInputError(msg, field_violations={"scopes": msg})
+        msg = f"{field} must be capability names ([a-z0-9][a-z0-9._-]{{0,62}}); bad: {shown}"
+        raise InvalidInputError(msg, field_violations={field: msg})
     return sorted(set(scopes))
 
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
-from hivemesh.controlplane import shared_ca, shared_keys
+from hivemesh.controlplane import joins, shared_ca, shared_keys
 from hivemesh.controlplane.ca_rotation import CaRotation
 from hivemesh.controlplane.ca_stragglers import refuse_if_stranding
 from hivemesh.controlplane.grants import GrantSet
@@ -89,7 +89,7 @@ class TrustServicer(trust_pb2_grpc.TrustServicer):
         actor = str(peer.spiffe_id)
         audience = _agent_audience(request.audience, core.trust_domain)
         requested = _requested_scopes(request.scopes)
-        delegable_req = _requested_scopes(request.delegable)
+        delegable_req = _requested_scopes(request.delegable, "delegable")
         if request.ttl_seconds < 0:
             raise InvalidInputError("ttl_seconds must not be negative", field_violations={"ttl_seconds": "< 0"})
         if not request.subject_token:
@@ -171,9 +171,12 @@ class TrustServicer(trust_pb2_grpc.TrustServicer):
             raise InvalidInputError("give exactly one of jti or subject", field_violations={"jti/subject": "one"})
         if request.subject:
             try:
-                parse_spiffe_id(request.subject)
+                subject = parse_spiffe_id(request.subject)
             except ValueError as exc:
                 raise InvalidInputError(str(exc), field_violations={"subject": str(exc)}) from None
+            if subject.trust_domain != core.trust_domain:  # no token names it: the revocation would do nothing
+                msg = f"must be an identity of trust domain {core.trust_domain}, not {subject.trust_domain}"
+                raise InvalidInputError(f"subject {msg}", field_violations={"subject": msg})
         elif not (0 < len(request.jti) <= 128):
             raise InvalidInputError("jti must be 1..128 characters", field_violations={"jti": "length"})
         now = time.time()
@@ -345,11 +348,14 @@ class TrustFeature:
 
 
 class RevocationGuard(grpc.aio.ServerInterceptor):
-    """Refuses new tokens, delegations and certificate renewals to a revoked subject while its entry lasts."""
+    """Refuses new tokens, delegations and certificates to a revoked subject while its entry lasts, joins included:
+    a join token minted for it before the revocation (perhaps the leaked one) got a fresh certificate, and with it
+    the identity's etcd access."""
 
+    JOIN: Final = "/hivemesh.v1.Join/SignCertificate"
     GUARDED: Final = frozenset({
         "/hivemesh.v1.ControlPlane/IssueToken", "/hivemesh.v1.ControlPlane/RenewCertificate",
-        "/hivemesh.v1.Trust/ExchangeToken",
+        "/hivemesh.v1.Trust/ExchangeToken", JOIN,
     })
 
     def __init__(self, core: Core) -> None:
@@ -364,22 +370,34 @@ class RevocationGuard(grpc.aio.ServerInterceptor):
         if handler is None or handler_call_details.method not in self.GUARDED or handler.unary_unary is None:
             return handler
         core = self._core
+        joining = handler_call_details.method == self.JOIN
+
+        async def subject(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+            """Whom the call would serve (None: nobody yet, the servicer refuses the caller or its token)."""
+            if not joining:
+                try:
+                    return str(core.peer(context).spiffe_id)
+                except HivemeshError:
+                    return None  # the servicer says who the caller is not
+            # No client certificate on the join port: the identity is the one the join token was minted for.
+            token = request.join_token
+            minted = await core.hedged.run(lambda etcd: joins.minted_for(etcd, token))
+            return None if minted is None else f"spiffe://{core.trust_domain}/{minted[1]}/{minted[0]}"
 
         def guard(inner: UnaryBehaviour) -> UnaryBehaviour:
             async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                sid = ""
                 try:
-                    sid = str(core.peer(context).spiffe_id)
-                except HivemeshError:
-                    return await inner(request, context)  # the servicer says who the caller is not
-                try:
+                    sid = await subject(request, context) or ""
                     # Hedged like the issuing path's other reads: a replica whose round robin hands this read
                     # to a cut-off etcd member still answers within a client's share (docs/multihost.md).
-                    rev = await core.hedged.run(lambda etcd: subject_revoked(etcd, sid))
+                    rev = await core.hedged.run(lambda etcd: subject_revoked(etcd, sid)) if sid else None
                 except Exception as exc:  # noqa: BLE001 - fail closed, whatever the read raised
                     # Not knowing is not "not revoked": a token issued now has an iat past the revocation, so
                     # no node would refuse it either. The caller retries (elsewhere) as for any etcd trouble.
                     await abort(context, RegistryUnavailableError(
-                        f"cannot read the revocations to check {sid} now ({type(exc).__name__}); try again"))
+                        f"cannot read the revocations to check {sid or 'the join token'} now ({type(exc).__name__}); "
+                        "try again"))
                 if rev is not None:
                     await abort(context, TokenRevokedError(
                         f"{rev.subject} is revoked until {time.ctime(rev.expires_at)} (by {rev.by})"
