@@ -187,14 +187,21 @@ class Target:
 
     @staticmethod
     def decode(raw: bytes) -> Target | None:
-        """The stored target, or None when it cannot be read (as if there were none: nothing is taken back)."""
+        """The stored target, or None when it cannot be read (as if there were none: nothing is taken back).
+        Each field must have the type `encode` writes: a hand-written value is not coerced (a steps entry of
+        1e999 made int() raise OverflowError and failed the rollout every pass; "created": "false" read as
+        True, which lets a withdrawal delete a routes document the rollout never created)."""
         try:
             d = json.loads(raw)
-            target = Target(str(d["routes"]), str(d["capability"]), dict(d["stable"]), dict(d["canary"]),
-                            tuple(int(w) for w in d["steps"]), bool(d.get("created", False)))
+            routes, capability, stable, canary = d["routes"], d["capability"], d["stable"], d["canary"]
+            steps, created = d["steps"], d.get("created", False)
         except (ValueError, TypeError, KeyError, RecursionError):
             return None
-        return target
+        if not (isinstance(routes, str) and isinstance(capability, str) and isinstance(stable, dict)
+                and isinstance(canary, dict) and isinstance(steps, list) and isinstance(created, bool)
+                and all(type(w) is int for w in steps)):
+            return None
+        return Target(routes, capability, stable, canary, tuple(steps), created)
 
 
 def routes_spec(spec: RolloutSpec, current: Mapping[str, Any] | None, canary_weight: int) -> dict[str, Any]:
