@@ -23,6 +23,7 @@ servicer instead (`LinkFrame` messages both ways), the messages are turned into 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import re
@@ -76,6 +77,14 @@ def answer_too_large(capability: str, size: int, limit: int, *, on: str = "") ->
         f"capability {capability or '(unknown)'!r} answered {size} bytes{on}, more than the {limit} bytes one "
         "message may carry: answer less, or stream it (a streaming capability, called with InvokeStream)",
         metadata={"capability": capability, "size": str(size), "limit": str(limit)})
+
+
+_ANSWER_HEADS: Final = 23
+"""The most bytes an answer frame adds around its response: the id's tag and varint (1 + 10), the answer's tag and
+length (1 + 5), the response's tag and length (1 + 5)."""
+_CALL_ID: Final[contextvars.ContextVar[int | None]] = contextvars.ContextVar("hivemesh_link_call_id", default=None)
+"""The id of the link call the current task serves (`LinkServer._run` sets it in each call's own task; the
+context the servicer sees is the chain's, not the `FrameContext`); None outside a link call."""
 
 
 def _capability(request: bytes | memoryview) -> str:
@@ -298,6 +307,7 @@ class LinkServer:
         call_id = frame.id
         put = state.put
         context = FrameContext(stream, metadata, frame.timeout_s, auth)
+        _CALL_ID.set(call_id)  # this task's own context: for `answer_refusal`
         try:
             wrapped = self._wrapped
             if wrapped is None or self._tracer is not tracing.TRACER:
@@ -329,6 +339,18 @@ class LinkServer:
         except BaseException:  # a SystemExit from code under the behaviour: this call's failure only
             log.exception("link call %d failed unexpectedly", call_id)
             put(answer_frame(call_id, grpc.StatusCode.UNKNOWN, "unexpected error serving the call", ()))
+
+    def answer_refusal(self, capability: str, response: bytes) -> PayloadTooLargeError | None:
+        """For the handler of a call (under the chain, so its audit record says what the caller gets): when the
+        call came on a link, the PAYLOAD_TOO_LARGE its answer frame would be refused with; None when the frame
+        fits or the call is not a link's. `_run` checks the frame again after the chain (an answering layer may
+        have grown it), answering the same."""
+        if len(response) + _ANSWER_HEADS <= self.max_message_bytes or (call_id := _CALL_ID.get()) is None:
+            return None
+        size = link_wire.answer_frame(call_id, response).size
+        if size <= self.max_message_bytes:
+            return None
+        return answer_too_large(capability, size, self.max_message_bytes, on=" as a Link answer frame")
 
     def _record_refusal(self, context: grpc.aio.ServicerContext[Any, Any], problem: str) -> None:
         """One audit record (INVALID_INPUT, method Link, the sender's verified identity) for a link refused for

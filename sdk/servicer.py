@@ -277,6 +277,12 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         wire = invoke_wire.response(output, response)
         if len(wire) > self._max_output_bytes:  # else gRPC refuses to send it, naming neither capability nor limit
             await abort(context, answer_too_large(request.capability, len(wire), self._max_output_bytes))
+        if self.link is not None:
+            # On a link, its answer frame is a few bytes larger: refused here, inside the chain, the call is on
+            # record as refused; the link server's own check, after the chain, recorded it as answered.
+            refused = self.link.answer_refusal(request.capability, wire)
+            if refused is not None:
+                await abort(context, refused)
         call.written = (wire, response.usage)  # what the usage-counting layers would otherwise parse it for
         return wire
 
