@@ -694,8 +694,11 @@ def _json_key(key: Any) -> Any:
 
 
 _PLAIN = (str, int, float, bool, type(None))
+_PLAIN_TYPES: Final = frozenset(_PLAIN)
 
 
 def _needs_conversion(items: typing.Iterable[Any]) -> bool:
-    """Whether a container holds anything to_json changes (most results hold only plain values: returned as is)."""
-    return not all(type(v) in _PLAIN for v in items)
+    """Whether a container holds anything to_json changes (most results hold only plain values: returned as is).
+    Iterated in C (no generator frame per item): a plain dict result is checked twice, values and keys (Enum
+    members), and with a generator that check made to_json 1.4-1.8x as slow (echo's dict result: 655 -> 910 ns)."""
+    return not _PLAIN_TYPES.issuperset(map(type, items))
