@@ -14,14 +14,22 @@ Every creation and resolution (by a person, by the deadline policy, or a withdra
 control plane's tamper-evident audit log (`hivemesh.controlplane.audit`, as a `controlplane` record with
 kind `escalation`: the action, id, workflow, actor, decision and note), logged, and reported to any extra
 hooks (`add_audit_hook`).
+
+`ListEscalations` lists in pages, newest first by each escalation's etcd create revision (unique, and kept as an
+escalation is resolved): a page token names the revision of the last escalation listed, bound to the caller, so
+the next page resumes exactly there however many escalations were created, resolved or deleted in between.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import logging
+import re
 import secrets
+import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final
@@ -54,8 +62,19 @@ MAX_WAIT_S: Final = 300
 MAX_LIST_BYTES: Final = MAX_MESSAGE_BYTES - 256 * 1024
 """The most a ListEscalations reply holds: under the transport's message limit, which a few escalations with large
 JSON reach (each may carry three 256 KiB documents), and past which the reply failed whole for everyone."""
+_LISTED_OVERHEAD: Final = 8
+"""A listed escalation's tag and length prefix in the reply, at most."""
 LEFT_OFF_HEADER: Final = "hivemesh-left-off"
-"""Trailing metadata of a ListEscalations reply cut at MAX_LIST_BYTES: how many matching escalations it left out."""
+"""Trailing metadata of a ListEscalations page that did not hold every matching escalation: how many come after it
+(for callers from before paging, which read only the first page)."""
+MAX_PAGE_SIZE: Final = 1000
+"""The most escalations in one ListEscalations page; a larger page_size is read as this."""
+DEFAULT_PAGE_SIZE: Final = MAX_PAGE_SIZE
+"""page_size 0 (a caller from before paging): as many as a page holds, so such a caller still sees what it did."""
+_TOKEN: Final = struct.Struct(">B8sQ")
+"""A page token's bytes: version, the caller's tag, the create revision of the last escalation listed."""
+_TOKEN_VERSION: Final = 1
+_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DEADLINE_ACTOR: Final = "policy:deadline"
 
 E = escalation_pb2
@@ -211,7 +230,16 @@ class EscalationStore:
                 # loop: re-read to return the stored revision
 
     async def all(self) -> list[escalation_pb2.Escalation]:
-        out: list[escalation_pb2.Escalation] = []
+        """Every escalation (settling those due), newest first by created_at_unix_ms."""
+        out = [esc for esc, _ in await self.listed()]
+        out.sort(key=lambda e: (-e.created_at_unix_ms, e.id))
+        return out
+
+    async def listed(self) -> list[tuple[escalation_pb2.Escalation, int]]:
+        """Every escalation (settling those due) with its etcd create revision, newest first by that revision:
+        unlike created_at_unix_ms (a replica's clock, which ties and may step back) it is unique, grows in the
+        order escalations were stored, and stays as one is resolved, so a listing page resumes after it exactly."""
+        out: list[tuple[escalation_pb2.Escalation, int]] = []
         listed, _ = await read_prefix(self.etcd, PREFIX.encode())  # paged: no size of the queue fails the read
         for kv in listed:
             try:
@@ -220,10 +248,53 @@ class EscalationStore:
                 log.warning("skipping unparsable escalation at %s", kv.key.decode(errors="replace"))
                 continue
             if _expired(esc, _now_ms()):
-                esc, _ = await self.settle(esc.id)
-            out.append(esc)
-        out.sort(key=lambda e: (-e.created_at_unix_ms, e.id))
+                try:
+                    esc, _ = await self.settle(esc.id)
+                except NotFoundError:  # deleted since the read (retention): not listed, not an error
+                    continue
+            out.append((esc, int(kv.create_revision)))
+        out.sort(key=lambda pair: -pair[1])
         return out
+
+
+def _owner_tag(caller: str) -> bytes:
+    """What binds a page token to one caller: its SPIFFE id, hashed (the token stays opaque)."""
+    return hashlib.sha256(b"hivemesh.v1.Escalations/ListEscalations page token\0" + caller.encode()).digest()[:8]
+
+
+def page_token(caller: str, revision: int) -> str:
+    """The token for the page after the escalation created at revision, for caller (a SPIFFE id)."""
+    raw = _TOKEN.pack(_TOKEN_VERSION, _owner_tag(caller), revision)
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def resume_before(caller: str, token: str) -> int | None:
+    """The create revision a page_token resumes below (None: no token, from the newest). InvalidInputError naming
+    page_token for a token this server did not make, and for one given to another caller: it would page a
+    listing that caller never started (the filter on who sees what applies either way)."""
+    if not token:
+        return None
+    raw = b""
+    if _TOKEN_RE.fullmatch(token):
+        with contextlib.suppress(ValueError):
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    if len(raw) != _TOKEN.size or raw[0] != _TOKEN_VERSION:
+        msg = "must be a next_page_token of ListEscalations, passed back unchanged"
+        raise InvalidInputError(f"page_token {token[:80]!r} is not a ListEscalations page token: {msg}",
+                                field_violations={"page_token": msg})
+    _, tag, revision = _TOKEN.unpack(raw)
+    if tag != _owner_tag(caller):
+        msg = "was given to another caller's listing: a token pages only the listing of the caller that got it"
+        raise InvalidInputError(f"page_token {msg}", field_violations={"page_token": msg})
+    return int(revision)
+
+
+def page_size(request: escalation_pb2.ListEscalationsRequest) -> int:
+    """The request's page_size as served: 0 is DEFAULT_PAGE_SIZE, more than MAX_PAGE_SIZE is MAX_PAGE_SIZE."""
+    if request.page_size < 0:
+        msg = f"must be 0 (the default, {DEFAULT_PAGE_SIZE}) or more (at most {MAX_PAGE_SIZE} are listed)"
+        raise InvalidInputError(f"page_size {msg}, got {request.page_size}", field_violations={"page_size": msg})
+    return min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
 class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
@@ -316,26 +387,35 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
     async def ListEscalations(
         self, request: escalation_pb2.ListEscalationsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> escalation_pb2.ListEscalationsResponse:
+        """One page of the caller's matching escalations, newest first: below the page token's revision, at most
+        page_size of them and no more than fit in MAX_LIST_BYTES. next_page_token resumes below the last one
+        listed, by its revision rather than its position, so escalations created, resolved or deleted between
+        pages shift nothing."""
         peer = self._core.peer(context)
-        out = []
-        size, left_off = 0, 0
-        for esc in await self.store.all():
-            if not _is_operator(peer) and esc.requested_by != str(peer.spiffe_id):
-                continue
-            if request.status and esc.status != request.status:
-                continue
-            if request.workflow_id and esc.workflow_id != request.workflow_id:
-                continue
-            size += esc.ByteSize() + 8  # its tag and length prefix
-            if size > MAX_LIST_BYTES or left_off:
-                left_off += 1  # newest first: what is left out is the oldest
-                continue
-            out.append(esc)
+        caller = str(peer.spiffe_id)
+        size, before = page_size(request), resume_before(caller, request.page_token)
+        matching = [
+            (esc, revision) for esc, revision in await self.store.listed()
+            if (before is None or revision < before)
+            and (_is_operator(peer) or esc.requested_by == caller)
+            and (not request.status or esc.status == request.status)
+            and (not request.workflow_id or esc.workflow_id == request.workflow_id)
+        ]
+        out = E.ListEscalationsResponse()
+        used = 0
+        for esc, _ in matching[:size]:
+            taken = esc.ByteSize() + _LISTED_OVERHEAD
+            if out.escalations and used + taken > MAX_LIST_BYTES:  # the first always fits: each is bounded
+                break
+            out.escalations.append(esc)
+            used += taken
+        left_off = len(matching) - len(out.escalations)
         if left_off:
-            log.warning("ListEscalations for %s left out the %d oldest matching escalations (reply over %d bytes)",
-                        peer.spiffe_id, left_off, MAX_LIST_BYTES)
+            out.next_page_token = page_token(caller, matching[len(out.escalations) - 1][1])
+            log.debug("ListEscalations for %s: a page of %d, %d more after it", caller, len(out.escalations),
+                      left_off)
             context.set_trailing_metadata(((LEFT_OFF_HEADER, str(left_off)),))
-        return E.ListEscalationsResponse(escalations=out)
+        return out
 
     async def _finish(self, escalation_id: str, peer: Peer | str, status: int, note: str, answer_json: str,
                       action: str) -> tuple[escalation_pb2.Escalation, bool]:

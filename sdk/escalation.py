@@ -32,6 +32,9 @@ Status = Literal["PENDING", "APPROVED", "REJECTED", "CANCELED"]
 OnDeadline = Literal["reject", "default"]
 MAX_DEADLINE_S: Final = 30 * 86400
 """The longest deadline the control plane's Escalations service takes (`controlplane.escalations.MAX_DEADLINE_S`)."""
+MAX_LIST_PAGES: Final = 10_000
+"""The most ListEscalations pages `list` follows (each holds up to 1,000 escalations or up to 8 MiB): a listing
+longer than that, or a server whose pages never end, is an error rather than a loop that never returns."""
 _POLICY = {"reject": escalation_pb2.DEADLINE_POLICY_REJECT, "default": escalation_pb2.DEADLINE_POLICY_DEFAULT_ANSWER}
 
 
@@ -205,11 +208,33 @@ class EscalationClient:
         req = escalation_pb2.GetEscalationRequest(id=escalation_id)
         return EscalationInfo.from_proto(await self._call("GetEscalation", req))
 
-    async def list(self, status: Status | None = None, workflow_id: str = "") -> list[EscalationInfo]:
+    async def list(self, status: Status | None = None, workflow_id: str = "", *,
+                   max_pages: int = MAX_LIST_PAGES) -> list[EscalationInfo]:
+        """Every matching escalation this caller may see, newest first: the service lists in pages (each under
+        one message), which this follows to the end. Escalations created while it pages come in the next
+        listing, not this one. More than max_pages pages is a HivemeshError (RESOURCE_EXHAUSTED), and a page
+        token that repeats one (INTERNAL: the server did not advance), rather than a loop without end."""
+        if isinstance(max_pages, bool) or not isinstance(max_pages, int) or max_pages < 1:
+            raise InvalidInputError(f"max_pages must be a whole number >= 1, not {max_pages!r}",
+                                    field_violations={"max_pages": "must be >= 1"})
         value = escalation_pb2.EscalationStatus.Value(f"ESCALATION_STATUS_{status}") if status else 0
-        resp = await self._call("ListEscalations", escalation_pb2.ListEscalationsRequest(
-            status=value, workflow_id=workflow_id))  # type: ignore[arg-type]
-        return [EscalationInfo.from_proto(e) for e in resp.escalations]
+        out: list[EscalationInfo] = []
+        token, seen = "", set()
+        for _ in range(max_pages):
+            resp = await self._call("ListEscalations", escalation_pb2.ListEscalationsRequest(
+                status=value, workflow_id=workflow_id, page_token=token))  # type: ignore[arg-type]
+            out.extend(EscalationInfo.from_proto(e) for e in resp.escalations)
+            token = resp.next_page_token
+            if not token:
+                return out
+            if token in seen:
+                raise HivemeshError(f"the escalation listing did not advance: page token {token[:40]!r} came "
+                                    f"twice (after {len(out)} escalations)", code=grpc.StatusCode.INTERNAL,
+                                    reason="LISTING_STUCK")
+            seen.add(token)
+        raise HivemeshError(f"the escalation listing did not end within {max_pages} pages ({len(out)} escalations "
+                            "so far): narrow it by status or workflow_id", code=grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            reason="LISTING_TOO_LONG")
 
     async def resolve(self, escalation_id: str, *, approve: bool, note: str = "", answer: Any = None,
                       subject_token: str = "") -> EscalationInfo:

@@ -361,19 +361,36 @@ class ListEscalationsRequest(_message.Message):
 
     STATUS_FIELD_NUMBER: _builtins.int
     WORKFLOW_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     status: Global___EscalationStatus.ValueType
     """UNSPECIFIED: every status"""
     workflow_id: _builtins.str
     """only this run's escalations; empty for all"""
+    page_size: _builtins.int
+    """The most escalations in one page: 0 is the server's default, 1000; more than 1000 is read as 1000. Negative
+    is INVALID_ARGUMENT. A page may hold fewer (it stops before one message would pass 8 MiB). The filters above
+    apply within each page.
+    """
+    page_token: _builtins.str
+    """next_page_token of the previous page; empty: from the newest escalation. Opaque: pass it back as it came. The
+    page resumes right after the last escalation listed (by when etcd stored it), however many were created,
+    resolved or deleted meanwhile: none repeats and none is skipped; one resolved since is listed as it is now
+    (if it still matches the filters), one deleted is not, and one created since is newer than the first page,
+    so it is not in this pass (a new listing starts with it). A malformed token, or one given to another
+    caller, is INVALID_ARGUMENT with a field violation for page_token.
+    """
     def __init__(
         self,
         *,
         status: Global___EscalationStatus.ValueType = ...,
         workflow_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "status", b"status", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -384,16 +401,22 @@ class ListEscalationsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ESCALATIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """the page_token for the escalations after these; empty: no more"""
     @_builtins.property
-    def escalations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Escalation]: ...
+    def escalations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Escalation]:
+        """newest first"""
+
     def __init__(
         self,
         *,
         escalations: _abc.Iterable[Global___Escalation] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["escalations", b"escalations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["escalations", b"escalations", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -85,7 +85,11 @@ class EscalationsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListEscalations(self, request, context):
-        """ListEscalations lists escalations, newest first: all of them for operators, their own for anyone else.
+        """ListEscalations lists escalations, newest first (in the order etcd stored them): all of them for operators,
+        their own for anyone else, one page at a time: page_size escalations at most, resuming after page_token. A
+        page also stops before it would pass one message (under 8 MiB; a few escalations with large JSON get there);
+        next_page_token then continues from there, and the trailing metadata `hivemesh-left-off` says how many
+        matching escalations come after the page (for callers that do not page).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -41,7 +41,12 @@ class EscalationsStub:
     GetEscalation: _grpc.UnaryUnaryMultiCallable[_escalation_pb2.GetEscalationRequest, _escalation_pb2.Escalation]
     """GetEscalation returns one escalation (its requester or an operator)."""
     ListEscalations: _grpc.UnaryUnaryMultiCallable[_escalation_pb2.ListEscalationsRequest, _escalation_pb2.ListEscalationsResponse]
-    """ListEscalations lists escalations, newest first: all of them for operators, their own for anyone else."""
+    """ListEscalations lists escalations, newest first (in the order etcd stored them): all of them for operators,
+    their own for anyone else, one page at a time: page_size escalations at most, resuming after page_token. A
+    page also stops before it would pass one message (under 8 MiB; a few escalations with large JSON get there);
+    next_page_token then continues from there, and the trailing metadata `hivemesh-left-off` says how many
+    matching escalations come after the page (for callers that do not page).
+    """
     ResolveEscalation: _grpc.UnaryUnaryMultiCallable[_escalation_pb2.ResolveEscalationRequest, _escalation_pb2.Escalation]
     """ResolveEscalation approves or rejects a pending escalation (operators only: people decide)."""
     WaitEscalation: _grpc.UnaryUnaryMultiCallable[_escalation_pb2.WaitEscalationRequest, _escalation_pb2.Escalation]
@@ -63,7 +68,12 @@ class EscalationsAsyncStub(EscalationsStub):
     GetEscalation: _aio.UnaryUnaryMultiCallable[_escalation_pb2.GetEscalationRequest, _escalation_pb2.Escalation]  # type: ignore[assignment]
     """GetEscalation returns one escalation (its requester or an operator)."""
     ListEscalations: _aio.UnaryUnaryMultiCallable[_escalation_pb2.ListEscalationsRequest, _escalation_pb2.ListEscalationsResponse]  # type: ignore[assignment]
-    """ListEscalations lists escalations, newest first: all of them for operators, their own for anyone else."""
+    """ListEscalations lists escalations, newest first (in the order etcd stored them): all of them for operators,
+    their own for anyone else, one page at a time: page_size escalations at most, resuming after page_token. A
+    page also stops before it would pass one message (under 8 MiB; a few escalations with large JSON get there);
+    next_page_token then continues from there, and the trailing metadata `hivemesh-left-off` says how many
+    matching escalations come after the page (for callers that do not page).
+    """
     ResolveEscalation: _aio.UnaryUnaryMultiCallable[_escalation_pb2.ResolveEscalationRequest, _escalation_pb2.Escalation]  # type: ignore[assignment]
     """ResolveEscalation approves or rejects a pending escalation (operators only: people decide)."""
     WaitEscalation: _aio.UnaryUnaryMultiCallable[_escalation_pb2.WaitEscalationRequest, _escalation_pb2.Escalation]  # type: ignore[assignment]
@@ -100,7 +110,12 @@ class EscalationsServicer(metaclass=_abc_1.ABCMeta):
         request: _escalation_pb2.ListEscalationsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_escalation_pb2.ListEscalationsResponse, _abc.Awaitable[_escalation_pb2.ListEscalationsResponse]]:
-        """ListEscalations lists escalations, newest first: all of them for operators, their own for anyone else."""
+        """ListEscalations lists escalations, newest first (in the order etcd stored them): all of them for operators,
+        their own for anyone else, one page at a time: page_size escalations at most, resuming after page_token. A
+        page also stops before it would pass one message (under 8 MiB; a few escalations with large JSON get there);
+        next_page_token then continues from there, and the trailing metadata `hivemesh-left-off` says how many
+        matching escalations come after the page (for callers that do not page).
+        """
 
     @_abc_1.abstractmethod
     def ResolveEscalation(
