@@ -21,6 +21,13 @@ log = logging.getLogger(__name__)
 
 GROW_AT: Final = 32
 """A batch of at least this many records means records arrive faster than the pause lets them gather."""
+BATCH: Final = 1000
+"""Records per AppendBatch at most: the control plane's own bound (`MAX_BATCH`). Each batch costs the control plane
+and etcd ~3 ms whatever its size, on the machines the agents may share: under load, 1,000 a batch (with
+MAX_LINGER_S) made a 64 KiB echo at 16 in flight 1.03-1.08x the calls/s of 500 (BENCHMARKS.md, 5 Dec)."""
+MAX_LINGER_S: Final = 0.4
+"""The longest pause between batches under load: records reach the control plane within about this (a waiter,
+`Shipper.wait_shipped`, cuts it short); in the meantime they are in the spool, written before their answers."""
 
 
 class Linger:
@@ -42,6 +49,14 @@ class Linger:
         return self.now_s
 
 
+def pauses_after(shipped: int, backlog: int, batch: int) -> bool:
+    """Whether the shipper pauses (`Linger`) after a batch of shipped records, backlog records still unshipped:
+    unless a full batch waits (a backlog, as after an outage, goes out at full speed). A full batch with a few
+    records behind it pauses too: sent at once, those few made a small batch of their own every round, each
+    costing the control plane and etcd as much as a full one (pure: testable without a clock)."""
+    return shipped < batch or backlog < batch
+
+
 class AuditSink(Protocol):
     """The control plane's side of shipping (implemented by ControlPlaneClient)."""
 
@@ -58,9 +73,9 @@ class Shipper:
         spool: Spool,
         sink: Callable[[], AuditSink],
         *,
-        batch: int = 500,
+        batch: int = BATCH,
         linger_s: float = 0.05,
-        max_linger_s: float = 0.2,
+        max_linger_s: float = MAX_LINGER_S,
         backoff_max_s: float = 5.0,
     ) -> None:
         self.spool = spool
@@ -160,7 +175,7 @@ class Shipper:
                 self.spool.ack(acked)
                 self.shipped += len(lines)
                 delay = 0.1
-                if len(lines) < self._batch:
+                if pauses_after(len(lines), self.spool.seq - acked, self._batch):
                     # Caught up, or nearly: let the next batch gather (`Linger`), not one record per round
                     # trip (under steady load that was a tight loop of tiny batches, each a gRPC call + an ack).
                     await self._pause(self.linger.after(len(lines)))

@@ -169,6 +169,15 @@ def test_the_shipper_lingers_longer_only_while_batches_come_full() -> None:
     assert Linger(0.05, 0.01).after(GROW_AT) == 0.05  # a max below the base never shortens the base
 
 
+def test_the_shipper_pauses_after_a_full_batch_unless_a_full_one_waits() -> None:
+    from hivemesh.mesh.audit.shipper import BATCH, pauses_after
+
+    assert pauses_after(10, 0, BATCH)  # caught up
+    assert pauses_after(BATCH, 50, BATCH)  # a full batch, 50 behind it: they gather, not go as a batch of 50
+    assert not pauses_after(BATCH, BATCH, BATCH)  # a backlog (after an outage): at full speed
+    assert not pauses_after(BATCH, 5 * BATCH, BATCH)
+
+
 def test_observer_writes_the_decisionfields(tmp_path: Path) -> None:
     audit = AuditLog.open(tmp_path, node=NODE, instance="i-1")
     try:
