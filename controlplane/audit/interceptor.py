@@ -6,10 +6,12 @@ its record is committed there (one etcd write, shared by the records that arrive
 
 It runs before the `DecodeGuard` (`hivemesh.controlplane.services.interceptors`), so that a request refused for
 not decoding is recorded like any other refusal (from the status the call ended with); the request it is then
-handed is the guard's `Undecodable` marker, passed on for the guard to refuse and never summarized."""
+handed is the guard's `Undecodable` marker, passed on for the guard to refuse and never summarized. Health
+checking is outside the audit, but its requests that do not decode are recorded too (`_refusals_only`)."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -147,9 +149,11 @@ class ControlPlaneAuditInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
-        if handler is None or method in _UNAUDITED or not method.startswith(_AUDITED_PREFIXES):
+        if handler is None or method in _UNAUDITED:
             return handler
         short = method.rsplit(".", 1)[-1]
+        if not method.startswith(_AUDITED_PREFIXES):
+            return self._refusals_only(handler, short)
 
         def unary_unary(inner: UnaryBehaviour) -> UnaryBehaviour:
             async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -179,6 +183,42 @@ class ControlPlaneAuditInterceptor(grpc.aio.ServerInterceptor):
                     raise
                 finally:
                     await self._write(short, context, request, None, failure, started)
+
+            return stream
+
+        return wrap_handler(handler, unary_unary=unary_unary, unary_stream=unary_stream)
+
+
+    def _refusals_only(self, handler: grpc.RpcMethodHandler[Any, Any], short: str) -> grpc.RpcMethodHandler[Any, Any]:
+        """A method outside the audit (health checking): only its requests that do not decode are recorded, as
+        they are on every other service (the guard's marker is the request then); the rest pass unrecorded."""
+
+        def unary_unary(inner: UnaryBehaviour) -> UnaryBehaviour:
+            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                if not isinstance(request, Undecodable):
+                    return await inner(request, context)
+                started = time.perf_counter()
+                try:
+                    return await inner(request, context)  # the guard refuses it (raises)
+                except BaseException as exc:
+                    await self._write(short, context, request, None, exc, started)
+                    raise
+
+            return unary
+
+        def unary_stream(inner: StreamBehaviour) -> StreamBehaviour:
+            if not inspect.isasyncgenfunction(inner):  # the reader/writer style (health's Watch): a coroutine
+                return unary_unary(inner)  # type: ignore[arg-type,return-value]
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+                started = time.perf_counter()
+                try:
+                    async for item in inner(request, context):
+                        yield item
+                except BaseException as exc:
+                    if isinstance(request, Undecodable):
+                        await self._write(short, context, request, None, exc, started)
+                    raise
 
             return stream
 

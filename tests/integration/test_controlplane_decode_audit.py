@@ -104,3 +104,26 @@ def _varint(value: int) -> bytes:
         out.append(byte | (0x80 if value else 0))
         if not value:
             return bytes(out)
+
+
+async def test_a_health_check_that_does_not_decode_is_on_record_and_a_good_one_is_not(mesh_env: MeshEnv) -> None:
+    """Health checking is outside the control plane's audit, but a request to it that does not decode is a refusal
+    like any other: recorded once (it left no record); the checks that decode stay unrecorded."""
+    good = mesh_env.operator.channel.unary_unary("/grpc.health.v1.Health/Check")
+    assert await good(b"", timeout=10)  # SERVING, for the server as a whole
+    call = mesh_env.operator.channel.unary_unary("/grpc.health.v1.Health/Check")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await call(b"\x0a\x02\xff\xfe", timeout=10)  # service: not UTF-8
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    watch = mesh_env.operator.channel.unary_stream("/grpc.health.v1.Health/Watch")
+    with pytest.raises(grpc.aio.AioRpcError) as refused_watch:
+        async for _ in watch(b"\x0a\x01", timeout=10):  # a length past the end
+            pass
+    assert refused_watch.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    (record,) = await _records(mesh_env, "Health/Check")
+    assert (record["decision"], record["status"], record["reason"]) == (
+        "invalid", "INVALID_ARGUMENT", "INVALID_INPUT"), record
+    assert record["caller"].startswith(f"spiffe://{TRUST_DOMAIN}/operator/"), record
+    assert record["message"].startswith("the request is not a valid grpc.health.v1.HealthCheckRequest"), record
+    (watched,) = await _records(mesh_env, "Health/Watch")
+    assert watched["status"] == "INVALID_ARGUMENT", watched
