@@ -95,12 +95,19 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
         tmp.unlink()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        os.fchmod(fd, mode)  # the umask may have narrowed or widened nothing; be explicit
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            os.fchmod(fd, mode)  # the umask may have narrowed or widened nothing; be explicit
+            view = memoryview(data)
+            while view:  # a short write (a file size limit, a disk filling up) is followed by one that raises
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a key cut short was renamed into place, silently
+            tmp.unlink()
+        raise
 
 
 class CertificateAuthority:
