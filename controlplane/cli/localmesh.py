@@ -24,8 +24,27 @@ HERE_ONLY = frozenset({"up", "certs", "controlplane", "sidecar"})
 """Commands that act on the folder they are given or run in, never on a mesh found elsewhere."""
 
 
-def up_alive(pid: int) -> bool:
-    """Whether pid is a live process that looks like hivemesh (a reused pid of another program is not)."""
+_CLOCK_SLACK_S = 10.0
+"""How much later than the recorded start /proc may put an `up`'s start: its boot time is whole seconds, and a wall
+clock stepped forward since (NTP, a resumed VM) moves it later still. A pid is reused long after, not seconds."""
+
+
+def _start_time(pid: int) -> float | None:
+    """When pid started (Unix time), from /proc; None where /proc cannot tell."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        ticks = int(stat.rpartition(")")[2].split()[19])  # field 22, starttime; the name before ")" may hold spaces
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def up_alive(pid: int, started_at: float | None = None) -> bool:
+    """Whether pid is a live process that looks like hivemesh (a reused pid of another program is not) and,
+    given the start time the `up` recorded, one that began before it: a pid reused by a later hivemesh process
+    (an agent of another mesh, a CLI call) is not that `up` either. pid_max is often 32768: reuse happens."""
     if pid <= 0:
         return False
     try:
@@ -33,12 +52,16 @@ def up_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # another user's process: alive, and not ours to judge
+        pass  # another user's process: /proc still tells what it runs and since when
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return True  # no /proc: liveness is all we can tell
-    return b"hivemesh" in cmdline
+    if b"hivemesh" not in cmdline:
+        return False
+    if started_at is None or (began := _start_time(pid)) is None:
+        return True
+    return began <= started_at + _CLOCK_SLACK_S
 
 
 def when(unix: float) -> str:
@@ -101,7 +124,7 @@ def running() -> list[LocalMesh]:
                              etcd=str(raw["etcd"]))
         except (OSError, ValueError, TypeError, KeyError):
             continue  # half a note from another version: not a mesh we can use
-        if up_alive(mesh.pid) and (mesh.home / STATE_FILE).is_file():
+        if up_alive(mesh.pid, mesh.started_at) and (mesh.home / STATE_FILE).is_file():
             found.append(mesh)
     return sorted(found, key=lambda m: m.started_at)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -43,6 +44,14 @@ def _since(started_at: Any) -> str:
         return f", started {when(float(started_at))}"
     except (ValueError, OverflowError, OSError):  # NaN, or past what a calendar holds
         return ""
+
+
+def _start(state: dict[str, Any] | None) -> float | None:
+    """The start time a state file records, when it is a real one (for telling a reused pid from its `up`)."""
+    started_at = (state or {}).get("started_at")
+    if isinstance(started_at, bool) or not isinstance(started_at, int | float) or not math.isfinite(started_at):
+        return None
+    return float(started_at)
 
 
 def running_message(home: Path, owner: dict[str, Any] | None, state: dict[str, Any] | None) -> str:
@@ -83,7 +92,7 @@ class UpLock:
                 running_message(self.home, _read_json(self.path), _read_json(state_path))) from None
         state = _read_json(state_path)
         pid = state.get("pid") if state else None
-        if isinstance(pid, int) and pid != os.getpid() and up_alive(pid):
+        if isinstance(pid, int) and pid != os.getpid() and up_alive(pid, _start(state)):
             os.close(fd)  # a live `up` that holds no lock: one from before the lock; leave it be
             raise MeshAlreadyRunningError(running_message(self.home, None, state))
         note = None
