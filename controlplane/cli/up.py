@@ -3,6 +3,7 @@ parses the options and prints what the demo reports."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Mapping
@@ -55,12 +56,17 @@ def up(obj: CliContext, once: bool, trust_domain: str, as_json: bool, demo: str,
         demos_for(demo)  # a ValueError (exit 2) before anything starts
 
     def say(line: str) -> None:
-        if as_json:
-            err.print(line, style="dim", highlight=False)
-        else:
-            out.print(f"[bold cyan]hivemesh[/bold cyan] {escape(line)}", markup=True, highlight=False)
+        with contextlib.suppress(OSError):  # a closed terminal (EIO) or pipe must not cut the shutdown short
+            if as_json:
+                err.print(line, style="dim", highlight=False)
+            else:
+                out.print(f"[bold cyan]hivemesh[/bold cyan] {escape(line)}", markup=True, highlight=False)
 
     def show(result: Mapping[str, Any]) -> None:
+        with contextlib.suppress(OSError):
+            _show(result)
+
+    def _show(result: Mapping[str, Any]) -> None:
         if as_json:
             click.echo(json.dumps(result, sort_keys=True))
             return
