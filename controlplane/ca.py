@@ -7,11 +7,9 @@ decides every identity itself: a CSR contributes only its public key, never its 
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import ipaddress
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hivemesh.mesh.advertise import san_entries
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError
 from hivemesh.mesh.etcd_roles import CONTROLPLANE_USER, MAX_COMMON_NAME, etcd_user
+from hivemesh.mesh.files import write_atomic
 from hivemesh.mesh.pki import (
     SCHEME,
     controlplane_dns_name,
@@ -89,25 +88,8 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write via a temp file + rename, so a reader never sees half a key, with mode set before any data."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)  # the umask may have narrowed or widened nothing; be explicit
-            view = memoryview(data)
-            while view:  # a short write (a file size limit, a disk filling up) is followed by one that raises
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):  # a key cut short was renamed into place, silently
-            tmp.unlink()
-        raise
+    """Write via a synced temp file + rename, so a reader never sees half a key (`hivemesh.mesh.files`)."""
+    write_atomic(path, data, mode)
 
 
 class CertificateAuthority:

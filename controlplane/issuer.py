@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError
+from hivemesh.mesh.files import write_atomic
 from hivemesh.mesh.pki import controlplane_id
 from hivemesh.mesh.tokens import JWKS_KEY
 from hivemesh.mesh.trustdoc import Signer, sign_jwks
@@ -131,15 +132,7 @@ class SigningKeys:
         pem = priv.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        tmp = path.with_name(f".{path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, pem)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        write_atomic(path, pem, 0o600)
         created = created_ns / 1e9
         key = SigningKey(jwk_thumbprint(priv.public_key())[:16], created, priv, created + activate_after_s, path)
         log.info("created token signing key kid=%s (signs from %s)", key.kid, time.ctime(key.activates_at))

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 
 from hivemesh.controlplane.issuer import SigningKey, SigningKeys
 from hivemesh.mesh.errors import FailedPreconditionError
+from hivemesh.mesh.files import write_atomic
 from hivemesh.mesh.keyspace import CONTROLPLANE_KEYS
 
 log = logging.getLogger(__name__)
@@ -72,14 +73,7 @@ def mirror(entries: dict[str, dict[str, Any]], state_dir: Path) -> SigningKeys:
         path = keys_dir / name
         if path.exists():
             continue
-        tmp = keys_dir / f".{name}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, str(e["pem"]).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        write_atomic(path, str(e["pem"]).encode(), 0o600)
     schedule = {kid: float(e["activates_at"]) for kid, e in entries.items()}
     tmp = keys_dir / ".schedule.json.tmp"
     tmp.write_text(json.dumps(schedule, sort_keys=True))

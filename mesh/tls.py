@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 
 from hivemesh.mesh.controlplane_endpoints import parse_addresses
 from hivemesh.mesh.errors import HivemeshError, InvalidInputError, from_rpc_error
+from hivemesh.mesh.files import write_synced
 from hivemesh.mesh.pki import (
     SpiffeId,
     cert_expiry,
@@ -218,9 +219,9 @@ class Workload:
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
                 written.append(tmp)
-                _write_synced(tmp, data, mode)
+                write_synced(tmp, data, mode)
             marker = _marker(Path(key_path))
-            _write_synced(marker, "\n".join(path.name for path, _, _ in staged).encode(), 0o600)
+            write_synced(marker, "\n".join(path.name for path, _, _ in staged).encode(), 0o600)
         except BaseException:
             for tmp in written:
                 with contextlib.suppress(OSError):
@@ -235,18 +236,6 @@ def _staged(path: Path) -> Path:
 
 def _marker(key_path: Path) -> Path:
     return key_path.with_name(".identity-commit")
-
-
-def _write_synced(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:  # os.write may write less than asked
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_pending(key_path: Path) -> bool:

@@ -14,11 +14,9 @@ and does not have to trust the control plane's own word.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from hivemesh.controlplane.audit.heads import Missing, compare_to_head
 from hivemesh.mesh.audit.chain import GENESIS, ChainProblem, ChainState, canonical, check_link
 from hivemesh.mesh.errors import FailedPreconditionError
+from hivemesh.mesh.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +57,7 @@ def load_public_key(pem: str | bytes) -> ed25519.Ed25519PublicKey:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_atomic(path, data, 0o600)
 
 
 def load_or_create_checkpoint_key(path: Path) -> ed25519.Ed25519PrivateKey:
