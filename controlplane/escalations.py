@@ -23,13 +23,9 @@ the next page resumes exactly there however many escalations were created, resol
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
 import logging
-import re
 import secrets
-import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final
@@ -46,6 +42,7 @@ from hivemesh.mesh.errors import (
     PermissionDeniedError,
 )
 from hivemesh.mesh.etcd import read_prefix
+from hivemesh.mesh.paging import PageTokens, page_size
 from hivemesh.mesh.pki import NAME_RE, Peer, parse_spiffe_id
 from hivemesh.mesh.revocation import any_revoked
 from hivemesh.mesh.tls import MAX_MESSAGE_BYTES
@@ -67,14 +64,8 @@ _LISTED_OVERHEAD: Final = 8
 LEFT_OFF_HEADER: Final = "hivemesh-left-off"
 """Trailing metadata of a ListEscalations page that did not hold every matching escalation: how many come after it
 (for callers from before paging, which read only the first page)."""
-MAX_PAGE_SIZE: Final = 1000
-"""The most escalations in one ListEscalations page; a larger page_size is read as this."""
-DEFAULT_PAGE_SIZE: Final = MAX_PAGE_SIZE
-"""page_size 0 (a caller from before paging): as many as a page holds, so such a caller still sees what it did."""
-_TOKEN: Final = struct.Struct(">B8sQ")
-"""A page token's bytes: version, the caller's tag, the create revision of the last escalation listed."""
-_TOKEN_VERSION: Final = 1
-_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+TOKENS: Final = PageTokens("ListEscalations", "caller")
+"""ListEscalations' page tokens, owned by the caller's SPIFFE id."""
 DEADLINE_ACTOR: Final = "policy:deadline"
 
 E = escalation_pb2
@@ -257,46 +248,6 @@ class EscalationStore:
         return out
 
 
-def _owner_tag(caller: str) -> bytes:
-    """What binds a page token to one caller: its SPIFFE id, hashed (the token stays opaque)."""
-    return hashlib.sha256(b"hivemesh.v1.Escalations/ListEscalations page token\0" + caller.encode()).digest()[:8]
-
-
-def page_token(caller: str, revision: int) -> str:
-    """The token for the page after the escalation created at revision, for caller (a SPIFFE id)."""
-    raw = _TOKEN.pack(_TOKEN_VERSION, _owner_tag(caller), revision)
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-def resume_before(caller: str, token: str) -> int | None:
-    """The create revision a page_token resumes below (None: no token, from the newest). InvalidInputError naming
-    page_token for a token this server did not make, and for one given to another caller: it would page a
-    listing that caller never started (the filter on who sees what applies either way)."""
-    if not token:
-        return None
-    raw = b""
-    if _TOKEN_RE.fullmatch(token):
-        with contextlib.suppress(ValueError):
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-    if len(raw) != _TOKEN.size or raw[0] != _TOKEN_VERSION:
-        msg = "must be a next_page_token of ListEscalations, passed back unchanged"
-        raise InvalidInputError(f"page_token {token[:80]!r} is not a ListEscalations page token: {msg}",
-                                field_violations={"page_token": msg})
-    _, tag, revision = _TOKEN.unpack(raw)
-    if tag != _owner_tag(caller):
-        msg = "was given to another caller's listing: a token pages only the listing of the caller that got it"
-        raise InvalidInputError(f"page_token {msg}", field_violations={"page_token": msg})
-    return int(revision)
-
-
-def page_size(request: escalation_pb2.ListEscalationsRequest) -> int:
-    """The request's page_size as served: 0 is DEFAULT_PAGE_SIZE, more than MAX_PAGE_SIZE is MAX_PAGE_SIZE."""
-    if request.page_size < 0:
-        msg = f"must be 0 (the default, {DEFAULT_PAGE_SIZE}) or more (at most {MAX_PAGE_SIZE} are listed)"
-        raise InvalidInputError(f"page_size {msg}, got {request.page_size}", field_violations={"page_size": msg})
-    return min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-
-
 class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
     """Escalations over the control plane's mutual TLS: anyone in the trust domain asks, operators decide."""
 
@@ -393,7 +344,7 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
         pages shift nothing."""
         peer = self._core.peer(context)
         caller = str(peer.spiffe_id)
-        size, before = page_size(request), resume_before(caller, request.page_token)
+        size, before = page_size(request.page_size), TOKENS.read(caller, request.page_token)
         matching = [
             (esc, revision) for esc, revision in await self.store.listed()
             if (before is None or revision < before)
@@ -411,7 +362,7 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
             used += taken
         left_off = len(matching) - len(out.escalations)
         if left_off:
-            out.next_page_token = page_token(caller, matching[len(out.escalations) - 1][1])
+            out.next_page_token = TOKENS.make(caller, matching[len(out.escalations) - 1][1])
             log.debug("ListEscalations for %s: a page of %d, %d more after it", caller, len(out.escalations),
                       left_off)
             context.set_trailing_metadata(((LEFT_OFF_HEADER, str(left_off)),))

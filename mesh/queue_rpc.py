@@ -16,12 +16,8 @@ the caller did not have.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
-import hashlib
-import re
-import struct
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -39,6 +35,7 @@ from hivemesh.mesh.errors import (
 )
 from hivemesh.mesh.etcd import client as etcd_client
 from hivemesh.mesh.node import MeshNode
+from hivemesh.mesh.paging import MAX_PAGE_SIZE, PageTokens, page_size
 from hivemesh.mesh.pki import parse_spiffe_id
 from hivemesh.mesh.queue import DONE, FAILED, MAX_WAIT_S, CallQueue, HeldCall
 from hivemesh.mesh.run_ids import owner_segment
@@ -57,15 +54,8 @@ _LISTED_OVERHEAD: Final = 8
 LEFT_OFF_HEADER: Final = "hivemesh-left-off"
 """Trailing metadata of a ListQueued page that did not hold every call: how many come after it (for callers that
 do not page)."""
-MAX_PAGE_SIZE: Final = 1000
-"""The most calls in one ListQueued page; a larger page_size is read as this."""
-DEFAULT_PAGE_SIZE: Final = MAX_PAGE_SIZE
-"""page_size 0 (a caller from before paging): as many as one page holds, so such a caller still sees every call a
-sidecar with the default bound (100 held) keeps."""
-_TOKEN: Final = struct.Struct(">B8sQ")
-"""A page token's bytes: version, the identity's tag, the create revision of the last call listed."""
-_TOKEN_VERSION: Final = 1
-_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+TOKENS: Final = PageTokens("ListQueued", "identity")
+"""ListQueued's page tokens, owned by the held calls' etcd prefix (a revision means something only within it)."""
 
 Context = grpc.aio.ServicerContext[Any, Any]
 NOT_QUEUEABLE = (NoLiveInstanceError, UnknownCapabilityError)
@@ -109,47 +99,7 @@ def held_message(held: HeldCall, *, body: bool = True) -> mesh_pb2.QueuedCall:
     return out
 
 
-def _owner_tag(prefix: str) -> bytes:
-    """What binds a page token to one identity: its held calls' etcd prefix, hashed (the token stays opaque)."""
-    return hashlib.sha256(b"hivemesh.v1.Mesh/ListQueued page token\0" + prefix.encode()).digest()[:8]
-
-
-def page_token(prefix: str, revision: int) -> str:
-    """The token for the page after the call created at revision, for the identity whose calls are at prefix."""
-    raw = _TOKEN.pack(_TOKEN_VERSION, _owner_tag(prefix), revision)
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-
-def resume_after(prefix: str, token: str) -> int:
-    """The create revision a page_token resumes after (0: no token, from the oldest call). InvalidInputError
-    naming page_token for a token this server did not make, and for one made for another identity: a revision
-    only means something within the prefix it was listed from."""
-    if not token:
-        return 0
-    raw = b""
-    if _TOKEN_RE.fullmatch(token):
-        with contextlib.suppress(ValueError):
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-    if len(raw) != _TOKEN.size or raw[0] != _TOKEN_VERSION:
-        msg = "must be a next_page_token of ListQueued, passed back unchanged"
-        raise InvalidInputError(f"page_token {token[:80]!r} is not a ListQueued page token: {msg}",
-                                field_violations={"page_token": msg})
-    _, tag, revision = _TOKEN.unpack(raw)
-    if tag != _owner_tag(prefix):
-        msg = "was given to another identity's listing: a token pages only the calls of the identity that got it"
-        raise InvalidInputError(f"page_token {msg}", field_violations={"page_token": msg})
-    return int(revision)
-
-
-def page_size(request: mesh_pb2.ListQueuedRequest) -> int:
-    """The request's page_size as served: 0 is DEFAULT_PAGE_SIZE, more than MAX_PAGE_SIZE is MAX_PAGE_SIZE."""
-    if request.page_size < 0:
-        msg = f"must be 0 (the default, {DEFAULT_PAGE_SIZE}) or more (at most {MAX_PAGE_SIZE} are listed)"
-        raise InvalidInputError(f"page_size {msg}, got {request.page_size}", field_violations={"page_size": msg})
-    return min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-
-
-def listing(calls: list[HeldCall], prefix: str, *, size: int = DEFAULT_PAGE_SIZE, after: int = 0,
+def listing(calls: list[HeldCall], prefix: str, *, size: int = MAX_PAGE_SIZE, after: int = 0,
             limit: int = LIST_LIMIT) -> tuple[mesh_pb2.ListQueuedResponse, int]:
     """ListQueued's page of calls (in the queue's order, by create revision): those after revision after, each
     without its answer, at most size of them and no more than fit in limit bytes (a call's call_id and
@@ -168,7 +118,7 @@ def listing(calls: list[HeldCall], prefix: str, *, size: int = DEFAULT_PAGE_SIZE
         used += taken
     left_off = len(rest) - len(out.calls)
     if left_off and out.calls:  # one call always fits (an entry is far under limit): a page is never empty
-        out.next_page_token = page_token(prefix, rest[len(out.calls) - 1].revision)
+        out.next_page_token = TOKENS.make(prefix, rest[len(out.calls) - 1].revision)
     return out, left_off
 
 
@@ -278,7 +228,7 @@ class SidecarQueue:
         async def list_queued(request: mesh_pb2.ListQueuedRequest, context: Context) -> mesh_pb2.ListQueuedResponse:
             try:
                 queue = self._ready()
-                size, after = page_size(request), resume_after(queue.prefix, request.page_token)
+                size, after = page_size(request.page_size), TOKENS.read(queue.prefix, request.page_token) or 0
                 out, left_off = listing(await queue.held(), queue.prefix, size=size, after=after)
             except HivemeshError as err:
                 await abort(context, err)

@@ -199,10 +199,11 @@ async def test_a_page_past_the_message_limit_ends_early_and_its_token_continues_
 
 
 def test_page_size_is_capped_at_the_documented_maximum() -> None:
+    from hivemesh.mesh.paging import MAX_PAGE_SIZE, page_size
     from hivemesh.mesh.queue import HeldCall  # here: the module's old form fails this test alone
-    from hivemesh.mesh.queue_rpc import MAX_PAGE_SIZE, listing, page_size
+    from hivemesh.mesh.queue_rpc import listing
 
     calls = [HeldCall(f"q-{i:016x}", "echo", "queued", i, i + 1, revision=i + 1) for i in range(MAX_PAGE_SIZE + 5)]
-    size = page_size(mesh_pb2.ListQueuedRequest(page_size=MAX_PAGE_SIZE * 10))
+    size = page_size(mesh_pb2.ListQueuedRequest(page_size=MAX_PAGE_SIZE * 10).page_size)
     page, left_off = listing(calls, "/hivemesh/queue/client-x/", size=size)
     assert size == MAX_PAGE_SIZE and len(page.calls) == MAX_PAGE_SIZE and left_off == 5 and page.next_page_token
