@@ -72,17 +72,10 @@ async def check(etcd: Any, token: str, name: str, kind: str) -> Checked:
     for another name or another kind: an agent token never makes a client, nor the reverse.
     """
     invalid = JoinTokenInvalidError()
-    if not isinstance(token, str) or not _TOKEN_RE.fullmatch(token):
+    minted = await _minted(etcd, token)
+    if minted is None:
         raise invalid
-    key = _key(token)
-    kv = await etcd.get(key)
-    if kv is None:
-        raise invalid
-    try:
-        doc = json.loads(kv.value)
-        stored_name, stored_kind, expires_at = str(doc["name"]), str(doc["kind"]), float(doc["expires_at"])
-    except (ValueError, KeyError, TypeError):
-        raise invalid from None
+    stored_name, stored_kind, expires_at, key, kv = minted
     if (stored_name, stored_kind) != (name, kind):
         # Naming what the token is for tells its holder nothing it could not do with it anyway.
         raise JoinTokenInvalidError(
@@ -101,17 +94,24 @@ async def minted_for(etcd: Any, token: str) -> tuple[str, str] | None:
     """(name, kind) a live join token was minted for, spending nothing; None when it is malformed, unknown or
     expired (the join refuses it then anyway). The revocation guard asks, so only a good token's holder learns
     that its identity is revoked."""
+    minted = await _minted(etcd, token)
+    return (minted[0], minted[1]) if minted is not None and minted[2] > time.time() else None
+
+
+async def _minted(etcd: Any, token: str) -> tuple[str, str, float, bytes, Any] | None:
+    """(name, kind, expiry, key, stored entry) of a join token as stored, expired or not; None when it is
+    malformed, unknown or its entry unreadable."""
     if not isinstance(token, str) or not _TOKEN_RE.fullmatch(token):
         return None
-    kv = await etcd.get(_key(token))
+    key = _key(token)
+    kv = await etcd.get(key)
     if kv is None:
         return None
     try:
         doc = json.loads(kv.value)
-        name, kind, expires_at = str(doc["name"]), str(doc["kind"]), float(doc["expires_at"])
+        return str(doc["name"]), str(doc["kind"]), float(doc["expires_at"]), key, kv
     except (ValueError, KeyError, TypeError):
         return None
-    return (name, kind) if expires_at > time.time() else None
 
 
 async def use(etcd: Any, checked: Checked) -> None:
