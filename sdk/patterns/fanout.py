@@ -110,6 +110,9 @@ class FanOut:
             raise ValueError("branch_timeout must be positive")
         if min_success < 0:
             raise ValueError("min_success must be >= 0")
+        if self.branches and min_success > len(self.branches):
+            # Else every branch is called (side effects and all) only to fail "too few answered" at the end.
+            raise ValueError(f"min_success {min_success} is more than the {len(self.branches)} branches given")
         self.all_instances_of = all_instances_of
         self.aggregate = aggregate
         self.branch_timeout = branch_timeout
@@ -153,12 +156,16 @@ class FanOut:
             try:
                 try:
                     payload = spec.input(input) if spec is not None and spec.input is not None else input
+                except Exception as exc:  # the branch's own code, its input function
+                    raise AgentError(f"branch {branch_id} raised {type(exc).__name__}: {exc}") from exc
+                try:
                     results[branch_id] = await runner.step(f"branch-{branch_id}", capability, payload,
                                                            timeout=timeout, instance=instance)
-                except HivemeshError:
-                    raise
-                except Exception as exc:  # the branch's own code (its input function), or an input no JSON
+                except (TypeError, ValueError) as exc:  # an input that is no JSON
                     raise AgentError(f"branch {branch_id} raised {type(exc).__name__}: {exc}") from exc
+                # Anything else the runner raises is not this branch's answer but the run's trouble (a workflow
+                # whose etcd did not answer): it leaves the fan-out, so the engine replays the run. Recorded as
+                # the branch failing, a branch that had answered was dropped from a durable run's result.
             except HivemeshError as err:
                 if isinstance(err, DeadlineExceededError):
                     err.message = f"branch {branch_id} missed its {timeout} s deadline: {err.message}"
@@ -169,20 +176,23 @@ class FanOut:
 
         tasks = [asyncio.ensure_future(branch(*p)) for p in plan]
         try:
-            if self.fail_fast:
-                done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-                for t in pending:
-                    t.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
-                for t in done:
-                    if t.exception() is not None:  # (each retrieved: none left unread)
-                        name, err = first_error[0]
-                        raise FanOutError(f"fan-out branch {name} failed: {err.message}", failed, err)
-            else:
-                await asyncio.gather(*tasks)
+            if tasks:  # (none: every instance of a capability, and it has none)
+                # A branch raises only at fail-fast's first failure, or with trouble that is the run's (above).
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         finally:
+            # That, or the caller cancelling this run: the other branches are cancelled and awaited here, so none
+            # is still calling for nobody once run returns or raises (cancelling without waiting left them running
+            # past a cancelled run) and every outcome is retrieved.
             for t in tasks:
                 t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        errors = [t.exception() for t in tasks if not t.cancelled() and t.exception() is not None]
+        trouble = next((e for e in errors if not isinstance(e, HivemeshError)), None)
+        if trouble is not None:
+            raise trouble
+        if errors:  # fail-fast
+            name, err = first_error[0]
+            raise FanOutError(f"fan-out branch {name} failed: {err.message}", failed, err)
         outputs = {b: results[b].output for b, _, _ in plan if b in results}
         if len(outputs) < self.min_success:
             names = ", ".join(sorted(failed)) or "none"
