@@ -29,6 +29,13 @@ def _as_mapping(output: Any, who: str) -> Mapping[str, Any]:
     return output
 
 
+def _approved(value: Any, who: str) -> bool:
+    """A reviewer's verdict, which must be a boolean: bool() made the text "false" (or "no") an approval."""
+    if not isinstance(value, bool):
+        raise AgentError(f"{who} answered approved that is {type(value).__name__}, not a boolean")
+    return value
+
+
 def _feedback(value: Any, who: str) -> list[Any]:
     """A reviewer's feedback as a list (one string is one item); anything else is the reviewer's mistake, said as
     such (list() of a number raised TypeError, and of a string made one item per character)."""
@@ -70,6 +77,10 @@ class PeerReview:
                 raise ValueError(f"{cap!r} is not a capability name")
         if not reviewers:
             raise ValueError("a peer review needs at least one reviewer")
+        if len({writer, *reviewers}) != 1 + len(reviewers):
+            # Each is one step per round, `round-N/<capability>`: named twice, a durable run's second call replays
+            # the first's answer (a writer among its reviewers "reviewed" with its own draft, never called).
+            raise ValueError(f"the writer and reviewers must be distinct capabilities: {[writer, *reviewers]}")
         if max_rounds < 1:
             raise ValueError("max_rounds must be >= 1")
         self.writer = writer
@@ -103,7 +114,7 @@ class PeerReview:
                 verdicts.append({
                     "reviewer": reviewer,
                     "agent": reviewed.agent,
-                    "approved": bool(out.get("approved", False)),
+                    "approved": _approved(out.get("approved", False), reviewer),
                     "feedback": _feedback(out.get("feedback"), reviewer),
                     "revised": revised is not None and revised != draft,
                     # anything else the reviewer said (e.g. structured corrections) goes back to the writer

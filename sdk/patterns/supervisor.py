@@ -57,8 +57,14 @@ class Subtask:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Subtask:
-        return cls(str(d["id"]), str(d["capability"]), d.get("input"), tuple(d.get("reassign_to") or ()),
-                   bool(d.get("sensitive", False)))
+        """A subtask as `to_json` (or a decomposing agent) writes it. reassign_to must be a list and sensitive a
+        boolean: tuple("tier2") reassigned to capabilities "t", "i", "e", "r" and "2", and bool("false") is True."""
+        reassign, sensitive = d.get("reassign_to") or [], d.get("sensitive", False)
+        if not isinstance(reassign, list | tuple) or not all(isinstance(c, str) for c in reassign):
+            raise ValueError(f"reassign_to is {type(reassign).__name__}, not a list of capability names")
+        if not isinstance(sensitive, bool):
+            raise ValueError(f"sensitive is {type(sensitive).__name__}, not a boolean")
+        return cls(str(d["id"]), str(d["capability"]), d.get("input"), tuple(map(str, reassign)), sensitive)
 
 
 @dataclass(frozen=True)
@@ -226,10 +232,17 @@ class Supervisor:
             res = await runner.step(step_id, self.review, {"subtask": sub.id, "input": sub.input, "output": output},
                                     timeout=self.timeout)
             steps.append(res)
-            out = res.output if isinstance(res.output, Mapping) else {}
-            conf = out.get("confidence")
-            return Review(bool(out.get("approved", True)), float(conf) if isinstance(conf, int | float) else None,
-                          str(out.get("notes", "")))
+            # A verdict the reviewer did not give is not an approval: an answer that is no object (prose saying
+            # REJECTED) or an `approved` that is no boolean (the text "false") approved the result before.
+            out, who = res.output, f"review capability {self.review!r}"
+            if not isinstance(out, Mapping):
+                raise AgentError(f"{who} answered {type(out).__name__}, not {{approved, confidence, notes}}")
+            approved, conf = out.get("approved", True), out.get("confidence")
+            if not isinstance(approved, bool):
+                raise AgentError(f"{who} answered approved that is {type(approved).__name__}, not a boolean")
+            if conf is not None and (isinstance(conf, bool) or not isinstance(conf, int | float)):
+                raise AgentError(f"{who} answered confidence that is {type(conf).__name__}, not a number")
+            return Review(approved, float(conf) if conf is not None else None, str(out.get("notes", "")))
         return self.review(sub, output)
 
     async def _delegate(self, runner: Runner, task: Any, sub: Subtask, steps: list[StepResult]) -> SubtaskOutcome:
