@@ -21,30 +21,10 @@ import grpc
 from hivemesh.mesh.queue import DONE, CallQueue
 from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
 from hivemesh.mesh.tls import MAX_MESSAGE_BYTES
-from hivemesh.sdk import Agent, capability
-from hivemesh.sdk.client import JSON
 from hivemesh.v1 import agent_pb2, mesh_pb2, mesh_pb2_grpc
 from tests.support.orch_env import Orch, wait_until
+from tests.support.queue_calls import BIG_RECEIVE, LEFT_OFF_HEADER, Blob, held_request
 from tests.support.waiting import until
-
-LEFT_OFF_HEADER = "hivemesh-left-off"  # spelt out: the test reads the wire, not the module's name for it
-BIG_RECEIVE = [("grpc.max_receive_message_length", 4 * MAX_MESSAGE_BYTES)]  # so only the server's limit counts
-
-
-class Blob(Agent):
-    name = "blob"
-    version = "1.0.0"
-
-    @capability(description="n bytes of text")
-    async def blob(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"data": "x" * int(req["n"])}
-
-
-def _held(capability: str, call_id: str, payload: dict[str, Any]) -> agent_pb2.InvokeRequest:
-    req = agent_pb2.InvokeRequest(capability=capability, input=json.dumps(payload).encode(), content_type=JSON,
-                                  queue_for_ms=300_000)
-    req.context.call_id = call_id
-    return req
 
 
 def _sidecar(orch: Orch, settings: Any) -> Sidecar:
@@ -57,7 +37,8 @@ async def test_delivered_answers_are_not_listed_and_get_queued_returns_each(orch
     async with _sidecar(orch, await orch.env.settings_for("queuer", "client")) as sidecar, \
             grpc.aio.insecure_channel(sidecar.mesh_endpoint, options=BIG_RECEIVE) as channel:
         stub = mesh_pb2_grpc.MeshStub(channel)
-        ids = [(await stub.Enqueue(_held("blob", f"job-{i}", {"n": 700_000}), timeout=10)).id for i in range(answers)]
+        ids = [(await stub.Enqueue(held_request(f"job-{i}", capability="blob", payload={"n": 700_000}), timeout=10)).id
+               for i in range(answers)]
         assert sidecar.queue is not None and sidecar.queue.queue is not None
         queue = sidecar.queue.queue
 
@@ -86,7 +67,7 @@ async def test_a_listing_past_the_message_limit_stops_and_says_how_many_it_left_
             grpc.aio.insecure_channel(sidecar.mesh_endpoint, options=BIG_RECEIVE) as channel:
         stub = mesh_pb2_grpc.MeshStub(channel)
         call_ids = [f"{i:02d}-" + "c" * 400_000 for i in range(held)]
-        ids = [(await stub.Enqueue(_held("nobody", cid, {}), timeout=20)).id for cid in call_ids]
+        ids = [(await stub.Enqueue(held_request(cid, capability="nobody"), timeout=20)).id for cid in call_ids]
 
         call = stub.ListQueued(mesh_pb2.ListQueuedRequest(), timeout=30)
         listed = await call

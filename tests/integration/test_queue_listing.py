@@ -24,30 +24,9 @@ import pytest
 from hivemesh.mesh.errors import HivemeshError, InvalidInputError, from_rpc_error
 from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
 from hivemesh.mesh.tls import MAX_MESSAGE_BYTES
-from hivemesh.sdk import Agent, capability
-from hivemesh.sdk.client import JSON
-from hivemesh.v1 import agent_pb2, mesh_pb2, mesh_pb2_grpc
+from hivemesh.v1 import mesh_pb2, mesh_pb2_grpc
 from tests.support.orch_env import Orch, wait_until
-
-LEFT_OFF_HEADER = "hivemesh-left-off"  # spelt out: the test reads the wire, not the module's name for it
-BIG_RECEIVE = [("grpc.max_receive_message_length", 4 * MAX_MESSAGE_BYTES)]  # so only the server's limit counts
-
-
-class Sizer(Agent):
-    name = "sizer"
-    version = "1.0.0"
-
-    @capability(description="n bytes of text")
-    async def sized(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"data": "x" * int(req["n"])}
-
-
-def _held(call_id: str, *, capability: str = "nobody-serves-this", queue_for_ms: int = 300_000,
-          payload: dict[str, Any] | None = None) -> agent_pb2.InvokeRequest:
-    req = agent_pb2.InvokeRequest(capability=capability, input=json.dumps(payload or {}).encode(),
-                                  content_type=JSON, queue_for_ms=queue_for_ms)
-    req.context.call_id = call_id
-    return req
+from tests.support.queue_calls import BIG_RECEIVE, LEFT_OFF_HEADER, Blob, held_request
 
 
 @contextlib.asynccontextmanager
@@ -72,7 +51,7 @@ async def _refused(call: Any) -> HivemeshError:
 
 
 async def _enqueue(stub: mesh_pb2_grpc.MeshStub, call_ids: list[str]) -> list[str]:
-    return [(await stub.Enqueue(_held(cid), timeout=10)).id for cid in call_ids]
+    return [(await stub.Enqueue(held_request(cid), timeout=10)).id for cid in call_ids]
 
 
 async def test_pages_list_every_call_once_in_order_while_calls_are_held_between_them(orch: Orch) -> None:
@@ -119,11 +98,11 @@ async def test_a_page_resumes_after_the_last_call_listed_when_calls_are_removed_
 
 
 async def test_a_listed_call_says_whether_its_answer_is_kept_and_how_large_it_is(orch: Orch) -> None:
-    await orch.serve(Sizer())
+    await orch.serve(Blob())
     async with _sidecar(orch, "pager") as (_, stub):
-        done_id = (await stub.Enqueue(_held("done", capability="sized", payload={"n": 50_000}), timeout=10)).id
-        expired_id = (await stub.Enqueue(_held("expired", queue_for_ms=1), timeout=10)).id
-        pending_id = (await stub.Enqueue(_held("pending"), timeout=10)).id
+        done_id = (await stub.Enqueue(held_request("done", capability="blob", payload={"n": 50_000}), timeout=10)).id
+        expired_id = (await stub.Enqueue(held_request("expired", queue_for_ms=1), timeout=10)).id
+        pending_id = (await stub.Enqueue(held_request("pending"), timeout=10)).id
 
         async def settled() -> bool:
             got = [(await stub.GetQueued(mesh_pb2.GetQueuedRequest(id=i), timeout=5)).state
@@ -185,7 +164,7 @@ async def test_a_page_past_the_message_limit_ends_early_and_its_token_continues_
     held = 22
     async with _sidecar(orch, "pager") as (_, stub):
         call_ids = [f"{i:02d}-" + "c" * 400_000 for i in range(held)]
-        ids = [(await stub.Enqueue(_held(cid), timeout=20)).id for cid in call_ids]
+        ids = [(await stub.Enqueue(held_request(cid), timeout=20)).id for cid in call_ids]
 
         call = stub.ListQueued(mesh_pb2.ListQueuedRequest(page_size=held), timeout=30)
         first = await call

@@ -18,6 +18,7 @@ from hivemesh.mesh.schema import compile_schema
 from hivemesh.sdk import Agent, capability
 from hivemesh.sdk.schema import from_json, schema_for, to_json
 from tests.support.orch_env import Orch
+from tests.support.schema_hints import assert_refused_at_definition
 
 
 class Color(enum.Enum):
@@ -191,16 +192,7 @@ def test_hints_with_no_json_form_fail_at_import_naming_the_capability_and_what()
         (set[int | list[int]], ("hashable", "list[int]")),
     ]
     for hint, words in cases:
-
-        async def handler(self: Agent, value: int) -> int:
-            return value
-
-        handler.__annotations__ = {"value": hint, "return": "int"}
-        with pytest.raises(TypeError) as refused:
-            capability(handler)
-        text = str(refused.value)
-        assert "capability" in text and "handler" in text and "parameter 'value'" in text, text
-        assert all(word in text for word in words), (words, text)
+        assert_refused_at_definition(hint, words)
 
 
 class Paint(Agent):

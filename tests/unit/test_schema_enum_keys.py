@@ -19,6 +19,7 @@ from hivemesh.mesh.schema import compile_schema
 from hivemesh.sdk import Agent, capability
 from hivemesh.sdk.schema import from_json, schema_for, to_json
 from tests.support.orch_env import Orch
+from tests.support.schema_hints import assert_refused_at_definition
 
 
 class Color(enum.Enum):
@@ -169,16 +170,7 @@ def test_enum_keys_no_json_key_stands_for_fail_at_class_definition_naming_the_hi
         (dict[Nothing, int], ("Nothing", "no members")),
     ]
     for hint, words in cases:
-
-        async def handler(self: Agent, value: int) -> int:
-            return value
-
-        handler.__annotations__ = {"value": hint, "return": "int"}
-        with pytest.raises(TypeError) as refused:
-            capability(handler)
-        text = str(refused.value)
-        assert "capability" in text and "handler" in text and "parameter 'value'" in text, text
-        assert all(word in text for word in words), (words, text)
+        assert_refused_at_definition(hint, words)
 
 
 class Inventory(Agent):
