@@ -47,6 +47,7 @@ from hivemesh.mesh.errors import (
     HivemeshError,
     InvalidInputError,
     InvalidOutputError,
+    PayloadTooLargeError,
     abort,
 )
 from hivemesh.mesh.front import FrontDoor, open_front_door
@@ -57,7 +58,7 @@ from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
 from hivemesh.mesh.layers.loopguard import DEFAULT_MAX_CALL_DEPTH
 from hivemesh.mesh.layers.output_classifier import load_classifier, resolve_classifier
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN
-from hivemesh.mesh.link_server import LinkServer, link_handler
+from hivemesh.mesh.link_server import LinkServer, answer_too_large, link_handler
 from hivemesh.mesh.local_call import CALL_HANDLE_KEY, read_local_metadata
 from hivemesh.mesh.local_socket import bind_private_socket, default_socket_path, remove_socket
 from hivemesh.mesh.node import MeshNode
@@ -538,6 +539,15 @@ class Sidecar:
         return self._onward(request, req, self._handle_entry(read_local_metadata(context.invocation_metadata())[0]))
 
     # --- inbound: mesh → agent, bytes unchanged -------------------------------------------------------------
+    def _answer_refusal(self, capability: str, response: bytes) -> PayloadTooLargeError | None:
+        """The PAYLOAD_TOO_LARGE the caller would get for this answer (None when it goes out): one the hop pushed
+        past one message (gRPC's own refusal named neither capability nor limit), or, on a link, one whose answer
+        frame does not fit. Decided here, under the chain, so the call's audit record is the refusal the caller
+        gets; refused after it (by gRPC, or by the link server's own check), it was on record as answered."""
+        if len(response) > MAX_MESSAGE_BYTES:
+            return answer_too_large(capability, len(response), MAX_MESSAGE_BYTES)
+        return None if self._link is None else self._link.answer_refusal(capability, response)
+
     def _forward_span(self, inbound: Inbound, method: str) -> tuple[tracing.Span, object]:
         """The span of one forward to the agent (a client call over loopback), current until finished."""
         req = inbound.request
@@ -599,7 +609,12 @@ class Sidecar:
                 except HivemeshError as err:
                     note_refusal(inbound, err)
                     await abort(context, err)
-            return raw + self._hop_bytes
+            response = raw + self._hop_bytes
+            refused = self._answer_refusal(capability, response)
+            if refused is not None:
+                note_refusal(inbound, refused)
+                await abort(context, refused)
+            return response
 
         async def forward_stream(
             request: bytes, context: grpc.aio.ServicerContext[Any, Any]
