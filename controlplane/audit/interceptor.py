@@ -190,8 +190,9 @@ class ControlPlaneAuditInterceptor(grpc.aio.ServerInterceptor):
 
 
     def _refusals_only(self, handler: grpc.RpcMethodHandler[Any, Any], short: str) -> grpc.RpcMethodHandler[Any, Any]:
-        """A method outside the audit (health checking): only its requests that do not decode are recorded, as
-        they are on every other service (the guard's marker is the request then); the rest pass unrecorded."""
+        """A method outside the audit (health checking, reflection): only its requests that do not decode are
+        recorded, as they are on every other service (the guard's marker is the request then); the rest pass
+        unrecorded. A client stream (reflection's) is recorded once, for the marker the guard refused it on."""
 
         def unary_unary(inner: UnaryBehaviour) -> UnaryBehaviour:
             async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -222,7 +223,52 @@ class ControlPlaneAuditInterceptor(grpc.aio.ServerInterceptor):
 
             return stream
 
-        return wrap_handler(handler, unary_unary=unary_unary, unary_stream=unary_stream)
+        def requests_in(inner: Callable[..., Any]) -> Callable[..., Any]:
+            """A client-streaming behaviour (either response cardinality): its requests are watched for the
+            guard's marker, and a call that ends on one is recorded (the guard refuses the first it reads)."""
+            if inspect.isasyncgenfunction(inner):
+                async def stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                    seen = _Seen()
+                    try:
+                        async for item in inner(seen.watch(requests), context):
+                            yield item
+                    except BaseException as exc:
+                        if seen.marker is not None:
+                            await self._write(short, context, seen.marker, None, exc, seen.at)
+                        raise
+
+                return stream
+
+            async def unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                seen = _Seen()
+                try:
+                    return await inner(seen.watch(requests), context)
+                except BaseException as exc:
+                    if seen.marker is not None:
+                        await self._write(short, context, seen.marker, None, exc, seen.at)
+                    raise
+
+            return unary
+
+        return wrap_handler(handler, unary_unary=unary_unary, unary_stream=unary_stream,
+                            stream_unary=requests_in, stream_stream=requests_in)
+
+
+class _Seen:
+    """The first request of a client stream that did not decode (the guard's marker), and when it was read."""
+
+    __slots__ = ("at", "marker")
+
+    def __init__(self) -> None:
+        self.marker: Undecodable | None = None
+        self.at = 0.0
+
+    async def watch(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """requests, unchanged, noting the first marker among them."""
+        async for request in requests:
+            if isinstance(request, Undecodable) and self.marker is None:
+                self.marker, self.at = request, time.perf_counter()
+            yield request
 
 
 def interceptor(core: Core) -> grpc.aio.ServerInterceptor:
