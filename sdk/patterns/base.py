@@ -184,9 +184,12 @@ class Runner(Protocol):
         timeout: float | None = None,
         instance: mesh_pb2.AgentInstance | None = None,
         agent: str | None = None,
+        conversation_id: str | None = None,
     ) -> StepResult:
         """Call capability as step step_id. agent pins the call to that agent's instances, with failover among
-        them (`CallOptions.agent`); instance sends it to that one instance alone."""
+        them (`CallOptions.agent`); instance sends it to that one instance alone. conversation_id, when given,
+        is this call's `CallContext.conversation_id` instead of the runner's own (a handoff's conversation); it is
+        no part of the step's identity."""
         ...
 
     async def memo(self, key: str, compute: Callable[[], Any]) -> Any: ...
@@ -277,10 +280,11 @@ class DirectRunner:
         if self._on_event is not None:
             self._on_event(kind, data)
 
-    def _context(self) -> agent_pb2.CallContext | None:
-        if not self.conversation_id and not self.workflow_id:
+    def _context(self, conversation_id: str | None = None) -> agent_pb2.CallContext | None:
+        conversation = conversation_id or self.conversation_id
+        if not conversation and not self.workflow_id:
             return None
-        return agent_pb2.CallContext(conversation_id=self.conversation_id, workflow_id=self.workflow_id)
+        return agent_pb2.CallContext(conversation_id=conversation, workflow_id=self.workflow_id)
 
     async def step(
         self,
@@ -291,9 +295,10 @@ class DirectRunner:
         timeout: float | None = None,
         instance: mesh_pb2.AgentInstance | None = None,
         agent: str | None = None,
+        conversation_id: str | None = None,
     ) -> StepResult:
         # Built first: a bad agent pin is a ValueError before any step is announced.
-        options = CallOptions(timeout=timeout, context=self._context(), agent=agent)
+        options = CallOptions(timeout=timeout, context=self._context(conversation_id), agent=agent)
         started = time.perf_counter()
         self._emit("step_started", {"step": step_id, "capability": capability})
         try:

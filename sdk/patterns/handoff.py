@@ -9,8 +9,10 @@ agent, up to `max_handoffs`, and returns the final reply with the path it took:
     result = await chat.run(mesh, {"message": "My laptop shows a strange login page", "context": {"user": "ana"}})
     result.output["reply"], result.details["path"]   # ["helpdesk-triage", "security-triage"]
 
-Each agent receives `{"message", "conversation": {"id", "history", "context", "handoffs"}}`. Calls carry the
-conversation id in `CallContext.conversation_id`.
+Each agent receives `{"message", "conversation": {"id", "history", "context", "handoffs"}}`, and every call
+carries that id in `CallContext.conversation_id`, under a workflow too (so conversation memory is that
+conversation's). The id is the input's `conversation_id`, else the runner's own (`DirectRunner(conversation_id=)`,
+`WorkflowEngine(conversation_id=)`), else a new one recorded for the run.
 """
 
 from __future__ import annotations
@@ -61,8 +63,9 @@ class Handoff:
         runner = as_runner(target)
         if not isinstance(input, Mapping) or not isinstance(input.get("message"), str):
             raise ValueError("a handoff conversation starts from {'message': str, 'context': {...}}")
+        preset = str(getattr(runner, "conversation_id", "") or "")
         conv_id = str(input.get("conversation_id") or await runner.memo(
-            f"{self.name}-conversation", lambda: uuid.uuid4().hex))
+            f"{self.name}-conversation", lambda: preset or uuid.uuid4().hex))
         if isinstance(runner, DirectRunner) and not runner.conversation_id:
             runner.conversation_id = conv_id
         context: dict[str, Any] = dict(input.get("context") or {})
@@ -74,7 +77,8 @@ class Handoff:
         for hop in range(self.max_handoffs + 1):
             conversation = {"id": conv_id, "history": history, "context": context, "handoffs": handoffs}
             res = await runner.step(f"turn-{hop + 1}-{current}", current,
-                                    {"message": input["message"], "conversation": conversation}, timeout=self.timeout)
+                                    {"message": input["message"], "conversation": conversation}, timeout=self.timeout,
+                                    conversation_id=conv_id)
             steps.append(res)
             out = res.output
             if not isinstance(out, Mapping):
@@ -88,6 +92,11 @@ class Handoff:
             to, handed = transfer.get("to"), transfer.get("context")
             if not isinstance(to, str) or not to:
                 raise AgentError(f"{current} handed the conversation to no capability (handoff.to: {str(to)[:80]!r})")
+            if not NAME_RE.fullmatch(to):
+                # Model-written text: it names the next step (`turn-N-<to>`) and its journal key, so it is checked
+                # as the mesh checks capability names before anything is noted or called.
+                raise AgentError(f"{current} handed the conversation to {to[:80]!r}, which is not a capability name "
+                                 "([a-z0-9][a-z0-9._-]{0,62})")
             if handed is not None and not isinstance(handed, Mapping):
                 raise AgentError(f"{current} handed over a context that is {type(handed).__name__}, not an object")
             if self.allowed is not None and to not in self.allowed:

@@ -165,6 +165,9 @@ class SubtaskOutcome:
 Decompose = Callable[[Any], Sequence[Subtask]]
 Reviewer = Callable[[Subtask, Any], Review]
 
+MAX_SUBTASKS = 64
+"""`Supervisor(max_subtasks=)`'s default: far more than a task's real decomposition, far fewer than a runaway one."""
+
 
 class Supervisor:
     """Decompose → delegate → review → retry/reassign → escalate → combine.
@@ -177,6 +180,9 @@ class Supervisor:
         combine: (task, {subtask id: output}) → the run's output; default the mapping.
         rules: when to escalate to a person.
         attempts_per_assignee: tries on one capability before reassigning (errors and weak results count).
+        max_subtasks: the most subtasks one decomposition may have (default `MAX_SUBTASKS`): each is delegated,
+            reviewed and noted in turn, so a decomposer's answer is otherwise bounded only by the message size. A
+            larger one fails the run (an AgentError naming a decomposing capability) before any subtask starts.
     """
 
     kind = "supervisor"
@@ -191,9 +197,13 @@ class Supervisor:
         attempts_per_assignee: int = 2,
         timeout: float | None = 30.0,
         name: str = "supervisor",
+        max_subtasks: int = MAX_SUBTASKS,
     ) -> None:
         if attempts_per_assignee < 1:
             raise ValueError("attempts_per_assignee must be >= 1")
+        if isinstance(max_subtasks, bool) or not isinstance(max_subtasks, int) or max_subtasks < 1:
+            raise ValueError(f"max_subtasks must be a positive int, not {max_subtasks!r}")
+        self.max_subtasks = max_subtasks
         self.decompose = decompose
         self.review = review
         self.combine = combine
@@ -216,6 +226,9 @@ class Supervisor:
         who = f"decompose capability {self.decompose!r}" if isinstance(self.decompose, str) else "decompose"
         if not isinstance(raw, list) or not raw:
             raise wrong(f"{who} produced no subtasks (a non-empty list of {{id, capability, input}})")
+        if len(raw) > self.max_subtasks:
+            raise wrong(f"{who} produced {len(raw)} subtasks, more than the {self.max_subtasks} this supervisor "
+                        "allows (max_subtasks)")
         try:
             subs = [Subtask.from_json(d) for d in raw]
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -60,18 +60,28 @@ class WorkflowRun:
         return (rec.status in ("COMPLETED", "INPUT_REQUIRED") and rec.result is not None) or (
             rec.status == "FAILED" and rec.error is not None)
 
+    @property
+    def conversation_id(self) -> str:
+        """The conversation id calls carry when a step names none: the engine's (none by default)."""
+        return self.engine.conversation_id
+
     async def step(self, step_id: str, capability: str, payload: Any, *, timeout: float | None = None,
-                   instance: mesh_pb2.AgentInstance | None = None, agent: str | None = None) -> StepResult:
+                   instance: mesh_pb2.AgentInstance | None = None, agent: str | None = None,
+                   conversation_id: str | None = None) -> StepResult:
         """Call capability as step step_id, or answer its recorded outcome. agent pins the call (and its re-send
         after a restart, which the body makes with the same arguments) to that agent's instances with full
-        failover (`CallOptions.agent`); instance sends it to that one alone."""
+        failover (`CallOptions.agent`); instance sends it to that one alone. conversation_id is the call's
+        `CallContext.conversation_id` (default: the engine's); like the payload it is the body's to give again on
+        a re-send, and no part of the step id or its idempotency key, so runs recorded before it resume as they
+        were."""
         rec = self.state.steps.get(step_id)
         if rec is not None and rec.status in ("COMPLETED", "INPUT_REQUIRED") and rec.result is not None:
             return StepResult.from_json(rec.result, replayed=True)
         if rec is not None and rec.status == "FAILED" and rec.error is not None:
             raise error_from_json(rec.error)
         key = rec.key if rec is not None and rec.key else f"{self.workflow_id}/{step_id}"
-        context = agent_pb2.CallContext(workflow_id=self.workflow_id, conversation_id=self.engine.conversation_id)
+        context = agent_pb2.CallContext(workflow_id=self.workflow_id,
+                                        conversation_id=conversation_id or self.engine.conversation_id)
         options = CallOptions(timeout=timeout, context=context, idempotency_key=key, agent=agent)  # checked first
         idempotent = self._idempotent(capability)
         await self.append("step_started", {
