@@ -9,7 +9,9 @@ Errors: an `InvalidInputError` (or any `HivemeshError`) raised by a capability k
 it raises (a `TypeError` or `ValueError` included) is a bug in the agent, AGENT_ERROR, not the caller's fault.
 A streaming capability called unary is collected into one answer of at most one message's size, else
 RESOURCE_EXHAUSTED (`AgentServicer._collect`); any unary answer larger than one message is PAYLOAD_TOO_LARGE,
-naming the capability, its size and the limit (gRPC's own refusal to send it named neither).
+naming the capability, its size and the limit (gRPC's own refusal to send it named neither). Each such refusal of
+an answer too large is noted on the call (`note_refusal`), so its audit record is the sidecar's for the same
+refusal (invalid, RESOURCE_EXHAUSTED, reason PAYLOAD_TOO_LARGE), not an unexplained error.
 """
 
 from __future__ import annotations
@@ -115,14 +117,16 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         self.link: LinkServer | None = None
         """Serves Link streams (each call through the same chain as Invoke); None: Link is UNIMPLEMENTED."""
 
-    async def _execute(self, spec: CapabilitySpec, value: Any, ctx: Context) -> tuple[int, Any, agent_pb2.Usage]:
-        """Run a capability once: (task state, JSON output, usage). Token usage is metered here and reported in
-        the response, whose usage the mesh's budget layer charges."""
+    async def _execute(
+        self, call: Inbound, spec: CapabilitySpec, value: Any, ctx: Context
+    ) -> tuple[int, Any, agent_pb2.Usage]:
+        """Run a capability once for call: (task state, JSON output, usage). Token usage is metered here and
+        reported in the response, whose usage the mesh's budget layer charges."""
         state = agent_pb2.TASK_STATE_COMPLETED
         try:
             with metering(ctx.usage):
                 if spec.streaming:
-                    result: Any = await self._collect(spec, value, ctx)
+                    result: Any = await self._collect(call, spec, value, ctx)
                 else:
                     result = await self._agent.run_unary(spec, value, ctx)
         except InputRequired as ask:
@@ -132,11 +136,12 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             input_tokens=used.input_tokens, output_tokens=used.output_tokens, model=used.model
         )
 
-    async def _collect(self, spec: CapabilitySpec, value: Any, ctx: Context) -> list[Any]:
+    async def _collect(self, call: Inbound, spec: CapabilitySpec, value: Any, ctx: Context) -> list[Any]:
         """A streaming capability's items as one unary answer (a JSON array), closing the stream as soon as the
-        array passes max_output_bytes (RESOURCE_EXHAUSTED) or an item is not JSON (AGENT_ERROR): collected without
-        a bound, a stream that never ends grew the agent's memory until it died. Each item is measured as
-        encoded (the array's commas and brackets counted) since its size in memory says nothing of its JSON."""
+        array passes max_output_bytes (PAYLOAD_TOO_LARGE, noted on call) or an item is not JSON (AGENT_ERROR):
+        collected without a bound, a stream that never ends grew the agent's memory until it died. Each item is
+        measured as encoded (the array's commas and brackets counted) since its size in memory says nothing of
+        its JSON."""
         items: list[Any] = []
         size = 1  # "[", then each item with the "," or "]" after it
         limit = self._max_output_bytes
@@ -148,9 +153,11 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                     raise AgentError(f"capability {spec.name!r} returned output that is not JSON: "
                                      f"{_text(exc)}") from None
                 if size > limit:
-                    raise PayloadTooLargeError(
+                    refused = PayloadTooLargeError(
                         f"the streaming capability {spec.name!r}'s output passed {limit} bytes, the most one answer "
                         f"carries: call it with InvokeStream (MeshClient.stream), which sends each item on its own")
+                    note_refusal(call, refused)
+                    raise refused
                 items.append(item)
         return items
 
@@ -168,7 +175,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             def execute() -> Any:
                 nonlocal ran
                 ran = True
-                return self._execute(spec, value, ctx)
+                return self._execute(call, spec, value, ctx)
 
             outcome: tuple[int, Any, agent_pb2.Usage] = await self._dedupe.run(
                 scope, fingerprint(call.input), execute
@@ -176,7 +183,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             if not ran:  # replayed or joined: this call spent no tokens, though its answer reports them
                 call.charge_usage = False
             return outcome
-        return await self._execute(spec, value, ctx)
+        return await self._execute(call, spec, value, ctx)
 
     def _check_output(self, call: Inbound, capability: str, value: Any, *, whole: bool = False) -> None:
         """Raise InvalidOutputError (noted for the observers) when an answer or item breaks its output schema.
@@ -275,13 +282,17 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         if usage.input_tokens or usage.output_tokens:
             response.usage.CopyFrom(usage)
         wire = invoke_wire.response(output, response)
+        # Refused here, inside the chain, and noted, the call is on record as this refusal with its reason.
         if len(wire) > self._max_output_bytes:  # else gRPC refuses to send it, naming neither capability nor limit
-            await abort(context, answer_too_large(request.capability, len(wire), self._max_output_bytes))
+            too_large = answer_too_large(request.capability, len(wire), self._max_output_bytes)
+            note_refusal(call, too_large)
+            await abort(context, too_large)
         if self.link is not None:
             # On a link, its answer frame is a few bytes larger: refused here, inside the chain, the call is on
             # record as refused; the link server's own check, after the chain, recorded it as answered.
             refused = self.link.answer_refusal(request.capability, wire)
             if refused is not None:
+                note_refusal(call, refused)
                 await abort(context, refused)
         call.written = (wire, response.usage)  # what the usage-counting layers would otherwise parse it for
         return wire
@@ -295,13 +306,15 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             async for frame in self.link.serve(request_iterator, context):
                 yield frame
 
-    def _chunk(self, capability: str, data: bytes) -> agent_pb2.InvokeChunk:
-        """A stream's item chunk; PAYLOAD_TOO_LARGE (naming the capability) for one larger than a message may
-        carry, which gRPC would refuse to send with a message naming neither."""
+    def _chunk(self, call: Inbound, capability: str, data: bytes) -> agent_pb2.InvokeChunk:
+        """A stream's item chunk; PAYLOAD_TOO_LARGE (naming the capability, noted on call for its audit record)
+        for one larger than a message may carry, which gRPC would refuse to send with a message naming neither."""
         chunk = agent_pb2.InvokeChunk(data=data, content_type=_JSON, state=agent_pb2.TASK_STATE_WORKING)
         limit = self._max_output_bytes
         if len(data) > limit - _CHUNK_OVERHEAD and (size := chunk.ByteSize()) > limit:
-            raise answer_too_large(capability, size, limit, on=" in one stream item")
+            refused = answer_too_large(capability, size, limit, on=" in one stream item")
+            note_refusal(call, refused)
+            raise refused
         return chunk
 
     async def InvokeStream(
@@ -318,7 +331,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                             async for item in stream:
                                 data = _json(item)
                                 self._check_output(call, spec.name, item)  # each item, before it is sent
-                                yield self._chunk(spec.name, data)
+                                yield self._chunk(call, spec.name, data)
                 else:
                     run = self._run if tracing.TRACER is None else self._traced_run
                     state, result, _usage = await run(call, request, spec, value, ctx)
@@ -327,7 +340,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                         final.state = agent_pb2.TASK_STATE_INPUT_REQUIRED
                     else:
                         self._check_output(call, spec.name, result, whole=True)
-                    yield self._chunk(spec.name, data)
+                    yield self._chunk(call, spec.name, data)
             except InputRequired as ask:
                 final.state = agent_pb2.TASK_STATE_INPUT_REQUIRED
                 final.data = json.dumps(ask.to_json(), separators=(",", ":")).encode()

@@ -7,8 +7,10 @@ real MeshClient, mutual TLS on loopback."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +20,7 @@ from hivemesh.mesh.tls import MAX_MESSAGE_BYTES
 from hivemesh.sdk import Agent, AgentServer, AgentServerConfig, MeshClient, PayloadTooLargeError, capability
 from hivemesh.v1 import agent_pb2
 from tests.support.orch_env import Orch
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -147,3 +150,33 @@ async def test_a_stream_item_past_the_limit_is_payload_too_large_naming_it_and_t
     _assert_named(refused.value, HUGE + 2, HUGE + 1024)
     await asyncio.wait_for(agent.items_closed.wait(), 30)
     assert [x async for x in mesh.stream("items", {"chars": 3}, timeout=10)] == ["first", "xxx", "after"]
+
+
+def _inbound(server: AgentServer, caller: str) -> list[dict[str, Any]]:
+    """The agent's audit records of the inbound calls caller made."""
+    assert server.audit is not None, "the agent's audit log is off"
+    return [r for r in (json.loads(line) for line in server.audit.spool.lines())
+            if r.get("kind") == "inbound" and caller in r.get("caller", "")]
+
+
+async def test_each_answer_too_large_is_on_record_as_the_refusal_with_its_reason(orch: Orch, tmp_path: Path) -> None:
+    """A unary answer past the limit, a stream item past it, and a streaming capability called unary whose items
+    pass it: each is on the agent's record as the sidecar records its own (invalid, RESOURCE_EXHAUSTED, reason
+    PAYLOAD_TOO_LARGE). Before, the servicer refused them without noting why: (error, RESOURCE_EXHAUSTED, "")."""
+    server = await orch.serve(Big(), AgentServerConfig(audit_dir=tmp_path / "spools"))
+    mesh = await _client(orch, "audited-caller", link=False)
+    with pytest.raises(PayloadTooLargeError):
+        await mesh.call("sized", {"chars": HUGE}, timeout=60)
+    with pytest.raises(PayloadTooLargeError) as streamed:
+        async for _ in mesh.stream("items", {"chars": HUGE}, timeout=60):
+            pass
+    assert "in one stream item" in streamed.value.message, streamed.value
+    with pytest.raises(PayloadTooLargeError) as collected:
+        await mesh.call("items", {"chars": HUGE}, timeout=60)
+    assert "call it with InvokeStream" in collected.value.message, collected.value
+    assert await mesh.call("sized", {"chars": 3}, timeout=10) == "xxx"
+
+    assert await until(lambda: len(_inbound(server, "audited-caller")) >= 4, 10), _inbound(server, "audited-caller")
+    refused = ("invalid", "RESOURCE_EXHAUSTED", "PAYLOAD_TOO_LARGE")
+    assert [(r["decision"], r["status"], r["reason"]) for r in _inbound(server, "audited-caller")] == [
+        refused, refused, refused, ("allow", "OK", "")]

@@ -1,8 +1,9 @@
 """An answer that fits one message but not as a Link answer frame (the id and field headers around it pass the
-limit) is PAYLOAD_TOO_LARGE on the link, and the agent's audit log now says so: the call's record is the refusal
-(error, RESOURCE_EXHAUSTED, as a unary answer too large is). Before, the link server refused the frame after the
-inbound chain had recorded the call as answered (allow, OK), so the record said the caller got an answer it never
-got. Real agent, real MeshClient, mutual TLS on loopback."""
+limit) is PAYLOAD_TOO_LARGE on the link, and the agent's audit log now says so: the call's record is the refusal with
+its reason (invalid, RESOURCE_EXHAUSTED, PAYLOAD_TOO_LARGE, as the sidecar records the same refusal). Before, the link
+server refused the frame after the inbound chain had recorded the call as answered (allow, OK), so the record said
+the caller got an answer it never got; and then the servicer refused it without noting why (error,
+RESOURCE_EXHAUSTED, no reason). Real agent, real MeshClient, mutual TLS on loopback."""
 
 from __future__ import annotations
 
@@ -50,5 +51,5 @@ async def test_an_answer_refused_as_a_link_answer_frame_is_on_record_as_refused(
 
     assert await until(lambda: len([r for r in _inbound(server) if "link-caller" in r["caller"]]) >= 3, 10)
     records = [r for r in _inbound(server) if "link-caller" in r["caller"]]
-    assert [(r["decision"], r["status"]) for r in records] == [
-        ("allow", "OK"), ("error", "RESOURCE_EXHAUSTED"), ("allow", "OK")], records
+    assert [(r["decision"], r["status"], r["reason"]) for r in records] == [
+        ("allow", "OK", ""), ("invalid", "RESOURCE_EXHAUSTED", "PAYLOAD_TOO_LARGE"), ("allow", "OK", "")], records
