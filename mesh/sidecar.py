@@ -642,7 +642,13 @@ class Sidecar:
                         # Only the final chunk carries hops; appending to it keeps every other chunk untouched.
                         if tracing.TRACER is not None:  # the stream's server span is current
                             tracing.note_usage(tracing.current(), decoded.usage)
-                        yield chunk + self._hop_bytes
+                        final = chunk + self._hop_bytes
+                        if len(final) > MAX_MESSAGE_BYTES:
+                            # The hop pushed the agent's final chunk past one message: refused here, under the
+                            # chain, it is on record as the refusal; gRPC's own, after it, named nothing.
+                            raise answer_too_large(capability, len(final), MAX_MESSAGE_BYTES,
+                                                   on=" in its final stream chunk")
+                        yield final
                         break
                     else:
                         raise InvalidOutputError(
