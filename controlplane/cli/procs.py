@@ -2,7 +2,10 @@
 (once `supervise` is on; `restarts.py` holds the policy), stop them all.
 
 Every child asks for PR_SET_PDEATHSIG on Linux (`hivemesh.mesh.lifeline.die_with_parent_if_asked`), so even
-a SIGKILLed `hivemesh up` leaves nothing behind.
+a SIGKILLed `hivemesh up` leaves nothing behind. Each runs in a session of its own, as etcd does: what a terminal
+sends `up`'s process group (a hang-up when it closes, Ctrl-C, Ctrl-Z) reaches `up` alone, which stops the children
+in order. Sharing the group, they died of the hang-up (none handles SIGHUP) without their own shutdown (a
+sidecar's socket file left behind), and `up` reported each as a crash it would restart.
 """
 
 from __future__ import annotations
@@ -118,6 +121,7 @@ class Supervisor:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             env={**os.environ, **env, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())},
+            start_new_session=True,  # setsid in the child: still vfork + exec (no fork() for gRPC to see)
         )
 
     async def _restart(self, child: Child) -> None:
