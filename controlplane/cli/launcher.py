@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -32,7 +34,8 @@ from hivemesh.controlplane.metrics_sd import JOB_CONTROLPLANE, JOB_NODES, SD_DIR
 from hivemesh.mesh.advertise import ADVERTISE_ENV, LISTEN_ENV, advertised_host, check_host, join_host_port
 from hivemesh.mesh.audit.handshake.switch import child_environment
 from hivemesh.mesh.controlplane_client import ControlPlaneClient
-from hivemesh.mesh.etcd import EtcdServer
+from hivemesh.mesh.errors import FailedPreconditionError
+from hivemesh.mesh.etcd import EtcdServer, EtcdStartError
 from hivemesh.mesh.registry import RegistryView
 from hivemesh.mesh.settings import STATE_FILE, MeshSettings
 
@@ -70,12 +73,81 @@ def _python(*module_args: str) -> list[str]:
     return [sys.executable, "-m", *module_args]
 
 
-def _init_ca_whole(certs_dir: Path, trust_domain: str) -> None:
-    """`init_ca`, or nothing: what a failed init wrote (a full disk after the first keys) is removed again.
-    Left behind, those keys made every later `up` refuse ("already holds CA material ... use --force", an
-    option `up` has not), and a ca.pem without operator.pem failed later, in the control plane."""
+CA_PENDING = ".ca-in-progress"
+"""Created and flock-ed in the certificates folder before the first file of a new development CA, removed after the
+last one: found there and not locked, it marks what an `up` killed mid-way (SIGKILL: no cleanup ran) left."""
+
+
+def _ensure_ca(certs_dir: Path, trust_domain: str, say: Say) -> None:
+    """A whole development CA in certs_dir, made when there is none, or again when an `up` was killed while making
+    it. Keys written then, without ca.pem, made every later `up` refuse ("already holds CA material ... use
+    --force", an option `up` has not); ca.pem without operator.pem failed later, in the control plane."""
+    files = CaFiles.in_dir(certs_dir)
+    marker = certs_dir / CA_PENDING
+    if files.ca_cert.exists() and not marker.exists():
+        return
     existed = certs_dir.exists()
     before = set(certs_dir.iterdir()) if existed else set()
+    certs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, found = _claim_ca(marker)
+    try:
+        if found:
+            left = _remove_ca_files(files)
+            say(f"a previous `hivemesh up` was stopped while it made the development CA in {certs_dir}: removed "
+                f"what it left ({', '.join(left) or 'no files'}); making it again")
+        elif files.ca_cert.exists():  # another `up` made it between our look and our claim
+            marker.unlink()
+            return
+        _init_ca_whole(certs_dir, trust_domain, before, existed=existed)
+        marker.unlink()  # the CA is whole: from here on, a kill leaves it as it is
+    finally:
+        os.close(fd)  # after the unlink: another `up` waiting on the lock then finds no marker
+    say(f"created a development CA in {certs_dir} (private keys stay there, never committed)")
+
+
+def _claim_ca(marker: Path) -> tuple[int, bool]:
+    """Create (or take over) marker and hold an exclusive flock on it: (its fd, whether a killed `up`'s marker was
+    found). The kernel drops the lock when its holder dies, however it dies, so a marker that can be locked is a
+    dead maker's; one that cannot is a live `up`'s, making the CA right now."""
+    for _ in range(5):
+        try:
+            fd, found = os.open(marker, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), False
+        except FileExistsError:
+            try:
+                fd, found = os.open(marker, os.O_RDWR), True
+            except FileNotFoundError:
+                continue  # its maker finished between our two opens: look again
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RuntimeError(
+                f"another `hivemesh up` is making the development CA in {marker.parent} right now: run this one "
+                "again once that one says it created it") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(marker))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd, found
+        os.close(fd)  # its maker finished and removed it between our open and our lock: look again
+    raise RuntimeError(f"could not claim {marker}: other processes keep creating and removing it")
+
+
+def _remove_ca_files(files: CaFiles) -> list[str]:
+    """Remove each CA file and its temp file (`write_atomic`'s `.<name>.tmp`); the names of those removed."""
+    removed = []
+    for path in files.all():
+        for each in (path, path.with_name(f".{path.name}.tmp")):
+            with contextlib.suppress(FileNotFoundError):
+                each.unlink()
+                removed.append(each.name)
+    return removed
+
+
+def _init_ca_whole(certs_dir: Path, trust_domain: str, before: set[Path], *, existed: bool) -> None:
+    """`init_ca`, or nothing: what a failed init wrote (a full disk after the first keys) is removed again, the
+    in-progress marker too (`before`: what the folder held first; `existed`: whether it did)."""
     try:
         init_ca(certs_dir, trust_domain)
     except Exception as exc:
@@ -85,8 +157,16 @@ def _init_ca_whole(certs_dir: Path, trust_domain: str) -> None:
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     path.unlink(missing_ok=True)
+            (certs_dir / CA_PENDING).unlink(missing_ok=True)
             if not existed:
                 certs_dir.rmdir()
+        if isinstance(exc, FailedPreconditionError):  # files of a CA that no `up` marks as its own
+            names = [p.name for p in CaFiles.in_dir(certs_dir).all() if p.exists()]
+            raise FailedPreconditionError(
+                f"{certs_dir} holds part of a CA ({', '.join(names)}) but no ca.pem, and no marker says an `up` was "
+                f"stopped while making it, so `up` leaves it alone. If nothing uses these keys, remove them (cd "
+                f"{certs_dir} && rm {' '.join(names)}) and run `hivemesh up` again, or make a new CA over them: "
+                f"hivemesh --certs-dir {certs_dir} certs init --force") from None
         if isinstance(exc, OSError):
             raise OSError(f"could not create a development CA in {certs_dir}: {exc.strerror or exc}") from exc
         raise
@@ -113,6 +193,7 @@ class MeshUp:
         self._demo_stack = contextlib.AsyncExitStack()
         self.scrape_targets: list[ScrapeTarget] = []
         """The /metrics port of every node started, written for Prometheus's file-based discovery."""
+        self._etcd_started = False
         self._announced: list[tuple[Child, str, str, str]] = []
         """(child, the line announcing its metrics address, job, node), read once every child is up."""
 
@@ -179,15 +260,14 @@ class MeshUp:
         opts = self.opts
         opts.home.mkdir(parents=True, exist_ok=True)
         files = CaFiles.in_dir(opts.certs_dir)
-        if not files.ca_cert.exists():
-            _init_ca_whole(opts.certs_dir, opts.trust_domain)
-            self.say(f"created a development CA in {opts.certs_dir} (private keys stay there, never committed)")
+        _ensure_ca(opts.certs_dir, opts.trust_domain, self.say)
         # Mutual TLS with auth on: certificates from the mesh CA (renewed at every `up`), roles bootstrapped.
         etcd_tls = issue_etcd_certs(load_ca(opts.certs_dir), opts.certs_dir, host=opts.advertised)
         self.etcd = EtcdServer(data_dir=opts.home / "etcd", log_path=opts.home / "logs" / "etcd.log", tls=etcd_tls,
                                host=opts.advertised, listen_host=opts.listen)
         (opts.home / "logs").mkdir(parents=True, exist_ok=True)
-        self.etcd.start()  # from the main thread: etcd's parent-death signal is tied to the spawning thread
+        start_etcd(self.etcd)  # from the main thread: etcd's parent-death signal is tied to the spawning thread
+        self._etcd_started = True
         self.say(f"etcd {self.etcd.endpoint} (pid {self.etcd.pid}, data in {opts.home / 'etcd'})")
         cp = await self.sup.spawn(
             "controlplane",
@@ -440,6 +520,7 @@ class MeshUp:
         if self.operator is not None:
             with contextlib.suppress(Exception):
                 await self.operator.close()
+        stopped = self._started()
         await self.sup.stop_all()
         if self.etcd is not None:
             self.etcd.stop()
@@ -449,7 +530,21 @@ class MeshUp:
         if self.scrape_targets:
             with contextlib.suppress(OSError):
                 write_file_sd(self.opts.home / SD_DIR, [])  # Prometheus drops the targets that are gone
-        self.say("stopped: agents, sidecar, control plane and etcd")
+        if stopped:  # up failing before anything started (its CA, etcd's data) stopped nothing
+            self.say(f"stopped: {stopped}")
+
+    def _started(self) -> str:
+        """What this `up` started and `shutdown` stops, as "agents, sidecar, control plane and etcd" says it when all
+        of it ran ("" for nothing): naming what never ran sent the reader looking for it."""
+        names = {child.name for child in self.sup.children}
+        sidecars = {name for name in names if name.endswith("-sidecar")}
+        parts = [part for part, ran in (
+            ("agents", bool(names - sidecars - {"controlplane"})),
+            ("sidecar", bool(sidecars)),
+            ("control plane", "controlplane" in names),
+            ("etcd", self.etcd is not None and (self._etcd_started or self.etcd.running)),
+        ) if ran]
+        return ", ".join(parts[:-1]) + f" and {parts[-1]}" if len(parts) > 1 else "".join(parts)
 
 
 class EtcdUnit:
@@ -488,7 +583,88 @@ class EtcdUnit:
     async def restart(self) -> None:
         # From the loop's (main) thread, as at the first start: etcd's parent-death signal follows the thread
         # that spawned it, so not from a worker thread. It blocks the loop for the second or two etcd takes.
-        self.etcd.start(_READY_S)
+        start_etcd(self.etcd, _READY_S)
+
+
+def start_etcd(etcd: EtcdServer, timeout: float = 30.0) -> None:
+    """`etcd.start`, failing with the reason etcd gave for exiting: EtcdStartError's own message ends with the
+    log's last lines, which after a panic are Go stack frames (where it stopped, not why)."""
+    log_path = etcd.log_path
+    mark = _file_size(log_path)
+    try:
+        etcd.start(timeout)
+    except EtcdStartError as exc:
+        reason = etcd_failure_reason(_read_from(log_path, mark))
+        if reason is None:
+            raise
+        raise EtcdStartError(f"etcd could not start: {reason} (it {describe_exit(etcd.returncode)}; data in "
+                             f"{etcd.data_dir}, log: {log_path})") from exc
+
+
+_GO_CRASH = re.compile(r"^(?:panic|fatal error): \S.*")
+_ZAP_KNOWN = frozenset({"level", "ts", "caller", "msg", "error", "stacktrace", "logger"})
+
+
+def etcd_failure_reason(log: str) -> str | None:
+    """Why etcd stopped, from its log: the last fatal or panic JSON line ("msg: error" and a few short fields such
+    as the path) or Go's own "panic: ..." / "fatal error: ..." line, whichever came last (a JSON panic's own Go
+    panic line, just after it, says less), else the last error-level JSON line; None when there is none."""
+    fatal: dict[str, Any] | None = None
+    crash: str | None = None
+    error: dict[str, Any] | None = None
+    for raw in log.splitlines():
+        line = raw.strip()
+        if line.startswith("{"):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(entry, dict):
+                continue
+            level = entry.get("level")
+            if level in ("fatal", "panic", "dpanic"):
+                fatal, crash = entry, None
+            elif level == "error":
+                error = entry
+        elif _GO_CRASH.match(line):
+            if fatal is not None and fatal.get("level") != "fatal" and line == f"panic: {fatal.get('msg')}":
+                continue  # the panic the JSON line above reported
+            fatal, crash = None, line
+    if fatal is not None:
+        return _describe_log_entry(fatal)
+    if crash is not None:
+        return crash[:600]
+    return _describe_log_entry(error) if error is not None else None
+
+
+def _describe_log_entry(entry: dict[str, Any]) -> str:
+    text = str(entry.get("msg") or "")
+    if why := entry.get("error"):
+        text = f"{text}: {why}" if text else str(why)
+    extra = [f"{key} {value}" for key, value in entry.items()
+             if key not in _ZAP_KNOWN and isinstance(value, str | int | float) and len(str(value)) <= 200][:3]
+    if extra:
+        text += f" ({', '.join(extra)})"
+    return text[:600]
+
+
+def _file_size(path: Path | None) -> int:
+    try:
+        return path.stat().st_size if path is not None else 0
+    except OSError:
+        return 0
+
+
+def _read_from(path: Path | None, offset: int, limit: int = 1 << 20) -> str:
+    """At most the last `limit` bytes of path past offset ("" when it cannot be read)."""
+    if path is None:
+        return ""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(offset, _file_size(path) - limit))
+            return f.read(limit).decode(errors="replace")
+    except OSError:
+        return ""
 
 
 NO_DEMO = "none"

@@ -185,7 +185,9 @@ def test_once_cut_short_by_a_signal_is_no_success(tmp_path: Path, up_runs: list[
     code = up.wait(60)
     assert code == 128 + sig, up.text[-3000:]  # was 0
     assert f"stopping ({sig.name} received before the demo finished)" in up.text
-    assert "stopped: agents, sidecar, control plane and etcd" in up.text and "Traceback" not in up.text
+    # What stopped is what had started: how far the start got when the signal came.
+    assert re.search(r"stopped: (agents, )?(sidecar, )?control plane and etcd", up.text), up.text[-3000:]
+    assert "Traceback" not in up.text
 
 
 @pytest.mark.slow
@@ -202,7 +204,7 @@ def test_a_child_that_dies_while_the_mesh_starts_fails_up_at_once(tmp_path: Path
     assert code == 1, up.text[-3000:]
     assert time.monotonic() - killed < 30, up.text[-3000:]
     assert f"error: demo-research (pid {pid}) was killed by SIGKILL while the mesh was starting" in up.text
-    assert "Traceback" not in up.text and "stopped: agents, sidecar, control plane and etcd" in up.text
+    assert "Traceback" not in up.text and "stopped: agents, control plane and etcd" in up.text  # no sidecar
 
 
 @pytest.mark.slow
