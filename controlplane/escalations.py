@@ -2,9 +2,19 @@
 
 A run that needs a person creates an escalation and waits; an operator (`hivemesh escalations approve|reject`)
 resolves it. An escalation may also name an `answerer`, the principal a gateway relays for (the A2A caller
-whose request asked): the requester relays that principal's reply with the principal's token, which this
-service verifies, so the answer is attributed to the principal and nobody else's reply counts. Every change
-is a compare-and-swap on the key's mod revision, so a person and the deadline policy can never both win.
+whose request asked): the requester (the relayer) relays that principal's reply with the principal's token,
+which this service verifies, so nobody else's reply counts. The token proves only that the answerer called the
+relayer, not what it answered, so the answer is recorded as the relayer's, `on_behalf_of` the answerer and
+marked as claimed. Every change is a compare-and-swap on the key's mod revision, so a person and the deadline
+policy can never both win.
+
+An id is its requester's own. Ids are often derived from what others know (a workflow run's escalation id from
+its run and step ids), so a first-come global id let any workload take a run's id before the run asked, and the
+run was then refused its own escalation. The first requester of an id stores it under the id itself (as every
+escalation was stored before); another requester's escalation of that id is stored under `scoped_id` (the id,
+'@' and a hash of the requester), which no caller can ask for. Operators list and address each by its stored
+id, unique; a requester addresses its own by the id it asked for as well (`_locate`).
+
 Deadlines need no background task: an escalation past its deadline is resolved by
 its policy (reject, or approve with the default answer) the first time anyone reads, lists or waits on it;
 a waiting run wakes at the deadline to do exactly that. An escalation a webhook rule matched is held instead
@@ -24,7 +34,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -67,6 +79,10 @@ LEFT_OFF_HEADER: Final = "hivemesh-left-off"
 TOKENS: Final = PageTokens("ListEscalations", "caller")
 """ListEscalations' page tokens, owned by the caller's SPIFFE id."""
 DEADLINE_ACTOR: Final = "policy:deadline"
+SCOPE_MARK: Final = "@"
+"""Between an id and its requester's hash in a scoped id: outside a requested id's characters (NAME_RE)."""
+SCOPE_HEX: Final = 12
+_STORED_ID_RE: Final = re.compile(rf"(?:{NAME_RE.pattern}){re.escape(SCOPE_MARK)}[0-9a-f]{{{SCOPE_HEX}}}")
 
 E = escalation_pb2
 AuditHook = Callable[[str, escalation_pb2.Escalation, str], None]
@@ -90,17 +106,23 @@ Recorder = Callable[[Mapping[str, Any]], Awaitable[Any]]
 
 
 def audit_fields(action: str, esc: escalation_pb2.Escalation, actor: str) -> dict[str, Any]:
-    """What the audit log keeps of one escalation change (never the context: it may hold personal data)."""
-    return {
+    """What the audit log keeps of one escalation change (never the context: it may hold personal data). A relayed
+    answer adds on_behalf_of: the answerer the actor (the relayer) claims to relay for."""
+    fields = {
         "event": "escalation", "action": action, "id": esc.id, "workflow_id": esc.workflow_id,
         "step_id": esc.step_id, "requested_by": esc.requested_by, "actor": actor, "reason": esc.reason[:300],
         "status": E.EscalationStatus.Name(esc.status).removeprefix("ESCALATION_STATUS_"),
         "note": esc.resolution.note[:300], "answered": bool(esc.resolution.answer_json),
     }
+    if esc.resolution.on_behalf_of:
+        fields["on_behalf_of"] = esc.resolution.on_behalf_of
+    return fields
 
 
 async def _audit(action: str, esc: escalation_pb2.Escalation, actor: str, recorder: Recorder | None) -> None:
-    log.info("escalation %s %s by %s (workflow %s): %s", esc.id, action, actor, esc.workflow_id or "-", esc.reason)
+    behalf = f" on behalf of {esc.resolution.on_behalf_of} (claimed)" if esc.resolution.on_behalf_of else ""
+    log.info("escalation %s %s by %s%s (workflow %s): %s", esc.id, action, actor, behalf, esc.workflow_id or "-",
+             esc.reason)
     if recorder is not None:
         try:
             await recorder(audit_fields(action, esc, actor))
@@ -129,10 +151,21 @@ def _check_json(text: str, field: str, *, want_object: bool = False) -> None:
         raise InvalidInputError(f"{field} must be a JSON object", field_violations={field: "not an object"})
 
 
-def _validate_id(escalation_id: str) -> None:
-    if not NAME_RE.fullmatch(escalation_id):
-        msg = "must match [a-z0-9][a-z0-9._-]{0,62}"
-        raise InvalidInputError(f"escalation id {escalation_id[:80]!r} {msg}", field_violations={"id": msg})
+def scoped_id(escalation_id: str, requester: str) -> str:
+    """Where requester's escalation of escalation_id is stored when another requester holds that id: '@' is not in
+    a requested id, so no caller can take this one, and the hash keeps it unique among the ids operators see."""
+    digest = hashlib.sha256(requester.encode()).hexdigest()[:SCOPE_HEX]
+    return f"{escalation_id}{SCOPE_MARK}{digest}"
+
+
+def _validate_id(escalation_id: str, *, stored: bool = False) -> None:
+    """A requested id (CreateEscalation's); with stored, a scoped id too (the id that a lookup may name)."""
+    if NAME_RE.fullmatch(escalation_id) or (stored and _STORED_ID_RE.fullmatch(escalation_id)):
+        return
+    msg = "must match [a-z0-9][a-z0-9._-]{0,62}"
+    if stored:
+        msg += f" (optionally followed by {SCOPE_MARK} and {SCOPE_HEX} hex digits)"
+    raise InvalidInputError(f"escalation id {escalation_id[:80]!r} {msg}", field_violations={"id": msg})
 
 
 def _is_operator(peer: Peer) -> bool:
@@ -255,6 +288,16 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
         self._core = core
         self.store = EscalationStore(core.etcd, recorder)
 
+    async def _locate(self, escalation_id: str, peer: Peer) -> str:
+        """The stored id that escalation_id names for peer: a scoped id is itself; a requested id is peer's own
+        scoped escalation if it has one (it asked when another requester held the id), else the id itself (its
+        first requester's, and every escalation stored before ids were scoped). Operators address stored ids."""
+        _validate_id(escalation_id, stored=True)
+        if SCOPE_MARK in escalation_id or _is_operator(peer):
+            return escalation_id
+        own = scoped_id(escalation_id, str(peer.spiffe_id))
+        return own if await self.store.read(own) is not None else escalation_id
+
     def _may_read(self, peer: Peer, esc: escalation_pb2.Escalation) -> None:
         if not _is_operator(peer) and esc.requested_by != str(peer.spiffe_id):
             raise PermissionDeniedError(f"{peer.spiffe_id} may read only the escalations it created")
@@ -316,12 +359,20 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
         )
         if self.store.notice_check is not None and await self.store.notice_check(esc):
             esc.notification.required = True
+        requester, operator = str(peer.spiffe_id), _is_operator(peer)
+        own = scoped_id(escalation_id, requester)
+        if not operator and await self.store.read(own) is not None:  # asked before, under its scoped id
+            return (await self.store.settle(own))[0]
         stored, created = await self.store.create(esc)
-        if not created:
-            if stored.requested_by != str(peer.spiffe_id) and not _is_operator(peer):
-                raise PermissionDeniedError(f"escalation {escalation_id!r} exists and belongs to another caller")
-            return (await self.store.settle(escalation_id))[0]
-        await _audit("created", stored, str(peer.spiffe_id), self.store.recorder)
+        if not created and stored.requested_by != requester and not operator:
+            # Another requester's id: this requester's escalation is its own, under the id scoped to it.
+            esc.id = own
+            stored, created = await self.store.create(esc)
+            if not created and stored.requested_by != requester:  # a hash collision: never in practice
+                raise PermissionDeniedError(f"escalation {own!r} exists and belongs to another caller")
+        if not created:  # idempotent: the one this requester (or, for an operator, anyone) created
+            return (await self.store.settle(stored.id))[0]
+        await _audit("created", stored, requester, self.store.recorder)
         return stored
 
     @_rpc
@@ -329,8 +380,7 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
         self, request: escalation_pb2.GetEscalationRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> escalation_pb2.Escalation:
         peer = self._core.peer(context)
-        _validate_id(request.id)
-        esc, _ = await self.store.settle(request.id)
+        esc, _ = await self.store.settle(await self._locate(request.id, peer))
         self._may_read(peer, esc)
         return esc
 
@@ -369,8 +419,9 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
         return out
 
     async def _finish(self, escalation_id: str, peer: Peer | str, status: int, note: str, answer_json: str,
-                      action: str) -> tuple[escalation_pb2.Escalation, bool]:
-        """Resolve a pending escalation; (the escalation, whether this call changed it)."""
+                      action: str, on_behalf_of: str = "") -> tuple[escalation_pb2.Escalation, bool]:
+        """Resolve a pending escalation (by peer, relaying for on_behalf_of if set); (the escalation, whether this
+        call changed it)."""
         while True:
             esc, rev = await self.store.settle(escalation_id)
             if esc.status != E.ESCALATION_STATUS_PENDING:
@@ -384,6 +435,8 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
                 answer_json=answer_json,
                 resolved_by=peer if isinstance(peer, str) else str(peer.spiffe_id),
                 resolved_at_unix_ms=_now_ms(),
+                on_behalf_of=on_behalf_of,
+                on_behalf_of_claimed=bool(on_behalf_of),
             ))
             if await self.store.swap(done, rev):
                 actor = peer if isinstance(peer, str) else str(peer.spiffe_id)
@@ -395,33 +448,36 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
         self, request: escalation_pb2.ResolveEscalationRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> escalation_pb2.Escalation:
         peer = self._core.peer(context)
-        _validate_id(request.id)
-        by: Peer | str = peer
+        _validate_id(request.id, stored=True)
+        if not _is_operator(peer) and not request.subject_token:
+            raise PermissionDeniedError(f"only operators (people) resolve escalations; {peer.spiffe_id} is not one")
+        escalation_id = await self._locate(request.id, peer)
+        on_behalf_of = ""
         if not _is_operator(peer):
-            if not request.subject_token:
-                raise PermissionDeniedError(
-                    f"only operators (people) resolve escalations; {peer.spiffe_id} is not one")
-            by = await self._relayed_answerer(request, peer)
+            on_behalf_of = await self._relayed_answerer(escalation_id, request.subject_token, peer)
         if request.answer_json:
             _check_json(request.answer_json, "answer_json")
         if len(request.note) > MAX_REASON:
             raise InvalidInputError("the note is too long", field_violations={"note": f"at most {MAX_REASON}"})
         status = E.ESCALATION_STATUS_APPROVED if request.approve else E.ESCALATION_STATUS_REJECTED
-        done, changed = await self._finish(request.id, by, status, request.note, request.answer_json,
-                                           "approved" if request.approve else "rejected")
+        # Recorded as the caller's (the one verified), a relayer's on behalf of the answerer it names.
+        done, changed = await self._finish(escalation_id, peer, status, request.note, request.answer_json,
+                                           "approved" if request.approve else "rejected", on_behalf_of)
         if not changed:
             by = done.resolution.resolved_by or "?"
             now = E.EscalationStatus.Name(done.status).removeprefix("ESCALATION_STATUS_").lower()
             raise FailedPreconditionError(
-                f"escalation {request.id!r} is already {now} (by {by})",
-                metadata={"id": request.id, "resolved_by": by},
+                f"escalation {escalation_id!r} is already {now} (by {by})",
+                metadata={"id": escalation_id, "resolved_by": by},
             )
         return done
 
-    async def _relayed_answerer(self, request: escalation_pb2.ResolveEscalationRequest, peer: Peer) -> str:
+    async def _relayed_answerer(self, escalation_id: str, subject_token: str, peer: Peer) -> str:
         """The answerer whose reply the requester relays, checked: the escalation is the relayer's own, names an
-        answerer, and the subject token is a genuine, unrevoked token of that answerer addressed to the relayer."""
-        esc, _ = await self.store.settle(request.id)
+        answerer, and the subject token is a genuine, unrevoked token of that answerer addressed to the relayer.
+        That shows the answerer called the relayer, not that it gave this answer: the caller records it as a
+        claim (Resolution.on_behalf_of), the relayer as the one who resolved."""
+        esc, _ = await self.store.settle(escalation_id)
         relayer = str(peer.spiffe_id)
         if esc.requested_by != relayer or not esc.answerer:
             raise PermissionDeniedError(
@@ -429,11 +485,11 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
         core = self._core
         verifier = TokenVerifier(KeySet.from_jwks(core.issuer.keys.jwks_json()), issuer=core.issuer.issuer,
                                  audience=relayer, max_lifetime_s=core.issuer.max_ttl_s)
-        claims = verifier.verify_signed(request.subject_token)
+        claims = verifier.verify_signed(subject_token)
         if claims.subject != esc.answerer or claims.actor is not None:
             raise PermissionDeniedError(
                 f"the relayed token is {claims.subject}'s; only {esc.answerer} (or an operator) answers "
-                f"escalation {request.id!r}")
+                f"escalation {escalation_id!r}")
         revoked = await any_revoked(core.etcd, claims.jti, [claims.subject])
         if revoked is not None:
             raise PermissionDeniedError(f"the answerer's token is revoked ({revoked.jti or revoked.subject})")
@@ -444,13 +500,14 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
         self, request: escalation_pb2.CancelEscalationRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> escalation_pb2.Escalation:
         peer = self._core.peer(context)
-        _validate_id(request.id)
+        _validate_id(request.id, stored=True)
         if len(request.note) > MAX_REASON:  # as Resolve's: stored with the resolution
             raise InvalidInputError("the note is too long", field_violations={"note": f"at most {MAX_REASON}"})
-        esc, _ = await self.store.settle(request.id)
+        escalation_id = await self._locate(request.id, peer)
+        esc, _ = await self.store.settle(escalation_id)
         if not _is_operator(peer) and esc.requested_by != str(peer.spiffe_id):
             raise PermissionDeniedError(f"{peer.spiffe_id} may cancel only the escalations it created")
-        done, _ = await self._finish(request.id, peer, E.ESCALATION_STATUS_CANCELED, request.note, "", "canceled")
+        done, _ = await self._finish(escalation_id, peer, E.ESCALATION_STATUS_CANCELED, request.note, "", "canceled")
         return done
 
     @_rpc
@@ -458,7 +515,7 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
         self, request: escalation_pb2.WaitEscalationRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> escalation_pb2.Escalation:
         peer = self._core.peer(context)
-        _validate_id(request.id)
+        _validate_id(request.id, stored=True)
         if request.max_wait_seconds < 0:  # not "return at once": a caller whose sum went negative would spin
             msg = f"must be 0 (30 s) to {MAX_WAIT_S}; more is read as {MAX_WAIT_S}"
             raise InvalidInputError(f"max_wait_seconds {msg}, got {request.max_wait_seconds}",
@@ -468,9 +525,10 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
         remaining_rpc = context.time_remaining()
         if remaining_rpc is not None:
             until = min(until, time.monotonic() + max(remaining_rpc - 0.5, 0.0))
+        escalation_id = await self._locate(request.id, peer)
         first = True
         while True:
-            esc, rev = await self.store.settle(request.id)
+            esc, rev = await self.store.settle(escalation_id)
             if first:
                 self._may_read(peer, esc)
                 first = False
@@ -480,7 +538,7 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
             wait = until - now
             if esc.deadline_unix_ms and not esc.notification.held:
                 wait = min(wait, max((esc.deadline_unix_ms - _now_ms()) / 1000 + 0.05, 0.05))
-            await self._wait_change(request.id, rev, wait)
+            await self._wait_change(escalation_id, rev, wait)
 
     async def _wait_change(self, escalation_id: str, revision: int, timeout: float) -> None:
         """Until the key changes after revision, or timeout (bounded even if the watch misbehaves)."""

@@ -91,6 +91,10 @@ class EscalationInfo:
     labels: dict[str, str] = field(default_factory=dict)
     answerer: str = ""
     """A principal who may answer besides operators (its reply relayed by the requester), or empty."""
+    on_behalf_of: str = ""
+    """For a relayed answer, the answerer the relayer (resolved_by) says it relays for; empty otherwise."""
+    on_behalf_of_claimed: bool = False
+    """on_behalf_of is the relayer's claim: its token shows the answerer called it, not what it answered."""
 
     @property
     def pending(self) -> bool:
@@ -122,6 +126,8 @@ class EscalationInfo:
             resolved_at=r.resolved_at_unix_ms / 1000 if r.resolved_at_unix_ms else None,
             labels=dict(e.labels),
             answerer=e.answerer,
+            on_behalf_of=r.on_behalf_of,
+            on_behalf_of_claimed=r.on_behalf_of_claimed,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -131,6 +137,7 @@ class EscalationInfo:
             "deadline": self.deadline, "on_deadline": self.on_deadline, "default_answer": self.default_answer,
             "status": self.status, "note": self.note, "answer": self.answer, "resolved_by": self.resolved_by,
             "resolved_at": self.resolved_at, "labels": self.labels, "answerer": self.answerer,
+            "on_behalf_of": self.on_behalf_of, "on_behalf_of_claimed": self.on_behalf_of_claimed,
         }
 
 
@@ -185,7 +192,9 @@ class EscalationClient:
         labels: Mapping[str, str] | None = None,
         answerer: str = "",
     ) -> EscalationInfo:
-        """Queue an escalation (idempotent by escalation_id) and return it as stored. answerer: a principal
+        """Queue an escalation (idempotent by escalation_id, per caller) and return it as stored: its id is
+        escalation_id, or, if another caller holds that id, escalation_id@<hash of this caller> (operators see
+        that one; this caller may go on using escalation_id). answerer: a principal
         (SPIFFE id) whose reply this caller may relay with `resolve(subject_token=...)`, besides operators.
         deadline_s: seconds in (0, MAX_DEADLINE_S], or None for no deadline (else InvalidInputError)."""
         if on_deadline not in _POLICY:
@@ -239,7 +248,8 @@ class EscalationClient:
     async def resolve(self, escalation_id: str, *, approve: bool, note: str = "", answer: Any = None,
                       subject_token: str = "") -> EscalationInfo:
         """Resolve as an operator; or, with subject_token (the escalation's answerer's token addressed to this
-        caller), relay the answerer's reply to an escalation this caller created."""
+        caller), relay the answerer's reply to an escalation this caller created: recorded as resolved by this
+        caller, on behalf of the answerer (claimed)."""
         req = escalation_pb2.ResolveEscalationRequest(
             id=escalation_id, approve=approve, note=note,
             answer_json=_dumps(answer, "the answer") if answer is not None else "",

@@ -289,7 +289,10 @@ def _print_escalation(info: Any) -> None:
                   + (f" ({json.dumps(info.default_answer)})" if info.on_deadline == "default" else ""), highlight=False)
     out.print("  context: " + json.dumps(info.context, indent=2, default=str).replace("\n", "\n  "), highlight=False)
     if not info.pending:
-        out.print(f"  resolved by {clean(info.resolved_by)} at {_when(info.resolved_at)}: {clean(info.note)}"
+        by = clean(info.resolved_by) + (f" on behalf of {clean(info.on_behalf_of)}"
+                                        + (" (claimed)" if info.on_behalf_of_claimed else "")
+                                        if info.on_behalf_of else "")
+        out.print(f"  resolved by {by} at {_when(info.resolved_at)}: {clean(info.note)}"
                   + (f" answer={json.dumps(info.answer)}" if info.answer is not None else ""), highlight=False)
 
 

@@ -162,4 +162,5 @@ def info_from_json(d: Mapping[str, Any]) -> EscalationInfo:
         default_answer=d.get("default_answer"), status=str(d.get("status", "")), note=str(d.get("note", "")),
         answer=d.get("answer"), resolved_by=str(d.get("resolved_by", "")), resolved_at=d.get("resolved_at"),
         labels=dict(d.get("labels") or {}), answerer=str(d.get("answerer", "")),
+        on_behalf_of=str(d.get("on_behalf_of", "")), on_behalf_of_claimed=d.get("on_behalf_of_claimed") is True,
     )

@@ -206,7 +206,9 @@ async def test_tasks_and_their_asks_outlive_a_gateway_restart(rig: Rig) -> None:
             run = await second.executor.engine.get(asked.id)
             assert run.state == "COMPLETED" and len(run.runs) == 2  # driven by the first gateway, then the second
             esc = run.escalations["ask-0"]["resolution"]
-            assert esc["status"] == "REJECTED" and esc["resolved_by"] == ALICE
+            # The control plane verified the gateway; alice is who the gateway says answered, on her token.
+            assert esc["status"] == "REJECTED" and esc["resolved_by"] == GATEWAY
+            assert esc["on_behalf_of"] == ALICE and esc["on_behalf_of_claimed"] is True
 
 
 async def test_a_running_task_is_canceled_with_its_mesh_call(rig: Rig) -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1chivemesh/v1/escalation.proto\x12\x0bhivemesh.v1\"\x92\x01\n\nResolution\x12/\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x1d.hivemesh.v1.EscalationStatus\x12\x0c\n\x04note\x18\x02 \x01(\t\x12\x13\n\x0b\x61nswer_json\x18\x03 \x01(\t\x12\x13\n\x0bresolved_by\x18\x04 \x01(\t\x12\x1b\n\x13resolved_at_unix_ms\x18\x05 \x01(\x03\"\x82\x04\n\nEscalation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontext_json\x18\x03 \x01(\t\x12\x14\n\x0crequested_by\x18\x04 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x05 \x01(\t\x12\x0f\n\x07step_id\x18\x06 \x01(\t\x12\x1a\n\x12\x63reated_at_unix_ms\x18\x07 \x01(\x03\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x08 \x01(\x03\x12\x30\n\x0bon_deadline\x18\t \x01(\x0e\x32\x1b.hivemesh.v1.DeadlinePolicy\x12\x1b\n\x13\x64\x65\x66\x61ult_answer_json\x18\n \x01(\t\x12-\n\x06status\x18\x0b \x01(\x0e\x32\x1d.hivemesh.v1.EscalationStatus\x12+\n\nresolution\x18\x0c \x01(\x0b\x32\x17.hivemesh.v1.Resolution\x12\x33\n\x06labels\x18\r \x03(\x0b\x32#.hivemesh.v1.Escalation.LabelsEntry\x12\x10\n\x08\x61nswerer\x18\x0e \x01(\t\x12/\n\x0cnotification\x18\x0f \x01(\x0b\x32\x19.hivemesh.v1.Notification\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe0\x01\n\x0cNotification\x12\x10\n\x08required\x18\x01 \x01(\x08\x12\x1c\n\x14\x64\x65livered_at_unix_ms\x18\x02 \x01(\x03\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\x05\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12\x10\n\x08reminded\x18\x05 \x01(\x08\x12\x0f\n\x07gave_up\x18\x06 \x01(\x08\x12\x0c\n\x04held\x18\x07 \x01(\t\x12\x13\n\x0bretry_event\x18\x08 \x01(\t\x12\x16\n\x0eretry_attempts\x18\t \x01(\x05\x12\x1c\n\x14next_attempt_unix_ms\x18\n \x01(\x03\"\xdd\x02\n\x17\x43reateEscalationRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontext_json\x18\x03 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x04 \x01(\t\x12\x0f\n\x07step_id\x18\x05 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x06 \x01(\x05\x12\x30\n\x0bon_deadline\x18\x07 \x01(\x0e\x32\x1b.hivemesh.v1.DeadlinePolicy\x12\x1b\n\x13\x64\x65\x66\x61ult_answer_json\x18\x08 \x01(\t\x12@\n\x06labels\x18\t \x03(\x0b\x32\x30.hivemesh.v1.CreateEscalationRequest.LabelsEntry\x12\x10\n\x08\x61nswerer\x18\n \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\"\n\x14GetEscalationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x83\x01\n\x16ListEscalationsRequest\x12-\n\x06status\x18\x01 \x01(\x0e\x32\x1d.hivemesh.v1.EscalationStatus\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"`\n\x17ListEscalationsResponse\x12,\n\x0b\x65scalations\x18\x01 \x03(\x0b\x32\x17.hivemesh.v1.Escalation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"q\n\x18ResolveEscalationRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61pprove\x18\x02 \x01(\x08\x12\x0c\n\x04note\x18\x03 \x01(\t\x12\x13\n\x0b\x61nswer_json\x18\x04 \x01(\t\x12\x15\n\rsubject_token\x18\x05 \x01(\t\"=\n\x15WaitEscalationRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x18\n\x10max_wait_seconds\x18\x02 \x01(\x05\"3\n\x17\x43\x61ncelEscalationRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04note\x18\x02 \x01(\t*\xb4\x01\n\x10\x45scalationStatus\x12!\n\x1d\x45SCALATION_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45SCALATION_STATUS_PENDING\x10\x01\x12\x1e\n\x1a\x45SCALATION_STATUS_APPROVED\x10\x02\x12\x1e\n\x1a\x45SCALATION_STATUS_REJECTED\x10\x03\x12\x1e\n\x1a\x45SCALATION_STATUS_CANCELED\x10\x04*q\n\x0e\x44\x65\x61\x64linePolicy\x12\x1f\n\x1b\x44\x45\x41\x44LINE_POLICY_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44\x45\x41\x44LINE_POLICY_REJECT\x10\x01\x12\"\n\x1e\x44\x45\x41\x44LINE_POLICY_DEFAULT_ANSWER\x10\x02\x32\x82\x04\n\x0b\x45scalations\x12Q\n\x10\x43reateEscalation\x12$.hivemesh.v1.CreateEscalationRequest\x1a\x17.hivemesh.v1.Escalation\x12K\n\rGetEscalation\x12!.hivemesh.v1.GetEscalationRequest\x1a\x17.hivemesh.v1.Escalation\x12\\\n\x0fListEscalations\x12#.hivemesh.v1.ListEscalationsRequest\x1a$.hivemesh.v1.ListEscalationsResponse\x12S\n\x11ResolveEscalation\x12%.hivemesh.v1.ResolveEscalationRequest\x1a\x17.hivemesh.v1.Escalation\x12M\n\x0eWaitEscalation\x12\".hivemesh.v1.WaitEscalationRequest\x1a\x17.hivemesh.v1.Escalation\x12Q\n\x10\x43\x61ncelEscalation\x12$.hivemesh.v1.CancelEscalationRequest\x1a\x17.hivemesh.v1.EscalationBn\n\x0f\x64\x65v.hivemesh.v1B\x0f\x45scalationProtoP\x01Z:github.com/hivemesh/hivemesh/protos/hivemesh/v1;hivemeshv1\xaa\x02\x0bHivemesh.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1chivemesh/v1/escalation.proto\x12\x0bhivemesh.v1\"\xc6\x01\n\nResolution\x12/\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x1d.hivemesh.v1.EscalationStatus\x12\x0c\n\x04note\x18\x02 \x01(\t\x12\x13\n\x0b\x61nswer_json\x18\x03 \x01(\t\x12\x13\n\x0bresolved_by\x18\x04 \x01(\t\x12\x1b\n\x13resolved_at_unix_ms\x18\x05 \x01(\x03\x12\x14\n\x0con_behalf_of\x18\x06 \x01(\t\x12\x1c\n\x14on_behalf_of_claimed\x18\x07 \x01(\x08\"\x82\x04\n\nEscalation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontext_json\x18\x03 \x01(\t\x12\x14\n\x0crequested_by\x18\x04 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x05 \x01(\t\x12\x0f\n\x07step_id\x18\x06 \x01(\t\x12\x1a\n\x12\x63reated_at_unix_ms\x18\x07 \x01(\x03\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x08 \x01(\x03\x12\x30\n\x0bon_deadline\x18\t \x01(\x0e\x32\x1b.hivemesh.v1.DeadlinePolicy\x12\x1b\n\x13\x64\x65\x66\x61ult_answer_json\x18\n \x01(\t\x12-\n\x06status\x18\x0b \x01(\x0e\x32\x1d.hivemesh.v1.EscalationStatus\x12+\n\nresolution\x18\x0c \x01(\x0b\x32\x17.hivemesh.v1.Resolution\x12\x33\n\x06labels\x18\r \x03(\x0b\x32#.hivemesh.v1.Escalation.LabelsEntry\x12\x10\n\x08\x61nswerer\x18\x0e \x01(\t\x12/\n\x0cnotification\x18\x0f \x01(\x0b\x32\x19.hivemesh.v1.Notification\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe0\x01\n\x0cNotification\x12\x10\n\x08required\x18\x01 \x01(\x08\x12\x1c\n\x14\x64\x65livered_at_unix_ms\x18\x02 \x01(\x03\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\x05\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12\x10\n\x08reminded\x18\x05 \x01(\x08\x12\x0f\n\x07gave_up\x18\x06 \x01(\x08\x12\x0c\n\x04held\x18\x07 \x01(\t\x12\x13\n\x0bretry_event\x18\x08 \x01(\t\x12\x16\n\x0eretry_attempts\x18\t \x01(\x05\x12\x1c\n\x14next_attempt_unix_ms\x18\n \x01(\x03\"\xdd\x02\n\x17\x43reateEscalationRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontext_json\x18\x03 \x01(\t\x12\x13\n\x0bworkflow_id\x18\x04 \x01(\t\x12\x0f\n\x07step_id\x18\x05 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x06 \x01(\x05\x12\x30\n\x0bon_deadline\x18\x07 \x01(\x0e\x32\x1b.hivemesh.v1.DeadlinePolicy\x12\x1b\n\x13\x64\x65\x66\x61ult_answer_json\x18\x08 \x01(\t\x12@\n\x06labels\x18\t \x03(\x0b\x32\x30.hivemesh.v1.CreateEscalationRequest.LabelsEntry\x12\x10\n\x08\x61nswerer\x18\n \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\"\n\x14GetEscalationRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x83\x01\n\x16ListEscalationsRequest\x12-\n\x06status\x18\x01 \x01(\x0e\x32\x1d.hivemesh.v1.EscalationStatus\x12\x13\n\x0bworkflow_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"`\n\x17ListEscalationsResponse\x12,\n\x0b\x65scalations\x18\x01 \x03(\x0b\x32\x17.hivemesh.v1.Escalation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"q\n\x18ResolveEscalationRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61pprove\x18\x02 \x01(\x08\x12\x0c\n\x04note\x18\x03 \x01(\t\x12\x13\n\x0b\x61nswer_json\x18\x04 \x01(\t\x12\x15\n\rsubject_token\x18\x05 \x01(\t\"=\n\x15WaitEscalationRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x18\n\x10max_wait_seconds\x18\x02 \x01(\x05\"3\n\x17\x43\x61ncelEscalationRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04note\x18\x02 \x01(\t*\xb4\x01\n\x10\x45scalationStatus\x12!\n\x1d\x45SCALATION_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45SCALATION_STATUS_PENDING\x10\x01\x12\x1e\n\x1a\x45SCALATION_STATUS_APPROVED\x10\x02\x12\x1e\n\x1a\x45SCALATION_STATUS_REJECTED\x10\x03\x12\x1e\n\x1a\x45SCALATION_STATUS_CANCELED\x10\x04*q\n\x0e\x44\x65\x61\x64linePolicy\x12\x1f\n\x1b\x44\x45\x41\x44LINE_POLICY_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44\x45\x41\x44LINE_POLICY_REJECT\x10\x01\x12\"\n\x1e\x44\x45\x41\x44LINE_POLICY_DEFAULT_ANSWER\x10\x02\x32\x82\x04\n\x0b\x45scalations\x12Q\n\x10\x43reateEscalation\x12$.hivemesh.v1.CreateEscalationRequest\x1a\x17.hivemesh.v1.Escalation\x12K\n\rGetEscalation\x12!.hivemesh.v1.GetEscalationRequest\x1a\x17.hivemesh.v1.Escalation\x12\\\n\x0fListEscalations\x12#.hivemesh.v1.ListEscalationsRequest\x1a$.hivemesh.v1.ListEscalationsResponse\x12S\n\x11ResolveEscalation\x12%.hivemesh.v1.ResolveEscalationRequest\x1a\x17.hivemesh.v1.Escalation\x12M\n\x0eWaitEscalation\x12\".hivemesh.v1.WaitEscalationRequest\x1a\x17.hivemesh.v1.Escalation\x12Q\n\x10\x43\x61ncelEscalation\x12$.hivemesh.v1.CancelEscalationRequest\x1a\x17.hivemesh.v1.EscalationBn\n\x0f\x64\x65v.hivemesh.v1B\x0f\x45scalationProtoP\x01Z:github.com/hivemesh/hivemesh/protos/hivemesh/v1;hivemeshv1\xaa\x02\x0bHivemesh.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,34 +36,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ESCALATION_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_CREATEESCALATIONREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_CREATEESCALATIONREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_ESCALATIONSTATUS']._serialized_start=1790
-  _globals['_ESCALATIONSTATUS']._serialized_end=1970
-  _globals['_DEADLINEPOLICY']._serialized_start=1972
-  _globals['_DEADLINEPOLICY']._serialized_end=2085
+  _globals['_ESCALATIONSTATUS']._serialized_start=1842
+  _globals['_ESCALATIONSTATUS']._serialized_end=2022
+  _globals['_DEADLINEPOLICY']._serialized_start=2024
+  _globals['_DEADLINEPOLICY']._serialized_end=2137
   _globals['_RESOLUTION']._serialized_start=46
-  _globals['_RESOLUTION']._serialized_end=192
-  _globals['_ESCALATION']._serialized_start=195
-  _globals['_ESCALATION']._serialized_end=709
-  _globals['_ESCALATION_LABELSENTRY']._serialized_start=664
-  _globals['_ESCALATION_LABELSENTRY']._serialized_end=709
-  _globals['_NOTIFICATION']._serialized_start=712
-  _globals['_NOTIFICATION']._serialized_end=936
-  _globals['_CREATEESCALATIONREQUEST']._serialized_start=939
-  _globals['_CREATEESCALATIONREQUEST']._serialized_end=1288
-  _globals['_CREATEESCALATIONREQUEST_LABELSENTRY']._serialized_start=664
-  _globals['_CREATEESCALATIONREQUEST_LABELSENTRY']._serialized_end=709
-  _globals['_GETESCALATIONREQUEST']._serialized_start=1290
-  _globals['_GETESCALATIONREQUEST']._serialized_end=1324
-  _globals['_LISTESCALATIONSREQUEST']._serialized_start=1327
-  _globals['_LISTESCALATIONSREQUEST']._serialized_end=1458
-  _globals['_LISTESCALATIONSRESPONSE']._serialized_start=1460
-  _globals['_LISTESCALATIONSRESPONSE']._serialized_end=1556
-  _globals['_RESOLVEESCALATIONREQUEST']._serialized_start=1558
-  _globals['_RESOLVEESCALATIONREQUEST']._serialized_end=1671
-  _globals['_WAITESCALATIONREQUEST']._serialized_start=1673
-  _globals['_WAITESCALATIONREQUEST']._serialized_end=1734
-  _globals['_CANCELESCALATIONREQUEST']._serialized_start=1736
-  _globals['_CANCELESCALATIONREQUEST']._serialized_end=1787
-  _globals['_ESCALATIONS']._serialized_start=2088
-  _globals['_ESCALATIONS']._serialized_end=2602
+  _globals['_RESOLUTION']._serialized_end=244
+  _globals['_ESCALATION']._serialized_start=247
+  _globals['_ESCALATION']._serialized_end=761
+  _globals['_ESCALATION_LABELSENTRY']._serialized_start=716
+  _globals['_ESCALATION_LABELSENTRY']._serialized_end=761
+  _globals['_NOTIFICATION']._serialized_start=764
+  _globals['_NOTIFICATION']._serialized_end=988
+  _globals['_CREATEESCALATIONREQUEST']._serialized_start=991
+  _globals['_CREATEESCALATIONREQUEST']._serialized_end=1340
+  _globals['_CREATEESCALATIONREQUEST_LABELSENTRY']._serialized_start=716
+  _globals['_CREATEESCALATIONREQUEST_LABELSENTRY']._serialized_end=761
+  _globals['_GETESCALATIONREQUEST']._serialized_start=1342
+  _globals['_GETESCALATIONREQUEST']._serialized_end=1376
+  _globals['_LISTESCALATIONSREQUEST']._serialized_start=1379
+  _globals['_LISTESCALATIONSREQUEST']._serialized_end=1510
+  _globals['_LISTESCALATIONSRESPONSE']._serialized_start=1512
+  _globals['_LISTESCALATIONSRESPONSE']._serialized_end=1608
+  _globals['_RESOLVEESCALATIONREQUEST']._serialized_start=1610
+  _globals['_RESOLVEESCALATIONREQUEST']._serialized_end=1723
+  _globals['_WAITESCALATIONREQUEST']._serialized_start=1725
+  _globals['_WAITESCALATIONREQUEST']._serialized_end=1786
+  _globals['_CANCELESCALATIONREQUEST']._serialized_start=1788
+  _globals['_CANCELESCALATIONREQUEST']._serialized_end=1839
+  _globals['_ESCALATIONS']._serialized_start=2140
+  _globals['_ESCALATIONS']._serialized_end=2654
 # @@protoc_insertion_point(module_scope)

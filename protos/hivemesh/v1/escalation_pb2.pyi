@@ -80,13 +80,22 @@ class Resolution(_message.Message):
     ANSWER_JSON_FIELD_NUMBER: _builtins.int
     RESOLVED_BY_FIELD_NUMBER: _builtins.int
     RESOLVED_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    ON_BEHALF_OF_FIELD_NUMBER: _builtins.int
+    ON_BEHALF_OF_CLAIMED_FIELD_NUMBER: _builtins.int
     decision: Global___EscalationStatus.ValueType
     note: _builtins.str
     answer_json: _builtins.str
     """the person's answer, JSON ("" means none)"""
     resolved_by: _builtins.str
-    """SPIFFE id of the person, or "policy:deadline" """
+    """SPIFFE id of the person (the caller verified), or "policy:deadline" """
     resolved_at_unix_ms: _builtins.int
+    on_behalf_of: _builtins.str
+    """A relayed answer (ResolveEscalationRequest.subject_token): resolved_by is the requester that relayed it, and
+    this the answerer it relays for. Claimed, not proven: the token shows the answerer called the requester, not
+    that it gave this answer. Empty when nobody relayed.
+    """
+    on_behalf_of_claimed: _builtins.bool
+    """on_behalf_of is the relayer's word (true whenever a relayer set it)"""
     def __init__(
         self,
         *,
@@ -95,10 +104,12 @@ class Resolution(_message.Message):
         answer_json: _builtins.str = ...,
         resolved_by: _builtins.str = ...,
         resolved_at_unix_ms: _builtins.int = ...,
+        on_behalf_of: _builtins.str = ...,
+        on_behalf_of_claimed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_json", b"answer_json", "decision", b"decision", "note", b"note", "resolved_at_unix_ms", b"resolved_at_unix_ms", "resolved_by", b"resolved_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_json", b"answer_json", "decision", b"decision", "note", b"note", "on_behalf_of", b"on_behalf_of", "on_behalf_of_claimed", b"on_behalf_of_claimed", "resolved_at_unix_ms", b"resolved_at_unix_ms", "resolved_by", b"resolved_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -144,6 +155,9 @@ class Escalation(_message.Message):
     ANSWERER_FIELD_NUMBER: _builtins.int
     NOTIFICATION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """The id its requester asked for; or, when another requester already held that id, the id, '@' and a hash of
+    the requester (its stored id, unique: operators address it by that, the requester by either).
+    """
     reason: _builtins.str
     """why a person is needed, one line"""
     context_json: _builtins.str
@@ -298,7 +312,9 @@ class CreateEscalationRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     ANSWERER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """optional; [a-z0-9][a-z0-9._-]{0,62}; generated when empty"""
+    """Optional; [a-z0-9][a-z0-9._-]{0,62}; generated when empty. Idempotent per requester: another requester's
+    escalation of the same id is a different one (see Escalation.id).
+    """
     reason: _builtins.str
     """required"""
     context_json: _builtins.str
@@ -439,7 +455,8 @@ class ResolveEscalationRequest(_message.Message):
     """optional answer for the run to resume with (valid JSON when set)"""
     subject_token: _builtins.str
     """Set by the requester relaying the answerer's reply: a token the control plane issued to the answerer for
-    the requester (audience = the requester). Without it only operators resolve.
+    the requester (audience = the requester). Without it only operators resolve. The answer is recorded as the
+    requester's on behalf of the answerer (Resolution.on_behalf_of, claimed).
     """
     def __init__(
         self,

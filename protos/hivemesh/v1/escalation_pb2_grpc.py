@@ -96,7 +96,8 @@ class EscalationsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ResolveEscalation(self, request, context):
-        """ResolveEscalation approves or rejects a pending escalation (operators only: people decide).
+        """ResolveEscalation approves or rejects a pending escalation (operators only: people decide; or its requester
+        relaying its answerer's reply, see ResolveEscalationRequest.subject_token).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

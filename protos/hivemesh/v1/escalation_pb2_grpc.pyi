@@ -48,7 +48,9 @@ class EscalationsStub:
     matching escalations come after the page (for callers that do not page).
     """
     ResolveEscalation: _grpc.UnaryUnaryMultiCallable[_escalation_pb2.ResolveEscalationRequest, _escalation_pb2.Escalation]
-    """ResolveEscalation approves or rejects a pending escalation (operators only: people decide)."""
+    """ResolveEscalation approves or rejects a pending escalation (operators only: people decide; or its requester
+    relaying its answerer's reply, see ResolveEscalationRequest.subject_token).
+    """
     WaitEscalation: _grpc.UnaryUnaryMultiCallable[_escalation_pb2.WaitEscalationRequest, _escalation_pb2.Escalation]
     """WaitEscalation returns once the escalation is resolved, or after max_wait_seconds with it still pending.
     An escalation past its deadline is resolved by its deadline policy when it is read or waited on.
@@ -75,7 +77,9 @@ class EscalationsAsyncStub(EscalationsStub):
     matching escalations come after the page (for callers that do not page).
     """
     ResolveEscalation: _aio.UnaryUnaryMultiCallable[_escalation_pb2.ResolveEscalationRequest, _escalation_pb2.Escalation]  # type: ignore[assignment]
-    """ResolveEscalation approves or rejects a pending escalation (operators only: people decide)."""
+    """ResolveEscalation approves or rejects a pending escalation (operators only: people decide; or its requester
+    relaying its answerer's reply, see ResolveEscalationRequest.subject_token).
+    """
     WaitEscalation: _aio.UnaryUnaryMultiCallable[_escalation_pb2.WaitEscalationRequest, _escalation_pb2.Escalation]  # type: ignore[assignment]
     """WaitEscalation returns once the escalation is resolved, or after max_wait_seconds with it still pending.
     An escalation past its deadline is resolved by its deadline policy when it is read or waited on.
@@ -123,7 +127,9 @@ class EscalationsServicer(metaclass=_abc_1.ABCMeta):
         request: _escalation_pb2.ResolveEscalationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_escalation_pb2.Escalation, _abc.Awaitable[_escalation_pb2.Escalation]]:
-        """ResolveEscalation approves or rejects a pending escalation (operators only: people decide)."""
+        """ResolveEscalation approves or rejects a pending escalation (operators only: people decide; or its requester
+        relaying its answerer's reply, see ResolveEscalationRequest.subject_token).
+        """
 
     @_abc_1.abstractmethod
     def WaitEscalation(
