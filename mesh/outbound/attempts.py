@@ -2,7 +2,9 @@
 
     capability breaker → (pick an instance → instance breaker → send) until an answer or a final error:
     never sent: fail over (free of any budget); sent and failed: retry if retryable, resendable, within the
-    budget and the deadline, after the backoff (or the server's pushback, whichever is longer)
+    budget and the deadline, after the backoff (or the server's pushback, whichever is longer); refused as routed by
+    a registration that is gone (STALE_REGISTRATION) with no other instance left: sent again, free of any budget,
+    once the registry view shows the newer registration (`StaleRefusals`)
 
 It knows nothing of gRPC channels: an attempt is two async callables (`Prepare`: credentials for an
 instance; `Send`: send with a timeout, raising `AttemptError`), so the loop is tested without a network.
@@ -139,10 +141,90 @@ def report_unanswered(
                     instance.instance_id, instance.identity, capability, seconds)
 
 
+STALE_RESENDS = 3
+"""How often one call is sent again after STALE_REGISTRATION refusals, each time once the registry view moved on: a
+view that keeps changing cannot hold a call for ever."""
+STALE_WAIT_S = 5.0
+"""How long a call refused STALE_REGISTRATION by the last instance it may use waits for the registry view to move on,
+at most, and never past its deadline: a watch resuming after an etcd pause (its reconnect backoff is at most ~2.4 s)
+catches up well within it. A wait that runs out is not begun again: the call fails with the refusal."""
+
+
+class StaleRefusals:
+    """The instances that refused one call as routed by a registration of theirs that is gone (STALE_REGISTRATION,
+    mesh/layers/fence.py), and the bounded wait for the caller's registry view to move on.
+
+    Such a refusal says nothing ran, and that the instance registered again (its lease lost, say in an etcd pause
+    past its TTL) while this caller's watch still shows the old entry: sent by that entry again, the call is refused
+    again; failed, it fails although its agent is alive and may serve it. So when no other instance is left, the call
+    waits (woken by the watch, not polling it) until the view shows a newer registration of a refusing instance or an
+    instance not tried yet, and goes again: free of any retry budget, with or without a retry policy, at most
+    STALE_RESENDS times, each wait at most STALE_WAIT_S and never past the deadline.
+    """
+
+    __slots__ = ("_by", "_waited_out", "resends")
+
+    def __init__(self) -> None:
+        self._by: dict[str, int] = {}
+        """instance_key -> the registration revision it refused the call as routed by."""
+        self._waited_out = False
+        self.resends = 0
+        """Times the view moved on and the call was sent again."""
+
+    def note(self, instance: Instance) -> None:
+        """instance refused the call as routed by its registration in the view (`registration_revision`)."""
+        self._by[instance_key(instance)] = instance.registration_revision
+
+    def blocks(self, instance: Instance) -> bool:
+        """Whether the view still shows instance as the registration that refused the call: sending by it again
+        would be refused again (a keyed call's affinity, or a reuse of tried instances, chooses it anyway)."""
+        by = self._by
+        return bool(by) and by.get(instance_key(instance), -1) == instance.registration_revision
+
+    def forget(self) -> None:
+        """After a retry's backoff the same registration may be tried again: an instance that only stood still past
+        its lease's TTL refuses calls until etcd answers its keepalive, and may then hold the same registration."""
+        self._by.clear()
+
+    async def view_moved(self, selector: InstanceSelector, call: OutboundCall, tried: set[str]) -> bool:
+        """Wait, bounded, for the view to show a newer registration of an instance that refused the call, or an
+        instance neither tried nor there before; True (those refusing instances untried again) once it does. False at
+        once when no instance refused the call so, its re-sends are spent, an earlier wait ran out or no time is
+        left; False when this wait runs out."""
+        by = self._by
+        if not by or self.resends >= STALE_RESENDS or self._waited_out:
+            return False
+        remaining = call.remaining()
+        wait_s = STALE_WAIT_S if remaining is None else min(STALE_WAIT_S, remaining)
+        if wait_s <= 0:
+            return False
+
+        def view() -> dict[str, int]:
+            try:
+                return {instance_key(i): i.registration_revision for i in selector.live_for(call)}
+            except HivemeshError:
+                return {}  # no live instance now (a lost lease's entry goes before the new one comes): not yet
+
+        before = view()
+
+        def moved() -> bool:
+            return any(by.get(k, rev) != rev or (k not in tried and before.get(k) != rev) for k, rev in view().items())
+
+        if not await selector.liveness.wait_until(moved, wait_s):
+            self._waited_out = True
+            return False
+        now = view()
+        for k in [k for k, rev in by.items() if now.get(k, rev) != rev]:
+            tried.discard(k)
+            del by[k]
+        self.resends += 1
+        return True
+
+
 class Attempts:
     """The attempts of one unary call to one capability; `run` once. `retries` counts the retries spent."""
 
-    __slots__ = ("_budget", "_last", "_last_instance", "_policies", "_refused", "_reuse", "_token_resent",
+    __slots__ = ("_budget", "_last", "_last_instance", "_policies", "_refused", "_reuse", "_stale", "_token_resent",
                  "_tried", "attempt", "call", "parts", "retries")
 
     def __init__(self, parts: AttemptParts, call: OutboundCall, policies: OutboundPolicies) -> None:
@@ -155,6 +237,7 @@ class Attempts:
         self._budget: RetryBudget | None = None
         self._tried: set[str] = set()
         self._refused: set[str] = set()
+        self._stale = StaleRefusals()
         self._reuse = False
         self._token_resent = False
         self._last: HivemeshError | None = None
@@ -231,8 +314,15 @@ class Attempts:
                     + (f" (after {self.attempt - 1 + len(tried)} failed attempt(s): {last.message})" if last else "")
                 )
             instance = selector.choose(call, routes, tried, reuse=self._reuse, affinity=affinity, refused=refused)
-            if instance is None:
-                # Every allowed instance was unreachable: a retry with backoff, if the policy has one to spend.
+            if instance is None or self._stale.blocks(instance):
+                # Refused as routed by a registration that is gone, and no other instance left: once the view shows
+                # the newer registration (or another instance), go again, free of any budget.
+                if await self._stale.view_moved(selector, call, tried):
+                    log.info("the registry view of %s moved on after a refusal as routed by an old registration: "
+                             "sending the call again", cap)
+                    continue
+                # Every allowed instance was unreachable (or refused the call by the registration the view still
+                # shows): a retry with backoff, if the policy has one to spend.
                 last, last_instance = self._last, self._last_instance
                 assert last is not None and last_instance is not None
                 if not self._may_retry(last, last_instance, never_sent=True):
@@ -295,7 +385,8 @@ class Attempts:
             if err.reason == StaleRegistrationError.reason:
                 # Routed by a registration of the instance that is gone (mesh/layers/fence.py): it ran nothing, so
                 # another instance may take it, free of any budget; this one again once the registry shows its new
-                # registration (a later retry, after `tried` is cleared).
+                # registration (StaleRefusals).
+                self._stale.note(instance)
                 log.info("instance %s of %s refused a call routed by its old registration: %s", instance.instance_id,
                          cap, err.message)
                 continue
@@ -346,6 +437,7 @@ class Attempts:
         policy = self._policies.retries
         assert policy is not None
         self.retries += 1
+        self._stale.forget()
         delay = max(policy.backoff.delay(self.attempt), err.retry_after_s or 0.0)
         if delay > 0:
             await asyncio.sleep(delay)

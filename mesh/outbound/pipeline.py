@@ -15,6 +15,7 @@ call), `selection` (which instance), `attempts` (the retry loop), `degrade` (fal
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
@@ -42,6 +43,7 @@ from hivemesh.mesh.outbound.attempts import (
     AttemptParts,
     Attempts,
     Result,
+    StaleRefusals,
     held_to_deadline,
     report_attempt,
     report_unanswered,
@@ -58,6 +60,8 @@ from hivemesh.mesh.resilience.breaker import DEFAULT_FAILURE_CODES, CircuitBreak
 from hivemesh.mesh.resilience.traffic import Traffic
 from hivemesh.mesh.token_source import TokenSource, on_behalf_of
 from hivemesh.v1 import agent_pb2, mesh_pb2
+
+log = logging.getLogger(__name__)
 
 _CONNECT_FAILURE_MARKERS = ("failed to connect", "Connection refused", "connections to all backends failing")
 
@@ -360,6 +364,7 @@ class OutboundPipeline:
                                        metadata={"capability": capability[:128]})
         tried: set[str] = set()
         refused: set[str] = set()
+        stale = StaleRefusals()
         last: HivemeshError | None = None
         outcome = "neutral"
         span = None if tracing.TRACER is None else tracing.start(
@@ -374,6 +379,8 @@ class OutboundPipeline:
                     raise DeadlineExceededError(f"deadline passed before {capability!r} could be sent")
                 instance = selector.choose(call, routes, tried, reuse=False, refused=refused)
                 if instance is None:
+                    if await stale.view_moved(selector, call, tried):  # refused by a registration now gone
+                        continue
                     assert last is not None
                     raise last
                 md = await self._prepare(instance, capability, metadata)
@@ -421,8 +428,11 @@ class OutboundPipeline:
                         tried.add(ikey)
                         last = err
                     elif fenced:  # routed by a registration that is gone: it ran nothing, another instance may
-                        tried.add(ikey)
+                        tried.add(ikey)  # take it, or this one once the view shows its newer registration
+                        stale.note(instance)
                         last = err
+                        log.info("instance %s of %s refused a stream routed by its old registration: %s",
+                                 instance.instance_id, capability, err.message)
                     else:
                         if (not started and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                                 and held_to_deadline(remaining, sent_at)):

@@ -9,6 +9,7 @@ and lets the balancer pick.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ from typing import Protocol
 from hivemesh.mesh.errors import CircuitOpenError, NoLiveInstanceError, UnknownCapabilityError
 from hivemesh.mesh.instance_ref import instance_key
 from hivemesh.mesh.outbound.call import OutboundCall
+from hivemesh.mesh.registry import RegistryView
 from hivemesh.mesh.resilience.balancer import ROUND_ROBIN
 from hivemesh.mesh.resilience.routes import RoutePolicy, SplitState, select
 from hivemesh.mesh.resilience.traffic import TrafficState
@@ -27,6 +29,10 @@ _SUSPECT_S = 2.0
 _SUSPECT_MAX_S = 30.0
 """... doubling with each further failure after its suspicion ran out, up to this (a SIGKILLed instance stays
 registered until its lease expires: each probe of it costs a failed connection)."""
+_POLL_FIRST_S = 0.01
+_POLL_MAX_S = 0.25
+"""How often `Liveness.wait_until` looks again at a source that cannot say when it changed: from the first, doubling
+up to the last."""
 
 
 class InstanceSource(Protocol):
@@ -139,6 +145,23 @@ class Liveness:
         """instance answered: neither suspicion holds any longer."""
         self._unreachable.clear(instance)
         self._unanswering.clear(instance)
+
+    async def wait_until(self, holds: Callable[[], bool], timeout_s: float) -> bool:
+        """Wait until holds() (a look at the registry view through this object) is true: True once it is, False if
+        it still is not after timeout_s. A watched registry (`RegistryView`) wakes it on each change of its view, so
+        nothing polls; any other source is looked at again with a backoff (10 ms, doubling, up to 250 ms)."""
+        source = self._source
+        if isinstance(source, RegistryView):
+            return await source.cache.wait_for(lambda _snapshot: holds(), timeout_s)
+        deadline = time.monotonic() + timeout_s
+        step = _POLL_FIRST_S
+        while not holds():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(step, left))
+            step = min(step * 2, _POLL_MAX_S)
+        return True
 
 
 def _dry_split(_rule: int, n: int) -> SplitState:

@@ -1,0 +1,335 @@
+"""A call refused STALE_REGISTRATION is sent again once the caller's registry view shows the new registration,
+with a real etcd, a real agent and real mTLS calls; and the bounds of that (the attempt loop alone, at the end).
+
+An agent whose lease was lost (an etcd pause past its TTL; here its lease is revoked) registers again under a new
+revision. A caller whose etcd watch is held back still routes by the old entry, and the agent refuses the call
+unrun (mesh/layers/fence.py). With no retry policy and no other instance, that call used to fail although the
+agent was alive; it now waits, bounded, for the caller's view to move on and is sent again, free of any budget.
+The caller's view is held back by a TCP gate between it and etcd that stops relaying (holding every byte, in
+order) until the test opens it again: the refusal is certain to come before the view catches up. A view that
+does not move on fails the call with the refusal after a wait of a few seconds, not at its deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+
+import aetcd
+import pytest
+
+from hivemesh.mesh.errors import StaleRegistrationError
+from hivemesh.mesh.etcd import EtcdServer
+from hivemesh.mesh.instance_ref import instance_key
+from hivemesh.mesh.outbound.attempts import AttemptError, AttemptParts, Attempts
+from hivemesh.mesh.outbound.call import Metadata, OutboundCall
+from hivemesh.mesh.outbound.selection import InstanceSelector, Liveness
+from hivemesh.mesh.registry import RegistryView, agent_key
+from hivemesh.mesh.resilience.retry import Backoff, RetryPolicy
+from hivemesh.mesh.resilience.traffic import TrafficState
+from hivemesh.mesh.resilience.view import NO_OUTBOUND_POLICIES, OutboundPolicies
+from hivemesh.sdk import AgentServer, AgentServerConfig, MeshClient
+from hivemesh.v1 import agent_pb2
+from hivemesh.v1.mesh_pb2 import AgentInstance
+from tests.support.agents_for_tests import EchoAgent
+from tests.support.meshenv import MeshEnv, apply_policies_text
+from tests.support.waiting import until
+
+REFUSED = "refused a call routed by its old registration"
+"""What the caller's attempt loop logs when an instance refuses a call as routed by a registration that is gone."""
+
+
+class _Gate:
+    """A loopback TCP relay to host:port that can stop relaying, each way, holding what it read (in order, nothing
+    lost) until it is opened again: a caller's etcd connection that stalls (its watch held back), then resumes."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self._open = asyncio.Event()
+        self._open.set()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def endpoint(self) -> str:
+        assert self._server is not None
+        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+
+    def hold(self) -> None:
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self._target)
+        except OSError:
+            writer.close()
+            return
+        self._writers |= {writer, up_writer}
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._relay(src, dst))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _relay(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                await self._open.wait()
+                dst.write(data)
+                await dst.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            dst.close()
+
+    async def stop(self) -> None:
+        self._open.set()
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+
+
+@pytest.fixture
+async def gate(etcd_server: EtcdServer) -> AsyncIterator[_Gate]:
+    host, _, port = etcd_server.endpoint.rpartition(":")
+    g = _Gate(host, int(port))
+    await g.start()
+    try:
+        yield g
+    finally:
+        await g.stop()
+
+
+@pytest.fixture
+async def watcher(etcd_server: EtcdServer) -> AsyncIterator[RegistryView]:
+    """A registry view straight on etcd that keeps watching: it tells when an instance registered again."""
+    async with RegistryView(etcd_server.access) as view:
+        yield view
+
+
+async def _lose_lease_and_reregister(etcd: aetcd.Client, watcher: RegistryView, instance_id: str) -> tuple[int, int]:
+    """Revoke instance_id's lease (as a pause past the TTL would let it expire); wait until its agent registered
+    again. The old and new registration revisions."""
+    kv = await etcd.get(agent_key("echo", instance_id).encode())
+    assert kv is not None
+    old = int(kv.create_revision)
+    await etcd.revoke_lease(kv.lease)
+
+    def again(snap: Mapping[str, AgentInstance]) -> bool:
+        return any(i.instance_id == instance_id and i.registration_revision > old for i in snap.values())
+
+    assert await watcher.cache.wait_for(again, timeout=20), f"{instance_id} did not register again"
+    (new,) = [i.registration_revision for i in watcher.all_instances() if i.instance_id == instance_id]
+    return old, new
+
+
+@dataclasses.dataclass
+class _Stale:
+    """An agent that registered again while the caller's view (its etcd watch held at the gate) kept the old entry."""
+
+    agent: EchoAgent
+    caller: MeshClient
+    old: int
+    new: int
+
+
+@contextlib.asynccontextmanager
+async def _stale_view(
+    mesh_env: MeshEnv, etcd: aetcd.Client, watcher: RegistryView, gate: _Gate, policies: str | None
+) -> AsyncIterator[_Stale]:
+    """One agent instance (lease TTL 2 s) and a caller reaching etcd through the gate, the gate held and the agent
+    registered again (its lease revoked), policies (if any) in force at the caller before."""
+    agent = EchoAgent("a")
+    caller_settings = dataclasses.replace(await mesh_env.settings_for("tester", "client"), etcd=gate.endpoint)
+    async with (
+        AgentServer(agent, await mesh_env.settings_for("echo"),
+                    AgentServerConfig(instance_id="echo-a", lease_ttl_s=2)) as server,
+        MeshClient.connect(name="tester", settings=caller_settings) as caller,
+    ):
+        if policies is not None:
+            await apply_policies_text(mesh_env.etcd, policies)
+            assert await until(lambda: caller.node.traffic.policy.retries("echo") is not None, 15)
+        assert await caller.node.registry.wait_for_capability("echo", 1, timeout=15)
+        assert (await caller.call("echo", {"text": "warm"}, timeout=15))["served_by"] == "a"
+        gate.hold()  # the caller's watch hears nothing from here on
+        try:
+            old, new = await _lose_lease_and_reregister(etcd, watcher, "echo-a")
+            # The agent must know its new registration (until then it says only that the old one lost its lease).
+            reg = server.registration
+            assert reg is not None and await until(lambda: reg.registered and reg.revision == new, 15)
+            assert [i.registration_revision for i in caller.instances("echo")] == [old]  # the caller's view is stale
+            yield _Stale(agent, caller, old, new)
+        finally:
+            gate.release()
+
+
+NO_RETRIES = """
+kind: retries
+name: none
+description: a policy that allows no retry at all
+spec: {attempts: 1}
+"""
+
+
+@pytest.mark.parametrize("policies", [None, NO_RETRIES], ids=["no-retry-policy", "retries-attempts-1"])
+async def test_a_call_refused_by_a_lost_registration_is_sent_again_once_the_caller_sees_the_new_one(
+    mesh_env: MeshEnv, etcd: aetcd.Client, watcher: RegistryView, gate: _Gate, caplog: pytest.LogCaptureFixture,
+    policies: str | None,
+) -> None:
+    caplog.set_level(logging.INFO, logger="hivemesh.mesh.outbound.attempts")
+    async with _stale_view(mesh_env, etcd, watcher, gate, policies) as stale:
+        ran = stale.agent.calls
+        # One instance, no retry to spend, a deadline far off: the call is refused, then waits for the view.
+        call = asyncio.create_task(stale.caller.call("echo", {"text": "again"}, timeout=30))
+        refused = await until(lambda: call.done() or any(REFUSED in r.getMessage() for r in caplog.records), 20)
+        assert refused, "the call routed by the old registration was never refused"
+        gate.release()  # the caller's watch catches up: the new registration shows
+        out = await asyncio.wait_for(call, 30)
+        assert out["served_by"] == "a" and out["text"] == "again"
+        assert stale.agent.calls == ran + 1, "the call ran other than exactly once"
+        assert [i.registration_revision for i in stale.caller.instances("echo")] == [stale.new]
+
+
+async def test_a_stream_refused_by_a_lost_registration_is_sent_again_once_the_caller_sees_the_new_one(
+    mesh_env: MeshEnv, etcd: aetcd.Client, watcher: RegistryView, gate: _Gate, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """InvokeStream's own attempt loop (mesh/outbound/pipeline.py) waits for the view as the unary loop does."""
+    caplog.set_level(logging.INFO, logger="hivemesh.mesh.outbound.pipeline")
+
+    async def words() -> list[str]:
+        return [item async for item in stale.caller.stream("shout", {"text": "held back"}, timeout=30)]
+
+    async with _stale_view(mesh_env, etcd, watcher, gate, None) as stale:
+        call = asyncio.create_task(words())
+        refused = await until(lambda: call.done() or any(
+            "refused a stream routed by its old registration" in r.getMessage() for r in caplog.records), 20)
+        assert refused and not call.done(), "the stream was not refused, or ended at the refusal"
+        gate.release()
+        assert await asyncio.wait_for(call, 30) == ["HELD", "BACK"]
+        assert [i.registration_revision for i in stale.caller.instances("echo")] == [stale.new]
+
+
+async def test_a_view_that_does_not_move_on_fails_the_call_with_the_refusal_after_a_bounded_wait(
+    mesh_env: MeshEnv, etcd: aetcd.Client, watcher: RegistryView, gate: _Gate
+) -> None:
+    async with _stale_view(mesh_env, etcd, watcher, gate, None) as stale:
+        ran = stale.agent.calls
+        began = time.monotonic()
+        with pytest.raises(StaleRegistrationError) as info:
+            await stale.caller.call("echo", {"text": "again"}, timeout=30)
+        waited = time.monotonic() - began
+        # It waited for the view (a few seconds), not for the deadline, and failed with the refusal itself.
+        assert 2.0 <= waited < 20.0, f"waited {waited:.1f} s"
+        assert f"revision {stale.old}" in info.value.message and f"revision {stale.new}" in info.value.message
+        assert info.value.metadata.get("fence") == str(stale.old)
+        assert stale.agent.calls == ran
+
+
+# --- the attempt loop alone: its registry view is a list the test changes, an attempt a plain async callable ------
+class _View:
+    """The registry view selection reads: instances of capability "work" whose registrations the test renews."""
+
+    def __init__(self, ids: Sequence[str], *, idempotent: bool) -> None:
+        card = agent_pb2.AgentCard(name="w", capabilities=[agent_pb2.Capability(name="work", idempotent=idempotent)])
+        self.items = [AgentInstance(instance_id=i, identity="spiffe://t/agent/w", card=card, registration_revision=1)
+                      for i in ids]
+
+    def instances(self, capability: str) -> Sequence[AgentInstance]:
+        return tuple(self.items) if capability == "work" else ()
+
+    def knows_capability(self, capability: str) -> bool:
+        return capability == "work"
+
+    def register_again(self, instance_id: str) -> None:
+        """The instance's new registration shows (a new entry: entries are never changed in place)."""
+        for n, i in enumerate(self.items):
+            if i.instance_id == instance_id:
+                renewed = AgentInstance()
+                renewed.CopyFrom(i)
+                renewed.registration_revision = i.registration_revision + 1
+                self.items[n] = renewed
+
+
+def _attempts(view: _View, send: Callable[[AgentInstance], bytes], policies: OutboundPolicies = NO_OUTBOUND_POLICIES,
+              *, deadline_s: float = 10.0, key: str = "") -> tuple[Attempts, list[tuple[str, int]]]:
+    """An attempt loop over view whose attempts answer send(instance); and the (instance, fence) of every send."""
+    sent: list[tuple[str, int]] = []
+
+    async def prepare(call: OutboundCall, instance: AgentInstance) -> Metadata:
+        return call.metadata
+
+    async def send_one(call: OutboundCall, instance: AgentInstance, md: Metadata, timeout: float | None) -> bytes:
+        sent.append((instance_key(instance), instance.registration_revision))
+        return send(instance)
+
+    selector = InstanceSelector(Liveness(view), TrafficState())
+    parts = AttemptParts(selector, prepare, send_one, lambda _i: None)
+    call = OutboundCall("work", b"req", (), time.monotonic() + deadline_s, None, key)
+    return Attempts(parts, call, policies), sent
+
+
+def _stale(instance: AgentInstance) -> AttemptError:
+    return AttemptError(StaleRegistrationError(f"routed by revision {instance.registration_revision}"),
+                        never_sent=False)
+
+
+async def test_the_re_send_spends_no_retry_budget_even_when_the_policy_allows_none() -> None:
+    view = _View(["a"], idempotent=True)
+
+    def send(instance: AgentInstance) -> bytes:
+        if instance.registration_revision == 1:
+            view.register_again("a")  # refused by the old registration; the new one shows right after
+            raise _stale(instance)
+        return b"ok"
+
+    policy = RetryPolicy(attempts=3, backoff=Backoff(base_s=0.0, max_s=0.0), budget_ratio=0.0, budget_min_per_s=0.0)
+    attempts, sent = _attempts(view, send, OutboundPolicies(None, None, None, policy))
+    raw, instance = await attempts.run()
+    assert raw == b"ok" and instance.registration_revision == 2
+    assert sent == [("w/a", 1), ("w/a", 2)] and attempts.retries == 0 and attempts.attempt == 1
+
+
+async def test_re_sends_after_stale_refusals_are_bounded_when_the_view_keeps_moving() -> None:
+    view = _View(["a"], idempotent=True)
+
+    def send(instance: AgentInstance) -> bytes:
+        view.register_again("a")  # every registration is gone by the time a call routed by it arrives
+        raise _stale(instance)
+
+    attempts, sent = _attempts(view, send)
+    began = time.monotonic()
+    with pytest.raises(StaleRegistrationError, match="revision 4"):
+        await attempts.run()
+    assert [fence for _, fence in sent] == [1, 2, 3, 4]  # the first send and three re-sends, then the refusal
+    assert time.monotonic() - began < 5.0  # each re-send went as soon as the view moved: nothing was waited out
+
+
+async def test_a_keyed_call_refused_by_its_instance_waits_for_the_view_instead_of_resending_in_a_loop() -> None:
+    """A keyed non-idempotent call goes to the instance its key hashes to, tried or not: refused there as routed
+    by an old registration, it used to be sent there again and again until its deadline."""
+    view = _View(["a", "b"], idempotent=False)
+
+    def send(instance: AgentInstance) -> bytes:
+        raise _stale(instance)  # the view never shows the new registration
+
+    attempts, sent = _attempts(view, send, deadline_s=1.0, key="order-1")
+    with pytest.raises(StaleRegistrationError):
+        await attempts.run()
+    assert len(sent) == 1
