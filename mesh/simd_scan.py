@@ -39,12 +39,12 @@ class Scanner:
             scratch = self._local.scratch = hyperscan.Scratch(self._db)
         return scratch
 
-    def hits(self, data: bytes) -> list[int]:
-        """The ids of the patterns that match somewhere in data, in the order their first matches end. (A
-        callback that stops the scan makes the binding raise, so a scan always runs to the end: cheap, as a
-        pattern reports once.)"""
+    def hits(self, data: bytes | memoryview) -> list[int]:
+        """The ids of the patterns that match somewhere in data (a view is scanned in place), in the order their
+        first matches end. (A callback that stops the scan makes the binding raise, so a scan always runs to the
+        end: cheap, as a pattern reports once.)"""
         found: list[int] = []
-        self._db.scan(data, match_event_handler=_collect, context=found, scratch=self._scratch())
+        self._db.scan(cast("bytes", data), match_event_handler=_collect, context=found, scratch=self._scratch())
         return found
 
 

@@ -113,3 +113,84 @@ def test_past_max_depth_json_decides_even_when_its_caller_is_deep() -> None:
     ours, theirs = deep(room - (MAX_DEPTH + 50))  # json has ~MAX_DEPTH + 50 frames: fewer than the text needs
     assert theirs[0] == "error" and theirs[1][0] is RecursionError, theirs
     assert ours == theirs
+
+
+# --- long strings, decoded apart from orjson's read (`_long_strings`) ------------------------------------------------
+LONG = json_fast.LONG_STRING
+_plain = st.characters(blacklist_categories=("Cs",), blacklist_characters='"\\' + "".join(map(chr, range(32))))
+"""Characters json writes as they are (no escape): the texts `_long_strings` takes hold only these."""
+
+
+def _stretch(s: str) -> str:
+    return (s * (LONG // len(s) + 2))[: LONG + len(s)]
+
+
+_long_texts = st.one_of(st.text(_plain, min_size=1, max_size=6), st.text(min_size=1, max_size=6)).map(_stretch)
+"""Strings just past LONG_STRING characters (so past it in bytes): mostly of characters json does not escape,
+some of any characters (escapes and controls too)."""
+_long_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.text(_plain, max_size=5), _long_texts),
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(st.one_of(st.text(_plain, max_size=5), _long_texts), inner, max_size=3)),
+    max_leaves=5,
+)
+_with_long = st.fixed_dictionaries({
+    "a": st.text(_plain, max_size=5), "t": st.text(_plain, min_size=1, max_size=6).map(_stretch),
+    "l": st.lists(st.one_of(st.integers(), st.text(_plain, min_size=1, max_size=6).map(_stretch)), max_size=2),
+})
+"""Texts `_long_strings` reads apart: long values of characters json writes as they are."""
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(_long_values, st.booleans(), st.sampled_from([None, 2]))
+def test_any_value_with_long_strings_is_read_as_json_reads_it(
+    value: Any, ensure_ascii: bool, indent: int | None
+) -> None:
+    text = json.dumps(value, ensure_ascii=ensure_ascii, indent=indent)
+    _same(text.encode())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(_with_long, st.integers(0, 4 * LONG), st.sampled_from(
+    [b"\x00", b"\x01", b"\n", b"\t", b"\x1f", b"\\", b'"', b"\xff", b"\xed\xa0\x80", b"\xc3", b"\\u0001", b"}", b":"]))
+def test_a_text_with_long_strings_with_bytes_changed_is_read_or_refused_as_json_does(
+    value: Any, at: int, junk: bytes
+) -> None:
+    text = json.dumps(value, ensure_ascii=False).encode()
+    at %= len(text) + 1
+    _same(text[:at] + junk + text[at + len(junk):])
+    _same(text[:at] + junk + text[at:])
+
+
+LONG_X = "x" * (LONG + 10)
+
+
+@pytest.mark.parametrize("text", [
+    json.dumps(LONG_X), f' "{LONG_X}" ', json.dumps({"a": LONG_X, "a ": 1}), json.dumps({LONG_X: LONG_X}),
+    '{"a": "' + LONG_X + '", "a": 1}', '{"a": 1, "a": "' + LONG_X + '"}',  # the last value wins, as in json
+    json.dumps([[[LONG_X, {"k": [LONG_X, 1.5]}]]]), json.dumps({"f": 2.5, "t": LONG_X}),  # a float: json reads it
+    json.dumps({"t": LONG_X, "n": 2**70}), json.dumps(["é" * LONG, "日本" * LONG], ensure_ascii=False),
+    json.dumps([str(i) for i in range(20)] + [LONG_X]),  # past MAX_STRINGS: orjson reads it all
+    '{"t": "' + LONG_X + '"', '"' + LONG_X, '{"t": "' + LONG_X + '" "u": 1}', '["' + LONG_X + '",]',
+    "\ufeff" + json.dumps([LONG_X]), "[" * 300 + json.dumps(LONG_X) + "]" * 300,
+])
+def test_texts_with_a_long_string_are_read_as_json_reads_them(text: str) -> None:
+    _same(text.encode())
+
+
+def test_a_long_string_value_is_not_read_by_orjson(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The point of `_long_strings`: orjson reads a payload's long text values ~7× slower than their bytes decode,
+    so it reads only the rest of the text."""
+    read: list[int] = []
+    real = json_fast.orjson.loads
+
+    def counting(data: Any) -> Any:
+        read.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(json_fast.orjson, "loads", counting)
+    payload = {"text": "x" * 65526, "id": 7, "tags": ["a", {"b": None}], "image": "QUJD" * 10000}
+    assert loads(json.dumps(payload).encode()) == payload
+    assert read and max(read) < 100, read
+    assert loads(memoryview(json.dumps(payload).encode())) == payload
+    assert max(read) < 100, read
