@@ -10,6 +10,11 @@ the call (`signed`) so the audit record keeps them: neither side can later deny 
 Runs after authz and the loop guard (a stranger learns nothing and costs no signature check), before the rate
 limit (a replay spends no one's quota). A streamed answer is signed once, on its final chunk, over the running
 digest of all its chunks (`hivemesh.mesh.stream_signing`, which says why).
+
+The signature (a JWS carrying the signer's certificate, over a kilobyte) is added after the handler's own size checks,
+so the answer is measured again here, signed: one past one message (or, on a Link, whose answer frame does not fit) is
+refused PAYLOAD_TOO_LARGE naming the capability. Refused in the chain, the call's audit record is that refusal; sent
+on, gRPC refused it with its own "Sent message larger than max", naming nothing, after the record said answered.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any, Final
 
 from google.protobuf.message import DecodeError
 
+from hivemesh.mesh import link_wire
 from hivemesh.mesh.errors import PeerUnauthenticatedError, SignatureInvalidError
 from hivemesh.mesh.layers.base import Inbound
 from hivemesh.mesh.signing import (
@@ -33,6 +39,7 @@ from hivemesh.mesh.signing import (
     verify,
 )
 from hivemesh.mesh.stream_signing import STREAM, StreamDigest
+from hivemesh.mesh.tls import MAX_MESSAGE_BYTES
 from hivemesh.v1 import agent_pb2
 
 NOTE: Final = "signed"
@@ -40,6 +47,9 @@ NOTE: Final = "signed"
 "signature" (the caller's JWS), kept in the audit record."""
 _RUNNING: Final = "signed_stream"
 """`Inbound.notes` key of a stream's running digest (not recorded: the audit keeps the final digest)."""
+_FRAME_HEADS: Final = 32
+"""More than a Link answer frame adds around its response (its id, the answer's and the response's tags and lengths):
+an answer this far under the limit fits a frame, measured no further."""
 
 
 class PayloadSigningLayer:
@@ -48,14 +58,16 @@ class PayloadSigningLayer:
     name = "payload-signing"
 
     def __init__(self, signed: frozenset[str], me: str, signer: Callable[[], Signer],
-                 nonces: NonceCache | None = None) -> None:
+                 nonces: NonceCache | None = None, *, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
         """signed: the capabilities that declare signed_payloads; me: the audience a request is signed for (this
         instance, `hivemesh.mesh.signing.audience`); signer: this workload's current key and certificate
-        (renewals included)."""
+        (renewals included); max_message_bytes: the most one message the server sends may carry (its
+        `grpc.max_send_message_length`), which a signed answer must still fit."""
         self.signed = signed
         self.me = me
         self.signer = signer
         self.nonces = nonces if nonces is not None else NonceCache()
+        self.max_message_bytes = max_message_bytes
 
     def check(self, call: Inbound) -> None:
         req = call.request
@@ -93,8 +105,10 @@ class PayloadSigningLayer:
             return response
         d = answer_digest(bytes.fromhex(note["request"]), msg.output, msg.content_type, int(msg.state))
         msg.signature = self.signer().sign(ANSWER, d)
-        note["answer"] = d.hex()
-        return msg.SerializeToString() if raw else msg
+        signed = msg.SerializeToString() if raw else msg
+        self._fits(call, signed, msg, "")
+        note["answer"] = d.hex()  # only for an answer that goes out: a refused one was never sent
+        return signed
 
     def _chunk(self, call: Inbound, note: dict[str, Any], chunk: Any) -> Any:
         """Feed a streamed chunk into the running digest; sign the final one (raw bytes stay bytes)."""
@@ -113,23 +127,49 @@ class PayloadSigningLayer:
             return chunk
         d = running.value()
         msg.signature = self.signer().sign(STREAM, d)
-        note["answer"], note["chunks"] = d.hex(), running.count
+        signed = msg.SerializeToString() if raw else msg
         del call.notes[_RUNNING]
-        return msg.SerializeToString() if raw else msg
+        self._fits(call, signed, msg, " in its final stream chunk")
+        note["answer"], note["chunks"] = d.hex(), running.count
+        return signed
+
+    def _fits(self, call: Inbound, signed: Any, msg: Any, on: str) -> None:
+        """Raise PAYLOAD_TOO_LARGE (naming the capability, its size and the limit) for a signed answer (its bytes,
+        or the message msg) that one message cannot carry or, on a Link, whose answer frame does not fit. What
+        the handler checked before did not count the signature."""
+        limit = self.max_message_bytes
+        size = len(signed) if isinstance(signed, bytes) else msg.ByteSize()
+        if size + _FRAME_HEADS <= limit:
+            return
+        req = call.request
+        capability = req.capability if req is not None else ""
+        # Imported here: the link server imports the inbound chain, which imports this layer.
+        from hivemesh.mesh import link_server
+
+        if size > limit:
+            raise link_server.answer_too_large(capability, size, limit, on=f"{on} with its signature")
+        call_id = link_server._CALL_ID.get()  # set only while a Link call frame is served (`LinkServer._run`)
+        if call_id is None or call.method != "Invoke":
+            return
+        framed = link_wire.answer_frame(call_id, signed if isinstance(signed, bytes) else msg.SerializeToString())
+        if framed.size > limit:
+            raise link_server.answer_too_large(capability, framed.size, limit,
+                                               on=" with its signature, as a Link answer frame")
 
 
 def payload_signing_layer(
     capabilities: Iterable[agent_pb2.Capability], me: str, signer: Callable[[], Signer] | None,
-    instance_id: str = "",
+    instance_id: str = "", *, max_message_bytes: int = MAX_MESSAGE_BYTES,
 ) -> PayloadSigningLayer | None:
     """The layer for the capabilities that declare signed_payloads; None when none does. ValueError when one
-    does but there is no workload key to sign answers with (never serve a signed capability unsigned)."""
+    does but there is no workload key to sign answers with (never serve a signed capability unsigned).
+    max_message_bytes: the most one message the server sends may carry (`PayloadSigningLayer`)."""
     signed = frozenset(c.name for c in capabilities if c.signed_payloads)
     if not signed:
         return None
     if signer is None:
         raise ValueError(f"capabilities {sorted(signed)} declare signed_payloads, but no workload key is given")
-    return PayloadSigningLayer(signed, audience(me, instance_id), signer)
+    return PayloadSigningLayer(signed, audience(me, instance_id), signer, max_message_bytes=max_message_bytes)
 
 
 __all__ = ["NOTE", "PayloadSigningLayer", "payload_signing_layer"]
