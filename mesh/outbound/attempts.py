@@ -3,8 +3,9 @@
     capability breaker → (pick an instance → instance breaker → send) until an answer or a final error:
     never sent: fail over (free of any budget); sent and failed: retry if retryable, resendable, within the
     budget and the deadline, after the backoff (or the server's pushback, whichever is longer); refused as routed by
-    a registration that is gone (STALE_REGISTRATION) with no other instance left: sent again, free of any budget,
-    once the registry view shows the newer registration (`StaleRefusals`)
+    a registration that is gone (STALE_REGISTRATION): another instance, free of any budget, unless the call is keyed
+    to the refusing one; with none left, sent again, free of any budget, once the registry view shows the newer
+    registration (`StaleRefusals`); failed with the refusal, saying whether it may be sent again, if it does not
 
 It knows nothing of gRPC channels: an attempt is two async callables (`Prepare`: credentials for an
 instance; `Send`: send with a timeout, raising `AttemptError`), so the loop is tested without a network.
@@ -160,6 +161,16 @@ class StaleRefusals:
     waits (woken by the watch, not polling it) until the view shows a newer registration of a refusing instance or an
     instance not tried yet, and goes again: free of any retry budget, with or without a retry policy, at most
     STALE_RESENDS times, each wait at most STALE_WAIT_S and never past the deadline.
+
+    A keyed call to a non-idempotent capability is not moved to another instance by such a refusal, neither at once nor
+    after the wait (only what moves its key for every caller does: a change of membership, its instance ejected or
+    unreachable): it waits for the refusing one (its key's, `Attempts._affinity`) and, if the view does not move on,
+    fails with the refusal, saying it ran nowhere and may be sent again with the same key
+    (`Attempts._ended_by_refusal`). The refusal proves only that this send ran nothing. An earlier send of the same key
+    (a workflow resumed after its orchestrator died, a caller that lost an answer, a duplicate still in flight) may have
+    run, or still run, on the refusing instance, and only that agent process remembers the key (`sdk/idempotency.py`:
+    its memory is per process), so another instance would run the effect a second time: with two real agents, moved, it
+    did, both after the earlier send finished and while it ran (tests/integration/test_stale_registration_retry.py).
     """
 
     __slots__ = ("_by", "_waited_out", "resends")
@@ -224,8 +235,8 @@ class StaleRefusals:
 class Attempts:
     """The attempts of one unary call to one capability; `run` once. `retries` counts the retries spent."""
 
-    __slots__ = ("_budget", "_last", "_last_instance", "_policies", "_refused", "_reuse", "_stale", "_token_resent",
-                 "_tried", "attempt", "call", "parts", "retries")
+    __slots__ = ("_budget", "_last", "_last_instance", "_may_have_run", "_policies", "_refused", "_reuse", "_stale",
+                 "_token_resent", "_tried", "attempt", "call", "parts", "retries")
 
     def __init__(self, parts: AttemptParts, call: OutboundCall, policies: OutboundPolicies) -> None:
         self.parts = parts
@@ -242,6 +253,9 @@ class Attempts:
         self._token_resent = False
         self._last: HivemeshError | None = None
         self._last_instance: Instance | None = None
+        self._may_have_run: HivemeshError | None = None
+        """The first error of an attempt that may have reached the agent's handler: not one never sent, nor one refused
+        before the agent saw it (a token refusal, STALE_REGISTRATION)."""
 
     async def run(self) -> Result:
         """The answer and the instance that gave it, guarded by the capability breaker (if a breakers policy
@@ -326,7 +340,7 @@ class Attempts:
                 last, last_instance = self._last, self._last_instance
                 assert last is not None and last_instance is not None
                 if not self._may_retry(last, last_instance, never_sent=True):
-                    raise last
+                    raise self._ended_by_refusal(last, keyed=affinity is not None)
                 await self._back_off(last)
                 tried.clear()
                 continue
@@ -384,12 +398,14 @@ class Attempts:
                 continue  # the request never left: another instance may take it, free of any budget
             if err.reason == StaleRegistrationError.reason:
                 # Routed by a registration of the instance that is gone (mesh/layers/fence.py): it ran nothing, so
-                # another instance may take it, free of any budget; this one again once the registry shows its new
-                # registration (StaleRefusals).
+                # another instance may take it, free of any budget (not a keyed call's: its affinity keeps to this
+                # one, see StaleRefusals); this one again once the registry shows its new registration.
                 self._stale.note(instance)
                 log.info("instance %s of %s refused a call routed by its old registration: %s", instance.instance_id,
                          cap, err.message)
                 continue
+            if self._may_have_run is None:
+                self._may_have_run = err
             if err.code == grpc.StatusCode.DEADLINE_EXCEEDED and held_to_deadline(per_try, sent_at):
                 report_unanswered(liveness, cap, instance, parts.events)
             if policy is None:
@@ -403,6 +419,25 @@ class Attempts:
                 raise err
             await self._back_off(err)
             self._reuse = True
+
+    def _ended_by_refusal(self, err: HivemeshError, *, keyed: bool) -> HivemeshError:
+        """The error the call fails with when its attempts ran out on err: a STALE_REGISTRATION refusal also says
+        whether the call may be sent again (it ran on no instance unless an earlier attempt may have reached one),
+        and, for a keyed call, that it must go with the same key and why it did not go to another instance: the
+        caller decides whether to send it again, and the refusal alone cannot tell it. Any other error as it is."""
+        if err.reason != StaleRegistrationError.reason:
+            return err
+        ran = self._may_have_run
+        if ran is not None:
+            note = (f"; this send ran nothing, but an earlier attempt of the call failed {ran.reason} and may have run"
+                    + (": send it again only with the same idempotency key" if keyed else ""))
+        elif keyed:
+            note = ("; the call ran on no instance and may be sent again, with the same idempotency key (it was not "
+                    "sent to another instance: only the one its key leads to remembers what earlier sends of that key "
+                    "did)")
+        else:
+            note = "; the call ran on no instance and may be sent again"
+        return StaleRegistrationError(err.message + note, metadata=err.metadata, retry_after_s=err.retry_after_s)
 
     def _may_retry(
         self,

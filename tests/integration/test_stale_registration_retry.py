@@ -7,7 +7,9 @@ unrun (mesh/layers/fence.py). With no retry policy and no other instance, that c
 agent was alive; it now waits, bounded, for the caller's view to move on and is sent again, free of any budget.
 The caller's view is held back by a TCP gate between it and etcd that stops relaying (holding every byte, in
 order) until the test opens it again: the refusal is certain to come before the view catches up. A view that
-does not move on fails the call with the refusal after a wait of a few seconds, not at its deadline.
+does not move on fails the call with the refusal after a wait of a few seconds, not at its deadline, saying that the
+call ran nowhere and may be sent again. A keyed call to a non-idempotent capability is not moved to another instance
+by the refusal: an earlier send of its key may have run on the refusing one, which alone remembers the key.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 import aetcd
 import pytest
 
-from hivemesh.mesh.errors import StaleRegistrationError
+from hivemesh.mesh.errors import AgentUnavailableError, StaleRegistrationError
 from hivemesh.mesh.etcd import EtcdServer
 from hivemesh.mesh.instance_ref import instance_key
 from hivemesh.mesh.outbound.attempts import AttemptError, AttemptParts, Attempts
 from hivemesh.mesh.outbound.call import Metadata, OutboundCall
-from hivemesh.mesh.outbound.selection import InstanceSelector, Liveness
+from hivemesh.mesh.outbound.selection import InstanceSelector, Liveness, rendezvous
 from hivemesh.mesh.registry import RegistryView, agent_key
 from hivemesh.mesh.resilience.retry import Backoff, RetryPolicy
 from hivemesh.mesh.resilience.traffic import TrafficState
@@ -37,6 +39,7 @@ from hivemesh.v1 import agent_pb2
 from hivemesh.v1.mesh_pb2 import AgentInstance
 from tests.support.agents_for_tests import EchoAgent
 from tests.support.meshenv import MeshEnv, apply_policies_text
+from tests.support.resilience_rig import FlakyAgent
 from tests.support.waiting import until
 
 REFUSED = "refused a call routed by its old registration"
@@ -124,10 +127,12 @@ async def watcher(etcd_server: EtcdServer) -> AsyncIterator[RegistryView]:
         yield view
 
 
-async def _lose_lease_and_reregister(etcd: aetcd.Client, watcher: RegistryView, instance_id: str) -> tuple[int, int]:
+async def _lose_lease_and_reregister(
+    etcd: aetcd.Client, watcher: RegistryView, instance_id: str, agent: str = "echo"
+) -> tuple[int, int]:
     """Revoke instance_id's lease (as a pause past the TTL would let it expire); wait until its agent registered
     again. The old and new registration revisions."""
-    kv = await etcd.get(agent_key("echo", instance_id).encode())
+    kv = await etcd.get(agent_key(agent, instance_id).encode())
     assert kv is not None
     old = int(kv.create_revision)
     await etcd.revoke_lease(kv.lease)
@@ -242,6 +247,57 @@ async def test_a_view_that_does_not_move_on_fails_the_call_with_the_refusal_afte
         assert stale.agent.calls == ran
 
 
+KEY = "order-7"
+RAN_NOWHERE = "ran on no instance and may be sent again"
+"""What the refusal a call fails with says once no attempt of it may have run."""
+
+
+@pytest.mark.parametrize("earlier", ["finished", "running"])
+async def test_a_keyed_call_refused_by_its_instance_is_not_moved_to_another_where_it_would_run_twice(
+    mesh_env: MeshEnv, etcd: aetcd.Client, watcher: RegistryView, gate: _Gate, earlier: str
+) -> None:
+    """Two instances of a non-idempotent capability; an earlier send of the key ran (finished, or still running) on
+    the instance the key leads to, which then registered again while the caller's view kept its old entry. The
+    re-send of the key is refused there unrun. Moved to the other instance, whose memory of keys is its own, it
+    ran the effect a second time; kept, it fails with a refusal that says it ran nowhere and may be sent again,
+    and sent again once the view moved on, it gets the first run's answer: the effect happened once."""
+    agents = {tag: FlakyAgent(tag) for tag in ("a", "b")}
+    caller_settings = dataclasses.replace(await mesh_env.settings_for("tester", "client"), etcd=gate.endpoint)
+    async with contextlib.AsyncExitStack() as stack:
+        servers = {tag: await stack.enter_async_context(AgentServer(
+            a, await mesh_env.settings_for("flaky"), AgentServerConfig(instance_id=f"flaky-{tag}", lease_ttl_s=2)))
+            for tag, a in agents.items()}
+        caller = await stack.enter_async_context(MeshClient.connect(name="tester", settings=caller_settings))
+        assert await caller.node.registry.wait_for_capability("charge", 2, timeout=15)
+        target = max(caller.instances("charge"), key=lambda i: rendezvous(KEY, instance_key(i))).instance_id
+        tag = target.removeprefix("flaky-")
+        mine, other = agents[tag], agents["b" if tag == "a" else "a"]
+        if earlier == "running":
+            mine.first_call_delay = 12.0  # the first run of the key is still running when the re-send comes
+        first = asyncio.create_task(caller.call("charge", {}, timeout=40, idempotency_key=KEY))
+        assert await until(lambda: mine.started[KEY] == 1, 15)
+        if earlier == "finished":
+            assert (await first)["effects"] == 1  # its answer lost, say: a resumed workflow sends the step again
+        gate.hold()  # the caller's watch hears nothing from here on
+        try:
+            old, new = await _lose_lease_and_reregister(etcd, watcher, target, "flaky")
+            reg = servers[tag].registration
+            assert reg is not None and await until(lambda: reg.registered and reg.revision == new, 15)
+            assert old in [i.registration_revision for i in caller.instances("charge") if i.instance_id == target]
+            with pytest.raises(StaleRegistrationError) as info:
+                await caller.call("charge", {}, timeout=30, idempotency_key=KEY)
+            assert other.started[KEY] == 0, "the re-send of the key ran on another instance"
+            assert mine.started[KEY] == 1 and (earlier == "finished" or not first.done())
+            assert f"revision {old}" in info.value.message and RAN_NOWHERE in info.value.message
+            assert "same idempotency key" in info.value.message
+        finally:
+            gate.release()
+        assert await until(lambda: any(i.registration_revision == new for i in caller.instances("charge")), 15)
+        again = await caller.call("charge", {}, timeout=30, idempotency_key=KEY)  # joins or replays the first run
+        assert again == await first and again["served_by"] == tag and again["effects"] == 1
+        assert mine.effects[KEY] == 1 and other.started[KEY] == 0 and mine.started[KEY] == 1
+
+
 # --- the attempt loop alone: its registry view is a list the test changes, an attempt a plain async callable ------
 class _View:
     """The registry view selection reads: instances of capability "work" whose registrations the test renews."""
@@ -286,8 +342,14 @@ def _attempts(view: _View, send: Callable[[AgentInstance], bytes], policies: Out
 
 
 def _stale(instance: AgentInstance) -> AttemptError:
-    return AttemptError(StaleRegistrationError(f"routed by revision {instance.registration_revision}"),
+    return AttemptError(StaleRegistrationError(f"routed by revision {instance.registration_revision}",
+                                               metadata={"fence": str(instance.registration_revision)}),
                         never_sent=False)
+
+
+def _raise_stale(instance: AgentInstance) -> bytes:
+    """An attempt refused as routed by the registration the view shows, which never moves on."""
+    raise _stale(instance)
 
 
 async def test_the_re_send_spends_no_retry_budget_even_when_the_policy_allows_none() -> None:
@@ -333,3 +395,37 @@ async def test_a_keyed_call_refused_by_its_instance_waits_for_the_view_instead_o
     with pytest.raises(StaleRegistrationError):
         await attempts.run()
     assert len(sent) == 1
+
+
+async def test_a_call_that_ran_nowhere_fails_saying_it_may_be_sent_again_and_a_keyed_one_with_its_key() -> None:
+    """Refused unrun by the instance its key leads to, a keyed call stays there (another instance does not remember
+    the key: an earlier send of it may have run there), and the caller hears that nothing ran, so it may send the call
+    again with the same key; an unkeyed call refused by the only instance hears that nothing ran."""
+    view = _View(["a", "b"], idempotent=False)
+    attempts, sent = _attempts(view, _raise_stale, deadline_s=1.0, key="order-1")
+    with pytest.raises(StaleRegistrationError) as info:
+        await attempts.run()
+    assert len(sent) == 1 and attempts.retries == 0
+    assert info.value.message.startswith("routed by revision 1; ") and info.value.metadata == {"fence": "1"}
+    assert RAN_NOWHERE in info.value.message and "with the same idempotency key" in info.value.message
+
+    attempts, sent = _attempts(_View(["a"], idempotent=False), _raise_stale, deadline_s=1.0)
+    with pytest.raises(StaleRegistrationError) as info:
+        await attempts.run()
+    assert len(sent) == 1 and RAN_NOWHERE in info.value.message and "idempotency key" not in info.value.message
+
+
+async def test_a_refusal_after_an_attempt_that_may_have_run_does_not_say_the_call_ran_nowhere() -> None:
+    view = _View(["a", "b"], idempotent=False)
+    outcomes: list[AttemptError] = [AttemptError(AgentUnavailableError("connection broke mid-call"), never_sent=False)]
+
+    def send(instance: AgentInstance) -> bytes:
+        raise outcomes.pop() if outcomes else _raise_stale(instance)
+
+    policy = RetryPolicy(attempts=2, backoff=Backoff(base_s=0.0, max_s=0.0))
+    attempts, sent = _attempts(view, send, OutboundPolicies(None, None, None, policy), deadline_s=1.0, key="order-1")
+    with pytest.raises(StaleRegistrationError) as info:
+        await attempts.run()
+    assert len(sent) == 2 and sent[0] == sent[1]  # retried on the instance of its key, refused there
+    assert RAN_NOWHERE not in info.value.message
+    assert "an earlier attempt of the call failed AGENT_UNAVAILABLE and may have run" in info.value.message
