@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from hivemesh.mesh import invoke_wire, tracing
+from hivemesh.mesh import answer_size, invoke_wire, tracing
 from hivemesh.mesh.authz import AuthzTable
 from hivemesh.mesh.budget import TokenBudgets
 from hivemesh.mesh.callcontext import InboundContext
@@ -45,6 +45,7 @@ from hivemesh.mesh.output_check import REFUSAL_NOTE, note_refusal
 from hivemesh.mesh.resilience.traffic import Traffic
 from hivemesh.mesh.rpcwrap import StreamBehaviour, UnaryBehaviour, wrap_handler
 from hivemesh.mesh.signing import Signer
+from hivemesh.mesh.tls import MAX_MESSAGE_BYTES
 from hivemesh.mesh.tokens import TokenVerifier
 from hivemesh.v1 import agent_pb2
 
@@ -274,13 +275,32 @@ def _final_code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException 
 async def _answered(
     chain: InboundChain, call: Inbound, response: Any, context: grpc.aio.ServicerContext[Any, Any]
 ) -> Any:
-    """The answer the answering layers let out; a refusal is noted for the observers and aborts the call."""
+    """The answer the answering layers let out; a refusal is noted for the observers and aborts the call. One they
+    rewrote is measured again: the handler measured what it answered, and a redaction can grow it past one message."""
     try:
-        return chain.answer(call, response)
+        answer = chain.answer(call, response)
+        if answer is not response:
+            _fits(call, answer)
+        return answer
     except HivemeshError as err:
         note_refusal(call, err)
         await abort(context, err)
         raise
+
+
+def _fits(call: Inbound, answer: Any) -> None:
+    """Raise PAYLOAD_TOO_LARGE when an answer (its bytes, or a message) one message cannot carry, or on a Link whose
+    answer frame does not fit: refused here, inside the chain, the call's record is that refusal (gRPC refused it
+    after, with its own message naming nothing)."""
+    raw = answer if isinstance(answer, bytes) else None
+    if (len(raw) if raw is not None else answer.ByteSize()) + answer_size.ANSWER_HEADS <= MAX_MESSAGE_BYTES:
+        return
+    req = call.request
+    refused = answer_size.refusal(req.capability if req is not None else "",
+                                  raw if raw is not None else answer.SerializeToString(), MAX_MESSAGE_BYTES,
+                                  on=" as the mesh's answering layers rewrote it")
+    if refused is not None:
+        raise refused
 
 
 def _layer_failure(method: str, exc: Exception) -> HivemeshError:

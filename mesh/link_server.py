@@ -23,7 +23,6 @@ servicer instead (`LinkFrame` messages both ways), the messages are turned into 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import logging
 import re
@@ -34,7 +33,9 @@ from typing import Any, Final
 
 import grpc
 
-from hivemesh.mesh import invoke_wire, link_wire, tracing
+from hivemesh.mesh import answer_size, invoke_wire, link_wire, tracing
+from hivemesh.mesh.answer_size import CALL_ID as _CALL_ID
+from hivemesh.mesh.answer_size import answer_too_large
 from hivemesh.mesh.errors import InvalidInputError, PayloadTooLargeError, to_status
 from hivemesh.mesh.inbound import MeshInboundInterceptor
 from hivemesh.mesh.link_context import FrameAborted, FrameContext
@@ -69,22 +70,6 @@ faster than it takes them, and then pausing paces its calls to its reading. Call
 pauses still queue their answers, so a link holds at most this plus `MAX_OPEN_CALLS` answers. Before it, a
 caller that sent large calls and never read made the server hold every answer (400 calls of 256 KiB: 96 MiB)."""
 
-
-def answer_too_large(capability: str, size: int, limit: int, *, on: str = "") -> PayloadTooLargeError:
-    """The caller's error for an answer that one gRPC message cannot carry: named, with its size and the limit,
-    where gRPC's own ("Sent message larger than max") named neither the capability nor what to do."""
-    return PayloadTooLargeError(
-        f"capability {capability or '(unknown)'!r} answered {size} bytes{on}, more than the {limit} bytes one "
-        "message may carry: answer less, or stream it (a streaming capability, called with InvokeStream)",
-        metadata={"capability": capability, "size": str(size), "limit": str(limit)})
-
-
-_ANSWER_HEADS: Final = 23
-"""The most bytes an answer frame adds around its response: the id's tag and varint (1 + 10), the answer's tag and
-length (1 + 5), the response's tag and length (1 + 5)."""
-_CALL_ID: Final[contextvars.ContextVar[int | None]] = contextvars.ContextVar("hivemesh_link_call_id", default=None)
-"""The id of the link call the current task serves (`LinkServer._run` sets it in each call's own task; the
-context the servicer sees is the chain's, not the `FrameContext`); None outside a link call."""
 
 
 def _capability(request: bytes | memoryview) -> str:
@@ -343,14 +328,10 @@ class LinkServer:
     def answer_refusal(self, capability: str, response: bytes) -> PayloadTooLargeError | None:
         """For the handler of a call (under the chain, so its audit record says what the caller gets): when the
         call came on a link, the PAYLOAD_TOO_LARGE its answer frame would be refused with; None when the frame
-        fits or the call is not a link's. `_run` checks the frame again after the chain (an answering layer may
-        have grown it), answering the same."""
-        if len(response) + _ANSWER_HEADS <= self.max_message_bytes or (call_id := _CALL_ID.get()) is None:
-            return None
-        size = link_wire.answer_frame(call_id, response).size
-        if size <= self.max_message_bytes:
-            return None
-        return answer_too_large(capability, size, self.max_message_bytes, on=" as a Link answer frame")
+        fits or the call is not a link's. `_run` checks the frame again after the chain, answering the same."""
+        if len(response) > self.max_message_bytes:
+            return None  # the handler's own check of the answer refuses it
+        return answer_size.refusal(capability, response, self.max_message_bytes)
 
     def _record_refusal(self, context: grpc.aio.ServicerContext[Any, Any], problem: str) -> None:
         """One audit record (INVALID_INPUT, method Link, the sender's verified identity) for a link refused for

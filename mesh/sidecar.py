@@ -36,6 +36,7 @@ from google.protobuf.message import DecodeError
 
 from hivemesh.mesh import batch, tracing
 from hivemesh.mesh.advertise import advertised_host, join_host_port
+from hivemesh.mesh.answer_size import answer_too_large
 from hivemesh.mesh.audit import AuditLog, open_node_audit
 from hivemesh.mesh.audit.handshake import tracer_events
 from hivemesh.mesh.budget import TokenBudgets
@@ -58,7 +59,7 @@ from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
 from hivemesh.mesh.layers.loopguard import DEFAULT_MAX_CALL_DEPTH
 from hivemesh.mesh.layers.output_classifier import load_classifier, resolve_classifier
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN
-from hivemesh.mesh.link_server import LinkServer, answer_too_large, link_handler
+from hivemesh.mesh.link_server import LinkServer, link_handler
 from hivemesh.mesh.local_call import CALL_HANDLE_KEY, read_local_metadata
 from hivemesh.mesh.local_socket import bind_private_socket, default_socket_path, remove_socket
 from hivemesh.mesh.node import MeshNode

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 import grpc
 
 from hivemesh.mesh import invoke_wire, json_fast, tracing
+from hivemesh.mesh.answer_size import answer_too_large
 from hivemesh.mesh.callcontext import inbound_call, new_call_id
 from hivemesh.mesh.errors import (
     AgentError,
@@ -37,7 +38,7 @@ from hivemesh.mesh.errors import (
 )
 from hivemesh.mesh.json_compact import compact_json, compact_json_parts
 from hivemesh.mesh.layers import Inbound
-from hivemesh.mesh.link_server import LinkServer, answer_too_large, link_handler
+from hivemesh.mesh.link_server import LinkServer, link_handler
 from hivemesh.mesh.output_check import OutputCheck, note_refusal
 from hivemesh.mesh.tls import MAX_MESSAGE_BYTES
 from hivemesh.sdk.agent import Agent, CapabilitySpec

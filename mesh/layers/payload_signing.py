@@ -24,7 +24,7 @@ from typing import Any, Final
 
 from google.protobuf.message import DecodeError
 
-from hivemesh.mesh import link_wire
+from hivemesh.mesh import answer_size
 from hivemesh.mesh.errors import PeerUnauthenticatedError, SignatureInvalidError
 from hivemesh.mesh.layers.base import Inbound
 from hivemesh.mesh.signing import (
@@ -47,9 +47,6 @@ NOTE: Final = "signed"
 "signature" (the caller's JWS), kept in the audit record."""
 _RUNNING: Final = "signed_stream"
 """`Inbound.notes` key of a stream's running digest (not recorded: the audit keeps the final digest)."""
-_FRAME_HEADS: Final = 32
-"""More than a Link answer frame adds around its response (its id, the answer's and the response's tags and lengths):
-an answer this far under the limit fits a frame, measured no further."""
 
 
 class PayloadSigningLayer:
@@ -135,27 +132,18 @@ class PayloadSigningLayer:
 
     def _fits(self, call: Inbound, signed: Any, msg: Any, on: str) -> None:
         """Raise PAYLOAD_TOO_LARGE (naming the capability, its size and the limit) for a signed answer (its bytes,
-        or the message msg) that one message cannot carry or, on a Link, whose answer frame does not fit. What
-        the handler checked before did not count the signature."""
+        or the message msg) that one message cannot carry or, on a Link, whose answer frame does not fit: what the
+        handler checked did not count the signature. Before the answer's digest is noted: a refused one never left."""
         limit = self.max_message_bytes
         size = len(signed) if isinstance(signed, bytes) else msg.ByteSize()
-        if size + _FRAME_HEADS <= limit:
+        if size + answer_size.ANSWER_HEADS <= limit:
             return
         req = call.request
-        capability = req.capability if req is not None else ""
-        # Imported here: the link server imports the inbound chain, which imports this layer.
-        from hivemesh.mesh import link_server
-
-        if size > limit:
-            raise link_server.answer_too_large(capability, size, limit, on=f"{on} with its signature")
-        call_id = link_server._CALL_ID.get()  # set only while a Link call frame is served (`LinkServer._run`)
-        if call_id is None or call.method != "Invoke":
-            return
-        framed = link_wire.answer_frame(call_id, signed if isinstance(signed, bytes) else msg.SerializeToString())
-        if framed.size > limit:
-            raise link_server.answer_too_large(capability, framed.size, limit,
-                                               on=" with its signature, as a Link answer frame")
-
+        refused = answer_size.refusal(req.capability if req is not None else "",
+                                      signed if isinstance(signed, bytes) else msg.SerializeToString(), limit,
+                                      on=f"{on} with its signature")
+        if refused is not None:
+            raise refused
 
 def payload_signing_layer(
     capabilities: Iterable[agent_pb2.Capability], me: str, signer: Callable[[], Signer] | None,

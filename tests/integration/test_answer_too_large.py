@@ -180,3 +180,36 @@ async def test_each_answer_too_large_is_on_record_as_the_refusal_with_its_reason
     refused = ("invalid", "RESOURCE_EXHAUSTED", "PAYLOAD_TOO_LARGE")
     assert [(r["decision"], r["status"], r["reason"]) for r in _inbound(server, "audited-caller")] == [
         refused, refused, refused, ("allow", "OK", "")]
+
+
+class Leaky(Agent):
+    """Answers text that ends in the asked number of e-mail addresses, which its output screen redacts: each
+    "[REDACTED:email]" is longer than the address it replaces, so the redacted answer is larger."""
+
+    name = "leaky"
+
+    @capability(output_screen="redact")
+    async def spill(self, req: dict[str, int]) -> dict[str, str]:
+        return {"t": "x" * req["chars"] + " ann@example.com" * req["emails"]}
+
+
+async def test_an_answer_a_redaction_grows_past_the_limit_is_payload_too_large_and_on_record(
+    orch: Orch, tmp_path: Path
+) -> None:
+    """The handler measured its answer before the output screen redacted it; redacted, it no longer fit, and gRPC
+    refused it with its own message after the record said answered. The chain now measures what a layer rewrote."""
+    server = await orch.serve(Leaky(), AgentServerConfig(audit_dir=tmp_path / "spools"))
+    mesh = await _client(orch, "redacted-caller", link=False)
+    assert await mesh.node.registry.wait_for_capability("spill", 1, timeout=10)
+    small = await mesh.call("spill", {"chars": 10, "emails": 2}, timeout=30)
+    assert small == {"t": "x" * 10 + " [REDACTED:email]" * 2}
+    emails = 4000  # 16 bytes each before, 17 after: the answer grows by 4,000 bytes
+    chars = MAX_MESSAGE_BYTES - 16 * emails - 1000  # the unredacted answer fits with room to spare
+    with pytest.raises(PayloadTooLargeError) as refused:
+        await mesh.call("spill", {"chars": chars, "emails": emails}, timeout=60)
+    message = refused.value.message
+    assert "'spill'" in message and "rewrote it" in message and "Sent message larger than max" not in message
+    assert MAX_MESSAGE_BYTES < int(refused.value.metadata["size"]) <= MAX_MESSAGE_BYTES + 4000, refused.value
+    assert await until(lambda: len(_inbound(server, "redacted-caller")) >= 2, 10)
+    assert [(r["decision"], r["status"], r["reason"]) for r in _inbound(server, "redacted-caller")] == [
+        ("allow", "OK", ""), ("invalid", "RESOURCE_EXHAUSTED", "PAYLOAD_TOO_LARGE")]
