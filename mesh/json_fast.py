@@ -19,6 +19,7 @@ document, an image in base64, a model's one-line answer in one field); any other
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Final
 
 import orjson
@@ -42,7 +43,8 @@ _PLACEHOLDER: Final = "\x01"
 `_long_strings` takes can start so: it holds no escape, and a raw control character is not JSON."""
 _CONTROL = simd_scan.Scanner([(1, r"[\x00-\x1f]")]) if simd_scan.AVAILABLE else None
 """Finds a control character, which a JSON string may hold only escaped."""
-_WHITESPACE: Final = frozenset(b" \t\n\r")
+_KEY_AFTER: Final = re.compile(rb"[ \t\n\r]*:")
+"""What follows a key's closing quote."""
 _NOT_FAST: Final = object()
 
 
@@ -94,7 +96,6 @@ def _long_strings(data: bytes) -> Any:
     find = data.find
     if find(b"\\") >= 0:
         return _NOT_FAST
-    end = len(data)
     pieces: list[bytes] = []
     spans: list[tuple[int, int]] = []
     start = pos = 0
@@ -108,10 +109,7 @@ def _long_strings(data: bytes) -> Any:
         pos = j + 1
         if j - i - 1 < LONG_STRING:
             continue
-        k = pos
-        while k < end and data[k] in _WHITESPACE:
-            k += 1
-        if k < end and data[k] == 58:  # ":": a key
+        if _KEY_AFTER.match(data, pos):  # whitespace (skipped in C: any amount of it is JSON), then ":": a key
             continue
         pieces += (data[start:i], b'"\\u0001%d"' % len(spans))
         spans.append((i + 1, j))
