@@ -359,18 +359,20 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
         )
         if self.store.notice_check is not None and await self.store.notice_check(esc):
             esc.notification.required = True
-        requester, operator = str(peer.spiffe_id), _is_operator(peer)
+        # Scoped for every requester, operators too: a run resumed by an operator (`hivemesh workflows resume`)
+        # asks as the operator, and was handed the escalation another requester had taken its id for.
+        requester = str(peer.spiffe_id)
         own = scoped_id(escalation_id, requester)
-        if not operator and await self.store.read(own) is not None:  # asked before, under its scoped id
+        if await self.store.read(own) is not None:  # asked before, under its scoped id
             return (await self.store.settle(own))[0]
         stored, created = await self.store.create(esc)
-        if not created and stored.requested_by != requester and not operator:
+        if not created and stored.requested_by != requester:
             # Another requester's id: this requester's escalation is its own, under the id scoped to it.
             esc.id = own
             stored, created = await self.store.create(esc)
             if not created and stored.requested_by != requester:  # a hash collision: never in practice
                 raise PermissionDeniedError(f"escalation {own!r} exists and belongs to another caller")
-        if not created:  # idempotent: the one this requester (or, for an operator, anyone) created
+        if not created:  # idempotent: the one this requester created
             return (await self.store.settle(stored.id))[0]
         await _audit("created", stored, requester, self.store.recorder)
         return stored

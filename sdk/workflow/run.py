@@ -136,6 +136,7 @@ class WorkflowRun:
             info = await client.create(reason, context, escalation_id=escalation_id, workflow_id=self.workflow_id,
                                        step_id=step_id, deadline_s=deadline_s, on_deadline=on_deadline,
                                        default_answer=default_answer, labels=labels, answerer=answerer)
+            escalation_id = info.id  # the id it is stored under: scoped to this requester if another held it
             await self.append("input_required", {"step": step_id, "escalation_id": info.id, "reason": reason})
             self.engine.emit(self.workflow_id, "input_required", {"step": step_id, "escalation_id": info.id,
                                                                    "reason": reason})

@@ -183,3 +183,22 @@ async def test_a_relayed_answer_is_the_relayers_on_behalf_of_the_answerer_it_nam
         assert (by_op.resolved_by, by_op.on_behalf_of, by_op.on_behalf_of_claimed) == (OPERATOR, "", False)
     finally:
         escalations.remove_audit_hook(hook)
+
+
+async def test_an_operators_escalation_of_an_id_a_workload_took_first_is_the_operators_own(
+    mesh_env: MeshEnv, clients: dict[str, tuple[Workload, ControlPlaneClient]]
+) -> None:
+    """A run resumed by an operator (`hivemesh workflows resume`) asks as the operator: it was handed the squatter's
+    escalation of the same id, which the squatter then answered (relaying an accomplice's token) into the run."""
+    (squat_w, squat_cp), (accomplice_w, accomplice_cp) = clients["gateway"], clients["other"]
+    squatter = EscalationClient(squat_cp)
+    operator = EscalationClient(mesh_env.operator.channel)
+    taken = escalation_id_for("operator-admin/wf-1", "01-approve-refund")
+    await squatter.create("squatted", escalation_id=taken, answerer=accomplice_w.spiffe_id)
+    mine = await operator.create("refund order 7?", escalation_id=taken)
+    assert mine.requested_by != squat_w.spiffe_id and mine.reason == "refund order 7?", mine
+    assert mine.id == escalations.scoped_id(taken, mine.requested_by), mine.id
+    assert (await operator.create("refund order 7?", escalation_id=taken)).id == mine.id  # idempotent
+    relayed = (await accomplice_cp.issue_token(squat_w.spiffe_id, ["echo"])).token
+    await squatter.resolve(taken, approve=True, answer={"refund": 1000000}, subject_token=relayed)
+    assert (await operator.get(mine.id)).pending  # the squatter answered its own, not the operator's
