@@ -1,19 +1,23 @@
 """The hivemesh certificate authority: a root that signs short-lived SPIFFE workload certificates.
 
 `init_ca` writes a fresh root plus two identities the system needs before anything can join: the operator's
-client certificate (for the CLI) and the control plane's server certificate. `load_ca` reads it back. The CA
-decides every identity itself: a CSR contributes only its public key, never its requested names.
+client certificate (for the CLI) and the control plane's server certificate, all of them or none, even when killed
+(`CA_PENDING`). `load_ca` reads it back. The CA decides every identity itself: a CSR contributes only its public
+key, never its requested names.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import ipaddress
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -323,21 +327,91 @@ def _new_root(trust_domain: str) -> tuple[x509.Certificate, ec.EllipticCurvePriv
     return cert, key
 
 
-def init_ca(certs_dir: Path, trust_domain: str, *, force: bool = False) -> CaFiles:
-    """Create a root CA, an operator identity and the control plane's server certificate in certs_dir.
+CA_PENDING: Final = ".ca-in-progress"
+"""Created and flock-ed in the certificates folder by `init_ca` (for `hivemesh certs init` and `hivemesh up` alike)
+before the first file of a new CA, removed after the last: found there and not locked, it marks what a maker killed
+mid-way (SIGKILL: no cleanup ran) left. It holds its maker's pid and command, for the next one's messages."""
 
-    Refuses (FailedPreconditionError) when any of the files exists, unless force=True: overwriting a CA
-    silently would orphan every certificate it signed.
-    """
-    validate_trust_domain(trust_domain)
-    files = CaFiles.in_dir(Path(certs_dir))
-    existing = [p.name for p in files.all() if p.exists()]
-    if existing and not force:
-        raise FailedPreconditionError(
-            f"{files.certs_dir} already holds CA material ({', '.join(existing)}); refusing to overwrite it "
-            "(use force / --force to replace the CA and invalidate every certificate it signed)"
-        )
-    files.certs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+Maker = Literal["hivemesh certs init", "hivemesh up"]
+"""Who makes a CA: written in CA_PENDING, so whoever finds the marker can say whose it is."""
+
+
+class CaBusyError(RuntimeError):
+    """Another live process holds the CA_PENDING marker: it is making a CA in that folder right now."""
+
+    def __init__(self, certs_dir: Path, maker: Maker, pid: int | None) -> None:
+        self.certs_dir, self.maker, self.pid = certs_dir, maker, pid
+        who = f"`{maker}`" + (f" (pid {pid})" if pid else "")
+        super().__init__(f"another {who} is making a CA in {certs_dir} right now: nothing there was changed; run "
+                         "this again once that one has finished")
+
+
+@dataclass(frozen=True)
+class Unfinished:
+    """What a maker killed while it made a CA left, as the next `init_ca` found it (and removed it)."""
+
+    maker: Maker
+    removed: tuple[str, ...]
+    """The names of the files removed: CA files and their temp files (`write_atomic`'s `.<name>.tmp`)."""
+
+
+def _marker_says(fd: int) -> tuple[Maker, int | None]:
+    """The maker and pid a CA_PENDING marker names. One that names no maker is taken for an `up`'s: before makers
+    wrote their names, only `up` made markers (empty ones)."""
+    try:
+        text = os.pread(fd, 128, 0).decode("ascii", "replace")
+    except OSError:
+        text = ""
+    pid, _, rest = text.strip().partition(" ")
+    maker: Maker = "hivemesh certs init" if rest == "hivemesh certs init" else "hivemesh up"
+    return maker, int(pid) if pid.isdigit() else None
+
+
+def _claim(marker: Path, maker: Maker) -> tuple[int, Maker | None]:
+    """Create (or take over) marker, hold an exclusive flock on it and write our pid and maker in it: (its fd, the
+    maker of a killed one found there, else None). The kernel drops the lock when its holder dies, however it dies,
+    so a marker that can be locked is a dead maker's; one that cannot is a live one's: CaBusyError."""
+    for _ in range(5):
+        try:
+            fd, found = os.open(marker, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), False
+        except FileExistsError:
+            try:
+                fd, found = os.open(marker, os.O_RDWR), True
+            except FileNotFoundError:
+                continue  # its maker finished between our two opens: look again
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder, pid = _marker_says(fd)
+            os.close(fd)
+            raise CaBusyError(marker.parent, holder, pid) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(marker))
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)  # its maker finished and removed it between our open and our lock: look again
+            continue
+        killed = _marker_says(fd)[0] if found else None
+        with contextlib.suppress(OSError):  # only for messages: a full disk fails the CA's own writes, cleanly
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {maker}\n".encode(), 0)
+        return fd, killed
+    raise RuntimeError(f"could not claim {marker}: other processes keep creating and removing it")
+
+
+def _remove_ca_files(files: CaFiles) -> tuple[str, ...]:
+    """Remove each CA file and its temp file (`write_atomic`'s `.<name>.tmp`); the names of those removed."""
+    removed = []
+    for path in files.all():
+        for each in (path, path.with_name(f".{path.name}.tmp")):
+            with contextlib.suppress(FileNotFoundError):
+                each.unlink()
+                removed.append(each.name)
+    return tuple(removed)
+
+
+def _write_ca(files: CaFiles, trust_domain: str) -> None:
     cert, key = _new_root(trust_domain)
     ca = CertificateAuthority(cert, key)
     op_cert, op_key = ca.issue_operator_cert()
@@ -349,6 +423,75 @@ def init_ca(certs_dir: Path, trust_domain: str, *, force: bool = False) -> CaFil
     _write_atomic(files.ca_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     _write_atomic(files.operator_cert, op_cert, 0o644)
     _write_atomic(files.controlplane_cert, cp_cert, 0o644)
+
+
+def init_ca(
+    certs_dir: Path,
+    trust_domain: str,
+    *,
+    force: bool = False,
+    maker: Maker = "hivemesh certs init",
+    on_unfinished: Callable[[Unfinished], None] | None = None,
+) -> CaFiles:
+    """Create a root CA, an operator identity and the control plane's server certificate in certs_dir: all of
+    them, or (killed or failing part-way) nothing a later call takes for a CA.
+
+    Refuses (FailedPreconditionError) when any of the files exists, unless force=True: overwriting a CA
+    silently would orphan every certificate it signed. Works under certs_dir's CA_PENDING marker, so that:
+    - what a killed maker (this, for `certs init` or `up`) left is removed and made anew, force or not, after
+      telling on_unfinished: those files are no CA, and refusing over them left no way on but by hand;
+    - a marker a live maker holds is CaBusyError, with nothing touched (its files would be removed under it);
+    - a failure while writing (a full disk) removes every CA file, with force the old CA's too (half of each is
+      no CA), then raises as it was; a file that cannot be removed keeps the marker, for the next call.
+    """
+    validate_trust_domain(trust_domain)
+    files = CaFiles.in_dir(Path(certs_dir))
+    marker = files.certs_dir / CA_PENDING
+
+    def refuse_over_a_ca() -> None:
+        existing = [p.name for p in files.all() if p.exists()]
+        if existing and not force:
+            raise FailedPreconditionError(
+                f"{files.certs_dir} already holds CA material ({', '.join(existing)}); refusing to overwrite it "
+                "(use force / --force to replace the CA and invalidate every certificate it signed)"
+            )
+
+    if not marker.exists():
+        refuse_over_a_ca()  # before any write: a folder we may not write in still gets this answer
+    existed = files.certs_dir.is_dir()
+    files.certs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, killed = -1, None
+    clean = True  # no file this call may have left half-done is on disk: the marker may go
+    try:
+        fd, killed = _claim(marker, maker)
+        if killed is not None:
+            clean = False
+            left = Unfinished(killed, _remove_ca_files(files))
+            clean = True
+            if on_unfinished is not None:
+                on_unfinished(left)
+        else:
+            refuse_over_a_ca()  # again, under the marker: another maker may have finished since
+        clean = False
+        try:
+            _write_ca(files, trust_domain)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                _remove_ca_files(files)
+                clean = True
+            raise
+        marker.unlink()  # the CA is whole: from here on, a kill leaves it as it is
+    except BaseException:
+        if fd >= 0 and clean:
+            with contextlib.suppress(OSError):
+                marker.unlink()
+        if not existed:
+            with contextlib.suppress(OSError):
+                files.certs_dir.rmdir()  # only when empty
+        raise
+    finally:
+        if fd >= 0:
+            os.close(fd)  # after the unlink: a maker waiting on the lock then finds no marker
     log.info("initialised CA for %s in %s", trust_domain, files.certs_dir)
     return files
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hivemesh.controlplane.ca import CaFiles, init_ca, load_ca
+from hivemesh.controlplane.ca import CA_PENDING, CaBusyError, CaFiles, Unfinished, init_ca, load_ca
 from hivemesh.controlplane.cli import localmesh
 from hivemesh.controlplane.cli.context import run_async
 from hivemesh.controlplane.cli.procs import Child, Supervisor
@@ -73,103 +72,44 @@ def _python(*module_args: str) -> list[str]:
     return [sys.executable, "-m", *module_args]
 
 
-CA_PENDING = ".ca-in-progress"
-"""Created and flock-ed in the certificates folder before the first file of a new development CA, removed after the
-last one: found there and not locked, it marks what an `up` killed mid-way (SIGKILL: no cleanup ran) left."""
-
-
 def _ensure_ca(certs_dir: Path, trust_domain: str, say: Say) -> None:
-    """A whole development CA in certs_dir, made when there is none, or again when an `up` was killed while making
-    it. Keys written then, without ca.pem, made every later `up` refuse ("already holds CA material ... use
-    --force", an option `up` has not); ca.pem without operator.pem failed later, in the control plane."""
+    """A whole development CA in certs_dir, made when there is none, or again when an `up` or a `certs init` was
+    killed while making it (`init_ca`'s CA_PENDING marker). Keys written then, without ca.pem, made every later `up`
+    refuse ("already holds CA material ... use --force", an option `up` has not); ca.pem without operator.pem
+    failed later, in the control plane."""
     files = CaFiles.in_dir(certs_dir)
-    marker = certs_dir / CA_PENDING
-    if files.ca_cert.exists() and not marker.exists():
+    if files.ca_cert.exists() and not (certs_dir / CA_PENDING).exists():
         return
-    existed = certs_dir.exists()
-    before = set(certs_dir.iterdir()) if existed else set()
-    certs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, found = _claim_ca(marker)
+    if _init_ca_whole(certs_dir, trust_domain, say):
+        say(f"created a development CA in {certs_dir} (private keys stay there, never committed)")
+
+
+def _init_ca_whole(certs_dir: Path, trust_domain: str, say: Say) -> bool:
+    """`init_ca` (whole or nothing), its errors worded for `up`; False when another `up` made the CA between our
+    look and init_ca's claim of the folder."""
+
+    def unfinished(left: Unfinished) -> None:
+        say(f"a previous `{left.maker}` was stopped while it made the development CA in {certs_dir}: removed what "
+            f"it left ({', '.join(left.removed) or 'no files'}); making it again")
+
     try:
-        if found:
-            left = _remove_ca_files(files)
-            say(f"a previous `hivemesh up` was stopped while it made the development CA in {certs_dir}: removed "
-                f"what it left ({', '.join(left) or 'no files'}); making it again")
-        elif files.ca_cert.exists():  # another `up` made it between our look and our claim
-            marker.unlink()
-            return
-        _init_ca_whole(certs_dir, trust_domain, before, existed=existed)
-        marker.unlink()  # the CA is whole: from here on, a kill leaves it as it is
-    finally:
-        os.close(fd)  # after the unlink: another `up` waiting on the lock then finds no marker
-    say(f"created a development CA in {certs_dir} (private keys stay there, never committed)")
-
-
-def _claim_ca(marker: Path) -> tuple[int, bool]:
-    """Create (or take over) marker and hold an exclusive flock on it: (its fd, whether a killed `up`'s marker was
-    found). The kernel drops the lock when its holder dies, however it dies, so a marker that can be locked is a
-    dead maker's; one that cannot is a live `up`'s, making the CA right now."""
-    for _ in range(5):
-        try:
-            fd, found = os.open(marker, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), False
-        except FileExistsError:
-            try:
-                fd, found = os.open(marker, os.O_RDWR), True
-            except FileNotFoundError:
-                continue  # its maker finished between our two opens: look again
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RuntimeError(
-                f"another `hivemesh up` is making the development CA in {marker.parent} right now: run this one "
-                "again once that one says it created it") from None
-        try:
-            same = os.path.samestat(os.fstat(fd), os.stat(marker))
-        except FileNotFoundError:
-            same = False
-        if same:
-            return fd, found
-        os.close(fd)  # its maker finished and removed it between our open and our lock: look again
-    raise RuntimeError(f"could not claim {marker}: other processes keep creating and removing it")
-
-
-def _remove_ca_files(files: CaFiles) -> list[str]:
-    """Remove each CA file and its temp file (`write_atomic`'s `.<name>.tmp`); the names of those removed."""
-    removed = []
-    for path in files.all():
-        for each in (path, path.with_name(f".{path.name}.tmp")):
-            with contextlib.suppress(FileNotFoundError):
-                each.unlink()
-                removed.append(each.name)
-    return removed
-
-
-def _init_ca_whole(certs_dir: Path, trust_domain: str, before: set[Path], *, existed: bool) -> None:
-    """`init_ca`, or nothing: what a failed init wrote (a full disk after the first keys) is removed again, the
-    in-progress marker too (`before`: what the folder held first; `existed`: whether it did)."""
-    try:
-        init_ca(certs_dir, trust_domain)
-    except Exception as exc:
-        with contextlib.suppress(OSError):
-            for path in set(certs_dir.iterdir()) - before:
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
-            (certs_dir / CA_PENDING).unlink(missing_ok=True)
-            if not existed:
-                certs_dir.rmdir()
-        if isinstance(exc, FailedPreconditionError):  # files of a CA that no `up` marks as its own
-            names = [p.name for p in CaFiles.in_dir(certs_dir).all() if p.exists()]
-            raise FailedPreconditionError(
-                f"{certs_dir} holds part of a CA ({', '.join(names)}) but no ca.pem, and no marker says an `up` was "
-                f"stopped while making it, so `up` leaves it alone. If nothing uses these keys, remove them (cd "
-                f"{certs_dir} && rm {' '.join(names)}) and run `hivemesh up` again, or make a new CA over them: "
-                f"hivemesh --certs-dir {certs_dir} certs init --force") from None
-        if isinstance(exc, OSError):
-            raise OSError(f"could not create a development CA in {certs_dir}: {exc.strerror or exc}") from exc
-        raise
+        init_ca(certs_dir, trust_domain, maker="hivemesh up", on_unfinished=unfinished)
+    except CaBusyError as exc:
+        raise RuntimeError(
+            f"another `{exc.maker}` is making the development CA in {certs_dir} right now: run this one again once "
+            "that one says it created it") from None
+    except FailedPreconditionError:
+        if CaFiles.in_dir(certs_dir).ca_cert.exists():
+            return False  # made meanwhile: it is whole (init_ca removes its marker only then)
+        names = [p.name for p in CaFiles.in_dir(certs_dir).all() if p.exists()]
+        raise FailedPreconditionError(
+            f"{certs_dir} holds part of a CA ({', '.join(names)}) but no ca.pem, and no marker says an `up` was "
+            f"stopped while making it, so `up` leaves it alone. If nothing uses these keys, remove them (cd "
+            f"{certs_dir} && rm {' '.join(names)}) and run `hivemesh up` again, or make a new CA over them: "
+            f"hivemesh --certs-dir {certs_dir} certs init --force") from None
+    except OSError as exc:
+        raise OSError(f"could not create a development CA in {certs_dir}: {exc.strerror or exc}") from exc
+    return True
 
 
 class MeshUp:
