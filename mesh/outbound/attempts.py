@@ -26,6 +26,7 @@ from hivemesh.mesh.errors import (
     CircuitOpenError,
     DeadlineExceededError,
     HivemeshError,
+    NoLiveInstanceError,
     StaleRegistrationError,
     TokenExpiredError,
 )
@@ -171,6 +172,11 @@ class StaleRefusals:
     run, or still run, on the refusing instance, and only that agent process remembers the key (`sdk/idempotency.py`:
     its memory is per process), so another instance would run the effect a second time: with two real agents, moved, it
     did, both after the earlier send finished and while it ran (tests/integration/test_stale_registration_retry.py).
+
+    A caller whose watch is current has usually applied the lost lease's DELETE of the refusing entry before the new
+    registration's PUT (~100 ms later): while a refusal is pending, no live instance is not yet a failure, and a keyed
+    call that selection now leads elsewhere (the key's instance gone from the view for that while) waits as well, and
+    only for a refusing instance's newer registration (`elsewhere`, `view_moved(keyed=True)`).
     """
 
     __slots__ = ("_by", "_waited_out", "resends")
@@ -192,16 +198,30 @@ class StaleRefusals:
         by = self._by
         return bool(by) and by.get(instance_key(instance), -1) == instance.registration_revision
 
+    @property
+    def pending(self) -> bool:
+        """Whether an instance refused the call so and the view has not shown its newer registration yet."""
+        return bool(self._by)
+
+    def elsewhere(self, instance: Instance) -> bool:
+        """Whether instance is none of those that refused the call while some did: a keyed call must not go there
+        (only its key's instance remembers the key), it waits for the refusing one to show again."""
+        by = self._by
+        return bool(by) and instance_key(instance) not in by
+
     def forget(self) -> None:
         """After a retry's backoff the same registration may be tried again: an instance that only stood still past
         its lease's TTL refuses calls until etcd answers its keepalive, and may then hold the same registration."""
         self._by.clear()
 
-    async def view_moved(self, selector: InstanceSelector, call: OutboundCall, tried: set[str]) -> bool:
-        """Wait, bounded, for the view to show a newer registration of an instance that refused the call, or an
-        instance neither tried nor there before; True (those refusing instances untried again) once it does. False at
-        once when no instance refused the call so, its re-sends are spent, an earlier wait ran out or no time is
-        left; False when this wait runs out."""
+    async def view_moved(
+        self, selector: InstanceSelector, call: OutboundCall, tried: set[str], *, keyed: bool = False
+    ) -> bool:
+        """Wait, bounded, for the view to show a newer registration of an instance that refused the call, or (not
+        keyed) an instance neither tried nor there before; True (those refusing instances untried again) once it
+        does. A keyed call waits for a refusing instance only: another one appearing, or the only one left once the
+        refusing entry is deleted, is no reason to choose again. False at once when no instance refused the call so,
+        its re-sends are spent, an earlier wait ran out or no time is left; False when this wait runs out."""
         by = self._by
         if not by or self.resends >= STALE_RESENDS or self._waited_out:
             return False
@@ -219,7 +239,8 @@ class StaleRefusals:
         before = view()
 
         def moved() -> bool:
-            return any(by.get(k, rev) != rev or (k not in tried and before.get(k) != rev) for k, rev in view().items())
+            return any(by.get(k, rev) != rev or (not keyed and k not in tried and before.get(k) != rev)
+                       for k, rev in view().items())
 
         if not await selector.liveness.wait_until(moved, wait_s):
             self._waited_out = True
@@ -319,6 +340,7 @@ class Attempts:
         failure_codes = settings.failure_codes if settings is not None else DEFAULT_FAILURE_CODES
         tried, refused = self._tried, self._refused
         affinity = self._affinity()
+        stale, keyed = self._stale, affinity is not None
         while True:
             remaining = call.remaining()
             if remaining is not None and remaining <= 0:
@@ -327,11 +349,28 @@ class Attempts:
                     f"deadline passed before {cap!r} could be sent"
                     + (f" (after {self.attempt - 1 + len(tried)} failed attempt(s): {last.message})" if last else "")
                 )
-            instance = selector.choose(call, routes, tried, reuse=self._reuse, affinity=affinity, refused=refused)
-            if instance is None or self._stale.blocks(instance):
+            instance: Instance | None = None
+            try:
+                instance = selector.choose(call, routes, tried, reuse=self._reuse, affinity=affinity, refused=refused)
+                gone = False
+            except NoLiveInstanceError:
+                if not stale.pending:
+                    raise
+                gone = True  # the refusing entry deleted, its new registration not shown yet: wait for it
+            if gone or (keyed and instance is not None and stale.elsewhere(instance)):
+                # A refusal is pending and the view has no instance (a lost lease's DELETE comes before the new
+                # registration's PUT), or leads a keyed call away from the refusing instance, which alone remembers
+                # its key: wait for the newer registration; fail with the refusal if it does not come.
+                if await stale.view_moved(selector, call, tried, keyed=keyed):
+                    log.info("the registry view of %s showed a newer registration after a refusal as routed by an old "
+                             "one: sending the call again", cap)
+                    continue
+                assert self._last is not None
+                raise self._ended_by_refusal(self._last, keyed=keyed)
+            if instance is None or stale.blocks(instance):
                 # Refused as routed by a registration that is gone, and no other instance left: once the view shows
                 # the newer registration (or another instance), go again, free of any budget.
-                if await self._stale.view_moved(selector, call, tried):
+                if await stale.view_moved(selector, call, tried, keyed=keyed):
                     log.info("the registry view of %s moved on after a refusal as routed by an old registration: "
                              "sending the call again", cap)
                     continue
@@ -340,7 +379,7 @@ class Attempts:
                 last, last_instance = self._last, self._last_instance
                 assert last is not None and last_instance is not None
                 if not self._may_retry(last, last_instance, never_sent=True):
-                    raise self._ended_by_refusal(last, keyed=affinity is not None)
+                    raise self._ended_by_refusal(last, keyed=keyed)
                 await self._back_off(last)
                 tried.clear()
                 continue

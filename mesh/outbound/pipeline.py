@@ -31,6 +31,7 @@ from hivemesh.mesh.errors import (
     CircuitOpenError,
     DeadlineExceededError,
     HivemeshError,
+    NoLiveInstanceError,
     PolicyDeniedError,
     StaleRegistrationError,
     from_rpc_error,
@@ -377,7 +378,12 @@ class OutboundPipeline:
                 remaining = call.remaining()
                 if remaining is not None and remaining <= 0:
                     raise DeadlineExceededError(f"deadline passed before {capability!r} could be sent")
-                instance = selector.choose(call, routes, tried, reuse=False, refused=refused)
+                try:
+                    instance = selector.choose(call, routes, tried, reuse=False, refused=refused)
+                except NoLiveInstanceError:
+                    if not stale.pending:
+                        raise
+                    instance = None  # the refusing entry deleted before its new registration shows: wait for it
                 if instance is None:
                     if await stale.view_moved(selector, call, tried):  # refused by a registration now gone
                         continue

@@ -27,8 +27,10 @@ import pytest
 from hivemesh.mesh.errors import AgentUnavailableError, StaleRegistrationError
 from hivemesh.mesh.etcd import EtcdServer
 from hivemesh.mesh.instance_ref import instance_key
+from hivemesh.mesh.outbound import encode_request
 from hivemesh.mesh.outbound.attempts import AttemptError, AttemptParts, Attempts
 from hivemesh.mesh.outbound.call import Metadata, OutboundCall
+from hivemesh.mesh.outbound.pipeline import OutboundPipeline
 from hivemesh.mesh.outbound.selection import InstanceSelector, Liveness, rendezvous
 from hivemesh.mesh.registry import RegistryView, agent_key
 from hivemesh.mesh.resilience.retry import Backoff, RetryPolicy
@@ -306,8 +308,12 @@ class _View:
         card = agent_pb2.AgentCard(name="w", capabilities=[agent_pb2.Capability(name="work", idempotent=idempotent)])
         self.items = [AgentInstance(instance_id=i, identity="spiffe://t/agent/w", card=card, registration_revision=1)
                       for i in ids]
+        self._coming: list[tuple[float, AgentInstance]] = []
 
     def instances(self, capability: str) -> Sequence[AgentInstance]:
+        now = time.monotonic()
+        self.items += [i for at, i in self._coming if at <= now]
+        self._coming = [(at, i) for at, i in self._coming if at > now]
         return tuple(self.items) if capability == "work" else ()
 
     def knows_capability(self, capability: str) -> bool:
@@ -321,6 +327,17 @@ class _View:
                 renewed.CopyFrom(i)
                 renewed.registration_revision = i.registration_revision + 1
                 self.items[n] = renewed
+
+    def lose_lease(self, instance_id: str, *, back_after_s: float | None) -> None:
+        """As a caller's current watch applies a lost lease: the instance's entry is deleted now, and (unless None)
+        its new registration shows back_after_s later (the DELETE and the PUT are two events, ~100 ms apart)."""
+        (old,) = [i for i in self.items if i.instance_id == instance_id]
+        self.items.remove(old)
+        if back_after_s is not None:
+            renewed = AgentInstance()
+            renewed.CopyFrom(old)
+            renewed.registration_revision = old.registration_revision + 1
+            self._coming.append((time.monotonic() + back_after_s, renewed))
 
 
 def _attempts(view: _View, send: Callable[[AgentInstance], bytes], policies: OutboundPolicies = NO_OUTBOUND_POLICIES,
@@ -429,3 +446,103 @@ async def test_a_refusal_after_an_attempt_that_may_have_run_does_not_say_the_cal
     assert len(sent) == 2 and sent[0] == sent[1]  # retried on the instance of its key, refused there
     assert RAN_NOWHERE not in info.value.message
     assert "an earlier attempt of the call failed AGENT_UNAVAILABLE and may have run" in info.value.message
+
+
+def _key_of(instance_id: str, ids: Sequence[str]) -> str:
+    """An idempotency key that rendezvous hashing leads to instance_id among ids."""
+    return next(key for key in (f"order-{n}" for n in range(1000))
+                if max(ids, key=lambda i: rendezvous(key, f"w/{i}")) == instance_id)
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["unkeyed-one-instance", "keyed-two-instances"])
+async def test_a_call_refused_once_its_entry_is_deleted_waits_for_the_new_registration_not_another_instance(
+    keyed: bool,
+) -> None:
+    """A caller whose watch is current has applied the lost lease's DELETE of the refusing entry before the new
+    registration shows: the call used to fail NO_LIVE_INSTANCE (one instance), and a keyed one went to the other
+    instance, which does not remember its key (the run twice the refusal must not cause)."""
+    ids = ["a", "b"] if keyed else ["a"]
+    view = _View(ids, idempotent=not keyed)
+
+    def send(instance: AgentInstance) -> bytes:
+        if instance.instance_id == "a" and instance.registration_revision == 1:
+            view.lose_lease("a", back_after_s=0.1)
+            raise _stale(instance)
+        return b"ok"
+
+    attempts, sent = _attempts(view, send, key=_key_of("a", ids) if keyed else "")
+    raw, instance = await attempts.run()
+    assert raw == b"ok" and (instance.instance_id, instance.registration_revision) == ("a", 2)
+    assert sent == [("w/a", 1), ("w/a", 2)] and attempts.retries == 0
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["unkeyed-one-instance", "keyed-two-instances"])
+async def test_a_call_refused_by_an_entry_deleted_for_good_fails_with_the_refusal_after_the_wait(keyed: bool) -> None:
+    """The new registration never shows: the call fails with the refusal (nothing ran, it may be sent again), not
+    NO_LIVE_INSTANCE, and a keyed one is not sent to the other instance even then."""
+    ids = ["a", "b"] if keyed else ["a"]
+    view = _View(ids, idempotent=not keyed)
+
+    def send(instance: AgentInstance) -> bytes:
+        if instance.instance_id == "a":
+            view.lose_lease("a", back_after_s=None)
+            raise _stale(instance)
+        return b"ok"
+
+    attempts, sent = _attempts(view, send, deadline_s=1.0, key=_key_of("a", ids) if keyed else "")
+    with pytest.raises(StaleRegistrationError) as info:
+        await attempts.run()
+    assert sent == [("w/a", 1)]
+    assert RAN_NOWHERE in info.value.message and ("same idempotency key" in info.value.message) == keyed
+
+
+class _Gap:
+    """The real registry as a caller's current watch shows it around a lost lease: the agent's entry by an earlier
+    registration (the one the call is routed and refused by), then, once refused() holds, no entry for
+    GAP_S (the DELETE applied, the PUT not yet), then the agent's real, newer registration."""
+
+    GAP_S = 0.2
+
+    def __init__(self, registry: RegistryView, refused: Callable[[], bool]) -> None:
+        self._registry, self._refused = registry, refused
+        self.gap_began: float | None = None
+
+    def instances(self, capability: str) -> Sequence[AgentInstance]:
+        real = self._registry.instances(capability)
+        if not self._refused():
+            old = []
+            for i in real:
+                earlier = AgentInstance()
+                earlier.CopyFrom(i)
+                earlier.registration_revision = i.registration_revision - 1
+                old.append(earlier)
+            return tuple(old)
+        if self.gap_began is None:
+            self.gap_began = time.monotonic()
+        return () if time.monotonic() - self.gap_began < self.GAP_S else real
+
+    def knows_capability(self, capability: str) -> bool:
+        return self._registry.knows_capability(capability)
+
+
+async def test_a_stream_refused_once_its_entry_is_deleted_waits_for_the_new_registration(
+    mesh_env: MeshEnv, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """InvokeStream's loop: refused by a real agent as routed by an old registration, the entry then gone from the
+    caller's view for a moment; it used to fail NO_LIVE_INSTANCE, it now waits and streams from the new one."""
+    caplog.set_level(logging.INFO, logger="hivemesh.mesh.outbound.pipeline")
+    agent = EchoAgent("a")
+    async with (
+        AgentServer(agent, await mesh_env.settings_for("echo"), AgentServerConfig(instance_id="echo-a")),
+        MeshClient.connect(name="tester", settings=await mesh_env.settings_for("tester", "client")) as caller,
+    ):
+        registry = caller.node.registry
+        assert await registry.wait_for_capability("shout", 1, timeout=15)
+        out = caller.node.outbound
+        gap = _Gap(registry, lambda: any(
+            "refused a stream routed by its old registration" in r.getMessage() for r in caplog.records))
+        pipeline = OutboundPipeline(Liveness(gap), out.tokens, out.channels)
+        chunks = [agent_pb2.InvokeChunk.FromString(raw) async for raw, _ in pipeline.invoke_stream(
+            encode_request("shout", b'{"text": "held back"}'), capability="shout", timeout=30)]
+        assert [c.data for c in chunks if c.data] == [b'"HELD"', b'"BACK"'] and chunks[-1].final
+        assert gap.gap_began is not None, "the stream was never refused"
