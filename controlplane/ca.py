@@ -28,7 +28,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hivemesh.mesh.advertise import san_entries
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError
 from hivemesh.mesh.etcd_roles import CONTROLPLANE_USER, MAX_COMMON_NAME, etcd_user
-from hivemesh.mesh.files import write_atomic
+from hivemesh.mesh.files import write_atomic, write_synced
 from hivemesh.mesh.pki import (
     SCHEME,
     controlplane_dns_name,
@@ -411,18 +411,36 @@ def _remove_ca_files(files: CaFiles) -> tuple[str, ...]:
     return tuple(removed)
 
 
-def _write_ca(files: CaFiles, trust_domain: str) -> None:
+def _write_ca(files: CaFiles, trust_domain: str, replaced: list[Path]) -> None:
+    """Make a CA and write it into files: every file written and synced beside its place first (`.<name>.tmp`),
+    then each renamed into place, appended to replaced once it is. A failure before the renames (a key that cannot
+    be made, a full disk, Ctrl-C) removes the temp files and leaves the folder as it was, an old CA whole; only a
+    failure among the renames leaves old and new files mixed."""
     cert, key = _new_root(trust_domain)
     ca = CertificateAuthority(cert, key)
     op_cert, op_key = ca.issue_operator_cert()
     cp_cert, cp_key = ca.issue_controlplane_cert()
-    # Keys first, certificates last: a crash in between leaves no certificate without its key.
-    _write_atomic(files.ca_key, _key_pem(key), 0o600)
-    _write_atomic(files.operator_key, op_key, 0o600)
-    _write_atomic(files.controlplane_key, cp_key, 0o600)
-    _write_atomic(files.ca_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    _write_atomic(files.operator_cert, op_cert, 0o644)
-    _write_atomic(files.controlplane_cert, cp_cert, 0o644)
+    # Keys first, certificates last: renamed in this order, a crash between leaves no certificate without its key.
+    material = ((files.ca_key, _key_pem(key), 0o600), (files.operator_key, op_key, 0o600),
+                (files.controlplane_key, cp_key, 0o600),
+                (files.ca_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644),
+                (files.operator_cert, op_cert, 0o644), (files.controlplane_cert, cp_cert, 0o644))
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, data, mode in material:
+            tmp = path.with_name(f".{path.name}.tmp")
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()  # left by a crash mid-write
+            staged.append((tmp, path))
+            write_synced(tmp, data, mode)
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise
+    for tmp, path in staged:
+        os.replace(tmp, path)
+        replaced.append(path)
 
 
 def init_ca(
@@ -441,8 +459,9 @@ def init_ca(
     - what a killed maker (this, for `certs init` or `up`) left is removed and made anew, force or not, after
       telling on_unfinished: those files are no CA, and refusing over them left no way on but by hand;
     - a marker a live maker holds is CaBusyError, with nothing touched (its files would be removed under it);
-    - a failure while writing (a full disk) removes every CA file, with force the old CA's too (half of each is
-      no CA), then raises as it was; a file that cannot be removed keeps the marker, for the next call.
+    - a failure while writing (a full disk) leaves the folder as it was, with force the old CA whole (every file
+      is written beside its place before any is renamed); one among the renames removes every CA file (half of
+      each is no CA); then it raises as it was. A file that cannot be removed keeps the marker, for the next call.
     """
     validate_trust_domain(trust_domain)
     files = CaFiles.in_dir(Path(certs_dir))
@@ -473,12 +492,14 @@ def init_ca(
         else:
             refuse_over_a_ca()  # again, under the marker: another maker may have finished since
         clean = False
+        replaced: list[Path] = []
         try:
-            _write_ca(files, trust_domain)
+            _write_ca(files, trust_domain, replaced)
         except BaseException:
             with contextlib.suppress(OSError):
-                _remove_ca_files(files)
-                clean = True
+                if replaced:  # old files and new ones mixed: no CA, the old one's files go too
+                    _remove_ca_files(files)
+                clean = True  # else the folder is as it was: an old CA whole, or none
             raise
         marker.unlink()  # the CA is whole: from here on, a kill leaves it as it is
     except BaseException:

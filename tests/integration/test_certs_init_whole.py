@@ -172,18 +172,23 @@ def test_certs_init_refuses_while_another_live_process_holds_the_marker(
 def test_a_write_failing_part_way_leaves_no_part_of_a_ca(tmp_path: Path, whole: Path, force: bool) -> None:
     """A file size limit of 400 bytes lets the keys (241 bytes) be written and not ca.pem (725), as a disk that
     fills up would: the keys stayed ("[Errno 27] File too large: '.../.ca.pem.tmp'"), and with --force over a
-    CA, new keys stood beside the old CA's certificates. Now nothing of a CA is left, the error says what failed
-    (and, with --force, that the CA being replaced is gone too), and the next `certs init` makes a whole one."""
+    CA, new keys stood beside the old CA's certificates. Now nothing of a new CA is left, the error says what
+    failed, and --force leaves the CA it was replacing whole: every file is written beside its place before any is
+    renamed (a reviewer found the old CA deleted though none of it had been replaced)."""
     certs = tmp_path / "certs"
+    before: dict[str, bytes] = {}
     if force:
-        _leave(certs, whole, tuple(p.name for p in CaFiles.in_dir(whole).all()), None)
+        before = _leave(certs, whole, tuple(p.name for p in CaFiles.in_dir(whole).all()), None)
 
     done = _certs_init(certs, *(["--force"] if force else []), max_file_bytes=400)
     assert done.returncode == 1, done.stdout + done.stderr
-    gone = "; the CA it was replacing is removed too (half replaced, it was no CA)" if force else ""
-    assert done.stderr.strip() == f"error: could not create a CA in {certs}: File too large{gone}", done.stderr
-    assert (list(certs.iterdir()) == []) if force else not certs.exists()
+    assert done.stderr.strip() == f"error: could not create a CA in {certs}: File too large", done.stderr
+    if force:
+        assert {p.name: p.read_bytes() for p in certs.iterdir()} == before  # the old CA, untouched
+        _ca_is_whole(certs)
+    else:
+        assert not certs.exists()
 
-    again = _certs_init(certs)
+    again = _certs_init(certs, *(["--force"] if force else []))
     assert again.returncode == 0, again.stderr
     _ca_is_whole(certs)
