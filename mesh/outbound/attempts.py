@@ -164,8 +164,9 @@ class StaleRefusals:
     STALE_RESENDS times, each wait at most STALE_WAIT_S and never past the deadline.
 
     A keyed call to a non-idempotent capability is not moved to another instance by such a refusal, neither at once nor
-    after the wait (only what moves its key for every caller does: a change of membership, its instance ejected or
-    unreachable): it waits for the refusing one (its key's, `Attempts._affinity`) and, if the view does not move on,
+    after the wait, not even when the membership changes meanwhile (a new call with the key follows the new
+    membership, as every caller's does): it waits for the refusing one (its key's, `Attempts._affinity`) and, if the
+    view does not move on,
     fails with the refusal, saying it ran nowhere and may be sent again with the same key
     (`Attempts._ended_by_refusal`). The refusal proves only that this send ran nothing. An earlier send of the same key
     (a workflow resumed after its orchestrator died, a caller that lost an answer, a duplicate still in flight) may have
