@@ -98,6 +98,7 @@ async def mesh_env(etcd: aetcd.Client, etcd_server: EtcdServer, tmp_path: Path) 
 
 # The orchestration tests' mesh (a control plane that lets every workload call, a client, CLI helpers).
 from tests.support.orch_env import orch  # noqa: E402, F401 - a fixture, used by name
+from tests.support.up_process import up_runs  # noqa: E402, F401 - a fixture, used by name
 
 
 @pytest.fixture(autouse=True)

@@ -13,10 +13,7 @@ import re
 import select
 import signal
 import subprocess
-import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,113 +21,8 @@ import pytest
 from hivemesh.controlplane.cli import localmesh
 from hivemesh.controlplane.cli.uplock import UpLock
 from hivemesh.mesh.settings import STATE_FILE
+from tests.support.up_process import HIVEMESH, Up, left_running
 from tests.support.waiting import until
-
-HIVEMESH = [sys.executable, "-m", "hivemesh.controlplane.cli"]
-
-
-_LIMITED = (
-    "import os, resource, signal, sys\n"
-    "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"  # the write past the limit fails instead of killing
-    "resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))\n"
-    "os.execv(sys.argv[2], sys.argv[2:])\n"
-)
-"""Runs argv[2:] with every file it writes limited to argv[1] bytes (the ignored SIGXFSZ is inherited by exec)."""
-
-
-class Up:
-    """One `hivemesh up` child: its merged output read by a thread, so every wait on it is bounded."""
-
-    def __init__(self, tmp_path: Path, *args: str, certs: Path | None = None, max_file_bytes: int = 0) -> None:
-        """max_file_bytes: the most bytes any file `up` writes may hold (RLIMIT_FSIZE: a write past it fails
-        with EFBIG, as a disk filling up fails one); 0: no limit."""
-        self.tmp_path = tmp_path
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEMESH_")}
-        env.update(XDG_STATE_HOME=str(tmp_path / "xdg"), PYTHONUNBUFFERED="1", COLUMNS="4000")
-        command = [*HIVEMESH, "--home", str(tmp_path / "home"), "--certs-dir", str(certs or tmp_path / "certs"),
-                   "up", *args]
-        if max_file_bytes:  # set in a small exec wrapper (not preexec_fn: this process runs reader threads)
-            command = [sys.executable, "-c", _LIMITED, str(max_file_bytes), *command]
-        self.proc = subprocess.Popen(command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._changed:
-                self.lines.append(line)
-                self._changed.notify_all()
-
-    @property
-    def text(self) -> str:
-        with self._changed:
-            return " ".join(" ".join(self.lines).split())  # rich may wrap a long line
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while not (m := rx.search(" ".join(" ".join(self.lines).split()))):
-                left = deadline - time.monotonic()
-                assert left > 0 and self.proc.poll() is None, f"no {pattern!r} in the output:\n{self.text[-3000:]}"
-                self._changed.wait(min(left, 0.5))
-            return m
-
-    def wait(self, timeout: float) -> int:
-        code = self.proc.wait(timeout)
-        self._reader.join(10)
-        return code
-
-    def pids(self) -> list[int]:
-        return [int(p) for p in re.findall(r"pid (\d+)", self.text)]
-
-    def stop(self) -> None:
-        """However the test went: `up` ends (SIGTERM, then SIGKILL), then every process it started is gone."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._reader.join(10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        left = _left_running(self.pids(), self.tmp_path)
-        for pid in left:  # only processes of this test (their command line or environment name tmp_path)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        assert not left, f"processes left running after hivemesh up ended: {left}"
-
-
-def _ours(pid: int, tmp_path: Path) -> bool:
-    """pid is alive (not a zombie) and one of this test's: pids are reused, someone else's is never touched."""
-    try:
-        if Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z":
-            return False
-        seen = Path(f"/proc/{pid}/cmdline").read_bytes() + Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return False
-    return str(tmp_path).encode() in seen
-
-
-def _left_running(pids: list[int], tmp_path: Path, timeout: float = 30.0) -> list[int]:
-    asyncio.run(until(lambda: not any(_ours(p, tmp_path) for p in pids), timeout, 0.1))
-    return [p for p in pids if _ours(p, tmp_path)]
-
-
-@pytest.fixture
-def up_runs(tmp_path: Path) -> Iterator[list[Up]]:
-    """The `up` children a test starts; each is stopped, and checked to leave nothing behind, at the end."""
-    runs: list[Up] = []
-    try:
-        yield runs
-    finally:
-        for run in runs:
-            run.stop()
 
 
 def test_a_crashed_ups_pid_reused_by_a_later_hivemesh_process_is_not_that_up(
@@ -267,7 +159,7 @@ def test_closing_the_terminal_stops_the_mesh_as_ctrl_c_does(tmp_path: Path) -> N
             up.kill()
             up.wait(10)
             raise
-        left = _left_running(pids, tmp_path)
+        left = left_running(pids, tmp_path)
         for pid in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

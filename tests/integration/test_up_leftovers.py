@@ -10,16 +10,10 @@ home, certificates and user state folder under tmp_path, and ends every process 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import os
 import re
 import signal
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,104 +21,11 @@ from cryptography import x509
 
 from hivemesh.controlplane.ca import CaFiles, init_ca, load_ca
 from hivemesh.mesh.settings import STATE_FILE
+from tests.support.up_process import Up, ours
 from tests.support.waiting import until
 
-HIVEMESH = [sys.executable, "-m", "hivemesh.controlplane.cli"]
 CA_PENDING = ".ca-in-progress"
 """The marker `up` makes (and locks) in the certificates folder while it makes a CA (launcher.CA_PENDING)."""
-
-
-class Up:
-    """One `hivemesh up` child, the leader of a process group of its own (as a shell's job is): its merged output
-    read by a thread, so every wait on it is bounded."""
-
-    def __init__(self, tmp_path: Path, *args: str) -> None:
-        self.tmp_path = tmp_path
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEMESH_")}
-        env.update(XDG_STATE_HOME=str(tmp_path / "xdg"), PYTHONUNBUFFERED="1", COLUMNS="4000")
-        self.proc = subprocess.Popen(
-            [*HIVEMESH, "--home", str(tmp_path / "home"), "--certs-dir", str(tmp_path / "certs"), "up", *args],
-            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, process_group=0)
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._changed:
-                self.lines.append(line)
-                self._changed.notify_all()
-
-    @property
-    def text(self) -> str:
-        with self._changed:
-            return " ".join(" ".join(self.lines).split())  # rich may wrap a long line
-
-    def error(self) -> str:
-        """The first line of the error `up` ended with."""
-        with self._changed:
-            return next((line.strip() for line in self.lines if line.startswith("error:")), "")
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while not (m := rx.search(" ".join(" ".join(self.lines).split()))):
-                left = deadline - time.monotonic()
-                assert left > 0 and self.proc.poll() is None, f"no {pattern!r} in the output:\n{self.text[-3000:]}"
-                self._changed.wait(min(left, 0.5))
-            return m
-
-    def wait(self, timeout: float) -> int:
-        code = self.proc.wait(timeout)
-        self._reader.join(10)
-        return code
-
-    def pids(self) -> list[int]:
-        return [int(p) for p in re.findall(r"pid (\d+)", self.text)]
-
-    def stop(self) -> None:
-        """However the test went: `up` ends (SIGTERM, then SIGKILL), then every process it started is gone."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._reader.join(10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        asyncio.run(until(lambda: not any(_ours(p, self.tmp_path) for p in self.pids()), 30, 0.1))
-        left = [p for p in self.pids() if _ours(p, self.tmp_path)]
-        for pid in left:  # only processes of this test (their command line or environment name tmp_path)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        assert not left, f"processes left running after hivemesh up ended: {left}"
-
-
-def _ours(pid: int, tmp_path: Path) -> bool:
-    """pid is alive (not a zombie) and one of this test's: pids are reused, someone else's is never touched."""
-    try:
-        if Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z":
-            return False
-        seen = Path(f"/proc/{pid}/cmdline").read_bytes() + Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return False
-    return str(tmp_path).encode() in seen
-
-
-@pytest.fixture
-def up_runs() -> Iterator[list[Up]]:
-    """The `up` children a test starts; each is stopped, and checked to leave nothing behind, at the end."""
-    runs: list[Up] = []
-    try:
-        yield runs
-    finally:
-        for run in runs:
-            run.stop()
 
 
 def _ca_is_whole(certs: Path) -> None:
@@ -262,7 +163,7 @@ def test_a_hangup_to_ups_process_group_reaches_up_alone_which_stops_the_mesh_in_
     ("controlplane (pid N) was killed by SIGHUP ... Restarting it in 0.5 s") while it stopped, and the sidecar's
     socket file stayed in <home>/run. Now they run in sessions of their own and `up` stops them as on Ctrl-C."""
     home = tmp_path / "home"
-    up = Up(tmp_path, "--demo", "pipeline")  # agents and a sidecar; then it stays up
+    up = Up(tmp_path, "--demo", "pipeline", own_group=True)  # agents and a sidecar; then it stays up
     up_runs.append(up)
     up.wait_for("mesh is up", 180)
     pids = up.pids()
@@ -274,4 +175,4 @@ def test_a_hangup_to_ups_process_group_reaches_up_alone_which_stops_the_mesh_in_
     assert re.search(r"stopped: agents, sidecar, control plane and etcd$", up.text), up.text[-3000:]
     assert list((home / "run").iterdir()) == []  # was: sidecar-<pid>.sock, its sidecar killed before it cleaned up
     assert not (home / STATE_FILE).exists()
-    assert asyncio.run(until(lambda: not any(_ours(p, tmp_path) for p in pids), 30, 0.1))
+    assert asyncio.run(until(lambda: not any(ours(p, tmp_path) for p in pids), 30, 0.1))
