@@ -20,11 +20,11 @@ import pytest
 
 from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
 from hivemesh.mesh.tls import MAX_MESSAGE_BYTES
-from hivemesh.mesh.wire import hop_suffix
 from hivemesh.sdk import MeshClient, PayloadTooLargeError
 from hivemesh.v1 import agent_pb2
 from tests.support.meshenv import TRUST_DOMAIN, MeshEnv
 from tests.support.plain_agent import PlainAgent
+from tests.support.sidecar_audit import hop_bytes, inbound_records
 from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(120)
@@ -66,16 +66,10 @@ class Rig:
     unary: MeshClient
 
     def hop_bytes(self) -> int:
-        """The bytes the sidecar appends to the agent's answer (its hop)."""
-        hop = agent_pb2.Hop(kind="sidecar", identity=PLAIN, instance=self.sidecar.instance_id,
-                            endpoint=self.sidecar.endpoint)
-        return len(hop_suffix(hop))
+        return hop_bytes(self.sidecar, PLAIN)
 
     def inbound(self, caller: str) -> list[dict[str, Any]]:
-        """The sidecar's audit records of the inbound calls caller made."""
-        assert self.sidecar.audit is not None, "the sidecar's audit log is off"
-        return [r for r in (json.loads(line) for line in self.sidecar.audit.spool.lines())
-                if r.get("kind") == "inbound" and caller in r.get("caller", "")]
+        return inbound_records(self.sidecar, caller)
 
 
 @pytest.fixture

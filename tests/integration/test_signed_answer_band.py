@@ -22,7 +22,6 @@ from hivemesh.mesh.link_wire import varint
 from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
 from hivemesh.mesh.signing import ANSWER, Signer
 from hivemesh.mesh.tls import MAX_MESSAGE_BYTES, Workload
-from hivemesh.mesh.wire import hop_suffix
 from hivemesh.sdk import (
     Agent,
     AgentServer,
@@ -36,6 +35,7 @@ from hivemesh.v1 import agent_pb2
 from tests.support.meshenv import TRUST_DOMAIN, MeshEnv
 from tests.support.orch_env import Orch
 from tests.support.plain_agent import PlainAgent
+from tests.support.sidecar_audit import hop_bytes, inbound_records
 from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(180)
@@ -111,20 +111,14 @@ class Rig:
     unary: MeshClient
 
     def hop_bytes(self) -> int:
-        """The bytes the sidecar appends to the agent's answer or final chunk (its hop)."""
-        hop = agent_pb2.Hop(kind="sidecar", identity=PLAIN, instance=self.sidecar.instance_id,
-                            endpoint=self.sidecar.endpoint)
-        return len(hop_suffix(hop))
+        return hop_bytes(self.sidecar, PLAIN)
 
     def signature_bytes(self) -> int:
         assert self.sidecar.node is not None
         return _signature_bytes(self.sidecar.node.workload)
 
     def inbound(self, caller: str) -> list[dict[str, Any]]:
-        """The sidecar's audit records of the inbound calls caller made."""
-        assert self.sidecar.audit is not None, "the sidecar's audit log is off"
-        return [r for r in (json.loads(line) for line in self.sidecar.audit.spool.lines())
-                if r.get("kind") == "inbound" and caller in r.get("caller", "")]
+        return inbound_records(self.sidecar, caller)
 
 
 @pytest.fixture
