@@ -40,6 +40,7 @@ from hivemesh.sdk import AgentServer, AgentServerConfig, MeshClient
 from hivemesh.v1 import agent_pb2
 from hivemesh.v1.mesh_pb2 import AgentInstance
 from tests.support.agents_for_tests import EchoAgent
+from tests.support.jitter_proxy import JitterProxy
 from tests.support.meshenv import MeshEnv, apply_policies_text
 from tests.support.resilience_rig import FlakyAgent
 from tests.support.waiting import until
@@ -48,73 +49,11 @@ REFUSED = "refused a call routed by its old registration"
 """What the caller's attempt loop logs when an instance refuses a call as routed by a registration that is gone."""
 
 
-class _Gate:
-    """A loopback TCP relay to host:port that can stop relaying, each way, holding what it read (in order, nothing
-    lost) until it is opened again: a caller's etcd connection that stalls (its watch held back), then resumes."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self._target = (host, port)
-        self._open = asyncio.Event()
-        self._open.set()
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    @property
-    def endpoint(self) -> str:
-        assert self._server is not None
-        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-
-    def hold(self) -> None:
-        self._open.clear()
-
-    def release(self) -> None:
-        self._open.set()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self._target)
-        except OSError:
-            writer.close()
-            return
-        self._writers |= {writer, up_writer}
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._relay(src, dst))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _relay(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        try:
-            while data := await src.read(65536):
-                await self._open.wait()
-                dst.write(data)
-                await dst.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            dst.close()
-
-    async def stop(self) -> None:
-        self._open.set()
-        if self._server is not None:
-            self._server.close()
-        for writer in list(self._writers):
-            writer.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 5)
-
-
 @pytest.fixture
-async def gate(etcd_server: EtcdServer) -> AsyncIterator[_Gate]:
+async def gate(etcd_server: EtcdServer) -> AsyncIterator[JitterProxy]:
+    """A relay to etcd, without jitter, that the test holds (every byte kept, in order) and releases."""
     host, _, port = etcd_server.endpoint.rpartition(":")
-    g = _Gate(host, int(port))
+    g = JitterProxy(host, int(port))
     await g.start()
     try:
         yield g
@@ -159,7 +98,7 @@ class _Stale:
 
 @contextlib.asynccontextmanager
 async def _stale_view(
-    mesh_env: MeshEnv, etcd: aetcd.Client, watcher: RegistryView, gate: _Gate, policies: str | None
+    mesh_env: MeshEnv, etcd: aetcd.Client, watcher: RegistryView, gate: JitterProxy, policies: str | None
 ) -> AsyncIterator[_Stale]:
     """One agent instance (lease TTL 2 s) and a caller reaching etcd through the gate, the gate held and the agent
     registered again (its lease revoked), policies (if any) in force at the caller before."""
@@ -197,7 +136,7 @@ spec: {attempts: 1}
 
 @pytest.mark.parametrize("policies", [None, NO_RETRIES], ids=["no-retry-policy", "retries-attempts-1"])
 async def test_a_call_refused_by_a_lost_registration_is_sent_again_once_the_caller_sees_the_new_one(
-    mesh_env: MeshEnv, etcd: aetcd.Client, watcher: RegistryView, gate: _Gate, caplog: pytest.LogCaptureFixture,
+    mesh_env: MeshEnv, etcd: aetcd.Client, watcher: RegistryView, gate: JitterProxy, caplog: pytest.LogCaptureFixture,
     policies: str | None,
 ) -> None:
     caplog.set_level(logging.INFO, logger="hivemesh.mesh.outbound.attempts")
@@ -215,7 +154,7 @@ async def test_a_call_refused_by_a_lost_registration_is_sent_again_once_the_call
 
 
 async def test_a_stream_refused_by_a_lost_registration_is_sent_again_once_the_caller_sees_the_new_one(
-    mesh_env: MeshEnv, etcd: aetcd.Client, watcher: RegistryView, gate: _Gate, caplog: pytest.LogCaptureFixture,
+    mesh_env: MeshEnv, etcd: aetcd.Client, watcher: RegistryView, gate: JitterProxy, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """InvokeStream's own attempt loop (mesh/outbound/pipeline.py) waits for the view as the unary loop does."""
     caplog.set_level(logging.INFO, logger="hivemesh.mesh.outbound.pipeline")
@@ -234,7 +173,7 @@ async def test_a_stream_refused_by_a_lost_registration_is_sent_again_once_the_ca
 
 
 async def test_a_view_that_does_not_move_on_fails_the_call_with_the_refusal_after_a_bounded_wait(
-    mesh_env: MeshEnv, etcd: aetcd.Client, watcher: RegistryView, gate: _Gate
+    mesh_env: MeshEnv, etcd: aetcd.Client, watcher: RegistryView, gate: JitterProxy
 ) -> None:
     async with _stale_view(mesh_env, etcd, watcher, gate, None) as stale:
         ran = stale.agent.calls
@@ -256,7 +195,7 @@ RAN_NOWHERE = "ran on no instance and may be sent again"
 
 @pytest.mark.parametrize("earlier", ["finished", "running"])
 async def test_a_keyed_call_refused_by_its_instance_is_not_moved_to_another_where_it_would_run_twice(
-    mesh_env: MeshEnv, etcd: aetcd.Client, watcher: RegistryView, gate: _Gate, earlier: str
+    mesh_env: MeshEnv, etcd: aetcd.Client, watcher: RegistryView, gate: JitterProxy, earlier: str
 ) -> None:
     """Two instances of a non-idempotent capability; an earlier send of the key ran (finished, or still running) on
     the instance the key leads to, which then registered again while the caller's view kept its old entry. The

@@ -2,7 +2,8 @@
 
 Bytes keep their order (a chunk is never released before the one read before it) and nothing is lost, so TLS
 and HTTP/2 pass through unchanged; only the timing changes. Each direction holds a chunk for a uniform
-0..max_delay_s, so a request and its answer see a round trip of 0..2 * max_delay_s on top of the real one.
+0..max_delay_s, so a request and its answer see a round trip of 0..2 * max_delay_s on top of the real one. `hold`
+stops the relaying altogether (every byte kept, in order) until `release`: a connection that stalls, then resumes.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import random
 class JitterProxy:
     """Listen on 127.0.0.1 (a free port) and relay each connection to host:port with jitter (seeded)."""
 
-    def __init__(self, host: str, port: int, *, max_delay_s: float, seed: int) -> None:
+    def __init__(self, host: str, port: int, *, max_delay_s: float = 0.0, seed: int = 0) -> None:
         self._target = (host, port)
+        self._open = asyncio.Event()
+        self._open.set()
         self._max_delay_s = max_delay_s
         self._rng = random.Random(seed)
         self._server: asyncio.Server | None = None
@@ -32,6 +35,13 @@ class JitterProxy:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+
+    def hold(self) -> None:
+        """Relay nothing more, either way, until `release` (what is read meanwhile is kept, in order)."""
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -56,6 +66,7 @@ class JitterProxy:
                 if not data:
                     return
                 await asyncio.sleep(max(0.0, at - loop.time()))
+                await self._open.wait()
                 dst.write(data)
                 await dst.drain()
                 self.chunks += 1
@@ -77,6 +88,7 @@ class JitterProxy:
             dst.close()
 
     async def stop(self) -> None:
+        self._open.set()
         if self._server is not None:
             self._server.close()
         for writer in list(self._writers):
