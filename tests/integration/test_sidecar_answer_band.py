@@ -18,13 +18,13 @@ from typing import Any
 import grpc
 import pytest
 
-from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
+from hivemesh.mesh.sidecar import Sidecar
 from hivemesh.mesh.tls import MAX_MESSAGE_BYTES
 from hivemesh.sdk import MeshClient, PayloadTooLargeError
 from hivemesh.v1 import agent_pb2
 from tests.support.meshenv import TRUST_DOMAIN, MeshEnv
 from tests.support.plain_agent import PlainAgent
-from tests.support.sidecar_audit import hop_bytes, inbound_records
+from tests.support.sidecar_audit import behind_sidecar, hop_bytes, inbound_records
 from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(120)
@@ -74,17 +74,10 @@ class Rig:
 
 @pytest.fixture
 async def rig(mesh_env: MeshEnv, tmp_path: Path) -> AsyncIterator[Rig]:
-    async with SizedAgent("plain", prefix="plain-") as plain:
-        sidecar = Sidecar(SidecarConfig(agent=plain.endpoint, audit_dir=str(tmp_path / "spools")),
-                          await mesh_env.settings_for("plain"))
-        async with sidecar, \
-                MeshClient.connect(name="link-caller", settings=await mesh_env.settings_for("link-caller", "client"),
-                                   link=True) as linked, \
-                MeshClient.connect(name="unary-caller", settings=await mesh_env.settings_for("unary-caller", "client"),
-                                   link=False) as unary:
-            for mesh in (linked, unary):
-                assert await mesh.node.registry.wait_for_capability("plain-sized", 1, timeout=10)
-            yield Rig(sidecar, linked, unary)
+    callers = (("link-caller", True), ("unary-caller", False))
+    async with behind_sidecar(mesh_env, SizedAgent("plain", prefix="plain-"), tmp_path / "spools", "plain-sized",
+                              callers) as (sidecar, (linked, unary)):
+        yield Rig(sidecar, linked, unary)
 
 
 def _assert_named(err: PayloadTooLargeError, low: int, high: int) -> None:

@@ -18,13 +18,13 @@ from typing import Any
 import grpc
 import pytest
 
-from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
+from hivemesh.mesh.sidecar import Sidecar
 from hivemesh.mesh.tls import MAX_MESSAGE_BYTES
 from hivemesh.sdk import MeshClient, PayloadTooLargeError
 from hivemesh.v1 import agent_pb2
 from tests.support.meshenv import TRUST_DOMAIN, MeshEnv
 from tests.support.plain_agent import PlainAgent
-from tests.support.sidecar_audit import hop_bytes, inbound_records
+from tests.support.sidecar_audit import behind_sidecar, hop_bytes, inbound_records
 from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(120)
@@ -88,14 +88,9 @@ class Rig:
 
 @pytest.fixture
 async def rig(mesh_env: MeshEnv, tmp_path: Path) -> AsyncIterator[Rig]:
-    async with SizedStreamAgent("plain", prefix="plain-") as plain:
-        sidecar = Sidecar(SidecarConfig(agent=plain.endpoint, audit_dir=str(tmp_path / "spools")),
-                          await mesh_env.settings_for("plain"))
-        async with sidecar, MeshClient.connect(
-                name="stream-caller", settings=await mesh_env.settings_for("stream-caller", "client"),
-                link=False) as mesh:
-            assert await mesh.node.registry.wait_for_capability(CAPABILITY, 1, timeout=10)
-            yield Rig(sidecar, mesh)
+    async with behind_sidecar(mesh_env, SizedStreamAgent("plain", prefix="plain-"), tmp_path / "spools", CAPABILITY,
+                              (("stream-caller", False),)) as (sidecar, (mesh,)):
+        yield Rig(sidecar, mesh)
 
 
 async def _items(mesh: MeshClient, asked: dict[str, Any], got: list[Any]) -> None:
