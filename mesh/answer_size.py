@@ -23,26 +23,31 @@ CALL_ID: Final[contextvars.ContextVar[int | None]] = contextvars.ContextVar("hiv
 the servicer sees is the chain's, not the frame's); None outside a link call."""
 
 
-def answer_too_large(capability: str, size: int, limit: int, *, on: str = "") -> PayloadTooLargeError:
-    """The caller's error for an answer that one gRPC message cannot carry: named, with its size and the limit."""
+def answer_too_large(capability: str, size: int, limit: int, *, on: str = "",
+                     streamed: bool = False) -> PayloadTooLargeError:
+    """The caller's error for an answer that one gRPC message cannot carry: named, with its size and the limit, and
+    what the capability's author can do (streamed: the answer is one item of a stream already)."""
+    advice = ("put less in one item: a stream carries the rest in more items" if streamed
+              else "answer less, or stream it (a streaming capability, called with InvokeStream)")
     return PayloadTooLargeError(
         f"capability {capability or '(unknown)'!r} answered {size} bytes{on}, more than the {limit} bytes one "
-        "message may carry: answer less, or stream it (a streaming capability, called with InvokeStream)",
+        f"message may carry: {advice}",
         metadata={"capability": capability, "size": str(size), "limit": str(limit)})
 
 
-def refusal(capability: str, response: bytes, limit: int, *, on: str = "") -> PayloadTooLargeError | None:
+def refusal(capability: str, response: bytes, limit: int, *, on: str = "",
+            streamed: bool = False) -> PayloadTooLargeError | None:
     """The PAYLOAD_TOO_LARGE an answer of these bytes gets (None when it goes out): over limit itself, or, served on a
     link (`CALL_ID`), as its answer frame. One comparison for any answer well under the limit."""
     size = len(response)
     if size + ANSWER_HEADS <= limit:
         return None
     if size > limit:
-        return answer_too_large(capability, size, limit, on=on)
+        return answer_too_large(capability, size, limit, on=on, streamed=streamed)
     call_id = CALL_ID.get()
     if call_id is None:
         return None
     framed = link_wire.answer_frame(call_id, response).size
     if framed <= limit:
         return None
-    return answer_too_large(capability, framed, limit, on=f"{on} as a Link answer frame")
+    return answer_too_large(capability, framed, limit, on=f"{on} as a Link answer frame", streamed=streamed)

@@ -273,14 +273,15 @@ def _final_code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException 
 
 
 async def _answered(
-    chain: InboundChain, call: Inbound, response: Any, context: grpc.aio.ServicerContext[Any, Any]
+    chain: InboundChain, call: Inbound, response: Any, context: grpc.aio.ServicerContext[Any, Any], *,
+    streamed: bool = False,
 ) -> Any:
     """The answer the answering layers let out; a refusal is noted for the observers and aborts the call. One they
     rewrote is measured again: the handler measured what it answered, and a redaction can grow it past one message."""
     try:
         answer = chain.answer(call, response)
         if answer is not response:
-            _fits(call, answer)
+            _fits(call, answer, streamed)
         return answer
     except HivemeshError as err:
         note_refusal(call, err)
@@ -288,7 +289,7 @@ async def _answered(
         raise
 
 
-def _fits(call: Inbound, answer: Any) -> None:
+def _fits(call: Inbound, answer: Any, streamed: bool) -> None:
     """Raise PAYLOAD_TOO_LARGE when an answer (its bytes, or a message) one message cannot carry, or on a Link whose
     answer frame does not fit: refused here, inside the chain, the call's record is that refusal (gRPC refused it
     after, with its own message naming nothing)."""
@@ -298,7 +299,7 @@ def _fits(call: Inbound, answer: Any) -> None:
     req = call.request
     refused = answer_size.refusal(req.capability if req is not None else "",
                                   raw if raw is not None else answer.SerializeToString(), MAX_MESSAGE_BYTES,
-                                  on=" as the mesh's answering layers rewrote it")
+                                  on=" as the mesh's answering layers rewrote it", streamed=streamed)
     if refused is not None:
         raise refused
 
@@ -466,7 +467,7 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     async for item in inner_stream(inner_request, InboundContext(context, call)):
                         if answers:
-                            item = await _answered(chain, call, item, context)
+                            item = await _answered(chain, call, item, context, streamed=True)
                         if settles:  # before it is sent: a caller that stops reading cannot skip a charge
                             chain.settle(call, item)
                         yield item

@@ -648,7 +648,7 @@ class Sidecar:
                             # The hop pushed the agent's final chunk past one message: refused here, under the
                             # chain, it is on record as the refusal; gRPC's own, after it, named nothing.
                             raise answer_too_large(capability, len(final), MAX_MESSAGE_BYTES,
-                                                   on=" in its final stream chunk")
+                                                   on=" in its final stream chunk", streamed=True)
                         yield final
                         break
                     else:

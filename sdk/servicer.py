@@ -313,7 +313,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         chunk = agent_pb2.InvokeChunk(data=data, content_type=_JSON, state=agent_pb2.TASK_STATE_WORKING)
         limit = self._max_output_bytes
         if len(data) > limit - _CHUNK_OVERHEAD and (size := chunk.ByteSize()) > limit:
-            refused = answer_too_large(capability, size, limit, on=" in one stream item")
+            refused = answer_too_large(capability, size, limit, on=" in one stream item", streamed=True)
             note_refusal(call, refused)
             raise refused
         return chunk

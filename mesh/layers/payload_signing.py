@@ -126,11 +126,11 @@ class PayloadSigningLayer:
         msg.signature = self.signer().sign(STREAM, d)
         signed = msg.SerializeToString() if raw else msg
         del call.notes[_RUNNING]
-        self._fits(call, signed, msg, " in its final stream chunk")
+        self._fits(call, signed, msg, " in its final stream chunk", streamed=True)
         note["answer"], note["chunks"] = d.hex(), running.count
         return signed
 
-    def _fits(self, call: Inbound, signed: Any, msg: Any, on: str) -> None:
+    def _fits(self, call: Inbound, signed: Any, msg: Any, on: str, *, streamed: bool = False) -> None:
         """Raise PAYLOAD_TOO_LARGE (naming the capability, its size and the limit) for a signed answer (its bytes,
         or the message msg) that one message cannot carry or, on a Link, whose answer frame does not fit: what the
         handler checked did not count the signature. Before the answer's digest is noted: a refused one never left."""
@@ -141,7 +141,7 @@ class PayloadSigningLayer:
         req = call.request
         refused = answer_size.refusal(req.capability if req is not None else "",
                                       signed if isinstance(signed, bytes) else msg.SerializeToString(), limit,
-                                      on=f"{on} with its signature")
+                                      on=f"{on} with its signature", streamed=streamed)
         if refused is not None:
             raise refused
 

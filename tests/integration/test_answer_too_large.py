@@ -147,6 +147,7 @@ async def test_a_stream_item_past_the_limit_is_payload_too_large_naming_it_and_t
             got.append(item)
     assert got == ["first"]
     assert "in one stream item" in refused.value.message, refused.value
+    assert "more items" in refused.value.message and "or stream it" not in refused.value.message, refused.value
     _assert_named(refused.value, HUGE + 2, HUGE + 1024)
     await asyncio.wait_for(agent.items_closed.wait(), 30)
     assert [x async for x in mesh.stream("items", {"chars": 3}, timeout=10)] == ["first", "xxx", "after"]
@@ -192,6 +193,10 @@ class Leaky(Agent):
     async def spill(self, req: dict[str, int]) -> dict[str, str]:
         return {"t": "x" * req["chars"] + " ann@example.com" * req["emails"]}
 
+    @capability(output_screen="redact")
+    async def spills(self, req: dict[str, int]) -> AsyncIterator[dict[str, str]]:
+        yield {"t": "x" * req["chars"] + " ann@example.com" * req["emails"]}
+
 
 async def test_an_answer_a_redaction_grows_past_the_limit_is_payload_too_large_and_on_record(
     orch: Orch, tmp_path: Path
@@ -213,3 +218,24 @@ async def test_an_answer_a_redaction_grows_past_the_limit_is_payload_too_large_a
     assert await until(lambda: len(_inbound(server, "redacted-caller")) >= 2, 10)
     assert [(r["decision"], r["status"], r["reason"]) for r in _inbound(server, "redacted-caller")] == [
         ("allow", "OK", ""), ("invalid", "RESOURCE_EXHAUSTED", "PAYLOAD_TOO_LARGE")]
+
+
+async def test_a_stream_item_a_redaction_grows_past_the_limit_is_told_to_use_more_items(
+    orch: Orch, tmp_path: Path
+) -> None:
+    """A stream item the output screen's redaction grows past one message is PAYLOAD_TOO_LARGE like a unary answer,
+    and its advice fits a stream: put less in one item. It told a stream's author to stream the answer."""
+    server = await orch.serve(Leaky(), AgentServerConfig(audit_dir=tmp_path / "spools"))
+    mesh = await _client(orch, "redacted-streamer", link=False)
+    assert await mesh.node.registry.wait_for_capability("spills", 1, timeout=10)
+    emails = 4000
+    chars = MAX_MESSAGE_BYTES - 16 * emails - 1000
+    with pytest.raises(PayloadTooLargeError) as refused:
+        async for _ in mesh.stream("spills", {"chars": chars, "emails": emails}, timeout=60):
+            pass
+    message = refused.value.message
+    assert "'spills'" in message and "rewrote it" in message, message
+    assert "more items" in message and "or stream it" not in message, message
+    assert await until(lambda: len(_inbound(server, "redacted-streamer")) >= 1, 10)
+    assert [(r["decision"], r["status"], r["reason"]) for r in _inbound(server, "redacted-streamer")] == [
+        ("invalid", "RESOURCE_EXHAUSTED", "PAYLOAD_TOO_LARGE")]

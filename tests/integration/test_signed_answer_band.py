@@ -197,6 +197,7 @@ async def test_a_signed_final_chunk_the_signature_pushes_past_the_limit_is_paylo
             got.append(item)
     assert got == ["first"]
     assert "in its final stream chunk" in refused.value.message, refused.value
+    assert "more items" in refused.value.message and "or stream it" not in refused.value.message, refused.value.message
     _assert_named(refused.value, STREAM, MAX_MESSAGE_BYTES + 1, MAX_MESSAGE_BYTES - MARGIN + signature)
     assert len([item async for item in rig.unary.stream(STREAM, {"bytes": 64}, timeout=10)]) == 2
     assert await _records(lambda: rig.inbound("unary-caller"), 3) == [ANSWERED, REFUSED, ANSWERED]
@@ -276,6 +277,7 @@ async def test_an_sdk_agents_signed_final_chunk_the_signature_pushes_past_the_li
             got.append(item)
     assert got == ["first"]
     assert "in its final stream chunk" in refused.value.message, refused.value
+    assert "more items" in refused.value.message and "or stream it" not in refused.value.message, refused.value.message
     _assert_named(refused.value, "asks", MAX_MESSAGE_BYTES + 1, MAX_MESSAGE_BYTES - MARGIN + signature + 32)
     assert len([item async for item in mesh.stream("asks", {"chars": 3}, timeout=10)]) == 2
     assert await _records(lambda: _sdk_inbound(server, "sdk-stream"), 3) == [ANSWERED, REFUSED, ANSWERED]

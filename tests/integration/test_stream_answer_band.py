@@ -116,6 +116,7 @@ async def test_a_final_chunk_the_sidecars_hop_pushes_past_the_limit_is_payload_t
     err = refused.value
     assert f"'{CAPABILITY}'" in err.message and f"{MAX_MESSAGE_BYTES} bytes" in err.message, err.message
     assert "in its final stream chunk" in err.message, err.message
+    assert "more items" in err.message and "or stream it" not in err.message, err.message
     assert "Sent message larger than max" not in err.message, err.message
     assert err.reason == "PAYLOAD_TOO_LARGE", err
     assert err.metadata.get("capability") == CAPABILITY, err
