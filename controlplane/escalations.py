@@ -15,6 +15,12 @@ escalation was stored before); another requester's escalation of that id is stor
 '@' and a hash of the requester), which no caller can ask for. Operators list and address each by its stored
 id, unique; a requester addresses its own by the id it asked for as well (`_locate`).
 
+To anyone but an operator, another principal's escalation is one that does not exist: Get, Wait, Cancel and a
+relayed Resolve of it answer NOT_FOUND "no escalation '<id>'", exactly as for an id nobody holds (`_settled`). A
+requester whose own scoped escalation is gone (retention deleted it) is otherwise located to the id's first
+requester's, and a refusal there was both untrue (its own is simply not found) and a leak (someone else holds the
+id). The audit log keeps the real reason (an `escalation` record with action `refused`, beside the RPC's own).
+
 Deadlines need no background task: an escalation past its deadline is resolved by
 its policy (reject, or approve with the default answer) the first time anyone reads, lists or waits on it;
 a waiting run wakes at the deadline to do exactly that. An escalation a webhook rule matched is held instead
@@ -47,6 +53,7 @@ from google.protobuf.message import DecodeError
 
 from hivemesh.controlplane import json_text
 from hivemesh.controlplane.server import Core, _rpc
+from hivemesh.mesh.audit.record import DENY
 from hivemesh.mesh.errors import (
     FailedPreconditionError,
     InvalidInputError,
@@ -298,9 +305,42 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
         own = scoped_id(escalation_id, str(peer.spiffe_id))
         return own if await self.store.read(own) is not None else escalation_id
 
-    def _may_read(self, peer: Peer, esc: escalation_pb2.Escalation) -> None:
+    async def _settled(self, request_id: str, escalation_id: str, peer: Peer,
+                       rpc: str) -> tuple[escalation_pb2.Escalation, int]:
+        """The escalation at escalation_id (`_locate`d from request_id), settled, if peer may address it: an operator
+        any, anyone else only its own. Another principal's is answered exactly as one that does not exist (NOT_FOUND
+        naming request_id), so no refusal tells a caller that someone else holds an id; the audit log keeps the
+        real reason (`_refused`). Settled before that check, as by any read: a due deadline policy applies
+        whoever reads."""
+        missing = NotFoundError(f"no escalation {request_id!r}", metadata={"id": request_id})
+        try:
+            esc, rev = await self.store.settle(escalation_id)
+        except NotFoundError:
+            raise missing from None
         if not _is_operator(peer) and esc.requested_by != str(peer.spiffe_id):
-            raise PermissionDeniedError(f"{peer.spiffe_id} may read only the escalations it created")
+            await self._refused(rpc, request_id, esc, peer)
+            raise missing
+        return esc, rev
+
+    async def _refused(self, rpc: str, request_id: str, esc: escalation_pb2.Escalation, peer: Peer) -> None:
+        """Record what the caller's NOT_FOUND hides: the escalation it named is another principal's. The RPC's own
+        audit record (the interceptor's) holds only what the caller was told; audit hooks hear changes only."""
+        caller = str(peer.spiffe_id)
+        log.info("%s by %s named escalation %s (as %r), which is %s's: answered NOT_FOUND", rpc, caller, esc.id,
+                 request_id, esc.requested_by)
+        if self.store.recorder is None:
+            return
+        fields = {  # status is the escalation's, as in every `escalation` record (audit_fields); answered, the call's
+            "event": "escalation", "action": "refused", "method": "escalation.refused", "rpc": f"Escalations/{rpc}",
+            "decision": DENY, "answered": "NOT_FOUND", "caller": caller, "actor": caller, "id": esc.id,
+            "asked_id": request_id, "requested_by": esc.requested_by, "workflow_id": esc.workflow_id,
+            "status": E.EscalationStatus.Name(esc.status).removeprefix("ESCALATION_STATUS_"),
+            "message": "another principal's escalation: the caller was told it does not exist",
+        }
+        try:
+            await self.store.recorder(fields)
+        except Exception:
+            log.exception("could not record the refusal of escalation %s to %s in the audit log", esc.id, caller)
 
     @_rpc
     async def CreateEscalation(
@@ -382,8 +422,7 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
         self, request: escalation_pb2.GetEscalationRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> escalation_pb2.Escalation:
         peer = self._core.peer(context)
-        esc, _ = await self.store.settle(await self._locate(request.id, peer))
-        self._may_read(peer, esc)
+        esc, _ = await self._settled(request.id, await self._locate(request.id, peer), peer, "GetEscalation")
         return esc
 
     @_rpc
@@ -420,12 +459,14 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
             context.set_trailing_metadata(((LEFT_OFF_HEADER, str(left_off)),))
         return out
 
-    async def _finish(self, escalation_id: str, peer: Peer | str, status: int, note: str, answer_json: str,
-                      action: str, on_behalf_of: str = "") -> tuple[escalation_pb2.Escalation, bool]:
+    async def _finish(self, request_id: str, escalation_id: str, peer: Peer, rpc: str, status: int, note: str,
+                      answer_json: str, action: str, on_behalf_of: str = "") -> tuple[escalation_pb2.Escalation, bool]:
         """Resolve a pending escalation (by peer, relaying for on_behalf_of if set); (the escalation, whether this
-        call changed it)."""
+        call changed it). Each read is `_settled`: what peer may not address is not found, even if it was deleted
+        and created anew by another requester since peer's call checked it."""
+        actor = str(peer.spiffe_id)
         while True:
-            esc, rev = await self.store.settle(escalation_id)
+            esc, rev = await self._settled(request_id, escalation_id, peer, rpc)
             if esc.status != E.ESCALATION_STATUS_PENDING:
                 return esc, False
             done = E.Escalation()
@@ -435,13 +476,12 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
                 decision=status,  # type: ignore[arg-type]
                 note=note,
                 answer_json=answer_json,
-                resolved_by=peer if isinstance(peer, str) else str(peer.spiffe_id),
+                resolved_by=actor,
                 resolved_at_unix_ms=_now_ms(),
                 on_behalf_of=on_behalf_of,
                 on_behalf_of_claimed=bool(on_behalf_of),
             ))
             if await self.store.swap(done, rev):
-                actor = peer if isinstance(peer, str) else str(peer.spiffe_id)
                 await _audit(action, done, actor, self.store.recorder)
                 return done, True
 
@@ -456,14 +496,15 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
         escalation_id = await self._locate(request.id, peer)
         on_behalf_of = ""
         if not _is_operator(peer):
-            on_behalf_of = await self._relayed_answerer(escalation_id, request.subject_token, peer)
+            on_behalf_of = await self._relayed_answerer(request.id, escalation_id, request.subject_token, peer)
         if request.answer_json:
             _check_json(request.answer_json, "answer_json")
         if len(request.note) > MAX_REASON:
             raise InvalidInputError("the note is too long", field_violations={"note": f"at most {MAX_REASON}"})
         status = E.ESCALATION_STATUS_APPROVED if request.approve else E.ESCALATION_STATUS_REJECTED
         # Recorded as the caller's (the one verified), a relayer's on behalf of the answerer it names.
-        done, changed = await self._finish(escalation_id, peer, status, request.note, request.answer_json,
+        done, changed = await self._finish(request.id, escalation_id, peer, "ResolveEscalation", status,
+                                           request.note, request.answer_json,
                                            "approved" if request.approve else "rejected", on_behalf_of)
         if not changed:
             by = done.resolution.resolved_by or "?"
@@ -474,16 +515,18 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
             )
         return done
 
-    async def _relayed_answerer(self, escalation_id: str, subject_token: str, peer: Peer) -> str:
-        """The answerer whose reply the requester relays, checked: the escalation is the relayer's own, names an
-        answerer, and the subject token is a genuine, unrevoked token of that answerer addressed to the relayer.
-        That shows the answerer called the relayer, not that it gave this answer: the caller records it as a
-        claim (Resolution.on_behalf_of), the relayer as the one who resolved."""
-        esc, _ = await self.store.settle(escalation_id)
+    async def _relayed_answerer(self, request_id: str, escalation_id: str, subject_token: str, peer: Peer) -> str:
+        """The answerer whose reply the requester relays, checked: the escalation is the relayer's own (another's
+        is not found, as for every non-operator: `_settled`), names an answerer, and the subject token is a
+        genuine, unrevoked token of that answerer addressed to the relayer. That shows the answerer called the
+        relayer, not that it gave this answer: the caller records it as a claim (Resolution.on_behalf_of), the
+        relayer as the one who resolved."""
+        esc, _ = await self._settled(request_id, escalation_id, peer, "ResolveEscalation")
         relayer = str(peer.spiffe_id)
-        if esc.requested_by != relayer or not esc.answerer:
+        if not esc.answerer:
             raise PermissionDeniedError(
-                f"{relayer} may relay an answer only to an escalation it created that names an answerer")
+                f"{relayer} may relay an answer only to an escalation that names an answerer; {request_id!r} "
+                "names none")
         core = self._core
         verifier = TokenVerifier(KeySet.from_jwks(core.issuer.keys.jwks_json()), issuer=core.issuer.issuer,
                                  audience=relayer, max_lifetime_s=core.issuer.max_ttl_s)
@@ -506,10 +549,8 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
         if len(request.note) > MAX_REASON:  # as Resolve's: stored with the resolution
             raise InvalidInputError("the note is too long", field_violations={"note": f"at most {MAX_REASON}"})
         escalation_id = await self._locate(request.id, peer)
-        esc, _ = await self.store.settle(escalation_id)
-        if not _is_operator(peer) and esc.requested_by != str(peer.spiffe_id):
-            raise PermissionDeniedError(f"{peer.spiffe_id} may cancel only the escalations it created")
-        done, _ = await self._finish(escalation_id, peer, E.ESCALATION_STATUS_CANCELED, request.note, "", "canceled")
+        done, _ = await self._finish(request.id, escalation_id, peer, "CancelEscalation", E.ESCALATION_STATUS_CANCELED,
+                                     request.note, "", "canceled")
         return done
 
     @_rpc
@@ -528,12 +569,8 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
         if remaining_rpc is not None:
             until = min(until, time.monotonic() + max(remaining_rpc - 0.5, 0.0))
         escalation_id = await self._locate(request.id, peer)
-        first = True
         while True:
-            esc, rev = await self.store.settle(escalation_id)
-            if first:
-                self._may_read(peer, esc)
-                first = False
+            esc, rev = await self._settled(request.id, escalation_id, peer, "WaitEscalation")
             now = time.monotonic()
             if esc.status != E.ESCALATION_STATUS_PENDING or now >= until:
                 return esc

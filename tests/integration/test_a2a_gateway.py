@@ -18,7 +18,7 @@ from a2a.types import CancelTaskRequest, GetTaskRequest, SendMessageRequest, Tas
 from a2a.utils.errors import TaskNotFoundError
 from google.protobuf.json_format import MessageToDict
 
-from hivemesh.mesh.errors import PermissionDeniedError
+from hivemesh.mesh.errors import NotFoundError, PermissionDeniedError
 from hivemesh.sdk import AgentServer, MeshClient
 from hivemesh.sdk.a2a.gateway import A2AGateway
 from hivemesh.sdk.escalation import EscalationClient
@@ -149,13 +149,13 @@ async def test_an_ask_is_a_control_plane_escalation_that_an_operator_or_only_its
         assert esc.pending and esc.answerer == ALICE and esc.requested_by == GATEWAY
         assert esc.workflow_id == f"agent-a2a-gateway/{asked.id}"
         assert esc.reason == "a refund needs a person's approval"
-        # Only alice's own token, relayed by the gateway that asked, answers it: bob's is refused, and so is
-        # anyone relaying who did not ask.
+        # Only alice's own token, relayed by the gateway that asked, answers it: bob's is refused, and to anyone
+        # relaying who did not ask, the escalation does not exist (NOT_FOUND, as for an id nobody holds).
         bobs = (await rig.bob.node.controlplane.issue_token(rig.gateway.spiffe_id, ["echo"])).token
         with pytest.raises(PermissionDeniedError, match=re.escape(f"only {ALICE}")):
             await rig.gateway.executor.engine.escalations.resolve(escalation_id, approve=True, subject_token=bobs)
         alices = (await rig.alice.node.controlplane.issue_token(rig.gateway.spiffe_id, ["echo"])).token
-        with pytest.raises(PermissionDeniedError, match="only to an escalation it created"):
+        with pytest.raises(NotFoundError, match=re.escape(f"no escalation {escalation_id!r}")):
             await EscalationClient(rig.bob.node.controlplane).resolve(escalation_id, approve=True,
                                                                       subject_token=alices)
         assert (await operator.get(escalation_id)).pending

@@ -16,6 +16,7 @@ relayer's (the caller the control plane verified), on behalf of the answerer, ma
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,7 +26,7 @@ import pytest
 
 from hivemesh.controlplane import escalations
 from hivemesh.mesh.controlplane_client import ControlPlaneClient
-from hivemesh.mesh.errors import InvalidInputError, PermissionDeniedError
+from hivemesh.mesh.errors import InvalidInputError, NotFoundError
 from hivemesh.mesh.tls import Workload, join
 from hivemesh.sdk.escalation import EscalationClient
 from hivemesh.sdk.patterns import Pipeline, Step
@@ -92,12 +93,13 @@ async def test_a_run_whose_escalation_id_was_taken_first_still_asks_and_is_answe
         ours = next(e for e in listed if e.requested_by == orch.mesh.node.workload.spiffe_id)
         assert ours.id != taken and ours.id.startswith(taken + "@") and ours.reason.startswith("a refund")
         assert state.escalations[step_id]["escalation_id"] == ours.id  # the run shows the id operators see
-        # Each requester's plain id is its own escalation; the scoped id is its requester's alone.
+        # Each requester's plain id is its own escalation; the scoped id is its requester's alone: to anyone else
+        # (not an operator) it does not exist, and is answered as an id nobody holds.
         assert (await asker.get(taken)).id == ours.id
         assert (await squatter.get(taken)).reason == "approve me instead"
-        with pytest.raises(PermissionDeniedError):
+        with pytest.raises(NotFoundError, match=re.escape(f"no escalation {ours.id!r}")):
             await squatter.get(ours.id)
-        with pytest.raises(PermissionDeniedError):
+        with pytest.raises(NotFoundError, match=re.escape(f"no escalation {ours.id!r}")):
             await squatter.cancel(ours.id)
         with pytest.raises(InvalidInputError, match="escalation id"):  # nobody asks for a scoped id
             await squatter.create("mine now", escalation_id=ours.id)
