@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Unpack
@@ -42,7 +42,7 @@ from hivemesh.mesh.registry import CapabilityInfo
 from hivemesh.mesh.run_ids import owner_segment
 from hivemesh.mesh.settings import MeshSettings
 from hivemesh.mesh.token_source import on_behalf_of
-from hivemesh.sdk.batch import BatchItem, call_batch
+from hivemesh.sdk.batch import BatchItem, call_batch, call_batch_stream
 from hivemesh.sdk.call_options import CallOptionArgs, CallOptions, check_agent
 from hivemesh.v1 import agent_pb2, mesh_pb2
 
@@ -424,6 +424,22 @@ class MeshClient:
         never one item's failure for the whole batch. See `hivemesh.sdk.batch`."""
         return await call_batch(self, capability, inputs, concurrency=concurrency,
                                 idempotency_keys=idempotency_keys, options=options, **overrides)
+
+    def call_batch_stream(
+        self,
+        capability: str,
+        inputs: Iterable[Any] | AsyncIterable[Any],
+        *,
+        concurrency: int = 8,
+        ordered: bool = False,
+        idempotency_keys: Callable[[int, Any], str] | None = None,
+        options: CallOptions | None = None,
+        **overrides: Unpack[CallOptionArgs],
+    ) -> AsyncGenerator[BatchItem, None]:
+        """call_batch over inputs of any number, read lazily: each BatchItem is yielded as it finishes (in input
+        order with ordered=True), holding at most concurrency at once. See `hivemesh.sdk.batch.call_batch_stream`."""
+        return call_batch_stream(self, capability, inputs, concurrency=concurrency, ordered=ordered,
+                                 idempotency_keys=idempotency_keys, options=options, **overrides)
 
     def capabilities(self) -> list[tuple[str, str, list[str], int]]:
         """(name, description, agents, live instances) for every capability in the registry now."""
