@@ -87,3 +87,33 @@ def test_the_readme_folder_table_matches_the_layout() -> None:
         for sub in sorted(p for p in (ROOT / parent).iterdir() if (p / "__init__.py").exists()):
             own = f"{parent}/{sub.name}/"
             assert own in rows or f"`{sub.name}/`" in rows[f"{parent}/"][1], f"README: name {own} in its row"
+
+
+def _readme_error_names() -> list[str]:
+    """The exception names the README's error table lists (`| exception | status | reason |`)."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = lines.index("| exception | status | reason |")
+    names: list[str] = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        first = line.strip("|").split("|")[0]
+        names += [part.strip("` ") for part in first.split("`") if part.strip().endswith("Error")]
+    return names
+
+
+def test_every_error_the_readme_names_and_every_mesh_error_is_importable_from_the_sdk() -> None:
+    """The README's error table sits under `from hivemesh.sdk import ...`: each class it names, and every
+    HivemeshError a call can raise, is there (they lived only in hivemesh.mesh.errors, an internal module)."""
+    import inspect
+
+    import hivemesh.sdk as sdk
+    from hivemesh.mesh import errors
+
+    named = _readme_error_names()
+    assert len(named) >= 25 and "PolicyDeniedError" in named and "AgentUnavailableError" in named, named
+    defined = {name for name, cls in vars(errors).items()
+               if inspect.isclass(cls) and issubclass(cls, errors.HivemeshError) and cls.__module__ == errors.__name__}
+    missing = sorted(n for n in {*named, *defined} if getattr(sdk, n, None) is not getattr(errors, n, object()))
+    assert not missing, f"not importable from hivemesh.sdk: {missing}"
+    assert not [n for n in defined if n not in sdk.__all__], "every error is in hivemesh.sdk.__all__"
