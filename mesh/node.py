@@ -24,6 +24,7 @@ from hivemesh.mesh.budget import BUDGETS
 from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.controlplane_discovery import ReplicaDiscovery
 from hivemesh.mesh.errors import (
+    FailedPreconditionError,
     HivemeshError,
     JoinTokenInvalidError,
     JoinTokenRequiredError,
@@ -147,6 +148,7 @@ class MeshNode:
         self._outbound: OutboundPipeline | None = None
         self._renew_task: asyncio.Task[None] | None = None
         self._started = False
+        self._stopped = False
         self.certificate_hooks: list[Callable[[str, Workload], Awaitable[None]]] = []
         """Told ("renewed", new workload) after each renewal, and once ("expired", workload) when the certificate
         expired and renewal still fails (see `hivemesh.mesh.cert_presence`)."""
@@ -160,7 +162,12 @@ class MeshNode:
 
     # --- lifecycle ----------------------------------------------------------------------------------------
     async def start(self, *, timeout: float = 15.0) -> None:
-        """Obtain an identity (existing files or a one-time join), then load the registry and trust state."""
+        """Obtain an identity (existing files or a one-time join), then load the registry and trust state.
+        A no-op on a started node; a stopped one is refused before anything (its watches cannot restart, and a
+        half-redone start would renew its identity for nothing)."""
+        if self._stopped:
+            raise FailedPreconditionError(f"{self.kind} {self.name!r} was stopped and cannot start again: "
+                                          "create a new one")
         if self._started:
             return
         tracing.configure(service=self.name)  # off unless the OTEL_* environment asks (hivemesh.mesh.tracing)
@@ -299,7 +306,8 @@ class MeshNode:
         return snap
 
     async def stop(self) -> None:
-        """Release everything; idempotent."""
+        """Release everything, for good (see `stopped`); idempotent."""
+        self._stopped = True
         if self._renew_task is not None:
             self._renew_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -324,6 +332,8 @@ class MeshNode:
             await self._tokens.close()
         if self._channels is not None:
             await self._channels.close()
+        # Dropped, so nothing routes on the registry view no longer kept fresh, nor reopens channels (`outbound`).
+        self._outbound = self._tokens = self._channels = None
         if self._cp is not None:
             await self._cp.close()
         if self.metrics is not None:
@@ -345,7 +355,15 @@ class MeshNode:
         return self._workload
 
     @property
+    def stopped(self) -> bool:
+        """stop() ran: the node left the mesh for good (it calls no more and cannot start again)."""
+        return self._stopped
+
+    @property
     def outbound(self) -> OutboundPipeline:
+        if self._stopped:
+            raise FailedPreconditionError(f"{self.kind} {self.name!r} has left the mesh (it was stopped): it "
+                                          "makes no more calls")
         if self._outbound is None:
             raise RuntimeError("MeshNode.start() has not run")
         return self._outbound

@@ -26,6 +26,7 @@ from hivemesh.mesh.callcontext import new_call_id
 from hivemesh.mesh.errors import (
     AgentError,
     DeadlineExceededError,
+    FailedPreconditionError,
     HivemeshError,
     NoLiveInstanceError,
     UnknownCapabilityError,
@@ -48,8 +49,12 @@ from hivemesh.v1 import agent_pb2, mesh_pb2
 
 if TYPE_CHECKING:
     from hivemesh.mesh.audit import AuditLog
+    from hivemesh.mesh.outbound import OutboundPipeline
 
 JSON = "application/json"
+_CLOSED = "this MeshClient is closed; create a new one with MeshClient.connect(...)"
+_NOT_STARTED = ("this MeshClient is not started: use `async with MeshClient.connect(...) as mesh:` or "
+                "`await mesh.start()`")
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,8 @@ class MeshClient:
     def __init__(self, node: MeshNode, *, default_timeout: float | None = 30.0) -> None:
         self._node = node
         self._owns_node = False
+        self._started = False
+        self._closed = False
         self.default_timeout = default_timeout
         self._audit_enabled = False
         self._audit_dir: Path | str | None = None
@@ -172,6 +179,12 @@ class MeshClient:
         return self._node
 
     async def start(self) -> None:
+        """Join the mesh; a no-op on a started client (nothing opened twice). A closed client is refused before
+        anything: its node cannot rejoin."""
+        if self._closed:
+            raise FailedPreconditionError(_CLOSED)
+        if self._started:
+            return
         await self._node.start()
         if self._owns_node and self._audit_enabled:
             from hivemesh.mesh.audit import open_node_audit
@@ -185,6 +198,7 @@ class MeshClient:
             self._node.outbound.observer = self.audit.outbound
             self._node.outbound.signed_recorder = self.audit.signed
             self._node.outbound.shadow.recorder = self.audit.record  # differing shadow answers
+        self._started = True
 
     @contextlib.contextmanager
     def on_behalf_of(self, subject_token: str) -> Iterator[None]:
@@ -197,6 +211,8 @@ class MeshClient:
             on_behalf_of.reset(reset)
 
     async def close(self) -> None:
+        """Leave the mesh (calls in flight are cancelled); idempotent. The client is refused from then on."""
+        self._closed = True
         if self._queue is not None:
             await self._queue.stop()
             with contextlib.suppress(Exception):
@@ -204,9 +220,10 @@ class MeshClient:
             self._queue = self._queue_etcd = None
         if self.audit is not None:
             audit, self.audit = self.audit, None
-            self._node.outbound.observer = None
-            self._node.outbound.signed_recorder = None
-            self._node.outbound.shadow.recorder = None
+            if not self._node.stopped:
+                self._node.outbound.observer = None
+                self._node.outbound.signed_recorder = None
+                self._node.outbound.shadow.recorder = None
             await audit.close()  # ships what it can (bounded); the rest stays in the spool for next time
         if self._owns_node:
             await self._node.stop()
@@ -217,6 +234,15 @@ class MeshClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    def _outbound(self) -> OutboundPipeline:
+        """The node's outbound pipeline, or at once a clear error for a client not started or closed (whose
+        call would otherwise route on a registry view no longer kept fresh, over channels nothing closes)."""
+        if self._closed:
+            raise FailedPreconditionError(_CLOSED)
+        if self._owns_node and not self._started:
+            raise FailedPreconditionError(_NOT_STARTED)
+        return self._node.outbound  # a node it shares (an agent's) says itself if it is not, or no longer, up
 
     def _request(
         self, capability: str, payload: Any, context: agent_pb2.CallContext | None, idempotency_key: str | None
@@ -243,13 +269,14 @@ class MeshClient:
         **overrides: Unpack[CallOptionArgs],
     ) -> CallResult:
         """Call capability and return its output with the instance and hops it went through."""
+        outbound = self._outbound()
         timeout, context, idempotency_key, agent = _options(options, overrides)
         request = self._request(capability, payload, context, idempotency_key)
         key = idempotency_key or (context.idempotency_key if context is not None else "")
         started = time.monotonic()
         try:
             # The caller's timeout wins; without one the capability's `timeouts` policy, then default_timeout.
-            raw, instance = await self._node.outbound.invoke(
+            raw, instance = await outbound.invoke(
                 request, capability=capability, idempotency_key=key, timeout=timeout,
                 default_timeout=self.default_timeout, agent=agent,
             )
@@ -264,6 +291,7 @@ class MeshClient:
         return _result(raw, instance)
 
     def _call_queue(self) -> CallQueue:
+        self._outbound()  # a closed client's queue is stopped: a new one would leak its etcd client
         if self._queue is None:
             me = parse_spiffe_id(str(self._node.workload.spiffe_id))
             self._queue_etcd = etcd_client(self._node.etcd)
@@ -341,11 +369,12 @@ class MeshClient:
         **overrides: Unpack[CallOptionArgs],
     ) -> CallResult:
         """Call capability on one given instance (fan-out to every instance of a capability), no failover."""
+        outbound = self._outbound()
         timeout, context, idempotency_key, agent = _options(options, overrides)
         if agent and instance.card.name != agent:
             raise ValueError(f"instance {instance_key(instance)!r} is not one of agent {agent!r}'s, which the "
                              "options pin the call to")
-        raw = await self._node.outbound.invoke_on(
+        raw = await outbound.invoke_on(
             self._request(capability, payload, context, idempotency_key),
             instance,
             capability=capability,
@@ -390,13 +419,14 @@ class MeshClient:
     ) -> AsyncIterator[Any]:
         """Call capability and yield its output items as they arrive (including data on the final chunk).
         A stream has no idempotency key: it is never deduplicated."""
+        outbound = self._outbound()
         timeout, context, idempotency_key, agent = _options(options, overrides)
         if idempotency_key:
             raise ValueError("a stream is never deduplicated: idempotency_key is for call/call_detailed/call_on")
         # Closed here, not left to the garbage collector: returning at the final chunk (or being closed by our
         # consumer) ends the attempt now, in this task: the gRPC stream is cancelled and the breakers, balancer
         # and metrics learn its outcome before the caller's next call.
-        async with contextlib.aclosing(self._node.outbound.invoke_stream(
+        async with contextlib.aclosing(outbound.invoke_stream(
             self._request(capability, payload, context, None),
             capability=capability,
             timeout=timeout,
@@ -422,6 +452,7 @@ class MeshClient:
     ) -> list[BatchItem]:
         """Call capability once per input (at most concurrency at a time): a result or an error per item,
         never one item's failure for the whole batch. See `hivemesh.sdk.batch`."""
+        self._outbound()  # a client closed or not started fails the batch, not each item
         return await call_batch(self, capability, inputs, concurrency=concurrency,
                                 idempotency_keys=idempotency_keys, options=options, **overrides)
 
@@ -438,6 +469,7 @@ class MeshClient:
     ) -> AsyncGenerator[BatchItem, None]:
         """call_batch over inputs of any number, read lazily: each BatchItem is yielded as it finishes (in input
         order with ordered=True), holding at most concurrency at once. See `hivemesh.sdk.batch.call_batch_stream`."""
+        self._outbound()  # a client closed or not started fails the stream here, not each item
         return call_batch_stream(self, capability, inputs, concurrency=concurrency, ordered=ordered,
                                  idempotency_keys=idempotency_keys, options=options, **overrides)
 
