@@ -67,6 +67,9 @@ log = logging.getLogger(__name__)
 EXTENSION: Final = "trust"
 REVOCATION_MARGIN_S: Final = 30
 """Verifiers accept a token up to 30 s past its expiry (clock leeway): a revocation outlives that too."""
+MAX_ACTIVATE_AFTER_S: Final = 3600
+"""The longest a rotated signing key may wait to sign (`RotateSigningKey`, `hivemesh keys rotate --activate-after`);
+the shortest is 1 s, since a request's 0 means the default delay."""
 
 
 def _require_operator(peer: Peer, what: str) -> None:
@@ -215,9 +218,12 @@ class TrustServicer(trust_pb2_grpc.TrustServicer):
         self, request: trust_pb2.RotateSigningKeyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> trust_pb2.SigningKeysResponse:
         _require_operator(self._core.peer(context), "rotate signing keys")
+        # proto3 gives the field no presence: 0 is "unset", the default delay, never "activate now".
         delay = request.activate_after_seconds or DEFAULT_ACTIVATE_AFTER_S
-        if not 0 <= delay <= 3600:
-            raise InvalidInputError("activate_after_seconds must be 0..3600")
+        if not 1 <= delay <= MAX_ACTIVATE_AFTER_S:
+            msg = (f"activate_after_seconds must be 1..{MAX_ACTIVATE_AFTER_S} (0 or unset: the default, "
+                   f"{DEFAULT_ACTIVATE_AFTER_S:g} s), got {request.activate_after_seconds}")
+            raise InvalidInputError(msg, field_violations={"activate_after_seconds": msg})
         key = self._core.issuer.keys.rotate(float(delay))
         await shared_keys.update(self._core.etcd, add=key)  # every replica signs with it once it activates
         await self._feature.publish_jwks()

@@ -36,6 +36,11 @@ from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.pki import trust_domain_of_bundle
 from hivemesh.v1 import audit_pb2
 
+MAX_RECORDS: Final = 10_000
+"""The most records one read asks for: the control plane's own cap (`controlplane/audit/store.py`). `-n`/`--limit`
+outside 1..MAX_RECORDS is a usage error, not a read of some other number (0 read 100, -3 read 1)."""
+RECORDS: Final = click.IntRange(1, MAX_RECORDS)
+
 
 def _entries(raw: list[bytes]) -> list[dict[str, Any]]:
     return [_entry(r) for r in raw]
@@ -131,8 +136,8 @@ async def _fetch(
 
     An answer covers `scanned` seqs after its after_seq: short of its head_seq with fewer entries than asked
     for, the rest follows from there (a cut tail sends its oldest entries first, so paging forward completes
-    it)."""
-    want = max(1, min(limit or 100, 10_000))  # as the control plane counts it
+    it). limit is 1..MAX_RECORDS: the options are bounded so, and the control plane reads 0 as 100."""
+    want = limit
     got: list[bytes] = []
     after = after_seq
     page_tail = tail
@@ -180,7 +185,8 @@ def audit() -> None:
 
 
 @audit.command("tail")
-@click.option("-n", "--lines", "limit", default=20, show_default=True, help="How many of the newest records.")
+@click.option("-n", "--lines", "limit", type=RECORDS, default=20, show_default=True,
+              help="How many of the newest records.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new records as they arrive (Ctrl-C stops).")
 @_query_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON entry per line.")
@@ -204,7 +210,7 @@ def audit_tail(obj: CliContext, /, limit: int, follow: bool, as_json: bool, **fi
 
 @audit.command("query")
 @_query_options
-@click.option("--limit", default=100, show_default=True, help="At most this many records (max 10000).")
+@click.option("--limit", type=RECORDS, default=100, show_default=True, help="At most this many records.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON entry per line.")
 @pass_cli
 @friendly_errors

@@ -18,6 +18,7 @@ from hivemesh.controlplane.cli.context import (
 )
 from hivemesh.controlplane.cli.inputs import read_text
 from hivemesh.controlplane.cli.output import clean, new_table
+from hivemesh.controlplane.joins import DEFAULT_TTL_S, MAX_TTL_S
 from hivemesh.mesh.tls import MAX_MESSAGE_BYTES
 
 MAX_DATA_BYTES: Final = MAX_MESSAGE_BYTES
@@ -111,12 +112,14 @@ def call(obj: CliContext, capability: str, data: str | None, timeout: float, str
 @click.command("join-token")
 @click.argument("name")
 @click.option("--kind", type=click.Choice(["agent", "client"]), default="agent", show_default=True)
-@click.option("--ttl", default=600, show_default=True, help="Seconds the token stays usable if unused.")
+@click.option("--ttl", type=click.IntRange(1, MAX_TTL_S), default=DEFAULT_TTL_S, show_default=True,
+              help="Seconds the token stays usable if unused.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_cli
 @friendly_errors
 def join_token(obj: CliContext, name: str, kind: str, ttl: int, as_json: bool) -> None:
     """Mint a one-time join token for a workload NAME (give it to the agent/sidecar as HIVEMESH_JOIN_TOKEN)."""
+    # --ttl is bounded here: the request's ttl_seconds reads 0 as the default (600 s) and holds no more than int32.
     resp = as_operator(obj, lambda cp: cp.create_join_token(name, kind, ttl))
     if as_json:
         click.echo(json.dumps({"token": resp.token, "expires_at_unix": resp.expires_at_unix, "name": name,

@@ -50,9 +50,17 @@ def _source(docs: dict[str, PolicyDoc]) -> dict[str, str]:
     return found
 
 
+def _budget_min(o: Objective) -> float | None:
+    """The availability error budget over the objective's window, in minutes (None without an availability
+    objective): the one computation `slo list` shows in its table and gives in its JSON."""
+    return None if o.availability is None else (1 - o.availability) * o.window_days * 24 * 60
+
+
 def _as_json(o: Objective, policy: str) -> dict[str, Any]:
+    budget = _budget_min(o)
     return {
         "capability": o.capability, "policy": policy, "availability": o.availability,
+        "availability_budget_min": None if budget is None else round(budget, 3),
         "latency_threshold_ms": None if o.latency_threshold_s is None else round(o.latency_threshold_s * 1000, 3),
         "latency_target": o.latency_target, "window_days": o.window_days,
     }
@@ -97,9 +105,9 @@ def slo_list(obj: CliContext, as_json: bool) -> None:
         return
     table = new_table("capability", "availability", "latency", "window", "availability budget", "policy")
     for o in objs:
-        minutes = o.window_days * 24 * 60
         availability = "-" if o.availability is None else f"{o.availability:.3%}"
-        budget = "-" if o.availability is None else f"{(1 - o.availability) * minutes:.1f} min"
+        budget_min = _budget_min(o)
+        budget = "-" if budget_min is None else f"{budget_min:.1f} min"
         latency = "-" if o.latency_threshold_s is None or o.latency_target is None else (
             f"{o.latency_target:.2%} within {o.latency_threshold_s * 1000:g} ms")
         table.add_row(o.capability, availability, latency, f"{o.window_days} d", budget, source[o.capability])

@@ -10,6 +10,8 @@ import click
 
 from hivemesh.controlplane.cli.context import CliContext, as_operator, friendly_errors, out, pass_cli
 from hivemesh.controlplane.cli.output import clean, new_table
+from hivemesh.controlplane.issuer import DEFAULT_ACTIVATE_AFTER_S
+from hivemesh.controlplane.trust_service import MAX_ACTIVATE_AFTER_S
 from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.v1 import trust_pb2
 
@@ -32,6 +34,20 @@ def _print_keys(resp: trust_pb2.SigningKeysResponse, as_json: bool) -> None:
     out.print(table)
 
 
+class _ActivateAfter(click.IntRange):
+    """--activate-after: 1..MAX_ACTIVATE_AFTER_S. 0 is refused with why: RotateSigningKeyRequest's field has no
+    presence, so a 0 sent reads as unset (the default delay), never as "activate now"."""
+
+    def __init__(self) -> None:
+        super().__init__(1, MAX_ACTIVATE_AFTER_S)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if click.INT.convert(value, param, ctx) == 0:
+            self.fail(f"0 is not in the range 1<=x<={MAX_ACTIVATE_AFTER_S}: the control plane reads 0 as its "
+                      f"default ({DEFAULT_ACTIVATE_AFTER_S:g} s), not as now; the shortest delay is 1.", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 # --- keys -------------------------------------------------------------------------------------------------------
 @click.group()
 def keys() -> None:
@@ -39,7 +55,7 @@ def keys() -> None:
 
 
 @keys.command("rotate")
-@click.option("--activate-after", default=5, show_default=True,
+@click.option("--activate-after", type=_ActivateAfter(), default=int(DEFAULT_ACTIVATE_AFTER_S), show_default=True,
               help="Seconds between publishing the new key and signing with it (time for every node to learn it).")
 @click.option("--json", "as_json", is_flag=True)
 @pass_cli

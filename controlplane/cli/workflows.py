@@ -13,16 +13,32 @@ import asyncio
 import datetime
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import click
 
 from hivemesh.controlplane.cli.context import CliContext, as_operator, err, friendly_errors, out, pass_cli, run_async
 from hivemesh.controlplane.cli.output import clean, escape, new_table
 from hivemesh.mesh.errors import FailedPreconditionError
+from hivemesh.mesh.keyspace import TERMINAL_RUN_STATES
 from hivemesh.mesh.settings import MeshSettings
 
 T = TypeVar("T")
+
+RUN_STATES: Final = ("SUBMITTED", "WORKING", "INPUT_REQUIRED", *sorted(TERMINAL_RUN_STATES))
+"""Every state a run's summary can hold (`WorkflowState.apply`): `list --state` takes one of these, so a typo is a
+usage error, not an empty list."""
+
+
+class _RunState(click.Choice):  # type: ignore[type-arg]  # generic only from click 8.2 on
+    """One of RUN_STATES in any case, named in help and errors as runs show it (upper case), where click 8.2+
+    would list a case-insensitive choice folded to lower case."""
+
+    def __init__(self) -> None:
+        super().__init__(RUN_STATES, case_sensitive=False)
+
+    def normalize_choice(self, choice: object, ctx: click.Context | None) -> str:
+        return str(choice).upper()
 
 
 def _when(ts: Any) -> str:
@@ -86,7 +102,7 @@ def workflows() -> None:
 
 
 @workflows.command("list")
-@click.option("--state", default=None, help="Only runs in this state (e.g. WORKING, INPUT_REQUIRED).")
+@click.option("--state", type=_RunState(), default=None, help="Only runs in this state (any case).")
 @click.option("--owner", default=None, help="Only the runs of this workload, as <kind>-<name> (e.g. client-orders).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_cli
@@ -104,7 +120,7 @@ def workflows_list(obj: CliContext, state: str | None, owner: str | None, as_jso
                                      param_hint="--owner") from None
     rows = run_async(_with_store(settings, lambda s: _index(s, owner)))
     if state:  # a malformed entry has no state to filter on: it stays listed, so it is seen
-        rows = [r for r in rows if "malformed" in r or r.get("state") == state.upper()]
+        rows = [r for r in rows if "malformed" in r or r.get("state") == state]  # Choice gives it as listed
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

@@ -81,11 +81,11 @@ async def test_slo_rules_render_the_stored_objectives(mesh_env: MeshEnv, tmp_pat
     assert code == 0, err
     assert json.loads(out) == [
         {"capability": "extract", "policy": "documents", "availability": 0.999, "latency_threshold_ms": 500.0,
-         "latency_target": 0.99, "window_days": 30},
+         "latency_target": 0.99, "window_days": 30, "availability_budget_min": 43.2},
         {"capability": "ocr", "policy": "documents", "availability": 0.99, "latency_threshold_ms": None,
-         "latency_target": None, "window_days": 28},
+         "latency_target": None, "window_days": 28, "availability_budget_min": 403.2},
         {"capability": "summarize", "policy": "llm", "availability": None, "latency_threshold_ms": 10000.0,
-         "latency_target": 0.95, "window_days": 7},
+         "latency_target": 0.95, "window_days": 7, "availability_budget_min": None},
     ]
     code, out, err = table
     assert code == 0, err
