@@ -4,7 +4,9 @@ It lives in the data plane because nodes call the control plane (join, renewal, 
 control plane only serves this API and never imports its client.
 
 Every failed call raises the typed hivemesh error the server raised (`from_rpc_error`), so callers catch
-`GrantDeniedError`, `PermissionDeniedError` and so on rather than inspecting status codes.
+`GrantDeniedError`, `PermissionDeniedError` and so on rather than inspecting status codes; a call no control plane
+answered raises `ControlPlaneUnavailableError` naming the address (`rpc_failure`): every client of a control-plane
+service (policies, audit, escalations, state) maps its failures with it.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
 
 from hivemesh.mesh.controlplane_endpoints import parse_addresses
-from hivemesh.mesh.errors import ControlPlaneUnavailableError, HivemeshError, from_rpc_error
+from hivemesh.mesh.errors import DOMAIN, ControlPlaneUnavailableError, HivemeshError, from_rpc_error
 from hivemesh.mesh.pki import controlplane_dns_name, new_key_and_csr
 from hivemesh.mesh.tls import Workload, load_workload_files, secure_channel
 from hivemesh.v1 import audit_pb2, audit_pb2_grpc, control_pb2, control_pb2_grpc, mesh_pb2, trust_pb2, trust_pb2_grpc
@@ -29,14 +33,44 @@ _UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_
 _DETAILS = "grpc-status-details-bin"
 
 
-def rpc_failure(exc: grpc.aio.AioRpcError, where: str) -> HivemeshError:
-    """The typed error of a failed call. UNAVAILABLE with no status details is gRPC's own (no control plane
-    answered: down, unreachable, or a TLS handshake it refused): CONTROL_PLANE_UNAVAILABLE naming where, not the
-    AGENT_UNAVAILABLE a bare UNAVAILABLE maps to. What a replica said is its own error."""
-    if exc.code() == grpc.StatusCode.UNAVAILABLE and not any(k == _DETAILS for k, _ in exc.trailing_metadata() or ()):
-        return ControlPlaneUnavailableError(f"the control plane at {where} cannot be reached: {exc.details()}",
-                                            metadata={"address": where[:256]})
-    return from_rpc_error(exc)
+def _said_by_hivemesh(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether the status carries a hivemesh ErrorInfo: a control plane (or a layer of ours) decided it. gRPC's own
+    statuses (a refused connection, a deadline that passed with no answer) carry none."""
+    for key, value in exc.trailing_metadata() or ():
+        if key != _DETAILS or not isinstance(value, bytes):
+            continue
+        try:
+            details = status_pb2.Status.FromString(value).details
+            for detail in details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR) and detail.Unpack(info) and info.domain == DOMAIN:
+                    return True
+        except DecodeError:
+            continue
+    return False
+
+
+def rpc_failure(exc: grpc.aio.AioRpcError, where: str, *, timeout_s: float | None = None) -> HivemeshError:
+    """The typed error of a failed call to the control plane at where ("": a caller holding only a channel).
+
+    UNAVAILABLE or DEADLINE_EXCEEDED without a hivemesh ErrorInfo is gRPC's own: no control plane answered (down,
+    refused, frozen, partitioned, or a TLS handshake it refused). It is CONTROL_PLANE_UNAVAILABLE naming where, not
+    the AGENT_UNAVAILABLE or bare DEADLINE_EXCEEDED those codes map to. A deadline that passed keeps its code
+    (DEADLINE_EXCEEDED): the request may have reached a paused control plane, which can still carry it out when
+    it resumes, so it must not read as the UNAVAILABLE that callers take as safe to send again; timeout_s is the
+    deadline the call had, for the message. What a control plane said (with its ErrorInfo) is its own error."""
+    code = exc.code()
+    if code not in _UNREACHABLE or _said_by_hivemesh(exc):
+        return from_rpc_error(exc)
+    who = f"the control plane at {where}" if where else "the control plane"
+    metadata = {"address": where[:256]} if where else {}
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return ControlPlaneUnavailableError(f"{who} cannot be reached: {exc.details()}", metadata=metadata)
+    within = f"within {timeout_s:g} s" if timeout_s else "before the call's deadline"
+    if timeout_s:
+        metadata["timeout_s"] = f"{timeout_s:g}"
+    return ControlPlaneUnavailableError(f"{who} did not answer {within} (it may be overloaded, paused or partitioned)",
+                                        metadata=metadata, code=grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 _AGAIN_MIN_S = 0.5
@@ -189,7 +223,7 @@ class ControlPlaneClient:
                     if not queue or deadline - loop.time() <= 0:
                         assert failed is not None  # the loop only gets here after an attempt failed
                         self.reachable = failed.code() not in _UNREACHABLE
-                        raise rpc_failure(failed, ", ".join(self.addresses)) from failed
+                        raise rpc_failure(failed, ", ".join(self.addresses), timeout_s=self.timeout_s) from failed
                     ask()
                 hedge = (bool(queue) and len(running) < _HEDGE_MAX and deadline - loop.time() > _AGAIN_MIN_S
                          and self.hedges < _HEDGE_BURST + _HEDGE_RATIO * self.idempotent_calls)
@@ -300,14 +334,14 @@ class ControlPlaneClient:
 
     async def call(self, method: Any, request: Any, *, timeout_s: float | None = None) -> Any:
         """Call any unary method of a feature stub, raising the typed hivemesh error it failed with."""
-        address = self.address
+        address, timeout = self.address, timeout_s or self.timeout_s
         try:
-            answer = await method(request, timeout=timeout_s or self.timeout_s)
+            answer = await method(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             self.reachable = exc.code() not in _UNREACHABLE
             if not self.reachable:
                 self._away_from(address)  # this call fails (a repeat may not be safe); the next asks another
-            raise rpc_failure(exc, address) from exc
+            raise rpc_failure(exc, address, timeout_s=timeout) from exc
         self.reachable = True
         return answer
 

@@ -23,7 +23,8 @@ from typing import Any, Final, Literal
 
 import grpc
 
-from hivemesh.mesh.errors import ControlPlaneUnavailableError, HivemeshError, InvalidInputError, from_rpc_error
+from hivemesh.mesh.controlplane_client import ControlPlaneClient, rpc_failure
+from hivemesh.mesh.errors import ControlPlaneUnavailableError, HivemeshError, InvalidInputError
 from hivemesh.v1 import escalation_pb2, escalation_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -173,10 +174,17 @@ class EscalationClient:
         return escalation_pb2_grpc.EscalationsStub(channel)
 
     async def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        """Escalations.<method>; a control plane that did not answer is CONTROL_PLANE_UNAVAILABLE naming its
+        address (`rpc_failure`), not the AGENT_UNAVAILABLE or bare DEADLINE_EXCEEDED gRPC's own codes map to.
+        Through a ControlPlaneClient as its other calls go, so its `reachable` and replica choice follow too."""
+        timeout_s = timeout or self.timeout_s
+        rpc = getattr(self._stub(), method)
+        if isinstance(self._source, ControlPlaneClient):
+            return await self._source.call(rpc, request, timeout_s=timeout_s)
         try:
-            return await getattr(self._stub(), method)(request, timeout=timeout or self.timeout_s)
+            return await rpc(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from exc
+            raise rpc_failure(exc, "", timeout_s=timeout_s) from exc  # a bare channel: its address is not known
 
     async def create(
         self,

@@ -23,7 +23,8 @@ from typing import Any, Final, Literal
 
 import grpc
 
-from hivemesh.mesh.errors import FailedPreconditionError, HivemeshError, InvalidInputError, from_rpc_error
+from hivemesh.mesh.controlplane_client import ControlPlaneClient, rpc_failure
+from hivemesh.mesh.errors import FailedPreconditionError, HivemeshError, InvalidInputError
 from hivemesh.v1 import state_pb2, state_pb2_grpc
 
 CONFLICT: Final = "STATE_CONFLICT"
@@ -83,9 +84,10 @@ class StateChange:
 class StateWatch:
     """An open watch: iterate it for changes; `close()` (or `async with`) ends it."""
 
-    def __init__(self, call: Any, stream: AsyncIterator[Any], revision: int) -> None:
+    def __init__(self, call: Any, stream: AsyncIterator[Any], revision: int, *, where: str = "") -> None:
         self._call = call
         self._stream = stream
+        self._where = where
         self.revision = revision
         """The store revision the watch reports changes after."""
 
@@ -101,7 +103,7 @@ class StateWatch:
                     yield StateChange("delete", ev.entry.key, ev.revision, None)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
-                raise _typed(exc) from exc
+                raise _typed(rpc_failure(exc, self._where)) from exc
 
     def close(self) -> None:
         self._call.cancel()
@@ -113,11 +115,12 @@ class StateWatch:
         self.close()
 
 
-def _typed(exc: grpc.aio.AioRpcError) -> HivemeshError:
-    err = from_rpc_error(exc)
-    if err.reason == CONFLICT:
+def _typed(err: HivemeshError) -> HivemeshError:
+    """err as the SDK's own type where it has one: a lost compare-and-swap is a StateConflictError (the errors
+    module maps reasons to the classes it knew when it was imported, and this one is the SDK's)."""
+    if err.reason == CONFLICT and not isinstance(err, StateConflictError):
         typed = StateConflictError(err.message, metadata=err.metadata)
-        typed.__cause__ = exc
+        typed.__cause__ = err.__cause__
         return typed
     return err
 
@@ -144,11 +147,28 @@ class StateClient:
     def _stub(self) -> state_pb2_grpc.StateStub:
         return state_pb2_grpc.StateStub(getattr(self._source, "channel", self._source))
 
+    @property
+    def _where(self) -> str:
+        """The control plane's address for errors ("": a bare channel, whose address is not known)."""
+        return self._source.address if isinstance(self._source, ControlPlaneClient) else ""
+
     async def _call(self, method: str, request: Any) -> Any:
+        """State.<method>; a control plane that did not answer is CONTROL_PLANE_UNAVAILABLE naming its address
+        (`rpc_failure`), not the AGENT_UNAVAILABLE or bare DEADLINE_EXCEEDED gRPC's own codes map to. Through a
+        ControlPlaneClient as its other calls go, so its `reachable` and replica choice follow too."""
+        rpc = getattr(self._stub(), method)
         try:
-            return await getattr(self._stub(), method)(request, timeout=self.timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise _typed(exc) from exc
+            if isinstance(self._source, ControlPlaneClient):
+                return await self._source.call(rpc, request, timeout_s=self.timeout_s)
+            try:
+                return await rpc(request, timeout=self.timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                raise rpc_failure(exc, "", timeout_s=self.timeout_s) from exc
+        except HivemeshError as err:
+            typed = _typed(err)
+            if typed is err:
+                raise
+            raise typed from err.__cause__
 
     async def get(self, namespace: str, key: str) -> StateEntry | None:
         """The entry at namespace/key, or None when there is none."""
@@ -184,16 +204,17 @@ class StateClient:
         """Open a watch of the namespace's changes after start_revision (0: from now); returns once it is in
         place, so a write made after this returns is seen."""
         req = state_pb2.WatchStateRequest(namespace=namespace, key_prefix=key_prefix, start_revision=start_revision)
+        where = self._where
         call: Any = self._stub().WatchState(req)  # no deadline: a watch lasts until closed
         stream = call.__aiter__()
         try:
             first = await anext(stream, None)
         except grpc.aio.AioRpcError as exc:
-            raise _typed(exc) from exc
+            raise _typed(rpc_failure(exc, where)) from exc
         if first is None or first.type != state_pb2.STATE_EVENT_TYPE_CREATED:
             call.cancel()
             raise HivemeshError("the control plane ended the state watch before it was in place")
-        return StateWatch(call, stream, first.revision)
+        return StateWatch(call, stream, first.revision, where=where)
 
     async def update(self, namespace: str, key: str, change: Callable[[Any], Any | Awaitable[Any]], *,
                      default: Any = None, attempts: int = 10) -> StateEntry:

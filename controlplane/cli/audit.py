@@ -40,6 +40,8 @@ MAX_RECORDS: Final = 10_000
 """The most records one read asks for: the control plane's own cap (`controlplane/audit/store.py`). `-n`/`--limit`
 outside 1..MAX_RECORDS is a usage error, not a read of some other number (0 read 100, -3 read 1)."""
 RECORDS: Final = click.IntRange(1, MAX_RECORDS)
+EXPORT_TIMEOUT_S: Final = 300.0
+"""How long `audit export` waits for the whole log (a large one streams for a while)."""
 
 
 def _entries(raw: list[bytes]) -> list[dict[str, Any]]:
@@ -237,12 +239,12 @@ async def _download(cp: ControlPlaneClient) -> _Fetched:
     """The log up to a head signed for this export (its first chunk), the checkpoints and the key certificate."""
     got = _Fetched()
     try:
-        stream: Any = cp.audit.Export(audit_pb2.ExportRequest(), timeout=300)  # async in grpc.aio
+        stream: Any = cp.audit.Export(audit_pb2.ExportRequest(), timeout=EXPORT_TIMEOUT_S)  # async in grpc.aio
         async for chunk in stream:
             got.lines.extend(chunk.entries)
             got.head = got.head or chunk.head
     except grpc.aio.AioRpcError as exc:
-        raise rpc_failure(exc, cp.address) from exc
+        raise rpc_failure(exc, cp.address, timeout_s=EXPORT_TIMEOUT_S) from exc
     cps: audit_pb2.CheckpointsResponse = await cp.call(cp.audit.Checkpoints, audit_pb2.CheckpointsRequest())
     got.checkpoints, got.pem, got.key_cert_pem = list(cps.checkpoints), cps.public_key_pem, cps.key_cert_pem
     return got

@@ -41,7 +41,7 @@ class PolicyClient:
         try:
             return await getattr(self._stub(), name)(request, timeout=self._cp.timeout_s)
         except grpc.aio.AioRpcError as exc:
-            raise rpc_failure(exc, self._cp.address) from exc
+            raise rpc_failure(exc, self._cp.address, timeout_s=self._cp.timeout_s) from exc
 
     async def apply(self, documents: Sequence[Mapping[str, Any]], *, dry_run: bool = False
                     ) -> policy_pb2.ApplyPoliciesResponse:
