@@ -37,6 +37,7 @@ from hivemesh.controlplane.replicas import EXTENSION as REPLICAS
 from hivemesh.controlplane.replicas import Replica, default_replica_id, is_leader
 from hivemesh.controlplane.retention_config import RetentionConfig
 from hivemesh.mesh.advertise import advertised_host, peer_ip
+from hivemesh.mesh.authz import allow_hint
 from hivemesh.mesh.errors import (
     FailedPreconditionError,
     GrantDeniedError,
@@ -321,7 +322,8 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
             wanted = ", ".join(requested) if requested else "any capability"
             raise GrantDeniedError(
                 f"no grant allows {subject} {wanted} on {audience}"
-                + ("" if offered is None else f" (it offers: {', '.join(offered) or 'nothing'})"),
+                + ("" if offered is None else f" (it offers: {', '.join(offered) or 'nothing'})")
+                + _grant_hint(subject, requested, offered, str(audience)),
                 metadata={"subject": subject, "audience": str(audience)},
             )
         issued = core.issuer.issue(
@@ -398,6 +400,19 @@ def _dynamic_credentials(core: Core, *, require_client_auth: bool) -> grpc.Serve
         return cert, key, core.ca.bundle_pem() if require_client_auth else None
 
     return renewing_server_credentials(current, require_client_auth=require_client_auth)
+
+
+def _grant_hint(subject: str, requested: Sequence[str], offered: Sequence[str] | None, audience: str) -> str:
+    """The `hivemesh allow` that would let IssueToken grant what was asked: the requested capabilities the agent
+    offers (none: a grant would not help), or for a token for any capability the agent's only one, else a
+    placeholder (the caller's token covers every capability, not the one it calls: a hint naming them all would
+    grant more than the call needs)."""
+    if requested:
+        fix = [c for c in requested if offered is None or c in offered]
+        return allow_hint(subject, fix, audience) if fix else ""
+    if offered is not None and not offered:
+        return ""
+    return allow_hint(subject, offered if offered is not None and len(offered) == 1 else [], audience)
 
 
 def _address(host: str, port: int) -> str:

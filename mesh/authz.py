@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from hivemesh.mesh.layers.authn import ACTION_OF_METHOD
+from hivemesh.mesh.pki import parse_spiffe_id
 from hivemesh.mesh.policy import PolicyDoc, PolicyError, PolicyKind
 
 ALLOW: Final = "ALLOW"
@@ -272,6 +273,44 @@ class AuthzTable:
         return out
 
 
+_CAPABILITY_NAME: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+_HINT_MAX_CHARS: Final = 200
+
+
+def _short_id(spiffe: str, trust_domain: str) -> str | None:
+    """spiffe as `hivemesh allow` takes it: KIND/NAME in trust_domain (the operator's), the full id elsewhere;
+    None for anything that is not a workload id (nothing to suggest)."""
+    try:
+        parsed = parse_spiffe_id(spiffe)
+    except ValueError:
+        return None
+    return f"{parsed.kind}/{parsed.name}" if parsed.trust_domain == trust_domain else str(parsed)
+
+
+def allow_hint(caller: str, capabilities: Sequence[str], agent: str) -> str:
+    """"; an operator allows it with `hivemesh allow CALLER CAP... --agent AGENT`": the documented fix
+    (docs/security.md, `hivemesh allow --help`) that a default-deny or grant refusal names, so whoever reads it
+    knows what to ask for; "" when there is none to give. No capabilities (or a list too long for one clause) is
+    written CAPABILITY...: the operator chooses, rather than a hint that grants more than the call needs. Only
+    valid identities and capability names go in: the caller chose the names, and an operator may paste the command."""
+    try:
+        trust_domain = parse_spiffe_id(agent).trust_domain
+    except ValueError:
+        return ""
+    who, where = _short_id(caller, trust_domain), _short_id(agent, trust_domain)
+    caps = list(dict.fromkeys(capabilities))
+    if who is None or where is None or not all(_CAPABILITY_NAME.fullmatch(c) for c in caps):
+        return ""
+    names = " ".join(caps)
+    if not caps or len(names) > _HINT_MAX_CHARS:
+        names = "CAPABILITY..."
+    return f"; an operator allows it with `hivemesh allow {who} {names} --agent {where}`"
+
+
+def _default_deny_hint(req: AuthzRequest) -> str:
+    return allow_hint(req.caller, [req.capability], req.agent) if req.capability else ""
+
+
 def _ordered(rules: Sequence[Rule]) -> list[Rule]:
     order = {CUSTOM: 0, DENY: 1, ALLOW: 2}
     return sorted(rules, key=lambda r: order[r.action])
@@ -280,7 +319,8 @@ def _ordered(rules: Sequence[Rule]) -> list[Rule]:
 def _evaluate(rules: Sequence[Rule], req: AuthzRequest, teams: frozenset[str], *, empty: bool) -> Decision:
     what = f"{req.caller} {req.action} {req.capability or '(no capability)'} on {req.agent}"
     if empty:
-        return Decision(False, "", f"no authz policy exists, so every call is denied (default deny): {what}")
+        return Decision(False, "", f"no authz policy exists, so every call is denied (default deny): {what}"
+                                   + _default_deny_hint(req))
     for r in rules:
         if r.action != CUSTOM or r.mismatch(req, teams) is not None:
             continue
@@ -299,7 +339,7 @@ def _evaluate(rules: Sequence[Rule], req: AuthzRequest, teams: frozenset[str], *
     for r in rules:
         if r.action == ALLOW and r.mismatch(req, teams) is None:
             return Decision(True, r.ref, f"{r.ref} allows {what}")
-    return Decision(False, "", f"no authz rule allows {what} (default deny)")
+    return Decision(False, "", f"no authz rule allows {what} (default deny)" + _default_deny_hint(req))
 
 
 # --- the policy kind --------------------------------------------------------------------------------------------

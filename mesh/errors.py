@@ -49,6 +49,9 @@ class HivemeshError(Exception):
         self.metadata: dict[str, str] = dict(metadata or {})
         self.field_violations: dict[str, str] = dict(field_violations or {})
         self.retry_after_s = retry_after_s
+        self.said_by_grpc = False
+        """The status carried no hivemesh reason: gRPC itself ended the call (a connection that broke, a server
+        that stopped under it), not a hivemesh layer that decided (`from_status_parts` sets it)."""
         # A remote error may carry a code/reason this process has no class for; keep them as received.
         if code is not None:
             self.code = code  # type: ignore[misc]
@@ -503,6 +506,7 @@ def from_status_parts(
             err.reason = reason  # type: ignore[misc]
     if not reason and cls is HivemeshError:
         err.reason = code.name  # type: ignore[misc]
+    err.said_by_grpc = not reason
     return err
 
 

@@ -5,7 +5,8 @@
     budget and the deadline, after the backoff (or the server's pushback, whichever is longer); refused as routed by
     a registration that is gone (STALE_REGISTRATION): another instance, free of any budget, unless the call is keyed
     to the refusing one; with none left, sent again, free of any budget, once the registry view shows the newer
-    registration (`StaleRefusals`); failed with the refusal, saying whether it may be sent again, if it does not
+    registration (`StaleRefusals`); failed with the refusal, saying whether it may be sent again, if it does not;
+    ended by gRPC mid-call (the agent went away): said in the mesh's words, with when a resend is safe (`went_away`)
 
 It knows nothing of gRPC channels: an attempt is two async callables (`Prepare`: credentials for an
 instance; `Send`: send with a timeout, raising `AttemptError`), so the loop is tested without a network.
@@ -141,6 +142,35 @@ def report_unanswered(
     if seconds:
         log.warning("instance %s (%s) of %s did not answer within the deadline; preferring others for %.0f s",
                     instance.instance_id, instance.identity, capability, seconds)
+
+
+def went_away(err: HivemeshError, call: OutboundCall, instance: Instance) -> HivemeshError:
+    """err said in the mesh's words when gRPC ended a call that had left this node (UNAVAILABLE, no hivemesh reason:
+    the agent process stopped or its connection broke under the call, on a unary call or a link): which agent and
+    instance went away, that the call may have run, and when sending it again is safe; gRPC's own text ("Stream
+    removed", "Cancelling all calls") follows in parentheses. Type, code, reason, pushback and cause stay as they
+    were (retry policies and callers match on them). Any other error as it is."""
+    if not err.said_by_grpc or err.code != grpc.StatusCode.UNAVAILABLE:
+        return err
+    cap = call.capability
+    if idempotent(instance, cap):
+        resend = f"{cap!r} is declared idempotent, so sending it again is safe"
+    elif call.idempotency_key:
+        resend = "it is safe to send again only with the same idempotency key, which this call carried"
+    else:
+        resend = ("it is safe to send again only with an idempotency key (idempotency_key=), and this call carried "
+                  "none: sent again, it could run twice")
+    agent = instance.card.name or instance.identity
+    message = (f"agent {agent} (instance {instance.instance_id}) went away during the call to {cap!r} (its process "
+               f"stopped or its connection broke before it answered): the call may have run, in part or in full; "
+               f"{resend} (gRPC: {err.message})")
+    worded = type(err)(message, metadata={**err.metadata, "capability": cap[:128], "agent": instance.identity,
+                                          "instance": instance.instance_id},
+                       field_violations=err.field_violations, retry_after_s=err.retry_after_s, code=err.code,
+                       reason=err.reason)
+    worded.said_by_grpc = True
+    worded.__cause__ = err.__cause__ if err.__cause__ is not None else err
+    return worded
 
 
 STALE_RESENDS = 3
@@ -410,6 +440,8 @@ class Attempts:
                 health = "ok"
             except AttemptError as failed:
                 err, never_sent = failed.error, failed.never_sent
+                if not never_sent:
+                    err = went_away(err, call, instance)
                 failure = err
                 if never_sent or (err.code in failure_codes and err.reason != StaleRegistrationError.reason):
                     health = "failed"

@@ -32,6 +32,7 @@ from hivemesh.mesh.errors import (
     DeadlineExceededError,
     HivemeshError,
     NoLiveInstanceError,
+    PayloadTooLargeError,
     PolicyDeniedError,
     StaleRegistrationError,
     from_rpc_error,
@@ -59,6 +60,7 @@ from hivemesh.mesh.outbound.shadow import ShadowTraffic
 from hivemesh.mesh.outbound.signed import Proof, StreamCheck, sign_request, signs, verify_answer
 from hivemesh.mesh.resilience.breaker import DEFAULT_FAILURE_CODES, CircuitBreaker
 from hivemesh.mesh.resilience.traffic import Traffic
+from hivemesh.mesh.tls import MAX_MESSAGE_BYTES
 from hivemesh.mesh.token_source import TokenSource, on_behalf_of
 from hivemesh.v1 import agent_pb2, mesh_pb2
 
@@ -73,6 +75,20 @@ def _final(raw: bytes) -> bool:
         return agent_pb2.InvokeChunk.FromString(raw).final
     except DecodeError:
         return False
+
+
+def check_request_size(capability: str, raw_request: bytes) -> None:
+    """Refuse, before anything is sent, a request one message cannot carry: every mesh channel sends at most
+    MAX_MESSAGE_BYTES per message, and gRPC's own refusal ("Sent message larger than max") names neither the
+    capability nor what to do. On a link such a request never takes the link's stream: it is refused here."""
+    size = len(raw_request)
+    if size > MAX_MESSAGE_BYTES:
+        raise PayloadTooLargeError(
+            f"the call to capability {capability!r} is {size} bytes with its input, over the {MAX_MESSAGE_BYTES}-byte "
+            "limit of one mesh message, so it was not sent: send less (split the input over several calls), or put "
+            "the data where the agent can read it and send a reference to it (a URL, a file or object key)",
+            metadata={"capability": capability[:128], "limit_bytes": str(MAX_MESSAGE_BYTES), "size_bytes": str(size)},
+        )
 
 
 def _never_sent(exc: grpc.aio.AioRpcError) -> bool:
@@ -260,6 +276,7 @@ class OutboundPipeline:
         error: HivemeshError | None = None
         state.out_started(capability)
         try:
+            check_request_size(capability, raw_request)  # before degradation: a fallback could not carry it either
             try:
                 raw, instance = await attempts.run()
             except HivemeshError as err:
@@ -309,6 +326,12 @@ class OutboundPipeline:
     ) -> bytes:
         """Send to one given instance (a fan-out to every instance): no routing, retries or failover, but the
         same certificate check, delegation, token refresh and audit of local refusals as `invoke`."""
+        try:
+            check_request_size(capability, raw_request)
+        except HivemeshError as local:
+            if self.observer is not None:
+                self.observer(capability, local)
+            raise
         for resend in (False, True):
             try:
                 md = await self._prepare(instance, capability, metadata)
@@ -349,6 +372,7 @@ class OutboundPipeline:
         """Forward a streaming call; yields serialized InvokeChunks. The agent pin (as `invoke`), routes, breakers
         and balancing apply; it fails over only before the first chunk, and only when the request was never
         sent."""
+        check_request_size(capability, raw_request)  # the caller's mistake: before any breaker counts the call
         t = self.traffic.state
         selector = self.selector
         policies = self.traffic.policy.outbound(capability)
