@@ -16,17 +16,21 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 from hivemesh.controlplane.grants import GrantSet
 from hivemesh.mesh.authz import AuthzRequest, AuthzTable
+from hivemesh.mesh.errors import FailedPreconditionError
 from hivemesh.mesh.pki import KINDS, SCHEME, parse_spiffe_id
+from hivemesh.mesh.registry import NAME_RE as CAPABILITY_NAME_RE
 
 _GLOB_CHARS: Final = "*?["
 _NAME_MAX: Final = 63
 _SHORT_FORM: Final = f"KIND/NAME (KIND one of {', '.join(sorted(KINDS))})"
+_CAPABILITY_GLOB: Final = re.compile(r"(?:[a-z0-9._-]|\*|\?|\[!?[a-z0-9._-]+\])+")
+"""A glob that can match capability names: their characters, `*`, `?` and `[...]` classes of them."""
 
 
 def spiffe_id(value: str, trust_domain: str, *, what: str = "caller", globs: bool = False) -> str:
@@ -68,10 +72,22 @@ def access_name(caller: str, capabilities: Sequence[str]) -> str:
     return name
 
 
+def capability_glob(value: str) -> str:
+    """value if some capability can have that name (or, as a glob such as `search-*`, match it). A grant and a rule
+    for `BAD CAP` would be stored, valid as globs, and allow nothing: a typo that says nothing, refused here."""
+    has_glob = any(c in value for c in _GLOB_CHARS)
+    if (CAPABILITY_NAME_RE.fullmatch(value) if not has_glob
+            else len(value) <= 2 * _NAME_MAX and _CAPABILITY_GLOB.fullmatch(value)):
+        return value
+    raise ValueError(f"capability {value[:80]!r} is not a capability name: a name matches "
+                     f"{CAPABILITY_NAME_RE.pattern} (globs such as search-* or * allowed)")
+
+
 def access_documents(caller: str, capabilities: Sequence[str], *, name: str, agents: Sequence[str] = (),
                      description: str = "") -> list[dict[str, Any]]:
     """The `grants` and `authz` documents (both named name) that let caller call capabilities (on agents, or
-    on any agent), ready for `ApplyPolicies`."""
+    on any agent), ready for `ApplyPolicies`; ValueError for a capability no agent can have."""
+    capabilities = [capability_glob(c) for c in capabilities]
     about = description or (f"{caller} may call {', '.join(capabilities)}"
                             + (f" on {', '.join(agents)}" if agents else "") + " (hivemesh allow)")
     grant: dict[str, Any] = {"subjects": [caller], "capabilities": list(capabilities)}
@@ -84,6 +100,36 @@ def access_documents(caller: str, capabilities: Sequence[str], *, name: str, age
         {"kind": "grants", "name": name, "description": about, "spec": grant},
         {"kind": "authz", "name": name, "description": about, "spec": {"rules": [rule]}},
     ]
+
+
+def claim_documents(documents: Sequence[Mapping[str, Any]], planned: Iterable[Any]) -> list[dict[str, Any]]:
+    """documents, each with the `version` it must still be at when written (the store's compare-and-swap), from a
+    dry run of them (planned: its applied entries, with kind, name, action and version): 0 for one to create, the
+    current version for one already exactly as written here ("unchanged").
+
+    `hivemesh allow` replaces no document it did not write: a document of that kind and name holding anything
+    else ("updated" in the dry run) is someone's own (a DENY rule, the operators' grant), and overwriting it
+    silently dropped what it said. Then FailedPreconditionError naming each such document, and nothing is written.
+    With the versions, a writer that slips in between the dry run and the write makes the write fail instead.
+    """
+    actions = {(a.kind, a.name): (a.action, int(a.version)) for a in planned}
+    taken = [(kind, name) for (kind, name), (action, _v) in actions.items() if action == "updated"]
+    if taken:
+        where = [f"{kind}/{name}" for kind, name in taken]
+        name = taken[0][1]  # both documents have the one name
+        get = (f"`hivemesh policy get {taken[0][0]} {name} > FILE`" if len(taken) == 1 else
+               f"`hivemesh policy get KIND {name} > FILE` for KIND {' and '.join(k for k, _n in taken)}")
+        msg = (f"{' and '.join(where)} already exist{'s and is' if len(taken) == 1 else ' and are'} not what this "
+               "allow would write: allow replaces no document it did not write, and wrote nothing. Give another "
+               f"--name, or edit {'it' if len(taken) == 1 else 'them'}: {get}, change FILE, "
+               "`hivemesh policy apply -f FILE`")
+        raise FailedPreconditionError(msg, field_violations={w: "exists, with other content" for w in where},
+                                      metadata={"documents": ",".join(where)[:256]})
+    claimed: list[dict[str, Any]] = []
+    for d in documents:
+        action, version = actions.get((d["kind"], d["name"]), ("created", 0))
+        claimed.append({**d, "version": version if action == "unchanged" else 0})
+    return claimed
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final
 
+import fastjsonschema
+import jsonschema_rs
+
 from hivemesh.controlplane import yaml_text
 from hivemesh.controlplane.escalation_webhooks import ESCALATION_WEBHOOKS
 from hivemesh.controlplane.grants import _GRANT_SCHEMA, Grant, GrantSet
@@ -45,6 +48,7 @@ from hivemesh.mesh.policy import (
     PolicyKinds,
     kind_prefix,
     policy_key,
+    schema_violation,
 )
 from hivemesh.mesh.resilience.kinds import ROLLOUTS, TRAFFIC_KINDS
 
@@ -129,9 +133,81 @@ def parse_documents(text: str, *, source: str = "<policies>") -> list[Any]:
     return loaded
 
 
+_MAX_SPEC_MISTAKES: Final = 50
+"""A spec's schema mistakes listed at most: a list of 100,000 bad items is not worth 100,000 lines."""
+_MAX_LISTED_VALUES: Final = 2000
+"""The largest spec (in values) whose every mistake is listed. jsonschema_rs lists all of them before the first is
+read (about 6 µs each): unbounded, one 8 MiB apply of bad list items held the control plane's loop for seconds.
+Real documents hold tens to hundreds of values."""
+
+
+def _values_over(data: Any, limit: int) -> bool:
+    """Whether data (JSON) holds more than limit values, counted no further than that."""
+    todo, seen = [data], 0
+    while todo:
+        seen += 1
+        if seen > limit:
+            return True
+        item = todo.pop()
+        if isinstance(item, dict):
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
+    return False
+
+
+def _spec_mistakes(kind: PolicyKind[Any], spec: dict[str, Any]) -> dict[str, str]:
+    """Every place spec breaks kind's schema, worded as the compiled validator words its one (`schema_violation`).
+
+    The compiled validator (fastjsonschema, fast on the path every node reads policies on) stops at the first
+    mistake, so a spec with three bad fields took three applies to learn them all. jsonschema_rs finds every one;
+    each is handed to `schema_violation` as the compiled validator would have reported it, so a field reads the
+    same whichever found it. The kinds' schemas use no combinators (anyOf, oneOf, ...), so each mistake belongs to
+    one keyword of one subschema. {} if jsonschema_rs cannot check this spec (the caller has the first mistake)."""
+    try:
+        kind.validator(spec)
+        return {}  # the schema holds: the mistake was a check's that compares fields
+    except fastjsonschema.JsonSchemaValueException:
+        pass
+    out: dict[str, str] = {}
+    if _values_over(spec, _MAX_LISTED_VALUES):
+        return {"spec": f"not checked past its first mistake: it holds more than {_MAX_LISTED_VALUES:,} values"}
+    try:
+        for e in jsonschema_rs.Draft7Validator(dict(kind.spec_schema)).iter_errors(spec):
+            steps, said = list(e.schema_path), e.message
+            if "propertyNames" in steps:  # a key's own check: reported at its mapping, worded as fastjsonschema does
+                steps, said = steps[:steps.index("propertyNames") + 1], "must be named by propertyName definition"
+            definition: Any = kind.spec_schema
+            for step in steps[:-1]:
+                definition = definition[step]
+            rule, value = str(steps[-1]), e.instance
+            cases: list[tuple[Any, Any]]
+            name = "data" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e.instance_path)
+            if rule == "required":
+                definition = {**definition, "required": [e.kind.as_dict().get("property")]}
+            if rule == "additionalProperties" and isinstance(value, dict):
+                unexpected = [k for k in e.kind.as_dict().get("unexpected", []) if k in value]
+                cases = [(definition, {k: value[k]}) for k in unexpected] or [(definition, value)]
+            else:
+                cases = [(definition, value)]
+            for defn, val in cases:
+                exc = fastjsonschema.JsonSchemaValueException(f"{name} {said}", val, name, defn, rule)
+                path, message = schema_violation(exc, root="spec")
+                out.setdefault(path, message)
+                if len(out) > _MAX_SPEC_MISTAKES:
+                    out = dict(list(out.items())[:_MAX_SPEC_MISTAKES])
+                    out.setdefault("spec", f"has more mistakes than the {_MAX_SPEC_MISTAKES} listed")
+                    return out
+    except (ValueError, RecursionError, KeyError, IndexError, TypeError) as exc:  # no second opinion, not a crash
+        log.debug("listing every mistake of a %s spec failed: %r", kind.name, exc)
+    return out
+
+
 def validate_document(raw: Any, *, kinds: PolicyKinds = KINDS) -> PolicyInput:
-    """One raw document (a mapping) as a validated policy of one of kinds; PolicyError names every bad envelope
-    field (kind, name, version, ...) at once, or else the first bad field of the spec."""
+    """One raw document (a mapping) as a validated policy of one of kinds; PolicyError names every bad field at
+    once: of the envelope (kind, name, version, ...) and of the spec's schema (`_spec_mistakes`), the first one
+    first. A check that compares fields (two rules of one name, ...) runs once the schema holds, and names its
+    first finding."""
     if not isinstance(raw, dict):
         raise PolicyError("", "a policy document must be a mapping with kind, name and spec")
     bad: dict[str, str] = {}
@@ -171,10 +247,18 @@ def validate_document(raw: Any, *, kinds: PolicyKinds = KINDS) -> PolicyInput:
             spec = json.loads(json.dumps(spec, allow_nan=False))
         except (TypeError, ValueError) as exc:
             bad["spec"] = f"must be JSON data: {exc}"
-    if bad or kind is None or not isinstance(name, str) or not isinstance(spec, dict):
+    doc: PolicyDoc | None = None
+    if kind is not None and isinstance(spec, dict) and "spec" not in bad:
+        # Checked even when the envelope is wrong, so one apply names the spec's mistakes too.
+        try:
+            doc = kind.validate(PolicyDoc(kind.name, name if isinstance(name, str) else "", spec,
+                                          description if isinstance(description, str) else ""))
+        except PolicyError as err:
+            for path, message in [*err.violations.items(), *_spec_mistakes(kind, spec).items()]:
+                bad.setdefault(path, message)
+    if bad or kind is None or doc is None:
         (path, message), *rest = bad.items()
         raise PolicyError(path, message, more=dict(rest))
-    doc = kind.validate(PolicyDoc(kind.name, name, spec, description))
     return PolicyInput(doc, kind, version)
 
 
