@@ -304,14 +304,19 @@ class Sidecar:
                 await asyncio.sleep(0.2)
 
     async def start(self) -> None:
+        # Before the first gRPC connection (the agent's Describe, joining the mesh), caller-only or not: every
+        # line gRPC's handshaker tracer writes before its tee is in place reaches the log. A no-op when the tee
+        # runs already (`hivemesh sidecar` starts it first thing) or when this process did not consent.
+        await asyncio.to_thread(tracer_events().start)
         if self.config.client is not None:
             await self._start_client(self.config.client)
             return
         cfg = self.config
         assert cfg.agent is not None
         # The mesh's message limit (gRPC's default refused an agent's answers over 4 MiB) and stream window (as
-        # on every mesh channel: one Agent.Link stream carries all calls). No keepalive: an idle link would ping
-        # the agent every 30 s, which a server with gRPC's default ping policy answers with GOAWAY.
+        # on every mesh channel: one Agent.Link stream carries all calls). No keepalive: the agent is on loopback
+        # (the health checks watch it), and its server's ping policy is its own: one stricter than the pings
+        # sent would end an idle link with GOAWAY.
         self._agent_channel = grpc.aio.insecure_channel(cfg.agent, options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -335,7 +340,6 @@ class Sidecar:
                     packaging="sidecar", node=f"{name}/{self.instance_id}", listen=listen),
                 link=cfg.link,
             )
-            await asyncio.to_thread(tracer_events().start)  # before the first handshake: see its docstring
             await self.node.start()
             front = open_front_door(
                 self.node,

@@ -37,8 +37,19 @@ from hivemesh.mesh.pki import (
 from hivemesh.v1 import control_pb2, control_pb2_grpc
 
 MAX_MESSAGE_BYTES: Final = 8 * 1024 * 1024
+SERVER_MIN_PING_INTERVAL_MS: Final = 300_000
+"""How often the servers a mesh channel reaches let it ping a connection whose calls send no data: once per
+5 min, gRPC's default (`grpc.http2.min_recv_ping_interval_without_data_ms`), which no mesh server changes
+(`hivemesh.mesh.server.ManagedServer`, the control plane's). Each ping sooner is a strike; the third ends the
+connection with GOAWAY ENHANCE_YOUR_CALM "too_many_pings", and the calls on it fail UNAVAILABLE."""
+KEEPALIVE_TIME_MS: Final = 360_000
+"""How often a mesh channel pings a connection with calls open (none without: gRPC's default), to find a peer
+that vanished without closing it: never sooner than its servers permit, with a fifth to spare for a late ping.
+At 30 s, every connection quiet for ~2 min with a call open (an idle Agent.Link stream, a state watch, a slow
+agent's answer) was closed by its server: `hivemesh up` logged a GOAWAY for each agent it had called. Data sent
+to a dead peer still fails within the keepalive timeout: gRPC makes it the socket's TCP_USER_TIMEOUT."""
 _KEEPALIVE_OPTIONS: Final = (
-    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
 )

@@ -14,17 +14,17 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-__all__ = ["main", "owned_server_command"]
+__all__ = ["audits_handshakes", "main", "owned_server_command"]
 
 _OWNED_SERVERS = frozenset({"sidecar", "controlplane"})
 _VALUED_GLOBAL_OPTIONS = frozenset({"--home", "--certs-dir"})
 
 
-def owned_server_command(argv: Sequence[str]) -> bool:
-    """Whether argv (without the program name) runs `hivemesh sidecar` or `hivemesh controlplane`: the first
-    word that is neither a global option nor its value names the command."""
+def _command(argv: Sequence[str]) -> tuple[str, Sequence[str]]:
+    """(the command argv runs, the words after it); ("", ()) when there is none. The command is the first word
+    that is neither a global option nor its value."""
     skip = False
-    for word in argv:
+    for i, word in enumerate(argv):
         if skip:
             skip = False
             continue
@@ -33,16 +33,33 @@ def owned_server_command(argv: Sequence[str]) -> bool:
             continue
         if word.startswith("-"):
             continue
-        return word in _OWNED_SERVERS
-    return False
+        return word, argv[i + 1:]
+    return "", ()
+
+
+def owned_server_command(argv: Sequence[str]) -> bool:
+    """Whether argv (without the program name) runs `hivemesh sidecar` or `hivemesh controlplane`."""
+    return _command(argv)[0] in _OWNED_SERVERS
+
+
+def audits_handshakes(argv: Sequence[str]) -> bool:
+    """Whether the owned server argv runs has a mutual-TLS port whose refused handshakes it audits: not a
+    caller-only sidecar (`sidecar --client NAME`), which serves Mesh on a local socket and nothing over TLS."""
+    command, rest = _command(argv)
+    if command not in _OWNED_SERVERS:
+        return False
+    return command != "sidecar" or not any(w == "--client" or w.startswith("--client=") for w in rest)
 
 
 def main() -> None:
     """Console-script entry point (also `python -m hivemesh.controlplane.cli`)."""
-    if owned_server_command(sys.argv[1:]):
-        from hivemesh.mesh.audit.handshake.switch import enable
+    argv = sys.argv[1:]
+    if owned_server_command(argv):
+        from hivemesh.mesh.audit.handshake.tracer import start_owned
 
-        enable()  # before gRPC loads: the tracer that reports refused handshakes, and the consent to the tee
+        # Before gRPC loads (it reads the tracer setting then) and before the command connects anywhere (etcd,
+        # the agent, the control plane): the tracer and the stderr tee that keeps its lines out of the log.
+        start_owned(audits=audits_handshakes(argv))
     from hivemesh.controlplane.cli.app import main as run
 
     run()

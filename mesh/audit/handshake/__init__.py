@@ -4,7 +4,8 @@
     audit     HandshakeAudit: one port's failures to audit records (records out), coalesced, probed live
     reasons   why a handshake failed, from the TLS library's words
     switch    whether this process audits them (consent, HIVEMESH_AUDIT_HANDSHAKES) and gRPC's tracer variable
-    tracer    TracerEvents: failures from gRPC's handshaker tracer, today's one HandshakeEvents source
+    tracer    TracerEvents: failures from gRPC's handshaker tracer, today's one HandshakeEvents source;
+              start_owned: the tracer and the tee, first thing in an owned process's main
     tracelog  parsing the tracer's text;  tee  the stderr tee that reads it off fd 2
 
 Public names load lazily (PEP 562): `switch` imports nothing of gRPC and must stay importable before it.
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from hivemesh.mesh.audit.handshake.audit import HandshakeAudit
     from hivemesh.mesh.audit.handshake.events import HandshakeEvents, HandshakeFailure, Listener
     from hivemesh.mesh.audit.handshake.switch import ENV, child_environment, enable, opted_in, opted_out
-    from hivemesh.mesh.audit.handshake.tracer import TracerEvents, tracer_events
+    from hivemesh.mesh.audit.handshake.tracer import TracerEvents, start_owned, tracer_events
 
 _LAZY = {
     "HandshakeEvents": "hivemesh.mesh.audit.handshake.events",
@@ -34,6 +35,7 @@ _LAZY = {
     "opted_out": "hivemesh.mesh.audit.handshake.switch",
     "TracerEvents": "hivemesh.mesh.audit.handshake.tracer",
     "tracer_events": "hivemesh.mesh.audit.handshake.tracer",
+    "start_owned": "hivemesh.mesh.audit.handshake.tracer",
 }
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "enable",
     "opted_in",
     "opted_out",
+    "start_owned",
     "tracer_events",
 ]
 

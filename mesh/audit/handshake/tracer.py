@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 
 from hivemesh.mesh.audit.handshake.events import Listener
-from hivemesh.mesh.audit.handshake.switch import ENV, opted_in, opted_out, tracer_on
+from hivemesh.mesh.audit.handshake.switch import ENV, enable, opted_in, opted_out, tracer_on
 from hivemesh.mesh.audit.handshake.tee import StderrTee
 
 
@@ -48,3 +48,20 @@ def tracer_events() -> TracerEvents:
         if _events is None:
             _events = TracerEvents()
         return _events
+
+
+def start_owned(*, audits: bool = True) -> str:
+    """First thing in the main of a process hivemesh owns, before gRPC loads: turn the handshaker tracer on and
+    route fd 2 through the tee now, before any gRPC connection. Every line the tracer writes before the tee is
+    in place goes straight to the log: gRPC's note at import, the handshake of a connection to etcd, to the
+    control plane, or to the agent behind a sidecar.
+
+    audits=False: the process has no mutual-TLS port whose refusals it would audit (a caller-only sidecar), so
+    the tracer stays off: no helper process, no trace of each connection to read through. If the environment
+    turned it on all the same (a launcher's GRPC_TRACE), the tee still keeps its lines out of the log.
+
+    Returns why the tee is not running ("" when it is); the front doors say so when they start."""
+    if not audits and not tracer_on():
+        return "no port whose TLS handshakes are audited: the handshaker tracer is off"
+    enable()
+    return tracer_events().start()
