@@ -18,60 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
-from google.rpc import error_details_pb2, status_pb2
 
 from hivemesh.mesh.controlplane_endpoints import parse_addresses
-from hivemesh.mesh.errors import DOMAIN, ControlPlaneUnavailableError, HivemeshError, from_rpc_error
+from hivemesh.mesh.controlplane_errors import UNREACHABLE, rpc_failure
+from hivemesh.mesh.errors import from_rpc_error
 from hivemesh.mesh.pki import controlplane_dns_name, new_key_and_csr
 from hivemesh.mesh.tls import Workload, load_workload_files, secure_channel
 from hivemesh.v1 import audit_pb2, audit_pb2_grpc, control_pb2, control_pb2_grpc, mesh_pb2, trust_pb2, trust_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-_UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-_DETAILS = "grpc-status-details-bin"
-
-
-def _said_by_hivemesh(exc: grpc.aio.AioRpcError) -> bool:
-    """Whether the status carries a hivemesh ErrorInfo: a control plane (or a layer of ours) decided it. gRPC's own
-    statuses (a refused connection, a deadline that passed with no answer) carry none."""
-    for key, value in exc.trailing_metadata() or ():
-        if key != _DETAILS or not isinstance(value, bytes):
-            continue
-        try:
-            details = status_pb2.Status.FromString(value).details
-            for detail in details:
-                info = error_details_pb2.ErrorInfo()
-                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR) and detail.Unpack(info) and info.domain == DOMAIN:
-                    return True
-        except DecodeError:
-            continue
-    return False
-
-
-def rpc_failure(exc: grpc.aio.AioRpcError, where: str, *, timeout_s: float | None = None) -> HivemeshError:
-    """The typed error of a failed call to the control plane at where ("": a caller holding only a channel).
-
-    UNAVAILABLE or DEADLINE_EXCEEDED without a hivemesh ErrorInfo is gRPC's own: no control plane answered (down,
-    refused, frozen, partitioned, or a TLS handshake it refused). It is CONTROL_PLANE_UNAVAILABLE naming where, not
-    the AGENT_UNAVAILABLE or bare DEADLINE_EXCEEDED those codes map to. A deadline that passed keeps its code
-    (DEADLINE_EXCEEDED): the request may have reached a paused control plane, which can still carry it out when
-    it resumes, so it must not read as the UNAVAILABLE that callers take as safe to send again; timeout_s is the
-    deadline the call had, for the message. What a control plane said (with its ErrorInfo) is its own error."""
-    code = exc.code()
-    if code not in _UNREACHABLE or _said_by_hivemesh(exc):
-        return from_rpc_error(exc)
-    who = f"the control plane at {where}" if where else "the control plane"
-    metadata = {"address": where[:256]} if where else {}
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return ControlPlaneUnavailableError(f"{who} cannot be reached: {exc.details()}", metadata=metadata)
-    within = f"within {timeout_s:g} s" if timeout_s else "before the call's deadline"
-    if timeout_s:
-        metadata["timeout_s"] = f"{timeout_s:g}"
-    return ControlPlaneUnavailableError(f"{who} did not answer {within} (it may be overloaded, paused or partitioned)",
-                                        metadata=metadata, code=grpc.StatusCode.DEADLINE_EXCEEDED)
-
 
 _AGAIN_MIN_S = 0.5
 """The least time left of a call worth asking a replica again whose etcd request failed."""
@@ -222,7 +177,7 @@ class ControlPlaneClient:
                         await asyncio.sleep(_AGAIN_PAUSE_S)
                     if not queue or deadline - loop.time() <= 0:
                         assert failed is not None  # the loop only gets here after an attempt failed
-                        self.reachable = failed.code() not in _UNREACHABLE
+                        self.reachable = failed.code() not in UNREACHABLE
                         raise rpc_failure(failed, ", ".join(self.addresses), timeout_s=self.timeout_s) from failed
                     ask()
                 hedge = (bool(queue) and len(running) < _HEDGE_MAX and deadline - loop.time() > _AGAIN_MIN_S
@@ -248,7 +203,7 @@ class ControlPlaneClient:
                         raise exc
                     failed = exc
                     registry = from_rpc_error(exc).reason == "REGISTRY_UNAVAILABLE"
-                    if exc.code() not in _UNREACHABLE:
+                    if exc.code() not in UNREACHABLE:
                         self.reachable = True
                         raise from_rpc_error(exc) from exc  # an answer: the call failed, not the replica
                     self._away_from(address)
@@ -338,7 +293,7 @@ class ControlPlaneClient:
         try:
             answer = await method(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            self.reachable = exc.code() not in _UNREACHABLE
+            self.reachable = exc.code() not in UNREACHABLE
             if not self.reachable:
                 self._away_from(address)  # this call fails (a repeat may not be safe); the next asks another
             raise rpc_failure(exc, address, timeout_s=timeout) from exc

@@ -20,7 +20,8 @@ import grpc
 from cryptography.hazmat.primitives import serialization
 
 from hivemesh.mesh.controlplane_endpoints import parse_addresses
-from hivemesh.mesh.errors import HivemeshError, InvalidInputError, from_rpc_error
+from hivemesh.mesh.controlplane_errors import UNREACHABLE, rpc_failure
+from hivemesh.mesh.errors import HivemeshError, InvalidInputError
 from hivemesh.mesh.files import write_synced
 from hivemesh.mesh.pki import (
     SpiffeId,
@@ -303,19 +304,19 @@ async def join(
     key_pem, csr_pem = new_key_and_csr(f"spiffe://{td}/{kind}/{name}")
     creds = channel_credentials(ca_bundle_pem)
     addresses = parse_addresses(join_address, "join")  # several replicas: the next one while one is unreachable
+    each_s = timeout_s if len(addresses) == 1 else max(1.0, timeout_s / len(addresses))
     for i, address in enumerate(addresses):
         async with secure_channel(address, creds, server_name=controlplane_dns_name(td)) as channel:
             stub = control_pb2_grpc.JoinStub(channel)
             try:
                 resp = await stub.SignCertificate(
                     control_pb2.SignCertificateRequest(csr_pem=csr_pem, join_token=join_token, name=name),
-                    timeout=timeout_s if len(addresses) == 1 else max(1.0, timeout_s / len(addresses)),
+                    timeout=each_s,
                 )
                 break
             except grpc.aio.AioRpcError as exc:
-                unreachable = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-                if not unreachable or i + 1 == len(addresses):
-                    raise from_rpc_error(exc) from exc
+                if exc.code() not in UNREACHABLE or i + 1 == len(addresses):
+                    raise rpc_failure(exc, address, timeout_s=each_s) from exc
     try:
         workload = Workload.from_pems(resp.certificate_pem, key_pem, resp.ca_bundle_pem or ca_bundle_pem)
     except ValueError as exc:

@@ -196,3 +196,27 @@ def test_the_cli_names_a_refused_control_plane_for_escalations_and_state(
         assert plain.exit_code == 1, (command, plain.output)
         assert f"the control plane at {address} cannot be reached" in plain.stderr, plain.stderr
         assert "AGENT_UNAVAILABLE" not in plain.stderr, plain.stderr
+
+
+async def test_joining_through_a_refused_or_silent_join_port_names_the_control_plane(tmp_path: Path) -> None:
+    """The first start's join called the Join service through its own stub and mapped gRPC's statuses as any
+    status: a refused join port read AGENT_UNAVAILABLE, a silent one a bare Deadline Exceeded."""
+    from hivemesh.mesh.tls import join
+
+    bundle = copy_session_ca(tmp_path / "certs").ca_cert.read_bytes()
+    refused = _refusing_address()
+    with pytest.raises(ControlPlaneUnavailableError) as caught:
+        await asyncio.wait_for(join(refused, bundle, "a-token", "joiner", timeout_s=5), 15)
+    assert (caught.value.code, caught.value.reason) == (grpc.StatusCode.UNAVAILABLE, "CONTROL_PLANE_UNAVAILABLE")
+    assert caught.value.message.startswith(f"the control plane at {refused} cannot be reached: "), caught.value
+
+    with socket.socket() as silent:  # listening, never accepting: TCP connects, the TLS handshake never ends
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(ControlPlaneUnavailableError) as caught:
+            await asyncio.wait_for(join(address, bundle, "a-token", "joiner", timeout_s=SHORT_S), 15)
+    assert (caught.value.code, caught.value.message) == (
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        f"the control plane at {address} did not answer within {SHORT_S:g} s (it may be overloaded, paused or "
+        "partitioned)"), caught.value
