@@ -66,7 +66,15 @@ from hivemesh.mesh.pki import validate_trust_domain as _validate_td
 from hivemesh.mesh.readiness import DEFAULT_INTERVAL_S, Readiness
 from hivemesh.mesh.readiness_checks import etcd_answers
 from hivemesh.mesh.reflection import ServiceRecorder, enable_reflection
-from hivemesh.mesh.server import METADATA_OPTIONS
+from hivemesh.mesh.server import (
+    CONTROLPLANE_HEALTH,
+    CONTROLPLANE_JOIN,
+    CONTROLPLANE_MAIN,
+    METADATA_OPTIONS,
+    METRICS,
+    bind_port,
+    listen_failure,
+)
 from hivemesh.mesh.tls import MAX_MESSAGE_BYTES, KeyMaterial, renewing_server_credentials
 from hivemesh.v1 import control_pb2, control_pb2_grpc, mesh_pb2
 
@@ -530,17 +538,13 @@ class ControlPlaneServer:
                 if feature is not None:
                     self._features.append(feature)
             self._serve_reflection(main)
-            self.port = main.add_secure_port(
-                _address(cfg.host, cfg.port),
-                _dynamic_credentials(core, require_client_auth=True),
-            )
+            self.port = bind_port(main, _address(cfg.host, cfg.port),
+                                  _dynamic_credentials(core, require_client_auth=True), CONTROLPLANE_MAIN)
             join = self._new_server()
             control_pb2_grpc.add_JoinServicer_to_server(JoinServicer(core), join)
             self._serve_reflection(join)
-            self.join_port = join.add_secure_port(
-                _address(cfg.host, cfg.join_port),
-                _dynamic_credentials(core, require_client_auth=False),
-            )
+            self.join_port = bind_port(join, _address(cfg.host, cfg.join_port),
+                                       _dynamic_credentials(core, require_client_auth=False), CONTROLPLANE_JOIN)
             for feature in self._features:
                 await feature.start()
             for control in self._controls:
@@ -577,7 +581,10 @@ class ControlPlaneServer:
             m.watch_handshakes(list(getattr(feature, "handshakes", ())))
         m.watch_escalations(core.etcd)
         m.watch_leader(functools.partial(is_leader, core))
-        m.start()
+        try:
+            m.start()
+        except OSError as exc:  # the HTTP server's own words name no address: "[Errno 98] Address already in use"
+            raise listen_failure(listen, METRICS["controlplane"], cause=exc) from None
         self.metrics = m
 
     async def _start_health(self, cfg: ControlPlaneConfig) -> None:
@@ -585,7 +592,7 @@ class ControlPlaneServer:
         probe = etcd_answers(self.etcd, ",".join(cfg.etcd_endpoints), CA_KEY, min(1.0, cfg.health_interval_s))
         listen = health_listen(cfg.health_listen)
         if listen is not None:
-            self.health_port = HealthPort(listen)
+            self.health_port = HealthPort(listen, CONTROLPLANE_HEALTH)
             await self.health_port.start(self.readiness, sorted({n for c in self._controls for n in c.served}))
         self.readiness.watch("etcd", probe, cfg.health_interval_s)
         await self.readiness.ready()

@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 
 from hivemesh.mesh.decode_guard import DecodeGuard
 from hivemesh.mesh.readiness import Readiness
+from hivemesh.mesh.server import NODE_HEALTH, Listener, bind_port
 
 HEALTH_LISTEN_ENV: Final = "HIVEMESH_HEALTH_LISTEN"
 
@@ -44,15 +45,19 @@ def health_listen(given: str | None) -> str | None:
 
 
 class HealthPort:
-    """One plaintext health listener; `start(readiness, services)`, `stop()`."""
+    """One plaintext health listener; `start(readiness, services)`, `stop()`. listener: what a port that cannot
+    be bound is named (a sidecar's or an SDK agent's, by default)."""
 
-    def __init__(self, listen: str) -> None:
+    def __init__(self, listen: str, listener: Listener = NODE_HEALTH) -> None:
         parsed = parse_health_listen(listen)
         if parsed is None:
             raise ValueError(f"the health port needs an address, not {listen!r}")
         self._host = parsed[0]
         self._listen = listen.strip()
-        self.server = grpc.aio.server(interceptors=[DecodeGuard()])  # unaudited by design: no observer
+        self._listener = listener
+        # Unaudited by design (no observer). No SO_REUSEPORT (gRPC's default): with it, a second health port on
+        # the same address bound too, and the kernel split the probes between two nodes.
+        self.server = grpc.aio.server(interceptors=[DecodeGuard()], options=[("grpc.so_reuseport", 0)])
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = 0
@@ -64,9 +69,7 @@ class HealthPort:
 
     async def start(self, readiness: Readiness, services: Sequence[str]) -> None:
         """Bind and serve, answering for "" and services as readiness decides."""
-        self.port = self.server.add_insecure_port(self._listen)
-        if self.port == 0:
-            raise OSError(f"cannot listen for health on {self._listen}")
+        self.port = bind_port(self.server, self._listen, None, self._listener)
         await readiness.attach(self.health, services)
         await self.server.start()
 

@@ -24,6 +24,7 @@ from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.layers.base import Inbound
 from hivemesh.mesh.metrics import MeshMetrics, MetricsServer
 from hivemesh.mesh.resilience.breaker import State
+from hivemesh.mesh.server import ANY_LISTENER, METRICS, listen_failure
 from hivemesh.v1 import agent_pb2
 
 if TYPE_CHECKING:
@@ -145,6 +146,8 @@ class NodeMetrics:
             raise ValueError("NodeMetrics needs a listen address (use None for no metrics at all)")
         self.metrics = MeshMetrics(packaging=packaging, node=node)
         self.server = MetricsServer(self.metrics, *parsed)
+        self._listen = listen.strip()
+        self._listener = METRICS.get(packaging, ANY_LISTENER)
         self.prices = prices if prices is not None else PriceTable.from_env()
         self.identity = ""
         """This node's SPIFFE id: the caller label of its outbound calls (set at start)."""
@@ -166,7 +169,12 @@ class NodeMetrics:
         return self.server.address
 
     def start(self) -> None:
-        self.server.start()
+        """Serve `/metrics`; a port that cannot be bound is named with its cause and where to give another (the
+        HTTP server's own error said "[Errno 98] Address already in use", no address)."""
+        try:
+            self.server.start()
+        except OSError as exc:
+            raise listen_failure(self._listen, self._listener, cause=exc) from None
 
     def stop(self) -> None:
         self.server.stop()

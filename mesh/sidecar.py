@@ -72,7 +72,7 @@ from hivemesh.mesh.queue_rpc import NOT_QUEUEABLE, SidecarQueue, queue_for_s
 from hivemesh.mesh.readiness import DEFAULT_INTERVAL_S
 from hivemesh.mesh.registry import Registration, default_instance_id, drain_after_deregistration
 from hivemesh.mesh.schema import compile_schema
-from hivemesh.mesh.server import ManagedServer
+from hivemesh.mesh.server import SIDECAR_INBOUND, SIDECAR_MESH, ManagedServer
 from hivemesh.mesh.settings import MeshSettings, check_seconds, check_whole, state_dir
 from hivemesh.mesh.tls import MAX_MESSAGE_BYTES, STREAM_WINDOW_OPTIONS
 from hivemesh.mesh.token_source import on_behalf_of
@@ -360,7 +360,7 @@ class Sidecar:
             self.audit, inbound = front.audit, front.server
             self.token_budgets = front.budgets
             inbound.add_generic(self._agent_handler(front.inbound))
-            self.port = inbound.add_secure_port(cfg.listen, self.node.server_credentials())
+            self.port = inbound.add_secure_port(cfg.listen, self.node.server_credentials(), SIDECAR_INBOUND)
             self._hop_bytes = hop_suffix(
                 agent_pb2.Hop(
                     kind="sidecar", identity=self.node.workload.spiffe_id, instance=self.instance_id,
@@ -403,7 +403,7 @@ class Sidecar:
         self.queue = SidecarQueue(self.node, self._subject_token, self._chained, max_held=cfg.max_held_calls)
         mesh.add_generic(self._mesh_handler())
         if cfg.mesh_listen is not None:
-            self.mesh_port = mesh.add_insecure_port(cfg.mesh_listen)
+            self.mesh_port = mesh.add_insecure_port(cfg.mesh_listen, SIDECAR_MESH)
             log.warning("the Mesh service listens on TCP %s: any local process can call the mesh as %s through "
                         "it; the default Unix socket admits only this user", self.mesh_endpoint,
                         self.node.workload.spiffe_id)

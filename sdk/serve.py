@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import signal
-import socket
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +39,7 @@ from hivemesh.mesh.node_health import NodeHealth
 from hivemesh.mesh.node_metrics import OWNED_DEFAULT, NodeMetrics, metrics_listen, parse_listen
 from hivemesh.mesh.readiness import DEFAULT_INTERVAL_S
 from hivemesh.mesh.registry import INSTANCE_ID_RE, Registration, default_instance_id, drain_after_deregistration
-from hivemesh.mesh.server import ManagedServer
+from hivemesh.mesh.server import SDK_AGENT, ManagedServer
 from hivemesh.mesh.settings import MeshSettings, check_seconds, check_whole
 from hivemesh.sdk.agent import Agent
 from hivemesh.sdk.client import MeshClient
@@ -151,46 +149,10 @@ class AgentServerConfig:
 
 
 def _bind(server: ManagedServer, host: str, port: int, credentials: grpc.ServerCredentials) -> int:
-    """Bind server to host:port (the bound port), or raise an OSError that says why not and what to do: gRPC's
-    own "Failed to bind to address ...; set GRPC_VERBOSITY=debug" says neither."""
-    try:
-        return server.add_secure_port(f"{host}:{port}", credentials)
-    except (RuntimeError, OSError) as exc:
-        raise _bind_failure(host, port, str(exc)) from None
-
-
-def _bind_failure(host: str, port: int, said: str) -> OSError:
-    """Why host:port cannot be bound, found by binding it here as gRPC does (SO_REUSEADDR, so a port held only by
-    closed connections binds): gRPC keeps the system's error to its debug log."""
-    where = f"{host}:{port}"
-    problem: OSError | None = None
-    try:
-        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        return OSError(errno.EADDRNOTAVAIL, f"cannot listen on {where}: the host {host!r} does not resolve ({exc}); "
-                                            "give an address of this machine (AgentServerConfig(host=...))")
-    for family, kind, proto, _name, address in addresses:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(address)
-            except OSError as exc:
-                problem = exc
-                break
-    code = problem.errno if problem is not None else None
-    if code == errno.EADDRINUSE:
-        return OSError(code, f"cannot listen on {where}: port {port} is already in use by another process (or "
-                             "another server in this one); choose another port (AgentServerConfig(port=...)), or "
-                             "port=0 for any free one")
-    if code == errno.EADDRNOTAVAIL:
-        return OSError(code, f"cannot listen on {where}: {host} is not an address of this machine; give one of its "
-                             "addresses (AgentServerConfig(host=...), $HIVEMESH_LISTEN)")
-    if code == errno.EACCES:
-        return OSError(code, f"cannot listen on {where}: port {port} needs privileges this process does not have; "
-                             "choose a port from 1024 up, or port=0 for any free one")
-    if problem is None:  # it binds now: gRPC's reason was another, or passed
-        return OSError(f"cannot listen on {where} (gRPC: {said})")
-    return OSError(code, f"cannot listen on {where}: {problem.strerror} (gRPC: {said})")
+    """Bind server to host:port (the bound port), or raise a `ListenError` that says why not and what to do
+    (`hivemesh.mesh.server.bind_port`): gRPC's own "Failed to bind to address ...; set GRPC_VERBOSITY=debug" says
+    neither."""
+    return server.add_secure_port(f"{host}:{port}", credentials, SDK_AGENT)
 
 
 class AgentServer:

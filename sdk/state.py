@@ -23,7 +23,8 @@ from typing import Any, Final, Literal
 
 import grpc
 
-from hivemesh.mesh.controlplane_client import ControlPlaneClient, rpc_failure
+from hivemesh.mesh.controlplane_client import ControlPlaneClient
+from hivemesh.mesh.controlplane_errors import rpc_failure
 from hivemesh.mesh.errors import FailedPreconditionError, HivemeshError, InvalidInputError
 from hivemesh.v1 import state_pb2, state_pb2_grpc
 

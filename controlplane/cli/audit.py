@@ -31,7 +31,8 @@ from hivemesh.controlplane.cli.context import CliContext, as_operator, err, frie
 from hivemesh.controlplane.cli.output import clean, escape, new_table
 from hivemesh.mesh.audit import DECISIONS, verify_chain
 from hivemesh.mesh.audit.chain import GENESIS, link_fields_problem
-from hivemesh.mesh.controlplane_client import ControlPlaneClient, rpc_failure
+from hivemesh.mesh.controlplane_client import ControlPlaneClient
+from hivemesh.mesh.controlplane_errors import rpc_failure
 from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.pki import trust_domain_of_bundle
 from hivemesh.v1 import audit_pb2

@@ -9,7 +9,8 @@ from typing import Any
 
 import grpc
 
-from hivemesh.mesh.controlplane_client import ControlPlaneClient, rpc_failure
+from hivemesh.mesh.controlplane_client import ControlPlaneClient
+from hivemesh.mesh.controlplane_errors import rpc_failure
 from hivemesh.mesh.errors import InvalidInputError
 from hivemesh.v1 import policy_pb2, policy_pb2_grpc
 
