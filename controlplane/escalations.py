@@ -20,6 +20,7 @@ relayed Resolve of it answer NOT_FOUND "no escalation '<id>'", exactly as for an
 requester whose own scoped escalation is gone (retention deleted it) is otherwise located to the id's first
 requester's, and a refusal there was both untrue (its own is simply not found) and a leak (someone else holds the
 id). The audit log keeps the real reason (an `escalation` record with action `refused`, beside the RPC's own).
+CreateEscalation still shows it, by answering with a scoped id exactly when another requester holds the id.
 
 Deadlines need no background task: an escalation past its deadline is resolved by
 its policy (reject, or approve with the default answer) the first time anyone reads, lists or waits on it;
