@@ -70,12 +70,12 @@ from hivemesh.mesh.server import (
     CONTROLPLANE_HEALTH,
     CONTROLPLANE_JOIN,
     CONTROLPLANE_MAIN,
-    METADATA_OPTIONS,
     METRICS,
     bind_port,
     listen_failure,
+    server_options,
 )
-from hivemesh.mesh.tls import MAX_MESSAGE_BYTES, KeyMaterial, renewing_server_credentials
+from hivemesh.mesh.tls import KeyMaterial, renewing_server_credentials
 from hivemesh.v1 import control_pb2, control_pb2_grpc, mesh_pb2
 
 log = logging.getLogger(__name__)
@@ -606,11 +606,7 @@ class ControlPlaneServer:
     def _new_server(self) -> _ControlServer:
         server = grpc.aio.server(
             interceptors=self._interceptors,
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                *METADATA_OPTIONS,
-            ]
+            options=server_options(),
         )
         self._servers.append(server)
         control = _ControlServer(server)

@@ -15,7 +15,7 @@ from hivemesh.mesh.decode_guard import DecodeGuard
 from hivemesh.mesh.inbound import MeshInboundInterceptor
 from hivemesh.mesh.readiness import Readiness
 from hivemesh.mesh.reflection import enable_reflection
-from hivemesh.mesh.tls import MAX_MESSAGE_BYTES, STREAM_WINDOW_OPTIONS
+from hivemesh.mesh.tls import MAX_MESSAGE_BYTES, SERVER_PING_OPTIONS, STREAM_WINDOW_OPTIONS
 
 MAX_METADATA_BYTES: Final = 128 * 1024
 """Request metadata every mesh server accepts (all headers together). gRPC's default is a soft limit of 8 KiB
@@ -153,6 +153,20 @@ def bind_port(server: grpc.aio.Server, address: str, credentials: grpc.ServerCre
     return port
 
 
+def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
+    """Every mesh gRPC server's options (`ManagedServer`, the control plane's): the message bound, one server per
+    port (gRPC's SO_REUSEPORT let a second bind the same port and take half its connections), the metadata bound,
+    the stream window, and the ping rate the mesh's own channels' keepalive needs."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        *METADATA_OPTIONS,
+        *STREAM_WINDOW_OPTIONS,
+        *SERVER_PING_OPTIONS,
+    ]
+
+
 class ManagedServer:
     """A grpc.aio server plus its health servicer; `stop()` flips health to NOT_SERVING before draining. Its
     interceptors run after a `DecodeGuard` (undecodable requests refused INVALID_ARGUMENT); when one is the
@@ -177,13 +191,7 @@ class ManagedServer:
             # before any other interceptor sees it, and on the audit record when the inbound chain keeps one.
             interceptors=[DecodeGuard(inbound.record_refusal if inbound is not None else None), *interceptors],
             handlers=list(handlers) or None,
-            options=[
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.so_reuseport", 0),
-                *METADATA_OPTIONS,
-                *STREAM_WINDOW_OPTIONS,
-            ],
+            options=server_options(max_message_bytes),
         )
         self.health = health.aio.HealthServicer()
         self._owns_readiness = readiness is None

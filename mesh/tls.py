@@ -38,17 +38,20 @@ from hivemesh.mesh.pki import (
 from hivemesh.v1 import control_pb2, control_pb2_grpc
 
 MAX_MESSAGE_BYTES: Final = 8 * 1024 * 1024
-SERVER_MIN_PING_INTERVAL_MS: Final = 300_000
-"""How often the servers a mesh channel reaches let it ping a connection whose calls send no data: once per
-5 min, gRPC's default (`grpc.http2.min_recv_ping_interval_without_data_ms`), which no mesh server changes
-(`hivemesh.mesh.server.ManagedServer`, the control plane's). Each ping sooner is a strike; the third ends the
-connection with GOAWAY ENHANCE_YOUR_CALM "too_many_pings", and the calls on it fail UNAVAILABLE."""
-KEEPALIVE_TIME_MS: Final = 360_000
-"""How often a mesh channel pings a connection with calls open (none without: gRPC's default), to find a peer
-that vanished without closing it: never sooner than its servers permit, with a fifth to spare for a late ping.
-At 30 s, every connection quiet for ~2 min with a call open (an idle Agent.Link stream, a state watch, a slow
-agent's answer) was closed by its server: `hivemesh up` logged a GOAWAY for each agent it had called. Data sent
-to a dead peer still fails within the keepalive timeout: gRPC makes it the socket's TCP_USER_TIMEOUT."""
+SERVER_MIN_PING_INTERVAL_MS: Final = 20_000
+"""How often every mesh server lets a client ping a connection whose calls send no data (`SERVER_PING_OPTIONS`).
+gRPC's default is once per 5 min: each ping sooner is a strike, and the third ends the connection with GOAWAY
+ENHANCE_YOUR_CALM "too_many_pings", failing its calls UNAVAILABLE. Mesh channels ping every 30 s, so with the
+default `hivemesh up` logged a GOAWAY for every agent it had called, and an idle Agent.Link, a state watch or a
+slow agent's answer was cut after ~90 s."""
+KEEPALIVE_TIME_MS: Final = 30_000
+"""How often a mesh channel pings a connection with calls open (none without: gRPC's default), to find within
+~40 s (with `grpc.keepalive_timeout_ms`) a peer that vanished without closing it; half again the servers'
+minimum, for a ping that arrives late after one that arrived early. Data sent to a dead peer fails within the
+keepalive timeout as well: gRPC makes it the socket's TCP_USER_TIMEOUT."""
+SERVER_PING_OPTIONS: Final = (("grpc.http2.min_recv_ping_interval_without_data_ms", SERVER_MIN_PING_INTERVAL_MS),)
+"""For every mesh server (`hivemesh.mesh.server.ManagedServer`, the control plane's): what its clients' keepalive
+needs."""
 _KEEPALIVE_OPTIONS: Final = (
     ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
     ("grpc.keepalive_timeout_ms", 10_000),
