@@ -77,6 +77,14 @@ def renewal_retry_delay(attempt: int, remaining_s: float) -> float:
     return min(backoff, remaining_s + 0.1) if remaining_s > 0 else backoff
 
 
+def describe_failure(exc: BaseException) -> str:
+    """exc named for a message saying why a start failed: its type, and its message if it has one."""
+    if isinstance(exc, asyncio.CancelledError):
+        return "it was cancelled"
+    text = exc.message if isinstance(exc, HivemeshError) else str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class MeshNode:
     """Identity + registry view + key set + outbound pipeline for one process.
 
@@ -149,6 +157,14 @@ class MeshNode:
         self._renew_task: asyncio.Task[None] | None = None
         self._started = False
         self._stopped = False
+        self._opening: asyncio.Task[None] | None = None
+        """start()'s work, as a task of its own: stop() cancels it, so a stop during a start ends it at once."""
+        self._failed: BaseException | None = None
+        """Why the start failed part-way (what it opened was released; its watches cannot restart)."""
+        self._stopped_starting = False
+        """stop() ran while start() was in progress."""
+        self._past_identity = False
+        """start() went past obtaining the identity: a failure from then on leaves watches that cannot restart."""
         self.certificate_hooks: list[Callable[[str, Workload], Awaitable[None]]] = []
         """Told ("renewed", new workload) after each renewal, and once ("expired", workload) when the certificate
         expired and renewal still fails (see `hivemesh.mesh.cert_presence`)."""
@@ -163,13 +179,62 @@ class MeshNode:
     # --- lifecycle ----------------------------------------------------------------------------------------
     async def start(self, *, timeout: float = 15.0) -> None:
         """Obtain an identity (existing files or a one-time join), then load the registry and trust state.
-        A no-op on a started node; a stopped one is refused before anything (its watches cannot restart, and a
-        half-redone start would renew its identity for nothing)."""
-        if self._stopped:
-            raise FailedPreconditionError(f"{self.kind} {self.name!r} was stopped and cannot start again: "
-                                          "create a new one")
+        A no-op on a started node; a stopped one, or one whose start failed, is refused before anything (its
+        watches cannot restart, and a half-redone start would renew its identity for nothing).
+
+        The work runs as a task of its own that stop() cancels: a stop() during start() ends it at once, with what
+        it opened released, and start() then raises FailedPreconditionError (a watch stopped under it left it
+        waiting its whole timeout for an etcd that was fine, or failing with "a stopped PrefixCache cannot be
+        restarted"). Cancelling the caller's task cancels the work too."""
+        refusal = self._refusal()
+        if refusal is not None:
+            raise FailedPreconditionError(refusal)
         if self._started:
             return
+        opening = self._opening
+        if opening is None:
+            opening = self._opening = asyncio.get_running_loop().create_task(self._open(timeout))
+        try:
+            await opening
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the caller's own task was cancelled (the work with it)
+            raise FailedPreconditionError(self._refusal() or f"{self.kind} {self.name!r} could not start") from None
+        if self._stopped:  # stop() ran once the work was done, before this caller resumed: it released everything
+            self._stopped_starting = True
+            raise FailedPreconditionError(self._refusal() or "")
+
+    def _refusal(self) -> str | None:
+        """Why start() is refused now (None: it is not)."""
+        who = f"{self.kind} {self.name!r}"
+        if self._stopped:
+            if self._stopped_starting:
+                return f"{who} was stopped while it was starting: create a new one"
+            return f"{who} was stopped and cannot start again: create a new one"
+        if self._failed is not None:
+            return (f"{who} cannot start again: its earlier start failed ({describe_failure(self._failed)}): "
+                    "create a new one")
+        return None
+
+    async def _open(self, timeout: float) -> None:
+        """start()'s work. A failure once past the identity (a cancellation by stop() included) releases what it
+        opened and marks the node failed, its watches being unable to restart; one before (a join refused, the
+        control plane away) leaves it as new, for a later start()."""
+        try:
+            await self._open_parts(timeout)
+        except BaseException as exc:
+            if not self._past_identity:  # nothing opened that cannot open again: a later start() may retry
+                self._opening = None
+                if self._cp is not None:
+                    cp, self._cp = self._cp, None
+                    await cp.close()
+                raise
+            self._failed = exc
+            await self._release()
+            raise
+
+    async def _open_parts(self, timeout: float) -> None:
         tracing.configure(service=self.name)  # off unless the OTEL_* environment asks (hivemesh.mesh.tracing)
         s = self.settings
         if s.cert_file is not None and s.key_file is not None:
@@ -181,38 +246,32 @@ class MeshNode:
             if store is not None:  # before the watches: nothing older than last adopted, restart or not
                 floor = store.load_floor()
                 self._bundle_generation, self._jwks_issued_at_ns = floor.bundle_generation, floor.jwks_issued_at_ns
+        self._past_identity = True
         self._tokens = TokenSource(self._cp)
         self._channels = ChannelPool(self._workload, link=self.link)
         self._outbound = OutboundPipeline(self.liveness, self._tokens, self._channels, traffic=self.traffic,
                                           authz=lambda: self.policies.get(AUTHZ), events=self.metrics)
-        try:
-            await self.registry.start(timeout=timeout)
-            await self.policies.start(timeout=timeout)
-            # The signed trust bundle (CA rotation): every node, callers too, must follow it.
-            self._bundle = PrefixCache(self.etcd, TRUST_BUNDLE_KEY, on_change=self._on_bundle_change)
-            await self._bundle.start(timeout=timeout)
-            self._replicas = ReplicaDiscovery(self.etcd, lambda: self._cp)  # control-plane replicas to fail over to
-            await self._replicas.start()
-            if self._verify_inbound:
-                self._revocation_watch = RevocationWatch(self.etcd, self.revocations)
-                await self._revocation_watch.start(timeout=timeout)
-                self._trust = PrefixCache(self.etcd, JWKS_KEY, on_change=self._on_trust_change)
-                await self._trust.start(timeout=timeout)
-                if not await self._trust.wait_for(lambda snap: bool(self.keyset.kids), timeout):
-                    raise HivemeshError(
-                        "no signed token keys published in etcd: is the control plane running? (see the log for "
-                        "a key set refused)"
-                    )
-        except BaseException:
-            await self.stop()
-            raise
+        await self.registry.start(timeout=timeout)
+        await self.policies.start(timeout=timeout)
+        # The signed trust bundle (CA rotation): every node, callers too, must follow it.
+        self._bundle = PrefixCache(self.etcd, TRUST_BUNDLE_KEY, on_change=self._on_bundle_change)
+        await self._bundle.start(timeout=timeout)
+        self._replicas = ReplicaDiscovery(self.etcd, lambda: self._cp)  # control-plane replicas to fail over to
+        await self._replicas.start()
+        if self._verify_inbound:
+            self._revocation_watch = RevocationWatch(self.etcd, self.revocations)
+            await self._revocation_watch.start(timeout=timeout)
+            self._trust = PrefixCache(self.etcd, JWKS_KEY, on_change=self._on_trust_change)
+            await self._trust.start(timeout=timeout)
+            if not await self._trust.wait_for(lambda snap: bool(self.keyset.kids), timeout):
+                raise HivemeshError(
+                    "no signed token keys published in etcd: is the control plane running? (see the log for "
+                    "a key set refused)"
+                )
+        # From here on nothing awaits: stop() finds the node either still starting or started.
         if self.metrics is not None:
             self.metrics.watch_node(self)
-            try:
-                self.metrics.start()
-            except BaseException:
-                await self.stop()
-                raise
+            self.metrics.start()
         self._renew_task = asyncio.get_running_loop().create_task(self._renew_loop())
         if self._publish_status:
             self._status = StatusPublisher(
@@ -256,6 +315,9 @@ class MeshNode:
                         f"({exc.reason}: {exc.message}): {join_hint(self.kind, self.name)}",
                         metadata={"spiffe_id": stored.spiffe_id, "cause": exc.reason},
                     )
+                except BaseException:  # cancelled (a stop() during start): cp is not the node's yet to close
+                    await cp.close()
+                    raise
                 else:
                     self._save(store, renewed)
                     log.info("%s %s: reusing its stored identity %s", self.kind, self.name, renewed.spiffe_id)
@@ -306,8 +368,18 @@ class MeshNode:
         return snap
 
     async def stop(self) -> None:
-        """Release everything, for good (see `stopped`); idempotent."""
+        """Release everything, for good (see `stopped`); idempotent. A start() in progress is cancelled first (it
+        releases what it opened, and raises FailedPreconditionError)."""
         self._stopped = True
+        opening = self._opening
+        if opening is not None and not opening.done() and opening is not asyncio.current_task():
+            self._stopped_starting = True
+            opening.cancel()
+            await asyncio.wait((opening,))  # its own release; ours below finishes one it could not
+        await self._release()
+
+    async def _release(self) -> None:
+        """Close whatever is open (each part idempotently: a release cut short is finished by the next)."""
         if self._renew_task is not None:
             self._renew_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -355,6 +427,11 @@ class MeshNode:
         return self._workload
 
     @property
+    def start_failure(self) -> BaseException | None:
+        """Why start() failed part-way, if it did (the node then cannot start again: create a new one)."""
+        return self._failed
+
+    @property
     def stopped(self) -> bool:
         """stop() ran: the node left the mesh for good (it calls no more and cannot start again)."""
         return self._stopped
@@ -364,6 +441,9 @@ class MeshNode:
         if self._stopped:
             raise FailedPreconditionError(f"{self.kind} {self.name!r} has left the mesh (it was stopped): it "
                                           "makes no more calls")
+        if self._failed is not None:
+            raise FailedPreconditionError(f"{self.kind} {self.name!r} makes no calls: its start failed "
+                                          f"({describe_failure(self._failed)})")
         if self._outbound is None:
             raise RuntimeError("MeshNode.start() has not run")
         return self._outbound

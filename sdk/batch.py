@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Unpack
 
 from hivemesh.mesh import batch
-from hivemesh.mesh.errors import HivemeshError, InvalidInputError
+from hivemesh.mesh.errors import CancelledError, FailedPreconditionError, HivemeshError, InvalidInputError
+from hivemesh.mesh.outbound.pipeline import cancelled_by_caller
 from hivemesh.sdk.call_options import CallOptionArgs, CallOptions
 
 if TYPE_CHECKING:
@@ -101,6 +102,12 @@ def call_batch_stream(
     input; a generator input is closed, so its own cleanup runs. A plain break closes it when Python collects it
     (at once in CPython, in a task of its own): `contextlib.aclosing` closes it before the next line runs. An
     exception raised by the inputs themselves cancels what is in flight, then ends the stream with it.
+
+    The client closed mid-stream: each call in flight ends as its item's CancelledError (it may have run: the
+    consumer learns which), no more input is read, and the stream then ends with the closed client's
+    FailedPreconditionError. Reading on would only turn every remaining input into that same error, without end for
+    an endless input.
+
     Bad concurrency (InvalidInputError) or one key for every item (ValueError) is refused here, before any call.
     """
     concurrency = batch.check_bounds(1, concurrency)  # a stream has no item count: only its concurrency is checked
@@ -127,7 +134,14 @@ async def _stream(
             return await mesh.call(capability, payload, options=base, idempotency_key=key)
 
         # A batch of one: its outcome is exactly what a call_batch item gets (an unexpected exception included).
-        [outcome] = await batch.run_items(1, 1, call)
+        try:
+            [outcome] = await batch.run_items(1, 1, call)
+        except asyncio.CancelledError:
+            if cancelled_by_caller():  # this stream cancelled it (ended early): nobody waits for the item
+                raise
+            # Not this task's cancellation: the item's error, never the consumer's (task.result() below).
+            return BatchItem(index, error=CancelledError("the item's call was cancelled in flight, though its "
+                                                         "stream was not: it may have run"))
         return _item(index, outcome)
 
     async def next_input(it: AsyncIterator[Any]) -> Any:
@@ -140,11 +154,22 @@ async def _stream(
     fetch: asyncio.Task[Any] | None = None
     taken = yielded = 0
     exhausted = False
+    closed: FailedPreconditionError | None = None  # the client was closed mid-stream: no more input is read
 
     def start(payload: Any) -> None:
         nonlocal taken
         calls.add(asyncio.create_task(one(taken, payload)))
         taken += 1
+
+    def refused() -> bool:
+        """The client was closed (or its shared node stopped): what is in flight ends, nothing more is read."""
+        nonlocal closed, exhausted
+        try:
+            mesh._outbound()
+        except FailedPreconditionError as err:
+            closed, exhausted = err, True
+            return True
+        return False
 
     try:
         while True:
@@ -153,7 +178,7 @@ async def _stream(
                 yielded += 1
             # Slots count from the oldest item not yet yielded (with ordered=True, that is the reorder window): the
             # one about to be yielded frees its slot, so the calls go on while the consumer handles it.
-            while not exhausted and fetch is None and taken - yielded < concurrency:
+            while not exhausted and fetch is None and taken - yielded < concurrency and not refused():
                 if isinstance(source, AsyncIterator):
                     fetch = asyncio.create_task(next_input(source))
                 elif (payload := next(source, _END)) is _END:
@@ -163,13 +188,17 @@ async def _stream(
             if item is not None:
                 yield item
                 continue
-            if not calls and fetch is None:
+            if not calls and (fetch is None or refused()):  # closed: an input still awaited is not waited for
+                if closed is not None:
+                    raise closed
                 return
             waiting: set[asyncio.Task[Any]] = {*calls, fetch} if fetch is not None else {*calls}
             done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             if fetch is not None and fetch in done:
                 try:
-                    start(fetch.result())  # the source's own exception ends the stream here (finally cancels)
+                    payload = fetch.result()  # the source's own exception ends the stream here (finally cancels)
+                    if not refused():  # taken as the client closed: it was never called, it has no index
+                        start(payload)
                 except StopAsyncIteration:
                     exhausted = True
                 fetch = None

@@ -12,10 +12,12 @@ runs, one gRPC hop fewer. Errors arrive as the typed `hivemesh.sdk` exceptions t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
 import time
+import traceback
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ from hivemesh.mesh import invoke_wire, json_fast
 from hivemesh.mesh.callcontext import new_call_id
 from hivemesh.mesh.errors import (
     AgentError,
+    CancelledError,
     DeadlineExceededError,
     FailedPreconditionError,
     HivemeshError,
@@ -34,9 +37,10 @@ from hivemesh.mesh.errors import (
 from hivemesh.mesh.etcd import client as etcd_client
 from hivemesh.mesh.instance_ref import instance_key
 from hivemesh.mesh.json_compact import compact_json_parts
-from hivemesh.mesh.node import MeshNode
+from hivemesh.mesh.node import MeshNode, describe_failure
 from hivemesh.mesh.node_metrics import NodeMetrics
 from hivemesh.mesh.node_metrics import metrics_listen as metrics_listen_for
+from hivemesh.mesh.outbound.pipeline import cancelled_by_caller
 from hivemesh.mesh.pki import parse_spiffe_id
 from hivemesh.mesh.queue import DONE, FAILED, CallQueue, HeldCall
 from hivemesh.mesh.registry import CapabilityInfo
@@ -55,6 +59,8 @@ JSON = "application/json"
 _CLOSED = "this MeshClient is closed; create a new one with MeshClient.connect(...)"
 _NOT_STARTED = ("this MeshClient is not started: use `async with MeshClient.connect(...) as mesh:` or "
                 "`await mesh.start()`")
+_START_FAILED = "this MeshClient's earlier start failed ({}): create a new one with MeshClient.connect(...)"
+_CUT = "this MeshClient was closed while the call was in flight: the call may have run"
 
 
 @dataclass(frozen=True)
@@ -179,13 +185,26 @@ class MeshClient:
         return self._node
 
     async def start(self) -> None:
-        """Join the mesh; a no-op on a started client (nothing opened twice). A closed client is refused before
-        anything: its node cannot rejoin."""
+        """Join the mesh; a no-op on a started client (nothing opened twice). A closed client, or one whose start
+        failed part-way, is refused before anything: its node cannot rejoin. A close() during start() ends it at
+        once, with the closed client's error."""
         if self._closed:
             raise FailedPreconditionError(_CLOSED)
+        failure = self._node.start_failure
+        if failure is not None and self._owns_node:
+            raise FailedPreconditionError(_START_FAILED.format(describe_failure(failure)))
         if self._started:
             return
-        await self._node.start()
+        try:
+            await self._node.start()
+        except Exception:
+            if self._closed:  # close() stopped the node under its start: that is the news, not how it ended
+                raise FailedPreconditionError(_CLOSED) from None
+            raise
+        if self._closed:  # close() ran as the start ended (an agent's shared node goes on: nothing opened here)
+            raise FailedPreconditionError(_CLOSED)
+        if self._started:  # another start() ran alongside and finished first: it opened the audit log
+            return
         if self._owns_node and self._audit_enabled:
             from hivemesh.mesh.audit import open_node_audit
 
@@ -211,20 +230,22 @@ class MeshClient:
             on_behalf_of.reset(reset)
 
     async def close(self) -> None:
-        """Leave the mesh (calls in flight are cancelled); idempotent. The client is refused from then on."""
+        """Leave the mesh; idempotent (a close() cut short, by a timeout say, is finished by the next). Calls in
+        flight end with CancelledError (`_cut`); the client is refused from then on."""
         self._closed = True
         if self._queue is not None:
             await self._queue.stop()
             with contextlib.suppress(Exception):
                 await self._queue_etcd.close()
             self._queue = self._queue_etcd = None
-        if self.audit is not None:
-            audit, self.audit = self.audit, None
+        audit = self.audit
+        if audit is not None:
             if not self._node.stopped:
                 self._node.outbound.observer = None
                 self._node.outbound.signed_recorder = None
                 self._node.outbound.shadow.recorder = None
             await audit.close()  # ships what it can (bounded); the rest stays in the spool for next time
+            self.audit = None  # only now: a close() cancelled in audit.close() leaves the next one to finish it
         if self._owns_node:
             await self._node.stop()
 
@@ -241,8 +262,28 @@ class MeshClient:
         if self._closed:
             raise FailedPreconditionError(_CLOSED)
         if self._owns_node and not self._started:
-            raise FailedPreconditionError(_NOT_STARTED)
+            failure = self._node.start_failure
+            raise FailedPreconditionError(_NOT_STARTED if failure is None else
+                                          _START_FAILED.format(describe_failure(failure)))
         return self._node.outbound  # a node it shares (an agent's) says itself if it is not, or no longer, up
+
+    def _cut(self, exc: BaseException) -> BaseException:
+        """What a call that ended with a cancellation (exc) raises. The caller's own task cancelled: exc as it
+        is. Cut by close() (or its shared node's stop): the mesh's CancelledError saying so, the same whether the
+        call was a frame on a link (CANCELLED, "the link was closed") or a unary call or stream (asyncio's
+        CancelledError, its channel closed): never asyncio's, which made a task nobody cancelled end cancelled."""
+        if isinstance(exc, asyncio.CancelledError):
+            if cancelled_by_caller():
+                return exc
+        elif not (self._closed or self._node.stopped):
+            return exc  # a CANCELLED of the agent's, or of this node's own (its pipeline says which)
+        traceback.clear_frames(exc.__traceback__)  # gRPC's finished frames hold the call, and it its connection
+        if self._closed:
+            return CancelledError(_CUT)
+        if self._node.stopped:
+            return CancelledError(f"{self._node.kind} {self._node.name!r} left the mesh (it was stopped) while the "
+                                  "call was in flight: the call may have run")
+        return CancelledError("the call was cancelled in flight, though its caller was not: it may have run")
 
     def _request(
         self, capability: str, payload: Any, context: agent_pb2.CallContext | None, idempotency_key: str | None
@@ -275,19 +316,25 @@ class MeshClient:
         key = idempotency_key or (context.idempotency_key if context is not None else "")
         started = time.monotonic()
         try:
-            # The caller's timeout wins; without one the capability's `timeouts` policy, then default_timeout.
-            raw, instance = await outbound.invoke(
-                request, capability=capability, idempotency_key=key, timeout=timeout,
-                default_timeout=self.default_timeout, agent=agent,
-            )
-        except (NoLiveInstanceError, UnknownCapabilityError):
-            queue_for = overrides.get("queue_for", options.queue_for if options is not None else None)
-            if not queue_for:
+            try:
+                # The caller's timeout wins; without one the capability's `timeouts` policy, then default_timeout.
+                raw, instance = await outbound.invoke(
+                    request, capability=capability, idempotency_key=key, timeout=timeout,
+                    default_timeout=self.default_timeout, agent=agent,
+                )
+            except (NoLiveInstanceError, UnknownCapabilityError):
+                queue_for = overrides.get("queue_for", options.queue_for if options is not None else None)
+                if not queue_for:
+                    raise
+                left = None if timeout is None else timeout - (time.monotonic() - started)
+                if left is not None and left <= 0:
+                    raise DeadlineExceededError(f"the call's {timeout} s passed before it could be held") from None
+                return await self._held_call(capability, request, key, queue_for, left)
+        except (asyncio.CancelledError, CancelledError) as exc:
+            cut = self._cut(exc)
+            if cut is exc:
                 raise
-            left = None if timeout is None else timeout - (time.monotonic() - started)
-            if left is not None and left <= 0:
-                raise DeadlineExceededError(f"the call's {timeout} s passed before it could be held") from None
-            return await self._held_call(capability, request, key, queue_for, left)
+            raise cut from None
         return _result(raw, instance)
 
     def _call_queue(self) -> CallQueue:
@@ -374,12 +421,18 @@ class MeshClient:
         if agent and instance.card.name != agent:
             raise ValueError(f"instance {instance_key(instance)!r} is not one of agent {agent!r}'s, which the "
                              "options pin the call to")
-        raw = await outbound.invoke_on(
-            self._request(capability, payload, context, idempotency_key),
-            instance,
-            capability=capability,
-            timeout=timeout if timeout is not None else self.default_timeout,
-        )
+        try:
+            raw = await outbound.invoke_on(
+                self._request(capability, payload, context, idempotency_key),
+                instance,
+                capability=capability,
+                timeout=timeout if timeout is not None else self.default_timeout,
+            )
+        except (asyncio.CancelledError, CancelledError) as exc:
+            cut = self._cut(exc)
+            if cut is exc:
+                raise
+            raise cut from None
         return _result(raw, instance)
 
     def instances(self, capability: str) -> tuple[mesh_pb2.AgentInstance, ...]:
@@ -426,19 +479,25 @@ class MeshClient:
         # Closed here, not left to the garbage collector: returning at the final chunk (or being closed by our
         # consumer) ends the attempt now, in this task: the gRPC stream is cancelled and the breakers, balancer
         # and metrics learn its outcome before the caller's next call.
-        async with contextlib.aclosing(outbound.invoke_stream(
-            self._request(capability, payload, context, None),
-            capability=capability,
-            timeout=timeout,
-            default_timeout=self.default_timeout,
-            agent=agent,
-        )) as chunks:
-            async for raw, _instance in chunks:
-                chunk = agent_pb2.InvokeChunk.FromString(raw)
-                if chunk.data:
-                    yield _decode_output(chunk.data, chunk.content_type)
-                if chunk.final:
-                    return
+        try:
+            async with contextlib.aclosing(outbound.invoke_stream(
+                self._request(capability, payload, context, None),
+                capability=capability,
+                timeout=timeout,
+                default_timeout=self.default_timeout,
+                agent=agent,
+            )) as chunks:
+                async for raw, _instance in chunks:
+                    chunk = agent_pb2.InvokeChunk.FromString(raw)
+                    if chunk.data:
+                        yield _decode_output(chunk.data, chunk.content_type)
+                    if chunk.final:
+                        return
+        except (asyncio.CancelledError, CancelledError) as exc:
+            cut = self._cut(exc)
+            if cut is exc:
+                raise
+            raise cut from None
 
     async def call_batch(
         self,

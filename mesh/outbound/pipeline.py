@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import traceback
 from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
 
@@ -27,6 +28,7 @@ from google.protobuf.message import DecodeError
 from hivemesh.mesh import tracing
 from hivemesh.mesh.authz import AuthzRequest, AuthzTable
 from hivemesh.mesh.errors import (
+    CancelledError,
     CertificateExpiredError,
     CircuitOpenError,
     DeadlineExceededError,
@@ -89,6 +91,25 @@ def check_request_size(capability: str, raw_request: bytes) -> None:
             "the data where the agent can read it and send a reference to it (a URL, a file or object key)",
             metadata={"capability": capability[:128], "limit_bytes": str(MAX_MESSAGE_BYTES), "size_bytes": str(size)},
         )
+
+
+CUT_HERE = ("this node closed the call's channel while the call was in flight (it was stopping, or retiring the "
+            "channel after a certificate renewal): the call may have run")
+
+
+def cancelled_by_caller() -> bool:
+    """Whether the running task was asked to cancel (`Task.cancel`, a timeout), so an asyncio.CancelledError it
+    sees is its own. Otherwise it is gRPC's for a call this process cancelled itself: a unary call or stream whose
+    channel was closed under it raises asyncio's CancelledError into a task nobody cancelled."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
+def cut_here(exc: asyncio.CancelledError) -> CancelledError:
+    """The mesh's CancelledError for a call of this node's that its own channel's closing cut (exc, from gRPC):
+    a HivemeshError like any other call's end, where asyncio's made the caller's task look cancelled."""
+    traceback.clear_frames(exc.__traceback__)  # gRPC's finished frames hold the call, and it its connection
+    return CancelledError(CUT_HERE)
 
 
 def _never_sent(exc: grpc.aio.AioRpcError) -> bool:
@@ -299,8 +320,10 @@ class OutboundPipeline:
                                         "hivemesh.degraded": degraded, "hivemesh.retries": attempts.retries})
             return raw, instance
         except asyncio.CancelledError as exc:
-            failed, failure = False, exc  # the caller went away: not the capability's failure
-            raise
+            failed, failure = False, exc  # the caller went away, or this node closed the channel: not the capability's
+            if cancelled_by_caller():
+                raise
+            raise cut_here(exc) from None  # not audited: nobody refused the call
         except HivemeshError as err:
             failure = error = err
             observer = self.observer
@@ -350,6 +373,10 @@ class OutboundPipeline:
                 if signed is not None:
                     self._keep(verify_answer(self.channels.workload, signed, instance, raw))
                 return raw
+            except asyncio.CancelledError as exc:
+                if cancelled_by_caller():
+                    raise
+                raise cut_here(exc) from None
             except grpc.aio.AioRpcError as exc:
                 remote = from_rpc_error(exc)
                 if remote.reason in TOKEN_REFUSALS and not resend:
@@ -448,6 +475,10 @@ class OutboundPipeline:
                     if check is not None:
                         check.end()
                     health = "ok"
+                except asyncio.CancelledError as exc:
+                    if cancelled_by_caller():
+                        raise
+                    raise cut_here(exc) from None  # neutral: the instance did nothing wrong
                 except grpc.aio.AioRpcError as exc:
                     err = from_rpc_error(exc)
                     never_sent = not started and _never_sent(exc)
