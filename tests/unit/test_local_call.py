@@ -36,6 +36,36 @@ def test_read_local_metadata_passes_only_text_trace_headers() -> None:
     assert read_local_metadata([("traceparent", b"bytes")]) == ([], ())
 
 
+GOOD = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+@pytest.mark.parametrize("parent", [
+    "zz",
+    "",
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",  # version 00 has exactly four fields
+    "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",  # version ff is invalid
+    "00-00000000000000000000000000000000-b7ad6b7169203331-01",  # an all-zero trace id
+    "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",  # an all-zero parent id
+    "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",  # upper case
+    "00-0af7651916cd43dd8448eb211c80319-b7ad6b7169203331-01",  # a short trace id
+])
+def test_an_invalid_traceparent_is_dropped_with_its_tracestate(parent: str) -> None:
+    """W3C Trace Context: a receiver ignores a traceparent it cannot parse, and the tracestate with it, and starts
+    a new trace. The sidecar passed "zz" on to the agent as its parent."""
+    assert read_local_metadata([("traceparent", parent), ("tracestate", "vendor=1"), (CALL_HANDLE_KEY, "h")]) == (
+        ["h"], ())
+
+
+def test_two_traceparents_or_a_tracestate_alone_are_not_passed_on() -> None:
+    assert read_local_metadata([("traceparent", GOOD), ("traceparent", GOOD)]) == ([], ())
+    assert read_local_metadata([("tracestate", "vendor=1")]) == ([], ())
+
+
+def test_a_later_version_may_carry_more_fields() -> None:
+    later = "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-what-comes-next"
+    assert read_local_metadata([("traceparent", later)]) == ([], (("traceparent", later),))
+
+
 @pytest.mark.parametrize("existing", [[], ["spiffe://hivemesh.local/agent/a"]])
 @pytest.mark.parametrize("added", [[ME], ["spiffe://hivemesh.local/agent/" + "b" * 200, ME]])
 def test_chain_suffix_merges_into_the_request(existing: list[str], added: list[str]) -> None:
