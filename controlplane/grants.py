@@ -8,6 +8,7 @@ are validated once (file or etcd document) and compiled to regular expressions.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import logging
 import re
@@ -19,14 +20,19 @@ from typing import Any, Final
 import fastjsonschema
 
 from hivemesh.controlplane import yaml_text
-from hivemesh.mesh.errors import InvalidInputError
+from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError
+from hivemesh.mesh.keyspace import GRANTS_FILE
 from hivemesh.mesh.policy import GRANTS_PREFIX as POLICY_GRANTS_PREFIX
 
 log = logging.getLogger(__name__)
 
 GRANTS_PREFIX: Final = POLICY_GRANTS_PREFIX.encode()
 """Outside /hivemesh/policies/, which every node reads: only the control plane reads grants."""
+GRANTS_FILE_KEY: Final = GRANTS_FILE.encode()
+"""What the control plane's grants file (`--grants`) last wrote: `{"grants": {NAME: sha256 of the stored value}}`.
+Outside GRANTS_PREFIX (no grant reader sees it); like the grants, only the control plane (etcd root) reads it."""
 _MAX_TXN_OPS: Final = 128  # etcd's default --max-txn-ops
+_SEED_ATTEMPTS: Final = 3
 _NAME = "^[a-z0-9][a-z0-9._-]{0,62}$"
 _GLOBS = {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1, "maxLength": 512}}
 _GRANT_SCHEMA: dict[str, Any] = {
@@ -252,7 +258,8 @@ async def put_grants(etcd: Any, grantset_doc: GrantSet | Mapping[str, Any], *, r
     """Write each grant to /hivemesh/grants/<name> in one transaction (all or nothing).
 
     With replace=True, grants not in the document are deleted in the same transaction, so the document
-    becomes the whole grant set. Returns the number of grants written.
+    becomes the whole grant set, including those `hivemesh allow` wrote: the control plane's grants file uses
+    `seed_grants` instead. Returns the number of grants written.
     """
     gs = grantset_doc if isinstance(grantset_doc, GrantSet) else GrantSet.from_doc(grantset_doc)
     ops: list[Any] = []
@@ -272,3 +279,107 @@ async def put_grants(etcd: Any, grantset_doc: GrantSet | Mapping[str, Any], *, r
     if ops:
         await etcd.transaction(compare=[], success=ops, failure=[])
     return len(gs.grants)
+
+
+@dataclass(frozen=True)
+class SeedResult:
+    """What `seed_grants` did, by grant name."""
+
+    written: tuple[str, ...] = ()
+    """Created, or updated to what the file says."""
+    deleted: tuple[str, ...] = ()
+    """Dropped from the file, and still as the file wrote them."""
+    kept: tuple[str, ...] = ()
+    """Dropped from the file but changed since the file wrote them: someone else's now, left in place."""
+    taken: tuple[str, ...] = ()
+    """Written (in written too) over a grant of that name the file had not written: the file's from now on."""
+    unchanged: int = 0
+
+    def summary(self) -> str:
+        parts = [f"{len(self.written)} written", f"{self.unchanged} unchanged", f"{len(self.deleted)} deleted"]
+        return ", ".join(parts) + "".join(f" ({what}: {', '.join(names)})" for what, names in (
+            ("written", self.written), ("deleted", self.deleted)) if names)
+
+
+def _digest(value: bytes) -> str:
+    return hashlib.sha256(value).hexdigest()
+
+
+def _file_owned(kv: Any) -> dict[str, str]:
+    """name -> digest of what the grants file wrote, from GRANTS_FILE_KEY's value; {} if there is none or it is
+    unreadable (then nothing is deleted: a grant the file dropped stays until `hivemesh policy delete grants`)."""
+    if kv is None:
+        return {}
+    try:
+        owned = json.loads(kv.value)["grants"]
+        if isinstance(owned, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in owned.items()):
+            return owned
+    except (ValueError, KeyError, TypeError):
+        pass
+    log.warning("ignoring unreadable %s: no grant the grants file dropped is deleted this time",
+                GRANTS_FILE_KEY.decode())
+    return {}
+
+
+async def seed_grants(etcd: Any, grants: GrantSet) -> SeedResult:
+    """Make the store hold the grants file's grants, and leave every other grant alone (one transaction).
+
+    The file owns the grants it names: each is created or overwritten to what the file says. Grants the file does
+    not name were written by `hivemesh allow` or `hivemesh policy apply` and are not the file's to delete (the
+    file used to replace the whole set, so every restart of `hivemesh up` removed what `allow` had added). The
+    file's grants are recorded at GRANTS_FILE_KEY, so one the file stops naming is deleted, but only while it
+    still holds what the file wrote: edited since, it is someone's own and stays (logged). Nothing changed, nothing
+    is written: a second replica starting with the same file moves no revision. Compare-and-swap on every key it
+    read, retried when another writer (a replica starting at the same time) got in between.
+    """
+    t = etcd.transactions
+    for _attempt in range(_SEED_ATTEMPTS):
+        marker = await etcd.get(GRANTS_FILE_KEY)
+        owned = _file_owned(marker)
+        stored = {kv.key[len(GRANTS_PREFIX):].decode("utf-8", "replace"): kv
+                  for kv in await etcd.get_prefix(GRANTS_PREFIX)}
+        compares: list[Any] = [t.mod(GRANTS_FILE_KEY) == int(marker.mod_revision) if marker is not None
+                               else t.version(GRANTS_FILE_KEY) == 0]
+        ops: list[Any] = []
+        wanted: dict[str, str] = {}
+        written: list[str] = []
+        taken: list[str] = []
+        deleted: list[str] = []
+        kept: list[str] = []
+        unchanged = 0
+        for g in grants.grants:
+            key = GRANTS_PREFIX + g.name.encode()
+            value = json.dumps(g.to_doc(), sort_keys=True).encode("utf-8")
+            wanted[g.name] = _digest(value)
+            current = stored.get(g.name)
+            if current is not None and current.value == value:
+                unchanged += 1
+                continue
+            if current is not None and owned.get(g.name) != _digest(current.value):
+                taken.append(g.name)
+            compares.append(t.mod(key) == int(current.mod_revision) if current is not None else t.version(key) == 0)
+            ops.append(t.put(key, value))
+            written.append(g.name)
+        for name, digest in sorted(owned.items()):
+            current = stored.get(name)
+            if name in wanted or current is None:
+                continue
+            if _digest(current.value) != digest:
+                kept.append(name)
+                continue
+            key = GRANTS_PREFIX + name.encode()
+            compares.append(t.mod(key) == int(current.mod_revision))
+            ops.append(t.delete(key))
+            deleted.append(name)
+        if wanted != owned:
+            ops.append(t.put(GRANTS_FILE_KEY, json.dumps({"grants": wanted}, sort_keys=True).encode("utf-8")))
+        result = SeedResult(tuple(written), tuple(deleted), tuple(kept), tuple(taken), unchanged)
+        if not ops:
+            return result
+        if max(len(ops), len(compares)) > _MAX_TXN_OPS:
+            raise InvalidInputError(f"too many grant changes to apply atomically ({len(ops)} operations; etcd allows "
+                                    f"{_MAX_TXN_OPS}): split the grants file's changes over several starts")
+        ok, _responses = await etcd.transaction(compare=compares, success=ops, failure=[])
+        if ok:
+            return result
+    raise FailedPreconditionError("the grants kept changing while the grants file was loaded; start again")

@@ -30,7 +30,7 @@ from hivemesh.controlplane.ca import CaFiles, CertificateAuthority, ensure_contr
 from hivemesh.controlplane.ca_rotation import CaRotation
 from hivemesh.controlplane.etcd_certs import controlplane_etcd_tls
 from hivemesh.controlplane.etcd_hedge import HedgedEtcd
-from hivemesh.controlplane.grants import GrantSet, load_grants, put_grants
+from hivemesh.controlplane.grants import GrantSet, load_grants, seed_grants
 from hivemesh.controlplane.issuer import MAX_TTL_S, SigningKeys, TokenIssuer
 from hivemesh.controlplane.metrics import ControlPlaneMetrics
 from hivemesh.controlplane.replicas import EXTENSION as REPLICAS
@@ -106,7 +106,8 @@ class ControlPlaneConfig:
     join_port: int = 0
     """Server-TLS port serving Join (0: any free port)."""
     grants_file: Path | None = None
-    """When given, its grants replace those in etcd at start (the file is authoritative)."""
+    """When given, its grants are written to etcd at start; grants it does not name (`hivemesh allow`, `policy
+    apply`) stay, and one it stops naming is deleted if it still holds what the file wrote (`seed_grants`)."""
     cert_ttl_s: int = 3600
     """Lifetime of workload certificates."""
     token_ttl_s: int = 300
@@ -514,9 +515,15 @@ class ControlPlaneServer:
             issuer = TokenIssuer(keys, ca.trust_domain, default_ttl_s=cfg.token_ttl_s)
             await keys.publish(self.etcd, CaRotation(cfg.certs_dir).signers(ca))  # signed by the roots
             await self.etcd.put(CA_KEY, ca.bundle_pem())
-            if grants is not None:
-                count = await put_grants(self.etcd, grants, replace=True)
-                log.info("loaded %d grant(s) from %s", count, cfg.grants_file)
+            if grants is not None:  # the file's own grants only: allow's and policy apply's stay (seed_grants)
+                seeded = await seed_grants(self.etcd, grants)
+                log.info("grants file %s: %s", cfg.grants_file, seeded.summary())
+                for name in seeded.taken:
+                    log.warning("grants file %s replaced grant %s, which it had not written: it is the file's now",
+                                cfg.grants_file, name)
+                for name in seeded.kept:
+                    log.warning("grant %s is no longer in grants file %s but was changed since the file wrote it: "
+                                "kept (`hivemesh policy delete grants %s` removes it)", name, cfg.grants_file, name)
             core = Core(cfg, ca, issuer, self.etcd, etcd_tls)
             core.server_cert = (cp_cert, cp_key)
             self._core = core

@@ -12,6 +12,7 @@ prefix                 read                                write
 agents/                every workload (the registry)       agent X: only agents/X/ (its instances)
 policies/              every workload                      control plane
 grants/                control plane                       control plane
+grants-file            control plane                       control plane
 trust/                 every workload                      control plane
 revoked/               every workload                      control plane
 join/                  control plane                       control plane

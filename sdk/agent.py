@@ -304,7 +304,10 @@ class Agent:
 
     def card(self) -> agent_pb2.AgentCard:
         """The agent card published in the registry and returned by Describe."""
-        doc = self.description or (inspect.getdoc(type(self)) or "").split("\n\n")[0]
+        # The class's own docstring only: inspect.getdoc would inherit one, so an agent without a docstring
+        # advertised Agent's ("Base class of SDK agents ...") or its parent agent's.
+        own = type(self).__doc__  # every class has its own __doc__ (None without a docstring)
+        doc = self.description or (inspect.cleandoc(own) if own else "").split("\n\n")[0]
         return agent_pb2.AgentCard(
             name=self.name,
             version=self.version,

@@ -22,7 +22,9 @@ from hivemesh.mesh.settings import DEFAULT_TRUST_DOMAIN, MeshSettings
 @click.option("--port", default=0, show_default=True, help="mTLS port (0: any free port).")
 @click.option("--join-port", default=0, show_default=True, help="Join port, server-TLS only (0: any free port).")
 @click.option("--grants", "grants_file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-              help="Grant file (YAML) loaded into etcd at start.")
+              help="Grant file (YAML) written to etcd at start: the grants it names (grants it does not name, from "
+                   "hivemesh allow or policy apply, stay; one removed from the file is deleted while still as "
+                   "the file wrote it).")
 @click.option("--cert-ttl", default=3600, show_default=True, help="Workload certificate lifetime, seconds.")
 @click.option("--retention", envvar="HIVEMESH_RETENTION", default="", metavar="NAME=DURATION,...",
               help="What etcd keeps how long, e.g. 'workflows=1d,escalations=30d,history=10m'; 'off' disables "
