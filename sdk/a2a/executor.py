@@ -21,11 +21,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from a2a.helpers import new_data_part, new_task_from_user_message, new_text_part
 from a2a.server.agent_execution import AgentExecutor, RequestContext
@@ -34,6 +36,7 @@ from a2a.server.events import EventQueue
 from a2a.server.tasks import TaskUpdater
 from a2a.types import Artifact, Message, Part, Role, Task, TaskState
 from a2a.utils.errors import InvalidParamsError
+from google.protobuf import json_format
 from google.protobuf.json_format import MessageToDict, ParseDict
 from google.protobuf.struct_pb2 import Struct
 
@@ -79,26 +82,173 @@ def _ints(value: Any) -> Any:
     return value
 
 
+_STRICT: Final = json.JSONEncoder(allow_nan=False, check_circular=False)
+"""Raises ValueError on NaN or Infinity, which a protobuf Value holds but a2a-sdk's JSON writer then refuses."""
+_ESCAPED: Final = json.JSONEncoder(check_circular=False)
+"""JSON text in ASCII: a lone surrogate written as its escape (UTF-8, so a protobuf string, has no place for it)."""
+_SIMPLE_KEY: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
+_MAX_PATH: Final = 300
+
+
+def _lone(text: str) -> bool:
+    """Whether text holds a lone surrogate (half of a UTF-16 pair, which no UTF-8 text, and so no protobuf string or
+    A2A part, can hold; json reads one from a `\\ud800` escape, or from bytes UTF-8 has no place for)."""
+    if text.isascii():
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _path(links: list[tuple[int, str | int]], node: int) -> str:
+    """The path to node (`parts[0].data.seconds[1]`), its keys clipped and escaped to ASCII."""
+    segments: list[str] = []
+    while node >= 0:
+        parent, key = links[node]
+        if isinstance(key, int):
+            segments.append(f"[{key}]")
+        elif _SIMPLE_KEY.fullmatch(key):
+            segments.append(f".{key}")
+        else:
+            segments.append(f"[{_ESCAPED.encode(_clip(key, 40))}]")
+        node = parent
+    path = "".join(reversed(segments)).removeprefix(".")
+    return path if len(path) <= _MAX_PATH else "..." + path[-_MAX_PATH:]
+
+
+def _where(path: str) -> str:
+    """A path `uncarried` found, as said in a message: `.text`, `[0].n`, or "the top"."""
+    return "the top" if not path else path if path.startswith(("[", "...")) else "." + path
+
+
+def uncarried(value: Any, *, numbers: bool = True) -> tuple[str, str] | None:
+    """(where, what) of the first thing in value (a parsed JSON value) that an A2A part cannot carry: a lone surrogate
+    (in a string or a key), and with numbers, NaN, Infinity (json reads `1e999` as that) or a whole number past a
+    double (a protobuf Value holds every number as a double); None when there is none. Iterative, and paths are
+    built only for what is found: a request may nest as deep as json reads."""
+    links: list[tuple[int, str | int]] = []
+    todo: list[tuple[Any, int]] = [(value, -1)]
+    while todo:
+        item, node = todo.pop()
+        kind = type(item)
+        if kind is str:
+            if _lone(item):
+                return _path(links, node), "a lone surrogate"
+        elif kind is float:
+            if numbers and not math.isfinite(item):
+                return _path(links, node), ("NaN (not a number JSON has)" if math.isnan(item) else
+                                            f"a number out of a double's range ({'-' if item < 0 else ''}Infinity)")
+        elif kind is int:
+            if numbers and item.bit_length() > 1000:
+                try:
+                    float(item)
+                except OverflowError:
+                    return _path(links, node), "a number out of a double's range"
+        elif kind is dict:
+            children = []
+            for key, child in item.items():
+                if isinstance(key, str) and _lone(key):
+                    return _path(links, node), "a key with a lone surrogate"
+                links.append((node, key))
+                children.append((child, len(links) - 1))
+            todo.extend(reversed(children))  # popped in document order: the first one found is the first written
+        elif kind is list:
+            start = len(links)
+            links.extend((node, n) for n in range(len(item)))
+            todo.extend((item[n], start + n) for n in range(len(item) - 1, -1, -1))
+    return None
+
+
+def _said(text: str) -> Part:
+    """A text part of words the gateway passes on (a reason, an error message), a lone surrogate escaped."""
+    return new_text_part(text.encode("utf-8", "backslashreplace").decode() if _lone(text) else text)
+
+
 def parts_of(value: Any) -> list[Part]:
-    """A mesh answer as A2A parts: text for a string, a data part for anything else JSON."""
-    return [new_text_part(value)] if isinstance(value, str) else [new_data_part(value, "application/json")]
+    """A mesh answer as A2A parts: text for a string, a data part for anything else JSON. An answer a part cannot
+    hold as such (a lone surrogate, a number a Value cannot hold or a2a-sdk cannot write, nesting past protobuf's
+    100 levels) is carried as a text part of its JSON (`_carried`): the agent's run did complete."""
+    try:
+        if isinstance(value, str):
+            return [new_text_part(value)]  # UnicodeEncodeError: a lone surrogate
+        _STRICT.encode(value)  # ValueError: NaN or Infinity
+        return [new_data_part(value, "application/json")]  # UnicodeEncodeError, OverflowError, ParseError (depth)
+    except (ValueError, OverflowError, RecursionError, json_format.ParseError) as exc:
+        return [_carried(value, exc)]
+
+
+def _carried(value: Any, exc: BaseException) -> Part:
+    """value as a text part of its JSON in ASCII (a lone surrogate as its escape, a large number in all its digits;
+    NaN and Infinity, which JSON has no words for, as Python's json writes them), marked
+    `{"hivemesh": {"carried_as": "json-text", "why": ...}}`, and a warning logged (no traceback)."""
+    found = uncarried(value)
+    if found is not None:
+        why = f"{found[1]} at {_where(found[0])}"
+    elif isinstance(exc, json_format.ParseError | RecursionError):
+        why = "nested deeper than a data part may be (protobuf parses 100 levels, about 2 per JSON level)"
+    else:
+        why = f"{type(exc).__name__}: {_clip(str(exc), MAX_ECHOED * 2)}".encode("utf-8", "backslashreplace").decode()
+    log.warning("an agent's answer is carried over A2A as JSON text: a data part cannot hold it (%s)", why)
+    try:
+        text = _ESCAPED.encode(value)
+    except (ValueError, TypeError, RecursionError) as err:  # not from a JSON answer; yet never a failed task
+        text = json.dumps(f"the answer could not be written as JSON: {type(err).__name__}")
+    part = new_text_part(text, "application/json")
+    part.metadata.update({"hivemesh": {"carried_as": "json-text", "why": why}})
+    return part
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: JSON's grammar, yet no number a reader can hold
+        raise ValueError(f"{text} is out of a double's range")
+    return value
+
+
+def text_input(texts: list[str]) -> tuple[Any, str]:
+    """(the input a message's texts carry, "" or what in it no text can carry): their JSON (joined by newlines) when
+    it is strict JSON, else {"text": ...}. NaN, Infinity and 1e999 json reads, yet they are not JSON (the mesh
+    refuses to send them): such a text is plain text. A lone surrogate can only come of an escape in the JSON (a
+    text part is UTF-8): "a lone surrogate at .text", which the caller is refused."""
+    text = "\n".join(texts)
+    try:
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+    except (ValueError, RecursionError):  # not strict JSON (or nested past what json reads): plain text
+        return {"text": text}, ""
+    found = uncarried(value, numbers=False) if "\\u" in text else None
+    return value, "" if found is None else f"{found[1]} at {_where(found[0])}"
 
 
 def payload_of(message: Message) -> Any:
-    """The JSON input a message carries (its first data part, else its text)."""
-    texts: list[str] = []
-    for part in message.parts:
+    """The JSON input a message carries: its first data part, else its texts (`text_input`). A data part holding NaN
+    or Infinity (a Value holds them; the mesh sends JSON), or texts whose JSON holds a lone surrogate, are invalid
+    params, before any call (the gateway refuses both in the request already, naming where: `gateway._check_json`;
+    a2a-sdk logs a traceback for an error raised here)."""
+    texts: list[tuple[int, str]] = []
+    for n, part in enumerate(message.parts):
         if part.HasField("data"):
-            return _ints(MessageToDict(part.data))
-        if part.HasField("text"):
-            texts.append(part.text)
+            try:
+                return _ints(MessageToDict(part.data))
+            except ValueError:
+                raise InvalidParamsError(message=f"data part {n} holds NaN or Infinity, which JSON cannot carry "
+                                                 "(send a number, or a string)") from None
+        if part.HasField("text"):  # a protobuf string: UTF-8, so no lone surrogate in the text itself
+            texts.append((n, part.text))
     if not texts:
         raise InvalidParamsError(message="the message carries neither a data part nor text")
-    text = "\n".join(texts)
-    try:
-        return json.loads(text)
-    except (json.JSONDecodeError, RecursionError):  # not JSON (or nested past what json reads): plain text
-        return {"text": text}
+    value, problem = text_input([t for _, t in texts])
+    if problem:
+        raise InvalidParamsError(message=f"text part{'s' if len(texts) > 1 else ''} "
+                                         f"{', '.join(str(n) for n, _ in texts)} hold{'' if len(texts) > 1 else 's'} "
+                                         f"JSON with {problem}, which no UTF-8 text can carry (send the character "
+                                         "itself)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -120,14 +270,14 @@ def outcome_of(run: WorkflowState) -> Outcome:
         return Outcome(TaskState.TASK_STATE_COMPLETED,
                        artifact=None if streaming else parts_of(run.output))
     if run.state == "REJECTED":
-        return Outcome(TaskState.TASK_STATE_REJECTED, [new_text_part(run.reason or "rejected")])
+        return Outcome(TaskState.TASK_STATE_REJECTED, [_said(run.reason or "rejected")])
     if run.state == "CANCELED":
-        return Outcome(TaskState.TASK_STATE_CANCELED, [new_text_part(run.reason or "canceled")])
+        return Outcome(TaskState.TASK_STATE_CANCELED, [_said(run.reason or "canceled")])
     if run.state == "FAILED":
         err = run.error or {}
         code, reason = str(err.get("code", "INTERNAL")), str(err.get("reason", "AGENT_ERROR"))
         return Outcome(TaskState.TASK_STATE_REJECTED if code in REFUSED else TaskState.TASK_STATE_FAILED,
-                       [new_text_part(f"{reason}: {err.get('message', '')}")],
+                       [_said(f"{reason}: {err.get('message', '')}")],
                        {"hivemesh": {"reason": reason, "grpc_code": code}})
     ask = open_ask(run)  # a resumed run waiting on a person says WORKING, yet waits all the same
     if ask is not None:

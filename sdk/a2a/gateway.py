@@ -10,9 +10,10 @@ Routes (bind 127.0.0.1 by default; the advertised URL is separate, "bind is not 
 Cards are built from the registry on each request, so they follow agents coming and going. JSON-RPC calls
 are authenticated first (client certificate + bearer token, see `auth`); unauthenticated ones get HTTP 401 with
 a JSON-RPC error (-32600, `data.reason` UNAUTHENTICATED, id null: their body is never read) and never reach a
-task; a body over `MAX_BODY_BYTES` gets HTTP 413, JSON nested past `MAX_JSON_DEPTH` -32602. Each task is a
-durable workflow run of the gateway's identity (`executor`, `tasks`) and its A2A document is kept in etcd beside the run
-(`taskstore`), so tasks, their escalations and their answers outlive a gateway restart.
+task; a body over `MAX_BODY_BYTES` gets HTTP 413, JSON nested past `MAX_JSON_DEPTH` or holding what a part
+cannot carry (a lone surrogate, NaN, Infinity: `_check_json`) -32602. Each task is a durable workflow run of the
+gateway's identity (`executor`, `tasks`) and its A2A document is kept in etcd beside the run (`taskstore`), so
+tasks, their escalations and their answers outlive a gateway restart.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Final
 
+import orjson
 import uvicorn
 from a2a.server.context import ServerCallContext
 from a2a.server.request_handlers import DefaultRequestHandler
@@ -48,7 +50,7 @@ from hivemesh.sdk.a2a.auth import (
     refusal,
 )
 from hivemesh.sdk.a2a.cards import build_card, offered_by
-from hivemesh.sdk.a2a.executor import MeshAgentExecutor
+from hivemesh.sdk.a2a.executor import MeshAgentExecutor, text_input, uncarried
 from hivemesh.sdk.a2a.taskstore import EtcdTaskStore
 from hivemesh.sdk.a2a.tlsfiles import GatewayTls
 from hivemesh.sdk.client import MeshClient
@@ -275,27 +277,85 @@ async def _bounded_body(request: Request) -> bytes | None:
 
 
 def _check_json(body: bytes) -> JSONResponse | None:
-    """The error for JSON nested too deeply (None when fine, or malformed: a2a-sdk answers that -32700).
-    json itself stops near 1,000 levels (RecursionError: -32700 here); protobuf's ParseDict, which a2a-sdk
-    parses params with, stops at 100 of its own levels (about 2 per JSON level), which a2a-sdk answers
-    -32603 as if the gateway failed: past MAX_JSON_DEPTH the caller is told its params are invalid."""
-    if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:
-        return None  # not enough brackets to nest that deep: no need to parse here
+    """The error for a body a2a-sdk would read, and then fail on as if the gateway failed (-32603, a traceback in
+    the log); None when fine, or malformed (a2a-sdk answers that -32700):
+    - JSON nested too deeply: json itself stops near 1,000 levels (RecursionError: -32700 here); protobuf's
+      ParseDict, which a2a-sdk parses params with, stops at 100 of its own levels (about 2 per JSON level): past
+      MAX_JSON_DEPTH the caller is told its params are invalid;
+    - values json reads but JSON, a protobuf string or a Value cannot carry (`executor.uncarried`): a lone surrogate
+      (a `\\ud800` escape, or bytes UTF-8 has no place for: a2a-sdk's 0.3 adapter fails on it), NaN and Infinity
+      (not JSON; json reads them, and `1e999` as Infinity: a Value holds them, JSON writers then fail), a whole
+      number past a double: -32602 naming where;
+    - a text part whose JSON holds a lone surrogate (`{"text": "\\ud800"}` as text): payload_of refuses it, but
+      from inside a2a-sdk's task, which logs a traceback for it: -32602 naming the part.
+    orjson reads strict JSON only and refuses all of the values above, so a body it reads is walked only when it
+    has enough brackets to nest too deep; one it refuses is read again as a2a-sdk reads it (json) to say why."""
     try:
-        value = json.loads(body)
-    except RecursionError:
-        return JSONResponse({"jsonrpc": "2.0", "id": None, "error": {
-            "code": PARSE_ERROR, "message": "parse error: the JSON is nested too deeply"}})
-    except (ValueError, UnicodeDecodeError):
-        return None
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        value = _NOT_STRICT
+    found: tuple[str, str] | None = None
+    if value is not _NOT_STRICT:
+        if b"\\\\u" in body:  # a text holding a backslash-u: its JSON may hold a lone surrogate
+            found = _text_flaw(value)
+        if found is None and body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:
+            return None  # not enough brackets to nest that deep: no need to walk it
+    else:
+        try:
+            value = json.loads(body)
+        except RecursionError:
+            return JSONResponse({"jsonrpc": "2.0", "id": None, "error": {
+                "code": PARSE_ERROR, "message": "parse error: the JSON is nested too deeply"}})
+        except (ValueError, UnicodeDecodeError):
+            return None
+        found = uncarried(value) or _text_flaw(value)
+    rid = _request_id(value)
+    if found is not None:
+        return JSONResponse({"jsonrpc": "2.0", "id": rid, "error": {
+            "code": INVALID_PARAMS, "message": f"invalid params: {found[0] or 'the request'} holds {found[1]}, which "
+                                               "an A2A message cannot carry (JSON has no NaN or Infinity, a part's "
+                                               "numbers are doubles and its text is UTF-8)"}})
     depth = _depth(value)
     if depth <= MAX_JSON_DEPTH:
         return None
-    rid = value.get("id") if isinstance(value, dict) else None
-    rid = rid if isinstance(rid, str | int) and not isinstance(rid, bool) else None
     return JSONResponse({"jsonrpc": "2.0", "id": rid, "error": {
         "code": INVALID_PARAMS, "message": f"invalid params: the request nests {depth} levels deep; at most "
                                            f"{MAX_JSON_DEPTH} are accepted (flatten the data part)"}})
+
+
+_NOT_STRICT: Final = object()
+
+
+def _text_flaw(request: Any) -> tuple[str, str] | None:
+    """(where, what) when the request sends a message whose input is its texts (no data part: `payload_of`) and their
+    JSON holds what no text can carry (`text_input`)."""
+    params = request.get("params") if isinstance(request, dict) else None
+    message = params.get("message") if isinstance(params, dict) else None
+    parts = message.get("parts") if isinstance(message, dict) else None
+    if not isinstance(parts, list):
+        return None
+    texts: list[tuple[int, str]] = []
+    for n, part in enumerate(parts):
+        if isinstance(part, dict):
+            if "data" in part:
+                return None  # the input is the data part (checked with the rest of the request)
+            if isinstance(part.get("text"), str):
+                texts.append((n, part["text"]))
+    if not texts:
+        return None
+    _, problem = text_input([t for _, t in texts])
+    if not problem:
+        return None
+    where = ", ".join(f"params.message.parts[{n}].text" for n, _ in texts[:4]) + (", ..." if len(texts) > 4 else "")
+    return where, f"JSON with {problem}"
+
+
+def _request_id(request: Any) -> str | int | None:
+    """The request's id, to answer with: None when it has none that the answer could carry (a lone surrogate)."""
+    rid = request.get("id") if isinstance(request, dict) else None
+    if isinstance(rid, bool) or not isinstance(rid, str | int) or uncarried(rid) is not None:
+        return None
+    return rid
 
 
 def _depth(value: Any) -> int:
