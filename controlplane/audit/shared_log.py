@@ -14,6 +14,8 @@ Every replica keeps a full copy (`AuditStore`'s directory); etcd holds the order
   replica serves queries, exports and verification of the whole log, and a new leader continues its chain.
 - One checkpoint key for the mesh (`AUDIT_CHECKPOINT_KEY`, root only, like the token keys): the leader alone
   signs checkpoints, commits each as `AUDIT_CHECKPOINTS/<no>` fenced by its term, and every replica copies them.
+  A copy that lacks checkpoints etcd no longer holds (a new replica's, or one down while they were trimmed)
+  takes the chain up at the oldest etcd holds, once that checkpoint proves its log (`_copy_checkpoints_locked`).
 - Trimming: the leader deletes batches every live replica has applied (each publishes how far it got under a
   leased `AUDIT_APPLIED/<replica>`) once they are `min_age_s` old (None: never for age), and beyond `max_bytes`
   of entries in any case (each batch carries its byte offset in the log, the same in every copy). A replica
@@ -463,12 +465,36 @@ class SharedLog:
         return await (fn(self.etcd) if self._writes is None else self._writes(fn))
 
     async def _copy_checkpoints_locked(self) -> None:
+        """Copy the checkpoints this copy lacks, each linking to the one before it. When etcd no longer holds the
+        next one (trimming keeps only the newest every live replica copied, so a replica that starts empty, or
+        was down meanwhile, meets a later one), the oldest etcd holds is adopted if it proves this copy's log
+        (`AuditStore.adopt_checkpoint_locked`: the mesh key's signature, over this copy's hash at its seq), and
+        the rest link on from it. One that does not prove it stops this replica from serving audit (a
+        checkpoint it cannot match is no proof of what it serves); it never signs past such a checkpoint."""
         store = self.store
         reply = await self._range(seq_key(AUDIT_CHECKPOINTS, store.checkpoint_no + 1), _prefix_end(AUDIT_CHECKPOINTS))
         for kv in reply.kvs:
-            cp = json.loads(kv.value)
-            if int(cp["log_seq"]) > store.seq:
+            where = bytes(kv.key).decode(errors="replace")
+            try:
+                cp = json.loads(kv.value)
+                covers, number = int(cp["log_seq"]), int(cp["checkpoint"])
+            except (ValueError, RecursionError, KeyError, TypeError):
+                raise FailedPreconditionError(f"the mesh-wide log's checkpoint at {where} is unreadable") from None
+            if covers > store.seq:
                 break  # its entries are not here yet
+            if number > store.checkpoint_no + 1:
+                lacked = store.checkpoint_no
+                try:
+                    await store.adopt_checkpoint_locked(cp)
+                except FailedPreconditionError as err:
+                    self._stop_serving(
+                        f"this replica's audit copy (seq {store.seq}) cannot take up the mesh-wide log's checkpoints "
+                        f"at {where} (those before it were trimmed from etcd): {err}; it serves no audit log "
+                        f"until {store.dir} is restored from a live replica whose `hivemesh audit verify` passes")
+                log.warning("audit checkpoints: took up the mesh-wide chain at checkpoint %d (etcd trimmed %d..%d "
+                            "before this copy had them): it signs this copy's hash at seq %d", number, lacked + 1,
+                            number - 1, covers)
+                continue
             store.keep_checkpoint(cp)
 
     async def checkpoint_locked(self, *, caught_up: bool = False) -> dict[str, Any] | None:

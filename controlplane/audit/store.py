@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from hivemesh.controlplane.audit.checkpoints import (
     LogReport,
+    checkpoint_problem,
     key_id,
     load_or_create_checkpoint_key,
     sign_checkpoint,
@@ -682,6 +683,70 @@ class AuditStore:
         self._checkpoint_sig = cp["sig"]
         self._checkpoint_seq = int(cp["log_seq"])
         self.checkpoint_at = time.time()
+
+    async def adopt_checkpoint_locked(self, cp: dict[str, Any]) -> None:
+        """Go on from cp, a checkpoint later than the next one this copy lacks (etcd trimmed those between: every
+        live replica had them, and this copy was empty or down), only if it proves this very log: signed with
+        the mesh's checkpoint key, and its head the hash of this copy's entry at its seq (which chains every
+        entry before it, so it proves all the trimmed checkpoints did). Raises FailedPreconditionError saying
+        why not.
+
+        Its link to the one before it cannot be checked here (no copy of that one is left to link to): the
+        checkpoints after it are kept (`keep_checkpoint`) only if they link on from it. checkpoints.jsonl then
+        starts with it, so it stays one unbroken chain (`verify_log` reads it so); this copy's earlier
+        checkpoints, if any, are kept aside in `checkpoints.before-<no>.jsonl`."""
+        if self._cp_fd is None:
+            raise FailedPreconditionError("the audit store is closed")
+        number, log_seq = cp.get("checkpoint"), cp.get("log_seq")
+        problem = checkpoint_problem(cp, self.public_key, number if isinstance(number, int) else "?")
+        if problem:
+            raise FailedPreconditionError(problem)
+        if not isinstance(number, int) or number <= self._checkpoint_no + 1:
+            raise FailedPreconditionError(f"checkpoint {number!r} does not follow checkpoint {self._checkpoint_no}")
+        assert isinstance(log_seq, int)  # checkpoint_problem: a whole number
+        prev_sig, head = cp.get("prev_sig"), cp.get("head")
+        if not isinstance(prev_sig, str) or not prev_sig or not isinstance(head, str):
+            raise FailedPreconditionError(f"checkpoint {number} is malformed: no head, or no link to checkpoint "
+                                          f"{number - 1}")
+        if log_seq < self._checkpoint_seq or log_seq > self.seq:
+            raise FailedPreconditionError(
+                f"checkpoint {number} covers seq {log_seq}, but this copy holds seq {self.seq} and its checkpoint "
+                f"{self._checkpoint_no} covers seq {self._checkpoint_seq}")
+        mine = await asyncio.to_thread(self._hash_at, log_seq)
+        if mine != head:
+            raise FailedPreconditionError(
+                f"checkpoint {number} does not match this copy of the log: it signs hash {head[:16]}... at seq "
+                f"{log_seq}, where this copy's entry hash is {(mine or 'missing')[:16]}...")
+        if self._fd is not None:
+            os.fsync(self._fd)  # a checkpoint never covers entries that are not on disk
+        if self._checkpoint_no:
+            aside = self.dir / f"checkpoints.before-{number}.jsonl"
+            os.replace(self.checkpoints_path, aside)  # (a crash next: no file, so the next sync adopts again)
+            log.warning("audit checkpoints: this copy's checkpoints 1..%d are kept aside in %s; checkpoints "
+                        "%d..%d were trimmed from etcd while it was away", self._checkpoint_no, aside,
+                        self._checkpoint_no + 1, number - 1)
+        write_private(self.checkpoints_path, canonical(cp) + b"\n")
+        fd, self._cp_fd = self._cp_fd, os.open(self.checkpoints_path, os.O_WRONLY | os.O_APPEND, 0o600)
+        os.close(fd)
+        self._checkpoint_no = number
+        self._checkpoint_sig = cp["sig"]
+        self._checkpoint_seq = log_seq
+        self.checkpoint_at = time.time()
+
+    def _hash_at(self, seq: int) -> str | None:
+        """The hash of this copy's entry at seq (GENESIS at 0; None when it holds none there), read from the file
+        (a walk from its start: only adopting a checkpoint asks, once)."""
+        if seq == self.seq:
+            return self.head
+        if seq == 0:
+            return GENESIS
+        for raw in self.lines(after_seq=seq - 1):
+            try:
+                entry = json.loads(raw)
+            except (ValueError, RecursionError):
+                return None
+            return str(entry.get("hash")) if isinstance(entry, dict) and entry.get("seq") == seq else None
+        return None
 
     def _append_whole(self, fd: int, data: bytes) -> None:
         """Append one line to a checkpoint or head file, or nothing (a torn line is cut off again): raises OSError."""
