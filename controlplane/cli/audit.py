@@ -285,8 +285,10 @@ def _report(report: LogReport, as_json: bool, what: str, *, untrusted: str = "")
                   "be told apart", markup=True, highlight=False)
     else:
         head = f"; signed head {report.head_no} covers it" if report.head_no else ""
+        # A copy that took up the chain after older checkpoints were trimmed starts past 1: say so, not hide it.
+        since = f" (from checkpoint {report.first_checkpoint})" if report.first_checkpoint > 1 else ""
         out.print(f"[green]OK[/green] {escape(clean(what))}: {report.entries} entries, {report.sources} source "
-                  f"chain(s), {report.checkpoints} signed checkpoint(s) checked; head seq {report.head_seq} "
+                  f"chain(s), {report.checkpoints} signed checkpoint(s){since} checked; head seq {report.head_seq} "
                   f"{escape(clean(report.head_hash[:16]))}…{escape(clean(head))}", markup=True, highlight=False)
     if not ok:
         sys.exit(1)
