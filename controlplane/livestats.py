@@ -337,8 +337,8 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def _same_instance(node: str, instance: str) -> bool:
-    """A breaker's `instance` label names a node called `<agent>/<instance id>`: the label is that same key (a bare
-    instance id from nodes before 5 Dec 2026)."""
+    """A breaker's `peer_instance` label names a node called `<agent>/<instance id>`: the label is that same key (a
+    bare instance id from nodes before 5 Dec 2026)."""
     return bool(instance) and (node == instance or node.endswith("/" + instance))
 
 
@@ -359,7 +359,8 @@ def compute(before: Sequence[Scrape], after: Sequence[Scrape], *, direction: str
         for key, labels in _select(w.now, "hivemesh_llm_cost_total"):
             mine.cost[labels.get("currency", "")] += w.increase(key) * per_s
         for key, labels in _select(w.now, "hivemesh_breaker_state"):
-            k = (labels.get("capability", ""), labels.get("instance", ""))
+            # `peer_instance`; `instance` from nodes before 6 Dec 2026 (read directly, never renamed by a scrape).
+            k = (labels.get("capability", ""), labels.get("peer_instance", labels.get("instance", "")))
             breakers[k] = max(breakers.get(k, 0), int(w.now[key]))
 
         def acc(labels: Mapping[str, str], node: str = node, rated: bool = w.has_rates) -> _Acc:

@@ -15,9 +15,11 @@ burns fast over both a long and a short window, open a ticket when it burns slow
           window_days: 28
 
 Availability counts the codes that are the mesh's or the agent's fault (UNAVAILABLE, INTERNAL, UNKNOWN,
-DEADLINE_EXCEEDED, DATA_LOSS, RESOURCE_EXHAUSTED when shed or rate-limited); a caller's own mistakes
+DEADLINE_EXCEEDED, DATA_LOSS, RESOURCE_EXHAUSTED when shed or rate-limited), except an UNAVAILABLE
+STALE_REGISTRATION refusal (the call goes to another instance unrun); a caller's own mistakes
 (INVALID_ARGUMENT, PERMISSION_DENIED, UNAUTHENTICATED, NOT_FOUND, FAILED_PRECONDITION) spend no budget.
 The latency threshold must be one of the histogram's bucket bounds, so the ratio is exact, not interpolated.
+A capability with calls and no failure has an error ratio of 0, not none.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from hivemesh.mesh.policy import PolicyDoc, PolicyError, PolicyKind
 
 KIND_NAME: Final = "slos"
 ERROR_CODES: Final = ("UNAVAILABLE", "INTERNAL", "UNKNOWN", "DEADLINE_EXCEEDED", "DATA_LOSS", "RESOURCE_EXHAUSTED")
+UNRUN_REASON: Final = "STALE_REGISTRATION"
+"""An instance's refusal of a call routed by a registration of it that is gone: the caller sends the call to another
+instance, unrun here, so it spends no budget (as in the HivemeshHighErrorRate alert and the dashboard)."""
 _THRESHOLDS_MS: Final = tuple(round(b * 1000, 3) for b in LATENCY_BUCKETS)
 
 
@@ -157,10 +162,13 @@ def render_rules(objs: Sequence[Objective]) -> dict[str, Any]:
         for w in RATE_WINDOWS:
             total = f"sum(rate(hivemesh_requests_total{{{_sel(cap)}}}[{w}]))"
             if o.availability is not None:
-                failed = _sel(cap, ',code=~"' + "|".join(ERROR_CODES) + '"')
+                failed = _sel(cap, ',code=~"' + "|".join(ERROR_CODES) + f'",reason!="{UNRUN_REASON}"')
+                # A code's series exists only from its first call: without `or`, a capability that never
+                # failed would have no ratio at all (an empty graph, not 0).
+                errors = f"sum(rate(hivemesh_requests_total{{{failed}}}[{w}]))"
                 record.append({
                     "record": f"hivemesh:slo_errors:ratio_rate{w}",
-                    "expr": f"sum(rate(hivemesh_requests_total{{{failed}}}[{w}])) / {total}",
+                    "expr": f"({errors} or {total} * 0) / {total}",
                     "labels": {"capability": cap, "slo": "availability"},
                 })
             if o.latency_threshold_s is not None:

@@ -261,10 +261,23 @@ def _admit(chain: InboundChain, call: Inbound, request: Any) -> None:
     chain.admit(call)
 
 
+_DEADLINE_SLACK_S = 0.1
+"""A handler cancelled with at most this much of its deadline left was cancelled by the deadline (see `_final_code`):
+the caller's own timer resets the stream when its deadline passes, which reaches the server just before the server's
+copy of it, as gRPC rounds the timeout it sends up (by at most 1 ms under 1 s, 10 ms under 10 s, 100 ms under
+100 s). Over 100 s, a timeout gRPC rounds up by more may still be recorded CANCELLED."""
+
+
 def _final_code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException | None) -> grpc.StatusCode:
+    """The code the call is recorded with. gRPC cancels a handler alike when its caller cancels and when the call's
+    deadline passes; past its deadline it is DEADLINE_EXCEEDED, as the caller sees it, so a hung or too-slow agent
+    spends availability budget. A caller's own cancel before then stays CANCELLED, which spends none."""
     if exc is None:
         return grpc.StatusCode.OK
     if isinstance(exc, asyncio.CancelledError):
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= _DEADLINE_SLACK_S:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
         return grpc.StatusCode.CANCELLED
     code = context.code()
     if isinstance(code, grpc.StatusCode):

@@ -144,9 +144,11 @@ class StateSpec:
 STATE: Final[Mapping[str, StateSpec]] = {
     "hivemesh_requests_in_flight": StateSpec("Calls started and not yet finished.", ("direction", "capability")),
     # resilience
+    # `peer_instance`, never `instance`: Prometheus sets `instance` (and `job`) on every series it scrapes, so
+    # a metric's own label of that name would be renamed `exported_instance` and grouped by scrape target.
     "hivemesh_breaker_state": StateSpec(
-        "Circuit breaker state: 0 closed, 1 half-open, 2 open (instance empty: the capability's own breaker).",
-        ("capability", "instance")),
+        "Circuit breaker state: 0 closed, 1 half-open, 2 open (peer_instance empty: the capability's own breaker).",
+        ("capability", "peer_instance")),
     "hivemesh_admission_queue_depth": StateSpec("Calls waiting for an in-flight slot of the agent.", ("agent",)),
     # registry and store
     "hivemesh_registry_live_instances": StateSpec("Live instances serving a capability.", ("capability",)),

@@ -322,7 +322,7 @@ class NodeMetrics:
 
         def breakers() -> Iterator[tuple[Mapping[str, str], float]]:
             for cap, inst, breaker in state.breakers():
-                yield {"capability": cap, "instance": inst}, _BREAKER_VALUE[breaker.state]
+                yield {"capability": cap, "peer_instance": inst}, _BREAKER_VALUE[breaker.state]
 
         def queues() -> Iterator[tuple[Mapping[str, str], float]]:
             for agent, waiting in state.queue_depths():

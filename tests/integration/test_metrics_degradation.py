@@ -70,7 +70,7 @@ async def test_the_caller_counts_each_fallback_and_each_cached_answer(
             assert miss.value.code == grpc.StatusCode.UNAVAILABLE
 
             # Breakers on the instance and on the capability: one more failure opens the capability's (2 = open,
-            # under instance=""); the instance's stays closed (0), as the last live instance is never ejected.
+            # under peer_instance=""); the instance's stays closed (0), as the last live instance is never ejected.
             await apply(etcd, "kind: breakers\nname: work\nspec: {capabilities: [work], instance: "
                         "{consecutive_failures: 1, open_ms: 600000, max_ejected_share: 1.0}, "
                         "capability: {consecutive_failures: 1, open_ms: 600000}}", nodes)
@@ -86,6 +86,6 @@ async def test_the_caller_counts_each_fallback_and_each_cached_answer(
     # Counted under the capability called, not under the one that answered.
     assert "hivemesh_fallbacks_total{capability=\"work-lite\"}" not in text
     assert "hivemesh_cached_answers_total{capability=\"work-lite\"}" not in text
-    assert sample(text, "hivemesh_breaker_state", capability="work", instance="") == 2
-    assert sample(text, "hivemesh_breaker_state", capability="work", instance=solo_id) == 0
+    assert sample(text, "hivemesh_breaker_state", capability="work", peer_instance="") == 2
+    assert sample(text, "hivemesh_breaker_state", capability="work", peer_instance=solo_id) == 0
     promtool_clean(text)

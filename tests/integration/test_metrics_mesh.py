@@ -156,8 +156,8 @@ async def test_every_node_exports_the_documented_series(orch: Orch, monkeypatch:
         promtool_clean(text)
         # Bounded labels: no call ids or free text, only the catalog's label names.
         for name in re.findall(r'(\w+)="', text):
-            assert name in {"direction", "capability", "caller", "code", "reason", "instance", "result", "model",
-                            "currency", "definition", "event", "packaging", "node", "le"}, name
+            assert name in {"direction", "capability", "caller", "code", "reason", "peer_instance", "result",
+                            "model", "currency", "definition", "event", "packaging", "node", "le"}, name
 
 
 async def test_a_workflow_run_is_counted_by_its_engines_node(orch: Orch) -> None:

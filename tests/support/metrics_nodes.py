@@ -79,8 +79,8 @@ def node_b() -> MeshMetrics:
     """echo/i-b: per batch 20 OK echo calls at 20 ms and 4 INTERNAL summarize calls at 3 s; as a caller, it
     reports echo's breaker half-open and its breaker to instance i-a open."""
     m = MeshMetrics(packaging="in-process", node="echo/i-b")
-    m.state.add("hivemesh_breaker_state", lambda: [({"capability": "echo", "instance": ""}, 1.0),
-                                                   ({"capability": "echo", "instance": "i-a"}, 2.0)])
+    m.state.add("hivemesh_breaker_state", lambda: [({"capability": "echo", "peer_instance": ""}, 1.0),
+                                                   ({"capability": "echo", "peer_instance": "i-a"}, 2.0)])
 
     def batch() -> None:
         _calls(m, "echo", 20, 0.02)

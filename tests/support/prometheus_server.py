@@ -33,17 +33,18 @@ scrape_configs:
 
 
 @contextlib.contextmanager
-def prometheus(tmp: Path, sd: Path) -> Iterator[str]:
-    """A Prometheus server scraping the file_sd folder sd; yields its base URL. Always stopped."""
+def prometheus(tmp: Path, sd: Path, *, config: str | None = None) -> Iterator[str]:
+    """A Prometheus server scraping the file_sd folder sd (or with config, a configuration of the test's own);
+    yields its base URL. Always stopped."""
     binary = shutil.which("prometheus")
     assert binary is not None, "Debian's prometheus package is required (./run installs it)"
     tmp.mkdir(parents=True, exist_ok=True)
-    config = tmp / "prometheus.yml"
-    config.write_text(CONFIG.replace("{sd}", str(sd)))
+    path = tmp / "prometheus.yml"
+    path.write_text(CONFIG.replace("{sd}", str(sd)) if config is None else config)
     port = free_port()
     log = (tmp / "prometheus.log").open("w")
     proc = subprocess.Popen(
-        [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
+        [binary, f"--config.file={path}", f"--storage.tsdb.path={tmp / 'tsdb'}",
          f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
         stdout=log, stderr=subprocess.STDOUT,
     )

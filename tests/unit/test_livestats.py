@@ -102,8 +102,9 @@ def test_breakers_callers_report_land_on_the_capability_and_on_its_instances() -
     served = MeshMetrics(packaging="sidecar", node="extract/i-1")
     _calls(served, "extract", 2, 0.01)
     caller = MeshMetrics(packaging="client", node="cli/i-9")
-    states = [({"capability": "extract", "instance": ""}, 1.0), ({"capability": "extract", "instance": "i-1"}, 2.0),
-              ({"capability": "extract", "instance": "i-gone"}, 2.0)]
+    states = [({"capability": "extract", "peer_instance": ""}, 1.0),
+              ({"capability": "extract", "peer_instance": "i-1"}, 2.0),
+              ({"capability": "extract", "peer_instance": "i-gone"}, 2.0)]
     caller.state.add("hivemesh_breaker_state", lambda: states)
     # The queue is the agent's (label `agent`, not a capability): it lands on the rows of the node that serves,
     # whatever the agent is called, and a queue on a node that serves nothing lands nowhere.
