@@ -49,7 +49,7 @@ KEEPALIVE_TIME_MS: Final = 30_000
 ~40 s (with `grpc.keepalive_timeout_ms`) a peer that vanished without closing it; half again the servers'
 minimum, for a ping that arrives late after one that arrived early. Data sent to a dead peer fails within the
 keepalive timeout as well: gRPC makes it the socket's TCP_USER_TIMEOUT."""
-SERVER_PING_OPTIONS: Final = (("grpc.http2.min_recv_ping_interval_without_data_ms", SERVER_MIN_PING_INTERVAL_MS),)
+SERVER_PING_OPTIONS: Final = (("grpc.http2.min_ping_interval_without_data_ms", SERVER_MIN_PING_INTERVAL_MS),)
 """For every mesh server (`hivemesh.mesh.server.ManagedServer`, the control plane's): what its clients' keepalive
 needs."""
 _KEEPALIVE_OPTIONS: Final = (

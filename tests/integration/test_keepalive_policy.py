@@ -1,7 +1,7 @@
 """A mesh channel pings no more often than the mesh's servers permit, so they never close it for it.
 
 A gRPC server lets a client ping a connection whose calls send no data at most once per
-`grpc.http2.min_recv_ping_interval_without_data_ms` (5 min unless set, and no mesh server set it); the third ping
+`grpc.http2.min_ping_interval_without_data_ms` (5 min unless set, and no mesh server set it); the third ping
 sooner ends the connection with GOAWAY ENHANCE_YOUR_CALM "too_many_pings", failing its calls UNAVAILABLE. Mesh
 channels ping every 30 s, so `hivemesh up` logged a GOAWAY for each agent it had called, ~90 s after its demo.
 Every mesh server now permits a ping every 20 s (`hivemesh.mesh.server.server_options`).
@@ -26,7 +26,7 @@ from hivemesh.mesh.server import server_options
 from hivemesh.mesh.tls import channel_credentials, channel_options, server_credentials
 from tests.conftest import SessionCa
 
-MIN_PING_OPTION = "grpc.http2.min_recv_ping_interval_without_data_ms"
+MIN_PING_OPTION = "grpc.http2.min_ping_interval_without_data_ms"
 MAX_PING_STRIKES = 2
 """gRPC's default (grpc core's ping_abuse_policy.cc), which no mesh server changes."""
 SCALE = 8
@@ -70,8 +70,8 @@ async def test_a_quiet_connection_with_the_mesh_options_survives_keepalive_inter
     server_min_ms = _option(server_options(), MIN_PING_OPTION) // SCALE
     # Long enough for a client pinging just sooner than the server permits to be cut off: the pinned grpcio lets
     # the first two pings of a quiet call pass and closes the connection at the third strike, the fifth ping
-    # (measured). 13.5 s scaled, in which the mesh's channel pings four times.
-    quiet_s = (MAX_PING_STRIKES + 3) * server_min_ms / 1000 + 1
+    # (measured): five of the client's keepalive intervals, 19.75 s scaled.
+    quiet_s = (MAX_PING_STRIKES + 3) * _option(options, "grpc.keepalive_time_ms") / 1000 + 1
 
     async def late(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         peers.append(context.peer())
