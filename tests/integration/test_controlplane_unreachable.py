@@ -37,7 +37,7 @@ from tests.support.controlplane_replica import serving_replica
 from tests.support.meshenv import DEFAULT_GRANTS, TRUST_DOMAIN, copy_session_ca
 from tests.support.spawn import REPO, stop
 
-SHORT_S = 1.5
+SHORT_S = 1.0
 """The deadline the frozen control plane is given: each call fails within it (plus gRPC's own slack)."""
 
 

@@ -29,9 +29,9 @@ from tests.conftest import SessionCa
 MIN_PING_OPTION = "grpc.http2.min_ping_interval_without_data_ms"
 MAX_PING_STRIKES = 2
 """gRPC's default (grpc core's ping_abuse_policy.cc), which no mesh server changes."""
-SCALE = 8
-"""Both sides' intervals divided by this: 30 s and 20 s become 3.75 s and 2.5 s (gRPC sends at most about one
-ping a second, so the scaled client interval must stay above that for the check to mean the same)."""
+SCALE = 20
+"""Both sides' intervals divided by this: 30 s and 20 s become 1.5 s and 1 s (gRPC sends at most about one ping a
+second, so the scaled client interval must stay above that for the check to mean the same)."""
 _NAME = "pings.agent.hivemesh.local"
 
 
@@ -70,7 +70,7 @@ async def test_a_quiet_connection_with_the_mesh_options_survives_keepalive_inter
     server_min_ms = _option(server_options(), MIN_PING_OPTION) // SCALE
     # Long enough for a client pinging just sooner than the server permits to be cut off: the pinned grpcio lets
     # the first two pings of a quiet call pass and closes the connection at the third strike, the fifth ping
-    # (measured): five of the client's keepalive intervals, 19.75 s scaled.
+    # (measured): five of the client's keepalive intervals, 8.5 s scaled.
     quiet_s = (MAX_PING_STRIKES + 3) * _option(options, "grpc.keepalive_time_ms") / 1000 + 1
 
     async def late(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
