@@ -37,11 +37,18 @@ class Source:
             self.closed = True
 
 
+def _serving(task: asyncio.Task[Any]) -> bool:
+    """A task of the in-process agent's gRPC server waiting for its next call (`AioServer._request_call`, ...): the
+    server's own, started whenever a call arrives, never the stream's."""
+    return str(getattr(task.get_coro(), "__qualname__", "")).startswith("AioServer.")
+
+
 def new_tasks(before: set[asyncio.Task[Any]], *, only_batch: bool = False) -> set[asyncio.Task[Any]]:
     """Tasks started since before, the agent's side of the calls included (not the mesh's periodic timers, each a
-    new `wait_for(event.wait(), ...)` task); only_batch: only the stream's own (running batch code)."""
+    new `wait_for(event.wait(), ...)` task, nor the agent's server waiting for its next call); only_batch: only the
+    stream's own (running batch code)."""
     tasks = {t for t in asyncio.all_tasks() - before - {asyncio.current_task()}
-             if getattr(t.get_coro(), "__qualname__", "") != "Event.wait"}
+             if getattr(t.get_coro(), "__qualname__", "") != "Event.wait" and not _serving(t)}
     if only_batch:
         tasks = {t for t in tasks
                  if getattr(getattr(t.get_coro(), "cr_code", None), "co_filename", "").endswith("/batch.py")}
