@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -31,9 +28,10 @@ from hivemesh.mesh.etcd import EtcdServer
 from hivemesh.mesh.pki import parse_spiffe_id
 from hivemesh.mesh.tls import channel_credentials, secure_channel
 from hivemesh.v1 import audit_pb2
+from tests.support.controlplane_process import controlplane_process
 from tests.support.meshenv import TRUST_DOMAIN, MeshEnv, copy_session_ca, run_cli
 from tests.support.plain_agent import PlainAgent
-from tests.support.spawn import REPO, start_replica, start_sidecar, stop
+from tests.support.spawn import start_replica, start_sidecar, stop
 from tests.support.tls_attacks import H2_PREFACE, attacker_context, raw_attempt, tls_attempt
 from tests.support.traffic_status import wait_traffic_status
 
@@ -237,29 +235,14 @@ async def test_the_control_planes_ports_audit_refused_handshakes(
     """`hivemesh controlplane` as a real process, started with the tracer as a launcher does: handshakes
     refused on its mutual-TLS port and on its join port are in its own audit log."""
     certs = copy_session_ca(tmp_path / "certs").certs_dir  # the CA etcd trusts
-    child_env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEMESH_") and k != "GRPC_TRACE"}
-    child_env.update(child_environment({}, inherit=child_env))
-    log = tmp_path / "controlplane.log"
-    with log.open("wb") as err:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "hivemesh.controlplane.cli", "--certs-dir", str(certs), "--home",
-            str(tmp_path / "home"), "controlplane", "--etcd", etcd_server.endpoint, "--state-dir",
-            str(tmp_path / "state"), "--trust-domain", TRUST_DOMAIN,
-            cwd=REPO, env=child_env, stdout=asyncio.subprocess.PIPE, stderr=err, start_new_session=True,
-        )
-    operator: ControlPlaneClient | None = None
-    try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
-        m = re.match(r"ready controlplane=(\S+) join=(\S+)", line)
-        assert m, f"control plane said {line!r}: {log.read_text()[-3000:]}"
-        control, join = m.group(1), m.group(2)
+    async with controlplane_process(tmp_path, certs, etcd_server.endpoint) as cp, \
+            ControlPlaneClient.from_certs_dir(cp.controlplane, certs) as operator:
+        control, join = cp.controlplane, cp.join
         ports = {
             await asyncio.to_thread(tls_attempt, port_of(control), attacker_context(tmp_path)):
                 ("TLS_CERT_MISSING", control),
             await asyncio.to_thread(raw_attempt, port_of(join), H2_PREFACE): ("TLS_PLAINTEXT", join),
         }
-        operator = ControlPlaneClient.from_certs_dir(control, certs)
         deadline = time.monotonic() + 30
         while True:
             resp = await operator.call(operator.audit.Query, audit_pb2.AuditQueryRequest(limit=10000))
@@ -273,7 +256,4 @@ async def test_the_control_planes_ports_audit_refused_handshakes(
             rec = mine[port]
             assert (rec["reason"], rec["status"], rec["listener"]) == (reason, "UNAVAILABLE", listener), rec
             assert rec["node"] == f"spiffe://{TRUST_DOMAIN}/controlplane", rec
-    finally:
-        if operator is not None:
-            await operator.close()
-        await stop(proc)
+

@@ -14,8 +14,7 @@ import json
 import os
 import signal
 import socket
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,39 +32,12 @@ from hivemesh.mesh.tls import secure_channel
 from hivemesh.sdk.escalation import EscalationClient
 from hivemesh.sdk.state import StateClient
 from hivemesh.v1 import control_pb2_grpc, trust_pb2
+from tests.support.controlplane_process import controlplane_process
 from tests.support.controlplane_replica import serving_replica
 from tests.support.meshenv import DEFAULT_GRANTS, TRUST_DOMAIN, copy_session_ca
-from tests.support.spawn import REPO, stop
 
 SHORT_S = 1.0
 """The deadline the frozen control plane is given: each call fails within it (plus gRPC's own slack)."""
-
-
-@contextlib.asynccontextmanager
-async def _controlplane_process(tmp: Path, certs: Path, etcd: str) -> AsyncIterator[tuple[int, str]]:
-    """A real `hivemesh controlplane` process on free ports; yields (pid, its mTLS address), stops it on exit."""
-    (tmp / "grants.yaml").write_text(yaml.safe_dump(DEFAULT_GRANTS))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEMESH_")}
-    log = tmp / "controlplane.log"
-    with log.open("wb") as err:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "hivemesh.controlplane.cli", "--certs-dir", str(certs), "--home", str(tmp / "home"),
-            "controlplane", "--etcd", etcd, "--state-dir", str(tmp / "state"), "--trust-domain", TRUST_DOMAIN,
-            "--grants", str(tmp / "grants.yaml"),
-            cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE, stderr=err, start_new_session=True,
-        )
-    try:
-        assert proc.stdout is not None
-        try:
-            line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
-        except TimeoutError:
-            line = ""
-        assert line.startswith("ready "), f"the control plane said {line!r}: {log.read_text()[-3000:]}"
-        yield proc.pid, dict(kv.split("=", 1) for kv in line.split()[1:])["controlplane"]
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGCONT)  # a stopped process never handles the SIGTERM that stop() sends
-        await stop(proc)
 
 
 @contextlib.contextmanager
@@ -102,7 +74,10 @@ async def test_a_frozen_control_plane_is_named_with_its_address_and_the_time_it_
     etcd_server: EtcdServer, tmp_path: Path
 ) -> None:
     certs = copy_session_ca(tmp_path / "certs").certs_dir
-    async with _controlplane_process(tmp_path, certs, etcd_server.endpoint) as (pid, address):
+    (tmp_path / "grants.yaml").write_text(yaml.safe_dump(DEFAULT_GRANTS))
+    async with controlplane_process(tmp_path, certs, etcd_server.endpoint, launched=False,
+                                    extra=("--grants", str(tmp_path / "grants.yaml"))) as cp_process:
+        pid, address = cp_process.proc.pid, cp_process.controlplane
         wanted = (f"the control plane at {address} did not answer within {SHORT_S:g} s (it may be overloaded, paused "
                   "or partitioned)")
         async with ControlPlaneClient.from_certs_dir(address, certs) as cp:

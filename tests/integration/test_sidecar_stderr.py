@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import re
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -29,9 +28,10 @@ from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.etcd import EtcdServer
 from hivemesh.v1 import agent_pb2, audit_pb2, mesh_pb2, mesh_pb2_grpc
 from tests.e2e.test_handshake_audit import _handshake_records
+from tests.support.controlplane_process import controlplane_process
 from tests.support.meshenv import TRUST_DOMAIN, MeshEnv, copy_session_ca
 from tests.support.plain_agent import PlainAgent
-from tests.support.spawn import REPO, start_client_sidecar, start_sidecar_ready, stop
+from tests.support.spawn import start_client_sidecar, start_sidecar_ready, stop
 from tests.support.tls_attacks import H2_PREFACE, raw_attempt
 
 _TRACE = re.compile(rb"\] (handshake manager |CallNextHandshakerLocked|gRPC Tracers: )|handshaker\.cc")
@@ -139,28 +139,10 @@ async def test_no_handshake_trace_reaches_the_control_planes_stderr(
     """`hivemesh controlplane` as `hivemesh up` starts it: it connects to etcd before it serves, and that
     connection's handshake is traced too; an operator's call later. Its stderr holds none of the trace."""
     certs = copy_session_ca(tmp_path / "certs").certs_dir  # the CA etcd trusts
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEMESH_") and k != "GRPC_TRACE"}
-    env.update(child_environment({}, inherit=env))
-    log = tmp_path / "controlplane.err"
-    with log.open("wb") as err:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "hivemesh.controlplane.cli", "--certs-dir", str(certs), "--home",
-            str(tmp_path / "home"), "controlplane", "--etcd", etcd_server.endpoint, "--state-dir",
-            str(tmp_path / "state"), "--trust-domain", TRUST_DOMAIN,
-            cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE, stderr=err, start_new_session=True,
-        )
-    operator: ControlPlaneClient | None = None
-    try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
-        m = re.match(r"ready controlplane=(\S+) join=(\S+)", line)
-        assert m, f"control plane said {line!r}: {log.read_text()[-3000:]}"
-        operator = ControlPlaneClient.from_certs_dir(m.group(1), certs)
-        await operator.call(operator.audit.Query, audit_pb2.AuditQueryRequest(limit=10))
-    finally:
-        if operator is not None:
-            await operator.close()
-        await stop(proc)
+    async with controlplane_process(tmp_path, certs, etcd_server.endpoint) as cp:
+        async with ControlPlaneClient.from_certs_dir(cp.controlplane, certs) as operator:
+            await operator.call(operator.audit.Query, audit_pb2.AuditQueryRequest(limit=10))
+    proc, log = cp.proc, cp.log
     assert proc.returncode is not None
     assert _trace_lines(log) == [], log.read_text()[-3000:]
 
