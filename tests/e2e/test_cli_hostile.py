@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import resource
 import sys
@@ -191,13 +192,17 @@ async def test_a2a_register_prints_an_external_cards_name_cleaned(mesh_env: Mesh
 
 
 async def _bounded_cli(*args: str) -> tuple[int, str]:
-    """The real CLI in a child process allowed 1 GiB of address space: (exit code, stderr)."""
+    """The real CLI in a child process allowed 2 GiB of address space: (exit code, stderr). With 1 GiB the child
+    once aborted in gRPC's poller ("epoll_wait error: Bad file descriptor", one full run in five), most likely out
+    of address space: gRPC's threads each reserve a stack and a malloc arena. What the test bounds is the file
+    read, which needs neither, so the limit has room for them and the arenas are capped."""
     def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
 
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "hivemesh.controlplane.cli", "--certs-dir", "/nonexistent", *args, cwd=REPO,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, preexec_fn=limit)
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, preexec_fn=limit,
+        env={**os.environ, "MALLOC_ARENA_MAX": "2"})
     try:
         _, err = await asyncio.wait_for(proc.communicate(), 60)
     finally:
@@ -208,7 +213,7 @@ async def _bounded_cli(*args: str) -> tuple[int, str]:
 
 
 async def test_an_endless_file_is_refused_at_the_limit() -> None:
-    """Before, `-f /dev/zero` read until a MemoryError traceback (here, at the 1 GiB the child may use)."""
+    """Before, `-f /dev/zero` read until a MemoryError traceback (here, at the 2 GiB the child may use)."""
     code, err = await _bounded_cli("policy", "apply", "-f", "/dev/zero")
     assert code == 2 and "/dev/zero is larger than 1,048,576 bytes: refusing to read it" in err, err
     code, err = await _bounded_cli("call", "echo", "-d", "@/dev/zero")
