@@ -38,19 +38,11 @@ from tests.integration.test_k8s_manifests import Manifests
 from tests.integration.test_metrics_mesh import sample, scrape
 from tests.support.orch_env import Orch, wait_until
 from tests.support.plain_agent import PlainAgent
-from tests.support.prometheus_server import prometheus, query
+from tests.support.prometheus_server import prometheus, promtool, query
 
 REPO = Path(__file__).resolve().parents[2]
 PROM = REPO / "deploy" / "prometheus"
 DASHBOARD = REPO / "deploy" / "grafana" / "hivemesh-overview.json"
-
-
-def _promtool(*args: str, cwd: Path) -> str:
-    promtool = shutil.which("promtool")
-    assert promtool is not None, "promtool (Debian's prometheus package) is installed by ./run"
-    out = subprocess.run([promtool, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
-    return out.stdout + out.stderr
 
 
 def _alert_expr(name: str) -> str:
@@ -246,7 +238,7 @@ def test_the_slo_rules_written_where_the_docs_say_are_loaded_by_the_shipped_conf
     written = folder / documented.removeprefix("deploy/prometheus/")
     written.parent.mkdir(parents=True, exist_ok=True)
     written.write_text(yaml.safe_dump(rules))
-    out = _promtool("check", "config", _checkable(folder / config).name, cwd=folder)
+    out = promtool("check", "config", _checkable(folder / config).name, cwd=folder)
     assert "SUCCESS: 2 rule files found" in out, out
     count = sum(len(g["rules"]) for g in rules["groups"])
     assert re.search(rf"Checking {re.escape(str(written.relative_to(folder)))}\n\s+SUCCESS: {count} rules found",
@@ -290,7 +282,7 @@ def test_the_kubernetes_config_loads_the_same_rules_and_checks(tmp_path: Path) -
     assert k8s["rule_files"] == yaml.safe_load((PROM / "prometheus.yml").read_text())["rule_files"]
     folder = tmp_path / "prometheus"
     shutil.copytree(PROM, folder)
-    out = _promtool("check", "config", _checkable(folder / "prometheus-k8s.yml").name, cwd=folder)
+    out = promtool("check", "config", _checkable(folder / "prometheus-k8s.yml").name, cwd=folder)
     assert "SUCCESS: 1 rule files found" in out and "SUCCESS: 11 rules found" in out, out
 
 
@@ -471,7 +463,7 @@ def test_the_error_ratio_panel_and_slo_rules_are_zero_for_a_capability_with_call
         }],
     }
     (tmp_path / "slo.test.yml").write_text(yaml.safe_dump(test))
-    assert "SUCCESS" in _promtool("test", "rules", "slo.test.yml", cwd=tmp_path)
+    assert "SUCCESS" in promtool("test", "rules", "slo.test.yml", cwd=tmp_path)
 
 
 async def test_the_dashboards_error_ratio_is_zero_on_a_real_prometheus_for_an_agent_that_never_failed(

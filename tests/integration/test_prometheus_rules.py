@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import yaml
@@ -14,22 +12,15 @@ import yaml
 from hivemesh.controlplane.slo import SLOS, objectives, render_rules
 from hivemesh.mesh.metrics import exported_names
 from hivemesh.mesh.policy import PolicyDoc
+from tests.support.prometheus_server import promtool
 
 REPO = Path(__file__).resolve().parents[2]
 PROM = REPO / "deploy" / "prometheus"
 
 
-def _promtool(*args: str, cwd: Path) -> str:
-    promtool = shutil.which("promtool")
-    assert promtool is not None, "promtool (Debian's prometheus package) is installed by ./run"
-    out = subprocess.run([promtool, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
-    return out.stdout + out.stderr
-
-
 def test_shipped_alert_rules_check_and_pass_their_unit_tests() -> None:
-    assert "SUCCESS: 11 rules found" in _promtool("check", "rules", "alerts.yml", cwd=PROM)
-    assert "SUCCESS" in _promtool("test", "rules", "alerts.test.yml", cwd=PROM)
+    assert "SUCCESS: 11 rules found" in promtool("check", "rules", "alerts.yml", cwd=PROM)
+    assert "SUCCESS" in promtool("test", "rules", "alerts.test.yml", cwd=PROM)
     # Every alert in the file has at least one test that expects it to fire.
     names = {r["alert"] for g in yaml.safe_load((PROM / "alerts.yml").read_text())["groups"] for r in g["rules"]}
     tests = yaml.safe_load((PROM / "alerts.test.yml").read_text())["tests"]
@@ -44,7 +35,7 @@ def test_rendered_slo_rules_burn_fast_on_an_outage_and_stay_silent_when_healthy(
         {"capability": "ocr", "availability": 0.99},
     ]}))
     (tmp_path / "slo.yml").write_text(yaml.safe_dump(render_rules(objectives({"extract": doc}))))
-    assert "SUCCESS" in _promtool("check", "rules", "slo.yml", cwd=tmp_path)
+    assert "SUCCESS" in promtool("check", "rules", "slo.yml", cwd=tmp_path)
     ok = 'hivemesh_requests_total{direction="inbound",capability="%s",code="%s"}'
     bucket = 'hivemesh_request_duration_seconds_bucket{direction="inbound",capability="extract",le="%s"}'
     count = 'hivemesh_request_duration_seconds_count{direction="inbound",capability="extract"}'
@@ -78,7 +69,7 @@ def test_rendered_slo_rules_burn_fast_on_an_outage_and_stay_silent_when_healthy(
         }],
     }
     (tmp_path / "slo.test.yml").write_text(yaml.safe_dump(test))
-    assert "SUCCESS" in _promtool("test", "rules", "slo.test.yml", cwd=tmp_path)
+    assert "SUCCESS" in promtool("test", "rules", "slo.test.yml", cwd=tmp_path)
 
 
 _NAME = re.compile(r"\b(hivemesh[_:][A-Za-z0-9_:]*)")
@@ -117,4 +108,4 @@ def test_dashboards_and_alerts_name_only_metrics_the_mesh_exports() -> None:
 
 
 def test_the_scrape_config_is_valid() -> None:
-    assert "SUCCESS" in _promtool("check", "config", "prometheus.yml", cwd=PROM)
+    assert "SUCCESS" in promtool("check", "config", "prometheus.yml", cwd=PROM)

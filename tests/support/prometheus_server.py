@@ -71,3 +71,12 @@ def query(base: str, promql: str) -> list[dict[str, Any]]:
     assert body["status"] == "success", body
     result: list[dict[str, Any]] = body["data"]["result"]
     return result
+
+
+def promtool(*args: str, cwd: Path) -> str:
+    """Debian's promtool run with args in cwd: its output (the test fails, showing it, when promtool does)."""
+    tool = shutil.which("promtool")
+    assert tool is not None, "promtool (Debian's prometheus package) is installed by ./run"
+    out = subprocess.run([tool, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout + out.stderr
