@@ -427,6 +427,7 @@ class MeshClient:
                 instance,
                 capability=capability,
                 timeout=timeout if timeout is not None else self.default_timeout,
+                idempotency_key=idempotency_key or "",
             )
         except (asyncio.CancelledError, CancelledError) as exc:
             cut = self._cut(exc)

@@ -144,26 +144,37 @@ def report_unanswered(
                     instance.instance_id, instance.identity, capability, seconds)
 
 
-def went_away(err: HivemeshError, call: OutboundCall, instance: Instance) -> HivemeshError:
+def went_away(
+    err: HivemeshError, call: OutboundCall, instance: Instance, *, streamed: int | None = None
+) -> HivemeshError:
     """err said in the mesh's words when gRPC ended a call that had left this node (UNAVAILABLE, no hivemesh reason:
-    the agent process stopped or its connection broke under the call, on a unary call or a link): which agent and
-    instance went away, that the call may have run, and when sending it again is safe; gRPC's own text ("Stream
-    removed", "Cancelling all calls") follows in parentheses. Type, code, reason, pushback and cause stay as they
-    were (retry policies and callers match on them). Any other error as it is."""
+    the agent process stopped or its connection broke under the call, on a unary call, a link, `call_on` or a
+    stream): which agent and instance went away, that the call may have run, and when sending it again is safe;
+    gRPC's own text ("Stream removed", "Cancelling all calls") follows in parentheses. `streamed` is how many chunks
+    a stream had delivered (None: not a stream); a stream carries no idempotency key, so only an idempotent
+    capability's is safe to send again. Type, code, reason, pushback and cause stay as they were (retry policies
+    and callers match on them). Any other error as it is."""
     if not err.said_by_grpc or err.code != grpc.StatusCode.UNAVAILABLE:
         return err
     cap = call.capability
     if idempotent(instance, cap):
         resend = f"{cap!r} is declared idempotent, so sending it again is safe"
+    elif streamed is not None:
+        resend = "a stream is never deduplicated, so sent again it could run twice"
     elif call.idempotency_key:
         resend = "it is safe to send again only with the same idempotency key, which this call carried"
     else:
         resend = ("it is safe to send again only with an idempotency key (idempotency_key=), and this call carried "
                   "none: sent again, it could run twice")
+    if streamed is None:
+        during, ended = f"the call to {cap!r}", "before it answered"
+    else:
+        during = f"the stream from {cap!r}, after {streamed} chunk{'' if streamed == 1 else 's'}"
+        ended = "before the stream ended"
     agent = instance.card.name or instance.identity
-    message = (f"agent {agent} (instance {instance.instance_id}) went away during the call to {cap!r} (its process "
-               f"stopped or its connection broke before it answered): the call may have run, in part or in full; "
-               f"{resend} (gRPC: {err.message})")
+    message = (f"agent {agent} (instance {instance.instance_id}) went away during {during} (its process stopped or "
+               f"its connection broke {ended}): the call may have run, in part or in full; {resend} (gRPC: "
+               f"{err.message})")
     worded = type(err)(message, metadata={**err.metadata, "capability": cap[:128], "agent": instance.identity,
                                           "instance": instance.instance_id},
                        field_violations=err.field_violations, retry_after_s=err.retry_after_s, code=err.code,

@@ -52,6 +52,7 @@ from hivemesh.mesh.outbound.attempts import (
     report_attempt,
     report_unanswered,
     report_unreachable,
+    went_away,
 )
 from hivemesh.mesh.outbound.call import Metadata, OutboundCall, deadline_for
 from hivemesh.mesh.outbound.channels import ChannelPool
@@ -346,9 +347,11 @@ class OutboundPipeline:
         capability: str,
         timeout: float | None,
         metadata: Metadata = (),
+        idempotency_key: str = "",
     ) -> bytes:
         """Send to one given instance (a fan-out to every instance): no routing, retries or failover, but the
-        same certificate check, delegation, token refresh and audit of local refusals as `invoke`."""
+        same certificate check, delegation, token refresh and audit of local refusals as `invoke`. The
+        idempotency key the request carries, if any, is only for saying when a call cut mid-way may be resent."""
         try:
             check_request_size(capability, raw_request)
         except HivemeshError as local:
@@ -382,7 +385,9 @@ class OutboundPipeline:
                 if remote.reason in TOKEN_REFUSALS and not resend:
                     self.tokens.invalidate(instance.identity)  # expired or rotated: once more, fresh token
                     continue
-                raise remote from None
+                worded = remote if _never_sent(exc) else went_away(
+                    remote, OutboundCall(capability, raw_request, (), None, None, idempotency_key), instance)
+                raise worded from (None if worded is remote else exc)  # reworded: gRPC's error its cause, as unary
         raise AssertionError("unreachable")
 
     # --- streaming ------------------------------------------------------------------------------------------
@@ -457,12 +462,12 @@ class OutboundPipeline:
                 ep = self.channels.get(instance.endpoint, instance.identity)
                 stream = ep.invoke_stream(raw_request, timeout=remaining, metadata=md)
                 sent_at = time.monotonic()
-                started = False
+                started = 0  # chunks received
                 health = "neutral"
                 t.attempt_started(capability, ikey)
                 try:
                     async for chunk in stream:
-                        started = True
+                        started += 1
                         if check is not None:
                             final = check.chunk(chunk)  # the final one is verified before it is handed on
                             if check.proof is not None:
@@ -498,7 +503,8 @@ class OutboundPipeline:
                         if (not started and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                                 and held_to_deadline(remaining, sent_at)):
                             report_unanswered(self.liveness, capability, instance, self.events)  # no chunk came
-                        raise err from None
+                        worded = went_away(err, call, instance, streamed=started)
+                        raise worded from (None if worded is err else exc)  # reworded: gRPC's error its cause
                 finally:
                     stream.cancel()
                     t.attempt_finished(capability, ikey, failed=health == "failed")

@@ -67,6 +67,13 @@ class Sleeper(Agent):
         await asyncio.sleep(req.get("seconds", 30.0))
         return req
 
+    @capability(description="Yield one item, say the handler started, then sleep for the seconds asked")
+    async def slow_stream(self, req: dict[str, float]) -> AsyncIterator[dict[str, float]]:
+        yield {"first": 1.0}
+        print(STARTED, flush=True)
+        await asyncio.sleep(req.get("seconds", 30.0))
+        yield req
+
 
 def sleeper_main() -> None:
     """The child process: `run(Sleeper())`, as an agent script runs (SIGTERM: deregister, drain, stop)."""
@@ -141,6 +148,74 @@ async def test_an_agent_stopped_mid_call_is_named_and_the_caller_told_when_a_res
     assert said and message.endswith(f"(gRPC: {said})"), (said, message)
     assert err.metadata["capability"] == "slow" and err.metadata["instance"] == "sleeper-1", err.metadata
     assert err.metadata["agent"] == f"spiffe://{TRUST_DOMAIN}/agent/sleeper", err.metadata
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+async def test_an_agent_stopped_mid_stream_is_named_with_the_chunks_it_sent_and_a_resend_is_not_safe(
+    mesh_env: MeshEnv, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """A stream cut by its agent going away: the same words, how many chunks came, and no idempotency key advice (a
+    stream carries none)."""
+    async with contextlib.AsyncExitStack() as stack:
+        proc = await stack.enter_async_context(_sleeper(mesh_env, tmp_path))
+        client = await stack.enter_async_context(MeshClient.connect(
+            name="caller", settings=await mesh_env.settings_for("caller", "client")))
+        assert await client.node.registry.wait_for_capability("slow-stream", 1, timeout=20)
+        items: list[Any] = []
+        first = asyncio.Event()
+
+        async def read() -> None:
+            async for item in client.stream("slow-stream", {"seconds": 30}, timeout=15):
+                items.append(item)
+                first.set()
+
+        reading = asyncio.ensure_future(read())
+        assert await _line(proc, tmp_path / "sleeper.log") == STARTED  # the first item is out, the handler sleeps
+        await asyncio.wait_for(first.wait(), 15)  # and it reached the caller
+        proc.send_signal(sig)
+        with pytest.raises(HivemeshError) as caught:
+            await asyncio.wait_for(reading, 15)
+    err = caught.value
+    assert items == [{"first": 1.0}], items
+    assert type(err) is AgentUnavailableError, repr(err)
+    assert (err.code, err.reason) == (grpc.StatusCode.UNAVAILABLE, "AGENT_UNAVAILABLE"), repr(err)
+    assert isinstance(err.__cause__, grpc.aio.AioRpcError), repr(err.__cause__)
+    message = err.message
+    assert message.startswith("agent sleeper (instance sleeper-1) went away during the stream from 'slow-stream', "
+                              "after 1 chunk (its process stopped or its connection broke before the stream ended)"
+                              ), message
+    assert "the call may have run, in part or in full; a stream is never deduplicated, so sent again it could run " \
+           "twice (gRPC: " in message, message
+    assert err.metadata["instance"] == "sleeper-1" and err.metadata["capability"] == "slow-stream", err.metadata
+
+
+@pytest.mark.parametrize("key", ["", "order-18"], ids=["unkeyed", "keyed"])
+async def test_an_agent_stopped_mid_call_on_is_named_and_the_caller_told_when_a_resend_is_safe(
+    mesh_env: MeshEnv, tmp_path: Path, key: str
+) -> None:
+    """`call_on` (a call to one given instance, as a fan-out to every instance makes it) says the same."""
+    async with contextlib.AsyncExitStack() as stack:
+        proc = await stack.enter_async_context(_sleeper(mesh_env, tmp_path))
+        client = await stack.enter_async_context(MeshClient.connect(
+            name="caller", settings=await mesh_env.settings_for("caller", "client")))
+        assert await client.node.registry.wait_for_capability("slow", 1, timeout=20)
+        instance = client.instances("slow")[0]
+        options: dict[str, Any] = {"idempotency_key": key} if key else {}
+        call = asyncio.ensure_future(client.call_on(instance, "slow", {"seconds": 30}, timeout=15, **options))
+        assert await _line(proc, tmp_path / "sleeper.log") == STARTED
+        proc.send_signal(signal.SIGKILL)
+        with pytest.raises(HivemeshError) as caught:
+            await asyncio.wait_for(call, 15)
+    err = caught.value
+    assert type(err) is AgentUnavailableError, repr(err)
+    assert isinstance(err.__cause__, grpc.aio.AioRpcError), repr(err.__cause__)
+    message = err.message
+    assert message.startswith("agent sleeper (instance sleeper-1) went away during the call to 'slow'"), message
+    if key:
+        assert "safe to send again only with the same idempotency key, which this call carried" in message, message
+    else:
+        assert "safe to send again only with an idempotency key (idempotency_key=), and this call carried none" \
+               in message, message
 
 
 # --- an input one message cannot carry ------------------------------------------------------------------------------
