@@ -35,6 +35,7 @@ from hivemesh.mesh.audit.handshake.switch import child_environment
 from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.errors import FailedPreconditionError
 from hivemesh.mesh.etcd import EtcdServer, EtcdStartError
+from hivemesh.mesh.node_metrics import OWNED_DEFAULT, metrics_listen
 from hivemesh.mesh.registry import RegistryView
 from hivemesh.mesh.settings import STATE_FILE, MeshSettings
 
@@ -411,7 +412,14 @@ class MeshUp:
         demos = self._demos()
         if not demos:
             return 0
-        mesh = await self._demo_stack.enter_async_context(MeshClient.connect(name="demo", settings=settings))
+        # With a metrics port of its own, like every node `up` starts: its calls are the mesh's caller-side view
+        # (the dashboard's caller-side p99, the outbound error ratios), which no agent's port shows.
+        mesh = await self._demo_stack.enter_async_context(MeshClient.connect(
+            name="demo", settings=settings, metrics_listen=metrics_listen(None, OWNED_DEFAULT)))
+        if mesh.node.metrics is not None:
+            self._target(mesh.node.metrics.address, JOB_NODES, "demo")
+            write_file_sd(self.opts.home / SD_DIR, self.scrape_targets)
+            self.say(f"demo client: metrics on {mesh.node.metrics.address} (a Prometheus target too)")
         if "pipeline" in demos:
             failures += await self._pipeline_demo(mesh, list_samples, process_document)
         tour = [d for d in demos if d != "pipeline"]

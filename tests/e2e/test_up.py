@@ -177,7 +177,7 @@ def test_up_serves_the_cli_until_sigterm(tmp_path: Path) -> None:
         said = "".join("".join(output).split())  # the console wraps long lines
         assert f"file_sd):{sd / 'nodes.json'}" in said, "".join(output)[:6000]
         nodes = {g["labels"]["node"]: g for g in json.loads((sd / "nodes.json").read_text())}
-        assert {"ocr", "extractor", "storage", "validator", "research", "tier1"} <= set(nodes)
+        assert {"ocr", "extractor", "storage", "validator", "research", "tier1", "demo"} <= set(nodes)
         assert all(g["labels"]["job"] == "hivemesh" for g in nodes.values())
         (cp,) = json.loads((sd / "controlplane.json").read_text())
         assert cp["labels"] == {"job": "hivemesh-controlplane", "node": "controlplane"}
@@ -192,6 +192,12 @@ def test_up_serves_the_cli_until_sigterm(tmp_path: Path) -> None:
                   'code="OK"}')
         deadline = time.monotonic() + 60
         while not (found := query(scraper, promql)) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert found and float(found[0]["value"][1]) >= 1, f"Prometheus never returned {promql}"
+        # The demo client's own port: the caller-side view (the dashboard's caller-side p99) of the demo's calls.
+        promql = ('sum(hivemesh_request_duration_seconds_count{job="hivemesh",node="demo",direction="outbound",'
+                  'capability="extract"})')
+        while not (found := query(scraper, promql)) and time.monotonic() < deadline + 30:
             time.sleep(0.25)
         assert found and float(found[0]["value"][1]) >= 1, f"Prometheus never returned {promql}"
     finally:
