@@ -22,6 +22,7 @@ from hivemesh.sdk.patterns.handoff import Handoff, handoff
 from hivemesh.sdk.patterns.peer import PeerReview
 from hivemesh.sdk.patterns.pipeline import Pipeline, PipelineContext, Step
 from hivemesh.sdk.patterns.router import Embedder, HashingEmbedder, Router, Rule, load_embedder
+from hivemesh.sdk.patterns.scope import ScopedRunner, scoped
 from hivemesh.sdk.patterns.supervisor import EscalationRules, Review, Subtask, Supervisor
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "Router",
     "Rule",
     "Runner",
+    "ScopedRunner",
     "Step",
     "StepResult",
     "Subtask",
@@ -51,5 +53,6 @@ __all__ = [
     "call_with_escalation",
     "handoff",
     "load_embedder",
+    "scoped",
     "state_name",
 ]

@@ -37,6 +37,22 @@ class WorkflowRun:
         self.workflow_id = state.id
         self._lock = lock
         self._append_lock = asyncio.Lock()
+        self._asked: dict[str, set[str]] = {"step": set(), "escalation": set()}
+        """The step ids (and escalation step ids) this execution of the body has asked for: the second ask for one
+        is refused (`_first_ask`), since the journal would answer it with the first one's outcome."""
+
+    def _first_ask(self, kind: str, step_id: str) -> None:
+        """Refuse a step (or escalation) id this execution already asked for: answered from the journal, the
+        second would silently get the first's outcome (two same-kind patterns in one run, a loop reusing an id)."""
+        asked = self._asked[kind]
+        if step_id in asked:
+            raise InvalidInputError(
+                f"{kind} id {step_id!r} was already asked for in this run of workflow {self.workflow_id!r}: the second "
+                "ask would be answered with the first one's recorded outcome. Two patterns of the same kind in one "
+                "run (or one loop's passes) need a scope each: pattern.run(scoped(run, 'doc-2'), ...) "
+                "(hivemesh.sdk.patterns.scoped); a body's own steps need distinct ids",
+                field_violations={"step_id": "already used in this run"})
+        asked.add(step_id)
 
     async def append(self, kind: str, data: Mapping[str, Any]) -> None:
         """Record one event of this run, fenced on its owner value (one append at a time: steps run concurrently)."""
@@ -74,6 +90,7 @@ class WorkflowRun:
         `CallContext.conversation_id` (default: the engine's); like the payload it is the body's to give again on
         a re-send, and no part of the step id or its idempotency key, so runs recorded before it resume as they
         were."""
+        self._first_ask("step", step_id)
         rec = self.state.steps.get(step_id)
         if rec is not None and rec.status in ("COMPLETED", "INPUT_REQUIRED") and rec.result is not None:
             return StepResult.from_json(rec.result, replayed=True)
@@ -127,6 +144,7 @@ class WorkflowRun:
                        deadline_s: float | None = None, on_deadline: OnDeadline = "reject",
                        default_answer: Any = None, labels: Mapping[str, str] | None = None,
                        answerer: str = "") -> EscalationInfo:
+        self._first_ask("escalation", step_id)
         rec = self.state.escalations.get(step_id)
         if rec is not None and rec.get("resolution"):
             return info_from_json(rec["resolution"])
