@@ -17,6 +17,7 @@ So every pattern is durable when it runs under a workflow, and a plain one-liner
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -30,6 +31,9 @@ from hivemesh.sdk.escalation import EscalationClient, EscalationInfo, OnDeadline
 from hivemesh.v1 import agent_pb2, mesh_pb2
 
 _T = TypeVar("_T")
+
+_WITHDRAW_S = 5.0
+"""How long a cancelled direct run's escalation withdrawal may take before the cancellation goes on without it."""
 
 if TYPE_CHECKING:
     from hivemesh.mesh.registry import CapabilityInfo
@@ -342,7 +346,15 @@ class DirectRunner:
         info = await client.create(reason, context, step_id=step_id, deadline_s=deadline_s, on_deadline=on_deadline,
                                    default_answer=default_answer, labels=labels)
         self._emit("input_required", {"step": step_id, "escalation_id": info.id, "reason": reason})
-        info = await client.wait(info.id)
+        try:
+            info = await client.wait(info.id)
+        except asyncio.CancelledError:
+            # Nobody will read the answer: withdraw the question, as a cancelled workflow run does, so a person is
+            # not left to decide it. Shielded, bounded, and best effort: the cancellation goes on either way.
+            with contextlib.suppress(HivemeshError, TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(client.cancel(
+                    info.id, note="the caller waiting for this answer stopped waiting")), _WITHDRAW_S)
+            raise
         self._emit("input_received", {"step": step_id, "escalation": info.to_json()})
         return info
 

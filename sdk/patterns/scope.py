@@ -10,7 +10,8 @@ this wrapper is the fix it names. Each pattern (or each pass of a loop) runs on 
     for n, doc in enumerate(docs):
         await Pipeline(["extract", "validate"]).run(scoped(run, f"doc-{n}"), doc)
 
-Scopes nest (`scoped(scoped(run, "a"), "b")` writes `a/b/...`); outside a workflow they only rename the steps.
+Scopes nest (`scoped(scoped(run, "a"), "b")` writes `a/b/...`, at most `MAX_PATH` characters together); outside a
+workflow they only rename the steps.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
 
 _SCOPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 """A scope is one path segment of a step id: no `/` (that joins scopes), no spaces, at most 64 characters."""
+MAX_PATH = 128
+"""Characters of all nested scopes together, slashes included: an escalation's step id may have 256 (the control
+plane refuses more), so a scoped pattern keeps 127 for its own step ids. Checked when the scope is made, not at the
+run's first escalation."""
 
 
 class ScopedRunner:
@@ -37,8 +42,14 @@ class ScopedRunner:
     def __init__(self, inner: Runner, scope: str) -> None:
         if not isinstance(scope, str) or not _SCOPE.fullmatch(scope):
             raise ValueError(f"a scope is 1-64 letters, digits, '.', '_', ':' or '-' (no '/'), not {scope!r}")
+        path: str = f"{inner.path}/{scope}" if isinstance(inner, ScopedRunner) else scope
+        if len(path) > MAX_PATH:
+            raise ValueError(f"nested scopes {path[:40]!r}... are {len(path)} characters; at most {MAX_PATH} "
+                             "together (an escalation's step id, scopes included, has at most 256)")
         self.inner = inner
         self.scope = scope
+        self.path: str = path
+        """Every scope from the outermost, joined by `/`."""
         self._prefix = scope + "/"
 
     @property

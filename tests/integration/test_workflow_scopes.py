@@ -10,16 +10,18 @@ first document's result for the second, silently, and charged once where it mean
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 import pytest
 
+from hivemesh.sdk.escalation import EscalationClient
 from hivemesh.sdk.patterns import DirectRunner, Pipeline, Runner, Step, scoped
 from hivemesh.sdk.workflow import WorkflowEngine, WorkflowState
 from hivemesh.sdk.workflow.definition import definition_ref
-from tests.support.orch_agents import WorkerAgent
-from tests.support.orch_env import Orch
+from tests.support.orch_agents import DeskAgent, WorkerAgent
+from tests.support.orch_env import Orch, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -121,3 +123,24 @@ async def test_a_scope_is_one_plain_path_segment_and_scopes_nest(orch: Orch) -> 
     await scoped(scoped(direct, "a"), "b").note("progress", {"n": 1})
     assert said == [{"key": "a/b/progress", "n": 1}], said
     assert scoped(direct, "a").recorded("x") is False  # outside a workflow nothing is recorded
+    # Nested scopes are bounded together, when made: an escalation's step id (scopes included) has at most 256.
+    deep = scoped(direct, "x" * 60 + "0")
+    deep = scoped(deep, "x" * 60 + "1")
+    with pytest.raises(ValueError, match="are 185 characters; at most 128"):
+        scoped(deep, "x" * 60 + "2")
+
+
+async def test_a_direct_run_cancelled_while_a_person_is_asked_withdraws_its_escalation(orch: Orch) -> None:
+    """Outside a workflow: the caller stops waiting (a timeout), and the question is withdrawn, not left PENDING for a
+    person to decide after nobody waits (a workflow's cancel withdrew its escalations; a direct run's did not)."""
+    await orch.serve(DeskAgent())
+    assert await orch.mesh.node.registry.wait_for_capability("approve-refund", 1, timeout=10)
+    operator = EscalationClient(orch.env.operator.channel)
+    run = asyncio.ensure_future(Pipeline([Step("approve-refund", ask_human=True)]).run(orch.mesh, {"question": "r"}))
+    (pending,) = await wait_until(lambda: operator.list("PENDING"), 15, "the refund's escalation")
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    withdrawn = await operator.get(pending.id)
+    assert withdrawn.status == "CANCELED", withdrawn
+    assert "stopped waiting" in withdrawn.note, withdrawn
