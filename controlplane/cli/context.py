@@ -89,7 +89,9 @@ def friendly_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except HivemeshError as exc:
             details = {"reason": exc.reason, "field_violations": exc.field_violations, "metadata": exc.metadata}
-            emit_error(exc.code.name, exc.message, details, as_json=as_json, hint=f"{exc.code.name}, {exc.reason}")
+            # A reason that only repeats the code (an error with no mesh reason of its own) is said once.
+            hint = exc.code.name if exc.reason == exc.code.name else f"{exc.code.name}, {exc.reason}"
+            emit_error(exc.code.name, exc.message, details, as_json=as_json, hint=hint)
             sys.exit(1)
         except click.Abort:
             raise  # a RuntimeError, but not a failure to word here: click says "Aborted!" (it was an empty error)

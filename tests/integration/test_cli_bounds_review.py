@@ -144,3 +144,14 @@ async def test_audit_counts_outside_1_to_10000_are_refused_and_in_range_read_tha
     code, out, err = await run_cli(mesh_env, "audit", "tail", "-n", "2", "--json")  # the queries are audited too
     newest = [json.loads(line)["seq"] for line in out.splitlines()]
     assert code == 0 and len(newest) == 2 and seqs[-1] <= newest[0] < newest[1], out + err
+
+
+async def test_an_error_without_a_reason_of_its_own_names_its_code_once(mesh_env: MeshEnv) -> None:
+    """`workflows show` of no run said "(NOT_FOUND, NOT_FOUND)": the reason of an error that has none repeats the code.
+    A mesh reason of its own still follows the code."""
+    code, out, err = await run_cli(mesh_env, "workflows", "show", "client-nobody/nosuch")
+    assert code == 1, out + err
+    assert "no workflow" in err and "(NOT_FOUND)" in err and "NOT_FOUND, NOT_FOUND" not in err, err
+    code, out, err = await run_cli(mesh_env, "call", "teleport", "--data", "{}", "--timeout", "1")
+    assert code == 1, out + err
+    assert "(NOT_FOUND, UNKNOWN_CAPABILITY)" in err, err
