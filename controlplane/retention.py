@@ -2,8 +2,8 @@
 
 etcd keeps every revision of every key until it is compacted, and nothing else deleted finished workflow runs,
 resolved escalations or stale revocations: a busy mesh filled the 1 GiB quota and etcd then refused every write
-(NOSPACE), registrations included. One loop in the control plane process (there is no leader election yet: run
-it in one control plane only) does, every `interval`:
+(NOSPACE), registrations included. One loop, on the leading control-plane replica only (`leader_duty`, its
+deletes fenced on the leader's term), does, every `interval`:
 
 - **compaction**: etcd history is compacted to the newest revision that is both older than `history` and at
   least `history_revisions` behind the head. Watchers resuming from a compacted revision re-list
