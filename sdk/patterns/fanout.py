@@ -19,8 +19,17 @@ from typing import Any
 
 from hivemesh.mesh.errors import AgentError, DeadlineExceededError, HivemeshError
 from hivemesh.mesh.instance_ref import instance_key
-from hivemesh.mesh.pki import NAME_RE
 from hivemesh.sdk.patterns.base import Caller, PatternResult, Runner, StepResult, as_runner, error_to_json
+from hivemesh.sdk.patterns.checks import (
+    check_capability,
+    check_count,
+    check_flag,
+    check_function,
+    check_label,
+    check_seconds,
+    check_sequence,
+    shown,
+)
 from hivemesh.v1 import mesh_pb2
 
 
@@ -43,8 +52,11 @@ class Branch:
     timeout: float | None = None
 
     def __post_init__(self) -> None:
-        if not NAME_RE.fullmatch(self.capability):
-            raise ValueError(f"branch capability {self.capability!r} is not a capability name")
+        check_capability(self.capability, "branch capability")
+        if not isinstance(self.name, str):
+            raise TypeError(f"branch name must be a str, not {shown(self.name)}")
+        check_function(self.input, f"branch {self.id} input")
+        check_seconds(self.timeout, f"branch {self.id} timeout")
 
     @property
     def id(self) -> str:
@@ -52,6 +64,15 @@ class Branch:
 
 
 Aggregate = Callable[[Mapping[str, Any]], Any]
+
+
+def _branch(value: object, what: str) -> Branch:
+    """A FanOut branch as given: a Branch, or a capability name."""
+    if isinstance(value, Branch):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a Branch or a capability name, not {shown(value)}")
+    return Branch(value)
 
 
 def _planned_instance(
@@ -100,16 +121,20 @@ class FanOut:
         min_success: int = 1,
         name: str = "fanout",
     ) -> None:
-        self.branches = tuple(Branch(b) if isinstance(b, str) else b for b in branches)
+        self.branches = tuple(_branch(b, f"branches[{i}]") for i, b in
+                              enumerate(check_sequence(branches, "branches", "capability names or Branch objects")))
+        if all_instances_of is not None:
+            check_capability(all_instances_of, "all_instances_of")
         if bool(self.branches) == bool(all_instances_of):
             raise ValueError("give either branches or all_instances_of")
         ids = [b.id for b in self.branches]
         if len(set(ids)) != len(ids):
             raise ValueError(f"branch names must be unique: {ids}")
-        if branch_timeout is not None and branch_timeout <= 0:
-            raise ValueError("branch_timeout must be positive")
-        if min_success < 0:
-            raise ValueError("min_success must be >= 0")
+        check_function(aggregate, "aggregate")
+        check_seconds(branch_timeout, "branch_timeout")
+        check_flag(fail_fast, "fail_fast")
+        check_count(min_success, "min_success", 0)
+        check_label(name, "name")
         if self.branches and min_success > len(self.branches):
             # Else every branch is called (side effects and all) only to fail "too few answered" at the end.
             raise ValueError(f"min_success {min_success} is more than the {len(self.branches)} branches given")

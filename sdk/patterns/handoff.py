@@ -18,18 +18,30 @@ conversation's). The id is the input's `conversation_id`, else the runner's own 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from hivemesh.mesh.errors import AgentError, FailedPreconditionError
 from hivemesh.mesh.pki import NAME_RE
 from hivemesh.sdk.patterns.base import Caller, DirectRunner, PatternResult, Runner, StepResult, as_runner
+from hivemesh.sdk.patterns.checks import (
+    check_capability,
+    check_count,
+    check_label,
+    check_names,
+    check_seconds,
+    check_str,
+    shown,
+)
 
 
 def handoff(to: str, *, reason: str = "", context: Mapping[str, Any] | None = None, reply: str = "") -> dict[str, Any]:
     """What a capability returns to hand the conversation to capability `to` (context is merged in)."""
-    if not NAME_RE.fullmatch(to):
-        raise ValueError(f"{to!r} is not a capability name")
+    check_capability(to, "handoff to")
+    check_str(reason, "handoff reason")
+    check_str(reply, "handoff reply")
+    if context is not None and not isinstance(context, Mapping):
+        raise TypeError(f"handoff context must be an object (a mapping) to merge in, or None, not {shown(context)}")
     out: dict[str, Any] = {"handoff": {"to": to, "reason": reason, "context": dict(context or {})}}
     if reply:
         out["reply"] = reply
@@ -47,15 +59,17 @@ class Handoff:
 
     kind = "handoff"
 
-    def __init__(self, entry: str, *, max_handoffs: int = 3, allowed: set[str] | None = None,
+    def __init__(self, entry: str, *, max_handoffs: int = 3, allowed: Iterable[str] | None = None,
                  timeout: float | None = 30.0, name: str = "handoff") -> None:
-        if not NAME_RE.fullmatch(entry):
-            raise ValueError(f"{entry!r} is not a capability name")
-        if max_handoffs < 0:
-            raise ValueError("max_handoffs must be >= 0")
+        check_capability(entry, "entry")
+        check_count(max_handoffs, "max_handoffs", 0)
+        check_seconds(timeout, "timeout")
+        check_label(name, "name")
         self.entry = entry
         self.max_handoffs = max_handoffs
-        self.allowed = frozenset(allowed) if allowed is not None else None
+        # One name is refused, not split: allowed="security-desk" allowed capabilities "s", "e", "c", ...
+        self.allowed = (frozenset(check_names(allowed, "allowed", "capability names", check_capability))
+                        if allowed is not None else None)
         self.timeout = timeout
         self.name = name
 
@@ -63,12 +77,20 @@ class Handoff:
         runner = as_runner(target)
         if not isinstance(input, Mapping) or not isinstance(input.get("message"), str):
             raise ValueError("a handoff conversation starts from {'message': str, 'context': {...}}")
+        # Checked before anything is recorded or called: dict() of a list or a str raised a bare TypeError or
+        # ValueError about a "dictionary update sequence".
+        if input.get("context") is not None and not isinstance(input["context"], Mapping):
+            raise ValueError("a handoff conversation starts from {'message': str, 'context': {...}}: its context must "
+                             f"be an object, not {shown(input['context'])}")
+        if input.get("conversation_id") is not None and not isinstance(input["conversation_id"], str):
+            raise ValueError("a handoff conversation's conversation_id must be a str, not "
+                             f"{shown(input['conversation_id'])}")
         preset = str(getattr(runner, "conversation_id", "") or "")
         conv_id = str(input.get("conversation_id") or await runner.memo(
             f"{self.name}-conversation", lambda: preset or uuid.uuid4().hex))
         if isinstance(runner, DirectRunner) and not runner.conversation_id:
             runner.conversation_id = conv_id
-        context: dict[str, Any] = dict(input.get("context") or {})
+        context: dict[str, Any] = dict(input.get("context") or {})  # an object (checked above) or none
         history: list[dict[str, Any]] = [{"role": "user", "content": input["message"]}]
         handoffs: list[dict[str, Any]] = []
         path = [self.entry]

@@ -19,8 +19,16 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from hivemesh.mesh.errors import AgentError
-from hivemesh.mesh.pki import NAME_RE
 from hivemesh.sdk.patterns.base import Caller, PatternResult, Runner, StepResult, as_runner
+from hivemesh.sdk.patterns.checks import (
+    check_capability,
+    check_count,
+    check_flag,
+    check_function,
+    check_label,
+    check_names,
+    check_seconds,
+)
 
 
 def _as_mapping(output: Any, who: str) -> Mapping[str, Any]:
@@ -72,19 +80,22 @@ class PeerReview:
         on_round: Callable[[Mapping[str, Any]], None] | None = None,
         name: str = "peer-review",
     ) -> None:
-        for cap in (writer, *reviewers):
-            if not NAME_RE.fullmatch(cap):
-                raise ValueError(f"{cap!r} is not a capability name")
-        if not reviewers:
+        check_capability(writer, "writer")
+        # One name is refused, not split: PeerReview("write", "review1") had reviewers "r", "e", "v", ...
+        names = check_names(reviewers, "reviewers", "capability names", check_capability)
+        if not names:
             raise ValueError("a peer review needs at least one reviewer")
-        if len({writer, *reviewers}) != 1 + len(reviewers):
+        if len({writer, *names}) != 1 + len(names):
             # Each is one step per round, `round-N/<capability>`: named twice, a durable run's second call replays
             # the first's answer (a writer among its reviewers "reviewed" with its own draft, never called).
-            raise ValueError(f"the writer and reviewers must be distinct capabilities: {[writer, *reviewers]}")
-        if max_rounds < 1:
-            raise ValueError("max_rounds must be >= 1")
+            raise ValueError(f"the writer and reviewers must be distinct capabilities: {[writer, *names]}")
+        check_count(max_rounds, "max_rounds", 1)
+        check_flag(ask_human_at_limit, "ask_human_at_limit")
+        check_seconds(timeout, "timeout")
+        check_function(on_round, "on_round")
+        check_label(name, "name")
         self.writer = writer
-        self.reviewers = tuple(reviewers)
+        self.reviewers = names
         self.max_rounds = max_rounds
         self.ask_human_at_limit = ask_human_at_limit
         self.timeout = timeout

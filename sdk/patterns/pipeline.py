@@ -17,6 +17,16 @@ from typing import Any
 
 from hivemesh.mesh.pki import NAME_RE
 from hivemesh.sdk.patterns.base import Caller, PatternResult, Runner, StepResult, as_runner, call_with_escalation
+from hivemesh.sdk.patterns.checks import (
+    check_capability,
+    check_flag,
+    check_function,
+    check_label,
+    check_seconds,
+    check_sequence,
+    check_str,
+    shown,
+)
 
 
 @dataclass(frozen=True)
@@ -50,14 +60,26 @@ class Step:
     ask_human: bool = True
 
     def __post_init__(self) -> None:
-        if not NAME_RE.fullmatch(self.capability):
-            raise ValueError(f"step capability {self.capability!r} is not a capability name")
-        if self.name and not NAME_RE.fullmatch(self.name):
+        check_capability(self.capability, "step capability")
+        if check_str(self.name, "step name") and not NAME_RE.fullmatch(self.name):
             raise ValueError(f"step name {self.name!r} must match [a-z0-9][a-z0-9._-]{{0,62}}")
+        check_function(self.input, f"step {self.id} input")
+        check_function(self.stop_if, f"step {self.id} stop_if")
+        check_seconds(self.timeout, f"step {self.id} timeout")
+        check_flag(self.ask_human, f"step {self.id} ask_human")
 
     @property
     def id(self) -> str:
         return self.name or self.capability
+
+
+def _step(value: object, what: str) -> Step:
+    """A pipeline step as given: a Step, or a capability name."""
+    if isinstance(value, Step):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a Step or a capability name, not {shown(value)}")
+    return Step(value)
 
 
 class Pipeline:
@@ -67,12 +89,16 @@ class Pipeline:
 
     def __init__(self, steps: Sequence[Step | str], *, name: str = "pipeline",
                  output: Callable[[PipelineContext], Any] | None = None) -> None:
-        self.steps = tuple(Step(s) if isinstance(s, str) else s for s in steps)
+        # One name is refused, not split: Pipeline("ocr") was steps "o", "c" and "r".
+        self.steps = tuple(_step(s, f"steps[{i}]") for i, s in
+                           enumerate(check_sequence(steps, "steps", "Step objects or capability names")))
         if not self.steps:
             raise ValueError("a pipeline needs at least one step")
         ids = [s.id for s in self.steps]
         if len(set(ids)) != len(ids):
             raise ValueError(f"pipeline step names must be unique: {ids}")
+        check_label(name, "name")
+        check_function(output, "output")
         self.name = name
         self._output = output
 
@@ -94,6 +120,9 @@ class Pipeline:
             previous = result.output
             if step.stop_if is not None:
                 reason = step.stop_if(result.output)
+                if reason is not None and not isinstance(reason, str):
+                    raise TypeError(f"step {step.id} stop_if returned {shown(reason)}, not a reason to stop (a str) "
+                                    "or None to go on")
                 if reason:
                     await runner.note(f"stopped-at-{step.id}", {"step": step.id, "reason": reason})
                     return PatternResult(output=result.output, state="REJECTED", steps=done, reason=reason,

@@ -27,8 +27,18 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from hivemesh.mesh.errors import TaskRejectedError, UnknownCapabilityError
-from hivemesh.mesh.pki import NAME_RE
 from hivemesh.sdk.patterns.base import Caller, PatternResult, Runner, StepResult, all_or_none, as_runner
+from hivemesh.sdk.patterns.checks import (
+    check_capability,
+    check_flag,
+    check_function,
+    check_label,
+    check_names,
+    check_seconds,
+    check_sequence,
+    check_str,
+    shown,
+)
 
 _WORD = re.compile(r"[a-z0-9]+")
 _STOP = frozenset((
@@ -110,7 +120,7 @@ def load_embedder(kind: str = "auto") -> Embedder | None:
             return SentenceModelEmbedder()
         except ImportError:
             return None
-    raise ValueError("embedder must be 'auto', 'minilm' or 'hashing'")
+    raise ValueError(f"embedder must be 'auto', 'minilm' or 'hashing', not {kind!r}")
 
 
 def cosine(a: Sequence[float], b: Sequence[float]) -> float:
@@ -128,18 +138,33 @@ class Rule:
     pattern: str = ""
 
     def __post_init__(self) -> None:
-        if not NAME_RE.fullmatch(self.capability):
-            raise ValueError(f"{self.capability!r} is not a capability name")
+        check_capability(self.capability, "rule capability")
+        # One str is refused, not split: keywords="phish" matched every text with an "i" in it.
+        object.__setattr__(self, "keywords", check_names(self.keywords, f"rule {self.capability} keywords",
+                                                         "keywords", _keyword))
+        check_str(self.pattern, f"rule {self.capability} pattern")
         if not self.keywords and not self.pattern:
             raise ValueError("a rule needs keywords or a pattern")
         if self.pattern:
-            re.compile(self.pattern)
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"rule {self.capability} pattern {self.pattern[:80]!r} is not a regular expression: "
+                                 f"{exc}") from None
 
     def matches(self, text: str) -> bool:
         low = text.lower()
         if any(re.search(rf"\b{re.escape(k.lower())}\b", low) for k in self.keywords):
             return True
         return bool(self.pattern and re.search(self.pattern, text, re.IGNORECASE))
+
+
+def _keyword(value: object, what: str) -> str:
+    """A rule's keyword: a str with a word in it (an empty one matched every text with a word boundary)."""
+    keyword = check_str(value, what)
+    if not keyword.strip():
+        raise ValueError(f"{what} is blank; a keyword is a word or phrase to find in the request")
+    return keyword
 
 
 @dataclass(frozen=True)
@@ -150,6 +175,13 @@ class Candidate:
 
     def document(self) -> str:
         return f"{self.capability.replace('-', ' ')} {self.description} {' '.join(self.tags)}"
+
+
+def _check_number(value: object, what: str, low: float, high: float) -> None:
+    """ValueError unless value is a number within low..high (NaN is within nothing: no score ever reached it)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        bounds = f">= {low}" if high == math.inf else f"within {low}..{high}"
+        raise ValueError(f"{what} must be a number {bounds}, not {shown(value)}")
 
 
 class Router:
@@ -188,9 +220,31 @@ class Router:
         timeout: float | None = 30.0,
         name: str = "router",
     ) -> None:
+        if candidates_tag is not None:
+            check_label(candidates_tag, "candidates_tag")
+        checked: list[Rule] = []
+        for i, rule in enumerate(check_sequence(rules, "rules", "Rule objects")):
+            if not isinstance(rule, Rule):
+                raise TypeError(f"rules[{i}] must be a Rule, not {shown(rule)}")
+            checked.append(rule)
+        if embedder is not None and not isinstance(embedder, str) and not callable(getattr(embedder, "embed", None)):
+            raise TypeError(f"embedder must be an Embedder (with embed(texts)), 'auto', 'minilm', 'hashing' or None, "
+                            f"not {shown(embedder)}")
+        _check_number(min_score, "min_score", 0.0, math.inf)
+        _check_number(min_similarity, "min_similarity", -1.0, 1.0)
+        _check_number(multi_ratio, "multi_ratio", 0.0, 1.0)
+        check_flag(multi, "multi")
+        check_flag(ask_human, "ask_human")
+        check_function(aggregate, "aggregate")
+        check_function(text, "text")
+        if fallback is not None:
+            check_capability(fallback, "fallback")
+        check_seconds(timeout, "timeout")
+        check_label(name, "name")
         self.candidates_tag = candidates_tag
-        self.exclude = frozenset(exclude)
-        self.rules = tuple(rules)
+        # One name is refused, not split: exclude="echo" excluded capabilities "e", "c", "h" and "o", not "echo".
+        self.exclude = frozenset(check_names(exclude, "exclude", "capability names", check_capability))
+        self.rules = tuple(checked)
         self.embedder = load_embedder(embedder) if isinstance(embedder, str) else embedder
         self.min_score = min_score
         self.min_similarity = min_similarity
@@ -206,7 +260,10 @@ class Router:
 
     def text_of(self, request: Any) -> str:
         if self._text is not None:
-            return self._text(request)
+            text = self._text(request)
+            if not isinstance(text, str):
+                raise TypeError(f"the router's text function returned {shown(text)}, not a str (the text to route on)")
+            return text
         if isinstance(request, str):
             return request
         if isinstance(request, Mapping):

@@ -23,6 +23,18 @@ from hivemesh.mesh.errors import AgentError, HivemeshError
 from hivemesh.mesh.pki import NAME_RE
 from hivemesh.sdk.escalation import MAX_DEADLINE_S, OnDeadline
 from hivemesh.sdk.patterns.base import Caller, PatternResult, Runner, StepResult, as_runner, error_to_json
+from hivemesh.sdk.patterns.checks import (
+    check_capability,
+    check_count,
+    check_flag,
+    check_function,
+    check_label,
+    check_names,
+    check_seconds,
+    check_sequence,
+    check_str,
+    shown,
+)
 
 
 @dataclass(frozen=True)
@@ -45,11 +57,13 @@ class Subtask:
     sensitive: bool = False
 
     def __post_init__(self) -> None:
-        if not NAME_RE.fullmatch(self.id):
+        if not NAME_RE.fullmatch(check_str(self.id, "subtask id")):
             raise ValueError(f"subtask id {self.id!r} must match [a-z0-9][a-z0-9._-]{{0,62}}")
-        for cap in (self.capability, *self.reassign_to):
-            if not NAME_RE.fullmatch(cap):
-                raise ValueError(f"{cap!r} is not a capability name")
+        check_capability(self.capability, f"subtask {self.id} capability")
+        # One name is refused, not split: reassign_to="tier2" reassigned to capabilities "t", "i", "e", "r", "2".
+        object.__setattr__(self, "reassign_to", check_names(self.reassign_to, f"subtask {self.id} reassign_to",
+                                                            "capability names", check_capability))
+        check_flag(self.sensitive, f"subtask {self.id} sensitive")
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "capability": self.capability, "input": self.input,
@@ -74,6 +88,13 @@ class Review:
     approved: bool = True
     confidence: float | None = None
     notes: str = ""
+
+    def __post_init__(self) -> None:
+        check_flag(self.approved, "Review approved")  # Review("no") approved before
+        if self.confidence is not None and (isinstance(self.confidence, bool)
+                                            or not isinstance(self.confidence, int | float)):
+            raise TypeError(f"Review confidence must be a number (or None), not {shown(self.confidence)}")
+        check_str(self.notes, "Review notes")
 
 
 @dataclass(frozen=True)
@@ -101,27 +122,37 @@ class EscalationRules:
     default_answer: Any = None
 
     def __post_init__(self) -> None:
-        if self.min_confidence is not None and not 0.0 <= self.min_confidence <= 1.0:
-            raise ValueError("min_confidence must be within 0..1")
-        if self.max_errors is not None and self.max_errors < 0:
-            raise ValueError("max_errors must be >= 0")
-        if self.deadline_s is not None and not (
-                isinstance(self.deadline_s, int | float) and 0 < self.deadline_s <= MAX_DEADLINE_S):
-            # Checked here, where the rules are made, not at the first escalation in the middle of a run.
+        # Each checked here, where the rules are made, not at the first escalation in the middle of a run (or never,
+        # deciding wrongly: one str for tiers was a substring test, so tier "pr" was "enterprise", and from a JSON
+        # document it became tiers "g", "o", "l" and "d", so tier "gold" was not escalated).
+        conf = self.min_confidence
+        if conf is not None and (isinstance(conf, bool) or not isinstance(conf, int | float) or not 0.0 <= conf <= 1.0):
+            raise ValueError(f"min_confidence must be a number within 0..1, or None (never), not {shown(conf)}")
+        if self.max_errors is not None:
+            check_count(self.max_errors, "max_errors", 0)
+        check_flag(self.escalate_sensitive, "escalate_sensitive")
+        object.__setattr__(self, "tiers", check_names(self.tiers, "tiers", "customer tier names"))
+        check_label(self.tier_field, "tier_field")
+        check_function(self.policy, "policy")
+        if self.deadline_s is not None and (isinstance(self.deadline_s, bool) or not (
+                isinstance(self.deadline_s, int | float) and 0 < self.deadline_s <= MAX_DEADLINE_S)):
             raise ValueError(f"deadline_s must be in (0, {MAX_DEADLINE_S}] seconds, or None for no deadline")
+        if self.on_deadline not in ("reject", "default"):
+            raise ValueError(f"on_deadline must be 'reject' (an unanswered escalation rejects) or 'default' (it takes "
+                             f"default_answer), not {shown(self.on_deadline)}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EscalationRules:
-        """Rules from a JSON document (e.g. a stored policy): the same field names, policy excluded."""
+        """Rules from a JSON document (e.g. a stored policy): the same field names, policy excluded. tiers is a
+        list there; one str is refused (tuple("gold") made tiers "g", "o", "l", "d")."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"escalation rules must be an object of rule fields, not {shown(d)}")
         known = {"min_confidence", "max_errors", "escalate_sensitive", "tiers", "tier_field", "deadline_s",
                  "on_deadline", "default_answer"}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown escalation rule fields: {', '.join(sorted(unknown))}")
-        values = dict(d)
-        if "tiers" in values:
-            values["tiers"] = tuple(values["tiers"])
-        return cls(**values)
+            raise ValueError(f"unknown escalation rule fields: {', '.join(sorted(map(str, unknown)))}")
+        return cls(**d)
 
     def reason(self, task: Any, sub: Subtask, output: Any, confidence: float | None, errors: int) -> str | None:
         """Why this result needs a person, or None (the first rule that fires, in a fixed order)."""
@@ -135,7 +166,10 @@ class EscalationRules:
         if self.min_confidence is not None and confidence is not None and confidence < self.min_confidence:
             return f"confidence {confidence:.2f} is below {self.min_confidence:.2f}"
         if self.policy is not None:
-            return self.policy(task, sub, output, errors)
+            why = self.policy(task, sub, output, errors)
+            if why is not None and not isinstance(why, str):
+                raise TypeError(f"the escalation policy returned {shown(why)}, not a reason (a str) or None")
+            return why
         return None
 
 
@@ -199,8 +233,23 @@ class Supervisor:
         name: str = "supervisor",
         max_subtasks: int = MAX_SUBTASKS,
     ) -> None:
-        if attempts_per_assignee < 1:
-            raise ValueError("attempts_per_assignee must be >= 1")
+        if isinstance(decompose, str):
+            check_capability(decompose, "decompose")
+        elif not callable(decompose):
+            raise TypeError(f"decompose must be a function (task → list of Subtask) or a capability name, "
+                            f"not {shown(decompose)}")
+        if isinstance(review, str):
+            check_capability(review, "review")
+        elif review is not None and not callable(review):
+            raise TypeError(f"review must be a function ((Subtask, output) → Review), a capability name or None, "
+                            f"not {shown(review)}")
+        check_function(combine, "combine")
+        if rules is not None and not isinstance(rules, EscalationRules):
+            raise TypeError(f"rules must be EscalationRules (EscalationRules.from_dict reads a JSON document), "
+                            f"not {shown(rules)}")
+        check_count(attempts_per_assignee, "attempts_per_assignee", 1)
+        check_seconds(timeout, "timeout")
+        check_label(name, "name")
         if isinstance(max_subtasks, bool) or not isinstance(max_subtasks, int) or max_subtasks < 1:
             raise ValueError(f"max_subtasks must be a positive int, not {max_subtasks!r}")
         self.max_subtasks = max_subtasks
@@ -219,7 +268,16 @@ class Supervisor:
             raw = res.output
         else:
             fn = self.decompose
-            raw = await runner.memo("decompose", lambda: [s.to_json() for s in fn(task)])
+
+            def planned() -> list[dict[str, Any]]:
+                out: list[dict[str, Any]] = []
+                for i, sub in enumerate(check_sequence(fn(task), "decompose's result", "Subtask objects")):
+                    if not isinstance(sub, Subtask):
+                        raise TypeError(f"decompose returned {shown(sub)} as subtask {i}, not a Subtask")
+                    out.append(sub.to_json())
+                return out
+
+            raw = await runner.memo("decompose", planned)
         # A decomposing capability's answer is an agent's (a model's): what it gets wrong is an AgentError naming
         # it, never a KeyError or TypeError from reading it; a decompose function's is the caller's own mistake.
         wrong: type[Exception] = AgentError if isinstance(self.decompose, str) else ValueError
@@ -256,7 +314,11 @@ class Supervisor:
             if conf is not None and (isinstance(conf, bool) or not isinstance(conf, int | float)):
                 raise AgentError(f"{who} answered confidence that is {type(conf).__name__}, not a number")
             return Review(approved, float(conf) if conf is not None else None, str(out.get("notes", "")))
-        return self.review(sub, output)
+        verdict = self.review(sub, output)
+        if not isinstance(verdict, Review):
+            raise TypeError(f"the review function returned {shown(verdict)} for subtask {sub.id}, not a Review "
+                            "(Review(approved, confidence, notes))")
+        return verdict
 
     async def _delegate(self, runner: Runner, task: Any, sub: Subtask, steps: list[StepResult]) -> SubtaskOutcome:
         outcome = SubtaskOutcome(sub)

@@ -39,11 +39,12 @@ references), `run` (the durable Runner), `engine` (submit, drive, resume, cancel
 
 from hivemesh.sdk.workflow.definition import definition_ref, resolve_definition
 from hivemesh.sdk.workflow.engine import WorkflowEngine, WorkflowHandle
-from hivemesh.sdk.workflow.run import WorkflowRun, escalation_id_for
+from hivemesh.sdk.workflow.run import JournalError, WorkflowRun, escalation_id_for
 from hivemesh.sdk.workflow.state import StepInfo, WorkflowState
 from hivemesh.sdk.workflow.store import LockLostError, OwnerLock, WorkflowStore, validate_workflow_id
 
 __all__ = [
+    "JournalError",
     "LockLostError",
     "OwnerLock",
     "StepInfo",

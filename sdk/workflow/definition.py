@@ -42,9 +42,30 @@ def resolve_definition(ref: str) -> Any:
     return obj
 
 
+def _is_async(fn: Any) -> bool:
+    """A callable fn is an async function, bound method or partial of one, or an object whose __call__ is one."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
+
+
 def body_of(definition: Any) -> Body:
-    if hasattr(definition, "run") and callable(definition.run):
-        return definition.run  # type: ignore[no-any-return]
+    """What a run awaits: a pattern's async `run`, or an async function (run, input). Anything else is refused
+    InvalidInputError: a sync function's result cannot be awaited, so its run would start and never end."""
+    accepted = "a pattern object (with an async run(runner, input)) or an async function (run, input)"
+    run = getattr(definition, "run", None)
+    if callable(run):
+        if _is_async(run):
+            return run  # type: ignore[no-any-return]
+        raise InvalidInputError(f"workflow definition {_named(definition)!r}: its run is not async; a workflow "
+                                f"definition is {accepted}", field_violations={"definition": f"must be {accepted}"})
     if callable(definition):
-        return definition  # type: ignore[no-any-return]
-    raise InvalidInputError(f"a workflow definition is a pattern or an async function, not {type(definition).__name__}")
+        if _is_async(definition):
+            return definition  # type: ignore[no-any-return]
+        raise InvalidInputError(f"workflow definition {_named(definition)!r} is not async (declare it async def); a "
+                                f"workflow definition is {accepted}",
+                                field_violations={"definition": f"must be {accepted}"})
+    raise InvalidInputError(f"a workflow definition is {accepted}, not {type(definition).__name__}",
+                            field_violations={"definition": f"must be {accepted}"})
+
+
+def _named(definition: Any) -> str:
+    return definition_ref(definition) or getattr(definition, "__qualname__", "") or type(definition).__name__

@@ -31,7 +31,7 @@ from hivemesh.sdk.escalation import EscalationClient
 from hivemesh.sdk.patterns.base import TERMINAL, PatternResult, error_to_json
 from hivemesh.sdk.workflow.definition import body_of, definition_ref, resolve_definition
 from hivemesh.sdk.workflow.reown import etcd_unreachable, reown
-from hivemesh.sdk.workflow.run import WorkflowRun
+from hivemesh.sdk.workflow.run import JournalError, WorkflowRun
 from hivemesh.sdk.workflow.state import WorkflowState
 from hivemesh.sdk.workflow.store import (
     MAX_JOURNAL_BYTES,
@@ -56,6 +56,15 @@ def _retrieved(task: asyncio.Future[Any]) -> None:
     """Mark a finished task's outcome as seen (a body stopped with its run: whatever it ended with is moot)."""
     if not task.cancelled():
         task.exception()
+
+
+def _start_failure(state: WorkflowState, exc: Exception) -> HivemeshError:
+    """Why a run's body could not start, as its recorded failure (its definition named, with the cause)."""
+    if isinstance(exc, HivemeshError):
+        return exc
+    log.error("workflow %s: its body did not start", state.id, exc_info=exc)
+    return InvalidInputError(f"workflow definition {state.definition or '(an object)'!r} could not start: "
+                             f"{type(exc).__name__}: {exc}"[:2000], field_violations={"definition": "did not start"})
 
 
 @dataclass
@@ -211,6 +220,8 @@ class WorkflowEngine:
         workflow_id = self.run_id_for(workflow_id)
         if wait_s is not None:
             check_wait(wait_s, "wait_s")
+        if definition is not None:  # the caller's mistake, refused before anything (a recorded one: _drive_once)
+            body_of(resolve_definition(definition) if isinstance(definition, str) else definition)
         state = await self.store.load(workflow_id)
         if state.terminal:
             raise FailedPreconditionError(f"workflow {workflow_id} is {state.state}; there is nothing to resume")
@@ -322,7 +333,14 @@ class WorkflowEngine:
                                           "resume": bool(state.runs),
                                           **({"trace_id": ids[0], "span_id": ids[1]} if ids else {})})
             self.emit(state.id, "started", {"resume": len(state.runs) > 1})
-            body = asyncio.ensure_future(body_of(definition)(run, state.input))
+            try:
+                body = asyncio.ensure_future(body_of(definition)(run, state.input))
+            except Exception as exc:  # noqa: BLE001 - recorded as the run's failure (with the cause), not lost
+                # A body that cannot start (a recorded definition that is no longer async, an async function of
+                # other arguments) ends the run: left WORKING, nobody would ever drive it.
+                await run.append("failed", {"error": error_to_json(_start_failure(state, exc))})
+                self.emit(state.id, "failed", {"state": run.state.state})
+                return run.state
             waiters = {body, asyncio.ensure_future(cancel.wait()), asyncio.ensure_future(lock.lost.wait())}
             try:
                 await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
@@ -368,6 +386,11 @@ class WorkflowEngine:
 
     async def _record_end(self, run: WorkflowRun, body: asyncio.Future[Any]) -> None:
         exc = body.exception()
+        if isinstance(exc, JournalError):  # the journal refused an event the body asked for: why is the run's end
+            if isinstance(exc.error, LockLostError):
+                raise exc.error  # not the run's failure: it is owned again and replayed (_drive_run)
+            await run.append("failed", {"error": error_to_json(exc.error)})
+            return
         if exc is None:
             result = body.result()
             if isinstance(result, PatternResult):

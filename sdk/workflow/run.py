@@ -4,6 +4,7 @@ answered from them on replay."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from collections.abc import Callable, Mapping
@@ -26,6 +27,18 @@ if TYPE_CHECKING:
 def escalation_id_for(workflow_id: str, step_id: str) -> str:
     """Deterministic, so a resumed run finds the escalation it created instead of asking twice."""
     return "esc-" + hashlib.sha256(f"{workflow_id}/{step_id}".encode()).hexdigest()[:24]
+
+
+class JournalError(Exception):
+    """The run's journal could not record an event the body asked for (a value too large or not plain JSON, the
+    journal full, the run's ownership lost): `error` says why. Not a HivemeshError on purpose: patterns take a
+    HivemeshError from a step for the step's own failure and retry it under a new id (a non-idempotent effect
+    happened twice) or record the branch failed, yet the effect happened. This passes every pattern, and the
+    engine ends the run with `error` (or owns it again, for a lost lease)."""
+
+    def __init__(self, error: HivemeshError) -> None:
+        super().__init__(f"{error.code.name} {error.reason}: {error.message}")
+        self.error = error
 
 
 class WorkflowRun:
@@ -55,12 +68,20 @@ class WorkflowRun:
         asked.add(step_id)
 
     async def append(self, kind: str, data: Mapping[str, Any]) -> None:
-        """Record one event of this run, fenced on its owner value (one append at a time: steps run concurrently)."""
+        """Record one event of this run, fenced on its owner value (one append at a time: steps run concurrently).
+        Its errors are the store's: the engine records its own events here; the body's go through `_record`."""
         async with self._append_lock:
             await self.engine.store.append(self.state, kind, data, fence=self._lock.value)
         metrics = self.engine.mesh.node.metrics
         if metrics is not None:
             metrics.workflow_event(self.state.definition, kind, data)
+
+    async def _record(self, kind: str, data: Mapping[str, Any]) -> None:
+        """append() for what the body asked for; its failure is raised as JournalError, never as the step's own."""
+        try:
+            await self.append(kind, data)
+        except HivemeshError as err:
+            raise JournalError(err) from err
 
     def _idempotent(self, capability: str) -> bool:
         for info in self.engine.mesh.capability_infos():
@@ -101,7 +122,7 @@ class WorkflowRun:
                                         conversation_id=conversation_id or self.engine.conversation_id)
         options = CallOptions(timeout=timeout, context=context, idempotency_key=key, agent=agent)  # checked first
         idempotent = self._idempotent(capability)
-        await self.append("step_started", {
+        await self._record("step_started", {
             "step": step_id, "capability": capability, "key": key, "idempotent": idempotent,
             "attempt": (rec.attempts if rec else 0) + 1, "resent": rec is not None,
         })
@@ -115,10 +136,10 @@ class WorkflowRun:
                 else:
                     res = await mesh.call_detailed(capability, payload, options=options)
         except HivemeshError as err:
-            await self.append("step_failed", {"step": step_id, "error": error_to_json(err)})
+            await self._record("step_failed", {"step": step_id, "error": error_to_json(err)})
             raise
         result = StepResult.from_call(step_id, capability, res, started)
-        await self.append("step_completed", {"step": step_id, "result": result.to_json()})
+        await self._record("step_completed", {"step": step_id, "result": result.to_json()})
         self.engine.emit(self.workflow_id, "step", result.to_json())
         return result
 
@@ -131,13 +152,13 @@ class WorkflowRun:
         if key in self.state.memos:
             return self.state.memos[key]
         value = await maybe_await(compute())
-        await self.append("memo", {"key": key, "value": value})
+        await self._record("memo", {"key": key, "value": value})
         return value
 
     async def note(self, key: str, data: Mapping[str, Any]) -> None:
         if any(n.get("key") == key for n in self.state.notes):
             return
-        await self.append("note", {"key": key, "data": dict(data)})
+        await self._record("note", {"key": key, "data": dict(data)})
         self.engine.emit(self.workflow_id, "note", {"key": key, **dict(data)})
 
     async def escalate(self, step_id: str, reason: str, context: Mapping[str, Any], *,
@@ -155,13 +176,19 @@ class WorkflowRun:
                                        step_id=step_id, deadline_s=deadline_s, on_deadline=on_deadline,
                                        default_answer=default_answer, labels=labels, answerer=answerer)
             escalation_id = info.id  # the id it is stored under: scoped to this requester if another held it
-            await self.append("input_required", {"step": step_id, "escalation_id": info.id, "reason": reason})
+            try:
+                await self._record("input_required", {"step": step_id, "escalation_id": info.id, "reason": reason})
+            except JournalError:
+                # Unrecorded, nobody would withdraw it when the run ends: a person would be asked for nothing.
+                with contextlib.suppress(HivemeshError):
+                    await client.cancel(info.id, note="the workflow run could not record it")
+                raise
             self.engine.emit(self.workflow_id, "input_required", {"step": step_id, "escalation_id": info.id,
                                                                    "reason": reason})
         info = await client.wait(escalation_id)
         while info.pending:
             info = await client.wait(escalation_id)
-        await self.append("input_received", {"step": step_id, "escalation": info.to_json()})
+        await self._record("input_received", {"step": step_id, "escalation": info.to_json()})
         self.engine.emit(self.workflow_id, "input_received", {"step": step_id, "status": info.status})
         return info
 

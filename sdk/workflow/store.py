@@ -123,13 +123,58 @@ async def withdraw_escalations(client: EscalationClient, state: WorkflowState) -
             await client.cancel(str(rec["escalation_id"]), note="the workflow run was cancelled")
 
 
+_PLAIN: Final = "plain JSON: text keys, finite numbers"
+
+
+def _not_plain(data: Any) -> tuple[str, str] | None:
+    """(path, what is wrong) of the first value in data that JSON would not hold as it is, or None: a key that
+    is not text (json.dumps writes 1 as "1", so a replay would not find it) or NaN or an infinity (not JSON:
+    `workflows show --json` printed a bare NaN). Iterative, each container once: any depth, cycles end here
+    (json.dumps refuses those)."""
+    seen: set[int] = set()
+    todo: list[tuple[Any, tuple[Any, ...]]] = [(data, ())]  # (value, (parent's link, key)): paths built on demand
+    while todo:
+        value, link = todo.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return _path(link), f"is {value}"
+        if not isinstance(value, dict | list | tuple) or id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, dict):
+            for key in value:
+                if not isinstance(key, str):
+                    return _path(link), f"has the key {key!r:.80} ({type(key).__name__}), not text"
+            items: list[tuple[Any, Any]] = list(value.items())
+        else:
+            items = list(enumerate(value))
+        todo.extend((item, (link, key)) for key, item in reversed(items))
+    return None
+
+
+def _path(link: tuple[Any, ...]) -> str:
+    """`input.items[2].price` for a link chain of keys (dict keys dotted, list indexes bracketed)."""
+    parts: list[str] = []
+    while link:
+        link, key = link
+        parts.append(f"[{key}]" if isinstance(key, int) else f".{key}")
+    path = "".join(reversed(parts)).lstrip(".")
+    return path if len(path) <= 200 else path[:90] + "…" + path[-90:]
+
+
 def _encode(event: Mapping[str, Any]) -> bytes:
-    """The event as stored; InvalidInputError for what JSON cannot hold as it is (an object, mixed key types, a
-    lone surrogate), never a str() of it that would come back as another type on replay."""
+    """The event as stored; InvalidInputError for what JSON cannot hold as it is (an object, a key that is not
+    text, NaN or an infinity, a lone surrogate), naming where, never a str() of it or a key turned to text that
+    would come back as another value on replay."""
+    kind = event.get("type", "")
+    problem = _not_plain(event.get("data"))
+    if problem is not None:
+        where, what = problem
+        raise InvalidInputError(f"a workflow {kind} event cannot be stored: {where or 'its data'} {what}; a run holds "
+                                f"{_PLAIN}", field_violations={where or "data": f"{what}; must be {_PLAIN}"})
     try:
-        data = json.dumps(event, separators=(",", ":"), sort_keys=True).encode()
+        data = json.dumps(event, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
     except (TypeError, ValueError, RecursionError) as exc:
-        raise InvalidInputError(f"a workflow {event.get('type', '')} event cannot be stored: its data is not plain "
+        raise InvalidInputError(f"a workflow {kind} event cannot be stored: its data is not plain "
                                 f"JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
     if len(data) > MAX_EVENT_BYTES:
         raise InvalidInputError(f"a workflow event is {len(data)} bytes; the limit is {MAX_EVENT_BYTES} "

@@ -63,7 +63,8 @@ async def many_memos(run: WorkflowRun, input: Any) -> Any:
 
 
 async def ask(run: WorkflowRun, input: Any) -> Any:
-    info = await run.escalate("s1", "approve?", {"x": 1}, deadline_s=input)
+    """Asks with input as the deadline: None, a number, or a number's text (NaN and infinity are no JSON input)."""
+    info = await run.escalate("s1", "approve?", {"x": 1}, deadline_s=float(input) if isinstance(input, str) else input)
     return {"status": info.status}
 
 
@@ -169,7 +170,7 @@ async def test_an_escalation_deadline_out_of_range_is_invalid_input_naming_it(or
         assert "deadline_s" in refused.value.field_violations
         with pytest.raises(NotFoundError):
             await engine.escalations.get("esc-bad")
-        final = await engine.run(ask, deadline, workflow_id="askbad")
+        final = await engine.run(ask, str(deadline), workflow_id="askbad")
         assert final.state == "FAILED", (final.state, final.output)
         assert final.error is not None and final.error["code"] == "INVALID_ARGUMENT", final.error
         assert "deadline_s" in final.error["message"]
