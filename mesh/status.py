@@ -18,6 +18,7 @@ import aetcd
 
 from hivemesh.mesh.etcd import PREFIX, Endpoints
 from hivemesh.mesh.etcd import client as etcd_client
+from hivemesh.mesh.pki import parse_spiffe_id
 from hivemesh.mesh.watch import cancel_and_wait
 from hivemesh.v1 import policy_pb2
 
@@ -30,15 +31,62 @@ def status_key(kind: str, name: str, instance: str) -> str:
     return f"{STATUS_PREFIX}{kind}/{name}/{instance}"
 
 
+MAX_WARNED: Final = 1024
+"""Mismatched status entries remembered as warned about (then forgotten all at once): one warning per entry, not
+one per `hivemesh status`, and a workload writing many keys cannot grow the set without bound."""
+_warned: set[tuple[str, str]] = set()
+
+
 async def read_status(etcd: Any) -> list[policy_pb2.NodeTraffic]:
-    """Every node's last published status, sorted by identity then instance (undecodable entries skipped)."""
+    """Every node's last published status, sorted by identity then instance.
+
+    An entry is skipped when it does not decode, or when its identity is not the workload its key belongs to
+    (`status/<kind>/<name>/...`, which only that workload and operators may write): any workload may write
+    anything under its own key, and it was shown as whatever identity it named (a fake open breaker of another
+    agent). Skipped rather than shown under the key's owner: `NodeTraffic` has no field to flag it with, and
+    numbers shown as the writer's own would still be made up. The control plane logs a warning once per entry."""
     out: list[policy_pb2.NodeTraffic] = []
     for kv in await etcd.get_prefix(STATUS_PREFIX.encode()):
+        key = kv.key.decode(errors="replace")
         try:
-            out.append(policy_pb2.NodeTraffic.FromString(kv.value))
+            node = policy_pb2.NodeTraffic.FromString(kv.value)
         except Exception:  # noqa: BLE001 - a bad entry must not hide the others
-            log.warning("skipping undecodable status at %s", kv.key.decode(errors="replace"))
+            log.warning("skipping undecodable status at %s", key)
+            continue
+        owner = status_owner(key)
+        if owner is None or _kind_name(node.identity) != owner:
+            _warn_once(key, node.identity, owner)
+            continue
+        out.append(node)
     return sorted(out, key=lambda n: (n.identity, n.instance))
+
+
+def status_owner(key: str) -> tuple[str, str] | None:
+    """(kind, name) of the workload a status key belongs to (`status/<kind>/<name>/<instance>`), or None."""
+    parts = key[len(STATUS_PREFIX):].split("/") if key.startswith(STATUS_PREFIX) else []
+    return (parts[0], parts[1]) if len(parts) >= 3 and parts[0] and parts[1] and parts[2] else None
+
+
+def _kind_name(identity: str) -> tuple[str, str] | None:
+    try:
+        sid = parse_spiffe_id(identity)
+    except ValueError:
+        return None
+    return sid.kind, sid.name
+
+
+def _warn_once(key: str, identity: str, owner: tuple[str, str] | None) -> None:
+    if (key, identity) in _warned:
+        return
+    if len(_warned) >= MAX_WARNED:
+        _warned.clear()
+    _warned.add((key, identity))
+    if owner is None:
+        log.warning("skipping the status at %s (naming %r): the key is not status/<kind>/<name>/<instance>", key,
+                    identity[:256])
+    else:
+        log.warning("skipping the status at %s: it names %r, but the key belongs to %s/%s (written by that workload "
+                    "or an operator)", key, identity[:256], *owner)
 
 
 class StatusPublisher:

@@ -11,9 +11,14 @@ from typing import Any, Final
 from hivemesh.mesh.audit.record import DECISIONS, parse_time
 from hivemesh.mesh.errors import InvalidInputError
 
-KINDS: Final = frozenset({"inbound", "outbound", "handshake", "controlplane", "shadow"})
-"""What a record is about: a call a node decided on, a call it refused on the way out, a TLS handshake refused
-below gRPC, or the control plane's own decision."""
+NODE_KINDS: Final = frozenset({"inbound", "outbound", "handshake", "shadow"})
+"""What a node's records are about (`hivemesh.mesh.audit`): a call it decided on, a call it refused on the way out
+or a signed answer it verified, a TLS handshake refused below gRPC, a shadow call whose answer differed."""
+CONTROLPLANE_KINDS: Final = frozenset({"controlplane"})
+"""Kinds only the control plane writes (`AuditStore.record`; its own handshake records are `handshake`): a shipped
+record claiming one is refused, or a workload could pass its records off as the control plane's."""
+KINDS: Final = NODE_KINDS | CONTROLPLANE_KINDS
+"""Every kind a query may filter on."""
 MAX_FILTER_BYTES: Final = 1024
 """The longest text filter a query takes: a glob is translated to a regex in time quadratic in its length on the
 control plane's event loop (20,000 '[' held it 9 s), and no identity, capability or time needs more."""

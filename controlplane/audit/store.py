@@ -20,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import datetime
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -44,7 +46,7 @@ from hivemesh.controlplane.audit.checkpoints import (
 )
 from hivemesh.controlplane.audit.entries import Checked, checked_encoding, entry_line, read_flat
 from hivemesh.controlplane.audit.heads import KEY_CERT_PATH, HeadCadence, sign_head
-from hivemesh.controlplane.audit.query import AuditFilter
+from hivemesh.controlplane.audit.query import CONTROLPLANE_KINDS, NODE_KINDS, AuditFilter
 from hivemesh.mesh import json_fast
 from hivemesh.mesh.audit.chain import GENESIS, canonical, link_fields_problem, parse_line, record_hash, seal
 from hivemesh.mesh.audit.record import FORMAT, short, utc_iso
@@ -102,6 +104,10 @@ OWN_COMMIT_WAIT_S: Final = 2.0
 """How long an RPC's answer waits for its audit record to be committed to the mesh-wide log."""
 ANSWER_MARGIN_S: Final = 0.25
 """What an answer keeps of its caller's deadline: it leaves the wait for its record this long before it."""
+MAX_CLOCK_AHEAD_S: Final = 300.0
+"""How far past the control plane's clock a shipped record's `time` may be (clock skew between hosts): a node stamps
+a record when it decides, so a later time is forged or broken. Nothing bounds it into the past: a spool replays
+records of any age after an outage, and a node whose clock is this far off fails its tokens' checks anyway."""
 
 
 def commit_wait(time_remaining: float | None) -> float:
@@ -344,6 +350,7 @@ class AuditStore:
         seq, skipped); raises, storing nothing, on a gap, a broken link, a changed record or a record about another
         node than identity.
         Each record is parsed and canonically encoded once; its encoding goes on into the log entry."""
+        now = time.time()
         known = self._sources.get(source)
         if known is not None and known.identity != identity:
             raise PermissionDeniedError(f"audit source {source} belongs to {known.identity}, not {identity}")
@@ -366,6 +373,7 @@ class AuditStore:
             if rec.get("node") != identity:
                 raise PermissionDeniedError(f"{where} is about {short(repr(rec.get('node')), ECHO_CHARS)}; "
                                             f"{identity} may only ship its own records")
+            _check_claims(rec, where, now)
             seq = rec["seq"]
             if seq <= last_seq and not fresh:
                 earlier = batch.get(seq)
@@ -956,6 +964,52 @@ def _read_checked(raw: bytes, where: str) -> tuple[dict[str, Any], bytes]:
     if encoded is None:
         raise InvalidInputError(f"{where}: hash does not match content", field_violations={where: "hash"})
     return rec, encoded
+
+
+def _check_claims(rec: dict[str, Any], where: str, now: float) -> None:
+    """Refuse a shipped record that claims to be the control plane's own (its kind: PERMISSION_DENIED) or a time
+    that is no time or later than now allows (INVALID_ARGUMENT), naming the field. Only the shipping node is
+    verified; the rest is its word, and these two claims would pass its records off as the control plane's or
+    reorder them among everyone's (`audit tail --kind controlplane`, `--since`)."""
+    kind = rec.get("kind")
+    if isinstance(kind, str) and kind.strip().casefold() in CONTROLPLANE_KINDS:
+        msg = (f"kind {short(kind, ECHO_CHARS)!r} is written only by the control plane; a node ships its own "
+               f"decisions (kind {', '.join(sorted(NODE_KINDS))})")
+        raise PermissionDeniedError(f"{where}.kind: {msg}; nothing of the batch was stored",
+                                    field_violations={f"{where}.kind": msg})
+    if "time" not in rec:
+        return
+    value = rec["time"]
+    at = _record_time(value)
+    if at is None:
+        msg = (f"{short(repr(value), ECHO_CHARS)} is not a time: RFC 3339 (2026-01-31T12:00:00.000000Z, as nodes "
+               "write it) or unix seconds")
+    elif at > now + MAX_CLOCK_AHEAD_S:
+        msg = (f"{short(str(value), ECHO_CHARS)} is {at - now:.0f} s ahead of the control plane's clock, more than "
+               f"the {MAX_CLOCK_AHEAD_S:.0f} s of clock skew allowed: check the node's clock")
+    else:
+        return
+    raise InvalidInputError(f"{where}.time: {msg}; nothing of the batch was stored",
+                            field_violations={f"{where}.time": msg})
+
+
+def _record_time(value: Any) -> float | None:
+    """Unix seconds of a record's `time` as queries read it: an RFC 3339 text (naive: UTC) or a number of unix
+    seconds; None for anything else (a bool, a non-finite number, text that is no date)."""
+    if isinstance(value, str):
+        try:
+            dt = datetime.datetime.fromisoformat(value)
+            return (dt if dt.tzinfo is not None else dt.replace(tzinfo=datetime.UTC)).timestamp()
+        except (ValueError, OverflowError):
+            return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, int):
+        try:
+            return float(value)
+        except OverflowError:  # past a float's range: as late (or early) as can be
+            return math.copysign(math.inf, value)
+    return value if math.isfinite(value) else None
 
 
 def _check_link_fields(rec: dict[str, Any], where: str) -> None:

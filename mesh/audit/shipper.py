@@ -14,10 +14,16 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
+import grpc
+
 from hivemesh.mesh.audit.spool import Spool
 from hivemesh.mesh.errors import HivemeshError
 
 log = logging.getLogger(__name__)
+
+_PASSING: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
+"""Codes of a failure that passes by itself (the control plane down, busy, or changing leader): logged at debug."""
 
 GROW_AT: Final = 32
 """A batch of at least this many records means records arrive faster than the pause lets them gather."""
@@ -183,8 +189,12 @@ class Shipper:
                 raise
             except HivemeshError as exc:
                 self.failures += 1
-                self.last_error = f"{exc.reason}: {exc.message}"
-                log.debug("audit shipping failed (%s); retrying in %.1f s", self.last_error, delay)
+                said, self.last_error = self.last_error, f"{exc.reason}: {exc.message}"
+                if exc.code in _PASSING or said == self.last_error:
+                    log.debug("audit shipping failed (%s); retrying in %.1f s", self.last_error, delay)
+                else:  # refused, not unreachable: it will not pass by itself (a clock far ahead, say); said once
+                    log.warning("the control plane refused this node's audit records (%s); they stay in the spool "
+                                "and are sent again with backoff", self.last_error)
                 acked = None  # re-ask where to resume: the control plane may have stored the batch anyway
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._backoff_max)
