@@ -5,8 +5,10 @@ resolves it. An escalation may also name an `answerer`, the principal a gateway 
 whose request asked): the requester (the relayer) relays that principal's reply with the principal's token,
 which this service verifies, so nobody else's reply counts. The token proves only that the answerer called the
 relayer, not what it answered, so the answer is recorded as the relayer's, `on_behalf_of` the answerer and
-marked as claimed. Every change is a compare-and-swap on the key's mod revision, so a person and the deadline
-policy can never both win.
+marked as claimed. The answerer is never the requester: a workload that named itself, then relayed a token it got
+addressed to itself (sub = aud), approved its own escalation, though only operators resolve. So a non-operator's
+escalation may not name its requester (INVALID_ARGUMENT), and no relay answers for the requester. Every change is
+a compare-and-swap on the key's mod revision, so a person and the deadline policy can never both win.
 
 An id is its requester's own. Ids are often derived from what others know (a workflow run's escalation id from
 its run and step ids), so a first-come global id let any workload take a run's id before the run asked, and the
@@ -379,6 +381,10 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
             if answerer.trust_domain != self._core.trust_domain:
                 msg = f"must be in trust domain {self._core.trust_domain}"
                 raise InvalidInputError(f"answerer {msg}", field_violations={"answerer": msg})
+            if str(answerer) == str(peer.spiffe_id) and not _is_operator(peer):  # an operator resolves anyway
+                msg = (f"must be another principal than the requester ({peer.spiffe_id}): a requester does not "
+                       "answer its own escalation (an operator does)")
+                raise InvalidInputError(f"answerer {msg}", field_violations={"answerer": msg})
         for name, value in (("workflow_id", request.workflow_id), ("step_id", request.step_id)):
             if len(value) > 256:
                 raise InvalidInputError(f"{name} is too long", field_violations={name: "at most 256 characters"})
@@ -518,20 +524,30 @@ class EscalationsServicer(escalation_pb2_grpc.EscalationsServicer):
 
     async def _relayed_answerer(self, request_id: str, escalation_id: str, subject_token: str, peer: Peer) -> str:
         """The answerer whose reply the requester relays, checked: the escalation is the relayer's own (another's
-        is not found, as for every non-operator: `_settled`), names an answerer, and the subject token is a
-        genuine, unrevoked token of that answerer addressed to the relayer. That shows the answerer called the
-        relayer, not that it gave this answer: the caller records it as a claim (Resolution.on_behalf_of), the
-        relayer as the one who resolved."""
+        is not found, as for every non-operator: `_settled`), names an answerer other than its requester, and the
+        subject token is a genuine, unrevoked token of that answerer addressed to the relayer (never the relayer's
+        own: sub = aud would let a requester answer itself). That shows the answerer called the relayer, not that
+        it gave this answer: the caller records it as a claim (Resolution.on_behalf_of), the relayer as the one
+        who resolved."""
         esc, _ = await self._settled(request_id, escalation_id, peer, "ResolveEscalation")
         relayer = str(peer.spiffe_id)
         if not esc.answerer:
             raise PermissionDeniedError(
                 f"{relayer} may relay an answer only to an escalation that names an answerer; {request_id!r} "
                 "names none")
+        own = (relayer, esc.requested_by)
+        if esc.answerer in own:  # named before creation refused it: the requester would answer itself
+            raise PermissionDeniedError(
+                f"escalation {escalation_id!r} names its own requester {esc.answerer} as answerer; a requester does "
+                "not answer its own escalation: only an operator resolves it")
         core = self._core
         verifier = TokenVerifier(KeySet.from_jwks(core.issuer.keys.jwks_json()), issuer=core.issuer.issuer,
                                  audience=relayer, max_lifetime_s=core.issuer.max_ttl_s)
         claims = verifier.verify_signed(subject_token)
+        if claims.subject in own:  # sub = aud: a token the requester got addressed to itself proves nobody else
+            raise PermissionDeniedError(
+                f"the relayed token is {claims.subject}'s own, addressed to itself; a requester does not answer its "
+                f"own escalation: only {esc.answerer} (or an operator) answers escalation {escalation_id!r}")
         if claims.subject != esc.answerer or claims.actor is not None:
             raise PermissionDeniedError(
                 f"the relayed token is {claims.subject}'s; only {esc.answerer} (or an operator) answers "

@@ -15,7 +15,10 @@ earlier actors), is bound to A's certificate, never outlives the subject token, 
   level records the ceiling of its hop, so verifiers re-check the narrowing too.
 
 **Revocation** writes `/hivemesh/revoked/...` (see `hivemesh.mesh.revocation`); a revoked subject also gets no new
-token, delegation or certificate renewal from here while its entry lasts (`RevocationGuard`).
+token, delegation or certificate renewal from here while its entry lasts (`RevocationGuard`), nor does anyone get
+a token addressed to it. A token entry lasts as long as the token can; a subject's as long as any credential it
+could still renew or obtain others with (`subject_ttl_s`): sized for tokens alone, it lapsed after 5.5 minutes and
+the revoked identity renewed its still-valid one-hour certificate.
 
 **Signing keys** follow `SigningKeys`' life cycle; this feature republishes the JWKS whenever it changes
 (a key added, a key retired). **CA rotation** runs `CaRotation` steps on the CA every replica shares through etcd
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -34,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Final
 import grpc
 
 from hivemesh.controlplane import joins, shared_ca, shared_keys
+from hivemesh.controlplane.ca import OPERATOR_TTL_S
 from hivemesh.controlplane.ca_rotation import CaRotation
 from hivemesh.controlplane.ca_stragglers import refuse_if_stranding
 from hivemesh.controlplane.grants import GrantSet
@@ -52,7 +57,7 @@ from hivemesh.mesh.errors import (
     TokenRevokedError,
     abort,
 )
-from hivemesh.mesh.pki import Peer, parse_spiffe_id
+from hivemesh.mesh.pki import Peer, SpiffeId, parse_spiffe_id
 from hivemesh.mesh.revocation import Revocation, any_revoked, list_revocations, revoke, subject_revoked
 from hivemesh.mesh.rpcwrap import UnaryBehaviour, wrap_handler
 from hivemesh.mesh.tokens import MAX_DELEGATION_DEPTH, KeySet, TokenVerifier
@@ -66,10 +71,29 @@ log = logging.getLogger(__name__)
 
 EXTENSION: Final = "trust"
 REVOCATION_MARGIN_S: Final = 30
-"""Verifiers accept a token up to 30 s past its expiry (clock leeway): a revocation outlives that too."""
+"""Verifiers accept a token up to 30 s past its expiry (clock leeway), and a certificate is backdated as much: a
+revocation outlives that too (and a renewal that passed the guard just before the entry was written)."""
 MAX_ACTIVATE_AFTER_S: Final = 3600
 """The longest a rotated signing key may wait to sign (`RotateSigningKey`, `hivemesh keys rotate --activate-after`);
 the shortest is 1 s, since a request's 0 means the default delay."""
+
+
+async def subject_ttl_s(core: Core, subject: SpiffeId, now: float) -> int:
+    """How long a revocation of subject must last: until no credential it could present to renew or obtain others
+    is still good. That is the longest of its tokens (the issuer's max TTL), its certificates (all issued before the
+    revocation, so none outlives now + the lifetime this CA gives its kind: `--cert-ttl` for workloads, 30 days
+    for operators) and any join token minted for it and not yet used (the guard refuses those only while the
+    entry lasts), plus the margin. Still bounded, so the list keeps only revocations that matter."""
+    cert_s = OPERATOR_TTL_S if subject.kind == "operator" else core.config.cert_ttl_s
+    longest = float(max(core.issuer.max_ttl_s, cert_s))
+    for kv in await core.etcd.get_prefix(joins.JOIN_PREFIX):  # few: each lives under a lease of at most 7 days
+        try:
+            doc = json.loads(kv.value)  # as `joins.create` stores it
+            if (doc["name"], doc["kind"]) == (subject.name, subject.kind):
+                longest = max(longest, min(float(doc["expires_at"]) - now, float(joins.MAX_TTL_S)))
+        except (ValueError, KeyError, TypeError):
+            continue  # unreadable: the join refuses it too
+    return int(longest) + 1 + REVOCATION_MARGIN_S
 
 
 def _require_operator(peer: Peer, what: str) -> None:
@@ -172,6 +196,7 @@ class TrustServicer(trust_pb2_grpc.TrustServicer):
         _require_operator(peer, "revoke tokens")
         if bool(request.jti) == bool(request.subject):
             raise InvalidInputError("give exactly one of jti or subject", field_violations={"jti/subject": "one"})
+        subject: SpiffeId | None = None
         if request.subject:
             try:
                 subject = parse_spiffe_id(request.subject)
@@ -183,7 +208,9 @@ class TrustServicer(trust_pb2_grpc.TrustServicer):
         elif not (0 < len(request.jti) <= 128):
             raise InvalidInputError("jti must be 1..128 characters", field_violations={"jti": "length"})
         now = time.time()
-        ttl = core.issuer.max_ttl_s + REVOCATION_MARGIN_S
+        ttl = core.issuer.max_ttl_s + REVOCATION_MARGIN_S  # a token's entry: as long as the token can live
+        if subject is not None:
+            ttl = await subject_ttl_s(core, subject, now)
         rev = Revocation(jti=request.jti, subject=request.subject, revoked_at=now, expires_at=now + ttl,
                          by=str(peer.spiffe_id), note=request.note[:256])
         await revoke(core.etcd, rev, ttl)
@@ -356,13 +383,13 @@ class TrustFeature:
 class RevocationGuard(grpc.aio.ServerInterceptor):
     """Refuses new tokens, delegations and certificates to a revoked subject while its entry lasts, joins included:
     a join token minted for it before the revocation (perhaps the leaked one) got a fresh certificate, and with it
-    the identity's etcd access."""
+    the identity's etcd access. Refuses anyone a token or delegation addressed to a revoked subject too
+    (PERMISSION_DENIED): callers were still issued tokens for it, so calls kept flowing to the revoked agent."""
 
     JOIN: Final = "/hivemesh.v1.Join/SignCertificate"
-    GUARDED: Final = frozenset({
-        "/hivemesh.v1.ControlPlane/IssueToken", "/hivemesh.v1.ControlPlane/RenewCertificate",
-        "/hivemesh.v1.Trust/ExchangeToken", JOIN,
-    })
+    ADDRESSED: Final = frozenset({"/hivemesh.v1.ControlPlane/IssueToken", "/hivemesh.v1.Trust/ExchangeToken"})
+    """The methods whose request names an audience, the agent the token would be addressed to."""
+    GUARDED: Final = frozenset({"/hivemesh.v1.ControlPlane/RenewCertificate", JOIN, *ADDRESSED})
 
     def __init__(self, core: Core) -> None:
         self._core = core
@@ -377,6 +404,7 @@ class RevocationGuard(grpc.aio.ServerInterceptor):
             return handler
         core = self._core
         joining = handler_call_details.method == self.JOIN
+        addressed = handler_call_details.method in self.ADDRESSED
 
         async def subject(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
             """Whom the call would serve (None: nobody yet, the servicer refuses the caller or its token)."""
@@ -390,14 +418,24 @@ class RevocationGuard(grpc.aio.ServerInterceptor):
             minted = await core.hedged.run(lambda etcd: joins.minted_for(etcd, token))
             return None if minted is None else f"spiffe://{core.trust_domain}/{minted[1]}/{minted[0]}"
 
+        def audience(request: Any) -> str:
+            """The agent a token would be addressed to ("": none, or one the servicer refuses naming the field)."""
+            if not addressed:
+                return ""
+            try:
+                return str(_agent_audience(request.audience, core.trust_domain))
+            except InvalidInputError:
+                return ""
+
         def guard(inner: UnaryBehaviour) -> UnaryBehaviour:
             async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                sid = ""
+                sid, aud = "", audience(request)
                 try:
                     sid = await subject(request, context) or ""
                     # Hedged like the issuing path's other reads: a replica whose round robin hands this read
                     # to a cut-off etcd member still answers within a client's share (docs/multihost.md).
                     rev = await core.hedged.run(lambda etcd: subject_revoked(etcd, sid)) if sid else None
+                    to_revoked = await core.hedged.run(lambda etcd: subject_revoked(etcd, aud)) if aud else None
                 except Exception as exc:  # noqa: BLE001 - fail closed, whatever the read raised
                     # Not knowing is not "not revoked": a token issued now has an iat past the revocation, so
                     # no node would refuse it either. The caller retries (elsewhere) as for any etcd trouble.
@@ -408,6 +446,11 @@ class RevocationGuard(grpc.aio.ServerInterceptor):
                     await abort(context, TokenRevokedError(
                         f"{rev.subject} is revoked until {time.ctime(rev.expires_at)} (by {rev.by})"
                     ))
+                if to_revoked is not None:  # the caller is fine; whom it would call is not
+                    await abort(context, PermissionDeniedError(
+                        f"{to_revoked.subject} is revoked until {time.ctime(to_revoked.expires_at)} (by "
+                        f"{to_revoked.by}): no token addressed to it is issued", metadata={
+                            "audience": to_revoked.subject, "revoked_until": str(int(to_revoked.expires_at))}))
                 return await inner(request, context)
 
             return guarded

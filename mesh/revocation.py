@@ -4,9 +4,11 @@
     /hivemesh/revoked/sub/<sha256(id)>     every token naming the SPIFFE id (principal or actor) issued until then
 
 Each entry lives under an etcd lease at least as long as any token it covers can live (the longest token
-lifetime plus the verifiers' clock leeway), so the list stays small: it only ever holds revocations that still
-matter. Nodes watch the prefix (`PrefixCache`, ~1 ms delivery on loopback) and swap the in-memory list the
-verifier consults on every call, so a revocation takes effect everywhere within a second.
+lifetime plus the verifiers' clock leeway); a subject's at least as long as any credential it holds could get it
+new ones (its certificates, unused join tokens minted for it: the control plane refuses those only while the entry
+lasts; `hivemesh.controlplane.trust_service.subject_ttl_s`). So the list stays small: it only ever holds
+revocations that still matter. Nodes watch the prefix (`PrefixCache`, ~1 ms delivery on loopback) and swap the
+in-memory list the verifier consults on every call, so a revocation takes effect everywhere within a second.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class Revocation:
 
 
 async def revoke(etcd: Any, rev: Revocation, ttl_s: int) -> None:
-    """Store rev under a lease of ttl_s (it disappears once no token it covers can still be valid)."""
+    """Store rev under a lease of ttl_s (it disappears once nothing it covers can still be valid)."""
     lease = await etcd.lease(max(int(ttl_s), 1))
     await etcd.put(rev.key().encode(), rev.to_json(), lease=lease)
 
