@@ -40,6 +40,7 @@ from hivemesh.mesh.json_compact import compact_json_parts
 from hivemesh.mesh.node import MeshNode, describe_failure
 from hivemesh.mesh.node_metrics import NodeMetrics
 from hivemesh.mesh.node_metrics import metrics_listen as metrics_listen_for
+from hivemesh.mesh.outbound.degrade import DEGRADED_KEY
 from hivemesh.mesh.outbound.pipeline import cancelled_by_caller
 from hivemesh.mesh.pki import parse_spiffe_id
 from hivemesh.mesh.queue import DONE, FAILED, CallQueue, HeldCall
@@ -73,6 +74,10 @@ class CallResult:
     state: int = agent_pb2.TASK_STATE_COMPLETED
     usage: agent_pb2.Usage | None = None
     """Model tokens the call consumed, as the agent reported them (None when it reported none)."""
+    degraded: str = ""
+    """How the mesh answered in place of the capability when it failed ("" when it did not): `fallback:<capability>`
+    (the route's fallback answered) or `cache` (the last good answer to the same input), the caller's mesh's
+    `x-hivemesh-degraded` marker. The state and hops are those of whatever answered, so only this tells."""
 
 
 _OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(CallOptions))
@@ -124,6 +129,7 @@ def _result(raw: bytes, instance: mesh_pb2.AgentInstance) -> CallResult:
         hops=tuple(resp.hops),
         state=resp.state,
         usage=resp.usage if resp.HasField("usage") else None,
+        degraded=resp.metadata.get(DEGRADED_KEY, ""),
     )
 
 

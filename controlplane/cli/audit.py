@@ -100,7 +100,9 @@ def _row(entry: Any) -> dict[str, str]:
         "time": _text(rec.get("time", "")),
         "decision": _text(rec.get("decision", "")),
         "status": status + (f"/{reason}" if reason and reason != status else ""),
+        # A shadow record written before it named its caller: the node that wrote it is the one that mirrored.
         "caller": _text(rec.get("caller")) or _text(rec.get("caller_unverified")) or (
+            _text(rec.get("node")) if kind == "shadow" else "") or (
             f"{remote} (no identity)" if kind == "handshake" and remote else "?"),
         "chain": " → ".join(_text(x) for x in chain) if isinstance(chain, list) else _text(chain),
         "what": what,

@@ -81,12 +81,22 @@ def _read_data(data: str | None) -> Any:
 @click.option("--timeout", default=30.0, show_default=True, help="Deadline in seconds.")
 @click.option("--stream", is_flag=True, help="Use the streaming call and print items as they arrive.")
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON output.")
+@click.option("--detailed", is_flag=True,
+              help="Print one JSON object: the output, whether it is degraded (fallback:<capability> or cache, "
+                   "else \"\"), and the agent, instance, packaging and hops that answered.")
 @pass_cli
 @friendly_errors
-def call(obj: CliContext, capability: str, data: str | None, timeout: float, stream: bool, as_json: bool) -> None:
-    """Call CAPABILITY through the mesh (as the operator) and print its result."""
+def call(obj: CliContext, capability: str, data: str | None, timeout: float, stream: bool, as_json: bool,
+         detailed: bool) -> None:
+    """Call CAPABILITY through the mesh (as the operator) and print its result.
+
+    An answer the mesh gave in the capability's place (its route's fallback, or the cached last good answer)
+    says so on stderr, and in the `degraded` field of --detailed.
+    """
     from hivemesh.sdk.client import MeshClient
 
+    if detailed and stream:  # a stream's items have no one answer to describe
+        raise click.UsageError("--detailed describes a single call's answer; it does not apply to --stream")
     payload = _read_data(data)
     settings = obj.operator_settings()
 
@@ -98,6 +108,17 @@ def call(obj: CliContext, capability: str, data: str | None, timeout: float, str
                     click.echo(json.dumps(item))
                 return
             result = await mesh.call_detailed(capability, payload, timeout=timeout)
+            if result.degraded:  # on stderr even with --json: stdout stays the output alone
+                err.print(f"degraded: {_degraded_how(capability, result.degraded)}", style="yellow",
+                          highlight=False)
+            if detailed:
+                i = result.instance
+                click.echo(json.dumps({
+                    "output": result.output, "degraded": result.degraded, "agent": i.card.name,
+                    "instance": i.instance_id, "packaging": i.packaging,
+                    "hops": [{"kind": h.kind, "identity": h.identity, "instance": h.instance} for h in result.hops],
+                }, indent=2))
+                return
             if as_json:
                 click.echo(json.dumps(result.output, indent=2))
                 return
@@ -107,6 +128,15 @@ def call(obj: CliContext, capability: str, data: str | None, timeout: float, str
                       f"{clean(result.instance.packaging)}) via {clean(hops)}", style="dim", highlight=False)
 
     run_async(go())
+
+
+def _degraded_how(capability: str, marker: str) -> str:
+    """What the `x-hivemesh-degraded` marker of an answer means, for people (docs/resilience.md, "Degrade")."""
+    if marker == "cache":
+        return f"{clean(capability)} failed; answered with its cached last good answer to the same input"
+    if marker.startswith("fallback:"):
+        return f"{clean(capability)} failed; answered by its fallback {clean(marker[len('fallback:'):])}"
+    return f"{clean(capability)} was answered in a degraded mode ({clean(marker)})"
 
 
 @click.command("join-token")

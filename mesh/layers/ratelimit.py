@@ -26,6 +26,8 @@ class RateLimitLayer:
         self._traffic = traffic
         self._agent = agent_name
         self._instances = instances
+        # What status reports as the limit follows the policies in force, not the last call checked.
+        traffic.state.limiter.follow(lambda cap: traffic.policy.ratelimit(agent_name, cap), instances)
 
     def check(self, call: Inbound) -> None:
         req = call.request

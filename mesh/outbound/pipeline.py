@@ -153,7 +153,8 @@ class OutboundPipeline:
         self._subjects: dict[str, str] = {}
         self._degradation = Degradation(self.traffic.state.cache, self._run, principal=self._principal,
                                         authorize=self._authorize_cached, events=events)
-        self.shadow = ShadowTraffic(self._send_shadow, listener=events)
+        self.shadow = ShadowTraffic(self._send_shadow, listener=events,
+                                    caller=lambda: self.channels.workload.spiffe_id)
         """Mirrors answered calls of capabilities whose route has a shadow (hivemesh.mesh.outbound.shadow)."""
         self.observer: Callable[[str, HivemeshError], None] | None = None
         """Told of every call this node refuses itself (circuit open, no instance, no grant, certificate

@@ -8,7 +8,8 @@ The caller never waits for the shadow: once the primary answered, the same reque
 fire-and-forget task, and the caller already has its answer. Each mirrored call ends as one result: `same`,
 `different`, `error` (the shadow failed or timed out), or it is not sent: `dropped` (the in-flight bound is
 full). Results feed `hivemesh_shadow_calls_total{capability,result}`; every `different` and `error` is also
-written to the audit log (kind "shadow") so the difference rate can be inspected call by call.
+written to the audit log (kind "shadow") so the difference rate can be inspected call by call. The record's
+`caller` is this node: the mirrored call goes out with its certificate and its token, like its own calls.
 
 Only idempotent capabilities are mirrored (the request runs twice), unless the shadow is marked `sandbox` (the
 candidate has no real effects). Policy validation refuses a non-sandbox shadow of a capability a live instance
@@ -62,9 +63,13 @@ def same_answer(primary: bytes, shadow: bytes, compare: str) -> bool:
 class ShadowTraffic:
     """Mirrors calls for one node's outbound pipeline; see the module docstring. Runs on the event loop."""
 
-    def __init__(self, send: Send, *, listener: ShadowListener | None = None) -> None:
+    def __init__(
+        self, send: Send, *, listener: ShadowListener | None = None, caller: Callable[[], str] | None = None
+    ) -> None:
+        """caller() is the identity send() calls as (this node's SPIFFE id), for the audit record."""
         self._send = send
         self.listener = listener
+        self._caller = caller
         self.recorder: Callable[[Mapping[str, Any]], object] | None = None
         """Writes one audit record (the node's AuditLog.record); set by whoever owns the audit log."""
         self._acc: dict[str, float] = {}
@@ -138,6 +143,7 @@ class ShadowTraffic:
         if result != "same" and self.recorder is not None:
             try:
                 self.recorder({"kind": "shadow", "capability": cap[:128], "decision": result,
+                               "caller": self._caller() if self._caller is not None else "",
                                "agent": candidate.identity, "target_instance": candidate.instance_id,
                                "version": candidate.card.version, "message": detail[:512]})
             except Exception as exc:  # noqa: BLE001 - auditing a shadow must not fail anything

@@ -6,6 +6,10 @@ serving the capability, so the cluster as a whole admits about that rate as memb
 per-identity limits unless their scope is "instance" (a caller spreading its calls over 3 replicas must not
 get 3 times its limit). A refusal
 says when a token will be there, which travels back as RetryInfo and `grpc-retry-pushback-ms`.
+
+What `usage` reports as the limit is the policy in force when it is asked (`RateLimiter.follow`), not the one
+the last call was checked against: a policy deleted or changed while no call comes must not show in
+`hivemesh status` forever.
 """
 
 from __future__ import annotations
@@ -127,6 +131,20 @@ class RateLimiter:
         self._ident: dict[tuple[str, str], TokenBucket] = {}
         self._windows: dict[str, WindowCounter] = {}
         self._limits: dict[str, float] = {}
+        """capability -> the total rate of the last call checked: what usage reports when nothing is followed."""
+        self._policy_of: Callable[[str], RateLimitPolicy | None] | None = None
+        self._instances: Callable[[str], int] | None = None
+
+    def follow(
+        self, policy_of: Callable[[str], RateLimitPolicy | None], instances: Callable[[str], int] | None = None
+    ) -> None:
+        """Make `usage` report the limit of the policy in force: policy_of(capability) (None: no policy), its
+        cluster share divided by instances(capability) as `check`'s caller divides it.
+
+        Asked when usage is (off the call path, by the status snapshot): only `check` hears of a policy, and it
+        is never called for a capability whose policy was deleted, so what it saw last would stay forever.
+        """
+        self._policy_of, self._instances = policy_of, instances
 
     def _bucket(
         self, table: dict[Any, TokenBucket], key: Any, rate: float, capacity: float, now: float
@@ -176,10 +194,18 @@ class RateLimiter:
         return 0.0
 
     def usage(self, capability: str) -> tuple[int, int, float]:
-        """(admitted, limited) over the last 10 s and the local total rate in force (0.0 if none)."""
+        """(admitted, limited) over the last 10 s and the local total rate in force (0.0 if none): of the policy
+        `follow` finds now, else of the last call checked."""
         window = self._windows.get(capability)
         admitted, limited = window.totals() if window is not None else (0, 0)
-        return admitted, limited, self._limits.get(capability, 0.0)
+        if self._policy_of is None:
+            return admitted, limited, self._limits.get(capability, 0.0)
+        policy = self._policy_of(capability)
+        if policy is None:
+            return admitted, limited, 0.0
+        n = self._instances(capability) if self._instances is not None and policy.shared else 1
+        total = policy.local_total(n)
+        return admitted, limited, total if total is not None else 0.0
 
     def capabilities(self) -> list[str]:
         return sorted(self._windows)
