@@ -50,6 +50,7 @@ from hivemesh.mesh.policy import (
     policy_key,
     schema_violation,
 )
+from hivemesh.mesh.providers import PROVIDERS
 from hivemesh.mesh.resilience.kinds import ROLLOUTS, TRAFFIC_KINDS
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ GRANTS_KIND: Final = PolicyKind(
     decode=_decode_grant,
 )
 
-KINDS: Final = PolicyKinds((*TRAFFIC_KINDS, AUTHZ, BUDGETS, GRANTS_KIND, SLOS, STATE, ROLLOUTS,
+KINDS: Final = PolicyKinds((*TRAFFIC_KINDS, AUTHZ, BUDGETS, PROVIDERS, GRANTS_KIND, SLOS, STATE, ROLLOUTS,
                            ESCALATION_WEBHOOKS))
 """Every kind this store validates and keeps (add a new kind here and to the nodes that enforce it; `slos` is
 read by `hivemesh slo rules` only, so no node mirrors it)."""

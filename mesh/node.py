@@ -39,6 +39,7 @@ from hivemesh.mesh.outbound.link import link_enabled
 from hivemesh.mesh.outbound.selection import Liveness
 from hivemesh.mesh.pki import controlplane_id, load_certs
 from hivemesh.mesh.policy import PolicyCache, PolicyKind
+from hivemesh.mesh.providers import PROVIDERS
 from hivemesh.mesh.registry import RegistryView, default_instance_id
 from hivemesh.mesh.resilience.kinds import TRAFFIC_KINDS
 from hivemesh.mesh.resilience.traffic import Traffic, TrafficState
@@ -56,9 +57,10 @@ from hivemesh.v1 import policy_pb2
 log = logging.getLogger(__name__)
 
 JWKS_KEY = "/hivemesh/trust/jwks"
-NODE_POLICY_KINDS: Final = (*TRAFFIC_KINDS, AUTHZ, BUDGETS)
-"""The policy kinds every node's layers read: traffic (resilience), authorization, and token budgets (the
-inbound chain's budget layer, in both packagings)."""
+NODE_POLICY_KINDS: Final = (*TRAFFIC_KINDS, AUTHZ, BUDGETS, PROVIDERS)
+"""The policy kinds every node's layers read: traffic (resilience), authorization, token budgets (the
+inbound chain's budget layer, in both packagings), and providers (its registry view lists only the instances
+allowed to serve each capability, so every caller routes only to them)."""
 _RENEW_AT = 0.5  # of the certificate's lifetime, ±10% jitter so a fleet does not renew at once
 
 
@@ -142,7 +144,8 @@ class MeshNode:
         """Trust bundles from etcd refused (unsigned, signed by a root not trusted, or older than the one held)."""
         self._renew_now = asyncio.Event()
         self.renewals = 0
-        self.registry = RegistryView(self.etcd, trust_domain=settings.trust_domain)
+        self.registry = RegistryView(self.etcd, trust_domain=settings.trust_domain,
+                                     providers=lambda: self.policies.get(PROVIDERS))
         self.keyset = KeySet()
         self._jwks_issued_at_ns = 0
         self._jwks_refused = False
@@ -456,7 +459,7 @@ class MeshNode:
 
     def live_instances_of(self, capability: str) -> int:
         """How many live instances of this agent serve capability (a cluster-wide rate limit's divisor)."""
-        return sum(1 for i in self.registry.instances(capability) if i.card.name == self.name) or 1
+        return sum(1 for i in self.registry.offering(capability) if i.card.name == self.name) or 1
 
     @property
     def jwks_issued_at(self) -> float:

@@ -6,7 +6,8 @@ TTL; `stop()` revokes the lease so a clean shutdown disappears at once. The entr
 does not exist (one transaction), so a second process with the same instance id is refused, not clobbered.
 
 `RegistryView` mirrors the prefix through a `PrefixCache` and precomputes a capability -> instances index on
-each change, so routing is a dict lookup that never waits on etcd.
+each change, so routing is a dict lookup that never waits on etcd. A node's view also applies the providers policy
+(`hivemesh.mesh.providers`): what it lists for a capability is only the instances allowed to serve it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError, Reg
 from hivemesh.mesh.etcd import PREFIX, Endpoints, parse_endpoints
 from hivemesh.mesh.etcd import client as etcd_client
 from hivemesh.mesh.lease_rescue import refresh_on_members
+from hivemesh.mesh.providers import ProvidersTable, Restriction
 from hivemesh.mesh.watch import PrefixCache, WatchOptions, cancel_and_wait
 from hivemesh.v1.agent_pb2 import Capability
 from hivemesh.v1.mesh_pb2 import AgentInstance
@@ -681,6 +683,18 @@ class Departed:
         return len(self._names)
 
 
+class LeftOut(NamedTuple):
+    """The instances offering a capability that the providers policy does not let serve it, and that policy."""
+
+    instances: tuple[AgentInstance, ...]
+    restriction: Restriction
+
+
+class _Permitted(NamedTuple):
+    kept: tuple[AgentInstance, ...]
+    left_out: LeftOut | None
+
+
 class RegistryView:
     """The live registry, indexed by capability; every read is a lookup in a structure swapped atomically.
 
@@ -694,14 +708,25 @@ class RegistryView:
         trust_domain: str | None = None,
         on_change: Callable[[], None] | None = None,
         options: WatchOptions | None = None,
+        providers: Callable[[], ProvidersTable] | None = None,
     ) -> None:
         """trust_domain binds every entry to its key's identity (see decode_instance); a node that routes
-        calls always gives it. Without it (listings only) an entry's identity is shown as written."""
+        calls always gives it. Without it (listings only) an entry's identity is shown as written.
+
+        providers gives the providers policy in force (a node's compiled `PolicyCache` value): `instances()` then
+        lists, for a restricted capability, only the instances whose identity may serve it. It is applied here,
+        the one listing every caller reads (selection, fan-out lists, a sidecar's Resolve), so no path can dial
+        or send a token to an instance the policy leaves out. Without it (the control plane, `hivemesh up`'s
+        wait for registrations) every registered instance is listed."""
         self._on_change = on_change
         self._index = _EMPTY_INDEX
         self._builder = _IndexBuilder()
         self._departed = Departed()
         self._trust_domain = trust_domain
+        self._providers = providers
+        self._permits: dict[str, _Permitted] = {}
+        """capability -> what the providers policy keeps of its instances, for _permits_of (index, table)."""
+        self._permits_of: tuple[_Index, ProvidersTable] | None = None
         self.impostors_refused = 0
         """Entries ignored because their identity is not their agent's (each PUT counted once)."""
         self._cache: PrefixCache[AgentInstance] = PrefixCache(
@@ -735,8 +760,54 @@ class RegistryView:
 
     # --- hot path -------------------------------------------------------------------------------------------
     def instances(self, capability: str) -> tuple[AgentInstance, ...]:
-        """Live instances serving capability, sorted by instance_id (empty tuple when none)."""
+        """Live instances that may serve capability, sorted by instance_id (empty tuple when none): every instance
+        offering it, less those the providers policy does not let serve it (see `left_out`)."""
+        found = self._index.by_capability.get(capability, ())
+        if not found or self._providers is None:
+            return found
+        table = self._providers()
+        if table.empty:
+            return found
+        return self._permitted(capability, found, table).kept
+
+    def offering(self, capability: str) -> tuple[AgentInstance, ...]:
+        """Every live instance that registered capability, whether or not the providers policy lets it serve it
+        (for what an agent knows of its own instances, and listings; never for choosing whom to call)."""
         return self._index.by_capability.get(capability, ())
+
+    def left_out(self, capability: str) -> LeftOut | None:
+        """The live instances offering capability that the providers policy leaves out of `instances()`, with
+        the policy that does; None when it leaves none out."""
+        found = self._index.by_capability.get(capability, ())
+        if not found or self._providers is None:
+            return None
+        table = self._providers()
+        return None if table.empty else self._permitted(capability, found, table).left_out
+
+    def _permitted(self, capability: str, found: tuple[AgentInstance, ...], table: ProvidersTable) -> _Permitted:
+        """found split by table, remembered until the index or the table changes (both are swapped as a whole):
+        each call's lookup stays a dict read."""
+        index = self._index
+        of = self._permits_of
+        if of is None or of[0] is not index or of[1] is not table:
+            self._permits, self._permits_of = {}, (index, table)
+        permitted = self._permits.get(capability)
+        if permitted is None:
+            restriction = table.restriction(capability)
+            if restriction is None:
+                permitted = _Permitted(found, None)
+            else:
+                kept = tuple(i for i in found if restriction.allows(self._identity(i)))
+                out = tuple(i for i in found if not restriction.allows(self._identity(i)))
+                permitted = _Permitted(kept, LeftOut(out, restriction) if out else None)
+            self._permits[capability] = permitted  # bounded: only capabilities the index holds get here
+        return permitted
+
+    def _identity(self, instance: AgentInstance) -> str:
+        """The identity a caller pins when it dials instance: its agent's, derived from the name (decode_instance
+        refused any entry claiming another), or the entry's own without a trust domain."""
+        td = self._trust_domain
+        return expected_identity(td, instance.card.name) if td is not None else instance.identity
 
     def knows_capability(self, name: str) -> bool:
         """True if an instance offers name now, or did in this process's life (the last DEPARTED_MAX names gone).
@@ -755,7 +826,7 @@ class RegistryView:
         return self._index.all
 
     async def wait_for_capability(self, name: str, count: int = 1, timeout: float = 10.0) -> bool:
-        """Wait until at least count instances serve name; False on timeout."""
+        """Wait until at least count instances may serve name (`instances`); False on timeout."""
         def enough(_snap: Mapping[str, AgentInstance]) -> bool:
             return len(self.instances(name)) >= count
 

@@ -1,8 +1,9 @@
 """`hivemesh authz check`: explain whether a caller may call a capability, gate by gate: the grant that lets the
-control plane issue the caller a token (kind `grants`, read through the control plane) and the authz rule that
-lets the call into the agent (kind `authz`, the same compiled table every node evaluates), rule by rule.
-Policies themselves are managed with `hivemesh policy apply|get|list|delete`, or both at once with `hivemesh
-allow`."""
+control plane issue the caller a token (kind `grants`, read through the control plane), the authz rule that
+lets the call into the agent (kind `authz`, the same compiled table every node evaluates), rule by rule, and
+whether the agent may serve the capability at all (kind `providers`: callers never send a call to an agent it
+leaves out). Policies themselves are managed with `hivemesh policy apply|get|list|delete`, or grants and authz at
+once with `hivemesh allow`."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from hivemesh.controlplane.grants import Grant, GrantSet
 from hivemesh.mesh.authz import AuthzTable, compile_authz
 from hivemesh.mesh.layers.authn import ACTION_OF_METHOD
 from hivemesh.mesh.pki import parse_spiffe_id, spiffe_id_of
+from hivemesh.mesh.providers import PROVIDERS, ProvidersTable, compile_providers
 from hivemesh.mesh.settings import MeshSettings
 from hivemesh.v1 import mesh_pb2
 
@@ -32,7 +34,7 @@ def operator_trust_domain(obj: CliContext) -> str:
 
 
 async def _load(obj: CliContext, settings: MeshSettings
-                ) -> tuple[AuthzTable, GrantSet, list[mesh_pb2.AgentInstance]]:
+                ) -> tuple[AuthzTable, ProvidersTable, GrantSet, list[mesh_pb2.AgentInstance]]:
     from hivemesh.controlplane.cli.policy_client import PolicyClient
     from hivemesh.controlplane.policies import list_policies
     from hivemesh.mesh.controlplane_client import ControlPlaneClient
@@ -43,12 +45,30 @@ async def _load(obj: CliContext, settings: MeshSettings
     try:
         await wait_connected(c)
         docs = await list_policies(c, "authz")
+        providers = await list_policies(c, PROVIDERS.name)
     finally:
         await c.close()
     async with ControlPlaneClient.from_certs_dir(settings.controlplane, obj.certs_dir) as cp:  # grants: its own
         stored = await PolicyClient(cp).list_policies("grants")
     grants = GrantSet(Grant.from_doc({"name": p.name, **json.loads(p.spec_json)}) for p in stored)
-    return compile_authz({d.name: d for d in docs}), grants, await read_instances(settings.etcd_access())
+    return (compile_authz({d.name: d for d in docs}), compile_providers({d.name: d for d in providers}), grants,
+            await read_instances(settings.etcd_access()))
+
+
+def provider_gate(table: ProvidersTable, capability: str, agent: str) -> dict[str, Any]:
+    """The providers gate for one target: whether agent may serve capability, as nodes route. A glob target (no
+    agent serves the capability now) is not judged: it only says who may serve it."""
+    restriction = table.restriction(capability)
+    if restriction is None:
+        return {"serves": True, "policies": [],
+                "reason": f"no {PROVIDERS.name} policy names {capability!r}: any agent may serve it"}
+    policies = [f"{PROVIDERS.name}/{p}" for p in restriction.policies]
+    if any(c in agent for c in "*?["):
+        return {"serves": True, "policies": policies, "reason": restriction.describe()}
+    if restriction.allows(agent):
+        return {"serves": True, "policies": policies, "reason": f"{restriction.describe()}, {agent} among them"}
+    return {"serves": False, "policies": policies,
+            "reason": f"{restriction.describe()}: {agent} is left out, so no caller sends it this call"}
 
 
 def _agents_serving(capability: str, instances: list[mesh_pb2.AgentInstance]) -> list[str]:
@@ -82,16 +102,17 @@ def authz_check(obj: CliContext, caller: str, capability: str, principal: str | 
     if caller_id != caller and not as_json:
         err.print(f"caller {clean(caller)} is {clean(caller_id)}", style="dim", highlight=False)
     settings = obj.operator_settings()
-    table, grants, instances = run_async(_load(obj, settings))
+    table, providers, grants, instances = run_async(_load(obj, settings))
     agents = [agent_id] if agent_id else _agents_serving(capability, instances) or [
         f"spiffe://{settings.trust_domain}/agent/*"
     ]
-    results: list[dict[str, Any]] = [
-        {"caller": caller_id, "capability": capability,
-         **explain_access(grants, table, caller=caller_id, capability=capability, action=action, agent=target,
-                          principal=principal_id)}
-        for target in agents
-    ]
+    results: list[dict[str, Any]] = []
+    for target in agents:
+        access = explain_access(grants, table, caller=caller_id, capability=capability, action=action, agent=target,
+                                principal=principal_id)
+        serving = provider_gate(providers, capability, target)
+        results.append({"caller": caller_id, "capability": capability, **access,
+                        "allowed": access["allowed"] and serving["serves"], "providers": serving})
     if as_json:
         click.echo(json.dumps(results, indent=2))
     else:
@@ -112,6 +133,9 @@ def _print_result(r: dict[str, Any], *, empty: bool) -> None:
               highlight=False)
     out.print(Text.assemble("  2. call (authz):   ", _verdict(rule["allowed"]), f"  {clean(rule['reason'])}"),
               highlight=False)
+    serving = r["providers"]
+    out.print(Text.assemble("  3. serve (providers): ", _verdict(serving["serves"]), f"  {clean(serving['reason'])}"),
+              highlight=False)
     if r["would_deny"]:
         out.print(f"  dry run: would be denied by {clean(r['would_deny'])}", style="yellow", highlight=False)
     if r["rules"]:
@@ -122,6 +146,11 @@ def _print_result(r: dict[str, Any], *, empty: bool) -> None:
         out.print(t)
     elif empty:
         out.print("  (no authz policy exists: everything is denied until one allows it)")
-    if not r["allowed"]:
+    if not (grant["granted"] and rule["allowed"]):
         out.print(f"  to allow it: hivemesh allow {clean(r['caller'])} {clean(r['capability'])}",
                   style="dim", highlight=False)
+    if not serving["serves"]:
+        kind, _, name = serving["policies"][0].partition("/")
+        out.print(f"  to let it serve {clean(r['capability'])}: add it to a rule's agents in "
+                  f"`hivemesh policy get {clean(kind)} {clean(name)}` and apply that again", style="dim",
+                  highlight=False)

@@ -1,6 +1,7 @@
 """Instance selection: which live instance of a capability the next attempt goes to.
 
-`Liveness` reads only the registry's in-memory index (swapped atomically on each watch event), so selection
+`Liveness` reads only the registry's in-memory index (swapped atomically on each watch event; a node's lists only
+the instances the providers policy lets serve each capability, so no call is ever sent to another), so selection
 never waits on etcd and keeps working on the last-known state while etcd is down, and remembers for a
 moment which instances could not be reached or held a call until its deadline. `InstanceSelector` keeps only the
 pinned agent's instances (a call's `agent`), applies the route, skips ejected, suspect and unanswering instances,
@@ -18,7 +19,8 @@ from typing import Protocol
 from hivemesh.mesh.errors import CircuitOpenError, NoLiveInstanceError, UnknownCapabilityError
 from hivemesh.mesh.instance_ref import instance_key
 from hivemesh.mesh.outbound.call import OutboundCall
-from hivemesh.mesh.registry import RegistryView
+from hivemesh.mesh.providers import KIND_NAME
+from hivemesh.mesh.registry import LeftOut, RegistryView
 from hivemesh.mesh.resilience.balancer import ROUND_ROBIN
 from hivemesh.mesh.resilience.routes import RoutePolicy, SplitState, select
 from hivemesh.mesh.resilience.traffic import TrafficState
@@ -106,15 +108,24 @@ class Liveness:
         instances = self._source.instances(capability)
         if not instances:
             if self._source.knows_capability(capability):
+                left_out = self.left_out(capability)
+                metadata = {"capability": capability[:128]}
+                if left_out is not None:
+                    metadata["policy"] = ",".join(f"{KIND_NAME}/{p}" for p in left_out.restriction.policies)[:128]
                 raise NoLiveInstanceError(
-                    f"capability {capability!r} has no live instance right now",
-                    metadata={"capability": capability[:128]},
+                    f"capability {capability!r} has no live instance right now{_left_out_note(left_out)}",
+                    metadata=metadata,
                 )
             raise UnknownCapabilityError(
                 f"no agent in the mesh offers capability {capability!r}",
                 metadata={"capability": capability[:128]},
             )
         return instances
+
+    def left_out(self, capability: str) -> LeftOut | None:
+        """The instances offering capability that the providers policy leaves out (see `RegistryView.left_out`)."""
+        source = self._source
+        return source.left_out(capability) if isinstance(source, RegistryView) else None
 
     def is_suspect(self, instance: str) -> bool:
         """True while instance recently could not be reached (see mark_failed)."""
@@ -164,6 +175,21 @@ class Liveness:
         return True
 
 
+def _left_out_note(left_out: LeftOut | None, agent: str = "") -> str:
+    """"; N instance(s) offering it were left out by the providers policy (...)" for a NO_LIVE_INSTANCE message, so
+    an operator sees that instances exist but may not serve it, and which policy says so; "" when none were."""
+    if left_out is None:
+        return ""
+    out = [i for i in left_out.instances if not agent or i.card.name == agent]
+    ids = sorted({i.identity or i.card.name for i in out})
+    if not ids:
+        return ""
+    n = len(out)
+    return (f"; {n} instance{'s' if n != 1 else ''} offering it {'were' if n != 1 else 'was'} left out by the "
+            f"{KIND_NAME} policy ({left_out.restriction.describe()}; left out: {ids[0]}"
+            f"{f' and {len(ids) - 1} other agent(s)' if len(ids) > 1 else ''})")
+
+
 def _dry_split(_rule: int, n: int) -> SplitState:
     """A split position of its own for one look at a rule (`InstanceSelector._set_aside`): whether a split allows
     any instance at all must not move the split's real smooth weighted round robin."""
@@ -195,7 +221,7 @@ class InstanceSelector:
             cap = call.capability
             raise NoLiveInstanceError(
                 f"agent {agent!r} has no live instance of capability {cap!r} right now (the call is pinned to "
-                "that agent; no other agent is asked)",
+                f"that agent; no other agent is asked){_left_out_note(self.liveness.left_out(cap), agent)}",
                 metadata={"capability": cap[:128], "agent": agent[:128]},
             )
         return mine

@@ -89,7 +89,7 @@ def test_errors_in_a_multi_document_file_point_at_the_document() -> None:
 
 def test_the_kinds_a_consumer_lists() -> None:
     assert {"routes", "retries", "timeouts", "breakers", "ratelimits", "concurrency", "authz", "budgets",
-            "grants", "slos", "state", "rollouts", "escalations"} == set(store.KINDS)
+            "grants", "slos", "state", "rollouts", "escalations", "providers"} == set(store.KINDS)
     with pytest.raises(PolicyError, match="unknown policy kind 'nope'"):
         store.KINDS.get_kind("nope")
     with pytest.raises(ValueError, match="two different policy kinds"):
