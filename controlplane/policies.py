@@ -41,6 +41,7 @@ from hivemesh.mesh.authz import AUTHZ
 from hivemesh.mesh.budget import BUDGETS
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError, NotFoundError
 from hivemesh.mesh.policy import (
+    MAX_MISTAKES,
     NAME_RE,
     PolicyDoc,
     PolicyError,
@@ -134,8 +135,8 @@ def parse_documents(text: str, *, source: str = "<policies>") -> list[Any]:
     return loaded
 
 
-_MAX_SPEC_MISTAKES: Final = 50
-"""A spec's schema mistakes listed at most: a list of 100,000 bad items is not worth 100,000 lines."""
+_MAX_SPEC_MISTAKES: Final = MAX_MISTAKES
+"""A spec's mistakes listed at most: a list of 100,000 bad items is not worth 100,000 lines."""
 _MAX_LISTED_VALUES: Final = 2000
 """The largest spec (in values) whose every mistake is listed. jsonschema_rs lists all of them before the first is
 read (about 6 µs each): unbounded, one 8 MiB apply of bad list items held the control plane's loop for seconds.
@@ -164,12 +165,8 @@ def _spec_mistakes(kind: PolicyKind[Any], spec: dict[str, Any]) -> dict[str, str
     mistake, so a spec with three bad fields took three applies to learn them all. jsonschema_rs finds every one;
     each is handed to `schema_violation` as the compiled validator would have reported it, so a field reads the
     same whichever found it. The kinds' schemas use no combinators (anyOf, oneOf, ...), so each mistake belongs to
-    one keyword of one subschema. {} if jsonschema_rs cannot check this spec (the caller has the first mistake)."""
-    try:
-        kind.validator(spec)
-        return {}  # the schema holds: the mistake was a check's that compares fields
-    except fastjsonschema.JsonSchemaValueException:
-        pass
+    one keyword of one subschema. Called once the compiled validator refused spec; {} if jsonschema_rs cannot check
+    it (the caller has the first mistake)."""
     out: dict[str, str] = {}
     if _values_over(spec, _MAX_LISTED_VALUES):
         return {"spec": f"not checked past its first mistake: it holds more than {_MAX_LISTED_VALUES:,} values"}
@@ -204,11 +201,54 @@ def _spec_mistakes(kind: PolicyKind[Any], spec: dict[str, Any]) -> dict[str, str
     return out
 
 
+def _within(path: str, field: str) -> bool:
+    """Whether path is field or a part of it (`spec.a[0].b` is within `spec.a`)."""
+    return path == field or path.startswith((f"{field}.", f"{field}["))
+
+
+def _doc_mistakes(kind: PolicyKind[Any], doc: PolicyDoc) -> dict[str, str]:
+    """Every mistake of doc's spec, at most _MAX_SPEC_MISTAKES: the schema's (the compiled validator's first one
+    first, then the rest: `_spec_mistakes`) and its kind's own checks'.
+
+    The checks run even when the schema refused the spec, where that is safe: the kind says its check copes with
+    any spec (`check_any_spec`), and the spec is small enough to list (`_MAX_LISTED_VALUES`: some checks compare
+    list items pairwise). Otherwise, a spec with a wrong number and a never-retried code took two applies to
+    learn both. A check's finding within a field the schema refused is left out: that value is wrong already,
+    and what a check made of it would only mislead."""
+    schema: dict[str, str] = {}
+    try:
+        kind.validator(doc.spec)
+    except fastjsonschema.JsonSchemaValueException as exc:
+        path, message = schema_violation(exc, root="spec")
+        schema[path] = message
+        for p, m in _spec_mistakes(kind, dict(doc.spec)).items():
+            schema.setdefault(p, m)
+    if kind.check is None or (schema and (not kind.check_any_spec or _values_over(doc.spec, _MAX_LISTED_VALUES))):
+        return schema
+    checks: Mapping[str, str] = {}
+    try:
+        kind.check(doc)
+    except PolicyError as err:
+        checks = err.violations
+    except Exception as exc:  # a check that did not cope with a refused spec: it adds nothing to it
+        if not schema:
+            raise
+        log.warning("the %s check failed on a spec its schema refused (its findings are left out): %r", kind.name,
+                    exc)
+    out = dict(schema)
+    for p, m in checks.items():
+        if not any(_within(p, field) for field in schema):
+            out.setdefault(p, m)
+    if len(out) > _MAX_SPEC_MISTAKES:
+        out = dict(list(out.items())[:_MAX_SPEC_MISTAKES])
+        out.setdefault("spec", f"has more mistakes than the {_MAX_SPEC_MISTAKES} listed")
+    return out
+
+
 def validate_document(raw: Any, *, kinds: PolicyKinds = KINDS) -> PolicyInput:
     """One raw document (a mapping) as a validated policy of one of kinds; PolicyError names every bad field at
-    once: of the envelope (kind, name, version, ...) and of the spec's schema (`_spec_mistakes`), the first one
-    first. A check that compares fields (two rules of one name, ...) runs once the schema holds, and names its
-    first finding."""
+    once: of the envelope (kind, name, version, ...), of the spec's schema and of its kind's checks
+    (`_doc_mistakes`), the first one first."""
     if not isinstance(raw, dict):
         raise PolicyError("", "a policy document must be a mapping with kind, name and spec")
     bad: dict[str, str] = {}
@@ -251,12 +291,12 @@ def validate_document(raw: Any, *, kinds: PolicyKinds = KINDS) -> PolicyInput:
     doc: PolicyDoc | None = None
     if kind is not None and isinstance(spec, dict) and "spec" not in bad:
         # Checked even when the envelope is wrong, so one apply names the spec's mistakes too.
-        try:
-            doc = kind.validate(PolicyDoc(kind.name, name if isinstance(name, str) else "", spec,
-                                          description if isinstance(description, str) else ""))
-        except PolicyError as err:
-            for path, message in [*err.violations.items(), *_spec_mistakes(kind, spec).items()]:
-                bad.setdefault(path, message)
+        checked = PolicyDoc(kind.name, name if isinstance(name, str) else "", spec,
+                            description if isinstance(description, str) else "")
+        mistakes = _doc_mistakes(kind, checked)
+        for path, message in mistakes.items():
+            bad.setdefault(path, message)
+        doc = None if mistakes else checked
     if bad or kind is None or doc is None:
         (path, message), *rest = bad.items()
         raise PolicyError(path, message, more=dict(rest))
@@ -265,7 +305,11 @@ def validate_document(raw: Any, *, kinds: PolicyKinds = KINDS) -> PolicyInput:
 
 def validate_documents(raws: Sequence[Any], *, kinds: PolicyKinds = KINDS) -> list[PolicyInput]:
     """Every document validated, or one InvalidInputError that lists the mistakes of every bad document (paths
-    under documents[i] when there are several); the same kind/name twice is refused."""
+    under documents[i] when there are several); the same kind/name twice is refused, named by its first.
+
+    Documents are numbered as their paths are, from 0, in the message too (`documents[1] (timeouts/a): name:
+    timeouts/a is also documents[0]`): the path form is what the docs give and what a program reads, and a
+    message counting from 1 beside paths counting from 0 read as a document clashing with itself."""
     if len(raws) > MAX_DOCUMENTS:
         raise InvalidInputError(f"at most {MAX_DOCUMENTS} documents can be applied at once, got {len(raws)}")
     many = len(raws) > 1
@@ -274,31 +318,64 @@ def validate_documents(raws: Sequence[Any], *, kinds: PolicyKinds = KINDS) -> li
     violations: dict[str, str] = {}
     first = ""
     for i, raw in enumerate(raws):
-        label = _label(raw, i if many else None)
+        found: dict[str, str] = {}
         try:
             item = validate_document(raw, kinds=kinds)
-            key = (item.doc.kind, item.doc.name)
-            if key in seen:
-                raise PolicyError("name", f"{key[0]}/{key[1]} is also document {seen[key] + 1}")
         except PolicyError as err:
-            violations.update((err.prefixed(f"documents[{i}]") if many else err).violations)
-            first = first or (f"{label}: {err}" if label else str(err))
+            found.update(err.violations)
+        key = _key(raw)
+        if key is not None and key in seen:  # a mistake whatever else is wrong with either document
+            found.setdefault("name", f"{key[0]}/{key[1]} is also documents[{seen[key]}]")
+        elif key is not None:
+            seen[key] = i
+        if found:
+            (path, message), *rest = found.items()
+            refusal = PolicyError(path, message, more=dict(rest))
+            violations.update((refusal.prefixed(f"documents[{i}]") if many else refusal).violations)
+            label = _label(raw, i if many else None)
+            first = first or (f"{label}: {refusal}" if label else str(refusal))
             continue
-        seen[key] = i
         out.append(item)
     if violations:
-        more = len(violations) - 1
-        message = f"{first}; and {more} more mistake{'s' if more > 1 else ''}" if more else first
-        raise InvalidInputError(message, field_violations=violations)
+        raise InvalidInputError(_headline(first, len(violations)), field_violations=violations)
     return out
 
 
-def _label(raw: Any, index: int | None) -> str:
-    prefix = f"document {index + 1}" if index is not None else ""
+def _headline(first: str, count: int) -> str:
+    more = count - 1
+    return f"{first}; and {more} more mistake{'s' if more > 1 else ''}" if more else first
+
+
+def _key(raw: Any) -> tuple[str, str] | None:
     if isinstance(raw, dict) and isinstance(raw.get("kind"), str) and isinstance(raw.get("name"), str):
-        ident = f"{raw['kind']}/{raw['name']}"
+        return raw["kind"], raw["name"]
+    return None
+
+
+def _label(raw: Any, index: int | None) -> str:
+    """How a message names a document: `documents[1] (retries/a)`, numbered as its paths are."""
+    prefix = f"documents[{index}]" if index is not None else ""
+    key = _key(raw)
+    if key is not None:
+        ident = f"{key[0]}/{key[1]}"
         return f"{prefix} ({ident})" if prefix else ident
     return prefix
+
+
+def _compile_refusal(kind_name: str, err: PolicyError, items: Sequence[PolicyInput]
+                     ) -> list[tuple[str, str, str]]:
+    """(path in the apply, why, label of its document) for each mistake of a kind's compiler refusal, in the
+    order of the apply's documents: under documents[i] when the compiler named the document (a clash names
+    each side that is applied); as it gave them otherwise (an older compiler, or stored documents only)."""
+    many = len(items) > 1
+    index = {it.doc.name: i for i, it in enumerate(items) if it.doc.kind == kind_name}
+    out: list[tuple[str, str, str]] = []
+    for name in sorted((n for n in err.documents if n in index), key=index.__getitem__):
+        i = index[name]
+        label = _label({"kind": kind_name, "name": name}, i if many else None)
+        out.extend((f"documents[{i}].{path}" if many else path, why, label)
+                   for path, why in err.documents[name].items())
+    return out or [(path, why, kind_name) for path, why in err.violations.items()]
 
 
 # --- the store ---------------------------------------------------------------------------------------------------
@@ -351,7 +428,10 @@ async def apply_policies(etcd: Any, items: Sequence[PolicyInput], *, dry_run: bo
         kind_of = {item.doc.kind: item.kind for item in items}
         for kind_name, kind in kind_of.items():
             by_kind[kind_name] = await _read_kind(etcd, kind)
-        # Each affected kind must still compile with the documents it would hold afterwards.
+        # Each affected kind must still compile with the documents it would hold afterwards; every kind's
+        # refusal is listed at once, each mistake under the document it is in.
+        refused: dict[str, str] = {}
+        first = ""
         for kind_name, stored in by_kind.items():
             kind = kind_of[kind_name]
             after = {n: d for n, (d, _r, _v) in stored.items() if d is not None}
@@ -359,7 +439,12 @@ async def apply_policies(etcd: Any, items: Sequence[PolicyInput], *, dry_run: bo
             try:
                 kind.compile(MappingProxyType(after))
             except PolicyError as err:
-                raise InvalidInputError(f"{kind_name}: {err}", field_violations=err.violations) from None
+                for where, why, label in _compile_refusal(kind_name, err, items):
+                    refused.setdefault(where, why)
+                    path = where.split(".", 1)[1] if where.startswith("documents[") else where
+                    first = first or (f"{label}: {path}: {why}" if path else f"{label}: {why}")
+        if refused:
+            raise InvalidInputError(_headline(first, len(refused)), field_violations=refused)
         ops: list[Any] = []
         compares: list[Any] = []
         plan: list[tuple[PolicyInput, str, int]] = []

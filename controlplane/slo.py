@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from hivemesh.mesh.metrics import LATENCY_BUCKETS
-from hivemesh.mesh.policy import PolicyDoc, PolicyError, PolicyKind
+from hivemesh.mesh.policy import Mistakes, PolicyDoc, PolicyKind
 
 KIND_NAME: Final = "slos"
 ERROR_CODES: Final = ("UNAVAILABLE", "INTERNAL", "UNKNOWN", "DEADLINE_EXCEEDED", "DATA_LOSS", "RESOURCE_EXHAUSTED")
@@ -96,22 +96,43 @@ class Objective:
     window_days: int
 
 
+def _bucket_bound(threshold_ms: Any) -> bool:
+    """Whether threshold_ms (a number the schema accepts) is one of the histogram's bucket bounds."""
+    try:
+        return round(float(threshold_ms), 3) in _THRESHOLDS_MS
+    except OverflowError:  # an integer past any float (the schema sets no maximum): no bound is that large
+        return False
+
+
 def _check(doc: PolicyDoc) -> None:
-    seen: set[str] = set()
-    for i, raw in enumerate(doc.spec["objectives"]):
+    """Every objective's mistakes beyond the schema. It also runs on a spec the schema refused (`check_any_spec`),
+    so it judges only the well-formed parts: a mistyped field is the schema's to name."""
+    found = Mistakes()
+    seen: dict[str, int] = {}
+    objectives = doc.spec.get("objectives")
+    for i, raw in enumerate(objectives if isinstance(objectives, list) else []):
+        if not isinstance(raw, dict):
+            continue
         path = f"spec.objectives[{i}]"
         if "availability" not in raw and "latency" not in raw:
-            raise PolicyError(path, "an objective needs availability, latency or both")
-        if raw["capability"] in seen:
-            raise PolicyError(f"{path}.capability", f"capability {raw['capability']!r} has two objectives here")
-        seen.add(raw["capability"])
+            found.add(path, "an objective needs availability, latency or both")
+        capability = raw.get("capability")
+        if isinstance(capability, str):
+            if capability in seen:
+                found.add(f"{path}.capability", f"capability {capability!r} has two objectives here (also "
+                                                 f"objectives[{seen[capability]}])")
+            else:
+                seen[capability] = i
         lat = raw.get("latency")
-        if lat is not None and round(float(lat["threshold_ms"]), 3) not in _THRESHOLDS_MS:
-            raise PolicyError(
+        threshold = lat.get("threshold_ms") if isinstance(lat, dict) else None
+        if isinstance(threshold, int | float) and not isinstance(threshold, bool) and not _bucket_bound(threshold):
+            shown = str(threshold) if len(str(threshold)) <= 24 else str(threshold)[:21] + "..."
+            found.add(
                 f"{path}.latency.threshold_ms",
-                f"{lat['threshold_ms']} ms is not a histogram bucket bound; use one of "
+                f"{shown} ms is not a histogram bucket bound; use one of "
                 + ", ".join(f"{t:g}" for t in _THRESHOLDS_MS),
             )
+    found.raise_any()
 
 
 def objectives(docs: Mapping[str, PolicyDoc]) -> tuple[Objective, ...]:
@@ -135,6 +156,7 @@ SLOS: Final[PolicyKind[tuple[Objective, ...]]] = PolicyKind(
     spec_schema=SPEC_SCHEMA,
     compile=objectives,
     check=_check,
+    check_any_spec=True,
     description="availability and latency objectives per capability; `hivemesh slo rules` renders their alerts",
 )
 

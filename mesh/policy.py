@@ -17,14 +17,18 @@ Declaring a kind (the stable API; the traffic kinds in `hivemesh.mesh.resilience
         # docs: every valid stored document of the kind, by name. Pure and fast; return something immutable
         # (frozen dataclasses, tuples, MappingProxyType). compile({}) is the value in force with no document.
         # Raise PolicyError("spec.rules[0].from", "why") to refuse a combination of documents: the control
-        # plane then refuses the apply, and a node keeps the last good value.
+        # plane then refuses the apply, and a node keeps the last good value. Better, name the documents, each
+        # mistake once: `found = Mistakes(); found.add(path, why, document=doc.name); found.raise_any()`, so
+        # the store can say which document of an apply each path is in.
         ...
 
     AUTHZ: PolicyKind[AuthzTable] = PolicyKind(
         name="authz",                       # the <kind> in the key; [a-z][a-z0-9-]{0,30}
         spec_schema={...},                  # JSON Schema of "spec"; errors name the field: spec.rules[0].from
         compile=compile_authz,
-        check=None,                         # optional: per-document checks beyond the schema; raise PolicyError
+        check=None,                         # optional: per-document checks beyond the schema; raise PolicyError,
+                                            # one naming every mistake (collect them with `Mistakes`)
+        check_any_spec=False,               # True: check copes with a spec the schema refused (see the field)
         description="who may call which capability",
     )
 
@@ -67,14 +71,21 @@ KIND_RE: Final = re.compile(r"[a-z][a-z0-9-]{0,30}")
 NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 
 
+MAX_MISTAKES: Final = 50
+"""The mistakes listed of one document at most: a list of 100,000 bad items is not worth 100,000 lines."""
+
+
 class PolicyError(ValueError):
     """A policy document is not acceptable; `violations` maps each bad field's path to why.
 
-    Paths are dotted from the document root, with list indexes: `spec.split[1].weight`.
+    Paths are dotted from the document root, with list indexes: `spec.split[1].weight`. A compiler's refusal of a
+    set of documents may also say which document each path is in: `documents` maps each document's name to its
+    violations (`violations` are then the first document's), so a store can place them in the apply.
     """
 
     def __init__(self, path: str, message: str, *, more: Mapping[str, str] | None = None) -> None:
         self.violations: dict[str, str] = {path: message, **(more or {})}
+        self.documents: Mapping[str, Mapping[str, str]] = MappingProxyType({})
         super().__init__(f"{path}: {message}" if path else message)
 
     @property
@@ -90,6 +101,47 @@ class PolicyError(ValueError):
         items = [(f"{prefix}.{p}" if p else prefix, m) for p, m in self.violations.items()]
         first, rest = items[0], dict(items[1:])
         return PolicyError(first[0], first[1], more=rest)
+
+
+class Mistakes:
+    """Every mistake a check (or a compiler) finds, raised together as one PolicyError: a check that stopped at
+    its first finding took one apply per mistake to learn them all. At most `limit` are kept; past it, `spec`
+    says there were more. A second finding on one field is added to the first (`; `)."""
+
+    def __init__(self, limit: int = MAX_MISTAKES) -> None:
+        self._limit = limit
+        self._found: dict[str, dict[str, str]] = {}
+        self._count = 0
+        self._past = False
+
+    def add(self, path: str, message: str, *, document: str = "") -> None:
+        """A mistake at path of the document being checked, or (a compiler's finding) of the document named."""
+        if self._count >= self._limit:
+            self._past = True
+            return
+        found = self._found.setdefault(document, {})
+        said = found.get(path)
+        if said is not None and message in said.split("; "):
+            return
+        found[path] = f"{said}; {message}" if said is not None else message
+        self._count += 1
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def raise_any(self) -> None:
+        """Raise one PolicyError naming every mistake found (with `documents` when they were named); return if
+        there is none."""
+        if not self._count:
+            return
+        first = next(iter(self._found.values()))
+        if self._past:
+            first.setdefault("spec", f"has more mistakes than the {self._limit} listed")
+        (path, message), *rest = first.items()
+        err = PolicyError(path, message, more=dict(rest))
+        if any(self._found):
+            err.documents = MappingProxyType({d: MappingProxyType(dict(v)) for d, v in self._found.items()})
+        raise err
 
 
 @dataclass(frozen=True)
@@ -125,6 +177,10 @@ class PolicyKind(Generic[C]):
     compile: Callable[[Mapping[str, PolicyDoc]], C]
     check: Callable[[PolicyDoc], None] | None = None
     description: str = ""
+    check_any_spec: bool = False
+    """True when check copes with any JSON spec (it judges only the parts that are well formed and raises nothing
+    but PolicyError), so the store runs it even when the schema refused the spec and lists both findings at once;
+    False: it runs only once the schema holds (it may index fields the schema guarantees)."""
     encode: Callable[[PolicyDoc], bytes] | None = None
     """How a document is stored; default the JSON envelope. (The `grants` kind keeps its older flat form.)"""
     decode: Callable[[str, bytes], PolicyDoc] | None = None
@@ -145,7 +201,8 @@ class PolicyKind(Generic[C]):
             raise ValueError(f"policy kind {self.name!r}: invalid spec schema: {exc}") from exc
 
     def validate(self, doc: PolicyDoc) -> PolicyDoc:
-        """Schema then semantic checks of one document; raises PolicyError naming the field."""
+        """Schema then semantic checks of one document; raises PolicyError naming the field (the schema's first
+        mistake, or every mistake the checks found). The store lists every mistake (`controlplane.policies`)."""
         try:
             self.validator(doc.spec)
         except fastjsonschema.JsonSchemaValueException as exc:

@@ -55,7 +55,9 @@ def policy_apply(obj: CliContext, path: str, dry_run: bool, as_json: bool) -> No
     """Validate every document and store them all in one transaction, or none of them."""
     text, source = read_text(path, limit=MAX_FILE_BYTES, param_hint="--file", stdin_dash=True)
     documents = parse_documents(text, source=source)
-    validate_documents(documents)  # every mistake of every document now, even with no mesh running
+    # Every mistake of every document now, even with no mesh running; conflicts between documents (and with the
+    # stored ones) are the control plane's to find, in the apply below.
+    validate_documents(documents)
     resp = _run(obj, lambda c: c.apply(documents, dry_run=dry_run))
     show_applied(resp, as_json)
 

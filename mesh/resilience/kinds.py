@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, Literal, TypeVar
 
 import grpc
 
-from hivemesh.mesh.policy import PolicyDoc, PolicyError, PolicyKind
+from hivemesh.mesh.policy import Mistakes, PolicyDoc, PolicyKind
 from hivemesh.mesh.resilience.balancer import MODES, ROUND_ROBIN
 from hivemesh.mesh.resilience.breaker import DEFAULT_FAILURE_CODES, BreakerPolicy
 from hivemesh.mesh.resilience.concurrency import ConcurrencyPolicy, PriorityClass
@@ -52,6 +52,7 @@ _GLOB: Final = {"type": "string", "minLength": 1, "maxLength": 128, "pattern": r
 _TARGETS: Final = {"type": "array", "minItems": 1, "maxItems": 64, "uniqueItems": True, "items": _GLOB}
 _MS: Final = {"type": "integer", "minimum": 1, "maximum": 3_600_000}
 _CODE_NAMES: Final = [c.name for c in grpc.StatusCode if c is not grpc.StatusCode.OK]
+_CODE_BY_NAME: Final = {c.name: c for c in grpc.StatusCode if c is not grpc.StatusCode.OK}
 _CODES: Final = {"type": "array", "minItems": 1, "uniqueItems": True, "items": {"enum": _CODE_NAMES}}
 _LABELS: Final = {
     "type": "object", "maxProperties": 16,
@@ -66,6 +67,20 @@ def _obj(properties: Mapping[str, Any], *, required: Sequence[str] = (), **extra
         schema["required"] = list(required)
     schema.update(extra)
     return schema
+
+
+# The checks run on specs the schema refused too (`check_any_spec`), so that one apply lists every mistake: each
+# judges only the parts that are well formed (a wrong type is the schema's to report) and never assumes a field.
+def _num(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _mappings(value: Any) -> Iterator[tuple[int, Mapping[str, Any]]]:
+    """(index, item) of each mapping in value, when value is a list."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            if isinstance(item, dict):
+                yield i, item
 
 
 # --- targeting ----------------------------------------------------------------------------------------------------
@@ -123,31 +138,38 @@ class Table(Generic[T]):
 
 
 def _compile_table(
-    kind: str, docs: Mapping[str, PolicyDoc], build: Callable[[PolicyDoc], T], *, with_agents: bool = False
+    kind: str, docs: Mapping[str, PolicyDoc], build: Callable[[PolicyDoc], T], *, with_agents: bool = False,
+    by: Literal["capabilities", "agents"] = "capabilities",
 ) -> Table[T]:
+    """The documents' targets; PolicyError naming, in each document, every target another one has too (by: the
+    field a clash is reported in)."""
     targets: list[_Target[T]] = []
-    owner: dict[tuple[str, str], str] = {}
+    owner: dict[tuple[str, str], tuple[str, str]] = {}  # (agent, capability) -> (document, its field)
+    clashes = Mistakes()
     for doc in sorted(docs.values(), key=lambda d: d.name):
         value = build(doc)
         caps = list(doc.spec.get("capabilities", ["*"]))
         agents = list(doc.spec.get("agents", ["*"])) if with_agents else ["*"]
         for ci, cap in enumerate(caps):
-            for agent in agents:
+            for ai, agent in enumerate(agents):
+                index = ci if by == "capabilities" else ai
+                where = f"spec.{by}[{index}]" if by in doc.spec else f"spec.{by}"  # absent: every one, by default
                 other = owner.get((agent, cap))
                 if other is not None:
-                    where = f"spec.capabilities[{ci}]"
-                    scope = f" on agents {agent!r}" if with_agents else ""
-                    raise PolicyError(
-                        where, f"{kind}/{doc.name} and {kind}/{other} both target {cap!r}{scope}: "
-                        "which one applies would be ambiguous"
-                    )
-                owner[(agent, cap)] = doc.name
+                    what = (f"{cap!r}" + (f" on agents {agent!r}" if with_agents else "")) if by == "capabilities" \
+                        else f"agents {agent!r}"
+                    for (mine, path), theirs in (((doc.name, where), other[0]), (other, doc.name)):
+                        clashes.add(path, f"{kind}/{mine} and {kind}/{theirs} both target {what}: which one applies "
+                                          "would be ambiguous", document=mine)
+                    continue
+                owner[(agent, cap)] = (doc.name, where)
                 targets.append(
                     _Target(
                         re.compile(fnmatch.translate(cap)), _specificity(cap),
                         re.compile(fnmatch.translate(agent)), _specificity(agent), value, doc.name,
                     )
                 )
+    clashes.raise_any()
     return Table(tuple(targets))
 
 
@@ -189,21 +211,24 @@ ROUTES_SCHEMA: Final = _obj({
 
 
 def _check_routes(doc: PolicyDoc) -> None:
-    spec = doc.spec
-    for i, rule in enumerate(spec.get("rules", [])):
+    spec, found = doc.spec, Mistakes()
+    for i, rule in _mappings(spec.get("rules")):
         if "pin" in rule and "split" in rule:
-            raise PolicyError(f"spec.rules[{i}]", "give pin or split, not both")
-        if "split" in rule and sum(s["weight"] for s in rule["split"]) == 0:
-            raise PolicyError(f"spec.rules[{i}].split", "weights must not all be 0")
-        for j, s in enumerate(rule.get("split", [])):
+            found.add(f"spec.rules[{i}]", "give pin or split, not both")
+        split = rule.get("split")
+        weights = [s.get("weight") for _j, s in _mappings(split)]
+        if isinstance(split, list) and split and len(weights) == len(split) and all(w == 0 for w in weights):
+            found.add(f"spec.rules[{i}].split", "weights must not all be 0")
+        for j, s in _mappings(split):
             if "version" not in s and "labels" not in s:
-                raise PolicyError(f"spec.rules[{i}].split[{j}]", "needs a version or labels to select instances")
+                found.add(f"spec.rules[{i}].split[{j}]", "needs a version or labels to select instances")
     shadow = spec.get("shadow")
-    if shadow is not None and "version" not in shadow and "labels" not in shadow:
-        raise PolicyError("spec.shadow", "needs a version or labels to select the candidate instances")
-    fallback = spec.get("fallback")
-    if fallback is not None and fallback in spec.get("capabilities", []):
-        raise PolicyError("spec.fallback", "a capability cannot fall back to itself")
+    if isinstance(shadow, dict) and "version" not in shadow and "labels" not in shadow:
+        found.add("spec.shadow", "needs a version or labels to select the candidate instances")
+    fallback, caps = spec.get("fallback"), spec.get("capabilities")
+    if isinstance(fallback, str) and isinstance(caps, list) and fallback in caps:
+        found.add("spec.fallback", "a capability cannot fall back to itself")
+    found.raise_any()
 
 
 def _subset(raw: Mapping[str, Any]) -> Subset:
@@ -244,6 +269,7 @@ ROUTES: Final[PolicyKind[Table[RoutePolicy]]] = PolicyKind(
     spec_schema=ROUTES_SCHEMA,
     compile=lambda docs: _compile_table("routes", docs, _route),
     check=_check_routes,
+    check_any_spec=True,
     description="per capability: weighted splits by version or label, pins, metadata matches, load balancer, "
                 "fallback capability, cached last good response, shadow traffic to a candidate",
 )
@@ -266,14 +292,19 @@ RETRIES_SCHEMA: Final = _obj({
 
 
 def _check_retries(doc: PolicyDoc) -> None:
-    for i, name in enumerate(doc.spec.get("retryable_codes", [])):
-        if grpc.StatusCode[name] in NEVER_RETRIED:
-            raise PolicyError(f"spec.retryable_codes[{i}]", f"{name} is never retried: the same request would fail "
-                              "the same way (never INVALID_ARGUMENT, PERMISSION_DENIED, UNAUTHENTICATED, "
-                              "FAILED_PRECONDITION)")
-    b = doc.spec.get("backoff", {})
-    if b.get("base_ms", 25) > b.get("max_ms", max(1000, b.get("base_ms", 25))):
-        raise PolicyError("spec.backoff.max_ms", "must be >= base_ms")
+    found = Mistakes()
+    codes = doc.spec.get("retryable_codes")
+    for i, name in enumerate(codes if isinstance(codes, list) else []):
+        code = _CODE_BY_NAME.get(name) if isinstance(name, str) else None  # another value: the schema's to name
+        if code in NEVER_RETRIED:
+            found.add(f"spec.retryable_codes[{i}]", f"{name} is never retried: the same request would fail the "
+                      "same way (never INVALID_ARGUMENT, PERMISSION_DENIED, UNAUTHENTICATED, FAILED_PRECONDITION)")
+    b = doc.spec.get("backoff")
+    base: Any = b.get("base_ms", 25) if isinstance(b, dict) else None
+    most: Any = b.get("max_ms") if isinstance(b, dict) else None
+    if _num(base) and _num(most) and base > most:  # (no max_ms: it defaults to at least base_ms)
+        found.add("spec.backoff.max_ms", "must be >= base_ms")
+    found.raise_any()
 
 
 def _retry(doc: PolicyDoc) -> RetryPolicy:
@@ -298,6 +329,7 @@ RETRIES: Final[PolicyKind[Table[RetryPolicy]]] = PolicyKind(
     spec_schema=RETRIES_SCHEMA,
     compile=lambda docs: _compile_table("retries", docs, _retry),
     check=_check_retries,
+    check_any_spec=True,
     description="attempts, per-try timeout, exponential backoff with jitter, retryable codes, retry budget",
 )
 
@@ -343,16 +375,19 @@ class BreakerSettings:
 
 
 def _check_breakers(doc: PolicyDoc) -> None:
+    found = Mistakes()
     if "instance" not in doc.spec and "capability" not in doc.spec:
-        raise PolicyError("spec", "give an instance breaker, a capability breaker, or both")
+        found.add("spec", "give an instance breaker, a capability breaker, or both")
     for part in ("instance", "capability"):
         b = doc.spec.get(part)
-        if b is None:
+        if not isinstance(b, dict):
             continue
         if "consecutive_failures" not in b and "failure_ratio" not in b:
-            raise PolicyError(f"spec.{part}", "needs consecutive_failures or failure_ratio to know when to open")
-        if b.get("max_open_ms", max(60_000, b.get("open_ms", 5000))) < b.get("open_ms", 5000):
-            raise PolicyError(f"spec.{part}.max_open_ms", "must be >= open_ms")
+            found.add(f"spec.{part}", "needs consecutive_failures or failure_ratio to know when to open")
+        opens, most = b.get("open_ms", 5000), b.get("max_open_ms")
+        if _num(opens) and _num(most) and most < opens:  # (no max_open_ms: it defaults to at least open_ms)
+            found.add(f"spec.{part}.max_open_ms", "must be >= open_ms")
+    found.raise_any()
 
 
 def _breaker_policy(b: Mapping[str, Any] | None) -> BreakerPolicy | None:
@@ -386,6 +421,7 @@ BREAKERS: Final[PolicyKind[Table[BreakerSettings]]] = PolicyKind(
     spec_schema=BREAKERS_SCHEMA,
     compile=lambda docs: _compile_table("breakers", docs, _breakers),
     check=_check_breakers,
+    check_any_spec=True,
     description="circuit breakers per target instance (with a maximum ejected share) and per capability",
 )
 
@@ -408,14 +444,15 @@ RATELIMITS_SCHEMA: Final = _obj({
 
 
 def _check_ratelimits(doc: PolicyDoc) -> None:
-    s = doc.spec
+    s, found = doc.spec, Mistakes()
     if "total_rps" in s and "cluster_total_rps" in s:
-        raise PolicyError("spec.cluster_total_rps", "give total_rps (per instance) or cluster_total_rps, not both")
+        found.add("spec.cluster_total_rps", "give total_rps (per instance) or cluster_total_rps, not both")
     if not any(k in s for k in ("total_rps", "cluster_total_rps", "per_identity_rps", "overrides")):
-        raise PolicyError("spec", "needs a limit: total_rps, cluster_total_rps, per_identity_rps or overrides")
+        found.add("spec", "needs a limit: total_rps, cluster_total_rps, per_identity_rps or overrides")
     if "scope" in s and not any(k in s for k in ("per_identity_rps", "overrides")):
-        raise PolicyError("spec.scope", "scope applies to per_identity_rps and overrides, and there is neither (the "
-                                        "total is per instance as total_rps, or cluster-wide as cluster_total_rps)")
+        found.add("spec.scope", "scope applies to per_identity_rps and overrides, and there is neither (the total "
+                                "is per instance as total_rps, or cluster-wide as cluster_total_rps)")
+    found.raise_any()
 
 
 def _ratelimit(doc: PolicyDoc) -> RateLimitPolicy:
@@ -438,6 +475,7 @@ RATELIMITS: Final[PolicyKind[Table[RateLimitPolicy]]] = PolicyKind(
     spec_schema=RATELIMITS_SCHEMA,
     compile=lambda docs: _compile_table("ratelimits", docs, _ratelimit, with_agents=True),
     check=_check_ratelimits,
+    check_any_spec=True,
     description="token buckets per caller identity × capability with a total (per instance or cluster-wide)",
 )
 
@@ -457,14 +495,22 @@ CONCURRENCY_SCHEMA: Final = _obj({
 
 
 def _check_concurrency(doc: PolicyDoc) -> None:
-    s = doc.spec
-    classes = s.get("classes", [])
-    names = [c["name"] for c in classes]
-    for i, n in enumerate(names):
-        if n in names[:i]:
-            raise PolicyError(f"spec.classes[{i}].name", f"class {n!r} is defined twice")
-    if sum(c.get("reserved", 0) for c in classes) >= s["max_in_flight"]:
-        raise PolicyError("spec.classes", "reserved slots must add up to less than max_in_flight")
+    s, found = doc.spec, Mistakes()
+    classes = s.get("classes")
+    seen: dict[str, int] = {}
+    for i, c in _mappings(classes):
+        n = c.get("name")
+        if not isinstance(n, str):
+            continue
+        if n in seen:
+            found.add(f"spec.classes[{i}].name", f"class {n!r} is defined twice (also classes[{seen[n]}])")
+        else:
+            seen[n] = i
+    reserved = [c.get("reserved", 0) for _i, c in _mappings(classes)]
+    if (isinstance(classes, list) and len(reserved) == len(classes) and all(_num(r) for r in reserved)
+            and _num(s.get("max_in_flight")) and sum(reserved) >= s["max_in_flight"]):
+        found.add("spec.classes", "reserved slots must add up to less than max_in_flight")
+    found.raise_any()
 
 
 def _concurrency(doc: PolicyDoc) -> ConcurrencyPolicy:
@@ -480,10 +526,7 @@ def _concurrency(doc: PolicyDoc) -> ConcurrencyPolicy:
 def _compile_concurrency(docs: Mapping[str, PolicyDoc]) -> Table[ConcurrencyPolicy]:
     # One limit per agent: every capability of the agent shares it, so documents target agents only.
     plain = {n: PolicyDoc(d.kind, d.name, {**d.spec, "capabilities": ["*"]}, d.description) for n, d in docs.items()}
-    try:
-        return _compile_table("concurrency", plain, _concurrency, with_agents=True)
-    except PolicyError as err:
-        raise PolicyError("spec.agents", err.reason) from None
+    return _compile_table("concurrency", plain, _concurrency, with_agents=True, by="agents")
 
 
 CONCURRENCY: Final[PolicyKind[Table[ConcurrencyPolicy]]] = PolicyKind(
@@ -491,6 +534,7 @@ CONCURRENCY: Final[PolicyKind[Table[ConcurrencyPolicy]]] = PolicyKind(
     spec_schema=CONCURRENCY_SCHEMA,
     compile=_compile_concurrency,
     check=_check_concurrency,
+    check_any_spec=True,
     description="a bounded number of calls in flight per agent, with priority classes; the excess is shed",
 )
 
@@ -528,14 +572,18 @@ class RolloutSpec:
 
 
 def _check_rollouts(doc: PolicyDoc) -> None:
-    steps = doc.spec["steps"]
-    for i in range(1, len(steps)):
-        if steps[i] <= steps[i - 1]:
-            raise PolicyError(f"spec.steps[{i}]", "steps must grow (e.g. 5, 25, 50, 100)")
-    if steps[-1] != 100:
-        raise PolicyError(f"spec.steps[{len(steps) - 1}]", "the last step must be 100 (the canary takes all traffic)")
-    if doc.spec["stable"] == doc.spec["canary"]:
-        raise PolicyError("spec.canary", "the canary must select other instances than the stable version")
+    spec, found = doc.spec, Mistakes()
+    steps = spec.get("steps")
+    if isinstance(steps, list) and steps and all(_num(step) for step in steps):
+        for i in range(1, len(steps)):
+            if steps[i] <= steps[i - 1]:
+                found.add(f"spec.steps[{i}]", "steps must grow (e.g. 5, 25, 50, 100)")
+        if steps[-1] != 100:
+            found.add(f"spec.steps[{len(steps) - 1}]", "the last step must be 100 (the canary takes all traffic)")
+    stable, canary = spec.get("stable"), spec.get("canary")
+    if isinstance(stable, dict) and stable == canary:
+        found.add("spec.canary", "the canary must select other instances than the stable version")
+    found.raise_any()
 
 
 def _rollout(doc: PolicyDoc) -> RolloutSpec:
@@ -553,13 +601,18 @@ def _rollout(doc: PolicyDoc) -> RolloutSpec:
 def _compile_rollouts(docs: Mapping[str, PolicyDoc]) -> Mapping[str, RolloutSpec]:
     out: dict[str, RolloutSpec] = {}
     owner: dict[str, str] = {}
+    clashes = Mistakes()
     for doc in sorted(docs.values(), key=lambda d: d.name):
         spec = _rollout(doc)
-        for what in (f"capability {spec.capability!r}", f"routes document {spec.routes!r}"):
+        for fld, what in (("capability", f"capability {spec.capability!r}"),
+                          ("routes", f"routes document {spec.routes!r}")):
             other = owner.setdefault(what, doc.name)
             if other != doc.name:
-                raise PolicyError("spec", f"rollouts/{doc.name} and rollouts/{other} both drive {what}")
+                for mine, theirs in ((doc.name, other), (other, doc.name)):
+                    clashes.add(f"spec.{fld}", f"rollouts/{mine} and rollouts/{theirs} both drive {what}",
+                                document=mine)
         out[doc.name] = spec
+    clashes.raise_any()
     return out
 
 
@@ -568,6 +621,7 @@ ROLLOUTS: Final[PolicyKind[Mapping[str, RolloutSpec]]] = PolicyKind(
     spec_schema=ROLLOUTS_SCHEMA,
     compile=_compile_rollouts,
     check=_check_rollouts,
+    check_any_spec=True,
     description="automatic canary rollout: the control-plane leader steps a canary's routes weight while its error "
                 "rate and latency stay within bounds of the stable version's, and rolls back when they do not",
 )

@@ -79,8 +79,8 @@ def test_errors_in_a_multi_document_file_point_at_the_document() -> None:
     with pytest.raises(InvalidInputError) as info:
         _apply(text)
     assert info.value.field_violations == {"documents[1].spec.default_ms": "must be >= 1"}
-    assert "document 2 (timeouts/t)" in info.value.message
-    with pytest.raises(InvalidInputError, match="also document 1"):
+    assert "documents[1] (timeouts/t)" in info.value.message
+    with pytest.raises(InvalidInputError, match=r"also documents\[0\]"):
         _apply(RETRY_DOC + "---\n" + RETRY_DOC)
     with pytest.raises(InvalidInputError, match="not valid YAML"):
         store.parse_documents("kind: [unclosed")

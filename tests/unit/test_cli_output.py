@@ -41,7 +41,7 @@ def test_policy_apply_reports_every_mistake_with_brackets_intact_and_as_json(hom
     assert text.exit_code == 1, text.output
     assert text.stdout == ""
     lines = text.stderr.splitlines()
-    assert lines[0] == ("error: document 1 (retries/Bad Name): colour: unknown field (allowed: apiVersion, kind, "
+    assert lines[0] == ("error: documents[0] (retries/Bad Name): colour: unknown field (allowed: apiVersion, kind, "
                         "name, description, version, spec); and 2 more mistakes (INVALID_ARGUMENT, INVALID_INPUT)")
     assert f"  documents[0].name: {NAME_RULE}" in lines  # not "must be a string matching {0,62}"
     assert "  documents[2].spec.attempts: must be <= 10" in lines and len(lines) == 4

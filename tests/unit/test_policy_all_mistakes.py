@@ -120,7 +120,7 @@ def test_validate_documents_counts_every_mistake_of_every_document() -> None:
             {"kind": "timeouts", "name": "b", "spec": {"default_ms": 0, "capabilities": {}}},
         ])
     err = refused.value
-    assert err.message == "document 1 (retries/a): spec.attempts: must be >= 1; and 4 more mistakes"
+    assert err.message == "documents[0] (retries/a): spec.attempts: must be >= 1; and 4 more mistakes"
     assert set(err.field_violations) == {
         "documents[0].spec.attempts", "documents[0].spec.per_try_timeout_ms", "documents[0].spec.bogus",
         "documents[1].spec.default_ms", "documents[1].spec.capabilities",

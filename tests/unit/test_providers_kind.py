@@ -86,7 +86,7 @@ def test_a_bad_document_among_several_is_named_with_its_index_and_nothing_is_acc
     with pytest.raises(InvalidInputError) as refused:
         validate_documents([good, bad])
     assert list(refused.value.field_violations) == ["documents[1].spec.rules[0].agents[0]"]
-    assert "document 2 (providers/bad)" in refused.value.message
+    assert "documents[1] (providers/bad)" in refused.value.message
 
 
 def test_no_document_leaves_every_capability_open() -> None:
