@@ -45,6 +45,8 @@ from hivemesh.mesh.trustdoc import TRUST_BUNDLE_KEY, TrustDoc, fingerprint, sign
 log = logging.getLogger(__name__)
 
 STEPS: Final = ("prepare", "activate", "finish")
+STATE_FILE: Final = "rotation.json"
+"""The phase and generation, in the certs directory; every step writes it last."""
 MIN_ACTIVE_S: Final = 5.0
 """`finish` waits at least this long after `activate` (nodes renew within about a second of it)."""
 
@@ -88,7 +90,7 @@ class CaRotation:
         """The control plane's advertised hosts: its re-issued certificate names them (and every host the one it
         replaces named), so a remote client that checks the host it dialled still accepts it after `activate`."""
         self.files = CaFiles.in_dir(self.dir)
-        self._state_path = self.dir / "rotation.json"
+        self._state_path = self.dir / STATE_FILE
         self.state = self._load_state()
 
     def _load_state(self) -> RotationState:

@@ -22,13 +22,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
 from hivemesh.controlplane.ca import CA_PENDING, CaBusyError, CaFiles, Unfinished, init_ca, load_ca
+from hivemesh.controlplane.ca_rotation import STATE_FILE as ROTATION_STATE
+from hivemesh.controlplane.ca_rotation import CaRotation
 from hivemesh.controlplane.cli import localmesh
 from hivemesh.controlplane.cli.context import run_async
 from hivemesh.controlplane.cli.procs import Child, Supervisor
 from hivemesh.controlplane.cli.restarts import Restartable, Say, describe_exit
 from hivemesh.controlplane.cli.uplock import UpLock
-from hivemesh.controlplane.etcd_certs import issue_etcd_certs
+from hivemesh.controlplane.etcd_certs import (
+    follow_signing_root,
+    issue_etcd_certs,
+    issuer_of,
+    roots_in,
+    write_etcd_trust,
+)
 from hivemesh.controlplane.metrics_sd import JOB_CONTROLPLANE, JOB_NODES, SD_DIR, ScrapeTarget, write_file_sd
 from hivemesh.mesh.advertise import ADVERTISE_ENV, LISTEN_ENV, advertised_host, check_host, join_host_port
 from hivemesh.mesh.audit.handshake.switch import child_environment
@@ -38,10 +48,13 @@ from hivemesh.mesh.etcd import EtcdServer, EtcdStartError
 from hivemesh.mesh.node_metrics import OWNED_DEFAULT, metrics_listen
 from hivemesh.mesh.registry import RegistryView
 from hivemesh.mesh.settings import STATE_FILE, MeshSettings
+from hivemesh.mesh.tls import load_workload_files
+from hivemesh.mesh.trustdoc import fingerprint
 
 DEMO_GRANTS = Path(__file__).with_name("demo-grants.yaml")
 DEMO_PATTERNS_AUTHZ = Path(__file__).with_name("demo-patterns-authz.yaml")
 DEMO_AUTHZ = Path(__file__).with_name("demo-authz.yaml")
+DEMO_PROVIDERS = Path(__file__).with_name("demo-providers.yaml")
 PIPELINE = ("ocr", "extract", "validate", "store")
 _READY_S = 60.0
 
@@ -137,6 +150,17 @@ class MeshUp:
         self._etcd_started = False
         self._announced: list[tuple[Child, str, str, str]] = []
         """(child, the line announcing its metrics address, job, node), read once every child is up."""
+        # What etcd and the control plane trust and present, as `_follow_ca` keeps them through a CA rotation.
+        self._ca_lock = asyncio.Lock()
+        """Held while etcd is restarted (a crash or a rotation step), so the two never restart it at once."""
+        self._cp: Child | None = None
+        self._etcd_roots: frozenset[str] = frozenset()
+        """The roots the running etcd accepts client certificates from (its copy of the bundle when it started)."""
+        self._cp_roots: frozenset[str] = frozenset()
+        """The roots the control plane verifies etcd with: the bundle when `up` last started it."""
+        self._cp_client_root: str | None = None
+        """The root that issued the certificate the control plane presents to etcd (read once, at its start)."""
+        self._follower: asyncio.Task[None] | None = None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -194,7 +218,9 @@ class MeshUp:
         """From here on a child that dies is reported and restarted (etcd too); see restarts.py."""
         self.sup.supervise(self.say)
         if self.etcd is not None:
-            self.sup.watch(EtcdUnit(self.etcd, self.opts.home / "logs" / "etcd.log"))
+            self.sup.watch(EtcdUnit(self.etcd, self.opts.home / "logs" / "etcd.log", lock=self._ca_lock,
+                                    before_start=self._etcd_certs_usable))
+            self._follower = asyncio.get_running_loop().create_task(self._follow_ca())
 
     # --- infrastructure ------------------------------------------------------------------------------------
     async def start_infrastructure(self) -> None:
@@ -203,13 +229,16 @@ class MeshUp:
         files = CaFiles.in_dir(opts.certs_dir)
         _ensure_ca(opts.certs_dir, opts.trust_domain, self.say)
         # Mutual TLS with auth on: certificates from the mesh CA (renewed at every `up`), roles bootstrapped.
-        etcd_tls = issue_etcd_certs(load_ca(opts.certs_dir), opts.certs_dir, host=opts.advertised)
+        # etcd trusts its own copy of the bundle, so `up` knows which roots it accepts (`_follow_ca`).
+        etcd_tls = issue_etcd_certs(load_ca(opts.certs_dir), opts.certs_dir, host=opts.advertised, own_trust=True)
+        self._etcd_roots = roots_in(etcd_tls.trusted_ca_file)
         self.etcd = EtcdServer(data_dir=opts.home / "etcd", log_path=opts.home / "logs" / "etcd.log", tls=etcd_tls,
                                host=opts.advertised, listen_host=opts.listen)
         (opts.home / "logs").mkdir(parents=True, exist_ok=True)
         start_etcd(self.etcd)  # from the main thread: etcd's parent-death signal is tied to the spawning thread
         self._etcd_started = True
         self.say(f"etcd {self.etcd.endpoint} (pid {self.etcd.pid}, data in {opts.home / 'etcd'})")
+        self._cp_roots = roots_in(files.ca_cert)
         cp = await self.sup.spawn(
             "controlplane",
             _python(
@@ -224,6 +253,7 @@ class MeshUp:
             child_environment({}, inherit=os.environ),  # the handshaker tracer from the start
         )
         m = await cp.wait_for_line(r"ready controlplane=(\S+) join=(\S+) metrics=(\S+)", _READY_S)
+        self._cp, self._cp_client_root = cp, self._issuer(files.controlplane_cert)
         # A restart keeps the ports the first start chose: mesh.json and every node's settings stay right.
         cp.args += ["--port", _port(m.group(1)), "--join-port", _port(m.group(2))]
         if m.group(3) != "off":
@@ -250,18 +280,26 @@ class MeshUp:
         self.operator = ControlPlaneClient.from_certs_dir(self.settings.controlplane, opts.certs_dir)
         await self._apply_policies(DEMO_AUTHZ)  # authorization is default deny: the demo's own rules
 
-    async def _apply_policies(self, path: Path) -> None:
-        from hivemesh.controlplane.policies import apply_text
+    async def _apply_policies(self, path: Path, *, only: set[str] | None = None) -> None:
+        """Apply the policy documents in path (only those named in `only`, when given: each must be there)."""
+        from hivemesh.controlplane.policies import apply_policies, parse_documents, validate_documents
         from hivemesh.mesh.etcd import client as etcd_client
         from hivemesh.mesh.etcd import wait_connected
 
         assert self.settings is not None
         text = await asyncio.to_thread(path.read_text)
+        raws = parse_documents(text, source=str(path))
+        if only is not None:
+            raws = [r for r in raws if isinstance(r, dict) and r.get("name") in only]
+            missing = only - {r["name"] for r in raws}
+            if missing:
+                raise RuntimeError(f"{path} has no document named {', '.join(sorted(missing))}")
+        items = validate_documents(raws)
         assert self.etcd is not None
         etcd = etcd_client(self.etcd.access)  # as root: `up` started this etcd with the mesh CA it holds
         try:
             await wait_connected(etcd)
-            await apply_text(etcd, text, source=str(path))
+            await apply_policies(etcd, items)
         finally:
             await etcd.close()
 
@@ -292,6 +330,10 @@ class MeshUp:
 
     async def start_agents(self) -> None:
         demos = self._demos()
+        if demos:
+            # Only the agents started here may serve the demos' capabilities (kind `providers`): another agent
+            # registering `extract` draws none of the demo's calls. Other demos' capabilities stay open.
+            await self._apply_policies(DEMO_PROVIDERS, only={f"demo-{d}" for d in demos})
         if "pipeline" in demos:
             await self.start_pipeline_agents()
         await self.start_demo_agents([d for d in demos if d != "pipeline"])
@@ -462,7 +504,117 @@ class MeshUp:
             self.show_result(result)
         return failures
 
+    # --- CA rotation -----------------------------------------------------------------------------------------
+    async def _follow_ca(self) -> None:
+        """Keep etcd and the control plane in step with a CA rotation run while `up` runs (`hivemesh ca rotate`),
+        checked whenever a step changes the bundle (`ca.pem`) or the phase (`rotation.json`). Left as they started,
+        etcd went on accepting client certificates from the first root only (workloads renewed at `activate` were
+        refused) and, after `finish`, presented a certificate from the dropped root: no client could verify it,
+        and a restarted control plane or etcd never came back."""
+        watched = (CaFiles.in_dir(self.opts.certs_dir).ca_cert, self.opts.certs_dir / ROTATION_STATE)
+        seen: tuple[bytes, ...] = ()
+        while True:
+            await asyncio.sleep(_FOLLOW_S)
+            now = await asyncio.to_thread(_contents, watched)
+            if now == seen:
+                continue
+            await asyncio.sleep(_FOLLOW_S)  # a step writes the bundle, then its phase: act once both are written
+            if await asyncio.to_thread(_contents, watched) != now:
+                continue
+            try:
+                await self._etcd_follows_ca()
+            except Exception as exc:  # noqa: BLE001 - said, then tried again: etcd or the control plane may recover
+                self.say(f"etcd could not follow the CA in {self.opts.certs_dir} ({type(exc).__name__}: {exc}); "
+                         f"trying again in {_FOLLOW_RETRY_S:g} s")
+                await asyncio.sleep(_FOLLOW_RETRY_S)
+                continue
+            seen = now
+
+    async def _etcd_follows_ca(self) -> None:
+        """Bring etcd and the control plane in line with the CA in the certs folder, in the order that refuses no
+        one at any step:
+        - the bundle's roots changed (`prepare` adds one, `finish` drops one): the control plane is stopped
+          (SIGTERM: it first answers the step's call, whose trust document it publishes), etcd restarted on a copy
+          of the new bundle (it reads its trusted CAs only at start), and the control plane started again, which
+          then verifies etcd with the new bundle and presents its current certificate (from the new root after
+          `activate`, so etcd still accepts it once `finish` dropped the old one);
+        - the signing root changed (`activate`): etcd's certificate and root identity are re-issued from it in
+          place (etcd reads them at each handshake), as every client trusts it by then (the control plane since
+          the restart at `prepare`), so after `finish` every client still verifies etcd."""
+        etcd, cp = self.etcd, self._cp
+        assert etcd is not None and etcd.tls is not None
+        tls, certs = etcd.tls, self.opts.certs_dir
+        async with self._ca_lock:
+            ca = await asyncio.to_thread(load_ca, certs)
+            roots = frozenset(fingerprint(c) for c in x509.load_pem_x509_certificates(ca.bundle_pem()))
+            signer = fingerprint(ca.certificate)
+            stale = any(issuer_of(p, [ca.certificate]) is None for p in (tls.cert_file, tls.admin_cert_file))
+            retrust = roots != self._etcd_roots
+            bounce = cp is not None and (retrust or self._cp_client_root not in roots
+                                         or (stale and signer not in self._cp_roots))
+            if not (stale or retrust or bounce):
+                return
+            rotation = CaRotation(certs).state
+            phase = "finished" if rotation.phase == "steady" and rotation.generation > 1 else rotation.phase
+            plan = [what for what, due in (
+                ("re-issuing etcd's certificate from the new signing root", stale),
+                (f"restarting etcd to trust {_roots_text(roots)}", retrust),
+                ("restarting the control plane with it", bounce)) if due]
+            self.say(f"CA rotation {phase} (generation {rotation.generation}): {'; '.join(plan)}")
+            held = [name for name, due in (("controlplane", bounce), ("etcd", retrust)) if due]
+            async with self.sup.planned.hold(*held):
+                if bounce and cp is not None:
+                    await self.sup.stop_child(cp)
+                if stale:
+                    await asyncio.to_thread(follow_signing_root, ca, tls.cert_file.parent)
+                if retrust:
+                    await stop_etcd(etcd)
+                    self._etcd_roots = await asyncio.to_thread(write_etcd_trust, certs, tls.trusted_ca_file)
+                    await start_etcd_async(etcd, _READY_S)
+                if bounce and cp is not None:
+                    self._cp_roots = roots_in(CaFiles.in_dir(certs).ca_cert)  # what it reads at start
+                    await cp.restart()
+                    await cp.wait_for_line(r"ready controlplane=", _READY_S)
+                    self._cp_client_root = self._issuer(CaFiles.in_dir(certs).controlplane_cert)
+            self._refresh_operator()
+            self.say(f"etcd follows the CA rotation (generation {rotation.generation}): it trusts "
+                     f"{_roots_text(self._etcd_roots)}; its certificate is from the signing root {signer[:16]}"
+                     + (f"; control plane restarted (pid {cp.pid})" if bounce and cp is not None else ""))
+
+    def _issuer(self, cert: Path) -> str | None:
+        """The root of the bundle now in the certs folder that issued cert (None: none did)."""
+        try:
+            bundle = x509.load_pem_x509_certificates(CaFiles.in_dir(self.opts.certs_dir).ca_cert.read_bytes())
+        except (OSError, ValueError):
+            return None
+        return issuer_of(cert, bundle)
+
+    def _etcd_certs_usable(self) -> None:
+        """Before etcd starts again after a crash: its certificate and root identity re-issued from the signing
+        root when no root of the bundle issued them any more (no client, nor `up`'s health check, could verify
+        it). The roots it trusts stay as they were: `_follow_ca` changes them, the control plane with them."""
+        assert self.etcd is not None and self.etcd.tls is not None
+        tls = self.etcd.tls
+        if any(self._issuer(p) is None for p in (tls.cert_file, tls.admin_cert_file)):
+            follow_signing_root(load_ca(self.opts.certs_dir), tls.cert_file.parent)
+
+    def _refresh_operator(self) -> None:
+        """`up`'s own operator client (join tokens, the tour's escalations) presents the operator certificate a
+        step re-issued and trusts the bundle now in force."""
+        if self.operator is None:
+            return
+        files = CaFiles.in_dir(self.opts.certs_dir)
+        try:
+            self.operator.update_workload(load_workload_files(files.operator_cert, files.operator_key, files.ca_cert))
+        except (OSError, ValueError) as exc:
+            self.say(f"could not reload the operator certificate in {self.opts.certs_dir}: {exc}")
+
     async def shutdown(self) -> None:
+        self.sup.stopping.set()  # no restart from here on, and a restart's wait (a restarted etcd's health) ends
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._follower
         with contextlib.suppress(Exception):
             await self._demo_stack.aclose()
         if self.operator is not None:
@@ -496,30 +648,23 @@ class MeshUp:
 
 
 class EtcdUnit:
-    """The embedded etcd as something `Supervisor.watch` keeps alive: restarted on its ports and data."""
+    """The embedded etcd as something `Supervisor.watch` keeps alive: restarted on its ports and data (under lock,
+    after before_start, when given)."""
 
-    def __init__(self, etcd: EtcdServer, log_path: Path) -> None:
+    def __init__(self, etcd: EtcdServer, log_path: Path, *, lock: asyncio.Lock | None = None,
+                 before_start: Callable[[], None] | None = None) -> None:
         self.etcd = etcd
         self.name = "etcd"
         self.log_path = log_path
+        self.lock = lock
+        self.before_start = before_start
 
     @property
     def pid(self) -> int | None:
         return self.etcd.pid
 
     async def wait_exit(self) -> int | None:
-        pid = self.etcd.pid
-        if pid is not None and self.etcd.running:
-            # A pidfd turns readable when the process exits (it stays our unreaped child until then).
-            fd = os.pidfd_open(pid)
-            exited = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            loop.add_reader(fd, exited.set)
-            try:
-                await exited.wait()
-            finally:
-                loop.remove_reader(fd)
-                os.close(fd)
+        await _etcd_exited(self.etcd)
         return self.etcd.returncode
 
     def tail(self, n: int) -> list[str]:
@@ -529,9 +674,26 @@ class EtcdUnit:
             return []
 
     async def restart(self) -> None:
-        # From the loop's (main) thread, as at the first start: etcd's parent-death signal follows the thread
-        # that spawned it, so not from a worker thread. It blocks the loop for the second or two etcd takes.
-        start_etcd(self.etcd, _READY_S)
+        async with self.lock or contextlib.nullcontext():
+            if self.before_start is not None:
+                await asyncio.to_thread(self.before_start)
+            await start_etcd_async(self.etcd, _READY_S)
+
+
+async def _etcd_exited(etcd: EtcdServer) -> None:
+    """Wait until the member running now (if any) has exited."""
+    pid = etcd.pid
+    if pid is not None and etcd.running:
+        # A pidfd turns readable when the process exits (it stays our unreaped child until then).
+        fd = os.pidfd_open(pid)
+        exited = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_reader(fd, exited.set)
+        try:
+            await exited.wait()
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
 
 
 def start_etcd(etcd: EtcdServer, timeout: float = 30.0) -> None:
@@ -547,6 +709,63 @@ def start_etcd(etcd: EtcdServer, timeout: float = 30.0) -> None:
             raise
         raise EtcdStartError(f"etcd could not start: {reason} (it {describe_exit(etcd.returncode)}; data in "
                              f"{etcd.data_dir}, log: {log_path})") from exc
+
+
+async def start_etcd_async(etcd: EtcdServer, timeout: float) -> None:
+    """Start etcd again (ports and data as before) without blocking the event loop: launched from the loop's
+    thread (etcd's parent-death signal follows the thread that spawned it), then its health polled from a worker
+    thread, at most 0.5 s a probe. Blocking the loop for it, as `start_etcd` does, `up` heard no SIGTERM until a
+    member that never became healthy had had its whole timeout (60 s). Cancelled (a stop request), it returns at
+    once; `up` stops the member it launched with the rest. Fails with the reason etcd gave when it exits."""
+    tls = etcd.tls
+    assert tls is not None, "`up` runs etcd with TLS"
+    mark = _file_size(etcd.log_path)
+    etcd.start(wait=False)
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(etcd._healthy_tls, tls):
+        if (code := etcd.returncode) is not None:
+            reason = etcd_failure_reason(_read_from(etcd.log_path, mark)) or "see its log"
+            raise EtcdStartError(f"etcd could not start: {reason} (it {describe_exit(code)}; data in "
+                                 f"{etcd.data_dir}, log: {etcd.log_path})")
+        if time.monotonic() >= deadline:
+            await stop_etcd(etcd)
+            raise TimeoutError(f"etcd did not become healthy within {timeout:.0f} s (log: {etcd.log_path})")
+        await asyncio.sleep(0.1)
+    await asyncio.to_thread(etcd.bootstrap_auth)
+
+
+async def stop_etcd(etcd: EtcdServer, timeout: float = 10.0) -> None:
+    """`etcd.stop` without blocking the event loop while etcd shuts down: SIGTERM, SIGKILL after timeout."""
+    pid = etcd.pid
+    if pid is not None and etcd.running:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(_etcd_exited(etcd), timeout)
+    if etcd.running:
+        etcd.kill()
+    else:
+        etcd.stop()  # reaps it
+
+
+def _contents(paths: tuple[Path, ...]) -> tuple[bytes, ...]:
+    """What each file holds (b"" when it cannot be read)."""
+    out: list[bytes] = []
+    for path in paths:
+        try:
+            out.append(path.read_bytes())
+        except OSError:
+            out.append(b"")
+    return tuple(out)
+
+
+def _roots_text(roots: frozenset[str]) -> str:
+    return f"{len(roots)} root{'s' if len(roots) != 1 else ''} ({', '.join(sorted(r[:16] for r in roots))})"
+
+
+_FOLLOW_S = 0.25
+"""How often `up` looks whether a CA rotation step changed the bundle."""
+_FOLLOW_RETRY_S = 5.0
 
 
 _GO_CRASH = re.compile(r"^(?:panic|fatal error): \S.*")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hivemesh.controlplane.cli.restarts import Restartable, RestartPolicy, Say, keep_alive
+from hivemesh.controlplane.cli.restarts import Planned, Restartable, RestartPolicy, Say, keep_alive
 from hivemesh.mesh.lifeline import PARENT_ENV
 
 
@@ -54,7 +54,10 @@ class Child:
         return self.lines[-n:]
 
     async def restart(self) -> None:
+        """Start it again; a no-op while it runs (started again by someone else meanwhile: never two of one)."""
         assert self._start is not None
+        if self.proc.returncode is None:
+            return
         self.lines.clear()  # a ready line of the old process must not answer wait_for_line for the new one
         await self._start(self)
 
@@ -100,6 +103,8 @@ class Supervisor:
         self.policy = policy or RestartPolicy()
         self.children: list[Child] = []
         self.stopping = asyncio.Event()
+        self.planned = Planned()
+        """Children stopped and started again on purpose (`Planned.hold`), which `keep_alive` leaves alone."""
         self._say: Say | None = None
         self._watchers: list[asyncio.Task[None]] = []
 
@@ -137,7 +142,8 @@ class Supervisor:
     def watch(self, unit: Restartable) -> None:
         """Keep unit alive too (a process this supervisor did not spawn, e.g. etcd); after `supervise`."""
         assert self._say is not None, "call supervise first"
-        task = asyncio.get_running_loop().create_task(keep_alive(unit, self.policy, self._say, self.stopping))
+        task = asyncio.get_running_loop().create_task(
+            keep_alive(unit, self.policy, self._say, self.stopping, self.planned))
         self._watchers.append(task)
 
     @staticmethod
@@ -170,6 +176,11 @@ class Supervisor:
         for child in reversed(first):
             await self._stop(child, timeout)
         self.children.clear()
+
+    async def stop_child(self, child: Child, timeout: float = 10.0) -> None:
+        """Stop one child as `stop_all` does (SIGTERM: it finishes what it is answering; SIGKILL after timeout),
+        to start it again (`Child.restart`) under `planned.hold(child.name)`."""
+        await self._stop(child, timeout)
 
     @staticmethod
     async def _stop(child: Child, timeout: float) -> None:
