@@ -109,7 +109,7 @@ class PoliciesServicer(policy_pb2_grpc.PoliciesServicer):
         self, request: policy_pb2.GetTrafficStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> policy_pb2.GetTrafficStatusResponse:
         self._operator(context)
-        return policy_pb2.GetTrafficStatusResponse(nodes=await read_status(self._core.etcd))
+        return policy_pb2.GetTrafficStatusResponse(nodes=await read_status(self._core.etcd, self._core.trust_domain))
 
 
 def install(core: Core, server: grpc.aio.Server) -> None:

@@ -37,14 +37,16 @@ one per `hivemesh status`, and a workload writing many keys cannot grow the set 
 _warned: set[tuple[str, str]] = set()
 
 
-async def read_status(etcd: Any) -> list[policy_pb2.NodeTraffic]:
+async def read_status(etcd: Any, trust_domain: str | None = None) -> list[policy_pb2.NodeTraffic]:
     """Every node's last published status, sorted by identity then instance.
 
     An entry is skipped when it does not decode, or when its identity is not the workload its key belongs to
     (`status/<kind>/<name>/...`, which only that workload and operators may write): any workload may write
     anything under its own key, and it was shown as whatever identity it named (a fake open breaker of another
     agent). Skipped rather than shown under the key's owner: `NodeTraffic` has no field to flag it with, and
-    numbers shown as the writer's own would still be made up. The control plane logs a warning once per entry."""
+    numbers shown as the writer's own would still be made up. With trust_domain (the control plane's), the identity
+    must also be in it: the owner `foo` could otherwise show itself as `spiffe://other.example/agent/foo`. The control
+    plane logs a warning once per entry."""
     out: list[policy_pb2.NodeTraffic] = []
     for kv in await etcd.get_prefix(STATUS_PREFIX.encode()):
         key = kv.key.decode(errors="replace")
@@ -54,7 +56,7 @@ async def read_status(etcd: Any) -> list[policy_pb2.NodeTraffic]:
             log.warning("skipping undecodable status at %s", key)
             continue
         owner = status_owner(key)
-        if owner is None or _kind_name(node.identity) != owner:
+        if owner is None or _kind_name(node.identity, trust_domain) != owner:
             _warn_once(key, node.identity, owner)
             continue
         out.append(node)
@@ -67,10 +69,13 @@ def status_owner(key: str) -> tuple[str, str] | None:
     return (parts[0], parts[1]) if len(parts) >= 3 and parts[0] and parts[1] and parts[2] else None
 
 
-def _kind_name(identity: str) -> tuple[str, str] | None:
+def _kind_name(identity: str, trust_domain: str | None = None) -> tuple[str, str] | None:
+    """(kind, name) of identity, or None when it is no SPIFFE id (or is one of another trust domain)."""
     try:
         sid = parse_spiffe_id(identity)
     except ValueError:
+        return None
+    if trust_domain is not None and sid.trust_domain != trust_domain:
         return None
     return sid.kind, sid.name
 

@@ -152,6 +152,7 @@ class Shipper:
     async def _run(self) -> None:
         acked: int | None = None
         delay = 0.1
+        refused = False  # the control plane refused a batch, and none has been stored since: warned already
         while True:
             try:
                 sink = self._sink()
@@ -178,6 +179,7 @@ class Shipper:
                     acked = None
                     continue
                 acked = await sink.audit_append(self.spool.source, lines)
+                refused = False
                 self.spool.ack(acked)
                 self.shipped += len(lines)
                 delay = 0.1
@@ -189,10 +191,11 @@ class Shipper:
                 raise
             except HivemeshError as exc:
                 self.failures += 1
-                said, self.last_error = self.last_error, f"{exc.reason}: {exc.message}"
-                if exc.code in _PASSING or said == self.last_error:
+                self.last_error = f"{exc.reason}: {exc.message}"
+                if exc.code in _PASSING or refused:
                     log.debug("audit shipping failed (%s); retrying in %.1f s", self.last_error, delay)
                 else:  # refused, not unreachable: it will not pass by itself (a clock far ahead, say); said once
+                    refused = True  # until a batch is stored (the message may change each time: "N s ahead")
                     log.warning("the control plane refused this node's audit records (%s); they stay in the spool "
                                 "and are sent again with backoff", self.last_error)
                 acked = None  # re-ask where to resume: the control plane may have stored the batch anyway

@@ -55,8 +55,13 @@ async def test_a_status_naming_another_identity_is_not_shown_as_it(
         key = status_key("agent", "mallory", "fake")
         as_mallory = client(mallory.etcd)
         await wait_connected(as_mallory)
+        # And itself, as of another trust domain: its own name, so only the control plane's trust domain tells.
+        foreign = policy_pb2.NodeTraffic(identity=MALLORY.replace(f"//{TRUST_DOMAIN}/", "//other.example/"),
+                                         instance="mallory-x", updated_unix_ms=int(time.time() * 1000))
+        foreign_key = status_key("agent", "mallory", "foreign")
         try:
             await as_mallory.put(key.encode(), _fake_storage().SerializeToString())
+            await as_mallory.put(foreign_key.encode(), foreign.SerializeToString())
         finally:
             await as_mallory.close()
         assert await etcd.get(key.encode()) is not None
@@ -78,3 +83,4 @@ async def test_a_status_naming_another_identity_is_not_shown_as_it(
         listed: list[dict[str, Any]] = json.loads(out)
         assert sorted(n["identity"] for n in listed if n["identity"] in (STORAGE, MALLORY)) == [MALLORY, STORAGE]
         assert not [c for n in listed for c in n["capabilities"] if c["breaker"] == "open"], listed
+        assert foreign.identity not in {n["identity"] for n in listed}, listed
