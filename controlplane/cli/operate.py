@@ -30,10 +30,10 @@ MAX_DATA_BYTES: Final = MAX_MESSAGE_BYTES
 @pass_cli
 @friendly_errors
 def agents(obj: CliContext, as_json: bool) -> None:
-    """List registered agents and their capabilities (read from etcd)."""
-    from hivemesh.mesh.registry import read_instances
-
-    instances = run_async(read_instances(obj.operator_settings().etcd_access()))
+    """List registered agents and their capabilities (read from etcd). A capability an agent offers but a
+    `providers` policy does not let it serve is marked: callers never send it those calls (a misconfigured agent,
+    or one squatting a capability name)."""
+    instances, table = run_async(_instances_and_providers(obj))
     rows: list[dict[str, Any]] = [
         {
             "agent": i.card.name,
@@ -43,6 +43,8 @@ def agents(obj: CliContext, as_json: bool) -> None:
             "packaging": i.packaging,
             "identity": i.identity,
             "capabilities": [c.name for c in i.card.capabilities],
+            "left_out": {c.name: sorted(f"providers/{p}" for p in r.policies) for c in i.card.capabilities
+                         if (r := table.restriction(c.name)) is not None and not r.allows(i.identity)},
         }
         for i in instances
     ]
@@ -52,11 +54,30 @@ def agents(obj: CliContext, as_json: bool) -> None:
     if not rows:
         out.print("no agents registered")
         return
-    table = new_table("agent", "version", "capabilities", "packaging", "endpoint", "instance")
+    listing = new_table("agent", "version", "capabilities", "packaging", "endpoint", "instance")
     for r in rows:
-        table.add_row(r["agent"], r["version"], ", ".join(r["capabilities"]), r["packaging"], r["endpoint"],
-                      r["instance"])
-    out.print(table)
+        offered = [f"{c} (left out by {', '.join(r['left_out'][c])})" if c in r["left_out"] else c
+                   for c in r["capabilities"]]
+        listing.add_row(r["agent"], r["version"], ", ".join(offered), r["packaging"], r["endpoint"], r["instance"])
+    out.print(listing)
+
+
+async def _instances_and_providers(obj: CliContext) -> tuple[list[Any], Any]:
+    """Every registered instance, and the providers policies in force (compiled as nodes compile them)."""
+    from hivemesh.controlplane.policies import list_policies
+    from hivemesh.mesh.etcd import client, wait_connected
+    from hivemesh.mesh.providers import PROVIDERS, compile_providers
+    from hivemesh.mesh.registry import read_instances
+
+    access = obj.operator_settings().etcd_access()
+    instances = list(await read_instances(access))  # first: its error names etcd and what it could not read
+    c = client(access)
+    try:
+        await wait_connected(c)
+        docs = await list_policies(c, PROVIDERS.name)
+    finally:
+        await c.close()
+    return instances, compile_providers({d.name: d for d in docs})
 
 
 def _read_data(data: str | None) -> Any:

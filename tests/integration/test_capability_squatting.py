@@ -9,6 +9,7 @@ the document opens the capability again: the policy is opt-in and followed live.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from hivemesh.controlplane import policies as store
 from hivemesh.mesh.errors import NoLiveInstanceError
 from hivemesh.mesh.node import MeshNode
 from hivemesh.sdk import Agent, AgentServer, Context, MeshClient, capability
-from tests.support.meshenv import TRUST_DOMAIN, MeshEnv
+from tests.support.meshenv import TRUST_DOMAIN, MeshEnv, run_cli
 from tests.support.resilience_rig import apply
 
 pytestmark = pytest.mark.timeout(120)
@@ -73,6 +74,12 @@ class Relay(Agent):
         return out
 
 
+@pytest.fixture(autouse=True)
+def _wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's tables unwrapped (run_cli hands the child this process's environment)."""
+    monkeypatch.setenv("COLUMNS", "200")
+
+
 @dataclass
 class Rig:
     client: MeshClient
@@ -80,6 +87,7 @@ class Rig:
     mallory: Mallory
     genuine_server: AgentServer
     nodes: list[MeshNode]
+    env: MeshEnv
 
 
 @pytest.fixture
@@ -95,7 +103,14 @@ async def rig(mesh_env: MeshEnv) -> AsyncIterator[Rig]:
         assert await client.node.registry.wait_for_capability("relay", 1, timeout=10)
         relay_node = servers[2].node
         assert await relay_node.registry.wait_for_capability("echo", 2, timeout=10)
-        yield Rig(client, genuine, mallory, servers[0], [client.node, relay_node])
+        yield Rig(client, genuine, mallory, servers[0], [client.node, relay_node], mesh_env)
+
+
+async def _left_out_listed(rig: Rig) -> dict[str, Any]:
+    """`hivemesh agents --json`: each agent's offers a providers policy leaves out (agents with none omitted)."""
+    code, out, err = await run_cli(rig.env, "agents", "--json")
+    assert code == 0, err
+    return {r["agent"]: r["left_out"] for r in json.loads(out) if r["left_out"]}
 
 
 async def _calls(rig: Rig) -> None:
@@ -111,6 +126,7 @@ async def test_a_squatter_gets_no_call_once_a_providers_policy_names_the_genuine
     await _calls(rig)
     assert rig.mallory.calls > 0 and rig.genuine.calls > 0, (rig.mallory.calls, rig.genuine.calls)
     assert {i.card.name for i in client.instances("echo")} == {"genuine", "mallory"}
+    assert await _left_out_listed(rig) == {}
 
     await apply(etcd, PROVIDERS, rig.nodes)  # every caller has it before the next call
     rig.genuine.calls = rig.mallory.calls = 0
@@ -120,6 +136,11 @@ async def test_a_squatter_gets_no_call_once_a_providers_policy_names_the_genuine
     # the registry still shows what registered.
     assert [i.card.name for i in client.instances("echo")] == ["genuine"]
     assert {i.card.name for i in client.node.registry.offering("echo")} == {"genuine", "mallory"}
+    # The operator's listing marks the squatter's offer (it still shows what registered).
+    assert await _left_out_listed(rig) == {"mallory": {"echo": ["providers/squat"]}}
+    code, out, err = await run_cli(rig.env, "agents")
+    assert code == 0, err
+    assert "echo (left out by providers/squat)" in " ".join(out.split()), out
 
     # A call pinned to the squatter is refused before anything is sent, saying why.
     with pytest.raises(NoLiveInstanceError) as pinned:
