@@ -31,7 +31,7 @@ from typing import Any, Final
 
 from hivemesh.mesh.authz import _globs as compile_globs  # the same glob matching as authz's from/to
 from hivemesh.mesh.pki import SCHEME, parse_spiffe_id
-from hivemesh.mesh.policy import PolicyDoc, PolicyError, PolicyKind
+from hivemesh.mesh.policy import Mistakes, PolicyDoc, PolicyError, PolicyKind
 
 KIND_NAME: Final = "providers"
 _GLOB_CHARS: Final = "*?["
@@ -151,22 +151,30 @@ def _restriction(rules: Iterable[ProviderRule], capability: str) -> Restriction 
 # --- the policy kind --------------------------------------------------------------------------------------------
 def check_document(doc: PolicyDoc) -> None:
     """Every agent glob must be able to match an agent's SPIFFE id: a bare name (`extractor`) or a client's id
-    would match no agent, and the capability would then have no provider at all."""
-    for i, rule in enumerate(doc.spec.get("rules", [])):
-        for j, glob in enumerate(rule["agents"]):
+    would match no agent, and the capability would then have no provider at all. Every such glob is named at once
+    (`Mistakes`), and a spec the schema refused is judged only where it is well formed (`check_any_spec`)."""
+    found = Mistakes()
+    example = "e.g. spiffe://hivemesh.local/agent/extractor or spiffe://hivemesh.local/agent/extract-*"
+    rules = doc.spec.get("rules") if isinstance(doc.spec, dict) else None
+    for i, rule in enumerate(rules if isinstance(rules, list) else []):
+        agents = rule.get("agents") if isinstance(rule, dict) else None
+        for j, glob in enumerate(agents if isinstance(agents, list) else []):
+            if not isinstance(glob, str):
+                continue  # the schema names it
             where = f"spec.rules[{i}].agents[{j}]"
-            example = "e.g. spiffe://hivemesh.local/agent/extractor or spiffe://hivemesh.local/agent/extract-*"
             if not glob.startswith(SCHEME):
-                raise PolicyError(where, f"must be a SPIFFE id glob of agents ({example}), got {glob[:80]!r}")
+                found.add(where, f"must be a SPIFFE id glob of agents ({example}), got {glob[:80]!r}")
+                continue
             if any(c in glob for c in _GLOB_CHARS):
                 continue
             try:
                 kind = parse_spiffe_id(glob).kind
             except ValueError as exc:
-                raise PolicyError(where, f"{exc}; {example}") from None
+                found.add(where, f"{exc}; {example}")
+                continue
             if kind != "agent":
-                raise PolicyError(where, f"names a {kind}, which serves nothing: only agents serve capabilities "
-                                         f"({example})")
+                found.add(where, f"names a {kind}, which serves nothing: only agents serve capabilities ({example})")
+    found.raise_any()
 
 
 def compile_providers(docs: Mapping[str, PolicyDoc]) -> ProvidersTable:
@@ -187,6 +195,7 @@ PROVIDERS: Final[PolicyKind[ProvidersTable]] = PolicyKind(
     spec_schema=SPEC_SCHEMA,
     compile=compile_providers,
     check=check_document,
+    check_any_spec=True,
     description="which agent identities may serve which capabilities (capabilities no rule names stay open)",
 )
 

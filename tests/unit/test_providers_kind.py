@@ -80,6 +80,14 @@ def test_an_agent_that_could_never_match_an_agent_identity_is_refused(glob: str,
     assert "spiffe://hivemesh.local/agent/extractor" in violations["spec.rules[1].agents[1]"]  # what is accepted
 
 
+def test_every_bad_agent_is_named_at_once_beside_the_schemas_mistakes() -> None:
+    violations = _mistakes({"rules": [{"capabilities": ["Extract"], "agents": ["extractor", f"{TD}/client/demo"]},
+                                      {"capabilities": ["store"], "agents": [EXTRACTOR, "mallory"]}]})
+    assert set(violations) == {"spec.rules[0].capabilities[0]", "spec.rules[0].agents[0]",
+                               "spec.rules[0].agents[1]", "spec.rules[1].agents[1]"}, violations
+    assert "names a client, which serves nothing" in violations["spec.rules[0].agents[1]"]
+
+
 def test_a_bad_document_among_several_is_named_with_its_index_and_nothing_is_accepted() -> None:
     good = {"kind": "providers", "name": "good", "spec": {"rules": [{"capabilities": ["a"], "agents": [EXTRACTOR]}]}}
     bad = {"kind": "providers", "name": "bad", "spec": {"rules": [{"capabilities": ["a"], "agents": ["mallory"]}]}}
