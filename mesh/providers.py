@@ -166,6 +166,13 @@ def check_document(doc: PolicyDoc) -> None:
                 found.add(where, f"must be a SPIFFE id glob of agents ({example}), got {glob[:80]!r}")
                 continue
             if any(c in glob for c in _GLOB_CHARS):
+                # A glob: its kind segment, when written out, must still be `agent` (`.../client/validator*`
+                # could never match an agent, and the capability would be left with no provider).
+                segments = glob[len(SCHEME):].split("/")
+                kind_part = segments[1] if len(segments) > 2 else None
+                if kind_part is not None and not any(c in kind_part for c in _GLOB_CHARS) and kind_part != "agent":
+                    found.add(where, f"names {kind_part} identities, which serve nothing: only agents serve "
+                                     f"capabilities ({example})")
                 continue
             try:
                 kind = parse_spiffe_id(glob).kind

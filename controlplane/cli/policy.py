@@ -114,7 +114,7 @@ def policy_list(obj: CliContext, kind: str, as_json: bool) -> None:
     table = new_table("kind", "name", "version", "targets", "description")
     for d in docs:
         spec = d["spec"]
-        targets = ", ".join(spec.get("capabilities", spec.get("agents", spec.get("subjects", ["*"]))))
+        targets = ", ".join(_targets(spec))
         table.add_row(d["kind"], d["name"], str(d["version"]), targets, d.get("description", ""))
     out.print(table)
 
@@ -224,3 +224,21 @@ def status(obj: CliContext, as_json: bool) -> None:
                         str(n.handshakes_refused))
         out.print(tls)
     err.print("counts are over the last ~10 s, published by each node every ~2 s", style="dim", highlight=False)
+
+
+def _targets(spec: Any) -> list[str]:
+    """What a document applies to, for the listing: its capabilities (or agents, or subjects); a document of rules
+    (providers) the capabilities its rules name; "*" only for one that names none."""
+    if not isinstance(spec, dict):
+        return ["*"]
+    for field in ("capabilities", "agents", "subjects"):
+        named = spec.get(field)
+        if isinstance(named, list) and named:
+            return [str(n) for n in named]
+    rules = spec.get("rules")
+    if isinstance(rules, list):
+        found = [str(c) for r in rules if isinstance(r, dict) and isinstance(r.get("capabilities"), list)
+                 for c in r["capabilities"]]
+        if found:
+            return list(dict.fromkeys(found))
+    return ["*"]

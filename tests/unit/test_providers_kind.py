@@ -69,6 +69,8 @@ def test_schema_mistakes_are_each_named_by_their_field_path() -> None:
     ("extractor", "must be a SPIFFE id glob of agents"),
     ("agent/extractor", "must be a SPIFFE id glob of agents"),
     (f"{TD}/client/demo", "names a client, which serves nothing"),
+    (f"{TD}/client/validator*", "names client identities, which serve nothing"),
+    ("spiffe://*/operator/*", "names operator identities, which serve nothing"),
     (f"{TD}/agent/Extractor", "bad SPIFFE id"),
     ("spiffe://hivemesh.local/agent", "bad SPIFFE id"),
 ])
@@ -184,3 +186,13 @@ def test_authz_check_reports_the_providers_gate_per_agent() -> None:
         "serves": True, "policies": [], "reason": "no providers policy names 'ocr': any agent may serve it"}
     # No agent serves it now: the target is a glob, which is told who may serve, not judged.
     assert provider_gate(table, "extract", f"{TD}/agent/*")["serves"] is True
+
+
+def test_policy_list_shows_the_capabilities_a_providers_document_restricts() -> None:
+    """`hivemesh policy list` showed `*` for every providers document (its spec has rules, not capabilities)."""
+    from hivemesh.controlplane.cli.policy import _targets
+
+    assert _targets({"rules": [{"capabilities": ["extract", "ocr"], "agents": [EXTRACTOR]},
+                               {"capabilities": ["ocr", "store*"], "agents": [EXTRACTOR]}]}) == ["extract", "ocr",
+                                                                                                  "store*"]
+    assert _targets({"capabilities": ["a"]}) == ["a"] and _targets({"rules": []}) == ["*"]
