@@ -532,7 +532,29 @@ class _AuthRevisionRetry(grpc.aio.UnaryUnaryClientInterceptor):
         raise AssertionError("unreachable")
 
 
-class _TlsClient(aetcd.Client):  # type: ignore[misc]
+class _Client(aetcd.Client):  # type: ignore[misc]
+    """aetcd's client with a lease keepalive that ends its stream.
+
+    aetcd 1.0.0's `refresh_lease` returns from inside `async for` over a LeaseKeepAlive stream: the call stays
+    referenced by grpc.aio's suspended response generator (a cycle freed only once the collector finalizes the
+    generator through the event loop: tens of seconds, or never), and such a call keeps its channel's connection
+    alive in the C core even after `close()`. A client that had kept a lease alive (status, registration, leader,
+    adverts) thus outlived its replacement, and once etcd refused its credentials (`ca rotate --step finish`) it
+    redialled etcd with them at every backoff."""
+
+    @_handle_errors  # type: ignore[untyped-decorator]
+    async def refresh_lease(self, lease_id: int) -> Any:
+        await self.connect()
+        call = self.leasestub.LeaseKeepAlive(iter((rpc.LeaseKeepAliveRequest(ID=lease_id),)),
+                                             timeout=self._timeout, metadata=self.metadata)
+        try:
+            reply = await call.read()
+        finally:
+            call.cancel()  # a no-op once the stream ended; ends it (and its hold on the connection) otherwise
+        return None if reply is grpc.aio.EOF else reply
+
+
+class _TlsClient(_Client):
     """aetcd's client over mutual TLS: `connect` is aetcd 1.0.0's own, with `secure_channel` in place of
     `insecure_channel` and no password login (the certificate is the login). Everything else is aetcd's."""
 
@@ -664,7 +686,7 @@ def client(endpoints: Endpoints, *, timeout: int | None = 5, tls: EtcdTls | None
         host = f"ipv4:{head},{last_host}"
         options["grpc.lb_policy_name"] = "round_robin"
     if tls is None:
-        return aetcd.Client(host=host, port=port, timeout=timeout, options=options)
+        return _Client(host=host, port=port, timeout=timeout, options=options)
     return _TlsClient(host=host, port=port, timeout=timeout, options=options, tls=tls)
 
 
