@@ -62,7 +62,9 @@ async def test_answers_past_the_message_limit_keep_what_fits_and_stop_the_rest(o
     assert resp.failed == len(refused) == ITEMS - len(answered)
     # What fits is kept whole: about limit / answer of them, the first ones (items start in order).
     assert 6 <= len(answered) <= batch.RESPONSE_LIMIT // ANSWER, len(answered)
-    assert [r.index for r in answered] == list(range(len(answered)))
+    # Items start in order, CONCURRENCY at a time, and finish in any order among those running: the answers kept
+    # are of the first items started, give or take the ones still running when the limit was reached.
+    assert max(r.index for r in answered) < len(answered) + CONCURRENCY, [r.index for r in answered]
     assert all(len(json.loads(r.response.output)["data"]) == ANSWER for r in answered)
     for r in refused:
         assert (r.error.code, r.error.reason) == ("RESOURCE_EXHAUSTED", PayloadTooLargeError.reason), r.error
