@@ -30,7 +30,7 @@ from typing import Any, Final
 
 from hivemesh.mesh.errors import InvalidInputError
 from hivemesh.mesh.pki import SpiffeId
-from hivemesh.mesh.policy import PolicyDoc, PolicyError, PolicyKind
+from hivemesh.mesh.policy import Mistakes, PolicyDoc, PolicyKind
 
 KIND_NAME: Final = "state"
 NAMESPACE_RE: Final = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}(/[A-Za-z0-9][A-Za-z0-9._:@=+-]{0,127}){0,6}")
@@ -102,18 +102,20 @@ SPEC_SCHEMA: Final[dict[str, Any]] = {
 
 
 def _check(doc: PolicyDoc) -> None:
-    spec = doc.spec
+    """Checks beyond the schema; PolicyError names every mistake found (`Mistakes`), not only the first."""
+    spec, found = doc.spec, Mistakes()
     if "read" not in spec and "write" not in spec and not any(
         k in spec for k in ("max_value_bytes", "max_namespace_bytes", "ttl_seconds")
     ):
-        raise PolicyError("spec", "a state policy needs read, write, or a bound (max_*_bytes, ttl_seconds)")
+        found.add("spec", "a state policy needs read, write, or a bound (max_*_bytes, ttl_seconds)")
     for i, glob in enumerate(spec["namespaces"]):
         head = glob.split("/", 1)[0]
         if not re.fullmatch(r"[a-z0-9*?][a-z0-9._*?-]{0,62}", head):
-            raise PolicyError(f"spec.namespaces[{i}]", f"{glob!r} must start with a scope word ([a-z0-9._-])")
+            found.add(f"spec.namespaces[{i}]", f"{glob!r} must start with a scope word ([a-z0-9._-])")
     mv, mn = spec.get("max_value_bytes"), spec.get("max_namespace_bytes")
     if mv is not None and mn is not None and mv > mn:
-        raise PolicyError("spec.max_value_bytes", f"{mv} is more than max_namespace_bytes ({mn})")
+        found.add("spec.max_value_bytes", f"{mv} is more than max_namespace_bytes ({mn})")
+    found.raise_any()
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from typing import Any, Final
 
 from hivemesh.mesh.layers.authn import ACTION_OF_METHOD
 from hivemesh.mesh.pki import parse_spiffe_id
-from hivemesh.mesh.policy import PolicyDoc, PolicyError, PolicyKind
+from hivemesh.mesh.policy import Mistakes, PolicyDoc, PolicyKind
 
 ALLOW: Final = "ALLOW"
 DENY: Final = "DENY"
@@ -344,36 +344,43 @@ def _evaluate(rules: Sequence[Rule], req: AuthzRequest, teams: frozenset[str], *
 
 # --- the policy kind --------------------------------------------------------------------------------------------
 def check_document(doc: PolicyDoc) -> None:
-    """Per-document checks beyond the schema: unique rule names, providers only (and always) on CUSTOM."""
+    """Per-document checks beyond the schema: unique rule names, providers only (and always) on CUSTOM. PolicyError
+    names every mistake found (`Mistakes`), not only the first."""
+    found = Mistakes()
     seen: dict[str, int] = {}
     for i, rule in enumerate(doc.spec.get("rules", [])):
         where = f"spec.rules[{i}]"
         if rule["name"] in seen:
-            raise PolicyError(f"{where}.name", f"duplicate rule name (also rules[{seen[rule['name']]}])")
-        seen[rule["name"]] = i
+            found.add(f"{where}.name", f"duplicate rule name (also rules[{seen[rule['name']]}])")
+        else:
+            seen[rule["name"]] = i
         if rule["action"] == CUSTOM and not rule.get("provider"):
-            raise PolicyError(f"{where}.provider", "a CUSTOM rule names its provider")
+            found.add(f"{where}.provider", "a CUSTOM rule names its provider")
         if rule["action"] != CUSTOM and "provider" in rule:
-            raise PolicyError(f"{where}.provider", "only CUSTOM rules have a provider")
+            found.add(f"{where}.provider", "only CUSTOM rules have a provider")
+    found.raise_any()
 
 
 def compile_authz(docs: Mapping[str, PolicyDoc]) -> AuthzTable:
-    """All authz documents → one table; a team used but defined nowhere refuses the whole set."""
+    """All authz documents → one table; a team used but defined nowhere refuses the whole set: PolicyError names
+    every such use, in the document it is in (`Mistakes`)."""
     teams: dict[str, list[str]] = {}
     for doc in docs.values():
         for team, globs in doc.spec.get("teams", {}).items():
             teams.setdefault(team, []).extend(globs)
     enforce: list[Rule] = []
     dry: list[Rule] = []
+    undefined = Mistakes()
     for name in sorted(docs):
         doc = docs[name]
         for i, raw in enumerate(doc.spec.get("rules", [])):
             for fld in ("teams", "not_teams"):
-                for team in raw.get("from", {}).get(fld, []):
+                for j, team in enumerate(raw.get("from", {}).get(fld, [])):
                     if team not in teams:
-                        raise PolicyError(f"spec.rules[{i}].from.{fld}",
-                                          f"team {team!r} is defined in no authz policy (spec.teams)")
+                        undefined.add(f"spec.rules[{i}].from.{fld}[{j}]",
+                                      f"team {team!r} is defined in no authz policy (spec.teams)", document=name)
             (dry if doc.spec.get("mode") == "dry-run" else enforce).append(_rule(name, raw))
+    undefined.raise_any()
     compiled_teams = tuple((t, re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs)))
                            for t, globs in sorted(teams.items()))
     return AuthzTable(
