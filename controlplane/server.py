@@ -47,7 +47,7 @@ from hivemesh.mesh.errors import (
     RegistryUnavailableError,
     abort,
 )
-from hivemesh.mesh.etcd import EtcdAccess, EtcdTls, parse_endpoints, wait_connected
+from hivemesh.mesh.etcd import EtcdAccess, EtcdTls, EtcdTlsSource, parse_endpoints, wait_connected
 from hivemesh.mesh.etcd import client as etcd_client
 from hivemesh.mesh.etcd_roles import ensure_workload_user, reconcile_static_roles
 from hivemesh.mesh.health_port import HealthPort, health_listen, parse_health_listen
@@ -194,7 +194,7 @@ class Core:
 
     def __init__(
         self, config: ControlPlaneConfig, ca: CertificateAuthority, issuer: TokenIssuer, etcd: Any,
-        etcd_tls: EtcdTls | None = None,
+        etcd_tls: EtcdTlsSource | None = None,
     ) -> None:
         self.config = config
         self.ca = ca
@@ -495,7 +495,13 @@ class ControlPlaneServer:
         grants = load_grants(cfg.grants_file) if cfg.grants_file is not None else None
         files = CaFiles.in_dir(cfg.certs_dir)
         cp_cert, cp_key = files.controlplane_cert.read_bytes(), files.controlplane_key.read_bytes()
-        etcd_tls = controlplane_etcd_tls(cfg.certs_dir, cfg.etcd_ca)
+
+        def etcd_tls() -> EtcdTls:
+            """Read at every reconnect, not once: during a CA rotation etcd restarts on a new bundle (`hivemesh up`
+            at `prepare` and `finish`), and only the files of now (the bundle, and this certificate re-issued at
+            `activate`) pass its handshake then; the client moves to them (`_TlsClient`) without a restart."""
+            return controlplane_etcd_tls(cfg.certs_dir, cfg.etcd_ca)
+
         self.etcd = etcd_client(cfg.etcd_endpoints, tls=etcd_tls)
         try:
             await wait_connected(self.etcd)

@@ -9,6 +9,8 @@ enabled, so the verified certificate's Common Name is the etcd user and that use
 read and write (`hivemesh.mesh.etcd_roles`). aetcd 1.0.0 only builds plaintext channels; `client(tls=...)`
 returns `_TlsClient`, an aetcd client whose one override builds a `grpc.aio.secure_channel` with the
 process's own certificate, so every aetcd call and the raw Watch stubs (mesh/watch.py) run over it unchanged.
+Given a callable in place of the material, it reads it again when it finds etcd's connection down and moves to a
+new channel when it changed (a CA rotation's restart of etcd on a new bundle: the control plane's client).
 """
 
 from __future__ import annotations
@@ -556,34 +558,118 @@ class _Client(aetcd.Client):  # type: ignore[misc]
         return None if reply is grpc.aio.EOF else reply
 
 
+EtcdTlsSource = EtcdTls | Callable[[], EtcdTls]
+"""A process's etcd TLS material, or a callable that reads it (e.g. from files a CA rotation rewrites)."""
+
+REREAD_EVERY_S: Final = 0.1
+"""How often at most a client with a source asks it again while its channel is not connected."""
+RETIRE_GRACE_S: Final = 5.0
+"""How long calls still on a channel replaced for new credentials may finish before it is closed."""
+
+
 class _TlsClient(_Client):
     """aetcd's client over mutual TLS: `connect` is aetcd 1.0.0's own, with `secure_channel` in place of
-    `insecure_channel` and no password login (the certificate is the login). Everything else is aetcd's."""
+    `insecure_channel` and no password login (the certificate is the login). Everything else is aetcd's.
 
-    def __init__(self, *args: Any, tls: EtcdTls, **kwargs: Any) -> None:
+    Given a source (`client(tls=callable)`), the client follows it: whenever a request (every aetcd call connects
+    first) finds the channel not connected (IDLE once etcd closed its connection, CONNECTING, or
+    TRANSIENT_FAILURE after a refused handshake), it asks the source again (at most every REREAD_EVERY_S), and
+    when that answers other material, it builds a new channel with it and closes the old one once its calls had
+    RETIRE_GRACE_S to finish. So one long-lived client (the control plane's, which every part of it shares)
+    carries on when etcd comes back from a restart on a new trust bundle and refuses the login it had: gRPC
+    channel credentials are fixed, and the old channel would redial with them for ever. A connected channel is
+    never replaced: its calls work, and a change waits for the next reconnect."""
+
+    def __init__(self, *args: Any, tls: EtcdTls, source: Callable[[], EtcdTls] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._tls = tls
+        self._source = source
+        self._reread_at = 0.0
+        self._source_error = ""
+        self._retiring: dict[asyncio.Task[None], grpc.aio.Channel] = {}
+        self.redials = 0
+        """How many times the channel was built anew for credentials the source changed."""
 
     @_handle_errors  # type: ignore[untyped-decorator]
     async def connect(self) -> None:
         if self._connected.is_set():
+            self._follow_source()
             return
         if getattr(self, "_is_connecting", False):
             await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
             return
         try:
             self._is_connecting = True
-            target = f"{self._host}:{self._port}"
-            self.channel = rpc.secure_channel(target, self._tls.credentials(), options=self._options.items(),
-                                              interceptors=[_AuthRevisionRetry()])
-            self.kvstub = rpc.KVStub(self.channel)
-            self.clusterstub = rpc.ClusterStub(self.channel)
-            self.leasestub = rpc.LeaseStub(self.channel)
-            self.maintenancestub = rpc.MaintenanceStub(self.channel)
-            self._watcher = Watcher(rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata)
+            if self._source is not None:  # a client closed and used again: the credentials of now
+                self._tls = self._read_source() or self._tls
+            self._open_channel()
             self._connected.set()
         finally:
             self._is_connecting = False
+
+    def _open_channel(self) -> None:
+        target = f"{self._host}:{self._port}"
+        self.channel = rpc.secure_channel(target, self._tls.credentials(), options=self._options.items(),
+                                          interceptors=[_AuthRevisionRetry()])
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._watcher = Watcher(rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata)
+
+    def _read_source(self) -> EtcdTls | None:
+        assert self._source is not None
+        try:
+            tls = self._source()
+        except Exception as exc:  # noqa: BLE001 - unreadable now (a file being replaced): keep what the channel has
+            error = f"{type(exc).__name__}: {exc}"
+            if error != self._source_error:  # once per cause, not at every try while etcd is away
+                log.warning("could not read the etcd credentials again (%s); keeping the ones in use", error)
+            self._source_error = error
+            return None
+        self._source_error = ""
+        return tls
+
+    def _follow_source(self) -> None:
+        """A new channel when the source's material changed and the channel is not connected (no awaits: the
+        swap is atomic for every task of the loop)."""
+        if self._source is None or self.channel is None:
+            return
+        now = time.monotonic()
+        if now < self._reread_at:
+            return
+        if self.channel.get_state(try_to_connect=False) == grpc.ChannelConnectivity.READY:
+            return
+        self._reread_at = now + REREAD_EVERY_S
+        fresh = self._read_source()
+        if fresh is None or fresh == self._tls:
+            return
+        old_channel, old_watcher = self.channel, self._watcher
+        self._tls = fresh
+        self._open_channel()
+        self.redials += 1
+        log.info("etcd credentials changed: a new channel to %s:%s with them", self._host, self._port)
+        task = asyncio.get_running_loop().create_task(self._retire(old_channel, old_watcher))
+        self._retiring[task] = old_channel
+        task.add_done_callback(lambda done: self._retiring.pop(done, None))
+
+    @staticmethod
+    async def _retire(channel: grpc.aio.Channel, watcher: Any) -> None:
+        if watcher is not None:
+            with contextlib.suppress(Exception):
+                await watcher.shutdown()
+        await channel.close(grace=RETIRE_GRACE_S)
+
+    async def close(self) -> None:
+        retiring, self._retiring = dict(self._retiring), {}
+        for task in retiring:
+            task.cancel()
+        await asyncio.gather(*retiring, return_exceptions=True)
+        for channel in retiring.values():
+            with contextlib.suppress(Exception):
+                await channel.close()
+        await super().close()
 
 
 MAX_REQUEST_BYTES: Final = 1536 * 1024
@@ -652,17 +738,25 @@ RECONNECT_OPTIONS: Final = {"grpc.initial_reconnect_backoff_ms": 100, "grpc.max_
 """How an etcd client's channel dials a lost member again (gRPC's backoff, jittered ±20%)."""
 
 
-def client(endpoints: Endpoints, *, timeout: int | None = 5, tls: EtcdTls | None = None,
+def client(endpoints: Endpoints, *, timeout: int | None = 5, tls: EtcdTlsSource | None = None,
            max_receive_bytes: int = MAX_READ_BYTES) -> aetcd.Client:
     """An (unconnected) aetcd client for one endpoint or a cluster, over mutual TLS when tls is given (an
-    EtcdAccess brings its own). max_receive_bytes: the largest answer it accepts (`read_prefix` pages below it);
-    smaller only to exercise paging with little data.
+    EtcdAccess brings its own, read once here). max_receive_bytes: the largest answer it accepts (`read_prefix`
+    pages below it); smaller only to exercise paging with little data.
+
+    tls may be a callable that reads the material: the client then asks it again whenever it finds its channel
+    not connected, and moves to a new channel when the answer changed (`_TlsClient`), so it survives etcd
+    restarting on credentials the old ones no longer pass.
 
     For several endpoints the channel target becomes gRPC's static resolver list
     ('ipv4:h1:p1,h2:p2,...') with round-robin, so the client survives losing a member.
     """
     if isinstance(endpoints, EtcdAccess):
         tls = tls or endpoints.material()
+    source = tls if callable(tls) else None
+    if source is not None:
+        tls = source()
+    assert not callable(tls)
     pairs = parse_endpoints(endpoints)
     # A member cut off by a partition keeps its connection "ready" until TCP gives up (minutes), so round robin
     # keeps sending it requests that hang. Ping while calls are in flight: no answer within 2 s closes the
@@ -689,7 +783,7 @@ def client(endpoints: Endpoints, *, timeout: int | None = 5, tls: EtcdTls | None
         options["grpc.lb_policy_name"] = "round_robin"
     if tls is None:
         return _Client(host=host, port=port, timeout=timeout, options=options)
-    return _TlsClient(host=host, port=port, timeout=timeout, options=options, tls=tls)
+    return _TlsClient(host=host, port=port, timeout=timeout, options=options, tls=tls, source=source)
 
 
 def is_permission_denied(exc: BaseException) -> bool:

@@ -156,10 +156,6 @@ class MeshUp:
         self._cp: Child | None = None
         self._etcd_roots: frozenset[str] = frozenset()
         """The roots the running etcd accepts client certificates from (its copy of the bundle when it started)."""
-        self._cp_roots: frozenset[str] = frozenset()
-        """The roots the control plane verifies etcd with: the bundle when `up` last started it."""
-        self._cp_client_root: str | None = None
-        """The root that issued the certificate the control plane presents to etcd (read once, at its start)."""
         self._follower: asyncio.Task[None] | None = None
 
     async def run(self) -> int:
@@ -238,7 +234,6 @@ class MeshUp:
         start_etcd(self.etcd)  # from the main thread: etcd's parent-death signal is tied to the spawning thread
         self._etcd_started = True
         self.say(f"etcd {self.etcd.endpoint} (pid {self.etcd.pid}, data in {opts.home / 'etcd'})")
-        self._cp_roots = roots_in(files.ca_cert)
         cp = await self.sup.spawn(
             "controlplane",
             _python(
@@ -253,7 +248,7 @@ class MeshUp:
             child_environment({}, inherit=os.environ),  # the handshaker tracer from the start
         )
         m = await cp.wait_for_line(r"ready controlplane=(\S+) join=(\S+) metrics=(\S+)", _READY_S)
-        self._cp, self._cp_client_root = cp, self._issuer(files.controlplane_cert)
+        self._cp = cp
         # A restart keeps the ports the first start chose: mesh.json and every node's settings stay right.
         cp.args += ["--port", _port(m.group(1)), "--join-port", _port(m.group(2))]
         if m.group(3) != "off":
@@ -531,16 +526,19 @@ class MeshUp:
             seen = now
 
     async def _etcd_follows_ca(self) -> None:
-        """Bring etcd and the control plane in line with the CA in the certs folder, in the order that refuses no
-        one at any step:
-        - the bundle's roots changed (`prepare` adds one, `finish` drops one): the control plane is stopped
-          (SIGTERM: it first answers the step's call, whose trust document it publishes), etcd restarted on a copy
-          of the new bundle (it reads its trusted CAs only at start), and the control plane started again, which
-          then verifies etcd with the new bundle and presents its current certificate (from the new root after
-          `activate`, so etcd still accepts it once `finish` dropped the old one);
+        """Bring etcd in line with the CA in the certs folder, in the order that refuses no one at any step:
+        - the bundle's roots changed (`prepare` adds one, `finish` drops one): etcd is restarted on a copy of the
+          new bundle (it reads its trusted CAs only at start). The control plane carries on, the same process: its
+          etcd client reads its credentials from the certs folder again when it reconnects (`_TlsClient` in
+          mesh/etcd.py), so it verifies etcd with the new bundle and presents its current certificate (from the
+          new root since `activate`, so etcd accepts it once `finish` dropped the old one). `up` waits until it
+          answers through etcd again (`_controlplane_answers`);
         - the signing root changed (`activate`): etcd's certificate and root identity are re-issued from it in
-          place (etcd reads them at each handshake), as every client trusts it by then (the control plane since
-          the restart at `prepare`), so after `finish` every client still verifies etcd."""
+          place (etcd reads them at each handshake), as every client trusts it by then (the control plane from
+          its first reconnect after `prepare`), so after `finish` every client still verifies etcd.
+        The control plane is restarted only when no root of the bundle issued the certificate in the folder it
+        would present (it did not follow the steps, e.g. it was down: its start re-issues it, which rereading
+        cannot), or when it does not answer within _CP_BACK_S of etcd's return (the old way, as a safety net)."""
         etcd, cp = self.etcd, self._cp
         assert etcd is not None and etcd.tls is not None
         tls, certs = etcd.tls, self.opts.certs_dir
@@ -550,8 +548,7 @@ class MeshUp:
             signer = fingerprint(ca.certificate)
             stale = any(issuer_of(p, [ca.certificate]) is None for p in (tls.cert_file, tls.admin_cert_file))
             retrust = roots != self._etcd_roots
-            bounce = cp is not None and (retrust or self._cp_client_root not in roots
-                                         or (stale and signer not in self._cp_roots))
+            bounce = cp is not None and self._issuer(CaFiles.in_dir(certs).controlplane_cert) is None
             if not (stale or retrust or bounce):
                 return
             rotation = CaRotation(certs).state
@@ -559,7 +556,7 @@ class MeshUp:
             plan = [what for what, due in (
                 ("re-issuing etcd's certificate from the new signing root", stale),
                 (f"restarting etcd to trust {_roots_text(roots)}", retrust),
-                ("restarting the control plane with it", bounce)) if due]
+                ("restarting the control plane, whose certificate no root of the bundle issued", bounce)) if due]
             self.say(f"CA rotation {phase} (generation {rotation.generation}): {'; '.join(plan)}")
             held = [name for name, due in (("controlplane", bounce), ("etcd", retrust)) if due]
             async with self.sup.planned.hold(*held):
@@ -572,14 +569,40 @@ class MeshUp:
                     self._etcd_roots = await asyncio.to_thread(write_etcd_trust, certs, tls.trusted_ca_file)
                     await start_etcd_async(etcd, _READY_S)
                 if bounce and cp is not None:
-                    self._cp_roots = roots_in(CaFiles.in_dir(certs).ca_cert)  # what it reads at start
                     await cp.restart()
                     await cp.wait_for_line(r"ready controlplane=", _READY_S)
-                    self._cp_client_root = self._issuer(CaFiles.in_dir(certs).controlplane_cert)
             self._refresh_operator()
+            if retrust and not bounce and cp is not None and not await self._controlplane_answers(_CP_BACK_S):
+                self.say(f"the control plane (pid {cp.pid}) did not answer through etcd within {_CP_BACK_S:g} s "
+                         f"of etcd's restart: restarting it")
+                async with self.sup.planned.hold("controlplane"):
+                    await self.sup.stop_child(cp)
+                    await cp.restart()
+                    await cp.wait_for_line(r"ready controlplane=", _READY_S)
+                bounce = True
+            cp_note = ""
+            if cp is not None and (bounce or retrust):
+                cp_note = f"; control plane restarted (pid {cp.pid})" if bounce else \
+                    f"; control plane carried on (pid {cp.pid})"
             self.say(f"etcd follows the CA rotation (generation {rotation.generation}): it trusts "
                      f"{_roots_text(self._etcd_roots)}; its certificate is from the signing root {signer[:16]}"
-                     + (f"; control plane restarted (pid {cp.pid})" if bounce and cp is not None else ""))
+                     + cp_note)
+
+    async def _controlplane_answers(self, limit_s: float) -> bool:
+        """Whether the control plane answers a call that reads etcd (the agent list) within limit_s: its etcd
+        client is back, on the credentials the new etcd accepts."""
+        if self.operator is None:
+            return True
+        deadline = time.monotonic() + limit_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            with contextlib.suppress(Exception):  # etcd, or the control plane's client of it, not back yet
+                async with asyncio.timeout(left):
+                    await self.operator.list_agents()
+                return True
+            await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
     def _issuer(self, cert: Path) -> str | None:
         """The root of the bundle now in the certs folder that issued cert (None: none did)."""
@@ -765,6 +788,9 @@ def _roots_text(roots: frozenset[str]) -> str:
 
 _FOLLOW_S = 0.25
 """How often `up` looks whether a CA rotation step changed the bundle."""
+_CP_BACK_S = 20.0
+"""How long the control plane has, once etcd is back from a rotation step's restart, to answer through it again
+(it does within a second or two: the first request after etcd left rereads its credentials)."""
 _FOLLOW_RETRY_S = 5.0
 
 

@@ -5,9 +5,9 @@ A child that ran for `stable_s` before it died starts over at `initial_s`; one t
 long as the time before (up to `max_s`), and after `max_quick_failures` quick deaths in a row it stays down: a
 child that cannot start would otherwise fill the terminal and the log for ever.
 
-A restart `up` makes on purpose (`Planned.hold`: a CA rotation step restarts etcd and the control plane) is no
-death: nothing is reported or restarted for it. A stop request ends any wait here at once, a restart's included:
-`up` waited out a restarted etcd's whole health wait (60 s) before it heard SIGTERM.
+A restart `up` makes on purpose (`Planned.hold`: a CA rotation step restarts etcd, and the control plane only when
+it cannot follow by itself) is no death: nothing is reported or restarted for it. A stop request ends any wait here
+at once, a restart's included: `up` waited out a restarted etcd's whole health wait (60 s) before it heard SIGTERM.
 """
 
 from __future__ import annotations
