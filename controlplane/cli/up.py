@@ -22,8 +22,8 @@ from hivemesh.mesh.settings import DEFAULT_TRUST_DOMAIN
 @click.option("--json", "as_json", is_flag=True, help="Print each document's result as one JSON line.")
 @click.option("--demo", default="default", show_default=True,
               help="Which demo: default (document pipeline + a tour of the five patterns), tour, pipeline, research, "
-                   "helpdesk, support, content, contract; none (only etcd and the control plane); 'list' shows "
-                   "the menu.")
+                   "helpdesk, support, content, contract, leads, risk, sales, tools; none (only etcd and the "
+                   "control plane); 'list' shows the menu.")
 @click.option("--listen", default="127.0.0.1", show_default=True, metavar="HOST",
               help="The host etcd, the control plane, the sidecar and the agents bind (0.0.0.0: every interface; "
                    "then give --advertise).")

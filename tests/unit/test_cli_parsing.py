@@ -129,6 +129,15 @@ def test_up_demo_list_prints_the_menu_as_json(home: Path) -> None:
     assert table.exit_code == 0 and "pipeline" in table.output and "default: the pipeline" in table.output
 
 
+def test_up_help_names_every_demo(home: Path) -> None:
+    """The --demo help is the menu a user reads first: a demo it leaves out is one they never learn of."""
+    from hivemesh.agents.demos import DEMOS
+
+    text = " ".join(hivemesh(home, "up", "--help").output.split())
+    missing = [name for name in DEMOS if f" {name}," not in text and f" {name};" not in text]
+    assert not missing, f"`up --help` does not name the demos {missing}: {text}"
+
+
 @pytest.mark.parametrize(
     "args",
     [
