@@ -41,9 +41,22 @@ _REQUEST_FIELDS: Final = (
     "caller", "capability",
 )
 _RESPONSE_FIELDS: Final = ("jti", "scopes", "spiffe_id", "kid", "phase")
-_OWN_FIELDS: Final = frozenset({"kind", "decision", "caller", "status", "reason", "method", "node", "time"})
+_OWN_FIELDS: Final = frozenset({
+    "v", "seq", "prev", "hash", "time", "kind", "node", "method", "decision", "status", "reason", "caller",
+    "caller_unverified", "latency_us", "remote", "message",  # what this interceptor and the store write
+})
 """The record's own fields: a request field of the same name (an audit query's `--decision` filter, a join
 token's workload `kind`) is kept as `request_<name>`, never in their place."""
+_FILTER_FIELDS: Final = frozenset({"capability", "principal", "agent", "jti", "trace_id"})
+"""What queries match records on (`AuditFilter`). In an audit read's request they are filters, kept as
+`request_<name>` so a query for `--capability X` finds the calls of X, not the earlier queries for it (`hivemesh
+audit tail -f --capability X` found its own polls, one a second). In any other request they say what the record is
+about (the token a revocation names, the capability a token is issued for), so they stay findable under their
+name: `audit query --jti J` lists J's issue, its uses and its revocation."""
+_AUDIT_READS: Final = "Audit/"
+"""The audit service's methods, as records name them (`Audit/Query`): their requests are reads of the log."""
+
+
 _DETAILS_KEY = "grpc-status-details-bin"
 
 
@@ -126,8 +139,9 @@ class ControlPlaneAuditInterceptor(grpc.aio.ServerInterceptor):
             "remote": context.peer() or "",
         }
         if not isinstance(request, Undecodable):  # the guard's marker: no request fields to record
+            kept_apart = _OWN_FIELDS | _FILTER_FIELDS if method.startswith(_AUDIT_READS) else _OWN_FIELDS
             for name, value in _summary(request, _REQUEST_FIELDS).items():
-                fields[f"request_{name}" if name in _OWN_FIELDS else name] = value
+                fields[f"request_{name}" if name in kept_apart else name] = value
         if unverified:
             fields["caller_unverified"] = unverified
         if code != grpc.StatusCode.OK:

@@ -25,8 +25,10 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from rich.text import Text
 
+from hivemesh.controlplane.access import spiffe_id
 from hivemesh.controlplane.audit import KINDS, LogReport, load_public_key, verify_log
 from hivemesh.controlplane.audit.heads import trusted_key_from_cert, verify_head
+from hivemesh.controlplane.cli.authz import operator_trust_domain
 from hivemesh.controlplane.cli.context import CliContext, as_operator, err, friendly_errors, out, pass_cli
 from hivemesh.controlplane.cli.output import clean, escape, new_table
 from hivemesh.mesh.audit import DECISIONS, verify_chain
@@ -34,7 +36,8 @@ from hivemesh.mesh.audit.chain import GENESIS, link_fields_problem
 from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.controlplane_errors import rpc_failure
 from hivemesh.mesh.errors import HivemeshError
-from hivemesh.mesh.pki import trust_domain_of_bundle
+from hivemesh.mesh.pki import KINDS as IDENTITY_KINDS
+from hivemesh.mesh.pki import SCHEME, trust_domain_of_bundle
 from hivemesh.v1 import audit_pb2
 
 MAX_RECORDS: Final = 10_000
@@ -43,6 +46,9 @@ outside 1..MAX_RECORDS is a usage error, not a read of some other number (0 read
 RECORDS: Final = click.IntRange(1, MAX_RECORDS)
 EXPORT_TIMEOUT_S: Final = 300.0
 """How long `audit export` waits for the whole log (a large one streams for a while)."""
+IDENTITY_FILTERS: Final = ("caller", "principal", "agent")
+"""The filters that match SPIFFE ids: each takes KIND/NAME too (`_identity_filters`)."""
+_GLOB_CHARS: Final = "*?["
 
 
 def _entries(raw: list[bytes]) -> list[dict[str, Any]]:
@@ -112,25 +118,48 @@ def _row(entry: Any) -> dict[str, str]:
     }
 
 
-def _print(entries: list[dict[str, Any]], as_json: bool) -> None:
-    if as_json:
+_COLUMNS: Final = ("seq", "time", "decision", "status", "caller", "capability/method", "node", "rule", "ms")
+_COLOURS: Final = {"allow": "green", "deny": "red", "invalid": "yellow", "error": "magenta"}
+
+
+class _Printer:
+    """Prints entries as a table, or one JSON entry a line. Across the batches of `tail -f` the header is printed
+    once, with the first rows; later rows keep the widths the columns have grown to, so they line up under it."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.widths: list[int] | None = None  # set once the header is out
+
+    def print(self, entries: list[dict[str, Any]], *, say_none: bool = True) -> None:
+        if self.as_json:
+            for e in entries:
+                click.echo(json.dumps(e, sort_keys=True))
+            return
+        if not entries:
+            if say_none:
+                out.print("no matching audit records")
+            return
+        rows = []
         for e in entries:
-            click.echo(json.dumps(e, sort_keys=True))
-        return
-    if not entries:
-        out.print("no matching audit records")
-        return
-    table = new_table("seq", "time", "decision", "status", "caller", "capability/method", "node", "rule", "ms",
-                  show_edge=False, pad_edge=False)
-    colours = {"allow": "green", "deny": "red", "invalid": "yellow", "error": "magenta"}
-    for e in entries:
-        r = _row(e)
-        c = colours.get(r["decision"], "cyan")
-        caller = r["caller"] + (f" (chain {r['chain']})" if r["chain"] else "")
-        # Text, never markup: a shipped field like "[/x]" is printed as it is, not parsed (or refused) by rich.
-        table.add_row(Text(r["seq"]), Text(r["time"]), Text(r["decision"], style=c), Text(r["status"]),
-                      Text(caller), Text(r["what"]), Text(r["node"]), Text(r["rule"]), Text(r["ms"]))
-    out.print(table)
+            r = _row(e)
+            caller = r["caller"] + (f" (chain {r['chain']})" if r["chain"] else "")
+            # Text, never markup: a shipped field like "[/x]" is printed as it is, not parsed (or refused) by rich.
+            colour = _COLOURS.get(r["decision"], "cyan")
+            rows.append([Text(r["seq"]), Text(r["time"]), Text(r["decision"], style=colour), Text(r["status"]),
+                         Text(caller), Text(r["what"]), Text(r["node"]), Text(r["rule"]), Text(r["ms"])])
+        first = self.widths is None
+        before = [len(h) for h in _COLUMNS] if self.widths is None else self.widths
+        self.widths = [max(w, *(row[i].cell_len for row in rows)) for i, w in enumerate(before)]
+        table = new_table(*_COLUMNS, show_edge=False, pad_edge=False, show_header=first)
+        for column, width in zip(table.columns, self.widths, strict=True):
+            column.min_width = width
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
+
+
+def _print(entries: list[dict[str, Any]], as_json: bool) -> None:
+    _Printer(as_json).print(entries)
 
 
 async def _fetch(
@@ -157,15 +186,50 @@ async def _fetch(
         page_tail = False
 
 
+def _identity_filters(obj: CliContext, filters: dict[str, Any]) -> dict[str, Any]:
+    """filters with --caller, --principal and --agent given as KIND/NAME (or TRUST_DOMAIN/KIND/NAME) completed to
+    the SPIFFE id in the mesh's trust domain, as `hivemesh allow` does (`access.spiffe_id`; `client/*` is a glob
+    over the client ids). A SPIFFE id or a glob over one (`*reporter`) is kept as given. A value that can match no
+    SPIFFE id (a bare name) is a usage error: it used to print "no matching audit records" and exit 0."""
+    td: str | None = None
+    done = dict(filters)
+    for name in IDENTITY_FILTERS:
+        value: str = filters[name]
+        if not value or value.startswith(SCHEME):
+            continue
+        parts = value.split("/")
+        short = (len(parts) == 2 and parts[0] in IDENTITY_KINDS) or (
+            len(parts) == 3 and parts[1] in IDENTITY_KINDS and not any(c in parts[0] for c in _GLOB_CHARS))
+        if short:
+            td = td or operator_trust_domain(obj)
+            try:
+                done[name] = spiffe_id(value, td, what=f"--{name}", globs=True)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint=f"--{name}") from None
+        elif not any(c in value for c in _GLOB_CHARS):
+            raise click.BadParameter(
+                f"{value!r} matches no identity: give a SPIFFE id (spiffe://TRUST_DOMAIN/KIND/NAME), KIND/NAME (KIND "
+                f"one of {', '.join(sorted(IDENTITY_KINDS))}), or a glob over SPIFFE ids such as '*{value}'",
+                param_hint=f"--{name}")
+    return done
+
+
+def _identity_help(what: str, example: str) -> str:
+    kind, name = example.split("/")
+    return (f"{what}: a SPIFFE id, or KIND/NAME ({example}) in the mesh's trust domain; globs allowed ({kind}/*, "
+            f"*{name}).")
+
+
 def _query_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     for opt in reversed([
-        click.option("--caller", default="", help="Caller SPIFFE id (glob)."),
+        click.option("--caller", default="", help=_identity_help("The caller", "client/orders")),
         click.option("--capability", default="", help="Capability (glob)."),
         click.option("--decision", type=click.Choice(sorted(DECISIONS)), default=None),
         click.option("--kind", type=click.Choice(sorted(KINDS)), default=None,
                      help="inbound calls, outbound refusals, TLS handshake refusals, or the control plane's own."),
-        click.option("--principal", default="", help="Original principal of a delegated call (glob)."),
-        click.option("--agent", default="", help="SPIFFE id of the node that recorded it (glob)."),
+        click.option("--principal", default="",
+                     help=_identity_help("The original principal of a delegated call", "client/orders")),
+        click.option("--agent", default="", help=_identity_help("The node that recorded it", "agent/echo")),
         click.option("--since", default="", help="RFC 3339, unix seconds, or relative (-15m, -2h, -1d)."),
         click.option("--until", default="", help="RFC 3339, unix seconds, or relative."),
         click.option("--jti", default="", help="Token id."),
@@ -198,16 +262,18 @@ def audit() -> None:
 @pass_cli
 @friendly_errors
 def audit_tail(obj: CliContext, /, limit: int, follow: bool, as_json: bool, **filters: Any) -> None:
-    """The newest audit records (optionally filtered), oldest of them first."""
+    """The newest audit records (optionally filtered), oldest of them first. With -f, the table's header is
+    printed once and each new record as a row under it."""
+    filters = _identity_filters(obj, filters)
+    printer = _Printer(as_json)
 
     async def go(cp: ControlPlaneClient) -> None:
         lines, after = await _fetch(cp, limit, True, **filters)
-        _print(_entries(lines), as_json)
+        printer.print(_entries(lines))
         while follow:
             await asyncio.sleep(1.0)
             lines, after = await _fetch(cp, 1000, False, after_seq=after, **filters)
-            if lines:
-                _print(_entries(lines), as_json)
+            printer.print(_entries(lines), say_none=False)
 
     with contextlib.suppress(KeyboardInterrupt):
         as_operator(obj, go)
@@ -221,6 +287,7 @@ def audit_tail(obj: CliContext, /, limit: int, follow: bool, as_json: bool, **fi
 @friendly_errors
 def audit_query(obj: CliContext, /, limit: int, as_json: bool, **filters: Any) -> None:
     """Records matching every given filter, oldest first."""
+    filters = _identity_filters(obj, filters)
     lines, _ = as_operator(obj, lambda cp: _fetch(cp, limit, False, **filters))
     _print(_entries(lines), as_json)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Final
 
 import click
@@ -23,6 +24,26 @@ from hivemesh.mesh.tls import MAX_MESSAGE_BYTES
 
 MAX_DATA_BYTES: Final = MAX_MESSAGE_BYTES
 """The most `call --data @FILE` reads: no node accepts a larger message, so reading more only costs memory."""
+MAX_TIMEOUT_S: Final = 1e8
+"""The longest `call --timeout` (~3 years): past it gRPC's deadline overflows, and a link frame's is read as none
+(`hivemesh.mesh.link_server.MAX_TIMEOUT_S`, not imported: the CLI would load the link server to read a number)."""
+WAIT_FOR_CAPABILITY_S: Final = 3.0
+"""How long `call` waits for the registry to show an instance of the capability before calling anyway."""
+
+
+class Seconds(click.types.FloatParamType):
+    """A deadline in seconds: a positive, finite number up to MAX_TIMEOUT_S. Anything else is a usage error: a
+    negative or zero one only failed the call as past its deadline before sending it, and NaN or infinity is no
+    deadline at all. A FloatParamType so that it types the same under click 8.1 and 8.5 (generic there)."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        seconds = click.FLOAT.convert(value, param, ctx)  # its "'x' is not a valid float." for a word
+        if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT_S):
+            self.fail(f"{value!r} is not a deadline: give a positive number of seconds (at most {MAX_TIMEOUT_S:g})",
+                      param, ctx)
+        return seconds
 
 
 @click.command()
@@ -81,9 +102,11 @@ async def _instances_and_providers(obj: CliContext) -> tuple[list[Any], Any]:
 
 
 def _read_data(data: str | None) -> Any:
-    """The JSON --data gives, inline or in @FILE (read bounded: `inputs.read_text`); BadParameter otherwise."""
+    """The JSON --data gives, inline or in @FILE (read bounded: `inputs.read_text`); BadParameter otherwise.
+    Without --data the input is `{}`: capabilities take JSON objects, and one whose fields are all optional is
+    then called as meant (JSON null, sent before, was refused by every such schema); `--data null` sends null."""
     if data is None:
-        return None
+        return {}
     source = "the value"
     if data.startswith("@"):
         data, source = read_text(data[1:], limit=MAX_DATA_BYTES, param_hint="--data")
@@ -98,8 +121,10 @@ def _read_data(data: str | None) -> Any:
 
 @click.command()
 @click.argument("capability")
-@click.option("--data", "-d", default=None, help="JSON input, or @file.json.")
-@click.option("--timeout", default=30.0, show_default=True, help="Deadline in seconds.")
+@click.option("--data", "-d", default=None, help="JSON input, or @file.json. Default: {} (an empty object).")
+@click.option("--timeout", type=Seconds(), default=None,
+              help="Deadline in seconds (a positive number). Default: the capability's `timeouts` policy "
+                   "(default_ms), else the mesh's default (30 s), as for an SDK call given no timeout.")
 @click.option("--stream", is_flag=True, help="Use the streaming call and print items as they arrive.")
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON output.")
 @click.option("--detailed", is_flag=True,
@@ -107,9 +132,12 @@ def _read_data(data: str | None) -> Any:
                    "else \"\"), and the agent, instance, packaging and hops that answered.")
 @pass_cli
 @friendly_errors
-def call(obj: CliContext, capability: str, data: str | None, timeout: float, stream: bool, as_json: bool,
+def call(obj: CliContext, capability: str, data: str | None, timeout: float | None, stream: bool, as_json: bool,
          detailed: bool) -> None:
     """Call CAPABILITY through the mesh (as the operator) and print its result.
+
+    The input is the JSON of --data ({} without it; `--data null` sends null). The deadline is --timeout, else
+    the one a `timeouts` policy gives CAPABILITY, else 30 s.
 
     An answer the mesh gave in the capability's place (its route's fallback, or the cached last good answer)
     says so on stderr, and in the `degraded` field of --detailed.
@@ -123,7 +151,9 @@ def call(obj: CliContext, capability: str, data: str | None, timeout: float, str
 
     async def go() -> None:
         async with MeshClient.connect(name="admin", kind="operator", settings=settings) as mesh:
-            await mesh.node.registry.wait_for_capability(capability, 1, timeout=min(timeout, 3.0))
+            wait = WAIT_FOR_CAPABILITY_S if timeout is None else min(timeout, WAIT_FOR_CAPABILITY_S)
+            await mesh.node.registry.wait_for_capability(capability, 1, timeout=wait)
+            # No --timeout: None, so the SDK applies the capability's `timeouts` policy, then the client default.
             if stream:
                 async for item in mesh.stream(capability, payload, timeout=timeout):
                     click.echo(json.dumps(item))

@@ -73,6 +73,12 @@ def test_every_command_has_help_that_names_its_json_flag_where_it_reports_data(h
         (["audit", "query", "--decision", "maybe"], "'maybe' is not one of"),
         (["audit", "query", "--kind", "weird"], "'weird' is not one of"),
         (["call", "cap", "--timeout", "later"], "'later' is not a valid float"),
+        # A deadline that is no positive number of seconds: refused here, not sent to fail as already passed.
+        (["call", "cap", "--timeout", "-1"], "'--timeout': '-1' is not a deadline: give a positive number of seconds"),
+        (["call", "cap", "--timeout", "0"], "'--timeout': '0' is not a deadline"),
+        (["call", "cap", "--timeout", "nan"], "'--timeout': 'nan' is not a deadline"),
+        (["call", "cap", "--timeout", "inf"], "'--timeout': 'inf' is not a deadline"),
+        (["call", "cap", "--timeout", "1e9", "--stream"], "'--timeout': '1e9' is not a deadline"),
         (["call", "cap", "--data", "{not json"], "not valid JSON"),
         (["call", "cap", "--data", "@/nonexistent/input.json"], "cannot read /nonexistent/input.json"),
         (["sidecar", "--agent", "127.0.0.1:1", "--limit", "echo=0"], "expected CAPABILITY=BYTES"),
@@ -95,6 +101,22 @@ def test_usage_mistakes_exit_2_and_say_what_to_fix(home: Path, args: list[str], 
     assert result.exit_code == 2, result.output
     assert words in " ".join(result.output.split()), result.output
     assert "Usage: hivemesh" in result.output and "Traceback" not in result.output
+
+
+def test_call_help_says_what_it_sends_without_data_or_timeout(home: Path) -> None:
+    """Without --timeout the capability's `timeouts` policy decides (then 30 s), as for an SDK call; without
+    --data the input is {} (tests/integration/test_cli_call_audit_review.py calls both)."""
+    text = " ".join(hivemesh(home, "call", "--help").output.split())
+    assert "Default: {} (an empty object)" in text and "--data null" in text, text
+    assert "Default: the capability's `timeouts` policy" in text and "[default: 30.0]" not in text, text
+
+
+def test_audit_identity_filters_say_they_take_kind_slash_name(home: Path) -> None:
+    for command in ("tail", "query"):
+        text = " ".join(hivemesh(home, "audit", command, "--help").output.split())
+        for option in ("--caller", "--principal", "--agent"):
+            assert f"{option} TEXT" in text and text.split(f"{option} TEXT", 1)[1].split(" --", 1)[0].count(
+                "KIND/NAME") == 1, (command, option, text)
 
 
 def test_an_unknown_demo_is_refused_before_anything_starts(home: Path) -> None:
