@@ -1,4 +1,5 @@
-"""Prometheus file-based service discovery for the nodes `hivemesh up` starts.
+"""Prometheus file-based service discovery for the nodes `hivemesh up` starts, and the nodes that publish
+their metrics address in their status entry (`NodeTraffic.metrics_address`: any node joined to the mesh).
 
 Prometheus's `file_sd_configs` reads JSON lists of target groups and re-reads them when they change. The
 files match deploy/prometheus/prometheus.yml: `nodes.json` for the `hivemesh` job (agents, sidecars,
@@ -15,6 +16,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+
+from hivemesh.controlplane.livestats import parse_endpoint
+from hivemesh.mesh.pki import parse_spiffe_id
+from hivemesh.v1 import policy_pb2
 
 SD_DIR: Final = "prometheus"
 """Where `hivemesh up` writes them, under its state folder."""
@@ -51,3 +56,22 @@ def write_file_sd(folder: Path, targets: Iterable[ScrapeTarget]) -> list[Path]:
         os.replace(tmp, path)
         paths.append(path)
     return paths
+
+
+def targets_from_status(nodes: Iterable[policy_pb2.NodeTraffic]) -> list[ScrapeTarget]:
+    """A JOB_NODES target per node whose published status names its metrics address (`hivemesh status`'s entries:
+    an SDK agent or client started by hand is in them too, while only `hivemesh up` writes the file_sd files).
+
+    The node label is the name in its SPIFFE id. An address that is no HOST:PORT, or a wildcard host (not an
+    address to connect to: the node listens on every interface), is skipped rather than handed to a scraper."""
+    found: dict[str, ScrapeTarget] = {}
+    for n in nodes:
+        try:
+            address = parse_endpoint(n.metrics_address).address
+            name = parse_spiffe_id(n.identity).name
+        except ValueError:
+            continue
+        if address.rpartition(":")[0] in ("0.0.0.0", "[::]"):
+            continue
+        found.setdefault(address, ScrapeTarget(address, JOB_NODES, name))
+    return list(found.values())

@@ -363,6 +363,8 @@ class MeshNode:
             identity=self.workload.spiffe_id, instance=self.instance_id,
             agent=self.name if self.kind == "agent" else "", policy_revision=self.traffic.policy.revision,
         )
+        if self.metrics is not None:  # so `hivemesh top` finds nodes `hivemesh up` did not start
+            snap.metrics_address = self.metrics.address
         for cap in snap.capabilities:  # which instances this node's balancing skips now, and why
             for inst in cap.instances:
                 inst.avoided = self.liveness.avoided(inst.instance)

@@ -178,6 +178,20 @@ def _short(identity: str) -> str:
     return "/".join(identity.split("/")[-2:])
 
 
+def _limiter(cap: policy_pb2.CapabilityTraffic) -> str:
+    """The limiter cell: the total's use, then the per-identity limit and how many callers it refused (a caller
+    at its own limit is refused while the total shows room: without it, refusals had no limit to point at)."""
+    parts = [f"{cap.limiter_use:.0%} of {cap.limit_rps:g}/s"] if cap.limit_rps else []
+    ident = f"per identity {cap.identity_limit_rps:g}/s" if cap.identity_limit_rps else ""
+    if cap.identity_overrides:
+        s = "s" if cap.identity_overrides > 1 else ""
+        ident = f"{ident} +{cap.identity_overrides} override{s}" if ident else \
+            f"per identity: {cap.identity_overrides} override{s}"
+    if ident:
+        parts.append(ident + (f", {cap.identities_limited} at limit" if cap.identities_limited else ""))
+    return "; ".join(parts)
+
+
 def traffic_table(nodes: list[policy_pb2.NodeTraffic]) -> CleanTable:
     """`hivemesh status`'s table: a row per node's capability and direction, one per instance it calls below."""
     table = new_table("node", "dir", "capability", "instance", "breaker", "in flight", "calls/10s", "errors",
@@ -189,7 +203,7 @@ def traffic_table(nodes: list[policy_pb2.NodeTraffic]) -> CleanTable:
             table.add_row(node, "in", "(all)", "", "", f"{c.in_flight}/{c.max_in_flight} q{c.queued}", "", "",
                           f"shed {c.shed}", "")
         for cap in n.capabilities:
-            limiter = f"{cap.limiter_use:.0%} of {cap.limit_rps:g}/s" if cap.limit_rps else ""
+            limiter = _limiter(cap)
             extra = str(cap.retries) if cap.direction == "outbound" else str(cap.rate_limited)
             table.add_row(node, cap.direction[:3], cap.capability, "", cap.breaker or "-", str(cap.in_flight),
                           str(cap.calls), f"{cap.error_rate:.1%}", limiter, extra)

@@ -1,8 +1,11 @@
 """`hivemesh top`: a live terminal view of every capability and instance, from the nodes' `/metrics`.
 
 Targets are the Prometheus file-SD JSON (`--targets FILE`, re-read every refresh so new nodes appear) plus any
-`--endpoint HOST:PORT`. The numbers come from `hivemesh.controlplane.livestats` (two scrapes, their difference);
-this module only draws them and reads keys: c, e, p, $ sort by calls, errors, p99, cost; q (or Ctrl-C) quits.
+`--endpoint HOST:PORT`; with neither (or `--discover`), also every node whose status entry names its metrics
+address (read as the operator, like `hivemesh status`): `hivemesh up` writes files only for the nodes it starts,
+so an agent started by hand was never shown. The numbers come from `hivemesh.controlplane.livestats` (two
+scrapes, their difference); this module only draws them and reads keys: c, e, p, $ sort by calls, errors, p99,
+cost; q (or Ctrl-C) quits.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ import os
 import select
 import sys
 import termios
+import threading
 import time
 import tty
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
@@ -26,30 +30,69 @@ from rich.live import Live
 from rich.text import Text
 
 from hivemesh.controlplane import livestats
-from hivemesh.controlplane.cli.context import CliContext, err, friendly_errors, out, pass_cli
+from hivemesh.controlplane.cli.context import CliContext, as_operator, err, friendly_errors, out, pass_cli
 from hivemesh.controlplane.cli.output import CleanTable, clean
 from hivemesh.controlplane.livestats import SORT_KEYS, Row, Target, View
+from hivemesh.controlplane.metrics_sd import targets_from_status
 
 _SD_DIR: Final = "prometheus"
 """Where `hivemesh up` writes its Prometheus file-SD files, under the state folder."""
 _SORT_BY_KEY: Final = {"c": "calls", "e": "errors", "p": "p99", "$": "cost"}
 _BREAKER_STYLE: Final = {"closed": "green", "half-open": "yellow", "open": "bold red"}
+DISCOVER_EVERY_S: Final = 10.0
+"""How often the nodes' status is asked again for new nodes: a control-plane connection per ask, and a new node
+publishes within ~2 s, so a node started later shows within ~12 s."""
+
+
+def _discover(obj: CliContext) -> list[Target]:
+    """The metrics ports the mesh's nodes publish in their status (as `hivemesh status` reads it)."""
+    from hivemesh.controlplane.cli.policy_client import PolicyClient
+
+    nodes = as_operator(obj, lambda cp: PolicyClient(cp).status())
+    return [Target(t.address, {"job": t.job, "node": t.node}) for t in targets_from_status(nodes)]
 
 
 class _Targets:
-    """The targets now: the file's (re-read each time; a file being rewritten keeps the last good list)."""
+    """The targets now: the file's (re-read each time; a file being rewritten keeps the last good list), the
+    fixed endpoints, and what discover() found (asked every DISCOVER_EVERY_S; a failed ask keeps the last list).
 
-    def __init__(self, paths: Sequence[Path], endpoints: Sequence[str]) -> None:
+    `rediscover` asks in the caller's thread (the first list, before the first scrape); later asks run in a
+    thread of their own, so a control plane that does not answer (up to its 10 s timeout) never freezes the
+    view. One at a time: the ask runs gRPC's asyncio on a loop of its own, and two at once are not supported."""
+
+    def __init__(self, paths: Sequence[Path], endpoints: Sequence[str],
+                 discover: Callable[[], list[Target]] | None = None) -> None:
         self._paths = list(paths)
         self._fixed = [livestats.parse_endpoint(e) for e in endpoints]
         self._last: dict[Path, list[Target]] = {p: livestats.load_targets(p) for p in self._paths}
+        self._discover = discover
+        self._found: list[Target] = []
+        self._asked = -DISCOVER_EVERY_S
+        self._asking: threading.Thread | None = None
+        self.discover_error = ""
+        """Why the last discovery failed ("" when it did not): said once, as a note, while the rest are shown."""
+
+    def rediscover(self) -> None:
+        """Ask discover() now (a failure is kept in discover_error, with the last list)."""
+        if self._discover is None:
+            return
+        self._asked = time.monotonic()
+        try:
+            self._found, self.discover_error = self._discover(), ""
+        except Exception as exc:  # noqa: BLE001 - a mesh not answering must not stop the view of the files' nodes
+            self.discover_error = str(exc) or type(exc).__name__
 
     def now(self) -> list[Target]:
         for path in self._paths:
             with contextlib.suppress(ValueError):  # caught mid-write, or removed: keep scraping what we had
                 self._last[path] = livestats.load_targets(path)
+        due = time.monotonic() - self._asked >= DISCOVER_EVERY_S
+        if self._discover is not None and due and (self._asking is None or not self._asking.is_alive()):
+            self._asked = time.monotonic()
+            self._asking = threading.Thread(target=self.rediscover, name="top-discover", daemon=True)
+            self._asking.start()
         unique: dict[str, Target] = {}
-        for t in (*(t for p in self._paths for t in self._last[p]), *self._fixed):
+        for t in (*(t for p in self._paths for t in self._last[p]), *self._fixed, *self._found):
             unique.setdefault(t.address, t)
         return list(unique.values())
 
@@ -128,6 +171,9 @@ def render(view: View | None, *, sort: str, interval: float, live: bool) -> Grou
                    "--endpoint: the files `hivemesh up` writes, <home>/prometheus/*.json.")
 @click.option("--endpoint", "endpoints", multiple=True, metavar="HOST:PORT",
               help="A node's metrics port (repeatable; added to --targets).")
+@click.option("--discover/--no-discover", default=None,
+              help="Also scrape every node that publishes its metrics port in its status (read as the operator, "
+                   "like `hivemesh status`). Default: on without --targets and --endpoint.")
 @click.option("--sort", type=click.Choice(SORT_KEYS), default="calls", show_default=True,
               help="Order of capabilities and instances (largest first).")
 @click.option("--direction", type=click.Choice(["inbound", "outbound"]), default="inbound", show_default=True,
@@ -138,18 +184,27 @@ def render(view: View | None, *, sort: str, interval: float, live: bool) -> Grou
 @click.option("--json", "as_json", is_flag=True, help="With --once: machine-readable output.")
 @pass_cli
 @friendly_errors
-def top(obj: CliContext, targets_files: tuple[Path, ...], endpoints: tuple[str, ...], sort: str, direction: str,
-        interval: float, once: bool, as_json: bool) -> None:
+def top(obj: CliContext, targets_files: tuple[Path, ...], endpoints: tuple[str, ...], discover: bool | None,
+        sort: str, direction: str, interval: float, once: bool, as_json: bool) -> None:
     """Live calls/s, p50/p99, error %, breaker state, in-flight, queue, tokens/s and cost/min per capability and
     instance, refreshed from every node's /metrics (their plaintext ports: no identity needed)."""
     if as_json and not once:
         raise click.UsageError("--json needs --once (one view for a script)")
-    if not targets_files and not endpoints:
+    chosen = bool(targets_files or endpoints)
+    if discover is None:
+        discover = not chosen
+    if not chosen:
         targets_files = tuple(sorted((obj.home / _SD_DIR).glob("*.json")))
-        if not targets_files:
-            raise click.UsageError(f"say what to scrape: --targets FILE (file-SD JSON; none in {obj.home / _SD_DIR},"
-                                   " where `hivemesh up` writes them) and/or --endpoint HOST:PORT")
-    targets = _Targets(targets_files, endpoints)
+    targets = _Targets(targets_files, endpoints, (lambda: _discover(obj)) if discover else None)
+    targets.rediscover()
+    if not targets_files and not endpoints and not targets.now():
+        why = f" (asking the mesh for its nodes failed: {targets.discover_error})" if targets.discover_error else \
+            " (no node publishes its metrics port in its status)" if discover else ""
+        raise click.UsageError(f"say what to scrape: --targets FILE (file-SD JSON; none in {obj.home / _SD_DIR},"
+                               f" where `hivemesh up` writes them) and/or --endpoint HOST:PORT{why}")
+    if targets.discover_error:
+        err.print(f"note: nodes outside the target files (agents started by hand) are not shown; asking the mesh "
+                  f"for them failed: {clean(targets.discover_error)}", style="dim", highlight=False)
     if once:
         _once(targets, sort=sort, direction=direction, interval=interval, as_json=as_json)
         return

@@ -10,6 +10,9 @@ says when a token will be there, which travels back as RetryInfo and `grpc-retry
 What `usage` reports as the limit is the policy in force when it is asked (`RateLimiter.follow`), not the one
 the last call was checked against: a policy deleted or changed while no call comes must not show in
 `hivemesh status` forever.
+
+`usage` reports the capability's total; `identity_usage` the per-identity limit, which refuses the calls of one
+noisy caller while the total shows room (see `IdentityUsage` for what it reports, and why).
 """
 
 from __future__ import annotations
@@ -28,13 +31,16 @@ _MAX_BUCKETS = 10_000
 class TokenBucket:
     """`rate` tokens per second up to `capacity`; starts full."""
 
-    __slots__ = ("capacity", "rate", "stamp", "tokens")
+    __slots__ = ("capacity", "rate", "refused", "stamp", "tokens")
 
     def __init__(self, rate: float, capacity: float, now: float) -> None:
         self.rate = rate
         self.capacity = capacity
         self.tokens = capacity
         self.stamp = now
+        self.refused = float("-inf")
+        """When this bucket last refused a call (set only on a refusal: status counts the identities at their
+        limit from it, off the call path)."""
 
     def _refill(self, now: float) -> None:
         if now > self.stamp:
@@ -119,19 +125,50 @@ class RateLimitPolicy:
     def capacity(self, rate: float) -> float:
         return max(1.0, rate * self.burst_s)
 
+    def default_identity_rate(self, instances: int = 1) -> float | None:
+        """This instance's per_identity_rps (an identity without an override), its cluster share if so scoped."""
+        if self.per_identity_rps is None:
+            return None
+        return self.per_identity_rps / max(1, instances) if self.identity_scope == "cluster" else self.per_identity_rps
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityUsage:
+    """The per-identity limit of one capability, as `hivemesh status` shows it.
+
+    An operator who sees calls refused while the total has room needs to know that a per-identity limit did
+    it, and whether one caller or many hit theirs: one is a noisy caller (the limit doing its job; give it an
+    override if it deserves more), many is a per-identity limit set too low. So this reports the limit, the
+    refusals it made and how many identities it refused, rather than the busiest identity's use: that would
+    need a rate per identity counted on every call, and a bucket's level alone says little (it refills in
+    burst_s).
+    """
+
+    rate: float = 0.0
+    """This instance's limit for an identity without an override (cluster share included); 0.0: none."""
+    overrides: int = 0
+    """Identities (patterns) with a limit of their own in the policy."""
+    limited: int = 0
+    """Calls refused by the caller's own limit over the last 10 s (part of `usage`'s limited)."""
+    identities: int = 0
+    """Distinct caller identities refused by their own limit over the last 10 s."""
+
 
 class RateLimiter:
     """Buckets of one serving node. `check` is O(1); idle full buckets are dropped when there are many."""
 
-    _ADMITTED, _LIMITED = 0, 1
+    _ADMITTED, _LIMITED, _LIMITED_IDENTITY = 0, 1, 2
+    """Window kinds: admitted, refused by the total only, refused by the caller's own limit."""
+    _WINDOW_S = 10.0
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._total: dict[str, TokenBucket] = {}
         self._ident: dict[tuple[str, str], TokenBucket] = {}
         self._windows: dict[str, WindowCounter] = {}
-        self._limits: dict[str, float] = {}
-        """capability -> the total rate of the last call checked: what usage reports when nothing is followed."""
+        self._last: dict[str, tuple[RateLimitPolicy, int]] = {}
+        """capability -> (policy, instances) of the last call checked: what usage reports when nothing is
+        followed."""
         self._policy_of: Callable[[str], RateLimitPolicy | None] | None = None
         self._instances: Callable[[str], int] | None = None
 
@@ -172,19 +209,26 @@ class RateLimiter:
         ident_rate = policy.identity_rate(identity, instances)
         waits: list[float] = []
         tb = ib = None
+        if self._policy_of is None:  # (a node's limiter follows the policies: nothing to keep)
+            self._last[capability] = (policy, instances)
         if total_rate is not None:
             tb = self._bucket(self._total, capability, total_rate, policy.capacity(total_rate), now)
             waits.append(tb.wait_time(now))
-            self._limits[capability] = total_rate
+        ident_wait = 0.0
         if ident_rate is not None:
             ib = self._bucket(self._ident, (capability, identity), ident_rate, policy.capacity(ident_rate), now)
-            waits.append(ib.wait_time(now))
+            ident_wait = ib.wait_time(now)
+            waits.append(ident_wait)
         window = self._windows.get(capability)
         if window is None:
-            window = self._windows[capability] = WindowCounter(10.0, width=2, clock=self._clock)
+            window = self._windows[capability] = WindowCounter(self._WINDOW_S, width=3, clock=self._clock)
         wait = max(waits, default=0.0)
         if wait > 0.0:
-            window.add(self._LIMITED)
+            if ident_wait > 0.0 and ib is not None:  # the caller's own limit: it would refuse it alone
+                ib.refused = now
+                window.add(self._LIMITED_IDENTITY)
+            else:
+                window.add(self._LIMITED)
             return wait
         if tb is not None:
             tb.take()
@@ -193,19 +237,41 @@ class RateLimiter:
         window.add(self._ADMITTED)
         return 0.0
 
-    def usage(self, capability: str) -> tuple[int, int, float]:
-        """(admitted, limited) over the last 10 s and the local total rate in force (0.0 if none): of the policy
-        `follow` finds now, else of the last call checked."""
-        window = self._windows.get(capability)
-        admitted, limited = window.totals() if window is not None else (0, 0)
+    def _in_force(self, capability: str) -> tuple[RateLimitPolicy | None, int]:
+        """The policy of capability and its live instances: what `follow` finds now, else the last call's."""
         if self._policy_of is None:
-            return admitted, limited, self._limits.get(capability, 0.0)
+            return self._last.get(capability, (None, 1))
         policy = self._policy_of(capability)
         if policy is None:
-            return admitted, limited, 0.0
-        n = self._instances(capability) if self._instances is not None and policy.shared else 1
-        total = policy.local_total(n)
-        return admitted, limited, total if total is not None else 0.0
+            return None, 1
+        return policy, self._instances(capability) if self._instances is not None and policy.shared else 1
+
+    def usage(self, capability: str) -> tuple[int, int, float]:
+        """(admitted, limited by any limit) over the last 10 s and the local total rate in force (0.0 if none):
+        of the policy `follow` finds now, else of the last call checked."""
+        window = self._windows.get(capability)
+        admitted, by_total, by_identity = window.totals() if window is not None else (0, 0, 0)
+        policy, n = self._in_force(capability)
+        total = policy.local_total(n) if policy is not None else None
+        return admitted, by_total + by_identity, total if total is not None else 0.0
+
+    def identity_usage(self) -> dict[str, IdentityUsage]:
+        """`IdentityUsage` of every capability with a window (as `capabilities`), in one pass over the buckets:
+        asked by the status snapshot, never on the call path."""
+        since = self._clock() - self._WINDOW_S
+        refused: dict[str, int] = {}
+        for (cap, _identity), b in self._ident.items():
+            if b.refused >= since:
+                refused[cap] = refused.get(cap, 0) + 1
+        out: dict[str, IdentityUsage] = {}
+        for cap, window in self._windows.items():
+            policy, n = self._in_force(cap)
+            rate = policy.default_identity_rate(n) if policy is not None else None
+            out[cap] = IdentityUsage(
+                rate=rate if rate is not None else 0.0, overrides=len(policy.overrides) if policy is not None else 0,
+                limited=window.total(self._LIMITED_IDENTITY), identities=refused.get(cap, 0),
+            )
+        return out
 
     def capabilities(self) -> list[str]:
         return sorted(self._windows)

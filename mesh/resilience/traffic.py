@@ -19,7 +19,7 @@ from hivemesh.mesh.resilience.balancer import Balancer
 from hivemesh.mesh.resilience.breaker import BreakerPolicy, CircuitBreaker, State
 from hivemesh.mesh.resilience.cache import ResponseCache
 from hivemesh.mesh.resilience.concurrency import ConcurrencyGate, ConcurrencyPolicy
-from hivemesh.mesh.resilience.ratelimit import RateLimiter
+from hivemesh.mesh.resilience.ratelimit import IdentityUsage, RateLimiter
 from hivemesh.mesh.resilience.retry import RetryBudget, RetryPolicy
 from hivemesh.mesh.resilience.routes import RoutePolicy, SplitState
 from hivemesh.mesh.resilience.view import PolicyView
@@ -219,15 +219,19 @@ class TrafficState:
                     instance=inst, breaker=ib.state.value if ib else "", in_flight=ic.in_flight if ic else 0,
                     calls=icalls, failures=ifail, error_rate=ifail / icalls if icalls else 0.0,
                 )
+        per_identity = self.limiter.identity_usage()
         for cap in sorted(set(self._in) | set(self.limiter.capabilities())):
             c = self._in.get(cap)
             calls, failures, _r, _d, ended, micros = c.window.totals() if c else (0, 0, 0, 0, 0, 0)
             admitted, limited, limit = self.limiter.usage(cap)
+            ident = per_identity.get(cap, IdentityUsage())
             node.capabilities.add(
                 capability=cap, direction="inbound", in_flight=c.in_flight if c else 0, calls=calls,
                 failures=failures, error_rate=failures / calls if calls else 0.0, rate_limited=limited,
                 limit_rps=limit, limiter_use=(admitted / _STATUS_WINDOW_S) / limit if limit else 0.0,
-                latency_ms=micros / ended / 1000 if ended else 0.0,
+                latency_ms=micros / ended / 1000 if ended else 0.0, identity_limit_rps=ident.rate,
+                identity_overrides=ident.overrides, identity_limited=ident.limited,
+                identities_limited=ident.identities,
             )
         gate = self._gates.get(agent) if agent else None
         if gate is not None:

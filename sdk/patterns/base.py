@@ -57,6 +57,21 @@ def error_to_json(err: BaseException) -> dict[str, Any]:
     return {"code": "INTERNAL", "reason": "AGENT_ERROR", "message": f"{type(err).__name__}: {err}"}
 
 
+MAX_WHY_CHARS = 300
+"""The most of a failure's message an all-failed error repeats (the whole is in its details)."""
+
+
+def why_failed(error: BaseException | Mapping[str, Any]) -> str:
+    """`CODE/REASON: message` of a failure (an error, or its `error_to_json` record), the message cut to
+    MAX_WHY_CHARS: what a pattern's all-failed error says of why. The cause (a grant an operator must give with
+    `hivemesh allow ...`, an input the capability refuses) was only in the details, behind a list of names."""
+    data = error_to_json(error) if isinstance(error, BaseException) else error
+    message = str(data.get("message", ""))
+    if len(message) > MAX_WHY_CHARS:
+        message = message[:MAX_WHY_CHARS - 1] + "…"
+    return f"{data.get('code', 'UNKNOWN')}/{data.get('reason', '')}: {message}"
+
+
 def error_from_json(data: Mapping[str, Any]) -> HivemeshError:
     """The typed error recorded by `error_to_json` (same class, code and reason)."""
     import grpc

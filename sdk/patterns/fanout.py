@@ -19,7 +19,15 @@ from typing import Any
 
 from hivemesh.mesh.errors import AgentError, DeadlineExceededError, HivemeshError
 from hivemesh.mesh.instance_ref import instance_key
-from hivemesh.sdk.patterns.base import Caller, PatternResult, Runner, StepResult, as_runner, error_to_json
+from hivemesh.sdk.patterns.base import (
+    Caller,
+    PatternResult,
+    Runner,
+    StepResult,
+    as_runner,
+    error_to_json,
+    why_failed,
+)
 from hivemesh.sdk.patterns.checks import (
     check_capability,
     check_count,
@@ -221,7 +229,8 @@ class FanOut:
         outputs = {b: results[b].output for b, _, _ in plan if b in results}
         if len(outputs) < self.min_success:
             names = ", ".join(sorted(failed)) or "none"
-            raise FanOutError(f"only {len(outputs)} of {len(plan)} branches answered (failed: {names})", failed,
+            why = f"; {first_error[0][0]}: {why_failed(first_error[0][1])}" if first_error else ""
+            raise FanOutError(f"only {len(outputs)} of {len(plan)} branches answered (failed: {names}){why}", failed,
                               first_error[0][1] if first_error else None)
         output = self.aggregate(outputs) if self.aggregate is not None else outputs
         steps = [results[b] for b, _, _ in plan if b in results]

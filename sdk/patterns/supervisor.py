@@ -22,7 +22,15 @@ from typing import Any
 from hivemesh.mesh.errors import AgentError, HivemeshError
 from hivemesh.mesh.pki import NAME_RE
 from hivemesh.sdk.escalation import MAX_DEADLINE_S, OnDeadline
-from hivemesh.sdk.patterns.base import Caller, PatternResult, Runner, StepResult, as_runner, error_to_json
+from hivemesh.sdk.patterns.base import (
+    Caller,
+    PatternResult,
+    Runner,
+    StepResult,
+    as_runner,
+    error_to_json,
+    why_failed,
+)
 from hivemesh.sdk.patterns.checks import (
     check_capability,
     check_count,
@@ -388,8 +396,11 @@ class Supervisor:
         details = {"subtasks": [o.to_json() for o in outcomes], "rejected": rejected, "failed": failed,
                    "escalations": [o.escalation for o in outcomes if o.escalation]}
         if failed:
-            return PatternResult(output=output, state="FAILED", steps=steps, reason=f"failed: {', '.join(failed)}",
-                                 details=details)
+            first = next(o for o in outcomes if o.status == "FAILED")
+            errors = [a["error"] for a in first.attempts if "error" in a]
+            why = f"; {first.subtask.id}: {why_failed(errors[-1])}" if errors else ""  # its last assignee's error
+            return PatternResult(output=output, state="FAILED", steps=steps,
+                                 reason=f"failed: {', '.join(failed)}{why}", details=details)
         if rejected:
             return PatternResult(output=output, state="REJECTED", steps=steps,
                                  reason=f"a person rejected: {', '.join(rejected)}", details=details)

@@ -360,6 +360,7 @@ class NodeTraffic(_message.Message):
     CONCURRENCY_FIELD_NUMBER: _builtins.int
     HANDSHAKE_AUDIT_FIELD_NUMBER: _builtins.int
     HANDSHAKES_REFUSED_FIELD_NUMBER: _builtins.int
+    METRICS_ADDRESS_FIELD_NUMBER: _builtins.int
     identity: _builtins.str
     """SPIFFE id"""
     instance: _builtins.str
@@ -370,6 +371,8 @@ class NodeTraffic(_message.Message):
     """refused-TLS-handshake audit: "live", "starting", "off: <why>"; "": none"""
     handshakes_refused: _builtins.int
     """refused TLS handshakes on record since the node started"""
+    metrics_address: _builtins.str
+    """HOST:PORT of its plaintext Prometheus /metrics ("": none), so `hivemesh top`"""
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedCompositeFieldContainer[Global___CapabilityTraffic]: ...
     @_builtins.property
@@ -387,10 +390,11 @@ class NodeTraffic(_message.Message):
         concurrency: Global___ConcurrencyStatus | None = ...,
         handshake_audit: _builtins.str = ...,
         handshakes_refused: _builtins.int = ...,
+        metrics_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["concurrency", b"concurrency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "concurrency", b"concurrency", "handshake_audit", b"handshake_audit", "handshakes_refused", b"handshakes_refused", "identity", b"identity", "instance", b"instance", "policy_revision", b"policy_revision", "updated_unix_ms", b"updated_unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "concurrency", b"concurrency", "handshake_audit", b"handshake_audit", "handshakes_refused", b"handshakes_refused", "identity", b"identity", "instance", b"instance", "metrics_address", b"metrics_address", "policy_revision", b"policy_revision", "updated_unix_ms", b"updated_unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -414,6 +418,10 @@ class CapabilityTraffic(_message.Message):
     INSTANCES_FIELD_NUMBER: _builtins.int
     DEGRADED_FIELD_NUMBER: _builtins.int
     LATENCY_MS_FIELD_NUMBER: _builtins.int
+    IDENTITY_LIMIT_RPS_FIELD_NUMBER: _builtins.int
+    IDENTITY_OVERRIDES_FIELD_NUMBER: _builtins.int
+    IDENTITY_LIMITED_FIELD_NUMBER: _builtins.int
+    IDENTITIES_LIMITED_FIELD_NUMBER: _builtins.int
     capability: _builtins.str
     direction: _builtins.str
     """"outbound" (this node calls it) or "inbound" (this node serves it)"""
@@ -438,6 +446,16 @@ class CapabilityTraffic(_message.Message):
     """outbound: calls answered by a fallback or the cache in the last ~10 s"""
     latency_ms: _builtins.float
     """inbound: mean time to answer calls that ended in the last ~10 s (0: none)"""
+    identity_limit_rps: _builtins.float
+    """inbound: each caller identity's limit in force (cluster share included; 0:"""
+    identity_overrides: _builtins.int
+    """none), for an identity without an override of its own
+    inbound: identities (patterns) with a limit of their own
+    """
+    identity_limited: _builtins.int
+    """inbound: of rate_limited, the calls refused by the caller's own limit"""
+    identities_limited: _builtins.int
+    """inbound: distinct caller identities refused by their own limit in the last ~10 s"""
     @_builtins.property
     def instances(self) -> _containers.RepeatedCompositeFieldContainer[Global___InstanceTraffic]: ...
     def __init__(
@@ -457,10 +475,14 @@ class CapabilityTraffic(_message.Message):
         instances: _abc.Iterable[Global___InstanceTraffic] | None = ...,
         degraded: _builtins.int = ...,
         latency_ms: _builtins.float = ...,
+        identity_limit_rps: _builtins.float = ...,
+        identity_overrides: _builtins.int = ...,
+        identity_limited: _builtins.int = ...,
+        identities_limited: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker", b"breaker", "calls", b"calls", "capability", b"capability", "degraded", b"degraded", "direction", b"direction", "error_rate", b"error_rate", "failures", b"failures", "in_flight", b"in_flight", "instances", b"instances", "latency_ms", b"latency_ms", "limit_rps", b"limit_rps", "limiter_use", b"limiter_use", "rate_limited", b"rate_limited", "retries", b"retries"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker", b"breaker", "calls", b"calls", "capability", b"capability", "degraded", b"degraded", "direction", b"direction", "error_rate", b"error_rate", "failures", b"failures", "identities_limited", b"identities_limited", "identity_limit_rps", b"identity_limit_rps", "identity_limited", b"identity_limited", "identity_overrides", b"identity_overrides", "in_flight", b"in_flight", "instances", b"instances", "latency_ms", b"latency_ms", "limit_rps", b"limit_rps", "limiter_use", b"limiter_use", "rate_limited", b"rate_limited", "retries", b"retries"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
