@@ -6,7 +6,8 @@
     a registration that is gone (STALE_REGISTRATION): another instance, free of any budget, unless the call is keyed
     to the refusing one; with none left, sent again, free of any budget, once the registry view shows the newer
     registration (`StaleRefusals`); failed with the refusal, saying whether it may be sent again, if it does not;
-    ended by gRPC mid-call (the agent went away): said in the mesh's words, with when a resend is safe (`went_away`)
+    ended by gRPC mid-call (the agent went away): said in the mesh's words, with when a resend is safe (`went_away`);
+    ended by gRPC at its deadline: said naming the agent and the deadline, in seconds and whose it was (`timed_out`)
 
 It knows nothing of gRPC channels: an attempt is two async callables (`Prepare`: credentials for an
 instance; `Send`: send with a timeout, raising `AttemptError`), so the loop is tested without a network.
@@ -32,11 +33,11 @@ from hivemesh.mesh.errors import (
     TokenExpiredError,
 )
 from hivemesh.mesh.instance_ref import instance_key
-from hivemesh.mesh.outbound.call import Metadata, OutboundCall, idempotent
+from hivemesh.mesh.outbound.call import PER_TRY, POLICY, Metadata, OutboundCall, deadline_words, idempotent
 from hivemesh.mesh.outbound.events import OutboundEvents
 from hivemesh.mesh.outbound.selection import InstanceSelector, Liveness
 from hivemesh.mesh.resilience.breaker import DEFAULT_FAILURE_CODES, CircuitBreaker
-from hivemesh.mesh.resilience.kinds import BreakerSettings
+from hivemesh.mesh.resilience.kinds import RETRIES, TIMEOUTS, BreakerSettings
 from hivemesh.mesh.resilience.retry import RetryBudget, may_resend
 from hivemesh.mesh.resilience.view import OutboundPolicies
 from hivemesh.v1 import mesh_pb2
@@ -62,6 +63,8 @@ Prepare = Callable[[OutboundCall, Instance], Awaitable[Metadata]]
 """The outgoing metadata (token) of an attempt on an instance; a HivemeshError refuses the call locally."""
 Send = Callable[[OutboundCall, Instance, Metadata, "float | None"], Awaitable[bytes]]
 """Send the call to an instance with that metadata and per-try timeout: the response bytes, or AttemptError."""
+PolicyNamed = Callable[[str, str], str]
+"""(policy kind, capability) -> "kind/name" of the policy of that kind in force for the capability ("": none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +78,8 @@ class AttemptParts:
     """Drop the cached token for an instance's identity (the target refused it: expired or rotated)."""
     events: OutboundEvents | None = None
     """Told of retries the budget refused and instances ejected (the node's metrics)."""
+    policy_named: PolicyNamed | None = None
+    """Names the policy that set a deadline, for the messages that say whose it was."""
 
 
 def report_attempt(
@@ -96,7 +101,7 @@ def report_attempt(
         share = settings.max_ejected_share if settings is not None else 0.5
 
         def may_open() -> bool:
-            live = [instance_key(i) for i in selector.liveness.live(capability)]
+            live = [instance_key(i) for i in selector.live(capability)]
             return selector.state.ejected_share_allows(capability, live, share)
 
         if breaker.on_failure(may_open):
@@ -132,16 +137,61 @@ def report_unreachable(
 
 
 def report_unanswered(
-    liveness: Liveness, capability: str, instance: Instance, events: OutboundEvents | None
+    liveness: Liveness, capability: str, instance: Instance, events: OutboundEvents | None, deadline: str
 ) -> None:
-    """An instance held an attempt until its deadline: balancing avoids it for a growing while (a frozen or
-    hung replica keeps its connection and its lease); counted, and said once per while, not once per call."""
-    seconds = liveness.mark_unanswered(instance_key(instance))
+    """An instance held an attempt until its deadline (which one, `deadline_words`): balancing avoids it
+    for a growing while (a frozen or hung replica keeps its connection and its lease); counted, and said as a
+    warning at most once a minute per instance (`Liveness.news`), not once per call, else at debug level: a flaky
+    instance that answers its retries clears its suspicion each time and is struck again on the next call."""
+    ikey = instance_key(instance)
+    seconds = liveness.mark_unanswered(ikey)
     if events is not None:
         events.unanswered(capability, instance.identity)
     if seconds:
-        log.warning("instance %s (%s) of %s did not answer within the deadline; preferring others for %.0f s",
-                    instance.instance_id, instance.identity, capability, seconds)
+        try:
+            others = any(instance_key(i) != ikey for i in liveness.live(capability))
+        except HivemeshError:
+            others = False
+        then = (f"preferring its other instances for {seconds:.0f} s" if others
+                else "no other instance is live, so calls still go to it")
+    else:
+        then = "already avoided"
+    level = logging.WARNING if seconds and liveness.news(ikey) else logging.DEBUG
+    log.log(level, "instance %s (%s) of %s did not answer within %s; %s", instance.instance_id, instance.identity,
+            capability, deadline, then)
+
+
+def within(call: OutboundCall, named: PolicyNamed | None) -> str:
+    """The call's own deadline in a message's words: its seconds and whose (`deadline_words`)."""
+    policy = named(TIMEOUTS.name, call.capability) if named is not None and call.timeout_from == POLICY else ""
+    return deadline_words(call.timeout_s, call.timeout_from, policy)
+
+
+def timed_out(
+    err: HivemeshError, call: OutboundCall, instance: Instance, deadline: str, *, streamed: int | None = None
+) -> HivemeshError:
+    """err said in the mesh's words when gRPC ended a call that had left this node at its deadline
+    (DEADLINE_EXCEEDED, no hivemesh reason), as `went_away` says UNAVAILABLE: the capability, the agent and instance
+    that held the call, and the deadline that passed, in seconds and whose it was (deadline, `deadline_words`), so
+    the caller sees which number to change; gRPC's own text follows in parentheses. `streamed`: the chunks a stream
+    had delivered (None: not a stream). Type, code, reason, pushback and cause stay as they were. Any other error
+    as it is."""
+    if not err.said_by_grpc or err.code != grpc.StatusCode.DEADLINE_EXCEEDED:
+        return err
+    cap = call.capability
+    agent = instance.card.name or instance.identity
+    if streamed is None:
+        what = f"did not answer {cap!r}"
+    else:
+        what = f"did not finish the stream of {cap!r} (after {streamed} chunk{'' if streamed == 1 else 's'})"
+    message = f"agent {agent} (instance {instance.instance_id}) {what} within {deadline} (gRPC: {err.message})"
+    worded = type(err)(message, metadata={**err.metadata, "capability": cap[:128], "agent": instance.identity,
+                                          "instance": instance.instance_id},
+                       field_violations=err.field_violations, retry_after_s=err.retry_after_s, code=err.code,
+                       reason=err.reason)
+    worded.said_by_grpc = True
+    worded.__cause__ = err.__cause__ if err.__cause__ is not None else err
+    return worded
 
 
 def went_away(
@@ -388,8 +438,9 @@ class Attempts:
             if remaining is not None and remaining <= 0:
                 last = self._last
                 raise DeadlineExceededError(
-                    f"deadline passed before {cap!r} could be sent"
-                    + (f" (after {self.attempt - 1 + len(tried)} failed attempt(s): {last.message})" if last else "")
+                    f"deadline passed before {cap!r} could be sent ({within(call, parts.policy_named)}"
+                    + (f"; after {self.attempt - 1 + len(tried)} failed attempt(s): {last.message})" if last else ")"),
+                    metadata={"capability": cap[:128]},
                 )
             instance: Instance | None = None
             try:
@@ -453,6 +504,8 @@ class Attempts:
                 err, never_sent = failed.error, failed.never_sent
                 if not never_sent:
                     err = went_away(err, call, instance)
+                    if err.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        err = timed_out(err, call, instance, self._deadline(per_try_bound))
                 failure = err
                 if never_sent or (err.code in failure_codes and err.reason != StaleRegistrationError.reason):
                     health = "failed"
@@ -490,7 +543,7 @@ class Attempts:
             if self._may_have_run is None:
                 self._may_have_run = err
             if err.code == grpc.StatusCode.DEADLINE_EXCEEDED and held_to_deadline(per_try, sent_at):
-                report_unanswered(liveness, cap, instance, parts.events)
+                report_unanswered(liveness, cap, instance, parts.events, self._deadline(per_try_bound))
             if policy is None:
                 # No retry policy: an idempotent capability still fails over when a connection broke mid-call.
                 if err.code == grpc.StatusCode.UNAVAILABLE and idempotent(instance, cap):
@@ -502,6 +555,15 @@ class Attempts:
                 raise err
             await self._back_off(err)
             self._reuse = True
+
+    def _deadline(self, per_try_bound: bool) -> str:
+        """The deadline an attempt had, in a message's words: the retries policy's per-try timeout when it bound the
+        attempt, else the call's own."""
+        named, policy = self.parts.policy_named, self._policies.retries
+        if per_try_bound and policy is not None:
+            name = named(RETRIES.name, self.call.capability) if named is not None else ""
+            return deadline_words(policy.per_try_timeout_s, PER_TRY, name)
+        return within(self.call, named)
 
     def _ended_by_refusal(self, err: HivemeshError, *, keyed: bool) -> HivemeshError:
         """The error the call fails with when its attempts ran out on err: a STALE_REGISTRATION refusal also says

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 from hivemesh.mesh import invoke_wire
 from hivemesh.mesh.errors import InvalidInputError
@@ -19,12 +20,18 @@ from hivemesh.v1 import agent_pb2, mesh_pb2
 
 Metadata = Sequence[tuple[str, str]]
 
+CALLER, POLICY, DEFAULT, PER_TRY, GIVEN = "caller", "policy", "default", "per-try", "given"
+"""Whose deadline an attempt had: the caller's timeout, the capability's timeouts policy, the client's default
+timeout, a retries policy's per_try_timeout_ms, or the timeout a call to one given instance was sent with (the
+caller's or the client's default, which `invoke_on` is not told apart)."""
+
 
 class OutboundCall:
     """The capability, request bytes, caller metadata, absolute deadline, idempotency key and agent pin of one
     call."""
 
-    __slots__ = ("_request", "agent", "capability", "deadline", "idempotency_key", "metadata", "raw")
+    __slots__ = ("_request", "agent", "capability", "deadline", "idempotency_key", "metadata", "raw", "timeout_from",
+                 "timeout_s")
 
     def __init__(
         self,
@@ -35,6 +42,9 @@ class OutboundCall:
         request: agent_pb2.InvokeRequest | None,
         idempotency_key: str = "",
         agent: str = "",
+        *,
+        timeout_s: float | None = None,
+        timeout_from: str = CALLER,
     ) -> None:
         self.capability = capability
         self.raw = raw
@@ -44,6 +54,10 @@ class OutboundCall:
         """`CallContext.idempotency_key` of the request ("" for none), as the caller that encoded it knows it."""
         self.agent = agent
         """The agent whose instances alone may serve the call ("": any), `CallOptions.agent`."""
+        self.timeout_s = timeout_s
+        """The seconds the deadline was set to (None: not known here), for messages that name it."""
+        self.timeout_from = timeout_from
+        """Whose deadline it is: CALLER, POLICY (the capability's timeouts policy) or DEFAULT (the client's)."""
         self._request = request
 
     def request(self) -> agent_pb2.InvokeRequest:
@@ -60,18 +74,46 @@ class OutboundCall:
         return None if self.deadline is None else self.deadline - time.monotonic()
 
 
-def deadline_for(policies: OutboundPolicies, timeout: float | None, default_timeout: float | None) -> float | None:
+class Deadline(NamedTuple):
+    """A call's deadline with the seconds and source it was set from, which an error that it passed names."""
+
+    at: float | None
+    """The absolute deadline (time.monotonic()); None: none."""
+    seconds: float | None
+    source: str
+    """CALLER, POLICY or DEFAULT."""
+
+
+def deadline_for(policies: OutboundPolicies, timeout: float | None, default_timeout: float | None) -> Deadline:
     """The caller's deadline always wins; without one, the capability's policy default, then the client's."""
+    source = CALLER
     if timeout is None:
-        timeout = policies.timeout
+        timeout, source = policies.timeout, POLICY
     if timeout is None:
-        timeout = default_timeout
+        timeout, source = default_timeout, DEFAULT
     if timeout is None:
-        return None
+        return Deadline(None, None, CALLER)
     if not math.isfinite(timeout):  # NaN compared false everywhere: over a link it went out as no deadline
         msg = "must be a finite number of seconds (None: the capability's timeouts policy, then the default)"
         raise InvalidInputError(f"timeout {msg}, got {timeout}", field_violations={"timeout": msg})
-    return time.monotonic() + timeout
+    return Deadline(time.monotonic() + timeout, timeout, source)
+
+
+def deadline_words(seconds: float | None, source: str, policy: str = "") -> str:
+    """A deadline as a message names it: its seconds and whose it was (policy: "timeouts/<name>" for POLICY,
+    "retries/<name>" for PER_TRY), so a caller sees which number to change."""
+    if seconds is None:
+        return "its deadline"
+    s = f"{round(seconds, 3):g} s"
+    if source == POLICY:
+        return f"the {s} default deadline of {policy or 'its timeouts policy'}"
+    if source == PER_TRY:
+        return f"the {s} per-try timeout (per_try_timeout_ms) of {policy or 'its retries policy'}"
+    if source == DEFAULT:
+        return f"the client's default timeout of {s}"
+    if source == GIVEN:
+        return f"the call's timeout of {s}"
+    return f"the caller's timeout of {s}"
 
 
 def idempotent(instance: mesh_pb2.AgentInstance, capability: str) -> bool:

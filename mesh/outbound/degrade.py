@@ -97,7 +97,8 @@ class Degradation:
                 req.CopyFrom(call.request())
                 req.capability = routes.fallback
                 fallback = OutboundCall(routes.fallback, req.SerializeToString(), call.metadata, call.deadline, req,
-                                        call.idempotency_key, call.agent)
+                                        call.idempotency_key, call.agent, timeout_s=call.timeout_s,
+                                        timeout_from=call.timeout_from)
                 try:
                     raw, instance = await self._run(fallback)
                     log.info("%s failed (%s): answered by fallback %s", call.capability, err.reason, routes.fallback)

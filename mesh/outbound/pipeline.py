@@ -52,9 +52,11 @@ from hivemesh.mesh.outbound.attempts import (
     report_attempt,
     report_unanswered,
     report_unreachable,
+    timed_out,
     went_away,
+    within,
 )
-from hivemesh.mesh.outbound.call import Metadata, OutboundCall, deadline_for
+from hivemesh.mesh.outbound.call import GIVEN, Metadata, OutboundCall, deadline_for, deadline_words
 from hivemesh.mesh.outbound.channels import ChannelPool
 from hivemesh.mesh.outbound.degrade import DEGRADE_CODES, Degradation
 from hivemesh.mesh.outbound.events import OutboundEvents
@@ -62,6 +64,8 @@ from hivemesh.mesh.outbound.selection import InstanceSelector, Liveness
 from hivemesh.mesh.outbound.shadow import ShadowTraffic
 from hivemesh.mesh.outbound.signed import Proof, StreamCheck, sign_request, signs, verify_answer
 from hivemesh.mesh.resilience.breaker import DEFAULT_FAILURE_CODES, CircuitBreaker
+from hivemesh.mesh.resilience.kinds import ROUTES
+from hivemesh.mesh.resilience.routes import RoutePolicy
 from hivemesh.mesh.resilience.traffic import Traffic
 from hivemesh.mesh.tls import MAX_MESSAGE_BYTES
 from hivemesh.mesh.token_source import TokenSource, on_behalf_of
@@ -146,9 +150,10 @@ class OutboundPipeline:
         self.tokens = tokens
         self.channels = channels
         self.traffic = traffic if traffic is not None else Traffic()
-        self.selector = InstanceSelector(liveness, self.traffic.state)
+        self.selector = InstanceSelector(liveness, self.traffic.state, declared=self._declared)
         self.events = events
-        self._parts = AttemptParts(self.selector, self._prepare_attempt, self._send, self._forget_token, events)
+        self._parts = AttemptParts(self.selector, self._prepare_attempt, self._send, self._forget_token, events,
+                                   self._policy_named)
         self._authz = authz
         self._subjects: dict[str, str] = {}
         self._degradation = Degradation(self.traffic.state.cache, self._run, principal=self._principal,
@@ -182,6 +187,31 @@ class OutboundPipeline:
         if fence:  # the registration this call is routed by: the instance refuses it if that one is gone
             return [*metadata, ("authorization", f"Bearer {token}"), (FENCE_HEADER, str(fence))]
         return [*metadata, ("authorization", f"Bearer {token}")]
+
+    def _declared(self, capability: str) -> RoutePolicy | None:
+        """The routes policy in force for capability if it names it by its name (not a pattern such as "*", which a
+        typo matches too) and has a fallback: a capability the operator declared (`InstanceSelector.live`). Asked
+        only when no instance of capability was ever seen here, so the scan of the documents costs no call."""
+        routes = self.traffic.policy.outbound(capability).routes
+        policies = self.traffic.policy.policies
+        if routes is None or not routes.fallback or policies is None:
+            return None
+        for doc in policies.docs(ROUTES.name):
+            if doc.name == routes.name and capability in doc.spec.get("capabilities", ()):
+                return routes
+        return None
+
+    def _policy_named(self, kind: str, capability: str) -> str:
+        """"kind/name" of the policy of kind in force for capability ("": none), for a message that says whose
+        deadline passed: the same choice as the compiled table's lookup (the most specific target wins). Asked only
+        when a message needs it."""
+        policies = self.traffic.policy.policies
+        table = policies.view().get(kind) if policies is not None else None
+        best: tuple[tuple[int, int], str] | None = None
+        for target in getattr(table, "targets", ()):
+            if target.cap.fullmatch(capability) and (best is None or target.cap_rank > best[0]):
+                best = (target.cap_rank, target.doc)
+        return f"{kind}/{best[1]}" if best is not None else ""
 
     # --- who is calling, for the answer cache ------------------------------------------------------------------
     def _subject(self) -> str | None:
@@ -285,8 +315,9 @@ class OutboundPipeline:
         t = self.traffic
         state = t.state
         policies = t.policy.outbound(capability)  # one lookup per call for every policy kind below
-        call = OutboundCall(capability, raw_request, metadata, deadline_for(policies, timeout, default_timeout),
-                            request, idempotency_key, agent)
+        deadline = deadline_for(policies, timeout, default_timeout)
+        call = OutboundCall(capability, raw_request, metadata, deadline.at, request, idempotency_key, agent,
+                            timeout_s=deadline.seconds, timeout_from=deadline.source)
         routes = policies.routes
         attempts = Attempts(self._parts, call, policies)
         failed, degraded = True, False
@@ -386,8 +417,10 @@ class OutboundPipeline:
                 if remote.reason in TOKEN_REFUSALS and not resend:
                     self.tokens.invalidate(instance.identity)  # expired or rotated: once more, fresh token
                     continue
-                worded = remote if _never_sent(exc) else went_away(
-                    remote, OutboundCall(capability, raw_request, (), None, None, idempotency_key), instance)
+                sent = OutboundCall(capability, raw_request, (), None, None, idempotency_key)
+                worded = remote if _never_sent(exc) else went_away(remote, sent, instance)
+                if worded.code == grpc.StatusCode.DEADLINE_EXCEEDED:  # the caller's, or the client's default
+                    worded = timed_out(worded, sent, instance, deadline_words(timeout, GIVEN))
                 raise worded from (None if worded is remote else exc)  # reworded: gRPC's error its cause, as unary
         raise AssertionError("unreachable")
 
@@ -409,8 +442,9 @@ class OutboundPipeline:
         t = self.traffic.state
         selector = self.selector
         policies = self.traffic.policy.outbound(capability)
-        call = OutboundCall(capability, raw_request, metadata, deadline_for(policies, timeout, default_timeout), None,
-                            agent=agent)
+        deadline = deadline_for(policies, timeout, default_timeout)
+        call = OutboundCall(capability, raw_request, metadata, deadline.at, None, agent=agent,
+                            timeout_s=deadline.seconds, timeout_from=deadline.source)
         routes = policies.routes
         settings = policies.breakers
         failure_codes = settings.failure_codes if settings is not None else DEFAULT_FAILURE_CODES
@@ -434,7 +468,9 @@ class OutboundPipeline:
             while True:
                 remaining = call.remaining()
                 if remaining is not None and remaining <= 0:
-                    raise DeadlineExceededError(f"deadline passed before {capability!r} could be sent")
+                    raise DeadlineExceededError(
+                        f"deadline passed before {capability!r} could be sent ({within(call, self._policy_named)})",
+                        metadata={"capability": capability[:128]})
                 try:
                     instance = selector.choose(call, routes, tried, reuse=False, refused=refused)
                 except NoLiveInstanceError:
@@ -503,8 +539,12 @@ class OutboundPipeline:
                     else:
                         if (not started and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                                 and held_to_deadline(remaining, sent_at)):
-                            report_unanswered(self.liveness, capability, instance, self.events)  # no chunk came
+                            report_unanswered(self.liveness, capability, instance, self.events,  # no chunk came
+                                              within(call, self._policy_named))
                         worded = went_away(err, call, instance, streamed=started)
+                        if worded.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                            worded = timed_out(worded, call, instance, within(call, self._policy_named),
+                                               streamed=started)
                         raise worded from (None if worded is err else exc)  # reworded: gRPC's error its cause
                 finally:
                     stream.cancel()

@@ -31,6 +31,9 @@ _SUSPECT_S = 2.0
 _SUSPECT_MAX_S = 30.0
 """... doubling with each further failure after its suspicion ran out, up to this (a SIGKILLed instance stays
 registered until its lease expires: each probe of it costs a failed connection)."""
+_SAY_EVERY_S = 60.0
+"""An instance's unanswered attempts are logged at most once a while this long (`Liveness.news`): a flaky one that
+answers its retries clears its suspicion each time, and would otherwise be reported on every call."""
 _POLL_FIRST_S = 0.01
 _POLL_MAX_S = 0.25
 """How often `Liveness.wait_until` looks again at a source that cannot say when it changed: from the first, doubling
@@ -102,6 +105,8 @@ class Liveness:
         self._source = source
         self._unreachable = _Suspicions(_SUSPECT_S, _SUSPECT_MAX_S, clock)
         self._unanswering = _Suspicions(_SUSPECT_S, _SUSPECT_MAX_S, clock)
+        self._clock = clock
+        self._said: dict[str, float] = {}
 
     def live(self, capability: str) -> Sequence[mesh_pb2.AgentInstance]:
         """Live instances for capability (registry order); UnknownCapabilityError / NoLiveInstanceError if none."""
@@ -144,6 +149,19 @@ class Liveness:
         """Note that instance held a call until its deadline, so balancing prefers the others for a while:
         the seconds it is now avoided for (0.0 if it already was)."""
         return self._unanswering.strike(instance)
+
+    def news(self, instance: str) -> bool:
+        """Whether it is time to say again that instance held a call until its deadline: True at most once every
+        _SAY_EVERY_S per instance, whatever cleared or renewed its suspicion meanwhile."""
+        now = self._clock()
+        said = self._said
+        last = said.get(instance)
+        if last is not None and now - last < _SAY_EVERY_S:
+            return False
+        if len(said) > 1024:
+            self._said = said = {k: t for k, t in said.items() if t > now - _SAY_EVERY_S}
+        said[instance] = now
+        return True
 
     def avoided(self, instance: str) -> str:
         """Why balancing skips instance right now (`InstanceSelector.choose`, `hivemesh status`): "unreachable",
@@ -205,14 +223,36 @@ class InstanceSelector:
     """Agent pin → route → untried → not ejected, suspect or unanswering → balancer, over a node's liveness and
     traffic state."""
 
-    def __init__(self, liveness: Liveness, state: TrafficState) -> None:
+    def __init__(
+        self, liveness: Liveness, state: TrafficState, *, declared: Callable[[str], RoutePolicy | None] | None = None
+    ) -> None:
+        """declared gives the routes policy in force that names a capability by its name, with a fallback (None:
+        none does); see `live`."""
         self.liveness = liveness
         self.state = state
+        self._declared = declared
+
+    def live(self, capability: str) -> Sequence[mesh_pb2.AgentInstance]:
+        """`Liveness.live`, except for a capability this process never saw an instance of that a routes policy
+        names with a fallback: the operator declared it, so it has no live instance (NO_LIVE_INSTANCE, which
+        degrades to the fallback) rather than being unknown, in a caller started after its last instance left as
+        in one that saw it go. A name no such policy names (a typo) stays UNKNOWN_CAPABILITY."""
+        try:
+            return self.liveness.live(capability)
+        except UnknownCapabilityError:
+            routes = self._declared(capability) if self._declared is not None else None
+            if routes is None:
+                raise
+            raise NoLiveInstanceError(
+                f"capability {capability!r} has no live instance right now (routes/{routes.name} names it, with "
+                f"fallback {routes.fallback!r}; this caller has seen no instance of it)",
+                metadata={"capability": capability[:128], "policy": f"routes/{routes.name}"[:128]},
+            ) from None
 
     def live_for(self, call: OutboundCall) -> Sequence[mesh_pb2.AgentInstance]:
         """The live instances call may use before any policy: those of its pinned agent (`call.agent`), else all.
-        NoLiveInstanceError naming the agent when it has none (the capability's own errors as `Liveness.live`)."""
-        live = self.liveness.live(call.capability)
+        NoLiveInstanceError naming the agent when it has none (the capability's own errors as `live`)."""
+        live = self.live(call.capability)
         agent = call.agent
         if not agent:
             return live
@@ -259,7 +299,7 @@ class InstanceSelector:
         Only pinned calls whose rule left them nothing come here: unpinned selection pays nothing for it.
         """
         agent = call.agent
-        everyone, _ = select(routes, self.liveness.live(call.capability), call.route_metadata, _dry_split)
+        everyone, _ = select(routes, self.live(call.capability), call.route_metadata, _dry_split)
         if not everyone:
             return (), why
         rule = next((r for r in routes.rules if r.holds(call.route_metadata)), None)
