@@ -1,7 +1,8 @@
 """Where the mesh is: etcd, the control plane, the trust anchor. Typed, immutable, validated once.
 
 Resolved from explicit arguments, then HIVEMESH_* environment variables, then the state file that
-`hivemesh up` writes (`.hivemesh/mesh.json`), so `hivemesh agents` just works next to a running `up`.
+`hivemesh up` writes (`.hivemesh/mesh.json`; from another folder, that of the one `up` this user runs), so an
+agent or `MeshClient` finds the mesh wherever the CLI does.
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ from typing import Any
 
 from hivemesh.mesh.controlplane_endpoints import parse_addresses
 from hivemesh.mesh.etcd import EtcdAccess, EtcdTls, parse_endpoints
+from hivemesh.mesh.local_meshes import RUNNING_DIR, running
+from hivemesh.mesh.local_meshes import STATE_FILE as STATE_FILE  # both still importable from here
+from hivemesh.mesh.local_meshes import user_state_dir as user_state_dir
 from hivemesh.mesh.pki import validate_trust_domain
 
 DEFAULT_TRUST_DOMAIN = "hivemesh.local"
-STATE_FILE = "mesh.json"
+LOCATION = ("etcd", "controlplane", "join", "ca_bundle")
+"""The fields that say where the mesh is; the rest have defaults or are optional."""
 IDENTITY_DIR = "identity"
 """Where resolved settings keep joined identities, inside the state folder (see hivemesh.mesh.identity_store)."""
 
@@ -36,18 +41,43 @@ def check_seconds(name: str, value: object, low: float, high: float) -> None:
         raise ValueError(f"{name} must be in {low:g}..{high:g} seconds: {value!r}")
 
 
+_located: Path | None = None
+"""The state folder of the mesh `MeshSettings.resolve` found running elsewhere (`_mesh_home`), once it did."""
+
+
 def state_dir() -> Path:
-    """The state folder: $HIVEMESH_HOME, else ./.hivemesh."""
-    return Path(os.environ.get("HIVEMESH_HOME") or ".hivemesh").resolve()
+    """The state folder: $HIVEMESH_HOME, else ./.hivemesh; but when that holds no mesh and `MeshSettings.resolve`
+    found the one `hivemesh up` runs elsewhere, that mesh's, as the CLI points HIVEMESH_HOME at it: the process
+    keeps its audit spool with the mesh it joined, not in a new .hivemesh in whatever folder it started in."""
+    if given := os.environ.get("HIVEMESH_HOME"):
+        return Path(given).resolve()
+    here = Path(".hivemesh").resolve()
+    return _located if _located is not None and not (here / STATE_FILE).is_file() else here
 
 
-def user_state_dir() -> Path:
-    """This user's hivemesh state, whatever the folder: $XDG_STATE_HOME/hivemesh, else ~/.local/state/hivemesh
-    (the XDG base directory rule). `hivemesh up` records there which local meshes run, so the CLI finds one
-    from any folder."""
-    base = os.environ.get("XDG_STATE_HOME")
-    root = Path(base) if base and Path(base).is_absolute() else Path.home() / ".local" / "state"
-    return root / "hivemesh"
+def _mesh_home(explicit: dict[str, Any]) -> tuple[Path, str]:
+    """The state folder whose mesh.json to read, and why it holds none (for the error, should the location stay
+    unknown). HIVEMESH_HOME, or ./.hivemesh holding a mesh, wins; else, while explicit settings leave the location
+    open, the one mesh `hivemesh up` runs for this user, as the CLI chooses (`localmesh.locate`; several: none is
+    guessed, the error lists them)."""
+    global _located
+    home = Path(os.environ.get("HIVEMESH_HOME") or ".hivemesh").resolve()
+    none_here = f"no {STATE_FILE} in the state folder {home}"
+    if os.environ.get("HIVEMESH_HOME") or (home / STATE_FILE).is_file() or all(explicit.get(n) for n in LOCATION):
+        return home, none_here
+    meshes = running()
+    if len(meshes) == 1:
+        _located = meshes[0].home
+        return _located, none_here
+    if meshes:
+        return home, f"{len(meshes)} local meshes run, none is guessed: " + "; ".join(m.describe() for m in meshes)
+    notes = user_state_dir() / RUNNING_DIR
+    return home, f"{none_here}, and no `hivemesh up` runs for this user (none noted in {notes})"
+
+
+class MeshLocationError(ValueError):
+    """Where the mesh is cannot be told: no arguments, variables or `hivemesh up` state say it. The message
+    names every way to say it; `hivemesh.sdk.run` prints it without a traceback."""
 
 
 @dataclass(frozen=True)
@@ -81,14 +111,8 @@ class MeshSettings:
 
     @classmethod
     def resolve(cls, **overrides: Any) -> MeshSettings:
-        """Settings from overrides (None = unset), then HIVEMESH_* variables, then the state file."""
-        values: dict[str, Any] = {}
-        path = state_dir() / STATE_FILE
-        if path.is_file():
-            try:
-                values.update(json.loads(path.read_text()))
-            except (OSError, ValueError) as exc:
-                raise ValueError(f"cannot read mesh state file {path}: {exc}") from exc
+        """Settings from overrides (None = unset), then HIVEMESH_* variables, then the state file (of the mesh
+        `_mesh_home` finds). A `MeshLocationError` when none of them says where the mesh is."""
         env = {
             "etcd": "HIVEMESH_ETCD",
             "controlplane": "HIVEMESH_CONTROLPLANE",
@@ -99,22 +123,31 @@ class MeshSettings:
             "cert_file": "HIVEMESH_CERT",
             "key_file": "HIVEMESH_KEY",
         }
-        for field_name, var in env.items():
-            if os.environ.get(var):
-                values[field_name] = os.environ[var]
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        explicit = {name: os.environ[var] for name, var in env.items() if os.environ.get(var)}
+        explicit.update({k: v for k, v in overrides.items() if v is not None})
+        home, not_here = _mesh_home(explicit)
+        values: dict[str, Any] = {}
+        path = home / STATE_FILE
+        if path.is_file():
+            try:
+                values.update(json.loads(path.read_text()))
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"cannot read mesh state file {path}: {exc}") from exc
+        values.update(explicit)
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in values.items() if k in known}
-        missing = [n for n in ("etcd", "controlplane", "join", "ca_bundle") if not values.get(n)]
+        missing = [n for n in LOCATION if not values.get(n)]
         if missing:
-            hints = ", ".join(f"{env[m]}" for m in missing)
-            raise ValueError(
-                f"mesh location unknown ({', '.join(missing)}): run `hivemesh up`, or set {hints}"
+            why = f"{path} lacks them" if path.is_file() else not_here
+            raise MeshLocationError(
+                f"mesh location unknown ({', '.join(missing)}): {why}. Run "
+                "`hivemesh up`, point HIVEMESH_HOME at the state folder of a running `hivemesh up` (its --home: "
+                f".hivemesh in the folder it started in, unless given), or set {', '.join(env[m] for m in missing)}"
             )
         for p in ("ca_bundle", "cert_file", "key_file", "identity_dir"):
             if values.get(p) is not None:
                 values[p] = Path(values[p])
-        values.setdefault("identity_dir", state_dir() / IDENTITY_DIR)
+        values.setdefault("identity_dir", home / IDENTITY_DIR)
         return cls(**values)
 
     def etcd_access(self) -> EtcdAccess:

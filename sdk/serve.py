@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import sys
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -40,7 +42,7 @@ from hivemesh.mesh.node_metrics import OWNED_DEFAULT, NodeMetrics, metrics_liste
 from hivemesh.mesh.readiness import DEFAULT_INTERVAL_S
 from hivemesh.mesh.registry import INSTANCE_ID_RE, Registration, default_instance_id, drain_after_deregistration
 from hivemesh.mesh.server import SDK_AGENT, ManagedServer
-from hivemesh.mesh.settings import MeshSettings, check_seconds, check_whole
+from hivemesh.mesh.settings import MeshLocationError, MeshSettings, check_seconds, check_whole
 from hivemesh.sdk.agent import Agent
 from hivemesh.sdk.client import MeshClient
 from hivemesh.sdk.idempotency import DedupeStore, IdempotencyCache
@@ -331,13 +333,30 @@ async def serve_until_signal(
         await server.stop()
 
 
+def _setup_error(exc: ValueError) -> NoReturn:
+    """End a script whose settings are wrong as a command-line program does (`hivemesh.agents.run` too): the
+    message, which says what to do, and exit code 2; a traceback would bury it."""
+    sys.stderr.write(f"{os.path.basename(sys.argv[0]) or 'hivemesh'}: error: {exc}\n")
+    raise SystemExit(2)
+
+
 def run(agent: Agent, settings: MeshSettings | None = None, config: AgentServerConfig | None = None) -> None:
-    """Blocking entry point for an agent script: `run(MyAgent())`."""
+    """Blocking entry point for an agent script: `run(MyAgent())`. Settings that cannot be resolved (no mesh
+    found, a bad HIVEMESH_* value) end it with their message and exit code 2."""
     basic_config(logging.INFO)  # HIVEMESH_LOG_FORMAT=json: JSON lines with trace ids (hivemesh.mesh.logjson)
+    if settings is None:
+        try:
+            settings = MeshSettings.resolve()
+        except ValueError as exc:
+            _setup_error(exc)
     loop.run(serve_until_signal(agent, settings, config))
 
 
 def run_main(main: Coroutine[Any, Any, T]) -> T:
     """Run a program's main coroutine (one that calls the mesh with a MeshClient) on the mesh's event loop:
-    `run_main(main())` in place of `asyncio.run(main())` (uvloop where installed: `hivemesh.mesh.loop`)."""
-    return loop.run(main)
+    `run_main(main())` in place of `asyncio.run(main())` (uvloop where installed: `hivemesh.mesh.loop`). A
+    `MeshClient` that cannot find the mesh ends the program with the message and exit code 2, as `run` does."""
+    try:
+        return loop.run(main)
+    except MeshLocationError as exc:
+        _setup_error(exc)

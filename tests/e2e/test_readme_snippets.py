@@ -4,13 +4,17 @@ as a user runs them, each its own `python FILE` process, against a real mesh (TL
 reference extractor agent started as `hivemesh up` starts it). Nothing else ran them, and the caller example once
 streamed `shout-words`, which no agent offered, unnoticed. The FanOut fragment ("## Orchestration patterns": a
 top-level `await` on a `mesh` it does not make) runs verbatim inside the caller's `async with` against the
-reference search agents."""
+reference search agents. The `hivemesh` commands the README gives before them (`allow`, `join-token`) are the
+only leave and tokens the callers get: the README once left out the grants, and followed literally its callers
+failed GRANT_DENIED."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import re
+import shlex
 import signal
 import sys
 import textwrap
@@ -60,6 +64,21 @@ def python_block(readme: Path, heading: str) -> str:
     return "\n".join(section[first:section.index("```", first)]) + "\n"
 
 
+def hivemesh_commands(readme: Path, heading: str) -> list[list[str]]:
+    """The `hivemesh` commands of the ```sh blocks before the first ```python block under `heading`, each as
+    the CLI's arguments: a whole line (`hivemesh allow ...`) or one in `$(...)` (`export X=$(hivemesh ...)`)."""
+    lines = readme.read_text().splitlines()
+    start = lines.index(heading) + 1
+    end = next(i for i in range(start, len(lines)) if lines[i] == "```python")
+    commands, in_sh = [], False
+    for line in lines[start:end]:
+        if line.startswith("```"):
+            in_sh = line == "```sh"
+        elif in_sh and (m := re.search(r"\$\((hivemesh [^)]*)\)", line) or re.match(r"(hivemesh .*)", line)):
+            commands.append(shlex.split(m.group(1), comments=True)[1:])
+    return commands
+
+
 async def _spawn(args: list[str], env: Mapping[str, str], cwd: Path, log: Path) -> asyncio.subprocess.Process:
     """A child process in its own session, stdout and stderr into log."""
     with log.open("ab") as out:
@@ -105,13 +124,26 @@ async def test_readme_agent_and_callers_run_as_written(etcd: aetcd.Client, etcd_
     agent_py.write_text(python_block(README, AGENT_HEADING))
     caller_py.write_text(python_block(README, CALLER_HEADING))
     fanout_py.write_text(FANOUT_PROGRAM.format(fragment=textwrap.indent(python_block(README, FANOUT_HEADING), " " * 8)))
+    caller_steps, fanout_steps = (hivemesh_commands(README, h) for h in (CALLER_HEADING, FANOUT_HEADING))
+    joins = [argv for argv in caller_steps if argv[0] == "join-token"]
+    allows = [argv for argv in caller_steps + fanout_steps if argv[0] == "allow"]
+    assert len(joins) == 1 and [argv for argv in fanout_steps if argv[0] == "allow"], (
+        f"the README tells a caller how to get a join token and each snippet's `hivemesh allow`: {caller_steps}, "
+        f"{fanout_steps}")
     env: MeshEnv = await start_mesh_env(tmp_path / "mesh", etcd_server.endpoint, OPERATORS_ONLY, authz=None)
     procs: list[asyncio.subprocess.Process] = []
+
+    async def caller_env(home: Path) -> dict[str, str]:
+        """A caller's environment with the token of the README's own `hivemesh join-token` command."""
+        code, token, err = await run_cli(env, *joins[0])
+        assert code == 0, token + err
+        return {**await child_env(env, "reporter", home, "client"), "HIVEMESH_JOIN_TOKEN": token.strip()}
+
     try:
         # Before the agents start, so they load the authz rule with their first view of the policies.
-        code, out, err = await run_cli(env, "allow", "client/reporter", "extract", "shout-words",
-                                       *(f"search-{name}" for name in SEARCHERS))
-        assert code == 0, out + err
+        for argv in allows:
+            code, out, err = await run_cli(env, *argv)
+            assert code == 0, out + err
         # The reference agents as `hivemesh up` runs them (its pipeline's extractor; its research demo's
         # searchers, one process), then the README's agent as its author runs it.
         logs = {name: tmp_path / f"{name}.log" for name in ("extractor", "searchers", "shouter")}
@@ -133,8 +165,8 @@ async def test_readme_agent_and_callers_run_as_written(etcd: aetcd.Client, etcd_
         await _wait_said(agent, logs["shouter"], "agent shouter serving on ")
 
         (code, said, complained), (fan_code, fan_said, fan_complained) = await asyncio.gather(
-            _run(caller_py, await child_env(env, "reporter", tmp_path / "reporter-home", "client")),
-            _run(fanout_py, await child_env(env, "reporter", tmp_path / "fanout-home", "client")))
+            _run(caller_py, await caller_env(tmp_path / "reporter-home")),
+            _run(fanout_py, await caller_env(tmp_path / "fanout-home")))
         assert code == 0, f"the README's caller exited {code}:\n{complained[-3000:]}"
         assert said.split() == ["A", "B"], (said, complained[-3000:])
         assert fan_code == 0, f"the README's FanOut exited {fan_code}:\n{fan_complained[-3000:]}"
