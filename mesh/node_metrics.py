@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from hivemesh.mesh.audit import AuditLog
     from hivemesh.mesh.audit.handshake import HandshakeAudit
     from hivemesh.mesh.node import MeshNode
+    from hivemesh.mesh.registry import CapabilityInfo
     from hivemesh.mesh.tokens import TokenVerifier
 
 METRICS_LISTEN_ENV: Final = "HIVEMESH_METRICS_LISTEN"
@@ -49,6 +51,10 @@ _WORKFLOW_EVENTS: Final = {"started": "started", "completed": "completed", "fail
                            "rejected": "failed", "canceled": "canceled", "input_required": "escalated"}
 """Run events (as the workflow store records them) -> the `event` label of hivemesh_workflows_total."""
 _SECURITY_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+_NO_LIVE_INSTANCE = "NO_LIVE_INSTANCE"
+GONE_KEPT_S: Final = 3600.0
+"""How long hivemesh_registry_live_instances keeps reporting 0 for a capability no instance serves any more, after
+it went and after this node's last call to it refused NO_LIVE_INSTANCE (see `LiveInstances`)."""
 
 
 def parse_listen(text: str) -> tuple[str, int] | None:
@@ -137,6 +143,60 @@ class _Bounded:
         return OTHER
 
 
+class LiveInstances:
+    """hivemesh_registry_live_instances: every capability served now, and 0 for one this node reported live before
+    and no instance serves any more.
+
+    The registry lists only capabilities served now, and a series that vanishes instead of reading 0 left an
+    outage as "no data": nothing to graph, and no rule can test an absent series for 0. The zeros are bounded (a
+    workload registering ever new names would otherwise grow every scrape for good): one is dropped once it has
+    been gone, and not called by this node (`called`), for `kept_s` (gone that long with no caller, it was
+    retired); past `limit` zeros, the longest gone go first.
+    Read from the scrape threads, noted from the event loop: a lock keeps the two apart.
+    """
+
+    __slots__ = ("_called", "_clock", "_gone", "_kept_s", "_limit", "_live", "_lock")
+
+    def __init__(self, *, kept_s: float = GONE_KEPT_S, limit: int = _MAX_LABEL_VALUES,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._kept_s = kept_s
+        self._limit = limit
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._live: frozenset[str] = frozenset()  # reported live by the last read
+        self._gone: dict[str, float] = {}  # capability -> when a read first found it gone, oldest first
+        self._called: dict[str, float] = {}  # capability gone -> this node's last call refused NO_LIVE_INSTANCE
+
+    def called(self, capability: str) -> None:
+        """A call of this node found no live instance of capability: keep its 0 while callers still want it."""
+        with self._lock:
+            if capability in self._gone:
+                self._called[capability] = self._clock()
+
+    def read(self, infos: Iterable[CapabilityInfo]) -> list[tuple[Mapping[str, str], float]]:
+        """The series for the capabilities infos lists (the registry's now), and the zeros still kept."""
+        counts = {i.capability.name: float(i.instances) for i in infos}
+        out: list[tuple[Mapping[str, str], float]] = [({"capability": c}, n) for c, n in counts.items()]
+        live = frozenset(counts)
+        with self._lock:
+            now = self._clock()
+            gone, called = self._gone, self._called
+            for name in self._live - live:
+                gone[name] = now
+            self._live = live
+            for name in [n for n in gone if n in live]:  # back: live again
+                del gone[name]
+                called.pop(name, None)
+            excess = len(gone) - self._limit
+            for name in list(gone):
+                if excess > 0 or now - max(gone[name], called.get(name, 0.0)) > self._kept_s:
+                    del gone[name]
+                    called.pop(name, None)
+                    excess -= 1
+            out.extend(({"capability": name}, 0.0) for name in gone)
+        return out
+
+
 class NodeMetrics:
     """One node's metrics and their port. `start`/`stop` with the node; the hooks below are what it calls."""
 
@@ -160,6 +220,7 @@ class NodeMetrics:
         self._handshakes: list[HandshakeAudit] = []
         self._watched = False
         self._cost_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+        self.live_instances = LiveInstances()
         ev = self.metrics.events
         self._ratelimited = ev.ratelimit_refusals
         self._shed = ev.shed
@@ -269,6 +330,8 @@ class NodeMetrics:
             self.metrics.red.observe("outbound", cap, self.identity, "OK", "", seconds)
         else:
             self.metrics.red.observe("outbound", cap, self.identity, error.code.name, error.reason, seconds)
+            if error.reason == _NO_LIVE_INSTANCE and cap != OTHER:
+                self.live_instances.called(cap)
         if retries:
             self.metrics.events.retries.labels(cap).inc(retries)
 
@@ -328,10 +391,6 @@ class NodeMetrics:
             for agent, waiting in state.queue_depths():
                 yield {"agent": agent}, float(waiting)
 
-        def live() -> Iterator[tuple[Mapping[str, str], float]]:
-            for info in node.registry.capabilities():
-                yield {"capability": info.capability.name}, float(info.instances)
-
         def in_flight() -> Iterator[tuple[Mapping[str, str], float]]:
             totals: dict[tuple[str, str], int] = {}
             for direction, cap, n in state.in_flight():
@@ -347,7 +406,7 @@ class NodeMetrics:
         add("hivemesh_requests_in_flight", in_flight)
         add("hivemesh_breaker_state", breakers)
         add("hivemesh_admission_queue_depth", queues)
-        add("hivemesh_registry_live_instances", live)
+        add("hivemesh_registry_live_instances", lambda: self.live_instances.read(node.registry.capabilities()))
         add("hivemesh_registry_watch_lag_revisions", lambda: [({}, float(cache.lag_revisions))])
         add("hivemesh_registry_impostors_refused", lambda: [({}, float(node.registry.impostors_refused))])
         add("hivemesh_etcd_connected", lambda: [({}, 1.0 if cache.connected else 0.0)])

@@ -4,16 +4,31 @@ and the file-based discovery file `hivemesh up` writes for Prometheus."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
 import pytest
 
 from hivemesh.controlplane.metrics_sd import JOB_CONTROLPLANE, JOB_NODES, ScrapeTarget, write_file_sd
-from hivemesh.mesh.errors import InvalidInputError, OverloadedError, PolicyDeniedError, RateLimitedError
+from hivemesh.mesh.errors import (
+    InvalidInputError,
+    NoLiveInstanceError,
+    OverloadedError,
+    PolicyDeniedError,
+    RateLimitedError,
+)
 from hivemesh.mesh.layers.base import Inbound
 from hivemesh.mesh.layers.budget import usage_tokens
-from hivemesh.mesh.node_metrics import NodeMetrics, PriceTable, metrics_listen, parse_listen
+from hivemesh.mesh.node_metrics import (
+    GONE_KEPT_S,
+    LiveInstances,
+    NodeMetrics,
+    PriceTable,
+    metrics_listen,
+    parse_listen,
+)
+from hivemesh.mesh.registry import CapabilityInfo
 from hivemesh.v1 import agent_pb2
 
 
@@ -185,3 +200,56 @@ async def test_the_attempt_loop_reports_budget_refusals_and_ejections() -> None:
     text = m.metrics.exposition().decode()
     assert 'hivemesh_retry_budget_refusals_total{capability="work"} 1.0' in text
     assert 'hivemesh_ejections_total{capability="work"} 1.0' in text
+
+
+def _served(**instances: int) -> list[CapabilityInfo]:
+    return [CapabilityInfo(agent_pb2.Capability(name=n), (n,), k) for n, k in instances.items()]
+
+
+def test_a_capability_gone_reads_zero_until_it_was_gone_and_uncalled_for_an_hour() -> None:
+    """The series of a capability whose last instance left stays, at 0 (an absent series cannot be alerted on or
+    graphed as an outage), and goes once nobody here called it for GONE_KEPT_S: bounded in time."""
+    now = [0.0]
+    live = LiveInstances(clock=lambda: now[0])
+    assert dict_of(live.read(_served(validate=1, ocr=2))) == {"validate": 1.0, "ocr": 2.0}
+    now[0] = 10.0
+    assert dict_of(live.read(_served(ocr=2))) == {"validate": 0.0, "ocr": 2.0}
+    now[0] = 10.0 + GONE_KEPT_S - 60
+    live.called("validate")  # a caller here still wants it: kept an hour from this call
+    live.called("never-seen")  # not a series this node reported: nothing kept for it
+    now[0] = 10.0 + GONE_KEPT_S + 60
+    assert dict_of(live.read(_served(ocr=2))) == {"validate": 0.0, "ocr": 2.0}
+    now[0] = 10.0 + 2 * GONE_KEPT_S
+    assert dict_of(live.read(_served(ocr=2))) == {"ocr": 2.0}
+    # Back, then gone again: reported again, and kept from its new departure.
+    assert dict_of(live.read(_served(validate=1, ocr=2))) == {"validate": 1.0, "ocr": 2.0}
+    assert dict_of(live.read(_served())) == {"validate": 0.0, "ocr": 0.0}
+
+
+def test_zeros_past_the_cap_drop_the_longest_gone_first() -> None:
+    now = [0.0]
+    live = LiveInstances(limit=2, clock=lambda: now[0])
+    live.read(_served(a=1, b=1, c=1))
+    now[0] = 1.0
+    live.read(_served(b=1, c=1))  # a gone first
+    now[0] = 2.0
+    live.read(_served(d=1))  # then b and c: three zeros, two kept
+    assert dict_of(live.read(_served(d=1))) == {"b": 0.0, "c": 0.0, "d": 1.0}
+
+
+def test_a_no_live_instance_refusal_keeps_the_zero_of_the_capability_it_called() -> None:
+    """NodeMetrics.finished (the hook the outbound pipeline calls) notes the refusal: the zero outlives the hour."""
+    m = _metrics()
+    now = [0.0]
+    m.live_instances = LiveInstances(clock=lambda: now[0])
+    m.live_instances.read(_served(validate=1, ocr=1))
+    m.live_instances.read(_served())
+    now[0] = GONE_KEPT_S - 1
+    m.finished("validate", NoLiveInstanceError("none"), 0.001, 0)
+    m.finished("ocr", None, 0.001, 0)
+    now[0] = GONE_KEPT_S + 1
+    assert dict_of(m.live_instances.read(_served())) == {"validate": 0.0}
+
+
+def dict_of(series: list[tuple[Mapping[str, str], float]]) -> dict[str, float]:
+    return {labels["capability"]: value for labels, value in series}
