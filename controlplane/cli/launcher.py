@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -45,7 +46,7 @@ from hivemesh.mesh.audit.handshake.switch import child_environment
 from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.errors import FailedPreconditionError
 from hivemesh.mesh.etcd import EtcdServer, EtcdStartError
-from hivemesh.mesh.node_metrics import OWNED_DEFAULT, metrics_listen
+from hivemesh.mesh.node_metrics import METRICS_LISTEN_ENV, OWNED_DEFAULT, metrics_listen
 from hivemesh.mesh.registry import RegistryView
 from hivemesh.mesh.settings import STATE_FILE, MeshSettings
 from hivemesh.mesh.tls import load_workload_files
@@ -148,8 +149,8 @@ class MeshUp:
         self.scrape_targets: list[ScrapeTarget] = []
         """The /metrics port of every node started, written for Prometheus's file-based discovery."""
         self._etcd_started = False
-        self._announced: list[tuple[Child, str, str, str]] = []
-        """(child, the line announcing its metrics address, job, node), read once every child is up."""
+        self._announced: list[_Ports] = []
+        """The children whose ready lines (their metrics addresses) are read once every child is up."""
         # What etcd and the control plane trust and present, as `_follow_ca` keeps them through a CA rotation.
         self._ca_lock = asyncio.Lock()
         """Held while etcd is restarted (a crash or a rotation step), so the two never restart it at once."""
@@ -359,8 +360,10 @@ class MeshUp:
             child = await self.sup.spawn(f"demo-{name}", _python("hivemesh.agents.run", *demo.agents), env)
             # pid first: a long line wraps on a narrow terminal, and tools look for "pid N"
             self.say(f"{name} demo (pid {child.pid}): SDK agents {', '.join(demo.agents)} in one process")
-            for agent in demo.agents:
-                self._announced.append((child, rf"serving {agent} on \S+ metrics=(\S+)", JOB_NODES, agent))
+            # One metrics port per agent, from one environment: a restart cannot ask for them again, so the
+            # Prometheus targets follow the new ones (after_restart).
+            self._announced.append(_Ports(self, child, [
+                _Ready(rf"serving {agent} on \S+ metrics=(?P<metrics>\S+)", agent) for agent in demo.agents]))
             wanted.extend(demo.capabilities)
         await self._wait_registered(wanted)
         self.say(f"all {len(wanted)} demo capabilities are registered in etcd")
@@ -403,8 +406,8 @@ class MeshUp:
             token = await self._join_token(agent)
             child = await self.sup.spawn(agent, _python("hivemesh.agents.run", agent), self._env(token))
             self.say(f"agent {agent}: SDK, in-process mesh layers (pid {child.pid})")
-            announced = rf"agent {agent} serving on \S+ as \S+ \(metrics ([^,)\s]+)"  # then ", health ...)"
-            self._announced.append((child, announced, JOB_NODES, agent))
+            announced = rf"agent {agent} serving on (?P<endpoint>\S+) as \S+ \(metrics (?P<metrics>[^,)\s]+)"
+            self._announced.append(_Ports(self, child, [_Ready(announced, agent, _agent_pins)]))  # then ", health"
         plain = await self.sup.spawn("validator", _python("hivemesh.agents.run", "validator", "--port", "0"))
         m = await plain.wait_for_line(r"listening (127\.0\.0\.1:\d+)", _READY_S)
         plain.args[-1] = _port(m.group(1))  # restarted on the same port: its sidecar keeps calling it there
@@ -415,21 +418,31 @@ class MeshUp:
             self._env(await self._join_token("validator")),
         )
         self.say(f"agent validator: plain gRPC on {m.group(1)} (pid {plain.pid}), behind a sidecar (pid {sidecar.pid})")
-        ready = await sidecar.wait_for_line(r"sidecar ready inbound=\S+ mesh=(\S+) metrics=(\S+)", _READY_S)
-        self._target(ready.group(2), JOB_NODES, "validator")
+        listen = self.opts.listen
+        ports = _Ports(self, sidecar, [_Ready(
+            r"sidecar ready inbound=(?P<inbound>\S+) mesh=(?P<mesh>\S+) metrics=(?P<metrics>\S+)", "validator",
+            lambda ready: _sidecar_pins(ready, listen))])
+        (ready,) = await ports.read()
         # A Unix socket only this user can open: no other local process can call the mesh as the validator.
-        self.say(f"  its Mesh service (for the agent's own calls): {ready.group(1)}")
+        self.say(f"  its Mesh service (for the agent's own calls): {ready.group('mesh')}")
         await self._wait_registered(list(PIPELINE))
         self.say("all four pipeline capabilities are registered in etcd")
 
     # --- Prometheus discovery ---------------------------------------------------------------------------------
     def _target(self, address: str, job: str, node: str) -> None:
-        if address != "off":
-            self.scrape_targets.append(ScrapeTarget(address, job, node))
+        """Note node's /metrics address, in place of the one it had (a restart on another port)."""
+        if address == "off":
+            return
+        target = ScrapeTarget(address, job, node)
+        for i, had in enumerate(self.scrape_targets):
+            if (had.job, had.node) == (job, node):
+                self.scrape_targets[i] = target
+                return
+        self.scrape_targets.append(target)
 
     async def write_scrape_targets(self) -> None:
-        for child, pattern, job, node in self._announced:
-            self._target((await child.wait_for_line(pattern, _READY_S)).group(1), job, node)
+        for ports in self._announced:
+            await ports.read()
         self._announced.clear()
         paths = write_file_sd(self.opts.home / SD_DIR, self.scrape_targets)
         self.say(f"Prometheus targets ({len(self.scrape_targets)} nodes, file_sd): {', '.join(map(str, paths))}")
@@ -668,6 +681,135 @@ class MeshUp:
             ("etcd", self.etcd is not None and (self._etcd_started or self.etcd.running)),
         ) if ran]
         return ", ".join(parts[:-1]) + f" and {parts[-1]}" if len(parts) > 1 else "".join(parts)
+
+
+@dataclass(frozen=True)
+class _Pin:
+    """A port (or socket) a child told others at its first start, asked for again when `up` restarts it."""
+
+    key: str
+    """The option (`--port`) or, with env, the environment variable that sets it."""
+    value: str
+    """What key is given: the port, HOST:PORT, or a socket's path."""
+    address: str | None = None
+    """HOST:PORT whose port must be free for the restart to ask for it (None: no port, nothing to check)."""
+    what: str = "port"
+    env: bool = False
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """A line a child prints once one of its nodes serves: its group `metrics` is the node's Prometheus target;
+    pins, given the match, what a restart asks for again."""
+
+    pattern: str
+    node: str
+    pins: Callable[[re.Match[str]], list[_Pin]] | None = None
+
+
+class _Ports:
+    """Keeps one child's ports across `up`'s restarts of it: the restart asks for the ports its first start bound
+    (Prometheus's file_sd targets, the Mesh socket printed, registry entries a caller still holds stay right);
+    one another process took meanwhile is left to the child's default (a free one), and the targets file is
+    written again with what its ready line then reports. Restarted on new ports, a node stayed a dead target (down,
+    "connection refused") in Prometheus and `hivemesh top` for the rest of the run, and no alert said so."""
+
+    def __init__(self, up: MeshUp, child: Child, readies: list[_Ready]) -> None:
+        self.up = up
+        self.child = child
+        self.readies = readies
+        self.args = list(child.args)
+        self.env = dict(child.env)
+        """How the first start ran: each restart starts from it, adding the pins still free."""
+        self.pins: list[_Pin] = []
+        child.before_restart = self._pin
+        child.after_restart = self._reread
+
+    async def read(self) -> list[re.Match[str]]:
+        """Wait (bounded) for each ready line; note each node's target and what a restart pins."""
+        matches: list[re.Match[str]] = []
+        pins: list[_Pin] = []
+        for ready in self.readies:
+            m = await self.child.wait_for_line(ready.pattern, _READY_S)
+            self.up._target(m.group("metrics"), JOB_NODES, ready.node)
+            if ready.pins is not None:
+                pins += ready.pins(m)
+            matches.append(m)
+        self.pins = pins
+        return matches
+
+    def _pin(self, child: Child) -> None:
+        args, env = list(self.args), dict(self.env)
+        for pin in self.pins:
+            if pin.address is not None and not _port_free(pin.address):
+                self.up.say(f"{child.name}: its {pin.what} {_port(pin.address)} is taken by another process now: it "
+                            f"starts on a free one" + (" (the Prometheus targets follow)" if pin.key in _METRICS_KEYS
+                                                       else " (its registry entry says which)"))
+                continue
+            if pin.env:
+                env[pin.key] = pin.value
+            else:
+                _set_option(args, pin.key, pin.value)
+        child.args, child.env = args, env
+
+    async def _reread(self, child: Child) -> None:
+        before = list(self.up.scrape_targets)
+        await self.read()
+        if self.up.scrape_targets == before:
+            return
+        moved = ", ".join(f"{t.node} {t.address}" for t in self.up.scrape_targets if t not in before)
+        try:
+            write_file_sd(self.up.opts.home / SD_DIR, self.up.scrape_targets)
+        except OSError as exc:
+            self.up.say(f"could not write the Prometheus targets in {self.up.opts.home / SD_DIR} ({exc}): "
+                        f"Prometheus goes on scraping {child.name}'s old port (now: {moved})")
+            return
+        self.up.say(f"Prometheus targets rewritten: {child.name} restarted with metrics on {moved}")
+
+
+def _agent_pins(ready: re.Match[str]) -> list[_Pin]:
+    """An SDK agent's mutual-TLS port (`--port` of hivemesh.agents.run) and metrics port (its environment)."""
+    endpoint, metrics = ready.group("endpoint"), ready.group("metrics")
+    pins = [_Pin("--port", _port(endpoint), endpoint, "mutual-TLS port")]
+    if metrics != "off":
+        pins.append(_Pin(METRICS_LISTEN_ENV, metrics, metrics, "metrics port", env=True))
+    return pins
+
+
+def _sidecar_pins(ready: re.Match[str], listen: str) -> list[_Pin]:
+    """A sidecar's inbound port (on the host it listens on), Mesh socket and metrics port."""
+    inbound, mesh, metrics = ready.group("inbound"), ready.group("mesh"), ready.group("metrics")
+    pins = [_Pin("--listen", join_host_port(listen, int(_port(inbound))), inbound, "inbound port")]
+    if mesh.startswith("unix:"):
+        pins.append(_Pin("--mesh-socket", mesh.removeprefix("unix:")))
+    if metrics != "off":
+        pins.append(_Pin("--metrics-listen", metrics, metrics, "metrics port"))
+    return pins
+
+
+_METRICS_KEYS = frozenset({METRICS_LISTEN_ENV, "--metrics-listen"})
+
+
+def _set_option(args: list[str], option: str, value: str) -> None:
+    """Give option value in args: in place of the value it has there, else added at the end."""
+    if option in args[:-1]:
+        args[args.index(option) + 1] = value
+    else:
+        args += [option, value]
+
+
+def _port_free(address: str) -> bool:
+    """Whether no socket listens on address's port, on any interface of its family (bound with SO_REUSEADDR, as
+    the children bind: a connection the dead child left in TIME_WAIT does not count)."""
+    host, _, port = address.rpartition(":")
+    family, anywhere = (socket.AF_INET6, "::") if host.startswith("[") else (socket.AF_INET, "0.0.0.0")
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((anywhere, int(port)))
+        except (OSError, ValueError):
+            return False
+    return True
 
 
 class EtcdUnit:

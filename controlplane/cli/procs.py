@@ -38,6 +38,11 @@ class Child:
     _pump: asyncio.Task[None] | None = None
     _matched: dict[str, asyncio.Future[Any]] = field(default_factory=dict)
     _start: Callable[[Child], Awaitable[None]] | None = None
+    before_restart: Callable[[Child], None] | None = None
+    """Called before each restart: may set args and env again (a port it had, asked for only while free)."""
+    after_restart: Callable[[Child], Awaitable[None]] | None = None
+    """Awaited after each restart, as part of it: e.g. read the ports its ready line reports, so what others were
+    told of it (the Prometheus targets) follows a port that changed."""
 
     @property
     def pid(self) -> int:
@@ -59,7 +64,11 @@ class Child:
         if self.proc.returncode is None:
             return
         self.lines.clear()  # a ready line of the old process must not answer wait_for_line for the new one
+        if self.before_restart is not None:
+            self.before_restart(self)
         await self._start(self)
+        if self.after_restart is not None:
+            await self.after_restart(self)
 
     async def wait_for_line(self, pattern: str, timeout: float) -> re.Match[str]:
         """Wait (bounded) until the child prints a line matching pattern; fail fast if it exits."""
