@@ -67,9 +67,10 @@ TOKENS_ENV = "HIVEMESH_JOIN_TOKENS"
 """JSON {agent: one-time join token}, for several agents served by one process."""
 
 
-async def _serve_many(names: Sequence[str], host: str) -> None:
+async def _serve_many(names: Sequence[str]) -> None:
     """Several SDK agents in one process (each its own identity, server and registration): how `hivemesh up`
-    keeps the demo's many small agents cheap. Stops them all on SIGINT/SIGTERM."""
+    keeps the demo's many small agents cheap. Stops them all on SIGINT/SIGTERM. They bind and advertise what
+    `AgentServerConfig` reads from the environment ($HIVEMESH_LISTEN, $HIVEMESH_ADVERTISE), as `up` sets it."""
     import asyncio
     import dataclasses
     import json
@@ -90,7 +91,7 @@ async def _serve_many(names: Sequence[str], host: str) -> None:
             module, cls_name = SDK_AGENTS[name]
             agent = getattr(importlib.import_module(module), cls_name)()
             settings = dataclasses.replace(base, join_token=tokens.get(name) or base.join_token)
-            server = AgentServer(agent, settings, AgentServerConfig(host=host))
+            server = AgentServer(agent, settings, AgentServerConfig())
             await server.start()
             servers.append(server)
             health = f" health={server.health_address}" if server.health_address is not None else ""
@@ -118,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         from hivemesh.mesh import loop
 
-        loop.run(_serve_many(names, "127.0.0.1"))
+        loop.run(_serve_many(names))
         return 0
     if args and args[0] in PLAIN_AGENTS:
         plain = importlib.import_module(PLAIN_AGENTS[args[0]])
@@ -129,7 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         epilog="'validator' takes the options of python -m hivemesh.agents.validate_plain.",
     )
     parser.add_argument("agent", choices=AGENT_NAMES)
-    parser.add_argument("--host", default="127.0.0.1", help="address to serve and advertise (default %(default)s)")
+    parser.add_argument("--host", default=None,
+                        help="address to serve on (default: $HIVEMESH_LISTEN, else 127.0.0.1; advertised as "
+                             "$HIVEMESH_ADVERTISE, else this). `hivemesh up --listen 0.0.0.0` sets both: a fixed "
+                             "127.0.0.1 here left its agents unreachable from other hosts")
     parser.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     parser.add_argument("--instance-id", default=None, help="registry instance id (default: generated)")
     parser.add_argument("--health-listen", default=None, metavar="HOST:PORT",
@@ -151,7 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hivemesh.sdk import AgentServerConfig, MeshSettings, run
 
     try:
-        config = AgentServerConfig(host=parsed.host, port=parsed.port, instance_id=parsed.instance_id,
+        where = {"host": parsed.host} if parsed.host is not None else {}  # else the environment's, as the SDK's
+        config = AgentServerConfig(**where, port=parsed.port, instance_id=parsed.instance_id,
                                    health_listen=parsed.health_listen, max_call_depth=parsed.max_call_depth,
                                    output_classifier=parsed.output_classifier)
         settings = MeshSettings.resolve()
