@@ -84,10 +84,18 @@ class CircuitBreaker:
         self.opened_at = 0.0
 
     def configure(self, policy: BreakerPolicy) -> None:
-        """Adopt a changed policy, keeping the state (a new window if its length changed)."""
+        """Adopt a changed policy, keeping the state: what was learnt about the target's health stays (a new
+        window if its length changed), the new settings decide from now on.
+
+        An open breaker's open time is measured again under the new `open_s`/`max_open_s`, from when it opened
+        (with the doubling it had reached): otherwise a shortened `open_ms` (an operator unsticking a breaker
+        opened for 10 minutes) would only apply from its next opening, and a lengthened one likewise.
+        """
         if policy.window_s != self.policy.window_s:
             self._window = WindowCounter(policy.window_s, width=2, clock=self._clock)
         self.policy = policy
+        if self.state is State.OPEN:  # (still open now: a half-open one stays so)
+            self._open_until = self.opened_at + self._open_duration()
 
     @property
     def state(self) -> State:
@@ -96,6 +104,11 @@ class CircuitBreaker:
             self._probes_in_flight = 0
             self._probe_successes = 0
         return self._state
+
+    @property
+    def open_until(self) -> float:
+        """When the last opening let (or lets) probes through: the clock time it turned (turns) half-open."""
+        return self._open_until
 
     @property
     def ejected(self) -> bool:
@@ -163,13 +176,17 @@ class CircuitBreaker:
             return total >= p.min_calls and failed / total >= p.failure_ratio
         return False
 
-    def _open(self) -> None:
+    def _open_duration(self) -> float:
+        """open_s, doubled for each opening since it last closed, up to max_open_s (the exponent bounded: a
+        target failing its probes for days must not overflow the float)."""
         p = self.policy
+        return min(p.max_open_s, p.open_s * 2.0 ** min(64, max(0, self._times_opened - 1)))
+
+    def _open(self) -> None:
         self._times_opened += 1
-        duration = min(p.max_open_s, p.open_s * 2 ** (self._times_opened - 1))
         self._state = State.OPEN
         self.opened_at = self._clock()
-        self._open_until = self.opened_at + duration
+        self._open_until = self.opened_at + self._open_duration()
         self._probes_in_flight = 0
         self._probe_successes = 0
         self.opened_count += 1

@@ -5,6 +5,11 @@ the balancer, split positions, the response cache, rate-limit buckets, the in-fl
 counts `hivemesh status` shows. Which policy applies is read from the read-only `PolicyView`
 (`hivemesh.mesh.resilience.view`); `Traffic` pairs the two for the node. State objects are keyed by target and
 adopt a changed policy in place, so a policy change never resets what was learnt about health.
+
+What nothing applies to any longer goes, in the upkeep that `snapshot()` and `breakers()` (status every couple
+of seconds, each metrics scrape) run off the call path: the breakers of a capability its breakers policy no
+longer gives one (`follow_breakers`), and the counts and breakers of instances this node stopped sending to
+(`_prune_instances`: dead and restarted instances must neither stay in status nor grow memory).
 Everything here runs on the event loop thread: no locks.
 """
 
@@ -19,6 +24,7 @@ from hivemesh.mesh.resilience.balancer import Balancer
 from hivemesh.mesh.resilience.breaker import BreakerPolicy, CircuitBreaker, State
 from hivemesh.mesh.resilience.cache import ResponseCache
 from hivemesh.mesh.resilience.concurrency import ConcurrencyGate, ConcurrencyPolicy
+from hivemesh.mesh.resilience.kinds import BREAKERS, BreakerSettings
 from hivemesh.mesh.resilience.ratelimit import IdentityUsage, RateLimiter
 from hivemesh.mesh.resilience.retry import RetryBudget, RetryPolicy
 from hivemesh.mesh.resilience.routes import RoutePolicy, SplitState
@@ -27,6 +33,20 @@ from hivemesh.mesh.resilience.window import WindowCounter
 from hivemesh.v1 import policy_pb2
 
 _STATUS_WINDOW_S = 10.0
+_LEARNT_KEEP_S = 60.0
+_UNSEEN = object()
+"""No breakers policy version seen yet (a version may be None)."""
+
+
+def _at_rest(b: CircuitBreaker, now: float, idle_s: float) -> bool:
+    """May the breaker of an instance sent no attempt for idle_s go? See `TrafficState._prune_instances`."""
+    state = b.state
+    if state is State.HALF_OPEN:
+        return now - b.open_until >= _STATUS_WINDOW_S
+    if state is not State.CLOSED:
+        return False
+    learnt = b.consecutive_failures > 0 or any(b.window_counts())
+    return not learnt or idle_s >= max(_LEARNT_KEEP_S, b.policy.window_s)
 
 
 class _Counts:
@@ -54,8 +74,30 @@ class TrafficState:
         self._splits: dict[tuple[str, str, int], tuple[RoutePolicy, SplitState]] = {}
         self._out: dict[str, _Counts] = {}
         self._out_inst: dict[tuple[str, str], _Counts] = {}
+        self._inst_seen: dict[tuple[str, str], float] = {}
+        """When the upkeep last saw an attempt to each instance with a breaker (in its window or in flight)."""
         self._in: dict[str, _Counts] = {}
         self._gates: dict[str, ConcurrencyGate] = {}
+        self._breaker_settings: Callable[[str], BreakerSettings | None] | None = None
+        self._breaker_version: Callable[[], object] = lambda: None
+        self._breakers_seen: object = _UNSEEN
+
+    def follow_breakers(
+        self, settings_of: Callable[[str], BreakerSettings | None], version: Callable[[], object]
+    ) -> None:
+        """Keep the breakers to what the breakers policy in force gives: settings_of(capability) (None: no
+        breakers policy names it), version() an object that changes whenever that policy does (the compiled table).
+
+        The call path only reads a breaker a policy gives, so without this one whose policy was deleted kept its
+        last state for good: status and `hivemesh_breaker_state` went on showing it open (or half-open) on a
+        healthy capability, and a policy applied again later found it still open. On a change, a breaker the
+        policy no longer gives (a deleted document, a capability it no longer names, an `instance` or `capability`
+        part taken out) is dropped: no breaker is the default, and a policy given again later starts closed. One
+        still given adopts the new settings in place (`CircuitBreaker.configure`: what it learnt stays, an open
+        one's open time is measured again under the new `open_ms`), as the call path would on its next call.
+        """
+        self._breaker_settings, self._breaker_version = settings_of, version
+        self._breakers_seen = _UNSEEN
 
     # --- state --------------------------------------------------------------------------------------------------
     def capability_breaker(self, capability: str, policy: BreakerPolicy) -> CircuitBreaker:
@@ -116,7 +158,9 @@ class TrafficState:
         return g
 
     def breakers(self) -> list[tuple[str, str, CircuitBreaker]]:
-        """Every breaker as (capability, instance key or "" for the capability's own, breaker), for metrics."""
+        """Every breaker in force as (capability, instance key or "" for the capability's own, breaker), for
+        metrics (after the upkeep: see the module docstring)."""
+        self.upkeep()
         out = [(cap, "", b) for cap, b in self._cap_breakers.items()]
         out.extend((cap, inst, b) for (cap, inst), b in self._inst_breakers.items())
         return out
@@ -186,11 +230,79 @@ class TrafficState:
             c.window.add(_Counts.ENDED)
             c.window.add(_Counts.MICROS, int(seconds * 1_000_000))
 
+    # --- upkeep, off the call path ----------------------------------------------------------------------------
+    def upkeep(self) -> None:
+        """Drop what no policy or instance needs any longer; see the module docstring. O(breakers + instances)."""
+        self._follow_breakers()
+        self._prune_instances()
+
+    def _follow_breakers(self) -> None:
+        settings_of = self._breaker_settings
+        if settings_of is None:
+            return
+        version = self._breaker_version()
+        if version is self._breakers_seen:
+            return
+        self._breakers_seen = version
+        found: dict[str, BreakerSettings | None] = {}
+
+        def given(cap: str, part: str) -> BreakerPolicy | None:
+            if cap not in found:
+                found[cap] = settings_of(cap)
+            s = found[cap]
+            policy: BreakerPolicy | None = getattr(s, part) if s is not None else None
+            return policy
+
+        for cap, b in list(self._cap_breakers.items()):
+            if (policy := given(cap, "capability")) is None:
+                del self._cap_breakers[cap]
+            elif b.policy is not policy:
+                b.configure(policy)
+        for key, b in list(self._inst_breakers.items()):
+            if (policy := given(key[0], "instance")) is None:
+                del self._inst_breakers[key]
+            elif b.policy is not policy:
+                b.configure(policy)
+
+    def _prune_instances(self) -> None:
+        """Drop the counts of each instance this node sent no attempt to for a whole status window (none in
+        flight), and its breaker once at rest.
+
+        An instance that left the registry (killed, or restarted under a new instance id) is sent nothing, so its
+        row goes one window after its last attempt; kept, such rows stayed in status for good and every restart
+        added some. Nothing here knows the registry, so a registered instance not called for a window goes too:
+        its row would show only zeros, and it is back on its next call.
+
+        A breaker is at rest, and goes, when it holds nothing a fresh one lacks: closed with no failure run and
+        an empty window; closed with some, once no attempt went to the instance for max(60 s, its window_s) (a
+        live instance of a capability in use is called long before, so only a departed or idle one forgets);
+        half-open for a whole status window (a live instance of a capability in use is probed at once; its
+        doubled open time is forgotten). An open breaker stays until its open time ends: it is what keeps calls
+        off the instance, and status shows it.
+        """
+        now = self.clock()
+        seen = self._inst_seen
+        for key, c in list(self._out_inst.items()):
+            if c.in_flight or any(c.window.totals()):
+                if key in self._inst_breakers:
+                    seen[key] = now
+            elif (b := self._inst_breakers.get(key)) is None or b.state is not State.OPEN:
+                del self._out_inst[key]
+        for key, b in list(self._inst_breakers.items()):
+            if key in self._out_inst and seen.get(key) == now:
+                continue
+            if _at_rest(b, now, now - seen.setdefault(key, now)):
+                del self._inst_breakers[key]
+        for key in [k for k in seen if k not in self._inst_breakers]:
+            del seen[key]
+
     # --- the status report ------------------------------------------------------------------------------------
     def snapshot(
         self, *, identity: str, instance: str, agent: str = "", policy_revision: int = 0
     ) -> policy_pb2.NodeTraffic:
-        """What `hivemesh status` shows for this node, built off the call path every couple of seconds."""
+        """What `hivemesh status` shows for this node, built off the call path every couple of seconds (after the
+        upkeep: see the module docstring)."""
+        self.upkeep()
         node = policy_pb2.NodeTraffic(
             identity=identity,
             instance=instance,
@@ -198,7 +310,8 @@ class TrafficState:
             policy_revision=policy_revision,
         )
         by_cap_instances: dict[str, list[str]] = {}
-        for cap, inst in list(self._out_inst) + list(self._inst_breakers):
+        shown = [k for k, b in self._inst_breakers.items() if b.state is not State.CLOSED]
+        for cap, inst in list(self._out_inst) + shown:  # (a closed breaker alone: nothing to show)
             ids = by_cap_instances.setdefault(cap, [])
             if inst not in ids:
                 ids.append(inst)
@@ -248,6 +361,11 @@ class Traffic:
 
     policy: PolicyView = field(default_factory=PolicyView)
     state: TrafficState = field(default_factory=TrafficState)
+
+    def __post_init__(self) -> None:
+        policies = self.policy.policies
+        if policies is not None:  # (without a policy cache no breaker policy changes: nothing to follow)
+            self.state.follow_breakers(self.policy.breakers, lambda: policies.view().get(BREAKERS.name))
 
 
 def breaker_states(state: TrafficState, capability: str) -> Mapping[str, str]:
