@@ -15,9 +15,11 @@ burns fast over both a long and a short window, open a ticket when it burns slow
           window_days: 28
 
 Availability counts the codes that are the mesh's or the agent's fault (UNAVAILABLE, INTERNAL, UNKNOWN,
-DEADLINE_EXCEEDED, DATA_LOSS, RESOURCE_EXHAUSTED when shed or rate-limited), except an UNAVAILABLE
+DEADLINE_EXCEEDED, DATA_LOSS, RESOURCE_EXHAUSTED when the agent is overloaded and sheds), except an UNAVAILABLE
 STALE_REGISTRATION refusal (the call goes to another instance unrun); a caller's own mistakes
-(INVALID_ARGUMENT, PERMISSION_DENIED, UNAUTHENTICATED, NOT_FOUND, FAILED_PRECONDITION) spend no budget.
+(INVALID_ARGUMENT, PERMISSION_DENIED, UNAUTHENTICATED, NOT_FOUND, FAILED_PRECONDITION) and a caller held to its
+own quota (RESOURCE_EXHAUSTED RATE_LIMITED or TOKEN_BUDGET_EXCEEDED) spend no budget: one caller over its rate
+limit must not page for a healthy capability.
 The latency threshold must be one of the histogram's bucket bounds, so the ratio is exact, not interpolated.
 A capability with calls and no failure has an error ratio of 0, not none.
 """
@@ -28,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from hivemesh.mesh.errors import RateLimitedError, TokenBudgetExceededError
 from hivemesh.mesh.metrics import LATENCY_BUCKETS
 from hivemesh.mesh.policy import Mistakes, PolicyDoc, PolicyKind
 
@@ -36,6 +39,10 @@ ERROR_CODES: Final = ("UNAVAILABLE", "INTERNAL", "UNKNOWN", "DEADLINE_EXCEEDED",
 UNRUN_REASON: Final = "STALE_REGISTRATION"
 """An instance's refusal of a call routed by a registration of it that is gone: the caller sends the call to another
 instance, unrun here, so it spends no budget (as in the HivemeshHighErrorRate alert and the dashboard)."""
+CALLER_QUOTA_REASONS: Final = (RateLimitedError.reason, TokenBudgetExceededError.reason)
+"""RESOURCE_EXHAUSTED refusals of one caller held to its own rate limit or token budget: the capability served
+everyone else, so they spend no budget. OVERLOADED (the agent shed load) and any other RESOURCE_EXHAUSTED still do."""
+NOT_SPENDING_REASONS: Final = (UNRUN_REASON, *CALLER_QUOTA_REASONS)
 _THRESHOLDS_MS: Final = tuple(round(b * 1000, 3) for b in LATENCY_BUCKETS)
 
 
@@ -184,7 +191,8 @@ def render_rules(objs: Sequence[Objective]) -> dict[str, Any]:
         for w in RATE_WINDOWS:
             total = f"sum(rate(hivemesh_requests_total{{{_sel(cap)}}}[{w}]))"
             if o.availability is not None:
-                failed = _sel(cap, ',code=~"' + "|".join(ERROR_CODES) + f'",reason!="{UNRUN_REASON}"')
+                failed = _sel(cap, ',code=~"' + "|".join(ERROR_CODES)
+                              + '",reason!~"' + "|".join(NOT_SPENDING_REASONS) + '"')
                 # A code's series exists only from its first call: without `or`, a capability that never
                 # failed would have no ratio at all (an empty graph, not 0).
                 errors = f"sum(rate(hivemesh_requests_total{{{failed}}}[{w}]))"

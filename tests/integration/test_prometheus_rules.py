@@ -72,6 +72,63 @@ def test_rendered_slo_rules_burn_fast_on_an_outage_and_stay_silent_when_healthy(
     assert "SUCCESS" in promtool("test", "rules", "slo.test.yml", cwd=tmp_path)
 
 
+def test_slo_burn_pages_for_an_overloaded_agent_not_for_one_caller_over_its_own_quota(tmp_path: Path) -> None:
+    """A caller refused by its rate limit or token budget spends no error budget (as in HivemeshHighErrorRate);
+    an agent shedding load (OVERLOADED) does. Both capabilities refuse the same share of their calls."""
+    doc = SLOS.validate(PolicyDoc("slos", "quota", {"objectives": [
+        {"capability": "extract", "availability": 0.99}, {"capability": "ocr", "availability": 0.99}]}))
+    (tmp_path / "slo.yml").write_text(yaml.safe_dump(render_rules(objectives({"quota": doc}))))
+    assert "SUCCESS" in promtool("check", "rules", "slo.yml", cwd=tmp_path)
+    series = ('hivemesh_requests_total{direction="inbound",capability="%s",caller="%s",code="%s",reason="%s"}')
+    test = {
+        "rule_files": ["slo.yml"],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [
+                # extract: every admitted call succeeds; one caller calls past its rate limit and token budget.
+                {"series": series % ("extract", "ingest", "OK", ""), "values": "0+30x90"},
+                {"series": series % ("extract", "greedy", "OK", ""), "values": "0+30x90"},
+                {"series": series % ("extract", "greedy", "RESOURCE_EXHAUSTED", "RATE_LIMITED"),
+                 "values": "0+90x90"},
+                {"series": series % ("extract", "greedy", "RESOURCE_EXHAUSTED", "TOKEN_BUDGET_EXCEEDED"),
+                 "values": "0+30x90"},
+                # ocr: the agent is at its in-flight limit and sheds the same share of calls.
+                {"series": series % ("ocr", "ingest", "OK", ""), "values": "0+60x90"},
+                {"series": series % ("ocr", "ingest", "RESOURCE_EXHAUSTED", "OVERLOADED"), "values": "0+120x90"},
+            ],
+            "promql_expr_test": [
+                {"expr": 'hivemesh:slo_errors:ratio_rate1h{capability="extract"}', "eval_time": "70m",
+                 "exp_samples": [{"labels": 'hivemesh:slo_errors:ratio_rate1h{capability="extract",'
+                                            'slo="availability"}', "value": 0}]},
+                {"expr": 'hivemesh:slo_errors:ratio_rate1h{capability="ocr"}', "eval_time": "70m",
+                 "exp_samples": [{"labels": 'hivemesh:slo_errors:ratio_rate1h{capability="ocr",'
+                                            'slo="availability"}', "value": 2 / 3}]},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "70m", "alertname": "HivemeshSLOBurnFast", "exp_alerts": [
+                    {"exp_labels": {"severity": "critical", "capability": "ocr", "slo": "availability"},
+                     "exp_annotations": {
+                         "summary": "ocr: availability error budget burning fast",
+                         "description": ("The availability objective of ocr (0.99 over 28 d) is spending its error "
+                                         "budget at a rate that exhausts it early (page threshold)."),
+                     }},
+                ]},
+                {"eval_time": "70m", "alertname": "HivemeshSLOBurnSlow", "exp_alerts": [
+                    {"exp_labels": {"severity": "warning", "capability": "ocr", "slo": "availability"},
+                     "exp_annotations": {
+                         "summary": "ocr: availability error budget burning slowly",
+                         "description": ("The availability objective of ocr (0.99 over 28 d) is spending its error "
+                                         "budget at a rate that exhausts it early (ticket threshold)."),
+                     }},
+                ]},
+            ],
+        }],
+    }
+    (tmp_path / "slo.test.yml").write_text(yaml.safe_dump(test))
+    assert "SUCCESS" in promtool("test", "rules", "slo.test.yml", cwd=tmp_path)
+
+
 _NAME = re.compile(r"\b(hivemesh[_:][A-Za-z0-9_:]*)")
 _SUFFIXES = ("_total", "_bucket", "_count", "_sum")
 
