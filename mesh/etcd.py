@@ -805,17 +805,28 @@ async def wait_connected(etcd: aetcd.Client, timeout: float = 10.0) -> None:
     not cover the probe key."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
-    while time.monotonic() < deadline:
+    while (left := deadline - time.monotonic()) > 0:
         try:
-            await etcd.connect()
-            await asyncio.wait_for(etcd.get(PREFIX.encode() + b"-ping"), timeout=2)
+            # Each attempt within what is left: a member that accepts TCP and never answers (stopped, SIGSTOP)
+            # held connect() and a 2 s probe begun near the deadline past it (a 5 s wait took 11.8 s).
+            async with asyncio.timeout(left):
+                await etcd.connect()
+                await asyncio.wait_for(etcd.get(PREFIX.encode() + b"-ping"), timeout=min(2, left))
             return
         except Exception as exc:  # noqa: BLE001 - any failure is retried until the deadline
             if is_permission_denied(exc):
                 return
             last = exc
-            await asyncio.sleep(0.1)
-    raise TimeoutError(f"etcd not reachable within {timeout:.0f} s: {last}")
+            await asyncio.sleep(min(0.1, max(deadline - time.monotonic(), 0)))
+    raise TimeoutError(f"etcd not reachable within {timeout:.0f} s: {_why_unreachable(last)}")
+
+
+def _why_unreachable(exc: Exception | None) -> str:
+    """What the last attempt met, never an empty reason (a timeout's own text is empty): "no answer" when etcd
+    said nothing at all."""
+    if exc is None or (isinstance(exc, TimeoutError) and not str(exc)):
+        return "no answer (is etcd stopped, overloaded or cut off?)"
+    return str(exc) or type(exc).__name__
 
 
 @contextlib.asynccontextmanager

@@ -8,8 +8,9 @@ import concurrent.futures
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
+import aetcd
 import grpc
 
 from hivemesh.controlplane.audit.checkpoints import public_key_pem
@@ -18,7 +19,13 @@ from hivemesh.controlplane.audit.store import AuditStore, audit_store
 from hivemesh.mesh.audit.chain import canonical
 from hivemesh.mesh.audit.handshake.audit import HandshakeAudit
 from hivemesh.mesh.audit.handshake.tracer import tracer_events
-from hivemesh.mesh.errors import FailedPreconditionError, HivemeshError, PermissionDeniedError, abort
+from hivemesh.mesh.errors import (
+    FailedPreconditionError,
+    HivemeshError,
+    PermissionDeniedError,
+    RegistryUnavailableError,
+    abort,
+)
 from hivemesh.mesh.pki import Peer
 from hivemesh.v1 import audit_pb2, audit_pb2_grpc
 
@@ -26,6 +33,12 @@ if TYPE_CHECKING:
     from hivemesh.controlplane.server import Core
 
 log = logging.getLogger(__name__)
+
+
+SYNC_WAIT_S: Final = 3.0
+"""How long an operator's read waits for this copy to catch up with the mesh-wide log in etcd before it answers
+REGISTRY_UNAVAILABLE: well inside the CLI's 10 s, so a stopped etcd is named as such, not the control plane
+(`hivemesh audit tail` said the control plane did not answer, when its etcd was the component stopped)."""
 
 
 def _require_operator(peer: Peer) -> None:
@@ -37,6 +50,34 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
     def __init__(self, core: Core, store: AuditStore) -> None:
         self._core = core
         self._store = store
+        self._syncs: set[asyncio.Task[None]] = set()
+        """Syncs that outlived their read's wait (etcd stopped): held, and their outcome taken, until they end."""
+
+    async def _synced(self) -> None:
+        """The store's `sync` (the mesh-wide log read from etcd), waited for at most SYNC_WAIT_S. It runs on as a
+        task of its own when the wait ends: cut off part-way it would leave the store's copy to its own recovery,
+        while finished later it just leaves the copy caught up for the next read. etcd's own failure is named too,
+        never an UNKNOWN status."""
+        task = asyncio.ensure_future(self._store.sync())
+        self._syncs.add(task)
+        task.add_done_callback(_settled(self._syncs))
+        try:
+            done, _ = await asyncio.wait([task], timeout=SYNC_WAIT_S)
+        except asyncio.CancelledError:
+            raise  # the caller went away; the sync finishes (bounded by etcd's own timeouts) on its own
+        endpoints = ",".join(self._core.config.etcd_endpoints)
+        if not done:
+            raise RegistryUnavailableError(
+                f"etcd not reachable: the control plane's etcd ({endpoints}) did not answer within {SYNC_WAIT_S:g} s, "
+                "so the mesh-wide audit log cannot be read; retry once etcd answers",
+                metadata={"etcd": endpoints})
+        try:
+            task.result()
+        except (aetcd.exceptions.ClientError, grpc.aio.AioRpcError) as exc:
+            raise RegistryUnavailableError(
+                f"etcd not reachable: the control plane's etcd ({endpoints}) failed the read of the mesh-wide audit "
+                f"log ({type(exc).__name__}); retry once etcd answers",
+                metadata={"etcd": endpoints}) from None
 
     async def _guard(self, context: grpc.aio.ServicerContext[Any, Any], fn: Callable[[], Awaitable[Any]]) -> Any:
         try:
@@ -77,7 +118,7 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
                 principal=request.principal, agent=request.agent, jti=request.jti, trace_id=request.trace_id,
                 kind=request.kind, since=request.since, until=request.until, after_seq=request.after_seq,
             )
-            await self._store.sync()
+            await self._synced()
             entries, scanned = self._store.query(flt, limit=request.limit or 100, tail=request.tail)
             return audit_pb2.AuditQueryResponse(entries=entries, head_seq=self._store.seq, scanned=scanned)
 
@@ -92,7 +133,7 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
         except HivemeshError as err:
             await abort(context, err)
         try:
-            await self._store.sync()
+            await self._synced()
             head = await self._store.sign_head(export=True)
         except HivemeshError as err:
             await abort(context, err)
@@ -116,7 +157,7 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
     ) -> audit_pb2.HeadResponse:
         async def go() -> audit_pb2.HeadResponse:
             _require_operator(self._core.peer(context))
-            await self._store.sync()
+            await self._synced()
             return audit_pb2.HeadResponse(latest=self._store.latest_head(), exports=self._store.export_heads(),
                                           key_cert_pem=self._store.key_cert_pem)
 
@@ -128,7 +169,7 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
     ) -> audit_pb2.AuditVerifyResponse:
         async def go() -> audit_pb2.AuditVerifyResponse:
             _require_operator(self._core.peer(context))
-            await self._store.sync()
+            await self._synced()
             report = self._store.verify()
             p = report.problem
             return audit_pb2.AuditVerifyResponse(
@@ -151,7 +192,7 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
     ) -> audit_pb2.CheckpointsResponse:
         async def go() -> audit_pb2.CheckpointsResponse:
             self._core.peer(context)
-            await self._store.sync()
+            await self._synced()
             return self._checkpoints()
 
         result: audit_pb2.CheckpointsResponse = await self._guard(context, go)
@@ -173,6 +214,16 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
         result: audit_pb2.CheckpointsResponse = await self._guard(context, go)
         return result
 
+
+
+def _settled(tasks: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
+    """A done callback: forget the task and take its outcome (a failed sync nobody awaited is logged, once)."""
+    def done(task: asyncio.Task[None]) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.debug("audit sync ended with %r", exc)
+
+    return done
 
 
 class _FromAnyThread:

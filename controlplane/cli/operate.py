@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
-from typing import Any, Final
+import time
+from typing import TYPE_CHECKING, Any, Final
 
 import click
 
@@ -22,6 +24,9 @@ from hivemesh.controlplane.cli.output import clean, new_table
 from hivemesh.controlplane.joins import DEFAULT_TTL_S, MAX_TTL_S
 from hivemesh.mesh.tls import MAX_MESSAGE_BYTES
 
+if TYPE_CHECKING:
+    from hivemesh.sdk.client import MeshClient
+
 MAX_DATA_BYTES: Final = MAX_MESSAGE_BYTES
 """The most `call --data @FILE` reads: no node accepts a larger message, so reading more only costs memory."""
 MAX_TIMEOUT_S: Final = 1e8
@@ -29,6 +34,9 @@ MAX_TIMEOUT_S: Final = 1e8
 (`hivemesh.mesh.link_server.MAX_TIMEOUT_S`, not imported: the CLI would load the link server to read a number)."""
 WAIT_FOR_CAPABILITY_S: Final = 3.0
 """How long `call` waits for the registry to show an instance of the capability before calling anyway."""
+NODE_START_S: Final = 15.0
+"""The longest `call` waits for its node to load the registry from etcd (the SDK's default); a shorter --timeout
+bounds it too, as it bounds the whole command."""
 
 
 class Seconds(click.types.FloatParamType):
@@ -123,8 +131,9 @@ def _read_data(data: str | None) -> Any:
 @click.argument("capability")
 @click.option("--data", "-d", default=None, help="JSON input, or @file.json. Default: {} (an empty object).")
 @click.option("--timeout", type=Seconds(), default=None,
-              help="Deadline in seconds (a positive number). Default: the capability's `timeouts` policy "
-                   "(default_ms), else the mesh's default (30 s), as for an SDK call given no timeout.")
+              help="Deadline in seconds (a positive number), of the whole command: finding the agents in etcd "
+                   "included. Default: the capability's `timeouts` policy (default_ms), else the mesh's default "
+                   "(30 s), as for an SDK call given no timeout.")
 @click.option("--stream", is_flag=True, help="Use the streaming call and print items as they arrive.")
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON output.")
 @click.option("--detailed", is_flag=True,
@@ -150,15 +159,21 @@ def call(obj: CliContext, capability: str, data: str | None, timeout: float | No
     settings = obj.operator_settings()
 
     async def go() -> None:
-        async with MeshClient.connect(name="admin", kind="operator", settings=settings) as mesh:
-            wait = WAIT_FOR_CAPABILITY_S if timeout is None else min(timeout, WAIT_FOR_CAPABILITY_S)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        mesh = MeshClient.connect(name="admin", kind="operator", settings=settings)
+        await _start_node(mesh, NODE_START_S if timeout is None else min(timeout, NODE_START_S))
+        async with mesh:  # the node is started: this opens the client's audit log
+            # The rest of --timeout (not all of it again): the whole command ends within about --timeout.
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.05)
+            wait = WAIT_FOR_CAPABILITY_S if left is None else min(left, WAIT_FOR_CAPABILITY_S)
             await mesh.node.registry.wait_for_capability(capability, 1, timeout=wait)
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.05)
             # No --timeout: None, so the SDK applies the capability's `timeouts` policy, then the client default.
             if stream:
-                async for item in mesh.stream(capability, payload, timeout=timeout):
+                async for item in mesh.stream(capability, payload, timeout=left):
                     click.echo(json.dumps(item))
                 return
-            result = await mesh.call_detailed(capability, payload, timeout=timeout)
+            result = await mesh.call_detailed(capability, payload, timeout=left)
             if result.degraded:  # on stderr even with --json: stdout stays the output alone
                 err.print(f"degraded: {_degraded_how(capability, result.degraded)}", style="yellow",
                           highlight=False)
@@ -179,6 +194,33 @@ def call(obj: CliContext, capability: str, data: str | None, timeout: float | No
                       f"{clean(result.instance.packaging)}) via {clean(hops)}", style="dim", highlight=False)
 
     run_async(go())
+
+
+async def _start_node(mesh: MeshClient, wait_s: float) -> None:
+    """Start the call's own node within wait_s: its identity comes from the operator's files, so what it waits
+    on is etcd (the registry, policies and trust state). When etcd does not answer, say why this command needs
+    it, and that callers already running do not (they call on their cached registry view)."""
+    from hivemesh.mesh.errors import RegistryUnavailableError
+
+    try:
+        # The node's own etcd waits take wait_s each; the outer bound (a little longer, so the registry's own
+        # error, naming etcd's address and what it answered, comes first) holds the whole start to about wait_s.
+        async with asyncio.timeout(wait_s + 1.0):
+            await mesh.node.start(timeout=wait_s)
+        return
+    except RegistryUnavailableError as exc:
+        why = exc.message
+    except TimeoutError:
+        why = f"etcd at {mesh.node.settings.etcd} did not answer within {wait_s:g} s"
+    except BaseException:
+        await mesh.close()
+        raise
+    await mesh.close()
+    raise RegistryUnavailableError(
+        f"`hivemesh call` starts a node of its own, which needs etcd to find the agents: {why}. Retry once etcd "
+        "answers; SDK callers already running keep calling meanwhile, on their registry caches.",
+        metadata={"etcd": str(mesh.node.settings.etcd)},
+    )
 
 
 def _degraded_how(capability: str, marker: str) -> str:
