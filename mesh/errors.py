@@ -50,8 +50,9 @@ class HivemeshError(Exception):
         self.field_violations: dict[str, str] = dict(field_violations or {})
         self.retry_after_s = retry_after_s
         self.said_by_grpc = False
-        """The status carried no hivemesh reason: gRPC itself ended the call (a connection that broke, a server
-        that stopped under it), not a hivemesh layer that decided (`from_status_parts` sets it)."""
+        """The status carried no hivemesh reason and a code gRPC itself gives (a connection that broke, a server
+        that stopped under it): neither a hivemesh layer nor the agent's own code decided (`from_status_parts`
+        sets it)."""
         # A remote error may carry a code/reason this process has no class for; keep them as received.
         if code is not None:
             self.code = code  # type: ignore[misc]
@@ -373,6 +374,18 @@ def _all_subclasses(cls: type[HivemeshError]) -> list[type[HivemeshError]]:
 _BY_REASON: dict[str, type[HivemeshError]] = {c.reason: c for c in _all_subclasses(HivemeshError)}
 _BY_REASON[HivemeshError.reason] = HivemeshError
 
+AGENT_CODES: Final = frozenset({
+    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED, grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.DATA_LOSS, grpc.StatusCode.PERMISSION_DENIED,
+})
+"""Codes that, on a status with no hivemesh ErrorInfo, the agent's own code decided: every hivemesh layer names its
+reason, and gRPC itself never gives these (grpc.io "Status codes") but INTERNAL and UNKNOWN, which it gives for a
+handler that raised or an answer it could not parse, the agent's again. They become AGENT_ERROR with the agent's
+code and message (the reason names who decided), never a reason made up from the code name that a caller would
+take for the mesh's own refusal (an agent's INVALID_ARGUMENT is not the mesh's INVALID_INPUT)."""
+
 # Status codes with no hivemesh reason (raised by gRPC itself) map to the most fitting class.
 _BY_CODE: dict[grpc.StatusCode, type[HivemeshError]] = {
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
@@ -465,7 +478,10 @@ def _status_code(value: int) -> grpc.StatusCode:
 def from_status_parts(
     code: grpc.StatusCode, message: str, trailing: Any
 ) -> HivemeshError:
-    """Rebuild the typed error from a status code, message and trailing metadata (rich details if present)."""
+    """Rebuild the typed error from a status code, message and trailing metadata (rich details if present).
+
+    A status with no hivemesh ErrorInfo is not the mesh's: an `AGENT_CODES` code is the agent's own error
+    (AgentError, reason AGENT_ERROR, its code kept); any other is gRPC's (`_BY_CODE`, `said_by_grpc`)."""
     reason = ""
     meta: dict[str, str] = {}
     violations: dict[str, str] = {}
@@ -497,7 +513,7 @@ def from_status_parts(
                     retry = max(0.0, ri.retry_delay.ToNanoseconds() / 1e9)
             except DecodeError:
                 continue
-    cls = _BY_REASON.get(reason) or _BY_CODE.get(code) or HivemeshError
+    cls = _class_of(code, reason)
     err = cls(message, metadata=meta, field_violations=violations, retry_after_s=retry)
     if err.code != code or (reason and err.reason != reason):
         # Keep exactly what the server said, even when this process maps the reason to another class.
@@ -505,15 +521,23 @@ def from_status_parts(
         if reason:
             err.reason = reason  # type: ignore[misc]
     if not reason and cls is HivemeshError:
-        err.reason = code.name  # type: ignore[misc]
-    err.said_by_grpc = not reason
+        err.reason = code.name  # type: ignore[misc]  # gRPC's own UNIMPLEMENTED: a method the peer does not serve
+    err.said_by_grpc = not reason and cls is not AgentError
     return err
+
+
+def _class_of(code: grpc.StatusCode, reason: str) -> type[HivemeshError]:
+    if reason:
+        return _BY_REASON.get(reason) or _BY_CODE.get(code) or HivemeshError
+    if code in AGENT_CODES:
+        return AgentError
+    return _BY_CODE.get(code) or HivemeshError
 
 
 def typed_error(code: grpc.StatusCode, reason: str, message: str) -> HivemeshError:
     """The typed error for a code, reason and message kept as data (e.g. a held call's stored outcome)."""
-    cls = _BY_REASON.get(reason) or _BY_CODE.get(code) or HivemeshError
-    return cls(message, code=code, reason=reason or code.name)
+    cls = _class_of(code, reason)
+    return cls(message, code=code, reason=reason or (cls.reason if cls is not HivemeshError else code.name))
 
 
 def from_rpc_error(exc: grpc.aio.AioRpcError | grpc.RpcError) -> HivemeshError:

@@ -71,8 +71,8 @@ class OutputCheck:
                 schema.check(value, root="output")
         except SchemaMismatchError as bad:
             raise InvalidOutputError(
-                f"the answer of {capability!r} does not match its declared output schema: {bad.path}: {bad.message}",
-                field_violations={bad.path: bad.message},
+                f"the answer of {capability!r} does not match its declared output schema: {bad}",
+                field_violations=bad.violations,
                 metadata={"capability": capability[:128], "field": bad.path[:256]},
             ) from None
 

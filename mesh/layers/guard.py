@@ -121,8 +121,7 @@ class InputGuardLayer:
                 cap.schema.check(value)
             except SchemaMismatchError as bad:
                 raise InvalidInputError(
-                    f"input does not match the schema of {name!r}: {bad.path}: {bad.message}",
-                    field_violations={bad.path: bad.message},
+                    f"input does not match the schema of {name!r}: {bad}", field_violations=bad.violations,
                 ) from None
         if self._screen is not None and name not in self._exempt:
             found = self._screen.screen(name, value)

@@ -22,7 +22,7 @@ from hivemesh.mesh.pki import parse_spiffe_id
 from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
 from hivemesh.mesh.tls import secure_channel
 from hivemesh.mesh.wire import hop_suffix
-from hivemesh.sdk import AgentServer, DeadlineExceededError, HivemeshError, InvalidInputError, MeshClient
+from hivemesh.sdk import AgentError, AgentServer, DeadlineExceededError, HivemeshError, MeshClient
 from hivemesh.v1 import agent_pb2, agent_pb2_grpc, mesh_pb2, mesh_pb2_grpc
 from tests.support.agents_for_tests import EchoAgent
 from tests.support.meshenv import TRUST_DOMAIN, MeshEnv
@@ -167,9 +167,9 @@ async def test_caller_cannot_spoof_the_caller_header(rig: Rig) -> None:
 
 
 async def test_agent_error_status_reaches_the_caller_unchanged(rig: Rig) -> None:
-    with pytest.raises(InvalidInputError) as typed:
+    with pytest.raises(AgentError) as typed:  # the agent's own refusal (no hivemesh reason): AGENT_ERROR, its code
         await rig.mesh.call("plain-fail", {"text": "bad"}, timeout=10)
-    assert typed.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert (typed.value.code, typed.value.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "AGENT_ERROR")
     assert typed.value.message == FAIL_MESSAGE
     assert rig.plain.calls == 1  # it was the agent's refusal, not the mesh's
 
