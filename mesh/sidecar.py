@@ -65,7 +65,9 @@ from hivemesh.mesh.local_socket import bind_private_socket, default_socket_path,
 from hivemesh.mesh.node import MeshNode
 from hivemesh.mesh.node_health import NodeHealth
 from hivemesh.mesh.node_metrics import OWNED_DEFAULT, NodeMetrics, metrics_listen, parse_listen
+from hivemesh.mesh.outbound.attempts import MAY_HAVE_RUN, gone_message, resend_advice
 from hivemesh.mesh.outbound.link import LinkedInvoke
+from hivemesh.mesh.outbound.pipeline import _never_sent
 from hivemesh.mesh.output_check import OutputCheck, note_refusal
 from hivemesh.mesh.pki import validate_name
 from hivemesh.mesh.queue_rpc import NOT_QUEUEABLE, SidecarQueue, queue_for_s
@@ -76,7 +78,7 @@ from hivemesh.mesh.server import SIDECAR_INBOUND, SIDECAR_MESH, ManagedServer
 from hivemesh.mesh.settings import MeshSettings, check_seconds, check_whole, state_dir
 from hivemesh.mesh.tls import MAX_MESSAGE_BYTES, STREAM_WINDOW_OPTIONS
 from hivemesh.mesh.token_source import on_behalf_of
-from hivemesh.mesh.wire import chain_suffix, hop_suffix
+from hivemesh.mesh.wire import chain_entries, chain_suffix, hop_suffix, with_context
 from hivemesh.v1 import agent_pb2, agent_pb2_grpc, mesh_pb2
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,8 @@ _DROP_METADATA = frozenset({"authorization", _CALLER_KEY, CALL_HANDLE_KEY})
 _HandleEntry = tuple[str, "agent_pb2.InvokeRequest | None"]
 """What a call handle names: the verified token of its inbound call and that call's decoded request (whose
 call chain an onward call continues; read only then)."""
+_has_field = agent_pb2.InvokeRequest.HasField
+"""`_onward`'s test for a caller's context, on every Mesh.Call: half the cost of the bound `req.HasField`."""
 
 
 @dataclass(frozen=True)
@@ -221,10 +225,33 @@ def _agent_pin(req: agent_pb2.InvokeRequest) -> str:
     return agent
 
 
-async def _relay_error(context: grpc.aio.ServicerContext[Any, Any], exc: grpc.aio.AioRpcError, agent: str) -> None:
-    """Pass the agent's own status through unchanged; only a link failure becomes AGENT_UNAVAILABLE."""
+_MARGIN_SHARE = 0.05
+_MARGIN_MIN_S = 0.02
+_MARGIN_MAX_S = 0.25
+
+
+def _onward_timeout(remaining: float | None) -> float | None:
+    """The deadline a local caller's call goes on with: its own (remaining; None: none) less a margin, so the mesh's
+    DEADLINE_EXCEEDED (its message naming the agent and the deadline, its ErrorInfo) is back before the caller's own
+    timer fires. Sent on with the caller's whole deadline, the two raced and the caller's won: it got gRPC's bare
+    client-side "Deadline Exceeded", no ErrorInfo. The margin is 5% of the time left (the error's way back grows with
+    a busy host, not with the deadline, but a long call can spare more), at least 20 ms (the way back over loopback
+    through two event loops) and at most 250 ms (the queue's margin for its answer, `queue_rpc`: more only takes
+    time from the call); never over a quarter of the time left, so a very short deadline keeps most of itself. No
+    deadline, no margin: the capability's timeouts policy (or none) applies, as without a sidecar."""
+    if remaining is None:
+        return None
+    return remaining - min(max(remaining * _MARGIN_SHARE, _MARGIN_MIN_S), _MARGIN_MAX_S, remaining / 4)
+
+
+async def _relay_error(
+    context: grpc.aio.ServicerContext[Any, Any], exc: grpc.aio.AioRpcError,
+    gone: Callable[[grpc.aio.AioRpcError], HivemeshError],
+) -> None:
+    """Pass the agent's own status through unchanged; only a failure of the connection to it (UNAVAILABLE without
+    trailers: gRPC's, not the agent's) becomes AGENT_UNAVAILABLE, in gone's words (`Sidecar._agent_gone`)."""
     if exc.code() == grpc.StatusCode.UNAVAILABLE and not exc.trailing_metadata():
-        await abort(context, AgentUnavailableError(f"the agent at {agent} cannot be reached: {exc.details()}"))
+        await abort(context, gone(exc))
     # grpc.aio's abort takes a tuple of pairs, not the Metadata object the client side hands out.
     await context.abort(exc.code(), exc.details() or "", tuple(exc.trailing_metadata() or ()))
 
@@ -264,6 +291,8 @@ class Sidecar:
         """Call handle → the verified token and the request of the inbound call it names, while in flight."""
         self._own_chain = b""
         """The bytes that add this agent to an onward request's call chain (the common case, built once)."""
+        self._own_entry = b""
+        """This agent as a `CallContext.chain` entry, for an onward request with a context of its own."""
         self.audit: AuditLog | None = None
         self.token_budgets: TokenBudgets | None = None
         """The token budgets the inbound chain enforces once started (the `budgets` policies)."""
@@ -400,6 +429,7 @@ class Sidecar:
         cfg = self.config
         mesh = ManagedServer(services=[MESH_SERVICE], readiness=self.health.readiness)
         self._own_chain = chain_suffix([str(self.node.workload.spiffe_id)])
+        self._own_entry = chain_entries([str(self.node.workload.spiffe_id)])
         self.queue = SidecarQueue(self.node, self._subject_token, self._chained, max_held=cfg.max_held_calls)
         mesh.add_generic(self._mesh_handler())
         if cfg.mesh_listen is not None:
@@ -525,13 +555,22 @@ class Sidecar:
 
     def _onward(self, request: bytes, req: agent_pb2.InvokeRequest, entry: _HandleEntry | None) -> bytes:
         """The agent's onward request carrying the call chain (the one it sent, else the one of the inbound call
-        its handle names) with this agent added, so the callee's loop guard sees A -> B -> A. Appended as encoded
-        bytes, which protobuf merges: neither the agent's payload nor req is re-encoded (or changed)."""
+        its handle names) with this agent added, so the callee's loop guard sees A -> B -> A. The request keeps ONE
+        `context` field: protobufjs (grpc-js agents) and other decoders keep only the last of two, losing the
+        agent's idempotency key and ids. Without a context of the agent's (the common case) the chain is appended
+        as encoded bytes; with one, only that context is re-encoded. Never the payload; req is not changed."""
         inbound = entry[1] if entry is not None and not req.context.chain else None
         if inbound is None or not inbound.context.chain:
-            return request + self._own_chain
-        assert self.node is not None
-        return request + chain_suffix([*inbound.context.chain, str(self.node.workload.spiffe_id)])
+            if not _has_field(req, "context"):
+                return request + self._own_chain
+            added = self._own_entry
+        else:
+            assert self.node is not None
+            chain = [*inbound.context.chain, str(self.node.workload.spiffe_id)]
+            if not _has_field(req, "context"):
+                return request + chain_suffix(chain)
+            added = chain_entries(chain)
+        return with_context(request, req.context.SerializeToString() + added)
 
     def _chained(
         self, request: bytes, req: agent_pb2.InvokeRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -563,11 +602,36 @@ class Sidecar:
                                  agent=self.card.name if self.card is not None else None, instance=self.instance_id,
                                  caller=None if inbound.peer is None else str(inbound.peer.spiffe_id)))
 
+    def _agent_gone(
+        self, exc: grpc.aio.AioRpcError, req: agent_pb2.InvokeRequest | None, streamed: int | None = None
+    ) -> AgentUnavailableError:
+        """The AGENT_UNAVAILABLE of a call whose connection to this sidecar's agent failed (exc), naming the agent
+        and this instance (as the caller knows them: the agent's loopback address is only in gRPC's words after),
+        and telling apart what the caller must: could not connect (nothing ran; ErrorInfo `may_have_run` "false",
+        which a caller's mesh fails over as never sent) from a connection that broke after the call left (it may
+        have run: `went_away`'s words, with when sending it again is safe; "true"). A caller's mesh passes either
+        on as it is (it has a reason). streamed: the chunks a stream had relayed (None: not a stream)."""
+        capability = req.capability if req is not None else ""
+        identity = str(self.node.workload.spiffe_id) if self.node is not None else ""
+        name = (self.card.name if self.card is not None else "") or self.config.name or identity
+        metadata = {"capability": capability[:128], "agent": identity, "instance": self.instance_id}
+        if _never_sent(exc):
+            return AgentUnavailableError(
+                f"agent {name} (instance {self.instance_id}) cannot be reached by its sidecar (its process is not "
+                f"running or not listening): the call to {capability!r} reached no agent, so nothing ran and sending "
+                f"it again is safe (gRPC: {exc.details() or ''})", metadata={**metadata, MAY_HAVE_RUN: "false"})
+        declared = [c for c in self.card.capabilities if c.name == capability] if self.card is not None else []
+        resend = resend_advice(capability, idempotent=bool(declared) and declared[0].idempotent,
+                               keyed=req is not None and bool(req.context.idempotency_key), streamed=streamed)
+        return AgentUnavailableError(
+            gone_message(name, self.instance_id, capability, resend=resend, streamed=streamed,
+                         said=exc.details() or "", broke="its connection to its sidecar broke"),
+            metadata={**metadata, MAY_HAVE_RUN: "true"})
+
     def _agent_handler(self, interceptor: grpc.aio.ServerInterceptor | None) -> grpc.GenericRpcHandler:
         """The Agent service in front of the agent; interceptor (the chain's) serves Link, when on, per call."""
         assert self._agent_channel is not None
         channel = self._agent_channel
-        agent = self.config.agent or ""
         handles = self._handles
         outputs = self._outputs
         unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/hivemesh.v1.Agent/Invoke")
@@ -601,7 +665,7 @@ class Sidecar:
                     tracing.note_response_usage(span[0], raw)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
-                await _relay_error(context, exc, agent)
+                await _relay_error(context, exc, lambda e: self._agent_gone(e, inbound.request))
             finally:
                 if handle is not None:
                     del handles[handle]
@@ -633,6 +697,7 @@ class Sidecar:
                 call = invoke_stream(request, timeout=context.time_remaining(), metadata=metadata)
                 capability = inbound.request.capability if inbound.request is not None else ""
                 checked = outputs.declares_items(capability)
+                relayed = 0
                 try:
                     # The agent's framing is enforced, not trusted: every chunk an InvokeChunk, nothing relayed
                     # after the first final one (the agent's call is cancelled then), and a stream that ends
@@ -643,6 +708,7 @@ class Sidecar:
                             outputs.check_chunk(capability, decoded)  # each item, before it is relayed
                         if not decoded.final:
                             yield chunk
+                            relayed += 1
                             continue
                         # Only the final chunk carries hops; appending to it keeps every other chunk untouched.
                         if tracing.TRACER is not None:  # the stream's server span is current
@@ -661,7 +727,7 @@ class Sidecar:
                             metadata={"capability": capability[:128]},
                         )
                 except grpc.aio.AioRpcError as exc:
-                    await _relay_error(context, exc, agent)
+                    await _relay_error(context, exc, lambda e: self._agent_gone(e, inbound.request, relayed))
                 except HivemeshError as err:
                     note_refusal(inbound, err)
                     await abort(context, err)
@@ -706,7 +772,7 @@ class Sidecar:
                     # decodes the onward bytes (lazily, once).
                     raw, _ = await self.node.outbound.invoke(
                         request, capability=req.capability, idempotency_key=req.context.idempotency_key,
-                        timeout=context.time_remaining(), metadata=trace, agent=agent,
+                        timeout=_onward_timeout(context.time_remaining()), metadata=trace, agent=agent,
                     )
                 except NOT_QUEUEABLE:
                     if not queue_for or self.queue is None:
@@ -732,7 +798,8 @@ class Sidecar:
                 request = self._onward(request, req, entry)
                 # aclosing: a local caller that goes away ends the onward stream now, not when it is collected.
                 async with contextlib.aclosing(self.node.outbound.invoke_stream(
-                    request, capability=capability, timeout=context.time_remaining(), metadata=trace, agent=agent,
+                    request, capability=capability, timeout=_onward_timeout(context.time_remaining()),
+                    metadata=trace, agent=agent,
                 )) as chunks:
                     async for raw, _ in chunks:
                         yield raw
@@ -758,8 +825,8 @@ class Sidecar:
                 agent = _agent_pin(item)  # a bad pin is this item's INVALID_ARGUMENT, not the batch's
                 raw, _ = await node.outbound.invoke(
                     self._onward(item.SerializeToString(), item, entry), capability=item.capability,
-                    idempotency_key=item.context.idempotency_key, timeout=context.time_remaining(), metadata=metadata,
-                    agent=agent,
+                    idempotency_key=item.context.idempotency_key, timeout=_onward_timeout(context.time_remaining()),
+                    metadata=metadata, agent=agent,
                 )
                 return raw
 

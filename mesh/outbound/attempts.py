@@ -1,8 +1,9 @@
 """The attempt loop of one unary call: breakers, failover, retries with backoff and budget, the deadline.
 
     capability breaker → (pick an instance → instance breaker → send) until an answer or a final error:
-    never sent: fail over (free of any budget); sent and failed: retry if retryable, resendable, within the
-    budget and the deadline, after the backoff (or the server's pushback, whichever is longer); refused as routed by
+    never sent (or refused by an agent's sidecar that could not reach its agent: `ran_nothing`): fail over (free of
+    any budget); sent and failed: retry if retryable, resendable, within the budget and the deadline, after the
+    backoff (or the server's pushback, whichever is longer); refused as routed by
     a registration that is gone (STALE_REGISTRATION): another instance, free of any budget, unless the call is keyed
     to the refusing one; with none left, sent again, free of any budget, once the registry view shows the newer
     registration (`StaleRefusals`); failed with the refusal, saying whether it may be sent again, if it does not;
@@ -25,6 +26,7 @@ import grpc
 
 from hivemesh.mesh import tracing
 from hivemesh.mesh.errors import (
+    AgentUnavailableError,
     CircuitOpenError,
     DeadlineExceededError,
     HivemeshError,
@@ -194,39 +196,65 @@ def timed_out(
     return worded
 
 
+MAY_HAVE_RUN = "may_have_run"
+"""ErrorInfo metadata of an AGENT_UNAVAILABLE that says whether the call may have run: "true" when the agent went
+away under it (`went_away`, or a sidecar whose agent's connection broke), "false" when the agent's sidecar could not
+connect to its agent at all, so nothing ran and sending it again is as safe as a request that never left
+(`ran_nothing`)."""
+
+
+def resend_advice(capability: str, *, idempotent: bool, keyed: bool, streamed: int | None) -> str:
+    """When a call that may have run is safe to send again, in a message's words: `went_away`'s, and a sidecar's
+    whose own agent went away under a call (the same words whichever side saw it)."""
+    if idempotent:
+        return f"{capability!r} is declared idempotent, so sending it again is safe"
+    if streamed is not None:
+        return "a stream is never deduplicated, so sent again it could run twice"
+    if keyed:
+        return "it is safe to send again only with the same idempotency key, which this call carried"
+    return ("it is safe to send again only with an idempotency key (idempotency_key=), and this call carried "
+            "none: sent again, it could run twice")
+
+
+def gone_message(agent: str, instance_id: str, capability: str, *, resend: str, streamed: int | None,
+                 said: str, broke: str = "its connection broke") -> str:
+    """The words of an agent gone during a call (`went_away`'s); broke names the connection that broke."""
+    if streamed is None:
+        during, ended = f"the call to {capability!r}", "before it answered"
+    else:
+        during = f"the stream from {capability!r}, after {streamed} chunk{'' if streamed == 1 else 's'}"
+        ended = "before the stream ended"
+    return (f"agent {agent} (instance {instance_id}) went away during {during} (its process stopped or {broke} "
+            f"{ended}): the call may have run, in part or in full; {resend} (gRPC: {said})")
+
+
+def ran_nothing(err: HivemeshError) -> bool:
+    """Whether err is an agent's sidecar saying it could not connect to its agent (AGENT_UNAVAILABLE with
+    `MAY_HAVE_RUN` "false"): the request reached no agent, so the attempt loop treats it as never sent (fail over,
+    free of any budget) where a may-have-run failure is sent again only when that is safe (`may_resend`)."""
+    return err.reason == AgentUnavailableError.reason and err.metadata.get(MAY_HAVE_RUN) == "false"
+
+
 def went_away(
     err: HivemeshError, call: OutboundCall, instance: Instance, *, streamed: int | None = None
 ) -> HivemeshError:
     """err said in the mesh's words when gRPC ended a call that had left this node (UNAVAILABLE, no hivemesh reason:
     the agent process stopped or its connection broke under the call, on a unary call, a link, `call_on` or a
-    stream): which agent and instance went away, that the call may have run, and when sending it again is safe;
-    gRPC's own text ("Stream removed", "Cancelling all calls") follows in parentheses. `streamed` is how many chunks
-    a stream had delivered (None: not a stream); a stream carries no idempotency key, so only an idempotent
-    capability's is safe to send again. Type, code, reason, pushback and cause stay as they were (retry policies
-    and callers match on them). Any other error as it is."""
+    stream): which agent and instance went away, that the call may have run (ErrorInfo `MAY_HAVE_RUN` "true"), and
+    when sending it again is safe; gRPC's own text ("Stream removed", "Cancelling all calls") follows in
+    parentheses. `streamed` is how many chunks a stream had delivered (None: not a stream); a stream carries no
+    idempotency key, so only an idempotent capability's is safe to send again. Type, code, reason, pushback and cause
+    stay as they were (retry policies and callers match on them). Any other error as it is: an agent's sidecar that
+    saw its agent go says so itself, with a reason, and is passed on unchanged."""
     if not err.said_by_grpc or err.code != grpc.StatusCode.UNAVAILABLE:
         return err
     cap = call.capability
-    if idempotent(instance, cap):
-        resend = f"{cap!r} is declared idempotent, so sending it again is safe"
-    elif streamed is not None:
-        resend = "a stream is never deduplicated, so sent again it could run twice"
-    elif call.idempotency_key:
-        resend = "it is safe to send again only with the same idempotency key, which this call carried"
-    else:
-        resend = ("it is safe to send again only with an idempotency key (idempotency_key=), and this call carried "
-                  "none: sent again, it could run twice")
-    if streamed is None:
-        during, ended = f"the call to {cap!r}", "before it answered"
-    else:
-        during = f"the stream from {cap!r}, after {streamed} chunk{'' if streamed == 1 else 's'}"
-        ended = "before the stream ended"
-    agent = instance.card.name or instance.identity
-    message = (f"agent {agent} (instance {instance.instance_id}) went away during {during} (its process stopped or "
-               f"its connection broke {ended}): the call may have run, in part or in full; {resend} (gRPC: "
-               f"{err.message})")
+    resend = resend_advice(cap, idempotent=idempotent(instance, cap), keyed=bool(call.idempotency_key),
+                           streamed=streamed)
+    message = gone_message(instance.card.name or instance.identity, instance.instance_id, cap, resend=resend,
+                           streamed=streamed, said=err.message)
     worded = type(err)(message, metadata={**err.metadata, "capability": cap[:128], "agent": instance.identity,
-                                          "instance": instance.instance_id},
+                                          "instance": instance.instance_id, MAY_HAVE_RUN: "true"},
                        field_violations=err.field_violations, retry_after_s=err.retry_after_s, code=err.code,
                        reason=err.reason)
     worded.said_by_grpc = True
@@ -501,7 +529,8 @@ class Attempts:
                 raw = await parts.send(call, instance, md, per_try)
                 health = "ok"
             except AttemptError as failed:
-                err, never_sent = failed.error, failed.never_sent
+                err = failed.error
+                never_sent = failed.never_sent or ran_nothing(err)  # its sidecar could not reach the agent
                 if not never_sent:
                     err = went_away(err, call, instance)
                     if err.code == grpc.StatusCode.DEADLINE_EXCEEDED:

@@ -64,7 +64,8 @@ def test_a_connection_gone_mid_call_says_which_agent_and_when_a_resend_is_safe()
         assert type(worded) is AgentUnavailableError and worded.said_by_grpc
         assert (worded.code, worded.reason) == (grpc.StatusCode.UNAVAILABLE, "AGENT_UNAVAILABLE")
         assert worded.__cause__ is cause
-        assert worded.metadata == {"capability": "work", "agent": f"spiffe://{TD}/agent/w", "instance": "w-1"}
+        assert worded.metadata == {"capability": "work", "agent": f"spiffe://{TD}/agent/w", "instance": "w-1",
+                                   "may_have_run": "true"}
 
 
 def test_errors_a_hivemesh_layer_decided_or_not_unavailable_are_left_as_they_are() -> None:

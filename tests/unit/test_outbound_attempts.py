@@ -25,7 +25,7 @@ from hivemesh.mesh.errors import (
     TokenExpiredError,
 )
 from hivemesh.mesh.instance_ref import instance_key
-from hivemesh.mesh.outbound.attempts import AttemptError, AttemptParts, Attempts
+from hivemesh.mesh.outbound.attempts import MAY_HAVE_RUN, AttemptError, AttemptParts, Attempts
 from hivemesh.mesh.outbound.call import Metadata, OutboundCall
 from hivemesh.mesh.outbound.selection import InstanceSelector, Liveness
 from hivemesh.mesh.resilience.breaker import BreakerPolicy, State
@@ -210,6 +210,26 @@ async def test_a_never_sent_request_fails_over_free_of_budget_and_marks_the_inst
     with pytest.raises(AgentUnavailableError):
         await rig.attempts(agents).run()  # every instance unreachable, no policy to retry with
     assert len(agents.sent) == 2
+
+
+async def test_an_agents_sidecar_that_could_not_reach_its_agent_fails_over_as_never_sent() -> None:
+    """AGENT_UNAVAILABLE from an agent's sidecar that could not connect to its agent (ErrorInfo `may_have_run`
+    "false") ran nothing: the call goes to another instance, unkeyed and non-idempotent as it is, free of any
+    budget. One whose agent went away under it ("true") may have run: not sent again, even with a retry policy."""
+    rig = _Rig(("a", "b"), idempotent=False)
+    nothing = AgentUnavailableError("agent w cannot be reached by its sidecar", metadata={MAY_HAVE_RUN: "false"})
+    agents = _Agents([sent_failure(nothing), b"ok"])
+    attempts = rig.attempts(agents)  # no retry policy at all
+    raw, instance = await attempts.run()
+    first = agents.sent[0][0]
+    assert raw == b"ok" and instance_key(instance) != first and attempts.retries == 0
+    assert rig.liveness.is_suspect(first)  # its agent is not there: others first for a while
+    rig = _Rig(("a", "b"), idempotent=False)
+    ran = AgentUnavailableError("agent w went away during the call", metadata={MAY_HAVE_RUN: "true"})
+    agents = _Agents([sent_failure(ran), b"never reached"])
+    with pytest.raises(AgentUnavailableError, match="went away"):
+        await rig.attempts(agents, _retries(RetryPolicy(attempts=3, backoff=NO_WAIT))).run()
+    assert len(agents.sent) == 1
 
 
 async def test_a_call_refused_as_routed_by_a_gone_registration_goes_elsewhere_even_unkeyed_and_non_idempotent() -> None:

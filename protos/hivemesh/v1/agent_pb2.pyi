@@ -255,7 +255,7 @@ class CallContext(_message.Message):
     conversation_id: _builtins.str
     workflow_id: _builtins.str
     idempotency_key: _builtins.str
-    """the agent sees each key's effect once"""
+    """the agent sees each key's effect once; the only place a key goes (no header)"""
     priority: _builtins.int
     """higher passes first under load"""
     @_builtins.property
@@ -604,7 +604,10 @@ class LinkCall(_message.Message):
     """The call's own deadline, in seconds from when the frame is received; 0: none."""
     @_builtins.property
     def metadata(self) -> _containers.RepeatedCompositeFieldContainer[Global___LinkHeader]:
-        """authorization, traceparent, request signature..."""
+        """What the same unary call would carry as gRPC metadata: on Mesh.Link, what Mesh.Call reads (traceparent,
+        tracestate, x-hivemesh-call-handle; no token, the rest dropped); between mesh nodes, the node's token and
+        fence too; to an agent, what its Invoke would get (see service Agent).
+        """
 
     def __init__(
         self,

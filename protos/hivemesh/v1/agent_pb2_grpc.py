@@ -27,6 +27,21 @@ if _version_not_supported:
 
 class AgentStub:
     """Agent is served by every agent on loopback; its sidecar (or the SDK's in-process layers) fronts it on the mesh.
+
+    What reaches an agent behind a sidecar with each call (metadata; on Agent.Link, the call frame's): set by the
+    sidecar, a caller's own copies dropped: `x-hivemesh-caller` (the caller's verified SPIFFE id: authorize on it),
+    `x-hivemesh-call-handle` (send it back in Mesh.Call's metadata to call on that caller's behalf, only while
+    this call runs) and `hivemesh-fence` (the registration the call was routed by, already checked: ignore it);
+    passed on: `traceparent` and `tracestate` when the caller sent them, and the deadline (`grpc-timeout`); where
+    they apply, `hivemesh-signature` (signed_payloads) and `x-hivemesh-shadow: 1` (a mirrored call, its answer
+    only compared). Never the caller's token. The idempotency key is InvokeRequest.context.idempotency_key: an
+    agent with side effects runs each (caller, key) once and answers a resend with the first answer.
+
+    Errors: the sidecar relays the agent's status and trailers unchanged. Refuse bad input with INVALID_ARGUMENT
+    and a google.rpc.Status in `grpc-status-details-bin` (ErrorInfo domain "hivemesh", reason INVALID_INPUT; a
+    BadRequest naming each bad field, e.g. `input.sku`), as docs/any-language.md shows. A status without hivemesh
+    ErrorInfo (a plain INTERNAL, a handler that threw: UNKNOWN) reaches callers as reason AGENT_ERROR, its code and
+    message kept: the mesh's own reasons name the mesh's decisions only.
     """
 
     def __init__(self, channel):
@@ -59,6 +74,21 @@ class AgentStub:
 
 class AgentServicer:
     """Agent is served by every agent on loopback; its sidecar (or the SDK's in-process layers) fronts it on the mesh.
+
+    What reaches an agent behind a sidecar with each call (metadata; on Agent.Link, the call frame's): set by the
+    sidecar, a caller's own copies dropped: `x-hivemesh-caller` (the caller's verified SPIFFE id: authorize on it),
+    `x-hivemesh-call-handle` (send it back in Mesh.Call's metadata to call on that caller's behalf, only while
+    this call runs) and `hivemesh-fence` (the registration the call was routed by, already checked: ignore it);
+    passed on: `traceparent` and `tracestate` when the caller sent them, and the deadline (`grpc-timeout`); where
+    they apply, `hivemesh-signature` (signed_payloads) and `x-hivemesh-shadow: 1` (a mirrored call, its answer
+    only compared). Never the caller's token. The idempotency key is InvokeRequest.context.idempotency_key: an
+    agent with side effects runs each (caller, key) once and answers a resend with the first answer.
+
+    Errors: the sidecar relays the agent's status and trailers unchanged. Refuse bad input with INVALID_ARGUMENT
+    and a google.rpc.Status in `grpc-status-details-bin` (ErrorInfo domain "hivemesh", reason INVALID_INPUT; a
+    BadRequest naming each bad field, e.g. `input.sku`), as docs/any-language.md shows. A status without hivemesh
+    ErrorInfo (a plain INTERNAL, a handler that threw: UNKNOWN) reaches callers as reason AGENT_ERROR, its code and
+    message kept: the mesh's own reasons name the mesh's decisions only.
     """
 
     def Describe(self, request, context):
@@ -125,6 +155,21 @@ def add_AgentServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Agent:
     """Agent is served by every agent on loopback; its sidecar (or the SDK's in-process layers) fronts it on the mesh.
+
+    What reaches an agent behind a sidecar with each call (metadata; on Agent.Link, the call frame's): set by the
+    sidecar, a caller's own copies dropped: `x-hivemesh-caller` (the caller's verified SPIFFE id: authorize on it),
+    `x-hivemesh-call-handle` (send it back in Mesh.Call's metadata to call on that caller's behalf, only while
+    this call runs) and `hivemesh-fence` (the registration the call was routed by, already checked: ignore it);
+    passed on: `traceparent` and `tracestate` when the caller sent them, and the deadline (`grpc-timeout`); where
+    they apply, `hivemesh-signature` (signed_payloads) and `x-hivemesh-shadow: 1` (a mirrored call, its answer
+    only compared). Never the caller's token. The idempotency key is InvokeRequest.context.idempotency_key: an
+    agent with side effects runs each (caller, key) once and answers a resend with the first answer.
+
+    Errors: the sidecar relays the agent's status and trailers unchanged. Refuse bad input with INVALID_ARGUMENT
+    and a google.rpc.Status in `grpc-status-details-bin` (ErrorInfo domain "hivemesh", reason INVALID_INPUT; a
+    BadRequest naming each bad field, e.g. `input.sku`), as docs/any-language.md shows. A status without hivemesh
+    ErrorInfo (a plain INTERNAL, a handler that threw: UNKNOWN) reaches callers as reason AGENT_ERROR, its code and
+    message kept: the mesh's own reasons name the mesh's decisions only.
     """
 
     @staticmethod

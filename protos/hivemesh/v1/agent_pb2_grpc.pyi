@@ -29,7 +29,23 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class AgentStub:
-    """Agent is served by every agent on loopback; its sidecar (or the SDK's in-process layers) fronts it on the mesh."""
+    """Agent is served by every agent on loopback; its sidecar (or the SDK's in-process layers) fronts it on the mesh.
+
+    What reaches an agent behind a sidecar with each call (metadata; on Agent.Link, the call frame's): set by the
+    sidecar, a caller's own copies dropped: `x-hivemesh-caller` (the caller's verified SPIFFE id: authorize on it),
+    `x-hivemesh-call-handle` (send it back in Mesh.Call's metadata to call on that caller's behalf, only while
+    this call runs) and `hivemesh-fence` (the registration the call was routed by, already checked: ignore it);
+    passed on: `traceparent` and `tracestate` when the caller sent them, and the deadline (`grpc-timeout`); where
+    they apply, `hivemesh-signature` (signed_payloads) and `x-hivemesh-shadow: 1` (a mirrored call, its answer
+    only compared). Never the caller's token. The idempotency key is InvokeRequest.context.idempotency_key: an
+    agent with side effects runs each (caller, key) once and answers a resend with the first answer.
+
+    Errors: the sidecar relays the agent's status and trailers unchanged. Refuse bad input with INVALID_ARGUMENT
+    and a google.rpc.Status in `grpc-status-details-bin` (ErrorInfo domain "hivemesh", reason INVALID_INPUT; a
+    BadRequest naming each bad field, e.g. `input.sku`), as docs/any-language.md shows. A status without hivemesh
+    ErrorInfo (a plain INTERNAL, a handler that threw: UNKNOWN) reaches callers as reason AGENT_ERROR, its code and
+    message kept: the mesh's own reasons name the mesh's decisions only.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -50,7 +66,23 @@ class AgentStub:
 
 @_typing.type_check_only
 class AgentAsyncStub(AgentStub):
-    """Agent is served by every agent on loopback; its sidecar (or the SDK's in-process layers) fronts it on the mesh."""
+    """Agent is served by every agent on loopback; its sidecar (or the SDK's in-process layers) fronts it on the mesh.
+
+    What reaches an agent behind a sidecar with each call (metadata; on Agent.Link, the call frame's): set by the
+    sidecar, a caller's own copies dropped: `x-hivemesh-caller` (the caller's verified SPIFFE id: authorize on it),
+    `x-hivemesh-call-handle` (send it back in Mesh.Call's metadata to call on that caller's behalf, only while
+    this call runs) and `hivemesh-fence` (the registration the call was routed by, already checked: ignore it);
+    passed on: `traceparent` and `tracestate` when the caller sent them, and the deadline (`grpc-timeout`); where
+    they apply, `hivemesh-signature` (signed_payloads) and `x-hivemesh-shadow: 1` (a mirrored call, its answer
+    only compared). Never the caller's token. The idempotency key is InvokeRequest.context.idempotency_key: an
+    agent with side effects runs each (caller, key) once and answers a resend with the first answer.
+
+    Errors: the sidecar relays the agent's status and trailers unchanged. Refuse bad input with INVALID_ARGUMENT
+    and a google.rpc.Status in `grpc-status-details-bin` (ErrorInfo domain "hivemesh", reason INVALID_INPUT; a
+    BadRequest naming each bad field, e.g. `input.sku`), as docs/any-language.md shows. A status without hivemesh
+    ErrorInfo (a plain INTERNAL, a handler that threw: UNKNOWN) reaches callers as reason AGENT_ERROR, its code and
+    message kept: the mesh's own reasons name the mesh's decisions only.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Describe: _aio.UnaryUnaryMultiCallable[_agent_pb2.DescribeRequest, _agent_pb2.AgentCard]  # type: ignore[assignment]
@@ -67,7 +99,23 @@ class AgentAsyncStub(AgentStub):
     """
 
 class AgentServicer(metaclass=_abc_1.ABCMeta):
-    """Agent is served by every agent on loopback; its sidecar (or the SDK's in-process layers) fronts it on the mesh."""
+    """Agent is served by every agent on loopback; its sidecar (or the SDK's in-process layers) fronts it on the mesh.
+
+    What reaches an agent behind a sidecar with each call (metadata; on Agent.Link, the call frame's): set by the
+    sidecar, a caller's own copies dropped: `x-hivemesh-caller` (the caller's verified SPIFFE id: authorize on it),
+    `x-hivemesh-call-handle` (send it back in Mesh.Call's metadata to call on that caller's behalf, only while
+    this call runs) and `hivemesh-fence` (the registration the call was routed by, already checked: ignore it);
+    passed on: `traceparent` and `tracestate` when the caller sent them, and the deadline (`grpc-timeout`); where
+    they apply, `hivemesh-signature` (signed_payloads) and `x-hivemesh-shadow: 1` (a mirrored call, its answer
+    only compared). Never the caller's token. The idempotency key is InvokeRequest.context.idempotency_key: an
+    agent with side effects runs each (caller, key) once and answers a resend with the first answer.
+
+    Errors: the sidecar relays the agent's status and trailers unchanged. Refuse bad input with INVALID_ARGUMENT
+    and a google.rpc.Status in `grpc-status-details-bin` (ErrorInfo domain "hivemesh", reason INVALID_INPUT; a
+    BadRequest naming each bad field, e.g. `input.sku`), as docs/any-language.md shows. A status without hivemesh
+    ErrorInfo (a plain INTERNAL, a handler that threw: UNKNOWN) reaches callers as reason AGENT_ERROR, its code and
+    message kept: the mesh's own reasons name the mesh's decisions only.
+    """
 
     @_abc_1.abstractmethod
     def Describe(

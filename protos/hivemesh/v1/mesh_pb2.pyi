@@ -68,9 +68,10 @@ class AgentInstance(_message.Message):
     registration_revision: _builtins.int
     """The etcd revision that created this entry (its key's create_revision): set by whoever reads the registry,
     never by the registrant (a value written is ignored). A lease lost and registered again gets a new one; an
-    update of the same registration keeps it. A caller sends it with each call as the `hivemesh-fence` header,
-    and the instance refuses a call fenced by any other registration than its current one (STALE_REGISTRATION):
-    the caller routed by a registration that is gone.
+    update of the same registration keeps it. The caller's mesh node (the SDK, or the caller's sidecar: a Mesh
+    caller sends nothing) sends it with each call as the `hivemesh-fence` header, and the instance refuses a call
+    fenced by any other registration than its current one (STALE_REGISTRATION): the caller routed by a
+    registration that is gone, and its node routes the call again.
     """
     @_builtins.property
     def card(self) -> _agent_pb2.AgentCard: ...
@@ -243,7 +244,7 @@ class BatchItemError(_message.Message):
     code: _builtins.str
     """gRPC status code name, e.g. INVALID_ARGUMENT"""
     reason: _builtins.str
-    """hivemesh reason, e.g. INVALID_INPUT (docs/errors)"""
+    """ErrorInfo reason, e.g. INVALID_INPUT (README's error table)"""
     message: _builtins.str
     def __init__(
         self,
@@ -323,7 +324,9 @@ class GetQueuedRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     WAIT_MS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """from Enqueue, the hivemesh-queued-id header, or ListQueued"""
+    """From Enqueue (QueuedCall.id), from the ErrorInfo metadata `queued_id` of a Call with queue_for_ms that
+    stopped waiting (NO_LIVE_INSTANCE), or from ListQueued.
+    """
     wait_ms: _builtins.int
     """wait up to this long for delivery (bounded by the RPC's deadline); 0: now"""
     def __init__(

@@ -32,6 +32,26 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class MeshStub:
+    """Metadata a caller sends: `traceparent` and `tracestate` (W3C trace context, passed on to the agent reached; an
+    invalid traceparent is dropped with its tracestate), `x-hivemesh-call-handle` (only an agent calling on behalf
+    of the call it is serving: the value its sidecar gave it with that call, once) and, on Link's stream only,
+    `hivemesh-link-batch`. Everything else is dropped: no token (the sidecar presents its own identity's, so the
+    caller holds no credential), no `hivemesh-fence` (the sidecar fences each call itself). Set a deadline: gRPC's
+    `grpc-timeout`, passed on as what remains less a small margin (see Call). An idempotency key goes in
+    InvokeRequest.context.idempotency_key, not in metadata: it travels with the request to every hop and the agent.
+
+    Errors (docs/any-language.md, "The error model"): a status code and message, plus a google.rpc.Status in the
+    `grpc-status-details-bin` trailer with
+    - google.rpc.ErrorInfo, domain "hivemesh": `reason` says why (README's error table lists them; mesh/errors.py
+      has every one), `metadata` names what applies (e.g. `queued_id`). An agent's own failure that carried no
+      hivemesh ErrorInfo is AGENT_ERROR with the agent's code and message: the mesh's reasons name its own decisions.
+    - google.rpc.BadRequest: one field violation per bad field (e.g. `input.items[1].sku`; the first 12, the message
+      says how many more);
+    - google.rpc.RetryInfo, for a refusal that passes (rate limit, overload), with the same delay in the
+      `grpc-retry-pushback-ms` trailer, which gRPC's own retries honour in every language.
+    Retry UNAVAILABLE and RESOURCE_EXHAUSTED only, after the pushback, within the deadline.
+    """
+
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
@@ -39,6 +59,15 @@ class MeshStub:
     Call: _grpc.UnaryUnaryMultiCallable[_agent_pb2.InvokeRequest, _agent_pb2.InvokeResponse]
     """Call routes one InvokeRequest to a live instance serving its capability: one of its `agent`'s instances
     when it names one (a bad name is INVALID_ARGUMENT naming the field; none live, UNAVAILABLE naming it).
+    Deadline: the call goes on with the caller's gRPC deadline less a margin (5% of the time left, 20..250 ms,
+    at most a quarter of it), so a call that runs out ends with the mesh's DEADLINE_EXCEEDED (a message naming
+    the agent, instance and deadline; ErrorInfo reason DEADLINE_EXCEEDED with capability/agent/instance) before
+    the caller's own timer would end it bare. No deadline: none is added (the capability's timeouts policy
+    applies). CallStream, CallBatch and Link frames (their timeout_s) do the same.
+    An agent gone is UNAVAILABLE / AGENT_UNAVAILABLE with ErrorInfo capability/agent/instance and may_have_run:
+    "false" when its sidecar could not connect to it (nothing ran: safe to send again), "true" when it went
+    away under the call (the message says when sending again is safe: an idempotent capability, or the same
+    idempotency key).
     """
     CallStream: _grpc.UnaryStreamMultiCallable[_agent_pb2.InvokeRequest, _agent_pb2.InvokeChunk]
     """CallStream is Call for streamed output."""
@@ -81,10 +110,39 @@ class MeshStub:
 
 @_typing.type_check_only
 class MeshAsyncStub(MeshStub):
+    """Metadata a caller sends: `traceparent` and `tracestate` (W3C trace context, passed on to the agent reached; an
+    invalid traceparent is dropped with its tracestate), `x-hivemesh-call-handle` (only an agent calling on behalf
+    of the call it is serving: the value its sidecar gave it with that call, once) and, on Link's stream only,
+    `hivemesh-link-batch`. Everything else is dropped: no token (the sidecar presents its own identity's, so the
+    caller holds no credential), no `hivemesh-fence` (the sidecar fences each call itself). Set a deadline: gRPC's
+    `grpc-timeout`, passed on as what remains less a small margin (see Call). An idempotency key goes in
+    InvokeRequest.context.idempotency_key, not in metadata: it travels with the request to every hop and the agent.
+
+    Errors (docs/any-language.md, "The error model"): a status code and message, plus a google.rpc.Status in the
+    `grpc-status-details-bin` trailer with
+    - google.rpc.ErrorInfo, domain "hivemesh": `reason` says why (README's error table lists them; mesh/errors.py
+      has every one), `metadata` names what applies (e.g. `queued_id`). An agent's own failure that carried no
+      hivemesh ErrorInfo is AGENT_ERROR with the agent's code and message: the mesh's reasons name its own decisions.
+    - google.rpc.BadRequest: one field violation per bad field (e.g. `input.items[1].sku`; the first 12, the message
+      says how many more);
+    - google.rpc.RetryInfo, for a refusal that passes (rate limit, overload), with the same delay in the
+      `grpc-retry-pushback-ms` trailer, which gRPC's own retries honour in every language.
+    Retry UNAVAILABLE and RESOURCE_EXHAUSTED only, after the pushback, within the deadline.
+    """
+
     def __init__(self, channel: _aio.Channel) -> None: ...
     Call: _aio.UnaryUnaryMultiCallable[_agent_pb2.InvokeRequest, _agent_pb2.InvokeResponse]  # type: ignore[assignment]
     """Call routes one InvokeRequest to a live instance serving its capability: one of its `agent`'s instances
     when it names one (a bad name is INVALID_ARGUMENT naming the field; none live, UNAVAILABLE naming it).
+    Deadline: the call goes on with the caller's gRPC deadline less a margin (5% of the time left, 20..250 ms,
+    at most a quarter of it), so a call that runs out ends with the mesh's DEADLINE_EXCEEDED (a message naming
+    the agent, instance and deadline; ErrorInfo reason DEADLINE_EXCEEDED with capability/agent/instance) before
+    the caller's own timer would end it bare. No deadline: none is added (the capability's timeouts policy
+    applies). CallStream, CallBatch and Link frames (their timeout_s) do the same.
+    An agent gone is UNAVAILABLE / AGENT_UNAVAILABLE with ErrorInfo capability/agent/instance and may_have_run:
+    "false" when its sidecar could not connect to it (nothing ran: safe to send again), "true" when it went
+    away under the call (the message says when sending again is safe: an idempotent capability, or the same
+    idempotency key).
     """
     CallStream: _aio.UnaryStreamMultiCallable[_agent_pb2.InvokeRequest, _agent_pb2.InvokeChunk]  # type: ignore[assignment]
     """CallStream is Call for streamed output."""
@@ -126,6 +184,26 @@ class MeshAsyncStub(MeshStub):
     """Resolve names the live instances that serve one capability."""
 
 class MeshServicer(metaclass=_abc_1.ABCMeta):
+    """Metadata a caller sends: `traceparent` and `tracestate` (W3C trace context, passed on to the agent reached; an
+    invalid traceparent is dropped with its tracestate), `x-hivemesh-call-handle` (only an agent calling on behalf
+    of the call it is serving: the value its sidecar gave it with that call, once) and, on Link's stream only,
+    `hivemesh-link-batch`. Everything else is dropped: no token (the sidecar presents its own identity's, so the
+    caller holds no credential), no `hivemesh-fence` (the sidecar fences each call itself). Set a deadline: gRPC's
+    `grpc-timeout`, passed on as what remains less a small margin (see Call). An idempotency key goes in
+    InvokeRequest.context.idempotency_key, not in metadata: it travels with the request to every hop and the agent.
+
+    Errors (docs/any-language.md, "The error model"): a status code and message, plus a google.rpc.Status in the
+    `grpc-status-details-bin` trailer with
+    - google.rpc.ErrorInfo, domain "hivemesh": `reason` says why (README's error table lists them; mesh/errors.py
+      has every one), `metadata` names what applies (e.g. `queued_id`). An agent's own failure that carried no
+      hivemesh ErrorInfo is AGENT_ERROR with the agent's code and message: the mesh's reasons name its own decisions.
+    - google.rpc.BadRequest: one field violation per bad field (e.g. `input.items[1].sku`; the first 12, the message
+      says how many more);
+    - google.rpc.RetryInfo, for a refusal that passes (rate limit, overload), with the same delay in the
+      `grpc-retry-pushback-ms` trailer, which gRPC's own retries honour in every language.
+    Retry UNAVAILABLE and RESOURCE_EXHAUSTED only, after the pushback, within the deadline.
+    """
+
     @_abc_1.abstractmethod
     def Call(
         self,
@@ -134,6 +212,15 @@ class MeshServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_agent_pb2.InvokeResponse, _abc.Awaitable[_agent_pb2.InvokeResponse]]:
         """Call routes one InvokeRequest to a live instance serving its capability: one of its `agent`'s instances
         when it names one (a bad name is INVALID_ARGUMENT naming the field; none live, UNAVAILABLE naming it).
+        Deadline: the call goes on with the caller's gRPC deadline less a margin (5% of the time left, 20..250 ms,
+        at most a quarter of it), so a call that runs out ends with the mesh's DEADLINE_EXCEEDED (a message naming
+        the agent, instance and deadline; ErrorInfo reason DEADLINE_EXCEEDED with capability/agent/instance) before
+        the caller's own timer would end it bare. No deadline: none is added (the capability's timeouts policy
+        applies). CallStream, CallBatch and Link frames (their timeout_s) do the same.
+        An agent gone is UNAVAILABLE / AGENT_UNAVAILABLE with ErrorInfo capability/agent/instance and may_have_run:
+        "false" when its sidecar could not connect to it (nothing ran: safe to send again), "true" when it went
+        away under the call (the message says when sending again is safe: an idempotent capability, or the same
+        idempotency key).
         """
 
     @_abc_1.abstractmethod
