@@ -49,6 +49,7 @@ from hivemesh.mesh.outbound.attempts import (
     Result,
     StaleRefusals,
     held_to_deadline,
+    ran_nothing,
     report_attempt,
     report_unanswered,
     report_unreachable,
@@ -523,7 +524,8 @@ class OutboundPipeline:
                     raise cut_here(exc) from None  # neutral: the instance did nothing wrong
                 except grpc.aio.AioRpcError as exc:
                     err = from_rpc_error(exc)
-                    never_sent = not started and _never_sent(exc)
+                    # Never sent, or refused by an agent's sidecar that could not reach its agent: nothing ran.
+                    never_sent = not started and (_never_sent(exc) or ran_nothing(err))
                     fenced = not started and err.reason == StaleRegistrationError.reason
                     health = "failed" if never_sent or (exc.code() in failure_codes and not fenced) else "neutral"
                     if never_sent:

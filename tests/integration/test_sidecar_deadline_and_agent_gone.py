@@ -221,3 +221,35 @@ async def test_an_agent_its_sidecar_cannot_connect_to_says_nothing_ran(mesh_env:
             assert "sending it again is safe" in details
     finally:
         await stop(proc, kill=True)
+
+
+async def test_a_stream_a_sidecar_could_not_start_goes_on_to_another_instance(
+    mesh_env: MeshEnv, tmp_path: Path
+) -> None:
+    """A stream refused by a sidecar whose agent is not there ran nothing (AGENT_UNAVAILABLE, `may_have_run`
+    "false"): the caller's node sends it to another instance, as it does a unary call, and marks that instance
+    suspect, instead of failing the caller with a refusal it could have avoided."""
+    async with DyingAgent("plain") as live, DyingAgent("plain") as gone:
+        serving = Sidecar(SidecarConfig(agent=live.endpoint, health_interval_s=3600,
+                                        mesh_socket=str(tmp_path / "serving.sock")),
+                          await mesh_env.settings_for("plain"))
+        fronting = Sidecar(SidecarConfig(agent=gone.endpoint, health_interval_s=3600,
+                                         mesh_socket=str(tmp_path / "fronting.sock")),
+                           await mesh_env.settings_for("plain"))
+        caller = Sidecar(SidecarConfig(client="tester", mesh_socket=str(tmp_path / "caller.sock")),
+                         await mesh_env.settings_for("tester", "client"))
+        async with serving, fronting, caller:
+            assert caller.node is not None
+            assert await caller.node.registry.wait_for_capability("shout", 2, timeout=10)
+            await gone.stop()  # its port closes; its sidecar still serves and stays registered
+            dead = f"plain/{fronting.instance_id}"
+            async with grpc.aio.insecure_channel(caller.mesh_endpoint) as channel:
+                stub = mesh_pb2_grpc.MeshStub(channel)
+                for _ in range(50):  # until balancing has tried the instance whose agent is gone (bounded)
+                    chunks = [json.loads(c.data) async for c in stub.CallStream(_request("shout", {"text": "a b"}),
+                                                                                 timeout=30) if c.data]
+                    assert chunks == ["A", "B"]
+                    if caller.node.liveness.is_suspect(dead):
+                        break
+                else:
+                    pytest.fail(f"50 streams and none was sent to {dead}")
