@@ -6,15 +6,19 @@ counts `hivemesh status` shows. Which policy applies is read from the read-only 
 (`hivemesh.mesh.resilience.view`); `Traffic` pairs the two for the node. State objects are keyed by target and
 adopt a changed policy in place, so a policy change never resets what was learnt about health.
 
-What nothing applies to any longer goes, in the upkeep that `snapshot()` and `breakers()` (status every couple
-of seconds, each metrics scrape) run off the call path: the breakers of a capability its breakers policy no
-longer gives one (`follow_breakers`), and the counts and breakers of instances this node stopped sending to
-(`_prune_instances`: dead and restarted instances must neither stay in status nor grow memory).
-Everything here runs on the event loop thread: no locks.
+What nothing applies to any longer goes, in the upkeep that `snapshot()` runs off the call path (status every
+couple of seconds), and that each metrics scrape asks the event loop for: the breakers of a capability its
+breakers policy no longer gives one (`follow_breakers`), and the counts and breakers of instances this node
+stopped sending to (`_prune_instances`: dead and restarted instances must neither stay in status nor grow
+memory). Everything that changes state runs on the event loop thread: no locks. Metrics scrapes run in the
+metrics server's threads: they only take copies (`breakers`, `in_flight`), and hand the upkeep to the loop
+(`call_soon_threadsafe`), since one pruning from two scrapes and the loop at once lost keys mid-iteration.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -81,6 +85,9 @@ class TrafficState:
         self._breaker_settings: Callable[[str], BreakerSettings | None] | None = None
         self._breaker_version: Callable[[], object] = lambda: None
         self._breakers_seen: object = _UNSEEN
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The event loop the state lives on, once known (`snapshot`, `follow_breakers` on it): where a metrics
+        scrape's thread sends the upkeep."""
 
     def follow_breakers(
         self, settings_of: Callable[[str], BreakerSettings | None], version: Callable[[], object]
@@ -98,6 +105,11 @@ class TrafficState:
         """
         self._breaker_settings, self._breaker_version = settings_of, version
         self._breakers_seen = _UNSEEN
+        self._know_loop()
+
+    def _know_loop(self) -> None:
+        with contextlib.suppress(RuntimeError):  # not on a loop (yet): the next snapshot tells
+            self._loop = asyncio.get_running_loop()
 
     # --- state --------------------------------------------------------------------------------------------------
     def capability_breaker(self, capability: str, policy: BreakerPolicy) -> CircuitBreaker:
@@ -159,16 +171,20 @@ class TrafficState:
 
     def breakers(self) -> list[tuple[str, str, CircuitBreaker]]:
         """Every breaker in force as (capability, instance key or "" for the capability's own, breaker), for
-        metrics (after the upkeep: see the module docstring)."""
-        self.upkeep()
-        out = [(cap, "", b) for cap, b in self._cap_breakers.items()]
-        out.extend((cap, inst, b) for (cap, inst), b in self._inst_breakers.items())
+        metrics, from a scrape's thread: copies taken at once (`list(dict.items())` holds the GIL), and the upkeep
+        handed to the event loop, so the next scrape shows what it dropped (see the module docstring)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # closed meanwhile: nothing left to keep up
+                loop.call_soon_threadsafe(self.upkeep)
+        out = [(cap, "", b) for cap, b in list(self._cap_breakers.items())]
+        out.extend((cap, inst, b) for (cap, inst), b in list(self._inst_breakers.items()))
         return out
 
     def in_flight(self) -> list[tuple[str, str, int]]:
         """(direction, capability, calls in flight) of every capability seen, for metrics."""
-        out = [("inbound", cap, c.in_flight) for cap, c in self._in.items()]
-        out.extend(("outbound", cap, c.in_flight) for cap, c in self._out.items())
+        out = [("inbound", cap, c.in_flight) for cap, c in list(self._in.items())]  # copies: a scrape's thread
+        out.extend(("outbound", cap, c.in_flight) for cap, c in list(self._out.items()))
         return out
 
     def queue_depths(self) -> list[tuple[str, int]]:
@@ -302,6 +318,7 @@ class TrafficState:
     ) -> policy_pb2.NodeTraffic:
         """What `hivemesh status` shows for this node, built off the call path every couple of seconds (after the
         upkeep: see the module docstring)."""
+        self._know_loop()
         self.upkeep()
         node = policy_pb2.NodeTraffic(
             identity=identity,

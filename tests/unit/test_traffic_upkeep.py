@@ -4,6 +4,8 @@ them; an open breaker stays while it keeps calls off its instance."""
 
 from __future__ import annotations
 
+import asyncio
+
 from hivemesh.mesh.resilience.breaker import BreakerPolicy, CircuitBreaker
 from hivemesh.mesh.resilience.traffic import TrafficState, breaker_states
 
@@ -90,3 +92,40 @@ def test_a_breaker_whose_probes_fail_for_days_keeps_reopening_for_max_open() -> 
         assert breaker.allow()
         assert breaker.on_failure()
     assert breaker.open_until - clock.now == 60.0
+
+
+async def test_metrics_scrapes_in_threads_never_prune_under_the_loop() -> None:
+    """`breakers()` runs in the metrics server's threads, one per scrape: it takes copies and hands the upkeep to
+    the event loop, so scrapes at once with the loop's status snapshot lose no key mid-iteration (they raised
+    KeyError and "dictionary changed size" when each scrape pruned), and what the upkeep drops is gone by the
+    next scrape."""
+    import threading
+
+    state = TrafficState()
+    state.snapshot(identity="x", instance="y")  # on the loop: the state now knows it
+    errors: list[str] = []
+    for _ in range(10):  # bounded: 10 rounds of 2 scrapes racing the loop's snapshot
+        for i in range(5000):
+            state.instance_breaker("cap", f"i{i}", BreakerPolicy())  # closed, never called: the upkeep drops them
+        barrier = threading.Barrier(3)
+
+        def scrape(barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            try:
+                state.breakers()
+            except Exception as exc:  # noqa: BLE001 - what the test looks for
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+        threads = [threading.Thread(target=scrape) for _ in range(2)]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        try:
+            state.snapshot(identity="x", instance="y")
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"loop: {type(exc).__name__}: {exc}")
+        for t in threads:
+            t.join(10)
+        await asyncio.sleep(0)  # the upkeeps the scrapes handed to the loop run
+    assert errors == []
+    assert state.breakers() == [], "the upkeep a scrape asked for ran on the loop"
