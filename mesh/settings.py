@@ -57,13 +57,15 @@ def state_dir() -> Path:
 
 def _mesh_home(explicit: dict[str, Any]) -> tuple[Path, str]:
     """The state folder whose mesh.json to read, and why it holds none (for the error, should the location stay
-    unknown). HIVEMESH_HOME, or ./.hivemesh holding a mesh, wins; else, while explicit settings leave the location
-    open, the one mesh `hivemesh up` runs for this user, as the CLI chooses (`localmesh.locate`; several: none is
-    guessed, the error lists them)."""
+    unknown). HIVEMESH_HOME, or ./.hivemesh holding a mesh, wins; else, when explicit settings say nothing of the
+    location at all, the one mesh `hivemesh up` runs for this user, as the CLI chooses (`localmesh.locate`;
+    several: none is guessed, the error lists them). Settings that name part of a location (HIVEMESH_ETCD of
+    another mesh, say) are never completed from a running mesh: a workload would join that mesh with the other's
+    token; the error names what is missing instead."""
     global _located
     home = Path(os.environ.get("HIVEMESH_HOME") or ".hivemesh").resolve()
     none_here = f"no {STATE_FILE} in the state folder {home}"
-    if os.environ.get("HIVEMESH_HOME") or (home / STATE_FILE).is_file() or all(explicit.get(n) for n in LOCATION):
+    if os.environ.get("HIVEMESH_HOME") or (home / STATE_FILE).is_file() or any(explicit.get(n) for n in LOCATION):
         return home, none_here
     meshes = running()
     if len(meshes) == 1:

@@ -150,6 +150,24 @@ def test_several_meshes_are_listed_and_none_is_guessed(tmp_path: Path, elsewhere
             proc.wait(10)
 
 
+def test_a_location_given_in_part_is_never_completed_from_a_running_mesh(
+    tmp_path: Path, elsewhere: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HIVEMESH_ETCD and HIVEMESH_CONTROLPLANE of another mesh, the rest forgotten: filled from the mesh `up` runs
+    here, the workload would join it with the other mesh's token; the error names what is missing instead."""
+    proc, _local = _stand_in_up(tmp_path, "a")
+    try:
+        monkeypatch.setenv("HIVEMESH_ETCD", "meshb.example:2379")
+        monkeypatch.setenv("HIVEMESH_CONTROLPLANE", "meshb.example:7000")
+        with pytest.raises(MeshLocationError) as raised:
+            MeshSettings.resolve()
+        assert str(raised.value).startswith("mesh location unknown (join, ca_bundle)"), str(raised.value)
+        assert settings_module._located is None, "nothing was taken from the running mesh"
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
 @pytest.mark.parametrize("program", [AGENT, CLIENT], ids=["run", "run_main"])
 async def test_no_mesh_anywhere_is_one_line_naming_every_way_and_exit_2(
         tmp_path: Path, elsewhere: Path, program: str) -> None:
