@@ -50,17 +50,21 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
     def __init__(self, core: Core, store: AuditStore) -> None:
         self._core = core
         self._store = store
-        self._syncs: set[asyncio.Task[None]] = set()
-        """Syncs that outlived their read's wait (etcd stopped): held, and their outcome taken, until they end."""
+        self._sync: asyncio.Task[None] | None = None
+        """The sync in flight, shared by every read that comes while it runs: with etcd stopped a `hivemesh audit
+        tail -f` (a read a second) started one per read, each waiting on the store's lock for etcd's timeout, and
+        they piled up. Ended with the control plane (`close`)."""
 
     async def _synced(self) -> None:
         """The store's `sync` (the mesh-wide log read from etcd), waited for at most SYNC_WAIT_S. It runs on as a
         task of its own when the wait ends: cut off part-way it would leave the store's copy to its own recovery,
-        while finished later it just leaves the copy caught up for the next read. etcd's own failure is named too,
-        never an UNKNOWN status."""
-        task = asyncio.ensure_future(self._store.sync())
-        self._syncs.add(task)
-        task.add_done_callback(_settled(self._syncs))
+        while finished later it just leaves the copy caught up for the next read. A read that comes while one runs
+        waits for that one (begun at most SYNC_WAIT_S earlier, or else etcd is not answering). etcd's own failure
+        is named too, never an UNKNOWN status."""
+        task = self._sync
+        if task is None or task.done():
+            task = self._sync = asyncio.ensure_future(self._store.sync())
+            task.add_done_callback(_taken)
         try:
             done, _ = await asyncio.wait([task], timeout=SYNC_WAIT_S)
         except asyncio.CancelledError:
@@ -78,6 +82,13 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
                 f"etcd not reachable: the control plane's etcd ({endpoints}) failed the read of the mesh-wide audit "
                 f"log ({type(exc).__name__}); retry once etcd answers",
                 metadata={"etcd": endpoints}) from None
+
+    async def close(self) -> None:
+        """End the sync in flight, if any (the control plane stops: nothing is left to read it)."""
+        task, self._sync = self._sync, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     async def _guard(self, context: grpc.aio.ServicerContext[Any, Any], fn: Callable[[], Awaitable[Any]]) -> Any:
         try:
@@ -216,14 +227,10 @@ class AuditServicer(audit_pb2_grpc.AuditServicer):
 
 
 
-def _settled(tasks: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
-    """A done callback: forget the task and take its outcome (a failed sync nobody awaited is logged, once)."""
-    def done(task: asyncio.Task[None]) -> None:
-        tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.debug("audit sync ended with %r", exc)
-
-    return done
+def _taken(task: asyncio.Task[None]) -> None:
+    """A sync's done callback: take its outcome (a failed sync whose reads stopped waiting is logged, once)."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.debug("audit sync ended with %r", exc)
 
 
 class _FromAnyThread:
@@ -256,8 +263,9 @@ class AuditFeature:
     """Starts and stops the store with the control plane; hears escalation changes (issue 5's audit hook);
     audits the TLS handshakes the control plane's ports refuse."""
 
-    def __init__(self, store: AuditStore) -> None:
+    def __init__(self, store: AuditStore, servicer: AuditServicer | None = None) -> None:
         self.store = store
+        self._servicer = servicer
         self._hook: Any = None
         self.handshakes: list[HandshakeAudit] = []
         self._recorder: _FromAnyThread | None = None
@@ -293,6 +301,8 @@ class AuditFeature:
         escalations.add_audit_hook(hook)
 
     async def stop(self) -> None:
+        if self._servicer is not None:
+            await self._servicer.close()
         for audit in self.handshakes:
             await audit.close()
         self.handshakes = []
@@ -309,8 +319,9 @@ class AuditFeature:
 def install(core: Core, server: grpc.aio.Server) -> AuditFeature:
     """Add the Audit service to the control plane's mutual-TLS server."""
     store = audit_store(core)
-    audit_pb2_grpc.add_AuditServicer_to_server(AuditServicer(core, store), server)
-    return AuditFeature(store)
+    servicer = AuditServicer(core, store)
+    audit_pb2_grpc.add_AuditServicer_to_server(servicer, server)
+    return AuditFeature(store, servicer)
 
 
 def entry_json(raw: bytes) -> dict[str, Any]:

@@ -96,6 +96,26 @@ async def test_audit_tail_with_etcd_stopped_is_answered_promptly_naming_etcd_not
     assert code == 0, err
 
 
+async def test_audit_reads_while_etcd_is_stopped_share_one_sync(env: MeshEnv, own_etcd: EtcdServer) -> None:
+    """Each refused read left a sync of the mesh-wide log behind, waiting on the store's lock for etcd's timeout:
+    `audit tail -f` (a read a second) piled them up. Reads that come while one runs share it."""
+    import asyncio
+
+    from hivemesh.v1 import audit_pb2
+
+    def syncs() -> list[asyncio.Task[object]]:
+        return [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "").endswith("Store.sync")]
+
+    assert own_etcd.pid is not None
+    with _frozen(own_etcd.pid):
+        reads = [env.operator.call(env.operator.audit.Query, audit_pb2.AuditQueryRequest(limit=10)) for _ in range(4)]
+        outcomes = await asyncio.gather(*reads, return_exceptions=True)
+        assert all(getattr(o, "reason", "") == "REGISTRY_UNAVAILABLE" for o in outcomes), outcomes
+        assert len(syncs()) <= 1, f"{len(syncs())} syncs pending for 4 reads"
+    code, _, err = await run_cli(env, "audit", "tail")  # etcd back: the shared sync ended, reads work again
+    assert code == 0, err
+
+
 async def test_wait_connected_to_a_stopped_etcd_ends_at_its_timeout_with_a_reason(own_etcd: EtcdServer) -> None:
     """The CLI's etcd connect (`hivemesh controlplanes`, `slo`, `agents`...): a 2 s probe begun inside a 1 s wait
     outlived it, and connect() had no bound at all."""
