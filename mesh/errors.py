@@ -50,9 +50,8 @@ class HivemeshError(Exception):
         self.field_violations: dict[str, str] = dict(field_violations or {})
         self.retry_after_s = retry_after_s
         self.said_by_grpc = False
-        """The status carried no hivemesh reason and a code gRPC itself gives (a connection that broke, a server
-        that stopped under it): neither a hivemesh layer nor the agent's own code decided (`from_status_parts`
-        sets it)."""
+        """The status carried no hivemesh reason: gRPC itself ended the call (a connection that broke, a server
+        that stopped under it), not a hivemesh layer that decided (`from_status_parts` sets it)."""
         # A remote error may carry a code/reason this process has no class for; keep them as received.
         if code is not None:
             self.code = code  # type: ignore[misc]
@@ -380,11 +379,12 @@ AGENT_CODES: Final = frozenset({
     grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED, grpc.StatusCode.OUT_OF_RANGE,
     grpc.StatusCode.DATA_LOSS, grpc.StatusCode.PERMISSION_DENIED,
 })
-"""Codes that, on a status with no hivemesh ErrorInfo, the agent's own code decided: every hivemesh layer names its
-reason, and gRPC itself never gives these (grpc.io "Status codes") but INTERNAL and UNKNOWN, which it gives for a
-handler that raised or an answer it could not parse, the agent's again. They become AGENT_ERROR with the agent's
-code and message (the reason names who decided), never a reason made up from the code name that a caller would
-take for the mesh's own refusal (an agent's INVALID_ARGUMENT is not the mesh's INVALID_INPUT)."""
+"""Codes that, on a status an agent's own server answered with no hivemesh ErrorInfo, the agent's code decided:
+gRPC never gives these itself but INTERNAL and UNKNOWN, which a server gives for a handler that raised. A sidecar
+relaying such a status from its agent labels it AGENT_ERROR, the agent's code and message kept (`agents_own`), never
+a reason made up from the code name that a caller would take for the mesh's own refusal (an agent's
+INVALID_ARGUMENT is not the mesh's INVALID_INPUT). Only there: read anywhere else (`from_status_parts`), a status
+without ErrorInfo may be the mesh's own (a link's refusal) or gRPC's (a stream reset is INTERNAL), not an agent's."""
 
 # Status codes with no hivemesh reason (raised by gRPC itself) map to the most fitting class.
 _BY_CODE: dict[grpc.StatusCode, type[HivemeshError]] = {
@@ -478,10 +478,9 @@ def _status_code(value: int) -> grpc.StatusCode:
 def from_status_parts(
     code: grpc.StatusCode, message: str, trailing: Any
 ) -> HivemeshError:
-    """Rebuild the typed error from a status code, message and trailing metadata (rich details if present).
-
-    A status with no hivemesh ErrorInfo is not the mesh's: an `AGENT_CODES` code is the agent's own error
-    (AgentError, reason AGENT_ERROR, its code kept); any other is gRPC's (`_BY_CODE`, `said_by_grpc`)."""
+    """Rebuild the typed error from a status code, message and trailing metadata (rich details if present). A
+    status without hivemesh ErrorInfo gets the class of its code and `said_by_grpc` (who decided is not known here:
+    an agent's own error is labelled by the sidecar that relayed it, `agents_own`)."""
     reason = ""
     meta: dict[str, str] = {}
     violations: dict[str, str] = {}
@@ -513,7 +512,7 @@ def from_status_parts(
                     retry = max(0.0, ri.retry_delay.ToNanoseconds() / 1e9)
             except DecodeError:
                 continue
-    cls = _class_of(code, reason)
+    cls = _BY_REASON.get(reason) or _BY_CODE.get(code) or HivemeshError
     err = cls(message, metadata=meta, field_violations=violations, retry_after_s=retry)
     if err.code != code or (reason and err.reason != reason):
         # Keep exactly what the server said, even when this process maps the reason to another class.
@@ -521,23 +520,24 @@ def from_status_parts(
         if reason:
             err.reason = reason  # type: ignore[misc]
     if not reason and cls is HivemeshError:
-        err.reason = code.name  # type: ignore[misc]  # gRPC's own UNIMPLEMENTED: a method the peer does not serve
-    err.said_by_grpc = not reason and cls is not AgentError
+        err.reason = code.name  # type: ignore[misc]
+    err.said_by_grpc = not reason
     return err
 
 
-def _class_of(code: grpc.StatusCode, reason: str) -> type[HivemeshError]:
-    if reason:
-        return _BY_REASON.get(reason) or _BY_CODE.get(code) or HivemeshError
-    if code in AGENT_CODES:
-        return AgentError
-    return _BY_CODE.get(code) or HivemeshError
+def agents_own(code: grpc.StatusCode, message: str, trailing: Any) -> AgentError | None:
+    """The AGENT_ERROR a sidecar relays for its agent's own failure status: one of `AGENT_CODES` with no rich
+    details at all (an agent in another language, answering a plain status); None for anything else, relayed as
+    the agent gave it (its own hivemesh ErrorInfo or details, or a code gRPC gives)."""
+    if code not in AGENT_CODES or any(key == _DETAILS_KEY for key, _ in trailing or ()):
+        return None
+    return AgentError(message or f"the agent answered {code.name} with no message", code=code)
 
 
 def typed_error(code: grpc.StatusCode, reason: str, message: str) -> HivemeshError:
     """The typed error for a code, reason and message kept as data (e.g. a held call's stored outcome)."""
-    cls = _class_of(code, reason)
-    return cls(message, code=code, reason=reason or (cls.reason if cls is not HivemeshError else code.name))
+    cls = _BY_REASON.get(reason) or _BY_CODE.get(code) or HivemeshError
+    return cls(message, code=code, reason=reason or code.name)
 
 
 def from_rpc_error(exc: grpc.aio.AioRpcError | grpc.RpcError) -> HivemeshError:

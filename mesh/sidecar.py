@@ -50,6 +50,8 @@ from hivemesh.mesh.errors import (
     InvalidOutputError,
     PayloadTooLargeError,
     abort,
+    agents_own,
+    to_status,
 )
 from hivemesh.mesh.front import FrontDoor, open_front_door
 from hivemesh.mesh.health_port import parse_health_listen
@@ -248,12 +250,20 @@ async def _relay_error(
     context: grpc.aio.ServicerContext[Any, Any], exc: grpc.aio.AioRpcError,
     gone: Callable[[grpc.aio.AioRpcError], HivemeshError],
 ) -> None:
-    """Pass the agent's own status through unchanged; only a failure of the connection to it (UNAVAILABLE without
-    trailers: gRPC's, not the agent's) becomes AGENT_UNAVAILABLE, in gone's words (`Sidecar._agent_gone`)."""
-    if exc.code() == grpc.StatusCode.UNAVAILABLE and not exc.trailing_metadata():
+    """Pass the agent's own status through: a failure of the connection to it (UNAVAILABLE without trailers:
+    gRPC's, not the agent's) becomes AGENT_UNAVAILABLE, in gone's words (`Sidecar._agent_gone`); the agent's own
+    failure with no details (an agent in another language answering a plain INTERNAL, or a handler that threw)
+    becomes AGENT_ERROR with its code and message (`agents_own`), which a caller reads as the agent's, not as a
+    reason the mesh decided; anything else goes on unchanged."""
+    trailing = tuple(exc.trailing_metadata() or ())
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and not trailing:
         await abort(context, gone(exc))
+    own = agents_own(exc.code(), exc.details() or "", trailing)
+    if own is not None:  # the agent's other trailers go on with it
+        status = to_status(own)
+        await context.abort(status.code, status.details, (*status.trailing_metadata, *trailing))
     # grpc.aio's abort takes a tuple of pairs, not the Metadata object the client side hands out.
-    await context.abort(exc.code(), exc.details() or "", tuple(exc.trailing_metadata() or ()))
+    await context.abort(exc.code(), exc.details() or "", trailing)
 
 
 class Sidecar:

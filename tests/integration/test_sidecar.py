@@ -173,7 +173,8 @@ async def test_agent_error_status_reaches_the_caller_unchanged(rig: Rig) -> None
     assert typed.value.message == FAIL_MESSAGE
     assert rig.plain.calls == 1  # it was the agent's refusal, not the mesh's
 
-    # On the wire: the agent's own code, message and trailing metadata, passed through as they were.
+    # On the wire: the agent's own code, message and trailing metadata, passed through, with the ErrorInfo that
+    # says the agent decided (AGENT_ERROR: it sent no hivemesh reason of its own).
     workload = rig.mesh.node.workload
     token = await rig.mesh.node.outbound.tokens.get(PLAIN, "plain-fail")
     channel = secure_channel(
@@ -190,7 +191,7 @@ async def test_agent_error_status_reaches_the_caller_unchanged(rig: Rig) -> None
     assert raw.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert raw.value.details() == FAIL_MESSAGE
     assert FAIL_TRAILER in tuple(raw.value.trailing_metadata() or ())
-    assert _reason(raw.value) is None  # the sidecar added no ErrorInfo of its own
+    assert _reason(raw.value) == "AGENT_ERROR"
 
     # A streaming call the agent refuses: its status, again unchanged.
     with pytest.raises(HivemeshError) as streamed:

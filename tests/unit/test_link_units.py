@@ -99,8 +99,7 @@ def test_corrupt_status_details_from_a_peer_leave_the_code_and_message() -> None
     corrupt_detail = any_pb2.Any(type_url="type.googleapis.com/google.rpc.ErrorInfo", value=b"\xff\xff")
     for trailer in (b"\xff\xff\xff", status_pb2.Status(code=3, details=[corrupt_detail]).SerializeToString()):
         err = from_status_parts(grpc.StatusCode.INVALID_ARGUMENT, "nope", [("grpc-status-details-bin", trailer)])
-        # No hivemesh reason could be read: the peer's own error (AGENT_ERROR), its code and message kept.
-        assert (err.code, err.message, err.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "nope", "AGENT_ERROR")
+        assert (err.code, err.message, err.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "nope", "INVALID_INPUT")
     status = to_status(RateLimitedError("slow down", retry_after_s=2))  # readable details still read
     assert from_status_parts(status.code, status.details, status.trailing_metadata).retry_after_s == 2
 
