@@ -11,14 +11,15 @@ couple of seconds), and that each metrics scrape asks the event loop for: the br
 breakers policy no longer gives one (`follow_breakers`), and the counts and breakers of instances this node
 stopped sending to (`_prune_instances`: dead and restarted instances must neither stay in status nor grow
 memory). Everything that changes state runs on the event loop thread: no locks. Metrics scrapes run in the
-metrics server's threads: they only take copies (`breakers`, `in_flight`), and hand the upkeep to the loop
-(`call_soon_threadsafe`), since one pruning from two scrapes and the loop at once lost keys mid-iteration.
+metrics server's threads: they hand the upkeep to the loop and wait for it (bounded), then take copies
+(`breakers`, `in_flight`): pruning from two scrapes and the loop at once lost keys mid-iteration.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +65,10 @@ class _Counts:
         self.in_flight = 0
 
 
+_SCRAPE_WAIT_S = 1.0
+"""How long a metrics scrape's thread waits for the event loop to run the upkeep (`TrafficState.breakers`)."""
+
+
 class TrafficState:
     """The mutable resilience state of one node; see the module docstring."""
 
@@ -106,6 +111,34 @@ class TrafficState:
         self._breaker_settings, self._breaker_version = settings_of, version
         self._breakers_seen = _UNSEEN
         self._know_loop()
+
+    def _upkeep_on_loop(self) -> None:
+        """Run the upkeep on the event loop: at once when called on it, else handed to it and waited for, at most
+        `_SCRAPE_WAIT_S` (a scrape's thread: the scrape then shows the policy in force, and a loop too busy to run it
+        in time delays the scrape no longer, which shows what was there)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self.upkeep()
+            return
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                self.upkeep()
+            finally:
+                done.set()
+
+        try:
+            loop.call_soon_threadsafe(run)
+        except RuntimeError:  # closed meanwhile: nothing left to keep up
+            return
+        done.wait(_SCRAPE_WAIT_S)
 
     def _know_loop(self) -> None:
         with contextlib.suppress(RuntimeError):  # not on a loop (yet): the next snapshot tells
@@ -171,12 +204,9 @@ class TrafficState:
 
     def breakers(self) -> list[tuple[str, str, CircuitBreaker]]:
         """Every breaker in force as (capability, instance key or "" for the capability's own, breaker), for
-        metrics, from a scrape's thread: copies taken at once (`list(dict.items())` holds the GIL), and the upkeep
-        handed to the event loop, so the next scrape shows what it dropped (see the module docstring)."""
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # closed meanwhile: nothing left to keep up
-                loop.call_soon_threadsafe(self.upkeep)
+        metrics, from a scrape's thread: after the upkeep, run on the event loop (`_upkeep_on_loop`), copies taken at
+        once (`list(dict.items())` holds the GIL; see the module docstring)."""
+        self._upkeep_on_loop()
         out = [(cap, "", b) for cap, b in list(self._cap_breakers.items())]
         out.extend((cap, inst, b) for (cap, inst), b in list(self._inst_breakers.items()))
         return out
