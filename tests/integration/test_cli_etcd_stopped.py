@@ -8,17 +8,15 @@ tail` blamed the control plane (`did not answer within 10 s`) when etcd was the 
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from hivemesh.mesh.etcd import EtcdServer, client, wait_connected
 from tests.support.meshenv import MeshEnv, run_cli, start_mesh_env, stop_mesh_env
+from tests.support.spawn import frozen
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -26,16 +24,6 @@ CALL_TIMEOUT_S = 4
 """The --timeout given to `hivemesh call`: the whole command ends within about it."""
 SLACK_S = 2.5
 """What a command may take past its bound: a child process's start and exit on a shared 2-core machine."""
-
-
-@contextlib.contextmanager
-def _frozen(pid: int) -> Iterator[None]:
-    """etcd stopped (SIGSTOP): its kernel still accepts TCP and takes bytes, nothing answers them."""
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
 
 
 async def _timed(env: MeshEnv, *args: str) -> tuple[int, str, str, float]:
@@ -60,7 +48,7 @@ async def test_call_with_etcd_stopped_ends_within_its_timeout_and_says_why_it_ne
     env: MeshEnv, own_etcd: EtcdServer
 ) -> None:
     assert own_etcd.pid is not None
-    with _frozen(own_etcd.pid):
+    with frozen(own_etcd.pid):
         code, _, err, took = await _timed(env, "call", "extract", "--timeout", str(CALL_TIMEOUT_S))
     assert code == 1, err
     assert took < CALL_TIMEOUT_S + SLACK_S, f"call took {took:.1f} s with --timeout {CALL_TIMEOUT_S}: {err}"
@@ -74,7 +62,7 @@ async def test_controlplanes_with_etcd_stopped_ends_within_its_wait_and_gives_a_
     env: MeshEnv, own_etcd: EtcdServer
 ) -> None:
     assert own_etcd.pid is not None
-    with _frozen(own_etcd.pid):
+    with frozen(own_etcd.pid):
         code, _, err, took = await _timed(env, "controlplanes")
     assert code == 1, err
     assert took < 5 + SLACK_S, f"controlplanes took {took:.1f} s: {err}"
@@ -85,7 +73,7 @@ async def test_audit_tail_with_etcd_stopped_is_answered_promptly_naming_etcd_not
     env: MeshEnv, own_etcd: EtcdServer
 ) -> None:
     assert own_etcd.pid is not None
-    with _frozen(own_etcd.pid):
+    with frozen(own_etcd.pid):
         code, _, err, took = await _timed(env, "audit", "tail")
     assert code == 1, err
     assert took < 8, f"audit tail took {took:.1f} s: {err}"  # the CLI's own wait is 10 s
@@ -107,7 +95,7 @@ async def test_audit_reads_while_etcd_is_stopped_share_one_sync(env: MeshEnv, ow
         return [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "").endswith("Store.sync")]
 
     assert own_etcd.pid is not None
-    with _frozen(own_etcd.pid):
+    with frozen(own_etcd.pid):
         reads = [env.operator.call(env.operator.audit.Query, audit_pb2.AuditQueryRequest(limit=10)) for _ in range(4)]
         outcomes = await asyncio.gather(*reads, return_exceptions=True)
         assert all(getattr(o, "reason", "") == "REGISTRY_UNAVAILABLE" for o in outcomes), outcomes
@@ -123,7 +111,7 @@ async def test_wait_connected_to_a_stopped_etcd_ends_at_its_timeout_with_a_reaso
     c = client(own_etcd.access)
     try:
         await wait_connected(c)  # up: connected at once
-        with _frozen(own_etcd.pid):
+        with frozen(own_etcd.pid):
             start = time.monotonic()
             with pytest.raises(TimeoutError) as caught:
                 await wait_connected(c, timeout=1.0)

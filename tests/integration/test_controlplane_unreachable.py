@@ -9,12 +9,9 @@ mapped, to AGENT_UNAVAILABLE, blaming an agent (`hivemesh escalations list`, `hi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import signal
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,19 +32,10 @@ from hivemesh.v1 import control_pb2_grpc, trust_pb2
 from tests.support.controlplane_process import controlplane_process
 from tests.support.controlplane_replica import serving_replica
 from tests.support.meshenv import DEFAULT_GRANTS, TRUST_DOMAIN, copy_session_ca
+from tests.support.spawn import frozen
 
 SHORT_S = 1.0
 """The deadline the frozen control plane is given: each call fails within it (plus gRPC's own slack)."""
-
-
-@contextlib.contextmanager
-def _frozen(pid: int) -> Iterator[None]:
-    """The process stopped (SIGSTOP): its kernel still accepts TCP and takes bytes, nothing answers them."""
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
 
 
 def _calls(cp: ControlPlaneClient, timeout_s: float) -> dict[str, Callable[[], Awaitable[Any]]]:
@@ -83,7 +71,7 @@ async def test_a_frozen_control_plane_is_named_with_its_address_and_the_time_it_
         async with ControlPlaneClient.from_certs_dir(address, certs) as cp:
             await cp.list_agents()  # answered: the connection is up, as a node's is, when the process freezes
             cp.timeout_s = SHORT_S
-            with _frozen(pid):
+            with frozen(pid):
                 for what, call in _calls(cp, SHORT_S).items():
                     with pytest.raises(ControlPlaneUnavailableError) as caught:
                         await asyncio.wait_for(call(), 15)

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from hivemesh.controlplane.ca import _write_atomic, init_ca, load_ca
-from hivemesh.controlplane.etcd_certs import issue_etcd_certs
+from hivemesh.controlplane.ca import _write_atomic
 from hivemesh.mesh.etcd import EtcdServer, EtcdServerTls, EtcdTls, client
-from tests.support.meshenv import TRUST_DOMAIN
+from tests.support.etcd_rotation import on_old_ca, rejected
 from tests.support.waiting import until
 
 _BACK_S = 10.0
@@ -26,9 +25,6 @@ _BACK_S = 10.0
 _QUIET_S = 5.0
 """How long no refused handshake may show afterwards: more than twice a client's longest redial backoff (2 s)."""
 
-
-def _tls(base: Path) -> EtcdServerTls:
-    return issue_etcd_certs(load_ca(init_ca(base, TRUST_DOMAIN).certs_dir), base)
 
 
 class Files:
@@ -50,22 +46,11 @@ class Files:
         return EtcdTls.from_files(self.ca, self.cert, self.key)
 
 
-def _rejected(server: EtcdServer) -> int:
-    """Handshakes etcd refused so far (its log line for a client certificate or trust it did not accept)."""
-    assert server.log_path is not None
-    return server.log_path.read_text(errors="replace").count("rejected connection")
-
 
 @pytest.fixture
 def rotated(tmp_path: Path) -> Iterator[tuple[EtcdServer, EtcdServerTls, EtcdServerTls]]:
-    """etcd trusting (and serving a certificate of) an old CA; the test moves it to a new one."""
-    old, new = _tls(tmp_path / "old-ca"), _tls(tmp_path / "new-ca")
-    server = EtcdServer(data_dir=tmp_path / "etcd", log_path=tmp_path / "etcd.log", tls=old)
-    server.start()
-    try:
-        yield server, old, new
-    finally:
-        server.stop()
+    with on_old_ca(tmp_path) as rig:
+        yield rig
 
 
 async def _answers(c: object, limit_s: float) -> float | None:
@@ -114,8 +99,8 @@ async def test_a_client_with_a_source_carries_on_when_etcd_restarts_on_a_new_ca(
 
         # The replaced channel is closed: nothing dials etcd with the old credentials any more (the client read once
         # sends nothing: its channel went idle when etcd left).
-        before = _rejected(server)
-        assert not await until(lambda: _rejected(server) > before, _QUIET_S, step_s=0.2), (
+        before = rejected(server)
+        assert not await until(lambda: rejected(server) > before, _QUIET_S, step_s=0.2), (
             "a replaced channel still dials etcd with the old credentials")
         reads = files.reads
         for _ in range(20):  # a connected client does not read its files at every request

@@ -10,37 +10,21 @@ from pathlib import Path
 
 import pytest
 
-from hivemesh.controlplane.ca import init_ca, load_ca
-from hivemesh.controlplane.etcd_certs import issue_etcd_certs
 from hivemesh.mesh.etcd import EtcdAccess, EtcdServer, EtcdServerTls, EtcdTls, client
 from hivemesh.mesh.status import StatusPublisher, policy_pb2
-from tests.support.meshenv import TRUST_DOMAIN
+from tests.support.etcd_rotation import on_old_ca, rejected
 from tests.support.waiting import until
 
 _QUIET_S = 5.0
 """How long no rejected connection must show: more than twice an etcd client's longest redial backoff (2 s)."""
 
 
-def _tls(base: Path) -> EtcdServerTls:
-    return issue_etcd_certs(load_ca(init_ca(base, TRUST_DOMAIN).certs_dir), base)
-
-
-def _rejected(server: EtcdServer) -> int:
-    """Handshakes etcd refused so far (its log line for a client certificate or trust it did not accept)."""
-    assert server.log_path is not None
-    return server.log_path.read_text(errors="replace").count("rejected connection")
 
 
 @pytest.fixture
 def rotated(tmp_path: Path) -> Iterator[tuple[EtcdServer, EtcdServerTls, EtcdServerTls]]:
-    """etcd trusting an old CA (and serving its certificate); the test moves it to a new one."""
-    old, new = _tls(tmp_path / "old-ca"), _tls(tmp_path / "new-ca")
-    server = EtcdServer(data_dir=tmp_path / "etcd", log_path=tmp_path / "etcd.log", tls=old)
-    server.start()
-    try:
-        yield server, old, new
-    finally:
-        server.stop()
+    with on_old_ca(tmp_path) as rig:
+        yield rig
 
 
 def _rotate(server: EtcdServer, new: EtcdServerTls) -> None:
@@ -52,9 +36,9 @@ def _rotate(server: EtcdServer, new: EtcdServerTls) -> None:
 
 async def _quiet(server: EtcdServer) -> int:
     """The rejected handshakes during _QUIET_S, ending early at the first one."""
-    before = _rejected(server)
-    await until(lambda: _rejected(server) > before, _QUIET_S, step_s=0.2)
-    return _rejected(server) - before
+    before = rejected(server)
+    await until(lambda: rejected(server) > before, _QUIET_S, step_s=0.2)
+    return rejected(server) - before
 
 
 async def _until_up(server: EtcdServer, tls: EtcdTls) -> None:

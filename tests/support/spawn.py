@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.support.meshenv import MeshEnv
@@ -133,3 +135,14 @@ async def stop(proc: asyncio.subprocess.Process, *, kill: bool = False, timeout:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await asyncio.wait_for(proc.wait(), timeout)
+
+
+@contextlib.contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """The process stopped (SIGSTOP) for the block: its kernel still accepts TCP and takes bytes, nothing answers
+    them; continued (SIGCONT) after, even when the block fails."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
