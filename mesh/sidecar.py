@@ -69,7 +69,7 @@ from hivemesh.mesh.node_health import NodeHealth
 from hivemesh.mesh.node_metrics import OWNED_DEFAULT, NodeMetrics, metrics_listen, parse_listen
 from hivemesh.mesh.outbound.attempts import MAY_HAVE_RUN, gone_message, resend_advice
 from hivemesh.mesh.outbound.link import LinkedInvoke
-from hivemesh.mesh.outbound.pipeline import _never_sent
+from hivemesh.mesh.outbound.pipeline import connect_failed
 from hivemesh.mesh.output_check import OutputCheck, note_refusal
 from hivemesh.mesh.pki import validate_name
 from hivemesh.mesh.queue_rpc import NOT_QUEUEABLE, SidecarQueue, queue_for_s
@@ -625,7 +625,7 @@ class Sidecar:
         identity = str(self.node.workload.spiffe_id) if self.node is not None else ""
         name = (self.card.name if self.card is not None else "") or self.config.name or identity
         metadata = {"capability": capability[:128], "agent": identity, "instance": self.instance_id}
-        if _never_sent(exc):
+        if connect_failed(exc):
             return AgentUnavailableError(
                 f"agent {name} (instance {self.instance_id}) cannot be reached by its sidecar (its process is not "
                 f"running or not listening): the call to {capability!r} reached no agent, so nothing ran and sending "

@@ -118,7 +118,7 @@ def cut_here(exc: asyncio.CancelledError) -> CancelledError:
     return CancelledError(CUT_HERE)
 
 
-def _never_sent(exc: grpc.aio.AioRpcError) -> bool:
+def connect_failed(exc: grpc.aio.AioRpcError) -> bool:
     """True when gRPC could not even connect, so the request certainly never reached the agent."""
     if exc.code() != grpc.StatusCode.UNAVAILABLE:
         return False
@@ -269,7 +269,7 @@ class OutboundPipeline:
                 self._keep(verify_answer(self.channels.workload, call, instance, raw))
             return raw
         except grpc.aio.AioRpcError as exc:
-            raise AttemptError(from_rpc_error(exc), never_sent=_never_sent(exc)) from None
+            raise AttemptError(from_rpc_error(exc), never_sent=connect_failed(exc)) from None
 
     async def _send_shadow(
         self, instance: mesh_pb2.AgentInstance, capability: str, raw: bytes, metadata: Metadata, timeout: float
@@ -419,7 +419,7 @@ class OutboundPipeline:
                     self.tokens.invalidate(instance.identity)  # expired or rotated: once more, fresh token
                     continue
                 sent = OutboundCall(capability, raw_request, (), None, None, idempotency_key)
-                worded = remote if _never_sent(exc) else went_away(remote, sent, instance)
+                worded = remote if connect_failed(exc) else went_away(remote, sent, instance)
                 if worded.code == grpc.StatusCode.DEADLINE_EXCEEDED:  # the caller's, or the client's default
                     worded = timed_out(worded, sent, instance, deadline_words(timeout, GIVEN))
                 raise worded from (None if worded is remote else exc)  # reworded: gRPC's error its cause, as unary
@@ -525,7 +525,7 @@ class OutboundPipeline:
                 except grpc.aio.AioRpcError as exc:
                     err = from_rpc_error(exc)
                     # Never sent, or refused by an agent's sidecar that could not reach its agent: nothing ran.
-                    never_sent = not started and (_never_sent(exc) or ran_nothing(err))
+                    never_sent = not started and (connect_failed(exc) or ran_nothing(err))
                     fenced = not started and err.reason == StaleRegistrationError.reason
                     health = "failed" if never_sent or (exc.code() in failure_codes and not fenced) else "neutral"
                     if never_sent:
