@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, Final
 
 import grpc
@@ -162,7 +162,7 @@ def _guarded_stream(inner: StreamBehaviour) -> StreamBehaviour:
     if not inspect.isasyncgenfunction(inner):  # the reader/writer style (grpc's health Watch): a coroutine
         return _guarded_unary(inner)  # type: ignore[arg-type,return-value]
 
-    async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+    async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncGenerator[Any, None]:
         if isinstance(request, Undecodable):
             await _refuse(context, request)
         async for item in inner(request, context):

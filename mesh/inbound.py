@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -43,7 +43,7 @@ from hivemesh.mesh.layers.ratelimit import RateLimitLayer
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN, ContentScreen
 from hivemesh.mesh.output_check import REFUSAL_NOTE, note_refusal
 from hivemesh.mesh.resilience.traffic import Traffic
-from hivemesh.mesh.rpcwrap import StreamBehaviour, UnaryBehaviour, wrap_handler
+from hivemesh.mesh.rpcwrap import StreamBehaviour, StreamWriter, UnaryBehaviour, outcome_code, wrap_handler, write
 from hivemesh.mesh.signing import Signer
 from hivemesh.mesh.tls import MAX_MESSAGE_BYTES
 from hivemesh.mesh.tokens import TokenVerifier
@@ -261,28 +261,6 @@ def _admit(chain: InboundChain, call: Inbound, request: Any) -> None:
     chain.admit(call)
 
 
-_DEADLINE_SLACK_S = 0.1
-"""A handler cancelled with at most this much of its deadline left was cancelled by the deadline (see `_final_code`):
-the caller's own timer resets the stream when its deadline passes, which reaches the server just before the server's
-copy of it, as gRPC rounds the timeout it sends up (by at most 1 ms under 1 s, 10 ms under 10 s, 100 ms under
-100 s). Over 100 s, a timeout gRPC rounds up by more may still be recorded CANCELLED."""
-
-
-def _final_code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException | None) -> grpc.StatusCode:
-    """The code the call is recorded with. gRPC cancels a handler alike when its caller cancels and when the call's
-    deadline passes; past its deadline it is DEADLINE_EXCEEDED, as the caller sees it, so a hung or too-slow agent
-    spends availability budget. A caller's own cancel before then stays CANCELLED, which spends none."""
-    if exc is None:
-        return grpc.StatusCode.OK
-    if isinstance(exc, asyncio.CancelledError):
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= _DEADLINE_SLACK_S:
-            return grpc.StatusCode.DEADLINE_EXCEEDED
-        return grpc.StatusCode.CANCELLED
-    code = context.code()
-    if isinstance(code, grpc.StatusCode):
-        return code
-    return grpc.StatusCode.UNKNOWN
 
 
 async def _answered(
@@ -412,7 +390,7 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
         if self._observers:
             # A refusal made behind the chain (an answer breaking its output schema) is recorded with its reason.
             refused = call.notes.get(REFUSAL_NOTE) if failure is not None else None
-            unrecorded = self._notify(call, refused, _final_code(context, failure), started)
+            unrecorded = self._notify(call, refused, outcome_code(context, failure), started)
             if unrecorded is not None and failure is None:
                 return unrecorded
         return None
@@ -472,24 +450,31 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
 
             return tracing.server_unary(unary, AGENT_SERVICE, method, packaging) if traced else unary
 
-        def unary_stream(inner_stream: StreamBehaviour) -> StreamBehaviour:
-            async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        def unary_stream(inner_stream: StreamBehaviour) -> StreamWriter:
+            async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
                 started = time.perf_counter()
                 call, inner_request, done = await self._enter(method, request, context, deserialize, started)
                 failure: BaseException | None = None
                 try:
-                    async for item in inner_stream(inner_request, InboundContext(context, call)):
-                        if answers:
-                            item = await _answered(chain, call, item, context, streamed=True)
-                        if settles:  # before it is sent: a caller that stops reading cannot skip a charge
-                            chain.settle(call, item)
-                        yield item
+                    # Written here, not yielded to gRPC: a cancel that comes while gRPC writes an item is then
+                    # raised here (gRPC left a generator suspended at that item, closed whenever it was
+                    # collected, and recorded UNKNOWN), and the handler's stream is closed now.
+                    async with contextlib.aclosing(inner_stream(inner_request, InboundContext(context, call))) as items:
+                        async for item in items:
+                            if answers:
+                                item = await _answered(chain, call, item, context, streamed=True)
+                            if settles:  # before it is sent: a caller that stops reading cannot skip a charge
+                                chain.settle(call, item)
+                            await write(context, item)
                 except BaseException as exc:
                     failure = exc
                     raise
                 finally:
+                    ended = failure is None
+                    if call.final_sent and isinstance(failure, asyncio.CancelledError):
+                        failure = None  # the caller went away as its whole answer was being written: answered
                     unrecorded = self._leave(call, context, failure, done, started)
-                    if unrecorded is not None:
+                    if unrecorded is not None and ended:
                         await abort(context, unrecorded)
 
             return tracing.server_stream(stream, AGENT_SERVICE, method, packaging) if traced else stream

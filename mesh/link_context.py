@@ -74,7 +74,7 @@ class FrameContext(grpc.aio.ServicerContext[Any, Any]):
 
     def code(self) -> grpc.StatusCode | None:  # type: ignore[override]  # grpc.aio's: None until one is set
         """The code set (by abort or set_code), None if none was: a call that failed without one is recorded as
-        UNKNOWN (`inbound._final_code`), never as OK."""
+        UNKNOWN (`rpcwrap.outcome_code`), never as OK."""
         return self._code
 
     def set_details(self, details: str) -> None:

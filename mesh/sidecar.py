@@ -729,6 +729,7 @@ class Sidecar:
                             # chain, it is on record as the refusal; gRPC's own, after it, named nothing.
                             raise answer_too_large(capability, len(final), MAX_MESSAGE_BYTES,
                                                    on=" in its final stream chunk", streamed=True)
+                        inbound.final_sent = True
                         yield final
                         break
                     else:

@@ -12,8 +12,8 @@ which `opentelemetry-instrumentation-grpc` cannot see: see docs/observability.md
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import inspect
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -32,6 +32,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from hivemesh.mesh import invoke_wire
 from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.layers.base import Inbound
+from hivemesh.mesh.rpcwrap import outcome_code
 from hivemesh.v1 import agent_pb2
 
 TRACER: Tracer | None = None
@@ -332,18 +333,9 @@ def link_to(trace_id: str, span_id: str) -> list[Link]:
 
 
 # --- the inbound side ---------------------------------------------------------------------------------------------
-def _server_code(context: grpc.aio.ServicerContext[Any, Any], failure: BaseException | None) -> grpc.StatusCode:
-    if failure is None:
-        return grpc.StatusCode.OK
-    code = context.code()
-    if isinstance(code, grpc.StatusCode):
-        return code
-    return grpc.StatusCode.CANCELLED if isinstance(failure, asyncio.CancelledError) else grpc.StatusCode.UNKNOWN
-
-
 def _end_server(handle: tuple[Span, object], context: grpc.aio.ServicerContext[Any, Any],
                 failure: BaseException | None) -> None:
-    code = _server_code(context, failure)
+    code = outcome_code(context, failure)
     span = handle[0]
     status = getattr(span, "status", None)
     if code != grpc.StatusCode.OK and status is not None and status.status_code is StatusCode.ERROR:
@@ -377,7 +369,10 @@ def server_unary(behaviour: Any, service: str, method: str, packaging: str) -> A
 
 
 def server_stream(behaviour: Any, service: str, method: str, packaging: str) -> Any:
-    """behaviour (a unary-stream gRPC aio handler) inside a server span."""
+    """behaviour (a unary-stream gRPC aio handler: an async generator, or a coroutine in gRPC's writer style)
+    inside a server span."""
+    if not inspect.isasyncgenfunction(behaviour):
+        return server_unary(behaviour, service, method, packaging)  # a writer is awaited as a unary one is
 
     async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         handle = server_start(service, method, context, packaging)

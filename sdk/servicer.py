@@ -356,6 +356,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             raise
         except BaseException as exc:  # noqa: BLE001 - the agent's bug: an error, or an exit or cancel not the call's
             await abort(context, _failure(request.capability, exc))
+        call.final_sent = True
         yield final
 
 

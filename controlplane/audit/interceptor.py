@@ -11,10 +11,11 @@ checking is outside the audit, but its requests that do not decode are recorded 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import grpc
@@ -25,7 +26,7 @@ from hivemesh.mesh.audit.record import classify
 from hivemesh.mesh.decode_guard import Undecodable
 from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.pki import load_cert, peer_from_auth_context, uri_sans
-from hivemesh.mesh.rpcwrap import StreamBehaviour, UnaryBehaviour, wrap_handler
+from hivemesh.mesh.rpcwrap import StreamBehaviour, StreamWriter, UnaryBehaviour, outcome_code, wrap_handler, write
 
 if TYPE_CHECKING:
     from hivemesh.controlplane.server import Core
@@ -120,11 +121,7 @@ class ControlPlaneAuditInterceptor(grpc.aio.ServerInterceptor):
         self, method: str, context: grpc.aio.ServicerContext[Any, Any], request: Any, response: Any,
         failure: BaseException | None, started: float,
     ) -> None:
-        if failure is None:
-            code = grpc.StatusCode.OK
-        else:
-            got = context.code()
-            code = got if isinstance(got, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+        code = outcome_code(context, failure)
         caller, unverified = _caller(context, self._core.trust_domain)
         reason = _reason(context) if code != grpc.StatusCode.OK else ""
         fields: dict[str, Any] = {
@@ -185,13 +182,19 @@ class ControlPlaneAuditInterceptor(grpc.aio.ServerInterceptor):
 
             return unary
 
-        def unary_stream(inner: StreamBehaviour) -> StreamBehaviour:
-            async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        def unary_stream(inner: StreamBehaviour) -> StreamWriter:
+            if not inspect.isasyncgenfunction(inner):  # already the writer style: awaited as a unary one is
+                return unary_unary(inner)  # type: ignore[arg-type]
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
                 started = time.perf_counter()
                 failure: BaseException | None = None
                 try:
-                    async for item in inner(request, context):
-                        yield item
+                    # Written here (gRPC's writer style): a caller's cancel while gRPC writes an item is raised
+                    # here and recorded now, as CANCELLED, and the method's stream is closed now.
+                    async with contextlib.aclosing(inner(request, context)) as items:
+                        async for item in items:
+                            await write(context, item)
                 except BaseException as exc:
                     failure = exc
                     raise
@@ -225,7 +228,7 @@ class ControlPlaneAuditInterceptor(grpc.aio.ServerInterceptor):
             if not inspect.isasyncgenfunction(inner):  # the reader/writer style (health's Watch): a coroutine
                 return unary_unary(inner)  # type: ignore[arg-type,return-value]
 
-            async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncGenerator[Any, None]:
                 started = time.perf_counter()
                 try:
                     async for item in inner(request, context):

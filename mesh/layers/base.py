@@ -45,6 +45,10 @@ class Inbound:
     """A token budget applies to this call: the `usage` of its response is charged after it (set by the budget
     layer; a handler that answers from a replay, spending nothing, clears it)."""
     notes: dict[str, Any] = field(default_factory=dict)
+    final_sent: bool = False
+    """A stream's final chunk was handed to gRPC (set by the handler that yields it). A caller that goes away while
+    it is being written is then on record as answered, as a unary answer is once it is returned to gRPC: the
+    server cannot tell a write the caller read before cancelling from one it did not."""
     written: tuple[bytes, agent_pb2.Usage] | None = None
     """(a unary answer's bytes, the usage written into them), noted by a handler that writes its answer itself
     (the SDK's), so the layers that count usage (metrics, budgets) do not parse the answer again for it."""

@@ -80,14 +80,14 @@ def test_a_link_stream_that_breaks_fails_its_calls_as_a_broken_connection_fails_
 def test_a_frame_call_that_failed_with_no_code_set_is_recorded_unknown_not_ok() -> None:
     """The chain records a failed call's code from its context: a frame's context said OK when nothing had set
     one, so a handler's unexpected exception was audited as a success the caller never got."""
-    from hivemesh.mesh.inbound import _final_code
+    from hivemesh.mesh.rpcwrap import outcome_code
 
     context = FrameContext(None, (), 0.0, {})  # type: ignore[arg-type]  # the stream is not read here
     assert context.code() is None
-    assert _final_code(context, RuntimeError("a bug")) is grpc.StatusCode.UNKNOWN
-    assert _final_code(context, None) is grpc.StatusCode.OK
+    assert outcome_code(context, RuntimeError("a bug")) is grpc.StatusCode.UNKNOWN
+    assert outcome_code(context, None) is grpc.StatusCode.OK
     context.set_code(grpc.StatusCode.NOT_FOUND)
-    assert _final_code(context, RuntimeError("refused")) is grpc.StatusCode.NOT_FOUND
+    assert outcome_code(context, RuntimeError("refused")) is grpc.StatusCode.NOT_FOUND
 
 
 def test_corrupt_status_details_from_a_peer_leave_the_code_and_message() -> None:
