@@ -10,7 +10,7 @@ is not buffered for: past `MAX_HELD_BYTES` of answers not yet written (or `MAX_O
 link stops reading, and HTTP/2 flow control holds the caller back, as for a unary call (`_Open`). An answer frame
 larger than one message may carry is answered PAYLOAD_TOO_LARGE instead (gRPC would fail the whole link on it);
 a message that does not decode ends the link INVALID_ARGUMENT, recorded by the chain's observers (the audit log)
-as an undecodable Invoke is (`_record_refusal`).
+as an undecodable Invoke is (`record_refusal`).
 
 The caller's token is bound to its certificate, which is the link's, so a caller may send it once: a call
 frame without an `authorization` entry carries the last one sent on this link (still verified per call).
@@ -333,7 +333,7 @@ class LinkServer:
             return None  # the handler's own check of the answer refuses it
         return answer_size.refusal(capability, response, self.max_message_bytes)
 
-    def _record_refusal(self, context: grpc.aio.ServicerContext[Any, Any], problem: str) -> None:
+    def record_refusal(self, context: grpc.aio.ServicerContext[Any, Any], problem: str) -> None:
         """One audit record (INVALID_INPUT, method Link, the sender's verified identity) for a link refused for
         problem (a message that does not decode, a frame it cannot use); every call frame is recorded already, as
         the Invoke it carries."""
@@ -438,7 +438,7 @@ class LinkServer:
                     if state.bad:
                         break
                 if state.bad:
-                    self._record_refusal(context, state.bad)
+                    self.record_refusal(context, state.bad)
                 await asyncio.gather(*running.values(), return_exceptions=True)
             finally:
                 out.put_nowait(_END)

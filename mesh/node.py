@@ -168,6 +168,9 @@ class MeshNode:
         """stop() ran while start() was in progress."""
         self._past_identity = False
         """start() went past obtaining the identity: a failure from then on leaves watches that cannot restart."""
+        self.workload_listeners: list[Callable[[Workload], None]] = []
+        """Told each new workload at once (a renewed certificate, a new trust bundle): what serves TLS outside gRPC's
+        credentials (a direct-link listener) takes it for its next handshakes."""
         self.certificate_hooks: list[Callable[[str, Workload], Awaitable[None]]] = []
         """Told ("renewed", new workload) after each renewal, and once ("expired", workload) when the certificate
         expired and renewal still fails (see `hivemesh.mesh.cert_presence`)."""
@@ -560,6 +563,11 @@ class MeshNode:
             self._cp.update_workload(workload)
         if not same_cert and self._tokens is not None:
             self._tokens.clear()  # tokens are bound to the old certificate's thumbprint
+        for listener in list(self.workload_listeners):
+            try:
+                listener(workload)
+            except Exception:
+                log.exception("could not take the new certificate or trust bundle into %r", listener)
 
     async def _renew_loop(self) -> None:
         """Renew the certificate at half its lifetime (±10% jitter), or at once when a CA rotation asks;

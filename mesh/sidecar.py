@@ -61,6 +61,7 @@ from hivemesh.mesh.layers.guard import DEFAULT_MAX_INPUT_BYTES
 from hivemesh.mesh.layers.loopguard import DEFAULT_MAX_CALL_DEPTH
 from hivemesh.mesh.layers.output_classifier import load_classifier, resolve_classifier
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN
+from hivemesh.mesh.link_listener import DirectLinkListener, direct_enabled, open_direct_listener
 from hivemesh.mesh.link_server import LinkServer, link_handler
 from hivemesh.mesh.local_call import CALL_HANDLE_KEY, read_local_metadata
 from hivemesh.mesh.local_socket import bind_private_socket, default_socket_path, remove_socket
@@ -149,6 +150,9 @@ class SidecarConfig:
     link: bool | None = None
     """Serve `Link` on the inbound port (a caller's unary calls as frames on one stream, each through the same
     chain) and send outbound calls over links; None: $HIVEMESH_LINK, else on."""
+    link_direct: bool | None = None
+    """With `link`, also serve direct links (`mesh/link_direct.py`: Link without gRPC, on a free port of listen's
+    host, advertised in the registry); None: $HIVEMESH_LINK_DIRECT, else on."""
 
     def __post_init__(self) -> None:
         if (self.agent is None) == (self.client is None):
@@ -285,6 +289,7 @@ class Sidecar:
         self._agent_channel: grpc.aio.Channel | None = None
         self._inbound: FrontDoor | None = None
         self._link: LinkServer | None = None
+        self._direct: DirectLinkListener | None = None
         """Agent.Link on the inbound port: callers' frames, each through the inbound chain."""
         self._mesh_link: LinkServer | None = None
         """Mesh.Link on the local Mesh service: the local caller's frames, each a Mesh.Call."""
@@ -319,6 +324,14 @@ class Sidecar:
         """The advertised host:port (registry, hops); the bound port."""
         return join_host_port(advertised_host(self.config.listen.rpartition(":")[0], self.config.advertise),
                               self.port)
+
+    @property
+    def link_endpoint(self) -> str:
+        """The advertised host:port of this sidecar's direct links ("": it serves none)."""
+        if self._direct is None:
+            return ""
+        return join_host_port(advertised_host(self.config.listen.rpartition(":")[0], self.config.advertise),
+                              self._direct.port)
 
     @property
     def mesh_endpoint(self) -> str:
@@ -409,6 +422,10 @@ class Sidecar:
             self._inbound = front
             mesh = self._bind_mesh()
             await front.start(cfg.listen.rpartition(":")[0], self.port)
+            if self._link is not None and direct_enabled(cfg.link_direct):
+                self._direct = await open_direct_listener(self._link, self.node.workload,
+                                                          cfg.listen.rpartition(":")[0].strip("[]"),
+                                                          self.node.workload_listeners)
             await self._open_queue()
             await mesh.start()
             self._mesh = mesh
@@ -416,6 +433,7 @@ class Sidecar:
                 card=self.card,
                 instance_id=self.instance_id,
                 endpoint=self.endpoint,
+                link_endpoint=self.link_endpoint,
                 identity=self.node.workload.spiffe_id,
                 packaging="sidecar",
                 labels={**dict(self.card.labels), **cert_labels(self.node.workload)},
@@ -505,6 +523,9 @@ class Sidecar:
         for link in (self._link, self._mesh_link):
             if link is not None:
                 link.drain()  # open links end once answered, not after the whole grace
+        if self._direct is not None:
+            await self._direct.close(grace)
+            self._direct = None
         for server in (self._inbound, self._mesh):
             if server is not None:
                 await server.stop(grace)

@@ -34,6 +34,7 @@ from hivemesh.mesh.layers.loopguard import DEFAULT_MAX_CALL_DEPTH
 from hivemesh.mesh.layers.output_classifier import resolve_classifier
 from hivemesh.mesh.layers.output_screen import Classifier
 from hivemesh.mesh.layers.screen import DEFAULT_SCREEN, ContentScreen
+from hivemesh.mesh.link_listener import DirectLinkListener, direct_enabled, open_direct_listener
 from hivemesh.mesh.link_server import LinkServer
 from hivemesh.mesh.logjson import basic_config
 from hivemesh.mesh.node import MeshNode
@@ -106,6 +107,9 @@ class AgentServerConfig:
     link: bool | None = None
     """Serve `Link` (a caller's unary calls as frames on one stream, each through the same inbound chain) and
     call other agents over links; None: $HIVEMESH_LINK, else on."""
+    link_direct: bool | None = None
+    """With `link`, also serve direct links (`mesh/link_direct.py`: Link without gRPC, on a free port of host,
+    advertised in the registry); None: $HIVEMESH_LINK_DIRECT, else on."""
 
     def __post_init__(self) -> None:
         # Sequences are accepted (a list is natural to write) and kept as tuples, so the config stays frozen.
@@ -183,6 +187,7 @@ class AgentServer:
         self.mesh = MeshClient(self.node)
         self._server: FrontDoor | None = None
         self._link: LinkServer | None = None
+        self._direct: DirectLinkListener | None = None
         self._registration: Registration | None = None
         self.health = NodeHealth(self.config.health_listen, self.config.health_interval_s)
         """Whether this agent can do its job, as its health services say (and its plaintext health port)."""
@@ -198,6 +203,13 @@ class AgentServer:
     def endpoint(self) -> str:
         """The advertised host:port (registry, hops); the port is the bound one."""
         return join_host_port(advertised_host(self.host, self.config.advertise), self.port)
+
+    @property
+    def link_endpoint(self) -> str:
+        """The advertised host:port of this agent's direct links ("": it serves none)."""
+        if self._direct is None:
+            return ""
+        return join_host_port(advertised_host(self.host, self.config.advertise), self._direct.port)
 
     @property
     def instance_key(self) -> str:
@@ -257,10 +269,14 @@ class AgentServer:
             add_to_server(servicer, server.server)
             self._server = front
             await front.start(self.host, self.port)
+            if self._link is not None and direct_enabled(self.config.link_direct):
+                self._direct = await open_direct_listener(self._link, self.node.workload, self.host.strip("[]"),
+                                                          self.node.workload_listeners)
             instance = mesh_pb2.AgentInstance(
                 card=card,
                 instance_id=self.instance_id,
                 endpoint=self.endpoint,
+                link_endpoint=self.link_endpoint,
                 identity=self.node.workload.spiffe_id,
                 packaging="in-process",
                 labels={**dict(card.labels), **self.config.labels, **cert_labels(self.node.workload)},
@@ -292,6 +308,9 @@ class AgentServer:
             await self.agent.on_stop()
         if self._link is not None:
             self._link.drain()  # open links end once answered, not after the whole grace
+        if self._direct is not None:
+            await self._direct.close(grace)
+            self._direct = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-from hivemesh.mesh.outbound.link import LinkedInvoke
+from hivemesh.mesh.link_direct import client_context
+from hivemesh.mesh.outbound.link import DirectOpener, LinkedInvoke
 from hivemesh.mesh.pki import parse_spiffe_id
 from hivemesh.mesh.tls import Workload, secure_channel
 
@@ -52,20 +54,23 @@ class ChannelPool:
 
     def __init__(self, workload: Workload, *, link: bool = False) -> None:
         """link: send unary calls as frames on one multiplexed stream per endpoint (`hivemesh.mesh.outbound.link`),
-        falling back to unary calls for a peer that does not serve it."""
+        falling back to unary calls for a peer that does not serve it; to a peer that advertises a direct link
+        (`mesh/link_direct.py`), on that."""
         self._workload = workload
         self.link = link
         self._creds = workload.channel_credentials()
-        self._endpoints: dict[tuple[str, str], Endpoint] = {}
+        self._direct_context: ssl.SSLContext | None = None
+        self._endpoints: dict[tuple[str, str, str], Endpoint] = {}
         self._retired: set[asyncio.Task[None]] = set()
 
     @property
     def workload(self) -> Workload:
         return self._workload
 
-    def get(self, address: str, identity: str) -> Endpoint:
-        """The shared endpoint for address, expected to present identity (a SPIFFE id)."""
-        key = (address, identity)
+    def get(self, address: str, identity: str, link_address: str = "") -> Endpoint:
+        """The shared endpoint for address, expected to present identity (a SPIFFE id); link_address: the peer's
+        direct link ("": none; an address that does not parse is not used)."""
+        key = (address, identity, link_address)  # a peer restarted with another direct port is another endpoint
         ep = self._endpoints.get(key)
         if ep is None:
             server_name = parse_spiffe_id(identity).dns_name
@@ -73,16 +78,29 @@ class ChannelPool:
             unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(INVOKE)
             ep = Endpoint(
                 channel=channel,
-                invoke=LinkedInvoke(channel, unary) if self.link else unary,
+                invoke=LinkedInvoke(channel, unary, direct=self._direct(link_address, server_name))
+                if self.link else unary,
                 invoke_stream=channel.unary_stream(INVOKE_STREAM),
             )
             self._endpoints[key] = ep
         return ep
 
+    def _direct(self, link_address: str, server_name: str) -> DirectOpener | None:
+        if not link_address:
+            return None
+        if self._direct_context is None:  # one per certificate: a context holds its key and trust anchors
+            self._direct_context = client_context(self._workload)
+        try:
+            return DirectOpener(link_address, server_name, self._direct_context)
+        except ValueError:
+            log.warning("ignoring a direct link address that is not host:port: %r", link_address[:100])
+            return None
+
     def update_workload(self, workload: Workload) -> None:
         """Use a renewed certificate for new channels; close the old ones after in-flight calls had time to end."""
         self._workload = workload
         self._creds = workload.channel_credentials()
+        self._direct_context = None
         old = list(self._endpoints.values())
         self._endpoints = {}
 

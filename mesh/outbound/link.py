@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import time
 import traceback
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ import grpc
 
 from hivemesh.mesh import link_wire
 from hivemesh.mesh.link_context import status_code
+from hivemesh.mesh.link_direct import DirectStream, split_address
 from hivemesh.mesh.link_frames import BATCH_ANNOUNCE, announced, outgoing
 from hivemesh.mesh.link_wire import DecodeError, Outgoing
 from hivemesh.v1 import agent_pb2
@@ -111,7 +113,7 @@ class _Link:
     """One open Link stream: calls go out through a queue (one writer task keeps their order), answers come back
     to the waiting call by id."""
 
-    def __init__(self, method: grpc.aio.StreamStreamMultiCallable[bytes, bytes]) -> None:
+    def __init__(self, method: grpc.aio.StreamStreamMultiCallable[bytes, bytes] | DirectOpener) -> None:
         self._out: asyncio.Queue[Any] = asyncio.Queue()
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._next = 1
@@ -129,7 +131,9 @@ class _Link:
         """A frame came back: the peer serves Link."""
         self.linger_s = LINGER_S
         # Written by our own task, not a request iterator: a write that fails says which frames never left.
-        self._stream: grpc.aio.StreamStreamCall[bytes, bytes] | None = method(metadata=BATCH_ANNOUNCE)
+        self._stream: Any = method(metadata=BATCH_ANNOUNCE)
+        self._direct: DirectStream | None = self._stream if isinstance(self._stream, DirectStream) else None
+        """The stream when it is a direct link (`mesh/link_direct.py`), kept to tell whether it ever connected."""
         """None once the link ended. The call object keeps its connection open, even after its channel was closed,
         until it is freed, and a finished task's exception can hold this link in a reference cycle the garbage
         collector did not free (see `_let_go`): so only this attribute refers to the call, let go at the end."""
@@ -222,6 +226,12 @@ class _Link:
                 waiter.set_exception(LinkNotSentError() if unsent else error)
 
     @property
+    def direct_unreachable(self) -> bool:
+        """A direct link that never connected (the peer's direct port refused, did not answer, or failed the
+        handshake): the caller uses Agent/Link over gRPC for a while (`DIRECT_RETRY_S`)."""
+        return self._direct is not None and not self._direct.connected
+
+    @property
     def sent_any(self) -> bool:
         """Whether any frame left on this link (the peer saw at least one call)."""
         return self._sent_through > 0
@@ -281,15 +291,37 @@ class _Link:
         self._writer.cancel()
 
 
+class DirectOpener:
+    """Opens direct links (`mesh/link_direct.py`) to one peer: what `_Link` calls in place of a gRPC stream-stream
+    multicallable."""
+
+    def __init__(self, address: str, server_name: str, context: ssl.SSLContext) -> None:
+        self.host, self.port = split_address(address)
+        self.address, self._server_name, self._context = address, server_name, context
+
+    def __call__(self, *, metadata: Sequence[tuple[str, str]] = ()) -> DirectStream:
+        return DirectStream(self.host, self.port, self._server_name, self._context)
+
+
+DIRECT_RETRY_S = 30.0
+"""How long a caller whose direct link to a peer never connected uses the peer's Agent/Link over gRPC before it
+tries the direct link again (a peer restarting, a port a firewall holds)."""
+
+
 class LinkedInvoke:
     """A unary Invoke multicallable's stand-in that sends each call as a frame on this channel's link."""
 
     def __init__(
-        self, channel: grpc.aio.Channel, unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes], path: str = LINK
+        self, channel: grpc.aio.Channel, unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes], path: str = LINK,
+        *, direct: DirectOpener | None = None,
     ) -> None:
-        """path: the Link method (`Agent/Link`; `Mesh/Link` for a local caller of a sidecar's Mesh.Call)."""
+        """path: the Link method (`Agent/Link`; `Mesh/Link` for a local caller of a sidecar's Mesh.Call).
+        direct: the peer's direct link, used instead of path while it connects."""
         self._path = path
         self._method: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(path)
+        self._direct = direct
+        self._direct_after = 0.0
+        """time.monotonic() before which links go over gRPC: the last direct link never connected."""
         self._unary = unary
         self._link: _Link | None = None
         self._unsent_links = 0
@@ -319,7 +351,8 @@ class LinkedInvoke:
         if link is None or link.broken:
             if link is not None:
                 self._unsent_links = self._unsent_count(link)
-            link = self._link = _Link(self._method)
+            direct = self._direct is not None and time.monotonic() >= self._direct_after
+            link = self._link = _Link(self._direct if direct and self._direct is not None else self._method)
         started = time.monotonic()
         try:
             return await link.call(request, timeout, metadata)
@@ -327,7 +360,9 @@ class LinkedInvoke:
             self._give_up("peer does not serve %s: calling it unary")
         except LinkNotSentError:
             # The link ended before this call's frame left: nothing of it ran anywhere, so it goes unary now.
-            if self._unsent_count(link) >= NOT_SENT_LIMIT:
+            if link.direct_unreachable:
+                self._direct_unreachable()
+            elif self._unsent_count(link) >= NOT_SENT_LIMIT:
                 self._give_up("%s: %d links in a row ended INTERNAL before a frame left (a hidden UNIMPLEMENTED): "
                               "calling the peer unary", NOT_SENT_LIMIT)
         finally:
@@ -338,11 +373,17 @@ class LinkedInvoke:
             timeout = max(0.0, timeout - (time.monotonic() - started))
         return await self._unary(request, timeout=timeout, metadata=metadata)
 
+    def _direct_unreachable(self) -> None:
+        if time.monotonic() >= self._direct_after and self._direct is not None:
+            log.warning("cannot open a direct link to %s: calling the peer over %s for %.0f s",
+                        self._direct.address, self._path, DIRECT_RETRY_S)
+        self._direct_after = time.monotonic() + DIRECT_RETRY_S
+
     def _unsent_count(self, link: _Link) -> int:
         """The count of links in a row that hid the peer's status before any frame left, link included. A link
         that sent a frame starts it again; one that failed otherwise (UNAVAILABLE: the peer is down or
         restarting) leaves it as it is, so a peer's downtime never turns its links off."""
-        if link.sent_any:
+        if link.sent_any or link.direct_unreachable:
             return 0
         return self._unsent_links + 1 if link.hidden_status else self._unsent_links
 

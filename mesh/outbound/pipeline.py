@@ -257,7 +257,7 @@ class OutboundPipeline:
     async def _send(
         self, call: OutboundCall, instance: mesh_pb2.AgentInstance, metadata: Metadata, timeout: float | None
     ) -> bytes:
-        endpoint = self.channels.get(instance.endpoint, instance.identity)
+        endpoint = self.channels.get(instance.endpoint, instance.identity, instance.link_endpoint)
         if tracing.TRACER is not None:  # the attempt's span is current: the callee's parent
             metadata = tracing.with_headers(metadata)
         signed = signs(instance, call.capability)
@@ -275,7 +275,7 @@ class OutboundPipeline:
         self, instance: mesh_pb2.AgentInstance, capability: str, raw: bytes, metadata: Metadata, timeout: float
     ) -> bytes:
         md = await self._prepare(instance, capability, metadata)
-        endpoint = self.channels.get(instance.endpoint, instance.identity)
+        endpoint = self.channels.get(instance.endpoint, instance.identity, instance.link_endpoint)
         try:
             answer: bytes = await endpoint.invoke(raw, timeout=timeout, metadata=md)
             return answer
@@ -403,7 +403,7 @@ class OutboundPipeline:
             signed = OutboundCall(capability, raw_request, (), None, None) if signs(instance, capability) else None
             if signed is not None:
                 md = list(sign_request(self.channels.workload, signed, instance, md))
-            endpoint = self.channels.get(instance.endpoint, instance.identity)
+            endpoint = self.channels.get(instance.endpoint, instance.identity, instance.link_endpoint)
             try:
                 raw: bytes = await endpoint.invoke(raw_request, timeout=timeout, metadata=md)
                 if signed is not None:
@@ -497,7 +497,7 @@ class OutboundPipeline:
                     if not breaker.allow():
                         refused.add(ikey)
                         continue
-                ep = self.channels.get(instance.endpoint, instance.identity)
+                ep = self.channels.get(instance.endpoint, instance.identity, instance.link_endpoint)
                 stream = ep.invoke_stream(raw_request, timeout=remaining, metadata=md)
                 sent_at = time.monotonic()
                 started = 0  # chunks received

@@ -61,7 +61,7 @@ async def _refused_call_recorded(mesh_env: MeshEnv, tmp_path: Path) -> None:
                                       audit=False) as mesh:
             assert await mesh.node.registry.wait_for_capability("echo", 1, timeout=10)
             inst = mesh.node.registry.instances("echo")[0]
-            ep = mesh.node.outbound.channels.get(inst.endpoint, inst.identity)
+            ep = mesh.node.outbound.channels.get(inst.endpoint, inst.identity, inst.link_endpoint)
             token = await mesh.node.outbound.tokens.get(inst.identity, "echo")
             req = agent_pb2.InvokeRequest(capability=ESC, input=b"{}", content_type="application/json")
             with pytest.raises(grpc.aio.AioRpcError):

@@ -225,7 +225,7 @@ spec: {{agents: [flaky], capabilities: [work], total_rps: {n}, burst_s: {burst_s
         # The refusal on the wire: RESOURCE_EXHAUSTED, ErrorInfo RATE_LIMITED, RetryInfo and the pushback trailer.
         instance = f.client.node.registry.instances("work")[0]
         token = await f.client.node.outbound.tokens.get(instance.identity, "work")
-        endpoint = f.client.node.outbound.channels.get(instance.endpoint, instance.identity)
+        endpoint = f.client.node.outbound.channels.get(instance.endpoint, instance.identity, instance.link_endpoint)
         request = agent_pb2.InvokeRequest(capability="work", input=b"{}").SerializeToString()
         trailers: dict[str, Any] = {}
         for _ in range(50):

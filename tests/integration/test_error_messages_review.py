@@ -123,7 +123,7 @@ async def test_an_agent_stopped_mid_call_is_named_and_the_caller_told_when_a_res
         call = asyncio.ensure_future(client.call("slow", {"seconds": 30}, timeout=15, **options))
         assert await _line(proc, tmp_path / "sleeper.log") == STARTED  # the handler runs the call now
         instance = client.instances("slow")[0]
-        invoke = client.node.outbound.channels.get(instance.endpoint, instance.identity).invoke
+        invoke = client.node.outbound.channels.get(instance.endpoint, instance.identity, instance.link_endpoint).invoke
         assert isinstance(invoke, LinkedInvoke) == link
         if link:  # the call went as a frame on the link, not unary
             assert isinstance(invoke, LinkedInvoke) and invoke._link is not None and invoke._link.sent_any
@@ -222,7 +222,7 @@ async def test_an_agent_stopped_mid_call_on_is_named_and_the_caller_told_when_a_
 def _link_of(client: MeshClient) -> Any:
     """The open link of the client's channel to the only echo instance (None: none open)."""
     instance = client.instances("echo")[0]
-    invoke = client.node.outbound.channels.get(instance.endpoint, instance.identity).invoke
+    invoke = client.node.outbound.channels.get(instance.endpoint, instance.identity, instance.link_endpoint).invoke
     assert isinstance(invoke, LinkedInvoke)
     return invoke._link
 

@@ -86,7 +86,7 @@ async def test_signed_payloads_and_output_screen(mesh_env: MeshEnv, tmp_path: Pa
             async def send(payload: bytes, md: list[tuple[str, str]]) -> bytes:
                 """Straight to the instance with a valid token, bypassing the caller's own signing."""
                 token = await node.outbound.tokens.get(instance.identity, "notarize")
-                endpoint = node.outbound.channels.get(instance.endpoint, instance.identity)
+                endpoint = node.outbound.channels.get(instance.endpoint, instance.identity, instance.link_endpoint)
                 try:
                     raw: bytes = await endpoint.invoke(encode_request("notarize", payload), timeout=5,
                                                        metadata=[*md, ("authorization", f"Bearer {token}")])
@@ -197,7 +197,7 @@ async def test_sidecar_packaging_signs_and_redacts(mesh_env: MeshEnv) -> None:
             assert got == ["a", "b", "c"]
             (instance,) = mesh.node.registry.instances("plain-leak")
             token = await mesh.node.outbound.tokens.get(instance.identity, "plain-leak")
-            endpoint = mesh.node.outbound.channels.get(instance.endpoint, instance.identity)
+            endpoint = mesh.node.outbound.channels.get(instance.endpoint, instance.identity, instance.link_endpoint)
             with pytest.raises(grpc.aio.AioRpcError) as unsigned:
                 await endpoint.invoke(encode_request("plain-leak", b"{}"), timeout=5,
                                       metadata=[("authorization", f"Bearer {token}")])

@@ -132,7 +132,7 @@ async def _refusal(client: MeshClient, capability: str, payload: Any) -> tuple[g
 
 
 def _link_of(client: MeshClient, server: AgentServer) -> LinkedInvoke:
-    invoke = client.node.outbound.channels.get(server.endpoint, server.node.workload.spiffe_id).invoke
+    invoke = client.node.outbound.channels.get(server.endpoint, server.node.workload.spiffe_id, server.link_endpoint).invoke
     assert isinstance(invoke, LinkedInvoke)
     return invoke
 
@@ -339,7 +339,7 @@ async def test_hostile_call_frames_get_invalid_argument_and_never_reach_the_agen
         assert await mesh.node.registry.wait_for_capability("plain-echo", 1, timeout=10)
         await mesh.call("plain-echo", {"text": "warm"}, timeout=10)
         sid = sidecar.node.workload.spiffe_id
-        endpoint = mesh.node.outbound.channels.get(sidecar.endpoint, sid)
+        endpoint = mesh.node.outbound.channels.get(sidecar.endpoint, sid, sidecar.link_endpoint)
         echo_auth = ("authorization", f"Bearer {await mesh.node.outbound.tokens.get(sid, 'plain-echo')}")
         slow_auth = ("authorization", f"Bearer {await mesh.node.outbound.tokens.get(sid, 'plain-slow')}")
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from hivemesh.v1 import agent_pb2 as hivemesh_dot_v1_dot_agent__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16hivemesh/v1/mesh.proto\x12\x0bhivemesh.v1\x1a\x17hivemesh/v1/agent.proto\"\xa6\x02\n\rAgentInstance\x12$\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x16.hivemesh.v1.AgentCard\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12\x10\n\x08identity\x18\x04 \x01(\t\x12\x11\n\tpackaging\x18\x05 \x01(\t\x12\x1d\n\x15registered_at_unix_ms\x18\x06 \x01(\x03\x12\x36\n\x06labels\x18\x07 \x03(\x0b\x32&.hivemesh.v1.AgentInstance.LabelsEntry\x12\x1d\n\x15registration_revision\x18\x08 \x01(\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"&\n\x17ListCapabilitiesRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\"a\n\x0f\x43\x61pabilityEntry\x12+\n\ncapability\x18\x01 \x01(\x0b\x32\x17.hivemesh.v1.Capability\x12\x0e\n\x06\x61gents\x18\x02 \x03(\t\x12\x11\n\tinstances\x18\x03 \x01(\x05\"N\n\x18ListCapabilitiesResponse\x12\x32\n\x0c\x63\x61pabilities\x18\x01 \x03(\x0b\x32\x1c.hivemesh.v1.CapabilityEntry\"$\n\x0eResolveRequest\x12\x12\n\ncapability\x18\x01 \x01(\t\"@\n\x0fResolveResponse\x12-\n\tinstances\x18\x01 \x03(\x0b\x32\x1a.hivemesh.v1.AgentInstance\"R\n\x10\x43\x61llBatchRequest\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.hivemesh.v1.InvokeRequest\x12\x13\n\x0b\x63oncurrency\x18\x02 \x01(\x05\"?\n\x0e\x42\x61tchItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x8a\x01\n\x0f\x42\x61tchItemResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12/\n\x08response\x18\x02 \x01(\x0b\x32\x1b.hivemesh.v1.InvokeResponseH\x00\x12,\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1b.hivemesh.v1.BatchItemErrorH\x00\x42\t\n\x07outcome\"R\n\x11\x43\x61llBatchResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.hivemesh.v1.BatchItemResult\x12\x0e\n\x06\x66\x61iled\x18\x02 \x01(\x05\"/\n\x10GetQueuedRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07wait_ms\x18\x02 \x01(\x03\"\xb3\x02\n\nQueuedCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\ncapability\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x1b\n\x13\x65nqueued_at_unix_ms\x18\x04 \x01(\x03\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x05 \x01(\x03\x12\x0f\n\x07\x63\x61ll_id\x18\x06 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12/\n\x08response\x18\x08 \x01(\x0b\x32\x1b.hivemesh.v1.InvokeResponseH\x00\x12,\n\x05\x65rror\x18\t \x01(\x0b\x32\x1b.hivemesh.v1.BatchItemErrorH\x00\x12\x13\n\x0b\x61nswer_kept\x18\n \x01(\x08\x12\x14\n\x0c\x61nswer_bytes\x18\x0b \x01(\x04\x42\t\n\x07outcome\":\n\x11ListQueuedRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"U\n\x12ListQueuedResponse\x12&\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x17.hivemesh.v1.QueuedCall\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x90\x05\n\x04Mesh\x12?\n\x04\x43\x61ll\x12\x1a.hivemesh.v1.InvokeRequest\x1a\x1b.hivemesh.v1.InvokeResponse\x12\x44\n\nCallStream\x12\x1a.hivemesh.v1.InvokeRequest\x1a\x18.hivemesh.v1.InvokeChunk0\x01\x12:\n\x04Link\x12\x16.hivemesh.v1.LinkFrame\x1a\x16.hivemesh.v1.LinkFrame(\x01\x30\x01\x12J\n\tCallBatch\x12\x1d.hivemesh.v1.CallBatchRequest\x1a\x1e.hivemesh.v1.CallBatchResponse\x12>\n\x07\x45nqueue\x12\x1a.hivemesh.v1.InvokeRequest\x1a\x17.hivemesh.v1.QueuedCall\x12\x43\n\tGetQueued\x12\x1d.hivemesh.v1.GetQueuedRequest\x1a\x17.hivemesh.v1.QueuedCall\x12M\n\nListQueued\x12\x1e.hivemesh.v1.ListQueuedRequest\x1a\x1f.hivemesh.v1.ListQueuedResponse\x12_\n\x10ListCapabilities\x12$.hivemesh.v1.ListCapabilitiesRequest\x1a%.hivemesh.v1.ListCapabilitiesResponse\x12\x44\n\x07Resolve\x12\x1b.hivemesh.v1.ResolveRequest\x1a\x1c.hivemesh.v1.ResolveResponseBh\n\x0f\x64\x65v.hivemesh.v1B\tMeshProtoP\x01Z:github.com/hivemesh/hivemesh/protos/hivemesh/v1;hivemeshv1\xaa\x02\x0bHivemesh.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16hivemesh/v1/mesh.proto\x12\x0bhivemesh.v1\x1a\x17hivemesh/v1/agent.proto\"\xbd\x02\n\rAgentInstance\x12$\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x16.hivemesh.v1.AgentCard\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12\x10\n\x08identity\x18\x04 \x01(\t\x12\x11\n\tpackaging\x18\x05 \x01(\t\x12\x1d\n\x15registered_at_unix_ms\x18\x06 \x01(\x03\x12\x36\n\x06labels\x18\x07 \x03(\x0b\x32&.hivemesh.v1.AgentInstance.LabelsEntry\x12\x1d\n\x15registration_revision\x18\x08 \x01(\x03\x12\x15\n\rlink_endpoint\x18\t \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"&\n\x17ListCapabilitiesRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\"a\n\x0f\x43\x61pabilityEntry\x12+\n\ncapability\x18\x01 \x01(\x0b\x32\x17.hivemesh.v1.Capability\x12\x0e\n\x06\x61gents\x18\x02 \x03(\t\x12\x11\n\tinstances\x18\x03 \x01(\x05\"N\n\x18ListCapabilitiesResponse\x12\x32\n\x0c\x63\x61pabilities\x18\x01 \x03(\x0b\x32\x1c.hivemesh.v1.CapabilityEntry\"$\n\x0eResolveRequest\x12\x12\n\ncapability\x18\x01 \x01(\t\"@\n\x0fResolveResponse\x12-\n\tinstances\x18\x01 \x03(\x0b\x32\x1a.hivemesh.v1.AgentInstance\"R\n\x10\x43\x61llBatchRequest\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.hivemesh.v1.InvokeRequest\x12\x13\n\x0b\x63oncurrency\x18\x02 \x01(\x05\"?\n\x0e\x42\x61tchItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x8a\x01\n\x0f\x42\x61tchItemResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12/\n\x08response\x18\x02 \x01(\x0b\x32\x1b.hivemesh.v1.InvokeResponseH\x00\x12,\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1b.hivemesh.v1.BatchItemErrorH\x00\x42\t\n\x07outcome\"R\n\x11\x43\x61llBatchResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.hivemesh.v1.BatchItemResult\x12\x0e\n\x06\x66\x61iled\x18\x02 \x01(\x05\"/\n\x10GetQueuedRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07wait_ms\x18\x02 \x01(\x03\"\xb3\x02\n\nQueuedCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\ncapability\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x1b\n\x13\x65nqueued_at_unix_ms\x18\x04 \x01(\x03\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x05 \x01(\x03\x12\x0f\n\x07\x63\x61ll_id\x18\x06 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12/\n\x08response\x18\x08 \x01(\x0b\x32\x1b.hivemesh.v1.InvokeResponseH\x00\x12,\n\x05\x65rror\x18\t \x01(\x0b\x32\x1b.hivemesh.v1.BatchItemErrorH\x00\x12\x13\n\x0b\x61nswer_kept\x18\n \x01(\x08\x12\x14\n\x0c\x61nswer_bytes\x18\x0b \x01(\x04\x42\t\n\x07outcome\":\n\x11ListQueuedRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"U\n\x12ListQueuedResponse\x12&\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x17.hivemesh.v1.QueuedCall\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x90\x05\n\x04Mesh\x12?\n\x04\x43\x61ll\x12\x1a.hivemesh.v1.InvokeRequest\x1a\x1b.hivemesh.v1.InvokeResponse\x12\x44\n\nCallStream\x12\x1a.hivemesh.v1.InvokeRequest\x1a\x18.hivemesh.v1.InvokeChunk0\x01\x12:\n\x04Link\x12\x16.hivemesh.v1.LinkFrame\x1a\x16.hivemesh.v1.LinkFrame(\x01\x30\x01\x12J\n\tCallBatch\x12\x1d.hivemesh.v1.CallBatchRequest\x1a\x1e.hivemesh.v1.CallBatchResponse\x12>\n\x07\x45nqueue\x12\x1a.hivemesh.v1.InvokeRequest\x1a\x17.hivemesh.v1.QueuedCall\x12\x43\n\tGetQueued\x12\x1d.hivemesh.v1.GetQueuedRequest\x1a\x17.hivemesh.v1.QueuedCall\x12M\n\nListQueued\x12\x1e.hivemesh.v1.ListQueuedRequest\x1a\x1f.hivemesh.v1.ListQueuedResponse\x12_\n\x10ListCapabilities\x12$.hivemesh.v1.ListCapabilitiesRequest\x1a%.hivemesh.v1.ListCapabilitiesResponse\x12\x44\n\x07Resolve\x12\x1b.hivemesh.v1.ResolveRequest\x1a\x1c.hivemesh.v1.ResolveResponseBh\n\x0f\x64\x65v.hivemesh.v1B\tMeshProtoP\x01Z:github.com/hivemesh/hivemesh/protos/hivemesh/v1;hivemeshv1\xaa\x02\x0bHivemesh.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,35 +36,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENTINSTANCE_LABELSENTRY']._loaded_options = None
   _globals['_AGENTINSTANCE_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_AGENTINSTANCE']._serialized_start=65
-  _globals['_AGENTINSTANCE']._serialized_end=359
-  _globals['_AGENTINSTANCE_LABELSENTRY']._serialized_start=314
-  _globals['_AGENTINSTANCE_LABELSENTRY']._serialized_end=359
-  _globals['_LISTCAPABILITIESREQUEST']._serialized_start=361
-  _globals['_LISTCAPABILITIESREQUEST']._serialized_end=399
-  _globals['_CAPABILITYENTRY']._serialized_start=401
-  _globals['_CAPABILITYENTRY']._serialized_end=498
-  _globals['_LISTCAPABILITIESRESPONSE']._serialized_start=500
-  _globals['_LISTCAPABILITIESRESPONSE']._serialized_end=578
-  _globals['_RESOLVEREQUEST']._serialized_start=580
-  _globals['_RESOLVEREQUEST']._serialized_end=616
-  _globals['_RESOLVERESPONSE']._serialized_start=618
-  _globals['_RESOLVERESPONSE']._serialized_end=682
-  _globals['_CALLBATCHREQUEST']._serialized_start=684
-  _globals['_CALLBATCHREQUEST']._serialized_end=766
-  _globals['_BATCHITEMERROR']._serialized_start=768
-  _globals['_BATCHITEMERROR']._serialized_end=831
-  _globals['_BATCHITEMRESULT']._serialized_start=834
-  _globals['_BATCHITEMRESULT']._serialized_end=972
-  _globals['_CALLBATCHRESPONSE']._serialized_start=974
-  _globals['_CALLBATCHRESPONSE']._serialized_end=1056
-  _globals['_GETQUEUEDREQUEST']._serialized_start=1058
-  _globals['_GETQUEUEDREQUEST']._serialized_end=1105
-  _globals['_QUEUEDCALL']._serialized_start=1108
-  _globals['_QUEUEDCALL']._serialized_end=1415
-  _globals['_LISTQUEUEDREQUEST']._serialized_start=1417
-  _globals['_LISTQUEUEDREQUEST']._serialized_end=1475
-  _globals['_LISTQUEUEDRESPONSE']._serialized_start=1477
-  _globals['_LISTQUEUEDRESPONSE']._serialized_end=1562
-  _globals['_MESH']._serialized_start=1565
-  _globals['_MESH']._serialized_end=2221
+  _globals['_AGENTINSTANCE']._serialized_end=382
+  _globals['_AGENTINSTANCE_LABELSENTRY']._serialized_start=337
+  _globals['_AGENTINSTANCE_LABELSENTRY']._serialized_end=382
+  _globals['_LISTCAPABILITIESREQUEST']._serialized_start=384
+  _globals['_LISTCAPABILITIESREQUEST']._serialized_end=422
+  _globals['_CAPABILITYENTRY']._serialized_start=424
+  _globals['_CAPABILITYENTRY']._serialized_end=521
+  _globals['_LISTCAPABILITIESRESPONSE']._serialized_start=523
+  _globals['_LISTCAPABILITIESRESPONSE']._serialized_end=601
+  _globals['_RESOLVEREQUEST']._serialized_start=603
+  _globals['_RESOLVEREQUEST']._serialized_end=639
+  _globals['_RESOLVERESPONSE']._serialized_start=641
+  _globals['_RESOLVERESPONSE']._serialized_end=705
+  _globals['_CALLBATCHREQUEST']._serialized_start=707
+  _globals['_CALLBATCHREQUEST']._serialized_end=789
+  _globals['_BATCHITEMERROR']._serialized_start=791
+  _globals['_BATCHITEMERROR']._serialized_end=854
+  _globals['_BATCHITEMRESULT']._serialized_start=857
+  _globals['_BATCHITEMRESULT']._serialized_end=995
+  _globals['_CALLBATCHRESPONSE']._serialized_start=997
+  _globals['_CALLBATCHRESPONSE']._serialized_end=1079
+  _globals['_GETQUEUEDREQUEST']._serialized_start=1081
+  _globals['_GETQUEUEDREQUEST']._serialized_end=1128
+  _globals['_QUEUEDCALL']._serialized_start=1131
+  _globals['_QUEUEDCALL']._serialized_end=1438
+  _globals['_LISTQUEUEDREQUEST']._serialized_start=1440
+  _globals['_LISTQUEUEDREQUEST']._serialized_end=1498
+  _globals['_LISTQUEUEDRESPONSE']._serialized_start=1500
+  _globals['_LISTQUEUEDRESPONSE']._serialized_end=1585
+  _globals['_MESH']._serialized_start=1588
+  _globals['_MESH']._serialized_end=2244
 # @@protoc_insertion_point(module_scope)

@@ -57,6 +57,7 @@ class AgentInstance(_message.Message):
     REGISTERED_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     REGISTRATION_REVISION_FIELD_NUMBER: _builtins.int
+    LINK_ENDPOINT_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     endpoint: _builtins.str
     """host:port serving mTLS (a sidecar's inbound port or an SDK agent)"""
@@ -73,6 +74,11 @@ class AgentInstance(_message.Message):
     fenced by any other registration than its current one (STALE_REGISTRATION): the caller routed by a
     registration that is gone, and its node routes the call again.
     """
+    link_endpoint: _builtins.str
+    """host:port of the instance's direct link: the Agent/Link protocol on its own mutual-TLS connection, without
+    gRPC (docs/link.md; its wire is described in mesh/link_direct.py). Empty: none; callers use Agent/Link on
+    `endpoint`. A caller that cannot reach it uses Agent/Link meanwhile.
+    """
     @_builtins.property
     def card(self) -> _agent_pb2.AgentCard: ...
     @_builtins.property
@@ -88,10 +94,11 @@ class AgentInstance(_message.Message):
         registered_at_unix_ms: _builtins.int = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         registration_revision: _builtins.int = ...,
+        link_endpoint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["card", b"card"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["card", b"card", "endpoint", b"endpoint", "identity", b"identity", "instance_id", b"instance_id", "labels", b"labels", "packaging", b"packaging", "registered_at_unix_ms", b"registered_at_unix_ms", "registration_revision", b"registration_revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card", b"card", "endpoint", b"endpoint", "identity", b"identity", "instance_id", b"instance_id", "labels", b"labels", "link_endpoint", b"link_endpoint", "packaging", b"packaging", "registered_at_unix_ms", b"registered_at_unix_ms", "registration_revision", b"registration_revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

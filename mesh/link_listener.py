@@ -1,0 +1,249 @@
+"""The server end of direct links (`mesh/link_direct.py`): a mutual-TLS listener whose connections are served by
+a node's `LinkServer`, as its `Agent/Link` streams are.
+
+The listening context holds no certificate: every handshake must name a server (SNI, which mesh clients always
+send) and is then given the node's current context (`update_workload`), so a renewed certificate or a rotated
+trust bundle applies to the next handshake without reopening the port, and a trust anchor taken out of the bundle
+is no longer trusted by it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, Never
+
+import grpc
+from google.rpc import status_pb2
+
+from hivemesh.mesh.link_direct import (
+    FLAG_BATCHES,
+    PREAMBLE,
+    LinkProtocolError,
+    read_message,
+    read_preamble,
+    server_context,
+    tune_socket,
+    write_message,
+)
+from hivemesh.mesh.link_frames import BATCH_ANNOUNCE
+from hivemesh.mesh.link_server import LinkServer
+from hivemesh.mesh.tls import Workload
+
+log = logging.getLogger(__name__)
+
+CLOSE_GRACE_S = 5.0
+"""How long `close` lets open links finish the calls they hold before it cuts them."""
+
+
+class _LinkAbortedError(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class _ConnectionContext:
+    """What `LinkServer.serve` and the calls' `FrameContext` use of a gRPC servicer context, for one connection."""
+
+    def __init__(self, writer: asyncio.StreamWriter, batches: bool, auth: Mapping[str, Iterable[bytes]]) -> None:
+        self._writer = writer
+        self._metadata: tuple[tuple[str, str], ...] = BATCH_ANNOUNCE if batches else ()
+        self._auth = auth
+        peer = writer.get_extra_info("peername") or ("", 0)
+        host = str(peer[0])
+        self._peer = f"ipv6:[{host}]:{peer[1]}" if ":" in host else f"ipv4:{host}:{peer[1]}"
+        self.answered_preamble = False
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def auth_context(self) -> Mapping[str, Iterable[bytes]]:
+        return self._auth
+
+    def peer(self) -> str:
+        return self._peer
+
+    def peer_identities(self) -> Iterable[bytes] | None:
+        return None
+
+    def peer_identity_key(self) -> str | None:
+        return None
+
+    def cancelled(self) -> bool:
+        return self._writer.is_closing()
+
+    def done(self) -> bool:
+        return self._writer.is_closing()
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    async def send_initial_metadata(self, metadata: Sequence[tuple[str, str]]) -> None:
+        flags = FLAG_BATCHES if any(k == BATCH_ANNOUNCE[0][0] and v == BATCH_ANNOUNCE[0][1] for k, v in metadata) else 0
+        self._writer.write(PREAMBLE + bytes([flags]))
+        self.answered_preamble = True
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> Never:
+        raise _LinkAbortedError(code, details)
+
+
+class _Frames:
+    """The client's messages until it says it sends no more (an empty one) or the connection ends; a break of the
+    wire format ends them too, noted as `problem`."""
+
+    def __init__(self, reader: asyncio.StreamReader, limit: int) -> None:
+        self._reader, self._limit = reader, limit
+        self.problem = ""
+
+    async def read(self) -> AsyncIterator[bytes]:
+        while True:
+            try:
+                got = await read_message(self._reader, self._limit)
+            except LinkProtocolError as exc:
+                self.problem = str(exc)
+                return
+            if got is None:
+                return
+            message, status = got
+            if status:
+                self.problem = "a client sent a direct-link end status, which only a server sends"
+                return
+            if not message:
+                return
+            yield message
+
+
+def _auth_of(writer: asyncio.StreamWriter) -> Mapping[str, Iterable[bytes]]:
+    """The verified client certificate as gRPC's auth context names it (`x509_pem_cert`), for the inbound chain."""
+    sslobj = writer.get_extra_info("ssl_object")
+    der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+    if not der:
+        return MappingProxyType({})
+    return MappingProxyType({"x509_pem_cert": [ssl.DER_cert_to_PEM_cert(der).encode("ascii")],
+                             "transport_security_type": [b"ssl"]})
+
+
+class DirectLinkListener:
+    """Serves direct links on host:port (0: any free port) through link, authenticated as workload."""
+
+    def __init__(self, link: LinkServer, workload: Workload, host: str, port: int = 0) -> None:
+        self._link = link
+        self._host, self._port = host, port
+        self._current = server_context(workload)
+        self._listening = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # no certificate of its own: see the module doc
+        self._listening.minimum_version = ssl.TLSVersion.TLSv1_3
+        # OpenSSL keeps a connection's verify mode from the context it began with, not the one SNI switches it to:
+        # without this the client certificate is never asked for. The trust anchors are the switched context's.
+        self._listening.verify_mode = ssl.CERT_REQUIRED
+        self._listening.sni_callback = self._choose
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[Any]] = set()
+        self.port = 0
+        """The port listened on, once started."""
+        self.refused = 0
+        """Connections that failed their preamble (a failed TLS handshake never reaches the listener's code)."""
+        self.on_close: Callable[[], None] | None = None
+
+    def _choose(self, sslobj: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
+        sslobj.context = self._current
+
+    def update_workload(self, workload: Workload) -> None:
+        """Use workload (a renewed certificate, a new trust bundle) for every handshake from now on."""
+        self._current = server_context(workload)
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._accept, self._host, self._port, ssl=self._listening, ssl_handshake_timeout=10.0,
+            limit=256 * 1024)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self._connections.discard(task)
+            writer.transport.abort() if writer.is_closing() else writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        tune_socket(writer)
+        try:
+            flags = await read_preamble(reader)
+        except (LinkProtocolError, OSError) as exc:
+            self.refused += 1
+            log.info("refused a direct link from %s: %s", writer.get_extra_info("peername"), exc)
+            return
+        context = _ConnectionContext(writer, bool(flags & FLAG_BATCHES), _auth_of(writer))
+        status = status_pb2.Status(code=0)
+        frames = _Frames(reader, self._link.max_message_bytes)
+        try:
+            async for message in self._link.serve(frames.read(), context, wire=True):  # type: ignore[arg-type]
+                write_message(writer, message)
+                await writer.drain()
+        except _LinkAbortedError as aborted:
+            status = status_pb2.Status(code=aborted.code.value[0], message=aborted.details)
+        except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
+            return  # the connection broke: nobody to tell
+        if frames.problem:  # recorded as a Link message that does not decode is (one decision, the sender's id)
+            self._link.record_refusal(context, frames.problem)  # type: ignore[arg-type]
+            status = status_pb2.Status(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=frames.problem)
+        if not context.answered_preamble:
+            await context.send_initial_metadata(())
+        with contextlib.suppress(OSError, ssl.SSLError):
+            write_message(writer, status.SerializeToString(), status=True)
+            await writer.drain()
+
+    async def close(self, grace_s: float = CLOSE_GRACE_S) -> None:
+        """Stop listening; let open links answer the calls they hold (the link server drains them) for up to
+        grace_s, then cut them."""
+        if self.on_close is not None:
+            with contextlib.suppress(ValueError):
+                self.on_close()
+            self.on_close = None
+        if self._server is not None:
+            self._server.close()
+        if self._connections:
+            self._link.drain()
+            await asyncio.wait(list(self._connections), timeout=grace_s)
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=1.0)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+            self._server = None
+
+
+DIRECT_ENV = "HIVEMESH_LINK_DIRECT"
+
+
+def direct_enabled(value: bool | None) -> bool:
+    """Whether a node that serves Link also serves direct links: value if given, else $HIVEMESH_LINK_DIRECT
+    ("1"/"true"/"on" or "0"/"false"/"off"), else on."""
+    if value is not None:
+        return value
+    raw = os.environ.get(DIRECT_ENV, "").strip().lower()
+    if raw in ("0", "false", "off", "no"):
+        return False
+    if raw in ("", "1", "true", "on", "yes"):
+        return True
+    raise ValueError(f"{DIRECT_ENV} must be 1/true/on or 0/false/off: {raw!r}")
+
+
+async def open_direct_listener(
+    link: LinkServer, workload: Workload, host: str, listeners: list[Callable[[Workload], None]],
+) -> DirectLinkListener:
+    """A started listener for link's direct links on host (a free port), following every new workload told to
+    listeners (`MeshNode.workload_listeners`) until it is closed."""
+    listener = DirectLinkListener(link, workload, host)
+    await listener.start()
+    listeners.append(listener.update_workload)
+    listener.on_close = lambda: listeners.remove(listener.update_workload)
+    return listener
