@@ -1,10 +1,10 @@
 """The server end of direct links (`mesh/link_direct.py`): a mutual-TLS listener whose connections are served by
 a node's `LinkServer`, as its `Agent/Link` streams are.
 
-The listening context holds no certificate: every handshake must name a server (SNI, which mesh clients always
-send) and is then given the node's current context (`update_workload`), so a renewed certificate or a rotated
-trust bundle applies to the next handshake without reopening the port, and a trust anchor taken out of the bundle
-is no longer trusted by it."""
+The listening context holds no certificate and no trust anchor: OpenSSL's server-name callback, which runs for
+every ClientHello (with or without SNI), gives each handshake the node's current context (`update_workload`), so a
+renewed certificate or a rotated trust bundle applies to the next handshake without reopening the port, and a
+trust anchor taken out of the bundle is no longer trusted by it."""
 
 from __future__ import annotations
 
