@@ -132,7 +132,8 @@ async def _refusal(client: MeshClient, capability: str, payload: Any) -> tuple[g
 
 
 def _link_of(client: MeshClient, server: AgentServer) -> LinkedInvoke:
-    invoke = client.node.outbound.channels.get(server.endpoint, server.node.workload.spiffe_id, server.link_endpoint).invoke
+    invoke = client.node.outbound.channels.get(server.endpoint, server.node.workload.spiffe_id,
+                                               server.link_endpoint).invoke
     assert isinstance(invoke, LinkedInvoke)
     return invoke
 
