@@ -90,9 +90,9 @@ def client_context(workload: Workload) -> ssl.SSLContext:
     return _tls13(context, workload)
 
 
-def tune_socket(writer: asyncio.StreamWriter) -> None:
+def tune_socket(transport: asyncio.BaseTransport | asyncio.StreamWriter) -> None:
     """No Nagle delay (calls are small and waited on), and keepalive to find a vanished peer (see USER_TIMEOUT_MS)."""
-    sock = writer.get_extra_info("socket")
+    sock = transport.get_extra_info("socket")
     if sock is None:
         return
     with contextlib.suppress(OSError):

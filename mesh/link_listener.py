@@ -13,15 +13,18 @@ import contextlib
 import logging
 import os
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, Never
+from typing import TYPE_CHECKING, Any, Never
 
 import grpc
 from google.rpc import status_pb2
 
+from hivemesh.mesh.audit.handshake.audit import HandshakeAudit
+from hivemesh.mesh.audit.handshake.events import HandshakeFailure, Listener
 from hivemesh.mesh.link_direct import (
     FLAG_BATCHES,
+    HANDSHAKE_TIMEOUT_S,
     PREAMBLE,
     LinkProtocolError,
     read_message,
@@ -33,6 +36,10 @@ from hivemesh.mesh.link_direct import (
 from hivemesh.mesh.link_frames import BATCH_ANNOUNCE
 from hivemesh.mesh.link_server import LinkServer
 from hivemesh.mesh.tls import Workload
+
+if TYPE_CHECKING:
+    from hivemesh.mesh.audit import AuditLog
+    from hivemesh.mesh.node import MeshNode
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +60,7 @@ class _ConnectionContext:
         self._writer = writer
         self._metadata: tuple[tuple[str, str], ...] = BATCH_ANNOUNCE if batches else ()
         self._auth = auth
-        peer = writer.get_extra_info("peername") or ("", 0)
-        host = str(peer[0])
-        self._peer = f"ipv6:[{host}]:{peer[1]}" if ":" in host else f"ipv4:{host}:{peer[1]}"
+        self._peer = _grpc_address(writer.get_extra_info("peername") or ("", 0))
         self.answered_preamble = False
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
@@ -127,6 +132,48 @@ def _auth_of(writer: asyncio.StreamWriter) -> Mapping[str, Iterable[bytes]]:
                              "transport_security_type": [b"ssl"]})
 
 
+def _grpc_address(sockname: Any) -> str:
+    """A socket address as gRPC writes it (`ipv4:127.0.0.1:5000`, `ipv6:[::1]:5000`): what the handshake audit
+    reads ports from."""
+    host, port = str(sockname[0]), sockname[1]
+    return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
+
+
+class DirectHandshakeEvents:
+    """The direct listener's failed handshakes as a `HandshakeEvents` source: reported by the listener itself, on
+    the event loop (nothing to enable, unlike gRPC's, read from its tracer)."""
+
+    def __init__(self) -> None:
+        self._listeners: list[Listener] = []
+
+    def start(self) -> str:
+        return ""
+
+    def listen(self, fn: Listener) -> Callable[[], None]:
+        self._listeners.append(fn)
+        return lambda: self._listeners.remove(fn) if fn in self._listeners else None
+
+    def report(self, failure: HandshakeFailure) -> None:
+        for fn in list(self._listeners):
+            try:
+                fn(failure)
+            except Exception:
+                log.exception("a handshake listener failed")
+
+
+class _Accepting(asyncio.Protocol):
+    """A new TCP connection to the listener: reading paused until its TLS handshake is in place (`_accept`)."""
+
+    def __init__(self, listener: DirectLinkListener) -> None:
+        self._listener = listener
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        tune_socket(transport)
+        transport.pause_reading()
+        self._listener._accepted(transport)
+
+
 class DirectLinkListener:
     """Serves direct links on host:port (0: any free port) through link, authenticated as workload."""
 
@@ -145,8 +192,10 @@ class DirectLinkListener:
         self.port = 0
         """The port listened on, once started."""
         self.refused = 0
-        """Connections that failed their preamble (a failed TLS handshake never reaches the listener's code)."""
-        self.on_close: Callable[[], None] | None = None
+        """Connections refused: a failed TLS handshake, or no preamble after it."""
+        self.handshake_events = DirectHandshakeEvents()
+        """The failed handshakes, for a `HandshakeAudit` of this port."""
+        self.on_close: Callable[[], Awaitable[None]] | None = None
 
     def _choose(self, sslobj: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
         sslobj.context = self._current
@@ -156,26 +205,52 @@ class DirectLinkListener:
         self._current = server_context(workload)
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._accept, self._host, self._port, ssl=self._listening, ssl_handshake_timeout=10.0,
-            limit=256 * 1024)
+        # Plain TCP here, TLS in `_accept`: a handshake asyncio made itself would fail where nobody hears it (at
+        # best a log line); made here, each refusal is counted and told to `handshake_events` (the audit).
+        # Reading waits for the handshake: asyncio's StreamWriter.start_tls on the server side lost the client's
+        # first bytes to the plain stream (Python 3.11), so the TLS protocol is put in place by hand.
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Accepting(self), self._host, self._port)
         self.port = int(self._server.sockets[0].getsockname()[1])
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+    def _accepted(self, transport: asyncio.Transport) -> None:
+        task = asyncio.get_running_loop().create_task(self._accept(transport))
         self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
+
+    async def _accept(self, transport: asyncio.Transport) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=256 * 1024)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        tls: asyncio.Transport | None = None
         try:
+            try:
+                tls = await loop.start_tls(transport, protocol, self._listening, server_side=True,
+                                           ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+            except TimeoutError:
+                self._refused(transport, "Handshake timed out")
+                return
+            except (ssl.SSLError, OSError, EOFError) as exc:
+                self._refused(transport, str(exc) or type(exc).__name__)
+                return
+            assert tls is not None
+            protocol.connection_made(tls)
+            writer = asyncio.StreamWriter(tls, protocol, reader, loop)
             await self._serve(reader, writer)
         finally:
-            self._connections.discard(task)
-            writer.transport.abort() if writer.is_closing() else writer.close()
+            (tls or transport).abort()
+
+    def _refused(self, transport: asyncio.BaseTransport, error: str) -> None:
+        self.refused += 1
+        peer = transport.get_extra_info("peername") or ("", 0)
+        local = transport.get_extra_info("sockname") or ("", 0)
+        failure = HandshakeFailure(local=_grpc_address(local), peer=_grpc_address(peer), error=error)
+        self.handshake_events.report(failure)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        tune_socket(writer)
         try:
             flags = await read_preamble(reader)
-        except (LinkProtocolError, OSError) as exc:
+        except (LinkProtocolError, OSError, ssl.SSLError) as exc:
             self.refused += 1
             log.info("refused a direct link from %s: %s", writer.get_extra_info("peername"), exc)
             return
@@ -203,8 +278,7 @@ class DirectLinkListener:
         """Stop listening; let open links answer the calls they hold (the link server drains them) for up to
         grace_s, then cut them."""
         if self.on_close is not None:
-            with contextlib.suppress(ValueError):
-                self.on_close()
+            await self.on_close()
             self.on_close = None
         if self._server is not None:
             self._server.close()
@@ -238,12 +312,26 @@ def direct_enabled(value: bool | None) -> bool:
 
 
 async def open_direct_listener(
-    link: LinkServer, workload: Workload, host: str, listeners: list[Callable[[Workload], None]],
+    link: LinkServer, node: MeshNode, host: str, audit: AuditLog | None,
 ) -> DirectLinkListener:
-    """A started listener for link's direct links on host (a free port), following every new workload told to
-    listeners (`MeshNode.workload_listeners`) until it is closed."""
-    listener = DirectLinkListener(link, workload, host)
+    """A started listener for link's direct links on host (a free port), serving as node's current workload
+    (`MeshNode.workload_listeners`) until it is closed; with audit, its refused handshakes are audited as the gRPC
+    port's are (records, the node's handshake-refusal metrics, `hivemesh status`)."""
+    listener = DirectLinkListener(link, node.workload, host)
     await listener.start()
-    listeners.append(listener.update_workload)
-    listener.on_close = lambda: listeners.remove(listener.update_workload)
+    node.workload_listeners.append(listener.update_workload)
+    handshakes: HandshakeAudit | None = None
+    if audit is not None:
+        handshakes = HandshakeAudit(audit, host, listener.port, events=listener.handshake_events)
+        await handshakes.start()
+        if node.metrics is not None:
+            node.metrics.watch_handshakes(handshakes)
+
+    async def on_close() -> None:
+        with contextlib.suppress(ValueError):
+            node.workload_listeners.remove(listener.update_workload)
+        if handshakes is not None:
+            await handshakes.close()
+
+    listener.on_close = on_close
     return listener

@@ -423,9 +423,8 @@ class Sidecar:
             mesh = self._bind_mesh()
             await front.start(cfg.listen.rpartition(":")[0], self.port)
             if self._link is not None and direct_enabled(cfg.link_direct):
-                self._direct = await open_direct_listener(self._link, self.node.workload,
-                                                          cfg.listen.rpartition(":")[0].strip("[]"),
-                                                          self.node.workload_listeners)
+                self._direct = await open_direct_listener(self._link, self.node,
+                                                          cfg.listen.rpartition(":")[0].strip("[]"), front.audit)
             await self._open_queue()
             await mesh.start()
             self._mesh = mesh

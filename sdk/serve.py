@@ -270,8 +270,8 @@ class AgentServer:
             self._server = front
             await front.start(self.host, self.port)
             if self._link is not None and direct_enabled(self.config.link_direct):
-                self._direct = await open_direct_listener(self._link, self.node.workload, self.host.strip("[]"),
-                                                          self.node.workload_listeners)
+                self._direct = await open_direct_listener(self._link, self.node, self.host.strip("[]"),
+                                                          front.audit)
             instance = mesh_pb2.AgentInstance(
                 card=card,
                 instance_id=self.instance_id,

@@ -111,7 +111,8 @@ def _handshake(port: int, context: ssl.SSLContext, server_name: str | None) -> b
 
 
 async def test_the_direct_port_takes_only_a_client_certificate_of_the_mesh(orch: Orch, tmp_path: Path) -> None:
-    server = await orch.serve(Echo(), AgentServerConfig(link=True))
+    """Each refusal is also on the agent's audit record, as a refused handshake on its gRPC port is."""
+    server = await orch.serve(Echo(), AgentServerConfig(link=True, audit_dir=tmp_path / "spools"))
     _, port = split_address(server.link_endpoint)
     name = server.node.workload.identity.dns_name
     client = await orch.client("handshaker")
@@ -140,6 +141,15 @@ async def test_the_direct_port_takes_only_a_client_certificate_of_the_mesh(orch:
     no_cert.check_hostname = False
     assert await asyncio.to_thread(_handshake, port, no_cert, None) == b""
     assert (await client.call("echo", {"text": "after"}, timeout=10))["text"] == "after"
+    assert server._direct is not None and server._direct.refused == 4  # these three, and the audit's probe
+
+    def refusals() -> list[str]:
+        assert server.audit is not None
+        return sorted(r["reason"] for r in (json.loads(x) for x in server.audit.spool.lines())
+                      if r.get("kind") == "handshake" and r.get("listener", "").endswith(f":{port}"))
+
+    assert await until(lambda: len(refusals()) >= 3, 10), refusals()
+    assert refusals() == ["TLS_CERT_MISSING", "TLS_CERT_MISSING", "TLS_CERT_UNTRUSTED"]
 
 
 async def test_a_caller_refuses_a_direct_port_that_presents_another_identity(orch: Orch) -> None:

@@ -21,7 +21,7 @@ _REASONS: Final = (
     ("TLS_HANDSHAKE_TIMEOUT", "deny", "the TLS handshake did not finish in time",
      ("Handshake timed out", "Deadline Exceeded", "DEADLINE_EXCEEDED")),
     ("TLS_CONNECTION_CLOSED", "error", "the client hung up during the TLS handshake",
-     ("Socket closed", "Connection reset", "Broken pipe", "End of TCP stream")),
+     ("Socket closed", "Connection reset", "Broken pipe", "End of TCP stream", "UNEXPECTED_EOF", "EOF occurred")),
 )
 DEFAULT_REASON: Final = "TLS_HANDSHAKE_FAILED"
 _NOISE: Final = (": Invalid certificate verification context", ": OK")
