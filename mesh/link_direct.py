@@ -159,6 +159,8 @@ class DirectStream:
         self._host, self._port, self._server_name, self._context = host, port, server_name, context
         self.connected = False
         """The TLS handshake and preambles completed: the peer serves direct links."""
+        self.failure = ""
+        """Why it did not connect (once `settled` and not `connected`)."""
         self._writer: asyncio.StreamWriter | None = None
         self._reader: asyncio.StreamReader | None = None
         self._batches = False
@@ -171,17 +173,24 @@ class DirectStream:
                 self._host, self._port, ssl=self._context, server_hostname=self._server_name,
                 ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S, limit=256 * 1024), HANDSHAKE_TIMEOUT_S * 1.5)
         except (OSError, ssl.SSLError, TimeoutError) as exc:
-            raise _unavailable(f"cannot open a direct link to {self._host}:{self._port}: {exc}") from None
+            self.failure = str(exc) or type(exc).__name__
+            raise _unavailable(f"cannot open a direct link to {self._host}:{self._port}: {self.failure}") from None
         self._reader, self._writer = reader, writer
         tune_socket(writer)
         writer.write(PREAMBLE + bytes([FLAG_BATCHES]))
         try:
             flags = await read_preamble(reader)
-        except (LinkProtocolError, OSError) as exc:
-            writer.close()
-            raise _unavailable(f"the direct link to {self._host}:{self._port} was refused: {exc}") from None
+        except (LinkProtocolError, OSError, ssl.SSLError) as exc:
+            writer.transport.abort()
+            self.failure = f"refused: {exc}"
+            raise _unavailable(f"the direct link to {self._host}:{self._port} was {self.failure}") from None
         self._batches = bool(flags & FLAG_BATCHES)
         self.connected = True
+
+    @property
+    def settled(self) -> bool:
+        """Connected, or failed to."""
+        return self._open.done()
 
     async def initial_metadata(self) -> Sequence[tuple[str, str]]:
         await self._open

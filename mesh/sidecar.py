@@ -504,12 +504,14 @@ class Sidecar:
     def ready_line(self) -> str:
         """What `hivemesh sidecar` prints once serving: each port named for what it is (`inbound=` the mutual-TLS
         port the mesh calls the agent on, absent for a caller-only sidecar; `mesh=` the local Mesh service;
-        `metrics=` the plaintext Prometheus port, or off; `health=` the plaintext health port, when on)."""
+        `metrics=` the plaintext Prometheus port, or off; `health=` the plaintext health port, when on; `link=` the
+        direct-link port, when it serves one)."""
         inbound = "" if self.config.client is not None else f" inbound={self.endpoint}"
         metrics = self.node.metrics if self.node is not None else None
         health = f" health={self.health.address}" if self.health.address is not None else ""
+        link = f" link={self.link_endpoint}" if self.link_endpoint else ""
         return (f"sidecar ready{inbound} mesh={self.mesh_endpoint} "
-                f"metrics={metrics.address if metrics is not None else 'off'}{health}")
+                f"metrics={metrics.address if metrics is not None else 'off'}{health}{link}")
 
     async def stop(self, grace: float = 2.0) -> None:
         await self.health.drain()  # probes see NOT_SERVING before the entry goes and the ports drain

@@ -124,7 +124,7 @@ def sidecar(agent: str | None, client: str | None, listen: str, advertise: str |
     mTLS, tokens, authz, audit, registry, routing.
 
     Prints `sidecar ready inbound=HOST:PORT mesh=unix:PATH metrics=HOST:PORT` once serving (a caller-only sidecar
-    has no inbound=; with --health-listen, health=HOST:PORT follows).
+    has no inbound=; with --health-listen, health=HOST:PORT follows; link=HOST:PORT last, its direct-link port).
 
     The mesh location and the one-time join token come from HIVEMESH_* variables (or the `up` state file). The
     identity it joins with is kept in <home>/identity/, so a restart needs no new join token.

@@ -23,7 +23,7 @@ import os
 import ssl
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -113,7 +113,9 @@ class _Link:
     """One open Link stream: calls go out through a queue (one writer task keeps their order), answers come back
     to the waiting call by id."""
 
-    def __init__(self, method: grpc.aio.StreamStreamMultiCallable[bytes, bytes] | DirectOpener) -> None:
+    def __init__(self, method: Callable[..., Any]) -> None:
+        """method opens the stream, given `metadata=`: a gRPC stream-stream multicallable (Agent/Link, Mesh/Link),
+        or a function handing over a connected direct link (`DirectStream`)."""
         self._out: asyncio.Queue[Any] = asyncio.Queue()
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._next = 1
@@ -132,8 +134,8 @@ class _Link:
         self.linger_s = LINGER_S
         # Written by our own task, not a request iterator: a write that fails says which frames never left.
         self._stream: Any = method(metadata=BATCH_ANNOUNCE)
-        self._direct: DirectStream | None = self._stream if isinstance(self._stream, DirectStream) else None
-        """The stream when it is a direct link (`mesh/link_direct.py`), kept to tell whether it ever connected."""
+        self.direct = isinstance(self._stream, DirectStream)
+        """The link is a direct one (`mesh/link_direct.py`), not an Agent/Link stream on gRPC."""
         """None once the link ended. The call object keeps its connection open, even after its channel was closed,
         until it is freed, and a finished task's exception can hold this link in a reference cycle the garbage
         collector did not free (see `_let_go`): so only this attribute refers to the call, let go at the end."""
@@ -225,11 +227,10 @@ class _Link:
                 unsent = settled and call_id > sent_through and not isinstance(error, LinkUnsupportedError)
                 waiter.set_exception(LinkNotSentError() if unsent else error)
 
-    @property
-    def direct_unreachable(self) -> bool:
-        """A direct link that never connected (the peer's direct port refused, did not answer, or failed the
-        handshake): the caller uses Agent/Link over gRPC for a while (`DIRECT_RETRY_S`)."""
-        return self._direct is not None and not self._direct.connected
+    def retire(self) -> None:
+        """Send no more calls on this link: the peer answers the calls it holds, then ends it (a caller moving to
+        another link lets this one finish instead of failing its calls)."""
+        self._out.put_nowait(_CLOSE)
 
     @property
     def sent_any(self) -> bool:
@@ -292,20 +293,20 @@ class _Link:
 
 
 class DirectOpener:
-    """Opens direct links (`mesh/link_direct.py`) to one peer: what `_Link` calls in place of a gRPC stream-stream
-    multicallable."""
+    """Opens direct links (`mesh/link_direct.py`) to one peer."""
 
     def __init__(self, address: str, server_name: str, context: ssl.SSLContext) -> None:
         self.host, self.port = split_address(address)
         self.address, self._server_name, self._context = address, server_name, context
 
-    def __call__(self, *, metadata: Sequence[tuple[str, str]] = ()) -> DirectStream:
+    def __call__(self) -> DirectStream:
+        """A direct link, connecting in the background (`DirectStream.connected` once it has)."""
         return DirectStream(self.host, self.port, self._server_name, self._context)
 
 
 DIRECT_RETRY_S = 30.0
-"""How long a caller whose direct link to a peer never connected uses the peer's Agent/Link over gRPC before it
-tries the direct link again (a peer restarting, a port a firewall holds)."""
+"""How long a caller whose direct link to a peer did not connect uses the peer's Agent/Link over gRPC before it
+tries again (a peer restarting, a port a firewall holds)."""
 
 
 class LinkedInvoke:
@@ -316,12 +317,16 @@ class LinkedInvoke:
         *, direct: DirectOpener | None = None,
     ) -> None:
         """path: the Link method (`Agent/Link`; `Mesh/Link` for a local caller of a sidecar's Mesh.Call).
-        direct: the peer's direct link, used instead of path while it connects."""
+        direct: the peer's direct link. It is opened in the background, while calls go over path; once it has
+        connected, the next call goes over it and the link on path finishes the calls it holds. A direct link that
+        does not connect is tried again after `DIRECT_RETRY_S`, one that breaks at once: no call waits on one."""
         self._path = path
         self._method: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(path)
         self._direct = direct
         self._direct_after = 0.0
-        """time.monotonic() before which links go over gRPC: the last direct link never connected."""
+        """time.monotonic() before which no direct link is tried: the last one did not connect."""
+        self._opening: DirectStream | None = None
+        """A direct link connecting in the background."""
         self._unary = unary
         self._link: _Link | None = None
         self._unsent_links = 0
@@ -348,11 +353,12 @@ class LinkedInvoke:
                 return await self._unary(request, timeout=timeout, metadata=metadata)
             self._trying = True
         link = self._link
+        if self._direct is not None and (link is None or link.broken or not link.direct):
+            link = self._towards_direct(link)
         if link is None or link.broken:
             if link is not None:
                 self._unsent_links = self._unsent_count(link)
-            direct = self._direct is not None and time.monotonic() >= self._direct_after
-            link = self._link = _Link(self._direct if direct and self._direct is not None else self._method)
+            link = self._link = _Link(self._method)
         started = time.monotonic()
         try:
             return await link.call(request, timeout, metadata)
@@ -360,9 +366,7 @@ class LinkedInvoke:
             self._give_up("peer does not serve %s: calling it unary")
         except LinkNotSentError:
             # The link ended before this call's frame left: nothing of it ran anywhere, so it goes unary now.
-            if link.direct_unreachable:
-                self._direct_unreachable()
-            elif self._unsent_count(link) >= NOT_SENT_LIMIT:
+            if self._unsent_count(link) >= NOT_SENT_LIMIT:
                 self._give_up("%s: %d links in a row ended INTERNAL before a frame left (a hidden UNIMPLEMENTED): "
                               "calling the peer unary", NOT_SENT_LIMIT)
         finally:
@@ -373,17 +377,33 @@ class LinkedInvoke:
             timeout = max(0.0, timeout - (time.monotonic() - started))
         return await self._unary(request, timeout=timeout, metadata=metadata)
 
-    def _direct_unreachable(self) -> None:
-        if time.monotonic() >= self._direct_after and self._direct is not None:
-            log.warning("cannot open a direct link to %s: calling the peer over %s for %.0f s",
-                        self._direct.address, self._path, DIRECT_RETRY_S)
-        self._direct_after = time.monotonic() + DIRECT_RETRY_S
+    def _towards_direct(self, link: _Link | None) -> _Link | None:
+        """The link to use while not on a direct one: a direct link that has just connected (the current link is
+        retired), else the current one, with a direct link opened in the background when it is time to try."""
+        opening = self._opening
+        if opening is None:
+            if time.monotonic() >= self._direct_after and self._direct is not None:
+                self._opening = self._direct()
+            return link
+        if not opening.settled:
+            return link
+        self._opening = None
+        if not opening.connected:
+            self._direct_after = time.monotonic() + DIRECT_RETRY_S
+            if self._direct is not None:
+                log.warning("cannot open a direct link to %s (%s): calling the peer over %s, trying again in "
+                            "%.0f s", self._direct.address, opening.failure, self._path, DIRECT_RETRY_S)
+            return link
+        if link is not None and not link.broken:
+            link.retire()
+        self._link = _Link(lambda **_: opening)
+        return self._link
 
     def _unsent_count(self, link: _Link) -> int:
         """The count of links in a row that hid the peer's status before any frame left, link included. A link
         that sent a frame starts it again; one that failed otherwise (UNAVAILABLE: the peer is down or
         restarting) leaves it as it is, so a peer's downtime never turns its links off."""
-        if link.sent_any or link.direct_unreachable:
+        if link.sent_any:
             return 0
         return self._unsent_links + 1 if link.hidden_status else self._unsent_links
 
@@ -393,6 +413,9 @@ class LinkedInvoke:
         self.unsupported = True
 
     def close(self) -> None:
+        if self._opening is not None:
+            self._opening.cancel()
+            self._opening = None
         if self._link is not None:
             self._link.close()
             self._link = None

@@ -107,10 +107,12 @@ async def test_mesh_is_served_on_a_private_unix_socket_and_no_tcp_port(
             st = path.stat()
             assert (stat.S_IMODE(st.st_mode), st.st_uid) == (mode, os.geteuid()), path
         assert stat.S_ISSOCK(sock.stat().st_mode)
-        # The sidecar's TCP ports are its mutual-TLS one and its plaintext /metrics one; Mesh is not among them.
+        # The sidecar's TCP ports are its mutual-TLS ones (gRPC, direct links) and its plaintext /metrics one; Mesh
+        # is not among them.
         mtls_port = int(ready["inbound"].rsplit(":", 1)[1])
         metrics_port = int(ready["metrics"].rsplit(":", 1)[1])
-        assert _listening_tcp_ports(proc.pid) == {mtls_port, metrics_port}
+        link_port = int(ready["link"].rsplit(":", 1)[1])  # its direct links (mesh/link_direct.py)
+        assert _listening_tcp_ports(proc.pid) == {mtls_port, metrics_port, link_port}
 
         out = await _call_echo(ready["mesh"])
         assert (out["text"], out["caller"]) == ("via the sidecar", PLAIN)
@@ -153,7 +155,8 @@ async def test_loopback_tcp_only_when_asked(mesh_env: MeshEnv, plain_and_echo: P
         host, port = ready["mesh"].rsplit(":", 1)
         assert host == "127.0.0.1"
         assert _listening_tcp_ports(proc.pid) == {int(ready["inbound"].rsplit(":", 1)[1]), int(port),
-                                                  int(ready["metrics"].rsplit(":", 1)[1])}
+                                                  int(ready["metrics"].rsplit(":", 1)[1]),
+                                                  int(ready["link"].rsplit(":", 1)[1])}
         out = await _call_echo(ready["mesh"])
         assert out["caller"] == PLAIN
         # Why it is opt-in: any local process, of any user, reaches it.

@@ -6,7 +6,9 @@ the same code, reason and message as the same call sent unary. A deadline or a c
 link; 50 concurrent calls are matched to their answers by id; a restarted server's link is reopened; a peer
 that does not serve Link is called unary, and a call whose frame never left goes unary while one whose frame
 left is never sent twice.
-"""
+
+Agent/Link on gRPC (servers here serve no direct link, so it is the link their callers keep); the direct link's own
+tests are in test_link_direct.py."""
 
 from __future__ import annotations
 
@@ -145,7 +147,7 @@ async def test_unary_calls_over_a_link_behave_as_unary_calls(
     agent = Linked()
     async with _mesh(tmp_path, etcd_server.endpoint) as env, contextlib.AsyncExitStack() as stack:
         server = await stack.enter_async_context(AgentServer(agent, await env.settings_for("linked"), AgentServerConfig(
-            link=True, observers=(_recorder(decisions),), audit_dir=tmp_path / "audit")))
+            link=True, link_direct=False, observers=(_recorder(decisions),), audit_dir=tmp_path / "audit")))
         plain = await stack.enter_async_context(AgentServer(Unlinked(), await env.settings_for("unlinked"),
                                                             AgentServerConfig(link=False, audit=False)))
         linked = await stack.enter_async_context(MeshClient.connect(
@@ -228,7 +230,8 @@ async def test_unary_calls_over_a_link_behave_as_unary_calls(
         port = server.port
         await server.stop()
         again = await stack.enter_async_context(AgentServer(agent, await env.settings_for("linked"),
-                                                            AgentServerConfig(link=True, port=port, audit=False)))
+                                                            AgentServerConfig(link=True, link_direct=False, port=port,
+                                                                              audit=False)))
         await wait_until(lambda: len(linked.node.registry.instances("echo")) == 1
                          and linked.node.registry.instances("echo")[0].instance_id == again.instance_id,
                          10, "the restarted instance listed")
@@ -300,7 +303,7 @@ async def _raw_link_callers(client: MeshClient, server: AgentServer) -> None:
 async def test_the_sidecar_serves_a_link_through_its_chain_to_a_plain_agent(mesh_env: MeshEnv) -> None:
     decisions: list[tuple[str, str, grpc.StatusCode]] = []
     plain = PlainAgent("plain", prefix="plain-")
-    async with plain, Sidecar(SidecarConfig(agent=plain.endpoint, link=True, audit=False),
+    async with plain, Sidecar(SidecarConfig(agent=plain.endpoint, link=True, link_direct=False, audit=False),
                               await mesh_env.settings_for("plain"), observers=(_recorder(decisions),)) as sidecar, \
             MeshClient.connect(name="tester", settings=await mesh_env.settings_for("tester", "client"),
                                link=True, audit=False) as mesh:
@@ -333,7 +336,7 @@ async def test_hostile_call_frames_get_invalid_argument_and_never_reach_the_agen
     content screen quotes from the input (a key that is a lone surrogate) reaches the caller escaped."""
     decisions: list[tuple[str, str, grpc.StatusCode]] = []
     plain = PlainAgent("plain", prefix="plain-")  # no Agent.Link: the sidecar calls it unary
-    async with plain, Sidecar(SidecarConfig(agent=plain.endpoint, link=True, audit=False),
+    async with plain, Sidecar(SidecarConfig(agent=plain.endpoint, link=True, link_direct=False, audit=False),
                               await mesh_env.settings_for("plain"), observers=(_recorder(decisions),)) as sidecar, \
             MeshClient.connect(name="tester", settings=await mesh_env.settings_for("tester", "client"),
                                link=True, audit=False) as mesh:

@@ -20,6 +20,7 @@ import grpc
 import pytest
 
 from hivemesh.controlplane.ca import init_ca, load_ca
+from hivemesh.mesh.errors import DeadlineExceededError, HivemeshError
 from hivemesh.mesh.link_direct import PREAMBLE, DirectStream, client_context, split_address
 from hivemesh.mesh.outbound.link import DIRECT_RETRY_S, LinkedInvoke
 from hivemesh.mesh.pki import load_cert
@@ -38,6 +39,7 @@ class Echo(Agent):
         super().__init__()
         self.release = asyncio.Event()
         self.held = 0
+        self.cancelled = 0
 
     @capability()
     async def echo(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -46,7 +48,11 @@ class Echo(Agent):
     @capability()
     async def hold(self, req: dict[str, Any]) -> str:
         self.held += 1
-        await asyncio.wait_for(self.release.wait(), 60)
+        try:
+            await asyncio.wait_for(self.release.wait(), 60)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
         return "released"
 
 
@@ -59,7 +65,22 @@ def _invoke(client: MeshClient, server: AgentServer) -> LinkedInvoke:
 
 def _over_direct(invoke: LinkedInvoke) -> bool:
     link = invoke._link
-    return link is not None and link._direct is not None and link._direct.connected
+    return link is not None and link.direct and not link.broken
+
+
+async def _until_direct(client: MeshClient, server: AgentServer, bound: int = 100) -> int:
+    """Call echo until the caller's link to server is a direct one (opened in the background meanwhile; at most
+    bound calls, 20 s): the calls made before it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    for n in range(bound):
+        if _over_direct(_invoke(client, server)):
+            return n
+        assert (await client.call("echo", {"text": f"w{n}"}, timeout=10))["text"] == f"w{n}"
+        if loop.time() > deadline:
+            break
+        await asyncio.sleep(0.01)
+    raise AssertionError("the caller never moved to the direct link")
 
 
 def _audit(server: AgentServer, caller: str) -> list[tuple[str, str, str]]:
@@ -76,14 +97,16 @@ async def test_an_agent_advertises_its_direct_link_and_callers_call_over_it(orch
     assert await client.node.registry.wait_for_capability("echo", 1, timeout=10)
     (entry,) = client.node.registry.instances("echo")
     assert entry.link_endpoint == server.link_endpoint
-    assert (await client.call("echo", {"text": "first"}, timeout=10))["text"] == "first"  # proves the link
-    answers = await asyncio.gather(*(client.call("echo", {"text": f"t{i}"}, timeout=10) for i in range(19)))
-    assert [a["text"] for a in answers] == [f"t{i}" for i in range(19)]
+    # The first calls go over Agent/Link on gRPC while the direct link connects in the background; then over it.
+    before = await _until_direct(client, server)
+    assert before >= 1
+    answers = await asyncio.gather(*(client.call("echo", {"text": f"t{i}"}, timeout=10) for i in range(20)))
+    assert [a["text"] for a in answers] == [f"t{i}" for i in range(20)]
     assert _over_direct(_invoke(client, server)), "the calls did not go over the direct link"
-    assert server._link is not None and server._link.links == 1 and server._link.calls == 20
+    assert server._link is not None and server._link.links == 2 and server._link.calls == before + 20
     # The inbound chain saw the caller's verified identity: its certificate's, read from the direct connection.
     caller = f"spiffe://{TRUST_DOMAIN}/client/direct-caller"
-    assert await until(lambda: len(_audit(server, caller)) >= 20, 10)
+    assert await until(lambda: len(_audit(server, caller)) >= before + 20, 10)
     assert set(_audit(server, caller)) == {("echo", "allow", caller)}
 
 
@@ -95,8 +118,8 @@ async def test_an_agent_with_direct_links_off_advertises_none_and_is_called_over
     assert client.node.registry.instances("echo")[0].link_endpoint == ""
     assert (await client.call("echo", {"text": "x"}, timeout=10))["text"] == "x"
     invoke = _invoke(client, server)
-    assert invoke._link is not None and invoke._link._direct is None and server._link is not None
-    assert server._link.links == 1
+    assert invoke._link is not None and not invoke._link.direct and invoke._direct is None
+    assert server._link is not None and server._link.links == 1
 
 
 def _handshake(port: int, context: ssl.SSLContext, server_name: str | None) -> bytes:
@@ -140,7 +163,7 @@ async def test_the_direct_port_takes_only_a_client_certificate_of_the_mesh(orch:
     assert await asyncio.to_thread(_handshake, port, by_address, None) == PREAMBLE + b"\x01"
     no_cert.check_hostname = False
     assert await asyncio.to_thread(_handshake, port, no_cert, None) == b""
-    assert (await client.call("echo", {"text": "after"}, timeout=10))["text"] == "after"
+    await _until_direct(client, server)
     assert server._direct is not None and server._direct.refused == 4  # these three, and the audit's probe
 
     def refusals() -> list[str]:
@@ -172,13 +195,16 @@ async def test_a_direct_port_that_cannot_be_reached_leaves_the_calls_to_agent_li
     await server._direct.close()  # still advertised: as a port a firewall holds, or a listener gone
     client = await orch.client("fallback")
     assert await client.node.registry.wait_for_capability("echo", 1, timeout=10)
-    answers = [await client.call("echo", {"text": f"f{i}"}, timeout=10) for i in range(3)]
-    assert [a["text"] for a in answers] == ["f0", "f1", "f2"]
     invoke = _invoke(client, server)
+    for i in range(100):  # every call answered, none waiting on the direct port, until the caller gives up on it
+        assert (await client.call("echo", {"text": f"f{i}"}, timeout=10))["text"] == f"f{i}"
+        if invoke._direct_after > 0:
+            break
+        await asyncio.sleep(0.02)
     assert invoke._direct_after > time.monotonic(), "the caller tries the direct link again only later"
     assert invoke._direct_after <= time.monotonic() + DIRECT_RETRY_S
-    assert invoke._link is not None and invoke._link._direct is None, "the later calls went over Agent/Link"
-    assert server._link is not None and server._link.links == 1 and server._link.calls >= 1
+    assert invoke._link is not None and not invoke._link.direct, "the calls went over Agent/Link"
+    assert server._link is not None and server._link.links == 1 and server._link.calls == i + 1
 
 
 async def test_a_renewed_certificate_is_presented_on_the_next_direct_handshake(orch: Orch) -> None:
@@ -212,6 +238,7 @@ async def test_a_stopping_agent_answers_the_calls_its_direct_links_hold(orch: Or
     try:
         client = await orch.client("patient")
         assert await client.node.registry.wait_for_capability("hold", 1, timeout=10)
+        await _until_direct(client, server)
         held = asyncio.ensure_future(client.call("hold", {}, timeout=30))
         assert await until(lambda: agent.held == 1, 10)
         assert _over_direct(_invoke(client, server))
@@ -225,3 +252,40 @@ async def test_a_stopping_agent_answers_the_calls_its_direct_links_hold(orch: Or
     finally:
         agent.release.set()
         await server.stop()
+
+
+async def test_calls_on_a_direct_link_behave_as_unary_calls(orch: Orch) -> None:
+    """Refusals, deadlines, cancels and batching on a direct link, each as on Agent/Link (test_link.py)."""
+    agent = Echo()
+    server = await orch.serve(agent, AgentServerConfig(link=True))
+    client = await orch.client("parity")
+    plain = await orch.stack.enter_async_context(MeshClient.connect(
+        name="parity-unary", settings=await orch.env.settings_for("parity-unary", "client"), link=False))
+    for c in (client, plain):
+        assert await c.node.registry.wait_for_capability("echo", 1, timeout=10)
+    await _until_direct(client, server)
+    invoke = _invoke(client, server)
+    # A refusal of the inbound chain: the same code, reason and message as a unary call's.
+    with pytest.raises(HivemeshError) as direct_refusal:
+        await client.call("echo", "not an object", timeout=10)
+    with pytest.raises(HivemeshError) as unary_refusal:
+        await plain.call("echo", "not an object", timeout=10)
+    assert (direct_refusal.value.code, direct_refusal.value.reason) == (unary_refusal.value.code,
+                                                                         unary_refusal.value.reason)
+    # A deadline: DEADLINE_EXCEEDED, and the agent's handler is cancelled; then a caller's own cancel.
+    with pytest.raises(DeadlineExceededError):
+        await client.call("hold", {}, timeout=0.5)
+    assert await until(lambda: agent.cancelled == 1, 10), "the late call still runs at the agent"
+    held = asyncio.ensure_future(client.call("hold", {}, timeout=30))
+    assert await until(lambda: agent.held == 2, 10)
+    held.cancel()
+    assert await until(lambda: agent.cancelled == 2, 10), "the cancelled call still runs at the agent"
+    # 50 calls at once share messages, and every answer is its own call's.
+    link = invoke._link
+    assert link is not None and link.direct
+    sent = link.messages
+    texts = [f"b{i}" for i in range(50)]
+    answers = await asyncio.gather(*(client.call("echo", {"text": t}, timeout=20) for t in texts))
+    assert [a["text"] for a in answers] == texts
+    assert link.messages - sent < 50, "the 50 calls were not batched"
+    assert invoke._link is link and not link.broken, "the direct link did not carry them all"

@@ -401,7 +401,7 @@ async def test_the_sidecar_ready_line_is_the_one_the_metrics_doc_shows(orch: Orc
             line = sidecar.ready_line
             assert sidecar.node is not None and sidecar.node.metrics is not None
             metrics = sidecar.node.metrics.address
-    assert re.fullmatch(pattern + r"( health=\S+)?", line), (shown, line)
+    assert re.fullmatch(pattern + r"( health=\S+)?( link=\S+)?", line), (shown, line)
     assert f"metrics={metrics}" in line
 
 

@@ -41,6 +41,7 @@ async def test_a_dead_instance_is_probed_ever_more_rarely_while_a_live_one_takes
         assert kv is not None
         dead = mesh_pb2.AgentInstance.FromString(kv.value)
         dead.instance_id, dead.endpoint = "flaky-dead", f"127.0.0.1:{free_port()}"  # nobody listens there
+        dead.link_endpoint = f"127.0.0.1:{free_port()}"  # nor on its direct link (else the live agent's answers)
         await etcd.put(agent_key("flaky", dead.instance_id).encode(), dead.SerializeToString())
         settings = await mesh_env.settings_for("prober", "client")
         async with MeshClient.connect(name="prober", settings=settings, metrics_listen="127.0.0.1:0") as client:
