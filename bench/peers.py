@@ -44,7 +44,12 @@ log = logging.getLogger("bench.peers")
 HERE = Path(__file__).resolve().parent
 AUTOGEN_VENV = HERE / ".venv-autogen"
 AUTOGEN_PINS = ["autogen-core==0.7.5", "autogen-ext[grpc]==0.7.5"]
-TITLES = {"hivemesh": "hivemesh", "autogen": "AutoGen gRPC runtime", "a2a": "A2A (a2a-sdk)"}
+TITLES = {"hivemesh": "hivemesh", "autogen": "AutoGen gRPC runtime", "a2a": "A2A (a2a-sdk)",
+          "hivemesh-grpc": "hivemesh, Agent/Link over gRPC"}
+"""hivemesh-grpc: the same agent and caller with direct links off at the agent (HIVEMESH_LINK_DIRECT=0), so the
+caller's links go over gRPC as before direct links: the baseline a direct link is measured against."""
+BASELINES = ("hivemesh", "hivemesh-grpc")
+"""Not peers: the goals compare hivemesh with the other systems only."""
 _RULE = {"name": "peers-client-calls-echo", "action": "ALLOW",
          "from": {"callers": [f"spiffe://{mesh_cost.TRUST_DOMAIN}/client/peers-client"]},
          "to": {"agents": [f"spiffe://{mesh_cost.TRUST_DOMAIN}/agent/peers-echo"], "capabilities": ["echo"]}}
@@ -140,18 +145,24 @@ class PeersBench(mesh_cost.Bench):
 
     async def start(self) -> None:
         await super().start()
-        starters = {"hivemesh": self._start_hivemesh, "autogen": self._start_autogen, "a2a": self._start_a2a}
+        starters = {"hivemesh": self._start_hivemesh, "autogen": self._start_autogen, "a2a": self._start_a2a,
+                    "hivemesh-grpc": self._start_hivemesh_grpc}
         for key in self.peer_opts.systems:  # one after the other: parallel start-ups time out on a busy machine
             await starters[key]()
 
-    async def _start_hivemesh(self) -> None:
-        agent = await self.spawn_role("hm.agent", "sdk-agent", "--name", "peers-echo", "--capability", "echo",
-                                      env=await self.join_env("peers-echo", "agent"))
+    async def _start_hivemesh(self, key: str = "hivemesh", capability: str = "echo",
+                              agent_env: dict[str, str] | None = None) -> None:
+        agent = await self.spawn_role(f"{key}.agent", "sdk-agent", "--name", f"peers-{capability}", "--capability",
+                                      capability, env={**await self.join_env(f"peers-{capability}", "agent"),
+                                                       **(agent_env or {})})
         await self._ready(agent)
-        client = await self.spawn("hm.client", [sys.executable, __file__, "_child", "echo"],
-                                  env=await self.join_env("peers-client", "client"))
+        client = await self.spawn(f"{key}.client", [sys.executable, __file__, "_child", capability],
+                                  env=await self.join_env(f"peers-client-{capability}", "client"))
         await self._ready(client)
-        self.peers.append(Peer("hivemesh", client, [agent]))
+        self.peers.append(Peer(key, client, [agent]))
+
+    async def _start_hivemesh_grpc(self) -> None:
+        await self._start_hivemesh("hivemesh-grpc", "echo-grpc", {"HIVEMESH_LINK_DIRECT": "0"})
 
     async def _start_autogen(self) -> None:
         py, script = self.peer_opts.autogen_python, str(HERE / "peer_autogen.py")
@@ -272,7 +283,7 @@ def _goals(summary: dict[str, Any], systems: Sequence[str], sizes: Sequence[int]
             r = summary[f"hivemesh/{size}/{conc}"]["calls_per_s"] / summary[f"autogen/{size}/{conc}"]["calls_per_s"]
             out.append(f"- {mesh_cost._size_name(size)} @{conc}: {r:.2f}× AutoGen's calls/s (goal ≥ {want[size]:g}×): "
                        f"{'**met**' if r >= want[size] else '**not met**'}")
-        peers = [k for k in systems if k != "hivemesh"]
+        peers = [k for k in systems if k not in BASELINES]
         for c in concs:
             mine = summary[f"hivemesh/{size}/{c}"]["p50_us"]
             below = all(mine < summary[f"{k}/{size}/{c}"]["p50_us"] for k in peers)

@@ -296,6 +296,18 @@ class DirectLinkListener:
 
 
 DIRECT_ENV = "HIVEMESH_LINK_DIRECT"
+DIRECT_PORT_ENV = "HIVEMESH_LINK_DIRECT_PORT"
+
+
+def direct_port(environ: Mapping[str, str] | None = None) -> int:
+    """The port direct links listen on: $HIVEMESH_LINK_DIRECT_PORT, else 0 (a free one, advertised in the
+    registry). A deployment whose network policy admits only named ports gives one (deploy/k8s uses 7445)."""
+    raw = (os.environ if environ is None else environ).get(DIRECT_PORT_ENV, "").strip()
+    if not raw:
+        return 0
+    if not raw.isdigit() or int(raw) > 65535:
+        raise ValueError(f"{DIRECT_PORT_ENV} must be a port number, 0-65535 (0: a free one): {raw!r}")
+    return int(raw)
 
 
 def direct_enabled(value: bool | None) -> bool:
@@ -314,10 +326,10 @@ def direct_enabled(value: bool | None) -> bool:
 async def open_direct_listener(
     link: LinkServer, node: MeshNode, host: str, audit: AuditLog | None,
 ) -> DirectLinkListener:
-    """A started listener for link's direct links on host (a free port), serving as node's current workload
+    """A started listener for link's direct links on host (`direct_port`), serving as node's current workload
     (`MeshNode.workload_listeners`) until it is closed; with audit, its refused handshakes are audited as the gRPC
     port's are (records, the node's handshake-refusal metrics, `hivemesh status`)."""
-    listener = DirectLinkListener(link, node.workload, host)
+    listener = DirectLinkListener(link, node.workload, host, direct_port())
     await listener.start()
     node.workload_listeners.append(listener.update_workload)
     handshakes: HandshakeAudit | None = None

@@ -46,7 +46,9 @@ from hivemesh.controlplane.grants import load_grants
 from hivemesh.controlplane.policies import parse_documents, validate_documents
 from hivemesh.mesh.etcd import EtcdServerTls, EtcdTls, find_etcd_binary, parse_endpoints
 from hivemesh.mesh.etcd_roles import CONTROLPLANE_USER, ROOT_USER
+from hivemesh.mesh.link_listener import direct_enabled, direct_port
 from hivemesh.mesh.node_metrics import parse_listen
+from hivemesh.mesh.outbound.link import link_enabled
 from hivemesh.mesh.settings import MeshSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -290,6 +292,9 @@ def parse_hivemesh(m: Manifests, p: Process, tmp: Path, mp: pytest.MonkeyPatch) 
             host, port = _bind(params["listen"])
             p.listens[port] = host
             assert _is_loopback(params["agent"].rpartition(":")[0]), "the agent is reached on loopback only"
+            if link_enabled(None) and direct_enabled(None):  # its direct links, on listen's host
+                assert direct_port(), "direct links on a fixed port (HIVEMESH_LINK_DIRECT_PORT), for the policies"
+                p.listens[direct_port()] = host
         settings = MeshSettings.resolve()  # what the sidecar resolves first: the env is complete and valid
         p.dials += parse_endpoints(settings.etcd)
         p.dials += [(a.rpartition(":")[0], int(a.rpartition(":")[2])) for a in (settings.controlplane, settings.join)]
@@ -494,8 +499,12 @@ def test_commands_parse_and_ports_probes_services_and_policies_name_what_they_bi
             assert allowed(policies, p.workload, target, target_port), \
                 f"{p.workload.name} cannot reach {host}:{port} ({target.name}:{target_port})"
     validator_sidecar = validator["sidecar"]
-    (inbound,) = [port for port, host in validator_sidecar.listens.items() if host == POD_IP]
-    assert allowed(policies, manifests.workload("hivemesh-caller"), validator_sidecar.workload, inbound)
+    # Its mutual-TLS ports on the pod IP: gRPC's and the direct links'; a caller reaches both.
+    inbound = [port for port, host in validator_sidecar.listens.items() if host == POD_IP]
+    assert sorted(inbound) == [7443, direct_port({"HIVEMESH_LINK_DIRECT_PORT": validator_sidecar.env[
+        "HIVEMESH_LINK_DIRECT_PORT"]})], inbound
+    for port in inbound:
+        assert allowed(policies, manifests.workload("hivemesh-caller"), validator_sidecar.workload, port), port
     # ... and nothing else: no workload reaches an etcd peer port or the agent's plaintext port.
     for w in manifests.workloads:
         if w.name != "hivemesh-etcd":
@@ -831,7 +840,9 @@ def test_manifests_run_the_commands_ports_and_environment_the_multihost_test_pro
                   "--metrics-listen": "off"}
     assert set(k_opts) - set(n_opts) == set(only_k8s) - set(only_netns), set(k_opts) ^ set(n_opts)
     assert set(n_opts) - set(k_opts) == set(only_netns) - set(only_k8s), set(k_opts) ^ set(n_opts)
-    _same_vars(k8s_sc.env, mesh.sidecar(3, PLACEHOLDER_TOKEN)[1], only_k8s={"HIVEMESH_LOG_FORMAT"},
+    # HIVEMESH_LINK_DIRECT_PORT: k8s pins the direct-link port its network policies admit; netns hosts have none.
+    _same_vars(k8s_sc.env, mesh.sidecar(3, PLACEHOLDER_TOKEN)[1],
+               only_k8s={"HIVEMESH_LOG_FORMAT", "HIVEMESH_LINK_DIRECT_PORT"},
                only_netns={"HIVEMESH_METRICS_LISTEN"})
 
     # etcd: the same flags (TLS on client and peer URLs, auth by certificate), the same client and peer ports.
