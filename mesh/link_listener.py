@@ -97,8 +97,9 @@ class _ConnectionContext:
 
 
 class _Frames:
-    """The client's messages until it says it sends no more (an empty one) or the connection ends; a break of the
-    wire format ends them too, noted as `problem`."""
+    """The client's messages until it says it sends no more (an empty one); a connection that ends first raises
+    (the link's calls are cancelled, as a cancelled Agent/Link stream's are); a break of the wire format ends them
+    too, noted as `problem`."""
 
     def __init__(self, reader: asyncio.StreamReader, limit: int) -> None:
         self._reader, self._limit = reader, limit
@@ -111,8 +112,8 @@ class _Frames:
             except LinkProtocolError as exc:
                 self.problem = str(exc)
                 return
-            if got is None:
-                return
+            if got is None:  # no empty message first: the peer went, not done sending; its calls are cancelled
+                raise ConnectionResetError("the peer closed the direct link without ending its calls")
             message, status = got
             if status:
                 self.problem = "a client sent a direct-link end status, which only a server sends"
@@ -253,6 +254,9 @@ class DirectLinkListener:
         except (LinkProtocolError, OSError, ssl.SSLError) as exc:
             self.refused += 1
             log.info("refused a direct link from %s: %s", writer.get_extra_info("peername"), exc)
+            auth = _auth_of(writer)
+            if auth:  # a verified peer: recorded as a Link message that does not decode is
+                self._link.record_refusal(_ConnectionContext(writer, False, auth), str(exc))  # type: ignore[arg-type]
             return
         context = _ConnectionContext(writer, bool(flags & FLAG_BATCHES), _auth_of(writer))
         status = status_pb2.Status(code=0)
