@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 CLOSE_GRACE_S = 5.0
 """How long `close` lets open links finish the calls they hold before it cuts them."""
+CLOSE_FLUSH_S = 5.0
+"""How long a link that ended has to deliver its last bytes before its connection is cut."""
 
 
 class _LinkAbortedError(Exception):
@@ -187,6 +189,10 @@ class DirectLinkListener:
         # OpenSSL keeps a connection's verify mode from the context it began with, not the one SNI switches it to:
         # without this the client certificate is never asked for. The trust anchors are the switched context's.
         self._listening.verify_mode = ssl.CERT_REQUIRED
+        # No session resumption: a resumed session skips the client-certificate check, so it would outlive a
+        # rotated trust bundle or an expired certificate. (Tickets are the listening context's, whatever SNI chose.)
+        self._listening.num_tickets = 0
+        self._listening.options |= ssl.OP_NO_TICKET
         self._listening.sni_callback = self._choose
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[Any]] = set()
@@ -262,9 +268,12 @@ class DirectLinkListener:
         status = status_pb2.Status(code=0)
         frames = _Frames(reader, self._link.max_message_bytes)
         try:
-            async for message in self._link.serve(frames.read(), context, wire=True):  # type: ignore[arg-type]
-                write_message(writer, message)
-                await writer.drain()
+            # aclosing: a failed write ends the link server's generator now (its calls are cancelled there).
+            served: Any = self._link.serve(frames.read(), context, wire=True)  # type: ignore[arg-type]
+            async with contextlib.aclosing(served) as answers:
+                async for message in answers:
+                    write_message(writer, message)
+                    await writer.drain()
         except _LinkAbortedError as aborted:
             status = status_pb2.Status(code=aborted.code.value[0], message=aborted.details)
         except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
@@ -277,6 +286,11 @@ class DirectLinkListener:
         with contextlib.suppress(OSError, ssl.SSLError):
             write_message(writer, status.SerializeToString(), status=True)
             await writer.drain()
+        # Flush what is still buffered (the last answers, the end status) and close TLS properly: the abort in
+        # `_accept`, the fallback, drops it, and the caller would count answered calls as failed.
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
+            await asyncio.wait_for(writer.wait_closed(), CLOSE_FLUSH_S)
 
     async def close(self, grace_s: float = CLOSE_GRACE_S) -> None:
         """Stop listening; let open links answer the calls they hold (the link server drains them) for up to
@@ -339,7 +353,12 @@ async def open_direct_listener(
     handshakes: HandshakeAudit | None = None
     if audit is not None:
         handshakes = HandshakeAudit(audit, host, listener.port, events=listener.handshake_events)
-        await handshakes.start()
+        try:
+            await handshakes.start()
+        except BaseException:
+            node.workload_listeners.remove(listener.update_workload)
+            await listener.close(0)
+            raise
         if node.metrics is not None:
             node.metrics.watch_handshakes(handshakes)
 

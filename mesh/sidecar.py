@@ -524,12 +524,14 @@ class Sidecar:
         for link in (self._link, self._mesh_link):
             if link is not None:
                 link.drain()  # open links end once answered, not after the whole grace
-        if self._direct is not None:
-            await self._direct.close(grace)
-            self._direct = None
-        for server in (self._inbound, self._mesh):
-            if server is not None:
-                await server.stop(grace)
+        async def stop_servers() -> None:
+            for server in (self._inbound, self._mesh):
+                if server is not None:
+                    await server.stop(grace)
+
+        # The direct port drains beside the gRPC ones: one grace for the stop, not one after the other.
+        direct, self._direct = self._direct, None
+        await asyncio.gather(*(() if direct is None else (direct.close(grace),)), stop_servers())
         self._inbound = self._mesh = None
         if self.queue is not None:
             await self.queue.stop()  # what is still held stays in etcd for the next sidecar of this identity

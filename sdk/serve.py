@@ -308,12 +308,11 @@ class AgentServer:
             await self.agent.on_stop()
         if self._link is not None:
             self._link.drain()  # open links end once answered, not after the whole grace
-        if self._direct is not None:
-            await self._direct.close(grace)
-            self._direct = None
-        if self._server is not None:
-            await self._server.stop(grace)
-            self._server = None
+        # Both ports drain at once: one grace for the stop, not one after the other.
+        direct, self._direct = self._direct, None
+        await asyncio.gather(*(() if direct is None else (direct.close(grace),)),
+                             *(() if self._server is None else (self._server.stop(grace),)))
+        self._server = None
         if self.audit is not None:
             await self.audit.close()  # ships what it can (bounded), keeps the rest in the spool
             self.audit = None

@@ -62,6 +62,8 @@ class ChannelPool:
         self._direct_context: ssl.SSLContext | None = None
         self._endpoints: dict[tuple[str, str, str], Endpoint] = {}
         self._retired: set[asyncio.Task[None]] = set()
+        self._retiring: list[Endpoint] = []
+        """Endpoints waiting out their grace before they are closed (`close` closes them at once)."""
 
     @property
     def workload(self) -> Workload:
@@ -73,6 +75,10 @@ class ChannelPool:
         key = (address, identity, link_address)  # a peer restarted with another direct port is another endpoint
         ep = self._endpoints.get(key)
         if ep is None:
+            # The same peer at another direct port (it restarted): the old endpoint finishes, then is closed.
+            stale = [k for k in self._endpoints if k[:2] == key[:2]]
+            if stale:
+                self._retire([self._endpoints.pop(k) for k in stale])
             server_name = parse_spiffe_id(identity).dns_name
             channel = secure_channel(address, self._creds, server_name=server_name)
             unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(INVOKE)
@@ -103,15 +109,23 @@ class ChannelPool:
         self._direct_context = None
         old = list(self._endpoints.values())
         self._endpoints = {}
+        if old:
+            self._retire(old)
+
+    def _retire(self, old: list[Endpoint]) -> None:
+        """Close old after in-flight calls had time to end (at once if the pool closes first)."""
+        self._retiring.extend(old)
 
         async def close_later() -> None:
             await asyncio.sleep(_CLOSE_GRACE_S)
+            for ep in old:
+                if ep in self._retiring:
+                    self._retiring.remove(ep)
             await asyncio.gather(*(_close(ep) for ep in old), return_exceptions=True)
 
-        if old:
-            task = asyncio.get_running_loop().create_task(close_later())
-            self._retired.add(task)
-            task.add_done_callback(self._retired.discard)
+        task = asyncio.get_running_loop().create_task(close_later())
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
 
     def forget(self, address: str) -> None:
         """Drop channels to address (the instance is gone)."""
@@ -124,6 +138,7 @@ class ChannelPool:
     async def close(self) -> None:
         for task in list(self._retired):
             task.cancel()
-        endpoints, self._endpoints = list(self._endpoints.values()), {}
+        endpoints, self._endpoints = [*self._endpoints.values(), *self._retiring], {}
+        self._retiring = []
         results: list[Any] = await asyncio.gather(*(_close(ep) for ep in endpoints), return_exceptions=True)
         del results

@@ -134,6 +134,8 @@ class _Link:
         self.linger_s = LINGER_S
         # Written by our own task, not a request iterator: a write that fails says which frames never left.
         self._stream: Any = method(metadata=BATCH_ANNOUNCE)
+        self.retiring = False
+        """`retire` was called: the link ends once its last call has settled."""
         self.direct = isinstance(self._stream, DirectStream)
         """The link is a direct one (`mesh/link_direct.py`), not an Agent/Link stream on gRPC."""
         """None once the link ended. The call object keeps its connection open, even after its channel was closed,
@@ -195,6 +197,8 @@ class _Link:
                     waiter = self._pending.pop(frame.id, None)
                     if waiter is not None and not waiter.done():
                         waiter.set_result(frame)
+                if self.retiring and not self._pending:
+                    self._out.put_nowait(_CLOSE)
             else:
                 error = _rpc_error(grpc.StatusCode.UNAVAILABLE, "the link to the peer was closed")
         except grpc.aio.AioRpcError as exc:
@@ -228,9 +232,12 @@ class _Link:
                 waiter.set_exception(LinkNotSentError() if unsent else error)
 
     def retire(self) -> None:
-        """Send no more calls on this link: the peer answers the calls it holds, then ends it (a caller moving to
-        another link lets this one finish instead of failing its calls)."""
-        self._out.put_nowait(_CLOSE)
+        """Send no more calls on this link: once the calls it holds are answered (or cancelled: their cancel frames
+        still go out), it says it sends no more and the peer ends it. A caller moving to another link lets this one
+        finish instead of failing its calls."""
+        self.retiring = True
+        if not self._pending:
+            self._out.put_nowait(_CLOSE)
 
     @property
     def sent_any(self) -> bool:
@@ -282,6 +289,8 @@ class _Link:
     def _cancel(self, call_id: int) -> None:
         if self._pending.pop(call_id, None) is not None and not self.broken:
             self._out.put_nowait(link_wire.message_frame(agent_pb2.LinkFrame(id=call_id, cancel=True)))
+            if self.retiring and not self._pending:
+                self._out.put_nowait(_CLOSE)
 
     def close(self) -> None:
         """End the link now: its open calls fail CANCELLED."""
