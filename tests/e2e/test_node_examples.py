@@ -145,7 +145,8 @@ async def rig(mesh: MeshEnv, node_modules: Path, tmp_path: Path, agent_args: tup
                                           audit=False) as python:
                 for capability in ("pricing.quote", "echo"):
                     assert await python.node.registry.wait_for_capability(capability, 1, timeout=30)
-                assert set(ready) == {"inbound", "mesh", "metrics"} and set(caller_ready) == {"mesh", "metrics"}
+                assert set(ready) == {"inbound", "mesh", "metrics", "link"}
+                assert set(caller_ready) == {"mesh", "metrics"}
                 yield Rig(mesh, caller_ready["mesh"], caller.pid, python)
     finally:
         for proc in procs:

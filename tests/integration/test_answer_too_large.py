@@ -83,7 +83,7 @@ def _assert_named(err: PayloadTooLargeError, low: int, high: int) -> None:
 
 
 async def test_an_answer_past_the_limit_called_unary_is_payload_too_large_naming_it(orch: Orch) -> None:
-    server = await orch.serve(Big(), AgentServerConfig(link=True))
+    server = await orch.serve(Big(), AgentServerConfig(link=True, link_direct=False))
     mesh = await _client(orch, "unary-caller", link=False)
     with pytest.raises(PayloadTooLargeError) as refused:
         await mesh.call("sized", {"chars": HUGE}, timeout=60)
@@ -94,7 +94,7 @@ async def test_an_answer_past_the_limit_called_unary_is_payload_too_large_naming
 
 async def test_an_answer_past_the_limit_on_a_link_is_payload_too_large_and_the_link_serves_on(orch: Orch) -> None:
     agent = Big()
-    server = await orch.serve(agent, AgentServerConfig(link=True))
+    server = await orch.serve(agent, AgentServerConfig(link=True, link_direct=False))
     mesh = await _client(orch, "link-caller", link=True)
     assert await mesh.call("sized", {"chars": 1}, timeout=10) == "x"  # the link is open and proven
     held = asyncio.create_task(mesh.call("held", {"n": 1}, timeout=60))
@@ -114,7 +114,7 @@ async def test_an_answer_one_message_carries_but_not_as_a_link_frame_is_payload_
 ) -> None:
     """An answer a few bytes under the limit fits a unary response; its Link answer frame (id and field headers
     around it) does not, and gRPC refused to write it, ending the link. The link server names it instead."""
-    server = await orch.serve(Big(), AgentServerConfig(link=True))
+    server = await orch.serve(Big(), AgentServerConfig(link=True, link_direct=False))
     unary = await _client(orch, "unary-caller", link=False)
     linked = await _client(orch, "link-caller", link=True)
     # The answer's bytes around its output, as the agent writes them (`AgentServicer.Invoke`): its hop and state.

@@ -15,6 +15,7 @@ from hivemesh.mesh import batch
 from hivemesh.mesh.errors import AgentError, DeadlineExceededError, InvalidInputError
 from hivemesh.sdk.batch import BatchItem
 from hivemesh.sdk.call_options import CallOptions
+from tests.support.links import settle_link
 from tests.support.orch_agents import WorkerAgent
 from tests.support.orch_env import Orch
 from tests.support.waiting import until
@@ -159,7 +160,7 @@ async def test_bounds_keys_and_options(orch: Orch) -> None:
 async def test_an_early_end_cancels_the_calls_in_flight(orch: Orch, how: str) -> None:
     agent = WorkerAgent()
     await orch.serve(agent)
-    await orch.mesh.call("upper", {"text": "warm"}, timeout=10)  # so the connection's own tasks are in before
+    await settle_link(orch.mesh, "upper", {"text": "warm"})  # so the connection's own tasks are in before
     before = asyncio.all_tasks()
     concurrency = 4
     source = Source(100, lambda i: {"seconds": 0.0 if i < 2 else 30.0, "tag": str(i)})
@@ -198,7 +199,7 @@ async def test_an_early_end_cancels_the_calls_in_flight(orch: Orch, how: str) ->
 async def test_a_source_that_raises_ends_the_stream_with_its_error(orch: Orch) -> None:
     agent = WorkerAgent()
     await orch.serve(agent)
-    await orch.mesh.call("upper", {"text": "warm"}, timeout=10)  # so the connection's own tasks are in before
+    await settle_link(orch.mesh, "upper", {"text": "warm"})  # so the connection's own tasks are in before
     before = asyncio.all_tasks()
 
     async def documents() -> AsyncIterator[dict[str, Any]]:

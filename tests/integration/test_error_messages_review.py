@@ -42,6 +42,7 @@ from hivemesh.mesh.tls import MAX_MESSAGE_BYTES
 from hivemesh.sdk import Agent, AgentServer, AgentServerConfig, MeshClient, capability
 from hivemesh.sdk.serve import run
 from tests.support.agents_for_tests import EchoAgent
+from tests.support.links import settle_link
 from tests.support.meshenv import TRUST_DOMAIN, MeshEnv, apply_policies_text, run_cli, start_mesh_env, stop_mesh_env
 from tests.support.spawn import REPO, child_env, stop
 
@@ -238,6 +239,8 @@ async def test_an_input_one_message_cannot_carry_is_refused_before_sending_and_a
             name="caller", settings=await mesh_env.settings_for("caller", "client"), link=link))
         assert await client.node.registry.wait_for_capability("echo", 1, timeout=20)
         assert (await client.call("echo", {"text": "first"}, timeout=5))["text"] == "first"
+        if link:
+            await settle_link(client, "echo", {"text": "settle"})  # onto the direct link it keeps
         opened = _link_of(client) if link else None
         assert not link or (opened is not None and not opened.broken), "the first call opened no link"
         # A call open on the link (or channel) while the oversized one is refused.

@@ -97,7 +97,7 @@ async def test_sidecar_health_follows_its_agent_its_registry_entry_and_its_drain
     await sidecar.start()
     try:
         assert sidecar.health.address is not None
-        assert sidecar.ready_line.endswith(f" health={sidecar.health.address}")
+        assert f" health={sidecar.health.address}" in sidecar.ready_line
         probe = grpc.aio.insecure_channel(sidecar.health.address)  # plaintext: no certificate at all
         mtls = _mtls(mesh_env, sidecar.endpoint, parse_spiffe_id(f"spiffe://{TRUST_DOMAIN}/agent/plain").dns_name)
         both = [probe, mtls]

@@ -35,7 +35,7 @@ async def _client(orch: Orch, name: str, *, link: bool) -> MeshClient:
 
 
 async def test_an_answer_refused_as_a_link_answer_frame_is_on_record_as_refused(orch: Orch, tmp_path: Path) -> None:
-    server = await orch.serve(Big(), AgentServerConfig(link=True, audit_dir=tmp_path / "spools"))
+    server = await orch.serve(Big(), AgentServerConfig(link=True, link_direct=False, audit_dir=tmp_path / "spools"))
     unary = await _client(orch, "unary-caller", link=False)
     linked = await _client(orch, "link-caller", link=True)
     hops = (await unary.call_detailed("sized", {"chars": 1}, timeout=10)).hops

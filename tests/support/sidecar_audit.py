@@ -37,7 +37,10 @@ async def behind_sidecar(
     """agent (a plain gRPC agent, identity "plain") running behind a sidecar that audits into spools, and one
     MeshClient per (name, link) in callers, each once it sees capability: (the sidecar, the clients)."""
     async with agent, contextlib.AsyncExitStack() as stack:
-        sidecar = Sidecar(SidecarConfig(agent=agent.endpoint, audit_dir=str(spools)), await env.settings_for("plain"))
+        # No direct link: the tests watch the one Agent/Link their linked caller keeps (test_link_direct*.py test
+        # the direct one).
+        sidecar = Sidecar(SidecarConfig(agent=agent.endpoint, audit_dir=str(spools), link_direct=False),
+                          await env.settings_for("plain"))
         await stack.enter_async_context(sidecar)
         clients = [await stack.enter_async_context(MeshClient.connect(
             name=name, settings=await env.settings_for(name, "client"), link=link)) for name, link in callers]
