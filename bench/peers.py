@@ -50,9 +50,13 @@ TITLES = {"hivemesh": "hivemesh", "autogen": "AutoGen gRPC runtime", "a2a": "A2A
 caller's links go over gRPC as before direct links: the baseline a direct link is measured against."""
 BASELINES = ("hivemesh", "hivemesh-grpc")
 """Not peers: the goals compare hivemesh with the other systems only."""
-_RULE = {"name": "peers-client-calls-echo", "action": "ALLOW",
-         "from": {"callers": [f"spiffe://{mesh_cost.TRUST_DOMAIN}/client/peers-client"]},
-         "to": {"agents": [f"spiffe://{mesh_cost.TRUST_DOMAIN}/agent/peers-echo"], "capabilities": ["echo"]}}
+_TD = mesh_cost.TRUST_DOMAIN
+_RULES = [{"name": f"peers-client{sfx}-calls-echo{sfx}", "action": "ALLOW",
+           "from": {"callers": [f"spiffe://{_TD}/client/peers-client{sfx}"]},
+           "to": {"agents": [f"spiffe://{_TD}/agent/peers-echo{sfx}"], "capabilities": [f"echo{sfx}"]}}
+          for sfx in ("", "-grpc")]
+"""hivemesh's caller may call its echo agent (hivemesh-grpc's: theirs, suffixed -grpc): authorization is default
+deny."""
 
 
 def autogen_python() -> str:
@@ -69,12 +73,12 @@ def autogen_python() -> str:
 
 
 # ==== the hivemesh caller (a child of this file) ================================================================
-async def child_hivemesh_caller(capability: str) -> None:
-    """A user's MeshClient calling the echo capability, driven by the shared load loop."""
+async def child_hivemesh_caller(capability: str, name: str) -> None:
+    """A user's MeshClient (client name) calling the echo capability, driven by the shared load loop."""
     from hivemesh.mesh.settings import MeshSettings
     from hivemesh.sdk import MeshClient
 
-    async with MeshClient.connect(name="peers-client", kind="client", settings=MeshSettings.resolve()) as mesh:
+    async with MeshClient.connect(name=name, kind="client", settings=MeshSettings.resolve()) as mesh:
         if not await mesh.node.registry.wait_for_capability(capability, 1, timeout=mesh_cost.READY_TIMEOUT_S):
             raise RuntimeError(f"capability {capability} never appeared in the registry")
 
@@ -92,7 +96,7 @@ def child_main(argv: Sequence[str]) -> None:
     die_with_parent_if_asked()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     profile_to = os.environ.get("BENCH_PROFILE_TO")
-    coro = child_hivemesh_caller(argv[1])
+    coro = child_hivemesh_caller(argv[1], argv[2] if len(argv) > 2 else "peers-client")
     if not profile_to:
         loop.run(coro)  # hivemesh's loop, as hivemesh.sdk.run_main gives a user's program
         return
@@ -135,7 +139,7 @@ class PeersBench(mesh_cost.Bench):
         from hivemesh.mesh.etcd import client, wait_connected
 
         policy = json.loads(json.dumps(mesh_cost._AUTHZ))
-        policy["spec"]["rules"].append(_RULE)
+        policy["spec"]["rules"].extend(_RULES)
         c = client(self.etcd.access)
         try:
             await wait_connected(c)
@@ -150,19 +154,19 @@ class PeersBench(mesh_cost.Bench):
         for key in self.peer_opts.systems:  # one after the other: parallel start-ups time out on a busy machine
             await starters[key]()
 
-    async def _start_hivemesh(self, key: str = "hivemesh", capability: str = "echo",
+    async def _start_hivemesh(self, key: str = "hivemesh", suffix: str = "",
                               agent_env: dict[str, str] | None = None) -> None:
-        agent = await self.spawn_role(f"{key}.agent", "sdk-agent", "--name", f"peers-{capability}", "--capability",
-                                      capability, env={**await self.join_env(f"peers-{capability}", "agent"),
-                                                       **(agent_env or {})})
+        agent_name, client_name, capability = f"peers-echo{suffix}", f"peers-client{suffix}", f"echo{suffix}"
+        agent = await self.spawn_role(f"{key}.agent", "sdk-agent", "--name", agent_name, "--capability", capability,
+                                      env={**await self.join_env(agent_name, "agent"), **(agent_env or {})})
         await self._ready(agent)
-        client = await self.spawn(f"{key}.client", [sys.executable, __file__, "_child", capability],
-                                  env=await self.join_env(f"peers-client-{capability}", "client"))
+        client = await self.spawn(f"{key}.client", [sys.executable, __file__, "_child", capability, client_name],
+                                  env=await self.join_env(client_name, "client"))
         await self._ready(client)
         self.peers.append(Peer(key, client, [agent]))
 
     async def _start_hivemesh_grpc(self) -> None:
-        await self._start_hivemesh("hivemesh-grpc", "echo-grpc", {"HIVEMESH_LINK_DIRECT": "0"})
+        await self._start_hivemesh("hivemesh-grpc", "-grpc", {"HIVEMESH_LINK_DIRECT": "0"})
 
     async def _start_autogen(self) -> None:
         py, script = self.peer_opts.autogen_python, str(HERE / "peer_autogen.py")

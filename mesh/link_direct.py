@@ -14,12 +14,15 @@ the server requires one chaining to the trust bundle, and the inbound chain read
 as it reads gRPC's; the client checks the server's DNS SAN (`<name>.<kind>.<trust-domain>`), as gRPC's hostname
 check does, so a process holding another identity's address cannot answer for it. TLS 1.3 only.
 
-The wire, after the TLS handshake: the client sends `PREAMBLE` and one flags byte (`FLAG_BATCHES`: it reads
-batches), the server answers the same. Then each side sends messages, each a 4-byte big-endian length and that
-many bytes: the client call and cancel frames, the server answer frames. A length with its top bit set is the
-server's last message: the link's end status (a `google.rpc.Status`: OK when every call was answered). An empty
-message from the client says it sends no more calls. A message over the limit, a bad preamble or a silent peer
-ends the connection.
+The wire: on a new TCP connection the server first sends one plaintext byte, `GO`, once its TLS layer is in place,
+and the client begins TLS only then (uvloop, which runs hivemesh's processes, hands a connection's first bytes to
+the protocol that accepted it even when that protocol paused reading at once, so a ClientHello sent at once was
+lost before the server's TLS layer took over: `open_tls`). After the TLS handshake the client sends `PREAMBLE` and
+one flags byte (`FLAG_BATCHES`: it reads batches), the server answers the same. Then each side sends messages,
+each a 4-byte big-endian length and that many bytes: the client call and cancel frames, the server answer frames.
+A length with its top bit set is the server's last message: the link's end status (a `google.rpc.Status`: OK when
+every call was answered). An empty message from the client says it sends no more calls. A message over the limit,
+a bad preamble or a silent peer ends the connection.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from hivemesh.mesh.link_context import status_code
 from hivemesh.mesh.link_frames import BATCH_ANNOUNCE
 from hivemesh.mesh.tls import MAX_MESSAGE_BYTES, Workload
 
+GO: Final = b"\x01"
+"""The server's first byte, in plaintext: its TLS layer is in place, the client may begin the handshake."""
 PREAMBLE: Final = b"hivemesh-link/1\n"
 FLAG_BATCHES: Final = 1
 HEADER: Final = struct.Struct(">I")
@@ -117,6 +122,27 @@ class LinkProtocolError(Exception):
     """The peer broke the direct link's wire format (a message over the limit, a bad preamble)."""
 
 
+async def open_tls(
+    host: str, port: int, context: ssl.SSLContext, server_hostname: str | None, *, limit: int = 256 * 1024,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A direct-link connection's TLS, client side: TCP, the server's `GO`, then the handshake (each step within
+    HANDSHAKE_TIMEOUT_S). Raises OSError, ssl.SSLError, TimeoutError, or LinkProtocolError for a first byte that
+    is not GO (not a direct-link port)."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=limit), HANDSHAKE_TIMEOUT_S)
+    try:
+        try:
+            first = await asyncio.wait_for(reader.readexactly(1), HANDSHAKE_TIMEOUT_S)
+        except asyncio.IncompleteReadError:
+            raise ConnectionResetError("the peer closed the connection before it was ready for TLS") from None
+        if first != GO:
+            raise LinkProtocolError(f"the peer's first byte is not a direct link's ({first!r})")
+        await writer.start_tls(context, server_hostname=server_hostname, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+    except BaseException:
+        writer.transport.abort()
+        raise
+    return reader, writer
+
+
 async def read_message(reader: asyncio.StreamReader, limit: int = MAX_MESSAGE_BYTES) -> tuple[bytes, bool] | None:
     """The next message and whether it is the end status; None at a clean end of the connection (no bytes of a
     next message). Raises LinkProtocolError for a message over limit, IncompleteReadError for a connection that
@@ -169,10 +195,8 @@ class DirectStream:
 
     async def _connect(self) -> None:
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(
-                self._host, self._port, ssl=self._context, server_hostname=self._server_name,
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S, limit=256 * 1024), HANDSHAKE_TIMEOUT_S * 1.5)
-        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            reader, writer = await open_tls(self._host, self._port, self._context, self._server_name)
+        except (OSError, ssl.SSLError, TimeoutError, LinkProtocolError) as exc:
             self.failure = str(exc) or type(exc).__name__
             raise _unavailable(f"cannot open a direct link to {self._host}:{self._port}: {self.failure}") from None
         self._reader, self._writer = reader, writer

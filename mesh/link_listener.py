@@ -24,6 +24,7 @@ from hivemesh.mesh.audit.handshake.audit import HandshakeAudit
 from hivemesh.mesh.audit.handshake.events import HandshakeFailure, Listener
 from hivemesh.mesh.link_direct import (
     FLAG_BATCHES,
+    GO,
     HANDSHAKE_TIMEOUT_S,
     PREAMBLE,
     LinkProtocolError,
@@ -165,13 +166,15 @@ class DirectHandshakeEvents:
 
 
 class _Accepting(asyncio.Protocol):
-    """A new TCP connection to the listener: reading paused until its TLS handshake is in place (`_accept`)."""
+    """A new TCP connection to the listener, until its TLS layer is in place (`_accept`). Reading is paused, but
+    uvloop may still hand over what it read with the connection: a client that did not wait for `GO` loses it, and
+    its handshake fails."""
 
     def __init__(self, listener: DirectLinkListener) -> None:
         self._listener = listener
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+    def connection_made(self, transport: Any) -> None:
+        # Any: uvloop's transports (hivemesh's own processes run on uvloop, mesh/loop.py) are not asyncio's classes.
         tune_socket(transport)
         transport.pause_reading()
         self._listener._accepted(transport)
@@ -230,10 +233,19 @@ class DirectLinkListener:
         reader = asyncio.StreamReader(limit=256 * 1024)
         protocol = asyncio.StreamReaderProtocol(reader)
         tls: asyncio.Transport | None = None
+        accepting = transport.get_protocol()
         try:
             try:
-                tls = await loop.start_tls(transport, protocol, self._listening, server_side=True,
-                                           ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+                handshake = loop.create_task(loop.start_tls(transport, protocol, self._listening, server_side=True,
+                                                            ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S))
+                # start_tls puts its TLS protocol in place at its first step; only then may the client begin (GO).
+                for _ in range(100):
+                    if transport.get_protocol() is not accepting or handshake.done():
+                        break
+                    await asyncio.sleep(0)
+                if not handshake.done():
+                    transport.write(GO)
+                tls = await handshake
             except TimeoutError:
                 self._refused(transport, "Handshake timed out")
                 return

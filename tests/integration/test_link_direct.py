@@ -21,7 +21,7 @@ import pytest
 
 from hivemesh.controlplane.ca import init_ca, load_ca
 from hivemesh.mesh.errors import DeadlineExceededError, HivemeshError
-from hivemesh.mesh.link_direct import PREAMBLE, DirectStream, client_context, split_address
+from hivemesh.mesh.link_direct import GO, PREAMBLE, DirectStream, client_context, split_address
 from hivemesh.mesh.outbound.link import DIRECT_RETRY_S, LinkedInvoke
 from hivemesh.mesh.pki import load_cert
 from hivemesh.sdk import Agent, AgentServer, AgentServerConfig, MeshClient, capability
@@ -125,6 +125,7 @@ async def test_an_agent_with_direct_links_off_advertises_none_and_is_called_over
 def _handshake(port: int, context: ssl.SSLContext, server_name: str | None) -> bytes:
     """Connect, handshake, send the preamble; what the server answers ("" when it closes or refuses)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        assert raw.recv(1) == GO  # the server's TLS layer is in place
         try:
             with context.wrap_socket(raw, server_hostname=server_name) as tls:
                 tls.sendall(PREAMBLE + b"\x01")
@@ -215,9 +216,10 @@ async def test_a_renewed_certificate_is_presented_on_the_next_direct_handshake(o
     context = client_context(client.node.workload)
 
     def presented() -> bytes:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
-                context.wrap_socket(raw, server_hostname=name) as tls:
-            der = tls.getpeercert(binary_form=True)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            assert raw.recv(1) == GO
+            with context.wrap_socket(raw, server_hostname=name) as tls:
+                der = tls.getpeercert(binary_form=True)
             assert der is not None
             return der
 

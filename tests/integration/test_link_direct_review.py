@@ -24,7 +24,7 @@ import pytest
 
 from hivemesh.controlplane.ca import init_ca, load_ca
 from hivemesh.mesh import link_direct
-from hivemesh.mesh.link_direct import HEADER, PREAMBLE, STATUS_BIT, client_context, split_address
+from hivemesh.mesh.link_direct import GO, HEADER, PREAMBLE, STATUS_BIT, client_context, split_address
 from hivemesh.mesh.outbound.link import LinkedInvoke
 from hivemesh.mesh.tls import Workload
 from hivemesh.sdk import Agent, AgentServerConfig, MeshClient, capability
@@ -78,6 +78,7 @@ def _session(port: int, ctx: ssl.SSLContext, name: str, session: ssl.SSLSession 
              ) -> tuple[ssl.SSLSession | None, bool, str]:
     """Connect (resuming session if given), open the link, maybe send one call: (session, reused, outcome)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        assert raw.recv(1) == GO
         try:
             with ctx.wrap_socket(raw, server_hostname=name, session=session) as tls:
                 tls.sendall(PREAMBLE + b"\x00")
@@ -136,6 +137,7 @@ def _run(port: int, ctx: ssl.SSLContext, name: str, frames: list[bytes], calls: 
     got = 0
     with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        assert raw.recv(1) == GO
         with ctx.wrap_socket(raw, server_hostname=name) as tls:
             tls.sendall(PREAMBLE + b"\x00")
             buf = b""

@@ -41,4 +41,7 @@ async def settle_link(client: MeshClient, capability: str, payload: Any, *, boun
         if loop.time() > deadline:
             break
         await asyncio.sleep(0.02)
-    raise AssertionError(f"the caller's link to {capability!r} did not settle")
+    invoke = linked_invoke(client, capability)
+    state = None if invoke is None else (invoke._link and invoke._link.direct, invoke._direct_after,
+                                         invoke._opening and invoke._opening.failure)
+    raise AssertionError(f"the caller's link to {capability!r} did not settle (direct, retry after, failure: {state})")
