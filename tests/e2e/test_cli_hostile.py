@@ -195,7 +195,17 @@ async def _bounded_cli(*args: str) -> tuple[int, str]:
     """The real CLI in a child process allowed 2 GiB of address space: (exit code, stderr). With 1 GiB the child
     once aborted in gRPC's poller ("epoll_wait error: Bad file descriptor", one full run in five), most likely out
     of address space: gRPC's threads each reserve a stack and a malloc arena. What the test bounds is the file
-    read, which needs neither, so the limit has room for them and the arenas are capped."""
+    read, which needs neither, so the limit has room for them and the arenas are capped. With 2 GiB it still
+    aborted so twice in the full runs of 6 Dec, after printing the refusal: gRPC's poller at the child's exit, not
+    the CLI's reading. Such a run is tried once more (only that signature: SIGABRT and gRPC's epoll error)."""
+    for _ in range(2):
+        code, err = await _bounded_cli_once(*args)
+        if not (code == -6 and "epoll_wait error" in err):
+            break
+    return code, err
+
+
+async def _bounded_cli_once(*args: str) -> tuple[int, str]:
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
 

@@ -1,0 +1,211 @@
+"""What the pipe alone costs: an echo of N-byte messages with 16 in flight over mutual TLS, server in a child
+process, over (a) asyncio's own TLS connection with 4-byte length framing (what a direct link is,
+mesh/link_direct.py) and (b) a gRPC bidirectional stream (what Agent/Link is), alternated in one run.
+
+No mesh work at all: this measures how much of a linked call the transport is, the evidence for direct links
+(BENCHMARKS.md). Usage: `python bench/transport_echo.py [--size 65536] [--rounds 3] [--seconds 4]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import multiprocessing as mp
+import os
+import resource
+import ssl
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+INFLIGHT = 16
+HEADER = struct.Struct(">I")
+PEMS: dict[str, bytes] = {}
+"""The certificate's and key's bytes by path, read before the event loop runs."""
+
+
+def make_cert(folder: Path) -> tuple[str, str]:
+    """A self-signed localhost certificate (also its own CA): (cert path, key path)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def tls_context(cert: str, key: str, *, server: bool) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(cert, key)
+    ctx.load_verify_locations(cert)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+class _Echo(asyncio.Protocol):
+    def connection_made(self, transport: Any) -> None:
+        self.transport, self.buf = transport, bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        while len(buf) >= HEADER.size:
+            (n,) = HEADER.unpack_from(buf)
+            if len(buf) < HEADER.size + n:
+                break
+            self.transport.write(bytes(buf[:HEADER.size + n]))
+            del buf[:HEADER.size + n]
+
+
+def _serve_tls(cert: str, key: str, port: Any) -> None:
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(_Echo, "127.0.0.1", 0,
+                                                                ssl=tls_context(cert, key, server=True))
+        port.put(server.sockets[0].getsockname()[1])
+        await asyncio.Event().wait()
+    asyncio.run(main())
+
+
+def _serve_grpc(cert: str, key: str, port: Any) -> None:
+    pem, key_pem = Path(cert).read_bytes(), Path(key).read_bytes()
+
+    async def main() -> None:
+        async def echo(requests: Any, context: Any) -> Any:
+            async for message in requests:
+                yield message
+        handler = grpc.method_handlers_generic_handler(
+            "bench.Echo", {"Link": grpc.stream_stream_rpc_method_handler(echo)})
+        server = grpc.aio.server(options=[("grpc.http2.lookahead_bytes", 1 << 20)])
+        server.add_generic_rpc_handlers((handler,))
+        bound = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key_pem, pem)], pem, True))
+        await server.start()
+        port.put(bound)
+        await asyncio.Event().wait()
+    asyncio.run(main())
+
+
+class _Caller(asyncio.Protocol):
+    def __init__(self, message: bytes) -> None:
+        self.message, self.buf, self.got, self.running = message, bytearray(), 0, True
+        self.drained: asyncio.Future[None] | None = None
+        self.sent = 0
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        while len(buf) >= HEADER.size:
+            (n,) = HEADER.unpack_from(buf)
+            if len(buf) < HEADER.size + n:
+                break
+            del buf[:HEADER.size + n]
+            self.got += 1
+            if self.running:
+                self.transport.write(self.message)
+            elif self.drained is not None and self.got >= self.sent and not self.drained.done():
+                self.drained.set_result(None)
+
+
+async def _call_tls(cert: str, key: str, port: int, size: int, seconds: float) -> float:
+    loop = asyncio.get_running_loop()
+    message = HEADER.pack(size) + os.urandom(size)
+    transport, caller = await loop.create_connection(lambda: _Caller(message), "127.0.0.1", port,
+                                                     ssl=tls_context(cert, key, server=False),
+                                                     server_hostname="localhost")
+    for _ in range(INFLIGHT):
+        transport.write(message)
+    started = time.perf_counter()
+    await asyncio.sleep(seconds)
+    caller.running, calls = False, caller.got
+    elapsed = time.perf_counter() - started
+    caller.sent, caller.drained = calls + INFLIGHT, loop.create_future()
+    await asyncio.wait_for(caller.drained, 30)
+    transport.close()
+    return calls / elapsed
+
+
+async def _call_grpc(cert: str, key: str, port: int, size: int, seconds: float) -> float:
+    pem, key_pem = PEMS[cert], PEMS[key]
+    creds = grpc.ssl_channel_credentials(pem, key_pem, pem)
+    async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds, options=[
+            ("grpc.ssl_target_name_override", "localhost"), ("grpc.http2.lookahead_bytes", 1 << 20)]) as channel:
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        message = os.urandom(size)
+
+        async def requests() -> Any:
+            while True:
+                yield await queue.get()
+
+        call = channel.stream_stream("/bench.Echo/Link")(requests())
+        for _ in range(INFLIGHT):
+            queue.put_nowait(message)
+        started = time.perf_counter()
+        end, got = started + seconds, 0
+        async for _ in call:
+            got += 1
+            if time.perf_counter() >= end:
+                break
+            queue.put_nowait(message)
+        rate = got / (time.perf_counter() - started)
+        call.cancel()
+        return rate
+
+
+def _cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", type=int, default=64 * 1024)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=4.0)
+    opts = p.parse_args()
+    sys.stdout.write(f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}, grpcio {grpc.__version__}, "
+                     f"{opts.size} B, {INFLIGHT} in flight, {opts.seconds:g} s windows\n")
+    with tempfile.TemporaryDirectory() as folder:
+        cert, key = make_cert(Path(folder))
+        PEMS.update({cert: Path(cert).read_bytes(), key: Path(key).read_bytes()})
+        pipes = (("asyncio TLS, length-framed", _serve_tls, _call_tls), ("gRPC bidi stream", _serve_grpc, _call_grpc))
+        for rnd in range(opts.rounds):
+            for name, serve, call in pipes if rnd % 2 == 0 else pipes[::-1]:
+                port: Any = mp.Queue()
+                server = mp.Process(target=serve, args=(cert, key, port), daemon=True)
+                server.start()
+                bound = port.get(timeout=30)
+                before_server, before = _cpu_s(server.pid or 0), resource.getrusage(resource.RUSAGE_SELF)
+                rate = asyncio.run(call(cert, key, bound, opts.size, opts.seconds))
+                after = resource.getrusage(resource.RUSAGE_SELF)
+                cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+                       + _cpu_s(server.pid or 0) - before_server)
+                sys.stdout.write(f"round {rnd + 1}  {name:28s} {rate:9,.0f} calls/s  "
+                                 f"{cpu / (rate * opts.seconds) * 1e6:6,.0f} µs CPU a call (both ends)\n")
+                sys.stdout.flush()
+                server.kill()
+                server.join()
+
+
+if __name__ == "__main__":
+    main()
