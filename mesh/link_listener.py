@@ -215,10 +215,9 @@ class DirectLinkListener:
         self._current = server_context(workload)
 
     async def start(self) -> None:
-        # Plain TCP here, TLS in `_accept`: a handshake asyncio made itself would fail where nobody hears it (at
-        # best a log line); made here, each refusal is counted and told to `handshake_events` (the audit).
-        # Reading waits for the handshake: asyncio's StreamWriter.start_tls on the server side lost the client's
-        # first bytes to the plain stream (Python 3.11), so the TLS protocol is put in place by hand.
+        # Plain TCP here, TLS in `_accept`: a handshake the loop made itself would fail where nobody hears it (at
+        # best a log line); made here, each refusal is counted and told to `handshake_events` (the audit). The
+        # client begins TLS only on `GO`, sent once the TLS protocol is in place (see mesh/link_direct.py).
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _Accepting(self), self._host, self._port)
         self.port = int(self._server.sockets[0].getsockname()[1])
