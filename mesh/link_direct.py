@@ -161,10 +161,10 @@ async def read_message(reader: asyncio.StreamReader, limit: int = MAX_MESSAGE_BY
     return (await reader.readexactly(length) if length else b""), status
 
 
-async def read_preamble(reader: asyncio.StreamReader) -> int:
-    """The peer's preamble, within HANDSHAKE_TIMEOUT_S: its flags byte. LinkProtocolError for anything else."""
+async def read_preamble(reader: asyncio.StreamReader, timeout_s: float = HANDSHAKE_TIMEOUT_S) -> int:
+    """The peer's preamble, within timeout_s: its flags byte. LinkProtocolError for anything else."""
     try:
-        got = await asyncio.wait_for(reader.readexactly(len(PREAMBLE) + 1), HANDSHAKE_TIMEOUT_S)
+        got = await asyncio.wait_for(reader.readexactly(len(PREAMBLE) + 1), timeout_s)
     except (asyncio.IncompleteReadError, TimeoutError):
         raise LinkProtocolError("the peer did not open the direct link with its preamble") from None
     if got[:-1] != PREAMBLE:

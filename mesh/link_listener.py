@@ -203,6 +203,8 @@ class DirectLinkListener:
         """The port listened on, once started."""
         self.refused = 0
         """Connections refused: a failed TLS handshake, or no preamble after it."""
+        self.handshake_timeout_s = HANDSHAKE_TIMEOUT_S
+        """How long a new connection has for its TLS handshake, and then for its preamble."""
         self.handshake_events = DirectHandshakeEvents()
         """The failed handshakes, for a `HandshakeAudit` of this port."""
         self.on_close: Callable[[], Awaitable[None]] | None = None
@@ -236,7 +238,7 @@ class DirectLinkListener:
         try:
             try:
                 handshake = loop.create_task(loop.start_tls(transport, protocol, self._listening, server_side=True,
-                                                            ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S))
+                                                            ssl_handshake_timeout=self.handshake_timeout_s))
                 # start_tls puts its TLS protocol in place at its first step; only then may the client begin (GO).
                 for _ in range(100):
                     if transport.get_protocol() is not accepting or handshake.done():
@@ -267,7 +269,7 @@ class DirectLinkListener:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            flags = await read_preamble(reader)
+            flags = await read_preamble(reader, self.handshake_timeout_s)
         except (LinkProtocolError, OSError, ssl.SSLError) as exc:
             self.refused += 1
             log.info("refused a direct link from %s: %s", writer.get_extra_info("peername"), exc)

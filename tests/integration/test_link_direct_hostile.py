@@ -27,7 +27,6 @@ from hivemesh.controlplane.ca import init_ca, load_ca
 from hivemesh.mesh.link_direct import (
     FLAG_BATCHES,
     GO,
-    HANDSHAKE_TIMEOUT_S,
     HEADER,
     PREAMBLE,
     STATUS_BIT,
@@ -43,6 +42,9 @@ from hivemesh.v1 import agent_pb2
 from tests.support.meshenv import TRUST_DOMAIN
 from tests.support.orch_env import Orch
 from tests.support.waiting import until
+
+HANDSHAKE_S = 5.0
+"""The agent's handshake (and preamble) timeout here: the silent peers' tests wait it out, and 10 s each added up."""
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -147,7 +149,8 @@ def _over_direct_link(invoke: LinkedInvoke) -> bool:
 async def rig(orch: Orch, tmp_path: Path) -> AsyncIterator[Rig]:
     agent = Target()
     server = await orch.serve(agent, AgentServerConfig(link=True, link_direct=True, audit_dir=tmp_path / "spools"))
-    assert server.link_endpoint, "the agent serves no direct link"
+    assert server.link_endpoint and server._direct is not None, "the agent serves no direct link"
+    server._direct.handshake_timeout_s = HANDSHAKE_S  # the silent peers' tests wait it out
     mallory = await orch.client("mallory")
     try:
         yield Rig(orch, server, agent, mallory)
@@ -256,7 +259,7 @@ async def _refused(rig: Rig, ctx: ssl.SSLContext, *, sni: str | None = "") -> st
     try:
         writer.write(PREAMBLE + bytes([FLAG_BATCHES]))
         try:
-            got = await asyncio.wait_for(reader.readexactly(len(PREAMBLE) + 1), HANDSHAKE_TIMEOUT_S * 1.5)
+            got = await asyncio.wait_for(reader.readexactly(len(PREAMBLE) + 1), HANDSHAKE_S * 1.5)
         except (asyncio.IncompleteReadError, ssl.SSLError, OSError) as exc:  # TLS 1.3: the verdict after Finished
             return repr(exc)
         raise AssertionError(f"the direct port accepted the connection (it answered {got!r})")
@@ -350,7 +353,7 @@ async def test_a_verified_peer_that_does_not_open_the_link_is_dropped_and_record
             writer.write(b"hivemesh-link/9\n\x01")
         elif opening == "http2-preface":
             writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-        got = await asyncio.wait_for(reader.read(64), HANDSHAKE_TIMEOUT_S + 5)
+        got = await asyncio.wait_for(reader.read(64), HANDSHAKE_S + 5)
     finally:
         _close(writer)
     assert got == b"", f"the agent answered a peer that did not open the link: {got!r}"
@@ -566,7 +569,7 @@ async def test_many_connections_opened_and_abandoned_hold_nothing(rig: Rig, tmp_
     finally:
         for w in writers:
             _close(w)
-    assert await until(rig.held_nothing, HANDSHAKE_TIMEOUT_S + 10), "abandoned connections are still held"
+    assert await until(rig.held_nothing, HANDSHAKE_S + 10), "abandoned connections are still held"
     await rig.still_serves()
 
 
@@ -575,8 +578,8 @@ async def test_a_bare_tcp_connection_that_never_starts_tls_is_dropped(rig: Rig) 
     host, port = rig.address
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        got = await asyncio.wait_for(reader.read(64), HANDSHAKE_TIMEOUT_S + 5)  # GO: it may begin TLS
-        rest = await asyncio.wait_for(reader.read(64), HANDSHAKE_TIMEOUT_S + 5)  # then the close
+        got = await asyncio.wait_for(reader.read(64), HANDSHAKE_S + 5)  # GO: it may begin TLS
+        rest = await asyncio.wait_for(reader.read(64), HANDSHAKE_S + 5)  # then the close
     finally:
         _close(writer)
     assert (got, rest) == (GO, b""), (got, rest)
