@@ -22,6 +22,7 @@ from google.rpc import status_pb2
 
 from hivemesh.mesh.audit.handshake.audit import HandshakeAudit
 from hivemesh.mesh.audit.handshake.events import HandshakeFailure, Listener
+from hivemesh.mesh.env_switch import env_switch
 from hivemesh.mesh.link_direct import (
     FLAG_BATCHES,
     GO,
@@ -344,14 +345,7 @@ def direct_port(environ: Mapping[str, str] | None = None) -> int:
 def direct_enabled(value: bool | None) -> bool:
     """Whether a node that serves Link also serves direct links: value if given, else $HIVEMESH_LINK_DIRECT
     ("1"/"true"/"on" or "0"/"false"/"off"), else on."""
-    if value is not None:
-        return value
-    raw = os.environ.get(DIRECT_ENV, "").strip().lower()
-    if raw in ("0", "false", "off", "no"):
-        return False
-    if raw in ("", "1", "true", "on", "yes"):
-        return True
-    raise ValueError(f"{DIRECT_ENV} must be 1/true/on or 0/false/off: {raw!r}")
+    return env_switch(DIRECT_ENV, value)
 
 
 async def open_direct_listener(

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import ssl
 import time
 import traceback
@@ -29,6 +28,7 @@ from typing import Any
 import grpc
 
 from hivemesh.mesh import link_wire
+from hivemesh.mesh.env_switch import env_switch
 from hivemesh.mesh.link_context import status_code
 from hivemesh.mesh.link_direct import DirectStream, split_address
 from hivemesh.mesh.link_frames import BATCH_ANNOUNCE, announced, outgoing
@@ -436,11 +436,4 @@ LINK_ENV = "HIVEMESH_LINK"
 def link_enabled(value: bool | None) -> bool:
     """Whether unary calls go over links (and links are served): value if given, else $HIVEMESH_LINK
     ("1"/"true"/"on" or "0"/"false"/"off"), else on (the default since BENCHMARKS.md's same-run measurement)."""
-    if value is not None:
-        return value
-    raw = os.environ.get(LINK_ENV, "").strip().lower()
-    if raw in ("0", "false", "off", "no"):
-        return False
-    if raw in ("", "1", "true", "on", "yes"):
-        return True
-    raise ValueError(f"{LINK_ENV} must be 1/true/on or 0/false/off: {raw!r}")
+    return env_switch(LINK_ENV, value)

@@ -2,26 +2,39 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 import pytest
 
 from hivemesh.mesh.errors import RateLimitedError, from_status_parts, to_status
 from hivemesh.mesh.link_context import FrameAborted, FrameContext, status_code
+from hivemesh.mesh.link_listener import DIRECT_ENV, DIRECT_PORT_ENV, direct_enabled, direct_port
 from hivemesh.mesh.link_server import answer_frame
 from hivemesh.mesh.link_wire import pack, read
 from hivemesh.mesh.outbound.link import LINK_ENV, LinkUnsupportedError, link_enabled, stream_failure
 
 
-def test_link_is_on_by_default_and_a_bad_switch_says_what_to_write(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(LINK_ENV, raising=False)
-    assert link_enabled(None) is True and link_enabled(False) is False
+@pytest.mark.parametrize("env, switch", [(LINK_ENV, link_enabled), (DIRECT_ENV, direct_enabled)])
+def test_links_and_direct_links_are_on_by_default_and_a_bad_switch_says_what_to_write(
+    monkeypatch: pytest.MonkeyPatch, env: str, switch: Callable[[bool | None], bool],
+) -> None:
+    monkeypatch.delenv(env, raising=False)
+    assert switch(None) is True and switch(False) is False
     for raw, on in (("1", True), ("on", True), ("TRUE", True), ("0", False), ("off", False), ("", True)):
-        monkeypatch.setenv(LINK_ENV, raw)
-        assert link_enabled(None) is on, raw
-        assert link_enabled(False) is False and link_enabled(True) is True  # an explicit setting wins
-    monkeypatch.setenv(LINK_ENV, "sometimes")
-    with pytest.raises(ValueError, match="HIVEMESH_LINK must be"):
-        link_enabled(None)
+        monkeypatch.setenv(env, raw)
+        assert switch(None) is on, raw
+        assert switch(False) is False and switch(True) is True  # an explicit setting wins
+    monkeypatch.setenv(env, "sometimes")
+    with pytest.raises(ValueError, match=f"{env} must be"):
+        switch(None)
+
+
+def test_a_direct_link_port_is_a_port_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert direct_port({}) == 0 and direct_port({DIRECT_PORT_ENV: " 7445 "}) == 7445
+    for bad in ("-1", "65536", "seven", "7445.0"):
+        with pytest.raises(ValueError, match=f"{DIRECT_PORT_ENV} must be a port number"):
+            direct_port({DIRECT_PORT_ENV: bad})
 
 
 def test_status_codes_round_trip_by_number() -> None:
