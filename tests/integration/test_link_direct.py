@@ -46,6 +46,10 @@ class Echo(Agent):
         return {"text": req.get("text", "")}
 
     @capability()
+    async def big(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"blob": "x" * int(req.get("n", 0))}
+
+    @capability()
     async def hold(self, req: dict[str, Any]) -> str:
         self.held += 1
         try:

@@ -27,41 +27,14 @@ from hivemesh.mesh import link_direct
 from hivemesh.mesh.link_direct import GO, HEADER, PREAMBLE, STATUS_BIT, client_context, split_address
 from hivemesh.mesh.outbound.link import LinkedInvoke
 from hivemesh.mesh.tls import Workload
-from hivemesh.sdk import Agent, AgentServerConfig, MeshClient, capability
+from hivemesh.sdk import AgentServerConfig, MeshClient
 from hivemesh.v1 import agent_pb2
+from tests.integration.test_link_direct import Echo
 from tests.support.meshenv import TRUST_DOMAIN
 from tests.support.orch_env import Orch
 from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(120)
-
-
-class Echo(Agent):
-    name = "review-echo"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.release = asyncio.Event()
-        self.held = 0
-        self.cancelled = 0
-
-    @capability()
-    async def echo(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"text": req.get("text", "")}
-
-    @capability()
-    async def big(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"blob": "x" * int(req.get("n", 0))}
-
-    @capability()
-    async def hold(self, req: dict[str, Any]) -> str:
-        self.held += 1
-        try:
-            await asyncio.wait_for(self.release.wait(), 60)
-        except asyncio.CancelledError:
-            self.cancelled += 1
-            raise
-        return "released"
 
 
 def _recv_exact(tls: ssl.SSLSocket, n: int) -> bytes:
