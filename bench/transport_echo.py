@@ -18,6 +18,7 @@ import struct
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,19 +61,25 @@ def tls_context(cert: str, key: str, *, server: bool) -> ssl.SSLContext:
     return ctx
 
 
+def _whole_messages(buf: bytearray) -> Iterator[bytes]:
+    """Each complete length-prefixed message at the head of buf (header included), taken out of it."""
+    while len(buf) >= HEADER.size:
+        (n,) = HEADER.unpack_from(buf)
+        if len(buf) < HEADER.size + n:
+            return
+        message = bytes(buf[:HEADER.size + n])
+        del buf[:HEADER.size + n]
+        yield message
+
+
 class _Echo(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         self.transport, self.buf = transport, bytearray()
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        while len(buf) >= HEADER.size:
-            (n,) = HEADER.unpack_from(buf)
-            if len(buf) < HEADER.size + n:
-                break
-            self.transport.write(bytes(buf[:HEADER.size + n]))
-            del buf[:HEADER.size + n]
+        self.buf += data
+        for message in _whole_messages(self.buf):
+            self.transport.write(message)
 
 
 def _serve_tls(cert: str, key: str, port: Any) -> None:
@@ -112,13 +119,8 @@ class _Caller(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        while len(buf) >= HEADER.size:
-            (n,) = HEADER.unpack_from(buf)
-            if len(buf) < HEADER.size + n:
-                break
-            del buf[:HEADER.size + n]
+        self.buf += data
+        for _ in _whole_messages(self.buf):
             self.got += 1
             if self.running:
                 self.transport.write(self.message)
