@@ -32,7 +32,6 @@ import contextlib
 import os
 import socket
 import ssl
-import struct
 import tempfile
 from collections.abc import Sequence
 from typing import Any, Final
@@ -40,17 +39,13 @@ from typing import Any, Final
 import grpc
 from google.rpc import status_pb2
 
+from hivemesh.mesh import link_wire
+from hivemesh.mesh.link_conn import FLAG_BATCHES, GO, PREAMBLE, LinkConnection, LinkProtocolError
 from hivemesh.mesh.link_context import status_code
 from hivemesh.mesh.link_frames import BATCH_ANNOUNCE
+from hivemesh.mesh.link_wire import Outgoing
 from hivemesh.mesh.tls import MAX_MESSAGE_BYTES, Workload
 
-GO: Final = b"\x01"
-"""The server's first byte, in plaintext: its TLS layer is in place, the client may begin the handshake."""
-PREAMBLE: Final = b"hivemesh-link/1\n"
-FLAG_BATCHES: Final = 1
-HEADER: Final = struct.Struct(">I")
-STATUS_BIT: Final = 0x8000_0000
-"""Set in a length: the message is the link's end status, the server's last."""
 HANDSHAKE_TIMEOUT_S: Final = 10.0
 """TLS handshake and preamble, each way: a peer silent longer is not a mesh peer."""
 KEEPALIVE_IDLE_S: Final = 30
@@ -95,7 +90,7 @@ def client_context(workload: Workload) -> ssl.SSLContext:
     return _tls13(context, workload)
 
 
-def tune_socket(transport: asyncio.BaseTransport | asyncio.StreamWriter) -> None:
+def tune_socket(transport: Any) -> None:
     """No Nagle delay (calls are small and waited on), and keepalive to find a vanished peer (see USER_TIMEOUT_MS)."""
     sock = transport.get_extra_info("socket")
     if sock is None:
@@ -111,65 +106,46 @@ def tune_socket(transport: asyncio.BaseTransport | asyncio.StreamWriter) -> None
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
 
 
-def write_message(writer: asyncio.StreamWriter, message: bytes, *, status: bool = False) -> None:
-    """Queue one message (its length, then its bytes: the bytes are not copied into a new buffer here)."""
-    writer.write(HEADER.pack(len(message) | (STATUS_BIT if status else 0)))
-    if message:
-        writer.write(message)
+class _AwaitGo(asyncio.Protocol):
+    """A new connection to a direct-link port, before TLS: waits for the server's `GO`."""
 
+    def __init__(self) -> None:
+        self.go: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-class LinkProtocolError(Exception):
-    """The peer broke the direct link's wire format (a message over the limit, a bad preamble)."""
+    def data_received(self, data: bytes) -> None:
+        if not self.go.done():
+            if data == GO:
+                self.go.set_result(None)
+            else:
+                self.go.set_exception(
+                    LinkProtocolError(f"the peer's first bytes are not a direct link's ({data[:8]!r})"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.go.done():
+            self.go.set_exception(ConnectionResetError("the peer closed the connection before it was ready for TLS"))
 
 
 async def open_tls(
-    host: str, port: int, context: ssl.SSLContext, server_hostname: str | None, *, limit: int = 256 * 1024,
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A direct-link connection's TLS, client side: TCP, the server's `GO`, then the handshake (each step within
+    host: str, port: int, context: ssl.SSLContext, server_hostname: str | None, *, limit: int = MAX_MESSAGE_BYTES,
+) -> LinkConnection:
+    """A direct-link connection, client side: TCP, the server's `GO`, then the TLS handshake (each step within
     HANDSHAKE_TIMEOUT_S). Raises OSError, ssl.SSLError, TimeoutError, or LinkProtocolError for a first byte that
     is not GO (not a direct-link port)."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=limit), HANDSHAKE_TIMEOUT_S)
+    loop = asyncio.get_running_loop()
+    transport, waiting = await asyncio.wait_for(loop.create_connection(_AwaitGo, host, port), HANDSHAKE_TIMEOUT_S)
     try:
-        try:
-            first = await asyncio.wait_for(reader.readexactly(1), HANDSHAKE_TIMEOUT_S)
-        except asyncio.IncompleteReadError:
-            raise ConnectionResetError("the peer closed the connection before it was ready for TLS") from None
-        if first != GO:
-            raise LinkProtocolError(f"the peer's first byte is not a direct link's ({first!r})")
-        await writer.start_tls(context, server_hostname=server_hostname, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+        await asyncio.wait_for(waiting.go, HANDSHAKE_TIMEOUT_S)
+        connection = LinkConnection(limit)
+        tls = await loop.start_tls(transport, connection, context, server_hostname=server_hostname,
+                                   ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
     except BaseException:
-        writer.transport.abort()
+        transport.abort()
         raise
-    return reader, writer
-
-
-async def read_message(reader: asyncio.StreamReader, limit: int = MAX_MESSAGE_BYTES) -> tuple[bytes, bool] | None:
-    """The next message and whether it is the end status; None at a clean end of the connection (no bytes of a
-    next message). Raises LinkProtocolError for a message over limit, IncompleteReadError for a connection that
-    ended inside one."""
-    try:
-        head = await reader.readexactly(HEADER.size)
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
-            return None
-        raise
-    (length,) = HEADER.unpack(head)
-    status = bool(length & STATUS_BIT)
-    length &= ~STATUS_BIT
-    if length > limit:
-        raise LinkProtocolError(f"a direct-link message of {length} bytes is over the {limit}-byte limit")
-    return (await reader.readexactly(length) if length else b""), status
-
-
-async def read_preamble(reader: asyncio.StreamReader, timeout_s: float = HANDSHAKE_TIMEOUT_S) -> int:
-    """The peer's preamble, within timeout_s: its flags byte. LinkProtocolError for anything else."""
-    try:
-        got = await asyncio.wait_for(reader.readexactly(len(PREAMBLE) + 1), timeout_s)
-    except (asyncio.IncompleteReadError, TimeoutError):
-        raise LinkProtocolError("the peer did not open the direct link with its preamble") from None
-    if got[:-1] != PREAMBLE:
-        raise LinkProtocolError("the peer's first bytes are not a hivemesh direct-link preamble")
-    return got[-1]
+    if tls is None:  # the connection closed during the handshake
+        transport.abort()
+        raise ConnectionResetError("the peer closed the connection during the TLS handshake")
+    connection.attach(tls)
+    return connection
 
 
 def _unavailable(message: str) -> grpc.aio.AioRpcError:
@@ -179,7 +155,8 @@ def _unavailable(message: str) -> grpc.aio.AioRpcError:
 class DirectStream:
     """The client end of one direct link, with what `mesh/outbound/link.py`'s `_Link` uses of a gRPC stream-stream
     call (write, done_writing, initial_metadata, iteration, cancel) and the same errors (`grpc.aio.AioRpcError`):
-    UNAVAILABLE when the connection cannot be made or breaks, the server's end status otherwise."""
+    UNAVAILABLE when the connection cannot be made or breaks, the server's end status otherwise. `write_frames`
+    sends frames without packing them into one buffer first (`LinkConnection.send`)."""
 
     def __init__(self, host: str, port: int, server_name: str, context: ssl.SSLContext) -> None:
         self._host, self._port, self._server_name, self._context = host, port, server_name, context
@@ -187,25 +164,24 @@ class DirectStream:
         """The TLS handshake and preambles completed: the peer serves direct links."""
         self.failure = ""
         """Why it did not connect (once `settled` and not `connected`)."""
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader: asyncio.StreamReader | None = None
+        self._connection: LinkConnection | None = None
         self._batches = False
         self._open = asyncio.get_running_loop().create_task(self._connect())
         self._open.add_done_callback(_retrieve)
 
     async def _connect(self) -> None:
         try:
-            reader, writer = await open_tls(self._host, self._port, self._context, self._server_name)
+            connection = await open_tls(self._host, self._port, self._context, self._server_name)
         except (OSError, ssl.SSLError, TimeoutError, LinkProtocolError) as exc:
             self.failure = str(exc) or type(exc).__name__
             raise _unavailable(f"cannot open a direct link to {self._host}:{self._port}: {self.failure}") from None
-        self._reader, self._writer = reader, writer
-        tune_socket(writer)
-        writer.write(PREAMBLE + bytes([FLAG_BATCHES]))
+        self._connection = connection
+        tune_socket(connection)
+        connection.write(PREAMBLE + bytes([FLAG_BATCHES]))
         try:
-            flags = await read_preamble(reader)
+            flags = await connection.read_preamble(HANDSHAKE_TIMEOUT_S)
         except (LinkProtocolError, OSError, ssl.SSLError) as exc:
-            writer.transport.abort()
+            connection.abort()
             self.failure = f"refused: {exc}"
             raise _unavailable(f"the direct link to {self._host}:{self._port} was {self.failure}") from None
         self._batches = bool(flags & FLAG_BATCHES)
@@ -220,31 +196,33 @@ class DirectStream:
         await self._open
         return BATCH_ANNOUNCE if self._batches else ()
 
-    async def write(self, message: bytes) -> None:
+    async def write_frames(self, frames: Sequence[Outgoing]) -> None:
+        """Send frames as one message (a batch of several)."""
         await self._open
-        writer = self._writer
-        assert writer is not None
-        if writer.is_closing():
+        connection = self._connection
+        assert connection is not None
+        if connection.is_closing():
             raise _unavailable("the direct link to the peer is closed")
-        write_message(writer, message)
+        pieces, size = link_wire.pieces(frames)
+        connection.send(pieces, size)
         try:
-            await writer.drain()
+            await connection.drain()
         except (OSError, ssl.SSLError) as exc:
             raise _unavailable(f"the direct link to the peer broke: {exc}") from None
 
     async def done_writing(self) -> None:
-        await self.write(b"")
+        await self.write_frames(())
 
     def __aiter__(self) -> DirectStream:
         return self
 
-    async def __anext__(self) -> bytes:
+    async def __anext__(self) -> bytes | bytearray:
         await self._open
-        reader = self._reader
-        assert reader is not None
+        connection = self._connection
+        assert connection is not None
         try:
-            got = await read_message(reader)
-        except (OSError, ssl.SSLError, asyncio.IncompleteReadError, LinkProtocolError) as exc:
+            got = await connection.read()
+        except (OSError, ssl.SSLError, LinkProtocolError) as exc:
             raise _unavailable(f"the direct link to the peer broke: {exc}") from None
         if got is None:
             raise _unavailable("the peer closed the direct link")
@@ -259,8 +237,8 @@ class DirectStream:
 
     def cancel(self) -> bool:
         self._open.cancel()
-        if self._writer is not None:
-            self._writer.transport.abort()
+        if self._connection is not None:
+            self._connection.abort()
         return True
 
 

@@ -20,21 +20,12 @@ from typing import TYPE_CHECKING, Any, Never
 import grpc
 from google.rpc import status_pb2
 
+from hivemesh.mesh import link_wire
 from hivemesh.mesh.audit.handshake.audit import HandshakeAudit
 from hivemesh.mesh.audit.handshake.events import HandshakeFailure, Listener
 from hivemesh.mesh.env_switch import env_switch
-from hivemesh.mesh.link_direct import (
-    FLAG_BATCHES,
-    GO,
-    HANDSHAKE_TIMEOUT_S,
-    PREAMBLE,
-    LinkProtocolError,
-    read_message,
-    read_preamble,
-    server_context,
-    tune_socket,
-    write_message,
-)
+from hivemesh.mesh.link_conn import FLAG_BATCHES, GO, PREAMBLE, LinkConnection, LinkProtocolError
+from hivemesh.mesh.link_direct import HANDSHAKE_TIMEOUT_S, server_context, tune_socket
 from hivemesh.mesh.link_frames import BATCH_ANNOUNCE
 from hivemesh.mesh.link_server import LinkServer
 from hivemesh.mesh.tls import Workload
@@ -60,7 +51,7 @@ class _LinkAbortedError(Exception):
 class _ConnectionContext:
     """What `LinkServer.serve` and the calls' `FrameContext` use of a gRPC servicer context, for one connection."""
 
-    def __init__(self, writer: asyncio.StreamWriter, batches: bool, auth: Mapping[str, Iterable[bytes]]) -> None:
+    def __init__(self, writer: LinkConnection, batches: bool, auth: Mapping[str, Iterable[bytes]]) -> None:
         self._writer = writer
         self._metadata: tuple[tuple[str, str], ...] = BATCH_ANNOUNCE if batches else ()
         self._auth = auth
@@ -105,14 +96,14 @@ class _Frames:
     (the link's calls are cancelled, as a cancelled Agent/Link stream's are); a break of the wire format ends them
     too, noted as `problem`."""
 
-    def __init__(self, reader: asyncio.StreamReader, limit: int) -> None:
-        self._reader, self._limit = reader, limit
+    def __init__(self, connection: LinkConnection) -> None:
+        self._connection = connection
         self.problem = ""
 
-    async def read(self) -> AsyncIterator[bytes]:
+    async def read(self) -> AsyncIterator[bytes | bytearray]:
         while True:
             try:
-                got = await read_message(self._reader, self._limit)
+                got = await self._connection.read()
             except LinkProtocolError as exc:
                 self.problem = str(exc)
                 return
@@ -127,7 +118,7 @@ class _Frames:
             yield message
 
 
-def _auth_of(writer: asyncio.StreamWriter) -> Mapping[str, Iterable[bytes]]:
+def _auth_of(writer: LinkConnection) -> Mapping[str, Iterable[bytes]]:
     """The verified client certificate as gRPC's auth context names it (`x509_pem_cert`), for the inbound chain."""
     sslobj = writer.get_extra_info("ssl_object")
     der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
@@ -232,13 +223,12 @@ class DirectLinkListener:
 
     async def _accept(self, transport: asyncio.Transport) -> None:
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=256 * 1024)
-        protocol = asyncio.StreamReaderProtocol(reader)
+        connection = LinkConnection(self._link.max_message_bytes)
         tls: asyncio.Transport | None = None
         accepting = transport.get_protocol()
         try:
             try:
-                handshake = loop.create_task(loop.start_tls(transport, protocol, self._listening, server_side=True,
+                handshake = loop.create_task(loop.start_tls(transport, connection, self._listening, server_side=True,
                                                             ssl_handshake_timeout=self.handshake_timeout_s))
                 # start_tls puts its TLS protocol in place at its first step; only then may the client begin (GO).
                 for _ in range(100):
@@ -254,10 +244,11 @@ class DirectLinkListener:
             except (ssl.SSLError, OSError, EOFError) as exc:
                 self._refused(transport, str(exc) or type(exc).__name__)
                 return
-            assert tls is not None
-            protocol.connection_made(tls)
-            writer = asyncio.StreamWriter(tls, protocol, reader, loop)
-            await self._serve(reader, writer)
+            if tls is None:
+                self._refused(transport, "the connection closed during the handshake")
+                return
+            connection.attach(tls)
+            await self._serve(connection)
         finally:
             (tls or transport).abort()
 
@@ -268,29 +259,29 @@ class DirectLinkListener:
         failure = HandshakeFailure(local=_grpc_address(local), peer=_grpc_address(peer), error=error)
         self.handshake_events.report(failure)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, connection: LinkConnection) -> None:
         try:
-            flags = await read_preamble(reader, self.handshake_timeout_s)
+            flags = await connection.read_preamble(self.handshake_timeout_s)
         except (LinkProtocolError, OSError, ssl.SSLError) as exc:
             self.refused += 1
-            log.info("refused a direct link from %s: %s", writer.get_extra_info("peername"), exc)
-            auth = _auth_of(writer)
+            log.info("refused a direct link from %s: %s", connection.get_extra_info("peername"), exc)
+            auth = _auth_of(connection)
             if auth:  # a verified peer: recorded as a Link message that does not decode is
-                self._link.record_refusal(_ConnectionContext(writer, False, auth), str(exc))  # type: ignore[arg-type]
+                self._link.record_refusal(_ConnectionContext(connection, False, auth), str(exc))  # type: ignore[arg-type]
             return
-        context = _ConnectionContext(writer, bool(flags & FLAG_BATCHES), _auth_of(writer))
+        context = _ConnectionContext(connection, bool(flags & FLAG_BATCHES), _auth_of(connection))
         status = status_pb2.Status(code=0)
-        frames = _Frames(reader, self._link.max_message_bytes)
+        frames = _Frames(connection)
         try:
             # aclosing: a failed write ends the link server's generator now (its calls are cancelled there).
-            served: Any = self._link.serve(frames.read(), context, wire=True)  # type: ignore[arg-type]
+            served: Any = self._link.serve(frames.read(), context, encode=link_wire.pieces)  # type: ignore[arg-type]
             async with contextlib.aclosing(served) as answers:
-                async for message in answers:
-                    write_message(writer, message)
-                    await writer.drain()
+                async for pieces, size in answers:
+                    connection.send(pieces, size)
+                    await connection.drain()
         except _LinkAbortedError as aborted:
             status = status_pb2.Status(code=aborted.code.value[0], message=aborted.details)
-        except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
+        except (OSError, ssl.SSLError):
             return  # the connection broke: nobody to tell
         if frames.problem:  # recorded as a Link message that does not decode is (one decision, the sender's id)
             self._link.record_refusal(context, frames.problem)  # type: ignore[arg-type]
@@ -298,13 +289,14 @@ class DirectLinkListener:
         if not context.answered_preamble:
             await context.send_initial_metadata(())
         with contextlib.suppress(OSError, ssl.SSLError):
-            write_message(writer, status.SerializeToString(), status=True)
-            await writer.drain()
+            end = status.SerializeToString()
+            connection.send((end,), len(end), status=True)
+            await connection.drain()
         # Flush what is still buffered (the last answers, the end status) and close TLS properly: the abort in
         # `_accept`, the fallback, drops it, and the caller would count answered calls as failed.
-        writer.close()
+        connection.close()
         with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
-            await asyncio.wait_for(writer.wait_closed(), CLOSE_FLUSH_S)
+            await asyncio.wait_for(connection.wait_closed(), CLOSE_FLUSH_S)
 
     async def close(self, grace_s: float = CLOSE_GRACE_S) -> None:
         """Stop listening; let open links answer the calls they hold (the link server drains them) for up to

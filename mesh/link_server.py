@@ -352,14 +352,16 @@ class LinkServer:
                 open_link.out.put_nowait(_END)
 
     async def serve(
-        self, frames: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any], *, wire: bool = False
+        self, frames: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any], *, wire: bool = False,
+        encode: Callable[[Sequence[Outgoing]], Any] | None = None,
     ) -> AsyncIterator[Any]:
         """The Link method's behaviour: read call and cancel frames, yield answer frames until the caller closes
         its side and every call it sent has been answered (or the stream breaks, or the server drains).
 
         wire: the stream carries bytes both ways (`link_handler`); otherwise `LinkFrame` messages (a generated
-        servicer's Link). A message that does not decode ends the link INVALID_ARGUMENT once the calls it had
-        sent are answered."""
+        servicer's Link). encode, if given, makes what is yielded of each message's frames instead (a direct link
+        takes their pieces, `link_wire.pieces`). A message that does not decode ends the link INVALID_ARGUMENT once
+        the calls it had sent are answered."""
         state = _Open(self.max_open_calls)
         out, running, expired, put = state.out, state.running, state.expired, state.put
         loop = asyncio.get_running_loop()
@@ -423,7 +425,7 @@ class LinkServer:
             try:
                 async for message in frames:
                     try:
-                        received = (link_wire.read(message) if isinstance(message, bytes)
+                        received = (link_wire.read(message) if isinstance(message, (bytes, bytearray))
                                     else link_wire.frames_of(message))
                     except DecodeError as exc:
                         state.bad = f"a Link message does not decode as hivemesh.v1.LinkFrame ({exc})"
@@ -449,10 +451,11 @@ class LinkServer:
         reader = loop.create_task(read())
         reader.add_done_callback(_read_out)
         try:
+            if encode is None:
+                encode = link_wire.pack if wire else _as_message
             async for group in outgoing(out, _END, lambda: batches):
                 self.messages += 1
-                message = link_wire.pack(group)
-                yield message if wire else agent_pb2.LinkFrame.FromString(message)
+                yield encode(group)
                 state.written(group)
             if state.bad:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, state.bad)
@@ -461,6 +464,11 @@ class LinkServer:
             reader.cancel()
             for task in list(running.values()):
                 task.cancel()
+
+
+def _as_message(frames: Sequence[Outgoing]) -> Any:
+    """frames as the `LinkFrame` message a generated servicer's Link yields."""
+    return agent_pb2.LinkFrame.FromString(link_wire.pack(frames))
 
 
 def link_handler(server: LinkServer) -> grpc.RpcMethodHandler[Any, Any]:

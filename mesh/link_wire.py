@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from google.protobuf.message import DecodeError
 
@@ -104,15 +104,24 @@ def message_frame(frame: Any) -> Outgoing:
     return Outgoing(frame.id, (wire,), len(wire))
 
 
-def pack(frames: Sequence[Outgoing]) -> bytes:
-    """The one message that carries frames, in order: a lone frame as itself, several as a batch."""
+def pieces(frames: Sequence[Outgoing]) -> tuple[Sequence[bytes], int]:
+    """The pieces of the one message that carries frames, in order, and its size: a lone frame as itself, several
+    as a batch (a direct link sends them as they are, `mesh/link_conn.py`)."""
     if len(frames) == 1:
-        pieces = frames[0].pieces
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return frames[0].pieces, frames[0].size
     parts: list[bytes] = []
+    size = 0
     for frame in frames:
-        parts += (_BATCH, varint(frame.size), *frame.pieces)
-    return b"".join(parts)
+        head = _BATCH + varint(frame.size)
+        parts += (head, *frame.pieces)
+        size += len(head) + frame.size
+    return parts, size
+
+
+def pack(frames: Sequence[Outgoing]) -> bytes:
+    """The one message that carries frames, as one buffer (`pieces` joined)."""
+    parts = frames[0].pieces if len(frames) == 1 else pieces(frames)[0]
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 @dataclass(slots=True)
@@ -132,7 +141,7 @@ class Frame:
     trailing: tuple[tuple[str, str | bytes], ...] = ()
 
 
-def read_varint(data: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
+def read_varint(data: bytes | bytearray | memoryview, pos: int, end: int) -> tuple[int, int]:
     """(value, position after it), or (-1, pos) if no complete varint of at most _MAX_VARINT bytes is there."""
     if pos < end and data[pos] < 0x80:  # most of them: tags, small lengths and ids
         return data[pos], pos + 1
@@ -146,7 +155,7 @@ def read_varint(data: bytes | memoryview, pos: int, end: int) -> tuple[int, int]
     return -1, pos
 
 
-def lacks(data: bytes | memoryview, pos: int, end: int, number: int) -> bool:
+def lacks(data: bytes | bytearray | memoryview, pos: int, end: int, number: int) -> bool:
     """Whether data[pos:end] is whole fields, none of them field number (then protobuf keeps the value read
     before it). False for anything it cannot walk (a group, a cut field): protobuf then reads the whole message."""
     while pos < end:
@@ -205,7 +214,7 @@ def frames_of(message: Any) -> list[Frame]:
     return [_of_message(f) for f in batch] if batch else [_of_message(message)]
 
 
-def _answer(frame_id: int, data: bytes, pos: int, end: int) -> Frame | None:
+def _answer(frame_id: int, data: bytes | bytearray, view: memoryview, pos: int, end: int) -> Frame | None:
     """An answer body at data[pos:end] that carries only a response (an OK answer), or None."""
     if pos == end:
         return Frame(frame_id, "answer")
@@ -214,10 +223,10 @@ def _answer(frame_id: int, data: bytes, pos: int, end: int) -> Frame | None:
     size, start = read_varint(data, pos + 1, end)
     if size < 0 or start + size != end:
         return None
-    return Frame(frame_id, "answer", response=data[start:end])
+    return Frame(frame_id, "answer", response=bytes(view[start:end]))
 
 
-def _call(frame_id: int, data: bytes, view: memoryview, pos: int, end: int) -> Frame | None:
+def _call(frame_id: int, data: bytes | bytearray, view: memoryview, pos: int, end: int) -> Frame | None:
     """A call body at data[pos:end] whose request is its first field and large: the request as a view, the rest
     of the call (metadata, timeout) read by protobuf; else None."""
     if data[pos] != _REQUEST:
@@ -226,12 +235,12 @@ def _call(frame_id: int, data: bytes, view: memoryview, pos: int, end: int) -> F
     stop = start + size
     if size < BY_HAND or stop > end or not lacks(data, stop, end, 1):
         return None
-    rest = agent_pb2.LinkCall.FromString(data[stop:end])
+    rest = agent_pb2.LinkCall.FromString(_buffer(data[stop:end]))
     return Frame(frame_id, "call", view[start:stop], tuple([(h.key, h.value) for h in rest.metadata]),
                  rest.timeout_s)
 
 
-def _fast(data: bytes, view: memoryview, pos: int, end: int) -> Frame | None:
+def _fast(data: bytes | bytearray, view: memoryview, pos: int, end: int) -> Frame | None:
     """The frame at data[pos:end] if it is an id, then an answer that carries only its response or a call with
     a large request, read by hand; else None (protobuf reads it)."""
     frame_id, at = 0, pos
@@ -245,15 +254,20 @@ def _fast(data: bytes, view: memoryview, pos: int, end: int) -> Frame | None:
             size, start = read_varint(data, at + 1, end)
             if size >= 0 and start + size == end:
                 if tag == _ANSWER:
-                    return _answer(frame_id, data, start, end)
+                    return _answer(frame_id, data, view, start, end)
                 if start < end:
                     return _call(frame_id, data, view, start, end)
     return None
 
 
-def read(data: bytes) -> list[Frame]:
+def _buffer(data: bytes | bytearray) -> bytes:
+    """data for protobuf's parser, which reads any buffer (its stubs say bytes): not copied."""
+    return cast(bytes, data)
+
+
+def read(data: bytes | bytearray) -> list[Frame]:
     """The frames a Link message carries (its batch, or itself), as protobuf reads them. Raises DecodeError if
-    it is not a `LinkFrame`."""
+    it is not a `LinkFrame`. (A direct link hands over a large message in the buffer TLS decrypted it into.)"""
     end = len(data)
     view = memoryview(data)
     if end and data[0] == _BATCH[0]:
@@ -268,7 +282,7 @@ def read(data: bytes) -> list[Frame]:
             if frame is None:
                 if not frames:
                     break  # small calls (or anything else) from the first frame on: protobuf reads the whole message
-                frame = _of_message(agent_pb2.LinkFrame.FromString(data[start:stop]))  # protobuf reads this one
+                frame = _of_message(agent_pb2.LinkFrame.FromString(_buffer(data[start:stop])))  # protobuf reads it
             frames.append(frame)
             pos = stop
         if pos == end:
@@ -277,10 +291,10 @@ def read(data: bytes) -> list[Frame]:
         frame = _fast(data, view, 0, end)
         if frame is not None:
             return [frame]
-    return frames_of(agent_pb2.LinkFrame.FromString(data))
+    return frames_of(agent_pb2.LinkFrame.FromString(_buffer(data)))
 
 
 __all__ = [
     "BY_HAND", "DecodeError", "Frame", "Outgoing", "answer_frame", "call_frame", "frames_of", "lacks", "message_frame",
-    "pack", "read", "read_varint", "varint",
+    "pack", "pieces", "read", "read_varint", "varint",
 ]

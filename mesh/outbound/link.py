@@ -154,7 +154,10 @@ class _Link:
                 before = self._sent_through
                 self._sent_through = max(before, *(frame.id for frame in group))
                 try:
-                    await self._stream.write(link_wire.pack(group))
+                    if self.direct:
+                        await self._stream.write_frames(group)
+                    else:
+                        await self._stream.write(link_wire.pack(group))
                 except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
                     _let_go(exc)
                     self._sent_through = before  # refused by the core: this message never left

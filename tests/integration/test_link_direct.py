@@ -21,7 +21,8 @@ import pytest
 
 from hivemesh.controlplane.ca import init_ca, load_ca
 from hivemesh.mesh.errors import DeadlineExceededError, HivemeshError
-from hivemesh.mesh.link_direct import GO, PREAMBLE, DirectStream, client_context, split_address
+from hivemesh.mesh.link_conn import GO, PREAMBLE
+from hivemesh.mesh.link_direct import DirectStream, client_context, split_address
 from hivemesh.mesh.outbound.link import DIRECT_RETRY_S, LinkedInvoke
 from hivemesh.mesh.pki import load_cert
 from hivemesh.sdk import Agent, AgentServer, AgentServerConfig, MeshClient, capability

@@ -24,21 +24,14 @@ import pytest
 from google.rpc import status_pb2
 
 from hivemesh.controlplane.ca import init_ca, load_ca
-from hivemesh.mesh.link_direct import (
-    FLAG_BATCHES,
-    GO,
-    HEADER,
-    PREAMBLE,
-    STATUS_BIT,
-    client_context,
-    open_tls,
-    split_address,
-)
+from hivemesh.mesh.link_conn import FLAG_BATCHES, GO, HEADER, PREAMBLE, STATUS_BIT
+from hivemesh.mesh.link_direct import client_context, split_address
 from hivemesh.mesh.link_server import MAX_HELD_BYTES, MAX_OPEN_CALLS
 from hivemesh.mesh.outbound.link import LinkedInvoke
 from hivemesh.mesh.tls import MAX_MESSAGE_BYTES, Workload
 from hivemesh.sdk import Agent, AgentServer, AgentServerConfig, MeshClient, capability
 from hivemesh.v1 import agent_pb2
+from tests.support.links import raw_direct_tls
 from tests.support.meshenv import TRUST_DOMAIN
 from tests.support.orch_env import Orch
 from tests.support.waiting import until
@@ -182,7 +175,7 @@ async def _connect(rig: Rig, ctx: ssl.SSLContext, *, sni: str | None = "") -> tu
         asyncio.StreamReader, asyncio.StreamWriter]:
     """A TLS connection to the agent's direct port ("" SNI: the agent's DNS name; None: no SNI at all)."""
     host, port = rig.address
-    return await open_tls(host, port, ctx, rig.server_name if sni == "" else sni)
+    return await raw_direct_tls(host, port, ctx, rig.server_name if sni == "" else sni)
 
 
 async def _hello(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flags: int = FLAG_BATCHES) -> int:

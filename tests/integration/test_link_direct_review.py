@@ -24,7 +24,8 @@ import pytest
 
 from hivemesh.controlplane.ca import init_ca, load_ca
 from hivemesh.mesh import link_direct
-from hivemesh.mesh.link_direct import GO, HEADER, PREAMBLE, STATUS_BIT, client_context, split_address
+from hivemesh.mesh.link_conn import GO, HEADER, PREAMBLE, STATUS_BIT
+from hivemesh.mesh.link_direct import client_context, split_address
 from hivemesh.mesh.outbound.link import LinkedInvoke
 from hivemesh.mesh.tls import Workload
 from hivemesh.sdk import AgentServerConfig, MeshClient

@@ -7,8 +7,10 @@ call leaves, first let the caller move to it."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import Any
 
+from hivemesh.mesh.link_conn import GO
 from hivemesh.mesh.outbound.link import LinkedInvoke
 from hivemesh.sdk import MeshClient
 
@@ -45,3 +47,20 @@ async def settle_link(client: MeshClient, capability: str, payload: Any, *, boun
     state = None if invoke is None else (invoke._link and invoke._link.direct, invoke._direct_after,
                                          invoke._opening and invoke._opening.failure)
     raise AssertionError(f"the caller's link to {capability!r} did not settle (direct, retry after, failure: {state})")
+
+
+async def raw_direct_tls(host: str, port: int, context: ssl.SSLContext, server_hostname: str | None, *,
+                         timeout_s: float = 10.0) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TLS connection to a direct-link port made with asyncio's streams, not hivemesh's own connection: a peer
+    that speaks the wire (docs/any-language.md) as it likes, for tests that send what hivemesh's client never would.
+    TCP, the server's GO byte, then the handshake; raises what they raise."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+    try:
+        first = await asyncio.wait_for(reader.readexactly(1), timeout_s)
+        if first != GO:
+            raise AssertionError(f"the direct port's first byte is {first!r}, not GO")
+        await writer.start_tls(context, server_hostname=server_hostname, ssl_handshake_timeout=timeout_s)
+    except BaseException:
+        writer.transport.abort()
+        raise
+    return reader, writer
