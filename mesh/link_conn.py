@@ -45,7 +45,14 @@ JOIN_BELOW: Final = 4 * 1024
 own (22 bytes and a cipher call), where copying a short one costs less."""
 HIGH_WATER: Final = 1024 * 1024
 """Bytes of messages read and not yet taken by `read` above which reading pauses (TCP then holds the peer back);
-it resumes below half of it."""
+it resumes below half of it. Each message counts MESSAGE_COST more than its bytes."""
+MESSAGE_COST: Final = 128
+"""What a queued message holds beyond its bytes (its Python objects): a flood of empty messages (4 bytes on the wire
+each) pauses reading too, rather than queueing without bound."""
+
+FLUSH_SLACK: Final = 2 * 16 * 1024
+"""Room beyond the TLS layer's undecrypted bytes for its first read after a resume (see `get_buffer`): OpenSSL reads
+one record at a time (no read-ahead), so what it holds already is at most one record of up to 16 KiB."""
 
 _PREAMBLE_SIZE: Final = len(PREAMBLE) + 1
 
@@ -71,6 +78,9 @@ class LinkConnection(asyncio.BufferedProtocol):
         self._messages: collections.deque[tuple[bytearray | bytes, bool]] = collections.deque()
         self._queued = 0
         self._read_paused = False
+        self._resumed = False
+        """Reading was resumed and TLS has not asked for a buffer since (see `get_buffer`)."""
+        self._overflow: memoryview | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._failure: BaseException | None = None
         """Why reading stopped (a broken wire format, a lost connection): raised by `read` once the messages
@@ -91,13 +101,42 @@ class LinkConnection(asyncio.BufferedProtocol):
         self.attach(transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        buffer = self._buffer()
+        if self._resumed:
+            # The first read after a resume may be the TLS layer's last: when the peer's end arrived while reading
+            # was paused, CPython's sslproto reads into one buffer only, then shuts down (its flush). So that one
+            # read gets room for all it holds (sizehint: the bytes it has not decrypted, and OpenSSL may hold
+            # a record it has), copied in by `_take`.
+            self._resumed = False
+            if sizehint + FLUSH_SLACK > len(buffer):
+                self._overflow = memoryview(bytearray(sizehint + FLUSH_SLACK))
+                return self._overflow
+        return buffer
+
+    def _buffer(self) -> memoryview:
         if self._body_view is not None:
             return self._body_view[self._got:]
-        if self._end == len(self._scratch):  # only after a failure (bytes then discarded) or an unread preamble
-            self._start = self._end = 0
-        return self._view[self._end:]
+        return self._view[self._end:]  # never empty: see SCRATCH_BYTES (TLS would take no room for the end)
 
     def buffer_updated(self, nbytes: int) -> None:
+        overflow = self._overflow
+        if overflow is not None:
+            self._overflow = None
+            self._take(overflow[:nbytes])
+            return
+        self._updated(nbytes)
+
+    def _take(self, data: memoryview) -> None:
+        """data, as if TLS had decrypted it into the buffers `_buffer` gives."""
+        pos = 0
+        while pos < len(data):
+            buffer = self._buffer()
+            count = min(len(buffer), len(data) - pos)
+            buffer[:count] = data[pos:pos + count]
+            self._updated(count)
+            pos += count
+
+    def _updated(self, nbytes: int) -> None:
         if self._failure is not None:  # reading stopped: what still arrives is dropped
             self._start = self._end = 0
             return
@@ -161,7 +200,7 @@ class LinkConnection(asyncio.BufferedProtocol):
 
     def _deliver(self, message: bytearray | bytes, status: bool) -> None:
         self._messages.append((message, status))
-        self._queued += len(message)
+        self._queued += len(message) + MESSAGE_COST
         if self._queued > HIGH_WATER and not self._read_paused:
             self._read_paused = True
             if self._transport is not None:
@@ -250,17 +289,18 @@ class LinkConnection(asyncio.BufferedProtocol):
         that ended inside a message, or the error it was lost with."""
         while not self._messages:
             if self._failure is not None:
-                raise self._failure
+                raise self._failure.with_traceback(None)  # (raised again: its traceback would only grow)
             if self._eof:
                 if self._body is not None or self._end > self._start:
                     raise ConnectionResetError("the direct link's connection ended inside a message")
                 return None
             await self._wait()
         message, status = self._messages.popleft()
-        self._queued -= len(message)
+        self._queued -= len(message) + MESSAGE_COST
         if self._read_paused and self._queued <= HIGH_WATER // 2:
             self._read_paused = False
             if self._transport is not None and self._failure is None:
+                self._resumed = True
                 self._transport.resume_reading()
         return message, status
 
@@ -292,6 +332,8 @@ class LinkConnection(asyncio.BufferedProtocol):
     async def drain(self) -> None:
         """Wait until the transport's write buffer is below its high-water mark. ConnectionResetError once the
         connection is lost."""
+        if self.is_closing():
+            await asyncio.sleep(0)  # as StreamWriter.drain: a closing transport's loss may be about to arrive
         if self._lost:
             raise ConnectionResetError("the direct link's connection was lost")
         if not self._write_paused:
