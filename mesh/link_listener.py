@@ -360,11 +360,14 @@ async def open_direct_listener(
             raise
         if node.metrics is not None:
             node.metrics.watch_handshakes(handshakes)
+        node.status_extras.append(handshakes.add_to_status)  # `hivemesh status`: after the gRPC port's
 
     async def on_close() -> None:
         with contextlib.suppress(ValueError):
             node.workload_listeners.remove(listener.update_workload)
         if handshakes is not None:
+            with contextlib.suppress(ValueError):
+                node.status_extras.remove(handshakes.add_to_status)
             await handshakes.close()
 
     listener.on_close = on_close

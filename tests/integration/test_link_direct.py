@@ -179,6 +179,10 @@ async def test_the_direct_port_takes_only_a_client_certificate_of_the_mesh(orch:
 
     assert await until(lambda: len(refusals()) >= 3, 10), refusals()
     assert refusals() == ["TLS_CERT_MISSING", "TLS_CERT_MISSING", "TLS_CERT_UNTRUSTED"]
+    status = server.node._status_snapshot()  # what `hivemesh status` shows of the node: both ports' refusals
+    assert status.handshakes_refused == 3, status  # (this embedded agent's gRPC port is not audited: see below)
+    assert status.handshake_audit.startswith("off: not enabled in this process"), status.handshake_audit
+    assert status.handshake_audit.endswith(f"; port {port}: live"), status.handshake_audit
 
 
 async def test_a_caller_refuses_a_direct_port_that_presents_another_identity(orch: Orch) -> None:

@@ -145,6 +145,15 @@ class HandshakeAudit:
         status.handshake_audit = self.state
         status.handshakes_refused = self.recorded
 
+    def add_to_status(self, status: Any) -> None:
+        """Add the audit of another port of the node (its direct-link port) to a status `fill_status` filled: its
+        refusals to the count, and its state where it differs (an embedded agent's gRPC port may not be audited,
+        while its direct-link port, whose handshakes hivemesh makes itself, always is)."""
+        status.handshakes_refused += self.recorded
+        state = self.state
+        if state != status.handshake_audit:
+            status.handshake_audit = f"{status.handshake_audit or 'none'}; port {self.port}: {state}"
+
     def _proven(self) -> None:
         """The probe's report arrived (late ones too: a slow start is not a broken audit)."""
         self.active.set()
