@@ -40,6 +40,10 @@ CLOSE_GRACE_S = 5.0
 """How long `close` lets open links finish the calls they hold before it cuts them."""
 CLOSE_FLUSH_S = 5.0
 """How long a link that ended has to deliver its last bytes before its connection is cut."""
+MAX_HANDSHAKES = 256
+"""Connections at once between accept and a finished TLS handshake; one more is closed at once (and audited as a
+refused handshake). Anyone who reaches the port can hold one for the handshake timeout without a certificate: this
+bounds what they hold, while callers with one are unaffected (a handshake takes milliseconds)."""
 
 
 class _LinkAbortedError(Exception):
@@ -197,6 +201,9 @@ class DirectLinkListener:
         """Connections refused: a failed TLS handshake, or no preamble after it."""
         self.handshake_timeout_s = HANDSHAKE_TIMEOUT_S
         """How long a new connection has for its TLS handshake, and then for its preamble."""
+        self.max_handshakes = MAX_HANDSHAKES
+        self._handshaking: set[asyncio.Transport] = set()
+        """Connections accepted whose TLS handshake has not finished (see MAX_HANDSHAKES)."""
         self.handshake_events = DirectHandshakeEvents()
         """The failed handshakes, for a `HandshakeAudit` of this port."""
         self.on_close: Callable[[], Awaitable[None]] | None = None
@@ -217,7 +224,13 @@ class DirectLinkListener:
         self.port = int(self._server.sockets[0].getsockname()[1])
 
     def _accepted(self, transport: asyncio.Transport) -> None:
+        if len(self._handshaking) >= self.max_handshakes:
+            self._refused(transport, f"too many handshakes in progress ({self.max_handshakes})")
+            transport.abort()
+            return
+        self._handshaking.add(transport)
         task = asyncio.get_running_loop().create_task(self._accept(transport))
+        task.add_done_callback(lambda _: self._handshaking.discard(transport))  # (cancelled before it ran, too)
         self._connections.add(task)
         task.add_done_callback(self._connections.discard)
 
@@ -247,6 +260,7 @@ class DirectLinkListener:
             if tls is None:
                 self._refused(transport, "the connection closed during the handshake")
                 return
+            self._handshaking.discard(transport)
             connection.attach(tls)
             await self._serve(connection)
         finally:

@@ -580,6 +580,44 @@ async def test_a_bare_tcp_connection_that_never_starts_tls_is_dropped(rig: Rig) 
     await rig.still_serves()
 
 
+async def test_handshakes_in_progress_are_capped_and_the_one_over_is_closed_and_audited(rig: Rig) -> None:
+    """Connections that never finish TLS hold at most max_handshakes places; one more is closed at once, without
+    GO, and audited as a refused handshake; once they go, the port serves again."""
+    listener = rig.server._direct
+    assert listener is not None
+    listener.max_handshakes = 3
+    host, port = rig.address
+    held: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection(host, port)
+            held.append(writer)
+            assert await asyncio.wait_for(reader.readexactly(1), 10) == GO  # accepted: its handshake is pending
+        refused = listener.refused
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            got = await asyncio.wait_for(reader.read(64), 10)
+        except ConnectionResetError:
+            got = b""
+        finally:
+            _close(writer)
+        assert got == b"", f"the connection over the cap was served ({got!r})"
+        assert listener.refused == refused + 1
+    finally:
+        for w in held:
+            _close(w)
+
+    def full() -> list[dict[str, Any]]:
+        assert rig.server.audit is not None
+        return [r for r in (json.loads(x) for x in rig.server.audit.spool.lines())
+                if r.get("kind") == "handshake" and r.get("reason") == "TLS_HANDSHAKES_FULL"]
+
+    assert await until(lambda: len(full()) == 1, 10), full()
+    assert full()[0]["listener"].endswith(f":{port}"), full()
+    assert await until(rig.held_nothing, 10), "the held connections are still held"
+    await rig.still_serves()
+
+
 async def test_an_agent_stops_in_bounded_time_under_a_peer_that_holds_calls_and_reads_nothing(
     orch: Orch, tmp_path: Path
 ) -> None:

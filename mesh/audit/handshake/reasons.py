@@ -20,6 +20,8 @@ _REASONS: Final = (
      ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "HTTPS_PROXY_REQUEST")),
     ("TLS_HANDSHAKE_TIMEOUT", "deny", "the TLS handshake did not finish in time",
      ("Handshake timed out", "Deadline Exceeded", "DEADLINE_EXCEEDED")),
+    ("TLS_HANDSHAKES_FULL", "deny", "the port had as many handshakes in progress as it takes: the connection was "
+     "closed at once", ("too many handshakes in progress",)),
     ("TLS_CONNECTION_CLOSED", "error", "the client hung up during the TLS handshake",
      ("Socket closed", "Connection reset", "Broken pipe", "End of TCP stream", "UNEXPECTED_EOF", "EOF occurred")),
 )
