@@ -38,6 +38,10 @@ async def test_a_sidecar_process_serves_and_uses_direct_links(mesh_env: MeshEnv,
                 assert entry.link_endpoint == ready["link"]
                 invoke = await settle_link(client, "plain-echo", {"text": "hi"})  # raises unless it went direct
                 assert invoke is not None and invoke._link is not None and invoke._link.direct
+                for n in range(5):  # large payloads: written as pieces, read into buffers of their own, on uvloop
+                    big = {"text": f"{n}" + "x" * (100_000 + n * 7_000)}
+                    assert (await client.call("plain-echo", big, timeout=15))["text"] == big["text"]
+                assert invoke._link is not None and invoke._link.direct and not invoke._link.broken
 
             # The sidecar's outbound calls (a local caller's Mesh.Call of `echo`) go to the SDK agent's direct port.
             listener = echo_agent._direct
@@ -51,6 +55,13 @@ async def test_a_sidecar_process_serves_and_uses_direct_links(mesh_env: MeshEnv,
                     if await until(lambda: bool(listener._connections), 0.05):
                         break
             assert listener._connections, "the sidecar's calls never went over the agent's direct link"
+            async with grpc.aio.insecure_channel(ready["mesh"]) as channel:
+                call = mesh_pb2_grpc.MeshStub(channel).Call
+                for n in range(5):  # the sidecar forwards a large request (a view of what it read) as pieces
+                    text = f"{n}" + "y" * (90_000 + n * 11_000)
+                    resp = await call(agent_pb2.InvokeRequest(capability="echo", input=json.dumps(
+                        {"text": text}).encode(), content_type="application/json"), timeout=15)
+                    assert json.loads(resp.output)["text"] == text
             assert listener.refused == 0  # no handshake failed (its audit is off here: no probe either)
         finally:
             await stop(proc)
