@@ -179,7 +179,7 @@ class LinkConnection(asyncio.BufferedProtocol):
             have = end - pos - HEADER.size
             if have >= length:
                 pos += HEADER.size
-                self._deliver(bytes(data[pos:pos + length]), status)
+                self._deliver(bytes(self._view[pos:pos + length]), status)  # (one copy: a bytearray slice is one)
                 pos += length
                 continue
             if length >= BODY_MIN:  # the rest of it is decrypted straight into its own buffer
@@ -193,7 +193,7 @@ class LinkConnection(asyncio.BufferedProtocol):
             self._start = self._end = 0
         elif pos:  # a part of a small message: moved to the front, where the scratch buffer has room for it all
             left = end - pos
-            data[:left] = self._view[pos:end]
+            data[:left] = bytes(self._view[pos:end])  # (copied first: the two ranges may overlap)
             self._start, self._end = 0, left
         else:
             self._start = pos
