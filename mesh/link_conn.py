@@ -4,10 +4,13 @@ its TLS transport.
 This is an asyncio buffered protocol rather than a StreamReader. perf of `bench/peers.py`'s agent at 64 KiB and 16
 in flight found copying 16% of its CPU, and a StreamReader copies each message three times after TLS has decrypted
 it: into a chunk joined for `data_received`, into its buffer, and out of it by `readexactly` (with the rest of the
-buffer moved down). Here TLS decrypts a large message (`BODY_MIN` bytes or more) straight into a buffer of its
-own, which is handed over as it is; smaller ones are decrypted into a scratch buffer and copied out once. Writing,
-a message's pieces (`mesh/link_wire.py` writes a large payload as a piece of its own, not copied into the frame)
-go to TLS as they are, in one transport write: one socket write, not one for the length and one for the body.
+buffer moved down). Here TLS decrypts into a buffer this class gives it, with room for everything TLS holds (its
+TLS layer may not ask again before it shuts down, at a peer's close): the rest of a large message being read,
+when it has that room; else a chunk, whose whole large messages are handed over as views of it, the message it
+ends inside going on in a buffer of its own (`BODY_MIN` bytes or more: TLS decrypts the rest of it there) or the
+scratch buffer (small ones, copied out once). Writing, a message's pieces (`mesh/link_wire.py` writes a large
+payload as a piece of its own, not copied into the frame) go to TLS as they are, in one transport write: one
+socket write, not one for the length and one for the body.
 
 The preamble (`read_preamble`) and each length are checked as they arrive: a bad preamble, a message over the
 limit or a server's end status from a client stop the reading and fail the next `read`."""
@@ -27,6 +30,10 @@ FLAG_BATCHES: Final = 1
 HEADER: Final = struct.Struct(">I")
 STATUS_BIT: Final = 0x8000_0000
 """Set in a length: the message is the link's end status, the server's last."""
+
+
+Message = bytes | bytearray | memoryview
+"""A message read: a small one as bytes, a large one in its own buffer or a view of the chunk it was read with."""
 
 
 class LinkProtocolError(Exception):
@@ -51,8 +58,16 @@ MESSAGE_COST: Final = 128
 each) pauses reading too, rather than queueing without bound."""
 
 FLUSH_SLACK: Final = 2 * 16 * 1024
-"""Room beyond the TLS layer's undecrypted bytes for its first read after a resume (see `get_buffer`): OpenSSL reads
-one record at a time (no read-ahead), so what it holds already is at most one record of up to 16 KiB."""
+"""Room beyond the TLS layer's undecrypted bytes in every buffer it is given (see `get_buffer`): OpenSSL reads one
+record at a time (no read-ahead), so what it holds decrypted already is at most one record of up to 16 KiB."""
+
+CHUNK_MIN: Final = 64 * 1024
+"""The smallest chunk allocated (kept for the next read while no message handed over is a view of it)."""
+SPARE_MAX: Final = 1024 * 1024
+"""A chunk larger than this is not kept for the next read."""
+VIEW_MIN: Final = 16 * 1024
+"""Whole messages of at least this size in a chunk are handed over as views of it, smaller ones copied: a view keeps
+the whole chunk alive, so a small one would hold up to CHUNK_MIN + FLUSH_SLACK for a few bytes."""
 
 _PREAMBLE_SIZE: Final = len(PREAMBLE) + 1
 
@@ -75,12 +90,13 @@ class LinkConnection(asyncio.BufferedProtocol):
         self._body_length = 0
         self._body_status = False
         self._preamble: bytes | None = None
-        self._messages: collections.deque[tuple[bytearray | bytes, bool]] = collections.deque()
+        self._messages: collections.deque[tuple[Message, bool]] = collections.deque()
         self._queued = 0
         self._read_paused = False
-        self._resumed = False
-        """Reading was resumed and TLS has not asked for a buffer since (see `get_buffer`)."""
-        self._overflow: memoryview | None = None
+        self._chunk: bytearray | None = None
+        """The chunk `get_buffer` last gave (when the message being read, or the scratch buffer, had no room)."""
+        self._spare: bytearray | None = None
+        """A chunk nothing handed over refers to, for the next one."""
         self._waiter: asyncio.Future[None] | None = None
         self._failure: BaseException | None = None
         """Why reading stopped (a broken wire format, a lost connection): raised by `read` once the messages
@@ -101,17 +117,22 @@ class LinkConnection(asyncio.BufferedProtocol):
         self.attach(transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        # The TLS layer may not ask again before it shuts down: at the peer's end (close_notify, then the TCP end at
+        # once, as Go's and rustls' TLS close), asyncio's and uvloop's TLS layers read into one more buffer only,
+        # then drop what they still hold. So TLS always gets room for all it holds: sizehint (the bytes it has not
+        # decrypted; a little more in uvloop) and a record OpenSSL may hold decrypted. When the message being read
+        # has that room, TLS decrypts into it; else into a chunk (`_take`).
+        if self._chunk is not None:  # given last time and not used (TLS had nothing to decrypt): kept for next time
+            self._spare, self._chunk = self._chunk, None
         buffer = self._buffer()
-        if self._resumed:
-            # The first read after a resume may be the TLS layer's last: when the peer's end arrived while reading
-            # was paused, CPython's sslproto reads into one buffer only, then shuts down (its flush). So that one
-            # read gets room for all it holds (sizehint: the bytes it has not decrypted, and OpenSSL may hold
-            # a record it has), copied in by `_take`.
-            self._resumed = False
-            if sizehint + FLUSH_SLACK > len(buffer):
-                self._overflow = memoryview(bytearray(sizehint + FLUSH_SLACK))
-                return self._overflow
-        return buffer
+        need = sizehint + FLUSH_SLACK
+        if need <= len(buffer):
+            return buffer
+        chunk = self._spare
+        if chunk is None or len(chunk) < need:
+            chunk = bytearray(max(need, CHUNK_MIN))
+        self._spare, self._chunk = None, chunk
+        return memoryview(chunk)[:need]
 
     def _buffer(self) -> memoryview:
         if self._body_view is not None:
@@ -119,22 +140,55 @@ class LinkConnection(asyncio.BufferedProtocol):
         return self._view[self._end:]  # never empty: see SCRATCH_BYTES (TLS would take no room for the end)
 
     def buffer_updated(self, nbytes: int) -> None:
-        overflow = self._overflow
-        if overflow is not None:
-            self._overflow = None
-            self._take(overflow[:nbytes])
+        chunk = self._chunk
+        if chunk is None:
+            self._updated(nbytes)
             return
-        self._updated(nbytes)
+        self._chunk = None
+        if not self._take(memoryview(chunk)[:nbytes]) and len(chunk) <= SPARE_MAX:
+            self._spare = chunk  # nothing handed over refers to it: the next chunk
 
-    def _take(self, data: memoryview) -> None:
-        """data, as if TLS had decrypted it into the buffers `_buffer` gives."""
-        pos = 0
-        while pos < len(data):
+    def _take(self, data: memoryview) -> bool:
+        """data (a chunk TLS decrypted into, `get_buffer`): whole large messages in it are handed over as views of it
+        (smaller ones copied), and the rest goes through the buffers `_buffer` gives, as if TLS had decrypted it
+        there (the end of the message being read, and the start of one the chunk ends inside). Whether a view of
+        the chunk was handed over."""
+        pos, end = 0, len(data)
+        viewed = False
+        while pos < end:
+            if self._failure is not None:
+                break
+            if self._body is None and self._start == self._end and self._preamble is not None:
+                pos, sliced = self._slice(data, pos, end)  # at a message's start, with nothing kept
+                viewed = viewed or sliced
+                if pos == end:
+                    break
             buffer = self._buffer()
-            count = min(len(buffer), len(data) - pos)
+            count = min(len(buffer), end - pos)
             buffer[:count] = data[pos:pos + count]
             self._updated(count)
             pos += count
+        return viewed
+
+    def _slice(self, data: memoryview, pos: int, end: int) -> tuple[int, bool]:
+        """Hand over the whole messages in data from pos (a message's start): the position of the first that is not
+        whole (or end), and whether one was handed over as a view of data."""
+        viewed = False
+        while end - pos >= HEADER.size:
+            (length,) = HEADER.unpack_from(data, pos)
+            status = bool(length & STATUS_BIT)
+            length &= ~STATUS_BIT
+            if length > self._limit or end - pos - HEADER.size < length:
+                break  # (an over-limit length fails in `_parse`, from the scratch buffer)
+            pos += HEADER.size
+            message = data[pos:pos + length]
+            if length >= VIEW_MIN:
+                self._deliver(message, status)
+                viewed = True
+            else:
+                self._deliver(bytes(message), status)
+            pos += length
+        return pos, viewed
 
     def _updated(self, nbytes: int) -> None:
         if self._failure is not None:  # reading stopped: what still arrives is dropped
@@ -198,7 +252,7 @@ class LinkConnection(asyncio.BufferedProtocol):
         else:
             self._start = pos
 
-    def _deliver(self, message: bytearray | bytes, status: bool) -> None:
+    def _deliver(self, message: Message, status: bool) -> None:
         self._messages.append((message, status))
         self._queued += len(message) + MESSAGE_COST
         if self._queued > HIGH_WATER and not self._read_paused:
@@ -283,7 +337,7 @@ class LinkConnection(asyncio.BufferedProtocol):
             raise LinkProtocolError("the peer did not open the direct link with its preamble")
         return self._preamble[-1]
 
-    async def read(self) -> tuple[bytearray | bytes, bool] | None:
+    async def read(self) -> tuple[Message, bool] | None:
         """The next message and whether it is the end status; None at a clean end of the connection (no bytes of a
         next message). Raises LinkProtocolError for a broken wire format, ConnectionResetError for a connection
         that ended inside a message, or the error it was lost with."""
@@ -300,7 +354,6 @@ class LinkConnection(asyncio.BufferedProtocol):
         if self._read_paused and self._queued <= HIGH_WATER // 2:
             self._read_paused = False
             if self._transport is not None and self._failure is None:
-                self._resumed = True
                 self._transport.resume_reading()
         return message, status
 

@@ -40,7 +40,7 @@ import grpc
 from google.rpc import status_pb2
 
 from hivemesh.mesh import link_wire
-from hivemesh.mesh.link_conn import FLAG_BATCHES, GO, PREAMBLE, LinkConnection, LinkProtocolError
+from hivemesh.mesh.link_conn import FLAG_BATCHES, GO, PREAMBLE, LinkConnection, LinkProtocolError, Message
 from hivemesh.mesh.link_context import status_code
 from hivemesh.mesh.link_frames import BATCH_ANNOUNCE
 from hivemesh.mesh.link_wire import Outgoing
@@ -216,7 +216,7 @@ class DirectStream:
     def __aiter__(self) -> DirectStream:
         return self
 
-    async def __anext__(self) -> bytes | bytearray:
+    async def __anext__(self) -> Message:
         await self._open
         connection = self._connection
         assert connection is not None
@@ -229,7 +229,7 @@ class DirectStream:
         message, is_status = got
         if not is_status:
             return message
-        status = status_pb2.Status.FromString(message)
+        status = status_pb2.Status.FromString(bytes(message))  # (the end status: a few bytes)
         if status.code == 0:
             raise StopAsyncIteration
         raise grpc.aio.AioRpcError(status_code(status.code), grpc.aio.Metadata(), grpc.aio.Metadata(),

@@ -24,7 +24,7 @@ from hivemesh.mesh import link_wire
 from hivemesh.mesh.audit.handshake.audit import HandshakeAudit
 from hivemesh.mesh.audit.handshake.events import HandshakeFailure, Listener
 from hivemesh.mesh.env_switch import env_switch
-from hivemesh.mesh.link_conn import FLAG_BATCHES, GO, PREAMBLE, LinkConnection, LinkProtocolError
+from hivemesh.mesh.link_conn import FLAG_BATCHES, GO, PREAMBLE, LinkConnection, LinkProtocolError, Message
 from hivemesh.mesh.link_direct import HANDSHAKE_TIMEOUT_S, server_context, tune_socket
 from hivemesh.mesh.link_frames import BATCH_ANNOUNCE
 from hivemesh.mesh.link_server import LinkServer
@@ -104,7 +104,7 @@ class _Frames:
         self._connection = connection
         self.problem = ""
 
-    async def read(self) -> AsyncIterator[bytes | bytearray]:
+    async def read(self) -> AsyncIterator[Message]:
         while True:
             try:
                 got = await self._connection.read()

@@ -425,7 +425,7 @@ class LinkServer:
             try:
                 async for message in frames:
                     try:
-                        received = (link_wire.read(message) if isinstance(message, (bytes, bytearray))
+                        received = (link_wire.read(message) if isinstance(message, (bytes, bytearray, memoryview))
                                     else link_wire.frames_of(message))
                     except DecodeError as exc:
                         state.bad = f"a Link message does not decode as hivemesh.v1.LinkFrame ({exc})"

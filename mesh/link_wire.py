@@ -214,7 +214,7 @@ def frames_of(message: Any) -> list[Frame]:
     return [_of_message(f) for f in batch] if batch else [_of_message(message)]
 
 
-def _answer(frame_id: int, data: bytes | bytearray, view: memoryview, pos: int, end: int) -> Frame | None:
+def _answer(frame_id: int, data: bytes | bytearray | memoryview, view: memoryview, pos: int, end: int) -> Frame | None:
     """An answer body at data[pos:end] that carries only a response (an OK answer), or None."""
     if pos == end:
         return Frame(frame_id, "answer")
@@ -226,7 +226,7 @@ def _answer(frame_id: int, data: bytes | bytearray, view: memoryview, pos: int, 
     return Frame(frame_id, "answer", response=bytes(view[start:end]))
 
 
-def _call(frame_id: int, data: bytes | bytearray, view: memoryview, pos: int, end: int) -> Frame | None:
+def _call(frame_id: int, data: bytes | bytearray | memoryview, view: memoryview, pos: int, end: int) -> Frame | None:
     """A call body at data[pos:end] whose request is its first field and large: the request as a view, the rest
     of the call (metadata, timeout) read by protobuf; else None."""
     if data[pos] != _REQUEST:
@@ -240,7 +240,7 @@ def _call(frame_id: int, data: bytes | bytearray, view: memoryview, pos: int, en
                  rest.timeout_s)
 
 
-def _fast(data: bytes | bytearray, view: memoryview, pos: int, end: int) -> Frame | None:
+def _fast(data: bytes | bytearray | memoryview, view: memoryview, pos: int, end: int) -> Frame | None:
     """The frame at data[pos:end] if it is an id, then an answer that carries only its response or a call with
     a large request, read by hand; else None (protobuf reads it)."""
     frame_id, at = 0, pos
@@ -260,12 +260,12 @@ def _fast(data: bytes | bytearray, view: memoryview, pos: int, end: int) -> Fram
     return None
 
 
-def _buffer(data: bytes | bytearray) -> bytes:
+def _buffer(data: bytes | bytearray | memoryview) -> bytes:
     """data for protobuf's parser, which reads any buffer (its stubs say bytes): not copied."""
     return cast(bytes, data)
 
 
-def read(data: bytes | bytearray) -> list[Frame]:
+def read(data: bytes | bytearray | memoryview) -> list[Frame]:
     """The frames a Link message carries (its batch, or itself), as protobuf reads them. Raises DecodeError if
     it is not a `LinkFrame`. (A direct link hands over a large message in the buffer TLS decrypted it into.)"""
     end = len(data)

@@ -51,16 +51,15 @@ def _message(size: int, seed: int) -> bytes:
 
 
 def _feed(connection: LinkConnection, data: bytes, cuts: list[int]) -> None:
-    """data given to connection as TLS gives it: into the buffer it asks for, at most to each cut."""
+    """data given to connection as TLS gives it: up to each cut at a time (what TLS holds, its sizehint), into the
+    buffer it asks for, which must have room for it all (TLS may not ask again: see `get_buffer`)."""
     pos = 0
     for cut in [*sorted(c for c in cuts if 0 < c < len(data)), len(data)]:
-        while pos < cut:
-            buf = connection.get_buffer(-1)
-            assert len(buf) > 0, "a buffer with no room (TLS would take it for the end of the stream)"
-            n = min(len(buf), cut - pos)
-            buf[:n] = data[pos:pos + n]
-            connection.buffer_updated(n)
-            pos += n
+        buf = connection.get_buffer(cut - pos)
+        assert len(buf) >= cut - pos, f"a buffer of {len(buf)} bytes for the {cut - pos} TLS holds"
+        buf[:cut - pos] = data[pos:cut]
+        connection.buffer_updated(cut - pos)
+        pos = cut
 
 
 async def _drain(connection: LinkConnection, count: int) -> list[tuple[bytes, bool]]:
@@ -99,6 +98,19 @@ async def test_cut_at_every_byte_of_small_messages() -> None:
         _feed(connection, data, list(range(step, len(data), step)))
         assert await connection.read_preamble(1) == 1
         assert await _drain(connection, len(messages)) == messages
+
+
+async def test_a_buffer_asked_for_and_not_used_leaves_no_trace() -> None:
+    """TLS asks for a buffer even when it then has nothing to decrypt (uvloop always; asyncio's gets SSLWantRead):
+    what it decrypts into the next one is what arrives."""
+    connection = LinkConnection(LIMIT)
+    _feed(connection, PREAMBLE + b"\x01", [])
+    assert await connection.read_preamble(1) == 1
+    big = _message(64 * 1024, 9)
+    for sizehint in (4 * 1024 * 1024, 10, 0):
+        connection.get_buffer(sizehint)  # and no buffer_updated
+    _feed(connection, HEADER.pack(5) + b"hello" + HEADER.pack(len(big)) + big, [3, 9, 100])
+    assert await _drain(connection, 2) == [(b"hello", False), (big, False)]
 
 
 async def test_a_bad_preamble_is_refused() -> None:
