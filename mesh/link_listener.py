@@ -201,6 +201,7 @@ class DirectLinkListener:
         """Connections refused: a failed TLS handshake, or no preamble after it."""
         self.handshake_timeout_s = HANDSHAKE_TIMEOUT_S
         """How long a new connection has for its TLS handshake, and then for its preamble."""
+        self._closing = False
         self.max_handshakes = MAX_HANDSHAKES
         self._handshaking: set[asyncio.Transport] = set()
         """Connections accepted whose TLS handshake has not finished (see MAX_HANDSHAKES)."""
@@ -224,6 +225,9 @@ class DirectLinkListener:
         self.port = int(self._server.sockets[0].getsockname()[1])
 
     def _accepted(self, transport: asyncio.Transport) -> None:
+        if self._closing:  # accepted as the port closed: `close` would not see its task
+            transport.abort()
+            return
         if len(self._handshaking) >= self.max_handshakes:
             self._refused(transport, f"too many handshakes in progress ({self.max_handshakes})")
             transport.abort()
@@ -238,6 +242,7 @@ class DirectLinkListener:
         loop = asyncio.get_running_loop()
         connection = LinkConnection(self._link.max_message_bytes)
         tls: asyncio.Transport | None = None
+        handshake: asyncio.Task[Any] | None = None
         accepting = transport.get_protocol()
         try:
             try:
@@ -264,6 +269,8 @@ class DirectLinkListener:
             connection.attach(tls)
             await self._serve(connection)
         finally:
+            if handshake is not None and not handshake.done():  # cancelled before it was awaited
+                handshake.cancel()
             (tls or transport).abort()
 
     def _refused(self, transport: asyncio.BaseTransport, error: str) -> None:
@@ -315,6 +322,7 @@ class DirectLinkListener:
     async def close(self, grace_s: float = CLOSE_GRACE_S) -> None:
         """Stop listening; let open links answer the calls they hold (the link server drains them) for up to
         grace_s, then cut them."""
+        self._closing = True
         if self.on_close is not None:
             await self.on_close()
             self.on_close = None

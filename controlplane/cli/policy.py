@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
@@ -174,6 +175,18 @@ def _plain(message: Message) -> dict[str, Any]:
     return out
 
 
+def _audit_colour(state: str) -> str:
+    """A node's handshake audit state (its gRPC port's, then "; port N: <state>" for another port whose state
+    differs): red where one is off, yellow where one is still starting, green when all are live."""
+    states = [state.split("; port ", 1)[0], *_OTHER_PORT.findall(state)]
+    if any(one.startswith("off") or one == "none" for one in states):
+        return "red"
+    return "yellow" if "starting" in states else "green"
+
+
+_OTHER_PORT = re.compile(r"; port \d+: (off|starting|live)")
+
+
 def _short(identity: str) -> str:
     return "/".join(identity.split("/")[-2:])
 
@@ -233,7 +246,7 @@ def status(obj: CliContext, as_json: bool) -> None:
     if audited:
         tls = new_table("node", "TLS handshake audit", "refusals on record")
         for n in audited:
-            colour = "green" if n.handshake_audit == "live" else "yellow" if n.handshake_audit == "starting" else "red"
+            colour = _audit_colour(n.handshake_audit)
             tls.add_row(f"{_short(n.identity)} ({n.instance})", Text(n.handshake_audit, style=colour),
                         str(n.handshakes_refused))
         out.print(tls)
