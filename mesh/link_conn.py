@@ -63,11 +63,11 @@ record at a time (no read-ahead), so what it holds decrypted already is at most 
 
 CHUNK_MIN: Final = 64 * 1024
 """The smallest chunk allocated (kept for the next read while no message handed over is a view of it)."""
-SPARE_MAX: Final = 1024 * 1024
-"""A chunk larger than this is not kept for the next read."""
+SPARE_MAX: Final = 128 * 1024
+"""A chunk larger than this is not kept for the next read (each connection may keep one while it lives)."""
 VIEW_MIN: Final = 16 * 1024
-"""Whole messages of at least this size in a chunk are handed over as views of it, smaller ones copied: a view keeps
-the whole chunk alive, so a small one would hold up to CHUNK_MIN + FLUSH_SLACK for a few bytes."""
+"""Whole messages of at least this size in a chunk may be handed over as views of it, smaller ones are copied: a
+view keeps the whole chunk alive (see `_slice`)."""
 
 _PREAMBLE_SIZE: Final = len(PREAMBLE) + 1
 
@@ -81,6 +81,7 @@ class LinkConnection(asyncio.BufferedProtocol):
     def __init__(self, limit: int) -> None:
         self._limit = limit
         self._transport: Any = None  # uvloop's transports are not asyncio's classes (mesh/loop.py)
+        self._tcp: Any = None
         self._scratch = bytearray(SCRATCH_BYTES)
         self._view = memoryview(self._scratch)
         self._start = self._end = 0
@@ -108,9 +109,14 @@ class LinkConnection(asyncio.BufferedProtocol):
         self._lost = False
 
     # ---- the transport's side ----------------------------------------------------------------------------------
-    def attach(self, transport: Any) -> None:
+    def attach(self, transport: Any, tcp: Any = None) -> None:
+        """transport: the TLS transport `start_tls` returned; tcp: the connection's own, under it (paused and
+        resumed for flow control, see `_deliver`)."""
         self._transport = transport
-        if self._read_paused or self._failure is not None:
+        self._tcp = transport if tcp is None else tcp
+        if self._read_paused:
+            self._tcp.pause_reading()
+        if self._failure is not None:
             transport.pause_reading()
 
     def connection_made(self, transport: Any) -> None:
@@ -172,8 +178,10 @@ class LinkConnection(asyncio.BufferedProtocol):
 
     def _slice(self, data: memoryview, pos: int, end: int) -> tuple[int, bool]:
         """Hand over the whole messages in data from pos (a message's start): the position of the first that is not
-        whole (or end), and whether one was handed over as a view of data."""
-        viewed = False
+        whole (or end), and whether one was handed over as a view of data. Views only when messages of VIEW_MIN or
+        more make at least half the chunk, so that what a view keeps alive is at most about twice what it holds."""
+        whole: list[tuple[int, int, bool]] = []
+        large = 0
         while end - pos >= HEADER.size:
             (length,) = HEADER.unpack_from(data, pos)
             status = bool(length & STATUS_BIT)
@@ -181,14 +189,15 @@ class LinkConnection(asyncio.BufferedProtocol):
             if length > self._limit or end - pos - HEADER.size < length:
                 break  # (an over-limit length fails in `_parse`, from the scratch buffer)
             pos += HEADER.size
-            message = data[pos:pos + length]
+            whole.append((pos, length, status))
             if length >= VIEW_MIN:
-                self._deliver(message, status)
-                viewed = True
-            else:
-                self._deliver(bytes(message), status)
+                large += length
             pos += length
-        return pos, viewed
+        views = large > 0 and 2 * large >= len(data.obj)  # type: ignore[arg-type]  # (the chunk, a bytearray)
+        for at, length, status in whole:
+            message = data[at:at + length]
+            self._deliver(message if views and length >= VIEW_MIN else bytes(message), status)
+        return pos, views
 
     def _updated(self, nbytes: int) -> None:
         if self._failure is not None:  # reading stopped: what still arrives is dropped
@@ -255,10 +264,15 @@ class LinkConnection(asyncio.BufferedProtocol):
     def _deliver(self, message: Message, status: bool) -> None:
         self._messages.append((message, status))
         self._queued += len(message) + MESSAGE_COST
-        if self._queued > HIGH_WATER and not self._read_paused:
+        if self._queued > HIGH_WATER:
+            # The TCP connection's reading is paused, not the TLS layer's: uvloop's TLS layer goes on reading TCP
+            # under a paused application, and drops what it holds at the peer's TCP end (a proper close from Go's
+            # or rustls' TLS: close_notify, then the end at once). Paused under TLS, the end waits with the bytes
+            # before it. Paused again at each message while over: the TLS layer resumes TCP itself at times (while
+            # its own writing is paused).
             self._read_paused = True
-            if self._transport is not None:
-                self._transport.pause_reading()
+            if self._tcp is not None:
+                self._tcp.pause_reading()
         self._wake()
 
     def _fail(self, failure: BaseException) -> None:
@@ -353,8 +367,8 @@ class LinkConnection(asyncio.BufferedProtocol):
         self._queued -= len(message) + MESSAGE_COST
         if self._read_paused and self._queued <= HIGH_WATER // 2:
             self._read_paused = False
-            if self._transport is not None and self._failure is None:
-                self._transport.resume_reading()
+            if self._tcp is not None and self._failure is None:
+                self._tcp.resume_reading()
         return message, status
 
     def send(self, pieces: Sequence[bytes], size: int, *, status: bool = False) -> None:

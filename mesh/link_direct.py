@@ -144,7 +144,7 @@ async def open_tls(
     if tls is None:  # the connection closed during the handshake
         transport.abort()
         raise ConnectionResetError("the peer closed the connection during the TLS handshake")
-    connection.attach(tls)
+    connection.attach(tls, transport)
     return connection
 
 

@@ -266,7 +266,7 @@ class DirectLinkListener:
                 self._refused(transport, "the connection closed during the handshake")
                 return
             self._handshaking.discard(transport)
-            connection.attach(tls)
+            connection.attach(tls, transport)
             await self._serve(connection)
         finally:
             if handshake is not None and not handshake.done():  # cancelled before it was awaited
