@@ -71,6 +71,21 @@ async def _drain(connection: LinkConnection, count: int) -> list[tuple[bytes, bo
     return out
 
 
+async def _read_all(connection: LinkConnection, count: int) -> tuple[list[tuple[bytes, bool]], str]:
+    """Up to count messages, until a clean end or a broken connection: what came, and how it stopped ("all", "a clean
+    end", or the error)."""
+    got: list[tuple[bytes, bool]] = []
+    try:
+        for _ in range(count):
+            one = await asyncio.wait_for(connection.read(), 10)
+            if one is None:
+                return got, "a clean end"
+            got.append((bytes(one[0]), one[1]))
+    except OSError as exc:
+        return got, repr(exc)
+    return got, "all"
+
+
 SIZES = [0, 1, 3, 200, BODY_MIN - 5, BODY_MIN - 4, BODY_MIN - 1, BODY_MIN, BODY_MIN + 1, SCRATCH_BYTES - 4,
          SCRATCH_BYTES, 64 * 1024, BODY_EAGER + 17]
 

@@ -32,7 +32,7 @@ import pytest
 from hivemesh.mesh import loop as mesh_loop
 from hivemesh.mesh.link_conn import GO, HEADER, HIGH_WATER, LinkConnection
 from hivemesh.mesh.link_direct import client_context, open_tls, server_context
-from tests.integration.test_link_conn import SERVER_NAME, _drain, _message, _pair, _wire, _workloads
+from tests.integration.test_link_conn import SERVER_NAME, _drain, _message, _pair, _read_all, _wire, _workloads
 from tests.integration.test_link_direct_hostile import Rig, _call, _close, _open, _read_to_end, _send
 from tests.integration.test_link_direct_hostile import rig as rig  # the fixture
 from tests.support.waiting import until
@@ -114,17 +114,7 @@ async def _client_sees_a_proper_close(tmp: Path, sizes: list[int]) -> tuple[int,
         assert await until(done.is_set, 10), "the peer never closed"
         await until(lambda: client is not None and client.lost, 2)  # uvloop: the EOF ends it at once
         await client.read_preamble(10)
-        got: list[tuple[bytes, bool]] = []
-        how = "all"
-        try:
-            for _ in messages:
-                one = await asyncio.wait_for(client.read(), 10)
-                if one is None:
-                    how = "a clean end"
-                    break
-                got.append((bytes(one[0]), one[1]))
-        except OSError as exc:
-            how = repr(exc)
+        got, how = await _read_all(client, len(messages))
         return len(got), len(messages), how
     finally:
         if client is not None:
