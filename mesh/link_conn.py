@@ -129,7 +129,9 @@ class LinkConnection(asyncio.BufferedProtocol):
         # decrypted; a little more in uvloop) and a record OpenSSL may hold decrypted. When the message being read
         # has that room, TLS decrypts into it; else into a chunk (`_take`).
         if self._chunk is not None:  # given last time and not used (TLS had nothing to decrypt): kept for next time
-            self._spare, self._chunk = self._chunk, None
+            if len(self._chunk) <= SPARE_MAX:
+                self._spare = self._chunk
+            self._chunk = None
         buffer = self._buffer()
         need = sizehint + FLUSH_SLACK
         if need <= len(buffer):
