@@ -11,7 +11,7 @@ import logging
 
 from aetcd.exceptions import ConnectionFailedError, ConnectionTimeoutError
 
-from hivemesh.mesh.errors import FailedPreconditionError, PermissionDeniedError
+from hivemesh.mesh.errors import FailedPreconditionError, PermissionDeniedError, RegistryUnavailableError
 from hivemesh.sdk.workflow.store import LockLostError, OwnerLock, WorkflowStore, owner_key
 
 log = logging.getLogger(__name__)
@@ -21,8 +21,10 @@ _MAX_RETRY_S = 5.0
 
 
 def etcd_unreachable(exc: BaseException) -> bool:
-    """etcd did not answer (down, paused or cut off): a run that met this is replayed, not failed."""
-    return isinstance(exc, ConnectionFailedError | ConnectionTimeoutError)
+    """etcd did not answer (down, paused or cut off): a run that met this is replayed, not failed. Besides the etcd
+    client's own errors, the mesh's RegistryUnavailableError: a run's event watch that cannot start within its
+    timeout raises it, as a host just back from a network cut may (seen in the multi-host test)."""
+    return isinstance(exc, ConnectionFailedError | ConnectionTimeoutError | RegistryUnavailableError)
 
 
 async def reown(store: WorkflowStore, workflow_id: str, owner: str, ttl_s: int, previous: bytes) -> OwnerLock:
