@@ -238,6 +238,19 @@ async def _read_to_end(reader: asyncio.StreamReader, limit_s: float = 20.0, *, s
     return await asyncio.wait_for(run(), limit_s)
 
 
+async def _one_call(rig: Rig, ctx: ssl.SSLContext, text: str, *, sni: str | None = "") -> Ending:
+    """One echo call of text (with a valid token) on a new connection made with ctx, then the end of calls: how the
+    link ended."""
+    reader, writer = await _connect(rig, ctx, sni=sni)
+    try:
+        await _hello(reader, writer)
+        _send(writer, _call(1, "echo", {"text": text}, await rig.token()).SerializeToString())
+        _send(writer, b"")
+        return await _read_to_end(reader)
+    finally:
+        _close(writer)
+
+
 def _close(writer: asyncio.StreamWriter) -> None:
     with contextlib.suppress(Exception):
         writer.transport.abort()
@@ -289,14 +302,7 @@ async def test_a_stranger_is_refused_in_the_handshake(rig: Rig, tmp_path: Path, 
 async def test_a_mesh_certificate_without_sni_is_served_as_with_it(rig: Rig, tmp_path: Path) -> None:
     """No SNI (a client connecting by IP without a name): the listener still switches to the node's context (the
     callback runs with no name), so a valid workload is served, and identified by its certificate alone."""
-    reader, writer = await _connect(rig, _context(rig.workload, tmp_path), sni=None)
-    try:
-        await _hello(reader, writer)
-        _send(writer, _call(1, "echo", {"text": "no sni"}, await rig.token()).SerializeToString())
-        _send(writer, b"")
-        end = await _read_to_end(reader)
-    finally:
-        _close(writer)
+    end = await _one_call(rig, _context(rig.workload, tmp_path), "no sni", sni=None)
     assert end.status is not None and end.status.code == 0, end
     assert end.answers[1].code == 0, end.answers
     assert rig.inbound()[-1]["caller"] == MALLORY, rig.inbound()[-1]
@@ -310,14 +316,7 @@ async def test_the_mesh_ca_certificate_as_a_client_certificate_is_refused_per_ca
     and recorded."""
     certs = rig.orch.env.certs
     ctx = _context(None, tmp_path, cert=certs.ca_cert.read_bytes(), key=certs.ca_key.read_bytes())
-    reader, writer = await _connect(rig, ctx)
-    try:
-        await _hello(reader, writer)
-        _send(writer, _call(1, "echo", {"text": "i am the ca"}, await rig.token()).SerializeToString())
-        _send(writer, b"")
-        end = await _read_to_end(reader)
-    finally:
-        _close(writer)
+    end = await _one_call(rig, ctx, "i am the ca")
     assert end.status is not None and end.status.code == 0, end
     assert end.answers[1].code == grpc.StatusCode.UNAUTHENTICATED.value[0], end.answers
     record = rig.inbound()[-1]
