@@ -9,9 +9,12 @@
               own client; no TLS, no authz
 
 Every system is driven by the same load loop (bench/peer_load.py) at 200 B and 64 KiB, 1 and 16 calls in flight,
-each window bounded by time and by a call count. Rounds interleave the systems (and bench/mesh_cost.py's internal
-paths, measured in the same run with its own code), starting from a different one each round; figures are medians
-over rounds; ratios compare systems within this run only.
+each window bounded by time and by a call count. Each window starts once the machine has settled (`settle`: the
+work a window leaves behind, such as a mesh's audit records still being stored, lands in no other system's window)
+and its CPU is counted until the machine settles after it, for every process the system's calls use (hivemesh's:
+the caller, the agent, the control plane, which stores the audit, and etcd). Rounds interleave the systems (and
+bench/mesh_cost.py's internal paths, measured in the same run with its own code), starting from a different one
+each round; figures are medians over rounds; ratios compare systems within this run only.
 
     .venv/bin/python bench/peers.py                 # full run (3 rounds, ~6 min on 2 cores)
     .venv/bin/python bench/peers.py --quick         # smoke run (1 round, short windows, ~2 min)
@@ -112,17 +115,42 @@ def child_main(argv: Sequence[str]) -> None:
 
 
 # ==== driver ====================================================================================================
+SETTLE_MAX_S = 10.0
+SETTLE_BUSY_CORES = 0.3
+"""`settle` waits for half a second in which the whole machine used at most this many cores (ours and others')."""
+
+
 @dataclass
 class Peer:
-    """One system under test: its calling process and the processes its calls pass through."""
+    """One system under test: its calling process, the processes its calls pass through, and the processes of
+    the mesh it shares with another system (pids: hivemesh's control plane and etcd), whose CPU its calls use."""
 
     key: str
     client: mesh_cost.Child
     servers: list[mesh_cost.Child] = field(default_factory=list)
+    shared: dict[str, int] = field(default_factory=dict)
 
     @property
     def processes(self) -> list[mesh_cost.Child]:
         return [self.client, *self.servers]
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far of every process this system's calls use, by label."""
+        out = {c.label: mesh_cost.cpu_seconds(c.pid) for c in self.processes}
+        out.update({label: mesh_cost.cpu_seconds(pid) for label, pid in self.shared.items()})
+        return out
+
+
+async def settle(max_s: float = SETTLE_MAX_S) -> float:
+    """Wait (at most max_s) for half a second in which the whole machine used at most SETTLE_BUSY_CORES; the
+    seconds waited. Bounded: on a machine others keep busy it gives up, and the sample records how long it tried."""
+    started = time.monotonic()
+    while time.monotonic() - started < max_s:
+        busy0, t0 = mesh_cost.system_cpu_seconds()[0], time.monotonic()
+        await asyncio.sleep(0.5)
+        if (mesh_cost.system_cpu_seconds()[0] - busy0) / (time.monotonic() - t0) <= SETTLE_BUSY_CORES:
+            break
+    return time.monotonic() - started
 
 
 class PeersBench(mesh_cost.Bench):
@@ -163,7 +191,10 @@ class PeersBench(mesh_cost.Bench):
         client = await self.spawn(f"{key}.client", [sys.executable, __file__, "_child", capability, client_name],
                                   env=await self.join_env(client_name, "client"))
         await self._ready(client)
-        self.peers.append(Peer(key, client, [agent]))
+        shared = {c.label: c.pid for c in self.children if c.label == "controlplane"}
+        if self.etcd is not None and self.etcd.pid:
+            shared["etcd"] = self.etcd.pid
+        self.peers.append(Peer(key, client, [agent], shared))
 
     async def _start_hivemesh_grpc(self) -> None:
         await self._start_hivemesh("hivemesh-grpc", "-grpc", {"HIVEMESH_LINK_DIRECT": "0"})
@@ -198,11 +229,13 @@ class PeersBench(mesh_cost.Bench):
         await peer.client.command({"op": "warmup", "size": size, "n": o.warmup, "max_s": 60.0}, 90.0)
         for conc in o.concurrency:
             cmd = {"op": "run", "size": size, "concurrency": conc, "seconds": o.seconds, "max_calls": o.max_calls}
-            before = {c.label: mesh_cost.cpu_seconds(c.pid) for c in peer.processes}
+            settled_s = await settle()
+            before = peer.cpu()
             busy0, wall0 = mesh_cost.system_cpu_seconds()[0], time.monotonic()
             result = await peer.client.command(cmd, o.seconds + 60)
-            after = {c.label: mesh_cost.cpu_seconds(c.pid) for c in peer.processes}
             busy1, wall1 = mesh_cost.system_cpu_seconds()[0], time.monotonic()
+            settled_after_s = await settle()  # the window's own leftover work is its calls' too
+            after = peer.cpu()
             if result["failed"]:
                 raise RuntimeError(f"{TITLES[peer.key]} at {conc} in flight, {size} B: errors {result['errors']}")
             calls = max(1, result["calls"])
@@ -211,6 +244,7 @@ class PeersBench(mesh_cost.Bench):
                 "calls_per_s": result["calls_per_s"], "p50_us": result["p50_us"], "p99_us": result["p99_us"],
                 "cpu_us_per_call": {k: (after[k] - before[k]) * 1e6 / calls for k in before},
                 "machine_busy_cores": (busy1 - busy0) / (wall1 - wall0),
+                "settle_s": [round(settled_s, 2), round(settled_after_s, 2)],
             })
             log.info("round %d %-22s %6d B @%-2d %8.0f calls/s  p50 %8.0f µs  p99 %8.0f µs", rnd + 1,
                      TITLES[peer.key], size, conc, result["calls_per_s"], result["p50_us"], result["p99_us"])
@@ -296,6 +330,17 @@ def _goals(summary: dict[str, Any], systems: Sequence[str], sizes: Sequence[int]
     return [*out, ""]
 
 
+def _settled_text(samples: Sequence[dict[str, Any]]) -> str:
+    waits = [w for s in samples for w in s.get("settle_s", ())]
+    if not waits:
+        return "windows not settled (a run from before settling)"
+    gave_up = sum(w >= SETTLE_MAX_S for w in waits)
+    return (f"each window began and its CPU count ended once the machine settled (at most {SETTLE_BUSY_CORES:g} cores "
+            f"busy for 0.5 s): median wait {statistics.median(waits):.1f} s, the {SETTLE_MAX_S:g} s bound reached "
+            f"{gave_up} time(s) of {len(waits)}; CPU µs/call counts every process the calls use (hivemesh: the "
+            "control plane and etcd too)")
+
+
 def report_text(data: dict[str, Any]) -> str:
     info, o = data["machine"], data["options"]
     busy = [s["machine_busy_cores"] for s in data["peer_samples"]]
@@ -306,7 +351,8 @@ def report_text(data: dict[str, Any]) -> str:
         f"(AutoGen's venv: {data.get('autogen_grpcio', '?')}), {info['date']}, load {info['loadavg_at_start']:.2f} "
         f"at start, wall {info['wall_s']} s; the whole machine was busy {statistics.median(busy or [0]):.2f} cores "
         f"(median over windows, ours included)\n"
-        f"code: commit {info.get('commit') or '?'} + {info.get('uncommitted_files', '?')} uncommitted file(s)\n\n"
+        f"code: commit {info.get('commit') or '?'} + {info.get('uncommitted_files', '?')} uncommitted file(s)\n"
+        f"{_settled_text(data['peer_samples'])}\n\n"
         "### The user's path: the three systems\n\n"
     )
     text += render(summarize(data["peer_samples"]), o["systems"], o["sizes"], o["concurrency"])
