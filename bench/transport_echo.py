@@ -1,24 +1,33 @@
 """What the pipe alone costs: an echo of N-byte messages with 16 in flight over mutual TLS, server in a child
 process, over (a) asyncio's own TLS connection with 4-byte length framing (what a direct link is,
-mesh/link_direct.py) and (b) a gRPC bidirectional stream (what Agent/Link is), alternated in one run.
+mesh/link_direct.py), (b) a gRPC bidirectional stream (what Agent/Link is) and (c) the same framing with the
+server's TLS and socket work on a thread of its own (one per connection), alternated in one run.
 
 No mesh work at all: this measures how much of a linked call the transport is, the evidence for direct links
-(BENCHMARKS.md). Usage: `python bench/transport_echo.py [--size 65536] [--rounds 3] [--seconds 4]`."""
+(BENCHMARKS.md). `--work-us` gives the server that much Python work per message, holding the GIL as an agent's
+per-call code does: what (c), the design a direct link would take to move TLS off the event loop's thread, gains
+when the loop also runs the calls. `--loop uvloop` runs both ends on uvloop, as the mesh does (mesh/loop.py).
+Usage: `python bench/transport_echo.py [--size 65536] [--rounds 3] [--seconds 4] [--work-us 0] [--loop asyncio]`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import contextlib
 import datetime
 import multiprocessing as mp
 import os
 import resource
+import select
+import socket
 import ssl
 import struct
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +41,23 @@ INFLIGHT = 16
 HEADER = struct.Struct(">I")
 PEMS: dict[str, bytes] = {}
 """The certificate's and key's bytes by path, read before the event loop runs."""
+OPTS: dict[str, Any] = {"work_us": 0.0, "loop": "asyncio"}
+"""--work-us and --loop, set before the server processes fork."""
+
+
+def _run(main: Coroutine[Any, Any, Any]) -> Any:
+    if OPTS["loop"] == "uvloop":
+        import uvloop
+
+        return uvloop.run(main)
+    return asyncio.run(main)
+
+
+def _work() -> None:
+    """The server's Python work per message (--work-us), holding the GIL."""
+    end = time.perf_counter() + OPTS["work_us"] / 1e6
+    while time.perf_counter() < end:
+        pass
 
 
 def make_cert(folder: Path) -> tuple[str, str]:
@@ -79,6 +105,7 @@ class _Echo(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buf += data
         for message in _whole_messages(self.buf):
+            _work()
             self.transport.write(message)
 
 
@@ -88,7 +115,106 @@ def _serve_tls(cert: str, key: str, port: Any) -> None:
                                                                 ssl=tls_context(cert, key, server=True))
         port.put(server.sockets[0].getsockname()[1])
         await asyncio.Event().wait()
-    asyncio.run(main())
+    _run(main())
+
+
+class _TlsThread(threading.Thread):
+    """One connection's handshake, TLS and socket work on a thread of its own (OpenSSL and the socket calls let go
+    of the GIL), the event loop seeing only whole plaintext messages (`on_messages`, one hand-over per read) and
+    handing answers back through a queue and a wake-up pipe. One thread does both directions: an SSL object must
+    not be used by two threads at once."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, context: ssl.SSLContext,
+                 on_messages: Callable[[_TlsThread, list[bytes]], None]) -> None:
+        super().__init__(daemon=True)
+        self.loop, self.sock, self.on_messages = loop, sock, on_messages
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.pending: collections.deque[bytes] = collections.deque()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        self.woken = False
+
+    def send(self, message: bytes) -> None:
+        """From the event loop's thread."""
+        self.pending.append(message)
+        if not self.woken:
+            self.woken = True
+            os.write(self.wake_w, b"w")
+
+    def run(self) -> None:
+        sock, tls = self.sock, self.tls
+        sock.setblocking(False)
+        poller = select.poll()
+        poller.register(self.wake_r, select.POLLIN)
+        poller.register(sock, select.POLLIN)
+        buf = bytearray(256 * 1024)
+        view = memoryview(buf)
+        framed, out = bytearray(), bytearray()
+        handshaken = False
+        try:
+            while True:
+                poller.modify(sock, select.POLLIN | (select.POLLOUT if out else 0))
+                poller.poll()
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self.wake_r, 4096)
+                self.woken = False
+                while self.pending:
+                    tls.write(self.pending.popleft())
+                try:
+                    got = sock.recv_into(buf)
+                except BlockingIOError:
+                    got = -1
+                if got == 0:
+                    return
+                if got > 0:
+                    self.incoming.write(view[:got])
+                if not handshaken:
+                    try:
+                        tls.do_handshake()
+                        handshaken = True
+                    except ssl.SSLWantReadError:
+                        pass
+                if handshaken:
+                    while True:
+                        try:
+                            n = tls.read(len(buf), buf)
+                        except ssl.SSLWantReadError:
+                            break
+                        if not n:
+                            return  # the peer's close_notify
+                        framed += view[:n]
+                    messages = list(_whole_messages(framed))
+                    if messages:
+                        self.loop.call_soon_threadsafe(self.on_messages, self, messages)
+                out += self.outgoing.read()
+                if out:
+                    with contextlib.suppress(BlockingIOError):
+                        del out[:sock.send(out)]
+        except (OSError, ssl.SSLError):
+            return
+        finally:
+            sock.close()
+
+
+def _answer(pump: _TlsThread, messages: list[bytes]) -> None:
+    for message in messages:
+        _work()
+        pump.send(message)
+
+
+def _serve_tls_thread(cert: str, key: str, port: Any) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        context = tls_context(cert, key, server=True)
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        port.put(listener.getsockname()[1])
+        while True:
+            sock, _ = await loop.sock_accept(listener)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _TlsThread(loop, sock, context, _answer).start()
+    _run(main())
 
 
 def _serve_grpc(cert: str, key: str, port: Any) -> None:
@@ -97,6 +223,7 @@ def _serve_grpc(cert: str, key: str, port: Any) -> None:
     async def main() -> None:
         async def echo(requests: Any, context: Any) -> Any:
             async for message in requests:
+                _work()
                 yield message
         handler = grpc.method_handlers_generic_handler(
             "bench.Echo", {"Link": grpc.stream_stream_rpc_method_handler(echo)})
@@ -106,7 +233,7 @@ def _serve_grpc(cert: str, key: str, port: Any) -> None:
         await server.start()
         port.put(bound)
         await asyncio.Event().wait()
-    asyncio.run(main())
+    _run(main())
 
 
 class _Caller(asyncio.Protocol):
@@ -184,21 +311,29 @@ def main() -> None:
     p.add_argument("--size", type=int, default=64 * 1024)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=4.0)
+    p.add_argument("--work-us", type=float, default=0.0, help="the server's Python work per message")
+    p.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    p.add_argument("--pipes", nargs="+", choices=["asyncio", "grpc", "thread"], default=["asyncio", "grpc"])
     opts = p.parse_args()
+    OPTS.update(work_us=opts.work_us, loop=opts.loop)
     sys.stdout.write(f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}, grpcio {grpc.__version__}, "
-                     f"{opts.size} B, {INFLIGHT} in flight, {opts.seconds:g} s windows\n")
+                     f"{opts.size} B, {INFLIGHT} in flight, {opts.seconds:g} s windows, {opts.loop}, "
+                     f"{opts.work_us:g} µs of work a message\n")
     with tempfile.TemporaryDirectory() as folder:
         cert, key = make_cert(Path(folder))
         PEMS.update({cert: Path(cert).read_bytes(), key: Path(key).read_bytes()})
-        pipes = (("asyncio TLS, length-framed", _serve_tls, _call_tls), ("gRPC bidi stream", _serve_grpc, _call_grpc))
+        known = {"asyncio": ("TLS in the loop, framed", _serve_tls, _call_tls),
+                 "grpc": ("gRPC bidi stream", _serve_grpc, _call_grpc),
+                 "thread": ("TLS on its own thread, framed", _serve_tls_thread, _call_tls)}
+        pipes = [known[key] for key in opts.pipes]
         for rnd in range(opts.rounds):
-            for name, serve, call in pipes if rnd % 2 == 0 else pipes[::-1]:
+            for name, serve, call in pipes[rnd % len(pipes):] + pipes[:rnd % len(pipes)]:
                 port: Any = mp.Queue()
                 server = mp.Process(target=serve, args=(cert, key, port), daemon=True)
                 server.start()
                 bound = port.get(timeout=30)
                 before_server, before = _cpu_s(server.pid or 0), resource.getrusage(resource.RUSAGE_SELF)
-                rate = asyncio.run(call(cert, key, bound, opts.size, opts.seconds))
+                rate = _run(call(cert, key, bound, opts.size, opts.seconds))
                 after = resource.getrusage(resource.RUSAGE_SELF)
                 cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
                        + _cpu_s(server.pid or 0) - before_server)
