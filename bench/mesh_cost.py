@@ -553,6 +553,19 @@ def all_process_cpu() -> dict[int, tuple[str, float]]:
     return out
 
 
+async def wait_idle(max_s: float, cores: float, leave_out: Callable[[], float] = lambda: 0.0) -> tuple[float, bool]:
+    """Wait (at most max_s) for half a second in which the machine used at most cores, less what leave_out (CPU
+    seconds so far, of processes not to count) grew by: the seconds waited, and whether it came."""
+    started = time.monotonic()
+    while time.monotonic() - started < max_s:
+        busy0, left0, t0 = system_cpu_seconds()[0], leave_out(), time.monotonic()
+        await asyncio.sleep(0.5)
+        busy = (system_cpu_seconds()[0] - busy0) - (leave_out() - left0)
+        if busy / (time.monotonic() - t0) <= cores:
+            return time.monotonic() - started, True
+    return time.monotonic() - started, False
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of every thread of pid, in seconds."""
     with open(f"/proc/{pid}/stat") as f:
@@ -941,14 +954,7 @@ class Bench:
 
     async def _wait_quiet(self, max_s: float) -> bool:
         """Wait (at most max_s) for half a second in which other processes use less than --max-foreign cores."""
-        deadline = time.monotonic() + max_s
-        while time.monotonic() < deadline:
-            busy0, ours0, t0 = system_cpu_seconds()[0], self._ours_cpu(), time.monotonic()
-            await asyncio.sleep(0.5)
-            foreign = (system_cpu_seconds()[0] - busy0) - (self._ours_cpu() - ours0)
-            if foreign / (time.monotonic() - t0) <= self.opts.max_foreign:
-                return True
-        return False
+        return (await wait_idle(max_s, self.opts.max_foreign, leave_out=self._ours_cpu))[1]
 
     async def _measured(self, path: CallPath, cmd: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Run one measured window, re-running it (a bounded number of times) when other processes on this

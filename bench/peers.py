@@ -145,13 +145,7 @@ async def settle(max_s: float = SETTLE_MAX_S) -> tuple[float, bool]:
     """Wait (at most max_s) for half a second in which the whole machine used at most SETTLE_BUSY_CORES: the
     seconds waited, and whether it settled. Bounded: on a machine others keep busy it gives up, and the sample
     records that."""
-    started = time.monotonic()
-    while time.monotonic() - started < max_s:
-        busy0, t0 = mesh_cost.system_cpu_seconds()[0], time.monotonic()
-        await asyncio.sleep(0.5)
-        if (mesh_cost.system_cpu_seconds()[0] - busy0) / (time.monotonic() - t0) <= SETTLE_BUSY_CORES:
-            return time.monotonic() - started, True
-    return time.monotonic() - started, False
+    return await mesh_cost.wait_idle(max_s, SETTLE_BUSY_CORES)
 
 
 class PeersBench(mesh_cost.Bench):
