@@ -1,7 +1,9 @@
 """What the pipe alone costs: an echo of N-byte messages with 16 in flight over mutual TLS, server in a child
 process, over (a) asyncio's own TLS connection with 4-byte length framing (what a direct link is,
-mesh/link_direct.py), (b) a gRPC bidirectional stream (what Agent/Link is) and (c) the same framing with the
-server's TLS and socket work on a thread of its own (one per connection), alternated in one run.
+mesh/link_direct.py), (b) a gRPC bidirectional stream (what Agent/Link is), (c) the same framing with the
+server's TLS and socket work on a thread of its own (one per connection) and (d) the same framing with the server's
+TLS on the socket itself (a non-blocking `ssl.SSLSocket` the event loop's reader and writer callbacks drive: no
+memory BIOs, so none of their copies), alternated in one run.
 
 No mesh work at all: this measures how much of a linked call the transport is, the evidence for direct links
 (BENCHMARKS.md). `--work-us` gives the server that much Python work per message, holding the GIL as an agent's
@@ -217,6 +219,106 @@ def _serve_tls_thread(cert: str, key: str, port: Any) -> None:
     _run(main())
 
 
+class _SocketEcho:
+    """(d): one connection's TLS on its socket (OpenSSL reads and writes the file descriptor), driven by the loop's
+    reader and writer callbacks. What a memory BIO costs (each direction's extra copy and zero-fill, a bytes object
+    per read of the outgoing BIO) is gone; what it buys is gone too: OpenSSL without read-ahead reads each record
+    with two system calls (its header, then its body) and writes each record with one."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tls: ssl.SSLSocket) -> None:
+        self.loop, self.tls, self.fd = loop, tls, tls.fileno()
+        self.buf = bytearray(256 * 1024)
+        self.view = memoryview(self.buf)
+        self.end = 0
+        self.out: collections.deque[memoryview] = collections.deque()
+        loop.add_reader(self.fd, self._readable)
+
+    def _readable(self) -> None:
+        while True:
+            try:
+                got = self.tls.recv_into(self.view[self.end:])
+            except ssl.SSLWantReadError:
+                return
+            except (OSError, ssl.SSLError):
+                got = 0
+            if not got:
+                self.loop.remove_reader(self.fd)
+                return
+            self.end += got
+            pos = 0
+            while self.end - pos >= HEADER.size:
+                (n,) = HEADER.unpack_from(self.buf, pos)
+                if self.end - pos - HEADER.size < n:
+                    break
+                _work()
+                self._write(bytes(self.view[pos:pos + HEADER.size + n]))
+                pos += HEADER.size + n
+            if pos:
+                self.buf[:self.end - pos] = self.view[pos:self.end]
+                self.end -= pos
+
+    def _write(self, data: bytes) -> None:
+        if self.out:
+            self.out.append(memoryview(data))
+            return
+        try:
+            sent = self.tls.send(data)
+        except ssl.SSLWantWriteError:
+            sent = 0
+        if sent < len(data):
+            self.out.append(memoryview(data)[sent:])
+            self.loop.add_writer(self.fd, self._writable)
+
+    def _writable(self) -> None:
+        while self.out:
+            try:
+                sent = self.tls.send(self.out[0])
+            except ssl.SSLWantWriteError:
+                return
+            if sent < len(self.out[0]):
+                self.out[0] = self.out[0][sent:]
+                return
+            self.out.popleft()
+        self.loop.remove_writer(self.fd)
+
+
+async def _handshake(loop: asyncio.AbstractEventLoop, tls: ssl.SSLSocket) -> None:
+    while True:
+        try:
+            tls.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            ready, fd = loop.create_future(), tls.fileno()
+            loop.add_reader(fd, ready.set_result, None)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(fd)
+        except ssl.SSLWantWriteError:
+            ready, fd = loop.create_future(), tls.fileno()
+            loop.add_writer(fd, ready.set_result, None)
+            try:
+                await ready
+            finally:
+                loop.remove_writer(fd)
+
+
+def _serve_tls_socket(cert: str, key: str, port: Any) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        context = tls_context(cert, key, server=True)
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        port.put(listener.getsockname()[1])
+        while True:
+            sock, _ = await loop.sock_accept(listener)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            await _handshake(loop, tls)
+            _SocketEcho(loop, tls)
+    _run(main())
+
+
 def _serve_grpc(cert: str, key: str, port: Any) -> None:
     pem, key_pem = Path(cert).read_bytes(), Path(key).read_bytes()
 
@@ -313,7 +415,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--work-us", type=float, default=0.0, help="the server's Python work per message")
     p.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
-    p.add_argument("--pipes", nargs="+", choices=["asyncio", "grpc", "thread"], default=["asyncio", "grpc"])
+    p.add_argument("--pipes", nargs="+", choices=["asyncio", "grpc", "thread", "socket"], default=["asyncio", "grpc"])
     opts = p.parse_args()
     OPTS.update(work_us=opts.work_us, loop=opts.loop)
     sys.stdout.write(f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}, grpcio {grpc.__version__}, "
@@ -324,7 +426,8 @@ def main() -> None:
         PEMS.update({cert: Path(cert).read_bytes(), key: Path(key).read_bytes()})
         known = {"asyncio": ("TLS in the loop, framed", _serve_tls, _call_tls),
                  "grpc": ("gRPC bidi stream", _serve_grpc, _call_grpc),
-                 "thread": ("TLS on its own thread, framed", _serve_tls_thread, _call_tls)}
+                 "thread": ("TLS on its own thread, framed", _serve_tls_thread, _call_tls),
+                 "socket": ("TLS on the socket, framed", _serve_tls_socket, _call_tls)}
         pipes = [known[key] for key in opts.pipes]
         for rnd in range(opts.rounds):
             for name, serve, call in pipes[rnd % len(pipes):] + pipes[:rnd % len(pipes)]:
