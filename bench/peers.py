@@ -226,9 +226,9 @@ class PeersBench(mesh_cost.Bench):
             cmd = {"op": "run", "size": size, "concurrency": conc, "seconds": o.seconds, "max_calls": o.max_calls}
             settled_s, settled = await settle()
             before = peer.cpu()
-            busy0, wall0 = mesh_cost.system_cpu_seconds()[0], time.monotonic()
+            (busy0, _, steal0), wall0 = mesh_cost.system_cpu_seconds(), time.monotonic()
             result = await peer.client.command(cmd, o.seconds + 60)
-            busy1, wall1 = mesh_cost.system_cpu_seconds()[0], time.monotonic()
+            (busy1, _, steal1), wall1 = mesh_cost.system_cpu_seconds(), time.monotonic()
             settled_after_s, settled_after = await settle()  # the window's own leftover work is its calls' too
             after = peer.cpu()
             if result["failed"]:
@@ -239,6 +239,7 @@ class PeersBench(mesh_cost.Bench):
                 "calls_per_s": result["calls_per_s"], "p50_us": result["p50_us"], "p99_us": result["p99_us"],
                 "cpu_us_per_call": {k: (after[k] - before[k]) * 1e6 / calls for k in before},
                 "machine_busy_cores": (busy1 - busy0) / (wall1 - wall0),
+                "steal_cores": (steal1 - steal0) / (wall1 - wall0),
                 "settle_s": [round(settled_s, 2), round(settled_after_s, 2)],
                 "settled": [settled, settled_after],
             })
@@ -352,13 +353,16 @@ def _settled_text(samples: Sequence[dict[str, Any]]) -> str:
 def report_text(data: dict[str, Any]) -> str:
     info, o = data["machine"], data["options"]
     busy = [s["machine_busy_cores"] for s in data["peer_samples"]]
+    steal = [s["steal_cores"] for s in data["peer_samples"] if "steal_cores" in s]
+    steal_text = (f"; the hypervisor took {statistics.median(steal):.2f} cores (median over windows, max "
+                  f"{max(steal):.2f})" if steal else "")
     text = (
         f"{'quick smoke run' if o['quick'] else 'full run'}: {o['rounds']} round(s), {o['seconds']:g} s windows "
         f"(at most {o['max_calls']} calls) @{', @'.join(map(str, o['concurrency']))}\n"
         f"machine: {info['nproc']} cores, {info['cpu']}, Python {info['python']}, grpcio {info['grpcio']} "
         f"(AutoGen's venv: {data.get('autogen_grpcio', '?')}), {info['date']}, load {info['loadavg_at_start']:.2f} "
         f"at start, wall {info['wall_s']} s; the whole machine was busy {statistics.median(busy or [0]):.2f} cores "
-        f"(median over windows, ours included)\n"
+        f"(median over windows, ours included){steal_text}\n"
         f"code: commit {info.get('commit') or '?'} + {info.get('uncommitted_files', '?')} uncommitted file(s)\n"
         f"{_settled_text(data['peer_samples'])}\n\n"
         "### The user's path: the three systems\n\n"
