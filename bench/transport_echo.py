@@ -1,15 +1,18 @@
 """What the pipe alone costs: an echo of N-byte messages with 16 in flight over mutual TLS, server in a child
-process, over (a) asyncio's own TLS connection with 4-byte length framing (what a direct link is,
-mesh/link_direct.py), (b) a gRPC bidirectional stream (what Agent/Link is), (c) the same framing with the
-server's TLS and socket work on a thread of its own (one per connection) and (d) the same framing with the server's
-TLS on the socket itself (a non-blocking `ssl.SSLSocket` the event loop's reader and writer callbacks drive: no
-memory BIOs, so none of their copies), alternated in one run.
+process, alternated in one run over:
+(a) asyncio's own TLS connection with 4-byte length framing, read by a buffered protocol (what a direct link is,
+    mesh/link_direct.py; until 6 Dec a plain protocol that copied each message three more times);
+(b) a gRPC bidirectional stream (what Agent/Link is);
+(c) the same framing with the server's TLS and socket work on a thread of its own (one per connection);
+(d) the same framing with the server's TLS on the socket itself (a non-blocking `ssl.SSLSocket` the event loop's
+    reader and writer callbacks drive: no memory BIOs, so none of their copies).
 
 No mesh work at all: this measures how much of a linked call the transport is, the evidence for direct links
 (BENCHMARKS.md). `--work-us` gives the server that much Python work per message, holding the GIL as an agent's
 per-call code does: what (c), the design a direct link would take to move TLS off the event loop's thread, gains
-when the loop also runs the calls. `--loop uvloop` runs both ends on uvloop, as the mesh does (mesh/loop.py).
-Usage: `python bench/transport_echo.py [--size 65536] [--rounds 3] [--seconds 4] [--work-us 0] [--loop asyncio]`."""
+when the loop also runs the calls, and what (d) does. `--loop uvloop` runs both ends on uvloop, as the mesh does
+(mesh/loop.py). Usage: `python bench/transport_echo.py [--size 65536] [--rounds 3] [--seconds 4] [--work-us 0]
+[--loop asyncio] [--pipes asyncio grpc thread socket]`."""
 
 from __future__ import annotations
 
@@ -100,15 +103,47 @@ def _whole_messages(buf: bytearray) -> Iterator[bytes]:
         yield message
 
 
-class _Echo(asyncio.Protocol):
-    def connection_made(self, transport: Any) -> None:
-        self.transport, self.buf = transport, bytearray()
+class _Framed:
+    """A server's read buffer: TLS decrypts into it (`room`), and `answer` echoes each whole message in it (one copy
+    out of it a message, as the direct link's reader hands a small message over) and keeps the rest."""
 
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        for message in _whole_messages(self.buf):
+    def __init__(self) -> None:
+        self.buf = bytearray(256 * 1024)
+        self.view = memoryview(self.buf)
+        self.end = 0
+
+    def room(self) -> memoryview:
+        return self.view[self.end:]
+
+    def answer(self, got: int, write: Callable[[bytes], None]) -> None:
+        self.end += got
+        pos = 0
+        while self.end - pos >= HEADER.size:
+            (n,) = HEADER.unpack_from(self.buf, pos)
+            if self.end - pos - HEADER.size < n:
+                break
             _work()
-            self.transport.write(message)
+            write(bytes(self.view[pos:pos + HEADER.size + n]))
+            pos += HEADER.size + n
+        if pos:
+            self.buf[:self.end - pos] = self.view[pos:self.end]
+            self.end -= pos
+
+
+class _Echo(asyncio.BufferedProtocol):
+    """(a)'s server: a buffered protocol, as the direct link's reader is (TLS decrypts into its buffer)."""
+
+    def __init__(self) -> None:
+        self.framed = _Framed()
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.framed.room()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.framed.answer(nbytes, self.transport.write)
 
 
 def _serve_tls(cert: str, key: str, port: Any) -> None:
@@ -227,16 +262,14 @@ class _SocketEcho:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, tls: ssl.SSLSocket) -> None:
         self.loop, self.tls, self.fd = loop, tls, tls.fileno()
-        self.buf = bytearray(256 * 1024)
-        self.view = memoryview(self.buf)
-        self.end = 0
+        self.framed = _Framed()
         self.out: collections.deque[memoryview] = collections.deque()
         loop.add_reader(self.fd, self._readable)
 
     def _readable(self) -> None:
         while True:
             try:
-                got = self.tls.recv_into(self.view[self.end:])
+                got = self.tls.recv_into(self.framed.room())
             except ssl.SSLWantReadError:
                 return
             except (OSError, ssl.SSLError):
@@ -244,18 +277,7 @@ class _SocketEcho:
             if not got:
                 self.loop.remove_reader(self.fd)
                 return
-            self.end += got
-            pos = 0
-            while self.end - pos >= HEADER.size:
-                (n,) = HEADER.unpack_from(self.buf, pos)
-                if self.end - pos - HEADER.size < n:
-                    break
-                _work()
-                self._write(bytes(self.view[pos:pos + HEADER.size + n]))
-                pos += HEADER.size + n
-            if pos:
-                self.buf[:self.end - pos] = self.view[pos:self.end]
-                self.end -= pos
+            self.framed.answer(got, self._write)
 
     def _write(self, data: bytes) -> None:
         if self.out:
