@@ -32,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -240,7 +240,12 @@ def _answer(pump: _TlsThread, messages: list[bytes]) -> None:
         pump.send(message)
 
 
-def _serve_tls_thread(cert: str, key: str, port: Any) -> None:
+Accepted = Callable[[asyncio.AbstractEventLoop, socket.socket, ssl.SSLContext], Awaitable[None]]
+"""What a server that accepts its own connections does with each (`_serve_sockets`)."""
+
+
+def _serve_sockets(cert: str, key: str, port: Any, serve: Accepted) -> None:
+    """A server that accepts its TCP connections itself and gives each, with the TLS context, to serve."""
     async def main() -> None:
         loop = asyncio.get_running_loop()
         context = tls_context(cert, key, server=True)
@@ -250,8 +255,14 @@ def _serve_tls_thread(cert: str, key: str, port: Any) -> None:
         while True:
             sock, _ = await loop.sock_accept(listener)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _TlsThread(loop, sock, context, _answer).start()
+            await serve(loop, sock, context)
     _run(main())
+
+
+def _serve_tls_thread(cert: str, key: str, port: Any) -> None:
+    async def serve(loop: asyncio.AbstractEventLoop, sock: socket.socket, context: ssl.SSLContext) -> None:
+        _TlsThread(loop, sock, context, _answer).start()
+    _serve_sockets(cert, key, port, serve)
 
 
 class _SocketEcho:
@@ -304,41 +315,33 @@ class _SocketEcho:
         self.loop.remove_writer(self.fd)
 
 
+async def _ready(fd: int, add: Callable[..., Any], remove: Callable[[int], Any]) -> None:
+    """Until fd is ready (add: the loop's add_reader or add_writer, remove: its counterpart)."""
+    ready = asyncio.get_running_loop().create_future()
+    add(fd, ready.set_result, None)
+    try:
+        await ready
+    finally:
+        remove(fd)
+
+
 async def _handshake(loop: asyncio.AbstractEventLoop, tls: ssl.SSLSocket) -> None:
     while True:
         try:
             tls.do_handshake()
             return
         except ssl.SSLWantReadError:
-            ready, fd = loop.create_future(), tls.fileno()
-            loop.add_reader(fd, ready.set_result, None)
-            try:
-                await ready
-            finally:
-                loop.remove_reader(fd)
+            await _ready(tls.fileno(), loop.add_reader, loop.remove_reader)
         except ssl.SSLWantWriteError:
-            ready, fd = loop.create_future(), tls.fileno()
-            loop.add_writer(fd, ready.set_result, None)
-            try:
-                await ready
-            finally:
-                loop.remove_writer(fd)
+            await _ready(tls.fileno(), loop.add_writer, loop.remove_writer)
 
 
 def _serve_tls_socket(cert: str, key: str, port: Any) -> None:
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        context = tls_context(cert, key, server=True)
-        listener = socket.create_server(("127.0.0.1", 0))
-        listener.setblocking(False)
-        port.put(listener.getsockname()[1])
-        while True:
-            sock, _ = await loop.sock_accept(listener)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-            await _handshake(loop, tls)
-            _SocketEcho(loop, tls)
-    _run(main())
+    async def serve(loop: asyncio.AbstractEventLoop, sock: socket.socket, context: ssl.SSLContext) -> None:
+        tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        await _handshake(loop, tls)
+        _SocketEcho(loop, tls)
+    _serve_sockets(cert, key, port, serve)
 
 
 def _serve_grpc(cert: str, key: str, port: Any) -> None:
