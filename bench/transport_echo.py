@@ -6,6 +6,7 @@ process, alternated in one run over:
 (c) the same framing with the server's TLS and socket work on a thread of its own (one per connection);
 (d) the same framing with the server's TLS on the socket itself (a non-blocking `ssl.SSLSocket` the event loop's
     reader and writer callbacks drive: no memory BIOs, so none of their copies).
+The servers of (a), (c) and (d) frame messages with one reader (`_Framed`), so they differ in where TLS runs only.
 
 No mesh work at all: this measures how much of a linked call the transport is, the evidence for direct links
 (BENCHMARKS.md). `--work-us` gives the server that much Python work per message, holding the GIL as an agent's
@@ -104,8 +105,9 @@ def _whole_messages(buf: bytearray) -> Iterator[bytes]:
 
 
 class _Framed:
-    """A server's read buffer: TLS decrypts into it (`room`), and `answer` echoes each whole message in it (one copy
-    out of it a message, as the direct link's reader hands a small message over) and keeps the rest."""
+    """A server's read buffer, the same for every pipe: TLS decrypts into it (`room`), and `take` hands over each
+    whole message in it (one copy out of it a message, as the direct link's reader hands a small message over)
+    and keeps the rest."""
 
     def __init__(self) -> None:
         self.buf = bytearray(256 * 1024)
@@ -115,19 +117,27 @@ class _Framed:
     def room(self) -> memoryview:
         return self.view[self.end:]
 
-    def answer(self, got: int, write: Callable[[bytes], None]) -> None:
+    def take(self, got: int) -> list[bytes]:
+        """The whole messages (header included) now in the buffer, got more bytes having arrived in its room."""
         self.end += got
+        messages: list[bytes] = []
         pos = 0
         while self.end - pos >= HEADER.size:
             (n,) = HEADER.unpack_from(self.buf, pos)
             if self.end - pos - HEADER.size < n:
                 break
-            _work()
-            write(bytes(self.view[pos:pos + HEADER.size + n]))
+            messages.append(bytes(self.view[pos:pos + HEADER.size + n]))
             pos += HEADER.size + n
         if pos:
             self.buf[:self.end - pos] = self.view[pos:self.end]
             self.end -= pos
+        return messages
+
+
+def _echo(messages: list[bytes], write: Callable[[bytes], None]) -> None:
+    for message in messages:
+        _work()
+        write(message)
 
 
 class _Echo(asyncio.BufferedProtocol):
@@ -143,7 +153,7 @@ class _Echo(asyncio.BufferedProtocol):
         return self.framed.room()
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.framed.answer(nbytes, self.transport.write)
+        _echo(self.framed.take(nbytes), self.transport.write)
 
 
 def _serve_tls(cert: str, key: str, port: Any) -> None:
@@ -187,7 +197,7 @@ class _TlsThread(threading.Thread):
         poller.register(sock, select.POLLIN)
         buf = bytearray(256 * 1024)
         view = memoryview(buf)
-        framed, out = bytearray(), bytearray()
+        framed, out = _Framed(), bytearray()
         handshaken = False
         try:
             while True:
@@ -213,15 +223,16 @@ class _TlsThread(threading.Thread):
                     except ssl.SSLWantReadError:
                         pass
                 if handshaken:
+                    messages: list[bytes] = []
                     while True:
+                        room = framed.room()
                         try:
-                            n = tls.read(len(buf), buf)
+                            n = tls.read(len(room), room)
                         except ssl.SSLWantReadError:
                             break
                         if not n:
                             return  # the peer's close_notify
-                        framed += view[:n]
-                    messages = list(_whole_messages(framed))
+                        messages += framed.take(n)
                     if messages:
                         self.loop.call_soon_threadsafe(self.on_messages, self, messages)
                 out += self.outgoing.read()
@@ -235,9 +246,7 @@ class _TlsThread(threading.Thread):
 
 
 def _answer(pump: _TlsThread, messages: list[bytes]) -> None:
-    for message in messages:
-        _work()
-        pump.send(message)
+    _echo(messages, pump.send)
 
 
 Accepted = Callable[[asyncio.AbstractEventLoop, socket.socket, ssl.SSLContext], Awaitable[None]]
@@ -288,7 +297,7 @@ class _SocketEcho:
             if not got:
                 self.loop.remove_reader(self.fd)
                 return
-            self.framed.answer(got, self._write)
+            _echo(self.framed.take(got), self._write)
 
     def _write(self, data: bytes) -> None:
         if self.out:
