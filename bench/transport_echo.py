@@ -6,7 +6,8 @@ process, alternated in one run over:
 (c) the same framing with the server's TLS and socket work on a thread of its own (one per connection);
 (d) the same framing with the server's TLS on the socket itself (a non-blocking `ssl.SSLSocket` the event loop's
     reader and writer callbacks drive: no memory BIOs, so none of their copies).
-The servers of (a), (c) and (d) frame messages with one reader (`_Framed`), so they differ in where TLS runs only.
+The servers of (a), (c) and (d) and their client read messages with one reader (`_Framed`): the pipes differ in
+where the server's TLS runs only.
 
 No mesh work at all: this measures how much of a linked call the transport is, the evidence for direct links
 (BENCHMARKS.md). `--work-us` gives the server that much Python work per message, holding the GIL as an agent's
@@ -33,7 +34,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -91,17 +92,6 @@ def tls_context(cert: str, key: str, *, server: bool) -> ssl.SSLContext:
     ctx.load_verify_locations(cert)
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
-
-
-def _whole_messages(buf: bytearray) -> Iterator[bytes]:
-    """Each complete length-prefixed message at the head of buf (header included), taken out of it."""
-    while len(buf) >= HEADER.size:
-        (n,) = HEADER.unpack_from(buf)
-        if len(buf) < HEADER.size + n:
-            return
-        message = bytes(buf[:HEADER.size + n])
-        del buf[:HEADER.size + n]
-        yield message
 
 
 class _Framed:
@@ -372,18 +362,22 @@ def _serve_grpc(cert: str, key: str, port: Any) -> None:
     _run(main())
 
 
-class _Caller(asyncio.Protocol):
+class _Caller(asyncio.BufferedProtocol):
+    """The client of the framed pipes: reads with the servers' reader (`_Framed`), sends the next call per answer."""
+
     def __init__(self, message: bytes) -> None:
-        self.message, self.buf, self.got, self.running = message, bytearray(), 0, True
+        self.message, self.framed, self.got, self.running = message, _Framed(), 0, True
         self.drained: asyncio.Future[None] | None = None
         self.sent = 0
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
 
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        for _ in _whole_messages(self.buf):
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.framed.room()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        for _ in self.framed.take(nbytes):
             self.got += 1
             if self.running:
                 self.transport.write(self.message)
