@@ -573,6 +573,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+def run_delay_seconds(pid: int) -> float:
+    """Seconds the threads of pid alive now have spent runnable but waiting for a core (the scheduler's run
+    delay, /proc/<pid>/task/*/schedstat). Beside CPU time it tells a process held back by others on the machine
+    from one waiting for work; 0.0 where the kernel keeps no schedstats."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, IndexError, ValueError):  # a thread may end between list and read
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[1])
+    return total / 1e9
+
+
 SOAK_CAPABILITIES: dict[str, str] = {"b": "echo-inproc", "l": "echo-link", "c": "echo-sidecar-c", "u": "echo-sidecar-u"}
 """The paths a soak runs (those with the mesh's layers, so every call leaves an audit record) and their capability."""
 SOAK_SAMPLE_S = 10.0

@@ -140,6 +140,15 @@ class Peer:
         out.update({label: mesh_cost.cpu_seconds(pid) for label, pid in self.shared.items()})
         return out
 
+    def pids(self) -> dict[str, int]:
+        """Every process this system's calls use, by label."""
+        return {**{c.label: c.pid for c in self.processes}, **self.shared}
+
+    def sched(self) -> dict[str, tuple[float, float]]:
+        """(CPU seconds, seconds waiting for a core) so far of every process this system's calls use, by label."""
+        return {label: (mesh_cost.cpu_seconds(pid), mesh_cost.run_delay_seconds(pid))
+                for label, pid in self.pids().items()}
+
 
 async def settle(max_s: float = SETTLE_MAX_S) -> tuple[float, bool]:
     """Wait (at most max_s) for half a second in which the whole machine used at most SETTLE_BUSY_CORES: the
@@ -226,9 +235,9 @@ class PeersBench(mesh_cost.Bench):
             cmd = {"op": "run", "size": size, "concurrency": conc, "seconds": o.seconds, "max_calls": o.max_calls}
             settled_s, settled = await settle()
             before = peer.cpu()
-            (busy0, _, steal0), wall0 = mesh_cost.system_cpu_seconds(), time.monotonic()
+            (busy0, _, steal0), wall0, sched0 = mesh_cost.system_cpu_seconds(), time.monotonic(), peer.sched()
             result = await peer.client.command(cmd, o.seconds + 60)
-            (busy1, _, steal1), wall1 = mesh_cost.system_cpu_seconds(), time.monotonic()
+            (busy1, _, steal1), wall1, sched1 = mesh_cost.system_cpu_seconds(), time.monotonic(), peer.sched()
             settled_after_s, settled_after = await settle()  # the window's own leftover work is its calls' too
             after = peer.cpu()
             if result["failed"]:
@@ -240,6 +249,9 @@ class PeersBench(mesh_cost.Bench):
                 "cpu_us_per_call": {k: (after[k] - before[k]) * 1e6 / calls for k in before},
                 "machine_busy_cores": (busy1 - busy0) / (wall1 - wall0),
                 "steal_cores": (steal1 - steal0) / (wall1 - wall0),
+                # Each process's cores in the window, running and runnable but waiting for a core.
+                "sched_cores": {k: [(sched1[k][i] - sched0[k][i]) / (wall1 - wall0) for i in (0, 1)]
+                                for k in sched0},
                 "settle_s": [round(settled_s, 2), round(settled_after_s, 2)],
                 "settled": [settled, settled_after],
             })
@@ -339,6 +351,30 @@ def _goals(summary: dict[str, Any], systems: Sequence[str], sizes: Sequence[int]
     return [*out, ""]
 
 
+def _sched_table(samples: Sequence[dict[str, Any]], systems: Sequence[str], sizes: Sequence[int],
+                 conc: int) -> list[str]:
+    """Each system's processes in its windows at conc: cores running, and cores runnable but waiting for one
+    (medians over rounds; processes running at least 0.05 cores). A process near a whole core is the system's
+    bottleneck; one that waits is held back by the rest of the machine, which moves a ratio between runs."""
+    rows: list[str] = []
+    for key in systems:
+        for size in sizes:
+            cells = [s["sched_cores"] for s in samples if "sched_cores" in s and s["system"] == key
+                     and s["size"] == size and s["concurrency"] == conc]
+            if not cells:
+                continue
+            for label in cells[0]:
+                running = statistics.median(c[label][0] for c in cells if label in c)
+                waiting = statistics.median(max(0.0, c[label][1]) for c in cells if label in c)
+                if running >= 0.05:
+                    rows.append(f"| {TITLES[key]} | {mesh_cost._size_name(size)} | {label} | {running:.2f} | "
+                                f"{waiting:.2f} |")
+    if not rows:
+        return []
+    return [f"#### Who ran and who waited @{conc} (cores in the window, medians over rounds)\n",
+            "| system | payload | process | running | waiting for a core |", "|---|---|---|---|---|", *rows, ""]
+
+
 def _settled_text(samples: Sequence[dict[str, Any]]) -> str:
     waits = [w for s in samples for w in s.get("settle_s", ())]
     if not waits:
@@ -368,6 +404,7 @@ def report_text(data: dict[str, Any]) -> str:
         "### The user's path: the three systems\n\n"
     )
     text += render(summarize(data["peer_samples"]), o["systems"], o["sizes"], o["concurrency"], data["peer_samples"])
+    text += "\n".join(_sched_table(data["peer_samples"], o["systems"], o["sizes"], max(o["concurrency"])))
     if data.get("internal_samples"):
         paths = mesh_cost._path_infos({"paths": data["internal_paths"], "samples": data["internal_samples"]})
         io = data["internal_options"]
