@@ -11,7 +11,6 @@ is built from the rest (graceful degradation).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
@@ -20,6 +19,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, TypedDict
 
+from hivemesh.mesh import json_depth
 from hivemesh.sdk import Agent, Context, InvalidInputError, capability
 from hivemesh.sdk.llm import llm_from_env
 from hivemesh.sdk.patterns import FanOut
@@ -54,7 +54,7 @@ def load_corpus(name: str) -> tuple[dict[str, str], ...]:
     if name not in CORPORA:
         raise ValueError(f"unknown corpus {name!r}")
     lines = (CORPORA_DIR / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
-    return tuple(json.loads(line) for line in lines if line.strip())
+    return tuple(json_depth.loads(line) for line in lines if line.strip())
 
 
 def _check_query(req: Query) -> tuple[str, int]:

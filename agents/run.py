@@ -17,6 +17,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from hivemesh.mesh import json_depth
+
 SDK_AGENTS = {
     "ocr": ("hivemesh.agents.ocr", "OcrAgent"),
     "extractor": ("hivemesh.agents.extract", "ExtractorAgent"),
@@ -73,14 +75,13 @@ async def _serve_many(names: Sequence[str]) -> None:
     `AgentServerConfig` reads from the environment ($HIVEMESH_LISTEN, $HIVEMESH_ADVERTISE), as `up` sets it."""
     import asyncio
     import dataclasses
-    import json
     import os
     import signal
 
     from hivemesh.sdk import AgentServer, AgentServerConfig, MeshSettings
 
     base = MeshSettings.resolve()
-    tokens = json.loads(os.environ.get(TOKENS_ENV) or "{}")
+    tokens = json_depth.loads(os.environ.get(TOKENS_ENV) or "{}")
     servers = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

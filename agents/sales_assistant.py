@@ -21,6 +21,7 @@ import re
 from typing import Any, TypedDict
 
 from hivemesh.agents.sales import Plan, check_question
+from hivemesh.mesh import json_depth
 from hivemesh.sdk import Agent, Context, InvalidInputError, UnknownCapabilityError, capability
 from hivemesh.sdk.llm import llm_from_env
 from hivemesh.sdk.patterns import Pipeline
@@ -108,7 +109,7 @@ def _result(lines: list[str], name: str) -> dict[str, Any] | None:
     for line in reversed(lines):
         if line.startswith(f"{name}: "):
             try:
-                value = json.loads(line[len(name) + 2:])
+                value = json_depth.loads(line[len(name) + 2:])
             except ValueError:
                 return {"error": {"message": "unreadable result"}}
             return value if isinstance(value, dict) else {"error": {"message": "unexpected result"}}

@@ -29,6 +29,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.errors import NotFoundError
 from hivemesh.mesh.settings import state_dir
 from hivemesh.sdk import Agent, Context, InvalidInputError, capability
@@ -305,8 +306,8 @@ class StorageAgent(Agent):
         return StoredDocument(
             id=int(row[0]),
             status=row[1],
-            document=json.loads(row[2]),
-            errors=json.loads(row[3]),
+            document=json_depth.loads(row[2]),
+            errors=json_depth.loads(row[3]),
             line_items=[
                 StoredLineItem(description=d, quantity=q, unit_price=p, amount=a) for d, q, p, a in items
             ],

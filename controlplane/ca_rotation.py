@@ -38,6 +38,7 @@ from hivemesh.controlplane.ca import (
     _write_atomic,
     load_ca,
 )
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError
 from hivemesh.mesh.pki import controlplane_dns_name
 from hivemesh.mesh.trustdoc import TRUST_BUNDLE_KEY, TrustDoc, fingerprint, sign_trust_doc
@@ -95,7 +96,7 @@ class CaRotation:
 
     def _load_state(self) -> RotationState:
         try:
-            raw = json.loads(self._state_path.read_text())
+            raw = json_depth.loads(self._state_path.read_text())
             return RotationState(str(raw["phase"]), int(raw["generation"]), float(raw.get("activated_at", 0)))
         except (OSError, ValueError, KeyError, TypeError):
             return RotationState()

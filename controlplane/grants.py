@@ -20,6 +20,7 @@ from typing import Any, Final
 import fastjsonschema
 
 from hivemesh.controlplane import yaml_text
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError
 from hivemesh.mesh.keyspace import GRANTS_FILE
 from hivemesh.mesh.policy import GRANTS_PREFIX as POLICY_GRANTS_PREFIX
@@ -229,7 +230,7 @@ class GrantSet:
         grants: list[Grant] = []
         for kv in await etcd.get_prefix(GRANTS_PREFIX):
             try:
-                doc = json.loads(kv.value)
+                doc = json_depth.loads(kv.value)
                 _validate_grant(doc)
             except (ValueError, fastjsonschema.JsonSchemaValueException) as exc:
                 log.warning("ignoring invalid grant at %s: %s", kv.key.decode(errors="replace"), exc)
@@ -311,7 +312,7 @@ def _file_owned(kv: Any) -> dict[str, str]:
     if kv is None:
         return {}
     try:
-        owned = json.loads(kv.value)["grants"]
+        owned = json_depth.loads(kv.value)["grants"]
         if isinstance(owned, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in owned.items()):
             return owned
     except (ValueError, KeyError, TypeError):

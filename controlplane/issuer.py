@@ -25,6 +25,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError
 from hivemesh.mesh.files import write_atomic
 from hivemesh.mesh.pki import controlplane_id
@@ -223,7 +224,7 @@ class SigningKeys:
 
 def _load_schedule(keys_dir: Path) -> dict[str, float]:
     try:
-        raw = json.loads((keys_dir / "schedule.json").read_text())
+        raw = json_depth.loads((keys_dir / "schedule.json").read_text())
     except (OSError, ValueError):
         return {}
     return {str(k): float(v) for k, v in raw.items()} if isinstance(raw, dict) else {}

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Final
 
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.errors import InvalidInputError, JoinTokenInvalidError
 from hivemesh.mesh.pki import validate_name
 
@@ -108,7 +109,7 @@ async def _minted(etcd: Any, token: str) -> tuple[str, str, float, bytes, Any] |
     if kv is None:
         return None
     try:
-        doc = json.loads(kv.value)
+        doc = json_depth.loads(kv.value)
         return str(doc["name"]), str(doc["kind"]), float(doc["expires_at"]), key, kv
     except (ValueError, KeyError, TypeError):
         return None

@@ -10,9 +10,9 @@ Either is InvalidInputError naming the field, as any text that is not JSON is.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.errors import InvalidInputError
 
 
@@ -25,7 +25,7 @@ def load(text: str | bytes, field: str) -> Any:
     deeply`, and a field violation saying the same) when it is not JSON, holds NaN or infinity, or nests past
     what json reads."""
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        return json_depth.loads(text, parse_constant=_no_constant)
     except RecursionError:
         msg = "nested too deeply"
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and the constants above

@@ -29,6 +29,8 @@ from typing import Any, Final
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from hivemesh.mesh import json_depth
+
 SORT_KEYS: Final = ("calls", "errors", "p99", "cost")
 BREAKER_STATES: Final = {0: "closed", 1: "half-open", 2: "open"}
 _MAX_BODY: Final = 16 << 20
@@ -57,7 +59,7 @@ def parse_endpoint(text: str) -> Target:
 def load_targets(path: Path) -> list[Target]:
     """The targets of a Prometheus file-based service-discovery file (JSON: [{"targets": [...], "labels": {}}])."""
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json_depth.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror}") from None
     except json.JSONDecodeError as exc:

@@ -37,6 +37,7 @@ from hivemesh.controlplane.grants import _GRANT_SCHEMA, Grant, GrantSet
 from hivemesh.controlplane.shadow_check import refuse_unsafe_shadows
 from hivemesh.controlplane.slo import SLOS
 from hivemesh.controlplane.state_policy import STATE
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.authz import AUTHZ
 from hivemesh.mesh.budget import BUDGETS
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError, NotFoundError
@@ -80,7 +81,7 @@ def _encode_grant(doc: PolicyDoc) -> bytes:
 
 def _decode_grant(name: str, value: bytes) -> PolicyDoc:
     try:
-        raw = json.loads(value)
+        raw = json_depth.loads(value)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise PolicyError("", f"stored grant is not JSON: {exc!r}") from None
     if not isinstance(raw, dict):
@@ -285,7 +286,7 @@ def validate_document(raw: Any, *, kinds: PolicyKinds = KINDS) -> PolicyInput:
         # no NaN or infinity (YAML's .nan, or NaN in spec_json): stored, they printed as `NaN`, which is not JSON,
         # and made alerts that could never fire and retry pauses that never end.
         try:
-            spec = json.loads(json.dumps(spec, allow_nan=False))
+            spec = json_depth.loads(json.dumps(spec, allow_nan=False))
         except (TypeError, ValueError) as exc:
             bad["spec"] = f"must be JSON data: {exc}"
     doc: PolicyDoc | None = None

@@ -40,6 +40,7 @@ from hivemesh.controlplane.escalations import PREFIX as ESCALATIONS_PREFIX
 from hivemesh.controlplane.escalations import EscalationStore
 from hivemesh.controlplane.leader import leader_duty
 from hivemesh.controlplane.retention_config import RetentionConfig
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.etcd import PREFIX
 from hivemesh.mesh.keyspace import TERMINAL_RUN_STATES as TERMINAL
 from hivemesh.mesh.keyspace import WORKFLOW_INDEX as INDEX
@@ -212,7 +213,7 @@ class Retention:
                 log.warning("retention: skipping workflow index key %r (not a run id)", wid[:200])
                 continue
             try:
-                summary = json.loads(kv.value)
+                summary = json_depth.loads(kv.value)
             except (UnicodeDecodeError, json.JSONDecodeError):
                 continue
             if isinstance(summary, dict) and workflow_due(summary, now, keep) and await self._delete_if_unchanged(
@@ -226,7 +227,7 @@ class Retention:
         out: set[str] = set()
         for kv in await self.etcd.get_prefix(INDEX.encode()):
             try:
-                summary = json.loads(kv.value)
+                summary = json_depth.loads(kv.value)
             except (ValueError, RecursionError):
                 summary = None
             state = summary.get("state") if isinstance(summary, dict) else None

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from hivemesh.controlplane import policies as store
 from hivemesh.controlplane.leader import leader_duty
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.errors import FailedPreconditionError, HivemeshError, InvalidInputError, NotFoundError
 from hivemesh.mesh.keyspace import AGENTS, ROLLOUTS, STATUS
 from hivemesh.mesh.policy import NAME_RE, PolicyDoc, PolicyError, policy_key
@@ -192,7 +193,7 @@ class Target:
         1e999 made int() raise OverflowError and failed the rollout every pass; "created": "false" read as
         True, which lets a withdrawal delete a routes document the rollout never created)."""
         try:
-            d = json.loads(raw)
+            d = json_depth.loads(raw)
             routes, capability, stable, canary = d["routes"], d["capability"], d["stable"], d["canary"]
             steps, created = d["steps"], d.get("created", False)
         except (ValueError, TypeError, KeyError, RecursionError):
@@ -346,7 +347,7 @@ class RolloutController:
         if kv is None:
             return None
         try:
-            doc = json.loads(kv.value)
+            doc = json_depth.loads(kv.value)
             return RolloutState(**doc) if isinstance(doc, dict) else None
         except (ValueError, TypeError, RecursionError) as exc:
             log.error("rollout %s: its stored state cannot be read (%r); starting it again from its first step",

@@ -39,6 +39,7 @@ from hivemesh.controlplane.ca import (
     load_ca,
 )
 from hivemesh.controlplane.ca_rotation import CaRotation
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.errors import FailedPreconditionError
 from hivemesh.mesh.keyspace import CONTROLPLANE_CA
 from hivemesh.mesh.trustdoc import fingerprint
@@ -117,7 +118,7 @@ def _encode(files: Files, retired: Sequence[str]) -> bytes:
 
 def _parse(raw: bytes) -> tuple[Files, list[str]]:
     try:
-        doc = json.loads(raw)
+        doc = json_depth.loads(raw)
         files = {str(k): str(v) for k, v in doc["files"].items() if k in FILES}
         if "ca.pem" not in files or "ca.key" not in files:
             raise ValueError("no ca.pem / ca.key")

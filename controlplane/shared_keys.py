@@ -22,6 +22,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from hivemesh.controlplane.issuer import SigningKey, SigningKeys
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.errors import FailedPreconditionError
 from hivemesh.mesh.files import write_atomic
 from hivemesh.mesh.keyspace import CONTROLPLANE_KEYS
@@ -47,7 +48,7 @@ def document(keys: SigningKeys) -> dict[str, dict[str, Any]]:
 
 def _parse(raw: bytes) -> dict[str, dict[str, Any]]:
     try:
-        doc = json.loads(raw)
+        doc = json_depth.loads(raw)
         parsed = {str(e["kid"]): e for e in doc["keys"]}
         if not parsed:
             raise ValueError("no keys")  # a replica must never sign with a key only it holds

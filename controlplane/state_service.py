@@ -50,6 +50,7 @@ from hivemesh.controlplane.state_policy import (
     check_key_prefix,
     check_namespace,
 )
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.errors import (
     FailedPreconditionError,
     HivemeshError,
@@ -98,7 +99,7 @@ def _stored(value_json: str, by: str, ttl_s: int) -> bytes:
 
 def _decode(value: bytes) -> dict[str, Any]:
     try:
-        doc = json.loads(value)
+        doc = json_depth.loads(value)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         doc = None
     return doc if isinstance(doc, dict) and isinstance(doc.get("v"), str) else {"v": "null"}

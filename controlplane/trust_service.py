@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -45,6 +44,7 @@ from hivemesh.controlplane.grants import GrantSet
 from hivemesh.controlplane.issuer import DEFAULT_ACTIVATE_AFTER_S, MAX_TTL_S
 from hivemesh.controlplane.replicas import is_leader, leader_fence
 from hivemesh.controlplane.server import _agent_audience, _requested_scopes, _rpc
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.advertise import advertised_host
 from hivemesh.mesh.errors import (
     DelegationDeniedError,
@@ -88,7 +88,7 @@ async def subject_ttl_s(core: Core, subject: SpiffeId, now: float) -> int:
     longest = float(max(core.issuer.max_ttl_s, cert_s))
     for kv in await core.etcd.get_prefix(joins.JOIN_PREFIX):  # few: each lives under a lease of at most 7 days
         try:
-            doc = json.loads(kv.value)  # as `joins.create` stores it
+            doc = json_depth.loads(kv.value)  # as `joins.create` stores it
             if (doc["name"], doc["kind"]) == (subject.name, subject.kind):
                 longest = max(longest, min(float(doc["expires_at"]) - now, float(joins.MAX_TTL_S)))
         except (ValueError, KeyError, TypeError):

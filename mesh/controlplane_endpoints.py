@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.keyspace import CONTROLPLANES
 
 
@@ -46,7 +47,7 @@ class Advert:
     def from_json(cls, raw: bytes) -> Advert | None:
         """The advert in raw, or None when it is not one (a newer format, a damaged value)."""
         try:
-            doc = json.loads(raw)
+            doc = json_depth.loads(raw)
             advert = cls(str(doc["replica"]), str(doc["controlplane"]), str(doc["join"]))
             parse_addresses(advert.controlplane)
             parse_addresses(advert.join)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.errors import JoinTokenRequiredError, StoredIdentityMismatchError
 from hivemesh.mesh.pki import load_certs
 from hivemesh.mesh.tls import Workload, finish_save, save_pending
@@ -196,7 +197,7 @@ class IdentityStore:
         if len(raw) > _FLOOR_MAX_BYTES:
             return self._damaged_floor(f"larger than {_FLOOR_MAX_BYTES} bytes")
         try:
-            doc = json.loads(raw)
+            doc = json_depth.loads(raw)
         except (ValueError, RecursionError) as exc:  # RecursionError: '[' nested thousands deep
             return self._damaged_floor(f"not JSON: {type(exc).__name__}: {str(exc)[:100]}")
         if not isinstance(doc, dict):

@@ -6,7 +6,8 @@ same text in ~18 µs. The two disagree on some texts: orjson turns an integer be
 NaN, Infinity, lone surrogates, UTF-16 and nesting past 1024, and may round a long decimal differently. So
 orjson's result is kept only when it holds no float at all (every number then an integer that fits 64 bits,
 which both read exactly) and nests at most `MAX_DEPTH` deep; any other result, and every text orjson refuses, is
-parsed again by `json.loads`, which returns or raises exactly what it always did.
+parsed again by `json.loads` (through `json_depth`, which refuses nesting past `json_depth.MAX_NESTING` alike on
+every interpreter), which returns or raises exactly what it always did.
 
 Long strings are read apart (`_long_strings`). orjson reads a long string at ~3 GB/s (a 64 KiB one in ~22 µs, at
 each end of a call), while its bytes decode as UTF-8 in ~3 µs. A string of at least `LONG_STRING` bytes in a text
@@ -18,16 +19,15 @@ document, an image in base64, a model's one-line answer in one field); any other
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any, Final
 
 import orjson
 
-from hivemesh.mesh import simd_scan
+from hivemesh.mesh import json_depth, simd_scan
 
 MAX_DEPTH: Final = 200
-"""Deeper results are parsed by json too: how deep json may nest depends on the caller's stack (it raises
+"""Deeper results are parsed by json too: on 3.11 how deep json may nest depends on the caller's stack (it raises
 RecursionError near the interpreter's recursion limit, 1,000 frames), so only json can say what it does with
 such text; at most 200 levels, it reads them unless its caller is already ~800 frames deep."""
 _CONTAINERS: Final = frozenset({dict, list})
@@ -76,10 +76,10 @@ def loads(data: bytes | memoryview | str) -> Any:
     try:
         value = orjson.loads(data)
     except orjson.JSONDecodeError:
-        return json.loads(bytes(data) if type(data) is memoryview else data)
+        return json_depth.loads(bytes(data) if type(data) is memoryview else data)
     kind = type(value)
     if kind is float or (kind in _CONTAINERS and not _exact(value)):
-        return json.loads(bytes(data) if type(data) is memoryview else data)
+        return json_depth.loads(bytes(data) if type(data) is memoryview else data)
     return value
 
 

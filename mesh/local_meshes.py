@@ -18,6 +18,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hivemesh.mesh import json_depth
+
 STATE_FILE = "mesh.json"
 """What `hivemesh up` writes in its home: where its mesh is (`MeshSettings.to_json`)."""
 RUNNING_DIR = "running"
@@ -116,7 +118,7 @@ def unregister(home: Path, pid: int) -> None:
     """Take the note away, if it is still this `up`'s (a later `up` of the same home owns it otherwise)."""
     path = _note(home)
     with contextlib.suppress(OSError, ValueError, TypeError):
-        if json.loads(path.read_text()).get("pid") == pid:
+        if json_depth.loads(path.read_text()).get("pid") == pid:
             path.unlink()
 
 
@@ -126,7 +128,7 @@ def running() -> list[LocalMesh]:
     found: list[LocalMesh] = []
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:
-            raw = json.loads(path.read_text())
+            raw = json_depth.loads(path.read_text())
             mesh = LocalMesh(home=Path(raw["home"]), certs_dir=Path(raw["certs_dir"]), pid=int(raw["pid"]),
                              started_at=float(raw["started_at"]), controlplane=str(raw["controlplane"]),
                              etcd=str(raw["etcd"]))

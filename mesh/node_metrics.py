@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
-from hivemesh.mesh import invoke_wire
+from hivemesh.mesh import invoke_wire, json_depth
 from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.layers.base import Inbound
 from hivemesh.mesh.metrics import MeshMetrics, MetricsServer
@@ -98,7 +98,7 @@ class PriceTable:
     @classmethod
     def parse(cls, text: str) -> PriceTable:
         try:
-            raw = json.loads(text)
+            raw = json_depth.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"the price table is not JSON: {exc}") from None
         if not isinstance(raw, dict):

@@ -56,6 +56,7 @@ from typing import Any, Final, Generic, TypeVar
 
 import fastjsonschema
 
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.etcd import PREFIX, Endpoints
 from hivemesh.mesh.watch import PrefixCache, WatchOptions
 
@@ -223,7 +224,7 @@ class PolicyKind(Generic[C]):
             doc = self.decode(name, value)
         else:
             try:
-                raw = json.loads(value)
+                raw = json_depth.loads(value)
             except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
                 raise PolicyError("", f"stored value is not JSON: {exc}") from None
             if not isinstance(raw, dict) or not isinstance(raw.get("spec"), dict):

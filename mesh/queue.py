@@ -38,6 +38,7 @@ from typing import Any, Final
 import aetcd
 import grpc
 
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.errors import (
     DeadlineExceededError,
     DeliveryOutcomeUnknownError,
@@ -152,7 +153,7 @@ class CallQueue:
                 claimed.add(key[len(self.prefix):-len(CLAIM_SUFFIX)])
                 continue
             with contextlib.suppress(ValueError, KeyError, RecursionError):
-                out.append((json.loads(kv.value), int(kv.mod_revision), int(kv.lease), int(kv.create_revision)))
+                out.append((json_depth.loads(kv.value), int(kv.mod_revision), int(kv.lease), int(kv.create_revision)))
         return out, claimed
 
     async def held(self) -> list[HeldCall]:
@@ -218,7 +219,7 @@ class CallQueue:
         if kv is None:
             raise NotFoundError(f"no held call {call_id!r} (never held by this caller, or older than its wait "
                                 f"plus {KEEP_ANSWER_S} s)", metadata={"id": call_id})
-        return _held(json.loads(kv.value), int(kv.create_revision))
+        return _held(json_depth.loads(kv.value), int(kv.create_revision))
 
     async def wait(self, call_id: str, timeout: float) -> HeldCall:
         """The call once delivered (done or failed), or as it stands after timeout."""

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.etcd import PREFIX, Endpoints
 from hivemesh.mesh.tokens import RevocationList
 from hivemesh.mesh.watch import PrefixCache, WatchOptions
@@ -54,7 +55,7 @@ class Revocation:
 
     @classmethod
     def from_json(cls, value: bytes) -> Revocation:
-        doc = json.loads(value)
+        doc = json_depth.loads(value)
         if not isinstance(doc, dict):
             raise ValueError("a revocation must be a JSON object")
         rev = cls(

@@ -10,11 +10,12 @@ Remote `$ref`s are never fetched: a schema must be self-contained.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Final
 
 import jsonschema_rs
+
+from hivemesh.mesh import json_depth
 
 DEFAULT_DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
 
@@ -171,7 +172,7 @@ def compile_schema(schema_text: str, *, where: str) -> CompiledSchema | None:
     if not schema_text:
         return None
     try:
-        schema = json.loads(schema_text)
+        schema = json_depth.loads(schema_text)
     except ValueError as exc:
         raise SchemaError(f"{where}: the schema is not JSON: {exc}") from None
     except RecursionError:  # json reads nesting recursively; jsonschema_rs has its own limit below that

@@ -7,12 +7,12 @@ agent or `MeshClient` finds the mesh wherever the CLI does.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.controlplane_endpoints import parse_addresses
 from hivemesh.mesh.etcd import EtcdAccess, EtcdTls, parse_endpoints
 from hivemesh.mesh.local_meshes import RUNNING_DIR, running
@@ -132,7 +132,7 @@ class MeshSettings:
         path = home / STATE_FILE
         if path.is_file():
             try:
-                values.update(json.loads(path.read_text()))
+                values.update(json_depth.loads(path.read_text()))
             except (OSError, ValueError) as exc:
                 raise ValueError(f"cannot read mesh state file {path}: {exc}") from exc
         values.update(explicit)

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.errors import ReplayedError, SignatureInvalidError
 from hivemesh.mesh.pki import cert_thumbprint_s256, load_cert, load_certs, spiffe_id_of
 
@@ -165,7 +166,7 @@ def _header(jws: str) -> tuple[dict[str, Any], str, bytes]:
     if len(parts) != 3 or parts[1] != "":
         raise SignatureInvalidError("the payload signature is not a detached compact JWS (header..signature)")
     try:
-        header = json.loads(_unb64(parts[0]))
+        header = json_depth.loads(_unb64(parts[0]))
         sig = _unb64(parts[2])
     except (ValueError, binascii.Error, RecursionError):
         raise SignatureInvalidError("the payload signature's header or signature is not valid base64url JSON") \

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import math
 import re
 import threading
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.errors import (
     AudienceMismatchError,
     ScopeMissingError,
@@ -139,7 +139,7 @@ class KeySet:
         that is not an EC P-256/ES256 or Ed25519/EdDSA public key.
         """
         try:
-            doc = json.loads(json_text)
+            doc = json_depth.loads(json_text)
         except (ValueError, TypeError, RecursionError) as exc:
             raise ValueError(f"the JWKS is not valid JSON: {exc!r}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list) or not doc["keys"]:
@@ -392,7 +392,7 @@ class TokenVerifier:
     @staticmethod
     def _json_object(raw: bytes, what: str) -> dict[str, Any]:
         try:
-            value = json.loads(raw)
+            value = json_depth.loads(raw)
         except (ValueError, UnicodeDecodeError, RecursionError):  # nested past what json reads: not JSON either
             raise TokenInvalidError(f"the token {what} is not valid JSON") from None
         if not isinstance(value, dict):

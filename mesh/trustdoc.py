@@ -21,6 +21,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.etcd import PREFIX
 from hivemesh.mesh.pki import load_certs
 
@@ -89,7 +90,7 @@ def sign_trust_doc(doc: TrustDoc, signers: list[Signer]) -> bytes:
 def verify_trust_doc(raw: bytes, trusted_bundle_pem: bytes) -> TrustDoc:
     """The document, if a signature verifies with a root of trusted_bundle_pem; ValueError saying why not."""
     try:
-        doc = json.loads(raw)
+        doc = json_depth.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise ValueError(f"the trust bundle document is not JSON: {exc!r}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("sigs"), list):
@@ -111,7 +112,7 @@ def _jwks_payload(keys: list[Any], issued_at_ns: int) -> bytes:
 def sign_jwks(jwks_json: str, issued_at_ns: int, signers: list[Signer]) -> bytes:
     """The JWKS with `hivemesh_iat` (publication time, ns: nodes never go back to an older set) and `sigs`
     (one per (root, key) given) added; still a JWKS to any reader."""
-    doc = json.loads(jwks_json)
+    doc = json_depth.loads(jwks_json)
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
         raise ValueError('a JWKS is an object {"keys": [...]}')
     signed = {"keys": doc["keys"], "hivemesh_iat": issued_at_ns,
@@ -129,7 +130,7 @@ class SignedJwks:
 def verify_jwks(raw: bytes, trusted_bundle_pem: bytes) -> SignedJwks:
     """The key set, if a signature verifies with a root of trusted_bundle_pem; ValueError saying why not."""
     try:
-        doc = json.loads(raw)
+        doc = json_depth.loads(raw)
     except (ValueError, RecursionError) as exc:
         raise ValueError(f"the key set is not JSON: {exc!r}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):

@@ -23,6 +23,7 @@ from typing import Any, Final, Literal
 
 import grpc
 
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.controlplane_errors import rpc_failure
 from hivemesh.mesh.errors import ControlPlaneUnavailableError, HivemeshError, InvalidInputError
@@ -67,7 +68,7 @@ def status_name(value: int) -> str:
 
 
 def _loads(text: str) -> Any:
-    return json.loads(text) if text else None
+    return json_depth.loads(text) if text else None
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from typing import Any, Final, Literal
 
 import grpc
 
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.controlplane_client import ControlPlaneClient
 from hivemesh.mesh.controlplane_errors import rpc_failure
 from hivemesh.mesh.errors import FailedPreconditionError, HivemeshError, InvalidInputError
@@ -58,7 +59,7 @@ class StateEntry:
 
     @classmethod
     def from_proto(cls, e: state_pb2.StateEntry) -> StateEntry:
-        return cls(namespace=e.namespace, key=e.key, value=json.loads(e.value_json) if e.value_json else None,
+        return cls(namespace=e.namespace, key=e.key, value=json_depth.loads(e.value_json) if e.value_json else None,
                    revision=e.revision, updated_by=e.updated_by, updated_at=e.updated_at_unix_ms / 1000,
                    expires_at=e.expires_at_unix_ms / 1000 if e.expires_at_unix_ms else None)
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from opentelemetry.trace import Status, StatusCode
 
-from hivemesh.mesh import tracing
+from hivemesh.mesh import json_depth, tracing
 from hivemesh.mesh.errors import HivemeshError, ToolRoundsExceededError
 from hivemesh.mesh.schema import DEFAULT_DIALECT, CompiledSchema, SchemaMismatchError, compile_schema
 from hivemesh.sdk.llm import ChatModel, Message, ToolCall, Usage
@@ -198,7 +198,7 @@ def tool_parameters(input_schema: Mapping[str, Any] | str | None) -> tuple[dict[
     so the parameters are `{"input": <schema>}` and the tool passes `arguments["input"]` to the capability."""
     try:
         if isinstance(input_schema, str):  # a card's text, from any agent in the registry
-            input_schema = json.loads(input_schema) if input_schema.strip() else None
+            input_schema = json_depth.loads(input_schema) if input_schema.strip() else None
         schema: dict[str, Any] = _to_2020_12(dict(input_schema or {}))
     except RecursionError:
         raise ValueError("the input schema is nested too deeply to offer as tool parameters") from None
@@ -307,7 +307,7 @@ async def _run_call_inner(call: ToolCall, found: Tool | None, tools: Mapping[str
     if found is None:
         return False, _encode(_error("UnknownTool", f"there is no tool {call.name!r}", tools=", ".join(tools)))
     try:
-        arguments = json.loads(call.arguments or "{}")
+        arguments = json_depth.loads(call.arguments or "{}")
     except (ValueError, RecursionError) as exc:
         return False, _encode(_error("InvalidArguments", f"the arguments are not JSON: {exc}"))
     if not isinstance(arguments, dict):

@@ -12,10 +12,10 @@ meets one treats it as a batch it cannot apply (pre-release format change).
 
 from __future__ import annotations
 
-import json
 import zlib
 from typing import Any, Final
 
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.audit.chain import canonical
 
 LEVEL: Final = 1
@@ -35,7 +35,7 @@ def header(value: bytes) -> dict[str, Any]:
     """The batch's header (cheap: the lines stay compressed)."""
     head, sep, _ = value.partition(b"\n")
     try:
-        parsed = json.loads(head) if sep else None
+        parsed = json_depth.loads(head) if sep else None
     except ValueError:
         parsed = None
     if not isinstance(parsed, dict):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from hivemesh.controlplane.audit.heads import Missing, compare_to_head
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.audit.chain import GENESIS, ChainProblem, ChainState, canonical, check_link
 from hivemesh.mesh.errors import FailedPreconditionError
 from hivemesh.mesh.files import write_atomic
@@ -163,7 +163,7 @@ def _parse_checkpoints(
     for n, line in enumerate(raw):
         i = start + n
         try:
-            cp = json.loads(line)
+            cp = json_depth.loads(line)
         except (ValueError, RecursionError):
             return out, f"checkpoint {i} is not valid JSON"
         problem = checkpoint_problem(cp, None, i)
@@ -255,7 +255,7 @@ def verify_log(
     sources: dict[str, ChainState] = {}
     for n, raw in enumerate(lines, 1):
         try:
-            entry = json.loads(raw)
+            entry = json_depth.loads(raw)
         except (ValueError, RecursionError):  # RecursionError: nested deeper than json reads
             report.problem = ChainProblem(n, state.next_seq, "not valid JSON (changed or torn)")
             break

@@ -13,7 +13,6 @@ The `type` member keeps a head from ever passing as a checkpoint and the other w
 from __future__ import annotations
 
 import base64
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -22,6 +21,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.audit.chain import canonical
 
 HEAD_TYPE: Final = "head"
@@ -58,7 +58,7 @@ def sign_head(key: ed25519.Ed25519PrivateKey, body: Mapping[str, Any], kid: str)
 def verify_head(raw: bytes | str, public_key: ed25519.Ed25519PublicKey) -> dict[str, Any]:
     """The head, if raw is one signed by public_key; ValueError saying why not."""
     try:
-        head = json.loads(raw)
+        head = json_depth.loads(raw)
     except ValueError:
         raise ValueError("the head is not valid JSON") from None
     if not isinstance(head, dict) or head.get("type") != HEAD_TYPE or not isinstance(head.get("sig"), str):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
@@ -16,6 +15,7 @@ import grpc
 from hivemesh.controlplane.audit.checkpoints import public_key_pem
 from hivemesh.controlplane.audit.query import AuditFilter
 from hivemesh.controlplane.audit.store import AuditStore, audit_store
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.audit.chain import canonical
 from hivemesh.mesh.audit.handshake.audit import HandshakeAudit
 from hivemesh.mesh.audit.handshake.tracer import tracer_events
@@ -326,6 +326,6 @@ def install(core: Core, server: grpc.aio.Server) -> AuditFeature:
 
 def entry_json(raw: bytes) -> dict[str, Any]:
     """One log entry (for the CLI)."""
-    value = json.loads(raw)
+    value = json_depth.loads(raw)
     assert isinstance(value, dict)
     return value

@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from hivemesh.controlplane.audit import batches
 from hivemesh.controlplane.audit.store import MAX_BATCH, AuditStore, Sealable
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.errors import AuditUnavailableError, FailedPreconditionError, HivemeshError
 from hivemesh.mesh.keyspace import (
     AUDIT_APPLIED,
@@ -476,7 +477,7 @@ class SharedLog:
         for kv in reply.kvs:
             where = bytes(kv.key).decode(errors="replace")
             try:
-                cp = json.loads(kv.value)
+                cp = json_depth.loads(kv.value)
                 covers, number = int(cp["log_seq"]), int(cp["checkpoint"])
             except (ValueError, RecursionError, KeyError, TypeError):
                 raise FailedPreconditionError(f"the mesh-wide log's checkpoint at {where} is unreadable") from None
@@ -573,7 +574,7 @@ class SharedLog:
         gone."""
         self._trimmed_at = time.monotonic()
         await self._publish_applied(force=True)
-        applied = [json.loads(kv.value) for kv in (await self._range(
+        applied = [json_depth.loads(kv.value) for kv in (await self._range(
             AUDIT_APPLIED.encode(), _prefix_end(AUDIT_APPLIED), limit=0)).kvs]
         if not applied:
             return 0

@@ -21,7 +21,6 @@ import asyncio
 import collections
 import contextlib
 import datetime
-import json
 import logging
 import math
 import os
@@ -47,7 +46,7 @@ from hivemesh.controlplane.audit.checkpoints import (
 from hivemesh.controlplane.audit.entries import Checked, checked_encoding, entry_line, read_flat
 from hivemesh.controlplane.audit.heads import KEY_CERT_PATH, HeadCadence, sign_head
 from hivemesh.controlplane.audit.query import CONTROLPLANE_KINDS, NODE_KINDS, AuditFilter
-from hivemesh.mesh import json_fast
+from hivemesh.mesh import json_depth, json_fast
 from hivemesh.mesh.audit.chain import GENESIS, canonical, link_fields_problem, parse_line, record_hash, seal
 from hivemesh.mesh.audit.record import FORMAT, short, utc_iso
 from hivemesh.mesh.errors import (
@@ -239,7 +238,7 @@ class AuditStore:
                     if not raw.endswith(b"\n"):
                         break
                     try:
-                        entry = json.loads(raw)
+                        entry = json_depth.loads(raw)
                         seq, head = int(entry["seq"]), str(entry["hash"])
                         self._stored(str(entry["source"]), _head_of(entry["record"]), good)
                     except (ValueError, KeyError, TypeError):
@@ -256,7 +255,7 @@ class AuditStore:
         if self.checkpoints_path.exists():
             for raw in self.checkpoints_path.read_bytes().splitlines():
                 with contextlib.suppress(ValueError, KeyError, TypeError):
-                    cp = json.loads(raw)
+                    cp = json_depth.loads(raw)
                     self._checkpoint_no = int(cp["checkpoint"])
                     self._checkpoint_sig = str(cp["sig"])
                     self._checkpoint_seq = int(cp["log_seq"])
@@ -264,7 +263,7 @@ class AuditStore:
         if self.heads_path.exists():
             for raw in self.heads_path.read_bytes().splitlines():
                 with contextlib.suppress(ValueError, KeyError, TypeError):
-                    head = json.loads(raw)
+                    head = json_depth.loads(raw)
                     if isinstance(head, dict) and isinstance(head["sig"], str):
                         self._head = head
                         self._cadence.signed_seq = int(head["log_seq"])
@@ -750,7 +749,7 @@ class AuditStore:
             return GENESIS
         for raw in self.lines(after_seq=seq - 1):
             try:
-                entry = json.loads(raw)
+                entry = json_depth.loads(raw)
             except (ValueError, RecursionError):
                 return None
             return str(entry.get("hash")) if isinstance(entry, dict) and entry.get("seq") == seq else None
@@ -900,7 +899,7 @@ class AuditStore:
         size = scanned = 0
         for raw in self.lines(after):
             try:
-                entry = json.loads(raw)
+                entry = json_depth.loads(raw)
             except (ValueError, RecursionError):
                 entry = None
             if entry is not None and flt.matches(entry):
@@ -923,7 +922,7 @@ class AuditStore:
         for raw in self.lines(flt.after_seq):
             seq += 1
             try:
-                entry = json.loads(raw)
+                entry = json_depth.loads(raw)
             except (ValueError, RecursionError):
                 continue
             if not flt.matches(entry):

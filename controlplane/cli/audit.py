@@ -31,6 +31,7 @@ from hivemesh.controlplane.audit.heads import trusted_key_from_cert, verify_head
 from hivemesh.controlplane.cli.authz import operator_trust_domain
 from hivemesh.controlplane.cli.context import CliContext, as_operator, err, friendly_errors, out, pass_cli
 from hivemesh.controlplane.cli.output import clean, escape, new_table
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.audit import DECISIONS, verify_chain
 from hivemesh.mesh.audit.chain import GENESIS, link_fields_problem
 from hivemesh.mesh.controlplane_client import ControlPlaneClient
@@ -58,7 +59,7 @@ def _entries(raw: list[bytes]) -> list[dict[str, Any]]:
 def _entry(raw: bytes) -> dict[str, Any]:
     """One entry as JSON; one the CLI's json cannot read (nested too deep) is shown as unreadable, not a crash."""
     try:
-        value = json.loads(raw)
+        value = json_depth.loads(raw)
     except (ValueError, RecursionError):
         value = None
     return value if isinstance(value, dict) else {"unreadable": raw[:128].decode("utf-8", "replace")}
@@ -397,7 +398,7 @@ def _export_head(raw: bytes) -> dict[str, Any]:
     if not raw:
         return {}
     try:
-        head = json.loads(raw)
+        head = json_depth.loads(raw)
     except (ValueError, RecursionError):
         head = None
     if not isinstance(head, dict):
@@ -413,7 +414,7 @@ def _pick_head(
     its end (so what is missing is named), else the latest."""
     end_seq, end_hash = 0, ""
     with contextlib.suppress(ValueError, IndexError, KeyError, TypeError):
-        last = json.loads(lines[-1])
+        last = json_depth.loads(lines[-1])
         end_seq, end_hash = int(last["seq"]), str(last["hash"])
     for head in heads:
         if head["log_seq"] == end_seq and head["head"] == end_hash:
@@ -503,7 +504,7 @@ def _spool_start(segments: list[Path]) -> tuple[int, str]:
     for seg in segments:
         for raw in _file_lines(seg):
             try:
-                first = json.loads(raw)
+                first = json_depth.loads(raw)
             except (ValueError, RecursionError):
                 return 1, GENESIS
             if isinstance(first, dict) and not link_fields_problem(first):

@@ -17,6 +17,7 @@ from hivemesh.controlplane.access import explain_access, spiffe_id
 from hivemesh.controlplane.cli.context import CliContext, err, friendly_errors, out, pass_cli, run_async
 from hivemesh.controlplane.cli.output import clean, new_table
 from hivemesh.controlplane.grants import Grant, GrantSet
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.authz import AuthzTable, compile_authz
 from hivemesh.mesh.layers.authn import ACTION_OF_METHOD
 from hivemesh.mesh.pki import parse_spiffe_id, spiffe_id_of
@@ -50,7 +51,7 @@ async def _load(obj: CliContext, settings: MeshSettings
         await c.close()
     async with ControlPlaneClient.from_certs_dir(settings.controlplane, obj.certs_dir) as cp:  # grants: its own
         stored = await PolicyClient(cp).list_policies("grants")
-    grants = GrantSet(Grant.from_doc({"name": p.name, **json.loads(p.spec_json)}) for p in stored)
+    grants = GrantSet(Grant.from_doc({"name": p.name, **json_depth.loads(p.spec_json)}) for p in stored)
     return (compile_authz({d.name: d for d in docs}), compile_providers({d.name: d for d in providers}), grants,
             await read_instances(settings.etcd_access()))
 

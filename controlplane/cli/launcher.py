@@ -41,6 +41,7 @@ from hivemesh.controlplane.etcd_certs import (
     write_etcd_trust,
 )
 from hivemesh.controlplane.metrics_sd import JOB_CONTROLPLANE, JOB_NODES, SD_DIR, ScrapeTarget, write_file_sd
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.advertise import ADVERTISE_ENV, LISTEN_ENV, advertised_host, check_host, join_host_port
 from hivemesh.mesh.audit.handshake.switch import child_environment
 from hivemesh.mesh.controlplane_client import ControlPlaneClient
@@ -951,7 +952,7 @@ def etcd_failure_reason(log: str) -> str | None:
         line = raw.strip()
         if line.startswith("{"):
             try:
-                entry = json.loads(line)
+                entry = json_depth.loads(line)
             except ValueError:
                 continue
             if not isinstance(entry, dict):

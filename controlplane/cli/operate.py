@@ -22,6 +22,7 @@ from hivemesh.controlplane.cli.context import (
 from hivemesh.controlplane.cli.inputs import read_text
 from hivemesh.controlplane.cli.output import clean, new_table
 from hivemesh.controlplane.joins import DEFAULT_TTL_S, MAX_TTL_S
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.tls import MAX_MESSAGE_BYTES
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ def _read_data(data: str | None) -> Any:
     if data.startswith("@"):
         data, source = read_text(data[1:], limit=MAX_DATA_BYTES, param_hint="--data")
     try:
-        return json.loads(data)
+        return json_depth.loads(data)
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"{source} is not valid JSON: {exc}", param_hint="--data") from None
     except (ValueError, RecursionError) as exc:  # an integer of thousands of digits; nesting past the stack

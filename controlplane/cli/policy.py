@@ -19,6 +19,7 @@ from hivemesh.controlplane.cli.inputs import read_text
 from hivemesh.controlplane.cli.output import CleanTable, clean, new_table
 from hivemesh.controlplane.cli.policy_client import PolicyClient
 from hivemesh.controlplane.policies import parse_documents, validate_documents
+from hivemesh.mesh import json_depth
 from hivemesh.v1 import policy_pb2
 
 _T = TypeVar("_T")
@@ -36,7 +37,7 @@ def _doc(p: policy_pb2.Policy) -> dict[str, Any]:
     if p.description:
         doc["description"] = p.description
     doc["version"] = p.version
-    doc["spec"] = json.loads(p.spec_json) if p.spec_json else {}
+    doc["spec"] = json_depth.loads(p.spec_json) if p.spec_json else {}
     return doc
 
 
@@ -152,7 +153,7 @@ def policy_kinds(obj: CliContext, as_json: bool) -> None:
     infos: list[policy_pb2.PolicyKindInfo] = _run(obj, lambda c: c.kinds())
     if as_json:
         click.echo(json.dumps([{"name": k.name, "description": k.description,
-                                "spec_schema": json.loads(k.spec_schema_json)} for k in infos], indent=2))
+                                "spec_schema": json_depth.loads(k.spec_schema_json)} for k in infos], indent=2))
         return
     table = new_table("kind", "description")
     for k in infos:

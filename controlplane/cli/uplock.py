@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hivemesh.controlplane.cli.localmesh import up_alive, when
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.settings import STATE_FILE
 
 LOCK_FILE = "up.lock"
@@ -29,7 +30,7 @@ class MeshAlreadyRunningError(RuntimeError):
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        raw = json.loads(path.read_text())
+        raw = json_depth.loads(path.read_text())
     except (OSError, ValueError):
         return None
     return raw if isinstance(raw, dict) else None

@@ -19,6 +19,7 @@ import click
 
 from hivemesh.controlplane.cli.context import CliContext, as_operator, err, friendly_errors, out, pass_cli, run_async
 from hivemesh.controlplane.cli.output import clean, escape, new_table
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.errors import FailedPreconditionError
 from hivemesh.mesh.keyspace import TERMINAL_RUN_STATES
 from hivemesh.mesh.settings import MeshSettings
@@ -352,7 +353,7 @@ def _parse_answer(answer: str | None) -> Any:
     if answer is None:
         return None
     try:
-        return json.loads(answer)
+        return json_depth.loads(answer)
     except json.JSONDecodeError:
         return answer  # a bare word or sentence is an answer too
 

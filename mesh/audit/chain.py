@@ -18,6 +18,8 @@ from typing import Any, Final
 
 import orjson
 
+from hivemesh.mesh import json_depth
+
 GENESIS: Final = "0" * 64
 """`prev` of a chain's first record."""
 MAX_SEQ: Final = 2**63 - 1
@@ -187,7 +189,7 @@ def check_link(entry: Any, state: ChainState, line: int) -> ChainProblem | None:
 
 def parse_line(raw: bytes | str) -> Any:
     """A stored line as JSON (ValueError when it is not)."""
-    return json.loads(raw)
+    return json_depth.loads(raw)
 
 
 def verify_chain(

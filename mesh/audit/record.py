@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
-import json
 import math
 import re
 import time
@@ -14,7 +13,7 @@ from typing import Any, Final
 
 import grpc
 
-from hivemesh.mesh import tracing
+from hivemesh.mesh import json_depth, tracing
 from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.layers.base import Inbound
 from hivemesh.mesh.pki import load_cert, uri_sans
@@ -138,7 +137,7 @@ def _unverified_token_ids(call: Inbound) -> dict[str, str]:
     if len(parts) != 3 or len(parts[1]) > 8192:
         return {}
     try:
-        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+        payload = json_depth.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
     except (ValueError, binascii.Error, RecursionError):  # a refused token's claims may be anything
         return {}
     if not isinstance(payload, dict):

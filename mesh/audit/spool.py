@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import re
@@ -22,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.audit.chain import GENESIS, seal
 from hivemesh.mesh.errors import AuditUnavailableError
 
@@ -123,7 +123,7 @@ class Spool:
                 if nl < 0:
                     break
                 try:
-                    rec = json.loads(data[pos:nl])
+                    rec = json_depth.loads(data[pos:nl])
                 except ValueError:
                     break
                 if not isinstance(rec, dict) or not isinstance(rec.get("seq"), int):

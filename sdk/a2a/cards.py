@@ -26,6 +26,7 @@ from a2a.utils.constants import PROTOCOL_VERSION_CURRENT, TransportProtocol
 from google.protobuf import struct_pb2
 from google.protobuf.json_format import ParseDict
 
+from hivemesh.mesh import json_depth
 from hivemesh.v1 import agent_pb2, mesh_pb2
 
 SCHEMAS_EXTENSION = "https://hivemesh.dev/a2a/skill-schemas/v1"
@@ -39,7 +40,7 @@ Offered = list[tuple[agent_pb2.Capability, tuple[str, ...]]]
 
 def _schema(text: str) -> Any:
     try:
-        return json.loads(text) if text else {}
+        return json_depth.loads(text) if text else {}
     except (json.JSONDecodeError, RecursionError):
         return {}
 

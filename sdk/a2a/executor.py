@@ -40,6 +40,7 @@ from google.protobuf import json_format
 from google.protobuf.json_format import MessageToDict, ParseDict
 from google.protobuf.struct_pb2 import Struct
 
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.errors import (
     FailedPreconditionError,
     HivemeshError,
@@ -218,7 +219,7 @@ def text_input(texts: list[str]) -> tuple[Any, str]:
     text part is UTF-8): "a lone surrogate at .text", which the caller is refused."""
     text = "\n".join(texts)
     try:
-        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+        value = json_depth.loads(text, parse_constant=_no_constant, parse_float=_finite)
     except (ValueError, RecursionError):  # not strict JSON (or nested past what json reads): plain text
         return {"text": text}, ""
     found = uncarried(value, numbers=False) if "\\u" in text else None

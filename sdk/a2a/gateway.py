@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.errors import HivemeshError
 from hivemesh.mesh.settings import MeshSettings
 from hivemesh.mesh.tls import Workload
@@ -302,7 +302,7 @@ def _check_json(body: bytes) -> JSONResponse | None:
             return None  # not enough brackets to nest that deep: no need to walk it
     else:
         try:
-            value = json.loads(body)
+            value = json_depth.loads(body)
         except RecursionError:
             return JSONResponse({"jsonrpc": "2.0", "id": None, "error": {
                 "code": PARSE_ERROR, "message": "parse error: the JSON is nested too deeply"}})

@@ -25,6 +25,7 @@ from a2a.server.tasks import InMemoryTaskStore, TaskStore
 from a2a.types.a2a_pb2 import ListTasksRequest, ListTasksResponse, Message, Part, Role, Task, TaskState
 from google.protobuf.message import DecodeError
 
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.errors import HivemeshError, InvalidInputError
 from hivemesh.mesh.keyspace import WORKFLOWS
 from hivemesh.mesh.pki import NAME_RE
@@ -94,7 +95,7 @@ class EtcdTaskStore(TaskStore):
         kv = await self._etcd.get(self.key(task_id))
         if kv is None:
             return None
-        envelope = json.loads(kv.value)
+        envelope = json_depth.loads(kv.value)
         if envelope.get("owner") != owner:
             return None
         task = Task()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -14,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hivemesh.mesh import tracing
+from hivemesh.mesh import json_depth, tracing
 from hivemesh.mesh.errors import (
     CancelledError,
     FailedPreconditionError,
@@ -309,7 +308,7 @@ class WorkflowEngine:
         span: tuple[tracing.Span, object] | None = None
         watch: PrefixCache[str] = PrefixCache(
             self.mesh.node.etcd, events_prefix(state.id),
-            decode=lambda _k, v: str(json.loads(v).get("type", "")),
+            decode=lambda _k, v: str(json_depth.loads(v).get("type", "")),
             on_change=lambda: cancel.set() if "cancel_requested" in watch.snapshot().values() else None,
         )
         try:

@@ -23,6 +23,7 @@ from typing import Any, Final
 
 import grpc
 
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.errors import (
     FailedPreconditionError,
     HivemeshError,
@@ -230,7 +231,7 @@ class WorkflowStore:
         out = []
         for kv in kvs:
             try:
-                event = json.loads(kv.value)
+                event = json_depth.loads(kv.value)
             except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                 log.warning("skipping unparsable workflow event %s", bytes(kv.key).decode(errors="replace"))
                 continue
@@ -322,7 +323,7 @@ class WorkflowStore:
         for kv in kvs:
             wid = bytes(kv.key)[len(INDEX):].decode(errors="replace")
             try:
-                out.append((wid, json.loads(kv.value) if kv.value else None))
+                out.append((wid, json_depth.loads(kv.value) if kv.value else None))
             except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                 out.append((wid, None))
         return out
@@ -382,7 +383,7 @@ class WorkflowStore:
         if kv is None:
             return None
         try:
-            value = json.loads(kv.value)
+            value = json_depth.loads(kv.value)
             return value if isinstance(value, dict) else None
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             return {"owner": "?"}

@@ -2,7 +2,9 @@
 input is, with the same clear error, never a RecursionError escaping to become an UNKNOWN status or a lost record.
 
 Python's json and PyYAML read nesting recursively, so a few kilobytes of `[` exhaust the interpreter's stack:
-they raise RecursionError, which is not a ValueError. The input guard always caught it; the parsers of tokens,
+they raise RecursionError, which is not a ValueError. (From Python 3.12 json's C recursion has a limit of its own,
+~10,000 levels; every reader goes through `hivemesh.mesh.json_depth`, which raises it past 900 on every
+interpreter.) The input guard always caught it; the parsers of tokens,
 payload signatures, tool arguments, A2A messages, state values, escalation answers and policy texts did not
 (the end-to-end refusals and their audit records are in tests/integration/test_negative_matrix.py)."""
 
@@ -22,6 +24,7 @@ from hivemesh.controlplane.escalations import _check_json
 from hivemesh.controlplane.grants import parse_grants_text
 from hivemesh.controlplane.policies import parse_documents
 from hivemesh.controlplane.state_service import _decode
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.audit.record import _unverified_token_ids
 from hivemesh.mesh.controlplane_endpoints import Advert
 from hivemesh.mesh.errors import InvalidInputError, SignatureInvalidError, TokenInvalidError
@@ -48,13 +51,14 @@ def _b64(data: bytes) -> str:
 
 
 def test_the_depth_is_past_what_json_and_yaml_read() -> None:
+    """On 3.11 json refuses it itself; from 3.12 it reads it, and the mesh's bound (`json_depth`) refuses it."""
     import yaml
 
     with pytest.raises(RecursionError):
-        json.loads(DEEP)
+        json_depth.loads(DEEP)
     with pytest.raises(RecursionError):
         yaml.safe_load(DEEP_YAML)
-    json.loads("[" * 200 + "]" * 200)  # and well below it, read: the refusals below are about depth
+    json_depth.loads("[" * 200 + "]" * 200)  # and well below it, read: the refusals below are about depth
 
 
 def test_a_token_whose_header_nests_too_deep_is_invalid() -> None:

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Final
 
+from hivemesh.mesh import json_depth
 from hivemesh.mesh.audit.handshake.events import HandshakeFailure, Listener
 from hivemesh.mesh.audit.handshake.tracelog import HandshakeLogParser
 
@@ -229,7 +230,7 @@ class StderrTee:
 
     def _dispatch(self, line: bytes) -> None:
         try:
-            obj = json.loads(line)
+            obj = json_depth.loads(line)
             failure = HandshakeFailure(local=str(obj["local"]), peer=str(obj["peer"]), error=str(obj["error"]))
         except (ValueError, KeyError, TypeError):
             return
