@@ -17,8 +17,6 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from hivemesh.mesh import json_depth
-
 SDK_AGENTS = {
     "ocr": ("hivemesh.agents.ocr", "OcrAgent"),
     "extractor": ("hivemesh.agents.extract", "ExtractorAgent"),
@@ -78,6 +76,7 @@ async def _serve_many(names: Sequence[str]) -> None:
     import os
     import signal
 
+    from hivemesh.mesh import json_depth
     from hivemesh.sdk import AgentServer, AgentServerConfig, MeshSettings
 
     base = MeshSettings.resolve()
