@@ -146,8 +146,11 @@ async def test_unary_calls_over_a_link_behave_as_unary_calls(
     decisions: list[tuple[str, str, grpc.StatusCode]] = []
     agent = Linked()
     async with _mesh(tmp_path, etcd_server.endpoint) as env, contextlib.AsyncExitStack() as stack:
+        # A port outside the ephemeral range: the restart below binds it again, and a port 0 gave could meanwhile
+        # be any outgoing connection's source port (seen once: "port ... is already in use").
         server = await stack.enter_async_context(AgentServer(agent, await env.settings_for("linked"), AgentServerConfig(
-            link=True, link_direct=False, observers=(_recorder(decisions),), audit_dir=tmp_path / "audit")))
+            link=True, link_direct=False, port=free_port(), observers=(_recorder(decisions),),
+            audit_dir=tmp_path / "audit")))
         plain = await stack.enter_async_context(AgentServer(Unlinked(), await env.settings_for("unlinked"),
                                                             AgentServerConfig(link=False, audit=False)))
         linked = await stack.enter_async_context(MeshClient.connect(

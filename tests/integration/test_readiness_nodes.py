@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from hivemesh.mesh.etcd import EtcdServer
 from hivemesh.mesh.pki import controlplane_dns_name, parse_spiffe_id
+from hivemesh.mesh.ports import free_port
 from hivemesh.mesh.registry import agent_key
 from hivemesh.mesh.sidecar import Sidecar, SidecarConfig
 from hivemesh.mesh.tls import channel_credentials, secure_channel
@@ -90,7 +91,7 @@ async def test_sidecar_health_follows_its_agent_its_registry_entry_and_its_drain
     mesh_env: MeshEnv, etcd: Any
 ) -> None:
     plain = PlainAgent("plain")
-    await plain.start()
+    await plain.start(free_port())  # restarted on the same port below: outside the ephemeral range
     restarted: grpc.aio.Server | None = None
     config = SidecarConfig(agent=plain.endpoint, health_listen="127.0.0.1:0", health_interval_s=INTERVAL_S)
     sidecar = Sidecar(config, await mesh_env.settings_for("plain"))

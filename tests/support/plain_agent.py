@@ -148,12 +148,14 @@ class PlainAgent(agent_pb2_grpc.AgentServicer):
             yield frame
 
     # --- lifecycle ----------------------------------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self, port: int = 0) -> None:
+        """Serve on 127.0.0.1:port (0: any free one). A test that restarts on the same port passes one from
+        `hivemesh.mesh.ports.free_port`, outside the ephemeral range no outgoing connection takes meanwhile."""
         # Messages up to 16 MiB, past the mesh's 8 MiB: what the mesh passes on is then the mesh's own limit.
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20),
                                           ("grpc.max_send_message_length", 16 << 20)])
         agent_pb2_grpc.add_AgentServicer_to_server(self, server)
-        self.port = server.add_insecure_port("127.0.0.1:0")
+        self.port = server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
         self._server = server
 
