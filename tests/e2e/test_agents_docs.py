@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import sys
 from collections.abc import AsyncIterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -496,7 +497,7 @@ async def test_storage_stores_dedups_and_reads_back(storage: StorageAgent) -> No
     assert stored["status"] == "stored" and stored["document"] == EXPECTED["invoice-001"]
     assert stored["errors"] == [] and stored["idempotency_key"] == "key-1"
     assert stored["line_items"] == EXPECTED["invoice-001"]["line_items"]
-    with sqlite3.connect(storage.db_path) as conn:
+    with closing(sqlite3.connect(storage.db_path)) as conn:
         assert conn.execute("SELECT COUNT(*) FROM documents").fetchone() == (4,)
         assert conn.execute("SELECT COUNT(*) FROM line_items WHERE document_id = ?", (first["id"],)).fetchone() == (3,)
         assert conn.execute("SELECT total, currency FROM documents WHERE id = ?", (first["id"],)).fetchone() == (
@@ -530,7 +531,7 @@ async def test_storage_replicas_sharing_a_file_store_a_key_once(tmp_path: Path) 
     outs = await asyncio.gather(*(replicas[i % 3].store(result, _ctx("same")) for i in range(12)))  # type: ignore[arg-type]
     assert sorted(o["status"] for o in outs) == ["duplicate"] * 11 + ["stored"]
     assert len({o["id"] for o in outs}) == 1
-    with sqlite3.connect(tmp_path / "shared.db") as conn:
+    with closing(sqlite3.connect(tmp_path / "shared.db")) as conn:
         assert conn.execute("SELECT COUNT(*) FROM documents").fetchone() == (1,)
         assert conn.execute("SELECT COUNT(*) FROM line_items").fetchone() == (3,)
 
@@ -559,7 +560,7 @@ async def test_storage_refuses_bad_input_and_writes_nothing(
         await storage.store(payload, _ctx("k"))
     assert field in _violations(exc), exc.value.field_violations
     if storage.db_path.exists():
-        with sqlite3.connect(storage.db_path) as conn:
+        with closing(sqlite3.connect(storage.db_path)) as conn:
             assert conn.execute("SELECT COUNT(*) FROM documents").fetchone() == (0,)
 
 
