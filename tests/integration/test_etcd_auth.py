@@ -21,6 +21,7 @@ from hivemesh.mesh.etcd import EtcdServer, EtcdTls, client, is_permission_denied
 from hivemesh.mesh.etcd_roles import MAX_COMMON_NAME, ensure_workload_user, etcd_user, prefix_end
 from hivemesh.mesh.pki import new_key_and_csr
 from tests.conftest import SessionCa
+from tests.support.orch_env import wait_until
 
 TD = "hivemesh.local"
 # prefix -> (agent 'a' may read, agent 'a' may write); the target of TEST_MATRIX H1.
@@ -296,6 +297,10 @@ async def test_writes_keep_working_while_the_control_plane_adds_users(
     try:
         for i in range(30):
             await ensure_workload_user(root, "agent", f"joiner-{i}")
+            # At least one write sent after this join (the one in flight may have gone before it), whatever the
+            # two take on a loaded machine: the count, not the writer's speed, makes the interleaving.
+            done = writes
+            await wait_until(lambda done=done: writes >= done + 2, 30, f"two writes after join {i}")
     finally:
         stop.set()
         await task
