@@ -136,9 +136,7 @@ class Peer:
 
     def cpu(self) -> dict[str, float]:
         """CPU seconds so far of every process this system's calls use, by label."""
-        out = {c.label: mesh_cost.cpu_seconds(c.pid) for c in self.processes}
-        out.update({label: mesh_cost.cpu_seconds(pid) for label, pid in self.shared.items()})
-        return out
+        return {label: mesh_cost.cpu_seconds(pid) for label, pid in self.pids().items()}
 
     def pids(self) -> dict[str, int]:
         """Every process this system's calls use, by label."""
