@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import re
-import resource
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from hivemesh.v1 import agent_pb2, audit_pb2
 from tests.support.a2a_rig import ToolsExecutor, serve_a2a, tools_card
 from tests.support.agents_for_tests import EchoAgent
 from tests.support.meshenv import MeshEnv, run_cli
+from tests.support.rlimits import limited
 from tests.support.spawn import REPO, _first_line, _spawn, _tail, child_env, stop
 
 pytestmark = pytest.mark.timeout(300)
@@ -192,27 +192,14 @@ async def test_a2a_register_prints_an_external_cards_name_cleaned(mesh_env: Mesh
 
 
 async def _bounded_cli(*args: str) -> tuple[int, str]:
-    """The real CLI in a child process allowed 2 GiB of address space: (exit code, stderr). With 1 GiB the child
-    once aborted in gRPC's poller ("epoll_wait error: Bad file descriptor", one full run in five), most likely out
-    of address space: gRPC's threads each reserve a stack and a malloc arena. What the test bounds is the file
-    read, which needs neither, so the limit has room for them and the arenas are capped. With 2 GiB it still
-    aborted so twice in the full runs of 6 Dec, after printing the refusal: gRPC's poller at the child's exit, not
-    the CLI's reading. Such a run is tried once more (only that signature: SIGABRT and gRPC's epoll error)."""
-    for _ in range(2):
-        code, err = await _bounded_cli_once(*args)
-        if not (code == -6 and "epoll_wait error" in err):
-            break
-    return code, err
-
-
-async def _bounded_cli_once(*args: str) -> tuple[int, str]:
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
-
+    """The real CLI in a child process allowed 2 GiB of address space: (exit code, stderr). What the test bounds
+    is the file read; the limit leaves room for gRPC's threads, each with a stack and a malloc arena (capped at
+    two). The limit is set by an exec wrapper (`tests.support.rlimits`): a preexec_fn had this gRPC-running
+    process fork, and the forked child died in gRPC's poller before its exec in about one full run in five."""
+    command = [sys.executable, "-m", "hivemesh.controlplane.cli", "--certs-dir", "/nonexistent", *args]
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "hivemesh.controlplane.cli", "--certs-dir", "/nonexistent", *args, cwd=REPO,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, preexec_fn=limit,
-        env={**os.environ, "MALLOC_ARENA_MAX": "2"})
+        *limited(command, address_space=2 << 30), cwd=REPO, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "MALLOC_ARENA_MAX": "2"})
     try:
         _, err = await asyncio.wait_for(proc.communicate(), 60)
     finally:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import resource
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from hivemesh.controlplane.ca import CaFiles, init_ca, load_ca
 from hivemesh.mesh.tls import channel_credentials, server_credentials
+from tests.support.rlimits import limited
 
 TD = "hivemesh.local"
 CA_PENDING = ".ca-in-progress"
@@ -41,18 +41,12 @@ NO_OPERATOR_PEM = ("ca.key", "operator.key", "controlplane.key", "ca.pem", ".ope
 def _certs_init(certs: Path, *args: str, max_file_bytes: int = 0) -> subprocess.CompletedProcess[str]:
     """`hivemesh --certs-dir certs certs init ARGS` in a child process; max_file_bytes > 0 limits the size of each
     file it writes (RLIMIT_FSIZE: a write past it fails with EFBIG, as on a disk that fills up)."""
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
-
     env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEMESH_")}
-    # GRPC_VERBOSITY=NONE: the tests compare the CLI's own stderr; gRPC's event engine once logged an epoll_wait
-    # EBADF from its poller thread as the child exited under a full CI run (not the CLI's doing, nor its message).
+    command = [sys.executable, "-m", "hivemesh.controlplane.cli", "--home", str(certs.parent / "home"),
+               "--certs-dir", str(certs), "certs", "init", *args]
     return subprocess.run(
-        [sys.executable, "-m", "hivemesh.controlplane.cli", "--home", str(certs.parent / "home"), "--certs-dir",
-         str(certs), "certs", "init", *args],
-        capture_output=True, text=True, env={**env, "COLUMNS": "4000", "GRPC_VERBOSITY": "NONE"}, timeout=120,
-        check=False,
-        preexec_fn=limit if max_file_bytes else None,
+        limited(command, file_bytes=max_file_bytes), capture_output=True, text=True,
+        env={**env, "COLUMNS": "4000"}, timeout=120, check=False,
     )
 
 

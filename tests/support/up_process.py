@@ -18,18 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.rlimits import limited
 from tests.support.waiting import until
 
 HIVEMESH = [sys.executable, "-m", "hivemesh.controlplane.cli"]
-
-_LIMITED = (
-    "import os, resource, signal, sys\n"
-    "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"  # the write past the limit fails instead of killing
-    "resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))\n"
-    "os.execv(sys.argv[2], sys.argv[2:])\n"
-)
-"""Runs argv[2:] with every file it writes limited to argv[1] bytes (the ignored SIGXFSZ is inherited by exec)."""
-
 
 class Up:
     """One `hivemesh up` child."""
@@ -44,8 +36,8 @@ class Up:
         env.update(XDG_STATE_HOME=str(tmp_path / "xdg"), PYTHONUNBUFFERED="1", COLUMNS="4000")
         command = [*HIVEMESH, "--home", str(tmp_path / "home"), "--certs-dir", str(certs or tmp_path / "certs"),
                    "up", *args]
-        if max_file_bytes:  # set in a small exec wrapper (not preexec_fn: this process runs reader threads)
-            command = [sys.executable, "-c", _LIMITED, str(max_file_bytes), *command]
+        if max_file_bytes:
+            command = limited(command, file_bytes=max_file_bytes)
         self.proc = subprocess.Popen(command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      process_group=0 if own_group else None)
         self.lines: list[str] = []
