@@ -49,7 +49,10 @@ HEADER = struct.Struct(">I")
 PEMS: dict[str, bytes] = {}
 """The certificate's and key's bytes by path, read before the event loop runs."""
 OPTS: dict[str, Any] = {"work_us": 0.0, "loop": "asyncio"}
-"""--work-us and --loop, set before the server processes fork."""
+"""--work-us and --loop, handed to each server process as it starts."""
+SPAWN = mp.get_context("spawn")
+"""Server processes start as fresh interpreters: by the time of a later round this driver has run gRPC's threads,
+and a fork() of it may die in gRPC's fork handlers (tests/support/rlimits.py)."""
 
 
 def _run(main: Coroutine[Any, Any, Any]) -> Any:
@@ -146,6 +149,12 @@ class _Echo(asyncio.BufferedProtocol):
         _echo(self.framed.take(nbytes), self.transport.write)
 
 
+def _serving(serve: Callable[[str, str, Any], None], opts: dict[str, Any], cert: str, key: str, port: Any) -> None:
+    """A server process's entry: the driver's options, then the pipe's server."""
+    OPTS.update(opts)
+    serve(cert, key, port)
+
+
 def _serve_tls(cert: str, key: str, port: Any) -> None:
     async def main() -> None:
         server = await asyncio.get_running_loop().create_server(_Echo, "127.0.0.1", 0,
@@ -217,7 +226,7 @@ class _TlsThread(threading.Thread):
                     while True:
                         room = framed.room()
                         try:
-                            n = tls.read(len(room), room)
+                            n: int = tls.read(len(room), room)  # type: ignore[assignment]  # a count, given a buffer
                         except ssl.SSLWantReadError:
                             break
                         if not n:
@@ -415,7 +424,7 @@ async def _call_grpc(cert: str, key: str, port: int, size: int, seconds: float) 
             while True:
                 yield await queue.get()
 
-        call = channel.stream_stream("/bench.Echo/Link")(requests())
+        call: Any = channel.stream_stream("/bench.Echo/Link")(requests())
         for _ in range(INFLIGHT):
             queue.put_nowait(message)
         started = time.perf_counter()
@@ -459,8 +468,8 @@ def main() -> None:
         pipes = [known[key] for key in opts.pipes]
         for rnd in range(opts.rounds):
             for name, serve, call in pipes[rnd % len(pipes):] + pipes[:rnd % len(pipes)]:
-                port: Any = mp.Queue()
-                server = mp.Process(target=serve, args=(cert, key, port), daemon=True)
+                port: Any = SPAWN.Queue()
+                server = SPAWN.Process(target=_serving, args=(serve, dict(OPTS), cert, key, port), daemon=True)
                 server.start()
                 bound = port.get(timeout=30)
                 before_server, before = _cpu_s(server.pid or 0), resource.getrusage(resource.RUSAGE_SELF)
