@@ -182,10 +182,13 @@ def _children(pid: int) -> list[str]:
 
 
 async def _wait_status(env: MeshEnv, name: str, state: str) -> dict[str, Any] | None:
-    """The node's `hivemesh status` entry once its handshake audit state starts with state (or the last seen):
-    waited for in-process, then read through the CLI once."""
+    """The node's `hivemesh status` entry once its handshake audit state starts with state and no port of it is
+    still starting (or the last seen): waited for in-process, then read through the CLI once. A node audits its
+    gRPC port and its direct-link port, each proven by its own probe, so "live" alone can be followed by the other
+    port's "; port N: starting" for a moment (seen once in a full run)."""
     await wait_traffic_status(env, lambda nodes: any(
-        n.identity.endswith(f"/agent/{name}") and n.handshake_audit.startswith(state) for n in nodes))
+        n.identity.endswith(f"/agent/{name}") and n.handshake_audit.startswith(state)
+        and "starting" not in n.handshake_audit for n in nodes))
     return await _node_status(env, name)
 
 
