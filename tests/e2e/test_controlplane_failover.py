@@ -27,7 +27,7 @@ from hivemesh.mesh.etcd import EtcdServer
 from hivemesh.mesh.keyspace import CONTROLPLANE_LEADER
 from hivemesh.mesh.tls import join
 from tests.support.meshenv import DEFAULT_GRANTS, TRUST_DOMAIN, copy_session_ca
-from tests.support.spawn import REPO, stop
+from tests.support.spawn import REPO, freeze, stop
 
 TTL_S = 2
 AUDIENCE = f"spiffe://{TRUST_DOMAIN}/agent/echo"
@@ -159,7 +159,7 @@ async def test_leader_frozen_then_killed_tokens_and_certificates_keep_coming(
 
         # 1. Freeze the leader: the other takes over within the TTL (plus a poll), calls move to it.
         frozen_at = time.monotonic()
-        os.kill(by_addr[first][0].pid, signal.SIGSTOP)
+        freeze(by_addr[first][0].pid)
         took_over = await _until_leader(etcd, adverts, other, frozen_at, TTL_S + 2.5)
         await served_since(frozen_at + took_over)
         assert client.address == other and client.failovers + client.hedges >= 1

@@ -26,6 +26,7 @@ from hivemesh.mesh.registry import agent_key
 from hivemesh.sdk import Agent, AgentServer, MeshClient, capability
 from tests.support.agents_for_tests import EchoAgent, Text
 from tests.support.meshenv import MeshEnv, start_mesh_env, stop_mesh_env
+from tests.support.spawn import freeze
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +240,7 @@ async def test_a_replica_paused_past_its_lease_gets_no_calls_then_registers_agai
 
         assert paused.proc.pid is not None
         try:
-            os.kill(paused.proc.pid, signal.SIGSTOP)
+            freeze(paused.proc.pid)
             frozen = time.monotonic()
             gone = await _wait_until(lambda: not listed(), LEASE_TTL_S + 2, "the frozen replica to leave")
             # The loops' callers may all be waiting out calls the frozen replica holds: these start now, for sure.
@@ -292,7 +293,7 @@ async def test_a_frozen_replica_is_avoided_once_the_calls_it_held_time_out(
         outcomes, served = loops.outcomes, loops.served
         assert paused.proc.pid is not None
         try:
-            os.kill(paused.proc.pid, signal.SIGSTOP)
+            freeze(paused.proc.pid)
             frozen = time.monotonic()
             first = await _wait_until(lambda: any(o.served_by is None for o in outcomes), 5,
                                       "a call the frozen replica held to time out")

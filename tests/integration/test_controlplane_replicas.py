@@ -28,6 +28,7 @@ from hivemesh.mesh.trustdoc import verify_jwks
 from hivemesh.sdk import MeshClient
 from hivemesh.v1 import trust_pb2
 from tests.support.meshenv import TRUST_DOMAIN, MeshEnv, run_cli
+from tests.support.spawn import freeze
 
 AUDIENCE = f"spiffe://{TRUST_DOMAIN}/agent/echo"
 
@@ -165,7 +166,7 @@ async def test_a_leader_cut_off_from_etcd_steps_down_on_its_own_clock(own_etcd: 
         assert (await c1.transaction(compare=a.fence(), success=[], failure=[]))[0]  # the fence holds while a leads
 
         paused = time.monotonic()
-        os.kill(pid, signal.SIGSTOP)
+        freeze(pid)
 
         async def a_stepped_down() -> bool:
             return not a.is_leader

@@ -38,6 +38,7 @@ from hivemesh.mesh.revocation import subject_revoked
 from hivemesh.v1.agent_pb2 import AgentCard, Capability
 from hivemesh.v1.mesh_pb2 import AgentInstance
 from tests.conftest import SessionCa
+from tests.support.spawn import freeze
 from tests.support.waiting import until
 
 pytestmark = pytest.mark.slow
@@ -98,7 +99,7 @@ async def test_a_keepalive_to_a_frozen_member_is_rescued_within_the_ttl(cluster:
         await _reaches_every_member(await reg._get_client(), cluster)  # the registration's own channel
         await _reaches_every_member(elector, cluster)
         await _reaches_every_member(root, cluster)  # the control plane's requests below
-        os.kill(frozen.pid, signal.SIGSTOP)
+        freeze(frozen.pid)
         frozen_at = time.monotonic()
         while reg.keepalive_rescues < 1:
             assert time.monotonic() - frozen_at < 15, f"no keepalive was rescued: {reg.last_error!r}"
@@ -204,7 +205,7 @@ async def test_a_hedged_read_gets_through_the_election_when_the_frozen_member_le
             leader = (await root.status()).leader.name
             frozen = next(m for m in cluster.members if m.name == leader)
             assert frozen.pid is not None
-            os.kill(frozen.pid, signal.SIGSTOP)
+            freeze(frozen.pid)
             elections += 1
             began = time.monotonic()
             got = await hedged.run(lambda etcd: etcd.get(b"/hivemesh/grants/probe"))
@@ -277,7 +278,7 @@ async def test_an_audit_copy_catches_up_on_the_shared_log_through_a_frozen_membe
         await writer.start()
         await copy.start()
         await _reaches_every_member(root, cluster)  # else round robin may hand the frozen member nothing
-        os.kill(frozen.pid, signal.SIGSTOP)
+        freeze(frozen.pid)
         slowest = 0.0
         for _ in range(6):  # three reads per catch-up: round robin hands the frozen member some of them
             lines = []
@@ -322,7 +323,7 @@ async def test_audit_commits_get_through_a_frozen_member(cluster: EtcdCluster, t
     rounds = 3
     try:
         await store.start()
-        os.kill(frozen.pid, signal.SIGSTOP)
+        freeze(frozen.pid)
         slowest = 0.0
         for i in range(rounds):
             lines = []
@@ -389,7 +390,7 @@ async def test_audit_progress_and_trimming_get_through_a_frozen_member(cluster: 
 
     try:
         await store.start()
-        os.kill(frozen.pid, signal.SIGSTOP)
+        freeze(frozen.pid)
         for _ in range(3):
             seq += 1
             line, prev = seal({"v": 1, "kind": "inbound", "node": node, "trace_id": f"t{seq}"}, seq, prev)

@@ -18,6 +18,7 @@ from hivemesh.sdk.patterns import Branch, FanOut, PatternResult, Runner
 from hivemesh.sdk.workflow import WorkflowEngine
 from tests.support.meshenv import start_mesh_env, stop_mesh_env
 from tests.support.orch_agents import WorkerAgent
+from tests.support.spawn import freeze
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -63,7 +64,7 @@ async def test_an_etcd_pause_during_a_branch_is_replayed_not_recorded_as_that_br
                           for e in await engine.store.events(handle.id)):  # upper's answer is journaled: only
                 assert time.monotonic() < deadline, "the upper branch's answer was never journaled"  # nap's fails
                 await asyncio.sleep(0.05)
-            os.kill(pid, signal.SIGSTOP)
+            freeze(pid)
             stopped = True
             await asyncio.sleep(PAUSE_S)  # the fault itself: the nap answers at 3 s; its journal write fails
             os.kill(pid, signal.SIGCONT)

@@ -33,6 +33,7 @@ from hivemesh.v1 import agent_pb2_grpc, trust_pb2
 from tests.support.agents_for_tests import EchoAgent
 from tests.support.meshenv import TRUST_DOMAIN, MeshEnv, start_mesh_env, stop_mesh_env
 from tests.support.plain_agent import PlainAgent
+from tests.support.spawn import freeze
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -211,7 +212,7 @@ async def test_controlplane_health_follows_etcd_and_reflection_lists_every_servi
 
         # etcd stops answering (the process paused): not serving; it answers again: serving.
         assert own_etcd.pid is not None
-        os.kill(own_etcd.pid, signal.SIGSTOP)
+        freeze(own_etcd.pid)
         paused = True
         await _becomes([probe, mtls], NOT_SERVING, "NOT_SERVING with etcd paused")
         assert "etcd" in cp.readiness.problems

@@ -23,6 +23,7 @@ from hivemesh.mesh.watch_channel import WatchChannel, open_channels
 from tests.conftest import SessionCa
 from tests.support.meshenv import TRUST_DOMAIN, controlplane_access
 from tests.support.sockets import connections_to as _connections_to
+from tests.support.spawn import freeze
 from tests.support.waiting import until as _until
 
 P = "/hivemesh/test-watch-channel/"
@@ -137,7 +138,7 @@ async def test_a_paused_member_replaces_the_shared_connection_and_every_cache_re
         channel = _channel_with(n)
         assert channel.clients_opened == 1
 
-        os.kill(pid, signal.SIGSTOP)  # TCP stays up, nothing answers: only the shared probe can notice
+        freeze(pid)  # TCP stays up, nothing answers: only the shared probe can notice
         try:
             assert await _until(lambda: channel.probe_failures >= 1 and not any(c.connected for c in caches), 5)
         finally:

@@ -27,6 +27,7 @@ from hivemesh.sdk import MeshClient
 from hivemesh.sdk.escalation import EscalationClient, EscalationInfo
 from hivemesh.sdk.workflow import WorkflowEngine, WorkflowRun, escalation_id_for
 from tests.support.meshenv import start_mesh_env, stop_mesh_env
+from tests.support.spawn import freeze
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -83,7 +84,7 @@ async def test_a_run_waiting_for_a_person_survives_an_etcd_pause_and_applies_the
             await _until(lambda: _state_is(engine, wid, "INPUT_REQUIRED"), 20, "INPUT_REQUIRED")
             operator = EscalationClient(env.operator, timeout_s=3.0)
 
-            os.kill(pid, signal.SIGSTOP)
+            freeze(pid)
             stopped, paused_at = True, time.monotonic()
             approval = asyncio.ensure_future(_approve(operator, escalation_id_for(wid, "approve")))
             await asyncio.sleep(PAUSE_S)  # the fault itself: etcd stopped for longer than the owner lease
