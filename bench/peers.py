@@ -14,7 +14,9 @@ work a window leaves behind, such as a mesh's audit records still being stored, 
 and its CPU is counted until the machine settles after it, for every process the system's calls use (hivemesh's:
 the caller, the agent, the control plane, which stores the audit, and etcd). Rounds interleave the systems (and
 bench/mesh_cost.py's internal paths, measured in the same run with its own code), starting from a different one
-each round; figures are medians over rounds; ratios compare systems within this run only.
+each round; figures are medians over rounds; ratios compare systems within this run only. Before and after each
+window, bench/host_speed.py probes how fast the host itself runs (it swings by up to 2x within minutes here, with
+no steal), and the report gives that beside each system's calls/s.
 
     .venv/bin/python bench/peers.py                 # full run (3 rounds, ~6 min on 2 cores)
     .venv/bin/python bench/peers.py --quick         # smoke run (1 round, short windows, ~2 min)
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import host_speed
 import mesh_cost
 import peer_load
 
@@ -231,6 +234,7 @@ class PeersBench(mesh_cost.Bench):
         await peer.client.command({"op": "warmup", "size": size, "n": o.warmup, "max_s": 60.0}, 90.0)
         for conc in o.concurrency:
             cmd = {"op": "run", "size": size, "concurrency": conc, "seconds": o.seconds, "max_calls": o.max_calls}
+            host_before = host_speed.probe()  # before settling: the probes' own CPU is not the window's
             settled_s, settled = await settle()
             before = peer.cpu()
             (busy0, _, steal0), wall0, sched0 = mesh_cost.system_cpu_seconds(), time.monotonic(), peer.sched()
@@ -238,6 +242,7 @@ class PeersBench(mesh_cost.Bench):
             (busy1, _, steal1), wall1, sched1 = mesh_cost.system_cpu_seconds(), time.monotonic(), peer.sched()
             settled_after_s, settled_after = await settle()  # the window's own leftover work is its calls' too
             after = peer.cpu()
+            host_after = host_speed.probe()
             if result["failed"]:
                 raise RuntimeError(f"{TITLES[peer.key]} at {conc} in flight, {size} B: errors {result['errors']}")
             calls = max(1, result["calls"])
@@ -252,6 +257,8 @@ class PeersBench(mesh_cost.Bench):
                                 for k in sched0},
                 "settle_s": [round(settled_s, 2), round(settled_after_s, 2)],
                 "settled": [settled, settled_after],
+                # The host's speed just before and just after the window (bench/host_speed.py).
+                "host": [host_before, host_after],
             })
             log.info("round %d %-22s %6d B @%-2d %8.0f calls/s  p50 %8.0f µs  p99 %8.0f µs", rnd + 1,
                      TITLES[peer.key], size, conc, result["calls_per_s"], result["p50_us"], result["p99_us"])
@@ -349,6 +356,40 @@ def _goals(summary: dict[str, Any], systems: Sequence[str], sizes: Sequence[int]
     return [*out, ""]
 
 
+HOST_RATES = (("aes_gbs", "AES-GCM GB/s"), ("copy_gbs", "copy GB/s"), ("python_mops", "Python M turns/s"))
+
+
+def _host_rate(sample: dict[str, Any], rate: str) -> float:
+    """The host's speed by one probe around a window: the mean of the probes before and after it."""
+    return statistics.fmean(h[rate] for h in sample["host"])
+
+
+def _host_table(samples: Sequence[dict[str, Any]], systems: Sequence[str], sizes: Sequence[int],
+                conc: int) -> list[str]:
+    """How fast the host itself ran around each system's windows at conc (bench/host_speed.py's probes, medians
+    over rounds), beside the system's calls/s: a ratio between systems measured at different host speeds
+    compares the host too. The spread over all windows of the run closes the table."""
+    with_host = [s for s in samples if "host" in s]
+    if not with_host:
+        return []
+    rows = []
+    for key in systems:
+        for size in sizes:
+            cells = [s for s in with_host if s["system"] == key and s["size"] == size and s["concurrency"] == conc]
+            if cells:
+                rates = [f"{statistics.median(_host_rate(c, r) for c in cells):.2f}" for r, _ in HOST_RATES]
+                rows.append(f"| {TITLES[key]} | {mesh_cost._size_name(size)} | "
+                            f"{mesh_cost._fmt(statistics.median(c['calls_per_s'] for c in cells))} | "
+                            f"{' | '.join(rates)} |")
+    spread = "; ".join(
+        f"{title} {min(_host_rate(s, r) for s in with_host):.2f}–{max(_host_rate(s, r) for s in with_host):.2f}"
+        for r, title in HOST_RATES)
+    return ["", f"#### The host's speed around each system's windows @{conc} (bench/host_speed.py, medians over "
+            "rounds)\n",
+            "| system | payload | calls/s | " + " | ".join(t for _, t in HOST_RATES) + " |",
+            "|---|---|---|---|---|---|", *rows, "", f"Over every window of the run: {spread}.", ""]
+
+
 def _sched_table(samples: Sequence[dict[str, Any]], systems: Sequence[str], sizes: Sequence[int],
                  conc: int) -> list[str]:
     """Each system's processes in its windows at conc: cores running, and cores runnable but waiting for one
@@ -403,6 +444,7 @@ def report_text(data: dict[str, Any]) -> str:
     )
     text += render(summarize(data["peer_samples"]), o["systems"], o["sizes"], o["concurrency"], data["peer_samples"])
     text += "\n".join(_sched_table(data["peer_samples"], o["systems"], o["sizes"], max(o["concurrency"])))
+    text += "\n".join(_host_table(data["peer_samples"], o["systems"], o["sizes"], max(o["concurrency"])))
     if data.get("internal_samples"):
         paths = mesh_cost._path_infos({"paths": data["internal_paths"], "samples": data["internal_samples"]})
         io = data["internal_options"]

@@ -1,0 +1,97 @@
+"""How fast this host runs right now, by three short probes a benchmark takes before each window.
+
+On a shared machine the same code ran a quarter to a half slower in some stretches than in others, every process
+alike, with the hypervisor's steal at zero: a busy sibling thread of the same physical core, or a busy memory
+system, slows a vCPU without taking it away. This machine has no hardware counters to show it, so these probes
+measure it directly, each on this thread's CPU time (waiting for a core does not count, running slowly does):
+
+- `aes_gbs`: AES-128-GCM over 64 KiB (the `cryptography` package's OpenSSL), the cipher a TLS record pays for;
+- `copy_gbs`: copying 1 MiB in memory, as TLS and the socket do with every payload;
+- `python_mops`: a fixed piece of pure-Python work (dict, str and int operations), in millions of loop turns a
+  second, as the mesh's own per-call code is.
+
+Each probe repeats its work for about `budget_s` of wall time and reports the median rate over its repetitions.
+A window measured when these read lower than usual ran on a slower host; comparing systems measured in windows at
+different host speeds compares the host, too. Run alone, `python bench/host_speed.py` prints a few probes.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+AES_BYTES = 64 * 1024
+COPY_BYTES = 1024 * 1024
+_PY_TURNS = 2_000
+
+
+class _Probes:
+    """The probes' inputs, made (and each probe run a few times: the first runs are slower, with cold caches and
+    the interpreter not yet specialized) at the first `probe`, so importing this module costs nothing."""
+
+    def __init__(self) -> None:
+        self.aead = AESGCM(bytes(16))
+        self.plain = os.urandom(AES_BYTES)
+        self.source = bytearray(os.urandom(COPY_BYTES))
+        self.target = bytearray(COPY_BYTES)
+        for work in (self.aes, self.copy, self.python):
+            for _ in range(20):
+                work()
+
+    def aes(self) -> None:
+        self.aead.encrypt(bytes(12), self.plain, None)
+
+    def copy(self) -> None:
+        self.target[:] = self.source
+
+    @staticmethod
+    def python() -> None:
+        d: dict[str, int] = {}
+        for i in range(_PY_TURNS):
+            key = "k" + str(i & 63)
+            d[key] = d.get(key, 0) + i
+
+
+_probes: _Probes | None = None
+
+
+def _rate(work: Callable[[], None], units: float, budget_s: float) -> float:
+    """Median units per CPU second of this thread over repetitions of work within budget_s of wall time (at
+    least 5 repetitions, at most 10,000)."""
+    rates: list[float] = []
+    end = time.perf_counter() + budget_s
+    while len(rates) < 10_000 and (len(rates) < 5 or time.perf_counter() < end):
+        start = time.thread_time_ns()
+        work()
+        took = time.thread_time_ns() - start
+        if took > 0:
+            rates.append(units * 1e9 / took)
+    return statistics.median(rates) if rates else 0.0
+
+
+def probe(budget_s: float = 0.03) -> dict[str, float]:
+    """The three rates now: AES-GCM and copy in GB/s, Python in millions of loop turns a second."""
+    global _probes
+    if _probes is None:
+        _probes = _Probes()
+    p = _probes
+    return {
+        "aes_gbs": round(_rate(p.aes, AES_BYTES / 1e9, budget_s), 3),
+        "copy_gbs": round(_rate(p.copy, COPY_BYTES / 1e9, budget_s), 3),
+        "python_mops": round(_rate(p.python, _PY_TURNS / 1e6, budget_s), 3),
+    }
+
+
+def main() -> int:
+    for _ in range(int(sys.argv[1]) if len(sys.argv) > 1 else 5):
+        sys.stdout.write(f"{probe()}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
