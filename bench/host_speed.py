@@ -10,7 +10,9 @@ measure it directly, each on this thread's CPU time (waiting for a core does not
 - `python_mops`: a fixed piece of pure-Python work (dict, str and int operations), in millions of loop turns a
   second, as the mesh's own per-call code is.
 
-Each probe repeats its work for about `budget_s` of wall time and reports the median rate over its repetitions.
+Each probe repeats its work for about `budget_s` of wall time and reports the median rate over its repetitions;
+`python_rate` runs the Python probe once, for sampling during a window (here the host's speed flipped between two
+levels, ~6.7 and ~3.3, within a second, on either vCPU: 6 Dec, 80 samples of each vCPU, half of them slow).
 A window measured when these read lower than usual ran on a slower host; comparing systems measured in windows at
 different host speeds compares the host, too. Run alone, `python bench/host_speed.py` prints a few probes.
 """
@@ -85,6 +87,18 @@ def probe(budget_s: float = 0.03) -> dict[str, float]:
         "copy_gbs": round(_rate(p.copy, COPY_BYTES / 1e9, budget_s), 3),
         "python_mops": round(_rate(p.python, _PY_TURNS / 1e6, budget_s), 3),
     }
+
+
+def python_rate() -> float:
+    """One run of the Python probe (~0.3 ms on this machine), in millions of loop turns a CPU second: cheap enough
+    to take every 100 ms during a window, where the host's speed flips within a second."""
+    global _probes
+    if _probes is None:
+        _probes = _Probes()
+    start = time.thread_time_ns()
+    _probes.python()
+    took = time.thread_time_ns() - start
+    return _PY_TURNS * 1e3 / took if took > 0 else 0.0
 
 
 def main() -> int:

@@ -158,6 +158,18 @@ async def settle(max_s: float = SETTLE_MAX_S) -> tuple[float, bool]:
     return await mesh_cost.wait_idle(max_s, SETTLE_BUSY_CORES)
 
 
+HOST_SAMPLE_S = 0.1
+"""How often the driver, idle during a window, runs host_speed's Python probe (~0.3 ms: ~0.3% of a core)."""
+
+
+async def _sample_host(done: asyncio.Event, out: list[float]) -> None:
+    """Sample the host's speed every HOST_SAMPLE_S into out until done is set."""
+    while not done.is_set():
+        out.append(host_speed.python_rate())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), HOST_SAMPLE_S)
+
+
 class PeersBench(mesh_cost.Bench):
     """mesh_cost's mesh (etcd, control plane, internal paths) plus the three systems, measured interleaved."""
 
@@ -238,7 +250,13 @@ class PeersBench(mesh_cost.Bench):
             settled_s, settled = await settle()
             before = peer.cpu()
             (busy0, _, steal0), wall0, sched0 = mesh_cost.system_cpu_seconds(), time.monotonic(), peer.sched()
-            result = await peer.client.command(cmd, o.seconds + 60)
+            done, inside = asyncio.Event(), []
+            sampler = asyncio.create_task(_sample_host(done, inside))
+            try:
+                result = await peer.client.command(cmd, o.seconds + 60)
+            finally:
+                done.set()
+                await sampler
             (busy1, _, steal1), wall1, sched1 = mesh_cost.system_cpu_seconds(), time.monotonic(), peer.sched()
             settled_after_s, settled_after = await settle()  # the window's own leftover work is its calls' too
             after = peer.cpu()
@@ -259,6 +277,8 @@ class PeersBench(mesh_cost.Bench):
                 "settled": [settled, settled_after],
                 # The host's speed just before and just after the window (bench/host_speed.py).
                 "host": [host_before, host_after],
+                # And during it: the Python probe every HOST_SAMPLE_S (bench/host_speed.py).
+                "host_in_window": [round(x, 3) for x in inside],
             })
             log.info("round %d %-22s %6d B @%-2d %8.0f calls/s  p50 %8.0f µs  p99 %8.0f µs", rnd + 1,
                      TITLES[peer.key], size, conc, result["calls_per_s"], result["p50_us"], result["p99_us"])
@@ -364,30 +384,48 @@ def _host_rate(sample: dict[str, Any], rate: str) -> float:
     return statistics.fmean(h[rate] for h in sample["host"])
 
 
+SLOW_BELOW = 0.75
+"""A sample of the host's speed in a window is slow below this share of the run's fast level (the 90th percentile
+of every sample taken in the run's windows): here the host's speed sat at one of two levels, about 2x apart."""
+
+
+def _slow_share(inside: Sequence[float], fast: float) -> float:
+    return sum(x < SLOW_BELOW * fast for x in inside) / len(inside) if inside else 0.0
+
+
 def _host_table(samples: Sequence[dict[str, Any]], systems: Sequence[str], sizes: Sequence[int],
                 conc: int) -> list[str]:
-    """How fast the host itself ran around each system's windows at conc (bench/host_speed.py's probes, medians
-    over rounds), beside the system's calls/s: a ratio between systems measured at different host speeds
+    """How fast the host itself ran around and during each system's windows at conc (bench/host_speed.py's probes,
+    medians over rounds), beside the system's calls/s: a ratio between systems measured at different host speeds
     compares the host too. The spread over all windows of the run closes the table."""
     with_host = [s for s in samples if "host" in s]
     if not with_host:
         return []
+    everything = sorted(x for s in with_host for x in s.get("host_in_window", ()))
+    fast = everything[int(0.9 * (len(everything) - 1))] if everything else 0.0
     rows = []
     for key in systems:
         for size in sizes:
             cells = [s for s in with_host if s["system"] == key and s["size"] == size and s["concurrency"] == conc]
-            if cells:
-                rates = [f"{statistics.median(_host_rate(c, r) for c in cells):.2f}" for r, _ in HOST_RATES]
-                rows.append(f"| {TITLES[key]} | {mesh_cost._size_name(size)} | "
-                            f"{mesh_cost._fmt(statistics.median(c['calls_per_s'] for c in cells))} | "
-                            f"{' | '.join(rates)} |")
+            if not cells:
+                continue
+            around = [f"{statistics.median(_host_rate(c, r) for c in cells):.2f}" for r, _ in HOST_RATES]
+            inside = [c.get("host_in_window") or [0.0] for c in cells]
+            rows.append(f"| {TITLES[key]} | {mesh_cost._size_name(size)} | "
+                        f"{mesh_cost._fmt(statistics.median(c['calls_per_s'] for c in cells))} | "
+                        f"{' | '.join(around)} | {statistics.median(statistics.median(i) for i in inside):.2f} | "
+                        f"{statistics.median(_slow_share(i, fast) for i in inside):.0%} |")
     spread = "; ".join(
         f"{title} {min(_host_rate(s, r) for s in with_host):.2f}–{max(_host_rate(s, r) for s in with_host):.2f}"
         for r, title in HOST_RATES)
-    return ["", f"#### The host's speed around each system's windows @{conc} (bench/host_speed.py, medians over "
-            "rounds)\n",
-            "| system | payload | calls/s | " + " | ".join(t for _, t in HOST_RATES) + " |",
-            "|---|---|---|---|---|---|", *rows, "", f"Over every window of the run: {spread}.", ""]
+    return ["", f"#### The host's speed around and during each system's windows @{conc} (bench/host_speed.py, "
+            "medians over rounds)\n",
+            "Around: the three probes just before and just after each window. During: the Python probe every "
+            f"{HOST_SAMPLE_S:g} s; slow: the share of those samples below {SLOW_BELOW:.0%} of the run's fast level "
+            f"({fast:.2f}, the 90th percentile of all of them).\n",
+            "| system | payload | calls/s | " + " | ".join(f"{t} around" for _, t in HOST_RATES)
+            + " | Python M turns/s during | slow during |",
+            "|---|---|---|---|---|---|---|---|", *rows, "", f"Around every window of the run: {spread}.", ""]
 
 
 def _sched_table(samples: Sequence[dict[str, Any]], systems: Sequence[str], sizes: Sequence[int],
