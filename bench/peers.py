@@ -14,9 +14,9 @@ work a window leaves behind, such as a mesh's audit records still being stored, 
 and its CPU is counted until the machine settles after it, for every process the system's calls use (hivemesh's:
 the caller, the agent, the control plane, which stores the audit, and etcd). Rounds interleave the systems (and
 bench/mesh_cost.py's internal paths, measured in the same run with its own code), starting from a different one
-each round; figures are medians over rounds; ratios compare systems within this run only. Before and after each
-window, bench/host_speed.py probes how fast the host itself runs (it swings by up to 2x within minutes here, with
-no steal), and the report gives that beside each system's calls/s.
+each round; figures are medians over rounds; ratios compare systems within this run only. Around and during each
+window, bench/host_speed.py probes how fast the host itself runs (here it flips between two speeds about 2x apart
+within a second, with no steal), and the report gives that beside each system's calls/s.
 
     .venv/bin/python bench/peers.py                 # full run (3 rounds, ~6 min on 2 cores)
     .venv/bin/python bench/peers.py --quick         # smoke run (1 round, short windows, ~2 min)
@@ -354,6 +354,15 @@ def _by_round(samples: Sequence[dict[str, Any]], size: int, conc: int) -> list[f
             for r in sorted({r for r, _ in rates}) if (r, "hivemesh") in rates and (r, "autogen") in rates]
 
 
+SLOW_BELOW = 0.75
+"""A sample of the host's speed in a window is slow below this share of the run's fast level (the 90th percentile
+of every sample taken in the run's windows): here the host's speed sat at one of two levels, about 2x apart."""
+
+
+def _slow_share(inside: Sequence[float], fast: float) -> float:
+    return sum(x < SLOW_BELOW * fast for x in inside) / len(inside) if inside else 0.0
+
+
 STEADY_SLOW_SHARE = 0.25
 """A window the host left steady: at most this share of its host-speed samples ran slow (see `_host_table`)."""
 
@@ -417,15 +426,6 @@ def _host_rate(sample: dict[str, Any], rate: str) -> float:
     return statistics.fmean(h[rate] for h in sample["host"])
 
 
-SLOW_BELOW = 0.75
-"""A sample of the host's speed in a window is slow below this share of the run's fast level (the 90th percentile
-of every sample taken in the run's windows): here the host's speed sat at one of two levels, about 2x apart."""
-
-
-def _slow_share(inside: Sequence[float], fast: float) -> float:
-    return sum(x < SLOW_BELOW * fast for x in inside) / len(inside) if inside else 0.0
-
-
 def _host_table(samples: Sequence[dict[str, Any]], systems: Sequence[str], sizes: Sequence[int],
                 conc: int) -> list[str]:
     """How fast the host itself ran around and during each system's windows at conc (bench/host_speed.py's probes,
@@ -442,11 +442,12 @@ def _host_table(samples: Sequence[dict[str, Any]], systems: Sequence[str], sizes
             if not cells:
                 continue
             around = [f"{statistics.median(_host_rate(c, r) for c in cells):.2f}" for r, _ in HOST_RATES]
-            inside = [c.get("host_in_window") or [0.0] for c in cells]
+            inside = [c["host_in_window"] for c in cells if c.get("host_in_window")]
+            during = (f"{statistics.median(statistics.median(i) for i in inside):.2f} | "
+                      f"{statistics.median(_slow_share(i, fast) for i in inside):.0%}") if inside else "– | –"
             rows.append(f"| {TITLES[key]} | {mesh_cost._size_name(size)} | "
                         f"{mesh_cost._fmt(statistics.median(c['calls_per_s'] for c in cells))} | "
-                        f"{' | '.join(around)} | {statistics.median(statistics.median(i) for i in inside):.2f} | "
-                        f"{statistics.median(_slow_share(i, fast) for i in inside):.0%} |")
+                        f"{' | '.join(around)} | {during} |")
     spread = "; ".join(
         f"{title} {min(_host_rate(s, r) for s in with_host):.2f}–{max(_host_rate(s, r) for s in with_host):.2f}"
         for r, title in HOST_RATES)

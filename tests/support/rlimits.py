@@ -35,4 +35,3 @@ def limited(command: list[str], *, file_bytes: int = 0, address_space: int = 0) 
     if not command or not command[0].startswith("/"):
         raise ValueError(f"the command needs its executable's absolute path first: {command!r}")
     return [sys.executable, "-c", _WRAPPER, str(file_bytes), str(address_space), *command]
-
