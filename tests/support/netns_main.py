@@ -98,7 +98,9 @@ async def _cp_issuer(ca: bytes) -> None:
     workload = await join(os.environ["HIVEMESH_JOIN"], ca, os.environ["HIVEMESH_JOIN_TOKEN"], "issuer", "client",
                           trust_domain=td, timeout_s=30.0)
     ops: list[dict[str, object]] = []
-    async with ControlPlaneClient(os.environ["HIVEMESH_CONTROLPLANE"], workload, td, timeout_s=4.0) as cp:
+    # The deadline every node's client has (ControlPlaneClient's default, 10 s): a request that meets a cut replica
+    # and an etcd election at once waits for the election, which took 4.4 s in one loaded run (docs/multihost.md).
+    async with ControlPlaneClient(os.environ["HIVEMESH_CONTROLPLANE"], workload, td) as cp:
 
         async def once(kind: str) -> None:
             t0 = time.monotonic()
