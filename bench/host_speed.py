@@ -1,11 +1,16 @@
-"""How fast this host runs right now, by three short probes a benchmark takes before each window.
+"""How fast this host runs right now, by four short probes a benchmark takes before each window.
 
 On a shared machine the same code ran a quarter to a half slower in some stretches than in others, every process
 alike, with the hypervisor's steal at zero: a busy sibling thread of the same physical core, or a busy memory
 system, slows a vCPU without taking it away. This machine has no hardware counters to show it, so these probes
 measure it directly, each on this thread's CPU time (waiting for a core does not count, running slowly does):
 
-- `aes_gbs`: AES-128-GCM over 64 KiB (the `cryptography` package's OpenSSL), the cipher a TLS record pays for;
+- `aes_gbs`: AES-128-GCM over 64 KiB through the `cryptography` package's own OpenSSL (4.1.1 in its wheel here):
+  how fast the host's AES units run;
+- `tls_gbs`: 64 KiB written as TLS 1.3 records by Python's `ssl` and read out of its memory BIO, as uvloop's TLS
+  layer writes a link's message: the cipher and record work the links pay for, on the OpenSSL Python's `ssl`
+  links (the system's, 3.0.19 here). It is not `aes_gbs`: on 6 Dec the system's AES-256-GCM (what TLS 1.3
+  negotiates first) ran at 4.5 GB/s in `openssl speed` where the wheel's ran at 8.4-8.9 on the same host;
 - `copy_gbs`: copying 1 MiB in memory, as TLS and the socket do with every payload;
 - `python_mops`: a fixed piece of pure-Python work (dict, str and int operations), in millions of loop turns a
   second, as the mesh's own per-call code is.
@@ -19,17 +24,65 @@ different host speeds compares the host, too. Run alone, `python bench/host_spee
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
+import ssl
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.x509.oid import NameOID
 
 AES_BYTES = 64 * 1024
 COPY_BYTES = 1024 * 1024
 _PY_TURNS = 2_000
+
+
+def _tls_pair() -> tuple[ssl.SSLObject, ssl.MemoryBIO]:
+    """A TLS 1.3 client, its handshake with a server done over memory BIOs (a throwaway self-signed certificate),
+    and the BIO its records are written to."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "host-speed")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("host-speed")]), critical=False)
+            .sign(key, hashes.SHA256()))
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.num_tickets = 0  # nothing for the client to read after the handshake
+    with tempfile.TemporaryDirectory() as folder:
+        pem = Path(folder) / "pair.pem"
+        pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption())
+                        + cert.public_bytes(serialization.Encoding.PEM))
+        server_ctx.load_cert_chain(pem)
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.load_verify_locations(cadata=cert.public_bytes(serialization.Encoding.PEM).decode())
+    for ctx in (server_ctx, client_ctx):
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    s_in, s_out, c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname="host-speed")
+    for _ in range(10):  # a TLS 1.3 handshake takes two flights each way
+        for end in (client, server):
+            with contextlib.suppress(ssl.SSLWantReadError):  # until the other end's next flight arrives
+                end.do_handshake()
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if client.version() and server.version():
+            break
+    if not (client.version() and server.version()):
+        raise RuntimeError("host_speed: the TLS probe's handshake did not finish")
+    return client, c_out
 
 
 class _Probes:
@@ -39,14 +92,19 @@ class _Probes:
     def __init__(self) -> None:
         self.aead = AESGCM(bytes(16))
         self.plain = os.urandom(AES_BYTES)
+        self.tls, self.tls_out = _tls_pair()
         self.source = bytearray(os.urandom(COPY_BYTES))
         self.target = bytearray(COPY_BYTES)
-        for work in (self.aes, self.copy, self.python):
+        for work in (self.aes, self.tls_write, self.copy, self.python):
             for _ in range(20):
                 work()
 
     def aes(self) -> None:
         self.aead.encrypt(bytes(12), self.plain, None)
+
+    def tls_write(self) -> None:
+        self.tls.write(self.plain)
+        self.tls_out.read()
 
     def copy(self) -> None:
         self.target[:] = self.source
@@ -77,13 +135,14 @@ def _rate(work: Callable[[], None], units: float, budget_s: float) -> float:
 
 
 def probe(budget_s: float = 0.03) -> dict[str, float]:
-    """The three rates now: AES-GCM and copy in GB/s, Python in millions of loop turns a second."""
+    """The four rates now: AES-GCM, TLS writes and copy in GB/s, Python in millions of loop turns a second."""
     global _probes
     if _probes is None:
         _probes = _Probes()
     p = _probes
     return {
         "aes_gbs": round(_rate(p.aes, AES_BYTES / 1e9, budget_s), 3),
+        "tls_gbs": round(_rate(p.tls_write, AES_BYTES / 1e9, budget_s), 3),
         "copy_gbs": round(_rate(p.copy, COPY_BYTES / 1e9, budget_s), 3),
         "python_mops": round(_rate(p.python, _PY_TURNS / 1e6, budget_s), 3),
     }

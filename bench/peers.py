@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import statistics
 import subprocess
@@ -418,12 +419,18 @@ def _goals(summary: dict[str, Any], systems: Sequence[str], sizes: Sequence[int]
     return [*out, ""]
 
 
-HOST_RATES = (("aes_gbs", "AES-GCM GB/s"), ("copy_gbs", "copy GB/s"), ("python_mops", "Python M turns/s"))
+HOST_RATES = (("aes_gbs", "AES-GCM GB/s"), ("tls_gbs", "TLS writes GB/s"), ("copy_gbs", "copy GB/s"),
+              ("python_mops", "Python M turns/s"))
 
 
 def _host_rate(sample: dict[str, Any], rate: str) -> float:
-    """The host's speed by one probe around a window: the mean of the probes before and after it."""
-    return statistics.fmean(h[rate] for h in sample["host"])
+    """The host's speed by one probe around a window: the mean of the probes before and after it (NaN for a probe
+    a run saved before it existed: `tls_gbs` before 6 Dec)."""
+    return statistics.fmean(h.get(rate, math.nan) for h in sample["host"])
+
+
+def _rate_text(value: float, fmt: str = "{:.2f}") -> str:
+    return "–" if math.isnan(value) else fmt.format(value)
 
 
 def _host_table(samples: Sequence[dict[str, Any]], systems: Sequence[str], sizes: Sequence[int],
@@ -441,7 +448,7 @@ def _host_table(samples: Sequence[dict[str, Any]], systems: Sequence[str], sizes
             cells = [s for s in with_host if s["system"] == key and s["size"] == size and s["concurrency"] == conc]
             if not cells:
                 continue
-            around = [f"{statistics.median(_host_rate(c, r) for c in cells):.2f}" for r, _ in HOST_RATES]
+            around = [_rate_text(statistics.median(_host_rate(c, r) for c in cells)) for r, _ in HOST_RATES]
             inside = [c["host_in_window"] for c in cells if c.get("host_in_window")]
             during = (f"{statistics.median(statistics.median(i) for i in inside):.2f} | "
                       f"{statistics.median(_slow_share(i, fast) for i in inside):.0%}") if inside else "– | –"
@@ -449,16 +456,18 @@ def _host_table(samples: Sequence[dict[str, Any]], systems: Sequence[str], sizes
                         f"{mesh_cost._fmt(statistics.median(c['calls_per_s'] for c in cells))} | "
                         f"{' | '.join(around)} | {during} |")
     spread = "; ".join(
-        f"{title} {min(_host_rate(s, r) for s in with_host):.2f}–{max(_host_rate(s, r) for s in with_host):.2f}"
+        f"{title} {_rate_text(min(_host_rate(s, r) for s in with_host))}–"
+        f"{_rate_text(max(_host_rate(s, r) for s in with_host))}"
         for r, title in HOST_RATES)
     return ["", f"#### The host's speed around and during each system's windows @{conc} (bench/host_speed.py, "
             "medians over rounds)\n",
-            "Around: the three probes just before and just after each window. During: the Python probe every "
+            "Around: the four probes just before and just after each window. During: the Python probe every "
             f"{HOST_SAMPLE_S:g} s; slow: the share of those samples below {SLOW_BELOW:.0%} of the run's fast level "
             f"({fast:.2f}, the 90th percentile of all of them).\n",
             "| system | payload | calls/s | " + " | ".join(f"{t} around" for _, t in HOST_RATES)
             + " | Python M turns/s during | slow during |",
-            "|---|---|---|---|---|---|---|---|", *rows, "", f"Around every window of the run: {spread}.", ""]
+            "|---|---|---|" + "---|" * (len(HOST_RATES) + 2), *rows, "", f"Around every window of the run: {spread}.",
+            ""]
 
 
 def _sched_table(samples: Sequence[dict[str, Any]], systems: Sequence[str], sizes: Sequence[int],
