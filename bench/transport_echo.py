@@ -5,16 +5,18 @@ process, alternated in one run over:
 (b) a gRPC bidirectional stream (what Agent/Link is);
 (c) the same framing with the server's TLS and socket work on a thread of its own (one per connection);
 (d) the same framing with the server's TLS on the socket itself (a non-blocking `ssl.SSLSocket` the event loop's
-    reader and writer callbacks drive: no memory BIOs, so none of their copies).
-The servers of (a), (c) and (d) and their client read messages with one reader (`_Framed`): the pipes differ in
-where the server's TLS runs only.
+    reader and writer callbacks drive: no memory BIOs, so none of their copies);
+(e) the same framing on plain TCP, no TLS at either end: not a pipe the mesh may use, but the floor under (a),
+    what any TLS implementation (compiled, on a thread, in the kernel) could at best bring (a) down to.
+The servers of (a), (c), (d) and (e) and their client read messages with one reader (`_Framed`): the pipes differ in
+where the server's TLS runs, or, for (e), that there is none.
 
 No mesh work at all: this measures how much of a linked call the transport is, the evidence for direct links
 (BENCHMARKS.md). `--work-us` gives the server that much Python work per message, holding the GIL as an agent's
 per-call code does: what (c), the design a direct link would take to move TLS off the event loop's thread, gains
 when the loop also runs the calls, and what (d) does. `--loop uvloop` runs both ends on uvloop, as the mesh does
 (mesh/loop.py). Usage: `python bench/transport_echo.py [--size 65536] [--rounds 3] [--seconds 4] [--work-us 0]
-[--loop asyncio] [--pipes asyncio grpc thread socket]`."""
+[--loop asyncio] [--pipes asyncio grpc thread socket plain]`."""
 
 from __future__ import annotations
 
@@ -156,9 +158,16 @@ def _serving(serve: Callable[[str, str, Any], None], opts: dict[str, Any], cert:
 
 
 def _serve_tls(cert: str, key: str, port: Any) -> None:
+    _serve_framed(tls_context(cert, key, server=True), port)
+
+
+def _serve_plain(cert: str, key: str, port: Any) -> None:
+    _serve_framed(None, port)
+
+
+def _serve_framed(context: ssl.SSLContext | None, port: Any) -> None:
     async def main() -> None:
-        server = await asyncio.get_running_loop().create_server(_Echo, "127.0.0.1", 0,
-                                                                ssl=tls_context(cert, key, server=True))
+        server = await asyncio.get_running_loop().create_server(_Echo, "127.0.0.1", 0, ssl=context)
         port.put(server.sockets[0].getsockname()[1])
         await asyncio.Event().wait()
     _run(main())
@@ -395,11 +404,18 @@ class _Caller(asyncio.BufferedProtocol):
 
 
 async def _call_tls(cert: str, key: str, port: int, size: int, seconds: float) -> float:
+    return await _call_framed(tls_context(cert, key, server=False), port, size, seconds)
+
+
+async def _call_plain(cert: str, key: str, port: int, size: int, seconds: float) -> float:
+    return await _call_framed(None, port, size, seconds)
+
+
+async def _call_framed(context: ssl.SSLContext | None, port: int, size: int, seconds: float) -> float:
     loop = asyncio.get_running_loop()
     message = HEADER.pack(size) + os.urandom(size)
-    transport, caller = await loop.create_connection(lambda: _Caller(message), "127.0.0.1", port,
-                                                     ssl=tls_context(cert, key, server=False),
-                                                     server_hostname="localhost")
+    transport, caller = await loop.create_connection(lambda: _Caller(message), "127.0.0.1", port, ssl=context,
+                                                     server_hostname="localhost" if context else None)
     for _ in range(INFLIGHT):
         transport.write(message)
     started = time.perf_counter()
@@ -452,7 +468,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--work-us", type=float, default=0.0, help="the server's Python work per message")
     p.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
-    p.add_argument("--pipes", nargs="+", choices=["asyncio", "grpc", "thread", "socket"], default=["asyncio", "grpc"])
+    p.add_argument("--pipes", nargs="+", choices=["asyncio", "grpc", "thread", "socket", "plain"],
+                   default=["asyncio", "grpc"])
     opts = p.parse_args()
     OPTS.update(work_us=opts.work_us, loop=opts.loop)
     sys.stdout.write(f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}, grpcio {grpc.__version__}, "
@@ -464,7 +481,8 @@ def main() -> None:
         known = {"asyncio": ("TLS in the loop, framed", _serve_tls, _call_tls),
                  "grpc": ("gRPC bidi stream", _serve_grpc, _call_grpc),
                  "thread": ("TLS on its own thread, framed", _serve_tls_thread, _call_tls),
-                 "socket": ("TLS on the socket, framed", _serve_tls_socket, _call_tls)}
+                 "socket": ("TLS on the socket, framed", _serve_tls_socket, _call_tls),
+                 "plain": ("plain TCP (no TLS), framed", _serve_plain, _call_plain)}
         pipes = [known[key] for key in opts.pipes]
         for rnd in range(opts.rounds):
             for name, serve, call in pipes[rnd % len(pipes):] + pipes[:rnd % len(pipes)]:
