@@ -26,6 +26,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler, generate_latest, make_wsgi_app
 from prometheus_client.registry import Collector
 
+from hivemesh.mesh import build_info
+
 LATENCY_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )
@@ -242,6 +244,11 @@ class MeshMetrics:
         info = Gauge("hivemesh_node_info", "Constant 1, labelled with what this node is.", ["packaging", "node"],
                      registry=self.registry)
         info.labels(packaging, node).set(1)
+        runtime = build_info.runtime()
+        built = Gauge("hivemesh_build_info", "Constant 1, labelled with what the node runs on: hivemesh's version, "
+                      "the interpreter, grpcio, and the OpenSSL of its direct links' TLS.", list(runtime),
+                      registry=self.registry)
+        built.labels(**runtime).set(1)
         started = Gauge("hivemesh_node_start_time_seconds", "Unix time the node started.", registry=self.registry)
         started.set(time.time())
 

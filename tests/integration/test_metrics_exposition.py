@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import platform
 import shutil
+import ssl
 import subprocess
 import urllib.request
+from importlib import metadata
 
 import pytest
 
@@ -48,6 +51,10 @@ def test_a_scrape_over_http_returns_every_family() -> None:
     for bound in LATENCY_BUCKETS:
         assert f'le="{bound}"' in text
     assert 'hivemesh_node_info{node="echo/i-1",packaging="in-process"} 1.0' in text
+    runtime = (f'grpcio="{metadata.version("grpcio")}",openssl="{ssl.OPENSSL_VERSION}",'
+               f'python="{platform.python_implementation()} {platform.python_version()}",'
+               f'version="{metadata.version("hivemesh")}"')
+    assert f"hivemesh_build_info{{{runtime}}} 1.0" in text
 
 
 def test_a_broken_state_reading_skips_only_that_family() -> None:
