@@ -37,6 +37,7 @@ from hivemesh.controlplane.cli.context import CliContext
 from hivemesh.controlplane.cli.localmesh import locate
 from hivemesh.controlplane.cli.output import emit_error
 from hivemesh.controlplane.cli.replicas import controlplanes
+from hivemesh.controlplane.cli.version import version_text
 from hivemesh.mesh.lifeline import die_with_parent_if_asked
 from hivemesh.mesh.logjson import basic_config
 
@@ -66,13 +67,20 @@ class _Root(click.Group):
         sys.exit(code if isinstance(code, int) else 0)  # as standalone mode ends (an Exit's code: --help is 0)
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(version_text())
+        ctx.exit()
+
+
 @click.group(cls=_Root, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--home", envvar="HIVEMESH_HOME", default=".hivemesh", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="State folder (etcd data, logs, mesh.json).")
 @click.option("--certs-dir", envvar="HIVEMESH_CERTS", default="certs", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="CA and operator certificates.")
 @click.option("-v", "--verbose", is_flag=True, help="Log what the mesh does.")
-@click.version_option(package_name="hivemesh")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version, the Python and grpcio it runs on and the OpenSSL of its TLS, and exit.")
 @click.pass_context
 def cli(ctx: click.Context, home: Path, certs_dir: Path, verbose: bool) -> None:
     """hivemesh: a gRPC agent mesh with a sidecar control plane."""

@@ -9,10 +9,14 @@ test_workflows, test_trust) run the same commands against a real mesh.
 from __future__ import annotations
 
 import json
+import platform
+import ssl
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 
+from hivemesh.controlplane.cli.version import version_text
 from tests.support.cli_offline import hivemesh
 
 GROUPS: dict[str, set[str]] = {
@@ -212,6 +216,21 @@ def test_certs_init_makes_a_ca_and_refuses_to_replace_it(home: Path) -> None:
 def test_version_option(home: Path) -> None:
     result = hivemesh(home, "--version")
     assert result.exit_code == 0 and result.output.startswith("hivemesh, version ")
+    first, runtime, tls = result.output.splitlines()
+    assert first == f"hivemesh, version {metadata.version('hivemesh')}"
+    assert runtime == f"CPython {platform.python_version()}, grpcio {metadata.version('grpcio')}"
+    assert tls.startswith(f"TLS of the direct links: {ssl.OPENSSL_VERSION}")
+
+
+@pytest.mark.parametrize(("info", "noted"), [((3, 0, 0, 19, 0), True), ((3, 1, 0, 0, 0), False),
+                                             ((3, 5, 0, 7, 0), False), ((1, 1, 1, 23, 15), True)])
+def test_version_notes_an_openssl_without_the_fast_gcm(monkeypatch: pytest.MonkeyPatch,
+                                                       info: tuple[int, ...], noted: bool) -> None:
+    monkeypatch.setattr(ssl, "OPENSSL_VERSION_INFO", info)
+    monkeypatch.setattr(ssl, "OPENSSL_VERSION", "OpenSSL x.y.z")
+    tls = version_text().splitlines()[-1]
+    assert tls.startswith("TLS of the direct links: OpenSSL x.y.z")
+    assert ("no VAES code for AES-GCM" in tls) is noted
 
 
 @pytest.mark.parametrize(("argv", "owned"), [
