@@ -36,6 +36,7 @@ import os
 import platform
 import shutil
 import signal
+import ssl
 import statistics
 import subprocess
 import sys
@@ -1196,6 +1197,7 @@ def machine() -> dict[str, Any]:
     return {
         "commit": commit, "uncommitted_files": len(dirty.splitlines()),
         "nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(), "grpcio": grpc.__version__,
+        "openssl": ssl.OPENSSL_VERSION,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "loadavg_at_start": os.getloadavg()[0],
     }
@@ -1223,7 +1225,8 @@ def report_text(data: dict[str, Any]) -> str:
         f"{opts['calls']} calls "
         f"@1, {opts['seconds']:g} s windows @{', @'.join(map(str, opts['concurrency']))}\n"
         f"machine: {info['nproc']} cores, {info['cpu']}, Python {info['python']}, grpcio {info['grpcio']}, "
-        f"{info['date']}, load {info['loadavg_at_start']:.2f} at start, wall {info['wall_s']} s\n"
+        f"{info.get('openssl', 'OpenSSL ?')} (the direct links' TLS), {info['date']}, "
+        f"load {info['loadavg_at_start']:.2f} at start, wall {info['wall_s']} s\n"
         f"code: commit {info.get('commit') or '?'} + {info.get('uncommitted_files', '?')} uncommitted file(s) in "
         "mesh/, sdk/, protos/\n"
         f"other processes during measured windows: median {_median(foreign):.2f} cores, max "
