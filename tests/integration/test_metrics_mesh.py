@@ -9,8 +9,10 @@ import asyncio
 import json
 import re
 import shutil
+import ssl
 import subprocess
 import urllib.request
+from importlib import metadata
 from typing import TypedDict
 
 import pytest
@@ -154,10 +156,14 @@ async def test_every_node_exports_the_documented_series(orch: Orch, monkeypatch:
 
     for text in texts:
         promtool_clean(text)
-        # Bounded labels: no call ids or free text, only the catalog's label names.
+        # What each node runs on, the OpenSSL of its direct links' TLS among it: one series, constant per process.
+        assert sample(text, "hivemesh_build_info", openssl=ssl.OPENSSL_VERSION, grpcio=metadata.version("grpcio")) == 1
+        # Bounded labels: no call ids or free text, only the catalog's label names (build_info's four are constant
+        # per process).
         for name in re.findall(r'(\w+)="', text):
             assert name in {"direction", "capability", "caller", "code", "reason", "peer_instance", "result",
-                            "model", "currency", "definition", "event", "packaging", "node", "le"}, name
+                            "model", "currency", "definition", "event", "packaging", "node", "le",
+                            "version", "python", "grpcio", "openssl"}, name
 
 
 async def test_a_workflow_run_is_counted_by_its_engines_node(orch: Orch) -> None:
