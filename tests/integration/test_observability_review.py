@@ -466,6 +466,27 @@ def test_the_error_ratio_panel_and_slo_rules_are_zero_for_a_capability_with_call
     assert "SUCCESS" in promtool("test", "rules", "slo.test.yml", cwd=tmp_path)
 
 
+_BUILD = ('hivemesh_build_info{job="hivemesh",instance="127.0.0.1:%d",version="0.1.0",python="CPython 3.11.7",'
+          'grpcio="1.85.1",openssl="%s"}')
+
+
+def test_the_runtime_table_counts_nodes_by_the_openssl_of_their_links(tmp_path: Path) -> None:
+    """The dashboard's runtime table, evaluated by promtool on series as Prometheus stores them: a row per runtime
+    with the nodes on it, so nodes whose links' TLS runs on an older OpenSSL stand out from the rest."""
+    panel = _panel_expr("Nodes by runtime (the OpenSSL of the links' TLS)")
+    old, new = "OpenSSL 3.0.19 27 Jan 2026", "OpenSSL 3.5.7 9 Jun 2026"
+    row = '{grpcio="1.85.1",openssl="%s",python="CPython 3.11.7",version="0.1.0"}'
+    test = {"evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [{"series": _BUILD % (port, lib), "values": "1x10"}
+                         for port, lib in ((19464, old), (19465, old), (19466, new))],
+        "promql_expr_test": [{"expr": panel, "eval_time": "5m", "exp_samples": [
+            {"labels": row % old, "value": 2}, {"labels": row % new, "value": 1}]}],
+    }]}
+    (tmp_path / "runtime.test.yml").write_text(yaml.safe_dump(test))
+    assert "SUCCESS" in promtool("test", "rules", "runtime.test.yml", cwd=tmp_path)
+
+
 async def test_the_dashboards_error_ratio_is_zero_on_a_real_prometheus_for_an_agent_that_never_failed(
     orch: Orch, tmp_path: Path
 ) -> None:
