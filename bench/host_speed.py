@@ -25,7 +25,6 @@ different host speeds compares the host, too. Run alone, `python bench/host_spee
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
 import ssl
 import statistics
@@ -35,11 +34,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.x509.oid import NameOID
 
 AES_BYTES = 64 * 1024
 COPY_BYTES = 1024 * 1024
@@ -47,31 +42,18 @@ _PY_TURNS = 2_000
 
 
 def _tls_pair() -> tuple[ssl.SSLObject, ssl.MemoryBIO]:
-    """A TLS 1.3 client, its handshake with a server done over memory BIOs (a throwaway self-signed certificate),
-    and the BIO its records are written to."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "host-speed")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("host-speed")]), critical=False)
-            .sign(key, hashes.SHA256()))
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_ctx.num_tickets = 0  # nothing for the client to read after the handshake
+    """A TLS 1.3 client, its mutual-TLS handshake with a server done over memory BIOs (transport_echo's throwaway
+    self-signed certificate and contexts), and the BIO its records are written to."""
+    import transport_echo  # here, not at the top: it imports grpc, which the probes themselves never need
+
     with tempfile.TemporaryDirectory() as folder:
-        pem = Path(folder) / "pair.pem"
-        pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption())
-                        + cert.public_bytes(serialization.Encoding.PEM))
-        server_ctx.load_cert_chain(pem)
-    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client_ctx.load_verify_locations(cadata=cert.public_bytes(serialization.Encoding.PEM).decode())
-    for ctx in (server_ctx, client_ctx):
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        cert, key = transport_echo.make_cert(Path(folder))
+        server_ctx = transport_echo.tls_context(cert, key, server=True)
+        client_ctx = transport_echo.tls_context(cert, key, server=False)
+    server_ctx.num_tickets = 0  # nothing for the client to read after the handshake
     s_in, s_out, c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
     server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
-    client = client_ctx.wrap_bio(c_in, c_out, server_hostname="host-speed")
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname="localhost")
     for _ in range(10):  # a TLS 1.3 handshake takes two flights each way
         for end in (client, server):
             with contextlib.suppress(ssl.SSLWantReadError):  # until the other end's next flight arrives
