@@ -509,6 +509,7 @@ def child_main(argv: Sequence[str]) -> None:
     p.add_argument("--no-content-screen", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    logging.getLogger("hivemesh.mesh.node").setLevel(logging.INFO)  # its renewals: a soak counts them (RENEWED)
     profile_to = os.environ.get("BENCH_PROFILE_TO")
     if not profile_to:
         loop.run(CHILDREN[args.role](args))  # every path's processes on the same loop (hivemesh's)
@@ -744,7 +745,7 @@ class Bench:
             "controlplane",
             [sys.executable, "-m", "hivemesh.controlplane.cli", "--home", str(self.tmp / "home"),
              "--certs-dir", str(self.tmp / "certs"), "controlplane", "--etcd", self.etcd.endpoint,
-             "--grants", str(grants)],
+             "--grants", str(grants), "--cert-ttl", str(self.opts.cert_ttl)],
         )
         line = (await cp.read(READY_TIMEOUT_S))["line"]
         addrs = dict(part.split("=", 1) for part in line.split()[1:])
@@ -841,7 +842,9 @@ class Bench:
     async def _sidecar(self, label: str, name: str, agent_addr: str) -> tuple[Child, dict[str, str]]:
         child = await self.spawn(
             label,
-            [sys.executable, "-m", "hivemesh.controlplane.cli", "sidecar", "--agent", agent_addr, "--name", name,
+            # -v in a soak: its renewals are logged (counted by `_renewals`); not in the rounds, where logs cost.
+            [sys.executable, "-m", "hivemesh.controlplane.cli", *(["-v"] if self.opts.soak_minutes > 0 else []),
+             "sidecar", "--agent", agent_addr, "--name", name,
              *(["--no-content-screen"] if self.opts.no_content_screen else [])],
             env=await self.join_env(name, "agent"),
         )
@@ -923,12 +926,14 @@ class Bench:
         warm = samples[min(1, len(samples) - 1)]  # 10 s in: connections, links and caches exist
         return {
             "path": path.key, "title": path.title, "minutes": o.soak_minutes, "rate_per_s": o.soak_rate,
-            "size": o.sizes[0], **result, "audit_records": stored, "audit_expected": result["ok"],
+            "size": o.sizes[0], "cert_ttl_s": o.cert_ttl, **result, "audit_records": stored,
+            "audit_expected": result["ok"],
             "audit_chain_ok": bool(report.ok),
             "processes": {c.label: {
                 "rss_warm_mib": warm[c.label]["rss_mib"], "rss_last_mib": samples[-1][c.label]["rss_mib"],
                 "rss_max_mib": max(s[c.label]["rss_mib"] for s in samples), "fds_warm": warm[c.label]["fds"],
                 "fds_last": samples[-1][c.label]["fds"], "fds_max": max(s[c.label]["fds"] for s in samples),
+                "renewals": _renewals(c.log_path),
             } for c in path.processes},
             "samples": samples,
         }
@@ -1255,12 +1260,24 @@ def _count_matching(log_path: Path, flt: Any) -> int:
     return n
 
 
+RENEWED = "renewed certificate for "
+"""What a node logs at each renewal of its certificate (`mesh/node.py`), counted in a child's log after a soak."""
+
+
+def _renewals(log_path: Path) -> int:
+    """How many times the child whose stderr is log_path renewed its certificate."""
+    with contextlib.suppress(OSError):
+        return log_path.read_text(errors="replace").count(RENEWED)
+    return 0
+
+
 def soak_text(results: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
     lines = [f"soak: {info['nproc']} cores, {info['cpu']}, Python {info['python']}, grpcio {info['grpcio']}, "
              f"{info['date']}, load {info['loadavg_at_start']:.2f} at start, commit {info['commit']} + "
-             f"{info['uncommitted_files']} uncommitted file(s)\n",
+             f"{info['uncommitted_files']} uncommitted file(s), workload certificates of "
+             f"{results[0].get('cert_ttl_s', 3600) if results else 3600} s\n",
              "| path | calls | failed | audit records / calls answered | chain | process | RSS MiB warm → last (max) "
-             "| fds warm → last (max) |", "|---|---|---|---|---|---|---|---|"]
+             "| fds warm → last (max) | renewals |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         first = True
         for label, p in r["processes"].items():
@@ -1268,7 +1285,7 @@ def soak_text(results: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
                     f"**{r['failed']}** | {r['audit_records']:,} / {r['audit_expected']:,} | "
                     f"{'verified' if r['audit_chain_ok'] else '**broken**'} |") if first else "| | | | | |"
             lines.append(f"{head} {label} | {p['rss_warm_mib']:.1f} → {p['rss_last_mib']:.1f} ({p['rss_max_mib']:.1f}) "
-                         f"| {p['fds_warm']} → {p['fds_last']} ({p['fds_max']}) |")
+                         f"| {p['fds_warm']} → {p['fds_last']} ({p['fds_max']}) | {p.get('renewals', '–')} |")
             first = False
         if r["errors"]:
             lines.append(f"\nerrors of {r['title']}: {json.dumps(r['errors'])}")
@@ -1340,6 +1357,10 @@ def main(argv: Sequence[str]) -> int:
                    "every process's RSS and open fds sampled every 10 s and every call's audit record checked (30 by "
                    "hand; exit 1 on a failed call or a missing record)")
     p.add_argument("--soak-rate", type=float, default=50.0, help="calls per second during a soak")
+    p.add_argument("--cert-ttl", type=int, default=3600,
+                   help="workload certificate lifetime, seconds (the control plane's default: 3600). Every node "
+                   "renews at about half of it, so a soak with --cert-ttl 300 crosses ~12 renewals in 30 minutes "
+                   "where the default crosses at most one")
     p.add_argument("--profile", default="", help="run every child under cProfile, writing <dir>/<process>.prof "
                    "(slows everything down: for finding hot spots, not for figures)")
     opts = p.parse_args(argv)
