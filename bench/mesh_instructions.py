@@ -248,7 +248,7 @@ def per_call(phases: list[dict[str, Any]], key: str) -> dict[str, float]:
 async def drive(opts: argparse.Namespace) -> dict[str, Any]:
     bench_opts = argparse.Namespace(
         paths=[], profile=None, retry_budget=0, retries=0, keep_tmp=opts.keep_tmp, no_content_screen=False,
-        max_foreign=1.0, quiet_wait_s=0.0,
+        max_foreign=1.0, quiet_wait_s=0.0, soak_minutes=0.0, cert_ttl=3600,
     )
     bench = mesh_cost.Bench(bench_opts)
     try:

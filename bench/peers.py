@@ -595,7 +595,7 @@ def main(argv: Sequence[str]) -> int:
         calls=200 if opts.quick else 500, seconds=opts.seconds, no_content_screen=False,
         profile=str(Path(opts.profile).resolve()) if opts.profile else "", keep_tmp=opts.keep_tmp,
         max_foreign=1e9, retries=0, quiet_wait_s=0.0, retry_budget=0, warmup=30 if opts.quick else 100,
-        ramp_s=0.2 if opts.quick else 0.5, latency_max_s=10.0,
+        ramp_s=0.2 if opts.quick else 0.5, latency_max_s=10.0, soak_minutes=0.0, cert_ttl=3600,
     )
     if internal.profile:
         os.makedirs(internal.profile, exist_ok=True)
