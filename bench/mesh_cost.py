@@ -17,6 +17,7 @@ run, because grpcio's speed moves with versions and machines.
     /tmp/v/bin/python bench/mesh_cost.py            # full run (3 rounds, ~7-9 min on 2 cores)
     /tmp/v/bin/python bench/mesh_cost.py --quick    # smoke run (1 round, ~50 s)
     .venv/bin/python bench/mesh_cost.py --paths c u --sizes 200 --soak-minutes 30   # soak, by hand (~31 min)
+    .venv/bin/python bench/mesh_cost.py --paths l c --sizes 200 --soak-minutes 30 --cert-ttl 300  # ~12 renewals
 
 A soak calls every mesh path (b, l, c, u) at once at a steady rate instead of the rounds: failed calls, the RSS
 and open fds of every process on the path every 10 s, and each call's audit record at the control plane.
