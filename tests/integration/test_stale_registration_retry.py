@@ -45,6 +45,11 @@ from tests.support.meshenv import MeshEnv, apply_policies_text
 from tests.support.resilience_rig import FlakyAgent
 from tests.support.waiting import until
 
+LEASE_TTL_S = 6
+"""The agents' lease TTL: short, so an agent notices its revoked lease soon (a keepalive every TTL/3), yet long enough
+that a loaded 2-core machine does not let a live lease lapse as well: with 2 s, CI once lost both agents' leases a
+second time during the test, and the instance re-registered under a revision past the one the test waited for."""
+
 REFUSED = "refused a call routed by its old registration"
 """What the caller's attempt loop logs when an instance refuses a call as routed by a registration that is gone."""
 
@@ -100,13 +105,13 @@ class _Stale:
 async def _stale_view(
     mesh_env: MeshEnv, etcd: aetcd.Client, watcher: RegistryView, gate: JitterProxy, policies: str | None
 ) -> AsyncIterator[_Stale]:
-    """One agent instance (lease TTL 2 s) and a caller reaching etcd through the gate, the gate held and the agent
-    registered again (its lease revoked), policies (if any) in force at the caller before."""
+    """One agent instance (lease TTL LEASE_TTL_S) and a caller reaching etcd through the gate, the gate held and the
+    agent registered again (its lease revoked), policies (if any) in force at the caller before."""
     agent = EchoAgent("a")
     caller_settings = dataclasses.replace(await mesh_env.settings_for("tester", "client"), etcd=gate.endpoint)
     async with (
         AgentServer(agent, await mesh_env.settings_for("echo"),
-                    AgentServerConfig(instance_id="echo-a", lease_ttl_s=2)) as server,
+                    AgentServerConfig(instance_id="echo-a", lease_ttl_s=LEASE_TTL_S)) as server,
         MeshClient.connect(name="tester", settings=caller_settings) as caller,
     ):
         if policies is not None:
@@ -206,7 +211,8 @@ async def test_a_keyed_call_refused_by_its_instance_is_not_moved_to_another_wher
     caller_settings = dataclasses.replace(await mesh_env.settings_for("tester", "client"), etcd=gate.endpoint)
     async with contextlib.AsyncExitStack() as stack:
         servers = {tag: await stack.enter_async_context(AgentServer(
-            a, await mesh_env.settings_for("flaky"), AgentServerConfig(instance_id=f"flaky-{tag}", lease_ttl_s=2)))
+            a, await mesh_env.settings_for("flaky"),
+            AgentServerConfig(instance_id=f"flaky-{tag}", lease_ttl_s=LEASE_TTL_S)))
             for tag, a in agents.items()}
         caller = await stack.enter_async_context(MeshClient.connect(name="tester", settings=caller_settings))
         assert await caller.node.registry.wait_for_capability("charge", 2, timeout=15)
@@ -233,7 +239,9 @@ async def test_a_keyed_call_refused_by_its_instance_is_not_moved_to_another_wher
             assert "same idempotency key" in info.value.message
         finally:
             gate.release()
-        assert await until(lambda: any(i.registration_revision == new for i in caller.instances("charge")), 15)
+        # At or past `new`: the view moved on (a later registration, should the lease lapse again, counts too).
+        assert await until(lambda: any(i.instance_id == target and i.registration_revision >= new
+                                       for i in caller.instances("charge")), 15)
         again = await caller.call("charge", {}, timeout=30, idempotency_key=KEY)  # joins or replays the first run
         assert again == await first and again["served_by"] == tag and again["effects"] == 1
         assert mine.effects[KEY] == 1 and other.started[KEY] == 0 and mine.started[KEY] == 1
