@@ -43,10 +43,10 @@ async def _leases(etcd: aetcd.Client) -> set[int]:
     return {int(lease.ID) for lease in resp.leases}
 
 
-async def _leases_holding_no_other_part(etcd: aetcd.Client, leases: set[int]) -> set[int]:
-    """Those of leases that hold no key or a state entry: what a write could leak. The rest belong to other parts of
-    the mesh, which grant leases while the test runs (the control plane's audit progress key, with a 10 s TTL, is
-    granted once it first applies a record: under load, inside the test)."""
+async def _leases_a_write_could_leak(etcd: aetcd.Client, leases: set[int]) -> set[int]:
+    """Those of leases still alive that hold no key or a state entry: what a write could leak. The rest belong to
+    other parts of the mesh, which grant leases while the test runs (the control plane's audit progress key, with a
+    10 s TTL, is granted once it first applies a record: under load, inside the test)."""
     stub = rpc.LeaseStub(etcd.channel)
     found = set()
     for lease in leases:
@@ -77,7 +77,7 @@ async def test_astral_value_within_bound_is_stored_and_leaks_no_lease(mesh_env: 
     kv = await etcd.get(f"{STATE}{NS}#emoji".encode())
     assert kv is not None and len(kv.value) < 2 * len(value.encode())  # stored as UTF-8, not escaped
     # The entry's lease, and no other that is empty or holds state: the first write's was revoked.
-    assert await _leases_holding_no_other_part(etcd, await _leases(etcd) - before) == {int(kv.lease)}
+    assert await _leases_a_write_could_leak(etcd, await _leases(etcd) - before) == {int(kv.lease)}
 
     nan = await _refused(stub.PutState(state_pb2.PutStateRequest(namespace=NS, key="nan", value_json="NaN"),
                                        timeout=20))
