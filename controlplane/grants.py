@@ -107,8 +107,22 @@ def _schema_error(exc: fastjsonschema.JsonSchemaValueException, doc: Any, root: 
     return InvalidInputError(text, field_violations={where: msg})
 
 
-def _compile(globs: Iterable[str]) -> re.Pattern[str]:
-    return re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs))
+class _Globs:
+    """A list of names and globs, matched as fnmatch would: names by set lookup, only real globs by one regex.
+
+    A grant of 50,000 subjects compiled into one alternation took 5.2 s of the control plane's CPU (on its event
+    loop) and 2.6 ms a check; as a set it takes 60 ms and 0.7 µs a check (BENCHMARKS.md, 7 Dec)."""
+
+    __slots__ = ("_names", "_pattern")
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        patterns = tuple(patterns)
+        self._names = frozenset(p for p in patterns if not _is_glob(p))
+        globs = [p for p in patterns if _is_glob(p)]
+        self._pattern = re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs)) if globs else None
+
+    def match(self, text: str) -> bool:
+        return text in self._names or (self._pattern is not None and self._pattern.match(text) is not None)
 
 
 def _is_glob(s: str) -> bool:
@@ -122,27 +136,25 @@ class Grant:
     audiences: tuple[str, ...] | None
     capabilities: tuple[str, ...]
     description: str = ""
-    _subj: re.Pattern[str] = field(init=False, repr=False, compare=False)
-    _aud: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
-    _caps: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    _subj: _Globs = field(init=False, repr=False, compare=False)
+    _aud: _Globs | None = field(init=False, repr=False, compare=False)
+    _caps: _Globs = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Globs are compiled once; `allowed` runs per IssueToken.
-        object.__setattr__(self, "_subj", _compile(self.subjects))
-        object.__setattr__(self, "_aud", _compile(self.audiences) if self.audiences else None)
-        object.__setattr__(self, "_caps", _compile(self.capabilities))
+        object.__setattr__(self, "_subj", _Globs(self.subjects))
+        object.__setattr__(self, "_aud", _Globs(self.audiences) if self.audiences else None)
+        object.__setattr__(self, "_caps", _Globs(self.capabilities))
 
     def matches(self, subject: str, audience: str) -> bool:
-        if not self._subj.match(subject):
-            return False
-        return self._aud is None or self._aud.match(audience) is not None
+        return self._subj.match(subject) and (self._aud is None or self._aud.match(audience))
 
     def names_subject(self, subject: str) -> bool:
         """Whether subject is one of this grant's subjects (on whichever audiences it names)."""
-        return self._subj.match(subject) is not None
+        return self._subj.match(subject)
 
     def allows(self, capability: str) -> bool:
-        return self._caps.match(capability) is not None
+        return self._caps.match(capability)
 
     def to_doc(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"name": self.name, "subjects": list(self.subjects)}
@@ -221,7 +233,7 @@ class GrantSet:
 
     def may_ever(self, subject: str, capability: str) -> bool:
         """True when some grant, on any audience, allows subject the capability (a delegation ceiling)."""
-        return any(g._subj.match(subject) and g.allows(capability) for g in self.grants)
+        return any(g.names_subject(subject) and g.allows(capability) for g in self.grants)
 
     @classmethod
     async def from_etcd(cls, etcd: Any) -> GrantSet:

@@ -1,0 +1,43 @@
+"""`controlplane/grants.py` matches names and globs exactly as `fnmatch.fnmatchcase` would, whether a pattern is a
+plain name (looked up in a set) or a glob (compiled), in a grant of a few patterns or of 50,000."""
+
+from __future__ import annotations
+
+import fnmatch
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hivemesh.controlplane.grants import Grant, GrantSet
+
+_alphabet = st.sampled_from("ab.:/-*?[]!^\\")
+_patterns = st.lists(st.text(_alphabet, min_size=1, max_size=6), min_size=1, max_size=5)
+_texts = st.text(st.sampled_from("ab.:/-*?[]!^\\"), max_size=6)
+
+
+@settings(max_examples=400, deadline=None)
+@given(subjects=_patterns, capabilities=_patterns, audiences=st.none() | _patterns, subject=_texts,
+       audience=_texts, capability=_texts)
+def test_matching_is_fnmatchcase_for_names_and_globs(subjects: list[str], capabilities: list[str],
+                                                     audiences: list[str] | None, subject: str, audience: str,
+                                                     capability: str) -> None:
+    grant = Grant("g", tuple(subjects), tuple(audiences) if audiences else None, tuple(capabilities))
+
+    def any_of(patterns: list[str], text: str) -> bool:
+        return any(fnmatch.fnmatchcase(text, p) for p in patterns)
+
+    assert grant.names_subject(subject) == any_of(subjects, subject)
+    assert grant.allows(capability) == any_of(capabilities, capability)
+    assert grant.matches(subject, audience) == (any_of(subjects, subject)
+                                                and (not audiences or any_of(audiences, audience)))
+    assert GrantSet([grant]).may_ever(subject, capability) == (any_of(subjects, subject)
+                                                                and any_of(capabilities, capability))
+
+
+def test_a_grant_of_many_names_and_one_glob_matches_each_and_nothing_else() -> None:
+    names = [f"spiffe://hivemesh.local/client/c-{i:05d}" for i in range(50_000)]
+    grant = Grant("everyone", (*names, "spiffe://hivemesh.local/agent/*"), None, ("read",))
+    assert grant.names_subject(names[0]) and grant.names_subject(names[-1])
+    assert grant.names_subject("spiffe://hivemesh.local/agent/alpha")
+    assert not grant.names_subject("spiffe://hivemesh.local/client/c-50000")
+    assert not grant.names_subject(names[7] + "x") and not grant.names_subject(names[7][:-1])
