@@ -10,6 +10,7 @@ before gRPC loads.
 
 from __future__ import annotations
 
+import functools
 import platform
 import ssl
 from importlib import metadata
@@ -19,6 +20,7 @@ FAST_GCM_FROM: Final = (3, 1)
 """The first OpenSSL whose AES-GCM uses VAES and VPCLMULQDQ (openssl/openssl#17239)."""
 
 
+@functools.cache  # a metadata look-up walks sys.path (~10 ms); every node's metrics registry asks for it
 def _version(package: str) -> str:
     try:
         return metadata.version(package)
