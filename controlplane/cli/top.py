@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import select
+import signal
 import sys
 import termios
 import threading
@@ -98,29 +99,49 @@ class _Targets:
 
 
 class _Keys:
-    """Single key presses from a terminal stdin (cbreak mode, restored on exit); elsewhere just a timed wait."""
+    """Single key presses from a terminal stdin (cbreak mode, restored on exit), and SIGINT as a request to leave.
+
+    SIGINT sets a flag and wakes `read` (a byte on a pipe) instead of raising KeyboardInterrupt wherever the main
+    thread happens to be: raised inside the scrape pool's or the screen's bookkeeping, it can leave them half
+    done. The view then leaves between two scrapes (a scrape waits 2 s at most), the terminal put back."""
 
     def __init__(self) -> None:
         self._fd = sys.stdin.fileno() if sys.stdin is not None and sys.stdin.isatty() else -1
         self._saved: list[Any] | None = None
+        self._wake_r = self._wake_w = -1
+        self._previous: Any = None
+        self.interrupted = False
 
     def __enter__(self) -> _Keys:
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._previous = signal.signal(signal.SIGINT, self._on_sigint)
         if self._fd >= 0:
             self._saved = termios.tcgetattr(self._fd)
             tty.setcbreak(self._fd)
         return self
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
-        if self._saved is not None:
-            termios.tcsetattr(self._fd, termios.TCSADRAIN, self._saved)
+        try:
+            if self._saved is not None:
+                termios.tcsetattr(self._fd, termios.TCSADRAIN, self._saved)
+        finally:
+            signal.signal(signal.SIGINT, self._previous)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self.interrupted = True
+        with contextlib.suppress(OSError):  # the pipe is full: a wake-up is already waiting
+            os.write(self._wake_w, b"\0")
 
     def read(self, timeout: float) -> str:
-        """The keys pressed within timeout seconds ("" if none)."""
-        if self._fd < 0:
-            time.sleep(timeout)
+        """The keys pressed within timeout seconds ("" if none); returns at once after a SIGINT."""
+        watched = [self._wake_r] if self._fd < 0 else [self._fd, self._wake_r]
+        ready, _w, _x = select.select(watched, [], [], max(timeout, 0.0))
+        if self.interrupted or self._fd not in ready:
             return ""
-        ready, _w, _x = select.select([self._fd], [], [], timeout)
-        return os.read(self._fd, 64).decode("utf-8", "replace") if ready else ""
+        return os.read(self._fd, 64).decode("utf-8", "replace")
 
 
 def _num(v: float | None, fmt: str = "{:.1f}") -> str:
@@ -229,22 +250,21 @@ def _once(targets: _Targets, *, sort: str, direction: str, interval: float, as_j
 def _live(targets: _Targets, *, sort: str, direction: str, interval: float) -> None:
     before = livestats.scrape_all(targets.now())
     view: View | None = None
-    try:
-        with _Keys() as keys, Live(render(None, sort=sort, interval=interval, live=True), console=out,
-                                   screen=True, auto_refresh=False) as live:
-            while True:
-                deadline = time.monotonic() + interval
-                while (left := deadline - time.monotonic()) > 0:
-                    pressed = keys.read(left)
-                    if "q" in pressed.lower():
-                        return
-                    for k in pressed:
-                        sort = _SORT_BY_KEY.get(k, sort)
-                    if pressed and view is not None:
-                        live.update(render(view.sorted(sort), sort=sort, interval=interval, live=True), refresh=True)
-                after = livestats.scrape_all(targets.now())
-                view = livestats.compute(before, after, direction=direction).sorted(sort)
-                live.update(render(view, sort=sort, interval=interval, live=True), refresh=True)
-                before = after
-    except KeyboardInterrupt:
-        return
+    with _Keys() as keys, Live(render(None, sort=sort, interval=interval, live=True), console=out,
+                               screen=True, auto_refresh=False) as live:
+        while not keys.interrupted:
+            deadline = time.monotonic() + interval
+            while (left := deadline - time.monotonic()) > 0 and not keys.interrupted:
+                pressed = keys.read(left)
+                if "q" in pressed.lower():
+                    return
+                for k in pressed:
+                    sort = _SORT_BY_KEY.get(k, sort)
+                if pressed and view is not None:
+                    live.update(render(view.sorted(sort), sort=sort, interval=interval, live=True), refresh=True)
+            if keys.interrupted:
+                return
+            after = livestats.scrape_all(targets.now())
+            view = livestats.compute(before, after, direction=direction).sorted(sort)
+            live.update(render(view, sort=sort, interval=interval, live=True), refresh=True)
+            before = after

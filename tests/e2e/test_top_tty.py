@@ -10,6 +10,7 @@ import os
 import re
 import select
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -70,6 +71,14 @@ class Terminal:
             assert left > 0, f"not on screen within {timeout} s: {texts}\n{self.screen()[-3000:]}"
             self._pump(min(left, 0.5))
         return self.screen()
+
+    def read_until_grows(self, seen: int, timeout: float = 60) -> None:
+        """Until more than `seen` characters were drawn (the next frame has begun)."""
+        deadline = time.monotonic() + timeout
+        while len(self.raw) <= seen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"nothing more drawn within {timeout} s\n{self.screen()[-3000:]}"
+            self._pump(min(left, 0.5))
 
     def _pump(self, timeout: float) -> None:
         ready, _w, _x = select.select([self.master], [], [], timeout)
@@ -137,3 +146,36 @@ def test_top_leaves_cleanly_on_sigint(metrics_nodes: dict[str, str], terminal: l
     assert "\x1b[?1049l" in term.raw[-200:] and "Traceback" not in term.screen()
     restored = termios.tcgetattr(term.slave)
     assert restored[3] & termios.ICANON and restored[3] & termios.ECHO
+
+
+@pytest.fixture
+def stuck_target() -> Iterator[str]:
+    """A metrics port that takes the connection and never answers: every scrape of it waits out its 2 s timeout."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+
+
+def _sigint_while_scraping(term: Terminal) -> None:
+    """SIGINT after a frame is drawn and the 0.2 s key wait has passed: while the next scrape waits on the stuck
+    target (the 2 s after it), where a KeyboardInterrupt would have landed inside the scrape pool."""
+    term.read_until("1/2 targets up", "summarize")
+    drawn = len(term.raw)
+    term.read_until_grows(drawn)
+    waited_until = time.monotonic() + 0.6
+    while (left := waited_until - time.monotonic()) > 0:
+        term._pump(left)
+    term.proc.send_signal(signal.SIGINT)
+
+
+def test_a_sigint_during_a_scrape_leaves_once_the_scrape_ends(metrics_nodes: dict[str, str], stuck_target: str,
+                                                              terminal: list[Terminal]) -> None:
+    term = Terminal("--endpoint", metrics_nodes["b"], "--endpoint", stuck_target, "--interval", "0.2")
+    terminal.append(term)
+    _sigint_while_scraping(term)
+    assert term.wait() == 0
+    assert "\x1b[?1049l" in term.raw[-200:] and "Traceback" not in term.screen() and "Aborted" not in term.screen()
+    restored = termios.tcgetattr(term.slave)
+    assert restored[3] & termios.ICANON and restored[3] & termios.ECHO
+
