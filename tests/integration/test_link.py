@@ -393,7 +393,11 @@ async def test_hostile_call_frames_get_invalid_argument_and_never_reach_the_agen
         assert got == {i: want for i, (*_, want) in cases.items()}, {i: answers[i].message for i in answers}
         assert "input.\\udc80 " in answers[10].message, answers[10].message  # the key, escaped
         assert plain.calls == 1 + 3  # the warm-up, then frames 1, 6 and 7 only
-        assert plain.deadlines[-2:] == [None, None]  # 6 and 7 forwarded with no deadline
+        # Frames 1, 6 and 7 reach the agent at once, in any order (under load 1 came last): 6 and 7 with no
+        # deadline, 1 with its 10 s.
+        forwarded = plain.deadlines[-3:]
+        assert forwarded.count(None) == 2, forwarded
+        assert all(0 < d <= 10.1 for d in forwarded if d is not None), forwarded
         assert ("plain-slow", "CONTENT_REFUSED", grpc.StatusCode.INVALID_ARGUMENT) in decisions
         assert [code for _, _, code in decisions].count(grpc.StatusCode.OK) == 4
 
