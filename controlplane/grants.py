@@ -7,11 +7,9 @@ are validated once (file or etcd document) and compiled to regular expressions.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import logging
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ import fastjsonschema
 from hivemesh.controlplane import yaml_text
 from hivemesh.mesh import json_depth
 from hivemesh.mesh.errors import FailedPreconditionError, InvalidInputError
+from hivemesh.mesh.globs import Globs, is_glob
 from hivemesh.mesh.keyspace import GRANTS_FILE
 from hivemesh.mesh.policy import GRANTS_PREFIX as POLICY_GRANTS_PREFIX
 
@@ -107,28 +106,6 @@ def _schema_error(exc: fastjsonschema.JsonSchemaValueException, doc: Any, root: 
     return InvalidInputError(text, field_violations={where: msg})
 
 
-class _Globs:
-    """A list of names and globs, matched as fnmatch would: names by set lookup, only real globs by one regex.
-
-    A grant of 50,000 subjects compiled into one alternation took 5.2 s of the control plane's CPU (on its event
-    loop) and 2.6 ms a check; as a set it takes 60 ms and 0.7 µs a check (BENCHMARKS.md, 7 Dec)."""
-
-    __slots__ = ("_names", "_pattern")
-
-    def __init__(self, patterns: Iterable[str]) -> None:
-        patterns = tuple(patterns)
-        self._names = frozenset(p for p in patterns if not _is_glob(p))
-        globs = [p for p in patterns if _is_glob(p)]
-        self._pattern = re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs)) if globs else None
-
-    def match(self, text: str) -> bool:
-        return text in self._names or (self._pattern is not None and self._pattern.match(text) is not None)
-
-
-def _is_glob(s: str) -> bool:
-    return any(c in s for c in "*?[")
-
-
 @dataclass(frozen=True)
 class Grant:
     name: str
@@ -136,15 +113,15 @@ class Grant:
     audiences: tuple[str, ...] | None
     capabilities: tuple[str, ...]
     description: str = ""
-    _subj: _Globs = field(init=False, repr=False, compare=False)
-    _aud: _Globs | None = field(init=False, repr=False, compare=False)
-    _caps: _Globs = field(init=False, repr=False, compare=False)
+    _subj: Globs = field(init=False, repr=False, compare=False)
+    _aud: Globs | None = field(init=False, repr=False, compare=False)
+    _caps: Globs = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Globs are compiled once; `allowed` runs per IssueToken.
-        object.__setattr__(self, "_subj", _Globs(self.subjects))
-        object.__setattr__(self, "_aud", _Globs(self.audiences) if self.audiences else None)
-        object.__setattr__(self, "_caps", _Globs(self.capabilities))
+        object.__setattr__(self, "_subj", Globs(self.subjects))
+        object.__setattr__(self, "_aud", Globs(self.audiences) if self.audiences else None)
+        object.__setattr__(self, "_caps", Globs(self.capabilities))
 
     def matches(self, subject: str, audience: str) -> bool:
         return self._subj.match(subject) and (self._aud is None or self._aud.match(audience))
@@ -224,7 +201,7 @@ class GrantSet:
             return []
         if offered is None:
             candidates: Iterable[str] = requested or {
-                c for g in matching for c in g.capabilities if not _is_glob(c)
+                c for g in matching for c in g.capabilities if not is_glob(c)
             }
         else:
             offered_set = set(offered)

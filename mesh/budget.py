@@ -18,14 +18,13 @@ counted per process.
 
 from __future__ import annotations
 
-import fnmatch
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from hivemesh.mesh.errors import TokenBudgetExceededError
+from hivemesh.mesh.globs import Globs
 from hivemesh.mesh.policy import PolicyKind
 
 if TYPE_CHECKING:
@@ -68,20 +67,19 @@ class BudgetRule:
     capabilities: tuple[str, ...] = ("*",)
     max_tokens: int = 0
     window_s: int = 3600
-    _subject_re: re.Pattern[str] = field(init=False, repr=False, compare=False)
-    _capability_re: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    _subjects: Globs = field(init=False, repr=False, compare=False)
+    _capabilities: Globs = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.subjects or not self.capabilities:
             raise ValueError("a budget rule needs at least one subject and one capability glob")
         if self.max_tokens < 0 or self.window_s < 1:
             raise ValueError("max_tokens must be >= 0 and window_s >= 1")
-        object.__setattr__(self, "_subject_re", re.compile("|".join(fnmatch.translate(s) for s in self.subjects)))
-        object.__setattr__(self, "_capability_re",
-                           re.compile("|".join(fnmatch.translate(c) for c in self.capabilities)))
+        object.__setattr__(self, "_subjects", Globs(self.subjects))
+        object.__setattr__(self, "_capabilities", Globs(self.capabilities))
 
     def applies(self, subject: str, capability: str) -> bool:
-        return bool(self._subject_re.match(subject)) and bool(self._capability_re.match(capability))
+        return self._subjects.match(subject) and self._capabilities.match(capability)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""`controlplane/grants.py` matches names and globs exactly as `fnmatch.fnmatchcase` would, whether a pattern is a
-plain name (looked up in a set) or a glob (compiled), in a grant of a few patterns or of 50,000."""
+"""`mesh/globs.py`, and the grants and budget rules built on it, match names and globs exactly as
+`fnmatch.fnmatchcase` would, whether a pattern is a plain name (looked up in a set) or a glob (compiled), in a list
+of a few patterns or of 50,000."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hivemesh.controlplane.grants import Grant, GrantSet
+from hivemesh.mesh.budget import BudgetRule
+from hivemesh.mesh.globs import Globs
 
 _alphabet = st.sampled_from("ab.:/-*?[]!^\\")
 _patterns = st.lists(st.text(_alphabet, min_size=1, max_size=6), min_size=1, max_size=5)
@@ -41,3 +44,16 @@ def test_a_grant_of_many_names_and_one_glob_matches_each_and_nothing_else() -> N
     assert grant.names_subject("spiffe://hivemesh.local/agent/alpha")
     assert not grant.names_subject("spiffe://hivemesh.local/client/c-50000")
     assert not grant.names_subject(names[7] + "x") and not grant.names_subject(names[7][:-1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(subjects=_patterns, capabilities=_patterns, subject=_texts, capability=_texts)
+def test_a_budget_rule_applies_as_fnmatchcase_says(subjects: list[str], capabilities: list[str], subject: str,
+                                                  capability: str) -> None:
+    rule = BudgetRule("b[0]", tuple(subjects), tuple(capabilities), max_tokens=1)
+    assert rule.applies(subject, capability) == (any(fnmatch.fnmatchcase(subject, p) for p in subjects)
+                                                 and any(fnmatch.fnmatchcase(capability, p) for p in capabilities))
+
+
+def test_an_empty_list_matches_nothing() -> None:
+    assert not Globs(()).match("") and not Globs(()).match("anything")
