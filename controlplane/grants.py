@@ -208,6 +208,10 @@ class GrantSet:
             candidates = [c for c in requested if c in offered_set] if requested else offered_set
         return sorted({c for c in candidates if any(g.allows(c) for g in matching)})
 
+    def matches_any(self, subject: str, audience: str) -> bool:
+        """True when some grant names subject on audience, whatever capabilities it allows."""
+        return any(g.matches(subject, audience) for g in self.grants)
+
     def may_ever(self, subject: str, capability: str) -> bool:
         """True when some grant, on any audience, allows subject the capability (a delegation ceiling)."""
         return any(g.names_subject(subject) and g.allows(capability) for g in self.grants)

@@ -329,11 +329,15 @@ class ControlPlaneServicer(control_pb2_grpc.ControlPlaneServicer):
         scopes = grants.allowed(subject, str(audience), requested, offered)
         if not scopes:
             wanted = ", ".join(requested) if requested else "any capability"
+            unlisted = offered is None and not requested and grants.matches_any(subject, str(audience))
+            metadata = {"subject": subject, "audience": str(audience)}
+            if unlisted:
+                metadata["ask_by_name"] = "true"  # TokenSource.get then asks for the capability it calls
             raise GrantDeniedError(
                 f"no grant allows {subject} {wanted} on {audience}"
                 + ("" if offered is None else f" (it offers: {', '.join(offered) or 'nothing'})")
-                + _grant_hint(subject, requested, offered, str(audience)),
-                metadata={"subject": subject, "audience": str(audience)},
+                + (_UNLISTED if unlisted else _grant_hint(subject, requested, offered, str(audience))),
+                metadata=metadata,
             )
         issued = core.issuer.issue(
             subject, str(audience), scopes, ttl_s=request.ttl_seconds or None, cnf_thumbprint=peer.thumbprint
@@ -409,6 +413,13 @@ def _dynamic_credentials(core: Core, *, require_client_auth: bool) -> grpc.Serve
         return cert, key, core.ca.bundle_pem() if require_client_auth else None
 
     return renewing_server_credentials(current, require_client_auth=require_client_auth)
+
+
+_UNLISTED = (" that can be listed: it has no registered instance, and the grants that match name its capabilities "
+             "by pattern only; ask for a capability by name")
+"""Why "any capability" found nothing although a grant matches: the control plane lists "any capability" from the
+audience's registered instances, and sees none (its lease lapsed and is being renewed, or it left). A token source
+then asks by name (`TokenSource.get`), which the grants judge alone."""
 
 
 def _grant_hint(subject: str, requested: Sequence[str], offered: Sequence[str] | None, audience: str) -> str:

@@ -57,26 +57,41 @@ class TokenSource:
         self._issuer = issuer
         self._clock = clock
         self._cache: dict[str, _Cached] = {}
-        self._inflight: dict[str, asyncio.Future[_Cached]] = {}
+        self._inflight: dict[tuple[str, str], asyncio.Future[_Cached]] = {}
         self._last_regrant: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._generation = 0  # bumped by clear(): a token fetched across a certificate renewal is discarded
         self._delegated: dict[tuple[str, str, str], _Cached] = {}
+        self._by_name: dict[tuple[str, str], _Cached] = {}
+        """(audience, capability) -> a token for that one capability, asked by name while the control plane saw no
+        instance of the audience to list "every capability" from; used until its refresh time, then asked again."""
 
     async def get(self, audience: str, capability: str) -> str:
         """A valid token for audience that covers capability (raises GrantDeniedError when none can)."""
         now = self._clock()
         cached = self._cache.get(audience)
-        if cached is not None and now < cached.expires_at - 1.0:
-            if capability in cached.scopes:
-                if now >= cached.refresh_at:
-                    self._refresh_in_background(audience)
-                return cached.token
+        valid = cached is not None and now < cached.expires_at - 1.0
+        if cached is not None and valid and capability in cached.scopes:
+            if now >= cached.refresh_at:
+                self._refresh_in_background(audience)
+            return cached.token
+        named = self._by_name.get((audience, capability))
+        if named is not None and now < named.refresh_at:
+            return named.token
+        if cached is not None and valid:
             # Grants may have widened since: ask again, but not on every call.
             if now - self._last_regrant.get(audience, 0.0) < _REGRANT_INTERVAL_S:
                 raise self._denied(audience, capability, cached.scopes)
             self._last_regrant[audience] = now
-        cached = await self._fetch(audience)
+        try:
+            cached = await self._fetch(audience)
+        except GrantDeniedError as exc:
+            if exc.metadata.get("ask_by_name") != "true":
+                raise
+            # The control plane lists "every capability" from the audience's registered instances and saw none
+            # (its lease lapsed and is being renewed, or the caller's registry view is ahead): a grant by pattern
+            # then lists nothing. Asked by name, the grants judge alone.
+            cached = await self._fetch(audience, capability)
         if capability not in cached.scopes:
             raise self._denied(audience, capability, cached.scopes)
         return cached.token
@@ -90,7 +105,7 @@ class TokenSource:
         )
 
     def _refresh_in_background(self, audience: str) -> None:
-        if audience in self._inflight:
+        if (audience, "") in self._inflight:
             return
 
         async def refresh() -> None:
@@ -103,20 +118,23 @@ class TokenSource:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _fetch(self, audience: str) -> _Cached:
-        """Fetch a token for audience; concurrent callers share one request (single flight)."""
-        pending = self._inflight.get(audience)
+    async def _fetch(self, audience: str, capability: str = "") -> _Cached:
+        """Fetch a token for audience, for every capability granted there (or only capability, by name);
+        concurrent callers share one request (single flight)."""
+        key = (audience, capability)
+        pending = self._inflight.get(key)
         if pending is not None:
             return await asyncio.shield(pending)
         fut: asyncio.Future[_Cached] = asyncio.get_running_loop().create_future()
-        self._inflight[audience] = fut
+        self._inflight[key] = fut
+        scopes = (capability,) if capability else ()
         try:
             try:
                 generation = self._generation
-                resp = await self._issuer.issue_token(audience, (), 0)
+                resp = await self._issuer.issue_token(audience, scopes, 0)
                 if generation != self._generation:
                     # The certificate was renewed while we asked: that token is bound to the old one.
-                    resp = await self._issuer.issue_token(audience, (), 0)
+                    resp = await self._issuer.issue_token(audience, scopes, 0)
             except HivemeshError as exc:
                 if exc.code.name == "UNAVAILABLE" and not isinstance(exc, ControlPlaneUnavailableError):
                     raise ControlPlaneUnavailableError(
@@ -129,7 +147,12 @@ class TokenSource:
                 issued_at=self._clock(),
                 expires_at=float(resp.expires_at_unix),
             )
-            self._cache[audience] = entry
+            if not capability:
+                self._cache[audience] = entry
+            elif generation == self._generation:
+                if len(self._by_name) > 1024:
+                    self._by_name.clear()
+                self._by_name[key] = entry
             fut.set_result(entry)
             return entry
         except BaseException as exc:
@@ -137,13 +160,14 @@ class TokenSource:
             fut.exception()  # mark retrieved: waiters re-raise it themselves
             raise
         finally:
-            self._inflight.pop(audience, None)
+            self._inflight.pop(key, None)
 
     def clear(self) -> None:
         """Forget every cached token (after a certificate renewal: tokens are bound to the old one)."""
         self._generation += 1
         self._cache.clear()
         self._delegated.clear()
+        self._by_name.clear()
 
     async def get_delegated(self, subject_token: str, audience: str, capability: str) -> str:
         """A delegated token for capability on audience, acting for subject_token's principal (RFC 8693 token
@@ -169,6 +193,8 @@ class TokenSource:
     def invalidate(self, audience: str) -> None:
         """Forget the cached token (after the target refused it, say)."""
         self._cache.pop(audience, None)
+        for key in [k for k in self._by_name if k[0] == audience]:
+            del self._by_name[key]
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -32,6 +32,7 @@ from hivemesh.mesh.errors import (
 from hivemesh.mesh.etcd import EtcdServer
 from hivemesh.mesh.pki import cert_thumbprint_s256, new_key_and_csr, spiffe_id_of
 from hivemesh.mesh.tls import Workload, channel_credentials, join, load_workload_files, secure_channel
+from hivemesh.mesh.token_source import TokenSource
 from hivemesh.mesh.tokens import JWKS_KEY, KeySet, TokenVerifier
 from hivemesh.v1 import agent_pb2, control_pb2, control_pb2_grpc, mesh_pb2
 from tests.support.meshenv import copy_session_ca
@@ -166,9 +167,35 @@ async def test_issue_token_for_an_unregistered_agent_uses_the_grants_alone(rig: 
     async with ControlPlaneClient(rig.server.address, caller, TD) as client:
         resp = await client.issue_token("spiffe://hivemesh.local/agent/not-yet-up", ["translate"])
         assert list(resp.scopes) == ["translate"]
-        # A glob grant cannot be enumerated for an agent nobody knows: ask by name.
-        with pytest.raises(GrantDeniedError):
+        # A glob grant cannot be enumerated for an agent nobody knows: the refusal says to ask by name.
+        with pytest.raises(GrantDeniedError) as unlisted:
             await client.issue_token("spiffe://hivemesh.local/agent/not-yet-up")
+        assert unlisted.value.metadata.get("ask_by_name") == "true"
+        assert "no registered instance" in unlisted.value.message and "hivemesh allow" not in unlisted.value.message
+        # A token source, asked for one capability, then gets it by name: a registration that lapsed for a
+        # moment (its lease being renewed) must not fail a call the grants allow.
+        source = TokenSource(client)
+        token = await source.get("spiffe://hivemesh.local/agent/not-yet-up", "translate")
+        jwks = await rig.etcd.get(JWKS_KEY)
+        assert jwks is not None
+        verifier = TokenVerifier(KeySet.from_jwks(jwks.value), issuer=ISSUER,
+                                 audience="spiffe://hivemesh.local/agent/not-yet-up")
+        claims = verifier.verify(token, capability="translate", peer_thumbprint=caller.thumbprint)
+        assert claims.scopes == frozenset({"translate"})
+        await source.close()
+
+
+async def test_a_caller_no_grant_names_is_not_told_to_ask_by_name(rig: Rig) -> None:
+    agent = await rig.joined("extractor", "agent")  # grants name clients and operators, not agents
+    async with ControlPlaneClient(rig.server.address, agent, TD) as client:
+        with pytest.raises(GrantDeniedError) as denied:
+            await client.issue_token("spiffe://hivemesh.local/agent/not-yet-up")
+        assert "ask_by_name" not in denied.value.metadata
+        assert "`hivemesh allow agent/extractor CAPABILITY... --agent agent/not-yet-up`" in denied.value.message
+        source = TokenSource(client)
+        with pytest.raises(GrantDeniedError, match="any capability"):  # the first refusal, not asked again
+            await source.get("spiffe://hivemesh.local/agent/not-yet-up", "translate")
+        await source.close()
 
 
 @pytest.mark.parametrize(

@@ -136,6 +136,75 @@ async def test_cached_token_outlives_a_control_plane_outage_until_it_expires() -
     await source.close()
 
 
+class _Unlisting(_Issuer):
+    """A control plane whose grant allows every capability by pattern: while it sees no registered instance of the
+    audience it refuses "every capability" (ask_by_name) and grants what is asked by name."""
+
+    def __init__(self, offered: list[str]) -> None:
+        super().__init__(offered, ttl=100)
+        self.registered = False
+        self.asked: list[tuple[str, ...]] = []
+
+    async def issue_token(
+        self, audience: str, scopes: Sequence[str] = (), ttl_s: int = 0
+    ) -> control_pb2.IssueTokenResponse:
+        self.asked.append(tuple(scopes))
+        if not scopes and not self.registered:
+            self.calls += 1
+            raise GrantDeniedError("nothing that can be listed", metadata={"ask_by_name": "true"})
+        resp = await super().issue_token(audience, scopes, ttl_s)
+        if scopes:
+            del resp.scopes[:]
+            resp.scopes.extend(scopes)
+        return resp
+
+
+async def test_an_audience_the_control_plane_cannot_list_gets_tokens_by_name_until_it_can() -> None:
+    issuer = _Unlisting(["echo", "shout"])
+    source = TokenSource(issuer, clock=lambda: issuer.now)
+    echo = await source.get("aud", "echo")
+    assert issuer.asked == [(), ("echo",)]
+    shout = await source.get("aud", "shout")
+    assert issuer.asked[2:] == [(), ("shout",)]
+    # Each capability keeps its own token: they do not push each other out.
+    assert await source.get("aud", "echo") == echo and await source.get("aud", "shout") == shout
+    assert len(issuer.asked) == 4
+    # Past a by-name token's refresh time "every capability" is asked again, and once listed it serves all.
+    issuer.registered = True
+    issuer.now += 80
+    every = await source.get("aud", "echo")
+    assert issuer.asked[4:] == [()] and every not in (echo, shout)
+    assert await source.get("aud", "shout") == every
+    await source.close()
+
+
+async def test_a_refusal_without_ask_by_name_is_not_asked_again_by_name() -> None:
+    class _Denying(_Issuer):
+        async def issue_token(
+            self, audience: str, scopes: Sequence[str] = (), ttl_s: int = 0
+        ) -> control_pb2.IssueTokenResponse:
+            self.calls += 1
+            raise GrantDeniedError("no grant allows it")
+
+    issuer = _Denying([])
+    source = TokenSource(issuer, clock=lambda: issuer.now)
+    with pytest.raises(GrantDeniedError, match="no grant allows it"):
+        await source.get("aud", "echo")
+    assert issuer.calls == 1
+
+
+async def test_invalidate_and_clear_drop_tokens_asked_by_name() -> None:
+    issuer = _Unlisting(["echo"])
+    source = TokenSource(issuer, clock=lambda: issuer.now)
+    first = await source.get("aud", "echo")
+    source.invalidate("aud")
+    second = await source.get("aud", "echo")
+    source.clear()
+    third = await source.get("aud", "echo")
+    assert len({first, second, third}) == 3 and issuer.asked == [(), ("echo",)] * 3
+    await source.close()
+
+
 def test_suspicion_doubles_on_each_refusal_after_it_ran_out_up_to_a_cap_and_a_success_resets_it() -> None:
     now = [100.0]
     liveness = Liveness(_Instances({"x": ["a"]}), clock=lambda: now[0])

@@ -92,7 +92,10 @@ class IssueTokenRequest(_message.Message):
     """0 means the default; capped by the issuer's maximum"""
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """capabilities wanted; empty means every capability granted for the audience"""
+        """Capabilities wanted; empty means every capability granted for the audience, listed from its registered
+        instances. With none registered only capabilities a grant names exactly can be listed: a grant by pattern
+        then refuses GRANT_DENIED with ErrorInfo metadata ask_by_name=true, and the caller asks by name.
+        """
 
     def __init__(
         self,
