@@ -37,6 +37,7 @@ from typing import Any, Final, Generic, Literal, TypeVar
 
 import grpc
 
+from hivemesh.mesh.globs import Globs
 from hivemesh.mesh.policy import Mistakes, PolicyDoc, PolicyKind
 from hivemesh.mesh.resilience.balancer import MODES, ROUND_ROBIN
 from hivemesh.mesh.resilience.breaker import DEFAULT_FAILURE_CODES, BreakerPolicy
@@ -462,7 +463,7 @@ def _ratelimit(doc: PolicyDoc) -> RateLimitPolicy:
         cluster_total_rps=s.get("cluster_total_rps"),
         per_identity_rps=s.get("per_identity_rps"),
         overrides=tuple(
-            IdentityOverride(re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in o["identities"])), o["rps"])
+            IdentityOverride(Globs(o["identities"]), o["rps"])
             for o in s.get("overrides", [])
         ),
         identity_scope=s.get("scope", "cluster"),

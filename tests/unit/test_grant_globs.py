@@ -1,4 +1,4 @@
-"""`mesh/globs.py`, and the grants and budget rules built on it, match names and globs exactly as
+"""`mesh/globs.py`, and the grants, budget rules and rate-limit overrides built on it, match names and globs exactly as
 `fnmatch.fnmatchcase` would, whether a pattern is a plain name (looked up in a set) or a glob (compiled), in a list
 of a few patterns or of 50,000."""
 
@@ -12,6 +12,9 @@ from hypothesis import strategies as st
 from hivemesh.controlplane.grants import Grant, GrantSet
 from hivemesh.mesh.budget import BudgetRule
 from hivemesh.mesh.globs import Globs
+from hivemesh.mesh.policy import PolicyDoc
+from hivemesh.mesh.resilience.kinds import RATELIMITS
+from hivemesh.mesh.resilience.ratelimit import RateLimitPolicy
 
 _alphabet = st.sampled_from("ab.:/-*?[]!^\\")
 _patterns = st.lists(st.text(_alphabet, min_size=1, max_size=6), min_size=1, max_size=5)
@@ -57,3 +60,32 @@ def test_a_budget_rule_applies_as_fnmatchcase_says(subjects: list[str], capabili
 
 def test_an_empty_list_matches_nothing() -> None:
     assert not Globs(()).match("") and not Globs(()).match("anything")
+
+
+def _ratelimit(overrides: list[dict[str, object]]) -> RateLimitPolicy:
+    """A ratelimits document as `hivemesh policy apply` stores it, validated and compiled as every node does."""
+    spec = {"agents": ["a"], "capabilities": ["c"], "per_identity_rps": 1, "overrides": overrides}
+    doc = RATELIMITS.validate(PolicyDoc("ratelimits", "r", spec))
+    policy = RATELIMITS.compile({"r": doc}).lookup("c", "a")
+    assert isinstance(policy, RateLimitPolicy)
+    return policy
+
+
+@settings(max_examples=200, deadline=None)
+@given(first=_patterns, second=_patterns, identity=_texts)
+def test_a_rate_limit_override_applies_as_fnmatchcase_says_the_first_matching_one_wins(
+    first: list[str], second: list[str], identity: str
+) -> None:
+    policy = _ratelimit([{"identities": first, "rps": 10}, {"identities": second, "rps": 20}])
+    expected = (10 if any(fnmatch.fnmatchcase(identity, p) for p in first)
+                else 20 if any(fnmatch.fnmatchcase(identity, p) for p in second) else 1)
+    assert policy.identity_rate(identity) == expected
+
+
+def test_an_override_of_many_identities_rates_each_and_nothing_else() -> None:
+    names = [f"spiffe://hivemesh.local/client/c-{i:05d}" for i in range(50_000)]
+    policy = _ratelimit([{"identities": [*names, "spiffe://hivemesh.local/agent/*"], "rps": 500}])
+    assert policy.identity_rate(names[0]) == policy.identity_rate(names[-1]) == 500
+    assert policy.identity_rate("spiffe://hivemesh.local/agent/alpha") == 500
+    assert policy.identity_rate("spiffe://hivemesh.local/client/c-50000") == 1
+    assert policy.identity_rate(names[7] + "x") == policy.identity_rate(names[7][:-1]) == 1

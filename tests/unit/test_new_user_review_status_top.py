@@ -4,13 +4,13 @@ tests/integration/test_new_user_review_status_top.py): what a rate limiter repor
 
 from __future__ import annotations
 
-import re
 import threading
 
 import pytest
 
 from hivemesh.controlplane.cli.policy import _limiter
 from hivemesh.controlplane.metrics_sd import JOB_NODES, ScrapeTarget, targets_from_status
+from hivemesh.mesh.globs import Globs
 from hivemesh.mesh.resilience.ratelimit import IdentityOverride, IdentityUsage, RateLimiter, RateLimitPolicy
 from hivemesh.mesh.resilience.traffic import TrafficState
 from hivemesh.v1 import policy_pb2
@@ -28,7 +28,7 @@ def test_the_per_identity_limit_and_the_identities_it_refused_are_reported() -> 
     clock = Clock()
     lim = RateLimiter(clock=clock)
     policy = RateLimitPolicy(per_identity_rps=2, burst_s=1, total_rps=50,
-                             overrides=(IdentityOverride(re.compile("vip"), 100),))
+                             overrides=(IdentityOverride(Globs(["vip"]), 100),))
     results = [lim.check(policy, "cap", "noisy") for _ in range(20)]
     assert results.count(0.0) == 2
     assert lim.check(policy, "cap", "quiet") == 0.0
