@@ -36,13 +36,13 @@ Compiled once per change (globs → regular expressions), evaluated from memory 
 
 from __future__ import annotations
 
-import fnmatch
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from hivemesh.mesh.globs import Globs
 from hivemesh.mesh.layers.authn import ACTION_OF_METHOD
 from hivemesh.mesh.pki import parse_spiffe_id
 from hivemesh.mesh.policy import Mistakes, PolicyDoc, PolicyKind
@@ -142,26 +142,27 @@ def unregister_custom_provider(name: str) -> None:
 
 
 # --- compiled rules -------------------------------------------------------------------------------------------------
-def _globs(values: Iterable[str] | None) -> re.Pattern[str] | None:
+def _globs(values: Iterable[str] | None) -> Globs | None:
+    """None when the rule leaves the field out: no condition on it (the schema refuses an empty list)."""
     if not values:
         return None
-    return re.compile("|".join(f"(?:{fnmatch.translate(v)})" for v in values))
+    return Globs(values)
 
 
-def _match(pattern: re.Pattern[str] | None, value: str | None, *, deny: bool) -> bool:
+def _match(pattern: Globs | None, value: str | None, *, deny: bool) -> bool:
     if pattern is None:
         return True
     if value is None:
         return deny  # a missing attribute matches a DENY condition (fail closed) and fails an ALLOW one
-    return pattern.match(value) is not None
+    return pattern.match(value)
 
 
-def _not_match(pattern: re.Pattern[str] | None, value: str | None, *, deny: bool) -> bool:
+def _not_match(pattern: Globs | None, value: str | None, *, deny: bool) -> bool:
     if pattern is None:
         return True
     if value is None:
         return deny
-    return pattern.match(value) is None
+    return not pattern.match(value)
 
 
 @dataclass(frozen=True)
@@ -170,15 +171,15 @@ class Rule:
     name: str
     action: str
     provider: str = ""
-    callers: re.Pattern[str] | None = None
-    not_callers: re.Pattern[str] | None = None
-    principals: re.Pattern[str] | None = None
-    not_principals: re.Pattern[str] | None = None
+    callers: Globs | None = None
+    not_callers: Globs | None = None
+    principals: Globs | None = None
+    not_principals: Globs | None = None
     teams: frozenset[str] | None = None
     not_teams: frozenset[str] | None = None
-    agents: re.Pattern[str] | None = None
-    capabilities: re.Pattern[str] | None = None
-    not_capabilities: re.Pattern[str] | None = None
+    agents: Globs | None = None
+    capabilities: Globs | None = None
+    not_capabilities: Globs | None = None
     actions: frozenset[str] | None = None
     source: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -234,7 +235,7 @@ class AuthzTable:
 
     enforce: tuple[Rule, ...] = ()
     dry_run: tuple[Rule, ...] = ()
-    teams: tuple[tuple[str, re.Pattern[str]], ...] = ()
+    teams: tuple[tuple[str, Globs], ...] = ()
     policies: tuple[str, ...] = ()
     has_custom: bool = False
 
@@ -381,8 +382,7 @@ def compile_authz(docs: Mapping[str, PolicyDoc]) -> AuthzTable:
                                       f"team {team!r} is defined in no authz policy (spec.teams)", document=name)
             (dry if doc.spec.get("mode") == "dry-run" else enforce).append(_rule(name, raw))
     undefined.raise_any()
-    compiled_teams = tuple((t, re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs)))
-                           for t, globs in sorted(teams.items()))
+    compiled_teams = tuple((t, Globs(globs)) for t, globs in sorted(teams.items()))
     return AuthzTable(
         enforce=tuple(_ordered(enforce)), dry_run=tuple(_ordered(dry)), teams=compiled_teams,
         policies=tuple(sorted(docs)), has_custom=any(r.action == CUSTOM for r in enforce + dry),

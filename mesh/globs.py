@@ -29,3 +29,16 @@ class Globs:
 
     def match(self, text: str) -> bool:
         return text in self._names or (self._pattern is not None and self._pattern.match(text) is not None)
+
+    def _key(self) -> tuple[frozenset[str], str | None]:
+        return self._names, None if self._pattern is None else self._pattern.pattern
+
+    def __eq__(self, other: object) -> bool:
+        """Equal when they match the same names and globs (compiled rules compare as a compiled regex would)."""
+        return isinstance(other, Globs) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"Globs(names={len(self._names)}, globs={self._pattern.pattern if self._pattern else None!r})"

@@ -24,12 +24,11 @@ the agent itself. `ProvidersTable.restriction` is a dict lookup after the first 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from hivemesh.mesh.authz import _globs as compile_globs  # the same glob matching as authz's from/to
+from hivemesh.mesh.globs import Globs  # the same glob matching as authz's from/to
 from hivemesh.mesh.pki import SCHEME, parse_spiffe_id
 from hivemesh.mesh.policy import Mistakes, PolicyDoc, PolicyError, PolicyKind
 
@@ -72,8 +71,8 @@ class ProviderRule:
 
     policy: str
     index: int
-    capabilities: re.Pattern[str]
-    agents: re.Pattern[str]
+    capabilities: Globs
+    agents: Globs
     agent_globs: tuple[str, ...]
 
     @property
@@ -86,7 +85,7 @@ class Restriction:
     """Who may serve one capability: the agents named by every rule matching it."""
 
     capability: str
-    agents: re.Pattern[str]
+    agents: Globs
     agent_globs: tuple[str, ...]
     rules: tuple[str, ...]
     """The matching rules' refs (`providers/<name> rules[<i>]`)."""
@@ -94,7 +93,7 @@ class Restriction:
     """The matching documents' names, sorted."""
 
     def allows(self, identity: str) -> bool:
-        return self.agents.match(identity) is not None
+        return self.agents.match(identity)
 
     def describe(self) -> str:
         """"providers/pipeline lets only spiffe://…/agent/extractor serve 'extract'", for operators."""
@@ -142,9 +141,7 @@ def _restriction(rules: Iterable[ProviderRule], capability: str) -> Restriction 
     if not matching:
         return None
     globs = tuple(dict.fromkeys(g for r in matching for g in r.agent_globs))
-    pattern = compile_globs(globs)
-    assert pattern is not None  # every rule names at least one agent (the schema)
-    return Restriction(capability, pattern, globs, tuple(r.ref for r in matching),
+    return Restriction(capability, Globs(globs), globs, tuple(r.ref for r in matching),
                        tuple(sorted({r.policy for r in matching})))
 
 
@@ -190,10 +187,9 @@ def compile_providers(docs: Mapping[str, PolicyDoc]) -> ProvidersTable:
     rules: list[ProviderRule] = []
     for name in sorted(docs):
         for i, raw in enumerate(docs[name].spec.get("rules", [])):
-            capabilities, agents = compile_globs(raw["capabilities"]), compile_globs(raw["agents"])
-            if capabilities is None or agents is None:
+            if not raw["capabilities"] or not raw["agents"]:
                 raise PolicyError(f"spec.rules[{i}]", "names no capability or no agent")
-            rules.append(ProviderRule(name, i, capabilities, agents, tuple(raw["agents"])))
+            rules.append(ProviderRule(name, i, Globs(raw["capabilities"]), Globs(raw["agents"]), tuple(raw["agents"])))
     return ProvidersTable(tuple(rules), tuple(sorted(docs)))
 
 

@@ -1,6 +1,6 @@
-"""`mesh/globs.py`, and the grants, budget rules and rate-limit overrides built on it, match names and globs exactly as
-`fnmatch.fnmatchcase` would, whether a pattern is a plain name (looked up in a set) or a glob (compiled), in a list
-of a few patterns or of 50,000."""
+"""`mesh/globs.py`, and the grants, budget rules, rate-limit overrides and authz rules built on it, match names
+and globs exactly as `fnmatch.fnmatchcase` would, whether a pattern is a plain name (looked up in a set) or a glob
+(compiled), in a list of a few patterns or of 50,000."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hivemesh.controlplane.grants import Grant, GrantSet
+from hivemesh.mesh.authz import AUTHZ, AuthzRequest, compile_authz
 from hivemesh.mesh.budget import BudgetRule
 from hivemesh.mesh.globs import Globs
 from hivemesh.mesh.policy import PolicyDoc
@@ -89,3 +90,36 @@ def test_an_override_of_many_identities_rates_each_and_nothing_else() -> None:
     assert policy.identity_rate("spiffe://hivemesh.local/agent/alpha") == 500
     assert policy.identity_rate("spiffe://hivemesh.local/client/c-50000") == 1
     assert policy.identity_rate(names[7] + "x") == policy.identity_rate(names[7][:-1]) == 1
+
+
+def _any(patterns: list[str], text: str) -> bool:
+    return any(fnmatch.fnmatchcase(text, p) for p in patterns)
+
+
+@settings(max_examples=300, deadline=None)
+@given(team=_patterns, deny_caps=_patterns, callers=_patterns, not_callers=_patterns, caps=_patterns,
+       caller=_texts, capability=_texts)
+def test_authz_rules_and_teams_decide_as_fnmatchcase_says(
+    team: list[str], deny_caps: list[str], callers: list[str], not_callers: list[str], caps: list[str],
+    caller: str, capability: str,
+) -> None:
+    """A team DENY rule is judged before an ALLOW rule with callers and not_callers: each list may hold names,
+    globs or both, and a DENY must stay a DENY (a matcher that answered the other way round would invert it)."""
+    doc = PolicyDoc("authz", "p", {"teams": {"t": team}, "rules": [
+        {"name": "deny-team", "action": "DENY", "from": {"teams": ["t"]}, "to": {"capabilities": deny_caps}},
+        {"name": "allow", "action": "ALLOW", "from": {"callers": callers, "not_callers": not_callers},
+         "to": {"capabilities": caps}},
+    ]})
+    table = compile_authz({"p": AUTHZ.validate(doc)})
+    decision = table.decide(AuthzRequest(caller=caller, capability=capability, action="invoke", agent="a",
+                                         principal=caller))
+    denied = _any(team, caller) and _any(deny_caps, capability)
+    allowed = _any(callers, caller) and not _any(not_callers, caller) and _any(caps, capability)
+    assert decision.allowed == (not denied and allowed)
+    assert decision.rule == ("p/deny-team" if denied else "p/allow" if allowed else "")
+    assert table.teams_of(caller) == (frozenset({"t"}) if _any(team, caller) else frozenset())
+
+
+def test_globs_compare_by_what_they_match_so_compiled_rules_do_too() -> None:
+    assert Globs(["b", "a", "x*"]) == Globs(["a", "x*", "b"]) and len({Globs(["a"]), Globs(["a"])}) == 1
+    assert Globs(["a"]) != Globs(["a", "x*"]) and Globs(["x*"]) != Globs(["y*"]) and Globs(["a"]) != "a"
