@@ -358,17 +358,21 @@ class DirectRunner:
         labels: Mapping[str, str] | None = None,
     ) -> EscalationInfo:
         client = self.escalation_client()
-        info = await client.create(reason, context, step_id=step_id, deadline_s=deadline_s, on_deadline=on_deadline,
-                                   default_answer=default_answer, labels=labels)
+        # Shielded: cancelled while the question is being asked, the control plane may have created it already
+        # (its answer not yet read), and only this request's answer says under which id.
+        create = asyncio.ensure_future(client.create(
+            reason, context, step_id=step_id, deadline_s=deadline_s, on_deadline=on_deadline,
+            default_answer=default_answer, labels=labels))
+        try:
+            info = await asyncio.shield(create)
+        except asyncio.CancelledError:
+            await _withdraw(client, create)
+            raise
         self._emit("input_required", {"step": step_id, "escalation_id": info.id, "reason": reason})
         try:
             info = await client.wait(info.id)
         except asyncio.CancelledError:
-            # Nobody will read the answer: withdraw the question, as a cancelled workflow run does, so a person is
-            # not left to decide it. Shielded, bounded, and best effort: the cancellation goes on either way.
-            with contextlib.suppress(HivemeshError, TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(client.cancel(
-                    info.id, note="the caller waiting for this answer stopped waiting")), _WITHDRAW_S)
+            await _withdraw(client, create)
             raise
         self._emit("input_received", {"step": step_id, "escalation": info.to_json()})
         return info
@@ -381,6 +385,22 @@ class DirectRunner:
 
     def capability_infos(self) -> list[CapabilityInfo]:
         return list(_mesh_of(self.caller).capability_infos())
+
+
+async def _withdraw(client: EscalationClient, created: asyncio.Future[EscalationInfo]) -> None:
+    """A cancelled direct run's question: nobody will read the answer, so withdraw it, as a cancelled workflow run
+    does, and no person is left to decide it. Once its creation is answered, if it was created. Shielded, bounded
+    (_WITHDRAW_S), best effort: the cancellation goes on either way, and a withdrawal still running then finishes
+    on its own."""
+
+    async def withdraw() -> None:
+        info = await created
+        await client.cancel(info.id, note="the caller waiting for this answer stopped waiting")
+
+    task = asyncio.ensure_future(withdraw())
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: asyncio does not warn of it
+    with contextlib.suppress(HivemeshError, TimeoutError, asyncio.CancelledError):
+        await asyncio.wait_for(asyncio.shield(task), _WITHDRAW_S)
 
 
 def as_runner(target: Runner | Caller) -> Runner:

@@ -149,3 +149,37 @@ async def test_a_direct_run_cancelled_while_a_person_is_asked_withdraws_its_esca
     # The withdrawal is shielded and bounded (5 s): on a loaded host it can outlast the cancellation and land after.
     info = await wait_until(withdrawn, 20, "the escalation withdrawn (CANCELED)")
     assert "stopped waiting" in info.note, info
+
+
+async def test_a_direct_run_cancelled_while_its_question_is_being_asked_withdraws_it(
+    orch: Orch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while the escalation's creation is in flight (the control plane may have created it, and only that
+    request's answer says under which id): the question is still withdrawn once the answer comes. It was left
+    PENDING (a loaded run of the suite: the test above listed the question before the run had read its answer)."""
+    await orch.serve(DeskAgent())
+    assert await orch.mesh.node.registry.wait_for_capability("approve-refund", 1, timeout=10)
+    operator = EscalationClient(orch.env.operator.channel)
+    created, release = asyncio.Event(), asyncio.Event()
+    real_create = EscalationClient.create
+
+    async def create(self: EscalationClient, *args: Any, **kwargs: Any) -> Any:
+        info = await real_create(self, *args, **kwargs)  # the real request: the question exists now
+        created.set()
+        await release.wait()  # its answer not yet read by the run when the cancellation lands
+        return info
+
+    monkeypatch.setattr(EscalationClient, "create", create)
+    run = asyncio.ensure_future(Pipeline([Step("approve-refund", ask_human=True)]).run(orch.mesh, {"question": "r"}))
+    await asyncio.wait_for(created.wait(), 15)
+    run.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+
+    async def withdrawn() -> Any:
+        found = await operator.list()
+        return found if found and all(i.status == "CANCELED" for i in found) else None
+
+    (info,) = await wait_until(withdrawn, 20, "the escalation created, then withdrawn (CANCELED)")
+    assert "stopped waiting" in info.note, info
