@@ -39,6 +39,7 @@ from hivemesh.sdk.workflow.store import (
     WorkflowStore,
     check_wait,
     events_prefix,
+    withdraw_asked,
     withdraw_escalations,
 )
 
@@ -359,6 +360,7 @@ class WorkflowEngine:
                     await body
                 if lock.lost.is_set():
                     raise LockLostError(f"workflow {state.id}: lost ownership; another process may resume it")
+                await withdraw_asked(self.escalations, run.asking)
                 await withdraw_escalations(self.escalations, run.state)
                 await store.catch_up(run.state)  # the cancel request itself
                 req = run.state.cancel_requested or {}

@@ -51,6 +51,10 @@ class WorkflowRun:
         self._lock = lock
         self._append_lock = asyncio.Lock()
         self._asked: dict[str, set[str]] = {"step": set(), "escalation": set()}
+        self.asking: list[asyncio.Future[EscalationInfo]] = []
+        """Escalation creations the body's cancellation cut off before their answer was read (so unrecorded): the
+        engine withdraws what they created when the run is cancelled on request; when its owner only stops, they
+        stay for the run that resumes it, which asks under the same id (`escalation_id_for`)."""
         """The step ids (and escalation step ids) this execution of the body has asked for: the second ask for one
         is refused (`_first_ask`), since the journal would answer it with the first one's outcome."""
 
@@ -172,9 +176,16 @@ class WorkflowRun:
         client = self.engine.escalations
         escalation_id = str(rec["escalation_id"]) if rec else escalation_id_for(self.workflow_id, step_id)
         if rec is None:
-            info = await client.create(reason, context, escalation_id=escalation_id, workflow_id=self.workflow_id,
-                                       step_id=step_id, deadline_s=deadline_s, on_deadline=on_deadline,
-                                       default_answer=default_answer, labels=labels, answerer=answerer)
+            create = asyncio.ensure_future(client.create(
+                reason, context, escalation_id=escalation_id, workflow_id=self.workflow_id, step_id=step_id,
+                deadline_s=deadline_s, on_deadline=on_deadline, default_answer=default_answer, labels=labels,
+                answerer=answerer))
+            try:
+                info = await asyncio.shield(create)  # cancelled, it still ends: only its answer gives the id
+            except asyncio.CancelledError:
+                create.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no asyncio warning
+                self.asking.append(create)
+                raise
             escalation_id = info.id  # the id it is stored under: scoped to this requester if another held it
             try:
                 await self._record("input_required", {"step": step_id, "escalation_id": info.id, "reason": reason})

@@ -35,7 +35,7 @@ from hivemesh.mesh.etcd import is_permission_denied, read_prefix
 from hivemesh.mesh.keyspace import WORKFLOW_INDEX as INDEX
 from hivemesh.mesh.keyspace import WORKFLOWS
 from hivemesh.mesh.run_ids import FORMAT, parse_run_id
-from hivemesh.sdk.escalation import EscalationClient
+from hivemesh.sdk.escalation import EscalationClient, EscalationInfo
 from hivemesh.sdk.workflow.state import WorkflowState
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,19 @@ def check_wait(value: float, name: str) -> float:
         raise InvalidInputError(f"{name} must be a finite number of seconds >= 0, not {value!r}",
                                 field_violations={name: "must be finite and >= 0"})
     return float(value)
+
+
+WITHDRAW_S: Final = 5.0
+"""How long a cancelled run waits for an escalation's creation its cancellation cut off, to withdraw it."""
+
+
+async def withdraw_asked(client: EscalationClient, creations: list[asyncio.Future[EscalationInfo]]) -> None:
+    """Cancel what each creation the run's cancellation cut off created, once answered (bounded, best effort):
+    unrecorded, `withdraw_escalations` would not know it, and a person would be asked for nothing."""
+    for create in creations:
+        with contextlib.suppress(HivemeshError, TimeoutError):
+            info = await asyncio.wait_for(asyncio.shield(create), WITHDRAW_S)
+            await client.cancel(info.id, note="the workflow run was cancelled")
 
 
 async def withdraw_escalations(client: EscalationClient, state: WorkflowState) -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from hivemesh.sdk.escalation import EscalationClient
 from hivemesh.sdk.patterns import DirectRunner, Pipeline, Runner, Step, scoped
-from hivemesh.sdk.workflow import WorkflowEngine, WorkflowState
+from hivemesh.sdk.workflow import WorkflowEngine, WorkflowRun, WorkflowState
 from hivemesh.sdk.workflow.definition import definition_ref
 from tests.support.orch_agents import DeskAgent, WorkerAgent
 from tests.support.orch_env import Orch, wait_until
@@ -183,3 +183,45 @@ async def test_a_direct_run_cancelled_while_its_question_is_being_asked_withdraw
 
     (info,) = await wait_until(withdrawn, 20, "the escalation created, then withdrawn (CANCELED)")
     assert "stopped waiting" in info.note, info
+
+
+BODY_CANCELLED = asyncio.Event()
+
+
+async def ask_and_note_the_cancel(run: WorkflowRun, inp: Any) -> Any:
+    """Asks a person; says when its cancellation reaches it."""
+    try:
+        info = await run.escalate("s1", "approve?", {"x": 1})
+    except asyncio.CancelledError:
+        BODY_CANCELLED.set()
+        raise
+    return {"status": info.status}
+
+
+async def test_a_workflow_run_cancelled_while_its_question_is_being_asked_withdraws_it(
+    orch: Orch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same cut in a durable run cancelled on request: the question is created but not yet recorded, so the
+    run's recorded escalations do not name it; the engine withdraws what the cut-off creation created."""
+    BODY_CANCELLED.clear()
+    created, release = asyncio.Event(), asyncio.Event()
+    real_create = EscalationClient.create
+
+    async def create(self: EscalationClient, *args: Any, **kwargs: Any) -> Any:
+        info = await real_create(self, *args, **kwargs)  # the real request: the question exists now
+        created.set()
+        await release.wait()  # its answer not yet read by the run when the cancellation lands
+        return info
+
+    monkeypatch.setattr(EscalationClient, "create", create)
+    async with WorkflowEngine(orch.mesh) as engine:
+        await engine.submit(ask_and_note_the_cancel, None, workflow_id="cut")
+        await asyncio.wait_for(created.wait(), 15)
+        cancel = asyncio.ensure_future(engine.cancel("cut", wait_s=30))
+        await asyncio.wait_for(BODY_CANCELLED.wait(), 15)
+        release.set()
+        final = await cancel
+        assert final.state == "CANCELED", final.state
+        assert "s1" not in final.escalations  # never recorded
+        (info,) = await engine.escalations.list(workflow_id=final.id)
+        assert info.status == "CANCELED" and "the workflow run was cancelled" in info.note, info
