@@ -151,6 +151,22 @@ async def test_a_direct_run_cancelled_while_a_person_is_asked_withdraws_its_esca
     assert "stopped waiting" in info.note, info
 
 
+def _held_creations(monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Event, asyncio.Event]:
+    """Escalation creations that make the real request, set `created` once the question exists, and hand their
+    answer back only once `release` is set: a cancellation can land between the two."""
+    created, release = asyncio.Event(), asyncio.Event()
+    real_create = EscalationClient.create
+
+    async def create(self: EscalationClient, *args: Any, **kwargs: Any) -> Any:
+        info = await real_create(self, *args, **kwargs)
+        created.set()
+        await release.wait()
+        return info
+
+    monkeypatch.setattr(EscalationClient, "create", create)
+    return created, release
+
+
 async def test_a_direct_run_cancelled_while_its_question_is_being_asked_withdraws_it(
     orch: Orch, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -160,16 +176,7 @@ async def test_a_direct_run_cancelled_while_its_question_is_being_asked_withdraw
     await orch.serve(DeskAgent())
     assert await orch.mesh.node.registry.wait_for_capability("approve-refund", 1, timeout=10)
     operator = EscalationClient(orch.env.operator.channel)
-    created, release = asyncio.Event(), asyncio.Event()
-    real_create = EscalationClient.create
-
-    async def create(self: EscalationClient, *args: Any, **kwargs: Any) -> Any:
-        info = await real_create(self, *args, **kwargs)  # the real request: the question exists now
-        created.set()
-        await release.wait()  # its answer not yet read by the run when the cancellation lands
-        return info
-
-    monkeypatch.setattr(EscalationClient, "create", create)
+    created, release = _held_creations(monkeypatch)
     run = asyncio.ensure_future(Pipeline([Step("approve-refund", ask_human=True)]).run(orch.mesh, {"question": "r"}))
     await asyncio.wait_for(created.wait(), 15)
     run.cancel()
@@ -204,16 +211,7 @@ async def test_a_workflow_run_cancelled_while_its_question_is_being_asked_withdr
     """The same cut in a durable run cancelled on request: the question is created but not yet recorded, so the
     run's recorded escalations do not name it; the engine withdraws what the cut-off creation created."""
     BODY_CANCELLED.clear()
-    created, release = asyncio.Event(), asyncio.Event()
-    real_create = EscalationClient.create
-
-    async def create(self: EscalationClient, *args: Any, **kwargs: Any) -> Any:
-        info = await real_create(self, *args, **kwargs)  # the real request: the question exists now
-        created.set()
-        await release.wait()  # its answer not yet read by the run when the cancellation lands
-        return info
-
-    monkeypatch.setattr(EscalationClient, "create", create)
+    created, release = _held_creations(monkeypatch)
     async with WorkflowEngine(orch.mesh) as engine:
         await engine.submit(ask_and_note_the_cancel, None, workflow_id="cut")
         await asyncio.wait_for(created.wait(), 15)
