@@ -30,8 +30,8 @@ Semantics, stricter than Istio where hivemesh departs from it:
   that the policies *including* the dry-run ones would deny, the audit record says so (`dry_run`), nothing
   is refused. That is how a new DENY (or a narrower ALLOW) is trialled before it is enforced.
 
-Compiled once per change (globs → regular expressions), evaluated from memory by the inbound layer
-`hivemesh.mesh.layers.authz.AuthzLayer`, which caches decisions until the policies change.
+Compiled once per change (each list to a `Globs`: names in a set, real globs in one regex), evaluated from memory by
+the inbound layer `hivemesh.mesh.layers.authz.AuthzLayer`, which caches decisions until the policies change.
 """
 
 from __future__ import annotations

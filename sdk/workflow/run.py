@@ -51,12 +51,12 @@ class WorkflowRun:
         self._lock = lock
         self._append_lock = asyncio.Lock()
         self._asked: dict[str, set[str]] = {"step": set(), "escalation": set()}
+        """The step ids (and escalation step ids) this execution of the body has asked for: the second ask for one
+        is refused (`_first_ask`), since the journal would answer it with the first one's outcome."""
         self.asking: list[asyncio.Future[EscalationInfo]] = []
         """Escalation creations the body's cancellation cut off before their answer was read (so unrecorded): the
         engine withdraws what they created when the run is cancelled on request; when its owner only stops, they
         stay for the run that resumes it, which asks under the same id (`escalation_id_for`)."""
-        """The step ids (and escalation step ids) this execution of the body has asked for: the second ask for one
-        is refused (`_first_ask`), since the journal would answer it with the first one's outcome."""
 
     def _first_ask(self, kind: str, step_id: str) -> None:
         """Refuse a step (or escalation) id this execution already asked for: answered from the journal, the
