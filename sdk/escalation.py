@@ -38,6 +38,9 @@ MAX_DEADLINE_S: Final = 30 * 86400
 MAX_LIST_PAGES: Final = 10_000
 """The most ListEscalations pages `list` follows (each holds up to 1,000 escalations or up to 8 MiB): a listing
 longer than that, or a server whose pages never end, is an error rather than a loop that never returns."""
+WITHDRAW_S: Final = 5.0
+"""How long a cancelled run waits (bounded, best effort) to withdraw a question it asked, its creation's answer
+included: the cancellation goes on either way."""
 _POLICY = {"reject": escalation_pb2.DEADLINE_POLICY_REJECT, "default": escalation_pb2.DEADLINE_POLICY_DEFAULT_ANSWER}
 
 

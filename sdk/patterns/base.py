@@ -27,13 +27,10 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_check
 from hivemesh.mesh.errors import HivemeshError, InvalidInputError, TaskRejectedError, from_status_parts
 from hivemesh.mesh.keyspace import TERMINAL_RUN_STATES
 from hivemesh.sdk.call_options import CallOptions
-from hivemesh.sdk.escalation import EscalationClient, EscalationInfo, OnDeadline
+from hivemesh.sdk.escalation import WITHDRAW_S, EscalationClient, EscalationInfo, OnDeadline
 from hivemesh.v1 import agent_pb2, mesh_pb2
 
 _T = TypeVar("_T")
-
-_WITHDRAW_S = 5.0
-"""How long a cancelled direct run's escalation withdrawal may take before the cancellation goes on without it."""
 
 if TYPE_CHECKING:
     from hivemesh.mesh.registry import CapabilityInfo
@@ -390,7 +387,7 @@ class DirectRunner:
 async def _withdraw(client: EscalationClient, created: asyncio.Future[EscalationInfo]) -> None:
     """A cancelled direct run's question: nobody will read the answer, so withdraw it, as a cancelled workflow run
     does, and no person is left to decide it. Once its creation is answered, if it was created. Shielded, bounded
-    (_WITHDRAW_S), best effort: the cancellation goes on either way, and a withdrawal still running then finishes
+    (WITHDRAW_S), best effort: the cancellation goes on either way, and a withdrawal still running then finishes
     on its own."""
 
     async def withdraw() -> None:
@@ -400,7 +397,7 @@ async def _withdraw(client: EscalationClient, created: asyncio.Future[Escalation
     task = asyncio.ensure_future(withdraw())
     task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: asyncio does not warn of it
     with contextlib.suppress(HivemeshError, TimeoutError, asyncio.CancelledError):
-        await asyncio.wait_for(asyncio.shield(task), _WITHDRAW_S)
+        await asyncio.wait_for(asyncio.shield(task), WITHDRAW_S)
 
 
 def as_runner(target: Runner | Caller) -> Runner:

@@ -35,7 +35,7 @@ from hivemesh.mesh.etcd import is_permission_denied, read_prefix
 from hivemesh.mesh.keyspace import WORKFLOW_INDEX as INDEX
 from hivemesh.mesh.keyspace import WORKFLOWS
 from hivemesh.mesh.run_ids import FORMAT, parse_run_id
-from hivemesh.sdk.escalation import EscalationClient, EscalationInfo
+from hivemesh.sdk.escalation import WITHDRAW_S, EscalationClient, EscalationInfo
 from hivemesh.sdk.workflow.state import WorkflowState
 
 log = logging.getLogger(__name__)
@@ -113,10 +113,6 @@ def check_wait(value: float, name: str) -> float:
         raise InvalidInputError(f"{name} must be a finite number of seconds >= 0, not {value!r}",
                                 field_violations={name: "must be finite and >= 0"})
     return float(value)
-
-
-WITHDRAW_S: Final = 5.0
-"""How long a cancelled run waits for an escalation's creation its cancellation cut off, to withdraw it."""
 
 
 async def withdraw_asked(client: EscalationClient, creations: list[asyncio.Future[EscalationInfo]]) -> None:
