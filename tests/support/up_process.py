@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -27,19 +27,22 @@ class Up:
     """One `hivemesh up` child."""
 
     def __init__(self, tmp_path: Path, *args: str, certs: Path | None = None, max_file_bytes: int = 0,
-                 own_group: bool = False) -> None:
+                 own_group: bool = False, program: Sequence[str] = HIVEMESH, cwd: Path | None = None,
+                 environ: Mapping[str, str] | None = None) -> None:
         """max_file_bytes: the most bytes any file `up` writes may hold (RLIMIT_FSIZE: a write past it fails with
         EFBIG, as a disk filling up fails one); 0: no limit. own_group: `up` leads a process group of its own, as a
-        shell's job does (what a terminal's hang-up reaches)."""
+        shell's job does (what a terminal's hang-up reaches). program: the `hivemesh` command to run (default this
+        interpreter's, on the checkout's editable install), from the folder cwd (default the test's), in the environment
+        environ (default this process's)."""
         self.tmp_path = tmp_path
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEMESH_")}
+        env = {k: v for k, v in (os.environ if environ is None else environ).items() if not k.startswith("HIVEMESH_")}
         env.update(XDG_STATE_HOME=str(tmp_path / "xdg"), PYTHONUNBUFFERED="1", COLUMNS="4000")
-        command = [*HIVEMESH, "--home", str(tmp_path / "home"), "--certs-dir", str(certs or tmp_path / "certs"),
+        command = [*program, "--home", str(tmp_path / "home"), "--certs-dir", str(certs or tmp_path / "certs"),
                    "up", *args]
         if max_file_bytes:
             command = limited(command, file_bytes=max_file_bytes)
         self.proc = subprocess.Popen(command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     process_group=0 if own_group else None)
+                                     process_group=0 if own_group else None, cwd=cwd)
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
