@@ -251,14 +251,23 @@ def _new_call(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Inbou
     )
 
 
-def _admit(chain: InboundChain, call: Inbound, request: Any) -> None:
+def _admit(chain: InboundChain, call: Inbound, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> float:
+    """Decode the call, refuse it if it came too late, run the layers; the seconds it waited in this agent."""
+    waited = 0.0
     if call.method != "Describe":
         try:
             _decode(call, request)
-        except InvalidInputError:
+            if chain.admission is not None:
+                received = getattr(context, "received", None)  # a link's call: when its frame was read
+                waited = time.monotonic() - received if received is not None else 0.0
+                # Before the layers: under overload most calls end here, and each costs the calls that can
+                # still make it their time (bench/overload.py).
+                chain.admission.too_late(call, context.time_remaining(), waited)
+        except HivemeshError:
             chain.identify(call)  # the refusal's record names who sent it (a stranger is refused as one)
             raise
     chain.admit(call)
+    return waited
 
 
 
@@ -359,10 +368,10 @@ class MeshInboundInterceptor(grpc.aio.ServerInterceptor):
         call = _new_call(method, context)
         done: Done | None = None
         try:
-            _admit(self._chain, call, request)
+            waited = _admit(self._chain, call, request, context)
             inner_request = _handler_request(call, request, deserialize)
             if self._chain.admission is not None:
-                done = await self._chain.admission.enter(call, context.time_remaining())
+                done = await self._chain.admission.enter(call, context.time_remaining(), waited)
             if tracing.TRACER is not None:
                 tracing.note_call(call, None)
         except Exception as exc:  # noqa: BLE001 - a refusal, or a layer's bug refused and recorded all the same

@@ -36,7 +36,7 @@ class FrameAborted(Exception):  # noqa: N818 - it is the abort itself, as grpc.a
 class FrameContext(grpc.aio.ServicerContext[Any, Any]):
     """The context of one call on a link; the stream's context supplies the peer and its certificate."""
 
-    __slots__ = ("_auth", "_code", "_deadline", "_details", "_metadata", "_stream", "_trailing")
+    __slots__ = ("_auth", "_code", "_deadline", "_details", "_metadata", "_stream", "_trailing", "received")
 
     def __init__(
         self,
@@ -44,13 +44,18 @@ class FrameContext(grpc.aio.ServicerContext[Any, Any]):
         metadata: Sequence[tuple[str, str]],
         timeout_s: float,
         auth_context: Mapping[str, Iterable[bytes]] | None = None,
+        received: float | None = None,
     ) -> None:
         """auth_context: the stream's, when the link already has it (it is the connection's, the same for every
-        call on it; gRPC builds it anew on each ask, ~14 µs with a certificate); else asked of the stream."""
+        call on it; gRPC builds it anew on each ask, ~14 µs with a certificate); else asked of the stream.
+        received: when the link read the frame (`time.monotonic()`; default now). The deadline runs from then, as
+        gRPC's runs from a call's arrival, not from when its task got to run: on a busy event loop that can be
+        much later."""
         self._stream = stream
         self._auth = auth_context
         self._metadata = grpc.aio.Metadata(*metadata)
-        self._deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
+        self.received = time.monotonic() if received is None else received
+        self._deadline = self.received + timeout_s if timeout_s > 0 else None
         self._code: grpc.StatusCode | None = None
         self._details = ""
         self._trailing: Sequence[tuple[str, str | bytes]] = ()

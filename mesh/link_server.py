@@ -26,6 +26,7 @@ import asyncio
 import functools
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -285,13 +286,14 @@ class LinkServer:
 
     async def _run(
         self, frame: Frame, stream: grpc.aio.ServicerContext[Any, Any], metadata: Sequence[tuple[str, str]],
-        state: _Open, auth: Mapping[str, Iterable[bytes]],
+        state: _Open, auth: Mapping[str, Iterable[bytes]], received: float,
     ) -> None:
         """Serve one call frame and queue its answer; its deadline (timeout_s from when the frame was received)
-        is `take`'s timer, which cancels this task and marks it in the link's expired calls."""
+        is `take`'s timer, which cancels this task and marks it in the link's expired calls. The context's
+        deadline runs from `received` too: a timer cannot fire while the event loop runs other calls' code."""
         call_id = frame.id
         put = state.put
-        context = FrameContext(stream, metadata, frame.timeout_s, auth)
+        context = FrameContext(stream, metadata, frame.timeout_s, auth, received)
         _CALL_ID.set(call_id)  # this task's own context: for `answer_refusal`
         try:
             wrapped = self._wrapped
@@ -407,7 +409,7 @@ class LinkServer:
                                      f"link call id {frame.id} is already in use", ()))
                 else:
                     self.calls += 1
-                    task = loop.create_task(self._run(frame, context, metadata, state, auth))
+                    task = loop.create_task(self._run(frame, context, metadata, state, auth, time.monotonic()))
                     running[frame.id] = task
                     timeout_s = frame.timeout_s
                     timer = loop.call_later(timeout_s, _expire, expired, frame.id, task) if timeout_s > 0 else None

@@ -5,6 +5,11 @@ FIFO within a priority). Priority classes may reserve slots: a call below a clas
 the slots that class reserves, so urgent calls find room even when the agent is busy with background work.
 A full queue sheds its lowest-priority call (the newcomer, if it is no higher) with RESOURCE_EXHAUSTED /
 OVERLOADED, and a call that waited `queue_timeout_s` is shed too: load is refused, never queued without bound.
+
+The wait counts from when the call reached the agent, not from when it asked for a slot. A handler that computes
+on the event loop finishes before the next call gets there, so slots stay free while the calls behind it wait
+as tasks on the loop: without that, an agent offered more than it can do ran every call, each one after its
+caller had given up, and answered none in time (`bench/overload.py`).
 """
 
 from __future__ import annotations
@@ -50,6 +55,19 @@ class ConcurrencyPolicy:
         return "default"
 
 
+def overdue(policy: ConcurrencyPolicy, waited: float, priority: int) -> OverloadedError | None:
+    """The refusal of a call that waited `waited` seconds in the agent before it could start, when that is past
+    the policy's queue timeout (never with queue_timeout_s 0, "no queue": there only a full house sheds)."""
+    if not 0 < policy.queue_timeout_s <= waited:
+        return None
+    return OverloadedError(
+        f"the call waited {waited:.3f} s in this agent before it could start, past its queue timeout of "
+        f"{policy.queue_timeout_s:g} s: the agent is busier than it can serve",
+        metadata={"max_in_flight": str(policy.max_in_flight), "class": policy.class_of(priority)},
+        retry_after_s=0.05,
+    )
+
+
 class _Waiter:
     __slots__ = ("future", "priority", "seq")
 
@@ -84,9 +102,11 @@ class ConcurrencyGate:
     def _can_run(self, priority: int) -> bool:
         return self.in_flight < self.policy.usable(priority)
 
-    async def acquire(self, priority: int = 0, *, timeout: float | None = None) -> None:
+    async def acquire(self, priority: int = 0, *, timeout: float | None = None, waited: float = 0.0) -> None:
         """Take a slot, waiting in the queue if needed; raises OverloadedError (shed) or DeadlineExceededError
-        (the caller's deadline, `timeout`, passed while queued)."""
+        (the caller's deadline, `timeout`, passed while queued). waited: seconds the call already spent in this
+        agent before it asked (see the module docstring): they count against `queue_timeout_s`. A call that waited
+        it all is refused before it asks (`overdue`)."""
         policy = self.policy
         self._purge()
         ahead = bool(self._queue) and self._queue[0].priority >= priority
@@ -112,14 +132,15 @@ class ConcurrencyGate:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiter = _Waiter(priority, next(self._seq), future)
         heapq.heappush(self._queue, waiter)
-        wait = policy.queue_timeout_s if timeout is None else min(policy.queue_timeout_s, max(timeout, 0.0))
+        left = max(policy.queue_timeout_s - waited, 0.0)
+        wait = left if timeout is None else min(left, max(timeout, 0.0))
         try:
             async with asyncio.timeout(wait):
                 await future
         except TimeoutError:
             self._drop(waiter)
             self.shed += 1
-            if timeout is not None and timeout <= policy.queue_timeout_s:
+            if timeout is not None and timeout <= left:
                 raise DeadlineExceededError("the deadline passed while the call waited for a slot") from None
             raise OverloadedError(
                 f"no slot freed within {policy.queue_timeout_s:g} s (limit {policy.max_in_flight} in flight)",

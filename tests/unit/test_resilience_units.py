@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -13,10 +14,11 @@ import grpc
 import pytest
 
 from hivemesh.mesh.errors import DeadlineExceededError, OverloadedError
+from hivemesh.mesh.link_context import FrameContext
 from hivemesh.mesh.policy import PolicyDoc, PolicyError
 from hivemesh.mesh.resilience.balancer import LEAST_OUTSTANDING, ROUND_ROBIN, Balancer
 from hivemesh.mesh.resilience.breaker import BreakerPolicy, CircuitBreaker, State
-from hivemesh.mesh.resilience.concurrency import ConcurrencyGate, ConcurrencyPolicy, PriorityClass
+from hivemesh.mesh.resilience.concurrency import ConcurrencyGate, ConcurrencyPolicy, PriorityClass, overdue
 from hivemesh.mesh.resilience.kinds import BREAKERS, CONCURRENCY, RATELIMITS, RETRIES, ROUTES, TIMEOUTS
 from hivemesh.mesh.resilience.ratelimit import RateLimiter, RateLimitPolicy, TokenBucket
 from hivemesh.mesh.resilience.retry import NEVER_RETRIED, Backoff, RetryBudget, RetryPolicy, may_resend
@@ -272,6 +274,36 @@ async def test_gate_reserves_slots_for_high_priority_and_times_out() -> None:
     with pytest.raises(DeadlineExceededError):
         await gate.acquire(10, timeout=0.01)
     assert policy.class_of(11) == "critical" and policy.class_of(0) == "default"
+
+
+def test_a_call_that_waited_its_queue_timeout_in_the_agent_is_overdue() -> None:
+    policy = ConcurrencyPolicy(max_in_flight=4, queue_timeout_s=0.25, classes=(PriorityClass("urgent", 10, 1),))
+    assert overdue(policy, 0.249, 0) is None
+    late = overdue(policy, 0.25, 10)
+    assert isinstance(late, OverloadedError) and late.retry_after_s is not None
+    assert "waited 0.250 s" in late.message and late.metadata == {"max_in_flight": "4", "class": "urgent"}
+    # queue_timeout 0 means "no queue": only a full house sheds, however long the loop kept the call.
+    assert overdue(ConcurrencyPolicy(max_in_flight=4, queue_timeout_s=0), 30.0, 0) is None
+
+
+async def test_the_wait_before_asking_counts_against_the_queue_timeout() -> None:
+    gate = ConcurrencyGate(ConcurrencyPolicy(max_in_flight=1, max_queue=4, queue_timeout_s=30))
+    await gate.acquire(0)
+    # It waited all but 10 ms of its 30 s on the loop before it asked: it queues for what is left, not 30 s more.
+    with pytest.raises(OverloadedError):
+        await asyncio.wait_for(gate.acquire(0, waited=29.99), 5)
+    gate.release()
+    await asyncio.wait_for(gate.acquire(0, waited=29.99), 5)  # a free slot still admits it
+    assert gate.in_flight == 1
+
+
+def test_a_link_calls_deadline_runs_from_when_its_frame_was_read() -> None:
+    read = time.monotonic() - 0.3
+    context = FrameContext(None, (), 1.0, {}, received=read)  # type: ignore[arg-type]  # no stream needed
+    left = context.time_remaining()
+    assert left is not None and 0 < left <= 0.7
+    assert context.received == read
+    assert FrameContext(None, (), 0.0, {}).time_remaining() is None  # type: ignore[arg-type]  # no deadline
 
 
 async def test_gate_hands_a_slot_on_when_a_granted_waiter_is_cancelled() -> None:
