@@ -251,13 +251,16 @@ def _new_call(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Inbou
     )
 
 
-def _admit(chain: InboundChain, call: Inbound, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> float:
-    """Decode the call, refuse it if it came too late, run the layers; the seconds it waited in this agent."""
+def _admit(
+    chain: InboundChain, call: Inbound, request: Any, context: grpc.aio.ServicerContext[Any, Any] | None = None
+) -> float:
+    """Decode the call, refuse it if it came too late (given its context), run the layers; the seconds it waited
+    in this agent."""
     waited = 0.0
     if call.method != "Describe":
         try:
             _decode(call, request)
-            if chain.admission is not None:
+            if chain.admission is not None and context is not None:
                 received = getattr(context, "received", None)  # a link's call: when its frame was read
                 waited = time.monotonic() - received if received is not None else 0.0
                 # Before the layers: under overload most calls end here, and each costs the calls that can
