@@ -58,31 +58,22 @@ def _burn() -> None:
         pass
 
 
-class DefaultsWorker(Agent):
-    """The agent with every default: no concurrency policy names it."""
+def _worker(arm: str) -> type[Agent]:
+    """The arm's agent: the same code under its own name and capability (a policy names agents)."""
 
-    name = "overload-defaults"
+    class Worker(Agent):
+        name = f"overload-{arm}"
 
-    @capability(name="work-defaults", idempotent=True, input_schema=ANY_OBJECT)
-    async def work(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Burn the call's CPU time on the event loop."""
-        _burn()
-        return {"done": True}
+        @capability(name=f"work-{arm}", idempotent=True, input_schema=ANY_OBJECT)
+        async def work(self, req: dict[str, Any]) -> dict[str, Any]:
+            """Burn the call's CPU time on the event loop."""
+            _burn()
+            return {"done": True}
 
-
-class SheddingWorker(Agent):
-    """The same agent under a `concurrency` policy."""
-
-    name = "overload-shedding"
-
-    @capability(name="work-shedding", idempotent=True, input_schema=ANY_OBJECT)
-    async def work(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Burn the call's CPU time on the event loop."""
-        _burn()
-        return {"done": True}
+    return Worker
 
 
-WORKERS: dict[str, type[Agent]] = {"defaults": DefaultsWorker, "shedding": SheddingWorker}
+WORKERS: dict[str, type[Agent]] = {arm: _worker(arm) for arm in ARMS}
 
 
 # ==== the agent's process ==========================================================================================
@@ -215,7 +206,7 @@ async def driver(opts: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     async with running_mesh() as mesh:
         await mesh.apply({"kind": "concurrency", "name": "overload-shedding", "spec": {
-            "agents": [SheddingWorker.name], "max_in_flight": opts.max_in_flight, "max_queue": opts.max_queue,
+            "agents": [WORKERS["shedding"].name], "max_in_flight": opts.max_in_flight, "max_queue": opts.max_queue,
             "queue_timeout_ms": opts.queue_timeout_ms}})
         async with contextlib.AsyncExitStack() as stack:
             agents = {arm: await stack.enter_async_context(agent_process(mesh, arm, opts.work_us)) for arm in ARMS}
