@@ -14,6 +14,8 @@ import grpc
 import pytest
 
 from hivemesh.mesh.errors import DeadlineExceededError, OverloadedError
+from hivemesh.mesh.layers.admission import Admission
+from hivemesh.mesh.layers.base import Inbound
 from hivemesh.mesh.link_context import FrameContext
 from hivemesh.mesh.policy import PolicyDoc, PolicyError
 from hivemesh.mesh.resilience.balancer import LEAST_OUTSTANDING, ROUND_ROBIN, Balancer
@@ -23,6 +25,7 @@ from hivemesh.mesh.resilience.kinds import BREAKERS, CONCURRENCY, RATELIMITS, RE
 from hivemesh.mesh.resilience.ratelimit import RateLimiter, RateLimitPolicy, TokenBucket
 from hivemesh.mesh.resilience.retry import NEVER_RETRIED, Backoff, RetryBudget, RetryPolicy, may_resend
 from hivemesh.mesh.resilience.routes import SplitState, select
+from hivemesh.mesh.resilience.traffic import Traffic
 from hivemesh.mesh.resilience.window import WindowCounter
 from hivemesh.v1 import agent_pb2, mesh_pb2
 
@@ -295,6 +298,21 @@ async def test_the_wait_before_asking_counts_against_the_queue_timeout() -> None
     gate.release()
     await asyncio.wait_for(gate.acquire(0, waited=29.99), 5)  # a free slot still admits it
     assert gate.in_flight == 1
+
+
+def test_with_no_policy_a_call_is_shed_for_a_long_wait_not_a_short_stall() -> None:
+    admission = Admission(Traffic(), "busy")  # no concurrency policy names it
+    call = Inbound(method="Invoke", request=agent_pb2.InvokeRequest(capability="work"), wire_size=0, metadata={},
+                   auth_context={})
+    admission.too_late(call, 0.14, 0.06)  # 30% of a 0.2 s deadline, but a 60 ms stall: kept
+    admission.too_late(call, 2.3, 0.7)  # 23% of its deadline: kept
+    admission.too_late(call, None, 30.0)  # no deadline: nobody gave up, never shed for waiting
+    with pytest.raises(OverloadedError, match="over 25% of its deadline") as shed:
+        admission.too_late(call, 2.1, 0.9)  # 30%
+    assert shed.value.retry_after_s is not None
+    with pytest.raises(DeadlineExceededError, match="before the call could start"):
+        admission.too_late(call, 0.0, 0.3)
+    admission.too_late(Inbound(method="Describe", request=None, wire_size=0, metadata={}, auth_context={}), 0.0, 9)
 
 
 def test_a_link_calls_deadline_runs_from_when_its_frame_was_read() -> None:
